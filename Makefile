@@ -1,0 +1,35 @@
+# Every target creates and fills .venv on first use (torch first, then the pinned project).
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hisam-installed
+
+.PHONY: demo test lint format bench help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(STAMP) ## run the main job on the embedded default (local Spark, Delta, MLflow, SQLite)
+	$(BIN)/hisam demo
+
+test: $(STAMP) ## lint, then run the whole test suite
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP) ## run the benchmarks (writes benchmarks/results/)
+	$(BIN)/python benchmarks/tokenizer.py
+	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/sequences.py

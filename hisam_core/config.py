@@ -1,0 +1,30 @@
+"""Typed configuration: pydantic models loaded from and saved to YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+
+class Config(BaseModel):
+    """Base for every config in the project: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Self:
+        """Load from a YAML file; an empty file gives the defaults."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Self:
+        return cls.model_validate(data or {})
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,73 @@
+"""Per-item modality embeddings: the contract between the encoders and DST (Sec. 3.1).
+
+``ItemFeatures`` holds one float matrix per modality, rows aligned on ``item_ids``. Construction
+validates everything DST relies on, so bad input fails here with a message naming the modality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: The paper's modalities in the order of its Figure 3 (b1 behaviour, b2 image, b3 text).
+MODALITIES: tuple[str, ...] = ("behavior", "image", "text")
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """Raw (pre-alignment) embeddings per modality for one catalogue of items."""
+
+    item_ids: np.ndarray  # int64 [N], unique
+    modalities: dict[str, np.ndarray]  # name -> float32 [N, d_m]
+
+    def __post_init__(self) -> None:
+        item_ids = np.asarray(self.item_ids)
+        if item_ids.ndim != 1 or item_ids.shape[0] == 0:
+            raise ValueError(f"item_ids must be a non-empty 1-D array, got shape {item_ids.shape}")
+        if len(np.unique(item_ids)) != len(item_ids):
+            raise ValueError("item_ids must be unique")
+        if not self.modalities:
+            raise ValueError("at least one modality is required")
+        arrays: dict[str, np.ndarray] = {}
+        for name, values in self.modalities.items():
+            values = np.asarray(values, dtype=np.float32)
+            if values.ndim != 2 or values.shape[1] == 0:
+                raise ValueError(f"modality {name!r}: expected a 2-D [items, dim] array, got shape {values.shape}")
+            if values.shape[0] != item_ids.shape[0]:
+                raise ValueError(
+                    f"modality {name!r}: {values.shape[0]} rows but {item_ids.shape[0]} item_ids"
+                )
+            bad = ~np.isfinite(values).all(axis=1)
+            if bad.any():
+                raise ValueError(
+                    f"modality {name!r}: {int(bad.sum())} items have NaN or inf values, "
+                    f"e.g. item_ids {item_ids[bad][:5].tolist()}"
+                )
+            arrays[name] = values
+        object.__setattr__(self, "item_ids", item_ids.astype(np.int64))
+        object.__setattr__(self, "modalities", arrays)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.modalities)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {name: int(v.shape[1]) for name, v in self.modalities.items()}
+
+    def __len__(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    def check_dims(self, expected: dict[str, int]) -> None:
+        """Raise a ValueError naming the modality when names or widths differ from ``expected``."""
+        missing = [m for m in expected if m not in self.modalities]
+        extra = [m for m in self.modalities if m not in expected]
+        if missing or extra:
+            raise ValueError(f"modalities differ from the model's: missing {missing}, unexpected {extra}")
+        for name, dim in expected.items():
+            if self.dims[name] != dim:
+                raise ValueError(f"modality {name!r}: expected dimension {dim}, got {self.dims[name]}")
+
+    def subset(self, index: np.ndarray) -> ItemFeatures:
+        return ItemFeatures(self.item_ids[index], {k: v[index] for k, v in self.modalities.items()})

@@ -1,0 +1,1 @@
+"""Orchestrator-agnostic pipeline steps with typed configs, the `hisam` CLI, notifications."""

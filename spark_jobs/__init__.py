@@ -1,0 +1,1 @@
+"""PySpark transforms (DataFrame in, DataFrame out) and thin spark-submit entry points."""

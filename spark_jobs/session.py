@@ -1,0 +1,46 @@
+"""One way to get a SparkSession: master and conf from config or environment.
+
+``HISAM_SPARK_MASTER`` (default ``local[2]``) and ``HISAM_SPARK_CONF`` (``k=v,k=v``) override the
+defaults, so the same entry point runs on a laptop and, unchanged, under spark-submit on a cluster
+(where spark-submit's own ``--master`` wins because the session already exists).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pyspark.sql import SparkSession
+
+LOCAL_DEFAULTS: dict[str, str] = {
+    "spark.ui.enabled": "false",
+    "spark.sql.shuffle.partitions": "4",
+    "spark.default.parallelism": "4",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.session.timeZone": "UTC",
+    "spark.driver.memory": "4g",
+}
+
+
+def _env_conf() -> dict[str, str]:
+    raw = os.environ.get("HISAM_SPARK_CONF", "")
+    pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
+    bad = [p[0] for p in pairs if len(p) != 2]
+    if bad:
+        raise ValueError(f"HISAM_SPARK_CONF entries must be key=value, got {bad}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def get_spark(
+    app_name: str = "hisam", master: str | None = None, conf: dict[str, str] | None = None
+) -> SparkSession:
+    """Return the active session or build one: ``local[2]`` unless told otherwise."""
+    master = master or os.environ.get("HISAM_SPARK_MASTER", "local[2]")
+    if master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    settings = {**(LOCAL_DEFAULTS if master.startswith("local") else {}), **(conf or {}), **_env_conf()}
+    builder = SparkSession.builder.appName(app_name).master(master)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark

@@ -33,7 +33,9 @@ class ItemFeatures:
         for name, values in self.modalities.items():
             values = np.asarray(values, dtype=np.float32)
             if values.ndim != 2 or values.shape[1] == 0:
-                raise ValueError(f"modality {name!r}: expected a 2-D [items, dim] array, got shape {values.shape}")
+                raise ValueError(
+                    f"modality {name!r}: expected a 2-D [items, dim] array, got shape {values.shape}"
+                )
             if values.shape[0] != item_ids.shape[0]:
                 raise ValueError(
                     f"modality {name!r}: {values.shape[0]} rows but {item_ids.shape[0]} item_ids"

@@ -32,7 +32,9 @@ class SemanticIds:
         if len(np.unique(item_ids)) != len(item_ids):
             raise ValueError("item_ids must be unique")
         if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
+            raise ValueError(
+                f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]"
+            )
         if self.position_names and len(self.position_names) != codes.shape[1]:
             raise ValueError("position_names must name every code position")
         object.__setattr__(self, "item_ids", item_ids)

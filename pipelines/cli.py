@@ -1,8 +1,7 @@
 """``hisam``: the one command-line entry point.
 
-    hisam demo                         run the main job on the embedded default
-    hisam run <step> --config c.yaml   run one pipeline step (the same function Airflow calls)
-    hisam steps                        list the steps
+``hisam demo`` runs the main job on the embedded default; ``hisam run <step> --config c.yaml`` runs
+one pipeline step (the same function Airflow calls); ``hisam steps`` lists the steps.
 """
 
 from __future__ import annotations

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-MOVIELENS = Path(os.environ.get("HISAM_MOVIELENS_DIR", Path(__file__).resolve().parents[1] / "../shared/data/movielens-100k"))
+MOVIELENS = Path(
+    os.environ.get(
+        "HISAM_MOVIELENS_DIR", Path(__file__).resolve().parents[1] / "../shared/data/movielens-100k"
+    )
+)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,97 @@
+"""Model registry policy on MLflow 3: the promotion gate, aliases and rollback.
+
+Aliases, not stages: ``@champion`` is what serves; the champion it replaced keeps ``@previous``.
+A candidate is promoted only when every metric clears its absolute floor and no metric regresses
+against the champion by more than its tolerance, both measured on the same frozen test snapshot.
+A rejected candidate keeps its version, tagged ``gate=rejected`` with the reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from hisam_core.config import Config
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+
+
+class PromotionGateConfig(Config):
+    """Floors and no-regression tolerances per metric (absolute differences)."""
+
+    floors: dict[str, float] = {"auc": 0.55, "gauc": 0.52, "cold_gauc": 0.50}
+    max_regression: dict[str, float] = {"auc": 0.002, "gauc": 0.002, "cold_gauc": 0.005}
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def decide(
+    candidate: dict[str, float], champion: dict[str, float] | None, config: PromotionGateConfig
+) -> GateDecision:
+    """Apply the gate; the reasons list every failed condition (empty when promoted)."""
+    reasons: list[str] = []
+    for metric, floor in config.floors.items():
+        if metric not in candidate:
+            reasons.append(f"{metric}: missing from the candidate's evaluation")
+        elif not candidate[metric] >= floor:  # also catches NaN
+            reasons.append(f"{metric}: {candidate[metric]:.4f} below floor {floor:.4f}")
+    if champion is not None:
+        for metric, tolerance in config.max_regression.items():
+            if (
+                metric in candidate
+                and metric in champion
+                and candidate[metric] < champion[metric] - tolerance
+            ):
+                reasons.append(
+                    f"{metric}: {candidate[metric]:.4f} regresses from champion {champion[metric]:.4f} "
+                    f"by more than {tolerance:.4f}"
+                )
+    return GateDecision(promote=not reasons, reasons=reasons)
+
+
+def champion_version(client: MlflowClient, model: str) -> str | None:
+    """The version behind ``@champion``, or None before the first promotion."""
+    try:
+        return str(client.get_model_version_by_alias(model, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def apply_decision(client: MlflowClient, model: str, version: str, decision: GateDecision) -> None:
+    """Move the aliases (promote) or tag the candidate rejected; both are recorded as tags."""
+    if not decision.promote:
+        client.set_model_version_tag(model, version, "gate", "rejected")
+        client.set_model_version_tag(model, version, "gate_reasons", "; ".join(decision.reasons))
+        log.warning("%s v%s rejected: %s", model, version, "; ".join(decision.reasons))
+        return
+    old = champion_version(client, model)
+    if old is not None and old != version:
+        client.set_registered_model_alias(model, PREVIOUS, old)
+    client.set_registered_model_alias(model, CHAMPION, version)
+    client.set_model_version_tag(model, version, "gate", "promoted")
+    log.info("%s v%s promoted to @%s (previous: %s)", model, version, CHAMPION, old)
+
+
+def rollback(client: MlflowClient, model: str) -> str:
+    """Restore ``@previous`` as ``@champion``; the demoted version is tagged ``rolled_back``."""
+    try:
+        previous = str(client.get_model_version_by_alias(model, PREVIOUS).version)
+    except MlflowException as err:
+        raise ValueError(f"{model}: no @{PREVIOUS} version to roll back to") from err
+    demoted = champion_version(client, model)
+    client.set_registered_model_alias(model, CHAMPION, previous)
+    client.delete_registered_model_alias(model, PREVIOUS)
+    if demoted is not None:
+        client.set_model_version_tag(model, demoted, "gate", "rolled_back")
+    log.warning("%s: rolled back @%s from v%s to v%s", model, CHAMPION, demoted, previous)
+    return previous

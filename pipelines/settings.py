@@ -1,0 +1,47 @@
+"""Where the pipeline keeps its state: the embedded default under one project-local folder.
+
+Everything (Delta lake, MLflow SQLite store and artifacts, Airflow home, GX data docs, alerts,
+checkpoints) lives under ``HISAM_HOME`` (default ``.hisam``). The production profile overrides
+the URIs (Postgres for MLflow and Airflow metadata, object storage for the lake) by environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hisam_core.config import Config
+
+
+class Settings(Config):
+    """Resolved locations; build with :meth:`from_env`."""
+
+    home: Path = Path(".hisam")
+    mlflow_tracking_uri: str = ""
+    experiment: str = "hisam"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        home = Path(os.environ.get("HISAM_HOME", ".hisam")).resolve()
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+        return cls(home=home, mlflow_tracking_uri=uri, experiment=os.environ.get("HISAM_EXPERIMENT", "hisam"))
+
+    @property
+    def lake_root(self) -> Path:
+        return Path(os.environ.get("HISAM_LAKE_ROOT", self.home / "lake"))
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.home / "checkpoints"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.home / "gx_docs"
+
+    @property
+    def alerts_file(self) -> Path:
+        return self.home / "alerts.jsonl"

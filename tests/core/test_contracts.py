@@ -1,0 +1,98 @@
+"""The shared contracts: ItemFeatures validation, SemanticIds vocabulary, Config loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hisam_core.config import Config
+from hisam_core.features import ItemFeatures
+from hisam_core.semantic_ids import SemanticIds
+
+
+def _features(n: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "behavior": rng.normal(size=(n, 3)),
+        "image": rng.normal(size=(n, 5)),
+        "text": rng.normal(size=(n, 2)),
+    }
+
+
+def test_item_features_accepts_aligned_finite_input() -> None:
+    feats = ItemFeatures(np.arange(4), _features())
+    assert feats.dims == {"behavior": 3, "image": 5, "text": 2}
+    assert len(feats.subset(np.array([0, 2]))) == 2
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda m: m.update(image=m["image"][:3]), "'image': 3 rows but 4 item_ids"),
+        (lambda m: m["text"].__setitem__((1, 0), np.nan), "'text': 1 items have NaN or inf"),
+        (lambda m: m["behavior"].__setitem__((2, 1), np.inf), "'behavior': 1 items have NaN or inf"),
+        (lambda m: m.update(text=m["text"][:, 0]), "'text': expected a 2-D"),
+    ],
+)
+def test_item_features_errors_name_the_modality(mutate, message: str) -> None:
+    modalities = _features()
+    mutate(modalities)
+    with pytest.raises(ValueError, match=message):
+        ItemFeatures(np.arange(4), modalities)
+
+
+def test_item_features_rejects_empty_and_duplicate_items() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        ItemFeatures(np.arange(0), {"text": np.zeros((0, 2))})
+    with pytest.raises(ValueError, match="unique"):
+        ItemFeatures(np.array([1, 1]), {"text": np.zeros((2, 2))})
+
+
+def test_check_dims_names_the_mismatching_modality() -> None:
+    feats = ItemFeatures(np.arange(4), _features())
+    with pytest.raises(ValueError, match="'image': expected dimension 7, got 5"):
+        feats.check_dims({"behavior": 3, "image": 7, "text": 2})
+    with pytest.raises(ValueError, match=r"missing \['audio'\]"):
+        feats.check_dims({"behavior": 3, "image": 5, "text": 2, "audio": 1})
+
+
+def test_semantic_id_tokens_partition_one_vocabulary() -> None:
+    codes = np.array([[0, 1, 2, 3, 4, 5], [7, 7, 7, 7, 7, 7]])
+    ids = SemanticIds(np.array([10, 20]), codes, codebook_size=8, version="v1")
+    tokens = ids.tokens()
+    # position p owns exactly [p*K, (p+1)*K): decoding recovers (position, code)
+    assert np.array_equal(tokens // 8, np.tile(np.arange(6), (2, 1)))
+    assert np.array_equal(tokens % 8, codes)
+    assert tokens.max() < ids.vocab_size == 48
+
+
+def test_semantic_ids_round_trip_and_lookup(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    ids = SemanticIds(
+        np.array([5, 3, 9]), rng.integers(0, 16, size=(3, 6)), codebook_size=16, version="dst-1"
+    )
+    ids.save(tmp_path / "ids.parquet")
+    back = SemanticIds.load(tmp_path / "ids.parquet")
+    assert back.version == "dst-1" and back.codebook_size == 16
+    assert np.array_equal(back.lookup(np.array([9, 5])), ids.codes[[2, 0]])
+    with pytest.raises(KeyError, match=r"\[42\]"):
+        ids.lookup(np.array([3, 42]))
+
+
+def test_semantic_ids_reject_codes_outside_the_codebook() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        SemanticIds(np.array([1]), np.array([[0, 1, 2, 3, 4, 0]]), codebook_size=4, version="v")
+
+
+class _Cfg(Config):
+    lr: float = 1e-3
+    layers: int = 2
+
+
+def test_config_yaml_round_trip_and_unknown_keys(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    _Cfg(lr=0.5).to_yaml(path)
+    assert _Cfg.from_yaml(path) == _Cfg(lr=0.5, layers=2)
+    path.write_text("lr: 0.1\nlayrs: 3\n")
+    with pytest.raises(ValueError, match="layrs"):
+        _Cfg.from_yaml(path)

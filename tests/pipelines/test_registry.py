@@ -1,0 +1,75 @@
+"""Promotion gate and rollback against a real MLflow SQLite registry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from mlflow import MlflowClient
+
+from pipelines.registry import (
+    PREVIOUS,
+    GateDecision,
+    PromotionGateConfig,
+    apply_decision,
+    champion_version,
+    decide,
+    rollback,
+)
+
+GATE = PromotionGateConfig(
+    floors={"auc": 0.6, "gauc": 0.55, "cold_gauc": 0.5},
+    max_regression={"auc": 0.01, "gauc": 0.01, "cold_gauc": 0.02},
+)
+GOOD = {"auc": 0.70, "gauc": 0.62, "cold_gauc": 0.58}
+
+
+def test_gate_promotes_first_candidate_above_floors() -> None:
+    assert decide(GOOD, None, GATE) == GateDecision(True, [])
+
+
+def test_gate_lists_every_failed_condition() -> None:
+    bad = {"auc": 0.59, "gauc": 0.60, "cold_gauc": math.nan}
+    decision = decide(bad, GOOD, GATE)
+    assert not decision.promote
+    assert any(r.startswith("auc:") and "below floor" in r for r in decision.reasons)
+    assert any(r.startswith("cold_gauc:") for r in decision.reasons)  # NaN never passes
+    assert any("auc: 0.5900 regresses" in r for r in decision.reasons)
+    # gauc: 0.60 vs 0.62 is a regression beyond 0.01
+    assert any(r.startswith("gauc:") and "regresses" in r for r in decision.reasons)
+
+
+def test_gate_tolerates_regression_within_tolerance() -> None:
+    within = {k: v - 0.005 for k, v in GOOD.items()}
+    assert decide(within, GOOD, GATE).promote
+
+
+@pytest.fixture()
+def client(tmp_path) -> MlflowClient:
+    client = MlflowClient(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"
+    )
+    client.create_registered_model("ranker")
+    for _ in range(3):
+        client.create_model_version("ranker", source=str(tmp_path / "artifacts"))
+    return client
+
+
+def test_promotion_moves_aliases_and_rollback_restores(client: MlflowClient) -> None:
+    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE))
+    assert champion_version(client, "ranker") == "1"
+    apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE))
+    assert champion_version(client, "ranker") == "2"
+    assert str(client.get_model_version_by_alias("ranker", PREVIOUS).version) == "1"
+
+    worse = {k: v - 0.1 for k, v in GOOD.items()}
+    apply_decision(client, "ranker", "3", decide(worse, GOOD, GATE))
+    assert champion_version(client, "ranker") == "2"  # unchanged
+    tags = client.get_model_version("ranker", "3").tags
+    assert tags["gate"] == "rejected" and "regresses" in tags["gate_reasons"]
+
+    assert rollback(client, "ranker") == "1"
+    assert champion_version(client, "ranker") == "1"
+    assert client.get_model_version("ranker", "2").tags["gate"] == "rolled_back"
+    with pytest.raises(ValueError, match="no @previous"):
+        rollback(client, "ranker")

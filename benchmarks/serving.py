@@ -1,0 +1,248 @@
+"""HMAT serving and training speed (Sec. 3.4.2): one-pass ranking vs a per-candidate loop, anchor KV
+cache append vs full recomputation and its size, training tokens/s with the MA mask, and (on CUDA)
+FlexAttention vs dense-mask SDPA. Writes ``benchmarks/results/serving.json``.
+
+The per-candidate loop costs the same for every candidate (one forward over history + candidate),
+so for large ``C`` it is timed on ``--loop-limit`` candidates and scaled to ``C`` (flagged in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hisam_core.ranker.model import HMAT, HMATConfig
+from hisam_core.ranker.objectives import sft_loss
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHistory
+from hisam_core.ranker.serving import HMATRanker, rank_reference
+from hisam_core.ranker.synthetic import random_semantic_ids, synthetic_histories
+
+logger = logging.getLogger("benchmarks.serving")
+
+PROFILE_FIELDS = {"age": 8, "gender": 3, "region": 64, "device": 4}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
+    """Best wall time in ms over ``repeats`` calls (after one warm-up) and the last result."""
+    result = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3, result
+
+
+def bench_ranking(
+    ranker: HMATRanker,
+    history: UserHistory,
+    items: np.ndarray,
+    sizes: list[int],
+    loop_limit: int,
+    repeats: int,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        candidates = items[:size]
+        one_pass_ms, scores = timed(lambda c=candidates: ranker.rank(history, c), repeats, device)
+        looped = candidates[: min(size, loop_limit)]
+        start = time.perf_counter()
+        reference = torch.cat(
+            [
+                rank_reference(ranker.model, ranker.builder.config, history, looped[i : i + 1])
+                for i in tqdm(range(len(looped)), desc=f"loop C={size}", leave=False)
+            ]
+        )
+        loop_ms = (time.perf_counter() - start) * 1e3 * size / len(looped)
+        diff = float((scores[: len(looped)] - reference).abs().max())
+        rows.append(
+            {
+                "candidates": size,
+                "one_pass_ms": round(one_pass_ms, 2),
+                "per_candidate_loop_ms": round(loop_ms, 2),
+                "loop_timed_candidates": len(looped),
+                "loop_extrapolated": len(looped) < size,
+                "speedup": round(loop_ms / one_pass_ms, 2),
+                "max_abs_score_diff": diff,
+            }
+        )
+        logger.info("ranking %s", rows[-1])
+    return rows
+
+
+def bench_cache(
+    ranker: HMATRanker, history: UserHistory, new_item: np.ndarray, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    full_cache = ranker.encode(history, evict=False)
+    cache = ranker.encode(history)
+    recompute_ms, _ = timed(lambda: ranker.encode(history.append(new_item, 1)), repeats, device)
+    append_ms, _ = timed(lambda: ranker.append(cache, new_item, 1), repeats, device)
+    candidates = np.stack([new_item] * 4)
+    grown = ranker.append(cache, new_item, 1)
+    diff = float(
+        (ranker.rank(grown, candidates) - ranker.rank(history.append(new_item, 1), candidates)).abs().max()
+    )
+    return {
+        "history_items": cache.num_items,
+        "history_tokens": cache.length,
+        "append_ms": round(append_ms, 2),
+        "full_recompute_ms": round(recompute_ms, 2),
+        "append_speedup": round(recompute_ms / append_ms, 2),
+        "append_vs_recompute_max_abs_score_diff": diff,
+        "anchor_cache_tokens": cache.num_cached,
+        "full_cache_tokens": full_cache.num_cached,
+        "anchor_cache_bytes": cache.nbytes,
+        "full_cache_bytes": full_cache.nbytes,
+        "compression": round(full_cache.nbytes / cache.nbytes, 2),
+        "tokens_per_item": ranker.builder.config.item_length,
+    }
+
+
+def bench_training(
+    model: HMAT, builder: SequenceBuilder, histories: list[UserHistory], steps: int, device: torch.device
+) -> dict[str, Any]:
+    batch = builder.batch(histories).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        sft_loss(model, batch, builder.vocab).backward()
+        optimizer.step()
+
+    step_ms, _ = timed(step, steps, device)
+    model.eval()
+    return {
+        "batch_users": len(histories),
+        "batch_tokens": batch.num_tokens,
+        "step_ms": round(step_ms, 2),
+        "tokens_per_s": round(batch.num_tokens / step_ms * 1e3, 1),
+        "mask": model.config.attention_mask,
+        "backend": "flex" if device.type == "cuda" and model.config.attention_backend != "sdpa" else "sdpa",
+    }
+
+
+def bench_flex_vs_sdpa(
+    config: HMATConfig, builder: SequenceBuilder, histories: list[UserHistory], repeats: int
+) -> dict[str, Any]:
+    """CUDA only: MA-masked forward of the same weights with compiled FlexAttention vs dense SDPA."""
+    device = torch.device("cuda")
+    batch = builder.batch(histories).to(device)
+    torch.manual_seed(0)
+    sdpa = HMAT(config.model_copy(update={"attention_backend": "sdpa"}), builder.vocab.size).to(device).eval()
+    flex = HMAT(config.model_copy(update={"attention_backend": "flex"}), builder.vocab.size).to(device).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "batch_tokens": batch.num_tokens}
+    with torch.no_grad():
+        for name, model in (("sdpa", sdpa), ("flex", flex)):
+            mask_ms, mask = timed(lambda m=model: m.mask(batch, "memory_anchor"), repeats, device)
+            forward_ms, hidden = timed(lambda m=model, k=mask: m(batch, k).hidden, repeats, device)
+            result[f"{name}_mask_ms"] = round(mask_ms, 3)
+            result[f"{name}_forward_ms"] = round(forward_ms, 3)
+            result[f"{name}_hidden"] = hidden
+    diff = (result.pop("flex_hidden") - result.pop("sdpa_hidden"))[batch.valid].abs().max()
+    result["max_abs_hidden_diff"] = float(diff)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--history-tokens", type=int, default=300, help="tokens of the encoded history")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[10, 100, 500])
+    parser.add_argument(
+        "--loop-limit", type=int, default=100, help="candidates timed in the per-candidate loop"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--train-users", type=int, default=2, help="users (of ~history-tokens) per training step"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "serving.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    profile_length = len(PROFILE_FIELDS)
+    items_in_history = (args.history_tokens - profile_length) // 8
+    sequence = SequenceConfig(
+        profile_fields=PROFILE_FIELDS, max_tokens=profile_length + 8 * items_in_history + 7
+    )
+    builder = SequenceBuilder(sequence)
+    config = HMATConfig()
+    torch.manual_seed(0)
+    model = HMAT(config, builder.vocab.size).to(device).eval()
+    catalogue = random_semantic_ids(20000, sequence, seed=0)
+    rng = np.random.default_rng(0)
+    history = synthetic_histories(catalogue, sequence, 1, items_in_history, items_in_history, seed=1)[0]
+    candidates = catalogue.codes[
+        rng.choice(len(catalogue.item_ids), size=max(args.candidates), replace=False)
+    ]
+    ranker = HMATRanker(model, sequence)
+    load_before = os.getloadavg()
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": config.model_dump(),
+        "sequence": sequence.model_dump(),
+        "ranking": bench_ranking(
+            ranker, history, candidates, args.candidates, args.loop_limit, args.repeats, device
+        ),
+        "kv_cache": bench_cache(
+            ranker, history.tail(items_in_history - 1), candidates[0], args.repeats, device
+        ),
+    }
+    train_users = synthetic_histories(
+        catalogue, sequence, args.train_users, items_in_history, items_in_history, seed=2
+    )
+    results["training"] = bench_training(model, builder, train_users, args.repeats, device)
+    results["flex_vs_sdpa"] = (
+        bench_flex_vs_sdpa(config, builder, train_users * 16, args.repeats) if device.type == "cuda" else None
+    )
+    results["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2))
+    logger.info("wrote %s in %.0f s", args.output, results["wall_s"])
+
+
+if __name__ == "__main__":
+    main()

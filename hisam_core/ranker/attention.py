@@ -1,0 +1,179 @@
+"""Memory-Anchor Attention, MA-Attn (Sec. 3.3.2, Eq. 9-10), with GQA.
+
+A query may see a key iff ``causal(p_k <= p_q)`` and ``valid_k`` and one of: the key is a profile
+token (global user context), the key is in the query's item (intra-item aggregation), or the key is
+an Anchor (compressed history). Causality uses the *logical* flat position ``p``, not the physical
+index, so the same predicate serves full streams, cache-evicted histories and realigned candidate
+blocks. Every query also sees itself, so fully padded rows stay finite (their outputs are unused).
+
+``history_memory="anchor_action"`` is an option beyond the paper that also lets later items see
+past Action tokens (under Eq. 10 the action of a past item never reaches a later item, because the
+Anchor precedes its Action). ``mode="causal"`` is the plain causal mask (pre-training, ablation).
+
+Two implementations of the same predicate: a dense boolean mask for
+``F.scaled_dot_product_attention`` (reference; CPU and tests) and a FlexAttention ``BlockMask`` whose
+``mask_mod`` calls :func:`visible` itself (compiled on CUDA).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from hisam_core.ranker.hrope import apply_rotary
+from hisam_core.ranker.sequence import TokenBatch, TokenType
+
+MaskMode = Literal["memory_anchor", "causal"]
+HistoryMemory = Literal["anchor", "anchor_action"]
+AttentionMask = torch.Tensor | BlockMask
+KVPair = tuple[torch.Tensor, torch.Tensor]
+
+
+def memory_token_types(mode: MaskMode, history_memory: HistoryMemory = "anchor") -> tuple[int, ...] | None:
+    """Token types a *later* item may attend to (None: every type, the causal mask). These are
+    exactly the keys the anchor cache keeps (Sec. 3.4.2)."""
+    if mode == "causal":
+        return None
+    types = [TokenType.PROFILE, TokenType.ANCHOR]
+    if history_memory == "anchor_action":
+        types.append(TokenType.ACTION)
+    # plain ints: FlexAttention's traced mask_mod mis-compares tensors with IntEnum members
+    return tuple(int(t) for t in types)
+
+
+def visible(
+    q_pos: torch.Tensor,
+    q_item: torch.Tensor,
+    kv_pos: torch.Tensor,
+    kv_item: torch.Tensor,
+    kv_type: torch.Tensor,
+    kv_valid: torch.Tensor,
+    memory_types: tuple[int, ...] | None,
+) -> torch.Tensor:
+    """The MA-Attn predicate (Eq. 10), elementwise over broadcastable tensors."""
+    allowed = (kv_pos <= q_pos) & kv_valid
+    if memory_types is not None:
+        reachable = kv_item == q_item
+        for token_type in memory_types:
+            reachable = reachable | (kv_type == token_type)
+        allowed = allowed & reachable
+    return allowed | (kv_pos == q_pos)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """What the mask reads about each token; every field ``[B, L]``."""
+
+    position: torch.Tensor
+    item_index: torch.Tensor
+    token_type: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def of(cls, batch: TokenBatch) -> TokenLayout:
+        return cls(batch.position, batch.item_index, batch.token_type, batch.valid)
+
+    def expand(self, batch_size: int) -> TokenLayout:
+        return TokenLayout(*(t.expand(batch_size, -1) for t in vars(self).values()))
+
+    def cat(self, other: TokenLayout) -> TokenLayout:
+        """Keys of ``self`` followed by those of ``other`` (e.g. cache then new tokens)."""
+        return TokenLayout(
+            *(
+                torch.cat([a, b], dim=1)
+                for a, b in zip(vars(self).values(), vars(other).values(), strict=True)
+            )
+        )
+
+
+def dense_mask(query: TokenLayout, key: TokenLayout, memory_types: tuple[int, ...] | None) -> torch.Tensor:
+    """Boolean ``[B, 1, Lq, Lkv]`` mask (True = attend) for ``F.scaled_dot_product_attention``."""
+    allowed = visible(
+        query.position[:, :, None],
+        query.item_index[:, :, None],
+        key.position[:, None, :],
+        key.item_index[:, None, :],
+        key.token_type[:, None, :],
+        key.valid[:, None, :],
+        memory_types,
+    )
+    return allowed.unsqueeze(1)
+
+
+def mask_mod_for(layout: TokenLayout, memory_types: tuple[int, ...] | None) -> Callable[..., torch.Tensor]:
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of self-attention over ``layout``."""
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return visible(
+            layout.position[b, q_idx],
+            layout.item_index[b, q_idx],
+            layout.position[b, kv_idx],
+            layout.item_index[b, kv_idx],
+            layout.token_type[b, kv_idx],
+            layout.valid[b, kv_idx],
+            memory_types,
+        )
+
+    return mask_mod
+
+
+def block_mask(layout: TokenLayout, memory_types: tuple[int, ...] | None, device: torch.device) -> BlockMask:
+    """FlexAttention ``BlockMask`` of self-attention over ``layout`` on ``device``."""
+    batch, length = layout.position.shape
+    layout = TokenLayout(*(t.to(device) for t in vars(layout).values()))
+    return create_block_mask(mask_mod_for(layout, memory_types), batch, None, length, length, device=device)
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    return torch.compile(flex_attention)
+
+
+class MemoryAnchorAttention(nn.Module):
+    """Grouped-query self-attention with H-RoPE and the MA mask (Eq. 3, 9)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        if hidden_size % num_heads or num_heads % num_kv_heads:
+            raise ValueError(
+                f"hidden_size {hidden_size}, heads {num_heads}, kv heads {num_kv_heads} must divide evenly"
+            )
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: AttentionMask,
+        past: KVPair | None = None,
+    ) -> tuple[torch.Tensor, KVPair]:
+        """Attend from ``x [B, L, hidden]`` to ``past`` keys (already rotated, ``[1 or B, Hkv, M, d]``)
+        followed by ``x``'s own. Returns the output and this call's rotated keys and values."""
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        keys, values = k, v
+        if past is not None:
+            keys = torch.cat([past[0].expand(batch, -1, -1, -1), k], dim=2)
+            values = torch.cat([past[1].expand(batch, -1, -1, -1), v], dim=2)
+        if isinstance(mask, BlockMask):
+            attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+            out = attend(q, keys, values, block_mask=mask, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), (k, v)

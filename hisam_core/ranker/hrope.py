@@ -1,0 +1,78 @@
+"""Hierarchical Rotary Position Embedding, H-RoPE (Sec. 3.3.1, Eq. 6-8; derivation in A.3).
+
+Each head's ``head_dim / 2`` rotation pairs (adjacent dims ``(2m, 2m + 1)``, i.e. one complex
+number each) are split into two bands: the first ``round(inter_fraction * head_dim / 2)`` pairs
+rotate by the inter-item coordinate ``i`` with base 10000, the rest by the intra-item coordinate
+``j`` with base 100 (B.2). Within a band of ``n_b`` pairs the frequencies are the standard RoPE ones,
+``base ** (-m / n_b)``, so a single band is exactly standard RoPE. Every pair lies inside one band,
+hence ``<R(i,j) q, R(i',j') k>`` depends on ``(i - i', j - j')`` only (Eq. 18).
+
+Ablations (Table 4): ``rope1d`` rotates all pairs by the flat stream position ``p`` (base 10000);
+``absolute`` adds a learned embedding of ``p`` to the input instead of rotating.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+PositionEncoding = Literal["hrope", "rope1d", "absolute"]
+
+
+def rope_frequencies(num_pairs: int, base: float) -> torch.Tensor:
+    """Standard RoPE angular frequencies ``base ** (-m / num_pairs)`` for ``m < num_pairs``."""
+    return base ** (-torch.arange(num_pairs, dtype=torch.float64) / max(num_pairs, 1))
+
+
+class HierarchicalRotaryEmbedding(nn.Module):
+    """Cos/sin tables from coordinates, and the rotation of queries and keys (Eq. 6)."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        inter_base: float = 10000.0,
+        intra_base: float = 100.0,
+        inter_fraction: float = 0.5,
+        mode: Literal["hrope", "rope1d"] = "hrope",
+    ) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+        pairs = head_dim // 2
+        self.mode = mode
+        self.num_inter = pairs if mode == "rope1d" else round(inter_fraction * pairs)
+        inv_freq = torch.cat(
+            [
+                rope_frequencies(self.num_inter, inter_base),
+                rope_frequencies(pairs - self.num_inter, intra_base),
+            ]
+        )
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def angles(
+        self, item_index: torch.Tensor, intra_index: torch.Tensor, position: torch.Tensor
+    ) -> torch.Tensor:
+        """Rotation angle of every pair, ``[..., head_dim / 2]``: ``i * f`` on the inter band and
+        ``j * f`` on the intra band (H-RoPE), or ``p * f`` on all pairs (1D-RoPE)."""
+        if self.mode == "rope1d":
+            return position.unsqueeze(-1).float() * self.inv_freq
+        inter = item_index.unsqueeze(-1).float() * self.inv_freq[: self.num_inter]
+        intra = intra_index.unsqueeze(-1).float() * self.inv_freq[self.num_inter :]
+        return torch.cat([inter, intra], dim=-1)
+
+    def forward(
+        self, item_index: torch.Tensor, intra_index: torch.Tensor, position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of shape ``[B, 1, L, head_dim / 2]``, ready to broadcast over heads."""
+        theta = self.angles(item_index, intra_index, position).unsqueeze(1)
+        return theta.cos(), theta.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair ``(x_2m, x_2m+1)`` of ``x [B, H, L, D]`` by its angle (Eq. 6)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)

@@ -1,0 +1,282 @@
+"""Training loop of HMAT for both stages (Sec. 3.4.1, B.2): PT (next-token, causal) and SFT (action
+NLL, MA mask, optionally initialised from a PT checkpoint). AdamW with linear warm-up and cosine
+decay, gradient clipping, bf16 autocast where supported, deterministic seeding, and checkpoints
+(model, optimizer, scheduler, RNG states, step) that resume exactly.
+
+Batches are a pure function of ``(seed, step)``: step ``s`` takes samples ``[s * B, (s + 1) * B)``
+of the concatenation of per-epoch permutations, so a resumed run sees the same batches.
+Checkpoints are ``{"config": dict, "state_dict": ...}`` and load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from tqdm import tqdm
+
+from hisam_core.config import Config
+from hisam_core.metrics import ranking_metrics
+from hisam_core.ranker.model import HMAT, HMATConfig
+from hisam_core.ranker.objectives import action_logits, positive_probability, pretrain_loss, sft_loss
+from hisam_core.ranker.sequence import IGNORE_LABEL, SequenceBuilder, SequenceConfig, UserHistory
+
+logger = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class TrainConfig(Config):
+    """Optimisation settings of one stage (B.2: Adam, batch 128)."""
+
+    objective: Literal["pt", "sft"] = "sft"
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(100, ge=0)
+    max_steps: int = Field(10000, ge=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, as a fraction of learning_rate")
+    grad_clip: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA devices that support it, off elsewhere"
+    )
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(50, ge=1)
+    init_from: str | None = Field(None, description="PT checkpoint to initialise SFT from")
+    device: str = "auto"
+
+
+class RankerConfig(Config):
+    """Everything a ranker run needs; ``configs/ranker.yaml`` holds the Hi-SAM-Small defaults."""
+
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
+    model: HMATConfig = Field(default_factory=HMATConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RankerConfig:
+        if self.model.position_encoding == "absolute" and self.model.max_positions < self.sequence.max_tokens:
+            raise ValueError(
+                f"model.max_positions={self.model.max_positions} < sequence.max_tokens={self.sequence.max_tokens}"
+            )
+        return self
+
+
+def build_model(config: RankerConfig) -> HMAT:
+    return HMAT(config.model, SequenceBuilder(config.sequence).vocab.size)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RankerConfig, HMAT]:
+    """Config and model of a checkpoint written by :func:`train`."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    config = RankerConfig.from_dict(checkpoint["config"])
+    model = build_model(config).to(device)
+    model.load_state_dict(checkpoint["state_dict"])
+    return config, model
+
+
+def resolve_device(name: str) -> torch.device:
+    return (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(max_steps - warmup_steps, 1), 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(step: int, batch_size: int, num_samples: int, seed: int) -> np.ndarray:
+    """Sample indices of ``step``: a slice of the concatenated per-epoch permutations."""
+    indices: list[int] = []
+    start = step * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start, num_samples)
+        permutation = np.random.default_rng([seed, epoch]).permutation(num_samples)
+        taken = permutation[offset : offset + batch_size - len(indices)]
+        indices.extend(taken.tolist())
+        start += len(taken)
+    return np.asarray(indices)
+
+
+def _rng_state() -> dict[str, Any]:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "gauss": (has_gauss, cached)},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["pos"], *numpy["gauss"]))
+
+
+def _autocast_enabled(mode: str, device: torch.device) -> bool:
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if mode == "bf16" and not supported:
+        raise ValueError(f"bf16 autocast needs a CUDA device with bf16 support, got {device}")
+    return mode == "bf16" or (mode == "auto" and supported)
+
+
+def _optimizer(model: HMAT, config: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas)
+
+
+def train(
+    config: RankerConfig,
+    histories: Sequence[UserHistory],
+    output_dir: str | Path,
+    callback: MetricsCallback | None = None,
+) -> HMAT:
+    """Run ``config.train`` over ``histories``, resuming from ``output_dir/checkpoint.pt`` when present.
+    ``callback(step, metrics)`` gets ``loss``, ``lr``, ``grad_norm`` and ``tokens`` every ``log_every``
+    steps (``step`` = optimizer steps done)."""
+    tc = config.train
+    if not histories:
+        raise ValueError("no training histories")
+    device = resolve_device(tc.device)
+    checkpoint_path = Path(output_dir) / CHECKPOINT_NAME
+    checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+    seed_everything(tc.seed)
+    builder = SequenceBuilder(config.sequence)
+    model = build_model(config).to(device)
+    optimizer = _optimizer(model, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    )
+    start = 0
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start = int(state["step"])
+        logger.info("resuming from %s at step %d", checkpoint_path, start)
+    elif tc.init_from:
+        _, pretrained = load_model(tc.init_from, device)
+        try:
+            model.load_state_dict(pretrained.state_dict())
+        except RuntimeError as error:
+            raise ValueError(f"PT checkpoint {tc.init_from} does not match this model: {error}") from error
+        logger.info("initialised from %s", tc.init_from)
+    use_bf16 = _autocast_enabled(tc.mixed_precision, device)
+    model.train()
+    for step in tqdm(
+        range(start, tc.max_steps), initial=start, total=tc.max_steps, desc=tc.objective, disable=None
+    ):
+        batch = builder.batch(
+            [histories[i] for i in batch_indices(step, tc.batch_size, len(histories), tc.seed)]
+        )
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = (
+                pretrain_loss(model, batch) if tc.objective == "pt" else sft_loss(model, batch, builder.vocab)
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        if callback is not None and (done % tc.log_every == 0 or done == tc.max_steps):
+            metrics = {
+                "loss": loss.item(),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens": float(batch.num_tokens),
+            }
+            callback(done, metrics)
+        if done % tc.checkpoint_every == 0 or done == tc.max_steps:
+            _save(checkpoint_path, config, model, optimizer, scheduler, done)
+    return model
+
+
+def _save(
+    path: Path,
+    config: RankerConfig,
+    model: HMAT,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+) -> None:
+    state = {
+        "config": config.model_dump(mode="json"),
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "step": step,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def evaluate(
+    model: HMAT,
+    sequence_config: SequenceConfig,
+    histories: Sequence[UserHistory],
+    batch_size: int = 256,
+    cold_start_items: int = 10,
+) -> dict[str, float]:
+    """AUC/GAUC of ``P(positive)`` on every labelled action; the cold-start subset is the users with
+    fewer than ``cold_start_items`` interactions (Sec. 4.1)."""
+    builder = SequenceBuilder(sequence_config)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores, labels, users, cold = [], [], [], []
+    for start in range(0, len(histories), batch_size):
+        chunk = histories[start : start + batch_size]
+        batch = builder.batch(chunk).to(device)
+        logits, targets = action_logits(model, batch, builder.vocab)
+        labelled = batch.labels != IGNORE_LABEL
+        row_users = batch.user_ids.unsqueeze(1).expand_as(batch.labels)[labelled]
+        is_cold = torch.tensor([len(h) < cold_start_items for h in chunk], device=device)
+        scores.append(positive_probability(logits, builder.vocab).cpu())
+        labels.append((targets == builder.vocab.positive_index).long().cpu())
+        users.append(row_users.cpu())
+        cold.append(is_cold.unsqueeze(1).expand_as(batch.labels)[labelled].cpu())
+    model.train(was_training)
+    cold_mask = torch.cat(cold).numpy()
+    return ranking_metrics(
+        torch.cat(labels).numpy(),
+        torch.cat(scores).numpy(),
+        torch.cat(users).numpy(),
+        cold_mask if cold_mask.any() else None,
+    )

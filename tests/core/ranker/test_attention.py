@@ -1,0 +1,141 @@
+"""MA-Attn (Sec. 3.3.2, Eq. 10): the predicate, its dense and FlexAttention forms, and what it isolates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_mask
+
+from hisam_core.ranker.attention import TokenLayout, dense_mask, mask_mod_for, memory_token_types
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHistory
+
+
+def small_stream(history_memory: str = "anchor", mode: str = "memory_anchor") -> torch.Tensor:
+    """Profile token, then two items of two semantic tokens: [P, s, s, A1, a1, s, s, A2, a2]."""
+    config = SequenceConfig(num_positions=2, codebook_size=4, profile_fields={"g": 2}, max_tokens=16)
+    builder = SequenceBuilder(config)
+    batch = builder.batch([UserHistory(0, np.array([[1, 2], [3, 0]]), [1, 0], {"g": 1})])
+    layout = TokenLayout.of(batch)
+    return dense_mask(layout, layout, memory_token_types(mode, history_memory))[0, 0]
+
+
+def from_rows(rows: list[set[int]]) -> torch.Tensor:
+    return torch.tensor([[k in row for k in range(len(rows))] for row in rows])
+
+
+def test_hand_checked_memory_anchor_mask():
+    expected = from_rows(
+        [
+            {0},  # profile
+            {0, 1},  # item 1: profile + own tokens, causally
+            {0, 1, 2},
+            {0, 1, 2, 3},  # anchor 1
+            {0, 1, 2, 3, 4},  # action 1
+            {0, 3, 5},  # item 2: profile, anchor 1, own tokens only
+            {0, 3, 5, 6},
+            {0, 3, 5, 6, 7},  # anchor 2
+            {0, 3, 5, 6, 7, 8},  # action 2
+        ]
+    )
+    assert torch.equal(small_stream(), expected)
+    with_actions = expected.clone()
+    with_actions[5:, 4] = True  # "anchor_action" also exposes action 1 to item 2
+    assert torch.equal(small_stream("anchor_action"), with_actions)
+    assert torch.equal(small_stream(mode="causal"), torch.ones(9, 9, dtype=torch.bool).tril())
+
+
+def ragged(histories: list[UserHistory]) -> list[UserHistory]:
+    """Users of 1 .. 6 interactions, so a batch of them is padded."""
+    return [h.tail(1 + index % 6) for index, h in enumerate(histories)]
+
+
+@pytest.mark.parametrize(
+    ("mode", "memory"),
+    [("memory_anchor", "anchor"), ("memory_anchor", "anchor_action"), ("causal", "anchor")],
+)
+def test_mask_mod_equals_dense_mask_on_grid(seq_config, histories, mode, memory):
+    layout = TokenLayout.of(SequenceBuilder(seq_config).batch(ragged(histories[:5])))
+    types = memory_token_types(mode, memory)
+    dense = dense_mask(layout, layout, types)[:, 0]
+    batch, length = layout.position.shape
+    mask_mod = mask_mod_for(layout, types)
+    grid = mask_mod(
+        torch.arange(batch)[:, None, None],
+        torch.zeros(1, 1, 1, dtype=torch.long),
+        torch.arange(length)[None, :, None],
+        torch.arange(length)[None, None, :],
+    )
+    assert torch.equal(grid, dense)
+    # FlexAttention's own (vmapped) evaluation of the mask_mod agrees too
+    assert torch.equal(create_mask(mask_mod, batch, 1, length, length, device="cpu")[:, 0], dense)
+    # padded queries see only themselves; padded keys are never seen by real queries
+    valid = layout.valid
+    assert not valid.all()
+    assert not (dense & valid[:, :, None] & ~valid[:, None, :]).any()
+    assert (dense.sum(-1) >= 1).all()
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_equals_dense_sdpa(seq_config, histories, make_model):
+    """FlexAttention runs eagerly (unfused) on CPU in this torch; compiled on CUDA by the model."""
+    batch = SequenceBuilder(seq_config).batch(ragged(histories[:4]))
+    sdpa = make_model(attention_backend="sdpa")
+    flex = make_model(attention_backend="flex")
+    for mode in ("memory_anchor", "causal"):
+        with torch.no_grad():
+            expected = sdpa(batch, sdpa.mask(batch, mode)).hidden
+            actual = flex(batch, flex.mask(batch, mode)).hidden
+        valid = batch.valid
+        torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=1e-5)
+
+
+def perturbed_outputs(
+    seq_config, model, history, mode, block_anchor=False, field="semantic"
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Hidden states before/after changing item 1's first semantic token (or its action)."""
+    builder = SequenceBuilder(seq_config)
+    items, actions = history.items.copy(), history.actions.copy()
+    if field == "semantic":
+        items[0, 0] = (items[0, 0] + 5) % seq_config.codebook_size
+    else:
+        actions[0] = 1 - actions[0]
+    changed = UserHistory(history.user_id, items, actions, history.profile)
+    outputs = []
+    for h in (history, changed):
+        batch = builder.batch([h])
+        mask = model.mask(batch, mode)
+        if block_anchor:  # hide anchor 1 from every later item
+            anchor_1 = seq_config.profile_length + seq_config.num_positions
+            later = batch.item_index[0] > 1
+            mask = mask.clone()
+            mask[0, 0, later, anchor_1] = False
+        with torch.no_grad():
+            outputs.append(model(batch, mask).hidden[0])
+    item_index = builder.batch([history]).item_index[0]
+    return outputs, item_index
+
+
+def test_history_reaches_later_items_only_through_anchors(seq_config, history, make_model):
+    model = make_model()
+    (before, after), item = perturbed_outputs(seq_config, model, history, "memory_anchor")
+    delta = (after - before).abs().amax(-1)
+    assert (delta[item == 0] == 0).all()  # the profile precedes the change
+    assert (delta[item == 1] > 1e-4).any()
+    assert (delta[item >= 2] > 1e-4).all()  # reachable through anchor 1
+    (before, after), _ = perturbed_outputs(seq_config, model, history, "memory_anchor", block_anchor=True)
+    torch.testing.assert_close(after[item >= 2], before[item >= 2], atol=0, rtol=0)
+    # a plain causal mask leaks the raw tokens even with anchor 1 hidden
+    (before, after), _ = perturbed_outputs(seq_config, model, history, "causal", block_anchor=True)
+    assert ((after - before).abs().amax(-1)[item >= 2] > 1e-4).all()
+
+
+@pytest.mark.parametrize(("memory", "reaches_later"), [("anchor", False), ("anchor_action", True)])
+def test_past_action_visibility(seq_config, history, make_model, memory, reaches_later):
+    """Under Eq. 10 a past Action never reaches later items (its Anchor precedes it)."""
+    model = make_model(history_memory=memory)
+    (before, after), item = perturbed_outputs(seq_config, model, history, "memory_anchor", field="action")
+    delta = (after - before).abs().amax(-1)[item >= 2]
+    assert bool((delta > 1e-4).all()) == reaches_later
+    if not reaches_later:
+        assert (delta == 0).all()

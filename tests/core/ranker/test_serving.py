@@ -1,0 +1,135 @@
+"""Sec. 3.4.2: one-pass parallel ranking and the anchor KV cache against full recomputation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hisam_core.ranker.sequence import SequenceBuilder, TokenType, UserHistory
+from hisam_core.ranker.serving import HMATRanker, rank_reference
+
+VARIANTS = [
+    {},
+    {"history_memory": "anchor_action"},
+    {"position_encoding": "rope1d"},
+    {"position_encoding": "absolute"},
+    {"attention_mask": "causal"},
+    {"inter_fraction": 0.25},
+]
+
+
+@pytest.fixture
+def candidates(semantic_ids) -> np.ndarray:
+    return semantic_ids.codes[np.random.default_rng(5).choice(200, size=12, replace=False)]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: "-".join(map(str, o.values())) or "paper")
+def test_one_pass_equals_separate_forward_passes(seq_config, make_model, history, candidates, overrides):
+    model = make_model(**overrides)
+    ranker = HMATRanker(model, seq_config)
+    expected = rank_reference(model, seq_config, history, candidates)
+    torch.testing.assert_close(ranker.rank(history, candidates), expected, atol=1e-5, rtol=0)
+    # scores do not depend on candidate order, nor on how candidates are chunked
+    order = np.random.default_rng(0).permutation(len(candidates))
+    torch.testing.assert_close(ranker.rank(history, candidates[order]), expected[order], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ranker.rank(history, candidates, chunk_size=5), expected, atol=1e-6, rtol=0)
+    assert expected.std() > 1e-4, "a constant score would make these checks vacuous"
+
+
+@pytest.mark.parametrize("overrides", VARIANTS[:2] + VARIANTS[4:5], ids=["anchor", "anchor_action", "causal"])
+def test_cache_keeps_only_what_later_items_see(seq_config, make_model, history, overrides):
+    model = make_model(**overrides)
+    ranker = HMATRanker(model, seq_config)
+    cache, full = ranker.encode(history), ranker.encode(history, evict=False)
+    n_items, p_len = len(history), seq_config.profile_length
+    kept = {"anchor": 1, "anchor_action": 2}.get(overrides.get("history_memory", "anchor"))
+    if overrides.get("attention_mask") == "causal":
+        kept = seq_config.item_length  # a causal model attends to everything: nothing to evict
+    assert cache.num_cached == p_len + kept * n_items
+    assert full.num_cached == p_len + seq_config.item_length * n_items
+    assert cache.nbytes * full.num_cached == full.nbytes * cache.num_cached
+    # the logical position map holds the original coordinates of the kept tokens
+    sequence = SequenceBuilder(seq_config).build(history)
+    keep = np.isin(sequence.token_type, cache.layout.token_type.unique().numpy())
+    assert (cache.layout.position[0].numpy() == sequence.position[keep]).all()
+    assert (cache.layout.item_index[0].numpy() == sequence.item_index[keep]).all()
+    assert (cache.intra_index[0].numpy() == sequence.intra_index[keep]).all()
+    # and evicting loses nothing
+    candidates = np.random.default_rng(1).integers(0, 16, size=(6, 6))
+    torch.testing.assert_close(
+        ranker.rank(cache, candidates), ranker.rank(full, candidates), atol=1e-6, rtol=0
+    )
+
+
+def test_anchor_cache_is_the_paper_compression(seq_config, make_model, history):
+    cache = HMATRanker(make_model(), seq_config).encode(history)
+    types = cache.layout.token_type[0]
+    assert set(types.tolist()) == {TokenType.PROFILE, TokenType.ANCHOR}
+    assert int((types == TokenType.ANCHOR).sum()) == len(history)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"history_memory": "anchor_action"}, {"attention_mask": "causal"}])
+def test_appending_equals_full_recomputation(seq_config, semantic_ids, make_model, candidates, overrides):
+    """Grow a history one interaction at a time, past the token budget (which forces a rebuild)."""
+    model = make_model(**overrides)
+    ranker = HMATRanker(model, seq_config)
+    rng = np.random.default_rng(11)
+    codes = semantic_ids.codes[rng.integers(0, 200, size=9)]
+    actions = rng.integers(0, 2, size=9)
+    profile = {"age": 3, "gender": 2}
+    cache = ranker.encode(UserHistory(4, codes[:1], actions[:1], profile))
+    budget = SequenceBuilder(seq_config).max_items(with_candidate=True)
+    for n in range(2, 10):
+        cache = ranker.append(cache, codes[n - 1], int(actions[n - 1]))
+        history = UserHistory(4, codes[:n], actions[:n], profile)
+        assert cache.num_items == min(n, budget)
+        expected = rank_reference(model, seq_config, history, candidates)
+        torch.testing.assert_close(ranker.rank(cache, candidates), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ranker.rank(history, candidates), expected, atol=1e-5, rtol=0)
+
+
+def test_cold_start_user_with_profile_only(seq_config, make_model, candidates):
+    model = make_model()
+    cold = UserHistory(9, np.empty((0, 6)), [], {"age": 1, "gender": 0})
+    ranker = HMATRanker(model, seq_config)
+    cache = ranker.encode(cold)
+    assert cache.num_items == 0 and cache.num_cached == seq_config.profile_length
+    expected = rank_reference(model, seq_config, cold, candidates)
+    torch.testing.assert_close(ranker.rank(cold, candidates), expected, atol=1e-5, rtol=0)
+    # appending the first interaction to a profile-only cache
+    grown = ranker.append(cache, candidates[0], 1)
+    expected = rank_reference(model, seq_config, cold.append(candidates[0], 1), candidates)
+    torch.testing.assert_close(ranker.rank(grown, candidates), expected, atol=1e-5, rtol=0)
+
+
+def test_bad_serving_input(seq_config, make_model, history, candidates):
+    ranker = HMATRanker(make_model(), seq_config)
+    with pytest.raises(ValueError, match=r"candidates must be \[C, 6\]"):
+        ranker.rank(history, candidates[:, :5])
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
+        ranker.rank(history, candidates + 16)
+    with pytest.raises(ValueError, match="6 semantic codes"):
+        ranker.append(ranker.encode(history), candidates[0, :4], 1)
+    with pytest.raises(ValueError, match="action indices"):
+        ranker.append(ranker.encode(history), candidates[0], 7)
+    with pytest.raises(ValueError, match="nothing to condition on"):
+        HMATRanker(make_model(), seq_config.model_copy(update={"profile_fields": {}})).rank(
+            UserHistory(1, np.empty((0, 6)), []), candidates
+        )
+    assert ranker.rank(history, candidates[:0]).numel() == 0
+
+
+def test_model_rejects_unknown_token_ids(seq_config, make_model, history):
+    model = make_model()
+    batch = SequenceBuilder(seq_config).batch([history])
+    batch.tokens[0, 3] = SequenceBuilder(seq_config).vocab.size
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model(batch, model.mask(batch, "memory_anchor"))
+
+
+def test_absolute_positions_beyond_the_table_raise(seq_config, make_model, history):
+    model = make_model(position_encoding="absolute", max_positions=16)
+    batch = SequenceBuilder(seq_config).batch([history])
+    with pytest.raises(ValueError, match="exceeds max_positions=16"):
+        model(batch, model.mask(batch, "memory_anchor"))

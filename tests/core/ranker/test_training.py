@@ -1,0 +1,154 @@
+"""Sec. 3.4.1: PT and SFT learn a task whose label depends on one semantic token; exact resume."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hisam_core.ranker.model import HMATConfig
+from hisam_core.ranker.objectives import sft_loss
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig
+from hisam_core.ranker.synthetic import random_semantic_ids, synthetic_histories
+from hisam_core.ranker.train import (
+    RankerConfig,
+    TrainConfig,
+    batch_indices,
+    evaluate,
+    load_model,
+    train,
+    warmup_cosine,
+)
+
+SEQUENCE = SequenceConfig(codebook_size=16, profile_fields={"age": 4}, max_tokens=64)
+MODEL = HMATConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_size=128)
+ITEMS = random_semantic_ids(200, SEQUENCE, seed=0)
+TRAIN_USERS = synthetic_histories(ITEMS, SEQUENCE, 300, signal_position=2, seed=1)
+TEST_USERS = synthetic_histories(ITEMS, SEQUENCE, 80, signal_position=2, seed=2)
+
+
+def config(objective: str, steps: int, **train) -> RankerConfig:
+    options = {"learning_rate": 3e-3, "warmup_steps": 5, "batch_size": 32, "log_every": 1}
+    options |= {"checkpoint_every": steps} | train
+    return RankerConfig(
+        sequence=SEQUENCE, model=MODEL, train=TrainConfig(objective=objective, max_steps=steps, **options)
+    )
+
+
+def run(cfg: RankerConfig, directory: Path) -> list[float]:
+    losses: list[float] = []
+    train(cfg, TRAIN_USERS, directory, callback=lambda step, metrics: losses.append(metrics["loss"]))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> tuple[Path, list[float]]:
+    """One PT run shared by the module (single-threaded like every ranker test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    directory = tmp_path_factory.mktemp("pt")
+    losses = run(config("pt", 40, batch_size=16), directory)
+    torch.set_num_threads(threads)
+    return directory / "checkpoint.pt", losses
+
+
+def test_pretraining_loss_falls(pretrained):
+    _, losses = pretrained
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
+
+
+def test_sft_from_pretrained_learns_the_task(pretrained, tmp_path):
+    checkpoint, _ = pretrained
+    cfg = config("sft", 30, init_from=str(checkpoint))
+    losses: list[float] = []
+    model = train(cfg, TRAIN_USERS, tmp_path, callback=lambda step, metrics: losses.append(metrics["loss"]))
+    # the first logged loss is the PT model's SFT loss on the first batch: SFT started from PT weights
+    _, pt_model = load_model(checkpoint)
+    builder = SequenceBuilder(SEQUENCE)
+    first = builder.batch([TRAIN_USERS[i] for i in batch_indices(0, 32, len(TRAIN_USERS), 0)])
+    with torch.no_grad():
+        assert losses[0] == pytest.approx(float(sft_loss(pt_model, first, builder.vocab)), abs=1e-5)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    metrics = evaluate(model, SEQUENCE, TEST_USERS)
+    assert metrics["auc"] > 0.9 and metrics["gauc"] > 0.9
+    assert {"cold_auc", "cold_gauc"} <= set(metrics)
+
+
+def test_sft_from_scratch_learns_the_task(tmp_path):
+    model = train(config("sft", 30), TRAIN_USERS, tmp_path)
+    assert evaluate(model, SEQUENCE, TEST_USERS)["auc"] > 0.9
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_reproduces_the_loss_curve_exactly(tmp_path):
+    cfg = config("sft", 8)
+    straight = run(cfg, tmp_path / "straight")
+    interrupted = config("sft", 8, checkpoint_every=4)
+    seen: list[float] = []
+
+    def crash_after_five(step: int, metrics: dict[str, float]) -> None:
+        seen.append(metrics["loss"])
+        if step == 5:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(interrupted, TRAIN_USERS, tmp_path / "resumed", callback=crash_after_five)
+    resumed = run(interrupted, tmp_path / "resumed")  # restarts from the step-4 checkpoint
+    assert seen[:4] == straight[:4]
+    assert resumed == straight[4:]
+
+
+def test_checkpoint_is_a_weights_only_config_and_state_dict(tmp_path):
+    train(config("pt", 2), TRAIN_USERS, tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert RankerConfig.from_dict(state["config"]) == config("pt", 2)
+    assert state["step"] == 2
+    _, model = load_model(tmp_path / "checkpoint.pt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state["state_dict"].items())
+
+
+def test_init_from_an_incompatible_checkpoint_fails(pretrained, tmp_path):
+    checkpoint, _ = pretrained
+    other = config("sft", 2, init_from=str(checkpoint)).model_copy(
+        update={"sequence": SEQUENCE.model_copy(update={"codebook_size": 32})}
+    )
+    with pytest.raises(ValueError, match="does not match"):
+        train(
+            other, synthetic_histories(random_semantic_ids(50, other.sequence), other.sequence, 8), tmp_path
+        )
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    values = [warmup_cosine(step, 10, 100, 0.1) for step in range(120)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(values[9:]))
+    assert values[100] == pytest.approx(0.1) and values[-1] == pytest.approx(0.1)
+
+
+def test_every_epoch_visits_each_sample_once():
+    steps = [batch_indices(step, 7, 20, seed=3) for step in range(20)]  # 140 samples = 7 epochs
+    flat = np.concatenate(steps)
+    for epoch in range(7):
+        assert sorted(flat[epoch * 20 : (epoch + 1) * 20].tolist()) == list(range(20))
+    assert (batch_indices(4, 7, 20, seed=3) == steps[4]).all()
+
+
+def test_shipped_config_is_hi_sam_small():
+    shipped = RankerConfig.from_yaml(Path(__file__).resolve().parents[3] / "configs" / "ranker.yaml")
+    assert shipped == RankerConfig()
+    model = shipped.model
+    assert (model.hidden_size, model.ffn_size, model.num_layers) == (512, 2560, 4)
+    assert (model.num_heads, model.num_kv_heads, model.inter_base, model.intra_base) == (8, 2, 10000, 100)
+    assert shipped.sequence.max_tokens == 300 and shipped.sequence.num_positions == 6
+
+
+def test_absolute_position_table_must_cover_the_budget():
+    with pytest.raises(ValueError, match="max_positions"):
+        RankerConfig(model=HMATConfig(position_encoding="absolute", max_positions=128))

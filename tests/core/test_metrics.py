@@ -1,0 +1,84 @@
+"""AUC / GAUC (Sec. 4.1) against scikit-learn, overall and on a cold-start mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from hisam_core.metrics import auc, gauc, ranking_metrics
+
+
+@pytest.fixture
+def samples() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 40, size=600)
+    labels = rng.integers(0, 2, size=600)
+    scores = np.round(labels * 0.3 + rng.random(600), 1)  # rounding creates many ties
+    cold = np.isin(users, np.arange(15))
+    return labels, scores, users, cold
+
+
+def reference_gauc(labels, scores, users) -> float:
+    values, weights = [], []
+    for user in np.unique(users):
+        mine = users == user
+        if len(np.unique(labels[mine])) == 2:
+            values.append(roc_auc_score(labels[mine], scores[mine]))
+            weights.append(mine.sum())
+    return float(np.average(values, weights=weights))
+
+
+def test_auc_equals_sklearn_with_ties(samples):
+    labels, scores, _, cold = samples
+    assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert auc(labels, scores, cold) == pytest.approx(roc_auc_score(labels[cold], scores[cold]), abs=1e-12)
+
+
+def test_gauc_is_the_count_weighted_mean_of_per_user_auc(samples):
+    labels, scores, users, cold = samples
+    labels = labels.copy()
+    labels[users == 3] = 1  # a single-class user is skipped
+    assert gauc(labels, scores, users) == pytest.approx(reference_gauc(labels, scores, users), abs=1e-12)
+    expected_cold = reference_gauc(labels[cold], scores[cold], users[cold])
+    assert gauc(labels, scores, users, cold) == pytest.approx(expected_cold, abs=1e-12)
+
+
+def test_ranking_metrics_bundle(samples):
+    labels, scores, users, cold = samples
+    metrics = ranking_metrics(labels, scores, users, cold)
+    assert metrics == {
+        "auc": auc(labels, scores),
+        "gauc": gauc(labels, scores, users),
+        "cold_auc": auc(labels, scores, cold),
+        "cold_gauc": gauc(labels, scores, users, cold),
+    }
+    assert set(ranking_metrics(labels, scores, users)) == {"auc", "gauc"}
+
+
+def test_perfect_and_reversed_rankings():
+    labels = np.array([0, 0, 1, 1])
+    assert auc(labels, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert auc(labels, -np.array([0.1, 0.2, 0.8, 0.9])) == 0.0
+    assert auc(labels, np.zeros(4)) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("labels", "scores", "mask", "match"),
+    [
+        ([1, 1, 1], [0.1, 0.2, 0.3], None, "both classes"),
+        ([0, 1, 2], [0.1, 0.2, 0.3], None, "0 or 1"),
+        ([0, 1], [0.1, np.nan], None, "finite"),
+        ([0, 1], [0.1, 0.2, 0.3], None, "equal lengths"),
+        ([0, 1, 1], [0.1, 0.2, 0.3], [1, 0, 1], "boolean"),
+        ([0, 1, 1], [0.1, 0.2, 0.3], [False, True, True], "both classes"),
+    ],
+)
+def test_bad_input_raises(labels, scores, mask, match):
+    with pytest.raises(ValueError, match=match):
+        auc(np.array(labels), np.array(scores), None if mask is None else np.array(mask))
+
+
+def test_gauc_without_a_two_class_user_raises():
+    with pytest.raises(ValueError, match="at least one user"):
+        gauc(np.array([0, 1]), np.array([0.3, 0.4]), np.array([1, 2]))

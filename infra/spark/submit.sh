@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run one spark_jobs entry point on a cluster, unchanged from local runs:
+#   infra/spark/submit.sh import_movielens --data-dir s3://... --lake-root s3://...
+# (the name of a module in spark_jobs/entrypoints/; its --help lists the arguments)
+# Needs SPARK_MASTER (e.g. yarn, k8s://https://..., spark://host:7077).
+set -euo pipefail
+job="$1"; shift
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+(cd "$root" && zip -qr /tmp/hisam_src.zip hisam_core spark_jobs)
+exec spark-submit \
+  --master "${SPARK_MASTER:?set SPARK_MASTER}" \
+  --properties-file "$here/spark-defaults.conf" \
+  --py-files /tmp/hisam_src.zip \
+  "$root/spark_jobs/entrypoints/$job.py" "$@"

@@ -45,10 +45,9 @@ def test_gate_tolerates_regression_within_tolerance() -> None:
 
 
 @pytest.fixture()
-def client(tmp_path) -> MlflowClient:
-    client = MlflowClient(
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"
-    )
+def client(tmp_path, mlflow_store) -> MlflowClient:
+    uri = mlflow_store(tmp_path)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("ranker")
     for _ in range(3):
         client.create_model_version("ranker", source=str(tmp_path / "artifacts"))

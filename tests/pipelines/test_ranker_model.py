@@ -1,0 +1,236 @@
+"""The packaged HMAT ranker on a real MLflow SQLite registry: one-pass scores equal the per-candidate
+reference, aliases resolve, tokenizer versions are enforced, the artifacts are self-contained."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from hisam_core.ranker.model import HMATConfig
+from hisam_core.ranker.sequence import SequenceConfig, UserHistory
+from hisam_core.ranker.serving import rank_reference
+from hisam_core.ranker.synthetic import random_semantic_ids, synthetic_histories
+from hisam_core.ranker.train import RankerConfig, TrainConfig, load_model, train
+from pipelines.ranker_model import SCORES, TOKENIZER_VERSION, TRAINING_RUN_TAG, load_ranker, log_ranker
+from pipelines.registry import GateDecision, apply_decision
+from pipelines.settings import Settings
+from pipelines.tracking import configure_mlflow, mlflow_callback
+
+NAME = "hisam-ranker"
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, mlflow_store, isolated_mlflow):
+    """A tiny HMAT trained for 4 SFT steps inside a run, logged and registered as version 1."""
+    torch.set_num_threads(1)
+    home = tmp_path_factory.mktemp("hisam")
+    settings = Settings(home=home, mlflow_tracking_uri=mlflow_store(home), experiment="ranker")
+    with isolated_mlflow():
+        yield _train_and_register(settings, home)
+
+
+def _train_and_register(settings: Settings, home: Path) -> dict:
+    configure_mlflow(settings)
+    config = RankerConfig(
+        sequence=SequenceConfig(codebook_size=16, profile_fields={"age": 4, "gender": 3}, max_tokens=64),
+        model=HMATConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_size=128),
+        train=TrainConfig(max_steps=4, warmup_steps=1, batch_size=8, log_every=2, learning_rate=1e-3),
+    )
+    semantic_ids = random_semantic_ids(120, config.sequence, seed=0)
+    histories = synthetic_histories(semantic_ids, config.sequence, 16, seed=1)
+    callback = mlflow_callback(prefix="sft/")
+    with mlflow.start_run() as run:
+        train(config, histories, home / "ckpt", callback=callback)
+        version = log_ranker(home / "ckpt" / "checkpoint.pt", config, semantic_ids, NAME)
+    _, model = load_model(home / "ckpt" / "checkpoint.pt")
+    return {
+        "config": config,
+        "model": model.eval(),
+        "semantic_ids": semantic_ids,
+        "version": version,
+        "run_id": run.info.run_id,
+        "callback": callback,
+        "settings": settings,
+    }
+
+
+def requests(trained: dict, users: int = 3, seed: int = 5) -> pd.DataFrame:
+    """Requests with random histories (one of them empty) and 7 candidates each."""
+    rng = np.random.default_rng(seed)
+    ids = trained["semantic_ids"].item_ids
+    rows = []
+    for user in range(users):
+        length = 0 if user == 0 else int(rng.integers(1, 6))
+        rows.append(
+            {
+                "user_id": 100 + user,
+                "history_item_ids": rng.choice(ids, size=length).tolist(),
+                "history_actions": rng.integers(0, 2, size=length).tolist(),
+                "candidate_item_ids": rng.choice(ids, size=7, replace=False).tolist(),
+                "profile_age": int(rng.integers(0, 4)),
+                "profile_gender": int(rng.integers(0, 3)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def reference_scores(trained: dict, frame: pd.DataFrame) -> list[np.ndarray]:
+    """Per-candidate full forward passes (rank_reference) for every request row."""
+    table, config = trained["semantic_ids"], trained["config"]
+    out = []
+    for row in frame.to_dict("records"):
+        history = UserHistory(
+            row["user_id"],
+            table.lookup(np.asarray(row["history_item_ids"], dtype=np.int64)).reshape(
+                -1, table.num_positions
+            ),
+            row["history_actions"],
+            {"age": row["profile_age"], "gender": row["profile_gender"]},
+        )
+        candidates = table.lookup(np.asarray(row["candidate_item_ids"]))
+        out.append(rank_reference(trained["model"], config.sequence, history, candidates).numpy())
+    return out
+
+
+def test_registered_version_carries_tokenizer_version_run_and_signature(trained: dict) -> None:
+    version = trained["version"]
+    assert (version.name, str(version.version)) == (NAME, "1")
+    assert version.tags[TOKENIZER_VERSION] == trained["semantic_ids"].version == "random-0"
+    assert version.tags[TRAINING_RUN_TAG] == trained["run_id"] == version.run_id
+    info = mlflow.models.get_model_info(f"models:/{NAME}/1")
+    assert info.metadata[TOKENIZER_VERSION] == "random-0"
+    assert set(info.signature.inputs.input_names()) == {
+        "user_id",
+        "history_item_ids",
+        "history_actions",
+        "candidate_item_ids",
+        "profile_age",
+        "profile_gender",
+    }
+
+
+def test_training_callback_history_is_in_the_run(trained: dict) -> None:
+    client = MlflowClient()
+    history = trained["callback"].history
+    assert [step for step, _ in history["sft/loss"]] == [2, 4]
+    for name, points in history.items():
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(trained["run_id"], name))
+        assert logged == points
+
+
+def test_predict_equals_reference_and_ignores_candidate_order(trained: dict) -> None:
+    model = load_ranker(f"models:/{NAME}/1", expected_tokenizer_version=trained["semantic_ids"])
+    frame = requests(trained)
+    scores = model.predict(frame)[SCORES].tolist()
+    for got, want in zip(scores, reference_scores(trained, frame), strict=True):
+        assert len(got) == len(want)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        assert np.ptp(want) > 0  # the candidates really are told apart
+
+    rng = np.random.default_rng(0)
+    permutations = [rng.permutation(7) for _ in range(len(frame))]
+    shuffled = frame.assign(
+        candidate_item_ids=[
+            list(np.asarray(c)[p]) for c, p in zip(frame["candidate_item_ids"], permutations, strict=True)
+        ]
+    )
+    for got, base, perm in zip(model.predict(shuffled)[SCORES], scores, permutations, strict=True):
+        np.testing.assert_allclose(got, np.asarray(base)[perm], atol=1e-6, rtol=0)
+
+
+def test_champion_alias_serves_the_same_model(trained: dict) -> None:
+    apply_decision(MlflowClient(), NAME, "1", GateDecision(True, []))
+    frame = requests(trained, seed=9)
+    champion = load_ranker(f"models:/{NAME}@champion", "random-0").predict(frame)
+    version_1 = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(frame)
+    pd.testing.assert_frame_equal(champion, version_1)
+
+
+def test_tokenizer_version_mismatch_is_refused(trained: dict) -> None:
+    other = random_semantic_ids(120, trained["config"].sequence, seed=1)  # version "random-1"
+    uri = f"models:/{NAME}/1"
+    with pytest.raises(ValueError, match=r"'random-0'.*'random-1'"):
+        load_ranker(uri, expected_tokenizer_version=other)
+    with pytest.raises(ValueError, match=r"'random-0'.*'v2'"):  # plain pyfunc load, in load_context
+        mlflow.pyfunc.load_model(uri, model_config={"expected_tokenizer_version": "v2"})
+    with pytest.raises(ValueError, match=r"table is tokenizer version 'random-0'.*logged with.*'v3'"):
+        mlflow.pyfunc.load_model(uri, model_config={TOKENIZER_VERSION: "v3"})
+
+
+def test_unknown_items_and_bad_requests_raise(trained: dict) -> None:
+    model = load_ranker(f"models:/{NAME}/1")
+    frame = requests(trained, users=2)
+    unknown = frame.copy()
+    unknown.at[1, "candidate_item_ids"] = [3, 99_999]
+    with pytest.raises(ValueError, match=r"row 1 \(user 101\) candidates.*\[99999\]"):
+        model.predict(unknown)
+    empty = frame.copy()
+    empty.at[1, "candidate_item_ids"] = []
+    assert model.predict(empty)[SCORES].map(len).tolist() == [7, 0]
+    mismatched = frame.copy()
+    mismatched.at[1, "history_item_ids"] = [0, 1]
+    mismatched.at[1, "history_actions"] = [0]
+    with pytest.raises(ValueError, match="2 history_item_ids but 1 history_actions"):
+        model.predict(mismatched)
+
+
+def test_log_ranker_rejects_a_config_that_is_not_the_checkpoints(trained: dict) -> None:
+    settings = trained["settings"]
+    checkpoint = settings.home / "ckpt" / "checkpoint.pt"
+    wrong = trained["config"].model_copy(update={"sequence": SequenceConfig(codebook_size=16, max_tokens=64)})
+    with pytest.raises(ValueError, match="different sequence/model config"):
+        log_ranker(checkpoint, wrong, trained["semantic_ids"], NAME)
+
+
+@pytest.mark.slow
+def test_model_loads_and_predicts_in_a_fresh_process_without_the_repo(trained: dict, tmp_path: Path) -> None:
+    """The pyfunc carries hisam_core and its own module (code_paths): with the editable install's
+    finder removed and the repository off sys.path, load + predict still work."""
+    repo = str(Path(__file__).resolve().parents[2])
+    frame = requests(trained, users=2, seed=11)
+    frame.to_json(tmp_path / "request.json", orient="records")
+    expected = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(frame)[SCORES].tolist()
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.meta_path = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", "")]
+        sys.path = [p for p in sys.path if p.rstrip("/") not in ("", ".", {repo!r})]
+        import mlflow, pandas as pd, torch
+        torch.set_num_threads(1)
+        mlflow.set_tracking_uri({trained["settings"].mlflow_tracking_uri!r})
+        model = mlflow.pyfunc.load_model("models:/{NAME}/1")
+        frame = pd.read_json({str(tmp_path / "request.json")!r}, orient="records")
+        import pipelines.ranker_model, hisam_core
+        print(json.dumps({{
+            "scores": model.predict(frame)["scores"].tolist(),
+            "modules": [pipelines.ranker_model.__file__, hisam_core.__file__],
+        }}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert all(not path.startswith(repo) and "/code/" in path for path in out["modules"]), out["modules"]
+    np.testing.assert_allclose(np.concatenate(out["scores"]), np.concatenate(expected), atol=1e-6)

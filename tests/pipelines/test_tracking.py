@@ -1,0 +1,126 @@
+"""Experiment tracking against a real MLflow SQLite store: what is logged is what is read back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from hisam_core.ranker.sequence import SequenceConfig
+from hisam_core.ranker.train import RankerConfig
+from pipelines.settings import Settings
+from pipelines.tracking import (
+    DELTA_PATH_TAG,
+    DELTA_VERSION_TAG,
+    configure_mlflow,
+    log_config,
+    log_delta_input,
+    log_training_curves,
+    mlflow_callback,
+)
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory, mlflow_store) -> Settings:
+    home = tmp_path_factory.mktemp("hisam")
+    return Settings(home=home, mlflow_tracking_uri=mlflow_store(home), experiment="tests")
+
+
+@pytest.fixture(scope="module")
+def experiment_id(settings: Settings, isolated_mlflow):
+    with isolated_mlflow():
+        yield configure_mlflow(settings)
+
+
+@pytest.fixture
+def run(experiment_id: str):
+    with mlflow.start_run(experiment_id=experiment_id) as active:
+        yield active
+
+
+def test_configure_creates_experiment_under_artifact_root_once(
+    settings: Settings, experiment_id: str
+) -> None:
+    experiment = MlflowClient().get_experiment(experiment_id)
+    assert experiment.name == "tests"
+    assert Path(experiment.artifact_location.removeprefix("file://")) == settings.artifact_root / "tests"
+    assert configure_mlflow(settings) == experiment_id  # idempotent
+
+
+def test_callback_history_is_what_was_sent_minus_non_finite(run, caplog) -> None:
+    callback = mlflow_callback(prefix="sft/")
+    sent = [(1, {"loss": 2.5, "lr": 1e-3}), (2, {"loss": math.nan, "lr": 9e-4}), (3, {"loss": 1.25})]
+    with caplog.at_level(logging.WARNING, logger="pipelines.tracking"):
+        for step, metrics in sent:
+            callback(step, metrics)
+    assert "sft/loss" in caplog.text and "nan" in caplog.text
+    client = MlflowClient()
+    for name in ("sft/loss", "sft/lr"):
+        expected = [
+            (step, metrics[name[4:]])
+            for step, metrics in sent
+            if name[4:] in metrics and math.isfinite(metrics[name[4:]])
+        ]
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+        assert logged == expected == callback.history[name]
+
+
+def test_callback_refuses_to_start_a_run_implicitly(experiment_id: str) -> None:
+    assert mlflow.active_run() is None
+    with pytest.raises(RuntimeError, match="no active MLflow run"):
+        mlflow_callback()(1, {"loss": 1.0})
+
+
+def test_training_curves_png_is_logged(run) -> None:
+    history = {"loss": [(s, 1.0 / s) for s in range(1, 30)], "lr": [(s, 1e-3 * 0.9**s) for s in range(1, 30)]}
+    path = log_training_curves(history, "sft")
+    assert path == "plots/sft.png"
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=path))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and local.stat().st_size > 5_000
+    with pytest.raises(ValueError, match="empty"):
+        log_training_curves({"loss": []}, "none")
+
+
+def test_delta_input_records_path_and_version(run, tmp_path: Path) -> None:
+    from deltalake import write_deltalake
+
+    table = tmp_path / "sequences"
+    write_deltalake(table, pd.DataFrame({"user_id": [1, 2]}))  # version 0
+    write_deltalake(table, pd.DataFrame({"user_id": [3]}), mode="append")  # version 1
+    log_delta_input(table, 0, context="training", name="sequences")
+    log_delta_input(table, None, context="evaluation", name="sequences_latest")  # pins version 1
+    with pytest.raises(ValueError, match="version 7"):
+        log_delta_input(table, 7, context="training")
+
+    inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    recorded = {}
+    for item in inputs:
+        tags = {tag.key: tag.value for tag in item.tags}
+        recorded[item.dataset.name] = (item.dataset.source_type, json.loads(item.dataset.source), tags)
+    assert set(recorded) == {"sequences", "sequences_latest"}
+    for name, version, context in [("sequences", "0", "training"), ("sequences_latest", "1", "evaluation")]:
+        source_type, source, tags = recorded[name]
+        assert source_type == "delta_table" and source["path"] == str(table.resolve())
+        assert tags[DELTA_PATH_TAG] == str(table.resolve()) and tags[DELTA_VERSION_TAG] == version
+        assert tags["mlflow.data.context"] == context
+    assert recorded["sequences_latest"][1]["delta_table_version"] == 1
+    # MLflow's source drops a falsy version 0, which is why the tags are the field to read
+    assert recorded["sequences"][1].get("delta_table_version") in (None, 0)
+
+
+def test_config_params_and_yaml_round_trip(run) -> None:
+    config = RankerConfig(sequence=SequenceConfig(codebook_size=16, profile_fields={"age": 4}, max_tokens=64))
+    assert log_config(config, name="ranker") == "config/ranker.yaml"
+    params = MlflowClient().get_run(run.info.run_id).data.params
+    assert params["sequence.codebook_size"] == "16"
+    assert params["sequence.profile_fields.age"] == "4"
+    assert json.loads(params["sequence.action_names"]) == ["negative", "positive"]
+    assert params["train.init_from"] == "None"
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config/ranker.yaml")
+    assert RankerConfig.from_yaml(local) == config

@@ -1,0 +1,141 @@
+"""BehaviorEncoder (App. B.2): SASRec trained strictly before the cut-off; no leakage, seeded,
+learns a planted transition, documented cold-item fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hisam_core.encoders.behavior import (
+    COLD_REASON,
+    BehaviorEncoder,
+    BehaviorEncoderConfig,
+    left_pad,
+    windows,
+)
+
+CATALOGUE = np.arange(100, 112)  # 12 items; 111 never interacted with before the cut-off
+A, B = 103, 107  # planted: A is always followed by B
+CUTOFF = 10_000
+SMALL = {"dim": 16, "num_layers": 1, "num_heads": 2, "max_len": 8, "dropout": 0.0, "batch_size": 16}
+
+
+def planted_interactions(num_users: int = 40, length: int = 12, seed: int = 0) -> pd.DataFrame:
+    """Random sequences over items 100..110 in which every A is immediately followed by B."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    others = [i for i in CATALOGUE[:-1] if i not in (A, B)]
+    for user in range(num_users):
+        seq: list[int] = []
+        while len(seq) < length:
+            seq.extend([A, B] if rng.random() < 0.3 else [int(rng.choice(others))])
+        times = np.sort(rng.choice(np.arange(0, CUTOFF), size=len(seq), replace=False))
+        rows += [(user, item, int(t)) for item, t in zip(seq, times, strict=True)]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+
+
+def fit(df: pd.DataFrame, **overrides) -> BehaviorEncoder:
+    cfg = BehaviorEncoderConfig(**{**SMALL, "epochs": 3, **overrides})
+    return BehaviorEncoder(cfg, device="cpu").fit(df, CUTOFF, CATALOGUE, progress=False)
+
+
+@pytest.fixture(scope="module")
+def train_df() -> pd.DataFrame:
+    return planted_interactions()
+
+
+def test_events_at_or_after_cutoff_do_not_change_anything(train_df):
+    rng = np.random.default_rng(5)
+    future = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 60, 300),  # old and new users
+            "item_id": rng.choice(CATALOGUE, 300),  # including the cold item 111
+            "timestamp": CUTOFF + rng.integers(0, 5000, 300),
+        }
+    )
+    future.loc[:10, "timestamp"] = CUTOFF  # exactly at the cut-off is already "after"
+    with_future = pd.concat([train_df, future]).sample(frac=1.0, random_state=1)  # also reorder rows
+    base, leaked = fit(train_df).encode(), fit(with_future).encode()
+    np.testing.assert_array_equal(base.embeddings, leaked.embeddings)
+    np.testing.assert_array_equal(base.present, leaked.present)
+    # not vacuous: one more event *before* the cut-off does change the embeddings
+    extra = pd.DataFrame({"user_id": [0], "item_id": [A], "timestamp": [CUTOFF - 1]})
+    changed = fit(pd.concat([train_df, extra])).encode()
+    assert not np.array_equal(base.embeddings, changed.embeddings)
+
+
+def test_deterministic_under_seed(train_df):
+    a, b = fit(train_df, seed=3), fit(train_df, seed=3)
+    np.testing.assert_array_equal(a.encode().embeddings, b.encode().embeddings)
+    assert a.history == b.history
+    assert not np.array_equal(a.encode().embeddings, fit(train_df, seed=4).encode().embeddings)
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_learns_planted_transition(train_df, loss):
+    enc = fit(train_df, epochs=20, lr=5e-3, loss=loss, num_negatives=4)
+    assert enc.history[-1] < enc.history[0]
+    rng = np.random.default_rng(2)
+    histories = [[A]] + [[*rng.choice(CATALOGUE[:-1], size=k).tolist(), A] for k in (1, 3, 6, 10)]
+    scores = enc.next_item_scores(histories)
+    assert (CATALOGUE[scores.argmax(axis=1)] == B).all()
+
+
+def test_cold_items_get_mean_of_warm_rows_and_mask(train_df):
+    enc = fit(train_df)
+    out = enc.encode()
+    cold = CATALOGUE == 111
+    assert out.present.tolist() == (~cold).tolist()
+    assert out.reasons[-1] == COLD_REASON and set(out.reasons[:-1]) == {""}
+    table = enc.model.item_emb.weight.detach().numpy()[1:]
+    np.testing.assert_allclose(out.embeddings[cold][0], table[~cold].mean(axis=0), atol=1e-6)
+    np.testing.assert_array_equal(out.embeddings[~cold], table[~cold])
+    # encode(ids) is the catalogue rows in the asked order
+    sub = enc.encode([111, 100])
+    np.testing.assert_array_equal(sub.embeddings, out.embeddings[[-1, 0]])
+
+
+def test_scores_do_not_depend_on_batch_or_padding(train_df):
+    enc = fit(train_df)
+    short, long_ = [A], [100, 101, 102, 104, 105, 106, 108, 109, 110, A]
+    together = enc.next_item_scores([short, long_])
+    np.testing.assert_allclose(together[0], enc.next_item_scores([short])[0], atol=1e-5)
+    np.testing.assert_allclose(together[1], enc.next_item_scores([long_])[0], atol=1e-5)
+
+
+def test_save_load_roundtrip(train_df, tmp_path):
+    enc = fit(train_df)
+    enc.save(tmp_path / "sasrec.pt")
+    back = BehaviorEncoder.load(tmp_path / "sasrec.pt", device="cpu")
+    np.testing.assert_array_equal(back.encode().embeddings, enc.encode().embeddings)
+    np.testing.assert_array_equal(back.next_item_scores([[A]]), enc.next_item_scores([[A]]))
+
+
+def test_windows_cover_every_transition_once():
+    rng = np.random.default_rng(0)
+    for n in [0, 1, 2, 5, 9, 10, 17, 40]:
+        seq = rng.integers(1, 1000, n)
+        got = sorted((int(w[i]), int(w[i + 1]), len(w)) for w in windows(seq, 8) for i in range(len(w) - 1))
+        assert [(a, b) for a, b, _ in got] == sorted(zip(seq[:-1].tolist(), seq[1:].tolist(), strict=True))
+        assert all(length <= 9 for _, _, length in got)
+    padded = left_pad([np.array([5, 6, 7])], 5)
+    assert padded.tolist() == [[0, 0, 5, 6, 7]]
+
+
+def test_bad_input(train_df):
+    with pytest.raises(ValueError, match="timestamp"):
+        fit(train_df.drop(columns="timestamp"))
+    with pytest.raises(ValueError, match="no interactions before the cut-off"):
+        fit(train_df.assign(timestamp=CUTOFF))
+    with pytest.raises(ValueError, match="outside the catalogue"):
+        fit(pd.concat([train_df, pd.DataFrame({"user_id": [0], "item_id": [999], "timestamp": [1]})]))
+    with pytest.raises(ValueError, match="not fitted"):
+        BehaviorEncoder().encode()
+    enc = fit(train_df)
+    with pytest.raises(ValueError, match=r"not in the catalogue: \[999\]"):
+        enc.encode([100, 999])
+    with pytest.raises(ValueError, match="empty input"):
+        enc.encode([])
+    with pytest.raises(ValueError, match="empty input"):
+        enc.next_item_scores([])

@@ -1,0 +1,189 @@
+"""Image encoders (Sec. 3.2.1): the hand-crafted descriptor fallback and the transformers path, the
+latter against tiny random-init ViT / CLIP models saved to disk and called directly as reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hisam_core.encoders.image import (
+    DescriptorImageEncoder,
+    ImageEncoder,
+    ImageEncoderConfig,
+    build_image_encoder,
+)
+
+
+def _images() -> dict[str, Image.Image]:
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 255, 48, dtype=np.float64)
+    grad_h = np.broadcast_to(x[None, :, None], (40, 48, 3)).astype(np.uint8)
+    grad_v = np.broadcast_to(np.linspace(0, 255, 40)[:, None, None], (40, 48, 3)).astype(np.uint8)
+    checker = ((np.indices((40, 48)).sum(0) // 8) % 2 * 255).astype(np.uint8)
+    red_square = np.zeros((40, 48, 3), np.uint8)
+    red_square[10:30, 12:36] = (220, 30, 30)
+    return {
+        "red": Image.new("RGB", (48, 40), (220, 30, 30)),
+        "blue": Image.new("RGB", (48, 40), (30, 30, 220)),
+        "grad_h": Image.fromarray(grad_h),
+        "grad_v": Image.fromarray(grad_v),
+        "checker": Image.fromarray(np.stack([checker] * 3, -1)),
+        "red_square": Image.fromarray(red_square),
+        "noise": Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)),
+    }
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory) -> list:
+    root = tmp_path_factory.mktemp("images")
+    paths = []
+    for name, img in _images().items():
+        img.save(root / f"{name}.png")
+        paths.append(root / f"{name}.png")
+    return paths
+
+
+# ------------------------------------------------------------------------------------- descriptor
+def test_descriptor_deterministic_unit_norm_and_distinguishes(image_paths):
+    enc = DescriptorImageEncoder()
+    out = enc.encode(image_paths)
+    assert out.present.all() and out.embeddings.shape[1] == enc.dim
+    np.testing.assert_allclose(np.linalg.norm(out.embeddings, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(out.embeddings, DescriptorImageEncoder().encode(image_paths).embeddings)
+    sims = out.embeddings @ out.embeddings.T
+    off_diagonal = sims[~np.eye(len(image_paths), dtype=bool)]
+    assert off_diagonal.max() < 0.95, sims.round(2)
+    # a PIL image and the same picture read back from disk (lossless) give the same descriptor
+    pil = list(_images().values())
+    np.testing.assert_allclose(enc.encode(pil).embeddings, out.embeddings, atol=1e-7)
+
+
+def test_descriptor_small_perturbation_stays_nearest(image_paths):
+    enc = DescriptorImageEncoder()
+    base = enc.encode(image_paths).embeddings
+    rng = np.random.default_rng(1)
+    for i, path in enumerate(image_paths):
+        arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+        noisy = np.clip(arr + rng.integers(-3, 4, arr.shape), 0, 255).astype(np.uint8)
+        v = enc.encode([Image.fromarray(noisy)]).embeddings[0]
+        assert int(np.argmax(base @ v)) == i
+
+
+def test_missing_and_unreadable_images_are_flagged(image_paths, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not an image")
+    enc = DescriptorImageEncoder()
+    out = enc.encode([image_paths[0], tmp_path / "absent.jpg", broken])
+    assert out.present.tolist() == [True, False, False]
+    assert (
+        out.reasons[0] == "" and out.reasons[1] == "missing file" and out.reasons[2].startswith("unreadable")
+    )
+    assert out.num_missing == 2
+    np.testing.assert_array_equal(out.embeddings[1:], 0.0)
+    np.testing.assert_array_equal(out.embeddings[0], enc.encode([image_paths[0]]).embeddings[0])
+    with pytest.raises(ValueError, match=r"absent\.jpg.*missing file"):
+        enc.encode([tmp_path / "absent.jpg"], strict=True)
+    with pytest.raises(ValueError, match="empty input"):
+        enc.encode([])
+
+
+# ----------------------------------------------------------------------------------- transformers
+def _save_vit(path, pooling_layer: bool) -> None:
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    ViTModel(cfg, add_pooling_layer=pooling_layer).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+
+
+def _save_clip(path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        projection_dim=24,
+    )
+    CLIPModel(cfg).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        path
+    )
+
+
+def _direct(path, kind: str, images) -> np.ndarray:
+    """Reference: processor + model called by hand, the documented pooling, then / ||.||."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    processor = AutoImageProcessor.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    pixels = processor(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")[
+        "pixel_values"
+    ]
+    with torch.no_grad():
+        if kind == "clip":  # CLIP image features = visual_projection(post-LN CLS)
+            feats = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        elif kind == "vit_pooler":
+            feats = model(pixel_values=pixels).pooler_output
+        else:
+            feats = model(pixel_values=pixels).last_hidden_state[:, 0]
+    return torch.nn.functional.normalize(feats, dim=-1).numpy()
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected_pooling"),
+    [("vit_pooler", "pooler"), ("vit_cls", "cls"), ("clip", "image_features")],
+)
+def test_transformers_encoder_matches_direct_model_call(tmp_path, image_paths, kind, expected_pooling):
+    if kind == "clip":
+        _save_clip(tmp_path)
+    else:
+        _save_vit(tmp_path, pooling_layer=kind == "vit_pooler")
+    enc = ImageEncoder(ImageEncoderConfig(model_path=str(tmp_path), batch_size=3), device="cpu")
+    assert enc.pooling == expected_pooling
+    out = enc.encode(image_paths)
+    assert out.present.all()
+    np.testing.assert_allclose(np.linalg.norm(out.embeddings, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out.embeddings, _direct(tmp_path, kind, image_paths), atol=1e-5)
+    # batch-size invariant, deterministic across fresh loads, distinguishes images
+    np.testing.assert_allclose(enc.encode(image_paths, batch_size=1).embeddings, out.embeddings, atol=1e-5)
+    again = ImageEncoder(ImageEncoderConfig(model_path=str(tmp_path)), device="cpu").encode(image_paths)
+    np.testing.assert_array_equal(again.embeddings, enc.encode(image_paths, batch_size=16).embeddings)
+    assert np.linalg.matrix_rank(out.embeddings, tol=1e-4) > 1
+    # a missing poster keeps the row aligned: zero, present False, the others unchanged
+    mixed = enc.encode([image_paths[0], tmp_path / "absent.jpg", image_paths[1]])
+    assert mixed.present.tolist() == [True, False, True]
+    np.testing.assert_array_equal(mixed.embeddings[1], 0.0)
+    np.testing.assert_allclose(mixed.embeddings[[0, 2]], out.embeddings[:2], atol=1e-5)
+
+
+def test_transformers_encoder_bad_paths(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        ImageEncoder(ImageEncoderConfig(model_path=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        ImageEncoder(ImageEncoderConfig(model_path=str(tmp_path)))
+    with pytest.raises(ValueError, match="DescriptorImageEncoder"):
+        ImageEncoder(ImageEncoderConfig())
+    assert isinstance(build_image_encoder(ImageEncoderConfig()), DescriptorImageEncoder)

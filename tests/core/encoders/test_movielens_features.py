@@ -1,0 +1,65 @@
+"""benchmarks/movielens_features.py: item documents, the chronological cut-off and the .npz cache
+(the full encoder build takes minutes, so it is exercised by running the script, not here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks.movielens_features import (
+    MovieLensFeatures,
+    _load_cache,
+    _save_cache,
+    cache_key,
+    chronological_cutoff,
+    item_document,
+    read_items,
+    read_ratings,
+)
+from hisam_core.encoders import EncodersConfig
+from hisam_core.features import ItemFeatures
+
+
+def test_documents_cover_every_item_with_its_fields(movielens_dir):
+    items = read_items(movielens_dir)
+    assert len(items) == 1682 and items.index.is_unique
+    docs = {int(i): item_document(row) for i, row in items.iterrows()}
+    assert all(doc.startswith("Title: ") for doc in docs.values())
+    toy = docs[1]
+    for expected in ("Toy Story (1995)", "Animation", "Children's", "John Lasseter", "Tom Hanks", "Woody"):
+        assert expected in toy
+    assert toy.index("Actors:") < toy.index("Plot:")  # plot last: truncation only shortens the plot
+    with_plot = sum("Plot:" in d for d in docs.values())
+    assert 1300 <= with_plot <= 1397  # item_extra.tsv covers 1,397 items
+
+
+def test_chronological_cutoff_matches_bundle_facts(movielens_dir):
+    ts = read_ratings(movielens_dir)["timestamp"].to_numpy()
+    cutoff = chronological_cutoff(ts, 0.9)
+    share = (ts < cutoff).mean()
+    assert 0.89 < share <= 0.9
+    assert str(pd.to_datetime(cutoff, unit="s").date()) == "1998-03-31"  # SOURCES.md
+    with pytest.raises(ValueError, match="cutoff_quantile"):
+        chronological_cutoff(ts, 1.0)
+
+
+def test_cache_roundtrip_and_key(tmp_path, movielens_dir):
+    rng = np.random.default_rng(0)
+    ids = np.arange(1, 6)
+    feats = ItemFeatures(ids, {"behavior": rng.normal(size=(5, 4)), "text": rng.normal(size=(5, 3))})
+    present = {"behavior": np.array([1, 1, 0, 1, 1], bool), "text": np.ones(5, bool)}
+    path = tmp_path / "c" / "f.npz"
+    _save_cache(path, MovieLensFeatures(feats, present, 123, {"a": 1}))
+    back = _load_cache(path)
+    assert back.from_cache and back.cutoff == 123 and back.meta == {"a": 1}
+    np.testing.assert_array_equal(back.features.item_ids, ids)
+    for name in feats.names:
+        np.testing.assert_array_equal(back.features.modalities[name], feats.modalities[name])
+        np.testing.assert_array_equal(back.present[name], present[name])
+    assert (tmp_path / "c" / ".gitignore").read_text().strip().endswith("*")
+    cfg = EncodersConfig()
+    assert cache_key(movielens_dir, 0.9, cfg) == cache_key(movielens_dir, 0.9, EncodersConfig())
+    assert cache_key(movielens_dir, 0.9, cfg) != cache_key(movielens_dir, 0.8, cfg)
+    cfg.behavior.epochs = 1
+    assert cache_key(movielens_dir, 0.9, cfg) != cache_key(movielens_dir, 0.9, EncodersConfig())

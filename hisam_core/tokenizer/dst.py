@@ -1,0 +1,250 @@
+"""Disentangled Semantic Tokenizer (DST, Sec. 3.2): CGA alignment, then DMRQ quantisation.
+
+Forward: CGA aligns each modality onto the hypersphere (Sec. 3.2.1); their mean, the consensus (not
+renormalised, so ``a_m - mean`` is exactly modality m's deviation), is quantised by a shared residual
+quantizer (``L`` layers); PSGR recovers each modality's nuance from what the shared codes left and
+quantises it in the modality's codebook (Sec. 3.2.2). Each aligned feature is reconstructed
+additively, ``a_m ~ h_hat + q_m`` (Eq. 2, first term). An item's semantic ID is ``L`` shared codes
+followed by one code per modality, in the order of ``DSTConfig.modality_dims``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Self
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from hisam_core.config import Config
+from hisam_core.features import ItemFeatures
+from hisam_core.semantic_ids import SemanticIds
+from hisam_core.tokenizer.cga import CGA
+from hisam_core.tokenizer.metrics import dedup_suffix
+from hisam_core.tokenizer.psgr import PSGR, Recovered
+from hisam_core.tokenizer.quantize import ResidualQuantized, ResidualQuantizer
+from hisam_core.tokenizer.vclub import VCLUB
+
+logger = logging.getLogger(__name__)
+
+
+class DSTConfig(Config):
+    """DST architecture and loss weights; defaults follow App. B.2 (d=256, 3+3 codebooks of 256)."""
+
+    modality_dims: dict[str, int] = Field(default_factory=dict)  # empty: taken from the training features
+    dim: int = Field(256, gt=0)
+    hidden_dim: int = Field(512, gt=0)
+    shared_layers: int = Field(3, gt=0)
+    codebook_size: int = Field(256, gt=1)
+    psgr_heads: int = Field(4, gt=0)
+    # What PSGR unfolds for modality m. "consensus": the shared residual r = mean_m a_m - h_hat, the
+    # literal reading of Sec. 3.2.2; it carries a modality's nuance only scaled by 1/M and mixed with the
+    # others'. "modality": r + (a_m - mean_m a_m) = a_m - sg[h_hat], the part of a_m the shared codes
+    # miss, so the nuance the first term of Eq. 2 asks q_m to reconstruct is actually available.
+    psgr_residual: Literal["modality", "consensus"] = "modality"
+    beta: float = Field(0.25, ge=0)
+    alignment_weight: float = Field(1.0, ge=0)
+    quantization_weight: float = Field(1.0, ge=0)
+    mi_weight: float = Field(0.1, ge=0)
+    anchor_modality: str = "text"
+    temperature_init: float = Field(0.07, gt=0)
+    temperature_min: float = Field(0.01, gt=0)
+    temperature_max: float = Field(1.0, gt=0)
+    rotation_trick: bool = False
+    vclub_hidden_dim: int = Field(256, gt=0)
+    dedup_suffix: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.modality_dims:
+            if len(self.modality_dims) < 2:
+                raise ValueError(f"DST needs at least two modalities, got {list(self.modality_dims)}")
+            if self.anchor_modality not in self.modality_dims:
+                raise ValueError(
+                    f"anchor modality {self.anchor_modality!r} is not one of {list(self.modality_dims)}"
+                )
+            bad = {m: d for m, d in self.modality_dims.items() if d <= 0}
+            if bad:
+                raise ValueError(f"modality dimensions must be positive, got {bad}")
+        if not self.temperature_min <= self.temperature_init <= self.temperature_max:
+            raise ValueError("temperature_init must lie in [temperature_min, temperature_max]")
+        return self
+
+    @property
+    def position_names(self) -> tuple[str, ...]:
+        shared = tuple(f"shared_{layer}" for layer in range(self.shared_layers))
+        suffix = ("dedup",) if self.dedup_suffix else ()
+        return shared + tuple(self.modality_dims) + suffix
+
+
+@dataclass
+class DSTOutput:
+    """Everything one forward pass computes; :meth:`DST.losses` turns it into Eq. 2."""
+
+    aligned: dict[str, torch.Tensor]  # a_m [B, d] on the unit sphere
+    shared: ResidualQuantized  # shared branch on the mean of the a_m
+    specific: dict[str, Recovered]  # PSGR branch per modality
+    reconstructed: dict[str, torch.Tensor]  # h_hat + q_m [B, d]
+    codes: torch.Tensor  # int64 [B, L + M]
+
+
+def validate_features(features: ItemFeatures, modality_dims: dict[str, int]) -> None:
+    """Raise a ValueError naming the modality if ``features`` does not fit a model of these dims.
+
+    Arrays inside ``ItemFeatures`` are mutable, so its checks (row counts, NaN/inf, empty) are re-run.
+    """
+    ItemFeatures(features.item_ids, features.modalities)
+    features.check_dims(modality_dims)
+
+
+class DST(nn.Module):
+    """CGA + shared RQ + PSGR + vCLUB (Sec. 3.2, Eq. 2)."""
+
+    def __init__(self, config: DSTConfig) -> None:
+        super().__init__()
+        if not config.modality_dims:
+            raise ValueError("DSTConfig.modality_dims must be set before building the model")
+        self.config = config
+        modalities = list(config.modality_dims)
+        self.cga = CGA(
+            config.modality_dims,
+            config.dim,
+            config.hidden_dim,
+            config.anchor_modality,
+            config.temperature_init,
+            (config.temperature_min, config.temperature_max),
+        )
+        self.shared = ResidualQuantizer(
+            config.shared_layers, config.codebook_size, config.dim, config.beta, config.rotation_trick
+        )
+        self.psgr = PSGR(
+            modalities,
+            config.dim,
+            config.psgr_heads,
+            config.codebook_size,
+            config.beta,
+            config.rotation_trick,
+        )
+        self.vclub = nn.ModuleDict(
+            {m: VCLUB(config.dim, config.dim, config.vclub_hidden_dim) for m in modalities}
+        )
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.config.modality_dims)
+
+    def forward(self, raw: dict[str, torch.Tensor]) -> DSTOutput:
+        aligned = self.cga(raw)
+        consensus = torch.stack([aligned[m] for m in self.modalities]).mean(0)
+        shared = self.shared(consensus)
+        residual = shared.residuals[-1]
+        if self.config.psgr_residual == "modality":
+            residuals = {m: residual + aligned[m] - consensus for m in self.modalities}
+        else:
+            residuals = dict.fromkeys(self.modalities, residual)
+        specific = self.psgr(residuals, aligned)
+        reconstructed = {m: shared.quantized + specific[m].quantized for m in self.modalities}
+        codes = torch.cat([shared.codes] + [specific[m].codes[:, None] for m in self.modalities], dim=1)
+        return DSTOutput(aligned, shared, specific, reconstructed, codes)
+
+    def losses(self, out: DSTOutput) -> dict[str, torch.Tensor]:
+        """Eq. 2: reconstruction + alignment (Eq. 1) + quantisation (Eq. 14-16) + lambda * vCLUB MI.
+
+        The shared side of the MI term is detached: the constraint steers PSGR, not the consensus.
+        """
+        cfg = self.config
+        losses = {}
+        for m in self.modalities:
+            losses[f"recon_{m}"] = ((out.aligned[m] - out.reconstructed[m]) ** 2).sum(-1).mean()
+        losses["alignment"] = self.cga.alignment_loss(out.aligned)
+        losses["quantization"] = out.shared.loss + sum(out.specific[m].loss for m in self.modalities)
+        shared = out.shared.quantized.detach()
+        for m in self.modalities:
+            losses[f"mi_{m}"] = self.vclub[m].mi_upper_bound(shared, out.specific[m].recovered)
+        losses["total"] = (
+            sum(losses[f"recon_{m}"] for m in self.modalities)
+            + cfg.alignment_weight * losses["alignment"]
+            + cfg.quantization_weight * losses["quantization"]
+            + cfg.mi_weight * sum(losses[f"mi_{m}"] for m in self.modalities)
+        )
+        return losses
+
+    def vclub_log_likelihood(self, out: DSTOutput) -> torch.Tensor:
+        """Sum over modalities of ``log q(z_m | h_hat)`` on detached inputs: the vCLUB nets' objective."""
+        shared = out.shared.quantized.detach()
+        return sum(
+            self.vclub[m].log_likelihood(shared, out.specific[m].recovered.detach()) for m in self.modalities
+        )
+
+    def codewords(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codeword vectors ``[B, L + M, d]`` of codes ``[B, L + M]`` (shared layers, then modalities)."""
+        books = [layer.codebook for layer in self.shared.layers]
+        books += [self.psgr.codebooks[m].codebook for m in self.modalities]
+        return torch.stack([book[codes[:, p]] for p, book in enumerate(books)], dim=1)
+
+    def restart_dead_codes(self, threshold: int) -> int:
+        return self.shared.restart_dead_codes(threshold) + sum(
+            vq.restart_dead_codes(threshold) for vq in self.psgr.codebooks.values()
+        )
+
+    def tensors(self, features: ItemFeatures) -> dict[str, torch.Tensor]:
+        """Validated raw features as float tensors on the model's device."""
+        validate_features(features, self.config.modality_dims)
+        device = next(self.parameters()).device
+        return {m: torch.as_tensor(features.modalities[m], device=device) for m in self.modalities}
+
+    @torch.no_grad()
+    def encode(self, features: ItemFeatures, version: str, batch_size: int = 4096) -> SemanticIds:
+        """Semantic IDs of a catalogue (plus the dedup suffix when ``config.dedup_suffix``)."""
+        raw = self.tensors(features)
+        was_training = self.training
+        self.eval()
+        try:
+            codes = (
+                torch.cat(
+                    [
+                        self({m: v[start : start + batch_size] for m, v in raw.items()}).codes
+                        for start in range(0, len(features), batch_size)
+                    ]
+                )
+                .cpu()
+                .numpy()
+            )
+        finally:
+            self.train(was_training)
+        if self.config.dedup_suffix:
+            suffix = dedup_suffix(codes)
+            if suffix.max() >= self.config.codebook_size:
+                raise ValueError(f"{suffix.max() + 1} items share one ID: more than the suffix can separate")
+            codes = np.concatenate([codes, suffix[:, None]], axis=1)
+        return SemanticIds(
+            features.item_ids, codes, self.config.codebook_size, version, self.config.position_names
+        )
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write ``{"config", "state_dict"}`` atomically: a temp file in the same folder, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"config": self.config.model_dump(mode="json"), "state_dict": self.state_dict()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(payload, handle)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        logger.info("saved DST checkpoint to %s", path)
+
+    @classmethod
+    def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DST:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        model = cls(DSTConfig.from_dict(payload["config"]))
+        model.load_state_dict(payload["state_dict"])
+        return model.eval()

@@ -1,0 +1,170 @@
+"""Vector and residual quantisation with the codebook/commitment loss of App. A.2 (Eq. 15, 16).
+
+Codebooks start from k-means on their first training inputs, codes left unused for a number of
+steps are re-seeded from recent encoder outputs (dead-code restart), and gradients reach the encoder
+through the straight-through estimator or, optionally, the rotation trick (Fifty et al., 2024).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Quantized:
+    """One quantisation step: ``quantized`` has the codewords' value and the estimator's gradient."""
+
+    quantized: torch.Tensor  # [B, d]
+    codewords: torch.Tensor  # [B, d], differentiable w.r.t. the codebook only
+    codes: torch.Tensor  # int64 [B]
+    loss: torch.Tensor  # scalar, ||sg[r] - e||^2 + beta ||r - sg[e]||^2 averaged over the batch
+
+
+@dataclass
+class ResidualQuantized:
+    """Output of :class:`ResidualQuantizer`: codes per layer, their sum and the residual chain."""
+
+    quantized: torch.Tensor  # [B, d], sum of the layers' codewords with the estimator's gradient
+    codes: torch.Tensor  # int64 [B, L]
+    residuals: list[torch.Tensor]  # L + 1 tensors [B, d]: r_0 = x, ..., r_L (what no layer captured)
+    loss: torch.Tensor  # scalar, Eq. 15 summed over layers
+
+
+def rotate_to(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Rotation trick: ``sg[lambda R] x`` with ``R`` rotating ``x`` onto ``q`` and ``lambda = |q|/|x|``.
+
+    The value equals ``q``; the gradient w.r.t. ``x`` is ``lambda R^T g`` instead of the identity.
+    """
+    eps = 1e-8
+    x_norm = x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    q_norm = q.norm(dim=-1, keepdim=True).clamp_min(eps)
+    u = (x / x_norm).detach()
+    v = (q / q_norm).detach()
+    w = u + v
+    w = (w / w.norm(dim=-1, keepdim=True).clamp_min(eps)).detach()
+    rotated = x - 2 * (x * w).sum(-1, keepdim=True) * w + 2 * (x * u).sum(-1, keepdim=True) * v
+    return rotated * (q_norm / x_norm).detach()
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor, rotation_trick: bool) -> torch.Tensor:
+    """Value of ``q``, gradient passed to ``x`` by the identity or by the rotation trick."""
+    if rotation_trick:
+        return rotate_to(x, q.detach())
+    return x + (q - x).detach()
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int = 20) -> torch.Tensor:
+    """Lloyd's k-means on ``x [N, d]``; with fewer than ``k`` rows, centres repeat rows plus noise."""
+    x = x.float()
+    n = x.shape[0]
+    if n >= k:
+        centres = x[torch.randperm(n, device=x.device)[:k]].clone()
+    else:
+        centres = x[torch.randint(n, (k,), device=x.device)] + 1e-3 * x.std() * torch.randn(
+            k, x.shape[1], device=x.device
+        )
+    for _ in range(iterations):
+        assign = torch.cdist(x, centres).argmin(1)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+    return centres
+
+
+class VectorQuantizer(nn.Module):
+    """A codebook of ``K`` vectors: nearest-neighbour codes, Eq. 16 loss, k-means init, restarts."""
+
+    def __init__(self, codebook_size: int, dim: int, beta: float, rotation_trick: bool) -> None:
+        super().__init__()
+        self.beta = beta
+        self.rotation_trick = rotation_trick
+        self.codebook = nn.Parameter(torch.zeros(codebook_size, dim))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("steps_since_used", torch.zeros(codebook_size, dtype=torch.long))
+        self.recent_inputs: torch.Tensor | None = None
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.codebook.shape[0])
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """k-means initialisation of the codebook on a sample of encoder outputs."""
+        self.codebook.copy_(kmeans(x.detach(), self.codebook_size))
+        self.initialized.fill_(True)
+        self.steps_since_used.zero_()
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the closest codeword (Euclidean) for every row of ``x``."""
+        codebook = self.codebook.detach().float()
+        x = x.detach().float()
+        distances = (x * x).sum(-1, keepdim=True) - 2 * x @ codebook.t() + (codebook * codebook).sum(-1)
+        return distances.argmin(-1)
+
+    def forward(self, x: torch.Tensor) -> Quantized:
+        if not bool(self.initialized):
+            if not self.training:
+                raise RuntimeError("codebook used for inference before initialisation")
+            self.initialize(x)
+        codes = self.nearest(x)
+        codewords = self.codebook[codes]
+        loss = ((x.detach() - codewords) ** 2).sum(-1).mean() + self.beta * (
+            (x - codewords.detach()) ** 2
+        ).sum(-1).mean()
+        if self.training:
+            with torch.no_grad():
+                self.steps_since_used += 1
+                self.steps_since_used[codes] = 0
+            self.recent_inputs = x.detach()
+        return Quantized(straight_through(x, codewords, self.rotation_trick), codewords, codes, loss)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, threshold: int) -> int:
+        """Re-seed codes unused for ``threshold`` training steps from the latest inputs; count them."""
+        dead = (self.steps_since_used >= threshold).nonzero().squeeze(-1)
+        if self.recent_inputs is None or dead.numel() == 0:
+            return 0
+        recent = self.recent_inputs
+        picks = recent[torch.randint(recent.shape[0], (dead.numel(),), device=recent.device)]
+        noise = 0.01 * recent.std(0, unbiased=False) * torch.randn_like(picks)
+        self.codebook[dead] = (picks + noise).to(self.codebook.dtype)
+        self.steps_since_used[dead] = 0
+        return int(dead.numel())
+
+
+class ResidualQuantizer(nn.Module):
+    """RQ-VAE style residual quantisation (Rajput et al., 2023): ``r_{l+1} = r_l - e_l`` (Sec. 3.2.2)."""
+
+    def __init__(
+        self, num_layers: int, codebook_size: int, dim: int, beta: float, rotation_trick: bool
+    ) -> None:
+        super().__init__()
+        self.rotation_trick = rotation_trick
+        self.layers = nn.ModuleList(
+            VectorQuantizer(codebook_size, dim, beta, rotation_trick) for _ in range(num_layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> ResidualQuantized:
+        residual = x
+        residuals = [x]
+        codes, losses = [], []
+        total = torch.zeros_like(x)
+        for layer in self.layers:
+            out = layer(residual)
+            codes.append(out.codes)
+            losses.append(out.loss)
+            total = total + out.codewords.detach()
+            residual = residual - out.codewords.detach()
+            residuals.append(residual)
+        quantized = straight_through(x, total, self.rotation_trick)
+        return ResidualQuantized(quantized, torch.stack(codes, 1), residuals, torch.stack(losses).sum())
+
+    def restart_dead_codes(self, threshold: int) -> int:
+        return sum(layer.restart_dead_codes(threshold) for layer in self.layers)

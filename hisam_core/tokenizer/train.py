@@ -1,0 +1,161 @@
+"""Training loop of DST (Sec. 3.2, Eq. 2) with vCLUB fitted alternately (App. A.1).
+
+Epochs ``[0, alignment_warmup_epochs)`` train CGA alone (Eq. 1) so the codebooks are k-means
+initialised on aligned features; then the full objective runs with, per batch, ``vclub_steps``
+likelihood steps on the variational nets followed by one step on everything else, and dead codes are
+re-seeded after each step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from tqdm.auto import tqdm
+
+from hisam_core.config import Config
+from hisam_core.features import MODALITIES, ItemFeatures
+from hisam_core.tokenizer.dst import DST, DSTConfig, validate_features
+from hisam_core.tokenizer.metrics import code_perplexity, code_utilisation
+
+logger = logging.getLogger(__name__)
+
+Callback = Callable[[int, dict[str, float]], None]
+
+
+class TokenizerTrainConfig(Config):
+    """Optimisation settings of :func:`train_tokenizer`; ``model`` holds the architecture."""
+
+    model: DSTConfig = Field(default_factory=DSTConfig)
+    epochs: int = Field(60, gt=0)
+    alignment_warmup_epochs: int = Field(10, ge=0)
+    batch_size: int = Field(256, gt=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    vclub_lr: float = Field(3e-3, gt=0)
+    vclub_steps: int = Field(3, ge=1)
+    dead_code_threshold: int = Field(20, gt=0)  # optimiser steps without a hit before a restart
+    init_sample_size: int = Field(8192, gt=0)  # items for the k-means codebook initialisation
+    seed: int = 0
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.alignment_warmup_epochs >= self.epochs:
+            raise ValueError("alignment_warmup_epochs must be smaller than epochs")
+        return self
+
+
+def resolve_modality_dims(features: ItemFeatures, config: DSTConfig) -> DSTConfig:
+    """``config`` with ``modality_dims`` taken from ``features`` (paper order first) when unset."""
+    if config.modality_dims:
+        return config
+    names = [m for m in MODALITIES if m in features.modalities]
+    names += [m for m in features.names if m not in names]
+    return DSTConfig.from_dict({**config.model_dump(), "modality_dims": {m: features.dims[m] for m in names}})
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global generator and return a dedicated one for shuffling."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def minibatches(num_items: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Shuffled index batches covering every item once."""
+    order = torch.randperm(num_items, generator=generator)
+    yield from order.split(batch_size)
+
+
+def code_metrics(codes: np.ndarray, codebook_size: int, names: tuple[str, ...]) -> dict[str, float]:
+    """Utilisation and perplexity per code position, keyed by position name."""
+    metrics = {}
+    for name, util, ppl in zip(
+        names, code_utilisation(codes, codebook_size), code_perplexity(codes, codebook_size), strict=False
+    ):
+        metrics[f"utilisation_{name}"] = float(util)
+        metrics[f"perplexity_{name}"] = float(ppl)
+    return metrics
+
+
+def train_tokenizer(
+    features: ItemFeatures,
+    config: TokenizerTrainConfig,
+    callback: Callback | None = None,
+    checkpoint_path: str | Path | None = None,
+) -> DST:
+    """Train DST on a catalogue; per-epoch metrics go to ``callback(epoch, metrics)``.
+
+    Input is validated before anything is built or written; the checkpoint, when asked for, is
+    written atomically at the end.
+    """
+    model_config = resolve_modality_dims(features, config.model)
+    validate_features(features, model_config.modality_dims)
+    generator = seed_everything(config.seed)
+    device = torch.device(config.device)
+    model = DST(model_config).to(device)
+    raw = model.tensors(features)
+    for m, head in model.cga.heads.items():
+        head.standardize.fit(raw[m])
+    vclub_params = list(model.vclub.parameters())
+    vclub_ids = {id(p) for p in vclub_params}
+    main_params = [p for p in model.parameters() if id(p) not in vclub_ids]
+    optimizer = torch.optim.Adam(main_params, lr=config.lr, weight_decay=config.weight_decay)
+    vclub_optimizer = torch.optim.Adam(vclub_params, lr=config.vclub_lr)
+    num_items = len(features)
+
+    progress = tqdm(range(config.epochs), desc="DST", unit="epoch")
+    for epoch in progress:
+        model.train()
+        sums: dict[str, float] = defaultdict(float)
+        batches = 0
+        warmup = epoch < config.alignment_warmup_epochs
+        if epoch == config.alignment_warmup_epochs:
+            init_index = torch.randperm(num_items, generator=generator)[: config.init_sample_size]
+            with torch.no_grad():
+                model({m: v[init_index] for m, v in raw.items()})  # k-means init, layer by layer
+        epoch_codes = []
+        for index in minibatches(num_items, config.batch_size, generator):
+            batch = {m: v[index] for m, v in raw.items()}
+            if warmup:
+                loss = model.cga.alignment_loss(model.cga(batch))
+                optimizer.zero_grad()
+                (model_config.alignment_weight * loss).backward()
+                optimizer.step()
+                sums["alignment"] += loss.item()
+            else:
+                out = model(batch)
+                for _ in range(config.vclub_steps):
+                    vclub_optimizer.zero_grad()
+                    log_likelihood = model.vclub_log_likelihood(out)
+                    (-log_likelihood).backward()
+                    vclub_optimizer.step()
+                losses = model.losses(out)
+                optimizer.zero_grad()
+                losses["total"].backward()
+                optimizer.step()
+                sums["dead_codes_restarted"] += model.restart_dead_codes(config.dead_code_threshold)
+                sums["vclub_log_likelihood"] += log_likelihood.item()
+                for key, value in losses.items():
+                    sums[key] += value.item()
+                epoch_codes.append(out.codes.cpu().numpy())
+            batches += 1
+        metrics = {k: v if k == "dead_codes_restarted" else v / batches for k, v in sums.items()}
+        metrics["temperature"] = model.cga.temperature.item()
+        if epoch_codes:
+            codes = np.concatenate(epoch_codes)
+            metrics.update(code_metrics(codes, model_config.codebook_size, model_config.position_names))
+        progress.set_postfix(loss=metrics.get("total", metrics["alignment"]))
+        logger.debug("epoch %d: %s", epoch, metrics)
+        if callback is not None:
+            callback(epoch, metrics)
+    model.eval()
+    if checkpoint_path is not None:
+        model.save_checkpoint(checkpoint_path)
+    return model

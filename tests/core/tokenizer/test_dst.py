@@ -1,0 +1,177 @@
+"""DST end to end on planted data (Sec. 3.2): disentanglement, checkpoints, encoding, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hisam_core.features import ItemFeatures
+from hisam_core.tokenizer.dst import DST
+from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
+from hisam_core.tokenizer.metrics import normalized_mutual_information as nmi
+from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+
+def test_shared_positions_track_the_shared_factor(trained):
+    model, features, factors, _ = trained
+    codes = model.encode(features, "t").codes
+    first = nmi(codes[:, 0], factors.shared)
+    assert first > 0.7
+    assert first > 3 * max(nmi(codes[:, 0], p) for p in factors.private.values())
+
+
+def test_specific_positions_track_their_own_private_factor(trained):
+    model, features, factors, _ = trained
+    codes = model.encode(features, "t").codes
+    layers = model.config.shared_layers
+    for offset, m in enumerate(model.modalities):
+        own = nmi(codes[:, layers + offset], factors.private[m])
+        others = [nmi(codes[:, layers + offset], factors.private[o]) for o in model.modalities if o != m]
+        assert own > max(others), (m, own, others)
+
+
+def test_figure3_similarity_is_diagonal_on_specific_positions(trained, tmp_path):
+    model, features, _, _ = trained
+    with torch.no_grad():
+        out = model(model.tensors(features))
+        codewords = model.codewords(out.codes).numpy()
+    matrix = position_modality_similarity(codewords, {m: out.aligned[m].numpy() for m in model.modalities})
+    specific = matrix[model.config.shared_layers :]
+    assert (specific.argmax(1) == np.arange(len(model.modalities))).all(), matrix
+    path = tmp_path / "figure3.png"
+    save_similarity_figure(matrix, model.config.position_names, model.modalities, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_reports_metrics_and_uses_codebooks(trained, tiny):
+    _, _, _, history = trained
+    assert len(history) == tiny["epochs"]
+    last = history[-1]
+    for key in ("recon_behavior", "alignment", "quantization", "mi_text", "utilisation_shared_0"):
+        assert np.isfinite(last[key]), key
+    assert last["utilisation_shared_0"] >= 0.9
+    # quantised reconstruction improved after the codebooks were initialised
+    first_full = history[tiny["alignment_warmup_epochs"]]
+    assert last["recon_text"] < first_full["recon_text"]
+
+
+def test_save_load_encode_give_identical_ids(trained, tmp_path):
+    model, features, _, _ = trained
+    path = tmp_path / "dst.pt"
+    model.save_checkpoint(path)
+    loaded = DST.load_checkpoint(path)
+    before, after = model.encode(features, "v1"), loaded.encode(features, "v1")
+    np.testing.assert_array_equal(before.codes, after.codes)
+    np.testing.assert_array_equal(before.tokens(), after.tokens())
+    assert after.position_names == ("shared_0", "shared_1", "shared_2", "behavior", "image", "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.pt"]  # no temp file left behind
+
+
+def test_encode_order_of_modalities_does_not_matter(trained):
+    model, features, _, _ = trained
+    reordered = ItemFeatures(features.item_ids, dict(reversed(features.modalities.items())))
+    np.testing.assert_array_equal(model.encode(features, "v").codes, model.encode(reordered, "v").codes)
+
+
+def test_dedup_suffix_makes_every_id_unique(trained):
+    model, features, _, _ = trained
+    config = model.config.model_copy(update={"dedup_suffix": True})
+    with_suffix = DST(config)
+    with_suffix.load_state_dict(model.state_dict())
+    ids = with_suffix.encode(features, "v")
+    assert ids.num_positions == 7 and len(np.unique(ids.codes, axis=0)) == len(features)
+
+
+def test_failed_save_leaves_no_partial_checkpoint(trained, tmp_path, monkeypatch):
+    model, _, _, _ = trained
+
+    def broken_save(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        model.save_checkpoint(tmp_path / "dst.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_is_deterministic(planted, tiny):
+    features, _ = planted
+    small = features.subset(np.arange(300))
+    config = TokenizerTrainConfig.model_validate({**tiny, "epochs": 3, "alignment_warmup_epochs": 1})
+    first = train_tokenizer(small, config).encode(small, "a").codes
+    second = train_tokenizer(small, config).encode(small, "a").codes
+    np.testing.assert_array_equal(first, second)
+
+
+def _mutated(features: ItemFeatures, name: str, values: np.ndarray) -> ItemFeatures:
+    """Features whose arrays were changed after validation (numpy arrays are mutable)."""
+    bad = ItemFeatures(features.item_ids, dict(features.modalities))
+    bad.modalities[name] = values
+    return bad
+
+
+def _bad_inputs(features: ItemFeatures) -> dict[str, tuple[ItemFeatures, str]]:
+    text = features.modalities["text"]
+    nan, inf = text.copy(), features.modalities["image"].copy()
+    nan[3, 1] = np.nan
+    inf[5, 0] = np.inf
+    return {
+        "item counts differ": (
+            _mutated(features, "behavior", features.modalities["behavior"][:-1]),
+            "behavior",
+        ),
+        "nan": (_mutated(features, "text", nan), "text"),
+        "inf": (_mutated(features, "image", inf), "image"),
+        "wrong dimension": (_mutated(features, "text", text[:, :-1]), "text"),
+        "empty modality": (_mutated(features, "image", features.modalities["image"][:, :0]), "image"),
+        "missing modality": (
+            ItemFeatures(features.item_ids, {m: v for m, v in features.modalities.items() if m != "image"}),
+            "image",
+        ),
+        "extra modality": (
+            ItemFeatures(features.item_ids, {**features.modalities, "audio": text}),
+            "audio",
+        ),
+    }
+
+
+def test_bad_input_raises_naming_the_modality_and_writes_nothing(planted, tiny, tmp_path):
+    features, _ = planted
+    config = TokenizerTrainConfig.model_validate(
+        {**tiny, "model": {**tiny["model"], "modality_dims": features.dims}}
+    )
+    for case, (bad, modality) in _bad_inputs(features).items():
+        path = tmp_path / case / "dst.pt"
+        with pytest.raises(ValueError, match=repr(modality)):
+            train_tokenizer(bad, config, checkpoint_path=path)
+        assert not Path(tmp_path / case).exists() or list((tmp_path / case).iterdir()) == [], case
+
+
+def test_bad_input_is_rejected_at_encode_time(trained):
+    model, features, _, _ = trained
+    for bad, modality in _bad_inputs(features).values():
+        with pytest.raises(ValueError, match=repr(modality)):
+            model.encode(bad, "v")
+
+
+def test_bad_input_is_rejected_when_features_are_built():
+    ids = np.arange(4)
+    with pytest.raises(ValueError, match="'text'"):
+        ItemFeatures(ids, {"text": np.full((4, 3), np.nan, dtype=np.float32)})
+    with pytest.raises(ValueError, match="'image'"):
+        ItemFeatures(ids, {"image": np.zeros((3, 2), dtype=np.float32)})
+    with pytest.raises(ValueError, match="non-empty"):
+        ItemFeatures(np.arange(0), {"text": np.zeros((0, 3), dtype=np.float32)})
+
+
+def test_config_file_holds_the_paper_defaults():
+    config = TokenizerTrainConfig.from_yaml(
+        Path(__file__).resolve().parents[3] / "configs" / "tokenizer.yaml"
+    )
+    assert config == TokenizerTrainConfig()
+    m = config.model
+    assert (m.dim, m.shared_layers, m.codebook_size, m.psgr_heads, m.beta) == (256, 3, 256, 4, 0.25)

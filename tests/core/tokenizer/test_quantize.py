@@ -1,0 +1,97 @@
+"""Vector/residual quantisation: codebook loss, estimators, k-means init, dead-code restart (App. A.2)."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from hisam_core.tokenizer.quantize import ResidualQuantizer, VectorQuantizer, rotate_to
+
+
+def _mixture(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(12, dim, generator=g)
+    return centres[torch.randint(12, (n,), generator=g)] + 0.5 * torch.randn(n, dim, generator=g)
+
+
+def test_residual_norm_does_not_grow_across_layers_after_training():
+    torch.manual_seed(0)
+    data = _mixture(2048, 8)
+    rq = ResidualQuantizer(num_layers=3, codebook_size=16, dim=8, beta=0.25, rotation_trick=False)
+    optimizer = torch.optim.Adam(rq.parameters(), lr=1e-2)
+    for _ in range(150):
+        batch = data[torch.randint(len(data), (256,))]
+        loss = rq(batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        rq.restart_dead_codes(50)
+    rq.eval()
+    with torch.no_grad():
+        out = rq(data)
+    norms = [r.norm(dim=-1).mean().item() for r in out.residuals]
+    assert all(b <= a for a, b in itertools.pairwise(norms)), norms
+    assert norms[-1] < 0.5 * norms[0]
+    # the quantized sum plus the final residual is the input, exactly
+    assert torch.allclose(out.quantized + out.residuals[-1], data, atol=1e-4)
+
+
+def test_straight_through_passes_the_gradient_unchanged():
+    vq = VectorQuantizer(16, 8, beta=0.25, rotation_trick=False)
+    x = _mixture(64, 8).requires_grad_()
+    out = vq(x)  # first training call: k-means initialisation
+    assert torch.allclose(out.quantized, vq.codebook[out.codes], atol=1e-5)
+    g = torch.randn(64, 8)
+    (out.quantized * g).sum().backward()
+    assert torch.allclose(x.grad, g)
+
+
+def test_rotation_trick_value_is_the_codeword_and_gradient_is_rotated_and_scaled():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g).requires_grad_()
+    q = torch.randn(32, 8, generator=g)
+    out = rotate_to(x, q)
+    assert torch.allclose(out, q, atol=1e-5)
+    # d<q_hat, out>/dx = lambda R^T q_hat = lambda x_hat with lambda = |q| / |x|
+    (out * F.normalize(q, dim=-1)).sum().backward()
+    scale = (q.norm(dim=-1) / x.norm(dim=-1))[:, None]
+    assert torch.allclose(x.grad, scale * F.normalize(x.detach(), dim=-1), atol=1e-5)
+
+
+def test_gradients_reach_the_encoder_through_the_quantizer():
+    for rotation_trick in (False, True):
+        torch.manual_seed(0)
+        encoder = torch.nn.Linear(8, 8)
+        rq = ResidualQuantizer(3, 16, 8, beta=0.25, rotation_trick=rotation_trick)
+        x = _mixture(128, 8)
+        out = rq(encoder(x))
+        ((out.quantized - x) ** 2).sum().backward()  # reconstruction only: no commitment term
+        assert encoder.weight.grad is not None
+        assert torch.isfinite(encoder.weight.grad).all() and encoder.weight.grad.abs().sum() > 0
+
+
+def test_kmeans_initialisation_fits_the_data():
+    data = _mixture(1024, 8)
+    vq = VectorQuantizer(12, 8, beta=0.25, rotation_trick=False)
+    vq(data)
+    vq.eval()
+    error = ((data - vq(data).quantized) ** 2).sum(-1).mean()
+    assert error < 0.1 * ((data - data.mean(0)) ** 2).sum(-1).mean()
+
+
+def test_dead_code_restart_revives_an_unused_code():
+    torch.manual_seed(0)
+    data = _mixture(512, 8)
+    vq = VectorQuantizer(8, 8, beta=0.25, rotation_trick=False)
+    vq(data)  # k-means init
+    with torch.no_grad():
+        vq.codebook[3] = 1e3  # far from every input: never selected
+    threshold = 5
+    for _ in range(threshold):
+        assert (vq(data[torch.randint(512, (64,))]).codes != 3).all()
+        assert vq.restart_dead_codes(threshold + 1) == 0  # not dead for long enough yet
+    assert vq.restart_dead_codes(threshold) >= 1
+    assert vq.codebook[3].abs().max() < 100  # re-seeded near the data
+    assert (vq(data).codes == 3).any()

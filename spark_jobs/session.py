@@ -8,6 +8,7 @@ defaults, so the same entry point runs on a laptop and, unchanged, under spark-s
 from __future__ import annotations
 
 import os
+import sys
 
 from pyspark.sql import SparkSession
 
@@ -37,6 +38,8 @@ def get_spark(
     master = master or os.environ.get("HISAM_SPARK_MASTER", "local[2]")
     if master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        # Python workers must run this interpreter (pandas, torch), not whatever `python3` is on PATH.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     settings = {**(LOCAL_DEFAULTS if master.startswith("local") else {}), **(conf or {}), **_env_conf()}
     builder = SparkSession.builder.appName(app_name).master(master)
     for key, value in settings.items():

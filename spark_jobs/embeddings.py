@@ -1,0 +1,294 @@
+"""Embedding job: gold item documents -> ``gold.item_embeddings`` per modality (Sec. 3.2.1).
+
+The hisam_core encoders run inside ``mapInPandas`` (one encoder per Python worker, reused across
+tasks), on bounded batches of ``batch_size`` inputs:
+
+* ``text``: the item document -> :class:`hisam_core.encoders.TextEncoder` (all-MiniLM-L6-v2 by
+  default), or ``kind="hashing"`` (:class:`HashingTextEncoder`, model-free, for tests and smoke runs).
+* ``image``: the item's ``image_path`` -> :func:`hisam_core.encoders.build_image_encoder` (a local
+  transformers vision model when ``config.model_path`` is set, else the hand-crafted
+  ``DescriptorImageEncoder``). Remote ``image_url`` values are not downloaded.
+* any ``kind="package.module:factory"`` returning an object with ``dim`` and ``encode(list[str])``
+  (a float array ``[n, dim]`` or an :class:`hisam_core.encoders.EncodedBatch`).
+
+Items without input (no text, no image file) get a zero row with ``present = False``, as the
+encoders do for missing files, so every modality covers the same items.
+
+Resumable: an item is skipped when a row for the same (dataset, modality, encoder name, encoder
+version) exists with the same ``input_hash`` (the document's SHA-256, or the image path's). The work
+is committed in slices of ``commit_every`` items (one MERGE each), so a crash loses at most one
+slice and a rerun continues where it stopped. Bump ``version`` whenever the model or its settings
+change: the name/version pair is the only thing that identifies an encoder in the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from hisam_core.config import Config
+from spark_jobs.lake import Lake
+from spark_jobs.tables import GOLD_ITEM_DOCUMENTS, GOLD_ITEM_EMBEDDINGS
+
+logger = logging.getLogger(__name__)
+
+Modality = Literal["text", "image"]
+
+
+class Encoder(Protocol):
+    """What the job needs from an encoder."""
+
+    dim: int
+
+    def encode(self, inputs: list[str]) -> Any:  # np.ndarray [n, dim] or EncodedBatch
+        ...
+
+
+class EncoderSpec(Config):
+    """Which encoder to run for which modality; ``name``/``version`` identify its rows."""
+
+    modality: Modality
+    #: ``default`` (the hisam_core encoder of the modality), ``hashing``, or ``module:factory``.
+    kind: str = "default"
+    #: Recorded in the table; default: the model (path) name, ``hashing-<dim>`` or the factory.
+    name: str | None = None
+    version: str = "1"
+    #: Settings passed to the encoder (``TextEncoderConfig`` / ``ImageEncoderConfig`` fields, or the
+    #: factory's keyword arguments).
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    def encoder_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "hashing":
+            return f"hashing-{self.config.get('dim', HashingTextEncoder.DEFAULT_DIM)}"
+        if self.kind != "default":
+            return self.kind
+        if self.modality == "text":
+            return str(self.config.get("model_name_or_path") or "all-MiniLM-L6-v2")
+        return str(self.config.get("model_path") or "descriptor")
+
+
+class EmbeddingJobConfig(Config):
+    """Batching and parallelism of the job."""
+
+    #: Inputs per ``encode`` call (bounds memory per task).
+    batch_size: int = Field(64, ge=1)
+    #: Items per commit (MERGE); progress is durable per slice.
+    commit_every: int = Field(50_000, ge=1)
+    #: Spark partitions per slice; None = the session's default parallelism.
+    num_partitions: int | None = Field(None, ge=1)
+    #: torch threads per Python worker (avoid oversubscribing cores); None leaves torch's default.
+    torch_threads: int | None = Field(1, ge=1)
+
+
+class HashingTextEncoder:
+    """Model-free text encoder: signed feature hashing of lowercase word tokens, L2-normalised.
+
+    Deterministic across processes (MD5, not Python's salted ``hash``); texts sharing words get
+    similar vectors. For tests and smoke runs, not a substitute for a sentence encoder.
+    """
+
+    DEFAULT_DIM = 64
+    _TOKEN = re.compile(r"[a-z0-9]+")
+
+    def __init__(self, dim: int = DEFAULT_DIM) -> None:
+        if dim < 2:
+            raise ValueError(f"hashing encoder: dim must be >= 2, got {dim}")
+        self.dim = int(dim)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for token in self._TOKEN.findall(text.lower()):
+                h = int.from_bytes(hashlib.md5(token.encode()).digest()[:8], "little")
+                out[row, h % self.dim] += 1.0 if (h >> 63) & 1 else -1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+
+def build_encoder(spec: EncoderSpec) -> Encoder:
+    """Instantiate the encoder described by ``spec`` (heavy imports happen here, on the worker)."""
+    if spec.kind == "hashing":
+        return HashingTextEncoder(**spec.config)
+    if spec.kind != "default":
+        module, _, attr = spec.kind.partition(":")
+        if not attr:
+            raise ValueError(f"encoder kind {spec.kind!r}: expected 'default', 'hashing' or 'module:factory'")
+        factory: Callable[..., Encoder] = getattr(importlib.import_module(module), attr)
+        return factory(**spec.config)
+    if spec.modality == "text":
+        from hisam_core.encoders.text import TextEncoder, TextEncoderConfig
+
+        return TextEncoder(TextEncoderConfig(**spec.config))
+    from hisam_core.encoders.image import ImageEncoderConfig, build_image_encoder
+
+    return build_image_encoder(ImageEncoderConfig(**spec.config))
+
+
+_ENCODERS: dict[str, Encoder] = {}
+
+
+def _worker_encoder(spec_json: str, torch_threads: int | None) -> Encoder:
+    """One encoder per Python worker process and spec (workers are reused across tasks)."""
+    if spec_json not in _ENCODERS:
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        _ENCODERS[spec_json] = build_encoder(EncoderSpec.model_validate_json(spec_json))
+    return _ENCODERS[spec_json]
+
+
+def encode_batch(encoder: Encoder, inputs: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings ``[n, dim]`` and ``present`` for ``inputs``; blank inputs -> zero row, absent."""
+    n = len(inputs)
+    valid = np.array([isinstance(x, str) and x.strip() != "" for x in inputs], dtype=bool)
+    out = np.zeros((n, encoder.dim), dtype=np.float32)
+    present = np.zeros(n, dtype=bool)
+    if valid.any():
+        result = encoder.encode([x for x, ok in zip(inputs, valid, strict=True) if ok])
+        emb = np.asarray(getattr(result, "embeddings", result), dtype=np.float32)
+        got = np.asarray(getattr(result, "present", np.ones(len(emb), dtype=bool)), dtype=bool)
+        if emb.shape != (int(valid.sum()), encoder.dim):
+            raise ValueError(
+                f"encoder returned shape {emb.shape}, expected ({int(valid.sum())}, {encoder.dim})"
+            )
+        if not np.isfinite(emb).all():
+            raise ValueError("encoder returned NaN or inf values")
+        out[valid] = emb
+        present[valid] = got
+    return out, present
+
+
+def _encode_partitions(
+    spec_json: str, batch_size: int, torch_threads: int | None
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    spec = EncoderSpec.model_validate_json(spec_json)
+    name, version = spec.encoder_name(), spec.version
+
+    def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        encoder = _worker_encoder(spec_json, torch_threads)
+        for frame in frames:
+            for start in range(0, len(frame), batch_size):
+                part = frame.iloc[start : start + batch_size]
+                emb, present = encode_batch(encoder, part["input"].tolist())
+                yield pd.DataFrame(
+                    {
+                        "dataset": part["dataset"].to_numpy(),
+                        "modality": spec.modality,
+                        "encoder": name,
+                        "encoder_version": version,
+                        "item_id": part["item_id"].to_numpy(dtype=np.int64),
+                        "dim": np.int32(encoder.dim),
+                        "embedding": list(emb),
+                        "present": present,
+                        "input_hash": part["input_hash"].to_numpy(),
+                    }
+                )
+
+    return run
+
+
+def embedding_inputs(documents: DataFrame, modality: Modality) -> DataFrame:
+    """``dataset, item_id, input, input_hash`` of gold.item_documents rows for ``modality``."""
+    if modality == "text":
+        return documents.select("dataset", "item_id", F.col("document").alias("input"), "document_hash")
+    path = F.when(F.trim("image_path") != "", F.col("image_path"))
+    return documents.select(
+        "dataset",
+        "item_id",
+        path.alias("input"),
+        F.sha2(F.coalesce(path, F.lit("")), 256).alias("input_hash"),
+    )
+
+
+def embed(inputs: DataFrame, spec: EncoderSpec, config: EmbeddingJobConfig) -> DataFrame:
+    """``dataset, item_id, input, input_hash`` rows -> gold.item_embeddings rows (lazy)."""
+    spec_json = spec.model_dump_json()
+    schema = GOLD_ITEM_EMBEDDINGS.schema
+    return inputs.mapInPandas(_encode_partitions(spec_json, config.batch_size, config.torch_threads), schema)
+
+
+@dataclass
+class EmbeddingReport:
+    dataset: str
+    modality: str
+    encoder: str
+    encoder_version: str
+    items: int = 0
+    skipped: int = 0
+    embedded: int = 0
+    absent: int = 0
+    versions: list[int] = field(default_factory=list)
+
+
+def embed_items(
+    lake: Lake, dataset: str, spec: EncoderSpec, config: EmbeddingJobConfig | None = None
+) -> EmbeddingReport:
+    """Embed every item of ``dataset`` not yet embedded by this encoder name/version with this input."""
+    config = config or EmbeddingJobConfig()
+    name = spec.encoder_name()
+    report = EmbeddingReport(dataset, spec.modality, name, spec.version)
+    docs = lake.read(GOLD_ITEM_DOCUMENTS, partitions={"dataset": dataset})
+    inputs = embedding_inputs(docs, spec.modality)
+    if spec.modality == "text":
+        inputs = inputs.withColumnRenamed("document_hash", "input_hash")
+    part = {"dataset": dataset, "modality": spec.modality}
+    done = (
+        lake.read(GOLD_ITEM_EMBEDDINGS, partitions=part)
+        .filter((F.col("encoder") == name) & (F.col("encoder_version") == spec.version))
+        .select("item_id", "input_hash")
+    )
+    todo = inputs.join(done, ["item_id", "input_hash"], "left_anti").cache()
+    try:
+        report.items = docs.count()
+        pending = todo.count()
+        report.skipped = report.items - pending
+        slices = max(1, math.ceil(pending / config.commit_every))
+        partitions = config.num_partitions or lake.spark.sparkContext.defaultParallelism
+        logger.info(
+            "embed %s/%s with %s v%s: %d items, %d already done, %d slices",
+            dataset, spec.modality, name, spec.version, report.items, report.skipped, slices,
+        )  # fmt: skip
+        for k in range(slices if pending else 0):
+            chunk = todo.filter(F.pmod(F.xxhash64("item_id"), F.lit(slices)) == k) if slices > 1 else todo
+            rows = embed(chunk.repartition(partitions), spec, config).cache()
+            try:
+                stats = rows.agg(
+                    F.count(F.lit(1)).alias("n"), F.sum((~F.col("present")).cast("int")).alias("absent")
+                ).first()
+                report.versions.append(
+                    lake.write(rows, GOLD_ITEM_EMBEDDINGS, mode="merge", partition_values=part)
+                )
+            finally:
+                rows.unpersist()
+            report.embedded += int(stats["n"])
+            report.absent += int(stats["absent"] or 0)
+            logger.info(
+                "embed %s/%s: slice %d/%d committed (%d items)",
+                dataset,
+                spec.modality,
+                k + 1,
+                slices,
+                stats["n"],
+            )
+    finally:
+        todo.unpersist()
+    if report.absent:
+        logger.warning(
+            "%s/%s: %d items had no input (zero rows, present=False)", dataset, spec.modality, report.absent
+        )
+    return report

@@ -1,0 +1,82 @@
+"""Arguments and set-up shared by the entry points: lake location, Spark master, logical date."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+from spark_jobs.lake import Lake, LakeConfig
+from spark_jobs.session import get_spark
+
+logger = logging.getLogger(__name__)
+
+
+def logical_date(text: str) -> dt.date:
+    """``YYYY-MM-DD`` -> date (argparse type)."""
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"logical date must be YYYY-MM-DD, got {text!r}") from None
+
+
+def parser(description: str, *, spark: bool = True, date: bool = True) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the common options (lake, Spark, logical date, logging)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if spark:
+        p.add_argument("--lake-root", help="lake root directory or URI (default: lake config, "
+                       "$HISAM_LAKE_ROOT, then ./.hisam/lake)")  # fmt: skip
+        p.add_argument("--lake-config", help="YAML LakeConfig (e.g. configs/lake.yaml)")
+        p.add_argument("--master", help="Spark master (default: $HISAM_SPARK_MASTER or local[2]; "
+                       "ignored under spark-submit, whose --master wins)")  # fmt: skip
+    if date:
+        p.add_argument(
+            "--logical-date",
+            type=logical_date,
+            default=dt.datetime.now(dt.UTC).date(),
+            help="the run's logical date, YYYY-MM-DD (default: today, UTC); a rerun replaces its partitions",
+        )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def setup(args: argparse.Namespace, app_name: str) -> tuple[SparkSession, Lake]:
+    """Logging, the Spark session and the lake from parsed arguments."""
+    configure_logging(args.log_level)
+    master = args.master or os.environ.get("HISAM_SPARK_MASTER", "local[2]")
+    if master.startswith("local"):
+        # Python workers must run this interpreter (pandas, hisam_core), not whatever python3 is on PATH.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = get_spark(app_name, master=args.master)
+    config = LakeConfig.from_yaml(args.lake_config) if args.lake_config else LakeConfig()
+    if args.lake_root:
+        config.root = args.lake_root
+    return spark, Lake.from_config(spark, config)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
+def jsonable(value: Any) -> Any:
+    """Dataclasses (also nested in dicts/lists) -> dicts; dates and paths are stringified by ``emit``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def emit(summary: Any) -> None:
+    """Print the run summary as one JSON line on stdout (the CLI's output for orchestrators)."""
+    sys.stdout.write(json.dumps(jsonable(summary), default=str, sort_keys=True) + "\n")

@@ -1,0 +1,209 @@
+"""Amazon Reviews 2023 (McAuley Lab) JSONL -> bronze tables.
+
+Inputs, one JSON object per line, plain or ``.gz`` (a file, a directory or a glob):
+
+* reviews (``<Category>.jsonl``): ``rating`` (1-5), ``title``, ``text``, ``images``, ``asin``,
+  ``parent_asin``, ``user_id``, ``timestamp`` (unix **milliseconds**), ``helpful_vote``,
+  ``verified_purchase``.
+* item metadata (``meta_<Category>.jsonl``): ``main_category``, ``title``, ``average_rating``,
+  ``rating_number``, ``features`` (list), ``description`` (list), ``price``, ``images`` (list of
+  ``{thumb, large, variant, hi_res}``), ``videos``, ``store``, ``categories`` (list), ``details``
+  (object), ``parent_asin``, ``bought_together``.
+
+The item id is ``parent_asin`` (the benchmark's item; ``asin`` is a variant and is kept in
+``extra``), falling back to ``asin`` when a review has no parent. Every field is first read as a
+string, so a wrongly typed value gets its own reason instead of voiding the whole line. Review
+title/text, votes and the verified flag go to ``extra`` (JSON); item text fields (main category,
+store, features, description and every ``details`` entry) go to ``attributes``; the image URL is
+the MAIN image's ``hi_res`` (else ``large``), not downloaded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from hisam_core.config import Config
+from spark_jobs.importers.common import (
+    CORRUPT,
+    LINE,
+    RAW,
+    REASON,
+    ImportReport,
+    Parsed,
+    blank,
+    first_reason,
+    flag_duplicates,
+    quoted,
+    str_map,
+    to_double,
+    write_bronze,
+)
+from spark_jobs.lake import Lake
+from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS
+
+logger = logging.getLogger(__name__)
+
+REVIEW_FIELDS: tuple[str, ...] = (
+    "rating", "title", "text", "asin", "parent_asin", "user_id", "timestamp", "helpful_vote",
+    "verified_purchase",
+)  # fmt: skip
+META_FIELDS: tuple[str, ...] = (
+    "parent_asin", "title", "main_category", "categories", "features", "description", "images",
+    "store", "details", "average_rating", "rating_number", "price",
+)  # fmt: skip
+IMAGE = T.ArrayType(
+    T.StructType([T.StructField(f, T.StringType()) for f in ("thumb", "large", "variant", "hi_res")])
+)
+STRINGS = T.ArrayType(T.StringType())
+
+
+class AmazonImportConfig(Config):
+    """Paths of one Amazon Reviews 2023 category and the dataset name to import it as."""
+
+    reviews: str
+    meta: str | None = None
+    dataset: str = "amazon"
+
+
+def read_json_lines(spark: SparkSession, path: str, fields: tuple[str, ...]) -> DataFrame:
+    """Non-blank lines of JSONL file(s): ``value``, every field as a raw string, ``_corrupt_record``.
+
+    Numbers, booleans, lists and objects come back as their JSON text; JSON ``null`` as null.
+    """
+    schema = T.StructType([T.StructField(f, T.StringType()) for f in [*fields, CORRUPT]])
+    options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
+    lines = spark.read.text(path).filter(F.trim("value") != "")
+    parsed = F.from_json("value", schema, options)
+    return lines.select(
+        "value",
+        *[parsed.getField(f).alias(f) for f in fields],
+        F.when(parsed.isNull(), F.col("value")).otherwise(parsed.getField(CORRUPT)).alias(CORRUPT),
+        F.col("_metadata.file_path").alias("source_file"),
+        F.monotonically_increasing_id().alias(LINE),
+    )
+
+
+def _not_object(value: Column) -> Column:
+    return ~F.ltrim(value).startswith("{")
+
+
+def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFrame:
+    """Review lines -> bronze.interactions rows + ``_reason``/``_raw``."""
+    item = F.coalesce(
+        F.when(~blank(F.col("parent_asin")), F.trim("parent_asin")),
+        F.when(~blank(F.col("asin")), F.trim("asin")),
+    )
+    rating, ts = F.col("rating"), F.trim("timestamp")
+    ts_ms = ts.try_cast("long")
+    reason = first_reason(
+        (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
+        (blank(F.col("user_id")), "missing user_id"),
+        (item.isNull(), "missing parent_asin and asin"),
+        (to_double(rating).isNull(), F.concat(F.lit("rating "), quoted(rating), F.lit(" is not a number"))),
+        (~to_double(rating).between(1, 5), F.concat(F.lit("rating "), rating, F.lit(" outside [1, 5]"))),
+        (
+            ts_ms.isNull() | ~ts_ms.between(0, 10**14),
+            F.concat(F.lit("timestamp "), quoted(ts), F.lit(" is not unix milliseconds")),
+        ),
+    )
+    ok = reason.isNull()
+    extra = F.to_json(
+        F.struct(
+            F.col("asin"),
+            F.col("title").alias("review_title"),
+            F.col("text").alias("review_text"),
+            F.col("helpful_vote").try_cast("long").alias("helpful_vote"),
+            F.lower("verified_purchase").try_cast("boolean").alias("verified_purchase"),
+        )
+    )
+    return lines.select(
+        F.lit(dataset).alias("dataset"),
+        F.lit(logical_date).alias("logical_date"),
+        F.when(ok, F.trim("user_id")).alias("user_id"),
+        F.when(ok, item).alias("item_id"),
+        F.when(ok, to_double(rating)).alias("rating"),
+        F.lit(None).cast("int").alias("label"),
+        F.lit("review").alias("action"),
+        F.when(ok, F.timestamp_millis(ts_ms)).alias("event_ts"),
+        F.when(ok, extra).alias("extra"),
+        "source_file",
+        LINE,
+        reason.alias(REASON),
+        F.col("value").alias(RAW),
+    )
+
+
+def _json_list(col: str, sep: str) -> Column:
+    """A JSON list of strings joined with ``sep`` (null when absent or empty)."""
+    joined = F.array_join(F.from_json(F.col(col), STRINGS), sep)
+    return F.when(joined != "", joined)
+
+
+def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFrame:
+    """Item metadata lines -> bronze.items rows + ``_reason``/``_raw``."""
+    item = F.trim("parent_asin")
+    reason = first_reason(
+        (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
+        (blank(F.col("parent_asin")), "missing parent_asin"),
+    )
+    ok = reason.isNull()
+    base = str_map(
+        [
+            ("main_category", F.col("main_category")),
+            ("store", F.col("store")),
+            ("features", _json_list("features", "; ")),
+            ("description", _json_list("description", " ")),
+        ]
+    )
+    details = F.from_json(F.col("details"), T.MapType(T.StringType(), T.StringType()))
+    base_keys = F.array(*[F.lit(k) for k in ("main_category", "store", "features", "description")])
+    details = F.map_filter(
+        F.coalesce(details, F.create_map().cast("map<string,string>")),
+        lambda k, v: ~F.array_contains(base_keys, k) & v.isNotNull() & (F.trim(v) != ""),
+    )
+    images = F.coalesce(F.from_json(F.col("images"), IMAGE), F.array().cast(IMAGE))
+    main = F.coalesce(F.get(F.filter(images, lambda x: x["variant"] == "MAIN"), 0), F.get(images, 0))
+    categories = F.from_json(F.col("categories"), STRINGS)
+    return lines.select(
+        F.lit(dataset).alias("dataset"),
+        F.lit(logical_date).alias("logical_date"),
+        F.when(ok, item).alias("item_id"),
+        F.when(~blank(F.col("title")), F.trim("title")).alias("title"),
+        F.filter(F.coalesce(categories, F.array().cast(STRINGS)), lambda c: c.isNotNull()).alias(
+            "categories"
+        ),
+        F.map_concat(base, details).alias("attributes"),
+        F.lit(None).cast("string").alias("image_path"),
+        F.coalesce(main["hi_res"], main["large"]).alias("image_url"),
+        F.to_json(
+            F.struct(
+                to_double(F.col("average_rating")).alias("average_rating"),
+                F.col("rating_number").try_cast("long").alias("rating_number"),
+                F.col("price"),
+            )
+        ).alias("extra"),
+        "source_file",
+        LINE,
+        reason.alias(REASON),
+        F.col("value").alias(RAW),
+    )
+
+
+def import_amazon(
+    spark: SparkSession, lake: Lake, config: AmazonImportConfig, logical_date: dt.date
+) -> ImportReport:
+    """Import reviews (and metadata) into bronze for ``logical_date``; reruns replace the partition."""
+    ds = config.dataset
+    reviews = parse_reviews(read_json_lines(spark, config.reviews, REVIEW_FIELDS), ds, logical_date)
+    parsed = [Parsed(config.reviews, BRONZE_INTERACTIONS.name, reviews)]
+    if config.meta:
+        meta = parse_meta(read_json_lines(spark, config.meta, META_FIELDS), ds, logical_date)
+        parsed.append(
+            Parsed(config.meta, BRONZE_ITEMS.name, flag_duplicates(meta, ["item_id"], "parent_asin"))
+        )
+    return write_bronze(lake, ds, logical_date, parsed, ImportReport(ds, logical_date))

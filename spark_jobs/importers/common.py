@@ -1,0 +1,299 @@
+"""Pieces shared by the importers: reading lines, checking fields, quarantining, writing bronze.
+
+Every importer turns each input record into exactly one row of a *parsed* DataFrame: the bronze
+columns plus ``_reason`` (None when the record is good, else why it is rejected), ``_raw`` (the
+line, or the row as JSON) and ``source_file``. :func:`write_bronze` splits it: good rows replace
+the ``(dataset, logical_date)`` partition of the bronze table, rejected ones the matching partition
+of ``bronze.quarantine``, and the counts it reports reconcile exactly (in = imported + quarantined).
+
+Blank lines are not records: line-based readers skip them and they are counted nowhere.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window
+
+from spark_jobs.lake import Lake
+from spark_jobs.tables import BRONZE_QUARANTINE, get_table
+
+logger = logging.getLogger(__name__)
+
+REASON = "_reason"
+RAW = "_raw"
+#: Position of a record in its input (``monotonically_increasing_id`` at read time: increasing in
+#: file order within a file, the same on every run over the same files); keeps "first" well defined.
+LINE = "_line"
+CORRUPT = "_corrupt_record"
+#: Separator of the one-column CSV trick in :func:`read_lines`; a line containing it is quarantined.
+LINE_SEP_GUARD = "\u0001"
+
+
+@dataclass(frozen=True)
+class SourceCount:
+    """Counts of one input (file or directory) into one bronze table."""
+
+    source: str
+    table: str
+    records_in: int
+    imported: int
+    quarantined: int
+
+    @property
+    def reconciles(self) -> bool:
+        return self.records_in == self.imported + self.quarantined
+
+
+@dataclass
+class ImportReport:
+    """What one import run did: counts per input, Delta versions per table written."""
+
+    dataset: str
+    logical_date: dt.date
+    sources: list[SourceCount] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)
+
+    def imported(self, table: str) -> int:
+        """Rows written into ``table`` by this run (over all its inputs)."""
+        return sum(s.imported for s in self.sources if s.table == table)
+
+    def quarantined(self, table: str | None = None) -> int:
+        return sum(s.quarantined for s in self.sources if table is None or s.table == table)
+
+    def check(self) -> None:
+        """Raise ValueError when some input's counts do not reconcile (an importer bug)."""
+        bad = [s for s in self.sources if not s.reconciles]
+        if bad:
+            raise ValueError(f"import counts do not reconcile: {bad}")
+
+    def summary(self) -> str:
+        lines = [f"import {self.dataset} @ {self.logical_date}:"]
+        for s in self.sources:
+            lines.append(
+                f"  {s.source} -> {s.table}: {s.records_in} in, {s.imported} imported, "
+                f"{s.quarantined} quarantined"
+            )
+        lines.extend(f"  {t} version {v}" for t, v in sorted(self.versions.items()))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_lines(spark: SparkSession, path: str, *, encoding: str = "UTF-8") -> DataFrame:
+    """Non-blank lines of text file(s) as ``value`` plus ``_corrupt_record`` and ``source_file``.
+
+    Uses the CSV reader with quoting off so any encoding works (``spark.read.text`` only decodes
+    UTF-8). ``_corrupt_record`` is set (to the whole line) for the rare line containing U+0001,
+    which this trick cannot represent; :func:`line_problem` turns it into a quarantine reason.
+    """
+    return (
+        spark.read.schema(f"value string, {CORRUPT} string")
+        .option("encoding", encoding)
+        .option("sep", LINE_SEP_GUARD)
+        .option("quote", "")
+        .option("header", False)
+        .option("mode", "PERMISSIVE")
+        .option("columnNameOfCorruptRecord", CORRUPT)
+        .option("ignoreLeadingWhiteSpace", False)
+        .option("ignoreTrailingWhiteSpace", False)
+        .csv(path)
+        .withColumn("source_file", F.col("_metadata.file_path"))
+        .withColumn(LINE, F.monotonically_increasing_id())
+    )
+
+
+def line_problem(expected_fields: int, parts: Column, sep_name: str) -> Column:
+    """Reason for a line that cannot be split into ``expected_fields`` fields, else null."""
+    return F.when(F.col(CORRUPT).isNotNull(), F.lit("line contains the control character U+0001")).when(
+        F.size(parts) != expected_fields,
+        F.concat(
+            F.lit(f"expected {expected_fields} {sep_name}-separated fields, got "),
+            F.size(parts).cast("string"),
+        ),
+    )
+
+
+def raw_line() -> Column:
+    return F.coalesce(F.col(CORRUPT), F.col("value"))
+
+
+def first_reason(*checks: tuple[Column, Column | str]) -> Column:
+    """The message of the first failing check, else null. ``checks``: (failed?, message)."""
+    expr = None
+    for failed, message in checks:
+        msg = F.lit(message) if isinstance(message, str) else message
+        expr = F.when(failed, msg) if expr is None else expr.when(failed, msg)
+    return expr if expr is not None else F.lit(None).cast("string")
+
+
+def blank(col: Column) -> Column:
+    """True for null or whitespace-only strings."""
+    return col.isNull() | (F.trim(col) == "")
+
+
+def quoted(col: Column) -> Column:
+    """``'value'`` for messages (``null`` for null)."""
+    return F.coalesce(F.concat(F.lit("'"), col, F.lit("'")), F.lit("null"))
+
+
+def not_int(col: Column) -> Column:
+    """True unless ``col`` is a non-negative integer (``try_cast``: cheaper than a regex per row)."""
+    value = F.trim(col).try_cast("long")
+    return F.coalesce(value < 0, F.lit(True))
+
+
+def to_double(col: Column) -> Column:
+    """Text -> finite double; null for non-numbers, NaN and infinities."""
+    value = F.trim(col).try_cast("double")
+    return F.when(~F.isnan(value) & (F.abs(value) != float("inf")), value)
+
+
+def str_map(pairs: Sequence[tuple[str, Column]]) -> Column:
+    """``map<string,string>`` of the non-blank values, keys in the given order."""
+    if not pairs:
+        return F.create_map().cast("map<string,string>")
+    m = F.create_map(*[c for name, col in pairs for c in (F.lit(name), col.cast("string"))])
+    return F.map_filter(m, lambda _k, v: v.isNotNull() & (F.trim(v) != ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+
+def quarantine_rows(parsed: DataFrame, dataset: str, table: str, logical_date: dt.date) -> DataFrame:
+    """Rejected rows of ``parsed`` in the ``bronze.quarantine`` layout."""
+    return parsed.filter(F.col(REASON).isNotNull()).select(
+        F.lit(dataset).alias("dataset"),
+        F.lit(table).alias("target_table"),
+        F.lit(logical_date).alias("logical_date"),
+        F.col(REASON).alias("reason"),
+        F.col(RAW).alias("raw"),
+        F.col("source_file"),
+    )
+
+
+@dataclass
+class Parsed:
+    """One input's parsed rows for one bronze table (see module docstring)."""
+
+    source: str
+    table: str
+    rows: DataFrame
+    #: False for inputs folded into another input's rows (e.g. item_extra.tsv into u.item): their
+    #: good rows are counted as imported but not written; their rejects are quarantined.
+    write_good: bool = True
+
+
+def write_parsed(
+    lake: Lake,
+    dataset: str,
+    logical_date: dt.date,
+    parsed: Iterable[Parsed],
+    report: ImportReport,
+    *,
+    mode: Literal["replace_partition", "merge"] = "replace_partition",
+    update_condition: str | None = None,
+) -> ImportReport:
+    """Write every parsed input: good rows to their tables, rejects to ``bronze.quarantine``.
+
+    Inputs for the same table are unioned and written once: ``replace_partition`` of
+    ``(dataset, logical_date)`` (bronze), or ``merge`` on the table's keys within the dataset
+    (silver). The quarantine partitions ``(dataset, <each target table>, logical_date)`` are
+    replaced in one commit. So a rerun of the same logical date leaves identical contents. Each
+    input is parsed once (persisted); all counts come from one aggregation over the inputs.
+    """
+    parsed = list(parsed)
+    partition: dict[str, object] = (
+        {"dataset": dataset, "logical_date": logical_date}
+        if mode == "replace_partition"
+        else {"dataset": dataset}
+    )
+    cached = [p.rows.persist(StorageLevel.MEMORY_AND_DISK) for p in parsed]
+    try:
+        tally = (
+            _union(
+                [
+                    rows.select(F.lit(i).alias("_input"), F.col(REASON).isNotNull().alias("_bad"), REASON)
+                    for i, rows in enumerate(cached)
+                ]
+            )
+            .groupBy("_input", "_bad")
+            .agg(F.count(F.lit(1)).alias("n"), F.min(REASON).alias("first"), F.max(REASON).alias("last"))
+        )
+        stats = {(r["_input"], r["_bad"]): r for r in tally.collect()}  # at most 2 rows per input
+        good_by_table: dict[str, list[DataFrame]] = {}
+        bad: list[DataFrame] = []
+        for i, (p, rows) in enumerate(zip(parsed, cached, strict=True)):
+            n_good = int(stats[(i, False)]["n"]) if (i, False) in stats else 0
+            n_bad = int(stats[(i, True)]["n"]) if (i, True) in stats else 0
+            report.sources.append(SourceCount(p.source, p.table, n_good + n_bad, n_good, n_bad))
+            if n_bad:
+                examples = sorted({stats[(i, True)]["first"], stats[(i, True)]["last"]})
+                logger.warning(
+                    "%s -> %s: %d records quarantined, e.g. %s", p.source, p.table, n_bad, examples
+                )
+            good = good_by_table.setdefault(p.table, [])
+            if p.write_good:
+                good.append(rows.filter(F.col(REASON).isNull()).select(*get_table(p.table).columns))
+            bad.append(quarantine_rows(rows, dataset, p.table, logical_date))
+        for table, frames in good_by_table.items():
+            spec = get_table(table)
+            good_df = _union(frames) if frames else lake.spark.createDataFrame([], spec.schema)
+            report.versions[table] = lake.write(
+                good_df, table, mode=mode, partition_values=partition, update_condition=update_condition
+            )
+        report.versions[BRONZE_QUARANTINE.name] = lake.write(
+            _union(bad) if bad else lake.spark.createDataFrame([], BRONZE_QUARANTINE.schema),
+            BRONZE_QUARANTINE,
+            mode="replace_partition",
+            partition_values={
+                "dataset": dataset,
+                "target_table": list(good_by_table),
+                "logical_date": logical_date,
+            },
+        )
+    finally:
+        for frame in cached:
+            frame.unpersist()
+    report.check()
+    logger.info("%s", report.summary())
+    return report
+
+
+#: Bronze writers use the default mode of :func:`write_parsed`.
+write_bronze = write_parsed
+
+
+def flag_duplicates(rows: DataFrame, keys: Sequence[str], what: str) -> DataFrame:
+    """Give every good row after the first with the same ``keys`` the reason "duplicate <what> <keys>".
+
+    "First" is input order (``source_file``, ``_line``) when ``rows`` has ``_line``, else the
+    order of ``_raw``; either way the same row is kept on every rerun.
+    """
+    key_text = F.concat_ws(", ", *[F.col(k).cast("string") for k in keys])
+    good = F.col(REASON).isNull()
+    order = ["source_file", LINE, RAW] if LINE in rows.columns else [RAW]
+    rank = F.row_number().over(Window.partitionBy(good, *keys).orderBy(*order))
+    return rows.withColumn(
+        REASON,
+        F.when(good & (rank > 1), F.concat(F.lit(f"duplicate {what} "), key_text)).otherwise(F.col(REASON)),
+    )
+
+
+def _union(frames: list[DataFrame]) -> DataFrame:
+    out = frames[0]
+    for f in frames[1:]:
+        out = out.unionByName(f)
+    return out

@@ -1,0 +1,421 @@
+"""Bring-your-own data: a documented generic format -> bronze tables.
+
+Three inputs, each a file, a directory of part files or a glob, in CSV (with a header row),
+Parquet or JSONL (one object per line; plain or ``.gz``):
+
+**interactions** (required), one event per record:
+
+=============  ========  ===========================================================================
+column         required  meaning
+=============  ========  ===========================================================================
+``user_id``    yes       any string or integer id
+``item_id``    yes       any string or integer id
+``timestamp``  yes       unix time in s, ms, us or ns (told apart by magnitude, see
+                         ``UNIT_BOUNDS``), a Parquet timestamp, or an ISO-8601 date-time
+                         (``2023-11-15T10:00:00Z``); see ``timestamp_unit``
+``rating``     one of    a number (explicit feedback); range-checked when ``rating_range`` is set
+``label``      the two   ``0`` / ``1`` (implicit feedback); silver derives it from ``rating`` if absent
+``action``     no        event type, e.g. ``click``, ``purchase``
+(other)        no        kept as JSON in ``extra``
+=============  ========  ===========================================================================
+
+**items** (optional): ``item_id`` (required); ``title``; ``categories`` or ``genres`` (a list in
+Parquet/JSONL, or ``|``-separated text); ``image_path`` (relative paths are resolved against
+``image_root``, default the items file's directory); ``image_url``; every other column is a text
+attribute of the item (``description``, ``plot``, ``director``...) unless ``text_columns`` lists them.
+
+**users** (optional): ``user_id`` (required); every other column is a profile attribute (``age``,
+``gender``, ``occupation``...).
+
+Records that cannot be used (malformed line or JSON, a missing id, an unreadable timestamp,
+rating or label, neither rating nor label, a duplicate item or user id) go to
+``bronze.quarantine`` with the reason; for every input, records in = imported + quarantined.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from hisam_core.config import Config
+from spark_jobs.importers.common import (
+    CORRUPT,
+    LINE,
+    RAW,
+    REASON,
+    ImportReport,
+    Parsed,
+    blank,
+    first_reason,
+    flag_duplicates,
+    quoted,
+    str_map,
+    to_double,
+    write_bronze,
+)
+from spark_jobs.lake import Lake
+from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["auto", "csv", "parquet", "jsonl"]
+INTERACTION_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp", "rating", "label", "action")
+NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
+ITEM_RESERVED: tuple[str, ...] = ("item_id", "title", "categories", "genres", "image_path", "image_url")
+
+
+class GenericImportConfig(Config):
+    """Inputs in the generic format and how to read them."""
+
+    dataset: str
+    interactions: str
+    items: str | None = None
+    users: str | None = None
+    #: ``auto``: from the extension (``.csv``, ``.parquet``/``.pq``, ``.jsonl``/``.json``/``.ndjson``,
+    #: optionally ``.gz``); a directory uses the extension of its first data file.
+    format: Format = "auto"
+    csv_sep: str = ","
+    #: ``auto``: numbers by magnitude (:data:`UNIT_BOUNDS`: s, ms, us or ns); text is ISO-8601.
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "iso"] = "auto"
+    #: Ratings outside [low, high] are quarantined; None accepts any number.
+    rating_range: tuple[float, float] | None = None
+    #: Item columns that become text attributes; None = every non-reserved column.
+    text_columns: list[str] | None = None
+    #: Directory that relative ``image_path`` values are resolved against; None = the items input's.
+    image_root: str | None = None
+    #: Input column -> generic name, applied to every input first (e.g. ``{"UserID": "user_id"}``).
+    rename: dict[str, str] = Field(default_factory=dict)
+
+
+def detect_format(path: str) -> Literal["csv", "parquet", "jsonl"]:
+    """Format of ``path`` from its extension (for a local directory: its first data file's)."""
+    candidate = Path(path)
+    if candidate.is_dir():
+        files = sorted(p for p in candidate.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+        if not files:
+            raise ValueError(f"{path}: empty directory, cannot detect its format")
+        candidate = files[0]
+    name = candidate.name.lower().removesuffix(".gz")
+    for suffixes, fmt in (
+        ((".csv", ".tsv"), "csv"),
+        ((".parquet", ".pq"), "parquet"),
+        ((".jsonl", ".json", ".ndjson"), "jsonl"),
+    ):
+        if name.endswith(suffixes):
+            return fmt  # type: ignore[return-value]
+    raise ValueError(f"{path}: cannot tell the format from the name; set format to csv, parquet or jsonl")
+
+
+def read_as_strings(
+    spark: SparkSession,
+    path: str,
+    fmt: Format,
+    *,
+    sep: str = ",",
+    columns: tuple[str, ...] | None = None,
+    rename: dict[str, str] | None = None,
+) -> tuple[DataFrame, list[str]]:
+    """Records of ``path`` with every column as a string, plus ``_corrupt_record``, ``_raw``,
+    ``source_file`` and ``_line``. Returns the frame and the input's column names (after ``rename``).
+
+    ``columns``: names to read (JSONL only; default every key seen in the data).
+    """
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "csv":
+        names = [c for c in spark.read.option("header", True).option("sep", sep).csv(path).columns]
+        schema = T.StructType([T.StructField(c, T.StringType()) for c in [*names, CORRUPT]])
+        df = (
+            spark.read.schema(schema)
+            .option("header", True)
+            .option("sep", sep)
+            .option("quote", '"')
+            .option("escape", '"')
+            .option("mode", "PERMISSIVE")
+            .option("columnNameOfCorruptRecord", CORRUPT)
+            .csv(path)
+            .withColumn("source_file", F.col("_metadata.file_path"))
+        )
+        raw = F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*names)))
+    elif fmt == "jsonl":
+        names = list(columns) if columns else [c for c in spark.read.json(path).columns if c != CORRUPT]
+        schema = T.StructType([T.StructField(c, T.StringType()) for c in [*names, CORRUPT]])
+        parsed = F.from_json("value", schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT})
+        df = (
+            spark.read.text(path)
+            .withColumn("source_file", F.col("_metadata.file_path"))
+            .filter(F.trim("value") != "")
+            .select(
+                "value",
+                "source_file",
+                *[parsed.getField(c).alias(c) for c in names],
+                F.when(parsed.isNull() | ~F.ltrim("value").startswith("{"), F.col("value"))
+                .otherwise(parsed.getField(CORRUPT))
+                .alias(CORRUPT),
+            )
+        )
+        raw = F.col("value")
+    elif fmt == "parquet":
+        # pandas writes TIMESTAMP(NANOS), which Spark cannot read as a timestamp; read such columns
+        # as their int64 nanoseconds instead (parse_timestamp recognises the magnitude).
+        if spark.conf.get(NANOS_AS_LONG, "false") != "true":
+            logger.info("setting %s=true so Parquet nanosecond timestamps can be read", NANOS_AS_LONG)
+            spark.conf.set(NANOS_AS_LONG, "true")
+        df = spark.read.parquet(path)
+        names = df.columns
+        raw = F.to_json(F.struct(*names))
+        df = df.select(
+            F.col("_metadata.file_path").alias("source_file"),
+            *[
+                (
+                    F.to_json(F.col(f.name))
+                    if isinstance(f.dataType, T.ArrayType | T.MapType | T.StructType)
+                    else F.col(f.name).cast("string")
+                ).alias(f.name)
+                for f in df.schema.fields
+            ],
+            raw.alias(RAW),
+            F.lit(None).cast("string").alias(CORRUPT),
+        )
+        raw = F.col(RAW)
+    else:
+        raise ValueError(f"unknown format {fmt!r}, expected csv, parquet or jsonl")
+    df = df.select(
+        *[F.col(c) for c in names],
+        F.col(CORRUPT),
+        raw.alias(RAW),
+        F.col("source_file"),
+        F.monotonically_increasing_id().alias(LINE),
+    )
+    if rename:
+        df = df.withColumnsRenamed({k: v for k, v in rename.items() if k in names})
+        names = [rename.get(c, c) for c in names]
+    return df, names
+
+
+def _col(names: list[str], name: str) -> Column:
+    """The column if the input has it, else null."""
+    return F.trim(F.col(name)) if name in names else F.lit(None).cast("string")
+
+
+#: Unit of a numeric timestamp by magnitude (``timestamp_unit="auto"``): values below 1e11 are
+#: seconds (1e11 s is the year 5138), below 1e14 milliseconds, below 1e17 microseconds, else
+#: nanoseconds (1e11 ms, 1e14 us and 1e17 ns are all in 1973: later data is read right).
+UNIT_BOUNDS: tuple[tuple[str, float], ...] = (("s", 1e11), ("ms", 1e14), ("us", 1e17), ("ns", 1e20))
+
+
+def parse_timestamp(value: Column, unit: str) -> Column:
+    """Text -> timestamp, null when unreadable: unix s/ms/us/ns or ISO-8601 (``timestamp_unit``)."""
+    number = value.try_cast("double")
+    exact = value.try_cast("decimal(20,0)")  # integers beyond 2**53 (nanoseconds) without rounding
+    ok = number.between(0, 1e20)
+    by_unit = {
+        "s": F.when(ok & (number < 1e11), F.timestamp_seconds(number)),
+        "ms": F.when(ok & (number < 1e14), F.timestamp_micros((number * 1000).cast("long"))),
+        "us": F.when(ok & (number < 1e17), F.timestamp_micros(F.coalesce(exact, number).cast("long"))),
+        "ns": F.when(
+            ok & (number < 9e18), F.timestamp_micros((F.coalesce(exact, number) / 1000).cast("long"))
+        ),
+        "iso": F.try_to_timestamp(value),
+    }
+    if unit != "auto":
+        return by_unit[unit]
+    expr = F.when(number.isNull(), by_unit["iso"])
+    for name, bound in UNIT_BOUNDS:
+        expr = expr.when(number < bound, by_unit[name])
+    return expr
+
+
+def parse_interactions(
+    rows: DataFrame, names: list[str], config: GenericImportConfig, logical_date: dt.date
+) -> DataFrame:
+    """Generic interaction records -> bronze.interactions rows + ``_reason``/``_raw``."""
+    user, item, ts, rating, label, action = (_col(names, c) for c in INTERACTION_COLUMNS)
+    event_ts = parse_timestamp(ts, config.timestamp_unit)
+    rating_num = to_double(rating)
+    label_num = F.when(label.isin("0", "1", "0.0", "1.0"), label.cast("double").cast("int"))
+    checks = [
+        (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
+        (blank(user), "missing user_id"),
+        (blank(item), "missing item_id"),
+        (
+            event_ts.isNull(),
+            F.concat(F.lit("timestamp "), quoted(ts), F.lit(f" is not a {_unit_name(config)}")),
+        ),
+        (
+            ~blank(rating) & rating_num.isNull(),
+            F.concat(F.lit("rating "), quoted(rating), F.lit(" is not a number")),
+        ),
+        (
+            ~blank(label) & label_num.isNull(),
+            F.concat(F.lit("label "), quoted(label), F.lit(" is not 0 or 1")),
+        ),
+        (blank(rating) & blank(label), "neither rating nor label"),
+    ]
+    if config.rating_range is not None:
+        low, high = config.rating_range
+        checks.append(
+            (
+                rating_num.isNotNull() & ~rating_num.between(low, high),
+                F.concat(F.lit("rating "), rating, F.lit(f" outside [{low:g}, {high:g}]")),
+            )
+        )
+    reason = first_reason(*checks)
+    ok = reason.isNull()
+    others = [c for c in names if c not in INTERACTION_COLUMNS]
+    extra = F.to_json(F.struct(*[F.col(c) for c in others])) if others else F.lit(None).cast("string")
+    return rows.select(
+        F.lit(config.dataset).alias("dataset"),
+        F.lit(logical_date).alias("logical_date"),
+        F.when(ok, user).alias("user_id"),
+        F.when(ok, item).alias("item_id"),
+        F.when(ok, rating_num).alias("rating"),
+        F.when(ok, label_num).alias("label"),
+        F.when(ok & ~blank(action), action).alias("action"),
+        F.when(ok, event_ts).alias("event_ts"),
+        F.when(ok, extra).alias("extra"),
+        "source_file",
+        LINE,
+        reason.alias(REASON),
+        F.col(RAW),
+    )
+
+
+def _unit_name(config: GenericImportConfig) -> str:
+    return {
+        "auto": "unix time (s, ms, us or ns) or ISO-8601 date-time",
+        "s": "unix time in seconds",
+        "ms": "unix time in milliseconds",
+        "us": "unix time in microseconds",
+        "ns": "unix time in nanoseconds",
+        "iso": "ISO-8601 date-time",
+    }[config.timestamp_unit]
+
+
+def _categories(value: Column) -> Column:
+    """A JSON list or ``|``-separated text -> array of trimmed, non-empty strings."""
+    as_list = F.from_json(value, T.ArrayType(T.StringType()))
+    split = F.split(value, r"\|")
+    arr = F.when(value.startswith("["), as_list).otherwise(split)
+    return F.filter(
+        F.transform(F.coalesce(arr, F.array().cast("array<string>")), F.trim),
+        lambda c: c.isNotNull() & (c != ""),
+    )
+
+
+def _resolve_path(value: Column, root: str) -> Column:
+    """Relative paths joined to ``root``; absolute paths and URIs kept."""
+    absolute = value.startswith("/") | value.contains("://")
+    return (
+        F.when(blank(value), F.lit(None)).when(absolute, value).otherwise(F.concat(F.lit(root + "/"), value))
+    )
+
+
+def parse_items(
+    rows: DataFrame, names: list[str], config: GenericImportConfig, logical_date: dt.date
+) -> DataFrame:
+    """Generic item records -> bronze.items rows + ``_reason``/``_raw``."""
+    item = _col(names, "item_id")
+    reason = first_reason(
+        (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
+        (blank(item), "missing item_id"),
+    )
+    ok = reason.isNull()
+    text_columns = config.text_columns
+    if text_columns is None:
+        text_columns = [c for c in names if c not in ITEM_RESERVED]
+    missing = [c for c in text_columns if c not in names]
+    if missing:
+        raise ValueError(f"items input {config.items}: text_columns {missing} are not columns (has {names})")
+    category_col = next((c for c in ("categories", "genres") if c in names), None)
+    categories = _categories(F.col(category_col)) if category_col else F.array().cast("array<string>")
+    root = config.image_root or _parent(config.items or "")
+    title = _col(names, "title")
+    return rows.select(
+        F.lit(config.dataset).alias("dataset"),
+        F.lit(logical_date).alias("logical_date"),
+        F.when(ok, item).alias("item_id"),
+        F.when(~blank(title), title).alias("title"),
+        categories.alias("categories"),
+        str_map([(c, F.trim(F.col(c))) for c in text_columns]).alias("attributes"),
+        _resolve_path(_col(names, "image_path"), root).alias("image_path"),
+        F.when(~blank(_col(names, "image_url")), _col(names, "image_url")).alias("image_url"),
+        F.lit(None).cast("string").alias("extra"),
+        "source_file",
+        LINE,
+        reason.alias(REASON),
+        F.col(RAW),
+    )
+
+
+def parse_users(
+    rows: DataFrame, names: list[str], config: GenericImportConfig, logical_date: dt.date
+) -> DataFrame:
+    """Generic user records -> bronze.users rows + ``_reason``/``_raw``."""
+    user = _col(names, "user_id")
+    reason = first_reason(
+        (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
+        (blank(user), "missing user_id"),
+    )
+    profile = [c for c in names if c != "user_id"]
+    return rows.select(
+        F.lit(config.dataset).alias("dataset"),
+        F.lit(logical_date).alias("logical_date"),
+        F.when(reason.isNull(), user).alias("user_id"),
+        str_map([(c, F.trim(F.col(c))) for c in profile]).alias("attributes"),
+        "source_file",
+        LINE,
+        reason.alias(REASON),
+        F.col(RAW),
+    )
+
+
+def _parent(path: str) -> str:
+    """Directory of an input (itself when it is a directory), absolute for local paths."""
+    if "://" in path:
+        return path.rstrip("/").rsplit("/", 1)[0]
+    p = Path(path).expanduser().resolve()
+    return str(p if p.is_dir() else p.parent)
+
+
+def import_generic(
+    spark: SparkSession, lake: Lake, config: GenericImportConfig, logical_date: dt.date
+) -> ImportReport:
+    """Import generic-format inputs into bronze for ``logical_date``; reruns replace the partitions."""
+    sep = config.csv_sep
+    rows, names = read_as_strings(spark, config.interactions, config.format, sep=sep, rename=config.rename)
+    for required in ("user_id", "item_id", "timestamp"):
+        if required not in names:
+            raise ValueError(
+                f"interactions input {config.interactions}: no {required!r} column (has {names})"
+            )
+    if "rating" not in names and "label" not in names:
+        raise ValueError(f"interactions input {config.interactions}: needs a 'rating' or 'label' column")
+    parsed = [
+        Parsed(
+            config.interactions,
+            BRONZE_INTERACTIONS.name,
+            parse_interactions(rows, names, config, logical_date),
+        )
+    ]
+    if config.items:
+        rows, names = read_as_strings(spark, config.items, config.format, sep=sep, rename=config.rename)
+        if "item_id" not in names:
+            raise ValueError(f"items input {config.items}: no 'item_id' column (has {names})")
+        items = flag_duplicates(parse_items(rows, names, config, logical_date), ["item_id"], "item_id")
+        parsed.append(Parsed(config.items, BRONZE_ITEMS.name, items))
+    if config.users:
+        rows, names = read_as_strings(spark, config.users, config.format, sep=sep, rename=config.rename)
+        if "user_id" not in names:
+            raise ValueError(f"users input {config.users}: no 'user_id' column (has {names})")
+        users = flag_duplicates(parse_users(rows, names, config, logical_date), ["user_id"], "user_id")
+        parsed.append(Parsed(config.users, BRONZE_USERS.name, users))
+    return write_bronze(
+        lake, config.dataset, logical_date, parsed, ImportReport(config.dataset, logical_date)
+    )

@@ -1,0 +1,311 @@
+"""MovieLens-100K (+ posters and plot text) -> bronze tables.
+
+Input layout (the team's bundle, see its SOURCES.md; users download MovieLens themselves, its
+licence forbids redistribution):
+
+* ``raw/u.data``: ``user_id \\t item_id \\t rating \\t unix_seconds``
+* ``raw/u.item``: ``item_id|title|release date|video release date|IMDb URL|19 genre flags``
+  (latin-1); genre names from ``raw/u.genre`` when present.
+* ``raw/u.user``: ``user_id|age|gender|occupation|zip``
+* ``item_extra.tsv`` (optional): ``item_id ml1m_item_id rated genre director writer actors plot``
+  with a header, tab-separated, CSV quoting; merged into the item's text attributes.
+* ``posters/<item_id>.jpg`` (optional): the item's ``image_path``.
+
+Malformed lines (wrong field count, non-integer ids, ratings outside 1..5, genre flags other than
+0/1), item_extra rows for items without a valid u.item row and duplicate item_extra rows are
+quarantined with a reason; every input's counts reconcile.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from hisam_core.config import Config
+from spark_jobs.importers.common import (
+    CORRUPT,
+    LINE,
+    RAW,
+    REASON,
+    ImportReport,
+    Parsed,
+    blank,
+    first_reason,
+    flag_duplicates,
+    line_problem,
+    not_int,
+    quoted,
+    raw_line,
+    read_lines,
+    str_map,
+    to_double,
+    write_bronze,
+)
+from spark_jobs.lake import Lake
+from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS
+
+logger = logging.getLogger(__name__)
+
+GENRES: tuple[str, ...] = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+    "War", "Western",
+)  # fmt: skip
+EXTRA_TEXT_COLUMNS: tuple[str, ...] = ("rated", "genre", "director", "writer", "actors", "plot")
+
+
+class MovieLensImportConfig(Config):
+    """Where the bundle is and what to call the dataset in the lake."""
+
+    data_dir: str
+    dataset: str = "movielens-100k"
+    #: Encoding of u.item / u.user (u.data is ASCII).
+    encoding: str = "ISO-8859-1"
+    include_extra: bool = True
+    include_posters: bool = True
+
+
+def _genre_names(raw_dir: Path) -> tuple[str, ...]:
+    """Genre names in flag order from ``u.genre`` (19 short lines), else the published list."""
+    path = raw_dir / "u.genre"
+    if not path.is_file():
+        return GENRES
+    pairs = [line.rsplit("|", 1) for line in path.read_text(encoding="latin-1").splitlines() if "|" in line]
+    names = tuple(name for name, _ in sorted(pairs, key=lambda p: int(p[1])))
+    if len(names) != len(GENRES):
+        raise ValueError(f"{path}: expected {len(GENRES)} genres, got {len(names)}")
+    return names
+
+
+def parse_ratings(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFrame:
+    """``u.data`` lines -> bronze.interactions rows + ``_reason``/``_raw``."""
+    parts = F.split(F.col("value"), "\t", -1)
+    user, item, rating, ts = (F.trim(F.get(parts, i)) for i in range(4))
+    reason = F.coalesce(
+        line_problem(4, parts, "tab"),
+        first_reason(
+            (not_int(user), F.concat(F.lit("user_id "), quoted(user), F.lit(" is not an integer"))),
+            (not_int(item), F.concat(F.lit("item_id "), quoted(item), F.lit(" is not an integer"))),
+            (
+                to_double(rating).isNull(),
+                F.concat(F.lit("rating "), quoted(rating), F.lit(" is not a number")),
+            ),
+            (~to_double(rating).between(1, 5), F.concat(F.lit("rating "), rating, F.lit(" outside [1, 5]"))),
+            (not_int(ts), F.concat(F.lit("timestamp "), quoted(ts), F.lit(" is not unix seconds"))),
+        ),
+    )
+    return lines.select(
+        F.lit(dataset).alias("dataset"),
+        F.lit(logical_date).alias("logical_date"),
+        F.when(reason.isNull(), user.try_cast("long").cast("string")).alias("user_id"),
+        F.when(reason.isNull(), item.try_cast("long").cast("string")).alias("item_id"),
+        F.when(reason.isNull(), to_double(rating)).alias("rating"),
+        F.lit(None).cast("int").alias("label"),
+        F.lit("rating").alias("action"),
+        F.when(reason.isNull(), F.timestamp_seconds(ts.try_cast("long"))).alias("event_ts"),
+        F.lit(None).cast("string").alias("extra"),
+        "source_file",
+        LINE,
+        reason.alias(REASON),
+        raw_line().alias(RAW),
+    )
+
+
+def parse_items(lines: DataFrame, dataset: str, logical_date: dt.date, genres: tuple[str, ...]) -> DataFrame:
+    """``u.item`` lines -> bronze.items rows (before item_extra and posters) + ``_reason``/``_raw``."""
+    n = 5 + len(genres)
+    parts = F.split(F.col("value"), r"\|", -1)
+    item = F.trim(F.get(parts, 0))
+    flags = F.concat_ws("", F.slice(parts, 6, len(genres)))
+    reason = F.coalesce(
+        line_problem(n, parts, "pipe"),
+        first_reason(
+            (not_int(item), F.concat(F.lit("item_id "), quoted(item), F.lit(" is not an integer"))),
+            (
+                ~flags.rlike(f"^[01]{{{len(genres)}}}$"),
+                F.concat(F.lit("genre flags must be 0/1, got "), flags),
+            ),
+        ),
+    )
+    title = F.trim(F.get(parts, 1))
+    categories = F.array_compact(
+        F.array(*[F.when(F.get(parts, 5 + i) == "1", F.lit(g)) for i, g in enumerate(genres)])
+    )
+    return lines.select(
+        F.lit(dataset).alias("dataset"),
+        F.lit(logical_date).alias("logical_date"),
+        F.when(reason.isNull(), item.try_cast("long").cast("string")).alias("item_id"),
+        F.when(~blank(title), title).alias("title"),
+        categories.alias("categories"),
+        str_map(
+            [
+                ("release_date", F.trim(F.get(parts, 2))),
+                ("video_release_date", F.trim(F.get(parts, 3))),
+            ]
+        ).alias("attributes"),
+        F.lit(None).cast("string").alias("image_path"),
+        F.lit(None).cast("string").alias("image_url"),
+        F.to_json(F.struct(F.when(~blank(F.get(parts, 4)), F.trim(F.get(parts, 4))).alias("imdb_url"))).alias(
+            "extra"
+        ),
+        "source_file",
+        LINE,
+        reason.alias(REASON),
+        raw_line().alias(RAW),
+    )
+
+
+def parse_users(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFrame:
+    """``u.user`` lines -> bronze.users rows + ``_reason``/``_raw``."""
+    parts = F.split(F.col("value"), r"\|", -1)
+    user, age, gender, occupation, zip_code = (F.trim(F.get(parts, i)) for i in range(5))
+    reason = F.coalesce(
+        line_problem(5, parts, "pipe"),
+        first_reason(
+            (not_int(user), F.concat(F.lit("user_id "), quoted(user), F.lit(" is not an integer"))),
+            (not_int(age), F.concat(F.lit("age "), quoted(age), F.lit(" is not an integer"))),
+        ),
+    )
+    return lines.select(
+        F.lit(dataset).alias("dataset"),
+        F.lit(logical_date).alias("logical_date"),
+        F.when(reason.isNull(), user.try_cast("long").cast("string")).alias("user_id"),
+        str_map([("age", age), ("gender", gender), ("occupation", occupation), ("zip_code", zip_code)]).alias(
+            "attributes"
+        ),
+        "source_file",
+        LINE,
+        reason.alias(REASON),
+        raw_line().alias(RAW),
+    )
+
+
+def read_item_extra(spark: SparkSession, path: str) -> DataFrame:
+    """``item_extra.tsv`` rows (all strings) with ``_reason`` for malformed or duplicate rows."""
+    columns = ["item_id", "ml1m_item_id", *EXTRA_TEXT_COLUMNS]
+    schema = T.StructType([T.StructField(c, T.StringType()) for c in [*columns, CORRUPT]])
+    rows = (
+        spark.read.schema(schema)
+        .option("header", True)
+        .option("sep", "\t")
+        .option("quote", '"')
+        .option("escape", '"')
+        .option("mode", "PERMISSIVE")
+        .option("columnNameOfCorruptRecord", CORRUPT)
+        .csv(path)
+        .withColumn("source_file", F.col("_metadata.file_path"))
+        .withColumn(LINE, F.monotonically_increasing_id())
+        .withColumn(RAW, F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*columns))))
+    )
+    item = F.trim(F.col("item_id"))
+    reason = first_reason(
+        (F.col(CORRUPT).isNotNull(), "malformed line (field count or quoting)"),
+        (not_int(item), F.concat(F.lit("item_id "), quoted(item), F.lit(" is not an integer"))),
+    )
+    rows = rows.withColumn(REASON, reason).withColumn(
+        "item_id", F.when(reason.isNull(), item.try_cast("long").cast("string"))
+    )
+    return flag_duplicates(rows, ["item_id"], "item_extra row for item_id")
+
+
+def merge_item_extra(items: DataFrame, extra: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """Fold item_extra text columns into valid items; returns (items, extra rows with ``_reason``).
+
+    Extra rows whose item has no valid u.item row get the reason "no valid u.item row".
+    """
+    good_extra = extra.filter(F.col(REASON).isNull()).select(
+        "item_id",
+        str_map([(c, F.trim(F.col(c))) for c in EXTRA_TEXT_COLUMNS]).alias("_extra_attrs"),
+        F.trim(F.col("ml1m_item_id")).alias("_ml1m_item_id"),
+    )
+    valid_ids = items.filter(F.col(REASON).isNull()).select(F.col("item_id").alias("_valid_item"))
+    joined = items.join(good_extra, "item_id", "left")
+    merged = joined.select(
+        *[c for c in items.columns if c not in ("attributes", "extra")],
+        F.when(
+            F.col(REASON).isNull() & F.col("_extra_attrs").isNotNull(),
+            F.map_concat("attributes", "_extra_attrs"),
+        )
+        .otherwise(F.col("attributes"))
+        .alias("attributes"),
+        F.when(
+            F.col(REASON).isNull(),
+            F.to_json(
+                F.struct(
+                    F.get_json_object("extra", "$.imdb_url").alias("imdb_url"),
+                    F.col("_ml1m_item_id").alias("ml1m_item_id"),
+                )
+            ),
+        )
+        .otherwise(F.col("extra"))
+        .alias("extra"),
+    ).select(*items.columns)
+    checked = extra.join(valid_ids, extra["item_id"] == valid_ids["_valid_item"], "left").select(
+        *[F.col(c) for c in extra.columns if c != REASON],
+        F.when(
+            F.col(REASON).isNull() & F.col("_valid_item").isNull(),
+            F.concat(F.lit("no valid u.item row for item_id "), F.col("item_id")),
+        )
+        .otherwise(F.col(REASON))
+        .alias(REASON),
+    )
+    return merged, checked
+
+
+def list_images(spark: SparkSession, directory: str, pattern: str = "*.jpg") -> DataFrame:
+    """``item_id`` (from ``<item_id>.<ext>``) and ``image_path`` of the images in ``directory``.
+
+    Lists through Spark's ``binaryFile`` source (content is never read), so HDFS/S3 paths work;
+    local paths come back without the ``file:`` scheme.
+    """
+    return (
+        spark.read.format("binaryFile")
+        .option("pathGlobFilter", pattern)
+        .load(directory)
+        .select(F.regexp_replace("path", r"^file:(//)?(?=/)", "").alias("image_path"))
+        .select(F.regexp_extract("image_path", r"([^/]+)\.[A-Za-z]+$", 1).alias("item_id"), "image_path")
+        .filter(F.col("item_id") != "")
+    )
+
+
+def import_movielens(
+    spark: SparkSession, lake: Lake, config: MovieLensImportConfig, logical_date: dt.date
+) -> ImportReport:
+    """Import the bundle into bronze for ``logical_date``; rerunning the date replaces its partitions."""
+    root = Path(config.data_dir)
+    raw = root / "raw"
+    for name in ("u.data", "u.item", "u.user"):
+        if not (raw / name).is_file():
+            raise ValueError(f"MovieLens bundle at {root}: missing raw/{name}")
+    ds = config.dataset
+    ratings = parse_ratings(read_lines(spark, str(raw / "u.data")), ds, logical_date)
+    items = parse_items(
+        read_lines(spark, str(raw / "u.item"), encoding=config.encoding), ds, logical_date, _genre_names(raw)
+    )
+    items = flag_duplicates(items, ["item_id"], "item_id")
+    users = parse_users(read_lines(spark, str(raw / "u.user"), encoding=config.encoding), ds, logical_date)
+    users = flag_duplicates(users, ["user_id"], "user_id")
+    parsed = [
+        Parsed("u.data", BRONZE_INTERACTIONS.name, ratings),
+        Parsed("u.user", BRONZE_USERS.name, users),
+    ]
+    extra_path = root / "item_extra.tsv"
+    if config.include_extra and extra_path.is_file():
+        items, extra = merge_item_extra(items, read_item_extra(spark, str(extra_path)))
+        parsed.append(Parsed("item_extra.tsv", BRONZE_ITEMS.name, extra, write_good=False))
+    posters = root / "posters"
+    if config.include_posters and posters.is_dir():
+        images = list_images(spark, str(posters)).withColumnRenamed("image_path", "_poster")
+        items = (
+            items.join(images, "item_id", "left")
+            .withColumn("image_path", F.when(F.col(REASON).isNull(), F.col("_poster")))
+            .drop("_poster")
+        )
+    parsed.insert(1, Parsed("u.item", BRONZE_ITEMS.name, items))
+    report = ImportReport(ds, logical_date)
+    return write_bronze(lake, ds, logical_date, parsed, report)

@@ -1,0 +1,418 @@
+"""Every lake table, declared once: name, Spark schema, partition columns, merge keys.
+
+The lake has three layers (medallion layout) under one root, one directory per table
+(``<root>/<layer>/<name>``):
+
+* **bronze**: raw records as imported, one partition per ``(dataset, logical_date)`` import run, ids
+  still the source's strings. Rejected input lines land in ``bronze.quarantine`` with a reason.
+* **silver**: cleaned and deduplicated, ids mapped to int64 (:func:`stable_id`), labels derived
+  (rating > 3 is positive, Sec. 4.1 of the paper). Upserted (MERGE) on the table's keys.
+* **gold**: model-ready tables: item content documents, user profile features, item embeddings per
+  modality and encoder, semantic IDs per tokenizer version, user sequences, train/test samples.
+
+Every table carries a ``dataset`` column (``movielens-100k``, ``amazon-movies``, ``synthetic``...) and
+is partitioned by it first, so several catalogues share one lake. Jobs name tables by the constants
+here (``tables.SILVER_INTERACTIONS``) or by their string names (``"silver.interactions"``).
+
+Schema evolution: a change here is a change of contract. Add nullable columns at the end; anything
+else needs a migration of the existing Delta tables (the lake refuses writes whose schema differs).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pyspark.sql import Column
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+LAYERS: tuple[str, ...] = ("bronze", "silver", "gold")
+_NAME = re.compile(r"^(bronze|silver|gold)\.[a-z][a-z0-9_]*$")
+_COLUMN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Declaration of one Delta table.
+
+    ``keys`` identify a row (MERGE condition, uniqueness checks); ``partition_by`` are physical
+    partition columns, always a subset of the schema. Columns in ``keys`` are declared NOT NULL.
+    """
+
+    name: str
+    schema: T.StructType
+    partition_by: tuple[str, ...]
+    keys: tuple[str, ...]
+    description: str
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"table name {self.name!r} must look like '<bronze|silver|gold>.<snake_case>'")
+        names = self.schema.fieldNames()
+        bad = [c for c in names if not _COLUMN.match(c)]
+        if bad:
+            raise ValueError(f"table {self.name}: column names must be snake_case identifiers, got {bad}")
+        for what, cols in (("partition_by", self.partition_by), ("keys", self.keys)):
+            missing = [c for c in cols if c not in names]
+            if missing:
+                raise ValueError(f"table {self.name}: {what} columns {missing} are not in the schema")
+        nullable_keys = [c for c in self.keys if self.schema[c].nullable]
+        if nullable_keys:
+            raise ValueError(f"table {self.name}: key columns {nullable_keys} must be declared NOT NULL")
+
+    @property
+    def layer(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def short_name(self) -> str:
+        return self.name.split(".", 1)[1]
+
+    @property
+    def relative_path(self) -> str:
+        """Directory of the table below the lake root: ``<layer>/<name>``."""
+        return f"{self.layer}/{self.short_name}"
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.fieldNames()
+
+    @property
+    def data_columns(self) -> list[str]:
+        """Columns stored inside the Parquet files (partition columns live in the Delta log)."""
+        return [c for c in self.columns if c not in self.partition_by]
+
+
+TABLES: dict[str, TableSpec] = {}
+
+
+def _register(spec: TableSpec) -> TableSpec:
+    if spec.name in TABLES:
+        raise ValueError(f"table {spec.name} declared twice")
+    TABLES[spec.name] = spec
+    return spec
+
+
+def get_table(table: str | TableSpec) -> TableSpec:
+    """The declaration of ``table`` (a name such as ``"silver.items"`` or a spec)."""
+    if isinstance(table, TableSpec):
+        return table
+    try:
+        return TABLES[table]
+    except KeyError:
+        raise ValueError(f"unknown lake table {table!r}; declared tables: {sorted(TABLES)}") from None
+
+
+def _f(name: str, dtype: T.DataType, nullable: bool = True) -> T.StructField:
+    return T.StructField(name, dtype, nullable)
+
+
+STR = T.StringType()
+LONG = T.LongType()
+INT = T.IntegerType()
+DOUBLE = T.DoubleType()
+DATE = T.DateType()
+TS = T.TimestampType()
+STR_MAP = T.MapType(STR, STR, valueContainsNull=True)
+STR_ARRAY = T.ArrayType(STR, containsNull=True)
+
+# ---------------------------------------------------------------------------------------------
+# bronze: raw records of one import run, source ids as strings
+# ---------------------------------------------------------------------------------------------
+
+BRONZE_INTERACTIONS = _register(
+    TableSpec(
+        name="bronze.interactions",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("logical_date", DATE, False),
+                _f("user_id", STR, False),  # the source's id, e.g. "196" or "AGBFYI2DDIKXC5Y4FARTYDTQBMFQ"
+                _f("item_id", STR, False),  # e.g. "242" or a parent_asin
+                _f("rating", DOUBLE),  # explicit feedback when the source has it
+                _f("label", INT),  # implicit/binary feedback when the source has it (0/1)
+                _f("action", STR),  # e.g. "rating", "review", "click"
+                _f("event_ts", TS, False),  # UTC
+                _f("extra", STR),  # JSON object of source-specific fields (review text, votes...)
+                _f("source_file", STR),
+            ]
+        ),
+        partition_by=("dataset", "logical_date"),
+        keys=("dataset", "logical_date", "user_id", "item_id", "event_ts"),
+        description="Raw interaction events of one import run (logical_date), ids as in the source.",
+    )
+)
+
+BRONZE_ITEMS = _register(
+    TableSpec(
+        name="bronze.items",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("logical_date", DATE, False),
+                _f("item_id", STR, False),
+                _f("title", STR),
+                _f("categories", STR_ARRAY),  # genres / category path
+                _f("attributes", STR_MAP),  # text attributes: plot, director, description, features...
+                _f("image_path", STR),  # local or distributed-FS path of the item image, if any
+                _f("image_url", STR),  # remote image URL, if any (not downloaded)
+                _f("extra", STR),  # JSON object of non-text source fields (urls, ids, prices...)
+                _f("source_file", STR),
+            ]
+        ),
+        partition_by=("dataset", "logical_date"),
+        keys=("dataset", "logical_date", "item_id"),
+        description="Raw item catalogue of one import run.",
+    )
+)
+
+BRONZE_USERS = _register(
+    TableSpec(
+        name="bronze.users",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("logical_date", DATE, False),
+                _f("user_id", STR, False),
+                _f("attributes", STR_MAP),  # profile columns: age, gender, occupation, zip_code...
+                _f("source_file", STR),
+            ]
+        ),
+        partition_by=("dataset", "logical_date"),
+        keys=("dataset", "logical_date", "user_id"),
+        description="Raw user profiles of one import run.",
+    )
+)
+
+BRONZE_QUARANTINE = _register(
+    TableSpec(
+        name="bronze.quarantine",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("target_table", STR, False),  # the table the record was meant for
+                _f("logical_date", DATE, False),
+                _f("reason", STR, False),
+                _f("raw", STR),  # the raw line, or the row as JSON
+                _f("source_file", STR),
+            ]
+        ),
+        partition_by=("dataset", "target_table", "logical_date"),
+        keys=(),
+        description="Rejected records with the reason; in = imported + quarantined for every run.",
+    )
+)
+
+# ---------------------------------------------------------------------------------------------
+# silver: cleaned, deduplicated, int64 ids, labels
+# ---------------------------------------------------------------------------------------------
+
+SILVER_INTERACTIONS = _register(
+    TableSpec(
+        name="silver.interactions",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("user_id", LONG, False),  # stable_id(user_key)
+                _f("item_id", LONG, False),  # stable_id(item_key)
+                _f("event_ts", TS, False),
+                _f("user_key", STR, False),  # the source's id
+                _f("item_key", STR, False),
+                _f("rating", DOUBLE),
+                _f("label", INT, False),  # 1 positive, 0 negative (rating > threshold, Sec. 4.1)
+                _f("action", STR),
+                _f("logical_date", DATE, False),  # import run the row last came from
+            ]
+        ),
+        partition_by=("dataset",),
+        keys=("dataset", "user_id", "item_id", "event_ts"),
+        description="Deduplicated interactions with int64 ids and binary labels.",
+    )
+)
+
+SILVER_ITEMS = _register(
+    TableSpec(
+        name="silver.items",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("item_id", LONG, False),
+                _f("item_key", STR, False),
+                _f("title", STR),
+                _f("categories", STR_ARRAY),
+                _f("attributes", STR_MAP),
+                _f("image_path", STR),
+                _f("image_url", STR),
+                _f("logical_date", DATE, False),
+            ]
+        ),
+        partition_by=("dataset",),
+        keys=("dataset", "item_id"),
+        description="Latest version of every item, int64 ids.",
+    )
+)
+
+SILVER_USERS = _register(
+    TableSpec(
+        name="silver.users",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("user_id", LONG, False),
+                _f("user_key", STR, False),
+                _f("attributes", STR_MAP),
+                _f("logical_date", DATE, False),
+            ]
+        ),
+        partition_by=("dataset",),
+        keys=("dataset", "user_id"),
+        description="Latest profile of every user, int64 ids.",
+    )
+)
+
+# ---------------------------------------------------------------------------------------------
+# gold: model-ready tables
+# ---------------------------------------------------------------------------------------------
+
+GOLD_ITEM_DOCUMENTS = _register(
+    TableSpec(
+        name="gold.item_documents",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("item_id", LONG, False),
+                _f("document", STR, False),  # "Title: ... Genres: ... Plot: ..." (text modality input)
+                _f("document_hash", STR, False),  # sha2-256 of document; a change re-embeds the item
+                _f("image_path", STR),  # image modality input
+                _f("image_url", STR),
+                _f("num_text_fields", INT, False),
+            ]
+        ),
+        partition_by=("dataset",),
+        keys=("dataset", "item_id"),
+        description="One text document and image reference per item (inputs of the modality encoders).",
+    )
+)
+
+GOLD_USER_PROFILES = _register(
+    TableSpec(
+        name="gold.user_profiles",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("user_id", LONG, False),
+                _f("age_bucket", STR),  # "<18", "18-24", ..., "56+"
+                _f("gender", STR),
+                _f("occupation", STR),
+                _f("profile_tokens", STR_ARRAY),  # every profile feature as "name=value", sorted
+            ]
+        ),
+        partition_by=("dataset",),
+        keys=("dataset", "user_id"),
+        description="Categorical profile features per user.",
+    )
+)
+
+GOLD_ITEM_EMBEDDINGS = _register(
+    TableSpec(
+        name="gold.item_embeddings",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("modality", STR, False),  # "text", "image", "behavior" (hisam_core.features.MODALITIES)
+                _f("encoder", STR, False),  # encoder name, e.g. "all-MiniLM-L6-v2"
+                _f("encoder_version", STR, False),
+                _f("item_id", LONG, False),
+                _f("dim", INT, False),
+                _f("embedding", T.ArrayType(T.FloatType(), containsNull=False), False),
+                _f("present", T.BooleanType(), False),  # False: the encoder had no input (fallback row)
+                _f("input_hash", STR, False),  # hash of the encoder input (document_hash, image path)
+            ]
+        ),
+        partition_by=("dataset", "modality"),
+        keys=("dataset", "modality", "encoder", "encoder_version", "item_id"),
+        description="Raw item embeddings per modality and encoder version (inputs of DST, Sec. 3.1).",
+    )
+)
+
+GOLD_SEMANTIC_IDS = _register(
+    TableSpec(
+        name="gold.semantic_ids",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("tokenizer_version", STR, False),
+                _f("item_id", LONG, False),
+                _f("semantic_ids", T.ArrayType(LONG, containsNull=False), False),
+                _f("codebook_size", INT, False),
+            ]
+        ),
+        partition_by=("dataset", "tokenizer_version"),
+        keys=("dataset", "tokenizer_version", "item_id"),
+        description="hisam_core.semantic_ids.SemanticIds.to_frame() per tokenizer version (Sec. 3.2.2).",
+    )
+)
+
+GOLD_USER_SEQUENCES = _register(
+    TableSpec(
+        name="gold.user_sequences",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("user_id", LONG, False),
+                _f("item_ids", T.ArrayType(LONG, containsNull=False), False),  # chronological
+                _f("labels", T.ArrayType(INT, containsNull=False), False),
+                _f("ratings", T.ArrayType(DOUBLE, containsNull=True)),
+                _f("timestamps", T.ArrayType(LONG, containsNull=False), False),  # unix seconds
+                _f("length", INT, False),
+            ]
+        ),
+        partition_by=("dataset",),
+        keys=("dataset", "user_id"),
+        description="Chronological interaction sequence per user (built by spark_jobs.sequences).",
+    )
+)
+
+GOLD_SAMPLES = _register(
+    TableSpec(
+        name="gold.samples",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("split", STR, False),  # "train" | "test": global chronological 90/10 cut (Sec. 4.1)
+                _f("user_id", LONG, False),
+                _f("item_id", LONG, False),
+                _f("event_ts", TS, False),
+                _f("label", INT, False),
+                _f("rating", DOUBLE),
+                _f("history_len", INT, False),  # user's interactions before this one in the train part
+                _f("is_cold_user", T.BooleanType(), False),  # < 10 training interactions (Sec. 4.1)
+            ]
+        ),
+        partition_by=("dataset", "split"),
+        keys=("dataset", "split", "user_id", "item_id", "event_ts"),
+        description="Labelled train/test samples (built by spark_jobs.sequences).",
+    )
+)
+
+# ---------------------------------------------------------------------------------------------
+# id mapping
+# ---------------------------------------------------------------------------------------------
+
+#: Hashed ids live in [2**62, 2**63): disjoint from every decimal id of up to 18 digits (< 10**18).
+HASHED_ID_BASE = 1 << 62
+
+
+def stable_id(key: Column) -> Column:
+    """Source id (string) -> int64 id, the same on every run and every machine.
+
+    Canonical decimal ids of 1 to 18 digits (MovieLens; no leading zeros, so ``"7"`` and ``"007"``
+    cannot meet) keep their value; any other id (an ASIN, a UUID, ``"007"``) maps to
+    ``2**62 + (xxhash64(key) mod 2**62)``, a range no decimal id reaches, so the two kinds never
+    collide. Two distinct non-decimal keys collide with probability ~n^2 / 2^63 (negligible below
+    billions of ids); silver keeps ``*_key`` beside the id so a collision is detectable.
+    """
+    numeric = key.rlike(r"^(0|[1-9][0-9]{0,17})$")
+    hashed = F.lit(HASHED_ID_BASE) + F.pmod(F.xxhash64(key), F.lit(HASHED_ID_BASE))
+    return F.when(numeric, key.try_cast(LONG)).otherwise(hashed).cast(LONG)

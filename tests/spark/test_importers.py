@@ -1,0 +1,407 @@
+"""Importers: every format lands in bronze/silver, bad records are quarantined, counts reconcile."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from pyspark.sql import functions as F
+
+from spark_jobs.importers.amazon import AmazonImportConfig, import_amazon
+from spark_jobs.importers.generic import GenericImportConfig, import_generic
+from spark_jobs.importers.movielens import MovieLensImportConfig, import_movielens
+from spark_jobs.importers.silver import SilverConfig, clean_interactions, promote_to_silver
+from spark_jobs.importers.synthetic import SyntheticConfig, affinity_matrix, generate
+from spark_jobs.lake import Lake
+from spark_jobs.tables import HASHED_ID_BASE, get_table
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+DAY = dt.date(2024, 1, 1)
+logger = logging.getLogger(__name__)
+
+
+@pytest.fixture
+def lake(spark, tmp_path) -> Lake:
+    return Lake(spark, tmp_path / "lake")
+
+
+def reasons(lake: Lake, dataset: str) -> Counter:
+    rows = lake.read("bronze.quarantine", partitions={"dataset": dataset}).collect()
+    return Counter((r.target_table, r.reason) for r in rows)
+
+
+def counts(report) -> dict[str, tuple[int, int, int]]:
+    return {Path(s.source).name: (s.records_in, s.imported, s.quarantined) for s in report.sources}
+
+
+def snapshot(lake: Lake, table: str, dataset: str) -> list[tuple]:
+    return sorted(
+        tuple(r) for r in lake.read(table, partitions={"dataset": dataset}).drop("source_file").collect()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# MovieLens
+# ---------------------------------------------------------------------------------------------
+
+
+def test_movielens_bundle_imports_completely(spark, lake, movielens_dir):
+    start = time.perf_counter()
+    bronze = import_movielens(spark, lake, MovieLensImportConfig(data_dir=str(movielens_dir)), DAY)
+    bronze_s = time.perf_counter() - start
+    silver = promote_to_silver(lake, "movielens-100k", DAY)
+    logger.info("MovieLens import: bronze %.1f s, total %.1f s", bronze_s, time.perf_counter() - start)
+    assert counts(bronze) == {
+        "u.data": (100_000, 100_000, 0),
+        "u.item": (1_682, 1_682, 0),
+        "u.user": (943, 943, 0),
+        "item_extra.tsv": (1_397, 1_397, 0),
+    }
+    assert (silver.imported("silver.interactions"), silver.imported("silver.items")) == (100_000, 1_682)
+    assert (silver.imported("silver.users"), silver.quarantined()) == (943, 0)
+    items = lake.read("silver.items")
+    assert items.filter(F.col("image_path").isNotNull()).count() == 1_398  # one poster per file
+    toy = items.filter(F.col("item_id") == 1).first()
+    assert toy.title == "Toy Story (1995)" and toy.categories == ["Animation", "Children's", "Comedy"]
+    assert toy.attributes["director"] == "John Lasseter" and toy.image_path.endswith("posters/1.jpg")
+    stats = (
+        lake.read("silver.interactions")
+        .agg(
+            F.avg("label").alias("pos"),
+            F.countDistinct("user_id").alias("users"),
+            F.min("event_ts").alias("t0"),
+        )
+        .first()
+    )
+    assert stats.users == 943 and round(stats.pos, 3) == 0.554  # SOURCES.md: ratings > 3 are 55.4%
+    assert stats.t0.date() == dt.date(1997, 9, 20)
+
+
+def test_movielens_layout_with_defects_is_quarantined_exactly(spark, lake, tmp_path):
+    bundle = tmp_path / "ml"
+    shutil.copytree(FIXTURES / "movielens_mini", bundle)
+    (bundle / "posters").mkdir()
+    (bundle / "posters" / "1.jpg").write_bytes(b"not really a jpeg")  # listed, never read
+    report = import_movielens(spark, lake, MovieLensImportConfig(data_dir=str(bundle), dataset="mini"), DAY)
+    assert counts(report) == {
+        "u.data": (8, 4, 4),
+        "u.item": (6, 2, 4),
+        "u.user": (4, 2, 2),
+        "item_extra.tsv": (6, 2, 4),
+    }
+    assert reasons(lake, "mini") == Counter(
+        {
+            ("bronze.interactions", "rating 6 outside [1, 5]"): 1,
+            ("bronze.interactions", "item_id 'x' is not an integer"): 1,
+            ("bronze.interactions", "expected 4 tab-separated fields, got 3"): 1,
+            ("bronze.interactions", "timestamp 'soon' is not unix seconds"): 1,
+            ("bronze.items", "genre flags must be 0/1, got 0000000020000000000"): 1,
+            ("bronze.items", "item_id 'x' is not an integer"): 1,
+            ("bronze.items", "expected 24 pipe-separated fields, got 3"): 1,
+            ("bronze.items", "duplicate item_id 2"): 1,
+            ("bronze.items", "duplicate item_extra row for item_id 2"): 1,
+            ("bronze.items", "no valid u.item row for item_id 99"): 1,
+            ("bronze.items", "no valid u.item row for item_id 3"): 1,
+            ("bronze.items", "item_id 'abc' is not an integer"): 1,
+            ("bronze.users", "age 'abc' is not an integer"): 1,
+            ("bronze.users", "expected 5 pipe-separated fields, got 3"): 1,
+        }
+    )
+    items = {r.item_id: r for r in lake.read("bronze.items").collect()}
+    assert sorted(items) == ["1", "2"]
+    assert items["2"].title == "Café Noir (1996)"  # latin-1 decoded, first occurrence kept
+    assert items["2"].categories == ["Crime", "Drama"] and items["2"].attributes["director"] == "Bob Director"
+    assert items["1"].attributes["plot"] == 'Robots "learn" to love.'
+    assert items["1"].image_path == str(bundle / "posters" / "1.jpg") and items["2"].image_path is None
+    raw = {r.reason: r.raw for r in lake.read("bronze.quarantine").collect()}
+    assert raw["timestamp 'soon' is not unix seconds"] == "3\t2\t4\tsoon"
+
+
+# ---------------------------------------------------------------------------------------------
+# Amazon Reviews 2023
+# ---------------------------------------------------------------------------------------------
+
+
+def test_amazon_jsonl_fixture(spark, lake):
+    config = AmazonImportConfig(
+        reviews=str(FIXTURES / "amazon" / "Movies_and_TV.jsonl"),
+        meta=str(FIXTURES / "amazon" / "meta_Movies_and_TV.jsonl"),
+        dataset="amazon-fixture",
+    )
+    report = import_amazon(spark, lake, config, DAY)
+    # 13 lines, one blank: 12 reviews; 6 metadata lines
+    assert counts(report) == {"Movies_and_TV.jsonl": (12, 7, 5), "meta_Movies_and_TV.jsonl": (6, 3, 3)}
+    assert reasons(lake, "amazon-fixture") == Counter(
+        {
+            ("bronze.interactions", "malformed JSON"): 2,
+            ("bronze.interactions", "missing user_id"): 1,
+            ("bronze.interactions", "rating 7.0 outside [1, 5]"): 1,
+            ("bronze.interactions", "timestamp 'yesterday' is not unix milliseconds"): 1,
+            ("bronze.items", "malformed JSON"): 1,
+            ("bronze.items", "missing parent_asin"): 1,
+            ("bronze.items", "duplicate parent_asin B0FIXP0003"): 1,
+        }
+    )
+    reviews = lake.read("bronze.interactions").orderBy("event_ts").collect()
+    assert [r.item_id for r in reviews[:2]] == ["B0FIXP0004", "B0FIXT0005"]  # no parent_asin: asin
+    first = next(r for r in reviews if r.extra and '"review_title":"A classic"' in r.extra)
+    assert first.event_ts == dt.datetime(2020, 5, 5, 14, 8, 48, 923000)  # ms precision kept (UTC)
+    assert '"verified_purchase":true' in first.extra and '"helpful_vote":2' in first.extra
+    items = {r.item_id: r for r in lake.read("bronze.items").collect()}
+    keeper = items["B0FIXP0001"]
+    assert keeper.image_url == "https://example.invalid/h1.jpg"  # MAIN image, hi_res
+    assert items["B0FIXP0002"].image_url == "https://example.invalid/l2.jpg"  # no hi_res: large
+    assert keeper.attributes["Director"] == "A. Example" and keeper.attributes["Number of discs"] == "1"
+    assert keeper.attributes["description"] == "A young girl befriends a dragon. Includes bonus shorts."
+    assert items["B0FIXP0003"].title == "Oceans of the World"  # first of the duplicates
+    silver = promote_to_silver(lake, "amazon-fixture", DAY)
+    assert silver.imported("silver.interactions") == 7
+    ids = [r.item_id for r in lake.read("silver.interactions").collect()]
+    assert all(i >= HASHED_ID_BASE for i in ids)  # ASINs are hashed into the high range
+
+
+# ---------------------------------------------------------------------------------------------
+# generic format
+# ---------------------------------------------------------------------------------------------
+
+CSV_REASONS = Counter(
+    {
+        ("bronze.interactions", "missing user_id"): 1,
+        ("bronze.interactions", "missing item_id"): 1,
+        (
+            "bronze.interactions",
+            "timestamp 'notatime' is not a unix time (s, ms, us or ns) or ISO-8601 date-time",
+        ): 1,
+        ("bronze.interactions", "rating 'abc' is not a number"): 1,
+        ("bronze.interactions", "neither rating nor label"): 1,
+        ("bronze.interactions", "label '2' is not 0 or 1"): 1,
+        ("bronze.interactions", "malformed record (field count, quoting or JSON)"): 2,
+        ("bronze.items", "missing item_id"): 1,
+        ("bronze.items", "duplicate item_id i1"): 1,
+    }
+)
+
+
+def generic_csv(dataset: str = "shop") -> GenericImportConfig:
+    g = FIXTURES / "generic"
+    return GenericImportConfig(
+        dataset=dataset,
+        interactions=str(g / "interactions.csv"),
+        items=str(g / "items.csv"),
+        users=str(g / "users.csv"),
+    )
+
+
+def test_generic_csv_rerun_is_idempotent_through_silver(spark, lake):
+    """The same logical date twice: identical contents and counts; every write is a new version."""
+    config = generic_csv()
+    first = import_generic(spark, lake, config, DAY)
+    assert counts(first) == {"interactions.csv": (13, 5, 8), "items.csv": (5, 3, 2), "users.csv": (4, 4, 0)}
+    assert reasons(lake, "shop") == CSV_REASONS
+    silver1 = promote_to_silver(lake, "shop", DAY)
+    tables = ["bronze.interactions", "bronze.items", "bronze.users", "bronze.quarantine"]
+    tables += ["silver.interactions", "silver.items", "silver.users"]
+    before = {t: snapshot(lake, t, "shop") for t in tables}
+    versions = {t: lake.version(t) for t in tables}
+
+    second = import_generic(spark, lake, config, DAY)
+    silver2 = promote_to_silver(lake, "shop", DAY)
+    assert counts(second) == counts(first) and counts(silver2) == counts(silver1)
+    assert {t: snapshot(lake, t, "shop") for t in tables} == before
+    assert all(lake.version(t) > versions[t] for t in tables)  # reruns commit new versions
+    # time travel: the first run's versions read back the same contents
+    assert (
+        snapshot_at(lake, "bronze.interactions", first.versions["bronze.interactions"])
+        == before["bronze.interactions"]
+    )
+
+    got = {(r.user_key, r.item_key): (r.label, r.rating) for r in lake.read("silver.interactions").collect()}
+    assert got == {
+        ("u1", "i1"): (1, 5.0),
+        ("u1", "i2"): (0, 2.0),
+        ("u2", "i1"): (1, None),  # label given, no rating
+        ("u2", "i3"): (1, 4.0),
+        ("u3", "i2"): (1, 3.5),
+    }
+    items = {r.item_key: r for r in lake.read("silver.items").collect()}
+    assert items["i1"].image_path == str(FIXTURES / "generic" / "images" / "i1.png")  # resolved
+    assert items["i3"].image_path == "/data/images/i3.png" and items["i3"].title == 'Ocean "Deep" Blue'
+    assert items["i1"].categories == ["Sci-Fi", "Adventure"]
+    assert items["i1"].attributes == {
+        "description": "A crew travels to a distant galaxy, far away.",
+        "director": "Jane Doe",
+    }
+
+
+def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:
+    return sorted(tuple(r) for r in lake.read(table, version=version).drop("source_file").collect())
+
+
+def test_generic_jsonl(spark, lake):
+    g = FIXTURES / "generic"
+    config = GenericImportConfig(
+        dataset="jsonl", interactions=str(g / "interactions.jsonl"), items=str(g / "items.jsonl")
+    )
+    report = import_generic(spark, lake, config, DAY)
+    assert counts(report) == {"interactions.jsonl": (6, 3, 3), "items.jsonl": (3, 2, 1)}  # blank line skipped
+    assert reasons(lake, "jsonl") == Counter(
+        {
+            ("bronze.interactions", "rating 'great' is not a number"): 1,
+            ("bronze.interactions", "malformed record (field count, quoting or JSON)"): 1,
+            ("bronze.interactions", "missing user_id"): 1,
+            ("bronze.items", "missing item_id"): 1,
+        }
+    )
+    events = {r.user_id: r for r in lake.read("bronze.interactions").collect()}
+    assert events["2"].extra == '{"device":"mobile"}' and events["2"].action == "purchase"
+    assert events["u3"].event_ts == dt.datetime(2023, 11, 14, 22, 20)  # 1700000400000 ms
+    items = {r.item_id: r for r in lake.read("bronze.items").collect()}
+    assert items["i1"].categories == ["Sci-Fi", "Adventure"] and items["3"].categories == [
+        "Documentary",
+        "Nature",
+    ]
+    assert items["i1"].attributes == {"plot": "A crew travels to a distant galaxy.", "year": "1999"}
+
+
+def test_generic_parquet_with_nulls_in_keys(spark, lake, tmp_path):
+    events = pd.DataFrame(
+        {
+            "user_id": pd.array([1, 2, None, 4], dtype="Int64"),
+            "item_id": ["a", "b", "c", None],
+            "timestamp": pd.to_datetime(
+                ["2024-01-01 10:00", "2024-01-02 00:00", "2024-01-03 00:00", "2024-01-04 00:00"], utc=True
+            ),
+            "rating": [4.0, float("nan"), 3.0, 5.0],
+            "label": pd.array([None, 1, None, None], dtype="Int64"),
+        }
+    )
+    path = tmp_path / "events.parquet"
+    events.to_parquet(path)
+    report = import_generic(spark, lake, GenericImportConfig(dataset="pq", interactions=str(path)), DAY)
+    assert counts(report) == {"events.parquet": (4, 2, 2)}
+    assert reasons(lake, "pq") == Counter(
+        {("bronze.interactions", "missing user_id"): 1, ("bronze.interactions", "missing item_id"): 1}
+    )
+    rows = {r.user_id: r for r in lake.read("bronze.interactions").collect()}
+    assert rows["1"].event_ts == dt.datetime(2024, 1, 1, 10) and rows["1"].rating == 4.0
+    assert rows["2"].rating is None and rows["2"].label == 1  # NaN is no rating
+
+
+def test_timestamps_by_magnitude_and_format(spark):
+    from spark_jobs.importers.generic import parse_timestamp
+
+    t = dt.datetime(2023, 11, 14, 22, 13, 20, 123456)
+    values = [
+        "1700000000.123456",  # seconds (fractional)
+        "1700000000123",  # ms
+        "1700000000123456",  # us
+        "1700000000123456789",  # ns (beyond 2**53: kept exact)
+        "2023-11-14T22:13:20.123456Z",
+        "2023-11-14 22:13:20",
+        "-5",
+        "soon",
+        None,
+    ]
+    df = spark.createDataFrame([(v,) for v in values], "v string")
+    got = [r.t for r in df.select(parse_timestamp(F.col("v"), "auto").alias("t")).collect()]
+    assert got[:5] == [t, t.replace(microsecond=123000), t, t, t]
+    assert got[5:] == [t.replace(microsecond=0), None, None, None]
+    as_ms = [r.t for r in df.select(parse_timestamp(F.col("v"), "ms").alias("t")).collect()]
+    assert as_ms[1] == t.replace(microsecond=123000) and as_ms[2] is None  # out of range for ms
+
+
+def test_generic_rejects_inputs_without_required_columns(spark, lake, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("user,item_id,timestamp,rating\n1,2,3,4\n")
+    with pytest.raises(
+        ValueError, match=r"no 'user_id' column \(has \['user', 'item_id', 'timestamp', 'rating'\]\)"
+    ):
+        import_generic(spark, lake, GenericImportConfig(dataset="x", interactions=str(path)), DAY)
+
+
+# ---------------------------------------------------------------------------------------------
+# silver rules
+# ---------------------------------------------------------------------------------------------
+
+
+def bronze_events(spark, rows, day=DAY):
+    """rows: (user, item, second, rating, label)."""
+    data = [
+        ("ds", day, u, i, r, lab, "rating", dt.datetime(2024, 1, 1, 0, 0, s), None, "f")
+        for u, i, s, r, lab in rows
+    ]
+    return spark.createDataFrame(data, get_table("bronze.interactions").schema)
+
+
+def test_silver_labels_duplicates_and_backfill(spark, lake):
+    day2 = dt.date(2024, 1, 2)
+    rows = [
+        ("u1", "1", 0, 4.0, None),
+        ("u1", "1", 0, 2.0, None),
+        ("u1", "2", 1, 3.0, None),
+        ("u2", "1", 2, None, None),
+    ]
+    clean = clean_interactions(bronze_events(spark, rows), SilverConfig()).collect()
+    assert Counter((r._reason or "").split(" ds,")[0] for r in clean) == Counter(
+        {"": 2, "duplicate event (user, item, time)": 1, "neither rating nor label": 1}
+    )
+    # rating > 3 is positive; of two identical events the first by raw text (rating 2.0) is kept
+    assert {(r.item_id, r.rating, r.label) for r in clean if r._reason is None} == {(1, 2.0, 0), (2, 3.0, 0)}
+    # merge semantics: a newer run wins, a backfill of an older date does not overwrite it
+    lake.write(bronze_events(spark, [("u1", "1", 0, 2.0, None)]), "bronze.interactions",
+               mode="replace_partition", partition_values={"dataset": "ds", "logical_date": DAY})  # fmt: skip
+    lake.write(bronze_events(spark, [("u1", "1", 0, 5.0, None)], day2), "bronze.interactions",
+               mode="replace_partition", partition_values={"dataset": "ds", "logical_date": day2})  # fmt: skip
+    promote_to_silver(lake, "ds", day2)
+    report = promote_to_silver(lake, "ds", DAY)  # backfill of an older date after a newer one
+    assert report.imported("silver.interactions") == 1
+    (row,) = lake.read("silver.interactions").collect()
+    assert (row.rating, row.label, row.logical_date) == (5.0, 1, day2)
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic generator (no Spark)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic_and_has_planted_structure(tmp_path):
+    config = SyntheticConfig(num_events=5_000, chunk_rows=2_000, image_size=4)
+    a = generate(config, tmp_path / "a")
+    b = generate(config, tmp_path / "b")
+    other = generate(config.model_copy(update={"seed": 1}), tmp_path / "c")
+    assert sorted(p.name for p in a.interactions.iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    ta, tb = pq.read_table(a.interactions), pq.read_table(b.interactions)
+    assert ta.num_rows == 5_000 and ta.equals(tb)
+    assert pq.read_table(a.items).equals(pq.read_table(b.items))
+    assert not ta.equals(pq.read_table(other.interactions))
+    ts = ta.column("timestamp").to_numpy()
+    assert (np.diff(ts) >= 0).all()  # increasing through the files
+    user_c = pq.read_table(tmp_path / "a/truth/user_clusters.parquet").column("cluster").to_numpy()
+    item_c = pq.read_table(tmp_path / "a/truth/item_clusters.parquet").column("cluster").to_numpy()
+    users, items = ta.column("user_id").to_numpy(), ta.column("item_id").to_numpy()
+    ratings = ta.column("rating").to_numpy()
+    same = user_c[users] == item_c[items]
+    assert 0.75 < same.mean() < 0.9  # p_in_cluster 0.8 plus chance hits
+    assert ratings[same].mean() > ratings[~same].mean() + 1.0  # affinity drives ratings
+    assert (np.diag(affinity_matrix(config)) == 1).all()
+    catalogue = pq.read_table(a.items).to_pandas()
+    from spark_jobs.importers.synthetic import _vocabulary
+
+    own_words = [
+        sum(w.strip(".").lower() in _vocabulary(c) for w in d.split()) / len(d.split())
+        for d, c in zip(catalogue["description"], item_c, strict=True)
+    ]
+    assert np.mean(own_words) > 0.6  # item text reflects the cluster
+    assert (tmp_path / "a/images/0.png").stat().st_size > 0 and catalogue["image_path"][0] == "images/0.png"

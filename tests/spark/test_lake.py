@@ -1,0 +1,199 @@
+"""Lake: declared schemas enforced, idempotent partition replace and merge, versions and time travel."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pytest
+from pyspark.sql import functions as F
+
+from spark_jobs.lake import Lake, LakeConfig, SchemaDriftError, resolve_root
+from spark_jobs.tables import TABLES, get_table, stable_id
+
+D1 = dt.date(2024, 1, 1)
+D2 = dt.date(2024, 1, 2)
+
+
+def users(spark, dataset: str, day: dt.date, ids: list[str], age: str = "30"):
+    rows = [(dataset, day, uid, {"age": age, "gender": "F"}, "u.user") for uid in ids]
+    return spark.createDataFrame(rows, get_table("bronze.users").schema)
+
+
+def interactions(spark, rows):
+    """rows: (user_id, item_id, second, rating, label)."""
+    spec = get_table("silver.interactions")
+    data = [
+        ("ds", u, i, dt.datetime(2024, 1, 1, 0, 0, s, tzinfo=dt.UTC), str(u), str(i), r, lab, None, D1)
+        for u, i, s, r, lab in rows
+    ]
+    return spark.createDataFrame(data, spec.schema)
+
+
+def contents(df) -> list[tuple]:
+    return sorted(tuple(r) for r in df.collect())
+
+
+@pytest.fixture
+def lake(spark, tmp_path) -> Lake:
+    return Lake(spark, tmp_path / "lake")
+
+
+def test_backend_and_paths(spark, lake, tmp_path, monkeypatch):
+    assert lake.backend == "delta-rs"  # no delta-spark jars here
+    assert lake.path("silver.items") == f"{(tmp_path / 'lake').resolve()}/silver/items"
+    monkeypatch.setenv("HISAM_LAKE_ROOT", str(tmp_path / "env-root"))
+    assert resolve_root() == str((tmp_path / "env-root").resolve())
+    assert Lake.from_config(spark, LakeConfig()).root == str((tmp_path / "env-root").resolve())
+    assert resolve_root("s3://bucket/lake/") == "s3://bucket/lake"
+    with pytest.raises(ValueError, match="delta-spark"):
+        Lake(spark, tmp_path, backend="spark")
+    with pytest.raises(ValueError, match=r"unknown lake table 'silver\.nope'"):
+        lake.path("silver.nope")
+
+
+def test_every_declared_table_creates_as_declared(spark, lake):
+    """Every declaration is a valid Delta table: created with the declared schema and partitions."""
+    from deltalake import DeltaTable
+
+    from spark_jobs.lake import _arrow_schema
+
+    for name, spec in TABLES.items():
+        assert lake.version(name) is None and lake.history(name) == []
+        assert lake.read(name).schema.fieldNames() == spec.columns
+        lake._impl.ensure(spec, lake.path(name))
+        table = DeltaTable(lake.path(name))
+        assert table.metadata().partition_columns == list(spec.partition_by), name
+        stored = pa.schema(table.schema().to_arrow())
+        declared = _arrow_schema(spec)
+        assert [(f.name, str(f.type), f.nullable) for f in stored] == [
+            (f.name, str(f.type), f.nullable) for f in declared
+        ], name
+        assert lake.version(name) == 0
+
+
+def test_replace_partition_is_idempotent_and_time_travels(spark, lake):
+    v1 = lake.write(
+        users(spark, "ds", D1, ["1", "2", "3"]),
+        "bronze.users",
+        mode="replace_partition",
+        partition_values={"dataset": "ds", "logical_date": D1},
+    )
+    v2 = lake.write(
+        users(spark, "ds", D2, ["4"]),
+        "bronze.users",
+        mode="replace_partition",
+        partition_values={"dataset": "ds", "logical_date": D2},
+    )
+    before = contents(lake.read("bronze.users"))
+    # rerun of D1 with the same input: same contents and counts, a new version
+    v3 = lake.write(
+        users(spark, "ds", D1, ["1", "2", "3"]),
+        "bronze.users",
+        mode="replace_partition",
+        partition_values={"dataset": "ds", "logical_date": D1},
+    )
+    assert (v1, v2, v3) == (1, 2, 3) and lake.version("bronze.users") == 3
+    assert contents(lake.read("bronze.users")) == before and len(before) == 4
+    # rerun of D1 with other input replaces only D1
+    v4 = lake.write(
+        users(spark, "ds", D1, ["1", "5"], age="40"),
+        "bronze.users",
+        mode="replace_partition",
+        partition_values={"dataset": "ds", "logical_date": D1},
+    )
+    now = lake.read("bronze.users")
+    assert sorted(r.user_id for r in now.collect()) == ["1", "4", "5"]
+    # time travel: every returned version reads back as it was
+    assert contents(lake.read("bronze.users", version=v3)) == before
+    assert contents(lake.read("bronze.users", version=v1)) == contents(
+        users(spark, "ds", D1, ["1", "2", "3"])
+    )
+    assert lake.read("bronze.users", version=0).count() == 0
+    history = lake.history("bronze.users")
+    assert [h["version"] for h in history] == [v4, v3, v2, v1, 0]
+    assert history[0]["operation"] == "WRITE" and "logical_date" in history[0]["parameters"]["predicate"]
+    with pytest.raises(ValueError, match=r"versions 0\.\.4, not 9"):
+        lake.read("bronze.users", version=9)
+
+
+def test_partition_values_survive_odd_characters(spark, lake):
+    """Partition values come from the Delta log, not from re-parsed directory names."""
+    name = "café dataset/ü=1%"
+    lake.write(
+        users(spark, name, D1, ["1"]),
+        "bronze.users",
+        mode="replace_partition",
+        partition_values={"dataset": name, "logical_date": D1},
+    )
+    row = lake.read("bronze.users").collect()[0]
+    assert (row.dataset, row.logical_date, row.attributes["age"]) == (name, D1, "30")
+
+
+def test_replace_partition_refuses_rows_outside_it(spark, lake):
+    with pytest.raises(ValueError, match=r"1 rows have logical_date outside datetime\.date\(2024, 1, 2\)"):
+        lake.write(
+            users(spark, "ds", D1, ["1"]).union(users(spark, "ds", D2, ["2"])),
+            "bronze.users",
+            mode="replace_partition",
+            partition_values={"dataset": "ds", "logical_date": D2},
+        )
+    with pytest.raises(ValueError, match="needs partition_values"):
+        lake.write(users(spark, "ds", D1, ["1"]), "bronze.users", mode="replace_partition")
+    with pytest.raises(ValueError, match=r"\['user_id'\] are not partition columns"):
+        lake.write(
+            users(spark, "ds", D1, ["1"]),
+            "bronze.users",
+            mode="replace_partition",
+            partition_values={"user_id": "1"},
+        )
+
+
+def test_merge_upserts_on_keys_and_reruns_identically(spark, lake):
+    first = interactions(spark, [(1, 10, 0, 4.0, 1), (1, 11, 1, 2.0, 0), (2, 10, 2, 5.0, 1)])
+    v1 = lake.write(first, "silver.interactions", mode="merge")
+    update = interactions(spark, [(1, 11, 1, 5.0, 1), (3, 12, 3, 1.0, 0)])  # one changed, one new
+    v2 = lake.write(update, "silver.interactions", mode="merge", partition_values={"dataset": "ds"})
+    after = contents(lake.read("silver.interactions"))
+    v3 = lake.write(update, "silver.interactions", mode="merge")
+    assert v1 < v2 < v3
+    assert contents(lake.read("silver.interactions")) == after
+    assert len(after) == 4
+    got = {(r.user_id, r.item_id): r.rating for r in lake.read("silver.interactions").collect()}
+    assert got == {(1, 10): 4.0, (1, 11): 5.0, (2, 10): 5.0, (3, 12): 1.0}
+    assert contents(lake.read("silver.interactions", version=v1)) == contents(first)
+    # empty merge: nothing committed
+    assert lake.write(update.limit(0), "silver.interactions", mode="merge") == v3
+
+
+def test_merge_refuses_duplicate_keys(spark, lake):
+    dupes = interactions(spark, [(1, 10, 0, 4.0, 1), (1, 10, 0, 3.0, 0), (2, 10, 0, 3.0, 0)])
+    with pytest.raises(ValueError, match=r"1 duplicate keys .*'user_id': 1, 'item_id': 10"):
+        lake.write(dupes, "silver.interactions", mode="merge")
+
+
+def test_schema_drift_names_the_columns(spark, lake):
+    good = users(spark, "ds", D1, ["1"])
+    with pytest.raises(SchemaDriftError, match=r"missing columns \['source_file'\]"):
+        lake.write(good.drop("source_file"), "bronze.users", mode="append")
+    with pytest.raises(SchemaDriftError, match=r"unexpected columns \['zip'\]"):
+        lake.write(good.withColumn("zip", F.lit("x")), "bronze.users", mode="append")
+    with pytest.raises(SchemaDriftError, match=r"user_id \(declared string, got bigint\)"):
+        lake.write(good.withColumn("user_id", F.lit(1).cast("long")), "bronze.users", mode="append")
+    with pytest.raises(ValueError, match=r"NOT NULL columns contain nulls: user_id \(1 nulls\)"):
+        lake.write(good.withColumn("user_id", F.lit(None).cast("string")), "bronze.users", mode="append")
+    assert lake.version("bronze.users") in (None, 0)  # nothing was committed
+    # column order does not matter
+    cols = list(reversed(good.columns))
+    assert lake.write(good.select(*cols), "bronze.users", mode="append") == 1
+
+
+def test_stable_id_keeps_numbers_and_hashes_strings(spark):
+    keys = ["242", "0", "7", "0007", "B00ABC", "B00ABD", "1" * 19]
+    df = spark.createDataFrame([(k,) for k in keys], "k string")
+    got = {r.k: r.id for r in df.select("k", stable_id(F.col("k")).alias("id")).collect()}
+    assert (got["242"], got["0"], got["7"]) == (242, 0, 7)  # canonical decimals keep their value
+    hashed = [got["0007"], got["B00ABC"], got["B00ABD"], got["1" * 19]]  # "0007" must not meet "7"
+    assert len(set(hashed)) == 4 and all(2**62 <= h < 2**63 for h in hashed)
+    again = {r.k: r.id for r in df.select("k", stable_id(F.col("k")).alias("id")).collect()}
+    assert again == got

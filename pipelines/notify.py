@@ -1,0 +1,255 @@
+"""Alerts: a small ``Notifier`` protocol with log, Slack-compatible webhook and JSON-lines sinks.
+
+Independent of Spark and GX: a pipeline step catches ``DataQualityError`` (or any failure), builds an
+:class:`Alert` (``Alert.from_quality_report(error.report.to_dict())``) and calls ``send``.
+
+Sinks:
+
+* :class:`LogNotifier`: ``logging`` at a level matching the severity;
+* :class:`WebhookNotifier`: ``POST`` of JSON ``{"text": ...}`` (Slack incoming-webhook format, also
+  accepted by Mattermost, Rocket.Chat, Teams workflows...) with ``urllib``, bounded by a timeout and a
+  few retries with backoff; failures raise :class:`NotificationError`;
+* :class:`FileNotifier`: one JSON object per line (tests, audits, a local outbox);
+* :class:`MultiNotifier`: fan-out; every sink is tried, then the failures are raised together.
+
+:func:`notifier_from_config` builds one from :class:`NotifyConfig`, with environment overrides:
+``HISAM_NOTIFY_SINKS`` (``log,webhook,file``), ``HISAM_NOTIFY_WEBHOOK_URL`` (keep the secret URL out of
+config files) and ``HISAM_NOTIFY_FILE``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import Field
+
+from hisam_core.config import Config
+
+logger = logging.getLogger(__name__)
+
+Severity = Literal["info", "warning", "error", "critical"]
+_LEVELS: dict[str, int] = {
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+_ICONS: dict[str, str] = {
+    "info": ":information_source:",
+    "warning": ":warning:",
+    "error": ":x:",
+    "critical": ":rotating_light:",
+}
+
+ENV_SINKS = "HISAM_NOTIFY_SINKS"
+ENV_WEBHOOK_URL = "HISAM_NOTIFY_WEBHOOK_URL"
+ENV_FILE = "HISAM_NOTIFY_FILE"
+
+
+class NotificationError(RuntimeError):
+    """An alert could not be delivered."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    """What happened, how bad, where; ``details`` must be JSON-able."""
+
+    title: str
+    text: str
+    severity: Severity = "error"
+    source: str = "hisam"
+    details: dict[str, Any] = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        if self.severity not in _LEVELS:
+            raise ValueError(f"alert severity must be one of {sorted(_LEVELS)}, got {self.severity!r}")
+
+    def render(self) -> str:
+        """Plain text (Slack mrkdwn-friendly) for chat sinks."""
+        return (
+            f"{_ICONS[self.severity]} *[{self.severity.upper()}] {self.title}* ({self.source})\n{self.text}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_quality_report(cls, report: Mapping[str, Any], source: str = "quality-gate") -> Alert:
+        """An alert from ``QualityReport.to_dict()``: error when the gate failed, else info."""
+        ok = bool(report.get("success"))
+        failed = [e for e in report.get("expectations", []) if not e.get("success")]
+        lines = [
+            f"{report.get('n_input')} rows in = {report.get('n_valid')} valid + "
+            f"{report.get('n_quarantined')} quarantined {report.get('reason_counts') or ''}".rstrip()
+        ]
+        lines += [
+            f"- {e.get('expectation_type')} {e.get('kwargs', {}).get('column') or e.get('kwargs', {}).get('column_list') or ''}"
+            f" unexpected={e.get('unexpected_count')} rule={e.get('rule')}"
+            for e in failed
+        ]
+        if report.get("data_docs_index"):
+            lines.append(f"Data Docs: {report['data_docs_index']}")
+        return cls(
+            title=f"quality gate {report.get('suite')!r} {'passed' if ok else 'failed'}",
+            text="\n".join(lines),
+            severity="info" if ok else "error",
+            source=source,
+            details=dict(report),
+        )
+
+
+@runtime_checkable
+class Notifier(Protocol):
+    """Anything that can deliver an alert."""
+
+    def send(self, alert: Alert) -> None: ...
+
+
+class LogNotifier:
+    """Writes alerts to a logger, at the level of their severity."""
+
+    def __init__(self, logger_name: str = "hisam.alerts") -> None:
+        self.logger = logging.getLogger(logger_name)
+
+    def send(self, alert: Alert) -> None:
+        self.logger.log(_LEVELS[alert.severity], "%s: %s | %s", alert.source, alert.title, alert.text)
+
+
+class FileNotifier:
+    """Appends each alert as one JSON line (thread-safe within the process)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def send(self, alert: Alert) -> None:
+        line = json.dumps(alert.to_dict(), default=str, sort_keys=True)
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every alert written so far (for tests)."""
+        if not self.path.exists():
+            return []
+        return [json.loads(x) for x in self.path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+class WebhookNotifier:
+    """POSTs ``{"text": alert.render()}`` as JSON to a Slack-compatible incoming webhook.
+
+    Each attempt is bounded by ``timeout_s``; 5xx answers and network errors are retried
+    ``retries`` times with exponential backoff, 4xx answers are not. The URL is never logged
+    (webhook URLs are secrets).
+    """
+
+    def __init__(self, url: str, timeout_s: float = 5.0, retries: int = 2, backoff_s: float = 0.5) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("webhook URL must start with http:// or https://")
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def payload(self, alert: Alert) -> dict[str, Any]:
+        return {"text": alert.render()}
+
+    def send(self, alert: Alert) -> None:
+        body = json.dumps(self.payload(alert)).encode("utf-8")
+        last: str = ""
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(
+                self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    response.read()
+                    return
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}"
+                if exc.code < 500:
+                    break
+            except (urllib.error.URLError, TimeoutError, OSError) as exc:
+                last = type(exc).__name__ + (
+                    f": {exc.reason}" if isinstance(exc, urllib.error.URLError) else ""
+                )
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * 2**attempt)
+        raise NotificationError(
+            f"webhook delivery of {alert.title!r} failed after {attempt + 1} attempt(s): {last}"
+        )
+
+
+class MultiNotifier:
+    """Sends to every sink; raises one :class:`NotificationError` listing the sinks that failed."""
+
+    def __init__(self, notifiers: Sequence[Notifier]) -> None:
+        self.notifiers = list(notifiers)
+
+    def send(self, alert: Alert) -> None:
+        errors = []
+        for notifier in self.notifiers:
+            try:
+                notifier.send(alert)
+            except Exception as exc:  # one broken sink must not silence the others
+                logger.error("alert sink %s failed: %s", type(notifier).__name__, exc)
+                errors.append(f"{type(notifier).__name__}: {exc}")
+        if errors:
+            raise NotificationError("; ".join(errors))
+
+
+SinkName = Literal["log", "webhook", "file"]
+
+
+class NotifyConfig(Config):
+    """Which sinks alerts go to; the webhook URL is best given by ``HISAM_NOTIFY_WEBHOOK_URL``."""
+
+    sinks: list[SinkName] = Field(default_factory=lambda: ["log"])
+    webhook_url: str | None = None
+    file_path: str | None = None
+    timeout_s: float = Field(default=5.0, gt=0)
+    retries: int = Field(default=2, ge=0)
+    backoff_s: float = Field(default=0.5, ge=0)
+
+
+def notifier_from_config(
+    config: NotifyConfig | None = None, env: Mapping[str, str] | None = None
+) -> Notifier:
+    """Build the notifier of ``config``; environment variables override sinks, URL and file."""
+    cfg = config or NotifyConfig()
+    env = os.environ if env is None else env
+    sinks: list[str] = list(cfg.sinks)
+    if env.get(ENV_SINKS):
+        sinks = [s.strip() for s in env[ENV_SINKS].split(",") if s.strip()]
+    url = env.get(ENV_WEBHOOK_URL) or cfg.webhook_url
+    path = env.get(ENV_FILE) or cfg.file_path
+    built: list[Notifier] = []
+    for sink in dict.fromkeys(sinks):
+        if sink == "log":
+            built.append(LogNotifier())
+        elif sink == "webhook":
+            if not url:
+                raise ValueError(f"sink 'webhook' needs webhook_url or {ENV_WEBHOOK_URL}")
+            built.append(WebhookNotifier(url, cfg.timeout_s, cfg.retries, cfg.backoff_s))
+        elif sink == "file":
+            if not path:
+                raise ValueError(f"sink 'file' needs file_path or {ENV_FILE}")
+            built.append(FileNotifier(path))
+        else:
+            raise ValueError(f"unknown alert sink {sink!r}; expected log, webhook or file")
+    if not built:
+        raise ValueError("no alert sink configured")
+    return built[0] if len(built) == 1 else MultiNotifier(built)

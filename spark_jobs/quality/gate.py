@@ -1,0 +1,126 @@
+"""The quality gate: row-level quarantine + batch-level GX validation, with counts that reconcile.
+
+``run_quality_gate(df, suite)`` returns ``(valid_df, quarantine_df, report)`` and raises
+:class:`~spark_jobs.quality.report.DataQualityError` when the batch fails (an expectation failed,
+or the counts do not reconcile). The pipeline step that stops downstream work and alerts wraps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from spark_jobs.quality import gx
+from spark_jobs.quality.config import QualityConfig
+from spark_jobs.quality.report import DataQualityError, ExpectationOutcome, QualityReport
+from spark_jobs.quality.rules import (
+    DQ_REASON,
+    DQ_REASONS,
+    DQ_VALID,
+    GxSpec,
+    QualitySuite,
+    annotate,
+    split_annotated,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def batch_specs(suite: QualitySuite, config: QualityConfig) -> list[GxSpec]:
+    """The suite's expectations plus the two every batch gets: enough rows, and at most
+    ``max_quarantine_fraction`` of them quarantined."""
+    return [
+        *suite.gx_specs(),
+        GxSpec("ExpectTableRowCountToBeBetween", {"min_value": config.min_rows}, None, tolerant=False),
+        GxSpec("ExpectColumnValuesToBeInSet", {"column": DQ_VALID, "value_set": [True]}, "quarantined_share"),
+    ]
+
+
+def _gx_projection(annotated: DataFrame, specs: list[GxSpec], suite: QualitySuite) -> DataFrame:
+    wanted = [DQ_VALID, *suite.dedup_keys, *suite.extra_columns]
+    for spec in specs:
+        wanted += spec.columns
+    cols = list(dict.fromkeys(c for c in wanted if c in annotated.columns))
+    return annotated.select(*cols)
+
+
+def _with_rule_count(
+    outcome: ExpectationOutcome, every: dict[str, int], n_quarantined: int
+) -> ExpectationOutcome:
+    """Fill a rule mirror's unexpected count from the quarantine when GX returned none
+    (``result_format="BOOLEAN_ONLY"``): the rows failing that rule, counted by the row-level split."""
+    if outcome.unexpected_count is not None or outcome.rule is None:
+        return outcome
+    count = n_quarantined if outcome.rule == "quarantined_share" else every.get(outcome.rule)
+    if count is None and outcome.rule != "test_before_train":
+        count = 0
+    return replace(outcome, unexpected_count=count)
+
+
+def run_quality_gate(
+    df: DataFrame,
+    suite: QualitySuite,
+    config: QualityConfig | None = None,
+    *,
+    raise_on_failure: bool = True,
+    validate_with_gx: bool = True,
+) -> tuple[DataFrame, DataFrame, QualityReport]:
+    """Split ``df`` into valid rows and a quarantine, validate the batch with GX, report.
+
+    * ``valid_df``: the input columns of the rows that fail no rule;
+    * ``quarantine_df``: the input columns plus ``reason`` (first failing rule), ``reasons`` (all)
+      and ``quality_suite``;
+    * ``report``: counts (``n_input = n_valid + n_quarantined``, checked), quarantine reasons,
+      one outcome per GX expectation and the Data Docs index.
+
+    GX validates the annotated *input* batch: each rule's mirror expectation and the quarantined
+    share tolerate ``max_quarantine_fraction`` bad rows; uniqueness of the valid rows and the
+    batch-level extras are strict. With ``config.persist`` the annotated batch is cached (the
+    outputs read from that cache; it is released when the gate raises).
+    """
+    cfg = config or QualityConfig()
+    start = time.perf_counter()
+    annotated = annotate(df, suite)
+    if cfg.persist:
+        annotated = annotated.persist(StorageLevel.MEMORY_AND_DISK)
+    rows = annotated.groupBy(F.col(DQ_REASON).alias("reason")).count().collect()
+    n_input = sum(int(r["count"]) for r in rows)
+    n_valid = sum(int(r["count"]) for r in rows if r["reason"] is None)
+    first = {str(r["reason"]): int(r["count"]) for r in rows if r["reason"] is not None}
+    every = {
+        str(r["reason"]): int(r["count"])
+        for r in annotated.select(F.explode(DQ_REASONS).alias("reason")).groupBy("reason").count().collect()
+    }
+    counted = time.perf_counter()
+    logger.debug("suite %s: split and counts in %.1fs", suite.name, counted - start)
+    outcomes: list[ExpectationOutcome] = []
+    docs = None
+    if validate_with_gx:
+        specs = batch_specs(suite, cfg)
+        outcomes, docs = gx.validate(_gx_projection(annotated, specs, suite), suite.name, specs, cfg)
+        outcomes = [_with_rule_count(o, every, n_input - n_valid) for o in outcomes]
+        logger.debug("suite %s: GX validation in %.1fs", suite.name, time.perf_counter() - counted)
+    valid, quarantine = split_annotated(annotated, df.columns, suite.name)
+    report = QualityReport(
+        suite=suite.name,
+        n_input=n_input,
+        n_valid=n_valid,
+        n_quarantined=n_input - n_valid,
+        reason_counts=first,
+        all_reason_counts=every,
+        expectations=outcomes,
+        data_docs_index=docs,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    log = logger.info if report.success else logger.error
+    log("%s", report.summary())
+    if not report.success and raise_on_failure:
+        if cfg.persist:
+            annotated.unpersist()
+        raise DataQualityError(report)
+    return valid, quarantine, report

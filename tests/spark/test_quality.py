@@ -1,0 +1,245 @@
+"""Quality gates: every bad input type is quarantined with its reason and counts reconcile exactly;
+a failing batch raises DataQualityError naming the expectation; Data Docs HTML is written."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.notify import Alert
+from spark_jobs.lake import check_schema
+from spark_jobs.quality import (
+    DataQualityError,
+    QualityConfig,
+    embeddings_suite,
+    interactions_suite,
+    run_quality_gate,
+    samples_suite,
+    semantic_ids_suite,
+    split_valid_quarantine,
+    to_bronze_quarantine,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DAY = dt.date(1998, 4, 30)
+T0 = dt.datetime(1998, 1, 1, tzinfo=dt.UTC)
+INTERACTIONS = (
+    "row string, dataset string, user_id long, item_id long, event_ts timestamp, rating double, label int, "
+    "logical_date date"
+)
+
+
+def quiet(tmp_path: Path, **kw) -> QualityConfig:
+    """Tolerant, fast settings for row-level tests (no Data Docs, BOOLEAN_ONLY)."""
+    base = {
+        "docs_dir": str(tmp_path / "docs"),
+        "build_data_docs": False,
+        "result_format": "BOOLEAN_ONLY",
+        "max_quarantine_fraction": 1.0,
+        "logical_date": DAY,
+    }
+    return QualityConfig(**{**base, **kw})
+
+
+def reasons_by_row(quarantine) -> dict[str, tuple[str, list[str]]]:
+    return {r["row"]: (r["reason"], list(r["reasons"])) for r in quarantine.collect()}
+
+
+def check_reconciles(n_in: int, valid_rows: list, quarantined_rows: dict, report) -> None:
+    """Exact reconciliation: every input row is on exactly one side, and the report agrees."""
+    assert n_in == len(valid_rows) + len(quarantined_rows) == report.n_input
+    assert (report.n_valid, report.n_quarantined) == (len(valid_rows), len(quarantined_rows))
+    assert report.reconciled and sum(report.reason_counts.values()) == len(quarantined_rows)
+
+
+def interactions(spark):
+    t = lambda days: T0 + dt.timedelta(days=days)  # noqa: E731
+    old, new = dt.date(1998, 4, 1), dt.date(1998, 4, 2)
+    rows = [
+        ("ok1", "ml", 1, 10, t(0), 4.0, None, new),
+        ("ok2", "ml", 1, 11, t(1), None, 1, new),
+        ("dup_new", "ml", 2, 10, t(2), 5.0, None, new),  # same event twice: the latest import survives
+        ("dup_old", "ml", 2, 10, t(2), 4.0, None, old),
+        ("null_user", "ml", None, 10, t(3), 3.0, None, new),
+        ("null_ts", "ml", 3, 10, None, 3.0, None, new),
+        ("future", "ml", 3, 11, dt.datetime(1998, 5, 1, 0, 0, 1, tzinfo=dt.UTC), 3.0, None, new),
+        ("ancient", "ml", 3, 12, dt.datetime(1990, 1, 1, tzinfo=dt.UTC), 3.0, None, new),
+        ("rating_high", "ml", 4, 10, t(4), 6.0, None, new),
+        ("rating_nan", "ml", 4, 11, t(4), float("nan"), None, new),
+        ("label_bad", "ml", 4, 12, t(4), None, 7, new),
+        ("no_feedback", "ml", 5, 10, t(5), None, None, new),
+        ("unknown_item", "ml", 5, 999, t(5), 2.0, None, new),
+        ("multi", "ml", 6, 998, t(6), 0.0, None, new),  # unknown item AND rating out of range
+        ("other_catalogue", "amz", 6, 12, t(6), 4.0, None, new),  # item 12 exists only in "ml"
+    ]
+    return spark.createDataFrame(rows, INTERACTIONS)
+
+
+def test_interactions_every_bad_type_is_quarantined_with_its_reason(spark, tmp_path) -> None:
+    df = interactions(spark)
+    items = spark.createDataFrame([("ml", i) for i in (10, 11, 12)], "dataset string, item_id long")
+    cfg = quiet(tmp_path)
+    suite = interactions_suite(df, cfg, items=items)
+    valid, quarantine, report = run_quality_gate(df, suite, cfg, validate_with_gx=False)  # GX: below
+    got = reasons_by_row(quarantine)
+    assert {k: v[0] for k, v in got.items()} == {
+        "dup_old": "duplicate",
+        "null_user": "null_user_id",
+        "null_ts": "null_event_ts",
+        "future": "timestamp_in_future",
+        "ancient": "timestamp_before_floor",
+        "rating_high": "rating_out_of_range",
+        "rating_nan": "rating_out_of_range",
+        "label_bad": "label_not_binary",
+        "no_feedback": "missing_rating_and_label",
+        "unknown_item": "unknown_item",
+        "multi": "rating_out_of_range",
+        "other_catalogue": "unknown_item",
+    }
+    assert got["multi"][1] == ["rating_out_of_range", "unknown_item"]  # every reason, rule order
+    valid_rows = [r["row"] for r in valid.collect()]
+    assert sorted(valid_rows) == ["dup_new", "ok1", "ok2"]
+    check_reconciles(15, valid_rows, got, report)
+    assert report.all_reason_counts["unknown_item"] == 3 and report.reason_counts["unknown_item"] == 2
+    check_schema(to_bronze_quarantine(quarantine, "silver.interactions", DAY).schema, "bronze.quarantine")
+
+
+def test_embeddings_and_semantic_ids_quarantine(spark, tmp_path) -> None:
+    cfg = quiet(tmp_path, embeddings={"expected_dims": {"text": 3}}, semantic_ids={"codebook_size": 8})
+    nan, inf = float("nan"), float("inf")
+    emb = spark.createDataFrame(
+        [
+            ("ok", "ml", "text", "m", "1", 1, 3, [0.1, 0.2, 0.3]),
+            ("nan", "ml", "text", "m", "1", 2, 3, [0.1, nan, 0.3]),
+            ("inf", "ml", "text", "m", "1", 3, 3, [inf, 0.2, 0.3]),
+            ("short", "ml", "text", "m", "1", 4, 3, [0.1, 0.2]),  # shorter than its dim column
+            ("expected", "ml", "text", "m", "1", 5, 4, [0.1, 0.2, 0.3, 0.4]),  # dim 4, text must be 3
+            ("null", "ml", "text", "m", "1", 6, 3, None),
+            ("x_dup", "ml", "text", "m", "1", 1, 3, [0.1, 0.2, 0.3]),
+            ("image_ok", "ml", "image", "m", "1", 1, 2, [0.5, 0.5]),
+        ],
+        "row string, dataset string, modality string, encoder string, encoder_version string, item_id long, "
+        "dim int, embedding array<float>",
+    )
+    valid, quarantine, report = run_quality_gate(emb, embeddings_suite(emb, cfg), cfg, validate_with_gx=False)
+    got = reasons_by_row(quarantine)
+    assert {k: v[0] for k, v in got.items()} == {
+        "nan": "embedding_not_finite",
+        "inf": "embedding_not_finite",
+        "short": "embedding_wrong_dim",
+        "expected": "embedding_wrong_dim",
+        "null": "embedding_null",
+        "x_dup": "duplicate",
+    }
+    check_reconciles(8, [r["row"] for r in valid.collect()], got, report)
+
+    sem = spark.createDataFrame(
+        [
+            ("ok", "ml", "v1", 1, [0, 1, 2, 3, 4, 7], 8),
+            ("high", "ml", "v1", 2, [0, 1, 2, 3, 4, 8], 8),  # 8 is outside [0, 8)
+            ("negative", "ml", "v1", 3, [-1, 1, 2, 3, 4, 5], 8),
+            ("short", "ml", "v1", 4, [0, 1, 2], 8),
+            ("null", "ml", "v1", 5, None, 8),
+            ("null_item", "ml", "v1", None, [0, 1, 2, 3, 4, 5], 8),
+            ("k", "ml", "v1", 6, [0, 1, 2, 3, 4, 5], 16),
+            ("other_version", "ml", "v2", 1, [0, 1, 2, 3, 4, 5], 8),
+            ("x_dup", "ml", "v1", 1, [0, 1, 2, 3, 4, 7], 8),
+        ],
+        "row string, dataset string, tokenizer_version string, item_id long, semantic_ids array<bigint>, "
+        "codebook_size int",
+    )
+    valid, quarantine = split_valid_quarantine(sem, semantic_ids_suite(sem, cfg))
+    got = reasons_by_row(quarantine)
+    assert {k: v[0] for k, v in got.items()} == {
+        "high": "semantic_ids_out_of_codebook",
+        "negative": "semantic_ids_out_of_codebook",
+        "short": "semantic_ids_wrong_length",
+        "null": "semantic_ids_null",
+        "null_item": "null_item_id",
+        "k": "codebook_size_mismatch",
+        "x_dup": "duplicate",
+    }
+    assert len(valid.collect()) + len(got) == 9
+
+
+SAMPLES = (
+    "row string, dataset string, split string, user_id long, item_id long, event_ts timestamp, label int, "
+    "history_len int, is_cold_user boolean, history_item_ids array<bigint>, history_semantic_ids array<int>, "
+    "history_actions array<int>, target_semantic_ids array<int>"
+)
+
+
+def sample(row, split, user, item, day, n, *, label=1, codes=None, target=None, actions=None):
+    hist_codes = codes if codes is not None else [1] * (6 * n)
+    acts = actions if actions is not None else [1] * n
+    tgt = target if target is not None else [2] * 6
+    ts = T0 + dt.timedelta(days=day)
+    return (row, "ml", split, user, item, ts, label, n, False, list(range(n)), hist_codes, acts, tgt)
+
+
+def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_path) -> None:
+    rows = [
+        sample("ok", "train", 1, 10, 1, 2),
+        sample("ok_long", "train", 1, 11, 2, 36),  # 4 + 36 * 8 + 7 = 299 tokens: fits
+        sample("too_long", "train", 1, 12, 3, 37),  # 307 tokens
+        sample("misaligned", "train", 1, 13, 4, 2, actions=[1]),
+        sample("bad_code", "train", 1, 14, 5, 1, codes=[0, 1, 2, 3, 4, 256]),
+        sample("bad_target", "train", 1, 15, 6, 0, target=[1, 2, 3]),
+        sample("bad_split", "valid", 1, 16, 7, 0),
+        sample("bad_label", "train", 1, 17, 8, 0, label=2),
+        sample("test_ok", "test", 2, 10, 20, 0),
+        sample("test_early", "test", 2, 11, 0, 0),  # a test sample before the last train one
+    ]
+    df = spark.createDataFrame(rows, SAMPLES)
+    cfg = quiet(tmp_path, result_format="BASIC")
+    with pytest.raises(DataQualityError) as err:
+        run_quality_gate(df, samples_suite(df, cfg), cfg)
+    report = err.value.report
+    failed = [(e.expectation_type, e.observed_value) for e in err.value.failed_expectations]
+    assert failed == [("unexpected_rows_expectation", 1)]  # exactly the one early test row
+    assert "test_before_train" in str(err.value)
+    assert report.reason_counts == {
+        "sequence_over_budget": 1,
+        "history_misaligned": 1,
+        "semantic_ids_out_of_codebook": 2,
+        "split_invalid": 1,
+        "label_not_binary": 1,
+    }
+    assert report.n_input == 10 and report.reconciled
+
+
+def test_batch_failure_raises_naming_the_expectation_and_writes_data_docs(spark, tmp_path) -> None:
+    df = interactions(spark)
+    cfg = QualityConfig.from_yaml(ROOT / "configs" / "quality.yaml").model_copy(
+        update={"docs_dir": str(tmp_path / "docs"), "logical_date": DAY, "max_quarantine_fraction": 0.1}
+    )
+    with pytest.raises(DataQualityError) as err:
+        run_quality_gate(df, interactions_suite(df, cfg, name="interactions_strict"), cfg)
+    failed = {(e.expectation_type, e.kwargs.get("column")) for e in err.value.failed_expectations}
+    assert ("expect_column_values_to_be_between", "rating") in failed  # 3 of 12 ratings: 25 % > 10 %
+    assert ("expect_column_values_to_not_be_null", "user_id") not in failed  # 1 of 15: tolerated
+    message = str(err.value)
+    assert "expect_column_values_to_be_in_set(column='dq_row_valid'" in message
+    assert "quality gate 'interactions_strict': FAILED" in message
+    share = next(e for e in err.value.failed_expectations if e.rule == "quarantined_share")
+    assert share.unexpected_count == 10 and round(share.unexpected_percent) == 67  # BASIC: GX's own count
+    index = Path(err.value.report.data_docs_index)
+    assert index.name == "index.html" and index.exists()
+    pages = list((tmp_path / "docs" / "validations").rglob("*.html"))
+    assert pages and "interactions_strict" in index.read_text()
+    alert = Alert.from_quality_report(json.loads(json.dumps(err.value.report.to_dict())))
+    assert alert.severity == "error" and "dq_row_valid" in alert.text
+
+
+def test_logical_date_bounds_and_config_file() -> None:
+    from spark_jobs.quality.suites import logical_end_seconds
+
+    end_of_day = dt.datetime(1998, 4, 30, 23, 59, 59, tzinfo=dt.UTC).timestamp()
+    assert logical_end_seconds(QualityConfig(logical_date="1998-04-30").logical_date) == end_of_day
+    instant = QualityConfig(logical_date="1998-04-30T12:00:00Z").logical_date
+    assert logical_end_seconds(instant) == dt.datetime(1998, 4, 30, 12, tzinfo=dt.UTC).timestamp()
+    cfg = QualityConfig.from_yaml(ROOT / "configs" / "quality.yaml")
+    assert cfg.samples.profile_tokens == 4 and cfg.semantic_ids.codebook_size == 256

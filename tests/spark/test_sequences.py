@@ -1,0 +1,234 @@
+"""Sequence job: labels, chronological split and its tie rule, cold flag, truncation to the token
+budget, semantic-ID join and quarantine, declared gold layouts, and the MovieLens protocol facts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from spark_jobs.lake import check_schema
+from spark_jobs.sequences import (
+    SequenceConfig,
+    add_labels,
+    build_sequences,
+    build_user_sequences,
+    compute_cut,
+    prepare_interactions,
+    to_gold_samples,
+    to_gold_user_sequences,
+)
+from spark_jobs.sequences import (
+    _exact_cut as exact_cut,
+)
+
+EPOCH = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+SCHEMA = "dataset string, user_id long, item_id long, event_ts timestamp, rating double"
+
+
+def events(spark, rows, schema: str = SCHEMA):
+    """rows: (user, item, second offset, rating[, extra columns])."""
+    data = [("t", u, i, EPOCH + dt.timedelta(seconds=s), *rest) for u, i, s, *rest in rows]
+    return spark.createDataFrame(data, schema)
+
+
+def codes(item: int, positions: int = 6, k: int = 256) -> list[int]:
+    return [(item * 7 + p * 13) % k for p in range(positions)]
+
+
+def semantic_ids(spark, items, version: str = "v1"):
+    return spark.createDataFrame(
+        [(int(i), codes(int(i)), version) for i in items],
+        "item_id long, semantic_ids array<bigint>, tokenizer_version string",
+    )
+
+
+def test_labels_follow_the_rating_rule_unless_an_explicit_label_is_given(spark) -> None:
+    schema = SCHEMA + ", label int, action string"
+    df = events(
+        spark,
+        [(1, 1, 0, 5.0, None, "click"), (1, 2, 1, 3.0, None, "click"), (1, 3, 2, 4.0, 0, "reply"),
+         (1, 4, 3, 1.0, 1, "click"), (1, 5, 4, None, None, "click"), (1, 6, 5, 3.5, None, "like")],
+        schema,
+    )  # fmt: skip
+    cfg = SequenceConfig(action_source="column", action_vocab=["click", "reply"])
+    got = {r["item_id"]: (r["label"], r["action"], r["_reason"]) for r in add_labels(df, cfg).collect()}
+    assert got[1] == (1, 0, None) and got[2] == (0, 0, None)  # rating > 3 positive, 3 negative
+    assert got[3] == (0, 1, None) and got[4] == (1, 0, None)  # explicit label wins over the rating
+    assert got[5][2] == "no_label"
+    assert got[6] == (1, None, "unknown_action")
+    by_label = {r["item_id"]: r["action"] for r in add_labels(df, SequenceConfig()).collect()}
+    assert by_label == {1: 1, 2: 0, 3: 0, 4: 1, 5: None, 6: 1}  # default: action token = label
+
+
+TIE_CASES = [
+    (list(range(10)), 9),  # no tie: exactly floor(0.9 * 10) train rows
+    ([0, 1, 2, 3, 4, 5, 6, 8, 8, 8], 7),  # the cut instant (rank 9) is shared: all of it is test
+    ([5] * 10, 0),  # one instant: everything is test
+]
+
+
+def test_split_tie_rule(spark) -> None:
+    for seconds, n_train in TIE_CASES:
+        df = events(spark, [(u % 3, 100 + u, s, 4.0) for u, s in enumerate(seconds)])
+        prepared, _, cut = prepare_interactions(df, SequenceConfig())
+        split = {r["item_id"]: r["split"] for r in prepared.select("item_id", "split").collect()}
+        train = [s for u, s in enumerate(seconds) if split[100 + u] == "train"]
+        test = [s for u, s in enumerate(seconds) if split[100 + u] == "test"]
+        assert len(train) == n_train, seconds
+        assert not train or not test or max(train) < min(test)  # every test row strictly later
+        cut_rank_value = sorted(seconds)[math.floor(0.9 * len(seconds))]
+        assert cut.cut_seconds() == EPOCH.timestamp() + cut_rank_value
+        assert all(s < cut_rank_value for s in train) and all(s >= cut_rank_value for s in test)
+
+
+def test_exact_cut_matches_a_sort_and_survives_a_missed_bracket(spark) -> None:
+    rng = np.random.default_rng(3)
+    seconds = rng.integers(0, 400, size=3000)  # many ties
+    df = add_labels(
+        events(spark, [(int(i % 50), int(i), int(s), 4.0) for i, s in enumerate(seconds)]), SequenceConfig()
+    )
+    cfg = SequenceConfig(train_fraction=0.73)
+    cut = compute_cut(df, cfg)
+    k = math.floor(0.73 * len(seconds))
+    epoch = int(EPOCH.timestamp())
+    expected = (epoch + int(np.sort(seconds)[k])) * 1_000_000
+    assert (cut.cut_key, cut.rank, cut.n_total, cut.key_unit) == (expected, k, 3000, "us")
+    # a bracket that misses the answer is detected (None), the unbracketed recount is exact
+    assert exact_cut(df, k, expected + 10, expected + 20) is None
+    assert exact_cut(df, k, None, None) == expected
+    approx = compute_cut(df, cfg.model_copy(update={"cut_method": "approx"}))
+    rank = int((seconds < approx.cut_key // 1_000_000 - epoch).sum())
+    assert abs(rank - k) <= 3000 / cfg.quantile_accuracy + 40  # within the approximation's bound (+ ties)
+
+
+def test_cold_flag_counts_training_interactions_only(spark) -> None:
+    rows = [(1, i, i, 4.0) for i in range(9)] + [(2, 100 + i, i, 4.0) for i in range(10)]
+    rows += [(1, 50 + i, 1000 + i, 4.0) for i in range(3)] + [(2, 150, 1000, 4.0)]  # test rows, later
+    df = events(spark, rows)
+    result = build_sequences(
+        df, semantic_ids(spark, {r[1] for r in rows}), SequenceConfig(train_fraction=19 / 23)
+    )
+    got = result.samples.groupBy("user_id", "split").agg(
+        F.min("is_cold_user"), F.max("is_cold_user"), F.max("n_train")
+    )
+    flags = {(r[0], r[1]): (r[2], r[3], r[4]) for r in got.collect()}
+    assert flags[(1, "train")] == (True, True, 9) and flags[(1, "test")] == (True, True, 9)  # 9 < 10: cold
+    assert flags[(2, "train")] == (False, False, 10) and flags[(2, "test")] == (False, False, 10)
+
+
+def test_truncation_keeps_the_most_recent_items_in_order(spark) -> None:
+    items = [(7, 1000 + i, i, 5.0 if i % 3 else 2.0) for i in range(30)]
+    df = events(spark, items)
+    sem = semantic_ids(spark, [r[1] for r in items])
+    cfg = SequenceConfig(token_budget=50, profile_tokens=2, train_fraction=1.0)
+    assert cfg.max_history_items == (50 - 2 - 7) // 8 == 5
+    samples = {r["seq_pos"]: r for r in build_sequences(df, sem, cfg).samples.collect()}
+    assert sorted(samples) == list(range(30))
+    for pos, row in samples.items():
+        kept = list(range(max(0, pos - 5), pos))  # the 5 most recent earlier interactions
+        assert row["history_item_ids"] == [1000 + i for i in kept]
+        assert row["history_actions"] == [1 if i % 3 else 0 for i in kept]
+        assert row["history_semantic_ids"] == [c for i in kept for c in codes(1000 + i)]
+        assert row["target_semantic_ids"] == codes(1000 + pos) and row["history_len"] == len(kept)
+        assert 2 + 8 * row["history_len"] + 7 <= 50
+    assert cfg.model_copy(update={"count_target_in_budget": False}).max_history_items == (50 - 2) // 8 == 6
+
+
+def test_test_history_modes(spark) -> None:
+    rows = [(1, 10 + i, i, 4.0) for i in range(8)] + [(1, 30, 100, 4.0), (1, 31, 101, 4.0)]
+    df = events(spark, rows)
+    sem = semantic_ids(spark, [r[1] for r in rows])
+    cfg = SequenceConfig(train_fraction=0.8)
+    earlier = {r["item_id"]: r for r in build_sequences(df, sem, cfg).samples.collect()}
+    assert earlier[31]["split"] == "test" and earlier[31]["history_item_ids"][-2:] == [17, 30]
+    train_only = cfg.model_copy(update={"test_history": "train_only"})
+    only = {r["item_id"]: r for r in build_sequences(df, sem, train_only).samples.collect()}
+    assert only[31]["history_item_ids"] == only[30]["history_item_ids"] == list(range(10, 18))
+    assert only[15]["history_item_ids"] == earlier[15]["history_item_ids"]  # train samples unchanged
+
+
+def test_semantic_id_join_quarantines_unknown_items_and_counts_reconcile(spark) -> None:
+    rows = [(1, i, i, 4.0) for i in range(1, 9)] + [(2, 99, 3, 4.0), (2, 1, 4, None)]
+    df = events(spark, rows)
+    table = semantic_ids(spark, range(1, 9), "v2").unionByName(
+        spark.createDataFrame([(int(i), [0] * 6, "v1") for i in range(1, 100)], "item_id long, semantic_ids array<bigint>, tokenizer_version string")
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="set tokenizer_version"):
+        build_sequences(df, table, SequenceConfig())
+    with pytest.raises(ValueError, match="'v9'"):
+        build_sequences(df, table, SequenceConfig(tokenizer_version="v9"))
+    result = build_sequences(df, table, SequenceConfig(tokenizer_version="v2"))
+    reasons = {(r["item_id"], r["reason"]) for r in result.quarantine.collect()}
+    assert reasons == {(99, "unknown_item"), (1, "no_label")}
+    samples = result.samples.collect()
+    assert len(samples) + len(reasons) == len(rows)  # counts reconcile: input = samples + quarantine
+    assert all(99 not in r["history_item_ids"] for r in samples)
+    assert {r["tokenizer_version"] for r in samples} == {"v2"}
+    assert all(r["target_semantic_ids"] == codes(r["item_id"]) for r in samples)
+
+
+def test_outputs_conform_to_the_declared_gold_tables(spark) -> None:
+    rows = [(u, 10 * u + i, 3 * i + u, float(1 + (i % 5))) for u in range(1, 4) for i in range(6)]
+    df = events(spark, rows)
+    result = build_sequences(df, semantic_ids(spark, {r[1] for r in rows}), SequenceConfig())
+    gold = to_gold_samples(result.samples)
+    check_schema(gold.schema, "gold.samples")
+    sequences = to_gold_user_sequences(build_user_sequences(result.interactions, SequenceConfig()))
+    check_schema(sequences.schema, "gold.user_sequences")
+    for r in sequences.collect():
+        mine = sorted((s, i, rt) for u, i, s, rt in rows if u == r["user_id"])
+        assert r["item_ids"] == [i for _, i, _ in mine] and r["length"] == 6
+        assert r["timestamps"] == [int(EPOCH.timestamp()) + s for s, _, _ in mine]
+        assert r["labels"] == [int(rt > 3) for _, _, rt in mine]
+
+
+def test_mixed_datasets_are_refused(spark) -> None:
+    df = events(spark, [(1, 1, 0, 4.0), (1, 2, 1, 4.0)]).withColumn(
+        "dataset", F.when(F.col("item_id") == 1, "a").otherwise("b")
+    )
+    with pytest.raises(ValueError, match="mix datasets"):
+        build_sequences(df, semantic_ids(spark, [1, 2]), SequenceConfig())
+    only_a, _, cut = prepare_interactions(df, SequenceConfig(dataset="a"))
+    assert cut.n_total == 1 and [r["item_id"] for r in only_a.collect()] == [1]
+
+
+def test_movielens_protocol_facts(spark, movielens_dir) -> None:
+    raw = (
+        spark.read.csv(
+            str(movielens_dir / "raw" / "u.data"),
+            sep="\t",
+            schema="user_id long, item_id long, rating double, ts long",
+        )
+        .withColumn("event_ts", F.timestamp_seconds("ts"))
+        .drop("ts")
+    )
+    rng = np.random.default_rng(0)
+    sem = spark.createDataFrame(
+        [(i, rng.integers(0, 256, 6).tolist(), "ml-v1") for i in range(1, 1683)],
+        "item_id long, semantic_ids array<bigint>, tokenizer_version string",
+    )
+    result = build_sequences(raw, sem, SequenceConfig())
+    cut = dt.datetime.fromtimestamp(result.cut.cut_seconds(), dt.UTC)
+    assert cut.date() == dt.date(1998, 3, 31)
+    rows = result.interactions  # labelled, split and flagged; the sample windows are not needed here
+    train = F.col("split") == "train"
+    stats = rows.agg(
+        F.count("*").alias("n"),
+        F.sum(train.cast("int")).alias("train"),
+        F.avg("label").alias("pos"),
+        F.countDistinct(F.when(~train, F.col("user_id"))).alias("test_users"),
+        F.countDistinct(F.when(~train & F.col("is_cold_user"), F.col("user_id"))).alias("cold"),
+        F.max(F.when(train, F.col("event_ts"))).alias("last_train"),
+        F.min(F.when(~train, F.col("event_ts"))).alias("first_test"),
+    ).first()
+    assert (stats["n"], stats["train"]) == (100_000, 90_000)
+    assert round(stats["pos"], 3) == 0.554
+    assert (stats["test_users"], stats["cold"]) == (166, 77)
+    assert stats["last_train"] < stats["first_test"]
+    per_item = rows.groupBy("item_id").agg(F.max(train.cast("int")).alias("in_train"))
+    assert per_item.filter("in_train = 0").count() == 45  # test items never seen in training
+    assert SequenceConfig().max_history_items == 36  # (300 - 4 profile - 7 target) // 8

@@ -1,0 +1,173 @@
+"""Alert sinks: JSON-lines file, Slack-compatible webhook (against a local http.server), log, factory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pipelines.notify import (
+    Alert,
+    FileNotifier,
+    LogNotifier,
+    MultiNotifier,
+    NotificationError,
+    Notifier,
+    NotifyConfig,
+    WebhookNotifier,
+    notifier_from_config,
+)
+
+
+class _Hook:
+    """A tiny webhook receiver on 127.0.0.1: records bodies, answers with scripted statuses."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.bodies: list[dict] = []
+        self.headers: list[str | None] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                hook.bodies.append(json.loads(self.rfile.read(length)))
+                hook.headers.append(self.headers.get("Content-Type"))
+                status = hook.statuses.pop(0) if hook.statuses else 200
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:  # keep test output quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.timeout = 5
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def __enter__(self) -> _Hook:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def alert() -> Alert:
+    return Alert(title="gate 'interactions' failed", text="3 rows quarantined", details={"n_input": 10})
+
+
+def test_file_sink_appends_one_json_line_per_alert(tmp_path, alert: Alert) -> None:
+    sink = FileNotifier(tmp_path / "alerts" / "out.jsonl")
+    sink.send(alert)
+    sink.send(Alert(title="second", text="t", severity="warning"))
+    rows = sink.read()
+    assert [r["title"] for r in rows] == [alert.title, "second"]
+    assert rows[0]["details"] == {"n_input": 10} and rows[1]["severity"] == "warning"
+    assert isinstance(sink, Notifier)
+
+
+def test_webhook_posts_slack_json_text(alert: Alert) -> None:
+    with _Hook([200]) as hook:
+        WebhookNotifier(hook.url, timeout_s=5, retries=0).send(alert)
+    assert hook.bodies == [{"text": alert.render()}]
+    assert hook.headers == ["application/json"]
+    assert alert.title in hook.bodies[0]["text"] and "ERROR" in hook.bodies[0]["text"]
+
+
+def test_webhook_retries_server_errors_then_succeeds(alert: Alert) -> None:
+    with _Hook([503, 500, 200]) as hook:
+        WebhookNotifier(hook.url, timeout_s=5, retries=2, backoff_s=0.01).send(alert)
+    assert len(hook.bodies) == 3
+
+
+def test_webhook_client_error_is_not_retried_and_raises(alert: Alert) -> None:
+    with _Hook([404, 200]) as hook, pytest.raises(NotificationError, match="HTTP 404"):
+        WebhookNotifier(hook.url, timeout_s=5, retries=3, backoff_s=0.01).send(alert)
+    assert len(hook.bodies) == 1
+
+
+def test_webhook_unreachable_fails_fast(alert: Alert) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(NotificationError, match="after 2 attempt"):
+        WebhookNotifier(f"http://127.0.0.1:{port}/x", timeout_s=1, retries=1, backoff_s=0.01).send(alert)
+
+
+def test_log_sink_uses_the_severity_level(caplog, alert: Alert) -> None:
+    with caplog.at_level(logging.INFO, logger="hisam.alerts"):
+        LogNotifier().send(alert)
+        LogNotifier().send(Alert(title="fine", text="ok", severity="info"))
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "hisam.alerts"]
+    assert levels[0][0] == logging.ERROR and alert.title in levels[0][1]
+    assert levels[1][0] == logging.INFO
+
+
+def test_multi_sink_tries_every_sink_before_raising(tmp_path, alert: Alert) -> None:
+    class Broken:
+        def send(self, alert: Alert) -> None:
+            raise OSError("disk full")
+
+    good = FileNotifier(tmp_path / "a.jsonl")
+    with pytest.raises(NotificationError, match="disk full"):
+        MultiNotifier([Broken(), good]).send(alert)
+    assert len(good.read()) == 1
+
+
+def test_factory_reads_config_and_environment(tmp_path, alert: Alert) -> None:
+    path = tmp_path / "env.jsonl"
+    assert isinstance(notifier_from_config(NotifyConfig(), env={}), LogNotifier)
+    built = notifier_from_config(
+        NotifyConfig(), env={"HISAM_NOTIFY_SINKS": "file,log", "HISAM_NOTIFY_FILE": str(path)}
+    )
+    assert isinstance(built, MultiNotifier)
+    built.send(alert)
+    assert json.loads(path.read_text())["title"] == alert.title
+    with _Hook([200]) as hook:
+        cfg = NotifyConfig(sinks=["webhook"], retries=0)
+        notifier_from_config(cfg, env={"HISAM_NOTIFY_WEBHOOK_URL": hook.url}).send(alert)
+    assert len(hook.bodies) == 1
+    with pytest.raises(ValueError, match="HISAM_NOTIFY_WEBHOOK_URL"):
+        notifier_from_config(NotifyConfig(sinks=["webhook"]), env={})
+    with pytest.raises(ValueError, match="unknown alert sink"):
+        notifier_from_config(NotifyConfig(), env={"HISAM_NOTIFY_SINKS": "pager"})
+
+
+def test_alert_from_quality_report_names_failed_expectations() -> None:
+    report = {
+        "suite": "interactions",
+        "success": False,
+        "n_input": 10,
+        "n_valid": 7,
+        "n_quarantined": 3,
+        "reason_counts": {"null_user_id": 3},
+        "expectations": [
+            {
+                "expectation_type": "expect_column_values_to_not_be_null",
+                "kwargs": {"column": "user_id"},
+                "success": False,
+                "unexpected_count": 3,
+                "rule": "null_user_id",
+            },
+            {"expectation_type": "expect_table_row_count_to_be_between", "kwargs": {}, "success": True},
+        ],
+        "data_docs_index": "/tmp/docs/index.html",
+    }
+    alert = Alert.from_quality_report(report)
+    assert alert.severity == "error" and "interactions" in alert.title
+    assert "expect_column_values_to_not_be_null user_id unexpected=3" in alert.text
+    assert "row_count" not in alert.text and "/tmp/docs/index.html" in alert.text
+    json.dumps(alert.to_dict())
+    with pytest.raises(ValueError, match="severity"):
+        Alert(title="x", text="y", severity="fatal")  # type: ignore[arg-type]

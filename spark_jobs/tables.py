@@ -386,13 +386,20 @@ GOLD_SAMPLES = _register(
                 _f("event_ts", TS, False),
                 _f("label", INT, False),
                 _f("rating", DOUBLE),
-                _f("history_len", INT, False),  # user's interactions before this one in the train part
+                _f("history_len", INT, False),  # earlier interactions kept, after the token budget
                 _f("is_cold_user", T.BooleanType(), False),  # < 10 training interactions (Sec. 4.1)
+                _f("tokenizer_version", STR, False),  # the semantic-ID table the arrays come from
+                _f("action", INT),  # the target's action token
+                # HMAT inputs (Sec. 3.3): history oldest first, 6 semantic codes per item, flattened
+                _f("history_item_ids", T.ArrayType(LONG)),
+                _f("history_semantic_ids", T.ArrayType(INT)),
+                _f("history_actions", T.ArrayType(INT)),
+                _f("target_semantic_ids", T.ArrayType(INT)),
             ]
         ),
-        partition_by=("dataset", "split"),
-        keys=("dataset", "split", "user_id", "item_id", "event_ts"),
-        description="Labelled train/test samples (built by spark_jobs.sequences).",
+        partition_by=("dataset", "tokenizer_version", "split"),
+        keys=("dataset", "tokenizer_version", "split", "user_id", "item_id", "event_ts"),
+        description="Labelled train/test samples ready for HMAT, per tokenizer version (spark_jobs.sequences).",
     )
 )
 

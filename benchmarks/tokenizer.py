@@ -1,0 +1,242 @@
+"""DST vs a plain RQ-VAE on MovieLens-100K item features (Sec. 3.2, App. B.2; Figure 3 of Sec. 4.4).
+
+Both tokenizers get the same catalogue (behaviour, image, text features from
+``benchmarks/movielens_features.py``) and the same code budget, 6 codebooks of K=256:
+DST = 3 shared + 1 per modality, RQ-VAE = 6 residual layers over the concatenated modalities.
+``dst`` uses ``configs/tokenizer.yaml``; ``dst_psgr_consensus`` is the same with PSGR unfolding the
+literal shared residual (``psgr_residual: consensus``), for comparison.
+Writes ``benchmarks/results/tokenizer.json`` and the Figure 3 heatmap ``tokenizer_figure3.png``.
+
+Reconstruction error, per modality, is defined the same way for both: the mean over items of the
+squared L2 error in reconstructing a unit-norm target vector, and its fraction of variance unexplained
+(FVU = SSE / total sum of squares around the catalogue mean). The targets are each model's own:
+DST reconstructs the aligned feature a_m with h_hat + q_m (Eq. 2, first term); the RQ-VAE reconstructs
+the standardised, L2-normalised input block of the modality with its decoder. Because the targets
+differ, a common-target probe is also reported: ridge regression (5-fold cross-validated FVU) from each
+model's per-modality reconstruction to the standardised, L2-normalised raw modality feature.
+
+Usage: ``python benchmarks/tokenizer.py --data-dir ../shared/data/movielens-100k``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.movielens_features import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR, load_movielens_features
+from hisam_core.features import ItemFeatures
+from hisam_core.tokenizer.dst import DST
+from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
+from hisam_core.tokenizer.metrics import code_perplexity, code_utilisation, collision_rate, unique_id_rate
+from hisam_core.tokenizer.rqvae import RQVAE, RQVAEConfig, RQVAETrainConfig, train_rqvae
+from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RECON_DEFINITION = (
+    "mse: mean over items of ||target_m - reconstruction_m||^2 with unit-norm targets; fvu: SSE / SST "
+    "of the target around its catalogue mean. DST: target a_m (aligned feature), reconstruction "
+    "h_hat + q_m (Eq. 2). RQ-VAE: target = standardised, L2-normalised input block of modality m, "
+    "reconstruction = its decoder output block. probe_fvu: 5-fold ridge (alpha=1) from each model's "
+    "per-modality reconstruction to the standardised, L2-normalised raw feature (a common target)."
+)
+
+
+def ridge_probe_fvu(x: np.ndarray, y: np.ndarray, folds: int = 5, alpha: float = 1.0, seed: int = 0) -> float:
+    """Cross-validated fraction of variance of ``y`` unexplained by a ridge regression on ``x``."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    sse = sst = 0.0
+    for fold in np.array_split(order, folds):
+        train = np.setdiff1d(order, fold)
+        x_mean, y_mean = x[train].mean(0), y[train].mean(0)
+        xt, yt = x[train] - x_mean, y[train] - y_mean
+        weights = np.linalg.solve(xt.T @ xt + alpha * np.eye(x.shape[1]), xt.T @ yt)
+        pred = (x[fold] - x_mean) @ weights + y_mean
+        sse += ((y[fold] - pred) ** 2).sum()
+        sst += ((y[fold] - y_mean) ** 2).sum()
+    return float(sse / sst)
+
+
+def reconstruction_stats(target: np.ndarray, reconstruction: np.ndarray) -> dict[str, float]:
+    sse = ((target - reconstruction) ** 2).sum(-1)
+    sst = ((target - target.mean(0)) ** 2).sum()
+    return {"mse": float(sse.mean()), "fvu": float(sse.sum() / sst)}
+
+
+def normalised_raw(features: ItemFeatures) -> dict[str, np.ndarray]:
+    """The common probe target: each modality standardised per dimension, then L2-normalised."""
+    out = {}
+    for m, x in features.modalities.items():
+        x = torch.as_tensor(x, dtype=torch.float64)
+        x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-6)
+        out[m] = F.normalize(x, dim=-1).numpy()
+    return out
+
+
+def code_report(codes: np.ndarray, codebook_size: int, names: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "positions": {
+            name: {"utilisation": float(u), "perplexity": float(p)}
+            for name, u, p in zip(
+                names,
+                code_utilisation(codes, codebook_size),
+                code_perplexity(codes, codebook_size),
+                strict=True,
+            )
+        },
+        "unique_id_rate": unique_id_rate(codes),
+        "collision_rate": collision_rate(codes),
+    }
+
+
+def evaluate_dst(model: DST, features: ItemFeatures, raw_targets: dict[str, np.ndarray]) -> dict[str, Any]:
+    ids = model.encode(features, "benchmark")
+    num = model.config.shared_layers + len(model.modalities)  # the 6 codes, without a dedup suffix
+    report = code_report(ids.codes[:, :num], model.config.codebook_size, ids.position_names[:num])
+    with torch.no_grad():
+        out = model(model.tensors(features))
+        codewords = model.codewords(out.codes).numpy()
+    aligned = {m: out.aligned[m].numpy() for m in model.modalities}
+    recon = {m: out.reconstructed[m].numpy() for m in model.modalities}
+    report["reconstruction"] = {m: reconstruction_stats(aligned[m], recon[m]) for m in model.modalities}
+    report["probe_fvu"] = {m: ridge_probe_fvu(recon[m], raw_targets[m]) for m in model.modalities}
+    report["figure3"] = {
+        "measure": "mean over items of cos(codeword_p - mean, a_m - mean) (hisam_core.tokenizer.figure)",
+        "rows": list(ids.position_names[:num]),
+        "columns": model.modalities,
+        "matrix": position_modality_similarity(codewords, aligned).round(4).tolist(),
+    }
+    return report
+
+
+def evaluate_rqvae(
+    model: RQVAE, features: ItemFeatures, raw_targets: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    ids = model.encode(features, "benchmark")
+    report = code_report(ids.codes, model.config.codebook_size, ids.position_names)
+    with torch.no_grad():
+        out = model(model.tensors(features))
+    targets = {m: out.targets[m].numpy() for m in model.modalities}
+    recon = {m: out.reconstructed[m].numpy() for m in model.modalities}
+    report["reconstruction"] = {m: reconstruction_stats(targets[m], recon[m]) for m in model.modalities}
+    report["probe_fvu"] = {m: ridge_probe_fvu(recon[m], raw_targets[m]) for m in model.modalities}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="MovieLens-100K bundle")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tokenizer.yaml", help="DST config")
+    parser.add_argument("--epochs", type=int, default=None, help="override the epochs of both models")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--results", type=Path, default=RESULTS / "tokenizer.json")
+    parser.add_argument("--figure", type=Path, default=RESULTS / "tokenizer_figure3.png")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    features = load_movielens_features(args.data_dir, args.cache_dir)
+    raw_targets = normalised_raw(features)
+    dst_config = TokenizerTrainConfig.from_yaml(args.config)
+    if args.epochs is not None:
+        dst_config.epochs = args.epochs
+    rq_config = RQVAETrainConfig(
+        model=RQVAEConfig(
+            dim=dst_config.model.dim,
+            hidden_dim=dst_config.model.hidden_dim,
+            num_layers=dst_config.model.shared_layers + len(features.modalities),
+            codebook_size=dst_config.model.codebook_size,
+            beta=dst_config.model.beta,
+            rotation_trick=dst_config.model.rotation_trick,
+        ),
+        epochs=dst_config.epochs,
+        batch_size=dst_config.batch_size,
+        lr=dst_config.lr,
+        dead_code_threshold=dst_config.dead_code_threshold,
+        seed=dst_config.seed,
+    )
+
+    results: dict[str, Any] = {
+        "dataset": {"items": len(features), "dims": features.dims},
+        "reconstruction_definition": RECON_DEFINITION,
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+        "targets": {"utilisation_shared_0": 0.9, "unique_id_rate_without_suffix": 0.99},
+        "models": {},
+    }
+    literal = dst_config.model_copy(
+        update={"model": dst_config.model.model_copy(update={"psgr_residual": "consensus"})}
+    )
+    for name, config in (("dst", dst_config), ("dst_psgr_consensus", literal)):
+        t = time.perf_counter()
+        dst = train_tokenizer(features, config)
+        wall = time.perf_counter() - t
+        results["models"][name] = {
+            "wall_s": round(wall, 1),
+            "config": config.model_dump(mode="json"),
+            **evaluate_dst(dst, features, raw_targets),
+        }
+        logger.info("%s trained in %.1f s", name, wall)
+
+    t = time.perf_counter()
+    rqvae = train_rqvae(features, rq_config)
+    rq_wall = time.perf_counter() - t
+    results["models"]["rqvae"] = {
+        "wall_s": round(rq_wall, 1),
+        "config": rq_config.model_dump(mode="json"),
+        **evaluate_rqvae(rqvae, features, raw_targets),
+    }
+    logger.info("RQ-VAE trained in %.1f s", rq_wall)
+
+    dst_r, rq_r = results["models"]["dst"], results["models"]["rqvae"]
+    results["target_check"] = {
+        "utilisation_shared_0>=0.9": dst_r["positions"]["shared_0"]["utilisation"] >= 0.9,
+        "unique_id_rate>=0.99": dst_r["unique_id_rate"] >= 0.99,
+        "recon_fvu_dst<rqvae": {
+            m: dst_r["reconstruction"][m]["fvu"] < rq_r["reconstruction"][m]["fvu"] for m in features.names
+        },
+        "probe_fvu_dst<rqvae": {m: dst_r["probe_fvu"][m] < rq_r["probe_fvu"][m] for m in features.names},
+    }
+    fig3 = results["models"]["dst"]["figure3"]
+    args.figure.parent.mkdir(parents=True, exist_ok=True)
+    save_similarity_figure(np.array(fig3["matrix"]), fig3["rows"], fig3["columns"], args.figure)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    summary = {
+        name: {
+            "wall_s": r["wall_s"],
+            "unique_id_rate": round(r["unique_id_rate"], 4),
+            "utilisation_first": round(next(iter(r["positions"].values()))["utilisation"], 3),
+            "recon_mse": {m: round(v["mse"], 4) for m, v in r["reconstruction"].items()},
+            "recon_fvu": {m: round(v["fvu"], 4) for m, v in r["reconstruction"].items()},
+            "probe_fvu": {m: round(v, 4) for m, v in r["probe_fvu"].items()},
+        }
+        for name, r in results["models"].items()
+    }
+    print(json.dumps({"models": summary, "target_check": results["target_check"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -87,7 +87,10 @@ def test_movielens_bundle_imports_completely(spark, lake, movielens_dir):
 
 def test_movielens_layout_with_defects_is_quarantined_exactly(spark, lake, tmp_path):
     bundle = tmp_path / "ml"
+    # hand-written files; stored as *.fixture so nothing tracked is named like the licensed bundle
     shutil.copytree(FIXTURES / "movielens_mini", bundle)
+    for fixture in bundle.rglob("*.fixture"):
+        fixture.rename(fixture.with_suffix(""))
     (bundle / "posters").mkdir()
     (bundle / "posters" / "1.jpg").write_bytes(b"not really a jpeg")  # listed, never read
     report = import_movielens(spark, lake, MovieLensImportConfig(data_dir=str(bundle), dataset="mini"), DAY)

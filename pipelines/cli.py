@@ -1,21 +1,49 @@
 """``hisam``: the one command-line entry point.
 
-``hisam demo`` runs the main job on the embedded default; ``hisam run <step> --config c.yaml`` runs
-one pipeline step (the same function Airflow calls); ``hisam steps`` lists the steps.
+``hisam demo`` runs the whole lifecycle through the real Airflow DAGs on the embedded default;
+``hisam run <step>`` runs one pipeline step (the same function the Airflow task calls);
+``hisam rollback`` restores the previous champion; ``hisam steps`` lists the steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from pipelines.steps import STEPS
+from pipelines.steps import CONFIG_ENV, STEPS
 
 log = logging.getLogger("hisam")
+
+EPILOG = """\
+Config: every command reads one YAML file (pipelines.config.PipelineConfig; unknown keys are errors):
+--config, else $HISAM_PIPELINE_CONFIG, else configs/pipeline.yaml. State goes under $HISAM_HOME
+(default .hisam): the Delta lake, the MLflow store, Airflow's database, GX Data Docs, alerts.
+
+Examples:
+  hisam demo                                   # the four DAGs end to end, then a summary
+  hisam run ingest --logical-date 2026-11-22   # one step for one day
+  hisam run build-sequences --param tokenizer_version=dst-20261101
+  hisam rollback                               # @previous becomes @champion again
+"""
+
+
+def _param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key, value
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
             "text, images and behaviour into 6 semantic tokens; the Hierarchical Memory-Anchor "
             "Transformer (HMAT) ranks candidates from a user's token history."
         ),
-        epilog="Each step's config is a YAML file; unknown keys are errors. See configs/ for defaults.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -39,42 +67,99 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser(
-        "demo",
-        help="run the main job end to end on the embedded default",
-        description="Train the DST tokenizer on the synthetic catalogue; outputs and the MLflow store "
-        "go under $HISAM_HOME (default .hisam).",
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config", type=Path, help=f"pipeline YAML (default ${CONFIG_ENV} or configs/pipeline.yaml)"
+        )
+        return p
+
+    demo = with_config(
+        sub.add_parser(
+            "demo",
+            help="run the whole lifecycle through the Airflow DAGs on the embedded default",
+            description="Run hisam_features, hisam_tokenizer, hisam_pretrain and hisam_finetune with "
+            "dag.test() on MovieLens-100K when present (else the synthetic dataset), then print the "
+            "tables and versions written, the metrics, the champion, and how to open MLflow and Data Docs.",
+        )
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--dataset", choices=["auto", "movielens", "synthetic"], default="auto")
+    demo.add_argument(
+        "--movielens-dir", type=Path, help="MovieLens-100K bundle (default ../shared/data/movielens-100k)"
+    )
 
-    run = sub.add_parser("run", help="run one pipeline step", description="Run one pipeline step.")
-    run.add_argument("step", choices=sorted(STEPS), help="the step to run")
-    run.add_argument("--config", type=Path, help="YAML config for the step (defaults if omitted)")
+    run = with_config(
+        sub.add_parser("run", help="run one pipeline step", description="Run one pipeline step.")
+    )
+    run.add_argument("step", choices=list(STEPS), help="the step to run (see `hisam steps`)")
+    run.add_argument(
+        "--logical-date",
+        type=_date,
+        default=dt.datetime.now(dt.UTC).date(),
+        help="YYYY-MM-DD (default today, UTC)",
+    )
+    run.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="step parameter, e.g. tokenizer_version=dst-20261101",
+    )
 
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="offline evaluation: Hi-SAM vs baselines and ablations (Sec. 4.1-4.3)",
+        description="Run benchmarks/quality.py (hisam_core.evaluation.harness.run_evaluation): the chosen "
+        "experiments x seeds on MovieLens-100K or a generic dataset, tables (mean and spread), JSON, the "
+        "scaling plot, and with --mlflow one MLflow run per experiment and seed. Arguments after "
+        "`evaluate` go to that script; `hisam evaluate --help` lists them.",
+        add_help=False,
+    )
+    evaluate.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks/quality.py")
+
+    with_config(
+        sub.add_parser(
+            "rollback",
+            help="restore @previous as @champion",
+            description="Restore the previous champion ranker.",
+        )
+    )
     sub.add_parser("steps", help="list the pipeline steps")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # `evaluate` hands unknown options to its script
+    if extra and args.command != "evaluate":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command != "steps":
-        import torch
+    if args.command == "evaluate":
+        import runpy
 
-        torch.set_num_threads(args.threads)
+        script = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+        if not script.is_file():
+            log.error("benchmarks/quality.py not found next to this package (run from a source checkout)")
+            return 2
+        return int(runpy.run_path(str(script), run_name="hisam_evaluate")["main"]([*args.args, *extra]))
+    if args.command == "steps":
+        for step in STEPS.values():
+            sys.stdout.write(f"{step.name:<20} {step.help}\n")
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from pipelines.steps import run_step
+
     try:
-        if args.command == "steps":
-            for step in STEPS.values():
-                sys.stdout.write(f"{step.name:<20} {step.help}\n")
-            return 0
         if args.command == "run":
-            config_cls, fn = STEPS[args.step].resolve()
-            config = config_cls.from_yaml(args.config) if args.config else config_cls()
-            summary = fn(config)
+            summary = run_step(args.step, args.logical_date, args.config, dict(args.param))
+        elif args.command == "rollback":
+            summary = run_step("rollback", dt.datetime.now(dt.UTC).date(), args.config)
         else:
             from pipelines.demo import run_demo
 
-            summary = run_demo(seed=args.seed)
+            summary = run_demo(args.config, args.dataset, args.movielens_dir)
     except (ValueError, FileNotFoundError, KeyError) as err:
         log.error("%s", err)
         return 2

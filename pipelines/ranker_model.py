@@ -205,7 +205,8 @@ def example_request(semantic_ids: SemanticIds, config: RankerConfig, rows: int =
     return pd.DataFrame(records)
 
 
-def _pip_requirements() -> list[str]:
+def pip_requirements() -> list[str]:
+    """Exact pins of what a packaged model imports (drawn from this environment)."""
     pins = []
     for package in _REQUIREMENTS:
         version = importlib_metadata.version(package).split("+")[0]  # drop local tags (+cpu)
@@ -213,15 +214,17 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
-def _stage_code(root: Path) -> list[str]:
-    """Copy ``hisam_core`` and this module (with the ``pipelines`` package marker) under ``root``."""
+def stage_code(root: Path, *modules: Path) -> list[str]:
+    """Copy ``hisam_core``, this module and ``modules`` (files of ``pipelines`` that import nothing
+    else from it) under ``root`` as a ``pipelines`` package; returns the MLflow ``code_paths``."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     core = Path(hisam_core.__file__).parent
     shutil.copytree(core, root / "hisam_core", ignore=ignore)
     package = root / "pipelines"
     package.mkdir()
     (package / "__init__.py").write_text('"""Packaged subset of the pipelines package."""\n')
-    shutil.copy2(Path(__file__), package / Path(__file__).name)
+    for module in (Path(__file__), *modules):
+        shutil.copy2(module, package / module.name)
     return [str(root / "hisam_core"), str(package)]
 
 
@@ -265,7 +268,7 @@ def log_ranker(
         )
         ranker_config.to_yaml(tmp_path / "ranker_config.yaml")
         semantic_ids.save(tmp_path / "semantic_ids.parquet")
-        code_paths = _stage_code(tmp_path / "code")
+        code_paths = stage_code(tmp_path / "code")
         run_context = nullcontext(active) if active is not None else mlflow.start_run()
         with run_context as run:
             info = mlflow.pyfunc.log_model(
@@ -279,7 +282,7 @@ def log_ranker(
                 code_paths=code_paths,
                 signature=signature,
                 input_example=example,
-                pip_requirements=_pip_requirements(),
+                pip_requirements=pip_requirements(),
                 model_config={TOKENIZER_VERSION: version, EXPECTED_TOKENIZER_VERSION: None, "device": "cpu"},
                 metadata={TOKENIZER_VERSION: version},
                 registered_model_name=registered_name,

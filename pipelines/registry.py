@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from hisam_core.config import Config
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
+#: The tokenizer the lifecycle uses now (set once its catalogue and samples are written).
+CURRENT = "current"
 
 
 class PromotionGateConfig(Config):
@@ -57,6 +60,21 @@ def decide(
                     f"by more than {tolerance:.4f}"
                 )
     return GateDecision(promote=not reasons, reasons=reasons)
+
+
+def find_versions(client: MlflowClient, model: str, **tags: str) -> list[ModelVersion]:
+    """Versions of ``model`` carrying every ``tag=value``, newest first (empty when none)."""
+    query = " and ".join([f"name = '{model}'", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
+    found = client.search_model_versions(query)
+    return sorted(found, key=lambda v: int(v.version), reverse=True)
+
+
+def alias_version(client: MlflowClient, model: str, alias: str) -> ModelVersion | None:
+    """The version behind ``@alias``, or None when the alias (or the model) does not exist."""
+    try:
+        return client.get_model_version_by_alias(model, alias)
+    except MlflowException:
+        return None
 
 
 def champion_version(client: MlflowClient, model: str) -> str | None:

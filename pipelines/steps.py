@@ -1,41 +1,110 @@
-"""The registry of pipeline steps: name -> (typed config, function).
+"""The registry of pipeline steps and :func:`run_step`, the one way to run them.
 
-A step is a plain function ``fn(config) -> dict`` (a JSON-able summary of what it wrote). The CLI
-(``hisam run <step> --config file.yaml``) and the Airflow DAGs call the same functions.
+A step is ``fn(ctx: StepContext) -> dict`` (a JSON-able summary of what it wrote). The CLI
+(``hisam run <step> --config configs/pipeline.yaml --logical-date YYYY-MM-DD``) and the Airflow tasks
+both call :func:`run_step`; modules are imported lazily so ``hisam --help`` and DAG parsing stay fast.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
-from collections.abc import Callable
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from hisam_core.config import Config
+log = logging.getLogger(__name__)
+
+#: Where the pipeline config is looked for when none is given.
+CONFIG_ENV = "HISAM_PIPELINE_CONFIG"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline.yaml"
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
-    module: str  # imported lazily so `hisam --help` and DAG parsing stay fast
+    module: str
     function: str
-    config: str
     help: str
 
-    def resolve(self) -> tuple[type[Config], Callable[[Any], dict[str, Any]]]:
-        mod = importlib.import_module(self.module)
-        return getattr(mod, self.config), getattr(mod, self.function)
+    def resolve(self) -> Callable[[Any], dict[str, Any]]:
+        return getattr(importlib.import_module(self.module), self.function)
 
 
 STEPS: dict[str, Step] = {
     s.name: s
     for s in [
-        Step(
-            "train-tokenizer",
-            "pipelines.tokenizer",
-            "train_tokenizer_step",
-            "TrainTokenizerStepConfig",
-            "train DST on item features and write the checkpoint and semantic-ID table",
-        ),
+        Step("ingest", "pipelines.ingest", "ingest", "import the source into bronze (quarantining bad records) and merge into silver"),
+        Step("validate", "pipelines.ingest", "validate", "GX gate on silver interactions; quarantine rows, fail + alert on a bad batch"),
+        Step("embed", "pipelines.features", "embed", "item documents, user profiles and text/image/behaviour embeddings"),
+        Step("train-tokenizer", "pipelines.tokenizer", "train_tokenizer", "train DST on a pinned embeddings snapshot, check codebook health, register"),
+        Step("tokenize-catalogue", "pipelines.tokenizer", "tokenize_catalogue", "write every item's semantic IDs for the run's tokenizer version"),
+        Step("build-sequences", "pipelines.sequences", "build_sequences", "gold.samples and gold.user_sequences for a tokenizer version"),
+        Step("activate-tokenizer", "pipelines.tokenizer", "activate_tokenizer", "point hisam-tokenizer@current at the run's version"),
+        Step("validate-samples", "pipelines.ingest", "validate_samples", "GX gate on the current tokenizer's samples; fail + alert on a bad batch"),
+        Step("pretrain", "pipelines.ranker", "pretrain", "HMAT next-token pre-training on the current tokenizer; register"),
+        Step("finetune", "pipelines.ranker", "finetune", "HMAT SFT from the newest pre-trained model"),
+        Step("evaluate", "pipelines.ranker", "evaluate", "candidate and @champion on one frozen test snapshot"),
+        Step("register", "pipelines.promotion", "register", "register the evaluated candidate as a pyfunc ranker"),
+        Step("promote", "pipelines.promotion", "promote", "promotion gate: @champion, or rejected with reasons + alert"),
+        Step("rollback", "pipelines.promotion", "rollback", "restore @previous as @champion"),
     ]
-}
+}  # fmt: skip
+
+
+def config_path(path: str | Path | None = None) -> Path | None:
+    """The config file to use: ``path``, else ``$HISAM_PIPELINE_CONFIG``, else configs/pipeline.yaml."""
+    chosen = path or os.environ.get(CONFIG_ENV)
+    if chosen:
+        if not Path(chosen).is_file():
+            raise FileNotFoundError(f"pipeline config {chosen} does not exist")
+        return Path(chosen)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
+    """The validated :class:`~pipelines.config.PipelineConfig` (unknown keys are errors)."""
+    from pipelines.config import PipelineConfig
+
+    found = config_path(path)
+    data = PipelineConfig.from_yaml(found).model_dump() if found else {}
+    return PipelineConfig.model_validate(_deep_merge(data, dict(overrides or {})))
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, Mapping) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def run_step(
+    name: str,
+    logical_date: dt.date | str,
+    config: Any = None,
+    params: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run step ``name`` for ``logical_date`` with ``config`` (a PipelineConfig, a YAML path or None)."""
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+
+    if name not in STEPS:
+        raise KeyError(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
+    if not isinstance(config, PipelineConfig):
+        config = load_config(config)
+    day = dt.date.fromisoformat(logical_date) if isinstance(logical_date, str) else logical_date
+    ctx = StepContext(config, day, params=dict(params or {}))
+    start = time.perf_counter()
+    log.info("step %s for %s (%s) starts", name, day, config.dataset)
+    summary = STEPS[name].resolve()(ctx)
+    log.info("step %s done in %.1fs", name, time.perf_counter() - start)
+    return json.loads(json.dumps(summary, default=str))  # JSON-able for XCom and the CLI

@@ -1,104 +1,261 @@
-"""Pipeline step ``train-tokenizer``: train DST (Sec. 3.2), tokenize the catalogue, track it in MLflow.
+"""Steps ``train-tokenizer``, ``tokenize-catalogue`` and ``activate-tokenizer`` (Sec. 3.2, App. A.4).
 
-Writes under ``output_dir/<version>/``: ``dst.pt`` (checkpoint), ``semantic_ids.parquet`` (the
-item -> 6-token table) and ``figure3.png`` (code position x modality similarity, Sec. 4.4). The same
-config and seed give the same IDs, so a rerun of a version rewrites identical outputs.
+Monthly: DST trains on a pinned snapshot of ``gold.item_embeddings`` (the Delta version is logged as
+the run's input), must clear the codebook-health floors, and is registered as ``hisam-tokenizer``
+tagged ``tokenizer_version = dst-YYYYMMDD``. ``tokenize-catalogue`` writes every item's codes as a
+new ``gold.semantic_ids`` partition of that version; ``activate-tokenizer`` points ``@current`` at it
+once the samples of that version exist, so weekly pre-training and daily fine-tuning switch together.
+A version that is already registered is not retrained: reruns of the same month change nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import mlflow
 import numpy as np
-import torch
-from pydantic import Field, model_validator
 
-from hisam_core.config import Config
 from hisam_core.features import ItemFeatures
-from hisam_core.tokenizer import TokenizerTrainConfig, train_tokenizer
-from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
-from hisam_core.tokenizer.metrics import collision_rate, unique_id_rate
-from hisam_core.tokenizer.synthetic import planted_features
-from pipelines.settings import Settings
-from pipelines.tracking import configure_mlflow, log_config, log_training_curves, mlflow_callback
+from hisam_core.semantic_ids import SemanticIds
+from pipelines.context import StepContext
 
 log = logging.getLogger(__name__)
 
-
-class TrainTokenizerStepConfig(Config):
-    """Where item features come from, how DST trains, and which version it writes."""
-
-    features: Literal["synthetic", "npz"] = "synthetic"
-    features_path: Path | None = None  # .npz with ``item_ids`` and one [N, d] array per modality
-    synthetic_items: int = Field(2000, gt=0)
-    train: TokenizerTrainConfig = Field(default_factory=TokenizerTrainConfig)
-    output_dir: Path | None = None  # default: $HISAM_HOME/tokenizer
-    version: str = Field("dst-v1", pattern=r"^[A-Za-z0-9._-]+$")
-    track: bool = True  # log the run to MLflow
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainTokenizerStepConfig:
-        if self.features == "npz" and self.features_path is None:
-            raise ValueError("features: npz needs features_path")
-        return self
+EMBEDDINGS = "gold.item_embeddings"
 
 
-def load_features(config: TrainTokenizerStepConfig) -> ItemFeatures:
-    """The step's input features, validated by :class:`ItemFeatures`."""
-    if config.features == "synthetic":
-        features, _ = planted_features(num_items=config.synthetic_items, seed=config.train.seed)
-        return features
-    path = Path(config.features_path)  # type: ignore[arg-type]
-    if not path.exists():
-        raise FileNotFoundError(f"features file {path} does not exist")
-    with np.load(path) as data:
-        if "item_ids" not in data:
-            raise ValueError(f"{path}: no 'item_ids' array")
-        return ItemFeatures(data["item_ids"], {k: data[k] for k in data.files if k != "item_ids"})
+class TokenizerHealthError(ValueError):
+    """A trained DST failed the codebook-health floors; it is not registered."""
 
 
-def train_tokenizer_step(config: TrainTokenizerStepConfig) -> dict[str, Any]:
-    """Train, tokenize, write the artifacts of ``config.version``; return a summary."""
-    settings = Settings.from_env()
-    features = load_features(config)  # validated before anything is written
-    out = (config.output_dir or settings.home / "tokenizer") / config.version
+def tokenizer_version(ctx: StepContext) -> str:
+    """The version a run writes (``params.tokenizer_version`` overrides ``dst-<logical date>``)."""
+    return str(ctx.params.get("tokenizer_version") or f"dst-{ctx.logical_date:%Y%m%d}")
+
+
+def current_tokenizer_version(ctx: StepContext) -> str:
+    """The ``tokenizer_version`` tag of ``@current`` (error when no tokenizer was activated)."""
+    from pipelines.ranker_model import TOKENIZER_VERSION
+    from pipelines.registry import CURRENT, alias_version
+
+    found = alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT)
+    if found is None:
+        raise ValueError(
+            f"no {ctx.config.models.tokenizer}@{CURRENT} yet: run the hisam_tokenizer DAG (or the steps "
+            "train-tokenizer, tokenize-catalogue, build-sequences, activate-tokenizer) first"
+        )
+    return str(found.tags[TOKENIZER_VERSION])
+
+
+def load_item_features(ctx: StepContext, version: int | None = None) -> tuple[ItemFeatures, int]:
+    """Every item with all three modality embeddings of the configured encoders, from the Delta
+    snapshot ``version`` (default latest), and the version read."""
+    from pipelines.features import BEHAVIOR_ENCODER
+
+    emb = ctx.config.embeddings
+    encoders = {
+        "behavior": (BEHAVIOR_ENCODER, emb.behavior_version),
+        "image": (emb.image.encoder_name(), emb.image.version),
+        "text": (emb.text.encoder_name(), emb.text.version),
+    }
+    frames, read_version = {}, version
+    for modality, (name, enc_version) in encoders.items():
+        frame, read_version = ctx.read_table(
+            EMBEDDINGS,
+            {"dataset": ctx.dataset, "modality": modality},
+            columns=["item_id", "encoder", "encoder_version", "embedding"],
+            version=read_version,
+        )
+        frame = frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version)]
+        if frame.empty:
+            raise ValueError(
+                f"{EMBEDDINGS}@v{read_version} has no {modality} rows of encoder {name} v{enc_version} for "
+                f"dataset {ctx.dataset!r}: run the embed step first"
+            )
+        frames[modality] = frame.set_index("item_id")["embedding"]
+    items = sorted(set.intersection(*(set(f.index) for f in frames.values())))
+    dropped = {m: len(f) - len(items) for m, f in frames.items() if len(f) != len(items)}
+    if dropped:
+        log.warning("items without every modality are left out of the tokenizer: %s", dropped)
+    modalities = {m: np.stack(f.loc[items].to_numpy()).astype(np.float32) for m, f in frames.items()}
+    return ItemFeatures(np.asarray(items, dtype=np.int64), modalities), int(read_version)
+
+
+def code_health(ids: SemanticIds) -> dict[str, float]:
+    """Utilisation and perplexity per code position, unique-ID and collision rates."""
+    from hisam_core.tokenizer.metrics import collision_rate, unique_id_rate
+    from hisam_core.tokenizer.train import code_metrics
+
+    return {
+        **code_metrics(ids.codes, ids.codebook_size, tuple(ids.position_names)),
+        "unique_id_rate": unique_id_rate(ids.codes),
+        "collision_rate": collision_rate(ids.codes),
+    }
+
+
+def health_failures(health: dict[str, float], ctx: StepContext) -> list[str]:
+    floors = ctx.config.tokenizer.health
+    failures = [
+        f"{name}: {value:.3f} below {floors.min_utilisation:.3f}"
+        for name, value in health.items()
+        if name.startswith("utilisation_") and value < floors.min_utilisation
+    ]
+    if health["unique_id_rate"] < floors.min_unique_id_rate:
+        failures.append(
+            f"unique_id_rate: {health['unique_id_rate']:.3f} below {floors.min_unique_id_rate:.3f}"
+        )
+    return failures
+
+
+def _utilisation_figure(health: dict[str, float]) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [k.removeprefix("utilisation_") for k in health if k.startswith("utilisation_")]
+    figure = Figure(figsize=(6, 3), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    ax.bar(names, [health[f"utilisation_{n}"] for n in names])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of codes used")
+    ax.set_title("DST codebook utilisation per position")
+    return figure
+
+
+def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
+    """Train DST on the pinned embeddings snapshot, check codebook health, register it."""
+    import mlflow
+    import torch
+
+    from hisam_core.tokenizer import train_tokenizer as fit_dst
+    from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
+    from pipelines.registry import find_versions
+    from pipelines.tokenizer_model import log_tokenizer
+    from pipelines.tracking import log_config, log_delta_input, log_training_curves, mlflow_callback
+
+    version, name = tokenizer_version(ctx), ctx.config.models.tokenizer
+    existing = find_versions(ctx.mlflow, name, tokenizer_version=version)
+    if existing:
+        log.info("%s %s is already registered as v%s: nothing to do", name, version, existing[0].version)
+        return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
+    features, snapshot = load_item_features(ctx)
+    out = ctx.settings.home / "tokenizer" / version
     out.mkdir(parents=True, exist_ok=True)
-
-    def run() -> dict[str, Any]:
-        callback = mlflow_callback("dst/") if config.track else None
-        model = train_tokenizer(features, config.train, callback=callback, checkpoint_path=out / "dst.pt")
-        ids = model.encode(features, version=config.version)
-        ids.save(out / "semantic_ids.parquet")
+    with mlflow.start_run(run_name=f"train-tokenizer-{version}") as run:
+        mlflow.set_tags(
+            {"hisam.step": "train-tokenizer", "hisam.run_key": ctx.run_key, "tokenizer_version": version}
+        )
+        log_config(ctx.config.tokenizer, name="tokenizer")
+        log_delta_input(ctx.table_path(EMBEDDINGS), snapshot, context="training", name="item_embeddings")
+        callback = mlflow_callback("dst/")
+        model = fit_dst(
+            features, ctx.config.tokenizer.train, callback=callback, checkpoint_path=out / "dst.pt"
+        )
+        ids = model.encode(features, version=version)
+        health = code_health(ids)
+        mlflow.log_metrics(health)
+        log_training_curves(callback.history, "dst_training")
+        mlflow.log_figure(_utilisation_figure(health), "plots/codebook_utilisation.png")
         with torch.no_grad():
             forward = model(model.tensors(features))
             codewords = model.codewords(forward.codes).numpy()
         aligned = {m: forward.aligned[m].numpy() for m in model.modalities}
         similarity = position_modality_similarity(codewords, aligned)
         save_similarity_figure(similarity, ids.position_names, model.modalities, out / "figure3.png")
-        summary = {
-            "version": config.version,
-            "items": len(features),
-            "unique_id_rate": unique_id_rate(ids.codes),
-            "collision_rate": collision_rate(ids.codes),
-            "checkpoint": str(out / "dst.pt"),
-            "semantic_ids": str(out / "semantic_ids.parquet"),
-            "figure": str(out / "figure3.png"),
-        }
-        if config.track:
-            mlflow.log_metrics({k: summary[k] for k in ("unique_id_rate", "collision_rate")})
-            log_training_curves(callback.history, "dst_training")  # type: ignore[union-attr]
-            mlflow.log_artifacts(str(out), artifact_path="tokenizer")
-            mlflow.set_tag("tokenizer_version", config.version)
-        return summary
+        mlflow.log_artifact(str(out / "figure3.png"), "plots")
+        failures = health_failures(health, ctx)
+        if failures:
+            mlflow.set_tag("health", "failed")
+            ctx.alert(f"tokenizer {version} failed codebook health", "\n".join(failures), health=health)
+            raise TokenizerHealthError(f"tokenizer {version} failed codebook health: {'; '.join(failures)}")
+        registered = log_tokenizer(out / "dst.pt", version, features, name)
+        for key, value in {"hisam.run_key": ctx.run_key, "delta.version": str(snapshot)}.items():
+            ctx.mlflow.set_model_version_tag(name, registered.version, key, value)
+    return {
+        "tokenizer_version": version,
+        "model_version": str(registered.version),
+        "items": len(features),
+        "embeddings_version": snapshot,
+        "mlflow_run_id": run.info.run_id,
+        **{k: round(v, 4) for k, v in health.items() if not k.startswith("perplexity")},
+    }
 
-    if not config.track:
-        return run()
-    configure_mlflow(settings)
-    with mlflow.start_run(run_name=f"train-tokenizer-{config.version}") as active:
-        log_config(config, name="train_tokenizer")
-        summary = run()
-        summary["mlflow_run_id"] = active.info.run_id
-    return summary
+
+def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
+    """Encode every item with the registered DST of this run's version into ``gold.semantic_ids``."""
+    from pipelines.ingest import quality_config, run_gate
+    from pipelines.registry import find_versions
+    from pipelines.tokenizer_model import load_tokenizer
+    from spark_jobs.quality import semantic_ids_suite
+    from spark_jobs.tables import GOLD_SEMANTIC_IDS
+
+    version, name = tokenizer_version(ctx), ctx.config.models.tokenizer
+    found = find_versions(ctx.mlflow, name, tokenizer_version=version)
+    if not found:
+        raise ValueError(
+            f"{name} has no version tagged tokenizer_version={version}: run train-tokenizer first"
+        )
+    tokenizer = load_tokenizer(f"models:/{name}/{found[0].version}")
+    features, snapshot = load_item_features(ctx)
+    ids = tokenizer.dst.encode(features, version=version)  # type: ignore[union-attr]
+    frame = ids.to_frame().assign(dataset=ctx.dataset, codebook_size=ids.codebook_size)
+    frame["semantic_ids"] = [np.asarray(c, dtype=np.int64).tolist() for c in frame["semantic_ids"]]
+    df = ctx.lake.spark.createDataFrame(frame[GOLD_SEMANTIC_IDS.columns], schema=GOLD_SEMANTIC_IDS.schema)
+    gate = run_gate(ctx, df, semantic_ids_suite(df, quality_config(ctx)), GOLD_SEMANTIC_IDS.name)
+    written = ctx.lake.write(
+        df,
+        GOLD_SEMANTIC_IDS,
+        mode="replace_partition",
+        partition_values={"dataset": ctx.dataset, "tokenizer_version": version},
+    )
+    return {
+        "tokenizer_version": version,
+        "items": len(ids.item_ids),
+        "embeddings_version": snapshot,
+        "semantic_ids_version": written,
+        "quarantined": gate["n_quarantined"],
+    }
+
+
+def activate_tokenizer(ctx: StepContext) -> dict[str, Any]:
+    """Point ``@current`` at this run's tokenizer version (its catalogue and samples are written)."""
+    from pipelines.registry import CURRENT, alias_version, find_versions
+
+    version, name = tokenizer_version(ctx), ctx.config.models.tokenizer
+    found = find_versions(ctx.mlflow, name, tokenizer_version=version)
+    if not found:
+        raise ValueError(f"{name} has no version tagged tokenizer_version={version}")
+    if ctx.table_version("gold.samples") is None:
+        raise ValueError("gold.samples does not exist: run build-sequences for this tokenizer version first")
+    before = alias_version(ctx.mlflow, name, CURRENT)
+    ctx.mlflow.set_registered_model_alias(name, CURRENT, found[0].version)
+    return {
+        "tokenizer_version": version,
+        "model_version": str(found[0].version),
+        "replaced": None if before is None else str(before.version),
+    }
+
+
+def semantic_ids_of(ctx: StepContext, version: str) -> SemanticIds:
+    """The ``gold.semantic_ids`` table of ``version`` for the dataset."""
+    frame, _ = ctx.read_table(
+        "gold.semantic_ids",
+        {"dataset": ctx.dataset, "tokenizer_version": version},
+        columns=["item_id", "semantic_ids", "tokenizer_version", "codebook_size"],
+    )
+    if frame.empty:
+        raise ValueError(
+            f"gold.semantic_ids has no rows of tokenizer version {version!r} for {ctx.dataset!r}"
+        )
+    return SemanticIds.from_frame(frame.sort_values("item_id"), int(frame["codebook_size"].iloc[0]))
+
+
+__all__ = [
+    "TokenizerHealthError",
+    "activate_tokenizer",
+    "current_tokenizer_version",
+    "load_item_features",
+    "semantic_ids_of",
+    "tokenize_catalogue",
+    "train_tokenizer",
+]

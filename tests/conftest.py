@@ -1,11 +1,24 @@
-"""Shared fixtures: one local Spark session per test run, the MovieLens bundle when present."""
+"""Shared fixtures: one local Spark session per test run, the MovieLens bundle when present, and an
+Airflow home of its own for the whole run (set before anything imports Airflow)."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+#: Airflow reads its settings once, at import: point it at a private home now. The DAG and lifecycle
+#: tests migrate its SQLite database with ``dags/hisam_lifecycle.prepare_airflow``.
+AIRFLOW_TEST_HOME = Path(tempfile.mkdtemp(prefix="hisam-airflow-"))
+os.environ["AIRFLOW_HOME"] = str(AIRFLOW_TEST_HOME / "airflow")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parents[1] / "dags")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = (
+    f"sqlite:///{AIRFLOW_TEST_HOME / 'airflow' / 'airflow.db'}"
+)
+os.environ["AIRFLOW__LOGGING__BASE_LOG_FOLDER"] = str(AIRFLOW_TEST_HOME / "airflow" / "logs")
 
 MOVIELENS = Path(
     os.environ.get(
@@ -29,3 +42,17 @@ def movielens_dir() -> Path:
     if not (MOVIELENS / "raw" / "u.data").exists():
         pytest.skip(f"MovieLens-100K bundle not found at {MOVIELENS.resolve()}")
     return MOVIELENS.resolve()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """The run's Airflow metadata database, migrated, with the pools of infra/airflow/pools.json."""
+    import sys
+
+    dags = os.environ["AIRFLOW__CORE__DAGS_FOLDER"]
+    if dags not in sys.path:
+        sys.path.insert(0, dags)
+    import hisam_lifecycle
+
+    hisam_lifecycle.prepare_airflow(AIRFLOW_TEST_HOME)
+    return AIRFLOW_TEST_HOME

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -253,9 +253,11 @@ def evaluate(
     histories: Sequence[UserHistory],
     batch_size: int = 256,
     cold_start_items: int = 10,
+    cold_users: Collection[int] | None = None,
 ) -> dict[str, float]:
-    """AUC/GAUC of ``P(positive)`` on every labelled action; the cold-start subset is the users with
-    fewer than ``cold_start_items`` interactions (Sec. 4.1)."""
+    """AUC/GAUC of ``P(positive)`` on every labelled action; the cold-start subset is ``cold_users``
+    when given (e.g. the users with fewer than 10 *training* interactions, Sec. 4.1), else the
+    histories with fewer than ``cold_start_items`` interactions."""
     builder = SequenceBuilder(sequence_config)
     device = next(model.parameters()).device
     was_training = model.training
@@ -267,7 +269,10 @@ def evaluate(
         logits, targets = action_logits(model, batch, builder.vocab)
         labelled = batch.labels != IGNORE_LABEL
         row_users = batch.user_ids.unsqueeze(1).expand_as(batch.labels)[labelled]
-        is_cold = torch.tensor([len(h) < cold_start_items for h in chunk], device=device)
+        is_cold = torch.tensor(
+            [h.user_id in cold_users if cold_users is not None else len(h) < cold_start_items for h in chunk],
+            device=device,
+        )
         scores.append(positive_probability(logits, builder.vocab).cpu())
         labels.append((targets == builder.vocab.positive_index).long().cpu())
         users.append(row_users.cpu())

@@ -1,0 +1,104 @@
+"""What the Hi-SAM DAGs share: default arguments, the failure alert, and the step task factory.
+
+Every task is a thin TaskFlow wrapper around :func:`pipelines.steps.run_step` for the run's logical
+date; nothing from ``pipelines`` (torch, Spark, MLflow) is imported until a task runs, so parsing
+these files costs only ``airflow.sdk``. Data and configuration errors (a failed quality gate, an
+unhealthy tokenizer, a missing upstream output) fail the task at once (``AirflowFailException``, no
+retries); anything else is retried with exponential back-off. Every failure alerts through the
+pipeline's notifier (log, webhook, file; ``configs/pipeline.yaml`` ``notify`` and ``HISAM_NOTIFY_*``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from typing import Any
+
+from airflow.sdk import Asset, task
+
+#: The lake tables and registry states the DAGs produce and consume (data-aware scheduling).
+ITEM_EMBEDDINGS = Asset(name="gold.item_embeddings", uri="delta://hisam/gold/item_embeddings")
+SAMPLES = Asset(name="gold.samples", uri="delta://hisam/gold/samples")
+TOKENIZER = Asset(name="hisam-tokenizer@current", uri="mlflow://hisam/models/hisam-tokenizer/current")
+PRETRAINED = Asset(name="hisam-pretrained", uri="mlflow://hisam/models/hisam-pretrained")
+RANKER = Asset(name="hisam-ranker@champion", uri="mlflow://hisam/models/hisam-ranker/champion")
+
+START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+TAGS = ["hisam"]
+#: GPU work: the ``gpu`` pool (infra/airflow/pools.json) and, on a cluster, its queue or pod template.
+GPU_POOL = "gpu"
+GPU_QUEUE = os.environ.get("HISAM_GPU_QUEUE", "default")
+GPU_POD_TEMPLATE = os.environ.get(
+    "HISAM_GPU_POD_TEMPLATE", "/opt/airflow/pod_templates/gpu-pod-template.yaml"
+)
+
+
+def logical_day(context: dict[str, Any]) -> dt.date:
+    """The run's logical date; asset-triggered runs (no logical date) use when they were due."""
+    when = context.get("logical_date") or context["dag_run"].run_after
+    return when.date()
+
+
+def alert_on_failure(context: dict[str, Any]) -> None:
+    """``on_failure_callback``: one error alert naming the DAG, task, date and exception."""
+    from pipelines.context import StepContext
+    from pipelines.steps import load_config
+
+    ti = context["ti"]
+    error = context.get("exception")
+    StepContext(load_config(), logical_day(context)).alert(
+        f"{ti.dag_id}.{ti.task_id} failed",
+        f"{type(error).__name__}: {error}" if error else "task failed",
+        "error",
+        dag_id=ti.dag_id,
+        task_id=ti.task_id,
+        try_number=ti.try_number,
+    )
+
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "ml-platform",
+    "retries": 2,
+    "retry_delay": dt.timedelta(minutes=2),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": dt.timedelta(minutes=30),
+    "on_failure_callback": alert_on_failure,
+}
+
+
+def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``step`` for the run's day; ``{ds_nodash}`` in a param is the day as YYYYMMDD."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipelines.steps import run_step
+    from spark_jobs.quality.report import DataQualityError
+
+    day = logical_day(context)
+    resolved = {k: v.format(ds_nodash=day.strftime("%Y%m%d")) for k, v in (params or {}).items()}
+    try:
+        return run_step(step, day, params=resolved)
+    except (DataQualityError, ValueError, KeyError, FileNotFoundError) as err:
+        raise AirflowFailException(f"{step}: {err}") from err
+
+
+def step_task(
+    step: str,
+    *,
+    gpu: bool = False,
+    params: dict[str, str] | None = None,
+    outlets: list[Asset] | None = None,
+    inlets: list[Asset] | None = None,
+) -> Callable[[], Any]:
+    """A TaskFlow task running one pipeline step; ``gpu`` tasks take a ``gpu`` pool slot."""
+    placement: dict[str, Any] = (
+        {"pool": GPU_POOL, "queue": GPU_QUEUE, "executor_config": {"pod_template_file": GPU_POD_TEMPLATE}}
+        if gpu
+        else {}
+    )
+
+    @task(task_id=step.replace("-", "_"), outlets=outlets or [], inlets=inlets or [], **placement)
+    def run(**context: Any) -> dict[str, Any]:
+        return execute(step, context, params)
+
+    return run

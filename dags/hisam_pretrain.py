@@ -1,0 +1,29 @@
+"""``hisam_pretrain`` (weekly, App. A.4): HMAT next-token pre-training on the current tokenizer.
+
+Runs every Sunday and also as soon as a new tokenizer is activated (``hisam-tokenizer@current``), so
+pre-training never lags a re-tokenized catalogue by a week. Registers ``hisam-pretrained``.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag
+from hisam_common import DEFAULT_ARGS, PRETRAINED, SAMPLES, START, TAGS, TOKENIZER, step_task
+
+
+@dag(
+    dag_id="hisam_pretrain",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 3 * * 0", timezone="UTC"), assets=TOKENIZER
+    ),
+    start_date=START,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=TAGS,
+    doc_md=__doc__,
+)
+def hisam_pretrain() -> None:
+    step_task("pretrain", gpu=True, inlets=[SAMPLES, TOKENIZER], outlets=[PRETRAINED])()
+
+
+hisam_pretrain()

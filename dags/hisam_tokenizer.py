@@ -1,0 +1,34 @@
+"""``hisam_tokenizer`` (monthly, App. A.4): DST on a pinned embeddings snapshot, health check,
+register, re-tokenize the catalogue into a new semantic-ID version, build its samples, activate.
+
+The new version is ``dst-<YYYYMMDD of the logical date>``; ``@current`` moves only after its samples
+exist, and the move triggers ``hisam_pretrain`` through the ``hisam-tokenizer@current`` asset.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import dag
+from hisam_common import DEFAULT_ARGS, ITEM_EMBEDDINGS, SAMPLES, START, TAGS, TOKENIZER, step_task
+
+VERSION = {"tokenizer_version": "dst-{ds_nodash}"}
+
+
+@dag(
+    dag_id="hisam_tokenizer",
+    schedule="@monthly",
+    start_date=START,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=TAGS,
+    doc_md=__doc__,
+)
+def hisam_tokenizer() -> None:
+    train = step_task("train-tokenizer", gpu=True, params=VERSION, inlets=[ITEM_EMBEDDINGS])()
+    tokenize = step_task("tokenize-catalogue", params=VERSION)()
+    sequences = step_task("build-sequences", params=VERSION, outlets=[SAMPLES])()
+    activate = step_task("activate-tokenizer", params=VERSION, outlets=[TOKENIZER])()
+    train >> tokenize >> sequences >> activate
+
+
+hisam_tokenizer()

@@ -1,0 +1,130 @@
+"""The pipeline's one typed config (``configs/pipeline.yaml``): a section per step.
+
+Every step takes the whole :class:`PipelineConfig` and the run's logical date, reads the section it
+needs and finds its inputs in the lake and the registry (never in an orchestrator's XCom), so
+``hisam run <step> --config configs/pipeline.yaml --logical-date 2026-11-22`` and the Airflow task
+do exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from hisam_core.config import Config
+from hisam_core.encoders.behavior import BehaviorEncoderConfig
+from hisam_core.ranker.model import HMATConfig
+from hisam_core.ranker.sequence import SequenceConfig as RankerSequenceConfig
+from hisam_core.ranker.train import TrainConfig
+from hisam_core.tokenizer import TokenizerTrainConfig
+from pipelines.notify import NotifyConfig
+from pipelines.registry import PromotionGateConfig
+from spark_jobs.content import ContentConfig
+from spark_jobs.embeddings import EmbeddingJobConfig, EncoderSpec
+from spark_jobs.importers.generic import GenericImportConfig
+from spark_jobs.importers.silver import SilverConfig
+from spark_jobs.importers.synthetic import SyntheticConfig
+from spark_jobs.lake import LakeConfig
+from spark_jobs.quality import QualityConfig
+from spark_jobs.sequences import SequenceConfig
+
+
+class SourceConfig(Config):
+    """Where ``ingest`` reads raw data: the synthetic generator, a MovieLens bundle or generic files."""
+
+    kind: Literal["synthetic", "movielens", "generic"] = "synthetic"
+    movielens_dir: Path | None = None
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    generic: GenericImportConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceConfig:
+        if self.kind == "movielens" and self.movielens_dir is None:
+            raise ValueError("source.kind movielens needs source.movielens_dir")
+        if self.kind == "generic" and self.generic is None:
+            raise ValueError("source.kind generic needs source.generic (interactions, items, users)")
+        return self
+
+
+class EmbeddingsConfig(Config):
+    """Modality encoders (Sec. 3.2.1): text and image through the Spark job, behaviour via SASRec."""
+
+    text: EncoderSpec = Field(default_factory=lambda: EncoderSpec(modality="text"))
+    image: EncoderSpec = Field(default_factory=lambda: EncoderSpec(modality="image"))
+    behavior: BehaviorEncoderConfig = Field(default_factory=BehaviorEncoderConfig)
+    behavior_version: str = "1"
+    job: EmbeddingJobConfig = Field(default_factory=EmbeddingJobConfig)
+
+
+class TokenizerHealthConfig(Config):
+    """Codebook-health floors a new DST must clear before it is registered (Sec. 3.2.2, App. B.2)."""
+
+    min_utilisation: float = Field(0.3, ge=0, le=1, description="every codebook's share of codes in use")
+    min_unique_id_rate: float = Field(0.9, ge=0, le=1, description="share of items with a unique 6-code ID")
+
+
+class TokenizerStageConfig(Config):
+    train: TokenizerTrainConfig = Field(default_factory=TokenizerTrainConfig)
+    health: TokenizerHealthConfig = Field(default_factory=TokenizerHealthConfig)
+
+
+class RankerStageConfig(Config):
+    """HMAT shape shared by PT and SFT, and each stage's optimisation (Sec. 3.4.1, B.2)."""
+
+    sequence: RankerSequenceConfig = Field(default_factory=RankerSequenceConfig)
+    model: HMATConfig = Field(default_factory=HMATConfig)
+    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(objective="pt"))
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(objective="sft"))
+    eval_batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RankerStageConfig:
+        if self.pretrain.objective != "pt" or self.finetune.objective != "sft":
+            raise ValueError("ranker.pretrain.objective must be pt and ranker.finetune.objective sft")
+        return self
+
+
+class RegistryNames(Config):
+    tokenizer: str = "hisam-tokenizer"
+    pretrained: str = "hisam-pretrained"
+    ranker: str = "hisam-ranker"
+
+
+class PipelineConfig(Config):
+    """Everything the lifecycle needs; ``configs/pipeline.yaml`` documents each field."""
+
+    dataset: str = Field("synthetic", pattern=r"^[A-Za-z0-9._-]+$")
+    lake: LakeConfig = Field(default_factory=LakeConfig)  # root null: $HISAM_HOME/lake
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    silver: SilverConfig = Field(default_factory=SilverConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    content: ContentConfig = Field(default_factory=ContentConfig)
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    tokenizer: TokenizerStageConfig = Field(default_factory=TokenizerStageConfig)
+    sequences: SequenceConfig = Field(default_factory=lambda: SequenceConfig(profile_tokens=0))
+    ranker: RankerStageConfig = Field(default_factory=RankerStageConfig)
+    gate: PromotionGateConfig = Field(default_factory=PromotionGateConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    models: RegistryNames = Field(default_factory=RegistryNames)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        seq, rk = self.sequences, self.ranker.sequence
+        if seq.num_semantic_positions != rk.num_positions:
+            raise ValueError(
+                f"sequences.num_semantic_positions={seq.num_semantic_positions} but "
+                f"ranker.sequence.num_positions={rk.num_positions}"
+            )
+        dst = self.tokenizer.train.model
+        if rk.num_positions != dst.shared_layers + 3 or rk.codebook_size != dst.codebook_size:
+            raise ValueError(
+                f"ranker.sequence expects {rk.num_positions} codes of K={rk.codebook_size}; DST writes "
+                f"{dst.shared_layers} shared + 3 modality codes of K={dst.codebook_size}"
+            )
+        if rk.profile_fields:
+            raise ValueError(
+                "ranker.sequence.profile_fields: profile tokens are not wired into the lifecycle yet"
+            )
+        return self

@@ -1,0 +1,124 @@
+"""What a step runs with: the config, the logical date, and lazily the Spark lake, MLflow and alerts.
+
+Nothing heavy happens on construction: the Spark session starts on first use of :attr:`lake`, so the
+GPU training steps, which read gold tables with delta-rs (:meth:`read_table`), never start a JVM.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from pipelines.config import PipelineConfig
+from pipelines.notify import Alert, Notifier, notifier_from_config
+from pipelines.settings import Settings
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from spark_jobs.lake import Lake
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepContext:
+    """One step invocation: ``config`` for ``logical_date`` under ``settings``."""
+
+    config: PipelineConfig
+    logical_date: dt.date
+    settings: Settings = field(default_factory=Settings.from_env)
+    #: Step-specific overrides (``hisam run --param key=value``), e.g. ``tokenizer_version``.
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dataset(self) -> str:
+        return self.config.dataset
+
+    @property
+    def run_key(self) -> str:
+        """Identifies the logical run; steps tag what they register with it to stay idempotent."""
+        return f"{self.dataset}/{self.logical_date.isoformat()}"
+
+    @cached_property
+    def lake_root(self) -> str:
+        from spark_jobs.lake import resolve_root
+
+        return resolve_root(self.config.lake.root or self.settings.lake_root)
+
+    @cached_property
+    def lake(self) -> Lake:
+        from spark_jobs.lake import Lake
+        from spark_jobs.session import get_spark
+
+        cfg = self.config.lake
+        return Lake(
+            get_spark("hisam"), self.lake_root, backend=cfg.backend, storage_options=cfg.storage_options
+        )
+
+    def table_path(self, table: str) -> str:
+        from spark_jobs.tables import get_table
+
+        return f"{self.lake_root}/{get_table(table).relative_path}"
+
+    def table_version(self, table: str) -> int | None:
+        """Latest version of a lake table read with delta-rs (no Spark); None when it does not exist."""
+        from deltalake import DeltaTable
+
+        path = self.table_path(table)
+        if not DeltaTable.is_deltatable(path, storage_options=self.config.lake.storage_options or None):
+            return None
+        return int(DeltaTable(path, storage_options=self.config.lake.storage_options or None).version())
+
+    def read_table(
+        self,
+        table: str,
+        partitions: dict[str, Any],
+        columns: list[str] | None = None,
+        version: int | None = None,
+    ) -> tuple[pd.DataFrame, int]:
+        """A partition of a lake table as pandas, with the Delta version read (delta-rs, no Spark)."""
+        from deltalake import DeltaTable
+
+        path = self.table_path(table)
+        if not DeltaTable.is_deltatable(path, storage_options=self.config.lake.storage_options or None):
+            raise FileNotFoundError(
+                f"lake table {table} does not exist at {path}: run the upstream step first"
+            )
+        delta = DeltaTable(path, version=version, storage_options=self.config.lake.storage_options or None)
+        filters = [(key, "=", str(value)) for key, value in partitions.items()]
+        frame = delta.to_pandas(partitions=filters, columns=columns)
+        return frame, int(delta.version())
+
+    @cached_property
+    def notifier(self) -> Notifier:
+        cfg = self.config.notify
+        if cfg.file_path is None:  # the embedded default keeps an outbox next to the other state
+            cfg = cfg.model_copy(update={"file_path": str(self.settings.alerts_file)})
+        return notifier_from_config(cfg)
+
+    def alert(self, title: str, text: str, severity: str = "error", **details: Any) -> None:
+        """Send an alert; a sink failure is logged, never raised over the step's own outcome."""
+        try:
+            self.notifier.send(Alert(title, text, severity, "hisam", {"run_key": self.run_key, **details}))
+        except Exception:
+            log.exception("could not deliver alert %r", title)
+
+    @cached_property
+    def experiment_id(self) -> str:
+        """The pipeline's MLflow experiment, made active (created on first use)."""
+        from pipelines.tracking import configure_mlflow
+
+        return configure_mlflow(self.settings)
+
+    @cached_property
+    def mlflow(self) -> MlflowClient:
+        """The client of the configured tracking store, with the experiment active."""
+        from mlflow import MlflowClient
+
+        _ = self.experiment_id
+        return MlflowClient()

@@ -1,0 +1,113 @@
+"""Step ``embed``: item documents and user profiles, then one embedding per item and modality.
+
+Text and image go through the Spark embedding job (resumable: an item already embedded by the same
+encoder version with the same input is skipped). Behaviour is SASRec trained only on interactions
+before the global chronological cut (App. B.2: the behaviour encoder must not see the ranking test
+period); its rows are keyed by a hash of the cut and the encoder settings, so a rerun with the same
+data and config finds them and trains nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from pipelines.context import StepContext
+
+log = logging.getLogger(__name__)
+
+BEHAVIOR_ENCODER = "sasrec"
+
+
+def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
+    import numpy as np
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    from hisam_core.encoders.behavior import BehaviorEncoder
+    from spark_jobs.sequences import prepare_interactions
+    from spark_jobs.tables import GOLD_ITEM_DOCUMENTS, GOLD_ITEM_EMBEDDINGS, SILVER_INTERACTIONS
+
+    lake, cfg = ctx.lake, ctx.config
+    part = {"dataset": ctx.dataset}
+    seq_cfg = cfg.sequences.model_copy(update={"dataset": ctx.dataset})
+    interactions = lake.read(SILVER_INTERACTIONS, partitions=part)
+    _, _, cut = prepare_interactions(interactions, seq_cfg)
+    settings = json.dumps(cfg.embeddings.behavior.model_dump(mode="json"), sort_keys=True)
+    input_hash = hashlib.sha256(f"{cut.to_dict()}|{settings}".encode()).hexdigest()
+    version = cfg.embeddings.behavior_version
+    items = lake.read(GOLD_ITEM_DOCUMENTS, partitions=part).select("item_id")
+    done = (
+        lake.read(GOLD_ITEM_EMBEDDINGS, partitions={**part, "modality": "behavior"})
+        .filter(
+            (F.col("encoder") == BEHAVIOR_ENCODER)
+            & (F.col("encoder_version") == version)
+            & (F.col("input_hash") == input_hash)
+        )
+        .select("item_id")
+    )
+    missing = items.join(done, "item_id", "left_anti").count()
+    if missing == 0:
+        log.info("behaviour embeddings up to date (cut %s)", cut.to_dict())
+        return {"encoder": BEHAVIOR_ENCODER, "embedded": 0, "skipped": items.count()}
+    events = interactions.select(
+        "user_id", "item_id", F.unix_timestamp("event_ts").alias("timestamp")
+    ).toPandas()
+    item_ids = np.sort(items.toPandas()["item_id"].to_numpy())
+    cutoff = int(cut.cut_seconds())
+    known = events[events["item_id"].isin(item_ids)]
+    encoder = BehaviorEncoder(cfg.embeddings.behavior, device="cpu").fit(known, cutoff, item_ids)
+    batch = encoder.encode(item_ids)
+    rows = pd.DataFrame(
+        {
+            "dataset": ctx.dataset,
+            "modality": "behavior",
+            "encoder": BEHAVIOR_ENCODER,
+            "encoder_version": version,
+            "item_id": item_ids,
+            "dim": encoder.dim,
+            "embedding": [r.astype(np.float32) for r in batch.embeddings],
+            "present": batch.present,
+            "input_hash": input_hash,
+        }
+    )
+    df = lake.spark.createDataFrame(rows, schema=GOLD_ITEM_EMBEDDINGS.schema)
+    written = lake.write(
+        df,
+        GOLD_ITEM_EMBEDDINGS,
+        mode="merge",
+        partition_values={**part, "modality": "behavior"},
+    )
+    return {
+        "encoder": BEHAVIOR_ENCODER,
+        "embedded": len(rows),
+        "cold": int((~batch.present).sum()),
+        "cut": cut.to_dict(),
+        "version": written,
+    }
+
+
+def embed(ctx: StepContext) -> dict[str, Any]:
+    """Gold content tables, then text, image and behaviour embeddings of every item."""
+    from spark_jobs.content import build_content
+    from spark_jobs.embeddings import embed_items
+
+    content = build_content(ctx.lake, ctx.dataset, ctx.config.content)
+    emb = ctx.config.embeddings
+    summary: dict[str, Any] = {
+        "items": content.items,
+        "users": content.users,
+        "content_versions": content.versions,
+    }
+    for spec in (emb.text, emb.image):
+        report = embed_items(ctx.lake, ctx.dataset, spec, emb.job)
+        summary[spec.modality] = {
+            "encoder": report.encoder,
+            "embedded": report.embedded,
+            "skipped": report.skipped,
+            "absent": report.absent,
+        }
+    summary["behavior"] = _behavior_embeddings(ctx)
+    return summary

@@ -1,0 +1,151 @@
+"""Steps ``ingest`` and ``validate``: raw source -> bronze -> silver, then the interactions gate.
+
+``ingest`` imports one run of the configured source into bronze (partition = logical date, so a rerun
+replaces it) and merges it into silver; bad records go to ``bronze.quarantine`` with their reason and
+every input reconciles (records in = imported + quarantined). ``validate`` runs the GX interactions
+suite over the dataset's silver interactions: failing rows are quarantined with their reasons, and a
+batch that fails (too many bad rows, empty, duplicates) raises ``DataQualityError`` after alerting.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipelines.context import StepContext
+
+log = logging.getLogger(__name__)
+
+
+def _import_report(ctx: StepContext) -> Any:
+    from spark_jobs.importers.generic import GenericImportConfig, import_generic
+    from spark_jobs.importers.movielens import MovieLensImportConfig, import_movielens
+    from spark_jobs.importers.synthetic import generate
+
+    source, lake = ctx.config.source, ctx.lake
+    if source.kind == "movielens":
+        config = MovieLensImportConfig(data_dir=str(source.movielens_dir), dataset=ctx.dataset)
+        return import_movielens(lake.spark, lake, config, ctx.logical_date)
+    if source.kind == "synthetic":  # the same seed writes the same files, so reruns stay identical
+        out = generate(source.synthetic, ctx.settings.home / "data" / ctx.dataset)
+        generic = GenericImportConfig(
+            dataset=ctx.dataset,
+            interactions=str(out.interactions),
+            items=str(out.items),
+            users=str(out.users),
+        )
+    else:
+        generic = source.generic.model_copy(update={"dataset": ctx.dataset})  # type: ignore[union-attr]
+    return import_generic(lake.spark, lake, generic, ctx.logical_date)
+
+
+def ingest(ctx: StepContext) -> dict[str, Any]:
+    """Import the source for the logical date into bronze and merge it into silver."""
+    from spark_jobs.importers.silver import promote_to_silver
+
+    bronze = _import_report(ctx)
+    bronze.check()
+    log.info("%s", bronze.summary())
+    silver = promote_to_silver(ctx.lake, ctx.dataset, ctx.logical_date, ctx.config.silver)
+    silver.check()
+    log.info("%s", silver.summary())
+    return {
+        "dataset": ctx.dataset,
+        "logical_date": ctx.logical_date.isoformat(),
+        "bronze": {
+            s.table: {"in": s.records_in, "imported": s.imported, "quarantined": s.quarantined}
+            for s in bronze.sources
+        },
+        "silver_rows": {s.table: s.imported for s in silver.sources},
+        "versions": {**bronze.versions, **silver.versions},
+    }
+
+
+def quality_config(ctx: StepContext) -> Any:
+    """The configured quality rules with this run's logical date, Data Docs under ``HISAM_HOME``, and
+    the semantic-ID and sample rules taken from the tokenizer and sequence sections (one source of
+    truth for K, the code count and the token budget)."""
+    from spark_jobs.quality import QualityConfig
+
+    cfg, seq = ctx.config.quality, ctx.config.sequences
+    defaults = QualityConfig()
+    dst = ctx.config.tokenizer.train.model
+    update: dict[str, Any] = {
+        "logical_date": ctx.logical_date,
+        "semantic_ids": cfg.semantic_ids.model_copy(
+            update={"codebook_size": dst.codebook_size, "num_positions": seq.num_semantic_positions}
+        ),
+        "samples": cfg.samples.model_copy(
+            update={
+                "token_budget": seq.token_budget,
+                "profile_tokens": seq.profile_tokens,
+                "count_target_in_budget": seq.count_target_in_budget,
+            }
+        ),
+    }
+    if cfg.docs_dir == defaults.docs_dir:
+        update["docs_dir"] = str(ctx.settings.data_docs)
+    if cfg.gx_project_dir == defaults.gx_project_dir:
+        update["gx_project_dir"] = str(ctx.settings.home / "quality")
+    return cfg.model_copy(update=update)
+
+
+def run_gate(ctx: StepContext, df: Any, suite: Any, target_table: str) -> dict[str, Any]:
+    """Run one quality gate: quarantine the failing rows (replacing this run's quarantine partition),
+    alert and raise ``DataQualityError`` when the batch fails; return the report as a dict."""
+    from pipelines.notify import Alert
+    from spark_jobs.quality import DataQualityError, run_quality_gate, to_bronze_quarantine
+    from spark_jobs.tables import BRONZE_QUARANTINE
+
+    qcfg = quality_config(ctx)
+    try:
+        _valid, quarantine, report = run_quality_gate(df, suite, qcfg, raise_on_failure=False)
+        rows = to_bronze_quarantine(quarantine, target_table, ctx.logical_date, ctx.dataset)
+        version = ctx.lake.write(
+            rows,
+            BRONZE_QUARANTINE,
+            mode="replace_partition",
+            partition_values={
+                "dataset": ctx.dataset,
+                "target_table": target_table,
+                "logical_date": ctx.logical_date,
+            },
+        )
+    finally:
+        if qcfg.persist:
+            ctx.lake.spark.catalog.clearCache()
+    summary = {**report.to_dict(), "quarantine_version": version}
+    if not report.success:
+        alert = Alert.from_quality_report(report.to_dict(), source=f"validate:{target_table}")
+        ctx.alert(alert.title, alert.text, "error", report=summary)
+        raise DataQualityError(report)
+    return summary
+
+
+def validate(ctx: StepContext) -> dict[str, Any]:
+    """GX gate on the dataset's silver interactions (keys, timestamps, ratings, known items, duplicates)."""
+    from spark_jobs.quality import interactions_suite
+    from spark_jobs.tables import SILVER_INTERACTIONS, SILVER_ITEMS
+
+    part = {"dataset": ctx.dataset}
+    interactions = ctx.lake.read(SILVER_INTERACTIONS, partitions=part)
+    items = ctx.lake.read(SILVER_ITEMS, partitions=part)
+    suite = interactions_suite(interactions, quality_config(ctx), items=items)
+    return run_gate(ctx, interactions, suite, SILVER_INTERACTIONS.name)
+
+
+def validate_samples(ctx: StepContext) -> dict[str, Any]:
+    """GX gate on ``gold.samples`` of the current tokenizer: the daily fine-tune stops here on bad data."""
+    from pyspark.sql import functions as F
+
+    from pipelines.tokenizer import current_tokenizer_version
+    from spark_jobs.quality import samples_suite
+    from spark_jobs.tables import GOLD_SAMPLES
+
+    version = current_tokenizer_version(ctx)
+    samples = ctx.lake.read(GOLD_SAMPLES, partitions={"dataset": ctx.dataset, "tokenizer_version": version})
+    samples = samples.filter(F.col("tokenizer_version") == version)
+    return {
+        "tokenizer_version": version,
+        **run_gate(ctx, samples, samples_suite(samples, quality_config(ctx)), GOLD_SAMPLES.name),
+    }

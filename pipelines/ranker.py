@@ -1,0 +1,280 @@
+"""Steps ``pretrain``, ``finetune`` and ``evaluate`` of HMAT (Sec. 3.4.1, 4.1; App. A.4).
+
+Both stages read ``gold.samples`` of the tokenizer at ``@current`` with delta-rs (no Spark on the
+training node). One user is one token stream of their chronological interactions; streams longer
+than the token budget are cut into windows that each add up to half a budget of new labelled items
+behind as much earlier context as fits, so every interaction is labelled exactly once.
+
+* ``pretrain`` (weekly): next-token PT, registered as ``hisam-pretrained`` with its semantic IDs.
+* ``finetune`` (daily): SFT initialised from the newest PT of the same tokenizer version; the
+  checkpoint resumes, so a rerun of the day continues (or, when done, does nothing).
+* ``evaluate``: candidate and ``hisam-ranker@champion`` on the same frozen Delta snapshot of the test
+  split (version logged as the run's evaluation input); each model maps item ids through its own
+  semantic-ID table, so a champion of an older tokenizer is still compared on the same events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hisam_core.ranker.sequence import SequenceConfig, UserHistory
+from hisam_core.semantic_ids import SemanticIds
+from pipelines.context import StepContext
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.entities import Run
+
+log = logging.getLogger(__name__)
+
+SAMPLES = "gold.samples"
+SAMPLE_COLUMNS = ["user_id", "item_id", "event_ts", "split", "action", "is_cold_user"]
+RUN_KEY = "run_key"  # model-version tag: the logical run that produced the version
+EVAL_PREFIX = "eval."  # candidate metrics, as finetune-run metrics and candidate version tags
+CHAMPION_PREFIX = "champion."  # the champion's metrics on the same snapshot
+
+
+def load_samples(
+    ctx: StepContext, tokenizer_version: str, snapshot: int | None = None
+) -> tuple[pd.DataFrame, int]:
+    """The dataset's samples of one tokenizer version (chronological per user) and the version read."""
+    frame, version = ctx.read_table(
+        SAMPLES, {"dataset": ctx.dataset, "tokenizer_version": tokenizer_version}, SAMPLE_COLUMNS, snapshot
+    )
+    if frame.empty:
+        raise ValueError(
+            f"{SAMPLES} has no rows for {ctx.dataset!r} at tokenizer version {tokenizer_version!r}"
+        )
+    return frame.sort_values(["user_id", "event_ts", "item_id"], kind="stable").reset_index(
+        drop=True
+    ), version
+
+
+def windows(history: UserHistory, max_items: int) -> list[UserHistory]:
+    """Cut a labelled stream into windows of at most ``max_items`` items; each window labels up to
+    ``max_items // 2`` of the stream's targets (in order) after the items just before them."""
+    targets = np.flatnonzero(history.targets)
+    stride, out, i = max(max_items // 2, 1), [], 0
+    while i < len(targets):
+        end = int(targets[min(i + stride, len(targets)) - 1]) + 1
+        start = max(0, end - max_items)
+        take = targets[i : i + stride]
+        take = take[take >= start]
+        mask = np.zeros(end - start, dtype=bool)
+        mask[take - start] = True
+        out.append(
+            UserHistory(
+                history.user_id, history.items[start:end], history.actions[start:end], history.profile, mask
+            )
+        )
+        i += len(take)
+    return out
+
+
+def histories(
+    frame: pd.DataFrame, semantic_ids: SemanticIds, config: SequenceConfig, split: str
+) -> list[UserHistory]:
+    """Windows of every user's stream labelling the ``split`` rows (``train``: the training events;
+    ``test``: the test events, after all of the user's training events as context)."""
+    max_items = (config.max_tokens - config.profile_length) // config.item_length
+    rows = frame if split == "test" else frame[frame["split"] == "train"]
+    codes = semantic_ids.lookup(rows["item_id"].to_numpy())
+    actions, users = rows["action"].to_numpy(np.int64), rows["user_id"].to_numpy()
+    labelled = (rows["split"] == split).to_numpy()
+    bounds = np.flatnonzero(users[1:] != users[:-1]) + 1
+    out: list[UserHistory] = []
+    for idx in np.split(np.arange(len(rows)), bounds):
+        if len(idx) and labelled[idx].any():
+            full = UserHistory(int(users[idx[0]]), codes[idx], actions[idx], {}, labelled[idx])
+            out.extend(windows(full, max_items))
+    return out
+
+
+def evaluate_model(
+    model: Any, config: SequenceConfig, semantic_ids: SemanticIds, frame: pd.DataFrame, batch_size: int = 256
+) -> dict[str, float]:
+    """AUC, GAUC and their cold-start variants (Sec. 4.1) of ``model`` on the test rows of ``frame``."""
+    from hisam_core.ranker.train import evaluate
+
+    test = frame[frame["user_id"].isin(frame.loc[frame["split"] == "test", "user_id"])]
+    cold = set(test.loc[test["is_cold_user"] & (test["split"] == "test"), "user_id"].tolist())
+    return evaluate(model, config, histories(test, semantic_ids, config, "test"), batch_size, cold_users=cold)
+
+
+def _ranker_config(ctx: StepContext, stage: str, init_from: str | None = None) -> Any:
+    from hisam_core.ranker.train import RankerConfig
+
+    rk = ctx.config.ranker
+    train = rk.pretrain if stage == "pt" else rk.finetune.model_copy(update={"init_from": init_from})
+    return RankerConfig(sequence=rk.sequence, model=rk.model, train=train)
+
+
+def _checkpoint_dir(ctx: StepContext, stage: str, tokenizer_version: str) -> Path:
+    return ctx.settings.checkpoints / stage / ctx.dataset / tokenizer_version / ctx.logical_date.isoformat()
+
+
+def _find_run(ctx: StepContext, step: str) -> Run | None:
+    """This logical run's MLflow run of ``step`` (so a rerun continues it instead of adding one)."""
+    found = ctx.mlflow.search_runs(
+        [ctx.experiment_id],
+        filter_string=f"tags.`hisam.step` = '{step}' and tags.`hisam.run_key` = '{ctx.run_key}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return found[0] if found else None
+
+
+def _train_stage(
+    ctx: StepContext, stage: str, tokenizer_version: str, init_from: str | None = None
+) -> dict[str, Any]:
+    import mlflow
+
+    from hisam_core.ranker.train import train
+    from pipelines.tokenizer import semantic_ids_of
+    from pipelines.tracking import log_config, log_delta_input, log_training_curves, mlflow_callback
+
+    step = "pretrain" if stage == "pt" else "finetune"
+    config = _ranker_config(ctx, stage, init_from)
+    frame, snapshot = load_samples(ctx, tokenizer_version)
+    ids = semantic_ids_of(ctx, tokenizer_version)
+    train_histories = histories(frame, ids, config.sequence, "train")
+    out = _checkpoint_dir(ctx, stage, tokenizer_version)
+    previous = _find_run(ctx, step)
+    with mlflow.start_run(
+        run_id=previous.info.run_id if previous else None, run_name=f"{step}-{ctx.logical_date}"
+    ) as run:
+        if previous is None:
+            mlflow.set_tags(
+                {"hisam.step": step, "hisam.run_key": ctx.run_key, "tokenizer_version": tokenizer_version}
+            )
+            log_config(config, name=step)
+            log_delta_input(ctx.table_path(SAMPLES), snapshot, context="training", name="samples")
+        callback = mlflow_callback(f"{stage}/")
+        train(config, train_histories, out, callback)
+        if callback.history:
+            log_training_curves(callback.history, f"{stage}_training")
+        mlflow.log_metric(f"{stage}/train_windows", len(train_histories))
+    return {
+        "tokenizer_version": tokenizer_version,
+        "checkpoint": str(out / "checkpoint.pt"),
+        "samples_version": snapshot,
+        "train_windows": len(train_histories),
+        "mlflow_run_id": run.info.run_id,
+        "semantic_ids": ids,
+        "config": config,
+    }
+
+
+def pretrain(ctx: StepContext) -> dict[str, Any]:
+    """Semantic pre-training on the current tokenizer version; registers ``hisam-pretrained``."""
+    import mlflow
+
+    from pipelines.ranker_model import log_ranker
+    from pipelines.registry import find_versions
+    from pipelines.tokenizer import current_tokenizer_version
+
+    version, name = current_tokenizer_version(ctx), ctx.config.models.pretrained
+    existing = find_versions(ctx.mlflow, name, tokenizer_version=version, **{RUN_KEY: ctx.run_key})
+    if existing:
+        return {"tokenizer_version": version, "model_version": str(existing[0].version), "skipped": True}
+    result = _train_stage(ctx, "pt", version)
+    with mlflow.start_run(run_id=result["mlflow_run_id"]):
+        registered = log_ranker(
+            result["checkpoint"], result["config"], result["semantic_ids"], name, name="pretrained"
+        )
+    ctx.mlflow.set_model_version_tag(name, registered.version, RUN_KEY, ctx.run_key)
+    return {
+        **{k: v for k, v in result.items() if k not in ("semantic_ids", "config")},
+        "model_version": str(registered.version),
+    }
+
+
+def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str]:
+    """(path of the newest PT checkpoint of ``version``, its registered version)."""
+    import mlflow
+
+    from pipelines.ranker_model import ARTIFACT_CHECKPOINT
+    from pipelines.registry import find_versions
+
+    name = ctx.config.models.pretrained
+    found = find_versions(ctx.mlflow, name, tokenizer_version=version)
+    if not found:
+        raise ValueError(f"no {name} version for tokenizer {version!r}: run the hisam_pretrain DAG first")
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{found[0].version}")
+    path = Path(local) / "artifacts" / "hmat.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{name} v{found[0].version} has no {ARTIFACT_CHECKPOINT} at {path}")
+    return str(path), str(found[0].version)
+
+
+def finetune(ctx: StepContext) -> dict[str, Any]:
+    """SFT (action NLL under the MA mask) from the newest PT of the current tokenizer version."""
+    import mlflow
+
+    from pipelines.tokenizer import current_tokenizer_version
+
+    version = current_tokenizer_version(ctx)
+    init_from, pt_version = _pretrained_checkpoint(ctx, version)
+    result = _train_stage(ctx, "sft", version, init_from)
+    with mlflow.start_run(run_id=result["mlflow_run_id"]):
+        mlflow.set_tag("pretrained_version", pt_version)
+    return {
+        **{k: v for k, v in result.items() if k not in ("semantic_ids", "config")},
+        "pretrained_version": pt_version,
+    }
+
+
+def evaluate(ctx: StepContext) -> dict[str, Any]:
+    """Candidate vs ``@champion`` on one frozen snapshot of the test split; metrics go to the
+    finetune run (``eval.*`` and ``champion.*``)."""
+    import mlflow
+
+    from hisam_core.ranker.train import load_model
+    from pipelines.ranker_model import load_ranker
+    from pipelines.registry import CHAMPION, alias_version
+    from pipelines.tokenizer import current_tokenizer_version, semantic_ids_of
+    from pipelines.tracking import log_delta_input
+
+    run = _find_run(ctx, "finetune")
+    if run is None:
+        raise ValueError(f"no finetune run for {ctx.run_key}: run finetune first")
+    version = run.data.tags["tokenizer_version"]
+    if version != current_tokenizer_version(ctx):
+        log.warning("the candidate was trained on tokenizer %s, which is no longer @current", version)
+    frame, snapshot = load_samples(ctx, version)
+    batch = ctx.config.ranker.eval_batch_size
+    config, model = load_model(_checkpoint_dir(ctx, "sft", version) / "checkpoint.pt")
+    candidate = evaluate_model(model, config.sequence, semantic_ids_of(ctx, version), frame, batch)
+    metrics = {f"{EVAL_PREFIX}{k}": v for k, v in candidate.items()}
+    champion = alias_version(ctx.mlflow, ctx.config.models.ranker, CHAMPION)
+    if champion is not None:
+        served = load_ranker(f"models:/{ctx.config.models.ranker}/{champion.version}").unwrap_python_model()
+        assert served.ranker is not None and served.semantic_ids is not None
+        scored = evaluate_model(
+            served.ranker.model, served.ranker.builder.config, served.semantic_ids, frame, batch
+        )
+        metrics.update({f"{CHAMPION_PREFIX}{k}": v for k, v in scored.items()})
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(
+            {
+                "eval.snapshot": str(snapshot),
+                "eval.champion_version": str(champion.version) if champion else "",
+            }
+        )
+        log_delta_input(ctx.table_path(SAMPLES), snapshot, context="evaluation", name="test_samples")
+    return {
+        "tokenizer_version": version,
+        "snapshot": snapshot,
+        "champion_version": None if champion is None else str(champion.version),
+        **{k: round(v, 4) for k, v in metrics.items()},
+    }
+
+
+def metrics_of(values: dict[str, Any], prefix: str, names: Sequence[str]) -> dict[str, float]:
+    """``{name: value}`` of the ``prefix``-ed entries of ``values`` (run metrics or version tags)."""
+    return {n: float(values[f"{prefix}{n}"]) for n in names if f"{prefix}{n}" in values}

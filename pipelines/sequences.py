@@ -1,0 +1,95 @@
+"""Step ``build-sequences``: silver interactions + semantic IDs -> ``gold.samples`` and
+``gold.user_sequences`` for one tokenizer version (Sec. 3.3 layout, Sec. 4.1 protocol).
+
+Rows the interactions gate quarantines are left out (the same row rules ``validate`` applies), so
+samples only ever hold validated events. The version is ``params.tokenizer_version``, else the
+tokenizer at ``@current``; before any tokenizer exists the daily run skips the step and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipelines.context import StepContext
+
+log = logging.getLogger(__name__)
+
+
+def build_sequences(ctx: StepContext) -> dict[str, Any]:
+    """Build and write the samples and user sequences of the dataset for one tokenizer version."""
+    from pyspark.sql import functions as F
+
+    from pipelines.ingest import quality_config
+    from pipelines.tokenizer import current_tokenizer_version
+    from spark_jobs.quality import interactions_suite, split_valid_quarantine
+    from spark_jobs.sequences import build_sequences as build
+    from spark_jobs.sequences import build_user_sequences, to_gold_samples, to_gold_user_sequences
+    from spark_jobs.tables import (
+        GOLD_SAMPLES,
+        GOLD_SEMANTIC_IDS,
+        GOLD_USER_SEQUENCES,
+        SILVER_INTERACTIONS,
+        SILVER_ITEMS,
+    )
+
+    version = ctx.params.get("tokenizer_version")
+    if not version:
+        try:
+            version = current_tokenizer_version(ctx)
+        except ValueError as err:
+            if ctx.params.get("skip_without_tokenizer") == "true":
+                log.warning("build-sequences skipped: %s", err)
+                return {"skipped": True, "reason": str(err)}
+            raise
+    lake, part = ctx.lake, {"dataset": ctx.dataset}
+    interactions = lake.read(SILVER_INTERACTIONS, partitions=part)
+    items = lake.read(SILVER_ITEMS, partitions=part)
+    valid, _ = split_valid_quarantine(
+        interactions, interactions_suite(interactions, quality_config(ctx), items=items)
+    )
+    valid = valid.cache()
+    semantic_ids = lake.read(GOLD_SEMANTIC_IDS, partitions={**part, "tokenizer_version": version})
+    cfg = ctx.config.sequences.model_copy(update={"dataset": ctx.dataset, "tokenizer_version": version})
+    try:
+        result = build(valid, semantic_ids, cfg)
+        samples = to_gold_samples(result.samples).cache()
+        stats = samples.agg(
+            F.count(F.lit(1)).alias("samples"),
+            F.sum((F.col("split") == "test").cast("int")).alias("test_samples"),
+            F.countDistinct(F.when(F.col("split") == "test", F.col("user_id"))).alias("test_users"),
+            F.countDistinct(
+                F.when((F.col("split") == "test") & F.col("is_cold_user"), F.col("user_id"))
+            ).alias("cold_test_users"),
+        ).first()
+        quarantined = result.quarantine.count()
+        versions = {
+            GOLD_SAMPLES.name: lake.write(
+                samples,
+                GOLD_SAMPLES,
+                mode="replace_partition",
+                partition_values={**part, "tokenizer_version": version},
+            ),
+            GOLD_USER_SEQUENCES.name: lake.write(
+                to_gold_user_sequences(build_user_sequences(result.interactions, cfg)),
+                GOLD_USER_SEQUENCES,
+                mode="replace_partition",
+                partition_values=part,
+            ),
+        }
+        n_valid = valid.count()
+    finally:
+        lake.spark.catalog.clearCache()
+    counts = {k: int(v) for k, v in stats.asDict().items()}
+    if counts["samples"] + quarantined != n_valid:
+        raise RuntimeError(
+            f"sequence counts do not reconcile: {counts['samples']} + {quarantined} != {n_valid}"
+        )
+    return {
+        "tokenizer_version": version,
+        "interactions": n_valid,
+        "quarantined": quarantined,
+        "cut": result.cut.to_dict(),
+        **counts,
+        "versions": versions,
+    }

@@ -1,0 +1,95 @@
+"""DST as an MLflow pyfunc model: item embeddings in, semantic IDs out (Sec. 3.2.2).
+
+Request: one row per item with ``item_id`` and one list-of-float column per modality (the raw
+embeddings of ``gold.item_embeddings``, in the model's ``modality_dims`` order). Response: ``item_id``
+and ``semantic_ids`` (the item's codes), exactly what ``DST.encode`` writes into ``gold.semantic_ids``.
+The tokenizer version is the model's ``tokenizer_version`` metadata and registry tag; the ranker is
+tagged with the same string, which is how the lifecycle refuses mismatched pairs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import infer_signature
+
+from hisam_core.features import ItemFeatures
+from hisam_core.tokenizer.dst import DST
+from pipelines.ranker_model import TOKENIZER_VERSION, pip_requirements, stage_code
+
+ARTIFACT_CHECKPOINT = "checkpoint"
+
+
+def features_frame(features: ItemFeatures) -> pd.DataFrame:
+    """The request layout of an :class:`ItemFeatures`."""
+    frame = pd.DataFrame({"item_id": features.item_ids})
+    for modality, values in features.modalities.items():
+        frame[modality] = list(np.asarray(values, dtype=np.float64))  # JSON requests carry doubles
+    return frame
+
+
+class HisamTokenizerModel(mlflow.pyfunc.PythonModel):
+    """Tokenizes items with a trained DST."""
+
+    def __init__(self) -> None:
+        self.dst: DST | None = None
+        self.version: str = ""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.dst = DST.load_checkpoint(context.artifacts[ARTIFACT_CHECKPOINT])
+        self.version = str((context.model_config or {})[TOKENIZER_VERSION])
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext | None,
+        model_input: pd.DataFrame,
+        params: dict | None = None,
+    ) -> pd.DataFrame:
+        assert self.dst is not None, "load_context first"
+        modalities = {
+            m: np.stack([np.asarray(v, dtype=np.float32) for v in model_input[m]])
+            for m in self.dst.modalities
+        }
+        ids = self.dst.encode(ItemFeatures(model_input["item_id"].to_numpy(), modalities), self.version)
+        return pd.DataFrame(
+            {"item_id": ids.item_ids, "semantic_ids": list(ids.codes)}, index=model_input.index
+        )
+
+
+def log_tokenizer(
+    checkpoint: str | Path, version: str, example: ItemFeatures, registered_name: str
+) -> ModelVersion:
+    """Log the DST checkpoint as a pyfunc in the active run and register it, tagged with ``version``."""
+    wrapper = HisamTokenizerModel()
+    wrapper.dst, wrapper.version = DST.load_checkpoint(checkpoint), version
+    request = features_frame(example.subset(np.arange(min(len(example), 4))))
+    signature = infer_signature(request, wrapper.predict(None, request))
+    with tempfile.TemporaryDirectory() as tmp:
+        info = mlflow.pyfunc.log_model(
+            name="tokenizer",
+            python_model=HisamTokenizerModel(),
+            artifacts={ARTIFACT_CHECKPOINT: str(checkpoint)},
+            code_paths=stage_code(Path(tmp) / "code", Path(__file__)),
+            signature=signature,
+            input_example=request,
+            pip_requirements=pip_requirements(),
+            model_config={TOKENIZER_VERSION: version},
+            metadata={TOKENIZER_VERSION: version},
+            registered_model_name=registered_name,
+            tags={TOKENIZER_VERSION: version},
+        )
+    client = MlflowClient()
+    number = str(info.registered_model_version)
+    client.set_model_version_tag(registered_name, number, TOKENIZER_VERSION, version)
+    return client.get_model_version(registered_name, number)
+
+
+def load_tokenizer(model_uri: str) -> HisamTokenizerModel:
+    """The registered DST behind ``model_uri`` (e.g. ``models:/hisam-tokenizer@current``)."""
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()

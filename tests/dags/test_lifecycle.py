@@ -1,0 +1,217 @@
+"""The whole lifecycle through the real DAGs (``dag.test()``) on tiny synthetic data.
+
+One module-scoped run plays the calendar: day 1 runs the four DAGs; the tests then rerun, degrade,
+roll back and break it, in file order (each test states what it builds on). Everything is real: local
+Spark and Delta, GX, the MLflow SQLite registry, Airflow's SQLite metadata.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DAY1, DAY2, DAY3, DAY4 = (dt.date(2026, 11, d) for d in (1, 2, 3, 4))
+VERSION = "dst-20261101"
+
+
+@pytest.fixture(scope="module")
+def world(airflow_db, tmp_path_factory, write_config):
+    """Day 1 of the lifecycle: features, tokenizer, pre-training, fine-tuning (first champion)."""
+    import mlflow
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "dags"))
+    import hisam_lifecycle
+
+    home = tmp_path_factory.mktemp("lifecycle")
+    config = write_config(home / "pipeline.yaml")
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HISAM_HOME", str(home))
+        env.setenv("HISAM_PIPELINE_CONFIG", str(config))
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.delenv("HISAM_LAKE_ROOT", raising=False)
+        env.delenv("HISAM_NOTIFY_SINKS", raising=False)
+        env.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+        day1 = {d: hisam_lifecycle.run_dag(d, DAY1) for d in hisam_lifecycle.LIFECYCLE}
+        yield {
+            "write_config": write_config,
+            "home": home,
+            "config": config,
+            "run": hisam_lifecycle.run_dag,
+            "day1": day1,
+            "env": env,
+        }
+    mlflow.set_tracking_uri(previous_uri)
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _ctx(world, day=DAY1):
+    from pipelines.context import StepContext
+    from pipelines.steps import load_config
+
+    return StepContext(load_config(world["config"]), day)
+
+
+def _alerts(world) -> list[dict]:
+    path = world["home"] / "alerts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _lake_contents(world) -> dict[str, list]:
+    """Every lake table's rows, order-independent (a rewrite with equal rows counts as unchanged)."""
+    from deltalake import DeltaTable
+
+    out = {}
+    for log_dir in sorted((world["home"] / "lake").glob("*/*/_delta_log")):
+        frame = DeltaTable(str(log_dir.parent)).to_pandas()
+        out[log_dir.parent.name] = sorted(
+            json.dumps(r, default=str, sort_keys=True) for r in frame.to_dict("records")
+        )
+    return out
+
+
+def test_day_one_writes_tables_runs_models_aliases_and_lineage(world) -> None:
+    from deltalake import DeltaTable
+
+    assert {d: r.state for d, r in world["day1"].items()} == dict.fromkeys(world["day1"], "success")
+    lake = world["home"] / "lake"
+    samples = DeltaTable(str(lake / "gold" / "samples")).to_pandas()
+    silver = DeltaTable(str(lake / "silver" / "interactions")).to_pandas()
+    bronze = DeltaTable(str(lake / "bronze" / "interactions")).to_pandas()
+    assert len(bronze) == len(silver) == 3000  # generator rows in = bronze = silver (no bad rows)
+    assert len(samples) == len(silver) and set(samples["tokenizer_version"]) == {VERSION}
+    test = samples[samples["split"] == "test"]
+    assert test["event_ts"].min() >= samples.loc[samples["split"] == "train", "event_ts"].max()
+    assert len(test) == 3000 - int(0.9 * 3000)
+    ids = DeltaTable(str(lake / "gold" / "semantic_ids")).to_pandas()
+    assert len(ids) == 120 and all(len(c) == 6 and max(c) < 16 for c in ids["semantic_ids"])
+    embeddings = DeltaTable(str(lake / "gold" / "item_embeddings")).to_pandas()
+    assert embeddings.groupby("modality").size().to_dict() == {"behavior": 120, "image": 120, "text": 120}
+
+    client = _client()
+    tokenizer = client.get_model_version_by_alias("hisam-tokenizer", "current")
+    pretrained = client.get_latest_versions("hisam-pretrained")[0]
+    champion = client.get_model_version_by_alias("hisam-ranker", "champion")
+    assert tokenizer.tags["tokenizer_version"] == VERSION
+    assert pretrained.tags["tokenizer_version"] == champion.tags["tokenizer_version"] == VERSION
+    assert champion.tags["pretrained_version"] == str(pretrained.version)
+    assert champion.tags["gate"] == "promoted" and float(champion.tags["eval.auc"]) >= 0.55
+    run = client.get_run(champion.tags["training_run_id"])
+    tags = [{t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs]
+    inputs = {t["mlflow.data.context"]: t for t in tags}
+    assert inputs["training"]["delta.path"].endswith("gold/samples")
+    assert inputs["evaluation"]["delta.version"] == champion.tags["eval.snapshot"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/sft_training.png" in artifacts
+    dst_run = client.get_run(tokenizer.run_id)
+    assert dst_run.data.metrics["unique_id_rate"] >= 0.5
+    assert {a.path for a in client.list_artifacts(dst_run.info.run_id, "plots")} >= {
+        "plots/codebook_utilisation.png", "plots/figure3.png", "plots/dst_training.png"}  # fmt: skip
+
+
+def test_rerunning_a_day_changes_nothing(world) -> None:
+    """Builds on day 1: the same logical date again leaves every table's rows, the registry and the
+    tracking runs as they were."""
+    client = _client()
+    before_lake = _lake_contents(world)
+    before_models = {m: len(client.search_model_versions(f"name = '{m}'"))
+                     for m in ("hisam-tokenizer", "hisam-pretrained", "hisam-ranker")}  # fmt: skip
+    before_runs = len(client.search_runs([r.experiment_id for r in client.search_experiments()]))
+    for dag_id in ("hisam_tokenizer", "hisam_pretrain", "hisam_finetune"):
+        assert world["run"](dag_id, DAY1).state == "success"
+    assert _lake_contents(world) == before_lake
+    after_models = {m: len(client.search_model_versions(f"name = '{m}'")) for m in before_models}
+    assert after_models == before_models
+    assert len(client.search_runs([r.experiment_id for r in client.search_experiments()])) == before_runs
+    assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "1"
+
+
+def test_a_worse_candidate_is_rejected_with_reasons_and_an_alert(world) -> None:
+    """Builds on day 1: day 2 fine-tunes with a learning rate that wrecks the model."""
+    world["write_config"](world["config"], finetune={"learning_rate": 5.0, "max_steps": 5, "warmup_steps": 0})
+    result = world["run"]("hisam_finetune", DAY2)
+    world["write_config"](world["config"])
+    assert result.state == "success"
+    client = _client()
+    candidate = client.get_model_version("hisam-ranker", "2")
+    assert (
+        candidate.tags["gate"] == "rejected" and "regresses from champion" in candidate.tags["gate_reasons"]
+    )
+    assert float(candidate.tags["eval.auc"]) < float(candidate.tags["champion.auc"]) - 0.01
+    assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "1"
+    rejected = [a for a in _alerts(world) if a["title"] == "hisam-ranker v2 not promoted"]
+    assert len(rejected) == 1 and rejected[0]["details"]["champion_version"] == "1"
+
+
+def test_promote_then_rollback_restores_the_previous_champion(world) -> None:
+    """Builds on day 2: day 3 trains normally (same data and seed as day 1, so equal metrics: no
+    regression) and is promoted; rollback then brings version 1 back."""
+    from pipelines.steps import run_step
+
+    assert world["run"]("hisam_finetune", DAY3).state == "success"
+    client = _client()
+    assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "3"
+    assert str(client.get_model_version_by_alias("hisam-ranker", "previous").version) == "1"
+    day1, day3 = client.get_model_version("hisam-ranker", "1"), client.get_model_version("hisam-ranker", "3")
+    assert day3.tags["eval.auc"] == day1.tags["eval.auc"]  # deterministic training
+    summary = run_step("rollback", DAY3, world["config"])
+    assert summary == {"champion": "1", "demoted": "3"}
+    assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "1"
+    assert client.get_model_version("hisam-ranker", "3").tags["gate"] == "rolled_back"
+    with pytest.raises(ValueError, match="no @previous"):
+        run_step("rollback", DAY3, world["config"])
+
+
+def test_the_champion_refuses_another_tokenizer_version(world) -> None:
+    """Builds on day 1: serving the ranker against a semantic-ID table of another version fails."""
+    from pipelines.ranker_model import load_ranker
+
+    model = load_ranker("models:/hisam-ranker@champion", expected_tokenizer_version=VERSION)
+    frame = model.unwrap_python_model().semantic_ids
+    request = {"user_id": [1], "history_item_ids": [list(frame.item_ids[:3])], "history_actions": [[1, 0, 1]],
+               "candidate_item_ids": [list(frame.item_ids[3:6])]}  # fmt: skip
+    import pandas as pd
+
+    scores = model.predict(pd.DataFrame(request))["scores"].iloc[0]
+    assert len(scores) == 3 and np.all((np.asarray(scores) > 0) & (np.asarray(scores) < 1))
+    with pytest.raises(ValueError, match="dst-20261201"):
+        load_ranker("models:/hisam-ranker@champion", expected_tokenizer_version="dst-20261201")
+
+
+def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
+    """Runs last (it corrupts gold.samples): out-of-codebook rows make the samples gate fail, so
+    fine-tuning never starts, and both the gate and the failed task alert."""
+    from pyspark.sql import functions as F
+
+    ctx = _ctx(world, DAY4)
+    lake = ctx.lake
+    samples = lake.read("gold.samples", partitions={"dataset": "tiny", "tokenizer_version": VERSION})
+    broken = samples.limit(100).withColumn("target_semantic_ids", F.array(*[F.lit(99)] * 6))
+    broken = broken.withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL 1 SECOND"))
+    lake.write(broken, "gold.samples", mode="append")
+    client = _client()
+    versions_before = len(client.search_model_versions("name = 'hisam-ranker'"))
+    result = world["run"]("hisam_finetune", DAY4)
+    assert result.state == "failed"
+    assert result.tasks["validate_samples"] == "failed"
+    assert result.tasks["finetune"] == result.tasks["promote"] == "upstream_failed"
+    assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions_before
+    titles = [a["title"] for a in _alerts(world)]
+    assert "quality gate 'samples' failed" in titles
+    assert "hisam_finetune.validate_samples failed" in titles
+    quarantine = lake.read(
+        "bronze.quarantine", partitions={"dataset": "tiny", "target_table": "gold.samples"}
+    )
+    assert quarantine.filter(F.col("logical_date") == F.lit(DAY4)).count() == 100

@@ -1,0 +1,86 @@
+"""Pure parts of the lifecycle steps: stream windows, per-user histories, config consistency."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hisam_core.ranker.sequence import SequenceConfig, UserHistory
+from hisam_core.semantic_ids import SemanticIds
+from pipelines.config import PipelineConfig
+from pipelines.ranker import histories, windows
+from pipelines.steps import STEPS, load_config
+
+
+def _history(n: int, targets: np.ndarray | None = None) -> UserHistory:
+    items = np.arange(n * 6).reshape(n, 6)  # unique rows: a window is located by its items
+    return UserHistory(7, items, np.arange(n) % 2, {}, targets)
+
+
+@pytest.mark.parametrize(("n", "max_items"), [(1, 4), (5, 4), (37, 10), (100, 37), (9, 1)])
+def test_windows_label_every_target_once_behind_its_own_context(n: int, max_items: int) -> None:
+    history = _history(n)
+    out = windows(history, max_items)
+    labelled = []
+    start = 0
+    for w in out:
+        assert 1 <= len(w) <= max_items and w.targets[-1]  # a window ends on its last target
+        end = start  # find where the window sits in the stream: its items are a contiguous slice
+        for s in range(n - len(w) + 1):
+            if np.array_equal(history.items[s : s + len(w)], w.items):
+                end = s
+                break
+        labelled.extend(end + np.flatnonzero(w.targets))
+    assert sorted(labelled) == list(range(n))  # every interaction labelled exactly once
+
+
+def test_test_windows_keep_training_context_and_label_only_test_rows() -> None:
+    history = _history(30, np.r_[np.zeros(25, bool), np.ones(5, bool)])
+    (only,) = windows(history, 12)
+    assert len(only) == 12 and only.targets.sum() == 5 and not only.targets[:7].any()
+    np.testing.assert_array_equal(only.items, history.items[18:])
+
+
+def test_histories_map_items_through_the_semantic_id_table() -> None:
+    ids = SemanticIds(np.array([10, 20, 30]), np.array([[1] * 6, [2] * 6, [3] * 6]), 16, "v")
+    frame = pd.DataFrame(
+        {
+            "user_id": [1, 1, 1, 2, 2],
+            "item_id": [10, 20, 30, 30, 10],
+            "split": ["train", "train", "test", "train", "train"],
+            "action": [1, 0, 1, 0, 1],
+        }
+    )
+    config = SequenceConfig(codebook_size=16, max_tokens=80)
+    train = histories(frame, ids, config, "train")
+    assert [(h.user_id, len(h), int(h.targets.sum())) for h in train] == [(1, 2, 2), (2, 2, 2)]
+    np.testing.assert_array_equal(train[1].items[:, 0], [3, 1])
+    (test,) = histories(frame, ids, config, "test")
+    assert test.user_id == 1 and test.targets.tolist() == [False, False, True]
+    with pytest.raises(KeyError):
+        histories(frame.assign(item_id=[10, 20, 99, 30, 10]), ids, config, "test")
+
+
+def test_pipeline_config_refuses_inconsistent_sections() -> None:
+    with pytest.raises(ValueError, match="DST writes"):
+        PipelineConfig.model_validate({"ranker": {"sequence": {"codebook_size": 32}}})
+    with pytest.raises(ValueError, match="extra"):
+        PipelineConfig.model_validate({"tokenizr": {}})
+    shipped = load_config()
+    assert shipped.ranker.sequence.codebook_size == shipped.tokenizer.train.model.codebook_size
+
+
+def test_every_step_resolves_to_a_function() -> None:
+    assert all(callable(step.resolve()) for step in STEPS.values())
+
+
+def test_cli_lists_steps_and_refuses_unknown_ones(capsys) -> None:
+    from pipelines.cli import main
+
+    assert main(["steps"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(STEPS)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "no-such-step"])
+    assert exit_info.value.code == 2

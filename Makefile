@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hisam-installed
 
-.PHONY: demo test lint format bench help
+.PHONY: demo test lint format bench quality help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -33,3 +33,8 @@ bench: $(STAMP) ## run the benchmarks (writes benchmarks/results/)
 	$(BIN)/python benchmarks/tokenizer.py
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/sequences.py
+
+quality: $(STAMP) ## offline evaluation: Hi-SAM vs baselines and ablations (writes benchmarks/results/quality.*)
+	$(BIN)/hisam evaluate --run main controls ablations modalities --seeds 0 1 2 \
+		--set-seeds ablations=0 modalities=0 --scaling --scaling-layers 1 2 4 --scaling-tokens 48 80 160 \
+		--workers 2 --mlflow

@@ -77,3 +77,48 @@ def ranking_metrics(
         metrics["cold_auc"] = auc(labels, scores, cold_start)
         metrics["cold_gauc"] = gauc(labels, scores, groups, cold_start)
     return metrics
+
+
+def _top_k_per_user(
+    labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int, mask: np.ndarray | None
+) -> pd.DataFrame:
+    """Per user with both classes: ``hits`` (positives among the ``k`` best-scored samples, ties
+    broken by sample order), ``dcg`` of those hits, ``positives``."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    labels, scores, groups = _prepare(labels, scores, mask, groups)
+    frame = pd.DataFrame({"group": groups, "label": labels, "score": -scores})
+    frame = frame.sort_values(["group", "score"], kind="stable")
+    frame["rank"] = frame.groupby("group").cumcount()
+    top = frame[frame["rank"] < k]
+    per_user = pd.DataFrame(
+        {
+            "positives": frame.groupby("group")["label"].sum(),
+            "count": frame.groupby("group").size(),
+            "hits": top.groupby("group")["label"].sum(),
+            "dcg": (top["label"] / np.log2(top["rank"] + 2)).groupby(top["group"]).sum(),
+        }
+    )
+    per_user = per_user[(per_user["positives"] > 0) & (per_user["positives"] < per_user["count"])]
+    if per_user.empty:
+        raise ValueError("ranking metrics need at least one user with both a positive and a negative sample")
+    return per_user
+
+
+def ndcg_at_k(
+    labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int = 10, mask: np.ndarray | None = None
+) -> float:
+    """Mean over users with both classes of DCG@k / ideal DCG@k, binary relevance (log2 discount)."""
+    per_user = _top_k_per_user(labels, scores, groups, k, mask)
+    discounts = 1 / np.log2(np.arange(k) + 2)
+    ideal = np.cumsum(discounts)[np.minimum(per_user["positives"].to_numpy(), k) - 1]
+    return float(np.mean(per_user["dcg"].to_numpy() / ideal))
+
+
+def hit_rate_at_k(
+    labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int = 10, mask: np.ndarray | None = None
+) -> float:
+    """Mean over users with both classes of (positives in the top ``k``) / min(k, positives): the
+    share of the attainable hits (1 when the top ``k`` are as positive as they can be)."""
+    per_user = _top_k_per_user(labels, scores, groups, k, mask)
+    return float(np.mean(per_user["hits"] / np.minimum(per_user["positives"], k)))

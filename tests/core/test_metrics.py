@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from hisam_core.metrics import auc, gauc, ranking_metrics
+from hisam_core.metrics import auc, gauc, hit_rate_at_k, ndcg_at_k, ranking_metrics
 
 
 @pytest.fixture
@@ -82,3 +82,33 @@ def test_bad_input_raises(labels, scores, mask, match):
 def test_gauc_without_a_two_class_user_raises():
     with pytest.raises(ValueError, match="at least one user"):
         gauc(np.array([0, 1]), np.array([0.3, 0.4]), np.array([1, 2]))
+
+
+def test_ndcg_and_hr_at_k_on_hand_computed_cases():
+    # user 0: scores rank its samples [pos, neg, pos, neg]; user 1: [neg, pos]; user 2: one class only
+    labels = np.array([1, 0, 1, 0, 0, 1, 1, 1])
+    scores = np.array([0.9, 0.8, 0.7, 0.1, 0.9, 0.2, 0.5, 0.4])
+    users = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    ndcg_user0 = (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3))
+    ndcg_user1 = (1 / np.log2(3)) / 1
+    assert ndcg_at_k(labels, scores, users, k=10) == pytest.approx((ndcg_user0 + ndcg_user1) / 2)
+    # k = 1: user 0 hits its only slot, user 1 misses
+    assert hit_rate_at_k(labels, scores, users, k=1) == pytest.approx(0.5)
+    assert ndcg_at_k(labels, scores, users, k=1) == pytest.approx(0.5)
+    # k = 2: user 0 has 1 of min(2, 2) attainable hits, user 1 1 of min(2, 1)
+    assert hit_rate_at_k(labels, scores, users, k=2) == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_ndcg_and_hr_are_one_for_a_perfect_ranking_and_respect_the_mask(samples):
+    labels, _, users, cold = samples
+    perfect = labels + np.random.default_rng(1).random(len(labels)) * 0.5
+    assert ndcg_at_k(labels, perfect, users, 10) == pytest.approx(1.0)
+    assert hit_rate_at_k(labels, perfect, users, 10) == pytest.approx(1.0)
+    worst = -perfect
+    assert ndcg_at_k(labels, worst, users, 10) < 0.5
+    keep = cold
+    assert ndcg_at_k(labels, worst, users, 5, keep) == pytest.approx(
+        ndcg_at_k(labels[keep], worst[keep], users[keep], 5)
+    )
+    with pytest.raises(ValueError, match="k must be"):
+        ndcg_at_k(labels, worst, users, 0)

@@ -1,0 +1,160 @@
+"""Semantic-ID tables of the comparison (Sec. 4.3, Tables 3-4, Figure 2), trained once and cached.
+
+A :class:`TokenizerVariant` names how an item catalogue becomes codes:
+
+* ``dst``: DST (Sec. 3.2) on the chosen modalities (at least two): CGA, shared RQ, PSGR codebooks.
+  ``alignment: false`` is the *w/o CGA* ablation: the GRAM alignment loss (Eq. 1) is off and there
+  is no alignment warm-up, so each modality keeps its own unaligned projection and the shared codes
+  quantise their plain mean (a concatenation-like fusion; DST has no raw-concatenation input).
+* ``rqvae``: plain RQ-VAE over the concatenated modalities (QARM/TIGER-like), as many codebooks as
+  DST would use (3 shared + one per modality); with one modality this is the *behaviour only* table.
+* ``dst_rq``: the *w/o DMRQ* ablation: the CGA-aligned features ``a_m`` of the ``dst`` model on the
+  same modalities, concatenated and quantised by a plain residual quantizer (RQ-VAE), same budget.
+
+Tables are cached as ``<cache_dir>/sids_<key>.parquet``, DST checkpoints as ``dst_<key>.pt``; the key
+hashes the variant, the training configs and the feature arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from hisam_core.config import Config
+from hisam_core.features import MODALITIES, ItemFeatures
+from hisam_core.semantic_ids import SemanticIds
+from hisam_core.tokenizer.dst import DST
+from hisam_core.tokenizer.rqvae import RQVAEConfig, RQVAETrainConfig, train_rqvae
+from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class TokenizerVariant(Config):
+    """One semantic-ID table: tokenizer kind, modalities and the CGA switch (module docstring)."""
+
+    kind: Literal["dst", "rqvae", "dst_rq"] = "dst"
+    modalities: list[str] = Field(default_factory=lambda: list(MODALITIES), min_length=1)
+    alignment: bool = Field(True, description="false: w/o CGA (GRAM loss off); dst only")
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizerVariant:
+        if self.kind in ("dst", "dst_rq") and len(self.modalities) < 2:
+            raise ValueError(f"{self.kind} needs at least two modalities, got {self.modalities}")
+        if not self.alignment and self.kind != "dst":
+            raise ValueError("alignment: false (w/o CGA) applies to kind 'dst' only")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities repeat: {self.modalities}")
+        return self
+
+
+def _fingerprint(features: ItemFeatures) -> str:
+    digest = hashlib.sha1(features.item_ids.tobytes())
+    for name in sorted(features.modalities):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(features.modalities[name]).tobytes())
+    return digest.hexdigest()
+
+
+def _key(*parts: object) -> str:
+    text = json.dumps(
+        [p.model_dump(mode="json") if isinstance(p, Config) else p for p in parts], sort_keys=True
+    )
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _select(features: ItemFeatures, modalities: list[str]) -> ItemFeatures:
+    missing = [m for m in modalities if m not in features.modalities]
+    if missing:
+        raise ValueError(f"modalities {missing} are not in the features ({list(features.modalities)})")
+    return ItemFeatures(features.item_ids, {m: features.modalities[m] for m in modalities})
+
+
+def _dst(
+    variant: TokenizerVariant, features: ItemFeatures, config: TokenizerTrainConfig, cache_dir: Path
+) -> DST:
+    """The (cached) DST model of ``variant`` (kind ignored: ``dst_rq`` reuses the ``dst`` model)."""
+    model = config.model.model_copy(
+        update={"anchor_modality": "text" if "text" in variant.modalities else variant.modalities[-1]}
+    )
+    update: dict[str, object] = {"model": model}
+    if not variant.alignment:
+        update |= {"model": model.model_copy(update={"alignment_weight": 0.0}), "alignment_warmup_epochs": 0}
+    config = config.model_copy(update=update)
+    path = cache_dir / f"dst_{_key(variant.modalities, config, _fingerprint(features))}.pt"
+    if path.exists():
+        return DST.load_checkpoint(path)
+    logger.info("training DST on %s (alignment=%s)", variant.modalities, variant.alignment)
+    return train_tokenizer(features, config, checkpoint_path=path).eval()
+
+
+def semantic_ids(
+    variant: TokenizerVariant,
+    features: ItemFeatures,
+    tokenizer: TokenizerTrainConfig,
+    rqvae: RQVAETrainConfig,
+    cache_dir: str | Path,
+) -> SemanticIds:
+    """The semantic-ID table of ``variant`` over the catalogue (trained once, then read from cache)."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    features = _select(features, variant.modalities)
+    key = _key(variant, tokenizer, rqvae, _fingerprint(features))
+    path = cache_dir / f"sids_{key}.parquet"
+    if path.exists():
+        return SemanticIds.load(path)
+    version = f"{variant.kind}-{'-'.join(variant.modalities)}{'' if variant.alignment else '-nocga'}"
+    layers = tokenizer.model.shared_layers + len(variant.modalities)
+    rq = rqvae.model_copy(
+        update={
+            "model": RQVAEConfig.from_dict(
+                {
+                    **rqvae.model.model_dump(),
+                    "num_layers": layers,
+                    "codebook_size": tokenizer.model.codebook_size,
+                }
+            )
+        }
+    )
+    if variant.kind == "rqvae":
+        ids = train_rqvae(features, rq).encode(features, version)
+    else:
+        dst = _dst(variant, features, tokenizer, cache_dir)
+        if variant.kind == "dst":
+            ids = dst.encode(features, version)
+        else:
+            with torch.no_grad():
+                aligned = dst.cga(dst.tensors(features))
+            aligned_features = ItemFeatures(
+                features.item_ids, {m: aligned[m].numpy() for m in dst.modalities}
+            )
+            ids = train_rqvae(aligned_features, rq).encode(aligned_features, version)
+    ids.save(path)
+    logger.info(
+        "semantic IDs %s: %d items x %d codes -> %s", version, len(ids.item_ids), ids.num_positions, path
+    )
+    return ids
+
+
+def load_features_npz(path: str | Path) -> ItemFeatures:
+    """Item features from an ``.npz`` with ``item_ids`` and one ``emb_<modality>`` array per modality
+    (the format of the ``benchmarks/movielens_features.py`` cache)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"features file {path} does not exist")
+    with np.load(path) as z:
+        modalities = {
+            k.removeprefix("emb_"): z[k].astype(np.float32) for k in z.files if k.startswith("emb_")
+        }
+        if "item_ids" not in z.files or not modalities:
+            raise ValueError(f"{path}: expected 'item_ids' and 'emb_<modality>' arrays, got {z.files}")
+        item_ids = z["item_ids"]
+    ordered = [m for m in MODALITIES if m in modalities] + [m for m in modalities if m not in MODALITIES]
+    return ItemFeatures(item_ids, {m: modalities[m] for m in ordered})

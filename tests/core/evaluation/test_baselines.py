@@ -1,0 +1,131 @@
+"""Rankers of the comparison: one-pass (teacher-forced) scoring equals scoring each target alone on its
+prefix, and MA-Attn hides past actions where the causal ablation shows them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hisam_core.evaluation.baselines import HMATRanker, IDRanker, IDRankerConfig, to_histories
+from hisam_core.evaluation.protocol import (
+    ProtocolConfig,
+    Window,
+    build_windows,
+    chronological_split,
+    label_interactions,
+)
+from hisam_core.ranker.model import HMATConfig
+from hisam_core.ranker.objectives import positive_probability
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHistory
+from hisam_core.ranker.train import RankerConfig, TrainConfig, build_model
+from hisam_core.semantic_ids import SemanticIds
+
+WINDOW = 6
+PROFILE_FIELDS = {"age": 3}
+
+
+@pytest.fixture
+def windows(planted) -> list[Window]:
+    frame, _, _ = planted
+    split = chronological_split(label_interactions(frame, ProtocolConfig()), ProtocolConfig())
+    profiles = {u: {"age": u % 3} for u in split.interactions["user_id"].unique()}
+    _, test = build_windows(split, WINDOW, 3, profiles)
+    return test[:12]
+
+
+def prefixes(windows: list[Window]) -> list[Window]:
+    """Each target of each window as its own window: the prefix up to it, only it a target."""
+    out = []
+    for w in windows:
+        for offset in np.flatnonzero(w.targets):
+            targets = np.zeros(offset + 1, dtype=bool)
+            targets[-1] = True
+            out.append(
+                Window(w.user_id, w.item_ids[: offset + 1], w.labels[: offset + 1], targets, w.profile)
+            )
+    return out
+
+
+@pytest.mark.parametrize("block", ["sasrec", "hstu"])
+def test_id_ranker_one_pass_equals_per_target_scoring(windows, planted, block):
+    _, _, item_ids = planted
+    ranker = IDRanker(
+        IDRankerConfig(block=block, hidden_size=16, num_heads=2, ffn_size=32),
+        TrainConfig(max_steps=3, batch_size=8, warmup_steps=1),
+        item_ids,
+        PROFILE_FIELDS,
+        WINDOW,
+    )
+    ranker.fit(windows)
+    one_pass = ranker.score(windows)
+    alone = ranker.score(prefixes(windows), batch_size=1)
+    np.testing.assert_allclose(one_pass, alone, rtol=1e-5, atol=1e-6)
+    assert np.std(one_pass) > 0
+
+
+def hmat_ranker(planted, **model: object) -> HMATRanker:
+    _, _, item_ids = planted
+    codes = np.random.default_rng(1).integers(0, 8, size=(len(item_ids), 3))
+    ids = SemanticIds(item_ids, codes, 8, "test")
+    config = RankerConfig(
+        sequence=SequenceConfig(
+            num_positions=3, codebook_size=8, profile_fields=PROFILE_FIELDS, max_tokens=64
+        ),
+        model=HMATConfig(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, ffn_size=32, **model),
+        train=TrainConfig(max_steps=2),
+    )
+    ranker = HMATRanker(config, ids)
+    torch.manual_seed(0)
+    ranker.model = build_model(config).eval()
+    return ranker
+
+
+@torch.no_grad()
+def candidate_score(ranker: HMATRanker, window: Window) -> float:
+    """Reference: the last item of ``window`` scored as a one-item candidate after its history."""
+    builder = SequenceBuilder(ranker.config.sequence)
+    (history,) = to_histories([window], ranker.semantic_ids)
+    past = UserHistory(history.user_id, history.items[:-1], history.actions[:-1], history.profile)
+    batch = builder.collate([builder.build(past, candidate=history.items[-1])])
+    model = ranker.model
+    hidden = model(batch, model.mask(batch, model.config.attention_mask)).hidden[0, -1]
+    return float(positive_probability(model.action_logits(hidden, builder.vocab.action_ids), builder.vocab))
+
+
+@pytest.mark.parametrize("mask", ["memory_anchor", "causal"])
+def test_hmat_teacher_forced_scoring_equals_candidate_scoring(windows, planted, mask):
+    ranker = hmat_ranker(planted, attention_mask=mask)
+    one_pass = ranker.score(windows)
+    reference = [candidate_score(ranker, w) for w in prefixes(windows)]
+    np.testing.assert_allclose(one_pass, reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("model", "sees_actions"),
+    [
+        ({"attention_mask": "memory_anchor"}, False),
+        ({"attention_mask": "causal"}, True),
+        ({"history_memory": "anchor_action"}, True),
+    ],
+)
+def test_past_actions_reach_the_score_only_where_the_switch_says(windows, planted, model, sees_actions):
+    ranker = hmat_ranker(planted, **model)
+    flipped = [Window(w.user_id, w.item_ids, 1 - w.labels, w.targets, w.profile) for w in windows]
+    changed = not np.allclose(ranker.score(windows), ranker.score(flipped), atol=1e-6)
+    assert changed == sees_actions
+
+
+@pytest.mark.parametrize("past_actions", [True, False])
+def test_id_ranker_sees_past_actions_only_when_switched_on(windows, planted, past_actions):
+    _, _, item_ids = planted
+    ranker = IDRanker(
+        IDRankerConfig(hidden_size=16, num_heads=2, ffn_size=32, past_actions=past_actions),
+        TrainConfig(max_steps=3, batch_size=8, warmup_steps=1),
+        item_ids,
+        PROFILE_FIELDS,
+        WINDOW,
+    )
+    ranker.fit(windows)
+    flipped = [Window(w.user_id, w.item_ids, 1 - w.labels, w.targets, w.profile) for w in windows]
+    assert (not np.allclose(ranker.score(windows), ranker.score(flipped), atol=1e-6)) == past_actions

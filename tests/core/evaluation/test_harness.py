@@ -1,0 +1,208 @@
+"""Harness: the config catalogue, ablation switches that change exactly what they claim, the cached
+semantic-ID variants, and a tiny end-to-end run where signal-bearing rankers beat random scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from hisam_core.evaluation.harness import (
+    DEFAULT_SETS,
+    EvaluationConfig,
+    ExperimentConfig,
+    ScalingConfig,
+    evaluation_metrics,
+    markdown_table,
+    run_evaluation,
+    scaling_points,
+    summarise,
+)
+from hisam_core.evaluation.protocol import (
+    ProtocolConfig,
+    build_windows,
+    chronological_split,
+    label_interactions,
+)
+from hisam_core.evaluation.semantic import TokenizerVariant, semantic_ids
+from hisam_core.features import ItemFeatures
+from hisam_core.ranker.model import HMATConfig
+from hisam_core.tokenizer.dst import DST
+from hisam_core.tokenizer.rqvae import RQVAEConfig, RQVAETrainConfig
+from hisam_core.tokenizer.train import TokenizerTrainConfig
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_configs_evaluation_yaml_documents_the_defaults():
+    assert EvaluationConfig.from_yaml(ROOT / "configs" / "evaluation.yaml") == EvaluationConfig()
+
+
+def resolved(experiment: ExperimentConfig, config: EvaluationConfig) -> dict[str, Any]:
+    """Everything that defines a row, flattened."""
+    out: dict[str, Any] = {"model": experiment.model, "pretrain": experiment.pretrain}
+    if experiment.tokenizer is not None:
+        out |= {f"tokenizer.{k}": v for k, v in experiment.tokenizer.model_dump().items()}
+    hmat = HMATConfig.model_validate({**config.hmat.model_dump(), **experiment.hmat})
+    out |= {f"hmat.{k}": v for k, v in hmat.model_dump().items()}
+    return out
+
+
+CLAIMS = {
+    "hisam": {"pretrain": True},
+    "no_cga": {"tokenizer.alignment": False},
+    "no_dmrq": {"tokenizer.kind": "dst_rq"},
+    "abs_pos": {"hmat.position_encoding": "absolute"},
+    "rope1d": {"hmat.position_encoding": "rope1d"},
+    "no_ma": {"hmat.attention_mask": "causal"},
+    "action_memory": {"hmat.history_memory": "anchor_action"},
+    "mod_behavior": {"tokenizer.kind": "rqvae", "tokenizer.modalities": ["behavior"]},
+    "mod_image_text": {"tokenizer.modalities": ["image", "text"]},
+    "mod_behavior_text": {"tokenizer.modalities": ["behavior", "text"]},
+    "mod_behavior_image": {"tokenizer.modalities": ["behavior", "image"]},
+    "qarm": {"tokenizer.kind": "rqvae", "hmat.position_encoding": "rope1d", "hmat.attention_mask": "causal"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMS))
+def test_each_variant_differs_from_hisam_sft_in_exactly_its_switch(name):
+    config = EvaluationConfig()
+    reference = resolved(config.experiment("hisam_sft"), config)
+    variant = resolved(config.experiment(name), config)
+    assert {k: v for k, v in variant.items() if reference.get(k) != v} == CLAIMS[name]
+
+
+def test_sets_and_seeds_expand_in_order():
+    config = EvaluationConfig(run=["main", "ablations"], seeds=[0, 1], seeds_per_set={"ablations": [5]})
+    jobs = [(e.name, s) for e, s in config.jobs()]
+    assert jobs[: 2 * len(DEFAULT_SETS["main"])] == [(n, s) for n in DEFAULT_SETS["main"] for s in (0, 1)]
+    assert ("hisam_sft", 5) not in jobs  # already selected by main, with its seeds
+    assert ("no_cga", 5) in jobs
+    with pytest.raises(ValueError, match="unknown"):
+        EvaluationConfig(run=["nope"])
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    runs = [
+        {"experiment": "a", "seed": s, "num_parameters": 10, "metrics": {"auc": v, "gauc": v}}
+        for s, v in enumerate([0.6, 0.7, 0.8])
+    ]
+    summary = summarise(runs)
+    assert summary["a"]["gauc"]["mean"] == pytest.approx(0.7)
+    assert summary["a"]["gauc"]["std"] == pytest.approx(0.1)
+    assert "0.7000 ± 0.1000" in markdown_table(summary)
+
+
+def tiny_tokenizer() -> TokenizerTrainConfig:
+    return TokenizerTrainConfig.model_validate(
+        {
+            "model": {
+                "dim": 8,
+                "hidden_dim": 16,
+                "shared_layers": 1,
+                "codebook_size": 8,
+                "psgr_heads": 2,
+                "vclub_hidden_dim": 8,
+            },
+            "epochs": 4,
+            "alignment_warmup_epochs": 1,
+            "batch_size": 32,
+            "init_sample_size": 60,
+        }
+    )
+
+
+def tiny_rqvae() -> RQVAETrainConfig:
+    return RQVAETrainConfig(model=RQVAEConfig(dim=8, hidden_dim=16, codebook_size=8), epochs=4, batch_size=32)
+
+
+def test_semantic_id_variants_train_what_they_claim_and_are_cached(planted, tmp_path):
+    _, modalities, item_ids = planted
+    features = ItemFeatures(item_ids, modalities)
+    tables = {}
+    for variant in (
+        TokenizerVariant(kind="dst", modalities=["behavior", "text"]),
+        TokenizerVariant(kind="dst", modalities=["behavior", "text"], alignment=False),
+        TokenizerVariant(kind="dst_rq", modalities=["behavior", "text"]),
+        TokenizerVariant(kind="rqvae", modalities=["behavior"]),
+    ):
+        ids = semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path)
+        again = semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path)
+        np.testing.assert_array_equal(ids.codes, again.codes)
+        assert ids.num_positions == 1 + len(variant.modalities)  # shared layers + one per modality
+        tables[(variant.kind, variant.alignment)] = ids
+    weights = sorted(DST.load_checkpoint(p).config.alignment_weight for p in tmp_path.glob("dst_*.pt"))
+    assert weights == [0.0, 1.0]  # w/o CGA switches the GRAM loss off, nothing else is a new DST
+    assert tables[("dst_rq", True)].position_names[0] == "rq_0"
+    with pytest.raises(ValueError, match="at least two modalities"):
+        TokenizerVariant(kind="dst", modalities=["behavior"])
+
+
+def test_end_to_end_rankers_beat_random_on_planted_preferences(planted, tmp_path):
+    frame, modalities, item_ids = planted
+    frame.to_csv(tmp_path / "interactions.csv", index=False)
+    np.savez(tmp_path / "features.npz", item_ids=item_ids, **{f"emb_{m}": v for m, v in modalities.items()})
+    config = EvaluationConfig.model_validate(
+        {
+            "data": {
+                "dataset": "generic",
+                "path": str(tmp_path / "interactions.csv"),
+                "features_path": str(tmp_path / "features.npz"),
+            },
+            "max_tokens": 48,
+            "hmat": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "ffn_size": 32},
+            "id_ranker": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "ffn_size": 32},
+            "train": {
+                "learning_rate": 3e-3,
+                "warmup_steps": 5,
+                "max_steps": 80,
+                "batch_size": 16,
+                "checkpoint_every": 1000,
+                "mixed_precision": "off",
+                "device": "cpu",
+            },
+            "tokenizer": tiny_tokenizer().model_dump(),
+            "rqvae": tiny_rqvae().model_dump(),
+            "experiments": [
+                {"name": "sasrec", "model": "sasrec"},
+                {"name": "hisam_sft", "tokenizer": {"modalities": ["behavior", "text"]}},
+            ],
+            "sets": {},
+            "run": ["sasrec", "hisam_sft"],
+            "seeds": [0],
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    )
+    result = run_evaluation(config)
+    split = chronological_split(label_interactions(frame, ProtocolConfig()), ProtocolConfig())
+    _, test = build_windows(split, result["budget"]["window_items"], 2)
+    scores = np.random.default_rng(0).random(sum(int(w.targets.sum()) for w in test))
+    random_gauc = evaluation_metrics(test, scores, split.cold_users)["gauc"]
+    for name in ("sasrec", "hisam_sft"):
+        assert result["summary"][name]["gauc"]["mean"] > max(0.65, random_gauc + 0.1), name
+    assert set(result["tables"]) == {"other"}
+    assert torch.get_num_threads() == 1
+
+
+def test_scaling_points_change_only_their_axis_and_reuse_the_base_point():
+    config = EvaluationConfig(scaling=ScalingConfig(num_layers=[1, 2, 4], max_tokens=[80, 160]))
+    base = config.experiment("hisam_sft")
+    points = scaling_points(config)
+    assert [(axis, value) for axis, value, _ in points] == [
+        ("num_layers", 1),
+        ("num_layers", 2),
+        ("num_layers", 4),
+        ("max_tokens", 80),
+        ("max_tokens", 160),
+    ]
+    for axis, value, experiment in points:
+        if (axis, value) in {("num_layers", 2), ("max_tokens", 160)}:
+            assert experiment is base
+            continue
+        reference, variant = resolved(base, config), resolved(experiment, config)
+        diff = {k: v for k, v in variant.items() if reference.get(k) != v}
+        assert diff == ({"hmat.num_layers": value} if axis == "num_layers" else {})
+        assert (experiment.max_tokens or config.max_tokens) == (value if axis == "max_tokens" else 160)

@@ -1,0 +1,85 @@
+"""Sec. 4.1 protocol: labels, the global chronological split, cold users and the shared windows."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hisam_core.evaluation.protocol import (
+    ProtocolConfig,
+    build_windows,
+    chronological_split,
+    label_interactions,
+    load_movielens,
+    target_arrays,
+)
+
+
+def test_movielens_split_matches_the_spark_sequence_job(movielens_dir):
+    dataset = load_movielens(movielens_dir, ProtocolConfig())
+    split = chronological_split(dataset.interactions, ProtocolConfig())
+    summary = split.summary()
+    assert dt.datetime.fromtimestamp(split.cut, dt.UTC) == dt.datetime(1998, 3, 31, 22, 11, 49, tzinfo=dt.UTC)
+    assert (summary["train"], summary["test"]) == (90_000, 10_000)
+    assert summary["test_users"] == 166
+    assert summary["cold_test_users"] == 77
+    assert summary["unseen_test_items"] == 45
+    assert len(dataset.profiles) == 943
+    assert all(0 <= p[f] < n for p in dataset.profiles.values() for f, n in dataset.profile_fields.items())
+
+
+def test_labels_are_rating_above_three_or_the_label_column():
+    ratings = pd.DataFrame(
+        {"user_id": [1] * 5, "item_id": range(5), "rating": [1, 2, 3, 4, 5], "timestamp": range(5)}
+    )
+    assert label_interactions(ratings, ProtocolConfig())["label"].tolist() == [0, 0, 0, 1, 1]
+    labelled = ratings.drop(columns="rating").assign(label=[1, 0, 1, 0, 1])
+    assert label_interactions(labelled, ProtocolConfig())["label"].tolist() == [1, 0, 1, 0, 1]
+    with pytest.raises(ValueError, match="'label' or a 'rating'"):
+        label_interactions(ratings.drop(columns="rating"), ProtocolConfig())
+
+
+def test_split_is_chronological_with_ties_at_the_cut_in_test(planted):
+    frame, _, _ = planted
+    frame = pd.concat([frame, frame.head(7).assign(user_id=999)])  # some timestamps now repeat
+    split = chronological_split(label_interactions(frame, ProtocolConfig()), ProtocolConfig())
+    train, test = split.train, split.test
+    assert len(train) + len(test) == len(frame)
+    assert train["timestamp"].max() < split.cut <= test["timestamp"].min()
+    k = int(np.floor(0.9 * len(frame)))
+    assert np.sort(frame["timestamp"].to_numpy())[k] == split.cut
+    assert len(train) <= k
+    n_train = train.groupby("user_id").size().reindex(split.interactions["user_id"].unique(), fill_value=0)
+    assert split.cold_users == frozenset(n_train[n_train < 10].index)
+    assert split.test_users == frozenset(test["user_id"])
+
+
+@pytest.mark.parametrize(("window", "stride"), [(5, 2), (7, 7), (4, 1)])
+def test_windows_cover_every_interaction_once_with_enough_context(planted, window, stride):
+    frame, _, _ = planted
+    split = chronological_split(label_interactions(frame, ProtocolConfig()), ProtocolConfig())
+    train_windows, test_windows = build_windows(split, window, stride)
+    for windows, part in ((train_windows, split.train), (test_windows, split.test)):
+        targets = target_arrays(windows)
+        keys = pd.Series(list(zip(targets["users"], targets["items"], strict=True)))
+        assert not keys.duplicated().any()
+        assert set(keys) == set(zip(part["user_id"], part["item_id"], strict=True))
+    sequences = {u: rows["item_id"].to_numpy() for u, rows in split.interactions.groupby("user_id")}
+    test_items = set(zip(split.test["user_id"], split.test["item_id"], strict=True))
+    for windows, is_test in ((train_windows, False), (test_windows, True)):
+        for w in windows:
+            assert len(w) <= window
+            sequence = sequences[w.user_id]
+            start = next(
+                s for s in range(len(sequence)) if np.array_equal(sequence[s : s + len(w)], w.item_ids)
+            )
+            for offset in np.flatnonzero(w.targets):
+                # a target sees at least window - stride earlier items, or its whole past
+                assert offset >= min(window - stride, start + offset)
+            if not is_test:
+                assert not {(w.user_id, int(i)) for i in w.item_ids} & test_items
+    with pytest.raises(ValueError, match="stride"):
+        build_windows(split, 3, 4)

@@ -47,8 +47,10 @@ def test_features_dag_runs_on_postgres(tmp_path, write_config) -> None:
         "MLFLOW_TRACKING_URI": f"{URL}/mlflow",
         "HISAM_EXPERIMENT": f"hisam-pg-{tmp_path.name}",
     }
+    script = tmp_path / "run_features.py"  # a script file: under `python -c` a task exited early
+    script.write_text(SCRIPT)
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(DAGS), str(tmp_path)], env=env, capture_output=True, text=True
+        [sys.executable, str(script), str(DAGS), str(tmp_path)], env=env, capture_output=True, text=True
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]

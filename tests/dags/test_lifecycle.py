@@ -129,7 +129,7 @@ def test_rerunning_a_day_changes_nothing(world) -> None:
     before_models = {m: len(client.search_model_versions(f"name = '{m}'"))
                      for m in ("hisam-tokenizer", "hisam-pretrained", "hisam-ranker")}  # fmt: skip
     before_runs = len(client.search_runs([r.experiment_id for r in client.search_experiments()]))
-    for dag_id in ("hisam_tokenizer", "hisam_pretrain", "hisam_finetune"):
+    for dag_id in ("hisam_features", "hisam_tokenizer", "hisam_pretrain", "hisam_finetune"):
         assert world["run"](dag_id, DAY1).state == "success"
     assert _lake_contents(world) == before_lake
     after_models = {m: len(client.search_model_versions(f"name = '{m}'")) for m in before_models}

@@ -67,6 +67,16 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 
 
+#: What every Hi-SAM DAG shares: ``@dag(dag_id=..., schedule=..., doc_md=__doc__, **DAG_DEFAULTS)``.
+DAG_DEFAULTS: dict[str, Any] = {
+    "start_date": START,
+    "catchup": False,
+    "max_active_runs": 1,
+    "default_args": DEFAULT_ARGS,
+    "tags": TAGS,
+}
+
+
 def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``step`` for the run's day; ``{ds_nodash}`` in a param is the day as YYYYMMDD."""
     from airflow.sdk.exceptions import AirflowFailException

@@ -8,18 +8,14 @@ current tokenizer version (skipped, with a warning, before the first tokenizer e
 from __future__ import annotations
 
 from airflow.sdk import dag
-from hisam_common import DEFAULT_ARGS, ITEM_EMBEDDINGS, SAMPLES, START, TAGS, step_task
+from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, step_task
 
 
 @dag(
     dag_id="hisam_features",
     schedule="@daily",
-    start_date=START,
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    tags=TAGS,
     doc_md=__doc__,
+    **DAG_DEFAULTS,
 )
 def hisam_features() -> None:
     ingest = step_task("ingest")()

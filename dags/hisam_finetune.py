@@ -7,18 +7,14 @@ A failed data-quality gate stops the run before any training, and alerts.
 from __future__ import annotations
 
 from airflow.sdk import dag
-from hisam_common import DEFAULT_ARGS, PRETRAINED, RANKER, SAMPLES, START, TAGS, step_task
+from hisam_common import DAG_DEFAULTS, PRETRAINED, RANKER, SAMPLES, step_task
 
 
 @dag(
     dag_id="hisam_finetune",
     schedule="0 4 * * *",
-    start_date=START,
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    tags=TAGS,
     doc_md=__doc__,
+    **DAG_DEFAULTS,
 )
 def hisam_finetune() -> None:
     gate = step_task("validate-samples", inlets=[SAMPLES])()

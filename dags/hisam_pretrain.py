@@ -7,7 +7,7 @@ pre-training never lags a re-tokenized catalogue by a week. Registers ``hisam-pr
 from __future__ import annotations
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag
-from hisam_common import DEFAULT_ARGS, PRETRAINED, SAMPLES, START, TAGS, TOKENIZER, step_task
+from hisam_common import DAG_DEFAULTS, PRETRAINED, SAMPLES, TOKENIZER, step_task
 
 
 @dag(
@@ -15,12 +15,8 @@ from hisam_common import DEFAULT_ARGS, PRETRAINED, SAMPLES, START, TAGS, TOKENIZ
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable("0 3 * * 0", timezone="UTC"), assets=TOKENIZER
     ),
-    start_date=START,
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    tags=TAGS,
     doc_md=__doc__,
+    **DAG_DEFAULTS,
 )
 def hisam_pretrain() -> None:
     step_task("pretrain", gpu=True, inlets=[SAMPLES, TOKENIZER], outlets=[PRETRAINED])()

@@ -8,7 +8,7 @@ exist, and the move triggers ``hisam_pretrain`` through the ``hisam-tokenizer@cu
 from __future__ import annotations
 
 from airflow.sdk import dag
-from hisam_common import DEFAULT_ARGS, ITEM_EMBEDDINGS, SAMPLES, START, TAGS, TOKENIZER, step_task
+from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, TOKENIZER, step_task
 
 VERSION = {"tokenizer_version": "dst-{ds_nodash}"}
 
@@ -16,12 +16,8 @@ VERSION = {"tokenizer_version": "dst-{ds_nodash}"}
 @dag(
     dag_id="hisam_tokenizer",
     schedule="@monthly",
-    start_date=START,
-    catchup=False,
-    max_active_runs=1,
-    default_args=DEFAULT_ARGS,
-    tags=TAGS,
     doc_md=__doc__,
+    **DAG_DEFAULTS,
 )
 def hisam_tokenizer() -> None:
     train = step_task("train-tokenizer", gpu=True, params=VERSION, inlets=[ITEM_EMBEDDINGS])()

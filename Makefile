@@ -35,6 +35,5 @@ bench: $(STAMP) ## run the benchmarks (writes benchmarks/results/)
 	$(BIN)/python benchmarks/sequences.py
 
 quality: $(STAMP) ## offline evaluation: Hi-SAM vs baselines and ablations (writes benchmarks/results/quality.*)
-	$(BIN)/hisam evaluate --run main controls ablations modalities --seeds 0 1 2 \
-		--set-seeds ablations=0 modalities=0 --scaling --scaling-layers 1 2 4 --scaling-tokens 48 80 160 \
-		--workers 2 --mlflow
+	$(BIN)/python benchmarks/quality.py --run main controls ablations modalities --seeds 0 1 2 \
+		--scaling --scaling-layers 1 2 4 --scaling-tokens 48 80 160 300 --workers 2 --mlflow

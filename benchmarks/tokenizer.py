@@ -36,7 +36,8 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.movielens_features import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR, load_movielens_features
+from benchmarks.movielens_features import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR
+from hisam_core.evaluation.features import load_movielens_features
 from hisam_core.features import ItemFeatures
 from hisam_core.tokenizer.dst import DST
 from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure

@@ -2,7 +2,8 @@
 
 ``hisam demo`` runs the whole lifecycle through the real Airflow DAGs on the embedded default;
 ``hisam run <step>`` runs one pipeline step (the same function the Airflow task calls);
-``hisam rollback`` restores the previous champion; ``hisam steps`` lists the steps.
+``hisam rollback`` restores the previous champion; ``hisam steps`` lists the steps; ``hisam evaluate``
+runs the offline comparison (:mod:`pipelines.evaluation`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ Examples:
   hisam run ingest --logical-date 2026-11-22   # one step for one day
   hisam run build-sequences --param tokenizer_version=dst-20261101
   hisam rollback                               # @previous becomes @champion again
+  hisam evaluate --run main --seeds 0 1 2      # offline comparison on MovieLens-100K (--help: options)
 """
 
 
@@ -106,16 +108,12 @@ def _parser() -> argparse.ArgumentParser:
         help="step parameter, e.g. tokenizer_version=dst-20261101",
     )
 
-    evaluate = sub.add_parser(
+    sub.add_parser(
         "evaluate",
         help="offline evaluation: Hi-SAM vs baselines and ablations (Sec. 4.1-4.3)",
-        description="Run benchmarks/quality.py (hisam_core.evaluation.harness.run_evaluation): the chosen "
-        "experiments x seeds on MovieLens-100K or a generic dataset, tables (mean and spread), JSON, the "
-        "scaling plot, and with --mlflow one MLflow run per experiment and seed. Arguments after "
-        "`evaluate` go to that script; `hisam evaluate --help` lists them.",
+        description="Offline evaluation (pipelines.evaluation); `hisam evaluate --help` lists its options.",
         add_help=False,
     )
-    evaluate.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks/quality.py")
 
     with_config(
         sub.add_parser(
@@ -130,18 +128,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)  # `evaluate` hands unknown options to its script
-    if extra and args.command != "evaluate":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    forwarded: list[str] = []
+    if "evaluate" in argv:  # everything after `evaluate` belongs to pipelines.evaluation, verbatim
+        at = argv.index("evaluate")
+        argv, forwarded = argv[: at + 1], argv[at + 1 :]
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "evaluate":
-        import runpy
-
-        script = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-        if not script.is_file():
-            log.error("benchmarks/quality.py not found next to this package (run from a source checkout)")
-            return 2
-        return int(runpy.run_path(str(script), run_name="hisam_evaluate")["main"]([*args.args, *extra]))
     if args.command == "steps":
         for step in STEPS.values():
             sys.stdout.write(f"{step.name:<20} {step.help}\n")
@@ -149,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.command == "evaluate":
+        from pipelines.evaluation import main as evaluate
+
+        return evaluate(forwarded, prog="hisam evaluate")
     from pipelines.steps import run_step
 
     try:

@@ -129,7 +129,7 @@ DEFAULT_EXPERIMENTS: list[ExperimentConfig] = [
     _hmat("hisam", "Hi-SAM (DST + HMAT), PT + SFT", pretrain=True),
     _hmat(
         "no_cga",
-        "w/o CGA (GRAM alignment off)",
+        "w/o CGA (concatenation, no GRAM loss)",
         tokenizer=_dst(["behavior", "image", "text"], alignment=False),
     ),
     _hmat("no_dmrq", "w/o DMRQ (CGA + plain RQ)", tokenizer=TokenizerVariant(kind="dst_rq")),
@@ -157,6 +157,14 @@ DEFAULT_SETS: dict[str, list[str]] = {
     "ablations": ["hisam_sft", "no_cga", "no_dmrq", "abs_pos", "rope1d", "no_ma", "action_memory"],
     "modalities": ["mod_behavior", "mod_image_text", "mod_behavior_text", "mod_behavior_image", "hisam_sft"],
 }
+
+
+class TargetConfig(Config):
+    """The comparison's target: ``candidate`` ahead of every baseline on ``metrics`` beyond the spread."""
+
+    candidate: str = "hisam"
+    baselines: list[str] = Field(default_factory=lambda: ["sasrec", "hstu", "qarm"])
+    metrics: list[str] = Field(default_factory=lambda: ["gauc", "cold_gauc"])
 
 
 class EvaluationConfig(Config):
@@ -193,6 +201,7 @@ class EvaluationConfig(Config):
         default_factory=dict, description="set -> seeds for the experiments that set selects first"
     )
     scaling: ScalingConfig | None = None
+    target: TargetConfig = Field(default_factory=TargetConfig)
     cache_dir: str = Field(".hisam/evaluation", description="semantic-ID tables and DST checkpoints")
     threads: int = Field(1, ge=1, description="torch intra-op threads")
 
@@ -376,6 +385,35 @@ def markdown_table(summary: dict[str, dict[str, Any]], descriptions: dict[str, s
     return "\n".join(lines) + "\n"
 
 
+def target_check(summary: dict[str, dict[str, Any]], target: TargetConfig) -> list[dict[str, Any]]:
+    """Per metric: the candidate against its best baseline. ``met`` when the margin exceeds the sum
+    of both sample stds and both have at least two seeds; rows are left out when a model is missing."""
+    rows = []
+    baselines = [b for b in target.baselines if b in summary]
+    if target.candidate not in summary or not baselines:
+        return rows
+    candidate = summary[target.candidate]
+    for metric in target.metrics:
+        best = max(baselines, key=lambda b: summary[b][metric]["mean"])
+        margin = candidate[metric]["mean"] - summary[best][metric]["mean"]
+        spread = candidate[metric]["std"] + summary[best][metric]["std"]
+        seeds = min(len(candidate["seeds"]), len(summary[best]["seeds"]))
+        rows.append(
+            {
+                "metric": metric,
+                "candidate": target.candidate,
+                "candidate_mean": candidate[metric]["mean"],
+                "best_baseline": best,
+                "baseline_mean": summary[best][metric]["mean"],
+                "margin": margin,
+                "spread": spread,
+                "seeds": seeds,
+                "met": bool(seeds >= 2 and margin > spread),
+            }
+        )
+    return rows
+
+
 def scaling_points(config: EvaluationConfig) -> list[tuple[str, int, ExperimentConfig]]:
     """``(axis, value, experiment)`` of the depth and ``max_tokens`` sweeps of ``config.scaling``; the
     point equal to the base experiment is the base experiment itself (its runs are reused)."""
@@ -405,6 +443,24 @@ def collect_scaling(
         for seed in config.scaling.seeds:
             sweeps[axis].append({"value": value, "seed": seed, **records[(experiment.name, seed)]["metrics"]})
     return {"experiment": config.scaling.experiment, "seeds": config.scaling.seeds, **sweeps}
+
+
+def scaling_records(
+    config: EvaluationConfig, scaling: dict[str, Any] | None
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Records ``{(experiment, seed): {"metrics": ...}}`` of the points of an earlier sweep that
+    ``config``'s sweep also has (the inverse of :func:`collect_scaling`), so a rerun skips them."""
+    if config.scaling is None or not scaling or scaling.get("experiment") != config.scaling.experiment:
+        return {}
+    names = {(axis, value): experiment.name for axis, value, experiment in scaling_points(config)}
+    records = {}
+    for axis in ("num_layers", "max_tokens"):
+        for point in scaling.get(axis, []):
+            name = names.get((axis, point["value"]))
+            if name is not None:
+                metrics = {k: v for k, v in point.items() if k not in ("value", "seed")}
+                records[(name, point["seed"])] = {"metrics": metrics}
+    return records
 
 
 def run_scaling(ctx: _Context, done: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
@@ -506,6 +562,7 @@ def assemble(
         "runs": list(runs),
         "summary": summary,
         "tables": tables,
+        "target": target_check(summary, config.target),
         "scaling": scaling,
         "config": config.model_dump(mode="json"),
     }

@@ -3,9 +3,9 @@
 A :class:`TokenizerVariant` names how an item catalogue becomes codes:
 
 * ``dst``: DST (Sec. 3.2) on the chosen modalities (at least two): CGA, shared RQ, PSGR codebooks.
-  ``alignment: false`` is the *w/o CGA* ablation: the GRAM alignment loss (Eq. 1) is off and there
-  is no alignment warm-up, so each modality keeps its own unaligned projection and the shared codes
-  quantise their plain mean (a concatenation-like fusion; DST has no raw-concatenation input).
+  ``alignment: false`` is the *w/o CGA* ablation (``DSTConfig.fusion = "concat"``): no GRAM loss
+  (Eq. 1) and no alignment warm-up; the modalities' projections are concatenated and mapped linearly
+  to ``d`` for the shared codes, and PSGR recovers each modality from what those codes miss.
 * ``rqvae``: plain RQ-VAE over the concatenated modalities (QARM/TIGER-like), as many codebooks as
   DST would use (3 shared + one per modality); with one modality this is the *behaviour only* table.
 * ``dst_rq``: the *w/o DMRQ* ablation: the CGA-aligned features ``a_m`` of the ``dst`` model on the
@@ -42,7 +42,7 @@ class TokenizerVariant(Config):
 
     kind: Literal["dst", "rqvae", "dst_rq"] = "dst"
     modalities: list[str] = Field(default_factory=lambda: list(MODALITIES), min_length=1)
-    alignment: bool = Field(True, description="false: w/o CGA (GRAM loss off); dst only")
+    alignment: bool = Field(True, description="false: w/o CGA (concatenation, no GRAM loss); dst only")
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerVariant:
@@ -86,8 +86,11 @@ def _dst(
     )
     update: dict[str, object] = {"model": model}
     if not variant.alignment:
-        update |= {"model": model.model_copy(update={"alignment_weight": 0.0}), "alignment_warmup_epochs": 0}
-    config = config.model_copy(update=update)
+        update |= {
+            "model": model.model_copy(update={"alignment_weight": 0.0, "fusion": "concat"}),
+            "alignment_warmup_epochs": 0,
+        }
+    config = TokenizerTrainConfig.model_validate({**config.model_dump(), **update})
     path = cache_dir / f"dst_{_key(variant.modalities, config, _fingerprint(features))}.pt"
     if path.exists():
         return DST.load_checkpoint(path)

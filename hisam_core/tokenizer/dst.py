@@ -48,6 +48,10 @@ class DSTConfig(Config):
     # others'. "modality": r + (a_m - mean_m a_m) = a_m - sg[h_hat], the part of a_m the shared codes
     # miss, so the nuance the first term of Eq. 2 asks q_m to reconstruct is actually available.
     psgr_residual: Literal["modality", "consensus"] = "modality"
+    # How the shared branch's input is formed. "mean": the consensus of the aligned features (Sec.
+    # 3.2.2). "concat": the *w/o CGA* ablation (Sec. 4.3): the projected features are concatenated and
+    # mapped linearly to d, with no GRAM loss (alignment_weight must be 0).
+    fusion: Literal["mean", "concat"] = "mean"
     beta: float = Field(0.25, ge=0)
     alignment_weight: float = Field(1.0, ge=0)
     quantization_weight: float = Field(1.0, ge=0)
@@ -72,6 +76,8 @@ class DSTConfig(Config):
             bad = {m: d for m, d in self.modality_dims.items() if d <= 0}
             if bad:
                 raise ValueError(f"modality dimensions must be positive, got {bad}")
+        if self.fusion == "concat" and self.alignment_weight:
+            raise ValueError("fusion 'concat' is the w/o CGA ablation: set alignment_weight to 0")
         if not self.temperature_min <= self.temperature_init <= self.temperature_max:
             raise ValueError("temperature_init must lie in [temperature_min, temperature_max]")
         return self
@@ -120,6 +126,8 @@ class DST(nn.Module):
             config.temperature_init,
             (config.temperature_min, config.temperature_max),
         )
+        dim = config.dim
+        self.fuse = nn.Linear(len(modalities) * dim, dim) if config.fusion == "concat" else None
         self.shared = ResidualQuantizer(
             config.shared_layers, config.codebook_size, config.dim, config.beta, config.rotation_trick
         )
@@ -141,7 +149,10 @@ class DST(nn.Module):
 
     def forward(self, raw: dict[str, torch.Tensor]) -> DSTOutput:
         aligned = self.cga(raw)
-        consensus = torch.stack([aligned[m] for m in self.modalities]).mean(0)
+        if self.fuse is None:
+            consensus = torch.stack([aligned[m] for m in self.modalities]).mean(0)
+        else:
+            consensus = self.fuse(torch.cat([aligned[m] for m in self.modalities], dim=-1))
         shared = self.shared(consensus)
         residual = shared.residuals[-1]
         if self.config.psgr_residual == "modality":

@@ -49,6 +49,10 @@ class TokenizerTrainConfig(Config):
     def _check(self) -> Self:
         if self.alignment_warmup_epochs >= self.epochs:
             raise ValueError("alignment_warmup_epochs must be smaller than epochs")
+        if self.model.fusion == "concat" and self.alignment_warmup_epochs:
+            raise ValueError(
+                "fusion 'concat' (w/o CGA) has no alignment to warm up: set alignment_warmup_epochs to 0"
+            )
         return self
 
 

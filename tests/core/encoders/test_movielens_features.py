@@ -1,5 +1,5 @@
-"""benchmarks/movielens_features.py: item documents, the chronological cut-off and the .npz cache
-(the full encoder build takes minutes, so it is exercised by running the script, not here)."""
+"""hisam_core.evaluation.features: item documents, the chronological cut-off and the .npz cache
+(the full encoder build takes minutes, so it is exercised by benchmarks/movielens_features.py, not here)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.movielens_features import (
+from hisam_core.encoders import EncodersConfig
+from hisam_core.evaluation.features import (
     MovieLensFeatures,
     _load_cache,
     _save_cache,
@@ -17,7 +18,6 @@ from benchmarks.movielens_features import (
     read_items,
     read_ratings,
 )
-from hisam_core.encoders import EncodersConfig
 from hisam_core.features import ItemFeatures
 
 

@@ -15,11 +15,13 @@ from hisam_core.evaluation.harness import (
     EvaluationConfig,
     ExperimentConfig,
     ScalingConfig,
+    TargetConfig,
     evaluation_metrics,
     markdown_table,
     run_evaluation,
     scaling_points,
     summarise,
+    target_check,
 )
 from hisam_core.evaluation.protocol import (
     ProtocolConfig,
@@ -96,6 +98,26 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert "0.7000 ± 0.1000" in markdown_table(summary)
 
 
+def test_target_is_met_only_beyond_the_summed_spread_of_the_best_baseline():
+    def runs(name, values):
+        return [
+            {"experiment": name, "seed": s, "num_parameters": 1, "metrics": {"gauc": v, "cold_gauc": v}}
+            for s, v in enumerate(values)
+        ]
+
+    summary = summarise(
+        runs("hisam", [0.70, 0.71, 0.72]) + runs("a", [0.60] * 3) + runs("b", [0.685, 0.695, 0.705])
+    )
+    rows = target_check(summary, TargetConfig(baselines=["a", "b", "absent"], metrics=["gauc"]))
+    assert [(r["best_baseline"], r["met"]) for r in rows] == [("b", False)]  # margin 0.015 < spread 0.02
+    assert rows[0]["margin"] == pytest.approx(0.015) and rows[0]["spread"] == pytest.approx(0.02)
+    summary = summarise(runs("hisam", [0.70, 0.71, 0.72]) + runs("b", [0.65, 0.66, 0.67]))
+    assert target_check(summary, TargetConfig(baselines=["b"], metrics=["gauc"]))[0]["met"]
+    one_seed = summarise(runs("hisam", [0.9]) + runs("b", [0.1]))
+    assert not target_check(one_seed, TargetConfig(baselines=["b"], metrics=["gauc"]))[0]["met"]
+    assert target_check(one_seed, TargetConfig(candidate="absent")) == []
+
+
 def tiny_tokenizer() -> TokenizerTrainConfig:
     return TokenizerTrainConfig.model_validate(
         {
@@ -134,8 +156,11 @@ def test_semantic_id_variants_train_what_they_claim_and_are_cached(planted, tmp_
         np.testing.assert_array_equal(ids.codes, again.codes)
         assert ids.num_positions == 1 + len(variant.modalities)  # shared layers + one per modality
         tables[(variant.kind, variant.alignment)] = ids
-    weights = sorted(DST.load_checkpoint(p).config.alignment_weight for p in tmp_path.glob("dst_*.pt"))
-    assert weights == [0.0, 1.0]  # w/o CGA switches the GRAM loss off, nothing else is a new DST
+    models = sorted(
+        (c.alignment_weight, c.fusion)
+        for c in (DST.load_checkpoint(p).config for p in tmp_path.glob("dst_*.pt"))
+    )
+    assert models == [(0.0, "concat"), (1.0, "mean")]  # w/o CGA: concatenation, no GRAM; dst_rq reuses
     assert tables[("dst_rq", True)].position_names[0] == "rq_0"
     with pytest.raises(ValueError, match="at least two modalities"):
         TokenizerVariant(kind="dst", modalities=["behavior"])

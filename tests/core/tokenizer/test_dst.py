@@ -194,3 +194,35 @@ def test_forward_decomposes_additively(planted, psgr_residual):
         assert torch.allclose(out.specific[m].attention.sum(-1), torch.ones(64), atol=1e-5)
     shared_codewords = model.codewords(out.codes)[:, : config.shared_layers].sum(1)
     assert torch.allclose(shared_codewords, out.shared.quantized, atol=1e-5)
+
+
+def test_concat_fusion_quantises_the_linear_map_of_the_concatenation_without_gram_loss(planted):
+    """*w/o CGA* (Sec. 4.3): shared codes quantise fuse([a_1; ...; a_M]) and Eq. 2 drops Eq. 1."""
+    features, _ = planted
+    config = DSTConfig(
+        modality_dims=features.dims,
+        dim=16,
+        hidden_dim=16,
+        codebook_size=8,
+        fusion="concat",
+        alignment_weight=0,
+    )
+    torch.manual_seed(0)
+    model = DST(config).train()
+    out = model(model.tensors(features.subset(np.arange(64))))
+    fused = model.fuse(torch.cat([out.aligned[m] for m in model.modalities], dim=-1))
+    assert torch.allclose(out.shared.quantized + out.shared.residuals[-1], fused, atol=1e-5)
+    losses = model.losses(out)
+    expected = (
+        sum(losses[f"recon_{m}"] for m in model.modalities)
+        + losses["quantization"]
+        + config.mi_weight * sum(losses[f"mi_{m}"] for m in model.modalities)
+    )
+    assert losses["alignment"] > 0 and torch.allclose(losses["total"], expected)
+
+
+def test_concat_fusion_refuses_an_alignment_term():
+    with pytest.raises(ValueError, match="alignment_weight"):
+        DSTConfig(fusion="concat")
+    with pytest.raises(ValueError, match="alignment_warmup_epochs"):
+        TokenizerTrainConfig(model=DSTConfig(fusion="concat", alignment_weight=0), alignment_warmup_epochs=2)

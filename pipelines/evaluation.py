@@ -1,0 +1,357 @@
+"""``hisam evaluate``: the offline comparison (paper Sec. 4.1-4.3, Tables 2-4) as a command.
+
+Runs :func:`hisam_core.evaluation.harness.run_evaluation` on MovieLens-100K (features built by
+:mod:`hisam_core.evaluation.features` and cached) or on any dataset in the generic interactions format
+(``--config``), and writes ``quality.json``, ``quality.md`` (tables: mean ± sample std over seeds, the
+target check, then the hand-written ``quality_findings.md`` if one sits beside them) and
+``quality_scaling.png`` (GAUC against HMAT depth and against the token budget). ``--workers N`` runs
+the (experiment, seed) jobs in N processes of one torch thread each; ``--reuse`` keeps the runs of an
+earlier ``quality.json`` and runs only the missing ones; ``--mlflow`` logs one MLflow run per
+(experiment, seed) to the experiment ``hisam-evaluation`` plus a summary run with the report and the
+plot as artifacts. ``benchmarks/quality.py`` is the same command with the repository's result paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hisam_core.evaluation.features import load_movielens_features
+from hisam_core.evaluation.harness import (
+    EvaluationConfig,
+    ScalingConfig,
+    assemble,
+    collect_scaling,
+    plot_scaling,
+    run_evaluation,
+    scaling_points,
+    scaling_records,
+)
+from hisam_core.features import ItemFeatures
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "hisam-evaluation"
+FINDINGS = "quality_findings.md"
+_LOG_FORMAT = "%(asctime)s %(processName)s %(name)s: %(message)s"
+
+
+def _features(config: EvaluationConfig, features_cache: str) -> ItemFeatures | None:
+    """MovieLens features from ``features_cache`` unless the config names a features file."""
+    if config.data.features_path or config.data.dataset != "movielens":
+        return None
+    return load_movielens_features(config.data.path, features_cache)
+
+
+def _job(job: tuple[EvaluationConfig, str]) -> dict[str, Any]:
+    config, features_cache = job
+    torch.set_num_threads(config.threads)
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    return run_evaluation(config, _features(config, features_cache))
+
+
+#: Config fields an earlier result must share for its runs to be reused.
+SHARED = ("data", "protocol", "max_tokens", "test_stride", "train_stride", "hmat", "id_ranker", "train")
+SHARED += ("pretrain_steps", "tokenizer", "rqvae")
+
+
+def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs of ``reuse`` whose experiment is still defined the same way; an error when the data,
+    protocol or budget differ (their runs would not be comparable)."""
+    current = config.model_dump(mode="json")
+    earlier = EvaluationConfig.model_validate(reuse["config"]).model_dump(mode="json")  # fills new defaults
+    differ = [k for k in SHARED if earlier[k] != current[k]]
+    if differ:
+        raise ValueError(f"--reuse: the earlier result differs in {differ}; its runs are not comparable")
+    before = {e["name"]: e for e in earlier["experiments"]}
+    now = {e.name: e.model_dump(mode="json") for e in config.experiments}
+    kept = [r for r in reuse["runs"] if before.get(r["experiment"]) == now.get(r["experiment"])]
+    if len(kept) < len(reuse["runs"]):
+        log.info("--reuse: %d runs of redefined experiments are run again", len(reuse["runs"]) - len(kept))
+    return kept
+
+
+def run_parallel(
+    config: EvaluationConfig,
+    features_cache: str,
+    workers: int,
+    reuse: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One sub-evaluation per (experiment, seed), scaling points included, ``workers`` at a time
+    (longest first), merged with :func:`assemble`. Runs and sweep points of ``reuse``, an earlier
+    result of the same data and budget, are kept instead of re-run."""
+    kept = _reusable(config, reuse) if reuse else []
+    kept_points = scaling_records(config, reuse.get("scaling")) if reuse else {}
+    jobs = list(config.jobs())
+    if config.scaling is not None:
+        jobs += [(e, seed) for _, _, e in scaling_points(config) for seed in config.scaling.seeds]
+    done = {(r["experiment"], r["seed"]) for r in kept} | set(kept_points)
+    subs = []
+    for experiment, seed in jobs:
+        if (experiment.name, seed) in done:
+            continue
+        done.add((experiment.name, seed))
+        experiments = [*config.experiments, *([] if experiment in config.experiments else [experiment])]
+        update = {"experiments": experiments, "run": [experiment.name], "seeds": [seed], "seeds_per_set": {}}
+        subs.append(config.model_copy(update={**update, "scaling": None}))
+
+    def cost(sub: EvaluationConfig) -> tuple[int, int, int]:
+        experiment = sub.experiment(sub.run[0])
+        kind = 3 if experiment.pretrain else 2 if experiment.model == "hmat" else 1
+        return kind, experiment.max_tokens or 0, experiment.hmat.get("num_layers", 0)
+
+    subs.sort(key=cost, reverse=True)
+    log.info("%d jobs to run (%d kept from an earlier result), %d workers", len(subs), len(kept), workers)
+    with ProcessPoolExecutor(max(workers, 1), mp_context=get_context("spawn")) as pool:
+        parts = list(pool.map(_job, [(sub, features_cache) for sub in subs]))
+    log.info("reusing %d runs and %d sweep points", len(kept), len(kept_points))
+    records = {**kept_points}
+    records |= {(r["experiment"], r["seed"]): r for r in [*kept, *(r for p in parts for r in p["runs"])]}
+    order = {(e.name, s): k for k, (e, s) in enumerate(config.jobs())}
+    runs = sorted(
+        (r for key, r in records.items() if key in order), key=lambda r: order[(r["experiment"], r["seed"])]
+    )
+    scaling = collect_scaling(config, records) if config.scaling is not None else None
+    dataset = parts[0]["dataset"] if parts else (reuse or {}).get("dataset", {})
+    return assemble(config, dataset, runs, scaling)
+
+
+def log_mlflow(result: dict[str, Any], artifacts: list[Path]) -> None:
+    """One MLflow run per (experiment, seed) with its params and metrics, and a summary run."""
+    import mlflow
+
+    from pipelines.settings import Settings
+    from pipelines.tracking import configure_mlflow
+
+    configure_mlflow(Settings.from_env().model_copy(update={"experiment": EXPERIMENT}))
+    for run in result["runs"]:
+        with mlflow.start_run(run_name=f"{run['experiment']}-seed{run['seed']}"):
+            mlflow.log_params({k: v for k, v in run.items() if k != "metrics"})
+            mlflow.log_params(
+                {f"budget.{k}": v for k, v in result["budget"].items() if not isinstance(v, dict)}
+            )
+            mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in run["metrics"].items()})
+    with mlflow.start_run(run_name="summary"):
+        mlflow.log_params({f"dataset.{k}": v for k, v in result["dataset"].items()})
+        for name, entry in result["summary"].items():
+            mlflow.log_metrics(
+                {
+                    f"{name}.{m.replace('@', '_at_')}.mean": v["mean"]
+                    for m, v in entry.items()
+                    if isinstance(v, dict)
+                }
+            )
+        for row in result.get("target", []):
+            mlflow.log_metric(f"target.{row['metric']}.margin", row["margin"])
+            mlflow.set_tag(f"target.{row['metric']}.met", str(row["met"]).lower())
+        for path in artifacts:
+            if path.exists():
+                mlflow.log_artifact(str(path))
+
+
+def _target_section(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## target check",
+        "",
+        "Candidate against the best baseline per metric; met when the margin exceeds the sum of both "
+        "sample stds (at least two seeds each).",
+        "",
+        "| metric | candidate | mean | best baseline | mean | margin | spread (sum of stds) | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['metric']} | {r['candidate']} | {r['candidate_mean']:.4f} | {r['best_baseline']} | "
+            f"{r['baseline_mean']:.4f} | {r['margin']:+.4f} | {r['spread']:.4f} | "
+            f"{'yes' if r['met'] else 'no'} |"
+        )
+    return [*lines, ""]
+
+
+def _timing(env: dict[str, Any]) -> str:
+    if "wall_s" not in env:
+        return ""
+    reused = "; runs of an earlier result were reused, see below" if env.get("reused_from") else ""
+    return f" ({env['wall_s']:,.0f} s wall with {env['workers']} workers{reused})"
+
+
+def markdown(result: dict[str, Any], command: str, findings: str | None = None) -> str:
+    """The report: reproduce command, protocol, budget, tables, target check, sweep, findings."""
+    budget = result["budget"]
+    env = result.get("environment", {})
+    lines = [
+        "# Offline quality on " + result["dataset"]["name"],
+        "",
+        f"Reproduce: `{command}`{_timing(env)}",
+        "",
+        "Protocol (Sec. 4.1): rating > 3 positive; global chronological 90/10 split; cold = fewer than "
+        f"10 training interactions. Split: `{json.dumps(result['dataset'])}`.",
+        "",
+        f"Budget (every model): {budget['window_items']} items per window (HMAT: {budget['max_tokens']} "
+        f"tokens), {budget['train_steps']} steps x batch {budget['batch_size']}, PT {budget['pretrain_steps']} "
+        f"steps where marked; HMAT {json.dumps(budget['hmat'])}; ID rankers {json.dumps(budget['id_ranker'])}; "
+        f"DST {budget['tokenizer_epochs']} epochs, RQ-VAE {budget['rqvae_epochs']} epochs (trained once, seed 0).",
+        "",
+        "Values: mean ± sample std over the seeds listed per row; HR@10 = positives in the top 10 of a "
+        "user's test items / min(10, positives); NDCG@10 binary relevance; both averaged over users "
+        "with both classes.",
+        "",
+    ]
+    for name, table in result["tables"].items():
+        lines += [f"## {name}", "", table]
+    lines += _target_section(result.get("target", []))
+    if result["scaling"] is not None:
+        lines += [
+            "## scaling",
+            "",
+            f"`quality_scaling.png`: GAUC of `{result['scaling']['experiment']}` against HMAT depth and "
+            f"against max tokens, seeds {result['scaling']['seeds']}.",
+            "",
+            "| axis | value | GAUC | Cold GAUC |",
+            "| --- | --- | --- | --- |",
+        ]
+        for axis in ("num_layers", "max_tokens"):
+            for point in result["scaling"][axis]:
+                lines.append(
+                    f"| {axis} | {point['value']} | {point['gauc']:.4f} | {point['cold_gauc']:.4f} |"
+                )
+        lines.append("")
+    if findings:
+        lines += [findings.rstrip(), ""]
+    return "\n".join(lines)
+
+
+def parser(results: Path, features_cache: Path, prog: str | None = None) -> argparse.ArgumentParser:
+    """The command's options; ``results`` and ``features_cache`` are the defaults of the caller."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example (the committed MovieLens results): --run main controls ablations modalities "
+        "--seeds 0 1 2 --scaling --scaling-layers 1 2 4 --scaling-tokens 48 80 160 300 --workers 2 --mlflow",
+    )
+    p.add_argument("--config", type=Path, default=None, help="evaluation YAML (default: built-in defaults)")
+    p.add_argument(
+        "--run", nargs="+", default=None, help="set or experiment names (sets: main, controls, ...)"
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds of every selected experiment")
+    p.add_argument("--set-seeds", nargs="*", default=[], help="SET=SEED[,SEED..]: other seeds for one set")
+    p.add_argument("--scaling", action="store_true", help="also run the depth / length sweep")
+    p.add_argument("--scaling-layers", nargs="+", type=int, default=None, help="depths of the sweep")
+    p.add_argument("--scaling-tokens", nargs="+", type=int, default=None, help="max_tokens of the sweep")
+    p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--data", type=Path, default=None, help="override data.path (bundle or interactions file)")
+    p.add_argument("--features", type=Path, default=None, help="npz with item_ids and emb_<modality>")
+    p.add_argument("--features-cache", type=Path, default=features_cache, help="MovieLens feature cache")
+    p.add_argument("--cache-dir", type=Path, default=None, help="semantic-ID tables and DST checkpoints")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes, one torch thread each")
+    p.add_argument("--mlflow", action="store_true", help="log runs and the report to MLflow")
+    p.add_argument("--reuse", type=Path, default=None, help="earlier quality.json: keep its runs and sweep")
+    p.add_argument("--results", type=Path, default=results, help="folder for quality.{json,md} and the plot")
+    return p
+
+
+def configure(args: argparse.Namespace) -> EvaluationConfig:
+    """The evaluation config of the parsed options (YAML, then the overrides)."""
+    config = EvaluationConfig.from_yaml(args.config) if args.config else EvaluationConfig()
+    update: dict[str, Any] = {}
+    if args.cache_dir:
+        update["cache_dir"] = str(args.cache_dir)
+    if args.run:
+        update["run"] = args.run
+    if args.seeds:
+        update["seeds"] = args.seeds
+    if args.set_seeds:
+        update["seeds_per_set"] = {
+            k: [int(s) for s in v.split(",")] for k, v in (item.split("=", 1) for item in args.set_seeds)
+        }
+    if args.scaling:
+        scaling = config.scaling or ScalingConfig()
+        if args.scaling_layers:
+            scaling = scaling.model_copy(update={"num_layers": args.scaling_layers})
+        if args.scaling_tokens:
+            scaling = scaling.model_copy(update={"max_tokens": args.scaling_tokens})
+        update["scaling"] = scaling
+    if args.steps:
+        update["train"] = config.train.model_copy(update={"max_steps": args.steps})
+    data = {}
+    if args.data:
+        data["path"] = str(args.data)
+    if args.features:
+        data["features_path"] = str(args.features.resolve())
+    if data:
+        update["data"] = config.data.model_copy(update=data)
+    return EvaluationConfig.model_validate({**config.model_dump(), **update})
+
+
+def main(
+    argv: list[str] | None = None,
+    results: Path = Path(".hisam/evaluation/results"),
+    features_cache: Path = Path(".hisam/cache"),
+    prog: str | None = None,
+) -> int:
+    args = parser(results, features_cache, prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    config = configure(args)
+    torch.set_num_threads(config.threads)
+    if config.data.dataset == "movielens" and not (Path(config.data.path) / "raw" / "u.data").exists():
+        log.error(
+            "MovieLens-100K not found at %s (set data.path in --config or pass --data)", config.data.path
+        )
+        return 2
+
+    start = time.perf_counter()
+    reuse = json.loads(args.reuse.read_text()) if args.reuse else None
+    if reuse is not None or args.workers > 1:
+        result = run_parallel(config, str(args.features_cache), args.workers, reuse)
+    else:
+        result = run_evaluation(config, _features(config, str(args.features_cache)))
+    result["environment"] = {
+        "reused_from": str(args.reuse) if args.reuse else None,
+        "torch": torch.__version__,
+        "threads_per_worker": config.threads,
+        "workers": args.workers,
+        "python": platform.python_version(),
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = (args.results / f"quality{s}" for s in (".json", ".md", "_scaling.png"))
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    findings_path = args.results / FINDINGS
+    findings = findings_path.read_text() if findings_path.exists() else None
+    given = list(argv if argv is not None else sys.argv[1:])
+    if args.reuse:  # the report names the command that would produce it from scratch
+        at = given.index("--reuse")
+        given = given[:at] + given[at + 2 :]
+    command = " ".join([prog or "hisam evaluate", *given])
+    md_path.write_text(markdown(result, command, findings))
+    if result["scaling"] is not None:
+        plot_scaling(result["scaling"], png_path)
+    if args.mlflow:
+        log_mlflow(result, [json_path, md_path, png_path])
+    for row in result["target"]:
+        log.info(
+            "target %s: %s %.4f vs %s %.4f (margin %+.4f, spread %.4f): %s",
+            row["metric"],
+            row["candidate"],
+            row["candidate_mean"],
+            row["best_baseline"],
+            row["baseline_mean"],
+            row["margin"],
+            row["spread"],
+            "met" if row["met"] else "not met",
+        )
+    log.info("wrote %s, %s", json_path, md_path)
+    return 0

@@ -1,0 +1,124 @@
+"""``hisam evaluate`` (pipelines.evaluation) end to end on a tiny generic dataset: the report, the
+MLflow runs it logs, the hand-written findings it keeps, and ``--reuse`` that re-runs nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from hisam_core.evaluation.harness import EvaluationConfig
+from pipelines.cli import main as cli
+from pipelines.evaluation import EXPERIMENT, FINDINGS, _reusable
+
+TINY = {
+    "max_tokens": 48,
+    "hmat": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "ffn_size": 32},
+    "id_ranker": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "ffn_size": 32},
+    "train": {"learning_rate": 3e-3, "warmup_steps": 5, "max_steps": 40, "batch_size": 16, "device": "cpu"},
+    "tokenizer": {
+        "model": {"dim": 8, "hidden_dim": 16, "shared_layers": 1, "codebook_size": 8, "psgr_heads": 2},
+        "epochs": 4,
+        "alignment_warmup_epochs": 1,
+        "batch_size": 32,
+        "init_sample_size": 60,
+    },
+    "rqvae": {"model": {"dim": 8, "hidden_dim": 16, "codebook_size": 8}, "epochs": 4, "batch_size": 32},
+    "experiments": [
+        {"name": "sasrec", "model": "sasrec", "description": "ID baseline"},
+        {"name": "hisam_sft", "tokenizer": {"modalities": ["behavior", "text"]}},
+    ],
+    "sets": {"main": ["sasrec", "hisam_sft"]},
+    "run": ["main"],
+    "seeds": [0, 1],
+    "target": {"candidate": "hisam_sft", "baselines": ["sasrec"], "metrics": ["gauc"]},
+}
+
+
+@pytest.fixture
+def single_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_evaluate_writes_the_report_logs_every_run_and_reuses_them(
+    planted_interactions, tmp_path, mlflow_store, monkeypatch, single_thread
+):
+    frame, modalities, item_ids = planted_interactions
+    frame.to_csv(tmp_path / "interactions.csv", index=False)
+    np.savez(tmp_path / "features.npz", item_ids=item_ids, **{f"emb_{m}": v for m, v in modalities.items()})
+    config = {
+        **TINY,
+        "data": {"dataset": "generic", "path": str(tmp_path / "interactions.csv")},
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    EvaluationConfig.model_validate(config)  # the test's own config is valid
+    (tmp_path / "evaluation.yaml").write_text(yaml.safe_dump(config))
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / FINDINGS).write_text("## findings\n\nWritten by hand; kept across reruns.\n")
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
+    common = ["--config", str(tmp_path / "evaluation.yaml"), "--features", str(tmp_path / "features.npz")]
+
+    assert cli(["evaluate", *common, "--results", str(results), "--mlflow"]) == 0
+    result = json.loads((results / "quality.json").read_text())
+    assert [(r["experiment"], r["seed"]) for r in result["runs"]] == [
+        ("sasrec", 0), ("sasrec", 1), ("hisam_sft", 0), ("hisam_sft", 1)
+    ]  # fmt: skip
+    gauc = [r["metrics"]["gauc"] for r in result["runs"] if r["experiment"] == "hisam_sft"]
+    assert result["summary"]["hisam_sft"]["gauc"]["mean"] == pytest.approx(np.mean(gauc))
+    (target,) = result["target"]
+    assert target["margin"] == pytest.approx(
+        result["summary"]["hisam_sft"]["gauc"]["mean"] - result["summary"]["sasrec"]["gauc"]["mean"]
+    )
+    report = (results / "quality.md").read_text()
+    assert "## main" in report and "## target check" in report
+    assert report.rstrip().endswith("Written by hand; kept across reruns.")
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"sasrec-seed0", "sasrec-seed1", "hisam_sft-seed0", "hisam_sft-seed1", "summary"}
+    for record in result["runs"]:
+        logged = by_name[f"{record['experiment']}-seed{record['seed']}"].data.metrics
+        assert logged["gauc"] == pytest.approx(record["metrics"]["gauc"])
+    artifacts = {a.path for a in client.list_artifacts(by_name["summary"].info.run_id)}
+    assert {"quality.json", "quality.md"} <= artifacts
+
+    again = tmp_path / "again"
+    assert cli(["evaluate", *common, "--results", str(again), "--reuse", str(results / "quality.json")]) == 0
+    rerun = json.loads((again / "quality.json").read_text())
+    assert rerun["runs"] == result["runs"] and rerun["summary"] == result["summary"]
+
+
+def test_evaluate_without_the_dataset_is_a_clear_error(tmp_path, caplog):
+    assert cli(["evaluate", "--data", str(tmp_path / "absent"), "--results", str(tmp_path)]) == 2
+    assert "MovieLens-100K not found" in caplog.text
+
+
+def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():
+    config = EvaluationConfig.model_validate(TINY)
+    earlier = {
+        "config": config.model_dump(mode="json"),
+        "runs": [{"experiment": "sasrec", "seed": 0}, {"experiment": "hisam_sft", "seed": 0}],
+    }
+    assert _reusable(config, earlier) == earlier["runs"]
+    redefined = config.model_copy(
+        update={
+            "experiments": [
+                config.experiments[0],
+                config.experiments[1].model_copy(update={"pretrain": True}),
+            ]
+        }
+    )
+    assert _reusable(redefined, earlier) == [{"experiment": "sasrec", "seed": 0}]
+    longer = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 41})})
+    with pytest.raises(ValueError, match=r"differs in \['train'\]"):
+        _reusable(longer, earlier)

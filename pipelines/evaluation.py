@@ -38,6 +38,7 @@ from hisam_core.evaluation.harness import (
     scaling_records,
 )
 from hisam_core.features import ItemFeatures
+from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,6 @@ def log_mlflow(result: dict[str, Any], artifacts: list[Path]) -> None:
     """One MLflow run per (experiment, seed) with its params and metrics, and a summary run."""
     import mlflow
 
-    from pipelines.settings import Settings
     from pipelines.tracking import configure_mlflow
 
     configure_mlflow(Settings.from_env().model_copy(update={"experiment": EXPERIMENT}))
@@ -298,11 +298,14 @@ def configure(args: argparse.Namespace) -> EvaluationConfig:
 
 def main(
     argv: list[str] | None = None,
-    results: Path = Path(".hisam/evaluation/results"),
-    features_cache: Path = Path(".hisam/cache"),
+    results: Path | None = None,
+    features_cache: Path | None = None,
     prog: str | None = None,
 ) -> int:
-    args = parser(results, features_cache, prog).parse_args(argv)
+    """Defaults: results in ``$HISAM_HOME/evaluation/results``, features in ``$HISAM_HOME/cache``."""
+    home = Settings.from_env().home
+    results = results or home / "evaluation" / "results"
+    args = parser(results, features_cache or home / "cache", prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
     config = configure(args)
     torch.set_num_threads(config.threads)

@@ -19,6 +19,7 @@ from typing import Literal, Self
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -52,6 +53,10 @@ class DSTConfig(Config):
     # 3.2.2). "concat": the *w/o CGA* ablation (Sec. 4.3): the projected features are concatenated and
     # mapped linearly to d, with no GRAM loss (alignment_weight must be 0).
     fusion: Literal["mean", "concat"] = "mean"
+    # Beyond the paper: > 0 adds a decoder per modality that maps h_hat + q_m back to the modality's
+    # standardised, L2-normalised input (the plain RQ-VAE's target), weighted by this in Eq. 2, so the
+    # codes must keep what the aligned space alone would drop. 0 is the paper (a_m targets only).
+    input_reconstruction_weight: float = Field(0.0, ge=0)
     beta: float = Field(0.25, ge=0)
     alignment_weight: float = Field(1.0, ge=0)
     quantization_weight: float = Field(1.0, ge=0)
@@ -98,6 +103,8 @@ class DSTOutput:
     specific: dict[str, Recovered]  # PSGR branch per modality
     reconstructed: dict[str, torch.Tensor]  # h_hat + q_m [B, d]
     codes: torch.Tensor  # int64 [B, L + M]
+    inputs: dict[str, torch.Tensor]  # standardised, L2-normalised raw input x_m [B, D_m]
+    decoded: dict[str, torch.Tensor]  # decoder_m(h_hat + q_m) [B, D_m]; empty without decoders
 
 
 def validate_features(features: ItemFeatures, modality_dims: dict[str, int]) -> None:
@@ -142,6 +149,16 @@ class DST(nn.Module):
         self.vclub = nn.ModuleDict(
             {m: VCLUB(config.dim, config.dim, config.vclub_hidden_dim) for m in modalities}
         )
+        self.decoders = nn.ModuleDict(
+            {
+                m: nn.Sequential(
+                    nn.Linear(dim, config.hidden_dim), nn.GELU(), nn.Linear(config.hidden_dim, d)
+                )
+                for m, d in config.modality_dims.items()
+            }
+            if config.input_reconstruction_weight > 0
+            else {}
+        )
 
     @property
     def modalities(self) -> list[str]:
@@ -162,10 +179,13 @@ class DST(nn.Module):
         specific = self.psgr(residuals, aligned)
         reconstructed = {m: shared.quantized + specific[m].quantized for m in self.modalities}
         codes = torch.cat([shared.codes] + [specific[m].codes[:, None] for m in self.modalities], dim=1)
-        return DSTOutput(aligned, shared, specific, reconstructed, codes)
+        inputs = {m: F.normalize(self.cga.heads[m].standardize(raw[m]), dim=-1) for m in self.decoders}
+        decoded = {m: decoder(reconstructed[m]) for m, decoder in self.decoders.items()}
+        return DSTOutput(aligned, shared, specific, reconstructed, codes, inputs, decoded)
 
     def losses(self, out: DSTOutput) -> dict[str, torch.Tensor]:
-        """Eq. 2: reconstruction + alignment (Eq. 1) + quantisation (Eq. 14-16) + lambda * vCLUB MI.
+        """Eq. 2: reconstruction + alignment (Eq. 1) + quantisation (Eq. 14-16) + lambda * vCLUB MI,
+        plus the optional input-space reconstruction (``input_reconstruction_weight``).
 
         The shared side of the MI term is detached: the constraint steers PSGR, not the consensus.
         """
@@ -173,6 +193,8 @@ class DST(nn.Module):
         losses = {}
         for m in self.modalities:
             losses[f"recon_{m}"] = ((out.aligned[m] - out.reconstructed[m]) ** 2).sum(-1).mean()
+        for m in out.decoded:
+            losses[f"input_recon_{m}"] = ((out.inputs[m] - out.decoded[m]) ** 2).sum(-1).mean()
         losses["alignment"] = self.cga.alignment_loss(out.aligned)
         losses["quantization"] = out.shared.loss + sum(out.specific[m].loss for m in self.modalities)
         shared = out.shared.quantized.detach()
@@ -183,6 +205,7 @@ class DST(nn.Module):
             + cfg.alignment_weight * losses["alignment"]
             + cfg.quantization_weight * losses["quantization"]
             + cfg.mi_weight * sum(losses[f"mi_{m}"] for m in self.modalities)
+            + cfg.input_reconstruction_weight * sum(losses[f"input_recon_{m}"] for m in out.decoded)
         )
         return losses
 

@@ -226,3 +226,30 @@ def test_concat_fusion_refuses_an_alignment_term():
         DSTConfig(fusion="concat")
     with pytest.raises(ValueError, match="alignment_warmup_epochs"):
         TokenizerTrainConfig(model=DSTConfig(fusion="concat", alignment_weight=0), alignment_warmup_epochs=2)
+
+
+def test_input_reconstruction_decodes_each_modality_and_joins_eq2_only_when_weighted(planted):
+    features, _ = planted
+    base = {"modality_dims": features.dims, "dim": 16, "hidden_dim": 16, "codebook_size": 8}
+    paper = DST(DSTConfig(**base))
+    assert not any(k.startswith("decoders.") for k in paper.state_dict())  # paper checkpoints unchanged
+    torch.manual_seed(0)
+    model = DST(DSTConfig(**base, input_reconstruction_weight=0.5)).train()
+    raw = model.tensors(features.subset(np.arange(64)))
+    out = model(raw)
+    for m in model.modalities:
+        head = model.cga.heads[m]
+        expected = torch.nn.functional.normalize(
+            (raw[m] - head.standardize.mean) / head.standardize.std, dim=-1
+        )
+        assert torch.allclose(out.inputs[m], expected, atol=1e-6)
+        assert out.decoded[m].shape == raw[m].shape
+    losses = model.losses(out)
+    paper_total = (
+        sum(losses[f"recon_{m}"] for m in model.modalities)
+        + losses["alignment"]
+        + losses["quantization"]
+        + 0.1 * sum(losses[f"mi_{m}"] for m in model.modalities)
+    )
+    extra = 0.5 * sum(losses[f"input_recon_{m}"] for m in model.modalities)
+    assert torch.allclose(losses["total"], paper_total + extra)

@@ -233,6 +233,28 @@ def markdown(result: dict[str, Any], command: str, findings: str | None = None) 
     return "\n".join(lines)
 
 
+def write_report(result: dict[str, Any], results: Path) -> tuple[Path, Path, Path]:
+    """``quality.md`` (with ``quality_findings.md`` appended when present) and the scaling plot."""
+    md_path, png_path = results / "quality.md", results / "quality_scaling.png"
+    findings_path = results / FINDINGS
+    findings = findings_path.read_text() if findings_path.exists() else None
+    md_path.write_text(markdown(result, result["environment"]["command"], findings))
+    if result["scaling"] is not None:
+        plot_scaling(result["scaling"], png_path)
+    return results / "quality.json", md_path, png_path
+
+
+def render(results: Path) -> int:
+    """Rewrite the report of ``results/quality.json`` (after editing the findings, say)."""
+    path = results / "quality.json"
+    if not path.exists():
+        log.error("%s does not exist: nothing to render", path)
+        return 2
+    paths = write_report(json.loads(path.read_text()), results)
+    log.info("wrote %s", ", ".join(str(p) for p in paths[1:]))
+    return 0
+
+
 def parser(results: Path, features_cache: Path, prog: str | None = None) -> argparse.ArgumentParser:
     """The command's options; ``results`` and ``features_cache`` are the defaults of the caller."""
     p = argparse.ArgumentParser(
@@ -260,6 +282,11 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
     p.add_argument("--mlflow", action="store_true", help="log runs and the report to MLflow")
     p.add_argument("--reuse", type=Path, default=None, help="earlier quality.json: keep its runs and sweep")
     p.add_argument("--results", type=Path, default=results, help="folder for quality.{json,md} and the plot")
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite quality.md and the plot from quality.json in --results",
+    )
     return p
 
 
@@ -307,6 +334,8 @@ def main(
     results = results or home / "evaluation" / "results"
     args = parser(results, features_cache or home / "cache", prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    if args.render:
+        return render(args.results)
     config = configure(args)
     torch.set_num_threads(config.threads)
     if config.data.dataset == "movielens" and not (Path(config.data.path) / "raw" / "u.data").exists():
@@ -329,19 +358,15 @@ def main(
         "python": platform.python_version(),
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = (args.results / f"quality{s}" for s in (".json", ".md", "_scaling.png"))
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    findings_path = args.results / FINDINGS
-    findings = findings_path.read_text() if findings_path.exists() else None
     given = list(argv if argv is not None else sys.argv[1:])
     if args.reuse:  # the report names the command that would produce it from scratch
         at = given.index("--reuse")
         given = given[:at] + given[at + 2 :]
-    command = " ".join([prog or "hisam evaluate", *given])
-    md_path.write_text(markdown(result, command, findings))
-    if result["scaling"] is not None:
-        plot_scaling(result["scaling"], png_path)
+    result["environment"]["command"] = " ".join([prog or "hisam evaluate", *given])
+    args.results.mkdir(parents=True, exist_ok=True)
+    json_path = args.results / "quality.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path, md_path, png_path = write_report(result, args.results)
     if args.mlflow:
         log_mlflow(result, [json_path, md_path, png_path])
     for row in result["target"]:

@@ -92,6 +92,12 @@ def test_evaluate_writes_the_report_logs_every_run_and_reuses_them(
     artifacts = {a.path for a in client.list_artifacts(by_name["summary"].info.run_id)}
     assert {"quality.json", "quality.md"} <= artifacts
 
+    (results / FINDINGS).write_text("## findings\n\nEdited.\n")
+    assert cli(["evaluate", "--render", "--results", str(results)]) == 0
+    assert (results / "quality.md").read_text() == report.replace(
+        "Written by hand; kept across reruns.", "Edited."
+    )
+
     again = tmp_path / "again"
     assert cli(["evaluate", *common, "--results", str(again), "--reuse", str(results / "quality.json")]) == 0
     rerun = json.loads((again / "quality.json").read_text())

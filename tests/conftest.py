@@ -30,6 +30,18 @@ MOVIELENS = Path(
 )
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One torch intra-op thread per test: tiny models run faster and deterministically on a shared
+    2-core machine (the CLI and steps set their own thread count; this restores it afterwards)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def spark():
     from spark_jobs.session import get_spark

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -39,15 +38,8 @@ TINY = {
 }
 
 
-@pytest.fixture
-def single_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_evaluate_writes_the_report_logs_every_run_and_reuses_them(
-    planted_interactions, tmp_path, mlflow_store, monkeypatch, single_thread
+    planted_interactions, tmp_path, mlflow_store, monkeypatch
 ):
     frame, modalities, item_ids = planted_interactions
     frame.to_csv(tmp_path / "interactions.csv", index=False)

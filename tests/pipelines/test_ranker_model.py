@@ -30,14 +30,6 @@ from pipelines.tracking import configure_mlflow, mlflow_callback
 NAME = "hisam-ranker"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, mlflow_store, isolated_mlflow):
     """A tiny HMAT trained for 4 SFT steps inside a run, logged and registered as version 1."""

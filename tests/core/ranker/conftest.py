@@ -14,15 +14,6 @@ from hisam_core.ranker.synthetic import random_semantic_ids, synthetic_histories
 from hisam_core.semantic_ids import SemanticIds
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: tiny models are faster and deterministic on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def seq_config() -> SequenceConfig:
     return SequenceConfig(codebook_size=16, profile_fields={"age": 4, "gender": 3}, max_tokens=64)

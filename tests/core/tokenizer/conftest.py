@@ -31,14 +31,6 @@ def tiny() -> dict:
     return TINY
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def planted():
     return planted_features(num_items=1000, seed=0)

@@ -1,14 +1,18 @@
-"""``hisam_features`` (daily): ingest -> validate -> embed -> build-sequences (Sec. 3.2.1, 3.3, 4.1).
+"""``hisam_features`` (daily): ingest -> validate -> embed -> tokenize-new-items -> build-sequences
+(Sec. 3.2.1, 3.3, 4.1).
 
 Imports the day's source into bronze/silver, gates it with Great Expectations, refreshes item
-documents and embeddings (only new or changed items are encoded), and rebuilds the samples of the
-current tokenizer version (skipped, with a warning, before the first tokenizer exists).
+documents and embeddings (only new or changed items are encoded), gives items that arrived since the
+monthly catalogue run their semantic IDs under the current tokenizer, and rebuilds the samples of that
+version (the last two are skipped, with a warning, before the first tokenizer exists).
 """
 
 from __future__ import annotations
 
 from airflow.sdk import dag
 from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, step_task
+
+SKIP_WITHOUT_TOKENIZER = {"skip_without_tokenizer": "true"}
 
 
 @dag(
@@ -21,8 +25,9 @@ def hisam_features() -> None:
     ingest = step_task("ingest")()
     validate = step_task("validate")()
     embed = step_task("embed", outlets=[ITEM_EMBEDDINGS])()
-    sequences = step_task("build-sequences", params={"skip_without_tokenizer": "true"}, outlets=[SAMPLES])()
-    ingest >> validate >> embed >> sequences
+    new_items = step_task("tokenize-new-items", params=SKIP_WITHOUT_TOKENIZER)()
+    sequences = step_task("build-sequences", params=SKIP_WITHOUT_TOKENIZER, outlets=[SAMPLES])()
+    ingest >> validate >> embed >> new_items >> sequences
 
 
 hisam_features()

@@ -6,6 +6,10 @@ tagged ``tokenizer_version = dst-YYYYMMDD``. ``tokenize-catalogue`` writes every
 new ``gold.semantic_ids`` partition of that version; ``activate-tokenizer`` points ``@current`` at it
 once the samples of that version exist, so weekly pre-training and daily fine-tuning switch together.
 A version that is already registered is not retrained: reruns of the same month change nothing.
+
+Daily, ``tokenize-new-items`` gives items that arrived since the catalogue run their IDs under the
+``@current`` version, so their interactions reach the samples the same day instead of waiting a
+month as ``unknown_item`` quarantine; IDs already written never change.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pipelines.context import StepContext
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = "gold.item_embeddings"
+#: Model-version tag: the ``gold.item_embeddings`` version ``tokenize-catalogue`` encoded.
+CATALOGUE_SNAPSHOT = "hisam.catalogue_embeddings_version"
 
 
 class TokenizerHealthError(ValueError):
@@ -208,6 +214,7 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
         mode="replace_partition",
         partition_values={"dataset": ctx.dataset, "tokenizer_version": version},
     )
+    ctx.mlflow.set_model_version_tag(name, found[0].version, CATALOGUE_SNAPSHOT, str(snapshot))
     return {
         "tokenizer_version": version,
         "items": len(ids.item_ids),
@@ -215,6 +222,92 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
         "semantic_ids_version": written,
         "quarantined": gate["n_quarantined"],
     }
+
+
+def cold_behavior_embedding(ctx: StepContext, snapshot: int) -> np.ndarray:
+    """The behaviour embedding of an item without interactions in the behaviour space of ``snapshot``:
+    the mean of its warm rows (what the SASRec encoder gives cold items, ``hisam_core.encoders.behavior``).
+    """
+    from pipelines.features import BEHAVIOR_ENCODER
+
+    frame, _ = ctx.read_table(
+        EMBEDDINGS,
+        {"dataset": ctx.dataset, "modality": "behavior"},
+        columns=["encoder", "encoder_version", "embedding", "present"],
+        version=snapshot,
+    )
+    frame = frame[
+        (frame["encoder"] == BEHAVIOR_ENCODER)
+        & (frame["encoder_version"] == ctx.config.embeddings.behavior_version)
+        & frame["present"]
+    ]
+    if frame.empty:
+        raise ValueError(f"{EMBEDDINGS}@v{snapshot} has no warm behaviour rows to place a new item by")
+    return np.stack(frame["embedding"].to_numpy()).astype(np.float32).mean(0)
+
+
+def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
+    """Daily: semantic IDs of the ``@current`` version for items that have none yet.
+
+    Text and image come from the latest embeddings (their encoders are fixed). Behaviour does not: the
+    SASRec encoder is retrained whenever the interactions move, so today's rows live in another space
+    than the one DST was trained and the catalogue encoded in. A new item had no interactions in that
+    space, so it gets that space's cold embedding, exactly as it would have there; the next monthly DST
+    run gives it its own behaviour code. Rows already in ``gold.semantic_ids`` are never rewritten.
+    """
+    from pipelines.ingest import quality_config, run_gate
+    from pipelines.registry import find_versions
+    from pipelines.tokenizer_model import load_tokenizer
+    from spark_jobs.quality import semantic_ids_suite
+    from spark_jobs.tables import GOLD_SEMANTIC_IDS
+
+    try:
+        version = current_tokenizer_version(ctx)
+    except ValueError as err:
+        if ctx.params.get("skip_without_tokenizer") == "true":
+            log.warning("tokenize-new-items skipped: %s", err)
+            return {"skipped": True, "reason": str(err)}
+        raise
+    name = ctx.config.models.tokenizer
+    registered = find_versions(ctx.mlflow, name, tokenizer_version=version)[0]
+    known = semantic_ids_of(ctx, version)
+    features, latest = load_item_features(ctx)
+    new = ~np.isin(features.item_ids, known.item_ids)
+    summary: dict[str, Any] = {
+        "tokenizer_version": version,
+        "known_items": len(known.item_ids),
+        "new_items": int(new.sum()),
+        "embeddings_version": latest,
+    }
+    if not new.any():
+        log.info("every item with embeddings already has a %s semantic ID", version)
+        return summary
+    snapshot = int(registered.tags.get(CATALOGUE_SNAPSHOT) or registered.tags["delta.version"])
+    fresh = features.subset(np.flatnonzero(new))
+    cold = cold_behavior_embedding(ctx, snapshot)
+    fresh = ItemFeatures(
+        fresh.item_ids, {**fresh.modalities, "behavior": np.repeat(cold[None], len(fresh), axis=0)}
+    )
+    dst = load_tokenizer(f"models:/{name}/{registered.version}").dst
+    prefix = dst.config.shared_layers + len(dst.modalities)  # type: ignore[union-attr]
+    ids = dst.encode(fresh, version=version, known_codes=known.codes[:, :prefix])  # type: ignore[union-attr]
+    frame = ids.to_frame().assign(dataset=ctx.dataset, codebook_size=ids.codebook_size)
+    frame["semantic_ids"] = [np.asarray(c, dtype=np.int64).tolist() for c in frame["semantic_ids"]]
+    df = ctx.lake.spark.createDataFrame(frame[GOLD_SEMANTIC_IDS.columns], schema=GOLD_SEMANTIC_IDS.schema)
+    # Its own quarantine label: on the 1st, tokenize-catalogue gates gold.semantic_ids the same day.
+    gate = run_gate(
+        ctx, df, semantic_ids_suite(df, quality_config(ctx)), f"{GOLD_SEMANTIC_IDS.name}.new_items"
+    )
+    summary["semantic_ids_version"] = ctx.lake.write(
+        df,
+        GOLD_SEMANTIC_IDS,
+        mode="merge",
+        partition_values={"dataset": ctx.dataset, "tokenizer_version": version},
+    )
+    summary["behaviour_space_version"] = snapshot
+    summary["quarantined"] = gate["n_quarantined"]
+    log.info("gave %d new items %s semantic IDs", len(fresh), version)
+    return summary
 
 
 def activate_tokenizer(ctx: StepContext) -> dict[str, Any]:
@@ -251,11 +344,14 @@ def semantic_ids_of(ctx: StepContext, version: str) -> SemanticIds:
 
 
 __all__ = [
+    "CATALOGUE_SNAPSHOT",
     "TokenizerHealthError",
     "activate_tokenizer",
+    "cold_behavior_embedding",
     "current_tokenizer_version",
     "load_item_features",
     "semantic_ids_of",
     "tokenize_catalogue",
+    "tokenize_new_items",
     "train_tokenizer",
 ]

@@ -234,8 +234,18 @@ class DST(nn.Module):
         return {m: torch.as_tensor(features.modalities[m], device=device) for m in self.modalities}
 
     @torch.no_grad()
-    def encode(self, features: ItemFeatures, version: str, batch_size: int = 4096) -> SemanticIds:
-        """Semantic IDs of a catalogue (plus the dedup suffix when ``config.dedup_suffix``)."""
+    def encode(
+        self,
+        features: ItemFeatures,
+        version: str,
+        batch_size: int = 4096,
+        known_codes: np.ndarray | None = None,
+    ) -> SemanticIds:
+        """Semantic IDs of a catalogue (plus the dedup suffix when ``config.dedup_suffix``).
+
+        ``known_codes`` ``[K, L + M]`` are the codes (without suffix) of items that already hold IDs
+        of this version: new items' suffixes continue after theirs, so no existing ID changes.
+        """
         raw = self.tensors(features)
         was_training = self.training
         self.eval()
@@ -253,8 +263,9 @@ class DST(nn.Module):
         finally:
             self.train(was_training)
         if self.config.dedup_suffix:
-            suffix = dedup_suffix(codes)
-            if suffix.max() >= self.config.codebook_size:
+            known = np.empty((0, codes.shape[1]), np.int64) if known_codes is None else known_codes
+            suffix = dedup_suffix(np.concatenate([known, codes]))[len(known) :]
+            if len(suffix) and suffix.max() >= self.config.codebook_size:
                 raise ValueError(f"{suffix.max() + 1} items share one ID: more than the suffix can separate")
             codes = np.concatenate([codes, suffix[:, None]], axis=1)
         return SemanticIds(

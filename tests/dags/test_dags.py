@@ -17,7 +17,8 @@ EXPECTED = {
         "ingest": [],
         "validate": ["ingest"],
         "embed": ["validate"],
-        "build_sequences": ["embed"],
+        "tokenize_new_items": ["embed"],
+        "build_sequences": ["tokenize_new_items"],
     },
     "hisam_tokenizer": {
         "train_tokenizer": [],

@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-DAY1, DAY2, DAY3, DAY4 = (dt.date(2026, 11, d) for d in (1, 2, 3, 4))
+DAY1, DAY2, DAY3, DAY4, DAY5 = (dt.date(2026, 11, d) for d in (1, 2, 3, 4, 5))
 VERSION = "dst-20261101"
 
 
@@ -188,6 +188,62 @@ def test_the_champion_refuses_another_tokenizer_version(world) -> None:
     assert len(scores) == 3 and np.all((np.asarray(scores) > 0) & (np.asarray(scores) < 1))
     with pytest.raises(ValueError, match="dst-20261201"):
         load_ranker("models:/hisam-ranker@champion", expected_tokenizer_version="dst-20261201")
+
+
+def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
+    """Builds on day 1: five new items (copies of catalogue items under new ids) and 40 interactions
+    with them land in silver on day 5. The daily features DAG gives them @current semantic IDs, so
+    their interactions reach the samples instead of the ``unknown_item`` quarantine; the 120 IDs
+    written by the monthly run stay exactly as they were, and a rerun writes nothing."""
+    from deltalake import DeltaTable
+    from pyspark.sql import functions as F
+
+    from pipelines.steps import run_step
+
+    ctx = _ctx(world, DAY5)
+    lake, part = ctx.lake, {"dataset": "tiny"}
+    ids_path = str(world["home"] / "lake" / "gold" / "semantic_ids")
+    before = DeltaTable(ids_path).to_pandas()
+    items = lake.read("silver.items", partitions=part)
+    top = items.agg(F.max("item_id")).first()[0]
+    source = items.orderBy("item_id").limit(5).withColumn("source_id", F.col("item_id"))
+    source = source.withColumn("item_id", F.col("item_id") + F.lit(top + 1))
+    new_items = source.withColumn("item_key", F.concat(F.lit("new-"), F.col("item_id").cast("string")))
+    lake.write(new_items.drop("source_id"), "silver.items", mode="merge")
+    events = lake.read("silver.interactions", partitions=part)
+    last = events.agg(F.max("event_ts")).first()[0]
+    users = events.select("user_id", "user_key").distinct().orderBy("user_id").limit(8)
+    arrivals = (
+        users.crossJoin(new_items.select("item_id", "item_key"))
+        .withColumn("dataset", F.lit("tiny"))
+        .withColumn("event_ts", F.lit(last) + F.expr("INTERVAL 1 HOUR"))
+        .withColumn("rating", F.lit(5.0))
+        .withColumn("label", F.lit(1))
+        .withColumn("action", F.lit(None).cast("string"))
+        .withColumn("logical_date", F.lit(DAY5))
+    )
+    lake.write(arrivals.select(*events.columns), "silver.interactions", mode="merge")
+    new_ids = {r["item_id"] for r in new_items.select("item_id").collect()}
+
+    result = world["run"]("hisam_features", DAY5)
+    assert result.state == "success" and result.tasks["tokenize_new_items"] == "success", result.tasks
+    after = DeltaTable(ids_path).to_pandas()
+    old = after[~after["item_id"].isin(new_ids)]
+    key = ["tokenizer_version", "item_id"]
+    assert old.sort_values(key)["semantic_ids"].map(list).tolist() == (
+        before.sort_values(key)["semantic_ids"].map(list).tolist()
+    )
+    fresh = after[after["item_id"].isin(new_ids)]
+    assert len(after) == 125 and set(fresh["tokenizer_version"]) == {VERSION}
+    assert all(len(c) == 6 and min(c) >= 0 and max(c) < 16 for c in fresh["semantic_ids"])
+    samples = lake.read("gold.samples", partitions={**part, "tokenizer_version": VERSION})
+    assert samples.filter(F.col("item_id").isin(list(new_ids))).count() == 40
+    assert samples.count() == 3000 + 40  # every valid interaction is a sample: none quarantined
+
+    version = DeltaTable(ids_path).version()
+    again = run_step("tokenize-new-items", DAY5, world["config"])
+    assert again["new_items"] == 0 and again["known_items"] == 125
+    assert DeltaTable(ids_path).version() == version
 
 
 def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:

@@ -85,6 +85,22 @@ def test_dedup_suffix_makes_every_id_unique(trained):
     assert ids.num_positions == 7 and len(np.unique(ids.codes, axis=0)) == len(features)
 
 
+def test_new_items_continue_the_suffixes_of_known_ones(trained):
+    """Incremental tokenization: known items first, new items later with ``known_codes``, gives the
+    IDs of one pass over both, so every ID stays unique and no known ID changes."""
+    model, features, _, _ = trained
+    with_suffix = DST(model.config.model_copy(update={"dedup_suffix": True}))
+    with_suffix.load_state_dict(model.state_dict())
+    rows = np.arange(len(features))
+    known, new = rows[::2], rows[1::2]
+    first = with_suffix.encode(features.subset(known), "v")
+    later = with_suffix.encode(features.subset(new), "v", known_codes=first.codes[:, :-1])
+    assert (later.codes[:, -1] > 0).any()  # some new items collide with known ones
+    one_pass = with_suffix.encode(features.subset(np.concatenate([known, new])), "v")
+    np.testing.assert_array_equal(np.concatenate([first.codes, later.codes]), one_pass.codes)
+    assert len(np.unique(one_pass.codes, axis=0)) == len(features)
+
+
 def test_failed_save_leaves_no_partial_checkpoint(trained, tmp_path, monkeypatch):
     model, _, _, _ = trained
 

@@ -70,10 +70,17 @@ class TokenizerStageConfig(Config):
     health: TokenizerHealthConfig = Field(default_factory=TokenizerHealthConfig)
 
 
+#: The categorical columns of ``gold.user_profiles`` (``spark_jobs.content.user_profiles``).
+PROFILE_COLUMNS = ("age_bucket", "gender", "occupation")
+
+
 class RankerStageConfig(Config):
     """HMAT shape shared by PT and SFT, and each stage's optimisation (Sec. 3.4.1, B.2)."""
 
     sequence: RankerSequenceConfig = Field(default_factory=RankerSequenceConfig)
+    # gold.user_profiles columns that become profile tokens; their buckets come from the data
+    # (hisam_core.ranker.profile), fitted at pre-training and kept by every model built on it.
+    profile_fields: list[str] = Field(default_factory=lambda: list(PROFILE_COLUMNS))
     model: HMATConfig = Field(default_factory=HMATConfig)
     pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(objective="pt"))
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(objective="sft"))
@@ -103,7 +110,9 @@ class PipelineConfig(Config):
     content: ContentConfig = Field(default_factory=ContentConfig)
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
     tokenizer: TokenizerStageConfig = Field(default_factory=TokenizerStageConfig)
-    sequences: SequenceConfig = Field(default_factory=lambda: SequenceConfig(profile_tokens=0))
+    sequences: SequenceConfig = Field(
+        default_factory=lambda: SequenceConfig(profile_tokens=len(PROFILE_COLUMNS))
+    )
     ranker: RankerStageConfig = Field(default_factory=RankerStageConfig)
     gate: PromotionGateConfig = Field(default_factory=PromotionGateConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
@@ -125,6 +134,18 @@ class PipelineConfig(Config):
             )
         if rk.profile_fields:
             raise ValueError(
-                "ranker.sequence.profile_fields: profile tokens are not wired into the lifecycle yet"
+                "ranker.sequence.profile_fields is set from the data at pre-training: list the "
+                "gold.user_profiles columns in ranker.profile_fields instead"
+            )
+        fields = self.ranker.profile_fields
+        if seq.profile_tokens != len(fields):
+            raise ValueError(
+                f"sequences.profile_tokens={seq.profile_tokens} but ranker.profile_fields has "
+                f"{len(fields)} fields {fields}: the token budget must count the profile HMAT reads"
+            )
+        unknown = sorted(set(fields) - set(PROFILE_COLUMNS))
+        if unknown:
+            raise ValueError(
+                f"ranker.profile_fields {unknown} are not gold.user_profiles columns {PROFILE_COLUMNS}"
             )
         return self

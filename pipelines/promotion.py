@@ -31,8 +31,17 @@ def register(ctx: StepContext) -> dict[str, Any]:
     """Register the evaluated candidate of this logical run (once)."""
     import mlflow
 
+    from hisam_core.ranker.profile import ProfileVocabulary
     from hisam_core.ranker.train import RankerConfig
-    from pipelines.ranker import CHAMPION_PREFIX, EVAL_PREFIX, RUN_KEY, _checkpoint_dir, _find_run, metrics_of
+    from pipelines.ranker import (
+        CHAMPION_PREFIX,
+        EVAL_PREFIX,
+        PROFILE_VOCABULARY,
+        RUN_KEY,
+        _checkpoint_dir,
+        _find_run,
+        metrics_of,
+    )
     from pipelines.ranker_model import log_ranker
     from pipelines.tokenizer import semantic_ids_of
 
@@ -49,7 +58,10 @@ def register(ctx: StepContext) -> dict[str, Any]:
 
     config = RankerConfig.from_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["config"])
     with mlflow.start_run(run_id=run.info.run_id):
-        registered = log_ranker(checkpoint, config, semantic_ids_of(ctx, version), name)
+        vocabulary = ProfileVocabulary.load(checkpoint.with_name(PROFILE_VOCABULARY))
+        registered = log_ranker(
+            checkpoint, config, semantic_ids_of(ctx, version), name, profile_vocabulary=vocabulary
+        )
     tags = {
         RUN_KEY: ctx.run_key,
         "pretrained_version": run.data.tags.get("pretrained_version", ""),

@@ -5,6 +5,10 @@ training node). One user is one token stream of their chronological interactions
 than the token budget are cut into windows that each add up to half a budget of new labelled items
 behind as much earlier context as fits, so every interaction is labelled exactly once.
 
+Each stream opens with the user's profile tokens (Sec. 3.3): the ``ranker.profile_fields`` columns of
+``gold.user_profiles``, as buckets of a :class:`~hisam_core.ranker.profile.ProfileVocabulary` fitted
+at pre-training and kept by every model built on it (a value unseen then is bucket 0).
+
 * ``pretrain`` (weekly): next-token PT, registered as ``hisam-pretrained`` with its semantic IDs.
 * ``finetune`` (daily): SFT initialised from the newest PT of the same tokenizer version; the
   checkpoint resumes, so a rerun of the day continues (or, when done, does nothing).
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hisam_core.ranker.profile import UNKNOWN, ProfileVocabulary
 from hisam_core.ranker.sequence import SequenceConfig, UserHistory
 from hisam_core.semantic_ids import SemanticIds
 from pipelines.context import StepContext
@@ -33,10 +38,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLES = "gold.samples"
+PROFILES = "gold.user_profiles"
+PROFILE_VOCABULARY = "profile_vocabulary.json"  # beside each stage's checkpoint
 SAMPLE_COLUMNS = ["user_id", "item_id", "event_ts", "split", "action", "is_cold_user"]
 RUN_KEY = "run_key"  # model-version tag: the logical run that produced the version
 EVAL_PREFIX = "eval."  # candidate metrics, as finetune-run metrics and candidate version tags
 CHAMPION_PREFIX = "champion."  # the champion's metrics on the same snapshot
+INTERNAL = ("semantic_ids", "config", "profile_vocabulary")  # _train_stage results not in summaries
 
 
 def load_samples(
@@ -53,6 +61,16 @@ def load_samples(
     return frame.sort_values(["user_id", "event_ts", "item_id"], kind="stable").reset_index(
         drop=True
     ), version
+
+
+def load_profiles(ctx: StepContext, fields: Sequence[str]) -> tuple[pd.DataFrame, int]:
+    """``user_id`` and the ``fields`` columns of the dataset's ``gold.user_profiles``, and its version."""
+    return ctx.read_table(PROFILES, {"dataset": ctx.dataset}, ["user_id", *fields])
+
+
+def encode_profiles(frame: pd.DataFrame, vocabulary: ProfileVocabulary) -> dict[int, dict[str, int]]:
+    """``user_id -> {field: bucket}`` of every profile row."""
+    return {int(row["user_id"]): vocabulary.encode(row) for row in frame.to_dict("records")}
 
 
 def windows(history: UserHistory, max_items: int) -> list[UserHistory]:
@@ -77,10 +95,17 @@ def windows(history: UserHistory, max_items: int) -> list[UserHistory]:
 
 
 def histories(
-    frame: pd.DataFrame, semantic_ids: SemanticIds, config: SequenceConfig, split: str
+    frame: pd.DataFrame,
+    semantic_ids: SemanticIds,
+    config: SequenceConfig,
+    split: str,
+    profiles: dict[int, dict[str, int]] | None = None,
 ) -> list[UserHistory]:
     """Windows of every user's stream labelling the ``split`` rows (``train``: the training events;
-    ``test``: the test events, after all of the user's training events as context)."""
+    ``test``: the test events, after all of the user's training events as context). ``profiles``:
+    ``user_id -> buckets`` of ``config.profile_fields``; a user without one gets bucket 0 in each."""
+    profiles = profiles or {}
+    nobody = dict.fromkeys(config.profile_fields, UNKNOWN)
     max_items = (config.max_tokens - config.profile_length) // config.item_length
     rows = frame if split == "test" else frame[frame["split"] == "train"]
     codes = semantic_ids.lookup(rows["item_id"].to_numpy())
@@ -90,28 +115,40 @@ def histories(
     out: list[UserHistory] = []
     for idx in np.split(np.arange(len(rows)), bounds):
         if len(idx) and labelled[idx].any():
-            full = UserHistory(int(users[idx[0]]), codes[idx], actions[idx], {}, labelled[idx])
+            user = int(users[idx[0]])
+            full = UserHistory(user, codes[idx], actions[idx], profiles.get(user, nobody), labelled[idx])
             out.extend(windows(full, max_items))
     return out
 
 
 def evaluate_model(
-    model: Any, config: SequenceConfig, semantic_ids: SemanticIds, frame: pd.DataFrame, batch_size: int = 256
+    model: Any,
+    config: SequenceConfig,
+    semantic_ids: SemanticIds,
+    frame: pd.DataFrame,
+    batch_size: int = 256,
+    profiles: dict[int, dict[str, int]] | None = None,
 ) -> dict[str, float]:
     """AUC, GAUC and their cold-start variants (Sec. 4.1) of ``model`` on the test rows of ``frame``."""
     from hisam_core.ranker.train import evaluate
 
     test = frame[frame["user_id"].isin(frame.loc[frame["split"] == "test", "user_id"])]
     cold = set(test.loc[test["is_cold_user"] & (test["split"] == "test"), "user_id"].tolist())
-    return evaluate(model, config, histories(test, semantic_ids, config, "test"), batch_size, cold_users=cold)
+    windows_ = histories(test, semantic_ids, config, "test", profiles)
+    return evaluate(model, config, windows_, batch_size, cold_users=cold)
 
 
-def _ranker_config(ctx: StepContext, stage: str, init_from: str | None = None) -> Any:
+def _ranker_config(
+    ctx: StepContext, stage: str, vocabulary: ProfileVocabulary, init_from: str | None = None
+) -> Any:
     from hisam_core.ranker.train import RankerConfig
 
     rk = ctx.config.ranker
     train = rk.pretrain if stage == "pt" else rk.finetune.model_copy(update={"init_from": init_from})
-    return RankerConfig(sequence=rk.sequence, model=rk.model, train=train)
+    sequence = SequenceConfig.model_validate(
+        {**rk.sequence.model_dump(), "profile_fields": vocabulary.bucket_counts}
+    )
+    return RankerConfig(sequence=sequence, model=rk.model, train=train)
 
 
 def _checkpoint_dir(ctx: StepContext, stage: str, tokenizer_version: str) -> Path:
@@ -129,8 +166,13 @@ def _find_run(ctx: StepContext, step: str) -> Run | None:
 
 
 def _train_stage(
-    ctx: StepContext, stage: str, tokenizer_version: str, init_from: str | None = None
+    ctx: StepContext,
+    stage: str,
+    tokenizer_version: str,
+    init_from: str | None = None,
+    vocabulary: ProfileVocabulary | None = None,
 ) -> dict[str, Any]:
+    """Train one stage; PT fits the profile vocabulary (``vocabulary`` None), SFT keeps PT's."""
     import mlflow
 
     from hisam_core.ranker.train import train
@@ -138,11 +180,18 @@ def _train_stage(
     from pipelines.tracking import log_config, log_delta_input, log_training_curves, mlflow_callback
 
     step = "pretrain" if stage == "pt" else "finetune"
-    config = _ranker_config(ctx, stage, init_from)
+    fields = ctx.config.ranker.profile_fields
+    profile_frame, profile_snapshot = load_profiles(ctx, fields)
+    if vocabulary is None:
+        vocabulary = ProfileVocabulary.fit({f: profile_frame[f] for f in fields})
+    config = _ranker_config(ctx, stage, vocabulary, init_from)
     frame, snapshot = load_samples(ctx, tokenizer_version)
     ids = semantic_ids_of(ctx, tokenizer_version)
-    train_histories = histories(frame, ids, config.sequence, "train")
+    profiles = encode_profiles(profile_frame, vocabulary)
+    train_histories = histories(frame, ids, config.sequence, "train", profiles)
     out = _checkpoint_dir(ctx, stage, tokenizer_version)
+    out.mkdir(parents=True, exist_ok=True)
+    vocabulary.save(out / PROFILE_VOCABULARY)
     previous = _find_run(ctx, step)
     with mlflow.start_run(
         run_id=previous.info.run_id if previous else None, run_name=f"{step}-{ctx.logical_date}"
@@ -153,6 +202,10 @@ def _train_stage(
             )
             log_config(config, name=step)
             log_delta_input(ctx.table_path(SAMPLES), snapshot, context="training", name="samples")
+            log_delta_input(
+                ctx.table_path(PROFILES), profile_snapshot, context="training", name="user_profiles"
+            )
+            mlflow.log_artifact(str(out / PROFILE_VOCABULARY))
         callback = mlflow_callback(f"{stage}/")
         train(config, train_histories, out, callback)
         if callback.history:
@@ -166,6 +219,7 @@ def _train_stage(
         "mlflow_run_id": run.info.run_id,
         "semantic_ids": ids,
         "config": config,
+        "profile_vocabulary": vocabulary,
     }
 
 
@@ -184,17 +238,23 @@ def pretrain(ctx: StepContext) -> dict[str, Any]:
     result = _train_stage(ctx, "pt", version)
     with mlflow.start_run(run_id=result["mlflow_run_id"]):
         registered = log_ranker(
-            result["checkpoint"], result["config"], result["semantic_ids"], name, name="pretrained"
+            result["checkpoint"],
+            result["config"],
+            result["semantic_ids"],
+            name,
+            name="pretrained",
+            profile_vocabulary=result["profile_vocabulary"],
         )
     ctx.mlflow.set_model_version_tag(name, registered.version, RUN_KEY, ctx.run_key)
     return {
-        **{k: v for k, v in result.items() if k not in ("semantic_ids", "config")},
+        **{k: v for k, v in result.items() if k not in INTERNAL},
         "model_version": str(registered.version),
     }
 
 
-def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str]:
-    """(path of the newest PT checkpoint of ``version``, its registered version)."""
+def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str, ProfileVocabulary]:
+    """(path of the newest PT checkpoint of ``version``, its registered version, its profile
+    vocabulary: none, so no profile tokens, for a PT registered before profiles were wired in)."""
     import mlflow
 
     from pipelines.ranker_model import ARTIFACT_CHECKPOINT
@@ -208,7 +268,13 @@ def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str]:
     path = Path(local) / "artifacts" / "hmat.pt"
     if not path.exists():
         raise FileNotFoundError(f"{name} v{found[0].version} has no {ARTIFACT_CHECKPOINT} at {path}")
-    return str(path), str(found[0].version)
+    vocabulary = path.with_name(PROFILE_VOCABULARY)
+    if not vocabulary.exists():
+        log.warning(
+            "%s v%s has no profile vocabulary: fine-tuning without profile tokens", name, found[0].version
+        )
+        return str(path), str(found[0].version), ProfileVocabulary({})
+    return str(path), str(found[0].version), ProfileVocabulary.load(vocabulary)
 
 
 def finetune(ctx: StepContext) -> dict[str, Any]:
@@ -218,12 +284,12 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
     from pipelines.tokenizer import current_tokenizer_version
 
     version = current_tokenizer_version(ctx)
-    init_from, pt_version = _pretrained_checkpoint(ctx, version)
-    result = _train_stage(ctx, "sft", version, init_from)
+    init_from, pt_version, vocabulary = _pretrained_checkpoint(ctx, version)
+    result = _train_stage(ctx, "sft", version, init_from, vocabulary)
     with mlflow.start_run(run_id=result["mlflow_run_id"]):
         mlflow.set_tag("pretrained_version", pt_version)
     return {
-        **{k: v for k, v in result.items() if k not in ("semantic_ids", "config")},
+        **{k: v for k, v in result.items() if k not in INTERNAL},
         "pretrained_version": pt_version,
     }
 
@@ -234,6 +300,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     import mlflow
 
     from hisam_core.ranker.train import load_model
+    from pipelines.config import PROFILE_COLUMNS
     from pipelines.ranker_model import load_ranker
     from pipelines.registry import CHAMPION, alias_version
     from pipelines.tokenizer import current_tokenizer_version, semantic_ids_of
@@ -247,15 +314,25 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         log.warning("the candidate was trained on tokenizer %s, which is no longer @current", version)
     frame, snapshot = load_samples(ctx, version)
     batch = ctx.config.ranker.eval_batch_size
-    config, model = load_model(_checkpoint_dir(ctx, "sft", version) / "checkpoint.pt")
-    candidate = evaluate_model(model, config.sequence, semantic_ids_of(ctx, version), frame, batch)
+    checkpoints = _checkpoint_dir(ctx, "sft", version)
+    config, model = load_model(checkpoints / "checkpoint.pt")
+    vocabulary = ProfileVocabulary.load(checkpoints / PROFILE_VOCABULARY)
+    profile_frame, _ = load_profiles(ctx, PROFILE_COLUMNS)
+    profiles = encode_profiles(profile_frame, vocabulary)
+    candidate = evaluate_model(model, config.sequence, semantic_ids_of(ctx, version), frame, batch, profiles)
     metrics = {f"{EVAL_PREFIX}{k}": v for k, v in candidate.items()}
     champion = alias_version(ctx.mlflow, ctx.config.models.ranker, CHAMPION)
     if champion is not None:
         served = load_ranker(f"models:/{ctx.config.models.ranker}/{champion.version}").unwrap_python_model()
         assert served.ranker is not None and served.semantic_ids is not None
+        served_vocabulary = served.profile_vocabulary or ProfileVocabulary({})
         scored = evaluate_model(
-            served.ranker.model, served.ranker.builder.config, served.semantic_ids, frame, batch
+            served.ranker.model,
+            served.ranker.builder.config,
+            served.semantic_ids,
+            frame,
+            batch,
+            encode_profiles(profile_frame, served_vocabulary),
         )
         metrics.update({f"{CHAMPION_PREFIX}{k}": v for k, v in scored.items()})
     with mlflow.start_run(run_id=run.info.run_id):

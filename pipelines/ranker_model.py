@@ -3,9 +3,11 @@
 Request format (one row per request, :data:`REQUEST_COLUMNS`): ``user_id`` (int),
 ``history_item_ids`` (list[int], oldest first), ``history_actions`` (list[int], indices into
 ``SequenceConfig.action_names``), ``candidate_item_ids`` (list[int]) and one ``profile_<field>``
-int column per ``SequenceConfig.profile_fields`` entry. The response has one row per request (same
-index) with ``scores``: ``P(positive action)`` per candidate, in candidate order, computed by one-pass
-ranking (:meth:`hisam_core.ranker.HMATRanker.rank`, Sec. 3.4.2).
+int column per ``SequenceConfig.profile_fields`` entry: the user's bucket of that field, which the
+packaged ``profile_vocabulary`` (:class:`~hisam_core.ranker.profile.ProfileVocabulary`, also
+``HisamRankerModel.profile_vocabulary``) gives from the profile's values. The response has one row
+per request (same index) with ``scores``: ``P(positive action)`` per candidate, in candidate order,
+computed by one-pass ranking (:meth:`hisam_core.ranker.HMATRanker.rank`, Sec. 3.4.2).
 
 Item ids map to codes through the packaged :class:`~hisam_core.semantic_ids.SemanticIds` table.
 An item id missing from it (history or candidate) is an error: ``ValueError`` naming the request
@@ -43,6 +45,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
 
 import hisam_core
+from hisam_core.ranker.profile import ProfileVocabulary
 from hisam_core.ranker.sequence import UserHistory
 from hisam_core.ranker.serving import HMATRanker
 from hisam_core.ranker.train import RankerConfig, build_model, load_model, resolve_device
@@ -57,6 +60,7 @@ SCORES = "scores"
 ARTIFACT_CHECKPOINT = "checkpoint"
 ARTIFACT_CONFIG = "ranker_config"
 ARTIFACT_SEMANTIC_IDS = "semantic_ids"
+ARTIFACT_PROFILE_VOCABULARY = "profile_vocabulary"
 
 TOKENIZER_VERSION = "tokenizer_version"
 EXPECTED_TOKENIZER_VERSION = "expected_tokenizer_version"
@@ -102,11 +106,27 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
     def __init__(self) -> None:
         self.ranker: HMATRanker | None = None
         self.semantic_ids: SemanticIds | None = None
+        self.profile_vocabulary: ProfileVocabulary | None = None
         self._config: RankerConfig | None = None
         self._index: pd.Index | None = None
 
-    def setup(self, config: RankerConfig, model: torch.nn.Module, semantic_ids: SemanticIds) -> None:
-        """Bind a model and its table (what ``load_context`` does from the artifacts)."""
+    def setup(
+        self,
+        config: RankerConfig,
+        model: torch.nn.Module,
+        semantic_ids: SemanticIds,
+        profile_vocabulary: ProfileVocabulary | None = None,
+    ) -> None:
+        """Bind a model, its table and its profile vocabulary (what ``load_context`` does from the
+        artifacts); the vocabulary's bucket counts must be the model's ``profile_fields``."""
+        if profile_vocabulary is not None and profile_vocabulary.bucket_counts != dict(
+            config.sequence.profile_fields
+        ):
+            raise ValueError(
+                f"profile vocabulary buckets {profile_vocabulary.bucket_counts} are not the model's "
+                f"profile_fields {dict(config.sequence.profile_fields)}"
+            )
+        self.profile_vocabulary = profile_vocabulary
         model.eval()
         self.ranker = HMATRanker(model, config.sequence)
         self.ranker.vocab.check_semantic_ids(semantic_ids)
@@ -126,7 +146,8 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
         checkpoint_config, model = load_model(context.artifacts[ARTIFACT_CHECKPOINT], device)
         if (checkpoint_config.sequence, checkpoint_config.model) != (config.sequence, config.model):
             raise ValueError("packaged checkpoint and ranker_config disagree on the sequence/model config")
-        self.setup(config, model, semantic_ids)
+        vocabulary = context.artifacts.get(ARTIFACT_PROFILE_VOCABULARY)
+        self.setup(config, model, semantic_ids, ProfileVocabulary.load(vocabulary) if vocabulary else None)
 
     def _codes(self, item_ids: np.ndarray, what: str) -> np.ndarray:
         positions = self._index.get_indexer(item_ids)
@@ -235,12 +256,14 @@ def log_ranker(
     registered_name: str,
     name: str = "ranker",
     training_run_id: str | None = None,
+    profile_vocabulary: ProfileVocabulary | None = None,
 ) -> ModelVersion:
     """Log the ranker (checkpoint weights, config YAML, semantic-ID parquet, code) as a pyfunc model
     in the active run (a new run when none is active), register it as ``registered_name`` and tag
     the new version with ``tokenizer_version`` and ``training_run_id`` (default: the run it is logged
     in). The checkpoint is re-saved with config and weights only (no optimizer state); its
-    sequence/model config must equal ``ranker_config``'s, and the table must fit its vocabulary."""
+    sequence/model config must equal ``ranker_config``'s, the table must fit its vocabulary and the
+    profile vocabulary (packaged when given) its ``profile_fields``."""
     checkpoint = torch.load(model_checkpoint_path, map_location="cpu", weights_only=True)
     checkpoint_config = RankerConfig.from_dict(checkpoint["config"])
     if (checkpoint_config.sequence, checkpoint_config.model) != (ranker_config.sequence, ranker_config.model):
@@ -251,7 +274,7 @@ def log_ranker(
     model = build_model(ranker_config)
     model.load_state_dict(checkpoint["state_dict"])
     wrapper = HisamRankerModel()
-    wrapper.setup(ranker_config, model, semantic_ids)  # also checks the table fits the vocabulary
+    wrapper.setup(ranker_config, model, semantic_ids, profile_vocabulary)  # checks table and profile
     example = example_request(semantic_ids, ranker_config)
     with warnings.catch_warnings():  # "integer columns cannot hold missing values": intended here
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
@@ -268,17 +291,21 @@ def log_ranker(
         )
         ranker_config.to_yaml(tmp_path / "ranker_config.yaml")
         semantic_ids.save(tmp_path / "semantic_ids.parquet")
+        artifacts = {
+            ARTIFACT_CHECKPOINT: str(tmp_path / "hmat.pt"),
+            ARTIFACT_CONFIG: str(tmp_path / "ranker_config.yaml"),
+            ARTIFACT_SEMANTIC_IDS: str(tmp_path / "semantic_ids.parquet"),
+        }
+        if profile_vocabulary is not None:
+            profile_vocabulary.save(tmp_path / "profile_vocabulary.json")
+            artifacts[ARTIFACT_PROFILE_VOCABULARY] = str(tmp_path / "profile_vocabulary.json")
         code_paths = stage_code(tmp_path / "code")
         run_context = nullcontext(active) if active is not None else mlflow.start_run()
         with run_context as run:
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=HisamRankerModel(),
-                artifacts={
-                    ARTIFACT_CHECKPOINT: str(tmp_path / "hmat.pt"),
-                    ARTIFACT_CONFIG: str(tmp_path / "ranker_config.yaml"),
-                    ARTIFACT_SEMANTIC_IDS: str(tmp_path / "semantic_ids.parquet"),
-                },
+                artifacts=artifacts,
                 code_paths=code_paths,
                 signature=signature,
                 input_example=example,

@@ -14,7 +14,7 @@
   Causal attention and a fixed normaliser make the one-pass (teacher-forced) scores of a window
   equal to scoring each target alone on its own prefix (held equal in tests).
 
-* :class:`HMATRanker`: HMAT (Sec. 3.3) over one semantic-ID table, SFT only or PT then SFT
+* :class:`SemanticIDRanker`: HMAT (Sec. 3.3) over one semantic-ID table, SFT only or PT then SFT
   (Sec. 3.4.1), through :mod:`hisam_core.ranker.train`. With ``attention_mask: causal`` and
   ``position_encoding: rope1d`` it is the flat Transformer over semantic IDs (the QARM/TIGER-like
   baseline, "+ Qwen2.5 block" of Table 3).
@@ -253,7 +253,7 @@ def to_histories(windows: Sequence[Window], semantic_ids: SemanticIds) -> list[U
     ]
 
 
-class HMATRanker:
+class SemanticIDRanker:
     """HMAT on one semantic-ID table; ``pretrain_steps > 0`` runs PT (causal next-token) first and
     initialises SFT from it (Sec. 3.4.1), else SFT only."""
 

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from hisam_core.config import Config
-from hisam_core.evaluation.baselines import HMATRanker, IDRanker, IDRankerConfig
+from hisam_core.evaluation.baselines import IDRanker, IDRankerConfig, SemanticIDRanker
 from hisam_core.evaluation.protocol import (
     Dataset,
     ProtocolConfig,
@@ -300,7 +300,9 @@ class _Context:
         return self._ids[key]
 
 
-def _ranker(ctx: _Context, experiment: ExperimentConfig, seed: int, max_tokens: int) -> HMATRanker | IDRanker:
+def _ranker(
+    ctx: _Context, experiment: ExperimentConfig, seed: int, max_tokens: int
+) -> SemanticIDRanker | IDRanker:
     c = ctx.config
     train = c.train.model_copy(update={"seed": seed})
     if experiment.model != "hmat":
@@ -315,7 +317,7 @@ def _ranker(ctx: _Context, experiment: ExperimentConfig, seed: int, max_tokens: 
         model=HMATConfig.model_validate({**c.hmat.model_dump(), **experiment.hmat}),
         train=train,
     )
-    return HMATRanker(ranker, ids, c.pretrain_steps if experiment.pretrain else 0)
+    return SemanticIDRanker(ranker, ids, c.pretrain_steps if experiment.pretrain else 0)
 
 
 def run_experiment(ctx: _Context, experiment: ExperimentConfig, seed: int) -> dict[str, Any]:

@@ -110,9 +110,9 @@ def test_day_one_writes_tables_runs_models_aliases_and_lineage(world) -> None:
     assert champion.tags["gate"] == "promoted" and float(champion.tags["eval.auc"]) >= 0.55
     run = client.get_run(champion.tags["training_run_id"])
     tags = [{t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs]
-    inputs = {t["mlflow.data.context"]: t for t in tags}
-    assert inputs["training"]["delta.path"].endswith("gold/samples")
-    assert inputs["evaluation"]["delta.version"] == champion.tags["eval.snapshot"]
+    inputs = {(t["mlflow.data.context"], t["delta.path"].rsplit("/", 1)[-1]): t for t in tags}
+    assert set(inputs) == {("training", "samples"), ("training", "user_profiles"), ("evaluation", "samples")}
+    assert inputs[("evaluation", "samples")]["delta.version"] == champion.tags["eval.snapshot"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/sft_training.png" in artifacts
     dst_run = client.get_run(tokenizer.run_id)
@@ -174,18 +174,38 @@ def test_promote_then_rollback_restores_the_previous_champion(world) -> None:
         run_step("rollback", DAY3, world["config"])
 
 
-def test_the_champion_refuses_another_tokenizer_version(world) -> None:
-    """Builds on day 1: serving the ranker against a semantic-ID table of another version fails."""
+def test_the_champion_reads_profiles_and_refuses_another_tokenizer_version(world) -> None:
+    """Builds on day 1: every stream opens with the user's profile tokens, bucketed by the vocabulary
+    PT fitted on gold.user_profiles and SFT kept; serving takes the buckets as request columns; a
+    semantic-ID table of another version is refused."""
+    import pandas as pd
+    from deltalake import DeltaTable
+
     from pipelines.ranker_model import load_ranker
 
+    fields = ("age_bucket", "gender", "occupation")
     model = load_ranker("models:/hisam-ranker@champion", expected_tokenizer_version=VERSION)
-    frame = model.unwrap_python_model().semantic_ids
-    request = {"user_id": [1], "history_item_ids": [list(frame.item_ids[:3])], "history_actions": [[1, 0, 1]],
-               "candidate_item_ids": [list(frame.item_ids[3:6])]}  # fmt: skip
-    import pandas as pd
+    served = model.unwrap_python_model()
+    vocab = served.profile_vocabulary
+    profiles = DeltaTable(str(world["home"] / "lake" / "gold" / "user_profiles")).to_pandas()
+    assert vocab.fields == fields
+    assert vocab.values == {f: tuple(sorted(profiles[f].dropna().unique())) for f in fields}
+    assert dict(served.ranker.builder.config.profile_fields) == vocab.bucket_counts
+    assert all(n > 1 for n in vocab.bucket_counts.values())  # the synthetic users have profiles
+    pretrained = load_ranker("models:/hisam-pretrained/1").unwrap_python_model()
+    assert pretrained.profile_vocabulary == vocab
 
-    scores = model.predict(pd.DataFrame(request))["scores"].iloc[0]
-    assert len(scores) == 3 and np.all((np.asarray(scores) > 0) & (np.asarray(scores) < 1))
+    frame = served.semantic_ids
+    user = profiles.iloc[0]
+    buckets = vocab.encode(user.to_dict())
+    assert min(buckets.values()) > 0  # a known user's values are all in the vocabulary
+    request = {"user_id": [int(user["user_id"])], "history_item_ids": [list(frame.item_ids[:3])],
+               "history_actions": [[1, 0, 1]], "candidate_item_ids": [list(frame.item_ids[3:6])],
+               **{f"profile_{f}": [b] for f, b in buckets.items()}}  # fmt: skip
+    scores = np.asarray(model.predict(pd.DataFrame(request))["scores"].iloc[0])
+    assert len(scores) == 3 and np.all((scores > 0) & (scores < 1))
+    unknown = {**request, **{f"profile_{f}": [0] for f in fields}}
+    assert not np.allclose(np.asarray(model.predict(pd.DataFrame(unknown))["scores"].iloc[0]), scores)
     with pytest.raises(ValueError, match="dst-20261201"):
         load_ranker("models:/hisam-ranker@champion", expected_tokenizer_version="dst-20261201")
 

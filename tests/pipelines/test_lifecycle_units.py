@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hisam_core.ranker.sequence import SequenceConfig, UserHistory
+from hisam_core.ranker.profile import ProfileVocabulary
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHistory
 from hisam_core.semantic_ids import SemanticIds
 from pipelines.config import PipelineConfig
-from pipelines.ranker import histories, windows
+from pipelines.ranker import encode_profiles, histories, windows
 from pipelines.steps import STEPS, load_config
 
 
@@ -62,11 +63,31 @@ def test_histories_map_items_through_the_semantic_id_table() -> None:
         histories(frame.assign(item_id=[10, 20, 99, 30, 10]), ids, config, "test")
 
 
+def test_histories_open_with_the_users_profile_buckets_and_zero_for_users_without_one() -> None:
+    ids = SemanticIds(np.array([10, 20]), np.array([[1] * 6, [2] * 6]), 16, "v")
+    frame = pd.DataFrame(
+        {"user_id": [1, 1, 2], "item_id": [10, 20, 10], "split": ["train"] * 3, "action": [1, 0, 1]}
+    )
+    vocab = ProfileVocabulary.fit({"gender": ["f", "m"], "age_bucket": ["18-24"]})
+    config = SequenceConfig(codebook_size=16, max_tokens=80, profile_fields=vocab.bucket_counts)
+    profiles = encode_profiles(pd.DataFrame({"user_id": [1], "gender": ["m"], "age_bucket": [None]}), vocab)
+    one, two = histories(frame, ids, config, "train", profiles)
+    assert one.profile == {"gender": 2, "age_bucket": 0} and two.profile == {"gender": 0, "age_bucket": 0}
+    tokens = SequenceBuilder(config).build(one).tokens  # the stream opens with the profile tokens
+    assert tokens[:2].tolist() == SequenceBuilder(config).vocab.profile(one.profile).tolist()
+
+
 def test_pipeline_config_refuses_inconsistent_sections() -> None:
     with pytest.raises(ValueError, match="DST writes"):
         PipelineConfig.model_validate({"ranker": {"sequence": {"codebook_size": 32}}})
     with pytest.raises(ValueError, match="extra"):
         PipelineConfig.model_validate({"tokenizr": {}})
+    with pytest.raises(ValueError, match="profile_tokens"):
+        PipelineConfig.model_validate({"ranker": {"profile_fields": ["gender"]}})
+    with pytest.raises(ValueError, match=r"not gold\.user_profiles columns"):
+        PipelineConfig.model_validate(
+            {"ranker": {"profile_fields": ["zip"]}, "sequences": {"profile_tokens": 1}}
+        )
     shipped = load_config()
     assert shipped.ranker.sequence.codebook_size == shipped.tokenizer.train.model.codebook_size
 

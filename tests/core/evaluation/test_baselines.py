@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hisam_core.evaluation.baselines import HMATRanker, IDRanker, IDRankerConfig, to_histories
+from hisam_core.evaluation.baselines import IDRanker, IDRankerConfig, SemanticIDRanker, to_histories
 from hisam_core.evaluation.protocol import (
     ProtocolConfig,
     Window,
@@ -64,7 +64,7 @@ def test_id_ranker_one_pass_equals_per_target_scoring(windows, planted, block):
     assert np.std(one_pass) > 0
 
 
-def hmat_ranker(planted, **model: object) -> HMATRanker:
+def semantic_id_ranker(planted, **model: object) -> SemanticIDRanker:
     _, _, item_ids = planted
     codes = np.random.default_rng(1).integers(0, 8, size=(len(item_ids), 3))
     ids = SemanticIds(item_ids, codes, 8, "test")
@@ -75,14 +75,14 @@ def hmat_ranker(planted, **model: object) -> HMATRanker:
         model=HMATConfig(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, ffn_size=32, **model),
         train=TrainConfig(max_steps=2),
     )
-    ranker = HMATRanker(config, ids)
+    ranker = SemanticIDRanker(config, ids)
     torch.manual_seed(0)
     ranker.model = build_model(config).eval()
     return ranker
 
 
 @torch.no_grad()
-def candidate_score(ranker: HMATRanker, window: Window) -> float:
+def candidate_score(ranker: SemanticIDRanker, window: Window) -> float:
     """Reference: the last item of ``window`` scored as a one-item candidate after its history."""
     builder = SequenceBuilder(ranker.config.sequence)
     (history,) = to_histories([window], ranker.semantic_ids)
@@ -95,7 +95,7 @@ def candidate_score(ranker: HMATRanker, window: Window) -> float:
 
 @pytest.mark.parametrize("mask", ["memory_anchor", "causal"])
 def test_hmat_teacher_forced_scoring_equals_candidate_scoring(windows, planted, mask):
-    ranker = hmat_ranker(planted, attention_mask=mask)
+    ranker = semantic_id_ranker(planted, attention_mask=mask)
     one_pass = ranker.score(windows)
     reference = [candidate_score(ranker, w) for w in prefixes(windows)]
     np.testing.assert_allclose(one_pass, reference, rtol=1e-4, atol=1e-6)
@@ -110,7 +110,7 @@ def test_hmat_teacher_forced_scoring_equals_candidate_scoring(windows, planted, 
     ],
 )
 def test_past_actions_reach_the_score_only_where_the_switch_says(windows, planted, model, sees_actions):
-    ranker = hmat_ranker(planted, **model)
+    ranker = semantic_id_ranker(planted, **model)
     flipped = [Window(w.user_id, w.item_ids, 1 - w.labels, w.targets, w.profile) for w in windows]
     changed = not np.allclose(ranker.score(windows), ranker.score(flipped), atol=1e-6)
     assert changed == sees_actions

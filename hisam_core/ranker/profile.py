@@ -1,0 +1,64 @@
+"""Profile vocabulary: categorical user-profile values -> the bucket ids of HMAT's profile tokens (Sec. 3.3).
+
+HMAT's stream opens with one token per profile field (``SequenceConfig.profile_fields``: field ->
+number of buckets). The values each field took when the vocabulary was fitted, sorted, take buckets
+``1 .. n``; bucket 0 is a missing or unseen value, so a profile that changes after training still
+encodes, and ``bucket_counts`` (``n + 1`` per field) is the ``profile_fields`` a model is built with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+#: The bucket of a missing or unseen value.
+UNKNOWN = 0
+
+
+def _present(value: Any) -> bool:
+    return value is not None and value == value and str(value).strip() != ""  # value == value: not NaN
+
+
+@dataclass(frozen=True)
+class ProfileVocabulary:
+    """``values[field]``: the known values of ``field``; value ``values[field][k]`` is bucket ``k + 1``."""
+
+    values: Mapping[str, tuple[str, ...]]
+
+    @classmethod
+    def fit(cls, columns: Mapping[str, Iterable[Any]]) -> ProfileVocabulary:
+        """The vocabulary of ``columns`` (field -> its values over users; missing values are skipped)."""
+        return cls({f: tuple(sorted({str(v) for v in col if _present(v)})) for f, col in columns.items()})
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(self.values)
+
+    @property
+    def bucket_counts(self) -> dict[str, int]:
+        """``SequenceConfig.profile_fields`` of a model using this vocabulary."""
+        return {field: len(known) + 1 for field, known in self.values.items()}
+
+    @cached_property
+    def _buckets(self) -> dict[str, dict[str, int]]:
+        return {field: {v: k + 1 for k, v in enumerate(known)} for field, known in self.values.items()}
+
+    def encode(self, profile: Mapping[str, Any]) -> dict[str, int]:
+        """Bucket ids of one user's profile; a missing field or unseen value is :data:`UNKNOWN`."""
+        out = {}
+        for field, buckets in self._buckets.items():
+            value = profile.get(field)
+            out[field] = buckets.get(str(value), UNKNOWN) if _present(value) else UNKNOWN
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({f: list(v) for f, v in self.values.items()}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProfileVocabulary:
+        data = json.loads(Path(path).read_text())
+        return cls({field: tuple(values) for field, values in data.items()})

@@ -1,0 +1,36 @@
+"""The profile vocabulary of HMAT's profile tokens (Sec. 3.3)."""
+
+from __future__ import annotations
+
+import math
+
+from hisam_core.ranker.profile import UNKNOWN, ProfileVocabulary
+from hisam_core.ranker.sequence import SequenceConfig
+
+
+def test_known_values_take_buckets_one_to_n_in_sorted_order_and_the_rest_bucket_zero() -> None:
+    vocab = ProfileVocabulary.fit(
+        {"gender": ["m", "f", None, "f"], "age_bucket": ["25-34", "18-24", "", math.nan, "35-44"]}
+    )
+    assert vocab.values == {"gender": ("f", "m"), "age_bucket": ("18-24", "25-34", "35-44")}
+    assert vocab.bucket_counts == {"gender": 3, "age_bucket": 4}
+    assert vocab.encode({"gender": "m", "age_bucket": "18-24"}) == {"gender": 2, "age_bucket": 1}
+    unseen = vocab.encode({"gender": "x", "age_bucket": None})
+    assert unseen == {"gender": UNKNOWN, "age_bucket": UNKNOWN}
+    assert vocab.encode({}) == {"gender": UNKNOWN, "age_bucket": UNKNOWN}  # a user without a profile
+
+
+def test_every_encoding_fits_the_model_built_from_the_bucket_counts() -> None:
+    vocab = ProfileVocabulary.fit({"occupation": ["writer", "artist"], "gender": ["f"]})
+    config = SequenceConfig(codebook_size=16, profile_fields=vocab.bucket_counts, max_tokens=64)
+    for profile in ({"occupation": "artist", "gender": "f"}, {"occupation": "nurse"}, {}):
+        encoded = vocab.encode(profile)
+        assert all(0 <= encoded[f] < config.profile_fields[f] for f in config.profile_fields)
+
+
+def test_save_load_round_trip_keeps_field_order_and_buckets(tmp_path) -> None:
+    vocab = ProfileVocabulary.fit({"z": ["b", "a"], "a": ["q"]})
+    vocab.save(tmp_path / "profile.json")
+    loaded = ProfileVocabulary.load(tmp_path / "profile.json")
+    assert loaded == vocab and loaded.fields == ("z", "a")
+    assert loaded.encode({"z": "b", "a": "q"}) == vocab.encode({"z": "b", "a": "q"}) == {"z": 2, "a": 1}

@@ -78,9 +78,10 @@ class RankerStageConfig(Config):
     """HMAT shape shared by PT and SFT, and each stage's optimisation (Sec. 3.4.1, B.2)."""
 
     sequence: RankerSequenceConfig = Field(default_factory=RankerSequenceConfig)
-    # gold.user_profiles columns that become profile tokens; their buckets come from the data
-    # (hisam_core.ranker.profile), fitted at pre-training and kept by every model built on it.
-    profile_fields: list[str] = Field(default_factory=lambda: list(PROFILE_COLUMNS))
+    # gold.user_profiles columns that become profile tokens (Sec. 3.3), e.g. PROFILE_COLUMNS; their
+    # buckets come from the data (hisam_core.ranker.profile), fitted at pre-training and kept by
+    # every model built on it. Empty: no profile tokens (configs/pipeline.yaml says why by default).
+    profile_fields: list[str] = Field(default_factory=list)
     model: HMATConfig = Field(default_factory=HMATConfig)
     pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(objective="pt"))
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(objective="sft"))
@@ -110,9 +111,7 @@ class PipelineConfig(Config):
     content: ContentConfig = Field(default_factory=ContentConfig)
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
     tokenizer: TokenizerStageConfig = Field(default_factory=TokenizerStageConfig)
-    sequences: SequenceConfig = Field(
-        default_factory=lambda: SequenceConfig(profile_tokens=len(PROFILE_COLUMNS))
-    )
+    sequences: SequenceConfig = Field(default_factory=lambda: SequenceConfig(profile_tokens=0))
     ranker: RankerStageConfig = Field(default_factory=RankerStageConfig)
     gate: PromotionGateConfig = Field(default_factory=PromotionGateConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)

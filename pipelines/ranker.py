@@ -5,8 +5,8 @@ training node). One user is one token stream of their chronological interactions
 than the token budget are cut into windows that each add up to half a budget of new labelled items
 behind as much earlier context as fits, so every interaction is labelled exactly once.
 
-Each stream opens with the user's profile tokens (Sec. 3.3): the ``ranker.profile_fields`` columns of
-``gold.user_profiles``, as buckets of a :class:`~hisam_core.ranker.profile.ProfileVocabulary` fitted
+With ``ranker.profile_fields`` set, each stream opens with the user's profile tokens (Sec. 3.3): those
+columns of ``gold.user_profiles``, as buckets of a :class:`~hisam_core.ranker.profile.ProfileVocabulary` fitted
 at pre-training and kept by every model built on it (a value unseen then is bucket 0).
 
 * ``pretrain`` (weekly): next-token PT, registered as ``hisam-pretrained`` with its semantic IDs.
@@ -174,14 +174,17 @@ def _train_stage(
 ) -> dict[str, Any]:
     """Train one stage; PT fits the profile vocabulary (``vocabulary`` None), SFT keeps PT's."""
     import mlflow
+    import pandas as pd
 
     from hisam_core.ranker.train import train
     from pipelines.tokenizer import semantic_ids_of
     from pipelines.tracking import log_config, log_delta_input, log_training_curves, mlflow_callback
 
     step = "pretrain" if stage == "pt" else "finetune"
-    fields = ctx.config.ranker.profile_fields
-    profile_frame, profile_snapshot = load_profiles(ctx, fields)
+    fields = vocabulary.fields if vocabulary is not None else ctx.config.ranker.profile_fields
+    profile_frame, profile_snapshot = (
+        load_profiles(ctx, fields) if fields else (pd.DataFrame({"user_id": []}), None)
+    )
     if vocabulary is None:
         vocabulary = ProfileVocabulary.fit({f: profile_frame[f] for f in fields})
     config = _ranker_config(ctx, stage, vocabulary, init_from)
@@ -202,9 +205,10 @@ def _train_stage(
             )
             log_config(config, name=step)
             log_delta_input(ctx.table_path(SAMPLES), snapshot, context="training", name="samples")
-            log_delta_input(
-                ctx.table_path(PROFILES), profile_snapshot, context="training", name="user_profiles"
-            )
+            if profile_snapshot is not None:
+                log_delta_input(
+                    ctx.table_path(PROFILES), profile_snapshot, context="training", name="user_profiles"
+                )
             mlflow.log_artifact(str(out / PROFILE_VOCABULARY))
         callback = mlflow_callback(f"{stage}/")
         train(config, train_histories, out, callback)

@@ -23,6 +23,7 @@ TINY = {
     "sequences": {"token_budget": 120, "profile_tokens": 3},
     "ranker": {
         "sequence": {"codebook_size": 16, "max_tokens": 120},
+        "profile_fields": ["age_bucket", "gender", "occupation"],
         "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "ffn_size": 64},
         "pretrain": {"objective": "pt", "learning_rate": 3.0e-3, "warmup_steps": 5, "max_steps": 60,
                      "batch_size": 16, "log_every": 5, "checkpoint_every": 10},

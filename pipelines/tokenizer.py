@@ -14,6 +14,7 @@ month as ``unknown_item`` quarantine; IDs already written never change.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 EMBEDDINGS = "gold.item_embeddings"
 #: Model-version tag: the ``gold.item_embeddings`` version ``tokenize-catalogue`` encoded.
 CATALOGUE_SNAPSHOT = "hisam.catalogue_embeddings_version"
+#: Model-version tag: the encoders (name and version per modality) DST was trained on.
+ENCODERS = "hisam.encoders"
 
 
 class TokenizerHealthError(ValueError):
@@ -53,17 +56,34 @@ def current_tokenizer_version(ctx: StepContext) -> str:
     return str(found.tags[TOKENIZER_VERSION])
 
 
-def load_item_features(ctx: StepContext, version: int | None = None) -> tuple[ItemFeatures, int]:
-    """Every item with all three modality embeddings of the configured encoders, from the Delta
-    snapshot ``version`` (default latest), and the version read."""
+def encoder_specs(ctx: StepContext) -> dict[str, tuple[str, str]]:
+    """``modality -> (encoder name, encoder version)`` of the configured embeddings."""
     from pipelines.features import BEHAVIOR_ENCODER
 
     emb = ctx.config.embeddings
-    encoders = {
+    return {
         "behavior": (BEHAVIOR_ENCODER, emb.behavior_version),
         "image": (emb.image.encoder_name(), emb.image.version),
         "text": (emb.text.encoder_name(), emb.text.version),
     }
+
+
+def check_encoders(ctx: StepContext, registered: Any) -> None:
+    """Refuse to encode with a DST whose training encoders are not the configured ones: their
+    embeddings live in other spaces (a tokenizer registered before the tag existed is not checked)."""
+    trained = registered.tags.get(ENCODERS)
+    configured = json.dumps(encoder_specs(ctx), sort_keys=True)
+    if trained is not None and json.loads(trained) != json.loads(configured):
+        raise ValueError(
+            f"{registered.name} v{registered.version} was trained on encoders {trained}, the config now "
+            f"says {configured}: train a tokenizer for them first (the hisam_tokenizer DAG)"
+        )
+
+
+def load_item_features(ctx: StepContext, version: int | None = None) -> tuple[ItemFeatures, int]:
+    """Every item with all three modality embeddings of the configured encoders, from the Delta
+    snapshot ``version`` (default latest), and the version read."""
+    encoders = encoder_specs(ctx)
     frames, read_version = {}, version
     for modality, (name, enc_version) in encoders.items():
         frame, read_version = ctx.read_table(
@@ -175,7 +195,12 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
             ctx.alert(f"tokenizer {version} failed codebook health", "\n".join(failures), health=health)
             raise TokenizerHealthError(f"tokenizer {version} failed codebook health: {'; '.join(failures)}")
         registered = log_tokenizer(out / "dst.pt", version, features, name)
-        for key, value in {"hisam.run_key": ctx.run_key, "delta.version": str(snapshot)}.items():
+        tags = {
+            "hisam.run_key": ctx.run_key,
+            "delta.version": str(snapshot),
+            ENCODERS: json.dumps(encoder_specs(ctx), sort_keys=True),
+        }
+        for key, value in tags.items():
             ctx.mlflow.set_model_version_tag(name, registered.version, key, value)
     return {
         "tokenizer_version": version,
@@ -201,6 +226,7 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
         raise ValueError(
             f"{name} has no version tagged tokenizer_version={version}: run train-tokenizer first"
         )
+    check_encoders(ctx, found[0])
     tokenizer = load_tokenizer(f"models:/{name}/{found[0].version}")
     features, snapshot = load_item_features(ctx)
     ids = tokenizer.dst.encode(features, version=version)  # type: ignore[union-attr]
@@ -270,6 +296,7 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
         raise
     name = ctx.config.models.tokenizer
     registered = find_versions(ctx.mlflow, name, tokenizer_version=version)[0]
+    check_encoders(ctx, registered)
     known = semantic_ids_of(ctx, version)
     features, latest = load_item_features(ctx)
     new = ~np.isin(features.item_ids, known.item_ids)
@@ -345,10 +372,13 @@ def semantic_ids_of(ctx: StepContext, version: str) -> SemanticIds:
 
 __all__ = [
     "CATALOGUE_SNAPSHOT",
+    "ENCODERS",
     "TokenizerHealthError",
     "activate_tokenizer",
+    "check_encoders",
     "cold_behavior_embedding",
     "current_tokenizer_version",
+    "encoder_specs",
     "load_item_features",
     "semantic_ids_of",
     "tokenize_catalogue",

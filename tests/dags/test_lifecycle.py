@@ -214,11 +214,12 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
     """Builds on day 1: five new items (copies of catalogue items under new ids) and 40 interactions
     with them land in silver on day 5. The daily features DAG gives them @current semantic IDs, so
     their interactions reach the samples instead of the ``unknown_item`` quarantine; the 120 IDs
-    written by the monthly run stay exactly as they were, and a rerun writes nothing."""
+    written by the monthly run stay exactly as they were, a rerun writes nothing, and a DST is never
+    fed another encoder's embeddings."""
     from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
-    from pipelines.steps import run_step
+    from pipelines.steps import load_config, run_step
 
     ctx = _ctx(world, DAY5)
     lake, part = ctx.lake, {"dataset": "tiny"}
@@ -264,6 +265,10 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
     again = run_step("tokenize-new-items", DAY5, world["config"])
     assert again["new_items"] == 0 and again["known_items"] == 125
     assert DeltaTable(ids_path).version() == version
+    # another text encoder in the config: its embeddings are not the space this DST was trained on
+    changed = load_config(world["config"], {"embeddings": {"text": {"version": "2"}}})
+    with pytest.raises(ValueError, match="was trained on encoders"):
+        run_step("tokenize-new-items", DAY5, changed)
 
 
 def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:

@@ -68,12 +68,16 @@ def encoder_specs(ctx: StepContext) -> dict[str, tuple[str, str]]:
     }
 
 
+def encoders_tag(ctx: StepContext) -> str:
+    """The :data:`ENCODERS` tag value of the configured encoders."""
+    return json.dumps(encoder_specs(ctx), sort_keys=True)
+
+
 def check_encoders(ctx: StepContext, registered: Any) -> None:
     """Refuse to encode with a DST whose training encoders are not the configured ones: their
     embeddings live in other spaces (a tokenizer registered before the tag existed is not checked)."""
-    trained = registered.tags.get(ENCODERS)
-    configured = json.dumps(encoder_specs(ctx), sort_keys=True)
-    if trained is not None and json.loads(trained) != json.loads(configured):
+    trained, configured = registered.tags.get(ENCODERS), encoders_tag(ctx)
+    if trained is not None and trained != configured:
         raise ValueError(
             f"{registered.name} v{registered.version} was trained on encoders {trained}, the config now "
             f"says {configured}: train a tokenizer for them first (the hisam_tokenizer DAG)"
@@ -198,7 +202,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         tags = {
             "hisam.run_key": ctx.run_key,
             "delta.version": str(snapshot),
-            ENCODERS: json.dumps(encoder_specs(ctx), sort_keys=True),
+            ENCODERS: encoders_tag(ctx),
         }
         for key, value in tags.items():
             ctx.mlflow.set_model_version_tag(name, registered.version, key, value)
@@ -254,19 +258,14 @@ def cold_behavior_embedding(ctx: StepContext, snapshot: int) -> np.ndarray:
     """The behaviour embedding of an item without interactions in the behaviour space of ``snapshot``:
     the mean of its warm rows (what the SASRec encoder gives cold items, ``hisam_core.encoders.behavior``).
     """
-    from pipelines.features import BEHAVIOR_ENCODER
-
+    name, enc_version = encoder_specs(ctx)["behavior"]
     frame, _ = ctx.read_table(
         EMBEDDINGS,
         {"dataset": ctx.dataset, "modality": "behavior"},
         columns=["encoder", "encoder_version", "embedding", "present"],
         version=snapshot,
     )
-    frame = frame[
-        (frame["encoder"] == BEHAVIOR_ENCODER)
-        & (frame["encoder_version"] == ctx.config.embeddings.behavior_version)
-        & frame["present"]
-    ]
+    frame = frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version) & frame["present"]]
     if frame.empty:
         raise ValueError(f"{EMBEDDINGS}@v{snapshot} has no warm behaviour rows to place a new item by")
     return np.stack(frame["embedding"].to_numpy()).astype(np.float32).mean(0)
@@ -379,6 +378,7 @@ __all__ = [
     "cold_behavior_embedding",
     "current_tokenizer_version",
     "encoder_specs",
+    "encoders_tag",
     "load_item_features",
     "semantic_ids_of",
     "tokenize_catalogue",

@@ -3,8 +3,9 @@
 Text and image go through the Spark embedding job (resumable: an item already embedded by the same
 encoder version with the same input is skipped). Behaviour is SASRec trained only on interactions
 before the global chronological cut (App. B.2: the behaviour encoder must not see the ranking test
-period); its rows are keyed by a hash of the cut and the encoder settings, so a rerun with the same
-data and config finds them and trains nothing.
+period), computed on the gate-valid interactions exactly as ``build-sequences`` computes it; its
+rows are keyed by a hash of the cut and the encoder settings, so a rerun with the same data and
+config finds them and trains nothing.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     from hisam_core.encoders.behavior import BehaviorEncoder
+    from pipelines.ingest import valid_interactions
     from spark_jobs.sequences import prepare_interactions
-    from spark_jobs.tables import GOLD_ITEM_DOCUMENTS, GOLD_ITEM_EMBEDDINGS, SILVER_INTERACTIONS
+    from spark_jobs.tables import GOLD_ITEM_DOCUMENTS, GOLD_ITEM_EMBEDDINGS
 
     lake, cfg = ctx.lake, ctx.config
     part = {"dataset": ctx.dataset}
     seq_cfg = cfg.sequences.model_copy(update={"dataset": ctx.dataset})
-    interactions = lake.read(SILVER_INTERACTIONS, partitions=part)
+    interactions, _ = valid_interactions(ctx)  # the rows build-sequences reads: the same cut
     _, _, cut = prepare_interactions(interactions, seq_cfg)
     settings = json.dumps(cfg.embeddings.behavior.model_dump(mode="json"), sort_keys=True)
     input_hash = hashlib.sha256(f"{cut.to_dict()}|{settings}".encode()).hexdigest()

@@ -90,24 +90,29 @@ def quality_config(ctx: StepContext) -> Any:
     return cfg.model_copy(update=update)
 
 
-def run_gate(ctx: StepContext, df: Any, suite: Any, target_table: str) -> dict[str, Any]:
-    """Run one quality gate: quarantine the failing rows (replacing this run's quarantine partition),
-    alert and raise ``DataQualityError`` when the batch fails; return the report as a dict."""
+def run_gate(ctx: StepContext, df: Any, suite: Any, label: str) -> tuple[Any, dict[str, Any]]:
+    """Run one quality gate: quarantine the failing rows under ``target_table = label`` (replacing
+    this run's partition of that label), alert and raise ``DataQualityError`` when the batch fails.
+
+    Returns the valid rows (write these, never ``df``) and the report as a dict. Each gate has its own
+    label (:func:`gate_label`), so it never replaces the rejects an importer or a sequence build
+    wrote for the same table and day.
+    """
     from pipelines.notify import Alert
     from spark_jobs.quality import DataQualityError, run_quality_gate, to_bronze_quarantine
     from spark_jobs.tables import BRONZE_QUARANTINE
 
     qcfg = quality_config(ctx)
     try:
-        _valid, quarantine, report = run_quality_gate(df, suite, qcfg, raise_on_failure=False)
-        rows = to_bronze_quarantine(quarantine, target_table, ctx.logical_date, ctx.dataset)
+        valid, quarantine, report = run_quality_gate(df, suite, qcfg, raise_on_failure=False)
+        rows = to_bronze_quarantine(quarantine, label, ctx.logical_date, ctx.dataset)
         version = ctx.lake.write(
             rows,
             BRONZE_QUARANTINE,
             mode="replace_partition",
             partition_values={
                 "dataset": ctx.dataset,
-                "target_table": target_table,
+                "target_table": label,
                 "logical_date": ctx.logical_date,
             },
         )
@@ -116,14 +121,24 @@ def run_gate(ctx: StepContext, df: Any, suite: Any, target_table: str) -> dict[s
             ctx.lake.spark.catalog.clearCache()
     summary = {**report.to_dict(), "quarantine_version": version}
     if not report.success:
-        alert = Alert.from_quality_report(report.to_dict(), source=f"validate:{target_table}")
+        alert = Alert.from_quality_report(report.to_dict(), source=f"validate:{label}")
         ctx.alert(alert.title, alert.text, "error", report=summary)
         raise DataQualityError(report)
-    return summary
+    return valid, summary
+
+
+def gate_label(table: str) -> str:
+    """The ``bronze.quarantine`` label of the gate on ``table``: ``silver.interactions.gate``."""
+    return f"{table}.gate"
 
 
 def validate(ctx: StepContext) -> dict[str, Any]:
-    """GX gate on the dataset's silver interactions (keys, timestamps, ratings, known items, duplicates)."""
+    """GX gate on the dataset's silver interactions (keys, timestamps, ratings, known items, duplicates).
+
+    Silver holds every day merged so far, so the gate checks that whole snapshot: the partition of
+    this logical date under ``silver.interactions.gate`` lists the rows of the snapshot that fail.
+    Downstream steps leave the same rows out (:func:`valid_interactions`).
+    """
     from spark_jobs.quality import interactions_suite
     from spark_jobs.tables import SILVER_INTERACTIONS, SILVER_ITEMS
 
@@ -131,11 +146,31 @@ def validate(ctx: StepContext) -> dict[str, Any]:
     interactions = ctx.lake.read(SILVER_INTERACTIONS, partitions=part)
     items = ctx.lake.read(SILVER_ITEMS, partitions=part)
     suite = interactions_suite(interactions, quality_config(ctx), items=items)
-    return run_gate(ctx, interactions, suite, SILVER_INTERACTIONS.name)
+    return run_gate(ctx, interactions, suite, gate_label(SILVER_INTERACTIONS.name))[1]
+
+
+def valid_interactions(ctx: StepContext) -> tuple[Any, int]:
+    """The dataset's silver interactions that pass the row rules of ``validate`` (no GX, no writes),
+    and how many rows failed them: what the behaviour encoder and the sequence build both read, so
+    their chronological cuts agree."""
+    from spark_jobs.quality import interactions_suite, split_valid_quarantine
+    from spark_jobs.tables import SILVER_INTERACTIONS, SILVER_ITEMS
+
+    part = {"dataset": ctx.dataset}
+    interactions = ctx.lake.read(SILVER_INTERACTIONS, partitions=part)
+    items = ctx.lake.read(SILVER_ITEMS, partitions=part)
+    valid, rejected = split_valid_quarantine(
+        interactions, interactions_suite(interactions, quality_config(ctx), items=items)
+    )
+    return valid, rejected.count()
 
 
 def validate_samples(ctx: StepContext) -> dict[str, Any]:
-    """GX gate on ``gold.samples`` of the current tokenizer: the daily fine-tune stops here on bad data."""
+    """GX gate on ``gold.samples`` of the current tokenizer: the daily fine-tune stops here on bad data.
+
+    When the batch passes with some rows quarantined, the partition is rewritten without them, so
+    training never reads a quarantined sample (rows in = rows kept + quarantined).
+    """
     from pyspark.sql import functions as F
 
     from pipelines.tokenizer import current_tokenizer_version
@@ -143,9 +178,14 @@ def validate_samples(ctx: StepContext) -> dict[str, Any]:
     from spark_jobs.tables import GOLD_SAMPLES
 
     version = current_tokenizer_version(ctx)
-    samples = ctx.lake.read(GOLD_SAMPLES, partitions={"dataset": ctx.dataset, "tokenizer_version": version})
-    samples = samples.filter(F.col("tokenizer_version") == version)
-    return {
-        "tokenizer_version": version,
-        **run_gate(ctx, samples, samples_suite(samples, quality_config(ctx)), GOLD_SAMPLES.name),
-    }
+    part = {"dataset": ctx.dataset, "tokenizer_version": version}
+    samples = ctx.lake.read(GOLD_SAMPLES, partitions=part).filter(F.col("tokenizer_version") == version)
+    valid, summary = run_gate(
+        ctx, samples, samples_suite(samples, quality_config(ctx)), gate_label(GOLD_SAMPLES.name)
+    )
+    if summary["n_quarantined"]:
+        summary["samples_version"] = ctx.lake.write(
+            valid, GOLD_SAMPLES, mode="replace_partition", partition_values=part
+        )
+        log.warning("removed %d quarantined rows from %s", summary["n_quarantined"], GOLD_SAMPLES.name)
+    return {"tokenizer_version": version, **summary}

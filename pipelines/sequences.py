@@ -1,8 +1,10 @@
 """Step ``build-sequences``: silver interactions + semantic IDs -> ``gold.samples`` and
 ``gold.user_sequences`` for one tokenizer version (Sec. 3.3 layout, Sec. 4.1 protocol).
 
-Rows the interactions gate quarantines are left out (the same row rules ``validate`` applies), so
-samples only ever hold validated events. The version is ``params.tokenizer_version``, else the
+Rows the interactions gate quarantines are left out (the same row rules ``validate`` applies, whose
+partition ``silver.interactions.gate`` lists them), so samples only ever hold validated events; rows
+the build itself rejects (``no_label``, ``unknown_action``, ``unknown_item``) go to ``bronze.quarantine``
+under ``gold.samples``. Silver rows = gate-rejected + samples + quarantined. The version is ``params.tokenizer_version``, else the
 tokenizer at ``@current``; before any tokenizer exists the daily run skips the step and says so.
 """
 
@@ -20,34 +22,18 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
     """Build and write the samples and user sequences of the dataset for one tokenizer version."""
     from pyspark.sql import functions as F
 
-    from pipelines.ingest import quality_config
-    from pipelines.tokenizer import current_tokenizer_version
-    from spark_jobs.quality import interactions_suite, split_valid_quarantine
+    from pipelines.ingest import valid_interactions
+    from pipelines.tokenizer import current_tokenizer_version_or_skip
+    from spark_jobs.quality import to_bronze_quarantine
     from spark_jobs.sequences import build_sequences as build
     from spark_jobs.sequences import build_user_sequences, to_gold_samples, to_gold_user_sequences
-    from spark_jobs.tables import (
-        GOLD_SAMPLES,
-        GOLD_SEMANTIC_IDS,
-        GOLD_USER_SEQUENCES,
-        SILVER_INTERACTIONS,
-        SILVER_ITEMS,
-    )
+    from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES, GOLD_SEMANTIC_IDS, GOLD_USER_SEQUENCES
 
-    version = ctx.params.get("tokenizer_version")
-    if not version:
-        try:
-            version = current_tokenizer_version(ctx)
-        except ValueError as err:
-            if ctx.params.get("skip_without_tokenizer") == "true":
-                log.warning("build-sequences skipped: %s", err)
-                return {"skipped": True, "reason": str(err)}
-            raise
+    version = ctx.params.get("tokenizer_version") or current_tokenizer_version_or_skip(ctx, "build-sequences")
+    if version is None:
+        return {"skipped": True, "reason": "no tokenizer activated yet"}
     lake, part = ctx.lake, {"dataset": ctx.dataset}
-    interactions = lake.read(SILVER_INTERACTIONS, partitions=part)
-    items = lake.read(SILVER_ITEMS, partitions=part)
-    valid, _ = split_valid_quarantine(
-        interactions, interactions_suite(interactions, quality_config(ctx), items=items)
-    )
+    valid, rejected = valid_interactions(ctx)
     valid = valid.cache()
     semantic_ids = lake.read(GOLD_SEMANTIC_IDS, partitions={**part, "tokenizer_version": version})
     cfg = ctx.config.sequences.model_copy(update={"dataset": ctx.dataset, "tokenizer_version": version})
@@ -62,7 +48,8 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 F.when((F.col("split") == "test") & F.col("is_cold_user"), F.col("user_id"))
             ).alias("cold_test_users"),
         ).first()
-        quarantined = result.quarantine.count()
+        quarantine = result.quarantine.withColumn("reasons", F.array("reason")).cache()
+        quarantined = quarantine.count()
         versions = {
             GOLD_SAMPLES.name: lake.write(
                 samples,
@@ -76,6 +63,16 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 mode="replace_partition",
                 partition_values=part,
             ),
+            BRONZE_QUARANTINE.name: lake.write(
+                to_bronze_quarantine(quarantine, GOLD_SAMPLES.name, ctx.logical_date, ctx.dataset),
+                BRONZE_QUARANTINE,
+                mode="replace_partition",
+                partition_values={
+                    **part,
+                    "target_table": GOLD_SAMPLES.name,
+                    "logical_date": ctx.logical_date,
+                },
+            ),
         }
         n_valid = valid.count()
     finally:
@@ -87,7 +84,8 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
         )
     return {
         "tokenizer_version": version,
-        "interactions": n_valid,
+        "interactions": n_valid + rejected,
+        "gate_rejected": rejected,
         "quarantined": quarantined,
         "cut": result.cut.to_dict(),
         **counts,

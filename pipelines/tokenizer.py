@@ -56,6 +56,18 @@ def current_tokenizer_version(ctx: StepContext) -> str:
     return str(found.tags[TOKENIZER_VERSION])
 
 
+def current_tokenizer_version_or_skip(ctx: StepContext, step: str) -> str | None:
+    """:func:`current_tokenizer_version`, or None (logged) when there is none yet and the step was
+    run with ``skip_without_tokenizer=true`` (the daily DAG before the first monthly tokenizer run)."""
+    try:
+        return current_tokenizer_version(ctx)
+    except ValueError as err:
+        if ctx.params.get("skip_without_tokenizer") != "true":
+            raise
+        log.warning("%s skipped: %s", step, err)
+        return None
+
+
 def encoder_specs(ctx: StepContext) -> dict[str, tuple[str, str]]:
     """``modality -> (encoder name, encoder version)`` of the configured embeddings."""
     from pipelines.features import BEHAVIOR_ENCODER
@@ -84,9 +96,13 @@ def check_encoders(ctx: StepContext, registered: Any) -> None:
         )
 
 
-def load_item_features(ctx: StepContext, version: int | None = None) -> tuple[ItemFeatures, int]:
+def load_item_features(
+    ctx: StepContext, version: int | None = None
+) -> tuple[ItemFeatures, int, dict[int, str]]:
     """Every item with all three modality embeddings of the configured encoders, from the Delta
-    snapshot ``version`` (default latest), and the version read."""
+    snapshot ``version`` (default latest), the version read, and ``item_id -> reason`` for the items
+    that lack a modality (``missing_embedding:image``): they get no semantic ID until the embed step
+    writes it."""
     encoders = encoder_specs(ctx)
     frames, read_version = {}, version
     for modality, (name, enc_version) in encoders.items():
@@ -103,12 +119,41 @@ def load_item_features(ctx: StepContext, version: int | None = None) -> tuple[It
                 f"dataset {ctx.dataset!r}: run the embed step first"
             )
         frames[modality] = frame.set_index("item_id")["embedding"]
+    every = set.union(*(set(f.index) for f in frames.values()))
     items = sorted(set.intersection(*(set(f.index) for f in frames.values())))
-    dropped = {m: len(f) - len(items) for m, f in frames.items() if len(f) != len(items)}
-    if dropped:
-        log.warning("items without every modality are left out of the tokenizer: %s", dropped)
+    incomplete = {
+        int(item): "missing_embedding:" + ",".join(m for m, f in frames.items() if item not in f.index)
+        for item in sorted(every - set(items))
+    }
+    if incomplete:
+        log.warning("%d items lack a modality embedding and get no semantic ID yet", len(incomplete))
     modalities = {m: np.stack(f.loc[items].to_numpy()).astype(np.float32) for m, f in frames.items()}
-    return ItemFeatures(np.asarray(items, dtype=np.int64), modalities), int(read_version)
+    return ItemFeatures(np.asarray(items, dtype=np.int64), modalities), int(read_version), incomplete
+
+
+def quarantine_items(ctx: StepContext, reasons: dict[int, str], label: str) -> int:
+    """Replace this run's ``bronze.quarantine`` partition ``label`` with one row per item and reason
+    (an empty partition when there are none, so a rerun clears what an earlier run wrote)."""
+    from spark_jobs.tables import BRONZE_QUARANTINE
+
+    rows = [
+        (
+            ctx.dataset,
+            label,
+            ctx.logical_date,
+            reason,
+            json.dumps({"dataset": ctx.dataset, "item_id": item}),
+            None,
+        )
+        for item, reason in sorted(reasons.items())
+    ]
+    df = ctx.lake.spark.createDataFrame(rows, schema=BRONZE_QUARANTINE.schema)
+    return ctx.lake.write(
+        df,
+        BRONZE_QUARANTINE,
+        mode="replace_partition",
+        partition_values={"dataset": ctx.dataset, "target_table": label, "logical_date": ctx.logical_date},
+    )
 
 
 def code_health(ids: SemanticIds) -> dict[str, float]:
@@ -168,7 +213,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     if existing:
         log.info("%s %s is already registered as v%s: nothing to do", name, version, existing[0].version)
         return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
-    features, snapshot = load_item_features(ctx)
+    features, snapshot, _ = load_item_features(ctx)  # tokenize-catalogue quarantines the incomplete
     out = ctx.settings.home / "tokenizer" / version
     out.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run(run_name=f"train-tokenizer-{version}") as run:
@@ -218,7 +263,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
 
 def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
     """Encode every item with the registered DST of this run's version into ``gold.semantic_ids``."""
-    from pipelines.ingest import quality_config, run_gate
+    from pipelines.ingest import gate_label, quality_config, run_gate
     from pipelines.registry import find_versions
     from pipelines.tokenizer_model import load_tokenizer
     from spark_jobs.quality import semantic_ids_suite
@@ -232,14 +277,17 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
         )
     check_encoders(ctx, found[0])
     tokenizer = load_tokenizer(f"models:/{name}/{found[0].version}")
-    features, snapshot = load_item_features(ctx)
+    features, snapshot, incomplete = load_item_features(ctx)
+    quarantine_items(ctx, incomplete, GOLD_SEMANTIC_IDS.name)
     ids = tokenizer.dst.encode(features, version=version)  # type: ignore[union-attr]
     frame = ids.to_frame().assign(dataset=ctx.dataset, codebook_size=ids.codebook_size)
     frame["semantic_ids"] = [np.asarray(c, dtype=np.int64).tolist() for c in frame["semantic_ids"]]
     df = ctx.lake.spark.createDataFrame(frame[GOLD_SEMANTIC_IDS.columns], schema=GOLD_SEMANTIC_IDS.schema)
-    gate = run_gate(ctx, df, semantic_ids_suite(df, quality_config(ctx)), GOLD_SEMANTIC_IDS.name)
+    valid, gate = run_gate(
+        ctx, df, semantic_ids_suite(df, quality_config(ctx)), gate_label(GOLD_SEMANTIC_IDS.name)
+    )
     written = ctx.lake.write(
-        df,
+        valid,
         GOLD_SEMANTIC_IDS,
         mode="replace_partition",
         partition_values={"dataset": ctx.dataset, "tokenizer_version": version},
@@ -250,7 +298,7 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
         "items": len(ids.item_ids),
         "embeddings_version": snapshot,
         "semantic_ids_version": written,
-        "quarantined": gate["n_quarantined"],
+        "quarantined": gate["n_quarantined"] + len(incomplete),
     }
 
 
@@ -280,30 +328,30 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     space, so it gets that space's cold embedding, exactly as it would have there; the next monthly DST
     run gives it its own behaviour code. Rows already in ``gold.semantic_ids`` are never rewritten.
     """
-    from pipelines.ingest import quality_config, run_gate
+    from pipelines.ingest import gate_label, quality_config, run_gate
     from pipelines.registry import find_versions
     from pipelines.tokenizer_model import load_tokenizer
     from spark_jobs.quality import semantic_ids_suite
     from spark_jobs.tables import GOLD_SEMANTIC_IDS
 
-    try:
-        version = current_tokenizer_version(ctx)
-    except ValueError as err:
-        if ctx.params.get("skip_without_tokenizer") == "true":
-            log.warning("tokenize-new-items skipped: %s", err)
-            return {"skipped": True, "reason": str(err)}
-        raise
+    version = current_tokenizer_version_or_skip(ctx, "tokenize-new-items")
+    if version is None:
+        return {"skipped": True, "reason": "no tokenizer activated yet"}
     name = ctx.config.models.tokenizer
     registered = find_versions(ctx.mlflow, name, tokenizer_version=version)[0]
     check_encoders(ctx, registered)
     known = semantic_ids_of(ctx, version)
-    features, latest = load_item_features(ctx)
+    label = f"{GOLD_SEMANTIC_IDS.name}.new_items"  # on the 1st, tokenize-catalogue writes the same day
+    features, latest, incomplete = load_item_features(ctx)
+    incomplete = {i: r for i, r in incomplete.items() if i not in set(known.item_ids.tolist())}
+    quarantine_items(ctx, incomplete, label)
     new = ~np.isin(features.item_ids, known.item_ids)
     summary: dict[str, Any] = {
         "tokenizer_version": version,
         "known_items": len(known.item_ids),
         "new_items": int(new.sum()),
         "embeddings_version": latest,
+        "quarantined": len(incomplete),
     }
     if not new.any():
         log.info("every item with embeddings already has a %s semantic ID", version)
@@ -320,18 +368,15 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     frame = ids.to_frame().assign(dataset=ctx.dataset, codebook_size=ids.codebook_size)
     frame["semantic_ids"] = [np.asarray(c, dtype=np.int64).tolist() for c in frame["semantic_ids"]]
     df = ctx.lake.spark.createDataFrame(frame[GOLD_SEMANTIC_IDS.columns], schema=GOLD_SEMANTIC_IDS.schema)
-    # Its own quarantine label: on the 1st, tokenize-catalogue gates gold.semantic_ids the same day.
-    gate = run_gate(
-        ctx, df, semantic_ids_suite(df, quality_config(ctx)), f"{GOLD_SEMANTIC_IDS.name}.new_items"
-    )
+    valid, gate = run_gate(ctx, df, semantic_ids_suite(df, quality_config(ctx)), gate_label(label))
     summary["semantic_ids_version"] = ctx.lake.write(
-        df,
+        valid,
         GOLD_SEMANTIC_IDS,
         mode="merge",
         partition_values={"dataset": ctx.dataset, "tokenizer_version": version},
     )
     summary["behaviour_space_version"] = snapshot
-    summary["quarantined"] = gate["n_quarantined"]
+    summary["quarantined"] += gate["n_quarantined"]
     log.info("gave %d new items %s semantic IDs", len(fresh), version)
     return summary
 
@@ -344,8 +389,14 @@ def activate_tokenizer(ctx: StepContext) -> dict[str, Any]:
     found = find_versions(ctx.mlflow, name, tokenizer_version=version)
     if not found:
         raise ValueError(f"{name} has no version tagged tokenizer_version={version}")
-    if ctx.table_version("gold.samples") is None:
-        raise ValueError("gold.samples does not exist: run build-sequences for this tokenizer version first")
+    part = {"dataset": ctx.dataset, "tokenizer_version": version}
+    if (
+        ctx.table_version("gold.samples") is None
+        or ctx.read_table("gold.samples", part, ["item_id"])[0].empty
+    ):
+        raise ValueError(
+            f"gold.samples has no rows of {version} for {ctx.dataset!r}: run build-sequences for it first"
+        )
     before = alias_version(ctx.mlflow, name, CURRENT)
     ctx.mlflow.set_registered_model_alias(name, CURRENT, found[0].version)
     return {

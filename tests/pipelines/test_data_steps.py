@@ -1,0 +1,123 @@
+"""The data steps on a source with defects: every row accounted for, each reject in its own
+quarantine partition, and the behaviour encoder cut where the samples are cut.
+
+Real local Spark and Delta, GX, one generic JSONL source: 300 clean events, 1 without rating or
+label (bronze rejects it), 2 repeated events (silver rejects them), 2 events of an item the catalogue lacks, at the very
+end of the log (the interactions gate rejects them), and one catalogue item without semantic IDs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+DAY = dt.date(2026, 11, 1)
+START = int(dt.datetime(2026, 10, 1, tzinfo=dt.UTC).timestamp())
+VERSION = "dst-test"
+
+
+def _source(root: Path) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    events = [
+        {
+            "user_id": f"u{rng.integers(12)}",
+            "item_id": f"i{rng.integers(20)}",
+            "timestamp": START + 3600 * k,
+            "rating": int(rng.integers(1, 6)),
+        }
+        for k in range(300)
+    ]
+    events += [events[10], events[20]]  # repeated: same user, item and time
+    events.append({"user_id": "u1", "item_id": "i1", "timestamp": START + 7, "action": "view"})  # no label
+    events += [
+        {"user_id": "u2", "item_id": "ghost", "timestamp": START + 3600 * (300 + k), "rating": 5}
+        for k in range(2)
+    ]
+    items = [
+        {"item_id": f"i{i}", "title": f"Film {i}", "genres": "Drama|Comedy"[: 5 + i % 2]} for i in range(20)
+    ]
+    users = [
+        {"user_id": f"u{u}", "age": 20 + u, "gender": "FM"[u % 2], "occupation": "writer"} for u in range(12)
+    ]
+    paths = {}
+    for name, rows in {"interactions": events, "items": items, "users": users}.items():
+        paths[name] = str(root / f"{name}.jsonl")
+        Path(paths[name]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ctx_of(spark, tmp_path_factory, write_config):
+    """``ctx_of(**params)``: a StepContext on the defective source, its home under a temp folder."""
+    import mlflow
+
+    from pipelines.context import StepContext
+    from pipelines.steps import load_config
+
+    home = tmp_path_factory.mktemp("data-steps")
+    source = {"kind": "generic", "generic": {"dataset": "dq", **_source(home)}}
+    path = write_config(home / "pipeline.yaml", top={"dataset": "dq", "source": source})
+    config = yaml.safe_load(path.read_text())
+    config["sequences"]["profile_tokens"] = 0
+    config["ranker"]["profile_fields"] = []
+    path.write_text(yaml.safe_dump(config))
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HISAM_HOME", str(home))
+        env.delenv("HISAM_LAKE_ROOT", raising=False)
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield lambda **params: StepContext(load_config(path), DAY, params=params)
+    mlflow.set_tracking_uri(previous_uri)
+
+
+def _quarantine(ctx, label: str) -> list[str]:
+    frame, _ = ctx.read_table("bronze.quarantine", {"dataset": "dq", "target_table": label}, ["reason"])
+    return sorted(frame["reason"])
+
+
+def test_ingest_and_gate_keep_their_own_rejects_and_every_row_is_accounted_for(ctx_of) -> None:
+    from pipelines.steps import run_step
+
+    ingest = run_step("ingest", DAY, ctx_of().config)
+    assert ingest["bronze"]["bronze.interactions"] == {"in": 305, "imported": 304, "quarantined": 1}
+    assert ingest["silver_rows"]["silver.interactions"] == 302
+    gate = run_step("validate", DAY, ctx_of().config)
+    assert (gate["n_input"], gate["n_valid"], gate["n_quarantined"]) == (302, 300, 2)
+    ctx = ctx_of()
+    assert _quarantine(ctx, "bronze.interactions") == ["neither rating nor label"]
+    silver = _quarantine(ctx, "silver.interactions")
+    assert len(silver) == 2 and all(r.startswith("duplicate event") for r in silver)  # 304 = 302 + 2
+    assert len(_quarantine(ctx, "silver.interactions.gate")) == 2  # the gate did not replace them
+    run_step("ingest", DAY, ctx_of().config)  # a rerun of ingest does not erase the gate's rows either
+    assert (
+        len(_quarantine(ctx, "silver.interactions")) == len(_quarantine(ctx, "silver.interactions.gate")) == 2
+    )
+
+
+def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(ctx_of, spark) -> None:
+    from pipelines.steps import run_step
+    from spark_jobs.tables import GOLD_SEMANTIC_IDS
+
+    ctx = ctx_of()
+    embed = run_step("embed", DAY, ctx.config)
+    known = [i for i in range(20) if i != 7]  # item i7 has no semantic IDs: its events are quarantined
+    item_ids, _ = ctx.read_table("silver.items", {"dataset": "dq"}, ["item_id", "item_key"])
+    ids = item_ids[item_ids["item_key"].isin([f"i{i}" for i in known])]["item_id"].tolist()
+    rows = [("dq", VERSION, int(i), [k % 16 for k in range(int(i) % 97, int(i) % 97 + 6)], 16) for i in ids]
+    ctx.lake.write(
+        spark.createDataFrame(rows, schema=GOLD_SEMANTIC_IDS.schema),
+        GOLD_SEMANTIC_IDS,
+        mode="replace_partition",
+        partition_values={"dataset": "dq", "tokenizer_version": VERSION},
+    )
+    out = run_step("build-sequences", DAY, ctx.config, {"tokenizer_version": VERSION})
+    assert out["interactions"] == 302 and out["gate_rejected"] == 2
+    assert out["samples"] + out["quarantined"] + out["gate_rejected"] == 302
+    reasons = _quarantine(ctx, "gold.samples")
+    assert len(reasons) == out["quarantined"] > 0 and set(reasons) == {"unknown_item"}
+    assert embed["behavior"]["cut"] == out["cut"]  # the ghost events at the end move neither

@@ -73,9 +73,12 @@ class SequenceConfig(Config):
         bad = {name: n for name, n in self.profile_fields.items() if n < 1}
         if bad:
             raise ValueError(f"profile fields need at least one bucket: {bad}")
-        needed = len(self.profile_fields) + self.num_positions + 2
+        needed = len(self.profile_fields) + 2 * self.num_positions + 3
         if self.max_tokens < needed:
-            raise ValueError(f"max_tokens={self.max_tokens} cannot hold the profile and one item ({needed})")
+            raise ValueError(
+                f"max_tokens={self.max_tokens} cannot hold the profile, one history item and a candidate "
+                f"block ({needed})"
+            )
         return self
 
     @property

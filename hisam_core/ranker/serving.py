@@ -14,7 +14,10 @@ One-pass parallel ranking. The ``C`` candidates form a batch of blocks ``[s_1 ..
 attend to the shared cache and, causally, to their own block only. Input-side position re-alignment:
 every candidate sits at ``i = N + 1`` with ``N`` the *effective* history length (interactions kept
 after truncation) and flat positions continuing the history stream, exactly where a single
-candidate appended to the history would sit, so scores do not depend on candidate order.
+candidate appended to the history would sit, so scores do not depend on candidate order. The paper
+writes ``i = N``; with history items at ``i = 1..N`` (Sec. 3.3) that would give the candidate the last
+history item's index, and the MA mask lets tokens of one index see each other, so the candidate
+would read that item's semantic tokens and Action. ``N + 1`` is the next item's index.
 The budget keeps room for one candidate block: history + ``n + 1`` tokens fit in ``max_tokens``.
 
 :func:`rank_reference` is the plain PyTorch reference for both fast paths: one full forward pass per

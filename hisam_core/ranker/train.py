@@ -1,7 +1,10 @@
 """Training loop of HMAT for both stages (Sec. 3.4.1, B.2): PT (next-token, causal) and SFT (action
 NLL, MA mask, optionally initialised from a PT checkpoint). AdamW with linear warm-up and cosine
 decay, gradient clipping, bf16 autocast where supported, deterministic seeding, and checkpoints
-(model, optimizer, scheduler, RNG states, step) that resume exactly.
+(model, optimizer, scheduler, RNG states, step) that resume exactly, and only into the same run.
+
+Our choices where B.2 says otherwise or nothing: AdamW (weight decay 0.01, betas 0.9/0.95) for the
+paper's Adam, bf16 autocast for its FP16 (no loss scaling needed), warm-up, cosine decay, clipping.
 
 Batches are a pure function of ``(seed, step)``: step ``s`` takes samples ``[s * B, (s + 1) * B)``
 of the concatenation of per-epoch permutations, so a resumed run sees the same batches.
@@ -35,7 +38,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class TrainConfig(Config):
-    """Optimisation settings of one stage (B.2: Adam, batch 128)."""
+    """Optimisation settings of one stage (B.2: batch 128; AdamW here, see the module docstring)."""
 
     objective: Literal["pt", "sft"] = "sft"
     learning_rate: float = Field(1e-4, gt=0)
@@ -180,6 +183,12 @@ def train(
     start = 0
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        changed = resume_conflicts(state["config"], config)
+        if changed:
+            raise ValueError(
+                f"{checkpoint_path} belongs to another run (its config differs in {changed}): "
+                "train into another output_dir, or delete it to start over"
+            )
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -223,6 +232,32 @@ def train(
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
             _save(checkpoint_path, config, model, optimizer, scheduler, done)
     return model
+
+
+#: Train settings a resumed run may change: they do not alter the state a checkpoint holds.
+RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "device", "init_from"})
+
+
+def resume_conflicts(stored: dict[str, Any], config: RankerConfig) -> list[str]:
+    """Dotted names of the settings in which a checkpoint's config differs from ``config``, other
+    than :data:`RESUMABLE_CHANGES` (``init_from`` only matters before the first checkpoint)."""
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old = flat(RankerConfig.from_dict(stored).model_dump(mode="json"))
+    new = flat(config.model_dump(mode="json"))
+    return sorted(
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k) != new.get(k) and not (k.startswith("train.") and k[6:] in RESUMABLE_CHANGES)
+    )
 
 
 def _save(

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hisam_core.ranker.model import HMATConfig
-from hisam_core.ranker.objectives import sft_loss
-from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig
+from hisam_core.ranker.model import HMAT, HMATConfig
+from hisam_core.ranker.objectives import pretrain_loss, sft_loss
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHistory
 from hisam_core.ranker.synthetic import random_semantic_ids, synthetic_histories
 from hisam_core.ranker.train import (
     RankerConfig,
@@ -103,6 +103,34 @@ def test_resume_reproduces_the_loss_curve_exactly(tmp_path):
     resumed = run(interrupted, tmp_path / "resumed")  # restarts from the step-4 checkpoint
     assert seen[:4] == straight[:4]
     assert resumed == straight[4:]
+
+
+def test_resume_refuses_another_runs_checkpoint_but_accepts_more_steps(tmp_path):
+    train(config("pt", 2), TRAIN_USERS, tmp_path)
+    with pytest.raises(ValueError, match=r"train\.objective"):  # SFT must not continue a PT run
+        train(config("sft", 4), TRAIN_USERS, tmp_path)
+    with pytest.raises(ValueError, match=r"train\.learning_rate"):
+        train(config("pt", 4, learning_rate=1e-2), TRAIN_USERS, tmp_path)
+    losses = run(config("pt", 4), tmp_path)  # only the step budget changed: it continues
+    assert len(losses) == 2
+
+
+def test_pretrain_loss_scores_each_token_against_the_next_one_and_skips_padding():
+    torch.manual_seed(0)
+    builder = SequenceBuilder(SEQUENCE)
+    model = HMAT(MODEL, builder.vocab.size).eval()
+    short = UserHistory(7, TRAIN_USERS[1].items[:2], TRAIN_USERS[1].actions[:2], TRAIN_USERS[1].profile)
+    batch = builder.batch([TRAIN_USERS[0], short])  # the second row is padded
+    assert not bool(batch.valid.all())
+    with torch.no_grad():
+        hidden = model(batch, model.mask(batch, "causal")).hidden
+        terms = [
+            -torch.log_softmax(model.logits(hidden[b, t]), -1)[batch.tokens[b, t + 1]]
+            for b in range(batch.tokens.shape[0])
+            for t in range(batch.tokens.shape[1] - 1)
+            if batch.valid[b, t] and batch.valid[b, t + 1]
+        ]
+        assert float(pretrain_loss(model, batch)) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
 
 
 def test_checkpoint_is_a_weights_only_config_and_state_dict(tmp_path):

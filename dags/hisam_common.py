@@ -28,10 +28,8 @@ START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 TAGS = ["hisam"]
 #: GPU work: the ``gpu`` pool (infra/airflow/pools.json) and, on a cluster, its queue or pod template.
 GPU_POOL = "gpu"
-GPU_QUEUE = os.environ.get("HISAM_GPU_QUEUE", "default")
-GPU_POD_TEMPLATE = os.environ.get(
-    "HISAM_GPU_POD_TEMPLATE", "/opt/airflow/pod_templates/gpu-pod-template.yaml"
-)
+GPU_QUEUE = os.environ.get("HISAM_GPU_QUEUE", "gpu")
+GPU_POD_TEMPLATE = os.environ.get("HISAM_GPU_POD_TEMPLATE", "/opt/hisam/infra/k8s/gpu-pod-template.yaml")
 
 
 def logical_day(context: dict[str, Any]) -> dt.date:
@@ -81,14 +79,13 @@ def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = 
     """Run ``step`` for the run's day; ``{ds_nodash}`` in a param is the day as YYYYMMDD."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pipelines.steps import run_step
-    from spark_jobs.quality.report import DataQualityError
+    from pipelines.steps import run_step, step_errors
 
     day = logical_day(context)
     resolved = {k: v.format(ds_nodash=day.strftime("%Y%m%d")) for k, v in (params or {}).items()}
     try:
         return run_step(step, day, params=resolved)
-    except (DataQualityError, ValueError, KeyError, FileNotFoundError) as err:
+    except step_errors() as err:
         raise AirflowFailException(f"{step}: {err}") from err
 
 

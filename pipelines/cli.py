@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.steps import CONFIG_ENV, STEPS
+from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 
 log = logging.getLogger("hisam")
 
@@ -52,9 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hisam",
         description=(
-            "Hi-SAM recommender pipeline: the Disentangled Semantic Tokenizer (DST) turns item "
-            "text, images and behaviour into 6 semantic tokens; the Hierarchical Memory-Anchor "
-            "Transformer (HMAT) ranks candidates from a user's token history."
+            "Hi-SAM recommender pipeline: the Disentangled Semantic Tokenizer (DST) turns item text,\n"
+            "images and behaviour into 6 semantic tokens; the Hierarchical Memory-Anchor Transformer\n"
+            "(HMAT) ranks candidates from a user's token history."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         type=int,
-        default=int(os.environ.get("HISAM_TORCH_THREADS", "1")),
-        help="torch intra-op threads (default $HISAM_TORCH_THREADS or 1: the models here are small, and "
+        default=int(os.environ.get(THREADS_ENV, "1")),
+        help="torch intra-op threads (default $HISAM_TORCH_THREADS or 1, also read by Airflow tasks: the models here are small, and "
         "on a busy 2-core machine 2 threads ran DST 13x slower than 1; raise it on large CPU nodes)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -105,7 +105,10 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="step parameter, e.g. tokenizer_version=dst-20261101",
+        help="step parameter (repeatable): tokenizer_version=dst-YYYYMMDD (train-tokenizer, "
+        "tokenize-catalogue, activate-tokenizer: default dst-<logical date>; build-sequences: default "
+        "the @current tokenizer), skip_without_tokenizer=true (build-sequences, tokenize-new-items: "
+        "skip instead of failing before the first tokenizer is activated)",
     )
 
     sub.add_parser(
@@ -126,27 +129,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_evaluate(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(argv, forwarded)``: when the command is ``evaluate``, everything after it belongs to
+    :mod:`pipelines.evaluation`, verbatim (``hisam run evaluate ...`` is the step, not this)."""
+    at = 0
+    while at < len(argv) and argv[at].startswith("-"):  # global options before the command
+        at += 1 if "=" in argv[at] or argv[at] in ("-h", "--help") else 2
+    if at < len(argv) and argv[at] == "evaluate":
+        return argv[: at + 1], argv[at + 1 :]
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    forwarded: list[str] = []
-    if "evaluate" in argv:  # everything after `evaluate` belongs to pipelines.evaluation, verbatim
-        at = argv.index("evaluate")
-        argv, forwarded = argv[: at + 1], argv[at + 1 :]
+    argv, forwarded = split_evaluate(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "steps":
         for step in STEPS.values():
             sys.stdout.write(f"{step.name:<20} {step.help}\n")
         return 0
-    import torch
-
-    torch.set_num_threads(args.threads)
+    os.environ[THREADS_ENV] = str(args.threads)
+    apply_torch_threads()
     if args.command == "evaluate":
         from pipelines.evaluation import main as evaluate
 
         return evaluate(forwarded, prog="hisam evaluate")
-    from pipelines.steps import run_step
+    from pipelines.steps import run_step, step_errors
 
     try:
         if args.command == "run":
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.demo import run_demo
 
             summary = run_demo(args.config, args.dataset, args.movielens_dir)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except step_errors() as err:
         log.error("%s", err)
         return 2
     sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")

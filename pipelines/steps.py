@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 #: Where the pipeline config is looked for when none is given.
 CONFIG_ENV = "HISAM_PIPELINE_CONFIG"
+#: torch intra-op threads of a step (default 1: the models are small; raise it on large CPU nodes).
+THREADS_ENV = "HISAM_TORCH_THREADS"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline.yaml"
 
 
@@ -104,8 +107,26 @@ def run_step(
         config = load_config(config)
     day = dt.date.fromisoformat(logical_date) if isinstance(logical_date, str) else logical_date
     ctx = StepContext(config, day, params=dict(params or {}))
+    apply_torch_threads()
     start = time.perf_counter()
     log.info("step %s for %s (%s) starts", name, day, config.dataset)
     summary = STEPS[name].resolve()(ctx)
     log.info("step %s done in %.1fs", name, time.perf_counter() - start)
     return json.loads(json.dumps(summary, default=str))  # JSON-able for XCom and the CLI
+
+
+def step_errors() -> tuple[type[Exception], ...]:
+    """What a step raises for bad input or state (failed quality gate, bad config or parameter,
+    missing upstream table): retrying cannot help, so callers fail at once with the message."""
+    from spark_jobs.quality.report import DataQualityError
+
+    return (DataQualityError, ValueError, KeyError, FileNotFoundError)
+
+
+def apply_torch_threads() -> None:
+    """Use ``$HISAM_TORCH_THREADS`` (default 1) torch intra-op threads, in the CLI and in Airflow tasks."""
+    threads = int(os.environ.get(THREADS_ENV, "1"))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:  # torch reads it on import; importing torch here would slow steps that never use it
+        os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -1,8 +1,9 @@
 """One way to get a SparkSession: master and conf from config or environment.
 
 ``HISAM_SPARK_MASTER`` (default ``local[2]``) and ``HISAM_SPARK_CONF`` (``k=v,k=v``) override the
-defaults, so the same entry point runs on a laptop and, unchanged, under spark-submit on a cluster
-(where spark-submit's own ``--master`` wins because the session already exists).
+defaults, so the same entry point runs on a laptop and, unchanged, under spark-submit on a cluster:
+there (spark-submit starts the Python driver with ``PYSPARK_GATEWAY_PORT`` set) the builder sets no
+master and no local defaults, so spark-submit's ``--master`` and properties file hold.
 """
 
 from __future__ import annotations
@@ -31,17 +32,31 @@ def _env_conf() -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
+def under_spark_submit() -> bool:
+    """True in a Python driver that spark-submit launched (it passes the JVM gateway's port)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def resolve_master(master: str | None = None) -> str | None:
+    """``master``, else ``$HISAM_SPARK_MASTER``, else None under spark-submit (its own), else ``local[2]``."""
+    master = master or os.environ.get("HISAM_SPARK_MASTER") or None
+    return master if master is not None or under_spark_submit() else "local[2]"
+
+
 def get_spark(
     app_name: str = "hisam", master: str | None = None, conf: dict[str, str] | None = None
 ) -> SparkSession:
-    """Return the active session or build one: ``local[2]`` unless told otherwise."""
-    master = master or os.environ.get("HISAM_SPARK_MASTER", "local[2]")
-    if master.startswith("local"):
+    """Return the active session or build one: ``local[2]`` unless told otherwise (or spark-submit's)."""
+    master = resolve_master(master)
+    local = master is not None and master.startswith("local")
+    if local:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         # Python workers must run this interpreter (pandas, torch), not whatever `python3` is on PATH.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    settings = {**(LOCAL_DEFAULTS if master.startswith("local") else {}), **(conf or {}), **_env_conf()}
-    builder = SparkSession.builder.appName(app_name).master(master)
+    settings = {**(LOCAL_DEFAULTS if local else {}), **(conf or {}), **_env_conf()}
+    builder = SparkSession.builder.appName(app_name)
+    if master is not None:
+        builder = builder.master(master)
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

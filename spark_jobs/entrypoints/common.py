@@ -7,7 +7,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 import sys
 from typing import Any
 
@@ -34,8 +33,8 @@ def parser(description: str, *, spark: bool = True, date: bool = True) -> argpar
         p.add_argument("--lake-root", help="lake root directory or URI (default: lake config, "
                        "$HISAM_LAKE_ROOT, then ./.hisam/lake)")  # fmt: skip
         p.add_argument("--lake-config", help="YAML LakeConfig (e.g. configs/lake.yaml)")
-        p.add_argument("--master", help="Spark master (default: $HISAM_SPARK_MASTER or local[2]; "
-                       "ignored under spark-submit, whose --master wins)")  # fmt: skip
+        p.add_argument("--master", help="Spark master (default: $HISAM_SPARK_MASTER, else spark-submit's "
+                       "--master when run by spark-submit, else local[2])")  # fmt: skip
     if date:
         p.add_argument(
             "--logical-date",
@@ -50,10 +49,6 @@ def parser(description: str, *, spark: bool = True, date: bool = True) -> argpar
 def setup(args: argparse.Namespace, app_name: str) -> tuple[SparkSession, Lake]:
     """Logging, the Spark session and the lake from parsed arguments."""
     configure_logging(args.log_level)
-    master = args.master or os.environ.get("HISAM_SPARK_MASTER", "local[2]")
-    if master.startswith("local"):
-        # Python workers must run this interpreter (pandas, hisam_core), not whatever python3 is on PATH.
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = get_spark(app_name, master=args.master)
     config = LakeConfig.from_yaml(args.lake_config) if args.lake_config else LakeConfig()
     if args.lake_root:

@@ -105,3 +105,15 @@ def test_cli_lists_steps_and_refuses_unknown_ones(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "no-such-step"])
     assert exit_info.value.code == 2
+
+
+def test_cli_forwards_only_what_follows_the_evaluate_command() -> None:
+    from pipelines.cli import split_evaluate
+
+    step = ["run", "evaluate", "--logical-date", "2026-01-05", "--config", "x.yaml"]
+    assert split_evaluate(step) == (step, [])  # the step named evaluate keeps its options
+    assert split_evaluate(["--log-level", "DEBUG", "evaluate", "--seeds", "0", "1"]) == (
+        ["--log-level", "DEBUG", "evaluate"],
+        ["--seeds", "0", "1"],
+    )
+    assert split_evaluate(["--threads=2", "evaluate", "--help"]) == (["--threads=2", "evaluate"], ["--help"])

@@ -38,9 +38,9 @@ def register(ctx: StepContext) -> dict[str, Any]:
         EVAL_PREFIX,
         PROFILE_VOCABULARY,
         RUN_KEY,
-        _checkpoint_dir,
         _find_run,
         metrics_of,
+        sft_checkpoint_dir,
     )
     from pipelines.ranker_model import log_ranker
     from pipelines.tokenizer import semantic_ids_of
@@ -53,15 +53,10 @@ def register(ctx: StepContext) -> dict[str, Any]:
     if run is None or f"{EVAL_PREFIX}auc" not in run.data.metrics:
         raise ValueError(f"no evaluated finetune run for {ctx.run_key}: run finetune and evaluate first")
     version = run.data.tags["tokenizer_version"]
-    checkpoint = _checkpoint_dir(ctx, "sft", version) / "checkpoint.pt"
+    checkpoint = sft_checkpoint_dir(ctx, version, run) / "checkpoint.pt"
     import torch
 
     config = RankerConfig.from_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["config"])
-    with mlflow.start_run(run_id=run.info.run_id):
-        vocabulary = ProfileVocabulary.load(checkpoint.with_name(PROFILE_VOCABULARY))
-        registered = log_ranker(
-            checkpoint, config, semantic_ids_of(ctx, version), name, profile_vocabulary=vocabulary
-        )
     tags = {
         RUN_KEY: ctx.run_key,
         "pretrained_version": run.data.tags.get("pretrained_version", ""),
@@ -75,15 +70,23 @@ def register(ctx: StepContext) -> dict[str, Any]:
                 for k, v in metrics_of(run.data.metrics, prefix, GATE_METRICS).items()
             }
         )
-    for key, value in tags.items():
-        ctx.mlflow.set_model_version_tag(name, registered.version, key, value)
+    with mlflow.start_run(run_id=run.info.run_id):
+        vocabulary = ProfileVocabulary.load(checkpoint.with_name(PROFILE_VOCABULARY))
+        registered = log_ranker(
+            checkpoint,
+            config,
+            semantic_ids_of(ctx, version),
+            name,
+            profile_vocabulary=vocabulary,
+            version_tags=tags,  # set with the version: a retry finds it complete, or not at all
+        )
     return {"model_version": str(registered.version), "tokenizer_version": version, "tags": tags}
 
 
 def promote(ctx: StepContext) -> dict[str, Any]:
     """Gate the candidate against the champion it was evaluated with; move aliases or reject + alert."""
     from pipelines.ranker import CHAMPION_PREFIX, EVAL_PREFIX, metrics_of
-    from pipelines.registry import apply_decision, champion_version, decide
+    from pipelines.registry import GateDecision, apply_decision, champion_version, decide
 
     name = ctx.config.models.ranker
     candidate = _candidate(ctx)
@@ -94,6 +97,9 @@ def promote(ctx: StepContext) -> dict[str, Any]:
         return {"model_version": version, "gate": candidate.tags["gate"], "skipped": True}
     evaluated_against = candidate.tags.get("eval.champion_version") or None
     current = champion_version(ctx.mlflow, name)
+    if current == version:  # a retry after the aliases moved but before the tag was written
+        apply_decision(ctx.mlflow, name, version, GateDecision(True, []))
+        return {"model_version": version, "gate": "promoted", "skipped": True}
     if current != evaluated_against:
         raise ValueError(
             f"{name}@champion is v{current} but candidate v{version} was evaluated against "

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SAMPLES = "gold.samples"
 PROFILES = "gold.user_profiles"
 PROFILE_VOCABULARY = "profile_vocabulary.json"  # beside each stage's checkpoint
+SFT_ARTIFACTS = "checkpoint"  # the finetune run's copy of the SFT checkpoint and its vocabulary
 SAMPLE_COLUMNS = ["user_id", "item_id", "event_ts", "split", "action", "is_cold_user"]
 RUN_KEY = "run_key"  # model-version tag: the logical run that produced the version
 EVAL_PREFIX = "eval."  # candidate metrics, as finetune-run metrics and candidate version tags
@@ -155,6 +156,26 @@ def _checkpoint_dir(ctx: StepContext, stage: str, tokenizer_version: str) -> Pat
     return ctx.settings.checkpoints / stage / ctx.dataset / tokenizer_version / ctx.logical_date.isoformat()
 
 
+def sft_checkpoint_dir(ctx: StepContext, tokenizer_version: str, run: Run) -> Path:
+    """The folder holding this logical run's SFT ``checkpoint.pt`` and profile vocabulary: the one
+    ``finetune`` wrote when it ran on this worker, else the copy it logged to its MLflow ``run``."""
+    import mlflow
+
+    from hisam_core.ranker.train import CHECKPOINT_NAME
+
+    local = _checkpoint_dir(ctx, "sft", tokenizer_version)
+    if (local / CHECKPOINT_NAME).exists() and (local / PROFILE_VOCABULARY).exists():
+        return local
+    target = local.with_name(f"{local.name}.from-run")
+    target.mkdir(parents=True, exist_ok=True)
+    log.info("no local SFT checkpoint at %s: reading the one logged to run %s", local, run.info.run_id)
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path=SFT_ARTIFACTS, dst_path=str(target)
+        )
+    )
+
+
 def _find_run(ctx: StepContext, step: str) -> Run | None:
     """This logical run's MLflow run of ``step`` (so a rerun continues it instead of adding one)."""
     found = ctx.mlflow.search_runs(
@@ -176,7 +197,7 @@ def _train_stage(
     import mlflow
     import pandas as pd
 
-    from hisam_core.ranker.train import train
+    from hisam_core.ranker.train import CHECKPOINT_NAME, train
     from pipelines.tokenizer import semantic_ids_of
     from pipelines.tracking import log_config, log_delta_input, log_training_curves, mlflow_callback
 
@@ -214,6 +235,9 @@ def _train_stage(
         train(config, train_histories, out, callback)
         if callback.history:
             log_training_curves(callback.history, f"{stage}_training")
+        if stage == "sft":  # evaluate and register may run on another worker: they read this copy
+            for name in (CHECKPOINT_NAME, PROFILE_VOCABULARY):
+                mlflow.log_artifact(str(out / name), artifact_path=SFT_ARTIFACTS)
         mlflow.log_metric(f"{stage}/train_windows", len(train_histories))
     return {
         "tokenizer_version": tokenizer_version,
@@ -248,8 +272,8 @@ def pretrain(ctx: StepContext) -> dict[str, Any]:
             name,
             name="pretrained",
             profile_vocabulary=result["profile_vocabulary"],
+            version_tags={RUN_KEY: ctx.run_key},
         )
-    ctx.mlflow.set_model_version_tag(name, registered.version, RUN_KEY, ctx.run_key)
     return {
         **{k: v for k, v in result.items() if k not in INTERNAL},
         "model_version": str(registered.version),
@@ -318,7 +342,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         log.warning("the candidate was trained on tokenizer %s, which is no longer @current", version)
     frame, snapshot = load_samples(ctx, version)
     batch = ctx.config.ranker.eval_batch_size
-    checkpoints = _checkpoint_dir(ctx, "sft", version)
+    checkpoints = sft_checkpoint_dir(ctx, version, run)
     config, model = load_model(checkpoints / "checkpoint.pt")
     vocabulary = ProfileVocabulary.load(checkpoints / PROFILE_VOCABULARY)
     profile_frame, _ = load_profiles(ctx, PROFILE_COLUMNS)

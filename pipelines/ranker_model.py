@@ -31,6 +31,7 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from contextlib import nullcontext
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -42,7 +43,9 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 import hisam_core
 from hisam_core.ranker.profile import ProfileVocabulary
@@ -257,11 +260,13 @@ def log_ranker(
     name: str = "ranker",
     training_run_id: str | None = None,
     profile_vocabulary: ProfileVocabulary | None = None,
+    version_tags: Mapping[str, str] | None = None,
 ) -> ModelVersion:
     """Log the ranker (checkpoint weights, config YAML, semantic-ID parquet, code) as a pyfunc model
     in the active run (a new run when none is active), register it as ``registered_name`` and tag
     the new version with ``tokenizer_version`` and ``training_run_id`` (default: the run it is logged
-    in). The checkpoint is re-saved with config and weights only (no optimizer state); its
+    in) and ``version_tags``, all set when the version is created (a retried step finds the version
+    by its tags, so it never registers twice). The checkpoint is re-saved with config and weights only (no optimizer state); its
     sequence/model config must equal ``ranker_config``'s, the table must fit its vocabulary and the
     profile vocabulary (packaged when given) its ``profile_fields``."""
     checkpoint = torch.load(model_checkpoint_path, map_location="cpu", weights_only=True)
@@ -312,18 +317,27 @@ def log_ranker(
                 pip_requirements=pip_requirements(),
                 model_config={TOKENIZER_VERSION: version, EXPECTED_TOKENIZER_VERSION: None, "device": "cpu"},
                 metadata={TOKENIZER_VERSION: version},
-                registered_model_name=registered_name,
                 tags={TOKENIZER_VERSION: version},
             )
-            training_run = training_run_id or run.info.run_id
+            logged_in = run.info.run_id
+    training_run = training_run_id or logged_in
     client = MlflowClient()
-    model_version = str(info.registered_model_version)
-    client.set_model_version_tag(registered_name, model_version, TOKENIZER_VERSION, version)
-    client.set_model_version_tag(registered_name, model_version, TRAINING_RUN_TAG, training_run)
-    log.info(
-        "registered %s v%s (tokenizer %s, run %s)", registered_name, model_version, version, training_run
+    try:
+        client.create_registered_model(registered_name)
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    registered = client.create_model_version(
+        registered_name,
+        info.model_uri,
+        run_id=logged_in,
+        tags={TOKENIZER_VERSION: version, TRAINING_RUN_TAG: training_run, **(version_tags or {})},
+        model_id=info.model_id,
     )
-    return client.get_model_version(registered_name, model_version)
+    log.info(
+        "registered %s v%s (tokenizer %s, run %s)", registered_name, registered.version, version, training_run
+    )
+    return registered
 
 
 def load_ranker(

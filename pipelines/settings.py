@@ -19,12 +19,20 @@ class Settings(Config):
     home: Path = Path(".hisam")
     mlflow_tracking_uri: str = ""
     experiment: str = "hisam"
+    #: Where a new experiment keeps its artifacts (``s3://bucket/mlflow``); needed when the tracking
+    #: URI is a database shared by many workers, empty for the embedded default or an MLflow server.
+    artifact_location: str = ""
 
     @classmethod
     def from_env(cls) -> Settings:
         home = Path(os.environ.get("HISAM_HOME", ".hisam")).resolve()
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
-        return cls(home=home, mlflow_tracking_uri=uri, experiment=os.environ.get("HISAM_EXPERIMENT", "hisam"))
+        return cls(
+            home=home,
+            mlflow_tracking_uri=uri,
+            experiment=os.environ.get("HISAM_EXPERIMENT", "hisam"),
+            artifact_location=os.environ.get("HISAM_ARTIFACT_ROOT", ""),
+        )
 
     @property
     def lake_root(self) -> Path:

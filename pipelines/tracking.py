@@ -1,8 +1,10 @@
 """MLflow experiment tracking for the pipeline steps: setup, step metrics, curves, inputs, configs.
 
 * :func:`configure_mlflow` points MLflow at ``Settings.mlflow_tracking_uri`` and creates the
-  experiment; with a local store (SQLite or file) its artifacts go under ``Settings.artifact_root``,
-  with a remote one (HTTP server, Postgres) the server's default artifact root is used.
+  experiment with its artifacts under ``$HISAM_ARTIFACT_ROOT`` when set; otherwise a local store
+  (SQLite or file) keeps them under ``Settings.artifact_root`` and an MLflow server under its own
+  default. A database shared by many workers (Postgres) without ``$HISAM_ARTIFACT_ROOT`` is refused:
+  MLflow would write each worker's models to its own ``./mlruns``.
 * :func:`mlflow_callback` is the ``callback(step, metrics)`` that ``hisam_core.ranker.train.train``
   and ``hisam_core.tokenizer.train.train_tokenizer`` accept; it also keeps the history it logged,
   ready for :func:`log_training_curves`.
@@ -54,6 +56,7 @@ CONFIG_DIR = "config"
 MAX_PARAM_LENGTH = 6000
 
 _LOCAL_SCHEMES = {"", "file", "sqlite"}
+_SERVER_SCHEMES = {"http", "https", "databricks"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -64,19 +67,29 @@ def _is_local_store(uri: str) -> bool:
 
 def configure_mlflow(settings: Settings) -> str:
     """Set the tracking (and registry) URI and the active experiment, creating it when missing;
-    returns the experiment id. A local store gets ``artifact_root / experiment`` as artifact
-    location; a deleted experiment of that name is an error (restore or rename it)."""
+    returns the experiment id. A new experiment keeps its artifacts under ``$HISAM_ARTIFACT_ROOT``, else
+    (local store) ``artifact_root / experiment``; a database store without it, or a deleted experiment
+    of that name, is an error."""
     uri = settings.mlflow_tracking_uri or f"sqlite:///{Path(settings.home).resolve() / 'mlflow.db'}"
+    scheme = urlparse(uri).scheme
+    if not (settings.artifact_location or _is_local_store(uri) or scheme in _SERVER_SCHEMES):
+        raise ValueError(
+            f"MLflow tracking store {scheme}:// has no artifact store of its own: set HISAM_ARTIFACT_ROOT "
+            "(e.g. s3://bucket/mlflow) so every worker reads the models the others wrote"
+        )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name(settings.experiment)
     if experiment is None:
         location = None
-        if _is_local_store(uri):
+        if settings.artifact_location:
+            location = f"{settings.artifact_location.rstrip('/')}/{settings.experiment}"
+        elif _is_local_store(uri):
             root = Path(settings.artifact_root).resolve() / settings.experiment
             root.mkdir(parents=True, exist_ok=True)
             location = root.as_uri()
+
         try:
             experiment_id = client.create_experiment(settings.experiment, artifact_location=location)
             log.info("created MLflow experiment %r (artifacts: %s)", settings.experiment, location)

@@ -138,6 +138,32 @@ def test_rerunning_a_day_changes_nothing(world) -> None:
     assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "1"
 
 
+def test_a_promote_retried_after_the_aliases_moved_completes(world) -> None:
+    """Builds on day 1: promote died between moving @champion to v1 and tagging it; the retry tags it
+    instead of refusing a champion it did not evaluate against."""
+    from pipelines.steps import run_step
+
+    client = _client()
+    client.delete_model_version_tag("hisam-ranker", "1", "gate")
+    out = run_step("promote", DAY1, world["config"])
+    assert out == {"model_version": "1", "gate": "promoted", "skipped": True}
+    assert client.get_model_version("hisam-ranker", "1").tags["gate"] == "promoted"
+    assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "1"
+
+
+def test_evaluate_on_another_worker_reads_the_checkpoint_logged_to_the_finetune_run(world) -> None:
+    """Builds on day 1: without the local SFT checkpoint (a GPU pod that did not train it), evaluate
+    reads the finetune run's copy and reproduces the candidate's metrics."""
+    import shutil
+
+    from pipelines.steps import run_step
+
+    shutil.rmtree(world["home"] / "checkpoints" / "sft")
+    run = _client().get_run(_client().get_model_version("hisam-ranker", "1").run_id)
+    again = run_step("evaluate", DAY1, world["config"])
+    assert again["eval.auc"] == pytest.approx(run.data.metrics["eval.auc"], abs=1e-4)
+
+
 def test_a_worse_candidate_is_rejected_with_reasons_and_an_alert(world) -> None:
     """Builds on day 1: day 2 fine-tunes with a learning rate that wrecks the model."""
     world["write_config"](world["config"], finetune={"learning_rate": 5.0, "max_steps": 5, "warmup_steps": 0})
@@ -272,13 +298,27 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
 
 
 def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
-    """Runs last (it corrupts gold.samples): out-of-codebook rows make the samples gate fail, so
-    fine-tuning never starts, and both the gate and the failed task alert."""
+    """Runs last (it corrupts gold.samples). A few out-of-codebook rows pass the samples gate within
+    its tolerance and are removed from the table; 100 make it fail, so fine-tuning never starts, and
+    both the gate and the failed task alert."""
     from pyspark.sql import functions as F
+
+    from pipelines.steps import run_step
 
     ctx = _ctx(world, DAY4)
     lake = ctx.lake
-    samples = lake.read("gold.samples", partitions={"dataset": "tiny", "tokenizer_version": VERSION})
+    part = {"dataset": "tiny", "tokenizer_version": VERSION}
+    samples = lake.read("gold.samples", partitions=part)
+    clean = samples.count()
+    few = samples.limit(5).withColumn("target_semantic_ids", F.array(*[F.lit(99)] * 6))
+    lake.write(
+        few.withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL 1 SECOND")),
+        "gold.samples",
+        mode="append",
+    )
+    passed = run_step("validate-samples", DAY4, world["config"])  # 5 bad rows: within the tolerance
+    assert passed["success"] and passed["n_quarantined"] == 5
+    assert lake.read("gold.samples", partitions=part).count() == clean  # removed: training never sees them
     broken = samples.limit(100).withColumn("target_semantic_ids", F.array(*[F.lit(99)] * 6))
     broken = broken.withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL 1 SECOND"))
     lake.write(broken, "gold.samples", mode="append")
@@ -293,6 +333,6 @@ def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
     assert "quality gate 'samples' failed" in titles
     assert "hisam_finetune.validate_samples failed" in titles
     quarantine = lake.read(
-        "bronze.quarantine", partitions={"dataset": "tiny", "target_table": "gold.samples"}
+        "bronze.quarantine", partitions={"dataset": "tiny", "target_table": "gold.samples.gate"}
     )
     assert quarantine.filter(F.col("logical_date") == F.lit(DAY4)).count() == 100

@@ -46,6 +46,7 @@ def test_features_dag_runs_on_postgres(tmp_path, write_config) -> None:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"{URL}/airflow",
         "MLFLOW_TRACKING_URI": f"{URL}/mlflow",
         "HISAM_EXPERIMENT": f"hisam-pg-{tmp_path.name}",
+        "HISAM_ARTIFACT_ROOT": (tmp_path / "shared-artifacts").as_uri(),  # object storage in production
     }
     script = tmp_path / "run_features.py"  # a script file: under `python -c` a task exited early
     script.write_text(SCRIPT)
@@ -60,7 +61,6 @@ def test_features_dag_runs_on_postgres(tmp_path, write_config) -> None:
         runs = db.execute(sqlalchemy.text("select state from dag_run where dag_id = 'hisam_features'")).all()
     assert ("success",) in runs
     # build_sequences asked the registry for @current (none yet) through the Postgres MLflow backend
-    assert (
-        MlflowClient(tracking_uri=f"{URL}/mlflow").get_experiment_by_name(env["HISAM_EXPERIMENT"]) is not None
-    )
+    experiment = MlflowClient(tracking_uri=f"{URL}/mlflow").get_experiment_by_name(env["HISAM_EXPERIMENT"])
+    assert experiment.artifact_location == f"{env['HISAM_ARTIFACT_ROOT']}/{env['HISAM_EXPERIMENT']}"
     assert (tmp_path / "lake" / "silver" / "interactions" / "_delta_log").is_dir()

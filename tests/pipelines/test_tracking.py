@@ -124,3 +124,11 @@ def test_config_params_and_yaml_round_trip(run) -> None:
     assert params["train.init_from"] == "None"
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config/ranker.yaml")
     assert RankerConfig.from_yaml(local) == config
+
+
+def test_a_shared_database_store_needs_an_artifact_root(tmp_path: Path) -> None:
+    settings = Settings(
+        home=tmp_path, mlflow_tracking_uri="postgresql+psycopg2://u@nowhere/db", experiment="x"
+    )
+    with pytest.raises(ValueError, match="HISAM_ARTIFACT_ROOT"):
+        configure_mlflow(settings)

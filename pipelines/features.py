@@ -1,4 +1,5 @@
-"""Step ``embed``: item documents and user profiles, then one embedding per item and modality.
+"""Step ``embed``: item documents and user profiles, then one embedding per item and modality, then
+the embeddings gate (dimension and finite values, ``spark_jobs.quality.embeddings_suite``).
 
 Text and image go through the Spark embedding job (resumable: an item already embedded by the same
 encoder version with the same input is skipped). Behaviour is SASRec trained only on interactions
@@ -112,4 +113,18 @@ def embed(ctx: StepContext) -> dict[str, Any]:
             "absent": report.absent,
         }
     summary["behavior"] = _behavior_embeddings(ctx)
+    summary["gate"] = _gate_embeddings(ctx)
     return summary
+
+
+def _gate_embeddings(ctx: StepContext) -> dict[str, Any]:
+    """GX gate on the dataset's embeddings (keys, dimension, finite values): failing rows are
+    quarantined under ``gold.item_embeddings.gate`` and left out by the tokenizer steps."""
+    from pipelines.ingest import gate_label, quality_config, run_gate
+    from spark_jobs.quality import embeddings_suite
+    from spark_jobs.tables import GOLD_ITEM_EMBEDDINGS
+
+    rows = ctx.lake.read(GOLD_ITEM_EMBEDDINGS, partitions={"dataset": ctx.dataset})
+    suite = embeddings_suite(rows, quality_config(ctx))
+    _, report = run_gate(ctx, rows, suite, gate_label(GOLD_ITEM_EMBEDDINGS.name))
+    return {k: report[k] for k in ("n_input", "n_valid", "n_quarantined")}

@@ -101,32 +101,43 @@ def load_item_features(
 ) -> tuple[ItemFeatures, int, dict[int, str]]:
     """Every item with all three modality embeddings of the configured encoders, from the Delta
     snapshot ``version`` (default latest), the version read, and ``item_id -> reason`` for the items
-    that lack a modality (``missing_embedding:image``): they get no semantic ID until the embed step
-    writes it."""
+    that lack a modality (``missing_embedding:image``) or whose vector the embeddings gate rejects
+    (``invalid_embedding:text``: wrong dimension, NaN or inf): they get no semantic ID until the embed
+    step writes a good one."""
     encoders = encoder_specs(ctx)
     frames, read_version = {}, version
+    invalid: dict[int, list[str]] = {}
     for modality, (name, enc_version) in encoders.items():
         frame, read_version = ctx.read_table(
             EMBEDDINGS,
             {"dataset": ctx.dataset, "modality": modality},
-            columns=["item_id", "encoder", "encoder_version", "embedding"],
+            columns=["item_id", "encoder", "encoder_version", "embedding", "dim"],
             version=read_version,
         )
         frame = frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version)]
+        usable = [
+            len(vector) == dim and bool(np.isfinite(vector).all())
+            for vector, dim in zip(frame["embedding"], frame["dim"], strict=True)
+        ]
+        for item in frame.loc[[not ok for ok in usable], "item_id"]:  # the embeddings gate quarantined these
+            invalid.setdefault(int(item), []).append(modality)
+        frame = frame[usable]
         if frame.empty:
             raise ValueError(
                 f"{EMBEDDINGS}@v{read_version} has no {modality} rows of encoder {name} v{enc_version} for "
                 f"dataset {ctx.dataset!r}: run the embed step first"
             )
         frames[modality] = frame.set_index("item_id")["embedding"]
-    every = set.union(*(set(f.index) for f in frames.values()))
     items = sorted(set.intersection(*(set(f.index) for f in frames.values())))
-    incomplete = {
-        int(item): "missing_embedding:" + ",".join(m for m, f in frames.items() if item not in f.index)
-        for item in sorted(every - set(items))
-    }
+    incomplete = {}
+    for item in sorted(set.union(set(invalid), *(set(f.index) for f in frames.values())) - set(items)):
+        bad = invalid.get(item, [])
+        missing = [m for m, f in frames.items() if item not in f.index and m not in bad]
+        reasons = [f"invalid_embedding:{','.join(bad)}"] if bad else []
+        reasons += [f"missing_embedding:{','.join(missing)}"] if missing else []
+        incomplete[int(item)] = "; ".join(reasons)
     if incomplete:
-        log.warning("%d items lack a modality embedding and get no semantic ID yet", len(incomplete))
+        log.warning("%d items lack a usable modality embedding and get no semantic ID yet", len(incomplete))
     modalities = {m: np.stack(f.loc[items].to_numpy()).astype(np.float32) for m, f in frames.items()}
     return ItemFeatures(np.asarray(items, dtype=np.int64), modalities), int(read_version), incomplete
 

@@ -121,3 +121,25 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     reasons = _quarantine(ctx, "gold.samples")
     assert len(reasons) == out["quarantined"] > 0 and set(reasons) == {"unknown_item"}
     assert embed["behavior"]["cut"] == out["cut"]  # the ghost events at the end move neither
+
+
+def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_tokenizer(ctx_of, spark) -> None:
+    """Runs last (it corrupts one text embedding)."""
+    from pyspark.sql import functions as F
+
+    from pipelines.steps import run_step
+    from pipelines.tokenizer import load_item_features
+    from spark_jobs.quality import DataQualityError
+
+    ctx = ctx_of()
+    text = ctx.lake.read("gold.item_embeddings", partitions={"dataset": "dq", "modality": "text"})
+    victim = text.orderBy("item_id").limit(1)
+    item = victim.first()["item_id"]
+    nan = F.transform("embedding", lambda x: F.lit(float("nan")).cast("float"))
+    ctx.lake.write(victim.withColumn("embedding", nan), "gold.item_embeddings", mode="merge")
+    with pytest.raises(DataQualityError):  # 1 of 60 rows: above the 1% the gate tolerates
+        run_step("embed", DAY, ctx.config)  # resumable: the bad row has the same input, it is kept
+    assert _quarantine(ctx, "gold.item_embeddings.gate") == ["embedding_not_finite"]
+    features, _, incomplete = load_item_features(ctx)
+    assert incomplete == {item: "invalid_embedding:text"} and item not in features.item_ids
+    assert len(features) == 19

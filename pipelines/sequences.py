@@ -3,9 +3,10 @@
 
 Rows the interactions gate quarantines are left out (the same row rules ``validate`` applies, whose
 partition ``silver.interactions.gate`` lists them), so samples only ever hold validated events; rows
-the build itself rejects (``no_label``, ``unknown_action``, ``unknown_item``) go to ``bronze.quarantine``
-under ``gold.samples``. Silver rows = gate-rejected + samples + quarantined. The version is ``params.tokenizer_version``, else the
-tokenizer at ``@current``; before any tokenizer exists the daily run skips the step and says so.
+the build itself rejects (``no_label``, ``unknown_action``, ``unknown_item``) go to
+``bronze.quarantine`` under ``gold.samples``. Silver rows = gate-rejected + samples + quarantined.
+The version is ``params.tokenizer_version``, else the tokenizer at ``@current``; before any tokenizer
+exists the daily run skips the step and says so.
 """
 
 from __future__ import annotations

@@ -236,8 +236,8 @@ def _train_stage(
         if callback.history:
             log_training_curves(callback.history, f"{stage}_training")
         if stage == "sft":  # evaluate and register may run on another worker: they read this copy
-            for name in (CHECKPOINT_NAME, PROFILE_VOCABULARY):
-                mlflow.log_artifact(str(out / name), artifact_path=SFT_ARTIFACTS)
+            for filename in (CHECKPOINT_NAME, PROFILE_VOCABULARY):
+                mlflow.log_artifact(str(out / filename), artifact_path=SFT_ARTIFACTS)
         mlflow.log_metric(f"{stage}/train_windows", len(train_histories))
     return {
         "tokenizer_version": tokenizer_version,

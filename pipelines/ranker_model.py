@@ -266,9 +266,9 @@ def log_ranker(
     in the active run (a new run when none is active), register it as ``registered_name`` and tag
     the new version with ``tokenizer_version`` and ``training_run_id`` (default: the run it is logged
     in) and ``version_tags``, all set when the version is created (a retried step finds the version
-    by its tags, so it never registers twice). The checkpoint is re-saved with config and weights only (no optimizer state); its
-    sequence/model config must equal ``ranker_config``'s, the table must fit its vocabulary and the
-    profile vocabulary (packaged when given) its ``profile_fields``."""
+    by its tags, so it never registers twice). The checkpoint is re-saved with config and weights
+    only (no optimizer state); its sequence/model config must equal ``ranker_config``'s, the table
+    must fit its vocabulary and the profile vocabulary (packaged when given) its ``profile_fields``."""
     checkpoint = torch.load(model_checkpoint_path, map_location="cpu", weights_only=True)
     checkpoint_config = RankerConfig.from_dict(checkpoint["config"])
     if (checkpoint_config.sequence, checkpoint_config.model) != (ranker_config.sequence, ranker_config.model):

@@ -139,29 +139,30 @@ def validate(ctx: StepContext) -> dict[str, Any]:
     this logical date under ``silver.interactions.gate`` lists the rows of the snapshot that fail.
     Downstream steps leave the same rows out (:func:`valid_interactions`).
     """
+    from spark_jobs.tables import SILVER_INTERACTIONS
+
+    interactions, suite = _silver_interactions(ctx)
+    return run_gate(ctx, interactions, suite, gate_label(SILVER_INTERACTIONS.name))[1]
+
+
+def _silver_interactions(ctx: StepContext) -> tuple[Any, Any]:
+    """The dataset's silver interactions and the interactions suite over them (items must resolve)."""
     from spark_jobs.quality import interactions_suite
     from spark_jobs.tables import SILVER_INTERACTIONS, SILVER_ITEMS
 
     part = {"dataset": ctx.dataset}
     interactions = ctx.lake.read(SILVER_INTERACTIONS, partitions=part)
     items = ctx.lake.read(SILVER_ITEMS, partitions=part)
-    suite = interactions_suite(interactions, quality_config(ctx), items=items)
-    return run_gate(ctx, interactions, suite, gate_label(SILVER_INTERACTIONS.name))[1]
+    return interactions, interactions_suite(interactions, quality_config(ctx), items=items)
 
 
 def valid_interactions(ctx: StepContext) -> tuple[Any, int]:
     """The dataset's silver interactions that pass the row rules of ``validate`` (no GX, no writes),
     and how many rows failed them: what the behaviour encoder and the sequence build both read, so
     their chronological cuts agree."""
-    from spark_jobs.quality import interactions_suite, split_valid_quarantine
-    from spark_jobs.tables import SILVER_INTERACTIONS, SILVER_ITEMS
+    from spark_jobs.quality import split_valid_quarantine
 
-    part = {"dataset": ctx.dataset}
-    interactions = ctx.lake.read(SILVER_INTERACTIONS, partitions=part)
-    items = ctx.lake.read(SILVER_ITEMS, partitions=part)
-    valid, rejected = split_valid_quarantine(
-        interactions, interactions_suite(interactions, quality_config(ctx), items=items)
-    )
+    valid, rejected = split_valid_quarantine(*_silver_interactions(ctx))
     return valid, rejected.count()
 
 

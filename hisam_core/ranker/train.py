@@ -182,7 +182,8 @@ def train(
     )
     start = 0
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        # on the CPU: the RNG states must stay CPU tensors; weights and moments follow their parameters
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         changed = resume_conflicts(state["config"], config)
         if changed:
             raise ValueError(

@@ -31,7 +31,8 @@ TEST_USERS = synthetic_histories(ITEMS, SEQUENCE, 80, signal_position=2, seed=2)
 
 
 def config(objective: str, steps: int, **train) -> RankerConfig:
-    options = {"learning_rate": 3e-3, "warmup_steps": 5, "batch_size": 32, "log_every": 1}
+    # the CPU everywhere, for exact comparisons; test_ranker_cuda.py covers training on CUDA
+    options = {"learning_rate": 3e-3, "warmup_steps": 5, "batch_size": 32, "log_every": 1, "device": "cpu"}
     options |= {"checkpoint_every": steps} | train
     return RankerConfig(
         sequence=SEQUENCE, model=MODEL, train=TrainConfig(objective=objective, max_steps=steps, **options)

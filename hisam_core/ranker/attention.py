@@ -11,8 +11,11 @@ past Action tokens (under Eq. 10 the action of a past item never reaches a later
 Anchor precedes its Action). ``mode="causal"`` is the plain causal mask (pre-training, ablation).
 
 Two implementations of the same predicate: a dense boolean mask for
-``F.scaled_dot_product_attention`` (reference; CPU and tests) and a FlexAttention ``BlockMask`` whose
-``mask_mod`` calls :func:`visible` itself (compiled on CUDA).
+``F.scaled_dot_product_attention`` (the reference, and the default backend: faster on an H100, see
+``benchmarks/results/serving_findings.md``) and a FlexAttention ``BlockMask`` whose ``mask_mod`` calls
+:func:`visible` itself (compiled on CUDA). The FlexAttention path pads the stream to a whole number
+of its 128-token blocks, so that only a few shapes compile: past torch's recompile limit (8 per
+process) FlexAttention falls back, with a warning, to an unfused kernel that materialises every score.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ MaskMode = Literal["memory_anchor", "causal"]
 HistoryMemory = Literal["anchor", "anchor_action"]
 AttentionMask = torch.Tensor | BlockMask
 KVPair = tuple[torch.Tensor, torch.Tensor]
+
+#: FlexAttention's block size; its streams are padded to a multiple of it.
+FLEX_BLOCK_SIZE = 128
 
 
 def memory_token_types(mode: MaskMode, history_memory: HistoryMemory = "anchor") -> tuple[int, ...] | None:
@@ -83,6 +89,24 @@ class TokenLayout:
     def expand(self, batch_size: int) -> TokenLayout:
         return TokenLayout(*(t.expand(batch_size, -1) for t in vars(self).values()))
 
+    def pad_to(self, length: int) -> TokenLayout:
+        """Right-pad to ``length`` with invalid tokens whose positions continue past every real one,
+        so no real query sees them (each sees only itself)."""
+        batch, current = self.position.shape
+        extra = length - current
+        if extra <= 0:
+            return self
+        start = self.position.amax(dim=1, keepdim=True) + 1 if current else self.position.new_zeros(batch, 1)
+        steps = torch.arange(extra, device=self.position.device)
+        return self.cat(
+            TokenLayout(
+                start + steps,
+                self.item_index.new_full((batch, extra), -1),
+                self.token_type.new_full((batch, extra), int(TokenType.PAD)),
+                self.valid.new_zeros(batch, extra),
+            )
+        )
+
     def cat(self, other: TokenLayout) -> TokenLayout:
         """Keys of ``self`` followed by those of ``other`` (e.g. cache then new tokens)."""
         return TokenLayout(
@@ -125,15 +149,28 @@ def mask_mod_for(layout: TokenLayout, memory_types: tuple[int, ...] | None) -> C
 
 
 def block_mask(layout: TokenLayout, memory_types: tuple[int, ...] | None, device: torch.device) -> BlockMask:
-    """FlexAttention ``BlockMask`` of self-attention over ``layout`` on ``device``."""
+    """FlexAttention ``BlockMask`` of self-attention over ``layout`` on ``device``, its length padded
+    to a multiple of :data:`FLEX_BLOCK_SIZE` (see :func:`flex_attend`)."""
     batch, length = layout.position.shape
-    layout = TokenLayout(*(t.to(device) for t in vars(layout).values()))
-    return create_block_mask(mask_mod_for(layout, memory_types), batch, None, length, length, device=device)
+    padded = -(-length // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
+    layout = TokenLayout(*(t.to(device) for t in vars(layout.pad_to(padded)).values()))
+    return create_block_mask(mask_mod_for(layout, memory_types), batch, None, padded, padded, device=device)
 
 
 @functools.cache
 def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
     return torch.compile(flex_attention)
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> torch.Tensor:
+    """FlexAttention of ``q [B, H, Lq, d]`` over ``k, v [B, Hkv, Lkv, d]`` (GQA), zero-padded to the
+    block mask's lengths and cut back to ``Lq``; compiled on CUDA, eager (unfused) elsewhere."""
+    query_length, key_length = mask.shape[-2:]
+    length = q.shape[2]
+    q = F.pad(q, (0, 0, 0, query_length - length))
+    k, v = (F.pad(t, (0, 0, 0, key_length - t.shape[2])) for t in (k, v))
+    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
+    return attend(q, k, v, block_mask=mask, enable_gqa=True)[:, :, :length]
 
 
 class MemoryAnchorAttention(nn.Module):
@@ -172,8 +209,7 @@ class MemoryAnchorAttention(nn.Module):
             keys = torch.cat([past[0].expand(batch, -1, -1, -1), k], dim=2)
             values = torch.cat([past[1].expand(batch, -1, -1, -1), v], dim=2)
         if isinstance(mask, BlockMask):
-            attend = _compiled_flex_attention() if q.is_cuda else flex_attention
-            out = attend(q, keys, values, block_mask=mask, enable_gqa=True)
+            out = flex_attend(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), (k, v)

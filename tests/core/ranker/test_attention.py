@@ -139,3 +139,19 @@ def test_past_action_visibility(seq_config, history, make_model, memory, reaches
     assert bool((delta > 1e-4).all()) == reaches_later
     if not reaches_later:
         assert (delta == 0).all()
+
+
+def test_padding_to_flex_blocks_hides_the_pads_and_changes_nothing_else(seq_config, histories):
+    layout = TokenLayout.of(SequenceBuilder(seq_config).batch(ragged(histories[:5])))
+    length = layout.position.shape[1]
+    padded = layout.pad_to(128)
+    types = memory_token_types("memory_anchor")
+    mask = dense_mask(padded, padded, types)[:, 0]
+    assert mask.shape[-1] == 128
+    assert torch.equal(mask[:, :length, :length], dense_mask(layout, layout, types)[:, 0])
+    assert not mask[:, :length, length:].any()  # no real query sees a pad
+    assert torch.equal(
+        mask[:, length:, length:],
+        torch.eye(128 - length, dtype=torch.bool).expand_as(mask[:, length:, length:]),
+    )
+    assert layout.pad_to(length) is layout

@@ -5,10 +5,10 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hisam-installed
 
-.PHONY: demo test lint format bench quality help
+.PHONY: demo test lint format bench gpu-check quality help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: $(STAMP) ## run the benchmarks (writes benchmarks/results/)
 	$(BIN)/python benchmarks/tokenizer.py
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/sequences.py
+
+gpu-check: $(STAMP) ## on a CUDA machine: the GPU tests, then the serving benchmark (serving_gpu.json)
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+	$(BIN)/python -m pytest -k cuda
+	$(BIN)/python benchmarks/serving.py --candidates 10 100 500 2000 --output benchmarks/results/serving_gpu.json
 
 quality: $(STAMP) ## offline evaluation: Hi-SAM vs baselines and ablations (writes benchmarks/results/quality.*)
 	$(BIN)/python benchmarks/quality.py --run main controls ablations modalities --seeds 0 1 2 \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from hisam_core.encoders.behavior import (
     COLD_REASON,
@@ -35,9 +36,9 @@ def planted_interactions(num_users: int = 40, length: int = 12, seed: int = 0) -
     return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
 
 
-def fit(df: pd.DataFrame, **overrides) -> BehaviorEncoder:
+def fit(df: pd.DataFrame, device: str = "cpu", **overrides) -> BehaviorEncoder:
     cfg = BehaviorEncoderConfig(**{**SMALL, "epochs": 3, **overrides})
-    return BehaviorEncoder(cfg, device="cpu").fit(df, CUTOFF, CATALOGUE, progress=False)
+    return BehaviorEncoder(cfg, device=device).fit(df, CUTOFF, CATALOGUE, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,18 @@ def test_save_load_roundtrip(train_df, tmp_path):
     back = BehaviorEncoder.load(tmp_path / "sasrec.pt", device="cpu")
     np.testing.assert_array_equal(back.encode().embeddings, enc.encode().embeddings)
     np.testing.assert_array_equal(back.next_item_scores([[A]]), enc.next_item_scores([[A]]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trained_on_cuda_it_learns_is_seeded_and_serves_the_same_embeddings_on_cpu(train_df, tmp_path):
+    enc = fit(train_df, device="cuda", epochs=20, lr=5e-3, num_negatives=4)
+    assert enc.history[-1] < enc.history[0]
+    assert CATALOGUE[enc.next_item_scores([[A]]).argmax()] == B
+    again = fit(train_df, device="cuda", epochs=20, lr=5e-3, num_negatives=4)
+    np.testing.assert_array_equal(again.encode().embeddings, enc.encode().embeddings)
+    enc.save(tmp_path / "sasrec.pt")
+    back = BehaviorEncoder.load(tmp_path / "sasrec.pt", device="cpu")
+    np.testing.assert_allclose(back.encode().embeddings, enc.encode().embeddings, atol=1e-5)
 
 
 def test_windows_cover_every_transition_once():

@@ -1,0 +1,44 @@
+"""DST on a CUDA device: training there disentangles as on the CPU, is reproducible under its seed,
+and its checkpoint encodes the same semantic IDs on the CPU. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hisam_core.tokenizer.dst import DST
+from hisam_core.tokenizer.metrics import normalized_mutual_information as nmi
+from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def config(tiny) -> TokenizerTrainConfig:
+    return TokenizerTrainConfig.model_validate({**tiny, "device": "cuda"})
+
+
+def test_trained_on_cuda_it_disentangles_and_encodes_the_same_ids_on_cpu(planted, config, tmp_path):
+    features, factors = planted
+    model = train_tokenizer(features, config, checkpoint_path=tmp_path / "dst.pt")
+    assert next(model.parameters()).is_cuda
+    on_gpu = model.encode(features, "v").codes
+    assert nmi(on_gpu[:, 0], factors.shared) > 0.7
+    layers = model.config.shared_layers
+    for offset, m in enumerate(model.modalities):
+        own = nmi(on_gpu[:, layers + offset], factors.private[m])
+        assert own > 2 * max(
+            nmi(on_gpu[:, layers + offset], factors.private[o]) for o in factors.private if o != m
+        )
+    on_cpu = DST.load_checkpoint(tmp_path / "dst.pt").encode(features, "v").codes
+    np.testing.assert_array_equal(on_cpu, on_gpu)
+
+
+def test_training_on_cuda_is_deterministic(planted, config):
+    features, _ = planted
+    small = features.subset(np.arange(300))
+    short = config.model_copy(update={"epochs": 3, "alignment_warmup_epochs": 1})
+    first = train_tokenizer(small, short).encode(small, "a").codes
+    second = train_tokenizer(small, short).encode(small, "a").codes
+    np.testing.assert_array_equal(first, second)

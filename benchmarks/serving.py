@@ -145,31 +145,74 @@ def bench_training(
         "step_ms": round(step_ms, 2),
         "tokens_per_s": round(batch.num_tokens / step_ms * 1e3, 1),
         "mask": model.config.attention_mask,
-        "backend": "flex" if device.type == "cuda" and model.config.attention_backend != "sdpa" else "sdpa",
+        "backend": "flex" if model.config.attention_backend == "flex" else "sdpa",
     }
 
 
-def bench_flex_vs_sdpa(
-    config: HMATConfig, builder: SequenceBuilder, histories: list[UserHistory], repeats: int
-) -> dict[str, Any]:
-    """CUDA only: MA-masked forward of the same weights with compiled FlexAttention vs dense SDPA."""
+def bench_flex_vs_sdpa(config: HMATConfig, tokens: int, batch_tokens: int, repeats: int) -> dict[str, Any]:
+    """CUDA only: the same weights under the MA mask with compiled FlexAttention vs dense-mask SDPA
+    on histories of ``tokens`` tokens: mask build, forward, and an SFT training step (forward +
+    backward), in fp32 and under the bf16 autocast training uses, with the peak memory of each and
+    the largest hidden-state difference to the fp32 reference."""
     device = torch.device("cuda")
-    batch = builder.batch(histories).to(device)
+    torch._dynamo.reset()  # each length compiles afresh, as in its own process
+    items = (tokens - len(PROFILE_FIELDS)) // 8
+    sequence = SequenceConfig(profile_fields=PROFILE_FIELDS, max_tokens=len(PROFILE_FIELDS) + 8 * items + 7)
+    builder = SequenceBuilder(sequence)
+    catalogue = random_semantic_ids(20000, sequence, seed=0)
+    users = max(1, batch_tokens // tokens)
+    batch = builder.batch(synthetic_histories(catalogue, sequence, users, items, items, seed=3)).to(device)
     torch.manual_seed(0)
-    sdpa = HMAT(config.model_copy(update={"attention_backend": "sdpa"}), builder.vocab.size).to(device).eval()
-    flex = HMAT(config.model_copy(update={"attention_backend": "flex"}), builder.vocab.size).to(device).eval()
+    sdpa = HMAT(config.model_copy(update={"attention_backend": "sdpa"}), builder.vocab.size).to(device)
+    flex = HMAT(config.model_copy(update={"attention_backend": "flex"}), builder.vocab.size).to(device)
     flex.load_state_dict(sdpa.state_dict())
-    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "batch_tokens": batch.num_tokens}
-    with torch.no_grad():
-        for name, model in (("sdpa", sdpa), ("flex", flex)):
+    row: dict[str, Any] = {
+        "history_tokens": batch.tokens.shape[1],
+        "users": users,
+        "batch_tokens": batch.num_tokens,
+    }
+    hidden = {}
+    variants = (
+        ("sdpa", sdpa, False),
+        ("sdpa_bf16", sdpa, True),
+        ("flex", flex, False),
+        ("flex_bf16", flex, True),
+    )
+    for name, model, bf16 in variants:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             mask_ms, mask = timed(lambda m=model: m.mask(batch, "memory_anchor"), repeats, device)
-            forward_ms, hidden = timed(lambda m=model, k=mask: m(batch, k).hidden, repeats, device)
-            result[f"{name}_mask_ms"] = round(mask_ms, 3)
-            result[f"{name}_forward_ms"] = round(forward_ms, 3)
-            result[f"{name}_hidden"] = hidden
-    diff = (result.pop("flex_hidden") - result.pop("sdpa_hidden"))[batch.valid].abs().max()
-    result["max_abs_hidden_diff"] = float(diff)
-    return result
+            torch.cuda.reset_peak_memory_stats()
+            forward_ms, hidden[name] = timed(lambda m=model, k=mask: m(batch, k).hidden, repeats, device)
+            forward_peak = torch.cuda.max_memory_allocated()
+
+        def step(m: HMAT = model, bf16: bool = bf16) -> None:
+            m.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                loss = sft_loss(m, batch, builder.vocab)
+            loss.backward()
+
+        torch.cuda.reset_peak_memory_stats()
+        step_ms, _ = timed(step, repeats, device)
+        row |= {
+            f"{name}_mask_ms": round(mask_ms, 3),
+            f"{name}_forward_ms": round(forward_ms, 3),
+            f"{name}_train_step_ms": round(step_ms, 3),
+            f"{name}_train_tokens_per_s": round(batch.num_tokens / step_ms * 1e3),
+            f"{name}_forward_peak_mib": round(forward_peak / 2**20),
+            f"{name}_train_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20),
+        }
+    for precision in ("", "_bf16"):
+        row[f"forward_speedup{precision}"] = round(
+            row[f"sdpa{precision}_forward_ms"] / row[f"flex{precision}_forward_ms"], 2
+        )
+        row[f"train_step_speedup{precision}"] = round(
+            row[f"sdpa{precision}_train_step_ms"] / row[f"flex{precision}_train_step_ms"], 2
+        )
+    valid = batch.valid
+    row["max_abs_hidden_diff"] = float((hidden["flex"] - hidden["sdpa"])[valid].abs().max())
+    row["bf16_max_abs_hidden_diff"] = float((hidden["flex_bf16"].float() - hidden["sdpa"])[valid].abs().max())
+    logger.info("flex vs sdpa %s", row)
+    return row
 
 
 def main() -> None:
@@ -185,6 +228,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--train-users", type=int, default=2, help="users (of ~history-tokens) per training step"
+    )
+    parser.add_argument(
+        "--flex-tokens",
+        type=int,
+        nargs="+",
+        default=[300, 1000, 3000],
+        help="history lengths of the CUDA FlexAttention vs SDPA comparison",
+    )
+    parser.add_argument(
+        "--flex-batch-tokens", type=int, default=16384, help="tokens per batch in that comparison"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "serving.json")
@@ -234,9 +287,14 @@ def main() -> None:
         catalogue, sequence, args.train_users, items_in_history, items_in_history, seed=2
     )
     results["training"] = bench_training(model, builder, train_users, args.repeats, device)
-    results["flex_vs_sdpa"] = (
-        bench_flex_vs_sdpa(config, builder, train_users * 16, args.repeats) if device.type == "cuda" else None
-    )
+    results["flex_vs_sdpa"] = None
+    if device.type == "cuda":
+        results["flex_vs_sdpa"] = []
+        for tokens in args.flex_tokens:
+            results["flex_vs_sdpa"].append(
+                bench_flex_vs_sdpa(config, tokens, args.flex_batch_tokens, args.repeats)
+            )
+            torch.cuda.empty_cache()
     results["load_average"] = {"before": load_before, "after": os.getloadavg()}
     results["wall_s"] = round(time.perf_counter() - started, 1)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ def test_compiled_flex_attention_equals_dense_sdpa_forward_and_backward(override
 
 def test_flex_compiles_once_per_padded_length_and_shape_and_then_never_again():
     """New lengths within a 128-token bucket reuse the compiled kernels: without the padding every
-    batch length recompiled until torch's recompile limit, then ran unfused without a word."""
+    batch length recompiled until torch's recompile limit, then ran unfused with only a warning."""
     builder = SequenceBuilder(SEQUENCE)
     _, flex = twin_models()
     ranker = HMATRanker(flex.eval(), SEQUENCE)

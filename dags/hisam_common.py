@@ -4,7 +4,8 @@ Every task is a thin TaskFlow wrapper around :func:`pipelines.steps.run_step` fo
 date; nothing from ``pipelines`` (torch, Spark, MLflow) is imported until a task runs, so parsing
 these files costs only ``airflow.sdk``. Data and configuration errors (a failed quality gate, an
 unhealthy tokenizer, a missing upstream output) fail the task at once (``AirflowFailException``, no
-retries); anything else is retried with exponential back-off. Every failure alerts through the
+retries); a step waiting for an upstream output that is on its way skips (``AirflowSkipException``,
+no alert); anything else is retried with exponential back-off. Every failure alerts through the
 pipeline's notifier (log, webhook, file; ``configs/pipeline.yaml`` ``notify`` and ``HISAM_NOTIFY_*``).
 """
 
@@ -77,9 +78,9 @@ DAG_DEFAULTS: dict[str, Any] = {
 
 def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``step`` for the run's day; ``{ds_nodash}`` in a param is the day as YYYYMMDD."""
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from pipelines.steps import run_step, step_errors
+    from pipelines.steps import StepSkipped, run_step, step_errors
 
     day = logical_day(context)
     resolved = {k: v.format(ds_nodash=day.strftime("%Y%m%d")) for k, v in (params or {}).items()}
@@ -87,6 +88,8 @@ def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = 
         return run_step(step, day, params=resolved)
     except step_errors() as err:
         raise AirflowFailException(f"{step}: {err}") from err
+    except StepSkipped as skipped:
+        raise AirflowSkipException(f"{step}: {skipped}") from skipped
 
 
 def step_task(

@@ -1,18 +1,23 @@
 """``hisam_finetune`` (daily, App. A.4): gate the samples, SFT from the newest PT, evaluate against
 ``@champion`` on a frozen test snapshot, register, promote (or reject with reasons and an alert).
 
+Runs every day at 04:00 and also as soon as a new PT is registered (``hisam-pretrained``), so a
+new tokenizer reaches the champion the day it is pre-trained. Between a tokenizer's activation and
+its first PT there is nothing to fine-tune from: the run skips, without an alert.
 A failed data-quality gate stops the run before any training, and alerts.
 """
 
 from __future__ import annotations
 
-from airflow.sdk import dag
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag
 from hisam_common import DAG_DEFAULTS, PRETRAINED, RANKER, SAMPLES, step_task
 
 
 @dag(
     dag_id="hisam_finetune",
-    schedule="0 4 * * *",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 4 * * *", timezone="UTC"), assets=PRETRAINED
+    ),
     doc_md=__doc__,
     **DAG_DEFAULTS,
 )

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.evaluation import main as evaluate
 
         return evaluate(forwarded, prog="hisam evaluate")
-    from pipelines.steps import run_step, step_errors
+    from pipelines.steps import StepSkipped, run_step, step_errors
 
     try:
         if args.command == "run":
@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except step_errors() as err:
         log.error("%s", err)
         return 2
+    except StepSkipped as skipped:
+        log.warning("skipped: %s", skipped)
+        summary = {"skipped": True, "reason": str(skipped)}
     sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     return 0
 

@@ -287,11 +287,15 @@ def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str, Pr
 
     from pipelines.ranker_model import ARTIFACT_CHECKPOINT
     from pipelines.registry import find_versions
+    from pipelines.steps import StepSkipped
 
     name = ctx.config.models.pretrained
     found = find_versions(ctx.mlflow, name, tokenizer_version=version)
     if not found:
-        raise ValueError(f"no {name} version for tokenizer {version!r}: run the hisam_pretrain DAG first")
+        raise StepSkipped(
+            f"no {name} version for tokenizer {version!r} yet: fine-tuning waits for hisam_pretrain, "
+            "which a tokenizer activation triggers (and which then triggers hisam_finetune)"
+        )
     local = mlflow.artifacts.download_artifacts(f"models:/{name}/{found[0].version}")
     path = Path(local) / "artifacts" / "hmat.pt"
     if not path.exists():
@@ -324,7 +328,13 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
 
 def evaluate(ctx: StepContext) -> dict[str, Any]:
     """Candidate vs ``@champion`` on one frozen snapshot of the test split; metrics go to the
-    finetune run (``eval.*`` and ``champion.*``)."""
+    finetune run (``eval.*`` and ``champion.*``).
+
+    The champion reads its tokenizer version's IDs from ``gold.semantic_ids``, which also holds the
+    items tokenized since it was registered. Rows of items that version has no ID for (items that
+    arrived after a newer tokenizer took over) are left out of *both* evaluations, so the two are
+    scored on the same rows; their count is the ``eval.champion_unknown_rows`` tag.
+    """
     import mlflow
 
     from hisam_core.ranker.train import load_model
@@ -342,25 +352,36 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         log.warning("the candidate was trained on tokenizer %s, which is no longer @current", version)
     frame, snapshot = load_samples(ctx, version)
     batch = ctx.config.ranker.eval_batch_size
-    checkpoints = sft_checkpoint_dir(ctx, version, run)
-    config, model = load_model(checkpoints / "checkpoint.pt")
-    vocabulary = ProfileVocabulary.load(checkpoints / PROFILE_VOCABULARY)
     profile_frame, _ = load_profiles(ctx, PROFILE_COLUMNS)
-    profiles = encode_profiles(profile_frame, vocabulary)
-    candidate = evaluate_model(model, config.sequence, semantic_ids_of(ctx, version), frame, batch, profiles)
-    metrics = {f"{EVAL_PREFIX}{k}": v for k, v in candidate.items()}
     champion = alias_version(ctx.mlflow, ctx.config.models.ranker, CHAMPION)
+    served, unknown = None, 0
     if champion is not None:
         served = load_ranker(f"models:/{ctx.config.models.ranker}/{champion.version}").unwrap_python_model()
         assert served.ranker is not None and served.semantic_ids is not None
-        served_vocabulary = served.profile_vocabulary or ProfileVocabulary({})
+        champion_ids = semantic_ids_of(ctx, served.semantic_ids.version)
+        known = frame["item_id"].isin(champion_ids.item_ids)
+        unknown = int((~known).sum())
+        if unknown:
+            log.warning(
+                "%d sample rows have items without %s IDs: both models are evaluated without them",
+                unknown,
+                champion_ids.version,
+            )
+            frame = frame[known]
+    checkpoints = sft_checkpoint_dir(ctx, version, run)
+    config, model = load_model(checkpoints / "checkpoint.pt")
+    vocabulary = ProfileVocabulary.load(checkpoints / PROFILE_VOCABULARY)
+    profiles = encode_profiles(profile_frame, vocabulary)
+    candidate = evaluate_model(model, config.sequence, semantic_ids_of(ctx, version), frame, batch, profiles)
+    metrics = {f"{EVAL_PREFIX}{k}": v for k, v in candidate.items()}
+    if served is not None:
         scored = evaluate_model(
             served.ranker.model,
             served.ranker.builder.config,
-            served.semantic_ids,
+            champion_ids,
             frame,
             batch,
-            encode_profiles(profile_frame, served_vocabulary),
+            encode_profiles(profile_frame, served.profile_vocabulary or ProfileVocabulary({})),
         )
         metrics.update({f"{CHAMPION_PREFIX}{k}": v for k, v in scored.items()})
     with mlflow.start_run(run_id=run.info.run_id):
@@ -369,6 +390,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
             {
                 "eval.snapshot": str(snapshot),
                 "eval.champion_version": str(champion.version) if champion else "",
+                "eval.champion_unknown_rows": str(unknown),
             }
         )
         log_delta_input(ctx.table_path(SAMPLES), snapshot, context="evaluation", name="test_samples")
@@ -376,6 +398,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         "tokenizer_version": version,
         "snapshot": snapshot,
         "champion_version": None if champion is None else str(champion.version),
+        "champion_unknown_rows": unknown,
         **{k: round(v, 4) for k, v in metrics.items()},
     }
 

@@ -28,6 +28,12 @@ THREADS_ENV = "HISAM_TORCH_THREADS"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline.yaml"
 
 
+class StepSkipped(Exception):
+    """A step with nothing to do yet, because an upstream output is still on its way (fine-tuning
+    before pre-training on a newly activated tokenizer). Not an error: Airflow marks the task and
+    its downstream skipped, without an alert; the CLI reports it and exits 0."""
+
+
 @dataclass(frozen=True)
 class Step:
     name: str

@@ -59,20 +59,24 @@ def test_every_dag_loads_with_its_tasks_and_dependencies(dags) -> None:
 
 
 def test_schedules_follow_the_decoupled_lifecycle(dags) -> None:
-    """Features and SFT daily, DST monthly, PT weekly or as soon as a new tokenizer is activated."""
+    """Features daily, DST monthly, PT weekly or as soon as a new tokenizer is activated, SFT daily
+    or as soon as a new PT is registered."""
     from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
 
-    crons = {d: dags[d].timetable for d in ("hisam_features", "hisam_tokenizer", "hisam_finetune")}
+    crons = {d: dags[d].timetable for d in ("hisam_features", "hisam_tokenizer")}
     assert all(isinstance(t, CronTriggerTimetable) for t in crons.values())
     assert crons["hisam_features"].expression == "0 0 * * *"
     assert crons["hisam_tokenizer"].expression == "0 0 1 * *"
-    assert crons["hisam_finetune"].expression == "0 4 * * *"
-    pretrain = dags["hisam_pretrain"].timetable
-    assert isinstance(pretrain, AssetOrTimeSchedule)
-    assert pretrain.timetable.expression == "0 3 * * 0"
-    assert pretrain.asset_condition.name == "hisam-tokenizer@current"
+    for dag_id, cron, asset in [
+        ("hisam_pretrain", "0 3 * * 0", "hisam-tokenizer@current"),
+        ("hisam_finetune", "0 4 * * *", "hisam-pretrained"),
+    ]:
+        timetable = dags[dag_id].timetable
+        assert isinstance(timetable, AssetOrTimeSchedule), dag_id
+        assert timetable.timetable.expression == cron
+        assert timetable.asset_condition.name == asset
     produced = {o.name for d in dags.values() for t in d.tasks for o in t.outlets}
-    assert "hisam-tokenizer@current" in produced  # the tokenizer DAG triggers pre-training
+    assert {"hisam-tokenizer@current", "hisam-pretrained"} <= produced  # each triggers the next
 
 
 def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> None:

@@ -69,6 +69,34 @@ def _alerts(world) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _new_items_arrive(world, day: dt.date, count: int) -> set[int]:
+    """``count`` new items (copies of catalogue items under new ids) land in silver on ``day``, with
+    one positive interaction from each of 8 users an hour after the last event; returns their ids."""
+    from pyspark.sql import functions as F
+
+    lake, part = _ctx(world, day).lake, {"dataset": "tiny"}
+    items = lake.read("silver.items", partitions=part)
+    top = items.agg(F.max("item_id")).first()[0]
+    source = items.orderBy("item_id").limit(count).withColumn("source_id", F.col("item_id"))
+    source = source.withColumn("item_id", F.col("item_id") + F.lit(top + 1))
+    new_items = source.withColumn("item_key", F.concat(F.lit("new-"), F.col("item_id").cast("string")))
+    lake.write(new_items.drop("source_id"), "silver.items", mode="merge")
+    events = lake.read("silver.interactions", partitions=part)
+    last = events.agg(F.max("event_ts")).first()[0]
+    users = events.select("user_id", "user_key").distinct().orderBy("user_id").limit(8)
+    arrivals = (
+        users.crossJoin(new_items.select("item_id", "item_key"))
+        .withColumn("dataset", F.lit("tiny"))
+        .withColumn("event_ts", F.lit(last) + F.expr("INTERVAL 1 HOUR"))
+        .withColumn("rating", F.lit(5.0))
+        .withColumn("label", F.lit(1))
+        .withColumn("action", F.lit(None).cast("string"))
+        .withColumn("logical_date", F.lit(day))
+    )
+    lake.write(arrivals.select(*events.columns), "silver.interactions", mode="merge")
+    return {r["item_id"] for r in new_items.select("item_id").collect()}
+
+
 def _lake_contents(world) -> dict[str, list]:
     """Every lake table's rows, order-independent (a rewrite with equal rows counts as unchanged)."""
     from deltalake import DeltaTable
@@ -247,30 +275,10 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
 
     from pipelines.steps import load_config, run_step
 
-    ctx = _ctx(world, DAY5)
-    lake, part = ctx.lake, {"dataset": "tiny"}
+    lake, part = _ctx(world, DAY5).lake, {"dataset": "tiny"}
     ids_path = str(world["home"] / "lake" / "gold" / "semantic_ids")
     before = DeltaTable(ids_path).to_pandas()
-    items = lake.read("silver.items", partitions=part)
-    top = items.agg(F.max("item_id")).first()[0]
-    source = items.orderBy("item_id").limit(5).withColumn("source_id", F.col("item_id"))
-    source = source.withColumn("item_id", F.col("item_id") + F.lit(top + 1))
-    new_items = source.withColumn("item_key", F.concat(F.lit("new-"), F.col("item_id").cast("string")))
-    lake.write(new_items.drop("source_id"), "silver.items", mode="merge")
-    events = lake.read("silver.interactions", partitions=part)
-    last = events.agg(F.max("event_ts")).first()[0]
-    users = events.select("user_id", "user_key").distinct().orderBy("user_id").limit(8)
-    arrivals = (
-        users.crossJoin(new_items.select("item_id", "item_key"))
-        .withColumn("dataset", F.lit("tiny"))
-        .withColumn("event_ts", F.lit(last) + F.expr("INTERVAL 1 HOUR"))
-        .withColumn("rating", F.lit(5.0))
-        .withColumn("label", F.lit(1))
-        .withColumn("action", F.lit(None).cast("string"))
-        .withColumn("logical_date", F.lit(DAY5))
-    )
-    lake.write(arrivals.select(*events.columns), "silver.interactions", mode="merge")
-    new_ids = {r["item_id"] for r in new_items.select("item_id").collect()}
+    new_ids = _new_items_arrive(world, DAY5, 5)
 
     result = world["run"]("hisam_features", DAY5)
     assert result.state == "success" and result.tasks["tokenize_new_items"] == "success", result.tasks
@@ -336,3 +344,36 @@ def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
         "bronze.quarantine", partitions={"dataset": "tiny", "target_table": "gold.samples.gate"}
     )
     assert quarantine.filter(F.col("logical_date") == F.lit(DAY4)).count() == 100
+
+
+def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compares_on_shared_rows(
+    world,
+) -> None:
+    """Runs last (it moves @current). December's tokenizer is activated; fine-tuning that day finds no
+    PT on it, so it skips (no training, no alert, the champion stays). PT on it is registered (which
+    triggers hisam_finetune) and three new items arrive, which only the new version has IDs for:
+    fine-tuning trains on the new version, and it and the old champion are evaluated on the rows
+    both can score, leaving out the 24 interactions with the new items."""
+    dec1, version = dt.date(2026, 12, 1), "dst-20261201"
+    client = _client()
+    champion = client.get_model_version_by_alias("hisam-ranker", "champion").version
+    assert world["run"]("hisam_tokenizer", dec1).state == "success"
+    alerts = len(_alerts(world))
+    waiting = world["run"]("hisam_finetune", dec1)
+    assert waiting.state == "success" and waiting.tasks["validate_samples"] == "success", waiting.tasks
+    assert {waiting.tasks[t] for t in ("finetune", "evaluate", "register", "promote")} == {"skipped"}
+    assert len(_alerts(world)) == alerts
+    assert client.get_model_version_by_alias("hisam-ranker", "champion").version == champion
+    new_version = f"name = 'hisam-ranker' and tags.tokenizer_version = '{version}'"
+    assert not client.search_model_versions(new_version)
+
+    assert world["run"]("hisam_pretrain", dec1).state == "success"
+    _new_items_arrive(world, dec1, 3)
+    assert world["run"]("hisam_features", dec1).tasks["tokenize_new_items"] == "success"
+    trained = world["run"]("hisam_finetune", dec1)
+    assert {trained.tasks[t] for t in ("finetune", "evaluate", "register")} == {"success"}, trained.tasks
+    (candidate,) = client.search_model_versions(new_version)
+    run = client.get_run(candidate.run_id)
+    assert run.data.tags["eval.champion_version"] == str(champion)
+    assert run.data.tags["eval.champion_unknown_rows"] == "24"
+    assert {"eval.auc", "champion.auc"} <= set(run.data.metrics)

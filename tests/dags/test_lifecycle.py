@@ -347,7 +347,7 @@ def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
 
 
 def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compares_on_shared_rows(
-    world,
+    world, capsys
 ) -> None:
     """Runs last (it moves @current). December's tokenizer is activated; fine-tuning that day finds no
     PT on it, so it skips (no training, no alert, the champion stays). PT on it is registered (which
@@ -366,6 +366,11 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
     assert client.get_model_version_by_alias("hisam-ranker", "champion").version == champion
     new_version = f"name = 'hisam-ranker' and tags.tokenizer_version = '{version}'"
     assert not client.search_model_versions(new_version)
+    from pipelines.cli import main
+
+    capsys.readouterr()
+    assert main(["run", "finetune", "--logical-date", dec1.isoformat()]) == 0  # the CLI skips too
+    assert json.loads(capsys.readouterr().out)["skipped"] is True
 
     assert world["run"]("hisam_pretrain", dec1).state == "success"
     _new_items_arrive(world, dec1, 3)

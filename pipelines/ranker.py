@@ -353,12 +353,14 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     frame, snapshot = load_samples(ctx, version)
     batch = ctx.config.ranker.eval_batch_size
     profile_frame, _ = load_profiles(ctx, PROFILE_COLUMNS)
+    candidate_ids = champion_ids = semantic_ids_of(ctx, version)
     champion = alias_version(ctx.mlflow, ctx.config.models.ranker, CHAMPION)
     served, unknown = None, 0
     if champion is not None:
         served = load_ranker(f"models:/{ctx.config.models.ranker}/{champion.version}").unwrap_python_model()
         assert served.ranker is not None and served.semantic_ids is not None
-        champion_ids = semantic_ids_of(ctx, served.semantic_ids.version)
+        if served.semantic_ids.version != version:
+            champion_ids = semantic_ids_of(ctx, served.semantic_ids.version)
         known = frame["item_id"].isin(champion_ids.item_ids)
         unknown = int((~known).sum())
         if unknown:
@@ -372,7 +374,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     config, model = load_model(checkpoints / "checkpoint.pt")
     vocabulary = ProfileVocabulary.load(checkpoints / PROFILE_VOCABULARY)
     profiles = encode_profiles(profile_frame, vocabulary)
-    candidate = evaluate_model(model, config.sequence, semantic_ids_of(ctx, version), frame, batch, profiles)
+    candidate = evaluate_model(model, config.sequence, candidate_ids, frame, batch, profiles)
     metrics = {f"{EVAL_PREFIX}{k}": v for k, v in candidate.items()}
     if served is not None:
         scored = evaluate_model(

@@ -99,6 +99,7 @@ def step_task(
     params: dict[str, str] | None = None,
     outlets: list[Asset] | None = None,
     inlets: list[Asset] | None = None,
+    trigger_rule: str = "all_success",
 ) -> Callable[[], Any]:
     """A TaskFlow task running one pipeline step; ``gpu`` tasks take a ``gpu`` pool slot."""
     placement: dict[str, Any] = (
@@ -107,7 +108,13 @@ def step_task(
         else {}
     )
 
-    @task(task_id=step.replace("-", "_"), outlets=outlets or [], inlets=inlets or [], **placement)
+    @task(
+        task_id=step.replace("-", "_"),
+        outlets=outlets or [],
+        inlets=inlets or [],
+        trigger_rule=trigger_rule,
+        **placement,
+    )
     def run(**context: Any) -> dict[str, Any]:
         return execute(step, context, params)
 

@@ -5,6 +5,10 @@ Runs every day at 04:00 and also as soon as a new PT is registered (``hisam-pret
 new tokenizer reaches the champion the day it is pre-trained. Between a tokenizer's activation and
 its first PT there is nothing to fine-tune from: the run skips, without an alert.
 A failed data-quality gate stops the run before any training, and alerts.
+
+Last, also when fine-tuning skipped, ``refresh-champion`` re-registers ``@champion`` (same weights)
+with the semantic IDs of items that arrived since it was registered, so a rejected candidate does not
+leave new items unservable.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ def hisam_finetune() -> None:
     evaluate = step_task("evaluate", gpu=True)()
     register = step_task("register")()
     promote = step_task("promote", outlets=[RANKER])()
-    gate >> finetune >> evaluate >> register >> promote
+    refresh = step_task("refresh-champion", outlets=[RANKER], trigger_rule="none_failed")()
+    gate >> finetune >> evaluate >> register >> promote >> refresh
 
 
 hisam_finetune()

@@ -1,10 +1,13 @@
-"""Steps ``register``, ``promote`` and ``rollback`` of the ranker on the MLflow registry.
+"""Steps ``register``, ``promote``, ``refresh-champion`` and ``rollback`` of the ranker on the MLflow
+registry.
 
 ``register`` logs the day's SFT checkpoint as the pyfunc ranker (one-pass ranking, its semantic-ID
 table packaged) in the finetune run, as a new ``hisam-ranker`` version tagged with its tokenizer
 version, PT version, the test snapshot and both models' metrics on it. ``promote`` applies the gate
 (:mod:`pipelines.registry`): promoted versions become ``@champion`` (the old one ``@previous``); a
-rejected one is tagged with the reasons and an alert goes out. Both are idempotent per logical run.
+rejected one is tagged with the reasons and an alert goes out. ``refresh-champion`` packages the
+semantic IDs of items that arrived since ``@champion`` was registered, so they are servable while no
+new champion is promoted. All are idempotent per logical run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pipelines.context import StepContext
 log = logging.getLogger(__name__)
 
 GATE_METRICS = ("auc", "gauc", "cold_auc", "cold_gauc")
+REFRESH_KEY = "refresh_key"  # model-version tag: the logical run that refreshed the champion
+REFRESHED_FROM = "refreshed_from"  # model-version tag: the version whose weights it serves
 
 
 def _candidate(ctx: StepContext) -> Any:
@@ -125,6 +130,112 @@ def promote(ctx: StepContext) -> dict[str, Any]:
         "champion": version if decision.promote else current,
         "metrics": mine,
     }
+
+
+def refresh_champion(ctx: StepContext) -> dict[str, Any]:
+    """Give ``@champion`` the semantic IDs that its tokenizer version gained since it was registered.
+
+    A registered ranker packages its item -> semantic-ID table, so an item tokenized later
+    (``tokenize-new-items``) is refused by it until a new champion is promoted, which a rejected
+    candidate delays. HMAT reads items only through their semantic IDs (Sec. 3.2, the cold start of
+    Sec. 4.3), so the same weights serve them: the champion is registered again with the table extended
+    by ``gold.semantic_ids`` of its version, tagged ``refreshed_from``, and ``@champion`` moves to it
+    (``@previous`` stays). Nothing is retrained, so there is no gate. The packaged IDs must equal the
+    lake's (a version's IDs never change): a difference is an error, and nothing is registered.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from hisam_core.semantic_ids import SemanticIds
+    from pipelines.ranker import RUN_KEY, _find_run
+    from pipelines.ranker_model import TOKENIZER_VERSION, TRAINING_RUN_TAG, load_ranker, log_ranker
+    from pipelines.registry import CHAMPION, alias_version, find_versions
+    from pipelines.tokenizer import semantic_ids_of
+
+    name = ctx.config.models.ranker
+    champion = alias_version(ctx.mlflow, name, CHAMPION)
+    if champion is None:
+        return {"skipped": True, "reason": f"{name} has no @{CHAMPION} yet"}
+    done = find_versions(ctx.mlflow, name, **{REFRESH_KEY: ctx.run_key})
+    if done:
+        refreshed = done[0]
+        if str(champion.version) == refreshed.tags[REFRESHED_FROM]:  # a retry after registering
+            _make_champion(ctx, name, str(refreshed.version))
+        return {"champion": str(refreshed.version), "model_version": str(refreshed.version), "skipped": True}
+
+    version = champion.tags[TOKENIZER_VERSION]
+    served = load_ranker(f"models:/{name}/{champion.version}").unwrap_python_model()
+    packaged, lake = served.semantic_ids, semantic_ids_of(ctx, version)
+    position = pd.Index(packaged.item_ids).get_indexer(lake.item_ids)
+    known = position >= 0
+    changed = lake.item_ids[known][(lake.codes[known] != packaged.codes[position[known]]).any(axis=1)]
+    if changed.size:
+        raise ValueError(
+            f"gold.semantic_ids of {version} gives other IDs than {name} v{champion.version} packaged for "
+            f"items {changed[:10].tolist()}: a version's IDs must never change; refusing to refresh"
+        )
+    summary: dict[str, Any] = {
+        "tokenizer_version": version,
+        "refreshed_from": str(champion.version),
+        "packaged_items": len(packaged.item_ids),
+        "new_items": int((~known).sum()),
+    }
+    if known.all():
+        log.info("%s v%s already serves every %s item", name, champion.version, version)
+        return {**summary, "champion": str(champion.version)}
+    table = SemanticIds(
+        np.concatenate([packaged.item_ids, lake.item_ids[~known]]),
+        np.concatenate([packaged.codes, lake.codes[~known]]),
+        packaged.codebook_size,
+        version,
+        packaged.position_names,
+    )
+    # not inherited: the gate's verdict, the producing logical run, and what log_ranker sets itself
+    dropped = {"gate", "gate_reasons", RUN_KEY, TOKENIZER_VERSION, TRAINING_RUN_TAG}
+    kept = {k: v for k, v in champion.tags.items() if k not in dropped}
+    tags = {**kept, REFRESH_KEY: ctx.run_key, REFRESHED_FROM: str(champion.version)}
+    previous = _find_run(ctx, "refresh-champion")
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mlflow.start_run(
+            run_id=previous.info.run_id if previous else None, run_name=f"refresh-champion-{ctx.logical_date}"
+        ),
+    ):
+        mlflow.set_tags({"hisam.step": "refresh-champion", "hisam.run_key": ctx.run_key, **summary})
+        checkpoint = Path(tmp) / "checkpoint.pt"
+        state = {
+            "config": served.config.model_dump(mode="json"),
+            "state_dict": served.ranker.model.state_dict(),
+        }
+        torch.save(state, checkpoint)
+        registered = log_ranker(
+            checkpoint,
+            served.config,
+            table,
+            name,
+            training_run_id=champion.tags.get(TRAINING_RUN_TAG),
+            profile_vocabulary=served.profile_vocabulary,
+            version_tags=tags,
+        )
+    _make_champion(ctx, name, str(registered.version))
+    log.info(
+        "%s v%s serves v%s's weights with %d more %s items",
+        name, registered.version, champion.version, summary["new_items"], version,
+    )  # fmt: skip
+    return {**summary, "champion": str(registered.version), "model_version": str(registered.version)}
+
+
+def _make_champion(ctx: StepContext, name: str, version: str) -> None:
+    """Point ``@champion`` at a refreshed version (``@previous`` stays on the last promoted model)."""
+    from pipelines.registry import CHAMPION
+
+    ctx.mlflow.set_registered_model_alias(name, CHAMPION, version)
+    ctx.mlflow.set_model_version_tag(name, version, "gate", "refreshed")
 
 
 def rollback(ctx: StepContext) -> dict[str, Any]:

@@ -12,6 +12,8 @@ computed by one-pass ranking (:meth:`hisam_core.ranker.HMATRanker.rank`, Sec. 3.
 Item ids map to codes through the packaged :class:`~hisam_core.semantic_ids.SemanticIds` table.
 An item id missing from it (history or candidate) is an error: ``ValueError`` naming the request
 row, the user and the items (no NaN scores: a caller must not mistake "unknown" for "unlikely").
+Items tokenized after registration reach ``@champion`` through the daily ``refresh-champion`` step
+(:func:`pipelines.promotion.refresh_champion`), which re-registers the same weights with them.
 
 Tokenizer versions. The semantic IDs an HMAT was trained on are only meaningful for that
 tokenizer version, so the packaged table's ``version`` is recorded as ``tokenizer_version`` in the
@@ -112,6 +114,13 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
         self.profile_vocabulary: ProfileVocabulary | None = None
         self._config: RankerConfig | None = None
         self._index: pd.Index | None = None
+
+    @property
+    def config(self) -> RankerConfig:
+        """The packaged :class:`~hisam_core.ranker.train.RankerConfig`."""
+        if self._config is None:
+            raise RuntimeError("model not loaded: call load_context or setup first")
+        return self._config
 
     def setup(
         self,

@@ -62,6 +62,7 @@ STEPS: dict[str, Step] = {
         Step("evaluate", "pipelines.ranker", "evaluate", "candidate and @champion on one frozen test snapshot"),
         Step("register", "pipelines.promotion", "register", "register the evaluated candidate as a pyfunc ranker"),
         Step("promote", "pipelines.promotion", "promote", "promotion gate: @champion, or rejected with reasons + alert"),
+        Step("refresh-champion", "pipelines.promotion", "refresh_champion", "daily: @champion re-registered with the semantic IDs its tokenizer version gained (same weights)"),
         Step("rollback", "pipelines.promotion", "rollback", "restore @previous as @champion"),
     ]
 }  # fmt: skip

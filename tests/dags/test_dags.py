@@ -33,6 +33,7 @@ EXPECTED = {
         "evaluate": ["finetune"],
         "register": ["evaluate"],
         "promote": ["register"],
+        "refresh_champion": ["promote"],
     },
 }
 GPU_TASKS = {("hisam_tokenizer", "train_tokenizer"), ("hisam_pretrain", "pretrain"),
@@ -56,6 +57,10 @@ def test_every_dag_loads_with_its_tasks_and_dependencies(dags) -> None:
         dag = dags[dag_id]
         assert {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} == tasks, dag_id
         assert dag.catchup is False and dag.max_active_runs == 1
+    # the champion refresh runs also when fine-tuning skipped (no PT yet), never after a failure
+    rules = {t.task_id: t.trigger_rule.value for d in dags.values() for t in d.tasks}
+    assert rules.pop("refresh_champion") == "none_failed"
+    assert set(rules.values()) == {"all_success"}
 
 
 def test_schedules_follow_the_decoupled_lifecycle(dags) -> None:

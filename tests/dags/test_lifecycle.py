@@ -305,6 +305,65 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
         run_step("tokenize-new-items", DAY5, changed)
 
 
+def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, monkeypatch) -> None:
+    """Builds on the rollback (@champion is v1) and the mid-month items (day 5): v1 packaged its IDs
+    before the five items arrived, so it refuses them. refresh-champion registers v1's weights again
+    with the lake's IDs of that version: the new version scores every item as v1's own ranker scores
+    its lake codes, keeps v1's lineage and metrics, becomes @champion (@previous stays), and a rerun
+    registers nothing. A lake table disagreeing with the packaged IDs is refused."""
+    from hisam_core.ranker.sequence import UserHistory
+    from hisam_core.semantic_ids import SemanticIds
+    from pipelines import tokenizer
+    from pipelines.ranker_model import load_ranker
+    from pipelines.registry import alias_version
+    from pipelines.steps import run_step
+
+    client = _client()
+    old = client.get_model_version_by_alias("hisam-ranker", "champion")
+    previous = alias_version(client, "hisam-ranker", "previous")
+    versions = len(client.search_model_versions("name = 'hisam-ranker'"))
+    v1 = load_ranker("models:/hisam-ranker/1").unwrap_python_model()
+    lake = tokenizer.semantic_ids_of(_ctx(world, DAY5), VERSION)
+    new_ids = np.setdiff1d(lake.item_ids, v1.semantic_ids.item_ids)
+    assert str(old.version) == "1" and len(new_ids) == 5 and len(v1.semantic_ids.item_ids) == 120
+    history = v1.semantic_ids.item_ids[:4]
+    candidates = np.concatenate([v1.semantic_ids.item_ids[4:9], new_ids])
+    profile = dict.fromkeys(v1.config.sequence.profile_fields, 1)
+    request = {"user_id": 7, "history_item_ids": history, "history_actions": [1, 0, 1, 1],
+               "candidate_item_ids": candidates, **{f"profile_{f}": b for f, b in profile.items()}}  # fmt: skip
+    with pytest.raises(ValueError, match="without semantic IDs"):
+        v1.score(request)
+
+    tampered = SemanticIds(lake.item_ids, (lake.codes + 1) % lake.codebook_size, lake.codebook_size, VERSION)
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer, "semantic_ids_of", lambda ctx, version: tampered)
+        with pytest.raises(ValueError, match="must never change"):
+            run_step("refresh-champion", DAY5, world["config"])
+    assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions
+
+    summary = run_step("refresh-champion", DAY5, world["config"])
+    assert (summary["refreshed_from"], summary["packaged_items"], summary["new_items"]) == ("1", 120, 5)
+    refreshed = client.get_model_version_by_alias("hisam-ranker", "champion")
+    assert str(refreshed.version) == summary["champion"] == str(versions + 1)
+    assert refreshed.tags["refreshed_from"] == "1" and refreshed.tags["gate"] == "refreshed"
+    for tag in ("tokenizer_version", "training_run_id", "pretrained_version", "eval.snapshot", "eval.auc"):
+        assert refreshed.tags[tag] == old.tags[tag], tag
+    assert alias_version(client, "hisam-ranker", "previous") == previous
+
+    served = load_ranker("models:/hisam-ranker@champion", VERSION).unwrap_python_model()
+    assert np.array_equal(served.semantic_ids.lookup(lake.item_ids), lake.codes)
+    reference = v1.ranker.rank(
+        UserHistory(7, lake.lookup(history), np.array([1, 0, 1, 1]), profile), lake.lookup(candidates)
+    )
+    np.testing.assert_allclose(served.score(request), reference.float().numpy(), rtol=0, atol=1e-6)
+
+    again = run_step("refresh-champion", DAY5, world["config"])
+    assert again == {"champion": summary["champion"], "model_version": summary["champion"], "skipped": True}
+    assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions + 1
+    later = run_step("refresh-champion", DAY5 + dt.timedelta(days=1), world["config"])
+    assert later["new_items"] == 0 and later["champion"] == summary["champion"]
+
+
 def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
     """Runs last (it corrupts gold.samples). A few out-of-codebook rows pass the samples gate within
     its tolerance and are removed from the table; 100 make it fail, so fine-tuning never starts, and
@@ -362,6 +421,7 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
     waiting = world["run"]("hisam_finetune", dec1)
     assert waiting.state == "success" and waiting.tasks["validate_samples"] == "success", waiting.tasks
     assert {waiting.tasks[t] for t in ("finetune", "evaluate", "register", "promote")} == {"skipped"}
+    assert waiting.tasks["refresh_champion"] == "success"  # the old champion has every item of its version
     assert len(_alerts(world)) == alerts
     assert client.get_model_version_by_alias("hisam-ranker", "champion").version == champion
     new_version = f"name = 'hisam-ranker' and tags.tokenizer_version = '{version}'"

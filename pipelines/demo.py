@@ -101,7 +101,7 @@ def summarize(
     client = MlflowClient()
     champion = alias_version(client, pipeline.models.ranker, CHAMPION)
     tokenizer = alias_version(client, pipeline.models.tokenizer, CURRENT)
-    lake_root = pipeline.lake.root or str(settings.lake_root)
+    lake_root = pipeline.lake.root or settings.lake_root
     return {
         "dataset": pipeline.dataset,
         "dag_runs": runs,

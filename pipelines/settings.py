@@ -35,8 +35,10 @@ class Settings(Config):
         )
 
     @property
-    def lake_root(self) -> Path:
-        return Path(os.environ.get("HISAM_LAKE_ROOT", self.home / "lake"))
+    def lake_root(self) -> str:
+        """``$HISAM_LAKE_ROOT`` as given (a local path or a URI such as ``s3://bucket/lake``: a
+        ``Path`` would fold its ``//``), else ``<home>/lake``."""
+        return os.environ.get("HISAM_LAKE_ROOT") or str(self.home / "lake")
 
     @property
     def artifact_root(self) -> Path:

@@ -92,6 +92,23 @@ def test_pipeline_config_refuses_inconsistent_sections() -> None:
     assert shipped.ranker.sequence.codebook_size == shipped.tokenizer.train.model.codebook_size
 
 
+def test_the_lake_root_is_a_local_path_or_an_object_store_uri_kept_whole(tmp_path, monkeypatch) -> None:
+    import datetime as dt
+
+    from pipelines.context import StepContext
+    from pipelines.settings import Settings
+
+    day = dt.date(2026, 11, 1)
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.delenv("HISAM_LAKE_ROOT", raising=False)
+    assert StepContext(PipelineConfig(), day).lake_root == str(tmp_path / "lake")
+    monkeypatch.setenv("HISAM_LAKE_ROOT", "s3://bucket/lake/")
+    assert Settings.from_env().lake_root == "s3://bucket/lake/"
+    ctx = StepContext(PipelineConfig(), day)
+    assert ctx.lake_root == "s3://bucket/lake"  # not folded into a local "s3:/bucket/lake"
+    assert ctx.table_path("gold.samples") == "s3://bucket/lake/gold/samples"
+
+
 def test_every_step_resolves_to_a_function() -> None:
     assert all(callable(step.resolve()) for step in STEPS.values())
 

@@ -73,7 +73,7 @@ class SequenceConfig(Config):
         bad = {name: n for name, n in self.profile_fields.items() if n < 1}
         if bad:
             raise ValueError(f"profile fields need at least one bucket: {bad}")
-        needed = len(self.profile_fields) + 2 * self.num_positions + 3
+        needed = len(self.profile_fields) + 2 * (self.num_positions + 2)
         if self.max_tokens < needed:
             raise ValueError(
                 f"max_tokens={self.max_tokens} cannot hold the profile, one history item and a candidate "
@@ -259,10 +259,12 @@ class SequenceBuilder:
         self.vocab = Vocabulary(config)
 
     def max_items(self, with_candidate: bool = False) -> int:
-        """History items that fit in the budget (one slot of ``n + 1`` tokens kept for a candidate)."""
+        """Items that fit in the budget; ``with_candidate``: history items in front of a candidate,
+        one whole item fewer (not just its ``n + 1`` tokens), so a served candidate has at most the
+        context, and the coordinates, of the last item of a full training window."""
         room = self.config.max_tokens - self.config.profile_length
         if with_candidate:
-            room -= self.config.num_positions + 1
+            room -= self.config.item_length
         return max(room // self.config.item_length, 0)
 
     def truncate(self, history: UserHistory, with_candidate: bool = False) -> UserHistory:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from hisam_core.ranker.objectives import action_logits, positive_probability
 from hisam_core.ranker.sequence import SequenceBuilder, TokenType, UserHistory
 from hisam_core.ranker.serving import HMATRanker, rank_reference
 
@@ -87,6 +88,29 @@ def test_appending_equals_full_recomputation(seq_config, semantic_ids, make_mode
         expected = rank_reference(model, seq_config, history, candidates)
         torch.testing.assert_close(ranker.rank(cache, candidates), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(ranker.rank(history, candidates), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("max_tokens", range(56, 64))  # every residue of the budget mod the item length
+@pytest.mark.parametrize(
+    "overrides", [{}, {"history_memory": "anchor_action"}, {"position_encoding": "absolute"}]
+)
+def test_a_served_candidate_scores_as_the_last_item_of_a_training_window(
+    seq_config, semantic_ids, make_model, max_tokens, overrides
+):
+    """Train/serve consistency under truncation: ``rank(h, [c])`` is the SFT probability at the
+    Anchor of ``c`` labelled last in a training window of ``h + c`` (same context, same coordinates)."""
+    config = seq_config.model_copy(update={"max_tokens": max_tokens})
+    model = make_model(**overrides)
+    ranker, builder = HMATRanker(model, config), SequenceBuilder(config)
+    rng = np.random.default_rng(max_tokens)
+    codes = semantic_ids.codes[rng.choice(200, size=14, replace=False)]
+    history = UserHistory(3, codes[:12], rng.integers(0, 2, size=12), {"age": 1, "gender": 2})
+    served = ranker.rank(history, codes[12:])
+    for k, candidate in enumerate(codes[12:]):
+        batch = builder.collate([builder.build(history.append(candidate, 1))])
+        logits, _ = action_logits(model, batch, builder.vocab)
+        trained = positive_probability(logits[-1], builder.vocab)
+        torch.testing.assert_close(served[k], trained, atol=1e-5, rtol=0)
 
 
 def test_cold_start_user_with_profile_only(seq_config, make_model, candidates):

@@ -18,9 +18,11 @@ LOCAL_DEFAULTS: dict[str, str] = {
     "spark.sql.shuffle.partitions": "4",
     "spark.default.parallelism": "4",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
-    "spark.sql.session.timeZone": "UTC",
     "spark.driver.memory": "4g",
 }
+#: Every session, local or not: timestamps without an offset are UTC (the lake's convention), not the
+#: time zone of whichever worker JVM runs the task.
+SESSION_TIME_ZONE = "UTC"
 
 
 def _env_conf() -> dict[str, str]:
@@ -60,5 +62,6 @@ def get_spark(
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
+    spark.conf.set("spark.sql.session.timeZone", SESSION_TIME_ZONE)  # also on a session spark-submit made
     spark.sparkContext.setLogLevel("WARN")
     return spark

@@ -2,18 +2,27 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+PIP_VERSION ?= 26.3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hisam-installed
+TORCH_SPEC := $(VENV)/.torch-spec
 
-.PHONY: demo test lint format bench gpu-check quality help
+.PHONY: demo test lint format bench gpu-check quality help FORCE
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml constraints.txt
+# torch is installed again (and the project after it) whenever TORCH differs from the last install.
+$(TORCH_SPEC): FORCE
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
+	@if [ "$$(cat $@ 2>/dev/null)" != '$(TORCH)' ]; then \
+		echo "installing $(TORCH)"; \
+		$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION) \
+		&& $(BIN)/python -m pip install --quiet $(TORCH) \
+		&& echo '$(TORCH)' > $@; \
+	fi
+
+$(STAMP): pyproject.toml constraints.txt $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
@@ -24,6 +33,10 @@ test: $(STAMP) ## lint, then run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+lint: $(STAMP) ## ruff check and format check (what `make test` runs first)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .

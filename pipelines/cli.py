@@ -21,8 +21,9 @@ from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 log = logging.getLogger("hisam")
 
 EPILOG = """\
-Config: every command reads one YAML file (pipelines.config.PipelineConfig; unknown keys are errors):
---config, else $HISAM_PIPELINE_CONFIG, else configs/pipeline.yaml. State goes under $HISAM_HOME
+Config: demo, run and rollback read one YAML file (pipelines.config.PipelineConfig; unknown keys
+are errors): --config, else $HISAM_PIPELINE_CONFIG, else configs/pipeline.yaml; `hisam evaluate
+--config` takes its own EvaluationConfig YAML (built-in defaults otherwise). State goes under $HISAM_HOME
 (default .hisam): the Delta lake, the MLflow store, Airflow's database, GX Data Docs, alerts.
 
 Examples:
@@ -59,11 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO"
+    )
     parser.add_argument(
         "--threads",
-        type=int,
-        default=int(os.environ.get(THREADS_ENV, "1")),
+        type=_positive_int,
+        default=os.environ.get(THREADS_ENV, "1"),  # a string default goes through ``type`` at parse time
         help="torch intra-op threads (default $HISAM_TORCH_THREADS or 1, also read by Airflow tasks: the models here are small, and "
         "on a busy 2-core machine 2 threads ran DST 13x slower than 1; raise it on large CPU nodes)",
     )
@@ -84,13 +87,23 @@ def _parser() -> argparse.ArgumentParser:
             "tables and versions written, the metrics, the champion, and how to open MLflow and Data Docs.",
         )
     )
-    demo.add_argument("--dataset", choices=["auto", "movielens", "synthetic"], default="auto")
+    demo.add_argument(
+        "--dataset",
+        choices=["auto", "movielens", "synthetic"],
+        default="auto",
+        help="auto (default): MovieLens-100K when --movielens-dir exists, else the bundled synthetic data",
+    )
     demo.add_argument(
         "--movielens-dir", type=Path, help="MovieLens-100K bundle (default ../shared/data/movielens-100k)"
     )
 
     run = with_config(
-        sub.add_parser("run", help="run one pipeline step", description="Run one pipeline step.")
+        sub.add_parser(
+            "run",
+            help="run one pipeline step",
+            description="Run one pipeline step for one logical date: the function the Airflow task calls. "
+            "`hisam run evaluate` is the daily step (candidate vs @champion), not `hisam evaluate`.",
+        )
     )
     run.add_argument("step", choices=list(STEPS), help="the step to run (see `hisam steps`)")
     run.add_argument(
@@ -125,7 +138,9 @@ def _parser() -> argparse.ArgumentParser:
             description="Restore the previous champion ranker.",
         )
     )
-    sub.add_parser("steps", help="list the pipeline steps")
+    sub.add_parser(
+        "steps", help="list the pipeline steps", description="List the pipeline steps with what each does."
+    )
     return parser
 
 
@@ -138,6 +153,14 @@ def split_evaluate(argv: list[str]) -> tuple[list[str], list[str]]:
     if at < len(argv) and argv[at] == "evaluate":
         return argv[: at + 1], argv[at + 1 :]
     return argv, []
+
+
+def _positive_int(value: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer (--threads or ${THREADS_ENV}), got {value!r}"
+        )
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:

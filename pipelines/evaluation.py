@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -39,6 +40,7 @@ from hisam_core.evaluation.harness import (
 )
 from hisam_core.features import ItemFeatures
 from pipelines.settings import Settings
+from pipelines.steps import THREADS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -255,11 +257,24 @@ def render(results: Path) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Offline comparison of Hi-SAM against baselines and ablations (paper Sec. 4.1-4.3, Tables 2-4) on
+MovieLens-100K (modality features built once and cached) or on any dataset in the generic
+interactions format (--config). Writes quality.json, quality.md (mean +- sample std over seeds, the
+target check, then a hand-written quality_findings.md kept from beside them) and quality_scaling.png
+(GAUC against HMAT depth and token budget).
+
+--workers N runs the (experiment, seed) jobs in N processes; --reuse keeps the runs of an earlier
+quality.json and runs only what is missing or changed; --mlflow logs one MLflow run per (experiment,
+seed) to the experiment hisam-evaluation, plus a summary run with the report and the plot.
+Not the daily pipeline step `hisam run evaluate` (candidate vs @champion)."""
+
+
 def parser(results: Path, features_cache: Path, prog: str | None = None) -> argparse.ArgumentParser:
     """The command's options; ``results`` and ``features_cache`` are the defaults of the caller."""
     p = argparse.ArgumentParser(
         prog=prog,
-        description=__doc__.split("\n\n")[1],
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example (the committed MovieLens results): --run main controls ablations modalities "
         "--seeds 0 1 2 --scaling --scaling-layers 1 2 4 --scaling-tokens 48 80 160 300 --workers 2 --mlflow",
@@ -294,6 +309,8 @@ def configure(args: argparse.Namespace) -> EvaluationConfig:
     """The evaluation config of the parsed options (YAML, then the overrides)."""
     config = EvaluationConfig.from_yaml(args.config) if args.config else EvaluationConfig()
     update: dict[str, Any] = {}
+    if "threads" not in config.model_fields_set and os.environ.get(THREADS_ENV):
+        update["threads"] = int(os.environ[THREADS_ENV])  # ``hisam --threads N evaluate``
     if args.cache_dir:
         update["cache_dir"] = str(args.cache_dir)
     if args.run:

@@ -52,13 +52,22 @@ def ingest(ctx: StepContext) -> dict[str, Any]:
     return {
         "dataset": ctx.dataset,
         "logical_date": ctx.logical_date.isoformat(),
-        "bronze": {
-            s.table: {"in": s.records_in, "imported": s.imported, "quarantined": s.quarantined}
-            for s in bronze.sources
-        },
+        "bronze": _per_table(bronze.sources),
         "silver_rows": {s.table: s.imported for s in silver.sources},
         "versions": {**bronze.versions, **silver.versions},
     }
+
+
+def _per_table(sources: list[Any]) -> dict[str, dict[str, int]]:
+    """Import counts summed per bronze table (two sources may feed one: MovieLens u.item and
+    item_extra.tsv both land in bronze.items)."""
+    out: dict[str, dict[str, int]] = {}
+    for s in sources:
+        counts = out.setdefault(s.table, {"in": 0, "imported": 0, "quarantined": 0})
+        counts["in"] += s.records_in
+        counts["imported"] += s.imported
+        counts["quarantined"] += s.quarantined
+    return out
 
 
 def quality_config(ctx: StepContext) -> Any:
@@ -90,13 +99,17 @@ def quality_config(ctx: StepContext) -> Any:
     return cfg.model_copy(update=update)
 
 
-def run_gate(ctx: StepContext, df: Any, suite: Any, label: str) -> tuple[Any, dict[str, Any]]:
+def run_gate(
+    ctx: StepContext, df: Any, suite: Any, label: str, keep_earlier: bool = False
+) -> tuple[Any, dict[str, Any]]:
     """Run one quality gate: quarantine the failing rows under ``target_table = label`` (replacing
     this run's partition of that label), alert and raise ``DataQualityError`` when the batch fails.
 
     Returns the valid rows (write these, never ``df``) and the report as a dict. Each gate has its own
     label (:func:`gate_label`), so it never replaces the rejects an importer or a sequence build
-    wrote for the same table and day.
+    wrote for the same table and day. ``keep_earlier``: the caller removes the rejected rows from
+    their table, so a rerun of the day cannot find them again; the partition then keeps the rows of
+    earlier runs (each once) instead of being replaced by this run's alone.
     """
     from pipelines.notify import Alert
     from spark_jobs.quality import DataQualityError, run_quality_gate, to_bronze_quarantine
@@ -106,15 +119,12 @@ def run_gate(ctx: StepContext, df: Any, suite: Any, label: str) -> tuple[Any, di
     try:
         valid, quarantine, report = run_quality_gate(df, suite, qcfg, raise_on_failure=False)
         rows = to_bronze_quarantine(quarantine, label, ctx.logical_date, ctx.dataset)
+        partition = {"dataset": ctx.dataset, "target_table": label, "logical_date": ctx.logical_date}
+        if keep_earlier:
+            earlier = ctx.lake.read(BRONZE_QUARANTINE, partitions=partition)
+            rows = earlier.unionByName(rows).dropDuplicates(["reason", "raw"])
         version = ctx.lake.write(
-            rows,
-            BRONZE_QUARANTINE,
-            mode="replace_partition",
-            partition_values={
-                "dataset": ctx.dataset,
-                "target_table": label,
-                "logical_date": ctx.logical_date,
-            },
+            rows, BRONZE_QUARANTINE, mode="replace_partition", partition_values=partition
         )
     finally:
         if qcfg.persist:
@@ -130,6 +140,13 @@ def run_gate(ctx: StepContext, df: Any, suite: Any, label: str) -> tuple[Any, di
 def gate_label(table: str) -> str:
     """The ``bronze.quarantine`` label of the gate on ``table``: ``silver.interactions.gate``."""
     return f"{table}.gate"
+
+
+def samples_label(tokenizer_version: str, gate: bool = False) -> str:
+    """The ``bronze.quarantine`` label of ``gold.samples`` rows of one tokenizer version
+    (``gold.samples@dst-20261101``, ``gold.samples.gate@...``): on the 1st of a month the monthly
+    and the daily sequence builds run for different versions, and neither may replace the other's."""
+    return f"gold.samples{'.gate' if gate else ''}@{tokenizer_version}"
 
 
 def validate(ctx: StepContext) -> dict[str, Any]:
@@ -167,10 +184,12 @@ def valid_interactions(ctx: StepContext) -> tuple[Any, int]:
 
 
 def validate_samples(ctx: StepContext) -> dict[str, Any]:
-    """GX gate on ``gold.samples`` of the current tokenizer: the daily fine-tune stops here on bad data.
+    """GX gate on ``gold.samples`` of the current tokenizer (``params.tokenizer_version`` to choose
+    another): the daily fine-tune stops here on bad data.
 
     When the batch passes with some rows quarantined, the partition is rewritten without them, so
-    training never reads a quarantined sample (rows in = rows kept + quarantined).
+    training never reads a quarantined sample (rows in = rows kept + quarantined), and a rerun of the
+    day keeps them in the quarantine partition although it no longer finds them.
     """
     from pyspark.sql import functions as F
 
@@ -178,12 +197,11 @@ def validate_samples(ctx: StepContext) -> dict[str, Any]:
     from spark_jobs.quality import samples_suite
     from spark_jobs.tables import GOLD_SAMPLES
 
-    version = current_tokenizer_version(ctx)
+    version = ctx.params.get("tokenizer_version") or current_tokenizer_version(ctx)
     part = {"dataset": ctx.dataset, "tokenizer_version": version}
     samples = ctx.lake.read(GOLD_SAMPLES, partitions=part).filter(F.col("tokenizer_version") == version)
-    valid, summary = run_gate(
-        ctx, samples, samples_suite(samples, quality_config(ctx)), gate_label(GOLD_SAMPLES.name)
-    )
+    suite = samples_suite(samples, quality_config(ctx))
+    valid, summary = run_gate(ctx, samples, suite, samples_label(version, gate=True), keep_earlier=True)
     if summary["n_quarantined"]:
         summary["samples_version"] = ctx.lake.write(
             valid, GOLD_SAMPLES, mode="replace_partition", partition_values=part

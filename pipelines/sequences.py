@@ -4,7 +4,8 @@
 Rows the interactions gate quarantines are left out (the same row rules ``validate`` applies, whose
 partition ``silver.interactions.gate`` lists them), so samples only ever hold validated events; rows
 the build itself rejects (``no_label``, ``unknown_action``, ``unknown_item``) go to
-``bronze.quarantine`` under ``gold.samples``. Silver rows = gate-rejected + samples + quarantined.
+``bronze.quarantine`` under ``gold.samples@<version>``. Silver rows = gate-rejected + samples +
+quarantined, checked before anything is written.
 The version is ``params.tokenizer_version``, else the tokenizer at ``@current``; before any tokenizer
 exists the daily run skips the step and says so.
 """
@@ -23,7 +24,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
     """Build and write the samples and user sequences of the dataset for one tokenizer version."""
     from pyspark.sql import functions as F
 
-    from pipelines.ingest import valid_interactions
+    from pipelines.ingest import samples_label, valid_interactions
     from pipelines.tokenizer import current_tokenizer_version_or_skip
     from spark_jobs.quality import to_bronze_quarantine
     from spark_jobs.sequences import build_sequences as build
@@ -51,6 +52,14 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
         ).first()
         quarantine = result.quarantine.withColumn("reasons", F.array("reason")).cache()
         quarantined = quarantine.count()
+        n_valid = valid.count()
+        counts = {k: int(v) for k, v in stats.asDict().items()}
+        if counts["samples"] + quarantined != n_valid:
+            raise RuntimeError(
+                f"sequence counts do not reconcile: {counts['samples']} + {quarantined} != {n_valid}; "
+                "nothing written"
+            )
+        label = samples_label(version)
         versions = {
             GOLD_SAMPLES.name: lake.write(
                 samples,
@@ -65,24 +74,14 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 partition_values=part,
             ),
             BRONZE_QUARANTINE.name: lake.write(
-                to_bronze_quarantine(quarantine, GOLD_SAMPLES.name, ctx.logical_date, ctx.dataset),
+                to_bronze_quarantine(quarantine, label, ctx.logical_date, ctx.dataset),
                 BRONZE_QUARANTINE,
                 mode="replace_partition",
-                partition_values={
-                    **part,
-                    "target_table": GOLD_SAMPLES.name,
-                    "logical_date": ctx.logical_date,
-                },
+                partition_values={**part, "target_table": label, "logical_date": ctx.logical_date},
             ),
         }
-        n_valid = valid.count()
     finally:
         lake.spark.catalog.clearCache()
-    counts = {k: int(v) for k, v in stats.asDict().items()}
-    if counts["samples"] + quarantined != n_valid:
-        raise RuntimeError(
-            f"sequence counts do not reconcile: {counts['samples']} + {quarantined} != {n_valid}"
-        )
     return {
         "tokenizer_version": version,
         "interactions": n_valid + rejected,

@@ -8,9 +8,15 @@ PGPORT="${PGPORT:-55432}"
 PGDATA="${PGDATA:-/tmp/hisam-pg-$PGPORT}"
 RUN_AS="${PG_RUN_AS:-postgres}"
 
-bin_dir() {
-  if command -v pg_ctl >/dev/null 2>&1; then dirname "$(readlink -f "$(command -v pg_ctl)")"; return; fi
-  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1
+bin_dir() {  # a server's binaries (initdb), not only a client's
+  local dir
+  if command -v pg_ctl >/dev/null 2>&1; then
+    dir="$(dirname "$(readlink -f "$(command -v pg_ctl)")")"
+    if [ -x "$dir/initdb" ]; then echo "$dir"; return; fi
+  fi
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -rV); do
+    if [ -x "$dir/initdb" ]; then echo "$dir"; return; fi
+  done
 }
 
 as_user() {  # initdb and postgres refuse to run as root

@@ -366,8 +366,8 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
 
 def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
     """Runs last (it corrupts gold.samples). A few out-of-codebook rows pass the samples gate within
-    its tolerance and are removed from the table; 100 make it fail, so fine-tuning never starts, and
-    both the gate and the failed task alert."""
+    its tolerance and are removed from the table; 100 more make it fail, so fine-tuning never starts,
+    both the gate and the failed task alert, and the quarantine of the day holds all 105."""
     from pyspark.sql import functions as F
 
     from pipelines.steps import run_step
@@ -387,7 +387,7 @@ def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
     assert passed["success"] and passed["n_quarantined"] == 5
     assert lake.read("gold.samples", partitions=part).count() == clean  # removed: training never sees them
     broken = samples.limit(100).withColumn("target_semantic_ids", F.array(*[F.lit(99)] * 6))
-    broken = broken.withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL 1 SECOND"))
+    broken = broken.withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL 2 SECONDS"))  # not the 5
     lake.write(broken, "gold.samples", mode="append")
     client = _client()
     versions_before = len(client.search_model_versions("name = 'hisam-ranker'"))
@@ -400,9 +400,10 @@ def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
     assert "quality gate 'samples' failed" in titles
     assert "hisam_finetune.validate_samples failed" in titles
     quarantine = lake.read(
-        "bronze.quarantine", partitions={"dataset": "tiny", "target_table": "gold.samples.gate"}
+        "bronze.quarantine", partitions={"dataset": "tiny", "target_table": f"gold.samples.gate@{VERSION}"}
     )
-    assert quarantine.filter(F.col("logical_date") == F.lit(DAY4)).count() == 100
+    # the failed run's 100, and the 5 the passing run removed from gold.samples earlier that day
+    assert quarantine.filter(F.col("logical_date") == F.lit(DAY4)).count() == 105
 
 
 def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compares_on_shared_rows(

@@ -118,9 +118,36 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     out = run_step("build-sequences", DAY, ctx.config, {"tokenizer_version": VERSION})
     assert out["interactions"] == 302 and out["gate_rejected"] == 2
     assert out["samples"] + out["quarantined"] + out["gate_rejected"] == 302
-    reasons = _quarantine(ctx, "gold.samples")
+    reasons = _quarantine(ctx, f"gold.samples@{VERSION}")
     assert len(reasons) == out["quarantined"] > 0 and set(reasons) == {"unknown_item"}
     assert embed["behavior"]["cut"] == out["cut"]  # the ghost events at the end move neither
+
+
+def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
+    """Builds on the samples: two with out-of-codebook targets pass the gate within its tolerance
+    and are removed from gold.samples. A rerun of the day finds none, yet the quarantine still lists
+    both, and the build's own rejects of that version are untouched (kept + quarantined = in)."""
+    from pyspark.sql import functions as F
+
+    from pipelines.steps import run_step
+
+    ctx, params = ctx_of(), {"tokenizer_version": VERSION}
+    part = {"dataset": "dq", "tokenizer_version": VERSION}
+    samples = ctx.lake.read("gold.samples", partitions=part)
+    clean, built = samples.count(), _quarantine(ctx, f"gold.samples@{VERSION}")
+    bad = samples.limit(2).withColumn("target_semantic_ids", F.array(*[F.lit(99)] * 6))
+    ctx.lake.write(
+        bad.withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL 1 SECOND")),
+        "gold.samples",
+        mode="append",
+    )
+    first = run_step("validate-samples", DAY, ctx.config, params)
+    assert first["success"] and (first["n_input"], first["n_quarantined"]) == (clean + 2, 2)
+    assert ctx.lake.read("gold.samples", partitions=part).count() == clean
+    again = run_step("validate-samples", DAY, ctx.config, params)
+    assert again["success"] and (again["n_input"], again["n_quarantined"]) == (clean, 0)
+    assert len(_quarantine(ctx, f"gold.samples.gate@{VERSION}")) == 2
+    assert _quarantine(ctx, f"gold.samples@{VERSION}") == built
 
 
 def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_tokenizer(ctx_of, spark) -> None:

@@ -192,6 +192,8 @@ def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_pa
         sample("bad_label", "train", 1, 17, 8, 0, label=2),
         sample("test_ok", "test", 2, 10, 20, 0),
         sample("test_early", "test", 2, 11, 0, 0),  # a test sample before the last train one
+        sample("test_tie", "test", 2, 12, 2, 0),  # at the instant of the last valid train one (ok_long)
+        (*sample("null_history", "train", 1, 18, 9, 0)[:9], None, None, None, [2] * 6),  # null arrays
     ]
     df = spark.createDataFrame(rows, SAMPLES)
     cfg = quiet(tmp_path, result_format="BASIC")
@@ -199,16 +201,16 @@ def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_pa
         run_quality_gate(df, samples_suite(df, cfg), cfg)
     report = err.value.report
     failed = [(e.expectation_type, e.observed_value) for e in err.value.failed_expectations]
-    assert failed == [("unexpected_rows_expectation", 1)]  # exactly the one early test row
+    assert failed == [("unexpected_rows_expectation", 2)]  # exactly the early and the tied test rows
     assert "test_before_train" in str(err.value)
     assert report.reason_counts == {
         "sequence_over_budget": 1,
-        "history_misaligned": 1,
+        "history_misaligned": 2,
         "semantic_ids_out_of_codebook": 2,
         "split_invalid": 1,
         "label_not_binary": 1,
     }
-    assert report.n_input == 10 and report.reconciled
+    assert report.n_input == 12 and report.reconciled
 
 
 def test_batch_failure_raises_naming_the_expectation_and_writes_data_docs(spark, tmp_path) -> None:

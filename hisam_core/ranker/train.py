@@ -219,6 +219,11 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        if not torch.isfinite(grad_norm):  # stop before the weights, and the next checkpoint, turn NaN
+            raise ValueError(
+                f"training diverged at step {step + 1}: non-finite loss or gradient (loss {loss.item():.4g}); "
+                f"{checkpoint_path} still holds the last finite state: lower train.learning_rate or check the data"
+            )
         optimizer.step()
         scheduler.step()
         done = step + 1
@@ -235,7 +240,9 @@ def train(
     return model
 
 
-#: Train settings a resumed run may change: they do not alter the state a checkpoint holds.
+#: Train settings a resumed run may change: they do not alter the state a checkpoint holds. A new
+#: ``max_steps`` stretches the cosine schedule over the new length, so the learning rate of an extended
+#: run jumps back up from where the shorter run had decayed it.
 RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "device", "init_from"})
 
 

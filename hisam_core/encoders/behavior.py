@@ -300,6 +300,11 @@ class BehaviorEncoder:
                 n = int(valid.sum())
                 total, count = total + loss.item() * n, count + n
             self.history.append(total / count)
+            if not math.isfinite(self.history[-1]):
+                raise ValueError(
+                    f"behavior encoder training diverged in epoch {len(self.history) - 1}: non-finite "
+                    "loss; lower lr"
+                )
             bar.set_postfix(loss=f"{self.history[-1]:.4f}")
         logger.info("behavior encoder: final training loss %.4f", self.history[-1])
 

@@ -88,6 +88,14 @@ def code_metrics(codes: np.ndarray, codebook_size: int, names: tuple[str, ...]) 
     return metrics
 
 
+def _check_finite(loss: torch.Tensor, what: str, epoch: int) -> None:
+    """Stop a diverging run before its weights (and the checkpoint) turn NaN."""
+    if not torch.isfinite(loss):
+        raise ValueError(
+            f"DST training diverged in epoch {epoch}: non-finite {what} loss; lower lr or check the features"
+        )
+
+
 def train_tokenizer(
     features: ItemFeatures,
     config: TokenizerTrainConfig,
@@ -129,6 +137,7 @@ def train_tokenizer(
             batch = {m: v[index] for m, v in raw.items()}
             if warmup:
                 loss = model.cga.alignment_loss(model.cga(batch))
+                _check_finite(loss, "alignment", epoch)
                 optimizer.zero_grad()
                 (model_config.alignment_weight * loss).backward()
                 optimizer.step()
@@ -141,6 +150,7 @@ def train_tokenizer(
                     (-log_likelihood).backward()
                     vclub_optimizer.step()
                 losses = model.losses(out)
+                _check_finite(losses["total"], "total", epoch)
                 optimizer.zero_grad()
                 losses["total"].backward()
                 optimizer.step()

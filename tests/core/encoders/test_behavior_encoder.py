@@ -136,6 +136,11 @@ def test_windows_cover_every_transition_once():
     assert padded.tolist() == [[0, 0, 5, 6, 7]]
 
 
+def test_a_diverging_fit_raises(train_df):
+    with pytest.raises(ValueError, match="behavior encoder training diverged in epoch 0"):
+        fit(train_df, lr=1e30)
+
+
 def test_bad_input(train_df):
     with pytest.raises(ValueError, match="timestamp"):
         fit(train_df.drop(columns="timestamp"))

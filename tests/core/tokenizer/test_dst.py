@@ -114,6 +114,16 @@ def test_failed_save_leaves_no_partial_checkpoint(trained, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_diverging_run_raises_and_writes_no_checkpoint(planted, tiny, tmp_path):
+    features, _ = planted
+    config = TokenizerTrainConfig.model_validate(
+        {**tiny, "epochs": 3, "alignment_warmup_epochs": 1, "lr": 1e20}
+    )
+    with pytest.raises(ValueError, match="DST training diverged in epoch 0: non-finite alignment loss"):
+        train_tokenizer(features.subset(np.arange(300)), config, checkpoint_path=tmp_path / "dst.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_training_is_deterministic(planted, tiny):
     features, _ = planted
     small = features.subset(np.arange(300))

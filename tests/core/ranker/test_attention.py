@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from hisam_core.ranker.attention import TokenLayout, dense_mask, mask_mod_for, memory_token_types
-from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHistory
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenType, UserHistory
 
 
 def small_stream(history_memory: str = "anchor", mode: str = "memory_anchor") -> torch.Tensor:
@@ -43,6 +43,39 @@ def test_hand_checked_memory_anchor_mask():
     with_actions[5:, 4] = True  # "anchor_action" also exposes action 1 to item 2
     assert torch.equal(small_stream("anchor_action"), with_actions)
     assert torch.equal(small_stream(mode="causal"), torch.ones(9, 9, dtype=torch.bool).tril())
+
+
+def eq10_by_hand(types: list[int], items: list[int], history_memory: str) -> torch.Tensor:
+    """Eq. 10 written out token by token for one unpadded stream, independently of ``visible``:
+    a token sees itself, the profile, earlier tokens of its own item, and earlier Anchors (and
+    earlier Actions under ``anchor_action``)."""
+    memory = {TokenType.ANCHOR} | ({TokenType.ACTION} if history_memory == "anchor_action" else set())
+    n = len(types)
+    rows = []
+    for q in range(n):
+        row = set()
+        for k in range(q + 1):
+            if k == q or types[k] == TokenType.PROFILE or items[k] == items[q] or types[k] in memory:
+                row.add(k)
+        rows.append(row)
+    return from_rows(rows)
+
+
+@pytest.mark.parametrize("memory", ["anchor", "anchor_action"])
+@pytest.mark.parametrize("profile", [True, False], ids=["profile", "no-profile"])
+def test_dense_mask_is_eq10_written_out_on_a_ragged_batch(seq_config, histories, memory, profile):
+    config = seq_config if profile else seq_config.model_copy(update={"profile_fields": {}})
+    users = [h if profile else UserHistory(h.user_id, h.items, h.actions) for h in ragged(histories[:6])]
+    batch = SequenceBuilder(config).batch(users)
+    layout = TokenLayout.of(batch)
+    dense = dense_mask(layout, layout, memory_token_types("memory_anchor", memory))[:, 0]
+    for row, history in enumerate(users):
+        n = int(batch.valid[row].sum())
+        expected = eq10_by_hand(
+            batch.token_type[row, :n].tolist(), batch.item_index[row, :n].tolist(), memory
+        )
+        assert n == (2 if profile else 0) + len(history) * seq_config.item_length
+        assert torch.equal(dense[row, :n, :n], expected), (row, memory)
 
 
 def ragged(histories: list[UserHistory]) -> list[UserHistory]:

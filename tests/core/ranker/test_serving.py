@@ -38,6 +38,24 @@ def test_one_pass_equals_separate_forward_passes(seq_config, make_model, history
     assert expected.std() > 1e-4, "a constant score would make these checks vacuous"
 
 
+@pytest.mark.parametrize("length", [1, 3, 6, 9])  # 9 items exceed the 64-token budget: truncated
+@pytest.mark.parametrize("profile", [True, False], ids=["profile", "no-profile"])
+def test_one_pass_equals_the_reference_for_any_history_length(
+    seq_config, semantic_ids, make_model, candidates, length, profile
+):
+    config = seq_config if profile else seq_config.model_copy(update={"profile_fields": {}})
+    model = make_model(history_memory="anchor_action")  # past actions visible: more to get wrong
+    rng = np.random.default_rng(length)
+    codes = semantic_ids.codes[rng.choice(200, size=length, replace=False)]
+    history = UserHistory(
+        2, codes, rng.integers(0, 2, size=length), {"age": 3, "gender": 0} if profile else {}
+    )
+    expected = rank_reference(model, config, history, candidates)
+    torch.testing.assert_close(
+        HMATRanker(model, config).rank(history, candidates), expected, atol=1e-5, rtol=0
+    )
+
+
 @pytest.mark.parametrize("overrides", VARIANTS[:2] + VARIANTS[4:5], ids=["anchor", "anchor_action", "causal"])
 def test_cache_keeps_only_what_later_items_see(seq_config, make_model, history, overrides):
     model = make_model(**overrides)

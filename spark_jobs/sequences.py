@@ -388,6 +388,8 @@ def select_tokenizer_version(semantic_ids: DataFrame, version: str | None) -> Da
     """Rows of one tokenizer version; ``None`` requires the table to hold exactly one version."""
     if version is None:
         found = [r[0] for r in semantic_ids.select("tokenizer_version").distinct().limit(2).collect()]
+        if not found:
+            raise ValueError("the semantic-ID table is empty: tokenize the catalogue first")
         if len(found) != 1:
             raise ValueError(f"semantic-ID table holds versions {found}: set tokenizer_version")
         return semantic_ids.filter(F.col("tokenizer_version") == F.lit(found[0]))

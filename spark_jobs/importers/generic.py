@@ -213,15 +213,14 @@ UNIT_BOUNDS: tuple[tuple[str, float], ...] = (("s", 1e11), ("ms", 1e14), ("us", 
 def parse_timestamp(value: Column, unit: str) -> Column:
     """Text -> timestamp, null when unreadable: unix s/ms/us/ns or ISO-8601 (``timestamp_unit``)."""
     number = value.try_cast("double")
-    exact = value.try_cast("decimal(20,0)")  # integers beyond 2**53 (nanoseconds) without rounding
+    # integers beyond 2**53 (nanoseconds) without rounding: decimal arithmetic, never through a double
+    exact = F.coalesce(value.try_cast("decimal(20,0)"), number.cast("decimal(20,0)"))
     ok = number.between(0, 1e20)
     by_unit = {
         "s": F.when(ok & (number < 1e11), F.timestamp_seconds(number)),
         "ms": F.when(ok & (number < 1e14), F.timestamp_micros((number * 1000).cast("long"))),
-        "us": F.when(ok & (number < 1e17), F.timestamp_micros(F.coalesce(exact, number).cast("long"))),
-        "ns": F.when(
-            ok & (number < 9e18), F.timestamp_micros((F.coalesce(exact, number) / 1000).cast("long"))
-        ),
+        "us": F.when(ok & (number < 1e17), F.timestamp_micros(exact.cast("long"))),
+        "ns": F.when(ok & (number < 9e18), F.timestamp_micros((exact / 1000).cast("long"))),
         "iso": F.try_to_timestamp(value),
     }
     if unit != "auto":

@@ -15,12 +15,29 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 #: The bucket of a missing or unseen value.
 UNKNOWN = 0
 
 
 def _present(value: Any) -> bool:
-    return value is not None and value == value and str(value).strip() != ""  # value == value: not NaN
+    if value is None:
+        return False
+    try:
+        if value != value:  # NaN
+            return False
+    except TypeError:  # pandas' NA has no truth value
+        return False
+    return str(value).strip() != ""
+
+
+def _key(value: Any) -> str:
+    """The vocabulary's string of a value; an integral float is written as the integer (a numeric
+    column with a missing value reads as float, ``18.0``, where serving passes ``18``)."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -32,7 +49,7 @@ class ProfileVocabulary:
     @classmethod
     def fit(cls, columns: Mapping[str, Iterable[Any]]) -> ProfileVocabulary:
         """The vocabulary of ``columns`` (field -> its values over users; missing values are skipped)."""
-        return cls({f: tuple(sorted({str(v) for v in col if _present(v)})) for f, col in columns.items()})
+        return cls({f: tuple(sorted({_key(v) for v in col if _present(v)})) for f, col in columns.items()})
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -52,7 +69,7 @@ class ProfileVocabulary:
         out = {}
         for field, buckets in self._buckets.items():
             value = profile.get(field)
-            out[field] = buckets.get(str(value), UNKNOWN) if _present(value) else UNKNOWN
+            out[field] = buckets.get(_key(value), UNKNOWN) if _present(value) else UNKNOWN
         return out
 
     def save(self, path: str | Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from hisam_core.ranker.profile import UNKNOWN, ProfileVocabulary
 from hisam_core.ranker.sequence import SequenceConfig
 
@@ -34,3 +36,16 @@ def test_save_load_round_trip_keeps_field_order_and_buckets(tmp_path) -> None:
     loaded = ProfileVocabulary.load(tmp_path / "profile.json")
     assert loaded == vocab and loaded.fields == ("z", "a")
     assert loaded.encode({"z": "b", "a": "q"}) == vocab.encode({"z": "b", "a": "q"}) == {"z": 2, "a": 1}
+
+
+def test_numeric_columns_with_missing_values_encode_like_their_integers() -> None:
+    import pandas as pd
+
+    floats = pd.Series([18, None, 25])  # float64: 18.0, NaN, 25.0
+    nullable = pd.Series([18, None, 25], dtype="Int64")  # 18, <NA>, 25
+    for column in (floats, nullable):
+        vocabulary = ProfileVocabulary.fit({"age": column})
+        assert vocabulary.values == {"age": ("18", "25")}
+        assert [vocabulary.encode({"age": v})["age"] for v in (18, 18.0, np.int64(25), None, pd.NA, 30)] == [
+            1, 1, 2, 0, 0, 0
+        ]  # fmt: skip

@@ -119,8 +119,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="step parameter (repeatable): tokenizer_version=dst-YYYYMMDD (train-tokenizer, "
-        "tokenize-catalogue, activate-tokenizer: default dst-<logical date>; build-sequences: default "
-        "the @current tokenizer), skip_without_tokenizer=true (build-sequences, tokenize-new-items: "
+        "tokenize-catalogue, activate-tokenizer: default dst-<logical date>; build-sequences, "
+        "validate-samples: default the @current tokenizer), skip_without_tokenizer=true (build-sequences, tokenize-new-items: "
         "skip instead of failing before the first tokenizer is activated)",
     )
 

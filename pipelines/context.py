@@ -65,6 +65,15 @@ class StepContext:
 
         return f"{self.lake_root}/{get_table(table).relative_path}"
 
+    def log_input(self, table: str, version: int, context: str, name: str) -> None:
+        """Record ``table`` at ``version`` as an input of the active MLflow run (object-store options
+        included)."""
+        from pipelines.tracking import log_delta_input
+
+        log_delta_input(
+            self.table_path(table), version, context, name, storage_options=self.config.lake.storage_options
+        )
+
     def table_version(self, table: str) -> int | None:
         """Latest version of a lake table read with delta-rs (no Spark); None when it does not exist."""
         from deltalake import DeltaTable

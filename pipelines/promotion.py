@@ -25,10 +25,17 @@ REFRESHED_FROM = "refreshed_from"  # model-version tag: the version whose weight
 
 
 def _candidate(ctx: StepContext) -> Any:
-    from pipelines.ranker import RUN_KEY
+    """The version registered from this logical run's newest finetune run (a day can hold two: the
+    04:00 run and one triggered by a PT that landed later)."""
+    from pipelines.ranker import RUN_KEY, _find_run
+    from pipelines.ranker_model import TRAINING_RUN_TAG
     from pipelines.registry import find_versions
 
-    found = find_versions(ctx.mlflow, ctx.config.models.ranker, **{RUN_KEY: ctx.run_key})
+    run = _find_run(ctx, "finetune")
+    if run is None:
+        return None
+    tags = {RUN_KEY: ctx.run_key, TRAINING_RUN_TAG: run.info.run_id}
+    found = find_versions(ctx.mlflow, ctx.config.models.ranker, **tags)
     return found[0] if found else None
 
 
@@ -51,17 +58,9 @@ def register(ctx: StepContext) -> dict[str, Any]:
     from pipelines.tokenizer import semantic_ids_of
 
     name = ctx.config.models.ranker
-    existing = _candidate(ctx)
-    if existing is not None:
-        return {"model_version": str(existing.version), "skipped": True}
     run = _find_run(ctx, "finetune")
     if run is None or f"{EVAL_PREFIX}auc" not in run.data.metrics:
         raise ValueError(f"no evaluated finetune run for {ctx.run_key}: run finetune and evaluate first")
-    version = run.data.tags["tokenizer_version"]
-    checkpoint = sft_checkpoint_dir(ctx, version, run) / "checkpoint.pt"
-    import torch
-
-    config = RankerConfig.from_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["config"])
     tags = {
         RUN_KEY: ctx.run_key,
         "pretrained_version": run.data.tags.get("pretrained_version", ""),
@@ -75,6 +74,19 @@ def register(ctx: StepContext) -> dict[str, Any]:
                 for k, v in metrics_of(run.data.metrics, prefix, GATE_METRICS).items()
             }
         )
+    existing = _candidate(ctx)
+    if existing is not None:  # registered before; evaluate may have run again since (a new champion)
+        stale = {k: v for k, v in tags.items() if existing.tags.get(k) != v}
+        if stale and "gate" not in existing.tags:
+            for key, value in stale.items():
+                ctx.mlflow.set_model_version_tag(name, existing.version, key, value)
+            log.info("%s v%s: evaluation tags updated from run %s", name, existing.version, run.info.run_id)
+        return {"model_version": str(existing.version), "skipped": True, "retagged": sorted(stale)}
+    version = run.data.tags["tokenizer_version"]
+    checkpoint = sft_checkpoint_dir(ctx, version, run) / "checkpoint.pt"
+    import torch
+
+    config = RankerConfig.from_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["config"])
     with mlflow.start_run(run_id=run.info.run_id):
         vocabulary = ProfileVocabulary.load(checkpoint.with_name(PROFILE_VOCABULARY))
         registered = log_ranker(
@@ -113,8 +125,7 @@ def promote(ctx: StepContext) -> dict[str, Any]:
     mine = metrics_of(candidate.tags, EVAL_PREFIX, GATE_METRICS)
     theirs = metrics_of(candidate.tags, CHAMPION_PREFIX, GATE_METRICS) if current else None
     decision = decide(mine, theirs, ctx.config.gate)
-    apply_decision(ctx.mlflow, name, version, decision)
-    if not decision.promote:
+    if not decision.promote:  # before the verdict is tagged: a retry after the tag skips, alert-less
         ctx.alert(
             f"{name} v{version} not promoted",
             "\n".join(decision.reasons),
@@ -123,6 +134,7 @@ def promote(ctx: StepContext) -> dict[str, Any]:
             champion=theirs,
             champion_version=current,
         )
+    apply_decision(ctx.mlflow, name, version, decision)
     return {
         "model_version": version,
         "promoted": decision.promote,

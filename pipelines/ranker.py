@@ -41,8 +41,10 @@ SAMPLES = "gold.samples"
 PROFILES = "gold.user_profiles"
 PROFILE_VOCABULARY = "profile_vocabulary.json"  # beside each stage's checkpoint
 SFT_ARTIFACTS = "checkpoint"  # the finetune run's copy of the SFT checkpoint and its vocabulary
+SFT_CHECKPOINT_SHA256 = "sft.checkpoint_sha256"  # run tag: the hash of that final checkpoint
 SAMPLE_COLUMNS = ["user_id", "item_id", "event_ts", "split", "action", "is_cold_user"]
 RUN_KEY = "run_key"  # model-version tag: the logical run that produced the version
+PRETRAINED_VERSION = "pretrained_version"  # finetune-run and ranker-version tag: the PT it started from
 EVAL_PREFIX = "eval."  # candidate metrics, as finetune-run metrics and candidate version tags
 CHAMPION_PREFIX = "champion."  # the champion's metrics on the same snapshot
 INTERNAL = ("semantic_ids", "config", "profile_vocabulary")  # _train_stage results not in summaries
@@ -152,19 +154,41 @@ def _ranker_config(
     return RankerConfig(sequence=sequence, model=rk.model, train=train)
 
 
-def _checkpoint_dir(ctx: StepContext, stage: str, tokenizer_version: str) -> Path:
-    return ctx.settings.checkpoints / stage / ctx.dataset / tokenizer_version / ctx.logical_date.isoformat()
+def _checkpoint_dir(
+    ctx: StepContext, stage: str, tokenizer_version: str, pretrained: str | None = None
+) -> Path:
+    """Per logical run; an SFT also per PT version (a PT may land after the day's first fine-tune)."""
+    day = ctx.settings.checkpoints / stage / ctx.dataset / tokenizer_version / ctx.logical_date.isoformat()
+    return day / f"pt-{pretrained}" if pretrained else day
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def sft_checkpoint_dir(ctx: StepContext, tokenizer_version: str, run: Run) -> Path:
-    """The folder holding this logical run's SFT ``checkpoint.pt`` and profile vocabulary: the one
-    ``finetune`` wrote when it ran on this worker, else the copy it logged to its MLflow ``run``."""
+    """The folder holding this logical run's final SFT ``checkpoint.pt`` and profile vocabulary: the
+    one ``finetune`` wrote on this worker when its hash is the one the run recorded (a crashed attempt
+    may have left a half-trained checkpoint here while a retry finished elsewhere), else the copy
+    logged to the MLflow ``run``."""
     import mlflow
 
     from hisam_core.ranker.train import CHECKPOINT_NAME
 
-    local = _checkpoint_dir(ctx, "sft", tokenizer_version)
-    if (local / CHECKPOINT_NAME).exists() and (local / PROFILE_VOCABULARY).exists():
+    local = _checkpoint_dir(ctx, "sft", tokenizer_version, run.data.tags.get(PRETRAINED_VERSION))
+    recorded = run.data.tags.get(SFT_CHECKPOINT_SHA256)
+    if (
+        recorded is not None
+        and (local / CHECKPOINT_NAME).exists()
+        and (local / PROFILE_VOCABULARY).exists()
+        and sha256(local / CHECKPOINT_NAME) == recorded
+    ):
         return local
     target = local.with_name(f"{local.name}.from-run")
     target.mkdir(parents=True, exist_ok=True)
@@ -177,7 +201,7 @@ def sft_checkpoint_dir(ctx: StepContext, tokenizer_version: str, run: Run) -> Pa
 
 
 def _find_run(ctx: StepContext, step: str) -> Run | None:
-    """This logical run's MLflow run of ``step`` (so a rerun continues it instead of adding one)."""
+    """This logical run's newest MLflow run of ``step`` (so a rerun continues it instead of adding one)."""
     found = ctx.mlflow.search_runs(
         [ctx.experiment_id],
         filter_string=f"tags.`hisam.step` = '{step}' and tags.`hisam.run_key` = '{ctx.run_key}'",
@@ -192,14 +216,18 @@ def _train_stage(
     tokenizer_version: str,
     init_from: str | None = None,
     vocabulary: ProfileVocabulary | None = None,
+    pretrained: str | None = None,
 ) -> dict[str, Any]:
-    """Train one stage; PT fits the profile vocabulary (``vocabulary`` None), SFT keeps PT's."""
+    """Train one stage; PT fits the profile vocabulary (``vocabulary`` None), SFT keeps PT's and
+    records the PT version it starts from (``pretrained``). A rerun of the logical run continues its
+    MLflow run and checkpoint only when it trains the same thing (tokenizer and PT version): the
+    asset-triggered fine-tune of a PT that landed after the day's 04:00 run trains anew."""
     import mlflow
     import pandas as pd
 
     from hisam_core.ranker.train import CHECKPOINT_NAME, train
     from pipelines.tokenizer import semantic_ids_of
-    from pipelines.tracking import log_config, log_delta_input, log_training_curves, mlflow_callback
+    from pipelines.tracking import log_config, log_training_curves, mlflow_callback
 
     step = "pretrain" if stage == "pt" else "finetune"
     fields = vocabulary.fields if vocabulary is not None else ctx.config.ranker.profile_fields
@@ -213,23 +241,26 @@ def _train_stage(
     ids = semantic_ids_of(ctx, tokenizer_version)
     profiles = encode_profiles(profile_frame, vocabulary)
     train_histories = histories(frame, ids, config.sequence, "train", profiles)
-    out = _checkpoint_dir(ctx, stage, tokenizer_version)
+    out = _checkpoint_dir(ctx, stage, tokenizer_version, pretrained)
     out.mkdir(parents=True, exist_ok=True)
     vocabulary.save(out / PROFILE_VOCABULARY)
+    lineage = {
+        "tokenizer_version": tokenizer_version,
+        **({PRETRAINED_VERSION: pretrained} if pretrained else {}),
+    }
     previous = _find_run(ctx, step)
+    if previous is not None and any(previous.data.tags.get(k) != v for k, v in lineage.items()):
+        log.info("%s run %s trained %s: starting a new run", step, previous.info.run_id, previous.data.tags)
+        previous = None
     with mlflow.start_run(
         run_id=previous.info.run_id if previous else None, run_name=f"{step}-{ctx.logical_date}"
     ) as run:
         if previous is None:
-            mlflow.set_tags(
-                {"hisam.step": step, "hisam.run_key": ctx.run_key, "tokenizer_version": tokenizer_version}
-            )
+            mlflow.set_tags({"hisam.step": step, "hisam.run_key": ctx.run_key, **lineage})
             log_config(config, name=step)
-            log_delta_input(ctx.table_path(SAMPLES), snapshot, context="training", name="samples")
+            ctx.log_input(SAMPLES, snapshot, "training", "samples")
             if profile_snapshot is not None:
-                log_delta_input(
-                    ctx.table_path(PROFILES), profile_snapshot, context="training", name="user_profiles"
-                )
+                ctx.log_input(PROFILES, profile_snapshot, "training", "user_profiles")
             mlflow.log_artifact(str(out / PROFILE_VOCABULARY))
         callback = mlflow_callback(f"{stage}/")
         train(config, train_histories, out, callback)
@@ -238,6 +269,7 @@ def _train_stage(
         if stage == "sft":  # evaluate and register may run on another worker: they read this copy
             for filename in (CHECKPOINT_NAME, PROFILE_VOCABULARY):
                 mlflow.log_artifact(str(out / filename), artifact_path=SFT_ARTIFACTS)
+            mlflow.set_tag(SFT_CHECKPOINT_SHA256, sha256(out / CHECKPOINT_NAME))
         mlflow.log_metric(f"{stage}/train_windows", len(train_histories))
     return {
         "tokenizer_version": tokenizer_version,
@@ -311,15 +343,12 @@ def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str, Pr
 
 def finetune(ctx: StepContext) -> dict[str, Any]:
     """SFT (action NLL under the MA mask) from the newest PT of the current tokenizer version."""
-    import mlflow
 
     from pipelines.tokenizer import current_tokenizer_version
 
     version = current_tokenizer_version(ctx)
     init_from, pt_version, vocabulary = _pretrained_checkpoint(ctx, version)
-    result = _train_stage(ctx, "sft", version, init_from, vocabulary)
-    with mlflow.start_run(run_id=result["mlflow_run_id"]):
-        mlflow.set_tag("pretrained_version", pt_version)
+    result = _train_stage(ctx, "sft", version, init_from, vocabulary, pretrained=pt_version)
     return {
         **{k: v for k, v in result.items() if k not in INTERNAL},
         "pretrained_version": pt_version,
@@ -342,7 +371,6 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     from pipelines.ranker_model import load_ranker
     from pipelines.registry import CHAMPION, alias_version
     from pipelines.tokenizer import current_tokenizer_version, semantic_ids_of
-    from pipelines.tracking import log_delta_input
 
     run = _find_run(ctx, "finetune")
     if run is None:
@@ -395,7 +423,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
                 "eval.champion_unknown_rows": str(unknown),
             }
         )
-        log_delta_input(ctx.table_path(SAMPLES), snapshot, context="evaluation", name="test_samples")
+        ctx.log_input(SAMPLES, snapshot, "evaluation", "test_samples")
     return {
         "tokenizer_version": version,
         "snapshot": snapshot,

@@ -107,9 +107,13 @@ def rollback(client: MlflowClient, model: str) -> str:
     except MlflowException as err:
         raise ValueError(f"{model}: no @{PREVIOUS} version to roll back to") from err
     demoted = champion_version(client, model)
+    if demoted == previous:  # a retry after @champion moved: only @previous is left to remove
+        client.delete_registered_model_alias(model, PREVIOUS)
+        log.warning("%s: rollback to v%s completed", model, previous)
+        return previous
+    if demoted is not None:  # first, so a retry after the aliases moved never tags the restored one
+        client.set_model_version_tag(model, demoted, "gate", "rolled_back")
     client.set_registered_model_alias(model, CHAMPION, previous)
     client.delete_registered_model_alias(model, PREVIOUS)
-    if demoted is not None:
-        client.set_model_version_tag(model, demoted, "gate", "rolled_back")
     log.warning("%s: rolled back @%s from v%s to v%s", model, CHAMPION, demoted, previous)
     return previous

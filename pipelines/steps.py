@@ -114,6 +114,7 @@ def run_step(
         config = load_config(config)
     day = dt.date.fromisoformat(logical_date) if isinstance(logical_date, str) else logical_date
     ctx = StepContext(config, day, params=dict(params or {}))
+    _ = ctx.notifier  # a misconfigured alert sink fails the step now, not silently at its first alert
     apply_torch_threads()
     start = time.perf_counter()
     log.info("step %s for %s (%s) starts", name, day, config.dataset)

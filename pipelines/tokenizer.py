@@ -217,7 +217,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
     from pipelines.registry import find_versions
     from pipelines.tokenizer_model import log_tokenizer
-    from pipelines.tracking import log_config, log_delta_input, log_training_curves, mlflow_callback
+    from pipelines.tracking import log_config, log_training_curves, mlflow_callback
 
     version, name = tokenizer_version(ctx), ctx.config.models.tokenizer
     existing = find_versions(ctx.mlflow, name, tokenizer_version=version)
@@ -232,7 +232,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
             {"hisam.step": "train-tokenizer", "hisam.run_key": ctx.run_key, "tokenizer_version": version}
         )
         log_config(ctx.config.tokenizer, name="tokenizer")
-        log_delta_input(ctx.table_path(EMBEDDINGS), snapshot, context="training", name="item_embeddings")
+        ctx.log_input(EMBEDDINGS, snapshot, "training", "item_embeddings")
         callback = mlflow_callback("dst/")
         model = fit_dst(
             features, ctx.config.tokenizer.train, callback=callback, checkpoint_path=out / "dst.pt"
@@ -254,14 +254,8 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
             mlflow.set_tag("health", "failed")
             ctx.alert(f"tokenizer {version} failed codebook health", "\n".join(failures), health=health)
             raise TokenizerHealthError(f"tokenizer {version} failed codebook health: {'; '.join(failures)}")
-        registered = log_tokenizer(out / "dst.pt", version, features, name)
-        tags = {
-            "hisam.run_key": ctx.run_key,
-            "delta.version": str(snapshot),
-            ENCODERS: encoders_tag(ctx),
-        }
-        for key, value in tags.items():
-            ctx.mlflow.set_model_version_tag(name, registered.version, key, value)
+        tags = {"hisam.run_key": ctx.run_key, "delta.version": str(snapshot), ENCODERS: encoders_tag(ctx)}
+        registered = log_tokenizer(out / "dst.pt", version, features, name, version_tags=tags)
     return {
         "tokenizer_version": version,
         "model_version": str(registered.version),
@@ -273,7 +267,11 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
 
 
 def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
-    """Encode every item with the registered DST of this run's version into ``gold.semantic_ids``."""
+    """Encode every item of the embeddings snapshot DST was trained on (its ``delta.version`` tag: a
+    daily embed may have written a new behaviour space since) with the registered DST of this run's
+    version into ``gold.semantic_ids``. Once written (the version's ``hisam.catalogue_embeddings_version``
+    tag), a rerun does nothing: rewriting the partition would drop the items ``tokenize-new-items``
+    has merged into it since."""
     from pipelines.ingest import gate_label, quality_config, run_gate
     from pipelines.registry import find_versions
     from pipelines.tokenizer_model import load_tokenizer
@@ -286,9 +284,19 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
         raise ValueError(
             f"{name} has no version tagged tokenizer_version={version}: run train-tokenizer first"
         )
+    if CATALOGUE_SNAPSHOT in found[0].tags:
+        log.info("%s %s: catalogue already written, nothing to do", name, version)
+        return {
+            "tokenizer_version": version,
+            "embeddings_version": int(found[0].tags[CATALOGUE_SNAPSHOT]),
+            "skipped": True,
+        }
     check_encoders(ctx, found[0])
     tokenizer = load_tokenizer(f"models:/{name}/{found[0].version}")
-    features, snapshot, incomplete = load_item_features(ctx)
+    trained_on = found[0].tags.get("delta.version")
+    if trained_on is None:
+        raise ValueError(f"{name} v{found[0].version} records no delta.version: re-register it")
+    features, snapshot, incomplete = load_item_features(ctx, version=int(trained_on))
     quarantine_items(ctx, incomplete, GOLD_SEMANTIC_IDS.name)
     ids = tokenizer.dst.encode(features, version=version)  # type: ignore[union-attr]
     frame = ids.to_frame().assign(dataset=ctx.dataset, codebook_size=ids.codebook_size)

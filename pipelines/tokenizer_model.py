@@ -10,6 +10,7 @@ tagged with the same string, which is how the lifecycle refuses mismatched pairs
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow
@@ -63,9 +64,14 @@ class HisamTokenizerModel(mlflow.pyfunc.PythonModel):
 
 
 def log_tokenizer(
-    checkpoint: str | Path, version: str, example: ItemFeatures, registered_name: str
+    checkpoint: str | Path,
+    version: str,
+    example: ItemFeatures,
+    registered_name: str,
+    version_tags: Mapping[str, str] | None = None,
 ) -> ModelVersion:
-    """Log the DST checkpoint as a pyfunc in the active run and register it, tagged with ``version``."""
+    """Log the DST checkpoint as a pyfunc in the active run and register it, tagged with ``version``
+    and ``version_tags`` when the version is created (a retry finds it complete, or not at all)."""
     wrapper = HisamTokenizerModel()
     wrapper.dst, wrapper.version = DST.load_checkpoint(checkpoint), version
     request = features_frame(example.subset(np.arange(min(len(example), 4))))
@@ -82,12 +88,9 @@ def log_tokenizer(
             model_config={TOKENIZER_VERSION: version},
             metadata={TOKENIZER_VERSION: version},
             registered_model_name=registered_name,
-            tags={TOKENIZER_VERSION: version},
+            tags={TOKENIZER_VERSION: version, **(version_tags or {})},  # also the version's tags
         )
-    client = MlflowClient()
-    number = str(info.registered_model_version)
-    client.set_model_version_tag(registered_name, number, TOKENIZER_VERSION, version)
-    return client.get_model_version(registered_name, number)
+    return MlflowClient().get_model_version(registered_name, str(info.registered_model_version))
 
 
 def load_tokenizer(model_uri: str) -> HisamTokenizerModel:

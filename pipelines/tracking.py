@@ -192,12 +192,13 @@ def log_training_curves(
     return f"{PLOTS_DIR}/{name}.png"
 
 
-def _delta_version(path: str, version: int | None) -> int:
+def _delta_version(path: str, version: int | None, storage_options: Mapping[str, str] | None = None) -> int:
     """The table version to record: ``version`` checked to exist, or the latest one."""
     from deltalake import DeltaTable
 
+    options = dict(storage_options or {}) or None
     try:
-        table = DeltaTable(path) if version is None else DeltaTable(path, version=version)
+        table = DeltaTable(path, version=version, storage_options=options)
     except Exception as err:  # deltalake raises TableNotFoundError / DeltaError / OSError
         what = "the latest version" if version is None else f"version {version}"
         raise ValueError(f"cannot open {what} of Delta table {path!r}: {err}") from err
@@ -210,14 +211,16 @@ def log_delta_input(
     context: str = "training",
     name: str | None = None,
     run_id: str | None = None,
+    storage_options: Mapping[str, str] | None = None,
 ) -> MetaDataset:
     """Record a Delta table read by the run as an MLflow dataset input (``DeltaDatasetSource`` with
     path and version, context tag ``mlflow.data.context``, plus ``delta.path``/``delta.version``
-    tags). ``version=None`` pins the table's current version; a missing version is a ValueError."""
+    tags). ``version=None`` pins the table's current version; a missing version is a ValueError.
+    ``storage_options``: the lake's object-store options (``lake.storage_options``)."""
     location = str(path)
     if _is_local_store(location):
         location = str(Path(location).resolve())
-    resolved = _delta_version(location, version)
+    resolved = _delta_version(location, version, storage_options)
     source = DeltaDatasetSource(path=location, delta_table_version=resolved)
     digest = hashlib.sha256(f"{location}@{resolved}".encode()).hexdigest()[:8]
     dataset = MetaDataset(source, name=name or Path(location).name, digest=digest)

@@ -180,14 +180,21 @@ def test_a_promote_retried_after_the_aliases_moved_completes(world) -> None:
 
 
 def test_evaluate_on_another_worker_reads_the_checkpoint_logged_to_the_finetune_run(world) -> None:
-    """Builds on day 1: without the local SFT checkpoint (a GPU pod that did not train it), evaluate
-    reads the finetune run's copy and reproduces the candidate's metrics."""
+    """Builds on day 1: with another checkpoint in the local SFT folder (what a crashed attempt leaves
+    when its retry finishes on another worker), and then without one (a GPU pod that did not train
+    it), evaluate reads the finetune run's copy and reproduces the candidate's metrics."""
     import shutil
 
     from pipelines.steps import run_step
 
-    shutil.rmtree(world["home"] / "checkpoints" / "sft")
     run = _client().get_run(_client().get_model_version("hisam-ranker", "1").run_id)
+    sft = world["home"] / "checkpoints" / "sft"
+    (local,) = sft.glob(f"tiny/{VERSION}/{DAY1.isoformat()}/pt-1/checkpoint.pt")
+    (pretrained,) = (world["home"] / "checkpoints" / "pt").glob("tiny/*/*/checkpoint.pt")
+    shutil.copy(pretrained, local)
+    again = run_step("evaluate", DAY1, world["config"])
+    assert again["eval.auc"] == pytest.approx(run.data.metrics["eval.auc"], abs=1e-4)
+    shutil.rmtree(sft)
     again = run_step("evaluate", DAY1, world["config"])
     assert again["eval.auc"] == pytest.approx(run.data.metrics["eval.auc"], abs=1e-4)
 
@@ -268,8 +275,8 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
     """Builds on day 1: five new items (copies of catalogue items under new ids) and 40 interactions
     with them land in silver on day 5. The daily features DAG gives them @current semantic IDs, so
     their interactions reach the samples instead of the ``unknown_item`` quarantine; the 120 IDs
-    written by the monthly run stay exactly as they were, a rerun writes nothing, and a DST is never
-    fed another encoder's embeddings."""
+    written by the monthly run stay exactly as they were, a rerun (of this step or of the catalogue
+    step) writes nothing, and a DST is never fed another encoder's embeddings."""
     from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
@@ -299,6 +306,9 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
     again = run_step("tokenize-new-items", DAY5, world["config"])
     assert again["new_items"] == 0 and again["known_items"] == 125
     assert DeltaTable(ids_path).version() == version
+    # a rerun of the monthly catalogue step would drop the merged items: it does nothing instead
+    catalogue = run_step("tokenize-catalogue", DAY5, world["config"], {"tokenizer_version": VERSION})
+    assert catalogue["skipped"] and DeltaTable(ids_path).version() == version
     # another text encoder in the config: its embeddings are not the space this DST was trained on
     changed = load_config(world["config"], {"embeddings": {"text": {"version": "2"}}})
     with pytest.raises(ValueError, match="was trained on encoders"):
@@ -443,3 +453,38 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
     assert run.data.tags["eval.champion_version"] == str(champion)
     assert run.data.tags["eval.champion_unknown_rows"] == "24"
     assert {"eval.auc", "champion.auc"} <= set(run.data.metrics)
+
+
+def test_a_pretraining_that_lands_after_the_days_fine_tune_is_fine_tuned_that_day(world) -> None:
+    """Builds on December 1st (runs last): its fine-tune started from PT of that day. A PT registered
+    later (here by the next day's run) triggers hisam_finetune for December 1st again: it trains a new
+    finetune run from the new PT, instead of finding the morning's run done, and registers it as its
+    own candidate, evaluated by that run."""
+    dec1, dec2, version = dt.date(2026, 12, 1), dt.date(2026, 12, 2), "dst-20261201"
+    client = _client()
+    query = f"tags.`hisam.step` = 'finetune' and tags.`hisam.run_key` = 'tiny/{dec1.isoformat()}'"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (morning,) = client.search_runs(experiments, query)
+    assert world["run"]("hisam_pretrain", dec2).state == "success"
+    newest = client.search_model_versions(
+        f"name = 'hisam-pretrained' and tags.tokenizer_version = '{version}'"
+    )
+    latest_pt = str(max(int(v.version) for v in newest))
+    assert latest_pt != morning.data.tags["pretrained_version"]
+
+    result = world["run"]("hisam_finetune", dec1)
+    assert {result.tasks[t] for t in ("finetune", "evaluate", "register", "promote")} == {"success"}, (
+        result.tasks
+    )
+    runs = client.search_runs(experiments, query, order_by=["attributes.start_time DESC"])
+    assert len(runs) == 2 and runs[1].info.run_id == morning.info.run_id
+    evening = runs[0]
+    assert evening.data.tags["pretrained_version"] == latest_pt and "eval.auc" in evening.data.metrics
+    (candidate,) = client.search_model_versions(
+        f"name = 'hisam-ranker' and tags.training_run_id = '{evening.info.run_id}'"
+    )
+    assert (
+        candidate.tags["pretrained_version"] == latest_pt
+        and candidate.tags["run_key"] == f"tiny/{dec1.isoformat()}"
+    )
+    assert candidate.tags["gate"] in {"promoted", "rejected"}

@@ -72,3 +72,16 @@ def test_promotion_moves_aliases_and_rollback_restores(client: MlflowClient) -> 
     assert client.get_model_version("ranker", "2").tags["gate"] == "rolled_back"
     with pytest.raises(ValueError, match="no @previous"):
         rollback(client, "ranker")
+
+
+def test_a_rollback_retried_after_the_champion_moved_completes_without_mistagging(client) -> None:
+    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE))
+    apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE))
+    client.set_model_version_tag("ranker", "2", "gate", "rolled_back")  # what the first attempt did
+    client.set_registered_model_alias("ranker", "champion", "1")  # ... before it died
+    assert rollback(client, "ranker") == "1"
+    assert champion_version(client, "ranker") == "1"
+    assert client.get_model_version("ranker", "1").tags["gate"] == "promoted"
+    assert client.get_model_version("ranker", "2").tags["gate"] == "rolled_back"
+    with pytest.raises(ValueError, match="no @previous"):
+        rollback(client, "ranker")

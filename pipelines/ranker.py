@@ -66,9 +66,12 @@ def load_samples(
     ), version
 
 
-def load_profiles(ctx: StepContext, fields: Sequence[str]) -> tuple[pd.DataFrame, int]:
-    """``user_id`` and the ``fields`` columns of the dataset's ``gold.user_profiles``, and its version."""
-    return ctx.read_table(PROFILES, {"dataset": ctx.dataset}, ["user_id", *fields])
+def load_profiles(
+    ctx: StepContext, fields: Sequence[str], snapshot: int | None = None
+) -> tuple[pd.DataFrame, int]:
+    """``user_id`` and the ``fields`` columns of the dataset's ``gold.user_profiles`` (at ``snapshot``,
+    default latest), and the version read."""
+    return ctx.read_table(PROFILES, {"dataset": ctx.dataset}, ["user_id", *fields], snapshot)
 
 
 def encode_profiles(frame: pd.DataFrame, vocabulary: ProfileVocabulary) -> dict[int, dict[str, int]]:
@@ -210,6 +213,18 @@ def _find_run(ctx: StepContext, step: str) -> Run | None:
     return found[0] if found else None
 
 
+def _input_versions(run: Run) -> dict[str, int]:
+    """The Delta versions of the inputs ``run`` logged (:meth:`StepContext.log_input`), by name."""
+    from pipelines.tracking import DELTA_VERSION_TAG
+
+    out = {}
+    for item in run.inputs.dataset_inputs:
+        tags = {tag.key: tag.value for tag in item.tags}
+        if DELTA_VERSION_TAG in tags:
+            out[item.dataset.name] = int(tags[DELTA_VERSION_TAG])
+    return out
+
+
 def _train_stage(
     ctx: StepContext,
     stage: str,
@@ -230,20 +245,6 @@ def _train_stage(
     from pipelines.tracking import log_config, log_training_curves, mlflow_callback
 
     step = "pretrain" if stage == "pt" else "finetune"
-    fields = vocabulary.fields if vocabulary is not None else ctx.config.ranker.profile_fields
-    profile_frame, profile_snapshot = (
-        load_profiles(ctx, fields) if fields else (pd.DataFrame({"user_id": []}), None)
-    )
-    if vocabulary is None:
-        vocabulary = ProfileVocabulary.fit({f: profile_frame[f] for f in fields})
-    config = _ranker_config(ctx, stage, vocabulary, init_from)
-    frame, snapshot = load_samples(ctx, tokenizer_version)
-    ids = semantic_ids_of(ctx, tokenizer_version)
-    profiles = encode_profiles(profile_frame, vocabulary)
-    train_histories = histories(frame, ids, config.sequence, "train", profiles)
-    out = _checkpoint_dir(ctx, stage, tokenizer_version, pretrained)
-    out.mkdir(parents=True, exist_ok=True)
-    vocabulary.save(out / PROFILE_VOCABULARY)
     lineage = {
         "tokenizer_version": tokenizer_version,
         **({PRETRAINED_VERSION: pretrained} if pretrained else {}),
@@ -252,6 +253,24 @@ def _train_stage(
     if previous is not None and any(previous.data.tags.get(k) != v for k, v in lineage.items()):
         log.info("%s run %s trained %s: starting a new run", step, previous.info.run_id, previous.data.tags)
         previous = None
+    # a continued run reads the snapshots it started on: its checkpoint's batches index into them
+    pinned = _input_versions(ctx.mlflow.get_run(previous.info.run_id)) if previous else {}
+    fields = vocabulary.fields if vocabulary is not None else ctx.config.ranker.profile_fields
+    profile_frame, profile_snapshot = (
+        load_profiles(ctx, fields, pinned.get("user_profiles"))
+        if fields
+        else (pd.DataFrame({"user_id": []}), None)
+    )
+    if vocabulary is None:
+        vocabulary = ProfileVocabulary.fit({f: profile_frame[f] for f in fields})
+    config = _ranker_config(ctx, stage, vocabulary, init_from)
+    frame, snapshot = load_samples(ctx, tokenizer_version, pinned.get("samples"))
+    ids = semantic_ids_of(ctx, tokenizer_version)
+    profiles = encode_profiles(profile_frame, vocabulary)
+    train_histories = histories(frame, ids, config.sequence, "train", profiles)
+    out = _checkpoint_dir(ctx, stage, tokenizer_version, pretrained)
+    out.mkdir(parents=True, exist_ok=True)
+    vocabulary.save(out / PROFILE_VOCABULARY)
     with mlflow.start_run(
         run_id=previous.info.run_id if previous else None, run_name=f"{step}-{ctx.logical_date}"
     ) as run:

@@ -315,6 +315,22 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
         run_step("tokenize-new-items", DAY5, changed)
 
 
+def test_a_rerun_of_a_past_fine_tune_continues_on_the_snapshots_it_started_on(world) -> None:
+    """Builds on the mid-month items: gold.samples has moved on since day 1. Rerunning day 1's
+    fine-tune continues its run on the samples snapshot that run logged (its checkpoint's batches
+    index into it), not on the latest."""
+    from deltalake import DeltaTable
+
+    from pipelines.ranker import _find_run, _input_versions
+    from pipelines.steps import run_step
+
+    run = _find_run(_ctx(world, DAY1), "finetune")
+    pinned = _input_versions(_client().get_run(run.info.run_id))["samples"]
+    assert pinned < DeltaTable(str(world["home"] / "lake" / "gold" / "samples")).version()
+    again = run_step("finetune", DAY1, world["config"])
+    assert (again["mlflow_run_id"], again["samples_version"]) == (run.info.run_id, pinned)
+
+
 def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, monkeypatch) -> None:
     """Builds on the rollback (@champion is v1) and the mid-month items (day 5): v1 packaged its IDs
     before the five items arrived, so it refuses them. refresh-champion registers v1's weights again

@@ -77,9 +77,11 @@ def register(ctx: StepContext) -> dict[str, Any]:
     existing = _candidate(ctx)
     if existing is not None:  # registered before; evaluate may have run again since (a new champion)
         stale = {k: v for k, v in tags.items() if existing.tags.get(k) != v}
-        if stale and "gate" not in existing.tags:
-            for key, value in stale.items():
-                ctx.mlflow.set_model_version_tag(name, existing.version, key, value)
+        if "gate" in existing.tags:  # judged already: its tags are the record of that judgement
+            stale = {}
+        for key, value in stale.items():
+            ctx.mlflow.set_model_version_tag(name, existing.version, key, value)
+        if stale:
             log.info("%s v%s: evaluation tags updated from run %s", name, existing.version, run.info.run_id)
         return {"model_version": str(existing.version), "skipped": True, "retagged": sorted(stale)}
     version = run.data.tags["tokenizer_version"]
@@ -175,10 +177,11 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
         return {"skipped": True, "reason": f"{name} has no @{CHAMPION} yet"}
     done = find_versions(ctx.mlflow, name, **{REFRESH_KEY: ctx.run_key})
     if done:
-        refreshed = done[0]
-        if str(champion.version) == refreshed.tags[REFRESHED_FROM]:  # a retry after registering
-            _make_champion(ctx, name, str(refreshed.version))
-        return {"champion": str(refreshed.version), "model_version": str(refreshed.version), "skipped": True}
+        refreshed = str(done[0].version)
+        if str(champion.version) == done[0].tags[REFRESHED_FROM]:  # a retry after registering
+            _make_champion(ctx, name, refreshed)
+            champion = ctx.mlflow.get_model_version(name, refreshed)
+        return {"champion": str(champion.version), "model_version": refreshed, "skipped": True}
 
     version = champion.tags[TOKENIZER_VERSION]
     served = load_ranker(f"models:/{name}/{champion.version}").unwrap_python_model()
@@ -243,11 +246,11 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
 
 
 def _make_champion(ctx: StepContext, name: str, version: str) -> None:
-    """Point ``@champion`` at a refreshed version (``@previous`` stays on the last promoted model)."""
+    """Point ``@champion`` at a refreshed version; ``@previous`` stays where it was."""
     from pipelines.registry import CHAMPION
 
+    ctx.mlflow.set_model_version_tag(name, version, "gate", "refreshed")  # first: a retry keys on the alias
     ctx.mlflow.set_registered_model_alias(name, CHAMPION, version)
-    ctx.mlflow.set_model_version_tag(name, version, "gate", "refreshed")
 
 
 def rollback(ctx: StepContext) -> dict[str, Any]:

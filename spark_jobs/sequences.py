@@ -33,11 +33,11 @@ Protocol, as implemented:
   prediction instant; with ``"train_only"`` it sees only the user's most recent train items. A
   train sample's history never holds a test row (every test row is later).
 * **Token budget (Sec. 3.3).** ``profile_tokens + items * (6 semantic + anchor + action) <= 300``.
-  With ``count_target_in_budget`` (default) the target block (6 semantic + anchor; its action is
-  what is predicted) counts too, so a history holds ``floor((budget - profile - 7) / 8)`` items
-  and the whole model input fits the budget (the rule of ``hisam_core.ranker.sequence``:
-  36 items for MovieLens' 4 profile tokens); without it the history alone may take
-  ``floor((budget - profile) / 8)`` items.
+  With ``count_target_in_budget`` (default) the target counts as a whole item too (6 semantic +
+  anchor + the action it predicts, as the last item of a training window), so a history holds
+  ``floor((budget - profile) / 8) - 1`` items, the context a served candidate gets (the rule of
+  ``hisam_core.ranker.sequence.SequenceBuilder.max_items``: 36 items for MovieLens' 4 profile
+  tokens); without it the history alone may take ``floor((budget - profile) / 8)`` items.
 * **Semantic IDs.** Joined from one named tokenizer version of ``gold.semantic_ids``
   (``item_id``, ``semantic_ids``: 6 codes in ``[0, K)``, ``tokenizer_version``). The split and
   the cold flag are properties of the interactions and are computed *before* this join, so they
@@ -116,12 +116,12 @@ class SequenceConfig(Config):
     def max_history_items(self) -> int:
         """Whole history items that fit in the token budget beside the profile (and the target).
 
-        Same rule as ``hisam_core.ranker.sequence.SequenceBuilder.max_items``: the target
-        (candidate) block is its semantic tokens and Anchor, its Action being what is predicted.
+        Same rule as ``hisam_core.ranker.sequence.SequenceBuilder.max_items``: the target takes a
+        whole item's room (its Action is what is predicted), as the last item of a training window.
         """
         room = self.token_budget - self.profile_tokens
         if self.count_target_in_budget:
-            room -= self.num_semantic_positions + 1
+            room -= self.tokens_per_item
         return max(room // self.tokens_per_item, 0) if room >= 0 else -1
 
     @model_validator(mode="after")

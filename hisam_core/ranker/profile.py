@@ -40,6 +40,15 @@ def _key(value: Any) -> str:
     return str(value)
 
 
+def _integral(text: str) -> str:
+    """``"18.0"`` -> ``"18"``; any other text as it is."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
 @dataclass(frozen=True)
 class ProfileVocabulary:
     """``values[field]``: the known values of ``field``; value ``values[field][k]`` is bucket ``k + 1``."""
@@ -62,7 +71,13 @@ class ProfileVocabulary:
 
     @cached_property
     def _buckets(self) -> dict[str, dict[str, int]]:
-        return {field: {v: k + 1 for k, v in enumerate(known)} for field, known in self.values.items()}
+        out = {}
+        for field, known in self.values.items():
+            buckets = {v: k + 1 for k, v in enumerate(known)}
+            for value, bucket in list(buckets.items()):  # "18.0", fitted before _key: also "18"
+                buckets.setdefault(_integral(value), bucket)
+            out[field] = buckets
+        return out
 
     def encode(self, profile: Mapping[str, Any]) -> dict[str, int]:
         """Bucket ids of one user's profile; a missing field or unseen value is :data:`UNKNOWN`."""

@@ -219,15 +219,19 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        if not torch.isfinite(grad_norm):  # stop before the weights, and the next checkpoint, turn NaN
+        done = step + 1
+        logs = done % tc.log_every == 0 or done == tc.max_steps
+        saves = done % tc.checkpoint_every == 0 or done == tc.max_steps
+        # checked where the loop reads the device anyway (a check every step would sync every step):
+        # a divergence stops before it is logged as a number or saved
+        if (logs or saves) and not torch.isfinite(grad_norm):
             raise ValueError(
-                f"training diverged at step {step + 1}: non-finite loss or gradient (loss {loss.item():.4g}); "
+                f"training diverged by step {done}: non-finite loss or gradient (loss {loss.item():.4g}); "
                 f"{checkpoint_path} still holds the last finite state: lower train.learning_rate or check the data"
             )
         optimizer.step()
         scheduler.step()
-        done = step + 1
-        if callback is not None and (done % tc.log_every == 0 or done == tc.max_steps):
+        if callback is not None and logs:
             metrics = {
                 "loss": loss.item(),
                 "lr": scheduler.get_last_lr()[0],
@@ -235,7 +239,7 @@ def train(
                 "tokens": float(batch.num_tokens),
             }
             callback(done, metrics)
-        if done % tc.checkpoint_every == 0 or done == tc.max_steps:
+        if saves:
             _save(checkpoint_path, config, model, optimizer, scheduler, done)
     return model
 

@@ -266,7 +266,7 @@ def samples_suite(df: DataFrame, config: QualityConfig | None = None, name: str 
     _require(df, name, [*required, "history_semantic_ids", "target_semantic_ids"])
     keys = [k for k in r.key_columns if k in df.columns]
     per_item = s.num_positions + 2
-    target_tokens = s.num_positions + 1 if r.count_target_in_budget else 0
+    target_tokens = per_item if r.count_target_in_budget else 0  # the target takes a whole item's room
     n = F.col("history_len")
     tokens = F.lit(r.profile_tokens + target_tokens) + n * F.lit(per_item)
     misaligned = (  # a null array is misaligned too (size(null) is null, which no rule would flag)

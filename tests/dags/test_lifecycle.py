@@ -503,4 +503,5 @@ def test_a_pretraining_that_lands_after_the_days_fine_tune_is_fine_tuned_that_da
         candidate.tags["pretrained_version"] == latest_pt
         and candidate.tags["run_key"] == f"tiny/{dec1.isoformat()}"
     )
+    assert candidate.tags["eval.auc"] == f"{evening.data.metrics['eval.auc']:.6f}"  # judged on that run
     assert candidate.tags["gate"] in {"promoted", "rejected"}

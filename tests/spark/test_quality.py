@@ -183,8 +183,8 @@ def sample(row, split, user, item, day, n, *, label=1, codes=None, target=None, 
 def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_path) -> None:
     rows = [
         sample("ok", "train", 1, 10, 1, 2),
-        sample("ok_long", "train", 1, 11, 2, 36),  # 4 + 36 * 8 + 7 = 299 tokens: fits
-        sample("too_long", "train", 1, 12, 3, 37),  # 307 tokens
+        sample("ok_long", "train", 1, 11, 2, 36),  # 4 + 36 * 8 + 8 = 300 tokens: fits
+        sample("too_long", "train", 1, 12, 3, 37),  # 308 tokens
         sample("misaligned", "train", 1, 13, 4, 2, actions=[1]),
         sample("bad_code", "train", 1, 14, 5, 1, codes=[0, 1, 2, 3, 4, 256]),
         sample("bad_target", "train", 1, 15, 6, 0, target=[1, 2, 3]),

@@ -125,7 +125,7 @@ def test_truncation_keeps_the_most_recent_items_in_order(spark) -> None:
     df = events(spark, items)
     sem = semantic_ids(spark, [r[1] for r in items])
     cfg = SequenceConfig(token_budget=50, profile_tokens=2, train_fraction=1.0)
-    assert cfg.max_history_items == (50 - 2 - 7) // 8 == 5
+    assert cfg.max_history_items == (50 - 2) // 8 - 1 == 5  # the target takes a whole item's room
     samples = {r["seq_pos"]: r for r in build_sequences(df, sem, cfg).samples.collect()}
     assert sorted(samples) == list(range(30))
     for pos, row in samples.items():
@@ -134,7 +134,7 @@ def test_truncation_keeps_the_most_recent_items_in_order(spark) -> None:
         assert row["history_actions"] == [1 if i % 3 else 0 for i in kept]
         assert row["history_semantic_ids"] == [c for i in kept for c in codes(1000 + i)]
         assert row["target_semantic_ids"] == codes(1000 + pos) and row["history_len"] == len(kept)
-        assert 2 + 8 * row["history_len"] + 7 <= 50
+        assert 2 + 8 * row["history_len"] + 8 <= 50
     assert cfg.model_copy(update={"count_target_in_budget": False}).max_history_items == (50 - 2) // 8 == 6
 
 

@@ -49,3 +49,8 @@ def test_numeric_columns_with_missing_values_encode_like_their_integers() -> Non
         assert [vocabulary.encode({"age": v})["age"] for v in (18, 18.0, np.int64(25), None, pd.NA, 30)] == [
             1, 1, 2, 0, 0, 0
         ]  # fmt: skip
+
+
+def test_a_vocabulary_fitted_with_float_strings_still_encodes_integers() -> None:
+    legacy = ProfileVocabulary({"age": ("18.0", "25.0")})  # saved before integral floats were normalised
+    assert [legacy.encode({"age": v})["age"] for v in (18, 18.0, "18.0", 25, 30)] == [1, 1, 1, 2, 0]

@@ -118,7 +118,7 @@ def test_resume_refuses_another_runs_checkpoint_but_accepts_more_steps(tmp_path)
 
 def test_a_diverging_run_stops_before_a_non_finite_checkpoint(tmp_path):
     cfg = config("sft", 30, learning_rate=1e35, warmup_steps=0, checkpoint_every=1, grad_clip=1e30)
-    with pytest.raises(ValueError, match="diverged at step") as err:
+    with pytest.raises(ValueError, match="diverged by step") as err:
         run(cfg, tmp_path)
     failed = int(str(err.value).split("step ")[1].split(":")[0])
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

@@ -168,7 +168,7 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     from hisam_core.semantic_ids import SemanticIds
     from pipelines.ranker import RUN_KEY, _find_run
     from pipelines.ranker_model import TOKENIZER_VERSION, TRAINING_RUN_TAG, load_ranker, log_ranker
-    from pipelines.registry import CHAMPION, alias_version, find_versions
+    from pipelines.registry import CHAMPION, alias_version, find_versions, make_refreshed_champion
     from pipelines.tokenizer import semantic_ids_of
 
     name = ctx.config.models.ranker
@@ -179,7 +179,7 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     if done:
         refreshed = str(done[0].version)
         if str(champion.version) == done[0].tags[REFRESHED_FROM]:  # a retry after registering
-            _make_champion(ctx, name, refreshed)
+            make_refreshed_champion(ctx.mlflow, name, refreshed)
             champion = ctx.mlflow.get_model_version(name, refreshed)
         return {"champion": str(champion.version), "model_version": refreshed, "skipped": True}
 
@@ -237,20 +237,12 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
             profile_vocabulary=served.profile_vocabulary,
             version_tags=tags,
         )
-    _make_champion(ctx, name, str(registered.version))
+    make_refreshed_champion(ctx.mlflow, name, str(registered.version))
     log.info(
         "%s v%s serves v%s's weights with %d more %s items",
         name, registered.version, champion.version, summary["new_items"], version,
     )  # fmt: skip
     return {**summary, "champion": str(registered.version), "model_version": str(registered.version)}
-
-
-def _make_champion(ctx: StepContext, name: str, version: str) -> None:
-    """Point ``@champion`` at a refreshed version; ``@previous`` stays where it was."""
-    from pipelines.registry import CHAMPION
-
-    ctx.mlflow.set_model_version_tag(name, version, "gate", "refreshed")  # first: a retry keys on the alias
-    ctx.mlflow.set_registered_model_alias(name, CHAMPION, version)
 
 
 def rollback(ctx: StepContext) -> dict[str, Any]:

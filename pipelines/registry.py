@@ -100,6 +100,14 @@ def apply_decision(client: MlflowClient, model: str, version: str, decision: Gat
     log.info("%s v%s promoted to @%s (previous: %s)", model, version, CHAMPION, old)
 
 
+def make_refreshed_champion(client: MlflowClient, model: str, version: str) -> None:
+    """Point ``@champion`` at a refreshed version (the champion's weights with more semantic IDs,
+    ``refresh-champion``); ``@previous`` stays where it was."""
+    client.set_model_version_tag(model, version, "gate", "refreshed")  # first: a retry keys on the alias
+    client.set_registered_model_alias(model, CHAMPION, version)
+    log.info("%s v%s (refreshed) is @%s", model, version, CHAMPION)
+
+
 def rollback(client: MlflowClient, model: str) -> str:
     """Restore ``@previous`` as ``@champion``; the demoted version is tagged ``rolled_back``."""
     try:

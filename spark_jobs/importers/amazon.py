@@ -199,11 +199,11 @@ def import_amazon(
 ) -> ImportReport:
     """Import reviews (and metadata) into bronze for ``logical_date``; reruns replace the partition."""
     ds = config.dataset
-    reviews = parse_reviews(read_json_lines(spark, config.reviews, REVIEW_FIELDS), ds, logical_date)
-    parsed = [Parsed(config.reviews, BRONZE_INTERACTIONS.name, reviews)]
+    review_lines = read_json_lines(spark, config.reviews, REVIEW_FIELDS)
+    reviews = parse_reviews(review_lines, ds, logical_date)
+    parsed = [Parsed(config.reviews, BRONZE_INTERACTIONS.name, reviews, review_lines)]
     if config.meta:
-        meta = parse_meta(read_json_lines(spark, config.meta, META_FIELDS), ds, logical_date)
-        parsed.append(
-            Parsed(config.meta, BRONZE_ITEMS.name, flag_duplicates(meta, ["item_id"], "parent_asin"))
-        )
+        meta_lines = read_json_lines(spark, config.meta, META_FIELDS)
+        meta = flag_duplicates(parse_meta(meta_lines, ds, logical_date), ["item_id"], "parent_asin")
+        parsed.append(Parsed(config.meta, BRONZE_ITEMS.name, meta, meta_lines))
     return write_bronze(lake, ds, logical_date, parsed, ImportReport(ds, logical_date))

@@ -5,6 +5,8 @@ columns plus ``_reason`` (None when the record is good, else why it is rejected)
 line, or the row as JSON) and ``source_file``. :func:`write_bronze` splits it: good rows replace
 the ``(dataset, logical_date)`` partition of the bronze table, rejected ones the matching partition
 of ``bronze.quarantine``, and the counts it reports reconcile exactly (in = imported + quarantined).
+"In" is counted on the records as read, before any parsing, so a parse step that loses or
+duplicates a record (a filter, a join) stops the import before anything is written.
 
 Blank lines are not records: line-based readers skip them and they are counted nowhere.
 """
@@ -72,7 +74,12 @@ class ImportReport:
         """Raise ValueError when some input's counts do not reconcile (an importer bug)."""
         bad = [s for s in self.sources if not s.reconciles]
         if bad:
-            raise ValueError(f"import counts do not reconcile: {bad}")
+            detail = "; ".join(
+                f"{s.source} -> {s.table}: {s.records_in} records read, {s.imported} imported + "
+                f"{s.quarantined} quarantined"
+                for s in bad
+            )
+            raise ValueError(f"import of {self.dataset} @ {self.logical_date} does not reconcile: {detail}")
 
     def summary(self) -> str:
         lines = [f"import {self.dataset} @ {self.logical_date}:"]
@@ -191,6 +198,8 @@ class Parsed:
     source: str
     table: str
     rows: DataFrame
+    #: The input's records as read, before parsing: counted on their own as the input's "in".
+    records: DataFrame
     #: False for inputs folded into another input's rows (e.g. item_extra.tsv into u.item): their
     #: good rows are counted as imported but not written; their rejects are quarantined.
     write_good: bool = True
@@ -212,7 +221,8 @@ def write_parsed(
     ``(dataset, logical_date)`` (bronze), or ``merge`` on the table's keys within the dataset
     (silver). The quarantine partitions ``(dataset, <each target table>, logical_date)`` are
     replaced in one commit. So a rerun of the same logical date leaves identical contents. Each
-    input is parsed once (persisted); all counts come from one aggregation over the inputs.
+    input is parsed once (persisted); the parsed counts come from one aggregation over the inputs,
+    the records read from another, and an input whose counts differ stops the run before any write.
     """
     parsed = list(parsed)
     partition: dict[str, object] = (
@@ -233,12 +243,24 @@ def write_parsed(
             .agg(F.count(F.lit(1)).alias("n"), F.min(REASON).alias("first"), F.max(REASON).alias("last"))
         )
         stats = {(r["_input"], r["_bad"]): r for r in tally.collect()}  # at most 2 rows per input
+        read = _union([p.records.select(F.lit(i).alias("_input")) for i, p in enumerate(parsed)])
+        records_in = {r["_input"]: int(r["count"]) for r in read.groupBy("_input").count().collect()}
+        counts = [
+            SourceCount(
+                p.source,
+                p.table,
+                records_in.get(i, 0),
+                int(stats[(i, False)]["n"]) if (i, False) in stats else 0,
+                int(stats[(i, True)]["n"]) if (i, True) in stats else 0,
+            )
+            for i, p in enumerate(parsed)
+        ]
+        report.sources.extend(counts)
+        report.check()
         good_by_table: dict[str, list[DataFrame]] = {}
         bad: list[DataFrame] = []
-        for i, (p, rows) in enumerate(zip(parsed, cached, strict=True)):
-            n_good = int(stats[(i, False)]["n"]) if (i, False) in stats else 0
-            n_bad = int(stats[(i, True)]["n"]) if (i, True) in stats else 0
-            report.sources.append(SourceCount(p.source, p.table, n_good + n_bad, n_good, n_bad))
+        for i, (p, rows, count) in enumerate(zip(parsed, cached, counts, strict=True)):
+            n_bad = count.quarantined
             if n_bad:
                 examples = sorted({stats[(i, True)]["first"], stats[(i, True)]["last"]})
                 logger.warning(
@@ -267,7 +289,6 @@ def write_parsed(
     finally:
         for frame in cached:
             frame.unpersist()
-    report.check()
     logger.info("%s", report.summary())
     return report
 

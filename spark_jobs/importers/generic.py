@@ -401,6 +401,7 @@ def import_generic(
             config.interactions,
             BRONZE_INTERACTIONS.name,
             parse_interactions(rows, names, config, logical_date),
+            rows,
         )
     ]
     if config.items:
@@ -408,13 +409,13 @@ def import_generic(
         if "item_id" not in names:
             raise ValueError(f"items input {config.items}: no 'item_id' column (has {names})")
         items = flag_duplicates(parse_items(rows, names, config, logical_date), ["item_id"], "item_id")
-        parsed.append(Parsed(config.items, BRONZE_ITEMS.name, items))
+        parsed.append(Parsed(config.items, BRONZE_ITEMS.name, items, rows))
     if config.users:
         rows, names = read_as_strings(spark, config.users, config.format, sep=sep, rename=config.rename)
         if "user_id" not in names:
             raise ValueError(f"users input {config.users}: no 'user_id' column (has {names})")
         users = flag_duplicates(parse_users(rows, names, config, logical_date), ["user_id"], "user_id")
-        parsed.append(Parsed(config.users, BRONZE_USERS.name, users))
+        parsed.append(Parsed(config.users, BRONZE_USERS.name, users, rows))
     return write_bronze(
         lake, config.dataset, logical_date, parsed, ImportReport(config.dataset, logical_date)
     )

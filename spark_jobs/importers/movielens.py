@@ -186,10 +186,10 @@ def parse_users(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFr
 
 
 def read_item_extra(spark: SparkSession, path: str) -> DataFrame:
-    """``item_extra.tsv`` rows (all strings) with ``_reason`` for malformed or duplicate rows."""
+    """``item_extra.tsv`` rows as read (all strings, ``_corrupt_record`` for a malformed row)."""
     columns = ["item_id", "ml1m_item_id", *EXTRA_TEXT_COLUMNS]
     schema = T.StructType([T.StructField(c, T.StringType()) for c in [*columns, CORRUPT]])
-    rows = (
+    return (
         spark.read.schema(schema)
         .option("header", True)
         .option("sep", "\t")
@@ -202,6 +202,10 @@ def read_item_extra(spark: SparkSession, path: str) -> DataFrame:
         .withColumn(LINE, F.monotonically_increasing_id())
         .withColumn(RAW, F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*columns))))
     )
+
+
+def check_item_extra(rows: DataFrame) -> DataFrame:
+    """``item_extra.tsv`` rows with ``_reason`` for malformed or duplicate rows."""
     item = F.trim(F.col("item_id"))
     reason = first_reason(
         (F.col(CORRUPT).isNotNull(), "malformed line (field count or quoting)"),
@@ -283,21 +287,23 @@ def import_movielens(
         if not (raw / name).is_file():
             raise ValueError(f"MovieLens bundle at {root}: missing raw/{name}")
     ds = config.dataset
-    ratings = parse_ratings(read_lines(spark, str(raw / "u.data")), ds, logical_date)
-    items = parse_items(
-        read_lines(spark, str(raw / "u.item"), encoding=config.encoding), ds, logical_date, _genre_names(raw)
-    )
+    rating_lines = read_lines(spark, str(raw / "u.data"))
+    item_lines = read_lines(spark, str(raw / "u.item"), encoding=config.encoding)
+    user_lines = read_lines(spark, str(raw / "u.user"), encoding=config.encoding)
+    ratings = parse_ratings(rating_lines, ds, logical_date)
+    items = parse_items(item_lines, ds, logical_date, _genre_names(raw))
     items = flag_duplicates(items, ["item_id"], "item_id")
-    users = parse_users(read_lines(spark, str(raw / "u.user"), encoding=config.encoding), ds, logical_date)
+    users = parse_users(user_lines, ds, logical_date)
     users = flag_duplicates(users, ["user_id"], "user_id")
     parsed = [
-        Parsed("u.data", BRONZE_INTERACTIONS.name, ratings),
-        Parsed("u.user", BRONZE_USERS.name, users),
+        Parsed("u.data", BRONZE_INTERACTIONS.name, ratings, rating_lines),
+        Parsed("u.user", BRONZE_USERS.name, users, user_lines),
     ]
     extra_path = root / "item_extra.tsv"
     if config.include_extra and extra_path.is_file():
-        items, extra = merge_item_extra(items, read_item_extra(spark, str(extra_path)))
-        parsed.append(Parsed("item_extra.tsv", BRONZE_ITEMS.name, extra, write_good=False))
+        extra_rows = read_item_extra(spark, str(extra_path))
+        items, extra = merge_item_extra(items, check_item_extra(extra_rows))
+        parsed.append(Parsed("item_extra.tsv", BRONZE_ITEMS.name, extra, extra_rows, write_good=False))
     posters = root / "posters"
     if config.include_posters and posters.is_dir():
         images = list_images(spark, str(posters)).withColumnRenamed("image_path", "_poster")
@@ -306,6 +312,6 @@ def import_movielens(
             .withColumn("image_path", F.when(F.col(REASON).isNull(), F.col("_poster")))
             .drop("_poster")
         )
-    parsed.insert(1, Parsed("u.item", BRONZE_ITEMS.name, items))
+    parsed.insert(1, Parsed("u.item", BRONZE_ITEMS.name, items, item_lines))
     report = ImportReport(ds, logical_date)
     return write_bronze(lake, ds, logical_date, parsed, report)

@@ -130,22 +130,19 @@ def promote_to_silver(
 ) -> ImportReport:
     """Merge the bronze rows of one import run into silver; returns counts and versions."""
     config = config or SilverConfig()
+    interactions, items, users = (
+        _bronze_run(lake, t.name, dataset, logical_date)
+        for t in (BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS)
+    )
     parsed = [
         Parsed(
             BRONZE_INTERACTIONS.name,
             SILVER_INTERACTIONS.name,
-            clean_interactions(_bronze_run(lake, BRONZE_INTERACTIONS.name, dataset, logical_date), config),
+            clean_interactions(interactions, config),
+            interactions,
         ),
-        Parsed(
-            BRONZE_ITEMS.name,
-            SILVER_ITEMS.name,
-            clean_items(_bronze_run(lake, BRONZE_ITEMS.name, dataset, logical_date)),
-        ),
-        Parsed(
-            BRONZE_USERS.name,
-            SILVER_USERS.name,
-            clean_users(_bronze_run(lake, BRONZE_USERS.name, dataset, logical_date)),
-        ),
+        Parsed(BRONZE_ITEMS.name, SILVER_ITEMS.name, clean_items(items), items),
+        Parsed(BRONZE_USERS.name, SILVER_USERS.name, clean_users(users), users),
     ]
     report = ImportReport(dataset, logical_date)
     return write_parsed(

@@ -75,7 +75,8 @@ def run_quality_gate(
     * ``valid_df``: the input columns of the rows that fail no rule;
     * ``quarantine_df``: the input columns plus ``reason`` (first failing rule), ``reasons`` (all)
       and ``quality_suite``;
-    * ``report``: counts (``n_input = n_valid + n_quarantined``, checked), quarantine reasons,
+    * ``report``: counts (``n_input``, counted on ``df``, must equal ``n_valid + n_quarantined``,
+      counted on the annotated batch), quarantine reasons,
       one outcome per GX expectation and the Data Docs index.
 
     GX validates the annotated *input* batch: each rule's mirror expectation and the quarantined
@@ -88,8 +89,9 @@ def run_quality_gate(
     annotated = annotate(df, suite)
     if cfg.persist:
         annotated = annotated.persist(StorageLevel.MEMORY_AND_DISK)
+    n_input = df.count()  # counted on the input itself, so a row the suite's prepare step
+    # drops or duplicates (a join, say) makes the counts fail to reconcile instead of passing
     rows = annotated.groupBy(F.col(DQ_REASON).alias("reason")).count().collect()
-    n_input = sum(int(r["count"]) for r in rows)
     n_valid = sum(int(r["count"]) for r in rows if r["reason"] is None)
     first = {str(r["reason"]): int(r["count"]) for r in rows if r["reason"] is not None}
     every = {
@@ -103,14 +105,14 @@ def run_quality_gate(
     if validate_with_gx:
         specs = batch_specs(suite, cfg)
         outcomes, docs = gx.validate(_gx_projection(annotated, specs, suite), suite.name, specs, cfg)
-        outcomes = [_with_rule_count(o, every, n_input - n_valid) for o in outcomes]
+        outcomes = [_with_rule_count(o, every, sum(first.values())) for o in outcomes]
         logger.debug("suite %s: GX validation in %.1fs", suite.name, time.perf_counter() - counted)
     valid, quarantine = split_annotated(annotated, df.columns, suite.name)
     report = QualityReport(
         suite=suite.name,
         n_input=n_input,
         n_valid=n_valid,
-        n_quarantined=n_input - n_valid,
+        n_quarantined=sum(first.values()),
         reason_counts=first,
         all_reason_counts=every,
         expectations=outcomes,

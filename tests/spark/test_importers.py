@@ -128,6 +128,24 @@ def test_movielens_layout_with_defects_is_quarantined_exactly(spark, lake, tmp_p
     assert raw["timestamp 'soon' is not unix seconds"] == "3\t2\t4\tsoon"
 
 
+def test_a_parse_that_loses_or_duplicates_records_stops_before_writing(spark, lake):
+    """ "In" is counted on the records as read: a parse step that drops or repeats a record (a join
+    on a non-unique key, say) fails the import, and no table is written."""
+    from spark_jobs.importers.common import ImportReport, Parsed, read_lines, write_bronze
+    from spark_jobs.importers.movielens import parse_ratings
+
+    lines = read_lines(spark, str(FIXTURES / "movielens_mini" / "raw" / "u.data.fixture"))
+    parsed = parse_ratings(lines, "mini", DAY)
+    n = lines.count()
+    for rows, seen in ((parsed.unionByName(parsed.limit(1)), n + 1), (parsed.limit(n - 2), n - 2)):
+        report = ImportReport("mini", DAY)
+        with pytest.raises(ValueError, match=rf"u.data -> bronze.interactions: {n} records read, "):
+            write_bronze(lake, "mini", DAY, [Parsed("u.data", "bronze.interactions", rows, lines)], report)
+        source = report.sources[0]
+        assert (source.records_in, source.imported + source.quarantined) == (n, seen)
+        assert not lake.exists("bronze.interactions") and not lake.exists("bronze.quarantine")
+
+
 # ---------------------------------------------------------------------------------------------
 # Amazon Reviews 2023
 # ---------------------------------------------------------------------------------------------

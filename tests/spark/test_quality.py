@@ -14,6 +14,8 @@ from spark_jobs.lake import check_schema
 from spark_jobs.quality import (
     DataQualityError,
     QualityConfig,
+    QualitySuite,
+    RowRule,
     embeddings_suite,
     interactions_suite,
     run_quality_gate,
@@ -211,6 +213,25 @@ def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_pa
         "label_not_binary": 1,
     }
     assert report.n_input == 12 and report.reconciled
+
+
+def test_counts_are_independent_of_the_rules(spark, tmp_path) -> None:
+    """The input is counted before the suite runs: a prepare step that loses or duplicates rows
+    fails the batch on its counts, even when every expectation passes."""
+    from pyspark.sql import functions as F
+
+    df = spark.createDataFrame([(i,) for i in range(6)], "x long")
+    rule = RowRule("x_negative", F.col("x") < 0)
+    cfg = quiet(tmp_path)
+    good = run_quality_gate(df, QualitySuite("identity", [rule]), cfg, validate_with_gx=False)[2]
+    assert (good.n_input, good.n_valid, good.n_quarantined, good.success) == (6, 6, 0, True)
+    for prepare, seen in ((lambda b: b.unionByName(b.filter("x = 0")), 7), (lambda b: b.filter("x > 0"), 5)):
+        suite = QualitySuite("lossy", [rule], prepare=prepare)
+        with pytest.raises(DataQualityError, match="COUNTS DO NOT RECONCILE") as err:
+            run_quality_gate(df, suite, cfg, validate_with_gx=False)
+        report = err.value.report
+        assert (report.n_input, report.n_valid + report.n_quarantined) == (6, seen)
+        assert not report.reconciled and not report.failed_expectations
 
 
 def test_batch_failure_raises_naming_the_expectation_and_writes_data_docs(spark, tmp_path) -> None:

@@ -51,6 +51,7 @@ def ingest(ctx: StepContext) -> dict[str, Any]:
         "logical_date": ctx.logical_date.isoformat(),
         "bronze": _per_table(bronze.sources),
         "silver_rows": {s.table: s.imported for s in silver.sources},
+        "silver_retracted": silver.retracted,
         "versions": {**bronze.versions, **silver.versions},
     }
 

@@ -20,14 +20,15 @@ Write modes and rerun semantics (a job rerun for the same logical date leaves id
   partition columns, e.g. ``{"dataset": "ml", "logical_date": date(2024, 1, 1)}``; a list value
   means any of those, ``{"target_table": ["a", "b"]}``). Every row of ``df`` must lie inside,
   otherwise ``ValueError``.
-* ``merge``: upsert on the table's keys (or ``keys=``): matched rows are updated, new rows inserted,
-  nothing is deleted. ``partition_values`` narrows the target scan. Duplicate keys in ``df`` are a
-  ``ValueError``.
+* ``merge``: upsert on the table's keys (or ``keys=``): matched rows are updated, new rows inserted;
+  nothing is deleted unless ``delete_unmatched`` names the target rows a rerun may retract.
+  ``partition_values`` narrows the target scan. Duplicate keys in ``df`` are a ``ValueError``.
 * ``overwrite``: replaces the whole table. ``append``: adds rows (not idempotent; avoid in jobs).
 
 Every successful ``write`` commits a new table version, also when the rows are unchanged (a rerun
 gives version N+1 with the same contents as version N); Delta has no cheap no-op detection. The one
-exception: ``merge`` of an empty DataFrame commits nothing and returns the current version.
+exception: ``merge`` of an empty DataFrame without ``delete_unmatched`` commits nothing and returns
+the current version.
 Tables are created on first use with the declared schema and partitioning (that creation is
 version 0, an empty table).
 """
@@ -212,11 +213,23 @@ class Lake:
         path = self.path(table)
         return self._impl.version(path) if self._impl.exists(path) else None
 
-    def history(self, table: str | TableSpec) -> list[dict[str, Any]]:
-        """Commits, newest first: ``version``, ``timestamp`` (UTC datetime), ``operation``,
-        ``parameters`` and ``metrics`` (dicts as Delta records them). Empty when absent."""
+    def history(self, table: str | TableSpec, limit: int | None = None) -> list[dict[str, Any]]:
+        """Commits, newest first (the ``limit`` newest): ``version``, ``timestamp`` (UTC datetime),
+        ``operation``, ``parameters`` and ``metrics`` (dicts as Delta records them). Empty when
+        absent."""
         path = self.path(table)
-        return self._impl.history(path) if self._impl.exists(path) else []
+        return self._impl.history(path, limit) if self._impl.exists(path) else []
+
+    def rows_deleted(self, table: str | TableSpec, version: int) -> int:
+        """Rows the commit of ``version`` deleted (a merge's ``delete_unmatched``); 0 when it
+        deleted none or is no longer among the 20 newest commits."""
+        for entry in self.history(table, limit=20):
+            if entry["version"] == version:
+                metrics = entry["metrics"]
+                return int(
+                    metrics.get("num_target_rows_deleted", metrics.get("numTargetRowsDeleted", 0)) or 0
+                )
+        return 0
 
     def read(
         self,
@@ -258,6 +271,7 @@ class Lake:
         partition_values: Mapping[str, Any] | None = None,
         keys: Sequence[str] | None = None,
         update_condition: str | None = None,
+        delete_unmatched: str | None = None,
     ) -> int:
         """Write ``df`` into ``table`` and return the Delta version committed.
 
@@ -265,7 +279,10 @@ class Lake:
         (pruning); ``keys`` overrides the declared keys for ``merge``; ``update_condition`` (merge
         only) is a SQL condition on target ``t`` and source ``s`` that a matched row must meet to be
         updated, e.g. ``"s.logical_date >= t.logical_date"`` so a backfill of an old date does not
-        overwrite newer rows. Raises
+        overwrite newer rows; ``delete_unmatched`` (merge only) is a SQL condition on ``t``: target
+        rows inside ``partition_values`` that no source row matches and that meet it are deleted,
+        e.g. ``"t.logical_date = '2024-01-02'"`` so a corrected rerun of a date retracts the rows
+        it no longer contains. Raises
         :class:`SchemaDriftError` on column or type drift and ``ValueError`` on nulls in NOT NULL
         columns, rows outside the replaced partition, or duplicate merge keys.
         """
@@ -288,11 +305,18 @@ class Lake:
             bad = [k for k in merge_keys if k not in spec.columns]
             if bad:
                 raise ValueError(f"{spec.name}: merge keys {bad} are not columns of the table")
-        if update_condition is not None and mode != "merge":
-            raise ValueError(f"{spec.name}: update_condition only applies to mode 'merge', not {mode!r}")
+        for name, value in (("update_condition", update_condition), ("delete_unmatched", delete_unmatched)):
+            if value is not None and mode != "merge":
+                raise ValueError(f"{spec.name}: {name} only applies to mode 'merge', not {mode!r}")
+        if delete_unmatched is not None and partition_values:
+            delete_unmatched = (
+                f"({delete_unmatched}) AND {partition_predicate(partition_values, prefix='t.')}"
+            )
         path = self.path(spec)
         self._impl.ensure(spec, path)
-        version = self._impl.write(df, spec, path, mode, partition_values, merge_keys, update_condition)
+        version = self._impl.write(
+            df, spec, path, mode, partition_values, merge_keys, update_condition, delete_unmatched
+        )
         logger.info("wrote %s (%s %s) -> version %d", spec.name, mode, partition_values or "", version)
         return version
 
@@ -314,7 +338,7 @@ class _Backend:
     def version(self, path: str) -> int:
         raise NotImplementedError
 
-    def history(self, path: str) -> list[dict[str, Any]]:
+    def history(self, path: str, limit: int | None) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def read(self, spec: TableSpec, path: str, version: int | None, partitions: dict[str, Any]) -> DataFrame:
@@ -328,7 +352,8 @@ class _Backend:
         mode: WriteMode,
         partition_values: dict[str, Any],
         keys: tuple[str, ...],
-        update_condition: str | None = None,
+        update_condition: str | None,
+        delete_unmatched: str | None,
     ) -> int:
         raise NotImplementedError
 
@@ -376,9 +401,9 @@ class _DeltaRs(_Backend):
     def version(self, path: str) -> int:
         return int(self._table(path).version())
 
-    def history(self, path: str) -> list[dict[str, Any]]:
+    def history(self, path: str, limit: int | None) -> list[dict[str, Any]]:
         out = []
-        for entry in self._table(path).history():
+        for entry in self._table(path).history(limit):
             out.append(
                 {
                     "version": int(entry["version"]),
@@ -433,7 +458,8 @@ class _DeltaRs(_Backend):
         mode: WriteMode,
         partition_values: dict[str, Any],
         keys: tuple[str, ...],
-        update_condition: str | None = None,
+        update_condition: str | None,
+        delete_unmatched: str | None,
     ) -> int:
         from deltalake import write_deltalake
 
@@ -454,11 +480,11 @@ class _DeltaRs(_Backend):
                 path, arrow, mode=mode, partition_by=partition_by, storage_options=self.storage_options
             )
         else:  # merge
-            if arrow.num_rows == 0:
+            if arrow.num_rows == 0 and delete_unmatched is None:
                 logger.info("merge into %s: empty source, nothing committed", spec.name)
                 return self.version(path)
             _check_unique(arrow, spec, keys)
-            (
+            merger = (
                 self._table(path)
                 .merge(
                     source=arrow,
@@ -468,8 +494,10 @@ class _DeltaRs(_Backend):
                 )
                 .when_matched_update_all(predicate=update_condition)
                 .when_not_matched_insert_all()
-                .execute()
             )
+            if delete_unmatched is not None:
+                merger = merger.when_not_matched_by_source_delete(predicate=delete_unmatched)
+            merger.execute()
         return self.version(path)
 
 
@@ -500,10 +528,10 @@ class _SparkDelta(_Backend):
     def version(self, path: str) -> int:
         return int(self._table(path).history(1).select("version").head()[0])
 
-    def history(self, path: str) -> list[dict[str, Any]]:
+    def history(self, path: str, limit: int | None) -> list[dict[str, Any]]:
+        table = self._table(path)
         rows = (
-            self._table(path)
-            .history()
+            (table.history(limit) if limit else table.history())
             .select("version", "timestamp", "operation", "operationParameters", "operationMetrics")
             .collect()  # the commit log, not table data
         )
@@ -533,10 +561,11 @@ class _SparkDelta(_Backend):
         mode: WriteMode,
         partition_values: dict[str, Any],
         keys: tuple[str, ...],
-        update_condition: str | None = None,
+        update_condition: str | None,
+        delete_unmatched: str | None,
     ) -> int:
         if mode == "merge":
-            if df.isEmpty():
+            if delete_unmatched is None and df.isEmpty():
                 return self.version(path)
             dupes = df.groupBy(*keys).count().filter("count > 1").limit(5).collect()
             if dupes:
@@ -544,14 +573,16 @@ class _SparkDelta(_Backend):
                 raise ValueError(
                     f"merge into {spec.name}: duplicate keys {list(keys)} in the source, e.g. {sample}"
                 )
-            (
+            merger = (
                 self._table(path)
                 .alias("t")
                 .merge(df.alias("s"), _merge_condition(keys, partition_values))
                 .whenMatchedUpdateAll(condition=update_condition)
                 .whenNotMatchedInsertAll()
-                .execute()
             )
+            if delete_unmatched is not None:
+                merger = merger.whenNotMatchedBySourceDelete(condition=delete_unmatched)
+            merger.execute()
         else:
             writer = df.write.format("delta")
             if mode == "replace_partition":

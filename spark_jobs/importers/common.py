@@ -62,6 +62,9 @@ class ImportReport:
     logical_date: dt.date
     sources: list[SourceCount] = field(default_factory=list)
     versions: dict[str, int] = field(default_factory=dict)
+    #: Rows a merge deleted per table: rows this date's earlier run wrote that its rerun no longer
+    #: contains (not part of this run's reconciliation).
+    retracted: dict[str, int] = field(default_factory=dict)
 
     def imported(self, table: str) -> int:
         """Rows written into ``table`` by this run (over all its inputs)."""
@@ -89,6 +92,7 @@ class ImportReport:
                 f"{s.quarantined} quarantined"
             )
         lines.extend(f"  {t} version {v}" for t, v in sorted(self.versions.items()))
+        lines.extend(f"  {t}: {n} rows retracted" for t, n in sorted(self.retracted.items()) if n)
         return "\n".join(lines)
 
 
@@ -214,12 +218,13 @@ def write_parsed(
     *,
     mode: Literal["replace_partition", "merge"] = "replace_partition",
     update_condition: str | None = None,
+    delete_unmatched: str | None = None,
 ) -> ImportReport:
     """Write every parsed input: good rows to their tables, rejects to ``bronze.quarantine``.
 
     Inputs for the same table are unioned and written once: ``replace_partition`` of
     ``(dataset, logical_date)`` (bronze), or ``merge`` on the table's keys within the dataset
-    (silver). The quarantine partitions ``(dataset, <each target table>, logical_date)`` are
+    (silver; ``delete_unmatched`` as in :meth:`Lake.write`). The quarantine partitions ``(dataset, <each target table>, logical_date)`` are
     replaced in one commit. So a rerun of the same logical date leaves identical contents. Each
     input is parsed once (persisted); the parsed counts come from one aggregation over the inputs,
     the records read from another, and an input whose counts differ stops the run before any write.
@@ -274,8 +279,15 @@ def write_parsed(
             spec = get_table(table)
             good_df = _union(frames) if frames else lake.spark.createDataFrame([], spec.schema)
             report.versions[table] = lake.write(
-                good_df, table, mode=mode, partition_values=partition, update_condition=update_condition
+                good_df,
+                table,
+                mode=mode,
+                partition_values=partition,
+                update_condition=update_condition,
+                delete_unmatched=delete_unmatched,
             )
+            if delete_unmatched is not None:
+                report.retracted[table] = lake.rows_deleted(table, report.versions[table])
         report.versions[BRONZE_QUARANTINE.name] = lake.write(
             _union(bad) if bad else lake.spark.createDataFrame([], BRONZE_QUARANTINE.schema),
             BRONZE_QUARANTINE,

@@ -10,8 +10,12 @@ For one ``(dataset, logical_date)`` import run:
 
 Rows are upserted on the silver keys, matched rows only when the run is at least as recent as the
 stored row (``s.logical_date >= t.logical_date``), so rerunning or backfilling a date never makes
-silver older. Rejects go to ``bronze.quarantine`` with ``target_table = silver.*``; for every
-table, bronze rows of the run = merged + quarantined.
+silver older. A rerun retracts: silver rows whose latest import was this date and that the rerun no
+longer contains are deleted (a corrected file, an event whose timestamp was fixed: it is not kept
+twice). Rows a later date also imported carry that date and stay. Silver keeps no earlier version
+of a row (SCD1), so a row an earlier date imported and this date updated is retracted with it.
+Rejects go to ``bronze.quarantine`` with ``target_table = silver.*``; for every table, bronze rows
+of the run = merged + quarantined.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from spark_jobs.importers.common import (
     flag_duplicates,
     write_parsed,
 )
-from spark_jobs.lake import Lake
+from spark_jobs.lake import Lake, sql_literal
 from spark_jobs.tables import (
     BRONZE_INTERACTIONS,
     BRONZE_ITEMS,
@@ -153,4 +157,5 @@ def promote_to_silver(
         report,
         mode="merge",
         update_condition="s.logical_date >= t.logical_date",
+        delete_unmatched=f"t.logical_date = {sql_literal(logical_date)}",
     )

@@ -388,6 +388,34 @@ def test_silver_labels_duplicates_and_backfill(spark, lake):
     assert (row.rating, row.label, row.logical_date) == (5.0, 1, day2)
 
 
+def test_silver_rerun_retracts_what_the_corrected_date_no_longer_contains(spark, lake):
+    day2 = dt.date(2024, 1, 2)
+
+    def run(day, rows):
+        lake.write(bronze_events(spark, rows, day), "bronze.interactions", mode="replace_partition",
+                   partition_values={"dataset": "ds", "logical_date": day})  # fmt: skip
+        return promote_to_silver(lake, "ds", day)
+
+    def events():
+        return sorted((r.user_key, r.item_key, r.event_ts.second, r.logical_date)
+                      for r in lake.read("silver.interactions").collect())  # fmt: skip
+
+    run(DAY, [("u1", "1", 0, 4.0, None), ("u1", "2", 5, 3.0, None), ("u2", "1", 1, 5.0, None)])
+    run(day2, [("u2", "1", 1, 5.0, None), ("u3", "3", 2, 2.0, None)])  # u2's event imported again
+    # DAY is corrected: u1's second event had the wrong time (5 s, really 7 s), u2's is gone
+    report = run(DAY, [("u1", "1", 0, 4.0, None), ("u1", "2", 7, 3.0, None)])
+    assert report.retracted == {"silver.interactions": 1, "silver.items": 0, "silver.users": 0}
+    assert events() == [
+        ("u1", "1", 0, DAY),
+        ("u1", "2", 7, DAY),  # the corrected event only, not both times
+        ("u2", "1", 1, day2),  # day2 still has it: kept
+        ("u3", "3", 2, day2),
+    ]
+    corrected = events()
+    again = run(DAY, [("u1", "1", 0, 4.0, None), ("u1", "2", 7, 3.0, None)])
+    assert again.retracted["silver.interactions"] == 0 and events() == corrected  # a no-op rerun
+
+
 # ---------------------------------------------------------------------------------------------
 # synthetic generator (no Spark)
 # ---------------------------------------------------------------------------------------------

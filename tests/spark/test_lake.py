@@ -166,6 +166,31 @@ def test_merge_upserts_on_keys_and_reruns_identically(spark, lake):
     assert lake.write(update.limit(0), "silver.interactions", mode="merge") == v3
 
 
+def test_merge_deletes_only_unmatched_rows_that_meet_the_condition(spark, lake):
+    from pyspark.sql import functions as F
+
+    first = interactions(spark, [(1, 10, 0, 4.0, 1), (1, 11, 1, 2.0, 0), (2, 10, 2, 5.0, 1)])
+    other = first.withColumn("dataset", F.lit("other"))
+    lake.write(first.unionByName(other), "silver.interactions", mode="merge")
+    # keep (1, 10), drop (1, 11); (2, 10) fails the condition: all three are absent from the source
+    source = interactions(spark, [(1, 10, 0, 3.0, 0)])
+    cond, part = "t.user_id = 1 OR t.item_id = 11", {"dataset": "ds"}
+    v = lake.write(source, "silver.interactions", mode="merge", partition_values=part, delete_unmatched=cond)
+    got = {(r.dataset, r.user_id, r.item_id): r.rating for r in lake.read("silver.interactions").collect()}
+    assert got == {
+        ("ds", 1, 10): 3.0,
+        ("ds", 2, 10): 5.0,
+        **{("other", u, i): r for u, i, r in ((1, 10, 4.0), (1, 11, 2.0), (2, 10, 5.0))},  # outside
+    }
+    assert lake.rows_deleted("silver.interactions", v) == 1
+    # an empty source still retracts (and commits); without delete_unmatched it commits nothing
+    v = lake.write(source.limit(0), "silver.interactions", mode="merge", partition_values=part,
+                   delete_unmatched=cond)  # fmt: skip
+    assert lake.rows_deleted("silver.interactions", v) == 1 and lake.read("silver.interactions").count() == 4
+    with pytest.raises(ValueError, match="delete_unmatched only applies to mode 'merge'"):
+        lake.write(source, "silver.interactions", mode="append", delete_unmatched=cond)
+
+
 def test_merge_refuses_duplicate_keys(spark, lake):
     dupes = interactions(spark, [(1, 10, 0, 4.0, 1), (1, 10, 0, 3.0, 0), (2, 10, 0, 3.0, 0)])
     with pytest.raises(ValueError, match=r"1 duplicate keys .*'user_id': 1, 'item_id': 10"):

@@ -9,6 +9,7 @@ A rejected candidate keeps its version, tagged ``gate=rejected`` with the reason
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
@@ -50,13 +51,15 @@ def decide(
             reasons.append(f"{metric}: {candidate[metric]:.4f} below floor {floor:.4f}")
     if champion is not None:
         for metric, tolerance in config.max_regression.items():
-            if (
-                metric in candidate
-                and metric in champion
-                and candidate[metric] < champion[metric] - tolerance
-            ):
+            theirs = champion.get(metric)
+            if theirs is None or not math.isfinite(theirs):  # nothing measured to regress from
+                continue
+            if metric not in candidate:
+                if metric not in config.floors:  # else already listed as missing
+                    reasons.append(f"{metric}: missing from the candidate's evaluation")
+            elif not candidate[metric] >= theirs - tolerance:  # also catches NaN
                 reasons.append(
-                    f"{metric}: {candidate[metric]:.4f} regresses from champion {champion[metric]:.4f} "
+                    f"{metric}: {candidate[metric]:.4f} regresses from champion {theirs:.4f} "
                     f"by more than {tolerance:.4f}"
                 )
     return GateDecision(promote=not reasons, reasons=reasons)

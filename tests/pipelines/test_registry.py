@@ -32,11 +32,25 @@ def test_gate_lists_every_failed_condition() -> None:
     bad = {"auc": 0.59, "gauc": 0.60, "cold_gauc": math.nan}
     decision = decide(bad, GOOD, GATE)
     assert not decision.promote
-    assert any(r.startswith("auc:") and "below floor" in r for r in decision.reasons)
-    assert any(r.startswith("cold_gauc:") for r in decision.reasons)  # NaN never passes
-    assert any("auc: 0.5900 regresses" in r for r in decision.reasons)
-    # gauc: 0.60 vs 0.62 is a regression beyond 0.01
-    assert any(r.startswith("gauc:") and "regresses" in r for r in decision.reasons)
+    assert decision.reasons == [
+        "auc: 0.5900 below floor 0.6000",
+        "cold_gauc: nan below floor 0.5000",  # NaN never passes
+        "auc: 0.5900 regresses from champion 0.7000 by more than 0.0100",
+        "gauc: 0.6000 regresses from champion 0.6200 by more than 0.0100",
+        "cold_gauc: nan regresses from champion 0.5800 by more than 0.0200",
+    ]
+
+
+def test_gate_refuses_nan_or_missing_metrics_that_only_have_a_tolerance() -> None:
+    """A metric with a regression tolerance but no floor: NaN or a missing value is a regression,
+    not a pass; a champion that never measured it leaves nothing to regress from."""
+    gate = PromotionGateConfig(floors={"auc": 0.6}, max_regression={"auc": 0.01, "gauc": 0.01})
+    assert decide({"auc": 0.7, "gauc": math.nan}, GOOD, gate).reasons == [
+        "gauc: nan regresses from champion 0.6200 by more than 0.0100"
+    ]
+    assert decide({"auc": 0.7}, GOOD, gate).reasons == ["gauc: missing from the candidate's evaluation"]
+    assert decide({"auc": 0.7, "gauc": 0.5}, {"auc": 0.7, "gauc": math.nan}, gate).promote
+    assert decide({"auc": 0.7, "gauc": 0.5}, {"auc": 0.7}, gate).promote
 
 
 def test_gate_tolerates_regression_within_tolerance() -> None:

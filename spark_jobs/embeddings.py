@@ -153,7 +153,8 @@ def _worker_encoder(spec_json: str, torch_threads: int | None) -> Encoder:
 
 
 def encode_batch(encoder: Encoder, inputs: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings ``[n, dim]`` and ``present`` for ``inputs``; blank inputs -> zero row, absent."""
+    """Embeddings ``[n, dim]`` and ``present`` for ``inputs``; blank inputs, and rows the encoder
+    reports missing (an unreadable image), -> zero row, absent."""
     n = len(inputs)
     valid = np.array([isinstance(x, str) and x.strip() != "" for x in inputs], dtype=bool)
     out = np.zeros((n, encoder.dim), dtype=np.float32)
@@ -168,7 +169,7 @@ def encode_batch(encoder: Encoder, inputs: Sequence[str | None]) -> tuple[np.nda
             )
         if not np.isfinite(emb).all():
             raise ValueError("encoder returned NaN or inf values")
-        out[valid] = emb
+        out[valid] = np.where(got[:, None], emb, 0.0)
         present[valid] = got
     return out, present
 

@@ -67,7 +67,7 @@ def test_hashing_encoder_and_encode_batch():
             return EncodedBatch(np.ones((len(inputs), 2)), np.array([True, False]), ("", "missing file"))
 
     emb, present = encode_batch(Partial(), ["a", "b"])
-    assert present.tolist() == [True, False]
+    assert present.tolist() == [True, False] and emb.tolist() == [[1.0, 1.0], [0.0, 0.0]]
 
     class Wrong:
         dim = 3

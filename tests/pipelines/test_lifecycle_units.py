@@ -109,8 +109,14 @@ def test_the_lake_root_is_a_local_path_or_an_object_store_uri_kept_whole(tmp_pat
     assert ctx.table_path("gold.samples") == "s3://bucket/lake/gold/samples"
 
 
-def test_every_step_resolves_to_a_function() -> None:
-    assert all(callable(step.resolve()) for step in STEPS.values())
+def test_every_step_resolves_to_its_function_taking_one_context() -> None:
+    import inspect
+
+    for step in STEPS.values():
+        fn = step.resolve()
+        assert (fn.__module__, fn.__name__) == (step.module, step.function), step.name
+        params = list(inspect.signature(fn).parameters.values())
+        assert [p.name for p in params] == ["ctx"], step.name
 
 
 def test_cli_lists_steps_and_refuses_unknown_ones(capsys) -> None:

@@ -2,8 +2,9 @@
 
 ``hisam demo`` runs the whole lifecycle through the real Airflow DAGs on the embedded default;
 ``hisam run <step>`` runs one pipeline step (the same function the Airflow task calls);
-``hisam rollback`` restores the previous champion; ``hisam steps`` lists the steps; ``hisam evaluate``
-runs the offline comparison (:mod:`pipelines.evaluation`).
+``hisam rollback`` restores the previous champion; ``hisam recommend`` shows one user's top items
+from the champion; ``hisam steps`` lists the steps; ``hisam evaluate`` runs the offline comparison
+(:mod:`pipelines.evaluation`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 log = logging.getLogger("hisam")
 
 EPILOG = """\
-Config: demo, run and rollback read one YAML file (pipelines.config.PipelineConfig; unknown keys
+Config: demo, run, rollback and recommend read one YAML file (pipelines.config.PipelineConfig; unknown keys
 are errors): --config, else $HISAM_PIPELINE_CONFIG, else configs/pipeline.yaml; `hisam evaluate
 --config` takes its own EvaluationConfig YAML (built-in defaults otherwise). State goes under $HISAM_HOME
 (default .hisam): the Delta lake, the MLflow store, Airflow's database, GX Data Docs, alerts.
@@ -31,6 +32,7 @@ Examples:
   hisam run ingest --logical-date 2026-11-22   # one step for one day
   hisam run build-sequences --param tokenizer_version=dst-20261101
   hisam rollback                               # @previous becomes @champion again
+  hisam recommend 196 --top-k 5                # what @champion recommends to user 196
   hisam evaluate --run main --seeds 0 1 2      # offline comparison on MovieLens-100K (--help: options)
 """
 
@@ -65,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_threads,
         default=os.environ.get(THREADS_ENV, "1"),  # a string default goes through ``type`` at parse time
         help="torch intra-op threads (default $HISAM_TORCH_THREADS or 1, also read by Airflow tasks: the models here are small, and "
         "on a busy 2-core machine 2 threads ran DST 13x slower than 1; raise it on large CPU nodes)",
@@ -138,6 +140,23 @@ def _parser() -> argparse.ArgumentParser:
             description="Restore the previous champion ranker.",
         )
     )
+    recommend = with_config(
+        sub.add_parser(
+            "recommend",
+            help="one user's top-K items from @champion",
+            description="Score every catalogue item the user has not interacted with, from the user's "
+            "history in gold.samples and profile in gold.user_profiles, with the registered ranker "
+            "(one-pass ranking), and print the top K with titles and scores as JSON. Writes nothing.",
+        )
+    )
+    recommend.add_argument("user", help="the user's id in the source (silver.interactions.user_key)")
+    recommend.add_argument("--top-k", type=_positive_int, default=10, help="how many items (default 10)")
+    recommend.add_argument(
+        "--alias", default="champion", help="registry alias of the ranker (default champion)"
+    )
+    recommend.add_argument(
+        "--include-seen", action="store_true", help="also rank items the user has interacted with"
+    )
     sub.add_parser(
         "steps", help="list the pipeline steps", description="List the pipeline steps with what each does."
     )
@@ -157,10 +176,15 @@ def split_evaluate(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _positive_int(value: str) -> int:
     if not value.strip().isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer (--threads or ${THREADS_ENV}), got {value!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return int(value)
+
+
+def _threads(value: str) -> int:
+    try:
+        return _positive_int(value)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (from --threads or ${THREADS_ENV})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_step(args.step, args.logical_date, args.config, dict(args.param))
         elif args.command == "rollback":
             summary = run_step("rollback", dt.datetime.now(dt.UTC).date(), args.config)
+        elif args.command == "recommend":
+            params = {"user": args.user, "top_k": str(args.top_k), "alias": args.alias}
+            params["include_seen"] = str(args.include_seen).lower()
+            summary = run_step("recommend", dt.datetime.now(dt.UTC).date(), args.config, params)
         else:
             from pipelines.demo import run_demo
 

@@ -70,8 +70,10 @@ def _alerts(world) -> list[dict]:
 
 
 def _new_items_arrive(world, day: dt.date, count: int) -> set[int]:
-    """``count`` new items (copies of catalogue items under new ids) land in silver on ``day``, with
-    one positive interaction from each of 8 users an hour after the last event; returns their ids."""
+    """``count`` new items (copies of catalogue items under new ids) land in silver before ``day``'s
+    runs, with one positive interaction from each of 8 users an hour after the last event; returns
+    their ids. The interactions carry the day before as their import date: ``day``'s own ingest, whose
+    source does not contain them, would retract rows stamped with its date."""
     from pyspark.sql import functions as F
 
     lake, part = _ctx(world, day).lake, {"dataset": "tiny"}
@@ -91,7 +93,7 @@ def _new_items_arrive(world, day: dt.date, count: int) -> set[int]:
         .withColumn("rating", F.lit(5.0))
         .withColumn("label", F.lit(1))
         .withColumn("action", F.lit(None).cast("string"))
-        .withColumn("logical_date", F.lit(day))
+        .withColumn("logical_date", F.lit(day - dt.timedelta(days=1)))
     )
     lake.write(arrivals.select(*events.columns), "silver.interactions", mode="merge")
     return {r["item_id"] for r in new_items.select("item_id").collect()}
@@ -388,6 +390,57 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
     assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions + 1
     later = run_step("refresh-champion", DAY5 + dt.timedelta(days=1), world["config"])
     assert later["new_items"] == 0 and later["champion"] == summary["champion"]
+
+
+def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys) -> None:
+    """Builds on the refreshed champion: ``hisam recommend`` gives a user's top K among the items they
+    never interacted with, scored as the per-candidate reference scores the user's whole stream in
+    gold.samples (oldest first, mid-month items included) with their profile buckets."""
+    from deltalake import DeltaTable
+
+    from hisam_core.ranker.sequence import UserHistory
+    from hisam_core.ranker.serving import rank_reference
+    from pipelines.cli import main
+    from pipelines.ranker_model import load_ranker
+
+    lake = world["home"] / "lake"
+    events = DeltaTable(str(lake / "silver" / "interactions")).to_pandas()
+    user = events.sort_values("user_id").iloc[0]  # one of the 8 users who met the mid-month items
+    capsys.readouterr()
+    assert main(["recommend", str(user["user_key"]), "--top-k", "5"]) == 0
+    got = json.loads(capsys.readouterr().out)
+
+    served = load_ranker("models:/hisam-ranker@champion").unwrap_python_model()
+    table = served.semantic_ids
+    samples = DeltaTable(str(lake / "gold" / "samples")).to_pandas(
+        partitions=[("tokenizer_version", "=", VERSION)]
+    )
+    mine = samples[samples["user_id"] == user["user_id"]].sort_values(["event_ts", "item_id"], kind="stable")
+    profiles = DeltaTable(str(lake / "gold" / "user_profiles")).to_pandas()
+    profile = served.profile_vocabulary.encode(
+        profiles[profiles["user_id"] == user["user_id"]].iloc[0].to_dict()
+    )
+    history = UserHistory(
+        int(user["user_id"]), table.lookup(mine["item_id"].to_numpy()), mine["action"].to_numpy(), profile
+    )
+    seen = set(events.loc[events["user_id"] == user["user_id"], "item_id"])  # all of silver, valid or not
+    unseen = np.array([i for i in table.item_ids if i not in seen])
+    expected = rank_reference(served.ranker.model, served.config.sequence, history, table.lookup(unseen))
+    best = np.lexsort((unseen, -expected.numpy()))[:5]
+    mine_events = events[events["user_id"] == user["user_id"]]
+    assert set(mine["item_id"]) <= seen and mine_events["item_key"].str.startswith("new-").any()
+    assert (got["model_version"], got["history_items"], got["history_left_out"]) == (
+        str(_client().get_model_version_by_alias("hisam-ranker", "champion").version),
+        len(mine),
+        0,
+    )
+    assert got["candidates"] == len(unseen) and len(unseen) < len(table.item_ids)
+    assert [r["item_id"] for r in got["recommendations"]] == unseen[best].tolist()
+    np.testing.assert_allclose(
+        [r["score"] for r in got["recommendations"]], expected.numpy()[best], atol=1e-5
+    )
+    items = DeltaTable(str(lake / "silver" / "items")).to_pandas().set_index("item_id")
+    assert [r["title"] for r in got["recommendations"]] == items.loc[unseen[best], "title"].tolist()
 
 
 def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:

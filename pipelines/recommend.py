@@ -1,0 +1,118 @@
+"""Step ``recommend``: one user's top-K items from a registered ranker (``@champion`` by default).
+
+What an operator runs to see what the model serves (``hisam recommend 196``). It builds the request
+exactly as training saw the user: the user's stream from ``gold.samples`` of the model's tokenizer
+version (every interaction, oldest first, with its action), the profile buckets of the packaged
+vocabulary from ``gold.user_profiles``, and as candidates every item of the packaged semantic-ID
+table the user has no interaction with in ``silver.interactions`` (``include_seen`` keeps those).
+The pyfunc model scores them in one pass (Sec. 3.4.2). Reads the lake and the registry, writes
+nothing. History items the model has no IDs for (newer than its table) are left out and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from pipelines.context import StepContext
+
+log = logging.getLogger(__name__)
+
+INTERACTIONS = "silver.interactions"
+ITEMS = "silver.items"
+
+
+def _flag(value: str | None, name: str) -> bool:
+    if value is None or value.lower() in ("", "false", "0", "no"):
+        return False
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    raise ValueError(f"param {name} must be true or false, got {value!r}")
+
+
+def _positive(value: str, name: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"param {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def recommend(ctx: StepContext) -> dict[str, Any]:
+    """Top ``params.top_k`` (default 10) items for ``params.user`` (the source's user id, as in
+    ``silver.interactions.user_key``) from ``<ranker>@<params.alias>`` (default ``champion``)."""
+    from hisam_core.ranker.profile import UNKNOWN
+    from pipelines.ranker_model import PROFILE_PREFIX, load_ranker
+    from pipelines.registry import CHAMPION, alias_version
+
+    user_key = ctx.params.get("user")
+    if not user_key:
+        raise ValueError("recommend needs --param user=<the source's user id>")
+    top_k = _positive(ctx.params.get("top_k", "10"), "top_k")
+    alias = ctx.params.get("alias", CHAMPION)
+    include_seen = _flag(ctx.params.get("include_seen"), "include_seen")
+    name = ctx.config.models.ranker
+    version = alias_version(ctx.mlflow, name, alias)
+    if version is None:
+        raise ValueError(f"{name}@{alias} does not exist: run the fine-tuning DAG (or `hisam demo`) first")
+    model = load_ranker(f"models:/{name}/{version.version}").unwrap_python_model()
+    table, config = model.semantic_ids, model.config.sequence
+
+    part = {"dataset": ctx.dataset}
+    events, _ = ctx.read_table(INTERACTIONS, part, ["user_key", "user_id", "item_id"])
+    events = events[events["user_key"] == user_key]
+    if events.empty:
+        raise ValueError(f"user {user_key!r} has no interactions in {INTERACTIONS} of {ctx.dataset!r}")
+    user_id = int(events["user_id"].iloc[0])
+    stream, samples_version = ctx.read_table(
+        "gold.samples",
+        {**part, "tokenizer_version": table.version},
+        ["user_id", "item_id", "event_ts", "action"],
+    )
+    stream = stream[stream["user_id"] == user_id].sort_values(["event_ts", "item_id"], kind="stable")
+    known = np.isin(stream["item_id"].to_numpy(), table.item_ids)
+    request: dict[str, Any] = {
+        "user_id": user_id,
+        "history_item_ids": stream["item_id"].to_numpy()[known].tolist(),
+        "history_actions": stream["action"].to_numpy()[known].tolist(),
+    }
+    profile = dict.fromkeys(config.profile_fields, UNKNOWN)
+    if config.profile_fields and model.profile_vocabulary is not None:
+        fields = list(model.profile_vocabulary.fields)
+        rows, _ = ctx.read_table("gold.user_profiles", part, ["user_id", *fields])
+        rows = rows[rows["user_id"] == user_id][fields]
+        if not rows.empty:
+            profile = model.profile_vocabulary.encode(rows.iloc[0].to_dict())
+    request.update({f"{PROFILE_PREFIX}{f}": b for f, b in profile.items()})
+
+    candidates = table.item_ids
+    if not include_seen:
+        candidates = candidates[~np.isin(candidates, events["item_id"].to_numpy())]
+    request["candidate_item_ids"] = candidates.tolist()
+    scores = model.score(request, f"user {user_key!r}")
+    order = np.lexsort((candidates, -scores))[:top_k]  # highest score first, ties by item id
+    top = candidates[order]
+    titles, _ = ctx.read_table(ITEMS, part, ["item_id", "item_key", "title"])
+    info = titles[titles["item_id"].isin(top)].set_index("item_id").to_dict("index")
+    log.info("%s v%s: %d candidates scored for user %s", name, version.version, len(candidates), user_key)
+    return {
+        "model": f"{name}@{alias}",
+        "model_version": str(version.version),
+        "tokenizer_version": table.version,
+        "samples_version": samples_version,
+        "user": user_key,
+        "user_id": user_id,
+        "history_items": int(known.sum()),
+        "history_left_out": int((~known).sum()),
+        "candidates": len(candidates),
+        "recommendations": [
+            {
+                "rank": rank,
+                "item_id": int(item),
+                "item_key": info.get(int(item), {}).get("item_key"),
+                "title": info.get(int(item), {}).get("title"),
+                "score": round(float(scores[i]), 6),
+            }
+            for rank, (i, item) in enumerate(zip(order, top, strict=True), start=1)
+        ],
+    }

@@ -4,10 +4,11 @@ registry.
 ``register`` logs the day's SFT checkpoint as the pyfunc ranker (one-pass ranking, its semantic-ID
 table packaged) in the finetune run, as a new ``hisam-ranker`` version tagged with its tokenizer
 version, PT version, the test snapshot and both models' metrics on it. ``promote`` applies the gate
-(:mod:`pipelines.registry`): promoted versions become ``@champion`` (the old one ``@previous``); a
-rejected one is tagged with the reasons and an alert goes out. ``refresh-champion`` packages the
-semantic IDs of items that arrived since ``@champion`` was registered, so they are servable while no
-new champion is promoted. All are idempotent per logical run.
+(:mod:`pipelines.registry`: floors, the regression against the champion, and the drift of the champion
+line, chained from the champion's ``gate.drift.*`` tags): promoted versions become ``@champion`` (the
+old one ``@previous``); a rejected one is tagged with the reasons and an alert goes out.
+``refresh-champion`` packages the semantic IDs of items that arrived since ``@champion`` was
+registered, so they are servable while no new champion is promoted. All are idempotent per logical run.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
 def promote(ctx: StepContext) -> dict[str, Any]:
     """Gate the candidate against the champion it was evaluated with; move aliases or reject + alert."""
     from pipelines.ranker import CHAMPION_PREFIX, EVAL_PREFIX, metrics_of
-    from pipelines.registry import GateDecision, apply_decision, champion_version, decide
+    from pipelines.registry import GateDecision, apply_decision, champion_version, decide, drift_of
 
     name = ctx.config.models.ranker
     candidate = _candidate(ctx)
@@ -126,7 +127,8 @@ def promote(ctx: StepContext) -> dict[str, Any]:
         )
     mine = metrics_of(candidate.tags, EVAL_PREFIX, GATE_METRICS)
     theirs = metrics_of(candidate.tags, CHAMPION_PREFIX, GATE_METRICS) if current else None
-    decision = decide(mine, theirs, ctx.config.gate)
+    behind = drift_of(ctx.mlflow.get_model_version(name, current).tags) if current else {}
+    decision = decide(mine, theirs, ctx.config.gate, behind)
     if not decision.promote:  # before the verdict is tagged: a retry after the tag skips, alert-less
         ctx.alert(
             f"{name} v{version} not promoted",
@@ -135,6 +137,7 @@ def promote(ctx: StepContext) -> dict[str, Any]:
             candidate=mine,
             champion=theirs,
             champion_version=current,
+            champion_drift=behind,
         )
     apply_decision(ctx.mlflow, name, version, decision)
     return {
@@ -143,6 +146,7 @@ def promote(ctx: StepContext) -> dict[str, Any]:
         "reasons": decision.reasons,
         "champion": version if decision.promote else current,
         "metrics": mine,
+        "drift": decision.drift,
     }
 
 

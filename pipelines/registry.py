@@ -1,9 +1,11 @@
 """Model registry policy on MLflow 3: the promotion gate, aliases and rollback.
 
 Aliases, not stages: ``@champion`` is what serves; the champion it replaced keeps ``@previous``.
-A candidate is promoted only when every metric clears its absolute floor and no metric regresses
-against the champion by more than its tolerance, both measured on the same frozen test snapshot.
-A rejected candidate keeps its version, tagged ``gate=rejected`` with the reasons.
+A candidate is promoted only when every metric clears its absolute floor, no metric regresses
+against the champion by more than its tolerance (both measured on the same frozen test snapshot), and
+the champion line has not drifted too far below its best: small tolerated regressions add up, so each
+promoted version carries its estimated distance below the line's best (``gate.drift.<metric>`` tags,
+see :func:`decide`). A rejected candidate keeps its version, tagged ``gate=rejected`` with the reasons.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Self
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from pydantic import model_validator
 
 from hisam_core.config import Config
 
@@ -24,25 +28,62 @@ CHAMPION = "champion"
 PREVIOUS = "previous"
 #: The tokenizer the lifecycle uses now (set once its catalogue and samples are written).
 CURRENT = "current"
+#: Model-version tag prefix of a promoted version's drift: how far, per metric, it is estimated to be
+#: below the best version of its champion line (0 at a new best; see :func:`decide`).
+DRIFT_PREFIX = "gate.drift."
 
 
 class PromotionGateConfig(Config):
-    """Floors and no-regression tolerances per metric (absolute differences)."""
+    """Floors, no-regression tolerances and drift budgets per metric (absolute differences).
+
+    ``max_regression`` bounds one promotion against the champion it replaces; ``max_drift`` bounds
+    the sum of the tolerated regressions since the champion line's best, so a run of small ones cannot
+    walk the champion down to the floors.
+    """
 
     floors: dict[str, float] = {"auc": 0.55, "gauc": 0.52, "cold_gauc": 0.50}
     max_regression: dict[str, float] = {"auc": 0.002, "gauc": 0.002, "cold_gauc": 0.005}
+    max_drift: dict[str, float] = {"auc": 0.005, "gauc": 0.005, "cold_gauc": 0.01}
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        tighter = {
+            m: budget for m, budget in self.max_drift.items() if budget < self.max_regression.get(m, 0.0)
+        }
+        if tighter:
+            raise ValueError(
+                f"max_drift {tighter} is below max_regression for the same metrics: one tolerated "
+                "regression would already exceed the drift budget; raise max_drift"
+            )
+        return self
 
 
 @dataclass(frozen=True)
 class GateDecision:
     promote: bool
     reasons: list[str] = field(default_factory=list)
+    drift: dict[str, float] = field(default_factory=dict)  # the candidate's, tagged when promoted
+
+
+def drift_of(tags: dict[str, str]) -> dict[str, float]:
+    """A version's drift per metric from its ``gate.drift.*`` tags (empty for versions without)."""
+    return {k.removeprefix(DRIFT_PREFIX): float(v) for k, v in tags.items() if k.startswith(DRIFT_PREFIX)}
 
 
 def decide(
-    candidate: dict[str, float], champion: dict[str, float] | None, config: PromotionGateConfig
+    candidate: dict[str, float],
+    champion: dict[str, float] | None,
+    config: PromotionGateConfig,
+    champion_drift: dict[str, float] | None = None,
 ) -> GateDecision:
-    """Apply the gate; the reasons list every failed condition (empty when promoted)."""
+    """Apply the gate; the reasons list every failed condition (empty when promoted).
+
+    Drift is a one-sided CUSUM of same-snapshot differences: the candidate's drift is
+    ``min(0, champion_drift + candidate - champion)`` per metric, so each promotion's difference is
+    chained onto the champion's and a new best resets it to 0. Every difference is measured on one
+    snapshot, so the chain compares models across days without comparing days. A metric the champion
+    never measured starts a new chain at 0.
+    """
     reasons: list[str] = []
     for metric, floor in config.floors.items():
         if metric not in candidate:
@@ -62,7 +103,25 @@ def decide(
                     f"{metric}: {candidate[metric]:.4f} regresses from champion {theirs:.4f} "
                     f"by more than {tolerance:.4f}"
                 )
-    return GateDecision(promote=not reasons, reasons=reasons)
+    drift: dict[str, float] = {}
+    for metric, budget in config.max_drift.items():
+        mine = candidate.get(metric, math.nan)
+        theirs = math.nan if champion is None else champion.get(metric, math.nan)
+        if not math.isfinite(theirs):  # the first champion, or a metric its champion never measured
+            if math.isfinite(mine):
+                drift[metric] = 0.0
+            continue
+        if not math.isfinite(mine):
+            if metric not in config.floors and metric not in config.max_regression:  # else listed above
+                reasons.append(f"{metric}: missing or NaN in the candidate's evaluation")
+            continue
+        drift[metric] = min(0.0, (champion_drift or {}).get(metric, 0.0) + mine - theirs)
+        if drift[metric] < -budget:
+            reasons.append(
+                f"{metric}: {mine:.4f} would put the champion line {-drift[metric]:.4f} below its best "
+                f"(tolerated regressions add up), more than {budget:.4f}"
+            )
+    return GateDecision(promote=not reasons, reasons=reasons, drift=drift)
 
 
 def find_versions(client: MlflowClient, model: str, **tags: str) -> list[ModelVersion]:
@@ -95,6 +154,8 @@ def apply_decision(client: MlflowClient, model: str, version: str, decision: Gat
         client.set_model_version_tag(model, version, "gate_reasons", "; ".join(decision.reasons))
         log.warning("%s v%s rejected: %s", model, version, "; ".join(decision.reasons))
         return
+    for metric, value in decision.drift.items():  # before the aliases: a retry keys on them
+        client.set_model_version_tag(model, version, f"{DRIFT_PREFIX}{metric}", f"{value:.6f}")
     old = champion_version(client, model)
     if old is not None and old != version:
         client.set_registered_model_alias(model, PREVIOUS, old)

@@ -129,7 +129,11 @@ TINY = {
         "finetune": {"objective": "sft", "learning_rate": 1.0e-3, "warmup_steps": 5, "max_steps": 500,
                      "batch_size": 16, "log_every": 25, "checkpoint_every": 100},
     },
-    "gate": {"floors": {"auc": 0.55}, "max_regression": {"auc": 0.01, "gauc": 0.02}},
+    "gate": {
+        "floors": {"auc": 0.55},
+        "max_regression": {"auc": 0.01, "gauc": 0.02},
+        "max_drift": {"auc": 0.02, "gauc": 0.04},
+    },
     "notify": {"sinks": ["log", "file"]},
 }  # fmt: skip
 

@@ -14,18 +14,20 @@ from pipelines.registry import (
     apply_decision,
     champion_version,
     decide,
+    drift_of,
     rollback,
 )
 
 GATE = PromotionGateConfig(
     floors={"auc": 0.6, "gauc": 0.55, "cold_gauc": 0.5},
     max_regression={"auc": 0.01, "gauc": 0.01, "cold_gauc": 0.02},
+    max_drift={"auc": 0.015, "gauc": 0.015, "cold_gauc": 0.03},
 )
 GOOD = {"auc": 0.70, "gauc": 0.62, "cold_gauc": 0.58}
 
 
 def test_gate_promotes_first_candidate_above_floors() -> None:
-    assert decide(GOOD, None, GATE) == GateDecision(True, [])
+    assert decide(GOOD, None, GATE) == GateDecision(True, [], dict.fromkeys(GOOD, 0.0))
 
 
 def test_gate_lists_every_failed_condition() -> None:
@@ -38,13 +40,17 @@ def test_gate_lists_every_failed_condition() -> None:
         "auc: 0.5900 regresses from champion 0.7000 by more than 0.0100",
         "gauc: 0.6000 regresses from champion 0.6200 by more than 0.0100",
         "cold_gauc: nan regresses from champion 0.5800 by more than 0.0200",
+        "auc: 0.5900 would put the champion line 0.1100 below its best (tolerated regressions add up), "
+        "more than 0.0150",
+        "gauc: 0.6000 would put the champion line 0.0200 below its best (tolerated regressions add up), "
+        "more than 0.0150",
     ]
 
 
 def test_gate_refuses_nan_or_missing_metrics_that_only_have_a_tolerance() -> None:
     """A metric with a regression tolerance but no floor: NaN or a missing value is a regression,
     not a pass; a champion that never measured it leaves nothing to regress from."""
-    gate = PromotionGateConfig(floors={"auc": 0.6}, max_regression={"auc": 0.01, "gauc": 0.01})
+    gate = PromotionGateConfig(floors={"auc": 0.6}, max_regression={"auc": 0.01, "gauc": 0.01}, max_drift={})
     assert decide({"auc": 0.7, "gauc": math.nan}, GOOD, gate).reasons == [
         "gauc: nan regresses from champion 0.6200 by more than 0.0100"
     ]
@@ -56,6 +62,45 @@ def test_gate_refuses_nan_or_missing_metrics_that_only_have_a_tolerance() -> Non
 def test_gate_tolerates_regression_within_tolerance() -> None:
     within = {k: v - 0.005 for k, v in GOOD.items()}
     assert decide(within, GOOD, GATE).promote
+
+
+def _shift(metrics: dict[str, float], by: float) -> dict[str, float]:
+    return {k: v + by for k, v in metrics.items()}
+
+
+def test_drift_chains_tolerated_regressions_and_resets_at_a_new_best() -> None:
+    """Promotions each 0.007 worse than their champion pass the per-promotion tolerance (0.01), but
+    the third would leave the line 0.021 below its best (budget 0.015 for auc and gauc, 0.03 for
+    cold_gauc); a better candidate resets the chain to 0, and a smaller gain only recovers part."""
+    v2 = decide(_shift(GOOD, -0.007), GOOD, GATE, {})
+    assert v2.promote and v2.drift == pytest.approx(dict.fromkeys(GOOD, -0.007))
+    v3 = decide(_shift(GOOD, -0.014), _shift(GOOD, -0.007), GATE, v2.drift)
+    assert v3.promote and v3.drift == pytest.approx(dict.fromkeys(GOOD, -0.014))
+    v4 = decide(_shift(GOOD, -0.021), _shift(GOOD, -0.014), GATE, v3.drift)
+    assert v4.reasons == [
+        f"{m}: {GOOD[m] - 0.021:.4f} would put the champion line 0.0210 below its best "
+        "(tolerated regressions add up), more than 0.0150"
+        for m in ("auc", "gauc")
+    ]
+    assert v4.drift["cold_gauc"] == pytest.approx(-0.021)  # within its own budget of 0.03
+    partial = decide(_shift(GOOD, -0.006), _shift(GOOD, -0.014), GATE, v3.drift)
+    assert partial.promote and partial.drift == pytest.approx(dict.fromkeys(GOOD, -0.006))
+    best = decide(_shift(GOOD, 0.004), _shift(GOOD, -0.014), GATE, v3.drift)
+    assert best.promote and best.drift == dict.fromkeys(GOOD, 0.0)
+    # a metric the champion never measured starts a new chain
+    fresh = decide(GOOD, {"auc": GOOD["auc"], "gauc": GOOD["gauc"]}, GATE, {"cold_gauc": -0.029})
+    assert fresh.drift["cold_gauc"] == 0.0
+    # a metric with only a drift budget: NaN or missing is refused, not a pass (NaN + x < y is False)
+    only_drift = PromotionGateConfig(floors={}, max_regression={}, max_drift={"gauc": 0.01})
+    for broken in ({"gauc": math.nan}, {}):
+        assert decide(broken, GOOD, only_drift).reasons == [
+            "gauc: missing or NaN in the candidate's evaluation"
+        ]
+
+
+def test_drift_budget_below_the_regression_tolerance_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match=r"max_drift \{'auc': 0.001\} is below max_regression"):
+        PromotionGateConfig(max_regression={"auc": 0.002}, max_drift={"auc": 0.001})
 
 
 @pytest.fixture()
@@ -86,6 +131,30 @@ def test_promotion_moves_aliases_and_rollback_restores(client: MlflowClient) -> 
     assert client.get_model_version("ranker", "2").tags["gate"] == "rolled_back"
     with pytest.raises(ValueError, match="no @previous"):
         rollback(client, "ranker")
+
+
+def test_promotions_record_their_drift_and_a_drifted_line_refuses_a_tolerated_regression(client) -> None:
+    """Through the real registry: each promoted version carries its drift as tags, the next decision
+    chains from the champion's tags, and a rejected version gets none."""
+    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE))
+    second = _shift(GOOD, -0.009)
+    apply_decision(
+        client,
+        "ranker",
+        "2",
+        decide(second, GOOD, GATE, drift_of(client.get_model_version("ranker", "1").tags)),
+    )
+    tags = client.get_model_version("ranker", "2").tags
+    assert {k: v for k, v in tags.items() if k.startswith("gate.drift.")} == {
+        f"gate.drift.{m}": "-0.009000" for m in GOOD
+    }
+    third = _shift(second, -0.009)  # within the 0.01 tolerance of v2, but 0.018 below v1
+    decision = decide(third, second, GATE, drift_of(tags))
+    apply_decision(client, "ranker", "3", decision)
+    assert champion_version(client, "ranker") == "2"
+    rejected = client.get_model_version("ranker", "3").tags
+    assert rejected["gate"] == "rejected" and "below its best" in rejected["gate_reasons"]
+    assert drift_of(rejected) == {}
 
 
 def test_a_rollback_retried_after_the_champion_moved_completes_without_mistagging(client) -> None:

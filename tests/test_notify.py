@@ -134,6 +134,16 @@ def test_factory_reads_config_and_environment(tmp_path, alert: Alert) -> None:
     assert isinstance(built, MultiNotifier)
     built.send(alert)
     assert json.loads(path.read_text())["title"] == alert.title
+    # the environment's file wins over the config's; a sink named twice is built once
+    configured = tmp_path / "config.jsonl"
+    twice = notifier_from_config(
+        NotifyConfig(sinks=["file", "file"], file_path=str(configured)), env={"HISAM_NOTIFY_FILE": str(path)}
+    )
+    assert isinstance(twice, FileNotifier)
+    twice.send(alert)
+    assert len(path.read_text().splitlines()) == 2 and not configured.exists()
+    with pytest.raises(ValueError, match="no alert sink configured"):
+        notifier_from_config(NotifyConfig(sinks=[]), env={})
     with _Hook([200]) as hook:
         cfg = NotifyConfig(sinks=["webhook"], retries=0)
         notifier_from_config(cfg, env={"HISAM_NOTIFY_WEBHOOK_URL": hook.url}).send(alert)

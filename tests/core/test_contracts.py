@@ -20,9 +20,14 @@ def _features(n: int = 4) -> dict[str, np.ndarray]:
 
 
 def test_item_features_accepts_aligned_finite_input() -> None:
-    feats = ItemFeatures(np.arange(4), _features())
+    raw = _features()
+    feats = ItemFeatures(np.arange(10, 14), raw)
     assert feats.dims == {"behavior": 3, "image": 5, "text": 2}
-    assert len(feats.subset(np.array([0, 2]))) == 2
+    rows = np.array([2, 0])
+    subset = feats.subset(rows)
+    assert subset.item_ids.tolist() == [12, 10]  # ids and every modality's rows move together
+    for name, values in raw.items():
+        assert np.array_equal(subset.modalities[name], values[rows].astype(np.float32)), name
 
 
 @pytest.mark.parametrize(

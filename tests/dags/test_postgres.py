@@ -58,8 +58,13 @@ def test_features_dag_runs_on_postgres(tmp_path, write_config) -> None:
     result = json.loads(lines[-1].removeprefix("RESULT "))
     assert result["state"] == "success" and set(result["tasks"].values()) == {"success"}, done.stdout[-6000:]
     with sqlalchemy.create_engine(f"{URL}/airflow").connect() as db:
-        runs = db.execute(sqlalchemy.text("select state from dag_run where dag_id = 'hisam_features'")).all()
-    assert ("success",) in runs
+        newest = "(select run_id from dag_run where dag_id = 'hisam_features' order by id desc limit 1)"
+        where = f"where dag_id = 'hisam_features' and run_id = {newest}"
+        (state,) = db.execute(sqlalchemy.text(f"select state from dag_run {where}")).one()
+        tasks = db.execute(sqlalchemy.text(f"select task_id, state from task_instance {where}")).all()
+    assert state == "success"
+    assert dict(tasks) == result["tasks"] and len(tasks) == len(result["tasks"])  # every task, in Postgres
+    assert not list(tmp_path.rglob("*.db"))  # neither Airflow nor MLflow fell back to a SQLite file
     # build_sequences asked the registry for @current (none yet) through the Postgres MLflow backend
     experiment = MlflowClient(tracking_uri=f"{URL}/mlflow").get_experiment_by_name(env["HISAM_EXPERIMENT"])
     assert experiment.artifact_location == f"{env['HISAM_ARTIFACT_ROOT']}/{env['HISAM_EXPERIMENT']}"

@@ -4,6 +4,7 @@ MLflow runs it logs, the hand-written findings it keeps, and ``--reuse`` that re
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ TINY = {
 
 
 def test_evaluate_writes_the_report_logs_every_run_and_reuses_them(
-    planted_interactions, tmp_path, mlflow_store, monkeypatch
+    planted_interactions, tmp_path, mlflow_store, monkeypatch, caplog
 ):
     frame, modalities, item_ids = planted_interactions
     frame.to_csv(tmp_path / "interactions.csv", index=False)
@@ -91,7 +92,11 @@ def test_evaluate_writes_the_report_logs_every_run_and_reuses_them(
     )
 
     again = tmp_path / "again"
-    assert cli(["evaluate", *common, "--results", str(again), "--reuse", str(results / "quality.json")]) == 0
+    caplog.clear()
+    reuse = ["--reuse", str(results / "quality.json")]
+    with caplog.at_level(logging.INFO, logger="pipelines.evaluation"):
+        assert cli(["evaluate", *common, "--results", str(again), *reuse]) == 0
+    assert "0 jobs to run (4 kept from an earlier result)" in caplog.text  # nothing trained again
     rerun = json.loads((again / "quality.json").read_text())
     assert rerun["runs"] == result["runs"] and rerun["summary"] == result["summary"]
 

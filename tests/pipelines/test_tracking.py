@@ -23,6 +23,7 @@ from pipelines.tracking import (
     log_delta_input,
     log_training_curves,
     mlflow_callback,
+    plot_training_curves,
 )
 
 
@@ -85,6 +86,17 @@ def test_training_curves_png_is_logged(run) -> None:
     assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and local.stat().st_size > 5_000
     with pytest.raises(ValueError, match="empty"):
         log_training_curves({"loss": []}, "none")
+
+
+def test_training_curves_plot_each_metric_by_step_log_scaled_only_across_decades() -> None:
+    history = {"loss": [(3, 0.01), (1, 10.0), (2, 1.0)], "empty": [], "auc": [(2, 0.7), (1, 0.6)]}
+    figure = plot_training_curves(history, "sft")
+    shown = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["loss", "auc"] and figure.get_suptitle() == "sft"
+    (loss,), (auc,) = shown[0].get_lines(), shown[1].get_lines()
+    assert list(loss.get_xdata()) == [1, 2, 3] and list(loss.get_ydata()) == [10.0, 1.0, 0.01]
+    assert list(auc.get_xdata()) == [1, 2] and list(auc.get_ydata()) == [0.6, 0.7]
+    assert (shown[0].get_yscale(), shown[1].get_yscale()) == ("log", "linear")
 
 
 def test_delta_input_records_path_and_version(run, tmp_path: Path) -> None:

@@ -61,6 +61,8 @@ def test_rotation_trick_value_is_the_codeword_and_gradient_is_rotated_and_scaled
 
 
 def test_gradients_reach_the_encoder_through_the_quantizer():
+    """Straight-through: the encoder gets exactly the gradient it would get if the quantised sum were
+    its own output, dL/dW = sum_i 2 (q_i - x_i) x_i^T; the rotation trick gives a finite nonzero one."""
     for rotation_trick in (False, True):
         torch.manual_seed(0)
         encoder = torch.nn.Linear(8, 8)
@@ -70,6 +72,10 @@ def test_gradients_reach_the_encoder_through_the_quantizer():
         ((out.quantized - x) ** 2).sum().backward()  # reconstruction only: no commitment term
         assert encoder.weight.grad is not None
         assert torch.isfinite(encoder.weight.grad).all() and encoder.weight.grad.abs().sum() > 0
+        if not rotation_trick:
+            error = 2 * (out.quantized.detach() - x)
+            assert torch.allclose(encoder.weight.grad, error.t() @ x, atol=1e-4)
+            assert torch.allclose(encoder.bias.grad, error.sum(0), atol=1e-4)
 
 
 def test_kmeans_initialisation_fits_the_data():

@@ -8,6 +8,7 @@ master and no local defaults, so spark-submit's ``--master`` and properties file
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -64,4 +65,7 @@ def get_spark(
     spark = builder.getOrCreate()
     spark.conf.set("spark.sql.session.timeZone", SESSION_TIME_ZONE)  # also on a session spark-submit made
     spark.sparkContext.setLogLevel("WARN")
+    # py4j logs every gateway connection it closes at INFO, also from __del__ at interpreter exit,
+    # when a CLI's log stream may already be closed ("--- Logging error ---"): WARN, like the JVM.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     return spark

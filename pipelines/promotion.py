@@ -106,7 +106,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
 def promote(ctx: StepContext) -> dict[str, Any]:
     """Gate the candidate against the champion it was evaluated with; move aliases or reject + alert."""
     from pipelines.ranker import CHAMPION_PREFIX, EVAL_PREFIX, metrics_of
-    from pipelines.registry import GateDecision, apply_decision, champion_version, decide, drift_of
+    from pipelines.registry import CHAMPION, DRIFT_PREFIX, GateDecision, alias_version, apply_decision, decide
 
     name = ctx.config.models.ranker
     candidate = _candidate(ctx)
@@ -116,7 +116,8 @@ def promote(ctx: StepContext) -> dict[str, Any]:
     if "gate" in candidate.tags:
         return {"model_version": version, "gate": candidate.tags["gate"], "skipped": True}
     evaluated_against = candidate.tags.get("eval.champion_version") or None
-    current = champion_version(ctx.mlflow, name)
+    champion = alias_version(ctx.mlflow, name, CHAMPION)
+    current = str(champion.version) if champion else None
     if current == version:  # a retry after the aliases moved but before the tag was written
         apply_decision(ctx.mlflow, name, version, GateDecision(True, []))
         return {"model_version": version, "gate": "promoted", "skipped": True}
@@ -126,8 +127,8 @@ def promote(ctx: StepContext) -> dict[str, Any]:
             f"v{evaluated_against}: rerun evaluate before promoting"
         )
     mine = metrics_of(candidate.tags, EVAL_PREFIX, GATE_METRICS)
-    theirs = metrics_of(candidate.tags, CHAMPION_PREFIX, GATE_METRICS) if current else None
-    behind = drift_of(ctx.mlflow.get_model_version(name, current).tags) if current else {}
+    theirs = metrics_of(candidate.tags, CHAMPION_PREFIX, GATE_METRICS) if champion else None
+    behind = metrics_of(champion.tags, DRIFT_PREFIX, GATE_METRICS) if champion else {}
     decision = decide(mine, theirs, ctx.config.gate, behind)
     if not decision.promote:  # before the verdict is tagged: a retry after the tag skips, alert-less
         ctx.alert(

@@ -65,11 +65,6 @@ class GateDecision:
     drift: dict[str, float] = field(default_factory=dict)  # the candidate's, tagged when promoted
 
 
-def drift_of(tags: dict[str, str]) -> dict[str, float]:
-    """A version's drift per metric from its ``gate.drift.*`` tags (empty for versions without)."""
-    return {k.removeprefix(DRIFT_PREFIX): float(v) for k, v in tags.items() if k.startswith(DRIFT_PREFIX)}
-
-
 def decide(
     candidate: dict[str, float],
     champion: dict[str, float] | None,

@@ -201,6 +201,15 @@ def test_evaluate_on_another_worker_reads_the_checkpoint_logged_to_the_finetune_
     assert again["eval.auc"] == pytest.approx(run.data.metrics["eval.auc"], abs=1e-4)
 
 
+def _drift(tags: dict[str, str]) -> dict[str, float]:
+    """A promoted version's ``gate.drift.*`` tags, as the gate reads them."""
+    from pipelines.promotion import GATE_METRICS
+    from pipelines.ranker import metrics_of
+    from pipelines.registry import DRIFT_PREFIX
+
+    return metrics_of(tags, DRIFT_PREFIX, GATE_METRICS)
+
+
 def test_a_worse_candidate_is_rejected_with_reasons_and_an_alert(world) -> None:
     """Builds on day 1: day 2 fine-tunes with a learning rate that wrecks the model."""
     world["write_config"](world["config"], finetune={"learning_rate": 5.0, "max_steps": 5, "warmup_steps": 0})
@@ -221,7 +230,6 @@ def test_a_worse_candidate_is_rejected_with_reasons_and_an_alert(world) -> None:
 def test_promote_then_rollback_restores_the_previous_champion(world) -> None:
     """Builds on day 2: day 3 trains normally (same data and seed as day 1, so equal metrics: no
     regression) and is promoted; rollback then brings version 1 back."""
-    from pipelines.registry import drift_of
     from pipelines.steps import run_step
 
     assert world["run"]("hisam_finetune", DAY3).state == "success"
@@ -230,7 +238,7 @@ def test_promote_then_rollback_restores_the_previous_champion(world) -> None:
     assert str(client.get_model_version_by_alias("hisam-ranker", "previous").version) == "1"
     day1, day3 = client.get_model_version("hisam-ranker", "1"), client.get_model_version("hisam-ranker", "3")
     assert day3.tags["eval.auc"] == day1.tags["eval.auc"]  # deterministic training
-    assert drift_of(day1.tags) == drift_of(day3.tags) == {"auc": 0.0, "gauc": 0.0}  # no loss, no drift
+    assert _drift(day1.tags) == _drift(day3.tags) == {"auc": 0.0, "gauc": 0.0}  # no loss, no drift
     summary = run_step("rollback", DAY3, world["config"])
     assert summary == {"champion": "1", "demoted": "3"}
     assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "1"
@@ -345,7 +353,7 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
     from hisam_core.semantic_ids import SemanticIds
     from pipelines import tokenizer
     from pipelines.ranker_model import load_ranker
-    from pipelines.registry import alias_version, drift_of
+    from pipelines.registry import alias_version
     from pipelines.steps import run_step
 
     client = _client()
@@ -378,7 +386,7 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
     assert refreshed.tags["refreshed_from"] == "1" and refreshed.tags["gate"] == "refreshed"
     for tag in ("tokenizer_version", "training_run_id", "pretrained_version", "eval.snapshot", "eval.auc"):
         assert refreshed.tags[tag] == old.tags[tag], tag
-    assert drift_of(refreshed.tags) == drift_of(old.tags) != {}  # the gate chains on from it
+    assert _drift(refreshed.tags) == _drift(old.tags) != {}  # the gate chains on from it
     assert alias_version(client, "hisam-ranker", "previous") == previous
 
     served = load_ranker("models:/hisam-ranker@champion", VERSION).unwrap_python_model()

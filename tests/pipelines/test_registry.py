@@ -7,14 +7,16 @@ import math
 import pytest
 from mlflow import MlflowClient
 
+from pipelines.promotion import GATE_METRICS
+from pipelines.ranker import metrics_of
 from pipelines.registry import (
+    DRIFT_PREFIX,
     PREVIOUS,
     GateDecision,
     PromotionGateConfig,
     apply_decision,
     champion_version,
     decide,
-    drift_of,
     rollback,
 )
 
@@ -23,6 +25,12 @@ GATE = PromotionGateConfig(
     max_regression={"auc": 0.01, "gauc": 0.01, "cold_gauc": 0.02},
     max_drift={"auc": 0.015, "gauc": 0.015, "cold_gauc": 0.03},
 )
+
+
+def _drift(tags: dict[str, str]) -> dict[str, float]:
+    return metrics_of(tags, DRIFT_PREFIX, GATE_METRICS)
+
+
 GOOD = {"auc": 0.70, "gauc": 0.62, "cold_gauc": 0.58}
 
 
@@ -142,19 +150,19 @@ def test_promotions_record_their_drift_and_a_drifted_line_refuses_a_tolerated_re
         client,
         "ranker",
         "2",
-        decide(second, GOOD, GATE, drift_of(client.get_model_version("ranker", "1").tags)),
+        decide(second, GOOD, GATE, _drift(client.get_model_version("ranker", "1").tags)),
     )
     tags = client.get_model_version("ranker", "2").tags
     assert {k: v for k, v in tags.items() if k.startswith("gate.drift.")} == {
         f"gate.drift.{m}": "-0.009000" for m in GOOD
     }
     third = _shift(second, -0.009)  # within the 0.01 tolerance of v2, but 0.018 below v1
-    decision = decide(third, second, GATE, drift_of(tags))
+    decision = decide(third, second, GATE, _drift(tags))
     apply_decision(client, "ranker", "3", decision)
     assert champion_version(client, "ranker") == "2"
     rejected = client.get_model_version("ranker", "3").tags
     assert rejected["gate"] == "rejected" and "below its best" in rejected["gate_reasons"]
-    assert drift_of(rejected) == {}
+    assert _drift(rejected) == {}
 
 
 def test_a_rollback_retried_after_the_champion_moved_completes_without_mistagging(client) -> None:

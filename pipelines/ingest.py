@@ -140,11 +140,12 @@ def gate_label(table: str) -> str:
     return f"{table}.gate"
 
 
-def samples_label(tokenizer_version: str, gate: bool = False) -> str:
-    """The ``bronze.quarantine`` label of ``gold.samples`` rows of one tokenizer version
+def versioned_label(table: str, tokenizer_version: str, gate: bool = False) -> str:
+    """The ``bronze.quarantine`` label of ``table``'s rows of one tokenizer version
     (``gold.samples@dst-20261101``, ``gold.samples.gate@...``): on the 1st of a month the monthly
-    and the daily sequence builds run for different versions, and neither may replace the other's."""
-    return f"gold.samples{'.gate' if gate else ''}@{tokenizer_version}"
+    and the daily sequence builds run for different versions, and ``tokenize-new-items`` serves two
+    while ``@champion`` is on an older one; neither may replace the other's rejects."""
+    return f"{table}{'.gate' if gate else ''}@{tokenizer_version}"
 
 
 def validate(ctx: StepContext) -> dict[str, Any]:
@@ -199,7 +200,9 @@ def validate_samples(ctx: StepContext) -> dict[str, Any]:
     part = {"dataset": ctx.dataset, "tokenizer_version": version}
     samples = ctx.lake.read(GOLD_SAMPLES, partitions=part).filter(F.col("tokenizer_version") == version)
     suite = samples_suite(samples, quality_config(ctx))
-    valid, summary = run_gate(ctx, samples, suite, samples_label(version, gate=True), keep_earlier=True)
+    valid, summary = run_gate(
+        ctx, samples, suite, versioned_label(GOLD_SAMPLES.name, version, gate=True), keep_earlier=True
+    )
     if summary["n_quarantined"]:
         summary["samples_version"] = ctx.lake.write(
             valid, GOLD_SAMPLES, mode="replace_partition", partition_values=part

@@ -379,9 +379,10 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     finetune run (``eval.*`` and ``champion.*``).
 
     The champion reads its tokenizer version's IDs from ``gold.semantic_ids``, which also holds the
-    items tokenized since it was registered. Rows of items that version has no ID for (items that
-    arrived after a newer tokenizer took over) are left out of *both* evaluations, so the two are
-    scored on the same rows; their count is the ``eval.champion_unknown_rows`` tag.
+    items tokenized since it was registered (``tokenize-new-items`` serves an older champion's version
+    too). Rows of items that version has no ID for (its encoders are no longer the configured ones)
+    are left out of *both* evaluations, so the two are scored on the same rows; their count is the
+    ``eval.champion_unknown_rows`` tag.
     """
     import mlflow
 

@@ -24,7 +24,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
     """Build and write the samples and user sequences of the dataset for one tokenizer version."""
     from pyspark.sql import functions as F
 
-    from pipelines.ingest import samples_label, valid_interactions
+    from pipelines.ingest import valid_interactions, versioned_label
     from pipelines.tokenizer import current_tokenizer_version_or_skip
     from spark_jobs.quality import to_bronze_quarantine
     from spark_jobs.sequences import build_sequences as build
@@ -59,7 +59,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 f"sequence counts do not reconcile: {counts['samples']} + {quarantined} != {n_valid}; "
                 "nothing written"
             )
-        label = samples_label(version)
+        label = versioned_label(GOLD_SAMPLES.name, version)
         versions = {
             GOLD_SAMPLES.name: lake.write(
                 samples,

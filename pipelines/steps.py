@@ -53,7 +53,7 @@ STEPS: dict[str, Step] = {
         Step("embed", "pipelines.features", "embed", "item documents, user profiles and text/image/behaviour embeddings"),
         Step("train-tokenizer", "pipelines.tokenizer", "train_tokenizer", "train DST on a pinned embeddings snapshot, check codebook health, register"),
         Step("tokenize-catalogue", "pipelines.tokenizer", "tokenize_catalogue", "write every item's semantic IDs for the run's tokenizer version"),
-        Step("tokenize-new-items", "pipelines.tokenizer", "tokenize_new_items", "daily: @current semantic IDs for items that have none yet (existing IDs never change)"),
+        Step("tokenize-new-items", "pipelines.tokenizer", "tokenize_new_items", "daily: semantic IDs of @current, and of @champion's older tokenizer, for items that have none yet (existing IDs never change)"),
         Step("build-sequences", "pipelines.sequences", "build_sequences", "gold.samples and gold.user_sequences for a tokenizer version"),
         Step("activate-tokenizer", "pipelines.tokenizer", "activate_tokenizer", "point hisam-tokenizer@current at the run's version"),
         Step("validate-samples", "pipelines.ingest", "validate_samples", "GX gate on the current tokenizer's samples; fail + alert on a bad batch"),

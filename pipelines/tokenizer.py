@@ -9,7 +9,8 @@ A version that is already registered is not retrained: reruns of the same month 
 
 Daily, ``tokenize-new-items`` gives items that arrived since the catalogue run their IDs under the
 ``@current`` version, so their interactions reach the samples the same day instead of waiting a
-month as ``unknown_item`` quarantine; IDs already written never change.
+month as ``unknown_item`` quarantine, and under ``@champion``'s version while that is older, so the
+champion can serve them; IDs already written never change.
 """
 
 from __future__ import annotations
@@ -85,15 +86,22 @@ def encoders_tag(ctx: StepContext) -> str:
     return json.dumps(encoder_specs(ctx), sort_keys=True)
 
 
-def check_encoders(ctx: StepContext, registered: Any) -> None:
-    """Refuse to encode with a DST whose training encoders are not the configured ones: their
-    embeddings live in other spaces (a tokenizer registered before the tag existed is not checked)."""
+def encoder_mismatch(ctx: StepContext, registered: Any) -> str | None:
+    """Why a DST must not encode the configured embeddings (trained on other encoders: their
+    embeddings live in other spaces), or None (a tokenizer registered before the tag existed passes)."""
     trained, configured = registered.tags.get(ENCODERS), encoders_tag(ctx)
-    if trained is not None and trained != configured:
-        raise ValueError(
-            f"{registered.name} v{registered.version} was trained on encoders {trained}, the config now "
-            f"says {configured}: train a tokenizer for them first (the hisam_tokenizer DAG)"
-        )
+    if trained is None or trained == configured:
+        return None
+    return (
+        f"{registered.name} v{registered.version} was trained on encoders {trained}, the config now "
+        f"says {configured}: train a tokenizer for them first (the hisam_tokenizer DAG)"
+    )
+
+
+def check_encoders(ctx: StepContext, registered: Any) -> None:
+    """Refuse to encode with a DST whose training encoders are not the configured ones."""
+    if reason := encoder_mismatch(ctx, registered):
+        raise ValueError(reason)
 
 
 def load_item_features(
@@ -339,7 +347,43 @@ def cold_behavior_embedding(ctx: StepContext, snapshot: int) -> np.ndarray:
 
 
 def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
-    """Daily: semantic IDs of the ``@current`` version for items that have none yet.
+    """Daily: semantic IDs for items that have none yet, under every version that serves.
+
+    That is ``@current``'s, and ``@champion``'s while it is on an older tokenizer (after a monthly run,
+    until a model on the new one is promoted, which a rejected candidate delays): ``refresh-champion``
+    then packages them, so the champion serves items that arrived meanwhile. The summary is
+    ``@current``'s, with ``champion`` holding the older version's, or why it was skipped: a DST is
+    never fed embeddings of encoders it was not trained on.
+    """
+    from pipelines.ranker_model import TOKENIZER_VERSION
+    from pipelines.registry import CHAMPION, alias_version, find_versions
+
+    current = current_tokenizer_version_or_skip(ctx, "tokenize-new-items")
+    if current is None:
+        return {"skipped": True, "reason": "no tokenizer activated yet"}
+    name = ctx.config.models.tokenizer
+    registered = find_versions(ctx.mlflow, name, tokenizer_version=current)[0]
+    check_encoders(ctx, registered)
+    features = load_item_features(ctx)
+    summary = _tokenize_new_items(ctx, registered, *features)
+    champion = alias_version(ctx.mlflow, ctx.config.models.ranker, CHAMPION)
+    older = None if champion is None else champion.tags[TOKENIZER_VERSION]
+    if older in (None, current):
+        return summary
+    registered = find_versions(ctx.mlflow, name, tokenizer_version=older)[0]
+    if reason := encoder_mismatch(ctx, registered):
+        log.warning("no new %s IDs for @%s: %s", older, CHAMPION, reason)
+        summary["champion"] = {"tokenizer_version": older, "skipped": True, "reason": reason}
+    else:
+        summary["champion"] = _tokenize_new_items(ctx, registered, *features)
+    return summary
+
+
+def _tokenize_new_items(
+    ctx: StepContext, registered: Any, features: ItemFeatures, latest: int, incomplete: dict[int, str]
+) -> dict[str, Any]:
+    """IDs of the ``registered`` DST for the items of ``features`` (embeddings snapshot ``latest``) its
+    version has none for.
 
     Text and image come from the latest embeddings (their encoders are fixed). Behaviour does not: the
     SASRec encoder is retrained whenever the interactions move, so today's rows live in another space
@@ -347,23 +391,18 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     space, so it gets that space's cold embedding, exactly as it would have there; the next monthly DST
     run gives it its own behaviour code. Rows already in ``gold.semantic_ids`` are never rewritten.
     """
-    from pipelines.ingest import gate_label, quality_config, run_gate
-    from pipelines.registry import find_versions
+    from pipelines.ingest import quality_config, run_gate, versioned_label
+    from pipelines.ranker_model import TOKENIZER_VERSION
     from pipelines.tokenizer_model import load_tokenizer
     from spark_jobs.quality import semantic_ids_suite
     from spark_jobs.tables import GOLD_SEMANTIC_IDS
 
-    version = current_tokenizer_version_or_skip(ctx, "tokenize-new-items")
-    if version is None:
-        return {"skipped": True, "reason": "no tokenizer activated yet"}
-    name = ctx.config.models.tokenizer
-    registered = find_versions(ctx.mlflow, name, tokenizer_version=version)[0]
-    check_encoders(ctx, registered)
+    version = registered.tags[TOKENIZER_VERSION]
     known = semantic_ids_of(ctx, version)
     label = f"{GOLD_SEMANTIC_IDS.name}.new_items"  # on the 1st, tokenize-catalogue writes the same day
-    features, latest, incomplete = load_item_features(ctx)
-    incomplete = {i: r for i, r in incomplete.items() if i not in set(known.item_ids.tolist())}
-    quarantine_items(ctx, incomplete, label)
+    tokenized = set(known.item_ids.tolist())
+    incomplete = {i: r for i, r in incomplete.items() if i not in tokenized}
+    quarantine_items(ctx, incomplete, versioned_label(label, version))
     new = ~np.isin(features.item_ids, known.item_ids)
     summary: dict[str, Any] = {
         "tokenizer_version": version,
@@ -381,13 +420,14 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     fresh = ItemFeatures(
         fresh.item_ids, {**fresh.modalities, "behavior": np.repeat(cold[None], len(fresh), axis=0)}
     )
-    dst = load_tokenizer(f"models:/{name}/{registered.version}").dst
+    dst = load_tokenizer(f"models:/{registered.name}/{registered.version}").dst
     prefix = dst.config.shared_layers + len(dst.modalities)  # type: ignore[union-attr]
     ids = dst.encode(fresh, version=version, known_codes=known.codes[:, :prefix])  # type: ignore[union-attr]
     frame = ids.to_frame().assign(dataset=ctx.dataset, codebook_size=ids.codebook_size)
     frame["semantic_ids"] = [np.asarray(c, dtype=np.int64).tolist() for c in frame["semantic_ids"]]
     df = ctx.lake.spark.createDataFrame(frame[GOLD_SEMANTIC_IDS.columns], schema=GOLD_SEMANTIC_IDS.schema)
-    valid, gate = run_gate(ctx, df, semantic_ids_suite(df, quality_config(ctx)), gate_label(label))
+    suite = semantic_ids_suite(df, quality_config(ctx))
+    valid, gate = run_gate(ctx, df, suite, versioned_label(label, version, gate=True))
     summary["semantic_ids_version"] = ctx.lake.write(
         valid,
         GOLD_SEMANTIC_IDS,
@@ -447,6 +487,7 @@ __all__ = [
     "check_encoders",
     "cold_behavior_embedding",
     "current_tokenizer_version",
+    "encoder_mismatch",
     "encoder_specs",
     "encoders_tag",
     "load_item_features",

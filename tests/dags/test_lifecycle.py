@@ -72,8 +72,8 @@ def _alerts(world) -> list[dict]:
 def _new_items_arrive(world, day: dt.date, count: int) -> set[int]:
     """``count`` new items (copies of catalogue items under new ids) land in silver before ``day``'s
     runs, with one positive interaction from each of 8 users an hour after the last event; returns
-    their ids. The interactions carry the day before as their import date: ``day``'s own ingest, whose
-    source does not contain them, would retract rows stamped with its date."""
+    their ids. Items and interactions carry the day before as their import date: ``day``'s own
+    ingest, whose source does not contain them, would retract rows stamped with its date."""
     from pyspark.sql import functions as F
 
     lake, part = _ctx(world, day).lake, {"dataset": "tiny"}
@@ -82,6 +82,7 @@ def _new_items_arrive(world, day: dt.date, count: int) -> set[int]:
     source = items.orderBy("item_id").limit(count).withColumn("source_id", F.col("item_id"))
     source = source.withColumn("item_id", F.col("item_id") + F.lit(top + 1))
     new_items = source.withColumn("item_key", F.concat(F.lit("new-"), F.col("item_id").cast("string")))
+    new_items = new_items.withColumn("logical_date", F.lit(day - dt.timedelta(days=1)))
     lake.write(new_items.drop("source_id"), "silver.items", mode="merge")
     events = lake.read("silver.interactions", partitions=part)
     last = events.agg(F.max("event_ts")).first()[0]
@@ -501,9 +502,16 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
 ) -> None:
     """Runs last (it moves @current). December's tokenizer is activated; fine-tuning that day finds no
     PT on it, so it skips (no training, no alert, the champion stays). PT on it is registered (which
-    triggers hisam_finetune) and three new items arrive, which only the new version has IDs for:
-    fine-tuning trains on the new version, and it and the old champion are evaluated on the rows
-    both can score, leaving out the 24 interactions with the new items."""
+    triggers hisam_finetune) and three new items arrive: the daily run gives them IDs of the new
+    version and of the champion's, so the champion can serve them. Two more arrive while the
+    champion's DST is tagged with other encoders: only the new version can place them, and the daily
+    run still succeeds. Fine-tuning trains on the new version, and it and the old champion are
+    evaluated on the rows both can score, leaving out the 16 interactions with those two items."""
+    from deltalake import DeltaTable
+
+    from pipelines.registry import find_versions
+    from pipelines.tokenizer import ENCODERS
+
     dec1, version = dt.date(2026, 12, 1), "dst-20261201"
     client = _client()
     champion = client.get_model_version_by_alias("hisam-ranker", "champion").version
@@ -524,14 +532,31 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
     assert json.loads(capsys.readouterr().out)["skipped"] is True
 
     assert world["run"]("hisam_pretrain", dec1).state == "success"
-    _new_items_arrive(world, dec1, 3)
+    ids_path = str(world["home"] / "lake" / "gold" / "semantic_ids")
+    before = DeltaTable(ids_path).to_pandas()
+    servable = _new_items_arrive(world, dec1, 3)
     assert world["run"]("hisam_features", dec1).tasks["tokenize_new_items"] == "success"
+    ids = DeltaTable(ids_path).to_pandas()
+    assert len(ids) == len(before) + 2 * len(servable)  # each new item once per serving version
+    assert ids.groupby("tokenizer_version")["item_id"].apply(lambda i: servable <= set(i)).all()
+
+    old = find_versions(client, "hisam-tokenizer", tokenizer_version=VERSION)[0]
+    client.set_model_version_tag("hisam-tokenizer", old.version, ENCODERS, "{}")
+    try:
+        unservable = _new_items_arrive(world, dec1, 2)
+        assert world["run"]("hisam_features", dec1).tasks["tokenize_new_items"] == "success"
+    finally:
+        client.set_model_version_tag("hisam-tokenizer", old.version, ENCODERS, old.tags[ENCODERS])
+    ids = DeltaTable(ids_path).to_pandas()
+    placed = ids[ids["item_id"].isin(unservable)]
+    assert len(placed) == len(unservable) and set(placed["tokenizer_version"]) == {version}
+
     trained = world["run"]("hisam_finetune", dec1)
     assert {trained.tasks[t] for t in ("finetune", "evaluate", "register")} == {"success"}, trained.tasks
     (candidate,) = client.search_model_versions(new_version)
     run = client.get_run(candidate.run_id)
     assert run.data.tags["eval.champion_version"] == str(champion)
-    assert run.data.tags["eval.champion_unknown_rows"] == "24"
+    assert run.data.tags["eval.champion_unknown_rows"] == str(8 * len(unservable))
     assert {"eval.auc", "champion.auc"} <= set(run.data.metrics)
 
 

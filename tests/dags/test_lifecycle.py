@@ -503,13 +503,15 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
     """Runs last (it moves @current). December's tokenizer is activated; fine-tuning that day finds no
     PT on it, so it skips (no training, no alert, the champion stays). PT on it is registered (which
     triggers hisam_finetune) and three new items arrive: the daily run gives them IDs of the new
-    version and of the champion's, so the champion can serve them. Two more arrive while the
+    version and of the champion's, so the refreshed champion serves them. Two more arrive while the
     champion's DST is tagged with other encoders: only the new version can place them, and the daily
     run still succeeds. Fine-tuning trains on the new version, and it and the old champion are
     evaluated on the rows both can score, leaving out the 16 interactions with those two items."""
     from deltalake import DeltaTable
 
+    from pipelines.ranker_model import load_ranker
     from pipelines.registry import find_versions
+    from pipelines.steps import run_step
     from pipelines.tokenizer import ENCODERS
 
     dec1, version = dt.date(2026, 12, 1), "dst-20261201"
@@ -539,6 +541,11 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
     ids = DeltaTable(ids_path).to_pandas()
     assert len(ids) == len(before) + 2 * len(servable)  # each new item once per serving version
     assert ids.groupby("tokenizer_version")["item_id"].apply(lambda i: servable <= set(i)).all()
+    refreshed = run_step("refresh-champion", dec1, world["config"])
+    assert (refreshed["refreshed_from"], refreshed["new_items"]) == (str(champion), len(servable))
+    served = load_ranker("models:/hisam-ranker@champion", VERSION).unwrap_python_model()
+    assert servable <= set(served.semantic_ids.item_ids.tolist())
+    champion = refreshed["champion"]
 
     old = find_versions(client, "hisam-tokenizer", tokenizer_version=VERSION)[0]
     client.set_model_version_tag("hisam-tokenizer", old.version, ENCODERS, "{}")

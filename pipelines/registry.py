@@ -38,12 +38,14 @@ class PromotionGateConfig(Config):
 
     ``max_regression`` bounds one promotion against the champion it replaces; ``max_drift`` bounds
     the sum of the tolerated regressions since the champion line's best, so a run of small ones cannot
-    walk the champion down to the floors.
+    walk the champion down to the floors. The defaults are about twice the std of the difference
+    between two seeds of the demo's fine-tune (``benchmarks/gate_noise.py``): tighter ones reject
+    equally good candidates for weeks on end.
     """
 
     floors: dict[str, float] = {"auc": 0.55, "gauc": 0.52, "cold_gauc": 0.50}
-    max_regression: dict[str, float] = {"auc": 0.002, "gauc": 0.002, "cold_gauc": 0.005}
-    max_drift: dict[str, float] = {"auc": 0.005, "gauc": 0.005, "cold_gauc": 0.01}
+    max_regression: dict[str, float] = {"auc": 0.01, "gauc": 0.01, "cold_gauc": 0.015}
+    max_drift: dict[str, float] = {"auc": 0.02, "gauc": 0.02, "cold_gauc": 0.03}
 
     @model_validator(mode="after")
     def _check(self) -> Self:

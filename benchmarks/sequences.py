@@ -520,7 +520,6 @@ def main(argv: list[str] | None = None) -> int:
             conf={
                 "spark.driver.memory": args.driver_memory,
                 "spark.sql.shuffle.partitions": str(args.shuffle_partitions),
-                "spark.ui.showConsoleProgress": "false",
             },
         )
     result["spark"]["version"] = spark.version

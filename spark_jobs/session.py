@@ -16,6 +16,8 @@ from pyspark.sql import SparkSession
 
 LOCAL_DEFAULTS: dict[str, str] = {
     "spark.ui.enabled": "false",
+    # Stage bars on stderr interleave with the steps' logs and progress bars (and fill Airflow's).
+    "spark.ui.showConsoleProgress": "false",
     "spark.sql.shuffle.partitions": "4",
     "spark.default.parallelism": "4",
     "spark.sql.execution.arrow.pyspark.enabled": "true",

@@ -197,11 +197,14 @@ def train(
         start = int(state["step"])
         logger.info("resuming from %s at step %d", checkpoint_path, start)
     elif tc.init_from:
-        _, pretrained = load_model(tc.init_from, device)
-        try:
-            model.load_state_dict(pretrained.state_dict())
-        except RuntimeError as error:
-            raise ValueError(f"PT checkpoint {tc.init_from} does not match this model: {error}") from error
+        stored, pretrained = load_model(tc.init_from, device)
+        changed = init_conflicts(stored, config)
+        if changed:
+            raise ValueError(
+                f"PT checkpoint {tc.init_from} was trained with other settings ({changed}): its weights "
+                "would load but mean something else; pre-train again with this config"
+            )
+        model.load_state_dict(pretrained.state_dict())  # equal settings: equal shapes
         logger.info("initialised from %s", tc.init_from)
     use_bf16 = _autocast_enabled(tc.mixed_precision, device)
     model.train()
@@ -253,7 +256,33 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "de
 def resume_conflicts(stored: dict[str, Any], config: RankerConfig) -> list[str]:
     """Dotted names of the settings in which a checkpoint's config differs from ``config``, other
     than :data:`RESUMABLE_CHANGES` (``init_from`` only matters before the first checkpoint)."""
+    changed = _differences(RankerConfig.from_dict(stored), config)
+    return sorted(k for k in changed if not (k.startswith("train.") and k[6:] in RESUMABLE_CHANGES))
 
+
+#: Settings a fine-tune may choose apart from the PT it starts from: the SFT mask and attention kernel
+#: (PT trains under the causal mask whatever they say), the initialiser the loaded weights replace,
+#: and the token budget (rotary positions have no table).
+FINETUNE_CHANGES = frozenset(
+    {
+        "model.attention_mask",
+        "model.history_memory",
+        "model.attention_backend",
+        "model.init_std",
+        "sequence.max_tokens",
+    }
+)
+
+
+def init_conflicts(pretrained: RankerConfig, config: RankerConfig) -> list[str]:
+    """Dotted names of the ``sequence`` and ``model`` settings in which a PT checkpoint's config
+    differs from the fine-tune's, other than :data:`FINETUNE_CHANGES`: with any of them the weights
+    would load (the shapes can agree) yet mean something else (token ids, rotary frequencies)."""
+    changed = _differences(pretrained, config)
+    return sorted(k for k in changed if k.startswith(("sequence.", "model.")) and k not in FINETUNE_CHANGES)
+
+
+def _differences(old: RankerConfig, new: RankerConfig) -> set[str]:
     def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in tree.items():
@@ -263,13 +292,8 @@ def resume_conflicts(stored: dict[str, Any], config: RankerConfig) -> list[str]:
                 out[f"{prefix}{key}"] = value
         return out
 
-    old = flat(RankerConfig.from_dict(stored).model_dump(mode="json"))
-    new = flat(config.model_dump(mode="json"))
-    return sorted(
-        k
-        for k in old.keys() | new.keys()
-        if old.get(k) != new.get(k) and not (k.startswith("train.") and k[6:] in RESUMABLE_CHANGES)
-    )
+    before, after = flat(old.model_dump(mode="json")), flat(new.model_dump(mode="json"))
+    return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
 def _save(

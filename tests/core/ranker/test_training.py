@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from hisam_core.ranker.train import (
     TrainConfig,
     batch_indices,
     evaluate,
+    init_conflicts,
     load_model,
     train,
     warmup_cosine,
@@ -153,15 +155,37 @@ def test_checkpoint_is_a_weights_only_config_and_state_dict(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state["state_dict"].items())
 
 
-def test_init_from_an_incompatible_checkpoint_fails(pretrained, tmp_path):
+@pytest.mark.parametrize(
+    ("section", "change", "named"),
+    [
+        ("sequence", {"codebook_size": 32}, "sequence.codebook_size"),  # other shapes
+        ("model", {"position_encoding": "rope1d"}, "model.position_encoding"),  # same shapes
+        ("sequence", {"action_names": ["positive", "negative"]}, "sequence.action_names"),  # ids swapped
+    ],
+)
+def test_init_from_a_checkpoint_of_other_settings_fails(pretrained, tmp_path, section, change, named):
     checkpoint, _ = pretrained
-    other = config("sft", 2, init_from=str(checkpoint)).model_copy(
-        update={"sequence": SEQUENCE.model_copy(update={"codebook_size": 32})}
+    base = config("sft", 2, init_from=str(checkpoint))
+    other = base.model_copy(update={section: getattr(base, section).model_copy(update=change)})
+    histories = synthetic_histories(random_semantic_ids(50, other.sequence), other.sequence, 8)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        train(other, histories, tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_sft_may_choose_its_mask_and_budget_apart_from_pt():
+    pt = config("pt", 2)
+    sft = config("sft", 2, init_from="pt.pt")
+    sft = sft.model_copy(
+        update={
+            "model": MODEL.model_copy(update={"attention_mask": "causal", "history_memory": "anchor_action"}),
+            "sequence": SEQUENCE.model_copy(update={"max_tokens": 128}),
+        }
     )
-    with pytest.raises(ValueError, match="does not match"):
-        train(
-            other, synthetic_histories(random_semantic_ids(50, other.sequence), other.sequence, 8), tmp_path
-        )
+    assert init_conflicts(pt, sft) == []
+    assert init_conflicts(
+        pt, sft.model_copy(update={"model": MODEL.model_copy(update={"inter_base": 500.0})})
+    ) == ["model.inter_base"]
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

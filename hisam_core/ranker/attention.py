@@ -4,7 +4,8 @@ A query may see a key iff ``causal(p_k <= p_q)`` and ``valid_k`` and one of: the
 token (global user context), the key is in the query's item (intra-item aggregation), or the key is
 an Anchor (compressed history). Causality uses the *logical* flat position ``p``, not the physical
 index, so the same predicate serves full streams, cache-evicted histories and realigned candidate
-blocks. Every query also sees itself, so fully padded rows stay finite (their outputs are unused).
+blocks (one candidate per batch row: candidates share an item index, so in one row they would see
+each other). Every query also sees itself, so fully padded rows stay finite (their outputs are unused).
 
 ``history_memory="anchor_action"`` is an option beyond the paper that also lets later items see
 past Action tokens (under Eq. 10 the action of a past item never reaches a later item, because the
@@ -205,6 +206,9 @@ class MemoryAnchorAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         keys, values = k, v
+        if past is not None and isinstance(mask, BlockMask):
+            # the block mask indexes this call's tokens only: cached keys would shift or be cropped
+            raise ValueError("a FlexAttention block mask cannot cover cached keys: pass a dense mask")
         if past is not None:
             keys = torch.cat([past[0].expand(batch, -1, -1, -1), k], dim=2)
             values = torch.cat([past[1].expand(batch, -1, -1, -1), v], dim=2)

@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.nn.attention.flex_attention import create_mask
+from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
-from hisam_core.ranker.attention import TokenLayout, dense_mask, mask_mod_for, memory_token_types
+from hisam_core.ranker.attention import (
+    MemoryAnchorAttention,
+    TokenLayout,
+    dense_mask,
+    mask_mod_for,
+    memory_token_types,
+)
 from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenType, UserHistory
 
 
@@ -121,6 +127,15 @@ def test_flex_attention_equals_dense_sdpa(seq_config, histories, make_model):
             actual = flex(batch, flex.mask(batch, mode)).hidden
         valid = batch.valid
         torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_a_flex_block_mask_refuses_cached_keys():
+    """A block mask indexes one call's tokens: with cached keys in front they would be misaligned."""
+    attention = MemoryAnchorAttention(16, 2, 1)
+    mask = create_block_mask(lambda b, h, q, k: q >= k, 1, None, 128, 128, device="cpu")
+    past = (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
+    with pytest.raises(ValueError, match="cannot cover cached keys"):
+        attention(torch.randn(1, 3, 16), None, mask, past)
 
 
 def perturbed_outputs(

@@ -40,12 +40,12 @@ from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenBat
 @dataclass(frozen=True)
 class AnchorKVCache:
     """Per-layer rotated keys/values ``[1, Hkv, M, d]`` of the cached history tokens, with their
-    logical position map (``layout``: flat position, item index, type; ``intra_index``)."""
+    logical position map (``layout``: flat position, item index, type; the keys are rotated already,
+    so the within-item index is not kept)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     layout: TokenLayout
-    intra_index: torch.Tensor
     history: UserHistory
     length: int  # logical length of the history stream: the next flat position
     evicted: bool
@@ -110,14 +110,12 @@ class HMATRanker:
         new_layout = TokenLayout(*(t[:, keep] for t in vars(TokenLayout.of(batch)).values()))
         new_keys = [k[:, :, keep] for k, _ in kv]
         new_values = [v[:, :, keep] for _, v in kv]
-        new_intra = batch.intra_index[:, keep]
         length = int(batch.position[0, batch.valid[0]].max()) + 1
         if cache is not None:
             new_layout = cache.layout.cat(new_layout)
             new_keys = [torch.cat([a, b], dim=2) for a, b in zip(cache.keys, new_keys, strict=True)]
             new_values = [torch.cat([a, b], dim=2) for a, b in zip(cache.values, new_values, strict=True)]
-            new_intra = torch.cat([cache.intra_index, new_intra], dim=1)
-        return AnchorKVCache(new_keys, new_values, new_layout, new_intra, history, length, evict)
+        return AnchorKVCache(new_keys, new_values, new_layout, history, length, evict)
 
     @torch.inference_mode()
     def encode(self, history: UserHistory, evict: bool = True) -> AnchorKVCache:

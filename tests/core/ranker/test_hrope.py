@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from hisam_core.ranker.hrope import HierarchicalRotaryEmbedding, apply_rotary
+from hisam_core.ranker.sequence import SequenceBuilder
 
 HEAD_DIM = 16
 
@@ -107,3 +110,30 @@ def test_score_decomposes_into_inter_and_intra_terms(qk_coords):
     torch.testing.assert_close(total, inter + intra, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(scores(rope, q_inter, k_inter, i, j + 4), inter, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(scores(rope, q_intra, k_intra, i * 3, j), intra, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "fraction", "reads"),
+    [
+        ("hrope", 0.5, {"item_index", "intra_index"}),
+        ("hrope", 1.0, {"item_index"}),  # every rotary pair on the inter-item band
+        ("hrope", 0.0, {"intra_index"}),
+        ("rope1d", 0.5, {"position"}),
+    ],
+)
+def test_the_model_rotates_by_the_coordinates_of_its_encoding(
+    seq_config, history, make_model, encoding, fraction, reads
+):
+    """HMAT hands the batch's coordinates to the rotary embedding: H-RoPE's inter band reads i, its
+    intra band j, 1D-RoPE p. Moving the last item away from the rest along one coordinate, under the
+    same mask, changes the outputs exactly when the encoding reads that coordinate."""
+    model = make_model(position_encoding=encoding, inter_fraction=fraction)
+    batch = SequenceBuilder(seq_config).batch([history])
+    mask = model.mask(batch, "memory_anchor")
+    last = batch.item_index == batch.item_index.max()
+    with torch.no_grad():
+        reference = model(batch, mask).hidden
+        for field in ("item_index", "intra_index", "position"):
+            moved = dataclasses.replace(batch, **{field: getattr(batch, field) + 3 * last})
+            changed = not torch.allclose(model(moved, mask).hidden, reference, atol=1e-5)
+            assert changed == (field in reads), field

@@ -162,12 +162,6 @@ class SequenceResult:
     interactions: DataFrame  # labelled, split, cold-flagged, positioned (before the semantic-ID join)
     cut: SplitCut
 
-    def counts(self) -> dict[str, int]:
-        """Sample and quarantine counts (two Spark actions); ``total`` equals the input count."""
-        n_samples = self.samples.count()
-        n_quarantined = self.quarantine.count()
-        return {"samples": n_samples, "quarantined": n_quarantined, "total": n_samples + n_quarantined}
-
 
 # --------------------------------------------------------------------------- helpers
 

@@ -27,7 +27,6 @@ from pyspark.sql import Column
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-LAYERS: tuple[str, ...] = ("bronze", "silver", "gold")
 _NAME = re.compile(r"^(bronze|silver|gold)\.[a-z][a-z0-9_]*$")
 _COLUMN = re.compile(r"^[a-z][a-z0-9_]*$")
 

@@ -13,7 +13,6 @@ from spark_jobs.quality.config import (
     SemanticIdRules,
 )
 from spark_jobs.quality.gate import run_quality_gate
-from spark_jobs.quality.gx import build_data_docs
 from spark_jobs.quality.report import DataQualityError, ExpectationOutcome, QualityReport
 from spark_jobs.quality.rules import (
     GxSpec,
@@ -36,7 +35,6 @@ __all__ = [
     "RowRule",
     "SampleRules",
     "SemanticIdRules",
-    "build_data_docs",
     "embeddings_suite",
     "interactions_suite",
     "run_quality_gate",

@@ -154,10 +154,3 @@ def validate(
     outcomes = [_outcome(r) for run in result.run_results.values() for r in run.results]
     index = Path(config.docs_dir).resolve() / "index.html"
     return outcomes, (str(index) if config.build_data_docs and index.exists() else None)
-
-
-def build_data_docs(config: QualityConfig) -> str:
-    """(Re)build the Data Docs site from the context's stored suites and results; the index path."""
-    context = get_context(config)
-    context.build_data_docs(site_names=[SITE_NAME])
-    return str(Path(config.docs_dir).resolve() / "index.html")

@@ -10,9 +10,12 @@ set -euo pipefail
 job="$1"; shift
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-(cd "$root" && zip -qr /tmp/hisam_src.zip hisam_core spark_jobs)
-exec spark-submit \
+# a fresh archive per submit: zip would update an existing one, keeping modules since removed
+src="$(mktemp -d)"
+trap 'rm -rf "$src"' EXIT
+(cd "$root" && zip -qr "$src/hisam_src.zip" hisam_core spark_jobs -x '*/__pycache__/*')
+spark-submit \
   --master "${SPARK_MASTER:?set SPARK_MASTER}" \
   --properties-file "$here/spark-defaults.conf" \
-  --py-files /tmp/hisam_src.zip \
+  --py-files "$src/hisam_src.zip" \
   "$root/spark_jobs/entrypoints/$job.py" "$@"

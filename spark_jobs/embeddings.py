@@ -239,7 +239,8 @@ class EmbeddingReport:
 def embed_items(
     lake: Lake, dataset: str, spec: EncoderSpec, config: EmbeddingJobConfig | None = None
 ) -> EmbeddingReport:
-    """Embed every item of ``dataset`` not yet embedded by this encoder name/version with this input."""
+    """Embed every item of ``dataset`` not yet embedded by this encoder name/version with this input,
+    and again those whose input was given but unreadable (``present`` False, e.g. a missing image)."""
     config = config or EmbeddingJobConfig()
     name = spec.encoder_name()
     report = EmbeddingReport(dataset, spec.modality, name, spec.version)
@@ -251,9 +252,16 @@ def embed_items(
     done = (
         lake.read(GOLD_ITEM_EMBEDDINGS, partitions=part)
         .filter((F.col("encoder") == name) & (F.col("encoder_version") == spec.version))
-        .select("item_id", "input_hash")
+        .select("item_id", "input_hash", "present")
     )
-    todo = inputs.join(done, ["item_id", "input_hash"], "left_anti").cache()
+    # an input that was given but could not be read (an image file not there yet) is tried again
+    given = F.trim(F.coalesce(F.col("input"), F.lit(""))) != ""
+    todo = (
+        inputs.join(done, ["item_id", "input_hash"], "left")
+        .filter(F.col("present").isNull() | (~F.col("present") & given))
+        .drop("present")
+        .cache()
+    )
     try:
         report.items = docs.count()
         pending = todo.count()

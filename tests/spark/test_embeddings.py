@@ -121,6 +121,16 @@ def test_image_modality_with_descriptor_fallback(spark, tmp_path):
     got = embeddings(lake, "image")
     assert [got[i][1] for i in (1, 2, 3, 4)] == [True, True, True, False]
     assert got[1][0] @ got[2][0] > got[1][0] @ got[3][0]  # red is closer to red than to blue
+    # the missing file is tried again, and once it is there, embedded; a blank path is never retried
+    lake.write(documents(spark, {5: "x"}, {5: " "}), "gold.item_documents", mode="merge")
+    spec, job = EncoderSpec(modality="image"), EmbeddingJobConfig(num_partitions=1)
+    assert (embed_items(lake, "ds", spec, job).embedded, embeddings(lake, "image")[5][1]) == (2, False)
+    Image.new("RGB", (8, 8), (250, 10, 10)).save(paths[4])
+    again = embed_items(lake, "ds", spec, job)
+    assert (again.skipped, again.embedded, again.absent) == (4, 1, 0)
+    got = embeddings(lake, "image")
+    assert len(got) == 5 and got[4][1] is True and np.allclose(got[4][0], got[1][0])
+    assert embed_items(lake, "ds", spec, job).embedded == 0
 
 
 @pytest.mark.slow

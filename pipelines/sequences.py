@@ -53,11 +53,17 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
         quarantine = result.quarantine.withColumn("reasons", F.array("reason")).cache()
         quarantined = quarantine.count()
         n_valid = valid.count()
-        counts = {k: int(v) for k, v in stats.asDict().items()}
+        counts = {k: int(v or 0) for k, v in stats.asDict().items()}  # a sum over no rows is null
         if counts["samples"] + quarantined != n_valid:
             raise RuntimeError(
                 f"sequence counts do not reconcile: {counts['samples']} + {quarantined} != {n_valid}; "
                 "nothing written"
+            )
+        if not counts["samples"]:
+            reasons = {r.reason: r["count"] for r in quarantine.groupBy("reason").count().collect()}
+            raise ValueError(
+                f"no samples for tokenizer {version!r}: all {n_valid} valid interactions fail ({reasons}); "
+                "nothing written (are its semantic IDs of this dataset's catalogue?)"
             )
         label = versioned_label(GOLD_SAMPLES.name, version)
         versions = {

@@ -123,6 +123,24 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     assert embed["behavior"]["cut"] == out["cut"]  # the ghost events at the end move neither
 
 
+def test_a_tokenizer_without_ids_of_this_catalogue_builds_nothing(ctx_of, spark) -> None:
+    from pipelines.steps import run_step
+    from spark_jobs.tables import GOLD_SEMANTIC_IDS
+
+    ctx = ctx_of()
+    rows = [("dq", "other", 10_000 + i, [i] * 6, 16) for i in range(3)]  # items of no catalogue
+    ctx.lake.write(
+        spark.createDataFrame(rows, schema=GOLD_SEMANTIC_IDS.schema),
+        GOLD_SEMANTIC_IDS,
+        mode="replace_partition",
+        partition_values={"dataset": "dq", "tokenizer_version": "other"},
+    )
+    before = ctx.lake.version("gold.samples")
+    with pytest.raises(ValueError, match=r"no samples for tokenizer 'other': all 300 valid .*unknown_item"):
+        run_step("build-sequences", DAY, ctx.config, {"tokenizer_version": "other"})
+    assert ctx.lake.version("gold.samples") == before
+
+
 def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
     """Builds on the samples: two with out-of-codebook targets pass the gate within its tolerance
     and are removed from gold.samples. A rerun of the day finds none, yet the quarantine still lists

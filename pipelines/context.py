@@ -83,6 +83,15 @@ class StepContext:
             return None
         return int(DeltaTable(path, storage_options=self.config.lake.storage_options or None).version())
 
+    def table_history(self, table: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` commits of a lake table, newest first, as :meth:`Lake.history` gives
+        them (delta-rs, no Spark); empty when it does not exist."""
+        from spark_jobs.lake import delta_history
+
+        if self.table_version(table) is None:
+            return []
+        return delta_history(self.table_path(table), limit, self.config.lake.storage_options)
+
     def read_table(
         self,
         table: str,

@@ -26,9 +26,13 @@ Write modes and rerun semantics (a job rerun for the same logical date leaves id
 * ``overwrite``: replaces the whole table. ``append``: adds rows (not idempotent; avoid in jobs).
 
 Every successful ``write`` commits a new table version, also when the rows are unchanged (a rerun
-gives version N+1 with the same contents as version N); Delta has no cheap no-op detection. The one
-exception: ``merge`` of an empty DataFrame without ``delete_unmatched`` commits nothing and returns
-the current version.
+gives version N+1 with the same contents as version N); Delta has no cheap no-op detection. The
+exceptions: a ``merge`` of an empty DataFrame without ``delete_unmatched``, and a ``merge`` delta-rs
+finds nothing to change for, commit nothing and return the version before the write. Otherwise the
+version returned is the write's own commit, found in the log by a write id it carries, also when
+other writers committed right after it. ``metadata`` adds key/value pairs to that commit
+(``history`` returns them); ``read_version`` refuses the write with a :class:`ConcurrentWriteError`
+when the table moved past the version its rows were derived from.
 Tables are created on first use with the declared schema and partitioning (that creation is
 version 0, an empty table).
 """
@@ -36,8 +40,10 @@ version 0, an empty table).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -60,6 +66,15 @@ DEFAULT_ROOT = Path(".hisam") / "lake"
 
 class SchemaDriftError(ValueError):
     """A DataFrame's columns or types differ from the table's declared schema."""
+
+
+class ConcurrentWriteError(RuntimeError):
+    """The table changed after the version a write was derived from (read again and retry)."""
+
+
+#: Prefix of the commit metadata keys the lake writes (delta-rs custom metadata, Spark userMetadata).
+METADATA_PREFIX = "hisam."
+WRITE_ID = "write_id"
 
 
 class LakeConfig(Config):
@@ -215,8 +230,8 @@ class Lake:
 
     def history(self, table: str | TableSpec, limit: int | None = None) -> list[dict[str, Any]]:
         """Commits, newest first (the ``limit`` newest): ``version``, ``timestamp`` (UTC datetime),
-        ``operation``, ``parameters`` and ``metrics`` (dicts as Delta records them). Empty when
-        absent."""
+        ``operation``, ``parameters`` and ``metrics`` (dicts as Delta records them), and ``metadata``
+        (what ``write(metadata=...)`` attached, plus its ``write_id``). Empty when absent."""
         path = self.path(table)
         return self._impl.history(path, limit) if self._impl.exists(path) else []
 
@@ -272,8 +287,10 @@ class Lake:
         keys: Sequence[str] | None = None,
         update_condition: str | None = None,
         delete_unmatched: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        read_version: int | None = None,
     ) -> int:
-        """Write ``df`` into ``table`` and return the Delta version committed.
+        """Write ``df`` into ``table`` and return the Delta version this write committed.
 
         ``partition_values`` is required for ``replace_partition`` and optional for ``merge``
         (pruning); ``keys`` overrides the declared keys for ``merge``; ``update_condition`` (merge
@@ -282,7 +299,9 @@ class Lake:
         overwrite newer rows; ``delete_unmatched`` (merge only) is a SQL condition on ``t``: target
         rows inside ``partition_values`` that no source row matches and that meet it are deleted,
         e.g. ``"t.logical_date = '2024-01-02'"`` so a corrected rerun of a date retracts the rows
-        it no longer contains. Raises
+        it no longer contains. ``metadata`` is recorded with the commit (see :meth:`history`);
+        ``read_version``: the version ``df`` was derived from, the write is refused with
+        :class:`ConcurrentWriteError` when another commit came after it. Raises
         :class:`SchemaDriftError` on column or type drift and ``ValueError`` on nulls in NOT NULL
         columns, rows outside the replaced partition, or duplicate merge keys.
         """
@@ -314,11 +333,32 @@ class Lake:
             )
         path = self.path(spec)
         self._impl.ensure(spec, path)
-        version = self._impl.write(
-            df, spec, path, mode, partition_values, merge_keys, update_condition, delete_unmatched
+        if read_version is not None and (latest := self._impl.version(path)) != read_version:
+            raise ConcurrentWriteError(
+                f"{spec.name} is at version {latest}, but this write was derived from version "
+                f"{read_version}: read it again"
+            )
+        write_id = uuid.uuid4().hex
+        commit = {
+            f"{METADATA_PREFIX}{k}": str(v) for k, v in {**(metadata or {}), WRITE_ID: write_id}.items()
+        }
+        before = self._impl.version(path)
+        committed = self._impl.write(
+            df, spec, path, mode, partition_values, merge_keys, update_condition, delete_unmatched, commit
         )
+        version = committed if committed is not None else self._commit_of(path, write_id, before)
         logger.info("wrote %s (%s %s) -> version %d", spec.name, mode, partition_values or "", version)
         return version
+
+    def _commit_of(self, path: str, write_id: str, before: int) -> int:
+        """The version whose commit carries ``write_id`` among those after ``before``; ``before``
+        itself when there is none (a write that changed nothing, e.g. a merge with nothing to delete,
+        commits nothing)."""
+        newer = self._impl.version(path) - before
+        for entry in self._impl.history(path, newer) if newer > 0 else []:
+            if entry["metadata"].get(WRITE_ID) == write_id:
+                return int(entry["version"])
+        return before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +394,37 @@ class _Backend:
         keys: tuple[str, ...],
         update_condition: str | None,
         delete_unmatched: str | None,
-    ) -> int:
+        metadata: dict[str, str],
+    ) -> int | None:
+        """Commit the write with ``metadata``; the version when nothing was committed, else None."""
         raise NotImplementedError
+
+
+def delta_history(
+    path: str, limit: int | None = None, storage_options: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """:meth:`Lake.history` of the table at ``path`` read with delta-rs alone (no Spark session)."""
+    from deltalake import DeltaTable
+
+    out = []
+    for entry in DeltaTable(path, storage_options=dict(storage_options or {}) or None).history(limit):
+        out.append(
+            {
+                "version": int(entry["version"]),
+                "timestamp": dt.datetime.fromtimestamp(entry["timestamp"] / 1000, tz=dt.UTC),
+                "operation": entry.get("operation"),
+                "parameters": entry.get("operationParameters", {}),
+                "metrics": entry.get("operationMetrics", {}),
+                "metadata": _commit_metadata(entry),
+            }
+        )
+    return sorted(out, key=lambda e: -e["version"])
+
+
+def _commit_metadata(values: Mapping[str, Any]) -> dict[str, str]:
+    """The lake's keys of a commit's metadata, without their prefix."""
+    n = len(METADATA_PREFIX)
+    return {k[n:]: str(v) for k, v in values.items() if k.startswith(METADATA_PREFIX)}
 
 
 def _merge_condition(keys: Sequence[str], partition_values: Mapping[str, Any]) -> str:
@@ -402,18 +471,7 @@ class _DeltaRs(_Backend):
         return int(self._table(path).version())
 
     def history(self, path: str, limit: int | None) -> list[dict[str, Any]]:
-        out = []
-        for entry in self._table(path).history(limit):
-            out.append(
-                {
-                    "version": int(entry["version"]),
-                    "timestamp": dt.datetime.fromtimestamp(entry["timestamp"] / 1000, tz=dt.UTC),
-                    "operation": entry.get("operation"),
-                    "parameters": entry.get("operationParameters", {}),
-                    "metrics": entry.get("operationMetrics", {}),
-                }
-            )
-        return sorted(out, key=lambda e: -e["version"])
+        return delta_history(path, limit, self.storage_options)
 
     def read(self, spec: TableSpec, path: str, version: int | None, partitions: dict[str, Any]) -> DataFrame:
         """Distributed read: Spark scans the version's Parquet files; partition values come from
@@ -460,9 +518,11 @@ class _DeltaRs(_Backend):
         keys: tuple[str, ...],
         update_condition: str | None,
         delete_unmatched: str | None,
-    ) -> int:
-        from deltalake import write_deltalake
+        metadata: dict[str, str],
+    ) -> int | None:
+        from deltalake import CommitProperties, write_deltalake
 
+        commit = CommitProperties(custom_metadata=metadata)
         arrow = _to_arrow(df, spec)
         partition_by = list(spec.partition_by) or None
         if mode == "replace_partition":
@@ -474,10 +534,16 @@ class _DeltaRs(_Backend):
                 predicate=partition_predicate(partition_values),
                 partition_by=partition_by,
                 storage_options=self.storage_options,
+                commit_properties=commit,
             )
         elif mode in ("overwrite", "append"):
             write_deltalake(
-                path, arrow, mode=mode, partition_by=partition_by, storage_options=self.storage_options
+                path,
+                arrow,
+                mode=mode,
+                partition_by=partition_by,
+                storage_options=self.storage_options,
+                commit_properties=commit,
             )
         else:  # merge
             if arrow.num_rows == 0 and delete_unmatched is None:
@@ -491,6 +557,7 @@ class _DeltaRs(_Backend):
                     predicate=_merge_condition(keys, partition_values),
                     source_alias="s",
                     target_alias="t",
+                    commit_properties=commit,
                 )
                 .when_matched_update_all(predicate=update_condition)
                 .when_not_matched_insert_all()
@@ -498,7 +565,7 @@ class _DeltaRs(_Backend):
             if delete_unmatched is not None:
                 merger = merger.when_not_matched_by_source_delete(predicate=delete_unmatched)
             merger.execute()
-        return self.version(path)
+        return None
 
 
 class _SparkDelta(_Backend):
@@ -532,7 +599,9 @@ class _SparkDelta(_Backend):
         table = self._table(path)
         rows = (
             (table.history(limit) if limit else table.history())
-            .select("version", "timestamp", "operation", "operationParameters", "operationMetrics")
+            .select(
+                "version", "timestamp", "operation", "operationParameters", "operationMetrics", "userMetadata"
+            )
             .collect()  # the commit log, not table data
         )
         return [
@@ -542,6 +611,7 @@ class _SparkDelta(_Backend):
                 "operation": r["operation"],
                 "parameters": dict(r["operationParameters"] or {}),
                 "metrics": dict(r["operationMetrics"] or {}),
+                "metadata": _commit_metadata(json.loads(r["userMetadata"] or "{}")),
             }
             for r in rows
         ]
@@ -563,7 +633,9 @@ class _SparkDelta(_Backend):
         keys: tuple[str, ...],
         update_condition: str | None,
         delete_unmatched: str | None,
-    ) -> int:
+        metadata: dict[str, str],
+    ) -> int | None:
+        user_metadata = json.dumps(metadata, sort_keys=True)
         if mode == "merge":
             if delete_unmatched is None and df.isEmpty():
                 return self.version(path)
@@ -582,9 +654,18 @@ class _SparkDelta(_Backend):
             )
             if delete_unmatched is not None:
                 merger = merger.whenNotMatchedBySourceDelete(condition=delete_unmatched)
-            merger.execute()
+            conf = "spark.databricks.delta.commitInfo.userMetadata"
+            previous = self.spark.conf.get(conf, None)
+            self.spark.conf.set(conf, user_metadata)  # a merge takes commit metadata from the session
+            try:
+                merger.execute()
+            finally:
+                if previous is None:
+                    self.spark.conf.unset(conf)
+                else:
+                    self.spark.conf.set(conf, previous)
         else:
-            writer = df.write.format("delta")
+            writer = df.write.format("delta").option("userMetadata", user_metadata)
             if mode == "replace_partition":
                 # Delta itself refuses rows outside the predicate (DELTA_REPLACE_WHERE_MISMATCH).
                 writer = writer.mode("overwrite").option(
@@ -593,7 +674,7 @@ class _SparkDelta(_Backend):
             else:
                 writer = writer.mode(mode)
             writer.save(path)
-        return self.version(path)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,59 @@ def test_replace_partition_is_idempotent_and_time_travels(spark, lake):
         lake.read("bronze.users", version=9)
 
 
+def test_a_write_returns_its_own_commit_and_records_its_metadata(spark, lake):
+    """Two writers commit concurrently (delta-rs retries on conflict): each write's returned version
+    is the commit carrying its own metadata, never the other writer's later one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def write(writer: str, n: int) -> tuple[str, int]:
+        day = D1 if writer == "a" else D2
+        frame = users(spark, "ds", day, [f"{writer}{n}"])
+        version = lake.write(
+            frame,
+            "bronze.users",
+            mode="replace_partition",
+            partition_values={"dataset": "ds", "logical_date": day},
+            metadata={"writer": writer, "n": n},
+        )
+        return f"{writer}{n}", version
+
+    lake.write(users(spark, "ds", D1, []), "bronze.users", mode="append")  # create the table first
+    with ThreadPoolExecutor(2) as pool:
+        returned = dict(pool.map(lambda job: write(*job), [(w, n) for n in range(4) for w in "ab"]))
+    by_version = {h["version"]: h["metadata"] for h in lake.history("bronze.users")}
+    assert len(set(returned.values())) == 8
+    for key, version in returned.items():
+        assert by_version[version]["writer"] + by_version[version]["n"] == key
+
+
+def test_a_write_derived_from_an_older_version_is_refused(spark, lake):
+    from spark_jobs.lake import ConcurrentWriteError
+
+    part = {"dataset": "ds", "logical_date": D1}
+    read = lake.write(
+        users(spark, "ds", D1, ["1"]), "bronze.users", mode="replace_partition", partition_values=part
+    )
+    newer = lake.write(
+        users(spark, "ds", D1, ["2"]), "bronze.users", mode="replace_partition", partition_values=part
+    )
+    with pytest.raises(
+        ConcurrentWriteError, match=f"at version {newer}, but this write was derived from version {read}"
+    ):
+        lake.write(
+            users(spark, "ds", D1, ["1"]),
+            "bronze.users",
+            mode="replace_partition",
+            partition_values=part,
+            read_version=read,
+        )
+    assert [r.user_id for r in lake.read("bronze.users").collect()] == ["2"]  # the newer rows stay
+    assert lake.write(
+        users(spark, "ds", D1, ["3"]), "bronze.users", mode="replace_partition", partition_values=part,
+        read_version=newer,
+    ) == newer + 1  # fmt: skip
+
+
 def test_partition_values_survive_odd_characters(spark, lake):
     """Partition values come from the Delta log, not from re-parsed directory names."""
     name = "café dataset/ü=1%"

@@ -19,6 +19,12 @@ class InteractionRules(Config):
     timestamp_col: str = "event_ts"
     rating_col: str = "rating"
     label_col: str = "label"
+    import_date_col: str | None = Field(
+        default="logical_date",
+        description="the day a row was imported: when present, an event later than the end of that day "
+        "is in the future (so a rerun of an older date judges newer rows by their own import day); "
+        "absent, the end of the run's logical date bounds every row",
+    )
     rating_min: float = 1.0
     rating_max: float = 5.0
     timestamp_floor: dt.datetime = Field(

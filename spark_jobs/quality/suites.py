@@ -28,6 +28,7 @@ from spark_jobs.quality.rules import DQ_VALID, GxSpec, QualitySuite, RowRule
 from spark_jobs.sequences import TEST, TRAIN, unix_seconds
 
 DQ_EVENT_TIME = "dq_event_time_s"
+DQ_AFTER_IMPORT = "dq_seconds_after_import_day"  # > 0: the event is later than the day it was imported
 DQ_ITEM_KNOWN = "dq_item_known"
 DQ_SEQUENCE_TOKENS = "dq_sequence_tokens"
 
@@ -97,7 +98,8 @@ def interactions_suite(
 ) -> QualitySuite:
     """Interactions: non-null keys, sane timestamps, ratings in range, items that resolve, unique
     (dataset, user, item, timestamp) after dedup. ``items``: the catalogue the item ids must
-    resolve in (skipped when None); ``logical_date`` overrides the config's (None: now)."""
+    resolve in (skipped when None); ``logical_date`` overrides the config's (None: now) as the
+    future bound of rows without an import date (``interactions.import_date_col``)."""
     cfg = config or QualityConfig()
     r = cfg.interactions
     _require(df, name, [r.user_col, r.item_col, r.timestamp_col])
@@ -118,10 +120,10 @@ def interactions_suite(
         ),
         RowRule(
             "timestamp_in_future",
-            t > F.lit(end_s),
+            F.col(DQ_AFTER_IMPORT) > 0,
             GxSpec(
                 "ExpectColumnValuesToBeBetween",
-                {"column": DQ_EVENT_TIME, "max_value": end_s},
+                {"column": DQ_AFTER_IMPORT, "max_value": 0},
                 "timestamp_in_future",
             ),
         ),
@@ -176,6 +178,12 @@ def interactions_suite(
 
     def prepare(batch: DataFrame) -> DataFrame:
         out = batch.withColumn(DQ_EVENT_TIME, unix_seconds(batch, r.timestamp_col))
+        if r.import_date_col and r.import_date_col in batch.columns:  # end of the row's import day, UTC
+            days = F.datediff(F.col(r.import_date_col), F.lit("1970-01-01").cast("date"))
+            bound = days.cast("long") * 86400 + 86399
+        else:
+            bound = F.lit(end_s)
+        out = out.withColumn(DQ_AFTER_IMPORT, F.col(DQ_EVENT_TIME) - bound)
         if items is not None:
             out = _with_item_lookup(out, items, r.item_col, r.dataset_col)
         return out

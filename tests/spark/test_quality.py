@@ -109,6 +109,23 @@ def test_interactions_every_bad_type_is_quarantined_with_its_reason(spark, tmp_p
     check_schema(to_bronze_quarantine(quarantine, "silver.interactions", DAY).schema, "bronze.quarantine")
 
 
+def test_an_event_is_in_the_future_only_after_the_day_it_was_imported(spark, tmp_path) -> None:
+    """A rerun of an older date sees rows imported since: each is judged by its own import day, so
+    the rerun neither quarantines them nor fails; without an import date the run's date bounds all."""
+    imported = dt.date(1998, 5, 2)
+    rows = [
+        ("on_time", "ml", 1, 10, dt.datetime(1998, 5, 2, 23, 59, 59, tzinfo=dt.UTC), 4.0, None, imported),
+        ("ahead", "ml", 1, 11, dt.datetime(1998, 5, 3, tzinfo=dt.UTC), 4.0, None, imported),
+    ]
+    df = spark.createDataFrame(rows, INTERACTIONS)
+    cfg = quiet(tmp_path)  # the run's logical date, DAY, is before the import day
+    _, quarantine, _ = run_quality_gate(df, interactions_suite(df, cfg), cfg, validate_with_gx=False)
+    assert reasons_by_row(quarantine) == {"ahead": ("timestamp_in_future", ["timestamp_in_future"])}
+    by_run = quiet(tmp_path, interactions={"import_date_col": None})
+    _, quarantine, _ = run_quality_gate(df, interactions_suite(df, by_run), by_run, validate_with_gx=False)
+    assert set(reasons_by_row(quarantine)) == {"on_time", "ahead"}
+
+
 def test_embeddings_and_semantic_ids_quarantine(spark, tmp_path) -> None:
     cfg = quiet(tmp_path, embeddings={"expected_dims": {"text": 3}}, semantic_ids={"codebook_size": 8})
     nan, inf = float("nan"), float("inf")

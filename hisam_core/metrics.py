@@ -7,7 +7,9 @@
 
 Every metric takes an optional boolean ``mask`` selecting the samples to score, e.g. the cold-start
 subset (Sec. 4.1: users with fewer than 10 interactions). A selection without both classes (or,
-for GAUC, without a single user having both) raises ``ValueError``.
+for GAUC, without a single user having both) raises ``ValueError``; :func:`ranking_metrics` instead
+reports such a cold-start subset as NaN, since which users are cold is a property of the data, not of
+the model being scored.
 """
 
 from __future__ import annotations
@@ -71,11 +73,14 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, mask: np.nd
 def ranking_metrics(
     labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, cold_start: np.ndarray | None = None
 ) -> dict[str, float]:
-    """``auc`` and ``gauc``, plus ``cold_auc`` and ``cold_gauc`` on the ``cold_start`` subset."""
+    """``auc`` and ``gauc``, plus ``cold_auc`` and ``cold_gauc`` on the ``cold_start`` subset; each
+    cold metric is NaN when the subset cannot define it (one class only; for GAUC, no user with both)."""
     metrics = {"auc": auc(labels, scores), "gauc": gauc(labels, scores, groups)}
     if cold_start is not None:
-        metrics["cold_auc"] = auc(labels, scores, cold_start)
-        metrics["cold_gauc"] = gauc(labels, scores, groups, cold_start)
+        cold_labels, _, cold_groups = _prepare(labels, scores, cold_start, groups)
+        some_user_has_both = (pd.Series(cold_labels).groupby(cold_groups).nunique() == 2).any()
+        metrics["cold_auc"] = auc(labels, scores, cold_start) if len(set(cold_labels)) == 2 else np.nan
+        metrics["cold_gauc"] = gauc(labels, scores, groups, cold_start) if some_user_has_both else np.nan
     return metrics
 
 

@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipelines.settings import positive_int
 from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 
 log = logging.getLogger("hisam")
@@ -175,9 +176,10 @@ def split_evaluate(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _positive_int(value: str) -> int:
-    if not value.strip().isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return int(value)
+    try:
+        return positive_int(value, "the value")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _threads(value: str) -> int:

@@ -340,6 +340,21 @@ def configure(args: argparse.Namespace) -> EvaluationConfig:
     return EvaluationConfig.model_validate({**config.model_dump(), **update})
 
 
+def without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value, however given: ``--reuse X``, ``--reuse=X`` or an
+    abbreviation argparse accepts (``--reu X``)."""
+    out, skip = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(name) > 2 and option.startswith(name) and arg != "--":
+            skip = "=" not in arg
+        else:
+            out.append(arg)
+    return out
+
+
 def main(
     argv: list[str] | None = None,
     results: Path | None = None,
@@ -375,11 +390,8 @@ def main(
         "python": platform.python_version(),
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    given = list(argv if argv is not None else sys.argv[1:])
-    if args.reuse:  # the report names the command that would produce it from scratch
-        at = given.index("--reuse")
-        given = given[:at] + given[at + 2 :]
-    result["environment"]["command"] = " ".join([prog or "hisam evaluate", *given])
+    given = without_option(list(argv if argv is not None else sys.argv[1:]), "--reuse")
+    result["environment"]["command"] = " ".join([prog or "hisam evaluate", *given])  # from scratch
     args.results.mkdir(parents=True, exist_ok=True)
     json_path = args.results / "quality.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -51,7 +51,9 @@ def register(ctx: StepContext) -> dict[str, Any]:
         EVAL_PREFIX,
         PROFILE_VOCABULARY,
         RUN_KEY,
+        UNMEASURED,
         _find_run,
+        evaluated_metrics,
         metrics_of,
         sft_checkpoint_dir,
     )
@@ -60,31 +62,36 @@ def register(ctx: StepContext) -> dict[str, Any]:
 
     name = ctx.config.models.ranker
     run = _find_run(ctx, "finetune")
-    if run is None or f"{EVAL_PREFIX}auc" not in run.data.metrics:
+    evaluated = evaluated_metrics(run) if run is not None else {}
+    if f"{EVAL_PREFIX}auc" not in evaluated:
         raise ValueError(f"no evaluated finetune run for {ctx.run_key}: run finetune and evaluate first")
     tags = {
         RUN_KEY: ctx.run_key,
         "pretrained_version": run.data.tags.get("pretrained_version", ""),
         "eval.snapshot": run.data.tags.get("eval.snapshot", ""),
         "eval.champion_version": run.data.tags.get("eval.champion_version", ""),
+        UNMEASURED: run.data.tags.get(UNMEASURED, ""),
     }
     for prefix in (EVAL_PREFIX, CHAMPION_PREFIX):
         tags.update(
-            {
-                f"{prefix}{k}": f"{v:.6f}"
-                for k, v in metrics_of(run.data.metrics, prefix, GATE_METRICS).items()
-            }
+            {f"{prefix}{k}": f"{v:.6f}" for k, v in metrics_of(evaluated, prefix, GATE_METRICS).items()}
         )
     existing = _candidate(ctx)
     if existing is not None:  # registered before; evaluate may have run again since (a new champion)
-        stale = {k: v for k, v in tags.items() if existing.tags.get(k) != v}
-        if "gate" in existing.tags:  # judged already: its tags are the record of that judgement
-            stale = {}
+        judged = "gate" in existing.tags  # then its tags are the record of that judgement
+        stale = {k: v for k, v in tags.items() if existing.tags.get(k) != v and not judged}
+        gone = [
+            k
+            for k in existing.tags
+            if k.startswith((EVAL_PREFIX, CHAMPION_PREFIX)) and k not in tags and not judged
+        ]
         for key, value in stale.items():
             ctx.mlflow.set_model_version_tag(name, existing.version, key, value)
-        if stale:
+        for key in gone:  # measured by an earlier evaluation only
+            ctx.mlflow.delete_model_version_tag(name, existing.version, key)
+        if stale or gone:
             log.info("%s v%s: evaluation tags updated from run %s", name, existing.version, run.info.run_id)
-        return {"model_version": str(existing.version), "skipped": True, "retagged": sorted(stale)}
+        return {"model_version": str(existing.version), "skipped": True, "retagged": sorted([*stale, *gone])}
     version = run.data.tags["tokenizer_version"]
     checkpoint = sft_checkpoint_dir(ctx, version, run) / "checkpoint.pt"
     import torch
@@ -105,7 +112,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
 
 def promote(ctx: StepContext) -> dict[str, Any]:
     """Gate the candidate against the champion it was evaluated with; move aliases or reject + alert."""
-    from pipelines.ranker import CHAMPION_PREFIX, EVAL_PREFIX, metrics_of
+    from pipelines.ranker import CHAMPION_PREFIX, EVAL_PREFIX, UNMEASURED, metrics_of
     from pipelines.registry import CHAMPION, DRIFT_PREFIX, GateDecision, alias_version, apply_decision, decide
 
     name = ctx.config.models.ranker
@@ -129,7 +136,8 @@ def promote(ctx: StepContext) -> dict[str, Any]:
     mine = metrics_of(candidate.tags, EVAL_PREFIX, GATE_METRICS)
     theirs = metrics_of(candidate.tags, CHAMPION_PREFIX, GATE_METRICS) if champion else None
     behind = metrics_of(champion.tags, DRIFT_PREFIX, GATE_METRICS) if champion else {}
-    decision = decide(mine, theirs, ctx.config.gate, behind)
+    unmeasured = [m for m in candidate.tags.get(UNMEASURED, "").split(",") if m]
+    decision = decide(mine, theirs, ctx.config.gate, behind, unmeasured)
     if not decision.promote:  # before the verdict is tagged: a retry after the tag skips, alert-less
         ctx.alert(
             f"{name} v{version} not promoted",
@@ -148,6 +156,7 @@ def promote(ctx: StepContext) -> dict[str, Any]:
         "champion": version if decision.promote else current,
         "metrics": mine,
         "drift": decision.drift,
+        "unmeasured": decision.unmeasured,
     }
 
 
@@ -252,11 +261,9 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
 
 def rollback(ctx: StepContext) -> dict[str, Any]:
     """Restore ``@previous`` as ``@champion`` and tell the on-call."""
-    from pipelines.registry import champion_version
     from pipelines.registry import rollback as restore
 
     name = ctx.config.models.ranker
-    demoted = champion_version(ctx.mlflow, name)
-    restored = restore(ctx.mlflow, name)
+    restored, demoted = restore(ctx.mlflow, name)
     ctx.alert(f"{name} rolled back", f"@champion v{demoted} -> v{restored}", "warning")
     return {"champion": restored, "demoted": demoted}

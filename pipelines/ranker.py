@@ -20,6 +20,7 @@ at pre-training and kept by every model built on it (a value unseen then is buck
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,10 @@ RUN_KEY = "run_key"  # model-version tag: the logical run that produced the vers
 PRETRAINED_VERSION = "pretrained_version"  # finetune-run and ranker-version tag: the PT it started from
 EVAL_PREFIX = "eval."  # candidate metrics, as finetune-run metrics and candidate version tags
 CHAMPION_PREFIX = "champion."  # the champion's metrics on the same snapshot
+EVAL_METRICS = "eval.metrics"  # finetune-run tag: the metrics the latest evaluate logged (run metrics
+# keep every key ever logged, so a value an earlier evaluation logged must not be taken for today's)
+UNMEASURED = "eval.unmeasured"  # finetune-run and version tag: metrics the snapshot cannot define
+COLD_METRICS = ("cold_auc", "cold_gauc")  # undefined when no cold-start test user has both classes
 INTERNAL = ("semantic_ids", "config", "profile_vocabulary")  # _train_stage results not in summaries
 
 
@@ -81,14 +86,15 @@ def encode_profiles(frame: pd.DataFrame, vocabulary: ProfileVocabulary) -> dict[
 
 def windows(history: UserHistory, max_items: int) -> list[UserHistory]:
     """Cut a labelled stream into windows of at most ``max_items`` items; each window labels up to
-    ``max_items // 2`` of the stream's targets (in order) after the items just before them."""
+    ``max_items // 2`` of the stream's targets (in order, as many as fit beside the first) after the
+    items just before them, so every target is labelled exactly once."""
     targets = np.flatnonzero(history.targets)
     stride, out, i = max(max_items // 2, 1), [], 0
     while i < len(targets):
-        end = int(targets[min(i + stride, len(targets)) - 1]) + 1
-        start = max(0, end - max_items)
         take = targets[i : i + stride]
-        take = take[take >= start]
+        take = take[take - take[0] < max_items]  # a later target too far from the first waits
+        end = int(take[-1]) + 1
+        start = max(0, end - max_items)
         mask = np.zeros(end - start, dtype=bool)
         mask[take - start] = True
         out.append(
@@ -423,7 +429,18 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     vocabulary = ProfileVocabulary.load(checkpoints / PROFILE_VOCABULARY)
     profiles = encode_profiles(profile_frame, vocabulary)
     candidate = evaluate_model(model, config.sequence, candidate_ids, frame, batch, profiles)
-    metrics = {f"{EVAL_PREFIX}{k}": v for k, v in candidate.items()}
+    unmeasured = [m for m in COLD_METRICS if not math.isfinite(candidate.get(m, math.nan))]
+    if unmeasured:
+        test = frame[frame["split"] == "test"]
+        log.warning(
+            "%s not measurable on %s v%d: %d cold-start test users, none with both a positive and a "
+            "negative sample; the gate skips them for candidate and champion alike",
+            ", ".join(unmeasured),
+            SAMPLES,
+            snapshot,
+            test.loc[test["is_cold_user"], "user_id"].nunique(),
+        )
+    metrics = {f"{EVAL_PREFIX}{k}": v for k, v in candidate.items() if k not in unmeasured}
     if served is not None:
         scored = evaluate_model(
             served.ranker.model,
@@ -433,7 +450,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
             batch,
             encode_profiles(profile_frame, served.profile_vocabulary or ProfileVocabulary({})),
         )
-        metrics.update({f"{CHAMPION_PREFIX}{k}": v for k, v in scored.items()})
+        metrics.update({f"{CHAMPION_PREFIX}{k}": v for k, v in scored.items() if k not in unmeasured})
     with mlflow.start_run(run_id=run.info.run_id):
         mlflow.log_metrics(metrics)
         mlflow.set_tags(
@@ -441,6 +458,8 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
                 "eval.snapshot": str(snapshot),
                 "eval.champion_version": str(champion.version) if champion else "",
                 "eval.champion_unknown_rows": str(unknown),
+                EVAL_METRICS: ",".join(sorted(metrics)),
+                UNMEASURED: ",".join(unmeasured),
             }
         )
         ctx.log_input(SAMPLES, snapshot, "evaluation", "test_samples")
@@ -449,6 +468,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         "snapshot": snapshot,
         "champion_version": None if champion is None else str(champion.version),
         "champion_unknown_rows": unknown,
+        "unmeasured": unmeasured,
         **{k: round(v, 4) for k, v in metrics.items()},
     }
 
@@ -456,3 +476,10 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
 def metrics_of(values: dict[str, Any], prefix: str, names: Sequence[str]) -> dict[str, float]:
     """``{name: value}`` of the ``prefix``-ed entries of ``values`` (run metrics or version tags)."""
     return {n: float(values[f"{prefix}{n}"]) for n in names if f"{prefix}{n}" in values}
+
+
+def evaluated_metrics(run: Run) -> dict[str, float]:
+    """The ``eval.*`` and ``champion.*`` metrics the latest ``evaluate`` logged to the finetune ``run``
+    (empty before any): what an earlier evaluation logged and this one did not is left out."""
+    names = [n for n in run.data.tags.get(EVAL_METRICS, "").split(",") if n]
+    return {n: run.data.metrics[n] for n in names}

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.context import StepContext
+from pipelines.settings import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,6 @@ def _flag(value: str | None, name: str) -> bool:
     raise ValueError(f"param {name} must be true or false, got {value!r}")
 
 
-def _positive(value: str, name: str) -> int:
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"param {name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def recommend(ctx: StepContext) -> dict[str, Any]:
     """Top ``params.top_k`` (default 10) items for ``params.user`` (the source's user id, as in
     ``silver.interactions.user_key``) from ``<ranker>@<params.alias>`` (default ``champion``)."""
@@ -48,7 +43,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     user_key = ctx.params.get("user")
     if not user_key:
         raise ValueError("recommend needs --param user=<the source's user id>")
-    top_k = _positive(ctx.params.get("top_k", "10"), "top_k")
+    top_k = positive_int(ctx.params.get("top_k", "10"), "param top_k")
     alias = ctx.params.get("alias", CHAMPION)
     include_seen = _flag(ctx.params.get("include_seen"), "include_seen")
     name = ctx.config.models.ranker

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -65,6 +66,7 @@ class GateDecision:
     promote: bool
     reasons: list[str] = field(default_factory=list)
     drift: dict[str, float] = field(default_factory=dict)  # the candidate's, tagged when promoted
+    unmeasured: list[str] = field(default_factory=list)  # skipped: the snapshot cannot define them
 
 
 def decide(
@@ -72,6 +74,7 @@ def decide(
     champion: dict[str, float] | None,
     config: PromotionGateConfig,
     champion_drift: dict[str, float] | None = None,
+    unmeasured: Collection[str] = (),
 ) -> GateDecision:
     """Apply the gate; the reasons list every failed condition (empty when promoted).
 
@@ -80,9 +83,17 @@ def decide(
     chained onto the champion's and a new best resets it to 0. Every difference is measured on one
     snapshot, so the chain compares models across days without comparing days. A metric the champion
     never measured starts a new chain at 0.
+
+    ``unmeasured`` names metrics the evaluation could not define on its snapshot (a cold-start subset
+    that is empty or has one class). Candidate and champion are scored on the same rows, so neither
+    has them: their conditions are skipped, not failed, and the champion's drift is carried over.
+    Any other missing metric still fails.
     """
+    skip = sorted(m for m in unmeasured if not math.isfinite(candidate.get(m, math.nan)))
     reasons: list[str] = []
     for metric, floor in config.floors.items():
+        if metric in skip:
+            continue
         if metric not in candidate:
             reasons.append(f"{metric}: missing from the candidate's evaluation")
         elif not candidate[metric] >= floor:  # also catches NaN
@@ -90,7 +101,9 @@ def decide(
     if champion is not None:
         for metric, tolerance in config.max_regression.items():
             theirs = champion.get(metric)
-            if theirs is None or not math.isfinite(theirs):  # nothing measured to regress from
+            if (
+                metric in skip or theirs is None or not math.isfinite(theirs)
+            ):  # nothing measured to regress from
                 continue
             if metric not in candidate:
                 if metric not in config.floors:  # else already listed as missing
@@ -102,6 +115,10 @@ def decide(
                 )
     drift: dict[str, float] = {}
     for metric, budget in config.max_drift.items():
+        if metric in skip:
+            if metric in (champion_drift or {}):
+                drift[metric] = (champion_drift or {})[metric]
+            continue
         mine = candidate.get(metric, math.nan)
         theirs = math.nan if champion is None else champion.get(metric, math.nan)
         if not math.isfinite(theirs):  # the first champion, or a metric its champion never measured
@@ -118,7 +135,7 @@ def decide(
                 f"{metric}: {mine:.4f} would put the champion line {-drift[metric]:.4f} below its best "
                 f"(tolerated regressions add up), more than {budget:.4f}"
             )
-    return GateDecision(promote=not reasons, reasons=reasons, drift=drift)
+    return GateDecision(promote=not reasons, reasons=reasons, drift=drift, unmeasured=skip)
 
 
 def find_versions(client: MlflowClient, model: str, **tags: str) -> list[ModelVersion]:
@@ -138,14 +155,14 @@ def alias_version(client: MlflowClient, model: str, alias: str) -> ModelVersion 
 
 def champion_version(client: MlflowClient, model: str) -> str | None:
     """The version behind ``@champion``, or None before the first promotion."""
-    try:
-        return str(client.get_model_version_by_alias(model, CHAMPION).version)
-    except MlflowException:
-        return None
+    found = alias_version(client, model, CHAMPION)
+    return None if found is None else str(found.version)
 
 
 def apply_decision(client: MlflowClient, model: str, version: str, decision: GateDecision) -> None:
     """Move the aliases (promote) or tag the candidate rejected; both are recorded as tags."""
+    if decision.unmeasured:
+        client.set_model_version_tag(model, version, "gate_unmeasured", ",".join(decision.unmeasured))
     if not decision.promote:
         client.set_model_version_tag(model, version, "gate", "rejected")
         client.set_model_version_tag(model, version, "gate_reasons", "; ".join(decision.reasons))
@@ -169,8 +186,12 @@ def make_refreshed_champion(client: MlflowClient, model: str, version: str) -> N
     log.info("%s v%s (refreshed) is @%s", model, version, CHAMPION)
 
 
-def rollback(client: MlflowClient, model: str) -> str:
-    """Restore ``@previous`` as ``@champion``; the demoted version is tagged ``rolled_back``."""
+RESTORED_FROM = "restored_from"  # model-version tag: the champion a rollback demoted for it
+
+
+def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
+    """Restore ``@previous`` as ``@champion``; the demoted version is tagged ``rolled_back``.
+    Returns (restored, demoted) versions, also when a retry completes an interrupted rollback."""
     try:
         previous = str(client.get_model_version_by_alias(model, PREVIOUS).version)
     except MlflowException as err:
@@ -178,11 +199,13 @@ def rollback(client: MlflowClient, model: str) -> str:
     demoted = champion_version(client, model)
     if demoted == previous:  # a retry after @champion moved: only @previous is left to remove
         client.delete_registered_model_alias(model, PREVIOUS)
-        log.warning("%s: rollback to v%s completed", model, previous)
-        return previous
+        demoted = client.get_model_version(model, previous).tags.get(RESTORED_FROM)
+        log.warning("%s: rollback from v%s to v%s completed", model, demoted, previous)
+        return previous, demoted
     if demoted is not None:  # first, so a retry after the aliases moved never tags the restored one
+        client.set_model_version_tag(model, previous, RESTORED_FROM, demoted)
         client.set_model_version_tag(model, demoted, "gate", "rolled_back")
     client.set_registered_model_alias(model, CHAMPION, previous)
     client.delete_registered_model_alias(model, PREVIOUS)
     log.warning("%s: rolled back @%s from v%s to v%s", model, CHAMPION, demoted, previous)
-    return previous
+    return previous, demoted

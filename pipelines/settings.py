@@ -55,3 +55,10 @@ class Settings(Config):
     @property
     def alerts_file(self) -> Path:
         return self.home / "alerts.jsonl"
+
+
+def positive_int(text: str, name: str) -> int:
+    """``text`` as an integer of at least 1 (an option, a step param or an environment value)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}")
+    return int(text)

@@ -56,6 +56,23 @@ def test_ranking_metrics_bundle(samples):
     assert set(ranking_metrics(labels, scores, users)) == {"auc", "gauc"}
 
 
+def test_a_cold_subset_that_cannot_define_a_metric_reports_nan(samples):
+    """Which users are cold is a property of the data: a subset with one class (or, for GAUC, no
+    user with both) leaves that metric undefined for every model, so it is NaN, never an error."""
+    labels, scores, users, cold = samples
+    labels = labels.copy()
+    labels[cold] = 1
+    one_class = ranking_metrics(labels, scores, users, cold)
+    assert np.isnan(one_class["cold_auc"]) and np.isnan(one_class["cold_gauc"])
+    assert one_class["auc"] == auc(labels, scores) and one_class["gauc"] == gauc(labels, scores, users)
+    # each cold user single-class, but both classes across them: AUC defined, GAUC not
+    labels[cold] = users[cold] % 2
+    mixed = ranking_metrics(labels, scores, users, cold)
+    assert mixed["cold_auc"] == auc(labels, scores, cold) and np.isnan(mixed["cold_gauc"])
+    with pytest.raises(ValueError, match="boolean"):
+        ranking_metrics(labels, scores, users, cold.astype(int))
+
+
 def test_perfect_and_reversed_rankings():
     labels = np.array([0, 0, 1, 1])
     assert auc(labels, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0

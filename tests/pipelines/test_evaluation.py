@@ -93,12 +93,24 @@ def test_evaluate_writes_the_report_logs_every_run_and_reuses_them(
 
     again = tmp_path / "again"
     caplog.clear()
-    reuse = ["--reuse", str(results / "quality.json")]
+    reuse = [f"--reuse={results / 'quality.json'}"]  # the = form: the report drops it all the same
     with caplog.at_level(logging.INFO, logger="pipelines.evaluation"):
         assert cli(["evaluate", *common, "--results", str(again), *reuse]) == 0
     assert "0 jobs to run (4 kept from an earlier result)" in caplog.text  # nothing trained again
     rerun = json.loads((again / "quality.json").read_text())
     assert rerun["runs"] == result["runs"] and rerun["summary"] == result["summary"]
+    assert rerun["environment"]["command"] == f"hisam evaluate {' '.join(common)} --results {again}"
+
+
+@pytest.mark.parametrize(
+    "given",
+    [["--reuse", "q.json"], ["--reuse=q.json"], ["--reu", "q.json"], ["--reuse=--x"]],
+)
+def test_the_reported_command_drops_reuse_however_it_was_given(given):
+    from pipelines.evaluation import without_option
+
+    argv = ["--seeds", "0", *given, "--results", "out"]
+    assert without_option(argv, "--reuse") == ["--seeds", "0", "--results", "out"]
 
 
 def test_evaluate_without_the_dataset_is_a_clear_error(tmp_path, caplog):

@@ -19,9 +19,15 @@ def _history(n: int, targets: np.ndarray | None = None) -> UserHistory:
     return UserHistory(7, items, np.arange(n) % 2, {}, targets)
 
 
-@pytest.mark.parametrize(("n", "max_items"), [(1, 4), (5, 4), (37, 10), (100, 37), (9, 1)])
-def test_windows_label_every_target_once_behind_its_own_context(n: int, max_items: int) -> None:
-    history = _history(n)
+@pytest.mark.parametrize(
+    ("n", "max_items", "targets"),
+    [(1, 4, None), (5, 4, None), (37, 10, None), (100, 37, None), (9, 1, None),
+     (8, 4, [0, 6, 7]), (40, 6, [1, 2, 9, 20, 21, 22, 23, 39]), (12, 5, [0, 4, 5, 11])],
+)  # fmt: skip
+def test_windows_label_every_target_once_behind_its_own_context(n: int, max_items: int, targets) -> None:
+    """Adjacent targets (a stream's training rows) and scattered ones: each labelled exactly once."""
+    is_target = None if targets is None else np.isin(np.arange(n), targets)
+    history = _history(n, is_target)
     out = windows(history, max_items)
     labelled = []
     start = 0
@@ -33,7 +39,8 @@ def test_windows_label_every_target_once_behind_its_own_context(n: int, max_item
                 end = s
                 break
         labelled.extend(end + np.flatnonzero(w.targets))
-    assert sorted(labelled) == list(range(n))  # every interaction labelled exactly once
+        assert w.targets.sum() <= max(max_items // 2, 1)
+    assert sorted(labelled) == (list(range(n)) if targets is None else targets)  # each exactly once
 
 
 def test_test_windows_keep_training_context_and_label_only_test_rows() -> None:
@@ -128,6 +135,11 @@ def test_cli_lists_steps_and_refuses_unknown_ones(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "no-such-step"])
     assert exit_info.value.code == 2
+    for bad in (["--threads", "0", "steps"], ["recommend", "--user", "1", "--top-k", "-3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(bad)
+        assert exit_info.value.code == 2
+        assert "must be a positive integer" in capsys.readouterr().err
 
 
 def test_cli_forwards_only_what_follows_the_evaluate_command() -> None:

@@ -106,6 +106,37 @@ def test_drift_chains_tolerated_regressions_and_resets_at_a_new_best() -> None:
         ]
 
 
+def test_metrics_the_snapshot_cannot_define_are_skipped_only_when_declared() -> None:
+    """No cold-start test user with both classes: cold_gauc is undefined for candidate and champion
+    alike. Declared unmeasured, its floor, tolerance and drift budget are skipped and the champion's
+    drift carries over; undeclared, a missing metric still fails."""
+    warm = {"auc": 0.70, "gauc": 0.62}
+    first = decide(warm, None, GATE, unmeasured=["cold_auc", "cold_gauc"])
+    assert first == GateDecision(True, [], {"auc": 0.0, "gauc": 0.0}, ["cold_auc", "cold_gauc"])
+    assert decide(warm, None, GATE).reasons == ["cold_gauc: missing from the candidate's evaluation"]
+    later = decide(warm, warm, GATE, {"auc": -0.004, "cold_gauc": -0.02}, unmeasured=["cold_gauc"])
+    assert later.promote and later.drift == pytest.approx({"auc": -0.004, "gauc": 0.0, "cold_gauc": -0.02})
+    # measured after all: judged as usual, whatever the declaration says
+    measured = decide({**warm, "cold_gauc": 0.4}, GOOD, GATE, unmeasured=["cold_gauc"])
+    assert measured.unmeasured == [] and "cold_gauc: 0.4000 below floor 0.5000" in measured.reasons
+
+
+def test_register_reads_only_what_the_latest_evaluation_measured(tmp_path, mlflow_store) -> None:
+    """Run metrics keep every key ever logged: a cold_gauc an earlier evaluation logged is not the
+    latest evaluation's when that one could not measure it."""
+    from pipelines.ranker import EVAL_METRICS, evaluated_metrics
+
+    client = MlflowClient(tracking_uri=mlflow_store(tmp_path))
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    assert evaluated_metrics(client.get_run(run_id)) == {}
+    for key, value in {"eval.auc": 0.7, "eval.cold_gauc": 0.6, "champion.cold_gauc": 0.61}.items():
+        client.log_metric(run_id, key, value)
+    client.set_tag(run_id, EVAL_METRICS, "eval.auc,eval.cold_gauc,champion.cold_gauc")
+    client.log_metric(run_id, "eval.auc", 0.71)  # evaluated again, cold subset gone
+    client.set_tag(run_id, EVAL_METRICS, "eval.auc")
+    assert evaluated_metrics(client.get_run(run_id)) == {"eval.auc": 0.71}
+
+
 def test_drift_budget_below_the_regression_tolerance_is_a_config_error() -> None:
     with pytest.raises(ValueError, match=r"max_drift \{'auc': 0.001\} is below max_regression"):
         PromotionGateConfig(max_regression={"auc": 0.002}, max_drift={"auc": 0.001})
@@ -134,7 +165,7 @@ def test_promotion_moves_aliases_and_rollback_restores(client: MlflowClient) -> 
     tags = client.get_model_version("ranker", "3").tags
     assert tags["gate"] == "rejected" and "regresses" in tags["gate_reasons"]
 
-    assert rollback(client, "ranker") == "1"
+    assert rollback(client, "ranker") == ("1", "2")
     assert champion_version(client, "ranker") == "1"
     assert client.get_model_version("ranker", "2").tags["gate"] == "rolled_back"
     with pytest.raises(ValueError, match="no @previous"):
@@ -168,9 +199,10 @@ def test_promotions_record_their_drift_and_a_drifted_line_refuses_a_tolerated_re
 def test_a_rollback_retried_after_the_champion_moved_completes_without_mistagging(client) -> None:
     apply_decision(client, "ranker", "1", decide(GOOD, None, GATE))
     apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE))
-    client.set_model_version_tag("ranker", "2", "gate", "rolled_back")  # what the first attempt did
+    client.set_model_version_tag("ranker", "1", "restored_from", "2")  # what the first attempt did
+    client.set_model_version_tag("ranker", "2", "gate", "rolled_back")
     client.set_registered_model_alias("ranker", "champion", "1")  # ... before it died
-    assert rollback(client, "ranker") == "1"
+    assert rollback(client, "ranker") == ("1", "2")  # the alert names what was demoted, not v1 -> v1
     assert champion_version(client, "ranker") == "1"
     assert client.get_model_version("ranker", "1").tags["gate"] == "promoted"
     assert client.get_model_version("ranker", "2").tags["gate"] == "rolled_back"

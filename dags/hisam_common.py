@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from airflow.sdk import Asset, task
+from airflow.sdk import Asset, PokeReturnValue, task
 
 #: The lake tables and registry states the DAGs produce and consume (data-aware scheduling).
 ITEM_EMBEDDINGS = Asset(name="gold.item_embeddings", uri="delta://hisam/gold/item_embeddings")
@@ -24,6 +24,9 @@ SAMPLES = Asset(name="gold.samples", uri="delta://hisam/gold/samples")
 TOKENIZER = Asset(name="hisam-tokenizer@current", uri="mlflow://hisam/models/hisam-tokenizer/current")
 PRETRAINED = Asset(name="hisam-pretrained", uri="mlflow://hisam/models/hisam-pretrained")
 RANKER = Asset(name="hisam-ranker@champion", uri="mlflow://hisam/models/hisam-ranker/champion")
+
+#: Step params of the daily and weekly DAGs: before the first tokenizer, skip instead of failing.
+SKIP_WITHOUT_TOKENIZER = {"skip_without_tokenizer": "true"}
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 TAGS = ["hisam"]
@@ -119,3 +122,27 @@ def step_task(
         return execute(step, context, params)
 
     return run
+
+
+def sensor_task(
+    step: str,
+    *,
+    params: dict[str, str] | None = None,
+    poke_interval: dt.timedelta = dt.timedelta(minutes=10),
+    timeout: dt.timedelta = dt.timedelta(hours=20),
+) -> Callable[[], Any]:
+    """A TaskFlow sensor on a step returning ``{"ready": bool, ...}``: it pokes every
+    ``poke_interval`` (releasing its worker slot in between) and fails, with the alert, after
+    ``timeout``."""
+
+    @task.sensor(
+        task_id=step.replace("-", "_"),
+        poke_interval=poke_interval.total_seconds(),
+        timeout=timeout.total_seconds(),
+        mode="reschedule",
+    )
+    def wait(**context: Any) -> PokeReturnValue:
+        result = execute(step, context, params)
+        return PokeReturnValue(is_done=bool(result["ready"]), xcom_value=result)
+
+    return wait

@@ -10,9 +10,7 @@ version (the last two are skipped, with a warning, before the first tokenizer ex
 from __future__ import annotations
 
 from airflow.sdk import dag
-from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, step_task
-
-SKIP_WITHOUT_TOKENIZER = {"skip_without_tokenizer": "true"}
+from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, SKIP_WITHOUT_TOKENIZER, step_task
 
 
 @dag(

@@ -1,9 +1,12 @@
-"""``hisam_finetune`` (daily, App. A.4): gate the samples, SFT from the newest PT, evaluate against
-``@champion`` on a frozen test snapshot, register, promote (or reject with reasons and an alert).
+"""``hisam_finetune`` (daily, App. A.4): wait for the day's samples, gate them, SFT from the newest
+PT, evaluate against ``@champion`` on a frozen test snapshot, register, promote (or reject with
+reasons and an alert).
 
 Runs every day at 04:00 and also as soon as a new PT is registered (``hisam-pretrained``), so a
-new tokenizer reaches the champion the day it is pre-trained. Between a tokenizer's activation and
-its first PT there is nothing to fine-tune from: the run skips, without an alert.
+new tokenizer reaches the champion the day it is pre-trained. ``samples-ready`` waits (up to 20 hours,
+then fails and alerts) until ``hisam_features`` has built the day's samples; before the first
+tokenizer, and between a tokenizer's activation and its first PT, there is nothing to fine-tune: the
+run skips, without an alert.
 A failed data-quality gate stops the run before any training, and alerts.
 
 Last, also when fine-tuning skipped, ``refresh-champion`` re-registers ``@champion`` (same weights)
@@ -14,7 +17,15 @@ leave new items unservable.
 from __future__ import annotations
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag
-from hisam_common import DAG_DEFAULTS, PRETRAINED, RANKER, SAMPLES, step_task
+from hisam_common import (
+    DAG_DEFAULTS,
+    PRETRAINED,
+    RANKER,
+    SAMPLES,
+    SKIP_WITHOUT_TOKENIZER,
+    sensor_task,
+    step_task,
+)
 
 
 @dag(
@@ -26,13 +37,14 @@ from hisam_common import DAG_DEFAULTS, PRETRAINED, RANKER, SAMPLES, step_task
     **DAG_DEFAULTS,
 )
 def hisam_finetune() -> None:
+    ready = sensor_task("samples-ready", params=SKIP_WITHOUT_TOKENIZER)()
     gate = step_task("validate-samples", inlets=[SAMPLES])()
     finetune = step_task("finetune", gpu=True, inlets=[PRETRAINED])()
     evaluate = step_task("evaluate", gpu=True)()
     register = step_task("register")()
     promote = step_task("promote", outlets=[RANKER])()
     refresh = step_task("refresh-champion", outlets=[RANKER], trigger_rule="none_failed")()
-    gate >> finetune >> evaluate >> register >> promote >> refresh
+    ready >> gate >> finetune >> evaluate >> register >> promote >> refresh
 
 
 hisam_finetune()

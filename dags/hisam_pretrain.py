@@ -1,13 +1,23 @@
 """``hisam_pretrain`` (weekly, App. A.4): HMAT next-token pre-training on the current tokenizer.
 
 Runs every Sunday and also as soon as a new tokenizer is activated (``hisam-tokenizer@current``), so
-pre-training never lags a re-tokenized catalogue by a week. Registers ``hisam-pretrained``.
+pre-training never lags a re-tokenized catalogue by a week. Like fine-tuning, it waits for the day's
+samples and trains only on rows the samples gate passed; before the first tokenizer it skips.
+Registers ``hisam-pretrained``.
 """
 
 from __future__ import annotations
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag
-from hisam_common import DAG_DEFAULTS, PRETRAINED, SAMPLES, TOKENIZER, step_task
+from hisam_common import (
+    DAG_DEFAULTS,
+    PRETRAINED,
+    SAMPLES,
+    SKIP_WITHOUT_TOKENIZER,
+    TOKENIZER,
+    sensor_task,
+    step_task,
+)
 
 
 @dag(
@@ -19,7 +29,10 @@ from hisam_common import DAG_DEFAULTS, PRETRAINED, SAMPLES, TOKENIZER, step_task
     **DAG_DEFAULTS,
 )
 def hisam_pretrain() -> None:
-    step_task("pretrain", gpu=True, inlets=[SAMPLES, TOKENIZER], outlets=[PRETRAINED])()
+    ready = sensor_task("samples-ready", params=SKIP_WITHOUT_TOKENIZER)()
+    gate = step_task("validate-samples", inlets=[SAMPLES])()
+    pretrain = step_task("pretrain", gpu=True, inlets=[SAMPLES, TOKENIZER], outlets=[PRETRAINED])()
+    ready >> gate >> pretrain
 
 
 hisam_pretrain()

@@ -1,6 +1,9 @@
 """``hisam_tokenizer`` (monthly, App. A.4): DST on a pinned embeddings snapshot, health check,
 register, re-tokenize the catalogue into a new semantic-ID version, build its samples, activate.
 
+It first waits (up to 20 hours, then fails and alerts) until item embeddings of the configured
+encoders exist, so the first run of a fresh deployment can start before the first ``hisam_features``.
+
 The new version is ``dst-<YYYYMMDD of the logical date>``; ``@current`` moves only after its samples
 exist, and the move triggers ``hisam_pretrain`` through the ``hisam-tokenizer@current`` asset.
 """
@@ -8,7 +11,7 @@ exist, and the move triggers ``hisam_pretrain`` through the ``hisam-tokenizer@cu
 from __future__ import annotations
 
 from airflow.sdk import dag
-from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, TOKENIZER, step_task
+from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, TOKENIZER, sensor_task, step_task
 
 VERSION = {"tokenizer_version": "dst-{ds_nodash}"}
 
@@ -20,11 +23,12 @@ VERSION = {"tokenizer_version": "dst-{ds_nodash}"}
     **DAG_DEFAULTS,
 )
 def hisam_tokenizer() -> None:
+    ready = sensor_task("embeddings-ready")()
     train = step_task("train-tokenizer", gpu=True, params=VERSION, inlets=[ITEM_EMBEDDINGS])()
     tokenize = step_task("tokenize-catalogue", params=VERSION)()
     sequences = step_task("build-sequences", params=VERSION, outlets=[SAMPLES])()
     activate = step_task("activate-tokenizer", params=VERSION, outlets=[TOKENIZER])()
-    train >> tokenize >> sequences >> activate
+    ready >> train >> tokenize >> sequences >> activate
 
 
 hisam_tokenizer()

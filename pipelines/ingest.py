@@ -184,11 +184,13 @@ def valid_interactions(ctx: StepContext) -> tuple[Any, int]:
 
 def validate_samples(ctx: StepContext) -> dict[str, Any]:
     """GX gate on ``gold.samples`` of the current tokenizer (``params.tokenizer_version`` to choose
-    another): the daily fine-tune stops here on bad data.
+    another): the training DAGs stop here on bad data.
 
     When the batch passes with some rows quarantined, the partition is rewritten without them, so
     training never reads a quarantined sample (rows in = rows kept + quarantined), and a rerun of the
-    day keeps them in the quarantine partition although it no longer finds them.
+    day keeps them in the quarantine partition although it no longer finds them. The rewrite is
+    refused (:class:`~spark_jobs.lake.ConcurrentWriteError`, retried) when the samples were rebuilt
+    after they were read, so a newer build is never replaced by an older one.
     """
     from pyspark.sql import functions as F
 
@@ -198,14 +200,16 @@ def validate_samples(ctx: StepContext) -> dict[str, Any]:
 
     version = ctx.params.get("tokenizer_version") or current_tokenizer_version(ctx)
     part = {"dataset": ctx.dataset, "tokenizer_version": version}
-    samples = ctx.lake.read(GOLD_SAMPLES, partitions=part).filter(F.col("tokenizer_version") == version)
+    read = ctx.lake.version(GOLD_SAMPLES)
+    samples = ctx.lake.read(GOLD_SAMPLES, read, partitions=part).filter(F.col("tokenizer_version") == version)
     suite = samples_suite(samples, quality_config(ctx))
     valid, summary = run_gate(
         ctx, samples, suite, versioned_label(GOLD_SAMPLES.name, version, gate=True), keep_earlier=True
     )
+    summary["samples_version"] = read
     if summary["n_quarantined"]:
         summary["samples_version"] = ctx.lake.write(
-            valid, GOLD_SAMPLES, mode="replace_partition", partition_values=part
+            valid, GOLD_SAMPLES, mode="replace_partition", partition_values=part, read_version=read
         )
         log.warning("removed %d quarantined rows from %s", summary["n_quarantined"], GOLD_SAMPLES.name)
     return {"tokenizer_version": version, **summary}

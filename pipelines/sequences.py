@@ -7,7 +7,8 @@ the build itself rejects (``no_label``, ``unknown_action``, ``unknown_item``) go
 ``bronze.quarantine`` under ``gold.samples@<version>``. Silver rows = gate-rejected + samples +
 quarantined, checked before anything is written.
 The version is ``params.tokenizer_version``, else the tokenizer at ``@current``; before any tokenizer
-exists the daily run skips the step and says so.
+exists the daily run skips the step and says so. The samples commit records the build (step, logical
+date, tokenizer version), which ``samples-ready`` looks for: training waits for the day's build.
 """
 
 from __future__ import annotations
@@ -18,6 +19,47 @@ from typing import Any
 from pipelines.context import StepContext
 
 log = logging.getLogger(__name__)
+
+
+BUILD = "build-sequences"
+
+
+def build_record(ctx: StepContext, version: str) -> dict[str, str]:
+    """What a ``gold.samples`` commit of ``build-sequences`` records about the build."""
+    return {
+        "step": BUILD,
+        "dataset": ctx.dataset,
+        "tokenizer_version": version,
+        "logical_date": ctx.logical_date.isoformat(),
+    }
+
+
+def samples_ready(ctx: StepContext) -> dict[str, Any]:
+    """Whether ``gold.samples`` of the current tokenizer has been built for the run's day or later
+    (``ready``): the training DAGs wait on it, so a late ``hisam_features`` run delays fine-tuning
+    instead of letting it train on the day before's samples. Looks through the 200 newest commits
+    of the table for the builds of the dataset and version (:func:`build_record`)."""
+    from pipelines.tokenizer import current_tokenizer_version_or_skip
+    from spark_jobs.tables import GOLD_SAMPLES
+
+    version = ctx.params.get("tokenizer_version") or current_tokenizer_version_or_skip(ctx, "samples-ready")
+    if version is None:
+        from pipelines.steps import StepSkipped
+
+        raise StepSkipped("no tokenizer activated yet: there are no samples to train on")
+    wanted = {k: v for k, v in build_record(ctx, version).items() if k != "logical_date"}
+    built = max(
+        (
+            entry["metadata"]["logical_date"]
+            for entry in ctx.table_history(GOLD_SAMPLES.name, limit=200)
+            if all(entry["metadata"].get(k) == v for k, v in wanted.items())
+        ),
+        default=None,
+    )  # a rerun of an older date rebuilds from all of silver: the newest date built for counts
+    ready = built is not None and built >= ctx.logical_date.isoformat()
+    if not ready:
+        log.info("%s of %s built for %s, waiting for %s", GOLD_SAMPLES.name, version, built, ctx.logical_date)
+    return {"ready": ready, "tokenizer_version": version, "built_for": built}
 
 
 def build_sequences(ctx: StepContext) -> dict[str, Any]:
@@ -72,6 +114,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 GOLD_SAMPLES,
                 mode="replace_partition",
                 partition_values={**part, "tokenizer_version": version},
+                metadata=build_record(ctx, version),
             ),
             GOLD_USER_SEQUENCES.name: lake.write(
                 to_gold_user_sequences(build_user_sequences(result.interactions, cfg)),

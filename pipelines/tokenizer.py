@@ -104,15 +104,37 @@ def check_encoders(ctx: StepContext, registered: Any) -> None:
         raise ValueError(reason)
 
 
+def embeddings_ready(ctx: StepContext) -> dict[str, Any]:
+    """Whether ``gold.item_embeddings`` holds rows of every configured encoder (``ready``): the
+    monthly tokenizer DAG waits on it, so its first run on a fresh deployment does not start before
+    the first ``embed`` has written anything."""
+    rows = {}
+    if ctx.table_version(EMBEDDINGS) is not None:
+        for modality, (name, enc_version) in encoder_specs(ctx).items():
+            frame, _ = ctx.read_table(
+                EMBEDDINGS, {"dataset": ctx.dataset, "modality": modality}, ["encoder", "encoder_version"]
+            )
+            rows[modality] = int(
+                ((frame["encoder"] == name) & (frame["encoder_version"] == enc_version)).sum()
+            )
+    ready = len(rows) == len(encoder_specs(ctx)) and all(rows.values())
+    if not ready:
+        log.info("%s has no rows yet of %s: waiting for the embed step", EMBEDDINGS, encoder_specs(ctx))
+    return {"ready": ready, "rows": rows}
+
+
 def load_item_features(
     ctx: StepContext, version: int | None = None
 ) -> tuple[ItemFeatures, int, dict[int, str]]:
     """Every item with all three modality embeddings of the configured encoders, from the Delta
     snapshot ``version`` (default latest), the version read, and ``item_id -> reason`` for the items
     that lack a modality (``missing_embedding:image``) or whose vector the embeddings gate rejects
-    (``invalid_embedding:text``: wrong dimension, NaN or inf): they get no semantic ID until the embed
-    step writes a good one."""
+    (``invalid_embedding:text``: null, not of its ``dim`` or of ``quality.embeddings.expected_dims``,
+    NaN or inf): they get no semantic ID until the embed step writes a good one."""
+    from pipelines.ingest import quality_config
+
     encoders = encoder_specs(ctx)
+    gate = quality_config(ctx).embeddings
     frames, read_version = {}, version
     invalid: dict[int, list[str]] = {}
     for modality, (name, enc_version) in encoders.items():
@@ -123,18 +145,24 @@ def load_item_features(
             version=read_version,
         )
         frame = frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version)]
-        usable = [
-            len(vector) == dim and bool(np.isfinite(vector).all())
+        expected = gate.expected_dims.get(modality)
+        usable = [  # the embeddings gate's row rules (spark_jobs.quality.embeddings_suite)
+            vector is not None
+            and len(vector) == dim
+            and (expected is None or len(vector) == expected)
+            and bool(np.isfinite(vector).all())
             for vector, dim in zip(frame["embedding"], frame["dim"], strict=True)
         ]
         for item in frame.loc[[not ok for ok in usable], "item_id"]:  # the embeddings gate quarantined these
             invalid.setdefault(int(item), []).append(modality)
-        frame = frame[usable]
-        if frame.empty:
+        if not any(usable):
+            rejected = f" ({len(usable)} fail the embeddings gate's rules)" if usable else ""
             raise ValueError(
-                f"{EMBEDDINGS}@v{read_version} has no {modality} rows of encoder {name} v{enc_version} for "
-                f"dataset {ctx.dataset!r}: run the embed step first"
+                f"{EMBEDDINGS}@v{read_version} has no usable {modality} rows of encoder {name} "
+                f"v{enc_version} for dataset {ctx.dataset!r}{rejected}: run the embed step first"
+                + (f", or check quality.embeddings.expected_dims {expected}" if rejected and expected else "")
             )
+        frame = frame[usable]
         frames[modality] = frame.set_index("item_id")["embedding"]
     items = sorted(set.intersection(*(set(f.index) for f in frames.values())))
     incomplete = {}

@@ -21,14 +21,20 @@ EXPECTED = {
         "build_sequences": ["tokenize_new_items"],
     },
     "hisam_tokenizer": {
-        "train_tokenizer": [],
+        "embeddings_ready": [],
+        "train_tokenizer": ["embeddings_ready"],
         "tokenize_catalogue": ["train_tokenizer"],
         "build_sequences": ["tokenize_catalogue"],
         "activate_tokenizer": ["build_sequences"],
     },
-    "hisam_pretrain": {"pretrain": []},
+    "hisam_pretrain": {
+        "samples_ready": [],
+        "validate_samples": ["samples_ready"],
+        "pretrain": ["validate_samples"],
+    },
     "hisam_finetune": {
-        "validate_samples": [],
+        "samples_ready": [],
+        "validate_samples": ["samples_ready"],
         "finetune": ["validate_samples"],
         "evaluate": ["finetune"],
         "register": ["evaluate"],

@@ -169,6 +169,26 @@ def test_rerunning_a_day_changes_nothing(world) -> None:
     assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "1"
 
 
+def test_training_waits_until_the_days_samples_are_built(world) -> None:
+    """Builds on day 1: the training DAGs' ``samples-ready`` sensor is not ready on day 2 until a
+    features run of day 2 or later has rebuilt the samples (here day 3's, which also serves the day-2
+    and day-3 fine-tunes below)."""
+    from pipelines.steps import run_step
+
+    waiting = run_step("samples-ready", DAY2, world["config"])
+    assert waiting == {"ready": False, "tokenizer_version": VERSION, "built_for": DAY1.isoformat()}
+    assert world["run"]("hisam_features", DAY3).state == "success"
+    for day in (DAY2, DAY3):
+        ready = run_step("samples-ready", day, world["config"])
+        assert ready["ready"] and ready["built_for"] == DAY3.isoformat()
+    assert not run_step("samples-ready", DAY4, world["config"])["ready"]
+    # a rerun of an older date rebuilds from all of silver: same rows, and day 3 stays built
+    before = _lake_contents(world)
+    run_step("build-sequences", DAY1, world["config"])
+    assert _lake_contents(world) == before
+    assert run_step("samples-ready", DAY3, world["config"])["built_for"] == DAY3.isoformat()
+
+
 def test_a_promote_retried_after_the_aliases_moved_completes(world) -> None:
     """Builds on day 1: promote died between moving @champion to v1 and tagging it; the retry tags it
     instead of refusing a champion it did not evaluate against."""
@@ -572,12 +592,14 @@ def test_a_pretraining_that_lands_after_the_days_fine_tune_is_fine_tuned_that_da
     later (here by the next day's run) triggers hisam_finetune for December 1st again: it trains a new
     finetune run from the new PT, instead of finding the morning's run done, and registers it as its
     own candidate, evaluated by that run."""
+    from pipelines.steps import run_step
+
     dec1, dec2, version = dt.date(2026, 12, 1), dt.date(2026, 12, 2), "dst-20261201"
     client = _client()
     query = f"tags.`hisam.step` = 'finetune' and tags.`hisam.run_key` = 'tiny/{dec1.isoformat()}'"
     experiments = [e.experiment_id for e in client.search_experiments()]
     (morning,) = client.search_runs(experiments, query)
-    assert world["run"]("hisam_pretrain", dec2).state == "success"
+    run_step("pretrain", dec2, world["config"])  # the DAG would wait for dec2's samples first
     newest = client.search_model_versions(
         f"name = 'hisam-pretrained' and tags.tokenizer_version = '{version}'"
     )
@@ -601,3 +623,31 @@ def test_a_pretraining_that_lands_after_the_days_fine_tune_is_fine_tuned_that_da
     )
     assert candidate.tags["eval.auc"] == f"{evening.data.metrics['eval.auc']:.6f}"  # judged on that run
     assert candidate.tags["gate"] in {"promoted", "rejected"}
+
+
+def test_a_snapshot_without_cold_start_users_is_judged_on_the_other_metrics(world) -> None:
+    """Builds on December 1st (runs last). When no test user is cold, cold_auc and cold_gauc are
+    undefined for every model: evaluate records them as unmeasured instead of crashing or logging
+    them, register tags only what this evaluation measured (not the earlier run's cold values), and
+    the gate skips their floor instead of rejecting every candidate."""
+    from deltalake import DeltaTable
+
+    from pipelines.steps import run_step
+
+    dec3, version = dt.date(2026, 12, 3), "dst-20261201"
+    samples = DeltaTable(str(world["home"] / "lake" / "gold" / "samples"))
+    samples.update(updates={"is_cold_user": "false"}, predicate=f"tokenizer_version = '{version}'")
+    gated = {"floors": {"auc": 0.55, "cold_gauc": 0.5}, "max_drift": {"auc": 0.02, "cold_gauc": 0.03}}
+    world["write_config"](world["config"], top={"gate": gated})
+    try:  # the steps of hisam_finetune (whose sensor would wait for a features run of dec3)
+        for step in ("finetune", "evaluate", "register", "promote"):
+            run_step(step, dec3, world["config"])
+    finally:
+        world["write_config"](world["config"])
+    client = _client()
+    (candidate,) = client.search_model_versions(f"name = 'hisam-ranker' and tags.run_key = 'tiny/{dec3}'")
+    run = client.get_run(candidate.run_id)
+    assert run.data.tags["eval.unmeasured"] == candidate.tags["eval.unmeasured"] == "cold_auc,cold_gauc"
+    assert not {k for k in candidate.tags if k.endswith(("cold_auc", "cold_gauc"))}
+    assert candidate.tags["gate"] == "promoted", candidate.tags.get("gate_reasons")
+    assert candidate.tags["gate_unmeasured"] == "cold_auc,cold_gauc"

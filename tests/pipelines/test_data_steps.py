@@ -104,7 +104,12 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     from spark_jobs.tables import GOLD_SEMANTIC_IDS
 
     ctx = ctx_of()
+    assert run_step("embeddings-ready", DAY, ctx.config) == {"ready": False, "rows": {}}
     embed = run_step("embed", DAY, ctx.config)
+    assert run_step("embeddings-ready", DAY, ctx.config) == {
+        "ready": True,
+        "rows": {"behavior": 20, "image": 20, "text": 20},
+    }
     known = [i for i in range(20) if i != 7]  # item i7 has no semantic IDs: its events are quarantined
     item_ids, _ = ctx.read_table("silver.items", {"dataset": "dq"}, ["item_id", "item_key"])
     ids = item_ids[item_ids["item_key"].isin([f"i{i}" for i in known])]["item_id"].tolist()
@@ -121,6 +126,21 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     reasons = _quarantine(ctx, f"gold.samples@{VERSION}")
     assert len(reasons) == out["quarantined"] > 0 and set(reasons) == {"unknown_item"}
     assert embed["behavior"]["cut"] == out["cut"]  # the ghost events at the end move neither
+
+
+def test_training_waits_for_the_days_build_and_skips_before_any_tokenizer(ctx_of) -> None:
+    """Builds on the samples of DAY: ``samples-ready`` finds the build's commit record."""
+    from pipelines.steps import StepSkipped, run_step
+
+    config, version = ctx_of().config, {"tokenizer_version": VERSION}
+    ready = run_step("samples-ready", DAY, config, version)
+    assert ready["ready"] and ready["built_for"] == DAY.isoformat()
+    later = run_step("samples-ready", DAY + dt.timedelta(days=1), config, version)
+    assert later == {"ready": False, "tokenizer_version": VERSION, "built_for": DAY.isoformat()}
+    with pytest.raises(StepSkipped, match="no tokenizer activated yet"):
+        run_step("samples-ready", DAY, config, {"skip_without_tokenizer": "true"})
+    with pytest.raises(ValueError, match="no hisam-tokenizer@current yet"):
+        run_step("samples-ready", DAY, config)
 
 
 def test_a_tokenizer_without_ids_of_this_catalogue_builds_nothing(ctx_of, spark) -> None:
@@ -172,6 +192,7 @@ def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_toke
     """Runs last (it corrupts one text embedding)."""
     from pyspark.sql import functions as F
 
+    from pipelines.context import StepContext
     from pipelines.steps import run_step
     from pipelines.tokenizer import load_item_features
     from spark_jobs.quality import DataQualityError
@@ -188,3 +209,14 @@ def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_toke
     features, _, incomplete = load_item_features(ctx)
     assert incomplete == {item: "invalid_embedding:text"} and item not in features.item_ids
     assert len(features) == 19
+    # the gate's configured dimension holds here too: a text encoder of another width is refused
+    dim = len(features.modalities["text"][0])
+    for expected, usable in ((dim, 19), (dim + 1, 0)):
+        quality = ctx.config.quality.model_copy(deep=True)
+        quality.embeddings.expected_dims = {"text": expected}
+        strict = StepContext(ctx.config.model_copy(update={"quality": quality}), DAY)
+        if usable:
+            assert len(load_item_features(strict)[0]) == usable
+        else:
+            with pytest.raises(ValueError, match=f"no usable text rows .*20 fail .*expected_dims {expected}"):
+                load_item_features(strict)

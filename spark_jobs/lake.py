@@ -32,7 +32,7 @@ finds nothing to change for, commit nothing and return the version before the wr
 version returned is the write's own commit, found in the log by a write id it carries, also when
 other writers committed right after it. ``metadata`` adds key/value pairs to that commit
 (``history`` returns them); ``read_version`` refuses the write with a :class:`ConcurrentWriteError`
-when the table moved past the version its rows were derived from.
+when a commit after the version its rows were derived from changed the same partitions.
 Tables are created on first use with the declared schema and partitioning (that creation is
 version 0, an empty table).
 """
@@ -300,8 +300,9 @@ class Lake:
         rows inside ``partition_values`` that no source row matches and that meet it are deleted,
         e.g. ``"t.logical_date = '2024-01-02'"`` so a corrected rerun of a date retracts the rows
         it no longer contains. ``metadata`` is recorded with the commit (see :meth:`history`);
-        ``read_version``: the version ``df`` was derived from, the write is refused with
-        :class:`ConcurrentWriteError` when another commit came after it. Raises
+        ``read_version``: the version ``df`` was derived from; the write is refused with
+        :class:`ConcurrentWriteError` when a later commit conflicts with it (delta-rs: one that
+        changed the same partitions; native Delta: any later commit, checked just before). Raises
         :class:`SchemaDriftError` on column or type drift and ``ValueError`` on nulls in NOT NULL
         columns, rows outside the replaced partition, or duplicate merge keys.
         """
@@ -333,31 +334,38 @@ class Lake:
             )
         path = self.path(spec)
         self._impl.ensure(spec, path)
-        if read_version is not None and (latest := self._impl.version(path)) != read_version:
-            raise ConcurrentWriteError(
-                f"{spec.name} is at version {latest}, but this write was derived from version "
-                f"{read_version}: read it again"
-            )
         write_id = uuid.uuid4().hex
         commit = {
             f"{METADATA_PREFIX}{k}": str(v) for k, v in {**(metadata or {}), WRITE_ID: write_id}.items()
         }
         before = self._impl.version(path)
-        committed = self._impl.write(
-            df, spec, path, mode, partition_values, merge_keys, update_condition, delete_unmatched, commit
+        self._impl.write(
+            df,
+            spec,
+            path,
+            mode,
+            partition_values,
+            merge_keys,
+            update_condition,
+            delete_unmatched,
+            commit,
+            read_version,
         )
-        version = committed if committed is not None else self._commit_of(path, write_id, before)
+        version = self._commit_of(path, write_id, before)
         logger.info("wrote %s (%s %s) -> version %d", spec.name, mode, partition_values or "", version)
         return version
 
     def _commit_of(self, path: str, write_id: str, before: int) -> int:
         """The version whose commit carries ``write_id`` among those after ``before``; ``before``
-        itself when there is none (a write that changed nothing, e.g. a merge with nothing to delete,
-        commits nothing)."""
+        itself when there is none (a merge that changes nothing commits nothing)."""
         newer = self._impl.version(path) - before
         for entry in self._impl.history(path, newer) if newer > 0 else []:
             if entry["metadata"].get(WRITE_ID) == write_id:
                 return int(entry["version"])
+        if newer > 0:
+            logger.info(
+                "%d commits since version %d, none of this write: it committed nothing", newer, before
+            )
         return before
 
 
@@ -395,8 +403,10 @@ class _Backend:
         update_condition: str | None,
         delete_unmatched: str | None,
         metadata: dict[str, str],
-    ) -> int | None:
-        """Commit the write with ``metadata``; the version when nothing was committed, else None."""
+        read_version: int | None,
+    ) -> None:
+        """Commit the write with ``metadata``; :class:`ConcurrentWriteError` when ``read_version``
+        is given and a conflicting commit came after it."""
         raise NotImplementedError
 
 
@@ -422,9 +432,17 @@ def delta_history(
 
 
 def _commit_metadata(values: Mapping[str, Any]) -> dict[str, str]:
-    """The lake's keys of a commit's metadata, without their prefix."""
+    """The lake's keys of a commit's metadata, without their prefix: top-level commit-info keys
+    (delta-rs custom metadata) and the JSON of ``userMetadata`` (how Spark records them; delta-rs
+    writes both, so either engine reads the other's)."""
     n = len(METADATA_PREFIX)
-    return {k[n:]: str(v) for k, v in values.items() if k.startswith(METADATA_PREFIX)}
+    user = values.get("userMetadata") or "{}"
+    try:
+        user = json.loads(user) if isinstance(user, str) else dict(user)
+    except (ValueError, TypeError):
+        user = {}
+    merged = {**(user if isinstance(user, dict) else {}), **values}
+    return {k[n:]: str(v) for k, v in merged.items() if k.startswith(METADATA_PREFIX)}
 
 
 def _merge_condition(keys: Sequence[str], partition_values: Mapping[str, Any]) -> str:
@@ -519,11 +537,45 @@ class _DeltaRs(_Backend):
         update_condition: str | None,
         delete_unmatched: str | None,
         metadata: dict[str, str],
-    ) -> int | None:
-        from deltalake import CommitProperties, write_deltalake
+        read_version: int | None,
+    ) -> None:
+        from deltalake import CommitProperties
+        from deltalake.exceptions import CommitFailedError
 
-        commit = CommitProperties(custom_metadata=metadata)
+        commit = CommitProperties(
+            custom_metadata={**metadata, "userMetadata": json.dumps(metadata, sort_keys=True)}
+        )
         arrow = _to_arrow(df, spec)
+        # a snapshot of read_version: delta-rs refuses the commit when a later one conflicts with it
+        target = self._table(path, read_version) if read_version is not None else path
+        try:
+            self._commit(
+                arrow, spec, target, mode, partition_values, keys, update_condition, delete_unmatched, commit
+            )
+        except CommitFailedError as err:
+            if read_version is None:
+                raise
+            raise ConcurrentWriteError(
+                f"{spec.name}: a commit after version {read_version}, which this write was derived from, "
+                f"changed the same rows: read it again ({err})"
+            ) from err
+
+    def _commit(
+        self,
+        arrow: Any,
+        spec: TableSpec,
+        path: Any,
+        mode: WriteMode,
+        partition_values: dict[str, Any],
+        keys: tuple[str, ...],
+        update_condition: str | None,
+        delete_unmatched: str | None,
+        commit: Any,
+    ) -> None:
+        from deltalake import DeltaTable, write_deltalake
+
+        pinned = isinstance(path, DeltaTable)  # a snapshot carries its own storage options
+        options = {} if pinned else {"storage_options": self.storage_options}
         partition_by = list(spec.partition_by) or None
         if mode == "replace_partition":
             _check_inside_partition(arrow, spec, partition_values)
@@ -533,8 +585,8 @@ class _DeltaRs(_Backend):
                 mode="overwrite",
                 predicate=partition_predicate(partition_values),
                 partition_by=partition_by,
-                storage_options=self.storage_options,
                 commit_properties=commit,
+                **options,
             )
         elif mode in ("overwrite", "append"):
             write_deltalake(
@@ -542,16 +594,16 @@ class _DeltaRs(_Backend):
                 arrow,
                 mode=mode,
                 partition_by=partition_by,
-                storage_options=self.storage_options,
                 commit_properties=commit,
+                **options,
             )
         else:  # merge
             if arrow.num_rows == 0 and delete_unmatched is None:
                 logger.info("merge into %s: empty source, nothing committed", spec.name)
-                return self.version(path)
+                return
             _check_unique(arrow, spec, keys)
             merger = (
-                self._table(path)
+                (path if pinned else self._table(path))
                 .merge(
                     source=arrow,
                     predicate=_merge_condition(keys, partition_values),
@@ -565,7 +617,6 @@ class _DeltaRs(_Backend):
             if delete_unmatched is not None:
                 merger = merger.when_not_matched_by_source_delete(predicate=delete_unmatched)
             merger.execute()
-        return None
 
 
 class _SparkDelta(_Backend):
@@ -634,11 +685,19 @@ class _SparkDelta(_Backend):
         update_condition: str | None,
         delete_unmatched: str | None,
         metadata: dict[str, str],
-    ) -> int | None:
+        read_version: int | None,
+    ) -> None:
         user_metadata = json.dumps(metadata, sort_keys=True)
+        # delta-spark has no writer API for a read snapshot: check the latest version instead (a
+        # commit landing between this check and the write is not detected)
+        if read_version is not None and (latest := self.version(path)) != read_version:
+            raise ConcurrentWriteError(
+                f"{spec.name} is at version {latest}, but this write was derived from version "
+                f"{read_version}: read it again"
+            )
         if mode == "merge":
             if delete_unmatched is None and df.isEmpty():
-                return self.version(path)
+                return
             dupes = df.groupBy(*keys).count().filter("count > 1").limit(5).collect()
             if dupes:
                 sample = [tuple(r[k] for k in keys) for r in dupes]
@@ -674,7 +733,6 @@ class _SparkDelta(_Backend):
             else:
                 writer = writer.mode(mode)
             writer.save(path)
-        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -219,8 +219,11 @@ def write_parsed(
     mode: Literal["replace_partition", "merge"] = "replace_partition",
     update_condition: str | None = None,
     delete_unmatched: str | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> ImportReport:
-    """Write every parsed input: good rows to their tables, rejects to ``bronze.quarantine``.
+    """Write every parsed input: good rows to their tables, rejects to ``bronze.quarantine``
+    (last, in one commit, so its commit marks the end of the import); ``metadata`` goes with every
+    commit.
 
     Inputs for the same table are unioned and written once: ``replace_partition`` of
     ``(dataset, logical_date)`` (bronze), or ``merge`` on the table's keys within the dataset
@@ -278,6 +281,7 @@ def write_parsed(
         for table, frames in good_by_table.items():
             spec = get_table(table)
             good_df = _union(frames) if frames else lake.spark.createDataFrame([], spec.schema)
+            before = lake.version(table)
             report.versions[table] = lake.write(
                 good_df,
                 table,
@@ -285,9 +289,11 @@ def write_parsed(
                 partition_values=partition,
                 update_condition=update_condition,
                 delete_unmatched=delete_unmatched,
+                metadata=metadata,
             )
-            if delete_unmatched is not None:
-                report.retracted[table] = lake.rows_deleted(table, report.versions[table])
+            if delete_unmatched is not None:  # a merge that changed nothing committed nothing
+                committed = report.versions[table] != before
+                report.retracted[table] = lake.rows_deleted(table, report.versions[table]) if committed else 0
         report.versions[BRONZE_QUARANTINE.name] = lake.write(
             _union(bad) if bad else lake.spark.createDataFrame([], BRONZE_QUARANTINE.schema),
             BRONZE_QUARANTINE,
@@ -297,6 +303,7 @@ def write_parsed(
                 "target_table": list(good_by_table),
                 "logical_date": logical_date,
             },
+            metadata=metadata,
         )
     finally:
         for frame in cached:

@@ -143,31 +143,46 @@ def test_a_write_returns_its_own_commit_and_records_its_metadata(spark, lake):
         assert by_version[version]["writer"] + by_version[version]["n"] == key
 
 
-def test_a_write_derived_from_an_older_version_is_refused(spark, lake):
+def test_a_write_derived_from_an_older_version_is_refused_only_when_its_rows_changed(spark, lake):
+    """``read_version``: a later commit to the same partition refuses the write (its rows would
+    overwrite newer ones); a later commit to another partition does not conflict."""
     from spark_jobs.lake import ConcurrentWriteError
 
-    part = {"dataset": "ds", "logical_date": D1}
-    read = lake.write(
-        users(spark, "ds", D1, ["1"]), "bronze.users", mode="replace_partition", partition_values=part
-    )
-    newer = lake.write(
-        users(spark, "ds", D1, ["2"]), "bronze.users", mode="replace_partition", partition_values=part
-    )
-    with pytest.raises(
-        ConcurrentWriteError, match=f"at version {newer}, but this write was derived from version {read}"
-    ):
-        lake.write(
-            users(spark, "ds", D1, ["1"]),
-            "bronze.users",
-            mode="replace_partition",
-            partition_values=part,
-            read_version=read,
+    def write(day, ids, read_version=None):
+        part = {"dataset": "ds", "logical_date": day}
+        frame = users(spark, "ds", day, ids)
+        return lake.write(
+            frame, "bronze.users", mode="replace_partition", partition_values=part, read_version=read_version
         )
+
+    read = write(D1, ["1"])
+    write(D1, ["2"])  # a newer build of the same partition
+    with pytest.raises(
+        ConcurrentWriteError, match=f"after version {read}, which this write was derived from"
+    ):
+        write(D1, ["1"], read_version=read)
     assert [r.user_id for r in lake.read("bronze.users").collect()] == ["2"]  # the newer rows stay
-    assert lake.write(
-        users(spark, "ds", D1, ["3"]), "bronze.users", mode="replace_partition", partition_values=part,
-        read_version=newer,
-    ) == newer + 1  # fmt: skip
+    read = lake.version("bronze.users")
+    write(D2, ["9"])  # another partition only
+    assert write(D1, ["3"], read_version=read) == read + 2
+    assert sorted(r.user_id for r in lake.read("bronze.users").collect()) == ["3", "9"]
+
+
+def test_commit_metadata_reads_back_from_either_engines_field(tmp_path):
+    """delta-rs keeps custom metadata as commit-info keys, Spark as the ``userMetadata`` JSON;
+    the lake writes both and reads either."""
+    from deltalake import CommitProperties, write_deltalake
+
+    from spark_jobs.lake import delta_history
+
+    path = str(tmp_path / "t")
+    table = pa.table({"a": [1]})
+    write_deltalake(path, table, commit_properties=CommitProperties(custom_metadata={"hisam.step": "x"}))
+    spark_style = {"userMetadata": '{"hisam.step": "y", "hisam.write_id": "w"}'}
+    write_deltalake(
+        path, table, mode="append", commit_properties=CommitProperties(custom_metadata=spark_style)
+    )
+    assert [h["metadata"] for h in delta_history(path)] == [{"step": "y", "write_id": "w"}, {"step": "x"}]
 
 
 def test_partition_values_survive_odd_characters(spark, lake):

@@ -25,8 +25,15 @@ TOKENIZER = Asset(name="hisam-tokenizer@current", uri="mlflow://hisam/models/his
 PRETRAINED = Asset(name="hisam-pretrained", uri="mlflow://hisam/models/hisam-pretrained")
 RANKER = Asset(name="hisam-ranker@champion", uri="mlflow://hisam/models/hisam-ranker/champion")
 
+#: Training reads the ``gold.samples`` version ``validate-samples`` passed, not a later build.
+VALIDATED_SAMPLES = {"samples_version": ("validate_samples", "samples_version")}
 #: Step params of the daily and weekly DAGs: before the first tokenizer, skip instead of failing.
 SKIP_WITHOUT_TOKENIZER = {"skip_without_tokenizer": "true"}
+
+#: How often the sensors poke and how long they wait (``HISAM_SENSOR_POKE_SECONDS``,
+#: ``HISAM_SENSOR_TIMEOUT_SECONDS``; the tests shorten both, so a missing upstream fails, not hangs).
+SENSOR_POKE = dt.timedelta(seconds=float(os.environ.get("HISAM_SENSOR_POKE_SECONDS", 600)))
+SENSOR_TIMEOUT = dt.timedelta(seconds=float(os.environ.get("HISAM_SENSOR_TIMEOUT_SECONDS", 72000)))
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 TAGS = ["hisam"]
@@ -103,8 +110,10 @@ def step_task(
     outlets: list[Asset] | None = None,
     inlets: list[Asset] | None = None,
     trigger_rule: str = "all_success",
+    upstream_params: dict[str, tuple[str, str]] | None = None,
 ) -> Callable[[], Any]:
-    """A TaskFlow task running one pipeline step; ``gpu`` tasks take a ``gpu`` pool slot."""
+    """A TaskFlow task running one pipeline step; ``gpu`` tasks take a ``gpu`` pool slot.
+    ``upstream_params``: ``{param: (task_id, key)}``, params taken from an upstream task's result."""
     placement: dict[str, Any] = (
         {"pool": GPU_POOL, "queue": GPU_QUEUE, "executor_config": {"pod_template_file": GPU_POD_TEMPLATE}}
         if gpu
@@ -119,7 +128,11 @@ def step_task(
         **placement,
     )
     def run(**context: Any) -> dict[str, Any]:
-        return execute(step, context, params)
+        handed = {
+            k: str(context["ti"].xcom_pull(task_ids=t)[key])
+            for k, (t, key) in (upstream_params or {}).items()
+        }
+        return execute(step, context, {**(params or {}), **handed})
 
     return run
 
@@ -128,8 +141,8 @@ def sensor_task(
     step: str,
     *,
     params: dict[str, str] | None = None,
-    poke_interval: dt.timedelta = dt.timedelta(minutes=10),
-    timeout: dt.timedelta = dt.timedelta(hours=20),
+    poke_interval: dt.timedelta = SENSOR_POKE,
+    timeout: dt.timedelta = SENSOR_TIMEOUT,
 ) -> Callable[[], Any]:
     """A TaskFlow sensor on a step returning ``{"ready": bool, ...}``: it pokes every
     ``poke_interval`` (releasing its worker slot in between) and fails, with the alert, after

@@ -1,5 +1,5 @@
 """``hisam_finetune`` (daily, App. A.4): wait for the day's samples, gate them, SFT from the newest
-PT, evaluate against ``@champion`` on a frozen test snapshot, register, promote (or reject with
+PT, evaluate against ``@champion`` on the same gated snapshot, register, promote (or reject with
 reasons and an alert).
 
 Runs every day at 04:00 and also as soon as a new PT is registered (``hisam-pretrained``), so a
@@ -23,6 +23,7 @@ from hisam_common import (
     RANKER,
     SAMPLES,
     SKIP_WITHOUT_TOKENIZER,
+    VALIDATED_SAMPLES,
     sensor_task,
     step_task,
 )
@@ -39,8 +40,8 @@ from hisam_common import (
 def hisam_finetune() -> None:
     ready = sensor_task("samples-ready", params=SKIP_WITHOUT_TOKENIZER)()
     gate = step_task("validate-samples", inlets=[SAMPLES])()
-    finetune = step_task("finetune", gpu=True, inlets=[PRETRAINED])()
-    evaluate = step_task("evaluate", gpu=True)()
+    finetune = step_task("finetune", gpu=True, inlets=[PRETRAINED], upstream_params=VALIDATED_SAMPLES)()
+    evaluate = step_task("evaluate", gpu=True, upstream_params=VALIDATED_SAMPLES)()
     register = step_task("register")()
     promote = step_task("promote", outlets=[RANKER])()
     refresh = step_task("refresh-champion", outlets=[RANKER], trigger_rule="none_failed")()

@@ -15,6 +15,7 @@ from hisam_common import (
     SAMPLES,
     SKIP_WITHOUT_TOKENIZER,
     TOKENIZER,
+    VALIDATED_SAMPLES,
     sensor_task,
     step_task,
 )
@@ -31,7 +32,13 @@ from hisam_common import (
 def hisam_pretrain() -> None:
     ready = sensor_task("samples-ready", params=SKIP_WITHOUT_TOKENIZER)()
     gate = step_task("validate-samples", inlets=[SAMPLES])()
-    pretrain = step_task("pretrain", gpu=True, inlets=[SAMPLES, TOKENIZER], outlets=[PRETRAINED])()
+    pretrain = step_task(
+        "pretrain",
+        gpu=True,
+        inlets=[SAMPLES, TOKENIZER],
+        outlets=[PRETRAINED],
+        upstream_params=VALIDATED_SAMPLES,
+    )()
     ready >> gate >> pretrain
 
 

@@ -123,8 +123,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="step parameter (repeatable): tokenizer_version=dst-YYYYMMDD (train-tokenizer, "
         "tokenize-catalogue, activate-tokenizer: default dst-<logical date>; build-sequences, "
-        "validate-samples: default the @current tokenizer), skip_without_tokenizer=true (build-sequences, tokenize-new-items: "
-        "skip instead of failing before the first tokenizer is activated)",
+        "validate-samples, samples-ready: default the @current tokenizer), skip_without_tokenizer=true "
+        "(build-sequences, tokenize-new-items, samples-ready: skip instead of failing before the first "
+        "tokenizer is activated), samples_version=N (pretrain, finetune, evaluate: the gold.samples "
+        "version to read, default the latest)",
     )
 
     sub.add_parser(

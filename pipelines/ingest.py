@@ -186,11 +186,13 @@ def validate_samples(ctx: StepContext) -> dict[str, Any]:
     """GX gate on ``gold.samples`` of the current tokenizer (``params.tokenizer_version`` to choose
     another): the training DAGs stop here on bad data.
 
-    When the batch passes with some rows quarantined, the partition is rewritten without them, so
-    training never reads a quarantined sample (rows in = rows kept + quarantined), and a rerun of the
-    day keeps them in the quarantine partition although it no longer finds them. The rewrite is
-    refused (:class:`~spark_jobs.lake.ConcurrentWriteError`, retried) when the samples were rebuilt
-    after they were read, so a newer build is never replaced by an older one.
+    When the batch passes with some rows quarantined, the partition is rewritten without them (rows
+    in = rows kept + quarantined), and a rerun of the day keeps them in the quarantine partition
+    although it no longer finds them. The rewrite is refused
+    (:class:`~spark_jobs.lake.ConcurrentWriteError`, retried) when the samples were rebuilt after
+    they were read, so a newer build is never replaced by an older one. ``samples_version`` of the
+    result is the version that passed: the training DAGs hand it to training and evaluation (param
+    ``samples_version``), so they never read a quarantined sample or a build no gate has seen.
     """
     from pyspark.sql import functions as F
 

@@ -71,6 +71,17 @@ def load_samples(
     ), version
 
 
+def samples_version_param(ctx: StepContext) -> int | None:
+    """``params.samples_version``: the ``gold.samples`` version to read (the one ``validate-samples``
+    passed; the training DAGs hand it on), else None for the latest."""
+    value = ctx.params.get("samples_version")
+    if value is None or value == "":
+        return None
+    if not value.strip().isdigit():
+        raise ValueError(f"param samples_version must be a Delta version (an integer >= 0), got {value!r}")
+    return int(value)
+
+
 def load_profiles(
     ctx: StepContext, fields: Sequence[str], snapshot: int | None = None
 ) -> tuple[pd.DataFrame, int]:
@@ -270,7 +281,7 @@ def _train_stage(
     if vocabulary is None:
         vocabulary = ProfileVocabulary.fit({f: profile_frame[f] for f in fields})
     config = _ranker_config(ctx, stage, vocabulary, init_from)
-    frame, snapshot = load_samples(ctx, tokenizer_version, pinned.get("samples"))
+    frame, snapshot = load_samples(ctx, tokenizer_version, pinned.get("samples", samples_version_param(ctx)))
     ids = semantic_ids_of(ctx, tokenizer_version)
     profiles = encode_profiles(profile_frame, vocabulary)
     train_histories = histories(frame, ids, config.sequence, "train", profiles)
@@ -404,7 +415,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     version = run.data.tags["tokenizer_version"]
     if version != current_tokenizer_version(ctx):
         log.warning("the candidate was trained on tokenizer %s, which is no longer @current", version)
-    frame, snapshot = load_samples(ctx, version)
+    frame, snapshot = load_samples(ctx, version, samples_version_param(ctx))
     batch = ctx.config.ranker.eval_batch_size
     profile_frame, _ = load_profiles(ctx, PROFILE_COLUMNS)
     candidate_ids = champion_ids = semantic_ids_of(ctx, version)
@@ -480,6 +491,9 @@ def metrics_of(values: dict[str, Any], prefix: str, names: Sequence[str]) -> dic
 
 def evaluated_metrics(run: Run) -> dict[str, float]:
     """The ``eval.*`` and ``champion.*`` metrics the latest ``evaluate`` logged to the finetune ``run``
-    (empty before any): what an earlier evaluation logged and this one did not is left out."""
-    names = [n for n in run.data.tags.get(EVAL_METRICS, "").split(",") if n]
-    return {n: run.data.metrics[n] for n in names}
+    (empty before any): what an earlier evaluation logged and this one did not is left out. A run
+    evaluated before ``eval.metrics`` was recorded gives every such metric it has."""
+    names = run.data.tags.get(EVAL_METRICS)
+    if names is None:
+        return {k: v for k, v in run.data.metrics.items() if k.startswith((EVAL_PREFIX, CHAMPION_PREFIX))}
+    return {n: run.data.metrics[n] for n in names.split(",") if n}

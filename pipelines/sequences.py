@@ -8,11 +8,13 @@ the build itself rejects (``no_label``, ``unknown_action``, ``unknown_item``) go
 quarantined, checked before anything is written.
 The version is ``params.tokenizer_version``, else the tokenizer at ``@current``; before any tokenizer
 exists the daily run skips the step and says so. The samples commit records the build (step, logical
-date, tokenizer version), which ``samples-ready`` looks for: training waits for the day's build.
+date, tokenizer version, when it read silver), which ``samples-ready`` looks for: training waits for
+samples that hold the day.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
@@ -22,43 +24,58 @@ log = logging.getLogger(__name__)
 
 
 BUILD = "build-sequences"
+MATCH = ("step", "dataset", "tokenizer_version")  # the build_record keys that identify whose build
 
 
-def build_record(ctx: StepContext, version: str) -> dict[str, str]:
-    """What a ``gold.samples`` commit of ``build-sequences`` records about the build."""
+def build_record(ctx: StepContext, version: str, read_at: dt.datetime) -> dict[str, str]:
+    """What a ``gold.samples`` commit of ``build-sequences`` records: the build, its logical date,
+    and when it read silver."""
     return {
         "step": BUILD,
         "dataset": ctx.dataset,
         "tokenizer_version": version,
         "logical_date": ctx.logical_date.isoformat(),
+        "read_at": read_at.isoformat(),
     }
 
 
 def samples_ready(ctx: StepContext) -> dict[str, Any]:
-    """Whether ``gold.samples`` of the current tokenizer has been built for the run's day or later
-    (``ready``): the training DAGs wait on it, so a late ``hisam_features`` run delays fine-tuning
-    instead of letting it train on the day before's samples. Looks through the 200 newest commits
-    of the table for the builds of the dataset and version (:func:`build_record`)."""
+    """Whether ``gold.samples`` of the current tokenizer holds the run's day (``ready``): a build for
+    that day or later, or one that read silver after the day's import was promoted to it (the
+    catalogue build of a tokenizer that ran that day, or a rerun of an older date). The training
+    DAGs wait on it, so a late ``hisam_features`` delays fine-tuning instead of letting it train on
+    the day before's samples. Looks through the 200 newest commits of the tables involved."""
     from pipelines.tokenizer import current_tokenizer_version_or_skip
-    from spark_jobs.tables import GOLD_SAMPLES
+    from spark_jobs.importers.silver import promotion_record
+    from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES
 
     version = ctx.params.get("tokenizer_version") or current_tokenizer_version_or_skip(ctx, "samples-ready")
     if version is None:
         from pipelines.steps import StepSkipped
 
         raise StepSkipped("no tokenizer activated yet: there are no samples to train on")
-    wanted = {k: v for k, v in build_record(ctx, version).items() if k != "logical_date"}
-    built = max(
-        (
-            entry["metadata"]["logical_date"]
-            for entry in ctx.table_history(GOLD_SAMPLES.name, limit=200)
-            if all(entry["metadata"].get(k) == v for k, v in wanted.items())
-        ),
-        default=None,
-    )  # a rerun of an older date rebuilds from all of silver: the newest date built for counts
-    ready = built is not None and built >= ctx.logical_date.isoformat()
+    wanted = {k: build_record(ctx, version, dt.datetime.now(dt.UTC))[k] for k in MATCH}
+    builds = [
+        entry["metadata"]
+        for entry in ctx.table_history(GOLD_SAMPLES.name, limit=200)
+        if all(entry["metadata"].get(k) == v for k, v in wanted.items())
+    ]
+    day = ctx.logical_date.isoformat()
+    built = max((b["logical_date"] for b in builds), default=None)
+    ready = built is not None and built >= day
+    if builds and not ready:
+        promoted = promotion_record(ctx.dataset, ctx.logical_date)
+        imports = [
+            entry["timestamp"]
+            for entry in ctx.table_history(BRONZE_QUARANTINE.name, limit=200)
+            if all(entry["metadata"].get(k) == v for k, v in promoted.items())
+        ]
+        latest_read = max(dt.datetime.fromisoformat(b["read_at"]) for b in builds)
+        ready = bool(imports) and latest_read > max(imports)
     if not ready:
-        log.info("%s of %s built for %s, waiting for %s", GOLD_SAMPLES.name, version, built, ctx.logical_date)
+        log.info(
+            "%s of %s built for %s: waiting for a build that holds %s", GOLD_SAMPLES.name, version, built, day
+        )
     return {"ready": ready, "tokenizer_version": version, "built_for": built}
 
 
@@ -77,6 +94,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
     if version is None:
         return {"skipped": True, "reason": "no tokenizer activated yet"}
     lake, part = ctx.lake, {"dataset": ctx.dataset}
+    read_at = dt.datetime.now(dt.UTC)  # before silver is read: what samples-ready compares with
     valid, rejected = valid_interactions(ctx)
     valid = valid.cache()
     semantic_ids = lake.read(GOLD_SEMANTIC_IDS, partitions={**part, "tokenizer_version": version})
@@ -114,7 +132,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 GOLD_SAMPLES,
                 mode="replace_partition",
                 partition_values={**part, "tokenizer_version": version},
-                metadata=build_record(ctx, version),
+                metadata=build_record(ctx, version, read_at),
             ),
             GOLD_USER_SEQUENCES.name: lake.write(
                 to_gold_user_sequences(build_user_sequences(result.interactions, cfg)),

@@ -105,22 +105,31 @@ def check_encoders(ctx: StepContext, registered: Any) -> None:
 
 
 def embeddings_ready(ctx: StepContext) -> dict[str, Any]:
-    """Whether ``gold.item_embeddings`` holds rows of every configured encoder (``ready``): the
-    monthly tokenizer DAG waits on it, so its first run on a fresh deployment does not start before
-    the first ``embed`` has written anything."""
-    rows = {}
-    if ctx.table_version(EMBEDDINGS) is not None:
-        for modality, (name, enc_version) in encoder_specs(ctx).items():
-            frame, _ = ctx.read_table(
-                EMBEDDINGS, {"dataset": ctx.dataset, "modality": modality}, ["encoder", "encoder_version"]
-            )
-            rows[modality] = int(
-                ((frame["encoder"] == name) & (frame["encoder_version"] == enc_version)).sum()
-            )
-    ready = len(rows) == len(encoder_specs(ctx)) and all(rows.values())
+    """Whether every item of ``gold.item_documents`` has a ``gold.item_embeddings`` row of each
+    configured encoder (``ready``; ``missing`` counts the others per modality). The monthly
+    tokenizer DAG waits on it: on a fresh deployment its first run may start before the first
+    ``embed``, and an ``embed`` in progress (after an encoder change, say) has covered only part of
+    the catalogue."""
+    from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
+
+    encoders = encoder_specs(ctx)
+    if ctx.table_version(GOLD_ITEM_DOCUMENTS.name) is None or ctx.table_version(EMBEDDINGS) is None:
+        return {"ready": False, "items": 0, "missing": {}}
+    documents, _ = ctx.read_table(GOLD_ITEM_DOCUMENTS.name, {"dataset": ctx.dataset}, ["item_id"])
+    items = set(documents["item_id"].tolist())
+    missing = {}
+    for modality, (name, enc_version) in encoders.items():
+        frame, _ = ctx.read_table(
+            EMBEDDINGS,
+            {"dataset": ctx.dataset, "modality": modality},
+            ["item_id", "encoder", "encoder_version"],
+        )
+        have = frame.loc[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version), "item_id"]
+        missing[modality] = len(items - set(have.tolist()))
+    ready = bool(items) and not any(missing.values())
     if not ready:
-        log.info("%s has no rows yet of %s: waiting for the embed step", EMBEDDINGS, encoder_specs(ctx))
-    return {"ready": ready, "rows": rows}
+        log.info("%d catalogue items, without embeddings of %s: %s", len(items), encoders, missing)
+    return {"ready": ready, "items": len(items), "missing": missing}
 
 
 def load_item_features(

@@ -129,6 +129,16 @@ def clean_users(bronze: DataFrame) -> DataFrame:
     return flag_duplicates(rows, ["dataset", "user_id"], "user_id")
 
 
+#: ``job`` of the commit metadata of a silver promotion; with ``dataset`` and ``logical_date``, its
+#: ``bronze.quarantine`` commit marks that the day's data is in silver (:func:`promotion_record`).
+PROMOTION_JOB = "promote_to_silver"
+
+
+def promotion_record(dataset: str, logical_date: dt.date) -> dict[str, str]:
+    """The commit metadata of the silver promotion of one import run."""
+    return {"job": PROMOTION_JOB, "dataset": dataset, "logical_date": logical_date.isoformat()}
+
+
 def promote_to_silver(
     lake: Lake, dataset: str, logical_date: dt.date, config: SilverConfig | None = None
 ) -> ImportReport:
@@ -158,4 +168,5 @@ def promote_to_silver(
         mode="merge",
         update_condition="s.logical_date >= t.logical_date",
         delete_unmatched=f"t.logical_date = {sql_literal(logical_date)}",
+        metadata=promotion_record(dataset, logical_date),
     )

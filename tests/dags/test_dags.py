@@ -67,6 +67,26 @@ def test_every_dag_loads_with_its_tasks_and_dependencies(dags) -> None:
     rules = {t.task_id: t.trigger_rule.value for d in dags.values() for t in d.tasks}
     assert rules.pop("refresh_champion") == "none_failed"
     assert set(rules.values()) == {"all_success"}
+    # the waits release their worker slot between pokes, and fail (with the alert) after a timeout
+    from hisam_common import SENSOR_POKE, SENSOR_TIMEOUT
+
+    sensors = {
+        (d.dag_id, t.task_id): t for d in dags.values() for t in d.tasks if hasattr(t, "poke_interval")
+    }
+    assert set(sensors) == {("hisam_tokenizer", "embeddings_ready"), ("hisam_pretrain", "samples_ready"),
+                            ("hisam_finetune", "samples_ready")}  # fmt: skip
+    for sensor in sensors.values():
+        assert sensor.mode == "reschedule"
+        assert (sensor.poke_interval, sensor.timeout) == (
+            SENSOR_POKE.total_seconds(),
+            SENSOR_TIMEOUT.total_seconds(),
+        )
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import hisam_common as c; print(c.SENSOR_POKE, c.SENSOR_TIMEOUT)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HISAM_SENSOR_")}
+    defaults = subprocess.run(
+        [sys.executable, "-c", code, str(DAGS)], capture_output=True, text=True, env=env
+    )
+    assert defaults.stdout.split() == ["0:10:00", "20:00:00"], defaults.stderr[-2000:]  # production
 
 
 def test_schedules_follow_the_decoupled_lifecycle(dags) -> None:

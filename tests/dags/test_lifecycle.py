@@ -172,7 +172,8 @@ def test_rerunning_a_day_changes_nothing(world) -> None:
 def test_training_waits_until_the_days_samples_are_built(world) -> None:
     """Builds on day 1: the training DAGs' ``samples-ready`` sensor is not ready on day 2 until a
     features run of day 2 or later has rebuilt the samples (here day 3's, which also serves the day-2
-    and day-3 fine-tunes below)."""
+    and day-3 fine-tunes below). A build of an older date that read silver after a day's import
+    holds that day too, and rebuilds the same rows: gold tables are current-state."""
     from pipelines.steps import run_step
 
     waiting = run_step("samples-ready", DAY2, world["config"])
@@ -181,12 +182,14 @@ def test_training_waits_until_the_days_samples_are_built(world) -> None:
     for day in (DAY2, DAY3):
         ready = run_step("samples-ready", day, world["config"])
         assert ready["ready"] and ready["built_for"] == DAY3.isoformat()
+    run_step("ingest", DAY4, world["config"])  # day 4's import is in silver, its samples are not
     assert not run_step("samples-ready", DAY4, world["config"])["ready"]
-    # a rerun of an older date rebuilds from all of silver: same rows, and day 3 stays built
     before = _lake_contents(world)
-    run_step("build-sequences", DAY1, world["config"])
+    run_step("build-sequences", DAY1, world["config"])  # a rerun of an older date, after it
     assert _lake_contents(world) == before
-    assert run_step("samples-ready", DAY3, world["config"])["built_for"] == DAY3.isoformat()
+    assert run_step("samples-ready", DAY4, world["config"]) == {
+        "ready": True, "tokenizer_version": VERSION, "built_for": DAY3.isoformat()}  # fmt: skip
+    assert not run_step("samples-ready", DAY5, world["config"])["ready"]
 
 
 def test_a_promote_retried_after_the_aliases_moved_completes(world) -> None:
@@ -362,6 +365,9 @@ def test_a_rerun_of_a_past_fine_tune_continues_on_the_snapshots_it_started_on(wo
     assert pinned < DeltaTable(str(world["home"] / "lake" / "gold" / "samples")).version()
     again = run_step("finetune", DAY1, world["config"])
     assert (again["mlflow_run_id"], again["samples_version"]) == (run.info.run_id, pinned)
+    # the version validate-samples passed, as the training DAGs hand it on, is the one evaluated
+    judged = run_step("evaluate", DAY1, world["config"], {"samples_version": str(pinned)})
+    assert judged["snapshot"] == pinned
 
 
 def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, monkeypatch) -> None:
@@ -651,3 +657,15 @@ def test_a_snapshot_without_cold_start_users_is_judged_on_the_other_metrics(worl
     assert not {k for k in candidate.tags if k.endswith(("cold_auc", "cold_gauc"))}
     assert candidate.tags["gate"] == "promoted", candidate.tags.get("gate_reasons")
     assert candidate.tags["gate_unmeasured"] == "cold_auc,cold_gauc"
+
+
+def test_a_day_whose_samples_never_arrive_fails_the_wait_with_an_alert(world) -> None:
+    """Runs last. No features run on December 9th: fine-tuning does not train on older samples; its
+    sensor gives up after the timeout (shortened for the tests) and alerts."""
+    dec9 = dt.date(2026, 12, 9)
+    versions_before = len(_client().search_model_versions("name = 'hisam-ranker'"))
+    result = world["run"]("hisam_finetune", dec9)
+    assert result.tasks["samples_ready"] == "failed"
+    assert result.tasks["finetune"] == result.tasks["promote"] == "upstream_failed"
+    assert len(_client().search_model_versions("name = 'hisam-ranker'")) == versions_before
+    assert "hisam_finetune.samples_ready failed" in [a["title"] for a in _alerts(world)]

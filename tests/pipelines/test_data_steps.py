@@ -104,12 +104,10 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     from spark_jobs.tables import GOLD_SEMANTIC_IDS
 
     ctx = ctx_of()
-    assert run_step("embeddings-ready", DAY, ctx.config) == {"ready": False, "rows": {}}
+    assert run_step("embeddings-ready", DAY, ctx.config) == {"ready": False, "items": 0, "missing": {}}
     embed = run_step("embed", DAY, ctx.config)
-    assert run_step("embeddings-ready", DAY, ctx.config) == {
-        "ready": True,
-        "rows": {"behavior": 20, "image": 20, "text": 20},
-    }
+    covered = {"ready": True, "items": 20, "missing": {"behavior": 0, "image": 0, "text": 0}}
+    assert run_step("embeddings-ready", DAY, ctx.config) == covered
     known = [i for i in range(20) if i != 7]  # item i7 has no semantic IDs: its events are quarantined
     item_ids, _ = ctx.read_table("silver.items", {"dataset": "dq"}, ["item_id", "item_key"])
     ids = item_ids[item_ids["item_key"].isin([f"i{i}" for i in known])]["item_id"].tolist()
@@ -190,6 +188,7 @@ def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
 
 def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_tokenizer(ctx_of, spark) -> None:
     """Runs last (it corrupts one text embedding)."""
+    from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
     from pipelines.context import StepContext
@@ -220,3 +219,7 @@ def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_toke
         else:
             with pytest.raises(ValueError, match=f"no usable text rows .*20 fail .*expected_dims {expected}"):
                 load_item_features(strict)
+    # an embed in progress (one text row not written yet): the tokenizer DAG keeps waiting
+    DeltaTable(ctx.table_path("gold.item_embeddings")).delete(f"modality = 'text' AND item_id = {item}")
+    waiting = run_step("embeddings-ready", DAY, ctx.config)
+    assert waiting == {"ready": False, "items": 20, "missing": {"behavior": 0, "image": 0, "text": 1}}

@@ -129,8 +129,10 @@ def test_register_reads_only_what_the_latest_evaluation_measured(tmp_path, mlflo
     client = MlflowClient(tracking_uri=mlflow_store(tmp_path))
     run_id = client.create_run(client.create_experiment("e")).info.run_id
     assert evaluated_metrics(client.get_run(run_id)) == {}
-    for key, value in {"eval.auc": 0.7, "eval.cold_gauc": 0.6, "champion.cold_gauc": 0.61}.items():
+    first = {"eval.auc": 0.7, "eval.cold_gauc": 0.6, "champion.cold_gauc": 0.61}
+    for key, value in {**first, "sft/loss": 0.3}.items():
         client.log_metric(run_id, key, value)
+    assert evaluated_metrics(client.get_run(run_id)) == first  # evaluated before the tag existed
     client.set_tag(run_id, EVAL_METRICS, "eval.auc,eval.cold_gauc,champion.cold_gauc")
     client.log_metric(run_id, "eval.auc", 0.71)  # evaluated again, cold subset gone
     client.set_tag(run_id, EVAL_METRICS, "eval.auc")

@@ -78,13 +78,10 @@ def register(ctx: StepContext) -> dict[str, Any]:
         )
     existing = _candidate(ctx)
     if existing is not None:  # registered before; evaluate may have run again since (a new champion)
-        judged = "gate" in existing.tags  # then its tags are the record of that judgement
-        stale = {k: v for k, v in tags.items() if existing.tags.get(k) != v and not judged}
-        gone = [
-            k
-            for k in existing.tags
-            if k.startswith((EVAL_PREFIX, CHAMPION_PREFIX)) and k not in tags and not judged
-        ]
+        stale = {k: v for k, v in tags.items() if existing.tags.get(k) != v}
+        gone = [k for k in existing.tags if k.startswith((EVAL_PREFIX, CHAMPION_PREFIX)) and k not in tags]
+        if "gate" in existing.tags:  # judged already: its tags are the record of that judgement
+            stale, gone = {}, []
         for key, value in stale.items():
             ctx.mlflow.set_model_version_tag(name, existing.version, key, value)
         for key in gone:  # measured by an earlier evaluation only

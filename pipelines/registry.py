@@ -101,9 +101,7 @@ def decide(
     if champion is not None:
         for metric, tolerance in config.max_regression.items():
             theirs = champion.get(metric)
-            if (
-                metric in skip or theirs is None or not math.isfinite(theirs)
-            ):  # nothing measured to regress from
+            if metric in skip or theirs is None or not math.isfinite(theirs):  # nothing to regress from
                 continue
             if metric not in candidate:
                 if metric not in config.floors:  # else already listed as missing

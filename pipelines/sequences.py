@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 
 BUILD = "build-sequences"
-MATCH = ("step", "dataset", "tokenizer_version")  # the build_record keys that identify whose build
 
 
 def build_record(ctx: StepContext, version: str, read_at: dt.datetime) -> dict[str, str]:
@@ -54,7 +53,7 @@ def samples_ready(ctx: StepContext) -> dict[str, Any]:
         from pipelines.steps import StepSkipped
 
         raise StepSkipped("no tokenizer activated yet: there are no samples to train on")
-    wanted = {k: build_record(ctx, version, dt.datetime.now(dt.UTC))[k] for k in MATCH}
+    wanted = {"step": BUILD, "dataset": ctx.dataset, "tokenizer_version": version}  # whose builds
     builds = [
         entry["metadata"]
         for entry in ctx.table_history(GOLD_SAMPLES.name, limit=200)

@@ -39,12 +39,13 @@ version 0, an empty table).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -436,10 +437,9 @@ def _commit_metadata(values: Mapping[str, Any]) -> dict[str, str]:
     (delta-rs custom metadata) and the JSON of ``userMetadata`` (how Spark records them; delta-rs
     writes both, so either engine reads the other's)."""
     n = len(METADATA_PREFIX)
-    user = values.get("userMetadata") or "{}"
     try:
-        user = json.loads(user) if isinstance(user, str) else dict(user)
-    except (ValueError, TypeError):
+        user = json.loads(values.get("userMetadata") or "{}")
+    except ValueError:  # another writer's free-text userMetadata
         user = {}
     merged = {**(user if isinstance(user, dict) else {}), **values}
     return {k[n:]: str(v) for k, v in merged.items() if k.startswith(METADATA_PREFIX)}
@@ -539,84 +539,68 @@ class _DeltaRs(_Backend):
         metadata: dict[str, str],
         read_version: int | None,
     ) -> None:
-        from deltalake import CommitProperties
-        from deltalake.exceptions import CommitFailedError
+        from deltalake import CommitProperties, write_deltalake
 
         commit = CommitProperties(
             custom_metadata={**metadata, "userMetadata": json.dumps(metadata, sort_keys=True)}
         )
         arrow = _to_arrow(df, spec)
-        # a snapshot of read_version: delta-rs refuses the commit when a later one conflicts with it
+        # on a snapshot of read_version, delta-rs refuses the commit when a later one conflicts
         target = self._table(path, read_version) if read_version is not None else path
-        try:
-            self._commit(
-                arrow, spec, target, mode, partition_values, keys, update_condition, delete_unmatched, commit
-            )
-        except CommitFailedError as err:
-            if read_version is None:
-                raise
-            raise ConcurrentWriteError(
-                f"{spec.name}: a commit after version {read_version}, which this write was derived from, "
-                f"changed the same rows: read it again ({err})"
-            ) from err
-
-    def _commit(
-        self,
-        arrow: Any,
-        spec: TableSpec,
-        path: Any,
-        mode: WriteMode,
-        partition_values: dict[str, Any],
-        keys: tuple[str, ...],
-        update_condition: str | None,
-        delete_unmatched: str | None,
-        commit: Any,
-    ) -> None:
-        from deltalake import DeltaTable, write_deltalake
-
-        pinned = isinstance(path, DeltaTable)  # a snapshot carries its own storage options
-        options = {} if pinned else {"storage_options": self.storage_options}
+        options = {} if read_version is not None else {"storage_options": self.storage_options}
         partition_by = list(spec.partition_by) or None
-        if mode == "replace_partition":
-            _check_inside_partition(arrow, spec, partition_values)
-            write_deltalake(
-                path,
-                arrow,
-                mode="overwrite",
-                predicate=partition_predicate(partition_values),
-                partition_by=partition_by,
-                commit_properties=commit,
-                **options,
-            )
-        elif mode in ("overwrite", "append"):
-            write_deltalake(
-                path,
-                arrow,
-                mode=mode,
-                partition_by=partition_by,
-                commit_properties=commit,
-                **options,
-            )
-        else:  # merge
-            if arrow.num_rows == 0 and delete_unmatched is None:
-                logger.info("merge into %s: empty source, nothing committed", spec.name)
-                return
-            _check_unique(arrow, spec, keys)
-            merger = (
-                (path if pinned else self._table(path))
-                .merge(
-                    source=arrow,
-                    predicate=_merge_condition(keys, partition_values),
-                    source_alias="s",
-                    target_alias="t",
+        with _conflicts_refused(spec, read_version):
+            if mode == "replace_partition":
+                _check_inside_partition(arrow, spec, partition_values)
+                write_deltalake(
+                    target,
+                    arrow,
+                    mode="overwrite",
+                    predicate=partition_predicate(partition_values),
+                    partition_by=partition_by,
                     commit_properties=commit,
+                    **options,
                 )
-                .when_matched_update_all(predicate=update_condition)
-                .when_not_matched_insert_all()
-            )
-            if delete_unmatched is not None:
-                merger = merger.when_not_matched_by_source_delete(predicate=delete_unmatched)
-            merger.execute()
+            elif mode in ("overwrite", "append"):
+                write_deltalake(
+                    target, arrow, mode=mode, partition_by=partition_by, commit_properties=commit, **options
+                )
+            else:  # merge
+                if arrow.num_rows == 0 and delete_unmatched is None:
+                    logger.info("merge into %s: empty source, nothing committed", spec.name)
+                    return
+                _check_unique(arrow, spec, keys)
+                merger = (
+                    (target if read_version is not None else self._table(path))
+                    .merge(
+                        source=arrow,
+                        predicate=_merge_condition(keys, partition_values),
+                        source_alias="s",
+                        target_alias="t",
+                        commit_properties=commit,
+                    )
+                    .when_matched_update_all(predicate=update_condition)
+                    .when_not_matched_insert_all()
+                )
+                if delete_unmatched is not None:
+                    merger = merger.when_not_matched_by_source_delete(predicate=delete_unmatched)
+                merger.execute()
+
+
+@contextlib.contextmanager
+def _conflicts_refused(spec: TableSpec, read_version: int | None) -> Iterator[None]:
+    """delta-rs's refusal of a commit on a stale snapshot, as :class:`ConcurrentWriteError`."""
+    from deltalake.exceptions import CommitFailedError
+
+    try:
+        yield
+    except CommitFailedError as err:
+        if read_version is None:
+            raise
+        raise ConcurrentWriteError(
+            f"{spec.name}: a commit after version {read_version}, which this write was derived from, "
+            f"changed the same rows: read it again ({err})"
+        ) from err
 
 
 class _SparkDelta(_Backend):
@@ -662,7 +646,7 @@ class _SparkDelta(_Backend):
                 "operation": r["operation"],
                 "parameters": dict(r["operationParameters"] or {}),
                 "metrics": dict(r["operationMetrics"] or {}),
-                "metadata": _commit_metadata(json.loads(r["userMetadata"] or "{}")),
+                "metadata": _commit_metadata({"userMetadata": r["userMetadata"]}),
             }
             for r in rows
         ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -33,6 +34,7 @@ from hisam_core.evaluation.harness import (
     ScalingConfig,
     assemble,
     collect_scaling,
+    json_safe,
     plot_scaling,
     run_evaluation,
     scaling_points,
@@ -129,6 +131,11 @@ def run_parallel(
     return assemble(config, dataset, runs, scaling)
 
 
+def _finite(metrics: dict[str, float | None]) -> dict[str, float]:
+    """The measured metrics: MLflow gets no value for a cold subset that could not define one."""
+    return {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+
+
 def log_mlflow(result: dict[str, Any], artifacts: list[Path]) -> None:
     """One MLflow run per (experiment, seed) with its params and metrics, and a summary run."""
     import mlflow
@@ -142,23 +149,31 @@ def log_mlflow(result: dict[str, Any], artifacts: list[Path]) -> None:
             mlflow.log_params(
                 {f"budget.{k}": v for k, v in result["budget"].items() if not isinstance(v, dict)}
             )
-            mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in run["metrics"].items()})
+            mlflow.log_metrics(_finite({k.replace("@", "_at_"): v for k, v in run["metrics"].items()}))
     with mlflow.start_run(run_name="summary"):
         mlflow.log_params({f"dataset.{k}": v for k, v in result["dataset"].items()})
         for name, entry in result["summary"].items():
             mlflow.log_metrics(
-                {
-                    f"{name}.{m.replace('@', '_at_')}.mean": v["mean"]
-                    for m, v in entry.items()
-                    if isinstance(v, dict)
-                }
+                _finite(
+                    {
+                        f"{name}.{m.replace('@', '_at_')}.mean": v["mean"]
+                        for m, v in entry.items()
+                        if isinstance(v, dict)
+                    }
+                )
             )
         for row in result.get("target", []):
-            mlflow.log_metric(f"target.{row['metric']}.margin", row["margin"])
+            if row["margin"] is not None:
+                mlflow.log_metric(f"target.{row['metric']}.margin", row["margin"])
             mlflow.set_tag(f"target.{row['metric']}.met", str(row["met"]).lower())
         for path in artifacts:
             if path.exists():
                 mlflow.log_artifact(str(path))
+
+
+def _number(value: float | None, spec: str = ".4f") -> str:
+    """A metric for the report; a cold subset that could not define it reads "unmeasured"."""
+    return "unmeasured" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 def _target_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -175,8 +190,8 @@ def _target_section(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for r in rows:
         lines.append(
-            f"| {r['metric']} | {r['candidate']} | {r['candidate_mean']:.4f} | {r['best_baseline']} | "
-            f"{r['baseline_mean']:.4f} | {r['margin']:+.4f} | {r['spread']:.4f} | "
+            f"| {r['metric']} | {r['candidate']} | {_number(r['candidate_mean'])} | {r['best_baseline']} | "
+            f"{_number(r['baseline_mean'])} | {_number(r['margin'], '+.4f')} | {_number(r['spread'])} | "
             f"{'yes' if r['met'] else 'no'} |"
         )
     return [*lines, ""]
@@ -227,7 +242,7 @@ def markdown(result: dict[str, Any], command: str, findings: str | None = None) 
         for axis in ("num_layers", "max_tokens"):
             for point in result["scaling"][axis]:
                 lines.append(
-                    f"| {axis} | {point['value']} | {point['gauc']:.4f} | {point['cold_gauc']:.4f} |"
+                    f"| {axis} | {point['value']} | {_number(point['gauc'])} | {_number(point['cold_gauc'])} |"
                 )
         lines.append("")
     if findings:
@@ -394,7 +409,7 @@ def main(
     result["environment"]["command"] = " ".join([prog or "hisam evaluate", *given])  # from scratch
     args.results.mkdir(parents=True, exist_ok=True)
     json_path = args.results / "quality.json"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    json_path.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
     json_path, md_path, png_path = write_report(result, args.results)
     if args.mlflow:
         log_mlflow(result, [json_path, md_path, png_path])

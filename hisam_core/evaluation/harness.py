@@ -346,8 +346,28 @@ def run_experiment(ctx: _Context, experiment: ExperimentConfig, seed: int) -> di
     return record
 
 
+def measured(values: Sequence[float | None]) -> np.ndarray:
+    """The finite values of ``values``: a cold subset that cannot define a metric is NaN in memory and
+    ``null`` in JSON (:func:`hisam_core.metrics.ranking_metrics`), and is left out of every mean."""
+    array = np.array([np.nan if v is None else v for v in values], dtype=float)
+    return array[np.isfinite(array)]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None``, for ``json.dumps(allow_nan=False)``."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per experiment: seeds, and mean / sample std (ddof 1; 0 with one seed) of every metric."""
+    """Per experiment: seeds, and mean / sample std (ddof 1; 0 with one seed) of every metric over the
+    seeds that measured it; ``measured_seeds`` counts them when some did not, and a metric no seed
+    measured has mean and std ``None``."""
     out: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["experiment"] for r in runs):
         rows = [r for r in runs if r["experiment"] == name]
@@ -356,13 +376,24 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "num_parameters": rows[0]["num_parameters"],
         }
         for metric in rows[0]["metrics"]:
-            values = np.array([r["metrics"][metric] for r in rows])
+            values = measured([r["metrics"][metric] for r in rows])
             entry[metric] = {
-                "mean": float(values.mean()),
-                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                "mean": float(values.mean()) if len(values) else None,
+                "std": float(values.std(ddof=1)) if len(values) > 1 else (0.0 if len(values) else None),
             }
+            if len(values) < len(rows):
+                entry[metric]["measured_seeds"] = len(values)
         out[name] = entry
     return out
+
+
+def _cell(stats: dict[str, Any] | None, spread: bool) -> str:
+    if stats is None:
+        return "n/a"
+    if stats["mean"] is None:
+        return "unmeasured"
+    cell = f"{stats['mean']:.4f} ± {stats['std']:.4f}" if spread else f"{stats['mean']:.4f}"
+    return cell + (f" ({stats['measured_seeds']} seeds)" if "measured_seeds" in stats else "")
 
 
 def markdown_table(summary: dict[str, dict[str, Any]], descriptions: dict[str, str] | None = None) -> str:
@@ -374,12 +405,7 @@ def markdown_table(summary: dict[str, dict[str, Any]], descriptions: dict[str, s
     lines = [header, "|" + " --- |" * (len(METRICS) + 3)]
     for name, entry in summary.items():
         spread = len(entry["seeds"]) > 1  # one seed has no spread to show
-        cells = [
-            (f"{entry[m]['mean']:.4f} ± {entry[m]['std']:.4f}" if spread else f"{entry[m]['mean']:.4f}")
-            if m in entry
-            else "n/a"
-            for m in METRICS
-        ]
+        cells = [_cell(entry.get(m), spread) for m in METRICS]
         label = f"{name} ({descriptions[name]})" if descriptions.get(name) else name
         lines.append(
             f"| {label} | " + " | ".join(cells) + f" | {entry['num_parameters']:,} | {len(entry['seeds'])} |"
@@ -389,28 +415,38 @@ def markdown_table(summary: dict[str, dict[str, Any]], descriptions: dict[str, s
 
 def target_check(summary: dict[str, dict[str, Any]], target: TargetConfig) -> list[dict[str, Any]]:
     """Per metric: the candidate against its best baseline. ``met`` when the margin exceeds the sum
-    of both sample stds and both have at least two seeds; rows are left out when a model is missing."""
+    of both sample stds and both measured it with at least two seeds; rows are left out when a model
+    is missing, and a metric the candidate or every baseline left unmeasured is not met."""
     rows = []
     baselines = [b for b in target.baselines if b in summary]
     if target.candidate not in summary or not baselines:
         return rows
     candidate = summary[target.candidate]
     for metric in target.metrics:
-        best = max(baselines, key=lambda b: summary[b][metric]["mean"])
-        margin = candidate[metric]["mean"] - summary[best][metric]["mean"]
-        spread = candidate[metric]["std"] + summary[best][metric]["std"]
-        seeds = min(len(candidate["seeds"]), len(summary[best]["seeds"]))
+        scored = [b for b in baselines if summary[b][metric]["mean"] is not None]
+        best = max(scored, key=lambda b: summary[b][metric]["mean"]) if scored else None
+        mine = candidate[metric]
+        theirs = summary[best][metric] if best else {"mean": None}
+        margin = spread = None
+        seeds = 0
+        if mine["mean"] is not None and theirs["mean"] is not None:
+            margin = mine["mean"] - theirs["mean"]
+            spread = mine["std"] + theirs["std"]
+            seeds = min(
+                mine.get("measured_seeds", len(candidate["seeds"])),
+                theirs.get("measured_seeds", len(summary[best]["seeds"])),
+            )
         rows.append(
             {
                 "metric": metric,
                 "candidate": target.candidate,
-                "candidate_mean": candidate[metric]["mean"],
+                "candidate_mean": mine["mean"],
                 "best_baseline": best,
-                "baseline_mean": summary[best][metric]["mean"],
+                "baseline_mean": theirs["mean"],
                 "margin": margin,
                 "spread": spread,
                 "seeds": seeds,
-                "met": bool(seeds >= 2 and margin > spread),
+                "met": bool(margin is not None and seeds >= 2 and margin > spread),
             }
         )
     return rows
@@ -476,6 +512,12 @@ def run_scaling(ctx: _Context, done: dict[tuple[str, int], dict[str, Any]]) -> d
     return collect_scaling(ctx.config, records)
 
 
+def _mean(values: Sequence[float | None]) -> float:
+    """Mean of the measured values; NaN (a gap in the plotted line) when none is."""
+    values = measured(values)
+    return float(values.mean()) if len(values) else float("nan")
+
+
 def plot_scaling(scaling: dict[str, Any], path: str | Path) -> None:
     """Two panels: GAUC and Cold GAUC against depth, and against the token budget (mean over seeds)."""
     import matplotlib
@@ -490,7 +532,7 @@ def plot_scaling(scaling: dict[str, Any], path: str | Path) -> None:
         points = scaling[axis]
         values = sorted({p["value"] for p in points})
         for metric in ("gauc", "cold_gauc"):
-            means = [np.mean([p[metric] for p in points if p["value"] == v]) for v in values]
+            means = [_mean([p[metric] for p in points if p["value"] == v]) for v in values]
             ax.plot(values, means, marker="o", label=metric.upper().replace("_", " "))
         ax.set_xlabel(label)
         ax.set_xticks(values)

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from hisam_core.evaluation.harness import EvaluationConfig
+from hisam_core.evaluation.harness import EvaluationConfig, assemble, json_safe
 from pipelines.cli import main as cli
-from pipelines.evaluation import EXPERIMENT, FINDINGS, _reusable
+from pipelines.evaluation import EXPERIMENT, FINDINGS, _reusable, write_report
 
 TINY = {
     "max_tokens": 48,
@@ -137,3 +137,30 @@ def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():
     longer = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 41})})
     with pytest.raises(ValueError, match=r"differs in \['train'\]"):
         _reusable(longer, earlier)
+
+
+def test_the_report_and_plot_mark_a_cold_metric_no_seed_measured(tmp_path):
+    """A snapshot without cold test users: every cold metric is NaN. The report says "unmeasured"
+    where a number would stand, the plot is drawn around the gap, and quality.json stays strict."""
+    config = EvaluationConfig.model_validate(TINY)
+    nan = float("nan")
+    runs = [
+        {"experiment": e, "seed": s, "num_parameters": 1, "metrics": {"gauc": g + s / 100, "cold_gauc": nan}}
+        for e, g in (("sasrec", 0.6), ("hisam_sft", 0.7))
+        for s in (0, 1)
+    ]
+    scaling = {
+        "experiment": "hisam_sft",
+        "seeds": [0],
+        "num_layers": [{"value": v, "seed": 0, "gauc": 0.7, "cold_gauc": nan} for v in (1, 2)],
+        "max_tokens": [{"value": v, "seed": 0, "gauc": 0.7, "cold_gauc": nan} for v in (24, 48)],
+    }
+    result = assemble(config, {"name": "tiny", "window_items": 8}, runs, scaling)
+    result["environment"] = {"command": "hisam evaluate"}
+    text = json.dumps(json_safe(result), allow_nan=False)
+    assert "NaN" not in text and json.loads(text)["summary"]["sasrec"]["cold_gauc"]["mean"] is None
+    _, md_path, png_path = write_report(result, tmp_path)
+    report = md_path.read_text()
+    assert "| hisam_sft | n/a | 0.7050 ± 0.0071 | n/a | unmeasured | n/a | n/a | 1 | 2 |" in report
+    assert "| num_layers | 1 | 0.7000 | unmeasured |" in report
+    assert png_path.stat().st_size > 0

@@ -3,6 +3,7 @@ semantic-ID variants, and a tiny end-to-end run where signal-bearing rankers bea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hisam_core.evaluation.harness import (
     ScalingConfig,
     TargetConfig,
     evaluation_metrics,
+    json_safe,
     markdown_table,
     run_evaluation,
     scaling_points,
@@ -96,6 +98,37 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert summary["a"]["gauc"]["mean"] == pytest.approx(0.7)
     assert summary["a"]["gauc"]["std"] == pytest.approx(0.1)
     assert "0.7000 ± 0.1000" in markdown_table(summary)
+
+
+def test_unmeasured_cold_metrics_leave_the_mean_strict_json_and_the_target_check():
+    """A seed whose cold subset cannot define a metric (NaN, ``null`` once written as JSON) is left
+    out of that metric's mean and spread, and counted; a metric no seed measured is unmeasured."""
+
+    def run(name, seed, gauc, cold):
+        return {
+            "experiment": name,
+            "seed": seed,
+            "num_parameters": 1,
+            "metrics": {"gauc": gauc, "cold_gauc": cold},
+        }
+
+    runs = [run("hisam", 0, 0.70, 0.60), run("hisam", 1, 0.72, float("nan")), run("hisam", 2, 0.74, 0.64)]
+    runs += [run("b", s, 0.60, float("nan")) for s in range(3)]
+    summary = summarise(runs)
+    assert summary["hisam"]["cold_gauc"] == {"mean": pytest.approx(0.62), "std": pytest.approx(0.02 * 2**0.5),
+                                             "measured_seeds": 2}  # fmt: skip
+    assert "measured_seeds" not in summary["hisam"]["gauc"]
+    assert summary["b"]["cold_gauc"] == {"mean": None, "std": None, "measured_seeds": 0}
+    written = json.loads(json.dumps(json_safe(runs), allow_nan=False))  # strict JSON: null, never NaN
+    assert written[1]["metrics"]["cold_gauc"] is None
+    assert summarise(written) == summary  # a --reuse of the written runs summarises the same
+    table = markdown_table(summary)
+    assert "0.6200 ± 0.0283 (2 seeds)" in table and "unmeasured" in table
+    rows = target_check(summary, TargetConfig(baselines=["b"], metrics=["gauc", "cold_gauc"]))
+    assert rows[0]["met"] and rows[0]["seeds"] == 3
+    assert rows[1] == {"metric": "cold_gauc", "candidate": "hisam", "candidate_mean": pytest.approx(0.62),
+                       "best_baseline": None, "baseline_mean": None, "margin": None, "spread": None,
+                       "seeds": 0, "met": False}  # fmt: skip
 
 
 def test_target_is_met_only_beyond_the_summed_spread_of_the_best_baseline():

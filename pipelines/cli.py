@@ -126,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
         "validate-samples, samples-ready: default the @current tokenizer), skip_without_tokenizer=true "
         "(build-sequences, tokenize-new-items, samples-ready: skip instead of failing before the first "
         "tokenizer is activated), samples_version=N (pretrain, finetune, evaluate: the gold.samples "
-        "version to read, default the latest)",
+        "version to read; default the newest one validate-samples passed, and for evaluate the one the "
+        "candidate was trained on)",
     )
 
     sub.add_parser(

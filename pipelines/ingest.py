@@ -98,7 +98,12 @@ def quality_config(ctx: StepContext) -> Any:
 
 
 def run_gate(
-    ctx: StepContext, df: Any, suite: Any, label: str, keep_earlier: bool = False
+    ctx: StepContext,
+    df: Any,
+    suite: Any,
+    label: str,
+    keep_earlier: bool = False,
+    record: dict[str, str] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Run one quality gate: quarantine the failing rows under ``target_table = label`` (replacing
     this run's partition of that label), alert and raise ``DataQualityError`` when the batch fails.
@@ -107,7 +112,8 @@ def run_gate(
     label (:func:`gate_label`), so it never replaces the rejects an importer or a sequence build
     wrote for the same table and day. ``keep_earlier``: the caller removes the rejected rows from
     their table, so a rerun of the day cannot find them again; the partition then keeps the rows of
-    earlier runs (each once) instead of being replaced by this run's alone.
+    earlier runs (each once) instead of being replaced by this run's alone. ``record`` goes into the
+    quarantine commit's metadata with the verdict (``passed``, ``quarantined``).
     """
     from pipelines.notify import Alert
     from spark_jobs.quality import DataQualityError, run_quality_gate, to_bronze_quarantine
@@ -121,8 +127,13 @@ def run_gate(
         if keep_earlier:
             earlier = ctx.lake.read(BRONZE_QUARANTINE, partitions=partition)
             rows = earlier.unionByName(rows).dropDuplicates(["reason", "raw"])
+        verdict = {"passed": str(report.success).lower(), "quarantined": str(report.n_quarantined)}
         version = ctx.lake.write(
-            rows, BRONZE_QUARANTINE, mode="replace_partition", partition_values=partition
+            rows,
+            BRONZE_QUARANTINE,
+            mode="replace_partition",
+            partition_values=partition,
+            metadata={**record, **verdict} if record else None,
         )
     finally:
         if qcfg.persist:
@@ -146,6 +157,37 @@ def versioned_label(table: str, tokenizer_version: str, gate: bool = False) -> s
     and the daily sequence builds run for different versions, and ``tokenize-new-items`` serves two
     while ``@champion`` is on an older one; neither may replace the other's rejects."""
     return f"{table}{'.gate' if gate else ''}@{tokenizer_version}"
+
+
+def samples_gate_record(ctx: StepContext, tokenizer_version: str) -> dict[str, str]:
+    """What the commits of ``validate-samples`` record: its quarantine commit adds the version it
+    read and its verdict, the rewrite of ``gold.samples`` the version it was cut from."""
+    return {"step": "validate-samples", "dataset": ctx.dataset, "tokenizer_version": tokenizer_version}
+
+
+def validated_samples_version(ctx: StepContext, tokenizer_version: str) -> int | None:
+    """The newest ``gold.samples`` version that ``validate-samples`` passed for ``tokenizer_version``
+    (what it read when it quarantined nothing, else its rewrite), or None; looks through the 200
+    newest commits of ``bronze.quarantine`` and ``gold.samples``."""
+    from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES
+
+    wanted = samples_gate_record(ctx, tokenizer_version)
+
+    def ours(entry: dict[str, Any]) -> bool:
+        return all(entry["metadata"].get(k) == v for k, v in wanted.items())
+
+    rewrites = {
+        entry["metadata"].get("validated_from"): entry["version"]
+        for entry in ctx.table_history(GOLD_SAMPLES.name, limit=200)
+        if ours(entry)
+    }
+    passed = []
+    for entry in ctx.table_history(BRONZE_QUARANTINE.name, limit=200):
+        gate = entry["metadata"]
+        if ours(entry) and gate.get("passed") == "true":
+            read = gate["samples_read"]
+            passed.append(int(read) if gate["quarantined"] == "0" else rewrites.get(read))
+    return max((v for v in passed if v is not None), default=None)
 
 
 def validate(ctx: StepContext) -> dict[str, Any]:
@@ -205,13 +247,24 @@ def validate_samples(ctx: StepContext) -> dict[str, Any]:
     read = ctx.lake.version(GOLD_SAMPLES)
     samples = ctx.lake.read(GOLD_SAMPLES, read, partitions=part).filter(F.col("tokenizer_version") == version)
     suite = samples_suite(samples, quality_config(ctx))
+    record = samples_gate_record(ctx, version)
     valid, summary = run_gate(
-        ctx, samples, suite, versioned_label(GOLD_SAMPLES.name, version, gate=True), keep_earlier=True
+        ctx,
+        samples,
+        suite,
+        versioned_label(GOLD_SAMPLES.name, version, gate=True),
+        keep_earlier=True,
+        record={**record, "samples_read": str(read)},
     )
     summary["samples_version"] = read
     if summary["n_quarantined"]:
         summary["samples_version"] = ctx.lake.write(
-            valid, GOLD_SAMPLES, mode="replace_partition", partition_values=part, read_version=read
+            valid,
+            GOLD_SAMPLES,
+            mode="replace_partition",
+            partition_values=part,
+            read_version=read,
+            metadata={**record, "validated_from": str(read)},
         )
         log.warning("removed %d quarantined rows from %s", summary["n_quarantined"], GOLD_SAMPLES.name)
     return {"tokenizer_version": version, **summary}

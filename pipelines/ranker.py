@@ -71,15 +71,28 @@ def load_samples(
     ), version
 
 
-def samples_version_param(ctx: StepContext) -> int | None:
-    """``params.samples_version``: the ``gold.samples`` version to read (the one ``validate-samples``
-    passed; the training DAGs hand it on), else None for the latest."""
+def samples_version(ctx: StepContext, tokenizer_version: str) -> int:
+    """The ``gold.samples`` version to read: ``params.samples_version`` (the training DAGs hand on
+    the one ``validate-samples`` just passed), else the newest version it passed for
+    ``tokenizer_version``, so training never reads a build no gate has seen."""
+    from pipelines.ingest import validated_samples_version
+
     value = ctx.params.get("samples_version")
-    if value is None or value == "":
-        return None
-    if not value.strip().isdigit():
-        raise ValueError(f"param samples_version must be a Delta version (an integer >= 0), got {value!r}")
-    return int(value)
+    if value is not None and value != "":
+        if not value.strip().isdigit():
+            raise ValueError(
+                f"param samples_version must be a Delta version (an integer >= 0), got {value!r}"
+            )
+        return int(value)
+    version = validated_samples_version(ctx, tokenizer_version)
+    if version is None:
+        raise ValueError(
+            f"validate-samples has not passed {SAMPLES} of tokenizer {tokenizer_version!r} for "
+            f"{ctx.dataset!r}: run `hisam run validate-samples` first, or pass "
+            "--param samples_version=N to read version N as it is"
+        )
+    log.info("reading %s version %d, the newest validate-samples passed", SAMPLES, version)
+    return version
 
 
 def load_profiles(
@@ -281,7 +294,8 @@ def _train_stage(
     if vocabulary is None:
         vocabulary = ProfileVocabulary.fit({f: profile_frame[f] for f in fields})
     config = _ranker_config(ctx, stage, vocabulary, init_from)
-    frame, snapshot = load_samples(ctx, tokenizer_version, pinned.get("samples", samples_version_param(ctx)))
+    read = pinned["samples"] if "samples" in pinned else samples_version(ctx, tokenizer_version)
+    frame, snapshot = load_samples(ctx, tokenizer_version, read)
     ids = semantic_ids_of(ctx, tokenizer_version)
     profiles = encode_profiles(profile_frame, vocabulary)
     train_histories = histories(frame, ids, config.sequence, "train", profiles)
@@ -392,8 +406,9 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
 
 
 def evaluate(ctx: StepContext) -> dict[str, Any]:
-    """Candidate vs ``@champion`` on one frozen snapshot of the test split; metrics go to the
-    finetune run (``eval.*`` and ``champion.*``).
+    """Candidate vs ``@champion`` on one frozen snapshot of the test split (``params.samples_version``,
+    else the one the candidate was trained on); metrics go to the finetune run (``eval.*`` and
+    ``champion.*``).
 
     The champion reads its tokenizer version's IDs from ``gold.semantic_ids``, which also holds the
     items tokenized since it was registered (``tokenize-new-items`` serves an older champion's version
@@ -415,7 +430,10 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     version = run.data.tags["tokenizer_version"]
     if version != current_tokenizer_version(ctx):
         log.warning("the candidate was trained on tokenizer %s, which is no longer @current", version)
-    frame, snapshot = load_samples(ctx, version, samples_version_param(ctx))
+    trained_on = _input_versions(ctx.mlflow.get_run(run.info.run_id)).get("samples")
+    if ctx.params.get("samples_version") or trained_on is None:
+        trained_on = samples_version(ctx, version)
+    frame, snapshot = load_samples(ctx, version, trained_on)
     batch = ctx.config.ranker.eval_batch_size
     profile_frame, _ = load_profiles(ctx, PROFILE_COLUMNS)
     candidate_ids = champion_ids = semantic_ids_of(ctx, version)

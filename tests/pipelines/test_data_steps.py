@@ -162,9 +162,12 @@ def test_a_tokenizer_without_ids_of_this_catalogue_builds_nothing(ctx_of, spark)
 def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
     """Builds on the samples: two with out-of-codebook targets pass the gate within its tolerance
     and are removed from gold.samples. A rerun of the day finds none, yet the quarantine still lists
-    both, and the build's own rejects of that version are untouched (kept + quarantined = in)."""
+    both, and the build's own rejects of that version are untouched (kept + quarantined = in).
+    Training without a named version reads the newest one the gate passed, never the unchecked one."""
     from pyspark.sql import functions as F
 
+    from pipelines.ingest import validated_samples_version
+    from pipelines.ranker import samples_version
     from pipelines.steps import run_step
 
     ctx, params = ctx_of(), {"tokenizer_version": VERSION}
@@ -177,11 +180,17 @@ def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
         "gold.samples",
         mode="append",
     )
+    with pytest.raises(ValueError, match="run `hisam run validate-samples` first"):
+        samples_version(ctx, VERSION)  # what training reads: no gate has seen these samples
     first = run_step("validate-samples", DAY, ctx.config, params)
     assert first["success"] and (first["n_input"], first["n_quarantined"]) == (clean + 2, 2)
     assert ctx.lake.read("gold.samples", partitions=part).count() == clean
+    assert samples_version(ctx, VERSION) == first["samples_version"]  # the rewrite, never the bad rows
+    assert samples_version(ctx_of(samples_version="3", **params), VERSION) == 3  # a named version wins
     again = run_step("validate-samples", DAY, ctx.config, params)
     assert again["success"] and (again["n_input"], again["n_quarantined"]) == (clean, 0)
+    assert validated_samples_version(ctx, VERSION) == again["samples_version"] == first["samples_version"]
+    assert validated_samples_version(ctx, "other") is None
     assert len(_quarantine(ctx, f"gold.samples.gate@{VERSION}")) == 2
     assert _quarantine(ctx, f"gold.samples@{VERSION}") == built
 

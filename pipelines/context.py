@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,18 @@ class StepContext:
         if self.table_version(table) is None:
             return []
         return delta_history(self.table_path(table), limit, self.config.lake.storage_options)
+
+    def commits(self, table: str, record: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The commits of a lake table whose metadata holds every key and value of ``record``, newest
+        first, from the newest 200 commits, or ten times as many until one matches or the history
+        ends: a busy table's markers stay found without reading its whole history every time."""
+        limit: int | None = 200
+        while True:
+            history = self.table_history(table, limit)
+            found = [e for e in history if all(e["metadata"].get(k) == v for k, v in record.items())]
+            if found or limit is None or len(history) < limit:
+                return found
+            limit = limit * 10 if limit < 20_000 else None
 
     def read_table(
         self,

@@ -166,28 +166,19 @@ def samples_gate_record(ctx: StepContext, tokenizer_version: str) -> dict[str, s
 
 
 def validated_samples_version(ctx: StepContext, tokenizer_version: str) -> int | None:
-    """The newest ``gold.samples`` version that ``validate-samples`` passed for ``tokenizer_version``
-    (what it read when it quarantined nothing, else its rewrite), or None; looks through the 200
-    newest commits of ``bronze.quarantine`` and ``gold.samples``."""
+    """The newest ``gold.samples`` version that ``validate-samples`` passed for ``tokenizer_version``:
+    what it read when it quarantined nothing, else its rewrite; None when it passed none."""
     from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES
 
-    wanted = samples_gate_record(ctx, tokenizer_version)
-
-    def ours(entry: dict[str, Any]) -> bool:
-        return all(entry["metadata"].get(k) == v for k, v in wanted.items())
-
-    rewrites = {
-        entry["metadata"].get("validated_from"): entry["version"]
-        for entry in ctx.table_history(GOLD_SAMPLES.name, limit=200)
-        if ours(entry)
-    }
-    passed = []
-    for entry in ctx.table_history(BRONZE_QUARANTINE.name, limit=200):
-        gate = entry["metadata"]
-        if ours(entry) and gate.get("passed") == "true":
-            read = gate["samples_read"]
-            passed.append(int(read) if gate["quarantined"] == "0" else rewrites.get(read))
-    return max((v for v in passed if v is not None), default=None)
+    ours = samples_gate_record(ctx, tokenizer_version)
+    for entry in ctx.commits(BRONZE_QUARANTINE.name, {**ours, "passed": "true"}):  # newest first
+        read = entry["metadata"]["samples_read"]
+        if entry["metadata"]["quarantined"] == "0":
+            return int(read)
+        rewrite = ctx.commits(GOLD_SAMPLES.name, {**ours, "validated_from": read})
+        if rewrite:  # absent when the rewrite was refused: the retry's gate is newer
+            return rewrite[0]["version"]
+    return None
 
 
 def validate(ctx: StepContext) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def samples_ready(ctx: StepContext) -> dict[str, Any]:
     that day or later, or one that read silver after the day's import was promoted to it (the
     catalogue build of a tokenizer that ran that day, or a rerun of an older date). The training
     DAGs wait on it, so a late ``hisam_features`` delays fine-tuning instead of letting it train on
-    the day before's samples. Looks through the 200 newest commits of the tables involved."""
+    the day before's samples."""
     from pipelines.tokenizer import current_tokenizer_version_or_skip
     from spark_jobs.importers.silver import promotion_record
     from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES
@@ -54,21 +54,13 @@ def samples_ready(ctx: StepContext) -> dict[str, Any]:
 
         raise StepSkipped("no tokenizer activated yet: there are no samples to train on")
     wanted = {"step": BUILD, "dataset": ctx.dataset, "tokenizer_version": version}  # whose builds
-    builds = [
-        entry["metadata"]
-        for entry in ctx.table_history(GOLD_SAMPLES.name, limit=200)
-        if all(entry["metadata"].get(k) == v for k, v in wanted.items())
-    ]
+    builds = [entry["metadata"] for entry in ctx.commits(GOLD_SAMPLES.name, wanted)]
     day = ctx.logical_date.isoformat()
     built = max((b["logical_date"] for b in builds), default=None)
     ready = built is not None and built >= day
     if builds and not ready:
         promoted = promotion_record(ctx.dataset, ctx.logical_date)
-        imports = [
-            entry["timestamp"]
-            for entry in ctx.table_history(BRONZE_QUARANTINE.name, limit=200)
-            if all(entry["metadata"].get(k) == v for k, v in promoted.items())
-        ]
+        imports = [entry["timestamp"] for entry in ctx.commits(BRONZE_QUARANTINE.name, promoted)]
         latest_read = max(dt.datetime.fromisoformat(b["read_at"]) for b in builds)
         ready = bool(imports) and latest_read > max(imports)
     if not ready:

@@ -152,3 +152,32 @@ def test_cli_forwards_only_what_follows_the_evaluate_command() -> None:
         ["--seeds", "0", "1"],
     )
     assert split_evaluate(["--threads=2", "evaluate", "--help"]) == (["--threads=2", "evaluate"], ["--help"])
+
+
+def test_commit_markers_are_found_beyond_the_newest_200_commits(tmp_path, monkeypatch) -> None:
+    """``StepContext.commits`` widens its search until a marker appears: one 250 commits old is
+    found, and a record no commit holds reads the whole history and finds nothing."""
+    import datetime as dt
+
+    import pyarrow as pa
+    from deltalake import CommitProperties, write_deltalake
+
+    from pipelines.context import StepContext
+    from spark_jobs.lake import METADATA_PREFIX
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.delenv("HISAM_LAKE_ROOT", raising=False)
+    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 1))
+    path = ctx.table_path("bronze.quarantine")
+    for k in range(251):
+        marker = {f"{METADATA_PREFIX}step": "import", f"{METADATA_PREFIX}day": str(k)} if k < 2 else {}
+        write_deltalake(
+            path,
+            pa.table({"k": [k]}),
+            mode="append",
+            commit_properties=CommitProperties(custom_metadata=marker),
+        )
+    found = ctx.commits("bronze.quarantine", {"step": "import"})
+    assert [(e["version"], e["metadata"]["day"]) for e in found] == [(1, "1"), (0, "0")]  # newest first
+    assert ctx.commits("bronze.quarantine", {"step": "import", "day": "2"}) == []
+    assert ctx.commits("gold.samples", {"step": "import"}) == []  # no such table yet

@@ -92,7 +92,7 @@ class TokenLayout:
 
     def pad_to(self, length: int) -> TokenLayout:
         """Right-pad to ``length`` with invalid tokens whose positions continue past every real one,
-        so no real query sees them (each sees only itself)."""
+        so no real query sees them (a pad query may see real memory tokens; its output is dropped)."""
         batch, current = self.position.shape
         extra = length - current
         if extra <= 0:
@@ -165,7 +165,8 @@ def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
 
 def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> torch.Tensor:
     """FlexAttention of ``q [B, H, Lq, d]`` over ``k, v [B, Hkv, Lkv, d]`` (GQA), zero-padded to the
-    block mask's lengths and cut back to ``Lq``; compiled on CUDA, eager (unfused) elsewhere."""
+    block mask's lengths and cut back to ``Lq``; compiled on CUDA, eager (unfused, and without a
+    backward pass on the CPU) elsewhere."""
     query_length, key_length = mask.shape[-2:]
     length = q.shape[2]
     q = F.pad(q, (0, 0, 0, query_length - length))

@@ -4,8 +4,8 @@ Anchor-based KV cache compression. Under MA-Attn a later item sees a past item o
 Anchor (and the profile), so after a history is encoded once, every layer keeps only the keys and
 values of profile tokens and anchors; semantic and Action tokens of past items are evicted (they are
 never attended again). Keys are cached *after* H-RoPE at their logical coordinates, and the cache
-keeps the logical position map ``(p, i, j, type)`` of what it holds, so physical eviction changes no
-score. ``history_memory="anchor_action"`` also keeps Actions; a causal-mask model keeps everything.
+keeps the logical position map ``(p, i, type)`` of what it holds (``j`` is already in the rotated
+keys), so physical eviction changes no score. ``history_memory="anchor_action"`` also keeps Actions; a causal-mask model keeps everything.
 Appending an interaction encodes only its ``n + 2`` tokens against the cache. When the history
 outgrows the token budget the cache is rebuilt from the truncated history (every kept item's state
 depends on the dropped anchors, so there is no lossless incremental truncation).

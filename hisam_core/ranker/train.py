@@ -171,6 +171,11 @@ def train(
     if not histories:
         raise ValueError("no training histories")
     device = resolve_device(tc.device)
+    if config.model.attention_backend == "flex" and device.type == "cpu":
+        raise ValueError(
+            "attention_backend='flex' cannot train on the CPU: torch has no FlexAttention backward "
+            "pass there. Train with 'auto' or 'sdpa' (the weights are the same; flex still serves on CPU)."
+        )
     checkpoint_path = Path(output_dir) / CHECKPOINT_NAME
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     seed_everything(tc.seed)
@@ -287,6 +292,7 @@ def _differences(old: RankerConfig, new: RankerConfig) -> set[str]:
         out: dict[str, Any] = {}
         for key, value in tree.items():
             if isinstance(value, dict):
+                out[f"{prefix}{key}"] = list(value)  # order counts: profile token ids follow it
                 out.update(flat(value, f"{prefix}{key}."))
             else:
                 out[f"{prefix}{key}"] = value

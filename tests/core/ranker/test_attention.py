@@ -108,7 +108,7 @@ def test_mask_mod_equals_dense_mask_on_grid(seq_config, histories, mode, memory)
     assert torch.equal(grid, dense)
     # FlexAttention's own (vmapped) evaluation of the mask_mod agrees too
     assert torch.equal(create_mask(mask_mod, batch, 1, length, length, device="cpu")[:, 0], dense)
-    # padded queries see only themselves; padded keys are never seen by real queries
+    # padded keys are never seen by real queries; every query, padded or not, sees some key
     valid = layout.valid
     assert not valid.all()
     assert not (dense & valid[:, :, None] & ~valid[:, None, :]).any()

@@ -173,6 +173,16 @@ def test_init_from_a_checkpoint_of_other_settings_fails(pretrained, tmp_path, se
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_flex_refuses_to_train_on_the_cpu_before_writing_anything(tmp_path):
+    """torch has no FlexAttention backward on the CPU: a clear error up front, not one at step 1."""
+    flex = config("sft", 1).model_copy(
+        update={"model": MODEL.model_copy(update={"attention_backend": "flex"})}
+    )
+    with pytest.raises(ValueError, match="cannot train on the CPU"):
+        train(flex, TRAIN_USERS, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_sft_may_choose_its_mask_and_budget_apart_from_pt():
     pt = config("pt", 2)
     sft = config("sft", 2, init_from="pt.pt")
@@ -186,6 +196,13 @@ def test_sft_may_choose_its_mask_and_budget_apart_from_pt():
     assert init_conflicts(
         pt, sft.model_copy(update={"model": MODEL.model_copy(update={"inter_base": 500.0})})
     ) == ["model.inter_base"]
+    fields = {"age": 3, "gender": 2}
+    with_profile = pt.model_copy(update={"sequence": SEQUENCE.model_copy(update={"profile_fields": fields})})
+    reordered = dict(reversed(fields.items()))  # same shapes, but every profile token id means another field
+    assert init_conflicts(
+        with_profile,
+        sft.model_copy(update={"sequence": SEQUENCE.model_copy(update={"profile_fields": reordered})}),
+    ) == ["sequence.profile_fields"]
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

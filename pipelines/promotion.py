@@ -14,9 +14,13 @@ registered, so they are servable while no new champion is promoted. All are idem
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.context import StepContext
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,24 @@ def _candidate(ctx: StepContext) -> Any:
     tags = {RUN_KEY: ctx.run_key, TRAINING_RUN_TAG: run.info.run_id}
     found = find_versions(ctx.mlflow, ctx.config.models.ranker, **tags)
     return found[0] if found else None
+
+
+def retag(
+    client: MlflowClient, version: ModelVersion, tags: dict[str, str], prefixes: tuple[str, ...]
+) -> list[str]:
+    """Bring a registered, not yet judged ``version``'s tags up to the latest evaluation: set the
+    changed ``tags`` and delete the ``prefixes`` tags that only an earlier evaluation measured.
+    A version the gate has judged keeps its tags (they record that judgement). Returns the keys
+    changed, sorted."""
+    if "gate" in version.tags:
+        return []
+    stale = {k: v for k, v in tags.items() if version.tags.get(k) != v}
+    gone = [k for k in version.tags if k.startswith(prefixes) and k not in tags]
+    for key, value in stale.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+    for key in gone:
+        client.delete_model_version_tag(version.name, version.version, key)
+    return sorted([*stale, *gone])
 
 
 def register(ctx: StepContext) -> dict[str, Any]:
@@ -78,17 +100,10 @@ def register(ctx: StepContext) -> dict[str, Any]:
         )
     existing = _candidate(ctx)
     if existing is not None:  # registered before; evaluate may have run again since (a new champion)
-        stale = {k: v for k, v in tags.items() if existing.tags.get(k) != v}
-        gone = [k for k in existing.tags if k.startswith((EVAL_PREFIX, CHAMPION_PREFIX)) and k not in tags]
-        if "gate" in existing.tags:  # judged already: its tags are the record of that judgement
-            stale, gone = {}, []
-        for key, value in stale.items():
-            ctx.mlflow.set_model_version_tag(name, existing.version, key, value)
-        for key in gone:  # measured by an earlier evaluation only
-            ctx.mlflow.delete_model_version_tag(name, existing.version, key)
-        if stale or gone:
+        retagged = retag(ctx.mlflow, existing, tags, (EVAL_PREFIX, CHAMPION_PREFIX))
+        if retagged:
             log.info("%s v%s: evaluation tags updated from run %s", name, existing.version, run.info.run_id)
-        return {"model_version": str(existing.version), "skipped": True, "retagged": sorted([*stale, *gone])}
+        return {"model_version": str(existing.version), "skipped": True, "retagged": retagged}
     version = run.data.tags["tokenizer_version"]
     checkpoint = sft_checkpoint_dir(ctx, version, run) / "checkpoint.pt"
     import torch

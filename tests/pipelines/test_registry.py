@@ -210,3 +210,25 @@ def test_a_rollback_retried_after_the_champion_moved_completes_without_mistaggin
     assert client.get_model_version("ranker", "2").tags["gate"] == "rolled_back"
     with pytest.raises(ValueError, match="no @previous"):
         rollback(client, "ranker")
+
+
+def test_a_retag_follows_the_latest_evaluation_until_the_gate_judges(client) -> None:
+    """A re-evaluated candidate (a new champion since) gets the new values, loses the metrics only
+    the earlier evaluation measured, and keeps its other tags; a judged version keeps them all."""
+    from pipelines.promotion import retag
+
+    earlier = {"eval.auc": "0.700000", "eval.cold_gauc": "0.600000", "champion.cold_gauc": "0.610000"}
+    for key, value in {**earlier, "run_key": "d/2026-11-02"}.items():
+        client.set_model_version_tag("ranker", "1", key, value)
+        client.set_model_version_tag("ranker", "2", key, value)
+    client.set_model_version_tag("ranker", "2", "gate", "promoted")
+    latest = {"eval.auc": "0.710000", "run_key": "d/2026-11-02"}  # this time no cold subset
+    version = client.get_model_version("ranker", "1")
+    assert retag(client, version, latest, ("eval.", "champion.")) == [
+        "champion.cold_gauc", "eval.auc", "eval.cold_gauc"
+    ]  # fmt: skip
+    assert client.get_model_version("ranker", "1").tags == latest
+    assert retag(client, client.get_model_version("ranker", "1"), latest, ("eval.", "champion.")) == []
+    judged = client.get_model_version("ranker", "2")
+    assert retag(client, judged, latest, ("eval.", "champion.")) == []
+    assert client.get_model_version("ranker", "2").tags == judged.tags

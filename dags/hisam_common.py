@@ -12,11 +12,14 @@ pipeline's notifier (log, webhook, file; ``configs/pipeline.yaml`` ``notify`` an
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 from airflow.sdk import Asset, PokeReturnValue, task
+
+log = logging.getLogger(__name__)
 
 #: The lake tables and registry states the DAGs produce and consume (data-aware scheduling).
 ITEM_EMBEDDINGS = Asset(name="gold.item_embeddings", uri="delta://hisam/gold/item_embeddings")
@@ -25,8 +28,12 @@ TOKENIZER = Asset(name="hisam-tokenizer@current", uri="mlflow://hisam/models/his
 PRETRAINED = Asset(name="hisam-pretrained", uri="mlflow://hisam/models/hisam-pretrained")
 RANKER = Asset(name="hisam-ranker@champion", uri="mlflow://hisam/models/hisam-ranker/champion")
 
-#: Training reads the ``gold.samples`` version ``validate-samples`` passed, not a later build.
-VALIDATED_SAMPLES = {"samples_version": ("validate_samples", "samples_version")}
+#: Training reads the ``gold.samples`` version ``validate-samples`` passed, not a later build, and
+#: skips when ``@current`` has moved away from the tokenizer version it gated.
+VALIDATED_SAMPLES = {
+    "samples_version": ("validate_samples", "samples_version"),
+    "tokenizer_version": ("validate_samples", "tokenizer_version"),
+}
 #: Step params of the daily and weekly DAGs: before the first tokenizer, skip instead of failing.
 SKIP_WITHOUT_TOKENIZER = {"skip_without_tokenizer": "true"}
 
@@ -56,7 +63,14 @@ def alert_on_failure(context: dict[str, Any]) -> None:
 
     ti = context["ti"]
     error = context.get("exception")
-    StepContext(load_config(), logical_day(context)).alert(
+    try:
+        config = load_config()
+    except Exception:  # a broken config must not silence the alert about it
+        from pipelines.config import PipelineConfig
+
+        log.exception("config unreadable: alerting through the defaults and HISAM_NOTIFY_*")
+        config = PipelineConfig()
+    StepContext(config, logical_day(context)).alert(
         f"{ti.dag_id}.{ti.task_id} failed",
         f"{type(error).__name__}: {error}" if error else "task failed",
         "error",

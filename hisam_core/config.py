@@ -16,8 +16,12 @@ class Config(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Self:
-        """Load from a YAML file; an empty file gives the defaults."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        """Load from a YAML file; an empty file gives the defaults. Malformed YAML is a ValueError
+        naming the file and the line, like any other invalid config."""
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         return cls.model_validate(data)

@@ -32,7 +32,7 @@ Examples:
   hisam demo                                   # the four DAGs end to end, then a summary
   hisam run ingest --logical-date 2026-11-22   # one step for one day
   hisam run build-sequences --param tokenizer_version=dst-20261101
-  hisam rollback                               # @previous becomes @champion again
+  hisam rollback                               # @previous becomes @champion again (refreshed)
   hisam recommend 196 --top-k 5                # what @champion recommends to user 196
   hisam evaluate --run main --seeds 0 1 2      # offline comparison on MovieLens-100K (--help: options)
 """
@@ -123,7 +123,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="step parameter (repeatable): tokenizer_version=dst-YYYYMMDD (train-tokenizer, "
         "tokenize-catalogue, activate-tokenizer: default dst-<logical date>; build-sequences, "
-        "validate-samples, samples-ready: default the @current tokenizer), skip_without_tokenizer=true "
+        "validate-samples, samples-ready: default the @current tokenizer; pretrain, finetune: the "
+        "version validate-samples gated, skipping when @current has moved since), force=true "
+        "(activate-tokenizer: move @current back to an older month's tokenizer), skip_without_tokenizer=true "
         "(build-sequences, tokenize-new-items, samples-ready: skip instead of failing before the first "
         "tokenizer is activated), samples_version=N (pretrain, finetune, evaluate: the gold.samples "
         "version to read; default the newest one validate-samples passed, and for evaluate the one the "
@@ -140,8 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config(
         sub.add_parser(
             "rollback",
-            help="restore @previous as @champion",
-            description="Restore the previous champion ranker.",
+            help="restore @previous as @champion (then refresh it with the items that arrived since)",
+            description="Restore the previous champion ranker, and register it again with the semantic IDs "
+            "its tokenizer version gained since it was packaged, so it serves every item at once.",
         )
     )
     recommend = with_config(

@@ -17,6 +17,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pipelines.context import StepContext
+from pipelines.registry import GATE_METRICS
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GATE_METRICS = ("auc", "gauc", "cold_auc", "cold_gauc")
 REFRESH_KEY = "refresh_key"  # model-version tag: the logical run that refreshed the champion
 REFRESHED_FROM = "refreshed_from"  # model-version tag: the version whose weights it serves
 
@@ -181,7 +181,8 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     Sec. 4.3), so the same weights serve them: the champion is registered again with the table extended
     by ``gold.semantic_ids`` of its version, tagged ``refreshed_from``, and ``@champion`` moves to it
     (``@previous`` stays). Nothing is retrained, so there is no gate. The packaged IDs must equal the
-    lake's (a version's IDs never change): a difference is an error, and nothing is registered.
+    lake's (a version's IDs never change): a difference is an error, and nothing is registered. One
+    refresh per champion and logical run: a retry, or a champion restored since, reuses it.
     """
     import tempfile
     from pathlib import Path
@@ -201,13 +202,12 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     champion = alias_version(ctx.mlflow, name, CHAMPION)
     if champion is None:
         return {"skipped": True, "reason": f"{name} has no @{CHAMPION} yet"}
-    done = find_versions(ctx.mlflow, name, **{REFRESH_KEY: ctx.run_key})
-    if done:
+    key = {REFRESH_KEY: ctx.run_key, REFRESHED_FROM: str(champion.version)}
+    done = find_versions(ctx.mlflow, name, **key)
+    if done:  # a retry after registering, or a champion restored since the day's refresh of it
         refreshed = str(done[0].version)
-        if str(champion.version) == done[0].tags[REFRESHED_FROM]:  # a retry after registering
-            make_refreshed_champion(ctx.mlflow, name, refreshed)
-            champion = ctx.mlflow.get_model_version(name, refreshed)
-        return {"champion": str(champion.version), "model_version": refreshed, "skipped": True}
+        make_refreshed_champion(ctx.mlflow, name, refreshed)
+        return {"champion": refreshed, "model_version": refreshed, "skipped": True}
 
     version = champion.tags[TOKENIZER_VERSION]
     served = load_ranker(f"models:/{name}/{champion.version}").unwrap_python_model()
@@ -239,8 +239,8 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     # not inherited: the gate's verdict, the producing logical run, and what log_ranker sets itself
     dropped = {"gate", "gate_reasons", RUN_KEY, TOKENIZER_VERSION, TRAINING_RUN_TAG}
     kept = {k: v for k, v in champion.tags.items() if k not in dropped}
-    tags = {**kept, REFRESH_KEY: ctx.run_key, REFRESHED_FROM: str(champion.version)}
-    previous = _find_run(ctx, "refresh-champion")
+    tags = {**kept, **key}
+    previous = _find_run(ctx, "refresh-champion", refreshed_from=str(champion.version))
     with (
         tempfile.TemporaryDirectory() as tmp,
         mlflow.start_run(
@@ -272,10 +272,23 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
 
 
 def rollback(ctx: StepContext) -> dict[str, Any]:
-    """Restore ``@previous`` as ``@champion`` and tell the on-call."""
+    """Restore ``@previous`` as ``@champion``, refresh it (:func:`refresh_champion`: it packaged its
+    semantic IDs before the items that arrived since) and tell the on-call. A failed refresh leaves
+    the rollback done and says so in the alert; ``refresh-champion`` completes it."""
     from pipelines.registry import rollback as restore
 
     name = ctx.config.models.ranker
     restored, demoted = restore(ctx.mlflow, name)
-    ctx.alert(f"{name} rolled back", f"@champion v{demoted} -> v{restored}", "warning")
-    return {"champion": restored, "demoted": demoted}
+    summary: dict[str, Any] = {"champion": restored, "restored": restored, "demoted": demoted}
+    text = f"@champion v{demoted} -> v{restored}"
+    try:
+        refreshed = refresh_champion(ctx)
+    except Exception as err:  # the rollback stands: the on-call needs to hear of both
+        log.exception("refreshing the restored champion v%s failed", restored)
+        text += f"; refreshing it failed ({type(err).__name__}: {err}): run `hisam run refresh-champion`"
+    else:
+        summary.update(champion=refreshed["champion"], new_items=refreshed.get("new_items", 0))
+        if refreshed["champion"] != restored:
+            text += f", registered again as v{refreshed['champion']} to serve the items that arrived since"
+    ctx.alert(f"{name} rolled back", text, "warning")
+    return summary

@@ -233,11 +233,13 @@ def sft_checkpoint_dir(ctx: StepContext, tokenizer_version: str, run: Run) -> Pa
     )
 
 
-def _find_run(ctx: StepContext, step: str) -> Run | None:
-    """This logical run's newest MLflow run of ``step`` (so a rerun continues it instead of adding one)."""
+def _find_run(ctx: StepContext, step: str, **tags: str) -> Run | None:
+    """This logical run's newest MLflow run of ``step`` (so a rerun continues it instead of adding one),
+    among those carrying every ``tags`` value."""
+    wanted = {"hisam.step": step, "hisam.run_key": ctx.run_key, **tags}
     found = ctx.mlflow.search_runs(
         [ctx.experiment_id],
-        filter_string=f"tags.`hisam.step` = '{step}' and tags.`hisam.run_key` = '{ctx.run_key}'",
+        filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items()),
         order_by=["attributes.start_time DESC"],
     )
     return found[0] if found else None
@@ -333,15 +335,31 @@ def _train_stage(
     }
 
 
+def training_tokenizer_version(ctx: StepContext) -> str:
+    """The ``@current`` tokenizer version, which pre-training and fine-tuning train on. The training
+    DAGs hand on the version ``validate-samples`` gated (``params.tokenizer_version``); when
+    ``@current`` has moved since, the step skips: the gate never saw the new version's samples, and
+    the activation's own DAG runs gate and train them."""
+    from pipelines.steps import StepSkipped
+    from pipelines.tokenizer import current_tokenizer_version
+
+    current, gated = current_tokenizer_version(ctx), ctx.params.get("tokenizer_version")
+    if gated and gated != current:
+        raise StepSkipped(
+            f"validate-samples passed the samples of tokenizer {gated}, but @current is now {current}: "
+            "the runs its activation triggered train on it"
+        )
+    return current
+
+
 def pretrain(ctx: StepContext) -> dict[str, Any]:
     """Semantic pre-training on the current tokenizer version; registers ``hisam-pretrained``."""
     import mlflow
 
     from pipelines.ranker_model import log_ranker
     from pipelines.registry import find_versions
-    from pipelines.tokenizer import current_tokenizer_version
 
-    version, name = current_tokenizer_version(ctx), ctx.config.models.pretrained
+    version, name = training_tokenizer_version(ctx), ctx.config.models.pretrained
     existing = find_versions(ctx.mlflow, name, tokenizer_version=version, **{RUN_KEY: ctx.run_key})
     if existing:
         return {"tokenizer_version": version, "model_version": str(existing[0].version), "skipped": True}
@@ -393,10 +411,7 @@ def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str, Pr
 
 def finetune(ctx: StepContext) -> dict[str, Any]:
     """SFT (action NLL under the MA mask) from the newest PT of the current tokenizer version."""
-
-    from pipelines.tokenizer import current_tokenizer_version
-
-    version = current_tokenizer_version(ctx)
+    version = training_tokenizer_version(ctx)
     init_from, pt_version, vocabulary = _pretrained_checkpoint(ctx, version)
     result = _train_stage(ctx, "sft", version, init_from, vocabulary, pretrained=pt_version)
     return {

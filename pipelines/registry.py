@@ -32,6 +32,8 @@ CURRENT = "current"
 #: Model-version tag prefix of a promoted version's drift: how far, per metric, it is estimated to be
 #: below the best version of its champion line (0 at a new best; see :func:`decide`).
 DRIFT_PREFIX = "gate.drift."
+#: What ``evaluate`` measures and the gate can judge (Sec. 4.1).
+GATE_METRICS = ("auc", "gauc", "cold_auc", "cold_gauc")
 
 
 class PromotionGateConfig(Config):
@@ -50,6 +52,13 @@ class PromotionGateConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        for section in ("floors", "max_regression", "max_drift"):
+            unknown = sorted(set(getattr(self, section)) - set(GATE_METRICS))
+            if unknown:  # a misspelt metric would leave the real one unchecked
+                raise ValueError(
+                    f"gate.{section} names {unknown}, which evaluate does not measure; "
+                    f"the gate metrics are {list(GATE_METRICS)}"
+                )
         tighter = {
             m: budget for m, budget in self.max_drift.items() if budget < self.max_regression.get(m, 0.0)
         }
@@ -144,11 +153,15 @@ def find_versions(client: MlflowClient, model: str, **tags: str) -> list[ModelVe
 
 
 def alias_version(client: MlflowClient, model: str, alias: str) -> ModelVersion | None:
-    """The version behind ``@alias``, or None when the alias (or the model) does not exist."""
+    """The version behind ``@alias``, or None when the alias (or the model) does not exist. Any other
+    registry error (a locked database, a lost connection) is raised, never read as "no alias"."""
     try:
-        return client.get_model_version_by_alias(model, alias)
-    except MlflowException:
-        return None
+        registered = client.get_registered_model(model)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return client.get_model_version_by_alias(model, alias) if alias in registered.aliases else None
 
 
 def champion_version(client: MlflowClient, model: str) -> str | None:
@@ -161,9 +174,9 @@ def apply_decision(client: MlflowClient, model: str, version: str, decision: Gat
     """Move the aliases (promote) or tag the candidate rejected; both are recorded as tags."""
     if decision.unmeasured:
         client.set_model_version_tag(model, version, "gate_unmeasured", ",".join(decision.unmeasured))
-    if not decision.promote:
-        client.set_model_version_tag(model, version, "gate", "rejected")
+    if not decision.promote:  # the reasons first: a retry skips a version tagged with its gate
         client.set_model_version_tag(model, version, "gate_reasons", "; ".join(decision.reasons))
+        client.set_model_version_tag(model, version, "gate", "rejected")
         log.warning("%s v%s rejected: %s", model, version, "; ".join(decision.reasons))
         return
     for metric, value in decision.drift.items():  # before the aliases: a retry keys on them
@@ -190,10 +203,10 @@ RESTORED_FROM = "restored_from"  # model-version tag: the champion a rollback de
 def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
     """Restore ``@previous`` as ``@champion``; the demoted version is tagged ``rolled_back``.
     Returns (restored, demoted) versions, also when a retry completes an interrupted rollback."""
-    try:
-        previous = str(client.get_model_version_by_alias(model, PREVIOUS).version)
-    except MlflowException as err:
-        raise ValueError(f"{model}: no @{PREVIOUS} version to roll back to") from err
+    found = alias_version(client, model, PREVIOUS)
+    if found is None:
+        raise ValueError(f"{model}: no @{PREVIOUS} version to roll back to")
+    previous = str(found.version)
     demoted = champion_version(client, model)
     if demoted == previous:  # a retry after @champion moved: only @previous is left to remove
         client.delete_registered_model_alias(model, PREVIOUS)

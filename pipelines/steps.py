@@ -65,7 +65,7 @@ STEPS: dict[str, Step] = {
         Step("register", "pipelines.promotion", "register", "register the evaluated candidate as a pyfunc ranker"),
         Step("promote", "pipelines.promotion", "promote", "promotion gate: @champion, or rejected with reasons + alert"),
         Step("refresh-champion", "pipelines.promotion", "refresh_champion", "daily: @champion re-registered with the semantic IDs its tokenizer version gained (same weights)"),
-        Step("rollback", "pipelines.promotion", "rollback", "restore @previous as @champion"),
+        Step("rollback", "pipelines.promotion", "rollback", "restore @previous as @champion, then refresh it"),
         Step("recommend", "pipelines.recommend", "recommend", "one user's top-K items from @champion (reads the lake, writes nothing)"),
     ]
 }  # fmt: skip

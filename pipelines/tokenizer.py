@@ -254,7 +254,9 @@ def _utilisation_figure(health: dict[str, float]) -> Any:
 
 
 def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
-    """Train DST on the pinned embeddings snapshot, check codebook health, register it."""
+    """Train DST on the pinned embeddings snapshot, check codebook health, register it. A backfill of
+    a month that a newer ``@current`` replaced skips (:func:`skip_if_superseded`), and the rest of
+    its DAG run with it."""
     import mlflow
     import torch
 
@@ -269,6 +271,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     if existing:
         log.info("%s %s is already registered as v%s: nothing to do", name, version, existing[0].version)
         return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
+    skip_if_superseded(ctx, ctx.logical_date.isoformat())  # a backfill of a month since replaced
     features, snapshot, _ = load_item_features(ctx)  # tokenize-catalogue quarantines the incomplete
     out = ctx.settings.home / "tokenizer" / version
     out.mkdir(parents=True, exist_ok=True)
@@ -477,14 +480,43 @@ def _tokenize_new_items(
     return summary
 
 
+def _trained_for(version: Any) -> str:
+    """The logical date (ISO) of the run that trained a registered tokenizer version."""
+    return version.tags.get("hisam.run_key", "").rpartition("/")[2]
+
+
+def skip_if_superseded(ctx: StepContext, trained_for: str) -> None:
+    """Skip (:class:`~pipelines.steps.StepSkipped`) a tokenizer of the month ``trained_for`` (ISO
+    date) when ``@current`` was trained for a later one, unless ``params.force=true``: a rerun or
+    backfill of an older month must not move pre-training, fine-tuning and serving back to it."""
+    from pipelines.registry import CURRENT, alias_version
+    from pipelines.steps import StepSkipped
+
+    name = ctx.config.models.tokenizer
+    current = alias_version(ctx.mlflow, name, CURRENT)
+    if current is None or _trained_for(current) <= trained_for:
+        return
+    if str(ctx.params.get("force", "")).lower() == "true":
+        log.warning("%s@%s is newer; force=true: going on", name, CURRENT)
+        return
+    raise StepSkipped(
+        f"{name}@{CURRENT} is {current.tags.get('tokenizer_version')}, newer than the tokenizer of "
+        f"{trained_for}: left where it is (--param force=true moves it back)"
+    )
+
+
 def activate_tokenizer(ctx: StepContext) -> dict[str, Any]:
-    """Point ``@current`` at this run's tokenizer version (its catalogue and samples are written)."""
+    """Point ``@current`` at this run's tokenizer version (its catalogue and samples are written).
+
+    A rerun of an older month leaves a newer ``@current`` where it is (:func:`skip_if_superseded`;
+    the step skips, so no asset event triggers the training DAGs)."""
     from pipelines.registry import CURRENT, alias_version, find_versions
 
     version, name = tokenizer_version(ctx), ctx.config.models.tokenizer
     found = find_versions(ctx.mlflow, name, tokenizer_version=version)
     if not found:
         raise ValueError(f"{name} has no version tagged tokenizer_version={version}")
+    skip_if_superseded(ctx, _trained_for(found[0]))
     part = {"dataset": ctx.dataset, "tokenizer_version": version}
     if (
         ctx.table_version("gold.samples") is None

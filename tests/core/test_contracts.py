@@ -101,3 +101,6 @@ def test_config_yaml_round_trip_and_unknown_keys(tmp_path) -> None:
     path.write_text("lr: 0.1\nlayrs: 3\n")
     with pytest.raises(ValueError, match="layrs"):
         _Cfg.from_yaml(path)
+    path.write_text("lr: [0.1\nlayers: 3\n")  # an unclosed list
+    with pytest.raises(ValueError, match=r"(?s)c\.yaml: not valid YAML.*line 2, column 7"):
+        _Cfg.from_yaml(path)

@@ -124,6 +124,25 @@ def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> 
             assert alert_on_failure in (callbacks if isinstance(callbacks, list) else [callbacks])
 
 
+def test_a_broken_config_still_sends_the_failure_alert(tmp_path, monkeypatch) -> None:
+    """The task failed because the config does not parse: the callback must still alert about it
+    (through the defaults and ``HISAM_NOTIFY_*``), not fail silently on the same config."""
+    import json
+    from types import SimpleNamespace
+
+    from hisam_common import alert_on_failure
+
+    (tmp_path / "bad.yaml").write_text("gate: [unclosed\n")
+    monkeypatch.setenv("HISAM_PIPELINE_CONFIG", str(tmp_path / "bad.yaml"))
+    monkeypatch.setenv("HISAM_NOTIFY_SINKS", "file")
+    monkeypatch.setenv("HISAM_NOTIFY_FILE", str(tmp_path / "alerts.jsonl"))
+    error = ValueError(f"{tmp_path / 'bad.yaml'}: not valid YAML")
+    ti = SimpleNamespace(dag_id="hisam_finetune", task_id="finetune", try_number=1)
+    alert_on_failure({"ti": ti, "exception": error, "logical_date": dt.datetime(2026, 11, 2, tzinfo=dt.UTC)})
+    (alert,) = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert alert["title"] == "hisam_finetune.finetune failed" and "not valid YAML" in alert["text"]
+
+
 def test_parsing_imports_nothing_heavy() -> None:
     """The scheduler parses DAG files constantly: no torch, Spark, MLflow or pipelines at import."""
     code = (

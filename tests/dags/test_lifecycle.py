@@ -227,9 +227,8 @@ def test_evaluate_on_another_worker_reads_the_checkpoint_logged_to_the_finetune_
 
 def _drift(tags: dict[str, str]) -> dict[str, float]:
     """A promoted version's ``gate.drift.*`` tags, as the gate reads them."""
-    from pipelines.promotion import GATE_METRICS
     from pipelines.ranker import metrics_of
-    from pipelines.registry import DRIFT_PREFIX
+    from pipelines.registry import DRIFT_PREFIX, GATE_METRICS
 
     return metrics_of(tags, DRIFT_PREFIX, GATE_METRICS)
 
@@ -264,7 +263,7 @@ def test_promote_then_rollback_restores_the_previous_champion(world) -> None:
     assert day3.tags["eval.auc"] == day1.tags["eval.auc"]  # deterministic training
     assert _drift(day1.tags) == _drift(day3.tags) == {"auc": 0.0, "gauc": 0.0}  # no loss, no drift
     summary = run_step("rollback", DAY3, world["config"])
-    assert summary == {"champion": "1", "demoted": "3"}
+    assert summary == {"champion": "1", "restored": "1", "demoted": "3", "new_items": 0}  # v1 serves all
     assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "1"
     assert client.get_model_version("hisam-ranker", "3").tags["gate"] == "rolled_back"
     with pytest.raises(ValueError, match="no @previous"):
@@ -424,7 +423,9 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
     np.testing.assert_allclose(served.score(request), reference.float().numpy(), rtol=0, atol=1e-6)
 
     again = run_step("refresh-champion", DAY5, world["config"])
-    assert again == {"champion": summary["champion"], "model_version": summary["champion"], "skipped": True}
+    assert (again["champion"], again["refreshed_from"], again["new_items"]) == (summary["champion"],) * 2 + (
+        0,
+    )
     assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions + 1
     later = run_step("refresh-champion", DAY5 + dt.timedelta(days=1), world["config"])
     assert later["new_items"] == 0 and later["champion"] == summary["champion"]
@@ -646,7 +647,7 @@ def test_a_snapshot_without_cold_start_users_is_judged_on_the_other_metrics(worl
     gated = {"floors": {"auc": 0.55, "cold_gauc": 0.5}, "max_drift": {"auc": 0.02, "cold_gauc": 0.03}}
     world["write_config"](world["config"], top={"gate": gated})
     try:  # the steps of hisam_finetune (whose sensor would wait for a features run of dec3)
-        for step in ("finetune", "evaluate", "register", "promote"):
+        for step in ("validate-samples", "finetune", "evaluate", "register", "promote"):
             run_step(step, dec3, world["config"])
     finally:
         world["write_config"](world["config"])
@@ -669,3 +670,58 @@ def test_a_day_whose_samples_never_arrive_fails_the_wait_with_an_alert(world) ->
     assert result.tasks["finetune"] == result.tasks["promote"] == "upstream_failed"
     assert len(_client().search_model_versions("name = 'hisam-ranker'")) == versions_before
     assert "hisam_finetune.samples_ready failed" in [a["title"] for a in _alerts(world)]
+
+
+def test_an_older_months_activation_leaves_the_newer_tokenizer_current(world) -> None:
+    """Runs last. Rerunning November's activate-tokenizer after December's would switch training and
+    serving back to November's tokenizer: it skips, and @current stays; a backfill of October trains
+    nothing. A fine-tune handed the
+    samples the gate passed for November skips too, instead of training December's, which no gate
+    saw. force=true moves @current back on purpose; December's rerun moves it forward again."""
+    from pipelines.steps import StepSkipped, run_step
+
+    dec1, december = dt.date(2026, 12, 1), "dst-20261201"
+    client, name = _client(), _ctx(world).config.models.tokenizer
+
+    def current() -> str:
+        return client.get_model_version_by_alias(name, "current").tags["tokenizer_version"]
+
+    versions = len(client.search_model_versions(f"name = '{name}'"))
+    assert current() == december
+    with pytest.raises(StepSkipped, match=f"is {december}, newer than the tokenizer of {DAY1}"):
+        run_step("activate-tokenizer", DAY1, world["config"])
+    with pytest.raises(StepSkipped, match=f"is {december}, newer than the tokenizer of 2026-10-01"):
+        run_step("train-tokenizer", dt.date(2026, 10, 1), world["config"])  # a backfill trains nothing
+    assert current() == december and len(client.search_model_versions(f"name = '{name}'")) == versions
+    with pytest.raises(StepSkipped, match=f"passed the samples of tokenizer {VERSION}, but @current is now"):
+        run_step("finetune", dec1, world["config"], {"tokenizer_version": VERSION})
+    forced = run_step("activate-tokenizer", DAY1, world["config"], {"force": "true"})
+    assert forced["tokenizer_version"] == current() == VERSION
+    run_step("activate-tokenizer", dec1, world["config"])
+    assert current() == december
+
+
+def test_a_rollback_to_an_older_tokenizers_champion_serves_the_items_that_arrived_since(world) -> None:
+    """Runs last. @previous is v1, November's first champion, which packaged its IDs before items
+    arrived (day 5 and December). A rollback restores it and registers it again with every ID the lake
+    holds for its tokenizer version, so the restored champion serves them at once; the alert says so.
+    A retry of the day's refresh registers nothing more."""
+    from pipelines import tokenizer
+    from pipelines.ranker_model import load_ranker
+    from pipelines.steps import run_step
+
+    dec10 = dt.date(2026, 12, 10)
+    client = _client()
+    client.set_registered_model_alias("hisam-ranker", "previous", "1")  # what the on-call rolls back to
+    versions = len(client.search_model_versions("name = 'hisam-ranker'"))
+    ids = tokenizer.semantic_ids_of(_ctx(world, dec10), VERSION)
+    summary = run_step("rollback", dec10, world["config"])
+    assert summary["restored"] == "1" and summary["new_items"] == len(ids.item_ids) - 120 > 0
+    champion = client.get_model_version_by_alias("hisam-ranker", "champion")
+    assert str(champion.version) == summary["champion"] == str(versions + 1)
+    assert champion.tags["refreshed_from"] == "1"
+    served = load_ranker("models:/hisam-ranker@champion", VERSION).unwrap_python_model()
+    assert np.array_equal(served.semantic_ids.lookup(ids.item_ids), ids.codes)
+    assert f"registered again as v{champion.version}" in _alerts(world)[-1]["text"]
+    assert run_step("refresh-champion", dec10, world["config"])["new_items"] == 0
+    assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions + 1

@@ -7,10 +7,10 @@ import math
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.promotion import GATE_METRICS
 from pipelines.ranker import metrics_of
 from pipelines.registry import (
     DRIFT_PREFIX,
+    GATE_METRICS,
     PREVIOUS,
     GateDecision,
     PromotionGateConfig,
@@ -232,3 +232,31 @@ def test_a_retag_follows_the_latest_evaluation_until_the_gate_judges(client) -> 
     judged = client.get_model_version("ranker", "2")
     assert retag(client, judged, latest, ("eval.", "champion.")) == []
     assert client.get_model_version("ranker", "2").tags == judged.tags
+
+
+def test_an_unreadable_registry_is_an_error_never_a_missing_alias(client, tmp_path) -> None:
+    """A missing alias or model reads as None; a registry that cannot answer (here its alias table is
+    gone; in production a locked or unreachable database) raises, so the step retries and alerts
+    instead of skipping as if no tokenizer or champion existed."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.registry import alias_version
+
+    client.set_registered_model_alias("ranker", "champion", "2")
+    assert str(alias_version(client, "ranker", "champion").version) == "2"
+    assert alias_version(client, "ranker", "previous") is None
+    assert alias_version(client, "absent", "champion") is None
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("ALTER TABLE registered_model_aliases RENAME TO moved")
+    with pytest.raises(MlflowException, match="registered_model_aliases"):
+        alias_version(client, "ranker", "champion")
+
+
+def test_a_misspelt_gate_metric_is_a_config_error() -> None:
+    """A typo would replace the default tolerances and leave the real metric unchecked."""
+    with pytest.raises(ValueError, match=r"gate.max_regression names \['cold_guac'\]"):
+        PromotionGateConfig(max_regression={"auc": 0.01, "cold_guac": 0.02})
+    with pytest.raises(ValueError, match=r"gate.floors names \['ndcg'\]"):
+        PromotionGateConfig(floors={"ndcg": 0.1})

@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         "--threads",
         type=_threads,
         default=os.environ.get(THREADS_ENV, "1"),  # a string default goes through ``type`` at parse time
-        help="torch intra-op threads (default $HISAM_TORCH_THREADS or 1, also read by Airflow tasks: the models here are small, and "
-        "on a busy 2-core machine 2 threads ran DST 13x slower than 1; raise it on large CPU nodes)",
+        help="torch intra-op threads (default $HISAM_TORCH_THREADS or 1, also read by Airflow tasks: the models here are small, "
+        "and extra threads contend with Spark on a small machine; raise it on large CPU nodes)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         "tokenize-catalogue, activate-tokenizer: default dst-<logical date>; build-sequences, "
         "validate-samples, samples-ready: default the @current tokenizer; pretrain, finetune: the "
         "version validate-samples gated, skipping when @current has moved since), force=true "
-        "(activate-tokenizer: move @current back to an older month's tokenizer), skip_without_tokenizer=true "
+        "(train-tokenizer, activate-tokenizer: train or activate an older month's tokenizer although @current is newer), skip_without_tokenizer=true "
         "(build-sequences, tokenize-new-items, samples-ready: skip instead of failing before the first "
         "tokenizer is activated), samples_version=N (pretrain, finetune, evaluate: the gold.samples "
         "version to read; default the newest one validate-samples passed, and for evaluate the one the "

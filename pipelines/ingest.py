@@ -1,4 +1,5 @@
-"""Steps ``ingest`` and ``validate``: raw source -> bronze -> silver, then the interactions gate.
+"""Steps ``ingest``, ``validate`` and ``validate-samples``: raw source -> bronze -> silver, the
+interactions gate, and the gate on the samples that training reads.
 
 ``ingest`` imports one run of the configured source into bronze (partition = logical date, so a rerun
 replaces it) and merges it into silver; bad records go to ``bronze.quarantine`` with their reason and

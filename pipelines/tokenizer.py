@@ -1,4 +1,5 @@
-"""Steps ``train-tokenizer``, ``tokenize-catalogue`` and ``activate-tokenizer`` (Sec. 3.2, App. A.4).
+"""Steps ``embeddings-ready``, ``train-tokenizer``, ``tokenize-catalogue``, ``activate-tokenizer`` and
+``tokenize-new-items`` (Sec. 3.2, App. A.4).
 
 Monthly: DST trains on a pinned snapshot of ``gold.item_embeddings`` (the Delta version is logged as
 the run's input), must clear the codebook-health floors, and is registered as ``hisam-tokenizer``

@@ -93,11 +93,14 @@ class StepContext:
             return []
         return delta_history(self.table_path(table), limit, self.config.lake.storage_options)
 
-    def commits(self, table: str, record: Mapping[str, str]) -> list[dict[str, Any]]:
+    def commits(
+        self, table: str, record: Mapping[str, str], whole_history: bool = False
+    ) -> list[dict[str, Any]]:
         """The commits of a lake table whose metadata holds every key and value of ``record``, newest
         first, from the newest 200 commits, or ten times as many until one matches or the history
-        ends: a busy table's markers stay found without reading its whole history every time."""
-        limit: int | None = 200
+        ends (at once with ``whole_history``): a busy table's markers stay found without reading its
+        whole history every time."""
+        limit: int | None = None if whole_history else 200
         while True:
             history = self.table_history(table, limit)
             found = [e for e in history if all(e["metadata"].get(k) == v for k, v in record.items())]

@@ -172,13 +172,17 @@ def validated_samples_version(ctx: StepContext, tokenizer_version: str) -> int |
     from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES
 
     ours = samples_gate_record(ctx, tokenizer_version)
-    for entry in ctx.commits(BRONZE_QUARANTINE.name, {**ours, "passed": "true"}):  # newest first
-        read = entry["metadata"]["samples_read"]
-        if entry["metadata"]["quarantined"] == "0":
-            return int(read)
-        rewrite = ctx.commits(GOLD_SAMPLES.name, {**ours, "validated_from": read})
-        if rewrite:  # absent when the rewrite was refused: the retry's gate is newer
-            return rewrite[0]["version"]
+    for whole_history in (False, True):  # the newest markers may all lack their rewrite
+        gates = ctx.commits(BRONZE_QUARANTINE.name, {**ours, "passed": "true"}, whole_history)
+        for entry in gates:  # newest first
+            read = entry["metadata"]["samples_read"]
+            if entry["metadata"]["quarantined"] == "0":
+                return int(read)
+            rewrite = ctx.commits(GOLD_SAMPLES.name, {**ours, "validated_from": read}, whole_history)
+            if rewrite:  # absent when the rewrite was refused: the retry's gate is newer
+                return rewrite[0]["version"]
+        if not gates:
+            break
     return None
 
 

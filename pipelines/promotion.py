@@ -272,23 +272,27 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
 
 
 def rollback(ctx: StepContext) -> dict[str, Any]:
-    """Restore ``@previous`` as ``@champion``, refresh it (:func:`refresh_champion`: it packaged its
-    semantic IDs before the items that arrived since) and tell the on-call. A failed refresh leaves
-    the rollback done and says so in the alert; ``refresh-champion`` completes it."""
+    """Restore ``@previous`` as ``@champion``, tell the on-call, then refresh it
+    (:func:`refresh_champion`: it packaged its semantic IDs before the items that arrived since).
+    The rollback stands if the refresh fails: a second alert says so, and ``refresh-champion``
+    completes it."""
     from pipelines.registry import rollback as restore
 
     name = ctx.config.models.ranker
     restored, demoted = restore(ctx.mlflow, name)
+    ctx.alert(f"{name} rolled back", f"@champion v{demoted} -> v{restored}", "warning")
     summary: dict[str, Any] = {"champion": restored, "restored": restored, "demoted": demoted}
-    text = f"@champion v{demoted} -> v{restored}"
     try:
         refreshed = refresh_champion(ctx)
-    except Exception as err:  # the rollback stands: the on-call needs to hear of both
+    except Exception as err:
         log.exception("refreshing the restored champion v%s failed", restored)
-        text += f"; refreshing it failed ({type(err).__name__}: {err}): run `hisam run refresh-champion`"
-    else:
-        summary.update(champion=refreshed["champion"], new_items=refreshed.get("new_items", 0))
-        if refreshed["champion"] != restored:
-            text += f", registered again as v{refreshed['champion']} to serve the items that arrived since"
-    ctx.alert(f"{name} rolled back", text, "warning")
-    return summary
+        ctx.alert(
+            f"{name} v{restored} restored but not refreshed",
+            f"{type(err).__name__}: {err}. It refuses items that arrived since it was registered until "
+            "`hisam run refresh-champion` succeeds.",
+            "error",
+        )
+        return summary
+    if refreshed["champion"] != restored:
+        log.info("%s v%s serves the restored v%s with the items since", name, refreshed["champion"], restored)
+    return {**summary, "champion": refreshed["champion"], "new_items": refreshed.get("new_items")}

@@ -205,7 +205,10 @@ def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
     Returns (restored, demoted) versions, also when a retry completes an interrupted rollback."""
     found = alias_version(client, model, PREVIOUS)
     if found is None:
-        raise ValueError(f"{model}: no @{PREVIOUS} version to roll back to")
+        champion = alias_version(client, model, CHAMPION)
+        earlier = champion.tags.get(RESTORED_FROM) if champion is not None else None
+        hint = f" (@{CHAMPION} v{champion.version} was restored from v{earlier})" if earlier else ""
+        raise ValueError(f"{model}: no @{PREVIOUS} version to roll back to{hint}")
     previous = str(found.version)
     demoted = champion_version(client, model)
     if demoted == previous:  # a retry after @champion moved: only @previous is left to remove

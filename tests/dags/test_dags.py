@@ -124,7 +124,7 @@ def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> 
             assert alert_on_failure in (callbacks if isinstance(callbacks, list) else [callbacks])
 
 
-def test_a_broken_config_still_sends_the_failure_alert(tmp_path, monkeypatch) -> None:
+def test_a_broken_config_still_sends_the_failure_alert(dags, tmp_path, monkeypatch) -> None:
     """The task failed because the config does not parse: the callback must still alert about it
     (through the defaults and ``HISAM_NOTIFY_*``), not fail silently on the same config."""
     import json

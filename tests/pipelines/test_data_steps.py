@@ -163,7 +163,7 @@ def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
     """Builds on the samples: two with out-of-codebook targets pass the gate within its tolerance
     and are removed from gold.samples. A rerun of the day finds none, yet the quarantine still lists
     both, and the build's own rejects of that version are untouched (kept + quarantined = in).
-    Training without a named version reads the newest one the gate passed, never the unchecked one."""
+    Training without a named version reads the newest one the gate passed, never a newer unchecked one."""
     from pyspark.sql import functions as F
 
     from pipelines.ingest import validated_samples_version
@@ -191,6 +191,9 @@ def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
     assert again["success"] and (again["n_input"], again["n_quarantined"]) == (clean, 0)
     assert validated_samples_version(ctx, VERSION) == again["samples_version"] == first["samples_version"]
     assert validated_samples_version(ctx, "other") is None
+    later = samples.limit(1).withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL 2 SECOND"))
+    unchecked = ctx.lake.write(later, "gold.samples", mode="append")  # a newer build, not yet gated
+    assert samples_version(ctx, VERSION) == first["samples_version"] < unchecked
     assert len(_quarantine(ctx, f"gold.samples.gate@{VERSION}")) == 2
     assert _quarantine(ctx, f"gold.samples@{VERSION}") == built
 

@@ -137,3 +137,13 @@ def test_the_model_rotates_by_the_coordinates_of_its_encoding(
             moved = dataclasses.replace(batch, **{field: getattr(batch, field) + 3 * last})
             changed = not torch.allclose(model(moved, mask).hidden, reference, atol=1e-5)
             assert changed == (field in reads), field
+
+
+def test_a_bf16_model_keeps_fp32_rotation_frequencies():
+    """Casting the model (``model.to(torch.bfloat16)``, as a bf16 serving export would) moves the
+    frequencies but never rounds them: the angles stay those of the fp32 module."""
+    rope = HierarchicalRotaryEmbedding(32)
+    cast = HierarchicalRotaryEmbedding(32).to(torch.bfloat16)
+    assert cast.inv_freq.dtype == torch.float32
+    i, j = torch.arange(40)[None], torch.arange(40)[None] % 8
+    assert torch.equal(cast.angles(i, j, i), rope.angles(i, j, i))

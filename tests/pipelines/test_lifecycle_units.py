@@ -156,21 +156,36 @@ def test_cli_forwards_only_what_follows_the_evaluate_command() -> None:
 
 def test_commit_markers_are_found_beyond_the_newest_200_commits(tmp_path, monkeypatch) -> None:
     """``StepContext.commits`` widens its search until a marker appears: one 250 commits old is
-    found, and a record no commit holds reads the whole history and finds nothing."""
+    found, and a record no commit holds reads the whole history and finds nothing. The samples gate
+    passed twice: 248 commits ago on version 5 as it was, and lately with a rewrite that was never
+    committed; training falls back to version 5."""
     import datetime as dt
 
     import pyarrow as pa
     from deltalake import CommitProperties, write_deltalake
 
     from pipelines.context import StepContext
+    from pipelines.ingest import validated_samples_version
     from spark_jobs.lake import METADATA_PREFIX
 
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
     monkeypatch.delenv("HISAM_LAKE_ROOT", raising=False)
     ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 1))
     path = ctx.table_path("bronze.quarantine")
+    gate = {
+        "step": "validate-samples",
+        "dataset": "synthetic",
+        "tokenizer_version": "dst-x",
+        "passed": "true",
+    }
+    gates = {
+        2: {**gate, "samples_read": "5", "quarantined": "0"},
+        250: {**gate, "samples_read": "9", "quarantined": "2"},
+    }
+    write_deltalake(ctx.table_path("gold.samples"), pa.table({"k": [0]}))  # holds no rewrite of version 9
     for k in range(251):
-        marker = {f"{METADATA_PREFIX}step": "import", f"{METADATA_PREFIX}day": str(k)} if k < 2 else {}
+        marker = {"step": "import", "day": str(k)} if k < 2 else gates.get(k, {})
+        marker = {f"{METADATA_PREFIX}{key}": value for key, value in marker.items()}
         write_deltalake(
             path,
             pa.table({"k": [k]}),
@@ -180,4 +195,5 @@ def test_commit_markers_are_found_beyond_the_newest_200_commits(tmp_path, monkey
     found = ctx.commits("bronze.quarantine", {"step": "import"})
     assert [(e["version"], e["metadata"]["day"]) for e in found] == [(1, "1"), (0, "0")]  # newest first
     assert ctx.commits("bronze.quarantine", {"step": "import", "day": "2"}) == []
-    assert ctx.commits("gold.samples", {"step": "import"}) == []  # no such table yet
+    assert ctx.commits("gold.samples", {"step": "import"}) == []
+    assert validated_samples_version(ctx, "dst-x") == 5 and validated_samples_version(ctx, "dst-y") is None

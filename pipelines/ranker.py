@@ -446,9 +446,8 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     if version != current_tokenizer_version(ctx):
         log.warning("the candidate was trained on tokenizer %s, which is no longer @current", version)
     trained_on = _input_versions(ctx.mlflow.get_run(run.info.run_id)).get("samples")
-    if ctx.params.get("samples_version") or trained_on is None:
-        trained_on = samples_version(ctx, version)
-    frame, snapshot = load_samples(ctx, version, trained_on)
+    named = ctx.params.get("samples_version") or trained_on is None
+    frame, snapshot = load_samples(ctx, version, samples_version(ctx, version) if named else trained_on)
     batch = ctx.config.ranker.eval_batch_size
     profile_frame, _ = load_profiles(ctx, PROFILE_COLUMNS)
     candidate_ids = champion_ids = semantic_ids_of(ctx, version)

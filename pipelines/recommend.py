@@ -17,20 +17,12 @@ from typing import Any
 import numpy as np
 
 from pipelines.context import StepContext
-from pipelines.settings import positive_int
+from pipelines.settings import flag, positive_int
 
 log = logging.getLogger(__name__)
 
 INTERACTIONS = "silver.interactions"
 ITEMS = "silver.items"
-
-
-def _flag(value: str | None, name: str) -> bool:
-    if value is None or value.lower() in ("", "false", "0", "no"):
-        return False
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    raise ValueError(f"param {name} must be true or false, got {value!r}")
 
 
 def recommend(ctx: StepContext) -> dict[str, Any]:
@@ -45,7 +37,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         raise ValueError("recommend needs --param user=<the source's user id>")
     top_k = positive_int(ctx.params.get("top_k", "10"), "param top_k")
     alias = ctx.params.get("alias", CHAMPION)
-    include_seen = _flag(ctx.params.get("include_seen"), "include_seen")
+    include_seen = flag(ctx.params.get("include_seen"), "include_seen")
     name = ctx.config.models.ranker
     version = alias_version(ctx.mlflow, name, alias)
     if version is None:

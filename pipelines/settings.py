@@ -57,6 +57,15 @@ class Settings(Config):
         return self.home / "alerts.jsonl"
 
 
+def flag(value: str | None, name: str) -> bool:
+    """A true/false step param (``true``, ``1``, ``yes`` or ``false``, ``0``, ``no``; absent is false)."""
+    if value is None or value.lower() in ("", "false", "0", "no"):
+        return False
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    raise ValueError(f"param {name} must be true or false, got {value!r}")
+
+
 def positive_int(text: str, name: str) -> int:
     """``text`` as an integer of at least 1 (an option, a step param or an environment value)."""
     if not text.strip().isdigit() or int(text) < 1:

@@ -491,13 +491,14 @@ def skip_if_superseded(ctx: StepContext, trained_for: str) -> None:
     date) when ``@current`` was trained for a later one, unless ``params.force=true``: a rerun or
     backfill of an older month must not move pre-training, fine-tuning and serving back to it."""
     from pipelines.registry import CURRENT, alias_version
+    from pipelines.settings import flag
     from pipelines.steps import StepSkipped
 
     name = ctx.config.models.tokenizer
     current = alias_version(ctx.mlflow, name, CURRENT)
     if current is None or _trained_for(current) <= trained_for:
         return
-    if str(ctx.params.get("force", "")).lower() == "true":
+    if flag(ctx.params.get("force"), "force"):
         log.warning("%s@%s is newer; force=true: going on", name, CURRENT)
         return
     raise StepSkipped(

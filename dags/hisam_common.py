@@ -151,6 +151,23 @@ def step_task(
     return run
 
 
+def watcher(*upstream: Any) -> Any:
+    """The watcher pattern of Airflow's best practices: a leaf that fails the run when any task of
+    ``upstream`` (pass every task) failed. A DAG whose last task also runs after a failure
+    (``all_done``) needs it: Airflow judges a run by its leaves, so the run would otherwise succeed.
+    It does not retry or alert; the failed task already did."""
+
+    @task(task_id="watcher", trigger_rule="one_failed", retries=0, on_failure_callback=None)
+    def watch() -> None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException("an upstream task failed")
+
+    leaf = watch()
+    list(upstream) >> leaf
+    return leaf
+
+
 def sensor_task(
     step: str,
     *,

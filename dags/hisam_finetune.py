@@ -9,9 +9,10 @@ tokenizer, and between a tokenizer's activation and its first PT, there is nothi
 run skips, without an alert.
 A failed data-quality gate stops the run before any training, and alerts.
 
-Last, also when fine-tuning skipped, ``refresh-champion`` re-registers ``@champion`` (same weights)
-with the semantic IDs of items that arrived since it was registered, so a rejected candidate does not
-leave new items unservable.
+Last, also when fine-tuning skipped or failed, ``refresh-champion`` re-registers ``@champion`` (same
+weights) with the semantic IDs of items that arrived since it was registered, so neither a rejected
+candidate nor a failed day leaves new items unservable; a ``watcher`` still fails the run when any
+task failed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hisam_common import (
     VALIDATED_SAMPLES,
     sensor_task,
     step_task,
+    watcher,
 )
 
 
@@ -44,8 +46,9 @@ def hisam_finetune() -> None:
     evaluate = step_task("evaluate", gpu=True, upstream_params=VALIDATED_SAMPLES)()
     register = step_task("register")()
     promote = step_task("promote", outlets=[RANKER])()
-    refresh = step_task("refresh-champion", outlets=[RANKER], trigger_rule="none_failed")()
+    refresh = step_task("refresh-champion", outlets=[RANKER], trigger_rule="all_done")()
     ready >> gate >> finetune >> evaluate >> register >> promote >> refresh
+    watcher(ready, gate, finetune, evaluate, register, promote, refresh)
 
 
 hisam_finetune()

@@ -40,6 +40,15 @@ EXPECTED = {
         "register": ["evaluate"],
         "promote": ["register"],
         "refresh_champion": ["promote"],
+        "watcher": [
+            "evaluate",
+            "finetune",
+            "promote",
+            "refresh_champion",
+            "register",
+            "samples_ready",
+            "validate_samples",
+        ],
     },
 }
 GPU_TASKS = {("hisam_tokenizer", "train_tokenizer"), ("hisam_pretrain", "pretrain"),
@@ -63,10 +72,13 @@ def test_every_dag_loads_with_its_tasks_and_dependencies(dags) -> None:
         dag = dags[dag_id]
         assert {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} == tasks, dag_id
         assert dag.catchup is False and dag.max_active_runs == 1
-    # the champion refresh runs also when fine-tuning skipped (no PT yet), never after a failure
+    # the champion refresh runs also when fine-tuning skipped (no PT yet) or failed; the watcher,
+    # downstream of every task, then fails the run (Airflow judges a run by its leaves)
     rules = {t.task_id: t.trigger_rule.value for d in dags.values() for t in d.tasks}
-    assert rules.pop("refresh_champion") == "none_failed"
+    assert rules.pop("refresh_champion") == "all_done"
+    assert rules.pop("watcher") == "one_failed"
     assert set(rules.values()) == {"all_success"}
+    assert [t.task_id for t in dags["hisam_finetune"].tasks if not t.downstream_list] == ["watcher"]
     # the waits release their worker slot between pokes, and fail (with the alert) after a timeout
     from hisam_common import SENSOR_POKE, SENSOR_TIMEOUT
 
@@ -115,6 +127,9 @@ def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> 
 
     for dag in dags.values():
         for task in dag.tasks:
+            if task.task_id == "watcher":  # it fails the run for a task that already retried and alerted
+                assert task.retries == 0 and not task.on_failure_callback
+                continue
             gpu = (dag.dag_id, task.task_id) in GPU_TASKS
             assert task.pool == ("gpu" if gpu else "default_pool"), task.task_id
             assert bool(task.executor_config) == gpu

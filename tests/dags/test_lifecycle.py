@@ -513,10 +513,12 @@ def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
     assert result.state == "failed"
     assert result.tasks["validate_samples"] == "failed"
     assert result.tasks["finetune"] == result.tasks["promote"] == "upstream_failed"
-    assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions_before
+    assert (result.tasks["refresh_champion"], result.tasks["watcher"]) == ("success", "failed")
+    assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions_before  # no new items
     titles = [a["title"] for a in _alerts(world)]
     assert "quality gate 'samples' failed" in titles
     assert "hisam_finetune.validate_samples failed" in titles
+    assert "hisam_finetune.watcher failed" not in titles  # one alert per failure
     quarantine = lake.read(
         "bronze.quarantine", partitions={"dataset": "tiny", "target_table": f"gold.samples.gate@{VERSION}"}
     )
@@ -661,15 +663,31 @@ def test_a_snapshot_without_cold_start_users_is_judged_on_the_other_metrics(worl
 
 
 def test_a_day_whose_samples_never_arrive_fails_the_wait_with_an_alert(world) -> None:
-    """Runs last. No features run on December 9th: fine-tuning does not train on older samples; its
-    sensor gives up after the timeout (shortened for the tests) and alerts."""
+    """Runs last. On December 9th two items arrive and get their IDs, but the features run stops
+    there: fine-tuning does not train on older samples; its sensor gives up after the timeout
+    (shortened for the tests) and alerts. The champion is still refreshed, so the two items are
+    servable that day, and the run is failed (by the watcher, which does not alert again)."""
+    from pipelines.ranker_model import TOKENIZER_VERSION, load_ranker
+    from pipelines.steps import run_step
+
     dec9 = dt.date(2026, 12, 9)
-    versions_before = len(_client().search_model_versions("name = 'hisam-ranker'"))
+    client = _client()
+    versions_before = len(client.search_model_versions("name = 'hisam-ranker'"))
+    arrived = _new_items_arrive(world, dec9, 2)
+    for step in ("ingest", "validate", "embed"):  # hisam_features, up to its failed build-sequences
+        run_step(step, dec9, world["config"])
+    assert run_step("tokenize-new-items", dec9, world["config"])["new_items"] == len(arrived)
     result = world["run"]("hisam_finetune", dec9)
-    assert result.tasks["samples_ready"] == "failed"
+    assert result.state == "failed" and result.tasks["samples_ready"] == "failed"
     assert result.tasks["finetune"] == result.tasks["promote"] == "upstream_failed"
-    assert len(_client().search_model_versions("name = 'hisam-ranker'")) == versions_before
-    assert "hisam_finetune.samples_ready failed" in [a["title"] for a in _alerts(world)]
+    assert (result.tasks["refresh_champion"], result.tasks["watcher"]) == ("success", "failed")
+    assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions_before + 1
+    champion = client.get_model_version_by_alias("hisam-ranker", "champion")
+    assert (int(champion.version), champion.tags["gate"]) == (versions_before + 1, "refreshed")
+    served = load_ranker("models:/hisam-ranker@champion", champion.tags[TOKENIZER_VERSION])
+    assert arrived <= set(served.unwrap_python_model().semantic_ids.item_ids.tolist())
+    titles = [a["title"] for a in _alerts(world)]
+    assert "hisam_finetune.samples_ready failed" in titles and "hisam_finetune.watcher failed" not in titles
 
 
 def test_an_older_months_activation_leaves_the_newer_tokenizer_current(world) -> None:

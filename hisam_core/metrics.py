@@ -38,6 +38,8 @@ def _prepare(
         raise ValueError("labels must be 0 or 1")
     if not np.isfinite(arrays[1]).all():
         raise ValueError("scores must be finite")
+    if len(arrays) > 2 and pd.isna(arrays[2]).any():  # pandas would drop those samples from every group
+        raise ValueError("groups (user ids) must not be missing")
     return (arrays[0].astype(np.int64), *arrays[1:])
 
 

@@ -126,6 +126,12 @@ class PipelineConfig(Config):
                 f"ranker.sequence.num_positions={rk.num_positions}"
             )
         dst = self.tokenizer.train.model
+        if dst.dedup_suffix:
+            raise ValueError(
+                "tokenizer.train.model.dedup_suffix is for hisam_core and the benchmarks: a suffix depends "
+                "on every other item's codes, which the registered tokenizer model, asked one request "
+                "at a time, does not have; the pipeline serves the paper's 6 codes"
+            )
         if rk.num_positions != dst.shared_layers + 3 or rk.codebook_size != dst.codebook_size:
             raise ValueError(
                 f"ranker.sequence expects {rk.num_positions} codes of K={rk.codebook_size}; DST writes "

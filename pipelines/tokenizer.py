@@ -293,8 +293,8 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         mlflow.log_figure(_utilisation_figure(health), "plots/codebook_utilisation.png")
         with torch.no_grad():
             forward = model(model.tensors(features))
-            codewords = model.codewords(forward.codes).numpy()
-        aligned = {m: forward.aligned[m].numpy() for m in model.modalities}
+            codewords = model.codewords(forward.codes).cpu().numpy()
+        aligned = {m: forward.aligned[m].cpu().numpy() for m in model.modalities}
         similarity = position_modality_similarity(codewords, aligned)
         save_similarity_figure(similarity, ids.position_names, model.modalities, out / "figure3.png")
         mlflow.log_artifact(str(out / "figure3.png"), "plots")
@@ -462,8 +462,7 @@ def _tokenize_new_items(
         fresh.item_ids, {**fresh.modalities, "behavior": np.repeat(cold[None], len(fresh), axis=0)}
     )
     dst = load_tokenizer(f"models:/{registered.name}/{registered.version}").dst
-    prefix = dst.config.shared_layers + len(dst.modalities)  # type: ignore[union-attr]
-    ids = dst.encode(fresh, version=version, known_codes=known.codes[:, :prefix])  # type: ignore[union-attr]
+    ids = dst.encode(fresh, version=version)  # type: ignore[union-attr]
     frame = ids.to_frame().assign(dataset=ctx.dataset, codebook_size=ids.codebook_size)
     frame["semantic_ids"] = [np.asarray(c, dtype=np.int64).tolist() for c in frame["semantic_ids"]]
     df = ctx.lake.spark.createDataFrame(frame[GOLD_SEMANTIC_IDS.columns], schema=GOLD_SEMANTIC_IDS.schema)

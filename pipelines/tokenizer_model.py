@@ -35,6 +35,27 @@ def features_frame(features: ItemFeatures) -> pd.DataFrame:
     return frame
 
 
+def request_embeddings(request: pd.DataFrame, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The ``[N, dim]`` array of each modality of a request; a ValueError names the missing column,
+    or the modality and item whose embedding is not ``dim`` numbers (NaN and inf: ``DST.encode``)."""
+    missing = [c for c in ("item_id", *dims) if c not in request.columns]
+    if missing:
+        raise ValueError(f"tokenizer request: no column {missing} (expected item_id and {list(dims)})")
+    if request.empty:
+        raise ValueError("tokenizer request: no rows")
+    out = {}
+    for modality, dim in dims.items():
+        rows = [np.asarray(v if v is not None else [], dtype=np.float32) for v in request[modality]]
+        bad = next((i for i, row in enumerate(rows) if row.shape != (dim,)), None)
+        if bad is not None:
+            raise ValueError(
+                f"tokenizer request: {modality} of item {request['item_id'].iloc[bad]} has shape "
+                f"{rows[bad].shape}, expected ({dim},)"
+            )
+        out[modality] = np.stack(rows)
+    return out
+
+
 class HisamTokenizerModel(mlflow.pyfunc.PythonModel):
     """Tokenizes items with a trained DST."""
 
@@ -53,10 +74,7 @@ class HisamTokenizerModel(mlflow.pyfunc.PythonModel):
         params: dict | None = None,
     ) -> pd.DataFrame:
         assert self.dst is not None, "load_context first"
-        modalities = {
-            m: np.stack([np.asarray(v, dtype=np.float32) for v in model_input[m]])
-            for m in self.dst.modalities
-        }
+        modalities = request_embeddings(model_input, self.dst.config.modality_dims)
         ids = self.dst.encode(ItemFeatures(model_input["item_id"].to_numpy(), modalities), self.version)
         return pd.DataFrame(
             {"item_id": ids.item_ids, "semantic_ids": list(ids.codes)}, index=model_input.index

@@ -41,6 +41,7 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from hisam_core.checkpoint import save_atomically
 from hisam_core.config import Config
 from hisam_core.encoders.base import EncodedBatch, resolve_device
 
@@ -360,18 +361,17 @@ class BehaviorEncoder:
 
     # ---------------------------------------------------------------------------------- checkpoint
     def save(self, path: str | Path) -> None:
-        """Checkpoint ``{"config", "state_dict", "item_ids", "warm", "cutoff"}`` (weights_only-loadable)."""
+        """Checkpoint ``{"config", "state_dict", "item_ids", "warm", "cutoff"}`` (weights_only-loadable,
+        written atomically); the cut-off is kept as its string."""
         model = self._require_fitted()
-        torch.save(
-            {
-                "config": self.config.model_dump(mode="json"),
-                "state_dict": model.state_dict(),
-                "item_ids": torch.from_numpy(self.item_ids),
-                "warm": torch.from_numpy(self.warm),
-                "cutoff": str(self.cutoff),
-            },
-            path,
-        )
+        payload = {
+            "config": self.config.model_dump(mode="json"),
+            "state_dict": model.state_dict(),
+            "item_ids": torch.from_numpy(self.item_ids),
+            "warm": torch.from_numpy(self.warm),
+            "cutoff": str(self.cutoff),
+        }
+        save_atomically(payload, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> BehaviorEncoder:

@@ -25,6 +25,7 @@ import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
+from hisam_core.checkpoint import save_atomically
 from hisam_core.config import Config
 from hisam_core.metrics import ranking_metrics
 from hisam_core.ranker.model import HMAT, HMATConfig
@@ -318,9 +319,7 @@ def _save(
         "rng": _rng_state(),
         "step": step,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    save_atomically(state, path)
 
 
 @torch.no_grad()

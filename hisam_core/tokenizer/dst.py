@@ -11,8 +11,6 @@ followed by one code per modality, in the order of ``DSTConfig.modality_dims``.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Self
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from hisam_core.checkpoint import save_atomically
 from hisam_core.config import Config
 from hisam_core.features import ItemFeatures
 from hisam_core.semantic_ids import SemanticIds
@@ -273,18 +272,9 @@ class DST(nn.Module):
         )
 
     def save_checkpoint(self, path: str | Path) -> None:
-        """Write ``{"config", "state_dict"}`` atomically: a temp file in the same folder, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write ``{"config", "state_dict"}`` atomically (:func:`~hisam_core.checkpoint.save_atomically`)."""
         payload = {"config": self.config.model_dump(mode="json"), "state_dict": self.state_dict()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(payload, handle)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_atomically(payload, path)
         logger.info("saved DST checkpoint to %s", path)
 
     @classmethod

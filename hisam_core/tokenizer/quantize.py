@@ -59,6 +59,21 @@ def straight_through(x: torch.Tensor, q: torch.Tensor, rotation_trick: bool) -> 
     return x + (q - x).detach()
 
 
+def cluster_sums(
+    x: torch.Tensor, assign: torch.Tensor, k: int, by_matmul: bool | None = None, chunk: int = 65536
+) -> torch.Tensor:
+    """Per-cluster sums of ``x [N, d]`` for ``assign [N]``. CUDA's ``index_add_`` adds floats in a
+    racing order, so by default (``by_matmul=None``) CUDA sums by one-hot matmuls over ``chunk`` rows,
+    which are reproducible, and the CPU keeps ``index_add_``."""
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    if not (x.is_cuda if by_matmul is None else by_matmul):
+        return sums.index_add_(0, assign, x)
+    for start in range(0, x.shape[0], chunk):
+        part = slice(start, start + chunk)
+        sums += nn.functional.one_hot(assign[part], k).to(x.dtype).T @ x[part]
+    return sums
+
+
 def kmeans(x: torch.Tensor, k: int, iterations: int = 20) -> torch.Tensor:
     """Lloyd's k-means on ``x [N, d]``; with fewer than ``k`` rows, centres repeat rows plus noise."""
     x = x.float()
@@ -72,7 +87,7 @@ def kmeans(x: torch.Tensor, k: int, iterations: int = 20) -> torch.Tensor:
     for _ in range(iterations):
         assign = torch.cdist(x, centres).argmin(1)
         counts = torch.bincount(assign, minlength=k)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        sums = cluster_sums(x, assign, k)
         filled = counts > 0
         centres[filled] = sums[filled] / counts[filled, None]
     return centres

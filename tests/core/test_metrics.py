@@ -101,6 +101,15 @@ def test_gauc_without_a_two_class_user_raises():
         gauc(np.array([0, 1]), np.array([0.3, 0.4]), np.array([1, 2]))
 
 
+def test_a_missing_user_id_raises_instead_of_dropping_its_samples():
+    labels, scores = np.array([0, 1, 0, 1]), np.array([0.9, 0.1, 0.2, 0.8])
+    users = np.array([1.0, 1.0, np.nan, np.nan])
+    for metric in (gauc, lambda *a: ndcg_at_k(*a, k=1), lambda *a: hit_rate_at_k(*a, k=1)):
+        with pytest.raises(ValueError, match="must not be missing"):
+            metric(labels, scores, users)
+    assert gauc(labels, scores, np.array([1, 1, 2, 2])) == 0.5  # user 1 reversed, user 2 right
+
+
 def test_ndcg_and_hr_at_k_on_hand_computed_cases():
     # user 0: scores rank its samples [pos, neg, pos, neg]; user 1: [neg, pos]; user 2: one class only
     labels = np.array([1, 0, 1, 0, 0, 1, 1, 1])

@@ -7,7 +7,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from hisam_core.tokenizer.quantize import ResidualQuantizer, VectorQuantizer, rotate_to
+from hisam_core.tokenizer.quantize import ResidualQuantizer, VectorQuantizer, cluster_sums, rotate_to
 
 
 def _mixture(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -101,3 +101,19 @@ def test_dead_code_restart_revives_an_unused_code():
     assert vq.restart_dead_codes(threshold) >= 1
     assert vq.codebook[3].abs().max() < 100  # re-seeded near the data
     assert (vq(data).codes == 3).any()
+
+
+def test_cluster_sums_by_matmul_equal_index_add_and_total_the_data():
+    """The reproducible CUDA path (one-hot matmuls, here over chunks of 7 rows) gives the CPU's
+    ``index_add_`` sums, and the per-cluster sums of either add up to the column sums of ``x``."""
+    torch.manual_seed(0)
+    x, assign = torch.randn(50, 6), torch.randint(0, 9, (50,))
+    assign[0] = 8  # the last cluster is filled; cluster 4 is empty
+    assign[assign == 4] = 3
+    by_add = cluster_sums(x, assign, 9)
+    by_matmul = cluster_sums(x, assign, 9, by_matmul=True, chunk=7)
+    torch.testing.assert_close(by_matmul, by_add)
+    torch.testing.assert_close(by_add.sum(0), x.sum(0))
+    assert torch.equal(by_add[4], torch.zeros(6)) and torch.equal(by_matmul[4], torch.zeros(6))
+    for c in (0, 3, 8):
+        torch.testing.assert_close(by_add[c], x[assign == c].sum(0))

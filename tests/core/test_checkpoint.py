@@ -1,0 +1,20 @@
+"""Checkpoints are replaced whole: a save that fails leaves the previous file and no temporary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hisam_core.checkpoint import save_atomically
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "run" / "model.pt"
+    save_atomically({"step": 1, "w": torch.ones(3)}, path)  # creates the folder
+    with pytest.raises(Exception, match="pickle"):
+        save_atomically({"step": 2, "hook": lambda: None}, path)  # fails while writing
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
+    save_atomically({"step": 3}, path)
+    assert torch.load(path, weights_only=True) == {"step": 3}

@@ -129,7 +129,9 @@ def _parser() -> argparse.ArgumentParser:
         "(build-sequences, tokenize-new-items, samples-ready: skip instead of failing before the first "
         "tokenizer is activated), samples_version=N (pretrain, finetune, evaluate: the gold.samples "
         "version to read; default the newest one validate-samples passed, and for evaluate the one the "
-        "candidate was trained on)",
+        "candidate was trained on; evaluate's tokenizer_version must be the candidate's), user, top_k, "
+        "alias, include_seen (recommend: as `hisam recommend`). A key the step does not read is an "
+        "error; `hisam steps` lists each step's keys",
     )
 
     sub.add_parser(
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "steps":
         for step in STEPS.values():
-            sys.stdout.write(f"{step.name:<20} {step.help}\n")
+            takes = f" [--param {', '.join(step.params)}]" if step.params else ""
+            sys.stdout.write(f"{step.name:<20} {step.help}{takes}\n")
         return 0
     os.environ[THREADS_ENV] = str(args.threads)
     apply_torch_threads()

@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 
 def _import_report(ctx: StepContext) -> Any:
     from spark_jobs.importers.generic import GenericImportConfig, import_generic
-    from spark_jobs.importers.movielens import MovieLensImportConfig, import_movielens
+    from spark_jobs.importers.movielens import MovieLensImportConfig, check_bundle, import_movielens
     from spark_jobs.importers.synthetic import generate
 
-    source, lake = ctx.config.source, ctx.lake
+    source = ctx.config.source
     if source.kind == "movielens":
         config = MovieLensImportConfig(data_dir=str(source.movielens_dir), dataset=ctx.dataset)
-        return import_movielens(lake.spark, lake, config, ctx.logical_date)
+        check_bundle(config.data_dir)  # a wrong path fails before Spark starts
+        return import_movielens(ctx.lake.spark, ctx.lake, config, ctx.logical_date)
     if source.kind == "synthetic":  # the same seed writes the same files, so reruns stay identical
         out = generate(source.synthetic, ctx.settings.home / "data" / ctx.dataset)
         generic = GenericImportConfig(
@@ -38,7 +39,7 @@ def _import_report(ctx: StepContext) -> Any:
         )
     else:
         generic = source.generic.model_copy(update={"dataset": ctx.dataset})  # type: ignore[union-attr]
-    return import_generic(lake.spark, lake, generic, ctx.logical_date)
+    return import_generic(ctx.lake.spark, ctx.lake, generic, ctx.logical_date)
 
 
 def ingest(ctx: StepContext) -> dict[str, Any]:

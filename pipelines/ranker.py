@@ -423,7 +423,8 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
 def evaluate(ctx: StepContext) -> dict[str, Any]:
     """Candidate vs ``@champion`` on one frozen snapshot of the test split (``params.samples_version``,
     else the one the candidate was trained on); metrics go to the finetune run (``eval.*`` and
-    ``champion.*``).
+    ``champion.*``). ``params.tokenizer_version`` (the one the DAG's gate passed) must be the
+    candidate's.
 
     The champion reads its tokenizer version's IDs from ``gold.semantic_ids``, which also holds the
     items tokenized since it was registered (``tokenize-new-items`` serves an older champion's version
@@ -443,6 +444,12 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     if run is None:
         raise ValueError(f"no finetune run for {ctx.run_key}: run finetune first")
     version = run.data.tags["tokenizer_version"]
+    gated = ctx.params.get("tokenizer_version")
+    if gated and gated != version:
+        raise ValueError(
+            f"validate-samples gated the samples of tokenizer {gated}, but the candidate of {ctx.run_key} "
+            f"was trained on {version}"
+        )
     if version != current_tokenizer_version(ctx):
         log.warning("the candidate was trained on tokenizer %s, which is no longer @current", version)
     trained_on = _input_versions(ctx.mlflow.get_run(run.info.run_id)).get("samples")

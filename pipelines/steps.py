@@ -40,6 +40,8 @@ class Step:
     module: str
     function: str
     help: str
+    #: The ``--param`` keys the step reads; any other is refused (a misspelt one would be ignored).
+    params: tuple[str, ...] = ()
 
     def resolve(self) -> Callable[[Any], dict[str, Any]]:
         return getattr(importlib.import_module(self.module), self.function)
@@ -52,21 +54,21 @@ STEPS: dict[str, Step] = {
         Step("validate", "pipelines.ingest", "validate", "GX gate on silver interactions; quarantine rows, fail + alert on a bad batch"),
         Step("embed", "pipelines.features", "embed", "item documents, user profiles and text/image/behaviour embeddings"),
         Step("embeddings-ready", "pipelines.tokenizer", "embeddings_ready", "whether item embeddings of every configured encoder exist (the tokenizer DAG waits on it)"),
-        Step("train-tokenizer", "pipelines.tokenizer", "train_tokenizer", "train DST on a pinned embeddings snapshot, check codebook health, register"),
-        Step("tokenize-catalogue", "pipelines.tokenizer", "tokenize_catalogue", "write every item's semantic IDs for the run's tokenizer version"),
-        Step("tokenize-new-items", "pipelines.tokenizer", "tokenize_new_items", "daily: semantic IDs of @current, and of @champion's older tokenizer, for items that have none yet (existing IDs never change)"),
-        Step("build-sequences", "pipelines.sequences", "build_sequences", "gold.samples and gold.user_sequences for a tokenizer version"),
-        Step("activate-tokenizer", "pipelines.tokenizer", "activate_tokenizer", "point hisam-tokenizer@current at the run's version"),
-        Step("samples-ready", "pipelines.sequences", "samples_ready", "whether the current tokenizer's samples are built for the day (the training DAGs wait on it)"),
-        Step("validate-samples", "pipelines.ingest", "validate_samples", "GX gate on the current tokenizer's samples; fail + alert on a bad batch"),
-        Step("pretrain", "pipelines.ranker", "pretrain", "HMAT next-token pre-training on the current tokenizer; register"),
-        Step("finetune", "pipelines.ranker", "finetune", "HMAT SFT from the newest pre-trained model"),
-        Step("evaluate", "pipelines.ranker", "evaluate", "candidate and @champion on one frozen test snapshot"),
+        Step("train-tokenizer", "pipelines.tokenizer", "train_tokenizer", "train DST on a pinned embeddings snapshot, check codebook health, register", ("tokenizer_version", "force")),
+        Step("tokenize-catalogue", "pipelines.tokenizer", "tokenize_catalogue", "write every item's semantic IDs for the run's tokenizer version", ("tokenizer_version",)),
+        Step("tokenize-new-items", "pipelines.tokenizer", "tokenize_new_items", "daily: semantic IDs of @current, and of @champion's older tokenizer, for items that have none yet (existing IDs never change)", ("skip_without_tokenizer",)),
+        Step("build-sequences", "pipelines.sequences", "build_sequences", "gold.samples and gold.user_sequences for a tokenizer version", ("tokenizer_version", "skip_without_tokenizer")),
+        Step("activate-tokenizer", "pipelines.tokenizer", "activate_tokenizer", "point hisam-tokenizer@current at the run's version", ("tokenizer_version", "force")),
+        Step("samples-ready", "pipelines.sequences", "samples_ready", "whether the current tokenizer's samples are built for the day (the training DAGs wait on it)", ("tokenizer_version", "skip_without_tokenizer")),
+        Step("validate-samples", "pipelines.ingest", "validate_samples", "GX gate on the current tokenizer's samples; fail + alert on a bad batch", ("tokenizer_version",)),
+        Step("pretrain", "pipelines.ranker", "pretrain", "HMAT next-token pre-training on the current tokenizer; register", ("tokenizer_version", "samples_version")),
+        Step("finetune", "pipelines.ranker", "finetune", "HMAT SFT from the newest pre-trained model", ("tokenizer_version", "samples_version")),
+        Step("evaluate", "pipelines.ranker", "evaluate", "candidate and @champion on one frozen test snapshot", ("tokenizer_version", "samples_version")),
         Step("register", "pipelines.promotion", "register", "register the evaluated candidate as a pyfunc ranker"),
         Step("promote", "pipelines.promotion", "promote", "promotion gate: @champion, or rejected with reasons + alert"),
         Step("refresh-champion", "pipelines.promotion", "refresh_champion", "daily: @champion re-registered with the semantic IDs its tokenizer version gained (same weights)"),
         Step("rollback", "pipelines.promotion", "rollback", "restore @previous as @champion, then refresh it"),
-        Step("recommend", "pipelines.recommend", "recommend", "one user's top-K items from @champion (reads the lake, writes nothing)"),
+        Step("recommend", "pipelines.recommend", "recommend", "one user's top-K items from @champion (reads the lake, writes nothing)", ("user", "top_k", "alias", "include_seen")),
     ]
 }  # fmt: skip
 
@@ -83,11 +85,20 @@ def config_path(path: str | Path | None = None) -> Path | None:
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
     """The validated :class:`~pipelines.config.PipelineConfig` (unknown keys are errors)."""
+    from pydantic import ValidationError
+
     from pipelines.config import PipelineConfig
 
     found = config_path(path)
-    data = PipelineConfig.from_yaml(found).model_dump() if found else {}
-    return PipelineConfig.model_validate(_deep_merge(data, dict(overrides or {})))
+    if found is None:
+        log.warning(
+            "no pipeline config (--config, $%s, %s): the built-in defaults", CONFIG_ENV, DEFAULT_CONFIG
+        )
+    try:
+        data = PipelineConfig.from_yaml(found).model_dump() if found else {}
+        return PipelineConfig.model_validate(_deep_merge(data, dict(overrides or {})))
+    except ValidationError as err:  # name the file: it may have come from $HISAM_PIPELINE_CONFIG
+        raise ValueError(f"pipeline config {found or '(built-in defaults)'}: {err}") from None
 
 
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,6 +124,10 @@ def run_step(
 
     if name not in STEPS:
         raise KeyError(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
+    unknown = sorted(set(params or {}) - set(STEPS[name].params))
+    if unknown:
+        takes = ", ".join(STEPS[name].params) or "none"
+        raise ValueError(f"step {name} has no param {', '.join(unknown)} (its params: {takes})")
     if not isinstance(config, PipelineConfig):
         config = load_config(config)
     day = dt.date.fromisoformat(logical_date) if isinstance(logical_date, str) else logical_date

@@ -277,15 +277,21 @@ def list_images(spark: SparkSession, directory: str, pattern: str = "*.jpg") -> 
     )
 
 
+def check_bundle(data_dir: str | Path) -> Path:
+    """The bundle's ``raw`` folder; a ValueError names the first file it lacks (cheap: callers check
+    before a Spark session starts)."""
+    raw = Path(data_dir) / "raw"
+    for name in ("u.data", "u.item", "u.user"):
+        if not (raw / name).is_file():
+            raise ValueError(f"MovieLens bundle at {data_dir}: missing raw/{name}")
+    return raw
+
+
 def import_movielens(
     spark: SparkSession, lake: Lake, config: MovieLensImportConfig, logical_date: dt.date
 ) -> ImportReport:
     """Import the bundle into bronze for ``logical_date``; rerunning the date replaces its partitions."""
-    root = Path(config.data_dir)
-    raw = root / "raw"
-    for name in ("u.data", "u.item", "u.user"):
-        if not (raw / name).is_file():
-            raise ValueError(f"MovieLens bundle at {root}: missing raw/{name}")
+    root, raw = Path(config.data_dir), check_bundle(config.data_dir)
     ds = config.dataset
     rating_lines = read_lines(spark, str(raw / "u.data"))
     item_lines = read_lines(spark, str(raw / "u.item"), encoding=config.encoding)

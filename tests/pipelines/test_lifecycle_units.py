@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +13,7 @@ from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHist
 from hisam_core.semantic_ids import SemanticIds
 from pipelines.config import PipelineConfig
 from pipelines.ranker import encode_profiles, histories, windows
-from pipelines.steps import STEPS, load_config
+from pipelines.steps import STEPS, load_config, run_step
 
 
 def _history(n: int, targets: np.ndarray | None = None) -> UserHistory:
@@ -84,7 +86,7 @@ def test_histories_open_with_the_users_profile_buckets_and_zero_for_users_withou
     assert tokens[:2].tolist() == SequenceBuilder(config).vocab.profile(one.profile).tolist()
 
 
-def test_pipeline_config_refuses_inconsistent_sections() -> None:
+def test_pipeline_config_refuses_inconsistent_sections(tmp_path) -> None:
     with pytest.raises(ValueError, match="DST writes"):
         PipelineConfig.model_validate({"ranker": {"sequence": {"codebook_size": 32}}})
     with pytest.raises(ValueError, match="extra"):
@@ -95,6 +97,12 @@ def test_pipeline_config_refuses_inconsistent_sections() -> None:
         PipelineConfig.model_validate(
             {"ranker": {"profile_fields": ["zip"]}, "sequences": {"profile_tokens": 1}}
         )
+    with pytest.raises(ValueError, match="dedup_suffix is for hisam_core"):  # 7 codes, request-relative
+        PipelineConfig.model_validate({"tokenizer": {"train": {"model": {"dedup_suffix": True}}}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ranker:\n  modle: 1\n")
+    with pytest.raises(ValueError, match=rf"(?s)pipeline config {bad}: .*ranker\.modle"):  # the file, named
+        load_config(bad)
     shipped = load_config()
     assert shipped.ranker.sequence.codebook_size == shipped.tokenizer.train.model.codebook_size
 
@@ -140,6 +148,26 @@ def test_cli_lists_steps_and_refuses_unknown_ones(capsys) -> None:
             main(bad)
         assert exit_info.value.code == 2
         assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, monkeypatch, caplog) -> None:
+    """A misspelt ``--param`` (``tokenizer_verison``) would otherwise be ignored, and the step would
+    quietly use its default. Refused before any work: no lake, no registry under HISAM_HOME."""
+    import re
+
+    from pipelines.cli import main
+
+    declared = {p for step in STEPS.values() for p in step.params}
+    sources = (Path(__file__).resolve().parents[2] / "pipelines").glob("*.py")
+    read = {m for f in sources for m in re.findall(r'ctx\.params\.get\("(\w+)"', f.read_text())}
+    assert read == declared
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    with pytest.raises(ValueError, match=r"step build-sequences has no param tokenizer_verison \(its params: "
+                       r"tokenizer_version, skip_without_tokenizer\)"):  # fmt: skip
+        run_step("build-sequences", "2026-11-01", PipelineConfig(), {"tokenizer_verison": "dst-20261101"})
+    assert main(["run", "rollback", "--param", "force=true"]) == 2
+    assert "step rollback has no param force (its params: none)" in caplog.text
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_forwards_only_what_follows_the_evaluate_command() -> None:
@@ -197,3 +225,42 @@ def test_commit_markers_are_found_beyond_the_newest_200_commits(tmp_path, monkey
     assert ctx.commits("bronze.quarantine", {"step": "import", "day": "2"}) == []
     assert ctx.commits("gold.samples", {"step": "import"}) == []
     assert validated_samples_version(ctx, "dst-x") == 5 and validated_samples_version(ctx, "dst-y") is None
+
+
+def test_a_tokenizer_request_round_trips_and_names_what_is_malformed() -> None:
+    import numpy as np
+
+    from hisam_core.features import ItemFeatures
+    from pipelines.tokenizer_model import features_frame, request_embeddings
+
+    dims = {"image": 3, "text": 2}
+    rng = np.random.default_rng(0)
+    features = ItemFeatures(np.array([7, 9]), {m: rng.normal(size=(2, d)) for m, d in dims.items()})
+    request = features_frame(features)
+    parsed = request_embeddings(request, dims)
+    for m in dims:  # what features_frame sends is what the model reads, as float32
+        assert np.array_equal(parsed[m], features.modalities[m].astype(np.float32))
+    with pytest.raises(ValueError, match=r"no column \['text'\]"):
+        request_embeddings(request.drop(columns="text"), dims)
+    with pytest.raises(ValueError, match="no rows"):
+        request_embeddings(request.iloc[:0], dims)
+    for bad in ([1.0, 2.0], None):
+        ragged = request.copy()
+        ragged.at[1, "image"] = bad
+        with pytest.raises(ValueError, match=r"image of item 9 has shape \(\d?,?\), expected \(3,\)"):
+            request_embeddings(ragged, dims)
+
+
+def test_a_missing_movielens_bundle_fails_before_spark_starts(tmp_path, monkeypatch) -> None:
+    import spark_jobs.session
+
+    def no_spark(*_: object, **__: object) -> None:
+        raise AssertionError("Spark started before the bundle was checked")
+
+    monkeypatch.setattr(spark_jobs.session, "get_spark", no_spark)
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    config = PipelineConfig.model_validate(
+        {"dataset": "ml", "source": {"kind": "movielens", "movielens_dir": str(tmp_path / "nowhere")}}
+    )
+    with pytest.raises(ValueError, match=r"MovieLens bundle at .*nowhere: missing raw/u\.data"):
+        run_step("ingest", "2026-11-01", config)

@@ -26,12 +26,14 @@ EPILOG = """\
 Config: demo, run, rollback and recommend read one YAML file (pipelines.config.PipelineConfig; unknown keys
 are errors): --config, else $HISAM_PIPELINE_CONFIG, else configs/pipeline.yaml; `hisam evaluate
 --config` takes its own EvaluationConfig YAML (built-in defaults otherwise). State goes under $HISAM_HOME
-(default .hisam): the Delta lake, the MLflow store, Airflow's database, GX Data Docs, alerts.
+(default .hisam in the current directory): the Delta lake ($HISAM_LAKE_ROOT to put it elsewhere), the
+MLflow store ($MLFLOW_TRACKING_URI, artifacts $HISAM_ARTIFACT_ROOT), Airflow's database, GX Data Docs,
+alerts. The README lists every HISAM_* variable.
 
 Examples:
   hisam demo                                   # the four DAGs end to end, then a summary
   hisam run ingest --logical-date 2026-11-22   # one step for one day
-  hisam run build-sequences --param tokenizer_version=dst-20261101
+  hisam run build-sequences --param tokenizer_version=dst-YYYYMMDD  # a registered DST version
   hisam rollback                               # @previous becomes @champion again (refreshed)
   hisam recommend 196 --top-k 5                # what @champion recommends to user 196
   hisam evaluate --run main --seeds 0 1 2      # offline comparison on MovieLens-100K (--help: options)
@@ -79,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--config", type=Path, help=f"pipeline YAML (default ${CONFIG_ENV} or configs/pipeline.yaml)"
         )
+        # also after the command (`hisam run ingest --threads 2`); SUPPRESS keeps the global value
+        p.add_argument("--threads", type=_threads, default=argparse.SUPPRESS, help="as before the command")
         return p
 
     demo = with_config(
@@ -97,7 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         help="auto (default): MovieLens-100K when --movielens-dir exists, else the bundled synthetic data",
     )
     demo.add_argument(
-        "--movielens-dir", type=Path, help="MovieLens-100K bundle (default ../shared/data/movielens-100k)"
+        "--movielens-dir",
+        type=Path,
+        help="MovieLens-100K bundle (default $HISAM_MOVIELENS_DIR, else ../shared/data/movielens-100k "
+        "beside the repository)",
     )
 
     run = with_config(

@@ -31,6 +31,11 @@ DEFAULT_MOVIELENS = REPO.parent / "shared" / "data" / "movielens-100k"
 def _lifecycle() -> Any:
     """``dags/hisam_lifecycle.py``, imported the way Airflow imports DAG-folder modules."""
     dags = str(REPO / "dags")
+    if not (REPO / "dags" / "hisam_lifecycle.py").is_file():
+        raise FileNotFoundError(
+            f"hisam demo runs the DAGs of a repository checkout, and {dags} has none: install the "
+            "project editable from its clone (pip install -e .; the README's make demo does)"
+        )
     if dags not in sys.path:
         sys.path.insert(0, dags)
     return importlib.import_module("hisam_lifecycle")

@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 WriteMode = Literal["replace_partition", "merge", "overwrite", "append"]
 Backend = Literal["auto", "spark", "delta-rs"]
 LAKE_ROOT_ENV = "HISAM_LAKE_ROOT"
-DEFAULT_ROOT = Path(".hisam") / "lake"
+HOME_ENV = "HISAM_HOME"  # the pipeline's state folder; its lake is <home>/lake
 
 
 class SchemaDriftError(ValueError):
@@ -81,7 +81,8 @@ WRITE_ID = "write_id"
 class LakeConfig(Config):
     """Where the lake lives and how it is accessed."""
 
-    #: Root directory or URI; None = ``$HISAM_LAKE_ROOT``, else ``./.hisam/lake`` (current directory).
+    #: Root directory or URI; None = ``$HISAM_LAKE_ROOT``, else ``$HISAM_HOME/lake`` (``HISAM_HOME``
+    #: default ``.hisam`` in the current directory), as for the pipeline steps.
     root: str | None = None
     #: ``auto``: native Delta when delta-spark is on the classpath, else delta-rs.
     backend: Backend = "auto"
@@ -90,12 +91,14 @@ class LakeConfig(Config):
 
 
 def resolve_root(root: str | Path | None = None) -> str:
-    """The lake root: ``root`` if given, else ``$HISAM_LAKE_ROOT``, else ``./.hisam/lake``.
+    """The lake root: ``root`` if given, else ``$HISAM_LAKE_ROOT``, else ``$HISAM_HOME/lake`` (the
+    pipeline steps' lake; ``HISAM_HOME`` default ``.hisam``).
 
     Local paths are made absolute (Spark executors and delta-rs must agree on them); URIs with a
     scheme (``s3://``, ``abfss://``...) are kept as they are.
     """
-    value = str(root) if root is not None else os.environ.get(LAKE_ROOT_ENV) or str(DEFAULT_ROOT)
+    home = Path(os.environ.get(HOME_ENV, ".hisam"))
+    value = str(root) if root is not None else os.environ.get(LAKE_ROOT_ENV) or str(home / "lake")
     if "://" in value:
         return value.rstrip("/")
     return str(Path(value).expanduser().resolve())

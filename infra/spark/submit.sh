@@ -7,9 +7,16 @@
 # spark-defaults.conf apply to these jobs; Spark sessions inside Airflow tasks use HISAM_SPARK_MASTER
 # and HISAM_SPARK_CONF instead (spark_jobs/session.py).
 set -euo pipefail
-job="$1"; shift
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
+jobs="$(cd "$root/spark_jobs/entrypoints" && ls [a-z]*.py | grep -v '^common\.py$' | sed 's/\.py$//' | tr '\n' ' ' | sed 's/ $//')"
+if [ $# -eq 0 ] || [ ! -f "$root/spark_jobs/entrypoints/${1:-}.py" ] || [ "$1" = common ]; then
+  echo "usage: $0 JOB [ARGS...]" >&2
+  echo "  JOB: one of $jobs" >&2
+  echo "  ARGS: python spark_jobs/entrypoints/JOB.py --help lists them" >&2
+  exit 2
+fi
+job="$1"; shift
 # a fresh archive per submit: zip would update an existing one, keeping modules since removed
 src="$(mktemp -d)"
 trap 'rm -rf "$src"' EXIT

@@ -31,7 +31,7 @@ def parser(description: str, *, spark: bool = True, date: bool = True) -> argpar
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if spark:
         p.add_argument("--lake-root", help="lake root directory or URI (default: lake config, "
-                       "$HISAM_LAKE_ROOT, then ./.hisam/lake)")  # fmt: skip
+                       "$HISAM_LAKE_ROOT, then $HISAM_HOME/lake)")  # fmt: skip
         p.add_argument("--lake-config", help="YAML LakeConfig (e.g. configs/lake.yaml)")
         p.add_argument("--master", help="Spark master (default: $HISAM_SPARK_MASTER, else spark-submit's "
                        "--master when run by spark-submit, else local[2])")  # fmt: skip

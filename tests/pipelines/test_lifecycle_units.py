@@ -143,7 +143,15 @@ def test_cli_lists_steps_and_refuses_unknown_ones(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "no-such-step"])
     assert exit_info.value.code == 2
-    for bad in (["--threads", "0", "steps"], ["recommend", "--user", "1", "--top-k", "-3"]):
+    from pipelines.cli import _parser
+
+    for argv, threads in ((["run", "ingest", "--threads", "3"], 3), (["--threads", "2", "run", "ingest"], 2)):
+        assert _parser().parse_args(argv).threads == threads  # before or after the command
+    for bad in (
+        ["--threads", "0", "steps"],
+        ["run", "ingest", "--threads", "0"],
+        ["recommend", "--user", "1", "--top-k", "-3"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
         assert exit_info.value.code == 2
@@ -264,3 +272,21 @@ def test_a_missing_movielens_bundle_fails_before_spark_starts(tmp_path, monkeypa
     )
     with pytest.raises(ValueError, match=r"MovieLens bundle at .*nowhere: missing raw/u\.data"):
         run_step("ingest", "2026-11-01", config)
+
+
+def test_the_production_image_runs_the_paper_sized_config() -> None:
+    """The image's HISAM_PIPELINE_CONFIG is configs/production.yaml (not the demo's 2-core sizes):
+    it validates, and its ranker is Hi-SAM-Small of configs/ranker.yaml."""
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    dockerfile = (root / "infra" / "docker" / "Dockerfile").read_text()
+    (path,) = re.findall(r"HISAM_PIPELINE_CONFIG=/opt/hisam/(\S+)", dockerfile)
+    production = load_config(root / path)
+    small = yaml.safe_load((root / "configs" / "ranker.yaml").read_text())["model"]
+    chosen = production.ranker.model.model_dump()
+    assert {k: chosen[k] for k in small} == small
+    assert production.tokenizer.train.model.codebook_size == production.ranker.sequence.codebook_size == 256
+    assert production.source.kind == "generic" and "webhook" in production.notify.sinks

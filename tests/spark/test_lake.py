@@ -46,6 +46,9 @@ def test_backend_and_paths(spark, lake, tmp_path, monkeypatch):
     assert resolve_root() == str((tmp_path / "env-root").resolve())
     assert Lake.from_config(spark, LakeConfig()).root == str((tmp_path / "env-root").resolve())
     assert resolve_root("s3://bucket/lake/") == "s3://bucket/lake"
+    monkeypatch.delenv("HISAM_LAKE_ROOT")
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path / "home"))  # the entry points find the steps' lake
+    assert resolve_root() == str((tmp_path / "home" / "lake").resolve())
     with pytest.raises(ValueError, match="delta-spark"):
         Lake(spark, tmp_path, backend="spark")
     with pytest.raises(ValueError, match=r"unknown lake table 'silver\.nope'"):

@@ -126,9 +126,10 @@ def run_gate(
         valid, quarantine, report = run_quality_gate(df, suite, qcfg, raise_on_failure=False)
         rows = to_bronze_quarantine(quarantine, label, ctx.logical_date, ctx.dataset)
         partition = {"dataset": ctx.dataset, "target_table": label, "logical_date": ctx.logical_date}
-        if keep_earlier:
+        if keep_earlier:  # rows an earlier (failed) run quarantined and this one finds again: once
             earlier = ctx.lake.read(BRONZE_QUARANTINE, partitions=partition)
-            rows = earlier.unionByName(rows).dropDuplicates(["reason", "raw"])
+            again = rows.select("reason", "raw").distinct()
+            rows = earlier.join(again, ["reason", "raw"], "left_anti").unionByName(rows)
         verdict = {"passed": str(report.success).lower(), "quarantined": str(report.n_quarantined)}
         version = ctx.lake.write(
             rows,

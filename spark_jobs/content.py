@@ -149,12 +149,15 @@ def user_profiles(users: DataFrame, config: ContentConfig) -> DataFrame:
         if config.zip_prefix_len
         else F.lit(None)
     )
-    rewritten = F.map_concat(
-        F.map_filter(attrs, lambda k, _v: ~k.isin("age", "zip_code")),
+    derived = F.map_filter(
+        F.create_map(F.lit("age_bucket"), bucket, F.lit("zip_region"), zip_region.cast("string")),
+        lambda _k, v: v.isNotNull() & (v != ""),
+    )
+    rewritten = F.map_concat(  # a derived key replaces the source's own attribute of that name
         F.map_filter(
-            F.create_map(F.lit("age_bucket"), bucket, F.lit("zip_region"), zip_region.cast("string")),
-            lambda _k, v: v.isNotNull() & (v != ""),
+            attrs, lambda k, _v: ~k.isin("age", "zip_code") & ~F.array_contains(F.map_keys(derived), k)
         ),
+        derived,
     )
     tokens = F.array_sort(
         F.transform(

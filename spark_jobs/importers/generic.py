@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -94,6 +95,24 @@ class GenericImportConfig(Config):
     rename: dict[str, str] = Field(default_factory=dict)
 
 
+def field(name: str) -> Column:
+    """The input column ``name`` taken literally: ``F.col("page.url")`` would read a struct field."""
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
+def _as_text(f: T.StructField) -> Column:
+    """A Parquet value as the text a CSV would carry: nested values as JSON, and a whole float
+    without ``.0`` or an exponent (pandas stores an integer id column with a missing value as
+    float64: ``42.0`` must still be the id ``42``)."""
+    value = field(f.name)
+    if isinstance(f.dataType, T.ArrayType | T.MapType | T.StructType):
+        return F.to_json(value)
+    if isinstance(f.dataType, T.FloatType | T.DoubleType):
+        whole = F.when(value == F.floor(value), value.try_cast("decimal(38,0)").cast("string"))
+        return F.coalesce(whole, value.cast("string"))
+    return value.cast("string")
+
+
 def detect_format(path: str) -> Literal["csv", "parquet", "jsonl"]:
     """Format of ``path`` from its extension (for a local directory: its first data file's)."""
     candidate = Path(path)
@@ -134,6 +153,7 @@ def read_as_strings(
         df = (
             spark.read.schema(schema)
             .option("header", True)
+            .option("enforceSchema", False)  # each file's header must name the columns in this order
             .option("sep", sep)
             .option("quote", '"')
             .option("escape", '"')
@@ -142,7 +162,7 @@ def read_as_strings(
             .csv(path)
             .withColumn("source_file", F.col("_metadata.file_path"))
         )
-        raw = F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*names)))
+        raw = F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*map(field, names))))
     elif fmt == "jsonl":
         names = list(columns) if columns else [c for c in spark.read.json(path).columns if c != CORRUPT]
         schema = T.StructType([T.StructField(c, T.StringType()) for c in [*names, CORRUPT]])
@@ -169,17 +189,10 @@ def read_as_strings(
             spark.conf.set(NANOS_AS_LONG, "true")
         df = spark.read.parquet(path)
         names = df.columns
-        raw = F.to_json(F.struct(*names))
+        raw = F.to_json(F.struct(*map(field, names)))
         df = df.select(
             F.col("_metadata.file_path").alias("source_file"),
-            *[
-                (
-                    F.to_json(F.col(f.name))
-                    if isinstance(f.dataType, T.ArrayType | T.MapType | T.StructType)
-                    else F.col(f.name).cast("string")
-                ).alias(f.name)
-                for f in df.schema.fields
-            ],
+            *[_as_text(f).alias(f.name) for f in df.schema.fields],
             raw.alias(RAW),
             F.lit(None).cast("string").alias(CORRUPT),
         )
@@ -187,7 +200,7 @@ def read_as_strings(
     else:
         raise ValueError(f"unknown format {fmt!r}, expected csv, parquet or jsonl")
     df = df.select(
-        *[F.col(c) for c in names],
+        *[field(c) for c in names],
         F.col(CORRUPT),
         raw.alias(RAW),
         F.col("source_file"),
@@ -201,7 +214,7 @@ def read_as_strings(
 
 def _col(names: list[str], name: str) -> Column:
     """The column if the input has it, else null."""
-    return F.trim(F.col(name)) if name in names else F.lit(None).cast("string")
+    return F.trim(field(name)) if name in names else F.lit(None).cast("string")
 
 
 #: Unit of a numeric timestamp by magnitude (``timestamp_unit="auto"``): values below 1e11 are
@@ -268,7 +281,7 @@ def parse_interactions(
     reason = first_reason(*checks)
     ok = reason.isNull()
     others = [c for c in names if c not in INTERACTION_COLUMNS]
-    extra = F.to_json(F.struct(*[F.col(c) for c in others])) if others else F.lit(None).cast("string")
+    extra = F.to_json(F.struct(*[field(c) for c in others])) if others else F.lit(None).cast("string")
     return rows.select(
         F.lit(config.dataset).alias("dataset"),
         F.lit(logical_date).alias("logical_date"),
@@ -333,7 +346,7 @@ def parse_items(
     if missing:
         raise ValueError(f"items input {config.items}: text_columns {missing} are not columns (has {names})")
     category_col = next((c for c in ("categories", "genres") if c in names), None)
-    categories = _categories(F.col(category_col)) if category_col else F.array().cast("array<string>")
+    categories = _categories(field(category_col)) if category_col else F.array().cast("array<string>")
     root = config.image_root or _parent(config.items or "")
     title = _col(names, "title")
     return rows.select(
@@ -342,7 +355,7 @@ def parse_items(
         F.when(ok, item).alias("item_id"),
         F.when(~blank(title), title).alias("title"),
         categories.alias("categories"),
-        str_map([(c, F.trim(F.col(c))) for c in text_columns]).alias("attributes"),
+        str_map([(c, F.trim(field(c))) for c in text_columns]).alias("attributes"),
         _resolve_path(_col(names, "image_path"), root).alias("image_path"),
         F.when(~blank(_col(names, "image_url")), _col(names, "image_url")).alias("image_url"),
         F.lit(None).cast("string").alias("extra"),
@@ -367,7 +380,7 @@ def parse_users(
         F.lit(config.dataset).alias("dataset"),
         F.lit(logical_date).alias("logical_date"),
         F.when(reason.isNull(), user).alias("user_id"),
-        str_map([(c, F.trim(F.col(c))) for c in profile]).alias("attributes"),
+        str_map([(c, F.trim(field(c))) for c in profile]).alias("attributes"),
         "source_file",
         LINE,
         reason.alias(REASON),
@@ -416,6 +429,16 @@ def import_generic(
             raise ValueError(f"users input {config.users}: no 'user_id' column (has {names})")
         users = flag_duplicates(parse_users(rows, names, config, logical_date), ["user_id"], "user_id")
         parsed.append(Parsed(config.users, BRONZE_USERS.name, users, rows))
-    return write_bronze(
-        lake, config.dataset, logical_date, parsed, ImportReport(config.dataset, logical_date)
-    )
+    try:
+        return write_bronze(
+            lake, config.dataset, logical_date, parsed, ImportReport(config.dataset, logical_date)
+        )
+    except Exception as err:  # Spark checks each CSV file's header only when it reads the file
+        header = re.search(r"CSV header does not conform to the schema\.(.*?)CSV file: (\S+)", str(err), re.S)
+        if header is None:
+            raise
+        found = " ".join(header.group(1).split())
+        raise ValueError(
+            f"CSV file {header.group(2)}: its header differs from the first file's ({found}); "
+            "every file of an input must list the same columns in the same order"
+        ) from None

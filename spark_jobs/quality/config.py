@@ -81,7 +81,8 @@ class QualityConfig(Config):
         default=0.01,
         ge=0.0,
         le=1.0,
-        description="batch fails when more of its rows are quarantined (also each rule's GX 'mostly')",
+        description="batch fails when more of its rows are quarantined, or fail one rule (each rule's GX "
+        "'mostly' allows that share of all rows, also over a column with nulls)",
     )
     min_rows: int = Field(default=1, ge=0, description="batch fails with fewer input rows")
     persist: bool = Field(default=True, description="cache the annotated batch (it is scanned 3+ times)")

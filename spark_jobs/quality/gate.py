@@ -49,6 +49,36 @@ def _gx_projection(annotated: DataFrame, specs: list[GxSpec], suite: QualitySuit
     return annotated.select(*cols)
 
 
+#: Column-map expectations that count nulls as unexpected; the others leave nulls out of their share.
+NULL_COUNTING = {"ExpectColumnValuesToNotBeNull", "ExpectColumnValuesToBeNull"}
+
+
+def tolerances(annotated: DataFrame, specs: list[GxSpec], n_rows: int, fraction: float) -> list[float]:
+    """GX's ``mostly`` for each of ``specs``, so that each tolerates ``fraction`` of *all* rows.
+
+    GX measures a column-map expectation over the column's non-null values, so ``2`` bad ratings
+    among ``50`` rated rows of ``1000`` would be 4 % of a 1 % budget. With ``p`` the non-null share,
+    ``mostly = 1 - fraction / p`` allows the same ``fraction * n_rows`` bad values (floored at 0)."""
+    default = 1.0 - fraction
+    columns = sorted(
+        {
+            s.kwargs["column"]
+            for s in specs
+            if s.tolerant and "column" in s.kwargs and s.expectation not in NULL_COUNTING
+        }
+    )
+    if not columns or n_rows == 0 or fraction == 0:
+        return [default] * len(specs)
+    counts = annotated.agg(*[F.count(F.col(c)).alias(f"n{i}") for i, c in enumerate(columns)]).first()
+    share = {c: counts[f"n{i}"] / n_rows for i, c in enumerate(columns)}
+    return [
+        max(0.0, 1.0 - fraction / share[s.kwargs["column"]])
+        if share.get(s.kwargs.get("column", "")) and s.expectation not in NULL_COUNTING
+        else default
+        for s in specs
+    ]
+
+
 def _with_rule_count(
     outcome: ExpectationOutcome, every: dict[str, int], n_quarantined: int
 ) -> ExpectationOutcome:
@@ -104,7 +134,8 @@ def run_quality_gate(
     docs = None
     if validate_with_gx:
         specs = batch_specs(suite, cfg)
-        outcomes, docs = gx.validate(_gx_projection(annotated, specs, suite), suite.name, specs, cfg)
+        mostly = tolerances(annotated, specs, n_input, cfg.max_quarantine_fraction)
+        outcomes, docs = gx.validate(_gx_projection(annotated, specs, suite), suite.name, specs, cfg, mostly)
         outcomes = [_with_rule_count(o, every, sum(first.values())) for o in outcomes]
         logger.debug("suite %s: GX validation in %.1fs", suite.name, time.perf_counter() - counted)
     valid, quarantine = split_annotated(annotated, df.columns, suite.name)

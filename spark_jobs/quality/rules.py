@@ -34,8 +34,9 @@ DQ_VALID = "dq_row_valid"
 class GxSpec:
     """A GX expectation as plain data: a class of ``great_expectations.expectations`` + kwargs.
 
-    ``tolerant`` column-map expectations get ``mostly = 1 - max_quarantine_fraction``: a few bad
-    rows are quarantined, too many fail the batch. Strict ones must hold on every row.
+    ``tolerant`` column-map expectations allow ``max_quarantine_fraction`` of all rows to fail
+    (their ``mostly``: :func:`spark_jobs.quality.gate.tolerances`): a few bad rows are quarantined,
+    too many fail the batch. Strict ones must hold on every row.
     """
 
     expectation: str  # e.g. "ExpectColumnValuesToNotBeNull"

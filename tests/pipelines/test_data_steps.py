@@ -160,9 +160,10 @@ def test_a_tokenizer_without_ids_of_this_catalogue_builds_nothing(ctx_of, spark)
 
 
 def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
-    """Builds on the samples: two with out-of-codebook targets pass the gate within its tolerance
-    and are removed from gold.samples. A rerun of the day finds none, yet the quarantine still lists
-    both, and the build's own rejects of that version are untouched (kept + quarantined = in).
+    """Builds on the samples: two identical ones with out-of-codebook targets pass the gate within
+    its tolerance and are removed from gold.samples. A rerun of the day finds none, yet the
+    quarantine still lists both, and the build's own rejects of that version are untouched
+    (kept + quarantined = in).
     Training without a named version reads the newest one the gate passed, never a newer unchecked one."""
     from pyspark.sql import functions as F
 
@@ -174,16 +175,14 @@ def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
     part = {"dataset": "dq", "tokenizer_version": VERSION}
     samples = ctx.lake.read("gold.samples", partitions=part)
     clean, built = samples.count(), _quarantine(ctx, f"gold.samples@{VERSION}")
-    bad = samples.limit(2).withColumn("target_semantic_ids", F.array(*[F.lit(99)] * 6))
-    ctx.lake.write(
-        bad.withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL 1 SECOND")),
-        "gold.samples",
-        mode="append",
-    )
+    bad = samples.limit(1).withColumn("target_semantic_ids", F.array(*[F.lit(99)] * 6))
+    bad = bad.withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL 1 SECOND"))
+    ctx.lake.write(bad.unionByName(bad), "gold.samples", mode="append")
     with pytest.raises(ValueError, match="run `hisam run validate-samples` first"):
         samples_version(ctx, VERSION)  # what training reads: no gate has seen these samples
     first = run_step("validate-samples", DAY, ctx.config, params)
     assert first["success"] and (first["n_input"], first["n_quarantined"]) == (clean + 2, 2)
+    assert len(_quarantine(ctx, f"gold.samples.gate@{VERSION}")) == 2  # identical rows, each counted
     assert ctx.lake.read("gold.samples", partitions=part).count() == clean
     assert samples_version(ctx, VERSION) == first["samples_version"]  # the rewrite, never the bad rows
     assert samples_version(ctx_of(samples_version="3", **params), VERSION) == 3  # a named version wins

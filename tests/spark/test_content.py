@@ -71,10 +71,14 @@ def test_age_buckets_and_profile_tokens(spark):
             (3, {"age": "56", "zip_code": ""}),
             (4, {"age": "unknown", "hobby": "chess"}),
             (5, None),
+            (6, {"age": "30", "age_bucket": "adult", "zip_region": "x"}),  # the source's own keys
+            (7, {"age_bucket": "adult"}),
         ],
     )
     got = {r.user_id: r for r in user_profiles(users, ContentConfig()).collect()}
     assert [got[u].age_bucket for u in (1, 2, 3, 4, 5)] == ["<18", "18-24", "56+", None, None]
+    assert got[6].profile_tokens == ["age_bucket=25-34", "zip_region=x"]  # derived wins where derived
+    assert got[7].profile_tokens == ["age_bucket=adult"]
     assert got[1].profile_tokens == ["age_bucket=<18", "gender=m", "occupation=student", "zip_region=5"]
     assert (got[1].gender, got[1].occupation) == ("m", "student")
     assert got[4].profile_tokens == ["hobby=chess"] and got[5].profile_tokens == []

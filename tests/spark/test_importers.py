@@ -316,6 +316,40 @@ def test_generic_parquet_with_nulls_in_keys(spark, lake, tmp_path):
     assert rows["2"].rating is None and rows["2"].label == 1  # NaN is no rating
 
 
+def test_generic_float_ids_dotted_columns_and_reordered_csv_headers(spark, lake, tmp_path):
+    """pandas stores an integer id column with a gap as float64: 42.0 is still the id 42 (not a
+    hash of "42.0"), and 12345678.0 not "1.2345678E7". A dotted column name is read literally (into
+    ``extra``). A CSV directory whose files order their columns differently is refused, not read
+    by position into the wrong columns, and nothing is written."""
+    events = pd.DataFrame(
+        {
+            "user_id": [1.0, 12345678.0, None],
+            "item_id": [42.0, 7.0, 8.5],
+            "timestamp": [1.7e9, 1.7e9 + 1, 1.7e9 + 2],
+            "rating": [4.0, 5.0, 3.0],
+            "page.url": ["a", "b", "c"],
+        }
+    )
+    events.to_parquet(tmp_path / "events.parquet")
+    config = GenericImportConfig(dataset="fl", interactions=str(tmp_path / "events.parquet"))
+    assert counts(import_generic(spark, lake, config, DAY)) == {"events.parquet": (3, 2, 1)}
+    rows = lake.read("bronze.interactions", partitions={"dataset": "fl"}).collect()
+    assert {(r.user_id, r.item_id, r.extra) for r in rows} == {
+        ("1", "42", '{"page.url":"a"}'),
+        ("12345678", "7", '{"page.url":"b"}'),
+    }
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    (folder / "a.csv").write_text("user_id,item_id,timestamp,rating\nu1,i1,1700000000,4\n")
+    (folder / "b.csv").write_text("item_id,user_id,timestamp,rating\ni2,u2,1700000001,5\n")
+    before = lake.history("bronze.interactions")
+    with pytest.raises(
+        ValueError, match=r"CSV file \S*b\.csv: its header differs .*Expected: user_id but found"
+    ):
+        import_generic(spark, lake, GenericImportConfig(dataset="cs", interactions=str(folder)), DAY)
+    assert lake.history("bronze.interactions") == before
+
+
 def test_timestamps_by_magnitude_and_format(spark):
     from spark_jobs.importers.generic import parse_timestamp
 

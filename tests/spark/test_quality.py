@@ -251,6 +251,22 @@ def test_counts_are_independent_of_the_rules(spark, tmp_path) -> None:
         assert not report.reconciled and not report.failed_expectations
 
 
+def test_the_quarantine_budget_is_a_share_of_all_rows_also_for_a_sparse_column(spark, tmp_path) -> None:
+    """GX measures a rule's bad values among the column's non-null ones. Of 1000 events only 50 are
+    rated: 2 bad ratings (0.2 % of the batch) pass a 1 % budget, though they are 4 % of the ratings;
+    11 (1.1 %) fail it."""
+    t = T0 + dt.timedelta(days=1)
+    cfg = quiet(tmp_path, max_quarantine_fraction=0.01)
+    for bad, passes in ((2, True), (11, False)):
+        rows = [(f"r{i}", "ml", i, 10, t, 9.0 if i < bad else (4.0 if i < 50 else None), 1, DAY)
+                for i in range(1000)]  # fmt: skip
+        df = spark.createDataFrame(rows, INTERACTIONS)
+        _, _, report = run_quality_gate(df, interactions_suite(df, cfg), cfg, raise_on_failure=False)
+        assert (report.n_quarantined, report.success) == (bad, passes), report.summary()
+        between = next(e for e in report.expectations if e.rule == "rating_out_of_range")
+        assert between.success is passes and between.kwargs["mostly"] == pytest.approx(1 - 0.01 / 0.05)
+
+
 def test_batch_failure_raises_naming_the_expectation_and_writes_data_docs(spark, tmp_path) -> None:
     df = interactions(spark)
     cfg = QualityConfig.from_yaml(ROOT / "configs" / "quality.yaml").model_copy(
@@ -259,7 +275,7 @@ def test_batch_failure_raises_naming_the_expectation_and_writes_data_docs(spark,
     with pytest.raises(DataQualityError) as err:
         run_quality_gate(df, interactions_suite(df, cfg, name="interactions_strict"), cfg)
     failed = {(e.expectation_type, e.kwargs.get("column")) for e in err.value.failed_expectations}
-    assert ("expect_column_values_to_be_between", "rating") in failed  # 3 of 12 ratings: 25 % > 10 %
+    assert ("expect_column_values_to_be_between", "rating") in failed  # 3 of 15 rows: 20 % > 10 %
     assert ("expect_column_values_to_not_be_null", "user_id") not in failed  # 1 of 15: tolerated
     message = str(err.value)
     assert "expect_column_values_to_be_in_set(column='dq_row_valid'" in message

@@ -5,8 +5,9 @@ date; nothing from ``pipelines`` (torch, Spark, MLflow) is imported until a task
 these files costs only ``airflow.sdk``. Data and configuration errors (a failed quality gate, an
 unhealthy tokenizer, a missing upstream output) fail the task at once (``AirflowFailException``, no
 retries); a step waiting for an upstream output that is on its way skips (``AirflowSkipException``,
-no alert); anything else is retried with exponential back-off. Every failure alerts through the
-pipeline's notifier (log, webhook, file; ``configs/pipeline.yaml`` ``notify`` and ``HISAM_NOTIFY_*``).
+no alert); anything else is retried with exponential back-off. Every failed step alerts through the
+pipeline's notifier (log, webhook, file; ``configs/pipeline.yaml`` ``notify`` and ``HISAM_NOTIFY_*``);
+the ``watcher``, which only marks a run failed, does not.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +12,17 @@ import torch
 
 def save_atomically(payload: dict[str, Any], path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``: a crash or a
-    concurrent reader never sees half a checkpoint. Parent folders are created."""
+    concurrent reader never sees half a checkpoint. Parent folders are created; the file gets the
+    permissions of any new file (the umask's), so other users (an MLflow server) can read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path

@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
             help="run the whole lifecycle through the Airflow DAGs on the embedded default",
             description="Run hisam_features, hisam_tokenizer, hisam_pretrain and hisam_finetune with "
             "dag.test() on MovieLens-100K when present (else the synthetic dataset), then print the "
-            "tables and versions written, the metrics, the champion, and how to open MLflow and Data Docs.",
+            "tables and versions written, the metrics, the champion, and how to open MLflow and Data Docs. "
+            "It reads --config, else configs/pipeline.yaml (not $HISAM_PIPELINE_CONFIG).",
         )
     )
     demo.add_argument(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.settings import Settings
-from pipelines.steps import load_config
+from pipelines.steps import DEFAULT_CONFIG, load_config
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def demo_overrides(dataset: str, movielens_dir: Path | None) -> dict[str, Any]:
             "dataset": "movielens-100k",
             "source": {"kind": "movielens", "movielens_dir": str(ml.resolve())},
         }
-    return {}
+    return {"source": {"kind": "synthetic"}} if dataset == "synthetic" else {}
 
 
 def lake_summary(root: str) -> dict[str, dict[str, int]]:
@@ -71,9 +71,11 @@ def lake_summary(root: str) -> dict[str, dict[str, int]]:
 def run_demo(
     config: Path | None = None, dataset: str = "auto", movielens_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Run the four DAGs for today's date and summarise what they wrote."""
+    """Run the four DAGs for today's date and summarise what they wrote. The config is ``config``,
+    else configs/pipeline.yaml, never ``$HISAM_PIPELINE_CONFIG``: in the production image that is
+    the paper-sized one, and the demo is the embedded default."""
     settings = Settings.from_env()
-    pipeline = load_config(config, demo_overrides(dataset, movielens_dir))
+    pipeline = load_config(config or DEFAULT_CONFIG, demo_overrides(dataset, movielens_dir))
     config_file = settings.home / "demo_pipeline.yaml"
     settings.home.mkdir(parents=True, exist_ok=True)
     pipeline.to_yaml(config_file)

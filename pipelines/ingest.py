@@ -114,7 +114,8 @@ def run_gate(
     label (:func:`gate_label`), so it never replaces the rejects an importer or a sequence build
     wrote for the same table and day. ``keep_earlier``: the caller removes the rejected rows from
     their table, so a rerun of the day cannot find them again; the partition then keeps the rows of
-    earlier runs (each once) instead of being replaced by this run's alone. ``record`` goes into the
+    earlier runs instead of being replaced by this run's alone (rows this run finds again, because an
+    earlier run failed before removing them, are kept once per row this run found). ``record`` goes into the
     quarantine commit's metadata with the verdict (``passed``, ``quarantined``).
     """
     from pipelines.notify import Alert

@@ -25,7 +25,7 @@ class Settings(Config):
 
     @classmethod
     def from_env(cls) -> Settings:
-        home = Path(os.environ.get("HISAM_HOME", ".hisam")).resolve()
+        home = Path(os.environ.get("HISAM_HOME", ".hisam")).expanduser().resolve()
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
         return cls(
             home=home,

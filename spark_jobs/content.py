@@ -143,21 +143,21 @@ def age_bucket(age: Column, bounds: list[int]) -> Column:
 def user_profiles(users: DataFrame, config: ContentConfig) -> DataFrame:
     """silver.users rows -> gold.user_profiles rows."""
     attrs = F.coalesce(F.col("attributes"), F.create_map().cast("map<string,string>"))
-    bucket = age_bucket(F.try_element_at(attrs, F.lit("age")), config.age_buckets)
-    zip_region = (
-        F.substring(F.trim(F.try_element_at(attrs, F.lit("zip_code"))), 1, config.zip_prefix_len)
+    own = lambda key: F.try_element_at(attrs, F.lit(key))  # noqa: E731
+    # derived from age and zip_code; else the source's own age_bucket / zip_region, if it has them
+    bucket = F.coalesce(age_bucket(own("age"), config.age_buckets), own("age_bucket"))
+    zip_region = F.coalesce(
+        F.substring(F.trim(own("zip_code")), 1, config.zip_prefix_len)
         if config.zip_prefix_len
-        else F.lit(None)
+        else F.lit(None),
+        own("zip_region"),
     )
     derived = F.map_filter(
         F.create_map(F.lit("age_bucket"), bucket, F.lit("zip_region"), zip_region.cast("string")),
         lambda _k, v: v.isNotNull() & (v != ""),
     )
-    rewritten = F.map_concat(  # a derived key replaces the source's own attribute of that name
-        F.map_filter(
-            attrs, lambda k, _v: ~k.isin("age", "zip_code") & ~F.array_contains(F.map_keys(derived), k)
-        ),
-        derived,
+    rewritten = F.map_concat(
+        F.map_filter(attrs, lambda k, _v: ~k.isin("age", "zip_code", "age_bucket", "zip_region")), derived
     )
     tokens = F.array_sort(
         F.transform(
@@ -170,8 +170,8 @@ def user_profiles(users: DataFrame, config: ContentConfig) -> DataFrame:
         "dataset",
         "user_id",
         bucket.alias("age_bucket"),
-        clean(F.try_element_at(attrs, F.lit("gender"))).alias("gender"),
-        clean(F.try_element_at(attrs, F.lit("occupation"))).alias("occupation"),
+        clean(own("gender")).alias("gender"),
+        clean(own("occupation")).alias("occupation"),
         tokens.alias("profile_tokens"),
     )
 

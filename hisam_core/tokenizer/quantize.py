@@ -60,14 +60,15 @@ def straight_through(x: torch.Tensor, q: torch.Tensor, rotation_trick: bool) -> 
 
 
 def cluster_sums(
-    x: torch.Tensor, assign: torch.Tensor, k: int, by_matmul: bool | None = None, chunk: int = 65536
+    x: torch.Tensor, assign: torch.Tensor, k: int, by_matmul: bool | None = None, chunk: int | None = None
 ) -> torch.Tensor:
     """Per-cluster sums of ``x [N, d]`` for ``assign [N]``. CUDA's ``index_add_`` adds floats in a
-    racing order, so by default (``by_matmul=None``) CUDA sums by one-hot matmuls over ``chunk`` rows,
-    which are reproducible, and the CPU keeps ``index_add_``."""
+    racing order, so by default (``by_matmul=None``) CUDA sums by one-hot matmuls over ``chunk`` rows
+    (default: a 2**24-entry one-hot), which are reproducible, and the CPU keeps ``index_add_``."""
     sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
     if not (x.is_cuda if by_matmul is None else by_matmul):
         return sums.index_add_(0, assign, x)
+    chunk = chunk or max(1, 2**24 // k)
     for start in range(0, x.shape[0], chunk):
         part = slice(start, start + chunk)
         sums += nn.functional.one_hot(assign[part], k).to(x.dtype).T @ x[part]

@@ -10,7 +10,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 jobs="$(cd "$root/spark_jobs/entrypoints" && ls [a-z]*.py | grep -v '^common\.py$' | sed 's/\.py$//' | tr '\n' ' ' | sed 's/ $//')"
-if [ $# -eq 0 ] || [ ! -f "$root/spark_jobs/entrypoints/${1:-}.py" ] || [ "$1" = common ]; then
+if [ $# -eq 0 ] || ! grep -qw -- "$1" <<<"$jobs"; then
   echo "usage: $0 JOB [ARGS...]" >&2
   echo "  JOB: one of $jobs" >&2
   echo "  ARGS: python spark_jobs/entrypoints/JOB.py --help lists them" >&2

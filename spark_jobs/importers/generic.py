@@ -149,11 +149,16 @@ def read_as_strings(
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "csv":
         names = [c for c in spark.read.option("header", True).option("sep", sep).csv(path).columns]
+        first = spark.read.option("sep", sep).csv(path).first()  # that header as written
+        written = [] if first is None else list(first)
+        # Spark names an empty column _c<i> and a repeated one <name><i>: such headers cannot be
+        # checked against these names, so only a clean header has every file's header checked
+        checkable = len(set(written)) == len(written) and all(written)
         schema = T.StructType([T.StructField(c, T.StringType()) for c in [*names, CORRUPT]])
         df = (
             spark.read.schema(schema)
             .option("header", True)
-            .option("enforceSchema", False)  # each file's header must name the columns in this order
+            .option("enforceSchema", not checkable)  # else each file's header must be the first's
             .option("sep", sep)
             .option("quote", '"')
             .option("escape", '"')
@@ -434,11 +439,15 @@ def import_generic(
             lake, config.dataset, logical_date, parsed, ImportReport(config.dataset, logical_date)
         )
     except Exception as err:  # Spark checks each CSV file's header only when it reads the file
-        header = re.search(r"CSV header does not conform to the schema\.(.*?)CSV file: (\S+)", str(err), re.S)
+        header = re.search(
+            r"(CSV header does not conform|Number of column in CSV header)(.*?)CSV file: (\S+)",
+            str(err),
+            re.S,
+        )
         if header is None:
             raise
-        found = " ".join(header.group(1).split())
+        found = " ".join((header.group(1) + header.group(2)).split())
         raise ValueError(
-            f"CSV file {header.group(2)}: its header differs from the first file's ({found}); "
+            f"CSV file {header.group(3)}: its header differs from the one the columns were read from ({found}); "
             "every file of an input must list the same columns in the same order"
         ) from None

@@ -8,6 +8,7 @@ or the counts do not reconcile). The pipeline step that stops downstream work an
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 
@@ -58,7 +59,8 @@ def tolerances(annotated: DataFrame, specs: list[GxSpec], n_rows: int, fraction:
 
     GX measures a column-map expectation over the column's non-null values, so ``2`` bad ratings
     among ``50`` rated rows of ``1000`` would be 4 % of a 1 % budget. With ``p`` the non-null share,
-    ``mostly = 1 - fraction / p`` allows the same ``fraction * n_rows`` bad values (floored at 0)."""
+    ``mostly = (non-null - floor(fraction * n_rows)) / non-null`` allows the same number of bad
+    values, as GX counts them (floored at 0)."""
     default = 1.0 - fraction
     columns = sorted(
         {
@@ -70,10 +72,11 @@ def tolerances(annotated: DataFrame, specs: list[GxSpec], n_rows: int, fraction:
     if not columns or n_rows == 0 or fraction == 0:
         return [default] * len(specs)
     counts = annotated.agg(*[F.count(F.col(c)).alias(f"n{i}") for i, c in enumerate(columns)]).first()
-    share = {c: counts[f"n{i}"] / n_rows for i, c in enumerate(columns)}
+    non_null = {c: int(counts[f"n{i}"]) for i, c in enumerate(columns)}
+    allowed = math.floor(fraction * n_rows + 1e-9)
     return [
-        max(0.0, 1.0 - fraction / share[s.kwargs["column"]])
-        if share.get(s.kwargs.get("column", "")) and s.expectation not in NULL_COUNTING
+        max(0.0, (non_null[s.kwargs["column"]] - allowed) / non_null[s.kwargs["column"]])
+        if non_null.get(s.kwargs.get("column", "")) and s.expectation not in NULL_COUNTING
         else default
         for s in specs
     ]

@@ -18,3 +18,13 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary(tmp
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
     save_atomically({"step": 3}, path)
     assert torch.load(path, weights_only=True) == {"step": 3}
+
+
+def test_a_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
+    """Not mkstemp's owner-only 0600: an MLflow server or serving user must be able to read it."""
+    import os
+
+    path = save_atomically({"step": 1}, tmp_path / "model.pt")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777

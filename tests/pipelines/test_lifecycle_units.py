@@ -290,3 +290,17 @@ def test_the_production_image_runs_the_paper_sized_config() -> None:
     assert {k: chosen[k] for k in small} == small
     assert production.tokenizer.train.model.codebook_size == production.ranker.sequence.codebook_size == 256
     assert production.source.kind == "generic" and "webhook" in production.notify.sinks
+
+
+def test_the_demo_config_is_the_embedded_default_whatever_the_environment(tmp_path, monkeypatch) -> None:
+    """In the production image $HISAM_PIPELINE_CONFIG is the paper-sized config with a generic
+    source; `hisam demo` still runs configs/pipeline.yaml, and --dataset synthetic means it."""
+    from pipelines.demo import demo_overrides
+    from pipelines.steps import DEFAULT_CONFIG
+
+    monkeypatch.setenv("HISAM_PIPELINE_CONFIG", str(DEFAULT_CONFIG.parent / "production.yaml"))
+    assert load_config().source.kind == "generic"  # what the steps of the image read
+    demo = load_config(DEFAULT_CONFIG, demo_overrides("synthetic", None))
+    assert (demo.source.kind, demo.ranker.model.hidden_size) == ("synthetic", 64)
+    production = load_config(None, demo_overrides("synthetic", tmp_path / "no-bundle"))
+    assert production.source.kind == "synthetic"  # explicit, even over another config's source

@@ -347,7 +347,15 @@ def test_generic_float_ids_dotted_columns_and_reordered_csv_headers(spark, lake,
         ValueError, match=r"CSV file \S*b\.csv: its header differs .*Expected: user_id but found"
     ):
         import_generic(spark, lake, GenericImportConfig(dataset="cs", interactions=str(folder)), DAY)
+    (folder / "b.csv").write_text("user_id,item_id,timestamp,rating,x\nu2,i2,1700000001,5,1\n")
+    with pytest.raises(ValueError, match=r"CSV file \S*[ab]\.csv: its header differs .*Number of column"):
+        import_generic(spark, lake, GenericImportConfig(dataset="cs", interactions=str(folder)), DAY)
     assert lake.history("bronze.interactions") == before
+    indexed = tmp_path / "indexed.csv"  # pandas' to_csv writes its index under an empty header
+    frame = pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "timestamp": [1700000000], "rating": [4]})
+    frame.to_csv(indexed)
+    report = import_generic(spark, lake, GenericImportConfig(dataset="ix", interactions=str(indexed)), DAY)
+    assert counts(report) == {"indexed.csv": (1, 1, 0)}
 
 
 def test_timestamps_by_magnitude_and_format(spark):

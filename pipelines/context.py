@@ -140,7 +140,7 @@ class StepContext:
         try:
             self.notifier.send(Alert(title, text, severity, "hisam", {"run_key": self.run_key, **details}))
         except Exception:
-            log.exception("could not deliver alert %r", title)
+            log.exception("could not deliver alert %r (%s): %s", title, severity, text)  # still in the log
 
     @cached_property
     def experiment_id(self) -> str:

@@ -181,3 +181,23 @@ def test_alert_from_quality_report_names_failed_expectations() -> None:
     json.dumps(alert.to_dict())
     with pytest.raises(ValueError, match="severity"):
         Alert(title="x", text="y", severity="fatal")  # type: ignore[arg-type]
+
+
+def test_an_alert_whose_sinks_cannot_be_built_still_reaches_the_log(tmp_path, monkeypatch, caplog) -> None:
+    """``sinks: [log, webhook]`` without a URL: the step fails at its start (run_step builds the
+    notifier first); the failure callback's alert cannot be sent, so its text goes to the log."""
+    import datetime as dt
+
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.delenv("HISAM_NOTIFY_WEBHOOK_URL", raising=False)
+    monkeypatch.delenv("HISAM_NOTIFY_SINKS", raising=False)
+    config = PipelineConfig.model_validate({"notify": {"sinks": ["log", "webhook"]}})
+    ctx = StepContext(config, dt.date(2026, 11, 1))
+    with pytest.raises(ValueError, match="sink 'webhook' needs webhook_url"):
+        _ = ctx.notifier
+    with caplog.at_level(logging.ERROR, logger="pipelines.context"):
+        ctx.alert("hisam_features.ingest failed", "OSError: disk full")
+    assert "could not deliver alert 'hisam_features.ingest failed' (error): OSError: disk full" in caplog.text

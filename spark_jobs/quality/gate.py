@@ -58,26 +58,24 @@ def tolerances(annotated: DataFrame, specs: list[GxSpec], n_rows: int, fraction:
     """GX's ``mostly`` for each of ``specs``, so that each tolerates ``fraction`` of *all* rows.
 
     GX measures a column-map expectation over the column's non-null values, so ``2`` bad ratings
-    among ``50`` rated rows of ``1000`` would be 4 % of a 1 % budget. With ``p`` the non-null share,
+    among ``50`` rated rows of ``1000`` would be 4 % of a 1 % budget.
     ``mostly = (non-null - floor(fraction * n_rows)) / non-null`` allows the same number of bad
-    values, as GX counts them (floored at 0)."""
-    default = 1.0 - fraction
-    columns = sorted(
-        {
-            s.kwargs["column"]
-            for s in specs
-            if s.tolerant and "column" in s.kwargs and s.expectation not in NULL_COUNTING
-        }
-    )
+    values, as GX counts them (floored at 0); other specs get ``1 - fraction``."""
+
+    def null_skipping(spec: GxSpec) -> str | None:
+        tolerant = spec.tolerant and spec.expectation not in NULL_COUNTING
+        return spec.kwargs.get("column") if tolerant else None
+
+    columns = sorted({c for s in specs if (c := null_skipping(s))})
     if not columns or n_rows == 0 or fraction == 0:
-        return [default] * len(specs)
+        return [1.0 - fraction] * len(specs)
     counts = annotated.agg(*[F.count(F.col(c)).alias(f"n{i}") for i, c in enumerate(columns)]).first()
     non_null = {c: int(counts[f"n{i}"]) for i, c in enumerate(columns)}
     allowed = math.floor(fraction * n_rows + 1e-9)
     return [
-        max(0.0, (non_null[s.kwargs["column"]] - allowed) / non_null[s.kwargs["column"]])
-        if non_null.get(s.kwargs.get("column", "")) and s.expectation not in NULL_COUNTING
-        else default
+        max(0.0, (non_null[c] - allowed) / non_null[c])
+        if (c := null_skipping(s)) and non_null[c]
+        else 1.0 - fraction
         for s in specs
     ]
 

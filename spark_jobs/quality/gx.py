@@ -123,10 +123,10 @@ def validate(
     suite_name: str,
     specs: list[GxSpec],
     config: QualityConfig,
-    mostly: list[float] | None = None,
+    mostly: list[float],
 ) -> tuple[list[ExpectationOutcome], str | None]:
     """Run the suite's expectations over ``df`` through a GX checkpoint; ``mostly``: one per spec
-    (default ``1 - max_quarantine_fraction``; see :func:`spark_jobs.quality.gate.tolerances`).
+    (:func:`spark_jobs.quality.gate.tolerances`).
 
     Returns one outcome per expectation and the Data Docs index (``None`` when docs are off).
     """
@@ -135,7 +135,6 @@ def validate(
 
     context = get_context(config)
     batch_definition = _batch_definition(context, suite_name)
-    mostly = mostly or [1.0 - config.max_quarantine_fraction] * len(specs)
     expectations = [build_expectation(s, m) for s, m in zip(specs, mostly, strict=True)]
     suite = context.suites.add_or_update(gx.ExpectationSuite(name=suite_name, expectations=expectations))
     definition = context.validation_definitions.add_or_update(

@@ -6,7 +6,9 @@ encoder version with the same input is skipped). Behaviour is SASRec trained onl
 before the global chronological cut (App. B.2: the behaviour encoder must not see the ranking test
 period), computed on the gate-valid interactions exactly as ``build-sequences`` computes it; its
 rows are keyed by a hash of the cut and the encoder settings, so a rerun with the same data and
-config finds them and trains nothing.
+config finds them and trains nothing. The commit that writes them records that hash and the cut
+(:func:`behaviour_cut_of`): a tokenizer trained on them is tagged with it, and its samples are never
+cut earlier (``SequenceConfig.cut_not_before``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,27 @@ from pipelines.context import StepContext
 log = logging.getLogger(__name__)
 
 BEHAVIOR_ENCODER = "sasrec"
+#: ``gold.item_embeddings`` commit metadata of a behaviour write: the unix second before which the
+#: SASRec encoder saw every interaction (and after which none).
+_CUT = "behaviour_cut"
+
+
+def behaviour_commit(dataset: str, input_hash: str, cutoff: int) -> dict[str, str]:
+    """What the ``gold.item_embeddings`` commit of behaviour rows with ``input_hash`` records."""
+    return {"step": "embed", "dataset": dataset, "input_hash": input_hash, _CUT: str(cutoff)}
+
+
+def behaviour_cut_of(ctx: StepContext, input_hashes: set[str]) -> int | None:
+    """The latest behaviour cut of the rows with these input hashes (unix seconds), or None when a
+    hash has no commit that records its cut (rows written before cuts were recorded)."""
+    cuts = []
+    for input_hash in sorted(input_hashes):
+        record = {"step": "embed", "dataset": ctx.dataset, "input_hash": input_hash}
+        found = ctx.commits("gold.item_embeddings", record)
+        if not found:
+            return None
+        cuts.append(int(found[0]["metadata"][_CUT]))
+    return max(cuts, default=None)
 
 
 def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
@@ -82,6 +105,7 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
         GOLD_ITEM_EMBEDDINGS,
         mode="merge",
         partition_values={**part, "modality": "behavior"},
+        metadata=behaviour_commit(ctx.dataset, input_hash, cutoff),
     )
     return {
         "encoder": BEHAVIOR_ENCODER,

@@ -7,7 +7,9 @@ the build itself rejects (``no_label``, ``unknown_action``, ``unknown_item``) go
 ``bronze.quarantine`` under ``gold.samples@<version>``. Silver rows = gate-rejected + samples +
 quarantined, checked before anything is written.
 The version is ``params.tokenizer_version``, else the tokenizer at ``@current``; before any tokenizer
-exists the daily run skips the step and says so. The samples commit records the build (step, logical
+exists the daily run skips the step and says so. The split is never cut before the version's
+behaviour cut (``hisam.behaviour_cut``: its behaviour codes saw every interaction before it), which
+only binds when older interactions arrived after the tokenizer was trained. The samples commit records the build (step, logical
 date, tokenizer version, when it read silver), which ``samples-ready`` looks for: training waits for
 samples that hold the day.
 """
@@ -75,7 +77,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     from pipelines.ingest import valid_interactions, versioned_label
-    from pipelines.tokenizer import current_tokenizer_version_or_skip
+    from pipelines.tokenizer import behaviour_cut_floor, current_tokenizer_version_or_skip
     from spark_jobs.quality import to_bronze_quarantine
     from spark_jobs.sequences import build_sequences as build
     from spark_jobs.sequences import build_user_sequences, to_gold_samples, to_gold_user_sequences
@@ -89,7 +91,16 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
     valid, rejected = valid_interactions(ctx)
     valid = valid.cache()
     semantic_ids = lake.read(GOLD_SEMANTIC_IDS, partitions={**part, "tokenizer_version": version})
-    cfg = ctx.config.sequences.model_copy(update={"dataset": ctx.dataset, "tokenizer_version": version})
+    floors = [
+        f for f in (ctx.config.sequences.cut_not_before, behaviour_cut_floor(ctx, version)) if f is not None
+    ]
+    cfg = ctx.config.sequences.model_copy(
+        update={
+            "dataset": ctx.dataset,
+            "tokenizer_version": version,
+            "cut_not_before": max(floors, default=None),
+        }
+    )
     try:
         result = build(valid, semantic_ids, cfg)
         samples = to_gold_samples(result.samples).cache()

@@ -33,6 +33,9 @@ EMBEDDINGS = "gold.item_embeddings"
 CATALOGUE_SNAPSHOT = "hisam.catalogue_embeddings_version"
 #: Model-version tag: the encoders (name and version per modality) DST was trained on.
 ENCODERS = "hisam.encoders"
+#: Model-version tag: the unix second before which the behaviour encoder of DST's training
+#: embeddings saw every interaction; the version's samples are never cut earlier (App. B.2).
+BEHAVIOUR_CUT = "hisam.behaviour_cut"
 
 
 class TokenizerHealthError(ValueError):
@@ -131,6 +134,32 @@ def embeddings_ready(ctx: StepContext) -> dict[str, Any]:
     if not ready:
         log.info("%d catalogue items, without embeddings of %s: %s", len(items), encoders, missing)
     return {"ready": ready, "items": len(items), "missing": missing}
+
+
+def trained_behaviour_cut(ctx: StepContext, snapshot: int, item_ids: np.ndarray) -> int | None:
+    """The behaviour cut of the embeddings snapshot ``snapshot`` for these items (the latest, when
+    its rows come from several embed runs), or None when a row's cut was never recorded."""
+    from pipelines.features import behaviour_cut_of
+
+    name, enc_version = encoder_specs(ctx)["behavior"]
+    frame, _ = ctx.read_table(
+        EMBEDDINGS,
+        {"dataset": ctx.dataset, "modality": "behavior"},
+        columns=["item_id", "encoder", "encoder_version", "input_hash"],
+        version=snapshot,
+    )
+    used = (frame["encoder"] == name) & (frame["encoder_version"] == enc_version)
+    return behaviour_cut_of(ctx, set(frame.loc[used & frame["item_id"].isin(item_ids), "input_hash"]))
+
+
+def behaviour_cut_floor(ctx: StepContext, version: str) -> int | None:
+    """The :data:`BEHAVIOUR_CUT` of the registered tokenizer ``version``: ``build-sequences`` never
+    cuts its samples earlier. None when it is not registered or was registered without it."""
+    from pipelines.registry import find_versions
+
+    found = find_versions(ctx.mlflow, ctx.config.models.tokenizer, tokenizer_version=version)
+    cut = found[0].tags.get(BEHAVIOUR_CUT) if found else None
+    return None if cut is None else int(cut)
 
 
 def load_item_features(
@@ -304,6 +333,15 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
             ctx.alert(f"tokenizer {version} failed codebook health", "\n".join(failures), health=health)
             raise TokenizerHealthError(f"tokenizer {version} failed codebook health: {'; '.join(failures)}")
         tags = {"hisam.run_key": ctx.run_key, "delta.version": str(snapshot), ENCODERS: encoders_tag(ctx)}
+        cut = trained_behaviour_cut(ctx, snapshot, features.item_ids)
+        if cut is None:
+            log.warning(
+                "the behaviour cut of %s@v%d was not recorded: its samples are cut as they fall",
+                EMBEDDINGS,
+                snapshot,
+            )
+        else:
+            tags[BEHAVIOUR_CUT] = str(cut)
         registered = log_tokenizer(out / "dst.pt", version, features, name, version_tags=tags)
     return {
         "tokenizer_version": version,
@@ -550,10 +588,12 @@ def semantic_ids_of(ctx: StepContext, version: str) -> SemanticIds:
 
 
 __all__ = [
+    "BEHAVIOUR_CUT",
     "CATALOGUE_SNAPSHOT",
     "ENCODERS",
     "TokenizerHealthError",
     "activate_tokenizer",
+    "behaviour_cut_floor",
     "check_encoders",
     "cold_behavior_embedding",
     "current_tokenizer_version",

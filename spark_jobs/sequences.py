@@ -22,6 +22,11 @@ Protocol, as implemented:
   **Tie rule:** all interactions sharing the cut timestamp go to *test*. A single instant is never
   split across train and test, every test row is strictly later than every train row, and the
   train part has at most ``k`` rows (exactly ``k`` when no other row shares the cut instant).
+  **Floor:** with ``cut_not_before`` (unix seconds) the cut is never earlier than that instant: the
+  behaviour encoder of the tokenizer whose samples these are trained on every interaction before it
+  (App. B.2), so none of those may be test rows. The cut only moves backward when older rows arrive
+  after the tokenizer was trained (a late historical import); then the cut is raised and
+  ``SplitCut.raised_from`` keeps the quantile cut.
 * **Cold start (Sec. 4.1).** A user is cold when they have fewer than ``cold_start_threshold`` (10)
   *training* interactions; ``is_cold_user`` is set on all of that user's samples, train and test.
 * **Per-user order.** Interactions of a user are ordered by (timestamp, item_id, label, action);
@@ -53,7 +58,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -74,6 +79,7 @@ REASON_UNKNOWN_ACTION = "unknown_action"
 REASON_UNKNOWN_ITEM = "unknown_item"
 
 _KEY = "_ts_key"  # internal: the timestamp as a sortable long
+_SECONDS_PER_KEY = {"s": 1.0, "us": 1e-6, "days": 86_400.0}
 
 
 class SequenceConfig(Config):
@@ -103,6 +109,11 @@ class SequenceConfig(Config):
     num_semantic_positions: int = Field(default=6, ge=1)
     count_target_in_budget: bool = True
     test_history: Literal["all_earlier", "train_only"] = "all_earlier"
+    cut_not_before: float | None = Field(
+        default=None,
+        description="unix seconds: the split cut is never earlier (the tokenizer's behaviour encoder "
+        "trained on every interaction before it, App. B.2); None: the quantile cut as it is",
+    )
     tokenizer_version: str | None = Field(
         default=None, description="version of the semantic-ID table to use; None: the table's only one"
     )
@@ -143,11 +154,29 @@ class SplitCut:
     rank: int  # k = floor(train_fraction * n_total): 0-based rank of the row that defines the cut
     method: str
     key_unit: str  # "s", "us" or "days"
+    raised_from: int | None = None  # the quantile cut, when ``cut_not_before`` raised it
 
     def cut_seconds(self) -> float:
         """The cut as unix seconds."""
-        scale = {"s": 1.0, "us": 1e-6, "days": 86_400.0}[self.key_unit]
-        return self.cut_key * scale
+        return self.cut_key * _SECONDS_PER_KEY[self.key_unit]
+
+    def not_before(self, seconds: float) -> SplitCut:
+        """This cut, raised to the first key at or after ``seconds`` when it is earlier."""
+        if self.key_unit == "days":
+            key = math.ceil(seconds / 86_400)
+        else:  # integer seconds times 10**6 stay exact; a division by 1e-6 would not
+            key = math.ceil(seconds * (1_000_000 if self.key_unit == "us" else 1))
+        if key <= self.cut_key:
+            return self
+        logger.warning(
+            "chronological cut raised from key %s to %s (%s): the tokenizer's behaviour encoder trained "
+            "on every interaction before %s",
+            self.cut_key,
+            key,
+            self.key_unit,
+            seconds,
+        )
+        return replace(self, cut_key=key, raised_from=self.cut_key)
 
     def to_dict(self) -> dict[str, int | str | float]:
         return {**asdict(self), "cut_seconds": self.cut_seconds()}
@@ -364,13 +393,16 @@ def add_positions(df: DataFrame, cfg: SequenceConfig) -> DataFrame:
 def prepare_interactions(df: DataFrame, cfg: SequenceConfig) -> tuple[DataFrame, DataFrame, SplitCut]:
     """Labels, split, cold flag and positions: returns (interactions, quarantined, cut).
 
-    The cut is computed over the labelled rows. ``df`` is scanned three times (cut bracket, cut
-    count, then the lazily built outputs), so persist an expensive input first.
+    The cut is computed over the labelled rows and raised to ``cut_not_before``. ``df`` is scanned
+    three times (cut bracket, cut count, then the lazily built outputs), so persist an expensive
+    input first.
     """
     labelled = add_labels(select_dataset(df, cfg), cfg)
     quarantine = labelled.filter(F.col("_reason").isNotNull()).withColumnRenamed("_reason", "reason")
     valid = labelled.filter(F.col("_reason").isNull()).drop("_reason")
     cut = compute_cut(valid, cfg)
+    if cfg.cut_not_before is not None:
+        cut = cut.not_before(cfg.cut_not_before)
     out = add_positions(add_cold_flag(assign_split(valid, cut), cfg), cfg)
     return out, quarantine.drop(_KEY), cut
 

@@ -136,6 +136,8 @@ def test_day_one_writes_tables_runs_models_aliases_and_lineage(world) -> None:
     pretrained = client.get_latest_versions("hisam-pretrained")[0]
     champion = client.get_model_version_by_alias("hisam-ranker", "champion")
     assert tokenizer.tags["tokenizer_version"] == VERSION
+    cut = dt.datetime.fromtimestamp(int(tokenizer.tags["hisam.behaviour_cut"]), dt.UTC)
+    assert test["event_ts"].min() == cut  # the behaviour codes saw exactly the training period
     assert pretrained.tags["tokenizer_version"] == champion.tags["tokenizer_version"] == VERSION
     assert champion.tags["pretrained_version"] == str(pretrained.version)
     assert champion.tags["gate"] == "promoted" and float(champion.tags["eval.auc"]) >= 0.55

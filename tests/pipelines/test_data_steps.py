@@ -65,6 +65,7 @@ def ctx_of(spark, tmp_path_factory, write_config):
     config = yaml.safe_load(path.read_text())
     config["sequences"]["profile_tokens"] = 0
     config["ranker"]["profile_fields"] = []
+    config["tokenizer"]["health"]["min_utilisation"] = 0.1  # 20 items need not fill 16 codes a position
     path.write_text(yaml.safe_dump(config))
     previous_uri = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as env:
@@ -198,7 +199,7 @@ def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
 
 
 def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_tokenizer(ctx_of, spark) -> None:
-    """Runs last (it corrupts one text embedding)."""
+    """Runs after the samples tests (it corrupts one text embedding)."""
     from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
@@ -234,3 +235,44 @@ def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_toke
     DeltaTable(ctx.table_path("gold.item_embeddings")).delete(f"modality = 'text' AND item_id = {item}")
     waiting = run_step("embeddings-ready", DAY, ctx.config)
     assert waiting == {"ready": False, "items": 20, "missing": {"behavior": 0, "image": 0, "text": 1}}
+
+
+def test_older_interactions_arriving_later_never_put_what_the_behaviour_codes_saw_in_test(ctx_of) -> None:
+    """A tokenizer records the cut before which its behaviour encoder saw every interaction; when a
+    late historical import moves the quantile cut earlier, that tokenizer's samples stay cut there,
+    and every row still lands in the samples or the quarantine."""
+    from pyspark.sql import functions as F
+
+    from pipelines.registry import find_versions
+    from pipelines.steps import run_step
+    from pipelines.tokenizer import BEHAVIOUR_CUT
+
+    ctx, params = ctx_of(), {"tokenizer_version": VERSION}
+    trained = run_step("train-tokenizer", DAY, ctx.config, params)
+    registered = find_versions(ctx.mlflow, "hisam-tokenizer", tokenizer_version=VERSION)
+    assert [str(v.version) for v in registered] == [trained["model_version"]]
+    floor = int(registered[0].tags[BEHAVIOUR_CUT])
+    before = run_step("build-sequences", DAY, ctx.config, params)
+    assert before["cut"]["cut_seconds"] == floor and before["cut"]["raised_from"] is None
+
+    part = {"dataset": "dq"}
+    events = ctx.lake.read("silver.interactions", partitions=part)
+    older = (
+        events.orderBy("event_ts")
+        .limit(200)
+        .withColumn("event_ts", F.col("event_ts") - F.expr("INTERVAL 30 DAYS"))
+    )
+    ctx.lake.write(older, "silver.interactions", mode="merge")
+    after = run_step("build-sequences", DAY, ctx.config, params)
+    assert after["interactions"] == before["interactions"] + 200
+    assert after["samples"] + after["quarantined"] + after["gate_rejected"] == after["interactions"]
+    assert after["cut"]["cut_seconds"] == floor and after["cut"]["raised_from"] < floor * 1_000_000
+    samples = ctx.lake.read("gold.samples", partitions={**part, "tokenizer_version": VERSION})
+    seconds = samples.select("split", F.unix_timestamp("event_ts").alias("s"))
+    bounds = {
+        r["split"]: (r["lo"], r["hi"])
+        for r in seconds.groupBy("split").agg(F.min("s").alias("lo"), F.max("s").alias("hi")).collect()
+    }
+    assert bounds["train"][1] < floor <= bounds["test"][0]
+    moved = seconds.filter((F.col("s") >= after["cut"]["raised_from"] // 1_000_000) & (F.col("s") < floor))
+    assert moved.count() > 0  # the quantile cut alone would have put these rows, seen by SASRec, in test

@@ -85,6 +85,39 @@ def test_split_tie_rule(spark) -> None:
         assert all(s < cut_rank_value for s in train) and all(s >= cut_rank_value for s in test)
 
 
+def test_a_cut_floor_only_ever_moves_the_cut_later(spark) -> None:
+    """``cut_not_before``: no row before the floor is test, whatever the quantile says; a floor
+    before the quantile cut changes nothing. Timestamps (micros), numbers (seconds) and dates."""
+    seconds = list(range(0, 1000, 10))  # 100 rows: the quantile cut is the row of rank 90, at 900 s
+    epoch = EPOCH.timestamp()
+    frames = {
+        "us": events(spark, [(u % 7, u, s, 4.0) for u, s in enumerate(seconds)]),
+        "s": events(spark, [(u % 7, u, s, 4.0) for u, s in enumerate(seconds)]).withColumn(
+            "event_ts", F.unix_timestamp("event_ts")
+        ),
+    }
+    for unit, df in frames.items():
+        _, _, quantile = prepare_interactions(df, SequenceConfig())
+        assert quantile.cut_seconds() == epoch + 900 and quantile.raised_from is None
+        for floor, cut_at in ((epoch + 955.5, 960), (epoch + 555.5, 900), (epoch + 990, 990)):
+            prepared, _, cut = prepare_interactions(df, SequenceConfig(cut_not_before=floor))
+            split = dict(prepared.select("item_id", "split").collect())
+            test = sorted(seconds[i] for i, s in split.items() if s == "test")
+            assert min(test) == cut_at and len(split) == 100, (unit, floor)
+            assert all(split[i] == "train" for i, s in enumerate(seconds) if s < cut_at)
+            raised = cut_at != 900
+            expected = (floor if unit == "us" else math.ceil(floor)) if raised else epoch + 900
+            assert cut.cut_seconds() == expected, (unit, floor)  # the first key at or after the floor
+            assert cut.raised_from == (quantile.cut_key if raised else None), (unit, floor)
+    days = events(spark, [(u, u, 86_400 * d, 4.0) for u, d in enumerate(range(10))]).withColumn(
+        "event_ts", F.to_date("event_ts")
+    )
+    cfg = SequenceConfig(train_fraction=0.3, cut_not_before=epoch + 86_400 * 5.5)  # quantile cut: day 3
+    prepared, _, cut = prepare_interactions(days, cfg)
+    assert cut.cut_seconds() == epoch + 86_400 * 6  # the first whole day at or after the floor
+    assert sorted(r["item_id"] for r in prepared.filter("split = 'test'").collect()) == [6, 7, 8, 9]
+
+
 def test_exact_cut_matches_a_sort_and_survives_a_missed_bracket(spark) -> None:
     rng = np.random.default_rng(3)
     seconds = rng.integers(0, 400, size=3000)  # many ties

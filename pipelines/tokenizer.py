@@ -64,10 +64,13 @@ def current_tokenizer_version(ctx: StepContext) -> str:
 def current_tokenizer_version_or_skip(ctx: StepContext, step: str) -> str | None:
     """:func:`current_tokenizer_version`, or None (logged) when there is none yet and the step was
     run with ``skip_without_tokenizer=true`` (the daily DAG before the first monthly tokenizer run)."""
+    from pipelines.settings import flag
+
+    skip = flag(ctx.params.get("skip_without_tokenizer"), "skip_without_tokenizer")  # a typo fails at once
     try:
         return current_tokenizer_version(ctx)
     except ValueError as err:
-        if ctx.params.get("skip_without_tokenizer") != "true":
+        if not skip:
             raise
         log.warning("%s skipped: %s", step, err)
         return None

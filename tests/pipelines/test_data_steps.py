@@ -136,8 +136,11 @@ def test_training_waits_for_the_days_build_and_skips_before_any_tokenizer(ctx_of
     assert ready["ready"] and ready["built_for"] == DAY.isoformat()
     later = run_step("samples-ready", DAY + dt.timedelta(days=1), config, version)
     assert later == {"ready": False, "tokenizer_version": VERSION, "built_for": DAY.isoformat()}
-    with pytest.raises(StepSkipped, match="no tokenizer activated yet"):
-        run_step("samples-ready", DAY, config, {"skip_without_tokenizer": "true"})
+    for skip in ("true", "yes", "1"):
+        with pytest.raises(StepSkipped, match="no tokenizer activated yet"):
+            run_step("samples-ready", DAY, config, {"skip_without_tokenizer": skip})
+    with pytest.raises(ValueError, match="skip_without_tokenizer must be true or false, got 'ture'"):
+        run_step("samples-ready", DAY, config, {"skip_without_tokenizer": "ture"})
     with pytest.raises(ValueError, match="no hisam-tokenizer@current yet"):
         run_step("samples-ready", DAY, config)
 

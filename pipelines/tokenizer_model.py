@@ -10,6 +10,7 @@ tagged with the same string, which is how the lifecycle refuses mismatched pairs
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def log_tokenizer(
     wrapper = HisamTokenizerModel()
     wrapper.dst, wrapper.version = DST.load_checkpoint(checkpoint), version
     request = features_frame(example.subset(np.arange(min(len(example), 4))))
-    signature = infer_signature(request, wrapper.predict(None, request))
+    with warnings.catch_warnings():  # "integer columns cannot hold missing values": item ids never are
+        warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        signature = infer_signature(request, wrapper.predict(None, request))
     with tempfile.TemporaryDirectory() as tmp:
         info = mlflow.pyfunc.log_model(
             name="tokenizer",

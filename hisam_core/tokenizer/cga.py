@@ -126,6 +126,13 @@ class CGA(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.clamp(*self.log_temperature_range).exp()
 
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Project ``log tau`` back into its range after an optimiser step, as CLIP does: the clamp in
+        :attr:`temperature` alone would leave a parameter that stepped past a bound with no gradient
+        to bring it back."""
+        self.log_temperature.clamp_(*self.log_temperature_range)
+
     def forward(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Aligned features ``a_m`` on the unit hypersphere, one ``[B, d]`` tensor per modality."""
         return {name: head(raw[name]) for name, head in self.heads.items()}

@@ -141,6 +141,7 @@ def train_tokenizer(
                 optimizer.zero_grad()
                 (model_config.alignment_weight * loss).backward()
                 optimizer.step()
+                model.cga.clamp_temperature_()
                 sums["alignment"] += loss.item()
             else:
                 out = model(batch)
@@ -154,6 +155,7 @@ def train_tokenizer(
                 optimizer.zero_grad()
                 losses["total"].backward()
                 optimizer.step()
+                model.cga.clamp_temperature_()
                 sums["dead_codes_restarted"] += model.restart_dead_codes(config.dead_code_threshold)
                 sums["vclub_log_likelihood"] += log_likelihood.item()
                 for key, value in losses.items():

@@ -85,3 +85,23 @@ def test_alignment_loss_prefers_matched_items():
     noisy = {m: F.normalize(items + 0.1 * _unit(16, 16, seed=5 + i), dim=-1) for i, m in enumerate("abc")}
     shuffled = {**noisy, "b": noisy["b"][torch.randperm(16)], "c": noisy["c"][torch.randperm(16)]}
     assert cga.alignment_loss(noisy) < cga.alignment_loss(shuffled) - 1.0
+
+
+def test_a_temperature_past_its_bound_is_projected_back_and_gets_gradient_again():
+    cga = CGA(
+        {"a": 8, "b": 8, "c": 8},
+        dim=16,
+        hidden_dim=16,
+        anchor="a",
+        temperature_init=0.07,
+        temperature_range=(0.01, 1.0),
+    )
+    aligned = {m: _unit(16, 16, seed=6 + i) for i, m in enumerate("abc")}
+    with torch.no_grad():
+        cga.log_temperature.fill_(math.log(5.0))  # an optimiser step overshot the upper bound
+    cga.alignment_loss(aligned).backward()
+    assert cga.log_temperature.grad == 0  # the forward clamp alone: stuck out there for good
+    cga.clamp_temperature_()
+    cga.log_temperature.grad = None
+    cga.alignment_loss(aligned).backward()
+    assert cga.log_temperature.item() == pytest.approx(0.0) and cga.log_temperature.grad != 0

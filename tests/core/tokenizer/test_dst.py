@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,17 @@ def test_training_is_deterministic(planted, tiny):
     first = train_tokenizer(small, config).encode(small, "a").codes
     second = train_tokenizer(small, config).encode(small, "a").codes
     np.testing.assert_array_equal(first, second)
+
+
+def test_training_keeps_the_temperature_in_its_range(planted, tiny):
+    """A range of one value: every optimiser step moves log tau, the projection puts it back."""
+    features, _ = planted
+    fixed = {"temperature_init": 0.07, "temperature_min": 0.07, "temperature_max": 0.07}
+    config = TokenizerTrainConfig.model_validate(
+        {**tiny, "model": {**tiny["model"], **fixed}, "epochs": 2, "alignment_warmup_epochs": 1}
+    )
+    model = train_tokenizer(features.subset(np.arange(300)), config)
+    assert model.cga.log_temperature.item() == pytest.approx(math.log(0.07), abs=1e-6)
 
 
 def _mutated(features: ItemFeatures, name: str, values: np.ndarray) -> ItemFeatures:

@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.settings import Settings
+from pipelines.settings import Settings, movielens_dir
 from pipelines.steps import DEFAULT_CONFIG, load_config
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MOVIELENS = REPO.parent / "shared" / "data" / "movielens-100k"
 
 
 def _lifecycle() -> Any:
@@ -41,9 +40,9 @@ def _lifecycle() -> Any:
     return importlib.import_module("hisam_lifecycle")
 
 
-def demo_overrides(dataset: str, movielens_dir: Path | None) -> dict[str, Any]:
+def demo_overrides(dataset: str, bundle: Path | None) -> dict[str, Any]:
     """Config overrides for the chosen dataset (``auto``: MovieLens when its bundle is present)."""
-    ml = Path(movielens_dir or os.environ.get("HISAM_MOVIELENS_DIR") or DEFAULT_MOVIELENS)
+    ml = Path(bundle) if bundle else movielens_dir()
     if dataset == "movielens" or (dataset == "auto" and (ml / "raw" / "u.data").is_file()):
         if not (ml / "raw" / "u.data").is_file():
             raise FileNotFoundError(f"no MovieLens-100K bundle at {ml} (expected raw/u.data)")
@@ -68,14 +67,12 @@ def lake_summary(root: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def run_demo(
-    config: Path | None = None, dataset: str = "auto", movielens_dir: Path | None = None
-) -> dict[str, Any]:
+def run_demo(config: Path | None = None, dataset: str = "auto", bundle: Path | None = None) -> dict[str, Any]:
     """Run the four DAGs for today's date and summarise what they wrote. The config is ``config``,
     else configs/pipeline.yaml, never ``$HISAM_PIPELINE_CONFIG``: in the production image that is
     the paper-sized one, and the demo is the embedded default."""
     settings = Settings.from_env()
-    pipeline = load_config(config or DEFAULT_CONFIG, demo_overrides(dataset, movielens_dir))
+    pipeline = load_config(config or DEFAULT_CONFIG, demo_overrides(dataset, bundle))
     config_file = settings.home / "demo_pipeline.yaml"
     settings.home.mkdir(parents=True, exist_ok=True)
     pipeline.to_yaml(config_file)

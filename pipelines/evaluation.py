@@ -41,7 +41,7 @@ from hisam_core.evaluation.harness import (
     scaling_records,
 )
 from hisam_core.features import ItemFeatures
-from pipelines.settings import Settings
+from pipelines.settings import Settings, movielens_dir
 from pipelines.steps import THREADS_ENV
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,13 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
     p.add_argument("--scaling-layers", nargs="+", type=int, default=None, help="depths of the sweep")
     p.add_argument("--scaling-tokens", nargs="+", type=int, default=None, help="max_tokens of the sweep")
     p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
-    p.add_argument("--data", type=Path, default=None, help="override data.path (bundle or interactions file)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="override data.path (bundle or interactions file; MovieLens default: $HISAM_MOVIELENS_DIR, "
+        "else ../shared/data/movielens-100k beside the clone)",
+    )
     p.add_argument("--features", type=Path, default=None, help="npz with item_ids and emb_<modality>")
     p.add_argument("--features-cache", type=Path, default=features_cache, help="MovieLens feature cache")
     p.add_argument("--cache-dir", type=Path, default=None, help="semantic-ID tables and DST checkpoints")
@@ -348,6 +354,8 @@ def configure(args: argparse.Namespace) -> EvaluationConfig:
     data = {}
     if args.data:
         data["path"] = str(args.data)
+    elif config.data.dataset == "movielens" and "path" not in config.data.model_fields_set:
+        data["path"] = str(movielens_dir())  # not in --config either: wherever hisam is run from
     if args.features:
         data["features_path"] = str(args.features.resolve())
     if data:

@@ -57,6 +57,16 @@ class Settings(Config):
         return self.home / "alerts.jsonl"
 
 
+#: Where the MovieLens-100K bundle lives beside a clone (read in place: its licence forbids copies).
+DEFAULT_MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens-100k"
+
+
+def movielens_dir() -> Path:
+    """``$HISAM_MOVIELENS_DIR``, else :data:`DEFAULT_MOVIELENS`: what ``hisam demo`` and ``hisam
+    evaluate`` read when given no path, wherever they are run from."""
+    return Path(os.environ.get("HISAM_MOVIELENS_DIR") or DEFAULT_MOVIELENS).expanduser()
+
+
 def flag(value: str | None, name: str) -> bool:
     """A true/false step param (``true``, ``1``, ``yes`` or ``false``, ``0``, ``no``; absent is false)."""
     if value is None or value.lower() in ("", "false", "0", "no"):

@@ -118,6 +118,21 @@ def test_evaluate_without_the_dataset_is_a_clear_error(tmp_path, caplog):
     assert "MovieLens-100K not found" in caplog.text
 
 
+def test_the_movielens_bundle_is_found_from_any_folder_unless_a_path_is_given(tmp_path, monkeypatch):
+    from pipelines.evaluation import configure, parser
+    from pipelines.settings import DEFAULT_MOVIELENS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HISAM_MOVIELENS_DIR", raising=False)
+    args = parser(tmp_path, tmp_path)
+    assert configure(args.parse_args([])).data.path == str(DEFAULT_MOVIELENS)  # beside the clone
+    monkeypatch.setenv("HISAM_MOVIELENS_DIR", str(tmp_path / "ml"))
+    assert configure(args.parse_args([])).data.path == str(tmp_path / "ml")
+    assert configure(args.parse_args(["--data", "given"])).data.path == "given"
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"data": {"path": "in-config"}}))
+    assert configure(args.parse_args(["--config", "eval.yaml"])).data.path == "in-config"
+
+
 def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():
     config = EvaluationConfig.model_validate(TINY)
     earlier = {

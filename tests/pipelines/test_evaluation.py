@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,6 +153,12 @@ def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():
     longer = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 41})})
     with pytest.raises(ValueError, match=r"differs in \['train'\]"):
         _reusable(longer, earlier)
+    path = config.data.path
+    elsewhere = config.model_copy(update={"data": config.data.model_copy(update={"path": path + "-other"})})
+    with pytest.raises(ValueError, match=r"differs in \['data'\]"):
+        _reusable(elsewhere, earlier)
+    absolute = config.data.model_copy(update={"path": str(Path(path).resolve())})
+    assert _reusable(config.model_copy(update={"data": absolute}), earlier) == earlier["runs"]  # same folder
 
 
 def test_the_report_and_plot_mark_a_cold_metric_no_seed_measured(tmp_path):

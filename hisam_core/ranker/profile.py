@@ -84,7 +84,11 @@ class ProfileVocabulary:
         out = {}
         for field, buckets in self._buckets.items():
             value = profile.get(field)
-            out[field] = buckets.get(_key(value), UNKNOWN) if _present(value) else UNKNOWN
+            if not _present(value):
+                out[field] = UNKNOWN
+                continue
+            key = _key(value)  # a served "18.0" is the fitted 18, as the float 18.0 is
+            out[field] = buckets.get(key, buckets.get(_integral(key), UNKNOWN) if "." in key else UNKNOWN)
         return out
 
     def save(self, path: str | Path) -> None:

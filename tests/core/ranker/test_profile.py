@@ -49,6 +49,10 @@ def test_numeric_columns_with_missing_values_encode_like_their_integers() -> Non
         assert [vocabulary.encode({"age": v})["age"] for v in (18, 18.0, np.int64(25), None, pd.NA, 30)] == [
             1, 1, 2, 0, 0, 0
         ]  # fmt: skip
+        served = ("18", "18.0", "25.00", "18.5", "30.0")  # strings, as a JSON request may carry them
+        assert [vocabulary.encode({"age": v})["age"] for v in served] == [1, 1, 2, 0, 0]
+    zips = ProfileVocabulary.fit({"zip_region": ["021", "21"]})  # text codes are never read as numbers
+    assert [zips.encode({"zip_region": v})["zip_region"] for v in ("021", "21", "21.0")] == [1, 2, 2]
 
 
 def test_a_vocabulary_fitted_with_float_strings_still_encodes_integers() -> None:

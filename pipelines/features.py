@@ -6,9 +6,9 @@ encoder version with the same input is skipped). Behaviour is SASRec trained onl
 before the global chronological cut (App. B.2: the behaviour encoder must not see the ranking test
 period), computed on the gate-valid interactions exactly as ``build-sequences`` computes it; its
 rows are keyed by a hash of the cut and the encoder settings, so a rerun with the same data and
-config finds them and trains nothing. The commit that writes them records that hash and the cut
-(:func:`behaviour_cut_of`): a tokenizer trained on them is tagged with it, and its samples are never
-cut earlier (``SequenceConfig.cut_not_before``).
+config finds them and trains nothing. ``gold.behaviour_cuts`` keeps that hash's cut, written before
+the rows: a tokenizer trained on them is tagged with it (:func:`behaviour_cut_of`), and its samples
+are never cut earlier (``SequenceConfig.cut_not_before``).
 """
 
 from __future__ import annotations
@@ -23,27 +23,22 @@ from pipelines.context import StepContext
 log = logging.getLogger(__name__)
 
 BEHAVIOR_ENCODER = "sasrec"
-#: ``gold.item_embeddings`` commit metadata of a behaviour write: the unix second before which the
-#: SASRec encoder saw every interaction (and after which none).
-_CUT = "behaviour_cut"
-
-
-def behaviour_commit(dataset: str, input_hash: str, cutoff: int) -> dict[str, str]:
-    """What the ``gold.item_embeddings`` commit of behaviour rows with ``input_hash`` records."""
-    return {"step": "embed", "dataset": dataset, "input_hash": input_hash, _CUT: str(cutoff)}
 
 
 def behaviour_cut_of(ctx: StepContext, input_hashes: set[str]) -> int | None:
-    """The latest behaviour cut of the rows with these input hashes (unix seconds), or None when a
-    hash has no commit that records its cut (rows written before cuts were recorded)."""
-    cuts = []
-    for input_hash in sorted(input_hashes):
-        record = {"step": "embed", "dataset": ctx.dataset, "input_hash": input_hash}
-        found = ctx.commits("gold.item_embeddings", record)
-        if not found:
-            return None
-        cuts.append(int(found[0]["metadata"][_CUT]))
-    return max(cuts, default=None)
+    """The latest ``gold.behaviour_cuts`` cut of the behaviour rows with these input hashes (unix
+    seconds), or None when one has none (rows written before the table existed)."""
+    from spark_jobs.tables import GOLD_BEHAVIOUR_CUTS
+
+    if not input_hashes or ctx.table_version(GOLD_BEHAVIOUR_CUTS.name) is None:
+        return None
+    frame, _ = ctx.read_table(
+        GOLD_BEHAVIOUR_CUTS.name, {"dataset": ctx.dataset}, ["input_hash", "cut_seconds"]
+    )
+    cuts = frame.set_index("input_hash")["cut_seconds"]
+    if not input_hashes <= set(cuts.index):
+        return None
+    return int(cuts.loc[sorted(input_hashes)].max())
 
 
 def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
@@ -54,7 +49,7 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
     from hisam_core.encoders.behavior import BehaviorEncoder
     from pipelines.ingest import valid_interactions
     from spark_jobs.sequences import prepare_interactions
-    from spark_jobs.tables import GOLD_ITEM_DOCUMENTS, GOLD_ITEM_EMBEDDINGS
+    from spark_jobs.tables import GOLD_BEHAVIOUR_CUTS, GOLD_ITEM_DOCUMENTS, GOLD_ITEM_EMBEDDINGS
 
     lake, cfg = ctx.lake, ctx.config
     part = {"dataset": ctx.dataset}
@@ -82,7 +77,7 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
         "user_id", "item_id", F.unix_timestamp("event_ts").alias("timestamp")
     ).toPandas()
     item_ids = np.sort(items.toPandas()["item_id"].to_numpy())
-    cutoff = int(cut.cut_seconds())
+    cutoff = cut.whole_seconds()
     known = events[events["item_id"].isin(item_ids)]
     encoder = BehaviorEncoder(cfg.embeddings.behavior, device="cpu").fit(known, cutoff, item_ids)
     batch = encoder.encode(item_ids)
@@ -99,13 +94,18 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
             "input_hash": input_hash,
         }
     )
+    record = [(ctx.dataset, input_hash, BEHAVIOR_ENCODER, version, cutoff, ctx.logical_date)]
+    lake.write(
+        lake.spark.createDataFrame(record, schema=GOLD_BEHAVIOUR_CUTS.schema),
+        GOLD_BEHAVIOUR_CUTS,
+        mode="merge",
+    )
     df = lake.spark.createDataFrame(rows, schema=GOLD_ITEM_EMBEDDINGS.schema)
     written = lake.write(
         df,
         GOLD_ITEM_EMBEDDINGS,
         mode="merge",
         partition_values={**part, "modality": "behavior"},
-        metadata=behaviour_commit(ctx.dataset, input_hash, cutoff),
     )
     return {
         "encoder": BEHAVIOR_ENCODER,

@@ -21,7 +21,8 @@ Protocol, as implemented:
   with ``timestamp < cut``, ``test`` every row with ``timestamp >= cut``.
   **Tie rule:** all interactions sharing the cut timestamp go to *test*. A single instant is never
   split across train and test, every test row is strictly later than every train row, and the
-  train part has at most ``k`` rows (exactly ``k`` when no other row shares the cut instant).
+  train part has at most ``k`` rows (exactly ``k`` when no other row shares the cut instant), unless
+  the floor raised the cut.
   **Floor:** with ``cut_not_before`` (unix seconds) the cut is never earlier than that instant: the
   behaviour encoder of the tokenizer whose samples these are trained on every interaction before it
   (App. B.2), so none of those may be test rows. The cut only moves backward when older rows arrive
@@ -46,7 +47,7 @@ Protocol, as implemented:
 * **Semantic IDs.** Joined from one named tokenizer version of ``gold.semantic_ids``
   (``item_id``, ``semantic_ids``: 6 codes in ``[0, K)``, ``tokenizer_version``). The split and
   the cold flag are properties of the interactions and are computed *before* this join, so they
-  do not depend on the tokenizer. Interactions whose item has no semantic IDs in that version are
+  do not depend on the tokenizer's codes (only on its behaviour cut, through the floor). Interactions whose item has no semantic IDs in that version are
   quarantined (``unknown_item``) and appear in no sample, neither as target nor in any history.
   Codes stay raw (not position-offset; the model applies ``SemanticIds.tokens`` offsets).
   ``history_semantic_ids`` is flat: 6 codes per history item, oldest item first.
@@ -159,6 +160,12 @@ class SplitCut:
     def cut_seconds(self) -> float:
         """The cut as unix seconds."""
         return self.cut_key * _SECONDS_PER_KEY[self.key_unit]
+
+    def whole_seconds(self) -> int:
+        """The cut rounded down to a whole unix second, in integer arithmetic."""
+        if self.key_unit == "us":
+            return self.cut_key // 1_000_000
+        return self.cut_key * (86_400 if self.key_unit == "days" else 1)
 
     def not_before(self, seconds: float) -> SplitCut:
         """This cut, raised to the first key at or after ``seconds`` when it is earlier."""

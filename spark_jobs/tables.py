@@ -335,6 +335,28 @@ GOLD_ITEM_EMBEDDINGS = _register(
     )
 )
 
+GOLD_BEHAVIOUR_CUTS = _register(
+    TableSpec(
+        name="gold.behaviour_cuts",
+        schema=T.StructType(
+            [
+                _f("dataset", STR, False),
+                _f("input_hash", STR, False),  # of the behaviour rows of gold.item_embeddings it produced
+                _f("encoder", STR, False),
+                _f("encoder_version", STR, False),
+                _f(
+                    "cut_seconds", LONG, False
+                ),  # it saw every interaction before this unix second, none after
+                _f("logical_date", DATE, False),  # the embed run that trained it
+            ]
+        ),
+        partition_by=("dataset",),
+        keys=("dataset", "input_hash"),
+        description="Where each trained behaviour encoder was cut (App. B.2): tokenizers trained on its "
+        "rows never have their samples cut earlier.",
+    )
+)
+
 GOLD_SEMANTIC_IDS = _register(
     TableSpec(
         name="gold.semantic_ids",

@@ -250,15 +250,16 @@ def test_older_interactions_arriving_later_never_put_what_the_behaviour_codes_sa
     from pipelines.steps import run_step
     from pipelines.tokenizer import BEHAVIOUR_CUT
 
-    ctx, params = ctx_of(), {"tokenizer_version": VERSION}
+    ctx, params, part = ctx_of(), {"tokenizer_version": VERSION}, {"dataset": "dq"}
     trained = run_step("train-tokenizer", DAY, ctx.config, params)
     registered = find_versions(ctx.mlflow, "hisam-tokenizer", tokenizer_version=VERSION)
     assert [str(v.version) for v in registered] == [trained["model_version"]]
     floor = int(registered[0].tags[BEHAVIOUR_CUT])
+    cuts, _ = ctx.read_table("gold.behaviour_cuts", part, ["input_hash", "cut_seconds"])
+    assert cuts["cut_seconds"].tolist() == [floor]  # one behaviour encoder trained so far
     before = run_step("build-sequences", DAY, ctx.config, params)
     assert before["cut"]["cut_seconds"] == floor and before["cut"]["raised_from"] is None
 
-    part = {"dataset": "dq"}
     events = ctx.lake.read("silver.interactions", partitions=part)
     older = (
         events.orderBy("event_ts")

@@ -118,6 +118,26 @@ def test_a_cut_floor_only_ever_moves_the_cut_later(spark) -> None:
     assert sorted(r["item_id"] for r in prepared.filter("split = 'test'").collect()) == [6, 7, 8, 9]
 
 
+def test_no_row_a_behaviour_encoder_cut_at_a_whole_second_saw_is_test(spark) -> None:
+    """The encoder keeps rows with ``unix_timestamp(event_ts) < cutoff`` (whole seconds, rounded
+    down); with that cutoff as the floor, sub-second rows on either side of it split the same way."""
+    from spark_jobs.sequences import SplitCut
+
+    offsets = [0.25, 1.5, 2.0, 99.999999, 100.0, 100.000001, 100.5, 101.0]  # quantile cut (0.3): 2 s
+    rows = [("t", k, k, EPOCH + dt.timedelta(seconds=s), 4.0) for k, s in enumerate(offsets)]
+    df = spark.createDataFrame(rows, SCHEMA)
+    cutoff = int(EPOCH.timestamp()) + 100
+    prepared, _, cut = prepare_interactions(df, SequenceConfig(train_fraction=0.3, cut_not_before=cutoff))
+    seen = F.unix_timestamp("event_ts") < F.lit(cutoff)  # what the encoder trained on
+    assert prepared.filter(seen & (F.col("split") == "test")).count() == 0
+    assert prepared.filter(~seen & (F.col("split") == "train")).count() == 0  # and nothing else moved
+    assert cut.whole_seconds() == cutoff and cut.raised_from == (cutoff - 98) * 1_000_000
+    half_micro = prepare_interactions(df, SequenceConfig(train_fraction=0.3, cut_not_before=cutoff + 5e-7))[2]
+    assert half_micro.cut_key == cutoff * 1_000_000 + 1  # rounded up, never down onto a seen row
+    assert SplitCut(1_500_000_999_999, 9, 8, "exact", "us").whole_seconds() == 1_500_000
+    assert SplitCut(3, 9, 8, "exact", "days").whole_seconds() == 3 * 86_400
+
+
 def test_exact_cut_matches_a_sort_and_survives_a_missed_bracket(spark) -> None:
     rng = np.random.default_rng(3)
     seconds = rng.integers(0, 400, size=3000)  # many ties

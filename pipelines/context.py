@@ -36,6 +36,11 @@ class StepContext:
     #: Step-specific overrides (``hisam run --param key=value``), e.g. ``tokenizer_version``.
     params: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # a plain date: Airflow hands a pendulum Date, which Spark's DateType refuses in row data
+        day = self.logical_date
+        self.logical_date = dt.date(day.year, day.month, day.day)
+
     @property
     def dataset(self) -> str:
         return self.config.dataset

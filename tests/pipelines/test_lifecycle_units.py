@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,18 @@ def test_test_windows_keep_training_context_and_label_only_test_rows() -> None:
     (only,) = windows(history, 12)
     assert len(only) == 12 and only.targets.sum() == 5 and not only.targets[:7].any()
     np.testing.assert_array_equal(only.items, history.items[18:])
+
+
+def test_a_step_context_holds_a_plain_date_whatever_the_orchestrator_hands_it(spark) -> None:
+    """Airflow's logical dates are pendulum objects; Spark refuses them as DateType row values."""
+    import pendulum
+
+    from pipelines.context import StepContext
+
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "pipeline.yaml")
+    ctx = StepContext(config, pendulum.datetime(2026, 11, 1, tz="Europe/Paris").date())
+    assert type(ctx.logical_date) is dt.date and ctx.logical_date == dt.date(2026, 11, 1)
+    assert spark.createDataFrame([(ctx.logical_date,)], "d date").first()["d"] == dt.date(2026, 11, 1)
 
 
 def test_histories_map_items_through_the_semantic_id_table() -> None:
@@ -108,7 +121,6 @@ def test_pipeline_config_refuses_inconsistent_sections(tmp_path) -> None:
 
 
 def test_the_lake_root_is_a_local_path_or_an_object_store_uri_kept_whole(tmp_path, monkeypatch) -> None:
-    import datetime as dt
 
     from pipelines.context import StepContext
     from pipelines.settings import Settings
@@ -195,7 +207,6 @@ def test_commit_markers_are_found_beyond_the_newest_200_commits(tmp_path, monkey
     found, and a record no commit holds reads the whole history and finds nothing. The samples gate
     passed twice: 248 commits ago on version 5 as it was, and lately with a rewrite that was never
     committed; training falls back to version 5."""
-    import datetime as dt
 
     import pyarrow as pa
     from deltalake import CommitProperties, write_deltalake

@@ -73,6 +73,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
         EVAL_PREFIX,
         PROFILE_VOCABULARY,
         RUN_KEY,
+        TRAINED_UNTIL,
         UNMEASURED,
         _find_run,
         evaluated_metrics,
@@ -93,6 +94,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
         "eval.snapshot": run.data.tags.get("eval.snapshot", ""),
         "eval.champion_version": run.data.tags.get("eval.champion_version", ""),
         UNMEASURED: run.data.tags.get(UNMEASURED, ""),
+        TRAINED_UNTIL: run.data.tags.get(TRAINED_UNTIL, ""),
     }
     for prefix in (EVAL_PREFIX, CHAMPION_PREFIX):
         tags.update(

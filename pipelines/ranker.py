@@ -15,6 +15,9 @@ at pre-training and kept by every model built on it (a value unseen then is buck
 * ``evaluate``: candidate and ``hisam-ranker@champion`` on the same frozen Delta snapshot of the test
   split (version logged as the run's evaluation input); each model maps item ids through its own
   semantic-ID table, so a champion of an older tokenizer is still compared on the same events.
+  Test rows no later than the last event either model (or the PT it started from) trained on
+  (:data:`TRAINED_UNTIL`) are context, not scored: older interactions imported late can move the
+  split before what a model has seen.
 """
 
 from __future__ import annotations
@@ -53,6 +56,38 @@ EVAL_METRICS = "eval.metrics"  # finetune-run tag: the metrics the latest evalua
 UNMEASURED = "eval.unmeasured"  # finetune-run and version tag: metrics the snapshot cannot define
 COLD_METRICS = ("cold_auc", "cold_gauc")  # undefined when no cold-start test user has both classes
 INTERNAL = ("semantic_ids", "config", "profile_vocabulary")  # _train_stage results not in summaries
+#: Run and model-version tag: the latest event (unix microseconds) of any sample the model, or the PT
+#: it started from, trained on.
+TRAINED_UNTIL = "hisam.trained_until"
+SEEN_TEST_ROWS = "eval.seen_test_rows"  # finetune-run tag: test rows left unscored, as a model saw them
+
+
+def event_micros(events: pd.Series) -> np.ndarray:
+    """Event times as unix microseconds."""
+    import pandas as pd
+
+    return (
+        (pd.to_datetime(events, utc=True) - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "us")
+    ).to_numpy()
+
+
+def trained_until(frame: pd.DataFrame, earlier: int | None = None) -> int | None:
+    """The :data:`TRAINED_UNTIL` of a model trained on the ``train`` rows of ``frame`` after a model
+    trained until ``earlier``."""
+    train = event_micros(frame.loc[frame["split"] == "train", "event_ts"])
+    seen = [int(train.max())] if len(train) else []
+    return max([*seen, *([earlier] if earlier is not None else [])], default=None)
+
+
+def unseen_test(frame: pd.DataFrame, until: int | None) -> tuple[pd.DataFrame, int]:
+    """``frame`` with its test rows at or before ``until`` turned into context (``train``): no model
+    is scored on an event it trained on. Returns the frame and how many rows were turned."""
+    if until is None:
+        return frame, 0
+    seen = (frame["split"] == "test").to_numpy() & (event_micros(frame["event_ts"]) <= until)
+    if not seen.any():
+        return frame, 0
+    return frame.assign(split=np.where(seen, "train", frame["split"])), int(seen.sum())
 
 
 def load_samples(
@@ -264,6 +299,7 @@ def _train_stage(
     init_from: str | None = None,
     vocabulary: ProfileVocabulary | None = None,
     pretrained: str | None = None,
+    pretrained_until: int | None = None,
 ) -> dict[str, Any]:
     """Train one stage; PT fits the profile vocabulary (``vocabulary`` None), SFT keeps PT's and
     records the PT version it starts from (``pretrained``). A rerun of the logical run continues its
@@ -301,6 +337,7 @@ def _train_stage(
     ids = semantic_ids_of(ctx, tokenizer_version)
     profiles = encode_profiles(profile_frame, vocabulary)
     train_histories = histories(frame, ids, config.sequence, "train", profiles)
+    until = trained_until(frame, pretrained_until)
     out = _checkpoint_dir(ctx, stage, tokenizer_version, pretrained)
     out.mkdir(parents=True, exist_ok=True)
     vocabulary.save(out / PROFILE_VOCABULARY)
@@ -314,6 +351,8 @@ def _train_stage(
             if profile_snapshot is not None:
                 ctx.log_input(PROFILES, profile_snapshot, "training", "user_profiles")
             mlflow.log_artifact(str(out / PROFILE_VOCABULARY))
+        if until is not None:
+            mlflow.set_tag(TRAINED_UNTIL, str(until))
         callback = mlflow_callback(f"{stage}/")
         train(config, train_histories, out, callback)
         if callback.history:
@@ -327,6 +366,7 @@ def _train_stage(
         "tokenizer_version": tokenizer_version,
         "checkpoint": str(out / "checkpoint.pt"),
         "samples_version": snapshot,
+        "trained_until": until,
         "train_windows": len(train_histories),
         "mlflow_run_id": run.info.run_id,
         "semantic_ids": ids,
@@ -372,12 +412,22 @@ def pretrain(ctx: StepContext) -> dict[str, Any]:
             name,
             name="pretrained",
             profile_vocabulary=result["profile_vocabulary"],
-            version_tags={RUN_KEY: ctx.run_key},
+            version_tags={RUN_KEY: ctx.run_key, **_until_tag(result["trained_until"])},
         )
     return {
         **{k: v for k, v in result.items() if k not in INTERNAL},
         "model_version": str(registered.version),
     }
+
+
+def _until_tag(until: int | None) -> dict[str, str]:
+    return {} if until is None else {TRAINED_UNTIL: str(until)}
+
+
+def tagged_until(tags: dict[str, str]) -> int | None:
+    """The :data:`TRAINED_UNTIL` of a run's or version's tags (None: trained before it was recorded)."""
+    value = tags.get(TRAINED_UNTIL)
+    return int(value) if value else None
 
 
 def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str, ProfileVocabulary]:
@@ -413,7 +463,16 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
     """SFT (action NLL under the MA mask) from the newest PT of the current tokenizer version."""
     version = training_tokenizer_version(ctx)
     init_from, pt_version, vocabulary = _pretrained_checkpoint(ctx, version)
-    result = _train_stage(ctx, "sft", version, init_from, vocabulary, pretrained=pt_version)
+    pt_tags = ctx.mlflow.get_model_version(ctx.config.models.pretrained, pt_version).tags
+    result = _train_stage(
+        ctx,
+        "sft",
+        version,
+        init_from,
+        vocabulary,
+        pretrained=pt_version,
+        pretrained_until=tagged_until(pt_tags),
+    )
     return {
         **{k: v for k, v in result.items() if k not in INTERNAL},
         "pretrained_version": pt_version,
@@ -474,6 +533,12 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
                 champion_ids.version,
             )
             frame = frame[known]
+    seen = [tagged_until(run.data.tags), None if champion is None else tagged_until(champion.tags)]
+    frame, seen_rows = unseen_test(frame, max((u for u in seen if u is not None), default=None))
+    if seen_rows:
+        log.warning(
+            "%d test rows are no later than what a model trained on: scored as context only", seen_rows
+        )
     checkpoints = sft_checkpoint_dir(ctx, version, run)
     config, model = load_model(checkpoints / "checkpoint.pt")
     vocabulary = ProfileVocabulary.load(checkpoints / PROFILE_VOCABULARY)
@@ -508,6 +573,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
                 "eval.snapshot": str(snapshot),
                 "eval.champion_version": str(champion.version) if champion else "",
                 "eval.champion_unknown_rows": str(unknown),
+                SEEN_TEST_ROWS: str(seen_rows),
                 EVAL_METRICS: ",".join(sorted(metrics)),
                 UNMEASURED: ",".join(unmeasured),
             }
@@ -518,6 +584,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         "snapshot": snapshot,
         "champion_version": None if champion is None else str(champion.version),
         "champion_unknown_rows": unknown,
+        "seen_test_rows": seen_rows,
         "unmeasured": unmeasured,
         **{k: round(v, 4) for k, v in metrics.items()},
     }

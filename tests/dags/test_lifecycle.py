@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -139,9 +140,13 @@ def test_day_one_writes_tables_runs_models_aliases_and_lineage(world) -> None:
     cut = dt.datetime.fromtimestamp(int(tokenizer.tags["hisam.behaviour_cut"]), dt.UTC)
     assert test["event_ts"].min() == cut  # the behaviour codes saw exactly the training period
     assert pretrained.tags["tokenizer_version"] == champion.tags["tokenizer_version"] == VERSION
+    last_train = pd.to_datetime(samples.loc[samples["split"] == "train", "event_ts"], utc=True).max()
+    until = last_train.value // 1000  # unix microseconds
+    assert int(pretrained.tags["hisam.trained_until"]) == int(champion.tags["hisam.trained_until"]) == until
     assert champion.tags["pretrained_version"] == str(pretrained.version)
     assert champion.tags["gate"] == "promoted" and float(champion.tags["eval.auc"]) >= 0.55
     run = client.get_run(champion.tags["training_run_id"])
+    assert run.data.tags["eval.seen_test_rows"] == "0"  # the split never moved before what was trained on
     tags = [{t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs]
     inputs = {(t["mlflow.data.context"], t["delta.path"].rsplit("/", 1)[-1]): t for t in tags}
     assert set(inputs) == {("training", "samples"), ("training", "user_profiles"), ("evaluation", "samples")}
@@ -276,7 +281,6 @@ def test_the_champion_reads_profiles_and_refuses_another_tokenizer_version(world
     """Builds on day 1: every stream opens with the user's profile tokens, bucketed by the vocabulary
     PT fitted on gold.user_profiles and SFT kept; serving takes the buckets as request columns; a
     semantic-ID table of another version is refused."""
-    import pandas as pd
     from deltalake import DeltaTable
 
     from pipelines.ranker_model import load_ranker

@@ -65,6 +65,23 @@ def test_a_step_context_holds_a_plain_date_whatever_the_orchestrator_hands_it(sp
     assert spark.createDataFrame([(ctx.logical_date,)], "d date").first()["d"] == dt.date(2026, 11, 1)
 
 
+def test_no_model_is_scored_on_an_event_it_trained_on() -> None:
+    """A late historical import moved the split before events a model trained on: those test rows
+    become context; the others, and the row count, stay as they were."""
+    from pipelines.ranker import trained_until, unseen_test
+
+    times = pd.to_datetime([1, 2, 3, 4, 5, 6], unit="s", utc=True)
+    frame = pd.DataFrame({"event_ts": times, "split": ["train", "train", "test", "test", "test", "test"]})
+    until = trained_until(frame)
+    assert until == 2_000_000 and trained_until(frame, earlier=4_000_000) == 4_000_000  # its PT saw more
+    assert trained_until(frame.assign(split="test")) is None and unseen_test(frame, None)[0] is frame
+    same, turned = unseen_test(frame, until)
+    assert turned == 0 and same is frame
+    later, turned = unseen_test(frame, 4_000_000)
+    assert turned == 2 and later["split"].tolist() == ["train"] * 4 + ["test"] * 2
+    assert frame["split"].tolist().count("test") == 4  # the caller's frame is not changed
+
+
 def test_histories_map_items_through_the_semantic_id_table() -> None:
     ids = SemanticIds(np.array([10, 20, 30]), np.array([[1] * 6, [2] * 6, [3] * 6]), 16, "v")
     frame = pd.DataFrame(

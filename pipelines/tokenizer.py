@@ -144,15 +144,20 @@ def trained_behaviour_cut(ctx: StepContext, snapshot: int, item_ids: np.ndarray)
     its rows come from several embed runs), or None when a row's cut was never recorded."""
     from pipelines.features import behaviour_cut_of
 
+    frame = behaviour_rows(ctx, snapshot, ["item_id", "input_hash"])
+    return behaviour_cut_of(ctx, set(frame.loc[frame["item_id"].isin(item_ids), "input_hash"]))
+
+
+def behaviour_rows(ctx: StepContext, snapshot: int, columns: list[str]) -> Any:
+    """The configured behaviour encoder's rows of the embeddings snapshot ``snapshot`` (pandas)."""
     name, enc_version = encoder_specs(ctx)["behavior"]
     frame, _ = ctx.read_table(
         EMBEDDINGS,
         {"dataset": ctx.dataset, "modality": "behavior"},
-        columns=["item_id", "encoder", "encoder_version", "input_hash"],
+        columns=["encoder", "encoder_version", *columns],
         version=snapshot,
     )
-    used = (frame["encoder"] == name) & (frame["encoder_version"] == enc_version)
-    return behaviour_cut_of(ctx, set(frame.loc[used & frame["item_id"].isin(item_ids), "input_hash"]))
+    return frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version)]
 
 
 def behaviour_cut_floor(ctx: StepContext, version: str) -> int | None:
@@ -415,14 +420,8 @@ def cold_behavior_embedding(ctx: StepContext, snapshot: int) -> np.ndarray:
     """The behaviour embedding of an item without interactions in the behaviour space of ``snapshot``:
     the mean of its warm rows (what the SASRec encoder gives cold items, ``hisam_core.encoders.behavior``).
     """
-    name, enc_version = encoder_specs(ctx)["behavior"]
-    frame, _ = ctx.read_table(
-        EMBEDDINGS,
-        {"dataset": ctx.dataset, "modality": "behavior"},
-        columns=["encoder", "encoder_version", "embedding", "present"],
-        version=snapshot,
-    )
-    frame = frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version) & frame["present"]]
+    frame = behaviour_rows(ctx, snapshot, ["embedding", "present"])
+    frame = frame[frame["present"]]
     if frame.empty:
         raise ValueError(f"{EMBEDDINGS}@v{snapshot} has no warm behaviour rows to place a new item by")
     return np.stack(frame["embedding"].to_numpy()).astype(np.float32).mean(0)

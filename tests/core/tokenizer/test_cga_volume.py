@@ -53,12 +53,9 @@ def test_pairwise_volumes_equal_per_pair_volumes():
     assert torch.allclose(pairwise_volumes(anchor, others), expected, atol=1e-5)
 
 
-def test_gradients_are_finite_when_modalities_coincide():
-    v = _unit(4, 1, 16).expand(4, 3, 16).clone().requires_grad_()
-    gram_volume(v).sum().backward()
-    assert torch.isfinite(v.grad).all()
-
-    cga = CGA(
+def _cga() -> CGA:
+    """Three 8-d modalities aligned in 16 dimensions, anchored on ``a``."""
+    return CGA(
         {"a": 8, "b": 8, "c": 8},
         dim=16,
         hidden_dim=16,
@@ -66,6 +63,14 @@ def test_gradients_are_finite_when_modalities_coincide():
         temperature_init=0.07,
         temperature_range=(0.01, 1.0),
     )
+
+
+def test_gradients_are_finite_when_modalities_coincide():
+    v = _unit(4, 1, 16).expand(4, 3, 16).clone().requires_grad_()
+    gram_volume(v).sum().backward()
+    assert torch.isfinite(v.grad).all()
+
+    cga = _cga()
     same = _unit(8, 16).requires_grad_()
     loss = cga.alignment_loss({"a": same, "b": same, "c": same})
     loss.backward()
@@ -73,14 +78,7 @@ def test_gradients_are_finite_when_modalities_coincide():
 
 
 def test_alignment_loss_prefers_matched_items():
-    cga = CGA(
-        {"a": 8, "b": 8, "c": 8},
-        dim=16,
-        hidden_dim=16,
-        anchor="a",
-        temperature_init=0.07,
-        temperature_range=(0.01, 1.0),
-    )
+    cga = _cga()
     items = _unit(16, 16, seed=4)
     noisy = {m: F.normalize(items + 0.1 * _unit(16, 16, seed=5 + i), dim=-1) for i, m in enumerate("abc")}
     shuffled = {**noisy, "b": noisy["b"][torch.randperm(16)], "c": noisy["c"][torch.randperm(16)]}
@@ -88,14 +86,7 @@ def test_alignment_loss_prefers_matched_items():
 
 
 def test_a_temperature_past_its_bound_is_projected_back_and_gets_gradient_again():
-    cga = CGA(
-        {"a": 8, "b": 8, "c": 8},
-        dim=16,
-        hidden_dim=16,
-        anchor="a",
-        temperature_init=0.07,
-        temperature_range=(0.01, 1.0),
-    )
+    cga = _cga()
     aligned = {m: _unit(16, 16, seed=6 + i) for i, m in enumerate("abc")}
     with torch.no_grad():
         cga.log_temperature.fill_(math.log(5.0))  # an optimiser step overshot the upper bound

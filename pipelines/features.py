@@ -70,6 +70,11 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
         .select("item_id")
     )
     missing = items.join(done, "item_id", "left_anti").count()
+    cutoff = cut.whole_seconds()
+    if behaviour_cut_of(ctx, {input_hash}) is None:  # recorded before the rows, and for rows without
+        record = [(ctx.dataset, input_hash, BEHAVIOR_ENCODER, version, cutoff, ctx.logical_date)]
+        df = lake.spark.createDataFrame(record, schema=GOLD_BEHAVIOUR_CUTS.schema)
+        lake.write(df, GOLD_BEHAVIOUR_CUTS, mode="merge")
     if missing == 0:
         log.info("behaviour embeddings up to date (cut %s)", cut.to_dict())
         return {"encoder": BEHAVIOR_ENCODER, "embedded": 0, "skipped": items.count()}
@@ -77,7 +82,6 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
         "user_id", "item_id", F.unix_timestamp("event_ts").alias("timestamp")
     ).toPandas()
     item_ids = np.sort(items.toPandas()["item_id"].to_numpy())
-    cutoff = cut.whole_seconds()
     known = events[events["item_id"].isin(item_ids)]
     encoder = BehaviorEncoder(cfg.embeddings.behavior, device="cpu").fit(known, cutoff, item_ids)
     batch = encoder.encode(item_ids)
@@ -93,12 +97,6 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
             "present": batch.present,
             "input_hash": input_hash,
         }
-    )
-    record = [(ctx.dataset, input_hash, BEHAVIOR_ENCODER, version, cutoff, ctx.logical_date)]
-    lake.write(
-        lake.spark.createDataFrame(record, schema=GOLD_BEHAVIOUR_CUTS.schema),
-        GOLD_BEHAVIOUR_CUTS,
-        mode="merge",
     )
     df = lake.spark.createDataFrame(rows, schema=GOLD_ITEM_EMBEDDINGS.schema)
     written = lake.write(

@@ -81,12 +81,19 @@ def trained_until(frame: pd.DataFrame, earlier: int | None = None) -> int | None
 
 def unseen_test(frame: pd.DataFrame, until: int | None) -> tuple[pd.DataFrame, int]:
     """``frame`` with its test rows at or before ``until`` turned into context (``train``): no model
-    is scored on an event it trained on. Returns the frame and how many rows were turned."""
+    is scored on an event it trained on. Returns the frame and how many rows were turned; a
+    ValueError when no test row is left. ``is_cold_user`` stays the build's (train rows of the split)."""
     if until is None:
         return frame, 0
-    seen = (frame["split"] == "test").to_numpy() & (event_micros(frame["event_ts"]) <= until)
+    test = (frame["split"] == "test").to_numpy()
+    seen = test & (event_micros(frame["event_ts"]) <= until)
     if not seen.any():
         return frame, 0
+    if seen.sum() == test.sum():
+        raise ValueError(
+            f"all {int(test.sum())} test rows are at or before {until} (unix µs), the latest event a model "
+            "trained on: nothing to score until later interactions arrive (or choose another samples_version)"
+        )
     return frame.assign(split=np.where(seen, "train", frame["split"])), int(seen.sum())
 
 
@@ -338,6 +345,8 @@ def _train_stage(
     profiles = encode_profiles(profile_frame, vocabulary)
     train_histories = histories(frame, ids, config.sequence, "train", profiles)
     until = trained_until(frame, pretrained_until)
+    if pretrained is not None and pretrained_until is None:  # a PT registered before the tag
+        until = None  # unknown, rather than only this stage's
     out = _checkpoint_dir(ctx, stage, tokenizer_version, pretrained)
     out.mkdir(parents=True, exist_ok=True)
     vocabulary.save(out / PROFILE_VOCABULARY)
@@ -533,7 +542,9 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
                 champion_ids.version,
             )
             frame = frame[known]
-    seen = [tagged_until(run.data.tags), None if champion is None else tagged_until(champion.tags)]
+    seen = [tagged_until(run.data.tags), *([] if champion is None else [tagged_until(champion.tags)])]
+    if None in seen:
+        log.warning("a model records no %s: test rows it trained on may be scored", TRAINED_UNTIL)
     frame, seen_rows = unseen_test(frame, max((u for u in seen if u is not None), default=None))
     if seen_rows:
         log.warning(

@@ -101,6 +101,8 @@ def test_ingest_and_gate_keep_their_own_rejects_and_every_row_is_accounted_for(c
 
 
 def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(ctx_of, spark) -> None:
+    from deltalake import DeltaTable
+
     from pipelines.steps import run_step
     from spark_jobs.tables import GOLD_SEMANTIC_IDS
 
@@ -109,6 +111,14 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     embed = run_step("embed", DAY, ctx.config)
     covered = {"ready": True, "items": 20, "missing": {"behavior": 0, "image": 0, "text": 0}}
     assert run_step("embeddings-ready", DAY, ctx.config) == covered
+    cuts, _ = ctx.read_table("gold.behaviour_cuts", {"dataset": "dq"}, ["input_hash", "cut_seconds"])
+    assert cuts["cut_seconds"].tolist() == [embed["behavior"]["cut"]["cut_seconds"]]
+    DeltaTable(ctx.table_path("gold.behaviour_cuts")).delete()  # rows embedded before the table existed
+    again = run_step("embed", DAY, ctx.config)
+    assert again["behavior"]["embedded"] == 0  # nothing retrained, the cut recorded all the same
+    assert ctx.read_table("gold.behaviour_cuts", {"dataset": "dq"}, ["input_hash", "cut_seconds"])[0].equals(
+        cuts
+    )
     known = [i for i in range(20) if i != 7]  # item i7 has no semantic IDs: its events are quarantined
     item_ids, _ = ctx.read_table("silver.items", {"dataset": "dq"}, ["item_id", "item_key"])
     ids = item_ids[item_ids["item_key"].isin([f"i{i}" for i in known])]["item_id"].tolist()

@@ -80,6 +80,8 @@ def test_no_model_is_scored_on_an_event_it_trained_on() -> None:
     later, turned = unseen_test(frame, 4_000_000)
     assert turned == 2 and later["split"].tolist() == ["train"] * 4 + ["test"] * 2
     assert frame["split"].tolist().count("test") == 4  # the caller's frame is not changed
+    with pytest.raises(ValueError, match=r"all 4 test rows are at or before 6000000 .*nothing to score"):
+        unseen_test(frame, 6_000_000)
 
 
 def test_histories_map_items_through_the_semantic_id_table() -> None:

@@ -73,10 +73,10 @@ SHARED += ("pretrain_steps", "tokenizer", "rqvae")
 def _located(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with its data paths absolute: ``../shared/data/movielens-100k`` given in the clone
     and the same folder by its full path are the same data."""
-    data = {
-        k: v if v is None or k not in ("path", "features_path") else str(Path(v).resolve())
-        for k, v in config["data"].items()
-    }
+    data = dict(config["data"])
+    for key in ("path", "features_path"):
+        if data.get(key) is not None:
+            data[key] = str(Path(data[key]).resolve())
     return {**config, "data": data}
 
 
@@ -84,9 +84,8 @@ def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str,
     """Runs of ``reuse`` whose experiment is still defined the same way; an error when the data,
     protocol or budget differ (their runs would not be comparable)."""
     current = _located(config.model_dump(mode="json"))
-    earlier = _located(
-        EvaluationConfig.model_validate(reuse["config"]).model_dump(mode="json")
-    )  # new defaults
+    earlier = EvaluationConfig.model_validate(reuse["config"]).model_dump(mode="json")  # fills new defaults
+    earlier = _located(earlier)
     differ = [k for k in SHARED if earlier[k] != current[k]]
     if differ:
         raise ValueError(f"--reuse: the earlier result differs in {differ}; its runs are not comparable")

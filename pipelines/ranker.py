@@ -76,7 +76,9 @@ def trained_until(frame: pd.DataFrame, earlier: int | None = None) -> int | None
     trained until ``earlier``."""
     train = event_micros(frame.loc[frame["split"] == "train", "event_ts"])
     seen = [int(train.max())] if len(train) else []
-    return max([*seen, *([earlier] if earlier is not None else [])], default=None)
+    if earlier is not None:
+        seen.append(earlier)
+    return max(seen, default=None)
 
 
 def unseen_test(frame: pd.DataFrame, until: int | None) -> tuple[pd.DataFrame, int]:

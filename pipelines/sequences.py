@@ -9,9 +9,9 @@ quarantined, checked before anything is written.
 The version is ``params.tokenizer_version``, else the tokenizer at ``@current``; before any tokenizer
 exists the daily run skips the step and says so. The split is never cut before the version's
 behaviour cut (``hisam.behaviour_cut``: its behaviour codes saw every interaction before it), which
-only binds when older interactions arrived after the tokenizer was trained. The samples commit records the build (step, logical
-date, tokenizer version, when it read silver), which ``samples-ready`` looks for: training waits for
-samples that hold the day.
+only binds when older interactions arrived after the tokenizer was trained. The samples commit
+records the build (step, logical date, tokenizer version, when it read silver), which
+``samples-ready`` looks for: training waits for samples that hold the day.
 """
 
 from __future__ import annotations

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hisam_core.features import ItemFeatures
 from hisam_core.semantic_ids import SemanticIds
 from pipelines.context import StepContext
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +151,7 @@ def trained_behaviour_cut(ctx: StepContext, snapshot: int, item_ids: np.ndarray)
     return behaviour_cut_of(ctx, set(frame.loc[frame["item_id"].isin(item_ids), "input_hash"]))
 
 
-def behaviour_rows(ctx: StepContext, snapshot: int, columns: list[str]) -> Any:
+def behaviour_rows(ctx: StepContext, snapshot: int, columns: list[str]) -> pd.DataFrame:
     """The configured behaviour encoder's rows of the embeddings snapshot ``snapshot`` (pandas)."""
     name, enc_version = encoder_specs(ctx)["behavior"]
     frame, _ = ctx.read_table(

@@ -47,8 +47,9 @@ Protocol, as implemented:
 * **Semantic IDs.** Joined from one named tokenizer version of ``gold.semantic_ids``
   (``item_id``, ``semantic_ids``: 6 codes in ``[0, K)``, ``tokenizer_version``). The split and
   the cold flag are properties of the interactions and are computed *before* this join, so they
-  do not depend on the tokenizer's codes (only on its behaviour cut, through the floor). Interactions whose item has no semantic IDs in that version are
-  quarantined (``unknown_item``) and appear in no sample, neither as target nor in any history.
+  do not depend on the tokenizer's codes (only on its behaviour cut, through the floor).
+  Interactions whose item has no semantic IDs in that version are quarantined (``unknown_item``)
+  and appear in no sample, neither as target nor in any history.
   Codes stay raw (not position-offset; the model applies ``SemanticIds.tokens`` offsets).
   ``history_semantic_ids`` is flat: 6 codes per history item, oldest item first.
 

@@ -87,8 +87,10 @@ class ProfileVocabulary:
             if not _present(value):
                 out[field] = UNKNOWN
                 continue
-            key = _key(value)  # a served "18.0" is the fitted 18, as the float 18.0 is
-            out[field] = buckets.get(key, buckets.get(_integral(key), UNKNOWN) if "." in key else UNKNOWN)
+            key = _key(value)
+            if key not in buckets and "." in key:  # a served "18.0" is the fitted 18, as the float 18.0 is
+                key = _integral(key)
+            out[field] = buckets.get(key, UNKNOWN)
         return out
 
     def save(self, path: str | Path) -> None:

@@ -1,12 +1,14 @@
 """Per-item modality embeddings: the contract between the encoders and DST (Sec. 3.1).
 
-``ItemFeatures`` holds one float matrix per modality, rows aligned on ``item_ids``. Construction
-validates everything DST relies on, so bad input fails here with a message naming the modality.
+``ItemFeatures`` holds one float matrix per modality, rows aligned on ``item_ids``, and per modality
+a ``present`` mask: False where the encoder had no input (no poster, no interaction before the
+behaviour cut-off) and the row is a fallback, not evidence about the item. Construction validates
+everything DST relies on, so bad input fails here with a message naming the modality.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,6 +22,7 @@ class ItemFeatures:
 
     item_ids: np.ndarray  # int64 [N], unique
     modalities: dict[str, np.ndarray]  # name -> float32 [N, d_m]
+    present: dict[str, np.ndarray] = field(default_factory=dict)  # name -> bool [N]; absent: all True
 
     def __post_init__(self) -> None:
         item_ids = np.asarray(self.item_ids)
@@ -47,8 +50,21 @@ class ItemFeatures:
                     f"e.g. item_ids {item_ids[bad][:5].tolist()}"
                 )
             arrays[name] = values
+        unknown = [m for m in self.present if m not in arrays]
+        if unknown:
+            raise ValueError(f"present masks for unknown modalities {unknown}")
+        present = {}
+        for name in arrays:
+            mask = np.asarray(self.present.get(name, np.ones(len(item_ids), dtype=bool)))
+            if mask.shape != item_ids.shape or mask.dtype != bool:
+                raise ValueError(
+                    f"modality {name!r}: present must be a bool [{len(item_ids)}] mask, "
+                    f"got {mask.dtype} {mask.shape}"
+                )
+            present[name] = mask
         object.__setattr__(self, "item_ids", item_ids.astype(np.int64))
         object.__setattr__(self, "modalities", arrays)
+        object.__setattr__(self, "present", present)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -72,4 +88,8 @@ class ItemFeatures:
                 raise ValueError(f"modality {name!r}: expected dimension {dim}, got {self.dims[name]}")
 
     def subset(self, index: np.ndarray) -> ItemFeatures:
-        return ItemFeatures(self.item_ids[index], {k: v[index] for k, v in self.modalities.items()})
+        return ItemFeatures(
+            self.item_ids[index],
+            {k: v[index] for k, v in self.modalities.items()},
+            {k: v[index] for k, v in self.present.items()},
+        )

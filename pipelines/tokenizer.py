@@ -176,11 +176,12 @@ def behaviour_cut_floor(ctx: StepContext, version: str) -> int | None:
 def load_item_features(
     ctx: StepContext, version: int | None = None
 ) -> tuple[ItemFeatures, int, dict[int, str]]:
-    """Every item with all three modality embeddings of the configured encoders, from the Delta
-    snapshot ``version`` (default latest), the version read, and ``item_id -> reason`` for the items
-    that lack a modality (``missing_embedding:image``) or whose vector the embeddings gate rejects
-    (``invalid_embedding:text``: null, not of its ``dim`` or of ``quality.embeddings.expected_dims``,
-    NaN or inf): they get no semantic ID until the embed step writes a good one."""
+    """Every item with all three modality embeddings of the configured encoders, ``present`` False
+    where one is the encoder's fallback row, from the Delta snapshot ``version`` (default latest), the
+    version read, and ``item_id -> reason`` for the items that lack a modality
+    (``missing_embedding:image``) or whose vector the embeddings gate rejects (``invalid_embedding:text``:
+    null, not of its ``dim`` or of ``quality.embeddings.expected_dims``, NaN or inf): they get no
+    semantic ID until the embed step writes a good one."""
     from pipelines.ingest import quality_config
 
     encoders = encoder_specs(ctx)
@@ -191,7 +192,7 @@ def load_item_features(
         frame, read_version = ctx.read_table(
             EMBEDDINGS,
             {"dataset": ctx.dataset, "modality": modality},
-            columns=["item_id", "encoder", "encoder_version", "embedding", "dim"],
+            columns=["item_id", "encoder", "encoder_version", "embedding", "dim", "present"],
             version=read_version,
         )
         frame = frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version)]
@@ -213,7 +214,7 @@ def load_item_features(
                 + (f", or check quality.embeddings.expected_dims {expected}" if rejected and expected else "")
             )
         frame = frame[usable]
-        frames[modality] = frame.set_index("item_id")["embedding"]
+        frames[modality] = frame.set_index("item_id")[["embedding", "present"]]
     items = sorted(set.intersection(*(set(f.index) for f in frames.values())))
     incomplete = {}
     for item in sorted(set.union(set(invalid), *(set(f.index) for f in frames.values())) - set(items)):
@@ -224,8 +225,11 @@ def load_item_features(
         incomplete[int(item)] = "; ".join(reasons)
     if incomplete:
         log.warning("%d items lack a usable modality embedding and get no semantic ID yet", len(incomplete))
-    modalities = {m: np.stack(f.loc[items].to_numpy()).astype(np.float32) for m, f in frames.items()}
-    return ItemFeatures(np.asarray(items, dtype=np.int64), modalities), int(read_version), incomplete
+    modalities = {
+        m: np.stack(f.loc[items, "embedding"].to_numpy()).astype(np.float32) for m, f in frames.items()
+    }
+    present = {m: f.loc[items, "present"].to_numpy(dtype=bool) for m, f in frames.items()}
+    return ItemFeatures(np.asarray(items, dtype=np.int64), modalities, present), int(read_version), incomplete
 
 
 def quarantine_items(ctx: StepContext, reasons: dict[int, str], label: str) -> int:
@@ -332,10 +336,10 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         log_training_curves(callback.history, "dst_training")
         mlflow.log_figure(_utilisation_figure(health), "plots/codebook_utilisation.png")
         with torch.no_grad():
-            forward = model(model.tensors(features))
+            forward = model(*model.tensors(features))
             codewords = model.codewords(forward.codes).cpu().numpy()
         aligned = {m: forward.aligned[m].cpu().numpy() for m in model.modalities}
-        similarity = position_modality_similarity(codewords, aligned)
+        similarity = position_modality_similarity(codewords, aligned, features.present)
         save_similarity_figure(similarity, ids.position_names, model.modalities, out / "figure3.png")
         mlflow.log_artifact(str(out / "figure3.png"), "plots")
         failures = health_failures(health, ctx)
@@ -502,7 +506,9 @@ def _tokenize_new_items(
     fresh = features.subset(np.flatnonzero(new))
     cold = cold_behavior_embedding(ctx, snapshot)
     fresh = ItemFeatures(
-        fresh.item_ids, {**fresh.modalities, "behavior": np.repeat(cold[None], len(fresh), axis=0)}
+        fresh.item_ids,
+        {**fresh.modalities, "behavior": np.repeat(cold[None], len(fresh), axis=0)},
+        {**fresh.present, "behavior": np.zeros(len(fresh), dtype=bool)},
     )
     dst = load_tokenizer(f"models:/{registered.name}/{registered.version}").dst
     ids = dst.encode(fresh, version=version)  # type: ignore[union-attr]

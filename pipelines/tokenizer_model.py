@@ -1,7 +1,9 @@
 """DST as an MLflow pyfunc model: item embeddings in, semantic IDs out (Sec. 3.2.2).
 
 Request: one row per item with ``item_id`` and one list-of-float column per modality (the raw
-embeddings of ``gold.item_embeddings``, in the model's ``modality_dims`` order). Response: ``item_id``
+embeddings of ``gold.item_embeddings``, in the model's ``modality_dims`` order), and optionally a bool
+``present_<modality>`` column (the table's ``present``: False where the row is the encoder's fallback,
+e.g. no poster; absent means True). Response: ``item_id``
 and ``semantic_ids`` (the item's codes), exactly what ``DST.encode`` writes into ``gold.semantic_ids``.
 The tokenizer version is the model's ``tokenizer_version`` metadata and registry tag; the ranker is
 tagged with the same string, which is how the lifecycle refuses mismatched pairs.
@@ -19,13 +21,15 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types import ColSpec, Schema
 
 from hisam_core.features import ItemFeatures
 from hisam_core.tokenizer.dst import DST
 from pipelines.ranker_model import TOKENIZER_VERSION, pip_requirements, stage_code
 
 ARTIFACT_CHECKPOINT = "checkpoint"
+PRESENT_PREFIX = "present_"
 
 
 def features_frame(features: ItemFeatures) -> pd.DataFrame:
@@ -33,7 +37,23 @@ def features_frame(features: ItemFeatures) -> pd.DataFrame:
     frame = pd.DataFrame({"item_id": features.item_ids})
     for modality, values in features.modalities.items():
         frame[modality] = list(np.asarray(values, dtype=np.float64))  # JSON requests carry doubles
+    for modality, present in features.present.items():
+        frame[PRESENT_PREFIX + modality] = present
     return frame
+
+
+def request_features(request: pd.DataFrame, dims: Mapping[str, int]) -> ItemFeatures:
+    """The :class:`ItemFeatures` of a request: :func:`request_embeddings`, and each modality's
+    ``present_<modality>`` flags (True when the column is absent; a null flag is refused)."""
+    modalities = request_embeddings(request, dims)
+    present = {}
+    for modality in dims:
+        column = PRESENT_PREFIX + modality
+        if column in request.columns:
+            if request[column].isna().any():
+                raise ValueError(f"tokenizer request: {column} has nulls (send true or false)")
+            present[modality] = request[column].to_numpy(dtype=bool)
+    return ItemFeatures(request["item_id"].to_numpy(), modalities, present)
 
 
 def request_embeddings(request: pd.DataFrame, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
@@ -75,8 +95,8 @@ class HisamTokenizerModel(mlflow.pyfunc.PythonModel):
         params: dict | None = None,
     ) -> pd.DataFrame:
         assert self.dst is not None, "load_context first"
-        modalities = request_embeddings(model_input, self.dst.config.modality_dims)
-        ids = self.dst.encode(ItemFeatures(model_input["item_id"].to_numpy(), modalities), self.version)
+        features = request_features(model_input, self.dst.config.modality_dims)
+        ids = self.dst.encode(features, self.version)
         return pd.DataFrame(
             {"item_id": ids.item_ids, "semantic_ids": list(ids.codes)}, index=model_input.index
         )
@@ -97,6 +117,11 @@ def log_tokenizer(
     with warnings.catch_warnings():  # "integer columns cannot hold missing values": item ids never are
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
         signature = infer_signature(request, wrapper.predict(None, request))
+    optional = [  # requests without present_<modality> columns mean every row is real
+        ColSpec(c.type, c.name, required=not c.name.startswith(PRESENT_PREFIX))
+        for c in signature.inputs.inputs
+    ]
+    signature = ModelSignature(Schema(optional), signature.outputs)
     with tempfile.TemporaryDirectory() as tmp:
         info = mlflow.pyfunc.log_model(
             name="tokenizer",

@@ -73,11 +73,10 @@ MISSING_TEXT = {"", "n/a", "nan", "none"}
 
 @dataclass(frozen=True)
 class MovieLensFeatures:
-    """The features plus what ``ItemFeatures`` does not carry: per-modality ``present`` masks
-    (False = fallback row: no poster / no interaction before the cut-off), the cut-off and timings."""
+    """The features (their ``present`` masks: False = fallback row, no poster or no interaction before
+    the cut-off) plus what ``ItemFeatures`` does not carry: the cut-off and timings."""
 
     features: ItemFeatures
-    present: dict[str, np.ndarray]
     cutoff: int
     meta: dict[str, Any] = field(default_factory=dict)
     from_cache: bool = False
@@ -189,7 +188,7 @@ def _save_cache(path: Path, result: MovieLensFeatures) -> None:
     arrays = {"item_ids": result.features.item_ids}
     for name, values in result.features.modalities.items():
         arrays[f"emb_{name}"] = values
-        arrays[f"present_{name}"] = result.present[name]
+        arrays[f"present_{name}"] = result.features.present[name]
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, cutoff=np.int64(result.cutoff), meta=np.array(json.dumps(result.meta)), **arrays)
     tmp.replace(path)
@@ -198,11 +197,10 @@ def _save_cache(path: Path, result: MovieLensFeatures) -> None:
 def _load_cache(path: Path) -> MovieLensFeatures:
     with np.load(path) as z:
         names = [k.removeprefix("emb_") for k in z.files if k.startswith("emb_")]
-        features = ItemFeatures(z["item_ids"], {n: z[f"emb_{n}"] for n in names})
-        present = {n: z[f"present_{n}"] for n in names}
-        return MovieLensFeatures(
-            features, present, int(z["cutoff"]), json.loads(str(z["meta"])), from_cache=True
+        features = ItemFeatures(
+            z["item_ids"], {n: z[f"emb_{n}"] for n in names}, {n: z[f"present_{n}"] for n in names}
         )
+        return MovieLensFeatures(features, int(z["cutoff"]), json.loads(str(z["meta"])), from_cache=True)
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -291,17 +289,14 @@ def build_movielens_features(
     timings["total_s"] = time.perf_counter() - t0
 
     features = ItemFeatures(
-        item_ids, {"behavior": behaviour.embeddings, "image": image.embeddings, "text": text}
+        item_ids,
+        {"behavior": behaviour.embeddings, "image": image.embeddings, "text": text},
+        {"behavior": behaviour.present, "image": image.present},
     )
-    present = {
-        "behavior": behaviour.present,
-        "image": image.present,
-        "text": np.ones(len(item_ids), dtype=bool),
-    }
     meta = {
         "items": len(item_ids),
         "dims": features.dims,
-        "present": {k: int(v.sum()) for k, v in present.items()},
+        "present": {k: int(v.sum()) for k, v in features.present.items()},
         "cutoff": cutoff,
         "cutoff_utc": str(pd.to_datetime(cutoff, unit="s")),
         "train_interactions": int((ratings["timestamp"] < cutoff).sum()),
@@ -313,7 +308,7 @@ def build_movielens_features(
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     logger.info("built MovieLens features: %s", json.dumps(meta))
-    result = MovieLensFeatures(features, present, cutoff, meta)
+    result = MovieLensFeatures(features, cutoff, meta)
     if cache_path is not None:
         _save_cache(cache_path, result)
         behaviour_encoder.save(cache_path.with_name(cache_path.stem.replace("features", "sasrec") + ".pt"))

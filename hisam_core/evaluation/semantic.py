@@ -134,7 +134,7 @@ def semantic_ids(
             ids = dst.encode(features, version)
         else:
             with torch.no_grad():
-                aligned = dst.cga(dst.tensors(features))
+                aligned = dst.cga(dst.tensors(features)[0])
             aligned_features = ItemFeatures(
                 features.item_ids, {m: aligned[m].numpy() for m in dst.modalities}
             )

@@ -138,7 +138,10 @@ class CGA(nn.Module):
         return {name: head(raw[name]) for name, head in self.heads.items()}
 
     def alignment_loss(self, aligned: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Eq. 1: ``logits[i, j] = -vol(anchor_i, data_j) / tau``, cross-entropy in both directions."""
+        """Eq. 1: ``logits[i, j] = -vol(anchor_i, data_j) / tau``, cross-entropy in both directions;
+        0 (still in the graph) for fewer than two items, which have no negative."""
+        if aligned[self.anchor].shape[0] < 2:
+            return aligned[self.anchor].sum() * 0.0
         others = torch.stack([v for name, v in aligned.items() if name != self.anchor], dim=1)
         logits = -pairwise_volumes(aligned[self.anchor], others) / self.temperature
         target = torch.arange(logits.shape[0], device=logits.device)

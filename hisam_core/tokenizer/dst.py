@@ -6,6 +6,11 @@ quantizer (``L`` layers); PSGR recovers each modality's nuance from what the sha
 quantises it in the modality's codebook (Sec. 3.2.2). Each aligned feature is reconstructed
 additively, ``a_m ~ h_hat + q_m`` (Eq. 2, first term). An item's semantic ID is ``L`` shared codes
 followed by one code per modality, in the order of ``DSTConfig.modality_dims``.
+
+Missing modalities (beyond the paper, whose items all have every modality): a fallback row
+(``ItemFeatures.present`` False) is left out of the consensus, of its modality's reconstruction and
+MI terms, and the item out of Eq. 1, so a catalogue's posterless items are neither pulled onto one
+shared image vector nor used as each other's negatives. Such an item still gets all ``L + M`` codes.
 """
 
 from __future__ import annotations
@@ -104,6 +109,12 @@ class DSTOutput:
     codes: torch.Tensor  # int64 [B, L + M]
     inputs: dict[str, torch.Tensor]  # standardised, L2-normalised raw input x_m [B, D_m]
     decoded: dict[str, torch.Tensor]  # decoder_m(h_hat + q_m) [B, D_m]; empty without decoders
+    present: dict[str, torch.Tensor]  # bool [B]: False where x_m is a fallback row
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values [B]`` over the rows where ``mask``; 0 (still in the graph) when there are none."""
+    return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
 def validate_features(features: ItemFeatures, modality_dims: dict[str, int]) -> None:
@@ -111,7 +122,7 @@ def validate_features(features: ItemFeatures, modality_dims: dict[str, int]) -> 
 
     Arrays inside ``ItemFeatures`` are mutable, so its checks (row counts, NaN/inf, empty) are re-run.
     """
-    ItemFeatures(features.item_ids, features.modalities)
+    ItemFeatures(features.item_ids, features.modalities, features.present)
     features.check_dims(modality_dims)
 
 
@@ -163,10 +174,27 @@ class DST(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.config.modality_dims)
 
-    def forward(self, raw: dict[str, torch.Tensor]) -> DSTOutput:
+    def consensus(self, aligned: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of the present ``a_m`` of each item (of all of them when none is present)."""
+        stacked = torch.stack([aligned[m] for m in self.modalities])  # [M, B, d]
+        weights = torch.stack([present[m] for m in self.modalities]).to(stacked.dtype)  # [M, B]
+        weights = torch.where(weights.sum(0) > 0, weights, torch.ones_like(weights))
+        return (weights[..., None] * stacked).sum(0) / weights.sum(0)[:, None]
+
+    def forward(
+        self, raw: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None
+    ) -> DSTOutput:
+        """One pass over a batch; ``present`` (bool ``[B]`` per modality) defaults to all True."""
         aligned = self.cga(raw)
+        batch = next(iter(raw.values())).shape[0]
+        present = {
+            m: torch.ones(batch, dtype=torch.bool, device=aligned[m].device)
+            if present is None or m not in present
+            else present[m]
+            for m in self.modalities
+        }
         if self.fuse is None:
-            consensus = torch.stack([aligned[m] for m in self.modalities]).mean(0)
+            consensus = self.consensus(aligned, present)
         else:
             consensus = self.fuse(torch.cat([aligned[m] for m in self.modalities], dim=-1))
         shared = self.shared(consensus)
@@ -180,25 +208,32 @@ class DST(nn.Module):
         codes = torch.cat([shared.codes] + [specific[m].codes[:, None] for m in self.modalities], dim=1)
         inputs = {m: F.normalize(self.cga.heads[m].standardize(raw[m]), dim=-1) for m in self.decoders}
         decoded = {m: decoder(reconstructed[m]) for m, decoder in self.decoders.items()}
-        return DSTOutput(aligned, shared, specific, reconstructed, codes, inputs, decoded)
+        return DSTOutput(aligned, shared, specific, reconstructed, codes, inputs, decoded, present)
 
     def losses(self, out: DSTOutput) -> dict[str, torch.Tensor]:
         """Eq. 2: reconstruction + alignment (Eq. 1) + quantisation (Eq. 14-16) + lambda * vCLUB MI,
         plus the optional input-space reconstruction (``input_reconstruction_weight``).
 
         The shared side of the MI term is detached: the constraint steers PSGR, not the consensus.
+        Rows whose modality is not present count in none of that modality's terms, and items missing
+        any modality not in Eq. 1.
         """
         cfg = self.config
+        present = out.present
         losses = {}
         for m in self.modalities:
-            losses[f"recon_{m}"] = ((out.aligned[m] - out.reconstructed[m]) ** 2).sum(-1).mean()
+            error = ((out.aligned[m] - out.reconstructed[m]) ** 2).sum(-1)
+            losses[f"recon_{m}"] = masked_mean(error, present[m])
         for m in out.decoded:
-            losses[f"input_recon_{m}"] = ((out.inputs[m] - out.decoded[m]) ** 2).sum(-1).mean()
-        losses["alignment"] = self.cga.alignment_loss(out.aligned)
+            losses[f"input_recon_{m}"] = masked_mean(
+                ((out.inputs[m] - out.decoded[m]) ** 2).sum(-1), present[m]
+            )
+        losses["alignment"] = self.alignment_loss(out.aligned, present)
         losses["quantization"] = out.shared.loss + sum(out.specific[m].loss for m in self.modalities)
         shared = out.shared.quantized.detach()
         for m in self.modalities:
-            losses[f"mi_{m}"] = self.vclub[m].mi_upper_bound(shared, out.specific[m].recovered)
+            rows = present[m]
+            losses[f"mi_{m}"] = self.vclub[m].mi_upper_bound(shared[rows], out.specific[m].recovered[rows])
         losses["total"] = (
             sum(losses[f"recon_{m}"] for m in self.modalities)
             + cfg.alignment_weight * losses["alignment"]
@@ -208,11 +243,26 @@ class DST(nn.Module):
         )
         return losses
 
+    def alignment_loss(
+        self, aligned: dict[str, torch.Tensor], present: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Eq. 1 over the modalities at least two items of the batch have, on the items that have them
+        all (a catalogue without posters still aligns text and behaviour)."""
+        kept = [m for m in self.modalities if int(present[m].sum()) >= 2]
+        if self.cga.anchor not in kept or len(kept) < 2:
+            return aligned[self.cga.anchor].sum() * 0.0  # nothing to contrast, still in the graph
+        complete = torch.stack([present[m] for m in kept]).all(0)
+        return self.cga.alignment_loss({m: aligned[m][complete] for m in kept})
+
     def vclub_log_likelihood(self, out: DSTOutput) -> torch.Tensor:
-        """Sum over modalities of ``log q(z_m | h_hat)`` on detached inputs: the vCLUB nets' objective."""
+        """Sum over modalities of ``log q(z_m | h_hat)`` on detached inputs, rows where the modality is
+        present: the vCLUB nets' objective."""
         shared = out.shared.quantized.detach()
         return sum(
-            self.vclub[m].log_likelihood(shared, out.specific[m].recovered.detach()) for m in self.modalities
+            self.vclub[m].log_likelihood(
+                shared[out.present[m]], out.specific[m].recovered.detach()[out.present[m]]
+            )
+            for m in self.modalities
         )
 
     def codewords(self, codes: torch.Tensor) -> torch.Tensor:
@@ -226,11 +276,13 @@ class DST(nn.Module):
             vq.restart_dead_codes(threshold) for vq in self.psgr.codebooks.values()
         )
 
-    def tensors(self, features: ItemFeatures) -> dict[str, torch.Tensor]:
-        """Validated raw features as float tensors on the model's device."""
+    def tensors(self, features: ItemFeatures) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Validated raw features as float tensors on the model's device, and their ``present`` masks."""
         validate_features(features, self.config.modality_dims)
         device = next(self.parameters()).device
-        return {m: torch.as_tensor(features.modalities[m], device=device) for m in self.modalities}
+        raw = {m: torch.as_tensor(features.modalities[m], device=device) for m in self.modalities}
+        present = {m: torch.as_tensor(features.present[m], device=device) for m in self.modalities}
+        return raw, present
 
     @torch.no_grad()
     def encode(
@@ -245,14 +297,17 @@ class DST(nn.Module):
         ``known_codes`` ``[K, L + M]`` are the codes (without suffix) of items that already hold IDs
         of this version: new items' suffixes continue after theirs, so no existing ID changes.
         """
-        raw = self.tensors(features)
+        raw, present = self.tensors(features)
         was_training = self.training
         self.eval()
         try:
             codes = (
                 torch.cat(
                     [
-                        self({m: v[start : start + batch_size] for m, v in raw.items()}).codes
+                        self(
+                            {m: v[start : start + batch_size] for m, v in raw.items()},
+                            {m: v[start : start + batch_size] for m, v in present.items()},
+                        ).codes
                         for start in range(0, len(features), batch_size)
                     ]
                 )

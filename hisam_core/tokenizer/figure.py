@@ -9,6 +9,7 @@ feature ``a_m``, both centred by their catalogue means first:
 Centring removes constant offsets (the modality gap, the mean codeword) that would otherwise dominate
 every cosine, so ``S`` reflects how a position's code varies with a modality across items: shared
 positions score alike for all modalities, a disentangled specific position scores highest on its own.
+Column ``m`` averages over the items whose modality ``m`` is present (not a fallback row).
 """
 
 from __future__ import annotations
@@ -27,12 +28,24 @@ def _centred_unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def position_modality_similarity(codewords: np.ndarray, aligned: dict[str, np.ndarray]) -> np.ndarray:
-    """``S [positions, modalities]`` from ``codewords [N, P, d]`` and ``aligned[m] [N, d]``."""
+def position_modality_similarity(
+    codewords: np.ndarray, aligned: dict[str, np.ndarray], present: dict[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """``S [positions, modalities]`` from ``codewords [N, P, d]`` and ``aligned[m] [N, d]``, column
+    ``m`` over the rows where ``present[m]`` (default: all; NaN when there are none)."""
     codewords = np.asarray(codewords)
+    rows = {
+        m: np.ones(len(a), bool) if present is None else np.asarray(present[m], bool)
+        for m, a in aligned.items()
+    }
     return np.array(
         [
-            [(_centred_unit(codewords[:, p]) * _centred_unit(a)).sum(-1).mean() for a in aligned.values()]
+            [
+                (_centred_unit(codewords[rows[m], p]) * _centred_unit(a[rows[m]])).sum(-1).mean()
+                if rows[m].any()
+                else np.nan  # no item has the modality
+                for m, a in aligned.items()
+            ]
             for p in range(codewords.shape[1])
         ]
     )

@@ -47,3 +47,13 @@ def planted_features(
         )
     features = ItemFeatures(np.arange(num_items, dtype=np.int64), modalities)
     return features, PlantedFactors(shared, private)
+
+
+def with_fallback_rows(features: ItemFeatures, modality: str, share: float, seed: int = 0) -> ItemFeatures:
+    """``features`` with a random ``share`` of the items' ``modality`` replaced by a zero row marked not
+    present, as an encoder without input writes it (e.g. a movie without a poster)."""
+    absent = np.random.default_rng(seed).random(len(features)) < share
+    values = features.modalities[modality].copy()
+    values[absent] = 0.0
+    present = {**features.present, modality: ~absent}
+    return ItemFeatures(features.item_ids, {**features.modalities, modality: values}, present)

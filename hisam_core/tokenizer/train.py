@@ -112,9 +112,17 @@ def train_tokenizer(
     generator = seed_everything(config.seed)
     device = torch.device(config.device)
     model = DST(model_config).to(device)
-    raw = model.tensors(features)
-    for m, head in model.cga.heads.items():
-        head.standardize.fit(raw[m])
+    raw, present = model.tensors(features)
+    for m, rows in features.present.items():
+        if not rows.all():
+            logger.info(
+                "%s: %d of %d items have only a fallback row; DST does not learn from it",
+                m,
+                (~rows).sum(),
+                len(rows),
+            )
+    for m, head in model.cga.heads.items():  # statistics of real rows, not of the fallback ones
+        head.standardize.fit(raw[m][present[m]] if present[m].any() else raw[m])
     vclub_params = list(model.vclub.parameters())
     vclub_ids = {id(p) for p in vclub_params}
     main_params = [p for p in model.parameters() if id(p) not in vclub_ids]
@@ -131,12 +139,15 @@ def train_tokenizer(
         if epoch == config.alignment_warmup_epochs:
             init_index = torch.randperm(num_items, generator=generator)[: config.init_sample_size]
             with torch.no_grad():
-                model({m: v[init_index] for m, v in raw.items()})  # k-means init, layer by layer
+                model(  # k-means init, layer by layer
+                    {m: v[init_index] for m, v in raw.items()}, {m: v[init_index] for m, v in present.items()}
+                )
         epoch_codes = []
         for index in minibatches(num_items, config.batch_size, generator):
             batch = {m: v[index] for m, v in raw.items()}
+            batch_present = {m: v[index] for m, v in present.items()}
             if warmup:
-                loss = model.cga.alignment_loss(model.cga(batch))
+                loss = model.alignment_loss(model.cga(batch), batch_present)
                 _check_finite(loss, "alignment", epoch)
                 optimizer.zero_grad()
                 (model_config.alignment_weight * loss).backward()
@@ -144,7 +155,7 @@ def train_tokenizer(
                 model.cga.clamp_temperature_()
                 sums["alignment"] += loss.item()
             else:
-                out = model(batch)
+                out = model(batch, batch_present)
                 for _ in range(config.vclub_steps):
                     vclub_optimizer.zero_grad()
                     log_likelihood = model.vclub_log_likelihood(out)

@@ -44,8 +44,15 @@ class VCLUB(nn.Module):
         """Mean and log-variance of ``q(z | s)`` for standardised ``s``."""
         return self.mu(s), LOGVAR_BOUND * self.logvar(s)
 
+    def _nothing(self, s: torch.Tensor) -> torch.Tensor:
+        """0 in the graph of ``q``'s parameters: fewer than two rows have no batch statistics."""
+        mu, logvar = self.gaussian(s)
+        return (mu.sum() + logvar.sum()) * 0.0
+
     def log_likelihood(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Mean ``log q(z_i | s_i)`` over the batch; maximise it (on detached inputs) to fit ``q``."""
+        if z.shape[0] < 2:
+            return self._nothing(s)
         s, z = standardize(s), standardize(z)
         mu, logvar = self.gaussian(s)
         return (-0.5 * ((z - mu) ** 2 / logvar.exp() + logvar + math.log(2 * math.pi))).sum(-1).mean()
@@ -56,6 +63,8 @@ class VCLUB(nn.Module):
         The normalising terms cancel; the all-pairs mean uses
         ``mean_j (z_j - mu_i)^2 = mean_j z_j^2 - 2 mu_i mean_j z_j + mu_i^2`` (``O(B d)``, not ``B^2``).
         """
+        if z.shape[0] < 2:
+            return self._nothing(s)
         s, z = standardize(s), standardize(z)
         mu, logvar = self.gaussian(s)
         precision = 0.5 * (-logvar).exp()

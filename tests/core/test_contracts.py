@@ -46,6 +46,25 @@ def test_item_features_errors_name_the_modality(mutate, message: str) -> None:
         ItemFeatures(np.arange(4), modalities)
 
 
+def test_item_features_present_masks_default_to_true_and_move_with_subset() -> None:
+    feats = ItemFeatures(np.arange(4), _features(), {"image": np.array([True, False, True, False])})
+    assert all(feats.present[m].all() for m in ("behavior", "text"))
+    assert feats.subset(np.array([3, 0])).present["image"].tolist() == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("present", "message"),
+    [
+        ({"audio": np.ones(4, bool)}, r"unknown modalities \['audio'\]"),
+        ({"image": np.ones(3, bool)}, "'image': present must be a bool"),
+        ({"image": np.ones(4)}, "'image': present must be a bool"),
+    ],
+)
+def test_item_features_rejects_bad_present_masks(present, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ItemFeatures(np.arange(4), _features(), present)
+
+
 def test_item_features_rejects_empty_and_duplicate_items() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         ItemFeatures(np.arange(0), {"text": np.zeros((0, 2))})

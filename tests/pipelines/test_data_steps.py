@@ -233,6 +233,10 @@ def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_toke
     features, _, incomplete = load_item_features(ctx)
     assert incomplete == {item: "invalid_embedding:text"} and item not in features.item_ids
     assert len(features) == 19
+    for modality, flags in features.present.items():  # the embed step's fallback flags reach DST
+        rows = ctx.lake.read("gold.item_embeddings", partitions={"dataset": "dq", "modality": modality})
+        table = {r.item_id: r.present for r in rows.select("item_id", "present").collect()}
+        assert flags.tolist() == [table[i] for i in features.item_ids], modality
     # the gate's configured dimension holds here too: a text encoder of another width is refused
     dim = len(features.modalities["text"][0])
     for expected, usable in ((dim, 19), (dim + 1, 0)):

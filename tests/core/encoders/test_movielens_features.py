@@ -47,16 +47,16 @@ def test_chronological_cutoff_matches_bundle_facts(movielens_dir):
 def test_cache_roundtrip_and_key(tmp_path, movielens_dir):
     rng = np.random.default_rng(0)
     ids = np.arange(1, 6)
-    feats = ItemFeatures(ids, {"behavior": rng.normal(size=(5, 4)), "text": rng.normal(size=(5, 3))})
     present = {"behavior": np.array([1, 1, 0, 1, 1], bool), "text": np.ones(5, bool)}
+    feats = ItemFeatures(ids, {"behavior": rng.normal(size=(5, 4)), "text": rng.normal(size=(5, 3))}, present)
     path = tmp_path / "c" / "f.npz"
-    _save_cache(path, MovieLensFeatures(feats, present, 123, {"a": 1}))
+    _save_cache(path, MovieLensFeatures(feats, 123, {"a": 1}))
     back = _load_cache(path)
     assert back.from_cache and back.cutoff == 123 and back.meta == {"a": 1}
     np.testing.assert_array_equal(back.features.item_ids, ids)
     for name in feats.names:
         np.testing.assert_array_equal(back.features.modalities[name], feats.modalities[name])
-        np.testing.assert_array_equal(back.present[name], present[name])
+        np.testing.assert_array_equal(back.features.present[name], present[name])
     assert (tmp_path / "c" / ".gitignore").read_text().strip().endswith("*")
     cfg = EncodersConfig()
     assert cache_key(movielens_dir, 0.9, cfg) == cache_key(movielens_dir, 0.9, EncodersConfig())

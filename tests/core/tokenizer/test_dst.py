@@ -37,7 +37,7 @@ def test_specific_positions_track_their_own_private_factor(trained):
 def test_figure3_similarity_is_diagonal_on_specific_positions(trained, tmp_path):
     model, features, _, _ = trained
     with torch.no_grad():
-        out = model(model.tensors(features))
+        out = model(*model.tensors(features))
         codewords = model.codewords(out.codes).numpy()
     matrix = position_modality_similarity(codewords, {m: out.aligned[m].numpy() for m in model.modalities})
     specific = matrix[model.config.shared_layers :]
@@ -223,7 +223,7 @@ def test_forward_decomposes_additively(planted, psgr_residual):
     )
     torch.manual_seed(0)
     model = DST(config).train()
-    out = model(model.tensors(features.subset(np.arange(64))))  # first call: k-means initialisation
+    out = model(*model.tensors(features.subset(np.arange(64))))  # first call: k-means initialisation
     consensus = torch.stack([out.aligned[m] for m in model.modalities]).mean(0)
     assert torch.allclose(out.shared.quantized + out.shared.residuals[-1], consensus, atol=1e-5)
     for m in model.modalities:
@@ -247,7 +247,7 @@ def test_concat_fusion_quantises_the_linear_map_of_the_concatenation_without_gra
     )
     torch.manual_seed(0)
     model = DST(config).train()
-    out = model(model.tensors(features.subset(np.arange(64))))
+    out = model(*model.tensors(features.subset(np.arange(64))))
     fused = model.fuse(torch.cat([out.aligned[m] for m in model.modalities], dim=-1))
     assert torch.allclose(out.shared.quantized + out.shared.residuals[-1], fused, atol=1e-5)
     losses = model.losses(out)
@@ -273,8 +273,8 @@ def test_input_reconstruction_decodes_each_modality_and_joins_eq2_only_when_weig
     assert not any(k.startswith("decoders.") for k in paper.state_dict())  # paper checkpoints unchanged
     torch.manual_seed(0)
     model = DST(DSTConfig(**base, input_reconstruction_weight=0.5)).train()
-    raw = model.tensors(features.subset(np.arange(64)))
-    out = model(raw)
+    raw, present = model.tensors(features.subset(np.arange(64)))
+    out = model(raw, present)
     for m in model.modalities:
         head = model.cga.heads[m]
         expected = torch.nn.functional.normalize(

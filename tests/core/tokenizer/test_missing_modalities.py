@@ -1,0 +1,146 @@
+"""DST on items that lack a modality (``ItemFeatures.present``): fallback rows are not evidence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hisam_core.features import ItemFeatures
+from hisam_core.tokenizer.cga import CGA
+from hisam_core.tokenizer.dst import DST, DSTConfig
+from hisam_core.tokenizer.figure import position_modality_similarity
+from hisam_core.tokenizer.synthetic import with_fallback_rows
+from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from hisam_core.tokenizer.vclub import VCLUB
+
+#: Losses that may see a fallback row: the commitment term quantises every row it is given.
+SEES_FALLBACK = {"quantization", "total"}
+
+
+@pytest.fixture
+def initialised(planted):
+    """An untrained DST whose codebooks were k-means initialised on 128 planted items, in eval mode."""
+    features = with_fallback_rows(planted[0].subset(np.arange(128)), "image", share=0.3)
+    torch.manual_seed(0)
+    model = DST(DSTConfig(modality_dims=features.dims, dim=16, hidden_dim=16, codebook_size=8)).train()
+    with torch.no_grad():
+        model(*model.tensors(features))
+    return model.eval(), features
+
+
+def test_all_true_masks_are_the_paper_forward(initialised):
+    model, features = initialised
+    raw, _ = model.tensors(features)
+    with torch.no_grad():
+        plain, masked = model(raw), model(raw, {m: torch.ones(len(features), dtype=torch.bool) for m in raw})
+        for key, value in model.losses(plain).items():
+            torch.testing.assert_close(value, model.losses(masked)[key], msg=key)
+    assert torch.equal(plain.codes, masked.codes)
+    consensus = torch.stack([plain.aligned[m] for m in model.modalities]).mean(0)
+    assert torch.allclose(plain.shared.quantized + plain.shared.residuals[-1], consensus, atol=1e-6)
+
+
+def test_consensus_is_the_mean_of_the_present_modalities(initialised):
+    model, features = initialised
+    with torch.no_grad():
+        out = model(*model.tensors(features))
+    absent = ~out.present["image"]
+    assert absent.sum() > 10
+    expected = (out.aligned["behavior"][absent] + out.aligned["text"][absent]) / 2
+    consensus = out.shared.quantized + out.shared.residuals[-1]
+    assert torch.allclose(consensus[absent], expected, atol=1e-6)
+    full = torch.stack([out.aligned[m][~absent] for m in model.modalities]).mean(0)
+    assert torch.allclose(consensus[~absent], full, atol=1e-6)
+    nothing = {m: torch.zeros(2, dtype=torch.bool) for m in model.modalities}  # no modality: all count
+    aligned = {m: a[:2] for m, a in out.aligned.items()}
+    assert torch.allclose(model.consensus(aligned, nothing), torch.stack(list(aligned.values())).mean(0))
+
+
+def test_a_fallback_row_reaches_no_term_but_the_commitment_and_its_own_code(initialised):
+    """Replacing the fallback image rows by anything leaves every other code and every loss of Eq. 2
+    except the commitment term unchanged: they are neither aligned, reconstructed, nor in the MI."""
+    model, features = initialised
+    raw, present = model.tensors(features)
+    absent = ~present["image"]
+    noisy = dict(raw, image=raw["image"].clone())
+    noisy["image"][absent] = torch.randn(int(absent.sum()), raw["image"].shape[1]) * 5
+    with torch.no_grad():
+        before, after = model(raw, present), model(noisy, present)
+        losses_before, losses_after = model.losses(before), model.losses(after)
+    image = model.config.shared_layers + model.modalities.index("image")
+    others = [p for p in range(before.codes.shape[1]) if p != image]
+    assert torch.equal(before.codes[:, others], after.codes[:, others])
+    assert torch.equal(before.codes[~absent], after.codes[~absent])
+    assert not torch.equal(before.aligned["image"][absent], after.aligned["image"][absent])
+    for key, value in losses_before.items():
+        if key not in SEES_FALLBACK:
+            torch.testing.assert_close(value, losses_after[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_eq1_contrasts_the_complete_items_and_drops_a_modality_the_batch_lacks(initialised):
+    model, features = initialised
+    raw, present = model.tensors(features)
+    with torch.no_grad():
+        aligned = model.cga(raw)
+        complete = present["image"]  # behaviour and text are present everywhere here
+        expected = model.cga.alignment_loss({m: a[complete] for m, a in aligned.items()})
+        torch.testing.assert_close(model.alignment_loss(aligned, present), expected)
+        no_posters = dict(present, image=torch.zeros_like(present["image"]))
+        pair = model.cga.alignment_loss({m: aligned[m] for m in ("behavior", "text")})
+        torch.testing.assert_close(model.alignment_loss(aligned, no_posters), pair)
+        no_text = dict(present, text=torch.zeros_like(present["text"]))  # the anchor: nothing to contrast
+        assert model.alignment_loss(aligned, no_text).item() == 0.0
+
+
+def test_too_few_rows_contribute_zero_but_stay_in_the_graph():
+    club = VCLUB(4, 4, hidden_dim=8)
+    for rows in (0, 1):
+        s, z = torch.randn(rows, 4), torch.randn(rows, 4)
+        assert club.mi_upper_bound(s, z).item() == 0.0
+        likelihood = club.log_likelihood(s, z)
+        assert likelihood.item() == 0.0
+        likelihood.backward()  # the vCLUB step of a batch without the modality must not crash
+    cga = CGA({"image": 3, "text": 3}, 4, 8, "text", 0.07, (0.01, 1.0))
+    for rows in (0, 1):
+        loss = cga.alignment_loss(cga({"image": torch.randn(rows, 3), "text": torch.randn(rows, 3)}))
+        assert loss.item() == 0.0
+        loss.backward()
+
+
+def test_training_standardises_on_present_rows_only(planted, tiny):
+    features = with_fallback_rows(planted[0], "image", share=0.4)
+    config = TokenizerTrainConfig.model_validate({**tiny, "epochs": 2, "alignment_warmup_epochs": 1})
+    history = []
+    model = train_tokenizer(features, config, callback=lambda e, m: history.append(m))
+    present = features.present["image"]
+    head = model.cga.heads["image"].standardize
+    real = features.modalities["image"][present]
+    np.testing.assert_allclose(head.mean.numpy(), real.mean(0), atol=1e-5)
+    np.testing.assert_allclose(head.std.numpy(), real.std(0), rtol=1e-4)
+    assert all(np.isfinite(v) for epoch in history for v in epoch.values())
+    # an item whose image is missing gets all six codes, and they do not depend on its fallback row
+    ids = model.encode(features, "t").codes
+    moved = ItemFeatures(
+        features.item_ids,
+        {**features.modalities, "image": np.where(present[:, None], features.modalities["image"], 7.0)},
+        features.present,
+    )
+    shared = model.config.shared_layers
+    assert np.array_equal(model.encode(moved, "t").codes[:, :shared], ids[:, :shared])
+
+
+def test_figure3_columns_average_over_the_items_that_have_the_modality() -> None:
+    rng = np.random.default_rng(0)
+    codewords = rng.normal(size=(40, 4, 8))
+    aligned = {"image": rng.normal(size=(40, 8)), "text": rng.normal(size=(40, 8))}
+    present = {"image": rng.random(40) < 0.6, "text": np.ones(40, dtype=bool)}
+    matrix = position_modality_similarity(codewords, aligned, present)
+    keep = present["image"]
+    alone = position_modality_similarity(codewords[keep], {"image": aligned["image"][keep]})
+    np.testing.assert_allclose(matrix[:, :1], alone)
+    np.testing.assert_allclose(
+        matrix[:, 1:], position_modality_similarity(codewords, {"text": aligned["text"]})
+    )
+    none = position_modality_similarity(codewords, aligned, {**present, "image": np.zeros(40, dtype=bool)})
+    assert np.isnan(none[:, 0]).all() and np.array_equal(none[:, 1], matrix[:, 1])

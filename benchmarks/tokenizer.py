@@ -3,7 +3,9 @@
 Both tokenizers get the same catalogue (behaviour, image, text features from
 ``benchmarks/movielens_features.py``) and the same code budget, 6 codebooks of K=256:
 DST = 3 shared + 1 per modality, RQ-VAE = 6 residual layers over the concatenated modalities.
-``dst`` uses ``configs/tokenizer.yaml``; ``dst_psgr_consensus`` is the same with PSGR unfolding the
+``dst`` uses ``configs/tokenizer.yaml``; ``dst_all_present`` is the same trained as if every fallback row
+(``present`` False: no poster, no interaction before the cut-off) were the item's feature, as before
+DST left them out; ``dst_psgr_consensus`` is the same with PSGR unfolding the
 literal shared residual (``psgr_residual: consensus``), for comparison; ``dst_input_recon`` is the same
 with ``input_reconstruction_weight`` > 0 (beyond the paper): a decoder per modality maps h_hat + q_m
 back to the standardised, L2-normalised input, exactly the RQ-VAE's target, so its
@@ -68,13 +70,16 @@ RECON_DEFINITION = (
     "reconstruction = its decoder output block. probe_fvu: 5-fold ridge (alpha=1) from each model's "
     "per-modality reconstruction to the standardised, L2-normalised raw feature (a common target). "
     "probe_fvu_of_aligned (DST): the same probe from the unquantised a_m, what a lossless quantiser "
-    "of the aligned space would give."
+    "of the aligned space would give. Every measure of modality m is over the items whose m is "
+    "present (ItemFeatures.present: a poster, an interaction before the cut-off); the others hold "
+    "a fallback row, not the item's feature."
 )
 
 HELD_OUT_DEFINITION = (
     "dst and rqvae retrained on the train items only, measured on the test items: recon fvu of each "
     "model's own target with SST around the train items' mean; probe_fvu: ridge (alpha=1) from the "
-    "reconstruction to the normalised raw feature, fitted on train items, scored on test items."
+    "reconstruction to the normalised raw feature, fitted on train items, scored on test items; "
+    "both over the items whose modality is present."
 )
 
 
@@ -121,10 +126,6 @@ def split_items(features: ItemFeatures, test_fraction: float, seed: int) -> tupl
     return np.sort(order[cut:]), np.sort(order[:cut])
 
 
-def item_subset(features: ItemFeatures, rows: np.ndarray) -> ItemFeatures:
-    return ItemFeatures(features.item_ids[rows], {m: v[rows] for m, v in features.modalities.items()})
-
-
 def held_out_report(
     model: DST | RQVAE,
     features: ItemFeatures,
@@ -138,27 +139,34 @@ def held_out_report(
     Probe: ridge from the model's reconstruction to the normalised raw feature, fitted on the training
     items and scored on the held-out ones.
     """
+    is_dst = isinstance(model, DST)
     with torch.no_grad():
-        out_train = model(model.tensors(item_subset(features, train)))
-        out_test = model(model.tensors(item_subset(features, test)))
-    targets = (lambda out: out.aligned) if isinstance(model, DST) else (lambda out: out.targets)
+        out_train, out_test = (
+            model(*model.tensors(part)) if is_dst else model(model.tensors(part))
+            for part in (features.subset(train), features.subset(test))
+        )
+    targets = (lambda out: out.aligned) if is_dst else (lambda out: out.targets)
     report: dict[str, Any] = {"reconstruction": {}, "probe_fvu": {}}
     for m in model.modalities:
-        target_train, target_test = targets(out_train)[m].numpy(), targets(out_test)[m].numpy()
-        recon_train, recon_test = out_train.reconstructed[m].numpy(), out_test.reconstructed[m].numpy()
+        seen, unseen = features.present[m][train], features.present[m][test]
+        target_train, target_test = targets(out_train)[m].numpy()[seen], targets(out_test)[m].numpy()[unseen]
+        recon_train = out_train.reconstructed[m].numpy()[seen]
+        recon_test = out_test.reconstructed[m].numpy()[unseen]
         report["reconstruction"][m] = reconstruction_stats(target_test, recon_test, target_train.mean(0))
         report["probe_fvu"][m] = ridge_transfer_fvu(
-            recon_train, raw_targets[m][train], recon_test, raw_targets[m][test]
+            recon_train, raw_targets[m][train][seen], recon_test, raw_targets[m][test][unseen]
         )
     return report
 
 
 def normalised_raw(features: ItemFeatures) -> dict[str, np.ndarray]:
-    """The common probe target: each modality standardised per dimension, then L2-normalised."""
+    """The common probe target: each modality standardised per dimension (statistics of the rows where
+    it is present, as DST's heads), then L2-normalised."""
     out = {}
     for m, x in features.modalities.items():
         x = torch.as_tensor(x, dtype=torch.float64)
-        x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-6)
+        real = x[torch.as_tensor(features.present[m])]
+        x = (x - real.mean(0)) / real.std(0, unbiased=False).clamp_min(1e-6)
         out[m] = F.normalize(x, dim=-1).numpy()
     return out
 
@@ -179,42 +187,46 @@ def code_report(codes: np.ndarray, codebook_size: int, names: tuple[str, ...]) -
     }
 
 
-def evaluate_dst(model: DST, features: ItemFeatures, raw_targets: dict[str, np.ndarray]) -> dict[str, Any]:
+def evaluate_dst(
+    model: DST, features: ItemFeatures, raw_targets: dict[str, np.ndarray], rows: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Codes and reconstruction of ``features``; each modality's measures over its ``rows`` (a mask)."""
     ids = model.encode(features, "benchmark")
     num = model.config.shared_layers + len(model.modalities)  # the 6 codes, without a dedup suffix
     report = code_report(ids.codes[:, :num], model.config.codebook_size, ids.position_names[:num])
     with torch.no_grad():
-        out = model(model.tensors(features))
+        out = model(*model.tensors(features))
         codewords = model.codewords(out.codes).numpy()
-    aligned = {m: out.aligned[m].numpy() for m in model.modalities}
-    recon = {m: out.reconstructed[m].numpy() for m in model.modalities}
+    full = {m: out.aligned[m].numpy() for m in model.modalities}
+    aligned = {m: full[m][rows[m]] for m in model.modalities}
+    recon = {m: out.reconstructed[m].numpy()[rows[m]] for m in model.modalities}
+    targets = {m: raw_targets[m][rows[m]] for m in model.modalities}
     report["reconstruction"] = {m: reconstruction_stats(aligned[m], recon[m]) for m in model.modalities}
-    report["probe_fvu"] = {m: ridge_probe_fvu(recon[m], raw_targets[m]) for m in model.modalities}
+    report["probe_fvu"] = {m: ridge_probe_fvu(recon[m], targets[m]) for m in model.modalities}
     # The same probe from the unquantised a_m: what even a lossless quantiser of the aligned space keeps.
-    report["probe_fvu_of_aligned"] = {
-        m: ridge_probe_fvu(aligned[m], raw_targets[m]) for m in model.modalities
-    }
-    consensus = torch.stack([out.aligned[m] for m in model.modalities]).mean(0)
+    report["probe_fvu_of_aligned"] = {m: ridge_probe_fvu(aligned[m], targets[m]) for m in model.modalities}
+    consensus = model.consensus(out.aligned, out.present)
     h_hat = out.shared.quantized.numpy()
     report["diagnostics"] = {
         m: {
-            "cos_to_consensus": float(F.cosine_similarity(out.aligned[m], consensus).mean()),
-            "fvu_of_a_by_shared": reconstruction_stats(aligned[m], h_hat)["fvu"],
+            "cos_to_consensus": float(F.cosine_similarity(out.aligned[m], consensus)[rows[m]].mean()),
+            "fvu_of_a_by_shared": reconstruction_stats(aligned[m], h_hat[rows[m]])["fvu"],
             "fvu_of_deviation_by_specific": reconstruction_stats(
-                aligned[m] - h_hat, out.specific[m].quantized.numpy()
+                aligned[m] - h_hat[rows[m]], out.specific[m].quantized.numpy()[rows[m]]
             )["fvu"],
         }
         for m in model.modalities
     }
     if out.decoded:
         report["input_reconstruction"] = {
-            m: reconstruction_stats(out.inputs[m].numpy(), out.decoded[m].numpy()) for m in out.decoded
+            m: reconstruction_stats(out.inputs[m].numpy()[rows[m]], out.decoded[m].numpy()[rows[m]])
+            for m in out.decoded
         }
     report["figure3"] = {
         "measure": "mean over items of cos(codeword_p - mean, a_m - mean) (hisam_core.tokenizer.figure)",
         "rows": list(ids.position_names[:num]),
         "columns": model.modalities,
-        "matrix": position_modality_similarity(codewords, aligned).round(4).tolist(),
+        "matrix": position_modality_similarity(codewords, full, rows).round(4).tolist(),
     }
     return report
 
@@ -226,10 +238,11 @@ def evaluate_rqvae(
     report = code_report(ids.codes, model.config.codebook_size, ids.position_names)
     with torch.no_grad():
         out = model(model.tensors(features))
-    targets = {m: out.targets[m].numpy() for m in model.modalities}
-    recon = {m: out.reconstructed[m].numpy() for m in model.modalities}
+    rows = features.present
+    targets = {m: out.targets[m].numpy()[rows[m]] for m in model.modalities}
+    recon = {m: out.reconstructed[m].numpy()[rows[m]] for m in model.modalities}
     report["reconstruction"] = {m: reconstruction_stats(targets[m], recon[m]) for m in model.modalities}
-    report["probe_fvu"] = {m: ridge_probe_fvu(recon[m], raw_targets[m]) for m in model.modalities}
+    report["probe_fvu"] = {m: ridge_probe_fvu(recon[m], raw_targets[m][rows[m]]) for m in model.modalities}
     return report
 
 
@@ -303,23 +316,27 @@ def main(argv: list[str] | None = None) -> int:
             )
         }
     )
+    # dst_all_present trains as if every fallback row (no poster, no interaction before the cut-off)
+    # were the item's feature: the paper's setting, whose items have every modality.
+    all_present = ItemFeatures(features.item_ids, features.modalities)
     variants = {
-        "dst": dst_config,
-        "dst_psgr_consensus": literal,
-        "dst_input_recon": decoded,
-        "dst_no_mi": no_mi,
-        "dst_tau05_no_mi": loose,
+        "dst": (features, dst_config),
+        "dst_all_present": (all_present, dst_config),
+        "dst_psgr_consensus": (features, literal),
+        "dst_input_recon": (features, decoded),
+        "dst_no_mi": (features, no_mi),
+        "dst_tau05_no_mi": (features, loose),
     }
-    for name, config in variants.items():
+    for name, (trained_on, config) in variants.items():
         last: dict[str, float] = {}
         t = time.perf_counter()
-        dst = train_tokenizer(features, config, callback=lambda _, metrics, last=last: last.update(metrics))
+        dst = train_tokenizer(trained_on, config, callback=lambda _, metrics, last=last: last.update(metrics))
         wall = time.perf_counter() - t
         mi = config.model.mi_weight * sum(last[f"mi_{m}"] for m in dst.modalities)
         results["models"][name] = {
             "wall_s": round(wall, 1),
             "config": config.model_dump(mode="json"),
-            **evaluate_dst(dst, features, raw_targets),
+            **evaluate_dst(dst, trained_on, raw_targets, features.present),
             "last_epoch_losses": {k: v for k, v in last.items() if k.startswith(LOSS_KEYS)},
             "mi_share_of_total_loss": mi / last["total"],
         }
@@ -331,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     four = rq_config.model_copy(update={"model": rq_config.model.model_copy(update={"num_layers": 4})})
     references["rqvae_4"] = (features, four)
     for m in features.names:
-        references[f"rqvae_4_{m}"] = (ItemFeatures(features.item_ids, {m: features.modalities[m]}), four)
+        one = ItemFeatures(features.item_ids, {m: features.modalities[m]}, {m: features.present[m]})
+        references[f"rqvae_4_{m}"] = (one, four)
     for name, (subset, config) in references.items():
         t = time.perf_counter()
         rqvae = train_rqvae(subset, config)
@@ -349,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         "definition": HELD_OUT_DEFINITION,
     }
     for name, fit in (
-        ("dst", lambda: train_tokenizer(item_subset(features, train), dst_config)),
-        ("rqvae", lambda: train_rqvae(item_subset(features, train), rq_config)),
+        ("dst", lambda: train_tokenizer(features.subset(train), dst_config)),
+        ("rqvae", lambda: train_rqvae(features.subset(train), rq_config)),
     ):
         t = time.perf_counter()
         model = fit()

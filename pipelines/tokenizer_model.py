@@ -44,8 +44,14 @@ def features_frame(features: ItemFeatures) -> pd.DataFrame:
 
 def request_features(request: pd.DataFrame, dims: Mapping[str, int]) -> ItemFeatures:
     """The :class:`ItemFeatures` of a request: :func:`request_embeddings`, and each modality's
-    ``present_<modality>`` flags (True when the column is absent; a null flag is refused)."""
+    ``present_<modality>`` flags (True when the column is absent; a null flag, or a flag column of no
+    modality of the model, is refused)."""
     modalities = request_embeddings(request, dims)
+    unknown = [
+        c for c in request.columns if c.startswith(PRESENT_PREFIX) and c[len(PRESENT_PREFIX) :] not in dims
+    ]
+    if unknown:
+        raise ValueError(f"tokenizer request: {unknown} flag no modality of the model ({list(dims)})")
     present = {}
     for modality in dims:
         column = PRESENT_PREFIX + modality

@@ -8,9 +8,11 @@ additively, ``a_m ~ h_hat + q_m`` (Eq. 2, first term). An item's semantic ID is 
 followed by one code per modality, in the order of ``DSTConfig.modality_dims``.
 
 Missing modalities (beyond the paper, whose items all have every modality): a fallback row
-(``ItemFeatures.present`` False) is left out of the consensus, of its modality's reconstruction and
-MI terms, and the item out of Eq. 1, so a catalogue's posterless items are neither pulled onto one
-shared image vector nor used as each other's negatives. Such an item still gets all ``L + M`` codes.
+(``ItemFeatures.present`` False) is left out of the consensus, of its modality's reconstruction,
+commitment and MI terms and of its codebook's k-means start and restarts, and Eq. 1 aligns an item
+only on the modalities it has; no gradient comes from the row, so a catalogue's posterless items are
+neither pulled onto one shared image vector nor used as each other's negatives. Such an item still
+gets all ``L + M`` codes. ``fusion: concat`` (the w/o CGA ablation) concatenates every row as is.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from hisam_core.semantic_ids import SemanticIds
 from hisam_core.tokenizer.cga import CGA
 from hisam_core.tokenizer.metrics import dedup_suffix
 from hisam_core.tokenizer.psgr import PSGR, Recovered
-from hisam_core.tokenizer.quantize import ResidualQuantized, ResidualQuantizer
+from hisam_core.tokenizer.quantize import ResidualQuantized, ResidualQuantizer, masked_mean
 from hisam_core.tokenizer.vclub import VCLUB
 
 logger = logging.getLogger(__name__)
@@ -110,11 +112,6 @@ class DSTOutput:
     inputs: dict[str, torch.Tensor]  # standardised, L2-normalised raw input x_m [B, D_m]
     decoded: dict[str, torch.Tensor]  # decoder_m(h_hat + q_m) [B, D_m]; empty without decoders
     present: dict[str, torch.Tensor]  # bool [B]: False where x_m is a fallback row
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values [B]`` over the rows where ``mask``; 0 (still in the graph) when there are none."""
-    return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
 def validate_features(features: ItemFeatures, modality_dims: dict[str, int]) -> None:
@@ -203,7 +200,7 @@ class DST(nn.Module):
             residuals = {m: residual + aligned[m] - consensus for m in self.modalities}
         else:
             residuals = dict.fromkeys(self.modalities, residual)
-        specific = self.psgr(residuals, aligned)
+        specific = self.psgr(residuals, aligned, present)
         reconstructed = {m: shared.quantized + specific[m].quantized for m in self.modalities}
         codes = torch.cat([shared.codes] + [specific[m].codes[:, None] for m in self.modalities], dim=1)
         inputs = {m: F.normalize(self.cga.heads[m].standardize(raw[m]), dim=-1) for m in self.decoders}
@@ -215,8 +212,8 @@ class DST(nn.Module):
         plus the optional input-space reconstruction (``input_reconstruction_weight``).
 
         The shared side of the MI term is detached: the constraint steers PSGR, not the consensus.
-        Rows whose modality is not present count in none of that modality's terms, and items missing
-        any modality not in Eq. 1.
+        Rows whose modality is not present count in none of that modality's terms; Eq. 1 aligns each
+        item on the modalities it has (:meth:`alignment_loss`).
         """
         cfg = self.config
         present = out.present
@@ -246,13 +243,20 @@ class DST(nn.Module):
     def alignment_loss(
         self, aligned: dict[str, torch.Tensor], present: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Eq. 1 over the modalities at least two items of the batch have, on the items that have them
-        all (a catalogue without posters still aligns text and behaviour)."""
-        kept = [m for m in self.modalities if int(present[m].sum()) >= 2]
-        if self.cga.anchor not in kept or len(kept) < 2:
-            return aligned[self.cga.anchor].sum() * 0.0  # nothing to contrast, still in the graph
-        complete = torch.stack([present[m] for m in kept]).all(0)
-        return self.cga.alignment_loss({m: aligned[m][complete] for m in kept})
+        """Eq. 1 within each group of items that have the same modalities, over those modalities,
+        averaged by group size: an item without a poster is aligned on text and behaviour against the
+        other posterless items. Groups without the anchor, with one modality or one item add nothing."""
+        patterns = torch.stack([present[m] for m in self.modalities], dim=1)  # [B, M]
+        unique, group = patterns.unique(dim=0, return_inverse=True)
+        total, counted = aligned[self.cga.anchor].sum() * 0.0, 0  # 0 still in the graph
+        for index, pattern in enumerate(unique.tolist()):
+            kept = [m for m, has in zip(self.modalities, pattern, strict=True) if has]
+            rows = group == index
+            size = int(rows.sum())
+            if self.cga.anchor in kept and len(kept) >= 2 and size >= 2:
+                total = total + size * self.cga.alignment_loss({m: aligned[m][rows] for m in kept})
+                counted += size
+        return total / max(counted, 1)
 
     def vclub_log_likelihood(self, out: DSTOutput) -> torch.Tensor:
         """Sum over modalities of ``log q(z_m | h_hat)`` on detached inputs, rows where the modality is

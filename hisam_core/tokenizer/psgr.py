@@ -52,9 +52,13 @@ class PSGR(nn.Module):
         )
 
     def forward(
-        self, residuals: dict[str, torch.Tensor], aligned: dict[str, torch.Tensor]
+        self,
+        residuals: dict[str, torch.Tensor],
+        aligned: dict[str, torch.Tensor],
+        present: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Recovered]:
-        """``residuals[m]``: what PSGR unfolds for modality ``m``; ``aligned[m]``: its probe ``a_m``."""
+        """``residuals[m]``: what PSGR unfolds for modality ``m``; ``aligned[m]``: its probe ``a_m``;
+        ``present[m]``: the rows modality ``m``'s codebook learns from (default: all)."""
         out = {}
         for name, probe in self.probes.items():
             subspaces = self.unfold(residuals[name]).view(-1, self.num_heads, self.dim)  # h_k [B, N_h, d]
@@ -62,6 +66,6 @@ class PSGR(nn.Module):
             scores = torch.einsum("bd,bkd->bk", query, subspaces) / math.sqrt(self.dim)
             attention = scores.softmax(-1)
             recovered = torch.einsum("bk,bkd->bd", attention, subspaces)
-            q = self.codebooks[name](recovered)
+            q = self.codebooks[name](recovered, None if present is None else present[name])
             out[name] = Recovered(recovered, q.quantized, q.codes, q.loss, attention)
         return out

@@ -75,6 +75,11 @@ def cluster_sums(
     return sums
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values [B]`` over the rows where ``mask``; 0 (still in the graph) when there are none."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+
+
 def kmeans(x: torch.Tensor, k: int, iterations: int = 20) -> torch.Tensor:
     """Lloyd's k-means on ``x [N, d]``; with fewer than ``k`` rows, centres repeat rows plus noise."""
     x = x.float()
@@ -124,21 +129,24 @@ class VectorQuantizer(nn.Module):
         distances = (x * x).sum(-1, keepdim=True) - 2 * x @ codebook.t() + (codebook * codebook).sum(-1)
         return distances.argmin(-1)
 
-    def forward(self, x: torch.Tensor) -> Quantized:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Quantized:
+        """Codes of every row; the Eq. 16 loss, the k-means start and restarts use the rows where
+        ``mask`` (default: all), so a fallback row is quantised but never learned from."""
+        real = x if mask is None else x[mask]
         if not bool(self.initialized):
             if not self.training:
                 raise RuntimeError("codebook used for inference before initialisation")
-            self.initialize(x)
+            self.initialize(real if len(real) else x)
         codes = self.nearest(x)
         codewords = self.codebook[codes]
-        loss = ((x.detach() - codewords) ** 2).sum(-1).mean() + self.beta * (
-            (x - codewords.detach()) ** 2
-        ).sum(-1).mean()
+        error = ((x.detach() - codewords) ** 2).sum(-1) + self.beta * ((x - codewords.detach()) ** 2).sum(-1)
+        loss = error.mean() if mask is None else masked_mean(error, mask)
         if self.training:
             with torch.no_grad():
                 self.steps_since_used += 1
                 self.steps_since_used[codes] = 0
-            self.recent_inputs = x.detach()
+            if len(real):
+                self.recent_inputs = real.detach()
         return Quantized(straight_through(x, codewords, self.rotation_trick), codewords, codes, loss)
 
     @torch.no_grad()

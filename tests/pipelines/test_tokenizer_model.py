@@ -12,7 +12,7 @@ from hisam_core.features import ItemFeatures
 from hisam_core.tokenizer.synthetic import planted_features, with_fallback_rows
 from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 from pipelines.settings import Settings
-from pipelines.tokenizer_model import PRESENT_PREFIX, features_frame, log_tokenizer
+from pipelines.tokenizer_model import PRESENT_PREFIX, features_frame, log_tokenizer, request_features
 from pipelines.tracking import configure_mlflow
 
 NAME = "hisam-tokenizer"
@@ -56,5 +56,9 @@ def test_served_ids_follow_the_present_flags_of_the_request(served) -> None:
     assert not np.array_equal(plain_ids[absent], served_ids[absent])
     flagged = request.copy()
     flagged[PRESENT_PREFIX + "image"] = None
-    with pytest.raises(Exception, match="present_image"):
+    with pytest.raises(Exception, match="present_image"):  # MLflow's schema check or ours
         model.predict(flagged)
+    with pytest.raises(ValueError, match="present_image has nulls"):
+        request_features(flagged, dst.config.modality_dims)
+    with pytest.raises(ValueError, match=r"\['present_images'\] flag no modality"):
+        request_features(request.assign(present_images=True), dst.config.modality_dims)

@@ -30,15 +30,27 @@ def initialised(planted):
 
 
 def test_all_true_masks_are_the_paper_forward(initialised):
+    """Every item has every modality: Eq. 2's terms are the paper's plain batch means."""
     model, features = initialised
     raw, _ = model.tensors(features)
+    everything = {m: torch.ones(len(features), dtype=torch.bool) for m in raw}
     with torch.no_grad():
-        plain, masked = model(raw), model(raw, {m: torch.ones(len(features), dtype=torch.bool) for m in raw})
-        for key, value in model.losses(plain).items():
-            torch.testing.assert_close(value, model.losses(masked)[key], msg=key)
-    assert torch.equal(plain.codes, masked.codes)
-    consensus = torch.stack([plain.aligned[m] for m in model.modalities]).mean(0)
-    assert torch.allclose(plain.shared.quantized + plain.shared.residuals[-1], consensus, atol=1e-6)
+        out = model(raw, everything)
+        losses = model.losses(out)
+    consensus = torch.stack([out.aligned[m] for m in model.modalities]).mean(0)
+    torch.testing.assert_close(out.shared.quantized + out.shared.residuals[-1], consensus)
+    shared = out.shared.quantized
+    for m in model.modalities:
+        error = ((out.aligned[m] - out.reconstructed[m]) ** 2).sum(-1).mean()
+        torch.testing.assert_close(losses[f"recon_{m}"], error)
+        torch.testing.assert_close(
+            losses[f"mi_{m}"], model.vclub[m].mi_upper_bound(shared, out.specific[m].recovered)
+        )
+        book = model.psgr.codebooks[m]
+        words = book.codebook[out.specific[m].codes]
+        commitment = (1 + book.beta) * ((out.specific[m].recovered - words) ** 2).sum(-1).mean()
+        torch.testing.assert_close(out.specific[m].loss, commitment)
+    torch.testing.assert_close(losses["alignment"], model.cga.alignment_loss(out.aligned))
 
 
 def test_consensus_is_the_mean_of_the_present_modalities(initialised):
@@ -78,19 +90,41 @@ def test_a_fallback_row_reaches_no_term_but_the_commitment_and_its_own_code(init
             torch.testing.assert_close(value, losses_after[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_eq1_contrasts_the_complete_items_and_drops_a_modality_the_batch_lacks(initialised):
+def test_eq1_aligns_each_item_on_the_modalities_it_has(initialised):
     model, features = initialised
     raw, present = model.tensors(features)
     with torch.no_grad():
         aligned = model.cga(raw)
-        complete = present["image"]  # behaviour and text are present everywhere here
-        expected = model.cga.alignment_loss({m: a[complete] for m, a in aligned.items()})
+        posters = present["image"]  # behaviour and text are present everywhere here
+        complete = model.cga.alignment_loss({m: a[posters] for m, a in aligned.items()})
+        posterless = model.cga.alignment_loss({m: aligned[m][~posters] for m in ("behavior", "text")})
+        expected = (posters.sum() * complete + (~posters).sum() * posterless) / len(posters)
         torch.testing.assert_close(model.alignment_loss(aligned, present), expected)
-        no_posters = dict(present, image=torch.zeros_like(present["image"]))
+        no_posters = dict(present, image=torch.zeros_like(posters))
         pair = model.cga.alignment_loss({m: aligned[m] for m in ("behavior", "text")})
         torch.testing.assert_close(model.alignment_loss(aligned, no_posters), pair)
         no_text = dict(present, text=torch.zeros_like(present["text"]))  # the anchor: nothing to contrast
         assert model.alignment_loss(aligned, no_text).item() == 0.0
+
+
+def test_no_gradient_comes_from_a_fallback_row(initialised):
+    """Whatever a fallback row holds, every parameter (vCLUB nets included) gets the same gradient."""
+    model, features = initialised
+    model.train()
+    raw, present = model.tensors(features)
+    absent = ~present["image"]
+    noisy = dict(raw, image=raw["image"].clone())
+    noisy["image"][absent] = torch.randn(int(absent.sum()), raw["image"].shape[1]) * 5
+    gradients = []
+    for batch in (raw, noisy):
+        model.zero_grad()
+        model.losses(model(batch, present))["total"].backward()
+        model.vclub_log_likelihood(model(batch, present)).backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    assert "psgr.unfold.weight" in gradients[0] and "cga.heads.image.mlp.0.weight" in gradients[0]
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(grad, gradients[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_too_few_rows_contribute_zero_but_stay_in_the_graph():

@@ -12,7 +12,8 @@ Missing modalities (beyond the paper, whose items all have every modality): a fa
 commitment and MI terms and of its codebook's k-means start and restarts, and Eq. 1 aligns an item
 only on the modalities it has; no gradient comes from the row, so a catalogue's posterless items are
 neither pulled onto one shared image vector nor used as each other's negatives. Such an item still
-gets all ``L + M`` codes. ``fusion: concat`` (the w/o CGA ablation) concatenates every row as is.
+gets all ``L + M`` codes. An item with no modality present is quantised from all its rows, and
+``fusion: concat`` (the w/o CGA ablation) concatenates every row as is.
 """
 
 from __future__ import annotations

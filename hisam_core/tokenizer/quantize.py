@@ -23,7 +23,9 @@ class Quantized:
     quantized: torch.Tensor  # [B, d]
     codewords: torch.Tensor  # [B, d], differentiable w.r.t. the codebook only
     codes: torch.Tensor  # int64 [B]
-    loss: torch.Tensor  # scalar, ||sg[r] - e||^2 + beta ||r - sg[e]||^2 averaged over the batch
+    loss: (
+        torch.Tensor
+    )  # scalar, ||sg[r] - e||^2 + beta ||r - sg[e]||^2 averaged over the batch (its masked rows)
 
 
 @dataclass
@@ -144,7 +146,7 @@ class VectorQuantizer(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.steps_since_used += 1
-                self.steps_since_used[codes] = 0
+                self.steps_since_used[codes if mask is None else codes[mask]] = 0
             if len(real):
                 self.recent_inputs = real.detach()
         return Quantized(straight_through(x, codewords, self.rotation_trick), codewords, codes, loss)

@@ -652,7 +652,12 @@ def test_a_snapshot_without_cold_start_users_is_judged_on_the_other_metrics(worl
     dec3, version = dt.date(2026, 12, 3), "dst-20261201"
     samples = DeltaTable(str(world["home"] / "lake" / "gold" / "samples"))
     samples.update(updates={"is_cold_user": "false"}, predicate=f"tokenizer_version = '{version}'")
-    gated = {"floors": {"auc": 0.55, "cold_gauc": 0.5}, "max_drift": {"auc": 0.02, "cold_gauc": 0.03}}
+    # only the cold metrics' floor and drift are under test: auc's are loose, whatever the tiny model's score
+    gated = {
+        "floors": {"auc": 0.0, "cold_gauc": 0.5},
+        "max_regression": {"auc": 1.0, "gauc": 1.0, "cold_gauc": 0.01},
+        "max_drift": {"auc": 1.0, "cold_gauc": 0.03},
+    }
     world["write_config"](world["config"], top={"gate": gated})
     try:  # the steps of hisam_finetune (whose sensor would wait for a features run of dec3)
         for step in ("validate-samples", "finetune", "evaluate", "register", "promote"):

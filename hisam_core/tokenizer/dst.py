@@ -184,13 +184,9 @@ class DST(nn.Module):
     ) -> DSTOutput:
         """One pass over a batch; ``present`` (bool ``[B]`` per modality) defaults to all True."""
         aligned = self.cga(raw)
-        batch = next(iter(raw.values())).shape[0]
-        present = {
-            m: torch.ones(batch, dtype=torch.bool, device=aligned[m].device)
-            if present is None or m not in present
-            else present[m]
-            for m in self.modalities
-        }
+        anchor = aligned[self.cga.anchor]
+        everywhere = torch.ones(anchor.shape[0], dtype=torch.bool, device=anchor.device)
+        present = {m: (present or {}).get(m, everywhere) for m in self.modalities}
         if self.fuse is None:
             consensus = self.consensus(aligned, present)
         else:

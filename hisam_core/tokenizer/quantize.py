@@ -23,9 +23,7 @@ class Quantized:
     quantized: torch.Tensor  # [B, d]
     codewords: torch.Tensor  # [B, d], differentiable w.r.t. the codebook only
     codes: torch.Tensor  # int64 [B]
-    loss: (
-        torch.Tensor
-    )  # scalar, ||sg[r] - e||^2 + beta ||r - sg[e]||^2 averaged over the batch (its masked rows)
+    loss: torch.Tensor  # scalar, ||sg[r] - e||^2 + beta ||r - sg[e]||^2 averaged over the (masked) rows
 
 
 @dataclass

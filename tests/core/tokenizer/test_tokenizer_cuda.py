@@ -9,6 +9,7 @@ import torch
 
 from hisam_core.tokenizer.dst import DST
 from hisam_core.tokenizer.metrics import normalized_mutual_information as nmi
+from hisam_core.tokenizer.synthetic import with_fallback_rows
 from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -42,6 +43,26 @@ def test_training_on_cuda_is_deterministic(planted, config):
     first = train_tokenizer(small, short).encode(small, "a").codes
     second = train_tokenizer(small, short).encode(small, "a").codes
     np.testing.assert_array_equal(first, second)
+
+
+def test_with_fallback_rows_on_cuda_training_is_deterministic_and_encodes_the_same_on_cpu(
+    planted, config, tmp_path
+):
+    """The masked paths (per-group Eq. 1, masked k-means and restarts) on CUDA: reproducible under the
+    seed, and the checkpoint gives the same IDs on the CPU, whatever the fallback rows hold."""
+    features = with_fallback_rows(planted[0].subset(np.arange(400)), "image", share=0.3)
+    short = config.model_copy(update={"epochs": 4, "alignment_warmup_epochs": 1})
+    model = train_tokenizer(features, short, checkpoint_path=tmp_path / "dst.pt")
+    on_gpu = model.encode(features, "a").codes
+    np.testing.assert_array_equal(train_tokenizer(features, short).encode(features, "a").codes, on_gpu)
+    on_cpu = DST.load_checkpoint(tmp_path / "dst.pt")
+    np.testing.assert_array_equal(on_cpu.encode(features, "a").codes, on_gpu)
+    absent = ~features.present["image"]
+    images = features.modalities["image"].copy()
+    images[absent] = 7.0
+    moved = type(features)(features.item_ids, {**features.modalities, "image": images}, features.present)
+    shared = model.config.shared_layers
+    np.testing.assert_array_equal(on_cpu.encode(moved, "a").codes[:, :shared], on_gpu[:, :shared])
 
 
 def test_kmeans_cluster_sums_on_cuda_are_reproducible_and_match_the_cpu():

@@ -12,8 +12,9 @@ Missing modalities (beyond the paper, whose items all have every modality): a fa
 commitment and MI terms and of its codebook's k-means start and restarts, and Eq. 1 aligns an item
 only on the modalities it has; no gradient comes from the row, so a catalogue's posterless items are
 neither pulled onto one shared image vector nor used as each other's negatives. Such an item still
-gets all ``L + M`` codes. An item with no modality present is quantised from all its rows, and
-``fusion: concat`` (the w/o CGA ablation) concatenates every row as is.
+gets all ``L + M`` codes. An item with no modality present is quantised from all its rows but
+teaches the shared codebooks nothing either, and ``fusion: concat`` (the w/o CGA ablation)
+concatenates every row as is.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class DST(nn.Module):
             consensus = self.consensus(aligned, present)
         else:
             consensus = self.fuse(torch.cat([aligned[m] for m in self.modalities], dim=-1))
-        shared = self.shared(consensus)
+        shared = self.shared(consensus, torch.stack(list(present.values())).any(0))
         residual = shared.residuals[-1]
         if self.config.psgr_residual == "modality":
             residuals = {m: residual + aligned[m] - consensus for m in self.modalities}

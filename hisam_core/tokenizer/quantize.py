@@ -175,13 +175,14 @@ class ResidualQuantizer(nn.Module):
             VectorQuantizer(codebook_size, dim, beta, rotation_trick) for _ in range(num_layers)
         )
 
-    def forward(self, x: torch.Tensor) -> ResidualQuantized:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> ResidualQuantized:
+        """Quantise every row; each layer learns only from the rows in ``mask`` (default: all)."""
         residual = x
         residuals = [x]
         codes, losses = [], []
         total = torch.zeros_like(x)
         for layer in self.layers:
-            out = layer(residual)
+            out = layer(residual, mask)
             codes.append(out.codes)
             losses.append(out.loss)
             total = total + out.codewords.detach()

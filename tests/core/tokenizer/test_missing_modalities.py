@@ -123,6 +123,33 @@ def test_no_gradient_comes_from_a_fallback_row(initialised):
         torch.testing.assert_close(grad, gradients[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_an_item_with_no_modality_present_teaches_nothing(planted):
+    """Its rows may hold anything: a fresh DST starts the same codebooks and every parameter gets the
+    same gradient, the shared codebooks' included."""
+    features = planted[0].subset(np.arange(128))
+    for seed, m in enumerate(features.dims):
+        features = with_fallback_rows(features, m, share=0.5, seed=seed)
+    nothing = torch.as_tensor(~np.any([features.present[m] for m in features.dims], axis=0))
+    assert nothing.sum() >= 5
+    config = DSTConfig(modality_dims=features.dims, dim=16, hidden_dim=16, codebook_size=8)
+    books, gradients = [], []
+    for scale in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = DST(config).train()
+        raw, present = model.tensors(features)
+        noisy = {m: v.clone() for m, v in raw.items()}
+        for v in noisy.values():
+            v[nothing] = torch.randn(int(nothing.sum()), v.shape[1]) * scale
+        model.losses(model(noisy, present))["total"].backward()
+        books.append([layer.codebook.detach().clone() for layer in model.shared.layers])
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for first, second in zip(*books, strict=True):
+        assert torch.equal(first, second)
+    assert "shared.layers.0.codebook" in gradients[0]
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(grad, gradients[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_too_few_rows_contribute_zero_but_stay_in_the_graph():
     club = VCLUB(4, 4, hidden_dim=8)
     for rows in (0, 1):

@@ -322,7 +322,12 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         help="override data.path (bundle or interactions file; MovieLens default: $HISAM_MOVIELENS_DIR, "
         "else ../shared/data/movielens-100k beside the clone)",
     )
-    p.add_argument("--features", type=Path, default=None, help="npz with item_ids and emb_<modality>")
+    p.add_argument(
+        "--features",
+        type=Path,
+        default=None,
+        help="npz: item_ids, emb_<modality>, optional present_<modality>",
+    )
     p.add_argument("--features-cache", type=Path, default=features_cache, help="MovieLens feature cache")
     p.add_argument("--cache-dir", type=Path, default=None, help="semantic-ID tables and DST checkpoints")
     p.add_argument("--workers", type=int, default=1, help="parallel processes, one torch thread each")

@@ -12,7 +12,7 @@ A :class:`TokenizerVariant` names how an item catalogue becomes codes:
   same modalities, concatenated and quantised by a plain residual quantizer (RQ-VAE), same budget.
 
 Tables are cached as ``<cache_dir>/sids_<key>.parquet``, DST checkpoints as ``dst_<key>.pt``; the key
-hashes the variant, the training configs and the feature arrays.
+hashes the variant, the training configs, the feature arrays and their ``present`` masks.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def _fingerprint(features: ItemFeatures) -> str:
     for name in sorted(features.modalities):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(features.modalities[name]).tobytes())
+        digest.update(np.ascontiguousarray(features.present[name]).tobytes())
     return digest.hexdigest()
 
 
@@ -74,7 +75,11 @@ def _select(features: ItemFeatures, modalities: list[str]) -> ItemFeatures:
     missing = [m for m in modalities if m not in features.modalities]
     if missing:
         raise ValueError(f"modalities {missing} are not in the features ({list(features.modalities)})")
-    return ItemFeatures(features.item_ids, {m: features.modalities[m] for m in modalities})
+    return ItemFeatures(
+        features.item_ids,
+        {m: features.modalities[m] for m in modalities},
+        {m: features.present[m] for m in modalities},
+    )
 
 
 def _dst(
@@ -147,8 +152,9 @@ def semantic_ids(
 
 
 def load_features_npz(path: str | Path) -> ItemFeatures:
-    """Item features from an ``.npz`` with ``item_ids`` and one ``emb_<modality>`` array per modality
-    (the format of the ``benchmarks/movielens_features.py`` cache)."""
+    """Item features from an ``.npz`` with ``item_ids``, one ``emb_<modality>`` array per modality and,
+    optionally, its ``present_<modality>`` mask (all True when absent): the format of the
+    ``benchmarks/movielens_features.py`` cache."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"features file {path} does not exist")
@@ -159,5 +165,6 @@ def load_features_npz(path: str | Path) -> ItemFeatures:
         if "item_ids" not in z.files or not modalities:
             raise ValueError(f"{path}: expected 'item_ids' and 'emb_<modality>' arrays, got {z.files}")
         item_ids = z["item_ids"]
+        present = {m: z[f"present_{m}"].astype(bool) for m in modalities if f"present_{m}" in z.files}
     ordered = [m for m in MODALITIES if m in modalities] + [m for m in modalities if m not in MODALITIES]
-    return ItemFeatures(item_ids, {m: modalities[m] for m in ordered})
+    return ItemFeatures(item_ids, {m: modalities[m] for m in ordered}, present)

@@ -31,12 +31,12 @@ from hisam_core.evaluation.protocol import (
     chronological_split,
     label_interactions,
 )
-from hisam_core.evaluation.semantic import TokenizerVariant, semantic_ids
+from hisam_core.evaluation.semantic import TokenizerVariant, load_features_npz, semantic_ids
 from hisam_core.features import ItemFeatures
 from hisam_core.ranker.model import HMATConfig
 from hisam_core.tokenizer.dst import DST
 from hisam_core.tokenizer.rqvae import RQVAEConfig, RQVAETrainConfig
-from hisam_core.tokenizer.train import TokenizerTrainConfig
+from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -197,6 +197,31 @@ def test_semantic_id_variants_train_what_they_claim_and_are_cached(planted, tmp_
     assert tables[("dst_rq", True)].position_names[0] == "rq_0"
     with pytest.raises(ValueError, match="at least two modalities"):
         TokenizerVariant(kind="dst", modalities=["behavior"])
+
+
+def test_the_evaluation_dst_learns_nothing_from_fallback_rows(planted, tmp_path):
+    """The ``present`` masks survive the .npz, the modality selection and the cache key: the table is
+    that of a DST trained on the same masks, and another mask is another model."""
+    _, modalities, item_ids = planted
+    absent = np.arange(len(item_ids)) % 4 == 0
+    behavior = np.where(absent[:, None], 0.0, modalities["behavior"]).astype(np.float32)
+    np.savez(
+        tmp_path / "features.npz",
+        item_ids=item_ids,
+        emb_behavior=behavior,
+        emb_text=modalities["text"],
+        present_behavior=~absent,
+    )
+    features = load_features_npz(tmp_path / "features.npz")
+    np.testing.assert_array_equal(features.present["behavior"], ~absent)
+    assert features.present["text"].all()
+    variant = TokenizerVariant(kind="dst", modalities=["behavior", "text"])
+    ids = semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path / "cache")
+    direct = train_tokenizer(features, tiny_tokenizer()).encode(features, "direct")
+    np.testing.assert_array_equal(ids.codes, direct.codes)
+    all_present = ItemFeatures(features.item_ids, features.modalities)
+    semantic_ids(variant, all_present, tiny_tokenizer(), tiny_rqvae(), tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("dst_*.pt"))) == 2
 
 
 def test_end_to_end_rankers_beat_random_on_planted_preferences(planted, tmp_path):

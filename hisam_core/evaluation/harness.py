@@ -58,7 +58,9 @@ class DataConfig(Config):
     dataset: Literal["movielens", "generic"] = "movielens"
     path: str = "../shared/data/movielens-100k"
     features_path: str | None = Field(
-        None, description="npz with item_ids and emb_<modality> arrays; needed by semantic-ID rankers"
+        None,
+        description="npz with item_ids, emb_<modality> arrays and optional present_<modality> masks; "
+        "needed by semantic-ID rankers",
     )
 
 

@@ -165,6 +165,12 @@ def load_features_npz(path: str | Path) -> ItemFeatures:
         if "item_ids" not in z.files or not modalities:
             raise ValueError(f"{path}: expected 'item_ids' and 'emb_<modality>' arrays, got {z.files}")
         item_ids = z["item_ids"]
-        present = {m: z[f"present_{m}"].astype(bool) for m in modalities if f"present_{m}" in z.files}
+        present = {k.removeprefix("present_"): z[k] for k in z.files if k.startswith("present_")}
+    orphans = sorted(set(present) - set(modalities))
+    if orphans:
+        raise ValueError(f"{path}: present_<modality> masks without an emb_<modality> array: {orphans}")
+    for m, mask in present.items():
+        if mask.dtype != np.bool_:
+            raise ValueError(f"{path}: present_{m} must be a bool array, got {mask.dtype}")
     ordered = [m for m in MODALITIES if m in modalities] + [m for m in modalities if m not in MODALITIES]
     return ItemFeatures(item_ids, {m: modalities[m] for m in ordered}, present)

@@ -50,7 +50,8 @@ class HMATConfig(Config):
     attention_backend: Literal["auto", "sdpa", "flex"] = Field(
         "auto",
         description="sdpa: dense boolean mask into SDPA; flex: FlexAttention BlockMask (compiled on CUDA); "
-        "auto: sdpa on every device, the faster of the two on an H100 (benchmarks/results/serving_gpu.json)",
+        "auto: sdpa on every device, the faster of the two on an H100 and an H200 "
+        "(benchmarks/results/serving_findings.md)",
     )
     init_std: float = Field(0.02, gt=0)
 

@@ -131,7 +131,8 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Quantized:
         """Codes of every row; the Eq. 16 loss, the k-means start and restarts use the rows where
-        ``mask`` (default: all), so a fallback row is quantised but never learned from."""
+        ``mask`` (default: all), so a fallback row is quantised but never learned from. (Only a first
+        batch with no such row at all starts the codebook from its fallback rows.)"""
         real = x if mask is None else x[mask]
         if not bool(self.initialized):
             if not self.training:

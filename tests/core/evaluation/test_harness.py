@@ -199,29 +199,34 @@ def test_semantic_id_variants_train_what_they_claim_and_are_cached(planted, tmp_
         TokenizerVariant(kind="dst", modalities=["behavior"])
 
 
-def test_the_evaluation_dst_learns_nothing_from_fallback_rows(planted, tmp_path):
+def test_the_evaluation_dst_keeps_the_present_masks_from_the_npz_to_the_model(planted, tmp_path):
     """The ``present`` masks survive the .npz, the modality selection and the cache key: the table is
     that of a DST trained on the same masks, and another mask is another model."""
     _, modalities, item_ids = planted
     absent = np.arange(len(item_ids)) % 4 == 0
     behavior = np.where(absent[:, None], 0.0, modalities["behavior"]).astype(np.float32)
-    np.savez(
-        tmp_path / "features.npz",
-        item_ids=item_ids,
-        emb_behavior=behavior,
-        emb_text=modalities["text"],
-        present_behavior=~absent,
-    )
+    image = np.random.default_rng(0).normal(size=(len(item_ids), 3)).astype(np.float32)
+    arrays = {"emb_behavior": behavior, "emb_image": image, "emb_text": modalities["text"]}
+    np.savez(tmp_path / "features.npz", item_ids=item_ids, present_behavior=~absent, **arrays)
     features = load_features_npz(tmp_path / "features.npz")
     np.testing.assert_array_equal(features.present["behavior"], ~absent)
-    assert features.present["text"].all()
-    variant = TokenizerVariant(kind="dst", modalities=["behavior", "text"])
+    assert features.present["text"].all() and features.present["image"].all()
+    variant = TokenizerVariant(kind="dst", modalities=["behavior", "text"])  # image is selected away
     ids = semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path / "cache")
-    direct = train_tokenizer(features, tiny_tokenizer()).encode(features, "direct")
-    np.testing.assert_array_equal(ids.codes, direct.codes)
+    pair = ItemFeatures(
+        item_ids, {m: arrays[f"emb_{m}"] for m in ("behavior", "text")}, {"behavior": ~absent}
+    )
+    np.testing.assert_array_equal(ids.codes, train_tokenizer(pair, tiny_tokenizer()).encode(pair, "d").codes)
     all_present = ItemFeatures(features.item_ids, features.modalities)
     semantic_ids(variant, all_present, tiny_tokenizer(), tiny_rqvae(), tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("dst_*.pt"))) == 2
+    for bad, message in (
+        ({"present_audio": ~absent}, "without an emb_"),
+        ({"present_image": 1.0 * absent}, "bool"),
+    ):
+        np.savez(tmp_path / "bad.npz", item_ids=item_ids, **arrays, **bad)
+        with pytest.raises(ValueError, match=message):
+            load_features_npz(tmp_path / "bad.npz")
 
 
 def test_end_to_end_rankers_beat_random_on_planted_preferences(planted, tmp_path):

@@ -48,16 +48,21 @@ def test_training_on_cuda_is_deterministic(planted, config):
 def test_with_fallback_rows_on_cuda_training_is_deterministic_and_encodes_the_same_on_cpu(
     planted, config, tmp_path
 ):
-    """The masked paths (per-group Eq. 1, masked k-means and restarts) on CUDA: reproducible under the
-    seed, and the checkpoint gives the same IDs on the CPU, whatever the fallback rows hold."""
-    features = with_fallback_rows(planted[0].subset(np.arange(400)), "image", share=0.3)
+    """The masked paths (per-group Eq. 1, masked k-means and restarts, items with no modality) on CUDA:
+    reproducible under the seed, and the checkpoint gives the same IDs on the CPU, whatever the
+    fallback rows hold."""
+    features = planted[0].subset(np.arange(400))
+    for seed, (modality, share) in enumerate({"image": 0.3, "behavior": 0.3, "text": 0.15}.items()):
+        features = with_fallback_rows(features, modality, share, seed)
+    some = np.any([features.present[m] for m in features.dims], axis=0)
+    assert 0 < (~some).sum() < 20
     short = config.model_copy(update={"epochs": 4, "alignment_warmup_epochs": 1})
     model = train_tokenizer(features, short, checkpoint_path=tmp_path / "dst.pt")
     on_gpu = model.encode(features, "a").codes
     np.testing.assert_array_equal(train_tokenizer(features, short).encode(features, "a").codes, on_gpu)
     on_cpu = DST.load_checkpoint(tmp_path / "dst.pt")
     np.testing.assert_array_equal(on_cpu.encode(features, "a").codes, on_gpu)
-    absent = ~features.present["image"]
+    absent = ~features.present["image"] & some
     images = features.modalities["image"].copy()
     images[absent] = 7.0
     moved = type(features)(features.item_ids, {**features.modalities, "image": images}, features.present)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from hisam_core.features import ItemFeatures
 from hisam_core.tokenizer.dst import DST
 from hisam_core.tokenizer.metrics import normalized_mutual_information as nmi
 from hisam_core.tokenizer.synthetic import with_fallback_rows
@@ -65,7 +66,7 @@ def test_with_fallback_rows_on_cuda_training_is_deterministic_and_encodes_the_sa
     absent = ~features.present["image"] & some
     images = features.modalities["image"].copy()
     images[absent] = 7.0
-    moved = type(features)(features.item_ids, {**features.modalities, "image": images}, features.present)
+    moved = ItemFeatures(features.item_ids, {**features.modalities, "image": images}, features.present)
     shared = model.config.shared_layers
     np.testing.assert_array_equal(on_cpu.encode(moved, "a").codes[:, :shared], on_gpu[:, :shared])
 

@@ -75,6 +75,14 @@ def cluster_sums(
     return sums
 
 
+def lookup(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``codebook[codes]`` with a reproducible backward. On the CPU, indexing's backward adds the rows
+    of repeated codes in a racing order across threads, so seeded runs drift apart; the embedding
+    backward does not. CUDA keeps indexing, whose backward sorts (its embedding backward may use
+    atomics)."""
+    return codebook[codes] if codebook.is_cuda else nn.functional.embedding(codes, codebook)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values [B]`` over the rows where ``mask``; 0 (still in the graph) when there are none."""
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
@@ -139,7 +147,7 @@ class VectorQuantizer(nn.Module):
                 raise RuntimeError("codebook used for inference before initialisation")
             self.initialize(real if len(real) else x)
         codes = self.nearest(x)
-        codewords = self.codebook[codes]
+        codewords = lookup(self.codebook, codes)
         error = ((x.detach() - codewords) ** 2).sum(-1) + self.beta * ((x - codewords.detach()) ** 2).sum(-1)
         loss = error.mean() if mask is None else masked_mean(error, mask)
         if self.training:

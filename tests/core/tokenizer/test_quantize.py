@@ -117,3 +117,23 @@ def test_cluster_sums_by_matmul_equal_index_add_and_total_the_data():
     assert torch.equal(by_add[4], torch.zeros(6)) and torch.equal(by_matmul[4], torch.zeros(6))
     for c in (0, 3, 8):
         torch.testing.assert_close(by_add[c], x[assign == c].sum(0))
+
+
+def test_codebook_gradient_is_bitwise_reproducible_on_several_cpu_threads():
+    """The tests run on one thread; training uses every core. The CPU backward of ``codebook[codes]``
+    adds repeated codes' rows in a racing order across threads (seeded runs drifted apart);
+    ``lookup``'s does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        vq = VectorQuantizer(codebook_size=64, dim=128, beta=0.25, rotation_trick=False)
+        data = _mixture(16384, 128)
+        vq.initialize(data)
+        grads = []
+        for _ in range(8):
+            vq.codebook.grad = None
+            vq(data).loss.backward()
+            grads.append(vq.codebook.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])

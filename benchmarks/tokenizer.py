@@ -18,6 +18,9 @@ alone, FVU of a_m - h_hat by the specific code) and its last epoch's losses. ``r
 capacity references. ``held_out`` trains ``dst`` and ``rqvae`` again on 80% of the items and measures
 both reconstructions on the 20% neither saw: in-sample, 6 x 256 codewords for 1,682 items can
 largely memorise the catalogue, and new items are what a tokenizer must generalise to.
+``seeds`` trains ``dst`` and ``rqvae`` again (in-sample and held out) with each further seed of
+``--seeds`` and reports every target, the Figure 3 specific positions and their mean and spread over
+the seeds: one seed's win or loss is not a finding when seeds move a modality's FVU by 0.1 or more.
 Writes ``benchmarks/results/tokenizer.json`` and the Figure 3 heatmap ``tokenizer_figure3.png``.
 
 Reconstruction error, per modality, is defined the same way for both: the mean over items of the
@@ -80,6 +83,16 @@ HELD_OUT_DEFINITION = (
     "model's own target with SST around the train items' mean; probe_fvu: ridge (alpha=1) from the "
     "reconstruction to the normalised raw feature, fitted on train items, scored on test items; "
     "both over the items whose modality is present."
+)
+
+SEEDS_DEFINITION = (
+    "dst and rqvae retrained with each seed (TokenizerTrainConfig.seed and RQVAETrainConfig.seed), "
+    "everything else as above, the held-out item split fixed; the first seed's figures are the ones "
+    "above. figure3_diagonal: each specific position's similarity to its own modality; "
+    "figure3_max_off_diagonal: the largest similarity of a specific position to another modality; "
+    "figure3_shared_min: the smallest similarity of a shared position to a modality. "
+    "summary: mean and population sd over the seeds; holds_on_every_seed: each target_check entry, "
+    "true only if it holds for every seed (and every modality)."
 )
 
 
@@ -246,6 +259,111 @@ def evaluate_rqvae(
     return report
 
 
+def seed_spread(
+    features: ItemFeatures,
+    raw_targets: dict[str, np.ndarray],
+    dst_config: TokenizerTrainConfig,
+    rq_config: RQVAETrainConfig,
+    seeds: list[int],
+    results: dict[str, Any],
+    train: np.ndarray,
+    test: np.ndarray,
+) -> dict[str, Any]:
+    """``results``' dst and rqvae (the first seed) and both retrained with each further seed."""
+    held = results["held_out"]
+    reports = [(results["models"]["dst"], results["models"]["rqvae"], held["dst"], held["rqvae"])]
+    for seed in seeds[1:]:
+        dst_seeded = dst_config.model_copy(update={"seed": seed})
+        rq_seeded = rq_config.model_copy(update={"seed": seed})
+        t = time.perf_counter()
+        reports.append(
+            (
+                evaluate_dst(train_tokenizer(features, dst_seeded), features, raw_targets, features.present),
+                evaluate_rqvae(train_rqvae(features, rq_seeded), features, raw_targets),
+                held_out_report(
+                    train_tokenizer(features.subset(train), dst_seeded), features, raw_targets, train, test
+                ),
+                held_out_report(
+                    train_rqvae(features.subset(train), rq_seeded), features, raw_targets, train, test
+                ),
+            )
+        )
+        logger.info(
+            "seed %d: dst and rqvae, in-sample and held out, in %.1f s", seed, time.perf_counter() - t
+        )
+    measures = [seed_measures(*r) for r in reports]
+    checks = [check_targets(*r) for r in reports]
+    return {
+        "definition": SEEDS_DEFINITION,
+        "seeds": list(seeds),
+        "per_seed": {
+            str(seed): {"measures": m, "target_check": c}
+            for seed, m, c in zip(seeds, measures, checks, strict=True)
+        },
+        "summary": spread(measures),
+        "holds_on_every_seed": every(checks),
+    }
+
+
+def check_targets(
+    dst: dict[str, Any], rqvae: dict[str, Any], held_dst: dict[str, Any], held_rqvae: dict[str, Any]
+) -> dict[str, Any]:
+    """The issue's targets for one seed: ``dst`` and ``rqvae`` are ``evaluate_*`` reports, ``held_*``
+    the ``held_out_report`` of the same models retrained on the training items."""
+    names = list(dst["reconstruction"])
+    return {
+        "utilisation_shared_0>=0.9": dst["positions"]["shared_0"]["utilisation"] >= 0.9,
+        "unique_id_rate>=0.99": dst["unique_id_rate"] >= 0.99,
+        "recon_fvu_dst<rqvae": {
+            m: dst["reconstruction"][m]["fvu"] < rqvae["reconstruction"][m]["fvu"] for m in names
+        },
+        "probe_fvu_dst<rqvae": {m: dst["probe_fvu"][m] < rqvae["probe_fvu"][m] for m in names},
+        "held_out_probe_fvu_dst<rqvae": {
+            m: held_dst["probe_fvu"][m] < held_rqvae["probe_fvu"][m] for m in names
+        },
+    }
+
+
+def seed_measures(
+    dst: dict[str, Any], rqvae: dict[str, Any], held_dst: dict[str, Any], held_rqvae: dict[str, Any]
+) -> dict[str, Any]:
+    """The figures one seed contributes to the spread: targets, reconstruction, Figure 3's specific rows."""
+    names = list(dst["reconstruction"])
+    figure3 = np.array(dst["figure3"]["matrix"])
+    shared, matrix = figure3[: -len(names)], figure3[-len(names) :]  # specific rows in modality order
+    off = matrix - np.diag(np.full(len(names), np.inf))
+    measures: dict[str, Any] = {
+        "dst": {
+            "utilisation_shared_0": dst["positions"]["shared_0"]["utilisation"],
+            "unique_id_rate": dst["unique_id_rate"],
+            "figure3_diagonal": dict(zip(names, np.diag(matrix).tolist(), strict=True)),
+            "figure3_max_off_diagonal": float(off.max()),
+            "figure3_shared_min": float(shared.min()),
+        },
+        "rqvae": {"unique_id_rate": rqvae["unique_id_rate"]},
+    }
+    for name, report, held in (("dst", dst, held_dst), ("rqvae", rqvae, held_rqvae)):
+        measures[name]["recon_fvu"] = {m: v["fvu"] for m, v in report["reconstruction"].items()}
+        measures[name]["probe_fvu"] = dict(report["probe_fvu"])
+        measures[name]["held_out_probe_fvu"] = dict(held["probe_fvu"])
+    return measures
+
+
+def spread(per_seed: list[Any]) -> Any:
+    """Mean and population sd of each numeric leaf over seeds (the same nested keys in every seed)."""
+    if isinstance(per_seed[0], dict):
+        return {k: spread([seed[k] for seed in per_seed]) for k in per_seed[0]}
+    values = np.asarray(per_seed, dtype=float)
+    return {"mean": float(values.mean()), "sd": float(values.std())}
+
+
+def every(per_seed: list[Any]) -> Any:
+    """``True`` per target_check entry only where it holds for every seed."""
+    if isinstance(per_seed[0], dict):
+        return {k: every([seed[k] for seed in per_seed]) for k in per_seed[0]}
+    return all(per_seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="MovieLens-100K bundle")
@@ -259,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--held-out-fraction", type=float, default=0.2, help="items held out of the held_out comparison"
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds of dst and rqvae for the spread; the first is the one of every other section",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS / "tokenizer.json")
     parser.add_argument("--figure", type=Path, default=RESULTS / "tokenizer_figure3.png")
     args = parser.parse_args(argv)
@@ -270,7 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     raw_targets = normalised_raw(features)
     dst_config = TokenizerTrainConfig.from_yaml(args.config)
     if args.epochs is not None:
+        if args.epochs <= dst_config.alignment_warmup_epochs:
+            parser.error(
+                f"--epochs must exceed alignment_warmup_epochs ({dst_config.alignment_warmup_epochs})"
+            )
         dst_config.epochs = args.epochs
+    dst_config.seed = args.seeds[0]
     rq_config = RQVAETrainConfig(
         model=RQVAEConfig(
             dim=dst_config.model.dim,
@@ -377,22 +507,15 @@ def main(argv: list[str] | None = None) -> int:
     results["held_out"] = held_out
 
     dst_r, rq_r = results["models"]["dst"], results["models"]["rqvae"]
-    results["target_check"] = {
-        "utilisation_shared_0>=0.9": dst_r["positions"]["shared_0"]["utilisation"] >= 0.9,
-        "unique_id_rate>=0.99": dst_r["unique_id_rate"] >= 0.99,
-        "recon_fvu_dst<rqvae": {
-            m: dst_r["reconstruction"][m]["fvu"] < rq_r["reconstruction"][m]["fvu"] for m in features.names
-        },
-        "probe_fvu_dst<rqvae": {m: dst_r["probe_fvu"][m] < rq_r["probe_fvu"][m] for m in features.names},
-    }
-    results["target_check"]["held_out_probe_fvu_dst<rqvae"] = {
-        m: held_out["dst"]["probe_fvu"][m] < held_out["rqvae"]["probe_fvu"][m] for m in features.names
-    }
+    results["target_check"] = check_targets(dst_r, rq_r, held_out["dst"], held_out["rqvae"])
     decoded_r = results["models"]["dst_input_recon"]
     results["target_check"]["input_recon_fvu_dst_input_recon<rqvae"] = {
         m: decoded_r["input_reconstruction"][m]["fvu"] < rq_r["reconstruction"][m]["fvu"]
         for m in features.names
     }
+    results["seeds"] = seed_spread(
+        features, raw_targets, dst_config, rq_config, args.seeds, results, train, test
+    )
     fig3 = results["models"]["dst"]["figure3"]
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     save_similarity_figure(np.array(fig3["matrix"]), fig3["rows"], fig3["columns"], args.figure)
@@ -419,7 +542,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name in ("dst", "rqvae")
     }
-    print(json.dumps({"models": summary, "target_check": results["target_check"]}, indent=2))
+    summary["seeds"] = results["seeds"]["summary"]
+    output = {"models": summary, "target_check": results["target_check"]}
+    output["holds_on_every_seed"] = results["seeds"]["holds_on_every_seed"]
+    print(json.dumps(output, indent=2))
     return 0
 
 

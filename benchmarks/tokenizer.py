@@ -259,52 +259,6 @@ def evaluate_rqvae(
     return report
 
 
-def seed_spread(
-    features: ItemFeatures,
-    raw_targets: dict[str, np.ndarray],
-    dst_config: TokenizerTrainConfig,
-    rq_config: RQVAETrainConfig,
-    seeds: list[int],
-    results: dict[str, Any],
-    train: np.ndarray,
-    test: np.ndarray,
-) -> dict[str, Any]:
-    """``results``' dst and rqvae (the first seed) and both retrained with each further seed."""
-    held = results["held_out"]
-    reports = [(results["models"]["dst"], results["models"]["rqvae"], held["dst"], held["rqvae"])]
-    for seed in seeds[1:]:
-        dst_seeded = dst_config.model_copy(update={"seed": seed})
-        rq_seeded = rq_config.model_copy(update={"seed": seed})
-        t = time.perf_counter()
-        reports.append(
-            (
-                evaluate_dst(train_tokenizer(features, dst_seeded), features, raw_targets, features.present),
-                evaluate_rqvae(train_rqvae(features, rq_seeded), features, raw_targets),
-                held_out_report(
-                    train_tokenizer(features.subset(train), dst_seeded), features, raw_targets, train, test
-                ),
-                held_out_report(
-                    train_rqvae(features.subset(train), rq_seeded), features, raw_targets, train, test
-                ),
-            )
-        )
-        logger.info(
-            "seed %d: dst and rqvae, in-sample and held out, in %.1f s", seed, time.perf_counter() - t
-        )
-    measures = [seed_measures(*r) for r in reports]
-    checks = [check_targets(*r) for r in reports]
-    return {
-        "definition": SEEDS_DEFINITION,
-        "seeds": list(seeds),
-        "per_seed": {
-            str(seed): {"measures": m, "target_check": c}
-            for seed, m, c in zip(seeds, measures, checks, strict=True)
-        },
-        "summary": spread(measures),
-        "holds_on_every_seed": every(checks),
-    }
-
-
 def check_targets(
     dst: dict[str, Any], rqvae: dict[str, Any], held_dst: dict[str, Any], held_rqvae: dict[str, Any]
 ) -> dict[str, Any]:
@@ -364,6 +318,52 @@ def every(per_seed: list[Any]) -> Any:
     return all(per_seed)
 
 
+def seed_spread(
+    features: ItemFeatures,
+    raw_targets: dict[str, np.ndarray],
+    dst_config: TokenizerTrainConfig,
+    rq_config: RQVAETrainConfig,
+    seeds: list[int],
+    results: dict[str, Any],
+    train: np.ndarray,
+    test: np.ndarray,
+) -> dict[str, Any]:
+    """``results``' dst and rqvae (the first seed) and both retrained with each further seed."""
+    held = results["held_out"]
+    reports = [(results["models"]["dst"], results["models"]["rqvae"], held["dst"], held["rqvae"])]
+    for seed in seeds[1:]:
+        dst_seeded = dst_config.model_copy(update={"seed": seed})
+        rq_seeded = rq_config.model_copy(update={"seed": seed})
+        t = time.perf_counter()
+        reports.append(
+            (
+                evaluate_dst(train_tokenizer(features, dst_seeded), features, raw_targets, features.present),
+                evaluate_rqvae(train_rqvae(features, rq_seeded), features, raw_targets),
+                held_out_report(
+                    train_tokenizer(features.subset(train), dst_seeded), features, raw_targets, train, test
+                ),
+                held_out_report(
+                    train_rqvae(features.subset(train), rq_seeded), features, raw_targets, train, test
+                ),
+            )
+        )
+        logger.info(
+            "seed %d: dst and rqvae, in-sample and held out, in %.1f s", seed, time.perf_counter() - t
+        )
+    measures = [seed_measures(*r) for r in reports]
+    checks = [check_targets(*r) for r in reports]
+    return {
+        "definition": SEEDS_DEFINITION,
+        "seeds": list(seeds),
+        "per_seed": {
+            str(seed): {"measures": m, "target_check": c}
+            for seed, m, c in zip(seeds, measures, checks, strict=True)
+        },
+        "summary": spread(measures),
+        "holds_on_every_seed": every(checks),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="MovieLens-100K bundle")
@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
 
     features = load_movielens_features(args.data_dir, args.cache_dir)
     raw_targets = normalised_raw(features)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds}")
     dst_config = TokenizerTrainConfig.from_yaml(args.config)
     if args.epochs is not None:
         if args.epochs <= dst_config.alignment_warmup_epochs:

@@ -134,6 +134,21 @@ def test_training_is_deterministic(planted, tiny):
     np.testing.assert_array_equal(first, second)
 
 
+def test_training_is_bitwise_reproducible_on_several_threads(planted, tiny):
+    """The pipeline may train on every core (``hisam --threads``). Wide enough rows that the CPU
+    parallelises the codebook gradient: with ``codebook[codes]`` two runs differed."""
+    features, _ = planted
+    model = {**tiny["model"], "dim": 128, "hidden_dim": 128}
+    config = TokenizerTrainConfig.model_validate({**tiny, "model": model, "epochs": 5, "batch_size": 1000})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        first, second = (train_tokenizer(features, config).state_dict() for _ in range(2))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_training_keeps_the_temperature_in_its_range(planted, tiny):
     """A range of one value: every optimiser step moves log tau, the projection puts it back."""
     features, _ = planted

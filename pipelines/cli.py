@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_threads,
         default=os.environ.get(THREADS_ENV, "1"),  # a string default goes through ``type`` at parse time
         help="torch intra-op threads (default $HISAM_TORCH_THREADS or 1, also read by Airflow tasks: the models here are small, "
-        "and extra threads contend with Spark on a small machine; raise it on large CPU nodes)",
+        "and extra threads contend with Spark on a small machine; raise it on large CPU nodes). A rerun "
+        "with the same data, config and thread count trains the same weights; another count does not",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

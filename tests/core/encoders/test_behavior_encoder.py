@@ -74,6 +74,18 @@ def test_deterministic_under_seed(train_df):
 
 
 @pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_several_threads_are_bitwise_reproducible(train_df, loss):
+    """The same seed and thread count give the same embeddings on 4 threads (the tests run on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        a, b = (fit(train_df, dim=128, batch_size=64, loss=loss).encode().embeddings for _ in range(2))
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
 def test_learns_planted_transition(train_df, loss):
     enc = fit(train_df, epochs=20, lr=5e-3, loss=loss, num_negatives=4)
     assert enc.history[-1] < enc.history[0]

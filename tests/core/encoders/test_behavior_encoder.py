@@ -76,12 +76,8 @@ def test_deterministic_under_seed(train_df):
 @pytest.mark.parametrize("loss", ["ce", "bce"])
 def test_several_threads_are_bitwise_reproducible(train_df, loss):
     """The same seed and thread count give the same embeddings on 4 threads (the tests run on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        a, b = (fit(train_df, dim=128, batch_size=64, loss=loss).encode().embeddings for _ in range(2))
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(4)  # the autouse single_torch_thread fixture restores the count
+    a, b = (fit(train_df, dim=128, batch_size=64, loss=loss).encode().embeddings for _ in range(2))
     np.testing.assert_array_equal(a, b)
 
 

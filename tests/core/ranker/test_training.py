@@ -90,19 +90,15 @@ def test_training_on_several_threads_is_bitwise_reproducible(tmp_path):
     """``hisam --threads N`` promises the same weights on a rerun: PT then SFT on 4 threads, twice,
     with a model wide enough that the CPU splits its kernels across the threads."""
     wide = MODEL.model_copy(update={"hidden_size": 128, "ffn_size": 256})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        runs = []
-        for attempt in ("a", "b"):
-            pt = config("pt", 4, batch_size=64).model_copy(update={"model": wide})
-            train(pt, TRAIN_USERS, tmp_path / attempt / "pt")
-            sft = config("sft", 4, batch_size=64, init_from=str(tmp_path / attempt / "pt" / "checkpoint.pt"))
-            runs.append(
-                train(sft.model_copy(update={"model": wide}), TRAIN_USERS, tmp_path / attempt).state_dict()
-            )
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(4)  # the autouse single_thread fixture restores the count
+    runs = []
+    for attempt in ("a", "b"):
+        pt = config("pt", 4, batch_size=64).model_copy(update={"model": wide})
+        train(pt, TRAIN_USERS, tmp_path / attempt / "pt")
+        sft = config("sft", 4, batch_size=64, init_from=str(tmp_path / attempt / "pt" / "checkpoint.pt"))
+        runs.append(
+            train(sft.model_copy(update={"model": wide}), TRAIN_USERS, tmp_path / attempt).state_dict()
+        )
     first, second = runs
     assert all(torch.equal(first[k], second[k]) for k in first)
 

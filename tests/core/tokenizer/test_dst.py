@@ -140,12 +140,8 @@ def test_training_is_bitwise_reproducible_on_several_threads(planted, tiny):
     features, _ = planted
     model = {**tiny["model"], "dim": 128, "hidden_dim": 128}
     config = TokenizerTrainConfig.model_validate({**tiny, "model": model, "epochs": 5, "batch_size": 1000})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        first, second = (train_tokenizer(features, config).state_dict() for _ in range(2))
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(4)  # the autouse single_thread fixture restores the count
+    first, second = (train_tokenizer(features, config).state_dict() for _ in range(2))
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 

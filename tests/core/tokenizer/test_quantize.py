@@ -123,17 +123,13 @@ def test_codebook_gradient_is_bitwise_reproducible_on_several_cpu_threads():
     """The tests run on one thread; training uses every core. The CPU backward of ``codebook[codes]``
     adds repeated codes' rows in a racing order across threads (seeded runs drifted apart);
     ``lookup``'s does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        vq = VectorQuantizer(codebook_size=64, dim=128, beta=0.25, rotation_trick=False)
-        data = _mixture(16384, 128)
-        vq.initialize(data)
-        grads = []
-        for _ in range(8):
-            vq.codebook.grad = None
-            vq(data).loss.backward()
-            grads.append(vq.codebook.grad.clone())
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(4)  # the autouse single_thread fixture restores the count
+    vq = VectorQuantizer(codebook_size=64, dim=128, beta=0.25, rotation_trick=False)
+    data = _mixture(16384, 128)
+    vq.initialize(data)
+    grads = []
+    for _ in range(8):
+        vq.codebook.grad = None
+        vq(data).loss.backward()
+        grads.append(vq.codebook.grad.clone())
     assert all(torch.equal(grads[0], g) for g in grads[1:])

@@ -154,6 +154,8 @@ class HMATRanker:
     ) -> torch.Tensor:
         """``P(positive action)`` for each candidate (raw codes ``[C, num_positions]``), all in one
         pass over the cache (built here when a history is given), ``chunk_size`` candidates at a time."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         cache = history if isinstance(history, AnchorKVCache) else self.encode(history)
         codes = np.asarray(candidates, dtype=np.int64)
         n = self.builder.config.num_positions

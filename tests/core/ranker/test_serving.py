@@ -152,6 +152,9 @@ def test_bad_serving_input(seq_config, make_model, history, candidates):
         ranker.rank(history, candidates[:, :5])
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
         ranker.rank(history, candidates + 16)
+    for chunk_size in (0, -1):
+        with pytest.raises(ValueError, match=f"chunk_size must be at least 1, got {chunk_size}"):
+            ranker.rank(history, candidates, chunk_size=chunk_size)
     with pytest.raises(ValueError, match="6 semantic codes"):
         ranker.append(ranker.encode(history), candidates[0, :4], 1)
     with pytest.raises(ValueError, match="action indices"):

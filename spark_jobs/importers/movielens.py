@@ -11,9 +11,10 @@ licence forbids redistribution):
   with a header, tab-separated, CSV quoting; merged into the item's text attributes.
 * ``posters/<item_id>.jpg`` (optional): the item's ``image_path``.
 
-Malformed lines (wrong field count, non-integer ids, ratings outside 1..5, genre flags other than
-0/1), item_extra rows for items without a valid u.item row and duplicate item_extra rows are
-quarantined with a reason; every input's counts reconcile.
+Malformed lines (wrong field count, non-integer ids, ratings outside 1..5, timestamps that are not
+unix seconds in [0, 1e11), genre flags other than 0/1), item_extra rows for items without a valid
+u.item row and duplicate item_extra rows are quarantined with a reason; every input's counts
+reconcile.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ GENRES: tuple[str, ...] = (
     "War", "Western",
 )  # fmt: skip
 EXTRA_TEXT_COLUMNS: tuple[str, ...] = ("rated", "genre", "director", "writer", "actors", "plot")
+#: Timestamps at or past 1e11 s (the year 5138) are not seconds: milliseconds, most likely. They are
+#: quarantined rather than read as a far future, or overflowing Spark's timestamp range.
+MAX_SECONDS = 10**11
 
 
 class MovieLensImportConfig(Config):
@@ -97,6 +101,10 @@ def parse_ratings(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
             ),
             (~to_double(rating).between(1, 5), F.concat(F.lit("rating "), rating, F.lit(" outside [1, 5]"))),
             (not_int(ts), F.concat(F.lit("timestamp "), quoted(ts), F.lit(" is not unix seconds"))),
+            (
+                ts.try_cast("long") >= MAX_SECONDS,
+                F.concat(F.lit("timestamp "), ts, F.lit(" is not unix seconds (outside [0, 1e11))")),
+            ),
         ),
     )
     return lines.select(

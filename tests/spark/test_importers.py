@@ -95,7 +95,7 @@ def test_movielens_layout_with_defects_is_quarantined_exactly(spark, lake, tmp_p
     (bundle / "posters" / "1.jpg").write_bytes(b"not really a jpeg")  # listed, never read
     report = import_movielens(spark, lake, MovieLensImportConfig(data_dir=str(bundle), dataset="mini"), DAY)
     assert counts(report) == {
-        "u.data": (8, 4, 4),
+        "u.data": (11, 4, 7),
         "u.item": (6, 2, 4),
         "u.user": (4, 2, 2),
         "item_extra.tsv": (6, 2, 4),
@@ -106,6 +106,10 @@ def test_movielens_layout_with_defects_is_quarantined_exactly(spark, lake, tmp_p
             ("bronze.interactions", "item_id 'x' is not an integer"): 1,
             ("bronze.interactions", "expected 4 tab-separated fields, got 3"): 1,
             ("bronze.interactions", "timestamp 'soon' is not unix seconds"): 1,
+            # milliseconds and past Spark's timestamp range: a quarantine row each, not a failed import
+            ("bronze.interactions", "timestamp 881250950000 is not unix seconds (outside [0, 1e11))"): 1,
+            ("bronze.interactions", "timestamp 9999999999999 is not unix seconds (outside [0, 1e11))"): 1,
+            ("bronze.interactions", "timestamp '-5' is not unix seconds"): 1,
             ("bronze.items", "genre flags must be 0/1, got 0000000020000000000"): 1,
             ("bronze.items", "item_id 'x' is not an integer"): 1,
             ("bronze.items", "expected 24 pipe-separated fields, got 3"): 1,

@@ -12,7 +12,8 @@ Inputs, one JSON object per line, plain or ``.gz`` (a file, a directory or a glo
 
 The item id is ``parent_asin`` (the benchmark's item; ``asin`` is a variant and is kept in
 ``extra``), falling back to ``asin`` when a review has no parent. Every field is first read as a
-string, so a wrongly typed value gets its own reason instead of voiding the whole line. Review
+string, so a wrongly typed value gets its own reason instead of voiding the whole line; a
+``details`` object with a repeated key is quarantined (which value is meant is unknown). Review
 title/text, votes and the verified flag go to ``extra`` (JSON); item text fields (main category,
 store, features, description and every ``details`` entry) go to ``attributes``; the image URL is
 the MAIN image's ``hi_res`` (else ``large``), not downloaded.
@@ -147,9 +148,13 @@ def _json_list(col: str, sep: str) -> Column:
 def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFrame:
     """Item metadata lines -> bronze.items rows + ``_reason``/``_raw``."""
     item = F.trim("parent_asin")
+    keys = F.json_object_keys(F.col("details"))
+    repeated = F.array_distinct(F.filter(keys, lambda k: F.size(F.filter(keys, lambda j: j == k)) > 1))
+    ambiguous = F.coalesce(F.size(repeated) > 0, F.lit(False))  # which value is meant is unknown
     reason = first_reason(
         (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
         (blank(F.col("parent_asin")), "missing parent_asin"),
+        (ambiguous, F.concat(F.lit("repeated keys in details: "), F.array_join(repeated, ", "))),
     )
     ok = reason.isNull()
     base = str_map(
@@ -160,7 +165,8 @@ def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFra
             ("description", _json_list("description", " ")),
         ]
     )
-    details = F.from_json(F.col("details"), T.MapType(T.StringType(), T.StringType()))
+    # Spark refuses a map with a repeated key for the whole job: such a line is quarantined above.
+    details = F.from_json(F.when(~ambiguous, F.col("details")), T.MapType(T.StringType(), T.StringType()))
     base_keys = F.array(*[F.lit(k) for k in ("main_category", "store", "features", "description")])
     details = F.map_filter(
         F.coalesce(details, F.create_map().cast("map<string,string>")),

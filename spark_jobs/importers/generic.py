@@ -40,7 +40,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -93,6 +93,14 @@ class GenericImportConfig(Config):
     image_root: str | None = None
     #: Input column -> generic name, applied to every input first (e.g. ``{"UserID": "user_id"}``).
     rename: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("text_columns")
+    @classmethod
+    def _distinct(cls, columns: list[str] | None) -> list[str] | None:
+        repeated = sorted({c for c in columns if columns.count(c) > 1}) if columns else []
+        if repeated:  # one attribute per column: Spark would fail the import on the repeated map key
+            raise ValueError(f"text_columns lists {repeated} more than once")
+        return columns
 
 
 def field(name: str) -> Column:

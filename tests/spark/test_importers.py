@@ -272,6 +272,11 @@ def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:
     return sorted(tuple(r) for r in lake.read(table, version=version).drop("source_file").collect())
 
 
+def test_generic_config_refuses_a_repeated_text_column():
+    with pytest.raises(ValueError, match=r"text_columns lists \['title'\] more than once"):
+        GenericImportConfig(dataset="d", interactions="i.csv", text_columns=["title", "plot", "title"])
+
+
 def test_generic_jsonl(spark, lake):
     g = FIXTURES / "generic"
     config = GenericImportConfig(

@@ -296,6 +296,17 @@ seed) to the experiment hisam-evaluation, plus a summary run with the report and
 Not the daily pipeline step `hisam run evaluate` (candidate vs @champion)."""
 
 
+def _set_seeds(value: str) -> tuple[str, list[int]]:
+    name, _, seeds = value.partition("=")
+    try:
+        parsed = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        parsed = []
+    if not name or not parsed:
+        raise argparse.ArgumentTypeError(f"expected SET=SEED[,SEED..], e.g. controls=0,1, got {value!r}")
+    return name, parsed
+
+
 def parser(results: Path, features_cache: Path, prog: str | None = None) -> argparse.ArgumentParser:
     """The command's options; ``results`` and ``features_cache`` are the defaults of the caller."""
     p = argparse.ArgumentParser(
@@ -310,7 +321,13 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         "--run", nargs="+", default=None, help="set or experiment names (sets: main, controls, ...)"
     )
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds of every selected experiment")
-    p.add_argument("--set-seeds", nargs="*", default=[], help="SET=SEED[,SEED..]: other seeds for one set")
+    p.add_argument(
+        "--set-seeds",
+        nargs="*",
+        type=_set_seeds,
+        default=[],
+        help="SET=SEED[,SEED..]: other seeds for one set",
+    )
     p.add_argument("--scaling", action="store_true", help="also run the depth / length sweep")
     p.add_argument("--scaling-layers", nargs="+", type=int, default=None, help="depths of the sweep")
     p.add_argument("--scaling-tokens", nargs="+", type=int, default=None, help="max_tokens of the sweep")
@@ -329,7 +346,12 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         help="npz: item_ids, emb_<modality>, optional present_<modality>",
     )
     p.add_argument("--features-cache", type=Path, default=features_cache, help="MovieLens feature cache")
-    p.add_argument("--cache-dir", type=Path, default=None, help="semantic-ID tables and DST checkpoints")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="semantic-ID tables and DST checkpoints (default: cache_dir of --config, else $HISAM_HOME/evaluation)",
+    )
     p.add_argument("--workers", type=int, default=1, help="parallel processes, one torch thread each")
     p.add_argument("--mlflow", action="store_true", help="log runs and the report to MLflow")
     p.add_argument("--reuse", type=Path, default=None, help="earlier quality.json: keep its runs and sweep")
@@ -350,14 +372,14 @@ def configure(args: argparse.Namespace) -> EvaluationConfig:
         update["threads"] = int(os.environ[THREADS_ENV])  # ``hisam --threads N evaluate``
     if args.cache_dir:
         update["cache_dir"] = str(args.cache_dir)
+    elif "cache_dir" not in config.model_fields_set:
+        update["cache_dir"] = str(Settings.from_env().home / "evaluation")  # where all state goes
     if args.run:
         update["run"] = args.run
     if args.seeds:
         update["seeds"] = args.seeds
     if args.set_seeds:
-        update["seeds_per_set"] = {
-            k: [int(s) for s in v.split(",")] for k, v in (item.split("=", 1) for item in args.set_seeds)
-        }
+        update["seeds_per_set"] = dict(args.set_seeds)
     if args.scaling:
         scaling = config.scaling or ScalingConfig()
         if args.scaling_layers:
@@ -400,13 +422,21 @@ def main(
     features_cache: Path | None = None,
     prog: str | None = None,
 ) -> int:
-    """Defaults: results in ``$HISAM_HOME/evaluation/results``, features in ``$HISAM_HOME/cache``."""
+    """Defaults: results in ``$HISAM_HOME/evaluation/results``, features in ``$HISAM_HOME/cache``,
+    semantic-ID tables and DST checkpoints in ``$HISAM_HOME/evaluation``. Bad options, config or
+    input files: the message and exit code 2."""
     home = Settings.from_env().home
     results = results or home / "evaluation" / "results"
     args = parser(results, features_cache or home / "cache", prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
-    if args.render:
-        return render(args.results)
+    try:
+        return render(args.results) if args.render else _evaluate(args, argv, prog)
+    except (ValueError, KeyError, FileNotFoundError) as err:  # bad config, option or input: no traceback
+        log.error("%s", err)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace, argv: list[str] | None, prog: str | None) -> int:
     config = configure(args)
     torch.set_num_threads(config.threads)
     if config.data.dataset == "movielens" and not (Path(config.data.path) / "raw" / "u.data").exists():

@@ -119,6 +119,48 @@ def test_evaluate_without_the_dataset_is_a_clear_error(tmp_path, caplog):
     assert "MovieLens-100K not found" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (["--config", "absent.yaml"], "absent.yaml"),
+        (["--config", "bad.yaml"], "foo"),  # an unknown key
+        (["--run", "nosuch"], "unknown experiments or sets: ['nosuch']"),
+        (["--reuse", "absent.json"], "absent.json"),
+    ],
+)
+def test_bad_evaluate_input_is_a_message_and_exit_code_2(given, message, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path / "home"))
+    (tmp_path / "bad.yaml").write_text("foo: 1\n")
+    (tmp_path / "ml" / "raw").mkdir(parents=True)
+    (tmp_path / "ml" / "raw" / "u.data").write_text("")  # found: the error is the option's
+    with caplog.at_level(logging.ERROR, logger="hisam.evaluation"):
+        assert cli(["evaluate", "--data", str(tmp_path / "ml"), *given]) == 2
+    assert message in caplog.text
+    assert not (tmp_path / "home" / "evaluation" / "results").exists()  # nothing written
+
+
+def test_set_seeds_without_seeds_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["evaluate", "--set-seeds", "main"])
+    assert exit_.value.code == 2
+    assert "expected SET=SEED[,SEED..], e.g. controls=0,1, got 'main'" in capsys.readouterr().err
+
+
+def test_semantic_ids_are_cached_under_hisam_home_unless_told(tmp_path, monkeypatch):
+    from pipelines.evaluation import configure, parser
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path / "home"))
+    args = parser(tmp_path, tmp_path)
+    assert configure(args.parse_args([])).cache_dir == str(tmp_path / "home" / "evaluation")
+    assert configure(args.parse_args(["--cache-dir", "given"])).cache_dir == "given"
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"cache_dir": "in-config"}))
+    assert configure(args.parse_args(["--config", "eval.yaml"])).cache_dir == "in-config"
+    parsed = args.parse_args(["--set-seeds", "controls=0,1", "main=2"])
+    assert configure(parsed).seeds_per_set == {"controls": [0, 1], "main": [2]}
+
+
 def test_the_movielens_bundle_is_found_from_any_folder_unless_a_path_is_given(tmp_path, monkeypatch):
     from pipelines.evaluation import configure, parser
     from pipelines.settings import DEFAULT_MOVIELENS

@@ -23,12 +23,13 @@ from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 log = logging.getLogger("hisam")
 
 EPILOG = """\
-Config: demo, run, rollback and recommend read one YAML file (pipelines.config.PipelineConfig; unknown keys
-are errors): --config, else $HISAM_PIPELINE_CONFIG, else configs/pipeline.yaml; `hisam evaluate
---config` takes its own EvaluationConfig YAML (built-in defaults otherwise). State goes under $HISAM_HOME
-(default .hisam in the current directory): the Delta lake ($HISAM_LAKE_ROOT to put it elsewhere), the
-MLflow store ($MLFLOW_TRACKING_URI, artifacts $HISAM_ARTIFACT_ROOT), Airflow's database, GX Data Docs,
-alerts. The README lists every HISAM_* variable.
+Config: run, rollback and recommend read one YAML file (pipelines.config.PipelineConfig; unknown keys are
+errors): --config, else $HISAM_PIPELINE_CONFIG, else configs/pipeline.yaml; demo reads --config, else
+configs/pipeline.yaml (never $HISAM_PIPELINE_CONFIG: the embedded default, even in the production image);
+`hisam evaluate --config` takes its own EvaluationConfig YAML (built-in defaults otherwise).
+State goes under $HISAM_HOME (default .hisam in the current directory): the Delta lake ($HISAM_LAKE_ROOT
+to put it elsewhere), the MLflow store ($MLFLOW_TRACKING_URI, artifacts $HISAM_ARTIFACT_ROOT), Airflow's
+database, GX Data Docs, alerts, evaluation results and caches. The README lists every HISAM_* variable.
 
 Examples:
   hisam demo                                   # the four DAGs end to end, then a summary
@@ -78,10 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--config", type=Path, help=f"pipeline YAML (default ${CONFIG_ENV} or configs/pipeline.yaml)"
-        )
+    def with_config(
+        p: argparse.ArgumentParser, default: str = f"${CONFIG_ENV} or configs/pipeline.yaml"
+    ) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, help=f"pipeline YAML (default {default})")
         # also after the command (`hisam run ingest --threads 2`); SUPPRESS keeps the global value
         p.add_argument("--threads", type=_threads, default=argparse.SUPPRESS, help="as before the command")
         return p
@@ -94,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
             "dag.test() on MovieLens-100K when present (else the synthetic dataset), then print the "
             "tables and versions written, the metrics, the champion, and how to open MLflow and Data Docs. "
             "It reads --config, else configs/pipeline.yaml (not $HISAM_PIPELINE_CONFIG).",
-        )
+        ),
+        default=f"configs/pipeline.yaml; ${CONFIG_ENV} is ignored",
     )
     demo.add_argument(
         "--dataset",
@@ -234,9 +236,13 @@ def main(argv: list[str] | None = None) -> int:
             params["include_seen"] = str(args.include_seen).lower()
             summary = run_step("recommend", dt.datetime.now(dt.UTC).date(), args.config, params)
         else:
-            from pipelines.demo import run_demo
+            from pipelines.demo import DemoFailed, run_demo
 
-            summary = run_demo(args.config, args.dataset, args.movielens_dir)
+            try:
+                summary = run_demo(args.config, args.dataset, args.movielens_dir)
+            except DemoFailed as err:  # the failing task's traceback is in the log above
+                log.error("%s", err)
+                return 1
     except step_errors() as err:
         log.error("%s", err)
         return 2

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
+class DemoFailed(RuntimeError):
+    """A DAG of the demo ended in failure (its task logs say why)."""
+
+
 def _lifecycle() -> Any:
     """``dags/hisam_lifecycle.py``, imported the way Airflow imports DAG-folder modules."""
     dags = str(REPO / "dags")
@@ -87,7 +91,7 @@ def run_demo(config: Path | None = None, dataset: str = "auto", bundle: Path | N
         runs.append({"dag": dag_id, "state": result.state, "seconds": round(time.perf_counter() - began, 1)})
         if not result.ok:
             failed = [t for t, s in result.tasks.items() if s != "success"]
-            raise RuntimeError(
+            raise DemoFailed(
                 f"{dag_id} ended {result.state}; tasks not successful: {failed} (see the log above)"
             )
     return summarize(pipeline, settings, runs, round(time.perf_counter() - start, 1))

@@ -334,3 +334,34 @@ def test_the_demo_config_is_the_embedded_default_whatever_the_environment(tmp_pa
     assert (demo.source.kind, demo.ranker.model.hidden_size) == ("synthetic", 64)
     production = load_config(None, demo_overrides("synthetic", tmp_path / "no-bundle"))
     assert production.source.kind == "synthetic"  # explicit, even over another config's source
+
+
+def test_a_failed_demo_dag_is_a_message_and_exit_code_1(tmp_path, monkeypatch, caplog) -> None:
+    """The failing task's traceback is already in the log: the CLI adds which DAG and tasks failed,
+    not a second traceback of its own."""
+    import types
+
+    import pipelines.demo as demo
+    from pipelines.cli import main as cli
+
+    ran = []
+
+    def run_dag(dag_id: str, day: dt.date) -> types.SimpleNamespace:
+        ran.append(dag_id)
+        failed = dag_id == "hisam_tokenizer"
+        tasks = {"train_tokenizer": "failed" if failed else "success", "register": "upstream_failed"}
+        return types.SimpleNamespace(ok=not failed, state="failed" if failed else "success", tasks=tasks)
+
+    lifecycle = types.SimpleNamespace(
+        LIFECYCLE=("hisam_features", "hisam_tokenizer", "hisam_pretrain"),
+        prepare_airflow=lambda home: None,
+        run_dag=run_dag,
+    )
+    monkeypatch.setattr(demo, "_lifecycle", lambda: lifecycle)
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("HISAM_PIPELINE_CONFIG", "restored after the test")  # the demo sets its own
+    assert cli(["demo", "--dataset", "synthetic"]) == 1
+    assert ran == ["hisam_features", "hisam_tokenizer"]  # stops at the failed DAG
+    assert (
+        "hisam_tokenizer ended failed; tasks not successful: ['train_tokenizer', 'register']" in caplog.text
+    )

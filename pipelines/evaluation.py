@@ -41,7 +41,7 @@ from hisam_core.evaluation.harness import (
     scaling_records,
 )
 from hisam_core.features import ItemFeatures
-from pipelines.settings import Settings, movielens_dir
+from pipelines.settings import Settings, movielens_dir, positive_int
 from pipelines.steps import THREADS_ENV
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,7 @@ def configure(args: argparse.Namespace) -> EvaluationConfig:
     config = EvaluationConfig.from_yaml(args.config) if args.config else EvaluationConfig()
     update: dict[str, Any] = {}
     if "threads" not in config.model_fields_set and os.environ.get(THREADS_ENV):
-        update["threads"] = int(os.environ[THREADS_ENV])  # ``hisam --threads N evaluate``
+        update["threads"] = positive_int(os.environ[THREADS_ENV], f"${THREADS_ENV}")  # hisam --threads N
     if args.cache_dir:
         update["cache_dir"] = str(args.cache_dir)
     elif "cache_dir" not in config.model_fields_set:

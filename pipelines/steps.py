@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.settings import positive_int
+
 log = logging.getLogger(__name__)
 
 #: Where the pipeline config is looked for when none is given.
@@ -151,7 +153,7 @@ def step_errors() -> tuple[type[Exception], ...]:
 
 def apply_torch_threads() -> None:
     """Use ``$HISAM_TORCH_THREADS`` (default 1) torch intra-op threads, in the CLI and in Airflow tasks."""
-    threads = int(os.environ.get(THREADS_ENV, "1"))
+    threads = positive_int(os.environ.get(THREADS_ENV, "1"), f"${THREADS_ENV}")
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     else:  # torch reads it on import; importing torch here would slow steps that never use it

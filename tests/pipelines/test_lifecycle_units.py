@@ -189,6 +189,18 @@ def test_cli_lists_steps_and_refuses_unknown_ones(capsys) -> None:
         assert "must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-2", ""])
+def test_a_bad_thread_count_in_the_environment_names_the_variable(value, monkeypatch) -> None:
+    """Airflow tasks take the thread count from the environment, not from --threads."""
+    from pipelines.steps import THREADS_ENV, apply_torch_threads
+
+    monkeypatch.setenv(THREADS_ENV, value)
+    with pytest.raises(
+        ValueError, match=rf"^\$HISAM_TORCH_THREADS must be a positive integer, got '{value}'$"
+    ):
+        apply_torch_threads()
+
+
 def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, monkeypatch, caplog) -> None:
     """A misspelt ``--param`` (``tokenizer_verison``) would otherwise be ignored, and the step would
     quietly use its default. Refused before any work: no lake, no registry under HISAM_HOME."""

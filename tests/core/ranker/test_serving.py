@@ -17,6 +17,8 @@ VARIANTS = [
     {"position_encoding": "absolute"},
     {"attention_mask": "causal"},
     {"inter_fraction": 0.25},
+    {"attention_backend": "flex"},  # the FlexAttention fast path (eager on the CPU, compiled on CUDA)
+    {"attention_backend": "flex", "history_memory": "anchor_action"},
 ]
 
 
@@ -89,7 +91,10 @@ def test_anchor_cache_is_the_paper_compression(seq_config, make_model, history):
     assert int((types == TokenType.ANCHOR).sum()) == len(history)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"history_memory": "anchor_action"}, {"attention_mask": "causal"}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"history_memory": "anchor_action"}, {"attention_mask": "causal"}, {"attention_backend": "flex"}],
+)
 def test_appending_equals_full_recomputation(seq_config, semantic_ids, make_model, candidates, overrides):
     """Grow a history one interaction at a time, past the token budget (which forces a rebuild)."""
     model = make_model(**overrides)

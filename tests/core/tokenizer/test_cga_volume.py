@@ -85,6 +85,29 @@ def test_alignment_loss_prefers_matched_items():
     assert cga.alignment_loss(noisy) < cga.alignment_loss(shuffled) - 1.0
 
 
+def test_alignment_loss_is_eq1_written_out():
+    """Eq. 1 by hand in float64: ``l[i, j] = -sqrt(det(A A^T)) / tau`` for the anchor of item i with
+    the other modalities of item j, then the mean of ``-log softmax`` of the matched pair over the
+    row (anchor -> data) and over the column (data -> anchor), halved."""
+    cga = _cga()
+    with torch.no_grad():
+        cga.log_temperature.fill_(math.log(0.3))
+    items = _unit(5, 16, seed=19)  # each item's modalities near one direction: matched pairs stand out
+    aligned = {m: F.normalize(items + 0.5 * _unit(5, 16, seed=20 + i), dim=-1) for i, m in enumerate("abc")}
+    anchor, others = aligned[cga.anchor].double(), [aligned[m].double() for m in "abc" if m != cga.anchor]
+    n, tau = 5, 0.3
+    logits = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            a = torch.stack([anchor[i], *(o[j] for o in others)])
+            logits[i][j] = -math.sqrt(max(torch.linalg.det(a @ a.T).item(), 0.0)) / tau
+    rows = [logits[i][i] - math.log(sum(math.exp(x) for x in logits[i])) for i in range(n)]
+    cols = [logits[j][j] - math.log(sum(math.exp(logits[i][j]) for i in range(n))) for j in range(n)]
+    expected = 0.5 * (-sum(rows) / n - sum(cols) / n)
+    assert cga.alignment_loss(aligned).item() == pytest.approx(expected, abs=1e-5)
+    assert expected < math.log(n) - 0.5  # far from the uniform-logits value: the volumes matter
+
+
 def test_a_temperature_past_its_bound_is_projected_back_and_gets_gradient_again():
     cga = _cga()
     aligned = {m: _unit(16, 16, seed=6 + i) for i, m in enumerate("abc")}

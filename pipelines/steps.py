@@ -70,7 +70,7 @@ STEPS: dict[str, Step] = {
         Step("promote", "pipelines.promotion", "promote", "promotion gate: @champion, or rejected with reasons + alert"),
         Step("refresh-champion", "pipelines.promotion", "refresh_champion", "daily: @champion re-registered with the semantic IDs its tokenizer version gained (same weights)"),
         Step("rollback", "pipelines.promotion", "rollback", "restore @previous as @champion, then refresh it"),
-        Step("recommend", "pipelines.recommend", "recommend", "one user's top-K items from @champion (reads the lake, writes nothing)", ("user", "top_k", "alias", "include_seen")),
+        Step("recommend", "pipelines.recommend", "recommend", "one user's top-K items from @champion (reads the lake and the registry, writes no table or model)", ("user", "top_k", "alias", "include_seen")),
     ]
 }  # fmt: skip
 
@@ -80,7 +80,8 @@ def config_path(path: str | Path | None = None) -> Path | None:
     chosen = path or os.environ.get(CONFIG_ENV)
     if chosen:
         if not Path(chosen).is_file():
-            raise FileNotFoundError(f"pipeline config {chosen} does not exist")
+            problem = "is not a file" if Path(chosen).exists() else "does not exist"
+            raise FileNotFoundError(f"pipeline config {chosen} {problem}")
         return Path(chosen)
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 

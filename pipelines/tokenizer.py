@@ -542,11 +542,12 @@ def skip_if_superseded(ctx: StepContext, trained_for: str) -> None:
     from pipelines.settings import flag
     from pipelines.steps import StepSkipped
 
+    force = flag(ctx.params.get("force"), "force")  # a typo fails at once, needed or not
     name = ctx.config.models.tokenizer
     current = alias_version(ctx.mlflow, name, CURRENT)
     if current is None or _trained_for(current) <= trained_for:
         return
-    if flag(ctx.params.get("force"), "force"):
+    if force:
         log.warning("%s@%s is newer; force=true: going on", name, CURRENT)
         return
     raise StepSkipped(

@@ -728,6 +728,11 @@ def test_an_older_months_activation_leaves_the_newer_tokenizer_current(world) ->
     assert forced["tokenizer_version"] == current() == VERSION
     run_step("activate-tokenizer", dec1, world["config"])
     assert current() == december
+    with pytest.raises(ValueError, match="param force must be true or false, got 'ture'"):
+        run_step(
+            "activate-tokenizer", dec1, world["config"], {"force": "ture"}
+        )  # not needed here, still refused
+    assert current() == december
 
 
 def test_a_rollback_to_an_older_tokenizers_champion_serves_the_items_that_arrived_since(world) -> None:

@@ -219,6 +219,11 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     assert main(["run", "rollback", "--param", "force=true"]) == 2
     assert "step rollback has no param force (its params: none)" in caplog.text
     assert list(tmp_path.iterdir()) == []
+    assert main(["run", "ingest", "--config", str(tmp_path)]) == 2  # a folder, not a YAML file
+    assert f"pipeline config {tmp_path} is not a file" in caplog.text
+    assert main(["run", "ingest", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert f"pipeline config {tmp_path / 'absent.yaml'} does not exist" in caplog.text
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_forwards_only_what_follows_the_evaluate_command() -> None:

@@ -12,7 +12,7 @@ import torch
 
 from hisam_core.ranker.model import HMAT, HMATConfig
 from hisam_core.ranker.objectives import pretrain_loss, sft_loss
-from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHistory
+from hisam_core.ranker.sequence import IGNORE_LABEL, SequenceBuilder, SequenceConfig, TokenType, UserHistory
 from hisam_core.ranker.synthetic import random_semantic_ids, synthetic_histories
 from hisam_core.ranker.train import (
     RankerConfig,
@@ -161,6 +161,36 @@ def test_pretrain_loss_scores_each_token_against_the_next_one_and_skips_padding(
             if batch.valid[b, t] and batch.valid[b, t + 1]
         ]
         assert float(pretrain_loss(model, batch)) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+
+
+def test_sft_loss_is_eq11_written_out_and_padding_changes_nothing():
+    """Eq. 11: the mean over labelled items of ``-log softmax(h_anchor . E[actions])[action]``, where
+    ``h_anchor`` is the output at the item's Anchor under the MA mask and the Action token that follows
+    it is the one predicted. A padded row scores as it does alone."""
+    torch.manual_seed(0)
+    builder = SequenceBuilder(SEQUENCE)
+    vocab = builder.vocab
+    model = HMAT(MODEL, vocab.size).eval()
+    first = TRAIN_USERS[0]
+    short = UserHistory(7, TRAIN_USERS[1].items[:3], TRAIN_USERS[1].actions[:3], TRAIN_USERS[1].profile)
+    short = UserHistory(7, short.items, short.actions, short.profile, np.array([True, False, True]))
+    batch = builder.batch([first, short])  # the second row is padded and labels 2 of its 3 items
+    assert not bool(batch.valid.all())
+    with torch.no_grad():
+        hidden = model(batch, model.mask(batch, "memory_anchor")).hidden
+        table = model.embed.weight[vocab.action_ids]
+        terms, per_row = [], [0, 0]
+        for b, t in zip(*np.nonzero((batch.labels != IGNORE_LABEL).numpy()), strict=True):
+            label = int(batch.labels[b, t])
+            assert batch.token_type[b, t] == TokenType.ANCHOR
+            assert batch.tokens[b, t + 1] == vocab.action_ids[label]  # the Action it predicts comes next
+            terms.append(-torch.log_softmax(hidden[b, t] @ table.T, -1)[label])
+            per_row[b] += 1
+        assert per_row == [int((batch.token_type[0] == TokenType.ACTION).sum()), 2]
+        loss = float(sft_loss(model, batch, vocab))
+        assert loss == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+        alone = [float(sft_loss(model, builder.batch([user]), vocab)) for user in (first, short)]
+        assert loss == pytest.approx(np.average(alone, weights=per_row), rel=1e-5)
 
 
 def test_checkpoint_is_a_weights_only_config_and_state_dict(tmp_path):

@@ -81,6 +81,38 @@ def test_sft_from_pretrained_learns_the_task(pretrained, tmp_path):
     assert {"cold_auc", "cold_gauc"} <= set(metrics)
 
 
+def test_evaluate_scores_each_labelled_action_as_the_reference_scores_its_prefix():
+    """``evaluate`` = ``ranking_metrics`` of the reference scores: item k of a user scored as a
+    candidate after the user's first k items (a separate full forward pass, dense mask), on every
+    labelled item once, whatever the batch size; the cold subset is ``cold_users``."""
+    from hisam_core.metrics import ranking_metrics
+    from hisam_core.ranker.serving import rank_reference
+
+    torch.manual_seed(0)
+    model = HMAT(MODEL, SequenceBuilder(SEQUENCE).vocab.size).eval()
+    users = [
+        UserHistory(
+            u.user_id, u.items[:5], u.actions[:5], u.profile, np.array([False, True, True, False, True])
+        )
+        for u in [u for u in TEST_USERS if len(u) >= 5][:12]
+    ]  # 5 items fit the 64-token budget whole: no window cuts a prefix
+    scores, labels, groups = [], [], []
+    for user in users:
+        for k in np.flatnonzero(user.targets):
+            prefix = UserHistory(user.user_id, user.items[:k], user.actions[:k], user.profile)
+            scores.append(float(rank_reference(model, SEQUENCE, prefix, user.items[k : k + 1])[0]))
+            labels.append(int(user.actions[k] == SequenceBuilder(SEQUENCE).vocab.positive_index))
+            groups.append(user.user_id)
+    cold = {u.user_id for u in users[:5]}
+    expected = ranking_metrics(
+        np.array(labels), np.array(scores), np.array(groups), np.isin(groups, list(cold))
+    )
+    assert len(scores) == 36 and 0 < sum(labels) < 36 and np.std(scores) > 1e-3
+    for batch_size in (256, 5, 1):
+        got = evaluate(model, SEQUENCE, users, batch_size=batch_size, cold_users=cold)
+        assert got == pytest.approx(expected, abs=1e-6), batch_size
+
+
 def test_sft_from_scratch_learns_the_task(tmp_path):
     model = train(config("sft", 30), TRAIN_USERS, tmp_path)
     assert evaluate(model, SEQUENCE, TEST_USERS)["auc"] > 0.9

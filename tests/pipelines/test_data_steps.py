@@ -254,6 +254,47 @@ def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_toke
     assert waiting == {"ready": False, "items": 20, "missing": {"behavior": 0, "image": 0, "text": 1}}
 
 
+def test_a_tokenizer_failing_codebook_health_is_not_registered_and_alerts(ctx_of) -> None:
+    """64 codes per position for 19 items: no position can use more than 19 / 64 of its codes, under
+    the floor of 0.5. The run is tagged and logs its health, one alert names the failing positions,
+    and nothing is registered or made current; the next test's train-tokenizer of the same version
+    then registers it (a failure blocks no retry)."""
+    import json
+
+    import mlflow
+
+    from pipelines.config import PipelineConfig
+    from pipelines.registry import CURRENT, alias_version, find_versions
+    from pipelines.steps import run_step
+    from pipelines.tokenizer import TokenizerHealthError
+
+    ctx = ctx_of()
+    raw = ctx.config.model_dump()
+    raw["tokenizer"]["train"]["model"]["codebook_size"] = 64
+    raw["ranker"]["sequence"]["codebook_size"] = 64
+    raw["tokenizer"]["health"] = {"min_utilisation": 0.5, "min_unique_id_rate": 0.0}
+    config = PipelineConfig.model_validate(raw)
+    alerts = ctx.settings.home / "alerts.jsonl"
+    before = alerts.read_text().splitlines() if alerts.exists() else []
+    with pytest.raises(
+        TokenizerHealthError, match=rf"tokenizer {VERSION} failed codebook health: utilisation_"
+    ):
+        run_step("train-tokenizer", DAY, config, {"tokenizer_version": VERSION})
+    assert find_versions(ctx.mlflow, "hisam-tokenizer") == []
+    assert alias_version(ctx.mlflow, "hisam-tokenizer", CURRENT) is None
+    (run,) = mlflow.search_runs(
+        experiment_names=[ctx.settings.experiment],
+        filter_string=f"tags.`hisam.step` = 'train-tokenizer' and tags.tokenizer_version = '{VERSION}'",
+        output_format="list",
+    )
+    assert run.data.tags["health"] == "failed"
+    used = {k: v for k, v in run.data.metrics.items() if k.startswith("utilisation_")}
+    assert len(used) == 6 and max(used.values()) <= 19 / 64
+    (alert,) = [json.loads(line) for line in alerts.read_text().splitlines()[len(before) :]]
+    assert alert["title"] == f"tokenizer {VERSION} failed codebook health"
+    assert alert["text"].count("below 0.500") == 6
+
+
 def test_older_interactions_arriving_later_never_put_what_the_behaviour_codes_saw_in_test(ctx_of) -> None:
     """A tokenizer records the cut before which its behaviour encoder saw every interaction; when a
     late historical import moves the quantile cut earlier, that tokenizer's samples stay cut there,

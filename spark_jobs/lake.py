@@ -43,6 +43,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -160,8 +161,8 @@ def sql_literal(value: Any) -> str:
     """A SQL literal understood by Spark SQL and DataFusion (delta-rs) alike."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
+    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+        return repr(value)  # not NaN or inf: no literal, and NaN equals nothing
     if isinstance(value, dt.datetime):
         return f"'{value.isoformat(sep=' ')}'"
     if isinstance(value, dt.date):

@@ -201,6 +201,28 @@ def test_partition_values_survive_odd_characters(spark, lake):
     assert (row.dataset, row.logical_date, row.attributes["age"]) == (name, D1, "30")
 
 
+def test_a_quote_in_a_partition_value_replaces_that_partition_only(spark, lake):
+    """``o'brien`` is escaped in the replace predicate: a rerun rewrites its own rows and never
+    touches ``o`` (a predicate cut at the quote would match it)."""
+    for name, ids in (("o", ["1", "2"]), ("o'brien", ["3"]), ("o'brien", ["4", "5"])):
+        lake.write(
+            users(spark, name, D1, ids),
+            "bronze.users",
+            mode="replace_partition",
+            partition_values={"dataset": name, "logical_date": D1},
+        )
+    rows = {(r.dataset, r.user_id) for r in lake.read("bronze.users").collect()}
+    assert rows == {("o", "1"), ("o", "2"), ("o'brien", "4"), ("o'brien", "5")}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_partition_value_is_refused(value):
+    from spark_jobs.lake import partition_predicate
+
+    with pytest.raises(ValueError, match=r"cannot use .* as a partition value"):
+        partition_predicate({"score": value})
+
+
 def test_replace_partition_refuses_rows_outside_it(spark, lake):
     with pytest.raises(ValueError, match=r"1 rows have logical_date outside datetime\.date\(2024, 1, 2\)"):
         lake.write(

@@ -260,3 +260,46 @@ def test_a_misspelt_gate_metric_is_a_config_error() -> None:
         PromotionGateConfig(max_regression={"auc": 0.01, "cold_guac": 0.02})
     with pytest.raises(ValueError, match=r"gate.floors names \['ndcg'\]"):
         PromotionGateConfig(floors={"ndcg": 0.1})
+
+
+def test_promote_refuses_a_candidate_judged_against_a_champion_since_replaced(
+    tmp_path, mlflow_store, monkeypatch
+) -> None:
+    """Candidate v3 was evaluated against v1, but @champion is v2 now (another day's promotion or a
+    rollback): judging v3 on a comparison with v1 could replace a better champion. Refused, and
+    nothing moves or is tagged; evaluated against v2, it is judged and promoted."""
+    import datetime as dt
+
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+    from pipelines.promotion import promote
+    from pipelines.ranker import RUN_KEY
+    from pipelines.ranker_model import TRAINING_RUN_TAG
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
+    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
+    client, name = ctx.mlflow, ctx.config.models.ranker
+    tags = {"hisam.step": "finetune", "hisam.run_key": ctx.run_key}
+    run = client.create_run(ctx.experiment_id, tags=tags)
+    client.create_registered_model(name)
+    for _ in range(3):
+        client.create_model_version(name, source=str(tmp_path / "artifacts"))
+    apply_decision(client, name, "1", decide(GOOD, None, GATE))
+    apply_decision(client, name, "2", decide(GOOD, GOOD, GATE))
+    better = {f"eval.{m}": f"{v + 0.05:.6f}" for m, v in GOOD.items()}
+    judged = {f"champion.{m}": f"{v:.6f}" for m, v in GOOD.items()}
+    candidate = {RUN_KEY: ctx.run_key, TRAINING_RUN_TAG: run.info.run_id, **better, **judged}
+    for key, value in {**candidate, "eval.champion_version": "1"}.items():
+        client.set_model_version_tag(name, "3", key, value)
+
+    with pytest.raises(ValueError, match=rf"{name}@champion is v2 but candidate v3 was evaluated against v1"):
+        promote(ctx)
+    assert champion_version(client, name) == "2"
+    assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == "1"
+    assert "gate" not in client.get_model_version(name, "3").tags
+
+    client.set_model_version_tag(name, "3", "eval.champion_version", "2")  # evaluate ran again
+    assert promote(ctx)["promoted"] is True
+    assert champion_version(client, name) == "3"
+    assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == "2"

@@ -137,6 +137,38 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     assert embed["behavior"]["cut"] == out["cut"]  # the ghost events at the end move neither
 
 
+@pytest.mark.parametrize("fault", ["drops", "repeats"])
+def test_a_build_that_loses_or_repeats_a_sample_writes_nothing(ctx_of, monkeypatch, fault) -> None:
+    """Runs after the samples test. The step's own count check, not the transform's: a sample lost or
+    repeated between the transform and the write fails the build before any table is written."""
+    import dataclasses
+
+    from deltalake import DeltaTable
+
+    import spark_jobs.sequences
+    from pipelines.steps import run_step
+
+    ctx = ctx_of()
+    build = spark_jobs.sequences.build_sequences
+
+    def faulty(*args, **kwargs):
+        result = build(*args, **kwargs)
+        samples = result.samples
+        changed = (
+            samples.limit(samples.count() - 1) if fault == "drops" else samples.unionByName(samples.limit(1))
+        )
+        return dataclasses.replace(result, samples=changed)
+
+    monkeypatch.setattr(spark_jobs.sequences, "build_sequences", faulty)
+    tables = ["gold.samples", "gold.user_sequences", "bronze.quarantine"]
+    before = [DeltaTable(ctx.table_path(t)).version() for t in tables]
+    with pytest.raises(
+        RuntimeError, match=r"sequence counts do not reconcile: \d+ \+ \d+ != 300; nothing written"
+    ):
+        run_step("build-sequences", DAY, ctx.config, {"tokenizer_version": VERSION})
+    assert [DeltaTable(ctx.table_path(t)).version() for t in tables] == before
+
+
 def test_training_waits_for_the_days_build_and_skips_before_any_tokenizer(ctx_of) -> None:
     """Builds on the samples of DAY: ``samples-ready`` finds the build's commit record."""
     from pipelines.steps import StepSkipped, run_step

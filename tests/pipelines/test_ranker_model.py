@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from hisam_core.ranker.model import HMATConfig
 from hisam_core.ranker.sequence import SequenceConfig, UserHistory
@@ -183,6 +184,21 @@ def test_unknown_items_and_bad_requests_raise(trained: dict) -> None:
     mismatched.at[1, "history_actions"] = [0]
     with pytest.raises(ValueError, match="2 history_item_ids but 1 history_actions"):
         model.predict(mismatched)
+    # what the logged signature refuses before the model sees it (MLflow's schema enforcement)
+    with pytest.raises(MlflowException, match=r"Model is missing inputs \['profile_gender'\]"):
+        model.predict(frame.drop(columns=["profile_gender"]))
+    for column, value in (("profile_age", None), ("candidate_item_ids", [3, 2.5])):
+        bad = frame.astype({column: object})
+        bad.at[1, column] = value
+        with pytest.raises(MlflowException, match=f"Failed to enforce schema|{column}"):
+            model.predict(bad)
+    # what only the model can tell
+    bad = frame.copy()
+    bad.at[1, "profile_age"] = 9
+    with pytest.raises(ValueError, match=r"profile field 'age' value 9 outside \[0, 4\)"):
+        model.predict(bad)
+    with pytest.raises(ValueError, match="chunk_size must be at least 1, got 0"):
+        model.predict(frame, params={"chunk_size": 0})
 
 
 def test_log_ranker_rejects_a_config_that_is_not_the_checkpoints(trained: dict) -> None:

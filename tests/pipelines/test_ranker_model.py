@@ -150,12 +150,24 @@ def test_predict_equals_reference_and_ignores_candidate_order(trained: dict) -> 
         np.testing.assert_allclose(got, np.asarray(base)[perm], atol=1e-6, rtol=0)
 
 
-def test_champion_alias_serves_the_same_model(trained: dict) -> None:
-    apply_decision(MlflowClient(), NAME, "1", GateDecision(True, []))
+def test_champion_alias_serves_the_version_it_points_at(trained: dict, tmp_path: Path) -> None:
+    """v2 holds other weights (v1's, perturbed): ``@champion`` serves v1, then v2 once promoted."""
+    state = torch.load(trained["settings"].home / "ckpt" / "checkpoint.pt", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    state["state_dict"] = {
+        k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in state["state_dict"].items()
+    }
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with mlflow.start_run():
+        log_ranker(tmp_path / "checkpoint.pt", trained["config"], trained["semantic_ids"], NAME)
     frame = requests(trained, seed=9)
-    champion = load_ranker(f"models:/{NAME}@champion", "random-0").predict(frame)
-    version_1 = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(frame)
-    pd.testing.assert_frame_equal(champion, version_1)
+    scores = {v: mlflow.pyfunc.load_model(f"models:/{NAME}/{v}").predict(frame) for v in ("1", "2")}
+    assert not scores["1"].equals(scores["2"])
+    for version in ("1", "2"):
+        apply_decision(MlflowClient(), NAME, version, GateDecision(True, []))
+        champion = load_ranker(f"models:/{NAME}@champion", "random-0").predict(frame)
+        pd.testing.assert_frame_equal(champion, scores[version])
 
 
 def test_tokenizer_version_mismatch_is_refused(trained: dict) -> None:

@@ -78,6 +78,33 @@ def test_gradients_reach_the_encoder_through_the_quantizer():
             assert torch.allclose(encoder.bias.grad, error.sum(0), atol=1e-4)
 
 
+def test_the_rotation_trick_sends_the_encoder_the_rotated_scaled_gradient():
+    """One layer, rotation trick (Fifty et al., 2024): ``dL/de_i = lambda_i R_i^T g_i`` with
+    ``R = I - 2 w w^T + 2 q_hat e_hat^T``, ``w = (e_hat + q_hat) / |e_hat + q_hat|``,
+    ``lambda = |q| / |e|`` and ``g = dL/dq``; the encoder gets ``sum_i dL/de_i x_i^T``."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(8, 8)
+    rq = ResidualQuantizer(1, 16, 8, beta=0.25, rotation_trick=True)
+    x = _mixture(64, 8)
+    e = encoder(x)
+    out = rq(e)
+    ((out.quantized - x) ** 2).sum().backward()
+    q, e = out.quantized.detach().double(), e.detach().double()
+    g = 2 * (q - x.double())
+    expected = []
+    for e_i, q_i, g_i in zip(e, q, g, strict=True):
+        e_hat, q_hat = e_i / e_i.norm(), q_i / q_i.norm()
+        w = (e_hat + q_hat) / (e_hat + q_hat).norm()
+        rotation = torch.eye(8, dtype=torch.float64) - 2 * torch.outer(w, w) + 2 * torch.outer(q_hat, e_hat)
+        torch.testing.assert_close(rotation @ e_hat, q_hat)  # R takes e_hat onto q_hat
+        expected.append(q_i.norm() / e_i.norm() * rotation.T @ g_i)
+    grad_e = torch.stack(expected)
+    torch.testing.assert_close(encoder.weight.grad.double(), grad_e.T @ x.double(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(encoder.bias.grad.double(), grad_e.sum(0), atol=1e-4, rtol=1e-4)
+    identity = g.T @ x.double()  # what straight-through would have sent: the trick changes it
+    assert (encoder.weight.grad.double() - identity).abs().max() > 0.1
+
+
 def test_kmeans_initialisation_fits_the_data():
     data = _mixture(1024, 8)
     vq = VectorQuantizer(12, 8, beta=0.25, rotation_trick=False)

@@ -102,6 +102,19 @@ def test_new_items_continue_the_suffixes_of_known_ones(trained):
     assert len(np.unique(one_pass.codes, axis=0)) == len(features)
 
 
+def test_more_items_on_one_id_than_the_suffix_can_separate_is_an_error(trained):
+    """The suffix is one more code of the same vocabulary: K items may share an ID, the K+1-th not."""
+    model, features, _, _ = trained
+    with_suffix = DST(model.config.model_copy(update={"dedup_suffix": True}))
+    with_suffix.load_state_dict(model.state_dict())
+    one, k = features.subset(np.array([0])), model.config.codebook_size
+    codes = model.encode(one, "v").codes
+    last = with_suffix.encode(one, "v", known_codes=np.repeat(codes, k - 1, axis=0))
+    assert last.codes[0, -1] == k - 1
+    with pytest.raises(ValueError, match=f"^{k + 1} items share one ID: more than the suffix can separate$"):
+        with_suffix.encode(one, "v", known_codes=np.repeat(codes, k, axis=0))
+
+
 def test_failed_save_leaves_no_partial_checkpoint(trained, tmp_path, monkeypatch):
     model, _, _, _ = trained
 

@@ -158,6 +158,24 @@ def test_a_broken_config_still_sends_the_failure_alert(dags, tmp_path, monkeypat
     assert alert["title"] == "hisam_finetune.finetune failed" and "not valid YAML" in alert["text"]
 
 
+def test_an_asset_triggered_run_takes_the_day_it_was_due(dags) -> None:
+    """Runs triggered by an asset (hisam_pretrain after @current moves) have no logical date: their
+    steps run for the day of ``run_after`` (Airflow gives both in UTC)."""
+    from types import SimpleNamespace
+
+    from hisam_common import logical_day
+
+    due = dt.datetime(2026, 11, 30, 23, 30, tzinfo=dt.UTC)
+    scheduled = dt.datetime(2026, 11, 2, tzinfo=dt.UTC)
+    assert logical_day({"logical_date": None, "dag_run": SimpleNamespace(run_after=due)}) == dt.date(
+        2026, 11, 30
+    )
+    assert (
+        logical_day({"logical_date": scheduled, "dag_run": SimpleNamespace(run_after=due)})
+        == scheduled.date()
+    )
+
+
 def test_parsing_imports_nothing_heavy() -> None:
     """The scheduler parses DAG files constantly: no torch, Spark, MLflow or pipelines at import."""
     code = (

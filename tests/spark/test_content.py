@@ -60,6 +60,8 @@ def test_item_documents_order_labels_and_hash(spark):
     doc = item_documents(silver_items(spark, ITEMS[:1]), custom).first().document
     assert doc.splitlines()[2:] == ["Zeta: last", "Director: Ann", "Video release date: x"]
     assert doc != docs[1].document  # a config change changes the hash, so embeddings are redone
+    long = silver_items(spark, [(4, "T", [], {"tagline": "0123456789" * 4}, None)])
+    assert item_documents(long, custom).first().document == "Title: T\nTagline: 0123456789012345"
 
 
 def test_age_buckets_and_profile_tokens(spark):

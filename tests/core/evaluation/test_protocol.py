@@ -65,6 +65,7 @@ def test_windows_cover_every_interaction_once_with_enough_context(planted, windo
     for windows, part in ((train_windows, split.train), (test_windows, split.test)):
         targets = target_arrays(windows)
         keys = pd.Series(list(zip(targets["users"], targets["items"], strict=True)))
+        assert len(keys) == len(part)  # each interaction is a target exactly once: none lost, none twice
         assert not keys.duplicated().any()
         assert set(keys) == set(zip(part["user_id"], part["item_id"], strict=True))
     sequences = {u: rows["item_id"].to_numpy() for u, rows in split.interactions.groupby("user_id")}

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from hisam_core.ranker.sequence import SequenceConfig
 from hisam_core.ranker.train import RankerConfig
@@ -83,7 +86,13 @@ def test_training_curves_png_is_logged(run) -> None:
     path = log_training_curves(history, "sft")
     assert path == "plots/sft.png"
     local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=path))
-    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and local.stat().st_size > 5_000
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the logged image is that history's figure: two panels of 4.2 x 3 inches at 110 dpi, same pixels
+    expected = io.BytesIO()
+    plot_training_curves(history, "sft").savefig(expected, dpi=110)
+    logged, drawn = Image.open(local), Image.open(expected)
+    assert logged.size == drawn.size == (round(2 * 4.2 * 110), round(3.0 * 110))
+    assert np.array_equal(np.asarray(logged), np.asarray(drawn))
     with pytest.raises(ValueError, match="empty"):
         log_training_curves({"loss": []}, "none")
 

@@ -339,6 +339,37 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
     fresh = after[after["item_id"].isin(new_ids)]
     assert len(after) == 125 and set(fresh["tokenizer_version"]) == {VERSION}
     assert all(len(c) == 6 and min(c) >= 0 and max(c) < 16 for c in fresh["semantic_ids"])
+    # the IDs themselves: today's rows of the fixed encoders, and for behaviour the cold row (mean of
+    # the warm rows) of the space DST was trained and the catalogue encoded in, not today's retrained one
+    from hisam_core.features import ItemFeatures
+    from pipelines.registry import find_versions
+    from pipelines.tokenizer import CATALOGUE_SNAPSHOT
+    from pipelines.tokenizer_model import load_tokenizer
+
+    (registered,) = find_versions(_client(), "hisam-tokenizer", tokenizer_version=VERSION)
+    snapshot = int(registered.tags.get(CATALOGUE_SNAPSHOT) or registered.tags["delta.version"])
+    embeddings = str(world["home"] / "lake" / "gold" / "item_embeddings")
+    then, now = DeltaTable(embeddings, version=snapshot).to_pandas(), DeltaTable(embeddings).to_pandas()
+
+    def warm_mean(frame: pd.DataFrame) -> np.ndarray:
+        warm = frame[(frame["modality"] == "behavior") & frame["present"]]
+        return np.stack(warm["embedding"].to_numpy()).astype(np.float32).mean(0)
+
+    cold = warm_mean(then)
+    assert not np.allclose(cold, warm_mean(now), atol=1e-4)  # the behaviour space moved: the choice matters
+    dst = load_tokenizer(f"models:/hisam-tokenizer/{registered.version}").dst
+    order = np.array(sorted(new_ids))
+    today = now[now["item_id"].isin(order)].set_index(["modality", "item_id"])
+    fixed = [m for m in dst.modalities if m != "behavior"]
+    features = ItemFeatures(
+        order,
+        {m: np.stack([today.loc[(m, i), "embedding"] for i in order]).astype(np.float32) for m in fixed}
+        | {"behavior": np.repeat(cold[None], len(order), axis=0)},
+        {m: np.array([bool(today.loc[(m, i), "present"]) for i in order]) for m in fixed}
+        | {"behavior": np.zeros(len(order), dtype=bool)},
+    )
+    expected = dst.encode(features, version=VERSION)
+    assert fresh.set_index("item_id").loc[order, "semantic_ids"].map(list).tolist() == expected.codes.tolist()
     samples = lake.read("gold.samples", partitions={**part, "tokenizer_version": VERSION})
     assert samples.filter(F.col("item_id").isin(list(new_ids))).count() == 40
     assert samples.count() == 3000 + 40  # every valid interaction is a sample: none quarantined
@@ -637,7 +668,20 @@ def test_a_pretraining_that_lands_after_the_days_fine_tune_is_fine_tuned_that_da
         and candidate.tags["run_key"] == f"tiny/{dec1.isoformat()}"
     )
     assert candidate.tags["eval.auc"] == f"{evening.data.metrics['eval.auc']:.6f}"  # judged on that run
-    assert candidate.tags["gate"] in {"promoted", "rejected"}
+    # the verdict is the gate's on the tagged metrics, against the champion it was evaluated with
+    from pipelines.ranker import CHAMPION_PREFIX, EVAL_PREFIX, UNMEASURED, metrics_of
+    from pipelines.registry import DRIFT_PREFIX, GATE_METRICS, decide
+    from pipelines.steps import load_config
+
+    judged = client.get_model_version("hisam-ranker", candidate.tags["eval.champion_version"])
+    decision = decide(
+        metrics_of(candidate.tags, EVAL_PREFIX, GATE_METRICS),
+        metrics_of(candidate.tags, CHAMPION_PREFIX, GATE_METRICS),
+        load_config(world["config"]).gate,
+        metrics_of(judged.tags, DRIFT_PREFIX, GATE_METRICS),
+        [m for m in candidate.tags.get(UNMEASURED, "").split(",") if m],
+    )
+    assert candidate.tags["gate"] == ("promoted" if decision.promote else "rejected")
 
 
 def test_a_snapshot_without_cold_start_users_is_judged_on_the_other_metrics(world) -> None:

@@ -5,8 +5,9 @@ exactly as training saw the user: the user's stream from ``gold.samples`` of the
 version (every interaction, oldest first, with its action), the profile buckets of the packaged
 vocabulary from ``gold.user_profiles``, and as candidates every item of the packaged semantic-ID
 table the user has no interaction with in ``silver.interactions`` (``include_seen`` keeps those).
-The pyfunc model scores them in one pass (Sec. 3.4.2). Reads the lake and the registry, writes
-nothing. History items the model has no IDs for (newer than its table) are left out and counted.
+The pyfunc model scores them in one pass (Sec. 3.4.2); the lake reads keep only this user's rows
+(and the top items' titles) in Arrow, so a large table is not loaded whole. Reads the lake and the
+registry, writes no table or model. History items the model has no IDs for (newer than its table) are left out and counted.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     table, config = model.semantic_ids, model.config.sequence
 
     part = {"dataset": ctx.dataset}
-    events, _ = ctx.read_table(INTERACTIONS, part, ["user_key", "user_id", "item_id"])
-    events = events[events["user_key"] == user_key]
+    events, _ = ctx.read_table(
+        INTERACTIONS, part, ["user_key", "user_id", "item_id"], where=[("user_key", "=", user_key)]
+    )
     if events.empty:
         raise ValueError(f"user {user_key!r} has no interactions in {INTERACTIONS} of {ctx.dataset!r}")
     user_id = int(events["user_id"].iloc[0])
@@ -55,8 +57,9 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         "gold.samples",
         {**part, "tokenizer_version": table.version},
         ["user_id", "item_id", "event_ts", "action"],
+        where=[("user_id", "=", user_id)],
     )
-    stream = stream[stream["user_id"] == user_id].sort_values(["event_ts", "item_id"], kind="stable")
+    stream = stream.sort_values(["event_ts", "item_id"], kind="stable")
     known = np.isin(stream["item_id"].to_numpy(), table.item_ids)
     request: dict[str, Any] = {
         "user_id": user_id,
@@ -66,8 +69,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     profile = dict.fromkeys(config.profile_fields, UNKNOWN)
     if config.profile_fields and model.profile_vocabulary is not None:
         fields = list(model.profile_vocabulary.fields)
-        rows, _ = ctx.read_table("gold.user_profiles", part, ["user_id", *fields])
-        rows = rows[rows["user_id"] == user_id][fields]
+        rows, _ = ctx.read_table("gold.user_profiles", part, fields, where=[("user_id", "=", user_id)])
         if not rows.empty:
             profile = model.profile_vocabulary.encode(rows.iloc[0].to_dict())
     request.update({f"{PROFILE_PREFIX}{f}": b for f, b in profile.items()})
@@ -79,8 +81,10 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     scores = model.score(request, f"user {user_key!r}")
     order = np.lexsort((candidates, -scores))[:top_k]  # highest score first, ties by item id
     top = candidates[order]
-    titles, _ = ctx.read_table(ITEMS, part, ["item_id", "item_key", "title"])
-    info = titles[titles["item_id"].isin(top)].set_index("item_id").to_dict("index")
+    titles, _ = ctx.read_table(
+        ITEMS, part, ["item_id", "item_key", "title"], where=[("item_id", "in", top.tolist())]
+    )
+    info = titles.set_index("item_id").to_dict("index")
     log.info("%s v%s: %d candidates scored for user %s", name, version.version, len(candidates), user_key)
     return {
         "model": f"{name}@{alias}",

@@ -80,15 +80,21 @@ def _located(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "data": data}
 
 
-def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs of ``reuse`` whose experiment is still defined the same way; an error when the data,
-    protocol or budget differ (their runs would not be comparable)."""
+def _comparable(config: EvaluationConfig, reuse: dict[str, Any]) -> dict[str, Any]:
+    """The earlier result's config (new defaults filled, paths absolute); an error when its data,
+    protocol or budget differ from ``config``'s (its runs would not be comparable)."""
     current = _located(config.model_dump(mode="json"))
     earlier = EvaluationConfig.model_validate(reuse["config"]).model_dump(mode="json")  # fills new defaults
     earlier = _located(earlier)
     differ = [k for k in SHARED if earlier[k] != current[k]]
     if differ:
         raise ValueError(f"--reuse: the earlier result differs in {differ}; its runs are not comparable")
+    return earlier
+
+
+def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs of ``reuse`` whose experiment is still defined the same way (:func:`_comparable` first)."""
+    earlier = _comparable(config, reuse)
     before = {e["name"]: e for e in earlier["experiments"]}
     now = {e.name: e.model_dump(mode="json") for e in config.experiments}
     kept = [r for r in reuse["runs"] if before.get(r["experiment"]) == now.get(r["experiment"])]
@@ -423,30 +429,51 @@ def main(
     prog: str | None = None,
 ) -> int:
     """Defaults: results in ``$HISAM_HOME/evaluation/results``, features in ``$HISAM_HOME/cache``,
-    semantic-ID tables and DST checkpoints in ``$HISAM_HOME/evaluation``. Bad options, config or
-    input files: the message and exit code 2."""
+    semantic-ID tables and DST checkpoints in ``$HISAM_HOME/evaluation``. Bad options, config,
+    data folder or ``--reuse`` file: the message and exit code 2, before any training."""
     home = Settings.from_env().home
     results = results or home / "evaluation" / "results"
     args = parser(results, features_cache or home / "cache", prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
-    try:
-        return render(args.results) if args.render else _evaluate(args, argv, prog)
-    except (ValueError, KeyError, FileNotFoundError) as err:  # bad config, option or input: no traceback
+    if args.render:
+        return render(args.results)
+    try:  # the inputs only: an error while training is a bug, and keeps its traceback
+        config = configure(args)
+        reuse = _read_reuse(args.reuse, config) if args.reuse else None
+    except (ValueError, OSError) as err:
         log.error("%s", err)
         return 2
-
-
-def _evaluate(args: argparse.Namespace, argv: list[str] | None, prog: str | None) -> int:
-    config = configure(args)
-    torch.set_num_threads(config.threads)
     if config.data.dataset == "movielens" and not (Path(config.data.path) / "raw" / "u.data").exists():
         log.error(
             "MovieLens-100K not found at %s (set data.path in --config or pass --data)", config.data.path
         )
         return 2
+    return _evaluate(args, config, reuse, argv, prog)
 
+
+def _read_reuse(path: Path, config: EvaluationConfig) -> dict[str, Any]:
+    """The earlier result of ``--reuse``, checked to be one whose runs ``config`` can keep."""
+    try:
+        reuse = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"--reuse {path}: cannot read it ({err.strerror or err})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--reuse {path}: not JSON ({err})") from err
+    if not isinstance(reuse, dict) or not {"config", "runs"} <= set(reuse):
+        raise ValueError(f"--reuse {path}: not a quality.json (it needs 'config' and 'runs')")
+    _comparable(config, reuse)
+    return reuse
+
+
+def _evaluate(
+    args: argparse.Namespace,
+    config: EvaluationConfig,
+    reuse: dict[str, Any] | None,
+    argv: list[str] | None,
+    prog: str | None,
+) -> int:
+    torch.set_num_threads(config.threads)
     start = time.perf_counter()
-    reuse = json.loads(args.reuse.read_text()) if args.reuse else None
     if reuse is not None or args.workers > 1:
         result = run_parallel(config, str(args.features_cache), args.workers, reuse)
     else:

@@ -124,20 +124,44 @@ def test_evaluate_without_the_dataset_is_a_clear_error(tmp_path, caplog):
     [
         (["--config", "absent.yaml"], "absent.yaml"),
         (["--config", "bad.yaml"], "foo"),  # an unknown key
+        (["--config", "."], "Is a directory"),
         (["--run", "nosuch"], "unknown experiments or sets: ['nosuch']"),
-        (["--reuse", "absent.json"], "absent.json"),
+        (["--reuse", "absent.json"], "--reuse absent.json: cannot read it (No such file or directory)"),
+        (["--reuse", "bad.yaml"], "--reuse bad.yaml: not JSON"),
+        (["--reuse", "other.json"], "--reuse other.json: not a quality.json (it needs 'config' and 'runs')"),
+        (["--reuse", "shorter.json"], "--reuse: the earlier result differs in ['train']"),
     ],
 )
 def test_bad_evaluate_input_is_a_message_and_exit_code_2(given, message, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HISAM_HOME", str(tmp_path / "home"))
     (tmp_path / "bad.yaml").write_text("foo: 1\n")
+    (tmp_path / "other.json").write_text('{"runs": []}\n')
+    shorter = {"data": {"path": str(tmp_path / "ml")}, "train": {"max_steps": 7}}
+    earlier = {"config": EvaluationConfig.model_validate(shorter).model_dump(mode="json"), "runs": []}
+    (tmp_path / "shorter.json").write_text(json.dumps(earlier))
     (tmp_path / "ml" / "raw").mkdir(parents=True)
     (tmp_path / "ml" / "raw" / "u.data").write_text("")  # found: the error is the option's
-    with caplog.at_level(logging.ERROR, logger="hisam.evaluation"):
+    with caplog.at_level(logging.ERROR, logger="pipelines.evaluation"):
         assert cli(["evaluate", "--data", str(tmp_path / "ml"), *given]) == 2
     assert message in caplog.text
     assert not (tmp_path / "home" / "evaluation" / "results").exists()  # nothing written
+
+
+def test_an_error_while_evaluating_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the inputs are checked into exit code 2: a ValueError from training is a bug to see whole."""
+    import pipelines.evaluation as evaluation
+
+    def broken(*_args):
+        raise ValueError("shapes disagree deep in training")
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(evaluation, "_features", lambda *_args: None)
+    monkeypatch.setattr(evaluation, "run_evaluation", broken)
+    (tmp_path / "ml" / "raw").mkdir(parents=True)
+    (tmp_path / "ml" / "raw" / "u.data").write_text("")
+    with pytest.raises(ValueError, match="shapes disagree deep in training"):
+        cli(["evaluate", "--data", str(tmp_path / "ml")])
 
 
 def test_set_seeds_without_seeds_is_a_usage_error(capsys):

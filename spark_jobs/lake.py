@@ -44,6 +44,7 @@ import datetime as dt
 import json
 import logging
 import math
+import numbers
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -158,11 +159,13 @@ def conform(df: DataFrame, table: str | TableSpec) -> DataFrame:
 
 
 def sql_literal(value: Any) -> str:
-    """A SQL literal understood by Spark SQL and DataFusion (delta-rs) alike."""
+    """A SQL literal understood by Spark SQL and DataFusion (delta-rs) alike (NaN and inf refused)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
-        return repr(value)  # not NaN or inf: no literal, and NaN equals nothing
+    if isinstance(value, numbers.Integral):  # numpy's too: repr(np.int64(1)) is not SQL
+        return str(int(value))
+    if isinstance(value, numbers.Real) and math.isfinite(value):  # NaN and inf have no literal
+        return repr(float(value))
     if isinstance(value, dt.datetime):
         return f"'{value.isoformat(sep=' ')}'"
     if isinstance(value, dt.date):

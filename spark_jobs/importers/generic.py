@@ -97,8 +97,9 @@ class GenericImportConfig(Config):
     @field_validator("text_columns")
     @classmethod
     def _distinct(cls, columns: list[str] | None) -> list[str] | None:
+        """One attribute per column: Spark would fail the whole import on the repeated map key."""
         repeated = sorted({c for c in columns if columns.count(c) > 1}) if columns else []
-        if repeated:  # one attribute per column: Spark would fail the import on the repeated map key
+        if repeated:
             raise ValueError(f"text_columns lists {repeated} more than once")
         return columns
 

@@ -103,7 +103,7 @@ def parse_ratings(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
             (not_int(ts), F.concat(F.lit("timestamp "), quoted(ts), F.lit(" is not unix seconds"))),
             (
                 ts.try_cast("long") >= MAX_SECONDS,
-                F.concat(F.lit("timestamp "), ts, F.lit(" is not unix seconds (outside [0, 1e11))")),
+                F.concat(F.lit("timestamp "), quoted(ts), F.lit(" is not unix seconds (1e11 or later)")),
             ),
         ),
     )

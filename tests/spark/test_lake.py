@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from pyspark.sql import functions as F
@@ -215,12 +216,22 @@ def test_a_quote_in_a_partition_value_replaces_that_partition_only(spark, lake):
     assert rows == {("o", "1"), ("o", "2"), ("o'brien", "4"), ("o'brien", "5")}
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])
 def test_a_non_finite_partition_value_is_refused(value):
     from spark_jobs.lake import partition_predicate
 
     with pytest.raises(ValueError, match=r"cannot use .* as a partition value"):
         partition_predicate({"score": value})
+
+
+def test_numpy_numbers_are_plain_sql_literals():
+    """numpy 2 reprs ``np.int64(3)``, which no SQL engine reads: values from pandas are numpy."""
+    from spark_jobs.lake import partition_predicate
+
+    assert (
+        partition_predicate({"a": np.int64(3), "b": np.float64(1.5), "c": True})
+        == "a = 3 AND b = 1.5 AND c = true"
+    )
 
 
 def test_replace_partition_refuses_rows_outside_it(spark, lake):

@@ -54,4 +54,5 @@ gpu-check: $(STAMP) ## on a CUDA machine: the GPU tests, then the serving benchm
 
 quality: $(STAMP) ## offline evaluation: Hi-SAM vs baselines and ablations (writes benchmarks/results/quality.*)
 	$(BIN)/python benchmarks/quality.py --run main controls ablations modalities --seeds 0 1 2 \
-		--scaling --scaling-layers 1 2 4 --scaling-tokens 48 80 160 300 --workers 2 --mlflow
+		--scaling --scaling-layers 1 2 4 --scaling-tokens 48 80 160 300 --workers 2 --mlflow \
+		--cache-dir benchmarks/.cache/evaluation

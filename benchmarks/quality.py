@@ -4,7 +4,8 @@ evaluate`` (:mod:`pipelines.evaluation`) writing to ``benchmarks/results/`` with
 
 The committed MovieLens-100K results:
 ``python benchmarks/quality.py --run main controls ablations modalities --seeds 0 1 2 \
---scaling --scaling-layers 1 2 4 --scaling-tokens 48 80 160 300 --workers 2 --mlflow``
+--scaling --scaling-layers 1 2 4 --scaling-tokens 48 80 160 300 --workers 2 --mlflow \
+--cache-dir benchmarks/.cache/evaluation`` (``make quality``)
 """
 
 from __future__ import annotations

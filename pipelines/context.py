@@ -7,8 +7,10 @@ GPU training steps, which read gold tables with delta-rs (:meth:`read_table`), n
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -119,11 +121,11 @@ class StepContext:
         partitions: dict[str, Any],
         columns: list[str] | None = None,
         version: int | None = None,
-        where: Sequence[tuple[str, str, Any]] = (),
+        where: Mapping[str, Any] | None = None,
     ) -> tuple[pd.DataFrame, int]:
         """A partition of a lake table as pandas, with the Delta version read (delta-rs, no Spark).
-        ``where``: row filters ``(column, op, value)`` applied in Arrow before pandas, with files
-        pruned by their statistics (one user's rows of a large table, not the whole partition)."""
+        ``where``: ``column -> value`` (a list: any of them) that rows must match, applied in Arrow
+        before pandas (one user's rows of a large table, not the whole partition)."""
         from deltalake import DeltaTable
 
         path = self.table_path(table)
@@ -132,8 +134,7 @@ class StepContext:
                 f"lake table {table} does not exist at {path}: run the upstream step first"
             )
         delta = DeltaTable(path, version=version, storage_options=self.config.lake.storage_options or None)
-        filters = [(key, "=", value) for key, value in partitions.items()] + list(where)
-        frame = delta.to_pandas(columns=columns, filters=filters or None)
+        frame = delta.to_pandas(columns=columns, filters=_matching(partitions, where or {}))
         return frame, int(delta.version())
 
     @cached_property
@@ -164,3 +165,20 @@ class StepContext:
 
         _ = self.experiment_id
         return MlflowClient()
+
+
+def _matching(partitions: Mapping[str, Any], rows: Mapping[str, Any]) -> Any:
+    """The Arrow filter of :meth:`StepContext.read_table` (None: every row). Text columns are compared
+    as ``string``: files written from Spark's Arrow hold ``string_view``, which Arrow cannot compare
+    with a ``string`` literal (partition values come from the log, typed as the table declares)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    terms = [ds.field(column) == value for column, value in partitions.items()]
+    for column, value in rows.items():
+        values = list(value) if isinstance(value, list | tuple | set) else [value]
+        field = ds.field(column)
+        terms.append(
+            (field.cast(pa.string()) if values and isinstance(values[0], str) else field).isin(values)
+        )
+    return functools.reduce(operator.and_, terms) if terms else None

@@ -48,7 +48,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
 
     part = {"dataset": ctx.dataset}
     events, _ = ctx.read_table(
-        INTERACTIONS, part, ["user_key", "user_id", "item_id"], where=[("user_key", "=", user_key)]
+        INTERACTIONS, part, ["user_key", "user_id", "item_id"], where={"user_key": user_key}
     )
     if events.empty:
         raise ValueError(f"user {user_key!r} has no interactions in {INTERACTIONS} of {ctx.dataset!r}")
@@ -57,7 +57,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         "gold.samples",
         {**part, "tokenizer_version": table.version},
         ["user_id", "item_id", "event_ts", "action"],
-        where=[("user_id", "=", user_id)],
+        where={"user_id": user_id},
     )
     stream = stream.sort_values(["event_ts", "item_id"], kind="stable")
     known = np.isin(stream["item_id"].to_numpy(), table.item_ids)
@@ -69,7 +69,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     profile = dict.fromkeys(config.profile_fields, UNKNOWN)
     if config.profile_fields and model.profile_vocabulary is not None:
         fields = list(model.profile_vocabulary.fields)
-        rows, _ = ctx.read_table("gold.user_profiles", part, fields, where=[("user_id", "=", user_id)])
+        rows, _ = ctx.read_table("gold.user_profiles", part, fields, where={"user_id": user_id})
         if not rows.empty:
             profile = model.profile_vocabulary.encode(rows.iloc[0].to_dict())
     request.update({f"{PROFILE_PREFIX}{f}": b for f, b in profile.items()})
@@ -81,9 +81,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     scores = model.score(request, f"user {user_key!r}")
     order = np.lexsort((candidates, -scores))[:top_k]  # highest score first, ties by item id
     top = candidates[order]
-    titles, _ = ctx.read_table(
-        ITEMS, part, ["item_id", "item_key", "title"], where=[("item_id", "in", top.tolist())]
-    )
+    titles, _ = ctx.read_table(ITEMS, part, ["item_id", "item_key", "title"], where={"item_id": top.tolist()})
     info = titles.set_index("item_id").to_dict("index")
     log.info("%s v%s: %d candidates scored for user %s", name, version.version, len(candidates), user_key)
     return {

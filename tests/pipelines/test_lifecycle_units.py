@@ -382,3 +382,33 @@ def test_a_failed_demo_dag_is_a_message_and_exit_code_1(tmp_path, monkeypatch, c
     assert (
         "hisam_tokenizer ended failed; tasks not successful: ['train_tokenizer', 'register']" in caplog.text
     )
+
+
+def test_read_table_filters_rows_in_arrow_also_on_string_view_files(tmp_path, monkeypatch) -> None:
+    """Files written from Spark's Arrow hold ``string_view`` columns, which Arrow cannot compare with
+    a ``string`` literal: ``where`` still selects by text, by number and by a list, within the
+    partition, and an empty list selects nothing."""
+    import deltalake
+    import pyarrow as pa
+
+    from pipelines.context import StepContext
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
+    rows = {
+        "dataset": pa.array(["a", "a", "a", "b"]),
+        "user_key": pa.array(["u1", "u2", "u1", "u1"], pa.string_view()),
+        "item_id": pa.array([1, 2, 3, 1], pa.int64()),
+    }
+    deltalake.write_deltalake(ctx.table_path("silver.interactions"), pa.table(rows), partition_by=["dataset"])
+    part = {"dataset": "a"}
+
+    def items(**where) -> list[int]:
+        frame, version = ctx.read_table("silver.interactions", part, ["item_id"], where=where)
+        assert version == 0
+        return sorted(frame["item_id"].tolist())
+
+    assert items() == [1, 2, 3]
+    assert items(user_key="u1") == [1, 3] and items(user_key=["u2", "u9"]) == [2]
+    assert items(item_id=1) == [1] and items(item_id=[2, 3]) == [2, 3] and items(item_id=[]) == []
+    assert items(user_key="u1", item_id=[2, 3]) == [3]

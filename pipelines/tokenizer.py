@@ -431,7 +431,8 @@ def cold_behavior_embedding(ctx: StepContext, snapshot: int) -> np.ndarray:
     frame = frame[frame["present"]]
     if frame.empty:
         raise ValueError(f"{EMBEDDINGS}@v{snapshot} has no warm behaviour rows to place a new item by")
-    return np.stack(frame["embedding"].to_numpy()).astype(np.float32).mean(0)
+    embeddings = np.stack(frame["embedding"].to_numpy())
+    return embeddings.mean(0, dtype=np.float64).astype(np.float32)  # the same in any row order
 
 
 def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:

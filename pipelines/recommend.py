@@ -7,7 +7,8 @@ vocabulary from ``gold.user_profiles``, and as candidates every item of the pack
 table the user has no interaction with in ``silver.interactions`` (``include_seen`` keeps those).
 The pyfunc model scores them in one pass (Sec. 3.4.2); the lake reads keep only this user's rows
 (and the top items' titles) in Arrow, so a large table is not loaded whole. Reads the lake and the
-registry, writes no table or model. History items the model has no IDs for (newer than its table) are left out and counted.
+registry, writes no table or model. History items the model has no IDs for (newer than its table)
+are left out and counted.
 """
 
 from __future__ import annotations

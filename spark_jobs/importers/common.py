@@ -37,6 +37,10 @@ LINE = "_line"
 CORRUPT = "_corrupt_record"
 #: Separator of the one-column CSV trick in :func:`read_lines`; a line containing it is quarantined.
 LINE_SEP_GUARD = "\u0001"
+#: Unit of a numeric timestamp by magnitude (``timestamp_unit="auto"``): values below 1e11 are
+#: seconds (1e11 s is the year 5138), below 1e14 milliseconds, below 1e17 microseconds, else
+#: nanoseconds (1e11 ms, 1e14 us and 1e17 ns are all in 1973: later data is read right).
+UNIT_BOUNDS: tuple[tuple[str, float], ...] = (("s", 1e11), ("ms", 1e14), ("us", 1e17), ("ns", 1e20))
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from spark_jobs.importers.common import (
     LINE,
     RAW,
     REASON,
+    UNIT_BOUNDS,
     ImportReport,
     Parsed,
     blank,
@@ -229,12 +230,6 @@ def read_as_strings(
 def _col(names: list[str], name: str) -> Column:
     """The column if the input has it, else null."""
     return F.trim(field(name)) if name in names else F.lit(None).cast("string")
-
-
-#: Unit of a numeric timestamp by magnitude (``timestamp_unit="auto"``): values below 1e11 are
-#: seconds (1e11 s is the year 5138), below 1e14 milliseconds, below 1e17 microseconds, else
-#: nanoseconds (1e11 ms, 1e14 us and 1e17 ns are all in 1973: later data is read right).
-UNIT_BOUNDS: tuple[tuple[str, float], ...] = (("s", 1e11), ("ms", 1e14), ("us", 1e17), ("ns", 1e20))
 
 
 def parse_timestamp(value: Column, unit: str) -> Column:

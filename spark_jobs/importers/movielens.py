@@ -33,6 +33,7 @@ from spark_jobs.importers.common import (
     LINE,
     RAW,
     REASON,
+    UNIT_BOUNDS,
     ImportReport,
     Parsed,
     blank,
@@ -58,9 +59,9 @@ GENRES: tuple[str, ...] = (
     "War", "Western",
 )  # fmt: skip
 EXTRA_TEXT_COLUMNS: tuple[str, ...] = ("rated", "genre", "director", "writer", "actors", "plot")
-#: Timestamps at or past 1e11 s (the year 5138) are not seconds: milliseconds, most likely. They are
+#: Timestamps at or past 1e11 s (the year 5138) are not seconds (milliseconds, most likely): they are
 #: quarantined rather than read as a far future, or overflowing Spark's timestamp range.
-MAX_SECONDS = 10**11
+MAX_SECONDS = dict(UNIT_BOUNDS)["s"]
 
 
 class MovieLensImportConfig(Config):

@@ -21,10 +21,10 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,6 +45,8 @@ from pipelines.settings import Settings, movielens_dir, positive_int
 from pipelines.steps import THREADS_ENV
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 EXPERIMENT = "hisam-evaluation"
 FINDINGS = "quality_findings.md"
@@ -134,8 +136,8 @@ def run_parallel(
 
     subs.sort(key=cost, reverse=True)
     log.info("%d jobs to run (%d kept from an earlier result), %d workers", len(subs), len(kept), workers)
-    with ProcessPoolExecutor(max(workers, 1), mp_context=get_context("spawn")) as pool:
-        parts = list(pool.map(_job, [(sub, features_cache) for sub in subs]))
+    labels = [f"{sub.run[0]} seed {sub.seeds[0]}" for sub in subs]
+    parts = pool_map(_job, [(sub, features_cache) for sub in subs], workers, labels)
     log.info("reusing %d runs and %d sweep points", len(kept), len(kept_points))
     records = {**kept_points}
     records |= {(r["experiment"], r["seed"]): r for r in [*kept, *(r for p in parts for r in p["runs"])]}
@@ -146,6 +148,26 @@ def run_parallel(
     scaling = collect_scaling(config, records) if config.scaling is not None else None
     dataset = parts[0]["dataset"] if parts else (reuse or {}).get("dataset", {})
     return assemble(config, dataset, runs, scaling)
+
+
+def _labelled(job: tuple[int, str, Callable[[T], R], T]) -> tuple[int, R]:
+    k, label, fn, item = job
+    try:
+        return k, fn(item)
+    except BaseException as err:
+        err.add_note(f"in job {label}")
+        raise
+
+
+def pool_map(fn: Callable[[T], R], items: list[T], workers: int, labels: list[str]) -> list[R]:
+    """``[fn(item) for item in items]`` in ``workers`` spawned processes. The first failure is raised
+    as soon as it happens, noted with its label, and stops every other job."""
+    results: dict[int, R] = {}
+    with get_context("spawn").Pool(max(workers, 1)) as pool:  # leaving it terminates the workers
+        jobs = [(k, label, fn, item) for k, (label, item) in enumerate(zip(labels, items, strict=True))]
+        for k, result in pool.imap_unordered(_labelled, jobs):
+            results[k] = result
+    return [results[k] for k in range(len(items))]
 
 
 def _finite(metrics: dict[str, float | None]) -> dict[str, float]:

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from hisam_core.evaluation.harness import EvaluationConfig, assemble, json_safe
 from pipelines.cli import main as cli
-from pipelines.evaluation import EXPERIMENT, FINDINGS, _reusable, write_report
+from pipelines.evaluation import EXPERIMENT, FINDINGS, _reusable, pool_map, write_report
 
 TINY = {
     "max_tokens": 48,
@@ -162,6 +162,23 @@ def test_an_error_while_evaluating_keeps_its_traceback(tmp_path, monkeypatch):
     (tmp_path / "ml" / "raw" / "u.data").write_text("")
     with pytest.raises(ValueError, match="shapes disagree deep in training"):
         cli(["evaluate", "--data", str(tmp_path / "ml")])
+
+
+def test_a_failed_job_stops_the_others_at_once(tmp_path):
+    """The first job fails at once; each later one would leave a file after 0.5 s. The failure is
+    raised, noted with its job, and no later job is left to finish."""
+    later = [
+        f"import pathlib, time; time.sleep(0.5); pathlib.Path({str(tmp_path / str(k))!r}).touch()"
+        for k in range(6)
+    ]
+    with pytest.raises(ValueError, match="broken") as raised:
+        pool_map(exec, ["raise ValueError('broken')", *later], 2, ["first", *map(str, range(6))])
+    assert raised.value.__notes__ == ["in job first"]
+    assert list(tmp_path.iterdir()) == []  # the workers are gone: none can still write
+
+
+def test_pool_map_keeps_the_order_of_its_items():
+    assert pool_map(abs, [-3, 1, -2], 2, ["a", "b", "c"]) == [3, 1, 2]
 
 
 def test_set_seeds_without_seeds_is_a_usage_error(capsys):

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from hisam_core.evaluation.harness import EvaluationConfig, assemble, json_safe
+from hisam_core.evaluation.harness import EvaluationConfig, assemble, json_safe, run_evaluation
 from pipelines.cli import main as cli
-from pipelines.evaluation import EXPERIMENT, FINDINGS, _reusable, pool_map, write_report
+from pipelines.evaluation import EXPERIMENT, FINDINGS, _reusable, pool_map, run_parallel, write_report
 
 TINY = {
     "max_tokens": 48,
@@ -162,6 +162,49 @@ def test_an_error_while_evaluating_keeps_its_traceback(tmp_path, monkeypatch):
     (tmp_path / "ml" / "raw" / "u.data").write_text("")
     with pytest.raises(ValueError, match="shapes disagree deep in training"):
         cli(["evaluate", "--data", str(tmp_path / "ml")])
+
+
+def test_parallel_jobs_give_the_serial_result_and_the_sweep_reuses_the_base_runs(
+    planted_interactions, tmp_path, caplog
+):
+    """``--workers 2`` splits the evaluation into one process per (experiment, seed), sweep points
+    included: the merged result is the serial one. The sweep's base point is the main run itself, the
+    other points are runs of their own, and a rerun with ``--reuse`` of the result trains nothing."""
+    frame, modalities, item_ids = planted_interactions
+    frame.to_csv(tmp_path / "interactions.csv", index=False)
+    np.savez(tmp_path / "features.npz", item_ids=item_ids, **{f"emb_{m}": v for m, v in modalities.items()})
+    data = {"dataset": "generic", "path": str(tmp_path / "interactions.csv")}
+    config = EvaluationConfig.model_validate(
+        {
+            **TINY,
+            "data": {**data, "features_path": str(tmp_path / "features.npz")},
+            "cache_dir": str(tmp_path / "cache"),
+            "scaling": {
+                "experiment": "hisam_sft",
+                "num_layers": [1, 2],
+                "max_tokens": [24, 48],
+                "seeds": [0],
+            },
+        }
+    )
+    serial = json_safe(run_evaluation(config))
+    parallel = json_safe(run_parallel(config, str(tmp_path / "unused"), 2))
+    timeless = [
+        [{k: v for k, v in r.items() if k != "wall_s"} for r in x["runs"]] for x in (serial, parallel)
+    ]
+    assert timeless[0] == timeless[1] and len(timeless[0]) == 4
+    assert parallel["scaling"] == serial["scaling"] and parallel["summary"] == serial["summary"]
+
+    (main,) = [r["metrics"] for r in serial["runs"] if (r["experiment"], r["seed"]) == ("hisam_sft", 0)]
+    for axis, base, other in (("num_layers", 1, 2), ("max_tokens", 48, 24)):
+        points = {p.pop("value"): p for p in serial["scaling"][axis]}
+        assert points[base] == {"seed": 0, **main}
+        assert points[other]["gauc"] != main["gauc"]
+
+    with caplog.at_level(logging.INFO, logger="pipelines.evaluation"):
+        again = json_safe(run_parallel(config, str(tmp_path / "unused"), 2, reuse=parallel))
+    assert "0 jobs to run (4 kept from an earlier result)" in caplog.text
+    assert again["runs"] == parallel["runs"] and again["scaling"] == parallel["scaling"]
 
 
 def test_a_failed_job_stops_the_others_at_once(tmp_path):

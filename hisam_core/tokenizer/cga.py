@@ -78,8 +78,12 @@ class Standardize(nn.Module):
 
     @torch.no_grad()
     def fit(self, x: torch.Tensor) -> None:
-        self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0, unbiased=False).clamp_min(1e-6))
+        """A dimension that does not vary over ``x`` is centred and left unscaled (as scikit-learn's
+        ``StandardScaler``): dividing by its ~0 spread would blow any later change up a millionfold."""
+        mean, std = x.mean(0), x.std(0, unbiased=False)
+        flat = std <= 1e-6 * mean.abs().clamp_min(1.0)
+        self.mean.copy_(mean)
+        self.std.copy_(torch.where(flat, torch.ones_like(std), std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hisam_core.features import ItemFeatures
+from hisam_core.tokenizer.cga import Standardize
 from hisam_core.tokenizer.dst import DST, DSTConfig
 from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
 from hisam_core.tokenizer.metrics import normalized_mutual_information as nmi
@@ -138,6 +139,33 @@ def test_a_diverging_run_raises_and_writes_no_checkpoint(planted, tiny, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_dimension_constant_in_training_is_centred_not_scaled():
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    x[:, 1] = 300.0  # summing 50 copies in float32 leaves a spread of rounding only
+    standardize = Standardize(3)
+    standardize.fit(x)
+    assert standardize.std[1] == 1.0
+    torch.testing.assert_close(standardize(x + torch.tensor([0.0, 0.01, 0.0]))[:, 1], torch.full((50,), 0.01))
+    z = standardize(x)[:, [0, 2]]
+    torch.testing.assert_close(z.mean(0), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(2))
+
+
+def test_a_change_in_a_dimension_constant_in_training_keeps_the_ids(planted, tiny):
+    """An image histogram bin no training poster uses: a new image that uses it a little is still
+    its item's image (incremental encoding of new items)."""
+    features = planted[0].subset(np.arange(300))
+
+    def with_bin(value: float) -> ItemFeatures:
+        image = features.modalities["image"].copy()
+        image[:, 0] = value
+        return ItemFeatures(features.item_ids, {**features.modalities, "image": image})
+
+    config = TokenizerTrainConfig.model_validate({**tiny, "epochs": 4, "alignment_warmup_epochs": 1})
+    model = train_tokenizer(with_bin(0.0), config)
+    assert np.array_equal(model.encode(with_bin(1e-4), "t").codes, model.encode(with_bin(0.0), "t").codes)
+
+
 def test_training_is_deterministic(planted, tiny):
     features, _ = planted
     small = features.subset(np.arange(300))
@@ -228,6 +256,17 @@ def test_bad_input_is_rejected_when_features_are_built():
         ItemFeatures(ids, {"image": np.zeros((3, 2), dtype=np.float32)})
     with pytest.raises(ValueError, match="non-empty"):
         ItemFeatures(np.arange(0), {"text": np.zeros((0, 3), dtype=np.float32)})
+    text = {"text": np.zeros((2, 3), dtype=np.float32)}
+    with pytest.raises(ValueError, match="must be integers, got float64"):  # 1.2 and 1.7 would both be 1
+        ItemFeatures(np.array([1.2, 1.7]), text)
+    with pytest.raises(ValueError, match="must fit int64"):  # 2**63 would wrap to -2**63
+        ItemFeatures(np.array([2**63, 0], dtype=np.uint64), text)
+
+
+def test_features_swapped_for_float64_after_validation_encode_as_float32(trained):
+    model, features, _, _ = trained
+    wider = _mutated(features, "text", features.modalities["text"].astype(np.float64))
+    assert np.array_equal(model.encode(wider, "v").codes, model.encode(features, "v").codes)
 
 
 def test_config_file_holds_the_paper_defaults():

@@ -16,6 +16,22 @@ import numpy as np
 MODALITIES: tuple[str, ...] = ("behavior", "image", "text")
 
 
+def as_item_ids(values: np.ndarray) -> np.ndarray:
+    """``values`` as unique int64 item ids; floats, or integers past int64, are a ValueError rather
+    than ids that a cast would truncate or wrap onto each other."""
+    item_ids = np.asarray(values)
+    if item_ids.ndim != 1 or item_ids.shape[0] == 0:
+        raise ValueError(f"item_ids must be a non-empty 1-D array, got shape {item_ids.shape}")
+    if item_ids.dtype.kind not in "iu":
+        raise ValueError(f"item_ids must be integers, got {item_ids.dtype} (e.g. {item_ids[:3].tolist()})")
+    if item_ids.dtype.kind == "u" and int(item_ids.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"item_ids must fit int64, got {int(item_ids.max())}")
+    item_ids = item_ids.astype(np.int64)
+    if len(np.unique(item_ids)) != len(item_ids):
+        raise ValueError("item_ids must be unique")
+    return item_ids
+
+
 @dataclass(frozen=True)
 class ItemFeatures:
     """Raw (pre-alignment) embeddings per modality for one catalogue of items."""
@@ -25,11 +41,7 @@ class ItemFeatures:
     present: dict[str, np.ndarray] = field(default_factory=dict)  # name -> bool [N]; absent: all True
 
     def __post_init__(self) -> None:
-        item_ids = np.asarray(self.item_ids)
-        if item_ids.ndim != 1 or item_ids.shape[0] == 0:
-            raise ValueError(f"item_ids must be a non-empty 1-D array, got shape {item_ids.shape}")
-        if len(np.unique(item_ids)) != len(item_ids):
-            raise ValueError("item_ids must be unique")
+        item_ids = as_item_ids(self.item_ids)
         if not self.modalities:
             raise ValueError("at least one modality is required")
         arrays: dict[str, np.ndarray] = {}
@@ -62,7 +74,7 @@ class ItemFeatures:
                     f"got {mask.dtype} {mask.shape}"
                 )
             present[name] = mask
-        object.__setattr__(self, "item_ids", item_ids.astype(np.int64))
+        object.__setattr__(self, "item_ids", item_ids)
         object.__setattr__(self, "modalities", arrays)
         object.__setattr__(self, "present", present)
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hisam_core.features import as_item_ids
+
 
 @dataclass(frozen=True)
 class SemanticIds:
@@ -25,12 +27,10 @@ class SemanticIds:
     position_names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        item_ids = np.asarray(self.item_ids, dtype=np.int64)
+        item_ids = as_item_ids(self.item_ids)
         codes = np.asarray(self.codes, dtype=np.int64)
         if codes.ndim != 2 or codes.shape[0] != item_ids.shape[0]:
             raise ValueError(f"codes must be [N, positions] with N={item_ids.shape[0]}, got {codes.shape}")
-        if len(np.unique(item_ids)) != len(item_ids):
-            raise ValueError("item_ids must be unique")
         if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(
                 f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]"
@@ -72,19 +72,23 @@ class SemanticIds:
         )
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, codebook_size: int) -> SemanticIds:
+    def from_frame(
+        cls, frame: pd.DataFrame, codebook_size: int, position_names: tuple[str, ...] = ()
+    ) -> SemanticIds:
         versions = frame["tokenizer_version"].unique()
         if len(versions) != 1:
             raise ValueError(f"expected one tokenizer_version, got {list(versions)}")
         codes = np.stack([np.asarray(c, dtype=np.int64) for c in frame["semantic_ids"]])
-        return cls(frame["item_id"].to_numpy(), codes, codebook_size, str(versions[0]))
+        return cls(frame["item_id"].to_numpy(), codes, codebook_size, str(versions[0]), position_names)
 
     def save(self, path: str | Path) -> None:
-        frame = self.to_frame()
-        frame.attrs = {}
-        frame.assign(codebook_size=self.codebook_size).to_parquet(path, index=False)
+        """Parquet, the position names in its metadata (pandas ``attrs``)."""
+        frame = self.to_frame().assign(codebook_size=self.codebook_size)
+        frame.attrs = {"position_names": list(self.position_names)}
+        frame.to_parquet(path, index=False)
 
     @classmethod
     def load(cls, path: str | Path) -> SemanticIds:
         frame = pd.read_parquet(path)
-        return cls.from_frame(frame, int(frame["codebook_size"].iloc[0]))
+        names = tuple(frame.attrs.get("position_names", ()))
+        return cls.from_frame(frame, int(frame["codebook_size"].iloc[0]), names)

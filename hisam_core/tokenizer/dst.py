@@ -116,13 +116,12 @@ class DSTOutput:
     present: dict[str, torch.Tensor]  # bool [B]: False where x_m is a fallback row
 
 
-def validate_features(features: ItemFeatures, modality_dims: dict[str, int]) -> None:
-    """Raise a ValueError naming the modality if ``features`` does not fit a model of these dims.
-
-    Arrays inside ``ItemFeatures`` are mutable, so its checks (row counts, NaN/inf, empty) are re-run.
-    """
-    ItemFeatures(features.item_ids, features.modalities, features.present)
-    features.check_dims(modality_dims)
+def validate_features(features: ItemFeatures, modality_dims: dict[str, int]) -> ItemFeatures:
+    """``features`` checked again (its arrays are mutable: row counts, NaN/inf, empty) and fitted to
+    a model of these dims, as the float32 copy the checks ran on; a ValueError names the modality."""
+    checked = ItemFeatures(features.item_ids, features.modalities, features.present)
+    checked.check_dims(modality_dims)
+    return checked
 
 
 class DST(nn.Module):
@@ -280,7 +279,7 @@ class DST(nn.Module):
 
     def tensors(self, features: ItemFeatures) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Validated raw features as float tensors on the model's device, and their ``present`` masks."""
-        validate_features(features, self.config.modality_dims)
+        features = validate_features(features, self.config.modality_dims)
         device = next(self.parameters()).device
         raw = {m: torch.as_tensor(features.modalities[m], device=device) for m in self.modalities}
         present = {m: torch.as_tensor(features.present[m], device=device) for m in self.modalities}
@@ -339,4 +338,4 @@ class DST(nn.Module):
         payload = torch.load(path, map_location=map_location, weights_only=True)
         model = cls(DSTConfig.from_dict(payload["config"]))
         model.load_state_dict(payload["state_dict"])
-        return model.eval()
+        return model.to(map_location).eval()

@@ -101,7 +101,7 @@ class RQVAE(nn.Module):
         return losses
 
     def tensors(self, features: ItemFeatures) -> dict[str, torch.Tensor]:
-        validate_features(features, self.config.modality_dims)
+        features = validate_features(features, self.config.modality_dims)
         device = next(self.parameters()).device
         return {m: torch.as_tensor(features.modalities[m], device=device) for m in self.modalities}
 

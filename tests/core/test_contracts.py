@@ -92,12 +92,12 @@ def test_semantic_id_tokens_partition_one_vocabulary() -> None:
 
 def test_semantic_ids_round_trip_and_lookup(tmp_path) -> None:
     rng = np.random.default_rng(1)
-    ids = SemanticIds(
-        np.array([5, 3, 9]), rng.integers(0, 16, size=(3, 6)), codebook_size=16, version="dst-1"
-    )
+    names = ("shared_0", "shared_1", "shared_2", "behavior", "image", "text")
+    ids = SemanticIds(np.array([5, 3, 9]), rng.integers(0, 16, size=(3, 6)), 16, "dst-1", names)
     ids.save(tmp_path / "ids.parquet")
     back = SemanticIds.load(tmp_path / "ids.parquet")
-    assert back.version == "dst-1" and back.codebook_size == 16
+    assert back.version == "dst-1" and back.codebook_size == 16 and back.position_names == names
+    assert np.array_equal(back.item_ids, ids.item_ids) and np.array_equal(back.codes, ids.codes)
     assert np.array_equal(back.lookup(np.array([9, 5])), ids.codes[[2, 0]])
     with pytest.raises(KeyError, match=r"\[42\]"):
         ids.lookup(np.array([3, 42]))

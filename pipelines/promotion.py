@@ -140,7 +140,7 @@ def promote(ctx: StepContext) -> dict[str, Any]:
     champion = alias_version(ctx.mlflow, name, CHAMPION)
     current = str(champion.version) if champion else None
     if current == version:  # a retry after the aliases moved but before the tag was written
-        apply_decision(ctx.mlflow, name, version, GateDecision(True, []))
+        apply_decision(ctx.mlflow, name, version, GateDecision(True, []), against=evaluated_against)
         return {"model_version": version, "gate": "promoted", "skipped": True}
     if current != evaluated_against:
         raise ValueError(
@@ -162,7 +162,7 @@ def promote(ctx: StepContext) -> dict[str, Any]:
             champion_version=current,
             champion_drift=behind,
         )
-    apply_decision(ctx.mlflow, name, version, decision)
+    apply_decision(ctx.mlflow, name, version, decision, against=evaluated_against)
     return {
         "model_version": version,
         "promoted": decision.promote,
@@ -208,7 +208,7 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     done = find_versions(ctx.mlflow, name, **key)
     if done:  # a retry after registering, or a champion restored since the day's refresh of it
         refreshed = str(done[0].version)
-        make_refreshed_champion(ctx.mlflow, name, refreshed)
+        make_refreshed_champion(ctx.mlflow, name, refreshed, refreshed_from=str(champion.version))
         return {"champion": refreshed, "model_version": refreshed, "skipped": True}
 
     version = champion.tags[TOKENIZER_VERSION]
@@ -265,7 +265,7 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
             profile_vocabulary=served.profile_vocabulary,
             version_tags=tags,
         )
-    make_refreshed_champion(ctx.mlflow, name, str(registered.version))
+    make_refreshed_champion(ctx.mlflow, name, str(registered.version), refreshed_from=str(champion.version))
     log.info(
         "%s v%s serves v%s's weights with %d more %s items",
         name, registered.version, champion.version, summary["new_items"], version,

@@ -170,8 +170,27 @@ def champion_version(client: MlflowClient, model: str) -> str | None:
     return None if found is None else str(found.version)
 
 
-def apply_decision(client: MlflowClient, model: str, version: str, decision: GateDecision) -> None:
-    """Move the aliases (promote) or tag the candidate rejected; both are recorded as tags."""
+def _still_champion(
+    client: MlflowClient, model: str, expected: str | None, version: str, what: str
+) -> str | None:
+    """``@champion`` read again just before an alias moves: it must still be ``expected`` (or already
+    ``version``, a retry). A rollback or promote since ``expected`` was read is refused, not undone.
+    MLflow has no compare-and-set for aliases, so this narrows the race to the alias write itself."""
+    now = champion_version(client, model)
+    if now not in (expected, version):
+        raise ValueError(
+            f"{model}@champion moved from v{expected} to v{now} while {what} v{version} was prepared "
+            "(a rollback or another promotion): refusing to move it back; rerun the step"
+        )
+    return now
+
+
+def apply_decision(
+    client: MlflowClient, model: str, version: str, decision: GateDecision, *, against: str | None
+) -> None:
+    """Move the aliases (promote) or tag the candidate rejected; both are recorded as tags.
+    ``against`` is the champion the candidate was judged against (None: there was none)."""
+    _still_champion(client, model, against, version, "candidate")
     if decision.unmeasured:
         client.set_model_version_tag(model, version, "gate_unmeasured", ",".join(decision.unmeasured))
     if not decision.promote:  # the reasons first: a retry skips a version tagged with its gate
@@ -189,9 +208,10 @@ def apply_decision(client: MlflowClient, model: str, version: str, decision: Gat
     log.info("%s v%s promoted to @%s (previous: %s)", model, version, CHAMPION, old)
 
 
-def make_refreshed_champion(client: MlflowClient, model: str, version: str) -> None:
+def make_refreshed_champion(client: MlflowClient, model: str, version: str, *, refreshed_from: str) -> None:
     """Point ``@champion`` at a refreshed version (the champion's weights with more semantic IDs,
-    ``refresh-champion``); ``@previous`` stays where it was."""
+    ``refresh-champion``) if it still is ``refreshed_from``; ``@previous`` stays where it was."""
+    _still_champion(client, model, refreshed_from, version, "refresh")
     client.set_model_version_tag(model, version, "gate", "refreshed")  # first: a retry keys on the alias
     client.set_registered_model_alias(model, CHAMPION, version)
     log.info("%s v%s (refreshed) is @%s", model, version, CHAMPION)

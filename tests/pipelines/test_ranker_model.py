@@ -164,8 +164,8 @@ def test_champion_alias_serves_the_version_it_points_at(trained: dict, tmp_path:
     frame = requests(trained, seed=9)
     scores = {v: mlflow.pyfunc.load_model(f"models:/{NAME}/{v}").predict(frame) for v in ("1", "2")}
     assert not scores["1"].equals(scores["2"])
-    for version in ("1", "2"):
-        apply_decision(MlflowClient(), NAME, version, GateDecision(True, []))
+    for version, against in (("1", None), ("2", "1")):
+        apply_decision(MlflowClient(), NAME, version, GateDecision(True, []), against=against)
         champion = load_ranker(f"models:/{NAME}@champion", "random-0").predict(frame)
         pd.testing.assert_frame_equal(champion, scores[version])
 

@@ -17,6 +17,7 @@ from pipelines.registry import (
     apply_decision,
     champion_version,
     decide,
+    make_refreshed_champion,
     rollback,
 )
 
@@ -155,14 +156,14 @@ def client(tmp_path, mlflow_store) -> MlflowClient:
 
 
 def test_promotion_moves_aliases_and_rollback_restores(client: MlflowClient) -> None:
-    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE))
+    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
     assert champion_version(client, "ranker") == "1"
-    apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE))
+    apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE), against="1")
     assert champion_version(client, "ranker") == "2"
     assert str(client.get_model_version_by_alias("ranker", PREVIOUS).version) == "1"
 
     worse = {k: v - 0.1 for k, v in GOOD.items()}
-    apply_decision(client, "ranker", "3", decide(worse, GOOD, GATE))
+    apply_decision(client, "ranker", "3", decide(worse, GOOD, GATE), against="2")
     assert champion_version(client, "ranker") == "2"  # unchanged
     tags = client.get_model_version("ranker", "3").tags
     assert tags["gate"] == "rejected" and "regresses" in tags["gate_reasons"]
@@ -177,13 +178,14 @@ def test_promotion_moves_aliases_and_rollback_restores(client: MlflowClient) -> 
 def test_promotions_record_their_drift_and_a_drifted_line_refuses_a_tolerated_regression(client) -> None:
     """Through the real registry: each promoted version carries its drift as tags, the next decision
     chains from the champion's tags, and a rejected version gets none."""
-    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE))
+    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
     second = _shift(GOOD, -0.009)
     apply_decision(
         client,
         "ranker",
         "2",
         decide(second, GOOD, GATE, _drift(client.get_model_version("ranker", "1").tags)),
+        against="1",
     )
     tags = client.get_model_version("ranker", "2").tags
     assert {k: v for k, v in tags.items() if k.startswith("gate.drift.")} == {
@@ -191,7 +193,7 @@ def test_promotions_record_their_drift_and_a_drifted_line_refuses_a_tolerated_re
     }
     third = _shift(second, -0.009)  # within the 0.01 tolerance of v2, but 0.018 below v1
     decision = decide(third, second, GATE, _drift(tags))
-    apply_decision(client, "ranker", "3", decision)
+    apply_decision(client, "ranker", "3", decision, against="2")
     assert champion_version(client, "ranker") == "2"
     rejected = client.get_model_version("ranker", "3").tags
     assert rejected["gate"] == "rejected" and "below its best" in rejected["gate_reasons"]
@@ -199,8 +201,8 @@ def test_promotions_record_their_drift_and_a_drifted_line_refuses_a_tolerated_re
 
 
 def test_a_rollback_retried_after_the_champion_moved_completes_without_mistagging(client) -> None:
-    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE))
-    apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE))
+    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
+    apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE), against="1")
     client.set_model_version_tag("ranker", "1", "restored_from", "2")  # what the first attempt did
     client.set_model_version_tag("ranker", "2", "gate", "rolled_back")
     client.set_registered_model_alias("ranker", "champion", "1")  # ... before it died
@@ -210,6 +212,24 @@ def test_a_rollback_retried_after_the_champion_moved_completes_without_mistaggin
     assert client.get_model_version("ranker", "2").tags["gate"] == "rolled_back"
     with pytest.raises(ValueError, match="no @previous"):
         rollback(client, "ranker")
+
+
+def test_a_champion_moved_since_it_was_read_is_not_moved_back(client) -> None:
+    """An operator's rollback while refresh-champion or promote prepared v3 against v2: neither step
+    undoes it; their reruns read the champion again."""
+    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
+    apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE), against="1")
+    assert rollback(client, "ranker") == ("1", "2")
+    with pytest.raises(ValueError, match="ranker@champion moved from v2 to v1 while refresh v3"):
+        make_refreshed_champion(client, "ranker", "3", refreshed_from="2")
+    with pytest.raises(ValueError, match="moved from v2 to v1 while candidate v3"):
+        apply_decision(client, "ranker", "3", decide(GOOD, GOOD, GATE), against="2")
+    assert champion_version(client, "ranker") == "1"
+    assert "gate" not in client.get_model_version("ranker", "3").tags
+    for _ in range(2):  # a rerun against the champion it reads now, and its retry
+        make_refreshed_champion(client, "ranker", "3", refreshed_from="1")
+    assert champion_version(client, "ranker") == "3"
+    assert client.get_model_version("ranker", "3").tags["gate"] == "refreshed"
 
 
 def test_a_retag_follows_the_latest_evaluation_until_the_gate_judges(client) -> None:
@@ -285,8 +305,8 @@ def test_promote_refuses_a_candidate_judged_against_a_champion_since_replaced(
     client.create_registered_model(name)
     for _ in range(3):
         client.create_model_version(name, source=str(tmp_path / "artifacts"))
-    apply_decision(client, name, "1", decide(GOOD, None, GATE))
-    apply_decision(client, name, "2", decide(GOOD, GOOD, GATE))
+    apply_decision(client, name, "1", decide(GOOD, None, GATE), against=None)
+    apply_decision(client, name, "2", decide(GOOD, GOOD, GATE), against="1")
     better = {f"eval.{m}": f"{v + 0.05:.6f}" for m, v in GOOD.items()}
     judged = {f"champion.{m}": f"{v:.6f}" for m, v in GOOD.items()}
     candidate = {RUN_KEY: ctx.run_key, TRAINING_RUN_TAG: run.info.run_id, **better, **judged}

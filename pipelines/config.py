@@ -45,6 +45,10 @@ class SourceConfig(Config):
             raise ValueError("source.kind movielens needs source.movielens_dir")
         if self.kind == "generic" and self.generic is None:
             raise ValueError("source.kind generic needs source.generic (interactions, items, users)")
+        for kind, given in (("movielens", self.movielens_dir), ("generic", self.generic)):
+            if given is not None and self.kind != kind:  # else ingest writes other data under this name
+                field = "movielens_dir" if kind == "movielens" else kind
+                raise ValueError(f"source.{field} is given but source.kind is {self.kind}: set kind: {kind}")
         return self
 
 
@@ -99,6 +103,13 @@ class RegistryNames(Config):
     pretrained: str = "hisam-pretrained"
     ranker: str = "hisam-ranker"
 
+    @model_validator(mode="after")
+    def _check(self) -> RegistryNames:
+        names = [self.tokenizer, self.pretrained, self.ranker]
+        if len(set(names)) != len(names):  # each step finds its versions by model name
+            raise ValueError(f"models: the tokenizer, pretrained and ranker names must differ, got {names}")
+        return self
+
 
 class PipelineConfig(Config):
     """Everything the lifecycle needs; ``configs/pipeline.yaml`` documents each field."""
@@ -141,6 +152,19 @@ class PipelineConfig(Config):
             raise ValueError(
                 "ranker.sequence.profile_fields is set from the data at pre-training: list the "
                 "gold.user_profiles columns in ranker.profile_fields instead"
+            )
+        if seq.action_source == "label" and rk.action_names.index(rk.positive_action) != 1:
+            raise ValueError(  # else P(positive) would read the negative action's probability
+                f"sequences.action_source label writes action 1 for a positive label, but "
+                f"ranker.sequence.action_names {rk.action_names} put {rk.positive_action!r} at "
+                f"{rk.action_names.index(rk.positive_action)}: list it second"
+            )
+        if seq.action_source == "label" and len(rk.action_names) != 2:
+            raise ValueError(f"sequences.action_source label has 2 actions, not {rk.action_names}")
+        if seq.action_vocab is not None and len(seq.action_vocab) != len(rk.action_names):
+            raise ValueError(
+                f"sequences.action_vocab {seq.action_vocab} and ranker.sequence.action_names "
+                f"{rk.action_names} must list the same actions"
             )
         fields = self.ranker.profile_fields
         if seq.profile_tokens != len(fields):

@@ -52,9 +52,10 @@ def demo_overrides(dataset: str, bundle: Path | None) -> dict[str, Any]:
             raise FileNotFoundError(f"no MovieLens-100K bundle at {ml} (expected raw/u.data)")
         return {
             "dataset": "movielens-100k",
-            "source": {"kind": "movielens", "movielens_dir": str(ml.resolve())},
+            "source": {"kind": "movielens", "movielens_dir": str(ml.resolve()), "generic": None},
         }
-    return {"source": {"kind": "synthetic"}} if dataset == "synthetic" else {}
+    synthetic = {"kind": "synthetic", "movielens_dir": None, "generic": None}  # whatever the base config had
+    return {"source": synthetic} if dataset == "synthetic" else {}
 
 
 def lake_summary(root: str) -> dict[str, dict[str, int]]:

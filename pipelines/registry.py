@@ -59,6 +59,10 @@ class PromotionGateConfig(Config):
                     f"gate.{section} names {unknown}, which evaluate does not measure; "
                     f"the gate metrics are {list(GATE_METRICS)}"
                 )
+        for section, low in (("floors", 0.0), ("max_regression", 0.0), ("max_drift", 0.0)):
+            bad = {m: v for m, v in getattr(self, section).items() if not low <= v <= 1.0}  # NaN too
+            if bad:  # the gate metrics are AUCs: a floor above 1 or a negative tolerance refuses all
+                raise ValueError(f"gate.{section} {bad} must lie in [0, 1] (the gate metrics are AUCs)")
         tighter = {
             m: budget for m, budget in self.max_drift.items() if budget < self.max_regression.get(m, 0.0)
         }

@@ -131,6 +131,21 @@ def test_pipeline_config_refuses_inconsistent_sections(tmp_path) -> None:
         )
     with pytest.raises(ValueError, match="dedup_suffix is for hisam_core"):  # 7 codes, request-relative
         PipelineConfig.model_validate({"tokenizer": {"train": {"model": {"dedup_suffix": True}}}})
+    generic = {"dataset": "d", "interactions": "i.csv", "items": "it.csv"}
+    with pytest.raises(ValueError, match=r"source\.generic is given but source\.kind is synthetic"):
+        PipelineConfig.model_validate({"source": {"generic": generic}})  # would ingest synthetic data
+    with pytest.raises(ValueError, match=r"source\.movielens_dir is given but source\.kind is generic"):
+        PipelineConfig.model_validate(
+            {"source": {"kind": "generic", "generic": generic, "movielens_dir": "ml"}}
+        )
+    with pytest.raises(ValueError, match="list it second"):  # P(positive) would be P(negative)
+        PipelineConfig.model_validate({"ranker": {"sequence": {"action_names": ["positive", "negative"]}}})
+    with pytest.raises(ValueError, match="must list the same actions"):
+        PipelineConfig.model_validate(
+            {"sequences": {"action_source": "column", "action_vocab": ["a", "b", "c"]}}
+        )
+    with pytest.raises(ValueError, match="names must differ"):  # pretrain would find the ranker's versions
+        PipelineConfig.model_validate({"models": {"pretrained": "hisam-ranker"}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("ranker:\n  modle: 1\n")
     with pytest.raises(ValueError, match=rf"(?s)pipeline config {bad}: .*ranker\.modle"):  # the file, named

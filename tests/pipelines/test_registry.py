@@ -282,6 +282,16 @@ def test_a_misspelt_gate_metric_is_a_config_error() -> None:
         PromotionGateConfig(floors={"ndcg": 0.1})
 
 
+@pytest.mark.parametrize(
+    "section, value",
+    [("floors", 5.0), ("floors", math.nan), ("max_regression", -0.5), ("max_drift", math.inf)],
+)
+def test_a_gate_value_outside_0_1_is_a_config_error(section, value) -> None:
+    """Each would refuse every candidate (a floor of 5, NaN, a negative tolerance) or none."""
+    with pytest.raises(ValueError, match=rf"gate.{section} .* must lie in \[0, 1\]"):
+        PromotionGateConfig.model_validate({section: {"auc": value}})
+
+
 def test_promote_refuses_a_candidate_judged_against_a_champion_since_replaced(
     tmp_path, mlflow_store, monkeypatch
 ) -> None:

@@ -36,7 +36,7 @@ def _candidate(ctx: StepContext) -> Any:
     from pipelines.ranker_model import TRAINING_RUN_TAG
     from pipelines.registry import find_versions
 
-    run = _find_run(ctx, "finetune")
+    run = _find_run(ctx, "finetune", trained=True)
     if run is None:
         return None
     tags = {RUN_KEY: ctx.run_key, TRAINING_RUN_TAG: run.info.run_id}
@@ -84,7 +84,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
     from pipelines.tokenizer import semantic_ids_of
 
     name = ctx.config.models.ranker
-    run = _find_run(ctx, "finetune")
+    run = _find_run(ctx, "finetune", trained=True)
     evaluated = evaluated_metrics(run) if run is not None else {}
     if f"{EVAL_PREFIX}auc" not in evaluated:
         raise ValueError(f"no evaluated finetune run for {ctx.run_key}: run finetune and evaluate first")

@@ -277,15 +277,17 @@ def sft_checkpoint_dir(ctx: StepContext, tokenizer_version: str, run: Run) -> Pa
     )
 
 
-def _find_run(ctx: StepContext, step: str, **tags: str) -> Run | None:
+def _find_run(ctx: StepContext, step: str, trained: bool = False, **tags: str) -> Run | None:
     """This logical run's newest MLflow run of ``step`` (so a rerun continues it instead of adding one),
-    among those carrying every ``tags`` value."""
+    among those carrying every ``tags`` value; ``trained``: among those whose SFT finished (a crashed
+    fine-tune, still to be retried, has no checkpoint to evaluate or register)."""
     wanted = {"hisam.step": step, "hisam.run_key": ctx.run_key, **tags}
     found = ctx.mlflow.search_runs(
         [ctx.experiment_id],
         filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items()),
         order_by=["attributes.start_time DESC"],
     )
+    found = [run for run in found if SFT_CHECKPOINT_SHA256 in run.data.tags or not trained]
     return found[0] if found else None
 
 
@@ -510,9 +512,9 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     from pipelines.registry import CHAMPION, alias_version
     from pipelines.tokenizer import current_tokenizer_version, semantic_ids_of
 
-    run = _find_run(ctx, "finetune")
+    run = _find_run(ctx, "finetune", trained=True)
     if run is None:
-        raise ValueError(f"no finetune run for {ctx.run_key}: run finetune first")
+        raise ValueError(f"no finetune run of {ctx.run_key} finished training: run finetune first")
     version = run.data.tags["tokenizer_version"]
     gated = ctx.params.get("tokenizer_version")
     if gated and gated != version:

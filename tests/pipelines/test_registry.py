@@ -303,14 +303,14 @@ def test_promote_refuses_a_candidate_judged_against_a_champion_since_replaced(
     from pipelines.config import PipelineConfig
     from pipelines.context import StepContext
     from pipelines.promotion import promote
-    from pipelines.ranker import RUN_KEY
+    from pipelines.ranker import RUN_KEY, SFT_CHECKPOINT_SHA256
     from pipelines.ranker_model import TRAINING_RUN_TAG
 
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
     client, name = ctx.mlflow, ctx.config.models.ranker
-    tags = {"hisam.step": "finetune", "hisam.run_key": ctx.run_key}
+    tags = {"hisam.step": "finetune", "hisam.run_key": ctx.run_key, SFT_CHECKPOINT_SHA256: "ab"}  # trained
     run = client.create_run(ctx.experiment_id, tags=tags)
     client.create_registered_model(name)
     for _ in range(3):
@@ -333,3 +333,29 @@ def test_promote_refuses_a_candidate_judged_against_a_champion_since_replaced(
     assert promote(ctx)["promoted"] is True
     assert champion_version(client, name) == "3"
     assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == "2"
+
+
+def test_evaluate_register_and_promote_take_the_newest_fine_tune_that_finished(
+    tmp_path, mlflow_store, monkeypatch
+) -> None:
+    """A second fine-tune of the day crashed (Airflow retries it, and training continues that run):
+    until it finishes, the steps after it read the one that did, or say none did."""
+    import datetime as dt
+
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+    from pipelines.ranker import SFT_CHECKPOINT_SHA256, _find_run, evaluate
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
+    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
+    tags = {"hisam.step": "finetune", "hisam.run_key": ctx.run_key}
+    crashed = ctx.mlflow.create_run(ctx.experiment_id, start_time=2, tags=tags)
+    ctx.mlflow.set_terminated(crashed.info.run_id, "FAILED")
+    with pytest.raises(ValueError, match=f"no finetune run of {ctx.run_key} finished training"):
+        evaluate(ctx)
+    finished = ctx.mlflow.create_run(
+        ctx.experiment_id, start_time=1, tags={**tags, SFT_CHECKPOINT_SHA256: "ab"}
+    )
+    assert _find_run(ctx, "finetune").info.run_id == crashed.info.run_id  # the retry continues it
+    assert _find_run(ctx, "finetune", trained=True).info.run_id == finished.info.run_id

@@ -133,7 +133,14 @@ class StepContext:
             raise FileNotFoundError(
                 f"lake table {table} does not exist at {path}: run the upstream step first"
             )
-        delta = DeltaTable(path, version=version, storage_options=self.config.lake.storage_options or None)
+        options = self.config.lake.storage_options or None
+        try:
+            delta = DeltaTable(path, version=version, storage_options=options)
+        except Exception as err:  # delta-rs' DeltaError: a version past the latest one, or a lost log
+            latest = DeltaTable(path, storage_options=options).version()
+            if version is None or version <= latest:
+                raise
+            raise ValueError(f"lake table {table} has no version {version}; its latest is {latest}") from err
         frame = delta.to_pandas(columns=columns, filters=_matching(partitions, where or {}))
         return frame, int(delta.version())
 

@@ -427,3 +427,12 @@ def test_read_table_filters_rows_in_arrow_also_on_string_view_files(tmp_path, mo
     assert items(user_key="u1") == [1, 3] and items(user_key=["u2", "u9"]) == [2]
     assert items(item_id=1) == [1] and items(item_id=[2, 3]) == [2, 3] and items(item_id=[]) == []
     assert items(user_key="u1", item_id=[2, 3]) == [3]
+    with pytest.raises(
+        ValueError, match=r"lake table silver\.interactions has no version 999; its latest is 0"
+    ):
+        ctx.read_table("silver.interactions", part, version=999)  # e.g. --param samples_version=999
+    assert ctx.read_table("silver.interactions", part, ["item_id"], version=0)[0]["item_id"].tolist() == [
+        1,
+        2,
+        3,
+    ]

@@ -20,6 +20,7 @@ config files) and ``HISAM_NOTIFY_FILE``.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import logging
 import os
@@ -148,6 +149,21 @@ class FileNotifier:
         return [json.loads(x) for x in self.path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
+#: Client errors worth another try: a request timeout, and rate limiting (Slack answers 429).
+RETRIED_STATUSES = frozenset({408, 429})
+#: The longest ``Retry-After`` honoured: a step's alert must not hold its worker for minutes.
+MAX_RETRY_AFTER_S = 30.0
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds of a ``Retry-After: <seconds>`` header (0 when absent or a date), at most
+    :data:`MAX_RETRY_AFTER_S`."""
+    try:
+        return min(max(float(value or 0), 0.0), MAX_RETRY_AFTER_S)
+    except ValueError:
+        return 0.0
+
+
 class WebhookNotifier:
     """POSTs ``{"text": alert.render()}`` as JSON to a Slack-compatible incoming webhook.
 
@@ -180,14 +196,16 @@ class WebhookNotifier:
                     return
             except urllib.error.HTTPError as exc:
                 last = f"HTTP {exc.code}"
-                if exc.code < 500:
+                if exc.code < 500 and exc.code not in RETRIED_STATUSES:
                     break
-            except (urllib.error.URLError, TimeoutError, OSError) as exc:
+                wait = _retry_after(exc.headers.get("Retry-After"))
+            except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
                 last = type(exc).__name__ + (
                     f": {exc.reason}" if isinstance(exc, urllib.error.URLError) else ""
                 )
+                wait = 0.0
             if attempt < self.retries:
-                time.sleep(self.backoff_s * 2**attempt)
+                time.sleep(max(self.backoff_s * 2**attempt, wait))
         raise NotificationError(
             f"webhook delivery of {alert.title!r} failed after {attempt + 1} attempt(s): {last}"
         )

@@ -6,6 +6,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -22,14 +23,19 @@ from pipelines.notify import (
     notifier_from_config,
 )
 
+TRUNCATED = -1
+
 
 class _Hook:
-    """A tiny webhook receiver on 127.0.0.1: records bodies, answers with scripted statuses."""
+    """A tiny webhook receiver on 127.0.0.1: records bodies, answers with scripted statuses
+    (``TRUNCATED``: a 200 whose body ends before its Content-Length)."""
 
     def __init__(self, statuses: list[int]) -> None:
         self.statuses = statuses
         self.bodies: list[dict] = []
         self.headers: list[str | None] = []
+        self.times: list[float] = []
+        self.retry_after = 0.3
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -38,9 +44,14 @@ class _Hook:
                 hook.bodies.append(json.loads(self.rfile.read(length)))
                 hook.headers.append(self.headers.get("Content-Type"))
                 status = hook.statuses.pop(0) if hook.statuses else 200
-                self.send_response(status)
+                self.send_response(200 if status == TRUNCATED else status)
+                if status == 429:
+                    self.send_header("Retry-After", str(hook.retry_after))
+                self.send_header("Content-Length", "100" if status == TRUNCATED else "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
+                hook.times.append(time.monotonic())
+                self.close_connection = True
 
             def log_message(self, *args: object) -> None:  # keep test output quiet
                 pass
@@ -89,6 +100,15 @@ def test_webhook_retries_server_errors_then_succeeds(alert: Alert) -> None:
     with _Hook([503, 500, 200]) as hook:
         WebhookNotifier(hook.url, timeout_s=5, retries=2, backoff_s=0.01).send(alert)
     assert len(hook.bodies) == 3
+
+
+def test_webhook_waits_out_rate_limiting_and_retries_a_truncated_answer(alert: Alert) -> None:
+    """Slack answers 429 with Retry-After when rate limited: the alert is sent after that wait,
+    not dropped as a client error. A connection cut mid-answer is retried like a refused one."""
+    with _Hook([429, TRUNCATED, 200]) as hook:
+        WebhookNotifier(hook.url, timeout_s=5, retries=2, backoff_s=0.01).send(alert)
+    assert len(hook.bodies) == 3
+    assert hook.times[1] - hook.times[0] >= hook.retry_after  # Retry-After, not the 0.01 s back-off
 
 
 def test_webhook_client_error_is_not_retried_and_raises(alert: Alert) -> None:

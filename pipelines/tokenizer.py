@@ -374,7 +374,7 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
     version into ``gold.semantic_ids``. Once written (the version's ``hisam.catalogue_embeddings_version``
     tag), a rerun does nothing: rewriting the partition would drop the items ``tokenize-new-items``
     has merged into it since."""
-    from pipelines.ingest import gate_label, quality_config, run_gate
+    from pipelines.ingest import quality_config, run_gate, versioned_label
     from pipelines.registry import find_versions
     from pipelines.tokenizer_model import load_tokenizer
     from spark_jobs.quality import semantic_ids_suite
@@ -399,13 +399,16 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
     if trained_on is None:
         raise ValueError(f"{name} v{found[0].version} records no delta.version: re-register it")
     features, snapshot, incomplete = load_item_features(ctx, version=int(trained_on))
-    quarantine_items(ctx, incomplete, GOLD_SEMANTIC_IDS.name)
+    quarantine_items(ctx, incomplete, versioned_label(GOLD_SEMANTIC_IDS.name, version))
     ids = tokenizer.dst.encode(features, version=version)  # type: ignore[union-attr]
     frame = ids.to_frame().assign(dataset=ctx.dataset, codebook_size=ids.codebook_size)
     frame["semantic_ids"] = [np.asarray(c, dtype=np.int64).tolist() for c in frame["semantic_ids"]]
     df = ctx.lake.spark.createDataFrame(frame[GOLD_SEMANTIC_IDS.columns], schema=GOLD_SEMANTIC_IDS.schema)
     valid, gate = run_gate(
-        ctx, df, semantic_ids_suite(df, quality_config(ctx)), gate_label(GOLD_SEMANTIC_IDS.name)
+        ctx,
+        df,
+        semantic_ids_suite(df, quality_config(ctx)),
+        versioned_label(GOLD_SEMANTIC_IDS.name, version, gate=True),
     )
     written = ctx.lake.write(
         valid,

@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -131,6 +132,9 @@ def run_step(
     if unknown:
         takes = ", ".join(STEPS[name].params) or "none"
         raise ValueError(f"step {name} has no param {', '.join(unknown)} (its params: {takes})")
+    unsafe = {k: v for k, v in (params or {}).items() if not re.fullmatch(r"[A-Za-z0-9._-]+", v)}
+    if unsafe:  # they are matched inside MLflow filter strings and lake predicates
+        raise ValueError(f"step {name}: param values must be letters, digits, '.', '_' or '-', got {unsafe}")
     if not isinstance(config, PipelineConfig):
         config = load_config(config)
     day = dt.date.fromisoformat(logical_date) if isinstance(logical_date, str) else logical_date

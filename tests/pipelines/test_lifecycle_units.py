@@ -231,6 +231,10 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     with pytest.raises(ValueError, match=r"step build-sequences has no param tokenizer_verison \(its params: "
                        r"tokenizer_version, skip_without_tokenizer\)"):  # fmt: skip
         run_step("build-sequences", "2026-11-01", PipelineConfig(), {"tokenizer_verison": "dst-20261101"})
+    with pytest.raises(
+        ValueError, match=r"param values must be letters, .*\{'tokenizer_version': \"dst-2026'11\"\}"
+    ):
+        run_step("build-sequences", "2026-11-01", PipelineConfig(), {"tokenizer_version": "dst-2026'11"})
     assert main(["run", "rollback", "--param", "force=true"]) == 2
     assert "step rollback has no param force (its params: none)" in caplog.text
     assert list(tmp_path.iterdir()) == []

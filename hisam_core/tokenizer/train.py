@@ -114,7 +114,13 @@ def train_tokenizer(
     model = DST(model_config).to(device)
     raw, present = model.tensors(features)
     for m, rows in features.present.items():
-        if not rows.all():
+        if not rows.any():
+            logger.warning(
+                "%s: no item has a real row, so its code carries nothing about the items%s",
+                m,
+                ", and Eq. 1 (anchored on it) aligns nothing" if m == model_config.anchor_modality else "",
+            )
+        elif not rows.all():
             logger.info(
                 "%s: %d of %d items have only a fallback row; DST does not learn from it",
                 m,

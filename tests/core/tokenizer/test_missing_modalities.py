@@ -218,3 +218,15 @@ def test_a_codebook_starts_counts_use_and_restarts_from_masked_rows_only():
         used = set(out.codes[:64].tolist())
         assert all((vq.steps_since_used[c] == 0) == (c in used) for c in range(8))
     assert torch.equal(books[0], books[1])  # k-means on the real rows alone
+
+
+def test_a_modality_no_item_has_trains_with_a_warning(planted, tiny, caplog):
+    """A catalogue without any text: Eq. 1, anchored on text, has no term (exactly 0 every epoch),
+    and the log says so rather than only counting fallback rows."""
+    features = with_fallback_rows(planted[0].subset(np.arange(200)), "text", share=1.0)
+    config = TokenizerTrainConfig.model_validate({**tiny, "epochs": 2, "alignment_warmup_epochs": 1})
+    history = []
+    with caplog.at_level("WARNING", logger="hisam_core.tokenizer.train"):
+        train_tokenizer(features, config, callback=lambda e, m: history.append(m))
+    assert [epoch["alignment"] for epoch in history] == [0.0, 0.0]
+    assert "text: no item has a real row" in caplog.text and "aligns nothing" in caplog.text

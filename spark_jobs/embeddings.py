@@ -279,9 +279,10 @@ def embed_items(
                 stats = rows.agg(
                     F.count(F.lit(1)).alias("n"), F.sum((~F.col("present")).cast("int")).alias("absent")
                 ).first()
-                report.versions.append(
-                    lake.write(rows, GOLD_ITEM_EMBEDDINGS, mode="merge", partition_values=part)
-                )
+                if stats["n"]:  # a hash slice can be empty: merging it would commit nothing
+                    report.versions.append(
+                        lake.write(rows, GOLD_ITEM_EMBEDDINGS, mode="merge", partition_values=part)
+                    )
             finally:
                 rows.unpersist()
             report.embedded += int(stats["n"])

@@ -12,6 +12,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 import numpy as np
 import pytest
+from deltalake import DeltaTable
 from PIL import Image
 
 from hisam_core.encoders.base import EncodedBatch
@@ -86,7 +87,12 @@ def test_embed_items_is_resumable(spark, tmp_path):
     job = EmbeddingJobConfig(batch_size=2, commit_every=2, num_partitions=2)
     first = embed_items(lake, "ds", spec, job)
     assert (first.items, first.skipped, first.embedded, first.absent) == (4, 0, 4, 1)
-    assert len(first.versions) == 2  # 4 items in slices of 2: two commits
+    # 4 items in hash slices of about 2: one commit per non-empty slice, each a new table version
+    history = DeltaTable(str(tmp_path / "lake" / "gold" / "item_embeddings")).history()
+    commits = sorted(h["version"] for h in history if h["operation"] != "CREATE TABLE")
+    assert first.versions == commits[-len(first.versions) :] and len(set(first.versions)) == len(
+        first.versions
+    )
     got = embeddings(lake, "text")
     expected = HashingTextEncoder(16).encode([DOCS[1]])[0]
     assert np.allclose(got[1][0], expected) and got[1][1:] == (True, "hashing-16", "1", 16)
@@ -106,6 +112,11 @@ def test_embed_items_is_resumable(spark, tmp_path):
     bumped = embed_items(lake, "ds", spec.model_copy(update={"version": "2"}), job)
     assert bumped.embedded == 4
     assert lake.read("gold.item_embeddings").count() == 8
+    # one item per slice: items 3 and 4 hash to one slice and one slice is empty, so three commits
+    single = embed_items(
+        lake, "ds", spec.model_copy(update={"version": "3"}), job.model_copy(update={"commit_every": 1})
+    )
+    assert single.embedded == 4 and len(set(single.versions)) == len(single.versions) == 3
 
 
 def test_image_modality_with_descriptor_fallback(spark, tmp_path):

@@ -9,7 +9,9 @@ Protocol, as implemented:
 
 * **Labels (Sec. 4.1).** ``label`` is the explicit label column when present and non-null, else
   ``rating > positive_rating_threshold`` (3: rating > 3 is positive, everything else negative).
-  Rows with neither are quarantined (reason ``no_label``) before the split.
+  Rows with neither are quarantined (reason ``no_label``) before the split, as are rows without a
+  user, item or timestamp (``null_key``); these rows are quarantined with their input values (a
+  row quarantined later, for its item, carries the derived label and action).
 * **Actions (Sec. 3.3).** The action token of an interaction is its label by default
   (``action_source="label"``: MovieLens and Amazon only have ratings). With
   ``action_source="column"`` it is the ``action`` column: integers as they are, strings through
@@ -76,11 +78,13 @@ logger = logging.getLogger(__name__)
 TRAIN = "train"
 TEST = "test"
 #: Quarantine reasons written by this job.
+REASON_NULL_KEY = "null_key"
 REASON_NO_LABEL = "no_label"
 REASON_UNKNOWN_ACTION = "unknown_action"
 REASON_UNKNOWN_ITEM = "unknown_item"
 
 _KEY = "_ts_key"  # internal: the timestamp as a sortable long
+_RAW = "_raw_"  # internal: the input's label and action, which add_labels replaces, for the quarantine
 _SECONDS_PER_KEY = {"s": 1.0, "us": 1e-6, "days": 86_400.0}
 
 
@@ -269,7 +273,8 @@ def add_labels(df: DataFrame, cfg: SequenceConfig) -> DataFrame:
         label = F.coalesce(explicit.cast("int"), from_rating)
     else:
         label = from_rating
-    out = df.withColumn("label", label.cast("int"))
+    raw = {f"{_RAW}{c}": F.col(c) for c in ("label", "action") if c in cols}  # what the quarantine keeps
+    out = df.withColumns(raw).withColumn("label", label.cast("int"))
 
     action_reason = F.lit(None).cast("string")
     if cfg.action_source == "column":
@@ -290,7 +295,12 @@ def add_labels(df: DataFrame, cfg: SequenceConfig) -> DataFrame:
     else:
         action = F.col("label")
     key, _ = timestamp_key(df, cfg.timestamp_col)
-    reason = F.when(F.col("label").isNull(), F.lit(REASON_NO_LABEL)).otherwise(action_reason)
+    null_key = F.col(cfg.user_col).isNull() | F.col(cfg.item_col).isNull() | key.isNull()
+    reason = (
+        F.when(null_key, F.lit(REASON_NULL_KEY))
+        .when(F.col("label").isNull(), F.lit(REASON_NO_LABEL))
+        .otherwise(action_reason)
+    )
     # one projection: the reason must see the raw action column, not the mapped one
     return out.withColumns({"action": action.cast("int"), _KEY: key, "_reason": reason})
 
@@ -406,8 +416,10 @@ def prepare_interactions(df: DataFrame, cfg: SequenceConfig) -> tuple[DataFrame,
     input first.
     """
     labelled = add_labels(select_dataset(df, cfg), cfg)
+    raw = [c for c in labelled.columns if c.startswith(_RAW)]
     quarantine = labelled.filter(F.col("_reason").isNotNull()).withColumnRenamed("_reason", "reason")
-    valid = labelled.filter(F.col("_reason").isNull()).drop("_reason")
+    quarantine = quarantine.withColumns({c[len(_RAW) :]: F.col(c) for c in raw}).drop(*raw)
+    valid = labelled.filter(F.col("_reason").isNull()).drop("_reason", *raw)
     cut = compute_cut(valid, cfg)
     if cfg.cut_not_before is not None:
         cut = cut.not_before(cfg.cut_not_before)
@@ -608,15 +620,16 @@ def build_sequences(interactions: DataFrame, semantic_ids: DataFrame, cfg: Seque
     """The whole job: labels, split, cold flag, semantic-ID join, per-sample histories.
 
     Returns lazy DataFrames; the split cut is the only value computed eagerly. ``quarantine`` has
-    the input columns plus ``reason`` (``no_label``, ``unknown_action`` or ``unknown_item``).
-    """
+    the input columns plus ``reason`` (``null_key``, ``no_label``, ``unknown_action`` or
+    ``unknown_item``)."""
     table = select_tokenizer_version(semantic_ids, cfg.tokenizer_version)  # fail fast on a bad version
     source = select_dataset(interactions, cfg)
     prepared, early_quarantine, cut = prepare_interactions(source, cfg)
     known, unknown = join_semantic_ids(prepared, table, cfg, selected=True)
     samples = build_samples(known, cfg)
     input_cols = source.columns
+    as_input = [F.col(c).cast(source.schema[c].dataType).alias(c) for c in input_cols]  # e.g. int action
     quarantine = early_quarantine.select(*input_cols, "reason").unionByName(
-        unknown.select(*input_cols, "reason")
+        unknown.select(*as_input, "reason")
     )
     return SequenceResult(samples=samples, quarantine=quarantine, interactions=prepared, cut=cut)

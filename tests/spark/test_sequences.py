@@ -224,6 +224,41 @@ def test_semantic_id_join_quarantines_unknown_items_and_counts_reconcile(spark) 
     assert all(r["target_semantic_ids"] == codes(r["item_id"]) for r in samples)
 
 
+def test_rows_without_a_key_label_or_known_action_are_quarantined_as_they_came(spark) -> None:
+    """The quarantine keeps the input's own ``action`` and ``label`` (not the mapped ones, and not
+    null for an action the vocabulary lacks); a row without a timestamp is quarantined rather than
+    made the first test row, which every train history would then start with."""
+    schema = SCHEMA + ", label int, action string"
+    rows = [(1, i, i, None, None, "click") for i in range(1, 9)]
+    rows += [
+        (1, 20, 9, None, 1, "purchase_typo"),
+        (1, 21, 10, None, None, "reply"),
+        (None, 22, 11, 4.0, 1, "click"),
+    ]
+    df = events(spark, rows, schema).withColumn(
+        "label", F.when(F.col("item_id") < 9, F.lit(1)).otherwise(F.col("label"))
+    )
+    df = df.unionByName(
+        spark.createDataFrame(
+            [("t", 1, 23, None, None, 0, "click")],
+            "dataset string, user_id long, item_id long, event_ts timestamp, rating double, label int, action string",
+        )
+    )
+    cfg = SequenceConfig(action_source="column", action_vocab=["click", "reply"], train_fraction=0.5)
+    result = build_sequences(df, semantic_ids(spark, range(1, 30)), cfg)
+    quarantined = {r["item_id"]: (r["reason"], r["label"], r["action"]) for r in result.quarantine.collect()}
+    assert quarantined == {
+        20: ("unknown_action", 1, "purchase_typo"),
+        21: ("no_label", None, "reply"),
+        22: ("null_key", 1, "click"),  # no user
+        23: ("null_key", 0, "click"),  # no timestamp
+    }
+    samples = result.samples.collect()
+    assert len(samples) + len(quarantined) == df.count()
+    assert sorted(r["item_id"] for r in samples) == list(range(1, 9))
+    assert all(23 not in r["history_item_ids"] for r in samples)
+
+
 def test_outputs_conform_to_the_declared_gold_tables(spark, tmp_path) -> None:
     rows = [(u, 10 * u + i, 3 * i + u, float(1 + (i % 5))) for u in range(1, 4) for i in range(6)]
     df = events(spark, rows)

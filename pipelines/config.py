@@ -153,6 +153,12 @@ class PipelineConfig(Config):
                 "ranker.sequence.profile_fields is set from the data at pre-training: list the "
                 "gold.user_profiles columns in ranker.profile_fields instead"
             )
+        if seq.positive_rating_threshold != self.silver.positive_threshold:
+            raise ValueError(  # silver.interactions.label is never null, so the sequence job's is unused
+                f"sequences.positive_rating_threshold={seq.positive_rating_threshold} would be ignored: "
+                f"silver.interactions already holds labels from silver.positive_threshold="
+                f"{self.silver.positive_threshold}; set both to the same value"
+            )
         if seq.action_source == "label" and rk.action_names.index(rk.positive_action) != 1:
             raise ValueError(  # else P(positive) would read the negative action's probability
                 f"sequences.action_source label writes action 1 for a positive label, but "

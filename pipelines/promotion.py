@@ -64,7 +64,6 @@ def retag(
 
 def register(ctx: StepContext) -> dict[str, Any]:
     """Register the evaluated candidate of this logical run (once)."""
-    import mlflow
 
     from hisam_core.ranker.profile import ProfileVocabulary
     from hisam_core.ranker.train import RankerConfig
@@ -82,6 +81,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
     )
     from pipelines.ranker_model import log_ranker
     from pipelines.tokenizer import semantic_ids_of
+    from pipelines.tracking import reopened
 
     name = ctx.config.models.ranker
     run = _find_run(ctx, "finetune", trained=True)
@@ -111,7 +111,7 @@ def register(ctx: StepContext) -> dict[str, Any]:
     import torch
 
     config = RankerConfig.from_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["config"])
-    with mlflow.start_run(run_id=run.info.run_id):
+    with reopened(run.info.run_id):
         vocabulary = ProfileVocabulary.load(checkpoint.with_name(PROFILE_VOCABULARY))
         registered = log_ranker(
             checkpoint,

@@ -511,6 +511,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     from pipelines.ranker_model import load_ranker
     from pipelines.registry import CHAMPION, alias_version
     from pipelines.tokenizer import current_tokenizer_version, semantic_ids_of
+    from pipelines.tracking import reopened
 
     run = _find_run(ctx, "finetune", trained=True)
     if run is None:
@@ -581,7 +582,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
             encode_profiles(profile_frame, served.profile_vocabulary or ProfileVocabulary({})),
         )
         metrics.update({f"{CHAMPION_PREFIX}{k}": v for k, v in scored.items() if k not in unmeasured})
-    with mlflow.start_run(run_id=run.info.run_id):
+    with reopened(run.info.run_id):
         mlflow.log_metrics(metrics)
         mlflow.set_tags(
             {

@@ -26,7 +26,8 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,17 @@ class MetricsCallback:
         mlflow.log_metrics(finite, step=int(step), run_id=_run_id(self.run_id))
         for key, value in finite.items():
             self.history.setdefault(key, []).append((int(step), value))
+
+
+@contextmanager
+def reopened(run_id: str) -> Iterator[mlflow.ActiveRun]:
+    """Log more to a finished run (a fine-tune's, from ``evaluate`` or ``register``); it stays
+    FINISHED whatever happens here: a failure is the reopening step's, not the training the run records."""
+    run = mlflow.start_run(run_id=run_id)
+    try:
+        yield run
+    finally:
+        mlflow.end_run("FINISHED")
 
 
 def mlflow_callback(prefix: str = "", run_id: str | None = None) -> MetricsCallback:

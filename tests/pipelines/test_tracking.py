@@ -27,6 +27,7 @@ from pipelines.tracking import (
     log_training_curves,
     mlflow_callback,
     plot_training_curves,
+    reopened,
 )
 
 
@@ -153,3 +154,17 @@ def test_a_shared_database_store_needs_an_artifact_root(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="HISAM_ARTIFACT_ROOT"):
         configure_mlflow(settings)
+
+
+def test_a_reopened_run_stays_finished_when_the_step_that_reopened_it_fails(experiment_id: str) -> None:
+    """``evaluate`` failing after it reopened the fine-tune's run must not mark that training FAILED;
+    what it logged before failing is kept on that run."""
+    with mlflow.start_run(experiment_id=experiment_id) as trained:
+        mlflow.log_metric("sft/loss", 0.5)
+    with pytest.raises(RuntimeError, match="champion unreadable"), reopened(trained.info.run_id) as active:
+        assert active.info.run_id == trained.info.run_id
+        mlflow.log_metric("eval.auc", 0.7)
+        raise RuntimeError("champion unreadable")
+    after = MlflowClient().get_run(trained.info.run_id)
+    assert after.info.status == "FINISHED" and after.data.metrics == {"sft/loss": 0.5, "eval.auc": 0.7}
+    assert mlflow.active_run() is None

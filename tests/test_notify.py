@@ -40,6 +40,7 @@ class _Hook:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                hook.times.append(time.monotonic())  # on arrival: the client waits after reading the answer
                 length = int(self.headers.get("Content-Length", 0))
                 hook.bodies.append(json.loads(self.rfile.read(length)))
                 hook.headers.append(self.headers.get("Content-Type"))
@@ -50,7 +51,6 @@ class _Hook:
                 self.send_header("Content-Length", "100" if status == TRUNCATED else "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
-                hook.times.append(time.monotonic())
                 self.close_connection = True
 
             def log_message(self, *args: object) -> None:  # keep test output quiet

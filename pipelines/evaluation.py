@@ -105,6 +105,20 @@ def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str,
     return kept
 
 
+def _reusable_points(
+    config: EvaluationConfig, reuse: dict[str, Any]
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Sweep points of ``reuse`` that ``config``'s sweep also has, unless its experiment was redefined."""
+    if config.scaling is None:
+        return {}
+    name = config.scaling.experiment
+    before = {e["name"]: e for e in _comparable(config, reuse)["experiments"]}
+    if before.get(name) != config.experiment(name).model_dump(mode="json"):
+        log.info("--reuse: the sweep's experiment %s was redefined; its points are run again", name)
+        return {}
+    return scaling_records(config, reuse.get("scaling"))
+
+
 def run_parallel(
     config: EvaluationConfig,
     features_cache: str,
@@ -115,11 +129,12 @@ def run_parallel(
     (longest first), merged with :func:`assemble`. Runs and sweep points of ``reuse``, an earlier
     result of the same data and budget, are kept instead of re-run."""
     kept = _reusable(config, reuse) if reuse else []
-    kept_points = scaling_records(config, reuse.get("scaling")) if reuse else {}
+    kept_points = _reusable_points(config, reuse) if reuse else {}
     jobs = list(config.jobs())
     if config.scaling is not None:
         jobs += [(e, seed) for _, _, e in scaling_points(config) for seed in config.scaling.seeds]
-    done = {(r["experiment"], r["seed"]) for r in kept} | set(kept_points)
+    table = {(e.name, seed) for e, seed in config.jobs()}  # a table row needs a whole run, not a point
+    done = {(r["experiment"], r["seed"]) for r in kept} | (set(kept_points) - table)
     subs = []
     for experiment, seed in jobs:
         if (experiment.name, seed) in done:

@@ -206,6 +206,25 @@ def test_parallel_jobs_give_the_serial_result_and_the_sweep_reuses_the_base_runs
     assert "0 jobs to run (4 kept from an earlier result)" in caplog.text
     assert again["runs"] == parallel["runs"] and again["scaling"] == parallel["scaling"]
 
+    # an earlier result whose sweep holds a base run its table lacks: the table's row is a run again
+    partial = {
+        **parallel,
+        "runs": [r for r in parallel["runs"] if (r["experiment"], r["seed"]) != ("hisam_sft", 0)],
+    }
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.evaluation"):
+        filled = json_safe(run_parallel(config, str(tmp_path / "unused"), 2, reuse=partial))
+    assert "1 jobs to run (3 kept from an earlier result)" in caplog.text
+    assert [{k: v for k, v in r.items() if k != "wall_s"} for r in filled["runs"]] == timeless[0]
+    # a redefined sweep experiment: its runs and its sweep points are all run again
+    redefined = config.model_copy(deep=True)
+    redefined.experiments[1].hmat = {"ffn_size": 24}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.evaluation"):
+        changed = json_safe(run_parallel(redefined, str(tmp_path / "unused"), 2, reuse=parallel))
+    assert "4 jobs to run (2 kept from an earlier result)" in caplog.text
+    assert changed["scaling"]["num_layers"] != parallel["scaling"]["num_layers"]
+
 
 def test_a_failed_job_stops_the_others_at_once(tmp_path):
     """The first job fails at once; each later one would leave a file after 0.5 s. The failure is

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from hisam_core.evaluation.features import load_movielens_features
+from hisam_core.evaluation.features import build_movielens_features
 from hisam_core.evaluation.harness import (
     EvaluationConfig,
     ScalingConfig,
@@ -53,18 +53,21 @@ FINDINGS = "quality_findings.md"
 _LOG_FORMAT = "%(asctime)s %(processName)s %(name)s: %(message)s"
 
 
-def _features(config: EvaluationConfig, features_cache: str) -> ItemFeatures | None:
-    """MovieLens features from ``features_cache`` unless the config names a features file."""
+def _features(config: EvaluationConfig, features_cache: str) -> tuple[ItemFeatures | None, int | None]:
+    """MovieLens features from ``features_cache`` unless the config names a features file, with the
+    behaviour encoder cut where the protocol splits, and that cut-off."""
     if config.data.features_path or config.data.dataset != "movielens":
-        return None
-    return load_movielens_features(config.data.path, features_cache)
+        return None, None
+    built = build_movielens_features(config.data.path, features_cache, config.protocol.train_fraction)
+    return built.features, built.cutoff
 
 
 def _job(job: tuple[EvaluationConfig, str]) -> dict[str, Any]:
     config, features_cache = job
     torch.set_num_threads(config.threads)
     logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
-    return run_evaluation(config, _features(config, features_cache))
+    features, cutoff = _features(config, features_cache)
+    return run_evaluation(config, features, features_cutoff=cutoff)
 
 
 #: Config fields an earlier result must share for its runs to be reused.
@@ -514,7 +517,8 @@ def _evaluate(
     if reuse is not None or args.workers > 1:
         result = run_parallel(config, str(args.features_cache), args.workers, reuse)
     else:
-        result = run_evaluation(config, _features(config, str(args.features_cache)))
+        features, cutoff = _features(config, str(args.features_cache))
+        result = run_evaluation(config, features, features_cutoff=cutoff)
     result["environment"] = {
         "reused_from": str(args.reuse) if args.reuse else None,
         "torch": torch.__version__,

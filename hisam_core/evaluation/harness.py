@@ -35,7 +35,7 @@ from hisam_core.evaluation.protocol import (
     read_interactions,
     target_arrays,
 )
-from hisam_core.evaluation.semantic import TokenizerVariant, load_features_npz, semantic_ids
+from hisam_core.evaluation.semantic import TokenizerVariant, load_features_npz, npz_cutoff, semantic_ids
 from hisam_core.features import ItemFeatures
 from hisam_core.metrics import hit_rate_at_k, ndcg_at_k, ranking_metrics
 from hisam_core.ranker.model import HMATConfig
@@ -551,16 +551,28 @@ def run_evaluation(
     config: EvaluationConfig,
     features: ItemFeatures | None = None,
     callback: MetricsCallback | None = None,
+    features_cutoff: int | None = None,
 ) -> dict[str, Any]:
     """Run the experiments selected by ``config.run`` for every seed (and the scaling sweep when
     configured). ``features`` overrides ``config.data.features_path``; ``callback(record)`` gets
     every finished run. Returns ``dataset`` (split summary), ``budget``, ``runs``, ``summary``
-    (mean/std per experiment), ``table`` (markdown), ``scaling`` and ``config``."""
+    (mean/std per experiment), ``table`` (markdown), ``scaling`` and ``config``.
+
+    ``features_cutoff`` (else the ``cutoff`` of the features file, when it has one): the instant
+    before which the behaviour encoder trained. Past the split's cut it saw test interactions, and
+    every semantic ID with it (App. B.2): a ValueError."""
     torch.set_num_threads(config.threads)
     dataset = load_dataset(config.data, config.protocol)
     split = chronological_split(dataset.interactions, config.protocol)
     if features is None and config.data.features_path:
         features = load_features_npz(config.data.features_path)
+        features_cutoff = npz_cutoff(config.data.features_path)
+    if features_cutoff is not None and features_cutoff > split.cut:
+        raise ValueError(
+            f"the features' behaviour encoder trained on interactions up to {features_cutoff}, past the "
+            f"split's cut {split.cut} (train_fraction {config.protocol.train_fraction}): rebuild them "
+            "with that cut-off"
+        )
     ctx = _Context(config, dataset, split, features)
     runs: list[dict[str, Any]] = []
     done: dict[tuple[str, int], dict[str, Any]] = {}

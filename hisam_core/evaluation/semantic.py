@@ -151,6 +151,12 @@ def semantic_ids(
     return ids
 
 
+def npz_cutoff(path: str | Path) -> int | None:
+    """The behaviour cut-off (unix seconds) a features file records in ``cutoff``, if it does."""
+    with np.load(path) as z:
+        return int(z["cutoff"]) if "cutoff" in z.files else None
+
+
 def load_features_npz(path: str | Path) -> ItemFeatures:
     """Item features from an ``.npz`` with ``item_ids``, one ``emb_<modality>`` array per modality and,
     optionally, its ``present_<modality>`` mask (all True when absent): the format of the

@@ -152,11 +152,11 @@ def test_an_error_while_evaluating_keeps_its_traceback(tmp_path, monkeypatch):
     """Only the inputs are checked into exit code 2: a ValueError from training is a bug to see whole."""
     import pipelines.evaluation as evaluation
 
-    def broken(*_args):
+    def broken(*_args, **_kwargs):
         raise ValueError("shapes disagree deep in training")
 
     monkeypatch.setenv("HISAM_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(evaluation, "_features", lambda *_args: None)
+    monkeypatch.setattr(evaluation, "_features", lambda *_args: (None, None))
     monkeypatch.setattr(evaluation, "run_evaluation", broken)
     (tmp_path / "ml" / "raw").mkdir(parents=True)
     (tmp_path / "ml" / "raw" / "u.data").write_text("")

@@ -31,7 +31,7 @@ from hisam_core.evaluation.protocol import (
     chronological_split,
     label_interactions,
 )
-from hisam_core.evaluation.semantic import TokenizerVariant, load_features_npz, semantic_ids
+from hisam_core.evaluation.semantic import TokenizerVariant, load_features_npz, npz_cutoff, semantic_ids
 from hisam_core.features import ItemFeatures
 from hisam_core.ranker.model import HMATConfig
 from hisam_core.tokenizer.dst import DST
@@ -273,6 +273,26 @@ def test_end_to_end_rankers_beat_random_on_planted_preferences(planted, tmp_path
         assert result["summary"][name]["gauc"]["mean"] > max(0.65, random_gauc + 0.1), name
     assert set(result["tables"]) == {"other"}
     assert torch.get_num_threads() == 1
+
+
+def test_features_whose_behaviour_encoder_saw_test_interactions_are_refused(planted, tmp_path):
+    """A features file cut at a later instant than the split (e.g. built for a 90/10 split and
+    used with train_fraction 0.8): its behaviour codes were trained on test rows."""
+    frame, modalities, item_ids = planted
+    frame.to_csv(tmp_path / "interactions.csv", index=False)
+    cut = chronological_split(label_interactions(frame, ProtocolConfig()), ProtocolConfig()).cut
+    for name, cutoff in (("late", cut + 1), ("none", None)):
+        extra = {} if cutoff is None else {"cutoff": np.int64(cutoff)}
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, item_ids=item_ids, **{f"emb_{m}": v for m, v in modalities.items()}, **extra)
+        data = {"dataset": "generic", "path": str(tmp_path / "interactions.csv"), "features_path": str(path)}
+        config = EvaluationConfig.model_validate({"data": data, "run": ["sasrec"], "seeds": [0], "sets": {}})
+        if cutoff is None:
+            assert npz_cutoff(path) is None  # nothing to check: the file does not say
+            continue
+        assert npz_cutoff(path) == cut + 1
+        with pytest.raises(ValueError, match=rf"up to {cut + 1}, past the split's cut {cut}"):
+            run_evaluation(config)
 
 
 def test_scaling_points_change_only_their_axis_and_reuse_the_base_point():

@@ -116,6 +116,39 @@ def test_past_actions_reach_the_score_only_where_the_switch_says(windows, plante
     assert changed == sees_actions
 
 
+def own_label_flipped(windows: list[Window]) -> list[Window]:
+    """Single-target windows (``prefixes``) with only the target's own label flipped."""
+    return [
+        Window(w.user_id, w.item_ids, np.r_[w.labels[:-1], 1 - w.labels[-1]], w.targets, w.profile)
+        for w in windows
+    ]
+
+
+@pytest.mark.parametrize("block", ["sasrec", "hstu"])
+def test_a_targets_own_label_never_reaches_its_id_ranker_score(windows, planted, block):
+    """With past actions on, every earlier label moves the score, but the target's own must not."""
+    _, _, item_ids = planted
+    ranker = IDRanker(
+        IDRankerConfig(block=block, hidden_size=16, num_heads=2, ffn_size=32, past_actions=True),
+        TrainConfig(max_steps=3, batch_size=8, warmup_steps=1),
+        item_ids,
+        PROFILE_FIELDS,
+        WINDOW,
+    )
+    ranker.fit(windows)
+    alone = prefixes(windows)
+    np.testing.assert_array_equal(
+        ranker.score(own_label_flipped(alone), batch_size=1), ranker.score(alone, batch_size=1)
+    )
+
+
+@pytest.mark.parametrize("model", [{"attention_mask": "causal"}, {"history_memory": "anchor_action"}])
+def test_a_targets_own_label_never_reaches_its_hmat_score(windows, planted, model):
+    ranker = semantic_id_ranker(planted, **model)
+    alone = prefixes(windows)
+    np.testing.assert_array_equal(ranker.score(own_label_flipped(alone)), ranker.score(alone))
+
+
 @pytest.mark.parametrize("past_actions", [True, False])
 def test_id_ranker_sees_past_actions_only_when_switched_on(windows, planted, past_actions):
     _, _, item_ids = planted

@@ -265,18 +265,23 @@ def markdown(result: dict[str, Any], command: str, findings: str | None = None) 
     """The report: reproduce command, protocol, budget, tables, target check, sweep, findings."""
     budget = result["budget"]
     env = result.get("environment", {})
+    config = EvaluationConfig.model_validate(result["config"])
+    protocol = config.protocol
+    train, test = round(100 * protocol.train_fraction), round(100 * (1 - protocol.train_fraction))
     lines = [
         "# Offline quality on " + result["dataset"]["name"],
         "",
         f"Reproduce: `{command}`{_timing(env)}",
         "",
-        "Protocol (Sec. 4.1): rating > 3 positive; global chronological 90/10 split; cold = fewer than "
-        f"10 training interactions. Split: `{json.dumps(result['dataset'])}`.",
+        f"Protocol (Sec. 4.1): rating > {protocol.positive_threshold:g} positive (a label column wins); "
+        f"global chronological {train}/{test} split; cold = fewer than {protocol.cold_start_threshold} "
+        f"training interactions. Split: `{json.dumps(result['dataset'])}`.",
         "",
         f"Budget (every model): {budget['window_items']} items per window (HMAT: {budget['max_tokens']} "
         f"tokens), {budget['train_steps']} steps x batch {budget['batch_size']}, PT {budget['pretrain_steps']} "
         f"steps where marked; HMAT {json.dumps(budget['hmat'])}; ID rankers {json.dumps(budget['id_ranker'])}; "
-        f"DST {budget['tokenizer_epochs']} epochs, RQ-VAE {budget['rqvae_epochs']} epochs (trained once, seed 0).",
+        f"DST {budget['tokenizer_epochs']} epochs (trained once, seed {config.tokenizer.seed}), RQ-VAE "
+        f"{budget['rqvae_epochs']} epochs (seed {config.rqvae.seed}).",
         "",
         "Values: mean ± sample std over the seeds listed per row; HR@10 = positives in the top 10 of a "
         "user's test items / min(10, positives); NDCG@10 binary relevance; both averaged over users "

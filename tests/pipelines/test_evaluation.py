@@ -331,3 +331,17 @@ def test_the_report_and_plot_mark_a_cold_metric_no_seed_measured(tmp_path):
     assert "| hisam_sft | n/a | 0.7050 ± 0.0071 | n/a | unmeasured | n/a | n/a | 1 | 2 |" in report
     assert "| num_layers | 1 | 0.7000 | unmeasured |" in report
     assert png_path.stat().st_size > 0
+
+
+def test_the_report_states_the_protocol_and_seeds_it_ran(tmp_path):
+    protocol = {"positive_threshold": 4.0, "train_fraction": 0.8, "cold_start_threshold": 5}
+    tokenizer = {**TINY["tokenizer"], "seed": 7}
+    config = EvaluationConfig.model_validate({**TINY, "protocol": protocol, "tokenizer": tokenizer})
+    runs = [{"experiment": "sasrec", "seed": 0, "num_parameters": 1, "metrics": {"gauc": 0.6}}]
+    result = assemble(config, {"name": "tiny", "window_items": 8}, runs, None)
+    result["environment"] = {"command": "hisam evaluate"}
+    _, md_path, _ = write_report(result, tmp_path)
+    report = md_path.read_text()
+    assert "rating > 4 positive (a label column wins); global chronological 80/20 split" in report
+    assert "cold = fewer than 5 training interactions" in report
+    assert "(trained once, seed 7), RQ-VAE 4 epochs (seed 0)" in report

@@ -1,18 +1,17 @@
-"""Checkpoint files: written whole or not at all."""
+"""Checkpoint and table files: written whole or not at all."""
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, BinaryIO
 
 
-def save_atomically(payload: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``: a crash or a
-    concurrent reader never sees half a checkpoint. Parent folders are created; the file gets the
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """``write(handle)`` to a temporary file beside ``path``, then rename it over ``path``: a crash or
+    a concurrent reader never sees half a file. Parent folders are created; the file gets the
     permissions of any new file (the umask's), so other users (an MLflow server) can read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,9 +19,16 @@ def save_atomically(payload: dict[str, Any], path: str | Path) -> Path:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            write(handle)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save_atomically(payload: dict[str, Any], path: str | Path) -> Path:
+    """``torch.save`` through :func:`write_atomically`."""
+    import torch
+
+    return write_atomically(path, lambda handle: torch.save(payload, handle))

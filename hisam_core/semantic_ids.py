@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hisam_core.checkpoint import write_atomically
 from hisam_core.features import as_item_ids
 
 
@@ -82,10 +83,11 @@ class SemanticIds:
         return cls(frame["item_id"].to_numpy(), codes, codebook_size, str(versions[0]), position_names)
 
     def save(self, path: str | Path) -> None:
-        """Parquet, the position names in its metadata (pandas ``attrs``)."""
+        """Parquet, the position names in its metadata (pandas ``attrs``), written atomically: a
+        reader of a shared cache (parallel evaluation workers) never sees half a table."""
         frame = self.to_frame().assign(codebook_size=self.codebook_size)
         frame.attrs = {"position_names": list(self.position_names)}
-        frame.to_parquet(path, index=False)
+        write_atomically(path, lambda handle: frame.to_parquet(handle, index=False))
 
     @classmethod
     def load(cls, path: str | Path) -> SemanticIds:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from hisam_core.config import Config
@@ -101,6 +102,24 @@ def test_semantic_ids_round_trip_and_lookup(tmp_path) -> None:
     assert np.array_equal(back.lookup(np.array([9, 5])), ids.codes[[2, 0]])
     with pytest.raises(KeyError, match=r"\[42\]"):
         ids.lookup(np.array([3, 42]))
+
+
+def test_a_failed_semantic_ids_save_keeps_the_previous_table(tmp_path, monkeypatch) -> None:
+    """Parallel evaluation workers share the table cache: a reader never sees half a file."""
+    path = tmp_path / "ids.parquet"
+    SemanticIds(np.array([1, 2]), np.array([[0, 1], [2, 3]]), 4, "v1").save(path)
+
+    def disk_full(self, handle, **_kwargs) -> None:
+        handle.write(b"PAR1 half a table")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        SemanticIds(np.array([1, 2]), np.array([[3, 3], [3, 3]]), 4, "v2").save(path)
+    monkeypatch.undo()
+    kept = SemanticIds.load(path)
+    assert kept.version == "v1" and kept.codes.tolist() == [[0, 1], [2, 3]]
+    assert [p.name for p in tmp_path.iterdir()] == ["ids.parquet"]
 
 
 def test_semantic_ids_reject_codes_outside_the_codebook() -> None:

@@ -154,8 +154,8 @@ class VectorQuantizer(nn.Module):
             with torch.no_grad():
                 self.steps_since_used += 1
                 self.steps_since_used[codes if mask is None else codes[mask]] = 0
-            if len(real):
-                self.recent_inputs = real.detach()
+            if len(real) > 1 or (len(real) and self.recent_inputs is None):  # from one row, every
+                self.recent_inputs = real.detach()  # restart would be the same vector (its std is 0)
         return Quantized(straight_through(x, codewords, self.rotation_trick), codewords, codes, loss)
 
     @torch.no_grad()

@@ -133,6 +133,22 @@ def test_dead_code_restart_revives_an_unused_code():
     assert (vq(data).codes == 3).any()
 
 
+def test_codes_restarted_after_a_batch_with_one_real_row_are_distinct():
+    """An epoch's last batch can hold a single real row (the others fallback rows): restarts then
+    draw from the batch before, not every dead code onto that one row."""
+    torch.manual_seed(0)
+    data = _mixture(512, 8)
+    vq = VectorQuantizer(8, 8, beta=0.25, rotation_trick=False)
+    vq(data)
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[0] = True
+    for _ in range(3):
+        vq(data[:64], mask)  # one real row per batch: every other code goes unused
+    dead = (vq.steps_since_used >= 3).nonzero().squeeze(-1)
+    assert vq.restart_dead_codes(3) == len(dead) == 7
+    assert len({tuple(row) for row in vq.codebook[dead].tolist()}) == 7
+
+
 def test_cluster_sums_by_matmul_equal_index_add_and_total_the_data():
     """The reproducible CUDA path (one-hot matmuls, here over chunks of 7 rows) gives the CPU's
     ``index_add_`` sums, and the per-cluster sums of either add up to the column sums of ``x``."""

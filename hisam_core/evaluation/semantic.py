@@ -36,6 +36,10 @@ from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
+#: Part of every DST and semantic-ID cache key: bump it when a change to DST, the RQ-VAE or their
+#: training changes what a cached model or table holds, so no cache from before it is read.
+CACHE_VERSION = 2
+
 
 class TokenizerVariant(Config):
     """One semantic-ID table: tokenizer kind, modalities and the CGA switch (module docstring)."""
@@ -66,7 +70,8 @@ def _fingerprint(features: ItemFeatures) -> str:
 
 def _key(*parts: object) -> str:
     text = json.dumps(
-        [p.model_dump(mode="json") if isinstance(p, Config) else p for p in parts], sort_keys=True
+        [CACHE_VERSION, *(p.model_dump(mode="json") if isinstance(p, Config) else p for p in parts)],
+        sort_keys=True,
     )
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 

@@ -187,6 +187,7 @@ def test_semantic_id_variants_train_what_they_claim_and_are_cached(planted, tmp_
         ids = semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path)
         again = semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path)
         np.testing.assert_array_equal(ids.codes, again.codes)
+        assert again.position_names == ids.position_names  # through the cache file
         assert ids.num_positions == 1 + len(variant.modalities)  # shared layers + one per modality
         tables[(variant.kind, variant.alignment)] = ids
     models = sorted(
@@ -197,6 +198,19 @@ def test_semantic_id_variants_train_what_they_claim_and_are_cached(planted, tmp_
     assert tables[("dst_rq", True)].position_names[0] == "rq_0"
     with pytest.raises(ValueError, match="at least two modalities"):
         TokenizerVariant(kind="dst", modalities=["behavior"])
+
+
+def test_a_cache_of_another_cache_version_is_not_read(planted, tmp_path, monkeypatch):
+    """After a change to DST bumps CACHE_VERSION, its models and tables are trained again."""
+    import hisam_core.evaluation.semantic as semantic
+
+    _, modalities, item_ids = planted
+    features = ItemFeatures(item_ids, modalities)
+    variant = TokenizerVariant(kind="dst", modalities=["behavior", "text"])
+    semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path)
+    monkeypatch.setattr(semantic, "CACHE_VERSION", semantic.CACHE_VERSION + 1)
+    semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path)
+    assert len(list(tmp_path.glob("dst_*.pt"))) == len(list(tmp_path.glob("sids_*.parquet"))) == 2
 
 
 def test_the_evaluation_dst_keeps_the_present_masks_from_the_npz_to_the_model(planted, tmp_path):

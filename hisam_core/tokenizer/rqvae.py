@@ -108,13 +108,17 @@ class RQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, features: ItemFeatures, version: str, batch_size: int = 4096) -> SemanticIds:
         raw = self.tensors(features)
+        was_training = self.training
         self.eval()
-        codes = torch.cat(
-            [
-                self({m: v[start : start + batch_size] for m, v in raw.items()}).codes
-                for start in range(0, len(features), batch_size)
-            ]
-        )
+        try:
+            codes = torch.cat(
+                [
+                    self({m: v[start : start + batch_size] for m, v in raw.items()}).codes
+                    for start in range(0, len(features), batch_size)
+                ]
+            )
+        finally:
+            self.train(was_training)
         names = tuple(f"rq_{layer}" for layer in range(self.config.num_layers))
         return SemanticIds(features.item_ids, codes.cpu().numpy(), self.config.codebook_size, version, names)
 

@@ -23,7 +23,10 @@ def test_rqvae_reconstructs_and_tokenizes(planted):
     model = train_rqvae(features, config, callback=lambda e, m: history.append(m))
     for m in features.names:  # unit-norm targets: predicting their mean would give ~1
         assert history[-1][f"recon_{m}"] < 0.5 * history[0][f"recon_{m}"] < 1.0
+    model.train()
     ids = model.encode(features, "v")
+    assert model.training  # encode leaves the mode it found, as DST's does
+    model.eval()
     assert ids.num_positions == 6 and ids.position_names[0] == "rq_0"
     assert unique_id_rate(ids.codes) > 0.9
     np.testing.assert_array_equal(ids.codes, model.encode(features, "v").codes)

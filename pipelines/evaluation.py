@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
@@ -168,24 +169,23 @@ def run_parallel(
     return assemble(config, dataset, runs, scaling)
 
 
-def _labelled(job: tuple[int, str, Callable[[T], R], T]) -> tuple[int, R]:
-    k, label, fn, item = job
-    try:
-        return k, fn(item)
-    except BaseException as err:
-        err.add_note(f"in job {label}")
-        raise
-
-
 def pool_map(fn: Callable[[T], R], items: list[T], workers: int, labels: list[str]) -> list[R]:
-    """``[fn(item) for item in items]`` in ``workers`` spawned processes. The first failure is raised
-    as soon as it happens, noted with its label, and stops every other job."""
-    results: dict[int, R] = {}
-    with get_context("spawn").Pool(max(workers, 1)) as pool:  # leaving it terminates the workers
-        jobs = [(k, label, fn, item) for k, (label, item) in enumerate(zip(labels, items, strict=True))]
-        for k, result in pool.imap_unordered(_labelled, jobs):
-            results[k] = result
-    return [results[k] for k in range(len(items))]
+    """``[fn(item) for item in items]`` in ``workers`` spawned processes. The first failure (a job's
+    error, or a worker that died: ``BrokenProcessPool``) is logged at once naming its job, the jobs not
+    yet started are cancelled, and it is raised, noted with its label, once the running ones end."""
+    with ProcessPoolExecutor(max(workers, 1), mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(fn, item): label for item, label in zip(items, labels, strict=True)}
+        for future in as_completed(futures):
+            error = future.exception()
+            if error is not None:
+                cancelled = sum(f.cancel() for f in futures)
+                log.error(
+                    "job %s failed (%s: %s); %d jobs not yet started are cancelled, the running ones "
+                    "are awaited", futures[future], type(error).__name__, error, cancelled,
+                )  # fmt: skip
+                error.add_note(f"in job {futures[future]}")
+                raise error
+        return [future.result() for future in futures]
 
 
 def _finite(metrics: dict[str, float | None]) -> dict[str, float]:

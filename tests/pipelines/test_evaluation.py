@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -226,21 +227,37 @@ def test_parallel_jobs_give_the_serial_result_and_the_sweep_reuses_the_base_runs
     assert changed["scaling"]["num_layers"] != parallel["scaling"]["num_layers"]
 
 
-def test_a_failed_job_stops_the_others_at_once(tmp_path):
-    """The first job fails at once; each later one would leave a file after 0.5 s. The failure is
-    raised, noted with its job, and no later job is left to finish."""
+def test_a_failed_job_cancels_the_jobs_not_yet_started(tmp_path, caplog):
+    """One worker: the first job fails at once, each of the ten after it would take 0.5 s and leave
+    a file. The failure is raised, noted with its job, and the jobs not yet handed to the worker
+    never run."""
     later = [
         f"import pathlib, time; time.sleep(0.5); pathlib.Path({str(tmp_path / str(k))!r}).touch()"
-        for k in range(6)
+        for k in range(10)
     ]
-    with pytest.raises(ValueError, match="broken") as raised:
-        pool_map(exec, ["raise ValueError('broken')", *later], 2, ["first", *map(str, range(6))])
+    with (
+        caplog.at_level(logging.ERROR, logger="pipelines.evaluation"),
+        pytest.raises(ValueError, match="broken") as raised,
+    ):
+        pool_map(exec, ["raise ValueError('broken')", *later], 1, ["first", *map(str, range(10))])
     assert raised.value.__notes__ == ["in job first"]
-    assert list(tmp_path.iterdir()) == []  # the workers are gone: none can still write
+    assert "job first failed (ValueError: broken)" in caplog.text
+    assert len(list(tmp_path.iterdir())) < 10
+
+
+def test_a_worker_that_dies_fails_the_map_instead_of_hanging():
+    """An out-of-memory kill takes the worker with it: the map must end with an error."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    with pytest.raises(BrokenProcessPool) as raised:
+        pool_map(os._exit, [3], 1, ["killed"])
+    assert raised.value.__notes__ == ["in job killed"]
 
 
 def test_pool_map_keeps_the_order_of_its_items():
-    assert pool_map(abs, [-3, 1, -2], 2, ["a", "b", "c"]) == [3, 1, 2]
+    """The first item finishes last; its result still comes first."""
+    slow_first = ["__import__('time').sleep(0.5) or 'a'", "'b'", "'c'"]
+    assert pool_map(eval, slow_first, 2, ["a", "b", "c"]) == ["a", "b", "c"]
 
 
 def test_set_seeds_without_seeds_is_a_usage_error(capsys):

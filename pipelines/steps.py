@@ -132,9 +132,11 @@ def run_step(
     if unknown:
         takes = ", ".join(STEPS[name].params) or "none"
         raise ValueError(f"step {name} has no param {', '.join(unknown)} (its params: {takes})")
-    unsafe = {k: v for k, v in (params or {}).items() if not re.fullmatch(r"[A-Za-z0-9._-]+", v)}
-    if unsafe:  # they are matched inside MLflow filter strings and lake predicates
-        raise ValueError(f"step {name}: param values must be letters, digits, '.', '_' or '-', got {unsafe}")
+    version = (params or {}).get("tokenizer_version")
+    if version is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", version):  # it goes into MLflow
+        raise ValueError(  # filter strings; a user id (recommend) only into Arrow filters: any text
+            f"step {name}: param tokenizer_version must be letters, digits, '.', '_' or '-', got {version!r}"
+        )
     if not isinstance(config, PipelineConfig):
         config = load_config(config)
     day = dt.date.fromisoformat(logical_date) if isinstance(logical_date, str) else logical_date

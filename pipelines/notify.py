@@ -167,9 +167,10 @@ def _retry_after(value: str | None) -> float:
 class WebhookNotifier:
     """POSTs ``{"text": alert.render()}`` as JSON to a Slack-compatible incoming webhook.
 
-    Each attempt is bounded by ``timeout_s``; 5xx answers and network errors are retried
-    ``retries`` times with exponential backoff, 4xx answers are not. The URL is never logged
-    (webhook URLs are secrets).
+    Each attempt is bounded by ``timeout_s``; 5xx, 408 and 429 answers (after ``Retry-After``) and
+    network errors before an answer are retried ``retries`` times with exponential backoff, other
+    4xx answers are not. A 2xx answer is a delivery, even if its body is cut off: sending again
+    would post the alert twice. The URL is never logged (webhook URLs are secrets).
     """
 
     def __init__(self, url: str, timeout_s: float = 5.0, retries: int = 2, backoff_s: float = 0.5) -> None:
@@ -192,7 +193,10 @@ class WebhookNotifier:
             )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    response.read()
+                    try:
+                        response.read()
+                    except (OSError, http.client.HTTPException) as exc:  # accepted all the same
+                        logger.warning("webhook accepted %r; its answer was cut off: %r", alert.title, exc)
                     return
             except urllib.error.HTTPError as exc:
                 last = f"HTTP {exc.code}"

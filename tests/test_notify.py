@@ -23,12 +23,13 @@ from pipelines.notify import (
     notifier_from_config,
 )
 
-TRUNCATED = -1
+TRUNCATED, DROPPED = -1, -2
 
 
 class _Hook:
     """A tiny webhook receiver on 127.0.0.1: records bodies, answers with scripted statuses
-    (``TRUNCATED``: a 200 whose body ends before its Content-Length)."""
+    (``TRUNCATED``: a 200 whose body ends before its Content-Length; ``DROPPED``: the connection is
+    closed with no answer)."""
 
     def __init__(self, statuses: list[int]) -> None:
         self.statuses = statuses
@@ -45,6 +46,9 @@ class _Hook:
                 hook.bodies.append(json.loads(self.rfile.read(length)))
                 hook.headers.append(self.headers.get("Content-Type"))
                 status = hook.statuses.pop(0) if hook.statuses else 200
+                if status == DROPPED:
+                    self.close_connection = True
+                    return
                 self.send_response(200 if status == TRUNCATED else status)
                 if status == 429:
                     self.send_header("Retry-After", str(hook.retry_after))
@@ -102,13 +106,20 @@ def test_webhook_retries_server_errors_then_succeeds(alert: Alert) -> None:
     assert len(hook.bodies) == 3
 
 
-def test_webhook_waits_out_rate_limiting_and_retries_a_truncated_answer(alert: Alert) -> None:
+def test_webhook_waits_out_rate_limiting_and_retries_a_dropped_connection(alert: Alert) -> None:
     """Slack answers 429 with Retry-After when rate limited: the alert is sent after that wait,
-    not dropped as a client error. A connection cut mid-answer is retried like a refused one."""
-    with _Hook([429, TRUNCATED, 200]) as hook:
+    not dropped as a client error. A connection closed before any answer is retried."""
+    with _Hook([429, DROPPED, 200]) as hook:
         WebhookNotifier(hook.url, timeout_s=5, retries=2, backoff_s=0.01).send(alert)
     assert len(hook.bodies) == 3
     assert hook.times[1] - hook.times[0] >= hook.retry_after  # Retry-After, not the 0.01 s back-off
+
+
+def test_webhook_a_2xx_answer_cut_off_is_a_delivery_not_resent(alert: Alert, caplog) -> None:
+    with _Hook([TRUNCATED, 200]) as hook, caplog.at_level(logging.WARNING, logger="pipelines.notify"):
+        WebhookNotifier(hook.url, timeout_s=5, retries=2, backoff_s=0.01).send(alert)
+    assert len(hook.bodies) == 1  # sending again would post the alert twice
+    assert "its answer was cut off" in caplog.text
 
 
 def test_webhook_client_error_is_not_retried_and_raises(alert: Alert) -> None:

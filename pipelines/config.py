@@ -170,7 +170,7 @@ class PipelineConfig(Config):
         if seq.action_vocab is not None and len(seq.action_vocab) != len(rk.action_names):
             raise ValueError(
                 f"sequences.action_vocab {seq.action_vocab} and ranker.sequence.action_names "
-                f"{rk.action_names} must list the same actions"
+                f"{rk.action_names} must have as many actions (index i of one is action i of the other)"
             )
         fields = self.ranker.profile_fields
         if seq.profile_tokens != len(fields):

@@ -64,7 +64,6 @@ def retag(
 
 def register(ctx: StepContext) -> dict[str, Any]:
     """Register the evaluated candidate of this logical run (once)."""
-
     from hisam_core.ranker.profile import ProfileVocabulary
     from hisam_core.ranker.train import RankerConfig
     from pipelines.ranker import (

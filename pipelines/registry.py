@@ -59,8 +59,8 @@ class PromotionGateConfig(Config):
                     f"gate.{section} names {unknown}, which evaluate does not measure; "
                     f"the gate metrics are {list(GATE_METRICS)}"
                 )
-        for section, low in (("floors", 0.0), ("max_regression", 0.0), ("max_drift", 0.0)):
-            bad = {m: v for m, v in getattr(self, section).items() if not low <= v <= 1.0}  # NaN too
+        for section in ("floors", "max_regression", "max_drift"):
+            bad = {m: v for m, v in getattr(self, section).items() if not 0.0 <= v <= 1.0}  # NaN too
             if bad:  # the gate metrics are AUCs: a floor above 1 or a negative tolerance refuses all
                 raise ValueError(f"gate.{section} {bad} must lie in [0, 1] (the gate metrics are AUCs)")
         tighter = {
@@ -174,9 +174,7 @@ def champion_version(client: MlflowClient, model: str) -> str | None:
     return None if found is None else str(found.version)
 
 
-def _still_champion(
-    client: MlflowClient, model: str, expected: str | None, version: str, what: str
-) -> str | None:
+def _still_champion(client: MlflowClient, model: str, expected: str | None, version: str, what: str) -> None:
     """``@champion`` read again just before an alias moves: it must still be ``expected`` (or already
     ``version``, a retry). A rollback or promote since ``expected`` was read is refused, not undone.
     MLflow has no compare-and-set for aliases, so this narrows the race to the alias write itself."""
@@ -186,7 +184,6 @@ def _still_champion(
             f"{model}@champion moved from v{expected} to v{now} while {what} v{version} was prepared "
             "(a rollback or another promotion): refusing to move it back; rerun the step"
         )
-    return now
 
 
 def apply_decision(

@@ -3,7 +3,7 @@
 
 Rows the interactions gate quarantines are left out (the same row rules ``validate`` applies, whose
 partition ``silver.interactions.gate`` lists them), so samples only ever hold validated events; rows
-the build itself rejects (``no_label``, ``unknown_action``, ``unknown_item``) go to
+the build itself rejects (``null_key``, ``no_label``, ``unknown_action``, ``unknown_item``) go to
 ``bronze.quarantine`` under ``gold.samples@<version>``. Silver rows = gate-rejected + samples +
 quarantined, checked before anything is written.
 The version is ``params.tokenizer_version``, else the tokenizer at ``@current``; before any tokenizer

@@ -288,12 +288,12 @@ def embed_items(
             report.embedded += int(stats["n"])
             report.absent += int(stats["absent"] or 0)
             logger.info(
-                "embed %s/%s: slice %d/%d committed (%d items)",
+                "embed %s/%s: slice %d/%d %s",
                 dataset,
                 spec.modality,
                 k + 1,
                 slices,
-                stats["n"],
+                f"committed ({stats['n']} items)" if stats["n"] else "empty, nothing to commit",
             )
     finally:
         todo.unpersist()

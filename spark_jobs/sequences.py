@@ -251,7 +251,9 @@ def select_dataset(df: DataFrame, cfg: SequenceConfig) -> DataFrame:
 
 
 def add_labels(df: DataFrame, cfg: SequenceConfig) -> DataFrame:
-    """Add int ``label`` and ``action``, the timestamp key, and ``_reason`` for unusable rows.
+    """Add int ``label`` and ``action``, the timestamp key, and ``_reason`` for unusable rows; the
+    input's own ``label`` and ``action``, when it has them, stay beside them as ``_raw_label`` and
+    ``_raw_action`` (what :func:`prepare_interactions` quarantines).
 
     ``label``: explicit label when present and non-null, else ``rating > threshold`` (Sec. 4.1).
     """

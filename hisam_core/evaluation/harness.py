@@ -558,8 +558,8 @@ def run_evaluation(
     every finished run. Returns ``dataset`` (split summary), ``budget``, ``runs``, ``summary``
     (mean/std per experiment), ``table`` (markdown), ``scaling`` and ``config``.
 
-    ``features_cutoff`` (else the ``cutoff`` of the features file, when it has one): the instant
-    before which the behaviour encoder trained. Past the split's cut it saw test interactions, and
+    ``features_cutoff``: the instant before which the behaviour encoder of ``features`` trained
+    (features read from ``config.data.features_path`` use the file's ``cutoff``, when it has one). Past the split's cut it saw test interactions, and
     every semantic ID with it (App. B.2): a ValueError."""
     torch.set_num_threads(config.threads)
     dataset = load_dataset(config.data, config.protocol)

@@ -142,7 +142,7 @@ def test_pipeline_config_refuses_inconsistent_sections(tmp_path) -> None:
         PipelineConfig.model_validate({"sequences": {"positive_rating_threshold": 4.0}})
     with pytest.raises(ValueError, match="list it second"):  # P(positive) would be P(negative)
         PipelineConfig.model_validate({"ranker": {"sequence": {"action_names": ["positive", "negative"]}}})
-    with pytest.raises(ValueError, match="must list the same actions"):
+    with pytest.raises(ValueError, match="must have as many actions"):
         PipelineConfig.model_validate(
             {"sequences": {"action_source": "column", "action_vocab": ["a", "b", "c"]}}
         )

@@ -344,6 +344,7 @@ def test_evaluate_register_and_promote_take_the_newest_fine_tune_that_finished(
 
     from pipelines.config import PipelineConfig
     from pipelines.context import StepContext
+    from pipelines.promotion import promote, register
     from pipelines.ranker import SFT_CHECKPOINT_SHA256, _find_run, evaluate
 
     monkeypatch.setenv("HISAM_HOME", str(tmp_path / "home"))
@@ -354,6 +355,10 @@ def test_evaluate_register_and_promote_take_the_newest_fine_tune_that_finished(
     ctx.mlflow.set_terminated(crashed.info.run_id, "FAILED")
     with pytest.raises(ValueError, match=f"no finetune run of {ctx.run_key} finished training"):
         evaluate(ctx)
+    with pytest.raises(ValueError, match=f"no evaluated finetune run for {ctx.run_key}"):
+        register(ctx)
+    with pytest.raises(ValueError, match=f"no registered candidate for {ctx.run_key}"):
+        promote(ctx)
     finished = ctx.mlflow.create_run(
         ctx.experiment_id, start_time=1, tags={**tags, SFT_CHECKPOINT_SHA256: "ab"}
     )

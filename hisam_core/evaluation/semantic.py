@@ -17,9 +17,12 @@ hashes the variant, the training configs, the feature arrays and their ``present
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -87,6 +90,15 @@ def _select(features: ItemFeatures, modalities: list[str]) -> ItemFeatures:
     )
 
 
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock``: parallel workers that miss the same cache entry
+    train it once, the others wait and read it."""
+    with open(path.with_name(f"{path.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def _dst(
     variant: TokenizerVariant, features: ItemFeatures, config: TokenizerTrainConfig, cache_dir: Path
 ) -> DST:
@@ -102,10 +114,11 @@ def _dst(
         }
     config = TokenizerTrainConfig.model_validate({**config.model_dump(), **update})
     path = cache_dir / f"dst_{_key(variant.modalities, config, _fingerprint(features))}.pt"
-    if path.exists():
-        return DST.load_checkpoint(path)
-    logger.info("training DST on %s (alignment=%s)", variant.modalities, variant.alignment)
-    return train_tokenizer(features, config, checkpoint_path=path).eval()
+    with _exclusive(path):
+        if path.exists():
+            return DST.load_checkpoint(path)
+        logger.info("training DST on %s (alignment=%s)", variant.modalities, variant.alignment)
+        return train_tokenizer(features, config, checkpoint_path=path).eval()
 
 
 def semantic_ids(
@@ -121,8 +134,20 @@ def semantic_ids(
     features = _select(features, variant.modalities)
     key = _key(variant, tokenizer, rqvae, _fingerprint(features))
     path = cache_dir / f"sids_{key}.parquet"
-    if path.exists():
-        return SemanticIds.load(path)
+    with _exclusive(path):
+        if path.exists():
+            return SemanticIds.load(path)
+        return _train_ids(variant, features, tokenizer, rqvae, cache_dir, path)
+
+
+def _train_ids(
+    variant: TokenizerVariant,
+    features: ItemFeatures,
+    tokenizer: TokenizerTrainConfig,
+    rqvae: RQVAETrainConfig,
+    cache_dir: Path,
+    path: Path,
+) -> SemanticIds:
     version = f"{variant.kind}-{'-'.join(variant.modalities)}{'' if variant.alignment else '-nocga'}"
     layers = tokenizer.model.shared_layers + len(variant.modalities)
     rq = rqvae.model_copy(

@@ -200,6 +200,32 @@ def test_semantic_id_variants_train_what_they_claim_and_are_cached(planted, tmp_
         TokenizerVariant(kind="dst", modalities=["behavior"])
 
 
+def test_workers_that_miss_the_same_cache_entry_train_it_once(planted, tmp_path, monkeypatch):
+    """``--workers 2`` starts with two seeds of one experiment: both need the same DST and table."""
+    import threading
+
+    import hisam_core.evaluation.semantic as semantic
+
+    _, modalities, item_ids = planted
+    features = ItemFeatures(item_ids, modalities)
+    trained = []
+    train = semantic.train_tokenizer
+    monkeypatch.setattr(semantic, "train_tokenizer", lambda *a, **k: trained.append(1) or train(*a, **k))
+    variant = TokenizerVariant(kind="dst", modalities=["behavior", "text"])
+    tables = []
+
+    def worker() -> None:
+        tables.append(semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(trained) == 1 and len(tables) == 2
+    np.testing.assert_array_equal(tables[0].codes, tables[1].codes)
+
+
 def test_a_cache_of_another_cache_version_is_not_read(planted, tmp_path, monkeypatch):
     """After a change to DST bumps CACHE_VERSION, its models and tables are trained again."""
     import hisam_core.evaluation.semantic as semantic

@@ -6,9 +6,9 @@ Runs :func:`hisam_core.evaluation.harness.run_evaluation` on MovieLens-100K (fea
 target check, then the hand-written ``quality_findings.md`` if one sits beside them) and
 ``quality_scaling.png`` (GAUC against HMAT depth and against the token budget). ``--workers N`` runs
 the (experiment, seed) jobs in N processes of one torch thread each; ``--reuse`` keeps the runs of an
-earlier ``quality.json`` and runs only the missing ones; ``--mlflow`` logs one MLflow run per
-(experiment, seed) to the experiment ``hisam-evaluation`` plus a summary run with the report and the
-plot as artifacts. ``benchmarks/quality.py`` is the same command with the repository's result paths.
+earlier ``quality.json`` of the same data, budget and features, and runs only the missing ones;
+``--mlflow`` logs one MLflow run per (experiment, seed) to the experiment ``hisam-evaluation`` plus a
+summary run with the report and the plot as artifacts. ``benchmarks/quality.py`` is the same command with the repository's result paths.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from hisam_core.evaluation.harness import (
     scaling_points,
     scaling_records,
 )
+from hisam_core.evaluation.semantic import features_fingerprint, load_features_npz
 from hisam_core.features import ItemFeatures
 from pipelines.settings import Settings, movielens_dir, positive_int
 from pipelines.steps import THREADS_ENV
@@ -493,7 +494,32 @@ def main(
             "MovieLens-100K not found at %s (set data.path in --config or pass --data)", config.data.path
         )
         return 2
+    if reuse is not None:
+        try:
+            _same_features(config, str(args.features_cache), reuse)
+        except ValueError as err:
+            log.error("%s", err)
+            return 2
     return _evaluate(args, config, reuse, argv, prog)
+
+
+def _same_features(config: EvaluationConfig, features_cache: str, reuse: dict[str, Any]) -> None:
+    """``--reuse`` keeps runs only of the features they were computed on (``dataset.features``, their
+    fingerprint). Built here first, so the workers then read one feature cache."""
+    features, _ = _features(config, features_cache)
+    if features is None and config.data.features_path:
+        features = load_features_npz(config.data.features_path)
+    now = None if features is None else features_fingerprint(features)
+    earlier = reuse.get("dataset", {}).get("features")
+    if earlier is None and now is not None:
+        log.warning(
+            "--reuse: the earlier result records no features fingerprint; its runs are kept unchecked"
+        )
+    elif earlier != now:
+        raise ValueError(
+            f"--reuse: the earlier result was computed on other features ({earlier} here {now}); "
+            "its runs are not comparable"
+        )
 
 
 def _read_reuse(path: Path, config: EvaluationConfig) -> dict[str, Any]:

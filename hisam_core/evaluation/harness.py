@@ -35,7 +35,13 @@ from hisam_core.evaluation.protocol import (
     read_interactions,
     target_arrays,
 )
-from hisam_core.evaluation.semantic import TokenizerVariant, load_features_npz, npz_cutoff, semantic_ids
+from hisam_core.evaluation.semantic import (
+    TokenizerVariant,
+    features_fingerprint,
+    load_features_npz,
+    npz_cutoff,
+    semantic_ids,
+)
 from hisam_core.features import ItemFeatures
 from hisam_core.metrics import hit_rate_at_k, ndcg_at_k, ranking_metrics
 from hisam_core.ranker.model import HMATConfig
@@ -584,6 +590,7 @@ def run_evaluation(
             callback(record)
     scaling = run_scaling(ctx, done) if config.scaling is not None else None
     summary = {"name": dataset.name, **split.summary(), "window_items": ctx.window_size(config.max_tokens)}
+    summary["features"] = None if features is None else features_fingerprint(features)
     return assemble(config, summary, runs, scaling)
 
 

@@ -62,7 +62,8 @@ class TokenizerVariant(Config):
         return self
 
 
-def _fingerprint(features: ItemFeatures) -> str:
+def features_fingerprint(features: ItemFeatures) -> str:
+    """SHA-1 of the ids, arrays and masks: what the caches key on and a result records."""
     digest = hashlib.sha1(features.item_ids.tobytes())
     for name in sorted(features.modalities):
         digest.update(name.encode())
@@ -113,7 +114,7 @@ def _dst(
             "alignment_warmup_epochs": 0,
         }
     config = TokenizerTrainConfig.model_validate({**config.model_dump(), **update})
-    path = cache_dir / f"dst_{_key(variant.modalities, config, _fingerprint(features))}.pt"
+    path = cache_dir / f"dst_{_key(variant.modalities, config, features_fingerprint(features))}.pt"
     with _exclusive(path):
         if path.exists():
             return DST.load_checkpoint(path)
@@ -132,7 +133,7 @@ def semantic_ids(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     features = _select(features, variant.modalities)
-    key = _key(variant, tokenizer, rqvae, _fingerprint(features))
+    key = _key(variant, tokenizer, rqvae, features_fingerprint(features))
     path = cache_dir / f"sids_{key}.parquet"
     with _exclusive(path):
         if path.exists():

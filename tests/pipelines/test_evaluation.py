@@ -103,6 +103,16 @@ def test_evaluate_writes_the_report_logs_every_run_and_reuses_them(
     assert rerun["runs"] == result["runs"] and rerun["summary"] == result["summary"]
     assert rerun["environment"]["command"] == f"hisam evaluate {' '.join(common)} --results {again}"
 
+    other = {**result, "dataset": {**result["dataset"], "features": "0" * 40}}  # e.g. another encoder
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    caplog.clear()
+    assert (
+        cli(["evaluate", *common, "--results", str(tmp_path / "x"), "--reuse", str(tmp_path / "other.json")])
+        == 2
+    )
+    assert "--reuse: the earlier result was computed on other features (0000" in caplog.text
+    assert result["dataset"]["features"] == rerun["dataset"]["features"] != other["dataset"]["features"]
+
 
 @pytest.mark.parametrize(
     "given",

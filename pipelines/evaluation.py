@@ -505,7 +505,7 @@ def main(
 
 def _same_features(config: EvaluationConfig, features_cache: str, reuse: dict[str, Any]) -> None:
     """``--reuse`` keeps runs only of the features they were computed on (``dataset.features``, their
-    fingerprint). Built here first, so the workers then read one feature cache."""
+    fingerprint)."""
     features, _ = _features(config, features_cache)
     if features is None and config.data.features_path:
         features = load_features_npz(config.data.features_path)
@@ -546,6 +546,7 @@ def _evaluate(
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
     if reuse is not None or args.workers > 1:
+        _features(config, str(args.features_cache))  # built once here: the workers read its cache
         result = run_parallel(config, str(args.features_cache), args.workers, reuse)
     else:
         features, cutoff = _features(config, str(args.features_cache))

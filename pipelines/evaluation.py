@@ -8,7 +8,8 @@ target check, then the hand-written ``quality_findings.md`` if one sits beside t
 the (experiment, seed) jobs in N processes of one torch thread each; ``--reuse`` keeps the runs of an
 earlier ``quality.json`` of the same data, budget and features, and runs only the missing ones;
 ``--mlflow`` logs one MLflow run per (experiment, seed) to the experiment ``hisam-evaluation`` plus a
-summary run with the report and the plot as artifacts. ``benchmarks/quality.py`` is the same command with the repository's result paths.
+summary run with the report and the plot as artifacts. ``benchmarks/quality.py`` is the same command
+with the repository's result paths.
 """
 
 from __future__ import annotations

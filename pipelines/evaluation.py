@@ -495,19 +495,20 @@ def main(
             "MovieLens-100K not found at %s (set data.path in --config or pass --data)", config.data.path
         )
         return 2
-    if reuse is not None:
-        try:
-            _same_features(config, str(args.features_cache), reuse)
-        except ValueError as err:
-            log.error("%s", err)
-            return 2
+    if reuse is not None or args.workers > 1:
+        features, _ = _features(config, str(args.features_cache))  # built once here: workers read its cache
+        if reuse is not None:
+            try:
+                _same_features(config, features, reuse)
+            except ValueError as err:
+                log.error("%s", err)
+                return 2
     return _evaluate(args, config, reuse, argv, prog)
 
 
-def _same_features(config: EvaluationConfig, features_cache: str, reuse: dict[str, Any]) -> None:
+def _same_features(config: EvaluationConfig, features: ItemFeatures | None, reuse: dict[str, Any]) -> None:
     """``--reuse`` keeps runs only of the features they were computed on (``dataset.features``, their
-    fingerprint)."""
-    features, _ = _features(config, features_cache)
+    fingerprint); ``features``: those of :func:`_features`."""
     if features is None and config.data.features_path:
         features = load_features_npz(config.data.features_path)
     now = None if features is None else features_fingerprint(features)
@@ -547,7 +548,6 @@ def _evaluate(
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
     if reuse is not None or args.workers > 1:
-        _features(config, str(args.features_cache))  # built once here: the workers read its cache
         result = run_parallel(config, str(args.features_cache), args.workers, reuse)
     else:
         features, cutoff = _features(config, str(args.features_cache))

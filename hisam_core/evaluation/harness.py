@@ -565,8 +565,9 @@ def run_evaluation(
     (mean/std per experiment), ``table`` (markdown), ``scaling`` and ``config``.
 
     ``features_cutoff``: the instant before which the behaviour encoder of ``features`` trained
-    (features read from ``config.data.features_path`` use the file's ``cutoff``, when it has one). Past the split's cut it saw test interactions, and
-    every semantic ID with it (App. B.2): a ValueError."""
+    (features read from ``config.data.features_path`` use the file's ``cutoff``, when it has one).
+    Past the split's cut it saw test interactions, and every semantic ID with it (App. B.2): a
+    ValueError."""
     torch.set_num_threads(config.threads)
     dataset = load_dataset(config.data, config.protocol)
     split = chronological_split(dataset.interactions, config.protocol)

@@ -308,9 +308,11 @@ class SequenceBuilder:
 
     def build(self, history: UserHistory, candidate: np.ndarray | None = None) -> TokenSequence:
         """The stream of one user; with ``candidate`` (raw codes) it ends with that item's block
-        (semantic tokens + Anchor, no Action) at ``i = kept items + 1``."""
+        (semantic tokens + Anchor, no Action) at ``i = kept items + 1``. A user with no history and no
+        profile has a stream only with a candidate: the candidate alone, as the first item of a
+        training window is labelled with nothing before it."""
         what = f"user {history.user_id}"
-        if len(history) == 0 and not history.profile:
+        if len(history) == 0 and not history.profile and candidate is None:
             raise ValueError(f"{what}: empty history and no profile, nothing to condition on")
         if history.items.size and history.items.shape[1] != self.config.num_positions:
             raise ValueError(

@@ -151,6 +151,32 @@ def test_cold_start_user_with_profile_only(seq_config, make_model, candidates):
     torch.testing.assert_close(ranker.rank(grown, candidates), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("history_memory", ["anchor", "anchor_action"])
+def test_a_new_user_without_profile_scores_as_the_first_item_of_a_training_window(
+    seq_config, make_model, candidates, history_memory
+):
+    """No history and no profile (the shipped configs have none): each candidate is scored on its own
+    block, as SFT labels the first item of a window, and the empty cache grows like any other."""
+    config = seq_config.model_copy(update={"profile_fields": {}})
+    model, builder = make_model(history_memory=history_memory), SequenceBuilder(config)
+    ranker, new = HMATRanker(model, config), UserHistory(1, np.empty((0, 6)), [])
+    cache = ranker.encode(new)
+    assert (cache.num_items, cache.num_cached, cache.length) == (0, 0, 0)
+    served = ranker.rank(cache, candidates)
+    torch.testing.assert_close(served, rank_reference(model, config, new, candidates), atol=1e-5, rtol=0)
+    for k, candidate in enumerate(candidates):
+        logits, _ = action_logits(
+            model, builder.collate([builder.build(new.append(candidate, 1))]), builder.vocab
+        )
+        torch.testing.assert_close(
+            served[k], positive_probability(logits[0], builder.vocab), atol=1e-5, rtol=0
+        )
+    assert len(set(served.tolist())) == len(candidates)  # each scored on its own tokens
+    grown = ranker.append(cache, candidates[0], 1)
+    expected = rank_reference(model, config, new.append(candidates[0], 1), candidates)
+    torch.testing.assert_close(ranker.rank(grown, candidates), expected, atol=1e-5, rtol=0)
+
+
 def test_bad_serving_input(seq_config, make_model, history, candidates):
     ranker = HMATRanker(make_model(), seq_config)
     with pytest.raises(ValueError, match=r"candidates must be \[C, 6\]"):
@@ -164,10 +190,6 @@ def test_bad_serving_input(seq_config, make_model, history, candidates):
         ranker.append(ranker.encode(history), candidates[0, :4], 1)
     with pytest.raises(ValueError, match="action indices"):
         ranker.append(ranker.encode(history), candidates[0], 7)
-    with pytest.raises(ValueError, match="nothing to condition on"):
-        HMATRanker(make_model(), seq_config.model_copy(update={"profile_fields": {}})).rank(
-            UserHistory(1, np.empty((0, 6)), []), candidates
-        )
     assert ranker.rank(history, candidates[:0]).numel() == 0
 
 

@@ -8,6 +8,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from hisam_core.ranker.attention import (
+    FLEX_BLOCK_SIZE,
     MemoryAnchorAttention,
     TokenLayout,
     dense_mask,
@@ -15,6 +16,7 @@ from hisam_core.ranker.attention import (
     memory_token_types,
 )
 from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenType, UserHistory
+from hisam_core.ranker.synthetic import synthetic_histories
 
 
 def small_stream(history_memory: str = "anchor", mode: str = "memory_anchor") -> torch.Tensor:
@@ -116,9 +118,19 @@ def test_mask_mod_equals_dense_mask_on_grid(seq_config, histories, mode, memory)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_equals_dense_sdpa(seq_config, histories, make_model):
-    """FlexAttention runs eagerly (unfused) on CPU in this torch; compiled on CUDA by the model."""
-    batch = SequenceBuilder(seq_config).batch(ragged(histories[:4]))
+@pytest.mark.parametrize("long", [False, True], ids=["one-block", "three-blocks"])
+def test_flex_attention_equals_dense_sdpa(seq_config, histories, semantic_ids, make_model, long):
+    """FlexAttention runs eagerly (unfused) on CPU in this torch; compiled on CUDA by the model.
+    ``long``: streams of up to 290 tokens, padded across FlexAttention's 128-token blocks."""
+    if long:
+        seq_config = seq_config.model_copy(update={"max_tokens": 300})
+        users = synthetic_histories(semantic_ids, seq_config, 3, min_items=36, max_items=36, seed=2)
+        batch = SequenceBuilder(seq_config).batch(
+            [h.tail(n) for h, n in zip(users, (36, 17, 3), strict=True)]
+        )
+        assert batch.tokens.shape[1] > 2 * FLEX_BLOCK_SIZE
+    else:
+        batch = SequenceBuilder(seq_config).batch(ragged(histories[:4]))
     sdpa = make_model(attention_backend="sdpa")
     flex = make_model(attention_backend="flex")
     for mode in ("memory_anchor", "causal"):

@@ -284,6 +284,30 @@ def test_sft_may_choose_its_mask_and_budget_apart_from_pt():
     ) == ["sequence.profile_fields"]
 
 
+def test_one_step_is_clipped_and_decays_only_the_matrices(tmp_path):
+    """One AdamW step from the same start on the same batch. Adam's first step is
+    ``lr * g / (|g| + eps)`` per weight, so a gradient clipped to norm 1e-12 (far under eps = 1e-8)
+    barely moves a weight, and an unclipped one moves most by about ``lr``. Decoupled weight decay then
+    subtracts exactly ``lr * wd * w`` from the matrices, and nothing from norms and biases."""
+
+    def weights(name: str, **train) -> dict[str, torch.Tensor]:
+        run(config("pt", 1, warmup_steps=0, batch_size=16, **train), tmp_path / name)
+        return load_model(tmp_path / name / "checkpoint.pt")[1].state_dict()
+
+    lr, wd = 1e-2, 0.5
+    start = weights("start", learning_rate=1e-12, weight_decay=0.0)
+    clipped = weights("clipped", learning_rate=lr, grad_clip=1e-12, weight_decay=0.0)
+    free = weights("free", learning_rate=lr, grad_clip=1e3, weight_decay=0.0)
+    decayed = weights("decayed", learning_rate=lr, grad_clip=1e-12, weight_decay=wd)
+    assert max((clipped[k] - start[k]).abs().max().item() for k in start) < lr * 2e-4
+    assert max((free[k] - start[k]).abs().max().item() for k in start) > lr / 2
+    matrices = [k for k in start if start[k].ndim >= 2]
+    assert matrices and len(matrices) < len(start)
+    for k in start:
+        expected = clipped[k] - lr * wd * start[k] if k in matrices else clipped[k]
+        torch.testing.assert_close(decayed[k], expected, atol=1e-7, rtol=0)
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     values = [warmup_cosine(step, 10, 100, 0.1) for step in range(120)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # A throw-away local PostgreSQL server for the production-profile tests (CI and laptops).
-#   infra/postgres/pg.sh start   # install (Debian package) if missing, initdb, start on 127.0.0.1:$PGPORT
+#   infra/postgres/pg.sh start   # install (Debian package) if missing, initdb, start on 127.0.0.1:$HISAM_PG_PORT
 #   infra/postgres/pg.sh stop    # stop it and remove its data directory
 # Prints the export line for HISAM_TEST_POSTGRES_URL on start. Databases: airflow, mlflow.
+# Its own variables, not Postgres' PGDATA/PGPORT: those may name a real cluster, which stop would end
+# and delete. It only ever deletes a directory it created (marked by $MARKER).
 set -euo pipefail
-PGPORT="${PGPORT:-55432}"
-PGDATA="${PGDATA:-/tmp/hisam-pg-$PGPORT}"
+PORT="${HISAM_PG_PORT:-55432}"
+DATA="${HISAM_PG_DATA:-/tmp/hisam-pg-$PORT}"
 RUN_AS="${PG_RUN_AS:-postgres}"
+MARKER=".hisam-throwaway-postgres"
 
 bin_dir() {  # a server's binaries (initdb), not only a client's
   local dir
@@ -31,18 +34,21 @@ start() {
   fi
   local bin; bin="$(bin_dir)"
   if [ "$(id -u)" = "0" ] && ! id "$RUN_AS" >/dev/null 2>&1; then useradd --system "$RUN_AS"; fi
-  rm -rf "$PGDATA"; mkdir -p "$PGDATA"
-  [ "$(id -u)" = "0" ] && chown "$RUN_AS" "$PGDATA"
-  as_user "$bin/initdb" -D "$PGDATA" -U hisam --auth=trust -E UTF8 >/dev/null
-  as_user "$bin/pg_ctl" -D "$PGDATA" -o "-c listen_addresses=127.0.0.1 -p $PGPORT -k $PGDATA" -l "$PGDATA/server.log" -w start >/dev/null
-  for db in airflow mlflow; do as_user "$bin/createdb" -h 127.0.0.1 -p "$PGPORT" -U hisam "$db"; done
-  echo "export HISAM_TEST_POSTGRES_URL=postgresql+psycopg2://hisam@127.0.0.1:$PGPORT"
+  stop
+  if [ -e "$DATA" ]; then echo "pg.sh: $DATA exists and is not this script's; set HISAM_PG_DATA" >&2; exit 1; fi
+  mkdir -p "$DATA/db" && touch "$DATA/$MARKER"
+  [ "$(id -u)" = "0" ] && chown -R "$RUN_AS" "$DATA"
+  as_user "$bin/initdb" -D "$DATA/db" -U hisam --auth=trust -E UTF8 >/dev/null
+  as_user "$bin/pg_ctl" -D "$DATA/db" -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DATA" -l "$DATA/server.log" -w start >/dev/null
+  for db in airflow mlflow; do as_user "$bin/createdb" -h 127.0.0.1 -p "$PORT" -U hisam "$db"; done
+  echo "export HISAM_TEST_POSTGRES_URL=postgresql+psycopg2://hisam@127.0.0.1:$PORT"
 }
 
-stop() {
+stop() {  # only a directory this script made: it holds $MARKER, the cluster is in $DATA/db
+  [ -f "$DATA/$MARKER" ] || return 0
   local bin; bin="$(bin_dir)"
-  if [ -n "$bin" ] && [ -f "$PGDATA/postmaster.pid" ]; then as_user "$bin/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null; fi
-  rm -rf "$PGDATA"
+  if [ -n "$bin" ] && [ -f "$DATA/db/postmaster.pid" ]; then as_user "$bin/pg_ctl" -D "$DATA/db" -m fast -w stop >/dev/null; fi
+  rm -rf "$DATA"
 }
 
 case "${1:-}" in

@@ -25,6 +25,16 @@ from pipelines.steps import DEFAULT_CONFIG, load_config
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+#: Variables that point the steps and Airflow at shared stores. In the production image they name
+#: production's lake, registry and metadata database; the demo is the embedded default, so it drops
+#: them (in its own process) rather than write a synthetic dataset and demo models there.
+SHARED_STORES = (
+    "MLFLOW_TRACKING_URI",
+    "HISAM_ARTIFACT_ROOT",
+    "HISAM_LAKE_ROOT",
+    "AIRFLOW_HOME",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+)
 
 
 class DemoFailed(RuntimeError):
@@ -45,9 +55,10 @@ def _lifecycle() -> Any:
 
 
 def demo_overrides(dataset: str, bundle: Path | None) -> dict[str, Any]:
-    """Config overrides for the chosen dataset (``auto``: MovieLens when its bundle is present)."""
+    """Config overrides for the chosen dataset (``auto``: MovieLens when its bundle is present; a
+    ``bundle`` named explicitly must be one, so a mistyped path is not a silent synthetic run)."""
     ml = Path(bundle) if bundle else movielens_dir()
-    if dataset == "movielens" or (dataset == "auto" and (ml / "raw" / "u.data").is_file()):
+    if dataset == "movielens" or (dataset == "auto" and (bundle or (ml / "raw" / "u.data").is_file())):
         if not (ml / "raw" / "u.data").is_file():
             raise FileNotFoundError(f"no MovieLens-100K bundle at {ml} (expected raw/u.data)")
         return {
@@ -75,7 +86,13 @@ def lake_summary(root: str) -> dict[str, dict[str, int]]:
 def run_demo(config: Path | None = None, dataset: str = "auto", bundle: Path | None = None) -> dict[str, Any]:
     """Run the four DAGs for today's date and summarise what they wrote. The config is ``config``,
     else configs/pipeline.yaml, never ``$HISAM_PIPELINE_CONFIG``: in the production image that is
-    the paper-sized one, and the demo is the embedded default."""
+    the paper-sized one, and the demo is the embedded default (nor the stores of
+    :data:`SHARED_STORES`)."""
+    ignored = [name for name in SHARED_STORES if os.environ.pop(name, None) is not None]
+    if ignored:  # names only: a connection string may hold a password
+        log.warning(
+            "hisam demo ignores %s: it runs on the embedded default under $HISAM_HOME", ", ".join(ignored)
+        )
     settings = Settings.from_env()
     pipeline = load_config(config or DEFAULT_CONFIG, demo_overrides(dataset, bundle))
     config_file = settings.home / "demo_pipeline.yaml"
@@ -123,5 +140,6 @@ def summarize(
             "data_docs": str(settings.data_docs / "index.html"),
             "alerts": str(settings.alerts_file),
             "airflow_home": str(settings.home / "airflow"),
+            "recommend": f"hisam recommend <user> --config {settings.home / 'demo_pipeline.yaml'}",
         },
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import numpy as np
@@ -372,6 +373,42 @@ def test_the_demo_config_is_the_embedded_default_whatever_the_environment(tmp_pa
     assert (demo.source.kind, demo.ranker.model.hidden_size) == ("synthetic", 64)
     production = load_config(None, demo_overrides("synthetic", tmp_path / "no-bundle"))
     assert production.source.kind == "synthetic"  # explicit, even over another config's source
+    with pytest.raises(FileNotFoundError, match=r"no MovieLens-100K bundle at .*typo"):  # not synthetic
+        demo_overrides("auto", tmp_path / "typo")
+
+
+def test_the_demo_never_writes_to_the_stores_the_environment_names(tmp_path, monkeypatch, caplog) -> None:
+    """In the production image MLFLOW_TRACKING_URI, HISAM_LAKE_ROOT, AIRFLOW_HOME... name production:
+    the demo's DAGs still see only stores under $HISAM_HOME, and the log names what was ignored
+    (never the values: a connection string may hold a password)."""
+    import types
+
+    import pipelines.demo as demo
+    from pipelines.settings import Settings
+
+    seen: dict[str, str | None] = {}
+
+    def run_dag(dag_id: str, day: dt.date) -> types.SimpleNamespace:
+        settings = Settings.from_env()
+        seen.update({"mlflow": settings.mlflow_tracking_uri, "lake": settings.lake_root})
+        seen.update({name: os.environ.get(name) for name in demo.SHARED_STORES})
+        raise demo.DemoFailed("stop after the first DAG")
+
+    lifecycle = types.SimpleNamespace(
+        LIFECYCLE=("hisam_features",), prepare_airflow=lambda home: None, run_dag=run_dag
+    )
+    monkeypatch.setattr(demo, "_lifecycle", lambda: lifecycle)
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("HISAM_PIPELINE_CONFIG", "restored after the test")
+    for name in demo.SHARED_STORES:  # restored after the test, whatever the demo did
+        monkeypatch.setenv(name, "postgresql://prod:s3cret@db/prod")
+    with pytest.raises(demo.DemoFailed):
+        demo.run_demo(dataset="synthetic")
+    assert seen["mlflow"] == f"sqlite:///{tmp_path / 'mlflow.db'}" and seen["lake"] == str(tmp_path / "lake")
+    assert all(seen[name] is None for name in demo.SHARED_STORES)
+    assert (
+        f"hisam demo ignores {', '.join(demo.SHARED_STORES)}" in caplog.text and "s3cret" not in caplog.text
+    )
 
 
 def test_a_failed_demo_dag_is_a_message_and_exit_code_1(tmp_path, monkeypatch, caplog) -> None:

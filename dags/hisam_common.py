@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -38,10 +39,28 @@ VALIDATED_SAMPLES = {
 #: Step params of the daily and weekly DAGs: before the first tokenizer, skip instead of failing.
 SKIP_WITHOUT_TOKENIZER = {"skip_without_tokenizer": "true"}
 
+
+def _seconds(name: str, default: float) -> dt.timedelta:
+    """``$name`` in seconds (a positive number), else ``default``; a bad value names the variable."""
+    text = os.environ.get(name)
+    try:
+        seconds = float(text) if text else default
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise ValueError(f"{name} must be a positive number of seconds, got {text!r}")
+    return dt.timedelta(seconds=seconds)
+
+
 #: How often the sensors poke and how long they wait (``HISAM_SENSOR_POKE_SECONDS``,
 #: ``HISAM_SENSOR_TIMEOUT_SECONDS``; the tests shorten both, so a missing upstream fails, not hangs).
-SENSOR_POKE = dt.timedelta(seconds=float(os.environ.get("HISAM_SENSOR_POKE_SECONDS", 600)))
-SENSOR_TIMEOUT = dt.timedelta(seconds=float(os.environ.get("HISAM_SENSOR_TIMEOUT_SECONDS", 72000)))
+SENSOR_POKE = _seconds("HISAM_SENSOR_POKE_SECONDS", 600)
+SENSOR_TIMEOUT = _seconds("HISAM_SENSOR_TIMEOUT_SECONDS", 72000)
+#: The longest a step may run before Airflow fails it (and retries): a hung training would otherwise
+#: hold the one ``gpu`` pool slot, stalling every GPU task of every DAG. Both stay under the Celery
+#: ``visibility_timeout`` (24 h, infra/airflow/airflow.cfg.production), past which a task is re-sent.
+TASK_TIMEOUT = _seconds("HISAM_TASK_TIMEOUT_SECONDS", 6 * 3600)
+GPU_TASK_TIMEOUT = _seconds("HISAM_GPU_TASK_TIMEOUT_SECONDS", 16 * 3600)
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 TAGS = ["hisam"]
@@ -127,12 +146,18 @@ def step_task(
     trigger_rule: str = "all_success",
     upstream_params: dict[str, tuple[str, str]] | None = None,
 ) -> Callable[[], Any]:
-    """A TaskFlow task running one pipeline step; ``gpu`` tasks take a ``gpu`` pool slot.
+    """A TaskFlow task running one pipeline step; ``gpu`` tasks take a ``gpu`` pool slot. Each has an
+    ``execution_timeout`` (:data:`TASK_TIMEOUT`, :data:`GPU_TASK_TIMEOUT`).
     ``upstream_params``: ``{param: (task_id, key)}``, params taken from an upstream task's result."""
     placement: dict[str, Any] = (
-        {"pool": GPU_POOL, "queue": GPU_QUEUE, "executor_config": {"pod_template_file": GPU_POD_TEMPLATE}}
+        {
+            "pool": GPU_POOL,
+            "queue": GPU_QUEUE,
+            "executor_config": {"pod_template_file": GPU_POD_TEMPLATE},
+            "execution_timeout": GPU_TASK_TIMEOUT,
+        }
         if gpu
-        else {}
+        else {"execution_timeout": TASK_TIMEOUT}
     )
 
     @task(

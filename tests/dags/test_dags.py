@@ -123,7 +123,7 @@ def test_schedules_follow_the_decoupled_lifecycle(dags) -> None:
 
 
 def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> None:
-    from hisam_common import alert_on_failure
+    from hisam_common import GPU_TASK_TIMEOUT, TASK_TIMEOUT, alert_on_failure
 
     for dag in dags.values():
         for task in dag.tasks:
@@ -135,8 +135,25 @@ def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> 
             assert bool(task.executor_config) == gpu
             assert task.retries == 2 and task.retry_exponential_backoff
             assert task.retry_delay == dt.timedelta(minutes=2)
+            sensor = hasattr(task, "poke_interval")  # bounded by its own timeout instead
+            assert task.execution_timeout == (None if sensor else GPU_TASK_TIMEOUT if gpu else TASK_TIMEOUT)
             callbacks = task.on_failure_callback
             assert alert_on_failure in (callbacks if isinstance(callbacks, list) else [callbacks])
+
+
+def test_a_bad_duration_variable_names_itself(monkeypatch) -> None:
+    """They are read when the DAG files are parsed: a bad one is an import error that says which."""
+    from hisam_common import _seconds
+
+    assert _seconds("HISAM_TEST_SECONDS", 5) == dt.timedelta(seconds=5)
+    monkeypatch.setenv("HISAM_TEST_SECONDS", "90.5")
+    assert _seconds("HISAM_TEST_SECONDS", 5) == dt.timedelta(seconds=90.5)
+    for bad in ("10m", "0", "-3", "nan", "inf"):
+        monkeypatch.setenv("HISAM_TEST_SECONDS", bad)
+        with pytest.raises(
+            ValueError, match=f"HISAM_TEST_SECONDS must be a positive number of seconds, got '{bad}'"
+        ):
+            _seconds("HISAM_TEST_SECONDS", 5)
 
 
 def test_a_broken_config_still_sends_the_failure_alert(dags, tmp_path, monkeypatch) -> None:

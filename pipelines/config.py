@@ -29,6 +29,7 @@ from spark_jobs.importers.synthetic import SyntheticConfig
 from spark_jobs.lake import LakeConfig
 from spark_jobs.quality import QualityConfig
 from spark_jobs.sequences import SequenceConfig
+from spark_jobs.tables import DATASET_PATTERN
 
 
 class SourceConfig(Config):
@@ -114,7 +115,7 @@ class RegistryNames(Config):
 class PipelineConfig(Config):
     """Everything the lifecycle needs; ``configs/pipeline.yaml`` documents each field."""
 
-    dataset: str = Field("synthetic", pattern=r"^[A-Za-z0-9._-]+$")
+    dataset: str = Field("synthetic", pattern=DATASET_PATTERN)
     lake: LakeConfig = Field(default_factory=LakeConfig)  # root null: $HISAM_HOME/lake
     source: SourceConfig = Field(default_factory=SourceConfig)
     silver: SilverConfig = Field(default_factory=SilverConfig)

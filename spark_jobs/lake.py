@@ -326,6 +326,10 @@ class Lake:
             )
         if mode == "replace_partition" and not partition_values:
             raise ValueError(f"{spec.name}: mode 'replace_partition' needs partition_values")
+        for column, value in partition_values.items():
+            values = value if isinstance(value, list | tuple | set | frozenset) else [value]
+            if any(isinstance(v, str) and not v.strip() for v in values):
+                raise ValueError(f"{spec.name}: blank {column} partition value {value!r}{_EMPTY_PARTITION}")
         merge_keys = tuple(keys) if keys is not None else spec.keys
         if mode == "merge":
             if not merge_keys:
@@ -741,9 +745,23 @@ def _arrow_schema(spec: TableSpec):
     return _arrow_schema_of(spec.schema)
 
 
+#: Why a blank partition value is refused before any commit.
+_EMPTY_PARTITION = ": Delta stores an empty partition value as null, which breaks every read of the table"
+
+
 def _to_arrow(df: DataFrame, spec: TableSpec):
-    """``df`` as an Arrow table typed exactly as declared (NOT NULL columns checked)."""
+    """``df`` as an Arrow table typed exactly as declared (NOT NULL columns checked, and partition
+    values not blank)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     arrow = df.toArrow()
+    for name in spec.partition_by:
+        column = arrow.column(name)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            blank = pc.sum(pc.equal(pc.utf8_trim_whitespace(column), "").cast("int64")).as_py() or 0
+            if blank:
+                raise ValueError(f"writing {spec.name}: {blank} rows have a blank {name}{_EMPTY_PARTITION}")
     target = _arrow_schema(spec)
     nulls = [
         f"{f.name} ({arrow.column(f.name).null_count} nulls)"

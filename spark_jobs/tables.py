@@ -28,6 +28,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 _NAME = re.compile(r"^(bronze|silver|gold)\.[a-z][a-z0-9_]*$")
+#: A dataset name: the first partition value of every table, so never empty (Delta stores an empty
+#: partition value as null, and a null in the NOT NULL ``dataset`` column breaks every later read).
+DATASET_PATTERN = r"^[A-Za-z0-9._-]+$"
 _COLUMN = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -444,3 +447,12 @@ def stable_id(key: Column) -> Column:
     numeric = key.rlike(r"^(0|[1-9][0-9]{0,17})$")
     hashed = F.lit(HASHED_ID_BASE) + F.pmod(F.xxhash64(key), F.lit(HASHED_ID_BASE))
     return F.when(numeric, key.try_cast(LONG)).otherwise(hashed).cast(LONG)
+
+
+def check_dataset(name: str) -> str:
+    """``name`` if it is a valid dataset name (:data:`DATASET_PATTERN`), else ValueError."""
+    if not isinstance(name, str) or not re.fullmatch(DATASET_PATTERN, name):
+        raise ValueError(
+            f"dataset name must be letters, digits, '.', '_' or '-' (one at least), got {name!r}"
+        )
+    return name

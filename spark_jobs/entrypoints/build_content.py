@@ -10,12 +10,12 @@ from __future__ import annotations
 import sys
 
 from spark_jobs.content import ContentConfig, build_content
-from spark_jobs.entrypoints.common import emit, parser, setup
+from spark_jobs.entrypoints.common import dataset_name, emit, parser, setup
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, date=False)
-    p.add_argument("--dataset", required=True, help="dataset name in the lake")
+    p.add_argument("--dataset", type=dataset_name, required=True, help="dataset name in the lake")
     p.add_argument("--config", help="YAML ContentConfig (field order, exclusions, age buckets)")
     args = p.parse_args(argv)
     config = ContentConfig.from_yaml(args.config) if args.config else ContentConfig()

@@ -14,6 +14,7 @@ from pyspark.sql import SparkSession
 
 from spark_jobs.lake import Lake, LakeConfig
 from spark_jobs.session import get_spark
+from spark_jobs.tables import check_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,14 @@ def logical_date(text: str) -> dt.date:
         return dt.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"logical date must be YYYY-MM-DD, got {text!r}") from None
+
+
+def dataset_name(text: str) -> str:
+    """A dataset name (argparse type): refused here, before Spark starts, when the lake would not take it."""
+    try:
+        return check_dataset(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parser(description: str, *, spark: bool = True, date: bool = True) -> argparse.ArgumentParser:

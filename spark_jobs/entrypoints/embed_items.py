@@ -13,12 +13,12 @@ import json
 import sys
 
 from spark_jobs.embeddings import EmbeddingJobConfig, EncoderSpec, embed_items
-from spark_jobs.entrypoints.common import emit, parser, setup
+from spark_jobs.entrypoints.common import dataset_name, emit, parser, setup
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__, date=False)
-    p.add_argument("--dataset", required=True, help="dataset name in the lake")
+    p.add_argument("--dataset", type=dataset_name, required=True, help="dataset name in the lake")
     p.add_argument("--modality", required=True, choices=["text", "image"])
     p.add_argument(
         "--kind", default="default", help="'default' (hisam_core encoder), 'hashing' or 'module:factory'"

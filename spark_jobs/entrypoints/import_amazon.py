@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from spark_jobs.entrypoints.common import emit, parser, setup
+from spark_jobs.entrypoints.common import dataset_name, emit, parser, setup
 from spark_jobs.importers.amazon import AmazonImportConfig, import_amazon
 from spark_jobs.importers.silver import SilverConfig, promote_to_silver
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--reviews", required=True, help="reviews JSONL file, directory or glob (.gz is fine)")
     p.add_argument("--meta", help="item metadata JSONL file, directory or glob")
-    p.add_argument("--dataset", default="amazon", help="dataset name in the lake")
+    p.add_argument("--dataset", type=dataset_name, default="amazon", help="dataset name in the lake")
     p.add_argument("--skip-silver", action="store_true", help="stop after bronze")
     p.add_argument("--positive-threshold", type=float, default=3.0, help="rating > this is a positive label")
     args = p.parse_args(argv)

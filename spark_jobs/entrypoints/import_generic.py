@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from spark_jobs.entrypoints.common import emit, parser, setup
+from spark_jobs.entrypoints.common import dataset_name, emit, parser, setup
 from spark_jobs.importers.generic import GenericImportConfig, import_generic
 from spark_jobs.importers.silver import SilverConfig, promote_to_silver
 
@@ -19,7 +19,7 @@ from spark_jobs.importers.silver import SilverConfig, promote_to_silver
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--config", help="YAML GenericImportConfig")
-    p.add_argument("--dataset", help="dataset name in the lake")
+    p.add_argument("--dataset", type=dataset_name, help="dataset name in the lake")
     p.add_argument("--interactions", help="interactions file, directory or glob")
     p.add_argument("--items", help="items file, directory or glob")
     p.add_argument("--users", help="users file, directory or glob")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from spark_jobs.entrypoints.common import emit, parser, setup
+from spark_jobs.entrypoints.common import dataset_name, emit, parser, setup
 from spark_jobs.importers.movielens import MovieLensImportConfig, import_movielens
 from spark_jobs.importers.silver import SilverConfig, promote_to_silver
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data-dir", required=True, help="bundle directory holding raw/u.data, raw/u.item, raw/u.user"
     )
-    p.add_argument("--dataset", default="movielens-100k", help="dataset name in the lake")
+    p.add_argument("--dataset", type=dataset_name, default="movielens-100k", help="dataset name in the lake")
     p.add_argument("--no-extra", action="store_true", help="ignore item_extra.tsv")
     p.add_argument("--no-posters", action="store_true", help="ignore posters/")
     p.add_argument("--skip-silver", action="store_true", help="stop after bronze")

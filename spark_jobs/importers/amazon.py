@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+from pydantic import Field
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -45,7 +46,7 @@ from spark_jobs.importers.common import (
     write_bronze,
 )
 from spark_jobs.lake import Lake
-from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS
+from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, DATASET_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class AmazonImportConfig(Config):
 
     reviews: str
     meta: str | None = None
-    dataset: str = "amazon"
+    dataset: str = Field("amazon", pattern=DATASET_PATTERN)
 
 
 def read_json_lines(spark: SparkSession, path: str, fields: tuple[str, ...]) -> DataFrame:

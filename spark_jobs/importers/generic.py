@@ -63,7 +63,7 @@ from spark_jobs.importers.common import (
     write_bronze,
 )
 from spark_jobs.lake import Lake
-from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS
+from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS, DATASET_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ ITEM_RESERVED: tuple[str, ...] = ("item_id", "title", "categories", "genres", "i
 class GenericImportConfig(Config):
     """Inputs in the generic format and how to read them."""
 
-    dataset: str
+    dataset: str = Field(pattern=DATASET_PATTERN)
     interactions: str
     items: str | None = None
     users: str | None = None

@@ -23,6 +23,7 @@ import datetime as dt
 import logging
 from pathlib import Path
 
+from pydantic import Field
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -49,7 +50,7 @@ from spark_jobs.importers.common import (
     write_bronze,
 )
 from spark_jobs.lake import Lake
-from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS
+from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS, DATASET_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class MovieLensImportConfig(Config):
     """Where the bundle is and what to call the dataset in the lake."""
 
     data_dir: str
-    dataset: str = "movielens-100k"
+    dataset: str = Field("movielens-100k", pattern=DATASET_PATTERN)
     #: Encoding of u.item / u.user (u.data is ASCII).
     encoding: str = "ISO-8859-1"
     include_extra: bool = True

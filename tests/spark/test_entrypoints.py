@@ -9,6 +9,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from spark_jobs.entrypoints import (
     build_content,
     embed_items,
@@ -18,6 +21,8 @@ from spark_jobs.entrypoints import (
     import_movielens,
     promote_silver,
 )
+from spark_jobs.importers.amazon import AmazonImportConfig
+from spark_jobs.importers.movielens import MovieLensImportConfig
 from spark_jobs.lake import Lake
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -108,3 +113,20 @@ def test_the_dataset_importers_and_promote_silver(spark, tmp_path, capsys) -> No
     again = run(promote_silver.main, ["--dataset", "az", *day, *lake], capsys)
     assert again["silver"]["sources"] == amazon["silver"]["sources"]
     assert sorted(map(tuple, tables.read("silver.interactions").collect())) == before
+
+
+def test_a_bad_dataset_name_is_refused_before_spark_starts(capsys) -> None:
+    """An unset ``$DATASET`` gives ``--dataset ""``: refused as an argument, as by every import config."""
+    for main, argv in (
+        (import_movielens.main, ["--data-dir", "."]),
+        (promote_silver.main, []),
+        (build_content.main, []),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--dataset", ""])
+        assert exit_info.value.code == 2
+        assert "dataset name must be letters, digits" in capsys.readouterr().err
+    with pytest.raises(ValidationError, match=r"1 validation error .*\ndataset"):
+        MovieLensImportConfig(data_dir=".", dataset="a b")
+    with pytest.raises(ValidationError, match=r"1 validation error .*\ndataset"):
+        AmazonImportConfig(reviews=".", dataset="")

@@ -202,6 +202,23 @@ def test_partition_values_survive_odd_characters(spark, lake):
     assert (row.dataset, row.logical_date, row.attributes["age"]) == (name, D1, "30")
 
 
+def test_a_blank_partition_value_is_refused_before_any_commit(spark, lake):
+    """Delta stores ``''`` as a null partition value: once committed, the NOT NULL ``dataset`` column
+    holds a null and no read of the table (any dataset) succeeds. So no row is committed."""
+    lake.write(users(spark, "ok", D1, ["1"]), "bronze.users", mode="replace_partition",
+               partition_values={"dataset": "ok", "logical_date": D1})  # fmt: skip
+    version = lake.version("bronze.users")
+    for dataset, partition in (("", ""), (" ", " "), ("", ["ok", ""])):
+        with pytest.raises(ValueError, match="blank dataset partition value"):
+            lake.write(users(spark, dataset, D1, ["2"]), "bronze.users", mode="replace_partition",
+                       partition_values={"dataset": partition, "logical_date": D1})  # fmt: skip
+    with pytest.raises(ValueError, match="1 rows have a blank dataset"):  # rows, in a merge
+        lake.write(interactions(spark, [(1, 10, 0, 4.0, 1)]).withColumn("dataset", F.lit("")),
+                   "silver.interactions", mode="merge")  # fmt: skip
+    assert lake.version("bronze.users") == version and lake.read("silver.interactions").count() == 0
+    assert [r.user_id for r in lake.read("bronze.users").collect()] == ["1"]
+
+
 def test_a_quote_in_a_partition_value_replaces_that_partition_only(spark, lake):
     """``o'brien`` is escaped in the replace predicate: a rerun rewrites its own rows and never
     touches ``o`` (a predicate cut at the quote would match it)."""

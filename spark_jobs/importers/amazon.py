@@ -32,6 +32,7 @@ from pyspark.sql import types as T
 from hisam_core.config import Config
 from spark_jobs.importers.common import (
     CORRUPT,
+    JSON_PROBLEM,
     LINE,
     RAW,
     REASON,
@@ -40,7 +41,9 @@ from spark_jobs.importers.common import (
     blank,
     first_reason,
     flag_duplicates,
+    json_record_problem,
     quoted,
+    repeated_keys,
     str_map,
     to_double,
     write_bronze,
@@ -85,6 +88,7 @@ def read_json_lines(spark: SparkSession, path: str, fields: tuple[str, ...]) -> 
         "value",
         *[parsed.getField(f).alias(f) for f in fields],
         F.when(parsed.isNull(), F.col("value")).otherwise(parsed.getField(CORRUPT)).alias(CORRUPT),
+        json_record_problem(F.col("value")).alias(JSON_PROBLEM),
         F.col("_metadata.file_path").alias("source_file"),
         F.monotonically_increasing_id().alias(LINE),
     )
@@ -104,6 +108,7 @@ def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
     ts_ms = ts.try_cast("long")
     reason = first_reason(
         (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
+        (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
         (blank(F.col("user_id")), "missing user_id"),
         (item.isNull(), "missing parent_asin and asin"),
         (to_double(rating).isNull(), F.concat(F.lit("rating "), quoted(rating), F.lit(" is not a number"))),
@@ -149,11 +154,11 @@ def _json_list(col: str, sep: str) -> Column:
 def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFrame:
     """Item metadata lines -> bronze.items rows + ``_reason``/``_raw``."""
     item = F.trim("parent_asin")
-    keys = F.json_object_keys(F.col("details"))
-    repeated = F.array_distinct(F.filter(keys, lambda k: F.size(F.filter(keys, lambda j: j == k)) > 1))
+    repeated = repeated_keys(F.json_object_keys(F.col("details")))
     ambiguous = F.coalesce(F.size(repeated) > 0, F.lit(False))  # which value is meant is unknown
     reason = first_reason(
         (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
+        (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
         (blank(F.col("parent_asin")), "missing parent_asin"),
         (ambiguous, F.concat(F.lit("repeated keys in details: "), F.array_join(repeated, ", "))),
     )

@@ -35,6 +35,8 @@ RAW = "_raw"
 #: file order within a file, the same on every run over the same files); keeps "first" well defined.
 LINE = "_line"
 CORRUPT = "_corrupt_record"
+#: Why a JSON-lines record is not one JSON object with distinct keys (:func:`json_record_problem`).
+JSON_PROBLEM = "_json_problem"
 #: Separator of the one-column CSV trick in :func:`read_lines`; a line containing it is quarantined.
 LINE_SEP_GUARD = "\u0001"
 #: Unit of a numeric timestamp by magnitude (``timestamp_unit="auto"``): values below 1e11 are
@@ -135,6 +137,33 @@ def line_problem(expected_fields: int, parts: Column, sep_name: str) -> Column:
         F.concat(
             F.lit(f"expected {expected_fields} {sep_name}-separated fields, got "),
             F.size(parts).cast("string"),
+        ),
+    )
+
+
+def repeated_keys(keys: Column) -> Column:
+    """The values that occur more than once in the array ``keys``, each once."""
+    return F.array_distinct(F.filter(keys, lambda k: F.size(F.filter(keys, lambda j: j == k)) > 1))
+
+
+def json_record_problem(value: Column) -> Column:
+    """Why the JSON-lines record ``value`` (an object, as ``from_json`` read it) is not exactly one
+    object with distinct keys, else null.
+
+    ``from_json`` reads a line's first value and ignores what follows it, so two records glued on one
+    line would lose the second, and a repeated key keep its last value, both silently. A line is one
+    value when it parses as one element inside ``[...]`` and as a field inside ``{"_": ...}``: text
+    after the first value would have to close both brackets at once.
+    """
+    as_array = F.from_json(F.concat(F.lit("["), value, F.lit("]")), "array<string>")
+    as_field = F.from_json(F.concat(F.lit('{"_":'), value, F.lit("}")), "struct<_:string>")
+    repeated = repeated_keys(F.json_object_keys(value))
+    return first_reason(
+        (F.coalesce(F.size(as_array) > 1, F.lit(False)), "more than one JSON value on one line"),
+        (as_array.isNull() | as_field.getField("_").isNull(), "malformed JSON (text after the object)"),
+        (
+            F.coalesce(F.size(repeated) > 0, F.lit(False)),
+            F.concat(F.lit("repeated keys: "), F.array_join(repeated, ", ")),
         ),
     )
 

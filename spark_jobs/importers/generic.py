@@ -48,6 +48,7 @@ from pyspark.sql import types as T
 from hisam_core.config import Config
 from spark_jobs.importers.common import (
     CORRUPT,
+    JSON_PROBLEM,
     LINE,
     RAW,
     REASON,
@@ -57,6 +58,7 @@ from spark_jobs.importers.common import (
     blank,
     first_reason,
     flag_duplicates,
+    json_record_problem,
     quoted,
     str_map,
     to_double,
@@ -179,7 +181,10 @@ def read_as_strings(
         )
         raw = F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*map(field, names))))
     elif fmt == "jsonl":
-        names = list(columns) if columns else [c for c in spark.read.json(path).columns if c != CORRUPT]
+        if not columns:  # every top-level key of the data (Spark's inference fails on a repeated one)
+            keys = spark.read.text(path).select(F.explode(F.json_object_keys("value")).alias("k")).distinct()
+            columns = tuple(sorted(r.k for r in keys.collect() if r.k != CORRUPT))
+        names = list(columns)
         schema = T.StructType([T.StructField(c, T.StringType()) for c in [*names, CORRUPT]])
         parsed = F.from_json("value", schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT})
         df = (
@@ -193,6 +198,7 @@ def read_as_strings(
                 F.when(parsed.isNull() | ~F.ltrim("value").startswith("{"), F.col("value"))
                 .otherwise(parsed.getField(CORRUPT))
                 .alias(CORRUPT),
+                json_record_problem(F.col("value")).alias(JSON_PROBLEM),
             )
         )
         raw = F.col("value")
@@ -214,9 +220,11 @@ def read_as_strings(
         raw = F.col(RAW)
     else:
         raise ValueError(f"unknown format {fmt!r}, expected csv, parquet or jsonl")
+    problem = F.col(JSON_PROBLEM) if fmt == "jsonl" else F.lit(None).cast("string")
     df = df.select(
         *[field(c) for c in names],
         F.col(CORRUPT),
+        problem.alias(JSON_PROBLEM),
         raw.alias(RAW),
         F.col("source_file"),
         F.monotonically_increasing_id().alias(LINE),
@@ -263,6 +271,7 @@ def parse_interactions(
     label_num = F.when(label.isin("0", "1", "0.0", "1.0"), label.cast("double").cast("int"))
     checks = [
         (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
+        (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
         (blank(user), "missing user_id"),
         (blank(item), "missing item_id"),
         (
@@ -345,6 +354,7 @@ def parse_items(
     item = _col(names, "item_id")
     reason = first_reason(
         (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
+        (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
         (blank(item), "missing item_id"),
     )
     ok = reason.isNull()
@@ -382,6 +392,7 @@ def parse_users(
     user = _col(names, "user_id")
     reason = first_reason(
         (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
+        (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
         (blank(user), "missing user_id"),
     )
     profile = [c for c in names if c != "user_id"]

@@ -195,6 +195,44 @@ def test_amazon_jsonl_fixture(spark, lake):
     assert all(i >= HASHED_ID_BASE for i in ids)  # ASINs are hashed into the high range
 
 
+def test_a_json_line_is_one_object_with_distinct_keys(spark, lake, tmp_path):
+    """``from_json`` reads a line's first value and ignores the rest: two records glued on one line
+    lost the second and still reconciled, and a repeated key kept its last value. Each is now a
+    quarantine row, in the Amazon and the generic JSON-lines readers alike."""
+    good = '{"user_id": "U%d", "parent_asin": "P1", "rating": 5.0, "timestamp": 1588687728923}'
+    lines = {
+        good % 1: None,
+        good % 2 + good % 3: "malformed JSON (text after the object)",  # glued
+        good % 4 + " garbage": "malformed JSON (text after the object)",
+        good % 5 + "," + good % 6: "more than one JSON value on one line",
+        good % 7 + '] x [{"b": 2}': "malformed JSON (text after the object)",  # closes [...] itself
+        good % 8 + '} x {"b": 2': "malformed JSON (text after the object)",  # closes {"_": ...} itself
+        '{"user_id": "U9", "rating": 5.0, "parent_asin": "P1", "rating": 1.0, "timestamp": 1}': (
+            "repeated keys: rating"
+        ),
+    }
+    (tmp_path / "reviews.jsonl").write_text("\n".join(lines) + "\n")
+    report = import_amazon(
+        spark, lake, AmazonImportConfig(reviews=str(tmp_path / "reviews.jsonl"), dataset="az"), DAY
+    )
+    assert counts(report) == {"reviews.jsonl": (7, 1, 6)}
+    rows = lake.read("bronze.quarantine", partitions={"dataset": "az"}).collect()
+    assert sorted((r.raw, r.reason) for r in rows) == sorted((k, v) for k, v in lines.items() if v)
+
+    (tmp_path / "events.jsonl").write_text(
+        '{"user_id": "u1", "item_id": "i1", "timestamp": 1, "label": 1}{"user_id": "u2", "item_id": "i1", '
+        '"timestamp": 2, "label": 1}\n{"user_id": "u3", "item_id": "i1", "timestamp": 3, "label": 1, "label": 0}\n'
+    )
+    config = GenericImportConfig(dataset="gj", interactions=str(tmp_path / "events.jsonl"))
+    assert counts(import_generic(spark, lake, config, DAY)) == {"events.jsonl": (2, 0, 2)}
+    assert reasons(lake, "gj") == Counter(
+        {
+            ("bronze.interactions", "malformed JSON (text after the object)"): 1,
+            ("bronze.interactions", "repeated keys: label"): 1,
+        }
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # generic format
 # ---------------------------------------------------------------------------------------------

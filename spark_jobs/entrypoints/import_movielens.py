@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from spark_jobs.entrypoints.common import dataset_name, emit, parser, setup
-from spark_jobs.importers.movielens import MovieLensImportConfig, import_movielens
+from spark_jobs.importers.movielens import MovieLensImportConfig, check_bundle, import_movielens
 from spark_jobs.importers.silver import SilverConfig, promote_to_silver
 
 
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-silver", action="store_true", help="stop after bronze")
     p.add_argument("--positive-threshold", type=float, default=3.0, help="rating > this is a positive label")
     args = p.parse_args(argv)
+    check_bundle(args.data_dir)  # before Spark starts
     spark, lake = setup(args, "hisam-import-movielens")
     config = MovieLensImportConfig(
         data_dir=args.data_dir,

@@ -60,6 +60,10 @@ GENRES: tuple[str, ...] = (
     "War", "Western",
 )  # fmt: skip
 EXTRA_TEXT_COLUMNS: tuple[str, ...] = ("rated", "genre", "director", "writer", "actors", "plot")
+#: ``item_extra.tsv``'s header, in order.
+EXTRA_COLUMNS = ["item_id", "ml1m_item_id", *EXTRA_TEXT_COLUMNS]
+#: Characters Spark (Hadoop) reads as a glob in a path.
+GLOB_CHARACTERS = "[]*?{}"
 #: Timestamps at or past 1e11 s (the year 5138) are not seconds (milliseconds, most likely): they are
 #: quarantined rather than read as a far future, or overflowing Spark's timestamp range.
 MAX_SECONDS = dict(UNIT_BOUNDS)["s"]
@@ -196,12 +200,16 @@ def parse_users(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFr
 
 
 def read_item_extra(spark: SparkSession, path: str) -> DataFrame:
-    """``item_extra.tsv`` rows as read (all strings, ``_corrupt_record`` for a malformed row)."""
-    columns = ["item_id", "ml1m_item_id", *EXTRA_TEXT_COLUMNS]
+    """``item_extra.tsv`` rows as read (all strings, ``_corrupt_record`` for a malformed row). The
+    header must name the columns in order (a missing or reordered one is an error, not a first row
+    read as a header or swapped columns), and a quoted field may hold a newline."""
+    columns = EXTRA_COLUMNS
     schema = T.StructType([T.StructField(c, T.StringType()) for c in [*columns, CORRUPT]])
     return (
         spark.read.schema(schema)
         .option("header", True)
+        .option("enforceSchema", False)
+        .option("multiLine", True)
         .option("sep", "\t")
         .option("quote", '"')
         .option("escape", '"')
@@ -288,12 +296,23 @@ def list_images(spark: SparkSession, directory: str, pattern: str = "*.jpg") -> 
 
 
 def check_bundle(data_dir: str | Path) -> Path:
-    """The bundle's ``raw`` folder; a ValueError names the first file it lacks (cheap: callers check
+    """The bundle's ``raw`` folder; a ValueError names the first file it lacks, a path Spark would
+    read as a glob, or an ``item_extra.tsv`` header other than its columns (cheap: callers check
     before a Spark session starts)."""
+    if any(c in str(data_dir) for c in GLOB_CHARACTERS):
+        raise ValueError(
+            f"MovieLens bundle at {data_dir}: Spark reads {GLOB_CHARACTERS} in a path as a glob; rename it"
+        )
     raw = Path(data_dir) / "raw"
     for name in ("u.data", "u.item", "u.user"):
         if not (raw / name).is_file():
             raise ValueError(f"MovieLens bundle at {data_dir}: missing raw/{name}")
+    extra = Path(data_dir) / "item_extra.tsv"
+    if extra.is_file():
+        with extra.open(encoding="utf-8", errors="replace") as f:
+            header = f.readline().rstrip("\r\n").split("\t")
+        if header != EXTRA_COLUMNS:
+            raise ValueError(f"{extra}: the header must be {EXTRA_COLUMNS} (tab-separated), got {header}")
     return raw
 
 

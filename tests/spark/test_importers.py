@@ -132,6 +132,37 @@ def test_movielens_layout_with_defects_is_quarantined_exactly(spark, lake, tmp_p
     assert raw["timestamp 'soon' is not unix seconds"] == "3\t2\t4\tsoon"
 
 
+def mini_bundle(tmp_path: Path, name: str = "ml") -> Path:
+    bundle = tmp_path / name
+    shutil.copytree(FIXTURES / "movielens_mini", bundle)
+    for fixture in bundle.rglob("*.fixture"):
+        fixture.rename(fixture.with_suffix(""))
+    return bundle
+
+
+def test_item_extra_header_and_a_quoted_newline(spark, lake, tmp_path):
+    """Spark took a missing header's first row as the header (one item lost, uncounted) and a
+    reordered one silently swapped columns; a quoted newline cut the plot and made a phantom row."""
+    bundle = mini_bundle(tmp_path)
+    extra = bundle / "item_extra.tsv"
+    header, *rows = extra.read_text().splitlines()
+    rows[0] = rows[0].replace('"Robots ""learn"" to love."', '"Robots ""learn""\nto love."')
+    extra.write_text("\n".join([header, *rows]) + "\n")
+    report = import_movielens(spark, lake, MovieLensImportConfig(data_dir=str(bundle), dataset="mini"), DAY)
+    assert counts(report)["item_extra.tsv"] == (6, 2, 4)  # as without the newline
+    item = lake.read("bronze.items").filter(F.col("item_id") == "1").first()
+    assert item.attributes["plot"] == 'Robots "learn"\nto love.'
+
+    for bad in ([], list(reversed(header.split("\t")))):
+        extra.write_text("\n".join(["\t".join(bad), *rows[1:]]) if bad else "\n".join(rows[1:]))
+        with pytest.raises(
+            ValueError, match=r"item_extra.tsv: the header must be \['item_id', 'ml1m_item_id'"
+        ):
+            import_movielens(spark, lake, MovieLensImportConfig(data_dir=str(bundle), dataset="mini"), DAY)
+    with pytest.raises(ValueError, match=r"reads \[\]\*\?\{\} in a path as a glob"):
+        import_movielens(spark, lake, MovieLensImportConfig(data_dir=str(tmp_path / "ml[1]")), DAY)
+
+
 def test_a_parse_that_loses_or_duplicates_records_stops_before_writing(spark, lake):
     """ "In" is counted on the records as read: a parse step that drops or repeats a record (a join
     on a non-unique key, say) fails the import, and no table is written."""

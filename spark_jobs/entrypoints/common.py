@@ -35,8 +35,11 @@ def dataset_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def parser(description: str, *, spark: bool = True, date: bool = True) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with the common options (lake, Spark, logical date, logging)."""
+def parser(
+    description: str, *, spark: bool = True, date: bool = True, today: bool = True
+) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the common options (lake, Spark, logical date, logging);
+    ``today=False``: the logical date has no default."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if spark:
         p.add_argument("--lake-root", help="lake root directory or URI (default: lake config, "
@@ -48,8 +51,11 @@ def parser(description: str, *, spark: bool = True, date: bool = True) -> argpar
         p.add_argument(
             "--logical-date",
             type=logical_date,
-            default=dt.datetime.now(dt.UTC).date(),
-            help="the run's logical date, YYYY-MM-DD (default: today, UTC); a rerun replaces its partitions",
+            required=not today,
+            default=dt.datetime.now(dt.UTC).date() if today else None,
+            help="the run's logical date, YYYY-MM-DD"
+            + (" (default: today, UTC)" if today else "")
+            + "; a rerun replaces its partitions",
         )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p

@@ -113,6 +113,11 @@ def test_the_dataset_importers_and_promote_silver(spark, tmp_path, capsys) -> No
     again = run(promote_silver.main, ["--dataset", "az", *day, *lake], capsys)
     assert again["silver"]["sources"] == amazon["silver"]["sources"]
     assert sorted(map(tuple, tables.read("silver.interactions").collect())) == before
+    marks = tables.version("bronze.quarantine")  # a promotion's commit there marks the day as in silver
+    for typo in (["--dataset", "za", *day], ["--dataset", "az", "--logical-date", "2024-01-02"]):
+        with pytest.raises(SystemExit, match=r"no bronze rows of .* dates imported: (2024-01-01|none)$"):
+            promote_silver.main([*typo, *lake])
+    assert tables.version("bronze.quarantine") == marks
 
 
 def test_a_bad_dataset_name_is_refused_before_spark_starts(capsys) -> None:

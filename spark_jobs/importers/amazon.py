@@ -36,6 +36,7 @@ from spark_jobs.importers.common import (
     LINE,
     RAW,
     REASON,
+    UNIT_BOUNDS,
     ImportReport,
     Parsed,
     blank,
@@ -65,6 +66,8 @@ IMAGE = T.ArrayType(
     T.StructType([T.StructField(f, T.StringType()) for f in ("thumb", "large", "variant", "hi_res")])
 )
 STRINGS = T.ArrayType(T.StringType())
+#: Review timestamps are unix milliseconds; one below this (1973) is unix seconds by mistake.
+MIN_MILLISECONDS = int(dict(UNIT_BOUNDS)["s"])
 
 
 class AmazonImportConfig(Config):
@@ -105,7 +108,8 @@ def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
         F.when(~blank(F.col("asin")), F.trim("asin")),
     )
     rating, ts = F.col("rating"), F.trim("timestamp")
-    ts_ms = ts.try_cast("long")
+    number = to_double(ts)  # a whole float (1588687728923.0) is milliseconds too
+    ts_ms = F.when(number == F.floor(number), number).cast("long")
     reason = first_reason(
         (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
         (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
@@ -116,6 +120,10 @@ def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
         (
             ts_ms.isNull() | ~ts_ms.between(0, 10**14),
             F.concat(F.lit("timestamp "), quoted(ts), F.lit(" is not unix milliseconds")),
+        ),
+        (  # 1e11 ms is 1973, before any review: seconds, which would land in January 1970
+            ts_ms < MIN_MILLISECONDS,
+            F.concat(F.lit("timestamp "), quoted(ts), F.lit(" looks like unix seconds, not milliseconds")),
         ),
     )
     ok = reason.isNull()

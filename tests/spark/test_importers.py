@@ -241,14 +241,20 @@ def test_a_json_line_is_one_object_with_distinct_keys(spark, lake, tmp_path):
         '{"user_id": "U9", "rating": 5.0, "parent_asin": "P1", "rating": 1.0, "timestamp": 1}': (
             "repeated keys: rating"
         ),
+        (good % 10).replace("1588687728923", "1588687728"): (  # seconds: 19 January 1970 as ms
+            "timestamp '1588687728' looks like unix seconds, not milliseconds"
+        ),
+        (good % 11).replace("1588687728923", "1588687728923.0"): None,  # a whole float is fine
     }
     (tmp_path / "reviews.jsonl").write_text("\n".join(lines) + "\n")
     report = import_amazon(
         spark, lake, AmazonImportConfig(reviews=str(tmp_path / "reviews.jsonl"), dataset="az"), DAY
     )
-    assert counts(report) == {"reviews.jsonl": (7, 1, 6)}
+    assert counts(report) == {"reviews.jsonl": (9, 2, 7)}
     rows = lake.read("bronze.quarantine", partitions={"dataset": "az"}).collect()
     assert sorted((r.raw, r.reason) for r in rows) == sorted((k, v) for k, v in lines.items() if v)
+    times = {r.user_id: r.event_ts for r in lake.read("bronze.interactions").collect()}
+    assert times["U1"] == times["U11"] == dt.datetime(2020, 5, 5, 14, 8, 48, 923000)
 
     (tmp_path / "events.jsonl").write_text(
         '{"user_id": "u1", "item_id": "i1", "timestamp": 1, "label": 1}{"user_id": "u2", "item_id": "i1", '

@@ -226,4 +226,5 @@ def import_amazon(
         meta_lines = read_json_lines(spark, config.meta, META_FIELDS)
         meta = flag_duplicates(parse_meta(meta_lines, ds, logical_date), ["item_id"], "parent_asin")
         parsed.append(Parsed(config.meta, BRONZE_ITEMS.name, meta, meta_lines))
-    return write_bronze(lake, ds, logical_date, parsed, ImportReport(ds, logical_date))
+    tables = (BRONZE_INTERACTIONS.name, BRONZE_ITEMS.name)  # a rerun without --meta empties the items
+    return write_bronze(lake, ds, logical_date, parsed, ImportReport(ds, logical_date), tables=tables)

@@ -253,10 +253,12 @@ def write_parsed(
     update_condition: str | None = None,
     delete_unmatched: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    tables: Sequence[str] = (),
 ) -> ImportReport:
     """Write every parsed input: good rows to their tables, rejects to ``bronze.quarantine``
     (last, in one commit, so its commit marks the end of the import); ``metadata`` goes with every
-    commit.
+    commit. ``tables``: every table the importer can write, also written (empty) when no input of
+    this run has rows for it, so a rerun with fewer inputs leaves none of the date's earlier rows.
 
     Inputs for the same table are unioned and written once: ``replace_partition`` of
     ``(dataset, logical_date)`` (bronze), or ``merge`` on the table's keys within the dataset
@@ -298,7 +300,7 @@ def write_parsed(
         ]
         report.sources.extend(counts)
         report.check()
-        good_by_table: dict[str, list[DataFrame]] = {}
+        good_by_table: dict[str, list[DataFrame]] = {table: [] for table in tables}
         bad: list[DataFrame] = []
         for i, (p, rows, count) in enumerate(zip(parsed, cached, counts, strict=True)):
             n_bad = count.quarantined

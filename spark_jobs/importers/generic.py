@@ -451,7 +451,12 @@ def import_generic(
         parsed.append(Parsed(config.users, BRONZE_USERS.name, users, rows))
     try:
         return write_bronze(
-            lake, config.dataset, logical_date, parsed, ImportReport(config.dataset, logical_date)
+            lake,
+            config.dataset,
+            logical_date,
+            parsed,
+            ImportReport(config.dataset, logical_date),
+            tables=(BRONZE_INTERACTIONS.name, BRONZE_ITEMS.name, BRONZE_USERS.name),  # fewer inputs
         )
     except Exception as err:  # Spark checks each CSV file's header only when it reads the file
         header = re.search(

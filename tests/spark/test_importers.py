@@ -342,6 +342,14 @@ def test_generic_csv_rerun_is_idempotent_through_silver(spark, lake):
         "director": "Jane Doe",
     }
 
+    # the date again without the users file: that input's rows of the date go, in bronze and silver
+    fewer = import_generic(spark, lake, config.model_copy(update={"users": None}), DAY)
+    assert "users.csv" not in counts(fewer) and fewer.versions["bronze.users"] > versions["bronze.users"]
+    assert snapshot(lake, "bronze.users", "shop") == []
+    assert promote_to_silver(lake, "shop", DAY).retracted["silver.users"] == 4
+    assert lake.read("silver.users", partitions={"dataset": "shop"}).count() == 0
+    assert snapshot(lake, "bronze.items", "shop") == before["bronze.items"]
+
 
 def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:
     return sorted(tuple(r) for r in lake.read(table, version=version).drop("source_file").collect())

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         "--format", choices=["auto", "csv", "parquet", "jsonl"], help="input format (default auto)"
     )
     p.add_argument("--timestamp-unit", choices=["auto", "s", "ms", "iso"], help="how timestamps are written")
+    p.add_argument("--encoding", help="of CSV inputs (default UTF-8; latin-1 is ISO-8859-1)")
     p.add_argument("--skip-silver", action="store_true", help="stop after bronze")
     p.add_argument("--positive-threshold", type=float, default=3.0, help="rating > this is a positive label")
     args = p.parse_args(argv)
@@ -38,13 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         "users": args.users,
         "format": args.format,
         "timestamp_unit": args.timestamp_unit,
+        "encoding": args.encoding,
     }
     try:
         config = GenericImportConfig.model_validate(
             {**base, **{k: v for k, v in flags.items() if v is not None}}
         )
     except ValueError as err:
-        p.error(f"incomplete configuration (need --dataset and --interactions or --config): {err}")
+        p.error(f"invalid configuration (need --dataset and --interactions, or --config): {err}")
     spark, lake = setup(args, "hisam-import-generic")
     summary = {"bronze": import_generic(spark, lake, config, args.logical_date)}
     if not args.skip_silver:

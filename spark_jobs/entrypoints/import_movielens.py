@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", type=dataset_name, default="movielens-100k", help="dataset name in the lake")
     p.add_argument("--no-extra", action="store_true", help="ignore item_extra.tsv")
     p.add_argument("--no-posters", action="store_true", help="ignore posters/")
+    p.add_argument(
+        "--encoding", default="ISO-8859-1", help="of raw/u.item and raw/u.user (default ISO-8859-1)"
+    )
     p.add_argument("--skip-silver", action="store_true", help="stop after bronze")
     p.add_argument("--positive-threshold", type=float, default=3.0, help="rating > this is a positive label")
     args = p.parse_args(argv)
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset=args.dataset,
         include_extra=not args.no_extra,
         include_posters=not args.no_posters,
+        encoding=args.encoding,
     )
     bronze = import_movielens(spark, lake, config, args.logical_date)
     summary = {"bronze": bronze}

@@ -32,10 +32,10 @@ from pyspark.sql import types as T
 from hisam_core.config import Config
 from spark_jobs.importers.common import (
     CORRUPT,
-    JSON_PROBLEM,
     LINE,
     RAW,
     REASON,
+    RECORD_PROBLEM,
     UNIT_BOUNDS,
     ImportReport,
     Parsed,
@@ -47,6 +47,7 @@ from spark_jobs.importers.common import (
     repeated_keys,
     str_map,
     to_double,
+    undecodable,
     write_bronze,
 )
 from spark_jobs.lake import Lake
@@ -91,7 +92,9 @@ def read_json_lines(spark: SparkSession, path: str, fields: tuple[str, ...]) -> 
         "value",
         *[parsed.getField(f).alias(f) for f in fields],
         F.when(parsed.isNull(), F.col("value")).otherwise(parsed.getField(CORRUPT)).alias(CORRUPT),
-        json_record_problem(F.col("value")).alias(JSON_PROBLEM),
+        F.coalesce(undecodable(F.col("value"), "UTF-8"), json_record_problem(F.col("value"))).alias(
+            RECORD_PROBLEM
+        ),
         F.col("_metadata.file_path").alias("source_file"),
         F.monotonically_increasing_id().alias(LINE),
     )
@@ -112,7 +115,7 @@ def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
     ts_ms = F.when(number == F.floor(number), number).cast("long")
     reason = first_reason(
         (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
-        (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
+        (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
         (blank(F.col("user_id")), "missing user_id"),
         (item.isNull(), "missing parent_asin and asin"),
         (to_double(rating).isNull(), F.concat(F.lit("rating "), quoted(rating), F.lit(" is not a number"))),
@@ -166,7 +169,7 @@ def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFra
     ambiguous = F.coalesce(F.size(repeated) > 0, F.lit(False))  # which value is meant is unknown
     reason = first_reason(
         (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
-        (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
+        (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
         (blank(F.col("parent_asin")), "missing parent_asin"),
         (ambiguous, F.concat(F.lit("repeated keys in details: "), F.array_join(repeated, ", "))),
     )

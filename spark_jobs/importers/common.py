@@ -35,8 +35,10 @@ RAW = "_raw"
 #: file order within a file, the same on every run over the same files); keeps "first" well defined.
 LINE = "_line"
 CORRUPT = "_corrupt_record"
-#: Why a JSON-lines record is not one JSON object with distinct keys (:func:`json_record_problem`).
-JSON_PROBLEM = "_json_problem"
+#: Why a record as read cannot be trusted (:func:`undecodable`, :func:`json_record_problem`), else null.
+RECORD_PROBLEM = "_record_problem"
+#: What a decoder writes for bytes that are not text in the encoding it was given.
+REPLACEMENT_CHARACTER = "\ufffd"
 #: Separator of the one-column CSV trick in :func:`read_lines`; a line containing it is quarantined.
 LINE_SEP_GUARD = "\u0001"
 #: Unit of a numeric timestamp by magnitude (``timestamp_unit="auto"``): values below 1e11 are
@@ -138,6 +140,15 @@ def line_problem(expected_fields: int, parts: Column, sep_name: str) -> Column:
             F.lit(f"expected {expected_fields} {sep_name}-separated fields, got "),
             F.size(parts).cast("string"),
         ),
+    )
+
+
+def undecodable(text: Column, encoding: str) -> Column:
+    """The reason for a record whose ``text`` holds U+FFFD, which the reader wrote for bytes that are
+    not ``encoding`` (the record's text is lost there), else null."""
+    return F.when(
+        F.instr(text, REPLACEMENT_CHARACTER) > 0,
+        F.lit(f"not valid {encoding} text (U+FFFD): set the input's encoding"),
     )
 
 

@@ -38,7 +38,7 @@ import datetime as dt
 import logging
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -48,10 +48,10 @@ from pyspark.sql import types as T
 from hisam_core.config import Config
 from spark_jobs.importers.common import (
     CORRUPT,
-    JSON_PROBLEM,
     LINE,
     RAW,
     REASON,
+    RECORD_PROBLEM,
     UNIT_BOUNDS,
     ImportReport,
     Parsed,
@@ -62,6 +62,7 @@ from spark_jobs.importers.common import (
     quoted,
     str_map,
     to_double,
+    undecodable,
     write_bronze,
 )
 from spark_jobs.lake import Lake
@@ -75,6 +76,10 @@ NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
 ITEM_RESERVED: tuple[str, ...] = ("item_id", "title", "categories", "genres", "image_path", "image_url")
 
 
+#: The charsets Spark's CSV reader takes.
+CSV_ENCODINGS = frozenset({"utf-8", "iso-8859-1", "us-ascii", "utf-16", "utf-16be", "utf-16le", "utf-32"})
+
+
 class GenericImportConfig(Config):
     """Inputs in the generic format and how to read them."""
 
@@ -86,6 +91,10 @@ class GenericImportConfig(Config):
     #: optionally ``.gz``); a directory uses the extension of its first data file.
     format: Format = "auto"
     csv_sep: str = ","
+    #: Of CSV inputs: one of :data:`CSV_ENCODINGS` (what Spark's CSV reader decodes); JSON lines are
+    #: UTF-8. A record with bytes that are not this encoding is quarantined (the reader replaced them
+    #: with U+FFFD).
+    encoding: str = "UTF-8"
     #: ``auto``: numbers by magnitude (:data:`UNIT_BOUNDS`: s, ms, us or ns); text is ISO-8601.
     timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "iso"] = "auto"
     #: Ratings outside [low, high] are quarantined; None accepts any number.
@@ -96,6 +105,15 @@ class GenericImportConfig(Config):
     image_root: str | None = None
     #: Input column -> generic name, applied to every input first (e.g. ``{"UserID": "user_id"}``).
     rename: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known(cls, encoding: str) -> str:
+        if encoding.lower() not in CSV_ENCODINGS:
+            raise ValueError(
+                f"encoding must be one of {sorted(CSV_ENCODINGS)} (latin-1 is iso-8859-1), got {encoding!r}"
+            )
+        return encoding
 
     @field_validator("text_columns")
     @classmethod
@@ -152,16 +170,27 @@ def read_as_strings(
     sep: str = ",",
     columns: tuple[str, ...] | None = None,
     rename: dict[str, str] | None = None,
+    encoding: str = "UTF-8",
 ) -> tuple[DataFrame, list[str]]:
-    """Records of ``path`` with every column as a string, plus ``_corrupt_record``, ``_raw``,
-    ``source_file`` and ``_line``. Returns the frame and the input's column names (after ``rename``).
+    """Records of ``path`` with every column as a string, plus ``_corrupt_record``,
+    ``_record_problem``, ``_raw``, ``source_file`` and ``_line``. Returns the frame and the input's
+    column names (after ``rename``).
 
-    ``columns``: names to read (JSONL only; default every key seen in the data).
+    ``columns``: names to read (JSONL only; default every key seen in the data). ``encoding``: of a
+    CSV input (JSON lines are UTF-8).
     """
     fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "jsonl" and encoding.replace("-", "").upper() != "UTF8":
+        raise ValueError(f"{path}: JSON lines are UTF-8 (RFC 8259), not {encoding}; encoding applies to CSV")
     if fmt == "csv":
-        names = [c for c in spark.read.option("header", True).option("sep", sep).csv(path).columns]
-        first = spark.read.option("sep", sep).csv(path).first()  # that header as written
+        names = (
+            spark.read.option("header", True)
+            .option("encoding", encoding)
+            .option("sep", sep)
+            .csv(path)
+            .columns
+        )
+        first = spark.read.option("encoding", encoding).option("sep", sep).csv(path).first()  # as written
         written = [] if first is None else list(first)
         # Spark names an empty column _c<i> and a repeated one <name><i>: such headers cannot be
         # checked against these names, so only a clean header has every file's header checked
@@ -172,6 +201,7 @@ def read_as_strings(
             .option("header", True)
             .option("enforceSchema", not checkable)  # else each file's header must be the first's
             .option("sep", sep)
+            .option("encoding", encoding)
             .option("quote", '"')
             .option("escape", '"')
             .option("mode", "PERMISSIVE")
@@ -198,7 +228,9 @@ def read_as_strings(
                 F.when(parsed.isNull() | ~F.ltrim("value").startswith("{"), F.col("value"))
                 .otherwise(parsed.getField(CORRUPT))
                 .alias(CORRUPT),
-                json_record_problem(F.col("value")).alias(JSON_PROBLEM),
+                F.coalesce(undecodable(F.col("value"), "UTF-8"), json_record_problem(F.col("value"))).alias(
+                    RECORD_PROBLEM
+                ),
             )
         )
         raw = F.col("value")
@@ -220,11 +252,15 @@ def read_as_strings(
         raw = F.col(RAW)
     else:
         raise ValueError(f"unknown format {fmt!r}, expected csv, parquet or jsonl")
-    problem = F.col(JSON_PROBLEM) if fmt == "jsonl" else F.lit(None).cast("string")
+    problem = {
+        "jsonl": F.col(RECORD_PROBLEM),
+        "csv": undecodable(F.concat_ws("", *map(field, names)), encoding),
+        "parquet": F.lit(None).cast("string"),
+    }[fmt]
     df = df.select(
         *[field(c) for c in names],
         F.col(CORRUPT),
-        problem.alias(JSON_PROBLEM),
+        problem.alias(RECORD_PROBLEM),
         raw.alias(RAW),
         F.col("source_file"),
         F.monotonically_increasing_id().alias(LINE),
@@ -271,7 +307,7 @@ def parse_interactions(
     label_num = F.when(label.isin("0", "1", "0.0", "1.0"), label.cast("double").cast("int"))
     checks = [
         (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
-        (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
+        (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
         (blank(user), "missing user_id"),
         (blank(item), "missing item_id"),
         (
@@ -354,7 +390,7 @@ def parse_items(
     item = _col(names, "item_id")
     reason = first_reason(
         (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
-        (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
+        (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
         (blank(item), "missing item_id"),
     )
     ok = reason.isNull()
@@ -392,7 +428,7 @@ def parse_users(
     user = _col(names, "user_id")
     reason = first_reason(
         (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
-        (F.col(JSON_PROBLEM).isNotNull(), F.col(JSON_PROBLEM)),
+        (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
         (blank(user), "missing user_id"),
     )
     profile = [c for c in names if c != "user_id"]
@@ -420,8 +456,8 @@ def import_generic(
     spark: SparkSession, lake: Lake, config: GenericImportConfig, logical_date: dt.date
 ) -> ImportReport:
     """Import generic-format inputs into bronze for ``logical_date``; reruns replace the partitions."""
-    sep = config.csv_sep
-    rows, names = read_as_strings(spark, config.interactions, config.format, sep=sep, rename=config.rename)
+    options: dict[str, Any] = {"sep": config.csv_sep, "rename": config.rename, "encoding": config.encoding}
+    rows, names = read_as_strings(spark, config.interactions, config.format, **options)
     for required in ("user_id", "item_id", "timestamp"):
         if required not in names:
             raise ValueError(
@@ -438,13 +474,13 @@ def import_generic(
         )
     ]
     if config.items:
-        rows, names = read_as_strings(spark, config.items, config.format, sep=sep, rename=config.rename)
+        rows, names = read_as_strings(spark, config.items, config.format, **options)
         if "item_id" not in names:
             raise ValueError(f"items input {config.items}: no 'item_id' column (has {names})")
         items = flag_duplicates(parse_items(rows, names, config, logical_date), ["item_id"], "item_id")
         parsed.append(Parsed(config.items, BRONZE_ITEMS.name, items, rows))
     if config.users:
-        rows, names = read_as_strings(spark, config.users, config.format, sep=sep, rename=config.rename)
+        rows, names = read_as_strings(spark, config.users, config.format, **options)
         if "user_id" not in names:
             raise ValueError(f"users input {config.users}: no 'user_id' column (has {names})")
         users = flag_duplicates(parse_users(rows, names, config, logical_date), ["user_id"], "user_id")

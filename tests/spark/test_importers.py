@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 from pyspark.sql import functions as F
 
 from spark_jobs.importers.amazon import AmazonImportConfig, import_amazon
@@ -359,6 +360,31 @@ def test_generic_csv_rerun_is_idempotent_through_silver(spark, lake):
 
 def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:
     return sorted(tuple(r) for r in lake.read(table, version=version).drop("source_file").collect())
+
+
+def test_generic_csv_bytes_that_are_not_its_encoding_are_quarantined(spark, lake, tmp_path):
+    """A latin-1 file read as UTF-8 had its bytes replaced with U+FFFD and imported as such; with
+    ``encoding`` set it reads right. JSON lines are UTF-8 by definition."""
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,timestamp,label\nu1,i1,1,1\n", encoding="utf-8")
+    items = tmp_path / "items.csv"
+    items.write_bytes("item_id,title\ni1,Café Noir\ni2,Plain\n".encode("latin-1"))
+    config = GenericImportConfig(dataset="enc", interactions=str(events), items=str(items))
+    assert counts(import_generic(spark, lake, config, DAY))["items.csv"] == (2, 1, 1)
+    assert reasons(lake, "enc") == Counter(
+        {("bronze.items", "not valid UTF-8 text (U+FFFD): set the input's encoding"): 1}
+    )
+    with pytest.raises(ValidationError, match="latin-1 is iso-8859-1"):
+        GenericImportConfig(dataset="enc", interactions=str(events), encoding="latin-1")
+    latin1 = config.model_copy(update={"encoding": "ISO-8859-1"})
+    assert counts(import_generic(spark, lake, latin1, DAY))["items.csv"] == (2, 2, 0)
+    assert sorted(r.title for r in lake.read("bronze.items").collect()) == ["Café Noir", "Plain"]
+    jsonl = tmp_path / "events.jsonl"
+    jsonl.write_text('{"user_id": "u1"}\n')
+    with pytest.raises(ValueError, match="JSON lines are UTF-8"):
+        import_generic(
+            spark, lake, GenericImportConfig(dataset="enc", interactions=str(jsonl), encoding="UTF-16"), DAY
+        )
 
 
 def test_generic_config_refuses_a_repeated_text_column():

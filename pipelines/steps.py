@@ -45,6 +45,8 @@ class Step:
     help: str
     #: The ``--param`` keys the step reads; any other is refused (a misspelt one would be ignored).
     params: tuple[str, ...] = ()
+    #: False for a step that sends no alert (it reads only): it runs without the alert sinks' settings.
+    alerts: bool = True
 
     def resolve(self) -> Callable[[Any], dict[str, Any]]:
         return getattr(importlib.import_module(self.module), self.function)
@@ -71,7 +73,7 @@ STEPS: dict[str, Step] = {
         Step("promote", "pipelines.promotion", "promote", "promotion gate: @champion, or rejected with reasons + alert"),
         Step("refresh-champion", "pipelines.promotion", "refresh_champion", "daily: @champion re-registered with the semantic IDs its tokenizer version gained (same weights)"),
         Step("rollback", "pipelines.promotion", "rollback", "restore @previous as @champion, then refresh it"),
-        Step("recommend", "pipelines.recommend", "recommend", "one user's top-K items from @champion (reads the lake and the registry, writes no table or model)", ("user", "top_k", "alias", "include_seen")),
+        Step("recommend", "pipelines.recommend", "recommend", "one user's top-K items from @champion (reads the lake and the registry, writes no table or model)", ("user", "top_k", "alias", "include_seen"), alerts=False),
     ]
 }  # fmt: skip
 
@@ -141,7 +143,8 @@ def run_step(
         config = load_config(config)
     day = dt.date.fromisoformat(logical_date) if isinstance(logical_date, str) else logical_date
     ctx = StepContext(config, day, params=dict(params or {}))
-    _ = ctx.notifier  # a misconfigured alert sink fails the step now, not silently at its first alert
+    if STEPS[name].alerts:
+        _ = ctx.notifier  # a misconfigured alert sink fails the step now, not silently at its first alert
     apply_torch_threads()
     start = time.perf_counter()
     log.info("step %s for %s (%s) starts", name, day, config.dataset)

@@ -246,6 +246,13 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="champion does not exist"):  # past the param checks: any user id
         run_step("recommend", "2026-11-01", PipelineConfig(), {"user": "jane@example.com"})
+    # the production image's config alerts to a webhook: a read-only step runs without its URL
+    monkeypatch.setenv("HISAM_NOTIFY_SINKS", "log,webhook")
+    monkeypatch.delenv("HISAM_NOTIFY_WEBHOOK_URL", raising=False)
+    with pytest.raises(ValueError, match="champion does not exist"):
+        run_step("recommend", "2026-11-01", PipelineConfig(), {"user": "1"})
+    with pytest.raises(ValueError, match="webhook"):  # a step that alerts still needs it, up front
+        run_step("rollback", "2026-11-01", PipelineConfig())
 
 
 def test_cli_forwards_only_what_follows_the_evaluate_command() -> None:

@@ -14,13 +14,16 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
-from pipelines.settings import positive_int
+from pipelines.settings import Settings, positive_int
 from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 
 log = logging.getLogger("hisam")
+#: Exception class names of a failed connection (SQLAlchemy, psycopg, sqlite3, requests, urllib3).
+CONNECTION_ERRORS = frozenset({"OperationalError", "ConnectionError", "NewConnectionError", "MaxRetryError"})
 
 EPILOG = """\
 Config: run, rollback and recommend read one YAML file (pipelines.config.PipelineConfig; unknown keys are
@@ -249,11 +252,38 @@ def main(argv: list[str] | None = None) -> int:
     except step_errors() as err:
         log.error("%s", err)
         return 2
+    except Exception as err:
+        if not unreachable(err):
+            raise
+        log.debug("traceback", exc_info=True)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log.error(
+            "a database or server failed (MLflow tracking URI %s): %s; --log-level DEBUG shows the traceback",
+            masked(Settings.from_env().mlflow_tracking_uri),
+            first,
+        )
+        return 1
     except StepSkipped as skipped:
         log.warning("skipped: %s", skipped)
         summary = {"skipped": True, "reason": str(skipped)}
     sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     return 0
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) is a failed connection to a database
+    or server: an infrastructure problem whose one-line cause says more than 200 lines of stack."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ConnectionError) or type(seen).__name__ in CONNECTION_ERRORS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def masked(uri: str) -> str:
+    """``uri`` with any password replaced by ``***``."""
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", uri)
 
 
 if __name__ == "__main__":

@@ -486,3 +486,40 @@ def test_read_table_filters_rows_in_arrow_also_on_string_view_files(tmp_path, mo
         2,
         3,
     ]
+
+
+def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplog) -> None:
+    """A mistyped tracking URI gave 225 lines of traceback: the CLI gives the cause in one line, the
+    password masked; an exception that is no connection failure still raises."""
+    import sqlite3
+
+    import pipelines.steps as steps
+    from pipelines.cli import main, masked, unreachable
+
+    class OperationalError(Exception):  # the name SQLAlchemy's and psycopg's share
+        pass
+
+    def refused(*args, **kwargs):
+        try:
+            raise ConnectionRefusedError("Connection refused")
+        except ConnectionRefusedError as cause:
+            raise OperationalError(
+                'connection to server at "db", port 5432 failed: Connection refused'
+            ) from cause
+
+    monkeypatch.setattr(steps, "run_step", refused)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql+psycopg2://mlflow:s3cret@db:5432/mlflow")
+    assert main(["rollback"]) == 1
+    assert (
+        "port 5432 failed: Connection refused; --log-level DEBUG" in caplog.text
+        and "s3cret" not in caplog.text
+    )
+    assert (
+        masked("postgresql://u:p@h/db") == "postgresql://u:***@h/db"
+        and masked("sqlite:///a.db") == "sqlite:///a.db"
+    )
+    assert unreachable(sqlite3.OperationalError("unable to open database file"))
+    assert not unreachable(RuntimeError("a bug"))
+    monkeypatch.setattr(steps, "run_step", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["rollback"])

@@ -9,6 +9,7 @@ encodes, and ``bucket_counts`` (``n + 1`` per field) is the ``profile_fields`` a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,13 +41,14 @@ def _key(value: Any) -> str:
     return str(value)
 
 
-def _integral(text: str) -> str:
-    """``"18.0"`` -> ``"18"``; any other text as it is."""
+def _numeric(text: str) -> str:
+    """A number written as text in the vocabulary's form (``"18.0"`` -> ``"18"``, ``"1.50"`` ->
+    ``"1.5"``); any other text as it is."""
     try:
         number = float(text)
     except ValueError:
         return text
-    return str(int(number)) if number.is_integer() else text
+    return _key(number) if math.isfinite(number) else text
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class ProfileVocabulary:
         for field, known in self.values.items():
             buckets = {v: k + 1 for k, v in enumerate(known)}
             for value, bucket in list(buckets.items()):  # "18.0", fitted before _key: also "18"
-                buckets.setdefault(_integral(value), bucket)
+                buckets.setdefault(_numeric(value), bucket)
             out[field] = buckets
         return out
 
@@ -89,7 +91,7 @@ class ProfileVocabulary:
                 continue
             key = _key(value)
             if key not in buckets and "." in key:  # a served "18.0" is the fitted 18, as the float 18.0 is
-                key = _integral(key)
+                key = _numeric(key)
             out[field] = buckets.get(key, UNKNOWN)
         return out
 

@@ -51,6 +51,15 @@ def test_numeric_columns_with_missing_values_encode_like_their_integers() -> Non
         ]  # fmt: skip
         served = ("18", "18.0", "25.00", "18.5", "30.0")  # strings, as a JSON request may carry them
         assert [vocabulary.encode({"age": v})["age"] for v in served] == [1, 1, 2, 0, 0]
+    halves = ProfileVocabulary.fit({"score": [1.5, 2.0]})  # a fractional value, served as text too
+    assert [halves.encode({"score": v})["score"] for v in (1.5, "1.5", "1.50", 2, "2.00", "2.5")] == [
+        1,
+        1,
+        1,
+        2,
+        2,
+        0,
+    ]
     zips = ProfileVocabulary.fit({"zip_region": ["021", "21"]})  # text codes are never read as numbers
     assert [zips.encode({"zip_region": v})["zip_region"] for v in ("021", "21", "21.0")] == [1, 2, 2]
 

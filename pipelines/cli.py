@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     except step_errors() as err:
         log.error("%s", err)
         return 2
+    except StepSkipped as skipped:
+        log.warning("skipped: %s", skipped)
+        summary = {"skipped": True, "reason": str(skipped)}
     except Exception as err:
         if not unreachable(err):
             raise
@@ -263,9 +266,6 @@ def main(argv: list[str] | None = None) -> int:
             first,
         )
         return 1
-    except StepSkipped as skipped:
-        log.warning("skipped: %s", skipped)
-        summary = {"skipped": True, "reason": str(skipped)}
     sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     return 0
 

@@ -523,3 +523,9 @@ def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplo
     monkeypatch.setattr(steps, "run_step", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["rollback"])
+
+    def skipped(*args, **kwargs):
+        raise steps.StepSkipped("nothing to do yet")
+
+    monkeypatch.setattr(steps, "run_step", skipped)  # still a skip (exit 0), not an error
+    assert main(["rollback"]) == 0 and "skipped: nothing to do yet" in caplog.text

@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -49,18 +49,37 @@ class ImageEncoderProtocol(Protocol):
     ) -> EncodedBatch: ...
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as it is shown, in 8-bit RGB: turned upright by its EXIF orientation, transparency
+    composited on white (``convert`` would show whatever colour hides under it), and 16- or 32-bit
+    grey scaled to 8 bits (``convert`` clips it to white)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.convert("I")
+        lo, hi = img.getextrema()
+        scale = 255.0 / max(hi - lo, 1)
+        img = img.point(lambda v: (v - lo) * scale).convert("L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
 def load_rgb(image: ImageInput) -> tuple[Image.Image | None, str]:
-    """Open ``image`` as RGB. Returns (image, "") or (None, reason) when missing or unreadable."""
+    """Open ``image`` as RGB (:func:`to_rgb`). Returns (image, "") or (None, reason) when missing or
+    unreadable, whatever PIL raised: one bad file must not fail a whole batch."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB"), ""
+        return to_rgb(image), ""
     path = Path(image)
     if not path.is_file():
         return None, "missing file"
     try:
         with Image.open(path) as img:
-            return img.convert("RGB"), ""
-    except (UnidentifiedImageError, OSError) as err:
-        return None, f"unreadable: {err}"
+            return to_rgb(img), ""
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+        return None, f"unreadable: {type(err).__name__}: {err}"
 
 
 def encode_images(

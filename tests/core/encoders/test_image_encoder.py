@@ -89,6 +89,41 @@ def test_missing_and_unreadable_images_are_flagged(image_paths, tmp_path):
         enc.encode([])
 
 
+def test_an_image_is_read_as_shown(tmp_path, monkeypatch):
+    """What a viewer sees, whatever the file's mode: the colour under transparent pixels does not
+    count, 16-bit grey is not clipped to white, EXIF orientation is applied, and a decompression bomb
+    is one unreadable file, not a failed batch."""
+    from hisam_core.encoders.image import load_rgb
+
+    logo = np.zeros((40, 48, 4), np.uint8)
+    logo[10:30, 12:36] = (220, 30, 30, 255)  # a red square on transparent pixels
+    hidden = [logo.copy(), logo.copy()]
+    hidden[0][logo[..., 3] == 0, :3], hidden[1][logo[..., 3] == 0, :3] = (0, 0, 0), (0, 255, 0)
+    for i, pixels in enumerate(hidden):
+        Image.fromarray(pixels, "RGBA").save(tmp_path / f"logo{i}.png")
+    a, b = (np.asarray(load_rgb(tmp_path / f"logo{i}.png")[0]) for i in range(2))
+    np.testing.assert_array_equal(a, b)
+    assert tuple(a[0, 0]) == (255, 255, 255) and tuple(a[20, 20]) == (220, 30, 30)
+
+    ramp = np.tile(np.linspace(0, 65535, 48), (40, 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    grey = np.asarray(load_rgb(tmp_path / "deep.png")[0])[..., 0].astype(int)
+    assert grey[0, 0] == 0 and grey[0, -1] == 255 and abs(grey.mean() - 127.5) < 2  # not clipped white
+
+    upright = np.zeros((40, 48, 3), np.uint8)
+    upright[:10] = 255  # a white band on top
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: shown after a 90-degree turn clockwise
+    Image.fromarray(upright).rotate(90, expand=True).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = np.asarray(load_rgb(tmp_path / "phone.jpg")[0])
+    assert shown.shape[:2] == (40, 48) and shown[:10].mean() > 200 and shown[-10:].mean() < 50
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 48 pixels is now a bomb (x2 raises)
+    image, reason = load_rgb(tmp_path / "phone.jpg")
+    assert image is None and reason.startswith("unreadable: DecompressionBombError")
+
+
 # ----------------------------------------------------------------------------------- transformers
 def _save_vit(path, pooling_layer: bool) -> None:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel

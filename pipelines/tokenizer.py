@@ -92,15 +92,24 @@ def encoder_specs(ctx: StepContext) -> dict[str, tuple[str, str]]:
 
 
 def encoders_tag(ctx: StepContext) -> str:
-    """The :data:`ENCODERS` tag value of the configured encoders."""
-    return json.dumps(encoder_specs(ctx), sort_keys=True)
+    """The :data:`ENCODERS` tag value of the configured encoders: ``modality -> [name, version]``,
+    with the settings fingerprint for text and image (the behaviour encoder's version covers its)."""
+    emb = ctx.config.embeddings
+    specs: dict[str, list[str]] = {m: list(pair) for m, pair in encoder_specs(ctx).items()}
+    specs["image"].append(emb.image.fingerprint())
+    specs["text"].append(emb.text.fingerprint())
+    return json.dumps(specs, sort_keys=True)
 
 
 def encoder_mismatch(ctx: StepContext, registered: Any) -> str | None:
-    """Why a DST must not encode the configured embeddings (trained on other encoders: their
-    embeddings live in other spaces), or None (a tokenizer registered before the tag existed passes)."""
+    """Why a DST must not encode the configured embeddings (trained on other encoders or settings:
+    their embeddings live in other spaces), or None (a tokenizer registered before the tag existed
+    passes, and one registered before it held fingerprints is compared on names and versions)."""
     trained, configured = registered.tags.get(ENCODERS), encoders_tag(ctx)
     if trained is None or trained == configured:
+        return None
+    legacy = {m: spec[:2] for m, spec in json.loads(configured).items()}
+    if json.loads(trained) == legacy:
         return None
     return (
         f"{registered.name} v{registered.version} was trained on encoders {trained}, the config now "

@@ -15,18 +15,23 @@ Items without input (no text, no image file) get a zero row with ``present = Fal
 encoders do for missing files, so every modality covers the same items.
 
 Resumable: an item is skipped when a row for the same (dataset, modality, encoder name, encoder
-version) exists with the same ``input_hash`` (the document's SHA-256, or the image path's). The work
-is committed in slices of ``commit_every`` items (one MERGE each), so a crash loses at most one
-slice and a rerun continues where it stopped. Bump ``version`` whenever the model or its settings
-change: the name/version pair is the only thing that identifies an encoder in the table.
+version) exists with the same ``input_hash``: a hash of what the encoder reads (the document, or the
+image path with the file's size and modification time, so a poster replaced in place is embedded
+again) and of the encoder's settings (:meth:`EncoderSpec.fingerprint`, so changed settings embed
+every item again instead of mixing two spaces in one table). The work is committed in slices of
+``commit_every`` items (one MERGE each), so a crash loses at most one slice and a rerun continues
+where it stopped. Bump ``version`` when the model's weights change under the same path: the files
+are not hashed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +73,12 @@ class EncoderSpec(Config):
     #: Settings passed to the encoder (``TextEncoderConfig`` / ``ImageEncoderConfig`` fields, or the
     #: factory's keyword arguments).
     config: dict[str, Any] = Field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """A digest of the encoder's kind and settings: what its rows' ``input_hash`` covers besides
+        the input, and what a tokenizer trained on its vectors records."""
+        settings = json.dumps({"kind": self.kind, "config": self.config}, sort_keys=True, default=str)
+        return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
     def encoder_name(self) -> str:
         if self.name:
@@ -203,16 +214,32 @@ def _encode_partitions(
     return run
 
 
+def file_stamp(path: str | None) -> str:
+    """``size:mtime_ns`` of a local file, ``missing`` when there is none, and ``""`` for no path or a
+    remote URI (not looked at: its path alone identifies it)."""
+    if path is None or not path.strip() or ("://" in path and not path.startswith("file://")):
+        return ""
+    try:
+        stat = os.stat(path.removeprefix("file://"))
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def embedding_inputs(documents: DataFrame, modality: Modality) -> DataFrame:
-    """``dataset, item_id, input, input_hash`` of gold.item_documents rows for ``modality``."""
+    """``dataset, item_id, input, input_hash`` of gold.item_documents rows for ``modality`` (the
+    hash of what the encoder reads: the document, or the image path and file stamp)."""
     if modality == "text":
-        return documents.select("dataset", "item_id", F.col("document").alias("input"), "document_hash")
+        return documents.select(
+            "dataset", "item_id", F.col("document").alias("input"), F.col("document_hash").alias("input_hash")
+        )
     path = F.when(F.trim("image_path") != "", F.col("image_path"))
+    stamp = F.pandas_udf(lambda paths: paths.map(file_stamp), "string")(path)  # where the encoder reads
     return documents.select(
         "dataset",
         "item_id",
         path.alias("input"),
-        F.sha2(F.coalesce(path, F.lit("")), 256).alias("input_hash"),
+        F.sha2(F.concat_ws("\0", F.coalesce(path, F.lit("")), stamp), 256).alias("input_hash"),
     )
 
 
@@ -245,9 +272,9 @@ def embed_items(
     name = spec.encoder_name()
     report = EmbeddingReport(dataset, spec.modality, name, spec.version)
     docs = lake.read(GOLD_ITEM_DOCUMENTS, partitions={"dataset": dataset})
-    inputs = embedding_inputs(docs, spec.modality)
-    if spec.modality == "text":
-        inputs = inputs.withColumnRenamed("document_hash", "input_hash")
+    inputs = embedding_inputs(docs, spec.modality).withColumn(  # and of the encoder's settings
+        "input_hash", F.sha2(F.concat_ws(":", "input_hash", F.lit(spec.fingerprint())), 256)
+    )
     part = {"dataset": dataset, "modality": spec.modality}
     done = (
         lake.read(GOLD_ITEM_EMBEDDINGS, partitions=part)

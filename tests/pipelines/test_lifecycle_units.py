@@ -529,3 +529,30 @@ def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplo
 
     monkeypatch.setattr(steps, "run_step", skipped)  # still a skip (exit 0), not an error
     assert main(["rollback"]) == 0 and "skipped: nothing to do yet" in caplog.text
+
+
+def test_a_tokenizer_trained_on_other_encoder_settings_is_refused(tmp_path, monkeypatch) -> None:
+    """The encoders tag carries the text and image settings' fingerprints: a DST trained on vectors
+    of other settings (same names and versions) is refused; a tag from before the fingerprints is
+    compared on names and versions, as it was."""
+    import json
+    import types
+
+    from pipelines.context import StepContext
+    from pipelines.tokenizer import ENCODERS, encoder_mismatch, encoders_tag
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
+    registered = types.SimpleNamespace(
+        name="hisam-tokenizer", version="3", tags={ENCODERS: encoders_tag(ctx)}
+    )
+    assert encoder_mismatch(ctx, registered) is None
+    legacy = {m: spec[:2] for m, spec in json.loads(encoders_tag(ctx)).items()}
+    registered.tags[ENCODERS] = json.dumps(legacy, sort_keys=True)
+    assert encoder_mismatch(ctx, registered) is None
+    image = ctx.config.embeddings.image.model_copy(update={"config": {"descriptor": {"thumb_size": 8}}})
+    other = PipelineConfig().model_copy(
+        update={"embeddings": ctx.config.embeddings.model_copy(update={"image": image})}
+    )
+    registered.tags[ENCODERS] = encoders_tag(ctx)
+    assert "was trained on encoders" in encoder_mismatch(StepContext(other, dt.date(2026, 11, 2)), registered)

@@ -142,6 +142,17 @@ def test_image_modality_with_descriptor_fallback(spark, tmp_path):
     got = embeddings(lake, "image")
     assert len(got) == 5 and got[4][1] is True and np.allclose(got[4][0], got[1][0])
     assert embed_items(lake, "ds", spec, job).embedded == 0
+    # a poster replaced in place (same path, later modification time) is embedded again, alone
+    Image.new("RGB", (8, 8), (250, 10, 10)).save(paths[3])
+    later = os.stat(paths[3]).st_mtime_ns + 10**9
+    os.utime(paths[3], ns=(later, later))
+    assert embed_items(lake, "ds", spec, job).embedded == 1
+    assert np.allclose(embeddings(lake, "image")[3][0], got[1][0])  # blue became red
+    # other settings under the same name and version: every item again, never a mix of two spaces
+    smaller = spec.model_copy(update={"config": {"descriptor": {"thumb_size": 8}}})
+    assert (smaller.encoder_name(), smaller.version) == (spec.encoder_name(), spec.version)
+    assert embed_items(lake, "ds", smaller, job).embedded == 5
+    assert len({v[4] for v in embeddings(lake, "image").values()}) == 1  # one dim: one space
 
 
 @pytest.mark.slow

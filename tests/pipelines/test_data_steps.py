@@ -100,12 +100,23 @@ def test_ingest_and_gate_keep_their_own_rejects_and_every_row_is_accounted_for(c
     )
 
 
-def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(ctx_of, spark) -> None:
+def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
+    ctx_of, spark, monkeypatch
+) -> None:
     from deltalake import DeltaTable
 
+    from hisam_core.encoders.behavior import BehaviorEncoder
     from pipelines.steps import run_step
     from spark_jobs.tables import GOLD_SEMANTIC_IDS
 
+    trained_on = []  # the events the behaviour encoder learns from: those before the cut it is given
+    fit = BehaviorEncoder.fit
+
+    def spy(self, interactions, cutoff, *args, **kwargs):
+        trained_on.append(interactions[interactions["timestamp"] < cutoff])
+        return fit(self, interactions, cutoff, *args, **kwargs)
+
+    monkeypatch.setattr(BehaviorEncoder, "fit", spy)
     ctx = ctx_of()
     assert run_step("embeddings-ready", DAY, ctx.config) == {"ready": False, "items": 0, "missing": {}}
     embed = run_step("embed", DAY, ctx.config)
@@ -135,6 +146,13 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     reasons = _quarantine(ctx, f"gold.samples@{VERSION}")
     assert len(reasons) == out["quarantined"] > 0 and set(reasons) == {"unknown_item"}
     assert embed["behavior"]["cut"] == out["cut"]  # the ghost events at the end move neither
+    (events,) = trained_on  # the rerun trained nothing
+    samples, _ = ctx.read_table(
+        "gold.samples", {"dataset": "dq", "tokenizer_version": VERSION}, ["split", "event_ts"]
+    )
+    test = samples.loc[samples["split"] == "test", "event_ts"]
+    assert len(events) > 0 and len(test) > 0
+    assert events["timestamp"].max() < test.min().timestamp()  # no test event reached the encoder
 
 
 @pytest.mark.parametrize("fault", ["drops", "repeats"])

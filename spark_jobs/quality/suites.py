@@ -71,7 +71,8 @@ def _require(df: DataFrame, suite: str, columns: list[str]) -> None:
 
 
 def _with_item_lookup(df: DataFrame, items: DataFrame, item_col: str, dataset_col: str) -> DataFrame:
-    """``dq_item_known``: the row's item (within its dataset, when both sides have one) exists."""
+    """``dq_item_known``: the row's item (within its dataset, when both sides have one) exists; null
+    for a row without an item, which its own rule rejects (so GX does not count it as unknown too)."""
     keys = [item_col] + ([dataset_col] if dataset_col in df.columns and dataset_col in items.columns else [])
     _require(items, "items", keys)
     known = items.select(*keys).distinct().withColumn(DQ_ITEM_KNOWN, F.lit(True))
@@ -85,7 +86,7 @@ def _with_item_lookup(df: DataFrame, items: DataFrame, item_col: str, dataset_co
         cond = (left == right) if cond is None else cond & (left == right)
     joined = df.join(renamed, on=cond, how="left")
     return joined.drop(*[f"__item_{k}" for k in keys]).withColumn(
-        DQ_ITEM_KNOWN, F.coalesce(F.col(DQ_ITEM_KNOWN), F.lit(False))
+        DQ_ITEM_KNOWN, F.when(F.col(item_col).isNotNull(), F.coalesce(F.col(DQ_ITEM_KNOWN), F.lit(False)))
     )
 
 

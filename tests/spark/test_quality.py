@@ -267,6 +267,25 @@ def test_the_quarantine_budget_is_a_share_of_all_rows_also_for_a_sparse_column(s
         assert between.success is passes and between.kwargs["mostly"] == (50 - 10) / 50  # 10 of 1000 allowed
 
 
+def test_gx_counts_an_unknown_item_as_the_row_rule_does(spark, tmp_path) -> None:
+    """A row without an item fails its own rule; GX counted it as an unknown item too, so its results
+    (and Data Docs, alerts) listed an unknown item the quarantine did not."""
+    t = T0 + dt.timedelta(days=1)
+    rows = [(f"r{i}", "ml", i, 10, t, 4.0, None, DAY) for i in range(20)]
+    rows += [("no_item", "ml", 21, None, t, 4.0, None, DAY), ("ghost", "ml", 22, 999, t, 4.0, None, DAY)]
+    df = spark.createDataFrame(rows, INTERACTIONS)
+    items = spark.createDataFrame([("ml", 10)], "dataset string, item_id long")
+    cfg = quiet(tmp_path, max_quarantine_fraction=0.05)  # 1 bad row of the 22 tolerated per rule
+    suite = interactions_suite(df, cfg, items=items)
+    _, quarantine, report = run_quality_gate(df, suite, cfg, raise_on_failure=False)
+    assert {k: v[0] for k, v in reasons_by_row(quarantine).items()} == {
+        "no_item": "null_item_id",
+        "ghost": "unknown_item",
+    }
+    rules = {e.rule: e for e in report.expectations if e.rule in ("unknown_item", "null_item_id")}
+    assert rules["unknown_item"].success and rules["null_item_id"].success  # one bad row each, not two
+
+
 def test_batch_failure_raises_naming_the_expectation_and_writes_data_docs(spark, tmp_path) -> None:
     df = interactions(spark)
     cfg = QualityConfig.from_yaml(ROOT / "configs" / "quality.yaml").model_copy(

@@ -20,8 +20,10 @@ cold-start users, and the fixed history windows every model of the comparison is
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +163,9 @@ def label_interactions(frame: pd.DataFrame, config: ProtocolConfig) -> pd.DataFr
 def chronological_split(frame: pd.DataFrame, config: ProtocolConfig) -> Split:
     """Global chronological split and cold-start flags (Sec. 4.1); see the module docstring."""
     timestamps = np.sort(frame["timestamp"].to_numpy())
-    rank = int(np.floor(config.train_fraction * len(timestamps)))
+    rank = math.floor(
+        Fraction(config.train_fraction).limit_denominator(10**6) * len(timestamps)
+    )  # as the pipeline
     cut = int(timestamps[rank])
     out = frame.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
     out["split"] = np.where(out["timestamp"] < cut, "train", "test")

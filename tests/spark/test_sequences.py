@@ -85,6 +85,13 @@ def test_split_tie_rule(spark) -> None:
         assert all(s < cut_rank_value for s in train) and all(s >= cut_rank_value for s in test)
 
 
+def test_the_cut_rank_is_floor_of_the_fraction_exactly(spark) -> None:
+    """0.7 * 90 is 62.99999999999999 in floating point: the documented floor(0.7 * 90) is 63."""
+    df = events(spark, [(u % 3, 100 + u, u, 4.0) for u in range(90)])  # 90 distinct instants
+    _, _, cut = prepare_interactions(df, SequenceConfig(train_fraction=0.7))
+    assert cut.rank == 63 and cut.cut_seconds() == EPOCH.timestamp() + 63  # 63 train rows
+
+
 def test_a_cut_floor_only_ever_moves_the_cut_later(spark) -> None:
     """``cut_not_before``: no row before the floor is test, whatever the quantile says; a floor
     before the quantile cut changes nothing. Timestamps (micros), numbers (seconds) and dates."""

@@ -57,6 +57,15 @@ def test_split_is_chronological_with_ties_at_the_cut_in_test(planted):
     assert split.test_users == frozenset(test["user_id"])
 
 
+def test_the_split_rank_is_floor_of_the_fraction_exactly() -> None:
+    """0.7 * 90 is 62.99999999999999 in floating point: as in the pipeline, the cut is row 63."""
+    frame = pd.DataFrame({"user_id": np.arange(90) % 3, "item_id": np.arange(90), "timestamp": np.arange(90),
+                          "rating": 4.0})  # fmt: skip
+    config = ProtocolConfig(train_fraction=0.7)
+    split = chronological_split(label_interactions(frame, config), config)
+    assert split.cut == 63 and len(split.train) == 63
+
+
 @pytest.mark.parametrize(("window", "stride"), [(5, 2), (7, 7), (4, 1)])
 def test_windows_cover_every_interaction_once_with_enough_context(planted, window, stride):
     frame, _, _ = planted

@@ -94,7 +94,10 @@ class QualitySuite:
             for r in self.rules
         ]
         if self.dedup_keys:
-            kwargs: dict[str, Any] = {"row_condition": DQ_VALID, "condition_parser": "spark"}
+            from great_expectations.expectations.row_conditions import Column as Condition
+
+            # GX 1.9+'s condition objects (a string with condition_parser goes in GX 2.0)
+            kwargs: dict[str, Any] = {"row_condition": Condition(DQ_VALID) == True}  # noqa: E712
             if len(self.dedup_keys) == 1:
                 specs.append(
                     GxSpec(

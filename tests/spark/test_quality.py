@@ -296,6 +296,9 @@ def test_batch_failure_raises_naming_the_expectation_and_writes_data_docs(spark,
     failed = {(e.expectation_type, e.kwargs.get("column")) for e in err.value.failed_expectations}
     assert ("expect_column_values_to_be_between", "rating") in failed  # 3 of 15 rows: 20 % > 10 %
     assert ("expect_column_values_to_not_be_null", "user_id") not in failed  # 1 of 15: tolerated
+    # the duplicate pair is unique among the valid rows, the ones the row condition keeps
+    unique = [e for e in err.value.report.expectations if e.expectation_type.endswith("_to_be_unique")]
+    assert len(unique) == 1 and unique[0].success
     message = str(err.value)
     assert "expect_column_values_to_be_in_set(column='dq_row_valid'" in message
     assert "quality gate 'interactions_strict': FAILED" in message

@@ -69,17 +69,23 @@ def _label(name: str, config: ContentConfig) -> str:
     return config.field_labels.get(name, name.replace("_", " ").capitalize())
 
 
+def one_line(text: Column) -> Column:
+    """``text`` trimmed, its line breaks as spaces: a value cannot start a line of its own, which
+    would read as another field ("...\\n\\nDirector: Nobody")."""
+    return F.trim(F.regexp_replace(text, r"\s*[\r\n]+\s*", " "))
+
+
 def item_documents(items: DataFrame, config: ContentConfig) -> DataFrame:
     """silver.items rows -> gold.item_documents rows (one per item)."""
-    order = (
-        F.array(*[F.lit(f) for f in config.field_order])
+    order = (  # field names match whatever their case ("Genre" is "genre")
+        F.array(*[F.lit(f.lower()) for f in config.field_order])
         if config.field_order
         else F.array().cast("array<string>")
     )
-    excluded = F.array(*[F.lit(f) for f in config.exclude_fields]) if config.exclude_fields else None
+    excluded = F.array(*[F.lit(f.lower()) for f in config.exclude_fields]) if config.exclude_fields else None
     entries = F.map_entries(F.coalesce(F.col("attributes"), F.create_map().cast("map<string,string>")))
     if excluded is not None:
-        entries = F.filter(entries, lambda e: ~F.array_contains(excluded, e["key"]))
+        entries = F.filter(entries, lambda e: ~F.array_contains(excluded, F.lower(e["key"])))
     labels = (
         F.create_map(*[c for k, v in config.field_labels.items() for c in (F.lit(k), F.lit(v))])
         if config.field_labels
@@ -96,11 +102,11 @@ def item_documents(items: DataFrame, config: ContentConfig) -> DataFrame:
     ranked = F.transform(
         entries,
         lambda e: F.struct(
-            F.when(F.array_position(order, e["key"]) > 0, F.array_position(order, e["key"]))
+            F.when(F.array_position(order, F.lower(e["key"])) > 0, F.array_position(order, F.lower(e["key"])))
             .otherwise(F.lit(10**6))
             .alias("rank"),
             e["key"].alias("key"),
-            F.trim(e["value"]).alias("value"),
+            one_line(e["value"]).alias("value"),
         ),
     )
     attr_lines = F.transform(
@@ -109,12 +115,18 @@ def item_documents(items: DataFrame, config: ContentConfig) -> DataFrame:
             label_of(e["key"]), F.lit(": "), F.substring(e["value"], 1, config.max_field_chars)
         ),
     )
+    categories = F.filter(
+        F.transform(F.coalesce("categories", F.array().cast("array<string>")), one_line), lambda c: c != ""
+    )
     head = F.array_compact(
         F.array(
-            F.when(F.trim("title") != "", F.concat(F.lit(f"{_label('title', config)}: "), F.trim("title"))),
             F.when(
-                F.size(F.coalesce("categories", F.array().cast("array<string>"))) > 0,
-                F.concat(F.lit(f"{_label('categories', config)}: "), F.array_join("categories", ", ")),
+                one_line(F.col("title")) != "",
+                F.concat(F.lit(f"{_label('title', config)}: "), one_line(F.col("title"))),
+            ),
+            F.when(
+                F.size(categories) > 0,
+                F.concat(F.lit(f"{_label('categories', config)}: "), F.array_join(categories, ", ")),
             ),
         )
     )
@@ -131,13 +143,19 @@ def item_documents(items: DataFrame, config: ContentConfig) -> DataFrame:
     )
 
 
+#: The oldest age a profile may give (past it, the value is an error, not a bucket).
+MAX_AGE = 130
+
+
 def age_bucket(age: Column, bounds: list[int]) -> Column:
-    """``"<18"``, ``"18-24"``, ..., ``"56+"`` for an age string (null when not a number)."""
+    """``"<18"``, ``"18-24"``, ..., ``"56+"`` for an age string (null when not a number, or not an
+    age: NaN, infinite, negative or over :data:`MAX_AGE`)."""
     value = F.trim(age).try_cast("double")
     expr = F.when(value < bounds[0], F.lit(f"<{bounds[0]}"))
     for low, high in itertools.pairwise(bounds):
         expr = expr.when(value < high, F.lit(f"{low}-{high - 1}"))
-    return F.when(value.isNotNull(), expr.otherwise(F.lit(f"{bounds[-1]}+")))
+    plausible = value.isNotNull() & ~F.isnan(value) & value.between(0, MAX_AGE)
+    return F.when(plausible, expr.otherwise(F.lit(f"{bounds[-1]}+")))
 
 
 def user_profiles(users: DataFrame, config: ContentConfig) -> DataFrame:

@@ -62,6 +62,11 @@ def test_item_documents_order_labels_and_hash(spark):
     assert doc != docs[1].document  # a config change changes the hash, so embeddings are redone
     long = silver_items(spark, [(4, "T", [], {"tagline": "0123456789" * 4}, None)])
     assert item_documents(long, custom).first().document == "Title: T\nTagline: 0123456789012345"
+    # a field named in another case is the same field; blank genres and line breaks go
+    odd = [(5, " Heat\n(1995) ", ["Action", " ", "", " Crime"], {"Genre": "Thriller", "Plot": "A heist.\n\nDirector: Nobody", "Director": "Mann"}, None)]  # fmt: skip
+    assert item_documents(silver_items(spark, odd), ContentConfig()).first().document == (
+        "Title: Heat (1995)\nGenres: Action, Crime\nGenre: Thriller\nDirector: Mann\nPlot: A heist. Director: Nobody"
+    )
 
 
 def test_age_buckets_and_profile_tokens(spark):
@@ -75,10 +80,15 @@ def test_age_buckets_and_profile_tokens(spark):
             (5, None),
             (6, {"age": "30", "age_bucket": "adult", "zip_region": "x"}),  # the source's own keys
             (7, {"age_bucket": "adult"}),
+            (8, {"age": "NaN"}),
+            (9, {"age": "Infinity"}),
+            (10, {"age": "1e9"}),
+            (11, {"age": "-3"}),
         ],
     )
     got = {r.user_id: r for r in user_profiles(users, ContentConfig()).collect()}
     assert [got[u].age_bucket for u in (1, 2, 3, 4, 5)] == ["<18", "18-24", "56+", None, None]
+    assert [got[u].age_bucket for u in (8, 9, 10, 11)] == [None] * 4  # not ages: no bucket
     assert got[6].profile_tokens == ["age_bucket=25-34", "zip_region=x"]  # derived wins where derived
     assert (got[6].age_bucket, got[7].age_bucket, got[7].profile_tokens) == (
         "25-34",

@@ -16,8 +16,8 @@ encoders do for missing files, so every modality covers the same items.
 
 Resumable: an item is skipped when a row for the same (dataset, modality, encoder name, encoder
 version) exists with the same ``input_hash``: a hash of what the encoder reads (the document, or the
-image path with the file's size and modification time, so a poster replaced in place is embedded
-again) and of the encoder's settings (:meth:`EncoderSpec.fingerprint`, so changed settings embed
+image path and the file's bytes, so a poster replaced in place is embedded again; each local image is
+read once per run for it) and of the encoder's settings (:meth:`EncoderSpec.fingerprint`, so changed settings embed
 every item again instead of mixing two spaces in one table). The work is committed in slices of
 ``commit_every`` items (one MERGE each), so a crash loses at most one slice and a rerun continues
 where it stopped. Bump ``version`` when the model's weights change under the same path: the files
@@ -31,7 +31,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -214,32 +213,33 @@ def _encode_partitions(
     return run
 
 
-def file_stamp(path: str | None) -> str:
-    """``size:mtime_ns`` of a local file, ``missing`` when there is none, and ``""`` for no path or a
-    remote URI (not looked at: its path alone identifies it)."""
+def file_digest(path: str | None) -> str:
+    """SHA-256 of a local file's bytes, ``missing`` when there is none, and ``""`` for no path or a
+    remote URI (not read: its path alone identifies it). The bytes, not the modification time: a
+    source that writes the same file again must not make every image be embedded again."""
     if path is None or not path.strip() or ("://" in path and not path.startswith("file://")):
         return ""
     try:
-        stat = os.stat(path.removeprefix("file://"))
+        with open(path.removeprefix("file://"), "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
         return "missing"
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def embedding_inputs(documents: DataFrame, modality: Modality) -> DataFrame:
     """``dataset, item_id, input, input_hash`` of gold.item_documents rows for ``modality`` (the
-    hash of what the encoder reads: the document, or the image path and file stamp)."""
+    hash of what the encoder reads: the document, or the image path and the file's bytes)."""
     if modality == "text":
         return documents.select(
             "dataset", "item_id", F.col("document").alias("input"), F.col("document_hash").alias("input_hash")
         )
     path = F.when(F.trim("image_path") != "", F.col("image_path"))
-    stamp = F.pandas_udf(lambda paths: paths.map(file_stamp), "string")(path)  # where the encoder reads
+    digest = F.pandas_udf(lambda paths: paths.map(file_digest), "string")(path)  # where the encoder reads
     return documents.select(
         "dataset",
         "item_id",
         path.alias("input"),
-        F.sha2(F.concat_ws("\0", F.coalesce(path, F.lit("")), stamp), 256).alias("input_hash"),
+        F.sha2(F.concat_ws("\0", F.coalesce(path, F.lit("")), digest), 256).alias("input_hash"),
     )
 
 

@@ -329,7 +329,7 @@ GOLD_ITEM_EMBEDDINGS = _register(
                 _f("dim", INT, False),
                 _f("embedding", T.ArrayType(T.FloatType(), containsNull=False), False),
                 _f("present", T.BooleanType(), False),  # False: the encoder had no input (fallback row)
-                _f("input_hash", STR, False),  # of the input (document, image path + file stamp) and settings
+                _f("input_hash", STR, False),  # of the input (document, image path + bytes) and settings
             ]
         ),
         partition_by=("dataset", "modality"),

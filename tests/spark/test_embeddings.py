@@ -142,10 +142,12 @@ def test_image_modality_with_descriptor_fallback(spark, tmp_path):
     got = embeddings(lake, "image")
     assert len(got) == 5 and got[4][1] is True and np.allclose(got[4][0], got[1][0])
     assert embed_items(lake, "ds", spec, job).embedded == 0
-    # a poster replaced in place (same path, later modification time) is embedded again, alone
-    Image.new("RGB", (8, 8), (250, 10, 10)).save(paths[3])
+    # a file written again with the same bytes is not embedded again; a poster replaced in place is
+    Image.new("RGB", (8, 8), (10, 10, 250)).save(paths[3])
     later = os.stat(paths[3]).st_mtime_ns + 10**9
     os.utime(paths[3], ns=(later, later))
+    assert embed_items(lake, "ds", spec, job).embedded == 0
+    Image.new("RGB", (8, 8), (250, 10, 10)).save(paths[3])
     assert embed_items(lake, "ds", spec, job).embedded == 1
     assert np.allclose(embeddings(lake, "image")[3][0], got[1][0])  # blue became red
     # other settings under the same name and version: every item again, never a mix of two spaces

@@ -22,8 +22,13 @@ from pipelines.settings import Settings, positive_int
 from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 
 log = logging.getLogger("hisam")
-#: Exception class names of a failed connection (SQLAlchemy, psycopg, sqlite3, requests, urllib3).
+#: Exception classes of a failed connection, by name, from these database and HTTP client packages.
 CONNECTION_ERRORS = frozenset({"OperationalError", "ConnectionError", "NewConnectionError", "MaxRetryError"})
+CLIENT_PACKAGES = frozenset(
+    {"sqlalchemy", "psycopg", "psycopg2", "sqlite3", "pymysql", "requests", "urllib3"}
+)
+#: What an ``OperationalError`` of a failed connection says (others, "no such table", are not one).
+CONNECTION_WORDS = ("connect", "unable to open", "timeout", "timed out", "could not translate host")
 
 EPILOG = """\
 Config: run, rollback and recommend read one YAML file (pipelines.config.PipelineConfig; unknown keys are
@@ -271,19 +276,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def unreachable(err: BaseException) -> bool:
-    """Whether ``err`` (or an exception it was raised from) is a failed connection to a database
-    or server: an infrastructure problem whose one-line cause says more than 200 lines of stack."""
+    """Whether ``err`` (or an exception it was raised from) is a database or HTTP client's failed
+    connection: an infrastructure problem whose one-line cause says more than 200 lines of stack."""
     seen: BaseException | None = err
     while seen is not None:
-        if isinstance(seen, ConnectionError) or type(seen).__name__ in CONNECTION_ERRORS:
+        kind = type(seen)
+        client = kind.__name__ in CONNECTION_ERRORS and kind.__module__.split(".")[0] in CLIENT_PACKAGES
+        said = kind.__name__ != "OperationalError" or any(w in str(seen).lower() for w in CONNECTION_WORDS)
+        if client and said:
             return True
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__
     return False
 
 
 def masked(uri: str) -> str:
-    """``uri`` with any password replaced by ``***``."""
-    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", uri)
+    """``uri`` with its password, if any, replaced by ``***`` (in the user info, which ends at the
+    last ``@``, and in a ``password=`` query parameter)."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest:
+        userinfo, host = rest.rsplit("@", 1)
+        rest = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else rest
+    return scheme + sep + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ start() {
 stop() {  # only a directory this script made: it holds $MARKER, the cluster is in $DATA/db
   [ -f "$DATA/$MARKER" ] || return 0
   local bin; bin="$(bin_dir)"
-  if [ -n "$bin" ] && [ -f "$DATA/db/postmaster.pid" ]; then as_user "$bin/pg_ctl" -D "$DATA/db" -m fast -w stop >/dev/null; fi
+  if [ -n "$bin" ] && [ -f "$DATA/db/postmaster.pid" ]; then  # after a crash it is stale: go on
+    as_user "$bin/pg_ctl" -D "$DATA/db" -m fast -w -t 20 stop >/dev/null 2>&1 || echo "pg.sh: no server stopped in $DATA" >&2
+  fi
   rm -rf "$DATA"
 }
 

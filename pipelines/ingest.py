@@ -194,23 +194,50 @@ def validate(ctx: StepContext) -> dict[str, Any]:
 
     Silver holds every day merged so far, so the gate checks that whole snapshot: the partition of
     this logical date under ``silver.interactions.gate`` lists the rows of the snapshot that fail.
-    Downstream steps leave the same rows out (:func:`valid_interactions`).
+    Downstream steps leave the same rows out (:func:`valid_interactions`). The day's own rows (its
+    ``logical_date``) are also judged alone, without writing anything: over the snapshot only, the
+    history would dilute the quarantine budget, and a day whose import is all bad would pass once
+    the history is a hundred times larger.
     """
+    from pipelines.notify import Alert
+    from spark_jobs.quality import DataQualityError, run_quality_gate
     from spark_jobs.tables import SILVER_INTERACTIONS
 
+    label = gate_label(SILVER_INTERACTIONS.name)
     interactions, suite = _silver_interactions(ctx)
-    return run_gate(ctx, interactions, suite, gate_label(SILVER_INTERACTIONS.name))[1]
+    summary = run_gate(ctx, interactions, suite, label)[1]
+    day, day_suite = _silver_interactions(ctx, day=True)
+    if day.isEmpty():  # no import today: nothing of its own to judge
+        return summary
+    qcfg = quality_config(ctx)
+    try:
+        report = run_quality_gate(day, day_suite, qcfg, raise_on_failure=False)[2]
+    finally:
+        if qcfg.persist:
+            ctx.lake.spark.catalog.clearCache()
+    summary["day"] = {"success": report.success, "rows": report.n_input, "quarantined": report.n_quarantined}
+    if not report.success:
+        alert = Alert.from_quality_report(report.to_dict(), source=f"validate:{label}:day")
+        ctx.alert(alert.title, alert.text, "error", report=summary)
+        raise DataQualityError(report)
+    return summary
 
 
-def _silver_interactions(ctx: StepContext) -> tuple[Any, Any]:
-    """The dataset's silver interactions and the interactions suite over them (items must resolve)."""
+def _silver_interactions(ctx: StepContext, day: bool = False) -> tuple[Any, Any]:
+    """The dataset's silver interactions (``day``: only those of the run's logical date) and the
+    interactions suite over them (items must resolve)."""
+    from pyspark.sql import functions as F
+
     from spark_jobs.quality import interactions_suite
     from spark_jobs.tables import SILVER_INTERACTIONS, SILVER_ITEMS
 
     part = {"dataset": ctx.dataset}
     interactions = ctx.lake.read(SILVER_INTERACTIONS, partitions=part)
+    if day:
+        interactions = interactions.filter(F.col("logical_date") == F.lit(ctx.logical_date))
     items = ctx.lake.read(SILVER_ITEMS, partitions=part)
-    return interactions, interactions_suite(interactions, quality_config(ctx), items=items)
+    name = "interactions_of_the_day" if day else "interactions"
+    return interactions, interactions_suite(interactions, quality_config(ctx), items=items, name=name)
 
 
 def valid_interactions(ctx: StepContext) -> tuple[Any, int]:

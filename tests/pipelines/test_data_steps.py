@@ -385,3 +385,39 @@ def test_older_interactions_arriving_later_never_put_what_the_behaviour_codes_sa
     assert bounds["train"][1] < floor <= bounds["test"][0]
     moved = seconds.filter((F.col("s") >= after["cut"]["raised_from"] // 1_000_000) & (F.col("s") < floor))
     assert moved.count() > 0  # the quantile cut alone would have put these rows, seen by SASRec, in test
+
+
+def test_the_days_import_is_judged_alone_as_well(spark, tmp_path, monkeypatch) -> None:
+    """2,000 clean rows from earlier days and a day whose 10 rows are all out of range: 0.5 % of the
+    snapshot passes the 1 % budget, so the day's own verdict is what stops it, with an alert. A day
+    with no import of its own is judged on the snapshot alone."""
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+    from pipelines.steps import run_step
+    from spark_jobs.quality import DataQualityError
+    from spark_jobs.tables import SILVER_INTERACTIONS, SILVER_ITEMS
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("HISAM_NOTIFY_SINKS", "file")
+    monkeypatch.setenv("HISAM_NOTIFY_FILE", str(tmp_path / "alerts.jsonl"))
+    config = PipelineConfig(dataset="daily")
+    ctx = StepContext(config, DAY)
+    before, t0 = DAY - dt.timedelta(days=30), dt.datetime(2026, 10, 1, tzinfo=dt.UTC)
+    rows = [
+        ("daily", u, 1, t0 + dt.timedelta(minutes=u), f"u{u}", "i1", 4.0, 1, None, before)
+        for u in range(2000)
+    ]
+    rows += [("daily", u, 1, t0 + dt.timedelta(days=30, minutes=u), f"u{u}", "i1", 9.0, 1, None, DAY)
+             for u in range(10)]  # fmt: skip
+    ctx.lake.write(spark.createDataFrame(rows, SILVER_INTERACTIONS.schema), SILVER_INTERACTIONS, mode="merge")
+    items = [("daily", 1, "i1", "Film", [], {}, None, None, before)]
+    ctx.lake.write(spark.createDataFrame(items, SILVER_ITEMS.schema), SILVER_ITEMS, mode="merge")
+    with pytest.raises(DataQualityError, match="interactions_of_the_day"):
+        run_step("validate", DAY, config)
+    (alert,) = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert alert["severity"] == "error" and "10 rows in = 0 valid + 10 quarantined" in alert["text"]
+    part = {"dataset": "daily", "target_table": "silver.interactions.gate"}
+    reasons, _ = ctx.read_table("bronze.quarantine", part, ["reason"])  # the snapshot gate's rows
+    assert reasons["reason"].tolist() == ["rating_out_of_range"] * 10
+    quiet = run_step("validate", DAY + dt.timedelta(days=1), config)  # no rows of its own
+    assert quiet["success"] and "day" not in quiet

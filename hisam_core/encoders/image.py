@@ -51,14 +51,11 @@ class ImageEncoderProtocol(Protocol):
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """``img`` as it is shown, in 8-bit RGB: turned upright by its EXIF orientation, transparency
-    composited on white (``convert`` would show whatever colour hides under it), and 16- or 32-bit
-    grey scaled to 8 bits (``convert`` clips it to white)."""
+    composited on white (``convert`` would show whatever colour hides under it), and 16-bit grey
+    scaled to 8 bits (``convert`` clips it to white)."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.convert("I")
-        lo, hi = img.getextrema()
-        scale = 255.0 / max(hi - lo, 1)
-        img = img.point(lambda v: (v - lo) * scale).convert("L")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16 bits per value (what PIL reads 16-bit PNGs as)
+        img = img.convert("I").point(lambda v: v / 257).convert("L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "RGBa", "La"):

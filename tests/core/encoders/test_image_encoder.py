@@ -110,6 +110,9 @@ def test_an_image_is_read_as_shown(tmp_path, monkeypatch):
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")
     grey = np.asarray(load_rgb(tmp_path / "deep.png")[0])[..., 0].astype(int)
     assert grey[0, 0] == 0 and grey[0, -1] == 255 and abs(grey.mean() - 127.5) < 2  # not clipped white
+    for level in (65535, 30000, 0):  # a flat image keeps its level: not stretched to the range
+        Image.fromarray(np.full((8, 8), level, np.uint16)).save(tmp_path / "flat.png")
+        assert abs(int(np.asarray(load_rgb(tmp_path / "flat.png")[0])[0, 0, 0]) - level / 257) < 1
 
     upright = np.zeros((40, 48, 3), np.uint8)
     upright[:10] = 255  # a white band on top

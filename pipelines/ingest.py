@@ -27,7 +27,7 @@ def _import_report(ctx: StepContext) -> Any:
     source = ctx.config.source
     if source.kind == "movielens":
         config = MovieLensImportConfig(data_dir=str(source.movielens_dir), dataset=ctx.dataset)
-        check_bundle(config.data_dir)  # a wrong path fails before Spark starts
+        check_bundle(config.data_dir, config.include_extra)  # a wrong path fails before Spark starts
         return import_movielens(ctx.lake.spark, ctx.lake, config, ctx.logical_date)
     if source.kind == "synthetic":  # the same seed writes the same files, so reruns stay identical
         out = generate(source.synthetic, ctx.settings.home / "data" / ctx.dataset)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-silver", action="store_true", help="stop after bronze")
     p.add_argument("--positive-threshold", type=float, default=3.0, help="rating > this is a positive label")
     args = p.parse_args(argv)
-    check_bundle(args.data_dir)  # before Spark starts
+    check_bundle(args.data_dir, include_extra=not args.no_extra)  # before Spark starts
     spark, lake = setup(args, "hisam-import-movielens")
     config = MovieLensImportConfig(
         data_dir=args.data_dir,

@@ -306,10 +306,10 @@ def list_images(spark: SparkSession, directory: str, pattern: str = "*.jpg") -> 
     )
 
 
-def check_bundle(data_dir: str | Path) -> Path:
+def check_bundle(data_dir: str | Path, include_extra: bool = True) -> Path:
     """The bundle's ``raw`` folder; a ValueError names the first file it lacks, a path Spark would
-    read as a glob, or an ``item_extra.tsv`` header other than its columns (cheap: callers check
-    before a Spark session starts)."""
+    read as a glob, or an ``item_extra.tsv`` header other than its columns (when it is read:
+    ``include_extra``). Cheap: callers check before a Spark session starts."""
     if any(c in str(data_dir) for c in GLOB_CHARACTERS):
         raise ValueError(
             f"MovieLens bundle at {data_dir}: Spark reads {GLOB_CHARACTERS} in a path as a glob; rename it"
@@ -319,7 +319,7 @@ def check_bundle(data_dir: str | Path) -> Path:
         if not (raw / name).is_file():
             raise ValueError(f"MovieLens bundle at {data_dir}: missing raw/{name}")
     extra = Path(data_dir) / "item_extra.tsv"
-    if extra.is_file():
+    if include_extra and extra.is_file():
         with extra.open(encoding="utf-8", errors="replace") as f:
             header = f.readline().rstrip("\r\n").split("\t")
         if header != EXTRA_COLUMNS:
@@ -331,7 +331,7 @@ def import_movielens(
     spark: SparkSession, lake: Lake, config: MovieLensImportConfig, logical_date: dt.date
 ) -> ImportReport:
     """Import the bundle into bronze for ``logical_date``; rerunning the date replaces its partitions."""
-    root, raw = Path(config.data_dir), check_bundle(config.data_dir)
+    root, raw = Path(config.data_dir), check_bundle(config.data_dir, config.include_extra)
     ds = config.dataset
     rating_lines = read_lines(spark, str(raw / "u.data"))
     item_lines = read_lines(spark, str(raw / "u.item"), encoding=config.encoding)

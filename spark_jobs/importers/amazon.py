@@ -43,11 +43,11 @@ from spark_jobs.importers.common import (
     first_reason,
     flag_duplicates,
     json_record_problem,
+    not_utf8,
     quoted,
     repeated_keys,
     str_map,
     to_double,
-    undecodable,
     write_bronze,
 )
 from spark_jobs.lake import Lake
@@ -92,9 +92,7 @@ def read_json_lines(spark: SparkSession, path: str, fields: tuple[str, ...]) -> 
         "value",
         *[parsed.getField(f).alias(f) for f in fields],
         F.when(parsed.isNull(), F.col("value")).otherwise(parsed.getField(CORRUPT)).alias(CORRUPT),
-        F.coalesce(undecodable(F.col("value"), "UTF-8"), json_record_problem(F.col("value"))).alias(
-            RECORD_PROBLEM
-        ),
+        F.coalesce(not_utf8(F.col("value")), json_record_problem(F.col("value"))).alias(RECORD_PROBLEM),
         F.col("_metadata.file_path").alias("source_file"),
         F.monotonically_increasing_id().alias(LINE),
     )
@@ -112,7 +110,7 @@ def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
     )
     rating, ts = F.col("rating"), F.trim("timestamp")
     number = to_double(ts)  # a whole float (1588687728923.0) is milliseconds too
-    ts_ms = F.when(number == F.floor(number), number).cast("long")
+    ts_ms = F.when(number % 1 == 0, number.try_cast("long"))  # 1e19: null (quarantined), not an overflow
     reason = first_reason(
         (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
         (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),

@@ -152,6 +152,12 @@ def undecodable(text: Column, encoding: str) -> Column:
     )
 
 
+def not_utf8(line: Column) -> Column:
+    """The reason for a line (``spark.read.text``, which keeps the bytes as read) that is not UTF-8,
+    else null: JSON lines are UTF-8, and ``from_json`` would turn the bad bytes into U+FFFD."""
+    return F.when(~F.is_valid_utf8(line), F.lit("not valid UTF-8 text: JSON lines must be UTF-8"))
+
+
 def repeated_keys(keys: Column) -> Column:
     """The values that occur more than once in the array ``keys``, each once."""
     return F.array_distinct(F.filter(keys, lambda k: F.size(F.filter(keys, lambda j: j == k)) > 1))
@@ -168,14 +174,12 @@ def json_record_problem(value: Column) -> Column:
     """
     as_array = F.from_json(F.concat(F.lit("["), value, F.lit("]")), "array<string>")
     as_field = F.from_json(F.concat(F.lit('{"_":'), value, F.lit("}")), "struct<_:string>")
-    repeated = repeated_keys(F.json_object_keys(value))
+    keys = F.json_object_keys(value)
+    repeats = F.coalesce(F.size(F.array_distinct(keys)) < F.size(keys), F.lit(False))  # the cheap test
     return first_reason(
         (F.coalesce(F.size(as_array) > 1, F.lit(False)), "more than one JSON value on one line"),
         (as_array.isNull() | as_field.getField("_").isNull(), "malformed JSON (text after the object)"),
-        (
-            F.coalesce(F.size(repeated) > 0, F.lit(False)),
-            F.concat(F.lit("repeated keys: "), F.array_join(repeated, ", ")),
-        ),
+        (repeats, F.concat(F.lit("repeated keys: "), F.array_join(repeated_keys(keys), ", "))),
     )
 
 

@@ -59,6 +59,7 @@ from spark_jobs.importers.common import (
     first_reason,
     flag_duplicates,
     json_record_problem,
+    not_utf8,
     quoted,
     str_map,
     to_double,
@@ -77,7 +78,7 @@ ITEM_RESERVED: tuple[str, ...] = ("item_id", "title", "categories", "genres", "i
 
 
 #: The charsets Spark's CSV reader takes.
-CSV_ENCODINGS = frozenset({"utf-8", "iso-8859-1", "us-ascii", "utf-16", "utf-16be", "utf-16le", "utf-32"})
+CSV_ENCODINGS = frozenset({"utf-8", "iso-8859-1", "us-ascii"})  # UTF-16/32: Spark splits lines on one byte
 
 
 class GenericImportConfig(Config):
@@ -91,7 +92,7 @@ class GenericImportConfig(Config):
     #: optionally ``.gz``); a directory uses the extension of its first data file.
     format: Format = "auto"
     csv_sep: str = ","
-    #: Of CSV inputs: one of :data:`CSV_ENCODINGS` (what Spark's CSV reader decodes); JSON lines are
+    #: Of CSV inputs: one of :data:`CSV_ENCODINGS` (what Spark's CSV reader decodes line by line); JSON lines are
     #: UTF-8. A record with bytes that are not this encoding is quarantined (the reader replaced them
     #: with U+FFFD).
     encoding: str = "UTF-8"
@@ -228,7 +229,7 @@ def read_as_strings(
                 F.when(parsed.isNull() | ~F.ltrim("value").startswith("{"), F.col("value"))
                 .otherwise(parsed.getField(CORRUPT))
                 .alias(CORRUPT),
-                F.coalesce(undecodable(F.col("value"), "UTF-8"), json_record_problem(F.col("value"))).alias(
+                F.coalesce(not_utf8(F.col("value")), json_record_problem(F.col("value"))).alias(
                     RECORD_PROBLEM
                 ),
             )

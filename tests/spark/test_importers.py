@@ -166,6 +166,10 @@ def test_item_extra_header_a_quoted_newline_and_double_utf8(spark, lake, tmp_pat
             ValueError, match=r"item_extra.tsv: the header must be \['item_id', 'ml1m_item_id'"
         ):
             import_movielens(spark, lake, MovieLensImportConfig(data_dir=str(bundle), dataset="mini"), DAY)
+    without = MovieLensImportConfig(data_dir=str(bundle), dataset="mini", include_extra=False)
+    assert "item_extra.tsv" not in counts(
+        import_movielens(spark, lake, without, DAY)
+    )  # not read: not checked
     with pytest.raises(ValueError, match=r"reads \[\]\*\?\{\} in a path as a glob"):
         import_movielens(spark, lake, MovieLensImportConfig(data_dir=str(tmp_path / "ml[1]")), DAY)
 
@@ -252,12 +256,15 @@ def test_a_json_line_is_one_object_with_distinct_keys(spark, lake, tmp_path):
             "timestamp '1588687728' looks like unix seconds, not milliseconds"
         ),
         (good % 11).replace("1588687728923", "1588687728923.0"): None,  # a whole float is fine
+        (good % 12).replace(
+            "1588687728923", "1e19"
+        ): "timestamp '1.0E19' is not unix milliseconds",  # no overflow
     }
     (tmp_path / "reviews.jsonl").write_text("\n".join(lines) + "\n")
     report = import_amazon(
         spark, lake, AmazonImportConfig(reviews=str(tmp_path / "reviews.jsonl"), dataset="az"), DAY
     )
-    assert counts(report) == {"reviews.jsonl": (9, 2, 7)}
+    assert counts(report) == {"reviews.jsonl": (10, 2, 8)}
     rows = lake.read("bronze.quarantine", partitions={"dataset": "az"}).collect()
     assert sorted((r.raw, r.reason) for r in rows) == sorted((k, v) for k, v in lines.items() if v)
     times = {r.user_id: r.event_ts for r in lake.read("bronze.interactions").collect()}
@@ -374,16 +381,27 @@ def test_generic_csv_bytes_that_are_not_its_encoding_are_quarantined(spark, lake
     assert reasons(lake, "enc") == Counter(
         {("bronze.items", "not valid UTF-8 text (U+FFFD): set the input's encoding"): 1}
     )
-    with pytest.raises(ValidationError, match="latin-1 is iso-8859-1"):
-        GenericImportConfig(dataset="enc", interactions=str(events), encoding="latin-1")
+    for unsupported in ("latin-1", "UTF-16"):  # UTF-16: Spark's reader splits lines on one byte
+        with pytest.raises(ValidationError, match="latin-1 is iso-8859-1"):
+            GenericImportConfig(dataset="enc", interactions=str(events), encoding=unsupported)
     latin1 = config.model_copy(update={"encoding": "ISO-8859-1"})
     assert counts(import_generic(spark, lake, latin1, DAY))["items.csv"] == (2, 2, 0)
     assert sorted(r.title for r in lake.read("bronze.items").collect()) == ["Café Noir", "Plain"]
-    jsonl = tmp_path / "events.jsonl"
-    jsonl.write_text('{"user_id": "u1"}\n')
+    jsonl = tmp_path / "events.jsonl"  # JSON lines are UTF-8: a latin-1 line is quarantined, not mangled
+    jsonl.write_bytes('{"user_id": "Zoë", "item_id": "i1", "timestamp": 1, "label": 1}\n'.encode("latin-1"))
+    assert counts(
+        import_generic(spark, lake, config.model_copy(update={"interactions": str(jsonl)}), DAY)
+    ) == {
+        "events.jsonl": (1, 0, 1),
+        "items.csv": (2, 1, 1),
+    }
+    assert ("bronze.interactions", "not valid UTF-8 text: JSON lines must be UTF-8") in reasons(lake, "enc")
     with pytest.raises(ValueError, match="JSON lines are UTF-8"):
         import_generic(
-            spark, lake, GenericImportConfig(dataset="enc", interactions=str(jsonl), encoding="UTF-16"), DAY
+            spark,
+            lake,
+            GenericImportConfig(dataset="enc", interactions=str(jsonl), encoding="ISO-8859-1"),
+            DAY,
         )
 
 

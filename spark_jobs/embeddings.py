@@ -60,6 +60,10 @@ class Encoder(Protocol):
         ...
 
 
+#: Encoder settings that do not change a vector (how many inputs per call, where files are found).
+EXECUTION_SETTINGS = frozenset({"batch_size", "local_files_only"})
+
+
 class EncoderSpec(Config):
     """Which encoder to run for which modality; ``name``/``version`` identify its rows."""
 
@@ -74,9 +78,21 @@ class EncoderSpec(Config):
     config: dict[str, Any] = Field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """A digest of the encoder's kind and settings: what its rows' ``input_hash`` covers besides
-        the input, and what a tokenizer trained on its vectors records."""
-        settings = json.dumps({"kind": self.kind, "config": self.config}, sort_keys=True, default=str)
+        """A digest of the settings that shape the vectors (defaults filled in; batch sizes and where
+        model files are looked up left out): what its rows' ``input_hash`` covers besides the input,
+        and what a tokenizer trained on its vectors records."""
+        if self.kind == "default":
+            if self.modality == "text":
+                from hisam_core.encoders.text import TextEncoderConfig as Settings
+            else:
+                from hisam_core.encoders.image import ImageEncoderConfig as Settings  # type: ignore[assignment]
+            config = Settings(**self.config).model_dump(mode="json")
+        elif self.kind == "hashing":
+            config = {"dim": self.config.get("dim", HashingTextEncoder.DEFAULT_DIM)}
+        else:  # a factory's keyword arguments: what each one does is the factory's
+            config = dict(self.config)
+        shaping = {k: v for k, v in config.items() if k not in EXECUTION_SETTINGS}
+        settings = json.dumps({"kind": self.kind, "config": shaping}, sort_keys=True, default=str)
         return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
     def encoder_name(self) -> str:

@@ -553,3 +553,10 @@ def test_a_tokenizer_trained_on_other_encoder_settings_is_refused(tmp_path, monk
     )
     registered.tags[ENCODERS] = encoders_tag(ctx)
     assert "was trained on encoders" in encoder_mismatch(StepContext(other, dt.date(2026, 11, 2)), registered)
+    text = ctx.config.embeddings.text  # batch size and a default written out shape no vector
+    same = text.model_copy(update={"config": {**text.config, "batch_size": 7, "max_length": 256}})
+    assert same.fingerprint() == text.fingerprint()
+    quicker = PipelineConfig().model_copy(
+        update={"embeddings": ctx.config.embeddings.model_copy(update={"text": same})}
+    )
+    assert encoder_mismatch(StepContext(quicker, dt.date(2026, 11, 2)), registered) is None

@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -287,12 +286,14 @@ def polars_build(
     history bounds (length, oldest and newest item) and checksums of its semantic IDs and actions."""
     import polars as pl
 
+    from hisam_core.evaluation.protocol import cut_rank
+
     df = pl.read_parquet(
         str(interactions / "*.parquet"), columns=["user_id", "item_id", "timestamp", "rating"]
     )
     df = df.with_columns((pl.col("rating") > 3).cast(pl.Int32).alias("label"))
     n = df.height
-    k = math.floor(train_fraction * n)
+    k = cut_rank(train_fraction, n)  # as the Spark job
     cut = int(df["timestamp"].sort()[k]) if k < n else int(df["timestamp"].max()) + 1
     split = pl.when(pl.col("timestamp") < cut).then(pl.lit("train")).otherwise(pl.lit("test"))
     df = df.with_columns(split.alias("split")).sort(["user_id", "timestamp", "item_id", "label"])

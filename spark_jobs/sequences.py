@@ -63,7 +63,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
-from fractions import Fraction
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -72,6 +71,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from hisam_core.config import Config
+from hisam_core.evaluation.protocol import cut_rank
 from spark_jobs.tables import GOLD_SAMPLES, GOLD_USER_SEQUENCES
 
 logger = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ def compute_cut(df: DataFrame, cfg: SequenceConfig) -> SplitCut:
             "dataset: set SequenceConfig.dataset"
         )
     _, unit = timestamp_key(df, cfg.timestamp_col)
-    k = math.floor(Fraction(frac).limit_denominator(10**6) * n)  # 0.7 * 90 is 62.99999999999999 in floats
+    k = cut_rank(frac, n)
     if k >= n:  # train_fraction == 1: everything is train
         return SplitCut(int(row["max_key"]) + 1, n, k, cfg.cut_method, unit)
     lo, approx, hi = (int(v) for v in row["q"])

@@ -12,6 +12,7 @@ from hisam_core.evaluation.protocol import (
     ProtocolConfig,
     build_windows,
     chronological_split,
+    cut_rank,
     label_interactions,
     load_movielens,
     target_arrays,
@@ -64,6 +65,7 @@ def test_the_split_rank_is_floor_of_the_fraction_exactly() -> None:
     config = ProtocolConfig(train_fraction=0.7)
     split = chronological_split(label_interactions(frame, config), config)
     assert split.cut == 63 and len(split.train) == 63
+    assert (cut_rank(19 / 23, 23), cut_rank(0.9999999, 1000), cut_rank(0.9, 100_000)) == (19, 999, 90_000)
 
 
 @pytest.mark.parametrize(("window", "stride"), [(5, 2), (7, 7), (4, 1)])

@@ -16,12 +16,12 @@ encoders do for missing files, so every modality covers the same items.
 
 Resumable: an item is skipped when a row for the same (dataset, modality, encoder name, encoder
 version) exists with the same ``input_hash``: a hash of what the encoder reads (the document, or the
-image path and the file's bytes, so a poster replaced in place is embedded again; each local image is
-read once per run for it) and of the encoder's settings (:meth:`EncoderSpec.fingerprint`, so changed settings embed
-every item again instead of mixing two spaces in one table). The work is committed in slices of
-``commit_every`` items (one MERGE each), so a crash loses at most one slice and a rerun continues
-where it stopped. Bump ``version`` when the model's weights change under the same path: the files
-are not hashed.
+image path and the file's bytes, so a poster replaced in place is embedded again; each local image
+is read once per run for it) and of the encoder's settings (:meth:`EncoderSpec.fingerprint`, so
+changed settings embed every item again instead of mixing two spaces in one table). The work is
+committed in slices of ``commit_every`` items (one MERGE each), so a crash loses at most one slice
+and a rerun continues where it stopped. Bump ``version`` when the model's weights change under the
+same path: the files are not hashed.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ RAW = "_raw"
 #: file order within a file, the same on every run over the same files); keeps "first" well defined.
 LINE = "_line"
 CORRUPT = "_corrupt_record"
-#: Why a record as read cannot be trusted (:func:`undecodable`, :func:`json_record_problem`), else null.
+#: Why a record as read cannot be trusted (:func:`undecodable`, :func:`not_utf8`,
+#: :func:`json_record_problem`), else null.
 RECORD_PROBLEM = "_record_problem"
 #: What a decoder writes for bytes that are not text in the encoding it was given.
 REPLACEMENT_CHARACTER = "\ufffd"

@@ -118,8 +118,7 @@ def run_gate(
     earlier run failed before removing them, are kept once per row this run found). ``record`` goes into the
     quarantine commit's metadata with the verdict (``passed``, ``quarantined``).
     """
-    from pipelines.notify import Alert
-    from spark_jobs.quality import DataQualityError, run_quality_gate, to_bronze_quarantine
+    from spark_jobs.quality import run_quality_gate, to_bronze_quarantine
     from spark_jobs.tables import BRONZE_QUARANTINE
 
     qcfg = quality_config(ctx)
@@ -143,11 +142,19 @@ def run_gate(
         if qcfg.persist:
             ctx.lake.spark.catalog.clearCache()
     summary = {**report.to_dict(), "quarantine_version": version}
+    _stop_on_failure(ctx, report, f"validate:{label}", summary)
+    return valid, summary
+
+
+def _stop_on_failure(ctx: StepContext, report: Any, source: str, summary: dict[str, Any]) -> None:
+    """For a failed gate ``report``: alert (with ``summary``) and raise ``DataQualityError``."""
+    from pipelines.notify import Alert
+    from spark_jobs.quality import DataQualityError
+
     if not report.success:
-        alert = Alert.from_quality_report(report.to_dict(), source=f"validate:{label}")
+        alert = Alert.from_quality_report(report.to_dict(), source=source)
         ctx.alert(alert.title, alert.text, "error", report=summary)
         raise DataQualityError(report)
-    return valid, summary
 
 
 def gate_label(table: str) -> str:
@@ -199,8 +206,7 @@ def validate(ctx: StepContext) -> dict[str, Any]:
     history would dilute the quarantine budget, and a day whose import is all bad would pass once
     the history is a hundred times larger.
     """
-    from pipelines.notify import Alert
-    from spark_jobs.quality import DataQualityError, run_quality_gate
+    from spark_jobs.quality import run_quality_gate
     from spark_jobs.tables import SILVER_INTERACTIONS
 
     label = gate_label(SILVER_INTERACTIONS.name)
@@ -216,10 +222,7 @@ def validate(ctx: StepContext) -> dict[str, Any]:
         if qcfg.persist:
             ctx.lake.spark.catalog.clearCache()
     summary["day"] = {"success": report.success, "rows": report.n_input, "quarantined": report.n_quarantined}
-    if not report.success:
-        alert = Alert.from_quality_report(report.to_dict(), source=f"validate:{label}:day")
-        ctx.alert(alert.title, alert.text, "error", report=summary)
-        raise DataQualityError(report)
+    _stop_on_failure(ctx, report, f"validate:{label}:day", summary)
     return summary
 
 

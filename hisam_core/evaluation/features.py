@@ -41,6 +41,7 @@ from hisam_core.encoders import (
     build_image_encoder,
 )
 from hisam_core.encoders.text import default_text_model_path
+from hisam_core.evaluation.semantic import load_features_npz
 from hisam_core.features import ItemFeatures
 
 logger = logging.getLogger(__name__)
@@ -195,11 +196,8 @@ def _save_cache(path: Path, result: MovieLensFeatures) -> None:
 
 
 def _load_cache(path: Path) -> MovieLensFeatures:
+    features = load_features_npz(path)
     with np.load(path) as z:
-        names = [k.removeprefix("emb_") for k in z.files if k.startswith("emb_")]
-        features = ItemFeatures(
-            z["item_ids"], {n: z[f"emb_{n}"] for n in names}, {n: z[f"present_{n}"] for n in names}
-        )
         return MovieLensFeatures(features, int(z["cutoff"]), json.loads(str(z["meta"])), from_cache=True)
 
 

@@ -253,7 +253,7 @@ def evaluation_metrics(
     if len(scores) != len(targets["labels"]):
         raise ValueError(f"{len(scores)} scores for {len(targets['labels'])} targets")
     cold = np.isin(targets["users"], list(cold_users))
-    metrics = ranking_metrics(targets["labels"], scores, targets["users"], cold if cold.any() else None)
+    metrics = ranking_metrics(targets["labels"], scores, targets["users"], cold)  # NaN when none is cold
     metrics["ndcg@10"] = ndcg_at_k(targets["labels"], scores, targets["users"], 10)
     metrics["hr@10"] = hit_rate_at_k(targets["labels"], scores, targets["users"], 10)
     return metrics
@@ -421,6 +421,10 @@ def markdown_table(summary: dict[str, dict[str, Any]], descriptions: dict[str, s
     return "\n".join(lines) + "\n"
 
 
+#: A metric no run reported (``summarise`` gives a metric no seed measured the same shape).
+_UNMEASURED: dict[str, Any] = {"mean": None, "std": None}
+
+
 def target_check(summary: dict[str, dict[str, Any]], target: TargetConfig) -> list[dict[str, Any]]:
     """Per metric: the candidate against its best baseline. ``met`` when the margin exceeds the sum
     of both sample stds and both measured it with at least two seeds; rows are left out when a model
@@ -431,10 +435,10 @@ def target_check(summary: dict[str, dict[str, Any]], target: TargetConfig) -> li
         return rows
     candidate = summary[target.candidate]
     for metric in target.metrics:
-        scored = [b for b in baselines if summary[b][metric]["mean"] is not None]
+        scored = [b for b in baselines if summary[b].get(metric, _UNMEASURED)["mean"] is not None]
         best = max(scored, key=lambda b: summary[b][metric]["mean"]) if scored else None
-        mine = candidate[metric]
-        theirs = summary[best][metric] if best else {"mean": None}
+        mine = candidate.get(metric, _UNMEASURED)
+        theirs = summary[best][metric] if best else _UNMEASURED
         margin = spread = None
         seeds = 0
         if mine["mean"] is not None and theirs["mean"] is not None:

@@ -131,6 +131,26 @@ def test_unmeasured_cold_metrics_leave_the_mean_strict_json_and_the_target_check
                        "seeds": 0, "met": False}  # fmt: skip
 
 
+def test_a_test_set_without_cold_users_leaves_the_cold_metrics_unmeasured(planted):
+    """Every test user warm (a dense dataset): the cold metrics are NaN, as for a cold subset of one
+    class, so the run summarises and the target check reports them unmeasured instead of failing
+    after every model has trained."""
+    frame, _, _ = planted
+    split = chronological_split(label_interactions(frame, ProtocolConfig()), ProtocolConfig())
+    _, test = build_windows(split, 8, 2)
+    scores = np.random.default_rng(0).random(sum(int(w.targets.sum()) for w in test))
+    metrics = evaluation_metrics(test, scores, frozenset())
+    assert np.isnan(metrics["cold_auc"]) and np.isnan(metrics["cold_gauc"])
+    assert metrics["gauc"] == evaluation_metrics(test, scores, split.cold_users)["gauc"]
+    runs = [
+        {"experiment": name, "seed": 0, "num_parameters": 1, "metrics": metrics} for name in ("hisam", "b")
+    ]
+    (row,) = target_check(summarise(runs), TargetConfig(baselines=["b"], metrics=["cold_gauc"]))
+    assert (row["candidate_mean"], row["baseline_mean"], row["met"]) == (None, None, False)
+    (row,) = target_check(summarise(runs), TargetConfig(baselines=["b"], metrics=["not_reported"]))
+    assert (row["candidate_mean"], row["best_baseline"], row["met"]) == (None, None, False)
+
+
 def test_target_is_met_only_beyond_the_summed_spread_of_the_best_baseline():
     def runs(name, values):
         return [

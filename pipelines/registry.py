@@ -223,7 +223,9 @@ RESTORED_FROM = "restored_from"  # model-version tag: the champion a rollback de
 
 def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
     """Restore ``@previous`` as ``@champion``; the demoted version is tagged ``rolled_back``.
-    Returns (restored, demoted) versions, also when a retry completes an interrupted rollback."""
+    Returns (restored, demoted) versions, also when a retry completes an interrupted rollback. Both
+    aliases on one version, without that rollback's tags, is a promotion interrupted after it moved
+    ``@previous``: refused, since its rerun of ``promote`` completes it."""
     found = alias_version(client, model, PREVIOUS)
     if found is None:
         champion = alias_version(client, model, CHAMPION)
@@ -233,8 +235,14 @@ def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
     previous = str(found.version)
     demoted = champion_version(client, model)
     if demoted == previous:  # a retry after @champion moved: only @previous is left to remove
+        demoted = found.tags.get(RESTORED_FROM)
+        if demoted is None or client.get_model_version(model, demoted).tags.get("gate") != "rolled_back":
+            raise ValueError(
+                f"{model}: @{PREVIOUS} and @{CHAMPION} are both v{previous} and no rollback to it was "
+                "begun: a promotion stopped between its two alias moves; rerun promote to finish it "
+                "(there is nothing to roll back to)"
+            )
         client.delete_registered_model_alias(model, PREVIOUS)
-        demoted = client.get_model_version(model, previous).tags.get(RESTORED_FROM)
         log.warning("%s: rollback from v%s to v%s completed", model, demoted, previous)
         return previous, demoted
     if demoted is not None:  # first, so a retry after the aliases moved never tags the restored one

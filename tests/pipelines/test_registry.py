@@ -214,6 +214,20 @@ def test_a_rollback_retried_after_the_champion_moved_completes_without_mistaggin
         rollback(client, "ranker")
 
 
+def test_a_rollback_after_an_interrupted_promotion_is_refused_and_the_promote_retry_completes(client) -> None:
+    """A promotion that died between its alias moves leaves @previous and @champion on the old
+    champion. A rollback then has nothing to restore: it says so and keeps @previous, instead of
+    reporting a completed rollback; the promote retry then moves @champion."""
+    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
+    client.set_registered_model_alias("ranker", PREVIOUS, "1")  # v2's promotion, before it died
+    with pytest.raises(ValueError, match=r"both v1 and no rollback to it was begun.*rerun promote"):
+        rollback(client, "ranker")
+    assert str(client.get_model_version_by_alias("ranker", PREVIOUS).version) == "1"
+    apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE), against="1")
+    assert champion_version(client, "ranker") == "2"
+    assert rollback(client, "ranker") == ("1", "2")
+
+
 def test_a_champion_moved_since_it_was_read_is_not_moved_back(client) -> None:
     """An operator's rollback while refresh-champion or promote prepared v3 against v2: neither step
     undoes it; their reruns read the champion again."""

@@ -230,7 +230,8 @@ def log_delta_input(
     tags). ``version=None`` pins the table's current version; a missing version is a ValueError.
     ``storage_options``: the lake's object-store options (``lake.storage_options``)."""
     location = str(path)
-    if _is_local_store(location):
+    scheme = urlparse(location).scheme
+    if scheme == "" or len(scheme) == 1:  # a plain path (a drive letter too); a file:// URI stays as is
         location = str(Path(location).resolve())
     resolved = _delta_version(location, version, storage_options)
     source = DeltaDatasetSource(path=location, delta_table_version=resolved)

@@ -136,6 +136,19 @@ def test_delta_input_records_path_and_version(run, tmp_path: Path) -> None:
     assert recorded["sequences"][1].get("delta_table_version") in (None, 0)
 
 
+def test_a_file_uri_lake_is_recorded_as_the_uri(run, tmp_path: Path) -> None:
+    """``HISAM_LAKE_ROOT=file:///...`` (a URI, kept as such by the lake) is opened by delta-rs as
+    given, not resolved as a relative path named ``file:``."""
+    from deltalake import write_deltalake
+
+    write_deltalake(tmp_path / "samples", pd.DataFrame({"user_id": [1]}))
+    uri = (tmp_path / "samples").as_uri()
+    log_delta_input(uri, None, context="training", name="samples")
+    (item,) = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert json.loads(item.dataset.source)["path"] == uri
+    assert {tag.key: tag.value for tag in item.tags}[DELTA_PATH_TAG] == uri
+
+
 def test_config_params_and_yaml_round_trip(run) -> None:
     config = RankerConfig(sequence=SequenceConfig(codebook_size=16, profile_fields={"age": 4}, max_tokens=64))
     assert log_config(config, name="ranker") == "config/ranker.yaml"

@@ -13,13 +13,28 @@ import torch
 import torch.nn.functional as F
 
 from hisam_core.ranker.model import HMAT
-from hisam_core.ranker.sequence import IGNORE_LABEL, TokenBatch, Vocabulary
+from hisam_core.ranker.sequence import IGNORE_LABEL, TokenBatch, TokenType, Vocabulary
+
+
+def target_item_tokens(batch: TokenBatch) -> torch.Tensor:
+    """``[B, L]`` True on every token of the items whose action is a label (an Anchor with a label).
+    A user's windows overlap (a window's first items are context for its targets), and each item is
+    a target in exactly one of them."""
+    anchors = batch.labels != IGNORE_LABEL
+    per_item = torch.zeros(
+        batch.item_index.shape[0], int(batch.item_index.max()) + 1, dtype=torch.bool, device=anchors.device
+    )
+    per_item[torch.nonzero(anchors, as_tuple=True)[0], batch.item_index[anchors]] = True
+    return per_item.gather(1, batch.item_index) & (batch.token_type != TokenType.PROFILE) & batch.valid
 
 
 def pretrain_loss(model: HMAT, batch: TokenBatch) -> torch.Tensor:
-    """Mean next-token cross-entropy over every valid (token, next token) pair, causal mask."""
+    """Sec. 3.4.1 semantic pre-training: mean next-token cross-entropy under the causal mask, each
+    token of a target item predicted from everything before it. Only target items' tokens are
+    predicted, so over a user's overlapping windows every item is predicted once, with the longest
+    context it has; the profile and an earlier window's items are context only."""
     hidden = model(batch, model.mask(batch, "causal")).hidden
-    pairs = batch.valid[:, :-1] & batch.valid[:, 1:]
+    pairs = batch.valid[:, :-1] & target_item_tokens(batch)[:, 1:]
     if not bool(pairs.any()):
         raise ValueError("pre-training batch has no (token, next token) pair")
     logits = model.logits(hidden[:, :-1][pairs])

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from hisam_core.ranker.profile import ProfileVocabulary
-from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHistory
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenType, UserHistory
 from hisam_core.semantic_ids import SemanticIds
 from pipelines.config import PipelineConfig
 from pipelines.ranker import encode_profiles, histories, windows
@@ -45,6 +45,25 @@ def test_windows_label_every_target_once_behind_its_own_context(n: int, max_item
         labelled.extend(end + np.flatnonzero(w.targets))
         assert w.targets.sum() <= max(max_items // 2, 1)
     assert sorted(labelled) == (list(range(n)) if targets is None else targets)  # each exactly once
+
+
+@pytest.mark.parametrize(("n", "max_tokens"), [(5, 33), (37, 81), (100, 297)])
+def test_pretraining_over_a_streams_windows_predicts_each_item_token_once(n: int, max_tokens: int) -> None:
+    """The windows overlap (each one's first items are context), yet PT predicts every token of the
+    stream's items exactly once: the tokens of its target items."""
+    from hisam_core.ranker.objectives import target_item_tokens
+
+    config = SequenceConfig(codebook_size=256, profile_fields={"age": 3}, max_tokens=max_tokens)
+    builder = SequenceBuilder(config)
+    history = UserHistory(7, np.arange(n * 6).reshape(n, 6) % 256, np.arange(n) % 2, {"age": 1})
+    batch = builder.batch(windows(history, builder.max_items()))
+    predicted = target_item_tokens(batch)
+    assert int(batch.valid.sum()) > n * config.item_length + 1  # the overlap: tokens seen more than once
+    assert int(predicted.sum()) == n * config.item_length
+    firsts = predicted & (batch.intra_index == 0) & (batch.token_type == TokenType.SEMANTIC)
+    assert sorted(int(t) for t in batch.tokens[firsts]) == sorted(
+        int(t) for t in builder.vocab.semantic(history.items, "")[:, 0]
+    )
 
 
 def test_test_windows_keep_training_context_and_label_only_test_rows() -> None:

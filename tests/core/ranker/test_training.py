@@ -177,21 +177,27 @@ def test_a_diverging_run_stops_before_a_non_finite_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
 
 
-def test_pretrain_loss_scores_each_token_against_the_next_one_and_skips_padding():
+def test_pretrain_loss_scores_each_target_items_token_against_the_one_before_and_skips_the_rest():
+    """Next-token cross-entropy under the causal mask, over the tokens of target items only: not the
+    profile, not a window's context items (targets False), not padding."""
     torch.manual_seed(0)
     builder = SequenceBuilder(SEQUENCE)
     model = HMAT(MODEL, builder.vocab.size).eval()
-    short = UserHistory(7, TRAIN_USERS[1].items[:2], TRAIN_USERS[1].actions[:2], TRAIN_USERS[1].profile)
-    batch = builder.batch([TRAIN_USERS[0], short])  # the second row is padded
+    user = TRAIN_USERS[1]
+    context_first = UserHistory(7, user.items[:4], user.actions[:4], user.profile, [False, False, True, True])
+    batch = builder.batch([TRAIN_USERS[0], context_first])  # the second row is padded
     assert not bool(batch.valid.all())
+    target_item = batch.token_type != TokenType.PROFILE
+    target_item[1] &= batch.item_index[1] > 2
     with torch.no_grad():
         hidden = model(batch, model.mask(batch, "causal")).hidden
         terms = [
             -torch.log_softmax(model.logits(hidden[b, t]), -1)[batch.tokens[b, t + 1]]
             for b in range(batch.tokens.shape[0])
             for t in range(batch.tokens.shape[1] - 1)
-            if batch.valid[b, t] and batch.valid[b, t + 1]
+            if batch.valid[b, t] and batch.valid[b, t + 1] and target_item[b, t + 1]
         ]
+        assert len(terms) == len(TRAIN_USERS[0]) * SEQUENCE.item_length + 2 * SEQUENCE.item_length
         assert float(pretrain_loss(model, batch)) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
 
 

@@ -312,7 +312,7 @@ class SequenceBuilder:
         profile has a stream only with a candidate: the candidate alone, as the first item of a
         training window is labelled with nothing before it."""
         what = f"user {history.user_id}"
-        if len(history) == 0 and not history.profile and candidate is None:
+        if len(history) == 0 and not self.config.profile_fields and candidate is None:
             raise ValueError(f"{what}: empty history and no profile, nothing to condition on")
         if history.items.size and history.items.shape[1] != self.config.num_positions:
             raise ValueError(

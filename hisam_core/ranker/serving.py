@@ -122,15 +122,16 @@ class HMATRanker:
         """Encode a history once and keep what later tokens can see (``evict=False``: keep all,
         the uncompressed cache, for comparison)."""
         history = self.builder.truncate(history, with_candidate=True)
-        if len(history) == 0 and not history.profile:
+        if len(history) == 0 and not self.builder.config.profile_fields:
             return self._empty(history, evict)
         batch = self.builder.collate([self.builder.build(history)]).to(self.device)
         _, kv = self._forward(batch, None)
         return self._extend(None, batch, kv, history, evict)
 
     def _empty(self, history: UserHistory, evict: bool) -> AnchorKVCache:
-        """The cache of a user with nothing to encode (no history, no profile): no keys, so a
-        candidate sees only its own block, as the first item of a training window does."""
+        """The cache of a user with nothing to encode (no history, and a model without profile
+        tokens): no keys, so a candidate sees only its own block, as the first item of a training
+        window does. A model with profile tokens always has them: a missing profile is an error."""
         config, weight = self.model.config, next(self.model.parameters())
         empty = weight.new_zeros(1, config.num_kv_heads, 0, config.hidden_size // config.num_heads)
         none = torch.zeros(1, 0, dtype=torch.long, device=weight.device)

@@ -177,6 +177,16 @@ def test_a_new_user_without_profile_scores_as_the_first_item_of_a_training_windo
     torch.testing.assert_close(ranker.rank(grown, candidates), expected, atol=1e-5, rtol=0)
 
 
+def test_a_new_user_without_the_models_profile_fields_is_refused(seq_config, make_model, candidates):
+    """A model with profile tokens never saw a stream without them: a new user whose profile lacks
+    its fields is an error, as the same user with one history item is, not scored without them."""
+    assert seq_config.profile_fields
+    ranker, new = HMATRanker(make_model(), seq_config), UserHistory(1, np.empty((0, 6)), [])
+    for history in (new, new.append(candidates[0], 1)):
+        with pytest.raises(ValueError, match="missing fields"):
+            ranker.rank(history, candidates)
+
+
 def test_bad_serving_input(seq_config, make_model, history, candidates):
     ranker = HMATRanker(make_model(), seq_config)
     with pytest.raises(ValueError, match=r"candidates must be \[C, 6\]"):

@@ -238,12 +238,13 @@ def train(
                 f"training diverged by step {done}: non-finite loss or gradient (loss {loss.item():.4g}); "
                 f"{checkpoint_path} still holds the last finite state: lower train.learning_rate or check the data"
             )
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler's is the next)
         optimizer.step()
         scheduler.step()
         if callback is not None and logs:
             metrics = {
                 "loss": loss.item(),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens": float(batch.num_tokens),
             }

@@ -321,6 +321,18 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert values[100] == pytest.approx(0.1) and values[-1] == pytest.approx(0.1)
 
 
+def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    """Step ``s`` (1-based) trains with ``warmup_cosine(s - 1)``; the scheduler already holds the
+    next step's rate when the metrics are sent, so it is not the one to log."""
+    logged: list[tuple[int, float]] = []
+    cfg = config("sft", 4, warmup_steps=3, batch_size=8)
+    train(cfg, TRAIN_USERS, tmp_path, callback=lambda step, metrics: logged.append((step, metrics["lr"])))
+    tc = cfg.train
+    expected = [tc.learning_rate * warmup_cosine(s - 1, 3, 4, tc.min_lr_ratio) for s in range(1, 5)]
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    assert [lr for _, lr in logged] == pytest.approx(expected)
+
+
 def test_every_epoch_visits_each_sample_once():
     steps = [batch_indices(step, 7, 20, seed=3) for step in range(20)]  # 140 samples = 7 epochs
     flat = np.concatenate(steps)

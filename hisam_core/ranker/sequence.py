@@ -81,6 +81,13 @@ class SequenceConfig(Config):
             )
         return self
 
+    def __eq__(self, other: object) -> bool:
+        """Field by field, and ``profile_fields`` in order too: the profile token ids follow it, so
+        two configs listing the same fields in another order do not read each other's streams."""
+        if not isinstance(other, SequenceConfig):
+            return NotImplemented
+        return super().__eq__(other) and list(self.profile_fields) == list(other.profile_fields)
+
     @property
     def item_length(self) -> int:
         """Tokens per history item: ``n`` semantic tokens, the Anchor and the Action."""

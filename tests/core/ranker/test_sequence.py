@@ -13,6 +13,7 @@ from hisam_core.ranker.sequence import (
     UserHistory,
     Vocabulary,
 )
+from hisam_core.ranker.train import RankerConfig
 from hisam_core.semantic_ids import SemanticIds
 
 
@@ -57,6 +58,16 @@ def test_vocabulary_ranges_are_disjoint_and_match_semantic_ids(seq_config, seman
     other = SemanticIds(semantic_ids.item_ids, semantic_ids.codes[:, :5], 16, "v-other")
     with pytest.raises(ValueError, match="5 positions"):
         vocab.check_semantic_ids(other)
+
+
+def test_configs_with_the_profile_fields_in_another_order_differ():
+    """The profile token ids follow the fields' order, so a reordered config is another vocabulary;
+    the checks between a checkpoint's config and a run's (``==``) must see that."""
+    a = SequenceConfig(profile_fields={"age": 4, "gender": 3})
+    b = SequenceConfig(profile_fields={"gender": 3, "age": 4})
+    assert Vocabulary(a).profile_offsets != Vocabulary(b).profile_offsets
+    assert a != b and a == SequenceConfig(profile_fields={"age": 4, "gender": 3})
+    assert RankerConfig(sequence=a) != RankerConfig(sequence=b)
 
 
 def test_configurable_action_types():

@@ -40,6 +40,7 @@ def rotate_to(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Rotation trick: ``sg[lambda R] x`` with ``R`` rotating ``x`` onto ``q`` and ``lambda = |q|/|x|``.
 
     The value equals ``q``; the gradient w.r.t. ``x`` is ``lambda R^T g`` instead of the identity.
+    A zero ``x`` has no direction to rotate: it takes the identity estimator.
     """
     eps = 1e-8
     x_norm = x.norm(dim=-1, keepdim=True).clamp_min(eps)
@@ -49,7 +50,8 @@ def rotate_to(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     w = u + v
     w = (w / w.norm(dim=-1, keepdim=True).clamp_min(eps)).detach()
     rotated = x - 2 * (x * w).sum(-1, keepdim=True) * w + 2 * (x * u).sum(-1, keepdim=True) * v
-    return rotated * (q_norm / x_norm).detach()
+    rotated = rotated * (q_norm / x_norm).detach()
+    return torch.where(x.norm(dim=-1, keepdim=True) > eps, rotated, x + (q - x).detach())
 
 
 def straight_through(x: torch.Tensor, q: torch.Tensor, rotation_trick: bool) -> torch.Tensor:

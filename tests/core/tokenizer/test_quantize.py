@@ -48,6 +48,34 @@ def test_straight_through_passes_the_gradient_unchanged():
     assert torch.allclose(x.grad, g)
 
 
+def test_eq16_gradients_pull_the_codebook_to_the_input_and_commit_the_input_by_beta():
+    """Eq. 16, ``||sg[x] - e||^2 + beta ||x - sg[e]||^2`` averaged over rows: the loss's gradient
+    reaches the input only through the commitment term, ``2 beta (x - e) / B``, and the codebook only
+    through the codebook term, row ``k`` gathering ``2 (e_k - x) / B`` over the inputs coded ``k``.
+    (The value of the loss is the same wherever the stop-gradients sit; these gradients are not.)"""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4, beta=0.25, rotation_trick=False)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.randn(8, 4))
+        vq.initialized.fill_(True)
+    x = torch.randn(32, 4).requires_grad_()
+    out = vq(x)
+    out.loss.backward()
+    e = vq.codebook.detach()[out.codes]
+    torch.testing.assert_close(x.grad, 2 * 0.25 * (x.detach() - e) / 32)
+    expected = torch.zeros(8, 4).index_add_(0, out.codes, 2 * (e - x.detach()) / 32)
+    torch.testing.assert_close(vq.codebook.grad, expected)
+
+
+def test_rotation_trick_of_a_zero_input_is_still_the_codeword():
+    x = torch.zeros(2, 4, requires_grad=True)
+    q = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, -1.0, 0.0, 0.0]])
+    out = rotate_to(x, q)
+    torch.testing.assert_close(out, q)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_rotation_trick_value_is_the_codeword_and_gradient_is_rotated_and_scaled():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 8, generator=g).requires_grad_()

@@ -29,7 +29,10 @@ class SemanticIds:
 
     def __post_init__(self) -> None:
         item_ids = as_item_ids(self.item_ids)
-        codes = np.asarray(self.codes, dtype=np.int64)
+        codes = np.asarray(self.codes)
+        if codes.size and codes.dtype.kind not in "iu":
+            raise ValueError(f"codes must be integers, got {codes.dtype} (e.g. {codes.ravel()[:3].tolist()})")
+        codes = codes.astype(np.int64)
         if codes.ndim != 2 or codes.shape[0] != item_ids.shape[0]:
             raise ValueError(f"codes must be [N, positions] with N={item_ids.shape[0]}, got {codes.shape}")
         if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):

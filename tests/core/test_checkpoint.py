@@ -28,3 +28,22 @@ def test_a_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
     assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+def test_the_file_and_its_rename_reach_the_disk_before_save_returns(tmp_path, monkeypatch):
+    """A power loss after the rename must not leave an empty file: the data is flushed before the
+    rename, and the folder (which holds the rename) after it."""
+    import os
+    import stat
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        mode = os.fstat(fd).st_mode
+        synced.append("folder" if stat.S_ISDIR(mode) else f"file of {os.fstat(fd).st_size} bytes")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = save_atomically({"step": 1, "w": torch.ones(3)}, tmp_path / "model.pt")
+    assert synced == [f"file of {path.stat().st_size} bytes", "folder"]

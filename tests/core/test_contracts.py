@@ -125,6 +125,8 @@ def test_a_failed_semantic_ids_save_keeps_the_previous_table(tmp_path, monkeypat
 def test_semantic_ids_reject_codes_outside_the_codebook() -> None:
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         SemanticIds(np.array([1]), np.array([[0, 1, 2, 3, 4, 0]]), codebook_size=4, version="v")
+    with pytest.raises(ValueError, match="codes must be integers, got float64"):
+        SemanticIds(np.array([1]), np.array([[1.7, 2.2]]), codebook_size=4, version="v")  # not [[1, 2]]
 
 
 class _Cfg(Config):

@@ -380,7 +380,8 @@ class BehaviorEncoder:
         enc.item_ids = ckpt["item_ids"].numpy()
         enc.warm = ckpt["warm"].numpy()
         enc.cutoff = ckpt["cutoff"]
-        enc.model = SASRec(len(enc.item_ids), enc.config).to(enc.device)
+        with torch.random.fork_rng(devices=[]):  # the random init is replaced: leave the RNG as it was
+            enc.model = SASRec(len(enc.item_ids), enc.config).to(enc.device)
         enc.model.load_state_dict(ckpt["state_dict"])
         enc.model.eval()
         return enc

@@ -84,7 +84,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ra
     """Config and model of a checkpoint written by :func:`train`."""
     checkpoint = torch.load(path, map_location=device, weights_only=True)
     config = RankerConfig.from_dict(checkpoint["config"])
-    model = build_model(config).to(device)
+    with torch.random.fork_rng(devices=[]):  # the random init is replaced: leave the RNG as it was
+        model = build_model(config).to(device)
     model.load_state_dict(checkpoint["state_dict"])
     return config, model
 

@@ -116,7 +116,9 @@ def test_scores_do_not_depend_on_batch_or_padding(train_df):
 def test_save_load_roundtrip(train_df, tmp_path):
     enc = fit(train_df)
     enc.save(tmp_path / "sasrec.pt")
+    rng = torch.random.get_rng_state()
     back = BehaviorEncoder.load(tmp_path / "sasrec.pt", device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), rng)  # loading draws nothing from the global RNG
     np.testing.assert_array_equal(back.encode().embeddings, enc.encode().embeddings)
     np.testing.assert_array_equal(back.next_item_scores([[A]]), enc.next_item_scores([[A]]))
 

@@ -236,7 +236,9 @@ def test_checkpoint_is_a_weights_only_config_and_state_dict(tmp_path):
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert RankerConfig.from_dict(state["config"]) == config("pt", 2)
     assert state["step"] == 2
+    rng = torch.random.get_rng_state()
     _, model = load_model(tmp_path / "checkpoint.pt")
+    assert torch.equal(torch.random.get_rng_state(), rng)  # loading draws nothing from the global RNG
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state["state_dict"].items())
 
 

@@ -64,7 +64,9 @@ def test_save_load_encode_give_identical_ids(trained, tmp_path):
     model, features, _, _ = trained
     path = tmp_path / "dst.pt"
     model.save_checkpoint(path)
+    rng = torch.random.get_rng_state()
     loaded = DST.load_checkpoint(path)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # loading draws nothing from the global RNG
     before, after = model.encode(features, "v1"), loaded.encode(features, "v1")
     np.testing.assert_array_equal(before.codes, after.codes)
     np.testing.assert_array_equal(before.tokens(), after.tokens())

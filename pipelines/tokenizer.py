@@ -312,7 +312,6 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     a month that a newer ``@current`` replaced skips (:func:`skip_if_superseded`), and the rest of
     its DAG run with it."""
     import mlflow
-    import torch
 
     from hisam_core.tokenizer import train_tokenizer as fit_dst
     from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
@@ -344,10 +343,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         mlflow.log_metrics(health)
         log_training_curves(callback.history, "dst_training")
         mlflow.log_figure(_utilisation_figure(health), "plots/codebook_utilisation.png")
-        with torch.no_grad():
-            forward = model(*model.tensors(features))
-            codewords = model.codewords(forward.codes).cpu().numpy()
-        aligned = {m: forward.aligned[m].cpu().numpy() for m in model.modalities}
+        codewords, aligned = model.codewords_and_aligned(features)
         similarity = position_modality_similarity(codewords, aligned, features.present)
         save_similarity_figure(similarity, ids.position_names, model.modalities, out / "figure3.png")
         mlflow.log_artifact(str(out / "figure3.png"), "plots")

@@ -20,6 +20,7 @@ concatenates every row as is.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Self
@@ -286,6 +287,33 @@ class DST(nn.Module):
         return raw, present
 
     @torch.no_grad()
+    def outputs(self, features: ItemFeatures, batch_size: int = 4096) -> Iterator[DSTOutput]:
+        """The eval-mode forward of a catalogue, ``batch_size`` items at a time (PSGR holds
+        ``N x N_h x d`` floats per pass); the model's mode is restored after the last batch."""
+        raw, present = self.tensors(features)
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(features), batch_size):
+                part = slice(start, start + batch_size)
+                yield self({m: v[part] for m, v in raw.items()}, {m: v[part] for m, v in present.items()})
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def codewords_and_aligned(
+        self, features: ItemFeatures, batch_size: int = 4096
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Per item, the codewords of its codes ``[N, L + M, d]`` and its aligned features ``a_m``
+        (Figure 3's inputs), ``batch_size`` items at a time."""
+        codewords, aligned = [], {m: [] for m in self.modalities}
+        for out in self.outputs(features, batch_size):
+            codewords.append(self.codewords(out.codes).cpu().numpy())
+            for m in self.modalities:
+                aligned[m].append(out.aligned[m].cpu().numpy())
+        return np.concatenate(codewords), {m: np.concatenate(parts) for m, parts in aligned.items()}
+
+    @torch.no_grad()
     def encode(
         self,
         features: ItemFeatures,
@@ -298,25 +326,7 @@ class DST(nn.Module):
         ``known_codes`` ``[K, L + M]`` are the codes (without suffix) of items that already hold IDs
         of this version: new items' suffixes continue after theirs, so no existing ID changes.
         """
-        raw, present = self.tensors(features)
-        was_training = self.training
-        self.eval()
-        try:
-            codes = (
-                torch.cat(
-                    [
-                        self(
-                            {m: v[start : start + batch_size] for m, v in raw.items()},
-                            {m: v[start : start + batch_size] for m, v in present.items()},
-                        ).codes
-                        for start in range(0, len(features), batch_size)
-                    ]
-                )
-                .cpu()
-                .numpy()
-            )
-        finally:
-            self.train(was_training)
+        codes = torch.cat([out.codes for out in self.outputs(features, batch_size)]).cpu().numpy()
         if self.config.dedup_suffix:
             known = np.empty((0, codes.shape[1]), np.int64) if known_codes is None else known_codes
             suffix = dedup_suffix(np.concatenate([known, codes]))[len(known) :]

@@ -21,6 +21,7 @@ NAME = "hisam-tokenizer"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, mlflow_store, isolated_mlflow):
     """A tiny DST trained on planted items, 30% without an image, registered and loaded back."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     home = tmp_path_factory.mktemp("hisam")
     features = with_fallback_rows(planted_features(num_items=300, seed=3)[0], "image", share=0.3)
@@ -39,6 +40,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, mlflow_store, isolated_mlfl
         with mlflow.start_run():
             version = log_tokenizer(home / "dst.pt", "dst-t", features, NAME)
         yield dst, features, mlflow.pyfunc.load_model(f"models:/{NAME}/{version.version}")
+    torch.set_num_threads(threads)
 
 
 def test_served_ids_follow_the_present_flags_of_the_request(served) -> None:

@@ -74,6 +74,24 @@ def test_save_load_encode_give_identical_ids(trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.pt"]  # no temp file left behind
 
 
+def test_the_catalogue_is_read_in_batches_as_in_one_pass(trained):
+    """``encode`` and Figure 3's inputs run the catalogue a batch at a time (PSGR's memory grows with
+    it): the same codes, codewords and aligned features as one pass, and the model's mode restored."""
+    model, features, _, _ = trained
+    model.train()
+    with torch.no_grad():
+        model.eval()
+        whole = model(*model.tensors(features))
+        model.train()
+    codewords, aligned = model.codewords_and_aligned(features, batch_size=7)
+    assert model.training
+    np.testing.assert_array_equal(model.encode(features, "v", batch_size=7).codes, whole.codes.numpy())
+    np.testing.assert_allclose(codewords, model.codewords(whole.codes).detach().numpy(), atol=1e-6)
+    for m in model.modalities:
+        np.testing.assert_allclose(aligned[m], whole.aligned[m].numpy(), atol=1e-5)
+    model.eval()
+
+
 def test_encode_order_of_modalities_does_not_matter(trained):
     model, features, _, _ = trained
     reordered = ItemFeatures(features.item_ids, dict(reversed(features.modalities.items())))

@@ -369,11 +369,17 @@ class Lake:
 
     def _commit_of(self, path: str, write_id: str, before: int) -> int:
         """The version whose commit carries ``write_id`` among those after ``before``; ``before``
-        itself when there is none (a merge that changes nothing commits nothing)."""
+        itself when there is none (a merge that changes nothing commits nothing). Other writers may
+        commit meanwhile: the newest commits are read until every one after ``before`` was seen."""
         newer = self._impl.version(path) - before
-        for entry in self._impl.history(path, newer) if newer > 0 else []:
-            if entry["metadata"].get(WRITE_ID) == write_id:
-                return int(entry["version"])
+        seen = 0
+        while newer > seen:
+            entries = self._impl.history(path, newer)
+            for entry in entries:
+                if int(entry["version"]) > before and entry["metadata"].get(WRITE_ID) == write_id:
+                    return int(entry["version"])
+            seen = newer
+            newer = max((int(e["version"]) for e in entries), default=before) - before
         if newer > 0:
             logger.info(
                 "%d commits since version %d, none of this write: it committed nothing", newer, before

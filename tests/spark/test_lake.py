@@ -147,6 +147,29 @@ def test_a_write_returns_its_own_commit_and_records_its_metadata(spark, lake):
         assert by_version[version]["writer"] + by_version[version]["n"] == key
 
 
+def test_a_write_finds_its_commit_when_another_lands_while_it_reads_the_log(spark, lake, monkeypatch):
+    """Another writer commits between the write's look at the latest version and its read of the
+    newest commits: its own commit, one older than the window it first read, is still returned."""
+    from deltalake import DeltaTable, write_deltalake
+
+    lake.write(users(spark, "ds", D1, ["1"]), "bronze.users", mode="append")
+    history, raced = lake._impl.history, []
+
+    def racing(path: str, limit: int | None) -> list:
+        if not raced:
+            raced.append(True)
+            write_deltalake(path, DeltaTable(path).to_pyarrow_table().slice(0, 0), mode="append")
+        return history(path, limit)
+
+    monkeypatch.setattr(lake._impl, "history", racing)
+    version = lake.write(
+        users(spark, "ds", D2, ["2"]), "bronze.users", mode="append", metadata={"writer": "me"}
+    )
+    by_version = {h["version"]: h["metadata"] for h in lake.history("bronze.users")}
+    assert raced and max(by_version) == version + 1  # the other commit came after it
+    assert by_version[version].get("writer") == "me"
+
+
 def test_a_write_derived_from_an_older_version_is_refused_only_when_its_rows_changed(spark, lake):
     """``read_version``: a later commit to the same partition refuses the write (its rows would
     overwrite newer ones); a later commit to another partition does not conflict."""

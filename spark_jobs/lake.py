@@ -587,6 +587,7 @@ class _DeltaRs(_Backend):
                     logger.info("merge into %s: empty source, nothing committed", spec.name)
                     return
                 _check_unique(arrow, spec, keys)
+                _check_inside_partition(arrow, spec, partition_values, "merge")
                 merger = (
                     (target if read_version is not None else self._table(path))
                     .merge(
@@ -705,6 +706,13 @@ class _SparkDelta(_Backend):
                 raise ValueError(
                     f"merge into {spec.name}: duplicate keys {list(keys)} in the source, e.g. {sample}"
                 )
+            if partition_values:  # as the delta-rs backend's _check_inside_partition
+                inside = F.coalesce(F.expr(partition_predicate(partition_values)), F.lit(False))
+                outside = df.filter(~inside).count()
+                if outside:
+                    raise ValueError(
+                        f"merge of {spec.name} {dict(partition_values)}: {outside} rows lie outside it"
+                    )
             merger = (
                 self._table(path)
                 .alias("t")
@@ -782,8 +790,11 @@ def _to_arrow(df: DataFrame, spec: TableSpec):
         raise SchemaDriftError(f"writing {spec.name}: cannot store the data as declared: {err}") from err
 
 
-def _check_inside_partition(arrow, spec: TableSpec, partition_values: Mapping[str, Any]) -> None:
-    """Raise when a row of ``arrow`` lies outside the partition(s) being replaced."""
+def _check_inside_partition(
+    arrow, spec: TableSpec, partition_values: Mapping[str, Any], mode: str = "replace_partition"
+) -> None:
+    """Raise when a row of ``arrow`` lies outside the partition(s) being replaced or merged into (a
+    merge restricted to them would insert it again on every run: it never matches its target row)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -799,7 +810,7 @@ def _check_inside_partition(arrow, spec: TableSpec, partition_values: Mapping[st
             outside = arrow.num_rows - (pc.sum(pc.fill_null(inside, False).cast("int64")).as_py() or 0)
         if outside:
             raise ValueError(
-                f"replace_partition of {spec.name} {dict(partition_values)}: {outside} rows have "
+                f"{mode} of {spec.name} {dict(partition_values)}: {outside} rows have "
                 f"{column} outside {value!r}"
             )
 

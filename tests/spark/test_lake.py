@@ -335,6 +335,25 @@ def test_merge_deletes_only_unmatched_rows_that_meet_the_condition(spark, lake):
         lake.write(source, "silver.interactions", mode="append", delete_unmatched=cond)
 
 
+def test_merge_refuses_rows_outside_its_partitions(spark, lake):
+    """Restricted to dataset ``ds``, a source row of ``other`` never matches its target row: it would
+    be inserted again on every run. Refused, and nothing is committed."""
+    from pyspark.sql import functions as F
+
+    first = interactions(spark, [(1, 10, 0, 4.0, 1)])
+    lake.write(
+        first.unionByName(first.withColumn("dataset", F.lit("other"))), "silver.interactions", mode="merge"
+    )
+    before = lake.version("silver.interactions")
+    mixed = first.unionByName(interactions(spark, [(2, 10, 0, 5.0, 1)]).withColumn("dataset", F.lit("other")))
+    with pytest.raises(
+        ValueError,
+        match=r"merge of silver.interactions \{'dataset': 'ds'\}: 1 rows have dataset outside 'ds'",
+    ):
+        lake.write(mixed, "silver.interactions", mode="merge", partition_values={"dataset": "ds"})
+    assert lake.version("silver.interactions") == before
+
+
 def test_merge_refuses_duplicate_keys(spark, lake):
     dupes = interactions(spark, [(1, 10, 0, 4.0, 1), (1, 10, 0, 3.0, 0), (2, 10, 0, 3.0, 0)])
     with pytest.raises(ValueError, match=r"1 duplicate keys .*'user_id': 1, 'item_id': 10"):

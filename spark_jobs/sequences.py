@@ -266,7 +266,10 @@ def add_labels(df: DataFrame, cfg: SequenceConfig) -> DataFrame:
         raise ValueError(f"interactions need a {cfg.rating_col!r} or a {cfg.label_col!r} column")
     if cfg.rating_col in cols:
         rating = F.col(cfg.rating_col)
-        from_rating = F.when(rating.isNotNull(), (rating > F.lit(cfg.positive_rating_threshold)).cast("int"))
+        known = rating.isNotNull()
+        if isinstance(df.schema[cfg.rating_col].dataType, T.FloatType | T.DoubleType):
+            known &= ~F.isnan(rating)  # NaN sorts above every number in Spark: it would be positive
+        from_rating = F.when(known, (rating > F.lit(cfg.positive_rating_threshold)).cast("int"))
     else:
         from_rating = F.lit(None).cast("int")
     if cfg.label_col in cols:

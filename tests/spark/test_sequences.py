@@ -51,17 +51,18 @@ def test_labels_follow_the_rating_rule_unless_an_explicit_label_is_given(spark) 
     df = events(
         spark,
         [(1, 1, 0, 5.0, None, "click"), (1, 2, 1, 3.0, None, "click"), (1, 3, 2, 4.0, 0, "reply"),
-         (1, 4, 3, 1.0, 1, "click"), (1, 5, 4, None, None, "click"), (1, 6, 5, 3.5, None, "like")],
+         (1, 4, 3, 1.0, 1, "click"), (1, 5, 4, None, None, "click"), (1, 6, 5, 3.5, None, "like"),
+         (1, 7, 6, float("nan"), None, "click")],
         schema,
     )  # fmt: skip
     cfg = SequenceConfig(action_source="column", action_vocab=["click", "reply"])
     got = {r["item_id"]: (r["label"], r["action"], r["_reason"]) for r in add_labels(df, cfg).collect()}
     assert got[1] == (1, 0, None) and got[2] == (0, 0, None)  # rating > 3 positive, 3 negative
     assert got[3] == (0, 1, None) and got[4] == (1, 0, None)  # explicit label wins over the rating
-    assert got[5][2] == "no_label"
+    assert got[5][2] == "no_label" and got[7][2] == "no_label"  # NaN is no rating (not above 3)
     assert got[6] == (1, None, "unknown_action")
     by_label = {r["item_id"]: r["action"] for r in add_labels(df, SequenceConfig()).collect()}
-    assert by_label == {1: 1, 2: 0, 3: 0, 4: 1, 5: None, 6: 1}  # default: action token = label
+    assert by_label == {1: 1, 2: 0, 3: 0, 4: 1, 5: None, 6: 1, 7: None}  # default: action token = label
 
 
 TIE_CASES = [

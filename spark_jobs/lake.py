@@ -523,7 +523,9 @@ class _DeltaRs(_Backend):
         actions = pa.table(table.get_add_actions(flatten=True))
         for column, value in partitions.items():
             col = actions.column(f"partition.{column}")
-            keep = pc.is_null(col) if value is None else pc.equal(col, pa.scalar(value, type=col.type))
+            keep = (
+                pc.is_null(col) if value is None else pc.is_in(col, value_set=_arrow_values(value, col.type))
+            )
             actions = actions.filter(pc.fill_null(keep, False))
         if actions.num_rows == 0:
             return self.spark.createDataFrame([], spec.schema)
@@ -790,12 +792,23 @@ def _to_arrow(df: DataFrame, spec: TableSpec):
         raise SchemaDriftError(f"writing {spec.name}: cannot store the data as declared: {err}") from err
 
 
+def _arrow_values(value: Any, type_: Any) -> Any:
+    """A partition value (or list of values, as :func:`partition_predicate` takes them) as an Arrow
+    array of the column's type; text is cast, so ``"2024-01-02"`` matches a date column as in SQL."""
+    import pyarrow as pa
+
+    values = list(value) if isinstance(value, list | tuple | set | frozenset) else [value]
+    try:
+        return pa.array(values, type=type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array(values).cast(type_)
+
+
 def _check_inside_partition(
     arrow, spec: TableSpec, partition_values: Mapping[str, Any], mode: str = "replace_partition"
 ) -> None:
     """Raise when a row of ``arrow`` lies outside the partition(s) being replaced or merged into (a
     merge restricted to them would insert it again on every run: it never matches its target row)."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     if arrow.num_rows == 0:
@@ -805,8 +818,7 @@ def _check_inside_partition(
         if value is None:
             outside = arrow.num_rows - col.null_count
         else:
-            values = list(value) if isinstance(value, list | tuple | set | frozenset) else [value]
-            inside = pc.is_in(col, value_set=pa.array(values, type=col.type))
+            inside = pc.is_in(col, value_set=_arrow_values(value, col.type))
             outside = arrow.num_rows - (pc.sum(pc.fill_null(inside, False).cast("int64")).as_py() or 0)
         if outside:
             raise ValueError(

@@ -14,6 +14,7 @@ from spark_jobs.tables import TABLES, get_table, stable_id
 
 D1 = dt.date(2024, 1, 1)
 D2 = dt.date(2024, 1, 2)
+D3 = dt.date(2024, 1, 3)
 
 
 def users(spark, dataset: str, day: dt.date, ids: list[str], age: str = "30"):
@@ -210,6 +211,23 @@ def test_commit_metadata_reads_back_from_either_engines_field(tmp_path):
         path, table, mode="append", commit_properties=CommitProperties(custom_metadata=spark_style)
     )
     assert [h["metadata"] for h in delta_history(path)] == [{"step": "y", "write_id": "w"}, {"step": "x"}]
+
+
+def test_partition_reads_take_lists_and_text_as_the_sql_predicate_does(spark, lake):
+    """``partitions`` values as :func:`partition_predicate` takes them (a list is ``IN``; text is cast
+    to the column's type, ``'2024-01-02'`` to a date) read the same rows on every backend."""
+    for day, ids in ((D1, ["1", "2"]), (D2, ["3"]), (D3, ["4"])):
+        part = {"dataset": "ds", "logical_date": day}
+        lake.write(
+            users(spark, "ds", day, ids), "bronze.users", mode="replace_partition", partition_values=part
+        )
+
+    def ids(partitions):
+        return sorted(r.user_id for r in lake.read("bronze.users", partitions=partitions).collect())
+
+    assert ids({"logical_date": [D1, D3]}) == ["1", "2", "4"]
+    assert ids({"logical_date": D2.isoformat()}) == ids({"logical_date": D2}) == ["3"]
+    assert ids({"dataset": ["ds", "other"], "logical_date": (D2.isoformat(),)}) == ["3"]
 
 
 def test_partition_values_survive_odd_characters(spark, lake):

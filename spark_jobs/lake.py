@@ -283,7 +283,8 @@ class Lake:
             latest = self._impl.version(path)
             if not 0 <= version <= latest:
                 raise ValueError(f"{spec.name} has versions 0..{latest}, not {version}")
-        return self._impl.read(spec, path, version, partitions).select(*spec.columns)
+        stored = self._impl.columns(path, version)
+        return _with_declared_columns(self._impl.read(spec, path, version, partitions), spec, stored)
 
     def write(
         self,
@@ -346,6 +347,7 @@ class Lake:
             )
         path = self.path(spec)
         self._impl.ensure(spec, path)
+        self._add_declared_columns(spec, path)
         write_id = uuid.uuid4().hex
         commit = {
             f"{METADATA_PREFIX}{k}": str(v) for k, v in {**(metadata or {}), WRITE_ID: write_id}.items()
@@ -366,6 +368,24 @@ class Lake:
         version = self._commit_of(path, write_id, before)
         logger.info("wrote %s (%s %s) -> version %d", spec.name, mode, partition_values or "", version)
         return version
+
+    def _add_declared_columns(self, spec: TableSpec, path: str) -> None:
+        """Schema evolution (:mod:`spark_jobs.tables`): columns declared after the table's own, all
+        nullable, are added to it (one commit; older rows read them as null). Any other difference
+        between the stored and the declared columns is a :class:`SchemaDriftError`: it needs a
+        migration."""
+        stored = self._impl.columns(path)
+        if stored == spec.columns:
+            return
+        added = spec.columns[len(stored) :]
+        if spec.columns[: len(stored)] != stored or any(not spec.schema[c].nullable for c in added):
+            raise SchemaDriftError(
+                f"{spec.name} at {path} stores columns {stored}, but {list(spec.columns)} are declared: "
+                "only nullable columns declared after the stored ones are added on write; anything "
+                "else needs a migration of the table"
+            )
+        self._impl.add_columns(spec, path, added)
+        logger.warning("%s: added the declared columns %s (older rows read them as null)", spec.name, added)
 
     def _commit_of(self, path: str, write_id: str, before: int) -> int:
         """The version whose commit carries ``write_id`` among those after ``before``; ``before``
@@ -399,6 +419,14 @@ class _Backend:
         raise NotImplementedError
 
     def ensure(self, spec: TableSpec, path: str) -> None:
+        raise NotImplementedError
+
+    def columns(self, path: str, version: int | None = None) -> list[str]:
+        """The stored table's columns (at ``version``; default the latest), in order."""
+        raise NotImplementedError
+
+    def add_columns(self, spec: TableSpec, path: str, names: list[str]) -> None:
+        """Add the declared (nullable) columns ``names`` at the end of the stored table."""
         raise NotImplementedError
 
     def version(self, path: str) -> int:
@@ -502,6 +530,17 @@ class _DeltaRs(_Backend):
         )
         logger.info("created %s at %s", spec.name, path)
 
+    def columns(self, path: str, version: int | None = None) -> list[str]:
+        return [field.name for field in self._table(path, version).schema().fields]
+
+    def add_columns(self, spec: TableSpec, path: str, names: list[str]) -> None:
+        import pyarrow as pa
+        from deltalake import Schema
+
+        declared = _arrow_schema(spec)
+        fields = Schema.from_arrow(pa.schema([declared.field(c) for c in names])).fields
+        self._table(path).alter.add_columns(list(fields))
+
     def version(self, path: str) -> int:
         return int(self._table(path).version())
 
@@ -517,8 +556,15 @@ class _DeltaRs(_Backend):
         table = self._table(path, version)
         if "deletionVectors" in (table.protocol().reader_features or []):
             # Files alone would miss deleted rows: let delta-rs apply them (driver-side).
-            arrow = pa.table(table.to_pyarrow_table()).select(spec.columns)
-            df = self.spark.createDataFrame(arrow.cast(_arrow_schema(spec)), spec.schema)
+            arrow = pa.table(table.to_pyarrow_table())
+            declared = _arrow_schema(spec)
+            for c in spec.columns:  # declared since this version was written: null (Lake.read checks)
+                if c not in arrow.column_names:
+                    arrow = arrow.append_column(
+                        declared.field(c), pa.nulls(arrow.num_rows, declared.field(c).type)
+                    )
+            arrow = arrow.select(spec.columns)
+            df = self.spark.createDataFrame(arrow.cast(declared), spec.schema)
             return df.filter(partition_predicate(partitions)) if partitions else df
         actions = pa.table(table.get_add_actions(flatten=True))
         for column, value in partitions.items():
@@ -646,6 +692,14 @@ class _SparkDelta(_Backend):
         if spec.partition_by:
             builder = builder.partitionedBy(*spec.partition_by)
         builder.comment(spec.description).execute()
+
+    def columns(self, path: str, version: int | None = None) -> list[str]:
+        reader = self.spark.read.format("delta")
+        return (reader if version is None else reader.option("versionAsOf", version)).load(path).columns
+
+    def add_columns(self, spec: TableSpec, path: str, names: list[str]) -> None:
+        added = ", ".join(f"{c} {spec.schema[c].dataType.simpleString()}" for c in names)
+        self.spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({added})")
 
     def version(self, path: str) -> int:
         return int(self._table(path).history(1).select("version").head()[0])
@@ -790,6 +844,20 @@ def _to_arrow(df: DataFrame, spec: TableSpec):
         return arrow.cast(target)
     except (ValueError, TypeError, NotImplementedError) as err:
         raise SchemaDriftError(f"writing {spec.name}: cannot store the data as declared: {err}") from err
+
+
+def _with_declared_columns(df: DataFrame, spec: TableSpec, stored: list[str]) -> DataFrame:
+    """``df``, a version of ``spec``'s table that stores ``stored``, in the declared columns; nullable
+    columns declared since that version was written read as null, a NOT NULL one is a
+    SchemaDriftError."""
+    missing = [c for c in spec.columns if c not in stored]
+    required = [c for c in missing if not spec.schema[c].nullable]
+    if required:
+        raise SchemaDriftError(
+            f"{spec.name}: the stored table lacks the declared NOT NULL columns {required}: migrate it"
+        )
+    nulls = {c: F.lit(None).cast(spec.schema[c].dataType) for c in missing if c not in df.columns}
+    return (df.withColumns(nulls) if nulls else df).select(*spec.columns)
 
 
 def _arrow_values(value: Any, type_: Any) -> Any:

@@ -14,8 +14,10 @@ Every table carries a ``dataset`` column (``movielens-100k``, ``amazon-movies``,
 is partitioned by it first, so several catalogues share one lake. Jobs name tables by the constants
 here (``tables.SILVER_INTERACTIONS``) or by their string names (``"silver.interactions"``).
 
-Schema evolution: a change here is a change of contract. Add nullable columns at the end; anything
-else needs a migration of the existing Delta tables (the lake refuses writes whose schema differs).
+Schema evolution: a change here is a change of contract. Nullable columns added at the end are
+added to an existing table by its next write, and read as null from older rows and versions; anything
+else needs a migration of the existing Delta tables (the lake refuses to write to a table whose
+stored columns differ otherwise).
 """
 
 from __future__ import annotations

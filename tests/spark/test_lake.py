@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from spark_jobs.lake import Lake, LakeConfig, SchemaDriftError, resolve_root
 from spark_jobs.tables import TABLES, get_table, stable_id
@@ -370,6 +371,50 @@ def test_merge_refuses_rows_outside_its_partitions(spark, lake):
     ):
         lake.write(mixed, "silver.interactions", mode="merge", partition_values={"dataset": "ds"})
     assert lake.version("silver.interactions") == before
+
+
+def test_nullable_columns_declared_at_the_end_are_added_and_read_as_null_before(spark, lake):
+    """Schema evolution (spark_jobs/tables.py): a table written under an older declaration reads
+    the new nullable column as null, the next write adds it (each write mode), and every older
+    version reads it as null too. Any other change is refused before a commit."""
+    from spark_jobs.tables import TableSpec
+
+    base = [T.StructField("dataset", T.StringType(), False), T.StructField("id", T.LongType(), False)]
+    v1 = TableSpec("silver.evolving", T.StructType(base), ("dataset",), ("dataset", "id"), "test")
+    v2 = TableSpec(
+        "silver.evolving", T.StructType([*base, T.StructField("note", T.StringType())]), ("dataset",),
+        ("dataset", "id"), "test",
+    )  # fmt: skip
+    first = lake.write(spark.createDataFrame([("ds", 1)], v1.schema), v1, mode="append")
+    assert [tuple(r) for r in lake.read(v2).collect()] == [("ds", 1, None)]
+    rows = spark.createDataFrame([("ds", 2, "x")], v2.schema)
+    lake.write(rows, v2, mode="merge")
+    lake.write(rows.withColumn("id", F.lit(3).cast("long")), v2, mode="append")
+    assert sorted(tuple(r) for r in lake.read(v2).collect()) == [
+        ("ds", 1, None),
+        ("ds", 2, "x"),
+        ("ds", 3, "x"),
+    ]
+    assert [tuple(r) for r in lake.read(v2, version=first).collect()] == [("ds", 1, None)]
+    before = lake.version(v2)
+    renamed = TableSpec(
+        "silver.evolving", T.StructType([*base, T.StructField("remark", T.StringType())]), ("dataset",),
+        ("dataset", "id"), "test",
+    )  # fmt: skip
+    with pytest.raises(
+        SchemaDriftError, match=r"stores columns \['dataset', 'id', 'note'\].*needs a migration"
+    ):
+        lake.write(spark.createDataFrame([("ds", 4, "y")], renamed.schema), renamed, mode="append")
+    required = TableSpec(
+        "silver.evolving",
+        T.StructType([*base, T.StructField("note", T.StringType()), T.StructField("n", T.LongType(), False)]),
+        ("dataset",), ("dataset", "id"), "test",
+    )  # fmt: skip
+    with pytest.raises(SchemaDriftError, match="needs a migration"):
+        lake.write(spark.createDataFrame([("ds", 4, "y", 1)], required.schema), required, mode="append")
+    with pytest.raises(SchemaDriftError, match=r"lacks the declared NOT NULL columns \['n'\]"):
+        lake.read(required)
+    assert lake.version(v2) == before
 
 
 def test_merge_refuses_duplicate_keys(spark, lake):

@@ -5,7 +5,8 @@ Runs :func:`hisam_core.evaluation.harness.run_evaluation` on MovieLens-100K (fea
 (``--config``), and writes ``quality.json``, ``quality.md`` (tables: mean ± sample std over seeds, the
 target check, then the hand-written ``quality_findings.md`` if one sits beside them) and
 ``quality_scaling.png`` (GAUC against HMAT depth and against the token budget). ``--workers N`` runs
-the (experiment, seed) jobs in N processes of one torch thread each; ``--reuse`` keeps the runs of an
+the (experiment, seed) jobs in N processes of ``threads`` torch threads each (``hisam --threads``,
+``HISAM_TORCH_THREADS`` or the YAML's ``threads``); ``--reuse`` keeps the runs of an
 earlier ``quality.json`` of the same data, budget and features, and runs only the missing ones;
 ``--mlflow`` logs one MLflow run per (experiment, seed) to the experiment ``hisam-evaluation`` plus a
 summary run with the report and the plot as artifacts. ``benchmarks/quality.py`` is the same command
@@ -405,7 +406,12 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         default=None,
         help="semantic-ID tables and DST checkpoints (default: cache_dir of --config, else $HISAM_HOME/evaluation)",
     )
-    p.add_argument("--workers", type=int, default=1, help="parallel processes, one torch thread each")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="parallel processes, each with the config's torch threads (--threads)",
+    )
     p.add_argument("--mlflow", action="store_true", help="log runs and the report to MLflow")
     p.add_argument("--reuse", type=Path, default=None, help="earlier quality.json: keep its runs and sweep")
     p.add_argument("--results", type=Path, default=results, help="folder for quality.{json,md} and the plot")

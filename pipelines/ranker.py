@@ -506,7 +506,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     """
     import mlflow
 
-    from hisam_core.ranker.train import load_model
+    from hisam_core.ranker.train import load_model, resolve_device
     from pipelines.config import PROFILE_COLUMNS
     from pipelines.ranker_model import load_ranker
     from pipelines.registry import CHAMPION, alias_version
@@ -556,7 +556,8 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
             "%d test rows are no later than what a model trained on: scored as context only", seen_rows
         )
     checkpoints = sft_checkpoint_dir(ctx, version, run)
-    config, model = load_model(checkpoints / "checkpoint.pt")
+    device = resolve_device(ctx.config.ranker.finetune.device)  # the GPU the task holds, as fine-tuning's
+    config, model = load_model(checkpoints / "checkpoint.pt", device)
     vocabulary = ProfileVocabulary.load(checkpoints / PROFILE_VOCABULARY)
     profiles = encode_profiles(profile_frame, vocabulary)
     candidate = evaluate_model(model, config.sequence, candidate_ids, frame, batch, profiles)
@@ -574,7 +575,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     metrics = {f"{EVAL_PREFIX}{k}": v for k, v in candidate.items() if k not in unmeasured}
     if served is not None:
         scored = evaluate_model(
-            served.ranker.model,
+            served.ranker.model.to(device),
             served.ranker.builder.config,
             champion_ids,
             frame,

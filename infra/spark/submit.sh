@@ -5,7 +5,8 @@
 # read from a path the driver can list (a mounted volume); the lake root may be object storage.
 # Needs SPARK_MASTER (e.g. yarn, k8s://https://..., spark://host:7077). The cluster settings of
 # spark-defaults.conf apply to these jobs; Spark sessions inside Airflow tasks use HISAM_SPARK_MASTER
-# and HISAM_SPARK_CONF instead (spark_jobs/session.py).
+# and HISAM_SPARK_CONF instead (spark_jobs/session.py), which this script unsets for the job: they
+# would override --master and the properties file.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -21,7 +22,7 @@ job="$1"; shift
 src="$(mktemp -d)"
 trap 'rm -rf "$src"' EXIT
 (cd "$root" && zip -qr "$src/hisam_src.zip" hisam_core spark_jobs -x '*/__pycache__/*')
-spark-submit \
+env -u HISAM_SPARK_MASTER -u HISAM_SPARK_CONF spark-submit \
   --master "${SPARK_MASTER:?set SPARK_MASTER}" \
   --properties-file "$here/spark-defaults.conf" \
   --py-files "$src/hisam_src.zip" \

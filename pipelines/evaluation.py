@@ -361,6 +361,11 @@ def _set_seeds(value: str) -> tuple[str, list[int]]:
     return name, parsed
 
 
+def _figure(value: float | None, spec: str = ".4f") -> str:
+    """A target-check figure for the log; ``unmeasured`` for None (no seed measured it)."""
+    return "unmeasured" if value is None else format(value, spec)
+
+
 def parser(results: Path, features_cache: Path, prog: str | None = None) -> argparse.ArgumentParser:
     """The command's options; ``results`` and ``features_cache`` are the defaults of the caller."""
     p = argparse.ArgumentParser(
@@ -576,14 +581,14 @@ def _evaluate(
         log_mlflow(result, [json_path, md_path, png_path])
     for row in result["target"]:
         log.info(
-            "target %s: %s %.4f vs %s %.4f (margin %+.4f, spread %.4f): %s",
+            "target %s: %s %s vs %s %s (margin %s, spread %s): %s",
             row["metric"],
             row["candidate"],
-            row["candidate_mean"],
+            _figure(row["candidate_mean"]),
             row["best_baseline"],
-            row["baseline_mean"],
-            row["margin"],
-            row["spread"],
+            _figure(row["baseline_mean"]),
+            _figure(row["margin"], "+.4f"),
+            _figure(row["spread"]),
             "met" if row["met"] else "not met",
         )
     log.info("wrote %s, %s", json_path, md_path)

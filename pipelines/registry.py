@@ -199,6 +199,10 @@ def apply_decision(
         client.set_model_version_tag(model, version, "gate", "rejected")
         log.warning("%s v%s rejected: %s", model, version, "; ".join(decision.reasons))
         return
+    stale = [t for t in client.get_model_version(model, version).tags if t.startswith(DRIFT_PREFIX)]
+    for tag in stale:  # an attempt that stopped before re-evaluation left its own: this decision's only
+        if tag.removeprefix(DRIFT_PREFIX) not in decision.drift:
+            client.delete_model_version_tag(model, version, tag)
     for metric, value in decision.drift.items():  # before the aliases: a retry keys on them
         client.set_model_version_tag(model, version, f"{DRIFT_PREFIX}{metric}", f"{value:.6f}")
     old = champion_version(client, model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from mlflow import MlflowClient
@@ -198,6 +199,17 @@ def test_promotions_record_their_drift_and_a_drifted_line_refuses_a_tolerated_re
     rejected = client.get_model_version("ranker", "3").tags
     assert rejected["gate"] == "rejected" and "below its best" in rejected["gate_reasons"]
     assert _drift(rejected) == {}
+
+
+def test_a_promotion_keeps_only_its_own_drift_tags(client) -> None:
+    """An attempt that stopped after tagging its drift, then a re-evaluation whose decision measures
+    fewer metrics: the promoted version carries this decision's drift only, since the next
+    promotion chains from it."""
+    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
+    client.set_model_version_tag("ranker", "2", f"{DRIFT_PREFIX}cold_gauc", "-0.020000")  # the first try
+    decision = decide(GOOD, GOOD, GATE)
+    apply_decision(client, "ranker", "2", replace(decision, drift={"auc": 0.0}), against="1")
+    assert _drift(client.get_model_version("ranker", "2").tags) == {"auc": 0.0}
 
 
 def test_a_rollback_retried_after_the_champion_moved_completes_without_mistagging(client) -> None:

@@ -346,7 +346,7 @@ def run_experiment(ctx: _Context, experiment: ExperimentConfig, seed: int) -> di
         "num_layers": (
             experiment.hmat.get("num_layers", ctx.config.hmat.num_layers)
             if experiment.model == "hmat"
-            else ctx.config.id_ranker.num_layers
+            else experiment.id_ranker.get("num_layers", ctx.config.id_ranker.num_layers)
         ),
         "wall_s": round(time.perf_counter() - start, 1),
     }

@@ -128,14 +128,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 "nothing written (are its semantic IDs of this dataset's catalogue?)"
             )
         label = versioned_label(GOLD_SAMPLES.name, version)
-        versions = {
-            GOLD_SAMPLES.name: lake.write(
-                samples,
-                GOLD_SAMPLES,
-                mode="replace_partition",
-                partition_values={**part, "tokenizer_version": version},
-                metadata=build_record(ctx, version, read_at),
-            ),
+        versions = {  # gold.samples last: its commit carries the build record samples-ready waits for
             GOLD_USER_SEQUENCES.name: lake.write(
                 to_gold_user_sequences(build_user_sequences(result.interactions, cfg)),
                 GOLD_USER_SEQUENCES,
@@ -147,6 +140,13 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 BRONZE_QUARANTINE,
                 mode="replace_partition",
                 partition_values={**part, "target_table": label, "logical_date": ctx.logical_date},
+            ),
+            GOLD_SAMPLES.name: lake.write(
+                samples,
+                GOLD_SAMPLES,
+                mode="replace_partition",
+                partition_values={**part, "tokenizer_version": version},
+                metadata=build_record(ctx, version, read_at),
             ),
         }
     finally:

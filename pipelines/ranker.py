@@ -525,11 +525,13 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         )
     if version != current_tokenizer_version(ctx):
         log.warning("the candidate was trained on tokenizer %s, which is no longer @current", version)
-    trained_on = _input_versions(ctx.mlflow.get_run(run.info.run_id)).get("samples")
+    inputs = _input_versions(ctx.mlflow.get_run(run.info.run_id))
+    trained_on = inputs.get("samples")
     named = ctx.params.get("samples_version") or trained_on is None
     frame, snapshot = load_samples(ctx, version, samples_version(ctx, version) if named else trained_on)
     batch = ctx.config.ranker.eval_batch_size
-    profile_frame, _ = load_profiles(ctx, PROFILE_COLUMNS)
+    # the profiles the candidate trained on, when it read any: a re-evaluation scores the same inputs
+    profile_frame, profile_snapshot = load_profiles(ctx, PROFILE_COLUMNS, inputs.get("user_profiles"))
     candidate_ids = champion_ids = semantic_ids_of(ctx, version)
     champion = alias_version(ctx.mlflow, ctx.config.models.ranker, CHAMPION)
     served, unknown = None, 0
@@ -596,6 +598,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
             }
         )
         ctx.log_input(SAMPLES, snapshot, "evaluation", "test_samples")
+        ctx.log_input(PROFILES, profile_snapshot, "evaluation", "test_user_profiles")
     return {
         "tokenizer_version": version,
         "snapshot": snapshot,

@@ -199,13 +199,14 @@ def apply_decision(
         client.set_model_version_tag(model, version, "gate", "rejected")
         log.warning("%s v%s rejected: %s", model, version, "; ".join(decision.reasons))
         return
-    stale = [t for t in client.get_model_version(model, version).tags if t.startswith(DRIFT_PREFIX)]
-    for tag in stale:  # an attempt that stopped before re-evaluation left its own: this decision's only
-        if tag.removeprefix(DRIFT_PREFIX) not in decision.drift:
-            client.delete_model_version_tag(model, version, tag)
-    for metric, value in decision.drift.items():  # before the aliases: a retry keys on them
-        client.set_model_version_tag(model, version, f"{DRIFT_PREFIX}{metric}", f"{value:.6f}")
     old = champion_version(client, model)
+    if old != version:  # a retry after the aliases moved keeps the drift its first attempt tagged
+        stale = [t for t in client.get_model_version(model, version).tags if t.startswith(DRIFT_PREFIX)]
+        for tag in stale:  # an attempt that stopped before a re-evaluation left its own: this decision's only
+            if tag.removeprefix(DRIFT_PREFIX) not in decision.drift:
+                client.delete_model_version_tag(model, version, tag)
+        for metric, value in decision.drift.items():  # before the aliases: a retry keys on them
+            client.set_model_version_tag(model, version, f"{DRIFT_PREFIX}{metric}", f"{value:.6f}")
     if old is not None and old != version:
         client.set_registered_model_alias(model, PREVIOUS, old)
     client.set_registered_model_alias(model, CHAMPION, version)
@@ -223,13 +224,16 @@ def make_refreshed_champion(client: MlflowClient, model: str, version: str, *, r
 
 
 RESTORED_FROM = "restored_from"  # model-version tag: the champion a rollback demoted for it
+#: model-version tag of the version a rollback restores, while its alias moves are under way
+ROLLBACK_PENDING = "rollback_pending"
 
 
 def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
     """Restore ``@previous`` as ``@champion``; the demoted version is tagged ``rolled_back``.
-    Returns (restored, demoted) versions, also when a retry completes an interrupted rollback. Both
-    aliases on one version, without that rollback's tags, is a promotion interrupted after it moved
-    ``@previous``: refused, since its rerun of ``promote`` completes it."""
+    Returns (restored, demoted) versions, also when a retry completes an interrupted rollback (the
+    restored version is tagged ``rollback_pending`` until its aliases have moved). Both aliases on
+    one version without that tag is a promotion interrupted after it moved ``@previous``: refused,
+    since its rerun of ``promote`` completes it."""
     found = alias_version(client, model, PREVIOUS)
     if found is None:
         champion = alias_version(client, model, CHAMPION)
@@ -239,20 +243,24 @@ def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
     previous = str(found.version)
     demoted = champion_version(client, model)
     if demoted == previous:  # a retry after @champion moved: only @previous is left to remove
-        demoted = found.tags.get(RESTORED_FROM)
-        if demoted is None or client.get_model_version(model, demoted).tags.get("gate") != "rolled_back":
+        demoted = found.tags.get(ROLLBACK_PENDING)
+        if demoted is None:
             raise ValueError(
-                f"{model}: @{PREVIOUS} and @{CHAMPION} are both v{previous} and no rollback to it was "
-                "begun: a promotion stopped between its two alias moves; rerun promote to finish it "
-                "(there is nothing to roll back to)"
+                f"{model}: @{PREVIOUS} and @{CHAMPION} are both v{previous} and no rollback to it is "
+                "under way: a promotion stopped between its two alias moves; rerun promote to finish "
+                "it (there is nothing to roll back to)"
             )
+        client.delete_model_version_tag(model, previous, ROLLBACK_PENDING)
         client.delete_registered_model_alias(model, PREVIOUS)
         log.warning("%s: rollback from v%s to v%s completed", model, demoted, previous)
         return previous, demoted
     if demoted is not None:  # first, so a retry after the aliases moved never tags the restored one
         client.set_model_version_tag(model, previous, RESTORED_FROM, demoted)
+        client.set_model_version_tag(model, previous, ROLLBACK_PENDING, demoted)
         client.set_model_version_tag(model, demoted, "gate", "rolled_back")
     client.set_registered_model_alias(model, CHAMPION, previous)
+    if demoted is not None:  # before @previous goes: a tag left by a completed rollback never passes
+        client.delete_model_version_tag(model, previous, ROLLBACK_PENDING)  # for one under way
     client.delete_registered_model_alias(model, PREVIOUS)
     log.warning("%s: rolled back @%s from v%s to v%s", model, CHAMPION, demoted, previous)
     return previous, demoted

@@ -149,8 +149,14 @@ def test_day_one_writes_tables_runs_models_aliases_and_lineage(world) -> None:
     assert run.data.tags["eval.seen_test_rows"] == "0"  # the split never moved before what was trained on
     tags = [{t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs]
     inputs = {(t["mlflow.data.context"], t["delta.path"].rsplit("/", 1)[-1]): t for t in tags}
-    assert set(inputs) == {("training", "samples"), ("training", "user_profiles"), ("evaluation", "samples")}
+    assert set(inputs) == {("training", "samples"), ("training", "user_profiles"), ("evaluation", "samples"),
+                           ("evaluation", "user_profiles")}  # fmt: skip
     assert inputs[("evaluation", "samples")]["delta.version"] == champion.tags["eval.snapshot"]
+    # evaluated on the profiles it trained on
+    assert (
+        inputs[("evaluation", "user_profiles")]["delta.version"]
+        == inputs[("training", "user_profiles")]["delta.version"]
+    )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/sft_training.png" in artifacts
     dst_run = client.get_run(tokenizer.run_id)

@@ -204,18 +204,21 @@ def test_promotions_record_their_drift_and_a_drifted_line_refuses_a_tolerated_re
 def test_a_promotion_keeps_only_its_own_drift_tags(client) -> None:
     """An attempt that stopped after tagging its drift, then a re-evaluation whose decision measures
     fewer metrics: the promoted version carries this decision's drift only, since the next
-    promotion chains from it."""
+    promotion chains from it. A retry after the aliases moved (promote's, with no decision) keeps it."""
     apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
     client.set_model_version_tag("ranker", "2", f"{DRIFT_PREFIX}cold_gauc", "-0.020000")  # the first try
     decision = decide(GOOD, GOOD, GATE)
-    apply_decision(client, "ranker", "2", replace(decision, drift={"auc": 0.0}), against="1")
-    assert _drift(client.get_model_version("ranker", "2").tags) == {"auc": 0.0}
+    apply_decision(client, "ranker", "2", replace(decision, drift={"auc": -0.003}), against="1")
+    assert _drift(client.get_model_version("ranker", "2").tags) == {"auc": -0.003}
+    apply_decision(client, "ranker", "2", GateDecision(True, []), against="1")
+    assert _drift(client.get_model_version("ranker", "2").tags) == {"auc": -0.003}
 
 
 def test_a_rollback_retried_after_the_champion_moved_completes_without_mistagging(client) -> None:
     apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
     apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE), against="1")
     client.set_model_version_tag("ranker", "1", "restored_from", "2")  # what the first attempt did
+    client.set_model_version_tag("ranker", "1", "rollback_pending", "2")
     client.set_model_version_tag("ranker", "2", "gate", "rolled_back")
     client.set_registered_model_alias("ranker", "champion", "1")  # ... before it died
     assert rollback(client, "ranker") == ("1", "2")  # the alert names what was demoted, not v1 -> v1
@@ -232,12 +235,18 @@ def test_a_rollback_after_an_interrupted_promotion_is_refused_and_the_promote_re
     reporting a completed rollback; the promote retry then moves @champion."""
     apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
     client.set_registered_model_alias("ranker", PREVIOUS, "1")  # v2's promotion, before it died
-    with pytest.raises(ValueError, match=r"both v1 and no rollback to it was begun.*rerun promote"):
+    with pytest.raises(ValueError, match=r"both v1 and no rollback to it is under way.*rerun promote"):
         rollback(client, "ranker")
     assert str(client.get_model_version_by_alias("ranker", PREVIOUS).version) == "1"
     apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE), against="1")
     assert champion_version(client, "ranker") == "2"
     assert rollback(client, "ranker") == ("1", "2")
+    assert "rollback_pending" not in client.get_model_version("ranker", "1").tags
+    # the tags of that completed rollback do not pass a later interrupted promotion for a rollback
+    client.set_registered_model_alias("ranker", PREVIOUS, "1")  # v3's promotion, before it died
+    with pytest.raises(ValueError, match="no rollback to it is under way"):
+        rollback(client, "ranker")
+    assert str(client.get_model_version_by_alias("ranker", PREVIOUS).version) == "1"
 
 
 def test_a_champion_moved_since_it_was_read_is_not_moved_back(client) -> None:

@@ -125,8 +125,11 @@ class StepContext:
     ) -> tuple[pd.DataFrame, int]:
         """A partition of a lake table as pandas, with the Delta version read (delta-rs, no Spark).
         ``where``: ``column -> value`` (a list: any of them) that rows must match, applied in Arrow
-        before pandas (one user's rows of a large table, not the whole partition)."""
+        before pandas (one user's rows of a large table, not the whole partition). Columns declared
+        since ``version`` was written read as null, as :meth:`spark_jobs.lake.Lake.read` does."""
         from deltalake import DeltaTable
+
+        from spark_jobs.tables import get_table
 
         path = self.table_path(table)
         if not DeltaTable.is_deltatable(path, storage_options=self.config.lake.storage_options or None):
@@ -141,7 +144,15 @@ class StepContext:
             if version is None or version <= latest:
                 raise
             raise ValueError(f"lake table {table} has no version {version}; its latest is {latest}") from err
-        frame = delta.to_pandas(columns=columns, filters=_matching(partitions, where or {}))
+        stored = {field.name for field in delta.schema().fields}
+        missing = [c for c in columns or [] if c not in stored]
+        undeclared = [c for c in missing if c not in get_table(table).columns]
+        if undeclared:
+            raise ValueError(f"lake table {table} has no columns {undeclared}")
+        read = None if columns is None else [c for c in columns if c in stored]
+        frame = delta.to_pandas(columns=read, filters=_matching(partitions, where or {}))
+        if missing:  # declared since this version was written (spark_jobs.tables): null, as Lake.read
+            frame = frame.assign(**dict.fromkeys(missing)).loc[:, columns]
         return frame, int(delta.version())
 
     @cached_property

@@ -347,7 +347,7 @@ class Lake:
             )
         path = self.path(spec)
         self._impl.ensure(spec, path)
-        self._add_declared_columns(spec, path)
+        read_version = self._add_declared_columns(spec, path, read_version)
         write_id = uuid.uuid4().hex
         commit = {
             f"{METADATA_PREFIX}{k}": str(v) for k, v in {**(metadata or {}), WRITE_ID: write_id}.items()
@@ -369,14 +369,16 @@ class Lake:
         logger.info("wrote %s (%s %s) -> version %d", spec.name, mode, partition_values or "", version)
         return version
 
-    def _add_declared_columns(self, spec: TableSpec, path: str) -> None:
+    def _add_declared_columns(self, spec: TableSpec, path: str, read_version: int | None) -> int | None:
         """Schema evolution (:mod:`spark_jobs.tables`): columns declared after the table's own, all
         nullable, are added to it (one commit; older rows read them as null). Any other difference
         between the stored and the declared columns is a :class:`SchemaDriftError`: it needs a
-        migration."""
+        migration. Returns the ``read_version`` the write is then checked against: the added
+        columns' commit when the write was derived from the version just before it (a write derived
+        from an older one is refused first, as it would be after any other commit)."""
         stored = self._impl.columns(path)
         if stored == spec.columns:
-            return
+            return read_version
         added = spec.columns[len(stored) :]
         if spec.columns[: len(stored)] != stored or any(not spec.schema[c].nullable for c in added):
             raise SchemaDriftError(
@@ -384,8 +386,14 @@ class Lake:
                 "only nullable columns declared after the stored ones are added on write; anything "
                 "else needs a migration of the table"
             )
+        if read_version is not None and (latest := self._impl.version(path)) != read_version:
+            raise ConcurrentWriteError(
+                f"{spec.name} is at version {latest}, but this write was derived from version "
+                f"{read_version}: read it again (its next write adds the declared columns {added})"
+            )
         self._impl.add_columns(spec, path, added)
         logger.warning("%s: added the declared columns %s (older rows read them as null)", spec.name, added)
+        return self._impl.version(path) if read_version is not None else None
 
     def _commit_of(self, path: str, write_id: str, before: int) -> int:
         """The version whose commit carries ``write_id`` among those after ``before``; ``before``

@@ -123,6 +123,7 @@ class HMATRanker:
         the uncompressed cache, for comparison)."""
         history = self.builder.truncate(history, with_candidate=True)
         if len(history) == 0 and not self.builder.config.profile_fields:
+            self.builder.vocab.profile(history.profile, f"user {history.user_id}")  # none it does not know
             return self._empty(history, evict)
         batch = self.builder.collate([self.builder.build(history)]).to(self.device)
         _, kv = self._forward(batch, None)

@@ -356,10 +356,9 @@ def evaluate(
         users.append(row_users.cpu())
         cold.append(is_cold.unsqueeze(1).expand_as(batch.labels)[labelled].cpu())
     model.train(was_training)
-    cold_mask = torch.cat(cold).numpy()
-    return ranking_metrics(
+    return ranking_metrics(  # the cold metrics are NaN when no cold user has both classes (or none is cold)
         torch.cat(labels).numpy(),
         torch.cat(scores).numpy(),
         torch.cat(users).numpy(),
-        cold_mask if cold_mask.any() else None,
+        torch.cat(cold).numpy(),
     )

@@ -68,7 +68,10 @@ def clean_interactions(bronze: DataFrame, config: SilverConfig) -> DataFrame:
     """bronze.interactions rows -> silver.interactions rows + ``_reason``/``_raw``/``source_file``."""
     label = F.coalesce(
         F.col("label"),
-        F.when(F.col("rating").isNotNull(), (F.col("rating") > config.positive_threshold).cast("int")),
+        F.when(  # NaN sorts above every number in Spark: it is no rating, not a positive
+            F.col("rating").isNotNull() & ~F.isnan("rating"),
+            (F.col("rating") > config.positive_threshold).cast("int"),
+        ),
     )
     reason = first_reason(
         (label.isNull(), "neither rating nor label"),

@@ -579,3 +579,34 @@ def test_a_tokenizer_trained_on_other_encoder_settings_is_refused(tmp_path, monk
         update={"embeddings": ctx.config.embeddings.model_copy(update={"text": same})}
     )
     assert encoder_mismatch(StepContext(quicker, dt.date(2026, 11, 2)), registered) is None
+
+
+def test_read_table_gives_columns_declared_since_a_version_as_null(tmp_path) -> None:
+    """Schema evolution (spark_jobs/tables.py) for the pandas reader: a version written before a
+    nullable column was declared reads it as null, as Lake.read does; an undeclared name is an error."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from pipelines.context import StepContext
+    from spark_jobs.lake import _arrow_schema
+    from spark_jobs.tables import get_table
+
+    ctx = StepContext(PipelineConfig(lake={"root": str(tmp_path / "lake")}), dt.date(2026, 11, 2))
+    declared = _arrow_schema(get_table("gold.user_profiles"))
+    older = pa.schema([f for f in declared if f.name != "occupation"])  # as if declared later
+    row = {
+        "dataset": "ds",
+        "user_id": 7,
+        "age_bucket": "25-34",
+        "gender": "F",
+        "profile_tokens": ["gender=F"],
+    }
+    table = pa.Table.from_pylist([{k: row.get(k) for k in older.names}], schema=older)
+    write_deltalake(ctx.table_path("gold.user_profiles"), table, partition_by=["dataset"])
+    frame, version = ctx.read_table(
+        "gold.user_profiles", {"dataset": "ds"}, ["user_id", "occupation", "gender"]
+    )
+    assert version == 0 and list(frame.columns) == ["user_id", "occupation", "gender"]
+    assert frame.to_dict("records") == [{"user_id": 7, "occupation": None, "gender": "F"}]
+    with pytest.raises(ValueError, match=r"has no columns \['zip'\]"):
+        ctx.read_table("gold.user_profiles", {"dataset": "ds"}, ["user_id", "zip"])

@@ -555,10 +555,11 @@ def test_silver_labels_duplicates_and_backfill(spark, lake):
         ("u1", "1", 0, 2.0, None),
         ("u1", "2", 1, 3.0, None),
         ("u2", "1", 2, None, None),
+        ("u2", "2", 3, float("nan"), None),  # no rating: NaN is not above the threshold
     ]
     clean = clean_interactions(bronze_events(spark, rows), SilverConfig()).collect()
     assert Counter((r._reason or "").split(" ds,")[0] for r in clean) == Counter(
-        {"": 2, "duplicate event (user, item, time)": 1, "neither rating nor label": 1}
+        {"": 2, "duplicate event (user, item, time)": 1, "neither rating nor label": 2}
     )
     # rating > 3 is positive; of two identical events the first by raw text (rating 2.0) is kept
     assert {(r.item_id, r.rating, r.label) for r in clean if r._reason is None} == {(1, 2.0, 0), (2, 3.0, 0)}

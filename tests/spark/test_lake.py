@@ -377,6 +377,7 @@ def test_nullable_columns_declared_at_the_end_are_added_and_read_as_null_before(
     """Schema evolution (spark_jobs/tables.py): a table written under an older declaration reads
     the new nullable column as null, the next write adds it (each write mode), and every older
     version reads it as null too. Any other change is refused before a commit."""
+    from spark_jobs.lake import ConcurrentWriteError
     from spark_jobs.tables import TableSpec
 
     base = [T.StructField("dataset", T.StringType(), False), T.StructField("id", T.LongType(), False)]
@@ -388,12 +389,18 @@ def test_nullable_columns_declared_at_the_end_are_added_and_read_as_null_before(
     first = lake.write(spark.createDataFrame([("ds", 1)], v1.schema), v1, mode="append")
     assert [tuple(r) for r in lake.read(v2).collect()] == [("ds", 1, None)]
     rows = spark.createDataFrame([("ds", 2, "x")], v2.schema)
-    lake.write(rows, v2, mode="merge")
+    lake.write(spark.createDataFrame([("ds", 9)], v1.schema), v1, mode="append")
+    with pytest.raises(ConcurrentWriteError, match="derived from version 1"):  # an older read: refused
+        lake.write(rows, v2, mode="merge", read_version=first)
+    assert lake.history(v2)[0]["operation"] != "ADD COLUMN"
+    lake.write(rows, v2, mode="merge", read_version=lake.version(v2))  # derived from the latest: fine
+    assert lake.history(v2)[1]["operation"] == "ADD COLUMN"
     lake.write(rows.withColumn("id", F.lit(3).cast("long")), v2, mode="append")
     assert sorted(tuple(r) for r in lake.read(v2).collect()) == [
         ("ds", 1, None),
         ("ds", 2, "x"),
         ("ds", 3, "x"),
+        ("ds", 9, None),
     ]
     assert [tuple(r) for r in lake.read(v2, version=first).collect()] == [("ds", 1, None)]
     before = lake.version(v2)

@@ -175,6 +175,9 @@ def test_a_new_user_without_profile_scores_as_the_first_item_of_a_training_windo
     grown = ranker.append(cache, candidates[0], 1)
     expected = rank_reference(model, config, new.append(candidates[0], 1), candidates)
     torch.testing.assert_close(ranker.rank(grown, candidates), expected, atol=1e-5, rtol=0)
+    stranger = UserHistory(1, np.empty((0, 6)), [], {"age": 2})  # a field this model has no tokens for
+    with pytest.raises(ValueError, match="unknown profile fields"):
+        ranker.rank(stranger, candidates)
 
 
 def test_a_new_user_without_the_models_profile_fields_is_refused(seq_config, make_model, candidates):

@@ -79,6 +79,8 @@ def test_sft_from_pretrained_learns_the_task(pretrained, tmp_path):
     metrics = evaluate(model, SEQUENCE, TEST_USERS)
     assert metrics["auc"] > 0.9 and metrics["gauc"] > 0.9
     assert {"cold_auc", "cold_gauc"} <= set(metrics)
+    warm = evaluate(model, SEQUENCE, TEST_USERS, cold_users=set())  # none cold: unmeasured, not absent
+    assert np.isnan(warm["cold_auc"]) and np.isnan(warm["cold_gauc"]) and warm["auc"] == metrics["auc"]
 
 
 def test_evaluate_scores_each_labelled_action_as_the_reference_scores_its_prefix():

@@ -7,12 +7,13 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from typing import Any
 
 from pyspark.sql import SparkSession
 
-from spark_jobs.lake import Lake, LakeConfig
+from spark_jobs.lake import LAKE_ROOT_ENV, Lake, LakeConfig
 from spark_jobs.session import get_spark
 from spark_jobs.tables import check_dataset
 
@@ -68,7 +69,21 @@ def setup(args: argparse.Namespace, app_name: str) -> tuple[SparkSession, Lake]:
     config = LakeConfig.from_yaml(args.lake_config) if args.lake_config else LakeConfig()
     if args.lake_root:
         config.root = args.lake_root
+    check_lake_named(spark.sparkContext.master, config.root)
     return spark, Lake.from_config(spark, config)
+
+
+def check_lake_named(master: str, root: str | None) -> None:
+    """On a cluster, the lake must be named (``--lake-root``, the lake config or ``$HISAM_LAKE_ROOT``):
+    the default, ``$HISAM_HOME/lake``, is a folder on the driver's disk, which the executors and the
+    pipeline's steps do not see."""
+    if master.startswith("local") or root or os.environ.get(LAKE_ROOT_ENV):
+        return
+    raise ValueError(
+        f"Spark master {master!r} is a cluster, but no lake root was given: pass --lake-root (or a "
+        f"--lake-config with root, or set ${LAKE_ROOT_ENV}); the default $HISAM_HOME/lake would be "
+        "a folder on the driver's disk"
+    )
 
 
 def configure_logging(level: str) -> None:

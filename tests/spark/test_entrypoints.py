@@ -135,3 +135,17 @@ def test_a_bad_dataset_name_is_refused_before_spark_starts(capsys) -> None:
         MovieLensImportConfig(data_dir=".", dataset="a b")
     with pytest.raises(ValidationError, match=r"1 validation error .*\ndataset"):
         AmazonImportConfig(reviews=".", dataset="")
+
+
+def test_on_a_cluster_the_lake_must_be_named(monkeypatch) -> None:
+    """The default lake ($HISAM_HOME/lake) is on the driver's disk: fine on local[*], an error under a
+    cluster master unless --lake-root, the lake config or $HISAM_LAKE_ROOT names one."""
+    from spark_jobs.entrypoints.common import check_lake_named
+
+    monkeypatch.delenv("HISAM_LAKE_ROOT", raising=False)
+    check_lake_named("local[2]", None)
+    check_lake_named("yarn", "s3://bucket/lake")
+    with pytest.raises(ValueError, match=r"'spark://host:7077' is a cluster, but no lake root was given"):
+        check_lake_named("spark://host:7077", None)
+    monkeypatch.setenv("HISAM_LAKE_ROOT", "s3://bucket/lake")
+    check_lake_named("k8s://https://api:443", None)

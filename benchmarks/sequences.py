@@ -7,12 +7,14 @@
 (b) Synthetic events (``spark_jobs.importers.synthetic``, vectorised numpy -> Parquet): the Spark
     build (labels, exact chronological cut, split, cold flag, per-user sequences; then the per-sample
     histories with semantic IDs) against a single-process Polars build of the same protocol in the
-    same run. Reports events/s of both, their ratio, peak RSS of the Python driver and of the JVM
-    (psutil over the process tree), and checks that both produce identical per-user sequences
+    same run; both write their user sequences and per-sample history checksums to Parquet. Reports
+    events/s of both, their ratio, peak RSS of the Python driver (and what Polars added to it) and
+    of the JVM (psutil over the process tree), and checks that both produce identical per-user sequences
     (hash of every user's item/label/timestamp lists) and identical sample histories (length,
     oldest and newest history item of every sample).
 
-Writes ``benchmarks/results/sequences.json`` (``--out``). Example::
+Writes ``benchmarks/results/sequences.json`` (``--out``); a run with a failed part (exit 1) or one
+skipped for a missing bundle writes ``sequences.incomplete.json`` instead. Example::
 
     .venv/bin/python benchmarks/sequences.py                      # both parts, 10M events
     .venv/bin/python benchmarks/sequences.py --events 1000000 --skip-movielens
@@ -54,6 +56,7 @@ class PeakMemory:
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
+        self.start_python = 0
         self.peak_python = 0
         self.peak_jvm = 0
         self.peak_total = 0
@@ -81,6 +84,7 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
+        self.start_python = self.sample()[0]
         self._thread.start()
         return self
 
@@ -95,6 +99,7 @@ class PeakMemory:
     def to_dict(self) -> dict[str, float]:
         return {
             "peak_rss_python_mb": round(self.peak_python / MB, 1),
+            "rss_python_at_start_mb": round(self.start_python / MB, 1),
             "peak_rss_jvm_mb": round(self.peak_jvm / MB, 1),
             "peak_rss_total_mb": round(self.peak_total / MB, 1),
         }
@@ -279,11 +284,12 @@ def write_semantic_ids(path: Path, items: int, seed: int, k: int = 256) -> None:
 
 
 def polars_build(
-    interactions: Path, semantic_ids: Path, train_fraction: float, cold: int, max_hist: int
+    interactions: Path, semantic_ids: Path, train_fraction: float, cold: int, max_hist: int, out: Path
 ) -> dict[str, Any]:
     """The same protocol in one process: label, exact cut (ties -> test), split, cold flag,
     per-user order (timestamp, item, label, action = label), user sequences, and per sample the
-    history bounds (length, oldest and newest item) and checksums of its semantic IDs and actions."""
+    history bounds (length, oldest and newest item) and checksums of its semantic IDs and actions;
+    both written to Parquet under ``out``, as the Spark build writes its own."""
     import polars as pl
 
     from hisam_core.evaluation.protocol import cut_rank
@@ -336,6 +342,9 @@ def polars_build(
         pl.col("n_train").first(),
         (pl.col("n_train").first() < cold).alias("is_cold_user"),
     )
+    out.mkdir(parents=True, exist_ok=True)
+    sequences.write_parquet(out / "user_sequences.parquet")
+    bounds.write_parquet(out / "bounds.parquet")
     return {
         "cut": cut,
         "n": n,
@@ -425,6 +434,7 @@ def synthetic_benchmark(spark: Any, args: argparse.Namespace, work: Path) -> dic
             cfg.train_fraction,
             cfg.cold_start_threshold,
             cfg.max_history_items,
+            work / "polars_out",
         )
         e.update({"cut": built["cut"], "n_train": built["n_train"]})
 
@@ -456,6 +466,10 @@ def synthetic_benchmark(spark: Any, args: argparse.Namespace, work: Path) -> dic
                 for k in ("peak_rss_python_mb", "peak_rss_jvm_mb", "peak_rss_total_mb")
             },
             "peak_rss_polars_python_mb": steps["polars_build"]["peak_rss_python_mb"],
+            "rss_polars_python_added_mb": round(
+                steps["polars_build"]["peak_rss_python_mb"] - steps["polars_build"]["rss_python_at_start_mb"],
+                1,
+            ),
             "identical": bool(
                 v["identical_user_sequences"] and v.get("identical_sample_histories", True) and v["same_cut"]
             ),
@@ -533,23 +547,30 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(("movielens", lambda: movielens_pipeline(spark, ml_dir, work)))
         else:
             result["movielens"] = {"skipped": f"bundle not found at {ml_dir}"}
+    failed = []
     for name, run in parts:
         try:
             result[name] = run()
         except Exception as exc:  # record and go on: one part failing must not lose the other's figures
             logger.exception("%s part failed", name)
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed.append(name)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     spark.stop()
     if not args.keep:
         shutil.rmtree(work / "synthetic", ignore_errors=True)
         shutil.rmtree(work / "spark_out", ignore_errors=True)
+        shutil.rmtree(work / "polars_out", ignore_errors=True)
     out = Path(args.out)
+    incomplete = failed or any("skipped" in result.get(p, {}) for p in ("synthetic", "movielens"))
+    if incomplete:  # beside the results, never over them: a committed complete run stays
+        out = out.with_name(f"{out.stem}.incomplete.json")
+        logger.error("parts failed %s or skipped: the results go to %s", failed, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     logger.info("wrote %s", out)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -370,6 +370,85 @@ def test_promote_refuses_a_candidate_judged_against_a_champion_since_replaced(
     assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == "2"
 
 
+def test_promote_chains_the_drift_from_the_champions_tags(tmp_path, mlflow_store, monkeypatch) -> None:
+    """The step reads the drift the champion carries: a candidate 0.009 below a champion already
+    0.015 below its line's best is 0.024 below it, past max_drift 0.020, though within the 0.010
+    regression tolerance; without that drift it is promoted, carrying its own."""
+    import datetime as dt
+
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+    from pipelines.promotion import promote
+    from pipelines.ranker import RUN_KEY, SFT_CHECKPOINT_SHA256
+    from pipelines.ranker_model import TRAINING_RUN_TAG
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
+    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
+    client, name = ctx.mlflow, ctx.config.models.ranker
+    tags = {"hisam.step": "finetune", "hisam.run_key": ctx.run_key, SFT_CHECKPOINT_SHA256: "ab"}  # trained
+    run = client.create_run(ctx.experiment_id, tags=tags)
+    client.create_registered_model(name)
+    for _ in range(3):
+        client.create_model_version(name, source=str(tmp_path / "artifacts"))
+    apply_decision(client, name, "1", decide(GOOD, None, GATE), against=None)
+    client.set_model_version_tag(name, "1", f"{DRIFT_PREFIX}auc", "-0.015000")
+    worse = {**GOOD, "auc": GOOD["auc"] - 0.009}
+
+    def candidate(version: str) -> None:
+        tags = {RUN_KEY: ctx.run_key, TRAINING_RUN_TAG: run.info.run_id, "eval.champion_version": "1"}
+        tags |= {f"eval.{m}": f"{v:.6f}" for m, v in worse.items()}
+        tags |= {f"champion.{m}": f"{v:.6f}" for m, v in GOOD.items()}
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+
+    candidate("2")
+    result = promote(ctx)
+    assert result["promoted"] is False and any("below its best" in r for r in result["reasons"])
+    assert champion_version(client, name) == "1"
+    client.delete_model_version_tag(name, "1", f"{DRIFT_PREFIX}auc")  # a line without that drift
+    candidate("3")
+    result = promote(ctx)
+    assert result["promoted"] is True and champion_version(client, name) == "3"
+    assert _drift(client.get_model_version(name, "3").tags)["auc"] == pytest.approx(-0.009)
+
+
+def test_a_rollback_stands_when_its_refresh_fails_and_says_so(tmp_path, mlflow_store, monkeypatch) -> None:
+    """The restored champion is served even if refreshing its semantic IDs fails: the step returns
+    the rollback, and a second alert (an error) tells the on-call to run refresh-champion."""
+    import datetime as dt
+    import json
+
+    import pipelines.promotion as promotion
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
+    monkeypatch.setenv("HISAM_NOTIFY_SINKS", "file")
+    monkeypatch.setenv("HISAM_NOTIFY_FILE", str(tmp_path / "alerts.jsonl"))
+    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
+    client, name = ctx.mlflow, ctx.config.models.ranker
+    client.create_registered_model(name)
+    for _ in range(2):
+        client.create_model_version(name, source=str(tmp_path / "artifacts"))
+    apply_decision(client, name, "1", decide(GOOD, None, GATE), against=None)
+    apply_decision(client, name, "2", decide(GOOD, GOOD, GATE), against="1")
+
+    def lake_down(_ctx: StepContext) -> dict:
+        raise OSError("lake unreachable")
+
+    monkeypatch.setattr(promotion, "refresh_champion", lake_down)
+    assert promotion.rollback(ctx) == {"champion": "1", "restored": "1", "demoted": "2"}
+    assert champion_version(client, name) == "1"
+    alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["title"], a["severity"]) for a in alerts] == [
+        (f"{name} rolled back", "warning"),
+        (f"{name} v1 restored but not refreshed", "error"),
+    ]
+    assert "lake unreachable" in alerts[1]["text"] and "refresh-champion" in alerts[1]["text"]
+
+
 def test_evaluate_register_and_promote_take_the_newest_fine_tune_that_finished(
     tmp_path, mlflow_store, monkeypatch
 ) -> None:

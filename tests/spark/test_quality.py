@@ -81,7 +81,11 @@ def interactions(spark):
 
 
 def test_interactions_every_bad_type_is_quarantined_with_its_reason(spark, tmp_path) -> None:
-    df = interactions(spark)
+    reimport = [  # a corrupt re-import of a good event: the bad row is not the good one's newer duplicate
+        ("good_older", "ml", 7, 10, T0 + dt.timedelta(days=7), 4.0, None, dt.date(1998, 4, 1)),
+        ("bad_reimport", "ml", 7, 10, T0 + dt.timedelta(days=7), 9.0, None, dt.date(1998, 4, 2)),
+    ]
+    df = interactions(spark).unionByName(spark.createDataFrame(reimport, INTERACTIONS))
     items = spark.createDataFrame([("ml", i) for i in (10, 11, 12)], "dataset string, item_id long")
     cfg = quiet(tmp_path)
     suite = interactions_suite(df, cfg, items=items)
@@ -100,11 +104,12 @@ def test_interactions_every_bad_type_is_quarantined_with_its_reason(spark, tmp_p
         "unknown_item": "unknown_item",
         "multi": "rating_out_of_range",
         "other_catalogue": "unknown_item",
+        "bad_reimport": "rating_out_of_range",
     }
     assert got["multi"][1] == ["rating_out_of_range", "unknown_item"]  # every reason, rule order
     valid_rows = [r["row"] for r in valid.collect()]
-    assert sorted(valid_rows) == ["dup_new", "ok1", "ok2"]
-    check_reconciles(15, valid_rows, got, report)
+    assert sorted(valid_rows) == ["dup_new", "good_older", "ok1", "ok2"]
+    check_reconciles(17, valid_rows, got, report)
     assert report.all_reason_counts["unknown_item"] == 3 and report.reason_counts["unknown_item"] == 2
     check_schema(to_bronze_quarantine(quarantine, "silver.interactions", DAY).schema, "bronze.quarantine")
 

@@ -196,12 +196,13 @@ SAMPLES = (
 )
 
 
-def sample(row, split, user, item, day, n, *, label=1, codes=None, target=None, actions=None):
+def sample(row, split, user, item, day, n, *, label=1, codes=None, target=None, actions=None, items=None):
     hist_codes = codes if codes is not None else [1] * (6 * n)
     acts = actions if actions is not None else [1] * n
+    hist_items = items if items is not None else list(range(n))
     tgt = target if target is not None else [2] * 6
     ts = T0 + dt.timedelta(days=day)
-    return (row, "ml", split, user, item, ts, label, n, False, list(range(n)), hist_codes, acts, tgt)
+    return (row, "ml", split, user, item, ts, label, n, False, hist_items, hist_codes, acts, tgt)
 
 
 def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_path) -> None:
@@ -210,6 +211,8 @@ def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_pa
         sample("ok_long", "train", 1, 11, 2, 36),  # 4 + 36 * 8 + 8 = 300 tokens: fits
         sample("too_long", "train", 1, 12, 3, 37),  # 308 tokens
         sample("misaligned", "train", 1, 13, 4, 2, actions=[1]),
+        sample("short_codes", "train", 1, 19, 4, 2, codes=[1] * 11),  # 2 items need 12 codes
+        sample("short_items", "train", 1, 20, 4, 2, items=[5]),
         sample("bad_code", "train", 1, 14, 5, 1, codes=[0, 1, 2, 3, 4, 256]),
         sample("bad_target", "train", 1, 15, 6, 0, target=[1, 2, 3]),
         sample("bad_split", "valid", 1, 16, 7, 0),
@@ -229,12 +232,12 @@ def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_pa
     assert "test_before_train" in str(err.value)
     assert report.reason_counts == {
         "sequence_over_budget": 1,
-        "history_misaligned": 2,
+        "history_misaligned": 4,  # misaligned, short_codes, short_items, null_history
         "semantic_ids_out_of_codebook": 2,
         "split_invalid": 1,
         "label_not_binary": 1,
     }
-    assert report.n_input == 12 and report.reconciled
+    assert report.n_input == 14 and report.reconciled
 
 
 def test_counts_are_independent_of_the_rules(spark, tmp_path) -> None:

@@ -151,6 +151,29 @@ def test_a_test_set_without_cold_users_leaves_the_cold_metrics_unmeasured(plante
     assert (row["candidate_mean"], row["best_baseline"], row["met"]) == (None, None, False)
 
 
+def test_evaluation_metrics_are_the_metric_functions_on_the_targets_and_the_cold_users(planted):
+    """Each figure is its metric over the test targets in scoring order; the cold ones over the
+    targets of the cold users (not of cold items), NDCG and HR at 10."""
+    from hisam_core.evaluation.protocol import target_arrays
+    from hisam_core.metrics import auc, gauc, hit_rate_at_k, ndcg_at_k
+
+    frame, _, _ = planted
+    split = chronological_split(label_interactions(frame, ProtocolConfig()), ProtocolConfig())
+    _, test = build_windows(split, 8, 2)
+    targets = target_arrays(test)
+    labels, users = targets["labels"], targets["users"]
+    scores = np.random.default_rng(1).random(len(labels))
+    cold_users = frozenset(sorted(set(users.tolist()))[::3])  # a third of the test users
+    cold = np.isin(users, list(cold_users))
+    metrics = evaluation_metrics(test, scores, cold_users)
+    assert metrics["auc"] == auc(labels, scores) and metrics["gauc"] == gauc(labels, scores, users)
+    assert metrics["cold_auc"] == auc(labels, scores, cold)
+    assert metrics["cold_gauc"] == gauc(labels, scores, users, cold)
+    assert metrics["ndcg@10"] == ndcg_at_k(labels, scores, users, 10)
+    assert metrics["hr@10"] == hit_rate_at_k(labels, scores, users, 10)
+    assert metrics["ndcg@10"] != ndcg_at_k(labels, scores, users, 5)  # the cut-off matters here
+
+
 def test_target_is_met_only_beyond_the_summed_spread_of_the_best_baseline():
     def runs(name, values):
         return [
@@ -192,6 +215,26 @@ def tiny_tokenizer() -> TokenizerTrainConfig:
 
 def tiny_rqvae() -> RQVAETrainConfig:
     return RQVAETrainConfig(model=RQVAEConfig(dim=8, hidden_dim=16, codebook_size=8), epochs=4, batch_size=32)
+
+
+def test_a_changed_training_config_is_not_served_from_the_cache(planted, tmp_path):
+    """The caches key on every setting that shapes a table: another DST config retrains DST (and a
+    variant's codebook size follows it), another RQ-VAE config retrains the RQ-VAE."""
+    _, modalities, item_ids = planted
+    features = ItemFeatures(item_ids, modalities)
+    dst, rq = (
+        TokenizerVariant(kind="dst", modalities=["behavior", "text"]),
+        TokenizerVariant(kind="rqvae", modalities=["text"]),
+    )
+    small = tiny_tokenizer()
+    smaller = small.model_copy(update={"model": small.model.model_copy(update={"codebook_size": 4})})
+    assert semantic_ids(rq, features, small, tiny_rqvae(), tmp_path).codebook_size == 8
+    assert semantic_ids(rq, features, smaller, tiny_rqvae(), tmp_path).codebook_size == 4
+    semantic_ids(rq, features, small, tiny_rqvae().model_copy(update={"epochs": 5}), tmp_path)
+    assert len(list(tmp_path.glob("sids_*.parquet"))) == 3
+    semantic_ids(dst, features, small, tiny_rqvae(), tmp_path)
+    semantic_ids(dst, features, small.model_copy(update={"epochs": 5}), tiny_rqvae(), tmp_path)
+    assert len(list(tmp_path.glob("dst_*.pt"))) == 2 and len(list(tmp_path.glob("sids_*.parquet"))) == 5
 
 
 def test_semantic_id_variants_train_what_they_claim_and_are_cached(planted, tmp_path):

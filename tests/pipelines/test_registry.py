@@ -18,6 +18,7 @@ from pipelines.registry import (
     apply_decision,
     champion_version,
     decide,
+    find_versions,
     make_refreshed_champion,
     rollback,
 )
@@ -307,6 +308,25 @@ def test_an_unreadable_registry_is_an_error_never_a_missing_alias(client, tmp_pa
         db.execute("ALTER TABLE registered_model_aliases RENAME TO moved")
     with pytest.raises(MlflowException, match="registered_model_aliases"):
         alias_version(client, "ranker", "champion")
+
+
+def test_a_candidate_exactly_on_a_floor_tolerance_or_drift_budget_passes() -> None:
+    """The gate's bounds are inclusive (values exact in binary): on the floor, regressing by exactly
+    the tolerance, or drifting exactly the budget is promoted; a hair past any of them is not."""
+    gate = PromotionGateConfig(floors={"auc": 0.5}, max_regression={"auc": 0.25}, max_drift={"auc": 0.375})
+    assert decide({"auc": 0.5}, None, gate).promote
+    assert not decide({"auc": 0.5 - 2**-20}, None, gate).promote
+    assert decide({"auc": 0.5}, {"auc": 0.75}, gate, {"auc": -0.125}).promote  # drift -0.375 exactly
+    assert not decide({"auc": 0.5 - 2**-20}, {"auc": 0.75}, gate, {"auc": 0.0}).promote  # regression
+    assert not decide({"auc": 0.625}, {"auc": 0.75}, gate, {"auc": -0.25 - 2**-20}).promote  # drift
+
+
+def test_find_versions_lists_the_newest_first(client: MlflowClient) -> None:
+    """Candidates and refreshes are picked as ``find_versions(...)[0]``: the newest version."""
+    for version in ("1", "3", "2"):
+        client.set_model_version_tag("ranker", version, "hisam.run_key", "ds/2026-11-02")
+    assert [str(v.version) for v in find_versions(client, "ranker", **{"hisam.run_key": "ds/2026-11-02"})] == [
+        "3", "2", "1"]  # fmt: skip
 
 
 def test_a_misspelt_gate_metric_is_a_config_error() -> None:

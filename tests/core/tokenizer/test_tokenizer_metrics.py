@@ -19,6 +19,8 @@ def test_utilisation_and_perplexity():
     codes = np.stack([np.arange(64) % 8, np.zeros(64, dtype=int)], axis=1)
     assert code_utilisation(codes, 16).tolist() == [0.5, 1 / 16]
     assert code_perplexity(codes, 16) == pytest.approx([8.0, 1.0])
+    skewed = np.array([[0], [0], [0], [1]])  # exp(H) of (3/4, 1/4), not the 2 codes used
+    assert code_perplexity(skewed, 4) == pytest.approx([np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))])
 
 
 def test_unique_and_collision_rates_count_items():
@@ -46,3 +48,8 @@ def test_normalized_mutual_information():
     assert normalized_mutual_information(a, (a * 7 + 3) % 8) == pytest.approx(1.0)  # a relabeling
     assert normalized_mutual_information(a, rng.integers(8, size=5000)) < 0.01
     assert normalized_mutual_information(a, np.zeros_like(a)) == 0.0
+    # by hand, a coarsening: a in {0..3} uniform, b = a // 2; I = H(b) = ln 2, H(a) = ln 4
+    a = np.array([0, 1, 2, 3] * 10)
+    assert normalized_mutual_information(a, a // 2) == pytest.approx(
+        np.log(2) / np.sqrt(np.log(4) * np.log(2))
+    )

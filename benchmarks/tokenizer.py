@@ -364,18 +364,34 @@ def seed_spread(
     }
 
 
+def positive(text: str) -> int:
+    """A positive integer (argparse type)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A fraction strictly between 0 and 1 (argparse type): both sides of the split need items."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="MovieLens-100K bundle")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tokenizer.yaml", help="DST config")
-    parser.add_argument("--epochs", type=int, default=None, help="override the epochs of both models")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--epochs", type=positive, default=None, help="override the epochs of both models")
+    parser.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
     parser.add_argument(
         "--input-reconstruction-weight", type=float, default=1.0, help="weight of dst_input_recon's decoders"
     )
     parser.add_argument(
-        "--held-out-fraction", type=float, default=0.2, help="items held out of the held_out comparison"
+        "--held-out-fraction", type=fraction, default=0.2, help="items held out of the held_out comparison"
     )
     parser.add_argument(
         "--seeds",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -347,29 +348,39 @@ def test_a_gate_value_outside_0_1_is_a_config_error(section, value) -> None:
         PromotionGateConfig.model_validate({section: {"auc": value}})
 
 
+def _registry_with_a_trained_run(tmp_path, mlflow_store, monkeypatch, versions: int) -> tuple[Any, Any]:
+    """A step context on a fresh store (``HISAM_HOME`` = ``tmp_path``), a finished fine-tune run of
+    its logical run, and ``versions`` bare versions of the ranker model."""
+    import datetime as dt
+
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+    from pipelines.ranker import SFT_CHECKPOINT_SHA256
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
+    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
+    tags = {"hisam.step": "finetune", "hisam.run_key": ctx.run_key, SFT_CHECKPOINT_SHA256: "ab"}  # trained
+    run = ctx.mlflow.create_run(ctx.experiment_id, tags=tags)
+    ctx.mlflow.create_registered_model(ctx.config.models.ranker)
+    for _ in range(versions):
+        ctx.mlflow.create_model_version(ctx.config.models.ranker, source=str(tmp_path / "artifacts"))
+    return ctx, run
+
+
 def test_promote_refuses_a_candidate_judged_against_a_champion_since_replaced(
     tmp_path, mlflow_store, monkeypatch
 ) -> None:
     """Candidate v3 was evaluated against v1, but @champion is v2 now (another day's promotion or a
     rollback): judging v3 on a comparison with v1 could replace a better champion. Refused, and
     nothing moves or is tagged; evaluated against v2, it is judged and promoted."""
-    import datetime as dt
 
-    from pipelines.config import PipelineConfig
-    from pipelines.context import StepContext
     from pipelines.promotion import promote
-    from pipelines.ranker import RUN_KEY, SFT_CHECKPOINT_SHA256
+    from pipelines.ranker import RUN_KEY
     from pipelines.ranker_model import TRAINING_RUN_TAG
 
-    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
-    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
+    ctx, run = _registry_with_a_trained_run(tmp_path, mlflow_store, monkeypatch, versions=3)
     client, name = ctx.mlflow, ctx.config.models.ranker
-    tags = {"hisam.step": "finetune", "hisam.run_key": ctx.run_key, SFT_CHECKPOINT_SHA256: "ab"}  # trained
-    run = client.create_run(ctx.experiment_id, tags=tags)
-    client.create_registered_model(name)
-    for _ in range(3):
-        client.create_model_version(name, source=str(tmp_path / "artifacts"))
     apply_decision(client, name, "1", decide(GOOD, None, GATE), against=None)
     apply_decision(client, name, "2", decide(GOOD, GOOD, GATE), against="1")
     better = {f"eval.{m}": f"{v + 0.05:.6f}" for m, v in GOOD.items()}
@@ -394,23 +405,13 @@ def test_promote_chains_the_drift_from_the_champions_tags(tmp_path, mlflow_store
     """The step reads the drift the champion carries: a candidate 0.009 below a champion already
     0.015 below its line's best is 0.024 below it, past max_drift 0.020, though within the 0.010
     regression tolerance; without that drift it is promoted, carrying its own."""
-    import datetime as dt
 
-    from pipelines.config import PipelineConfig
-    from pipelines.context import StepContext
     from pipelines.promotion import promote
-    from pipelines.ranker import RUN_KEY, SFT_CHECKPOINT_SHA256
+    from pipelines.ranker import RUN_KEY
     from pipelines.ranker_model import TRAINING_RUN_TAG
 
-    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
-    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
+    ctx, run = _registry_with_a_trained_run(tmp_path, mlflow_store, monkeypatch, versions=3)
     client, name = ctx.mlflow, ctx.config.models.ranker
-    tags = {"hisam.step": "finetune", "hisam.run_key": ctx.run_key, SFT_CHECKPOINT_SHA256: "ab"}  # trained
-    run = client.create_run(ctx.experiment_id, tags=tags)
-    client.create_registered_model(name)
-    for _ in range(3):
-        client.create_model_version(name, source=str(tmp_path / "artifacts"))
     apply_decision(client, name, "1", decide(GOOD, None, GATE), against=None)
     client.set_model_version_tag(name, "1", f"{DRIFT_PREFIX}auc", "-0.015000")
     worse = {**GOOD, "auc": GOOD["auc"] - 0.009}
@@ -436,22 +437,15 @@ def test_promote_chains_the_drift_from_the_champions_tags(tmp_path, mlflow_store
 def test_a_rollback_stands_when_its_refresh_fails_and_says_so(tmp_path, mlflow_store, monkeypatch) -> None:
     """The restored champion is served even if refreshing its semantic IDs fails: the step returns
     the rollback, and a second alert (an error) tells the on-call to run refresh-champion."""
-    import datetime as dt
     import json
 
     import pipelines.promotion as promotion
-    from pipelines.config import PipelineConfig
     from pipelines.context import StepContext
 
-    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     monkeypatch.setenv("HISAM_NOTIFY_SINKS", "file")
     monkeypatch.setenv("HISAM_NOTIFY_FILE", str(tmp_path / "alerts.jsonl"))
-    ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 2))
+    ctx, _ = _registry_with_a_trained_run(tmp_path, mlflow_store, monkeypatch, versions=2)
     client, name = ctx.mlflow, ctx.config.models.ranker
-    client.create_registered_model(name)
-    for _ in range(2):
-        client.create_model_version(name, source=str(tmp_path / "artifacts"))
     apply_decision(client, name, "1", decide(GOOD, None, GATE), against=None)
     apply_decision(client, name, "2", decide(GOOD, GOOD, GATE), against="1")
 

@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -23,6 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+if __package__ in (None, ""):  # run as a script (the GPU machine has no venv): the repository's modules
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hisam_core.ranker.model import HMAT, HMATConfig
 from hisam_core.ranker.objectives import sft_loss

@@ -10,8 +10,8 @@ literal shared residual (``psgr_residual: consensus``), for comparison; ``dst_in
 with ``input_reconstruction_weight`` > 0 (beyond the paper): a decoder per modality maps h_hat + q_m
 back to the standardised, L2-normalised input, exactly the RQ-VAE's target, so its
 ``input_reconstruction`` compares with the RQ-VAE's ``reconstruction`` like for like; ``dst_no_mi``
-drops the vCLUB term (``mi_weight: 0``); ``dst_tau05_no_mi`` also holds the GRAM temperature at 0.5
-(looser alignment), which shows what the own-target measure rewards. Each DST entry also has
+drops the vCLUB term (``mi_weight: 0``); ``dst_tau05_no_mi`` also floors the GRAM temperature at 0.5 (it starts there and
+may rise to 1.0; looser alignment), which shows what the own-target measure rewards. Each DST entry also has
 ``diagnostics`` per modality (mean cosine of a_m to the consensus, FVU of a_m by the shared codes
 alone, FVU of a_m - h_hat by the specific code) and its last epoch's losses. ``rqvae_4`` (4 codes over all modalities) and
 ``rqvae_4_<modality>`` (4 codes over one modality: the codes DST reconstructs one modality from) are

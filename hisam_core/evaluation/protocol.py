@@ -143,6 +143,9 @@ def label_interactions(frame: pd.DataFrame, config: ProtocolConfig) -> pd.DataFr
         if not labels.isin([0, 1]).all():
             raise ValueError("column 'label' must hold 0 or 1")
     elif "rating" in frame.columns:
+        missing_ratings = int(frame["rating"].isna().sum())
+        if missing_ratings:  # NaN > threshold is False: they would silently become negatives
+            raise ValueError(f"column 'rating' has {missing_ratings} missing (NaN) values")
         labels = frame["rating"] > config.positive_threshold
     else:
         raise ValueError("interactions need a 'label' or a 'rating' column")

@@ -41,6 +41,10 @@ def test_labels_are_rating_above_three_or_the_label_column():
     assert label_interactions(labelled, ProtocolConfig())["label"].tolist() == [1, 0, 1, 0, 1]
     with pytest.raises(ValueError, match="'label' or a 'rating'"):
         label_interactions(ratings.drop(columns="rating"), ProtocolConfig())
+    with pytest.raises(ValueError, match="'label' must hold 0 or 1"):
+        label_interactions(labelled.assign(label=[1, 0, 2, 0, 1]), ProtocolConfig())
+    with pytest.raises(ValueError, match="'rating' has 1 missing"):  # not a silent negative
+        label_interactions(ratings.assign(rating=[1, 2, float("nan"), 4, 5]), ProtocolConfig())
 
 
 def test_split_is_chronological_with_ties_at_the_cut_in_test(planted):

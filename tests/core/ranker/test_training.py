@@ -81,6 +81,10 @@ def test_sft_from_pretrained_learns_the_task(pretrained, tmp_path):
     assert {"cold_auc", "cold_gauc"} <= set(metrics)
     warm = evaluate(model, SEQUENCE, TEST_USERS, cold_users=set())  # none cold: unmeasured, not absent
     assert np.isnan(warm["cold_auc"]) and np.isnan(warm["cold_gauc"]) and warm["auc"] == metrics["auc"]
+    short = {h.user_id for h in TEST_USERS if len(h) < 12}  # the default rule: fewer than k items
+    assert 0 < len(short) < len(TEST_USERS)
+    by_length = evaluate(model, SEQUENCE, TEST_USERS, cold_start_items=12)
+    assert by_length == evaluate(model, SEQUENCE, TEST_USERS, cold_users=short)
 
 
 def test_evaluate_scores_each_labelled_action_as_the_reference_scores_its_prefix():

@@ -376,3 +376,9 @@ def test_input_reconstruction_decodes_each_modality_and_joins_eq2_only_when_weig
     )
     extra = 0.5 * sum(losses[f"input_recon_{m}"] for m in model.modalities)
     assert torch.allclose(losses["total"], paper_total + extra)
+    for m in model.modalities:  # each term is what it names, not just a part of the total
+        rows = present[m]
+        squared = ((out.inputs[m] - out.decoded[m]) ** 2).sum(-1)[rows]
+        assert torch.allclose(losses[f"input_recon_{m}"], squared.mean())
+        squared = ((out.aligned[m] - out.reconstructed[m]) ** 2).sum(-1)[rows]
+        assert torch.allclose(losses[f"recon_{m}"], squared.mean())

@@ -578,6 +578,11 @@ def run_evaluation(
     if features is None and config.data.features_path:
         features = load_features_npz(config.data.features_path)
         features_cutoff = npz_cutoff(config.data.features_path)
+    if features is not None and features_cutoff is None and "behavior" in features.modalities:
+        logger.warning(
+            "the features record no behaviour cut-off: nothing shows their behaviour encoder never "
+            "saw the test interactions (App. B.2); a features file says it in 'cutoff'"
+        )
     if features_cutoff is not None and features_cutoff > split.cut:
         raise ValueError(
             f"the features' behaviour encoder trained on interactions up to {features_cutoff}, past the "

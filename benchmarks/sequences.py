@@ -13,8 +13,8 @@
     (hash of every user's item/label/timestamp lists) and identical sample histories (length,
     oldest and newest history item of every sample).
 
-Writes ``benchmarks/results/sequences.json`` (``--out``); a run with a failed part (exit 1) or one
-skipped for a missing bundle writes ``sequences.incomplete.json`` instead. Example::
+Writes ``benchmarks/results/sequences.json`` (``--out``); a run with a failed part (exit 1) or a
+skipped one (``--skip-*``, or no bundle) writes ``sequences.incomplete.json`` beside it instead. Example::
 
     .venv/bin/python benchmarks/sequences.py                      # both parts, 10M events
     .venv/bin/python benchmarks/sequences.py --events 1000000 --skip-movielens
@@ -540,13 +540,16 @@ def main(argv: list[str] | None = None) -> int:
     result["spark"]["version"] = spark.version
     parts: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     ml_dir = Path(args.movielens_dir)
-    if not args.skip_synthetic:
+    if args.skip_synthetic:
+        result["synthetic"] = {"skipped": "--skip-synthetic"}
+    else:
         parts.append(("synthetic", lambda: synthetic_benchmark(spark, args, work)))
-    if not args.skip_movielens:
-        if (ml_dir / "raw" / "u.data").exists():
-            parts.append(("movielens", lambda: movielens_pipeline(spark, ml_dir, work)))
-        else:
-            result["movielens"] = {"skipped": f"bundle not found at {ml_dir}"}
+    if args.skip_movielens:
+        result["movielens"] = {"skipped": "--skip-movielens"}
+    elif (ml_dir / "raw" / "u.data").exists():
+        parts.append(("movielens", lambda: movielens_pipeline(spark, ml_dir, work)))
+    else:
+        result["movielens"] = {"skipped": f"bundle not found at {ml_dir}"}
     failed = []
     for name, run in parts:
         try:

@@ -196,7 +196,13 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     from hisam_core.semantic_ids import SemanticIds
     from pipelines.ranker import RUN_KEY, _find_run
     from pipelines.ranker_model import TOKENIZER_VERSION, TRAINING_RUN_TAG, load_ranker, log_ranker
-    from pipelines.registry import CHAMPION, alias_version, find_versions, make_refreshed_champion
+    from pipelines.registry import (
+        CHAMPION,
+        ROLLBACK_PENDING,
+        alias_version,
+        find_versions,
+        make_refreshed_champion,
+    )
     from pipelines.tokenizer import semantic_ids_of
 
     name = ctx.config.models.ranker
@@ -238,7 +244,7 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
         packaged.position_names,
     )
     # not inherited: the gate's verdict, the producing logical run, and what log_ranker sets itself
-    dropped = {"gate", "gate_reasons", RUN_KEY, TOKENIZER_VERSION, TRAINING_RUN_TAG}
+    dropped = {"gate", "gate_reasons", ROLLBACK_PENDING, RUN_KEY, TOKENIZER_VERSION, TRAINING_RUN_TAG}
     kept = {k: v for k, v in champion.tags.items() if k not in dropped}
     tags = {**kept, **key}
     previous = _find_run(ctx, "refresh-champion", refreshed_from=str(champion.version))

@@ -186,6 +186,11 @@ def _still_champion(client: MlflowClient, model: str, expected: str | None, vers
         )
 
 
+RESTORED_FROM = "restored_from"  # model-version tag: the champion a rollback demoted for it
+#: model-version tag of the version a rollback restores, while its alias moves are under way
+ROLLBACK_PENDING = "rollback_pending"
+
+
 def apply_decision(
     client: MlflowClient, model: str, version: str, decision: GateDecision, *, against: str | None
 ) -> None:
@@ -200,6 +205,10 @@ def apply_decision(
         log.warning("%s v%s rejected: %s", model, version, "; ".join(decision.reasons))
         return
     old = champion_version(client, model)
+    if old is not None and old != version and ROLLBACK_PENDING in client.get_model_version(model, old).tags:
+        # a rollback to it that stopped before its last step: done, and its mark must not pass for
+        # one under way once @previous points here
+        client.delete_model_version_tag(model, old, ROLLBACK_PENDING)
     if old != version:  # a retry after the aliases moved keeps the drift its first attempt tagged
         stale = [t for t in client.get_model_version(model, version).tags if t.startswith(DRIFT_PREFIX)]
         for tag in stale:  # an attempt that stopped before a re-evaluation left its own: this decision's only
@@ -223,11 +232,6 @@ def make_refreshed_champion(client: MlflowClient, model: str, version: str, *, r
     log.info("%s v%s (refreshed) is @%s", model, version, CHAMPION)
 
 
-RESTORED_FROM = "restored_from"  # model-version tag: the champion a rollback demoted for it
-#: model-version tag of the version a rollback restores, while its alias moves are under way
-ROLLBACK_PENDING = "rollback_pending"
-
-
 def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
     """Restore ``@previous`` as ``@champion``; the demoted version is tagged ``rolled_back``.
     Returns (restored, demoted) versions, also when a retry completes an interrupted rollback (the
@@ -237,12 +241,17 @@ def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
     found = alias_version(client, model, PREVIOUS)
     if found is None:
         champion = alias_version(client, model, CHAMPION)
+        pending = champion.tags.get(ROLLBACK_PENDING) if champion is not None else None
+        if pending is not None:  # a retry after @previous went: only the mark is left to remove
+            client.delete_model_version_tag(model, str(champion.version), ROLLBACK_PENDING)
+            log.warning("%s: rollback from v%s to v%s completed", model, pending, champion.version)
+            return str(champion.version), pending
         earlier = champion.tags.get(RESTORED_FROM) if champion is not None else None
         hint = f" (@{CHAMPION} v{champion.version} was restored from v{earlier})" if earlier else ""
         raise ValueError(f"{model}: no @{PREVIOUS} version to roll back to{hint}")
     previous = str(found.version)
     demoted = champion_version(client, model)
-    if demoted == previous:  # a retry after @champion moved: only @previous is left to remove
+    if demoted == previous:  # a retry after @champion moved: @previous and the mark are left
         demoted = found.tags.get(ROLLBACK_PENDING)
         if demoted is None:
             raise ValueError(
@@ -250,8 +259,8 @@ def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
                 "under way: a promotion stopped between its two alias moves; rerun promote to finish "
                 "it (there is nothing to roll back to)"
             )
-        client.delete_model_version_tag(model, previous, ROLLBACK_PENDING)
         client.delete_registered_model_alias(model, PREVIOUS)
+        client.delete_model_version_tag(model, previous, ROLLBACK_PENDING)
         log.warning("%s: rollback from v%s to v%s completed", model, demoted, previous)
         return previous, demoted
     if demoted is not None:  # first, so a retry after the aliases moved never tags the restored one
@@ -259,8 +268,8 @@ def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
         client.set_model_version_tag(model, previous, ROLLBACK_PENDING, demoted)
         client.set_model_version_tag(model, demoted, "gate", "rolled_back")
     client.set_registered_model_alias(model, CHAMPION, previous)
-    if demoted is not None:  # before @previous goes: a tag left by a completed rollback never passes
-        client.delete_model_version_tag(model, previous, ROLLBACK_PENDING)  # for one under way
     client.delete_registered_model_alias(model, PREVIOUS)
+    if demoted is not None:  # last: until here a retry finds the rollback under way and completes it
+        client.delete_model_version_tag(model, previous, ROLLBACK_PENDING)
     log.warning("%s: rolled back @%s from v%s to v%s", model, CHAMPION, demoted, previous)
     return previous, demoted

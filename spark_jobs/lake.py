@@ -373,9 +373,10 @@ class Lake:
         """Schema evolution (:mod:`spark_jobs.tables`): columns declared after the table's own, all
         nullable, are added to it (one commit; older rows read them as null). Any other difference
         between the stored and the declared columns is a :class:`SchemaDriftError`: it needs a
-        migration. Returns the ``read_version`` the write is then checked against: the added
-        columns' commit when the write was derived from the version just before it (a write derived
-        from an older one is refused first, as it would be after any other commit)."""
+        migration. Returns the ``read_version`` the write is then checked against: the version
+        after the one it was derived from, the added columns' commit. A write derived from an older
+        version is refused before the columns are added (stricter than delta-rs, which refuses only
+        a commit to the same partitions; the retry reads again and adds them)."""
         stored = self._impl.columns(path)
         if stored == spec.columns:
             return read_version
@@ -393,7 +394,8 @@ class Lake:
             )
         self._impl.add_columns(spec, path, added)
         logger.warning("%s: added the declared columns %s (older rows read them as null)", spec.name, added)
-        return self._impl.version(path) if read_version is not None else None
+        # the added columns' commit, when nothing came between: a commit that did is checked against
+        return read_version + 1 if read_version is not None else None
 
     def _commit_of(self, path: str, write_id: str, before: int) -> int:
         """The version whose commit carries ``write_id`` among those after ``before``; ``before``

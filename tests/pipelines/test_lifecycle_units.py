@@ -610,3 +610,10 @@ def test_read_table_gives_columns_declared_since_a_version_as_null(tmp_path) -> 
     assert frame.to_dict("records") == [{"user_id": 7, "occupation": None, "gender": "F"}]
     with pytest.raises(ValueError, match=r"has no columns \['zip'\]"):
         ctx.read_table("gold.user_profiles", {"dataset": "ds"}, ["user_id", "zip"])
+    everything, _ = ctx.read_table("gold.user_profiles", {"dataset": "ds"})
+    assert everything["occupation"].tolist() == [None] and everything["gender"].tolist() == ["F"]
+    older = pa.schema([f for f in declared if f.name != "user_id"])  # a NOT NULL column declared later
+    table = pa.Table.from_pylist([{k: row.get(k) for k in older.names}], schema=older)
+    write_deltalake(ctx.table_path("gold.user_profiles"), table, mode="overwrite", schema_mode="overwrite")
+    with pytest.raises(ValueError, match=r"lacks the declared NOT NULL columns \['user_id'\]"):
+        ctx.read_table("gold.user_profiles", {"dataset": "ds"}, ["user_id", "gender"])

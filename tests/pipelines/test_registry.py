@@ -16,6 +16,7 @@ from pipelines.registry import (
     PREVIOUS,
     GateDecision,
     PromotionGateConfig,
+    alias_version,
     apply_decision,
     champion_version,
     decide,
@@ -216,18 +217,61 @@ def test_a_promotion_keeps_only_its_own_drift_tags(client) -> None:
     assert _drift(client.get_model_version("ranker", "2").tags) == {"auc": -0.003}
 
 
-def test_a_rollback_retried_after_the_champion_moved_completes_without_mistagging(client) -> None:
+class _Crashing:
+    """``client`` whose ``at``-th registry write raises, as a process dying there would."""
+
+    WRITES = frozenset(
+        {"set_model_version_tag", "delete_model_version_tag", "set_registered_model_alias",
+         "delete_registered_model_alias"}
+    )  # fmt: skip
+
+    def __init__(self, client: MlflowClient, at: int) -> None:
+        self.client, self.at, self.writes = client, at, 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.client, name)
+        if name not in self.WRITES:
+            return attr
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            self.writes += 1
+            if self.writes == self.at:
+                raise RuntimeError(f"died at registry write {self.at}")
+            return attr(*args, **kwargs)
+
+        return write
+
+
+@pytest.mark.parametrize("at", range(1, 7))
+def test_a_rollback_that_died_at_any_write_is_completed_by_its_retry(client, at) -> None:
+    """Each of the rollback's six registry writes may be the last one made: the retry ends where a
+    whole rollback ends (v1 champion, no @previous, no mark left, v2 tagged rolled back) and names
+    what it demoted; one more rollback has nothing to restore."""
     apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
     apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE), against="1")
-    client.set_model_version_tag("ranker", "1", "restored_from", "2")  # what the first attempt did
-    client.set_model_version_tag("ranker", "1", "rollback_pending", "2")
-    client.set_model_version_tag("ranker", "2", "gate", "rolled_back")
-    client.set_registered_model_alias("ranker", "champion", "1")  # ... before it died
-    assert rollback(client, "ranker") == ("1", "2")  # the alert names what was demoted, not v1 -> v1
+    with pytest.raises(RuntimeError, match=f"died at registry write {at}"):
+        rollback(_Crashing(client, at), "ranker")
+    assert rollback(client, "ranker") == ("1", "2")
     assert champion_version(client, "ranker") == "1"
-    assert client.get_model_version("ranker", "1").tags["gate"] == "promoted"
+    assert alias_version(client, "ranker", PREVIOUS) is None
+    tags = client.get_model_version("ranker", "1").tags
+    assert (tags["gate"], tags["restored_from"], "rollback_pending" in tags) == ("promoted", "2", False)
     assert client.get_model_version("ranker", "2").tags["gate"] == "rolled_back"
     with pytest.raises(ValueError, match="no @previous"):
+        rollback(client, "ranker")
+
+
+def test_a_rollback_mark_left_behind_is_cleared_by_the_next_promotion(client) -> None:
+    """A rollback that died before removing its mark, never retried: the next promotion clears it, so
+    a later promotion stopped between its alias moves is not taken for a rollback under way."""
+    apply_decision(client, "ranker", "1", decide(GOOD, None, GATE), against=None)
+    apply_decision(client, "ranker", "2", decide(GOOD, GOOD, GATE), against="1")
+    with pytest.raises(RuntimeError):
+        rollback(_Crashing(client, 6), "ranker")  # the last write: the mark stays on v1
+    apply_decision(client, "ranker", "3", decide(GOOD, GOOD, GATE), against="1")
+    assert "rollback_pending" not in client.get_model_version("ranker", "1").tags
+    client.set_registered_model_alias("ranker", PREVIOUS, "3")  # v4's promotion, before it died
+    with pytest.raises(ValueError, match="no rollback to it is under way"):
         rollback(client, "ranker")
 
 
@@ -298,8 +342,6 @@ def test_an_unreadable_registry_is_an_error_never_a_missing_alias(client, tmp_pa
     import sqlite3
 
     from mlflow.exceptions import MlflowException
-
-    from pipelines.registry import alias_version
 
     client.set_registered_model_alias("ranker", "champion", "2")
     assert str(alias_version(client, "ranker", "champion").version) == "2"

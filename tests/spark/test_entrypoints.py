@@ -149,3 +149,13 @@ def test_on_a_cluster_the_lake_must_be_named(monkeypatch) -> None:
         check_lake_named("spark://host:7077", None)
     monkeypatch.setenv("HISAM_LAKE_ROOT", "s3://bucket/lake")
     check_lake_named("k8s://https://api:443", None)
+    monkeypatch.delenv("HISAM_LAKE_ROOT")
+    from types import SimpleNamespace
+
+    from spark_jobs.entrypoints import common
+
+    cluster = SimpleNamespace(sparkContext=SimpleNamespace(master="yarn"))
+    monkeypatch.setattr(common, "get_spark", lambda app_name, master=None: cluster)
+    args = common.parser("test", date=False).parse_args([])
+    with pytest.raises(ValueError, match="'yarn' is a cluster"):  # every entry point's set-up checks it
+        common.setup(args, "test")

@@ -376,6 +376,13 @@ def test_input_reconstruction_decodes_each_modality_and_joins_eq2_only_when_weig
     )
     extra = 0.5 * sum(losses[f"input_recon_{m}"] for m in model.modalities)
     assert torch.allclose(losses["total"], paper_total + extra)
+    weighted = DST(DSTConfig(**base, input_reconstruction_weight=0.5, quantization_weight=3.0, mi_weight=0.2))
+    weighted.load_state_dict(model.state_dict())
+    again = weighted.losses(weighted(raw, present))  # the same weights: the same terms, reweighted
+    mi = sum(losses[f"mi_{m}"] for m in model.modalities)
+    assert torch.allclose(
+        again["total"], losses["total"] + 2.0 * losses["quantization"] + 0.1 * mi, atol=1e-5
+    )
     for m in model.modalities:  # each term is what it names, not just a part of the total
         rows = present[m]
         squared = ((out.inputs[m] - out.decoded[m]) ** 2).sum(-1)[rows]

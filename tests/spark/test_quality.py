@@ -329,3 +329,21 @@ def test_logical_date_bounds_and_config_file() -> None:
     assert logical_end_seconds(instant) == dt.datetime(1998, 4, 30, 12, tzinfo=dt.UTC).timestamp()
     cfg = QualityConfig.from_yaml(ROOT / "configs" / "quality.yaml")
     assert cfg.samples.profile_tokens == 4 and cfg.semantic_ids.codebook_size == 256
+
+
+def test_boolean_only_results_take_each_rules_count_from_the_quarantine() -> None:
+    """GX's BOOLEAN_ONLY results carry no counts: a rule's mirror takes the rows that failed that
+    rule (any of its reasons), the share check the quarantined rows, a rule no row failed 0; the
+    chronology check (no row rule behind it) and counts GX gave stay as they are."""
+    from spark_jobs.quality.gate import _with_rule_count
+    from spark_jobs.quality.report import ExpectationOutcome
+
+    every, quarantined = {"rating_out_of_range": 3, "unknown_item": 2}, 4
+
+    def count(rule: str | None, given: int | None = None) -> int | None:
+        outcome = ExpectationOutcome("expect_x", {}, True, rule=rule, unexpected_count=given)
+        return _with_rule_count(outcome, every, quarantined).unexpected_count
+
+    assert count("rating_out_of_range") == 3 and count("unknown_item") == 2
+    assert count("quarantined_share") == 4 and count("null_user_id") == 0
+    assert count("test_before_train") is None and count(None) is None and count("unknown_item", 7) == 7

@@ -30,6 +30,15 @@ def test_movielens_split_matches_the_spark_sequence_job(movielens_dir):
     assert summary["unseen_test_items"] == 45
     assert len(dataset.profiles) == 943
     assert all(0 <= p[f] < n for p in dataset.profiles.values() for f, n in dataset.profile_fields.items())
+    import pandas as pd
+
+    users = pd.read_csv(movielens_dir / "raw" / "u.user", sep="|", header=None, usecols=[0, 1], dtype=int)
+    ages = dict(zip(users[0], users[1], strict=True))
+    for user, age in ages.items():  # <18 is 0, 18-24 is 1, ..., 56+ is 6
+        expected = sum(age >= bound for bound in (18, 25, 35, 45, 50, 56))
+        assert dataset.profiles[user]["age_bucket"] == expected, (user, age)
+    counts = pd.Series([p["age_bucket"] for p in dataset.profiles.values()]).value_counts()
+    assert set(counts.index) == set(range(7))  # every bucket has users: none is skipped or merged
 
 
 def test_labels_are_rating_above_three_or_the_label_column():

@@ -111,7 +111,13 @@ def test_interactions_every_bad_type_is_quarantined_with_its_reason(spark, tmp_p
     assert sorted(valid_rows) == ["dup_new", "good_older", "ok1", "ok2"]
     check_reconciles(17, valid_rows, got, report)
     assert report.all_reason_counts["unknown_item"] == 3 and report.reason_counts["unknown_item"] == 2
-    check_schema(to_bronze_quarantine(quarantine, "silver.interactions", DAY).schema, "bronze.quarantine")
+    bronze = to_bronze_quarantine(quarantine, "silver.interactions", DAY)
+    check_schema(bronze.schema, "bronze.quarantine")
+    stored = {json.loads(r["raw"])["row"]: r for r in bronze.collect()}  # the whole row, as JSON
+    assert set(stored) == set(got) and stored["multi"]["reason"] == "rating_out_of_range; unknown_item"
+    multi = json.loads(stored["multi"]["raw"])
+    assert (multi["item_id"], multi["rating"], stored["multi"]["dataset"]) == (998, 0.0, "ml")
+    assert (stored["multi"]["target_table"], stored["multi"]["logical_date"]) == ("silver.interactions", DAY)
 
 
 def test_an_event_is_in_the_future_only_after_the_day_it_was_imported(spark, tmp_path) -> None:

@@ -19,6 +19,17 @@ from hisam_core.evaluation.protocol import (
 )
 
 
+def test_events_of_one_instant_are_ordered_by_item_as_the_sequence_job_orders_them():
+    """Same-second events of a user are in item order whatever the file order, as in
+    spark_jobs.sequences: a user's windows, and so every score, do not depend on the file."""
+    rows = pd.DataFrame(
+        {"user_id": [3] * 4, "item_id": [52, 60, 50, 51], "label": [1, 1, 0, 1], "timestamp": [5, 1, 5, 5]}
+    )
+    for frame in (rows, rows.iloc[::-1]):
+        split = chronological_split(label_interactions(frame, ProtocolConfig()), ProtocolConfig())
+        assert split.interactions["item_id"].tolist() == [60, 50, 51, 52]
+
+
 def test_movielens_split_matches_the_spark_sequence_job(movielens_dir):
     dataset = load_movielens(movielens_dir, ProtocolConfig())
     split = chronological_split(dataset.interactions, ProtocolConfig())

@@ -33,6 +33,7 @@ from hisam_core.ranker.objectives import sft_loss
 from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHistory
 from hisam_core.ranker.serving import HMATRanker, rank_reference
 from hisam_core.ranker.synthetic import random_semantic_ids, synthetic_histories
+from pipelines.settings import positive_int_arg
 
 logger = logging.getLogger("benchmarks.serving")
 
@@ -253,27 +254,21 @@ def bench_flex_vs_sdpa(config: HMATConfig, tokens: int, batch_tokens: int, repea
     return row
 
 
-def positive(text: str) -> int:
-    """A positive integer (argparse type)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--history-tokens", type=positive, default=300, help="tokens of the encoded history")
-    parser.add_argument("--candidates", type=positive, nargs="+", default=[10, 100, 500])
     parser.add_argument(
-        "--loop-limit", type=positive, default=100, help="candidates timed in the per-candidate loop"
+        "--history-tokens", type=positive_int_arg, default=300, help="tokens of the encoded history"
     )
-    parser.add_argument("--repeats", type=positive, default=3)
+    parser.add_argument("--candidates", type=positive_int_arg, nargs="+", default=[10, 100, 500])
     parser.add_argument(
-        "--train-users", type=positive, default=2, help="users (of ~history-tokens) per training step"
+        "--loop-limit", type=positive_int_arg, default=100, help="candidates timed in the per-candidate loop"
+    )
+    parser.add_argument("--repeats", type=positive_int_arg, default=3)
+    parser.add_argument(
+        "--train-users", type=positive_int_arg, default=2, help="users (of ~history-tokens) per training step"
     )
     parser.add_argument(
         "--flex-tokens",
@@ -286,7 +281,7 @@ def main() -> None:
         "--flex-batch-tokens", type=int, default=16384, help="tokens per batch in that comparison"
     )
     parser.add_argument(
-        "--threads", type=positive, default=None, help="torch intra-op threads (default: torch's)"
+        "--threads", type=positive_int_arg, default=None, help="torch intra-op threads (default: torch's)"
     )
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "serving.json")
     args = parser.parse_args()

@@ -60,6 +60,7 @@ from hisam_core.tokenizer.figure import position_modality_similarity, save_simil
 from hisam_core.tokenizer.metrics import code_perplexity, code_utilisation, collision_rate, unique_id_rate
 from hisam_core.tokenizer.rqvae import RQVAE, RQVAEConfig, RQVAETrainConfig, train_rqvae
 from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from pipelines.settings import positive_int_arg
 
 logger = logging.getLogger(__name__)
 
@@ -364,14 +365,6 @@ def seed_spread(
     }
 
 
-def positive(text: str) -> int:
-    """A positive integer (argparse type)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def fraction(text: str) -> float:
     """A fraction strictly between 0 and 1 (argparse type): both sides of the split need items."""
     value = float(text)
@@ -385,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="MovieLens-100K bundle")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "tokenizer.yaml", help="DST config")
-    parser.add_argument("--epochs", type=positive, default=None, help="override the epochs of both models")
-    parser.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--epochs", type=positive_int_arg, default=None, help="override the epochs of both models"
+    )
+    parser.add_argument("--threads", type=positive_int_arg, default=None, help="torch CPU threads")
     parser.add_argument(
         "--input-reconstruction-weight", type=float, default=1.0, help="weight of dst_input_recon's decoders"
     )

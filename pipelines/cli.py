@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from pipelines.settings import Settings, positive_int
+from pipelines.settings import Settings, positive_int_arg
 from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 
 log = logging.getLogger("hisam")
@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
     recommend.add_argument("user", help="the user's id in the source (silver.interactions.user_key)")
-    recommend.add_argument("--top-k", type=_positive_int, default=10, help="how many items (default 10)")
+    recommend.add_argument("--top-k", type=positive_int_arg, default=10, help="how many items (default 10)")
     recommend.add_argument(
         "--alias", default="champion", help="registry alias of the ranker (default champion)"
     )
@@ -205,16 +205,9 @@ def split_evaluate(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def _positive_int(value: str) -> int:
-    try:
-        return positive_int(value, "the value")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def _threads(value: str) -> int:
     try:
-        return _positive_int(value)
+        return positive_int_arg(value)
     except argparse.ArgumentTypeError as err:
         raise argparse.ArgumentTypeError(f"{err} (from --threads or ${THREADS_ENV})") from None
 

@@ -145,13 +145,10 @@ class StepContext:
                 raise
             raise ValueError(f"lake table {table} has no version {version}; its latest is {latest}") from err
         spec, stored = get_table(table), {field.name for field in delta.schema().fields}
-        missing = [c for c in (spec.columns if columns is None else columns) if c not in stored]
-        undeclared = [c for c in missing if c not in spec.columns]
+        undeclared = [c for c in columns or [] if c not in stored and c not in spec.columns]
         if undeclared:
             raise ValueError(f"lake table {table} has no columns {undeclared}")
-        required = [c for c in missing if not spec.schema[c].nullable]
-        if required:
-            raise ValueError(f"lake table {table} lacks the declared NOT NULL columns {required}: migrate it")
+        missing = spec.added_since(stored, columns)
         read = None if columns is None else [c for c in columns if c in stored]
         frame = delta.to_pandas(columns=read, filters=_matching(partitions, where or {}))
         if missing:  # declared since this version was written (spark_jobs.tables): null, as Lake.read

@@ -7,6 +7,7 @@ the URIs (Postgres for MLflow and Airflow metadata, object storage for the lake)
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -81,3 +82,11 @@ def positive_int(text: str, name: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise ValueError(f"{name} must be a positive integer, got {text!r}")
     return int(text)
+
+
+def positive_int_arg(text: str) -> int:
+    """:func:`positive_int` as an ``argparse`` type (the CLI's and the benchmarks' options)."""
+    try:
+        return positive_int(text, "the value")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None

@@ -57,7 +57,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from hisam_core.config import Config
-from spark_jobs.tables import TableSpec, get_table
+from spark_jobs.tables import SchemaDriftError, TableSpec, get_table
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,6 @@ WriteMode = Literal["replace_partition", "merge", "overwrite", "append"]
 Backend = Literal["auto", "spark", "delta-rs"]
 LAKE_ROOT_ENV = "HISAM_LAKE_ROOT"
 HOME_ENV = "HISAM_HOME"  # the pipeline's state folder; its lake is <home>/lake
-
-
-class SchemaDriftError(ValueError):
-    """A DataFrame's columns or types differ from the table's declared schema."""
 
 
 class ConcurrentWriteError(RuntimeError):
@@ -857,15 +853,9 @@ def _to_arrow(df: DataFrame, spec: TableSpec):
 
 
 def _with_declared_columns(df: DataFrame, spec: TableSpec, stored: list[str]) -> DataFrame:
-    """``df``, a version of ``spec``'s table that stores ``stored``, in the declared columns; nullable
-    columns declared since that version was written read as null, a NOT NULL one is a
-    SchemaDriftError."""
-    missing = [c for c in spec.columns if c not in stored]
-    required = [c for c in missing if not spec.schema[c].nullable]
-    if required:
-        raise SchemaDriftError(
-            f"{spec.name}: the stored table lacks the declared NOT NULL columns {required}: migrate it"
-        )
+    """``df``, a version of ``spec``'s table that stores ``stored``, in the declared columns; those
+    declared since that version was written read as null (:meth:`TableSpec.added_since`)."""
+    missing = spec.added_since(stored)
     nulls = {c: F.lit(None).cast(spec.schema[c].dataType) for c in missing if c not in df.columns}
     return (df.withColumns(nulls) if nulls else df).select(*spec.columns)
 

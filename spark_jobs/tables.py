@@ -23,6 +23,7 @@ stored columns differ otherwise).
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from pyspark.sql import Column
@@ -34,6 +35,10 @@ _NAME = re.compile(r"^(bronze|silver|gold)\.[a-z][a-z0-9_]*$")
 #: partition value as null, and a null in the NOT NULL ``dataset`` column breaks every later read).
 DATASET_PATTERN = r"^[A-Za-z0-9._-]+$"
 _COLUMN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class SchemaDriftError(ValueError):
+    """A DataFrame's columns or types differ from the table's declared schema."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,18 @@ class TableSpec:
     @property
     def columns(self) -> list[str]:
         return self.schema.fieldNames()
+
+    def added_since(self, stored: Collection[str], columns: Sequence[str] | None = None) -> list[str]:
+        """Of ``columns`` (default: every declared one), those a stored version of the table lacks:
+        declared since it was written, they read as null (schema evolution, module docstring). A NOT
+        NULL one it lacks is a :class:`SchemaDriftError`: the table needs a migration."""
+        missing = [c for c in (self.columns if columns is None else columns) if c not in stored]
+        required = [c for c in missing if c in self.columns and not self.schema[c].nullable]
+        if required:
+            raise SchemaDriftError(
+                f"{self.name}: the stored table lacks the declared NOT NULL columns {required}: migrate it"
+            )
+        return missing
 
     @property
     def data_columns(self) -> list[str]:

@@ -129,6 +129,7 @@ class StepContext:
         since ``version`` was written read as null, as :meth:`spark_jobs.lake.Lake.read` does."""
         from deltalake import DeltaTable
 
+        from spark_jobs.lake import stored_schema
         from spark_jobs.tables import get_table
 
         path = self.table_path(table)
@@ -144,12 +145,12 @@ class StepContext:
             if version is None or version <= latest:
                 raise
             raise ValueError(f"lake table {table} has no version {version}; its latest is {latest}") from err
-        spec, stored = get_table(table), {field.name for field in delta.schema().fields}
-        undeclared = [c for c in columns or [] if c not in stored and c not in spec.columns]
+        spec, stored = get_table(table), stored_schema(delta)
+        undeclared = [c for c in columns or [] if c not in stored.fieldNames() and c not in spec.columns]
         if undeclared:
             raise ValueError(f"lake table {table} has no columns {undeclared}")
         missing = spec.added_since(stored, columns)
-        read = None if columns is None else [c for c in columns if c in stored]
+        read = None if columns is None else [c for c in columns if c in stored.fieldNames()]
         frame = delta.to_pandas(columns=read, filters=_matching(partitions, where or {}))
         if missing:  # declared since this version was written (spark_jobs.tables): null, as Lake.read
             frame = frame.assign(**dict.fromkeys(missing))

@@ -57,7 +57,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from hisam_core.config import Config
-from spark_jobs.tables import SchemaDriftError, TableSpec, get_table
+from spark_jobs.tables import SchemaDriftError, TableSpec, get_table, type_name
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +116,6 @@ def delta_spark_available(spark: SparkSession) -> bool:
     return True
 
 
-def _type_name(dtype: T.DataType) -> str:
-    """Type without nullability (``simpleString`` ignores it): ``array<float>``, ``map<string,string>``."""
-    return dtype.simpleString()
-
-
 def check_schema(schema: T.StructType, table: str | TableSpec) -> None:
     """Raise :class:`SchemaDriftError` naming every missing, unexpected or re-typed column.
 
@@ -132,9 +127,9 @@ def check_schema(schema: T.StructType, table: str | TableSpec) -> None:
     missing = [c for c in declared if c not in actual]
     unexpected = [c for c in actual if c not in declared]
     retyped = [
-        f"{c} (declared {_type_name(declared[c])}, got {_type_name(actual[c])})"
+        f"{c} (declared {type_name(declared[c])}, got {type_name(actual[c])})"
         for c in declared
-        if c in actual and _type_name(declared[c]) != _type_name(actual[c])
+        if c in actual and type_name(declared[c]) != type_name(actual[c])
     ]
     if missing or unexpected or retyped:
         parts = []
@@ -279,7 +274,7 @@ class Lake:
             latest = self._impl.version(path)
             if not 0 <= version <= latest:
                 raise ValueError(f"{spec.name} has versions 0..{latest}, not {version}")
-        stored = self._impl.columns(path, version)
+        stored = self._impl.schema(path, version)
         return _with_declared_columns(self._impl.read(spec, path, version, partitions), spec, stored)
 
     def write(
@@ -373,16 +368,19 @@ class Lake:
         after the one it was derived from, the added columns' commit. A write derived from an older
         version is refused before the columns are added (stricter than delta-rs, which refuses only
         a commit to the same partitions; the retry reads again and adds them)."""
-        stored = self._impl.columns(path)
-        if stored == spec.columns:
-            return read_version
-        added = spec.columns[len(stored) :]
-        if spec.columns[: len(stored)] != stored or any(not spec.schema[c].nullable for c in added):
+        stored = self._impl.schema(path)
+        added = spec.columns[len(stored.fields) :]
+        if spec.columns[: len(stored.fields)] != stored.fieldNames() or any(
+            not spec.schema[c].nullable for c in added
+        ):
             raise SchemaDriftError(
-                f"{spec.name} at {path} stores columns {stored}, but {list(spec.columns)} are declared: "
-                "only nullable columns declared after the stored ones are added on write; anything "
-                "else needs a migration of the table"
+                f"{spec.name} at {path} stores columns {stored.fieldNames()}, but {list(spec.columns)} are "
+                "declared: only nullable columns declared after the stored ones are added on write; "
+                "anything else needs a migration of the table"
             )
+        spec.added_since(stored)  # a stored column of another type needs one too
+        if not added:
+            return read_version
         if read_version is not None and (latest := self._impl.version(path)) != read_version:
             raise ConcurrentWriteError(
                 f"{spec.name} is at version {latest}, but this write was derived from version "
@@ -427,8 +425,8 @@ class _Backend:
     def ensure(self, spec: TableSpec, path: str) -> None:
         raise NotImplementedError
 
-    def columns(self, path: str, version: int | None = None) -> list[str]:
-        """The stored table's columns (at ``version``; default the latest), in order."""
+    def schema(self, path: str, version: int | None = None) -> T.StructType:
+        """The stored table's schema (at ``version``; default the latest), columns in order."""
         raise NotImplementedError
 
     def add_columns(self, spec: TableSpec, path: str, names: list[str]) -> None:
@@ -536,8 +534,8 @@ class _DeltaRs(_Backend):
         )
         logger.info("created %s at %s", spec.name, path)
 
-    def columns(self, path: str, version: int | None = None) -> list[str]:
-        return [field.name for field in self._table(path, version).schema().fields]
+    def schema(self, path: str, version: int | None = None) -> T.StructType:
+        return stored_schema(self._table(path, version))
 
     def add_columns(self, spec: TableSpec, path: str, names: list[str]) -> None:
         import pyarrow as pa
@@ -699,9 +697,9 @@ class _SparkDelta(_Backend):
             builder = builder.partitionedBy(*spec.partition_by)
         builder.comment(spec.description).execute()
 
-    def columns(self, path: str, version: int | None = None) -> list[str]:
+    def schema(self, path: str, version: int | None = None) -> T.StructType:
         reader = self.spark.read.format("delta")
-        return (reader if version is None else reader.option("versionAsOf", version)).load(path).columns
+        return (reader if version is None else reader.option("versionAsOf", version)).load(path).schema
 
     def add_columns(self, spec: TableSpec, path: str, names: list[str]) -> None:
         added = ", ".join(f"{c} {spec.schema[c].dataType.simpleString()}" for c in names)
@@ -821,6 +819,15 @@ def _arrow_schema(spec: TableSpec):
     return _arrow_schema_of(spec.schema)
 
 
+def stored_schema(table: Any) -> T.StructType:
+    """A delta-rs ``DeltaTable``'s schema in Spark types, to compare with a declared one
+    (:meth:`TableSpec.added_since`)."""
+    import pyarrow as pa
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(pa.schema(table.schema().to_arrow()))
+
+
 #: Why a blank partition value is refused before any commit.
 _EMPTY_PARTITION = ": Delta stores an empty partition value as null, which breaks every read of the table"
 
@@ -852,7 +859,7 @@ def _to_arrow(df: DataFrame, spec: TableSpec):
         raise SchemaDriftError(f"writing {spec.name}: cannot store the data as declared: {err}") from err
 
 
-def _with_declared_columns(df: DataFrame, spec: TableSpec, stored: list[str]) -> DataFrame:
+def _with_declared_columns(df: DataFrame, spec: TableSpec, stored: T.StructType) -> DataFrame:
     """``df``, a version of ``spec``'s table that stores ``stored``, in the declared columns; those
     declared since that version was written read as null (:meth:`TableSpec.added_since`)."""
     missing = spec.added_since(stored)

@@ -23,7 +23,7 @@ stored columns differ otherwise).
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyspark.sql import Column
@@ -39,6 +39,11 @@ _COLUMN = re.compile(r"^[a-z][a-z0-9_]*$")
 
 class SchemaDriftError(ValueError):
     """A DataFrame's columns or types differ from the table's declared schema."""
+
+
+def type_name(dtype: T.DataType) -> str:
+    """Type without nullability (``simpleString`` ignores it): ``array<float>``, ``map<string,string>``."""
+    return dtype.simpleString()
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,23 @@ class TableSpec:
     def columns(self) -> list[str]:
         return self.schema.fieldNames()
 
-    def added_since(self, stored: Collection[str], columns: Sequence[str] | None = None) -> list[str]:
+    def added_since(self, stored: T.StructType, columns: Sequence[str] | None = None) -> list[str]:
         """Of ``columns`` (default: every declared one), those a stored version of the table lacks:
         declared since it was written, they read as null (schema evolution, module docstring). A NOT
-        NULL one it lacks is a :class:`SchemaDriftError`: the table needs a migration."""
-        missing = [c for c in (self.columns if columns is None else columns) if c not in stored]
+        NULL one it lacks, or one it stores with another type, is a :class:`SchemaDriftError`: the
+        table needs a migration."""
+        wanted = self.columns if columns is None else columns
+        kept = {f.name: f.dataType for f in stored.fields}
+        retyped = [
+            f"{c} (stored {type_name(kept[c])}, declared {type_name(self.schema[c].dataType)})"
+            for c in wanted
+            if c in kept and c in self.columns and type_name(kept[c]) != type_name(self.schema[c].dataType)
+        ]
+        if retyped:
+            raise SchemaDriftError(
+                f"{self.name}: the stored table has columns of another type: {', '.join(retyped)}: migrate it"
+            )
+        missing = [c for c in wanted if c not in kept]
         required = [c for c in missing if c in self.columns and not self.schema[c].nullable]
         if required:
             raise SchemaDriftError(

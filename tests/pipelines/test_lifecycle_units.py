@@ -617,3 +617,10 @@ def test_read_table_gives_columns_declared_since_a_version_as_null(tmp_path) -> 
     write_deltalake(ctx.table_path("gold.user_profiles"), table, mode="overwrite", schema_mode="overwrite")
     with pytest.raises(ValueError, match=r"lacks the declared NOT NULL columns \['user_id'\]"):
         ctx.read_table("gold.user_profiles", {"dataset": "ds"}, ["user_id", "gender"])
+    retyped = pa.schema([f.with_type(pa.int32()) if f.name == "age_bucket" else f for f in declared])
+    table = pa.Table.from_pylist([{**row, "age_bucket": 25}], schema=retyped)
+    write_deltalake(ctx.table_path("gold.user_profiles"), table, mode="overwrite", schema_mode="overwrite")
+    with pytest.raises(ValueError, match=r"age_bucket \(stored int, declared string\): migrate it"):
+        ctx.read_table("gold.user_profiles", {"dataset": "ds"}, ["user_id", "age_bucket"])
+    frame, _ = ctx.read_table("gold.user_profiles", {"dataset": "ds"}, ["user_id", "gender"])  # not read
+    assert frame.to_dict("records") == [{"user_id": 7, "gender": "F"}]

@@ -59,7 +59,8 @@ def test_backend_and_paths(spark, lake, tmp_path, monkeypatch):
 
 
 def test_every_declared_table_creates_as_declared(spark, lake):
-    """Every declaration is a valid Delta table: created with the declared schema and partitions."""
+    """Every declaration is a valid Delta table: created with the declared schema and partitions,
+    which read back as declared (no column seen as retyped)."""
     from deltalake import DeltaTable
 
     from spark_jobs.lake import _arrow_schema
@@ -75,6 +76,7 @@ def test_every_declared_table_creates_as_declared(spark, lake):
         assert [(f.name, str(f.type), f.nullable) for f in stored] == [
             (f.name, str(f.type), f.nullable) for f in declared
         ], name
+        assert spec.added_since(lake._impl.schema(lake.path(name))) == []  # types read back as declared
         assert lake.version(name) == 0
 
 
@@ -421,6 +423,14 @@ def test_nullable_columns_declared_at_the_end_are_added_and_read_as_null_before(
         lake.write(spark.createDataFrame([("ds", 4, "y", 1)], required.schema), required, mode="append")
     with pytest.raises(SchemaDriftError, match=r"lacks the declared NOT NULL columns \['n'\]"):
         lake.read(required)
+    assert lake.version(v2) == before
+    retyped = TableSpec(
+        "silver.evolving", T.StructType([*base, T.StructField("note", T.IntegerType())]), ("dataset",),
+        ("dataset", "id"), "test",
+    )  # fmt: skip
+    for attempt in (lambda: lake.read(retyped), lambda: lake.write(spark.createDataFrame([("ds", 4, 1)], retyped.schema), retyped, mode="append")):  # fmt: skip
+        with pytest.raises(SchemaDriftError, match=r"note \(stored string, declared int\): migrate it"):
+            attempt()
     assert lake.version(v2) == before
 
 

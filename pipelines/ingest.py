@@ -3,7 +3,9 @@ interactions gate, and the gate on the samples that training reads.
 
 ``ingest`` imports one run of the configured source into bronze (partition = logical date, so a rerun
 replaces it) and merges it into silver; bad records go to ``bronze.quarantine`` with their reason and
-every input reconciles (records read = imported + quarantined, each side counted on its own).
+every input reconciles (records read = imported + quarantined, each side counted on its own). A
+table whose import quarantines more than the budget (``quality.max_quarantine_fraction``) fails the
+step, with an alert, before anything reaches silver.
 ``validate`` runs the GX interactions suite over the dataset's silver interactions: failing rows are
 quarantined with their reasons, and a batch that fails (too many bad rows, empty, duplicates) raises
 ``DataQualityError`` after alerting.
@@ -47,15 +49,51 @@ def ingest(ctx: StepContext) -> dict[str, Any]:
     from spark_jobs.importers.silver import promote_to_silver
 
     bronze = _import_report(ctx)  # both writers refuse counts that do not reconcile, before writing
+    counts = _per_table(bronze.sources)
+    _check_import_budget(ctx, counts)
     silver = promote_to_silver(ctx.lake, ctx.dataset, ctx.logical_date, ctx.config.silver)
     return {
         "dataset": ctx.dataset,
         "logical_date": ctx.logical_date.isoformat(),
-        "bronze": _per_table(bronze.sources),
+        "bronze": counts,
         "silver_rows": {s.table: s.imported for s in silver.sources},
         "silver_retracted": silver.retracted,
         "versions": {**bronze.versions, **silver.versions},
     }
+
+
+def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) -> None:
+    """Hold each bronze table's import to the quarantine budget (``quality.max_quarantine_fraction``),
+    before anything reaches silver. ``validate`` judges the rows an import kept, so a day whose
+    records were mostly rejected here (a changed timestamp format) would pass it: all rejected, it
+    looks like a day without an import. The rejects stay in ``bronze.quarantine``; a rerun of the
+    day with a repaired source replaces them."""
+    from pyspark.sql import functions as F
+
+    from spark_jobs.quality.report import ExpectationOutcome, QualityReport
+    from spark_jobs.tables import BRONZE_QUARANTINE
+
+    limit = ctx.config.quality.max_quarantine_fraction
+    for table, n in counts.items():
+        if n["quarantined"] <= limit * n["in"]:
+            continue
+        part = {"dataset": ctx.dataset, "target_table": table, "logical_date": ctx.logical_date}
+        reasons = ctx.lake.read(BRONZE_QUARANTINE, partitions=part).groupBy("reason").count()
+        top = {
+            r["reason"]: int(r["count"])
+            for r in reasons.orderBy(F.desc("count"), "reason").limit(5).collect()
+        }
+        if (rest := n["quarantined"] - sum(top.values())) > 0:
+            top["(other reasons)"] = rest
+        share = ExpectationOutcome(
+            "import_quarantine_share_at_most",
+            {"table": table, "max_fraction": limit},
+            success=False,
+            unexpected_count=n["quarantined"],
+            unexpected_percent=100.0 * n["quarantined"] / n["in"],
+        )
+        report = QualityReport(f"import:{table}", n["in"], n["imported"], n["quarantined"], top, top, [share])
+        _stop_on_failure(ctx, report, f"ingest:{table}", report.to_dict())
 
 
 def _per_table(sources: list[Any]) -> dict[str, dict[str, int]]:

@@ -421,3 +421,45 @@ def test_the_days_import_is_judged_alone_as_well(spark, tmp_path, monkeypatch) -
     assert reasons["reason"].tolist() == ["rating_out_of_range"] * 10
     quiet = run_step("validate", DAY + dt.timedelta(days=1), config)  # no rows of its own
     assert quiet["success"] and "day" not in quiet
+
+
+def test_a_day_mostly_rejected_at_import_fails_ingest_before_silver(spark, tmp_path, monkeypatch) -> None:
+    """8 of 10 events with a timestamp format the importer does not read: 80 % of the import is
+    quarantined, over the 1 % budget. ``validate`` could not see it (it judges the rows kept), so
+    ingest stops before silver and alerts with the reasons; the repaired rerun replaces the rejects."""
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+    from pipelines.steps import run_step
+    from spark_jobs.quality import DataQualityError
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("HISAM_NOTIFY_SINKS", "file")
+    monkeypatch.setenv("HISAM_NOTIFY_FILE", str(tmp_path / "alerts.jsonl"))
+    events = tmp_path / "events.jsonl"
+
+    def write_events(bad: int) -> None:
+        rows = [
+            {"user_id": f"u{k}", "item_id": "i1", "rating": 4,
+             "timestamp": "2026/10/01 10:00" if k < bad else START + k}
+            for k in range(10)
+        ]  # fmt: skip
+        events.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write_events(bad=8)
+    (tmp_path / "items.jsonl").write_text(json.dumps({"item_id": "i1", "title": "Film"}) + "\n")
+    source = {"dataset": "imp", "interactions": str(events), "items": str(tmp_path / "items.jsonl")}
+    config = PipelineConfig(dataset="imp", source={"kind": "generic", "generic": source})
+    with pytest.raises(DataQualityError, match=r"'import:bronze.interactions': FAILED; 10 rows in = 2 valid"):
+        run_step("ingest", DAY, config)
+    (alert,) = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert alert["severity"] == "error" and "8 quarantined" in alert["text"]
+    ctx = StepContext(config, DAY)
+    rejects = {"dataset": "imp", "target_table": "bronze.interactions"}
+    assert len(ctx.read_table("bronze.quarantine", rejects, ["reason"])[0]) == 8
+    assert ctx.lake.read("silver.interactions").count() == 0  # nothing of the day reached silver
+    write_events(bad=0)
+    assert run_step("ingest", DAY, config)["bronze"]["bronze.interactions"] == {
+        "in": 10, "imported": 10, "quarantined": 0,
+    }  # fmt: skip
+    assert ctx.read_table("bronze.quarantine", rejects, ["reason"])[0].empty
+    assert ctx.lake.read("silver.interactions").count() == 10

@@ -9,13 +9,13 @@ version (the last two are skipped, with a warning, before the first tokenizer ex
 
 from __future__ import annotations
 
-from airflow.sdk import dag
+from airflow.sdk import CronTriggerTimetable, dag
 from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, SKIP_WITHOUT_TOKENIZER, step_task
 
 
 @dag(
     dag_id="hisam_features",
-    schedule="@daily",
+    schedule=CronTriggerTimetable("0 0 * * *", timezone="UTC"),  # not "@daily": its meaning follows a setting
     doc_md=__doc__,
     **DAG_DEFAULTS,
 )

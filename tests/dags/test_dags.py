@@ -122,6 +122,24 @@ def test_schedules_follow_the_decoupled_lifecycle(dags) -> None:
     assert {"hisam-tokenizer@current", "hisam-pretrained"} <= produced  # each triggers the next
 
 
+def test_schedules_do_not_depend_on_the_cron_data_intervals_setting() -> None:
+    """``"@daily"`` means a data-interval timetable (a run at the interval's end, one day later)
+    where ``[scheduler] create_cron_data_intervals`` is on: every DAG names its timetable."""
+    from airflow.configuration import conf
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import CronTriggerTimetable
+
+    before = conf.get("scheduler", "create_cron_data_intervals")
+    conf.set("scheduler", "create_cron_data_intervals", "True")
+    try:
+        bag = DagBag(dag_folder=str(DAGS))
+    finally:
+        conf.set("scheduler", "create_cron_data_intervals", before)
+    assert bag.import_errors == {}
+    for dag_id in ("hisam_features", "hisam_tokenizer"):
+        assert isinstance(bag.dags[dag_id].timetable, CronTriggerTimetable), dag_id
+
+
 def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> None:
     from hisam_common import GPU_TASK_TIMEOUT, TASK_TIMEOUT, alert_on_failure
 

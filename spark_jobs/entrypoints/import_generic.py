@@ -10,6 +10,7 @@ The format is documented in :mod:`spark_jobs.importers.generic`. Options come fr
 from __future__ import annotations
 
 import sys
+from typing import get_args
 
 from spark_jobs.entrypoints.common import dataset_name, emit, parser, setup
 from spark_jobs.importers.generic import GenericImportConfig, import_generic
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--format", choices=["auto", "csv", "parquet", "jsonl"], help="input format (default auto)"
     )
-    p.add_argument("--timestamp-unit", choices=["auto", "s", "ms", "iso"], help="how timestamps are written")
+    p.add_argument(
+        "--timestamp-unit",
+        choices=list(get_args(GenericImportConfig.model_fields["timestamp_unit"].annotation)),
+        help="how timestamps are written: unix seconds, ms, us, ns, ISO-8601 text, or auto (numbers by magnitude, text as ISO-8601)",
+    )
     p.add_argument("--encoding", help="of CSV inputs (default UTF-8; latin-1 is ISO-8859-1)")
     p.add_argument("--skip-silver", action="store_true", help="stop after bronze")
     p.add_argument("--positive-threshold", type=float, default=3.0, help="rating > this is a positive label")

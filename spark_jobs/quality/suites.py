@@ -12,7 +12,8 @@ quarantine and in alerts), in the order that decides a row's first reason:
 * semantic IDs: ``null_<key>``, ``semantic_ids_null``, ``semantic_ids_wrong_length``,
   ``semantic_ids_out_of_codebook``, ``codebook_size_mismatch``, ``duplicate``;
 * samples: ``null_<key>``, ``split_invalid``, ``label_not_binary``, ``sequence_over_budget``,
-  ``history_misaligned``, ``semantic_ids_out_of_codebook``, ``duplicate``; plus the batch-level
+  ``history_misaligned``, ``target_semantic_ids_null``, ``target_semantic_ids_wrong_length``,
+  ``semantic_ids_out_of_codebook``, ``duplicate``; plus the batch-level
   GX check that no test row is earlier than a train row of the same dataset.
 """
 
@@ -287,11 +288,9 @@ def samples_suite(df: DataFrame, config: QualityConfig | None = None, name: str 
         | (F.size("history_semantic_ids") != n * F.lit(s.num_positions))
     )
     target = F.col("target_semantic_ids")
-    codes_ok = (
-        _in_codebook(F.col("history_semantic_ids"), s.codebook_size)
-        & target.isNotNull()
-        & (F.size(target) == s.num_positions)
-        & _in_codebook(target, s.codebook_size)
+    target_usable = target.isNotNull() & (F.size(target) == s.num_positions)
+    codes_ok = _in_codebook(F.col("history_semantic_ids"), s.codebook_size) & (
+        ~target_usable | _in_codebook(target, s.codebook_size)
     )
     rules = _not_null_rules(df, [*keys, "label", "history_len"])
     rules += [
@@ -321,6 +320,8 @@ def samples_suite(df: DataFrame, config: QualityConfig | None = None, name: str 
             ),
         ),
         RowRule("history_misaligned", misaligned),
+        RowRule("target_semantic_ids_null", target.isNull()),
+        RowRule("target_semantic_ids_wrong_length", target.isNotNull() & ~target_usable),
         RowRule("semantic_ids_out_of_codebook", ~codes_ok),
     ]
     # over the rows that pass the row-level rules (the ones that go downstream)

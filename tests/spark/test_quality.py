@@ -221,6 +221,8 @@ def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_pa
         sample("short_items", "train", 1, 20, 4, 2, items=[5]),
         sample("bad_code", "train", 1, 14, 5, 1, codes=[0, 1, 2, 3, 4, 256]),
         sample("bad_target", "train", 1, 15, 6, 0, target=[1, 2, 3]),
+        (*sample("no_target", "train", 1, 21, 6, 0)[:12], None),  # an item never tokenised
+        sample("target_code", "train", 1, 22, 6, 0, target=[0, 1, 2, 3, 4, 256]),
         sample("bad_split", "valid", 1, 16, 7, 0),
         sample("bad_label", "train", 1, 17, 8, 0, label=2),
         sample("test_ok", "test", 2, 10, 20, 0),
@@ -239,11 +241,13 @@ def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_pa
     assert report.reason_counts == {
         "sequence_over_budget": 1,
         "history_misaligned": 4,  # misaligned, short_codes, short_items, null_history
-        "semantic_ids_out_of_codebook": 2,
+        "target_semantic_ids_wrong_length": 1,
+        "target_semantic_ids_null": 1,
+        "semantic_ids_out_of_codebook": 2,  # bad_code, target_code
         "split_invalid": 1,
         "label_not_binary": 1,
     }
-    assert report.n_input == 14 and report.reconciled
+    assert report.n_input == 16 and report.reconciled
 
 
 def test_counts_are_independent_of_the_rules(spark, tmp_path) -> None:

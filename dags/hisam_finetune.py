@@ -6,7 +6,8 @@ Runs every day at 04:00 and also as soon as a new PT is registered (``hisam-pret
 new tokenizer reaches the champion the day it is pre-trained. ``samples-ready`` waits (up to 20 hours,
 then fails and alerts) until ``hisam_features`` has built the day's samples; before the first
 tokenizer, and between a tokenizer's activation and its first PT, there is nothing to fine-tune: the
-run skips, without an alert.
+run skips, without an alert. So does a second run of the day from a PT already fine-tuned and judged
+that day (the Sunday PT lands before the 04:00 run starts, and its asset triggers the DAG again).
 A failed data-quality gate stops the run before any training, and alerts.
 
 Last, also when fine-tuning skipped or failed, ``refresh-champion`` re-registers ``@champion`` (same

@@ -473,9 +473,33 @@ def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str, Pr
 
 
 def finetune(ctx: StepContext) -> dict[str, Any]:
-    """SFT (action NLL under the MA mask) from the newest PT of the current tokenizer version."""
+    """SFT (action NLL under the MA mask) from the newest PT of the current tokenizer version.
+
+    Once per logical run and PT: a second run of the day from the same PT (the Sunday PT lands
+    before the 04:00 run starts, then triggers the DAG again through its asset) trains nothing. When
+    the gate has judged that fine-tune's candidate, the step skips (and with it evaluation,
+    registration and promotion); otherwise evaluation goes on from the finished run."""
+    from pipelines.steps import StepSkipped
+
     version = training_tokenizer_version(ctx)
     init_from, pt_version, vocabulary = _pretrained_checkpoint(ctx, version)
+    done = _find_run(
+        ctx, "finetune", trained=True, tokenizer_version=version, **{PRETRAINED_VERSION: pt_version}
+    )
+    if done is not None:
+        judged = _judged_candidate(ctx, done)
+        if judged is not None:
+            raise StepSkipped(
+                f"{ctx.run_key} already fine-tuned {ctx.config.models.pretrained} v{pt_version} (MLflow run "
+                f"{done.info.run_id}), registered as {judged.name} v{judged.version} and {judged.tags['gate']}"
+            )
+        log.info("run %s already fine-tuned PT v%s: nothing to train", done.info.run_id, pt_version)
+        return {
+            "tokenizer_version": version,
+            "pretrained_version": pt_version,
+            "mlflow_run_id": done.info.run_id,
+            "trained_before": True,
+        }
     pt_tags = ctx.mlflow.get_model_version(ctx.config.models.pretrained, pt_version).tags
     result = _train_stage(
         ctx,
@@ -490,6 +514,17 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
         **{k: v for k, v in result.items() if k not in INTERNAL},
         "pretrained_version": pt_version,
     }
+
+
+def _judged_candidate(ctx: StepContext, run: Run) -> Any:
+    """The ranker version registered from finetune ``run`` once the gate judged it, else None."""
+    from pipelines.ranker_model import TRAINING_RUN_TAG
+    from pipelines.registry import find_versions
+
+    found = find_versions(
+        ctx.mlflow, ctx.config.models.ranker, **{RUN_KEY: ctx.run_key, TRAINING_RUN_TAG: run.info.run_id}
+    )
+    return next((v for v in found if "gate" in v.tags), None)
 
 
 def evaluate(ctx: StepContext) -> dict[str, Any]:

@@ -394,15 +394,18 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
 
 
 def test_a_rerun_of_a_past_fine_tune_continues_on_the_snapshots_it_started_on(world) -> None:
-    """Builds on the mid-month items: gold.samples has moved on since day 1. Rerunning day 1's
-    fine-tune continues its run on the samples snapshot that run logged (its checkpoint's batches
-    index into it), not on the latest."""
+    """Builds on the mid-month items: gold.samples has moved on since day 1. Day 1's fine-tune was
+    judged, so its rerun skips. Had its training stopped midway, the rerun would continue its run on
+    the samples snapshot that run logged (its checkpoint's batches index into it), not on the latest."""
     from deltalake import DeltaTable
 
-    from pipelines.ranker import _find_run, _input_versions
-    from pipelines.steps import run_step
+    from pipelines.ranker import SFT_CHECKPOINT_SHA256, _find_run, _input_versions
+    from pipelines.steps import StepSkipped, run_step
 
     run = _find_run(_ctx(world, DAY1), "finetune")
+    with pytest.raises(StepSkipped, match=r"already fine-tuned hisam-pretrained v\d+ .* hisam-ranker v1 and"):
+        run_step("finetune", DAY1, world["config"])
+    _client().delete_tag(run.info.run_id, SFT_CHECKPOINT_SHA256)  # as if its training had stopped
     pinned = _input_versions(_client().get_run(run.info.run_id))["samples"]
     assert pinned < DeltaTable(str(world["home"] / "lake" / "gold" / "samples")).version()
     again = run_step("finetune", DAY1, world["config"])

@@ -534,3 +534,42 @@ def test_evaluate_register_and_promote_take_the_newest_fine_tune_that_finished(
     )
     assert _find_run(ctx, "finetune").info.run_id == crashed.info.run_id  # the retry continues it
     assert _find_run(ctx, "finetune", trained=True).info.run_id == finished.info.run_id
+
+
+def test_a_second_fine_tune_of_the_day_from_the_same_pt_trains_nothing(
+    tmp_path, mlflow_store, monkeypatch
+) -> None:
+    """The Sunday PT lands before the 04:00 fine-tune starts, then triggers the DAG again: the
+    second run finds that PT fine-tuned. Before the gate judged its candidate, evaluation goes on
+    from the finished run; after, the step skips (so nothing re-evaluates a promoted model against
+    itself). Another PT of the day trains anew."""
+    from pipelines import ranker
+    from pipelines.ranker_model import TRAINING_RUN_TAG
+    from pipelines.steps import StepSkipped
+
+    ctx, run = _registry_with_a_trained_run(tmp_path, mlflow_store, monkeypatch, versions=0)
+    for key, value in {"tokenizer_version": "dst-1", ranker.PRETRAINED_VERSION: "3"}.items():
+        ctx.mlflow.set_tag(run.info.run_id, key, value)
+    trained: list[str] = []
+    pt = {"v": "3"}
+    monkeypatch.setattr(ranker, "training_tokenizer_version", lambda ctx: "dst-1")
+    monkeypatch.setattr(ranker, "_pretrained_checkpoint", lambda ctx, version: ("pt.pt", pt["v"], None))
+    monkeypatch.setattr(
+        ranker, "_train_stage", lambda ctx, stage, *a, **k: trained.append(k["pretrained"]) or {}
+    )
+    assert ranker.finetune(ctx) == {
+        "tokenizer_version": "dst-1",
+        "pretrained_version": "3",
+        "mlflow_run_id": run.info.run_id,
+        "trained_before": True,
+    }
+    tags = {ranker.RUN_KEY: ctx.run_key, TRAINING_RUN_TAG: run.info.run_id}
+    candidate = ctx.mlflow.create_model_version(ctx.config.models.ranker, source="x", tags=tags)
+    assert ranker.finetune(ctx)["trained_before"]  # registered, not judged yet: promote goes on
+    ctx.mlflow.set_model_version_tag(candidate.name, candidate.version, "gate", "promoted")
+    with pytest.raises(StepSkipped, match=r"already fine-tuned hisam-pretrained v3 .* v1 and promoted"):
+        ranker.finetune(ctx)
+    assert trained == []
+    pt["v"] = "4"
+    monkeypatch.setattr(ctx.mlflow, "get_model_version", lambda name, version: type("V", (), {"tags": {}}))
+    assert ranker.finetune(ctx) == {"pretrained_version": "4"} and trained == ["4"]

@@ -77,12 +77,17 @@ def logical_day(context: dict[str, Any]) -> dt.date:
 
 
 def alert_on_failure(context: dict[str, Any]) -> None:
-    """``on_failure_callback``: one error alert naming the DAG, task, date and exception."""
+    """``on_failure_callback``: one error alert naming the DAG, task, date and exception, unless the
+    step alerted itself before raising (a failed quality gate or codebook health check)."""
     from pipelines.context import StepContext
+    from pipelines.notify import was_alerted
     from pipelines.steps import load_config
 
     ti = context["ti"]
     error = context.get("exception")
+    if was_alerted(error):
+        log.info("%s.%s failed after its own alert: no second one", ti.dag_id, ti.task_id)
+        return
     try:
         config = load_config()
     except Exception:  # a broken config must not silence the alert about it

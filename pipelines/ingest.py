@@ -186,13 +186,13 @@ def run_gate(
 
 def _stop_on_failure(ctx: StepContext, report: Any, source: str, summary: dict[str, Any]) -> None:
     """For a failed gate ``report``: alert (with ``summary``) and raise ``DataQualityError``."""
-    from pipelines.notify import Alert
+    from pipelines.notify import Alert, alerted
     from spark_jobs.quality import DataQualityError
 
     if not report.success:
         alert = Alert.from_quality_report(report.to_dict(), source=source)
         ctx.alert(alert.title, alert.text, "error", report=summary)
-        raise DataQualityError(report)
+        raise alerted(DataQualityError(report))
 
 
 def gate_label(table: str) -> str:

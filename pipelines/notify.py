@@ -62,6 +62,18 @@ class NotificationError(RuntimeError):
     """An alert could not be delivered."""
 
 
+def alerted(error: BaseException) -> BaseException:
+    """Mark ``error`` as one its step has already alerted about (with more detail than a failure
+    callback has): the orchestrator's callback then sends no second, generic alert."""
+    error.alerted = True  # type: ignore[attr-defined]
+    return error
+
+
+def was_alerted(error: BaseException | None) -> bool:
+    """Whether ``error``, or the error it was raised from, is :func:`alerted`."""
+    return error is not None and any(getattr(e, "alerted", False) for e in (error, error.__cause__))
+
+
 @dataclass(frozen=True)
 class Alert:
     """What happened, how bad, where; ``details`` must be JSON-able."""

@@ -25,6 +25,7 @@ import numpy as np
 from hisam_core.features import ItemFeatures
 from hisam_core.semantic_ids import SemanticIds
 from pipelines.context import StepContext
+from pipelines.notify import alerted
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -351,7 +352,9 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         if failures:
             mlflow.set_tag("health", "failed")
             ctx.alert(f"tokenizer {version} failed codebook health", "\n".join(failures), health=health)
-            raise TokenizerHealthError(f"tokenizer {version} failed codebook health: {'; '.join(failures)}")
+            raise alerted(
+                TokenizerHealthError(f"tokenizer {version} failed codebook health: {'; '.join(failures)}")
+            )
         tags = {"hisam.run_key": ctx.run_key, "delta.version": str(snapshot), ENCODERS: encoders_tag(ctx)}
         cut = trained_behaviour_cut(ctx, snapshot, features.item_ids)
         if cut is None:

@@ -193,6 +193,31 @@ def test_a_broken_config_still_sends_the_failure_alert(dags, tmp_path, monkeypat
     assert alert["title"] == "hisam_finetune.finetune failed" and "not valid YAML" in alert["text"]
 
 
+def test_a_step_that_alerted_before_failing_gets_no_second_alert(dags, tmp_path, monkeypatch) -> None:
+    """A failed quality gate alerts with its report, then raises: the task's failure callback, which
+    sees Airflow's exception raised from it, sends nothing more. Any other failure alerts once."""
+    import json
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+    from hisam_common import alert_on_failure
+
+    from pipelines.notify import alerted
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("HISAM_NOTIFY_SINKS", "file")
+    monkeypatch.setenv("HISAM_NOTIFY_FILE", str(tmp_path / "alerts.jsonl"))
+    ti = SimpleNamespace(dag_id="hisam_finetune", task_id="validate_samples", try_number=1)
+    day = dt.datetime(2026, 11, 2, tzinfo=dt.UTC)
+    for cause in (alerted(ValueError("gate failed")), ValueError("lake unreachable")):
+        try:
+            raise AirflowFailException(f"validate-samples: {cause}") from cause
+        except AirflowFailException as error:
+            alert_on_failure({"ti": ti, "exception": error, "logical_date": day})
+    (alert,) = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert alert["title"] == "hisam_finetune.validate_samples failed" and "lake unreachable" in alert["text"]
+
+
 def test_an_asset_triggered_run_takes_the_day_it_was_due(dags) -> None:
     """Runs triggered by an asset (hisam_pretrain after @current moves) have no logical date: their
     steps run for the day of ``run_after`` (Airflow gives both in UTC)."""

@@ -104,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
             description="Run hisam_features, hisam_tokenizer, hisam_pretrain and hisam_finetune with "
             "dag.test() on MovieLens-100K when present (else the synthetic dataset), then print the "
             "tables and versions written, the metrics, the champion, and how to open MLflow and Data Docs. "
-            "It reads --config, else configs/pipeline.yaml (not $HISAM_PIPELINE_CONFIG).",
+            "It reads --config, else configs/pipeline.yaml (not $HISAM_PIPELINE_CONFIG), but keeps none of "
+            "its stores: the lake, MLflow and Airflow are under $HISAM_HOME, alerts go to the log and "
+            "$HISAM_HOME/alerts.jsonl.",
         ),
         default=f"configs/pipeline.yaml; ${CONFIG_ENV} is ignored",
     )

@@ -73,6 +73,17 @@ def demo_overrides(dataset: str, bundle: Path | None) -> dict[str, Any]:
     return {"source": synthetic} if dataset == "synthetic" else {}
 
 
+def demo_config(config: Path | None, dataset: str, bundle: Path | None) -> Any:
+    """``config`` (default configs/pipeline.yaml) for the chosen dataset, keeping none of its stores:
+    the lake is under ``$HISAM_HOME`` and alerts go to the log and ``$HISAM_HOME/alerts.jsonl``, so a
+    copy of the production config never writes demo data into its lake or pages its on-call."""
+    from pipelines.config import LakeConfig
+    from pipelines.notify import NotifyConfig
+
+    pipeline = load_config(config or DEFAULT_CONFIG, demo_overrides(dataset, bundle))
+    return pipeline.model_copy(update={"lake": LakeConfig(), "notify": NotifyConfig(sinks=["log", "file"])})
+
+
 def lake_summary(root: str) -> dict[str, dict[str, int]]:
     """Every Delta table under the lake root: its latest version and row count."""
     from deltalake import DeltaTable
@@ -98,7 +109,7 @@ def run_demo(config: Path | None = None, dataset: str = "auto", bundle: Path | N
             "hisam demo ignores %s: it runs on the embedded default under $HISAM_HOME", ", ".join(ignored)
         )
     settings = Settings.from_env()
-    pipeline = load_config(config or DEFAULT_CONFIG, demo_overrides(dataset, bundle))
+    pipeline = demo_config(config, dataset, bundle)
     config_file = settings.home / "demo_pipeline.yaml"
     settings.home.mkdir(parents=True, exist_ok=True)
     pipeline.to_yaml(config_file)

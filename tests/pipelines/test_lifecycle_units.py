@@ -403,6 +403,25 @@ def test_the_demo_config_is_the_embedded_default_whatever_the_environment(tmp_pa
         demo_overrides("auto", tmp_path / "typo")
 
 
+def test_the_demo_keeps_no_store_of_a_production_config(tmp_path) -> None:
+    """``hisam demo --config <a copy of production.yaml>`` must not write into its lake or page its
+    on-call: the lake is under $HISAM_HOME and alerts go to the log and the home's file."""
+    import yaml
+
+    from pipelines.demo import demo_config
+
+    prod = {"lake": {"root": "s3://prod/lake", "storage_options": {"region": "eu"}},
+            "notify": {"sinks": ["webhook"], "webhook_url": "https://pager.example/x"}}  # fmt: skip
+    (tmp_path / "prod.yaml").write_text(yaml.safe_dump(prod))
+    demo = demo_config(tmp_path / "prod.yaml", "synthetic", None)
+    assert (demo.lake.root, demo.lake.storage_options) == (None, {})
+    assert (demo.notify.sinks, demo.notify.webhook_url, demo.notify.file_path) == (
+        ["log", "file"],
+        None,
+        None,
+    )
+
+
 def test_the_demo_never_writes_to_the_stores_the_environment_names(tmp_path, monkeypatch, caplog) -> None:
     """In the production image MLFLOW_TRACKING_URI, HISAM_LAKE_ROOT, AIRFLOW_HOME... name production:
     the demo's DAGs still see only stores under $HISAM_HOME, and the log names what was ignored

@@ -132,6 +132,13 @@ class PipelineConfig(Config):
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
         seq, rk = self.sequences, self.ranker.sequence
+        generic = self.source.generic
+        if generic is not None and generic.dataset != self.dataset:  # ingest writes under dataset
+            raise ValueError(
+                f"source.generic.dataset {generic.dataset!r} differs from dataset {self.dataset!r}: the "
+                "pipeline imports under dataset; set both to the same name"
+            )
+        self._check_derived_quality_rules()
         if seq.num_semantic_positions != rk.num_positions:
             raise ValueError(
                 f"sequences.num_semantic_positions={seq.num_semantic_positions} but "
@@ -185,3 +192,29 @@ class PipelineConfig(Config):
                 f"ranker.profile_fields {unknown} are not gold.user_profiles columns {PROFILE_COLUMNS}"
             )
         return self
+
+    def _check_derived_quality_rules(self) -> None:
+        """The quality rules that ``pipelines.ingest.quality_config`` takes from other sections (one
+        source of truth) must be left at their defaults or agree: a value there would be ignored."""
+        q, seq, dst, default = self.quality, self.sequences, self.tokenizer.train.model, QualityConfig()
+        rules = [  # (key, given, default, used, where the used value comes from)
+            ("logical_date", q.logical_date, None, None, "the run's logical date"),
+            ("semantic_ids.codebook_size", q.semantic_ids.codebook_size, default.semantic_ids.codebook_size,
+             dst.codebook_size, "tokenizer.train.model.codebook_size"),
+            ("semantic_ids.num_positions", q.semantic_ids.num_positions, default.semantic_ids.num_positions,
+             seq.num_semantic_positions, "sequences.num_semantic_positions"),
+            ("samples.token_budget", q.samples.token_budget, default.samples.token_budget,
+             seq.token_budget, "sequences.token_budget"),
+            ("samples.profile_tokens", q.samples.profile_tokens, default.samples.profile_tokens,
+             seq.profile_tokens, "sequences.profile_tokens"),
+            ("samples.count_target_in_budget", q.samples.count_target_in_budget,
+             default.samples.count_target_in_budget, seq.count_target_in_budget,
+             "sequences.count_target_in_budget"),
+        ]  # fmt: skip
+        ignored = [
+            f"quality.{key}={given!r} (it is {source}: {used!r})"
+            for key, given, fallback, used, source in rules
+            if given not in (used, fallback)
+        ]
+        if ignored:
+            raise ValueError(f"set from other sections, so leave them out: {'; '.join(ignored)}")

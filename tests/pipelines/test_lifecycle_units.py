@@ -158,6 +158,20 @@ def test_pipeline_config_refuses_inconsistent_sections(tmp_path) -> None:
         PipelineConfig.model_validate(
             {"source": {"kind": "generic", "generic": generic, "movielens_dir": "ml"}}
         )
+    with pytest.raises(ValueError, match=r"source\.generic\.dataset 'd' differs from dataset 'shop'"):
+        PipelineConfig.model_validate({"dataset": "shop", "source": {"kind": "generic", "generic": generic}})
+    assert PipelineConfig.model_validate({"dataset": "d", "source": {"kind": "generic", "generic": generic}})
+    with pytest.raises(
+        ValueError, match=r"quality\.samples\.token_budget=50 \(it is sequences\.token_budget: 300\)"
+    ):
+        PipelineConfig.model_validate({"quality": {"samples": {"token_budget": 50}}})
+    agreeing = {
+        "sequences": {"token_budget": 200, "profile_tokens": 0},
+        "quality": {"samples": {"token_budget": 200}},
+    }
+    assert PipelineConfig.model_validate(agreeing).quality.samples.token_budget == 200
+    with pytest.raises(ValueError, match=r"quality\.logical_date=.*the run's logical date"):
+        PipelineConfig.model_validate({"quality": {"logical_date": "2026-01-01"}})
     with pytest.raises(ValueError, match=r"positive_rating_threshold=4\.0 would be ignored"):
         PipelineConfig.model_validate({"sequences": {"positive_rating_threshold": 4.0}})
     with pytest.raises(ValueError, match="list it second"):  # P(positive) would be P(negative)

@@ -45,7 +45,7 @@ from hisam_core.evaluation.harness import (
 )
 from hisam_core.evaluation.semantic import features_fingerprint, load_features_npz
 from hisam_core.features import ItemFeatures
-from pipelines.settings import Settings, movielens_dir, positive_int
+from pipelines.settings import Settings, movielens_dir, positive_int, positive_int_arg
 from pipelines.steps import THREADS_ENV
 
 log = logging.getLogger(__name__)
@@ -376,8 +376,13 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         "--seeds 0 1 2 --scaling --scaling-layers 1 2 4 --scaling-tokens 48 80 160 300 --workers 2 --mlflow",
     )
     p.add_argument("--config", type=Path, default=None, help="evaluation YAML (default: built-in defaults)")
+    defaults = EvaluationConfig()
     p.add_argument(
-        "--run", nargs="+", default=None, help="set or experiment names (sets: main, controls, ...)"
+        "--run",
+        nargs="+",
+        default=None,
+        help=f"set or experiment names (default: {' '.join(defaults.run)}); sets: {', '.join(defaults.sets)}; "
+        f"experiments: {', '.join(e.name for e in defaults.experiments)}",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds of every selected experiment")
     p.add_argument(
@@ -390,7 +395,7 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
     p.add_argument("--scaling", action="store_true", help="also run the depth / length sweep")
     p.add_argument("--scaling-layers", nargs="+", type=int, default=None, help="depths of the sweep")
     p.add_argument("--scaling-tokens", nargs="+", type=int, default=None, help="max_tokens of the sweep")
-    p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--steps", type=positive_int_arg, default=None, help="override train.max_steps")
     p.add_argument(
         "--data",
         type=Path,
@@ -404,7 +409,12 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         default=None,
         help="npz: item_ids, emb_<modality>, optional present_<modality>",
     )
-    p.add_argument("--features-cache", type=Path, default=features_cache, help="MovieLens feature cache")
+    p.add_argument(
+        "--features-cache",
+        type=Path,
+        default=features_cache,
+        help="MovieLens feature cache (default: %(default)s)",
+    )
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -413,13 +423,24 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int_arg,
         default=1,
-        help="parallel processes, each with the config's torch threads (--threads)",
+        help="parallel processes, each with --threads torch threads",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int_arg,
+        default=None,
+        help=f"torch threads per process (default: the config's threads, else ${THREADS_ENV}, else 1)",
     )
     p.add_argument("--mlflow", action="store_true", help="log runs and the report to MLflow")
     p.add_argument("--reuse", type=Path, default=None, help="earlier quality.json: keep its runs and sweep")
-    p.add_argument("--results", type=Path, default=results, help="folder for quality.{json,md} and the plot")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=results,
+        help="folder for quality.{json,md} and the plot (default: %(default)s)",
+    )
     p.add_argument(
         "--render",
         action="store_true",
@@ -432,7 +453,9 @@ def configure(args: argparse.Namespace) -> EvaluationConfig:
     """The evaluation config of the parsed options (YAML, then the overrides)."""
     config = EvaluationConfig.from_yaml(args.config) if args.config else EvaluationConfig()
     update: dict[str, Any] = {}
-    if "threads" not in config.model_fields_set and os.environ.get(THREADS_ENV):
+    if args.threads:
+        update["threads"] = args.threads
+    elif "threads" not in config.model_fields_set and os.environ.get(THREADS_ENV):
         update["threads"] = positive_int(os.environ[THREADS_ENV], f"${THREADS_ENV}")  # hisam --threads N
     if args.cache_dir:
         update["cache_dir"] = str(args.cache_dir)
@@ -451,7 +474,7 @@ def configure(args: argparse.Namespace) -> EvaluationConfig:
         if args.scaling_tokens:
             scaling = scaling.model_copy(update={"max_tokens": args.scaling_tokens})
         update["scaling"] = scaling
-    if args.steps:
+    if args.steps is not None:
         update["train"] = config.train.model_copy(update={"max_steps": args.steps})
     data = {}
     if args.data:

@@ -223,7 +223,10 @@ class EvaluationConfig(Config):
         if self.scaling is not None and self.scaling.experiment not in names:
             unknown.add(self.scaling.experiment)
         if unknown:
-            raise ValueError(f"unknown experiments or sets: {sorted(unknown)}")
+            raise ValueError(
+                f"unknown experiments or sets: {sorted(unknown)}; sets: {sorted(self.sets)}, "
+                f"experiments: {sorted(names)}"
+            )
         return self
 
     def experiment(self, name: str) -> ExperimentConfig:

@@ -304,6 +304,22 @@ def test_the_movielens_bundle_is_found_from_any_folder_unless_a_path_is_given(tm
     assert configure(args.parse_args(["--data", "given"])).data.path == "given"
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"data": {"path": "in-config"}}))
     assert configure(args.parse_args(["--config", "eval.yaml"])).data.path == "in-config"
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "evaluation.yaml"
+    assert configure(args.parse_args(["--config", str(shipped)])).data.path == str(tmp_path / "ml")
+
+
+def test_threads_workers_and_steps_are_checked_and_threads_may_follow_the_command(tmp_path, monkeypatch):
+    from pipelines.evaluation import configure, parser
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("HISAM_TORCH_THREADS", "3")
+    args = parser(tmp_path, tmp_path)
+    assert configure(args.parse_args([])).threads == 3  # `hisam --threads 3 evaluate`
+    assert configure(args.parse_args(["--threads", "2"])).threads == 2  # `hisam evaluate --threads 2`
+    assert configure(args.parse_args(["--steps", "7"])).train.max_steps == 7
+    for bad in (["--workers", "-3"], ["--steps", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            args.parse_args(bad)
 
 
 def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():

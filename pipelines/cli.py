@@ -226,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ[THREADS_ENV] = str(args.threads)
     apply_torch_threads()
+    try:
+        Settings.from_env().check_home()
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
     if args.command == "evaluate":
         from pipelines.evaluation import main as evaluate
 

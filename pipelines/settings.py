@@ -35,6 +35,15 @@ class Settings(Config):
             artifact_location=os.environ.get("HISAM_ARTIFACT_ROOT", ""),
         )
 
+    def check_home(self) -> None:
+        """Refuse a ``HISAM_HOME`` that is not a writable folder, nor can become one, naming it (the
+        first write under it would fail later with a bare OS error)."""
+        if self.home.exists() and not self.home.is_dir():
+            raise ValueError(f"HISAM_HOME {self.home} is a file, not a folder")
+        nearest = next(p for p in (self.home, *self.home.parents) if p.exists())
+        if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+            raise ValueError(f"HISAM_HOME {self.home}: {nearest} is not a writable folder")
+
     @property
     def lake_root(self) -> str:
         """``$HISAM_LAKE_ROOT`` as given (a local path or a URI such as ``s3://bucket/lake``: a

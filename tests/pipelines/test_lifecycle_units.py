@@ -277,6 +277,15 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     assert main(["run", "ingest", "--config", str(tmp_path / "absent.yaml")]) == 2
     assert f"pipeline config {tmp_path / 'absent.yaml'} does not exist" in caplog.text
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path / "a-file"))
+    for argv in (["rollback"], ["evaluate", "--render"], ["run", "ingest"]):
+        assert main(argv) == 2
+    assert caplog.text.count(f"HISAM_HOME {tmp_path / 'a-file'} is a file, not a folder") == 3
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path / "a-file" / "below"))
+    assert main(["rollback"]) == 2 and f"{tmp_path / 'a-file'} is not a writable folder" in caplog.text
+    (tmp_path / "a-file").unlink()
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
     with pytest.raises(ValueError, match="champion does not exist"):  # past the param checks: any user id
         run_step("recommend", "2026-11-01", PipelineConfig(), {"user": "jane@example.com"})
     # the production image's config alerts to a webhook: a read-only step runs without its URL

@@ -48,7 +48,7 @@ bench: $(STAMP) ## run the benchmarks (writes benchmarks/results/)
 	$(BIN)/python benchmarks/sequences.py
 
 gpu-check: $(STAMP) ## on a CUDA machine: the GPU tests, then the serving benchmark (serving_gpu.json)
-	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else f'no CUDA device for torch {torch.__version__}: on a CUDA machine, rebuild the venv with a CUDA build (make gpu-check TORCH=\"torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128\")')"
 	$(BIN)/python -m pytest -k cuda
 	$(BIN)/python benchmarks/serving.py --candidates 10 100 500 2000 --output benchmarks/results/serving_gpu.json
 

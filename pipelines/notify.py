@@ -276,11 +276,11 @@ def notifier_from_config(
             built.append(LogNotifier())
         elif sink == "webhook":
             if not url:
-                raise ValueError(f"sink 'webhook' needs webhook_url or {ENV_WEBHOOK_URL}")
+                raise ValueError(f"alert sink 'webhook' needs notify.webhook_url or ${ENV_WEBHOOK_URL}")
             built.append(WebhookNotifier(url, cfg.timeout_s, cfg.retries, cfg.backoff_s))
         elif sink == "file":
             if not path:
-                raise ValueError(f"sink 'file' needs file_path or {ENV_FILE}")
+                raise ValueError(f"alert sink 'file' needs notify.file_path or ${ENV_FILE}")
             built.append(FileNotifier(path))
         else:
             raise ValueError(f"unknown alert sink {sink!r}; expected log, webhook or file")

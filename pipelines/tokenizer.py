@@ -578,7 +578,10 @@ def activate_tokenizer(ctx: StepContext) -> dict[str, Any]:
     version, name = tokenizer_version(ctx), ctx.config.models.tokenizer
     found = find_versions(ctx.mlflow, name, tokenizer_version=version)
     if not found:
-        raise ValueError(f"{name} has no version tagged tokenizer_version={version}")
+        raise ValueError(
+            f"{name} has no version tagged tokenizer_version={version}: run train-tokenizer (and "
+            "tokenize-catalogue, build-sequences) for it first, or pass --param tokenizer_version=<one that has>"
+        )
     skip_if_superseded(ctx, _trained_for(found[0]))
     part = {"dataset": ctx.dataset, "tokenizer_version": version}
     if (

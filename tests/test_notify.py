@@ -227,7 +227,7 @@ def test_an_alert_whose_sinks_cannot_be_built_still_reaches_the_log(tmp_path, mo
     monkeypatch.delenv("HISAM_NOTIFY_SINKS", raising=False)
     config = PipelineConfig.model_validate({"notify": {"sinks": ["log", "webhook"]}})
     ctx = StepContext(config, dt.date(2026, 11, 1))
-    with pytest.raises(ValueError, match="sink 'webhook' needs webhook_url"):
+    with pytest.raises(ValueError, match=r"alert sink 'webhook' needs notify\.webhook_url"):
         _ = ctx.notifier
     with caplog.at_level(logging.ERROR, logger="pipelines.context"):
         ctx.alert("hisam_features.ingest failed", "OSError: disk full")

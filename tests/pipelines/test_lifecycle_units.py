@@ -402,6 +402,8 @@ def test_the_production_image_runs_the_paper_sized_config() -> None:
     root = Path(__file__).resolve().parents[2]
     dockerfile = (root / "infra" / "docker" / "Dockerfile").read_text()
     (path,) = re.findall(r"HISAM_PIPELINE_CONFIG=/opt/hisam/(\S+)", dockerfile)
+    (pip,) = re.findall(r"ARG PIP_VERSION=(\S+)", dockerfile)  # the image resolves the lock as make does
+    assert f"PIP_VERSION ?= {pip}\n" in (root / "Makefile").read_text()
     production = load_config(root / path)
     small = yaml.safe_load((root / "configs" / "ranker.yaml").read_text())["model"]
     chosen = production.ranker.model.model_dump()

@@ -92,18 +92,21 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
             unexpected_count=n["quarantined"],
             unexpected_percent=100.0 * n["quarantined"] / n["in"],
         )
-        report = QualityReport(f"import:{table}", n["in"], n["imported"], n["quarantined"], top, top, [share])
+        kept = n["imported"] + n.get("merged", 0)
+        report = QualityReport(f"import:{table}", n["in"], kept, n["quarantined"], top, top, [share])
         _stop_on_failure(ctx, report, f"ingest:{table}", report.to_dict())
 
 
 def _per_table(sources: list[Any]) -> dict[str, dict[str, int]]:
-    """Import counts summed per bronze table (two sources may feed one: MovieLens u.item and
-    item_extra.tsv both land in bronze.items)."""
+    """Import counts summed per bronze table: ``in = imported + merged + quarantined``. Two sources
+    may feed one table: MovieLens item_extra.tsv's good records are ``merged`` into u.item's rows
+    of bronze.items, so ``imported`` is what the table received."""
     out: dict[str, dict[str, int]] = {}
     for s in sources:
         counts = out.setdefault(s.table, {"in": 0, "imported": 0, "quarantined": 0})
         counts["in"] += s.records_in
-        counts["imported"] += s.imported
+        kept = "merged" if s.merged else "imported"
+        counts[kept] = counts.get(kept, 0) + s.imported
         counts["quarantined"] += s.quarantined
     return out
 

@@ -57,6 +57,8 @@ class SourceCount:
     records_in: int
     imported: int
     quarantined: int
+    #: Its good records were merged into another input's rows of ``table`` (:attr:`Parsed.write_good`).
+    merged: bool = False
 
     @property
     def reconciles(self) -> bool:
@@ -311,6 +313,7 @@ def write_parsed(
                 records_in.get(i, 0),
                 int(stats[(i, False)]["n"]) if (i, False) in stats else 0,
                 int(stats[(i, True)]["n"]) if (i, True) in stats else 0,
+                merged=not p.write_good,
             )
             for i, p in enumerate(parsed)
         ]

@@ -406,16 +406,29 @@ def training_tokenizer_version(ctx: StepContext) -> str:
 
 
 def pretrain(ctx: StepContext) -> dict[str, Any]:
-    """Semantic pre-training on the current tokenizer version; registers ``hisam-pretrained``."""
+    """Semantic pre-training on the current tokenizer version; registers ``hisam-pretrained``.
+
+    Once per logical run: a rerun finds its version. It then skips when a fine-tune has started
+    from that version (its ``hisam-pretrained`` event would trigger fine-tuning again for nothing),
+    and otherwise succeeds again, so a retry after the registration still triggers fine-tuning."""
     import mlflow
 
     from pipelines.ranker_model import log_ranker
     from pipelines.registry import find_versions
+    from pipelines.steps import StepSkipped
 
     version, name = training_tokenizer_version(ctx), ctx.config.models.pretrained
     existing = find_versions(ctx.mlflow, name, tokenizer_version=version, **{RUN_KEY: ctx.run_key})
     if existing:
-        return {"tokenizer_version": version, "model_version": str(existing[0].version), "skipped": True}
+        pt = str(existing[0].version)
+        tuned = ctx.mlflow.search_runs(
+            [ctx.experiment_id],
+            filter_string=f"tags.`hisam.step` = 'finetune' and tags.`{PRETRAINED_VERSION}` = '{pt}'",
+            max_results=1,
+        )
+        if tuned:
+            raise StepSkipped(f"{ctx.run_key} pre-trained {name} v{pt} already, and it is being fine-tuned")
+        return {"tokenizer_version": version, "model_version": pt, "skipped": True}
     result = _train_stage(ctx, "pt", version)
     with mlflow.start_run(run_id=result["mlflow_run_id"]):
         registered = log_ranker(

@@ -572,8 +572,11 @@ def activate_tokenizer(ctx: StepContext) -> dict[str, Any]:
     """Point ``@current`` at this run's tokenizer version (its catalogue and samples are written).
 
     A rerun of an older month leaves a newer ``@current`` where it is (:func:`skip_if_superseded`;
-    the step skips, so no asset event triggers the training DAGs)."""
+    the step skips, so no asset event triggers the training DAGs). So does a rerun once the version
+    is current and pre-trained: its event would start another pre-training from scratch. Before
+    that (a retry after the alias moved), it succeeds again, so pre-training is still triggered."""
     from pipelines.registry import CURRENT, alias_version, find_versions
+    from pipelines.steps import StepSkipped
 
     version, name = tokenizer_version(ctx), ctx.config.models.tokenizer
     found = find_versions(ctx.mlflow, name, tokenizer_version=version)
@@ -592,6 +595,13 @@ def activate_tokenizer(ctx: StepContext) -> dict[str, Any]:
             f"gold.samples has no rows of {version} for {ctx.dataset!r}: run build-sequences for it first"
         )
     before = alias_version(ctx.mlflow, name, CURRENT)
+    if before is not None and str(before.version) == str(found[0].version):
+        pt = ctx.config.models.pretrained
+        if pretrained := find_versions(ctx.mlflow, pt, tokenizer_version=version):
+            raise StepSkipped(
+                f"{name}@{CURRENT} is already v{before.version} ({version}), pre-trained as {pt} "
+                f"v{pretrained[0].version}: activating it again would start another pre-training"
+            )
     ctx.mlflow.set_registered_model_alias(name, CURRENT, found[0].version)
     return {
         "tokenizer_version": version,

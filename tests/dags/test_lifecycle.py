@@ -783,6 +783,10 @@ def test_an_older_months_activation_leaves_the_newer_tokenizer_current(world) ->
     assert forced["tokenizer_version"] == current() == VERSION
     run_step("activate-tokenizer", dec1, world["config"])
     assert current() == december
+    with pytest.raises(
+        StepSkipped, match=r"already v\d+ \(dst-20261201\), pre-trained as hisam-pretrained v"
+    ):
+        run_step("activate-tokenizer", dec1, world["config"])  # its event would pre-train it again
     with pytest.raises(ValueError, match="param force must be true or false, got 'ture'"):
         # @current is not newer, so force is not needed: a typo in it is refused all the same
         run_step("activate-tokenizer", dec1, world["config"], {"force": "ture"})

@@ -573,3 +573,33 @@ def test_a_second_fine_tune_of_the_day_from_the_same_pt_trains_nothing(
     pt["v"] = "4"
     monkeypatch.setattr(ctx.mlflow, "get_model_version", lambda name, version: type("V", (), {"tags": {}}))
     assert ranker.finetune(ctx) == {"pretrained_version": "4"} and trained == ["4"]
+
+
+def test_a_rerun_of_pretraining_triggers_fine_tuning_only_until_one_started(
+    tmp_path, mlflow_store, monkeypatch
+) -> None:
+    """A retry after the PT was registered succeeds again (its asset event triggers fine-tuning);
+    once a fine-tune started from that PT, a rerun skips, so no event fine-tunes it again."""
+    from pipelines import ranker
+    from pipelines.steps import StepSkipped
+
+    ctx, _ = _registry_with_a_trained_run(tmp_path, mlflow_store, monkeypatch, versions=0)
+    monkeypatch.setattr(ranker, "training_tokenizer_version", lambda ctx: "dst-1")
+    monkeypatch.setattr(ranker, "_train_stage", lambda *a, **k: pytest.fail("trained again"))
+    name = ctx.config.models.pretrained
+    ctx.mlflow.create_registered_model(name)
+    tags = {"tokenizer_version": "dst-1", ranker.RUN_KEY: ctx.run_key}
+    pt = ctx.mlflow.create_model_version(name, source="x", tags=tags)
+    assert ranker.pretrain(ctx) == {
+        "tokenizer_version": "dst-1",
+        "model_version": str(pt.version),
+        "skipped": True,
+    }
+    tuned = {
+        "hisam.step": "finetune",
+        "hisam.run_key": "other/day",
+        ranker.PRETRAINED_VERSION: str(pt.version),
+    }
+    ctx.mlflow.create_run(ctx.experiment_id, tags=tuned)
+    with pytest.raises(StepSkipped, match=f"pre-trained {name} v{pt.version} already"):
+        ranker.pretrain(ctx)

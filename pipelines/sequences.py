@@ -41,11 +41,13 @@ def build_record(ctx: StepContext, version: str, read_at: dt.datetime) -> dict[s
 
 
 def samples_ready(ctx: StepContext) -> dict[str, Any]:
-    """Whether ``gold.samples`` of the current tokenizer holds the run's day (``ready``): a build for
-    that day or later, or one that read silver after the day's import was promoted to it (the
-    catalogue build of a tokenizer that ran that day, or a rerun of an older date). The training
-    DAGs wait on it, so a late ``hisam_features`` delays fine-tuning instead of letting it train on
-    the day before's samples."""
+    """Whether ``gold.samples`` of the current tokenizer holds the run's day (``ready``): once the
+    day's import was promoted to silver, a build that read silver after it (the day's own build, the
+    catalogue build of a tokenizer that ran that day, or a rerun of an older date); before any import
+    of the day, a build for a later day. The build date alone is not enough: the monthly catalogue
+    build of the 1st may read silver before that day's import. The training DAGs wait on it, so a
+    late ``hisam_features`` delays fine-tuning instead of letting it train on the day before's
+    samples."""
     from pipelines.tokenizer import current_tokenizer_version_or_skip
     from spark_jobs.importers.silver import promotion_record
     from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES
@@ -59,12 +61,14 @@ def samples_ready(ctx: StepContext) -> dict[str, Any]:
     builds = [entry["metadata"] for entry in ctx.commits(GOLD_SAMPLES.name, wanted)]
     day = ctx.logical_date.isoformat()
     built = max((b["logical_date"] for b in builds), default=None)
-    ready = built is not None and built >= day
-    if builds and not ready:
-        promoted = promotion_record(ctx.dataset, ctx.logical_date)
-        imports = [entry["timestamp"] for entry in ctx.commits(BRONZE_QUARANTINE.name, promoted)]
-        latest_read = max(dt.datetime.fromisoformat(b["read_at"]) for b in builds)
-        ready = bool(imports) and latest_read > max(imports)
+    promoted = promotion_record(ctx.dataset, ctx.logical_date)
+    imports = (
+        [entry["timestamp"] for entry in ctx.commits(BRONZE_QUARANTINE.name, promoted)] if builds else []
+    )
+    if imports:
+        ready = max(dt.datetime.fromisoformat(b["read_at"]) for b in builds) > max(imports)
+    else:
+        ready = built is not None and built > day
     if not ready:
         log.info(
             "%s of %s built for %s: waiting for a build that holds %s", GOLD_SAMPLES.name, version, built, day

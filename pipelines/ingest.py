@@ -7,8 +7,8 @@ every input reconciles (records read = imported + quarantined, each side counted
 table whose import quarantines more than the budget (``quality.max_quarantine_fraction``) fails the
 step, with an alert, before anything reaches silver.
 ``validate`` runs the GX interactions suite over the dataset's silver interactions: failing rows are
-quarantined with their reasons, and a batch that fails (too many bad rows, empty, duplicates) raises
-``DataQualityError`` after alerting.
+quarantined with their reasons, and a batch that fails (too many bad rows, repeated events among
+them; empty) raises ``DataQualityError`` after alerting.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from spark_jobs.importers.common import (
     repeated_keys,
     str_map,
     to_double,
+    trimmed,
     write_bronze,
 )
 from spark_jobs.lake import Lake
@@ -105,8 +106,8 @@ def _not_object(value: Column) -> Column:
 def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFrame:
     """Review lines -> bronze.interactions rows + ``_reason``/``_raw``."""
     item = F.coalesce(
-        F.when(~blank(F.col("parent_asin")), F.trim("parent_asin")),
-        F.when(~blank(F.col("asin")), F.trim("asin")),
+        F.when(~blank(F.col("parent_asin")), trimmed(F.col("parent_asin"))),
+        F.when(~blank(F.col("asin")), trimmed(F.col("asin"))),
     )
     rating, ts = F.col("rating"), F.trim("timestamp")
     number = to_double(ts)  # a whole float (1588687728923.0) is milliseconds too
@@ -140,7 +141,7 @@ def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
     return lines.select(
         F.lit(dataset).alias("dataset"),
         F.lit(logical_date).alias("logical_date"),
-        F.when(ok, F.trim("user_id")).alias("user_id"),
+        F.when(ok, trimmed(F.col("user_id"))).alias("user_id"),
         F.when(ok, item).alias("item_id"),
         F.when(ok, to_double(rating)).alias("rating"),
         F.lit(None).cast("int").alias("label"),
@@ -162,7 +163,7 @@ def _json_list(col: str, sep: str) -> Column:
 
 def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFrame:
     """Item metadata lines -> bronze.items rows + ``_reason``/``_raw``."""
-    item = F.trim("parent_asin")
+    item = trimmed(F.col("parent_asin"))
     repeated = repeated_keys(F.json_object_keys(F.col("details")))
     ambiguous = F.coalesce(F.size(repeated) > 0, F.lit(False))  # which value is meant is unknown
     reason = first_reason(

@@ -199,9 +199,20 @@ def first_reason(*checks: tuple[Column, Column | str]) -> Column:
     return expr if expr is not None else F.lit(None).cast("string")
 
 
+#: What a text value loses at its ends: not only spaces (all ``F.trim`` strips) but every Unicode
+#: separator (no-break space from spreadsheet exports), control (tab, newline) and format character
+#: (zero-width space, byte-order mark). ``"i42\u00a0"`` would otherwise be an id apart from ``"i42"``.
+_EDGES = r"^[\p{Z}\p{Cc}\p{Cf}]+|[\p{Z}\p{Cc}\p{Cf}]+$"
+
+
+def trimmed(col: Column) -> Column:
+    """``col`` without the separators, controls and format characters at its ends (:data:`_EDGES`)."""
+    return F.regexp_replace(col, _EDGES, "")
+
+
 def blank(col: Column) -> Column:
-    """True for null or whitespace-only strings."""
-    return col.isNull() | (F.trim(col) == "")
+    """True for null strings and strings of nothing but what :func:`trimmed` strips."""
+    return col.isNull() | (trimmed(col) == "")
 
 
 def quoted(col: Column) -> Column:

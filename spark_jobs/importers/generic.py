@@ -63,6 +63,7 @@ from spark_jobs.importers.common import (
     quoted,
     str_map,
     to_double,
+    trimmed,
     undecodable,
     write_bronze,
 )
@@ -132,15 +133,16 @@ def field(name: str) -> Column:
 
 
 def _as_text(f: T.StructField) -> Column:
-    """A Parquet value as the text a CSV would carry: nested values as JSON, and a whole float
-    without ``.0`` or an exponent (pandas stores an integer id column with a missing value as
-    float64: ``42.0`` must still be the id ``42``)."""
+    """A Parquet value as the text a CSV would carry: nested values as JSON, a whole float without
+    ``.0`` or an exponent (pandas stores an integer id column with a missing value as float64: ``42.0``
+    must still be the id ``42``), and NaN or an infinity as missing (not the id ``"NaN"``)."""
     value = field(f.name)
     if isinstance(f.dataType, T.ArrayType | T.MapType | T.StructType):
         return F.to_json(value)
-    if isinstance(f.dataType, T.FloatType | T.DoubleType):
+    if isinstance(f.dataType, T.FloatType | T.DoubleType):  # NaN and infinities: missing, as in a CSV
+        finite = ~F.isnan(value) & (F.abs(value) != F.lit(float("inf")))
         whole = F.when(value == F.floor(value), value.try_cast("decimal(38,0)").cast("string"))
-        return F.coalesce(whole, value.cast("string"))
+        return F.when(finite, F.coalesce(whole, value.cast("string")))
     return value.cast("string")
 
 
@@ -274,7 +276,7 @@ def read_as_strings(
 
 def _col(names: list[str], name: str) -> Column:
     """The column if the input has it, else null."""
-    return F.trim(field(name)) if name in names else F.lit(None).cast("string")
+    return trimmed(field(name)) if name in names else F.lit(None).cast("string")
 
 
 def parse_timestamp(value: Column, unit: str) -> Column:

@@ -461,6 +461,28 @@ def test_generic_parquet_with_nulls_in_keys(spark, lake, tmp_path):
     assert rows["2"].rating is None and rows["2"].label == 1  # NaN is no rating
 
 
+def test_generic_ids_lose_unicode_spaces_and_invisible_characters_at_their_ends(spark, lake, tmp_path):
+    """A spreadsheet export's no-break space, a tab, a zero-width space or a byte-order mark around an
+    id would make it another id than the clean one; an id of nothing but those is missing, and a NaN
+    or infinite float id is missing too (not the id "NaN")."""
+    events = pd.DataFrame(
+        {
+            "user_id": ["u1\u00a0", "\tu1", "\u200bu1\ufeff", "\u00a0\u200b", "u2", "u3"],
+            "item_id": [1.0, 1.0, 1.0, 1.0, float("nan"), float("inf")],
+            "timestamp": [1.7e9 + k for k in range(6)],
+            "rating": [4.0] * 6,
+        }
+    )
+    events.to_parquet(tmp_path / "events.parquet")
+    config = GenericImportConfig(dataset="uni", interactions=str(tmp_path / "events.parquet"))
+    assert counts(import_generic(spark, lake, config, DAY)) == {"events.parquet": (6, 3, 3)}
+    rows = lake.read("bronze.interactions", partitions={"dataset": "uni"}).collect()
+    assert {(r.user_id, r.item_id) for r in rows} == {("u1", "1")}
+    assert reasons(lake, "uni") == Counter(
+        {("bronze.interactions", "missing user_id"): 1, ("bronze.interactions", "missing item_id"): 2}
+    )
+
+
 def test_generic_float_ids_dotted_columns_and_reordered_csv_headers(spark, lake, tmp_path):
     """pandas stores an integer id column with a gap as float64: 42.0 is still the id 42 (not a
     hash of "42.0"), and 12345678.0 not "1.2345678E7". A dotted column name is read literally (into

@@ -248,10 +248,18 @@ def validate(ctx: StepContext) -> dict[str, Any]:
     the history is a hundred times larger.
     """
     from spark_jobs.quality import run_quality_gate
-    from spark_jobs.tables import SILVER_INTERACTIONS
+    from spark_jobs.tables import SILVER_INTERACTIONS, SILVER_ITEMS
 
     label = gate_label(SILVER_INTERACTIONS.name)
     interactions, suite = _silver_interactions(ctx)
+    if (
+        ctx.lake.read(SILVER_ITEMS, partitions={"dataset": ctx.dataset}).isEmpty()
+        and not interactions.isEmpty()
+    ):
+        raise ValueError(
+            f"silver.items has no rows for dataset {ctx.dataset!r}, so every interaction would be quarantined "
+            "as unknown_item: configure source.generic.items (or import the catalogue) and rerun ingest"
+        )
     summary = run_gate(ctx, interactions, suite, label)[1]
     day, day_suite = _silver_interactions(ctx, day=True)
     if day.isEmpty():  # no import today: nothing of its own to judge

@@ -469,3 +469,22 @@ def test_a_day_mostly_rejected_at_import_fails_ingest_before_silver(spark, tmp_p
     }  # fmt: skip
     assert ctx.read_table("bronze.quarantine", rejects, ["reason"])[0].empty
     assert ctx.lake.read("silver.interactions").count() == 10
+
+
+def test_validate_without_a_catalogue_says_to_configure_the_items(spark, tmp_path, monkeypatch) -> None:
+    """A generic source without ``items`` (optional for the importer) leaves silver.items empty:
+    validate says so instead of quarantining every interaction as ``unknown_item``."""
+    from pipelines.config import PipelineConfig
+    from pipelines.steps import run_step
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps({"user_id": "u1", "item_id": f"i{k}", "timestamp": START + k,
+                                          "rating": 4}) + "\n" for k in range(5)))  # fmt: skip
+    source = {"dataset": "bare", "interactions": str(events)}
+    config = PipelineConfig(dataset="bare", source={"kind": "generic", "generic": source})
+    assert run_step("ingest", DAY, config)["silver_rows"]["silver.interactions"] == 5
+    with pytest.raises(
+        ValueError, match=r"silver\.items has no rows for dataset 'bare'.*source\.generic\.items"
+    ):
+        run_step("validate", DAY, config)

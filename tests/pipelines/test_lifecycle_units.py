@@ -162,6 +162,12 @@ def test_pipeline_config_refuses_inconsistent_sections(tmp_path) -> None:
         PipelineConfig.model_validate({"dataset": "shop", "source": {"kind": "generic", "generic": generic}})
     assert PipelineConfig.model_validate({"dataset": "d", "source": {"kind": "generic", "generic": generic}})
     with pytest.raises(
+        ValueError, match=r"rating_range \(0\.5, 10\.0\) differs from the interactions gate's"
+    ):
+        PipelineConfig.model_validate(
+            {"dataset": "d", "source": {"kind": "generic", "generic": {**generic, "rating_range": [0.5, 10]}}}
+        )
+    with pytest.raises(
         ValueError, match=r"quality\.samples\.token_budget=50 \(it is sequences\.token_budget: 300\)"
     ):
         PipelineConfig.model_validate({"quality": {"samples": {"token_budget": 50}}})

@@ -14,11 +14,10 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
-from pipelines.settings import Settings, positive_int_arg
+from pipelines.settings import Settings, masked, positive_int_arg
 from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 
 log = logging.getLogger("hisam")
@@ -287,16 +286,6 @@ def unreachable(err: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
-
-
-def masked(uri: str) -> str:
-    """``uri`` with its password, if any, replaced by ``***`` (in the user info, which ends at the
-    last ``@``, and in a ``password=`` query parameter)."""
-    scheme, sep, rest = uri.partition("://")
-    if sep and "@" in rest:
-        userinfo, host = rest.rsplit("@", 1)
-        rest = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else rest
-    return scheme + sep + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
 if __name__ == "__main__":

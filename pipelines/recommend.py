@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.context import StepContext
-from pipelines.settings import flag, positive_int
+from pipelines.settings import flag, masked, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,10 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     name = ctx.config.models.ranker
     version = alias_version(ctx.mlflow, name, alias)
     if version is None:
-        raise ValueError(f"{name}@{alias} does not exist: run the fine-tuning DAG (or `hisam demo`) first")
+        raise ValueError(
+            f"{name}@{alias} does not exist in the MLflow store {masked(ctx.settings.mlflow_tracking_uri)} "
+            "($HISAM_HOME or $MLFLOW_TRACKING_URI): run the fine-tuning DAG (or `hisam demo`) first"
+        )
     model = load_ranker(f"models:/{name}/{version.version}").unwrap_python_model()
     table, config = model.semantic_ids, model.config.sequence
 

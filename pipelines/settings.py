@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 from hisam_core.config import Config
@@ -75,6 +76,16 @@ def movielens_dir() -> Path:
     """``$HISAM_MOVIELENS_DIR``, else :data:`DEFAULT_MOVIELENS`: what ``hisam demo`` and ``hisam
     evaluate`` read when given no path, wherever they are run from."""
     return Path(os.environ.get("HISAM_MOVIELENS_DIR") or DEFAULT_MOVIELENS).expanduser()
+
+
+def masked(uri: str) -> str:
+    """``uri`` with its password, if any, replaced by ``***`` (in the user info, which ends at the
+    last ``@``, and in a ``password=`` query parameter)."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest:
+        userinfo, host = rest.rsplit("@", 1)
+        rest = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else rest
+    return scheme + sep + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
 def flag(value: str | None, name: str) -> bool:

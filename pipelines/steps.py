@@ -98,7 +98,10 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     found = config_path(path)
     if found is None:
         log.warning(
-            "no pipeline config (--config, $%s, %s): the built-in defaults", CONFIG_ENV, DEFAULT_CONFIG
+            "no pipeline config (--config, $%s, %s): the built-in defaults, at the paper's sizes "
+            "(a non-editable install has no configs/ beside the code)",
+            CONFIG_ENV,
+            DEFAULT_CONFIG,
         )
     try:
         data = PipelineConfig.from_yaml(found).model_dump() if found else {}

@@ -292,7 +292,9 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     assert main(["rollback"]) == 2 and f"{tmp_path / 'a-file'} is not a writable folder" in caplog.text
     (tmp_path / "a-file").unlink()
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
-    with pytest.raises(ValueError, match="champion does not exist"):  # past the param checks: any user id
+    with pytest.raises(
+        ValueError, match=r"champion does not exist in the MLflow store sqlite:"
+    ):  # any user id
         run_step("recommend", "2026-11-01", PipelineConfig(), {"user": "jane@example.com"})
     # the production image's config alerts to a webhook: a read-only step runs without its URL
     monkeypatch.setenv("HISAM_NOTIFY_SINKS", "log,webhook")
@@ -565,7 +567,8 @@ def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplo
     import sqlalchemy.exc
 
     import pipelines.steps as steps
-    from pipelines.cli import main, masked, unreachable
+    from pipelines.cli import main, unreachable
+    from pipelines.settings import masked
 
     def refused(*args, **kwargs):
         cause = ConnectionRefusedError('connection to server at "db", port 5432 failed: Connection refused')

@@ -235,8 +235,10 @@ def file_digest(path: str | None) -> str:
     source that writes the same file again must not make every image be embedded again."""
     if path is None or not path.strip() or ("://" in path and not path.startswith("file://")):
         return ""
+    from hisam_core.encoders.image import local_path
+
     try:
-        with open(path.removeprefix("file://"), "rb") as f:
+        with open(local_path(path), "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
         return "missing"

@@ -22,6 +22,8 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -64,12 +66,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def local_path(image: str | Path) -> Path:
+    """The file of a plain path or a ``file://`` URI (percent-decoded), as importers may write it."""
+    text = str(image)
+    return Path(url2pathname(urlparse(text).path)) if text.startswith("file://") else Path(text)
+
+
 def load_rgb(image: ImageInput) -> tuple[Image.Image | None, str]:
     """Open ``image`` as RGB (:func:`to_rgb`). Returns (image, "") or (None, reason) when missing or
     unreadable, whatever PIL raised: one bad file must not fail a whole batch."""
     if isinstance(image, Image.Image):
         return to_rgb(image), ""
-    path = Path(image)
+    path = local_path(image)
     if not path.is_file():
         return None, "missing file"
     try:

@@ -225,3 +225,18 @@ def test_transformers_encoder_bad_paths(tmp_path):
     with pytest.raises(ValueError, match="DescriptorImageEncoder"):
         ImageEncoder(ImageEncoderConfig())
     assert isinstance(build_image_encoder(ImageEncoderConfig()), DescriptorImageEncoder)
+
+
+def test_a_file_uri_is_the_file_it_names(tmp_path):
+    """The generic importer keeps ``file://`` image paths as given: reading and hashing them must
+    reach the file, not report it missing (every such item would lose its image modality)."""
+    from hisam_core.encoders.image import load_rgb
+    from spark_jobs.embeddings import file_digest
+
+    path = tmp_path / "a poster.png"
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(path)
+    uri = path.resolve().as_uri()  # file:///.../a%20poster.png
+    image, why = load_rgb(uri)
+    assert why == "" and np.asarray(image)[0, 0, 0] == 90
+    assert file_digest(uri) == file_digest(str(path)) not in ("", "missing")
+    assert load_rgb(uri + ".gone") == (None, "missing file") and file_digest(uri + ".gone") == "missing"

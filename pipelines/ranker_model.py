@@ -71,6 +71,8 @@ TOKENIZER_VERSION = "tokenizer_version"
 EXPECTED_TOKENIZER_VERSION = "expected_tokenizer_version"
 TRAINING_RUN_TAG = "training_run_id"
 DEFAULT_CHUNK_SIZE = 1024
+#: What a request may do with history items the packaged table lacks (``params.unknown_history``).
+UNKNOWN_HISTORY = ("drop", "error")
 
 _REQUIREMENTS = ("torch", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml", "tqdm", "mlflow")
 
@@ -172,9 +174,20 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
         return self.semantic_ids.codes[positions].reshape(len(item_ids), self.semantic_ids.num_positions)
 
     def score(
-        self, request: dict[str, Any], what: str = "request", chunk_size: int = DEFAULT_CHUNK_SIZE
+        self,
+        request: dict[str, Any],
+        what: str = "request",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        unknown_history: str = "drop",
     ) -> np.ndarray:
-        """Scores (numpy ``[C]``) of one request row (a mapping with the request columns)."""
+        """Scores (numpy ``[C]``) of one request row (a mapping with the request columns).
+
+        A history item the packaged table has no semantic IDs for (it arrived after this version was
+        packaged or refreshed) is left out, with a warning, before the token budget keeps the most
+        recent ones (as ``hisam recommend`` does); ``unknown_history="error"`` refuses the request
+        instead. An unknown candidate is always an error: it cannot be scored."""
+        if unknown_history not in UNKNOWN_HISTORY:
+            raise ValueError(f"unknown_history must be one of {UNKNOWN_HISTORY}, got {unknown_history!r}")
         if self.ranker is None:
             raise RuntimeError("model not loaded: call load_context or setup first")
         user = int(request["user_id"])
@@ -192,6 +205,16 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
             if value is None or pd.isna(value):
                 raise ValueError(f"{what}: profile column {PROFILE_PREFIX}{name} is missing a value")
             profile[name] = int(value)
+        known = self._index.get_indexer(history_ids) >= 0
+        if unknown_history == "drop" and not known.all():
+            log.warning(
+                "%s: %d history items without semantic IDs in %r left out, e.g. %s",
+                what,
+                int((~known).sum()),
+                self.semantic_ids.version,
+                history_ids[~known][:5].tolist(),
+            )
+            history_ids, actions = history_ids[known], actions[known]
         history = UserHistory(user, self._codes(history_ids, f"{what} history"), actions, profile)
         codes = self._codes(candidates, f"{what} candidates")
         return self.ranker.rank(history, codes, chunk_size=chunk_size).float().cpu().numpy()
@@ -212,8 +235,9 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
         if missing:
             raise ValueError(f"ranker request is missing columns {missing} (has {list(model_input.columns)})")
         chunk_size = int((params or {}).get("chunk_size", DEFAULT_CHUNK_SIZE))
+        unknown_history = str((params or {}).get("unknown_history", "drop"))
         scores = [
-            self.score(row, f"row {label}", chunk_size).tolist()
+            self.score(row, f"row {label}", chunk_size, unknown_history).tolist()
             for label, row in zip(model_input.index, model_input[needed].to_dict("records"), strict=True)
         ]
         return pd.DataFrame({SCORES: scores}, index=model_input.index)
@@ -293,7 +317,9 @@ def log_ranker(
     with warnings.catch_warnings():  # "integer columns cannot hold missing values": intended here
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
         signature = infer_signature(
-            example, wrapper.predict(None, example), params={"chunk_size": DEFAULT_CHUNK_SIZE}
+            example,
+            wrapper.predict(None, example),
+            params={"chunk_size": DEFAULT_CHUNK_SIZE, "unknown_history": "drop"},
         )
     version = semantic_ids.version
     active = mlflow.active_run()

@@ -188,6 +188,15 @@ def test_unknown_items_and_bad_requests_raise(trained: dict) -> None:
     unknown.at[1, "candidate_item_ids"] = [3, 99_999]
     with pytest.raises(ValueError, match=r"row 1 \(user 101\) candidates.*\[99999\]"):
         model.predict(unknown)
+    # a history item newer than the packaged table: left out (as if absent), or refused on request
+    newer, absent = frame.copy(), frame.copy()
+    newer.at[1, "history_item_ids"] = [99_999, *frame.at[1, "history_item_ids"]]
+    newer.at[1, "history_actions"] = [1, *frame.at[1, "history_actions"]]
+    assert model.predict(newer)[SCORES].tolist() == model.predict(absent)[SCORES].tolist()
+    with pytest.raises(ValueError, match=r"row 1 \(user 101\) history.*\[99999\]"):
+        model.predict(newer, params={"unknown_history": "error"})
+    with pytest.raises(ValueError, match=r"unknown_history must be one of \('drop', 'error'\), got 'keep'"):
+        model.predict(frame, params={"unknown_history": "keep"})
     empty = frame.copy()
     empty.at[1, "candidate_item_ids"] = []
     assert model.predict(empty)[SCORES].map(len).tolist() == [7, 0]

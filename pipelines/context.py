@@ -164,12 +164,15 @@ class StepContext:
             cfg = cfg.model_copy(update={"file_path": str(self.settings.alerts_file)})
         return notifier_from_config(cfg)
 
-    def alert(self, title: str, text: str, severity: str = "error", **details: Any) -> None:
-        """Send an alert; a sink failure is logged, never raised over the step's own outcome."""
+    def alert(self, title: str, text: str, severity: str = "error", **details: Any) -> bool:
+        """Send an alert; whether it was delivered. A sink failure is logged, never raised over the
+        step's own outcome."""
         try:
             self.notifier.send(Alert(title, text, severity, "hisam", {"run_key": self.run_key, **details}))
         except Exception:
             log.exception("could not deliver alert %r (%s): %s", title, severity, text)  # still in the log
+            return False
+        return True
 
     @cached_property
     def experiment_id(self) -> str:

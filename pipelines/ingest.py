@@ -194,8 +194,8 @@ def _stop_on_failure(ctx: StepContext, report: Any, source: str, summary: dict[s
 
     if not report.success:
         alert = Alert.from_quality_report(report.to_dict(), source=source)
-        ctx.alert(alert.title, alert.text, "error", report=summary)
-        raise alerted(DataQualityError(report))
+        delivered = ctx.alert(alert.title, alert.text, "error", report=summary)
+        raise alerted(DataQualityError(report), delivered)
 
 
 def gate_label(table: str) -> str:

@@ -62,10 +62,11 @@ class NotificationError(RuntimeError):
     """An alert could not be delivered."""
 
 
-def alerted(error: BaseException) -> BaseException:
+def alerted(error: BaseException, delivered: bool = True) -> BaseException:
     """Mark ``error`` as one its step has already alerted about (with more detail than a failure
-    callback has): the orchestrator's callback then sends no second, generic alert."""
-    error.alerted = True  # type: ignore[attr-defined]
+    callback has), when that alert was ``delivered``: the orchestrator's callback then sends no
+    second, generic alert (and still sends its own when the step's alert was lost)."""
+    error.alerted = delivered  # type: ignore[attr-defined]
     return error
 
 

@@ -456,12 +456,8 @@ def tagged_until(tags: dict[str, str]) -> int | None:
     return int(value) if value else None
 
 
-def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str, ProfileVocabulary]:
-    """(path of the newest PT checkpoint of ``version``, its registered version, its profile
-    vocabulary: none, so no profile tokens, for a PT registered before profiles were wired in)."""
-    import mlflow
-
-    from pipelines.ranker_model import ARTIFACT_CHECKPOINT
+def _newest_pretrained(ctx: StepContext, version: str) -> str:
+    """The newest registered PT version of tokenizer ``version`` (skips when there is none yet)."""
     from pipelines.registry import find_versions
     from pipelines.steps import StepSkipped
 
@@ -472,17 +468,26 @@ def _pretrained_checkpoint(ctx: StepContext, version: str) -> tuple[str, str, Pr
             f"no {name} version for tokenizer {version!r} yet: fine-tuning waits for hisam_pretrain, "
             "which a tokenizer activation triggers (and which then triggers hisam_finetune)"
         )
-    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{found[0].version}")
+    return str(found[0].version)
+
+
+def _pretrained_checkpoint(ctx: StepContext, pt_version: str) -> tuple[str, ProfileVocabulary]:
+    """(path of PT ``pt_version``'s checkpoint, its profile vocabulary: none, so no profile tokens,
+    for a PT registered before profiles were wired in)."""
+    import mlflow
+
+    from pipelines.ranker_model import ARTIFACT_CHECKPOINT
+
+    name = ctx.config.models.pretrained
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{pt_version}")
     path = Path(local) / "artifacts" / "hmat.pt"
     if not path.exists():
-        raise FileNotFoundError(f"{name} v{found[0].version} has no {ARTIFACT_CHECKPOINT} at {path}")
+        raise FileNotFoundError(f"{name} v{pt_version} has no {ARTIFACT_CHECKPOINT} at {path}")
     vocabulary = path.with_name(PROFILE_VOCABULARY)
     if not vocabulary.exists():
-        log.warning(
-            "%s v%s has no profile vocabulary: fine-tuning without profile tokens", name, found[0].version
-        )
-        return str(path), str(found[0].version), ProfileVocabulary({})
-    return str(path), str(found[0].version), ProfileVocabulary.load(vocabulary)
+        log.warning("%s v%s has no profile vocabulary: fine-tuning without profile tokens", name, pt_version)
+        return str(path), ProfileVocabulary({})
+    return str(path), ProfileVocabulary.load(vocabulary)
 
 
 def finetune(ctx: StepContext) -> dict[str, Any]:
@@ -495,7 +500,7 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
     from pipelines.steps import StepSkipped
 
     version = training_tokenizer_version(ctx)
-    init_from, pt_version, vocabulary = _pretrained_checkpoint(ctx, version)
+    pt_version = _newest_pretrained(ctx, version)
     done = _find_run(
         ctx, "finetune", trained=True, tokenizer_version=version, **{PRETRAINED_VERSION: pt_version}
     )
@@ -506,13 +511,19 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
                 f"{ctx.run_key} already fine-tuned {ctx.config.models.pretrained} v{pt_version} (MLflow run "
                 f"{done.info.run_id}), registered as {judged.name} v{judged.version} and {judged.tags['gate']}"
             )
-        log.info("run %s already fine-tuned PT v%s: nothing to train", done.info.run_id, pt_version)
+        log.info(
+            "run %s already fine-tuned PT v%s: nothing to train (param samples_version=%s unused)",
+            done.info.run_id,
+            pt_version,
+            ctx.params.get("samples_version"),
+        )
         return {
             "tokenizer_version": version,
             "pretrained_version": pt_version,
             "mlflow_run_id": done.info.run_id,
             "trained_before": True,
         }
+    init_from, vocabulary = _pretrained_checkpoint(ctx, pt_version)
     pt_tags = ctx.mlflow.get_model_version(ctx.config.models.pretrained, pt_version).tags
     result = _train_stage(
         ctx,

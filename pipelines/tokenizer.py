@@ -351,10 +351,9 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         failures = health_failures(health, ctx)
         if failures:
             mlflow.set_tag("health", "failed")
-            ctx.alert(f"tokenizer {version} failed codebook health", "\n".join(failures), health=health)
-            raise alerted(
-                TokenizerHealthError(f"tokenizer {version} failed codebook health: {'; '.join(failures)}")
-            )
+            title = f"tokenizer {version} failed codebook health"
+            delivered = ctx.alert(title, "\n".join(failures), health=health)
+            raise alerted(TokenizerHealthError(f"{title}: {'; '.join(failures)}"), delivered)
         tags = {"hisam.run_key": ctx.run_key, "delta.version": str(snapshot), ENCODERS: encoders_tag(ctx)}
         cut = trained_behaviour_cut(ctx, snapshot, features.item_ids)
         if cut is None:

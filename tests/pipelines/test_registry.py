@@ -553,7 +553,10 @@ def test_a_second_fine_tune_of_the_day_from_the_same_pt_trains_nothing(
     trained: list[str] = []
     pt = {"v": "3"}
     monkeypatch.setattr(ranker, "training_tokenizer_version", lambda ctx: "dst-1")
-    monkeypatch.setattr(ranker, "_pretrained_checkpoint", lambda ctx, version: ("pt.pt", pt["v"], None))
+    monkeypatch.setattr(ranker, "_newest_pretrained", lambda ctx, version: pt["v"])
+    monkeypatch.setattr(  # nothing is downloaded to decide that nothing is to be trained
+        ranker, "_pretrained_checkpoint", lambda ctx, v: ("pt.pt", None) if v == "4" else pytest.fail(v)
+    )
     monkeypatch.setattr(
         ranker, "_train_stage", lambda ctx, stage, *a, **k: trained.append(k["pretrained"]) or {}
     )

@@ -186,7 +186,7 @@ def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFra
     base_keys = F.array(*[F.lit(k) for k in ("main_category", "store", "features", "description")])
     details = F.map_filter(
         F.coalesce(details, F.create_map().cast("map<string,string>")),
-        lambda k, v: ~F.array_contains(base_keys, k) & v.isNotNull() & (F.trim(v) != ""),
+        lambda k, v: ~F.array_contains(base_keys, k) & ~blank(v),
     )
     images = F.coalesce(F.from_json(F.col("images"), IMAGE), F.array().cast(IMAGE))
     main = F.coalesce(F.get(F.filter(images, lambda x: x["variant"] == "MAIN"), 0), F.get(images, 0))
@@ -195,7 +195,7 @@ def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFra
         F.lit(dataset).alias("dataset"),
         F.lit(logical_date).alias("logical_date"),
         F.when(ok, item).alias("item_id"),
-        F.when(~blank(F.col("title")), F.trim("title")).alias("title"),
+        F.when(~blank(F.col("title")), trimmed(F.col("title"))).alias("title"),
         F.filter(F.coalesce(categories, F.array().cast(STRINGS)), lambda c: c.isNotNull()).alias(
             "categories"
         ),

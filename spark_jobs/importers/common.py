@@ -237,7 +237,7 @@ def str_map(pairs: Sequence[tuple[str, Column]]) -> Column:
     if not pairs:
         return F.create_map().cast("map<string,string>")
     m = F.create_map(*[c for name, col in pairs for c in (F.lit(name), col.cast("string"))])
-    return F.map_filter(m, lambda _k, v: v.isNotNull() & (F.trim(v) != ""))
+    return F.map_filter(m, lambda _k, v: ~blank(v))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -373,7 +373,7 @@ def _categories(value: Column) -> Column:
     split = F.split(value, r"\|")
     arr = F.when(value.startswith("["), as_list).otherwise(split)
     return F.filter(
-        F.transform(F.coalesce(arr, F.array().cast("array<string>")), F.trim),
+        F.transform(F.coalesce(arr, F.array().cast("array<string>")), trimmed),
         lambda c: c.isNotNull() & (c != ""),
     )
 
@@ -413,7 +413,7 @@ def parse_items(
         F.when(ok, item).alias("item_id"),
         F.when(~blank(title), title).alias("title"),
         categories.alias("categories"),
-        str_map([(c, F.trim(field(c))) for c in text_columns]).alias("attributes"),
+        str_map([(c, trimmed(field(c))) for c in text_columns]).alias("attributes"),
         _resolve_path(_col(names, "image_path"), root).alias("image_path"),
         F.when(~blank(_col(names, "image_url")), _col(names, "image_url")).alias("image_url"),
         F.lit(None).cast("string").alias("extra"),
@@ -439,7 +439,7 @@ def parse_users(
         F.lit(config.dataset).alias("dataset"),
         F.lit(logical_date).alias("logical_date"),
         F.when(reason.isNull(), user).alias("user_id"),
-        str_map([(c, F.trim(field(c))) for c in profile]).alias("attributes"),
+        str_map([(c, trimmed(field(c))) for c in profile]).alias("attributes"),
         "source_file",
         LINE,
         reason.alias(REASON),

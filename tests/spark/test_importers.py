@@ -464,7 +464,8 @@ def test_generic_parquet_with_nulls_in_keys(spark, lake, tmp_path):
 def test_generic_ids_lose_unicode_spaces_and_invisible_characters_at_their_ends(spark, lake, tmp_path):
     """A spreadsheet export's no-break space, a tab, a zero-width space or a byte-order mark around an
     id would make it another id than the clean one; an id of nothing but those is missing, and a NaN
-    or infinite float id is missing too (not the id "NaN")."""
+    or infinite float id is missing too (not the id "NaN"). Titles, categories and attributes lose them
+    as well."""
     events = pd.DataFrame(
         {
             "user_id": ["u1\u00a0", "\tu1", "\u200bu1\ufeff", "\u00a0\u200b", "u2", "u3"],
@@ -474,8 +475,19 @@ def test_generic_ids_lose_unicode_spaces_and_invisible_characters_at_their_ends(
         }
     )
     events.to_parquet(tmp_path / "events.parquet")
-    config = GenericImportConfig(dataset="uni", interactions=str(tmp_path / "events.parquet"))
-    assert counts(import_generic(spark, lake, config, DAY)) == {"events.parquet": (6, 3, 3)}
+    items = pd.DataFrame({"item_id": ["1\u00a0"], "title": ["Film\u00a0"], "genres": ["Drama\u00a0|\tComedy"],
+                          "plot": ["\u200bA plot.\ufeff"], "tagline": ["\u00a0"]})  # fmt: skip
+    items.to_parquet(tmp_path / "items.parquet")
+    config = GenericImportConfig(
+        dataset="uni", interactions=str(tmp_path / "events.parquet"), items=str(tmp_path / "items.parquet")
+    )
+    assert counts(import_generic(spark, lake, config, DAY)) == {
+        "events.parquet": (6, 3, 3),
+        "items.parquet": (1, 1, 0),
+    }
+    (item,) = lake.read("bronze.items", partitions={"dataset": "uni"}).collect()
+    assert (item.item_id, item.title, item.categories) == ("1", "Film", ["Drama", "Comedy"])
+    assert item.attributes == {"plot": "A plot."}  # an attribute of nothing but spaces is left out
     rows = lake.read("bronze.interactions", partitions={"dataset": "uni"}).collect()
     assert {(r.user_id, r.item_id) for r in rows} == {("u1", "1")}
     assert reasons(lake, "uni") == Counter(

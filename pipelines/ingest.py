@@ -66,35 +66,45 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
     """Hold each bronze table's import to the quarantine budget (``quality.max_quarantine_fraction``),
     before anything reaches silver. ``validate`` judges the rows an import kept, so a day whose
     records were mostly rejected here (a changed timestamp format) would pass it: all rejected, it
-    looks like a day without an import. The rejects stay in ``bronze.quarantine``; a rerun of the
-    day with a repaired source replaces them."""
+    looks like a day without an import. Repeated records (``duplicate ...``) do not count: nothing of
+    theirs is lost. Every table over budget alerts; the rejects stay in ``bronze.quarantine``, and a
+    rerun of the day with a repaired source replaces them."""
     from pyspark.sql import functions as F
 
+    from pipelines.notify import Alert, alerted
+    from spark_jobs.quality import DataQualityError
     from spark_jobs.quality.report import ExpectationOutcome, QualityReport
     from spark_jobs.tables import BRONZE_QUARANTINE
 
     limit = ctx.config.quality.max_quarantine_fraction
+    failed: list[tuple[QualityReport, bool]] = []
     for table, n in counts.items():
-        if n["quarantined"] <= limit * n["in"]:
+        if n["quarantined"] <= limit * n["in"]:  # a cheap bound first: most days stop here
             continue
         part = {"dataset": ctx.dataset, "target_table": table, "logical_date": ctx.logical_date}
-        reasons = ctx.lake.read(BRONZE_QUARANTINE, partitions=part).groupBy("reason").count()
+        rejected = ctx.lake.read(BRONZE_QUARANTINE, partitions=part)
+        reasons = rejected.filter(~F.col("reason").startswith("duplicate ")).groupBy("reason").count()
+        if (lost := reasons.agg(F.sum("count")).first()[0] or 0) <= limit * n["in"]:
+            continue
         top = {
             r["reason"]: int(r["count"])
             for r in reasons.orderBy(F.desc("count"), "reason").limit(5).collect()
         }
         if (rest := n["quarantined"] - sum(top.values())) > 0:
-            top["(other reasons)"] = rest
+            top["(other reasons, repeated records among them)"] = rest
         share = ExpectationOutcome(
             "import_quarantine_share_at_most",
-            {"table": table, "max_fraction": limit},
+            {"table": table, "max_fraction": limit, "repeated_records_excluded": True},
             success=False,
-            unexpected_count=n["quarantined"],
-            unexpected_percent=100.0 * n["quarantined"] / n["in"],
+            unexpected_count=lost,
+            unexpected_percent=100.0 * lost / n["in"],
         )
         kept = n["imported"] + n.get("merged", 0)
         report = QualityReport(f"import:{table}", n["in"], kept, n["quarantined"], top, top, [share])
-        _stop_on_failure(ctx, report, f"ingest:{table}", report.to_dict())
+        alert = Alert.from_quality_report(report.to_dict(), source=f"ingest:{table}")
+        failed.append((report, ctx.alert(alert.title, alert.text, "error", report=report.to_dict())))
+    if failed:  # the first table's report; each alerted with its own
+        raise alerted(DataQualityError(failed[0][0]), all(delivered for _, delivered in failed))
 
 
 def _per_table(sources: list[Any]) -> dict[str, dict[str, int]]:

@@ -78,8 +78,9 @@ class ImportReport:
     retracted: dict[str, int] = field(default_factory=dict)
 
     def imported(self, table: str) -> int:
-        """Rows written into ``table`` by this run (over all its inputs)."""
-        return sum(s.imported for s in self.sources if s.table == table)
+        """Rows written into ``table`` by this run (over all its inputs; records merged into
+        another input's rows are not rows of their own)."""
+        return sum(s.imported for s in self.sources if s.table == table and not s.merged)
 
     def quarantined(self, table: str | None = None) -> int:
         return sum(s.quarantined for s in self.sources if table is None or s.table == table)
@@ -98,9 +99,9 @@ class ImportReport:
     def summary(self) -> str:
         lines = [f"import {self.dataset} @ {self.logical_date}:"]
         for s in self.sources:
+            kept = "merged into its rows" if s.merged else "imported"
             lines.append(
-                f"  {s.source} -> {s.table}: {s.records_in} in, {s.imported} imported, "
-                f"{s.quarantined} quarantined"
+                f"  {s.source} -> {s.table}: {s.records_in} in, {s.imported} {kept}, {s.quarantined} quarantined"
             )
         lines.extend(f"  {t} version {v}" for t, v in sorted(self.versions.items()))
         lines.extend(f"  {t}: {n} rows retracted" for t, n in sorted(self.retracted.items()) if n)

@@ -67,6 +67,7 @@ def test_movielens_bundle_imports_completely(spark, lake, movielens_dir):
         "item_extra.tsv": (1_397, 1_397, 0),
     }
     assert {Path(s.source).name for s in bronze.sources if s.merged} == {"item_extra.tsv"}  # into u.item
+    assert bronze.imported("bronze.items") == 1_682 and "1397 merged into its rows" in bronze.summary()
     assert (silver.imported("silver.interactions"), silver.imported("silver.items")) == (100_000, 1_682)
     assert (silver.imported("silver.users"), silver.quarantined()) == (943, 0)
     items = lake.read("silver.items")

@@ -225,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ[THREADS_ENV] = str(args.threads)
     apply_torch_threads()
-    try:
-        Settings.from_env().check_home()
+    writes_home = args.command != "recommend" and not {"-h", "--help"} & set(forwarded)
+    try:  # recommend writes nothing, and may read only remote stores
+        if writes_home:
+            Settings.from_env().check_home()
     except ValueError as err:
         log.error("%s", err)
         return 2

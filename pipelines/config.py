@@ -138,10 +138,10 @@ class PipelineConfig(Config):
                 f"source.generic.dataset {generic.dataset!r} differs from dataset {self.dataset!r}: the "
                 "pipeline imports under dataset; set both to the same name"
             )
-        gate = self.quality.interactions
-        if generic is not None and generic.rating_range not in (None, (gate.rating_min, gate.rating_max)):
+        gate, ratings = self.quality.interactions, generic.rating_range if generic else None
+        if ratings is not None and (ratings[0] < gate.rating_min or ratings[1] > gate.rating_max):
             raise ValueError(  # else bronze keeps ratings the interactions gate then quarantines
-                f"source.generic.rating_range {generic.rating_range} differs from the interactions gate's "
+                f"source.generic.rating_range {ratings} is wider than the interactions gate's "
                 f"[quality.interactions.rating_min, rating_max] = [{gate.rating_min}, {gate.rating_max}]"
             )
         self._check_derived_quality_rules()

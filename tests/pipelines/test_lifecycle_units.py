@@ -162,11 +162,13 @@ def test_pipeline_config_refuses_inconsistent_sections(tmp_path) -> None:
         PipelineConfig.model_validate({"dataset": "shop", "source": {"kind": "generic", "generic": generic}})
     assert PipelineConfig.model_validate({"dataset": "d", "source": {"kind": "generic", "generic": generic}})
     with pytest.raises(
-        ValueError, match=r"rating_range \(0\.5, 10\.0\) differs from the interactions gate's"
+        ValueError, match=r"rating_range \(0\.5, 10\.0\) is wider than the interactions gate's"
     ):
         PipelineConfig.model_validate(
             {"dataset": "d", "source": {"kind": "generic", "generic": {**generic, "rating_range": [0.5, 10]}}}
         )
+    stricter = {"dataset": "d", "source": {"kind": "generic", "generic": {**generic, "rating_range": [2, 5]}}}
+    assert PipelineConfig.model_validate(stricter).source.generic.rating_range == (2.0, 5.0)
     with pytest.raises(
         ValueError, match=r"quality\.samples\.token_budget=50 \(it is sequences\.token_budget: 300\)"
     ):
@@ -288,6 +290,9 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     for argv in (["rollback"], ["evaluate", "--render"], ["run", "ingest"]):
         assert main(argv) == 2
     assert caplog.text.count(f"HISAM_HOME {tmp_path / 'a-file'} is a file, not a folder") == 3
+    with pytest.raises(SystemExit) as shown:
+        main(["evaluate", "--help"])  # help needs no home
+    assert shown.value.code == 0
     monkeypatch.setenv("HISAM_HOME", str(tmp_path / "a-file" / "below"))
     assert main(["rollback"]) == 2 and f"{tmp_path / 'a-file'} is not a writable folder" in caplog.text
     (tmp_path / "a-file").unlink()

@@ -15,7 +15,8 @@ from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, SKIP_WITHOUT_TO
 
 @dag(
     dag_id="hisam_features",
-    schedule=CronTriggerTimetable("0 0 * * *", timezone="UTC"),  # not "@daily": its meaning follows a setting
+    # named, not "@daily": that preset's meaning follows [scheduler] create_cron_data_intervals
+    schedule=CronTriggerTimetable("0 0 * * *", timezone="UTC"),
     doc_md=__doc__,
     **DAG_DEFAULTS,
 )

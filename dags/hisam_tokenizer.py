@@ -18,9 +18,8 @@ VERSION = {"tokenizer_version": "dst-{ds_nodash}"}
 
 @dag(
     dag_id="hisam_tokenizer",
-    schedule=CronTriggerTimetable(
-        "0 0 1 * *", timezone="UTC"
-    ),  # not "@monthly": its meaning follows a setting
+    # named, not "@monthly": that preset's meaning follows [scheduler] create_cron_data_intervals
+    schedule=CronTriggerTimetable("0 0 1 * *", timezone="UTC"),
     doc_md=__doc__,
     **DAG_DEFAULTS,
 )

@@ -146,11 +146,12 @@ class StepContext:
                 raise
             raise ValueError(f"lake table {table} has no version {version}; its latest is {latest}") from err
         spec, stored = get_table(table), stored_schema(delta)
-        undeclared = [c for c in columns or [] if c not in stored.fieldNames() and c not in spec.columns]
+        names = stored.fieldNames()
+        undeclared = [c for c in columns or [] if c not in names and c not in spec.columns]
         if undeclared:
             raise ValueError(f"lake table {table} has no columns {undeclared}")
         missing = spec.added_since(stored, columns)
-        read = None if columns is None else [c for c in columns if c in stored.fieldNames()]
+        read = None if columns is None else [c for c in columns if c in names]
         frame = delta.to_pandas(columns=read, filters=_matching(partitions, where or {}))
         if missing:  # declared since this version was written (spark_jobs.tables): null, as Lake.read
             frame = frame.assign(**dict.fromkeys(missing))

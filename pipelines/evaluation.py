@@ -5,8 +5,8 @@ Runs :func:`hisam_core.evaluation.harness.run_evaluation` on MovieLens-100K (fea
 (``--config``), and writes ``quality.json``, ``quality.md`` (tables: mean ± sample std over seeds, the
 target check, then the hand-written ``quality_findings.md`` if one sits beside them) and
 ``quality_scaling.png`` (GAUC against HMAT depth and against the token budget). ``--workers N`` runs
-the (experiment, seed) jobs in N processes of ``threads`` torch threads each (``hisam --threads``,
-``HISAM_TORCH_THREADS`` or the YAML's ``threads``); ``--reuse`` keeps the runs of an
+the (experiment, seed) jobs in N processes of ``threads`` torch threads each (``--threads``, else the
+YAML's ``threads``, else ``hisam --threads`` / ``HISAM_TORCH_THREADS``); ``--reuse`` keeps the runs of an
 earlier ``quality.json`` of the same data, budget and features, and runs only the missing ones;
 ``--mlflow`` logs one MLflow run per (experiment, seed) to the experiment ``hisam-evaluation`` plus a
 summary run with the report and the plot as artifacts. ``benchmarks/quality.py`` is the same command

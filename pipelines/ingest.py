@@ -40,7 +40,7 @@ def _import_report(ctx: StepContext) -> Any:
             users=str(out.users),
         )
     else:
-        generic = source.generic.model_copy(update={"dataset": ctx.dataset})  # type: ignore[union-attr]
+        generic = source.generic  # its dataset is ctx.dataset (PipelineConfig refuses another)
     return import_generic(ctx.lake.spark, ctx.lake, generic, ctx.logical_date)
 
 

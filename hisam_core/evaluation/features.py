@@ -150,12 +150,22 @@ def chronological_cutoff(timestamps: np.ndarray, quantile: float) -> int:
 
 
 # -------------------------------------------------------------------------------------------- cache
-def _fingerprint(path: Path) -> str | None:
-    """SHA-256 over a file's bytes, or over a folder's relative file names and bytes (None if absent)."""
+#: What a local transformers model folder holds that changes its outputs: weights, configs (model,
+#: tokenizer, processor) and vocabularies. ``config.json`` alone misses weights fine-tuned in place.
+MODEL_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
+
+
+def _fingerprint(path: Path, suffixes: tuple[str, ...] | None = None) -> str | None:
+    """SHA-256 over a file's bytes, or over a folder's relative file names and bytes (only files
+    ending in ``suffixes`` when given); None if absent."""
     if not path.exists():
         return None
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file() and (suffixes is None or p.name.endswith(suffixes)))
+        if path.is_dir()
+        else [path]
+    )
     for file in files:
         digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
         digest.update(file.read_bytes())
@@ -173,10 +183,10 @@ def cache_key(data_dir: Path, cutoff_quantile: float, config: EncodersConfig) ->
         ],
         "cutoff_quantile": cutoff_quantile,
         "config": config.model_dump(mode="json"),
-        "text_model": _fingerprint(Path(text_model) / "config.json")
+        "text_model": _fingerprint(Path(text_model), MODEL_FILES)
         if Path(text_model).exists()
         else text_model,
-        "image_model": _fingerprint(Path(image_model) / "config.json") if image_model else None,
+        "image_model": _fingerprint(Path(image_model), MODEL_FILES) if image_model else None,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

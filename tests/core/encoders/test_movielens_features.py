@@ -63,3 +63,19 @@ def test_cache_roundtrip_and_key(tmp_path, movielens_dir):
     assert cache_key(movielens_dir, 0.9, cfg) != cache_key(movielens_dir, 0.8, cfg)
     cfg.behavior.epochs = 1
     assert cache_key(movielens_dir, 0.9, cfg) != cache_key(movielens_dir, 0.9, EncodersConfig())
+
+
+def test_the_cache_key_changes_with_the_text_models_weights(tmp_path, movielens_dir):
+    """A model fine-tuned in place keeps its config.json: its weights must change the key all the
+    same (and a README beside them must not)."""
+    model = tmp_path / "minilm"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    cfg = EncodersConfig()
+    cfg.text.model_name_or_path = str(model)
+    first = cache_key(movielens_dir, 0.9, cfg)
+    (model / "README.md").write_text("notes")
+    assert cache_key(movielens_dir, 0.9, cfg) == first
+    (model / "model.safetensors").write_bytes(b"weights v2")
+    assert cache_key(movielens_dir, 0.9, cfg) != first

@@ -66,12 +66,13 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
     """Hold each bronze table's import to the quarantine budget (``quality.max_quarantine_fraction``),
     before anything reaches silver. ``validate`` judges the rows an import kept, so a day whose
     records were mostly rejected here (a changed timestamp format) would pass it: all rejected, it
-    looks like a day without an import. Repeated records (``duplicate ...``) do not count: nothing of
-    theirs is lost. Every table over budget alerts; the rejects stay in ``bronze.quarantine``, and a
+    looks like a day without an import. Repeated records (a duplicate with the kept row's values) do
+    not count: nothing of theirs is lost; a duplicate id with other values does. Every table over budget alerts; the rejects stay in ``bronze.quarantine``, and a
     rerun of the day with a repaired source replaces them."""
     from pyspark.sql import functions as F
 
     from pipelines.notify import Alert, alerted
+    from spark_jobs.importers.common import OTHER_VALUES
     from spark_jobs.quality import DataQualityError
     from spark_jobs.quality.report import ExpectationOutcome, QualityReport
     from spark_jobs.tables import BRONZE_QUARANTINE
@@ -83,7 +84,8 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
             continue
         part = {"dataset": ctx.dataset, "target_table": table, "logical_date": ctx.logical_date}
         rejected = ctx.lake.read(BRONZE_QUARANTINE, partitions=part)
-        reasons = rejected.filter(~F.col("reason").startswith("duplicate ")).groupBy("reason").count()
+        repeated = F.col("reason").startswith("duplicate ") & ~F.col("reason").endswith(OTHER_VALUES)
+        reasons = rejected.filter(~repeated).groupBy("reason").count()
         if (lost := reasons.agg(F.sum("count")).first()[0] or 0) <= limit * n["in"]:
             continue
         top = {
@@ -92,6 +94,7 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
         }
         if (rest := n["quarantined"] - sum(top.values())) > 0:
             top["(other reasons, repeated records among them)"] = rest
+        log.info("%s: %d repeated records not counted against the budget", table, n["quarantined"] - lost)
         share = ExpectationOutcome(
             "import_quarantine_share_at_most",
             {"table": table, "max_fraction": limit, "repeated_records_excluded": True},

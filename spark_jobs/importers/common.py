@@ -382,8 +382,14 @@ def write_parsed(
 write_bronze = write_parsed
 
 
+#: How a duplicate's reason ends when its values differ from the kept row's.
+OTHER_VALUES = " with other values"
+
+
 def flag_duplicates(rows: DataFrame, keys: Sequence[str], what: str) -> DataFrame:
-    """Give every good row after the first with the same ``keys`` the reason "duplicate <what> <keys>".
+    """Give every good row after the first with the same ``keys`` the reason "duplicate <what> <keys>",
+    ending in :data:`OTHER_VALUES` when its parsed values differ from the kept row's (a conflict,
+    not a repeated record).
 
     "First" is input order (``source_file``, ``_line``) when ``rows`` has ``_line``, else the
     order of ``_raw``; either way the same row is kept on every rerun.
@@ -391,10 +397,12 @@ def flag_duplicates(rows: DataFrame, keys: Sequence[str], what: str) -> DataFram
     key_text = F.concat_ws(", ", *[F.col(k).cast("string") for k in keys])
     good = F.col(REASON).isNull()
     order = ["source_file", LINE, RAW] if LINE in rows.columns else [RAW]
-    rank = F.row_number().over(Window.partitionBy(good, *keys).orderBy(*order))
+    window = Window.partitionBy(good, *keys).orderBy(*order)
+    values = F.to_json(F.struct(*[c for c in rows.columns if c not in (REASON, RAW, LINE, "source_file")]))
+    same = values == F.first(values).over(window)
+    reason = F.concat(F.lit(f"duplicate {what} "), key_text, F.when(~same, F.lit(OTHER_VALUES)).otherwise(""))
     return rows.withColumn(
-        REASON,
-        F.when(good & (rank > 1), F.concat(F.lit(f"duplicate {what} "), key_text)).otherwise(F.col(REASON)),
+        REASON, F.when(good & (F.row_number().over(window) > 1), reason).otherwise(F.col(REASON))
     )
 
 

@@ -433,7 +433,8 @@ def test_a_day_mostly_rejected_at_import_fails_ingest_before_silver(spark, tmp_p
     """8 of 10 events with a timestamp format the importer does not read: 80 % of the import is
     quarantined, over the 1 % budget. ``validate`` could not see it (it judges the rows kept), so
     ingest stops before silver and alerts with the reasons; the repaired rerun replaces the rejects.
-    Repeated records do not count: two more copies of the one item lose nothing."""
+    Repeated records do not count: two more copies of the one item lose nothing. Two more records of
+    it with another title do: they conflict with the kept one."""
     from pipelines.config import PipelineConfig
     from pipelines.context import StepContext
     from pipelines.steps import run_step
@@ -471,6 +472,10 @@ def test_a_day_mostly_rejected_at_import_fails_ingest_before_silver(spark, tmp_p
     assert repaired["bronze.items"] == {"in": 3, "imported": 1, "quarantined": 2}
     assert ctx.read_table("bronze.quarantine", rejects, ["reason"])[0].empty
     assert ctx.lake.read("silver.interactions").count() == 10
+    conflicting = [{"item_id": "i1", "title": title} for title in ("Film", "Film II", "Film III")]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conflicting))
+    with pytest.raises(DataQualityError, match=r"'import:bronze.items': FAILED; 3 rows in = 1 valid"):
+        run_step("ingest", DAY, config)
 
 
 def test_validate_without_a_catalogue_says_to_configure_the_items(spark, tmp_path, monkeypatch) -> None:

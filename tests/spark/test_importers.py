@@ -119,8 +119,8 @@ def test_movielens_layout_with_defects_is_quarantined_exactly(spark, lake, tmp_p
             ("bronze.items", "genre flags must be 0/1, got 0000000020000000000"): 1,
             ("bronze.items", "item_id 'x' is not an integer"): 1,
             ("bronze.items", "expected 24 pipe-separated fields, got 3"): 1,
-            ("bronze.items", "duplicate item_id 2"): 1,
-            ("bronze.items", "duplicate item_extra row for item_id 2"): 1,
+            ("bronze.items", "duplicate item_id 2 with other values"): 1,
+            ("bronze.items", "duplicate item_extra row for item_id 2 with other values"): 1,
             ("bronze.items", "no valid u.item row for item_id 99"): 1,
             ("bronze.items", "no valid u.item row for item_id 3"): 1,
             ("bronze.items", "item_id 'abc' is not an integer"): 1,
@@ -216,7 +216,7 @@ def test_amazon_jsonl_fixture(spark, lake):
             ("bronze.interactions", "timestamp 'yesterday' is not unix milliseconds"): 1,
             ("bronze.items", "malformed JSON"): 1,
             ("bronze.items", "missing parent_asin"): 1,
-            ("bronze.items", "duplicate parent_asin B0FIXP0003"): 1,
+            ("bronze.items", "duplicate parent_asin B0FIXP0003 with other values"): 1,
             # Spark fails the whole job on a map with a repeated key; here only the line is held back
             ("bronze.items", "repeated keys in details: Director, Studio"): 1,
         }
@@ -303,7 +303,7 @@ CSV_REASONS = Counter(
         ("bronze.interactions", "label '2' is not 0 or 1"): 1,
         ("bronze.interactions", "malformed record (field count, quoting or JSON)"): 2,
         ("bronze.items", "missing item_id"): 1,
-        ("bronze.items", "duplicate item_id i1"): 1,
+        ("bronze.items", "duplicate item_id i1 with other values"): 1,
     }
 )
 

@@ -64,6 +64,7 @@ def train_seeds(home: Path, seeds: list[int]) -> tuple[list[dict[str, float]], d
     from hisam_core.ranker.train import train
     from pipelines.context import StepContext
     from pipelines.ranker import (
+        _newest_pretrained,
         _pretrained_checkpoint,
         _ranker_config,
         encode_profiles,
@@ -79,7 +80,8 @@ def train_seeds(home: Path, seeds: list[int]) -> tuple[list[dict[str, float]], d
     config = load_config(home / "demo_pipeline.yaml")
     ctx = StepContext(config, dt.date.today())
     version = current_tokenizer_version(ctx)
-    init_from, pt_version, vocabulary = _pretrained_checkpoint(ctx, version)
+    pt_version = _newest_pretrained(ctx, version)
+    init_from, vocabulary = _pretrained_checkpoint(ctx, pt_version)
     frame, snapshot = load_samples(ctx, version)
     ids = semantic_ids_of(ctx, version)
     profile_frame, _ = load_profiles(ctx, vocabulary.fields) if vocabulary.fields else (None, None)

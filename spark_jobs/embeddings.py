@@ -38,7 +38,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -118,10 +118,16 @@ class EmbeddingJobConfig(Config):
     num_partitions: int | None = Field(None, ge=1)
     #: torch threads per Python worker (avoid oversubscribing cores); None leaves torch's default.
     torch_threads: int | None = Field(1, ge=1)
-    #: Where each Python worker runs a transformers encoder. None: CUDA when the worker has one, but
-    #: every worker (one per core) then loads its own copy of the model onto it. Not part of an
-    #: encoder's fingerprint: it changes where rows are computed, not what they mean.
-    device: str | None = "cpu"
+    #: Where each Python worker runs a transformers encoder: ``cpu``, ``cuda``, ``cuda:N``, or ``auto``
+    #: (None), CUDA when the worker has one, but every worker (one per core) then loads its own copy
+    #: of the model onto it. Not part of an encoder's fingerprint: it changes where rows are
+    #: computed, not what they mean.
+    device: str | None = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|auto)$")
+
+    @field_validator("device")
+    @classmethod
+    def _auto(cls, value: str | None) -> str | None:
+        return None if value == "auto" else value
 
 
 class HashingTextEncoder:

@@ -22,7 +22,6 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
-from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import numpy as np
@@ -67,9 +66,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def local_path(image: str | Path) -> Path:
-    """The file of a plain path or a ``file://`` URI (percent-decoded), as importers may write it."""
+    """The file of a plain path or a ``file://`` URI of this host (``file:///x``, ``file://localhost/x``;
+    percent-decoded), as importers may write it. A ``#`` or ``?`` is part of the name, as in a path."""
     text = str(image)
-    return Path(url2pathname(urlparse(text).path)) if text.startswith("file://") else Path(text)
+    if not text.startswith("file://"):
+        return Path(text)
+    rest = text.removeprefix("file://")
+    rest = rest.removeprefix("localhost") if rest.startswith("localhost/") else rest
+    if not rest.startswith("/"):  # file://otherhost/x: not a file here (reported missing)
+        return Path(text)
+    return Path(url2pathname(rest))
 
 
 def load_rgb(image: ImageInput) -> tuple[Image.Image | None, str]:

@@ -234,11 +234,11 @@ def to_double(col: Column) -> Column:
 
 
 def str_map(pairs: Sequence[tuple[str, Column]]) -> Column:
-    """``map<string,string>`` of the non-blank values, keys in the given order."""
+    """``map<string,string>`` of the non-blank values, :func:`trimmed`, keys in the given order."""
     if not pairs:
         return F.create_map().cast("map<string,string>")
     m = F.create_map(*[c for name, col in pairs for c in (F.lit(name), col.cast("string"))])
-    return F.map_filter(m, lambda _k, v: ~blank(v))
+    return F.transform_values(F.map_filter(m, lambda _k, v: ~blank(v)), lambda _k, v: trimmed(v))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 import numpy as np
+import pandas as pd
 import pytest
 from deltalake import DeltaTable
 from PIL import Image
@@ -174,3 +175,29 @@ def test_default_text_encoder_is_wired():
 def test_unknown_kind_is_a_clear_error():
     with pytest.raises(ValueError, match="expected 'default', 'hashing' or 'module:factory'"):
         build_encoder(EncoderSpec(modality="text", kind="nonsense"))
+
+
+def test_the_jobs_device_reaches_the_workers_encoder(monkeypatch):
+    """What ``_encode_partitions`` ships to the Spark workers builds the encoder on the job's device
+    (``auto`` is None: CUDA when the worker has one), once per worker, spec and device."""
+    from pydantic import ValidationError
+
+    from spark_jobs import embeddings
+
+    built: list[str | None] = []
+
+    def fake(spec, device=None):
+        built.append(device)
+        return HashingTextEncoder(8)
+
+    monkeypatch.setattr(embeddings, "build_encoder", fake)
+    monkeypatch.setattr(embeddings, "_ENCODERS", {})
+    spec_json = EncoderSpec(modality="text", kind="hashing").model_dump_json()
+    frame = pd.DataFrame({"dataset": ["ds"], "item_id": [1], "input": ["a film"], "input_hash": ["h"]})
+    for device in ("cpu", "auto", "cpu"):
+        job = EmbeddingJobConfig(device=device, torch_threads=None)
+        out = list(embeddings._encode_partitions(spec_json, job)(iter([frame])))
+        assert len(out) == 1 and out[0]["present"].tolist() == [True]
+    assert built == ["cpu", None]  # the second cpu job reused the worker's encoder
+    with pytest.raises(ValidationError, match="device"):
+        EmbeddingJobConfig(device="gpu")

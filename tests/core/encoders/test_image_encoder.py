@@ -240,3 +240,8 @@ def test_a_file_uri_is_the_file_it_names(tmp_path):
     assert why == "" and np.asarray(image)[0, 0, 0] == 90
     assert file_digest(uri) == file_digest(str(path)) not in ("", "missing")
     assert load_rgb(uri + ".gone") == (None, "missing file") and file_digest(uri + ".gone") == "missing"
+    odd = tmp_path / "poster#1?.png"  # a # or ? is part of the file name, as in a plain path
+    Image.fromarray(np.full((8, 8, 3), 30, np.uint8)).save(odd)
+    assert np.asarray(load_rgb(f"file://{odd}")[0])[0, 0, 0] == 30
+    assert np.asarray(load_rgb(f"file://localhost{path.resolve()}")[0])[0, 0, 0] == 90
+    assert load_rgb(f"file://elsewhere{path.resolve()}") == (None, "missing file")  # not this host

@@ -181,7 +181,9 @@ def _parser() -> argparse.ArgumentParser:
             "(one-pass ranking), and print the top K with titles and scores as JSON. Writes nothing.",
         )
     )
-    recommend.add_argument("user", help="the user's id in the source (silver.interactions.user_key)")
+    recommend.add_argument(
+        "user", help="the user's id in the source (user_key of silver.interactions, else of silver.users)"
+    )
     recommend.add_argument("--top-k", type=positive_int_arg, default=10, help="how many items (default 10)")
     recommend.add_argument(
         "--alias", default="champion", help="registry alias of the ranker (default champion)"

@@ -10,10 +10,13 @@ per request (same index) with ``scores``: ``P(positive action)`` per candidate, 
 computed by one-pass ranking (:meth:`hisam_core.ranker.HMATRanker.rank`, Sec. 3.4.2).
 
 Item ids map to codes through the packaged :class:`~hisam_core.semantic_ids.SemanticIds` table.
-An item id missing from it (history or candidate) is an error: ``ValueError`` naming the request
-row, the user and the items (no NaN scores: a caller must not mistake "unknown" for "unlikely").
-Items tokenized after registration reach ``@champion`` through the daily ``refresh-champion`` step
-(:func:`pipelines.promotion.refresh_champion`), which re-registers the same weights with them.
+A candidate missing from it is an error: ``ValueError`` naming the request row, the user and the
+items (no NaN scores: a caller must not mistake "unknown" for "unlikely"). A history item missing
+from it is left out with a warning (``params.unknown_history=error`` refuses it instead). Items
+tokenized after registration reach ``@champion`` through the daily ``refresh-champion`` step
+(:func:`pipelines.promotion.refresh_champion`), which re-registers the same weights with them. A
+registered model runs the code packaged with it: versions registered before this rule refuse
+unknown history items until their next refresh or registration.
 
 Tokenizer versions. The semantic IDs an HMAT was trained on are only meaningful for that
 tokenizer version, so the packaged table's ``version`` is recorded as ``tokenizer_version`` in the

@@ -9,8 +9,10 @@ The pyfunc model scores them in one pass (Sec. 3.4.2); the lake reads keep only 
 (and the top items' titles) in Arrow, so a large table is not loaded whole. Reads the lake and the
 registry, writes no table or model. History items the model has no IDs for (newer than its table)
 are left out and counted. A user with no interaction yet (only in ``silver.users``) is ranked from
-the profile alone. The samples of a model whose tokenizer version is no longer ``@current`` are not
-rebuilt daily: interactions newer than its history are counted and warned about.
+the profile alone; without profile tokens (or a profile row) that is the same list for every such
+user, which the output says (``personalised``). The samples of a model whose tokenizer version is
+no longer ``@current`` are not rebuilt daily: interactions newer than its history are counted and
+warned about (an upper bound: an interaction the gates left out of the samples counts too).
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         rows, _ = ctx.read_table("gold.user_profiles", part, fields, where={"user_id": user_id})
         if not rows.empty:
             profile = model.profile_vocabulary.encode(rows.iloc[0].to_dict())
+    personalised = bool(request["history_item_ids"]) or any(b != UNKNOWN for b in profile.values())
+    if not personalised:
+        log.warning(
+            "user %s: no history and no profile the model reads: the same list as any such user", user_key
+        )
     request.update({f"{PROFILE_PREFIX}{f}": b for f, b in profile.items()})
 
     candidates = table.item_ids
@@ -116,6 +123,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         "history_items": int(known.sum()),
         "history_left_out": int((~known).sum()),
         "newer_interactions_not_in_history": newer,
+        "personalised": personalised,
         "candidates": len(candidates),
         "recommendations": [
             {

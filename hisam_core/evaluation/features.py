@@ -150,19 +150,24 @@ def chronological_cutoff(timestamps: np.ndarray, quantile: float) -> int:
 
 
 # -------------------------------------------------------------------------------------------- cache
-#: What a local transformers model folder holds that changes its outputs: weights, configs (model,
-#: tokenizer, processor) and vocabularies. ``config.json`` alone misses weights fine-tuned in place.
-MODEL_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
+#: What of a local model folder does not change its outputs: notes and version control. Every other
+#: file counts (weights in any format, configs, vocabularies, remote code); ``config.json`` alone
+#: misses weights fine-tuned in place.
+MODEL_IGNORED = (".md", ".gitattributes", ".gitignore")
 
 
-def _fingerprint(path: Path, suffixes: tuple[str, ...] | None = None) -> str | None:
-    """SHA-256 over a file's bytes, or over a folder's relative file names and bytes (only files
-    ending in ``suffixes`` when given); None if absent."""
+def _fingerprint(path: Path, ignored: tuple[str, ...] = ()) -> str | None:
+    """SHA-256 over a file's bytes, or over a folder's relative file names and bytes (but files whose
+    name ends in ``ignored``, and anything under ``.git``); None if absent."""
     if not path.exists():
         return None
     digest = hashlib.sha256()
     files = (
-        sorted(p for p in path.rglob("*") if p.is_file() and (suffixes is None or p.name.endswith(suffixes)))
+        sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not p.name.endswith(ignored) and ".git" not in p.relative_to(path).parts
+        )
         if path.is_dir()
         else [path]
     )
@@ -183,10 +188,10 @@ def cache_key(data_dir: Path, cutoff_quantile: float, config: EncodersConfig) ->
         ],
         "cutoff_quantile": cutoff_quantile,
         "config": config.model_dump(mode="json"),
-        "text_model": _fingerprint(Path(text_model), MODEL_FILES)
+        "text_model": _fingerprint(Path(text_model), MODEL_IGNORED)
         if Path(text_model).exists()
         else text_model,
-        "image_model": _fingerprint(Path(image_model), MODEL_FILES) if image_model else None,
+        "image_model": _fingerprint(Path(image_model), MODEL_IGNORED) if image_model else None,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -520,7 +520,7 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys) -> N
         len(mine),
         0,
     )
-    assert got["newer_interactions_not_in_history"] == 0
+    assert got["newer_interactions_not_in_history"] == 0 and got["personalised"] is True
     assert got["candidates"] == len(unseen) and len(unseen) < len(table.item_ids)
     assert [r["item_id"] for r in got["recommendations"]] == unseen[best].tolist()
     np.testing.assert_allclose(
@@ -556,6 +556,7 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys) -> N
             0,
             len(table.item_ids),
         )
+        assert fresh["personalised"] is True  # by the profile alone
         assert [r["item_id"] for r in fresh["recommendations"]] == table.item_ids[top].tolist()
     finally:
         for path in ("silver/users", "gold/user_profiles"):

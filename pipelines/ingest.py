@@ -67,8 +67,9 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
     before anything reaches silver. ``validate`` judges the rows an import kept, so a day whose
     records were mostly rejected here (a changed timestamp format) would pass it: all rejected, it
     looks like a day without an import. Repeated records (a duplicate with the kept row's values) do
-    not count: nothing of theirs is lost; a duplicate id with other values does. Every table over budget alerts; the rejects stay in ``bronze.quarantine``, and a
-    rerun of the day with a repaired source replaces them."""
+    not count: nothing of theirs is lost; a duplicate id with other values does. Every table over
+    budget alerts; the rejects stay in ``bronze.quarantine``, and a rerun of the day with a repaired
+    source replaces them."""
     from pyspark.sql import functions as F
 
     from pipelines.notify import Alert, alerted

@@ -33,8 +33,9 @@ USERS = "silver.users"
 
 
 def recommend(ctx: StepContext) -> dict[str, Any]:
-    """Top ``params.top_k`` (default 10) items for ``params.user`` (the source's user id, as in
-    ``silver.interactions.user_key``) from ``<ranker>@<params.alias>`` (default ``champion``)."""
+    """Top ``params.top_k`` (default 10) items for ``params.user`` (the source's user id, the
+    ``user_key`` of ``silver.interactions``, else of ``silver.users``) from ``<ranker>@<params.alias>``
+    (default ``champion``)."""
     from hisam_core.ranker.profile import UNKNOWN
     from pipelines.ranker_model import PROFILE_PREFIX, load_ranker
     from pipelines.registry import CHAMPION, alias_version
@@ -99,7 +100,9 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     personalised = bool(request["history_item_ids"]) or any(b != UNKNOWN for b in profile.values())
     if not personalised:
         log.warning(
-            "user %s: no history and no profile the model reads: the same list as any such user", user_key
+            "user %s: no history in the model's samples and no profile it reads: ranked as any such user "
+            "(less the items they interacted with)",
+            user_key,
         )
     request.update({f"{PROFILE_PREFIX}{f}": b for f, b in profile.items()})
 

@@ -150,10 +150,11 @@ def chronological_cutoff(timestamps: np.ndarray, quantile: float) -> int:
 
 
 # -------------------------------------------------------------------------------------------- cache
-#: What of a local model folder does not change its outputs: notes and version control. Every other
-#: file counts (weights in any format, configs, vocabularies, remote code); ``config.json`` alone
-#: misses weights fine-tuned in place.
-MODEL_IGNORED = (".md", ".gitattributes", ".gitignore")
+#: What of a local model folder does not change its outputs: notes, version control and download
+#: bookkeeping (``.cache/`` of ``huggingface-cli download --local-dir``, locks). Every other file
+#: counts (weights in any format, configs, vocabularies, remote code); ``config.json`` alone misses
+#: weights fine-tuned in place.
+MODEL_IGNORED = (".md", ".gitattributes", ".gitignore", ".lock", ".metadata")
 
 
 def _fingerprint(path: Path, ignored: tuple[str, ...] = ()) -> str | None:
@@ -166,14 +167,17 @@ def _fingerprint(path: Path, ignored: tuple[str, ...] = ()) -> str | None:
         sorted(
             p
             for p in path.rglob("*")
-            if p.is_file() and not p.name.endswith(ignored) and ".git" not in p.relative_to(path).parts
+            if p.is_file()
+            and not p.name.endswith(ignored)
+            and not {".git", ".cache"} & set(p.relative_to(path).parts)
         )
         if path.is_dir()
         else [path]
     )
     for file in files:
         digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
-        digest.update(file.read_bytes())
+        with file.open("rb") as handle:  # streamed: weights may be gigabytes
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
 
 

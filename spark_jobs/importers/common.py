@@ -22,6 +22,7 @@ from typing import Literal
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 from spark_jobs.lake import Lake
@@ -382,6 +383,17 @@ def write_parsed(
 write_bronze = write_parsed
 
 
+def _canonical(field: T.StructField) -> Column:
+    """A column as :func:`flag_duplicates` compares it: text :func:`trimmed`, a map's entries sorted
+    (the same details in another key order are the same record)."""
+    column = F.col(field.name)
+    if isinstance(field.dataType, T.StringType):
+        return trimmed(column)
+    if isinstance(field.dataType, T.MapType):
+        return F.array_sort(F.map_entries(column))
+    return column
+
+
 #: How a duplicate's reason ends when its values differ from the kept row's.
 OTHER_VALUES = " with other values"
 
@@ -398,7 +410,8 @@ def flag_duplicates(rows: DataFrame, keys: Sequence[str], what: str) -> DataFram
     good = F.col(REASON).isNull()
     order = ["source_file", LINE, RAW] if LINE in rows.columns else [RAW]
     window = Window.partitionBy(good, *keys).orderBy(*order)
-    values = F.to_json(F.struct(*[c for c in rows.columns if c not in (REASON, RAW, LINE, "source_file")]))
+    fields = [f for f in rows.schema.fields if f.name not in (REASON, RAW, LINE, "source_file")]
+    values = F.to_json(F.struct(*[_canonical(f).alias(f.name) for f in fields]))
     same = values == F.first(values).over(window)
     reason = F.concat(F.lit(f"duplicate {what} "), key_text, F.when(~same, F.lit(OTHER_VALUES)).otherwise(""))
     return rows.withColumn(

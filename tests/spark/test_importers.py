@@ -677,3 +677,25 @@ def test_synthetic_is_deterministic_and_has_planted_structure(tmp_path):
     ]
     assert np.mean(own_words) > 0.6  # item text reflects the cluster
     assert (tmp_path / "a/images/0.png").stat().st_size > 0 and catalogue["image_path"][0] == "images/0.png"
+
+
+def test_a_repeated_record_and_a_conflicting_one_are_told_apart(spark):
+    """The first row of a key is kept; a later one with the same values (spaces at the ends, a map's
+    key order aside) is a repeated record, one with other values a conflict, said in its reason."""
+    from spark_jobs.importers.common import LINE, OTHER_VALUES, RAW, REASON, flag_duplicates
+
+    rows = (
+        spark.createDataFrame(
+            [
+                ("i1", "Film", {"a": "1", "b": "2"}, 0, "r0"),
+                ("i1", " Film\u00a0", {"b": "2", "a": "1"}, 1, "r1"),  # the same record again
+                ("i1", "Other", {"a": "1", "b": "2"}, 2, "r2"),  # the same id, another title
+                ("i2", "Solo", None, 3, "r3"),
+            ],
+            f"item_id string, title string, attributes map<string,string>, {LINE} long, {RAW} string",
+        )
+        .withColumn(REASON, F.lit(None).cast("string"))
+        .withColumn("source_file", F.lit("f"))
+    )
+    got = {r[LINE]: r[REASON] for r in flag_duplicates(rows, ["item_id"], "item_id").collect()}
+    assert got == {0: None, 1: "duplicate item_id i1", 2: f"duplicate item_id i1{OTHER_VALUES}", 3: None}

@@ -9,7 +9,7 @@ do exactly the same thing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -199,28 +199,38 @@ class PipelineConfig(Config):
             )
         return self
 
+    def derived_quality_rules(self) -> dict[str, dict[str, tuple[Any, str]]]:
+        """The quality rules taken from other sections, one source of truth for both: section of
+        ``quality`` -> rule -> (value, the key it comes from). ``pipelines.ingest.quality_config``
+        applies them (with the run's logical date)."""
+        seq, dst = self.sequences, self.tokenizer.train.model
+        return {
+            "semantic_ids": {
+                "codebook_size": (dst.codebook_size, "tokenizer.train.model.codebook_size"),
+                "num_positions": (seq.num_semantic_positions, "sequences.num_semantic_positions"),
+            },
+            "samples": {
+                "token_budget": (seq.token_budget, "sequences.token_budget"),
+                "profile_tokens": (seq.profile_tokens, "sequences.profile_tokens"),
+                "count_target_in_budget": (seq.count_target_in_budget, "sequences.count_target_in_budget"),
+            },
+        }
+
     def _check_derived_quality_rules(self) -> None:
-        """The quality rules that ``pipelines.ingest.quality_config`` takes from other sections (one
-        source of truth) must be left at their defaults or agree: a value there would be ignored."""
-        q, seq, dst, default = self.quality, self.sequences, self.tokenizer.train.model, QualityConfig()
-        rules = [  # (key, given, default, used, where the used value comes from)
-            ("logical_date", q.logical_date, None, None, "the run's logical date"),
-            ("semantic_ids.codebook_size", q.semantic_ids.codebook_size, default.semantic_ids.codebook_size,
-             dst.codebook_size, "tokenizer.train.model.codebook_size"),
-            ("semantic_ids.num_positions", q.semantic_ids.num_positions, default.semantic_ids.num_positions,
-             seq.num_semantic_positions, "sequences.num_semantic_positions"),
-            ("samples.token_budget", q.samples.token_budget, default.samples.token_budget,
-             seq.token_budget, "sequences.token_budget"),
-            ("samples.profile_tokens", q.samples.profile_tokens, default.samples.profile_tokens,
-             seq.profile_tokens, "sequences.profile_tokens"),
-            ("samples.count_target_in_budget", q.samples.count_target_in_budget,
-             default.samples.count_target_in_budget, seq.count_target_in_budget,
-             "sequences.count_target_in_budget"),
-        ]  # fmt: skip
-        ignored = [
-            f"quality.{key}={given!r} (it is {source}: {used!r})"
-            for key, given, fallback, used, source in rules
-            if given not in (used, fallback)
-        ]
+        """The derived quality rules (:meth:`derived_quality_rules`, and the logical date) must be left
+        at their defaults or agree: a value there would be ignored."""
+        default = QualityConfig()
+        ignored = []
+        if self.quality.logical_date is not None:
+            ignored.append(
+                f"quality.logical_date={self.quality.logical_date!r} (it is the run's logical date)"
+            )
+        for section, rules in self.derived_quality_rules().items():
+            given, fallback = getattr(self.quality, section), getattr(default, section)
+            for name, (used, source) in rules.items():
+                if getattr(given, name) not in (used, getattr(fallback, name)):
+                    ignored.append(
+                        f"quality.{section}.{name}={getattr(given, name)!r} (it is {source}: {used!r})"
+                    )
         if ignored:
             raise ValueError(f"set from other sections, so leave them out: {'; '.join(ignored)}")

@@ -72,7 +72,7 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
     source replaces them."""
     from pyspark.sql import functions as F
 
-    from pipelines.notify import Alert, alerted
+    from pipelines.notify import alerted
     from spark_jobs.importers.common import OTHER_VALUES
     from spark_jobs.quality import DataQualityError
     from spark_jobs.quality.report import ExpectationOutcome, QualityReport
@@ -105,8 +105,7 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
         )
         kept = n["imported"] + n.get("merged", 0)
         report = QualityReport(f"import:{table}", n["in"], kept, n["quarantined"], top, top, [share])
-        alert = Alert.from_quality_report(report.to_dict(), source=f"ingest:{table}")
-        failed.append((report, ctx.alert(alert.title, alert.text, "error", report=report.to_dict())))
+        failed.append((report, _alert_failure(ctx, report, f"ingest:{table}", report.to_dict())))
     if failed:  # the first table's report; each alerted with its own
         raise alerted(DataQualityError(failed[0][0]), all(delivered for _, delivered in failed))
 
@@ -131,22 +130,11 @@ def quality_config(ctx: StepContext) -> Any:
     truth for K, the code count and the token budget)."""
     from spark_jobs.quality import QualityConfig
 
-    cfg, seq = ctx.config.quality, ctx.config.sequences
-    defaults = QualityConfig()
-    dst = ctx.config.tokenizer.train.model
-    update: dict[str, Any] = {
-        "logical_date": ctx.logical_date,
-        "semantic_ids": cfg.semantic_ids.model_copy(
-            update={"codebook_size": dst.codebook_size, "num_positions": seq.num_semantic_positions}
-        ),
-        "samples": cfg.samples.model_copy(
-            update={
-                "token_budget": seq.token_budget,
-                "profile_tokens": seq.profile_tokens,
-                "count_target_in_budget": seq.count_target_in_budget,
-            }
-        ),
-    }
+    cfg, defaults = ctx.config.quality, QualityConfig()
+    update: dict[str, Any] = {"logical_date": ctx.logical_date}
+    for section, rules in ctx.config.derived_quality_rules().items():
+        values = {name: value for name, (value, _) in rules.items()}
+        update[section] = getattr(cfg, section).model_copy(update=values)
     if cfg.docs_dir == defaults.docs_dir:
         update["docs_dir"] = str(ctx.settings.data_docs)
     if cfg.gx_project_dir == defaults.gx_project_dir:
@@ -203,13 +191,19 @@ def run_gate(
 
 def _stop_on_failure(ctx: StepContext, report: Any, source: str, summary: dict[str, Any]) -> None:
     """For a failed gate ``report``: alert (with ``summary``) and raise ``DataQualityError``."""
-    from pipelines.notify import Alert, alerted
+    from pipelines.notify import alerted
     from spark_jobs.quality import DataQualityError
 
     if not report.success:
-        alert = Alert.from_quality_report(report.to_dict(), source=source)
-        delivered = ctx.alert(alert.title, alert.text, "error", report=summary)
-        raise alerted(DataQualityError(report), delivered)
+        raise alerted(DataQualityError(report), _alert_failure(ctx, report, source, summary))
+
+
+def _alert_failure(ctx: StepContext, report: Any, source: str, summary: dict[str, Any]) -> bool:
+    """Alert about the failed quality ``report`` (with ``summary``); whether it was delivered."""
+    from pipelines.notify import Alert
+
+    alert = Alert.from_quality_report(report.to_dict(), source=source)
+    return ctx.alert(alert.title, alert.text, "error", report=summary)
 
 
 def gate_label(table: str) -> str:

@@ -47,6 +47,8 @@ from spark_jobs.importers.common import (
     quoted,
     repeated_keys,
     str_map,
+    text_list,
+    text_values,
     to_double,
     trimmed,
     write_bronze,
@@ -184,12 +186,11 @@ def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFra
     # Spark refuses a map with a repeated key for the whole job: such a line is quarantined above.
     details = F.from_json(F.when(~ambiguous, F.col("details")), T.MapType(T.StringType(), T.StringType()))
     base_keys = F.array(*[F.lit(k) for k in ("main_category", "store", "features", "description")])
-    details = F.transform_values(
+    details = text_values(
         F.map_filter(
             F.coalesce(details, F.create_map().cast("map<string,string>")),
-            lambda k, v: ~F.array_contains(base_keys, k) & ~blank(v),
-        ),
-        lambda _k, v: trimmed(v),
+            lambda k, _v: ~F.array_contains(base_keys, k),
+        )
     )
     images = F.coalesce(F.from_json(F.col("images"), IMAGE), F.array().cast(IMAGE))
     main = F.coalesce(F.get(F.filter(images, lambda x: x["variant"] == "MAIN"), 0), F.get(images, 0))
@@ -199,9 +200,7 @@ def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFra
         F.lit(logical_date).alias("logical_date"),
         F.when(ok, item).alias("item_id"),
         F.when(~blank(F.col("title")), trimmed(F.col("title"))).alias("title"),
-        F.filter(
-            F.transform(F.coalesce(categories, F.array().cast(STRINGS)), trimmed), lambda c: ~blank(c)
-        ).alias("categories"),
+        text_list(categories).alias("categories"),
         F.map_concat(base, details).alias("attributes"),
         F.lit(None).cast("string").alias("image_path"),
         F.coalesce(main["hi_res"], main["large"]).alias("image_url"),

@@ -235,11 +235,22 @@ def to_double(col: Column) -> Column:
 
 
 def str_map(pairs: Sequence[tuple[str, Column]]) -> Column:
-    """``map<string,string>`` of the non-blank values, :func:`trimmed`, keys in the given order."""
+    """``map<string,string>`` of the values, keys in the given order (:func:`text_values`)."""
     if not pairs:
         return F.create_map().cast("map<string,string>")
-    m = F.create_map(*[c for name, col in pairs for c in (F.lit(name), col.cast("string"))])
+    return text_values(F.create_map(*[c for name, col in pairs for c in (F.lit(name), col.cast("string"))]))
+
+
+def text_values(m: Column) -> Column:
+    """A ``map<string,string>`` without its blank values, the others :func:`trimmed`."""
     return F.transform_values(F.map_filter(m, lambda _k, v: ~blank(v)), lambda _k, v: trimmed(v))
+
+
+def text_list(values: Column) -> Column:
+    """An ``array<string>`` (null: empty) of its non-blank values, :func:`trimmed`."""
+    return F.filter(
+        F.transform(F.coalesce(values, F.array().cast("array<string>")), trimmed), lambda c: c != ""
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from spark_jobs.importers.common import (
     not_utf8,
     quoted,
     str_map,
+    text_list,
     to_double,
     trimmed,
     undecodable,
@@ -372,10 +373,7 @@ def _categories(value: Column) -> Column:
     as_list = F.from_json(value, T.ArrayType(T.StringType()))
     split = F.split(value, r"\|")
     arr = F.when(value.startswith("["), as_list).otherwise(split)
-    return F.filter(
-        F.transform(F.coalesce(arr, F.array().cast("array<string>")), trimmed),
-        lambda c: c.isNotNull() & (c != ""),
-    )
+    return text_list(arr)
 
 
 def _resolve_path(value: Column, root: str) -> Column:

@@ -10,8 +10,9 @@ The version is ``params.tokenizer_version``, else the tokenizer at ``@current``;
 exists the daily run skips the step and says so. The split is never cut before the version's
 behaviour cut (``hisam.behaviour_cut``: its behaviour codes saw every interaction before it), which
 only binds when older interactions arrived after the tokenizer was trained. The samples commit
-records the build (step, logical date, tokenizer version, when it read silver), which
-``samples-ready`` looks for: training waits for samples that hold the day.
+records the build (step, logical date, tokenizer version, the ``bronze.quarantine`` version it saw
+before reading silver), which ``samples-ready`` looks for: training waits for samples that hold the
+day.
 """
 
 from __future__ import annotations
@@ -28,16 +29,27 @@ log = logging.getLogger(__name__)
 BUILD = "build-sequences"
 
 
-def build_record(ctx: StepContext, version: str, read_at: dt.datetime) -> dict[str, str]:
+def build_record(ctx: StepContext, version: str, read_at: dt.datetime, seen: int | None) -> dict[str, str]:
     """What a ``gold.samples`` commit of ``build-sequences`` records: the build, its logical date,
-    and when it read silver."""
+    when it read silver, and the ``bronze.quarantine`` version it saw just before (``seen``, -1
+    when none): every import promoted by then is in the silver it read."""
     return {
         "step": BUILD,
         "dataset": ctx.dataset,
         "tokenizer_version": version,
         "logical_date": ctx.logical_date.isoformat(),
         "read_at": read_at.isoformat(),
+        "quarantine_seen": str(-1 if seen is None else seen),
     }
+
+
+def read_after(build: dict[str, str], promotion: dict[str, Any]) -> bool:
+    """Whether a build (its :func:`build_record`) read silver after an import's promotion (its
+    ``bronze.quarantine`` commit, written after the silver tables): by Delta version, so no two
+    workers' clocks are compared. Builds recorded before ``quarantine_seen`` existed compare times."""
+    if "quarantine_seen" in build:
+        return int(build["quarantine_seen"]) >= promotion["version"]
+    return dt.datetime.fromisoformat(build["read_at"]) > promotion["timestamp"]
 
 
 def samples_ready(ctx: StepContext) -> dict[str, Any]:
@@ -62,13 +74,9 @@ def samples_ready(ctx: StepContext) -> dict[str, Any]:
     day = ctx.logical_date.isoformat()
     built = max((b["logical_date"] for b in builds), default=None)
     promoted = promotion_record(ctx.dataset, ctx.logical_date)
-    imports = (
-        [entry["timestamp"] for entry in ctx.commits(BRONZE_QUARANTINE.name, promoted)] if builds else []
-    )
-    if imports:
-        ready = max(dt.datetime.fromisoformat(b["read_at"]) for b in builds) > max(imports)
-    else:
-        ready = built is not None and built > day
+    imports = ctx.commits(BRONZE_QUARANTINE.name, promoted) if builds else []
+    # newest first: the day's last promotion (a rerun of its import) is the one to have read
+    ready = any(read_after(b, imports[0]) for b in builds) if imports else built is not None and built > day
     if not ready:
         log.info(
             "%s of %s built for %s: waiting for a build that holds %s", GOLD_SAMPLES.name, version, built, day
@@ -91,7 +99,8 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
     if version is None:
         return {"skipped": True, "reason": "no tokenizer activated yet"}
     lake, part = ctx.lake, {"dataset": ctx.dataset}
-    read_at = dt.datetime.now(dt.UTC)  # before silver is read: what samples-ready compares with
+    seen = ctx.table_version(BRONZE_QUARANTINE.name)  # before silver is read: see read_after
+    read_at = dt.datetime.now(dt.UTC)
     valid, rejected = valid_interactions(ctx)
     valid = valid.cache()
     semantic_ids = lake.read(GOLD_SEMANTIC_IDS, partitions={**part, "tokenizer_version": version})
@@ -150,7 +159,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 GOLD_SAMPLES,
                 mode="replace_partition",
                 partition_values={**part, "tokenizer_version": version},
-                metadata=build_record(ctx, version, read_at),
+                metadata=build_record(ctx, version, read_at, seen),
             ),
         }
     finally:

@@ -240,7 +240,7 @@ def test_cli_lists_steps_and_refuses_unknown_ones(capsys) -> None:
     for bad in (
         ["--threads", "0", "steps"],
         ["run", "ingest", "--threads", "0"],
-        ["recommend", "--user", "1", "--top-k", "-3"],
+        ["recommend", "1", "--top-k", "-3"],
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(bad)
@@ -699,3 +699,20 @@ def test_ingest_counts_per_table_reconcile_and_merged_records_are_not_imported_t
         "bronze.interactions": {"in": 100_000, "imported": 99_990, "quarantined": 10},
         "bronze.items": {"in": 3_082, "imported": 1_682, "merged": 1_397, "quarantined": 3},
     }
+
+
+def test_a_build_holds_an_import_by_the_versions_it_saw_not_by_clocks() -> None:
+    """``samples-ready``: a build holds the day's import when it saw the import's ``bronze.quarantine``
+    commit before reading silver, whatever its worker's clock said (here an hour slow, or fast);
+    builds recorded before versions were compare times."""
+    from pipelines.sequences import read_after
+
+    noon = dt.datetime(2026, 12, 5, 12, tzinfo=dt.UTC)
+    promotion = {"version": 41, "timestamp": noon}
+    slow, fast = (noon + dt.timedelta(hours=h) for h in (-1, 1))
+    assert read_after({"read_at": slow.isoformat(), "quarantine_seen": "41"}, promotion)
+    assert read_after({"read_at": slow.isoformat(), "quarantine_seen": "57"}, promotion)
+    assert not read_after({"read_at": fast.isoformat(), "quarantine_seen": "40"}, promotion)
+    assert not read_after({"read_at": fast.isoformat(), "quarantine_seen": "-1"}, promotion)
+    assert read_after({"read_at": fast.isoformat()}, promotion)
+    assert not read_after({"read_at": slow.isoformat()}, promotion)

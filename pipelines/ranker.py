@@ -311,11 +311,13 @@ def _train_stage(
     vocabulary: ProfileVocabulary | None = None,
     pretrained: str | None = None,
     pretrained_until: int | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Train one stage; PT fits the profile vocabulary (``vocabulary`` None), SFT keeps PT's and
     records the PT version it starts from (``pretrained``). A rerun of the logical run continues its
     MLflow run and checkpoint only when it trains the same thing (tokenizer and PT version): the
-    asset-triggered fine-tune of a PT that landed after the day's 04:00 run trains anew."""
+    asset-triggered fine-tune of a PT that landed after the day's 04:00 run trains anew. ``fresh``:
+    a new run and checkpoint whatever ran before."""
     import mlflow
     import pandas as pd
 
@@ -328,7 +330,7 @@ def _train_stage(
         "tokenizer_version": tokenizer_version,
         **({PRETRAINED_VERSION: pretrained} if pretrained else {}),
     }
-    previous = _find_run(ctx, step)
+    previous = None if fresh else _find_run(ctx, step)
     if previous is not None and any(previous.data.tags.get(k) != v for k, v in lineage.items()):
         log.info("%s run %s trained %s: starting a new run", step, previous.info.run_id, previous.data.tags)
         previous = None
@@ -352,6 +354,8 @@ def _train_stage(
     if pretrained is not None and pretrained_until is None:  # a PT registered before the tag
         until = None  # unknown, rather than only this stage's
     out = _checkpoint_dir(ctx, stage, tokenizer_version, pretrained)
+    if previous is None:  # a new run starts from step 0, not from another run's checkpoint
+        (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     vocabulary.save(out / PROFILE_VOCABULARY)
     with mlflow.start_run(
@@ -496,15 +500,21 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
     Once per logical run and PT: a second run of the day from the same PT (the Sunday PT lands
     before the 04:00 run starts, then triggers the DAG again through its asset) trains nothing. When
     the gate has judged that fine-tune's candidate, the step skips (and with it evaluation,
-    registration and promotion); otherwise evaluation goes on from the finished run."""
+    registration and promotion); otherwise evaluation goes on from the finished run.
+    ``params.force=true`` trains again in a new MLflow run from step 0 (after a fix, say): the
+    following steps evaluate, register and gate that run's candidate."""
+    from pipelines.settings import flag
     from pipelines.steps import StepSkipped
 
+    force = flag(ctx.params.get("force"), "force")
     version = training_tokenizer_version(ctx)
     pt_version = _newest_pretrained(ctx, version)
     done = _find_run(
         ctx, "finetune", trained=True, tokenizer_version=version, **{PRETRAINED_VERSION: pt_version}
     )
-    if done is not None:
+    if done is not None and force:
+        log.warning("force=true: fine-tuning PT v%s again (run %s trained it)", pt_version, done.info.run_id)
+    elif done is not None:
         judged = _judged_candidate(ctx, done)
         if judged is not None:
             raise StepSkipped(
@@ -533,6 +543,7 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
         vocabulary,
         pretrained=pt_version,
         pretrained_until=tagged_until(pt_tags),
+        fresh=force,
     )
     return {
         **{k: v for k, v in result.items() if k not in INTERNAL},

@@ -863,3 +863,28 @@ def test_a_rollback_to_an_older_tokenizers_champion_serves_the_items_that_arrive
         ValueError, match=rf"no @previous .*\(@champion v{champion.version} was restored from v"
     ):
         run_step("rollback", dec10, world["config"])  # a rerun names the rollback that already happened
+
+
+def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
+    """Builds on December 1st, whose fine-tune of the newest PT was judged: a rerun skips, and
+    ``force=true`` trains it again from step 0 in a new MLflow run (not from the finished
+    checkpoint), which evaluation and registration then take as the day's candidate."""
+    from pipelines.steps import StepSkipped, run_step
+
+    dec1 = dt.date(2026, 12, 1)
+    client = _client()
+    query = f"tags.`hisam.step` = 'finetune' and tags.`hisam.run_key` = 'tiny/{dec1.isoformat()}'"
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    before = client.search_runs(experiments, query, order_by=["attributes.start_time DESC"])
+    with pytest.raises(StepSkipped, match="already fine-tuned"):
+        run_step("finetune", dec1, world["config"])
+    forced = run_step("finetune", dec1, world["config"], {"force": "true"})
+    assert forced["mlflow_run_id"] not in {r.info.run_id for r in before}
+    assert forced["pretrained_version"] == before[0].data.tags["pretrained_version"]
+    runs = (before[0].info.run_id, forced["mlflow_run_id"])
+    steps = [[m.step for m in client.get_metric_history(run, "sft/loss")] for run in runs]
+    assert steps[1] == steps[0] and steps[1]  # every logged step again, not a resumed finished run
+    run_step("evaluate", dec1, world["config"])
+    registered = run_step("register", dec1, world["config"])
+    version = client.get_model_version("hisam-ranker", registered["model_version"])
+    assert not registered.get("skipped") and version.tags["training_run_id"] == forced["mlflow_run_id"]

@@ -234,27 +234,34 @@ def undo_double_utf8(text: Column) -> Column:
 
 
 def check_item_extra(rows: DataFrame) -> DataFrame:
-    """``item_extra.tsv`` rows with ``_reason`` for malformed or duplicate rows."""
+    """``item_extra.tsv`` rows with ``_reason`` for malformed or duplicate rows, their text trimmed
+    and repaired (:func:`undo_double_utf8`) first: a row that repeats another but for the double
+    encoding is a repeated record, not a conflict."""
     item = F.trim(F.col("item_id"))
     reason = first_reason(
         (F.col(CORRUPT).isNotNull(), "malformed line (field count or quoting)"),
         (not_int(item), F.concat(F.lit("item_id "), quoted(item), F.lit(" is not an integer"))),
     )
-    rows = rows.withColumn(REASON, reason).withColumn(
-        "item_id", F.when(reason.isNull(), item.try_cast("long").cast("string"))
+    rows = rows.withColumn(REASON, reason).withColumns(
+        {
+            "item_id": F.when(reason.isNull(), item.try_cast("long").cast("string")),
+            "ml1m_item_id": F.trim(F.col("ml1m_item_id")),
+            **{c: undo_double_utf8(F.trim(F.col(c))) for c in EXTRA_TEXT_COLUMNS},
+        }
     )
     return flag_duplicates(rows, ["item_id"], "item_extra row for item_id")
 
 
 def merge_item_extra(items: DataFrame, extra: DataFrame) -> tuple[DataFrame, DataFrame]:
-    """Fold item_extra text columns into valid items; returns (items, extra rows with ``_reason``).
+    """Fold item_extra text columns (as :func:`check_item_extra` left them) into valid items; returns
+    (items, extra rows with ``_reason``).
 
     Extra rows whose item has no valid u.item row get the reason "no valid u.item row".
     """
     good_extra = extra.filter(F.col(REASON).isNull()).select(
         "item_id",
-        str_map([(c, undo_double_utf8(F.trim(F.col(c)))) for c in EXTRA_TEXT_COLUMNS]).alias("_extra_attrs"),
-        F.trim(F.col("ml1m_item_id")).alias("_ml1m_item_id"),
+        str_map([(c, F.col(c)) for c in EXTRA_TEXT_COLUMNS]).alias("_extra_attrs"),
+        F.col("ml1m_item_id").alias("_ml1m_item_id"),
     )
     valid_ids = items.filter(F.col(REASON).isNull()).select(F.col("item_id").alias("_valid_item"))
     joined = items.join(good_extra, "item_id", "left")

@@ -59,9 +59,7 @@ class SilverConfig(Config):
 
 
 def _bronze_run(lake: Lake, table: str, dataset: str, logical_date: dt.date) -> DataFrame:
-    return lake.read(table).filter(
-        (F.col("dataset") == dataset) & (F.col("logical_date") == F.lit(logical_date))
-    )
+    return lake.read(table, partitions={"dataset": dataset, "logical_date": logical_date})
 
 
 def clean_interactions(bronze: DataFrame, config: SilverConfig) -> DataFrame:

@@ -149,15 +149,18 @@ def mini_bundle(tmp_path: Path, name: str = "ml") -> Path:
 def test_item_extra_header_a_quoted_newline_and_double_utf8(spark, lake, tmp_path):
     """Spark took a missing header's first row as the header (one item lost, uncounted) and a
     reordered one silently swapped columns; a quoted newline cut the plot and made a phantom row.
-    Text encoded twice (as 178 rows of the real file are) is repaired; text that only looks so is not."""
+    Text encoded twice (as 178 rows of the real file are) is repaired, before duplicates are compared;
+    text that only looks so is not."""
     bundle = mini_bundle(tmp_path)
     extra = bundle / "item_extra.tsv"
     header, *rows = extra.read_text().splitlines()
     rows[0] = rows[0].replace('"Robots ""learn"" to love."', '"Robots ""learn""\nto love."')
     rows[0] = rows[0].replace("Ann Director", "Ann DirectÃ¶r").replace("W One", "Café, Ã, 日本")
-    extra.write_text("\n".join([header, *rows]) + "\n")
+    repeated = rows[0].replace("DirectÃ¶r", "Directör")  # the same record, but for the double encoding
+    extra.write_text("\n".join([header, *rows, repeated]) + "\n")
     report = import_movielens(spark, lake, MovieLensImportConfig(data_dir=str(bundle), dataset="mini"), DAY)
-    assert counts(report)["item_extra.tsv"] == (6, 2, 4)  # as without the newline
+    assert counts(report)["item_extra.tsv"] == (7, 2, 5)  # as without the newline, plus the repeat
+    assert reasons(lake, "mini")[("bronze.items", "duplicate item_extra row for item_id 1")] == 1
     item = lake.read("bronze.items").filter(F.col("item_id") == "1").first()
     assert item.attributes["plot"] == 'Robots "learn"\nto love.'
     assert (item.attributes["director"], item.attributes["writer"]) == ("Ann Directör", "Café, Ã, 日本")
@@ -466,7 +469,7 @@ def test_generic_ids_lose_unicode_spaces_and_invisible_characters_at_their_ends(
     """A spreadsheet export's no-break space, a tab, a zero-width space or a byte-order mark around an
     id would make it another id than the clean one; an id of nothing but those is missing, and a NaN
     or infinite float id is missing too (not the id "NaN"). Titles, categories and attributes lose them
-    as well."""
+    as well, and a category that is another's after trimming is that one."""
     events = pd.DataFrame(
         {
             "user_id": ["u1\u00a0", "\tu1", "\u200bu1\ufeff", "\u00a0\u200b", "u2", "u3"],
@@ -476,7 +479,7 @@ def test_generic_ids_lose_unicode_spaces_and_invisible_characters_at_their_ends(
         }
     )
     events.to_parquet(tmp_path / "events.parquet")
-    items = pd.DataFrame({"item_id": ["1\u00a0"], "title": ["Film\u00a0"], "genres": ["Drama\u00a0|\tComedy"],
+    items = pd.DataFrame({"item_id": ["1\u00a0"], "title": ["Film\u00a0"], "genres": ["Drama\u00a0|\tComedy|Drama"],
                           "plot": ["\u200bA plot.\ufeff"], "tagline": ["\u00a0"]})  # fmt: skip
     items.to_parquet(tmp_path / "items.parquet")
     config = GenericImportConfig(

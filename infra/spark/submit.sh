@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run one spark_jobs entry point on a cluster, unchanged from local runs:
-#   infra/spark/submit.sh import_movielens --data-dir /mnt/raw/movielens-100k --lake-root s3://bucket/lake
+#   infra/spark/submit.sh import_movielens --data-dir /mnt/raw/movielens-100k --logical-date 2026-11-22 \
+#     --lake-root s3://bucket/lake
 # (the name of a module in spark_jobs/entrypoints/; its --help lists the arguments). Raw inputs are
 # read from a path the driver can list (a mounted volume); the lake root may be object storage.
 # Needs SPARK_MASTER (e.g. yarn, k8s://https://..., spark://host:7077). The cluster settings of

@@ -36,11 +36,10 @@ def dataset_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def parser(
-    description: str, *, spark: bool = True, date: bool = True, today: bool = True
-) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with the common options (lake, Spark, logical date, logging);
-    ``today=False``: the logical date has no default."""
+def parser(description: str, *, spark: bool = True, date: bool = True) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the common options (lake, Spark, logical date, logging). The
+    logical date has no default: a retry after midnight must repeat its run, not import the same
+    files again under the next day."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if spark:
         p.add_argument("--lake-root", help="lake root directory or URI (default: lake config, "
@@ -52,11 +51,8 @@ def parser(
         p.add_argument(
             "--logical-date",
             type=logical_date,
-            required=not today,
-            default=dt.datetime.now(dt.UTC).date() if today else None,
-            help="the run's logical date, YYYY-MM-DD"
-            + (" (default: today, UTC)" if today else "")
-            + "; a rerun replaces its partitions",
+            required=True,
+            help="the run's logical date, YYYY-MM-DD (the Airflow run's); a rerun replaces its partitions",
         )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p

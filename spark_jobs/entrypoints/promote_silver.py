@@ -17,7 +17,7 @@ from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__, today=False)  # a re-run names the import run it repeats
+    p = parser(__doc__)
     p.add_argument("--dataset", type=dataset_name, required=True, help="dataset name in the lake")
     p.add_argument("--positive-threshold", type=float, default=3.0, help="rating > this is a positive label")
     args = p.parse_args(argv)

@@ -673,6 +673,23 @@ def _conflicts_refused(spec: TableSpec, read_version: int | None) -> Iterator[No
         ) from err
 
 
+def delta_spark_schema(dtype: T.DataType) -> T.DataType:
+    """A declared schema as Delta on Spark creates it: NOT NULL inside an array or a map is refused
+    there (``DELTA_NESTED_NOT_NULL_CONSTRAINT``), so their elements and values are nullable; columns
+    and struct fields keep their NOT NULL. Nullability is not part of a column's type for drift
+    (:func:`spark_jobs.tables.type_name`), so tables of either backend hold the same columns."""
+    if isinstance(dtype, T.StructType):
+        return T.StructType(
+            [T.StructField(f.name, delta_spark_schema(f.dataType), f.nullable, f.metadata) for f in dtype]
+        )
+    if isinstance(dtype, T.ArrayType):
+        return T.ArrayType(delta_spark_schema(dtype.elementType), containsNull=True)
+    if isinstance(dtype, T.MapType):
+        key, value = (delta_spark_schema(t) for t in (dtype.keyType, dtype.valueType))
+        return T.MapType(key, value, valueContainsNull=True)
+    return dtype
+
+
 class _SparkDelta(_Backend):
     """Native Delta Lake through delta-spark (``format("delta")``, ``DeltaTable``)."""
 
@@ -690,9 +707,15 @@ class _SparkDelta(_Backend):
         return bool(DeltaTable.isDeltaTable(self.spark, path))
 
     def ensure(self, spec: TableSpec, path: str) -> None:
+        if self.exists(path):  # as declared when created; declared columns since: add_columns
+            return
         from delta.tables import DeltaTable
 
-        builder = DeltaTable.createIfNotExists(self.spark).location(path).addColumns(spec.schema)
+        builder = (
+            DeltaTable.createIfNotExists(self.spark)
+            .location(path)
+            .addColumns(delta_spark_schema(spec.schema))
+        )
         if spec.partition_by:
             builder = builder.partitionedBy(*spec.partition_by)
         builder.comment(spec.description).execute()

@@ -51,6 +51,15 @@ def _numeric(text: str) -> str:
     return _key(number) if math.isfinite(number) else text
 
 
+def _float_text(text: str) -> bool:
+    """Whether ``text`` is how Python writes a float (``"18.0"``, not ``"018"``, ``"1e3"`` or
+    ``"1.50"``, which are text codes)."""
+    try:
+        return "." in text and str(float(text)) == text
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class ProfileVocabulary:
     """``values[field]``: the known values of ``field``; value ``values[field][k]`` is bucket ``k + 1``."""
@@ -76,8 +85,9 @@ class ProfileVocabulary:
         out = {}
         for field, known in self.values.items():
             buckets = {v: k + 1 for k, v in enumerate(known)}
-            for value, bucket in list(buckets.items()):  # "18.0", fitted before _key: also "18"
-                buckets.setdefault(_numeric(value), bucket)
+            for value, bucket in list(buckets.items()):
+                if _float_text(value):  # "18.0", fitted before _key: also "18"
+                    buckets.setdefault(_numeric(value), bucket)
             out[field] = buckets
         return out
 

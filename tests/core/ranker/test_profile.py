@@ -62,6 +62,9 @@ def test_numeric_columns_with_missing_values_encode_like_their_integers() -> Non
     ]
     zips = ProfileVocabulary.fit({"zip_region": ["021", "21"]})  # text codes are never read as numbers
     assert [zips.encode({"zip_region": v})["zip_region"] for v in ("021", "21", "21.0")] == [1, 2, 2]
+    codes = ProfileVocabulary.fit({"zip": ["01234"], "code": ["1e3", "2.50"]})  # nor fitted text codes
+    assert [codes.encode({"zip": v})["zip"] for v in ("01234", "1234", 1234)] == [1, 0, 0]
+    assert [codes.encode({"code": v})["code"] for v in ("1e3", 1000, "1000", "2.50", 2.5)] == [1, 0, 0, 2, 0]
 
 
 def test_a_vocabulary_fitted_with_float_strings_still_encodes_integers() -> None:

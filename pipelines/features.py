@@ -78,9 +78,11 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
     if missing == 0:
         log.info("behaviour embeddings up to date (cut %s)", cut.to_dict())
         return {"encoder": BEHAVIOR_ENCODER, "embedded": 0, "skipped": items.count()}
-    events = interactions.select(
-        "user_id", "item_id", F.unix_timestamp("event_ts").alias("timestamp")
-    ).toPandas()
+    events = (  # only what the encoder trains on reaches the driver
+        interactions.select("user_id", "item_id", F.unix_timestamp("event_ts").alias("timestamp"))
+        .filter(F.col("timestamp") < F.lit(cutoff))
+        .toPandas()
+    )
     item_ids = np.sort(items.toPandas()["item_id"].to_numpy())
     known = events[events["item_id"].isin(item_ids)]
     encoder = BehaviorEncoder(cfg.embeddings.behavior, device="cpu").fit(known, cutoff, item_ids)

@@ -333,9 +333,11 @@ def evaluate(
     cold_start_items: int = 10,
     cold_users: Collection[int] | None = None,
 ) -> dict[str, float]:
-    """AUC/GAUC of ``P(positive)`` on every labelled action; the cold-start subset is ``cold_users``
-    when given (e.g. the users with fewer than 10 *training* interactions, Sec. 4.1), else the
-    histories with fewer than ``cold_start_items`` interactions."""
+    """AUC/GAUC of ``P(positive)`` on every labelled action within the token budget (a longer history
+    keeps its most recent items, :meth:`SequenceBuilder.truncate`: cut it into windows first, as the
+    pipeline does, to score every label); the cold-start subset is ``cold_users`` when given (e.g.
+    the users with fewer than 10 *training* interactions, Sec. 4.1), else the histories with fewer
+    than ``cold_start_items`` interactions."""
     builder = SequenceBuilder(sequence_config)
     device = next(model.parameters()).device
     was_training = model.training

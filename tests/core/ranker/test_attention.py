@@ -141,6 +141,37 @@ def test_flex_attention_equals_dense_sdpa(seq_config, histories, semantic_ids, m
         torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=1e-5)
 
 
+def test_the_dense_path_is_softmax_attention_written_out() -> None:
+    """The dense path (SDPA, the reference the fast paths are held to) against Eq. 10 as plain
+    arithmetic in float64: grouped KV heads repeated, cached keys before the call's own, masked
+    scores at -inf, on a ragged mask with rows that see one key only."""
+    torch.manual_seed(0)
+    hidden, heads, kv_heads, batch, length, cached = 32, 4, 2, 3, 7, 5
+    head_dim = hidden // heads
+    attention = MemoryAnchorAttention(hidden, heads, kv_heads).double()
+    x = torch.randn(batch, length, hidden, dtype=torch.float64)
+    past = tuple(torch.randn(1, kv_heads, cached, head_dim, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(batch, 1, length, cached + length) < 0.4
+    mask[..., cached:] |= torch.eye(length, dtype=torch.bool)  # every query sees itself at least
+    mask[0, 0, 2] = False
+    mask[0, 0, 2, 0] = True  # a row that sees one cached key only
+    out, (k, v) = attention(x, None, mask, past)
+
+    def heads_of(proj: torch.nn.Linear, n: int) -> torch.Tensor:
+        return proj(x).view(batch, length, n, head_dim).transpose(1, 2)
+
+    assert torch.equal(k, heads_of(attention.k_proj, kv_heads)) and torch.equal(
+        v, heads_of(attention.v_proj, kv_heads)
+    )
+    keys = torch.cat([past[0].expand(batch, -1, -1, -1), k], 2).repeat_interleave(heads // kv_heads, 1)
+    values = torch.cat([past[1].expand(batch, -1, -1, -1), v], 2).repeat_interleave(heads // kv_heads, 1)
+    scores = heads_of(attention.q_proj, heads) @ keys.transpose(-1, -2) / head_dim**0.5
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    expected = attention.o_proj((weights @ values).transpose(1, 2).reshape(batch, length, hidden))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[0, 2], attention.o_proj(values[0, :, 0].reshape(-1)), rtol=0, atol=1e-12)
+
+
 def test_a_flex_block_mask_refuses_cached_keys():
     """A block mask indexes one call's tokens: with cached keys in front they would be misaligned."""
     attention = MemoryAnchorAttention(16, 2, 1)

@@ -40,6 +40,19 @@ def test_one_pass_equals_separate_forward_passes(seq_config, make_model, history
     assert expected.std() > 1e-4, "a constant score would make these checks vacuous"
 
 
+@pytest.mark.parametrize("history_memory", ["anchor", "anchor_action"])
+def test_past_actions_reach_scores_only_when_the_mask_shows_them(
+    seq_config, make_model, history, candidates, history_memory
+) -> None:
+    """Eq. 10 read literally (``anchor``, the default): later items see a past item through its
+    Anchor, which comes before its Action, so flipping every past action leaves every score as it
+    is; ``anchor_action`` shows the actions and the scores move."""
+    ranker = HMATRanker(make_model(history_memory=history_memory), seq_config)
+    flipped = UserHistory(history.user_id, history.items, 1 - np.asarray(history.actions), history.profile)
+    moved = (ranker.rank(flipped, candidates) - ranker.rank(history, candidates)).abs().max().item()
+    assert moved == 0.0 if history_memory == "anchor" else moved > 1e-3
+
+
 @pytest.mark.parametrize("length", [1, 3, 6, 9])  # 9 items exceed the 64-token budget: truncated
 @pytest.mark.parametrize("profile", [True, False], ids=["profile", "no-profile"])
 def test_one_pass_equals_the_reference_for_any_history_length(

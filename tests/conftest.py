@@ -8,12 +8,18 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
+#: PySpark hands collected timestamps to Python in the process's local time zone: the tests write and
+#: compare UTC wall-clock times, so they pin it (the pipeline itself keys time on UTC microseconds).
+os.environ["TZ"] = "UTC"
+time.tzset()
 
 #: Airflow reads its settings once, at import: point it at a private home now. The DAG and lifecycle
 #: tests migrate its SQLite database with ``dags/hisam_lifecycle.prepare_airflow``.

@@ -34,11 +34,15 @@ NAME = "hisam-ranker"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, mlflow_store, isolated_mlflow):
     """A tiny HMAT trained for 4 SFT steps inside a run, logged and registered as version 1."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     home = tmp_path_factory.mktemp("hisam")
     settings = Settings(home=home, mlflow_tracking_uri=mlflow_store(home), experiment="ranker")
-    with isolated_mlflow():
-        yield _train_and_register(settings, home)
+    try:
+        with isolated_mlflow():
+            yield _train_and_register(settings, home)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train_and_register(settings: Settings, home: Path) -> dict:

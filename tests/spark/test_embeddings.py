@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-
-# Spark's Python workers must run this interpreter (pandas, hisam_core), not the python3 on PATH.
-# Set before the session-wide Spark session starts (test modules are imported first). The lasting
-# fix belongs in spark_jobs/session.py (PYSPARK_PYTHON for local masters).
-os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 import numpy as np
 import pandas as pd

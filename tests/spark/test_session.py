@@ -24,3 +24,22 @@ def test_master_resolution(monkeypatch, given, env, submitted, expected) -> None
     if submitted:
         monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "40000")
     assert resolve_master(given) == expected
+
+
+def test_local_workers_run_this_interpreter_and_sessions_keep_utc(spark) -> None:
+    """Python workers of a local session run the driver's interpreter (its packages), not whatever
+    ``python3`` is on PATH; the session reads and writes times in UTC."""
+    import sys
+
+    assert spark.range(1).rdd.map(lambda _: __import__("sys").executable).first() == sys.executable
+    assert spark.conf.get("spark.sql.session.timeZone") == "UTC"
+
+
+def test_spark_settings_from_the_environment_are_key_value_pairs(monkeypatch) -> None:
+    from spark_jobs.session import _env_conf
+
+    monkeypatch.setenv("HISAM_SPARK_CONF", " spark.a = 1 ,spark.b=x=y,, ")
+    assert _env_conf() == {"spark.a": "1", "spark.b": "x=y"}
+    monkeypatch.setenv("HISAM_SPARK_CONF", "spark.a=1,spark.executor.memory")
+    with pytest.raises(ValueError, match=r"must be key=value, got \['spark.executor.memory'\]"):
+        _env_conf()

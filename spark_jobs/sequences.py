@@ -414,18 +414,29 @@ def add_positions(df: DataFrame, cfg: SequenceConfig) -> DataFrame:
     return df.withColumn("seq_pos", (F.row_number().over(w) - 1).cast("int"))
 
 
-def prepare_interactions(df: DataFrame, cfg: SequenceConfig) -> tuple[DataFrame, DataFrame, SplitCut]:
+def as_given(df: DataFrame) -> DataFrame:
+    """``df`` with the input's own ``label`` and ``action`` back in place of the derived ones
+    (:func:`add_labels` keeps them aside): what a quarantine row records."""
+    raw = [c for c in df.columns if c.startswith(_RAW)]
+    return df.withColumns({c[len(_RAW) :]: F.col(c) for c in raw}).drop(*raw)
+
+
+def prepare_interactions(
+    df: DataFrame, cfg: SequenceConfig, keep_given: bool = False
+) -> tuple[DataFrame, DataFrame, SplitCut]:
     """Labels, split, cold flag and positions: returns (interactions, quarantined, cut).
 
     The cut is computed over the labelled rows and raised to ``cut_not_before``. ``df`` is scanned
     three times (cut bracket, cut count, then the lazily built outputs), so persist an expensive
-    input first.
+    input first. ``keep_given``: the interactions keep the input's label and action aside, for a
+    later quarantine (:func:`as_given`).
     """
     labelled = add_labels(select_dataset(df, cfg), cfg)
     raw = [c for c in labelled.columns if c.startswith(_RAW)]
-    quarantine = labelled.filter(F.col("_reason").isNotNull()).withColumnRenamed("_reason", "reason")
-    quarantine = quarantine.withColumns({c[len(_RAW) :]: F.col(c) for c in raw}).drop(*raw)
-    valid = labelled.filter(F.col("_reason").isNull()).drop("_reason", *raw)
+    quarantine = as_given(
+        labelled.filter(F.col("_reason").isNotNull()).withColumnRenamed("_reason", "reason")
+    )
+    valid = labelled.filter(F.col("_reason").isNull()).drop("_reason", *([] if keep_given else raw))
     cut = compute_cut(valid, cfg)
     if cfg.cut_not_before is not None:
         cut = cut.not_before(cfg.cut_not_before)
@@ -630,12 +641,12 @@ def build_sequences(interactions: DataFrame, semantic_ids: DataFrame, cfg: Seque
     ``unknown_item``)."""
     table = select_tokenizer_version(semantic_ids, cfg.tokenizer_version)  # fail fast on a bad version
     source = select_dataset(interactions, cfg)
-    prepared, early_quarantine, cut = prepare_interactions(source, cfg)
+    prepared, early_quarantine, cut = prepare_interactions(source, cfg, keep_given=True)
+    given = [c for c in prepared.columns if c.startswith(_RAW)]
     known, unknown = join_semantic_ids(prepared, table, cfg, selected=True)
-    samples = build_samples(known, cfg)
+    samples = build_samples(known.drop(*given), cfg)
     input_cols = source.columns
-    as_input = [F.col(c).cast(source.schema[c].dataType).alias(c) for c in input_cols]  # e.g. int action
     quarantine = early_quarantine.select(*input_cols, "reason").unionByName(
-        unknown.select(*as_input, "reason")
+        as_given(unknown).select(*input_cols, "reason")
     )
-    return SequenceResult(samples=samples, quarantine=quarantine, interactions=prepared, cut=cut)
+    return SequenceResult(samples=samples, quarantine=quarantine, interactions=prepared.drop(*given), cut=cut)

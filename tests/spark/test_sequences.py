@@ -256,7 +256,8 @@ def test_semantic_id_join_quarantines_unknown_items_and_counts_reconcile(spark) 
 
 def test_rows_without_a_key_label_or_known_action_are_quarantined_as_they_came(spark) -> None:
     """The quarantine keeps the input's own ``action`` and ``label`` (not the mapped ones, and not
-    null for an action the vocabulary lacks); a row without a timestamp is quarantined rather than
+    null for an action the vocabulary lacks), also for a row quarantined after labelling (its item
+    has no semantic IDs); a row without a timestamp is quarantined rather than
     made the first test row, which every train history would then start with."""
     schema = SCHEMA + ", label int, action string"
     rows = [(1, i, i, None, None, "click") for i in range(1, 9)]
@@ -264,6 +265,7 @@ def test_rows_without_a_key_label_or_known_action_are_quarantined_as_they_came(s
         (1, 20, 9, None, 1, "purchase_typo"),
         (1, 21, 10, None, None, "reply"),
         (None, 22, 11, 4.0, 1, "click"),
+        (1, 40, 12, 4.0, None, "reply"),  # an item without semantic IDs: its label came from the rating
     ]
     df = events(spark, rows, schema).withColumn(
         "label", F.when(F.col("item_id") < 9, F.lit(1)).otherwise(F.col("label"))
@@ -282,6 +284,7 @@ def test_rows_without_a_key_label_or_known_action_are_quarantined_as_they_came(s
         21: ("no_label", None, "reply"),
         22: ("null_key", 1, "click"),  # no user
         23: ("null_key", 0, "click"),  # no timestamp
+        40: ("unknown_item", None, "reply"),  # as given, not the derived label 1 and action "1"
     }
     samples = result.samples.collect()
     assert len(samples) + len(quarantined) == df.count()

@@ -208,6 +208,14 @@ class Lake:
             _SparkDelta(spark) if self.backend == "spark" else _DeltaRs(spark, dict(storage_options or {}))
         )
         logger.info("lake at %s (backend %s)", self.root, self.backend)
+        master = spark.sparkContext.master
+        if self.backend == "delta-rs" and not master.startswith("local"):
+            logger.warning(
+                "lake backend delta-rs on the cluster %s: every write goes through the driver (Arrow), "
+                "so the driver needs memory for a table's largest write; put delta-spark on the "
+                "classpath for distributed writes (backend 'auto' then takes it)",
+                master,
+            )
 
     @classmethod
     def from_config(cls, spark: SparkSession, config: LakeConfig | None = None) -> Lake:

@@ -4,8 +4,9 @@
 Rows the interactions gate quarantines are left out (the same row rules ``validate`` applies, whose
 partition ``silver.interactions.gate`` lists them), so samples only ever hold validated events; rows
 the build itself rejects (``null_key``, ``no_label``, ``unknown_action``, ``unknown_item``) go to
-``bronze.quarantine`` under ``gold.samples@<version>``. Silver rows = gate-rejected + samples +
-quarantined, checked before anything is written.
+``bronze.quarantine`` under ``gold.samples@<version>``, replacing every earlier build's (stamped
+with the build's logical date). Silver rows = gate-rejected + samples + quarantined, checked
+before anything is written.
 The version is ``params.tokenizer_version``, else the tokenizer at ``@current``; before any tokenizer
 exists the daily run skips the step and says so. The split is never cut before the version's
 behaviour cut (``hisam.behaviour_cut``: its behaviour codes saw every interaction before it), which
@@ -151,8 +152,8 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
             BRONZE_QUARANTINE.name: lake.write(
                 to_bronze_quarantine(quarantine, label, ctx.logical_date, ctx.dataset),
                 BRONZE_QUARANTINE,
-                mode="replace_partition",
-                partition_values={**part, "target_table": label, "logical_date": ctx.logical_date},
+                mode="replace_partition",  # every date's: the samples are rebuilt whole, so are their rejects
+                partition_values={**part, "target_table": label},
             ),
             GOLD_SAMPLES.name: lake.write(
                 samples,

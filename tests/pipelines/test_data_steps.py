@@ -145,6 +145,11 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     assert out["samples"] + out["quarantined"] + out["gate_rejected"] == 302
     reasons = _quarantine(ctx, f"gold.samples@{VERSION}")
     assert len(reasons) == out["quarantined"] > 0 and set(reasons) == {"unknown_item"}
+    rerun = run_step(
+        "build-sequences", DAY - dt.timedelta(days=1), ctx.config, {"tokenizer_version": VERSION}
+    )
+    assert rerun["quarantined"] == out["quarantined"]  # a build of another date replaces the rejects:
+    assert _quarantine(ctx, f"gold.samples@{VERSION}") == reasons  # each rejected event held once
     assert embed["behavior"]["cut"] == out["cut"]  # the ghost events at the end move neither
     (events,) = trained_on  # the rerun trained nothing
     samples, _ = ctx.read_table(

@@ -477,10 +477,11 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
     assert later["new_items"] == 0 and later["champion"] == summary["champion"]
 
 
-def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys) -> None:
+def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys, caplog) -> None:
     """Builds on the refreshed champion: ``hisam recommend`` gives a user's top K among the items they
     never interacted with, scored as the per-candidate reference scores the user's whole stream in
-    gold.samples (oldest first, mid-month items included) with their profile buckets. A user with a
+    gold.samples (oldest first, mid-month items included) with their profile buckets;
+    ``--include-seen`` ranks the whole catalogue, and an unknown user is an error. A user with a
     profile and no interaction yet is ranked from the profile alone."""
     from deltalake import DeltaTable
 
@@ -528,6 +529,11 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys) -> N
     )
     items = DeltaTable(str(lake / "silver" / "items")).to_pandas().set_index("item_id")
     assert [r["title"] for r in got["recommendations"]] == items.loc[unseen[best], "title"].tolist()
+    assert main(["recommend", str(user["user_key"]), "--top-k", "5", "--include-seen"]) == 0
+    every = json.loads(capsys.readouterr().out)  # the items the user has seen compete too
+    assert every["candidates"] == len(table.item_ids) and every["history_items"] == len(mine)
+    assert main(["recommend", "no-such-user"]) == 2  # a clear error, no traceback
+    assert "user 'no-such-user' is in neither silver.interactions nor silver.users" in caplog.text
 
     import pyarrow as pa
     import pyarrow.compute as pc

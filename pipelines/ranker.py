@@ -576,7 +576,8 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     """
     import mlflow
 
-    from hisam_core.ranker.train import load_model, resolve_device
+    from hisam_core.device import resolve_device
+    from hisam_core.ranker.train import load_model
     from pipelines.config import PROFILE_COLUMNS
     from pipelines.ranker_model import load_ranker
     from pipelines.registry import CHAMPION, alias_version

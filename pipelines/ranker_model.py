@@ -53,10 +53,11 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 import hisam_core
+from hisam_core.device import resolve_device
 from hisam_core.ranker.profile import ProfileVocabulary
 from hisam_core.ranker.sequence import UserHistory
 from hisam_core.ranker.serving import HMATRanker
-from hisam_core.ranker.train import RankerConfig, build_model, load_model, resolve_device
+from hisam_core.ranker.train import RankerConfig, build_model, load_model
 from hisam_core.semantic_ids import SemanticIds
 
 log = logging.getLogger(__name__)

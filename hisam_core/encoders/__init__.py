@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from hisam_core.config import Config
-from hisam_core.encoders.base import EncodedBatch, resolve_device
+from hisam_core.encoders.base import EncodedBatch
 from hisam_core.encoders.behavior import BehaviorEncoder, BehaviorEncoderConfig
 from hisam_core.encoders.image import (
     DescriptorImageEncoder,
@@ -45,5 +45,4 @@ __all__ = [
     "TextEncoder",
     "TextEncoderConfig",
     "build_image_encoder",
-    "resolve_device",
 ]

@@ -16,13 +16,6 @@ import numpy as np
 import torch
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The explicit ``device`` if given, else CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Rows scaled to unit L2 norm; an all-zero row stays zero (no NaN)."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 from hisam_core.checkpoint import save_atomically
 from hisam_core.config import Config
-from hisam_core.encoders.base import EncodedBatch, resolve_device
+from hisam_core.device import resolve_device
+from hisam_core.encoders.base import EncodedBatch
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from hisam_core.config import Config
-from hisam_core.encoders.base import EncodedBatch, l2_normalize, require_local_dir, resolve_device
+from hisam_core.device import resolve_device
+from hisam_core.encoders.base import EncodedBatch, l2_normalize, require_local_dir
 
 logger = logging.getLogger(__name__)
 

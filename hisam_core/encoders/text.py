@@ -23,7 +23,8 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from hisam_core.config import Config
-from hisam_core.encoders.base import l2_normalize, looks_like_path, require_local_dir, resolve_device
+from hisam_core.device import resolve_device
+from hisam_core.encoders.base import l2_normalize, looks_like_path, require_local_dir
 
 logger = logging.getLogger(__name__)
 

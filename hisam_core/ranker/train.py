@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from hisam_core.checkpoint import save_atomically
 from hisam_core.config import Config
+from hisam_core.device import DEVICE_PATTERN, resolve_device
 from hisam_core.metrics import ranking_metrics
 from hisam_core.ranker.model import HMAT, HMATConfig
 from hisam_core.ranker.objectives import action_logits, positive_probability, pretrain_loss, sft_loss
@@ -57,7 +58,7 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(1000, ge=1)
     log_every: int = Field(50, ge=1)
     init_from: str | None = Field(None, description="PT checkpoint to initialise SFT from")
-    device: str = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN)  # auto: CUDA when present
 
 
 class RankerConfig(Config):
@@ -88,12 +89,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ra
         model = build_model(config).to(device)
     model.load_state_dict(checkpoint["state_dict"])
     return config, model
-
-
-def resolve_device(name: str) -> torch.device:
-    return (
-        torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
-    )
 
 
 def seed_everything(seed: int) -> None:

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from hisam_core.config import Config
+from hisam_core.device import DEVICE_PATTERN, resolve_device
 from hisam_core.features import MODALITIES, ItemFeatures
 from hisam_core.tokenizer.dst import DST, DSTConfig, validate_features
 from hisam_core.tokenizer.metrics import code_perplexity, code_utilisation
@@ -43,7 +44,7 @@ class TokenizerTrainConfig(Config):
     dead_code_threshold: int = Field(20, gt=0)  # optimiser steps without a hit before a restart
     init_sample_size: int = Field(8192, gt=0)  # items for the k-means codebook initialisation
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)  # auto: CUDA when present
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -110,7 +111,7 @@ def train_tokenizer(
     model_config = resolve_modality_dims(features, config.model)
     validate_features(features, model_config.modality_dims)
     generator = seed_everything(config.seed)
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     model = DST(model_config).to(device)
     raw, present = model.tensors(features)
     for m, rows in features.present.items():

@@ -144,3 +144,24 @@ def test_config_yaml_round_trip_and_unknown_keys(tmp_path) -> None:
     path.write_text("lr: [0.1\nlayers: 3\n")  # an unclosed list
     with pytest.raises(ValueError, match=r"(?s)c\.yaml: not valid YAML.*line 2, column 7"):
         _Cfg.from_yaml(path)
+
+
+def test_training_devices_are_checked_at_load_and_auto_means_cuda_when_present() -> None:
+    """``auto`` (the production config's tokenizer and ranker device) is CUDA when the machine has
+    it, else the CPU; a name torch does not know is refused with the config, not at the first tensor."""
+    import torch
+    from pydantic import ValidationError
+
+    from hisam_core.device import resolve_device
+    from hisam_core.ranker.train import TrainConfig
+    from hisam_core.tokenizer.train import TokenizerTrainConfig
+
+    expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == resolve_device(None) == expected
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device(
+        "cpu"
+    )
+    for config in (TokenizerTrainConfig, TrainConfig):
+        assert config(device="auto").device == "auto"
+        with pytest.raises(ValidationError, match="device"):
+            config(device="gpu")

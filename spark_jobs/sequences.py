@@ -10,8 +10,8 @@ Protocol, as implemented:
 * **Labels (Sec. 4.1).** ``label`` is the explicit label column when present and non-null, else
   ``rating > positive_rating_threshold`` (3: rating > 3 is positive, everything else negative).
   Rows with neither are quarantined (reason ``no_label``) before the split, as are rows without a
-  user, item or timestamp (``null_key``); these rows are quarantined with their input values (a
-  row quarantined later, for its item, carries the derived label and action).
+  user, item or timestamp (``null_key``); these rows are quarantined with their input values, as
+  are rows quarantined later for their item (``unknown_item``).
 * **Actions (Sec. 3.3).** The action token of an interaction is its label by default
   (``action_source="label"``: MovieLens and Amazon only have ratings). With
   ``action_source="column"`` it is the ``action`` column: integers as they are, strings through

@@ -3,7 +3,7 @@
 The format is documented in :mod:`spark_jobs.importers.generic`. Options come from ``--config``
 (a YAML ``GenericImportConfig``) and/or the flags, flags winning. Example::
 
-    python -m spark_jobs.entrypoints.import_generic --dataset shop \\
+    python -m spark_jobs.entrypoints.import_generic --dataset shop --logical-date 2024-01-01 \\
         --interactions data/events/ --items data/items.csv --users data/users.parquet
 """
 

@@ -526,6 +526,8 @@ def test_a_failed_demo_dag_is_a_message_and_exit_code_1(tmp_path, monkeypatch, c
     monkeypatch.setattr(demo, "_lifecycle", lambda: lifecycle)
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
     monkeypatch.setenv("HISAM_PIPELINE_CONFIG", "restored after the test")  # the demo sets its own
+    for name in demo.SHARED_STORES:  # the demo drops them from os.environ: restored after the test
+        monkeypatch.delenv(name, raising=False)
     assert cli(["demo", "--dataset", "synthetic"]) == 1
     assert ran == ["hisam_features", "hisam_tokenizer"]  # stops at the failed DAG
     assert (

@@ -44,7 +44,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 bench: $(STAMP) ## run the benchmarks (writes benchmarks/results/)
 	$(BIN)/python benchmarks/tokenizer.py
-	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/serving.py --threads 1
 	$(BIN)/python benchmarks/sequences.py
 
 gpu-check: $(STAMP) ## on a CUDA machine: the GPU tests, then the serving benchmark (serving_gpu.json)

@@ -4,8 +4,9 @@ The gate compares a candidate with ``@champion`` on one frozen test snapshot. Tw
 same recipe on the same data differ by their seed alone (batch order, initialisation of what PT does
 not set), so a difference smaller than that spread says nothing about which model is better. This
 trains the pipeline's fine-tune (the ``ranker`` section of the home's config) ``--seeds`` times from
-the home's newest PT on one ``gold.samples`` snapshot, evaluates every model on the same test rows
-as the ``evaluate`` step does, and reports:
+the home's newest PT on one ``gold.samples`` snapshot, evaluates every model on the test rows the
+``evaluate`` step would score (none at or before the last event PT or SFT trained on), with the
+profiles they trained on, and reports:
 
 - per metric: the spread over seeds, the std of a same-recipe difference and quantiles of |difference|;
 - each gate (the home's ``gate`` section and the shipped default, ``PromotionGateConfig()``) on every
@@ -33,7 +34,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -72,6 +72,9 @@ def train_seeds(home: Path, seeds: list[int]) -> tuple[list[dict[str, float]], d
         histories,
         load_profiles,
         load_samples,
+        tagged_until,
+        trained_until,
+        unseen_test,
     )
     from pipelines.steps import load_config
     from pipelines.tokenizer import current_tokenizer_version, semantic_ids_of
@@ -88,6 +91,8 @@ def train_seeds(home: Path, seeds: list[int]) -> tuple[list[dict[str, float]], d
     profiles = encode_profiles(profile_frame, vocabulary) if profile_frame is not None else {}
     base = _ranker_config(ctx, "sft", vocabulary, init_from)
     train_windows = histories(frame, ids, base.sequence, "train", profiles)
+    pt_tags = ctx.mlflow.get_model_version(config.models.pretrained, pt_version).tags
+    test_frame, seen_rows = unseen_test(frame, trained_until(frame, tagged_until(pt_tags)))
     results = []
     for seed in tqdm(seeds, desc="fine-tunes", unit="seed"):
         cfg = base.model_copy(update={"train": base.train.model_copy(update={"seed": seed})})
@@ -96,7 +101,7 @@ def train_seeds(home: Path, seeds: list[int]) -> tuple[list[dict[str, float]], d
             model = train(cfg, train_windows, out)
             with torch.no_grad():
                 metrics = evaluate_model(
-                    model, cfg.sequence, ids, frame, config.ranker.eval_batch_size, profiles
+                    model, cfg.sequence, ids, test_frame, config.ranker.eval_batch_size, profiles
                 )
         metrics = {m: float(v) for m, v in metrics.items()}
         logger.info(
@@ -112,6 +117,7 @@ def train_seeds(home: Path, seeds: list[int]) -> tuple[list[dict[str, float]], d
         "pretrained_version": pt_version,
         "samples_version": snapshot,
         "train_windows": len(train_windows),
+        "seen_test_rows": seen_rows,
         "finetune": base.train.model_dump(exclude={"init_from", "seed"}),
     }
     return results, trained_on
@@ -247,10 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be at least 3 (a spread needs pairs)")
     import torch
 
+    from benchmarks.environment import run_environment
     from pipelines.registry import PromotionGateConfig
     from pipelines.steps import load_config
 
     torch.set_num_threads(args.threads)
+    environment = run_environment()
     if args.metrics_from:
         earlier = json.loads(args.metrics_from.read_text())
         results, trained_on, train_s = earlier["metrics"], earlier["trained_on"], earlier["train_s"]
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "reject_probability": tradeoff(spread),
         "train_s": train_s,
         "environment": {
-            "python": platform.python_version(),
+            **environment,
             "torch": torch.__version__,
             "threads": args.threads,
         },

@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import threading
@@ -43,6 +42,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.environment import run_environment  # noqa: E402
 
 logger = logging.getLogger("benchmarks.sequences")
 MB = 1024 * 1024
@@ -516,10 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "sequences",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
-            "cpus": os.cpu_count(),
+            **run_environment(),
             "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
-            "python": platform.python_version(),
-            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         },
         "spark": {
             "master": args.master,

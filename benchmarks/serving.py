@@ -13,8 +13,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +26,7 @@ import torch
 if __package__ in (None, ""):  # run as a script (the GPU machine has no venv): the repository's modules
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.environment import cpu_model, git_commit
 from hisam_core.ranker.model import HMAT, HMATConfig
 from hisam_core.ranker.objectives import sft_loss
 from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, UserHistory
@@ -38,31 +37,6 @@ from pipelines.settings import positive_int_arg
 logger = logging.getLogger("benchmarks.serving")
 
 PROFILE_FIELDS = {"age": 8, "gender": 3, "region": 64, "device": 4}
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (with ``+dirty`` for uncommitted changes), so a result names its code."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.strip() else "")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(

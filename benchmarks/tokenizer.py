@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.environment import run_environment
 from benchmarks.movielens_features import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR
 from hisam_core.evaluation.features import load_movielens_features
 from hisam_core.features import ItemFeatures
@@ -434,9 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": {"items": len(features), "dims": features.dims},
         "reconstruction_definition": RECON_DEFINITION,
         "environment": {
+            **run_environment(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
         },
         "targets": {"utilisation_shared_0": 0.9, "unique_id_rate_without_suffix": 0.99},
         "models": {},

@@ -102,12 +102,13 @@ def test_flex_compiles_once_per_padded_length_and_shape_and_then_never_again():
         exercise([4, 22, 34], batch_size=5)
 
 
-def test_one_pass_ranking_and_anchor_cache_on_cuda_equal_their_references():
+@pytest.mark.parametrize("backend", ["auto", "flex"])  # flex: the compiled FlexAttention history encode
+def test_one_pass_ranking_and_anchor_cache_on_cuda_equal_their_references(backend):
     torch.manual_seed(0)
     model = HMAT(model_config(), SequenceBuilder(SEQUENCE).vocab.size).eval()
     cpu_ranker, cuda_ranker = (
         HMATRanker(model, SEQUENCE),
-        HMATRanker(HMAT(model_config(), model.vocab_size).eval().to(CUDA), SEQUENCE),
+        HMATRanker(HMAT(model_config(attention_backend=backend), model.vocab_size).eval().to(CUDA), SEQUENCE),
     )
     cuda_ranker.model.load_state_dict(model.state_dict())
     history = synthetic_histories(ITEMS, SEQUENCE, 1, min_items=30, max_items=30, seed=2)[0]

@@ -8,6 +8,10 @@ from typing import Any, Self
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+#: The device names a config accepts (validated at load, not at the first tensor): ``auto`` is CUDA
+#: when the machine has it, else the CPU (:func:`hisam_core.device.resolve_device`).
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
+
 
 class Config(BaseModel):
     """Base for every config in the project: unknown keys are errors, values are validated."""

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import torch
 
-#: The device names a config accepts (validated at load, not at the first tensor).
-DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
-
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``device``; ``auto`` or None: CUDA when available, else the CPU."""

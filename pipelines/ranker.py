@@ -315,9 +315,9 @@ def _train_stage(
 ) -> dict[str, Any]:
     """Train one stage; PT fits the profile vocabulary (``vocabulary`` None), SFT keeps PT's and
     records the PT version it starts from (``pretrained``). A rerun of the logical run continues its
-    MLflow run and checkpoint only when it trains the same thing (tokenizer and PT version): the
-    asset-triggered fine-tune of a PT that landed after the day's 04:00 run trains anew. ``fresh``:
-    a new run and checkpoint whatever ran before."""
+    MLflow run and checkpoint, the newest run that trains the same thing (tokenizer and PT version):
+    the asset-triggered fine-tune of a PT that landed after the day's 04:00 run trains anew.
+    ``fresh``: a new run and checkpoint whatever ran before."""
     import mlflow
     import pandas as pd
 
@@ -330,10 +330,7 @@ def _train_stage(
         "tokenizer_version": tokenizer_version,
         **({PRETRAINED_VERSION: pretrained} if pretrained else {}),
     }
-    previous = None if fresh else _find_run(ctx, step)
-    if previous is not None and any(previous.data.tags.get(k) != v for k, v in lineage.items()):
-        log.info("%s run %s trained %s: starting a new run", step, previous.info.run_id, previous.data.tags)
-        previous = None
+    previous = None if fresh else _find_run(ctx, step, **lineage)
     # a continued run reads the snapshots it started on: its checkpoint's batches index into them
     pinned = _input_versions(ctx.mlflow.get_run(previous.info.run_id)) if previous else {}
     fields = vocabulary.fields if vocabulary is not None else ctx.config.ranker.profile_fields
@@ -501,7 +498,8 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
     before the 04:00 run starts, then triggers the DAG again through its asset) trains nothing. When
     the gate has judged that fine-tune's candidate, the step skips (and with it evaluation,
     registration and promotion); otherwise evaluation goes on from the finished run.
-    ``params.force=true`` trains again in a new MLflow run from step 0 (after a fix, say): the
+    ``params.force=true`` trains again in a new MLflow run from step 0 (after a fix, say), unless the
+    newest run of that PT stopped midway (a forced one that crashed): it continues that one. The
     following steps evaluate, register and gate that run's candidate."""
     from pipelines.settings import flag
     from pipelines.steps import StepSkipped
@@ -509,9 +507,10 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
     force = flag(ctx.params.get("force"), "force")
     version = training_tokenizer_version(ctx)
     pt_version = _newest_pretrained(ctx, version)
-    done = _find_run(
-        ctx, "finetune", trained=True, tokenizer_version=version, **{PRETRAINED_VERSION: pt_version}
-    )
+    lineage = {"tokenizer_version": version, PRETRAINED_VERSION: pt_version}
+    done = _find_run(ctx, "finetune", trained=True, **lineage)
+    newest = _find_run(ctx, "finetune", **lineage) if force else None
+    fresh = newest is not None and SFT_CHECKPOINT_SHA256 in newest.data.tags  # else a forced run resumes
     if done is not None and force:
         log.warning("force=true: fine-tuning PT v%s again (run %s trained it)", pt_version, done.info.run_id)
     elif done is not None:
@@ -543,7 +542,7 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
         vocabulary,
         pretrained=pt_version,
         pretrained_until=tagged_until(pt_tags),
-        fresh=force,
+        fresh=fresh,
     )
     return {
         **{k: v for k, v in result.items() if k not in INTERNAL},

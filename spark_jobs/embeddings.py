@@ -42,7 +42,7 @@ from pydantic import Field, field_validator
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from hisam_core.config import Config
+from hisam_core.config import DEVICE_PATTERN, Config
 from spark_jobs.lake import Lake
 from spark_jobs.tables import GOLD_ITEM_DOCUMENTS, GOLD_ITEM_EMBEDDINGS
 
@@ -122,7 +122,7 @@ class EmbeddingJobConfig(Config):
     #: (None), CUDA when the worker has one, but every worker (one per core) then loads its own copy
     #: of the model onto it. Not part of an encoder's fingerprint: it changes where rows are
     #: computed, not what they mean.
-    device: str | None = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|auto)$")
+    device: str | None = Field("cpu", pattern=DEVICE_PATTERN)
 
     @field_validator("device")
     @classmethod

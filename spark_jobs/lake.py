@@ -208,7 +208,7 @@ class Lake:
             _SparkDelta(spark) if self.backend == "spark" else _DeltaRs(spark, dict(storage_options or {}))
         )
         logger.info("lake at %s (backend %s)", self.root, self.backend)
-        master = spark.sparkContext.master
+        master = spark.conf.get("spark.master", "local")  # (a Spark Connect session has no sparkContext)
         if self.backend == "delta-rs" and not master.startswith("local"):
             logger.warning(
                 "lake backend delta-rs on the cluster %s: every write goes through the driver (Arrow), "

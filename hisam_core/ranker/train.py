@@ -26,8 +26,8 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from hisam_core.checkpoint import save_atomically
-from hisam_core.config import Config
-from hisam_core.device import DEVICE_PATTERN, resolve_device
+from hisam_core.config import DEVICE_PATTERN, Config
+from hisam_core.device import resolve_device
 from hisam_core.metrics import ranking_metrics
 from hisam_core.ranker.model import HMAT, HMATConfig
 from hisam_core.ranker.objectives import action_logits, positive_probability, pretrain_loss, sft_loss

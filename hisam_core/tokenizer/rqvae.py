@@ -19,7 +19,8 @@ from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
-from hisam_core.config import Config
+from hisam_core.config import DEVICE_PATTERN, Config
+from hisam_core.device import resolve_device
 from hisam_core.features import ItemFeatures
 from hisam_core.semantic_ids import SemanticIds
 from hisam_core.tokenizer.cga import Standardize
@@ -48,7 +49,7 @@ class RQVAETrainConfig(Config):
     dead_code_threshold: int = Field(20, gt=0)
     init_sample_size: int = Field(8192, gt=0)
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)  # auto: CUDA when present
 
 
 @dataclass
@@ -130,7 +131,7 @@ def train_rqvae(features: ItemFeatures, config: RQVAETrainConfig, callback: Call
         model_config = RQVAEConfig.from_dict({**model_config.model_dump(), "modality_dims": features.dims})
     validate_features(features, model_config.modality_dims)
     generator = seed_everything(config.seed)
-    model = RQVAE(model_config).to(torch.device(config.device))
+    model = RQVAE(model_config).to(resolve_device(config.device))
     raw = model.tensors(features)
     for m, standardize in model.standardize.items():
         standardize.fit(raw[m])

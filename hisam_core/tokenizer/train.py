@@ -19,8 +19,8 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from hisam_core.config import Config
-from hisam_core.device import DEVICE_PATTERN, resolve_device
+from hisam_core.config import DEVICE_PATTERN, Config
+from hisam_core.device import resolve_device
 from hisam_core.features import MODALITIES, ItemFeatures
 from hisam_core.tokenizer.dst import DST, DSTConfig, validate_features
 from hisam_core.tokenizer.metrics import code_perplexity, code_utilisation

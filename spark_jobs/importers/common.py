@@ -247,10 +247,9 @@ def text_values(m: Column) -> Column:
 
 
 def text_list(values: Column) -> Column:
-    """An ``array<string>`` (null: empty) of its distinct non-blank values, :func:`trimmed`, in the
-    order they first appear (``Drama |Drama`` is one category)."""
-    return F.array_distinct(
-        F.filter(F.transform(F.coalesce(values, F.array().cast("array<string>")), trimmed), lambda c: c != "")
+    """An ``array<string>`` (null: empty) of its non-blank values, :func:`trimmed`."""
+    return F.filter(
+        F.transform(F.coalesce(values, F.array().cast("array<string>")), trimmed), lambda c: c != ""
     )
 
 

@@ -369,11 +369,13 @@ def _unit_name(config: GenericImportConfig) -> str:
 
 
 def _categories(value: Column) -> Column:
-    """A JSON list or ``|``-separated text -> array of trimmed, non-empty strings."""
+    """A JSON list or ``|``-separated text -> array of distinct, trimmed, non-empty strings, in the
+    order they first appear (``Drama |Drama`` is one category; Amazon's categories are a path, whose
+    levels may repeat a name, and stay as given)."""
     as_list = F.from_json(value, T.ArrayType(T.StringType()))
     split = F.split(value, r"\|")
     arr = F.when(value.startswith("["), as_list).otherwise(split)
-    return text_list(arr)
+    return F.array_distinct(text_list(arr))
 
 
 def _resolve_path(value: Column, root: str) -> Column:

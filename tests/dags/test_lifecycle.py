@@ -874,7 +874,9 @@ def test_a_rollback_to_an_older_tokenizers_champion_serves_the_items_that_arrive
 def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     """Builds on December 1st, whose fine-tune of the newest PT was judged: a rerun skips, and
     ``force=true`` trains it again from step 0 in a new MLflow run (not from the finished
-    checkpoint), which evaluation and registration then take as the day's candidate."""
+    checkpoint), which a forced rerun continues had it stopped, and which evaluation and
+    registration then take as the day's candidate."""
+    from pipelines.ranker import SFT_CHECKPOINT_SHA256
     from pipelines.steps import StepSkipped, run_step
 
     dec1 = dt.date(2026, 12, 1)
@@ -890,6 +892,10 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     runs = (before[0].info.run_id, forced["mlflow_run_id"])
     steps = [[m.step for m in client.get_metric_history(run, "sft/loss")] for run in runs]
     assert steps[1] == steps[0] and steps[1]  # every logged step again, not a resumed finished run
+    client.delete_tag(forced["mlflow_run_id"], SFT_CHECKPOINT_SHA256)  # as if it had stopped midway
+    resumed = run_step("finetune", dec1, world["config"], {"force": "true"})
+    assert resumed["mlflow_run_id"] == forced["mlflow_run_id"]  # continued, not a third run from step 0
+    assert SFT_CHECKPOINT_SHA256 in client.get_run(forced["mlflow_run_id"]).data.tags
     run_step("evaluate", dec1, world["config"])
     registered = run_step("register", dec1, world["config"])
     version = client.get_model_version("hisam-ranker", registered["model_version"])

@@ -49,6 +49,7 @@ SFT_CHECKPOINT_SHA256 = "sft.checkpoint_sha256"  # run tag: the hash of that fin
 SAMPLE_COLUMNS = ["user_id", "item_id", "event_ts", "split", "action", "is_cold_user"]
 RUN_KEY = "run_key"  # model-version tag: the logical run that produced the version
 PRETRAINED_VERSION = "pretrained_version"  # finetune-run and ranker-version tag: the PT it started from
+FORCED = "hisam.forced"  # finetune-run tag: trained again by params.force=true
 EVAL_PREFIX = "eval."  # candidate metrics, as finetune-run metrics and candidate version tags
 CHAMPION_PREFIX = "champion."  # the champion's metrics on the same snapshot
 EVAL_METRICS = "eval.metrics"  # finetune-run tag: the metrics the latest evaluate logged (run metrics
@@ -317,7 +318,7 @@ def _train_stage(
     records the PT version it starts from (``pretrained``). A rerun of the logical run continues its
     MLflow run and checkpoint, the newest run that trains the same thing (tokenizer and PT version):
     the asset-triggered fine-tune of a PT that landed after the day's 04:00 run trains anew.
-    ``fresh``: a new run and checkpoint whatever ran before."""
+    ``fresh``: a new run (tagged :data:`FORCED`) and checkpoint whatever ran before."""
     import mlflow
     import pandas as pd
 
@@ -360,6 +361,8 @@ def _train_stage(
     ) as run:
         if previous is None:
             mlflow.set_tags({"hisam.step": step, "hisam.run_key": ctx.run_key, **lineage})
+            if fresh:
+                mlflow.set_tag(FORCED, "true")
             log_config(config, name=step)
             ctx.log_input(SAMPLES, snapshot, "training", "samples")
             if profile_snapshot is not None:
@@ -498,9 +501,9 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
     before the 04:00 run starts, then triggers the DAG again through its asset) trains nothing. When
     the gate has judged that fine-tune's candidate, the step skips (and with it evaluation,
     registration and promotion); otherwise evaluation goes on from the finished run.
-    ``params.force=true`` trains again in a new MLflow run from step 0 (after a fix, say), unless the
-    newest run of that PT stopped midway (a forced one that crashed): it continues that one. The
-    following steps evaluate, register and gate that run's candidate."""
+    ``params.force=true`` trains again in a new MLflow run from step 0 (after a fix, say), tagged
+    ``hisam.forced``, unless the newest run of that PT is a forced one that stopped midway: it
+    continues that one. The following steps evaluate, register and gate that run's candidate."""
     from pipelines.settings import flag
     from pipelines.steps import StepSkipped
 
@@ -510,7 +513,8 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
     lineage = {"tokenizer_version": version, PRETRAINED_VERSION: pt_version}
     done = _find_run(ctx, "finetune", trained=True, **lineage)
     newest = _find_run(ctx, "finetune", **lineage) if force else None
-    fresh = newest is not None and SFT_CHECKPOINT_SHA256 in newest.data.tags  # else a forced run resumes
+    stopped = newest is not None and SFT_CHECKPOINT_SHA256 not in newest.data.tags
+    fresh = force and not (stopped and newest.data.tags.get(FORCED) == "true")  # a forced run resumes
     if done is not None and force:
         log.warning("force=true: fine-tuning PT v%s again (run %s trained it)", pt_version, done.info.run_id)
     elif done is not None:

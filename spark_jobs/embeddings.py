@@ -118,7 +118,7 @@ class EmbeddingJobConfig(Config):
     num_partitions: int | None = Field(None, ge=1)
     #: torch threads per Python worker (avoid oversubscribing cores); None leaves torch's default.
     torch_threads: int | None = Field(1, ge=1)
-    #: Where each Python worker runs a transformers encoder: ``cpu``, ``cuda``, ``cuda:N``, or ``auto``
+    #: Where each Python worker runs a transformers encoder: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, or ``auto``
     #: (None), CUDA when the worker has one, but every worker (one per core) then loads its own copy
     #: of the model onto it. Not part of an encoder's fingerprint: it changes where rows are
     #: computed, not what they mean.

@@ -874,9 +874,9 @@ def test_a_rollback_to_an_older_tokenizers_champion_serves_the_items_that_arrive
 def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     """Builds on December 1st, whose fine-tune of the newest PT was judged: a rerun skips, and
     ``force=true`` trains it again from step 0 in a new MLflow run (not from the finished
-    checkpoint), which a forced rerun continues had it stopped, and which evaluation and
-    registration then take as the day's candidate."""
-    from pipelines.ranker import SFT_CHECKPOINT_SHA256
+    checkpoint), which a forced rerun continues had it stopped (a run not forced it does not), and
+    which evaluation and registration then take as the day's candidate."""
+    from pipelines.ranker import FORCED, SFT_CHECKPOINT_SHA256
     from pipelines.steps import StepSkipped, run_step
 
     dec1 = dt.date(2026, 12, 1)
@@ -896,6 +896,11 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     resumed = run_step("finetune", dec1, world["config"], {"force": "true"})
     assert resumed["mlflow_run_id"] == forced["mlflow_run_id"]  # continued, not a third run from step 0
     assert SFT_CHECKPOINT_SHA256 in client.get_run(forced["mlflow_run_id"]).data.tags
+    for tag in (SFT_CHECKPOINT_SHA256, FORCED):  # as if a run not forced had stopped midway
+        client.delete_tag(forced["mlflow_run_id"], tag)
+    again = run_step("finetune", dec1, world["config"], {"force": "true"})
+    assert again["mlflow_run_id"] != forced["mlflow_run_id"]  # force means from step 0, not a resume
+    forced = again
     run_step("evaluate", dec1, world["config"])
     registered = run_step("register", dec1, world["config"])
     version = client.get_model_version("hisam-ranker", registered["model_version"])

@@ -84,12 +84,24 @@ class StepContext:
 
     def table_version(self, table: str) -> int | None:
         """Latest version of a lake table read with delta-rs (no Spark); None when it does not exist."""
+        found = self._delta_table(table)
+        return None if found is None else int(found.version())
+
+    def table_id(self, table: str) -> str | None:
+        """The Delta table's id (its metadata's, new when the table is recreated); None when it does
+        not exist."""
+        found = self._delta_table(table)
+        return None if found is None else str(found.metadata().id)
+
+    def _delta_table(self, table: str) -> Any:
         from deltalake import DeltaTable
 
-        path = self.table_path(table)
-        if not DeltaTable.is_deltatable(path, storage_options=self.config.lake.storage_options or None):
-            return None
-        return int(DeltaTable(path, storage_options=self.config.lake.storage_options or None).version())
+        path, options = self.table_path(table), self.config.lake.storage_options or None
+        return (
+            DeltaTable(path, storage_options=options)
+            if DeltaTable.is_deltatable(path, storage_options=options)
+            else None
+        )
 
     def table_history(self, table: str, limit: int | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` commits of a lake table, newest first, as :meth:`Lake.history` gives

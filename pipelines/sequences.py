@@ -30,10 +30,12 @@ log = logging.getLogger(__name__)
 BUILD = "build-sequences"
 
 
-def build_record(ctx: StepContext, version: str, read_at: dt.datetime, seen: int | None) -> dict[str, str]:
+def build_record(
+    ctx: StepContext, version: str, read_at: dt.datetime, seen: int | None, table_id: str | None
+) -> dict[str, str]:
     """What a ``gold.samples`` commit of ``build-sequences`` records: the build, its logical date,
     when it read silver, and the ``bronze.quarantine`` version it saw just before (``seen``, -1
-    when none): every import promoted by then is in the silver it read."""
+    when none) and that table's id: every import promoted by then is in the silver it read."""
     return {
         "step": BUILD,
         "dataset": ctx.dataset,
@@ -41,14 +43,20 @@ def build_record(ctx: StepContext, version: str, read_at: dt.datetime, seen: int
         "logical_date": ctx.logical_date.isoformat(),
         "read_at": read_at.isoformat(),
         "quarantine_seen": str(-1 if seen is None else seen),
+        "quarantine_table": table_id or "",
     }
 
 
-def read_after(build: dict[str, str], promotion: dict[str, Any]) -> bool:
+def read_after(build: dict[str, str], promotion: dict[str, Any], table_id: str | None) -> bool:
     """Whether a build (its :func:`build_record`) read silver after an import's promotion (its
-    ``bronze.quarantine`` commit, written after the silver tables): by Delta version, so no two
-    workers' clocks are compared. Builds recorded before ``quarantine_seen`` existed compare times."""
-    if "quarantine_seen" in build:
+    commit to ``bronze.quarantine``, whose id is ``table_id``, written after the silver tables): by
+    Delta version, so no two workers' clocks are compared. A build that saw another table of that
+    name (since recreated: versions restart) or that was recorded before versions were compares
+    times."""
+    if build.get("quarantine_seen") == "-1":  # no such table yet when it read silver: no promotion either
+        return False
+    same_table = build.get("quarantine_table", table_id) == table_id
+    if "quarantine_seen" in build and same_table:
         return int(build["quarantine_seen"]) >= promotion["version"]
     return dt.datetime.fromisoformat(build["read_at"]) > promotion["timestamp"]
 
@@ -77,7 +85,12 @@ def samples_ready(ctx: StepContext) -> dict[str, Any]:
     promoted = promotion_record(ctx.dataset, ctx.logical_date)
     imports = ctx.commits(BRONZE_QUARANTINE.name, promoted) if builds else []
     # newest first: the day's last promotion (a rerun of its import) is the one to have read
-    ready = any(read_after(b, imports[0]) for b in builds) if imports else built is not None and built > day
+    table_id = ctx.table_id(BRONZE_QUARANTINE.name) if imports else None
+    ready = (
+        any(read_after(b, imports[0], table_id) for b in builds)
+        if imports
+        else built is not None and built > day
+    )
     if not ready:
         log.info(
             "%s of %s built for %s: waiting for a build that holds %s", GOLD_SAMPLES.name, version, built, day
@@ -101,6 +114,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
         return {"skipped": True, "reason": "no tokenizer activated yet"}
     lake, part = ctx.lake, {"dataset": ctx.dataset}
     seen = ctx.table_version(BRONZE_QUARANTINE.name)  # before silver is read: see read_after
+    seen_table = ctx.table_id(BRONZE_QUARANTINE.name)
     read_at = dt.datetime.now(dt.UTC)
     valid, rejected = valid_interactions(ctx)
     valid = valid.cache()
@@ -160,7 +174,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 GOLD_SAMPLES,
                 mode="replace_partition",
                 partition_values={**part, "tokenizer_version": version},
-                metadata=build_record(ctx, version, read_at, seen),
+                metadata=build_record(ctx, version, read_at, seen, seen_table),
             ),
         }
     finally:

@@ -711,16 +711,24 @@ def test_ingest_counts_per_table_reconcile_and_merged_records_are_not_imported_t
 
 def test_a_build_holds_an_import_by_the_versions_it_saw_not_by_clocks() -> None:
     """``samples-ready``: a build holds the day's import when it saw the import's ``bronze.quarantine``
-    commit before reading silver, whatever its worker's clock said (here an hour slow, or fast);
-    builds recorded before versions were compare times."""
+    commit before reading silver, whatever its worker's clock said (here an hour slow, or fast). A
+    build that saw no such table saw no import. Builds recorded before versions were, or that saw a
+    table since recreated (its versions restarted), compare times."""
     from pipelines.sequences import read_after
 
     noon = dt.datetime(2026, 12, 5, 12, tzinfo=dt.UTC)
     promotion = {"version": 41, "timestamp": noon}
-    slow, fast = (noon + dt.timedelta(hours=h) for h in (-1, 1))
-    assert read_after({"read_at": slow.isoformat(), "quarantine_seen": "41"}, promotion)
-    assert read_after({"read_at": slow.isoformat(), "quarantine_seen": "57"}, promotion)
-    assert not read_after({"read_at": fast.isoformat(), "quarantine_seen": "40"}, promotion)
-    assert not read_after({"read_at": fast.isoformat(), "quarantine_seen": "-1"}, promotion)
-    assert read_after({"read_at": fast.isoformat()}, promotion)
-    assert not read_after({"read_at": slow.isoformat()}, promotion)
+    slow, fast = ((noon + dt.timedelta(hours=h)).isoformat() for h in (-1, 1))
+
+    def build(read_at: str, seen: str, table: str = "t1") -> dict[str, str]:
+        return {"read_at": read_at, "quarantine_seen": seen, "quarantine_table": table}
+
+    assert read_after(build(slow, "41"), promotion, "t1") and read_after(build(slow, "57"), promotion, "t1")
+    assert not read_after(build(fast, "40"), promotion, "t1")
+    assert not read_after(build(fast, "-1", ""), promotion, "t1")
+    assert not read_after(build(slow, "900", "t0"), promotion, "t1")  # the old table's versions: by time
+    assert read_after(build(fast, "3", "t0"), promotion, "t1")
+    assert read_after({"read_at": fast}, promotion, "t1") and not read_after(
+        {"read_at": slow}, promotion, "t1"
+    )
+    assert read_after({"read_at": slow, "quarantine_seen": "41"}, promotion, "t1")  # recorded without the id

@@ -85,11 +85,11 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
             INTERACTIONS,
             table.version,
         )
-    known = np.isin(stream["item_id"].to_numpy(), table.item_ids)
+    known = np.isin(stream["item_id"].to_numpy(), table.item_ids)  # the model leaves the others out
     request: dict[str, Any] = {
         "user_id": user_id,
-        "history_item_ids": stream["item_id"].to_numpy()[known].tolist(),
-        "history_actions": stream["action"].to_numpy()[known].tolist(),
+        "history_item_ids": stream["item_id"].tolist(),
+        "history_actions": stream["action"].tolist(),
     }
     profile = dict.fromkeys(config.profile_fields, UNKNOWN)
     if config.profile_fields and model.profile_vocabulary is not None:
@@ -97,7 +97,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         rows, _ = ctx.read_table("gold.user_profiles", part, fields, where={"user_id": user_id})
         if not rows.empty:
             profile = model.profile_vocabulary.encode(rows.iloc[0].to_dict())
-    personalised = bool(request["history_item_ids"]) or any(b != UNKNOWN for b in profile.values())
+    personalised = bool(known.any()) or any(b != UNKNOWN for b in profile.values())
     if not personalised:
         log.warning(
             "user %s: no history in the model's samples and no profile it reads: ranked as any such user "

@@ -4,7 +4,8 @@
   experiment with its artifacts under ``$HISAM_ARTIFACT_ROOT`` when set; otherwise a local store
   (SQLite or file) keeps them under ``Settings.artifact_root`` and an MLflow server under its own
   default. A database shared by many workers (Postgres) without ``$HISAM_ARTIFACT_ROOT`` is refused:
-  MLflow would write each worker's models to its own ``./mlruns``.
+  MLflow would write each worker's models to its own ``./mlruns``; an unreachable one is reported
+  within seconds (:func:`check_database_reachable`).
 * :func:`mlflow_callback` is the ``callback(step, metrics)`` that ``hisam_core.ranker.train.train``
   and ``hisam_core.tokenizer.train.train_tokenizer`` accept; it also keeps the history it logged,
   ready for :func:`log_training_curves`.
@@ -78,6 +79,8 @@ def configure_mlflow(settings: Settings) -> str:
             f"MLflow tracking store {scheme}:// has no artifact store of its own: set HISAM_ARTIFACT_ROOT "
             "(e.g. s3://bucket/mlflow) so every worker reads the models the others wrote"
         )
+    if scheme not in _SERVER_SCHEMES and not _is_local_store(uri):
+        check_database_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -106,6 +109,28 @@ def configure_mlflow(settings: Settings) -> str:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def check_database_reachable(uri: str, timeout_s: int = 10) -> None:
+    """Connect once to a database tracking store (Postgres, MySQL), waiting at most ``timeout_s``
+    seconds, and raise ``ConnectionError`` naming it (password hidden) when that fails: MLflow itself
+    retries for about 100 s before it reports the same. A task's own retries cover a short outage."""
+    import sqlalchemy
+
+    url = sqlalchemy.engine.make_url(uri)
+    args = {"connect_timeout": timeout_s} if url.get_backend_name() in ("postgresql", "mysql") else {}
+    engine = sqlalchemy.create_engine(url, connect_args=args, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise ConnectionError(
+            f"MLflow tracking database {url.render_as_string(hide_password=True)} is unreachable "
+            f"({reason}): check MLFLOW_TRACKING_URI and that the server is up"
+        ) from err
+    finally:
+        engine.dispose()
 
 
 def _run_id(run_id: str | None) -> str:

@@ -169,6 +169,20 @@ def test_a_shared_database_store_needs_an_artifact_root(tmp_path: Path) -> None:
         configure_mlflow(settings)
 
 
+def test_an_unreachable_database_store_is_reported_at_once(tmp_path: Path) -> None:
+    """Nothing listens on port 1: the error names the store without its password, and is ours, raised
+    before MLflow's ~100 s of engine retries would have started (they end in an MlflowException)."""
+    settings = Settings(
+        home=tmp_path,
+        mlflow_tracking_uri="postgresql+psycopg2://u:secret@127.0.0.1:1/db",
+        artifact_location=str(tmp_path / "artifacts"),
+        experiment="x",
+    )
+    with pytest.raises(ConnectionError, match=r"u:\*\*\*@127\.0\.0\.1:1/db is unreachable") as err:
+        configure_mlflow(settings)
+    assert "secret" not in str(err.value)
+
+
 def test_a_reopened_run_stays_finished_when_the_step_that_reopened_it_fails(experiment_id: str) -> None:
     """``evaluate`` failing after it reopened the fine-tune's run must not mark that training FAILED;
     what it logged before failing is kept on that run."""

@@ -87,11 +87,11 @@ class StepContext:
         found = self._delta_table(table)
         return None if found is None else int(found.version())
 
-    def table_id(self, table: str) -> str | None:
-        """The Delta table's id (its metadata's, new when the table is recreated); None when it does
-        not exist."""
+    def table_state(self, table: str) -> tuple[int, str] | None:
+        """Latest version and id of a lake table (the id is its metadata's, new when the table is
+        recreated and its versions restart), read from one snapshot; None when it does not exist."""
         found = self._delta_table(table)
-        return None if found is None else str(found.metadata().id)
+        return None if found is None else (int(found.version()), str(found.metadata().id))
 
     def _delta_table(self, table: str) -> Any:
         from deltalake import DeltaTable

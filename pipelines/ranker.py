@@ -243,11 +243,8 @@ def _checkpoint_dir(
 def sha256(path: Path) -> str:
     import hashlib
 
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def sft_checkpoint_dir(ctx: StepContext, tokenizer_version: str, run: Run) -> Path:

@@ -85,7 +85,8 @@ def samples_ready(ctx: StepContext) -> dict[str, Any]:
     promoted = promotion_record(ctx.dataset, ctx.logical_date)
     imports = ctx.commits(BRONZE_QUARANTINE.name, promoted) if builds else []
     # newest first: the day's last promotion (a rerun of its import) is the one to have read
-    table_id = ctx.table_id(BRONZE_QUARANTINE.name) if imports else None
+    state = ctx.table_state(BRONZE_QUARANTINE.name) if imports else None
+    table_id = None if state is None else state[1]
     ready = (
         any(read_after(b, imports[0], table_id) for b in builds)
         if imports
@@ -113,8 +114,8 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
     if version is None:
         return {"skipped": True, "reason": "no tokenizer activated yet"}
     lake, part = ctx.lake, {"dataset": ctx.dataset}
-    seen = ctx.table_version(BRONZE_QUARANTINE.name)  # before silver is read: see read_after
-    seen_table = ctx.table_id(BRONZE_QUARANTINE.name)
+    # before silver is read: see read_after
+    seen, seen_table = ctx.table_state(BRONZE_QUARANTINE.name) or (None, None)
     read_at = dt.datetime.now(dt.UTC)
     valid, rejected = valid_interactions(ctx)
     valid = valid.cache()

@@ -165,6 +165,32 @@ def test_day_one_writes_tables_runs_models_aliases_and_lineage(world) -> None:
         "plots/codebook_utilisation.png", "plots/figure3.png", "plots/dst_training.png"}  # fmt: skip
 
 
+def test_the_demo_summary_reports_what_day_one_wrote(world) -> None:
+    """Builds on day 1: ``hisam demo``'s closing summary (the DAG runs are the ones above) names
+    every lake table with its latest version and row count, the current tokenizer and the champion."""
+    from deltalake import DeltaTable
+
+    from pipelines.demo import summarize
+    from pipelines.settings import Settings
+    from pipelines.steps import load_config
+
+    runs = [{"dag": d, "state": r.state, "seconds": 1.0} for d, r in world["day1"].items()]
+    summary = summarize(load_config(world["config"]), Settings.from_env(), runs, 4.0)
+    lake = world["home"] / "lake"
+    tables = {f"{p.parent.parent.name}.{p.parent.name}": p.parent for p in lake.glob("*/*/_delta_log")}
+    assert summary["lake"]["root"] == str(lake)
+    assert summary["lake"]["tables"] == {
+        name: {"version": DeltaTable(str(path)).version(), "rows": len(DeltaTable(str(path)).to_pandas())}
+        for name, path in tables.items()
+    }
+    assert {"bronze.interactions", "silver.interactions", "gold.samples", "gold.semantic_ids"} <= set(tables)
+    assert (
+        str(summary["tokenizer"]["version"]) == "1" and summary["tokenizer"]["tokenizer_version"] == VERSION
+    )
+    assert str(summary["champion"]["version"]) == "1" and summary["champion"]["gate"] == "promoted"
+    assert (summary["dag_runs"], summary["total_seconds"], summary["dataset"]) == (runs, 4.0, "tiny")
+
+
 def test_rerunning_a_day_changes_nothing(world) -> None:
     """Builds on day 1: the same logical date again leaves every table's rows, the registry and the
     tracking runs as they were."""

@@ -27,6 +27,12 @@ attribute of the item (``description``, ``plot``, ``director``...) unless ``text
 **users** (optional): ``user_id`` (required); every other column is a profile attribute (``age``,
 ``gender``, ``occupation``...).
 
+**One date's inputs.** ``{logical_date}`` in a path (or ``{logical_date:<strftime format>}``, e.g.
+``/data/raw/events/{logical_date:%Y/%m/%d}``) becomes the import's date, so each date reads its own
+drop and a rerun of a date reads the same files again. A path without it is a snapshot: every date's
+import reads the whole input, its bronze partition holds all of it, and the import budget and the
+day's quality gate judge all of it, not what changed that day.
+
 Records that cannot be used (malformed line or JSON, a missing id, an unreadable timestamp,
 rating or label, neither rating nor label, a duplicate item or user id) go to
 ``bronze.quarantine`` with the reason; for every input, records in = imported + quarantined.
@@ -83,6 +89,16 @@ ITEM_RESERVED: tuple[str, ...] = ("item_id", "title", "categories", "genres", "i
 CSV_ENCODINGS = frozenset({"utf-8", "iso-8859-1", "us-ascii"})  # UTF-16/32: Spark splits lines on one byte
 
 
+#: ``{logical_date}`` or ``{logical_date:<strftime format>}`` in an input path (other braces, as in a
+#: Hadoop glob's ``{a,b}``, are left as they are).
+LOGICAL_DATE = re.compile(r"\{logical_date(?::([^{}]*))?\}")
+
+
+def dated(path: str, day: dt.date) -> str:
+    """``path`` with each :data:`LOGICAL_DATE` placeholder replaced by ``day`` (ISO by default)."""
+    return LOGICAL_DATE.sub(lambda m: day.strftime(m.group(1)) if m.group(1) else day.isoformat(), path)
+
+
 class GenericImportConfig(Config):
     """Inputs in the generic format and how to read them."""
 
@@ -108,6 +124,13 @@ class GenericImportConfig(Config):
     image_root: str | None = None
     #: Input column -> generic name, applied to every input first (e.g. ``{"UserID": "user_id"}``).
     rename: dict[str, str] = Field(default_factory=dict)
+
+    def for_date(self, day: dt.date) -> GenericImportConfig:
+        """The inputs of ``day``: every path with its ``{logical_date}`` placeholders filled in."""
+        paths = ("interactions", "items", "users", "image_root")
+        return self.model_copy(
+            update={k: dated(v, day) for k in paths if (v := getattr(self, k)) is not None}
+        )
 
     @field_validator("encoding")
     @classmethod
@@ -458,7 +481,9 @@ def _parent(path: str) -> str:
 def import_generic(
     spark: SparkSession, lake: Lake, config: GenericImportConfig, logical_date: dt.date
 ) -> ImportReport:
-    """Import generic-format inputs into bronze for ``logical_date``; reruns replace the partitions."""
+    """Import generic-format inputs into bronze for ``logical_date`` (the inputs of
+    :meth:`GenericImportConfig.for_date`); reruns replace the partitions."""
+    config = config.for_date(logical_date)
     options: dict[str, Any] = {"sep": config.csv_sep, "rename": config.rename, "encoding": config.encoding}
     rows, names = read_as_strings(spark, config.interactions, config.format, **options)
     for required in ("user_id", "item_id", "timestamp"):

@@ -370,6 +370,39 @@ def test_generic_csv_rerun_is_idempotent_through_silver(spark, lake):
     assert snapshot(lake, "bronze.items", "shop") == before["bronze.items"]
 
 
+def test_generic_paths_name_the_days_drop(spark, lake, tmp_path):
+    """``{logical_date}`` in a path: each date imports its own files, and a rerun of an earlier date
+    after a later one reads that date's files again (the same tables), not the latest drop."""
+    from spark_jobs.importers.generic import dated
+
+    day2 = DAY + dt.timedelta(days=1)
+    assert dated("/raw/{logical_date}/e.csv", DAY) == "/raw/2024-01-01/e.csv"
+    assert dated("/raw/{logical_date:%Y/%m/%d}/{a,b}*.csv", day2) == "/raw/2024/01/02/{a,b}*.csv"
+    drops = {DAY: ["u1,i1,1704067200,5", "u1,i2,1704067300,2"], day2: ["u2,i1,1704153600,4"]}
+    for day, lines in drops.items():
+        folder = tmp_path / "events" / f"date={day:%Y%m%d}"
+        folder.mkdir(parents=True)
+        (folder / "part-0.csv").write_text("user_id,item_id,timestamp,rating\n" + "\n".join(lines) + "\n")
+    config = GenericImportConfig(
+        dataset="drops", interactions=str(tmp_path / "events" / "date={logical_date:%Y%m%d}")
+    )
+
+    def events() -> list[tuple]:
+        rows = lake.read("silver.interactions", partitions={"dataset": "drops"}).collect()
+        return sorted((r.user_key, r.item_key, r.logical_date) for r in rows)
+
+    for day in (DAY, day2):
+        report = import_generic(spark, lake, config, day)
+        assert counts(report) == {f"date={day:%Y%m%d}": (len(drops[day]), len(drops[day]), 0)}  # the day's
+        promote_to_silver(lake, "drops", day)
+    expected = [("u1", "i1", DAY), ("u1", "i2", DAY), ("u2", "i1", day2)]
+    assert events() == expected
+    bronze = snapshot(lake, "bronze.interactions", "drops")
+    import_generic(spark, lake, config, DAY)  # the earlier date again, after the later one
+    assert promote_to_silver(lake, "drops", DAY).retracted["silver.interactions"] == 0
+    assert events() == expected and snapshot(lake, "bronze.interactions", "drops") == bronze
+
+
 def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:
     return sorted(tuple(r) for r in lake.read(table, version=version).drop("source_file").collect())
 

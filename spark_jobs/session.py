@@ -1,6 +1,6 @@
 """One way to get a SparkSession: master and conf from config or environment.
 
-``HISAM_SPARK_MASTER`` (default ``local[2]``) and ``HISAM_SPARK_CONF`` (``k=v,k=v``) override the
+``HISAM_SPARK_MASTER`` (default ``local[2]``) and ``HISAM_SPARK_CONF`` (``k=v,k=v`` or a JSON object) override the
 defaults, so the same entry point runs on a laptop and, unchanged, under spark-submit on a cluster:
 there (spark-submit starts the Python driver with ``PYSPARK_GATEWAY_PORT`` set) the builder sets no
 master and no local defaults, so spark-submit's ``--master`` and properties file hold.
@@ -8,6 +8,7 @@ master and no local defaults, so spark-submit's ``--master`` and properties file
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -29,7 +30,18 @@ SESSION_TIME_ZONE = "UTC"
 
 
 def _env_conf() -> dict[str, str]:
+    """``$HISAM_SPARK_CONF``: ``k=v,k=v``, or a JSON object when a value holds a comma (a list of
+    ``spark.jars.packages``)."""
     raw = os.environ.get("HISAM_SPARK_CONF", "")
+    if raw.strip().startswith("{"):
+        try:
+            settings = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"HISAM_SPARK_CONF is not a valid JSON object: {err}") from None
+        bad = [k for k, v in settings.items() if isinstance(v, dict | list) or v is None]
+        if bad:
+            raise ValueError(f"HISAM_SPARK_CONF as JSON must map keys to strings or numbers, got {bad}")
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in settings.items()}
     pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
     bad = [p[0] for p in pairs if len(p) != 2]
     if bad:

@@ -43,3 +43,13 @@ def test_spark_settings_from_the_environment_are_key_value_pairs(monkeypatch) ->
     monkeypatch.setenv("HISAM_SPARK_CONF", "spark.a=1,spark.executor.memory")
     with pytest.raises(ValueError, match=r"must be key=value, got \['spark.executor.memory'\]"):
         _env_conf()
+    # a value with a comma needs the JSON form
+    packages = "org.apache.hadoop:hadoop-aws:3.5.0,io.delta:delta-spark_2.13:4.4.1"
+    monkeypatch.setenv(
+        "HISAM_SPARK_CONF", f' {{"spark.jars.packages": "{packages}", "spark.a": 2, "spark.b": true}}'
+    )
+    assert _env_conf() == {"spark.jars.packages": packages, "spark.a": "2", "spark.b": "true"}
+    for bad in ('{"spark.a": [1]}', '{"spark.a": 1', '{"spark.a": null}'):
+        monkeypatch.setenv("HISAM_SPARK_CONF", bad)
+        with pytest.raises(ValueError, match="HISAM_SPARK_CONF"):
+            _env_conf()

@@ -159,3 +159,60 @@ def test_on_a_cluster_the_lake_must_be_named(monkeypatch) -> None:
     args = common.parser("test", date=False).parse_args([])
     with pytest.raises(ValueError, match="'yarn' is a cluster"):  # every entry point's set-up checks it
         common.setup(args, "test")
+
+
+def test_the_image_entrypoint_runs_commands_and_starts_kubernetes_executors(tmp_path) -> None:
+    """Spark on Kubernetes starts executor pods from the hisam image with the argument ``executor``:
+    the entry point starts Spark's KubernetesExecutorBackend from the pip-installed pyspark, with the
+    driver's JVM options in their numeric order (``_10`` after ``_2``), which then fails only to reach
+    a driver that is not there. ``airflow`` first checks its config's placeholders; any other command
+    runs as given."""
+    import os
+    import subprocess
+    import sys
+
+    script = str(Path(__file__).resolve().parents[2] / "infra" / "docker" / "entrypoint.sh")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    echoed = subprocess.run([script, "echo", "a b", "c"], env=env, capture_output=True, text=True, check=True)
+    assert echoed.stdout == "a b c\n"
+    # `airflow ...`: every ${VAR} of its airflow.cfg (outside comments) must be set, or Airflow would
+    # take the placeholder's text for the value (a JWT secret anyone can read in the repository)
+    bin_dir, home = tmp_path / "bin", tmp_path / "airflow"
+    bin_dir.mkdir()
+    home.mkdir()
+    (bin_dir / "airflow").write_text('#!/bin/sh\necho airflow "$@"\n')  # stands in for the real one
+    (bin_dir / "airflow").chmod(0o755)
+    (home / "airflow.cfg").write_text("# ${IN_A_COMMENT}\n[api_auth]\njwt_secret = ${JWT}\nconn = x${DB}y\n")
+    airflow = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "AIRFLOW_HOME": str(home), "JWT": "s"}
+    refused = subprocess.run([script, "airflow", "version"], env=airflow, capture_output=True, text=True)
+    assert refused.returncode == 78 and refused.stdout == ""
+    assert "airflow.cfg names $DB but the environment does not set it" in refused.stderr
+    started = subprocess.run(
+        [script, "airflow", "version"], env={**airflow, "DB": "d"}, capture_output=True, text=True
+    )
+    assert (started.returncode, started.stdout) == (0, "airflow version\n")
+    executor = {
+        "SPARK_JAVA_OPT_0": "-XshowSettings:properties",
+        "SPARK_JAVA_OPT_2": "-Dhisam.order=two",
+        "SPARK_JAVA_OPT_10": "-Dhisam.order=ten",  # the later option wins
+        "SPARK_EXECUTOR_MEMORY": "256m",
+        "SPARK_DRIVER_URL": "spark://CoarseGrainedScheduler@127.0.0.1:1",  # nothing listens on port 1
+        "SPARK_EXECUTOR_ID": "1",
+        "SPARK_EXECUTOR_CORES": "1",
+        "SPARK_APPLICATION_ID": "spark-test",
+        "SPARK_EXECUTOR_POD_IP": "127.0.0.1",
+        "SPARK_EXECUTOR_POD_NAME": "executor-1",
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
+    run = subprocess.run(
+        [script, "executor"],
+        env={**env, **executor},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert run.returncode != 0
+    assert "hisam.order = ten" in run.stderr
+    assert "KubernetesExecutorBackend: Started daemon" in run.stderr
+    assert "Failed to connect to /127.0.0.1:1" in run.stderr

@@ -4,7 +4,8 @@ What an operator runs to see what the model serves (``hisam recommend 196``). It
 exactly as training saw the user: the user's stream from ``gold.samples`` of the model's tokenizer
 version (every interaction, oldest first, with its action), the profile buckets of the packaged
 vocabulary from ``gold.user_profiles``, and as candidates every item of the packaged semantic-ID
-table the user has no interaction with in ``silver.interactions`` (``include_seen`` keeps those).
+table that is still in ``silver.items`` (one retracted since is counted, ``not_in_catalogue``) and
+the user has no interaction with in ``silver.interactions`` (``include_seen`` keeps those).
 The pyfunc model scores them in one pass (Sec. 3.4.2); the lake reads keep only this user's rows
 (and the top items' titles) in Arrow, so a large table is not loaded whole. Reads the lake and the
 registry, writes no table or model. History items the model has no IDs for (newer than its table)
@@ -106,7 +107,9 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         )
     request.update({f"{PROFILE_PREFIX}{f}": b for f, b in profile.items()})
 
-    candidates = table.item_ids
+    catalogue, _ = ctx.read_table(ITEMS, part, ["item_id"])
+    listed = np.isin(table.item_ids, catalogue["item_id"].to_numpy())
+    candidates = table.item_ids[listed]  # an item retracted from silver.items since is not offered
     if not include_seen:
         candidates = candidates[~np.isin(candidates, events["item_id"].to_numpy())]
     request["candidate_item_ids"] = candidates.tolist()
@@ -128,6 +131,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         "newer_interactions_not_in_history": newer,
         "personalised": personalised,
         "candidates": len(candidates),
+        "not_in_catalogue": int((~listed).sum()),
         "recommendations": [
             {
                 "rank": rank,

@@ -186,13 +186,16 @@ def behaviour_cut_floor(ctx: StepContext, version: str) -> int | None:
 def load_item_features(
     ctx: StepContext, version: int | None = None
 ) -> tuple[ItemFeatures, int, dict[int, str]]:
-    """Every item with all three modality embeddings of the configured encoders, ``present`` False
-    where one is the encoder's fallback row, from the Delta snapshot ``version`` (default latest), the
-    version read, and ``item_id -> reason`` for the items that lack a modality
-    (``missing_embedding:image``) or whose vector the embeddings gate rejects (``invalid_embedding:text``:
+    """Every item of the catalogue (``gold.item_documents``, latest) with all three modality
+    embeddings of the configured encoders, ``present`` False where one is the encoder's fallback row,
+    from the embeddings snapshot ``version`` (default latest), the version read, and ``item_id ->
+    reason`` for the catalogue items that lack a modality (``missing_embedding:image``; all three when
+    none was embedded yet) or whose vector the embeddings gate rejects (``invalid_embedding:text``:
     null, not of its ``dim`` or of ``quality.embeddings.expected_dims``, NaN or inf): they get no
-    semantic ID until the embed step writes a good one."""
+    semantic ID until the embed step writes a good one. Embeddings of items no longer in the catalogue
+    (retracted upstream: the embed step's merge keeps their rows) are left out, and counted in the log."""
     from pipelines.ingest import quality_config
+    from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
 
     encoders = encoder_specs(ctx)
     gate = quality_config(ctx).embeddings
@@ -225,9 +228,16 @@ def load_item_features(
             )
         frame = frame[usable]
         frames[modality] = frame.set_index("item_id")[["embedding", "present"]]
-    items = sorted(set.intersection(*(set(f.index) for f in frames.values())))
+    documents, _ = ctx.read_table(GOLD_ITEM_DOCUMENTS.name, {"dataset": ctx.dataset}, ["item_id"])
+    catalogue = {int(i) for i in documents["item_id"]}
+    embedded = set.union(set(invalid), *(set(f.index) for f in frames.values()))
+    if retracted := len(embedded - catalogue):
+        log.info(
+            "%d items with embeddings are no longer in %s: left out", retracted, GOLD_ITEM_DOCUMENTS.name
+        )
+    items = sorted(set.intersection(*(set(f.index) for f in frames.values())) & catalogue)
     incomplete = {}
-    for item in sorted(set.union(set(invalid), *(set(f.index) for f in frames.values())) - set(items)):
+    for item in sorted(catalogue - set(items)):
         bad = invalid.get(item, [])
         missing = [m for m, f in frames.items() if item not in f.index and m not in bad]
         reasons = [f"invalid_embedding:{','.join(bad)}"] if bad else []

@@ -509,7 +509,9 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys, capl
     gold.samples (oldest first, mid-month items included) with their profile buckets;
     ``--include-seen`` ranks the whole catalogue, and an unknown user is an error. A user with a
     profile and no interaction yet is ranked from the profile alone."""
-    from deltalake import DeltaTable
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable, write_deltalake
 
     from hisam_core.ranker.sequence import UserHistory
     from hisam_core.ranker.serving import rank_reference
@@ -558,12 +560,21 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys, capl
     assert main(["recommend", str(user["user_key"]), "--top-k", "5", "--include-seen"]) == 0
     every = json.loads(capsys.readouterr().out)  # the items the user has seen compete too
     assert every["candidates"] == len(table.item_ids) and every["history_items"] == len(mine)
+    assert got["not_in_catalogue"] == 0
+    retracted = int(unseen[best][0])  # the top item leaves the catalogue (a corrected import, say)
+    listed = DeltaTable(str(lake / "silver" / "items")).to_pyarrow_table()
+    DeltaTable(str(lake / "silver" / "items")).delete(f"item_id = {retracted}")
+    try:
+        assert main(["recommend", str(user["user_key"]), "--top-k", "5"]) == 0
+        after = json.loads(capsys.readouterr().out)
+    finally:
+        write_back = listed.filter(pc.equal(listed["item_id"], retracted))
+        write_deltalake(str(lake / "silver" / "items"), write_back, mode="append")
+    assert (after["candidates"], after["not_in_catalogue"]) == (len(unseen) - 1, 1)
+    next_six = unseen[np.lexsort((unseen, -expected.numpy()))[1:6]]  # the others move up one place
+    assert [r["item_id"] for r in after["recommendations"]] == next_six.tolist()
     assert main(["recommend", "no-such-user"]) == 2  # a clear error, no traceback
     assert "user 'no-such-user' is in neither silver.interactions nor silver.users" in caplog.text
-
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from deltalake import write_deltalake
 
     newcomer = 10**9  # in silver.users and gold.user_profiles (the user's profile), no interaction
     for path in ("silver/users", "gold/user_profiles"):

@@ -313,6 +313,27 @@ def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_toke
     DeltaTable(ctx.table_path("gold.item_embeddings")).delete(f"modality = 'text' AND item_id = {item}")
     waiting = run_step("embeddings-ready", DAY, ctx.config)
     assert waiting == {"ready": False, "items": 20, "missing": {"behavior": 0, "image": 0, "text": 1}}
+    # the catalogue decides: an item retracted from gold.item_documents is left out (the embed step's
+    # merge keeps its rows), and a catalogue item with no embedding yet is reported missing all three
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake import write_deltalake
+
+    documents = ctx.table_path("gold.item_documents")
+    listed = DeltaTable(documents).to_pyarrow_table()
+    gone, newcomer = int(features.item_ids[0]), 10**6
+    row = listed.filter(pc.equal(listed["item_id"], gone))
+    added = row.set_column(row.schema.get_field_index("item_id"), "item_id", pa.array([newcomer], pa.int64()))
+    DeltaTable(documents).delete(f"item_id = {gone}")
+    write_deltalake(documents, added.cast(listed.schema), mode="append")
+    try:
+        after, _, incomplete = load_item_features(ctx)
+    finally:
+        DeltaTable(documents).delete(f"item_id = {newcomer}")
+        write_deltalake(documents, row, mode="append")
+    assert gone not in after.item_ids and len(after) == 18
+    everything = ",".join(features.modalities)
+    assert incomplete == {item: "missing_embedding:text", newcomer: f"missing_embedding:{everything}"}
 
 
 def test_a_tokenizer_failing_codebook_health_is_not_registered_and_alerts(ctx_of) -> None:

@@ -175,22 +175,29 @@ def test_the_image_entrypoint_runs_commands_and_starts_kubernetes_executors(tmp_
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     echoed = subprocess.run([script, "echo", "a b", "c"], env=env, capture_output=True, text=True, check=True)
     assert echoed.stdout == "a b c\n"
-    # `airflow ...`: every ${VAR} of its airflow.cfg (outside comments) must be set, or Airflow would
-    # take the placeholder's text for the value (a JWT secret anyone can read in the repository)
+    # `airflow ...`: every $VAR / ${VAR} of its airflow.cfg (outside comments) must be set, or the
+    # option overridden by AIRFLOW__SECTION__KEY; else Airflow would take the placeholder's text for
+    # the value (a JWT secret anyone can read in the repository)
     bin_dir, home = tmp_path / "bin", tmp_path / "airflow"
     bin_dir.mkdir()
     home.mkdir()
     (bin_dir / "airflow").write_text('#!/bin/sh\necho airflow "$@"\n')  # stands in for the real one
     (bin_dir / "airflow").chmod(0o755)
-    (home / "airflow.cfg").write_text("# ${IN_A_COMMENT}\n[api_auth]\njwt_secret = ${JWT}\nconn = x${DB}y\n")
-    airflow = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "AIRFLOW_HOME": str(home), "JWT": "s"}
-    refused = subprocess.run([script, "airflow", "version"], env=airflow, capture_output=True, text=True)
+    cfg = "# ${IN_A_COMMENT}\n[api_auth]\njwt_secret = ${JWT}\n[database]\nconn = x$DB/${NAME}\n"
+    (home / "airflow.cfg").write_text(cfg)
+    airflow = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "AIRFLOW_HOME": str(home), "JWT": "s", "DB": ""}
+
+    def start(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [script, "airflow", "version"], env={**airflow, **extra}, capture_output=True, text=True
+        )
+
+    refused = start(NAME="n")
     assert refused.returncode == 78 and refused.stdout == ""
-    assert "airflow.cfg names $DB but the environment does not set it" in refused.stderr
-    started = subprocess.run(
-        [script, "airflow", "version"], env={**airflow, "DB": "d"}, capture_output=True, text=True
-    )
-    assert (started.returncode, started.stdout) == (0, "airflow version\n")
+    assert "airflow.cfg needs $DB ([database] conn), unset or empty here" in refused.stderr
+    for extra in ({"NAME": "n", "DB": "d"}, {"AIRFLOW__DATABASE__CONN": "postgresql://..."}):
+        started = start(**extra)
+        assert (started.returncode, started.stdout) == (0, "airflow version\n")
     executor = {
         "SPARK_JAVA_OPT_0": "-XshowSettings:properties",
         "SPARK_JAVA_OPT_2": "-Dhisam.order=two",

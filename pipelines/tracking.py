@@ -111,20 +111,41 @@ def configure_mlflow(settings: Settings) -> str:
     return experiment_id
 
 
+#: The connect-timeout argument of each database driver a tracking store may name.
+_CONNECT_TIMEOUT = {
+    "psycopg2": "connect_timeout",
+    "psycopg": "connect_timeout",
+    "pg8000": "timeout",
+    "pymysql": "connect_timeout",
+    "mysqldb": "connect_timeout",
+}
+
+
 def check_database_reachable(uri: str, timeout_s: int = 10) -> None:
-    """Connect once to a database tracking store (Postgres, MySQL), waiting at most ``timeout_s``
-    seconds, and raise ``ConnectionError`` naming it (password hidden) when that fails: MLflow itself
-    retries for about 100 s before it reports the same. A task's own retries cover a short outage."""
+    """Connect once to a Postgres or MySQL tracking store, waiting at most ``timeout_s`` seconds
+    (where its driver takes a timeout), and raise ``ConnectionError`` naming it (password hidden) when
+    that fails: MLflow itself retries for about 100 s before it reports the same. A task's own
+    retries cover a short outage. Other stores are left to MLflow."""
     import sqlalchemy
 
-    url = sqlalchemy.engine.make_url(uri)
-    args = {"connect_timeout": timeout_s} if url.get_backend_name() in ("postgresql", "mysql") else {}
-    engine = sqlalchemy.create_engine(url, connect_args=args, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+    except sqlalchemy.exc.ArgumentError:
+        return  # not a database URL: MLflow reports what it is
+    if url.get_backend_name() not in ("postgresql", "mysql"):
+        return
+    option = _CONNECT_TIMEOUT.get(url.get_dialect().driver)
+    try:
+        engine = sqlalchemy.create_engine(
+            url, poolclass=sqlalchemy.pool.NullPool, connect_args={option: timeout_s} if option else {}
+        )
+    except ImportError:
+        return  # its driver is not installed: MLflow says so
     try:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as err:
-        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        reason = " ".join(str(getattr(err, "orig", None) or err).split()[:40]) or type(err).__name__
         raise ConnectionError(
             f"MLflow tracking database {url.render_as_string(hide_password=True)} is unreachable "
             f"({reason}): check MLFLOW_TRACKING_URI and that the server is up"

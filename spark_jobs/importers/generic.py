@@ -27,11 +27,14 @@ attribute of the item (``description``, ``plot``, ``director``...) unless ``text
 **users** (optional): ``user_id`` (required); every other column is a profile attribute (``age``,
 ``gender``, ``occupation``...).
 
-**One date's inputs.** ``{logical_date}`` in a path (or ``{logical_date:<strftime format>}``, e.g.
-``/data/raw/events/{logical_date:%Y/%m/%d}``) becomes the import's date, so each date reads its own
-drop and a rerun of a date reads the same files again. A path without it is a snapshot: every date's
-import reads the whole input, its bronze partition holds all of it, and the import budget and the
-day's quality gate judge all of it, not what changed that day.
+**One date's inputs.** ``{logical_date}`` in a path becomes the import's date (ISO), so each date
+reads its own drop and a rerun of a date reads the same files again; ``{logical_date-N}`` is N days
+before it, and ``:<strftime format>`` formats either (``/data/raw/events/{logical_date-1:%Y/%m/%d}``).
+The daily run of date D starts at 00:00 UTC on D, so a drop named after its events' day is the run's
+``{logical_date-1}``. A drop must be complete when the run reads it (write it elsewhere, then move it
+in): a missing one fails the import, which Airflow retries and then alerts about. A path without a
+placeholder is a snapshot: every date's import reads the whole input, its bronze partition holds all
+of it, and the import budget and the day's quality gate judge all of it, not what changed that day.
 
 Records that cannot be used (malformed line or JSON, a missing id, an unreadable timestamp,
 rating or label, neither rating nor label, a duplicate item or user id) go to
@@ -89,14 +92,19 @@ ITEM_RESERVED: tuple[str, ...] = ("item_id", "title", "categories", "genres", "i
 CSV_ENCODINGS = frozenset({"utf-8", "iso-8859-1", "us-ascii"})  # UTF-16/32: Spark splits lines on one byte
 
 
-#: ``{logical_date}`` or ``{logical_date:<strftime format>}`` in an input path (other braces, as in a
-#: Hadoop glob's ``{a,b}``, are left as they are).
-LOGICAL_DATE = re.compile(r"\{logical_date(?::([^{}]*))?\}")
+#: ``{logical_date}``, ``{logical_date-N}`` (N days before) and either with ``:<strftime format>`` in
+#: an input path (other braces, as in a Hadoop glob's ``{a,b}``, are left as they are).
+LOGICAL_DATE = re.compile(r"\{logical_date(?:-(\d+))?(?::([^{}]*))?\}")
 
 
 def dated(path: str, day: dt.date) -> str:
-    """``path`` with each :data:`LOGICAL_DATE` placeholder replaced by ``day`` (ISO by default)."""
-    return LOGICAL_DATE.sub(lambda m: day.strftime(m.group(1)) if m.group(1) else day.isoformat(), path)
+    """``path`` with each :data:`LOGICAL_DATE` placeholder replaced by its date (ISO by default)."""
+
+    def fill(match: re.Match[str]) -> str:
+        when = day - dt.timedelta(days=int(match.group(1) or 0))
+        return when.strftime(match.group(2)) if match.group(2) else when.isoformat()
+
+    return LOGICAL_DATE.sub(fill, path)
 
 
 class GenericImportConfig(Config):

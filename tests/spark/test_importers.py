@@ -378,6 +378,7 @@ def test_generic_paths_name_the_days_drop(spark, lake, tmp_path):
     day2 = DAY + dt.timedelta(days=1)
     assert dated("/raw/{logical_date}/e.csv", DAY) == "/raw/2024-01-01/e.csv"
     assert dated("/raw/{logical_date:%Y/%m/%d}/{a,b}*.csv", day2) == "/raw/2024/01/02/{a,b}*.csv"
+    assert dated("/raw/{logical_date-1}/{logical_date-31:%Y%m%d}", day2) == "/raw/2024-01-01/20231202"
     drops = {DAY: ["u1,i1,1704067200,5", "u1,i2,1704067300,2"], day2: ["u2,i1,1704153600,4"]}
     for day, lines in drops.items():
         folder = tmp_path / "events" / f"date={day:%Y%m%d}"

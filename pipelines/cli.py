@@ -45,7 +45,7 @@ Examples:
   hisam run ingest --logical-date 2026-11-22   # one step for one day
   hisam run build-sequences --param tokenizer_version=dst-YYYYMMDD  # a registered DST version
   hisam rollback                               # @previous becomes @champion again (refreshed)
-  hisam recommend 196 --top-k 5                # what @champion recommends to user 196
+  hisam recommend 196 --top-k 5 --config .hisam/demo_pipeline.yaml  # after `hisam demo` on MovieLens
   hisam evaluate --run main --seeds 0 1 2      # offline comparison on MovieLens-100K (--help: options)
 """
 
@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, help=f"pipeline YAML (default {default})")
         # also after the command (`hisam run ingest --threads 2`); SUPPRESS keeps the global value
-        p.add_argument("--threads", type=_threads, default=argparse.SUPPRESS, help="as before the command")
+        p.add_argument(
+            "--threads", type=_threads, default=argparse.SUPPRESS, help="torch threads: as `hisam --threads`"
+        )
         return p
 
     demo = with_config(
@@ -127,11 +129,17 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(
             "run",
             help="run one pipeline step",
-            description="Run one pipeline step for one logical date: the function the Airflow task calls. "
-            "`hisam run evaluate` is the daily step (candidate vs @champion), not `hisam evaluate`.",
+            description="Run one pipeline step for one logical date: the function the Airflow task calls, "
+            "and print its summary as JSON. `hisam run evaluate` is the daily step (candidate vs "
+            "@champion), not `hisam evaluate`. Example: hisam run ingest --logical-date 2026-11-22",
         )
     )
-    run.add_argument("step", choices=list(STEPS), help="the step to run (see `hisam steps`)")
+    run.add_argument(
+        "step",
+        type=lambda name: name.replace("_", "-"),  # an Airflow task id names the same step
+        choices=list(STEPS),
+        help="the step to run (see `hisam steps`; an Airflow task id such as build_sequences works too)",
+    )
     run.add_argument(
         "--logical-date",
         type=_date,

@@ -6,8 +6,9 @@ version (every interaction, oldest first, with its action), the profile buckets 
 vocabulary from ``gold.user_profiles``, and as candidates every item of the packaged semantic-ID
 table that is still in ``silver.items`` (one retracted since is counted, ``not_in_catalogue``) and
 the user has no interaction with in ``silver.interactions`` (``include_seen`` keeps those).
-The pyfunc model scores them in one pass (Sec. 3.4.2); the lake reads keep only this user's rows
-(and the top items' titles) in Arrow, so a large table is not loaded whole. Reads the lake and the
+The pyfunc model scores them in one pass (Sec. 3.4.2); the lake reads keep only this user's rows,
+the item ids of ``silver.items`` and the top items' titles in Arrow, so a large table is not loaded
+whole. Reads the lake and the
 registry, writes no table or model. History items the model has no IDs for (newer than its table)
 are left out and counted. A user with no interaction yet (only in ``silver.users``) is ranked from
 the profile alone; without profile tokens (or a profile row) that is the same list for every such
@@ -19,6 +20,7 @@ warned about (an upper bound: an interaction the gates left out of the samples c
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,19 @@ log = logging.getLogger(__name__)
 INTERACTIONS = "silver.interactions"
 ITEMS = "silver.items"
 USERS = "silver.users"
+
+
+def _demo_hint(ctx: StepContext) -> str:
+    """A pointer to ``$HISAM_HOME/demo_pipeline.yaml`` when ``hisam demo`` ran another dataset there."""
+    import yaml
+
+    demo = Path(ctx.settings.home) / "demo_pipeline.yaml"
+    if not demo.is_file():
+        return ""
+    dataset = (yaml.safe_load(demo.read_text()) or {}).get("dataset")
+    if dataset in (None, ctx.dataset):
+        return ""
+    return f" (hisam demo ran {dataset!r} here: pass --config {demo})"
 
 
 def recommend(ctx: StepContext) -> dict[str, Any]:
@@ -48,6 +63,12 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     alias = ctx.params.get("alias", CHAMPION)
     include_seen = flag(ctx.params.get("include_seen"), "include_seen")
     name = ctx.config.models.ranker
+    store = ctx.settings.mlflow_tracking_uri or f"sqlite:///{Path(ctx.settings.home).resolve() / 'mlflow.db'}"
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise ValueError(  # reading only: a mistyped $HISAM_HOME must not become an empty store
+            f"no MLflow store at {store} ($HISAM_HOME or $MLFLOW_TRACKING_URI): run `hisam demo` or the "
+            "DAGs first"
+        )
     version = alias_version(ctx.mlflow, name, alias)
     if version is None:
         raise ValueError(
@@ -64,7 +85,9 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     if events.empty:  # a user without interactions yet: ranked from the profile alone
         users, _ = ctx.read_table(USERS, part, ["user_id"], where={"user_key": user_key})
         if users.empty:
-            raise ValueError(f"user {user_key!r} is in neither {INTERACTIONS} nor {USERS} of {ctx.dataset!r}")
+            raise ValueError(
+                f"user {user_key!r} is in neither {INTERACTIONS} nor {USERS} of {ctx.dataset!r}{_demo_hint(ctx)}"
+            )
         user_id = int(users["user_id"].iloc[0])
     else:
         user_id = int(events["user_id"].iloc[0])

@@ -84,7 +84,8 @@ def config_path(path: str | Path | None = None) -> Path | None:
     if chosen:
         if not Path(chosen).is_file():
             problem = "is not a file" if Path(chosen).exists() else "does not exist"
-            raise FileNotFoundError(f"pipeline config {chosen} {problem}")
+            origin = "" if path else f" (from ${CONFIG_ENV})"
+            raise FileNotFoundError(f"pipeline config {chosen}{origin} {problem}")
         return Path(chosen)
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
@@ -107,7 +108,10 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         data = PipelineConfig.from_yaml(found).model_dump() if found else {}
         return PipelineConfig.model_validate(_deep_merge(data, dict(overrides or {})))
     except ValidationError as err:  # name the file: it may have come from $HISAM_PIPELINE_CONFIG
-        raise ValueError(f"pipeline config {found or '(built-in defaults)'}: {err}") from None
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
+        )
+        raise ValueError(f"pipeline config {found or '(built-in defaults)'}: {problems}") from None
 
 
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 jobs="$(cd "$root/spark_jobs/entrypoints" && ls [a-z]*.py | grep -v '^common\.py$' | sed 's/\.py$//' | tr '\n' ' ' | sed 's/ $//')"
 if [ $# -eq 0 ] || ! tr ' ' '\n' <<<"$jobs" | grep -qxF -- "$1"; then
+  [ $# -eq 0 ] || echo "$0: unknown job '$1'" >&2
   echo "usage: $0 JOB [ARGS...]" >&2
   echo "  JOB: one of $jobs" >&2
   echo "  ARGS: python spark_jobs/entrypoints/JOB.py --help lists them" >&2

@@ -138,7 +138,7 @@ def test_histories_open_with_the_users_profile_buckets_and_zero_for_users_withou
     assert tokens[:2].tolist() == SequenceBuilder(config).vocab.profile(one.profile).tolist()
 
 
-def test_pipeline_config_refuses_inconsistent_sections(tmp_path) -> None:
+def test_pipeline_config_refuses_inconsistent_sections(tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError, match="DST writes"):
         PipelineConfig.model_validate({"ranker": {"sequence": {"codebook_size": 32}}})
     with pytest.raises(ValueError, match="extra"):
@@ -192,10 +192,17 @@ def test_pipeline_config_refuses_inconsistent_sections(tmp_path) -> None:
         PipelineConfig.model_validate({"models": {"pretrained": "hisam-ranker"}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("ranker:\n  modle: 1\n")
-    with pytest.raises(ValueError, match=rf"(?s)pipeline config {bad}: .*ranker\.modle"):  # the file, named
-        load_config(bad)
+    with pytest.raises(
+        ValueError, match=rf"^pipeline config {bad}: ranker\.modle: Extra inputs are not permitted$"
+    ):
+        load_config(bad)  # one line naming the file and the key
     shipped = load_config()
     assert shipped.ranker.sequence.codebook_size == shipped.tokenizer.train.model.codebook_size
+    monkeypatch.setenv("HISAM_PIPELINE_CONFIG", str(tmp_path / "gone.yaml"))  # a stale variable, named
+    with pytest.raises(
+        FileNotFoundError, match=r"gone\.yaml \(from \$HISAM_PIPELINE_CONFIG\) does not exist"
+    ):
+        load_config()
 
 
 def test_the_lake_root_is_a_local_path_or_an_object_store_uri_kept_whole(tmp_path, monkeypatch) -> None:
@@ -297,14 +304,17 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     assert main(["rollback"]) == 2 and f"{tmp_path / 'a-file'} is not a writable folder" in caplog.text
     (tmp_path / "a-file").unlink()
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
-    with pytest.raises(
-        ValueError, match=r"champion does not exist in the MLflow store sqlite:"
-    ):  # any user id
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ValueError, match=rf"no MLflow store at {store} .*run `hisam demo`"):  # any user id
         run_step("recommend", "2026-11-01", PipelineConfig(), {"user": "jane@example.com"})
+    assert list(tmp_path.iterdir()) == []  # reading only: a mistyped home does not become a store
     # the production image's config alerts to a webhook: a read-only step runs without its URL
     monkeypatch.setenv("HISAM_NOTIFY_SINKS", "log,webhook")
     monkeypatch.delenv("HISAM_NOTIFY_WEBHOOK_URL", raising=False)
-    with pytest.raises(ValueError, match="champion does not exist"):
+    with pytest.raises(ValueError, match="no MLflow store"):
+        run_step("recommend", "2026-11-01", PipelineConfig(), {"user": "1"})
+    (tmp_path / "mlflow.db").touch()  # a store without the model
+    with pytest.raises(ValueError, match="champion does not exist in the MLflow store sqlite:"):
         run_step("recommend", "2026-11-01", PipelineConfig(), {"user": "1"})
     with pytest.raises(ValueError, match="webhook"):  # a step that alerts still needs it, up front
         run_step("rollback", "2026-11-01", PipelineConfig())
@@ -320,6 +330,13 @@ def test_cli_forwards_only_what_follows_the_evaluate_command() -> None:
         ["--seeds", "0", "1"],
     )
     assert split_evaluate(["--threads=2", "evaluate", "--help"]) == (["--threads=2", "evaluate"], ["--help"])
+
+
+def test_cli_takes_a_step_by_its_airflow_task_id_too() -> None:
+    from pipelines.cli import _parser
+
+    for name in ("build_sequences", "build-sequences"):
+        assert _parser().parse_args(["run", name]).step == "build-sequences"
 
 
 def test_commit_markers_are_found_beyond_the_newest_200_commits(tmp_path, monkeypatch) -> None:
@@ -732,3 +749,19 @@ def test_a_build_holds_an_import_by_the_versions_it_saw_not_by_clocks() -> None:
         {"read_at": slow}, promotion, "t1"
     )
     assert read_after({"read_at": slow, "quarantine_seen": "41"}, promotion, "t1")  # recorded without the id
+
+
+def test_recommend_points_at_the_demo_config_when_the_demo_ran_another_dataset(tmp_path, monkeypatch) -> None:
+    """After a MovieLens `hisam demo`, `hisam recommend 196` without --config reads configs/pipeline.yaml
+    (synthetic): the unknown-user error says which config the demo wrote, and only then."""
+    from pipelines.context import StepContext
+    from pipelines.recommend import _demo_hint
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    ctx = StepContext(PipelineConfig(dataset="synthetic"), dt.date(2026, 11, 1))
+    assert _demo_hint(ctx) == ""  # no demo ran here
+    demo = tmp_path / "demo_pipeline.yaml"
+    PipelineConfig(dataset="synthetic").to_yaml(demo)
+    assert _demo_hint(ctx) == ""  # the demo ran this dataset
+    PipelineConfig(dataset="movielens-100k").to_yaml(demo)
+    assert _demo_hint(ctx) == f" (hisam demo ran 'movielens-100k' here: pass --config {demo})"

@@ -14,6 +14,7 @@ them; empty) raises ``DataQualityError`` after alerting.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from pipelines.context import StepContext
@@ -147,7 +148,7 @@ def run_gate(
     df: Any,
     suite: Any,
     label: str,
-    keep_earlier: bool = False,
+    keep_earlier: Sequence[str] = (),
     record: dict[str, str] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Run one quality gate: quarantine the failing rows under ``target_table = label`` (replacing
@@ -155,12 +156,15 @@ def run_gate(
 
     Returns the valid rows (write these, never ``df``) and the report as a dict. Each gate has its own
     label (:func:`gate_label`), so it never replaces the rejects an importer or a sequence build
-    wrote for the same table and day. ``keep_earlier``: the caller removes the rejected rows from
-    their table, so a rerun of the day cannot find them again; the partition then keeps the rows of
-    earlier runs instead of being replaced by this run's alone (rows this run finds again, because an
-    earlier run failed before removing them, are kept once per row this run found). ``record`` goes into the
+    wrote for the same table and day. ``keep_earlier`` (the key columns of ``df``): the caller removes
+    the rejected rows from their table, so a rerun of the day cannot find them again; the partition
+    then also keeps the rows of earlier runs whose key is no longer in ``df`` (removed), and drops
+    those whose key is (an earlier run that failed before removing them, or a rebuild that brought
+    them back: this run's verdict on them replaces the earlier one). ``record`` goes into the
     quarantine commit's metadata with the verdict (``passed``, ``quarantined``).
     """
+    from pyspark.sql import functions as F
+
     from spark_jobs.quality import run_quality_gate, to_bronze_quarantine
     from spark_jobs.tables import BRONZE_QUARANTINE
 
@@ -169,10 +173,15 @@ def run_gate(
         valid, quarantine, report = run_quality_gate(df, suite, qcfg, raise_on_failure=False)
         rows = to_bronze_quarantine(quarantine, label, ctx.logical_date, ctx.dataset)
         partition = {"dataset": ctx.dataset, "target_table": label, "logical_date": ctx.logical_date}
-        if keep_earlier:  # rows an earlier (failed) run quarantined and this one finds again: once
+        if keep_earlier:  # earlier rows whose key this run no longer reads: removed, so kept
             earlier = ctx.lake.read(BRONZE_QUARANTINE, partitions=partition)
-            again = rows.select("reason", "raw").distinct()
-            rows = earlier.join(again, ["reason", "raw"], "left_anti").unionByName(rows)
+            schema = df.select(*keep_earlier).schema
+            # keys as ``raw`` writes them (JSON timestamps carry milliseconds), on both sides; the
+            # earlier rows are few: only the input's keys among theirs are looked up (a broadcast)
+            earlier = earlier.select("*", F.to_json(F.from_json("raw", schema)).alias("_key"))
+            present = df.select(F.to_json(F.struct(*keep_earlier)).alias("_key"))
+            again = present.join(F.broadcast(earlier.select("_key")), "_key", "left_semi").distinct()
+            rows = earlier.join(again, "_key", "left_anti").drop("_key").unionByName(rows)
         verdict = {"passed": str(report.success).lower(), "quarantined": str(report.n_quarantined)}
         version = ctx.lake.write(
             rows,
@@ -316,7 +325,8 @@ def validate_samples(ctx: StepContext) -> dict[str, Any]:
 
     When the batch passes with some rows quarantined, the partition is rewritten without them (rows
     in = rows kept + quarantined), and a rerun of the day keeps them in the quarantine partition
-    although it no longer finds them. The rewrite is refused
+    although it no longer finds them; a sample it reads again (a failed run never removed it, or a
+    rebuild brought it back) gets this run's verdict instead. The rewrite is refused
     (:class:`~spark_jobs.lake.ConcurrentWriteError`, retried) when the samples were rebuilt after
     they were read, so a newer build is never replaced by an older one. ``samples_version`` of the
     result is the version that passed: the training DAGs hand it to training and evaluation (param
@@ -339,7 +349,7 @@ def validate_samples(ctx: StepContext) -> dict[str, Any]:
         samples,
         suite,
         versioned_label(GOLD_SAMPLES.name, version, gate=True),
-        keep_earlier=True,
+        keep_earlier=[k for k in GOLD_SAMPLES.keys if k != "split"],  # a rebuild may move the cut
         record={**record, "samples_read": str(read)},
     )
     summary["samples_version"] = read

@@ -208,8 +208,9 @@ def test_training_waits_for_the_days_build_and_skips_before_any_tokenizer(ctx_of
     run_step("build-sequences", DAY, config, version)
     assert run_step("samples-ready", DAY, config, version)["ready"] is True
     for skip in ("true", "yes", "1"):
-        with pytest.raises(StepSkipped, match="no tokenizer activated yet"):
-            run_step("samples-ready", DAY, config, {"skip_without_tokenizer": skip})
+        for step in ("samples-ready", "build-sequences"):  # a skip: the DAG emits no asset event
+            with pytest.raises(StepSkipped, match="no tokenizer activated yet"):
+                run_step(step, DAY, config, {"skip_without_tokenizer": skip})
     with pytest.raises(ValueError, match="skip_without_tokenizer must be true or false, got 'ture'"):
         run_step("samples-ready", DAY, config, {"skip_without_tokenizer": "ture"})
     with pytest.raises(ValueError, match="no hisam-tokenizer@current yet"):
@@ -271,6 +272,25 @@ def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
     assert len(_quarantine(ctx, f"gold.samples.gate@{VERSION}")) == 2
     assert _quarantine(ctx, f"gold.samples@{VERSION}") == built
 
+    # a run that fails removes nothing; once its rejects are rebuilt right, the next run reads them
+    # as valid and takes them out of the quarantine, which keeps the two removed earlier
+    from spark_jobs.quality import DataQualityError
+
+    pinned = ctx.lake.version("gold.samples")
+    right = samples.orderBy("user_id", "item_id").limit(10)
+    right = right.withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL 3 SECOND"))
+    wrong = right.withColumn("target_semantic_ids", F.array(*[F.lit(99)] * 6))
+    ctx.lake.write(wrong, "gold.samples", mode="append")
+    with pytest.raises(DataQualityError):  # 10 of ~300: over the tolerance
+        run_step("validate-samples", DAY, ctx.config, params)
+    assert len(_quarantine(ctx, f"gold.samples.gate@{VERSION}")) == 12
+    before = ctx.lake.read("gold.samples", version=pinned, partitions=part)
+    ctx.lake.write(before.unionByName(right), "gold.samples", mode="replace_partition", partition_values=part)
+    fixed = run_step("validate-samples", DAY, ctx.config, params)
+    assert fixed["success"] and (fixed["n_input"], fixed["n_quarantined"]) == (before.count() + 10, 0)
+    assert len(_quarantine(ctx, f"gold.samples.gate@{VERSION}")) == 2
+    ctx.lake.write(before, "gold.samples", mode="replace_partition", partition_values=part)  # as it was
+
 
 def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_tokenizer(ctx_of, spark) -> None:
     """Runs after the samples tests (it corrupts one text embedding)."""
@@ -327,13 +347,15 @@ def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_toke
     DeltaTable(documents).delete(f"item_id = {gone}")
     write_deltalake(documents, added.cast(listed.schema), mode="append")
     try:
-        after, _, incomplete = load_item_features(ctx)
+        after, snapshot, incomplete = load_item_features(ctx)
+        pinned = load_item_features(ctx, version=snapshot)[2]  # as tokenize-catalogue reads
     finally:
         DeltaTable(documents).delete(f"item_id = {newcomer}")
         write_deltalake(documents, row, mode="append")
     assert gone not in after.item_ids and len(after) == 18
     everything = ",".join(features.modalities)
     assert incomplete == {item: "missing_embedding:text", newcomer: f"missing_embedding:{everything}"}
+    assert pinned == {item: "missing_embedding:text"}  # a pinned snapshot predates the newcomer
 
 
 def test_a_tokenizer_failing_codebook_health_is_not_registered_and_alerts(ctx_of) -> None:

@@ -111,8 +111,10 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
     from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES, GOLD_SEMANTIC_IDS, GOLD_USER_SEQUENCES
 
     version = ctx.params.get("tokenizer_version") or current_tokenizer_version_or_skip(ctx, "build-sequences")
-    if version is None:
-        return {"skipped": True, "reason": "no tokenizer activated yet"}
+    if version is None:  # skipped, not done: no gold.samples asset event for a build that never ran
+        from pipelines.steps import StepSkipped
+
+        raise StepSkipped("no tokenizer activated yet: there is nothing to build samples for")
     lake, part = ctx.lake, {"dataset": ctx.dataset}
     # before silver is read: see read_after
     seen, seen_table = ctx.table_state(BRONZE_QUARANTINE.name) or (None, None)

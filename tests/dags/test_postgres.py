@@ -56,7 +56,9 @@ def test_features_dag_runs_on_postgres(tmp_path, write_config) -> None:
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
-    assert result["state"] == "success" and set(result["tasks"].values()) == {"success"}, done.stdout[-6000:]
+    skipped = {"build_sequences": "skipped"}  # no tokenizer yet: nothing to build samples for
+    assert result["state"] == "success", done.stdout[-6000:]
+    assert result["tasks"] == {**dict.fromkeys(result["tasks"], "success"), **skipped}, done.stdout[-6000:]
     with sqlalchemy.create_engine(f"{URL}/airflow").connect() as db:
         newest = "(select run_id from dag_run where dag_id = 'hisam_features' order by id desc limit 1)"
         where = f"where dag_id = 'hisam_features' and run_id = {newest}"

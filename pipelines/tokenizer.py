@@ -190,10 +190,11 @@ def load_item_features(
     embeddings of the configured encoders, ``present`` False where one is the encoder's fallback row,
     from the embeddings snapshot ``version`` (default latest), the version read, and ``item_id ->
     reason`` for the catalogue items that lack a modality (``missing_embedding:image``; all three when
-    none was embedded yet) or whose vector the embeddings gate rejects (``invalid_embedding:text``:
-    null, not of its ``dim`` or of ``quality.embeddings.expected_dims``, NaN or inf): they get no
-    semantic ID until the embed step writes a good one. Embeddings of items no longer in the catalogue
-    (retracted upstream: the embed step's merge keeps their rows) are left out, and counted in the log."""
+    none was embedded yet, read at the latest version only: a pinned one predates items embedded
+    since) or whose vector the embeddings gate rejects (``invalid_embedding:text``: null, not of its
+    ``dim`` or of ``quality.embeddings.expected_dims``, NaN or inf): they get no semantic ID until the
+    embed step writes a good one. Embeddings of items no longer in the catalogue (retracted upstream:
+    the embed step's merge keeps their rows) are left out, and counted in the log."""
     from pipelines.ingest import quality_config
     from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
 
@@ -236,8 +237,10 @@ def load_item_features(
             "%d items with embeddings are no longer in %s: left out", retracted, GOLD_ITEM_DOCUMENTS.name
         )
     items = sorted(set.intersection(*(set(f.index) for f in frames.values())) & catalogue)
+    # a pinned snapshot predates the catalogue items embedded since: they are the daily step's
+    expected = catalogue if version is None else catalogue & embedded
     incomplete = {}
-    for item in sorted(catalogue - set(items)):
+    for item in sorted(expected - set(items)):
         bad = invalid.get(item, [])
         missing = [m for m, f in frames.items() if item not in f.index and m not in bad]
         reasons = [f"invalid_embedding:{','.join(bad)}"] if bad else []
@@ -386,8 +389,8 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
 
 
 def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
-    """Encode every item of the embeddings snapshot DST was trained on (its ``delta.version`` tag: a
-    daily embed may have written a new behaviour space since) with the registered DST of this run's
+    """Encode every catalogue item of the embeddings snapshot DST was trained on (its ``delta.version``
+    tag: a daily embed may have written a new behaviour space since) with the registered DST of this run's
     version into ``gold.semantic_ids``. Once written (the version's ``hisam.catalogue_embeddings_version``
     tag), a rerun does nothing: rewriting the partition would drop the items ``tokenize-new-items``
     has merged into it since."""

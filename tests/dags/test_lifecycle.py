@@ -571,8 +571,8 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys, capl
         write_back = listed.filter(pc.equal(listed["item_id"], retracted))
         write_deltalake(str(lake / "silver" / "items"), write_back, mode="append")
     assert (after["candidates"], after["not_in_catalogue"]) == (len(unseen) - 1, 1)
-    next_six = unseen[np.lexsort((unseen, -expected.numpy()))[1:6]]  # the others move up one place
-    assert [r["item_id"] for r in after["recommendations"]] == next_six.tolist()
+    moved_up = unseen[np.lexsort((unseen, -expected.numpy()))[1:6]]  # the next five, one place up
+    assert [r["item_id"] for r in after["recommendations"]] == moved_up.tolist()
     assert main(["recommend", "no-such-user"]) == 2  # a clear error, no traceback
     assert "user 'no-such-user' is in neither silver.interactions nor silver.users" in caplog.text
 

@@ -41,6 +41,16 @@ MOVIELENS = Path(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_store_in_the_working_directory():
+    """No test may fall back to MLflow's default store (``./mlflow.db``): that would be a test
+    reading or writing outside its own home, as a leaked ``MLFLOW_TRACKING_URI`` once made one."""
+    store = Path.cwd() / "mlflow.db"
+    existed = store.exists()
+    yield
+    assert existed or not store.exists(), f"a test created {store}: MLflow fell back to its default store"
+
+
 @pytest.fixture(autouse=True)
 def single_thread():
     """One torch intra-op thread per test: tiny models run faster and deterministically on a shared

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def world(airflow_db, tmp_path_factory, write_config):
 
     home = tmp_path_factory.mktemp("lifecycle")
     config = write_config(home / "pipeline.yaml")
-    previous_uri = mlflow.get_tracking_uri()
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")  # None: unset again after (not the default)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("HISAM_HOME", str(home))
         env.setenv("HISAM_PIPELINE_CONFIG", str(config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -28,7 +29,9 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], s
 
 @contextmanager
 def _isolated() -> Iterator[None]:
-    previous = mlflow.get_tracking_uri()
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI: restoring the default URI (a ./mlflow.db)
+    # that way would point every later test's Settings at the working directory; None unsets it
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
         patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

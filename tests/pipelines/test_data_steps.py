@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ def ctx_of(spark, tmp_path_factory, write_config):
     config["ranker"]["profile_fields"] = []
     config["tokenizer"]["health"]["min_utilisation"] = 0.1  # 20 items need not fill 16 codes a position
     path.write_text(yaml.safe_dump(config))
-    previous_uri = mlflow.get_tracking_uri()
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")  # None: unset again after (not the default)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("HISAM_HOME", str(home))
         env.delenv("HISAM_LAKE_ROOT", raising=False)

@@ -304,6 +304,7 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     assert main(["rollback"]) == 2 and f"{tmp_path / 'a-file'} is not a writable folder" in caplog.text
     (tmp_path / "a-file").unlink()
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(ValueError, match=rf"no MLflow store at {store} .*run `hisam demo`"):  # any user id
         run_step("recommend", "2026-11-01", PipelineConfig(), {"user": "jane@example.com"})

@@ -134,13 +134,13 @@ def check_database_reachable(uri: str, timeout_s: int = 10) -> None:
         return  # not a database URL: MLflow reports what it is
     if url.get_backend_name() not in ("postgresql", "mysql"):
         return
-    option = _CONNECT_TIMEOUT.get(url.get_dialect().driver)
     try:
+        option = _CONNECT_TIMEOUT.get(url.get_dialect().driver)
         engine = sqlalchemy.create_engine(
             url, poolclass=sqlalchemy.pool.NullPool, connect_args={option: timeout_s} if option else {}
         )
-    except ImportError:
-        return  # its driver is not installed: MLflow says so
+    except (ImportError, sqlalchemy.exc.ArgumentError):
+        return  # an unknown or uninstalled driver: MLflow says so
     try:
         with engine.connect():
             pass

@@ -10,12 +10,13 @@ set -euo pipefail
 
 spark_home() { python -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))'; }
 
-# "<section> <key> <VAR>" for each $VAR or ${VAR} in a value of the Airflow cfg $1 (comments skipped)
+# "<section> <key> <VAR>" for each $VAR or ${VAR} in a value of the Airflow cfg $1 (comments, and
+# lines before any [section], which Airflow does not read, skipped)
 placeholders() {
   awk '
     /^[[:space:]]*[#;]/ { next }
     /^[[:space:]]*\[/ { section = $0; gsub(/[][[:space:]]/, "", section); next }
-    /=/ {
+    /=/ && section != "" {
       key = $0; sub(/=.*/, "", key); gsub(/[[:space:]]/, "", key)
       value = $0; sub(/^[^=]*=/, "", value)
       while (match(value, /\$\{?[A-Za-z_][A-Za-z0-9_]*\}?/)) {

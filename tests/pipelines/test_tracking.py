@@ -187,6 +187,7 @@ def test_an_unreachable_database_store_is_reported_at_once(tmp_path: Path) -> No
     with pytest.raises(ConnectionError, match=r"192\.0\.2\.1:5432/db is unreachable"):
         check_database_reachable("postgresql+psycopg2://u@192.0.2.1:5432/db", timeout_s=2)
     check_database_reachable("databricks-uc")  # not a database URL: left to MLflow
+    check_database_reachable("postgresql+nosuchdriver://u@127.0.0.1:1/db")  # an unknown driver: too
 
 
 def test_a_reopened_run_stays_finished_when_the_step_that_reopened_it_fails(experiment_id: str) -> None:

@@ -183,7 +183,7 @@ def test_the_image_entrypoint_runs_commands_and_starts_kubernetes_executors(tmp_
     home.mkdir()
     (bin_dir / "airflow").write_text('#!/bin/sh\necho airflow "$@"\n')  # stands in for the real one
     (bin_dir / "airflow").chmod(0o755)
-    cfg = "# ${IN_A_COMMENT}\n[api_auth]\njwt_secret = ${JWT}\n[database]\nconn = x$DB/${NAME}\n"
+    cfg = "# ${IN_A_COMMENT}\nbefore = ${NO_SECTION}\n[api_auth]\njwt_secret = ${JWT}\n[database]\nconn = x$DB/${NAME}\n"
     (home / "airflow.cfg").write_text(cfg)
     airflow = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "AIRFLOW_HOME": str(home), "JWT": "s", "DB": ""}
 

@@ -63,7 +63,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     alias = ctx.params.get("alias", CHAMPION)
     include_seen = flag(ctx.params.get("include_seen"), "include_seen")
     name = ctx.config.models.ranker
-    store = ctx.settings.mlflow_tracking_uri or f"sqlite:///{Path(ctx.settings.home).resolve() / 'mlflow.db'}"
+    store = ctx.settings.tracking_uri
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
         raise ValueError(  # reading only: a mistyped $HISAM_HOME must not become an empty store
             f"no MLflow store at {store} ($HISAM_HOME or $MLFLOW_TRACKING_URI): run `hisam demo` or the "

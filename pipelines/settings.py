@@ -27,14 +27,18 @@ class Settings(Config):
 
     @classmethod
     def from_env(cls) -> Settings:
-        home = Path(os.environ.get("HISAM_HOME", ".hisam")).expanduser().resolve()
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
-        return cls(
-            home=home,
-            mlflow_tracking_uri=uri,
+        settings = cls(
+            home=Path(os.environ.get("HISAM_HOME", ".hisam")).expanduser().resolve(),
+            mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", ""),
             experiment=os.environ.get("HISAM_EXPERIMENT", "hisam"),
             artifact_location=os.environ.get("HISAM_ARTIFACT_ROOT", ""),
         )
+        return settings.model_copy(update={"mlflow_tracking_uri": settings.tracking_uri})
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow store: ``mlflow_tracking_uri``, else the embedded default, SQLite under ``home``."""
+        return self.mlflow_tracking_uri or f"sqlite:///{Path(self.home).resolve() / 'mlflow.db'}"
 
     def check_home(self) -> None:
         """Refuse a ``HISAM_HOME`` that is not a writable folder, nor can become one, naming it (the

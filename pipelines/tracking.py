@@ -72,7 +72,7 @@ def configure_mlflow(settings: Settings) -> str:
     returns the experiment id. A new experiment keeps its artifacts under ``$HISAM_ARTIFACT_ROOT``, else
     (local store) ``artifact_root / experiment``; a database store without it, or a deleted experiment
     of that name, is an error."""
-    uri = settings.mlflow_tracking_uri or f"sqlite:///{Path(settings.home).resolve() / 'mlflow.db'}"
+    uri = settings.tracking_uri
     scheme = urlparse(uri).scheme
     if not (settings.artifact_location or _is_local_store(uri) or scheme in _SERVER_SCHEMES):
         raise ValueError(

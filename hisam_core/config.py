@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 #: The device names a config accepts (validated at load, not at the first tensor): ``auto`` is CUDA
 #: when the machine has it, else the CPU (:func:`hisam_core.device.resolve_device`).
@@ -21,14 +21,18 @@ class Config(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> Self:
         """Load from a YAML file; an empty file gives the defaults. Malformed YAML is a ValueError
-        naming the file and the line, like any other invalid config."""
+        naming the file and the line; an invalid value one naming the file and each key
+        (:func:`describe`)."""
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ValueError(f"{path}: {describe(err)}") from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Self:
@@ -36,3 +40,11 @@ class Config(BaseModel):
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def describe(err: ValidationError) -> str:
+    """Pydantic's errors as one ``dotted.key: message`` per problem, ``; ``-joined (its own text is a
+    multi-line dump with a documentation link per error)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
+    )

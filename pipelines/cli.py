@@ -28,6 +28,7 @@ CLIENT_PACKAGES = frozenset(
 )
 #: What an ``OperationalError`` of a failed connection says (others, "no such table", are not one).
 CONNECTION_WORDS = ("connect", "unable to open", "timeout", "timed out", "could not translate host")
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 EPILOG = """\
 Config: run, rollback and recommend read one YAML file (pipelines.config.PipelineConfig; unknown keys are
@@ -75,9 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO"
-    )
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="default INFO")
     parser.add_argument(
         "--threads",
         type=_threads,
@@ -92,9 +91,16 @@ def _parser() -> argparse.ArgumentParser:
         p: argparse.ArgumentParser, default: str = f"${CONFIG_ENV} or configs/pipeline.yaml"
     ) -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, help=f"pipeline YAML (default {default})")
-        # also after the command (`hisam run ingest --threads 2`); SUPPRESS keeps the global value
+        return anywhere(p)
+
+    def anywhere(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """The global options also after the command (`hisam run ingest --threads 2`); SUPPRESS keeps
+        the global value when the command's is not given."""
         p.add_argument(
             "--threads", type=_threads, default=argparse.SUPPRESS, help="torch threads: as `hisam --threads`"
+        )
+        p.add_argument(
+            "--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help="as `hisam --log-level`"
         )
         return p
 
@@ -200,8 +206,12 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument(
         "--include-seen", action="store_true", help="also rank items the user has interacted with"
     )
-    sub.add_parser(
-        "steps", help="list the pipeline steps", description="List the pipeline steps with what each does."
+    anywhere(
+        sub.add_parser(
+            "steps",
+            help="list the pipeline steps",
+            description="List the pipeline steps with what each does.",
+        )
     )
     return parser
 

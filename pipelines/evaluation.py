@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from pydantic import ValidationError
 
+from hisam_core.config import describe
 from hisam_core.evaluation.features import build_movielens_features
 from hisam_core.evaluation.harness import (
     EvaluationConfig,
@@ -397,6 +399,12 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
     p.add_argument("--scaling-tokens", nargs="+", type=int, default=None, help="max_tokens of the sweep")
     p.add_argument("--steps", type=positive_int_arg, default=None, help="override train.max_steps")
     p.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=None,
+        help="this process's log level (default INFO, or hisam --log-level)",
+    )
+    p.add_argument(
         "--data",
         type=Path,
         default=None,
@@ -485,7 +493,10 @@ def configure(args: argparse.Namespace) -> EvaluationConfig:
         data["features_path"] = str(args.features.resolve())
     if data:
         update["data"] = config.data.model_copy(update=data)
-    return EvaluationConfig.model_validate({**config.model_dump(), **update})
+    try:
+        return EvaluationConfig.model_validate({**config.model_dump(), **update})
+    except ValidationError as err:  # an option's value (the file's own errors name it)
+        raise ValueError(f"evaluation options: {describe(err)}") from None
 
 
 def without_option(argv: list[str], option: str) -> list[str]:
@@ -515,7 +526,9 @@ def main(
     home = Settings.from_env().home
     results = results or home / "evaluation" / "results"
     args = parser(results, features_cache or home / "cache", prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)  # no-op under `hisam`, which set it up
+    if args.log_level:
+        logging.getLogger().setLevel(args.log_level)
     if args.render:
         return render(args.results)
     try:  # the inputs only: an error while training is a bug, and keeps its traceback

@@ -94,6 +94,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     """The validated :class:`~pipelines.config.PipelineConfig` (unknown keys are errors)."""
     from pydantic import ValidationError
 
+    from hisam_core.config import describe
     from pipelines.config import PipelineConfig
 
     found = config_path(path)
@@ -104,14 +105,13 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             CONFIG_ENV,
             DEFAULT_CONFIG,
         )
-    try:
+    try:  # name the file: it may have come from $HISAM_PIPELINE_CONFIG
         data = PipelineConfig.from_yaml(found).model_dump() if found else {}
         return PipelineConfig.model_validate(_deep_merge(data, dict(overrides or {})))
-    except ValidationError as err:  # name the file: it may have come from $HISAM_PIPELINE_CONFIG
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
-        )
-        raise ValueError(f"pipeline config {found or '(built-in defaults)'}: {problems}") from None
+    except ValidationError as err:  # a --param override
+        raise ValueError(f"pipeline config {found or '(built-in defaults)'}: {describe(err)}") from None
+    except ValueError as err:  # the file's own error names it
+        raise ValueError(f"pipeline config {err}") from None
 
 
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

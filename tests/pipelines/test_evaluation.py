@@ -325,6 +325,22 @@ def test_threads_workers_and_steps_are_checked_and_threads_may_follow_the_comman
             args.parse_args(bad)
 
 
+def test_config_errors_are_one_line_per_key_naming_the_file(tmp_path, monkeypatch, caplog):
+    """Not pydantic's multi-line dump: the file, then ``key: problem`` for each bad key."""
+    from pipelines.evaluation import main
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    bad = tmp_path / "eval.yaml"
+    bad.write_text(yaml.safe_dump({"threads": 0, "hmat": {"num_layerz": 2}}))
+    with caplog.at_level(logging.ERROR):
+        assert main(["--config", str(bad)], results=tmp_path / "r") == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert message.startswith(f"{bad}: ")
+    assert "hmat.num_layerz: Extra inputs are not permitted" in message
+    assert "threads: " in message and "\n" not in message and "errors.pydantic.dev" not in message
+    assert not (tmp_path / "r").exists()  # nothing written before the check
+
+
 def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():
     config = EvaluationConfig.model_validate(TINY)
     earlier = {

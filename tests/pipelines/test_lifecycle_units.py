@@ -244,6 +244,13 @@ def test_cli_lists_steps_and_refuses_unknown_ones(capsys) -> None:
 
     for argv, threads in ((["run", "ingest", "--threads", "3"], 3), (["--threads", "2", "run", "ingest"], 2)):
         assert _parser().parse_args(argv).threads == threads  # before or after the command
+    for argv, level in (
+        (["steps", "--log-level", "DEBUG"], "DEBUG"),
+        (["--log-level", "ERROR", "recommend", "1"], "ERROR"),
+        (["--log-level", "ERROR", "run", "ingest", "--log-level", "WARNING"], "WARNING"),  # the later wins
+        (["rollback"], "INFO"),
+    ):
+        assert _parser().parse_args(argv).log_level == level
     for bad in (
         ["--threads", "0", "steps"],
         ["run", "ingest", "--threads", "0"],

@@ -41,6 +41,7 @@ from hisam_core.encoders import (
     build_image_encoder,
 )
 from hisam_core.encoders.text import default_text_model_path
+from hisam_core.evaluation.protocol import cut_rank
 from hisam_core.evaluation.semantic import load_features_npz
 from hisam_core.features import ItemFeatures
 
@@ -142,11 +143,13 @@ def item_document(row: pd.Series) -> str:
 
 def chronological_cutoff(timestamps: np.ndarray, quantile: float) -> int:
     """Timestamp t such that the interactions with ``timestamp < t`` are the first ``quantile`` of all
-    interactions by time (fewer when ties straddle the boundary): ``sorted(timestamps)[floor(q * n)]``."""
+    interactions by time (fewer when ties straddle the boundary): ``sorted(timestamps)[k]`` with the
+    rank ``k`` of the protocol's split (:func:`~hisam_core.evaluation.protocol.cut_rank`), so the
+    behaviour encoder of a ``quantile`` equal to ``train_fraction`` sees exactly the training rows."""
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"cutoff_quantile must be in (0, 1), got {quantile}")
     ts = np.sort(np.asarray(timestamps))
-    return int(ts[int(np.floor(quantile * len(ts)))])
+    return int(ts[cut_rank(quantile, len(ts))])
 
 
 # -------------------------------------------------------------------------------------------- cache

@@ -44,6 +44,29 @@ def test_chronological_cutoff_matches_bundle_facts(movielens_dir):
         chronological_cutoff(ts, 1.0)
 
 
+@pytest.mark.parametrize(
+    ("n", "fraction", "train"), [(90, 0.7, 63), (100, 0.9, 90), (10, 0.3, 3), (7, 0.5, 3)]
+)
+def test_the_behaviour_cutoff_is_the_protocols_split_cut(n, fraction, train):
+    """The behaviour encoder trained before ``chronological_cutoff(q)`` sees exactly the training rows
+    of the protocol's split at ``train_fraction = q``: one rank rule for both (``0.7 * 90`` is
+    62.99999999999999 in floats, and a plain floor put the cutoff one row early)."""
+    from hisam_core.evaluation.protocol import ProtocolConfig, chronological_split, label_interactions
+
+    frame = pd.DataFrame(
+        {
+            "user_id": np.arange(n) % 5,
+            "item_id": np.arange(n),
+            "rating": np.full(n, 5),
+            "timestamp": 1_000 + 10 * np.arange(n),  # distinct: the cut is exactly one row
+        }
+    )
+    config = ProtocolConfig(train_fraction=fraction)
+    split = chronological_split(label_interactions(frame, config), config)
+    assert chronological_cutoff(frame["timestamp"].to_numpy(), fraction) == split.cut
+    assert (frame["timestamp"] < split.cut).sum() == train  # floor(fraction * n) of the decimal fraction
+
+
 def test_cache_roundtrip_and_key(tmp_path, movielens_dir):
     rng = np.random.default_rng(0)
     ids = np.arange(1, 6)

@@ -11,6 +11,7 @@ from hisam_core.ranker.attention import (
     FLEX_BLOCK_SIZE,
     MemoryAnchorAttention,
     TokenLayout,
+    block_mask,
     dense_mask,
     mask_mod_for,
     memory_token_types,
@@ -139,6 +140,38 @@ def test_flex_attention_equals_dense_sdpa(seq_config, histories, semantic_ids, m
             actual = flex(batch, flex.mask(batch, mode)).hidden
         valid = batch.valid
         torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["memory_anchor", "causal"])
+def test_the_flex_block_tables_list_exactly_the_blocks_the_mask_needs(seq_config, semantic_ids, mode):
+    """On the CPU FlexAttention runs eagerly from ``mask_mod`` alone, so the test above cannot see
+    the ``BlockMask``'s tables; the compiled CUDA kernel skips every block they do not list and
+    applies no mask inside a "full" one. So the tables are held to the dense mask: on a ragged batch
+    of three 128-token blocks, a block is listed iff one of its pairs is visible, as full iff all are."""
+    seq_config = seq_config.model_copy(update={"max_tokens": 300})
+    users = synthetic_histories(semantic_ids, seq_config, 3, min_items=36, max_items=36, seed=2)
+    batch = SequenceBuilder(seq_config).batch([h.tail(n) for h, n in zip(users, (36, 17, 3), strict=True)])
+    types = memory_token_types(mode)
+    layout = TokenLayout.of(batch)
+    mask = block_mask(layout, types, torch.device("cpu"))
+    padded = layout.pad_to(mask.shape[-1])
+    size, blocks = FLEX_BLOCK_SIZE, mask.shape[-1] // FLEX_BLOCK_SIZE
+    assert blocks == 3
+    dense = dense_mask(padded, padded, types)[:, 0].view(len(users), blocks, size, blocks, size)
+    needed, whole = dense.any(dim=(2, 4)), dense.all(dim=(2, 4))
+
+    def listed(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(users), blocks, blocks, dtype=torch.bool)
+        for b in range(len(users)):
+            for q in range(blocks):
+                out[b, q, indices[b, 0, q, : counts[b, 0, q]]] = True
+        return out
+
+    partial = listed(mask.kv_num_blocks, mask.kv_indices)
+    full = listed(mask.full_kv_num_blocks, mask.full_kv_indices)
+    assert torch.equal(full, whole) and torch.equal(partial, needed & ~whole)
+    assert partial.any() and not needed.all()  # blocks the kernel masks and blocks it skips occur
+    assert full.any() == (mode == "causal")  # causal: the long user's blocks below the diagonal
 
 
 def test_the_dense_path_is_softmax_attention_written_out() -> None:

@@ -444,6 +444,33 @@ def test_generic_csv_bytes_that_are_not_its_encoding_are_quarantined(spark, lake
         )
 
 
+def test_generic_ratings_outside_the_declared_range_are_quarantined_with_the_value(spark, lake, tmp_path):
+    """``rating_range`` bounds the ratings at import (inclusive): each row outside it is one
+    quarantine row naming the value, counted in = imported + quarantined; read from a gzipped CSV
+    with millisecond timestamps declared (``timestamp_unit: ms``)."""
+    import gzip
+
+    events = tmp_path / "events.csv.gz"
+    lines = ["user_id,item_id,timestamp,rating"]
+    lines += [f"u{n},i1,{1_700_000_000_000 + n},{r}" for n, r in enumerate(["0.5", "1", "3", "5", "6"])]
+    events.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    config = GenericImportConfig(
+        dataset="rr", interactions=str(events), rating_range=(1, 5), timestamp_unit="ms"
+    )
+    assert counts(import_generic(spark, lake, config, DAY)) == {"events.csv.gz": (5, 3, 2)}
+    assert reasons(lake, "rr") == Counter(
+        {
+            ("bronze.interactions", "rating 0.5 outside [1, 5]"): 1,
+            ("bronze.interactions", "rating 6 outside [1, 5]"): 1,
+        }
+    )
+    rows = lake.read("bronze.interactions", partitions={"dataset": "rr"}).collect()
+    assert sorted((r.user_id, r.rating) for r in rows) == [("u1", 1.0), ("u2", 3.0), ("u3", 5.0)]
+    assert {r.event_ts for r in rows} == {  # read as milliseconds, not seconds
+        dt.datetime.fromtimestamp(1_700_000_000 + n / 1000, dt.UTC).replace(tzinfo=None) for n in (1, 2, 3)
+    }
+
+
 def test_generic_config_refuses_a_repeated_text_column():
     with pytest.raises(ValueError, match=r"text_columns lists \['title'\] more than once"):
         GenericImportConfig(dataset="d", interactions="i.csv", text_columns=["title", "plot", "title"])

@@ -149,11 +149,13 @@ def test_a_targets_own_label_never_reaches_its_hmat_score(windows, planted, mode
     np.testing.assert_array_equal(ranker.score(own_label_flipped(alone)), ranker.score(alone))
 
 
+@pytest.mark.parametrize("block", ["sasrec", "hstu"])
 @pytest.mark.parametrize("past_actions", [True, False])
-def test_id_ranker_sees_past_actions_only_when_switched_on(windows, planted, past_actions):
+def test_id_ranker_sees_past_actions_only_when_switched_on(windows, planted, past_actions, block):
+    """Both blocks: the own-label test above would pass for a block that ignored labels entirely."""
     _, _, item_ids = planted
     ranker = IDRanker(
-        IDRankerConfig(hidden_size=16, num_heads=2, ffn_size=32, past_actions=past_actions),
+        IDRankerConfig(block=block, hidden_size=16, num_heads=2, ffn_size=32, past_actions=past_actions),
         TrainConfig(max_steps=3, batch_size=8, warmup_steps=1),
         item_ids,
         PROFILE_FIELDS,

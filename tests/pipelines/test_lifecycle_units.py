@@ -34,15 +34,11 @@ def test_windows_label_every_target_once_behind_its_own_context(n: int, max_item
     history = _history(n, is_target)
     out = windows(history, max_items)
     labelled = []
-    start = 0
     for w in out:
         assert 1 <= len(w) <= max_items and w.targets[-1]  # a window ends on its last target
-        end = start  # find where the window sits in the stream: its items are a contiguous slice
-        for s in range(n - len(w) + 1):
-            if np.array_equal(history.items[s : s + len(w)], w.items):
-                end = s
-                break
-        labelled.extend(end + np.flatnonzero(w.targets))
+        # where the window sits in the stream: its items are a contiguous slice (StopIteration if not)
+        at = next(s for s in range(n - len(w) + 1) if np.array_equal(history.items[s : s + len(w)], w.items))
+        labelled.extend(at + np.flatnonzero(w.targets))
         assert w.targets.sum() <= max(max_items // 2, 1)
     assert sorted(labelled) == (list(range(n)) if targets is None else targets)  # each exactly once
 

@@ -163,7 +163,8 @@ def test_exact_cut_matches_a_sort_and_survives_a_missed_bracket(spark) -> None:
     assert exact_cut(df, k, None, None) == expected
     approx = compute_cut(df, cfg.model_copy(update={"cut_method": "approx"}))
     rank = int((seconds < approx.cut_key // 1_000_000 - epoch).sum())
-    assert abs(rank - k) <= 3000 / cfg.quantile_accuracy + 40  # within the approximation's bound (+ ties)
+    ties = int(np.bincount(seconds).max())  # the cut falls between seconds: a tie group moves whole
+    assert abs(rank - k) <= 3000 / cfg.quantile_accuracy + ties  # within the approximation's bound
 
 
 def test_cold_flag_counts_training_interactions_only(spark) -> None:
@@ -310,7 +311,9 @@ def test_outputs_conform_to_the_declared_gold_tables(spark, tmp_path) -> None:
     assert stored == built and len(stored) == len(rows)
     sequences = to_gold_user_sequences(build_user_sequences(result.interactions, SequenceConfig()))
     check_schema(sequences.schema, "gold.user_sequences")
-    for r in sequences.collect():
+    collected = sequences.collect()
+    assert sorted(r["user_id"] for r in collected) == sorted({u for u, *_ in rows})  # one row per user
+    for r in collected:
         mine = sorted((s, i, rt) for u, i, s, rt in rows if u == r["user_id"])
         assert r["item_ids"] == [i for _, i, _ in mine] and r["length"] == 6
         assert r["timestamps"] == [int(EPOCH.timestamp()) + s for s, _, _ in mine]

@@ -65,7 +65,10 @@ def test_the_entry_points_chain_from_raw_files_to_embeddings(spark, tmp_path, ca
     for table in ("interactions", "items", "users"):
         assert silver[f"silver.{table}"]["records_in"] == bronze[f"bronze.{table}"]["imported"]
     tables = Lake(spark, tmp_path / "lake")
-    assert tables.read("silver.interactions").count() == silver["silver.interactions"]["imported"]
+    quarantine = tables.read("bronze.quarantine", partitions={"dataset": "ep"})
+    for name, report in {**bronze, **silver}.items():  # the reports are what the lake holds
+        assert tables.read(name, partitions={"dataset": "ep"}).count() == report["imported"], name
+        assert quarantine.filter(quarantine["target_table"] == name).count() == report["quarantined"], name
 
     content = run(build_content.main, ["--dataset", "ep", *lake], capsys)
     assert (content["items"], content["users"]) == (40, 30)

@@ -149,17 +149,32 @@ def label_interactions(frame: pd.DataFrame, config: ProtocolConfig) -> pd.DataFr
         labels = frame["rating"] > config.positive_threshold
     else:
         raise ValueError("interactions need a 'label' or a 'rating' column")
+    if frame.empty:
+        raise ValueError("no interactions")
     out = pd.DataFrame(
         {
-            "user_id": frame["user_id"].astype(np.int64),
-            "item_id": frame["item_id"].astype(np.int64),
+            "user_id": integer_column(frame, "user_id"),
+            "item_id": integer_column(frame, "item_id"),
             "label": labels.astype(np.int64),
-            "timestamp": frame["timestamp"].astype(np.int64),
+            "timestamp": integer_column(frame, "timestamp"),  # unix seconds
         }
     )
-    if out.empty:
-        raise ValueError("no interactions")
     return out.reset_index(drop=True)
+
+
+def integer_column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """``frame[name]`` as int64; a ValueError naming the column when a value is missing, not a
+    number or not whole (a cast would fail obscurely or truncate ``1.7`` to ``1`` silently)."""
+    values = pd.to_numeric(frame[name], errors="coerce")
+    bad = values.isna() | (values != np.floor(values))
+    if bad.any():
+        first = frame[name][bad].iloc[0]
+        shown = repr(first) if isinstance(first, str) else str(first)
+        raise ValueError(
+            f"column {name!r} must hold whole numbers: {int(bad.sum())} of {len(frame)} rows do not "
+            f"(first: {shown})"
+        )
+    return values.astype(np.int64)
 
 
 def cut_rank(fraction: float, n: int) -> int:

@@ -398,6 +398,20 @@ def test_features_whose_behaviour_encoder_saw_test_interactions_are_refused(plan
             run_evaluation(config)
 
 
+def test_interactions_with_items_the_features_lack_are_refused_before_training(planted, tmp_path):
+    frame, modalities, item_ids = planted
+    frame.to_csv(tmp_path / "interactions.csv", index=False)
+    path = tmp_path / "features.npz"
+    keep = item_ids != item_ids[3]
+    np.savez(path, item_ids=item_ids[keep], **{f"emb_{m}": v[keep] for m, v in modalities.items()})
+    data = {"dataset": "generic", "path": str(tmp_path / "interactions.csv"), "features_path": str(path)}
+    config = EvaluationConfig.model_validate({"data": data, "run": ["sasrec"], "seeds": [0], "sets": {}})
+    with pytest.raises(
+        ValueError, match=rf"^1 items of the interactions have no features \(first: \[{item_ids[3]}\]\)"
+    ):
+        run_evaluation(config)
+
+
 def test_scaling_points_change_only_their_axis_and_reuse_the_base_point():
     config = EvaluationConfig(scaling=ScalingConfig(num_layers=[1, 2, 4], max_tokens=[80, 160]))
     base = config.experiment("hisam_sft")

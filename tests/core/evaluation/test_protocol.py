@@ -65,6 +65,20 @@ def test_labels_are_rating_above_three_or_the_label_column():
         label_interactions(labelled.assign(label=[1, 0, 2, 0, 1]), ProtocolConfig())
     with pytest.raises(ValueError, match="'rating' has 1 missing"):  # not a silent negative
         label_interactions(ratings.assign(rating=[1, 2, float("nan"), 4, 5]), ProtocolConfig())
+    # ids and timestamps are whole numbers: a cast would fail obscurely, or truncate 2.5 to 2
+    for column, values, first in (
+        ("user_id", [1, 1, None, 1, 1], "nan"),
+        ("item_id", ["1", "2", "three", "4", "5"], "'three'"),
+        ("timestamp", [0, 1, 2.5, 3, 4.25], "2.5"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"column '{column}' must hold whole numbers: \d of 5 rows .*first: {first}"
+        ):
+            label_interactions(ratings.assign(**{column: values}), ProtocolConfig())
+    as_text = ratings.astype({"user_id": str, "timestamp": float})  # "1" and 3.0 are whole numbers
+    pd.testing.assert_frame_equal(
+        label_interactions(as_text, ProtocolConfig()), label_interactions(ratings, ProtocolConfig())
+    )
 
 
 def test_split_is_chronological_with_ties_at_the_cut_in_test(planted):

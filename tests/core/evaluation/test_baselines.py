@@ -164,3 +164,32 @@ def test_id_ranker_sees_past_actions_only_when_switched_on(windows, planted, pas
     ranker.fit(windows)
     flipped = [Window(w.user_id, w.item_ids, 1 - w.labels, w.targets, w.profile) for w in windows]
     assert (not np.allclose(ranker.score(windows), ranker.score(flipped), atol=1e-6)) == past_actions
+
+
+def test_hisam_fine_tunes_from_the_weights_its_pre_training_ended_with(windows, planted, monkeypatch):
+    """``pretrain_steps`` (the paper's Hi-SAM, Sec. 3.4.1): a causal next-token run first, then SFT
+    initialised from exactly the weights it ended with; without it SFT starts from scratch."""
+    from hisam_core.evaluation import baselines
+
+    real, calls = baselines.train_hmat, []
+
+    def recording(config, histories, out, **kwargs):
+        init = config.train.init_from
+        start = torch.load(init, weights_only=True)["state_dict"] if init else None
+        model = real(config, histories, out, **kwargs)
+        end = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        calls.append((config.train.objective, config.train.max_steps, start, end))
+        return model
+
+    monkeypatch.setattr(baselines, "train_hmat", recording)
+    base = semantic_id_ranker(planted)
+    for pretrain_steps in (2, 0):
+        calls.clear()
+        SemanticIDRanker(base.config, base.semantic_ids, pretrain_steps=pretrain_steps).fit(windows)
+        if pretrain_steps:
+            (pt, pt_steps, pt_start, pt_end), (sft, _, sft_start, _) = calls
+            assert (pt, pt_steps, pt_start, sft) == ("pt", 2, None, "sft")
+            assert sft_start.keys() == pt_end.keys()
+            assert all(torch.equal(sft_start[k], pt_end[k]) for k in pt_end)
+        else:
+            assert [(objective, start) for objective, _, start, _ in calls] == [("sft", None)]

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from airflow.sdk import Asset, PokeReturnValue, task
+from airflow.sdk import Asset, AssetAlias, PokeReturnValue, task
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +150,15 @@ def step_task(
     inlets: list[Asset] | None = None,
     trigger_rule: str = "all_success",
     upstream_params: dict[str, tuple[str, str]] | None = None,
+    emit_if: str | None = None,
 ) -> Callable[[], Any]:
     """A TaskFlow task running one pipeline step; ``gpu`` tasks take a ``gpu`` pool slot. Each has an
     ``execution_timeout`` (:data:`TASK_TIMEOUT`, :data:`GPU_TASK_TIMEOUT`).
-    ``upstream_params``: ``{param: (task_id, key)}``, params taken from an upstream task's result."""
+    ``upstream_params``: ``{param: (task_id, key)}``, params taken from an upstream task's result.
+    ``emit_if``: a key of the step's result; ``outlets`` then get an asset event only when it is true
+    (through an :class:`AssetAlias` per outlet), not on every success: a rejected candidate leaves
+    ``@champion`` where it was, and DAGs scheduled on it should not run."""
+    aliases = {AssetAlias(name=f"{a.name} (when {emit_if})"): a for a in outlets or []} if emit_if else {}
     placement: dict[str, Any] = (
         {
             "pool": GPU_POOL,
@@ -167,7 +172,7 @@ def step_task(
 
     @task(
         task_id=step.replace("-", "_"),
-        outlets=outlets or [],
+        outlets=list(aliases) or outlets or [],
         inlets=inlets or [],
         trigger_rule=trigger_rule,
         **placement,
@@ -177,7 +182,11 @@ def step_task(
             k: str(context["ti"].xcom_pull(task_ids=t)[key])
             for k, (t, key) in (upstream_params or {}).items()
         }
-        return execute(step, context, {**(params or {}), **handed})
+        result = execute(step, context, {**(params or {}), **handed})
+        if emit_if and result.get(emit_if):
+            for alias, asset in aliases.items():
+                context["outlet_events"][alias].add(asset)
+        return result
 
     return run
 

@@ -4,7 +4,8 @@
 Imports the day's source into bronze/silver, gates it with Great Expectations, refreshes item
 documents and embeddings (only new or changed items are encoded), gives items that arrived since the
 monthly catalogue run their semantic IDs under the current tokenizer, and rebuilds the samples of that
-version (the last two are skipped, with a warning, before the first tokenizer exists).
+version (the last two are skipped before the first tokenizer exists: the task state says so, and no
+``gold.samples`` asset event is emitted).
 """
 
 from __future__ import annotations

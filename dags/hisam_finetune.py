@@ -13,7 +13,8 @@ A failed data-quality gate stops the run before any training, and alerts.
 Last, also when fine-tuning skipped or failed, ``refresh-champion`` re-registers ``@champion`` (same
 weights) with the semantic IDs of items that arrived since it was registered, so neither a rejected
 candidate nor a failed day leaves new items unservable; a ``watcher`` still fails the run when any
-task failed.
+task failed. ``promote`` and ``refresh-champion`` emit the ``hisam-ranker@champion`` asset event only
+when ``@champion`` moved: not for a rejected candidate, nor when there was nothing to refresh.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def hisam_finetune() -> None:
     finetune = step_task("finetune", gpu=True, inlets=[PRETRAINED], upstream_params=VALIDATED_SAMPLES)()
     evaluate = step_task("evaluate", gpu=True, upstream_params=VALIDATED_SAMPLES)()
     register = step_task("register")()
-    promote = step_task("promote", outlets=[RANKER])()
-    refresh = step_task("refresh-champion", outlets=[RANKER], trigger_rule="all_done")()
+    # the champion asset only when @champion moved (pipelines.promotion.CHAMPION_MOVED)
+    promote = step_task("promote", outlets=[RANKER], emit_if="champion_moved")()
+    refresh = step_task(
+        "refresh-champion", outlets=[RANKER], emit_if="champion_moved", trigger_rule="all_done"
+    )()
     ready >> gate >> finetune >> evaluate >> register >> promote >> refresh
     watcher(ready, gate, finetune, evaluate, register, promote, refresh)
 

@@ -52,6 +52,13 @@ class StepContext:
         """Identifies the logical run; steps tag what they register with it to stay idempotent."""
         return f"{self.dataset}/{self.logical_date.isoformat()}"
 
+    def run_tags(self, step: str) -> dict[str, str]:
+        """The tags of an MLflow run a step starts: the step, the logical run (how a rerun finds it)
+        and the code that ran (:func:`pipelines.tracking.code_version`)."""
+        from pipelines.tracking import CODE_VERSION_TAG, code_version
+
+        return {"hisam.step": step, "hisam.run_key": self.run_key, CODE_VERSION_TAG: code_version()}
+
     @cached_property
     def lake_root(self) -> str:
         from spark_jobs.lake import resolve_root
@@ -196,11 +203,17 @@ class StepContext:
 
     @cached_property
     def mlflow(self) -> MlflowClient:
-        """The client of the configured tracking store, with the experiment active."""
+        """The client of the configured tracking store, with the experiment active and the configured
+        registered models checked to be this dataset's (:func:`pipelines.registry.claim_models`)."""
         from mlflow import MlflowClient
 
+        from pipelines.registry import claim_models
+
         _ = self.experiment_id
-        return MlflowClient()
+        client = MlflowClient()
+        models = self.config.models
+        claim_models(client, (models.tokenizer, models.pretrained, models.ranker), self.dataset)
+        return client
 
 
 def _matching(partitions: Mapping[str, Any], rows: Mapping[str, Any]) -> Any:

@@ -13,6 +13,7 @@ registered, so they are servable while no new champion is promoted. All are idem
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 
 REFRESH_KEY = "refresh_key"  # model-version tag: the logical run that refreshed the champion
 REFRESHED_FROM = "refreshed_from"  # model-version tag: the version whose weights it serves
+#: Model-version tag: the gate's floors, tolerances and drift budgets the version was judged by (JSON).
+GATE_CONFIG = "gate.config"
+#: Summary key of promote and refresh-champion: whether ``@champion`` now points at another version
+#: (the DAGs emit the ``hisam-ranker@champion`` asset event only then, not on a rejection).
+CHAMPION_MOVED = "champion_moved"
 
 
 def _candidate(ctx: StepContext) -> Any:
@@ -62,27 +68,20 @@ def retag(
     return sorted([*stale, *gone])
 
 
-def register(ctx: StepContext) -> dict[str, Any]:
-    """Register the evaluated candidate of this logical run (once)."""
-    from hisam_core.ranker.profile import ProfileVocabulary
-    from hisam_core.ranker.train import RankerConfig
+def candidate_tags(ctx: StepContext) -> tuple[Any, dict[str, str]]:
+    """This logical run's newest trained finetune run and the version tags of its latest evaluation
+    (what the gate reads); a ValueError when it was not evaluated."""
     from pipelines.ranker import (
         CHAMPION_PREFIX,
         EVAL_PREFIX,
-        PROFILE_VOCABULARY,
         RUN_KEY,
         TRAINED_UNTIL,
         UNMEASURED,
         _find_run,
         evaluated_metrics,
         metrics_of,
-        sft_checkpoint_dir,
     )
-    from pipelines.ranker_model import log_ranker
-    from pipelines.tokenizer import semantic_ids_of
-    from pipelines.tracking import reopened
 
-    name = ctx.config.models.ranker
     run = _find_run(ctx, "finetune", trained=True)
     evaluated = evaluated_metrics(run) if run is not None else {}
     if f"{EVAL_PREFIX}auc" not in evaluated:
@@ -99,6 +98,20 @@ def register(ctx: StepContext) -> dict[str, Any]:
         tags.update(
             {f"{prefix}{k}": f"{v:.6f}" for k, v in metrics_of(evaluated, prefix, GATE_METRICS).items()}
         )
+    return run, tags
+
+
+def register(ctx: StepContext) -> dict[str, Any]:
+    """Register the evaluated candidate of this logical run (once)."""
+    from hisam_core.ranker.profile import ProfileVocabulary
+    from hisam_core.ranker.train import RankerConfig
+    from pipelines.ranker import CHAMPION_PREFIX, EVAL_PREFIX, PROFILE_VOCABULARY, sft_checkpoint_dir
+    from pipelines.ranker_model import log_ranker
+    from pipelines.tokenizer import semantic_ids_of
+    from pipelines.tracking import reopened
+
+    name = ctx.config.models.ranker
+    run, tags = candidate_tags(ctx)
     existing = _candidate(ctx)
     if existing is not None:  # registered before; evaluate may have run again since (a new champion)
         retagged = retag(ctx.mlflow, existing, tags, (EVAL_PREFIX, CHAMPION_PREFIX))
@@ -133,14 +146,23 @@ def promote(ctx: StepContext) -> dict[str, Any]:
     if candidate is None:
         raise ValueError(f"no registered candidate for {ctx.run_key}: run register first")
     version = str(candidate.version)
-    if "gate" in candidate.tags:
-        return {"model_version": version, "gate": candidate.tags["gate"], "skipped": True}
-    evaluated_against = candidate.tags.get("eval.champion_version") or None
     champion = alias_version(ctx.mlflow, name, CHAMPION)
     current = str(champion.version) if champion else None
+    if "gate" in candidate.tags:  # judged: the champion moved then, if it was promoted and still serves
+        moved = candidate.tags["gate"] == "promoted" and current == version
+        return {
+            "model_version": version,
+            "gate": candidate.tags["gate"],
+            CHAMPION_MOVED: moved,
+            "skipped": True,
+        }
+    # judged on the latest evaluation (`hisam run evaluate` again without `register` tags only the run)
+    if retag(ctx.mlflow, candidate, candidate_tags(ctx)[1], (EVAL_PREFIX, CHAMPION_PREFIX)):
+        candidate = ctx.mlflow.get_model_version(name, version)
+    evaluated_against = candidate.tags.get("eval.champion_version") or None
     if current == version:  # a retry after the aliases moved but before the tag was written
         apply_decision(ctx.mlflow, name, version, GateDecision(True, []), against=evaluated_against)
-        return {"model_version": version, "gate": "promoted", "skipped": True}
+        return {"model_version": version, "gate": "promoted", CHAMPION_MOVED: True, "skipped": True}
     if current != evaluated_against:
         raise ValueError(
             f"{name}@champion is v{current} but candidate v{version} was evaluated against "
@@ -161,12 +183,15 @@ def promote(ctx: StepContext) -> dict[str, Any]:
             champion_version=current,
             champion_drift=behind,
         )
+    rules = json.dumps(ctx.config.gate.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    ctx.mlflow.set_model_version_tag(name, version, GATE_CONFIG, rules)  # what it was judged by
     apply_decision(ctx.mlflow, name, version, decision, against=evaluated_against)
     return {
         "model_version": version,
         "promoted": decision.promote,
         "reasons": decision.reasons,
         "champion": version if decision.promote else current,
+        CHAMPION_MOVED: decision.promote,
         "metrics": mine,
         "drift": decision.drift,
         "unmeasured": decision.unmeasured,
@@ -208,15 +233,20 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     name = ctx.config.models.ranker
     champion = alias_version(ctx.mlflow, name, CHAMPION)
     if champion is None:
-        return {"skipped": True, "reason": f"{name} has no @{CHAMPION} yet"}
+        return {"skipped": True, "reason": f"{name} has no @{CHAMPION} yet", CHAMPION_MOVED: False}
     key = {REFRESH_KEY: ctx.run_key, REFRESHED_FROM: str(champion.version)}
     done = find_versions(ctx.mlflow, name, **key)
     if done:  # a retry after registering, or a champion restored since the day's refresh of it
         refreshed = str(done[0].version)
         make_refreshed_champion(ctx.mlflow, name, refreshed, refreshed_from=str(champion.version))
-        return {"champion": refreshed, "model_version": refreshed, "skipped": True}
+        return {"champion": refreshed, "model_version": refreshed, CHAMPION_MOVED: True, "skipped": True}
 
-    version = champion.tags[TOKENIZER_VERSION]
+    version = champion.tags.get(TOKENIZER_VERSION)
+    if version is None:
+        raise ValueError(
+            f"{name}@{CHAMPION} v{champion.version} has no {TOKENIZER_VERSION} tag: it was not "
+            "registered by this pipeline; register a candidate and promote it"
+        )
     served = load_ranker(f"models:/{name}/{champion.version}").unwrap_python_model()
     packaged, lake = served.semantic_ids, semantic_ids_of(ctx, version)
     position = pd.Index(packaged.item_ids).get_indexer(lake.item_ids)
@@ -235,7 +265,7 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     }
     if known.all():
         log.info("%s v%s already serves every %s item", name, champion.version, version)
-        return {**summary, "champion": str(champion.version)}
+        return {**summary, "champion": str(champion.version), CHAMPION_MOVED: False}
     table = SemanticIds(
         np.concatenate([packaged.item_ids, lake.item_ids[~known]]),
         np.concatenate([packaged.codes, lake.codes[~known]]),
@@ -254,7 +284,7 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
             run_id=previous.info.run_id if previous else None, run_name=f"refresh-champion-{ctx.logical_date}"
         ),
     ):
-        mlflow.set_tags({"hisam.step": "refresh-champion", "hisam.run_key": ctx.run_key, **summary})
+        mlflow.set_tags({**ctx.run_tags("refresh-champion"), **summary})
         checkpoint = Path(tmp) / "checkpoint.pt"
         state = {
             "config": served.config.model_dump(mode="json"),
@@ -275,7 +305,12 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
         "%s v%s serves v%s's weights with %d more %s items",
         name, registered.version, champion.version, summary["new_items"], version,
     )  # fmt: skip
-    return {**summary, "champion": str(registered.version), "model_version": str(registered.version)}
+    return {
+        **summary,
+        "champion": str(registered.version),
+        "model_version": str(registered.version),
+        CHAMPION_MOVED: True,
+    }
 
 
 def rollback(ctx: StepContext) -> dict[str, Any]:
@@ -287,7 +322,8 @@ def rollback(ctx: StepContext) -> dict[str, Any]:
 
     name = ctx.config.models.ranker
     restored, demoted = restore(ctx.mlflow, name)
-    ctx.alert(f"{name} rolled back", f"@champion v{demoted} -> v{restored}", "warning")
+    was = f"v{demoted}" if demoted else "(none)"
+    ctx.alert(f"{name} rolled back", f"@champion {was} -> v{restored}", "warning")
     summary: dict[str, Any] = {"champion": restored, "restored": restored, "demoted": demoted}
     try:
         refreshed = refresh_champion(ctx)

@@ -357,7 +357,7 @@ def _train_stage(
         run_id=previous.info.run_id if previous else None, run_name=f"{step}-{ctx.logical_date}"
     ) as run:
         if previous is None:
-            mlflow.set_tags({"hisam.step": step, "hisam.run_key": ctx.run_key, **lineage})
+            mlflow.set_tags({**ctx.run_tags(step), **lineage})
             if fresh:
                 mlflow.set_tag(FORCED, "true")
             log_config(config, name=step)
@@ -656,18 +656,20 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
             encode_profiles(profile_frame, served.profile_vocabulary or ProfileVocabulary({})),
         )
         metrics.update({f"{CHAMPION_PREFIX}{k}": v for k, v in scored.items() if k not in unmeasured})
+    tags = {
+        "eval.snapshot": str(snapshot),
+        "eval.champion_version": str(champion.version) if champion else "",
+        "eval.champion_unknown_rows": str(unknown),
+        SEEN_TEST_ROWS: str(seen_rows),
+        EVAL_METRICS: ",".join(sorted(metrics)),
+        UNMEASURED: ",".join(unmeasured),
+    }
     with reopened(run.info.run_id):
+        # no evaluation until the last write: a failure midway never leaves this one's metrics under
+        # the previous one's tags (register would copy the mix); MLflow has no transaction across them
+        mlflow.set_tag(EVAL_METRICS, "")
         mlflow.log_metrics(metrics)
-        mlflow.set_tags(
-            {
-                "eval.snapshot": str(snapshot),
-                "eval.champion_version": str(champion.version) if champion else "",
-                "eval.champion_unknown_rows": str(unknown),
-                SEEN_TEST_ROWS: str(seen_rows),
-                EVAL_METRICS: ",".join(sorted(metrics)),
-                UNMEASURED: ",".join(unmeasured),
-            }
-        )
+        mlflow.set_tags(tags)
         ctx.log_input(SAMPLES, snapshot, "evaluation", "test_samples")
         ctx.log_input(PROFILES, profile_snapshot, "evaluation", "test_user_profiles")
     return {

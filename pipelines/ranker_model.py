@@ -46,11 +46,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 import hisam_core
 from hisam_core.device import resolve_device
@@ -360,18 +357,11 @@ def log_ranker(
             )
             logged_in = run.info.run_id
     training_run = training_run_id or logged_in
-    client = MlflowClient()
-    try:
-        client.create_registered_model(registered_name)
-    except MlflowException as err:
-        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-    registered = client.create_model_version(
-        registered_name,
+    # the fluent call also links the logged model to the version (its mlflow.modelVersions tag)
+    registered = mlflow.register_model(
         info.model_uri,
-        run_id=logged_in,
+        registered_name,
         tags={TOKENIZER_VERSION: version, TRAINING_RUN_TAG: training_run, **(version_tags or {})},
-        model_id=info.model_id,
     )
     log.info(
         "registered %s v%s (tokenizer %s, run %s)", registered_name, registered.version, version, training_run

@@ -32,6 +32,8 @@ CURRENT = "current"
 #: Model-version tag prefix of a promoted version's drift: how far, per metric, it is estimated to be
 #: below the best version of its champion line (0 at a new best; see :func:`decide`).
 DRIFT_PREFIX = "gate.drift."
+#: Registered-model tag: the dataset whose versions the model holds (:func:`claim_models`).
+DATASET_TAG = "hisam.dataset"
 #: What ``evaluate`` measures and the gate can judge (Sec. 4.1).
 GATE_METRICS = ("auc", "gauc", "cold_auc", "cold_gauc")
 
@@ -154,6 +156,29 @@ def find_versions(client: MlflowClient, model: str, **tags: str) -> list[ModelVe
     query = " and ".join([f"name = '{model}'", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
     found = client.search_model_versions(query)
     return sorted(found, key=lambda v: int(v.version), reverse=True)
+
+
+def claim_models(client: MlflowClient, models: Collection[str], dataset: str) -> None:
+    """Make each registered model in ``models`` one ``dataset``'s: aliases (``@current``,
+    ``@champion``) are per model name, and steps find versions by ``tokenizer_version`` or run key,
+    so two datasets under one name would skip, judge and serve on each other's versions. A model
+    without an owner (new since the last step, or from before this check) is tagged
+    ``hisam.dataset``; one of another dataset is a ValueError naming the way out."""
+    for name in models:
+        try:
+            owner = client.get_registered_model(name).tags.get(DATASET_TAG)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue  # the step that registers its first version creates it
+            raise
+        if owner is None:
+            client.set_registered_model_tag(name, DATASET_TAG, dataset)
+        elif owner != dataset:
+            raise ValueError(
+                f"registered model {name!r} holds dataset {owner!r}'s versions, and this config's dataset "
+                f"is {dataset!r}: give it other models.* names, or use another MLflow store "
+                "(for `hisam demo`, another HISAM_HOME)"
+            )
 
 
 def alias_version(client: MlflowClient, model: str, alias: str) -> ModelVersion | None:

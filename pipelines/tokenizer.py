@@ -184,16 +184,16 @@ def behaviour_cut_floor(ctx: StepContext, version: str) -> int | None:
 
 
 def load_item_features(
-    ctx: StepContext, version: int | None = None
+    ctx: StepContext, version: int | None = None, catalogue: int | None = None
 ) -> tuple[ItemFeatures, int, dict[int, str]]:
-    """Every item of the catalogue (``gold.item_documents``, latest) with all three modality
-    embeddings of the configured encoders, ``present`` False where one is the encoder's fallback row,
-    from the embeddings snapshot ``version`` (default latest), the version read, and ``item_id ->
-    reason`` for the catalogue items that lack a modality (``missing_embedding:image``; all three when
-    none was embedded yet, read at the latest version only: a pinned one predates items embedded
-    since) or whose vector the embeddings gate rejects (``invalid_embedding:text``: null, not of its
-    ``dim`` or of ``quality.embeddings.expected_dims``, NaN or inf): they get no semantic ID until the
-    embed step writes a good one. Embeddings of items no longer in the catalogue (retracted upstream:
+    """Every item of the catalogue (``gold.item_documents`` at version ``catalogue``, default latest)
+    with all three modality embeddings of the configured encoders, ``present`` False where one is the
+    encoder's fallback row, from the embeddings snapshot ``version`` (default latest), the version
+    read, and ``item_id -> reason`` for the catalogue items that lack a modality
+    (``missing_embedding:image``; all three when none was embedded yet, read at the latest version
+    only: a pinned one predates items embedded since) or whose vector the embeddings gate rejects
+    (``invalid_embedding:text``: null, not of its ``dim`` or of ``quality.embeddings.expected_dims``,
+    NaN or inf): they get no semantic ID until the embed step writes a good one. Embeddings of items no longer in the catalogue (retracted upstream:
     the embed step's merge keeps their rows) are left out, and counted in the log."""
     from pipelines.ingest import quality_config
     from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
@@ -229,16 +229,18 @@ def load_item_features(
             )
         frame = frame[usable]
         frames[modality] = frame.set_index("item_id")[["embedding", "present"]]
-    documents, _ = ctx.read_table(GOLD_ITEM_DOCUMENTS.name, {"dataset": ctx.dataset}, ["item_id"])
-    catalogue = {int(i) for i in documents["item_id"]}
+    documents, _ = ctx.read_table(
+        GOLD_ITEM_DOCUMENTS.name, {"dataset": ctx.dataset}, ["item_id"], version=catalogue
+    )
+    listed = {int(i) for i in documents["item_id"]}
     embedded = set.union(set(invalid), *(set(f.index) for f in frames.values()))
-    if retracted := len(embedded - catalogue):
+    if retracted := len(embedded - listed):
         log.info(
             "%d items with embeddings are no longer in %s: left out", retracted, GOLD_ITEM_DOCUMENTS.name
         )
-    items = sorted(set.intersection(*(set(f.index) for f in frames.values())) & catalogue)
+    items = sorted(set.intersection(*(set(f.index) for f in frames.values())) & listed)
     # a pinned snapshot predates the catalogue items embedded since: they are the daily step's
-    expected = catalogue if version is None else catalogue & embedded
+    expected = listed if version is None else listed & embedded
     incomplete = {}
     for item in sorted(expected - set(items)):
         bad = invalid.get(item, [])
@@ -332,6 +334,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     from pipelines.registry import find_versions
     from pipelines.tokenizer_model import log_tokenizer
     from pipelines.tracking import log_config, log_training_curves, mlflow_callback
+    from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
 
     version, name = tokenizer_version(ctx), ctx.config.models.tokenizer
     existing = find_versions(ctx.mlflow, name, tokenizer_version=version)
@@ -339,15 +342,18 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         log.info("%s %s is already registered as v%s: nothing to do", name, version, existing[0].version)
         return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
     skip_if_superseded(ctx, ctx.logical_date.isoformat())  # a backfill of a month since replaced
-    features, snapshot, _ = load_item_features(ctx)  # tokenize-catalogue quarantines the incomplete
+    catalogue = ctx.table_version(GOLD_ITEM_DOCUMENTS.name)  # pinned: logged as what DST trained on
+    if catalogue is None:
+        raise ValueError(f"{GOLD_ITEM_DOCUMENTS.name} does not exist: run the features DAG first")
+    # tokenize-catalogue quarantines the incomplete
+    features, snapshot, _ = load_item_features(ctx, catalogue=catalogue)
     out = ctx.settings.home / "tokenizer" / version
     out.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run(run_name=f"train-tokenizer-{version}") as run:
-        mlflow.set_tags(
-            {"hisam.step": "train-tokenizer", "hisam.run_key": ctx.run_key, "tokenizer_version": version}
-        )
+        mlflow.set_tags({**ctx.run_tags("train-tokenizer"), "tokenizer_version": version})
         log_config(ctx.config.tokenizer, name="tokenizer")
         ctx.log_input(EMBEDDINGS, snapshot, "training", "item_embeddings")
+        ctx.log_input(GOLD_ITEM_DOCUMENTS.name, catalogue, "training", "item_documents")
         callback = mlflow_callback("dst/")
         model = fit_dst(
             features, ctx.config.tokenizer.train, callback=callback, checkpoint_path=out / "dst.pt"
@@ -471,8 +477,10 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     from pipelines.registry import CHAMPION, alias_version, find_versions
 
     current = current_tokenizer_version_or_skip(ctx, "tokenize-new-items")
-    if current is None:
-        return {"skipped": True, "reason": "no tokenizer activated yet"}
+    if current is None:  # skipped, not done (and build-sequences after it with it)
+        from pipelines.steps import StepSkipped
+
+        raise StepSkipped("no tokenizer activated yet: no item can get a semantic ID")
     name = ctx.config.models.tokenizer
     registered = find_versions(ctx.mlflow, name, tokenizer_version=current)[0]
     check_encoders(ctx, registered)

@@ -21,11 +21,15 @@ implicitly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
+import os
 import re
+import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -190,13 +194,50 @@ class MetricsCallback:
 
 @contextmanager
 def reopened(run_id: str) -> Iterator[mlflow.ActiveRun]:
-    """Log more to a finished run (a fine-tune's, from ``evaluate`` or ``register``); it stays
-    FINISHED whatever happens here: a failure is the reopening step's, not the training the run records."""
+    """Log more to a finished run (a fine-tune's, from ``evaluate`` or ``register``); it keeps its
+    status and end time whatever happens here (the run's duration is the training's), and a failure
+    is the reopening step's, not the training the run records."""
+    client = MlflowClient()
+    before = client.get_run(run_id).info
     run = mlflow.start_run(run_id=run_id)
     try:
         yield run
     finally:
-        mlflow.end_run("FINISHED")
+        mlflow.end_run()
+        if before.end_time is not None:
+            client.set_terminated(run_id, before.status, end_time=before.end_time)
+
+
+#: Run tag: the code that produced the run (:func:`code_version`).
+CODE_VERSION_TAG = "hisam.code_version"
+#: Set at image build (``--build-arg HISAM_CODE_VERSION=$(git rev-parse HEAD)``): an image has no .git.
+CODE_VERSION_ENV = "HISAM_CODE_VERSION"
+
+
+@functools.cache
+def code_version() -> str:
+    """What code this process runs, for a run's lineage: ``$HISAM_CODE_VERSION`` when set (the
+    image's build), else the git commit of the checkout the package runs from (``-dirty`` with
+    uncommitted changes to tracked files), else the installed package's version."""
+    if given := os.environ.get(CODE_VERSION_ENV, "").strip():
+        return given
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        git = ["git", "-C", str(root)]
+        try:
+            head = subprocess.run(
+                [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            )
+            changed = subprocess.run(
+                [*git, "diff", "--quiet", "HEAD"], capture_output=True, timeout=10
+            ).returncode
+            return f"git:{head.stdout.strip()}" + ("-dirty" if changed else "")
+        except (OSError, subprocess.SubprocessError):
+            log.debug("git failed", exc_info=True)
+    try:
+        return f"hisam=={importlib.metadata.version('hisam')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def mlflow_callback(prefix: str = "", run_id: str | None = None) -> MetricsCallback:

@@ -66,6 +66,22 @@ def _ctx(world, day=DAY1):
     return StepContext(load_config(world["config"]), day)
 
 
+def _champion_events() -> list[str]:
+    """The source task of every ``hisam-ranker@champion`` asset event, oldest first."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    query = (
+        select(AssetEvent.source_task_id)
+        .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+        .where(AssetModel.name == "hisam-ranker@champion")
+        .order_by(AssetEvent.id)
+    )
+    with create_session() as session:
+        return list(session.scalars(query))
+
+
 def _alerts(world) -> list[dict]:
     path = world["home"] / "alerts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -146,6 +162,7 @@ def test_day_one_writes_tables_runs_models_aliases_and_lineage(world) -> None:
     assert int(pretrained.tags["hisam.trained_until"]) == int(champion.tags["hisam.trained_until"]) == until
     assert champion.tags["pretrained_version"] == str(pretrained.version)
     assert champion.tags["gate"] == "promoted" and float(champion.tags["eval.auc"]) >= 0.55
+    assert _champion_events() == ["promote"]  # refresh-champion had no new item: @champion stayed
     run = client.get_run(champion.tags["training_run_id"])
     assert run.data.tags["eval.seen_test_rows"] == "0"  # the split never moved before what was trained on
     tags = [{t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs]
@@ -162,6 +179,18 @@ def test_day_one_writes_tables_runs_models_aliases_and_lineage(world) -> None:
     assert "plots/sft_training.png" in artifacts
     dst_run = client.get_run(tokenizer.run_id)
     assert dst_run.data.metrics["unique_id_rate"] >= 0.5
+    from pipelines.tracking import code_version
+
+    assert dst_run.data.tags["hisam.code_version"] == run.data.tags["hisam.code_version"] == code_version()
+    dst_inputs = {  # what DST trained on: the embeddings snapshot and the catalogue it was cut to
+        t["delta.path"].rsplit("/", 1)[-1]: t["delta.version"]
+        for t in ({t.key: t.value for t in i.tags} for i in dst_run.inputs.dataset_inputs)
+    }
+    documents = DeltaTable(str(lake / "gold" / "item_documents"))  # nothing wrote it after the features DAG
+    assert dst_inputs == {
+        "item_embeddings": tokenizer.tags["delta.version"],
+        "item_documents": str(documents.version()),
+    }
     assert {a.path for a in client.list_artifacts(dst_run.info.run_id, "plots")} >= {
         "plots/codebook_utilisation.png", "plots/figure3.png", "plots/dst_training.png"}  # fmt: skip
 
@@ -240,7 +269,7 @@ def test_a_promote_retried_after_the_aliases_moved_completes(world) -> None:
     client = _client()
     client.delete_model_version_tag("hisam-ranker", "1", "gate")
     out = run_step("promote", DAY1, world["config"])
-    assert out == {"model_version": "1", "gate": "promoted", "skipped": True}
+    assert out == {"model_version": "1", "gate": "promoted", "champion_moved": True, "skipped": True}
     assert client.get_model_version("hisam-ranker", "1").tags["gate"] == "promoted"
     assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "1"
 
@@ -276,9 +305,11 @@ def _drift(tags: dict[str, str]) -> dict[str, float]:
 def test_a_worse_candidate_is_rejected_with_reasons_and_an_alert(world) -> None:
     """Builds on day 1: day 2 fine-tunes with a learning rate that wrecks the model."""
     world["write_config"](world["config"], finetune={"learning_rate": 5.0, "max_steps": 5, "warmup_steps": 0})
+    events = _champion_events()
     result = world["run"]("hisam_finetune", DAY2)
     world["write_config"](world["config"])
     assert result.state == "success"
+    assert _champion_events() == events  # nothing scheduled on @champion runs for a rejection
     client = _client()
     candidate = client.get_model_version("hisam-ranker", "2")
     assert (
@@ -295,9 +326,11 @@ def test_promote_then_rollback_restores_the_previous_champion(world) -> None:
     regression) and is promoted; rollback then brings version 1 back."""
     from pipelines.steps import run_step
 
+    events = _champion_events()
     assert world["run"]("hisam_finetune", DAY3).state == "success"
     client = _client()
     assert str(client.get_model_version_by_alias("hisam-ranker", "champion").version) == "3"
+    assert _champion_events() == [*events, "promote"]
     assert str(client.get_model_version_by_alias("hisam-ranker", "previous").version) == "1"
     day1, day3 = client.get_model_version("hisam-ranker", "1"), client.get_model_version("hisam-ranker", "3")
     assert day3.tags["eval.auc"] == day1.tags["eval.auc"]  # deterministic training
@@ -480,6 +513,7 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
 
     summary = run_step("refresh-champion", DAY5, world["config"])
     assert (summary["refreshed_from"], summary["packaged_items"], summary["new_items"]) == ("1", 120, 5)
+    assert summary["champion_moved"]  # the DAG emits the champion asset for it
     refreshed = client.get_model_version_by_alias("hisam-ranker", "champion")
     assert str(refreshed.version) == summary["champion"] == str(versions + 1)
     assert refreshed.tags["refreshed_from"] == "1" and refreshed.tags["gate"] == "refreshed"
@@ -502,6 +536,7 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
     assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions + 1
     later = run_step("refresh-champion", DAY5 + dt.timedelta(days=1), world["config"])
     assert later["new_items"] == 0 and later["champion"] == summary["champion"]
+    assert not again["champion_moved"] and not later["champion_moved"]
 
 
 def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys, caplog) -> None:

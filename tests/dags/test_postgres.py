@@ -56,7 +56,8 @@ def test_features_dag_runs_on_postgres(tmp_path, write_config) -> None:
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
-    skipped = {"build_sequences": "skipped"}  # no tokenizer yet: nothing to build samples for
+    # no tokenizer yet: no item to tokenize, no samples to build
+    skipped = {"tokenize_new_items": "skipped", "build_sequences": "skipped"}
     assert result["state"] == "success", done.stdout[-6000:]
     assert result["tasks"] == {**dict.fromkeys(result["tasks"], "success"), **skipped}, done.stdout[-6000:]
     with sqlalchemy.create_engine(f"{URL}/airflow").connect() as db:
@@ -67,7 +68,7 @@ def test_features_dag_runs_on_postgres(tmp_path, write_config) -> None:
     assert state == "success"
     assert dict(tasks) == result["tasks"] and len(tasks) == len(result["tasks"])  # every task, in Postgres
     assert not list(tmp_path.rglob("*.db"))  # neither Airflow nor MLflow fell back to a SQLite file
-    # build_sequences asked the registry for @current (none yet) through the Postgres MLflow backend
+    # tokenize_new_items asked the registry for @current (none yet) through the Postgres MLflow backend
     experiment = MlflowClient(tracking_uri=f"{URL}/mlflow").get_experiment_by_name(env["HISAM_EXPERIMENT"])
     assert experiment.artifact_location == f"{env['HISAM_ARTIFACT_ROOT']}/{env['HISAM_EXPERIMENT']}"
     assert (tmp_path / "lake" / "silver" / "interactions" / "_delta_log").is_dir()

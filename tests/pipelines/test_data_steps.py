@@ -209,7 +209,7 @@ def test_training_waits_for_the_days_build_and_skips_before_any_tokenizer(ctx_of
     run_step("build-sequences", DAY, config, version)
     assert run_step("samples-ready", DAY, config, version)["ready"] is True
     for skip in ("true", "yes", "1"):
-        for step in ("samples-ready", "build-sequences"):  # a skip: the DAG emits no asset event
+        for step in ("samples-ready", "tokenize-new-items", "build-sequences"):  # skipped, not done
             with pytest.raises(StepSkipped, match="no tokenizer activated yet"):
                 run_step(step, DAY, config, {"skip_without_tokenizer": skip})
     with pytest.raises(ValueError, match="skip_without_tokenizer must be true or false, got 'ture'"):
@@ -440,6 +440,28 @@ def test_older_interactions_arriving_later_never_put_what_the_behaviour_codes_sa
     assert bounds["train"][1] < floor <= bounds["test"][0]
     moved = seconds.filter((F.col("s") >= after["cut"]["raised_from"] // 1_000_000) & (F.col("s") < floor))
     assert moved.count() > 0  # the quantile cut alone would have put these rows, seen by SASRec, in test
+
+
+def test_tokenize_catalogue_quarantines_the_items_it_cannot_encode_and_a_rerun_changes_nothing(
+    ctx_of,
+) -> None:
+    """Builds on the non-finite embedding (one item's text row deleted since) and the tokenizer the
+    previous test registered: the catalogue's 20 items are 19 semantic IDs plus one quarantine row
+    with its reason, and a rerun writes nothing more."""
+    from pipelines.steps import run_step
+
+    ctx, params = ctx_of(), {"tokenizer_version": VERSION}
+    part = {"dataset": "dq", "tokenizer_version": VERSION}
+    written = run_step("tokenize-catalogue", DAY, ctx.config, params)
+    assert (written["items"], written["quarantined"]) == (19, 1)
+    ids = ctx.lake.read("gold.semantic_ids", partitions=part)
+    assert ids.count() == ids.select("item_id").distinct().count() == 19
+    assert _quarantine(ctx, f"gold.semantic_ids@{VERSION}") == ["missing_embedding:text"]
+    version = ctx.lake.version("gold.semantic_ids")
+    again = run_step("tokenize-catalogue", DAY, ctx.config, params)
+    assert again["skipped"] and again["embeddings_version"] == written["embeddings_version"]
+    assert ctx.lake.version("gold.semantic_ids") == version
+    assert _quarantine(ctx, f"gold.semantic_ids@{VERSION}") == ["missing_embedding:text"]
 
 
 def test_the_days_import_is_judged_alone_as_well(spark, tmp_path, monkeypatch) -> None:

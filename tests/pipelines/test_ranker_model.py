@@ -115,6 +115,10 @@ def test_registered_version_carries_tokenizer_version_run_and_signature(trained:
     assert version.tags[TRAINING_RUN_TAG] == trained["run_id"] == version.run_id
     info = mlflow.models.get_model_info(f"models:/{NAME}/1")
     assert info.metadata[TOKENIZER_VERSION] == "random-0"
+    client = mlflow.MlflowClient()
+    source = client.get_model_version(NAME, "1").source  # models:/<logged model id>
+    logged = client.get_logged_model(source.removeprefix("models:/"))  # linked both ways
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": NAME, "version": 1}]
     assert set(info.signature.inputs.input_names()) == {
         "user_id",
         "history_item_ids",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from typing import Any
@@ -142,6 +143,41 @@ def test_register_reads_only_what_the_latest_evaluation_measured(tmp_path, mlflo
     client.log_metric(run_id, "eval.auc", 0.71)  # evaluated again, cold subset gone
     client.set_tag(run_id, EVAL_METRICS, "eval.auc")
     assert evaluated_metrics(client.get_run(run_id)) == {"eval.auc": 0.71}
+    client.set_tag(run_id, EVAL_METRICS, "")  # evaluate's first write: until its last, none holds
+    client.log_metric(run_id, "eval.auc", 0.9)
+    assert evaluated_metrics(client.get_run(run_id)) == {}
+
+
+def test_a_registered_model_holds_one_datasets_versions(tmp_path, mlflow_store, monkeypatch) -> None:
+    """Aliases are per model name: a second dataset on the same store and names would skip, judge
+    and serve on the first one's versions. Its steps are refused, naming the way out; other names
+    work, and the first dataset goes on."""
+    import datetime as dt
+
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+    from pipelines.registry import DATASET_TAG
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
+    day = dt.date(2026, 11, 2)
+
+    def context(dataset: str, **names: str) -> StepContext:
+        return StepContext(PipelineConfig.model_validate({"dataset": dataset, "models": names}), day)
+
+    first = context("movielens")
+    first.mlflow.create_registered_model("hisam-tokenizer")  # as the first train-tokenizer does
+    assert first.mlflow.get_registered_model("hisam-tokenizer").tags == {}  # claimed by the next step
+    assert context("movielens").mlflow.get_registered_model("hisam-tokenizer").tags == {
+        DATASET_TAG: "movielens"
+    }
+    with pytest.raises(ValueError, match=r"'hisam-tokenizer' holds dataset 'movielens'.* is 'synthetic'"):
+        _ = context("synthetic").mlflow
+    own = context("synthetic", tokenizer="t-synthetic", pretrained="p-synthetic", ranker="r-synthetic")
+    own.mlflow.create_registered_model("t-synthetic")
+    assert (
+        context("movielens").mlflow.get_registered_model("hisam-tokenizer").tags[DATASET_TAG] == "movielens"
+    )
 
 
 def test_drift_budget_below_the_regression_tolerance_is_a_config_error() -> None:
@@ -410,6 +446,27 @@ def _registry_with_a_trained_run(tmp_path, mlflow_store, monkeypatch, versions: 
     return ctx, run
 
 
+def _evaluated(ctx, run, mine: dict[str, float], theirs: dict[str, float], against: str) -> None:
+    """What ``evaluate`` logs to the fine-tune ``run``: the metrics, then the tags naming them."""
+    from pipelines.ranker import EVAL_METRICS
+
+    metrics = {f"eval.{m}": v for m, v in mine.items()} | {f"champion.{m}": v for m, v in theirs.items()}
+    for key, value in metrics.items():
+        ctx.mlflow.log_metric(run.info.run_id, key, value)
+    ctx.mlflow.set_tag(run.info.run_id, EVAL_METRICS, ",".join(sorted(metrics)))
+    ctx.mlflow.set_tag(run.info.run_id, "eval.champion_version", against)
+
+
+def _candidate(ctx, run, version: str) -> None:
+    """Version ``version`` registered from ``run`` with the run's evaluation, as ``register`` tags it."""
+    from pipelines.promotion import candidate_tags
+    from pipelines.ranker_model import TRAINING_RUN_TAG
+
+    tags = {TRAINING_RUN_TAG: run.info.run_id, **candidate_tags(ctx)[1]}
+    for key, value in tags.items():
+        ctx.mlflow.set_model_version_tag(ctx.config.models.ranker, version, key, value)
+
+
 def test_promote_refuses_a_candidate_judged_against_a_champion_since_replaced(
     tmp_path, mlflow_store, monkeypatch
 ) -> None:
@@ -418,18 +475,14 @@ def test_promote_refuses_a_candidate_judged_against_a_champion_since_replaced(
     nothing moves or is tagged; evaluated against v2, it is judged and promoted."""
 
     from pipelines.promotion import promote
-    from pipelines.ranker import RUN_KEY
-    from pipelines.ranker_model import TRAINING_RUN_TAG
 
     ctx, run = _registry_with_a_trained_run(tmp_path, mlflow_store, monkeypatch, versions=3)
     client, name = ctx.mlflow, ctx.config.models.ranker
     apply_decision(client, name, "1", decide(GOOD, None, GATE), against=None)
     apply_decision(client, name, "2", decide(GOOD, GOOD, GATE), against="1")
-    better = {f"eval.{m}": f"{v + 0.05:.6f}" for m, v in GOOD.items()}
-    judged = {f"champion.{m}": f"{v:.6f}" for m, v in GOOD.items()}
-    candidate = {RUN_KEY: ctx.run_key, TRAINING_RUN_TAG: run.info.run_id, **better, **judged}
-    for key, value in {**candidate, "eval.champion_version": "1"}.items():
-        client.set_model_version_tag(name, "3", key, value)
+    better = {m: v + 0.05 for m, v in GOOD.items()}
+    _evaluated(ctx, run, better, GOOD, against="1")
+    _candidate(ctx, run, "3")
 
     with pytest.raises(ValueError, match=rf"{name}@champion is v2 but candidate v3 was evaluated against v1"):
         promote(ctx)
@@ -437,8 +490,9 @@ def test_promote_refuses_a_candidate_judged_against_a_champion_since_replaced(
     assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == "1"
     assert "gate" not in client.get_model_version(name, "3").tags
 
-    client.set_model_version_tag(name, "3", "eval.champion_version", "2")  # evaluate ran again
-    assert promote(ctx)["promoted"] is True
+    _evaluated(ctx, run, better, GOOD, against="2")  # evaluate ran again; register did not
+    assert promote(ctx)["promoted"] is True  # judged on the run's latest evaluation
+    assert client.get_model_version(name, "3").tags["eval.champion_version"] == "2"
     assert champion_version(client, name) == "3"
     assert str(client.get_model_version_by_alias(name, PREVIOUS).version) == "2"
 
@@ -449,30 +503,24 @@ def test_promote_chains_the_drift_from_the_champions_tags(tmp_path, mlflow_store
     regression tolerance; without that drift it is promoted, carrying its own."""
 
     from pipelines.promotion import promote
-    from pipelines.ranker import RUN_KEY
-    from pipelines.ranker_model import TRAINING_RUN_TAG
 
     ctx, run = _registry_with_a_trained_run(tmp_path, mlflow_store, monkeypatch, versions=3)
     client, name = ctx.mlflow, ctx.config.models.ranker
     apply_decision(client, name, "1", decide(GOOD, None, GATE), against=None)
     client.set_model_version_tag(name, "1", f"{DRIFT_PREFIX}auc", "-0.015000")
-    worse = {**GOOD, "auc": GOOD["auc"] - 0.009}
+    _evaluated(ctx, run, {**GOOD, "auc": GOOD["auc"] - 0.009}, GOOD, against="1")
 
-    def candidate(version: str) -> None:
-        tags = {RUN_KEY: ctx.run_key, TRAINING_RUN_TAG: run.info.run_id, "eval.champion_version": "1"}
-        tags |= {f"eval.{m}": f"{v:.6f}" for m, v in worse.items()}
-        tags |= {f"champion.{m}": f"{v:.6f}" for m, v in GOOD.items()}
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, value)
-
-    candidate("2")
+    _candidate(ctx, run, "2")
     result = promote(ctx)
     assert result["promoted"] is False and any("below its best" in r for r in result["reasons"])
     assert champion_version(client, name) == "1"
     client.delete_model_version_tag(name, "1", f"{DRIFT_PREFIX}auc")  # a line without that drift
-    candidate("3")
+    _candidate(ctx, run, "3")
     result = promote(ctx)
     assert result["promoted"] is True and champion_version(client, name) == "3"
+    for version in ("2", "3"):  # each verdict records the rules it was reached by
+        judged_by = json.loads(client.get_model_version(name, version).tags["gate.config"])
+        assert PromotionGateConfig.model_validate(judged_by) == ctx.config.gate
     assert _drift(client.get_model_version(name, "3").tags)["auc"] == pytest.approx(-0.009)
 
 

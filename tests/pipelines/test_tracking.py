@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import mlflow
@@ -192,13 +193,41 @@ def test_an_unreachable_database_store_is_reported_at_once(tmp_path: Path) -> No
 
 def test_a_reopened_run_stays_finished_when_the_step_that_reopened_it_fails(experiment_id: str) -> None:
     """``evaluate`` failing after it reopened the fine-tune's run must not mark that training FAILED;
-    what it logged before failing is kept on that run."""
+    what it logged before failing is kept on that run, and so is its end time (its duration is the
+    training's), whether the step fails or not."""
     with mlflow.start_run(experiment_id=experiment_id) as trained:
         mlflow.log_metric("sft/loss", 0.5)
+    ended = MlflowClient().get_run(trained.info.run_id).info.end_time
+    with reopened(trained.info.run_id):
+        time.sleep(0.01)  # a later end time would show
+    assert MlflowClient().get_run(trained.info.run_id).info.end_time == ended
     with pytest.raises(RuntimeError, match="champion unreadable"), reopened(trained.info.run_id) as active:
         assert active.info.run_id == trained.info.run_id
         mlflow.log_metric("eval.auc", 0.7)
         raise RuntimeError("champion unreadable")
     after = MlflowClient().get_run(trained.info.run_id)
     assert after.info.status == "FINISHED" and after.data.metrics == {"sft/loss": 0.5, "eval.auc": 0.7}
+    assert after.info.end_time == ended
     assert mlflow.active_run() is None
+
+
+def test_code_version_names_the_build_else_the_checkouts_commit(monkeypatch) -> None:
+    """What each run's ``hisam.code_version`` says: the image's build argument, else the commit of
+    this checkout (``-dirty`` when tracked files changed), as git itself names it."""
+    import subprocess
+
+    from pipelines.tracking import CODE_VERSION_ENV, code_version
+
+    root = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD"]).returncode != 0
+    try:
+        code_version.cache_clear()
+        monkeypatch.setenv(CODE_VERSION_ENV, "4f2a9c1")
+        assert code_version() == "4f2a9c1"
+        code_version.cache_clear()
+        monkeypatch.delenv(CODE_VERSION_ENV)
+        if head.returncode == 0:  # a checkout (CI clones one)
+            assert code_version() == f"git:{head.stdout.strip()}" + ("-dirty" if dirty else "")
+    finally:
+        code_version.cache_clear()

@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
             "tables and versions written, the metrics, the champion, and how to open MLflow and Data Docs. "
             "It reads --config, else configs/pipeline.yaml (not $HISAM_PIPELINE_CONFIG), but keeps none of "
             "its stores: the lake, MLflow and Airflow are under $HISAM_HOME, alerts go to the log and "
-            "$HISAM_HOME/alerts.jsonl.",
+            "$HISAM_HOME/alerts.jsonl. One home holds one dataset's models: another dataset is refused. "
+            "Example: HISAM_HOME=.hisam-synthetic hisam --threads 2 demo --dataset synthetic",
         ),
         default=f"configs/pipeline.yaml; ${CONFIG_ENV} is ignored",
     )
@@ -184,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
             "rollback",
             help="restore @previous as @champion (then refresh it with the items that arrived since)",
             description="Restore the previous champion ranker, and register it again with the semantic IDs "
-            "its tokenizer version gained since it was packaged, so it serves every item at once.",
+            "its tokenizer version gained since it was packaged, so it serves every item at once. "
+            "Example: hisam rollback --config configs/production.yaml",
         )
     )
     recommend = with_config(
@@ -193,7 +195,8 @@ def _parser() -> argparse.ArgumentParser:
             help="one user's top-K items from @champion",
             description="Score every catalogue item the user has not interacted with, from the user's "
             "history in gold.samples and profile in gold.user_profiles, with the registered ranker "
-            "(one-pass ranking), and print the top K with titles and scores as JSON. Writes nothing.",
+            "(one-pass ranking), and print the top K with titles and scores as JSON. Writes nothing. "
+            "Example: hisam recommend 196 --top-k 5 --config .hisam/demo_pipeline.yaml",
         )
     )
     recommend.add_argument(

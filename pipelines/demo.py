@@ -110,13 +110,23 @@ def run_demo(config: Path | None = None, dataset: str = "auto", bundle: Path | N
         )
     settings = Settings.from_env()
     pipeline = demo_config(config, dataset, bundle)
-    config_file = settings.home / "demo_pipeline.yaml"
+    day = dt.datetime.now(dt.UTC).date()
     settings.home.mkdir(parents=True, exist_ok=True)
+    from mlflow import MlflowClient
+
+    from pipelines.registry import claim_models
+
+    models = pipeline.models
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    try:  # before any DAG runs: a home holding another dataset's models is refused
+        claim_models(client, (models.tokenizer, models.pretrained, models.ranker), pipeline.dataset)
+    except ValueError as err:
+        raise DemoFailed(str(err)) from None
+    config_file = settings.home / "demo_pipeline.yaml"
     pipeline.to_yaml(config_file)
     os.environ["HISAM_PIPELINE_CONFIG"] = str(config_file)  # what every task loads
     lifecycle = _lifecycle()
     lifecycle.prepare_airflow(settings.home)
-    day = dt.datetime.now(dt.UTC).date()
     runs, start = [], time.perf_counter()
     for dag_id in lifecycle.LIFECYCLE:
         began = time.perf_counter()

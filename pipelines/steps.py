@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.settings import positive_int
+from pipelines.settings import flag, positive_int
 
 log = logging.getLogger(__name__)
 
 #: Where the pipeline config is looked for when none is given.
 CONFIG_ENV = "HISAM_PIPELINE_CONFIG"
+#: Step params that are true/false (:func:`pipelines.settings.flag`), checked before the step runs.
+FLAGS = frozenset({"force", "skip_without_tokenizer", "include_seen"})
 #: torch intra-op threads of a step (default 1: the models are small; raise it on large CPU nodes).
 THREADS_ENV = "HISAM_TORCH_THREADS"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline.yaml"
@@ -146,6 +148,8 @@ def run_step(
         raise ValueError(  # filter strings; a user id (recommend) only into Arrow filters: any text
             f"step {name}: param tokenizer_version must be letters, digits, '.', '_' or '-', got {version!r}"
         )
+    for key in FLAGS & set(params or {}):  # before any work: a typo'd `force=ture` fails at once
+        flag((params or {})[key], key)
     if not isinstance(config, PipelineConfig):
         config = load_config(config)
     day = dt.date.fromisoformat(logical_date) if isinstance(logical_date, str) else logical_date

@@ -15,7 +15,7 @@ from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenTyp
 from hisam_core.semantic_ids import SemanticIds
 from pipelines.config import PipelineConfig
 from pipelines.ranker import encode_profiles, histories, windows
-from pipelines.steps import STEPS, load_config, run_step
+from pipelines.steps import FLAGS, STEPS, load_config, run_step
 
 
 def _history(n: int, targets: np.ndarray | None = None) -> UserHistory:
@@ -278,15 +278,20 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     from pipelines.cli import main
 
     declared = {p for step in STEPS.values() for p in step.params}
-    sources = (Path(__file__).resolve().parents[2] / "pipelines").glob("*.py")
-    read = {m for f in sources for m in re.findall(r'ctx\.params\.get\("(\w+)"', f.read_text())}
+    sources = [f.read_text() for f in (Path(__file__).resolve().parents[2] / "pipelines").glob("*.py")]
+    read = {m for text in sources for m in re.findall(r'ctx\.params\.get\("(\w+)"', text)}
     assert read == declared
+    flags = {m for text in sources for m in re.findall(r'flag\(ctx\.params\.get\("(\w+)"\)', text)}
+    assert flags == FLAGS  # each checked before its step runs
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
     with pytest.raises(ValueError, match=r"step build-sequences has no param tokenizer_verison \(its params: "
                        r"tokenizer_version, skip_without_tokenizer\)"):  # fmt: skip
         run_step("build-sequences", "2026-11-01", PipelineConfig(), {"tokenizer_verison": "dst-20261101"})
     with pytest.raises(ValueError, match=r"param tokenizer_version must be letters, .* got \"dst-2026'11\""):
         run_step("build-sequences", "2026-11-01", PipelineConfig(), {"tokenizer_version": "dst-2026'11"})
+    for step, key in (("finetune", "force"), ("tokenize-new-items", "skip_without_tokenizer")):
+        with pytest.raises(ValueError, match=f"param {key} must be true or false, got 'ture'"):
+            run_step(step, "2026-11-01", tmp_path / "absent.yaml", {key: "ture"})  # before the config is read
     assert main(["run", "rollback", "--param", "force=true"]) == 2
     assert "step rollback has no param force (its params: none)" in caplog.text
     assert list(tmp_path.iterdir()) == []
@@ -519,6 +524,32 @@ def test_the_demo_never_writes_to_the_stores_the_environment_names(tmp_path, mon
     assert (
         f"hisam demo ignores {', '.join(demo.SHARED_STORES)}" in caplog.text and "s3cret" not in caplog.text
     )
+
+
+def test_a_demo_of_another_dataset_in_the_same_home_is_refused_before_any_dag(tmp_path, monkeypatch) -> None:
+    """After a MovieLens demo, ``hisam demo --dataset synthetic`` in the same ``HISAM_HOME`` would
+    find MovieLens's tokenizer under the same model name and skip or judge on it: refused at once,
+    the earlier demo's config kept for its ``hisam recommend``."""
+    from mlflow import MlflowClient
+
+    import pipelines.demo as demo
+    from pipelines.registry import DATASET_TAG
+    from pipelines.settings import Settings
+
+    monkeypatch.setattr(demo, "_lifecycle", lambda: pytest.fail("no DAG may run"))
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    for name in demo.SHARED_STORES:
+        monkeypatch.delenv(name, raising=False)
+    uri = Settings.from_env().tracking_uri
+    MlflowClient(tracking_uri=uri, registry_uri=uri).create_registered_model(
+        "hisam-tokenizer", tags={DATASET_TAG: "movielens-100k"}
+    )
+    (tmp_path / "demo_pipeline.yaml").write_text("dataset: movielens-100k\n")
+    with pytest.raises(
+        demo.DemoFailed, match=r"'hisam-tokenizer' holds dataset 'movielens-100k'.*another HISAM_HOME"
+    ):
+        demo.run_demo(dataset="synthetic")
+    assert (tmp_path / "demo_pipeline.yaml").read_text() == "dataset: movielens-100k\n"
 
 
 def test_a_failed_demo_dag_is_a_message_and_exit_code_1(tmp_path, monkeypatch, caplog) -> None:

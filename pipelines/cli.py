@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.settings import Settings, masked, positive_int_arg
+from pipelines.settings import LOG_LEVELS, Settings, masked, positive_int_arg
 from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 
 log = logging.getLogger("hisam")
@@ -28,7 +28,6 @@ CLIENT_PACKAGES = frozenset(
 )
 #: What an ``OperationalError`` of a failed connection says (others, "no such table", are not one).
 CONNECTION_WORDS = ("connect", "unable to open", "timeout", "timed out", "could not translate host")
-LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 EPILOG = """\
 Config: run, rollback and recommend read one YAML file (pipelines.config.PipelineConfig; unknown keys are

@@ -204,15 +204,15 @@ class StepContext:
     @cached_property
     def mlflow(self) -> MlflowClient:
         """The client of the configured tracking store, with the experiment active and the configured
-        registered models checked to be this dataset's (:func:`pipelines.registry.claim_models`)."""
+        registered models checked to be this dataset's (:func:`pipelines.registry.check_dataset`)."""
         from mlflow import MlflowClient
 
-        from pipelines.registry import claim_models
+        from pipelines.registry import check_dataset
 
         _ = self.experiment_id
         client = MlflowClient()
         models = self.config.models
-        claim_models(client, (models.tokenizer, models.pretrained, models.ranker), self.dataset)
+        check_dataset(client, (models.tokenizer, models.pretrained, models.ranker), self.dataset)
         return client
 
 

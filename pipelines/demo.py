@@ -114,12 +114,12 @@ def run_demo(config: Path | None = None, dataset: str = "auto", bundle: Path | N
     settings.home.mkdir(parents=True, exist_ok=True)
     from mlflow import MlflowClient
 
-    from pipelines.registry import claim_models
+    from pipelines.registry import check_dataset
 
     models = pipeline.models
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     try:  # before any DAG runs: a home holding another dataset's models is refused
-        claim_models(client, (models.tokenizer, models.pretrained, models.ranker), pipeline.dataset)
+        check_dataset(client, (models.tokenizer, models.pretrained, models.ranker), pipeline.dataset)
     except ValueError as err:
         raise DemoFailed(str(err)) from None
     config_file = settings.home / "demo_pipeline.yaml"

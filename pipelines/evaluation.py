@@ -47,7 +47,7 @@ from hisam_core.evaluation.harness import (
 )
 from hisam_core.evaluation.semantic import features_fingerprint, load_features_npz
 from hisam_core.features import ItemFeatures
-from pipelines.settings import Settings, movielens_dir, positive_int, positive_int_arg
+from pipelines.settings import LOG_LEVELS, Settings, movielens_dir, positive_int, positive_int_arg
 from pipelines.steps import THREADS_ENV
 
 log = logging.getLogger(__name__)
@@ -400,7 +400,7 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
     p.add_argument("--steps", type=positive_int_arg, default=None, help="override train.max_steps")
     p.add_argument(
         "--log-level",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=LOG_LEVELS,
         default=None,
         help="this process's log level (default INFO, or hisam --log-level)",
     )

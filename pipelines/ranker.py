@@ -665,8 +665,8 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         UNMEASURED: ",".join(unmeasured),
     }
     with reopened(run.info.run_id):
-        # no evaluation until the last write: a failure midway never leaves this one's metrics under
-        # the previous one's tags (register would copy the mix); MLflow has no transaction across them
+        # no evaluation until the tags naming these metrics are written: a failure midway never leaves
+        # them under the previous one's tags (register would copy the mix); MLflow has no transaction
         mlflow.set_tag(EVAL_METRICS, "")
         mlflow.log_metrics(metrics)
         mlflow.set_tags(tags)

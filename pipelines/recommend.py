@@ -69,7 +69,11 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
             f"no MLflow store at {store} ($HISAM_HOME or $MLFLOW_TRACKING_URI): run `hisam demo` or the "
             "DAGs first"
         )
-    version = alias_version(ctx.mlflow, name, alias)
+    try:
+        client = ctx.mlflow
+    except ValueError as err:  # the store holds another dataset's models: after a demo, its config
+        raise ValueError(f"{err}{_demo_hint(ctx)}") from None
+    version = alias_version(client, name, alias)
     if version is None:
         raise ValueError(
             f"{name}@{alias} does not exist in the MLflow store {masked(ctx.settings.mlflow_tracking_uri)} "

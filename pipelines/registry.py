@@ -32,8 +32,9 @@ CURRENT = "current"
 #: Model-version tag prefix of a promoted version's drift: how far, per metric, it is estimated to be
 #: below the best version of its champion line (0 at a new best; see :func:`decide`).
 DRIFT_PREFIX = "gate.drift."
-#: Registered-model tag: the dataset whose versions the model holds (:func:`claim_models`).
-DATASET_TAG = "hisam.dataset"
+#: Model-version tags naming the logical run (``<dataset>/<date>``) that produced a version: the
+#: ranker's and pre-trained model's, the tokenizer's, a refreshed champion's (:func:`check_dataset`).
+RUN_KEY_TAGS = ("run_key", "hisam.run_key", "refresh_key")
 #: What ``evaluate`` measures and the gate can judge (Sec. 4.1).
 GATE_METRICS = ("auc", "gauc", "cold_auc", "cold_gauc")
 
@@ -158,22 +159,20 @@ def find_versions(client: MlflowClient, model: str, **tags: str) -> list[ModelVe
     return sorted(found, key=lambda v: int(v.version), reverse=True)
 
 
-def claim_models(client: MlflowClient, models: Collection[str], dataset: str) -> None:
-    """Make each registered model in ``models`` one ``dataset``'s: aliases (``@current``,
-    ``@champion``) are per model name, and steps find versions by ``tokenizer_version`` or run key,
-    so two datasets under one name would skip, judge and serve on each other's versions. A model
-    without an owner (new since the last step, or from before this check) is tagged
-    ``hisam.dataset``; one of another dataset is a ValueError naming the way out."""
+def check_dataset(client: MlflowClient, models: Collection[str], dataset: str) -> None:
+    """Refuse registered models in ``models`` whose versions are another dataset's: aliases
+    (``@current``, ``@champion``) are per model name, and steps find versions by
+    ``tokenizer_version`` or run key, so two datasets under one name would skip, judge and serve on
+    each other's versions. A model's dataset is that of its newest version's logical run
+    (``run_key``, ``hisam.run_key`` or ``refresh_key``: ``<dataset>/<date>``), so the check reads
+    only, and holds from the first version on, whoever created it."""
     for name in models:
-        try:
-            owner = client.get_registered_model(name).tags.get(DATASET_TAG)
-        except MlflowException as err:
-            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-                continue  # the step that registers its first version creates it
-            raise
-        if owner is None:
-            client.set_registered_model_tag(name, DATASET_TAG, dataset)
-        elif owner != dataset:
+        newest = client.search_model_versions(
+            f"name = '{name}'", max_results=1, order_by=["version_number DESC"]
+        )
+        keys = (newest[0].tags.get(k) for k in RUN_KEY_TAGS) if newest else ()
+        owner = next((key.rpartition("/")[0] for key in keys if key), None)
+        if owner is not None and owner != dataset:
             raise ValueError(
                 f"registered model {name!r} holds dataset {owner!r}'s versions, and this config's dataset "
                 f"is {dataset!r}: give it other models.* names, or use another MLflow store "

@@ -92,6 +92,10 @@ def masked(uri: str) -> str:
     return scheme + sep + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
+#: The levels ``--log-level`` takes (``hisam`` and ``hisam evaluate``).
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 def flag(value: str | None, name: str) -> bool:
     """A true/false step param (``true``, ``1``, ``yes`` or ``false``, ``0``, ``no``; absent is false)."""
     if value is None or value.lower() in ("", "false", "0", "no"):

@@ -110,7 +110,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     try:  # name the file: it may have come from $HISAM_PIPELINE_CONFIG
         data = PipelineConfig.from_yaml(found).model_dump() if found else {}
         return PipelineConfig.model_validate(_deep_merge(data, dict(overrides or {})))
-    except ValidationError as err:  # a --param override
+    except ValidationError as err:  # an override (the demo's dataset and source)
         raise ValueError(f"pipeline config {found or '(built-in defaults)'}: {describe(err)}") from None
     except ValueError as err:  # the file's own error names it
         raise ValueError(f"pipeline config {err}") from None

@@ -193,8 +193,9 @@ def load_item_features(
     (``missing_embedding:image``; all three when none was embedded yet, read at the latest version
     only: a pinned one predates items embedded since) or whose vector the embeddings gate rejects
     (``invalid_embedding:text``: null, not of its ``dim`` or of ``quality.embeddings.expected_dims``,
-    NaN or inf): they get no semantic ID until the embed step writes a good one. Embeddings of items no longer in the catalogue (retracted upstream:
-    the embed step's merge keeps their rows) are left out, and counted in the log."""
+    NaN or inf): they get no semantic ID until the embed step writes a good one. Embeddings of items
+    no longer in the catalogue (retracted upstream: the embed step's merge keeps their rows) are left
+    out, and counted in the log."""
     from pipelines.ingest import quality_config
     from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
 

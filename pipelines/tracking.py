@@ -231,7 +231,7 @@ def code_version() -> str:
             changed = subprocess.run(
                 [*git, "diff", "--quiet", "HEAD"], capture_output=True, timeout=10
             ).returncode
-            return f"git:{head.stdout.strip()}" + ("-dirty" if changed else "")
+            return f"git:{head.stdout.strip()}" + ("-dirty" if changed == 1 else "")  # 1: differences
         except (OSError, subprocess.SubprocessError):
             log.debug("git failed", exc_info=True)
     try:

@@ -592,12 +592,13 @@ def run_evaluation(
             f"split's cut {split.cut} (train_fraction {config.protocol.train_fraction}): rebuild them "
             "with that cut-off"
         )
-    if features is not None:  # before any training: a semantic-ID lookup would fail mid-run
+    semantic = config.scaling is not None or any(e.model == "hmat" for e, _ in config.jobs())
+    if features is not None and semantic:  # before any training: a semantic-ID lookup would fail mid-run
         missing = np.setdiff1d(dataset.interactions["item_id"].unique(), features.item_ids)
         if missing.size:
             raise ValueError(
-                f"{missing.size} items of the interactions have no features (first: "
-                f"{missing[:5].tolist()}): every item needs a row in the features file"
+                f"{missing.size} item(s) of the interactions have no features (first: "
+                f"{missing[:5].tolist()}): HMAT needs a row in the features file for every item"
             )
     ctx = _Context(config, dataset, split, features)
     runs: list[dict[str, Any]] = []

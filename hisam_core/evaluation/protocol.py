@@ -164,9 +164,11 @@ def label_interactions(frame: pd.DataFrame, config: ProtocolConfig) -> pd.DataFr
 
 def integer_column(frame: pd.DataFrame, name: str) -> pd.Series:
     """``frame[name]`` as int64; a ValueError naming the column when a value is missing, not a
-    number or not whole (a cast would fail obscurely or truncate ``1.7`` to ``1`` silently)."""
+    number, not whole or beyond int64 (a cast would fail obscurely, truncate ``1.7`` to ``1`` or wrap
+    ``1e20`` to a negative id silently)."""
     values = pd.to_numeric(frame[name], errors="coerce")
-    bad = values.isna() | (values != np.floor(values))
+    bound = float(np.iinfo(np.int64).max)  # 2**63: floats at or past it do not fit
+    bad = values.isna() | (values != np.floor(values)) | ~values.astype(float).abs().lt(bound)
     if bad.any():
         first = frame[name][bad].iloc[0]
         shown = repr(first) if isinstance(first, str) else str(first)

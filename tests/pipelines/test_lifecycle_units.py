@@ -533,7 +533,6 @@ def test_a_demo_of_another_dataset_in_the_same_home_is_refused_before_any_dag(tm
     from mlflow import MlflowClient
 
     import pipelines.demo as demo
-    from pipelines.registry import DATASET_TAG
     from pipelines.settings import Settings
 
     monkeypatch.setattr(demo, "_lifecycle", lambda: pytest.fail("no DAG may run"))
@@ -541,15 +540,19 @@ def test_a_demo_of_another_dataset_in_the_same_home_is_refused_before_any_dag(tm
     for name in demo.SHARED_STORES:
         monkeypatch.delenv(name, raising=False)
     uri = Settings.from_env().tracking_uri
-    MlflowClient(tracking_uri=uri, registry_uri=uri).create_registered_model(
-        "hisam-tokenizer", tags={DATASET_TAG: "movielens-100k"}
-    )
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("hisam-tokenizer")
+    run_key = {"hisam.run_key": "movielens-100k/2026-12-01"}  # what the MovieLens demo registered
+    client.create_model_version("hisam-tokenizer", str(tmp_path / "artifacts"), tags=run_key)
     (tmp_path / "demo_pipeline.yaml").write_text("dataset: movielens-100k\n")
     with pytest.raises(
         demo.DemoFailed, match=r"'hisam-tokenizer' holds dataset 'movielens-100k'.*another HISAM_HOME"
     ):
         demo.run_demo(dataset="synthetic")
     assert (tmp_path / "demo_pipeline.yaml").read_text() == "dataset: movielens-100k\n"
+    demo_config = tmp_path / "demo_pipeline.yaml"  # and `hisam recommend` without it says to pass it
+    with pytest.raises(ValueError, match=rf"holds dataset 'movielens-100k'.*pass --config {demo_config}"):
+        run_step("recommend", "2026-12-02", PipelineConfig(), {"user": "196"})
 
 
 def test_a_failed_demo_dag_is_a_message_and_exit_code_1(tmp_path, monkeypatch, caplog) -> None:

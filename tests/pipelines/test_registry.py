@@ -150,13 +150,13 @@ def test_register_reads_only_what_the_latest_evaluation_measured(tmp_path, mlflo
 
 def test_a_registered_model_holds_one_datasets_versions(tmp_path, mlflow_store, monkeypatch) -> None:
     """Aliases are per model name: a second dataset on the same store and names would skip, judge
-    and serve on the first one's versions. Its steps are refused, naming the way out; other names
-    work, and the first dataset goes on."""
+    and serve on the first one's versions. Its steps are refused from the first version on (read from
+    the newest version's run key, whoever created the model), naming the way out; other names work,
+    the first dataset goes on, and the check writes nothing."""
     import datetime as dt
 
     from pipelines.config import PipelineConfig
     from pipelines.context import StepContext
-    from pipelines.registry import DATASET_TAG
 
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
@@ -166,18 +166,26 @@ def test_a_registered_model_holds_one_datasets_versions(tmp_path, mlflow_store, 
         return StepContext(PipelineConfig.model_validate({"dataset": dataset, "models": names}), day)
 
     first = context("movielens")
-    first.mlflow.create_registered_model("hisam-tokenizer")  # as the first train-tokenizer does
-    assert first.mlflow.get_registered_model("hisam-tokenizer").tags == {}  # claimed by the next step
-    assert context("movielens").mlflow.get_registered_model("hisam-tokenizer").tags == {
-        DATASET_TAG: "movielens"
-    }
-    with pytest.raises(ValueError, match=r"'hisam-tokenizer' holds dataset 'movielens'.* is 'synthetic'"):
-        _ = context("synthetic").mlflow
+    first.mlflow.create_registered_model("hisam-tokenizer")  # created, no version yet: nobody's
+    _ = context("synthetic").mlflow
+    source = str(tmp_path / "artifacts")
+    first.mlflow.create_model_version(
+        "hisam-tokenizer", source, tags={"hisam.run_key": "movielens/2026-11-01"}
+    )
+    first.mlflow.create_registered_model("hisam-ranker")
+    first.mlflow.create_model_version("hisam-ranker", source, tags={"run_key": "movielens/2026-11-02"})
+    first.mlflow.create_model_version("hisam-ranker", source, tags={"refresh_key": "movielens/2026-11-03"})
+    for model, names in (
+        ("hisam-tokenizer", {}),
+        ("hisam-ranker", {"tokenizer": "t-synthetic"}),  # the newest version decides: a refreshed one
+    ):
+        with pytest.raises(ValueError, match=rf"'{model}' holds dataset 'movielens'.* is 'synthetic'"):
+            _ = context("synthetic", **names).mlflow
     own = context("synthetic", tokenizer="t-synthetic", pretrained="p-synthetic", ranker="r-synthetic")
     own.mlflow.create_registered_model("t-synthetic")
-    assert (
-        context("movielens").mlflow.get_registered_model("hisam-tokenizer").tags[DATASET_TAG] == "movielens"
-    )
+    own.mlflow.create_model_version("t-synthetic", source, tags={"hisam.run_key": "synthetic/2026-11-01"})
+    _ = context("movielens").mlflow
+    assert first.mlflow.get_registered_model("hisam-tokenizer").tags == {}
 
 
 def test_drift_budget_below_the_regression_tolerance_is_a_config_error() -> None:

@@ -398,18 +398,35 @@ def test_features_whose_behaviour_encoder_saw_test_interactions_are_refused(plan
             run_evaluation(config)
 
 
-def test_interactions_with_items_the_features_lack_are_refused_before_training(planted, tmp_path):
+def test_interactions_with_items_the_features_lack_are_refused_before_training(
+    planted, tmp_path, monkeypatch
+):
+    """Where a semantic-ID table is needed (HMAT), before any training; the ID baselines never look
+    features up, and run."""
+    import hisam_core.evaluation.harness as harness
+
     frame, modalities, item_ids = planted
     frame.to_csv(tmp_path / "interactions.csv", index=False)
     path = tmp_path / "features.npz"
     keep = item_ids != item_ids[3]
     np.savez(path, item_ids=item_ids[keep], **{f"emb_{m}": v[keep] for m, v in modalities.items()})
     data = {"dataset": "generic", "path": str(tmp_path / "interactions.csv"), "features_path": str(path)}
-    config = EvaluationConfig.model_validate({"data": data, "run": ["sasrec"], "seeds": [0], "sets": {}})
+    config = EvaluationConfig.model_validate({"data": data, "run": ["hisam_sft"], "seeds": [0], "sets": {}})
+    monkeypatch.setattr(harness, "run_experiment", lambda *a: pytest.fail("trained before the check"))
     with pytest.raises(
-        ValueError, match=rf"^1 items of the interactions have no features \(first: \[{item_ids[3]}\]\)"
+        ValueError, match=rf"^1 item\(s\) of the interactions have no features \(first: \[{item_ids[3]}\]\)"
     ):
         run_evaluation(config)
+
+    class Trained(Exception):
+        """The first experiment started: the check let the run through."""
+
+    def first(ctx, experiment, seed):
+        raise Trained(experiment.name)
+
+    monkeypatch.setattr(harness, "run_experiment", first)
+    with pytest.raises(Trained, match=r"^sasrec$"):
+        run_evaluation(config.model_copy(update={"run": ["sasrec"]}))
 
 
 def test_scaling_points_change_only_their_axis_and_reuse_the_base_point():

@@ -70,6 +70,8 @@ def test_labels_are_rating_above_three_or_the_label_column():
         ("user_id", [1, 1, None, 1, 1], "nan"),
         ("item_id", ["1", "2", "three", "4", "5"], "'three'"),
         ("timestamp", [0, 1, 2.5, 3, 4.25], "2.5"),
+        ("timestamp", [0, 1, float("inf"), 3, 4], "inf"),
+        ("item_id", [1, 2, 1e20, 4, 5], "1e\\+20"),
     ):
         with pytest.raises(
             ValueError, match=rf"column '{column}' must hold whole numbers: \d of 5 rows .*first: {first}"

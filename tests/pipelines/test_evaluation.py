@@ -392,7 +392,17 @@ def test_the_report_and_plot_mark_a_cold_metric_no_seed_measured(tmp_path):
     report = md_path.read_text()
     assert "| hisam_sft | n/a | 0.7050 ± 0.0071 | n/a | unmeasured | n/a | n/a | 1 | 2 |" in report
     assert "| num_layers | 1 | 0.7000 | unmeasured |" in report
-    assert png_path.stat().st_size > 0
+    from PIL import Image
+
+    from hisam_core.evaluation.harness import plot_scaling
+
+    pixels = np.asarray(Image.open(png_path))
+    assert pixels.shape[:2] == (420, 1080)  # two panels, 9 x 3.5 inches at 120 dpi
+    plot_scaling(scaling, tmp_path / "again.png")  # the report's plot is this sweep's, drawn around the gap
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), pixels)
+    moved = {**scaling, "num_layers": [{**p, "gauc": 0.6} for p in scaling["num_layers"]]}
+    plot_scaling(moved, tmp_path / "moved.png")
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "moved.png")), pixels)
 
 
 def test_the_report_states_the_protocol_and_seeds_it_ran(tmp_path):

@@ -43,9 +43,18 @@ def test_figure3_similarity_is_diagonal_on_specific_positions(trained, tmp_path)
     matrix = position_modality_similarity(codewords, {m: out.aligned[m].numpy() for m in model.modalities})
     specific = matrix[model.config.shared_layers :]
     assert (specific.argmax(1) == np.arange(len(model.modalities))).all(), matrix
-    path = tmp_path / "figure3.png"
-    save_similarity_figure(matrix, model.config.position_names, model.modalities, path)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    def drawn(values: np.ndarray, name: str) -> np.ndarray:
+        path = tmp_path / name
+        save_similarity_figure(values, model.config.position_names, model.modalities, path)
+        return np.asarray(Image.open(path))
+
+    pixels = drawn(matrix, "figure3.png")
+    rows, cols = len(model.config.position_names), len(model.modalities)  # one cell each, 120 dpi
+    assert pixels.shape[:2] == (round((0.5 * rows + 1.5) * 120), round((1.2 * cols + 2.5) * 120))
+    assert np.array_equal(drawn(matrix, "again.png"), pixels)  # the matrix decides every pixel
+    assert not np.array_equal(drawn(-matrix, "negated.png"), pixels)
 
 
 def test_training_reports_metrics_and_uses_codebooks(trained, tiny):

@@ -68,10 +68,10 @@ def _features(config: EvaluationConfig, features_cache: str) -> tuple[ItemFeatur
     return built.features, built.cutoff
 
 
-def _job(job: tuple[EvaluationConfig, str]) -> dict[str, Any]:
-    config, features_cache = job
+def _job(job: tuple[EvaluationConfig, str, int]) -> dict[str, Any]:
+    config, features_cache, level = job  # level: the parent's (--log-level)
     torch.set_num_threads(config.threads)
-    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    logging.basicConfig(level=level, format=_LOG_FORMAT)
     features, cutoff = _features(config, features_cache)
     return run_evaluation(config, features, features_cutoff=cutoff)
 
@@ -161,7 +161,8 @@ def run_parallel(
     subs.sort(key=cost, reverse=True)
     log.info("%d jobs to run (%d kept from an earlier result), %d workers", len(subs), len(kept), workers)
     labels = [f"{sub.run[0]} seed {sub.seeds[0]}" for sub in subs]
-    parts = pool_map(_job, [(sub, features_cache) for sub in subs], workers, labels)
+    level = logging.getLogger().getEffectiveLevel()
+    parts = pool_map(_job, [(sub, features_cache, level) for sub in subs], workers, labels)
     log.info("reusing %d runs and %d sweep points", len(kept), len(kept_points))
     records = {**kept_points}
     records |= {(r["experiment"], r["seed"]): r for r in [*kept, *(r for p in parts for r in p["runs"])]}
@@ -402,7 +403,7 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         "--log-level",
         choices=LOG_LEVELS,
         default=None,
-        help="this process's log level (default INFO, or hisam --log-level)",
+        help="log level, of the workers too (default INFO, or hisam --log-level)",
     )
     p.add_argument(
         "--data",

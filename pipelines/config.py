@@ -104,11 +104,17 @@ class RegistryNames(Config):
     pretrained: str = "hisam-pretrained"
     ranker: str = "hisam-ranker"
 
+    @property
+    def names(self) -> list[str]:
+        """The three registered model names: tokenizer, pretrained, ranker."""
+        return [self.tokenizer, self.pretrained, self.ranker]
+
     @model_validator(mode="after")
     def _check(self) -> RegistryNames:
-        names = [self.tokenizer, self.pretrained, self.ranker]
-        if len(set(names)) != len(names):  # each step finds its versions by model name
-            raise ValueError(f"models: the tokenizer, pretrained and ranker names must differ, got {names}")
+        if len(set(self.names)) != len(self.names):  # each step finds its versions by model name
+            raise ValueError(
+                f"models: the tokenizer, pretrained and ranker names must differ, got {self.names}"
+            )
         return self
 
 

@@ -211,8 +211,7 @@ class StepContext:
 
         _ = self.experiment_id
         client = MlflowClient()
-        models = self.config.models
-        check_dataset(client, (models.tokenizer, models.pretrained, models.ranker), self.dataset)
+        check_dataset(client, self.config.models.names, self.dataset)
         return client
 
 

@@ -116,10 +116,9 @@ def run_demo(config: Path | None = None, dataset: str = "auto", bundle: Path | N
 
     from pipelines.registry import check_dataset
 
-    models = pipeline.models
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     try:  # before any DAG runs: a home holding another dataset's models is refused
-        check_dataset(client, (models.tokenizer, models.pretrained, models.ranker), pipeline.dataset)
+        check_dataset(client, pipeline.models.names, pipeline.dataset)
     except ValueError as err:
         raise DemoFailed(str(err)) from None
     config_file = settings.home / "demo_pipeline.yaml"

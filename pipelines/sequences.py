@@ -73,11 +73,9 @@ def samples_ready(ctx: StepContext) -> dict[str, Any]:
     from spark_jobs.importers.silver import promotion_record
     from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES
 
-    version = ctx.params.get("tokenizer_version") or current_tokenizer_version_or_skip(ctx, "samples-ready")
-    if version is None:
-        from pipelines.steps import StepSkipped
-
-        raise StepSkipped("no tokenizer activated yet: there are no samples to train on")
+    version = ctx.params.get("tokenizer_version") or current_tokenizer_version_or_skip(
+        ctx, "samples-ready", "there are no samples to train on"
+    )
     wanted = {"step": BUILD, "dataset": ctx.dataset, "tokenizer_version": version}  # whose builds
     builds = [entry["metadata"] for entry in ctx.commits(GOLD_SAMPLES.name, wanted)]
     day = ctx.logical_date.isoformat()
@@ -110,11 +108,9 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
     from spark_jobs.sequences import build_user_sequences, to_gold_samples, to_gold_user_sequences
     from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES, GOLD_SEMANTIC_IDS, GOLD_USER_SEQUENCES
 
-    version = ctx.params.get("tokenizer_version") or current_tokenizer_version_or_skip(ctx, "build-sequences")
-    if version is None:  # skipped, not done: no gold.samples asset event for a build that never ran
-        from pipelines.steps import StepSkipped
-
-        raise StepSkipped("no tokenizer activated yet: there is nothing to build samples for")
+    version = ctx.params.get("tokenizer_version") or current_tokenizer_version_or_skip(
+        ctx, "build-sequences", "there is nothing to build samples for"
+    )
     lake, part = ctx.lake, {"dataset": ctx.dataset}
     # before silver is read: see read_after
     seen, seen_table = ctx.table_state(BRONZE_QUARANTINE.name) or (None, None)

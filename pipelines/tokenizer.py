@@ -65,10 +65,13 @@ def current_tokenizer_version(ctx: StepContext) -> str:
     return str(found.tags[TOKENIZER_VERSION])
 
 
-def current_tokenizer_version_or_skip(ctx: StepContext, step: str) -> str | None:
-    """:func:`current_tokenizer_version`, or None (logged) when there is none yet and the step was
-    run with ``skip_without_tokenizer=true`` (the daily DAG before the first monthly tokenizer run)."""
+def current_tokenizer_version_or_skip(ctx: StepContext, step: str, why: str) -> str:
+    """:func:`current_tokenizer_version`; when there is none yet and the step was run with
+    ``skip_without_tokenizer=true`` (the daily DAG before the first monthly tokenizer run), the step
+    skips (:class:`~pipelines.steps.StepSkipped`, ``why`` it has nothing to do), logged: skipped, not
+    done, so its DAG emits no asset event and the tasks after it skip too."""
     from pipelines.settings import flag
+    from pipelines.steps import StepSkipped
 
     skip = flag(ctx.params.get("skip_without_tokenizer"), "skip_without_tokenizer")  # a typo fails at once
     try:
@@ -77,7 +80,7 @@ def current_tokenizer_version_or_skip(ctx: StepContext, step: str) -> str | None
         if not skip:
             raise
         log.warning("%s skipped: %s", step, err)
-        return None
+        raise StepSkipped(f"no tokenizer activated yet: {why}") from None
 
 
 def encoder_specs(ctx: StepContext) -> dict[str, tuple[str, str]]:
@@ -477,11 +480,7 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     from pipelines.ranker_model import TOKENIZER_VERSION
     from pipelines.registry import CHAMPION, alias_version, find_versions
 
-    current = current_tokenizer_version_or_skip(ctx, "tokenize-new-items")
-    if current is None:  # skipped, not done (and build-sequences after it with it)
-        from pipelines.steps import StepSkipped
-
-        raise StepSkipped("no tokenizer activated yet: no item can get a semantic ID")
+    current = current_tokenizer_version_or_skip(ctx, "tokenize-new-items", "no item can get a semantic ID")
     name = ctx.config.models.tokenizer
     registered = find_versions(ctx.mlflow, name, tokenizer_version=current)[0]
     check_encoders(ctx, registered)

@@ -1,17 +1,25 @@
-"""``hisam_features`` (daily): ingest -> validate -> embed -> tokenize-new-items -> build-sequences
-(Sec. 3.2.1, 3.3, 4.1).
+"""``hisam_features`` (daily): source-ready -> ingest -> validate -> embed -> tokenize-new-items ->
+build-sequences (Sec. 3.2.1, 3.3, 4.1).
 
-Imports the day's source into bronze/silver, gates it with Great Expectations, refreshes item
-documents and embeddings (only new or changed items are encoded), gives items that arrived since the
-monthly catalogue run their semantic IDs under the current tokenizer, and rebuilds the samples of that
-version (the last two are skipped before the first tokenizer exists: the task state says so, and no
+Waits for the day's drop of a generic source (its dated paths and ``ready_marker``; up to the
+sensor's timeout, then fails with an alert), imports it into bronze/silver, gates it with Great
+Expectations, refreshes item documents and embeddings (only new or changed items are encoded), gives
+items that arrived since the monthly catalogue run their semantic IDs under the current tokenizer,
+and rebuilds the samples of that version (the last two are skipped before the first tokenizer exists: the task state says so, and no
 ``gold.samples`` asset event is emitted).
 """
 
 from __future__ import annotations
 
 from airflow.sdk import CronTriggerTimetable, dag
-from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, SKIP_WITHOUT_TOKENIZER, step_task
+from hisam_common import (
+    DAG_DEFAULTS,
+    ITEM_EMBEDDINGS,
+    SAMPLES,
+    SKIP_WITHOUT_TOKENIZER,
+    sensor_task,
+    step_task,
+)
 
 
 @dag(
@@ -22,12 +30,13 @@ from hisam_common import DAG_DEFAULTS, ITEM_EMBEDDINGS, SAMPLES, SKIP_WITHOUT_TO
     **DAG_DEFAULTS,
 )
 def hisam_features() -> None:
+    ready = sensor_task("source-ready")()
     ingest = step_task("ingest")()
     validate = step_task("validate")()
     embed = step_task("embed", outlets=[ITEM_EMBEDDINGS])()
     new_items = step_task("tokenize-new-items", params=SKIP_WITHOUT_TOKENIZER)()
     sequences = step_task("build-sequences", params=SKIP_WITHOUT_TOKENIZER, outlets=[SAMPLES])()
-    ingest >> validate >> embed >> new_items >> sequences
+    ready >> ingest >> validate >> embed >> new_items >> sequences
 
 
 hisam_features()

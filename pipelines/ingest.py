@@ -1,6 +1,7 @@
 """Steps ``ingest``, ``validate`` and ``validate-samples``: raw source -> bronze -> silver, the
 interactions gate, and the gate on the samples that training reads.
 
+``source-ready`` says whether the day's source has landed (the daily DAG waits on it).
 ``ingest`` imports one run of the configured source into bronze (partition = logical date, so a rerun
 replaces it) and merges it into silver; bad records go to ``bronze.quarantine`` with their reason and
 every input reconciles (records read = imported + quarantined, each side counted on its own). A
@@ -20,6 +21,21 @@ from typing import Any
 from pipelines.context import StepContext
 
 log = logging.getLogger(__name__)
+
+
+def source_ready(ctx: StepContext) -> dict[str, Any]:
+    """Whether the day's source has landed: a generic source's dated drop (and its ``ready_marker``)
+    is there; MovieLens's bundle and the synthetic generator always are. The daily DAG waits on it
+    before ``ingest``."""
+    source = ctx.config.source
+    if source.kind != "generic":
+        return {"ready": True, "source": source.kind}
+    from spark_jobs.importers.generic import pending_inputs
+
+    pending = pending_inputs(ctx.lake.spark, source.generic, ctx.logical_date)
+    for name, why in pending.items():
+        log.info("%s input of %s not ready: %s", name, ctx.logical_date, why)
+    return {"ready": not pending, "source": source.kind, "pending": pending}
 
 
 def _import_report(ctx: StepContext) -> Any:

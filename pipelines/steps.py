@@ -57,6 +57,7 @@ class Step:
 STEPS: dict[str, Step] = {
     s.name: s
     for s in [
+        Step("source-ready", "pipelines.ingest", "source_ready", "whether the day's source has landed: a generic source's dated drop and its ready_marker (the features DAG waits on it)"),
         Step("ingest", "pipelines.ingest", "ingest", "import the source into bronze (quarantining bad records) and merge into silver"),
         Step("validate", "pipelines.ingest", "validate", "GX gate on silver interactions; quarantine rows, fail + alert on a bad batch"),
         Step("embed", "pipelines.features", "embed", "item documents, user profiles and text/image/behaviour embeddings"),

@@ -31,8 +31,10 @@ attribute of the item (``description``, ``plot``, ``director``...) unless ``text
 reads its own drop and a rerun of a date reads the same files again; ``{logical_date-N}`` is N days
 before it, and ``:<strftime format>`` formats either (``/data/raw/events/{logical_date-1:%Y/%m/%d}``).
 The daily run of date D starts at 00:00 UTC on D, so a drop named after its events' day is the run's
-``{logical_date-1}``. A drop must be complete when the run reads it (write it elsewhere, then move it
-in): a missing one fails the import, which Airflow retries and then alerts about. A path without a
+``{logical_date-1}``. The daily DAG waits for a dated drop (``source-ready``, :func:`pending_inputs`)
+and alerts when it has not landed by the sensor's timeout. A drop must be complete when it is read:
+write it elsewhere and move it in, or set ``ready_marker`` (Hadoop's ``_SUCCESS``), which the producer
+writes into the drop's directory last; the wait then ends only when the marker is there. A path without a
 placeholder is a snapshot: every date's import reads the whole input, its bronze partition holds all
 of it, and the import budget and the day's quality gate judge all of it, not what changed that day.
 
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import posixpath
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +135,10 @@ class GenericImportConfig(Config):
     image_root: str | None = None
     #: Input column -> generic name, applied to every input first (e.g. ``{"UserID": "user_id"}``).
     rename: dict[str, str] = Field(default_factory=dict)
+    #: A file the producer writes into each input's directory once the drop is complete (``_SUCCESS``,
+    #: as Spark and Hadoop jobs do); None: an input is ready as soon as its path exists. Spark's readers
+    #: skip files whose names start with ``_`` or ``.``, so the marker is never read as data.
+    ready_marker: str | None = Field(None, pattern=r"^[^/\\]+$")
 
     def for_date(self, day: dt.date) -> GenericImportConfig:
         """The inputs of ``day``: every path with its ``{logical_date}`` placeholders filled in."""
@@ -486,11 +493,52 @@ def _parent(path: str) -> str:
     return str(p if p.is_dir() else p.parent)
 
 
+def _glob(spark: SparkSession, path: str) -> list[Any]:
+    """Hadoop ``FileStatus`` of what ``path`` (a Hadoop glob) names, through the filesystem Spark
+    reads it with (local, HDFS, S3A, ABFS...), so "there" means what the import would read."""
+    jvm = spark._jvm  # absent on Spark Connect sessions
+    if jvm is None:
+        raise RuntimeError("waiting for a drop needs a classic Spark session (Hadoop's FileSystem API)")
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    statuses = hadoop_path.getFileSystem(spark._jsc.hadoopConfiguration()).globStatus(hadoop_path)
+    return list(statuses or [])
+
+
+def pending_inputs(spark: SparkSession, config: GenericImportConfig, logical_date: dt.date) -> dict[str, str]:
+    """The inputs of ``logical_date`` (:meth:`GenericImportConfig.for_date`) that have not landed:
+    ``{input: why}``, empty when the import can run. An input is pending while its path names
+    nothing, or, with ``ready_marker``, while the directory of the input (the input itself when it is
+    one) holding the marker names nothing."""
+    config = config.for_date(logical_date)
+    pending = {}
+    for name in ("interactions", "items", "users"):
+        path = getattr(config, name)
+        if path is None:
+            continue
+        found = _glob(spark, path)
+        if not found:
+            pending[name] = f"nothing at {path}"
+        elif config.ready_marker:
+            folder = (
+                path.rstrip("/") if found[0].isDirectory() else posixpath.dirname(path.rstrip("/")) or "."
+            )
+            if not _glob(spark, f"{folder}/{config.ready_marker}"):
+                pending[name] = f"no {config.ready_marker} in {folder} (the drop is still being written)"
+    return pending
+
+
 def import_generic(
     spark: SparkSession, lake: Lake, config: GenericImportConfig, logical_date: dt.date
 ) -> ImportReport:
     """Import generic-format inputs into bronze for ``logical_date`` (the inputs of
-    :meth:`GenericImportConfig.for_date`); reruns replace the partitions."""
+    :meth:`GenericImportConfig.for_date`); reruns replace the partitions. A drop that has not landed
+    (:func:`pending_inputs`) is a FileNotFoundError, before anything is read."""
+    pending = pending_inputs(spark, config, logical_date)
+    if pending:
+        raise FileNotFoundError(
+            f"{config.dataset}'s drop for {logical_date} has not landed: "
+            + "; ".join(f"{name}: {why}" for name, why in pending.items())
+        )
     config = config.for_date(logical_date)
     options: dict[str, Any] = {"sep": config.csv_sep, "rename": config.rename, "encoding": config.encoding}
     rows, names = read_as_strings(spark, config.interactions, config.format, **options)

@@ -14,7 +14,8 @@ DAGS = Path(__file__).resolve().parents[2] / "dags"
 
 EXPECTED = {
     "hisam_features": {
-        "ingest": [],
+        "source_ready": [],
+        "ingest": ["source_ready"],
         "validate": ["ingest"],
         "embed": ["validate"],
         "tokenize_new_items": ["embed"],
@@ -85,8 +86,8 @@ def test_every_dag_loads_with_its_tasks_and_dependencies(dags) -> None:
     sensors = {
         (d.dag_id, t.task_id): t for d in dags.values() for t in d.tasks if hasattr(t, "poke_interval")
     }
-    assert set(sensors) == {("hisam_tokenizer", "embeddings_ready"), ("hisam_pretrain", "samples_ready"),
-                            ("hisam_finetune", "samples_ready")}  # fmt: skip
+    assert set(sensors) == {("hisam_features", "source_ready"), ("hisam_tokenizer", "embeddings_ready"),
+                            ("hisam_pretrain", "samples_ready"), ("hisam_finetune", "samples_ready")}  # fmt: skip
     for sensor in sensors.values():
         assert sensor.mode == "reschedule"
         assert (sensor.poke_interval, sensor.timeout) == (

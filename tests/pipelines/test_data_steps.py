@@ -549,6 +549,45 @@ def test_a_day_mostly_rejected_at_import_fails_ingest_before_silver(spark, tmp_p
         run_step("ingest", DAY, config)
 
 
+def test_ingest_refuses_a_drop_that_has_not_landed(spark, tmp_path, monkeypatch) -> None:
+    """``source-ready`` (the daily DAG's sensor) and ``ingest`` agree on when a generic drop has
+    landed: its dated path and its ``ready_marker``. Until then ``ingest`` fails at once (no retry)
+    and writes nothing; MovieLens and the synthetic source are always ready."""
+    from pipelines.config import PipelineConfig
+    from pipelines.steps import run_step, step_errors
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    drop = tmp_path / "drops" / DAY.isoformat()
+    source = {"dataset": "daily", "interactions": str(tmp_path / "drops" / "{logical_date}" / "events.jsonl"),
+              "ready_marker": "_SUCCESS"}  # fmt: skip
+    config = PipelineConfig(dataset="daily", source={"kind": "generic", "generic": source})
+    missing = {"interactions": f"nothing at {drop / 'events.jsonl'}"}
+    assert run_step("source-ready", DAY, config) == {"ready": False, "source": "generic", "pending": missing}
+    with pytest.raises(
+        FileNotFoundError, match=r"daily's drop for 2026-11-01 has not landed: interactions: nothing"
+    ) as err:
+        run_step("ingest", DAY, config)
+    assert isinstance(err.value, step_errors())
+    drop.mkdir(parents=True)
+    (drop / "events.jsonl").write_text("".join(json.dumps({"user_id": "u1", "item_id": f"i{k}", "timestamp": START + k,
+                                                           "rating": 4}) + "\n" for k in range(5)))  # fmt: skip
+    assert run_step("source-ready", DAY, config)["pending"] == {
+        "interactions": f"no _SUCCESS in {drop} (the drop is still being written)"
+    }
+    with pytest.raises(FileNotFoundError, match="no _SUCCESS"):
+        run_step("ingest", DAY, config)
+    assert not (tmp_path / "lake" / "bronze").exists()  # nothing imported while the drop was pending
+    (drop / "_SUCCESS").touch()
+    assert run_step("source-ready", DAY, config) == {"ready": True, "source": "generic", "pending": {}}
+    assert run_step("ingest", DAY, config)["bronze"]["bronze.interactions"] == {
+        "in": 5,
+        "imported": 5,
+        "quarantined": 0,
+    }
+    assert (tmp_path / "lake" / "bronze" / "interactions" / "_delta_log").is_dir()  # where it would have been
+    assert run_step("source-ready", DAY, PipelineConfig()) == {"ready": True, "source": "synthetic"}
+
+
 def test_validate_without_a_catalogue_says_to_configure_the_items(spark, tmp_path, monkeypatch) -> None:
     """A generic source without ``items`` (optional for the importer) leaves silver.items empty:
     validate says so instead of quarantining every interaction as ``unknown_item``."""

@@ -404,6 +404,53 @@ def test_generic_paths_name_the_days_drop(spark, lake, tmp_path):
     assert events() == expected and snapshot(lake, "bronze.interactions", "drops") == bronze
 
 
+def test_a_drop_is_pending_until_its_files_and_its_marker_land(spark, lake, tmp_path):
+    """``pending_inputs``, what the daily DAG waits on: an input is pending while its dated path names
+    nothing and, with ``ready_marker``, while its directory (the input itself when it is one) lacks the
+    marker; the marker is never read as a record."""
+    from spark_jobs.importers.generic import pending_inputs
+
+    events = tmp_path / "events" / f"date={DAY:%Y%m%d}"
+    catalogue = tmp_path / "catalogue"
+    config = GenericImportConfig(
+        dataset="landed",
+        interactions=str(tmp_path / "events" / "date={logical_date:%Y%m%d}"),  # a directory
+        items=str(catalogue / "items-*.csv"),  # a glob of files
+        ready_marker="_SUCCESS",
+    )
+    assert pending_inputs(spark, config, DAY) == {
+        "interactions": f"nothing at {events}",
+        "items": f"nothing at {catalogue / 'items-*.csv'}",
+    }
+    events.mkdir(parents=True)
+    (events / "part-0.csv").write_text(
+        "user_id,item_id,timestamp,rating\nu1,i1,1704067200,5\nu2,i1,1704067300,2\n"
+    )
+    catalogue.mkdir()
+    (catalogue / "items-0.csv").write_text("item_id,title\ni1,Film\n")
+    assert pending_inputs(spark, config, DAY) == {
+        "interactions": f"no _SUCCESS in {events} (the drop is still being written)",
+        "items": f"no _SUCCESS in {catalogue} (the drop is still being written)",
+    }
+    assert pending_inputs(spark, config.model_copy(update={"ready_marker": None}), DAY) == {}
+    with pytest.raises(
+        FileNotFoundError, match=r"landed's drop for 2024-01-01 has not landed: interactions: no _SUCCESS"
+    ):
+        import_generic(spark, lake, config, DAY)  # nor does the import read it
+    assert not (tmp_path / "lake").exists()
+    (events / "_SUCCESS").touch()
+    assert set(pending_inputs(spark, config, DAY)) == {"items"}
+    (catalogue / "_SUCCESS").touch()
+    assert pending_inputs(spark, config, DAY) == {}
+    assert set(pending_inputs(spark, config, DAY + dt.timedelta(days=1))) == {"interactions"}  # its own drop
+    assert counts(import_generic(spark, lake, config, DAY)) == {
+        events.name: (2, 2, 0),
+        "items-*.csv": (1, 1, 0),
+    }
+    with pytest.raises(ValidationError, match="ready_marker"):
+        GenericImportConfig(dataset="landed", interactions="x", ready_marker="done/_SUCCESS")
+
+
 def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:
     return sorted(tuple(r) for r in lake.read(table, version=version).drop("source_file").collect())
 

@@ -76,6 +76,7 @@ STEPS: dict[str, Step] = {
         Step("promote", "pipelines.promotion", "promote", "promotion gate: @champion, or rejected with reasons + alert"),
         Step("refresh-champion", "pipelines.promotion", "refresh_champion", "daily: @champion re-registered with the semantic IDs its tokenizer version gained (same weights)"),
         Step("rollback", "pipelines.promotion", "rollback", "restore @previous as @champion, then refresh it"),
+        Step("maintain-lake", "pipelines.maintenance", "maintain_lake", "weekly: in every lake table, compact small files and delete the files only versions older than lake.retention_days read (contents unchanged)"),
         Step("recommend", "pipelines.recommend", "recommend", "one user's top-K items from @champion (reads the lake and the registry, writes no table or model)", ("user", "top_k", "alias", "include_seen"), alerts=False),
     ]
 }  # fmt: skip

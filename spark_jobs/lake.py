@@ -35,6 +35,10 @@ other writers committed right after it. ``metadata`` adds key/value pairs to tha
 when a commit after the version its rows were derived from changed the same partitions.
 Tables are created on first use with the declared schema and partitioning (that creation is
 version 0, an empty table).
+
+``Lake.maintain`` is the table upkeep a daily writer needs (the weekly ``maintain-lake`` step):
+OPTIMIZE compacts the small files of each partition, VACUUM deletes files that only versions older
+than the retention read. Neither changes a table's contents.
 """
 
 from __future__ import annotations
@@ -86,6 +90,11 @@ class LakeConfig(Config):
     backend: Backend = "auto"
     #: Object-store options for delta-rs (``AWS_REGION``...); unused by the native backend.
     storage_options: dict[str, str] = Field(default_factory=dict)
+    #: Days a data file replaced by a newer version stays readable (time travel): ``maintain-lake``
+    #: sets each table's ``delta.deletedFileRetentionDuration`` to it and VACUUM deletes what is
+    #: older. At least Delta's own floor of 7 days, and longer than any pinned read (the monthly
+    #: tokenizer reads the embeddings version it trained on; MLflow runs log the versions they read).
+    retention_days: int = Field(30, ge=7)
 
 
 def resolve_root(root: str | Path | None = None) -> str:
@@ -241,6 +250,22 @@ class Lake:
         (what ``write(metadata=...)`` attached, plus its ``write_id``). Empty when absent."""
         path = self.path(table)
         return self._impl.history(path, limit) if self._impl.exists(path) else []
+
+    def maintain(self, table: str | TableSpec, retention: dt.timedelta) -> dict[str, int]:
+        """Compact the table's small files, then delete the files no version younger than
+        ``retention`` reads (Delta's OPTIMIZE, then VACUUM; ``retention`` becomes the table's
+        ``delta.deletedFileRetentionDuration``, so checkpoints keep the tombstones VACUUM needs).
+        Contents are unchanged and versions younger than ``retention`` stay readable; a rerun with
+        nothing to do commits nothing. Returns ``files_compacted`` (small files rewritten),
+        ``files_written`` (their replacements), ``files_deleted`` and ``version``. A table that does
+        not exist yet is left alone (all zeros, ``version`` -1)."""
+        path = self.path(table)
+        if not self._impl.exists(path):
+            return {"files_compacted": 0, "files_written": 0, "files_deleted": 0, "version": -1}
+        if retention < dt.timedelta(0):
+            raise ValueError(f"retention must not be negative, got {retention}")
+        report = self._impl.maintain(path, retention)
+        return {**report, "version": self._impl.version(path)}
 
     def rows_deleted(self, table: str | TableSpec, version: int) -> int:
         """Rows the commit of ``version`` deleted (a merge's ``delete_unmatched``); 0 when it
@@ -447,6 +472,10 @@ class _Backend:
     def history(self, path: str, limit: int | None) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    def maintain(self, path: str, retention: dt.timedelta) -> dict[str, int]:
+        """:meth:`Lake.maintain` without the version."""
+        raise NotImplementedError
+
     def read(self, spec: TableSpec, path: str, version: int | None, partitions: dict[str, Any]) -> DataFrame:
         raise NotImplementedError
 
@@ -487,6 +516,16 @@ def delta_history(
             }
         )
     return sorted(out, key=lambda e: -e["version"])
+
+
+#: The table property that sets how long replaced files stay readable (VACUUM's default retention,
+#: and how long checkpoints keep their tombstones).
+DELETED_FILE_RETENTION = "delta.deletedFileRetentionDuration"
+
+
+def _retention_interval(retention: dt.timedelta) -> str:
+    """``retention`` as Delta writes an interval property, in whole hours (``interval 720 hours``)."""
+    return f"interval {int(retention.total_seconds() // 3600)} hours"
 
 
 def _commit_metadata(values: Mapping[str, Any]) -> dict[str, str]:
@@ -558,6 +597,20 @@ class _DeltaRs(_Backend):
 
     def history(self, path: str, limit: int | None) -> list[dict[str, Any]]:
         return delta_history(path, limit, self.storage_options)
+
+    def maintain(self, path: str, retention: dt.timedelta) -> dict[str, int]:
+        wanted = _retention_interval(retention)
+        table = self._table(path)
+        if table.metadata().configuration.get(DELETED_FILE_RETENTION) != wanted:
+            table.alter.set_table_properties({DELETED_FILE_RETENTION: wanted})
+        compacted = self._table(path).optimize.compact()  # commits nothing when nothing is small
+        deleted = self._table(path).vacuum(dry_run=False)  # retention: the table's property
+        self._table(path).create_checkpoint()  # drops the tombstones just vacuumed from the state
+        return {
+            "files_compacted": int(compacted["numFilesRemoved"]),
+            "files_written": int(compacted["numFilesAdded"]),
+            "files_deleted": len(deleted),
+        }
 
     def read(self, spec: TableSpec, path: str, version: int | None, partitions: dict[str, Any]) -> DataFrame:
         """Distributed read: Spark scans the version's Parquet files; partition values come from
@@ -759,6 +812,22 @@ class _SparkDelta(_Backend):
             }
             for r in rows
         ]
+
+    def maintain(self, path: str, retention: dt.timedelta) -> dict[str, int]:
+        wanted = _retention_interval(retention)
+        properties = self._table(path).detail().select("properties").head()[0] or {}
+        if properties.get(DELETED_FILE_RETENTION) != wanted:
+            self.spark.sql(
+                f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{DELETED_FILE_RETENTION}' = '{wanted}')"
+            )
+        compacted = self._table(path).optimize().executeCompaction().select("metrics").head()[0]
+        deleted = self.spark.sql(f"VACUUM delta.`{path}` DRY RUN").count()  # the files, then delete them
+        self.spark.sql(f"VACUUM delta.`{path}`").collect()  # retention: the table's property
+        return {
+            "files_compacted": int(compacted["numFilesRemoved"]),
+            "files_written": int(compacted["numFilesAdded"]),
+            "files_deleted": int(deleted),
+        }
 
     def read(self, spec: TableSpec, path: str, version: int | None, partitions: dict[str, Any]) -> DataFrame:
         reader = self.spark.read.format("delta")

@@ -51,6 +51,7 @@ EXPECTED = {
             "validate_samples",
         ],
     },
+    "hisam_maintenance": {"maintain_lake": []},
 }
 GPU_TASKS = {("hisam_tokenizer", "train_tokenizer"), ("hisam_pretrain", "pretrain"),
              ("hisam_finetune", "finetune"), ("hisam_finetune", "evaluate")}  # fmt: skip
@@ -107,10 +108,11 @@ def test_schedules_follow_the_decoupled_lifecycle(dags) -> None:
     or as soon as a new PT is registered."""
     from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
 
-    crons = {d: dags[d].timetable for d in ("hisam_features", "hisam_tokenizer")}
+    crons = {d: dags[d].timetable for d in ("hisam_features", "hisam_tokenizer", "hisam_maintenance")}
     assert all(isinstance(t, CronTriggerTimetable) for t in crons.values())
     assert crons["hisam_features"].expression == "0 0 * * *"
     assert crons["hisam_tokenizer"].expression == "0 0 1 * *"
+    assert crons["hisam_maintenance"].expression == "0 12 * * 6"  # Saturday noon: no other DAG runs then
     for dag_id, cron, asset in [
         ("hisam_pretrain", "0 3 * * 0", "hisam-tokenizer@current"),
         ("hisam_finetune", "0 4 * * *", "hisam-pretrained"),

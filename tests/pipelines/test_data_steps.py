@@ -464,6 +464,35 @@ def test_tokenize_catalogue_quarantines_the_items_it_cannot_encode_and_a_rerun_c
     assert _quarantine(ctx, f"gold.semantic_ids@{VERSION}") == ["missing_embedding:text"]
 
 
+def test_lake_maintenance_changes_no_table_and_no_steps_answer(ctx_of) -> None:
+    """Builds on every table the tests above wrote: ``maintain-lake`` compacts each one and deletes
+    nothing a version younger than ``lake.retention_days`` reads; afterwards every table reads the
+    same rows, ``samples-ready`` finds the same build, and a rerun commits nothing."""
+    from pipelines.steps import run_step
+    from spark_jobs.tables import TABLES
+
+    ctx, version = ctx_of(), {"tokenizer_version": VERSION}
+    existing = [name for name in sorted(TABLES) if ctx.lake.exists(name)]
+
+    def rows() -> dict[str, list[str]]:
+        return {
+            name: sorted(json.dumps(r.asDict(recursive=True), default=str, sort_keys=True)
+                         for r in ctx.lake.read(name).collect())
+            for name in existing
+        }  # fmt: skip
+
+    before, ready = rows(), run_step("samples-ready", DAY, ctx.config, version)
+    done = run_step("maintain-lake", DAY, ctx.config)
+    assert done["retention_days"] == 30 and sorted(done["tables"]) == existing
+    assert sum(t["files_compacted"] for t in done["tables"].values()) > 0
+    assert {t["files_deleted"] for t in done["tables"].values()} == {0}  # every file is days, not weeks, old
+    assert rows() == before and run_step("samples-ready", DAY, ctx.config, version) == ready
+    again = run_step("maintain-lake", DAY, ctx.config)["tables"]
+    assert again == {
+        name: {**t, "files_compacted": 0, "files_written": 0} for name, t in done["tables"].items()
+    }
+
+
 def test_the_days_import_is_judged_alone_as_well(spark, tmp_path, monkeypatch) -> None:
     """2,000 clean rows from earlier days and a day whose 10 rows are all out of range: 0.5 % of the
     snapshot passes the 1 % budget, so the day's own verdict is what stops it, with an alert. A day

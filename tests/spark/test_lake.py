@@ -494,3 +494,58 @@ def test_stable_id_keeps_numbers_and_hashes_strings(spark):
     assert len(set(hashed)) == 4 and all(2**62 <= h < 2**63 for h in hashed)
     again = {r.k: r.id for r in df.select("k", stable_id(F.col("k")).alias("id")).collect()}
     assert again == got
+
+
+def test_maintenance_compacts_then_vacuums_past_the_retention_and_changes_no_contents(spark, lake):
+    """``Lake.maintain``: a partition's small files become one, the latest contents and every
+    version younger than the retention read as before, the replaced files are deleted once only
+    versions older than the retention read them (then every data file on disk is the latest
+    version's), and a rerun with nothing to do commits nothing."""
+    from pathlib import Path
+
+    from deltalake import DeltaTable
+
+    assert lake.maintain("bronze.users", dt.timedelta(days=7)) == {
+        "files_compacted": 0, "files_written": 0, "files_deleted": 0, "version": -1}  # fmt: skip
+    for k in range(3):  # three small files in one partition, one in another
+        lake.write(users(spark, "ds", D1, [f"u{k}"]), "bronze.users", mode="append")
+    lake.write(users(spark, "ds", D2, ["v1", "v2"]), "bronze.users", mode="append")
+    path = lake.path("bronze.users")
+    versions = {
+        v: contents(lake.read("bronze.users", version=v)) for v in range(lake.version("bronze.users") + 1)
+    }
+    latest = versions[max(versions)]
+
+    def data_files() -> set[str]:
+        return {f.name for f in Path(path).rglob("*.parquet") if "_delta_log" not in f.parts}
+
+    def live_files() -> set[str]:
+        return {Path(uri).name for uri in DeltaTable(path).file_uris()}
+
+    report = lake.maintain("bronze.users", dt.timedelta(days=7))
+    assert report == {
+        "files_compacted": 3,
+        "files_written": 1,
+        "files_deleted": 0,
+        "version": max(versions) + 2,
+    }  # fmt: skip  (the retention property, then OPTIMIZE)
+    assert len(live_files()) == 2 and len(data_files()) == 4 + 1  # the replaced files are kept...
+    assert contents(lake.read("bronze.users")) == latest
+    assert {v: contents(lake.read("bronze.users", version=v)) for v in versions} == versions  # ...for them
+    assert lake.maintain("bronze.users", dt.timedelta(days=7)) == {
+        **report,
+        "files_compacted": 0,
+        "files_written": 0,
+    }
+    assert (
+        DeltaTable(path).metadata().configuration["delta.deletedFileRetentionDuration"]
+        == "interval 168 hours"
+    )
+
+    vacuumed = lake.maintain("bronze.users", dt.timedelta(0))  # every replaced file is past a zero retention
+    assert (vacuumed["files_compacted"], vacuumed["files_deleted"]) == (0, 3)
+    assert data_files() == live_files() and contents(lake.read("bronze.users")) == latest
+    again = lake.maintain("bronze.users", dt.timedelta(0))
+    assert again == {**vacuumed, "files_deleted": 0}  # nothing left to do: no commit either
+    with pytest.raises(Exception, match=r"(?i)not exist|not found|FileNotFound"):
+        lake.read("bronze.users", version=max(versions) - 1).collect()  # an old version's files are gone

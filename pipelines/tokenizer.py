@@ -387,7 +387,14 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
             )
         else:
             tags[BEHAVIOUR_CUT] = str(cut)
-        registered = log_tokenizer(out / "dst.pt", version, features, name, version_tags=tags)
+        registered = log_tokenizer(
+            out / "dst.pt",
+            version,
+            features,
+            name,
+            version_tags=tags,
+            cold_behaviour=cold_behavior_embedding(ctx, snapshot),
+        )
     return {
         "tokenizer_version": version,
         "model_version": str(registered.version),
@@ -459,6 +466,7 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
 def cold_behavior_embedding(ctx: StepContext, snapshot: int) -> np.ndarray:
     """The behaviour embedding of an item without interactions in the behaviour space of ``snapshot``:
     the mean of its warm rows (what the SASRec encoder gives cold items, ``hisam_core.encoders.behavior``).
+    ``train-tokenizer`` stores it in the registered model, so no daily step reads ``snapshot`` again.
     """
     frame = behaviour_rows(ctx, snapshot, ["embedding", "present"])
     frame = frame[frame["present"]]
@@ -536,14 +544,15 @@ def _tokenize_new_items(
         return summary
     snapshot = int(registered.tags.get(CATALOGUE_SNAPSHOT) or registered.tags["delta.version"])
     fresh = features.subset(np.flatnonzero(new))
-    cold = cold_behavior_embedding(ctx, snapshot)
+    tokenizer = load_tokenizer(f"models:/{registered.name}/{registered.version}")
+    cold = tokenizer.cold_behaviour  # None: registered before the model carried it
+    cold = cold_behavior_embedding(ctx, snapshot) if cold is None else cold
     fresh = ItemFeatures(
         fresh.item_ids,
         {**fresh.modalities, "behavior": np.repeat(cold[None], len(fresh), axis=0)},
         {**fresh.present, "behavior": np.zeros(len(fresh), dtype=bool)},
     )
-    dst = load_tokenizer(f"models:/{registered.name}/{registered.version}").dst
-    ids = dst.encode(fresh, version=version)  # type: ignore[union-attr]
+    ids = tokenizer.dst.encode(fresh, version=version)  # type: ignore[union-attr]
     frame = ids.to_frame().assign(dataset=ctx.dataset, codebook_size=ids.codebook_size)
     frame["semantic_ids"] = [np.asarray(c, dtype=np.int64).tolist() for c in frame["semantic_ids"]]
     df = ctx.lake.spark.createDataFrame(frame[GOLD_SEMANTIC_IDS.columns], schema=GOLD_SEMANTIC_IDS.schema)

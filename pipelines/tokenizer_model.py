@@ -29,6 +29,10 @@ from hisam_core.tokenizer.dst import DST
 from pipelines.ranker_model import TOKENIZER_VERSION, pip_requirements, stage_code
 
 ARTIFACT_CHECKPOINT = "checkpoint"
+#: The cold behaviour embedding of the space DST was trained in (``pipelines.tokenizer.cold_behavior_embedding``):
+#: what a new item's behaviour row is until the next monthly run. Carried by the model, so the daily
+#: ``tokenize-new-items`` never reads the old embeddings snapshot, which ``maintain-lake`` vacuums.
+ARTIFACT_COLD_BEHAVIOUR = "cold_behaviour"
 PRESENT_PREFIX = "present_"
 
 
@@ -89,10 +93,14 @@ class HisamTokenizerModel(mlflow.pyfunc.PythonModel):
     def __init__(self) -> None:
         self.dst: DST | None = None
         self.version: str = ""
+        #: None for a tokenizer registered before it was carried (read the snapshot instead).
+        self.cold_behaviour: np.ndarray | None = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.dst = DST.load_checkpoint(context.artifacts[ARTIFACT_CHECKPOINT])
         self.version = str((context.model_config or {})[TOKENIZER_VERSION])
+        if ARTIFACT_COLD_BEHAVIOUR in context.artifacts:
+            self.cold_behaviour = np.load(context.artifacts[ARTIFACT_COLD_BEHAVIOUR])
 
     def predict(
         self,
@@ -114,9 +122,11 @@ def log_tokenizer(
     example: ItemFeatures,
     registered_name: str,
     version_tags: Mapping[str, str] | None = None,
+    cold_behaviour: np.ndarray | None = None,
 ) -> ModelVersion:
-    """Log the DST checkpoint as a pyfunc in the active run and register it, tagged with ``version``
-    and ``version_tags`` when the version is created (a retry finds it complete, or not at all)."""
+    """Log the DST checkpoint (and ``cold_behaviour``, :data:`ARTIFACT_COLD_BEHAVIOUR`) as a pyfunc in
+    the active run and register it, tagged with ``version`` and ``version_tags`` when the version is
+    created (a retry finds it complete, or not at all)."""
     wrapper = HisamTokenizerModel()
     wrapper.dst, wrapper.version = DST.load_checkpoint(checkpoint), version
     request = features_frame(example.subset(np.arange(min(len(example), 4))))
@@ -129,10 +139,14 @@ def log_tokenizer(
     ]
     signature = ModelSignature(Schema(optional), signature.outputs)
     with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {ARTIFACT_CHECKPOINT: str(checkpoint)}
+        if cold_behaviour is not None:
+            artifacts[ARTIFACT_COLD_BEHAVIOUR] = str(Path(tmp) / "cold_behaviour.npy")
+            np.save(artifacts[ARTIFACT_COLD_BEHAVIOUR], np.asarray(cold_behaviour, dtype=np.float32))
         info = mlflow.pyfunc.log_model(
             name="tokenizer",
             python_model=HisamTokenizerModel(),
-            artifacts={ARTIFACT_CHECKPOINT: str(checkpoint)},
+            artifacts=artifacts,
             code_paths=stage_code(Path(tmp) / "code", Path(__file__)),
             signature=signature,
             input_example=request,

@@ -92,8 +92,9 @@ class LakeConfig(Config):
     storage_options: dict[str, str] = Field(default_factory=dict)
     #: Days a data file replaced by a newer version stays readable (time travel): ``maintain-lake``
     #: sets each table's ``delta.deletedFileRetentionDuration`` to it and VACUUM deletes what is
-    #: older. At least Delta's own floor of 7 days, and longer than any pinned read (the monthly
-    #: tokenizer reads the embeddings version it trained on; MLflow runs log the versions they read).
+    #: older. At least Delta's own floor of 7 days. Steps read an older version only within their run
+    #: and its retries (``tokenize-catalogue`` the snapshot DST trained on, a resumed fine-tune its
+    #: samples snapshot); the versions MLflow runs logged as inputs stay readable this long.
     retention_days: int = Field(30, ge=7)
 
 

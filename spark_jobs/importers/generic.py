@@ -136,9 +136,9 @@ class GenericImportConfig(Config):
     #: Input column -> generic name, applied to every input first (e.g. ``{"UserID": "user_id"}``).
     rename: dict[str, str] = Field(default_factory=dict)
     #: A file the producer writes into each input's directory once the drop is complete (``_SUCCESS``,
-    #: as Spark and Hadoop jobs do); None: an input is ready as soon as its path exists. Spark's readers
-    #: skip files whose names start with ``_`` or ``.``, so the marker is never read as data.
-    ready_marker: str | None = Field(None, pattern=r"^[^/\\]+$")
+    #: as Spark and Hadoop jobs do); None: an input is ready as soon as its path exists. Its name starts
+    #: with ``_`` or ``.``, which Spark's readers skip, so the marker is never read as data.
+    ready_marker: str | None = Field(None, pattern=r"^[_.][^/\\]*$")
 
     def for_date(self, day: dt.date) -> GenericImportConfig:
         """The inputs of ``day``: every path with its ``{logical_date}`` placeholders filled in."""

@@ -378,15 +378,18 @@ def test_the_champion_reads_profiles_and_refuses_another_tokenizer_version(world
         load_ranker("models:/hisam-ranker@champion", expected_tokenizer_version="dst-20261201")
 
 
-def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
+def test_items_arriving_mid_month_get_ids_the_same_day(world, monkeypatch) -> None:
     """Builds on day 1: five new items (copies of catalogue items under new ids) and 40 interactions
     with them land in silver on day 5. The daily features DAG gives them @current semantic IDs, so
     their interactions reach the samples instead of the ``unknown_item`` quarantine; the 120 IDs
     written by the monthly run stay exactly as they were, a rerun (of this step or of the catalogue
-    step) writes nothing, and a DST is never fed another encoder's embeddings."""
+    step) writes nothing, and a DST is never fed another encoder's embeddings. The behaviour row of
+    a new item comes with the registered tokenizer: the day never reads the embeddings snapshot it
+    was trained on (``maintain-lake`` vacuums it once it is older than the retention)."""
     from deltalake import DeltaTable
     from pyspark.sql import functions as F
 
+    import pipelines.tokenizer
     from pipelines.steps import load_config, run_step
 
     lake, part = _ctx(world, DAY5).lake, {"dataset": "tiny"}
@@ -394,7 +397,12 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
     before = DeltaTable(ids_path).to_pandas()
     new_ids = _new_items_arrive(world, DAY5, 5)
 
+    def snapshot_read(*args):
+        raise AssertionError("tokenize-new-items read the embeddings snapshot")
+
+    monkeypatch.setattr(pipelines.tokenizer, "cold_behavior_embedding", snapshot_read)
     result = world["run"]("hisam_features", DAY5)
+    monkeypatch.undo()
     assert result.state == "success" and result.tasks["tokenize_new_items"] == "success", result.tasks
     after = DeltaTable(ids_path).to_pandas()
     old = after[~after["item_id"].isin(new_ids)]
@@ -423,7 +431,9 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world) -> None:
 
     cold = warm_mean(then)
     assert not np.allclose(cold, warm_mean(now), atol=1e-4)  # the behaviour space moved: the choice matters
-    dst = load_tokenizer(f"models:/hisam-tokenizer/{registered.version}").dst
+    tokenizer = load_tokenizer(f"models:/hisam-tokenizer/{registered.version}")
+    assert tokenizer.cold_behaviour.tobytes() == cold.tobytes()  # what the model carries, to the bit
+    dst = tokenizer.dst
     order = np.array(sorted(new_ids))
     today = now[now["item_id"].isin(order)].set_index(["modality", "item_id"])
     fixed = [m for m in dst.modalities if m != "behavior"]

@@ -1,5 +1,5 @@
 """The packaged DST on a real MLflow SQLite registry: the served IDs are ``DST.encode``'s, with the
-``present`` flags of a request or without them."""
+``present`` flags of a request or without them; the cold behaviour row it carries comes back as logged."""
 
 from __future__ import annotations
 
@@ -12,10 +12,17 @@ from hisam_core.features import ItemFeatures
 from hisam_core.tokenizer.synthetic import planted_features, with_fallback_rows
 from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 from pipelines.settings import Settings
-from pipelines.tokenizer_model import PRESENT_PREFIX, features_frame, log_tokenizer, request_features
+from pipelines.tokenizer_model import (
+    PRESENT_PREFIX,
+    features_frame,
+    load_tokenizer,
+    log_tokenizer,
+    request_features,
+)
 from pipelines.tracking import configure_mlflow
 
 NAME = "hisam-tokenizer"
+COLD = np.random.default_rng(0).normal(size=16).astype(np.float32)  # a behaviour space's cold row
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +45,16 @@ def served(tmp_path_factory: pytest.TempPathFactory, mlflow_store, isolated_mlfl
     with isolated_mlflow():
         configure_mlflow(settings)
         with mlflow.start_run():
-            version = log_tokenizer(home / "dst.pt", "dst-t", features, NAME)
+            version = log_tokenizer(home / "dst.pt", "dst-t", features, NAME, cold_behaviour=COLD)
+            older = log_tokenizer(home / "dst.pt", "dst-t", features, NAME)  # as registered before it
+        assert load_tokenizer(f"models:/{NAME}/{older.version}").cold_behaviour is None
         yield dst, features, mlflow.pyfunc.load_model(f"models:/{NAME}/{version.version}")
     torch.set_num_threads(threads)
 
 
 def test_served_ids_follow_the_present_flags_of_the_request(served) -> None:
     dst, features, model = served
+    assert model.unwrap_python_model().cold_behaviour.tobytes() == COLD.tobytes()  # carried to the bit
     request = features_frame(features)
     served_ids = np.stack(model.predict(request)["semantic_ids"].to_numpy())
     assert np.array_equal(served_ids, dst.encode(features, "dst-t").codes)

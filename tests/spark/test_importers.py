@@ -447,8 +447,9 @@ def test_a_drop_is_pending_until_its_files_and_its_marker_land(spark, lake, tmp_
         events.name: (2, 2, 0),
         "items-*.csv": (1, 1, 0),
     }
-    with pytest.raises(ValidationError, match="ready_marker"):
-        GenericImportConfig(dataset="landed", interactions="x", ready_marker="done/_SUCCESS")
+    for marker in ("done/_SUCCESS", "DONE"):  # a path, or a name Spark would read as data
+        with pytest.raises(ValidationError, match="ready_marker"):
+            GenericImportConfig(dataset="landed", interactions="x", ready_marker=marker)
 
 
 def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:

@@ -56,6 +56,10 @@ def _seconds(name: str, default: float) -> dt.timedelta:
 #: ``HISAM_SENSOR_TIMEOUT_SECONDS``; the tests shorten both, so a missing upstream fails, not hangs).
 SENSOR_POKE = _seconds("HISAM_SENSOR_POKE_SECONDS", 600)
 SENSOR_TIMEOUT = _seconds("HISAM_SENSOR_TIMEOUT_SECONDS", 72000)
+#: The longest one poke may run (a check takes seconds): the sensor's ``timeout`` is only looked at
+#: between pokes, so a poke hung on a filesystem listing would otherwise hold its worker slot for good.
+#: A poke past it fails that try, which is retried; the wait's own deadline is unchanged.
+SENSOR_POKE_LIMIT = dt.timedelta(minutes=15)
 #: The longest a step may run before Airflow fails it (and retries): a hung training would otherwise
 #: hold the one ``gpu`` pool slot, stalling every GPU task of every DAG. Both stay under the Celery
 #: ``visibility_timeout`` (24 h, infra/airflow/airflow.cfg.production), past which a task is re-sent.
@@ -216,14 +220,15 @@ def sensor_task(
     timeout: dt.timedelta = SENSOR_TIMEOUT,
 ) -> Callable[[], Any]:
     """A TaskFlow sensor on a step returning ``{"ready": bool, ...}``: it pokes every
-    ``poke_interval`` (releasing its worker slot in between) and fails, with the alert, after
-    ``timeout``."""
+    ``poke_interval`` (releasing its worker slot in between; each poke within
+    :data:`SENSOR_POKE_LIMIT`) and fails, with the alert, after ``timeout``."""
 
     @task.sensor(
         task_id=step.replace("-", "_"),
         poke_interval=poke_interval.total_seconds(),
         timeout=timeout.total_seconds(),
         mode="reschedule",
+        execution_timeout=SENSOR_POKE_LIMIT,
     )
     def wait(**context: Any) -> PokeReturnValue:
         result = execute(step, context, params)

@@ -25,14 +25,17 @@ from pipelines.steps import DEFAULT_CONFIG, load_config
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-#: Variables that point the steps and Airflow at shared stores and alert sinks. In the production
-#: image they name production's lake, registry, metadata database and on-call channel; the demo is
-#: the embedded default, so it drops them (in its own process) rather than write a synthetic dataset
-#: and demo models there, or page anyone.
+#: Variables that point the steps and Airflow at shared stores, compute and alert sinks. In the
+#: production image they name production's lake, registry, metadata database, Spark cluster and
+#: on-call channel; the demo is the embedded default, so it drops them (in its own process) rather
+#: than write a synthetic dataset and demo models there, send its jobs to a cluster that cannot read
+#: its local lake, or page anyone.
 SHARED_STORES = (
     "MLFLOW_TRACKING_URI",
     "HISAM_ARTIFACT_ROOT",
     "HISAM_LAKE_ROOT",
+    "HISAM_SPARK_MASTER",
+    "HISAM_SPARK_CONF",
     "AIRFLOW_HOME",
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
     "HISAM_NOTIFY_SINKS",

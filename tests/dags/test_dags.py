@@ -82,7 +82,7 @@ def test_every_dag_loads_with_its_tasks_and_dependencies(dags) -> None:
     assert set(rules.values()) == {"all_success"}
     assert [t.task_id for t in dags["hisam_finetune"].tasks if not t.downstream_list] == ["watcher"]
     # the waits release their worker slot between pokes, and fail (with the alert) after a timeout
-    from hisam_common import SENSOR_POKE, SENSOR_TIMEOUT
+    from hisam_common import SENSOR_POKE, SENSOR_POKE_LIMIT, SENSOR_TIMEOUT
 
     sensors = {
         (d.dag_id, t.task_id): t for d in dags.values() for t in d.tasks if hasattr(t, "poke_interval")
@@ -90,7 +90,7 @@ def test_every_dag_loads_with_its_tasks_and_dependencies(dags) -> None:
     assert set(sensors) == {("hisam_features", "source_ready"), ("hisam_tokenizer", "embeddings_ready"),
                             ("hisam_pretrain", "samples_ready"), ("hisam_finetune", "samples_ready")}  # fmt: skip
     for sensor in sensors.values():
-        assert sensor.mode == "reschedule"
+        assert sensor.mode == "reschedule" and sensor.execution_timeout == SENSOR_POKE_LIMIT  # per poke
         assert (sensor.poke_interval, sensor.timeout) == (
             SENSOR_POKE.total_seconds(),
             SENSOR_TIMEOUT.total_seconds(),
@@ -144,7 +144,7 @@ def test_schedules_do_not_depend_on_the_cron_data_intervals_setting() -> None:
 
 
 def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> None:
-    from hisam_common import GPU_TASK_TIMEOUT, TASK_TIMEOUT, alert_on_failure
+    from hisam_common import GPU_TASK_TIMEOUT, SENSOR_POKE_LIMIT, TASK_TIMEOUT, alert_on_failure
 
     for dag in dags.values():
         for task in dag.tasks:
@@ -156,8 +156,10 @@ def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> 
             assert bool(task.executor_config) == gpu
             assert task.retries == 2 and task.retry_exponential_backoff
             assert task.retry_delay == dt.timedelta(minutes=2)
-            sensor = hasattr(task, "poke_interval")  # bounded by its own timeout instead
-            assert task.execution_timeout == (None if sensor else GPU_TASK_TIMEOUT if gpu else TASK_TIMEOUT)
+            sensor = hasattr(task, "poke_interval")  # each poke; the wait has its own timeout
+            assert task.execution_timeout == (
+                SENSOR_POKE_LIMIT if sensor else GPU_TASK_TIMEOUT if gpu else TASK_TIMEOUT
+            )
             callbacks = task.on_failure_callback
             assert alert_on_failure in (callbacks if isinstance(callbacks, list) else [callbacks])
 

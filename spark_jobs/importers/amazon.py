@@ -89,7 +89,7 @@ def read_json_lines(spark: SparkSession, path: str, fields: tuple[str, ...]) -> 
     """
     schema = T.StructType([T.StructField(f, T.StringType()) for f in [*fields, CORRUPT]])
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
-    lines = spark.read.text(path).filter(F.trim("value") != "")
+    lines = spark.read.text(path).filter(~F.col("value").rlike(r"^\s*$"))  # blank lines are no records
     parsed = F.from_json("value", schema, options)
     return lines.select(
         "value",

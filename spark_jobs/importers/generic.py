@@ -38,6 +38,9 @@ writes into the drop's directory last; the wait then ends only when the marker i
 placeholder is a snapshot: every date's import reads the whole input, its bronze partition holds all
 of it, and the import budget and the day's quality gate judge all of it, not what changed that day.
 
+An input column named like one the import adds (:data:`READ_COLUMNS`: ``source_file``, ``_raw``...)
+is refused by name; ``rename`` it. A CSV's quoted fields may hold line breaks (``csv_multiline``).
+
 Records that cannot be used (malformed line or JSON, a missing id, an unreadable timestamp,
 rating or label, neither rating nor label, a duplicate item or user id) go to
 ``bronze.quarantine`` with the reason; for every input, records in = imported + quarantined.
@@ -121,6 +124,9 @@ class GenericImportConfig(Config):
     #: optionally ``.gz``); a directory uses the extension of its first data file.
     format: Format = "auto"
     csv_sep: str = ","
+    #: A CSV's quoted fields may hold line breaks (RFC 4180: a multi-line description or plot); False
+    #: reads line by line, which Spark can split within one large file, for inputs without them.
+    csv_multiline: bool = True
     #: Of CSV inputs: one of :data:`CSV_ENCODINGS` (what Spark's CSV reader decodes line by line); JSON lines are
     #: UTF-8. A record with bytes that are not this encoding is quarantined (the reader replaced them
     #: with U+FFFD).
@@ -204,6 +210,23 @@ def detect_format(path: str) -> Literal["csv", "parquet", "jsonl"]:
     raise ValueError(f"{path}: cannot tell the format from the name; set format to csv, parquet or jsonl")
 
 
+#: The columns :func:`read_as_strings` adds to an input's own: an input column of one of these names
+#: (after ``rename``) is refused, naming it, instead of being overwritten or made ambiguous.
+READ_COLUMNS: tuple[str, ...] = ("source_file", CORRUPT, RECORD_PROBLEM, RAW, LINE)
+
+
+def _check_names(path: str, names: list[str], rename: dict[str, str]) -> list[str]:
+    """The input's column names after ``rename``; refuses one of :data:`READ_COLUMNS`."""
+    renamed = [rename.get(c, c) for c in names]
+    taken = sorted({c for c in renamed if c in READ_COLUMNS})
+    if taken:
+        raise ValueError(
+            f"{path}: column(s) {taken} have names the import gives its own columns; rename them "
+            f"(rename: {{{taken[0]}: another_name}})"
+        )
+    return renamed
+
+
 def read_as_strings(
     spark: SparkSession,
     path: str,
@@ -213,103 +236,99 @@ def read_as_strings(
     columns: tuple[str, ...] | None = None,
     rename: dict[str, str] | None = None,
     encoding: str = "UTF-8",
+    multiline: bool = True,
 ) -> tuple[DataFrame, list[str]]:
     """Records of ``path`` with every column as a string, plus ``_corrupt_record``,
-    ``_record_problem``, ``_raw``, ``source_file`` and ``_line``. Returns the frame and the input's
-    column names (after ``rename``).
+    ``_record_problem``, ``_raw`` (the record as written), ``source_file`` and ``_line``. Returns the
+    frame and the input's column names (after ``rename``, which applies before anything is added).
 
     ``columns``: names to read (JSONL only; default every key seen in the data). ``encoding``: of a
-    CSV input (JSON lines are UTF-8).
+    CSV input (JSON lines are UTF-8). ``multiline``: a CSV's quoted fields may hold line breaks
+    (RFC 4180); False reads line by line, which Spark can split within one large file. Lines that are
+    empty or only whitespace are no records.
     """
     fmt = detect_format(path) if fmt == "auto" else fmt
+    rename = rename or {}
     if fmt == "jsonl" and encoding.replace("-", "").upper() != "UTF8":
         raise ValueError(f"{path}: JSON lines are UTF-8 (RFC 8259), not {encoding}; encoding applies to CSV")
     if fmt == "csv":
-        names = (
-            spark.read.option("header", True)
-            .option("encoding", encoding)
-            .option("sep", sep)
-            .csv(path)
-            .columns
-        )
-        first = spark.read.option("encoding", encoding).option("sep", sep).csv(path).first()  # as written
+
+        def reader() -> Any:  # a new one each time: option() changes the reader it is called on
+            return spark.read.option("encoding", encoding).option("sep", sep).option("multiLine", multiline)
+
+        written_names = reader().option("header", True).csv(path).columns
+        first = reader().csv(path).first()  # the header as written
         written = [] if first is None else list(first)
         # Spark names an empty column _c<i> and a repeated one <name><i>: such headers cannot be
         # checked against these names, so only a clean header has every file's header checked
         checkable = len(set(written)) == len(written) and all(written)
-        schema = T.StructType([T.StructField(c, T.StringType()) for c in [*names, CORRUPT]])
+        names = _check_names(path, written_names, rename)
+        schema = T.StructType([T.StructField(c, T.StringType()) for c in [*written_names, CORRUPT]])
         df = (
-            spark.read.schema(schema)
+            reader()
+            .schema(schema)
             .option("header", True)
             .option("enforceSchema", not checkable)  # else each file's header must be the first's
-            .option("sep", sep)
-            .option("encoding", encoding)
             .option("quote", '"')
             .option("escape", '"')
             .option("mode", "PERMISSIVE")
             .option("columnNameOfCorruptRecord", CORRUPT)
             .csv(path)
-            .withColumn("source_file", F.col("_metadata.file_path"))
         )
-        raw = F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*map(field, names))))
+        df = df.select(
+            *[field(c).alias(n) for c, n in zip(written_names, names, strict=True)],
+            F.col(CORRUPT),
+            F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*map(field, written_names)))).alias(RAW),
+            F.col("_metadata.file_path").alias("source_file"),
+        )
+        problem = undecodable(F.concat_ws("", *map(field, names)), encoding)
     elif fmt == "jsonl":
-        if not columns:  # every top-level key of the data (Spark's inference fails on a repeated one)
-            keys = spark.read.text(path).select(F.explode(F.json_object_keys("value")).alias("k")).distinct()
-            columns = tuple(sorted(r.k for r in keys.collect() if r.k != CORRUPT))
-        names = list(columns)
-        schema = T.StructType([T.StructField(c, T.StringType()) for c in [*names, CORRUPT]])
-        parsed = F.from_json("value", schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT})
-        df = (
+        lines = (
             spark.read.text(path)
-            .withColumn("source_file", F.col("_metadata.file_path"))
-            .filter(F.trim("value") != "")
-            .select(
-                "value",
-                "source_file",
-                *[parsed.getField(c).alias(c) for c in names],
-                F.when(parsed.isNull() | ~F.ltrim("value").startswith("{"), F.col("value"))
-                .otherwise(parsed.getField(CORRUPT))
-                .alias(CORRUPT),
-                F.coalesce(not_utf8(F.col("value")), json_record_problem(F.col("value"))).alias(
-                    RECORD_PROBLEM
-                ),
-            )
+            .select(F.col("value").alias(RAW), F.col("_metadata.file_path").alias("source_file"))
+            .filter(~F.col(RAW).rlike(r"^\s*$"))
         )
-        raw = F.col("value")
+        if not columns:  # every top-level key of the data (Spark's inference fails on a repeated one)
+            keys = lines.select(F.explode(F.json_object_keys(RAW)).alias("k")).distinct()
+            columns = tuple(sorted(r.k for r in keys.collect() if r.k != CORRUPT))
+        written_names = list(columns)
+        names = _check_names(path, written_names, rename)
+        schema = T.StructType([T.StructField(c, T.StringType()) for c in [*written_names, CORRUPT]])
+        parsed = F.from_json(RAW, schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT})
+        df = lines.select(
+            *[parsed.getField(c).alias(n) for c, n in zip(written_names, names, strict=True)],
+            F.when(parsed.isNull() | ~F.ltrim(RAW).startswith("{"), F.col(RAW))
+            .otherwise(parsed.getField(CORRUPT))
+            .alias(CORRUPT),
+            F.col(RAW),
+            F.col("source_file"),
+        )
+        problem = F.coalesce(not_utf8(F.col(RAW)), json_record_problem(F.col(RAW)))
     elif fmt == "parquet":
         # pandas writes TIMESTAMP(NANOS), which Spark cannot read as a timestamp; read such columns
         # as their int64 nanoseconds instead (parse_timestamp recognises the magnitude).
         if spark.conf.get(NANOS_AS_LONG, "false") != "true":
             logger.info("setting %s=true so Parquet nanosecond timestamps can be read", NANOS_AS_LONG)
             spark.conf.set(NANOS_AS_LONG, "true")
-        df = spark.read.parquet(path)
-        names = df.columns
-        raw = F.to_json(F.struct(*map(field, names)))
-        df = df.select(
-            F.col("_metadata.file_path").alias("source_file"),
-            *[_as_text(f).alias(f.name) for f in df.schema.fields],
-            raw.alias(RAW),
+        stored = spark.read.parquet(path)
+        names = _check_names(path, stored.columns, rename)
+        df = stored.select(
+            *[_as_text(f).alias(n) for f, n in zip(stored.schema.fields, names, strict=True)],
             F.lit(None).cast("string").alias(CORRUPT),
+            F.to_json(F.struct(*map(field, stored.columns))).alias(RAW),
+            F.col("_metadata.file_path").alias("source_file"),
         )
-        raw = F.col(RAW)
+        problem = F.lit(None).cast("string")
     else:
         raise ValueError(f"unknown format {fmt!r}, expected csv, parquet or jsonl")
-    problem = {
-        "jsonl": F.col(RECORD_PROBLEM),
-        "csv": undecodable(F.concat_ws("", *map(field, names)), encoding),
-        "parquet": F.lit(None).cast("string"),
-    }[fmt]
     df = df.select(
         *[field(c) for c in names],
         F.col(CORRUPT),
         problem.alias(RECORD_PROBLEM),
-        raw.alias(RAW),
+        F.col(RAW),
         F.col("source_file"),
         F.monotonically_increasing_id().alias(LINE),
     )
-    if rename:
-        df = df.withColumnsRenamed({k: v for k, v in rename.items() if k in names})
-        names = [rename.get(c, c) for c in names]
     return df, names
 
 
@@ -540,7 +559,12 @@ def import_generic(
             + "; ".join(f"{name}: {why}" for name, why in pending.items())
         )
     config = config.for_date(logical_date)
-    options: dict[str, Any] = {"sep": config.csv_sep, "rename": config.rename, "encoding": config.encoding}
+    options: dict[str, Any] = {
+        "sep": config.csv_sep,
+        "rename": config.rename,
+        "encoding": config.encoding,
+        "multiline": config.csv_multiline,
+    }
     rows, names = read_as_strings(spark, config.interactions, config.format, **options)
     for required in ("user_id", "item_id", "timestamp"):
         if required not in names:

@@ -456,6 +456,45 @@ def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:
     return sorted(tuple(r) for r in lake.read(table, version=version).drop("source_file").collect())
 
 
+def test_generic_columns_may_take_any_name_and_csv_fields_line_breaks(spark, lake, tmp_path):
+    """A JSON key named like the reader's working column (``value``) is an ordinary field; one named
+    like a column the import adds (``source_file``) is refused by name until renamed (it crashed, or
+    was overwritten); a CSV's quoted field may hold line breaks (RFC 4180: one record, the whole
+    text), and whitespace-only lines are no records."""
+    import json
+
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000, "rating": 5, "value": 19.99, "source_file": "pos-7"}\n'
+        "\t \n"
+        '{"user_id": "u2", "item_id": "i2", "timestamp": 1700000100, "rating": 2, "value": 5}\n'
+    )
+    items = tmp_path / "items.csv"
+    items.write_text('item_id,title,plot\ni1,Heat,"A heist.\nMann, 1995"\ni2,Up,Balloons\n')
+    config = GenericImportConfig(dataset="names", interactions=str(events), items=str(items))
+    with pytest.raises(
+        ValueError, match=r"events.jsonl: column\(s\) \['source_file'\] have names the import"
+    ):
+        import_generic(spark, lake, config, DAY)
+    renamed = config.model_copy(update={"rename": {"source_file": "pos"}})
+    assert counts(import_generic(spark, lake, renamed, DAY)) == {
+        "events.jsonl": (2, 2, 0),
+        "items.csv": (2, 2, 0),
+    }
+    rows = {r.user_id: r for r in lake.read("bronze.interactions", partitions={"dataset": "names"}).collect()}
+    assert json.loads(rows["u1"].extra) == {"pos": "pos-7", "value": "19.99"}
+    assert json.loads(rows["u2"].extra) == {"value": "5"} and rows["u2"].source_file.endswith("events.jsonl")
+    plots = {
+        r.item_id: r.attributes["plot"]
+        for r in lake.read("bronze.items", partitions={"dataset": "names"}).collect()
+    }
+    assert plots == {"i1": "A heist.\nMann, 1995", "i2": "Balloons"}
+    line_by_line = renamed.model_copy(update={"csv_multiline": False})  # what the reader did before
+    assert (
+        counts(import_generic(spark, lake, line_by_line, DAY))["items.csv"][0] == 3
+    )  # one record split in two
+
+
 def test_generic_csv_bytes_that_are_not_its_encoding_are_quarantined(spark, lake, tmp_path):
     """A latin-1 file read as UTF-8 had its bytes replaced with U+FFFD and imported as such; with
     ``encoding`` set it reads right. JSON lines are UTF-8 by definition."""

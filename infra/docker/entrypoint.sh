@@ -3,8 +3,8 @@
 # spark.kubernetes.container.image with the argument `executor` or `driver`, which Spark's own images
 # hand to their entrypoint; this one does the same with the pip-installed pyspark. `airflow ...`
 # first checks that the environment sets every $VAR / ${VAR} its airflow.cfg names, unless the
-# option's AIRFLOW__SECTION__KEY overrides that line (Airflow would keep an unset one as literal
-# text: a JWT secret anyone can read in infra/airflow/airflow.cfg.production).
+# option's AIRFLOW__SECTION__KEY (or its _CMD or _SECRET) overrides that line (Airflow would keep an
+# unset one as literal text: a JWT secret anyone can read in infra/airflow/airflow.cfg.production).
 # Any other command (hisam, bash) runs as given.
 set -euo pipefail
 
@@ -64,8 +64,10 @@ case "${1:-}" in
     if [ -f "$cfg" ]; then
       missing=()
       while read -r section key name; do
-        override="AIRFLOW__${section^^}__${key^^}"  # wins over the cfg line
-        [ -n "${!override:-}" ] || [ -n "${!name:-}" ] || missing+=("\$$name ([$section] $key)")
+        override="AIRFLOW__${section^^}__${key^^}"  # wins over the cfg line, as do its _CMD and _SECRET
+        cmd="${override}_CMD" secret="${override}_SECRET"
+        [ -n "${!override:-}" ] || [ -n "${!cmd:-}" ] || [ -n "${!secret:-}" ] || [ -n "${!name:-}" ] \
+          || missing+=("\$$name ([$section] $key)")
       done < <(placeholders "$cfg" | sort -u)
       if [ ${#missing[@]} -gt 0 ]; then
         echo "$cfg needs $(IFS=,; echo "${missing[*]}" | sed 's/,/, /g'), unset or empty here" \

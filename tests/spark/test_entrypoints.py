@@ -198,7 +198,8 @@ def test_the_image_entrypoint_runs_commands_and_starts_kubernetes_executors(tmp_
     refused = start(NAME="n")
     assert refused.returncode == 78 and refused.stdout == ""
     assert "airflow.cfg needs $DB ([database] conn), unset or empty here" in refused.stderr
-    for extra in ({"NAME": "n", "DB": "d"}, {"AIRFLOW__DATABASE__CONN": "postgresql://..."}):
+    overrides = ("AIRFLOW__DATABASE__CONN", "AIRFLOW__DATABASE__CONN_CMD", "AIRFLOW__DATABASE__CONN_SECRET")
+    for extra in ({"NAME": "n", "DB": "d"}, *({name: "postgresql://..."} for name in overrides)):
         started = start(**extra)
         assert (started.returncode, started.stdout) == (0, "airflow version\n")
     executor = {

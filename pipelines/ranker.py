@@ -210,7 +210,13 @@ def evaluate_model(
     batch_size: int = 256,
     profiles: dict[int, dict[str, int]] | None = None,
 ) -> dict[str, float]:
-    """AUC, GAUC and their cold-start variants (Sec. 4.1) of ``model`` on the test rows of ``frame``."""
+    """AUC, GAUC and their cold-start variants (Sec. 4.1) of ``model`` on the test rows of ``frame``.
+
+    Each test event is scored after every earlier event of its user (train and test: the offline
+    protocol; ``sequences.test_history`` shapes only ``gold.samples``' history arrays). The test
+    rows are cut into :func:`windows` as in training, so a target sees between half and the whole
+    budget of earlier items, where serving always gives the whole budget: a cheaper protocol than one
+    window per target, and the same for the candidate and the champion."""
     from hisam_core.ranker.train import evaluate
 
     test = frame[frame["user_id"].isin(frame.loc[frame["split"] == "test", "user_id"])]

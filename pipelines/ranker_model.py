@@ -92,18 +92,25 @@ def _check_versions(packaged: str, recorded: str | None, expected: str | None) -
         )
 
 
+#: The largest integer every smaller one of which a float64 holds exactly.
+FLOAT_EXACT = float(2**53)
+
+
 def _item_list(value: Any, what: str) -> np.ndarray:
     if value is None or (np.ndim(value) == 0 and pd.isna(value)):
         return np.zeros(0, dtype=np.int64)
     array = np.asarray(value)
     if array.ndim != 1:
         raise ValueError(f"{what} must be a list of integers, got shape {array.shape}")
-    integral = (
-        array.size == 0
-        or np.issubdtype(array.dtype, np.integer)
-        or (np.issubdtype(array.dtype, np.floating) and bool(np.all(np.mod(array, 1) == 0)))
-    )
-    if not integral:
+    if array.size and np.issubdtype(array.dtype, np.floating):  # a list that passed through a float column
+        if not bool(np.all(np.mod(array, 1) == 0)):
+            raise ValueError(f"{what} must be a list of integers, got {array[:5].tolist()}")
+        if bool(np.any(np.abs(array) > FLOAT_EXACT)):  # hashed ids are >= 2**62: rounded to another id
+            raise ValueError(
+                f"{what} came as floats, which cannot hold ids beyond 2**53 exactly "
+                f"(got {array[np.abs(array) > FLOAT_EXACT][:3].tolist()}): send them as integers"
+            )
+    elif array.size and not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{what} must be a list of integers, got {array[:5].tolist()}")
     return array.astype(np.int64)
 

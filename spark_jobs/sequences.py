@@ -39,7 +39,8 @@ Protocol, as implemented:
   ``test_history="all_earlier"`` (default: the offline protocol) a test sample sees every earlier
   interaction of its user, train *and* earlier test ones, since they happened before the
   prediction instant; with ``"train_only"`` it sees only the user's most recent train items. A
-  train sample's history never holds a test row (every test row is later).
+  train sample's history never holds a test row (every test row is later). These arrays are for
+  consumers of ``gold.samples``; the HMAT steps build their streams from the rows themselves.
 * **Token budget (Sec. 3.3).** ``profile_tokens + items * (6 semantic + anchor + action) <= 300``.
   With ``count_target_in_budget`` (default) the target counts as a whole item too (6 semantic +
   anchor + the action it predicts, as the last item of a training window), so a history holds

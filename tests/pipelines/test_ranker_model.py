@@ -221,7 +221,17 @@ def test_unknown_items_and_bad_requests_raise(trained: dict) -> None:
         bad.at[1, column] = value
         with pytest.raises(MlflowException, match=f"Failed to enforce schema|{column}"):
             model.predict(bad)
-    # what only the model can tell
+    # what only the model can tell: ids that came through a float column are taken while exact
+    python_model, floats = model.unwrap_python_model(), frame.copy()
+    floats["history_item_ids"] = [np.asarray(ids, dtype=np.float64) for ids in frame["history_item_ids"]]
+    assert python_model.predict(None, floats)[SCORES].tolist() == model.predict(frame)[SCORES].tolist()
+    hashed = list(floats["history_item_ids"])
+    hashed[1] = np.array([2.0**62 + 12345, *hashed[1][1:]])  # a hashed id, rounded to a multiple of 1024
+    floats["history_item_ids"] = hashed
+    with pytest.raises(
+        ValueError, match=r"history_item_ids came as floats.*beyond 2\*\*53.*send them as integers"
+    ):
+        python_model.predict(None, floats)
     bad = frame.copy()
     bad.at[1, "profile_age"] = 9
     with pytest.raises(ValueError, match=r"profile field 'age' value 9 outside \[0, 4\)"):

@@ -13,9 +13,11 @@ are never cut earlier (``SequenceConfig.cut_not_before``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import operator
 from typing import Any
 
 from pipelines.context import StepContext
@@ -142,13 +144,25 @@ def embed(ctx: StepContext) -> dict[str, Any]:
 
 
 def _gate_embeddings(ctx: StepContext) -> dict[str, Any]:
-    """GX gate on the dataset's embeddings (keys, dimension, finite values): failing rows are
-    quarantined under ``gold.item_embeddings.gate`` and left out by the tokenizer steps."""
+    """GX gate on the dataset's embeddings of the configured encoders (keys, dimension, finite
+    values): failing rows are quarantined under ``gold.item_embeddings.gate`` and left out by the
+    tokenizer steps. Rows of earlier encoders stay in the table (encoder and version are part of its
+    key) but nothing reads them, so they are not judged: with ``expected_dims`` set for a new
+    encoder, the old one's rows of another dimension would fail the gate every day."""
+    from pyspark.sql import functions as F
+
     from pipelines.ingest import gate_label, quality_config, run_gate
+    from pipelines.tokenizer import encoder_specs
     from spark_jobs.quality import embeddings_suite
     from spark_jobs.tables import GOLD_ITEM_EMBEDDINGS
 
-    rows = ctx.lake.read(GOLD_ITEM_EMBEDDINGS, partitions={"dataset": ctx.dataset})
+    configured = [
+        (F.col("modality") == modality) & (F.col("encoder") == name) & (F.col("encoder_version") == version)
+        for modality, (name, version) in encoder_specs(ctx).items()
+    ]
+    rows = ctx.lake.read(GOLD_ITEM_EMBEDDINGS, partitions={"dataset": ctx.dataset}).filter(
+        functools.reduce(operator.or_, configured)
+    )
     suite = embeddings_suite(rows, quality_config(ctx))
     _, report = run_gate(ctx, rows, suite, gate_label(GOLD_ITEM_EMBEDDINGS.name))
     return {k: report[k] for k in ("n_input", "n_valid", "n_quarantined")}

@@ -244,7 +244,9 @@ def _encode_partitions(
 def file_digest(path: str | None) -> str:
     """SHA-256 of a local file's bytes, ``missing`` when there is none, and ``""`` for no path or a
     remote URI (not read: its path alone identifies it). The bytes, not the modification time: a
-    source that writes the same file again must not make every image be embedded again."""
+    source that writes the same file again must not make every image be embedded again. Any other
+    read failure (permissions, an I/O error of a share) is raised: as ``missing`` it would change the
+    item's input and replace its vector with an absent one."""
     if path is None or not path.strip() or ("://" in path and not path.startswith("file://")):
         return ""
     from hisam_core.encoders.image import local_path
@@ -252,8 +254,10 @@ def file_digest(path: str | None) -> str:
     try:
         with open(local_path(path), "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return "missing"
+    except OSError as err:
+        raise OSError(f"cannot read image {path!r} ({err}); nothing is embedded until it can be") from err
 
 
 def embedding_inputs(documents: DataFrame, modality: Modality) -> DataFrame:

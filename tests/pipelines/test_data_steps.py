@@ -493,6 +493,32 @@ def test_lake_maintenance_changes_no_table_and_no_steps_answer(ctx_of) -> None:
     }
 
 
+def test_the_embeddings_gate_judges_only_the_configured_encoders_rows(ctx_of) -> None:
+    """Rows an earlier encoder wrote stay in gold.item_embeddings (encoder and version are part of its
+    key), and nothing reads them: with ``expected_dims`` set for today's text encoder, a retired
+    encoder's rows of another width are not judged (they failed the gate every day, 20 of 80 rows)."""
+    from pyspark.sql import functions as F
+
+    from pipelines.steps import run_step
+
+    ctx = ctx_of()
+    before = run_step("embed", DAY, ctx.config)["gate"]
+    text = ctx.lake.read("gold.item_embeddings", partitions={"dataset": "dq", "modality": "text"})
+    dim = text.first()["dim"]
+    retired = text.withColumns(
+        {
+            "encoder": F.lit("retired-text"),
+            "dim": F.lit(3),
+            "embedding": F.array(*[F.lit(0.5).cast("float")] * 3),
+        }
+    )
+    ctx.lake.write(retired, "gold.item_embeddings", mode="merge")
+    quality = ctx.config.quality.model_copy(deep=True)
+    quality.embeddings.expected_dims = {"text": dim}
+    after = run_step("embed", DAY, ctx.config.model_copy(update={"quality": quality}))["gate"]
+    assert after == before and before["n_quarantined"] == 0
+
+
 def test_the_days_import_is_judged_alone_as_well(spark, tmp_path, monkeypatch) -> None:
     """2,000 clean rows from earlier days and a day whose 10 rows are all out of range: 0.5 % of the
     snapshot passes the 1 % budget, so the day's own verdict is what stops it, with an alert. A day

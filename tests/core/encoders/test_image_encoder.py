@@ -217,6 +217,21 @@ def test_transformers_encoder_matches_direct_model_call(tmp_path, image_paths, k
     np.testing.assert_allclose(mixed.embeddings[[0, 2]], out.embeddings[:2], atol=1e-5)
 
 
+def test_a_half_precision_checkpoint_runs_in_float32(tmp_path, image_paths):
+    """transformers 5 keeps a checkpoint's saved dtype: an fp16 one would run in fp16 on the CPU."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    _save_vit(tmp_path / "full", pooling_layer=True)
+    AutoModel.from_pretrained(tmp_path / "full").half().save_pretrained(tmp_path / "half")
+    AutoImageProcessor.from_pretrained(tmp_path / "full").save_pretrained(tmp_path / "half")
+    half = ImageEncoder(ImageEncoderConfig(model_path=str(tmp_path / "half")), device="cpu")
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32}
+    full = ImageEncoder(ImageEncoderConfig(model_path=str(tmp_path / "full")), device="cpu")
+    np.testing.assert_allclose(
+        half.encode(image_paths).embeddings, full.encode(image_paths).embeddings, atol=5e-3
+    )
+
+
 def test_transformers_encoder_bad_paths(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         ImageEncoder(ImageEncoderConfig(model_path=str(tmp_path / "missing")))
@@ -245,3 +260,24 @@ def test_a_file_uri_is_the_file_it_names(tmp_path):
     assert np.asarray(load_rgb(f"file://{odd}")[0])[0, 0, 0] == 30
     assert np.asarray(load_rgb(f"file://localhost{path.resolve()}")[0])[0, 0, 0] == 90
     assert load_rgb(f"file://elsewhere{path.resolve()}") == (None, "missing file")  # not this host
+
+
+def test_an_image_that_cannot_be_read_now_is_an_error_not_a_missing_one(tmp_path, monkeypatch):
+    """Only a file that is not there is ``missing`` (its item is then embedded as absent); a read
+    failure of a file that is there (an I/O error of a share) stops the embed, so the item keeps
+    its vector."""
+    import errno
+    import hashlib
+
+    from spark_jobs.embeddings import file_digest
+
+    path = tmp_path / "poster.png"
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(path)
+    assert file_digest(str(tmp_path)) == file_digest(str(path / "x")) == "missing"  # a folder, a file's child
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(hashlib, "file_digest", failing)
+    with pytest.raises(OSError, match=r"cannot read image .*poster.png.*Input/output error"):
+        file_digest(str(path))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +75,8 @@ def test_bad_input(text_encoder, tmp_path):
         TextEncoder(TextEncoderConfig(model_name_or_path=str(tmp_path / "nope")))
     with pytest.raises(ValueError, match=r"no config\.json"):
         TextEncoder(TextEncoderConfig(model_name_or_path=str(tmp_path)))
+    copy.deepcopy(text_encoder.model).half().save_pretrained(tmp_path / "fp16")  # saved in fp16
+    text_encoder.tokenizer.save_pretrained(tmp_path / "fp16")
+    half = TextEncoder(TextEncoderConfig(model_name_or_path=str(tmp_path / "fp16")), device="cpu")
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32}  # not the checkpoint's fp16
+    np.testing.assert_allclose(half.encode(["a film"]), text_encoder.encode(["a film"]), atol=5e-3)

@@ -78,15 +78,21 @@ class EncoderSpec(Config):
     config: dict[str, Any] = Field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """A digest of the settings that shape the vectors (defaults filled in; batch sizes and where
-        model files are looked up left out): what its rows' ``input_hash`` covers besides the input,
-        and what a tokenizer trained on its vectors records."""
+        """A digest of the settings that shape the vectors (defaults filled in; batch sizes, where
+        model files are looked up and the settings of the image encoder not in use, the descriptor's
+        or the model's, left at their defaults): what its rows' ``input_hash`` covers besides the
+        input, and what a tokenizer trained on its vectors records."""
         if self.kind == "default":
             if self.modality == "text":
                 from hisam_core.encoders.text import TextEncoderConfig as Settings
             else:
                 from hisam_core.encoders.image import ImageEncoderConfig as Settings  # type: ignore[assignment]
-            config = Settings(**self.config).model_dump(mode="json")
+            settings = Settings(**self.config)
+            if self.modality == "image":  # the settings of the other image encoder shape nothing
+                default = Settings()
+                unused = ("pooling",) if settings.model_path is None else ("descriptor",)  # type: ignore[attr-defined]
+                settings = settings.model_copy(update={k: getattr(default, k) for k in unused})
+            config = settings.model_dump(mode="json")
         elif self.kind == "hashing":
             config = {"dim": self.config.get("dim", HashingTextEncoder.DEFAULT_DIM)}
         else:  # a factory's keyword arguments: what each one does is the factory's

@@ -700,6 +700,14 @@ def test_a_tokenizer_trained_on_other_encoder_settings_is_refused(tmp_path, monk
         update={"embeddings": ctx.config.embeddings.model_copy(update={"text": same})}
     )
     assert encoder_mismatch(StepContext(quicker, dt.date(2026, 11, 2)), registered) is None
+    # the settings of the image encoder not in use shape nothing (and the defaults' digests stay)
+    base = ctx.config.embeddings.image
+    assert (base.fingerprint(), text.fingerprint()) == ("c40571b4178330b7", "cbbf142c31dc79bc")
+    assert base.model_copy(update={"config": {"pooling": "cls"}}).fingerprint() == base.fingerprint()
+    model = base.model_copy(update={"config": {"model_path": "/models/vit", "pooling": "cls"}})
+    assert model.fingerprint() == "330cce246a7785e4"
+    tuned = model.model_copy(update={"config": {**model.config, "descriptor": {"thumb_size": 8}}})
+    assert tuned.fingerprint() == model.fingerprint() != base.fingerprint()
 
 
 def test_read_table_gives_columns_declared_since_a_version_as_null(tmp_path) -> None:

@@ -254,8 +254,9 @@ class Lake:
 
     def maintain(self, table: str | TableSpec, retention: dt.timedelta) -> dict[str, int]:
         """Compact the table's small files, then delete the files no version younger than
-        ``retention`` reads (Delta's OPTIMIZE, then VACUUM; ``retention`` becomes the table's
-        ``delta.deletedFileRetentionDuration``, so checkpoints keep the tombstones VACUUM needs).
+        ``retention`` reads, and files no version names (a crashed writer's) once older than it
+        (Delta's OPTIMIZE, then VACUUM; ``retention`` becomes the table's
+        ``delta.deletedFileRetentionDuration``, which checkpoints keep tombstones for).
         Contents are unchanged and versions younger than ``retention`` stay readable; a rerun with
         nothing to do commits nothing. Returns ``files_compacted`` (small files rewritten),
         ``files_written`` (their replacements), ``files_deleted`` and ``version``. A table that does
@@ -605,7 +606,9 @@ class _DeltaRs(_Backend):
         if table.metadata().configuration.get(DELETED_FILE_RETENTION) != wanted:
             table.alter.set_table_properties({DELETED_FILE_RETENTION: wanted})
         compacted = self._table(path).optimize.compact()  # commits nothing when nothing is small
-        deleted = self._table(path).vacuum(dry_run=False)  # retention: the table's property
+        # retention: the table's property; full: also files no tombstone names any more (a checkpoint
+        # drops tombstones past the retention, maybe before this week's run deleted their files)
+        deleted = self._table(path).vacuum(dry_run=False, full=True)
         self._table(path).create_checkpoint()  # drops the tombstones just vacuumed from the state
         return {
             "files_compacted": int(compacted["numFilesRemoved"]),

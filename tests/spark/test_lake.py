@@ -501,6 +501,9 @@ def test_maintenance_compacts_then_vacuums_past_the_retention_and_changes_no_con
     version younger than the retention read as before, the replaced files are deleted once only
     versions older than the retention read them (then every data file on disk is the latest
     version's), and a rerun with nothing to do commits nothing."""
+    import os
+    import shutil
+    import time
     from pathlib import Path
 
     from deltalake import DeltaTable
@@ -541,6 +544,14 @@ def test_maintenance_compacts_then_vacuums_past_the_retention_and_changes_no_con
         DeltaTable(path).metadata().configuration["delta.deletedFileRetentionDuration"]
         == "interval 168 hours"
     )
+    # a file no version names (a crashed writer's, or one whose tombstone a checkpoint dropped) goes
+    # once it is older than the retention; the replaced files, younger, stay
+    data = next(f for f in Path(path).rglob("*.parquet") if "_delta_log" not in f.parts)
+    stray = data.with_name("stray.parquet")
+    shutil.copy(data, stray)
+    os.utime(stray, (time.time() - 40 * 86400,) * 2)
+    assert lake.maintain("bronze.users", dt.timedelta(days=7))["files_deleted"] == 1
+    assert not stray.exists() and len(data_files()) == 4 + 1
 
     vacuumed = lake.maintain("bronze.users", dt.timedelta(0))  # every replaced file is past a zero retention
     assert (vacuumed["files_compacted"], vacuumed["files_deleted"]) == (0, 3)

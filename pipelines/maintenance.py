@@ -22,14 +22,43 @@ from pipelines.context import StepContext
 log = logging.getLogger(__name__)
 
 
+def snapshot_readers(ctx: StepContext) -> list[str]:
+    """Tokenizer versions that serve (``@current``'s, ``@champion``'s) and were registered before the
+    model carried its cold behaviour row: ``tokenize-new-items`` reads their embeddings snapshot."""
+    from pipelines.ranker_model import TOKENIZER_VERSION
+    from pipelines.registry import CHAMPION, CURRENT, alias_version, find_versions
+    from pipelines.tokenizer import COLD_BEHAVIOUR
+
+    name = ctx.config.models.tokenizer
+    serving = [alias_version(ctx.mlflow, name, CURRENT)]
+    champion = alias_version(ctx.mlflow, ctx.config.models.ranker, CHAMPION)
+    if champion is not None and TOKENIZER_VERSION in champion.tags:
+        serving += find_versions(ctx.mlflow, name, tokenizer_version=champion.tags[TOKENIZER_VERSION])[:1]
+    return sorted(
+        {v.tags.get(TOKENIZER_VERSION, v.version) for v in serving if v and COLD_BEHAVIOUR not in v.tags}
+    )
+
+
 def maintain_lake(ctx: StepContext) -> dict[str, Any]:
-    """Compact and vacuum every existing lake table; per table what it rewrote and deleted."""
-    from spark_jobs.tables import TABLES
+    """Compact and vacuum every existing lake table; per table what it rewrote and deleted. While a
+    serving tokenizer reads its embeddings snapshot (:func:`snapshot_readers`), ``gold.item_embeddings``
+    is compacted but not vacuumed."""
+    from spark_jobs.tables import GOLD_ITEM_EMBEDDINGS, TABLES
 
     retention = dt.timedelta(days=ctx.config.lake.retention_days)
+    readers = snapshot_readers(ctx)
+    if readers:
+        log.warning(
+            "%s not vacuumed: tokenizer(s) %s, registered before they carried their cold behaviour "
+            "row, read their embeddings snapshot (the next monthly tokenizer lifts this)",
+            GOLD_ITEM_EMBEDDINGS.name,
+            ", ".join(readers),
+        )
     tables = {}
     for name in tqdm(sorted(TABLES), desc="maintain-lake", unit="table"):
-        report = ctx.lake.maintain(name, retention)
+        report = ctx.lake.maintain(
+            name, retention, vacuum=not (readers and name == GOLD_ITEM_EMBEDDINGS.name)
+        )
         if report["version"] < 0:
             continue  # not created yet
         tables[name] = report
@@ -42,4 +71,4 @@ def maintain_lake(ctx: StepContext) -> dict[str, Any]:
             retention,
             report["version"],
         )
-    return {"retention_days": ctx.config.lake.retention_days, "tables": tables}
+    return {"retention_days": ctx.config.lake.retention_days, "tables": tables, "snapshot_readers": readers}

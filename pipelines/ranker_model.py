@@ -92,7 +92,7 @@ def _check_versions(packaged: str, recorded: str | None, expected: str | None) -
         )
 
 
-#: The largest integer every smaller one of which a float64 holds exactly.
+#: From 2**53 on, a float64 no longer holds every integer (2**53 + 1 arrives as 2**53).
 FLOAT_EXACT = float(2**53)
 
 
@@ -105,10 +105,10 @@ def _item_list(value: Any, what: str) -> np.ndarray:
     if array.size and np.issubdtype(array.dtype, np.floating):  # a list that passed through a float column
         if not bool(np.all(np.mod(array, 1) == 0)):
             raise ValueError(f"{what} must be a list of integers, got {array[:5].tolist()}")
-        if bool(np.any(np.abs(array) > FLOAT_EXACT)):  # hashed ids are >= 2**62: rounded to another id
+        if bool(np.any(np.abs(array) >= FLOAT_EXACT)):  # hashed ids are >= 2**62: rounded to another id
             raise ValueError(
-                f"{what} came as floats, which cannot hold ids beyond 2**53 exactly "
-                f"(got {array[np.abs(array) > FLOAT_EXACT][:3].tolist()}): send them as integers"
+                f"{what} came as floats, which cannot hold ids from 2**53 on exactly "
+                f"(got {array[np.abs(array) >= FLOAT_EXACT][:3].tolist()}): send them as integers"
             )
     elif array.size and not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{what} must be a list of integers, got {array[:5].tolist()}")

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 EMBEDDINGS = "gold.item_embeddings"
 #: Model-version tag: the ``gold.item_embeddings`` version ``tokenize-catalogue`` encoded.
 CATALOGUE_SNAPSHOT = "hisam.catalogue_embeddings_version"
+#: Version tag: the registered model carries its cold behaviour row (``tokenizer_model``); a version
+#: without it (registered before) has ``tokenize-new-items`` read its embeddings snapshot instead.
+COLD_BEHAVIOUR = "hisam.cold_behaviour"
 #: Model-version tag: the encoders (name and version per modality) DST was trained on.
 ENCODERS = "hisam.encoders"
 #: Model-version tag: the unix second before which the behaviour encoder of DST's training
@@ -351,6 +354,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         raise ValueError(f"{GOLD_ITEM_DOCUMENTS.name} does not exist: run the features DAG first")
     # tokenize-catalogue quarantines the incomplete
     features, snapshot, _ = load_item_features(ctx, catalogue=catalogue)
+    cold = cold_behavior_embedding(ctx, snapshot)  # before training: it fails without warm rows
     out = ctx.settings.home / "tokenizer" / version
     out.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run(run_name=f"train-tokenizer-{version}") as run:
@@ -392,8 +396,8 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
             version,
             features,
             name,
-            version_tags=tags,
-            cold_behaviour=cold_behavior_embedding(ctx, snapshot),
+            version_tags={**tags, COLD_BEHAVIOUR: "carried"},
+            cold_behaviour=cold,
         )
     return {
         "tokenizer_version": version,
@@ -656,6 +660,7 @@ def semantic_ids_of(ctx: StepContext, version: str) -> SemanticIds:
 __all__ = [
     "BEHAVIOUR_CUT",
     "CATALOGUE_SNAPSHOT",
+    "COLD_BEHAVIOUR",
     "ENCODERS",
     "TokenizerHealthError",
     "activate_tokenizer",

@@ -90,11 +90,13 @@ def request_embeddings(request: pd.DataFrame, dims: Mapping[str, int]) -> dict[s
 class HisamTokenizerModel(mlflow.pyfunc.PythonModel):
     """Tokenizes items with a trained DST."""
 
+    #: :data:`ARTIFACT_COLD_BEHAVIOUR`; None for a tokenizer registered before the model carried it.
+    #: A class attribute: MLflow unpickles the instance logged then, whose state lacks it.
+    cold_behaviour: np.ndarray | None = None
+
     def __init__(self) -> None:
         self.dst: DST | None = None
         self.version: str = ""
-        #: None for a tokenizer registered before it was carried (read the snapshot instead).
-        self.cold_behaviour: np.ndarray | None = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.dst = DST.load_checkpoint(context.artifacts[ARTIFACT_CHECKPOINT])

@@ -26,6 +26,7 @@ same path: the files are not hashed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -247,6 +248,11 @@ def _encode_partitions(
     return run
 
 
+#: What a path that names no readable file gives (the path itself is wrong: the item has no image),
+#: as opposed to a file that is there but cannot be read now.
+NOT_A_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
+
+
 def file_digest(path: str | None) -> str:
     """SHA-256 of a local file's bytes, ``missing`` when there is none, and ``""`` for no path or a
     remote URI (not read: its path alone identifies it). The bytes, not the modification time: a
@@ -260,9 +266,9 @@ def file_digest(path: str | None) -> str:
     try:
         with open(local_path(path), "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return "missing"
     except OSError as err:
+        if err.errno in NOT_A_FILE:
+            return "missing"
         raise OSError(f"cannot read image {path!r} ({err}); nothing is embedded until it can be") from err
 
 

@@ -50,6 +50,7 @@ import logging
 import math
 import numbers
 import os
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -252,21 +253,27 @@ class Lake:
         path = self.path(table)
         return self._impl.history(path, limit) if self._impl.exists(path) else []
 
-    def maintain(self, table: str | TableSpec, retention: dt.timedelta) -> dict[str, int]:
-        """Compact the table's small files, then delete the files no version younger than
-        ``retention`` reads, and files no version names (a crashed writer's) once older than it
-        (Delta's OPTIMIZE, then VACUUM; ``retention`` becomes the table's
-        ``delta.deletedFileRetentionDuration``, which checkpoints keep tombstones for).
-        Contents are unchanged and versions younger than ``retention`` stay readable; a rerun with
-        nothing to do commits nothing. Returns ``files_compacted`` (small files rewritten),
-        ``files_written`` (their replacements), ``files_deleted`` and ``version``. A table that does
+    def maintain(
+        self, table: str | TableSpec, retention: dt.timedelta, *, vacuum: bool = True
+    ) -> dict[str, int]:
+        """Compact the table's small files (OPTIMIZE), then delete the files no version younger than
+        ``retention`` reads (VACUUM; ``vacuum=False`` skips it). Contents are unchanged and versions
+        younger than ``retention`` stay readable: ``retention`` (whole hours, rounded up) becomes the
+        table's ``delta.deletedFileRetentionDuration``, which checkpoints keep tombstones for, and
+        its ``delta.logRetentionDuration`` (at least Delta's 30 days), how long commits stay in the
+        log. Files no version names (a crashed writer's, or one whose tombstone a checkpoint dropped)
+        are deleted too once older than ``retention``, but only after the retention has held for as
+        long (:data:`RETENTION_SET_AT`): a checkpoint written under Delta's default of 7 days may
+        have dropped the tombstone of a file a younger version still reads. A rerun with nothing to
+        do commits nothing (delta-rs). Returns ``files_compacted`` (small files rewritten),
+        ``files_written`` (their replacements), ``files_deleted`` and ``version``; a table that does
         not exist yet is left alone (all zeros, ``version`` -1)."""
         path = self.path(table)
         if not self._impl.exists(path):
             return {"files_compacted": 0, "files_written": 0, "files_deleted": 0, "version": -1}
         if retention < dt.timedelta(0):
             raise ValueError(f"retention must not be negative, got {retention}")
-        report = self._impl.maintain(path, retention)
+        report = self._impl.maintain(path, retention, vacuum)
         return {**report, "version": self._impl.version(path)}
 
     def rows_deleted(self, table: str | TableSpec, version: int) -> int:
@@ -474,7 +481,7 @@ class _Backend:
     def history(self, path: str, limit: int | None) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def maintain(self, path: str, retention: dt.timedelta) -> dict[str, int]:
+    def maintain(self, path: str, retention: dt.timedelta, vacuum: bool) -> dict[str, int]:
         """:meth:`Lake.maintain` without the version."""
         raise NotImplementedError
 
@@ -521,13 +528,21 @@ def delta_history(
 
 
 #: The table property that sets how long replaced files stay readable (VACUUM's default retention,
-#: and how long checkpoints keep their tombstones).
+#: and how long checkpoints keep their tombstones), and the one for commits in the log.
 DELETED_FILE_RETENTION = "delta.deletedFileRetentionDuration"
+LOG_RETENTION = "delta.logRetentionDuration"
+#: When :meth:`Lake.maintain` last set them (unix seconds), a table property of ours.
+RETENTION_SET_AT = "hisam.retentionSetAt"
 
 
-def _retention_interval(retention: dt.timedelta) -> str:
-    """``retention`` as Delta writes an interval property, in whole hours (``interval 720 hours``)."""
-    return f"interval {int(retention.total_seconds() // 3600)} hours"
+def retention_properties(retention: dt.timedelta) -> dict[str, str]:
+    """The Delta table properties of ``retention`` (whole hours, rounded up): files for it, commits
+    for at least Delta's default of 30 days."""
+    hours = math.ceil(retention.total_seconds() / 3600)
+    return {
+        DELETED_FILE_RETENTION: f"interval {hours} hours",
+        LOG_RETENTION: f"interval {max(hours, 720)} hours",
+    }
 
 
 def _commit_metadata(values: Mapping[str, Any]) -> dict[str, str]:
@@ -600,16 +615,23 @@ class _DeltaRs(_Backend):
     def history(self, path: str, limit: int | None) -> list[dict[str, Any]]:
         return delta_history(path, limit, self.storage_options)
 
-    def maintain(self, path: str, retention: dt.timedelta) -> dict[str, int]:
-        wanted = _retention_interval(retention)
+    def maintain(self, path: str, retention: dt.timedelta, vacuum: bool) -> dict[str, int]:
         table = self._table(path)
-        if table.metadata().configuration.get(DELETED_FILE_RETENTION) != wanted:
-            table.alter.set_table_properties({DELETED_FILE_RETENTION: wanted})
+        wanted = retention_properties(retention)
+        current = table.metadata().configuration
+        if any(current.get(k) != v for k, v in wanted.items()):
+            set_at = time.time()
+            table.alter.set_table_properties(
+                {**wanted, RETENTION_SET_AT: str(int(set_at))}, raise_if_not_exists=False
+            )
+        else:
+            set_at = float(current.get(RETENTION_SET_AT, time.time()))
         compacted = self._table(path).optimize.compact()  # commits nothing when nothing is small
-        # retention: the table's property; full: also files no tombstone names any more (a checkpoint
-        # drops tombstones past the retention, maybe before this week's run deleted their files)
-        deleted = self._table(path).vacuum(dry_run=False, full=True)
-        self._table(path).create_checkpoint()  # drops the tombstones just vacuumed from the state
+        deleted: list[str] = []
+        if vacuum:  # the retention is the table's property
+            full = time.time() - set_at >= retention.total_seconds()
+            deleted = self._table(path).vacuum(dry_run=False, full=full)
+            self._table(path).create_checkpoint()  # drops the tombstones just vacuumed from the state
         return {
             "files_compacted": int(compacted["numFilesRemoved"]),
             "files_written": int(compacted["numFilesAdded"]),
@@ -817,16 +839,22 @@ class _SparkDelta(_Backend):
             for r in rows
         ]
 
-    def maintain(self, path: str, retention: dt.timedelta) -> dict[str, int]:
-        wanted = _retention_interval(retention)
-        properties = self._table(path).detail().select("properties").head()[0] or {}
-        if properties.get(DELETED_FILE_RETENTION) != wanted:
-            self.spark.sql(
-                f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{DELETED_FILE_RETENTION}' = '{wanted}')"
+    def maintain(self, path: str, retention: dt.timedelta, vacuum: bool) -> dict[str, int]:
+        wanted = retention_properties(retention)
+        current = self._table(path).detail().select("properties").head()[0] or {}
+        set_at = float(current.get(RETENTION_SET_AT, time.time()))
+        if any(current.get(k) != v for k, v in wanted.items()):
+            set_at = time.time()
+            values = ", ".join(
+                f"'{k}' = '{v}'" for k, v in {**wanted, RETENTION_SET_AT: str(int(set_at))}.items()
             )
+            self.spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({values})")
         compacted = self._table(path).optimize().executeCompaction().select("metrics").head()[0]
-        deleted = self.spark.sql(f"VACUUM delta.`{path}` DRY RUN").count()  # the files, then delete them
-        self.spark.sql(f"VACUUM delta.`{path}`").collect()  # retention: the table's property
+        deleted = 0
+        # Delta on Spark lists every file a VACUUM could delete: only once the retention has held
+        if vacuum and time.time() - set_at >= retention.total_seconds():
+            deleted = self.spark.sql(f"VACUUM delta.`{path}` DRY RUN").count()  # the files, then delete them
+            self.spark.sql(f"VACUUM delta.`{path}`").collect()  # retention: the table's property
         return {
             "files_compacted": int(compacted["numFilesRemoved"]),
             "files_written": int(compacted["numFilesAdded"]),

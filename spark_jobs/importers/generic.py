@@ -124,9 +124,10 @@ class GenericImportConfig(Config):
     #: optionally ``.gz``); a directory uses the extension of its first data file.
     format: Format = "auto"
     csv_sep: str = ","
-    #: A CSV's quoted fields may hold line breaks (RFC 4180: a multi-line description or plot); False
-    #: reads line by line, which Spark can split within one large file, for inputs without them.
-    csv_multiline: bool = True
+    #: True: a CSV's quoted fields may hold line breaks (RFC 4180: a multi-line description or plot),
+    #: but a stray opening quote then swallows the lines up to the next quote into one corrupt record,
+    #: and one large file is read by one task. False (Spark's default): line by line.
+    csv_multiline: bool = False
     #: Of CSV inputs: one of :data:`CSV_ENCODINGS` (what Spark's CSV reader decodes line by line); JSON lines are
     #: UTF-8. A record with bytes that are not this encoding is quarantined (the reader replaced them
     #: with U+FFFD).
@@ -141,9 +142,10 @@ class GenericImportConfig(Config):
     image_root: str | None = None
     #: Input column -> generic name, applied to every input first (e.g. ``{"UserID": "user_id"}``).
     rename: dict[str, str] = Field(default_factory=dict)
-    #: A file the producer writes into each input's directory once the drop is complete (``_SUCCESS``,
-    #: as Spark and Hadoop jobs do); None: an input is ready as soon as its path exists. Its name starts
-    #: with ``_`` or ``.``, which Spark's readers skip, so the marker is never read as data.
+    #: A file the producer writes into each dated input's directory once the day's drop is complete
+    #: (``_SUCCESS``, as Spark and Hadoop jobs do); None: an input is ready as soon as its path
+    #: exists. A snapshot input (no ``{logical_date}``) is ready when it exists. Its name starts with
+    #: ``_`` or ``.``, which Spark's readers skip, so the marker is never read as data.
     ready_marker: str | None = Field(None, pattern=r"^[_.][^/\\]*$")
 
     def for_date(self, day: dt.date) -> GenericImportConfig:
@@ -218,7 +220,7 @@ READ_COLUMNS: tuple[str, ...] = ("source_file", CORRUPT, RECORD_PROBLEM, RAW, LI
 def _check_names(path: str, names: list[str], rename: dict[str, str]) -> list[str]:
     """The input's column names after ``rename``; refuses one of :data:`READ_COLUMNS`."""
     renamed = [rename.get(c, c) for c in names]
-    taken = sorted({c for c in renamed if c in READ_COLUMNS})
+    taken = sorted({c for c in renamed if c.lower() in READ_COLUMNS})  # Spark resolves names in any case
     if taken:
         raise ValueError(
             f"{path}: column(s) {taken} have names the import gives its own columns; rename them "
@@ -512,10 +514,18 @@ def _parent(path: str) -> str:
     return str(p if p.is_dir() else p.parent)
 
 
+def _jvm(spark: SparkSession) -> Any:
+    """The session's JVM gateway; None on Spark Connect, which has none to reach."""
+    try:
+        return spark._jvm
+    except Exception:  # Connect raises PySparkAttributeError (JVM_ATTRIBUTE_NOT_SUPPORTED)
+        return None
+
+
 def _glob(spark: SparkSession, path: str) -> list[Any]:
     """Hadoop ``FileStatus`` of what ``path`` (a Hadoop glob) names, through the filesystem Spark
     reads it with (local, HDFS, S3A, ABFS...), so "there" means what the import would read."""
-    jvm = spark._jvm  # absent on Spark Connect sessions
+    jvm = _jvm(spark)
     if jvm is None:
         raise RuntimeError("waiting for a drop needs a classic Spark session (Hadoop's FileSystem API)")
     hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
@@ -526,8 +536,13 @@ def _glob(spark: SparkSession, path: str) -> list[Any]:
 def pending_inputs(spark: SparkSession, config: GenericImportConfig, logical_date: dt.date) -> dict[str, str]:
     """The inputs of ``logical_date`` (:meth:`GenericImportConfig.for_date`) that have not landed:
     ``{input: why}``, empty when the import can run. An input is pending while its path names
-    nothing, or, with ``ready_marker``, while the directory of the input (the input itself when it is
-    one) holding the marker names nothing."""
+    nothing, or, with ``ready_marker``, while the directory of a dated input (the input itself when
+    it is one; for a glob, any directory it names) holds no marker."""
+    dated_inputs = {
+        name
+        for name in ("interactions", "items", "users")
+        if LOGICAL_DATE.search(getattr(config, name) or "")
+    }
     config = config.for_date(logical_date)
     pending = {}
     for name in ("interactions", "items", "users"):
@@ -537,7 +552,7 @@ def pending_inputs(spark: SparkSession, config: GenericImportConfig, logical_dat
         found = _glob(spark, path)
         if not found:
             pending[name] = f"nothing at {path}"
-        elif config.ready_marker:
+        elif config.ready_marker and name in dated_inputs:
             folder = (
                 path.rstrip("/") if found[0].isDirectory() else posixpath.dirname(path.rstrip("/")) or "."
             )
@@ -551,8 +566,10 @@ def import_generic(
 ) -> ImportReport:
     """Import generic-format inputs into bronze for ``logical_date`` (the inputs of
     :meth:`GenericImportConfig.for_date`); reruns replace the partitions. A drop that has not landed
-    (:func:`pending_inputs`) is a FileNotFoundError, before anything is read."""
-    pending = pending_inputs(spark, config, logical_date)
+    (:func:`pending_inputs`) is a FileNotFoundError, before anything is read (on Spark Connect, only
+    with a ``ready_marker``, which needs the JVM; without one, Spark's read names a missing path)."""
+    check = config.ready_marker is not None or _jvm(spark) is not None
+    pending = pending_inputs(spark, config, logical_date) if check else {}
     if pending:
         raise FileNotFoundError(
             f"{config.dataset}'s drop for {logical_date} has not landed: "

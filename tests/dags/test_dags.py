@@ -112,7 +112,7 @@ def test_schedules_follow_the_decoupled_lifecycle(dags) -> None:
     assert all(isinstance(t, CronTriggerTimetable) for t in crons.values())
     assert crons["hisam_features"].expression == "0 0 * * *"
     assert crons["hisam_tokenizer"].expression == "0 0 1 * *"
-    assert crons["hisam_maintenance"].expression == "0 12 * * 6"  # Saturday noon: no other DAG runs then
+    assert crons["hisam_maintenance"].expression == "0 12 * * 6"  # Saturday noon: no other DAG starts then
     for dag_id, cron, asset in [
         ("hisam_pretrain", "0 3 * * 0", "hisam-tokenizer@current"),
         ("hisam_finetune", "0 4 * * *", "hisam-pretrained"),

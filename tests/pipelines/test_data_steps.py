@@ -493,6 +493,39 @@ def test_lake_maintenance_changes_no_table_and_no_steps_answer(ctx_of) -> None:
     }
 
 
+def test_maintenance_keeps_the_embeddings_a_serving_tokenizer_still_reads(ctx_of, monkeypatch) -> None:
+    """A tokenizer registered before the model carried its cold behaviour row reads its embeddings
+    snapshot every day it serves: while one is ``@current`` (or ``@champion``'s), ``maintain-lake``
+    does not vacuum ``gold.item_embeddings``; one that carries it holds nothing back."""
+    from pipelines.registry import find_versions
+    from pipelines.steps import run_step
+    from pipelines.tokenizer import COLD_BEHAVIOUR
+    from spark_jobs.lake import Lake
+
+    ctx = ctx_of()
+    client = ctx.mlflow
+    (registered,) = find_versions(client, "hisam-tokenizer", tokenizer_version=VERSION)
+    assert registered.tags[COLD_BEHAVIOUR] == "carried"  # what train-tokenizer registers now
+    vacuumed: dict[str, bool] = {}
+    maintain = Lake.maintain
+
+    def spy(self, table, retention, *, vacuum=True):
+        vacuumed[table] = vacuum
+        return maintain(self, table, retention, vacuum=vacuum)
+
+    monkeypatch.setattr(Lake, "maintain", spy)
+    client.set_registered_model_alias("hisam-tokenizer", "current", registered.version)
+    try:
+        assert run_step("maintain-lake", DAY, ctx.config)["snapshot_readers"] == []
+        assert all(vacuumed.values())
+        client.delete_model_version_tag("hisam-tokenizer", registered.version, COLD_BEHAVIOUR)  # as before
+        assert run_step("maintain-lake", DAY, ctx.config)["snapshot_readers"] == [VERSION]
+        assert [t for t, v in vacuumed.items() if not v] == ["gold.item_embeddings"]
+    finally:
+        client.set_model_version_tag("hisam-tokenizer", registered.version, COLD_BEHAVIOUR, "carried")
+        client.delete_registered_model_alias("hisam-tokenizer", "current")
+
+
 def test_the_embeddings_gate_judges_only_the_configured_encoders_rows(ctx_of) -> None:
     """Rows an earlier encoder wrote stay in gold.item_embeddings (encoder and version are part of its
     key), and nothing reads them: with ``expected_dims`` set for today's text encoder, a retired

@@ -229,7 +229,7 @@ def test_unknown_items_and_bad_requests_raise(trained: dict) -> None:
     hashed[1] = np.array([2.0**62 + 12345, *hashed[1][1:]])  # a hashed id, rounded to a multiple of 1024
     floats["history_item_ids"] = hashed
     with pytest.raises(
-        ValueError, match=r"history_item_ids came as floats.*beyond 2\*\*53.*send them as integers"
+        ValueError, match=r"history_item_ids came as floats.*from 2\*\*53 on.*send them as integers"
     ):
         python_model.predict(None, floats)
     bad = frame.copy()

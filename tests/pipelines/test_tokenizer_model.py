@@ -14,6 +14,7 @@ from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 from pipelines.settings import Settings
 from pipelines.tokenizer_model import (
     PRESENT_PREFIX,
+    HisamTokenizerModel,
     features_frame,
     load_tokenizer,
     log_tokenizer,
@@ -48,6 +49,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, mlflow_store, isolated_mlfl
             version = log_tokenizer(home / "dst.pt", "dst-t", features, NAME, cold_behaviour=COLD)
             older = log_tokenizer(home / "dst.pt", "dst-t", features, NAME)  # as registered before it
         assert load_tokenizer(f"models:/{NAME}/{older.version}").cold_behaviour is None
+        # MLflow unpickles the instance logged then, without __init__: an older one lacks the attribute
+        old_state = HisamTokenizerModel.__new__(HisamTokenizerModel)
+        old_state.__dict__.update(dst=None, version="dst-t")
+        assert old_state.cold_behaviour is None
         yield dst, features, mlflow.pyfunc.load_model(f"models:/{NAME}/{version.version}")
     torch.set_num_threads(threads)
 

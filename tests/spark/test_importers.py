@@ -405,9 +405,9 @@ def test_generic_paths_name_the_days_drop(spark, lake, tmp_path):
 
 
 def test_a_drop_is_pending_until_its_files_and_its_marker_land(spark, lake, tmp_path):
-    """``pending_inputs``, what the daily DAG waits on: an input is pending while its dated path names
-    nothing and, with ``ready_marker``, while its directory (the input itself when it is one) lacks the
-    marker; the marker is never read as a record."""
+    """``pending_inputs``, what the daily DAG waits on: an input is pending while its path names
+    nothing and, with ``ready_marker``, while a dated input's directory (the input itself when it is
+    one) lacks the marker; the marker is never read as a record."""
     from spark_jobs.importers.generic import pending_inputs
 
     events = tmp_path / "events" / f"date={DAY:%Y%m%d}"
@@ -415,7 +415,7 @@ def test_a_drop_is_pending_until_its_files_and_its_marker_land(spark, lake, tmp_
     config = GenericImportConfig(
         dataset="landed",
         interactions=str(tmp_path / "events" / "date={logical_date:%Y%m%d}"),  # a directory
-        items=str(catalogue / "items-*.csv"),  # a glob of files
+        items=str(catalogue / "items-*.csv"),  # a glob of files, a snapshot: needs no marker
         ready_marker="_SUCCESS",
     )
     assert pending_inputs(spark, config, DAY) == {
@@ -428,9 +428,8 @@ def test_a_drop_is_pending_until_its_files_and_its_marker_land(spark, lake, tmp_
     )
     catalogue.mkdir()
     (catalogue / "items-0.csv").write_text("item_id,title\ni1,Film\n")
-    assert pending_inputs(spark, config, DAY) == {
+    assert pending_inputs(spark, config, DAY) == {  # the snapshot is ready once there
         "interactions": f"no _SUCCESS in {events} (the drop is still being written)",
-        "items": f"no _SUCCESS in {catalogue} (the drop is still being written)",
     }
     assert pending_inputs(spark, config.model_copy(update={"ready_marker": None}), DAY) == {}
     with pytest.raises(
@@ -439,8 +438,6 @@ def test_a_drop_is_pending_until_its_files_and_its_marker_land(spark, lake, tmp_
         import_generic(spark, lake, config, DAY)  # nor does the import read it
     assert not (tmp_path / "lake").exists()
     (events / "_SUCCESS").touch()
-    assert set(pending_inputs(spark, config, DAY)) == {"items"}
-    (catalogue / "_SUCCESS").touch()
     assert pending_inputs(spark, config, DAY) == {}
     assert set(pending_inputs(spark, config, DAY + dt.timedelta(days=1))) == {"interactions"}  # its own drop
     assert counts(import_generic(spark, lake, config, DAY)) == {
@@ -458,9 +455,9 @@ def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:
 
 def test_generic_columns_may_take_any_name_and_csv_fields_line_breaks(spark, lake, tmp_path):
     """A JSON key named like the reader's working column (``value``) is an ordinary field; one named
-    like a column the import adds (``source_file``) is refused by name until renamed (it crashed, or
-    was overwritten); a CSV's quoted field may hold line breaks (RFC 4180: one record, the whole
-    text), and whitespace-only lines are no records."""
+    like a column the import adds (``source_file``, in any case) is refused by name until renamed (it
+    crashed, or was overwritten); with ``csv_multiline`` a CSV's quoted field may hold line breaks
+    (RFC 4180: one record, the whole text), and whitespace-only lines are no records."""
     import json
 
     events = tmp_path / "events.jsonl"
@@ -471,11 +468,15 @@ def test_generic_columns_may_take_any_name_and_csv_fields_line_breaks(spark, lak
     )
     items = tmp_path / "items.csv"
     items.write_text('item_id,title,plot\ni1,Heat,"A heist.\nMann, 1995"\ni2,Up,Balloons\n')
-    config = GenericImportConfig(dataset="names", interactions=str(events), items=str(items))
+    config = GenericImportConfig(
+        dataset="names", interactions=str(events), items=str(items), csv_multiline=True
+    )
     with pytest.raises(
         ValueError, match=r"events.jsonl: column\(s\) \['source_file'\] have names the import"
     ):
         import_generic(spark, lake, config, DAY)
+    with pytest.raises(ValueError, match=r"column\(s\) \['Source_File'\] have names the import"):
+        import_generic(spark, lake, config.model_copy(update={"rename": {"source_file": "Source_File"}}), DAY)
     renamed = config.model_copy(update={"rename": {"source_file": "pos"}})
     assert counts(import_generic(spark, lake, renamed, DAY)) == {
         "events.jsonl": (2, 2, 0),
@@ -489,7 +490,7 @@ def test_generic_columns_may_take_any_name_and_csv_fields_line_breaks(spark, lak
         for r in lake.read("bronze.items", partitions={"dataset": "names"}).collect()
     }
     assert plots == {"i1": "A heist.\nMann, 1995", "i2": "Balloons"}
-    line_by_line = renamed.model_copy(update={"csv_multiline": False})  # what the reader did before
+    line_by_line = renamed.model_copy(update={"csv_multiline": False})  # the default, Spark's
     assert (
         counts(import_generic(spark, lake, line_by_line, DAY))["items.csv"][0] == 3
     )  # one record split in two

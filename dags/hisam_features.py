@@ -5,8 +5,8 @@ Waits for the day's drop of a generic source (its dated paths and ``ready_marker
 sensor's timeout, then fails with an alert), imports it into bronze/silver, gates it with Great
 Expectations, refreshes item documents and embeddings (only new or changed items are encoded), gives
 items that arrived since the monthly catalogue run their semantic IDs under the current tokenizer,
-and rebuilds the samples of that version (the last two are skipped before the first tokenizer exists: the task state says so, and no
-``gold.samples`` asset event is emitted).
+and rebuilds the samples of that version (the last two are skipped before the first tokenizer
+exists: the task state says so, and no ``gold.samples`` asset event is emitted).
 """
 
 from __future__ import annotations

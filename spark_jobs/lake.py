@@ -95,7 +95,9 @@ class LakeConfig(Config):
     #: sets each table's ``delta.deletedFileRetentionDuration`` to it and VACUUM deletes what is
     #: older. At least Delta's own floor of 7 days. Steps read an older version only within their run
     #: and its retries (``tokenize-catalogue`` the snapshot DST trained on, a resumed fine-tune its
-    #: samples snapshot); the versions MLflow runs logged as inputs stay readable this long.
+    #: samples snapshot), except for a tokenizer registered before it carried its cold behaviour row,
+    #: whose snapshot ``maintain-lake`` then keeps; the versions MLflow runs logged as inputs stay
+    #: readable this long.
     retention_days: int = Field(30, ge=7)
 
 

@@ -547,6 +547,18 @@ def retention_properties(retention: dt.timedelta) -> dict[str, str]:
     }
 
 
+def _retention_plan(current: Mapping[str, str], retention: dt.timedelta) -> tuple[dict[str, str], bool]:
+    """For a table whose properties are ``current``: the properties to set for ``retention`` (with
+    :data:`RETENTION_SET_AT`; empty when they already hold), and whether the retention has held as
+    long as itself, after which files no version names may be deleted too (:meth:`Lake.maintain`)."""
+    wanted = retention_properties(retention)
+    now = time.time()
+    if any(current.get(k) != v for k, v in wanted.items()):
+        return {**wanted, RETENTION_SET_AT: str(int(now))}, retention.total_seconds() <= 0
+    set_at = float(current.get(RETENTION_SET_AT, now))
+    return {}, now - set_at >= retention.total_seconds()
+
+
 def _commit_metadata(values: Mapping[str, Any]) -> dict[str, str]:
     """The lake's keys of a commit's metadata, without their prefix: top-level commit-info keys
     (delta-rs custom metadata) and the JSON of ``userMetadata`` (how Spark records them; delta-rs
@@ -619,20 +631,13 @@ class _DeltaRs(_Backend):
 
     def maintain(self, path: str, retention: dt.timedelta, vacuum: bool) -> dict[str, int]:
         table = self._table(path)
-        wanted = retention_properties(retention)
-        current = table.metadata().configuration
-        if any(current.get(k) != v for k, v in wanted.items()):
-            set_at = time.time()
-            table.alter.set_table_properties(
-                {**wanted, RETENTION_SET_AT: str(int(set_at))}, raise_if_not_exists=False
-            )
-        else:
-            set_at = float(current.get(RETENTION_SET_AT, time.time()))
+        updates, held = _retention_plan(table.metadata().configuration, retention)
+        if updates:
+            table.alter.set_table_properties(updates, raise_if_not_exists=False)
         compacted = self._table(path).optimize.compact()  # commits nothing when nothing is small
         deleted: list[str] = []
         if vacuum:  # the retention is the table's property
-            full = time.time() - set_at >= retention.total_seconds()
-            deleted = self._table(path).vacuum(dry_run=False, full=full)
+            deleted = self._table(path).vacuum(dry_run=False, full=held)
             self._table(path).create_checkpoint()  # drops the tombstones just vacuumed from the state
         return {
             "files_compacted": int(compacted["numFilesRemoved"]),
@@ -842,19 +847,15 @@ class _SparkDelta(_Backend):
         ]
 
     def maintain(self, path: str, retention: dt.timedelta, vacuum: bool) -> dict[str, int]:
-        wanted = retention_properties(retention)
         current = self._table(path).detail().select("properties").head()[0] or {}
-        set_at = float(current.get(RETENTION_SET_AT, time.time()))
-        if any(current.get(k) != v for k, v in wanted.items()):
-            set_at = time.time()
-            values = ", ".join(
-                f"'{k}' = '{v}'" for k, v in {**wanted, RETENTION_SET_AT: str(int(set_at))}.items()
-            )
+        updates, held = _retention_plan(current, retention)
+        if updates:
+            values = ", ".join(f"'{k}' = '{v}'" for k, v in updates.items())
             self.spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({values})")
         compacted = self._table(path).optimize().executeCompaction().select("metrics").head()[0]
         deleted = 0
         # Delta on Spark lists every file a VACUUM could delete: only once the retention has held
-        if vacuum and time.time() - set_at >= retention.total_seconds():
+        if vacuum and held:
             deleted = self.spark.sql(f"VACUUM delta.`{path}` DRY RUN").count()  # the files, then delete them
             self.spark.sql(f"VACUUM delta.`{path}`").collect()  # retention: the table's property
         return {

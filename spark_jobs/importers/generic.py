@@ -538,21 +538,16 @@ def pending_inputs(spark: SparkSession, config: GenericImportConfig, logical_dat
     ``{input: why}``, empty when the import can run. An input is pending while its path names
     nothing, or, with ``ready_marker``, while the directory of a dated input (the input itself when
     it is one; for a glob, any directory it names) holds no marker."""
-    dated_inputs = {
-        name
-        for name in ("interactions", "items", "users")
-        if LOGICAL_DATE.search(getattr(config, name) or "")
-    }
-    config = config.for_date(logical_date)
+    day = config.for_date(logical_date)
     pending = {}
     for name in ("interactions", "items", "users"):
-        path = getattr(config, name)
+        path = getattr(day, name)
         if path is None:
             continue
         found = _glob(spark, path)
         if not found:
             pending[name] = f"nothing at {path}"
-        elif config.ready_marker and name in dated_inputs:
+        elif config.ready_marker and LOGICAL_DATE.search(getattr(config, name)):
             folder = (
                 path.rstrip("/") if found[0].isDirectory() else posixpath.dirname(path.rstrip("/")) or "."
             )

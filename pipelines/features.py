@@ -100,6 +100,7 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
             "embedding": [r.astype(np.float32) for r in batch.embeddings],
             "present": batch.present,
             "input_hash": input_hash,
+            "fingerprint": None,  # one commit per training: no two spaces (encoder_fingerprints)
         }
     )
     df = lake.spark.createDataFrame(rows, schema=GOLD_ITEM_EMBEDDINGS.schema)

@@ -98,6 +98,31 @@ def encoder_specs(ctx: StepContext) -> dict[str, tuple[str, str]]:
     }
 
 
+def encoder_fingerprints(ctx: StepContext) -> dict[str, str]:
+    """``modality -> settings fingerprint`` of the configured text and image encoders: the
+    ``fingerprint`` of their ``gold.item_embeddings`` rows. Behaviour rows record none: each
+    training writes all of them in one commit (their ``input_hash`` covers the settings), so a
+    snapshot never holds two behaviour spaces of one version."""
+    emb = ctx.config.embeddings
+    return {"image": emb.image.fingerprint(), "text": emb.text.fingerprint()}
+
+
+def configured_rows(ctx: StepContext, modality: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``frame`` (``gold.item_embeddings`` of ``modality``, with ``encoder``,
+    ``encoder_version`` and ``fingerprint``) that the configured encoder computed with the configured
+    settings: one vector space, even while a re-embed under new settings and the same version is in
+    progress. A snapshot written before the ``fingerprint`` column (none of the encoder's rows has
+    one) gives all the encoder's rows, as then; once one has it, a row without one was computed with
+    other settings (:func:`spark_jobs.embeddings.record_fingerprints`). Behaviour rows go by name and
+    version (:func:`encoder_fingerprints`)."""
+    name, enc_version = encoder_specs(ctx)[modality]
+    frame = frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version)]
+    fingerprint = encoder_fingerprints(ctx).get(modality)
+    if fingerprint is None or frame["fingerprint"].isna().all():
+        return frame
+    return frame[frame["fingerprint"] == fingerprint]
+
+
 def encoders_tag(ctx: StepContext) -> str:
     """The :data:`ENCODERS` tag value of the configured encoders: ``modality -> [name, version]``,
     with the settings fingerprint for text and image (the behaviour encoder's version covers its)."""
@@ -132,13 +157,15 @@ def check_encoders(ctx: StepContext, registered: Any) -> None:
 
 def embeddings_ready(ctx: StepContext) -> dict[str, Any]:
     """Whether every item of ``gold.item_documents`` has a ``gold.item_embeddings`` row of each
-    configured encoder (``ready``; ``missing`` counts the others per modality). The monthly
-    tokenizer DAG waits on it: on a fresh deployment its first run may start before the first
-    ``embed``, and an ``embed`` in progress (after an encoder change, say) has covered only part of
-    the catalogue."""
+    configured encoder computed with its configured settings (``ready``; ``missing`` counts the
+    others per modality). The monthly tokenizer DAG waits on it: on a fresh deployment its first run
+    may start before the first ``embed``, and an ``embed`` in progress (after an encoder or settings
+    change, say) has covered only part of the catalogue. Rows that do not record their settings yet
+    (written before the ``fingerprint`` column) count as missing until the next ``embed`` records
+    them."""
     from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
 
-    encoders = encoder_specs(ctx)
+    encoders, fingerprints = encoder_specs(ctx), encoder_fingerprints(ctx)
     if ctx.table_version(GOLD_ITEM_DOCUMENTS.name) is None or ctx.table_version(EMBEDDINGS) is None:
         return {"ready": False, "items": 0, "missing": {}}
     documents, _ = ctx.read_table(GOLD_ITEM_DOCUMENTS.name, {"dataset": ctx.dataset}, ["item_id"])
@@ -148,9 +175,12 @@ def embeddings_ready(ctx: StepContext) -> dict[str, Any]:
         frame, _ = ctx.read_table(
             EMBEDDINGS,
             {"dataset": ctx.dataset, "modality": modality},
-            ["item_id", "encoder", "encoder_version"],
+            ["item_id", "encoder", "encoder_version", "fingerprint"],
         )
-        have = frame.loc[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version), "item_id"]
+        mine = (frame["encoder"] == name) & (frame["encoder_version"] == enc_version)
+        if modality in fingerprints:
+            mine &= frame["fingerprint"] == fingerprints[modality]
+        have = frame.loc[mine, "item_id"]
         missing[modality] = len(items - set(have.tolist()))
     ready = bool(items) and not any(missing.values())
     if not ready:
@@ -168,15 +198,15 @@ def trained_behaviour_cut(ctx: StepContext, snapshot: int, item_ids: np.ndarray)
 
 
 def behaviour_rows(ctx: StepContext, snapshot: int, columns: list[str]) -> pd.DataFrame:
-    """The configured behaviour encoder's rows of the embeddings snapshot ``snapshot`` (pandas)."""
-    name, enc_version = encoder_specs(ctx)["behavior"]
+    """The configured behaviour encoder's rows of the embeddings snapshot ``snapshot`` (pandas,
+    :func:`configured_rows`)."""
     frame, _ = ctx.read_table(
         EMBEDDINGS,
         {"dataset": ctx.dataset, "modality": "behavior"},
-        columns=["encoder", "encoder_version", *columns],
+        columns=["encoder", "encoder_version", "fingerprint", *columns],
         version=snapshot,
     )
-    return frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version)]
+    return configured_rows(ctx, "behavior", frame)
 
 
 def behaviour_cut_floor(ctx: StepContext, version: str) -> int | None:
@@ -213,10 +243,10 @@ def load_item_features(
         frame, read_version = ctx.read_table(
             EMBEDDINGS,
             {"dataset": ctx.dataset, "modality": modality},
-            columns=["item_id", "encoder", "encoder_version", "embedding", "dim", "present"],
+            columns=["item_id", "encoder", "encoder_version", "fingerprint", "embedding", "dim", "present"],
             version=read_version,
         )
-        frame = frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version)]
+        frame = configured_rows(ctx, modality, frame)
         expected = gate.expected_dims.get(modality)
         usable = [  # the embeddings gate's row rules (spark_jobs.quality.embeddings_suite)
             vector is not None

@@ -18,10 +18,13 @@ Resumable: an item is skipped when a row for the same (dataset, modality, encode
 version) exists with the same ``input_hash``: a hash of what the encoder reads (the document, or the
 image path and the file's bytes, so a poster replaced in place is embedded again; each local image
 is read once per run for it) and of the encoder's settings (:meth:`EncoderSpec.fingerprint`, so
-changed settings embed every item again instead of mixing two spaces in one table). The work is
-committed in slices of ``commit_every`` items (one MERGE each), so a crash loses at most one slice
-and a rerun continues where it stopped. Bump ``version`` when the model's weights change under the
-same path: the files are not hashed.
+changed settings embed every item again). The work is committed in slices of ``commit_every`` items
+(one MERGE each), so a crash loses at most one slice and a rerun continues where it stopped. Each row
+records its settings' ``fingerprint`` too: while a re-embed under new settings is in progress (or
+after it crashed midway), the table holds rows of two spaces under one name and version, and readers
+take only the configured settings' rows (:func:`record_fingerprints` fills the column in on rows
+written before it). Bump ``version`` when the model's weights change under the same path: the
+files are not hashed.
 """
 
 from __future__ import annotations
@@ -223,7 +226,7 @@ def _encode_partitions(
     spec_json: str, job: EmbeddingJobConfig
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     spec = EncoderSpec.model_validate_json(spec_json)
-    name, version = spec.encoder_name(), spec.version
+    name, version, fingerprint = spec.encoder_name(), spec.version, spec.fingerprint()
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         encoder = _worker_encoder(spec_json, job)
@@ -242,6 +245,7 @@ def _encode_partitions(
                         "embedding": list(emb),
                         "present": present,
                         "input_hash": part["input_hash"].to_numpy(),
+                        "fingerprint": fingerprint,
                     }
                 )
 
@@ -306,7 +310,46 @@ class EmbeddingReport:
     skipped: int = 0
     embedded: int = 0
     absent: int = 0
+    fingerprinted: int = 0
     versions: list[int] = field(default_factory=list)
+
+
+def record_fingerprints(
+    lake: Lake,
+    dataset: str,
+    modality: str,
+    encoder: tuple[str, str],
+    fingerprint: str,
+    current: DataFrame,
+) -> tuple[int, int | None]:
+    """Record ``fingerprint`` on the rows of ``encoder`` (name, version) written before
+    ``gold.item_embeddings`` had the column, where ``current`` (``item_id, input_hash``: the hashes
+    the configured settings give today) proves it: a row's ``input_hash`` covers its settings. One
+    MERGE, before anything else is written; returns the rows recorded and the version committed
+    (None when no row needed it). Rows it leaves without one were computed with other settings."""
+    name, version = encoder
+    part = {"dataset": dataset, "modality": modality}
+    unrecorded = lake.read(GOLD_ITEM_EMBEDDINGS, partitions=part).filter(
+        (F.col("encoder") == name) & (F.col("encoder_version") == version) & F.col("fingerprint").isNull()
+    )
+    if unrecorded.isEmpty():  # every day once recorded: ``current`` (image digests) is not computed
+        return 0, None
+    legacy = (
+        unrecorded.join(current.select("item_id", "input_hash"), ["item_id", "input_hash"], "left_semi")
+        .withColumn("fingerprint", F.lit(fingerprint))
+        .cache()
+    )
+    try:
+        n = legacy.count()
+        if not n:
+            return 0, None
+        written = lake.write(legacy, GOLD_ITEM_EMBEDDINGS, mode="merge", partition_values=part)
+    finally:
+        legacy.unpersist()
+    logger.info(
+        "%s/%s: recorded the settings fingerprint of %d rows of %s v%s", dataset, modality, n, name, version
+    )
+    return n, written
 
 
 def embed_items(
@@ -322,6 +365,10 @@ def embed_items(
         "input_hash", F.sha2(F.concat_ws(":", "input_hash", F.lit(spec.fingerprint())), 256)
     )
     part = {"dataset": dataset, "modality": spec.modality}
+    report.fingerprinted, recorded = record_fingerprints(
+        lake, dataset, spec.modality, (name, spec.version), spec.fingerprint(), inputs
+    )
+    report.versions += [] if recorded is None else [recorded]
     done = (
         lake.read(GOLD_ITEM_EMBEDDINGS, partitions=part)
         .filter((F.col("encoder") == name) & (F.col("encoder_version") == spec.version))

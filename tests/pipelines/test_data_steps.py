@@ -552,6 +552,71 @@ def test_the_embeddings_gate_judges_only_the_configured_encoders_rows(ctx_of) ->
     assert after == before and before["n_quarantined"] == 0
 
 
+def test_a_re_embed_under_new_settings_is_waited_for_and_never_read_half_done(ctx_of, monkeypatch) -> None:
+    """Image settings change under the same encoder name and version, and the embed crashes after
+    its first slice: the table then holds two spaces under one name and version. The tokenizer DAG
+    keeps waiting, and DST's loader reads only the new settings' rows (the rest are missing until
+    the embed resumes), never a mix. Rows from before the ``fingerprint`` column (all null) are read
+    as before, but are waited for until an embed records their settings. Last of the module's
+    ``ctx_of`` tests: it leaves the new settings' rows behind."""
+    from deltalake import DeltaTable
+
+    from pipelines.context import StepContext
+    from pipelines.steps import run_step
+    from pipelines.tokenizer import load_item_features
+    from spark_jobs.lake import Lake
+
+    ctx = ctx_of()
+    run_step("embed", DAY, ctx.config)
+    ready = {"ready": True, "items": 20, "missing": {"behavior": 0, "image": 0, "text": 0}}
+    assert run_step("embeddings-ready", DAY, ctx.config) == ready
+    old = load_item_features(ctx)[0]
+
+    # a table written before the column: read as it was, but the tokenizer DAG waits for the embed
+    path = ctx.table_path("gold.item_embeddings")
+    DeltaTable(path).update(updates={"fingerprint": "NULL"}, predicate="modality = 'image'")
+    legacy = load_item_features(ctx)[0]
+    assert np.array_equal(legacy.modalities["image"], old.modalities["image"])
+    assert run_step("embeddings-ready", DAY, ctx.config)["missing"]["image"] == 20
+    assert run_step("embed", DAY, ctx.config)["image"] == {
+        "encoder": "descriptor", "embedded": 0, "skipped": 20, "absent": 0,
+    }  # fmt: skip
+    assert run_step("embeddings-ready", DAY, ctx.config) == ready
+
+    emb = ctx.config.embeddings
+    image = emb.image.model_copy(update={"config": {"descriptor": {"thumb_size": 8}}})
+    job = emb.job.model_copy(update={"commit_every": 5})
+    update = {"embeddings": emb.model_copy(update={"image": image, "job": job})}
+    changed = StepContext(ctx.config.model_copy(update=update), DAY)
+    write, merges = Lake.write, []
+
+    def crash_after_one_slice(self, df, table, **kwargs):
+        if kwargs.get("partition_values", {}).get("modality") == "image":
+            merges.append(table)
+            if len(merges) > 1:
+                raise RuntimeError("executor lost")
+        return write(self, df, table, **kwargs)
+
+    monkeypatch.setattr(Lake, "write", crash_after_one_slice)
+    with pytest.raises(RuntimeError, match="executor lost"):
+        run_step("embed", DAY, changed.config)
+    monkeypatch.setattr(Lake, "write", write)
+    waiting = run_step("embeddings-ready", DAY, changed.config)
+    redone = 20 - waiting["missing"]["image"]
+    assert not waiting["ready"] and 0 < redone < 20
+    assert run_step("embeddings-ready", DAY, ctx.config)["missing"]["image"] == redone  # the old view too
+    half, _, incomplete = load_item_features(changed)
+    assert len(half) == redone and set(incomplete.values()) == {"missing_embedding:image"}
+    run_step("embed", DAY, changed.config)  # resumes
+    assert run_step("embeddings-ready", DAY, changed.config) == ready
+    new = load_item_features(changed)[0]
+    assert new.modalities["image"].shape[1] != old.modalities["image"].shape[1]  # another space
+    rows = {i: v for i, v in zip(new.item_ids, new.modalities["image"], strict=True)}
+    assert all(
+        np.array_equal(rows[i], v) for i, v in zip(half.item_ids, half.modalities["image"], strict=True)
+    )
+
+
 def test_the_days_import_is_judged_alone_as_well(spark, tmp_path, monkeypatch) -> None:
     """2,000 clean rows from earlier days and a day whose 10 rows are all out of range: 0.5 % of the
     snapshot passes the 1 % budget, so the day's own verdict is what stops it, with an alert. A day

@@ -152,6 +152,76 @@ def test_image_modality_with_descriptor_fallback(spark, tmp_path):
     assert len({v[4] for v in embeddings(lake, "image").values()}) == 1  # one dim: one space
 
 
+def test_each_row_records_its_settings_and_rows_from_before_the_column_get_theirs(
+    spark, tmp_path, monkeypatch
+):
+    """A re-embed under new settings and the same name and version overwrites the rows one slice at
+    a time: the ``fingerprint`` tells the two spaces apart while it is in progress or after it
+    crashed. A table written before the column gets it on its next embed, on exactly the rows whose
+    input hash proves the settings, in one commit before anything else; their vectors are unchanged."""
+    from deltalake import write_deltalake
+
+    def fingerprints(lake: Lake) -> dict[int, str | None]:
+        rows = lake.read("gold.item_embeddings").select("item_id", "fingerprint").collect()
+        return {r.item_id: r.fingerprint for r in rows}
+
+    lake = Lake(spark, tmp_path / "lake")
+    lake.write(documents(spark, DOCS, {}), "gold.item_documents", mode="merge")
+    words = EncoderSpec(modality="text", kind="hashing", name="words", config={"dim": 16})
+    job = EmbeddingJobConfig(batch_size=2, commit_every=1, num_partitions=1)
+    first = embed_items(lake, "ds", words, job)
+    assert (first.embedded, first.fingerprinted) == (4, 0)
+    assert set(fingerprints(lake).values()) == {words.fingerprint()}
+    before = embeddings(lake, "text")
+
+    # the same table as an older release wrote it, without the column; then document 3 changes
+    stored = DeltaTable(str(tmp_path / "lake" / "gold" / "item_embeddings")).to_pyarrow_table()
+    legacy = Lake(spark, tmp_path / "legacy")
+    write_deltalake(
+        legacy.path("gold.item_embeddings"),
+        stored.drop(["fingerprint"]),
+        partition_by=["dataset", "modality"],
+    )
+    docs = {**DOCS, 3: "Title: Rocket Letters"}
+    legacy.write(documents(spark, docs, {}), "gold.item_documents", mode="merge")
+    assert set(fingerprints(legacy).values()) == {None}
+    upgraded = embed_items(legacy, "ds", words, job)
+    assert (upgraded.fingerprinted, upgraded.skipped, upgraded.embedded) == (3, 3, 1)
+    history = DeltaTable(legacy.path("gold.item_embeddings")).history()
+    recorded = next(h for h in history if h["version"] == upgraded.versions[0])
+    assert recorded["operation"] == "MERGE" and recorded["operationMetrics"]["num_target_rows_updated"] == 3
+    assert set(fingerprints(legacy).values()) == {words.fingerprint()}
+    after = embeddings(legacy, "text")
+    assert all(np.array_equal(after[i][0], before[i][0]) for i in (1, 2, 4))
+    assert not np.array_equal(after[3][0], before[3][0])
+    assert embed_items(legacy, "ds", words, job).versions == []  # recorded once: nothing to commit
+
+    # new settings, same name and version: the re-embed crashes after its first slice
+    wider = words.model_copy(update={"config": {"dim": 32}})
+    assert wider.fingerprint() != words.fingerprint()
+    write = Lake.write
+    merges = []
+
+    def crash_after_one_slice(self, df, table, **kwargs):
+        merges.append(table)
+        if len(merges) > 1:
+            raise RuntimeError("worker lost")
+        return write(self, df, table, **kwargs)
+
+    monkeypatch.setattr(Lake, "write", crash_after_one_slice)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        embed_items(legacy, "ds", wider, job)
+    monkeypatch.setattr(Lake, "write", write)
+    half = fingerprints(legacy)
+    new = {i for i, f in half.items() if f == wider.fingerprint()}
+    assert len(half) == 4 and 0 < len(new) < 4  # one key per item: two spaces in one name and version
+    assert {i for i, f in half.items() if f == words.fingerprint()} == set(half) - new
+    assert all(embeddings(legacy, "text")[i][4] == 32 for i in new)
+    resumed = embed_items(legacy, "ds", wider, job)
+    assert (resumed.skipped, resumed.embedded) == (len(new), 4 - len(new))
+    assert set(fingerprints(legacy).values()) == {wider.fingerprint()}
+
+
 @pytest.mark.slow
 def test_default_text_encoder_is_wired():
     """The real hisam_core TextEncoder (bundled all-MiniLM-L6-v2) behind the job's spec."""

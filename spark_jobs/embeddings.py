@@ -133,6 +133,10 @@ class EmbeddingJobConfig(Config):
     #: of the model onto it. Not part of an encoder's fingerprint: it changes where rows are
     #: computed, not what they mean.
     device: str | None = Field("cpu", pattern=DEVICE_PATTERN)
+    #: The largest share of the items with a present image vector whose file may vanish in one run
+    #: (their vectors become absent rows). Above it the run is refused before anything is written: an
+    #: unmounted poster share looks like every file deleted. 1 turns the check off (a mass removal).
+    max_vanished_fraction: float = Field(0.05, ge=0, le=1)
 
     @field_validator("device")
     @classmethod
@@ -277,19 +281,25 @@ def file_digest(path: str | None) -> str:
 
 
 def embedding_inputs(documents: DataFrame, modality: Modality) -> DataFrame:
-    """``dataset, item_id, input, input_hash`` of gold.item_documents rows for ``modality`` (the
-    hash of what the encoder reads: the document, or the image path and the file's bytes)."""
+    """``dataset, item_id, input, input_hash, input_missing`` of gold.item_documents rows for
+    ``modality``: the hash of what the encoder reads (the document, or the image path and the file's
+    bytes), and whether the input names a local file that is not there."""
     if modality == "text":
         return documents.select(
-            "dataset", "item_id", F.col("document").alias("input"), F.col("document_hash").alias("input_hash")
+            "dataset",
+            "item_id",
+            F.col("document").alias("input"),
+            F.col("document_hash").alias("input_hash"),
+            F.lit(False).alias("input_missing"),
         )
     path = F.when(F.trim("image_path") != "", F.col("image_path"))
     digest = F.pandas_udf(lambda paths: paths.map(file_digest), "string")(path)  # where the encoder reads
-    return documents.select(
+    return documents.select("dataset", "item_id", path.alias("input"), digest.alias("digest")).select(
         "dataset",
         "item_id",
-        path.alias("input"),
-        F.sha2(F.concat_ws("\0", F.coalesce(path, F.lit("")), digest), 256).alias("input_hash"),
+        "input",
+        F.sha2(F.concat_ws("\0", F.coalesce("input", F.lit("")), "digest"), 256).alias("input_hash"),
+        (F.col("digest") == "missing").alias("input_missing"),
     )
 
 
@@ -352,6 +362,30 @@ def record_fingerprints(
     return n, written
 
 
+def refuse_vanished_inputs(todo: DataFrame, done: DataFrame, max_fraction: float, label: str) -> None:
+    """Refuse a run that would turn more than ``max_fraction`` of the present vectors of ``done``
+    (the encoder's rows: ``item_id, present``) into absent ones because the files ``todo`` (the
+    inputs to embed, with ``input_missing``) names are no longer there: one unmounted share makes
+    every poster look deleted, and the next monthly DST would learn from no image at all."""
+    present = done.filter("present").select("item_id")
+    vanished = todo.filter("input_missing").join(present, "item_id", "left_semi").select("input")
+    n = vanished.count()
+    if not n:
+        return
+    had = present.count()
+    if n > max_fraction * had:
+        examples = ", ".join(repr(r.input) for r in vanished.limit(3).collect())
+        raise ValueError(
+            f"{label}: the files of {n} of the {had} items with a present vector are no longer there "
+            f"(e.g. {examples}), above max_vanished_fraction {max_fraction}: is the share they are on "
+            "mounted? Nothing was written. If they were removed on purpose, run with a larger "
+            "embeddings.job.max_vanished_fraction (1 turns the check off)."
+        )
+    logger.warning(
+        "%s: the files of %d of %d items with a present vector are gone: absent rows", label, n, had
+    )
+
+
 def embed_items(
     lake: Lake, dataset: str, spec: EncoderSpec, config: EmbeddingJobConfig | None = None
 ) -> EmbeddingReport:
@@ -386,6 +420,8 @@ def embed_items(
         report.items = docs.count()
         pending = todo.count()
         report.skipped = report.items - pending
+        if pending:
+            refuse_vanished_inputs(todo, done, config.max_vanished_fraction, f"{dataset}/{spec.modality}")
         slices = max(1, math.ceil(pending / config.commit_every))
         partitions = config.num_partitions or lake.spark.sparkContext.defaultParallelism
         logger.info(

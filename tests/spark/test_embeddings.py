@@ -152,6 +152,39 @@ def test_image_modality_with_descriptor_fallback(spark, tmp_path):
     assert len({v[4] for v in embeddings(lake, "image").values()}) == 1  # one dim: one space
 
 
+def test_a_share_that_vanishes_is_refused_before_any_vector_turns_absent(spark, tmp_path):
+    """Files vanishing under present vectors turn them absent only up to ``max_vanished_fraction``
+    of the present vectors; above it (an unmounted share: every file gone) the run writes nothing."""
+    lake = Lake(spark, tmp_path / "lake")
+    share = tmp_path / "share"
+    share.mkdir()
+    paths = {}
+    for i in DOCS:
+        paths[i] = str(share / f"{i}.png")
+        Image.new("RGB", (8, 8), (60 * i, 10, 10)).save(paths[i])
+    lake.write(documents(spark, DOCS, paths), "gold.item_documents", mode="merge")
+    spec, job = EncoderSpec(modality="image"), EmbeddingJobConfig(num_partitions=1)
+    assert embed_items(lake, "ds", spec, job).absent == 0
+    version = DeltaTable(lake.path("gold.item_embeddings")).version
+    written = version()
+    os.remove(paths[1])  # one of four: 0.25 of the present vectors
+    with pytest.raises(
+        ValueError, match=r"files of 1 of the 4 items .*'.*1\.png'.*max_vanished_fraction 0\.05"
+    ):
+        embed_items(lake, "ds", spec, job)
+    assert version() == written and all(present for _, present, *_ in embeddings(lake, "image").values())
+    removal = embed_items(lake, "ds", spec, job.model_copy(update={"max_vanished_fraction": 0.25}))
+    assert (removal.embedded, removal.absent) == (1, 1)
+    share.rename(tmp_path / "unmounted")
+    written = version()
+    with pytest.raises(ValueError, match=r"files of 3 of the 3 items .*is the share they are on mounted\?"):
+        embed_items(lake, "ds", spec, job.model_copy(update={"max_vanished_fraction": 0.25}))
+    assert version() == written
+    assert [i for i, (_, present, *_) in sorted(embeddings(lake, "image").items()) if present] == [2, 3, 4]
+    everything = embed_items(lake, "ds", spec, job.model_copy(update={"max_vanished_fraction": 1}))
+    assert (everything.embedded, everything.absent) == (4, 4)  # item 1's missing file is tried again
+
+
 def test_each_row_records_its_settings_and_rows_from_before_the_column_get_theirs(
     spark, tmp_path, monkeypatch
 ):

@@ -29,7 +29,6 @@ files are not hashed.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib
 import json
@@ -256,20 +255,16 @@ def _encode_partitions(
     return run
 
 
-#: What a path that names no readable file gives (the path itself is wrong: the item has no image),
-#: as opposed to a file that is there but cannot be read now.
-NOT_A_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
-
-
 def file_digest(path: str | None) -> str:
-    """SHA-256 of a local file's bytes, ``missing`` when there is none, and ``""`` for no path or a
+    """SHA-256 of a local file's bytes, ``missing`` when there is none (``NOT_A_FILE``: as the image
+    encoders decide, so the item's row is an absent one), and ``""`` for no path or a
     remote URI (not read: its path alone identifies it). The bytes, not the modification time: a
     source that writes the same file again must not make every image be embedded again. Any other
     read failure (permissions, an I/O error of a share) is raised: as ``missing`` it would change the
     item's input and replace its vector with an absent one."""
     if path is None or not path.strip() or ("://" in path and not path.startswith("file://")):
         return ""
-    from hisam_core.encoders.image import local_path
+    from hisam_core.encoders.image import NOT_A_FILE, local_path
 
     try:
         with open(local_path(path), "rb") as f:

@@ -18,6 +18,7 @@ the file instead.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -79,13 +80,25 @@ def local_path(image: str | Path) -> Path:
     return Path(url2pathname(rest))
 
 
+#: The errors of a path that names no file (the item has no image), as opposed to a file that is
+#: there but cannot be read: a name too long for the filesystem or a symlink loop is no file either.
+NOT_A_FILE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP})
+
+
 def load_rgb(image: ImageInput) -> tuple[Image.Image | None, str]:
-    """Open ``image`` as RGB (:func:`to_rgb`). Returns (image, "") or (None, reason) when missing or
-    unreadable, whatever PIL raised: one bad file must not fail a whole batch."""
+    """Open ``image`` as RGB (:func:`to_rgb`). Returns (image, "") or (None, reason) when missing
+    (:data:`NOT_A_FILE`) or unreadable, whatever PIL or the filesystem raised: one bad file must not
+    fail a whole batch."""
     if isinstance(image, Image.Image):
         return to_rgb(image), ""
     path = local_path(image)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # is_file() raises for a name too long, not only for a failing share
+        if err.errno not in NOT_A_FILE:
+            return None, f"unreadable: {type(err).__name__}: {err}"
+        found = False
+    if not found:
         return None, "missing file"
     try:
         with Image.open(path) as img:

@@ -75,12 +75,11 @@ def test_missing_and_unreadable_images_are_flagged(image_paths, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_text("not an image")
     enc = DescriptorImageEncoder()
-    out = enc.encode([image_paths[0], tmp_path / "absent.jpg", broken])
-    assert out.present.tolist() == [True, False, False]
-    assert (
-        out.reasons[0] == "" and out.reasons[1] == "missing file" and out.reasons[2].startswith("unreadable")
-    )
-    assert out.num_missing == 2
+    too_long = tmp_path / ("x" * 5000)  # is_file() raises ENAMETOOLONG: no such file either
+    out = enc.encode([image_paths[0], tmp_path / "absent.jpg", broken, too_long])
+    assert out.present.tolist() == [True, False, False, False]
+    assert out.reasons[0] == "" and out.reasons[1] == out.reasons[3] == "missing file"
+    assert out.reasons[2].startswith("unreadable") and out.num_missing == 3
     np.testing.assert_array_equal(out.embeddings[1:], 0.0)
     np.testing.assert_array_equal(out.embeddings[0], enc.encode([image_paths[0]]).embeddings[0])
     with pytest.raises(ValueError, match=r"absent\.jpg.*missing file"):
@@ -269,6 +268,7 @@ def test_an_image_that_cannot_be_read_now_is_an_error_not_a_missing_one(tmp_path
     import errno
     import hashlib
 
+    from hisam_core.encoders.image import load_rgb
     from spark_jobs.embeddings import file_digest
 
     path = tmp_path / "poster.png"
@@ -279,6 +279,7 @@ def test_an_image_that_cannot_be_read_now_is_an_error_not_a_missing_one(tmp_path
         str(tmp_path / ("x" * 300)),
     )  # a folder, a file's child, too long
     assert {file_digest(p) for p in wrong} == {"missing"}
+    assert {load_rgb(p) for p in wrong} == {(None, "missing file")}  # the encoder agrees: absent rows
 
     def failing(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")

@@ -2,8 +2,7 @@
 
 What an operator runs to see what the model serves (``hisam recommend 196``). It builds the request
 exactly as training saw the user: the user's stream from ``gold.samples`` of the model's tokenizer
-version (every interaction, oldest first, with its action; the newest version ``validate-samples``
-passed, as training reads, or the latest build with a warning when it passed none), the profile buckets of the packaged
+version (every interaction, oldest first, with its action), the profile buckets of the packaged
 vocabulary from ``gold.user_profiles``, and as candidates every item of the packaged semantic-ID
 table that is still in ``silver.items`` (one retracted since is counted, ``not_in_catalogue``) and
 the user has no interaction with in ``silver.interactions`` (``include_seen`` keeps those).
@@ -54,7 +53,6 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     ``user_key`` of ``silver.interactions``, else of ``silver.users``) from ``<ranker>@<params.alias>``
     (default ``champion``)."""
     from hisam_core.ranker.profile import UNKNOWN
-    from pipelines.ingest import validated_samples_version
     from pipelines.ranker_model import PROFILE_PREFIX, load_ranker
     from pipelines.registry import CHAMPION, alias_version
 
@@ -97,17 +95,10 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         user_id = int(users["user_id"].iloc[0])
     else:
         user_id = int(events["user_id"].iloc[0])
-    validated = validated_samples_version(ctx, table.version)
-    if validated is None:
-        log.warning(
-            "validate-samples has passed no gold.samples of %s yet: the history is the latest build's",
-            table.version,
-        )
     stream, samples_version = ctx.read_table(
         "gold.samples",
         {**part, "tokenizer_version": table.version},
         ["user_id", "item_id", "event_ts", "action"],
-        version=validated,
         where={"user_id": user_id},
     )
     stream = stream.sort_values(["event_ts", "item_id"], kind="stable")
@@ -160,7 +151,6 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         "model_version": str(version.version),
         "tokenizer_version": table.version,
         "samples_version": samples_version,
-        "samples_validated": validated is not None,
         "user": user_key,
         "user_id": user_id,
         "history_items": int(known.sum()),

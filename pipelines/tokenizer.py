@@ -361,9 +361,11 @@ def _utilisation_figure(health: dict[str, float]) -> Any:
 
 
 def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
-    """Train DST on the pinned embeddings snapshot, check codebook health, register it. A backfill of
-    a month that a newer ``@current`` replaced skips (:func:`skip_if_superseded`), and the rest of
-    its DAG run with it."""
+    """Train DST on the pinned embeddings snapshot, check codebook health, register it. A backfill or
+    rerun of a month that a newer ``@current`` replaced skips (:func:`skip_if_superseded`), and the
+    rest of its DAG run with it (its samples are not rebuilt). A version registered meanwhile by
+    another run of the month (hours of training overlap) is not registered twice: the steps after
+    find one model per version."""
     import mlflow
 
     from hisam_core.tokenizer import train_tokenizer as fit_dst
@@ -374,11 +376,11 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
 
     version, name = tokenizer_version(ctx), ctx.config.models.tokenizer
+    skip_if_superseded(ctx, ctx.logical_date.isoformat())  # a backfill or rerun of a month since replaced
     existing = find_versions(ctx.mlflow, name, tokenizer_version=version)
     if existing:
         log.info("%s %s is already registered as v%s: nothing to do", name, version, existing[0].version)
         return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
-    skip_if_superseded(ctx, ctx.logical_date.isoformat())  # a backfill of a month since replaced
     catalogue = ctx.table_version(GOLD_ITEM_DOCUMENTS.name)  # pinned: logged as what DST trained on
     if catalogue is None:
         raise ValueError(f"{GOLD_ITEM_DOCUMENTS.name} does not exist: run the features DAG first")
@@ -421,6 +423,12 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
             )
         else:
             tags[BEHAVIOUR_CUT] = str(cut)
+        if existing := find_versions(ctx.mlflow, name, tokenizer_version=version):  # another run's, since
+            log.warning(
+                "%s %s was registered as v%s meanwhile: this one is not", name, version, existing[0].version
+            )
+            mlflow.set_tag("registered", "no: another run registered the version first")
+            return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
         registered = log_tokenizer(
             out / "dst.pt",
             version,
@@ -513,14 +521,16 @@ def cold_behavior_embedding(ctx: StepContext, snapshot: int) -> np.ndarray:
 def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     """Daily: semantic IDs for items that have none yet, under every version that serves.
 
-    That is ``@current``'s, and ``@champion``'s while it is on an older tokenizer (after a monthly run,
+    That is ``@current``'s, ``@champion``'s while it is on an older tokenizer (after a monthly run,
     until a model on the new one is promoted, which a rejected candidate delays): ``refresh-champion``
-    then packages them, so the champion serves items that arrived meanwhile. The summary is
-    ``@current``'s, with ``champion`` holding the older version's, or why it was skipped: a DST is
-    never fed embeddings of encoders it was not trained on.
+    then packages them, so the champion serves items that arrived meanwhile; and ``@previous``'s,
+    which a rollback restores and refreshes from its version's IDs (the first champion of a new
+    tokenizer is the likeliest to be rolled back). The summary is ``@current``'s, with ``champion``
+    and ``previous`` holding an older version's, or why it was skipped: a DST is never fed
+    embeddings of encoders it was not trained on.
     """
     from pipelines.ranker_model import TOKENIZER_VERSION
-    from pipelines.registry import CHAMPION, alias_version, find_versions
+    from pipelines.registry import CHAMPION, PREVIOUS, alias_version, find_versions
 
     current = current_tokenizer_version_or_skip(ctx, "tokenize-new-items", "no item can get a semantic ID")
     name = ctx.config.models.tokenizer
@@ -528,16 +538,19 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     check_encoders(ctx, registered)
     features = load_item_features(ctx)
     summary = _tokenize_new_items(ctx, registered, *features)
-    champion = alias_version(ctx.mlflow, ctx.config.models.ranker, CHAMPION)
-    older = None if champion is None else champion.tags[TOKENIZER_VERSION]
-    if older in (None, current):
-        return summary
-    registered = find_versions(ctx.mlflow, name, tokenizer_version=older)[0]
-    if reason := encoder_mismatch(ctx, registered):
-        log.warning("no new %s IDs for @%s: %s", older, CHAMPION, reason)
-        summary["champion"] = {"tokenizer_version": older, "skipped": True, "reason": reason}
-    else:
-        summary["champion"] = _tokenize_new_items(ctx, registered, *features)
+    covered = {current}
+    for alias in (CHAMPION, PREVIOUS):
+        held = alias_version(ctx.mlflow, ctx.config.models.ranker, alias)
+        older = None if held is None else held.tags.get(TOKENIZER_VERSION)
+        if older is None or older in covered:
+            continue
+        covered.add(older)
+        registered = find_versions(ctx.mlflow, name, tokenizer_version=older)[0]
+        if reason := encoder_mismatch(ctx, registered):
+            log.warning("no new %s IDs for @%s: %s", older, alias, reason)
+            summary[alias] = {"tokenizer_version": older, "skipped": True, "reason": reason}
+        else:
+            summary[alias] = _tokenize_new_items(ctx, registered, *features)
     return summary
 
 

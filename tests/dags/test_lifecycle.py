@@ -903,6 +903,8 @@ def test_an_older_months_activation_leaves_the_newer_tokenizer_current(world) ->
         run_step("activate-tokenizer", DAY1, world["config"])
     with pytest.raises(StepSkipped, match=f"is {december}, newer than the tokenizer of 2026-10-01"):
         run_step("train-tokenizer", dt.date(2026, 10, 1), world["config"])  # a backfill trains nothing
+    with pytest.raises(StepSkipped, match=f"is {december}, newer than the tokenizer of {DAY1}"):
+        run_step("train-tokenizer", DAY1, world["config"])  # registered: skipped, its samples not rebuilt
     assert current() == december and len(client.search_model_versions(f"name = '{name}'")) == versions
     with pytest.raises(StepSkipped, match=f"passed the samples of tokenizer {VERSION}, but @current is now"):
         run_step("finetune", dec1, world["config"], {"tokenizer_version": VERSION})
@@ -921,19 +923,29 @@ def test_an_older_months_activation_leaves_the_newer_tokenizer_current(world) ->
 
 
 def test_a_rollback_to_an_older_tokenizers_champion_serves_the_items_that_arrived_since(world) -> None:
-    """Runs last. @previous is v1, November's first champion, which packaged its IDs before items
-    arrived (day 5 and December). A rollback restores it and registers it again with every ID the lake
-    holds for its tokenizer version, so the restored champion serves them at once. A retry of the
-    day's refresh registers nothing more."""
+    """Runs last. December's candidate is the champion, and @previous is v1, November's first
+    champion, which packaged its IDs before items arrived (day 5 and December). Items arriving now
+    get IDs under November's version as well, as @previous's. A rollback restores v1 and registers
+    it again with every ID the lake holds for its tokenizer version, so the restored champion serves
+    them at once. A retry of the day's refresh registers nothing more."""
     from pipelines import tokenizer
     from pipelines.ranker_model import load_ranker
+    from pipelines.registry import find_versions
     from pipelines.steps import run_step
 
     dec10 = dt.date(2026, 12, 10)
     client = _client()
+    december = find_versions(client, "hisam-ranker", tokenizer_version="dst-20261201")[-1]
+    client.set_registered_model_alias("hisam-ranker", "champion", december.version)  # promoted, say
     client.set_registered_model_alias("hisam-ranker", "previous", "1")  # what the on-call rolls back to
+    arrived = _new_items_arrive(world, dec10, 2)
+    for step in ("ingest", "validate", "embed"):
+        run_step(step, dec10, world["config"])
+    daily = run_step("tokenize-new-items", dec10, world["config"])
+    assert "champion" not in daily and daily["previous"]["tokenizer_version"] == VERSION
     versions = len(client.search_model_versions("name = 'hisam-ranker'"))
     ids = tokenizer.semantic_ids_of(_ctx(world, dec10), VERSION)
+    assert arrived <= set(ids.item_ids.tolist())
     summary = run_step("rollback", dec10, world["config"])
     assert summary["restored"] == "1" and summary["new_items"] == len(ids.item_ids) - 120 > 0
     champion = client.get_model_version_by_alias("hisam-ranker", "champion")

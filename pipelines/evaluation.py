@@ -163,6 +163,11 @@ def run_parallel(
     labels = [f"{sub.run[0]} seed {sub.seeds[0]}" for sub in subs]
     level = logging.getLogger().getEffectiveLevel()
     parts = pool_map(_job, [(sub, features_cache, level) for sub in subs], workers, labels)
+    if reuse and parts and (kept or kept_points) and parts[0]["dataset"] != reuse.get("dataset"):
+        raise ValueError(  # the same path, another file (re-exported in place) or other features
+            f"--reuse: the earlier result was measured on the split {reuse.get('dataset')}, this run's data "
+            f"gives {parts[0]['dataset']}: its runs are not comparable; run without --reuse"
+        )
     log.info("reusing %d runs and %d sweep points", len(kept), len(kept_points))
     records = {**kept_points}
     records |= {(r["experiment"], r["seed"]): r for r in [*kept, *(r for p in parts for r in p["runs"])]}

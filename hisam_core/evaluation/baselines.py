@@ -2,8 +2,9 @@
 
 * :class:`IDRanker`: sparse-ID sequential rankers. One token per interaction, ``item embedding +
   action embedding``, after a profile token; the action of item ``t`` is predicted from the hidden
-  state at ``t - 1`` (everything before ``t``, actions included) and the embedding of item ``t``
-  (a small MLP on ``[h, e, h * e]``). Two blocks:
+  state before ``t``'s instant (everything the user did before ``t``'s timestamp, actions included,
+  not the interactions of the same second) and the embedding of item ``t`` (a small MLP on
+  ``[h, e, h * e]``). Two blocks:
 
   - ``sasrec``: pre-LayerNorm softmax self-attention + GELU FFN, learned absolute positions
     (SASRec, Kang & McAuley 2018, used as a ranker);
@@ -74,6 +75,7 @@ class IDBatch:
     actions: torch.Tensor
     targets: torch.Tensor
     profile: torch.Tensor
+    context: torch.Tensor  # [B, n]: the state each item is scored from, the one before its instant
 
 
 class SASRecBlock(nn.Module):
@@ -161,9 +163,17 @@ class IDRankerModel(nn.Module):
             x = x + self.position(torch.arange(x.shape[1], device=x.device))
         for block in self.blocks:
             x = block(x)
-        context = self.norm(x)[:, :-1]  # state before each item
+        states = self.norm(x)  # states[:, p]: after the start token and the items before p
+        context = states.gather(1, batch.context[..., None].expand(-1, -1, states.shape[-1]))
         candidate = self.item(batch.items)
         return self.head(torch.cat([context, candidate, context * candidate], dim=-1)).squeeze(-1)
+
+
+def instant_starts(timestamps: np.ndarray) -> np.ndarray:
+    """For each position of a chronological window, the first position of its instant (its run of
+    equal timestamps): the state an ID ranker scores it from sees nothing of that second."""
+    starts = np.r_[0, np.flatnonzero(np.diff(timestamps)) + 1]
+    return starts[np.searchsorted(starts, np.arange(len(timestamps)), side="right") - 1]
 
 
 class IDRanker:
@@ -195,6 +205,7 @@ class IDRanker:
         actions = np.zeros((len(windows), n), dtype=np.int64)
         targets = np.zeros((len(windows), n), dtype=bool)
         profile = np.zeros((len(windows), len(self.profile_offsets)), dtype=np.int64)
+        context = np.tile(np.arange(n, dtype=np.int64), (len(windows), 1))
         for row, w in enumerate(windows):
             try:
                 items[row, : len(w)] = [self.item_index[int(i)] for i in w.item_ids]
@@ -203,7 +214,9 @@ class IDRanker:
             actions[row, : len(w)] = w.labels
             targets[row, : len(w)] = w.targets
             profile[row] = [self.profile_offsets[f] + int(w.profile[f]) for f in self.profile_offsets]
-        return IDBatch(*(torch.from_numpy(a) for a in (items, actions, targets, profile)))
+            if w.timestamps is not None:
+                context[row, : len(w)] = instant_starts(w.timestamps)
+        return IDBatch(*(torch.from_numpy(a) for a in (items, actions, targets, profile, context)))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

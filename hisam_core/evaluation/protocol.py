@@ -9,6 +9,10 @@ cold-start users, and the fixed history windows every model of the comparison is
   interactions; test users are the users with at least one test interaction.
 * **Per-user order.** ``(timestamp, item_id)``; a test interaction's history is every earlier
   interaction of its user, train and earlier test ones (the ``all_earlier`` rule of the Spark job).
+  Interactions of one instant are not each other's history: the item-id order among them is
+  arbitrary, and an earlier one's label would be the answer (a MovieLens user often rates several
+  films in one second). The ID rankers score a target from the state before its instant; windows
+  carry the timestamps for that.
 * **Windows.** A model sees at most ``window`` items. A user's sequence is cut into windows of at most
   ``window`` items whose *targets* (the labelled positions) are consecutive chunks of at most
   ``stride`` items (the first chunk of a sequence may take a whole window); every target after the
@@ -128,6 +132,7 @@ class Window:
     labels: np.ndarray  # int64 [n], 0/1
     targets: np.ndarray  # bool [n]
     profile: Mapping[str, int]
+    timestamps: np.ndarray | None = None  # int64 [n]; None: each interaction its own instant
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -206,6 +211,7 @@ def _windows_of(
     user_id: int,
     item_ids: np.ndarray,
     labels: np.ndarray,
+    timestamps: np.ndarray,
     is_target: np.ndarray,
     profile: Mapping[str, int],
     window: int,
@@ -222,7 +228,9 @@ def _windows_of(
         chunk = positions[(positions >= first) & (positions < end)]
         targets = np.zeros(end - start, dtype=bool)
         targets[chunk - start] = True
-        out.append(Window(user_id, item_ids[start:end], labels[start:end], targets, profile))
+        out.append(
+            Window(user_id, item_ids[start:end], labels[start:end], targets, profile, timestamps[start:end])
+        )
         i += len(chunk)
     return out
 
@@ -243,6 +251,7 @@ def build_windows(
     for user_id, rows in split.interactions.groupby("user_id", sort=True):
         items = rows["item_id"].to_numpy()
         labels = rows["label"].to_numpy()
+        timestamps = rows["timestamp"].to_numpy(dtype=np.int64)
         is_test = rows["split"].to_numpy() == "test"
         profile = profiles.get(int(user_id), {})
         n_train = int((~is_test).sum())
@@ -251,13 +260,16 @@ def build_windows(
                 int(user_id),
                 items[:n_train],
                 labels[:n_train],
+                timestamps[:n_train],
                 np.ones(n_train, bool),
                 profile,
                 window,
                 stride,
             )
         if is_test.any():
-            test_windows += _windows_of(int(user_id), items, labels, is_test, profile, window, stride)
+            test_windows += _windows_of(
+                int(user_id), items, labels, timestamps, is_test, profile, window, stride
+            )
     return train_windows, test_windows
 
 

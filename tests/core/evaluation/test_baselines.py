@@ -41,8 +41,9 @@ def prefixes(windows: list[Window]) -> list[Window]:
         for offset in np.flatnonzero(w.targets):
             targets = np.zeros(offset + 1, dtype=bool)
             targets[-1] = True
+            times = None if w.timestamps is None else w.timestamps[: offset + 1]
             out.append(
-                Window(w.user_id, w.item_ids[: offset + 1], w.labels[: offset + 1], targets, w.profile)
+                Window(w.user_id, w.item_ids[: offset + 1], w.labels[: offset + 1], targets, w.profile, times)
             )
     return out
 
@@ -62,6 +63,33 @@ def test_id_ranker_one_pass_equals_per_target_scoring(windows, planted, block):
     alone = ranker.score(prefixes(windows), batch_size=1)
     np.testing.assert_allclose(one_pass, alone, rtol=1e-5, atol=1e-6)
     assert np.std(one_pass) > 0
+
+
+@pytest.mark.parametrize("block", ["sasrec", "hstu"])
+def test_an_id_ranker_scores_a_target_from_before_its_instant(planted, block):
+    """Interactions of one second are not each other's history: a target's score is its score with
+    the same-second items before it removed, so their labels (past actions are on) cannot reach it;
+    a label of an earlier second does."""
+    _, _, item_ids = planted
+    ranker = IDRanker(
+        IDRankerConfig(block=block, hidden_size=16, num_heads=2, ffn_size=32),
+        TrainConfig(max_steps=3, batch_size=8, warmup_steps=1),
+        item_ids,
+        PROFILE_FIELDS,
+        WINDOW,
+    )
+    items, times = item_ids[:5], np.array([10, 20, 20, 20, 30])
+    labels = np.array([1, 0, 1, 0, 1])
+    window = Window(7, items, labels, np.ones(5, bool), {"age": 1}, times)
+    ranker.fit([window] * 4)
+    one_pass = ranker.score([window])
+    keep = [0, 3]  # item 3 after the items of an earlier second only
+    alone = Window(7, items[keep], labels[keep], np.array([False, True]), {"age": 1}, times[keep])
+    np.testing.assert_allclose(one_pass[3], ranker.score([alone])[0], rtol=1e-5, atol=1e-6)
+    same_second = Window(7, items, np.array([1, 1, 0, 0, 1]), window.targets, window.profile, times)
+    np.testing.assert_allclose(ranker.score([same_second])[:4], one_pass[:4], rtol=1e-5, atol=1e-6)
+    earlier = Window(7, items, np.array([0, 0, 1, 0, 1]), window.targets, window.profile, times)
+    assert not np.allclose(ranker.score([earlier])[1:4], one_pass[1:4], atol=1e-6)
 
 
 def semantic_id_ranker(planted, **model: object) -> SemanticIDRanker:

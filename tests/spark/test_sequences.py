@@ -146,7 +146,7 @@ def test_no_row_a_behaviour_encoder_cut_at_a_whole_second_saw_is_test(spark) -> 
     assert SplitCut(3, 9, 8, "exact", "days").whole_seconds() == 3 * 86_400
 
 
-def test_exact_cut_matches_a_sort_and_survives_a_missed_bracket(spark) -> None:
+def test_exact_cut_matches_a_sort_and_survives_a_missed_bracket(spark, monkeypatch) -> None:
     rng = np.random.default_rng(3)
     seconds = rng.integers(0, 400, size=3000)  # many ties
     df = add_labels(
@@ -158,9 +158,23 @@ def test_exact_cut_matches_a_sort_and_survives_a_missed_bracket(spark) -> None:
     epoch = int(EPOCH.timestamp())
     expected = (epoch + int(np.sort(seconds)[k])) * 1_000_000
     assert (cut.cut_key, cut.rank, cut.n_total, cut.key_unit) == (expected, k, 3000, "us")
-    # a bracket that misses the answer is detected (None), the unbracketed recount is exact
+    # a bracket that misses the answer, above or below it, is detected (None); the recount is exact
     assert exact_cut(df, k, expected + 10, expected + 20) is None
+    assert exact_cut(df, k, expected - 20_000_000, expected - 10_000_000) is None
     assert exact_cut(df, k, None, None) == expected
+    from spark_jobs import sequences
+
+    brackets = []
+
+    def missing(df, k, lo, hi):  # the approximate quantiles' bracket lands below the answer
+        brackets.append((lo, hi))
+        return exact_cut(
+            df, k, *((expected - 20_000_000, expected - 10_000_000) if lo is not None else (lo, hi))
+        )
+
+    monkeypatch.setattr(sequences, "_exact_cut", missing)
+    assert compute_cut(df, cfg).cut_key == expected and brackets[1:] == [(None, None)]
+    monkeypatch.undo()
     approx = compute_cut(df, cfg.model_copy(update={"cut_method": "approx"}))
     rank = int((seconds < approx.cut_key // 1_000_000 - epoch).sum())
     ties = int(np.bincount(seconds).max())  # the cut falls between seconds: a tie group moves whole

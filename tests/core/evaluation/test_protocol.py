@@ -86,6 +86,11 @@ def test_labels_are_rating_above_three_or_the_label_column():
 def test_split_is_chronological_with_ties_at_the_cut_in_test(planted):
     frame, _, _ = planted
     frame = pd.concat([frame, frame.head(7).assign(user_id=999)])  # some timestamps now repeat
+    k = int(np.floor(0.9 * (len(frame) + 3)))
+    at = np.sort(frame["timestamp"].to_numpy())[k - 1]  # three more rows there: ranks k-1..k+2 tie
+    frame = pd.concat([frame, frame[frame["timestamp"] == at].head(1).assign(user_id=998).iloc[[0, 0, 0]]])
+    ranked = np.sort(frame["timestamp"].to_numpy())
+    assert ranked[k - 1] == ranked[k]  # a row-count split would cut this instant in two
     split = chronological_split(label_interactions(frame, ProtocolConfig()), ProtocolConfig())
     train, test = split.train, split.test
     assert len(train) + len(test) == len(frame)

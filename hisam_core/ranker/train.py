@@ -341,8 +341,10 @@ def evaluate(
     for start in range(0, len(histories), batch_size):
         chunk = histories[start : start + batch_size]
         batch = builder.batch(chunk).to(device)
-        logits, targets = action_logits(model, batch, builder.vocab)
         labelled = batch.labels != IGNORE_LABEL
+        if not bool(labelled.any()):  # the budget dropped every labelled item of the chunk
+            continue
+        logits, targets = action_logits(model, batch, builder.vocab)
         row_users = batch.user_ids.unsqueeze(1).expand_as(batch.labels)[labelled]
         is_cold = torch.tensor(
             [h.user_id in cold_users if cold_users is not None else len(h) < cold_start_items for h in chunk],
@@ -353,6 +355,8 @@ def evaluate(
         users.append(row_users.cpu())
         cold.append(is_cold.unsqueeze(1).expand_as(batch.labels)[labelled].cpu())
     model.train(was_training)
+    if not scores:
+        raise ValueError("no labelled action within the token budget: nothing to evaluate")
     return ranking_metrics(  # the cold metrics are NaN when no cold user has both classes (or none is cold)
         torch.cat(labels).numpy(),
         torch.cat(scores).numpy(),

@@ -90,7 +90,8 @@ def test_sft_from_pretrained_learns_the_task(pretrained, tmp_path):
 def test_evaluate_scores_each_labelled_action_as_the_reference_scores_its_prefix():
     """``evaluate`` = ``ranking_metrics`` of the reference scores: item k of a user scored as a
     candidate after the user's first k items (a separate full forward pass, dense mask), on every
-    labelled item once, whatever the batch size; the cold subset is ``cold_users``."""
+    labelled item once, whatever the batch size (a chunk whose labels the token budget all dropped
+    scores nothing); the cold subset is ``cold_users``."""
     from hisam_core.metrics import ranking_metrics
     from hisam_core.ranker.serving import rank_reference
 
@@ -114,6 +115,10 @@ def test_evaluate_scores_each_labelled_action_as_the_reference_scores_its_prefix
         np.array(labels), np.array(scores), np.array(groups), np.isin(groups, list(cold))
     )
     assert len(scores) == 36 and 0 < sum(labels) < 36 and np.std(scores) > 1e-3
+    long = next(u for u in TEST_USERS if len(u) == 12)  # labelled on items the budget drops only
+    cut = UserHistory(long.user_id, long.items, long.actions, long.profile, np.arange(12) < 2)
+    assert not (SequenceBuilder(SEQUENCE).batch([cut]).labels != IGNORE_LABEL).any()
+    users.append(cut)  # scores nothing, and a batch of it alone is no error
     for batch_size in (256, 5, 1):
         got = evaluate(model, SEQUENCE, users, batch_size=batch_size, cold_users=cold)
         assert got == pytest.approx(expected, abs=1e-6), batch_size

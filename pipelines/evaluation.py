@@ -163,10 +163,15 @@ def run_parallel(
     labels = [f"{sub.run[0]} seed {sub.seeds[0]}" for sub in subs]
     level = logging.getLogger().getEffectiveLevel()
     parts = pool_map(_job, [(sub, features_cache, level) for sub in subs], workers, labels)
-    if reuse and parts and (kept or kept_points) and parts[0]["dataset"] != reuse.get("dataset"):
-        raise ValueError(  # the same path, another file (re-exported in place) or other features
-            f"--reuse: the earlier result was measured on the split {reuse.get('dataset')}, this run's data "
-            f"gives {parts[0]['dataset']}: its runs are not comparable; run without --reuse"
+    if (
+        reuse
+        and parts
+        and (kept or kept_points)
+        and _split(parts[0]["dataset"]) != _split(reuse.get("dataset"))
+    ):
+        raise ValueError(  # the same path, another file (re-exported in place): checked once it is read
+            f"--reuse: the earlier result was measured on the split {_split(reuse.get('dataset'))}, this "
+            f"run's data gives {_split(parts[0]['dataset'])}: its runs are not comparable; run without --reuse"
         )
     log.info("reusing %d runs and %d sweep points", len(kept), len(kept_points))
     records = {**kept_points}
@@ -178,6 +183,11 @@ def run_parallel(
     scaling = collect_scaling(config, records) if config.scaling is not None else None
     dataset = parts[0]["dataset"] if parts else (reuse or {}).get("dataset", {})
     return assemble(config, dataset, runs, scaling)
+
+
+def _split(dataset: dict[str, Any] | None) -> dict[str, Any]:
+    """A result's split summary without the features fingerprint (:func:`_same_features` judges it)."""
+    return {k: v for k, v in (dataset or {}).items() if k != "features"}
 
 
 def pool_map(fn: Callable[[T], R], items: list[T], workers: int, labels: list[str]) -> list[R]:

@@ -387,9 +387,9 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     # tokenize-catalogue quarantines the incomplete
     features, snapshot, _ = load_item_features(ctx, catalogue=catalogue)
     cold = cold_behavior_embedding(ctx, snapshot)  # before training: it fails without warm rows
-    out = ctx.settings.home / "tokenizer" / version
-    out.mkdir(parents=True, exist_ok=True)
     with mlflow.start_run(run_name=f"train-tokenizer-{version}") as run:
+        out = ctx.settings.home / "tokenizer" / version / run.info.run_id  # one per run: two never mix
+        out.mkdir(parents=True, exist_ok=True)
         mlflow.set_tags({**ctx.run_tags("train-tokenizer"), "tokenizer_version": version})
         log_config(ctx.config.tokenizer, name="tokenizer")
         ctx.log_input(EMBEDDINGS, snapshot, "training", "item_embeddings")
@@ -545,12 +545,22 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
         if older is None or older in covered:
             continue
         covered.add(older)
-        registered = find_versions(ctx.mlflow, name, tokenizer_version=older)[0]
-        if reason := encoder_mismatch(ctx, registered):
-            log.warning("no new %s IDs for @%s: %s", older, alias, reason)
+        try:
+            registered = find_versions(ctx.mlflow, name, tokenizer_version=older)[0]
+            if reason := encoder_mismatch(ctx, registered):
+                log.warning("no new %s IDs for @%s: %s", older, alias, reason)
+                summary[alias] = {"tokenizer_version": older, "skipped": True, "reason": reason}
+            else:
+                summary[alias] = _tokenize_new_items(ctx, registered, *features)
+        except Exception as err:  # @previous only serves after a rollback: it must not stop the day
+            if alias != PREVIOUS:
+                raise
+            reason = f"{type(err).__name__}: {err}"
+            log.exception("no new %s IDs for @%s", older, alias)
+            ctx.alert(
+                f"no new {older} IDs for @{alias}", f"a rollback would not serve them: {reason}", "warning"
+            )
             summary[alias] = {"tokenizer_version": older, "skipped": True, "reason": reason}
-        else:
-            summary[alias] = _tokenize_new_items(ctx, registered, *features)
     return summary
 
 

@@ -330,12 +330,19 @@ def record_fingerprints(
     """Record ``fingerprint`` on the rows of ``encoder`` (name, version) written before
     ``gold.item_embeddings`` had the column, where ``current`` (``item_id, input_hash``: the hashes
     the configured settings give today) proves it: a row's ``input_hash`` covers its settings. One
-    MERGE, before anything else is written; returns the rows recorded and the version committed
-    (None when no row needed it). Rows it leaves without one were computed with other settings."""
+    MERGE; returns the rows recorded and the version committed (None when no row needed it). Rows of
+    catalogue items it leaves without one were computed with other settings or another input (the
+    embed redoes them); rows of items retracted from the catalogue are never read, and left as
+    they are."""
     name, version = encoder
     part = {"dataset": dataset, "modality": modality}
-    unrecorded = lake.read(GOLD_ITEM_EMBEDDINGS, partitions=part).filter(
-        (F.col("encoder") == name) & (F.col("encoder_version") == version) & F.col("fingerprint").isNull()
+    listed = lake.read(GOLD_ITEM_DOCUMENTS, partitions={"dataset": dataset}).select("item_id")
+    unrecorded = (
+        lake.read(GOLD_ITEM_EMBEDDINGS, partitions=part)
+        .filter(
+            (F.col("encoder") == name) & (F.col("encoder_version") == version) & F.col("fingerprint").isNull()
+        )
+        .join(listed, "item_id", "left_semi")
     )
     if unrecorded.isEmpty():  # every day once recorded: ``current`` (image digests) is not computed
         return 0, None
@@ -361,19 +368,20 @@ def refuse_vanished_inputs(todo: DataFrame, done: DataFrame, max_fraction: float
     """Refuse a run that would turn more than ``max_fraction`` of the present vectors of ``done``
     (the encoder's rows: ``item_id, present``) into absent ones because the files ``todo`` (the
     inputs to embed, with ``input_missing``) names are no longer there: one unmounted share makes
-    every poster look deleted, and the next monthly DST would learn from no image at all."""
+    every poster look deleted, and the next monthly DST would learn from no image at all. One file
+    may always vanish (a catalogue of a few posters is not stopped by one deletion)."""
     present = done.filter("present").select("item_id")
     vanished = todo.filter("input_missing").join(present, "item_id", "left_semi").select("input")
     n = vanished.count()
     if not n:
         return
     had = present.count()
-    if n > max_fraction * had:
+    if n > 1 and n > max_fraction * had:
         examples = ", ".join(repr(r.input) for r in vanished.limit(3).collect())
         raise ValueError(
             f"{label}: the files of {n} of the {had} items with a present vector are no longer there "
             f"(e.g. {examples}), above max_vanished_fraction {max_fraction}: is the share they are on "
-            "mounted? Nothing was written. If they were removed on purpose, run with a larger "
+            f"mounted? Nothing of {label} was written. If they were removed on purpose, run with a larger "
             "embeddings.job.max_vanished_fraction (1 turns the check off)."
         )
     logger.warning(
@@ -394,10 +402,6 @@ def embed_items(
         "input_hash", F.sha2(F.concat_ws(":", "input_hash", F.lit(spec.fingerprint())), 256)
     )
     part = {"dataset": dataset, "modality": spec.modality}
-    report.fingerprinted, recorded = record_fingerprints(
-        lake, dataset, spec.modality, (name, spec.version), spec.fingerprint(), inputs
-    )
-    report.versions += [] if recorded is None else [recorded]
     done = (
         lake.read(GOLD_ITEM_EMBEDDINGS, partitions=part)
         .filter((F.col("encoder") == name) & (F.col("encoder_version") == spec.version))
@@ -415,8 +419,12 @@ def embed_items(
         report.items = docs.count()
         pending = todo.count()
         report.skipped = report.items - pending
-        if pending:
+        if pending:  # before anything is written
             refuse_vanished_inputs(todo, done, config.max_vanished_fraction, f"{dataset}/{spec.modality}")
+        report.fingerprinted, recorded = record_fingerprints(  # todo is unchanged: the hashes are
+            lake, dataset, spec.modality, (name, spec.version), spec.fingerprint(), inputs
+        )
+        report.versions += [] if recorded is None else [recorded]
         slices = max(1, math.ceil(pending / config.commit_every))
         partitions = config.num_partitions or lake.spark.sparkContext.defaultParallelism
         logger.info(

@@ -366,10 +366,11 @@ GOLD_ITEM_EMBEDDINGS = _register(
                 _f("embedding", T.ArrayType(T.FloatType(), containsNull=False), False),
                 _f("present", T.BooleanType(), False),  # False: the encoder had no input (fallback row)
                 _f("input_hash", STR, False),  # of the input (document, image path + bytes) and settings
-                # digest of the encoder settings the row was computed with (EncoderSpec.fingerprint;
-                # behaviour: behaviour_fingerprint): readers take the configured one's rows only, so
-                # a re-embed under new settings and the same version never mixes two spaces. Null:
-                # written before the column (the next embed records it where input_hash proves it).
+                # text, image: digest of the encoder settings the row was computed with
+                # (EncoderSpec.fingerprint): readers take the configured one's rows only, so a
+                # re-embed under new settings and the same version never mixes two spaces. Null:
+                # written before the column (the next embed records it where input_hash proves it),
+                # and every behaviour row (one commit per training: never two spaces).
                 _f("fingerprint", STR),
             ]
         ),

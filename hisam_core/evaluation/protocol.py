@@ -16,9 +16,12 @@ cold-start users, and the fixed history windows every model of the comparison is
 * **Windows.** A model sees at most ``window`` items. A user's sequence is cut into windows of at most
   ``window`` items whose *targets* (the labelled positions) are consecutive chunks of at most
   ``stride`` items (the first chunk of a sequence may take a whole window); every target after the
-  first window sees at least ``window - stride`` earlier items. Training windows cover every training
-  interaction of every user once as a target; test windows cover every test interaction once. All
-  models of a comparison get the same windows, so the same inputs and the same labels.
+  first window sees at least ``window - stride`` earlier items (the ID rankers fewer where they share
+  the target's second). Training windows cover every training interaction of every user once as a
+  target; test windows cover every test interaction once. All models of a comparison get the same
+  windows, so the same inputs and the same labels; HMAT does not take the timestamps, so its
+  variants that show past actions (``causal``, ``history_memory: anchor_action``) still see the
+  labels of a target's same-second predecessors.
 """
 
 from __future__ import annotations

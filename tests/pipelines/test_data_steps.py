@@ -442,6 +442,38 @@ def test_older_interactions_arriving_later_never_put_what_the_behaviour_codes_sa
     assert moved.count() > 0  # the quantile cut alone would have put these rows, seen by SASRec, in test
 
 
+def test_a_version_registered_by_another_run_while_this_one_trained_is_not_registered_twice(
+    ctx_of, monkeypatch
+) -> None:
+    """Two runs of one month overlap (a CLI run beside the DAG's): the one that finishes second does
+    not register the version again, so the steps after find one model per version."""
+    import hisam_core.tokenizer
+    from pipelines.registry import find_versions
+    from pipelines.steps import run_step
+
+    ctx, race = ctx_of(), "dst-race"
+    fit = hisam_core.tokenizer.train_tokenizer
+    other = []
+
+    def overtaken(*args, **kwargs):
+        model = fit(*args, **kwargs)
+        version = ctx.mlflow.create_model_version(
+            "hisam-tokenizer", str(ctx.settings.home), tags={"tokenizer_version": race}
+        )
+        other.append(version.version)
+        return model
+
+    monkeypatch.setattr(hisam_core.tokenizer, "train_tokenizer", overtaken)
+    try:
+        summary = run_step("train-tokenizer", DAY, ctx.config, {"tokenizer_version": race})
+        registered = find_versions(ctx.mlflow, "hisam-tokenizer", tokenizer_version=race)
+        assert (summary["skipped"], summary["model_version"]) == (True, other[0])
+        assert [v.version for v in registered] == other
+    finally:
+        for version in other:
+            ctx.mlflow.delete_model_version("hisam-tokenizer", version)
+
+
 def test_tokenize_catalogue_quarantines_the_items_it_cannot_encode_and_a_rerun_changes_nothing(
     ctx_of,
 ) -> None:
@@ -495,8 +527,10 @@ def test_lake_maintenance_changes_no_table_and_no_steps_answer(ctx_of) -> None:
 
 def test_maintenance_keeps_the_embeddings_a_serving_tokenizer_still_reads(ctx_of, monkeypatch) -> None:
     """A tokenizer registered before the model carried its cold behaviour row reads its embeddings
-    snapshot every day it serves: while one is ``@current`` (or ``@champion``'s), ``maintain-lake``
-    does not vacuum ``gold.item_embeddings``; one that carries it holds nothing back."""
+    snapshot every day it serves: while one is ``@current`` (or ``@champion``'s or ``@previous``'s),
+    ``maintain-lake`` does not vacuum ``gold.item_embeddings``; one that carries it holds nothing
+    back."""
+    from pipelines.maintenance import snapshot_readers
     from pipelines.registry import find_versions
     from pipelines.steps import run_step
     from pipelines.tokenizer import COLD_BEHAVIOUR
@@ -521,9 +555,20 @@ def test_maintenance_keeps_the_embeddings_a_serving_tokenizer_still_reads(ctx_of
         client.delete_model_version_tag("hisam-tokenizer", registered.version, COLD_BEHAVIOUR)  # as before
         assert run_step("maintain-lake", DAY, ctx.config)["snapshot_readers"] == [VERSION]
         assert [t for t, v in vacuumed.items() if not v] == ["gold.item_embeddings"]
+        # a ranker on it that a rollback would restore holds its snapshot too
+        client.delete_registered_model_alias("hisam-tokenizer", "current")
+        assert snapshot_readers(ctx) == []
+        client.create_registered_model("hisam-ranker")
+        ranker = client.create_model_version(
+            "hisam-ranker", str(ctx.settings.home), tags={"tokenizer_version": VERSION}
+        )
+        client.set_registered_model_alias("hisam-ranker", "previous", ranker.version)
+        assert snapshot_readers(ctx) == [VERSION]
     finally:
         client.set_model_version_tag("hisam-tokenizer", registered.version, COLD_BEHAVIOUR, "carried")
         client.delete_registered_model_alias("hisam-tokenizer", "current")
+        if client.search_registered_models("name = 'hisam-ranker'"):
+            client.delete_registered_model("hisam-ranker")
 
 
 def test_the_embeddings_gate_judges_only_the_configured_encoders_rows(ctx_of) -> None:

@@ -154,35 +154,42 @@ def test_image_modality_with_descriptor_fallback(spark, tmp_path):
 
 def test_a_share_that_vanishes_is_refused_before_any_vector_turns_absent(spark, tmp_path):
     """Files vanishing under present vectors turn them absent only up to ``max_vanished_fraction``
-    of the present vectors; above it (an unmounted share: every file gone) the run writes nothing."""
+    of the present vectors (one file always may); above it (an unmounted share: every file gone)
+    the run writes nothing."""
     lake = Lake(spark, tmp_path / "lake")
     share = tmp_path / "share"
     share.mkdir()
     paths = {}
-    for i in DOCS:
+    for i in range(1, 7):
         paths[i] = str(share / f"{i}.png")
-        Image.new("RGB", (8, 8), (60 * i, 10, 10)).save(paths[i])
-    lake.write(documents(spark, DOCS, paths), "gold.item_documents", mode="merge")
+        Image.new("RGB", (8, 8), (40 * i, 10, 10)).save(paths[i])
+    lake.write(documents(spark, {i: f"film {i}" for i in paths}, paths), "gold.item_documents", mode="merge")
     spec, job = EncoderSpec(modality="image"), EmbeddingJobConfig(num_partitions=1)
     assert embed_items(lake, "ds", spec, job).absent == 0
     version = DeltaTable(lake.path("gold.item_embeddings")).version
+
+    def present() -> list[int]:
+        return sorted(i for i, (_, there, *_) in embeddings(lake, "image").items() if there)
+
+    os.remove(paths[1])  # one file: an ordinary deletion
+    assert (embed_items(lake, "ds", spec, job).absent, present()) == (1, [2, 3, 4, 5, 6])
+    os.remove(paths[2])
+    os.remove(paths[3])  # two of five at once: 0.4 of the present vectors
     written = version()
-    os.remove(paths[1])  # one of four: 0.25 of the present vectors
     with pytest.raises(
-        ValueError, match=r"files of 1 of the 4 items .*'.*1\.png'.*max_vanished_fraction 0\.05"
+        ValueError, match=r"files of 2 of the 5 items .*'.*2\.png'.*max_vanished_fraction 0\.05"
     ):
         embed_items(lake, "ds", spec, job)
-    assert version() == written and all(present for _, present, *_ in embeddings(lake, "image").values())
-    removal = embed_items(lake, "ds", spec, job.model_copy(update={"max_vanished_fraction": 0.25}))
-    assert (removal.embedded, removal.absent) == (1, 1)
+    assert version() == written and present() == [2, 3, 4, 5, 6]
+    allowed = job.model_copy(update={"max_vanished_fraction": 0.4})
+    assert embed_items(lake, "ds", spec, allowed).absent == 3  # item 1's missing file is tried again
     share.rename(tmp_path / "unmounted")
     written = version()
     with pytest.raises(ValueError, match=r"files of 3 of the 3 items .*is the share they are on mounted\?"):
-        embed_items(lake, "ds", spec, job.model_copy(update={"max_vanished_fraction": 0.25}))
-    assert version() == written
-    assert [i for i, (_, present, *_) in sorted(embeddings(lake, "image").items()) if present] == [2, 3, 4]
+        embed_items(lake, "ds", spec, allowed)
+    assert version() == written and present() == [4, 5, 6]
     everything = embed_items(lake, "ds", spec, job.model_copy(update={"max_vanished_fraction": 1}))
-    assert (everything.embedded, everything.absent) == (4, 4)  # item 1's missing file is tried again
+    assert (everything.embedded, everything.absent, present()) == (6, 6, [])
 
 
 def test_each_row_records_its_settings_and_rows_from_before_the_column_get_theirs(
@@ -228,6 +235,23 @@ def test_each_row_records_its_settings_and_rows_from_before_the_column_get_their
     assert all(np.array_equal(after[i][0], before[i][0]) for i in (1, 2, 4))
     assert not np.array_equal(after[3][0], before[3][0])
     assert embed_items(legacy, "ds", words, job).versions == []  # recorded once: nothing to commit
+    # a row of an item no longer in the catalogue never gets one, and never costs the inputs again
+    from pyspark.sql import functions as F
+
+    from spark_jobs.embeddings import record_fingerprints
+
+    retracted = (
+        legacy.read("gold.item_embeddings")
+        .filter("item_id = 1")
+        .withColumns({"item_id": F.lit(99).cast("long"), "fingerprint": F.lit(None).cast("string")})
+    )
+    legacy.write(retracted, "gold.item_embeddings", mode="merge")
+    unreadable = spark.createDataFrame([(1, "h")], "item_id long, input_hash string").withColumn(
+        "input_hash", F.raise_error(F.lit("the inputs were computed"))
+    )
+    recorded = record_fingerprints(legacy, "ds", "text", ("words", "1"), words.fingerprint(), unreadable)
+    assert recorded == (0, None) and fingerprints(legacy)[99] is None
+    DeltaTable(legacy.path("gold.item_embeddings")).delete("item_id = 99")
 
     # new settings, same name and version: the re-embed crashes after its first slice
     wider = words.model_copy(update={"config": {"dim": 32}})

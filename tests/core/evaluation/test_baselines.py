@@ -3,6 +3,8 @@ prefix, and MA-Attn hides past actions where the causal ablation shows them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -48,16 +50,20 @@ def prefixes(windows: list[Window]) -> list[Window]:
     return out
 
 
-@pytest.mark.parametrize("block", ["sasrec", "hstu"])
-def test_id_ranker_one_pass_equals_per_target_scoring(windows, planted, block):
+def id_ranker(planted, block: str, **config: object) -> IDRanker:
     _, _, item_ids = planted
-    ranker = IDRanker(
-        IDRankerConfig(block=block, hidden_size=16, num_heads=2, ffn_size=32),
+    return IDRanker(
+        IDRankerConfig(block=block, hidden_size=16, num_heads=2, ffn_size=32, **config),
         TrainConfig(max_steps=3, batch_size=8, warmup_steps=1),
         item_ids,
         PROFILE_FIELDS,
         WINDOW,
     )
+
+
+@pytest.mark.parametrize("block", ["sasrec", "hstu"])
+def test_id_ranker_one_pass_equals_per_target_scoring(windows, planted, block):
+    ranker = id_ranker(planted, block)
     ranker.fit(windows)
     one_pass = ranker.score(windows)
     alone = ranker.score(prefixes(windows), batch_size=1)
@@ -71,13 +77,7 @@ def test_an_id_ranker_scores_a_target_from_before_its_instant(planted, block):
     the same-second items before it removed, so their labels (past actions are on) cannot reach it;
     a label of an earlier second does."""
     _, _, item_ids = planted
-    ranker = IDRanker(
-        IDRankerConfig(block=block, hidden_size=16, num_heads=2, ffn_size=32),
-        TrainConfig(max_steps=3, batch_size=8, warmup_steps=1),
-        item_ids,
-        PROFILE_FIELDS,
-        WINDOW,
-    )
+    ranker = id_ranker(planted, block)
     items, times = item_ids[:5], np.array([10, 20, 20, 20, 30])
     labels = np.array([1, 0, 1, 0, 1])
     window = Window(7, items, labels, np.ones(5, bool), {"age": 1}, times)
@@ -86,9 +86,9 @@ def test_an_id_ranker_scores_a_target_from_before_its_instant(planted, block):
     keep = [0, 3]  # item 3 after the items of an earlier second only
     alone = Window(7, items[keep], labels[keep], np.array([False, True]), {"age": 1}, times[keep])
     np.testing.assert_allclose(one_pass[3], ranker.score([alone])[0], rtol=1e-5, atol=1e-6)
-    same_second = Window(7, items, np.array([1, 1, 0, 0, 1]), window.targets, window.profile, times)
+    same_second = replace(window, labels=np.array([1, 1, 0, 0, 1]))
     np.testing.assert_allclose(ranker.score([same_second])[:4], one_pass[:4], rtol=1e-5, atol=1e-6)
-    earlier = Window(7, items, np.array([0, 0, 1, 0, 1]), window.targets, window.profile, times)
+    earlier = replace(window, labels=np.array([0, 0, 1, 0, 1]))
     assert not np.allclose(ranker.score([earlier])[1:4], one_pass[1:4], atol=1e-6)
 
 
@@ -139,30 +139,20 @@ def test_hmat_teacher_forced_scoring_equals_candidate_scoring(windows, planted, 
 )
 def test_past_actions_reach_the_score_only_where_the_switch_says(windows, planted, model, sees_actions):
     ranker = semantic_id_ranker(planted, **model)
-    flipped = [Window(w.user_id, w.item_ids, 1 - w.labels, w.targets, w.profile) for w in windows]
+    flipped = [replace(w, labels=1 - w.labels) for w in windows]
     changed = not np.allclose(ranker.score(windows), ranker.score(flipped), atol=1e-6)
     assert changed == sees_actions
 
 
 def own_label_flipped(windows: list[Window]) -> list[Window]:
     """Single-target windows (``prefixes``) with only the target's own label flipped."""
-    return [
-        Window(w.user_id, w.item_ids, np.r_[w.labels[:-1], 1 - w.labels[-1]], w.targets, w.profile)
-        for w in windows
-    ]
+    return [replace(w, labels=np.r_[w.labels[:-1], 1 - w.labels[-1]]) for w in windows]
 
 
 @pytest.mark.parametrize("block", ["sasrec", "hstu"])
 def test_a_targets_own_label_never_reaches_its_id_ranker_score(windows, planted, block):
     """With past actions on, every earlier label moves the score, but the target's own must not."""
-    _, _, item_ids = planted
-    ranker = IDRanker(
-        IDRankerConfig(block=block, hidden_size=16, num_heads=2, ffn_size=32, past_actions=True),
-        TrainConfig(max_steps=3, batch_size=8, warmup_steps=1),
-        item_ids,
-        PROFILE_FIELDS,
-        WINDOW,
-    )
+    ranker = id_ranker(planted, block, past_actions=True)
     ranker.fit(windows)
     alone = prefixes(windows)
     np.testing.assert_array_equal(
@@ -181,16 +171,9 @@ def test_a_targets_own_label_never_reaches_its_hmat_score(windows, planted, mode
 @pytest.mark.parametrize("past_actions", [True, False])
 def test_id_ranker_sees_past_actions_only_when_switched_on(windows, planted, past_actions, block):
     """Both blocks: the own-label test above would pass for a block that ignored labels entirely."""
-    _, _, item_ids = planted
-    ranker = IDRanker(
-        IDRankerConfig(block=block, hidden_size=16, num_heads=2, ffn_size=32, past_actions=past_actions),
-        TrainConfig(max_steps=3, batch_size=8, warmup_steps=1),
-        item_ids,
-        PROFILE_FIELDS,
-        WINDOW,
-    )
+    ranker = id_ranker(planted, block, past_actions=past_actions)
     ranker.fit(windows)
-    flipped = [Window(w.user_id, w.item_ids, 1 - w.labels, w.targets, w.profile) for w in windows]
+    flipped = [replace(w, labels=1 - w.labels) for w in windows]
     assert (not np.allclose(ranker.score(windows), ranker.score(flipped), atol=1e-6)) == past_actions
 
 

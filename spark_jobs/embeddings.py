@@ -17,7 +17,7 @@ encoders do for missing files, so every modality covers the same items.
 Resumable: an item is skipped when a row for the same (dataset, modality, encoder name, encoder
 version) exists with the same ``input_hash``: a hash of what the encoder reads (the document, or the
 image path and the file's bytes, so a poster replaced in place is embedded again; each local image
-is read once per run for it) and of the encoder's settings (:meth:`EncoderSpec.fingerprint`, so
+is read once per run for it, twice on the run that records fingerprints) and of the encoder's settings (:meth:`EncoderSpec.fingerprint`, so
 changed settings embed every item again). The work is committed in slices of ``commit_every`` items
 (one MERGE each), so a crash loses at most one slice and a rerun continues where it stopped. Each row
 records its settings' ``fingerprint`` too: while a re-embed under new settings is in progress (or
@@ -133,8 +133,9 @@ class EmbeddingJobConfig(Config):
     #: computed, not what they mean.
     device: str | None = Field("cpu", pattern=DEVICE_PATTERN)
     #: The largest share of the items with a present image vector whose file may vanish in one run
-    #: (their vectors become absent rows). Above it the run is refused before anything is written: an
-    #: unmounted poster share looks like every file deleted. 1 turns the check off (a mass removal).
+    #: (their vectors become absent rows; one file always may). Above it the run is refused before
+    #: anything is written: an unmounted poster share looks like every file deleted. 1 turns the
+    #: check off (a mass removal).
     max_vanished_fraction: float = Field(0.05, ge=0, le=1)
 
     @field_validator("device")
@@ -421,7 +422,7 @@ def embed_items(
         report.skipped = report.items - pending
         if pending:  # before anything is written
             refuse_vanished_inputs(todo, done, config.max_vanished_fraction, f"{dataset}/{spec.modality}")
-        report.fingerprinted, recorded = record_fingerprints(  # todo is unchanged: the hashes are
+        report.fingerprinted, recorded = record_fingerprints(  # no hash changes: todo stands
             lake, dataset, spec.modality, (name, spec.version), spec.fingerprint(), inputs
         )
         report.versions += [] if recorded is None else [recorded]

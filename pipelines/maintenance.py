@@ -26,19 +26,15 @@ def snapshot_readers(ctx: StepContext) -> list[str]:
     """Tokenizer versions that serve (``@current``'s, ``@champion``'s, and ``@previous``'s, which a
     rollback restores) and were registered before the model carried its cold behaviour row:
     ``tokenize-new-items`` reads their embeddings snapshot."""
-    from pipelines.ranker_model import TOKENIZER_VERSION
-    from pipelines.registry import CHAMPION, CURRENT, PREVIOUS, alias_version, find_versions
-    from pipelines.tokenizer import COLD_BEHAVIOUR
+    from pipelines.registry import find_versions
+    from pipelines.tokenizer import COLD_BEHAVIOUR, serving_tokenizer_versions
 
-    name = ctx.config.models.tokenizer
-    serving = [alias_version(ctx.mlflow, name, CURRENT)]
-    for alias in (CHAMPION, PREVIOUS):
-        ranker = alias_version(ctx.mlflow, ctx.config.models.ranker, alias)
-        if ranker is not None and TOKENIZER_VERSION in ranker.tags:
-            serving += find_versions(ctx.mlflow, name, tokenizer_version=ranker.tags[TOKENIZER_VERSION])[:1]
-    return sorted(
-        {v.tags.get(TOKENIZER_VERSION, v.version) for v in serving if v and COLD_BEHAVIOUR not in v.tags}
-    )
+    readers = []
+    for version in sorted(serving_tokenizer_versions(ctx).values()):
+        registered = find_versions(ctx.mlflow, ctx.config.models.tokenizer, tokenizer_version=version)
+        if registered and COLD_BEHAVIOUR not in registered[0].tags:
+            readers.append(version)
+    return readers
 
 
 def maintain_lake(ctx: StepContext) -> dict[str, Any]:

@@ -68,6 +68,32 @@ def current_tokenizer_version(ctx: StepContext) -> str:
     return str(found.tags[TOKENIZER_VERSION])
 
 
+def registered_tokenizer(ctx: StepContext, version: str) -> Any:
+    """The registered tokenizer (newest model version) tagged ``tokenizer_version=version``."""
+    from pipelines.registry import find_versions
+
+    name = ctx.config.models.tokenizer
+    if found := find_versions(ctx.mlflow, name, tokenizer_version=version):
+        return found[0]
+    raise ValueError(f"{name} has no version tagged tokenizer_version={version} (deleted from the registry?)")
+
+
+def serving_tokenizer_versions(ctx: StepContext) -> dict[str, str]:
+    """Tokenizer versions that serve, by alias, each once: ``@current``'s (the tokenizer model's), then
+    the ranker's ``@champion``'s and ``@previous``'s (which a rollback restores) when they differ."""
+    from pipelines.ranker_model import TOKENIZER_VERSION
+    from pipelines.registry import CHAMPION, CURRENT, PREVIOUS, alias_version
+
+    current = alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT)
+    versions = {} if current is None else {CURRENT: str(current.tags[TOKENIZER_VERSION])}
+    for alias in (CHAMPION, PREVIOUS):
+        held = alias_version(ctx.mlflow, ctx.config.models.ranker, alias)
+        version = None if held is None else held.tags.get(TOKENIZER_VERSION)
+        if version is not None and version not in versions.values():
+            versions[alias] = version
+    return versions
+
+
 def current_tokenizer_version_or_skip(ctx: StepContext, step: str, why: str) -> str:
     """:func:`current_tokenizer_version`; when there is none yet and the step was run with
     ``skip_without_tokenizer=true`` (the daily DAG before the first monthly tokenizer run), the step
@@ -529,24 +555,18 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     and ``previous`` holding an older version's, or why it was skipped: a DST is never fed
     embeddings of encoders it was not trained on.
     """
-    from pipelines.ranker_model import TOKENIZER_VERSION
-    from pipelines.registry import CHAMPION, PREVIOUS, alias_version, find_versions
+    from pipelines.registry import CURRENT, PREVIOUS
 
     current = current_tokenizer_version_or_skip(ctx, "tokenize-new-items", "no item can get a semantic ID")
-    name = ctx.config.models.tokenizer
-    registered = find_versions(ctx.mlflow, name, tokenizer_version=current)[0]
+    registered = registered_tokenizer(ctx, current)
     check_encoders(ctx, registered)
     features = load_item_features(ctx)
     summary = _tokenize_new_items(ctx, registered, *features)
-    covered = {current}
-    for alias in (CHAMPION, PREVIOUS):
-        held = alias_version(ctx.mlflow, ctx.config.models.ranker, alias)
-        older = None if held is None else held.tags.get(TOKENIZER_VERSION)
-        if older is None or older in covered:
+    for alias, older in serving_tokenizer_versions(ctx).items():
+        if alias == CURRENT or older == current:  # tokenized above
             continue
-        covered.add(older)
         try:
-            registered = find_versions(ctx.mlflow, name, tokenizer_version=older)[0]
+            registered = registered_tokenizer(ctx, older)
             if reason := encoder_mismatch(ctx, registered):
                 log.warning("no new %s IDs for @%s: %s", older, alias, reason)
                 summary[alias] = {"tokenizer_version": older, "skipped": True, "reason": reason}
@@ -725,7 +745,9 @@ __all__ = [
     "encoder_specs",
     "encoders_tag",
     "load_item_features",
+    "registered_tokenizer",
     "semantic_ids_of",
+    "serving_tokenizer_versions",
     "tokenize_catalogue",
     "tokenize_new_items",
     "train_tokenizer",

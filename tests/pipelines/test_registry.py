@@ -561,6 +561,96 @@ def test_a_rollback_stands_when_its_refresh_fails_and_says_so(tmp_path, mlflow_s
     assert "lake unreachable" in alerts[1]["text"] and "refresh-champion" in alerts[1]["text"]
 
 
+def _tokenizers_serving(tmp_path, mlflow_store, monkeypatch) -> Any:
+    """A context whose registry holds tokenizer versions of October, November and December (the
+    last ``@current``) and one ranker version on each, none of them aliased yet."""
+    from pipelines.ranker_model import TOKENIZER_VERSION
+    from pipelines.registry import CURRENT
+
+    monkeypatch.setenv("HISAM_NOTIFY_SINKS", "file")
+    monkeypatch.setenv("HISAM_NOTIFY_FILE", str(tmp_path / "alerts.jsonl"))
+    ctx, _ = _registry_with_a_trained_run(tmp_path, mlflow_store, monkeypatch, versions=0)
+    models, source = ctx.config.models, str(tmp_path / "artifacts")
+    ctx.mlflow.create_registered_model(models.tokenizer)
+    for month in ("20261001", "20261101", "20261201"):
+        tags = {TOKENIZER_VERSION: f"dst-{month}"}
+        ctx.mlflow.create_model_version(models.tokenizer, source, tags=tags)
+        ctx.mlflow.create_model_version(models.ranker, source, tags=tags)
+    ctx.mlflow.set_registered_model_alias(models.tokenizer, CURRENT, "3")
+    return ctx
+
+
+def test_the_serving_tokenizers_are_currents_then_the_rankers_champion_and_previous_once_each(
+    tmp_path, mlflow_store, monkeypatch
+) -> None:
+    """``tokenize-new-items`` writes IDs under each, and ``maintain-lake`` keeps the embeddings
+    snapshot of those registered before their model carried its cold behaviour row."""
+    from pipelines.maintenance import snapshot_readers
+    from pipelines.registry import CHAMPION
+    from pipelines.tokenizer import COLD_BEHAVIOUR, serving_tokenizer_versions
+
+    ctx = _tokenizers_serving(tmp_path, mlflow_store, monkeypatch)
+    client, models = ctx.mlflow, ctx.config.models
+    assert serving_tokenizer_versions(ctx) == {"current": "dst-20261201"}
+    client.set_registered_model_alias(models.ranker, CHAMPION, "2")
+    client.set_registered_model_alias(models.ranker, PREVIOUS, "1")
+    assert serving_tokenizer_versions(ctx) == {
+        "current": "dst-20261201",
+        "champion": "dst-20261101",
+        "previous": "dst-20261001",
+    }
+    client.set_registered_model_alias(models.ranker, CHAMPION, "3")  # December's first champion
+    client.set_registered_model_alias(models.ranker, PREVIOUS, "3")  # (a rollback to itself, say)
+    assert serving_tokenizer_versions(ctx) == {"current": "dst-20261201"}
+    client.set_registered_model_alias(models.ranker, PREVIOUS, "1")
+    assert snapshot_readers(ctx) == ["dst-20261001", "dst-20261201"]
+    client.set_model_version_tag(models.tokenizer, "3", COLD_BEHAVIOUR, "1")
+    assert snapshot_readers(ctx) == ["dst-20261001"]
+
+
+def test_new_items_failing_under_previous_alert_and_skip_but_under_champion_fail_the_day(
+    tmp_path, mlflow_store, monkeypatch
+) -> None:
+    """``@previous`` serves only after a rollback, so the day goes on without its IDs, and the
+    on-call hears why; ``@champion`` serves now, so its failure fails the step. The failure here is
+    real: the ranker names a tokenizer version the registry no longer holds."""
+    from pipelines import tokenizer
+    from pipelines.ranker_model import TOKENIZER_VERSION
+    from pipelines.registry import CHAMPION
+
+    ctx = _tokenizers_serving(tmp_path, mlflow_store, monkeypatch)
+    client, models = ctx.mlflow, ctx.config.models
+    tokenized = []
+
+    def tokenize(_ctx, registered, *_features) -> dict[str, str]:  # the lake's part, covered elsewhere
+        tokenized.append(registered.tags[TOKENIZER_VERSION])
+        return {"tokenizer_version": tokenized[-1]}
+
+    monkeypatch.setattr(tokenizer, "load_item_features", lambda _ctx: (None, 0, {}))
+    monkeypatch.setattr(tokenizer, "_tokenize_new_items", tokenize)
+    client.set_model_version_tag(models.ranker, "1", TOKENIZER_VERSION, "dst-20260901")  # deleted since
+    client.set_registered_model_alias(models.ranker, CHAMPION, "2")
+    client.set_registered_model_alias(models.ranker, PREVIOUS, "1")
+
+    summary = tokenizer.tokenize_new_items(ctx)
+    assert tokenized == ["dst-20261201", "dst-20261101"]
+    assert summary["champion"] == {"tokenizer_version": "dst-20261101"}
+    assert summary["previous"] == {
+        "tokenizer_version": "dst-20260901",
+        "skipped": True,
+        "reason": "ValueError: hisam-tokenizer has no version tagged tokenizer_version=dst-20260901 "
+        "(deleted from the registry?)",
+    }
+    alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["title"], a["severity"]) for a in alerts] == [
+        ("no new dst-20260901 IDs for @previous", "warning")
+    ]
+
+    client.set_registered_model_alias(models.ranker, CHAMPION, "1")
+    with pytest.raises(ValueError, match="no version tagged tokenizer_version=dst-20260901"):
+        tokenizer.tokenize_new_items(ctx)
+
+
 def test_evaluate_register_and_promote_take_the_newest_fine_tune_that_finished(
     tmp_path, mlflow_store, monkeypatch
 ) -> None:

@@ -552,8 +552,8 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     then packages them, so the champion serves items that arrived meanwhile; and ``@previous``'s,
     which a rollback restores and refreshes from its version's IDs (the first champion of a new
     tokenizer is the likeliest to be rolled back). The summary is ``@current``'s, with ``champion``
-    and ``previous`` holding an older version's, or why it was skipped: a DST is never fed
-    embeddings of encoders it was not trained on.
+    and ``previous`` holding an older version's, or why it was skipped (with a warning alert): a DST
+    is never fed embeddings of encoders it was not trained on.
     """
     from pipelines.registry import CURRENT, PREVIOUS
 
@@ -569,6 +569,11 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
             registered = registered_tokenizer(ctx, older)
             if reason := encoder_mismatch(ctx, registered):
                 log.warning("no new %s IDs for @%s: %s", older, alias, reason)
+                ctx.alert(
+                    f"no new {older} IDs for @{alias}",
+                    f"its model cannot serve today's new items until one on {current} replaces it: {reason}",
+                    "warning",
+                )
                 summary[alias] = {"tokenizer_version": older, "skipped": True, "reason": reason}
             else:
                 summary[alias] = _tokenize_new_items(ctx, registered, *features)

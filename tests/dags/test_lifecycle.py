@@ -705,7 +705,7 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
     triggers hisam_finetune) and three new items arrive: the daily run gives them IDs of the new
     version and of the champion's, so the refreshed champion serves them. Two more arrive while the
     champion's DST is tagged with other encoders: only the new version can place them, and the daily
-    run still succeeds. Fine-tuning trains on the new version, and it and the old champion are
+    run still succeeds, with a warning alert. Fine-tuning trains on the new version, and it and the old champion are
     evaluated on the rows both can score, leaving out the 16 interactions with those two items."""
     from deltalake import DeltaTable
 
@@ -757,6 +757,9 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
         assert world["run"]("hisam_features", dec1).tasks["tokenize_new_items"] == "success"
     finally:
         client.set_model_version_tag("hisam-tokenizer", old.version, ENCODERS, old.tags[ENCODERS])
+    alert = _alerts(world)[-1]  # the on-call hears that the champion cannot serve them
+    assert (alert["title"], alert["severity"]) == (f"no new {VERSION} IDs for @champion", "warning")
+    assert f"until one on {version} replaces it: hisam-tokenizer" in alert["text"]
     ids = DeltaTable(ids_path).to_pandas()
     placed = ids[ids["item_id"].isin(unservable)]
     assert len(placed) == len(unservable) and set(placed["tokenizer_version"]) == {version}

@@ -44,6 +44,7 @@ from hisam_core.evaluation.harness import (
     run_evaluation,
     scaling_points,
     scaling_records,
+    split_summary,
 )
 from hisam_core.evaluation.semantic import features_fingerprint, load_features_npz
 from hisam_core.features import ItemFeatures
@@ -139,6 +140,11 @@ def run_parallel(
     result of the same data and budget, are kept instead of re-run."""
     kept = _reusable(config, reuse) if reuse else []
     kept_points = _reusable_points(config, reuse) if reuse else {}
+    if (kept or kept_points) and (now := split_summary(config)) != _split(reuse):
+        raise ValueError(  # the same path, another file (re-exported in place)
+            f"--reuse: the earlier result was measured on the split {_split(reuse)}, this run's data "
+            f"gives {now}: its runs are not comparable; run without --reuse"
+        )
     jobs = list(config.jobs())
     if config.scaling is not None:
         jobs += [(e, seed) for _, _, e in scaling_points(config) for seed in config.scaling.seeds]
@@ -163,16 +169,6 @@ def run_parallel(
     labels = [f"{sub.run[0]} seed {sub.seeds[0]}" for sub in subs]
     level = logging.getLogger().getEffectiveLevel()
     parts = pool_map(_job, [(sub, features_cache, level) for sub in subs], workers, labels)
-    if (
-        reuse
-        and parts
-        and (kept or kept_points)
-        and _split(parts[0]["dataset"]) != _split(reuse.get("dataset"))
-    ):
-        raise ValueError(  # the same path, another file (re-exported in place): checked once it is read
-            f"--reuse: the earlier result was measured on the split {_split(reuse.get('dataset'))}, this "
-            f"run's data gives {_split(parts[0]['dataset'])}: its runs are not comparable; run without --reuse"
-        )
     log.info("reusing %d runs and %d sweep points", len(kept), len(kept_points))
     records = {**kept_points}
     records |= {(r["experiment"], r["seed"]): r for r in [*kept, *(r for p in parts for r in p["runs"])]}
@@ -185,9 +181,9 @@ def run_parallel(
     return assemble(config, dataset, runs, scaling)
 
 
-def _split(dataset: dict[str, Any] | None) -> dict[str, Any]:
+def _split(result: dict[str, Any] | None) -> dict[str, Any]:
     """A result's split summary without the features fingerprint (:func:`_same_features` judges it)."""
-    return {k: v for k, v in (dataset or {}).items() if k != "features"}
+    return {k: v for k, v in ((result or {}).get("dataset") or {}).items() if k != "features"}
 
 
 def pool_map(fn: Callable[[T], R], items: list[T], workers: int, labels: list[str]) -> list[R]:

@@ -610,9 +610,28 @@ def run_evaluation(
         if callback is not None:
             callback(record)
     scaling = run_scaling(ctx, done) if config.scaling is not None else None
-    summary = {"name": dataset.name, **split.summary(), "window_items": ctx.window_size(config.max_tokens)}
-    summary["features"] = None if features is None else features_fingerprint(features)
+    summary = {
+        **_split_summary(ctx),
+        "features": None if features is None else features_fingerprint(features),
+    }
     return assemble(config, summary, runs, scaling)
+
+
+def split_summary(config: EvaluationConfig) -> dict[str, Any]:
+    """The ``dataset`` summary :func:`run_evaluation` reports, less the features fingerprint: the
+    data's name, its split and the items per window, read without training anything."""
+    dataset = load_dataset(config.data, config.protocol)
+    return _split_summary(
+        _Context(config, dataset, chronological_split(dataset.interactions, config.protocol), None)
+    )
+
+
+def _split_summary(ctx: _Context) -> dict[str, Any]:
+    return {
+        "name": ctx.dataset.name,
+        **ctx.split.summary(),
+        "window_items": ctx.window_size(ctx.config.max_tokens),
+    }
 
 
 def assemble(

@@ -229,9 +229,16 @@ def test_parallel_jobs_give_the_serial_result_and_the_sweep_reuses_the_base_runs
     assert "1 jobs to run (3 kept from an earlier result)" in caplog.text
     assert [{k: v for k, v in r.items() if k != "wall_s"} for r in filled["runs"]] == timeless[0]
     # kept runs of another split (the interactions file re-exported under the same path): refused
-    moved = {**partial, "dataset": {**partial["dataset"], "test": partial["dataset"]["test"] + 1}}
-    with pytest.raises(ValueError, match="--reuse: the earlier result was measured on the split"):
-        run_parallel(config, str(tmp_path / "unused"), 2, reuse=moved)
+    # before any job runs, also when every run would be kept
+    for earlier in (partial, parallel):
+        moved = {**earlier, "dataset": {**earlier["dataset"], "test": earlier["dataset"]["test"] + 1}}
+        caplog.clear()
+        with (
+            caplog.at_level(logging.INFO, logger="pipelines.evaluation"),
+            pytest.raises(ValueError, match="--reuse: the earlier result was measured on the split"),
+        ):
+            run_parallel(config, str(tmp_path / "unused"), 2, reuse=moved)
+        assert "jobs to run" not in caplog.text
     # a redefined sweep experiment: its runs and its sweep points are all run again
     redefined = config.model_copy(deep=True)
     redefined.experiments[1].hmat = {"ffn_size": 24}

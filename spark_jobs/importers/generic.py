@@ -8,8 +8,8 @@ Parquet or JSONL (one object per line; plain or ``.gz``):
 =============  ========  ===========================================================================
 column         required  meaning
 =============  ========  ===========================================================================
-``user_id``    yes       any string or integer id
-``item_id``    yes       any string or integer id
+``user_id``    yes       any string or integer id (a whole float, pandas' ``42.0``, is the id ``42``)
+``item_id``    yes       any string or integer id (likewise)
 ``timestamp``  yes       unix time in s, ms, us or ns (told apart by magnitude, see
                          ``UNIT_BOUNDS``), a Parquet timestamp, or an ISO-8601 date-time
                          (``2023-11-15T10:00:00Z``); see ``timestamp_unit``
@@ -186,11 +186,17 @@ def _as_text(f: T.StructField) -> Column:
     value = field(f.name)
     if isinstance(f.dataType, T.ArrayType | T.MapType | T.StructType):
         return F.to_json(value)
-    if isinstance(f.dataType, T.FloatType | T.DoubleType):  # NaN and infinities: missing, as in a CSV
-        finite = ~F.isnan(value) & (F.abs(value) != F.lit(float("inf")))
-        whole = F.when(value == F.floor(value), value.try_cast("decimal(38,0)").cast("string"))
-        return F.when(finite, F.coalesce(whole, value.cast("string")))
+    if isinstance(f.dataType, T.FloatType | T.DoubleType):
+        return _float_text(value)
     return value.cast("string")
+
+
+def _float_text(value: Column) -> Column:
+    """A float as text: a whole one without ``.0`` or an exponent, NaN and infinities as missing (as
+    in a CSV)."""
+    finite = ~F.isnan(value) & (F.abs(value) != F.lit(float("inf")))
+    whole = F.when(value == F.floor(value), value.try_cast("decimal(38,0)").cast("string"))
+    return F.when(finite, F.coalesce(whole, value.cast("string")))
 
 
 def detect_format(path: str) -> Literal["csv", "parquet", "jsonl"]:
@@ -297,8 +303,17 @@ def read_as_strings(
         names = _check_names(path, written_names, rename)
         schema = T.StructType([T.StructField(c, T.StringType()) for c in [*written_names, CORRUPT]])
         parsed = F.from_json(RAW, schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT})
+        # a JSON number with a fraction or exponent reads as Parquet's float would (pandas writes an
+        # integer id column with a gap as 42.0): the same number parsed as a double, where it is one
+        # (a quoted "42.0" is text, kept as written; partial results give the other keys theirs)
+        numbers = F.from_json(RAW, T.StructType([T.StructField(c, T.DoubleType()) for c in written_names]))
+
+        def text(c: str) -> Column:
+            value, number = parsed.getField(c), numbers.getField(c)
+            return F.when(number.isNotNull() & value.rlike("[.eE]"), _float_text(number)).otherwise(value)
+
         df = lines.select(
-            *[parsed.getField(c).alias(n) for c, n in zip(written_names, names, strict=True)],
+            *[text(c).alias(n) for c, n in zip(written_names, names, strict=True)],
             F.when(parsed.isNull() | ~F.ltrim(RAW).startswith("{"), F.col(RAW))
             .otherwise(parsed.getField(CORRUPT))
             .alias(CORRUPT),

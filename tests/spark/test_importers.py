@@ -650,7 +650,7 @@ def test_generic_ids_lose_unicode_spaces_and_invisible_characters_at_their_ends(
 
 def test_generic_float_ids_dotted_columns_and_reordered_csv_headers(spark, lake, tmp_path):
     """pandas stores an integer id column with a gap as float64: 42.0 is still the id 42 (not a
-    hash of "42.0"), and 12345678.0 not "1.2345678E7". A dotted column name is read literally (into
+    hash of "42.0"), and 12345678.0 not "1.2345678E7", from Parquet and JSON lines alike. A dotted column name is read literally (into
     ``extra``). A CSV directory whose files order their columns differently is refused, not read
     by position into the wrong columns, and nothing is written."""
     events = pd.DataFrame(
@@ -663,13 +663,25 @@ def test_generic_float_ids_dotted_columns_and_reordered_csv_headers(spark, lake,
         }
     )
     events.to_parquet(tmp_path / "events.parquet")
-    config = GenericImportConfig(dataset="fl", interactions=str(tmp_path / "events.parquet"))
-    assert counts(import_generic(spark, lake, config, DAY)) == {"events.parquet": (3, 2, 1)}
-    rows = lake.read("bronze.interactions", partitions={"dataset": "fl"}).collect()
-    assert {(r.user_id, r.item_id, r.extra) for r in rows} == {
-        ("1", "42", '{"page.url":"a"}'),
-        ("12345678", "7", '{"page.url":"b"}'),
-    }
+    events.to_json(tmp_path / "events.jsonl", orient="records", lines=True)  # 42.0 there too
+    for dataset, name in (("fl", "events.parquet"), ("fj", "events.jsonl")):
+        config = GenericImportConfig(dataset=dataset, interactions=str(tmp_path / name))
+        assert counts(import_generic(spark, lake, config, DAY)) == {name: (3, 2, 1)}
+        rows = lake.read("bronze.interactions", partitions={"dataset": dataset}).collect()
+        assert {(r.user_id, r.item_id, r.extra) for r in rows} == {
+            ("1", "42", '{"page.url":"a"}'),
+            ("12345678", "7", '{"page.url":"b"}'),
+        }
+    quoted = tmp_path / "quoted.jsonl"  # a quoted id is text, as written; an exponent is a number
+    quoted.write_text('{"user_id": "7.0", "item_id": 4.2e1, "timestamp": 1.7e9, "rating": 4}\n')
+    config = GenericImportConfig(dataset="fq", interactions=str(quoted))
+    assert counts(import_generic(spark, lake, config, DAY)) == {"quoted.jsonl": (1, 1, 0)}
+    (row,) = lake.read("bronze.interactions", partitions={"dataset": "fq"}).collect()
+    assert (row.user_id, row.item_id, row.event_ts) == (
+        "7.0",
+        "42",
+        dt.datetime.fromtimestamp(1.7e9, dt.UTC).replace(tzinfo=None),
+    )
     folder = tmp_path / "csv"
     folder.mkdir()
     (folder / "a.csv").write_text("user_id,item_id,timestamp,rating\nu1,i1,1700000000,4\n")

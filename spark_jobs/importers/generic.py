@@ -8,7 +8,8 @@ Parquet or JSONL (one object per line; plain or ``.gz``):
 =============  ========  ===========================================================================
 column         required  meaning
 =============  ========  ===========================================================================
-``user_id``    yes       any string or integer id (a whole float, pandas' ``42.0``, is the id ``42``)
+``user_id``    yes       any string or integer id (in Parquet and JSON lines, a whole float number,
+                         pandas' ``42.0``, is the id ``42``; in a CSV the text ``42.0`` is kept)
 ``item_id``    yes       any string or integer id (likewise)
 ``timestamp``  yes       unix time in s, ms, us or ns (told apart by magnitude, see
                          ``UNIT_BOUNDS``), a Parquet timestamp, or an ISO-8601 date-time
@@ -192,10 +193,12 @@ def _as_text(f: T.StructField) -> Column:
 
 
 def _float_text(value: Column) -> Column:
-    """A float as text: a whole one without ``.0`` or an exponent, NaN and infinities as missing (as
-    in a CSV)."""
+    """A float as text: a whole one without ``.0`` or an exponent (up to 38 digits: ``1e30`` is
+    ``"1000000000000000000000000000000"``, ``1e40`` stays ``"1.0E40"``), NaN and infinities as
+    missing (as in a CSV). No ``floor``: past 2**63 it overflows, and under ANSI fails the job."""
     finite = ~F.isnan(value) & (F.abs(value) != F.lit(float("inf")))
-    whole = F.when(value == F.floor(value), value.try_cast("decimal(38,0)").cast("string"))
+    digits = value.try_cast("decimal(38,0)")  # rounded; null past 38 digits
+    whole = F.when(digits.cast("double") == value, digits.cast("string"))
     return F.when(finite, F.coalesce(whole, value.cast("string")))
 
 

@@ -702,6 +702,28 @@ def test_generic_float_ids_dotted_columns_and_reordered_csv_headers(spark, lake,
     assert counts(report) == {"indexed.csv": (1, 1, 0)}
 
 
+def test_a_float_reads_as_the_text_a_csv_would_carry_whatever_its_magnitude(spark):
+    """Whole floats lose ``.0`` up to 38 digits (exactly: 1e30 is the double's own value), others
+    keep Spark's text; NaN and infinities are missing. A magnitude past 2**63 once overflowed
+    ``floor`` and failed the whole import."""
+    from spark_jobs.importers.generic import _float_text
+
+    values = [42.0, -0.0, -7.0, 42.5, 1e30, 1e40, 1700000000.5, float("nan"), float("inf"), None]
+    frame = spark.createDataFrame([(v,) for v in values], "x double")
+    assert [r.t for r in frame.select(_float_text(F.col("x")).alias("t")).collect()] == [
+        "42",
+        "0",
+        "-7",
+        "42.5",
+        "1000000000000000000000000000000",
+        "1.0E40",
+        "1.7000000005E9",
+        None,
+        None,
+        None,
+    ]
+
+
 def test_timestamps_by_magnitude_and_format(spark):
     from spark_jobs.importers.generic import parse_timestamp
 

@@ -140,7 +140,8 @@ def run_parallel(
     result of the same data and budget, are kept instead of re-run."""
     kept = _reusable(config, reuse) if reuse else []
     kept_points = _reusable_points(config, reuse) if reuse else {}
-    if (kept or kept_points) and (now := split_summary(config)) != _split(reuse):
+    now = split_summary(config) if kept or kept_points else None
+    if now is not None and now != _split(reuse):
         raise ValueError(  # the same path, another file (re-exported in place)
             f"--reuse: the earlier result was measured on the split {_split(reuse)}, this run's data "
             f"gives {now}: its runs are not comparable; run without --reuse"
@@ -169,6 +170,8 @@ def run_parallel(
     labels = [f"{sub.run[0]} seed {sub.seeds[0]}" for sub in subs]
     level = logging.getLogger().getEffectiveLevel()
     parts = pool_map(_job, [(sub, features_cache, level) for sub in subs], workers, labels)
+    if now is not None and any(_split(part) != now for part in parts):
+        raise ValueError(f"--reuse: the data changed while the jobs ran (it gave {now} when they started)")
     log.info("reusing %d runs and %d sweep points", len(kept), len(kept_points))
     records = {**kept_points}
     records |= {(r["experiment"], r["seed"]): r for r in [*kept, *(r for p in parts for r in p["runs"])]}

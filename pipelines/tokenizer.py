@@ -78,14 +78,16 @@ def registered_tokenizer(ctx: StepContext, version: str) -> Any:
     raise ValueError(f"{name} has no version tagged tokenizer_version={version} (deleted from the registry?)")
 
 
-def serving_tokenizer_versions(ctx: StepContext) -> dict[str, str]:
-    """Tokenizer versions that serve, by alias, each once: ``@current``'s (the tokenizer model's), then
-    the ranker's ``@champion``'s and ``@previous``'s (which a rollback restores) when they differ."""
+def serving_tokenizer_versions(ctx: StepContext, current: str | None = None) -> dict[str, str]:
+    """Tokenizer versions that serve, by alias, each once: ``@current``'s (the tokenizer model's, or
+    ``current`` when the caller read it already), then the ranker's ``@champion``'s and
+    ``@previous``'s (which a rollback restores) when they differ."""
     from pipelines.ranker_model import TOKENIZER_VERSION
     from pipelines.registry import CHAMPION, CURRENT, PREVIOUS, alias_version
 
-    current = alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT)
-    versions = {} if current is None else {CURRENT: str(current.tags[TOKENIZER_VERSION])}
+    if current is None and (found := alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT)):
+        current = str(found.tags[TOKENIZER_VERSION])
+    versions = {} if current is None else {CURRENT: current}
     for alias in (CHAMPION, PREVIOUS):
         held = alias_version(ctx.mlflow, ctx.config.models.ranker, alias)
         version = None if held is None else held.tags.get(TOKENIZER_VERSION)
@@ -552,28 +554,31 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     then packages them, so the champion serves items that arrived meanwhile; and ``@previous``'s,
     which a rollback restores and refreshes from its version's IDs (the first champion of a new
     tokenizer is the likeliest to be rolled back). The summary is ``@current``'s, with ``champion``
-    and ``previous`` holding an older version's, or why it was skipped (with a warning alert): a DST
-    is never fed embeddings of encoders it was not trained on.
+    and ``previous`` holding an older version's, or why it was skipped: a DST is never fed embeddings
+    of encoders it was not trained on (a warning alert when that leaves the champion without them).
     """
-    from pipelines.registry import CURRENT, PREVIOUS
+    from pipelines.registry import CHAMPION, CURRENT, PREVIOUS
 
     current = current_tokenizer_version_or_skip(ctx, "tokenize-new-items", "no item can get a semantic ID")
     registered = registered_tokenizer(ctx, current)
     check_encoders(ctx, registered)
     features = load_item_features(ctx)
     summary = _tokenize_new_items(ctx, registered, *features)
-    for alias, older in serving_tokenizer_versions(ctx).items():
-        if alias == CURRENT or older == current:  # tokenized above
+    for alias, older in serving_tokenizer_versions(ctx, current).items():
+        if alias == CURRENT:  # tokenized above
             continue
         try:
             registered = registered_tokenizer(ctx, older)
             if reason := encoder_mismatch(ctx, registered):
                 log.warning("no new %s IDs for @%s: %s", older, alias, reason)
-                ctx.alert(
-                    f"no new {older} IDs for @{alias}",
-                    f"its model cannot serve today's new items until one on {current} replaces it: {reason}",
-                    "warning",
-                )
+                if alias == CHAMPION:  # serving now (a rollback target is only logged: it may wait weeks)
+                    ctx.alert(
+                        f"no new {older} IDs for @{alias}",
+                        f"{registered.name} v{registered.version} was trained on other encoders than the "
+                        f"config's: the champion cannot serve the items that arrived today until a model "
+                        f"on {current} is promoted",
+                        "warning",
+                    )
                 summary[alias] = {"tokenizer_version": older, "skipped": True, "reason": reason}
             else:
                 summary[alias] = _tokenize_new_items(ctx, registered, *features)

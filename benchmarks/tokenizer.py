@@ -54,6 +54,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks.environment import run_environment
 from benchmarks.movielens_features import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR
 from hisam_core.evaluation.features import load_movielens_features
+from hisam_core.evaluation.semantic import features_fingerprint
 from hisam_core.features import ItemFeatures
 from hisam_core.tokenizer.dst import DST
 from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
@@ -431,7 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     results: dict[str, Any] = {
-        "dataset": {"items": len(features), "dims": features.dims},
+        "dataset": {
+            "items": len(features),
+            "dims": features.dims,
+            "absent": {m: int((~present).sum()) for m, present in features.present.items()},
+            "features": features_fingerprint(features),  # as quality.json's dataset.features
+        },
         "reconstruction_definition": RECON_DEFINITION,
         "environment": {
             **run_environment(),

@@ -65,6 +65,9 @@ class Encoder(Protocol):
 
 #: Encoder settings that do not change a vector (how many inputs per call, where files are found).
 EXECUTION_SETTINGS = frozenset({"batch_size", "local_files_only"})
+#: Settings added after fingerprints were first recorded, with the behaviour before them: digested
+#: only when set otherwise, so the rows and tokenizers of earlier configs keep their fingerprint.
+ADDED_SETTINGS: dict[str, dict[str, Any]] = {"text": {"pooling": "mean"}}
 
 
 class EncoderSpec(Config):
@@ -96,6 +99,9 @@ class EncoderSpec(Config):
                 unused = ("pooling",) if settings.model_path is None else ("descriptor",)  # type: ignore[attr-defined]
                 settings = settings.model_copy(update={k: getattr(default, k) for k in unused})
             config = settings.model_dump(mode="json")
+            for key, before in ADDED_SETTINGS.get(self.modality, {}).items():
+                if config.get(key) == before:
+                    del config[key]
         elif self.kind == "hashing":
             config = {"dim": self.config.get("dim", HashingTextEncoder.DEFAULT_DIM)}
         else:  # a factory's keyword arguments: what each one does is the factory's

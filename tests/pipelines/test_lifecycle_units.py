@@ -703,6 +703,10 @@ def test_a_tokenizer_trained_on_other_encoder_settings_is_refused(tmp_path, monk
     # the settings of the image encoder not in use shape nothing (and the defaults' digests stay)
     base = ctx.config.embeddings.image
     assert (base.fingerprint(), text.fingerprint()) == ("c40571b4178330b7", "cbbf142c31dc79bc")
+    # a setting added since (text pooling) keeps them at its old behaviour, and counts otherwise
+    mean = text.model_copy(update={"config": {**text.config, "pooling": "mean"}})
+    assert mean.fingerprint() == text.fingerprint()
+    assert text.model_copy(update={"config": {"pooling": "cls"}}).fingerprint() != text.fingerprint()
     assert base.model_copy(update={"config": {"pooling": "cls"}}).fingerprint() == base.fingerprint()
     model = base.model_copy(update={"config": {"model_path": "/models/vit", "pooling": "cls"}})
     assert model.fingerprint() == "330cce246a7785e4"

@@ -43,6 +43,21 @@ def test_unit_norm_and_matches_manual_mean_pooling(text_encoder):
     np.testing.assert_allclose(emb, reference_embeddings(TEXTS), atol=2e-5)
 
 
+def test_cls_pooling_is_the_first_tokens_state_normalised() -> None:
+    """For BGE-style models; whatever the padding of its batch."""
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = TextEncoder(TextEncoderConfig(pooling="cls"))
+    path = default_text_model_path()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    with torch.no_grad():
+        first = [model(**tok(t, return_tensors="pt")).last_hidden_state[0, 0] for t in TEXTS]
+    reference = np.stack([(v / v.norm()).numpy() for v in first])
+    np.testing.assert_allclose(encoder.encode(TEXTS, batch_size=2), reference, atol=2e-5)
+    assert np.abs(encoder.encode(TEXTS) - reference_embeddings(TEXTS)).max() > 0.1  # not the mean
+
+
 def test_batch_size_and_order_invariant_and_deterministic(text_encoder):
     full = text_encoder.encode(TEXTS, batch_size=len(TEXTS))
     single = text_encoder.encode(TEXTS, batch_size=1)

@@ -11,17 +11,16 @@ cold-start users, and the fixed history windows every model of the comparison is
   interaction of its user, train and earlier test ones (the ``all_earlier`` rule of the Spark job).
   Interactions of one instant are not each other's history: the item-id order among them is
   arbitrary, and an earlier one's label would be the answer (a MovieLens user often rates several
-  films in one second). The ID rankers score a target from the state before its instant; windows
-  carry the timestamps for that.
+  films in one second). The ID rankers score a target from the state before its instant, and HMAT
+  hides from every item the Actions of the others of its instant; windows carry the timestamps.
 * **Windows.** A model sees at most ``window`` items. A user's sequence is cut into windows of at most
   ``window`` items whose *targets* (the labelled positions) are consecutive chunks of at most
   ``stride`` items (the first chunk of a sequence may take a whole window); every target after the
   first window sees at least ``window - stride`` earlier items (the ID rankers fewer where they share
   the target's second). Training windows cover every training interaction of every user once as a
   target; test windows cover every test interaction once. All models of a comparison get the same
-  windows, so the same inputs and the same labels; HMAT does not take the timestamps, so its
-  variants that show past actions (``causal``, ``history_memory: anchor_action``) still see the
-  labels of a target's same-second predecessors.
+  windows, so the same inputs and the same labels, and none reads the label of an interaction of
+  the target's second.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ each other). Every query also sees itself, so fully padded rows stay finite (the
 ``history_memory="anchor_action"`` is an option beyond the paper that also lets later items see
 past Action tokens (under Eq. 10 the action of a past item never reaches a later item, because the
 Anchor precedes its Action). ``mode="causal"`` is the plain causal mask (pre-training, ablation).
+Under either, items of one instant (a user who rated several films in one second) are not each
+other's history: no token sees the Action of another item of its instant or a later one, so a
+label is never read by a target logged in the same second (the order among them is arbitrary).
 
 Two implementations of the same predicate: a dense boolean mask for
 ``F.scaled_dot_product_attention`` (the reference, and the default backend: faster on an H100, see
@@ -58,20 +61,24 @@ def memory_token_types(mode: MaskMode, history_memory: HistoryMemory = "anchor")
 def visible(
     q_pos: torch.Tensor,
     q_item: torch.Tensor,
+    q_instant: torch.Tensor,
     kv_pos: torch.Tensor,
     kv_item: torch.Tensor,
+    kv_instant: torch.Tensor,
     kv_type: torch.Tensor,
     kv_valid: torch.Tensor,
     memory_types: tuple[int, ...] | None,
 ) -> torch.Tensor:
-    """The MA-Attn predicate (Eq. 10), elementwise over broadcastable tensors."""
+    """The MA-Attn predicate (Eq. 10), elementwise over broadcastable tensors; another item's
+    Action is seen only from a later instant."""
     allowed = (kv_pos <= q_pos) & kv_valid
     if memory_types is not None:
         reachable = kv_item == q_item
         for token_type in memory_types:
             reachable = reachable | (kv_type == token_type)
         allowed = allowed & reachable
-    return allowed | (kv_pos == q_pos)
+    same_instant_action = (kv_type == int(TokenType.ACTION)) & (kv_item != q_item) & (kv_instant >= q_instant)
+    return (allowed & ~same_instant_action) | (kv_pos == q_pos)
 
 
 @dataclass(frozen=True)
@@ -82,10 +89,11 @@ class TokenLayout:
     item_index: torch.Tensor
     token_type: torch.Tensor
     valid: torch.Tensor
+    instant: torch.Tensor
 
     @classmethod
     def of(cls, batch: TokenBatch) -> TokenLayout:
-        return cls(batch.position, batch.item_index, batch.token_type, batch.valid)
+        return cls(batch.position, batch.item_index, batch.token_type, batch.valid, batch.instant)
 
     def expand(self, batch_size: int) -> TokenLayout:
         return TokenLayout(*(t.expand(batch_size, -1) for t in vars(self).values()))
@@ -105,6 +113,7 @@ class TokenLayout:
                 self.item_index.new_full((batch, extra), -1),
                 self.token_type.new_full((batch, extra), int(TokenType.PAD)),
                 self.valid.new_zeros(batch, extra),
+                self.instant.new_full((batch, extra), -1),
             )
         )
 
@@ -123,8 +132,10 @@ def dense_mask(query: TokenLayout, key: TokenLayout, memory_types: tuple[int, ..
     allowed = visible(
         query.position[:, :, None],
         query.item_index[:, :, None],
+        query.instant[:, :, None],
         key.position[:, None, :],
         key.item_index[:, None, :],
+        key.instant[:, None, :],
         key.token_type[:, None, :],
         key.valid[:, None, :],
         memory_types,
@@ -139,8 +150,10 @@ def mask_mod_for(layout: TokenLayout, memory_types: tuple[int, ...] | None) -> C
         return visible(
             layout.position[b, q_idx],
             layout.item_index[b, q_idx],
+            layout.instant[b, q_idx],
             layout.position[b, kv_idx],
             layout.item_index[b, kv_idx],
+            layout.instant[b, kv_idx],
             layout.token_type[b, kv_idx],
             layout.valid[b, kv_idx],
             memory_types,

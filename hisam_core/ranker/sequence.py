@@ -179,6 +179,10 @@ class UserHistory:
     actions: np.ndarray  # int64 [N]: index into ``SequenceConfig.action_names``
     profile: Mapping[str, int] = field(default_factory=dict)
     targets: np.ndarray | None = None  # bool [N]: which actions are labels (default: all)
+    #: int64 [N], non-decreasing: when each interaction happened. Interactions of one instant are not
+    #: each other's history: none sees another's Action (:func:`~hisam_core.ranker.attention.visible`).
+    #: None: each interaction its own instant.
+    instants: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         items = np.asarray(self.items, dtype=np.int64)
@@ -195,6 +199,14 @@ class UserHistory:
         )
         if targets.shape != actions.shape:
             raise ValueError(f"user {self.user_id}: targets must have one flag per item, got {targets.shape}")
+        if self.instants is not None:
+            instants = np.asarray(self.instants, dtype=np.int64)
+            if instants.shape != actions.shape or (np.diff(instants) < 0).any():
+                raise ValueError(
+                    f"user {self.user_id}: instants must be one non-decreasing time per item, got "
+                    f"{instants.shape} {instants[:5].tolist()}"
+                )
+            object.__setattr__(self, "instants", instants)
         object.__setattr__(self, "items", items)
         object.__setattr__(self, "actions", actions)
         object.__setattr__(self, "targets", targets)
@@ -205,21 +217,37 @@ class UserHistory:
     def tail(self, num_items: int) -> UserHistory:
         """The most recent ``num_items`` interactions."""
         start = max(len(self) - num_items, 0)
+        instants = None if self.instants is None else self.instants[start:]
         return UserHistory(
-            self.user_id, self.items[start:], self.actions[start:], self.profile, self.targets[start:]
+            self.user_id,
+            self.items[start:],
+            self.actions[start:],
+            self.profile,
+            self.targets[start:],
+            instants,
         )
 
     def append(self, codes: np.ndarray, action: int) -> UserHistory:
-        """This history followed by one more interaction."""
+        """This history followed by one more interaction (at a later instant than all)."""
         codes = np.asarray(codes, dtype=np.int64).reshape(1, -1)
         items = codes if len(self) == 0 else np.concatenate([self.items, codes])
+        later = None if self.instants is None else np.append(self.instants, self.instants.max(initial=0) + 1)
         return UserHistory(
             self.user_id,
             items,
             np.append(self.actions, action),
             self.profile,
             np.append(self.targets, True),
+            later,
         )
+
+    def instant_index(self) -> np.ndarray:
+        """int64 [N]: for each interaction, the (1-based) item index of the first of its instant."""
+        index = np.arange(1, len(self) + 1, dtype=np.int64)
+        if self.instants is None or len(self) == 0:
+            return index
+        starts = np.r_[True, np.diff(self.instants) != 0]
+        return np.maximum.accumulate(np.where(starts, index, 0))
 
 
 @dataclass(frozen=True)
@@ -233,6 +261,7 @@ class TokenSequence:
     position: np.ndarray  # p: flat index in the stream
     token_type: np.ndarray  # TokenType
     labels: np.ndarray  # action index at label anchors, IGNORE_LABEL elsewhere
+    instant: np.ndarray  # the item index of the first item of the token's instant (0: the profile)
     num_items: int  # interactions kept (the effective history length)
     dropped_items: int  # oldest interactions dropped by the token budget
 
@@ -248,6 +277,7 @@ class TokenBatch:
     token_type: torch.Tensor
     valid: torch.Tensor  # bool padding mask: True on real tokens
     labels: torch.Tensor  # action targets at anchor positions (the anchor output predicts the action)
+    instant: torch.Tensor  # the item index of the first item of the token's instant (0: the profile)
     user_ids: torch.Tensor  # [B]
 
     def to(self, device: torch.device | str) -> TokenBatch:
@@ -290,9 +320,11 @@ class SequenceBuilder:
         start: int,
         what: str = "item",
         target: bool = True,
+        instant: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Tokens of one item at coordinate ``i = item_index`` starting at flat position ``start``:
-        ``n`` semantic tokens and the Anchor, then the Action unless ``action`` is None (a candidate)."""
+        ``n`` semantic tokens and the Anchor, then the Action unless ``action`` is None (a candidate).
+        ``instant``: the index of the first item of its instant (default: its own)."""
         n = self.config.num_positions
         semantic = self.vocab.semantic(codes, what)
         tokens = [semantic, [Vocabulary.anchor_id]]
@@ -311,6 +343,7 @@ class SequenceBuilder:
             "position": np.arange(start, start + length, dtype=np.int64),
             "token_type": np.concatenate(types).astype(np.int64),
             "labels": labels,
+            "instant": np.full(length, item_index if instant is None else instant, dtype=np.int64),
         }
 
     def build(self, history: UserHistory, candidate: np.ndarray | None = None) -> TokenSequence:
@@ -336,12 +369,20 @@ class SequenceBuilder:
                 "position": np.arange(p_len, dtype=np.int64),
                 "token_type": np.full(p_len, TokenType.PROFILE, dtype=np.int64),
                 "labels": np.full(p_len, IGNORE_LABEL, dtype=np.int64),
+                "instant": np.zeros(p_len, dtype=np.int64),
             }
         ]
         start = p_len
+        instants = kept.instant_index()
         for k in range(len(kept)):
             block = self.item_block(
-                kept.items[k], int(kept.actions[k]), k + 1, start, what, bool(kept.targets[k])
+                kept.items[k],
+                int(kept.actions[k]),
+                k + 1,
+                start,
+                what,
+                bool(kept.targets[k]),
+                int(instants[k]),
             )
             blocks.append(block)
             start += len(block["tokens"])
@@ -369,6 +410,7 @@ class SequenceBuilder:
             "position": np.tile(np.arange(length, dtype=np.int64), (batch, 1)),
             "token_type": np.full((batch, length), TokenType.PAD, dtype=np.int64),
             "labels": np.full((batch, length), IGNORE_LABEL, dtype=np.int64),
+            "instant": np.zeros((batch, length), dtype=np.int64),
         }
         valid = np.zeros((batch, length), dtype=bool)
         for row, seq in enumerate(sequences):

@@ -136,7 +136,7 @@ class HMATRanker:
         config, weight = self.model.config, next(self.model.parameters())
         empty = weight.new_zeros(1, config.num_kv_heads, 0, config.hidden_size // config.num_heads)
         none = torch.zeros(1, 0, dtype=torch.long, device=weight.device)
-        layout = TokenLayout(none, none, none, none.bool())
+        layout = TokenLayout(none, none, none, none.bool(), none)
         return AnchorKVCache(
             [empty] * config.num_layers, [empty] * config.num_layers, layout, history, 0, evict
         )

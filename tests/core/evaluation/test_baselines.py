@@ -144,6 +144,27 @@ def test_past_actions_reach_the_score_only_where_the_switch_says(windows, plante
     assert changed == sees_actions
 
 
+@pytest.mark.parametrize("model", [{"attention_mask": "causal"}, {"history_memory": "anchor_action"}])
+def test_hmat_never_reads_the_labels_of_a_targets_second(planted, model):
+    """As for the ID rankers: in HMAT's variants that show past actions, the labels of the items of
+    a target's second do not reach its score, and a label of an earlier second does."""
+    _, _, item_ids = planted
+    ranker = semantic_id_ranker(planted, **model)
+    window = Window(
+        7,
+        item_ids[:5],
+        np.array([1, 0, 1, 0, 1]),
+        np.ones(5, bool),
+        {"age": 1},
+        np.array([10, 20, 20, 20, 30]),
+    )
+    one_pass = ranker.score([window])
+    same_second = replace(window, labels=np.array([1, 1, 0, 0, 1]))
+    np.testing.assert_array_equal(ranker.score([same_second])[:4], one_pass[:4])
+    earlier = replace(window, labels=np.array([0, 0, 1, 0, 1]))
+    assert (np.abs(ranker.score([earlier])[1:4] - one_pass[1:4]) > 1e-6).all()
+
+
 def own_label_flipped(windows: list[Window]) -> list[Window]:
     """Single-target windows (``prefixes``) with only the target's own label flipped."""
     return [replace(w, labels=np.r_[w.labels[:-1], 1 - w.labels[-1]]) for w in windows]

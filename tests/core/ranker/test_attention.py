@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -54,17 +56,23 @@ def test_hand_checked_memory_anchor_mask():
     assert torch.equal(small_stream(mode="causal"), torch.ones(9, 9, dtype=torch.bool).tril())
 
 
-def eq10_by_hand(types: list[int], items: list[int], history_memory: str) -> torch.Tensor:
+def eq10_by_hand(
+    types: list[int], items: list[int], instants: list[int], history_memory: str
+) -> torch.Tensor:
     """Eq. 10 written out token by token for one unpadded stream, independently of ``visible``:
     a token sees itself, the profile, earlier tokens of its own item, and earlier Anchors (and
-    earlier Actions under ``anchor_action``)."""
+    earlier Actions under ``anchor_action``, those of an earlier instant only)."""
     memory = {TokenType.ANCHOR} | ({TokenType.ACTION} if history_memory == "anchor_action" else set())
     n = len(types)
     rows = []
     for q in range(n):
         row = set()
         for k in range(q + 1):
-            if k == q or types[k] == TokenType.PROFILE or items[k] == items[q] or types[k] in memory:
+            same_instant_action = (
+                types[k] == TokenType.ACTION and items[k] != items[q] and instants[k] >= instants[q]
+            )
+            seen = k == q or types[k] == TokenType.PROFILE or items[k] == items[q]
+            if seen or (types[k] in memory and not same_instant_action):
                 row.add(k)
         rows.append(row)
     return from_rows(rows)
@@ -74,22 +82,30 @@ def eq10_by_hand(types: list[int], items: list[int], history_memory: str) -> tor
 @pytest.mark.parametrize("profile", [True, False], ids=["profile", "no-profile"])
 def test_dense_mask_is_eq10_written_out_on_a_ragged_batch(seq_config, histories, memory, profile):
     config = seq_config if profile else seq_config.model_copy(update={"profile_fields": {}})
-    users = [h if profile else UserHistory(h.user_id, h.items, h.actions) for h in ragged(histories[:6])]
+    users = [
+        h if profile else UserHistory(h.user_id, h.items, h.actions, instants=h.instants)
+        for h in ragged(histories[:6])
+    ]
     batch = SequenceBuilder(config).batch(users)
     layout = TokenLayout.of(batch)
     dense = dense_mask(layout, layout, memory_token_types("memory_anchor", memory))[:, 0]
     for row, history in enumerate(users):
         n = int(batch.valid[row].sum())
         expected = eq10_by_hand(
-            batch.token_type[row, :n].tolist(), batch.item_index[row, :n].tolist(), memory
+            batch.token_type[row, :n].tolist(),
+            batch.item_index[row, :n].tolist(),
+            batch.instant[row, :n].tolist(),
+            memory,
         )
         assert n == (2 if profile else 0) + len(history) * seq_config.item_length
         assert torch.equal(dense[row, :n, :n], expected), (row, memory)
 
 
 def ragged(histories: list[UserHistory]) -> list[UserHistory]:
-    """Users of 1 .. 6 interactions, so a batch of them is padded."""
-    return [h.tail(1 + index % 6) for index, h in enumerate(histories)]
+    """Users of 1 .. 6 interactions, so a batch of them is padded; every other one rated them two
+    at a time (pairs share an instant)."""
+    users = [h.tail(1 + index % 6) for index, h in enumerate(histories)]
+    return [replace(h, instants=np.arange(len(h)) // 2) if k % 2 else h for k, h in enumerate(users)]
 
 
 @pytest.mark.parametrize(
@@ -126,8 +142,8 @@ def test_flex_attention_equals_dense_sdpa(seq_config, histories, semantic_ids, m
     if long:
         seq_config = seq_config.model_copy(update={"max_tokens": 300})
         users = synthetic_histories(semantic_ids, seq_config, 3, min_items=36, max_items=36, seed=2)
-        batch = SequenceBuilder(seq_config).batch(
-            [h.tail(n) for h, n in zip(users, (36, 17, 3), strict=True)]
+        batch = SequenceBuilder(seq_config).batch(  # rated three at a time
+            [replace(h.tail(n), instants=np.arange(n) // 3) for h, n in zip(users, (36, 17, 3), strict=True)]
         )
         assert batch.tokens.shape[1] > 2 * FLEX_BLOCK_SIZE
     else:
@@ -263,6 +279,31 @@ def test_past_action_visibility(seq_config, history, make_model, memory, reaches
     assert bool((delta > 1e-4).all()) == reaches_later
     if not reaches_later:
         assert (delta == 0).all()
+
+
+@pytest.mark.parametrize(("mode", "memory"), [("memory_anchor", "anchor_action"), ("causal", "anchor")])
+def test_no_item_reads_the_action_of_another_of_its_instant(seq_config, history, make_model, mode, memory):
+    """Items 2-4 were rated in one second, so their order is arbitrary: flipping the actions of items
+    2 and 3 moves only those two Action tokens' own states up to item 4, and every token of item 5,
+    a second later. Without the instants, item 4 reads them (the leak the instants close)."""
+    model = make_model(history_memory=memory, attention_mask=mode)
+    builder = SequenceBuilder(seq_config)
+    flipped = history.actions.copy()
+    flipped[1:3] = 1 - flipped[1:3]
+    for instants, leaks in (([0, 1, 1, 1, 2], False), (None, True)):
+        timed = replace(history, instants=instants)
+        outputs = []
+        for actions in (timed.actions, flipped):
+            batch = builder.batch([replace(timed, actions=actions)])
+            with torch.no_grad():
+                outputs.append(model(batch, model.mask(batch, mode)).hidden[0])
+        delta = (outputs[1] - outputs[0]).abs().amax(-1)
+        item, kind = batch.item_index[0], batch.token_type[0]
+        own_action = (kind == TokenType.ACTION) & ((item == 2) | (item == 3))
+        assert (delta[own_action] > 1e-4).all() and (delta[item == 5] > 1e-4).all()
+        assert bool((delta[(item <= 4) & ~own_action] > 1e-4).any()) == leaks
+        if not leaks:
+            assert (delta[(item <= 4) & ~own_action] == 0).all()
 
 
 def test_padding_to_flex_blocks_hides_the_pads_and_changes_nothing_else(seq_config, histories):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -98,6 +100,25 @@ def test_truncation_drops_oldest_whole_items(seq_config, semantic_ids):
     assert len(with_candidate.tokens) <= seq_config.max_tokens
     assert with_candidate.item_index[-1] == with_candidate.num_items + 1
     assert with_candidate.token_type[-1] == TokenType.ANCHOR
+
+
+def test_each_item_carries_the_first_item_of_its_instant(seq_config, semantic_ids):
+    """Profile 0; ties share the index of their first item, counted over the items kept (with a
+    candidate the 64-token budget keeps 6 of these 7); a candidate is an instant of its own; no
+    instants: each item its own."""
+    codes = semantic_ids.codes[:7]
+    history = UserHistory(
+        1, codes, [0, 1, 0, 1, 1, 0, 1], {"age": 1, "gender": 2}, instants=[3, 3, 5, 5, 5, 9, 9]
+    )
+    assert history.instant_index().tolist() == [1, 1, 3, 3, 3, 6, 6]
+    sequence = SequenceBuilder(seq_config).build(history, candidate=codes[0])
+    per_item = {int(i): int(t) for i, t in zip(sequence.item_index, sequence.instant, strict=True)}
+    assert sequence.dropped_items == 1
+    assert per_item == {0: 0, 1: 1, 2: 2, 3: 2, 4: 2, 5: 5, 6: 5, 7: 7}
+    plain = SequenceBuilder(seq_config).build(replace(history, instants=None))
+    assert (plain.instant == plain.item_index).all()
+    with pytest.raises(ValueError, match="instants must be one non-decreasing time per item"):
+        replace(history, instants=[3, 3, 5, 4, 5, 9, 9])
 
 
 def test_collate_pads_right_and_masks(seq_config, histories):

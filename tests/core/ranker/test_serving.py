@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -27,8 +29,13 @@ def candidates(semantic_ids) -> np.ndarray:
     return semantic_ids.codes[np.random.default_rng(5).choice(200, size=12, replace=False)]
 
 
+@pytest.mark.parametrize("timed", [False, True], ids=["", "ties"])
 @pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: "-".join(map(str, o.values())) or "paper")
-def test_one_pass_equals_separate_forward_passes(seq_config, make_model, history, candidates, overrides):
+def test_one_pass_equals_separate_forward_passes(
+    seq_config, make_model, history, candidates, overrides, timed
+):
+    """``ties``: items 2-4 of one instant (none reads another's Action), through the cache too."""
+    history = replace(history, instants=[0, 1, 1, 1, 2]) if timed else history
     model = make_model(**overrides)
     ranker = HMATRanker(model, seq_config)
     expected = rank_reference(model, seq_config, history, candidates)

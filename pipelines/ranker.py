@@ -166,9 +166,15 @@ def windows(history: UserHistory, max_items: int) -> list[UserHistory]:
         start = max(0, end - max_items)
         mask = np.zeros(end - start, dtype=bool)
         mask[take - start] = True
+        instants = None if history.instants is None else history.instants[start:end]
         out.append(
             UserHistory(
-                history.user_id, history.items[start:end], history.actions[start:end], history.profile, mask
+                history.user_id,
+                history.items[start:end],
+                history.actions[start:end],
+                history.profile,
+                mask,
+                instants,
             )
         )
         i += len(take)
@@ -184,20 +190,24 @@ def histories(
 ) -> list[UserHistory]:
     """Windows of every user's stream labelling the ``split`` rows (``train``: the training events;
     ``test``: the test events, after all of the user's training events as context). ``profiles``:
-    ``user_id -> buckets`` of ``config.profile_fields``; a user without one gets bucket 0 in each."""
+    ``user_id -> buckets`` of ``config.profile_fields``; a user without one gets bucket 0 in each.
+    Events of one ``event_ts`` are one instant: none reads another's action (``UserHistory.instants``)."""
     profiles = profiles or {}
     nobody = dict.fromkeys(config.profile_fields, UNKNOWN)
     max_items = (config.max_tokens - config.profile_length) // config.item_length
     rows = frame if split == "test" else frame[frame["split"] == "train"]
     codes = semantic_ids.lookup(rows["item_id"].to_numpy())
     actions, users = rows["action"].to_numpy(np.int64), rows["user_id"].to_numpy()
+    instants = event_micros(rows["event_ts"])
     labelled = (rows["split"] == split).to_numpy()
     bounds = np.flatnonzero(users[1:] != users[:-1]) + 1
     out: list[UserHistory] = []
     for idx in np.split(np.arange(len(rows)), bounds):
         if len(idx) and labelled[idx].any():
             user = int(users[idx[0]])
-            full = UserHistory(user, codes[idx], actions[idx], profiles.get(user, nobody), labelled[idx])
+            full = UserHistory(
+                user, codes[idx], actions[idx], profiles.get(user, nobody), labelled[idx], instants[idx]
+            )
             out.extend(windows(full, max_items))
     return out
 

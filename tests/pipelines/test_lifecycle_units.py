@@ -20,7 +20,7 @@ from pipelines.steps import FLAGS, STEPS, load_config, run_step
 
 def _history(n: int, targets: np.ndarray | None = None) -> UserHistory:
     items = np.arange(n * 6).reshape(n, 6)  # unique rows: a window is located by its items
-    return UserHistory(7, items, np.arange(n) % 2, {}, targets)
+    return UserHistory(7, items, np.arange(n) % 2, {}, targets, np.arange(n) // 3)  # three per instant
 
 
 @pytest.mark.parametrize(
@@ -38,6 +38,7 @@ def test_windows_label_every_target_once_behind_its_own_context(n: int, max_item
         assert 1 <= len(w) <= max_items and w.targets[-1]  # a window ends on its last target
         # where the window sits in the stream: its items are a contiguous slice (StopIteration if not)
         at = next(s for s in range(n - len(w) + 1) if np.array_equal(history.items[s : s + len(w)], w.items))
+        np.testing.assert_array_equal(w.instants, history.instants[at : at + len(w)])
         labelled.extend(at + np.flatnonzero(w.targets))
         assert w.targets.sum() <= max(max_items // 2, 1)
     assert sorted(labelled) == (list(range(n)) if targets is None else targets)  # each exactly once
@@ -108,6 +109,7 @@ def test_histories_map_items_through_the_semantic_id_table() -> None:
             "item_id": [10, 20, 30, 30, 10],
             "split": ["train", "train", "test", "train", "train"],
             "action": [1, 0, 1, 0, 1],
+            "event_ts": pd.to_datetime([1, 1, 2, 5, 6], unit="s", utc=True),  # user 1 rated two at once
         }
     )
     config = SequenceConfig(codebook_size=16, max_tokens=80)
@@ -116,6 +118,8 @@ def test_histories_map_items_through_the_semantic_id_table() -> None:
     np.testing.assert_array_equal(train[1].items[:, 0], [3, 1])
     (test,) = histories(frame, ids, config, "test")
     assert test.user_id == 1 and test.targets.tolist() == [False, False, True]
+    assert test.instants.tolist() == [1_000_000, 1_000_000, 2_000_000]  # microseconds, ties kept
+    assert test.instant_index().tolist() == [1, 1, 3]
     with pytest.raises(KeyError):
         histories(frame.assign(item_id=[10, 20, 99, 30, 10]), ids, config, "test")
 
@@ -123,7 +127,13 @@ def test_histories_map_items_through_the_semantic_id_table() -> None:
 def test_histories_open_with_the_users_profile_buckets_and_zero_for_users_without_one() -> None:
     ids = SemanticIds(np.array([10, 20]), np.array([[1] * 6, [2] * 6]), 16, "v")
     frame = pd.DataFrame(
-        {"user_id": [1, 1, 2], "item_id": [10, 20, 10], "split": ["train"] * 3, "action": [1, 0, 1]}
+        {
+            "user_id": [1, 1, 2],
+            "item_id": [10, 20, 10],
+            "split": ["train"] * 3,
+            "action": [1, 0, 1],
+            "event_ts": pd.to_datetime([1, 2, 3], unit="s", utc=True),
+        }
     )
     vocab = ProfileVocabulary.fit({"gender": ["f", "m"], "age_bucket": ["18-24"]})
     config = SequenceConfig(codebook_size=16, max_tokens=80, profile_fields=vocab.bucket_counts)

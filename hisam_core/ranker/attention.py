@@ -9,7 +9,7 @@ each other). Every query also sees itself, so fully padded rows stay finite (the
 
 ``history_memory="anchor_action"`` is an option beyond the paper that also lets later items see
 past Action tokens (under Eq. 10 the action of a past item never reaches a later item, because the
-Anchor precedes its Action). ``mode="causal"`` is the plain causal mask (pre-training, ablation).
+Anchor precedes its Action). ``mode="causal"`` is the causal mask (pre-training, ablation).
 Under either, items of one instant (a user who rated several films in one second) are not each
 other's history: no token sees the Action of another item of its instant or a later one, so a
 label is never read by a target logged in the same second (the order among them is arbitrary).

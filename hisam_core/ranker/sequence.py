@@ -200,7 +200,10 @@ class UserHistory:
         if targets.shape != actions.shape:
             raise ValueError(f"user {self.user_id}: targets must have one flag per item, got {targets.shape}")
         if self.instants is not None:
-            instants = np.asarray(self.instants, dtype=np.int64)
+            instants = np.asarray(self.instants)
+            if instants.size and not np.issubdtype(instants.dtype, np.integer):
+                raise ValueError(f"user {self.user_id}: instants must be integers, got {instants.dtype}")
+            instants = instants.astype(np.int64)
             if instants.shape != actions.shape or (np.diff(instants) < 0).any():
                 raise ValueError(
                     f"user {self.user_id}: instants must be one non-decreasing time per item, got "

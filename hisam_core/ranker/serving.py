@@ -4,7 +4,7 @@ Anchor-based KV cache compression. Under MA-Attn a later item sees a past item o
 Anchor (and the profile), so after a history is encoded once, every layer keeps only the keys and
 values of profile tokens and anchors; semantic and Action tokens of past items are evicted (they are
 never attended again). Keys are cached *after* H-RoPE at their logical coordinates, and the cache
-keeps the logical position map ``(p, i, type)`` of what it holds (``j`` is already in the rotated
+keeps the logical position map ``(p, i, type, valid, instant)`` of what it holds (``j`` is already in the rotated
 keys), so physical eviction changes no score. ``history_memory="anchor_action"`` also keeps Actions; a causal-mask model keeps everything.
 Appending an interaction encodes only its ``n + 2`` tokens against the cache. When the history
 outgrows the token budget the cache is rebuilt from the truncated history (every kept item's state
@@ -40,8 +40,9 @@ from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenBat
 @dataclass(frozen=True)
 class AnchorKVCache:
     """Per-layer rotated keys/values ``[1, Hkv, M, d]`` of the cached history tokens, with their
-    logical position map (``layout``: flat position, item index, type; the keys are rotated already,
-    so the within-item index is not kept)."""
+    logical position map (``layout``: flat position, item index, type, validity, instant; the keys
+    are rotated already, so the within-item index is not kept). Requests carry no timestamps: a
+    served history is one interaction per instant, and every candidate is later than all of it."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]

@@ -306,6 +306,31 @@ def test_no_item_reads_the_action_of_another_of_its_instant(seq_config, history,
             assert (delta[(item <= 4) & ~own_action] == 0).all()
 
 
+def test_instants_change_no_mask_that_shows_no_other_items_action(seq_config, histories):
+    """MA-Attn with anchor memory never shows another item's Action, so instants leave it as it was
+    (the offline comparison's rows with that mask need no rerun); under the causal mask they hide
+    exactly the Actions of other items of the query's instant."""
+    timed = ragged(histories[:6])
+    plain = [replace(h, instants=None) for h in timed]
+    builder = SequenceBuilder(seq_config)
+    with_instants, without = (TokenLayout.of(builder.batch(users)) for users in (timed, plain))
+    anchor_only = memory_token_types("memory_anchor", "anchor")
+    assert torch.equal(
+        dense_mask(with_instants, with_instants, anchor_only), dense_mask(without, without, anchor_only)
+    )
+    causal = dense_mask(with_instants, with_instants, None)[:, 0]
+    lower = dense_mask(without, without, None)[:, 0]
+    layout = with_instants
+    hidden = (
+        (layout.token_type[:, None, :] == TokenType.ACTION)
+        & (layout.item_index[:, None, :] != layout.item_index[:, :, None])
+        & (layout.instant[:, None, :] == layout.instant[:, :, None])
+        & layout.valid[:, None, :]
+        & lower
+    )
+    assert hidden.any() and torch.equal(causal, lower & ~hidden)
+
+
 def test_padding_to_flex_blocks_hides_the_pads_and_changes_nothing_else(seq_config, histories):
     layout = TokenLayout.of(SequenceBuilder(seq_config).batch(ragged(histories[:5])))
     length = layout.position.shape[1]

@@ -119,6 +119,8 @@ def test_each_item_carries_the_first_item_of_its_instant(seq_config, semantic_id
     assert (plain.instant == plain.item_index).all()
     with pytest.raises(ValueError, match="instants must be one non-decreasing time per item"):
         replace(history, instants=[3, 3, 5, 4, 5, 9, 9])
+    with pytest.raises(ValueError, match="instants must be integers, got float64"):  # NaT -> NaN
+        replace(history, instants=[3, 3, 5, 5, 5, 9, np.nan])
 
 
 def test_collate_pads_right_and_masks(seq_config, histories):

@@ -60,6 +60,22 @@ def test_past_actions_reach_scores_only_when_the_mask_shows_them(
     assert moved == 0.0 if history_memory == "anchor" else moved > 1e-3
 
 
+def test_a_candidate_reads_every_action_of_a_history_whose_last_items_share_a_second(
+    seq_config, make_model, history, candidates
+) -> None:
+    """A candidate is later than the whole history: with the last two items tied, the last one's
+    action still reaches every score (``anchor_action``), through the cache as through the reference."""
+    model = make_model(history_memory="anchor_action")
+    ranker = HMATRanker(model, seq_config)
+    timed = replace(history, instants=[0, 1, 2, 3, 3])
+    flipped = replace(timed, actions=np.r_[timed.actions[:-1], 1 - timed.actions[-1]])
+    for h in (timed, flipped):
+        torch.testing.assert_close(
+            ranker.rank(h, candidates), rank_reference(model, seq_config, h, candidates), atol=1e-5, rtol=0
+        )
+    assert (ranker.rank(flipped, candidates) - ranker.rank(timed, candidates)).abs().min() > 0  # hidden: 0
+
+
 @pytest.mark.parametrize("length", [1, 3, 6, 9])  # 9 items exceed the 64-token budget: truncated
 @pytest.mark.parametrize("profile", [True, False], ids=["profile", "no-profile"])
 def test_one_pass_equals_the_reference_for_any_history_length(

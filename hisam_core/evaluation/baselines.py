@@ -40,7 +40,7 @@ from tqdm import tqdm
 from hisam_core.config import Config
 from hisam_core.evaluation.protocol import Window
 from hisam_core.ranker.objectives import action_logits, positive_probability
-from hisam_core.ranker.sequence import SequenceBuilder, UserHistory
+from hisam_core.ranker.sequence import SequenceBuilder, UserHistory, instant_starts
 from hisam_core.ranker.train import (
     CHECKPOINT_NAME,
     RankerConfig,
@@ -167,13 +167,6 @@ class IDRankerModel(nn.Module):
         context = states.gather(1, batch.context[..., None].expand(-1, -1, states.shape[-1]))
         candidate = self.item(batch.items)
         return self.head(torch.cat([context, candidate, context * candidate], dim=-1)).squeeze(-1)
-
-
-def instant_starts(timestamps: np.ndarray) -> np.ndarray:
-    """For each position of a chronological window, the first position of its instant (its run of
-    equal timestamps): the state an ID ranker scores it from sees nothing of that second."""
-    starts = np.r_[0, np.flatnonzero(np.diff(timestamps)) + 1]
-    return starts[np.searchsorted(starts, np.arange(len(timestamps)), side="right") - 1]
 
 
 class IDRanker:

@@ -170,6 +170,14 @@ class Vocabulary:
         return np.asarray(ids, dtype=np.int64)
 
 
+def instant_starts(timestamps: np.ndarray) -> np.ndarray:
+    """For each position of a chronological sequence, the (0-based) first position of its instant
+    (its run of equal timestamps): nothing of that instant is its history (an ID ranker's state,
+    the Actions HMAT shows it)."""
+    starts = np.r_[0, np.flatnonzero(np.diff(timestamps)) + 1]
+    return starts[np.searchsorted(starts, np.arange(len(timestamps)), side="right") - 1]
+
+
 @dataclass(frozen=True)
 class UserHistory:
     """One user's chronological interactions (oldest first), as raw semantic codes and actions."""
@@ -246,11 +254,9 @@ class UserHistory:
 
     def instant_index(self) -> np.ndarray:
         """int64 [N]: for each interaction, the (1-based) item index of the first of its instant."""
-        index = np.arange(1, len(self) + 1, dtype=np.int64)
-        if self.instants is None or len(self) == 0:
-            return index
-        starts = np.r_[True, np.diff(self.instants) != 0]
-        return np.maximum.accumulate(np.where(starts, index, 0))
+        if self.instants is None:
+            return np.arange(1, len(self) + 1, dtype=np.int64)
+        return instant_starts(self.instants) + 1
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,11 @@ Request format (one row per request, :data:`REQUEST_COLUMNS`): ``user_id`` (int)
 ``SequenceConfig.action_names``), ``candidate_item_ids`` (list[int]) and one ``profile_<field>``
 int column per ``SequenceConfig.profile_fields`` entry: the user's bucket of that field, which the
 packaged ``profile_vocabulary`` (:class:`~hisam_core.ranker.profile.ProfileVocabulary`, also
-``HisamRankerModel.profile_vocabulary``) gives from the profile's values. The response has one row
+``HisamRankerModel.profile_vocabulary``) gives from the profile's values. Optional
+``history_timestamps`` (list[int], one non-decreasing time per history item, as the pipeline's
+unix microseconds): interactions of one time are one instant and none reads another's action, as in
+training (:attr:`~hisam_core.ranker.sequence.UserHistory.instants`); without it each history item
+is its own instant. Only masks that show past actions read it (not the default anchor memory). The response has one row
 per request (same index) with ``scores``: ``P(positive action)`` per candidate, in candidate order,
 computed by one-pass ranking (:meth:`hisam_core.ranker.HMATRanker.rank`, Sec. 3.4.2).
 
@@ -47,7 +51,8 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types import ColSpec, Schema
 
 import hisam_core
 from hisam_core.device import resolve_device
@@ -60,6 +65,7 @@ from hisam_core.semantic_ids import SemanticIds
 log = logging.getLogger(__name__)
 
 REQUEST_COLUMNS = ("user_id", "history_item_ids", "history_actions", "candidate_item_ids")
+HISTORY_TIMESTAMPS = "history_timestamps"  # optional
 PROFILE_PREFIX = "profile_"
 SCORES = "scores"
 
@@ -206,6 +212,16 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
             raise ValueError(
                 f"{what}: {len(history_ids)} history_item_ids but {len(actions)} history_actions"
             )
+        times = request.get(HISTORY_TIMESTAMPS)
+        if times is None or (np.ndim(times) == 0 and pd.isna(times)):
+            instants = None
+        else:
+            instants = _item_list(times, f"{what} {HISTORY_TIMESTAMPS}")
+            if len(instants) != len(history_ids) or (np.diff(instants) < 0).any():
+                raise ValueError(
+                    f"{what}: {HISTORY_TIMESTAMPS} must be one non-decreasing time per history item "
+                    f"(oldest first), got {len(instants)} for {len(history_ids)} items: {instants[:5].tolist()}"
+                )
         candidates = _item_list(request["candidate_item_ids"], f"{what} candidate_item_ids")
         profile = {}
         for name in self._config.sequence.profile_fields:
@@ -223,7 +239,10 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
                 history_ids[~known][:5].tolist(),
             )
             history_ids, actions = history_ids[known], actions[known]
-        history = UserHistory(user, self._codes(history_ids, f"{what} history"), actions, profile)
+            instants = None if instants is None else instants[known]
+        history = UserHistory(
+            user, self._codes(history_ids, f"{what} history"), actions, profile, instants=instants
+        )
         codes = self._codes(candidates, f"{what} candidates")
         return self.ranker.rank(history, codes, chunk_size=chunk_size).float().cpu().numpy()
 
@@ -242,6 +261,8 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
         missing = [column for column in needed if column not in model_input.columns]
         if missing:
             raise ValueError(f"ranker request is missing columns {missing} (has {list(model_input.columns)})")
+        if HISTORY_TIMESTAMPS in model_input.columns:
+            needed.append(HISTORY_TIMESTAMPS)
         chunk_size = int((params or {}).get("chunk_size", DEFAULT_CHUNK_SIZE))
         unknown_history = str((params or {}).get("unknown_history", "drop"))
         scores = [
@@ -263,6 +284,7 @@ def example_request(semantic_ids: SemanticIds, config: RankerConfig, rows: int =
             "user_id": row,
             "history_item_ids": history,
             "history_actions": [k % len(config.sequence.action_names) for k in range(len(history))],
+            HISTORY_TIMESTAMPS: [1_000_000 * k for k in range(len(history))],
             "candidate_item_ids": [ids[(row + 2 + k) % len(ids)] for k in range(3)],
         }
         record.update({f"{PROFILE_PREFIX}{name}": 0 for name in config.sequence.profile_fields})
@@ -329,6 +351,8 @@ def log_ranker(
             wrapper.predict(None, example),
             params={"chunk_size": DEFAULT_CHUNK_SIZE, "unknown_history": "drop"},
         )
+    inputs = [ColSpec(c.type, c.name, required=c.name != HISTORY_TIMESTAMPS) for c in signature.inputs.inputs]
+    signature = ModelSignature(Schema(inputs), signature.outputs, signature.params)
     version = semantic_ids.version
     active = mlflow.active_run()
     with tempfile.TemporaryDirectory() as tmp:

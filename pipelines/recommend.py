@@ -2,7 +2,8 @@
 
 What an operator runs to see what the model serves (``hisam recommend 196``). It builds the request
 exactly as training saw the user: the user's stream from ``gold.samples`` of the model's tokenizer
-version (every interaction, oldest first, with its action), the profile buckets of the packaged
+version (every interaction, oldest first, with its action and time: events of one time are one
+instant), the profile buckets of the packaged
 vocabulary from ``gold.user_profiles``, and as candidates every item of the packaged semantic-ID
 table that is still in ``silver.items`` (one retracted since is counted, ``not_in_catalogue``) and
 the user has no interaction with in ``silver.interactions`` (``include_seen`` keeps those).
@@ -53,7 +54,8 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
     ``user_key`` of ``silver.interactions``, else of ``silver.users``) from ``<ranker>@<params.alias>``
     (default ``champion``)."""
     from hisam_core.ranker.profile import UNKNOWN
-    from pipelines.ranker_model import PROFILE_PREFIX, load_ranker
+    from pipelines.ranker import event_micros
+    from pipelines.ranker_model import HISTORY_TIMESTAMPS, PROFILE_PREFIX, load_ranker
     from pipelines.registry import CHAMPION, alias_version
 
     user_key = ctx.params.get("user")
@@ -118,6 +120,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         "user_id": user_id,
         "history_item_ids": stream["item_id"].tolist(),
         "history_actions": stream["action"].tolist(),
+        HISTORY_TIMESTAMPS: event_micros(stream["event_ts"]).tolist(),  # one second: one instant
     }
     profile = dict.fromkeys(config.profile_fields, UNKNOWN)
     if config.profile_fields and model.profile_vocabulary is not None:

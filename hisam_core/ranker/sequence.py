@@ -238,11 +238,21 @@ class UserHistory:
             instants,
         )
 
-    def append(self, codes: np.ndarray, action: int) -> UserHistory:
-        """This history followed by one more interaction (at a later instant than all)."""
+    def append(self, codes: np.ndarray, action: int, instant: int | None = None) -> UserHistory:
+        """This history followed by one more interaction at ``instant`` (default: later than all;
+        equal to the last item's time: of its instant). Only a history with instants (or an empty
+        one) takes an instant."""
         codes = np.asarray(codes, dtype=np.int64).reshape(1, -1)
         items = codes if len(self) == 0 else np.concatenate([self.items, codes])
-        later = None if self.instants is None else np.append(self.instants, self.instants.max(initial=0) + 1)
+        if instant is not None and self.instants is None and len(self):
+            raise ValueError(f"user {self.user_id}: the history has no instants, so the new item takes none")
+        if instant is not None:
+            known = self.instants if self.instants is not None else np.empty(0, dtype=np.int64)
+            later = np.append(known, np.asarray(instant).reshape(1))
+        else:
+            later = (
+                None if self.instants is None else np.append(self.instants, self.instants.max(initial=0) + 1)
+            )
         return UserHistory(
             self.user_id,
             items,

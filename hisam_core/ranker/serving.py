@@ -41,8 +41,8 @@ from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenBat
 class AnchorKVCache:
     """Per-layer rotated keys/values ``[1, Hkv, M, d]`` of the cached history tokens, with their
     logical position map (``layout``: flat position, item index, type, validity, instant; the keys
-    are rotated already, so the within-item index is not kept). Requests carry no timestamps: a
-    served history is one interaction per instant, and every candidate is later than all of it."""
+    are rotated already, so the within-item index is not kept). A history's instants come with it
+    (a request's ``history_timestamps``); every candidate is later than all of it."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -143,15 +143,19 @@ class HMATRanker:
         )
 
     @torch.inference_mode()
-    def append(self, cache: AnchorKVCache, codes: np.ndarray, action: int) -> AnchorKVCache:
-        """A new cache with one more interaction, encoded against ``cache`` without recomputing the
-        history; rebuilt from scratch when the token budget forces dropping the oldest item."""
+    def append(
+        self, cache: AnchorKVCache, codes: np.ndarray, action: int, instant: int | None = None
+    ) -> AnchorKVCache:
+        """A new cache with one more interaction at ``instant`` (:meth:`UserHistory.append`: default
+        later than all), encoded against ``cache`` without recomputing the history; rebuilt from
+        scratch when the token budget forces dropping the oldest item."""
         block = self.builder.item_block(
             codes, action, cache.num_items + 1, cache.length, f"user {cache.history.user_id} new item"
         )
-        history = cache.history.append(codes, action)
+        history = cache.history.append(codes, action, instant)
         if len(history) > self.builder.max_items(with_candidate=True):
             return self.encode(history, cache.evicted)
+        block["instant"][:] = history.instant_index()[-1]  # the first item of its instant
         batch = self._block_batch(block, history.user_id)
         _, kv = self._forward(batch, cache)
         return self._extend(cache, batch, kv, history, cache.evicted)

@@ -552,7 +552,7 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
 def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys, caplog) -> None:
     """Builds on the refreshed champion: ``hisam recommend`` gives a user's top K among the items they
     never interacted with, scored as the per-candidate reference scores the user's whole stream in
-    gold.samples (oldest first, mid-month items included) with their profile buckets;
+    gold.samples (oldest first with its times, mid-month items included) with their profile buckets;
     ``--include-seen`` ranks the whole catalogue, and an unknown user is an error. A user with a
     profile and no interaction yet is ranked from the profile alone."""
     import pyarrow as pa
@@ -562,6 +562,7 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys, capl
     from hisam_core.ranker.sequence import UserHistory
     from hisam_core.ranker.serving import rank_reference
     from pipelines.cli import main
+    from pipelines.ranker import event_micros
     from pipelines.ranker_model import load_ranker
 
     lake = world["home"] / "lake"
@@ -582,7 +583,11 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys, capl
         profiles[profiles["user_id"] == user["user_id"]].iloc[0].to_dict()
     )
     history = UserHistory(
-        int(user["user_id"]), table.lookup(mine["item_id"].to_numpy()), mine["action"].to_numpy(), profile
+        int(user["user_id"]),
+        table.lookup(mine["item_id"].to_numpy()),
+        mine["action"].to_numpy(),
+        profile,
+        instants=event_micros(mine["event_ts"]),
     )
     seen = set(events.loc[events["user_id"] == user["user_id"], "item_id"])  # all of silver, valid or not
     unseen = np.array([i for i in table.item_ids if i not in seen])

@@ -127,27 +127,41 @@ def test_anchor_cache_is_the_paper_compression(seq_config, make_model, history):
     assert int((types == TokenType.ANCHOR).sum()) == len(history)
 
 
+@pytest.mark.parametrize("timed", [False, True], ids=["", "ties"])
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"history_memory": "anchor_action"}, {"attention_mask": "causal"}, {"attention_backend": "flex"}],
 )
-def test_appending_equals_full_recomputation(seq_config, semantic_ids, make_model, candidates, overrides):
-    """Grow a history one interaction at a time, past the token budget (which forces a rebuild)."""
+def test_appending_equals_full_recomputation(
+    seq_config, semantic_ids, make_model, candidates, overrides, timed
+):
+    """Grow a history one interaction at a time, past the token budget (which forces a rebuild).
+    ``ties``: interactions appended at the last one's time join its instant (none reads another's
+    Action), also across the rebuild."""
     model = make_model(**overrides)
     ranker = HMATRanker(model, seq_config)
     rng = np.random.default_rng(11)
     codes = semantic_ids.codes[rng.integers(0, 200, size=9)]
     actions = rng.integers(0, 2, size=9)
+    times = np.array([10, 20, 20, 30, 30, 30, 40, 50, 50]) if timed else None
     profile = {"age": 3, "gender": 2}
-    cache = ranker.encode(UserHistory(4, codes[:1], actions[:1], profile))
+    cache = ranker.encode(
+        UserHistory(4, codes[:1], actions[:1], profile, instants=times[:1] if timed else None)
+    )
     budget = SequenceBuilder(seq_config).max_items(with_candidate=True)
+    moved = 0.0
     for n in range(2, 10):
-        cache = ranker.append(cache, codes[n - 1], int(actions[n - 1]))
-        history = UserHistory(4, codes[:n], actions[:n], profile)
+        cache = ranker.append(cache, codes[n - 1], int(actions[n - 1]), int(times[n - 1]) if timed else None)
+        history = UserHistory(4, codes[:n], actions[:n], profile, instants=times[:n] if timed else None)
         assert cache.num_items == min(n, budget)
         expected = rank_reference(model, seq_config, history, candidates)
         torch.testing.assert_close(ranker.rank(cache, candidates), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(ranker.rank(history, candidates), expected, atol=1e-5, rtol=0)
+        untimed = rank_reference(model, seq_config, replace(history, instants=None), candidates)
+        moved = max(moved, (expected - untimed).abs().max().item())
+    # the ties hide past Actions only where a mask shows them at all (Eq. 10's anchor memory does not)
+    shown = "history_memory" in overrides or "attention_mask" in overrides
+    assert moved > 1e-4 if timed and shown else moved == 0.0
 
 
 @pytest.mark.parametrize("max_tokens", range(56, 64))  # every residue of the budget mod the item length
@@ -239,6 +253,11 @@ def test_bad_serving_input(seq_config, make_model, history, candidates):
         ranker.append(ranker.encode(history), candidates[0, :4], 1)
     with pytest.raises(ValueError, match="action indices"):
         ranker.append(ranker.encode(history), candidates[0], 7)
+    with pytest.raises(ValueError, match="the history has no instants"):
+        ranker.append(ranker.encode(history), candidates[0], 1, instant=5)
+    timed = ranker.encode(replace(history, instants=[1, 2, 3, 4, 5]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ranker.append(timed, candidates[0], 1, instant=4)
     assert ranker.rank(history, candidates[:0]).numel() == 0
 
 

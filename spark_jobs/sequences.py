@@ -88,6 +88,7 @@ REASON_UNKNOWN_ITEM = "unknown_item"
 _KEY = "_ts_key"  # internal: the timestamp as a sortable long
 _RAW = "_raw_"  # internal: the input's label and action, which add_labels replaces, for the quarantine
 _SECONDS_PER_KEY = {"s": 1.0, "us": 1e-6, "days": 86_400.0}
+_MAX_SECONDS = 9.2e12  # fractional seconds whose micros fit a long
 
 
 class SequenceConfig(Config):
@@ -157,7 +158,7 @@ class SequenceConfig(Config):
 class SplitCut:
     """Where the global chronological split falls (Sec. 4.1)."""
 
-    cut_key: int  # timestamp key of the first test row: epoch seconds, or micros for timestamp types
+    cut_key: int  # key of the first test row: micros (timestamps, fractional seconds), seconds, or days
     n_total: int
     rank: int  # k = floor(train_fraction * n_total): 0-based rank of the row that defines the cut
     method: str
@@ -210,13 +211,19 @@ class SequenceResult:
 
 
 def timestamp_key(df: DataFrame, column: str) -> tuple[Column, str]:
-    """The timestamp as a sortable long and its unit: micros for timestamps, as-is for numbers."""
+    """The timestamp as a sortable long and its unit: micros for timestamps and fractional seconds
+    (so sub-second order and instants survive; NaN, infinite or out-of-range ones become null, a
+    quarantined key), as-is for whole numbers (seconds)."""
     dtype = df.schema[column].dataType
     col = F.col(column)
     if isinstance(dtype, T.TimestampType | T.TimestampNTZType):
         return F.unix_micros(col.cast(T.TimestampType())), "us"
     if isinstance(dtype, T.DateType):
         return F.unix_date(col).cast(T.LongType()), "days"
+    if isinstance(dtype, T.FractionalType):
+        seconds = col.cast(T.DoubleType())
+        fits = ~F.isnan(seconds) & (F.abs(seconds) < F.lit(_MAX_SECONDS))
+        return F.when(fits, F.round(seconds * F.lit(1_000_000)).cast(T.LongType())), "us"
     if isinstance(dtype, T.NumericType):
         return col.cast(T.LongType()), "s"
     raise ValueError(f"column {column!r}: timestamp must be numeric, date or timestamp, got {dtype}")

@@ -146,6 +146,30 @@ def test_no_row_a_behaviour_encoder_cut_at_a_whole_second_saw_is_test(spark) -> 
     assert SplitCut(3, 9, 8, "exact", "days").whole_seconds() == 3 * 86_400
 
 
+def test_fractional_second_timestamps_keep_sub_second_order(spark) -> None:
+    """Timestamps as float seconds become micros, not whole seconds: 100.2 and 100.7 are two
+    instants, so a cut at 100.7 puts 100.2 in train (truncated, both would be test); a NaN, an
+    infinite or an out-of-range one is a quarantined key, and every row is accounted for."""
+    offsets = [1.0, 50.5, 99.9, 100.2, 100.7, 101.0, 102.25, 103.0, 104.0, 105.0]
+    base = EPOCH.timestamp()
+    rows = [("t", k % 3, k, base + s, 4.0) for k, s in enumerate(offsets)]
+    rows += [("t", 1, 90 + k, v, 4.0) for k, v in enumerate((float("nan"), float("inf"), 1e19))]
+    schema = "dataset string, user_id long, item_id long, event_ts double, rating double"
+    df = spark.createDataFrame(rows, schema)
+    prepared, quarantined, cut = prepare_interactions(df, SequenceConfig(train_fraction=0.4))
+    assert (cut.key_unit, cut.cut_key) == ("us", round((base + 100.7) * 1e6)) and cut.rank == 4
+    split = dict(prepared.select("item_id", "split").collect())
+    assert [split[k] for k in range(len(offsets))] == ["train"] * 4 + ["test"] * 6
+    assert {r["item_id"]: r["reason"] for r in quarantined.collect()} == dict.fromkeys(
+        (90, 91, 92), "null_key"
+    )
+    assert prepared.count() + quarantined.count() == df.count()
+    for as_decimal in (False, True):  # a decimal column (exact) keys the same instants
+        typed = df.withColumn("event_ts", F.col("event_ts").cast("decimal(20,6)")) if as_decimal else df
+        finite = typed.filter(F.col("item_id") < 90)
+        assert prepare_interactions(finite, SequenceConfig(train_fraction=0.4))[2].cut_key == cut.cut_key
+
+
 def test_exact_cut_matches_a_sort_and_survives_a_missed_bracket(spark, monkeypatch) -> None:
     rng = np.random.default_rng(3)
     seconds = rng.integers(0, 400, size=3000)  # many ties

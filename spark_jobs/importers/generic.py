@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import posixpath
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -554,8 +553,9 @@ def _glob(spark: SparkSession, path: str) -> list[Any]:
 def pending_inputs(spark: SparkSession, config: GenericImportConfig, logical_date: dt.date) -> dict[str, str]:
     """The inputs of ``logical_date`` (:meth:`GenericImportConfig.for_date`) that have not landed:
     ``{input: why}``, empty when the import can run. An input is pending while its path names
-    nothing, or, with ``ready_marker``, while the directory of a dated input (the input itself when
-    it is one; for a glob, any directory it names) holds no marker."""
+    nothing, or, with ``ready_marker``, while a directory of a dated input (the input itself when it
+    is one; for a glob, each directory it names and each directory holding a file it names) holds no
+    marker."""
     day = config.for_date(logical_date)
     pending = {}
     for name in ("interactions", "items", "users"):
@@ -566,12 +566,22 @@ def pending_inputs(spark: SparkSession, config: GenericImportConfig, logical_dat
         if not found:
             pending[name] = f"nothing at {path}"
         elif config.ready_marker and LOGICAL_DATE.search(getattr(config, name)):
-            folder = (
-                path.rstrip("/") if found[0].isDirectory() else posixpath.dirname(path.rstrip("/")) or "."
+            folders = sorted(
+                {str(f.getPath() if f.isDirectory() else f.getPath().getParent()) for f in found}
             )
-            if not _glob(spark, f"{folder}/{config.ready_marker}"):
-                pending[name] = f"no {config.ready_marker} in {folder} (the drop is still being written)"
+            unmarked = [folder for folder in folders if not _glob(spark, f"{folder}/{config.ready_marker}")]
+            if unmarked:
+                shown = ", ".join(_local(folder) for folder in unmarked[:3])
+                more = f" and {len(unmarked) - 3} more" if len(unmarked) > 3 else ""
+                pending[name] = f"no {config.ready_marker} in {shown}{more} (the drop is still being written)"
     return pending
+
+
+def _local(path: str) -> str:
+    """A Hadoop path as the user wrote it: ``file:/x`` is ``/x``."""
+    return (
+        path.removeprefix("file:") if path.startswith("file:/") and not path.startswith("file://") else path
+    )
 
 
 def import_generic(

@@ -407,7 +407,7 @@ def test_generic_paths_name_the_days_drop(spark, lake, tmp_path):
 def test_a_drop_is_pending_until_its_files_and_its_marker_land(spark, lake, tmp_path):
     """``pending_inputs``, what the daily DAG waits on: an input is pending while its path names
     nothing and, with ``ready_marker``, while a dated input's directory (the input itself when it is
-    one) lacks the marker; the marker is never read as a record."""
+    one; each directory a glob names files in) lacks the marker; the marker is never read as a record."""
     from spark_jobs.importers.generic import pending_inputs
 
     events = tmp_path / "events" / f"date={DAY:%Y%m%d}"
@@ -444,6 +444,19 @@ def test_a_drop_is_pending_until_its_files_and_its_marker_land(spark, lake, tmp_
         events.name: (2, 2, 0),
         "items-*.csv": (1, 1, 0),
     }
+    # a glob over several directories waits for the marker in each of them, not in any one
+    regions = tmp_path / "regions" / f"date={DAY:%Y%m%d}"
+    glob = str(tmp_path / "regions" / "date={logical_date:%Y%m%d}" / "*" / "part-*.csv")
+    by_region = config.model_copy(update={"interactions": glob, "items": None})
+    for region in ("eu", "us"):
+        (regions / region).mkdir(parents=True)
+        (regions / region / "part-0.csv").write_text("user_id,item_id,timestamp,rating\nu1,i1,1704067200,5\n")
+    (regions / "eu" / "_SUCCESS").touch()
+    assert pending_inputs(spark, by_region, DAY) == {
+        "interactions": f"no _SUCCESS in {regions / 'us'} (the drop is still being written)",
+    }
+    (regions / "us" / "_SUCCESS").touch()
+    assert pending_inputs(spark, by_region, DAY) == {}
     for marker in ("done/_SUCCESS", "DONE"):  # a path, or a name Spark would read as data
         with pytest.raises(ValidationError, match="ready_marker"):
             GenericImportConfig(dataset="landed", interactions="x", ready_marker=marker)

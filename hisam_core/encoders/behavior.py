@@ -205,7 +205,14 @@ class BehaviorEncoder:
         missing = [c for c in REQUIRED_COLUMNS if c not in interactions.columns]
         if missing:
             raise ValueError(f"behavior encoder: interactions lack column(s) {missing}")
-        train = interactions.loc[interactions["timestamp"] < cutoff, list(REQUIRED_COLUMNS)]
+        times = interactions["timestamp"]
+        numeric = pd.api.types.is_numeric_dtype(times) and not pd.api.types.is_bool_dtype(times)
+        if not (numeric or pd.api.types.is_datetime64_any_dtype(times)) or isinstance(cutoff, str | bytes):
+            raise ValueError(  # text compares letter by letter: "1000" < "500" would leak the future
+                f"behavior encoder: timestamp and cut-off must be numbers or datetimes, got "
+                f"{times.dtype} and {type(cutoff).__name__}"
+            )
+        train = interactions.loc[times < cutoff, list(REQUIRED_COLUMNS)]
         if train.empty:
             raise ValueError(f"behavior encoder: no interactions before the cut-off {cutoff!r}")
         index = self._index()
@@ -249,27 +256,25 @@ class BehaviorEncoder:
         targets = left_pad([w[1:] for w in wins], cfg.max_len)
         warm = np.zeros(len(item_ids) + 1, dtype=bool)
         warm[np.concatenate(wins)] = True
-        self.warm = warm[1:]
         logger.info(
             "behavior encoder: %d users, %d windows, %d transitions before cut-off %r; %d/%d items warm",
             len(seqs),
             len(wins),
             int((targets > 0).sum()),
             cutoff,
-            int(self.warm.sum()),
+            int(warm[1:].sum()),
             len(item_ids),
         )
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            self.model = SASRec(len(item_ids), cfg).to(self.device)
-            self._train(inputs, targets, progress)
-        self.model.eval()
+            model = SASRec(len(item_ids), cfg).to(self.device)
+            self._train(model, inputs, targets, progress)
+        self.model, self.warm = model.eval(), warm[1:]  # only once training succeeded
         return self
 
-    def _train(self, inputs: torch.Tensor, targets: torch.Tensor, progress: bool) -> None:
-        cfg, model = self.config, self.model
-        assert model is not None
+    def _train(self, model: SASRec, inputs: torch.Tensor, targets: torch.Tensor, progress: bool) -> None:
+        cfg = self.config
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed)
         num_items = model.item_emb.num_embeddings - 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -121,6 +122,8 @@ def encode_images(
     Missing/unreadable images get a zero row, ``present=False`` and the reason, or a ValueError naming
     the file when ``strict``.
     """
+    if isinstance(images, str | bytes | os.PathLike | Image.Image):  # one path is not a list of them
+        raise ValueError(f"{what}: expected a sequence of images, got one {type(images).__name__}")
     if len(images) == 0:
         raise ValueError(f"{what}: empty input, expected at least one image")
     n = len(images)

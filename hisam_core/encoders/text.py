@@ -118,6 +118,8 @@ class TextEncoder:
         Raises ValueError for an empty input or an empty/blank text (naming its position): an empty
         document carries no information and would silently become the [CLS][SEP] vector.
         """
+        if isinstance(texts, str | bytes):  # list("abc") would be three one-letter texts
+            raise ValueError("text encoder: expected a sequence of texts, got one str")
         texts = list(texts)
         if not texts:
             raise ValueError("text encoder: empty input, expected at least one text")

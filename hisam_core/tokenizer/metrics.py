@@ -24,6 +24,11 @@ def code_perplexity(codes: np.ndarray, codebook_size: int) -> np.ndarray:
     return np.array(out)
 
 
+def _require_items(codes: np.ndarray) -> None:
+    if len(codes) == 0:
+        raise ValueError("code metrics: no items (an empty code table), so no rate")
+
+
 def _tuple_group_sizes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Group index of each item's code tuple and the size of every group."""
     _, inverse, counts = np.unique(np.asarray(codes), axis=0, return_inverse=True, return_counts=True)
@@ -32,12 +37,14 @@ def _tuple_group_sizes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def unique_id_rate(codes: np.ndarray) -> float:
     """Distinct code tuples divided by items (1.0 when every item has its own ID)."""
+    _require_items(codes)
     _, counts = _tuple_group_sizes(codes)
     return len(counts) / len(codes)
 
 
 def collision_rate(codes: np.ndarray) -> float:
     """Fraction of items whose code tuple is shared with at least one other item."""
+    _require_items(codes)
     inverse, counts = _tuple_group_sizes(codes)
     return float((counts[inverse] > 1).mean())
 

@@ -146,9 +146,15 @@ def test_windows_cover_every_transition_once():
     assert padded.tolist() == [[0, 0, 5, 6, 7]]
 
 
-def test_a_diverging_fit_raises(train_df):
+def test_a_diverging_fit_raises_and_leaves_the_encoder_unfitted(train_df, tmp_path):
+    enc = fit(train_df)  # fitted before: the failed refit must not leave its NaN weights behind
+    enc.config = enc.config.model_copy(update={"lr": 1e30})
     with pytest.raises(ValueError, match="behavior encoder training diverged in epoch 0"):
-        fit(train_df, lr=1e30)
+        enc.fit(train_df, CUTOFF, CATALOGUE, progress=False)
+    for use in (enc.encode, lambda: enc.save(tmp_path / "nan.pt")):
+        with pytest.raises(ValueError, match="not fitted"):
+            use()
+    assert not (tmp_path / "nan.pt").exists()
 
 
 def test_bad_input(train_df):
@@ -158,6 +164,11 @@ def test_bad_input(train_df):
         fit(train_df.assign(timestamp=CUTOFF))
     with pytest.raises(ValueError, match="outside the catalogue"):
         fit(pd.concat([train_df, pd.DataFrame({"user_id": [0], "item_id": [999], "timestamp": [1]})]))
+    # text times compare letter by letter ("10000" < "500"): refused, not silently leaked
+    with pytest.raises(ValueError, match="timestamp and cut-off must be numbers or datetimes, got object"):
+        fit(train_df.assign(timestamp=train_df["timestamp"].astype(str)))
+    with pytest.raises(ValueError, match="got int64 and str"):
+        BehaviorEncoder(BehaviorEncoderConfig(**SMALL)).fit(train_df, str(CUTOFF), CATALOGUE, progress=False)
     with pytest.raises(ValueError, match="not fitted"):
         BehaviorEncoder().encode()
     enc = fit(train_df)

@@ -86,6 +86,9 @@ def test_missing_and_unreadable_images_are_flagged(image_paths, tmp_path):
         enc.encode([tmp_path / "absent.jpg"], strict=True)
     with pytest.raises(ValueError, match="empty input"):
         enc.encode([])
+    for one in (str(image_paths[0]), image_paths[0]):  # one path, not ten one-letter "paths"
+        with pytest.raises(ValueError, match="expected a sequence of images, got one"):
+            enc.encode(one)
 
 
 def test_an_image_is_read_as_shown(tmp_path, monkeypatch):

@@ -84,6 +84,8 @@ def test_truncation_to_max_length():
 def test_bad_input(text_encoder, tmp_path):
     with pytest.raises(ValueError, match="empty input"):
         text_encoder.encode([])
+    with pytest.raises(ValueError, match="expected a sequence of texts, got one str"):
+        text_encoder.encode("hello")  # one text, not five one-letter texts
     with pytest.raises(ValueError, match="input 1 is an empty"):
         text_encoder.encode(["fine", "   "])
     with pytest.raises(ValueError, match="does not exist"):

@@ -27,6 +27,10 @@ def test_unique_and_collision_rates_count_items():
     codes = np.array([[0, 0], [0, 0], [0, 0], [1, 0], [1, 1], [2, 2]])
     assert unique_id_rate(codes) == pytest.approx(4 / 6)  # tuples (0,0), (1,0), (1,1), (2,2)
     assert collision_rate(codes) == pytest.approx(3 / 6)  # the three (0,0) items
+    for rate in (unique_id_rate, collision_rate):
+        with pytest.raises(ValueError, match="no items"):
+            rate(codes[:0])
+    assert dedup_suffix(codes[:0]).tolist() == []
 
 
 def test_dedup_suffix_separates_collisions_and_is_zero_for_unique_items():

@@ -7,6 +7,11 @@ Expectations, refreshes item documents and embeddings (only new or changed items
 items that arrived since the monthly catalogue run their semantic IDs under the current tokenizer,
 and rebuilds the samples of that version (the last two are skipped before the first tokenizer
 exists: the task state says so, and no ``gold.samples`` asset event is emitted).
+
+``build-sequences`` also runs when ``tokenize-new-items`` failed (it alerted): the day's samples do not
+need the new items' IDs (their interactions wait in quarantine as ``unknown_item``), and without them
+fine-tuning and pre-training would wait all day for samples that never come. A ``watcher`` then
+fails the run.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from hisam_common import (
     SKIP_WITHOUT_TOKENIZER,
     sensor_task,
     step_task,
+    watcher,
 )
 
 
@@ -35,8 +41,15 @@ def hisam_features() -> None:
     validate = step_task("validate")()
     embed = step_task("embed", outlets=[ITEM_EMBEDDINGS])()
     new_items = step_task("tokenize-new-items", params=SKIP_WITHOUT_TOKENIZER)()
-    sequences = step_task("build-sequences", params=SKIP_WITHOUT_TOKENIZER, outlets=[SAMPLES])()
+    sequences = step_task(
+        "build-sequences",
+        params=SKIP_WITHOUT_TOKENIZER,
+        outlets=[SAMPLES],
+        trigger_rule="all_done_min_one_success",  # after embed, whether or not new items got IDs
+    )()
     ready >> ingest >> validate >> embed >> new_items >> sequences
+    embed >> sequences
+    watcher(ready, ingest, validate, embed, new_items, sequences)
 
 
 hisam_features()

@@ -19,7 +19,8 @@ EXPECTED = {
         "validate": ["ingest"],
         "embed": ["validate"],
         "tokenize_new_items": ["embed"],
-        "build_sequences": ["tokenize_new_items"],
+        "build_sequences": ["embed", "tokenize_new_items"],
+        "watcher": ["build_sequences", "embed", "ingest", "source_ready", "tokenize_new_items", "validate"],
     },
     "hisam_tokenizer": {
         "embeddings_ready": [],
@@ -74,13 +75,18 @@ def test_every_dag_loads_with_its_tasks_and_dependencies(dags) -> None:
         dag = dags[dag_id]
         assert {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} == tasks, dag_id
         assert dag.catchup is False and dag.max_active_runs == 1
-    # the champion refresh runs also when fine-tuning skipped (no PT yet) or failed; the watcher,
-    # downstream of every task, then fails the run (Airflow judges a run by its leaves)
-    rules = {t.task_id: t.trigger_rule.value for d in dags.values() for t in d.tasks}
-    assert rules.pop("refresh_champion") == "all_done"
-    assert rules.pop("watcher") == "one_failed"
+    # the champion refresh runs also when fine-tuning skipped (no PT yet) or failed, and the samples
+    # are built also when new items got no IDs; the watcher, downstream of every task, then fails
+    # the run (Airflow judges a run by its leaves)
+    rules = {(d.dag_id, t.task_id): t.trigger_rule.value for d in dags.values() for t in d.tasks}
+    assert rules.pop(("hisam_finetune", "refresh_champion")) == "all_done"
+    assert rules.pop(("hisam_features", "build_sequences")) == "all_done_min_one_success"
+    assert (
+        rules.pop(("hisam_finetune", "watcher")) == rules.pop(("hisam_features", "watcher")) == "one_failed"
+    )
     assert set(rules.values()) == {"all_success"}
-    assert [t.task_id for t in dags["hisam_finetune"].tasks if not t.downstream_list] == ["watcher"]
+    for dag_id in ("hisam_features", "hisam_finetune"):
+        assert [t.task_id for t in dags[dag_id].tasks if not t.downstream_list] == ["watcher"]
     # the waits release their worker slot between pokes, and fail (with the alert) after a timeout
     from hisam_common import SENSOR_POKE, SENSOR_POKE_LIMIT, SENSOR_TIMEOUT
 

@@ -1008,3 +1008,29 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     registered = run_step("register", dec1, world["config"])
     version = client.get_model_version("hisam-ranker", registered["model_version"])
     assert not registered.get("skipped") and version.tags["training_run_id"] == forced["mlflow_run_id"]
+
+
+def test_new_items_without_ids_do_not_hold_up_the_days_samples(world) -> None:
+    """Runs last. The text encoder's version changes before a tokenizer is trained for it: the day's
+    ``tokenize-new-items`` cannot feed @current's DST the new embeddings and fails (with its alert),
+    but ``build-sequences`` still builds the day's samples, so fine-tuning is not held up for a day;
+    the watcher fails the run without a second alert."""
+    import yaml
+
+    dec11 = dt.date(2026, 12, 11)
+    embeddings = yaml.safe_load(world["config"].read_text())["embeddings"]
+    embeddings["text"]["version"] = "2"
+    world["write_config"](world["config"], top={"embeddings": embeddings})
+    try:
+        result = world["run"]("hisam_features", dec11)
+    finally:
+        world["write_config"](world["config"])
+    assert result.state == "failed"
+    assert (result.tasks["embed"], result.tasks["tokenize_new_items"]) == ("success", "failed")
+    assert (result.tasks["build_sequences"], result.tasks["watcher"]) == ("success", "failed")
+    titles = [a["title"] for a in _alerts(world)]
+    assert "hisam_features.tokenize_new_items failed" in titles
+    assert (
+        "hisam_features.watcher failed" not in titles
+        and "hisam_features.build_sequences failed" not in titles
+    )

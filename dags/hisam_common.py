@@ -30,6 +30,9 @@ TOKENIZER = Asset(name="hisam-tokenizer@current", uri="mlflow://hisam/models/his
 PRETRAINED = Asset(name="hisam-pretrained", uri="mlflow://hisam/models/hisam-pretrained")
 RANKER = Asset(name="hisam-ranker@champion", uri="mlflow://hisam/models/hisam-ranker/champion")
 
+#: ``validate-samples`` gates the tokenizer version whose samples ``samples-ready`` found ready (a
+#: tokenizer activated in between has its own runs).
+READY_SAMPLES = {"tokenizer_version": ("samples_ready", "tokenizer_version")}
 #: Training reads the ``gold.samples`` version ``validate-samples`` passed, not a later build, and
 #: skips when ``@current`` has moved away from the tokenizer version it gated.
 VALIDATED_SAMPLES = {

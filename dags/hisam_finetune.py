@@ -24,6 +24,7 @@ from hisam_common import (
     DAG_DEFAULTS,
     PRETRAINED,
     RANKER,
+    READY_SAMPLES,
     SAMPLES,
     SKIP_WITHOUT_TOKENIZER,
     VALIDATED_SAMPLES,
@@ -43,7 +44,7 @@ from hisam_common import (
 )
 def hisam_finetune() -> None:
     ready = sensor_task("samples-ready", params=SKIP_WITHOUT_TOKENIZER)()
-    gate = step_task("validate-samples", inlets=[SAMPLES])()
+    gate = step_task("validate-samples", inlets=[SAMPLES], upstream_params=READY_SAMPLES)()
     finetune = step_task("finetune", gpu=True, inlets=[PRETRAINED], upstream_params=VALIDATED_SAMPLES)()
     evaluate = step_task("evaluate", gpu=True, upstream_params=VALIDATED_SAMPLES)()
     register = step_task("register")()

@@ -12,6 +12,7 @@ from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag
 from hisam_common import (
     DAG_DEFAULTS,
     PRETRAINED,
+    READY_SAMPLES,
     SAMPLES,
     SKIP_WITHOUT_TOKENIZER,
     TOKENIZER,
@@ -31,7 +32,7 @@ from hisam_common import (
 )
 def hisam_pretrain() -> None:
     ready = sensor_task("samples-ready", params=SKIP_WITHOUT_TOKENIZER)()
-    gate = step_task("validate-samples", inlets=[SAMPLES])()
+    gate = step_task("validate-samples", inlets=[SAMPLES], upstream_params=READY_SAMPLES)()
     pretrain = step_task(
         "pretrain",
         gpu=True,

@@ -185,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
             help="restore @previous as @champion (then refresh it with the items that arrived since)",
             description="Restore the previous champion ranker, and register it again with the semantic IDs "
             "its tokenizer version gained since it was packaged, so it serves every item at once. "
-            "Example: hisam rollback --config configs/production.yaml",
+            "Exits 3 when the rollback stands but that refresh failed (then run `hisam run "
+            "refresh-champion`). Example: hisam rollback --config configs/production.yaml",
         )
     )
     recommend = with_config(
@@ -296,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+    if summary.get("refreshed") is False:  # a rollback that stands, but whose refresh failed
+        log.error("rolled back, but not refreshed: %s", summary.get("refresh_error"))
+        return 3
     return 0
 
 

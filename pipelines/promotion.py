@@ -265,7 +265,9 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     }
     if known.all():
         log.info("%s v%s already serves every %s item", name, champion.version, version)
-        return {**summary, "champion": str(champion.version), CHAMPION_MOVED: False}
+        # a retry after this run moved @champion (and failed before it finished) announces it again
+        moved = champion.tags.get(REFRESH_KEY) == ctx.run_key
+        return {**summary, "champion": str(champion.version), CHAMPION_MOVED: moved}
     table = SemanticIds(
         np.concatenate([packaged.item_ids, lake.item_ids[~known]]),
         np.concatenate([packaged.codes, lake.codes[~known]]),
@@ -316,7 +318,8 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
 def rollback(ctx: StepContext) -> dict[str, Any]:
     """Restore ``@previous`` as ``@champion``, tell the on-call, then refresh it
     (:func:`refresh_champion`: it packaged its semantic IDs before the items that arrived since).
-    The rollback stands if the refresh fails: a second alert says so, and ``refresh-champion``
+    The rollback stands if the refresh fails: a second alert says so, the summary has
+    ``refreshed: false`` and the error (``hisam rollback`` exits 3), and ``refresh-champion``
     completes it."""
     from pipelines.registry import rollback as restore
 
@@ -329,13 +332,19 @@ def rollback(ctx: StepContext) -> dict[str, Any]:
         refreshed = refresh_champion(ctx)
     except Exception as err:
         log.exception("refreshing the restored champion v%s failed", restored)
+        reason = f"{type(err).__name__}: {err}"
         ctx.alert(
             f"{name} v{restored} restored but not refreshed",
-            f"{type(err).__name__}: {err}. It refuses items that arrived since it was registered until "
+            f"{reason}. It refuses items that arrived since it was registered until "
             "`hisam run refresh-champion` succeeds.",
             "error",
         )
-        return summary
+        return {**summary, "refreshed": False, "refresh_error": reason}
     if refreshed["champion"] != restored:
         log.info("%s v%s serves the restored v%s with the items since", name, refreshed["champion"], restored)
-    return {**summary, "champion": refreshed["champion"], "new_items": refreshed.get("new_items")}
+    return {
+        **summary,
+        "champion": refreshed["champion"],
+        "new_items": refreshed.get("new_items"),
+        "refreshed": True,
+    }

@@ -532,12 +532,16 @@ def test_promote_chains_the_drift_from_the_champions_tags(tmp_path, mlflow_store
     assert _drift(client.get_model_version(name, "3").tags)["auc"] == pytest.approx(-0.009)
 
 
-def test_a_rollback_stands_when_its_refresh_fails_and_says_so(tmp_path, mlflow_store, monkeypatch) -> None:
+def test_a_rollback_stands_when_its_refresh_fails_and_says_so(
+    tmp_path, mlflow_store, monkeypatch, capsys
+) -> None:
     """The restored champion is served even if refreshing its semantic IDs fails: the step returns
-    the rollback, and a second alert (an error) tells the on-call to run refresh-champion."""
+    the rollback with the error, ``hisam rollback`` exits 3, and a second alert (an error) tells the
+    on-call to run refresh-champion."""
     import json
 
     import pipelines.promotion as promotion
+    from pipelines.cli import main
     from pipelines.context import StepContext
 
     monkeypatch.setenv("HISAM_NOTIFY_SINKS", "file")
@@ -551,7 +555,15 @@ def test_a_rollback_stands_when_its_refresh_fails_and_says_so(tmp_path, mlflow_s
         raise OSError("lake unreachable")
 
     monkeypatch.setattr(promotion, "refresh_champion", lake_down)
-    assert promotion.rollback(ctx) == {"champion": "1", "restored": "1", "demoted": "2"}
+    monkeypatch.delenv("HISAM_PIPELINE_CONFIG", raising=False)
+    assert main(["rollback"]) == 3
+    assert json.loads(capsys.readouterr().out) == {
+        "champion": "1",
+        "restored": "1",
+        "demoted": "2",
+        "refreshed": False,
+        "refresh_error": "OSError: lake unreachable",
+    }
     assert champion_version(client, name) == "1"
     alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
     assert [(a["title"], a["severity"]) for a in alerts] == [

@@ -136,14 +136,14 @@ def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = 
     """Run ``step`` for the run's day; ``{ds_nodash}`` in a param is the day as YYYYMMDD."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from pipelines.steps import StepSkipped, run_step, step_errors
+    from pipelines.steps import StepSkipped, error_text, run_step, step_errors
 
     day = logical_day(context)
     resolved = {k: v.format(ds_nodash=day.strftime("%Y%m%d")) for k, v in (params or {}).items()}
     try:
         return run_step(step, day, params=resolved)
     except step_errors() as err:
-        raise AirflowFailException(f"{step}: {err}") from err
+        raise AirflowFailException(f"{step}: {error_text(err)}") from err
     except StepSkipped as skipped:
         raise AirflowSkipException(f"{step}: {skipped}") from skipped
 

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.evaluation import main as evaluate
 
         return evaluate(forwarded, prog="hisam evaluate")
-    from pipelines.steps import StepSkipped, run_step, step_errors
+    from pipelines.steps import StepSkipped, error_text, run_step, step_errors
 
     try:
         if args.command == "run":
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("%s", err)
                 return 1
     except step_errors() as err:
-        log.error("%s", err)
+        log.error("%s", error_text(err))
         return 2
     except StepSkipped as skipped:
         log.warning("skipped: %s", skipped)

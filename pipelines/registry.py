@@ -159,6 +159,17 @@ def find_versions(client: MlflowClient, model: str, **tags: str) -> list[ModelVe
     return sorted(found, key=lambda v: int(v.version), reverse=True)
 
 
+def required_tag(version: ModelVersion, tag: str) -> str:
+    """``version``'s ``tag``; a clear error naming model, version and tag when it lacks it (set by
+    hand, or registered by an older pipeline or outside it)."""
+    if (value := version.tags.get(tag)) is None:
+        raise ValueError(
+            f"{version.name} v{version.version} has no {tag} tag: it was not registered by this "
+            "pipeline's steps (set by hand, or by an older release?); register or activate one that was"
+        )
+    return str(value)
+
+
 def check_dataset(client: MlflowClient, models: Collection[str], dataset: str) -> None:
     """Refuse registered models in ``models`` whose versions are another dataset's: aliases
     (``@current``, ``@champion``) are per model name, and steps find versions by

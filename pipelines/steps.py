@@ -174,6 +174,11 @@ def step_errors() -> tuple[type[Exception], ...]:
     return (DataQualityError, ValueError, KeyError, FileNotFoundError)
 
 
+def error_text(err: BaseException) -> str:
+    """A step error as the on-call reads it: a ``KeyError``'s own text is only the quoted key."""
+    return f"{type(err).__name__}: {err}" if isinstance(err, KeyError) else str(err)
+
+
 def apply_torch_threads() -> None:
     """Use ``$HISAM_TORCH_THREADS`` (default 1) torch intra-op threads, in the CLI and in Airflow tasks."""
     threads = positive_int(os.environ.get(THREADS_ENV, "1"), f"${THREADS_ENV}")

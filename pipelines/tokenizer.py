@@ -57,7 +57,7 @@ def tokenizer_version(ctx: StepContext) -> str:
 def current_tokenizer_version(ctx: StepContext) -> str:
     """The ``tokenizer_version`` tag of ``@current`` (error when no tokenizer was activated)."""
     from pipelines.ranker_model import TOKENIZER_VERSION
-    from pipelines.registry import CURRENT, alias_version
+    from pipelines.registry import CURRENT, alias_version, required_tag
 
     found = alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT)
     if found is None:
@@ -65,7 +65,7 @@ def current_tokenizer_version(ctx: StepContext) -> str:
             f"no {ctx.config.models.tokenizer}@{CURRENT} yet: run the hisam_tokenizer DAG (or the steps "
             "train-tokenizer, tokenize-catalogue, build-sequences, activate-tokenizer) first"
         )
-    return str(found.tags[TOKENIZER_VERSION])
+    return required_tag(found, TOKENIZER_VERSION)
 
 
 def registered_tokenizer(ctx: StepContext, version: str) -> Any:
@@ -83,10 +83,10 @@ def serving_tokenizer_versions(ctx: StepContext, current: str | None = None) -> 
     ``current`` when the caller read it already), then the ranker's ``@champion``'s and
     ``@previous``'s (which a rollback restores) when they differ."""
     from pipelines.ranker_model import TOKENIZER_VERSION
-    from pipelines.registry import CHAMPION, CURRENT, PREVIOUS, alias_version
+    from pipelines.registry import CHAMPION, CURRENT, PREVIOUS, alias_version, required_tag
 
     if current is None and (found := alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT)):
-        current = str(found.tags[TOKENIZER_VERSION])
+        current = required_tag(found, TOKENIZER_VERSION)
     versions = {} if current is None else {CURRENT: current}
     for alias in (CHAMPION, PREVIOUS):
         held = alias_version(ctx.mlflow, ctx.config.models.ranker, alias)
@@ -608,11 +608,12 @@ def _tokenize_new_items(
     """
     from pipelines.ingest import quality_config, run_gate, versioned_label
     from pipelines.ranker_model import TOKENIZER_VERSION
+    from pipelines.registry import required_tag
     from pipelines.tokenizer_model import load_tokenizer
     from spark_jobs.quality import semantic_ids_suite
     from spark_jobs.tables import GOLD_SEMANTIC_IDS
 
-    version = registered.tags[TOKENIZER_VERSION]
+    version = required_tag(registered, TOKENIZER_VERSION)
     known = semantic_ids_of(ctx, version)
     label = f"{GOLD_SEMANTIC_IDS.name}.new_items"  # on the 1st, tokenize-catalogue writes the same day
     tokenized = set(known.item_ids.tolist())
@@ -629,7 +630,7 @@ def _tokenize_new_items(
     if not new.any():
         log.info("every item with embeddings already has a %s semantic ID", version)
         return summary
-    snapshot = int(registered.tags.get(CATALOGUE_SNAPSHOT) or registered.tags["delta.version"])
+    snapshot = int(registered.tags.get(CATALOGUE_SNAPSHOT) or required_tag(registered, "delta.version"))
     fresh = features.subset(np.flatnonzero(new))
     tokenizer = load_tokenizer(f"models:/{registered.name}/{registered.version}")
     cold = tokenizer.cold_behaviour  # None: registered before the model carried it

@@ -622,6 +622,28 @@ def test_the_serving_tokenizers_are_currents_then_the_rankers_champion_and_previ
     assert snapshot_readers(ctx) == ["dst-20261001"]
 
 
+def test_a_current_tokenizer_without_its_version_tag_is_a_clear_error(
+    tmp_path, mlflow_store, monkeypatch
+) -> None:
+    """An alias set by hand on a version this pipeline did not register: an error naming the model,
+    version and tag, not ``'tokenizer_version'`` (a bare KeyError's text, as any KeyError was)."""
+    from pipelines.registry import CURRENT
+    from pipelines.steps import error_text
+    from pipelines.tokenizer import current_tokenizer_version, serving_tokenizer_versions
+
+    ctx = _tokenizers_serving(tmp_path, mlflow_store, monkeypatch)
+    name = ctx.config.models.tokenizer
+    ctx.mlflow.create_model_version(name, str(tmp_path / "artifacts"))  # v4, untagged
+    ctx.mlflow.set_registered_model_alias(name, CURRENT, "4")
+    for read in (current_tokenizer_version, serving_tokenizer_versions):
+        with pytest.raises(
+            ValueError, match=rf"{name} v4 has no tokenizer_version tag: it was not registered"
+        ):
+            read(ctx)
+    assert error_text(KeyError("tokenizer_version")) == "KeyError: 'tokenizer_version'"
+    assert error_text(ValueError("bad")) == "bad"
+
+
 def test_new_items_failing_under_previous_alert_and_skip_but_under_champion_fail_the_day(
     tmp_path, mlflow_store, monkeypatch
 ) -> None:

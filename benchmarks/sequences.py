@@ -289,7 +289,8 @@ def polars_build(
 ) -> dict[str, Any]:
     """The same protocol in one process: label, exact cut (ties -> test), split, cold flag,
     per-user order (timestamp, item, label, action = label), user sequences, and per sample the
-    history bounds (length, oldest and newest item) and checksums of its semantic IDs and actions;
+    history bounds (length, oldest and newest item: the last L rows of earlier instants) and
+    checksums of its semantic IDs and actions;
     both written to Parquet under ``out``, as the Spark build writes its own."""
     import polars as pl
 
@@ -312,29 +313,29 @@ def polars_build(
     df = df.with_columns(
         pl.int_range(pl.len()).over(by_user).alias("seq_pos"),
         (pl.col("split") == "train").sum().over(by_user).cast(pl.Int32).alias("n_train"),
-        pl.col("sem_sum").cum_sum().over(by_user).alias("_cs_sem"),
-        pl.col("label").cast(pl.Int64).cum_sum().over(by_user).alias("_cs_act"),
+        pl.int_range(pl.len()).alias("_row"),  # rows are in (user, order): one index over all users
     )
+    # a sample's history: the min(L, earlier) rows before the first row of its instant
+    instant = df.select(pl.col("_row").min().over([by_user, "timestamp"])).to_series().to_numpy()
+    user_start = (df["_row"] - df["seq_pos"]).to_numpy()
+    length = np.minimum(instant - user_start, max_hist)
+    oldest = instant - length
 
-    def window_sum(cs: str) -> pl.Expr:  # sum over the previous min(pos, L) rows of the user
-        prev = pl.col(cs).shift(1).over(by_user).fill_null(0)
-        return prev - pl.col(cs).shift(max_hist + 1).over(by_user).fill_null(0)
+    def window_sum(values: Any) -> np.ndarray:  # sum over rows [oldest, instant)
+        cumulative = np.concatenate([[0], np.cumsum(values.to_numpy().astype(np.int64))])
+        return cumulative[instant] - cumulative[oldest]
 
-    first = (
-        pl.when(pl.col("seq_pos") == 0)
-        .then(None)
-        .when(pl.col("seq_pos") <= max_hist)
-        .then(pl.col("item_id").first().over(by_user))
-        .otherwise(pl.col("item_id").shift(max_hist).over(by_user))
-    )
-    bounds = df.select(
-        by_user,
-        "seq_pos",
-        pl.min_horizontal(pl.col("seq_pos"), pl.lit(max_hist)).alias("history_len"),
-        first.alias("first"),
-        pl.col("item_id").shift(1).over(by_user).alias("last"),
-        window_sum("_cs_sem").alias("sem_sum"),
-        window_sum("_cs_act").alias("action_sum"),
+    items, some = df["item_id"].to_numpy(), length > 0
+    bounds = pl.DataFrame(
+        {
+            by_user: df[by_user],
+            "seq_pos": df["seq_pos"],
+            "history_len": length,
+            "first": pl.Series(items[np.where(some, oldest, 0)]).set(pl.Series(~some), None),
+            "last": pl.Series(items[np.where(some, instant - 1, 0)]).set(pl.Series(~some), None),
+            "sem_sum": window_sum(df["sem_sum"]),
+            "action_sum": window_sum(df["label"]),
+        }
     )
     sequences = df.group_by(by_user).agg(
         pl.col("item_id").alias("item_ids"),

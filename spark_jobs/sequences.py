@@ -34,7 +34,8 @@ Protocol, as implemented:
   *training* interactions; ``is_cold_user`` is set on all of that user's samples, train and test.
 * **Per-user order.** Interactions of a user are ordered by (timestamp, item_id, label, action);
   ``seq_pos`` is the 0-based ``row_number`` in that order.
-* **History.** A sample's history is the user's interactions strictly before it in that order,
+* **History.** A sample's history is the user's interactions of earlier instants (timestamps
+  strictly before its own: events of one instant never see each other, nor each other's labels),
   truncated to the ``max_history_items`` most recent ones (arrays are oldest first). With
   ``test_history="all_earlier"`` (default: the offline protocol) a test sample sees every earlier
   interaction of its user, train *and* earlier test ones, since they happened before the
@@ -518,8 +519,9 @@ def build_samples(interactions: DataFrame, cfg: SequenceConfig) -> DataFrame:
     """One HMAT sample per interaction with its truncated history (window functions only).
 
     ``interactions`` are the known-item rows of :func:`join_semantic_ids`. A history is a
-    ``rowsBetween(-L, -1)`` frame of the chronological per-user window (``L = max_history_items``):
-    the ``L`` most recent earlier interactions, oldest first. ``collect_list`` over an ordered
+    ``rowsBetween(-L, -1)`` frame of the chronological per-user window (``L = max_history_items``)
+    at the first event of the sample's instant, which every event of that instant takes: the ``L``
+    most recent interactions of earlier instants, oldest first. ``collect_list`` over an ordered
     ROWS frame gathers the frame's rows in window order (Spark evaluates frames over the sorted
     partition; the tests pin this order down), so item, action and semantic-ID lists stay aligned
     without a sort. Columns: those of ``gold.samples`` (``item_id`` is the target) plus ``action``,
@@ -530,6 +532,16 @@ def build_samples(interactions: DataFrame, cfg: SequenceConfig) -> DataFrame:
     keys = _user_keys(interactions, cfg)
     order = Window.partitionBy(*keys).orderBy(*_order_cols(cfg))
     df = interactions.withColumns(_history_lists(cfg, order.rowsBetween(-L, -1) if L > 0 else None))
+    if L > 0:  # every event of an instant takes the history of the instant's first: none sees another
+        previous = F.lag(F.col(_KEY)).over(order)
+        df = df.withColumn("_first_of_instant", previous.isNull() | (previous != F.col(_KEY)))
+        so_far = order.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+        df = df.withColumns(
+            {
+                name: F.last(F.when(F.col("_first_of_instant"), F.col(name)), ignorenulls=True).over(so_far)
+                for name in _history_sources(cfg)
+            }
+        ).drop("_first_of_instant")
     if cfg.test_history == "train_only" and L > 0:
         df = _train_only_history_for_test(df, cfg, L)
 

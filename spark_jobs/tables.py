@@ -452,7 +452,9 @@ GOLD_SAMPLES = _register(
                 _f("event_ts", TS, False),
                 _f("label", INT, False),
                 _f("rating", DOUBLE),
-                _f("history_len", INT, False),  # earlier interactions kept, after the token budget
+                _f(
+                    "history_len", INT, False
+                ),  # interactions of earlier instants kept, after the token budget
                 _f("is_cold_user", T.BooleanType(), False),  # < 10 training interactions (Sec. 4.1)
                 _f("tokenizer_version", STR, False),  # the semantic-ID table the arrays come from
                 _f("action", INT),  # the target's action token

@@ -238,17 +238,28 @@ def test_truncation_keeps_the_most_recent_items_in_order(spark) -> None:
     assert cfg.model_copy(update={"count_target_in_budget": False}).max_history_items == (50 - 2) // 8 == 6
 
 
-def test_events_of_one_instant_are_ordered_by_item(spark) -> None:
+def test_events_of_one_instant_are_ordered_by_item_and_share_one_history(spark) -> None:
     """Same-second events of a user (75.8% of MovieLens rows share one) are ordered by item id, as
-    the offline protocol orders them, whatever the input order: positions and histories are
-    deterministic."""
-    rows = [(3, 52, 5, 4.0), (3, 60, 1, 4.0), (3, 50, 5, 2.0), (3, 51, 5, 4.0)]
+    the offline protocol orders them, whatever the input order: positions are deterministic. None
+    of them is another's history (it would show that event's label): each sees the earlier
+    instants only, the ``max_history_items`` most recent of them (4 here)."""
+    rows = [(3, 52, 5, 4.0), (3, 60, 1, 4.0), (3, 50, 5, 2.0), (3, 51, 5, 4.0), (3, 70, 9, 1.0)]
+    rows += [(3, 80 + k, 2, 4.0) for k in range(3)] + [(3, 90, 9, 5.0), (3, 91, 12, 5.0)]
     sem = semantic_ids(spark, [r[1] for r in rows])
-    cfg = SequenceConfig(train_fraction=1.0)
+    cfg = SequenceConfig(train_fraction=1.0, profile_tokens=3, token_budget=3 + 5 * 8)  # history: 4 items
+    assert cfg.max_history_items == 4
     for order in (rows, rows[::-1]):
         samples = {r["item_id"]: r for r in build_sequences(events(spark, order), sem, cfg).samples.collect()}
-        assert [samples[i]["seq_pos"] for i in (60, 50, 51, 52)] == [0, 1, 2, 3]
-        assert samples[52]["history_item_ids"] == [60, 50, 51]
+        by_pos = sorted(samples, key=lambda i: samples[i]["seq_pos"])
+        assert by_pos == [60, 80, 81, 82, 50, 51, 52, 70, 90, 91]
+        history = {i: samples[i]["history_item_ids"] for i in samples}
+        assert history[60] == [] and history[80] == history[81] == history[82] == [60]
+        assert history[50] == history[51] == history[52] == [60, 80, 81, 82]
+        assert history[70] == history[90] == [82, 50, 51, 52]
+        assert history[91] == [51, 52, 70, 90] and samples[91]["history_actions"] == [1, 1, 0, 1]
+        assert all(samples[i]["history_len"] == len(history[i]) for i in samples)
+        flat = {i: samples[i]["history_semantic_ids"] for i in samples}
+        assert flat[70] == [c for item in history[70] for c in codes(item)]  # aligned with the items
 
 
 def test_a_train_only_test_history_is_capped_by_the_budget(spark) -> None:

@@ -283,6 +283,8 @@ def add_labels(df: DataFrame, cfg: SequenceConfig) -> DataFrame:
         from_rating = F.lit(None).cast("int")
     if cfg.label_col in cols:
         explicit = F.col(cfg.label_col)
+        if isinstance(df.schema[cfg.label_col].dataType, T.FloatType | T.DoubleType):
+            explicit = F.when(~F.isnan(explicit), explicit)  # NaN != 0 would be a positive: no label
         if not isinstance(df.schema[cfg.label_col].dataType, T.BooleanType):
             explicit = explicit != F.lit(0)
         label = F.coalesce(explicit.cast("int"), from_rating)

@@ -63,6 +63,15 @@ def test_labels_follow_the_rating_rule_unless_an_explicit_label_is_given(spark) 
     assert got[6] == (1, None, "unknown_action")
     by_label = {r["item_id"]: r["action"] for r in add_labels(df, SequenceConfig()).collect()}
     assert by_label == {1: 1, 2: 0, 3: 0, 4: 1, 5: None, 6: 1, 7: None}  # default: action token = label
+    # a float label column (pandas writes one for a column with gaps): NaN is no label, not a positive
+    floats = df.withColumn(
+        "label", F.when(F.col("item_id") == 5, F.lit(float("nan"))).otherwise(F.col("label"))
+    )
+    floats = floats.withColumn("label", F.col("label").cast("double"))
+    got = {r["item_id"]: (r["label"], r["_reason"]) for r in add_labels(floats, SequenceConfig()).collect()}
+    assert (
+        got[5] == (None, "no_label") and got[3] == (0, None) and got[4] == (1, None) and got[1] == (1, None)
+    )
 
 
 TIE_CASES = [

@@ -430,7 +430,7 @@ GOLD_USER_SEQUENCES = _register(
                 _f("item_ids", T.ArrayType(LONG, containsNull=False), False),  # chronological
                 _f("labels", T.ArrayType(INT, containsNull=False), False),
                 _f("ratings", T.ArrayType(DOUBLE, containsNull=True)),
-                _f("timestamps", T.ArrayType(LONG, containsNull=False), False),  # unix seconds
+                _f("timestamps", T.ArrayType(LONG, containsNull=False), False),  # unix seconds, rounded down
                 _f("length", INT, False),
             ]
         ),

@@ -101,17 +101,15 @@ def current_tokenizer_version_or_skip(ctx: StepContext, step: str, why: str) -> 
     ``skip_without_tokenizer=true`` (the daily DAG before the first monthly tokenizer run), the step
     skips (:class:`~pipelines.steps.StepSkipped`, ``why`` it has nothing to do), logged: skipped, not
     done, so its DAG emits no asset event and the tasks after it skip too."""
+    from pipelines.registry import CURRENT, alias_version
     from pipelines.settings import flag
     from pipelines.steps import StepSkipped
 
     skip = flag(ctx.params.get("skip_without_tokenizer"), "skip_without_tokenizer")  # a typo fails at once
-    try:
-        return current_tokenizer_version(ctx)
-    except ValueError as err:
-        if not skip:
-            raise
-        log.warning("%s skipped: %s", step, err)
-        raise StepSkipped(f"no tokenizer activated yet: {why}") from None
+    if skip and alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT) is None:
+        log.warning("%s skipped: no %s@%s yet", step, ctx.config.models.tokenizer, CURRENT)
+        raise StepSkipped(f"no tokenizer activated yet: {why}")
+    return current_tokenizer_version(ctx)  # any other error (an untagged @current) fails the step
 
 
 def encoder_specs(ctx: StepContext) -> dict[str, tuple[str, str]]:

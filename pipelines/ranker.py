@@ -191,7 +191,7 @@ def histories(
     """Windows of every user's stream labelling the ``split`` rows (``train``: the training events;
     ``test``: the test events, after all of the user's training events as context). ``profiles``:
     ``user_id -> buckets`` of ``config.profile_fields``; a user without one gets bucket 0 in each.
-    Events of one ``event_ts`` are one instant: none reads another's action (``UserHistory.instants``)."""
+    Events of one ``event_ts`` are one instant: none is another's history (``UserHistory.instants``)."""
     profiles = profiles or {}
     nobody = dict.fromkeys(config.profile_fields, UNKNOWN)
     max_items = (config.max_tokens - config.profile_length) // config.item_length

@@ -7,9 +7,9 @@ int column per ``SequenceConfig.profile_fields`` entry: the user's bucket of tha
 packaged ``profile_vocabulary`` (:class:`~hisam_core.ranker.profile.ProfileVocabulary`, also
 ``HisamRankerModel.profile_vocabulary``) gives from the profile's values. Optional
 ``history_timestamps`` (list[int], one non-decreasing time per history item, as the pipeline's
-unix microseconds): interactions of one time are one instant and none reads another's action, as in
+unix microseconds): interactions of one time are one instant and none is another's history, as in
 training (:attr:`~hisam_core.ranker.sequence.UserHistory.instants`); without it each history item
-is its own instant. Only masks that show past actions read it (not the default anchor memory). The response has one row
+is its own instant. The response has one row
 per request (same index) with ``scores``: ``P(positive action)`` per candidate, in candidate order,
 computed by one-pass ranking (:meth:`hisam_core.ranker.HMATRanker.rank`, Sec. 3.4.2).
 

@@ -120,7 +120,7 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         "user_id": user_id,
         "history_item_ids": stream["item_id"].tolist(),
         "history_actions": stream["action"].tolist(),
-        HISTORY_TIMESTAMPS: event_micros(stream["event_ts"]).tolist(),  # one second: one instant
+        HISTORY_TIMESTAMPS: event_micros(stream["event_ts"]).tolist(),  # one time: one instant
     }
     profile = dict.fromkeys(config.profile_fields, UNKNOWN)
     if config.profile_fields and model.profile_vocabulary is not None:

@@ -253,7 +253,7 @@ class IDRanker:
 
 def to_histories(windows: Sequence[Window], semantic_ids: SemanticIds) -> list[UserHistory]:
     """HMAT inputs of the windows: semantic codes per item, labels as actions, targets and timestamps
-    kept (items of one instant never read each other's labels, as for the ID rankers)."""
+    kept (items of one instant are not each other's history, as for the ID rankers)."""
     return [
         UserHistory(w.user_id, semantic_ids.lookup(w.item_ids), w.labels, w.profile, w.targets, w.timestamps)
         for w in windows

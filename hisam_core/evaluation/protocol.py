@@ -11,16 +11,17 @@ cold-start users, and the fixed history windows every model of the comparison is
   interaction of its user, train and earlier test ones (the ``all_earlier`` rule of the Spark job).
   Interactions of one instant are not each other's history: the item-id order among them is
   arbitrary, and an earlier one's label would be the answer (a MovieLens user often rates several
-  films in one second). The ID rankers score a target from the state before its instant, and HMAT
-  hides from every item the Actions of the others of its instant; windows carry the timestamps.
+  films in one second). Every model scores a target from what happened before its instant: the ID
+  rankers from their state before it, HMAT hiding from every item the others of its instant
+  (their items and their actions); windows carry the timestamps.
 * **Windows.** A model sees at most ``window`` items. A user's sequence is cut into windows of at most
   ``window`` items whose *targets* (the labelled positions) are consecutive chunks of at most
   ``stride`` items (the first chunk of a sequence may take a whole window); every target after the
-  first window sees at least ``window - stride`` earlier items (the ID rankers fewer where they share
-  the target's second). Training windows cover every training interaction of every user once as a
+  first window sees at least ``window - stride`` earlier items (fewer where they share the target's
+  second). Training windows cover every training interaction of every user once as a
   target; test windows cover every test interaction once. All models of a comparison get the same
-  windows, so the same inputs and the same labels, and none reads the label of an interaction of
-  the target's second.
+  windows, so the same inputs and the same labels, and none reads an interaction of the target's
+  second.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ each other). Every query also sees itself, so fully padded rows stay finite (the
 ``history_memory="anchor_action"`` is an option beyond the paper that also lets later items see
 past Action tokens (under Eq. 10 the action of a past item never reaches a later item, because the
 Anchor precedes its Action). ``mode="causal"`` is the causal mask (pre-training, ablation).
-Under either, items of one instant (a user who rated several films in one second) are not each
-other's history: no token sees the Action of another item of its instant or a later one, so a
-label is never read by a target logged in the same second (the order among them is arbitrary).
+Under every mask, items of one instant (a user who rated several films in one second) are not
+each other's history: no token sees another item of its instant, so a target is scored from what
+happened before its instant, as an ID ranker's state is (neither the label nor the item of an
+event logged in the same second; the order among them is arbitrary).
 
 Two implementations of the same predicate: a dense boolean mask for
 ``F.scaled_dot_product_attention`` (the reference, and the default backend: faster on an H100, see
@@ -69,16 +70,17 @@ def visible(
     kv_valid: torch.Tensor,
     memory_types: tuple[int, ...] | None,
 ) -> torch.Tensor:
-    """The MA-Attn predicate (Eq. 10), elementwise over broadcastable tensors; another item's
-    Action is seen only from a later instant."""
+    """The MA-Attn predicate (Eq. 10), elementwise over broadcastable tensors; another item is seen
+    only from a later instant (events of one instant are not each other's history: no token of
+    one reaches another, as no ID ranker's state holds them)."""
     allowed = (kv_pos <= q_pos) & kv_valid
     if memory_types is not None:
         reachable = kv_item == q_item
         for token_type in memory_types:
             reachable = reachable | (kv_type == token_type)
         allowed = allowed & reachable
-    same_instant_action = (kv_type == int(TokenType.ACTION)) & (kv_item != q_item) & (kv_instant >= q_instant)
-    return (allowed & ~same_instant_action) | (kv_pos == q_pos)
+    same_instant = (kv_item != q_item) & (kv_instant >= q_instant)
+    return (allowed & ~same_instant) | (kv_pos == q_pos)
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,7 @@ class UserHistory:
     profile: Mapping[str, int] = field(default_factory=dict)
     targets: np.ndarray | None = None  # bool [N]: which actions are labels (default: all)
     #: int64 [N], non-decreasing: when each interaction happened. Interactions of one instant are not
-    #: each other's history: none sees another's Action (:func:`~hisam_core.ranker.attention.visible`).
+    #: each other's history: no token of one sees another (:func:`~hisam_core.ranker.attention.visible`).
     #: None: each interaction its own instant.
     instants: np.ndarray | None = None
 

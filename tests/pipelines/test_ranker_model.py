@@ -23,12 +23,11 @@ from hisam_core.ranker.model import HMATConfig
 from hisam_core.ranker.sequence import SequenceConfig, UserHistory
 from hisam_core.ranker.serving import rank_reference
 from hisam_core.ranker.synthetic import random_semantic_ids, synthetic_histories
-from hisam_core.ranker.train import RankerConfig, TrainConfig, build_model, load_model, train
+from hisam_core.ranker.train import RankerConfig, TrainConfig, load_model, train
 from pipelines.ranker_model import (
     SCORES,
     TOKENIZER_VERSION,
     TRAINING_RUN_TAG,
-    HisamRankerModel,
     load_ranker,
     log_ranker,
 )
@@ -250,11 +249,11 @@ def test_unknown_items_and_bad_requests_raise(trained: dict) -> None:
 
 
 def test_history_timestamps_make_equal_times_one_instant(trained: dict) -> None:
-    """Optional ``history_timestamps``: the logged signature takes requests with and without it, and
-    passes it on; the registered model (anchor memory, Eq. 10) shows no past action, so its scores
-    are equal either way; a model whose mask shows past actions scores as the reference over the
-    history's instants (tied items read none of each other's actions), which differs from untimed."""
-    table, config = trained["semantic_ids"], trained["config"]
+    """Optional ``history_timestamps``: the logged signature takes requests with and without it and
+    passes it on; the scores are the reference's over the history's instants (tied items are not
+    each other's history), which differ from the untimed ones; a history item without semantic IDs
+    is left out with its time."""
+    table = trained["semantic_ids"]
     ids, second = table.item_ids, 1_000_000
     frame = pd.DataFrame(
         [
@@ -270,45 +269,32 @@ def test_history_timestamps_make_equal_times_one_instant(trained: dict) -> None:
     )
     times = [0, second, second, second, 2 * second]
     timed = frame.assign(history_timestamps=[times])
-    registered = load_ranker(f"models:/{NAME}/1")
-    columns = {c.name: c.required for c in registered.metadata.get_input_schema().inputs}
+    model = load_ranker(f"models:/{NAME}/1")
+    columns = {c.name: c.required for c in model.metadata.get_input_schema().inputs}
     assert columns["history_timestamps"] is False and columns["history_item_ids"] is True
-    assert registered.predict(timed)[SCORES].tolist() == registered.predict(frame)[SCORES].tolist()
-    backwards = frame.assign(history_timestamps=[[0, 2, 1, 3, 4]])
-    with pytest.raises(ValueError, match=r"row 0 \(user 7\): history_timestamps must be one non-decreasing"):
-        registered.predict(backwards)  # reaches the model through the signature
-
-    shown = config.model_copy(
-        update={"model": config.model.model_copy(update={"history_memory": "anchor_action"})}
-    )
-    torch.manual_seed(0)
-    wrapper = HisamRankerModel()
-    wrapper.setup(shown, build_model(shown), table)
     row = frame.iloc[0]
     history = UserHistory(
         7, table.lookup(np.asarray(row["history_item_ids"])), row["history_actions"], {"age": 2, "gender": 1}
     )
     candidates = table.lookup(np.asarray(row["candidate_item_ids"]))
-    want = rank_reference(wrapper.ranker.model, shown.sequence, replace(history, instants=times), candidates)
-    untimed = rank_reference(wrapper.ranker.model, shown.sequence, history, candidates)
-    got = wrapper.predict(None, timed)[SCORES].iloc[0]
-    np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
-    assert np.abs(got - untimed.numpy()).max() > 1e-4
-    np.testing.assert_allclose(
-        wrapper.predict(None, frame)[SCORES].iloc[0], untimed.numpy(), atol=1e-5, rtol=0
-    )
-    # an item without semantic IDs is left out with its time
+    config = trained["config"].sequence
+    want = rank_reference(trained["model"], config, replace(history, instants=times), candidates).numpy()
+    untimed = rank_reference(trained["model"], config, history, candidates).numpy()
+    got = model.predict(timed)[SCORES].iloc[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert np.abs(want - untimed).max() > 1e-4
+    np.testing.assert_allclose(model.predict(frame)[SCORES].iloc[0], untimed, atol=1e-5, rtol=0)
     newer = timed.assign(
         history_item_ids=[[99_999, *row["history_item_ids"]]],
         history_actions=[[1, *row["history_actions"]]],
         history_timestamps=[[0, *times]],
     )
-    assert wrapper.predict(None, newer)[SCORES].iloc[0] == got
-    short = timed.assign(history_timestamps=[times[:-1]])
-    with pytest.raises(
-        ValueError, match=r"history_timestamps must be one non-decreasing time per history item.*4 for 5"
-    ):
-        wrapper.predict(None, short)
+    assert model.predict(newer)[SCORES].iloc[0] == got
+    backwards = frame.assign(history_timestamps=[[0, 2, 1, 3, 4]])
+    with pytest.raises(ValueError, match=r"row 0 \(user 7\): history_timestamps must be one non-decreasing"):
+        model.predict(backwards)
+    with pytest.raises(ValueError, match=r"one non-decreasing time per history item.*4 for 5"):
+        model.predict(timed.assign(history_timestamps=[times[:-1]]))
 
 
 def test_log_ranker_rejects_a_config_that_is_not_the_checkpoints(trained: dict) -> None:

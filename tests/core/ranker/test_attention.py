@@ -60,19 +60,17 @@ def eq10_by_hand(
     types: list[int], items: list[int], instants: list[int], history_memory: str
 ) -> torch.Tensor:
     """Eq. 10 written out token by token for one unpadded stream, independently of ``visible``:
-    a token sees itself, the profile, earlier tokens of its own item, and earlier Anchors (and
-    earlier Actions under ``anchor_action``, those of an earlier instant only)."""
+    a token sees itself, the profile, earlier tokens of its own item, and the earlier Anchors (and
+    Actions under ``anchor_action``) of earlier instants only."""
     memory = {TokenType.ANCHOR} | ({TokenType.ACTION} if history_memory == "anchor_action" else set())
     n = len(types)
     rows = []
     for q in range(n):
         row = set()
         for k in range(q + 1):
-            same_instant_action = (
-                types[k] == TokenType.ACTION and items[k] != items[q] and instants[k] >= instants[q]
-            )
+            same_instant = items[k] != items[q] and instants[k] >= instants[q]
             seen = k == q or types[k] == TokenType.PROFILE or items[k] == items[q]
-            if seen or (types[k] in memory and not same_instant_action):
+            if seen or (types[k] in memory and not same_instant):
                 row.add(k)
         rows.append(row)
     return from_rows(rows)
@@ -281,54 +279,62 @@ def test_past_action_visibility(seq_config, history, make_model, memory, reaches
         assert (delta == 0).all()
 
 
-@pytest.mark.parametrize(("mode", "memory"), [("memory_anchor", "anchor_action"), ("causal", "anchor")])
-def test_no_item_reads_the_action_of_another_of_its_instant(seq_config, history, make_model, mode, memory):
-    """Items 2-4 were rated in one second, so their order is arbitrary: flipping the actions of items
-    2 and 3 moves only those two Action tokens' own states up to item 4, and every token of item 5,
-    a second later. Without the instants, item 4 reads them (the leak the instants close)."""
+@pytest.mark.parametrize(
+    ("mode", "memory"),
+    [("memory_anchor", "anchor"), ("memory_anchor", "anchor_action"), ("causal", "anchor")],
+)
+@pytest.mark.parametrize("field", ["action", "semantic"])
+def test_no_item_reads_another_of_its_instant(seq_config, history, make_model, mode, memory, field):
+    """Items 2-4 were rated in one second, so their order is arbitrary: changing items 2 and 3 (their
+    actions, or their first semantic codes) moves nothing of item 4, only their own tokens, and
+    item 5, a second later, where the mask shows what changed (an Action only under anchor_action
+    and causal). Without the instants, item 4 reads them (the leak the instants close)."""
     model = make_model(history_memory=memory, attention_mask=mode)
     builder = SequenceBuilder(seq_config)
-    flipped = history.actions.copy()
-    flipped[1:3] = 1 - flipped[1:3]
-    for instants, leaks in (([0, 1, 1, 1, 2], False), (None, True)):
-        timed = replace(history, instants=instants)
+    changed = replace(history, actions=history.actions.copy(), items=history.items.copy())
+    if field == "action":
+        changed.actions[1:3] = 1 - changed.actions[1:3]
+    else:
+        changed.items[1:3, 0] = (changed.items[1:3, 0] + 5) % seq_config.codebook_size
+    shown = field == "semantic" or memory == "anchor_action" or mode == "causal"
+    for instants, leaks in (([0, 1, 1, 1, 2], False), (None, shown)):
         outputs = []
-        for actions in (timed.actions, flipped):
-            batch = builder.batch([replace(timed, actions=actions)])
+        for h in (history, changed):
+            batch = builder.batch([replace(h, instants=instants)])
             with torch.no_grad():
                 outputs.append(model(batch, model.mask(batch, mode)).hidden[0])
         delta = (outputs[1] - outputs[0]).abs().amax(-1)
         item, kind = batch.item_index[0], batch.token_type[0]
-        own_action = (kind == TokenType.ACTION) & ((item == 2) | (item == 3))
-        assert (delta[own_action] > 1e-4).all() and (delta[item == 5] > 1e-4).all()
-        assert bool((delta[(item <= 4) & ~own_action] > 1e-4).any()) == leaks
+        own = (item == 2) | (item == 3)
+        if field == "action":
+            own &= kind == TokenType.ACTION
+        assert (delta[own] > 1e-4).all()
+        assert bool((delta[item == 5] > 1e-4).all()) == shown and bool((delta[item == 5] == 0).all()) != shown
+        assert bool((delta[(item <= 4) & ~own] > 1e-4).any()) == leaks
         if not leaks:
-            assert (delta[(item <= 4) & ~own_action] == 0).all()
+            assert (delta[(item <= 4) & ~own] == 0).all()
 
 
-def test_instants_change_no_mask_that_shows_no_other_items_action(seq_config, histories):
-    """MA-Attn with anchor memory never shows another item's Action, so instants leave it as it was
-    (the offline comparison's rows with that mask need no rerun); under the causal mask they hide
-    exactly the Actions of other items of the query's instant."""
+@pytest.mark.parametrize(
+    ("mode", "memory"),
+    [("memory_anchor", "anchor"), ("memory_anchor", "anchor_action"), ("causal", "anchor")],
+)
+def test_instants_hide_exactly_the_other_items_of_a_querys_instant(seq_config, histories, mode, memory):
+    """Under every mask, instants take from what a token sees exactly the tokens of other items of
+    its instant, and nothing else."""
     timed = ragged(histories[:6])
     plain = [replace(h, instants=None) for h in timed]
     builder = SequenceBuilder(seq_config)
     with_instants, without = (TokenLayout.of(builder.batch(users)) for users in (timed, plain))
-    anchor_only = memory_token_types("memory_anchor", "anchor")
-    assert torch.equal(
-        dense_mask(with_instants, with_instants, anchor_only), dense_mask(without, without, anchor_only)
-    )
-    causal = dense_mask(with_instants, with_instants, None)[:, 0]
-    lower = dense_mask(without, without, None)[:, 0]
+    types = memory_token_types(mode, memory)
+    masked = dense_mask(with_instants, with_instants, types)[:, 0]
+    unmasked = dense_mask(without, without, types)[:, 0]
     layout = with_instants
-    hidden = (
-        (layout.token_type[:, None, :] == TokenType.ACTION)
-        & (layout.item_index[:, None, :] != layout.item_index[:, :, None])
-        & (layout.instant[:, None, :] == layout.instant[:, :, None])
-        & layout.valid[:, None, :]
-        & lower
+    other_of_instant = (layout.item_index[:, None, :] != layout.item_index[:, :, None]) & (
+        layout.instant[:, None, :] == layout.instant[:, :, None]
     )
-    assert hidden.any() and torch.equal(causal, lower & ~hidden)
+    assert (unmasked & other_of_instant).any()  # the rule has something to hide
+    assert torch.equal(masked, unmasked & ~other_of_instant)
 
 
 def test_padding_to_flex_blocks_hides_the_pads_and_changes_nothing_else(seq_config, histories):

@@ -197,6 +197,10 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start = int(state["step"])
+        # the saved rate is the old schedule's: a new max_steps takes effect from this step on
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * warmup_cosine(start, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         logger.info("resuming from %s at step %d", checkpoint_path, start)
     elif tc.init_from:
         stored, pretrained = load_model(tc.init_from, device)

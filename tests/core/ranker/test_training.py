@@ -169,13 +169,20 @@ def test_resume_reproduces_the_loss_curve_exactly(tmp_path):
 
 
 def test_resume_refuses_another_runs_checkpoint_but_accepts_more_steps(tmp_path):
-    train(config("pt", 2), TRAIN_USERS, tmp_path)
+    train(config("pt", 6), TRAIN_USERS, tmp_path)  # past the warm-up: its last steps at the floor
     with pytest.raises(ValueError, match=r"train\.objective"):  # SFT must not continue a PT run
-        train(config("sft", 4), TRAIN_USERS, tmp_path)
+        train(config("sft", 8), TRAIN_USERS, tmp_path)
     with pytest.raises(ValueError, match=r"train\.learning_rate"):
-        train(config("pt", 4, learning_rate=1e-2), TRAIN_USERS, tmp_path)
-    losses = run(config("pt", 4), tmp_path)  # only the step budget changed: it continues
-    assert len(losses) == 2
+        train(config("pt", 8, learning_rate=1e-2), TRAIN_USERS, tmp_path)
+    logged: list[tuple[int, float]] = []
+    longer = config("pt", 40)  # only the step budget changed: it continues, on the new schedule
+    train(longer, TRAIN_USERS, tmp_path, callback=lambda step, metrics: logged.append((step, metrics["lr"])))
+    tc = longer.train
+    assert [step for step, _ in logged] == list(range(7, 41))
+    expected = [
+        tc.learning_rate * warmup_cosine(s - 1, tc.warmup_steps, 40, tc.min_lr_ratio) for s in range(7, 41)
+    ]
+    assert [lr for _, lr in logged] == pytest.approx(expected)  # step 7 too: not the old schedule's floor
 
 
 def test_a_diverging_run_stops_before_a_non_finite_checkpoint(tmp_path):

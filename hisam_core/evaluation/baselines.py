@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hisam_core.config import Config
+from hisam_core.device import resolve_device
 from hisam_core.evaluation.protocol import Window
 from hisam_core.ranker.objectives import action_logits, positive_probability
 from hisam_core.ranker.sequence import SequenceBuilder, UserHistory, instant_starts
@@ -76,6 +77,11 @@ class IDBatch:
     targets: torch.Tensor
     profile: torch.Tensor
     context: torch.Tensor  # [B, n]: the state each item is scored from, the one before its instant
+
+    def to(self, device: torch.device) -> IDBatch:
+        return IDBatch(
+            *(getattr(self, f).to(device) for f in ("items", "actions", "targets", "profile", "context"))
+        )
 
 
 class SASRecBlock(nn.Module):
@@ -188,7 +194,8 @@ class IDRanker:
             self.profile_offsets[name] = offset
             offset += buckets
         seed_everything(train_config.seed)
-        self.model = IDRankerModel(config, len(self.item_index), offset, max_items)
+        self.device = resolve_device(train_config.device)
+        self.model = IDRankerModel(config, len(self.item_index), offset, max_items).to(self.device)
 
     def batch(self, windows: Sequence[Window]) -> IDBatch:
         n = max(len(w) for w in windows)
@@ -231,7 +238,7 @@ class IDRanker:
         for step in tqdm(range(tc.max_steps), desc=self.config.block, disable=None):
             batch = self.batch(
                 [windows[i] for i in batch_indices(step, tc.batch_size, len(windows), tc.seed)]
-            )
+            ).to(self.device)
             logits = self.model(batch)[batch.targets]
             loss = F.binary_cross_entropy_with_logits(logits, batch.actions[batch.targets].float())
             optimizer.zero_grad(set_to_none=True)
@@ -246,9 +253,9 @@ class IDRanker:
         self.model.eval()
         out = []
         for start in range(0, len(windows), batch_size):
-            batch = self.batch(windows[start : start + batch_size])
+            batch = self.batch(windows[start : start + batch_size]).to(self.device)
             out.append(torch.sigmoid(self.model(batch)[batch.targets]))
-        return torch.cat(out).numpy()
+        return torch.cat(out).cpu().numpy()
 
 
 def to_histories(windows: Sequence[Window], semantic_ids: SemanticIds) -> list[UserHistory]:
@@ -295,9 +302,10 @@ class SemanticIDRanker:
         builder = SequenceBuilder(self.config.sequence)
         self.model.eval()
         histories = to_histories(windows, self.semantic_ids)
+        device = next(self.model.parameters()).device  # where train_hmat put it (train.device)
         out = []
         for start in range(0, len(histories), batch_size):
-            batch = builder.batch(histories[start : start + batch_size])
+            batch = builder.batch(histories[start : start + batch_size]).to(device)
             logits, _ = action_logits(self.model, batch, builder.vocab)
             out.append(positive_probability(logits, builder.vocab))
-        return torch.cat(out).numpy()
+        return torch.cat(out).cpu().numpy()

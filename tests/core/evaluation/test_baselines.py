@@ -144,25 +144,29 @@ def test_past_actions_reach_the_score_only_where_the_switch_says(windows, plante
     assert changed == sees_actions
 
 
-@pytest.mark.parametrize("model", [{"attention_mask": "causal"}, {"history_memory": "anchor_action"}])
-def test_hmat_never_reads_the_labels_of_a_targets_second(planted, model):
-    """As for the ID rankers: in HMAT's variants that show past actions, the labels of the items of
-    a target's second do not reach its score, and a label of an earlier second does."""
+@pytest.mark.parametrize(
+    "model",
+    [{}, {"attention_mask": "causal"}, {"history_memory": "anchor_action"}],
+    ids=["ma", "causal", "action"],
+)
+def test_hmat_scores_a_target_from_before_its_instant(planted, model):
+    """As for the ID rankers, under every mask: neither the items nor the labels of a target's second
+    reach its score (other items there change nothing, exactly; without the times they would), and
+    a label of an earlier second does where the mask shows past actions."""
     _, _, item_ids = planted
     ranker = semantic_id_ranker(planted, **model)
-    window = Window(
-        7,
-        item_ids[:5],
-        np.array([1, 0, 1, 0, 1]),
-        np.ones(5, bool),
-        {"age": 1},
-        np.array([10, 20, 20, 20, 30]),
-    )
+    items, times = item_ids[:5], np.array([10, 20, 20, 20, 30])
+    window = Window(7, items, np.array([1, 0, 1, 0, 1]), np.ones(5, bool), {"age": 1}, times)
     one_pass = ranker.score([window])
-    same_second = replace(window, labels=np.array([1, 1, 0, 0, 1]))
-    np.testing.assert_array_equal(ranker.score([same_second])[:4], one_pass[:4])
-    earlier = replace(window, labels=np.array([0, 0, 1, 0, 1]))
-    assert (np.abs(ranker.score([earlier])[1:4] - one_pass[1:4]) > 1e-6).all()
+    others = replace(window, item_ids=np.r_[items[:1], item_ids[10:12], items[3:]])  # items 1, 2 replaced
+    relabelled = replace(window, labels=np.array([1, 1, 0, 0, 1]))
+    for changed, seen_untimed in ((others, True), (relabelled, bool(model))):
+        np.testing.assert_array_equal(ranker.score([changed])[[0, 3]], one_pass[[0, 3]])
+        untimed = ranker.score([replace(w, timestamps=None) for w in (window, changed)])
+        assert (abs(untimed[3] - untimed[5 + 3]) > 1e-6) == seen_untimed
+    if model:
+        earlier = replace(window, labels=np.array([0, 0, 1, 0, 1]))
+        assert (np.abs(ranker.score([earlier])[1:4] - one_pass[1:4]) > 1e-6).all()
 
 
 def own_label_flipped(windows: list[Window]) -> list[Window]:

@@ -265,7 +265,8 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     }
     if known.all():
         log.info("%s v%s already serves every %s item", name, champion.version, version)
-        # a retry after this run moved @champion (and failed before it finished) announces it again
+        # the day's refresh moved @champion: a retry of a run that failed after moving it announces it
+        # again (at least once), and so does a second run of the day (a duplicate event is harmless)
         moved = champion.tags.get(REFRESH_KEY) == ctx.run_key
         return {**summary, "champion": str(champion.version), CHAMPION_MOVED: moved}
     table = SemanticIds(

@@ -553,28 +553,59 @@ def _glob(spark: SparkSession, path: str) -> list[Any]:
 def pending_inputs(spark: SparkSession, config: GenericImportConfig, logical_date: dt.date) -> dict[str, str]:
     """The inputs of ``logical_date`` (:meth:`GenericImportConfig.for_date`) that have not landed:
     ``{input: why}``, empty when the import can run. An input is pending while its path names
-    nothing, or, with ``ready_marker``, while a directory of a dated input (the input itself when it
-    is one; for a glob, each directory it names and each directory holding a file it names) holds no
-    marker."""
+    nothing (hidden ``_``/``.`` names aside, which Spark does not read), or, with ``ready_marker``,
+    while a directory of a dated input lacks the marker: the input itself when it is a directory, and
+    for a glob each directory it names and each directory holding a file it names, where a marker in
+    a parent below the glob's fixed part counts too (Spark's partitioned writes put one at the top)."""
     day = config.for_date(logical_date)
     pending = {}
     for name in ("interactions", "items", "users"):
         path = getattr(day, name)
         if path is None:
             continue
-        found = _glob(spark, path)
+        found = [f for f in _glob(spark, path) if not f.getPath().getName().startswith(("_", "."))]
         if not found:
             pending[name] = f"nothing at {path}"
         elif config.ready_marker and LOGICAL_DATE.search(getattr(config, name)):
-            folders = sorted(
-                {str(f.getPath() if f.isDirectory() else f.getPath().getParent()) for f in found}
-            )
-            unmarked = [folder for folder in folders if not _glob(spark, f"{folder}/{config.ready_marker}")]
+            unmarked = _unmarked(spark, found, config.ready_marker, path)
             if unmarked:
                 shown = ", ".join(_local(folder) for folder in unmarked[:3])
                 more = f" and {len(unmarked) - 3} more" if len(unmarked) > 3 else ""
                 pending[name] = f"no {config.ready_marker} in {shown}{more} (the drop is still being written)"
     return pending
+
+
+def _unmarked(spark: SparkSession, found: list[Any], marker: str, path: str) -> list[str]:
+    """The directories of ``found`` (those it names, and those holding the files it names) with
+    ``marker`` neither in them nor in a parent of theirs below the fixed part of the glob ``path``."""
+    fixed = _glob(spark, _fixed_part(path))
+    top = str(fixed[0].getPath()) if fixed else None
+    seen: dict[str, bool] = {}
+
+    def marked(folder: Any) -> bool:
+        key = str(folder)
+        if key not in seen:
+            seen[key] = bool(_glob(spark, f"{key}/{marker}"))
+        return seen[key]
+
+    folders = {str(f.getPath()): f.getPath() for f in found if f.isDirectory()}
+    folders |= {str(f.getPath().getParent()): f.getPath().getParent() for f in found if not f.isDirectory()}
+    unmarked = []
+    for key, folder in sorted(folders.items()):
+        while not marked(folder):
+            parent = folder.getParent()
+            if parent is None or top is None or not (str(parent) == top or str(parent).startswith(f"{top}/")):
+                unmarked.append(key)
+                break
+            folder = parent
+    return unmarked
+
+
+def _fixed_part(path: str) -> str:
+    """The directories of a glob before its first wildcard (the path itself when it has none)."""
+    parts = path.split("/")
+    wild = next((k for k, part in enumerate(parts) if any(c in part for c in "*?[{")), len(parts))
+    return "/".join(parts[:wild]) or "/"
 
 
 def _local(path: str) -> str:

@@ -457,6 +457,23 @@ def test_a_drop_is_pending_until_its_files_and_its_marker_land(spark, lake, tmp_
     }
     (regions / "us" / "_SUCCESS").touch()
     assert pending_inputs(spark, by_region, DAY) == {}
+    # Spark's partitioned write: one marker at the top, which the glob also names (never a record)
+    written = tmp_path / "written" / f"date={DAY:%Y%m%d}"
+    partitioned = config.model_copy(
+        update={"interactions": str(tmp_path / "written" / "date={logical_date:%Y%m%d}" / "*"), "items": None}
+    )
+    for region in ("region=eu", "region=us"):
+        (written / region).mkdir(parents=True)
+        (written / region / "part-0.csv").write_text("user_id,item_id,timestamp,rating\nu1,i1,1704067200,5\n")
+    (written / "_temporary").mkdir()  # hidden: neither an input nor a directory to wait for
+    assert set(
+        pending_inputs(spark, partitioned, DAY)["interactions"].split(" in ")[1].split(" (")[0].split(", ")
+    ) == {
+        str(written / "region=eu"),
+        str(written / "region=us"),
+    }
+    (written / "_SUCCESS").touch()
+    assert pending_inputs(spark, partitioned, DAY) == {}
     for marker in ("done/_SUCCESS", "DONE"):  # a path, or a name Spark would read as data
         with pytest.raises(ValidationError, match="ready_marker"):
             GenericImportConfig(dataset="landed", interactions="x", ready_marker=marker)

@@ -44,6 +44,7 @@ def test_the_features_dag_waits_for_the_days_drop(airflow_db, tmp_path, write_co
             env.delenv(name, raising=False)
         waited = hisam_lifecycle.run_dag("hisam_features", DAY)  # the sensor times out (60 s in the tests)
         assert waited.state == "failed" and waited.tasks.pop("source_ready") == "failed", waited.tasks
+        assert waited.tasks.pop("watcher") == "failed"  # it fails the run, without a second alert
         assert set(waited.tasks.values()) == {"upstream_failed"}
         alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
         assert [a["title"] for a in alerts] == ["hisam_features.source_ready failed"]

@@ -157,8 +157,7 @@ def held_out_report(
     is_dst = isinstance(model, DST)
     with torch.no_grad():
         out_train, out_test = (
-            model(*model.tensors(part)) if is_dst else model(model.tensors(part))
-            for part in (features.subset(train), features.subset(test))
+            model(*model.tensors(part)) for part in (features.subset(train), features.subset(test))
         )
     targets = (lambda out: out.aligned) if is_dst else (lambda out: out.targets)
     report: dict[str, Any] = {"reconstruction": {}, "probe_fvu": {}}
@@ -252,7 +251,7 @@ def evaluate_rqvae(
     ids = model.encode(features, "benchmark")
     report = code_report(ids.codes, model.config.codebook_size, ids.position_names)
     with torch.no_grad():
-        out = model(model.tensors(features))
+        out = model(*model.tensors(features))
     rows = features.present
     targets = {m: out.targets[m].numpy()[rows[m]] for m in model.modalities}
     recon = {m: out.reconstructed[m].numpy()[rows[m]] for m in model.modalities}

@@ -172,7 +172,7 @@ def _train_ids(
             with torch.no_grad():
                 aligned = dst.cga(dst.tensors(features)[0])
             aligned_features = ItemFeatures(
-                features.item_ids, {m: aligned[m].cpu().numpy() for m in dst.modalities}
+                features.item_ids, {m: aligned[m].cpu().numpy() for m in dst.modalities}, features.present
             )
             ids = train_rqvae(aligned_features, rq).encode(aligned_features, version)
     ids.save(path)

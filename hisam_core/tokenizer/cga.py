@@ -77,9 +77,13 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> None:
-        """A dimension that does not vary over ``x`` is centred and left unscaled (as scikit-learn's
-        ``StandardScaler``): dividing by its ~0 spread would blow any later change up a millionfold."""
+    def fit(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Statistics of the ``rows`` of ``x`` (bool ``[N]``: the real rows, not the fallback ones; all
+        rows when fewer than two are real). A dimension that does not vary is centred and left unscaled
+        (as scikit-learn's ``StandardScaler``): dividing by its ~0 spread would blow any later change up
+        a millionfold."""
+        if rows is not None and int(rows.sum()) >= 2:
+            x = x[rows]
         mean, std = x.mean(0), x.std(0, unbiased=False)
         flat = std <= 1e-6 * mean.abs().clamp_min(1.0)
         self.mean.copy_(mean)

@@ -4,6 +4,11 @@ The "w/o CGA, w/o DMRQ" reference for DST with the same code budget (App. B.2: a
 the same size). Each modality is standardised and L2-normalised, the blocks are concatenated, encoded
 to ``d`` dimensions, quantised by ``num_layers`` residual codebooks and decoded back; the loss is the
 per-modality squared error on those normalised blocks plus the codebook/commitment loss (Eq. 15).
+
+Missing modalities are treated as DST treats them: a fallback row (``ItemFeatures.present`` False)
+enters the encoder as a zero block (the standardised mean: no information) and counts in neither the
+standardisation statistics nor its block's reconstruction; an item with no modality present teaches
+the codebooks nothing. So the baseline, like DST, spends no capacity on rows no measure counts.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from hisam_core.features import ItemFeatures
 from hisam_core.semantic_ids import SemanticIds
 from hisam_core.tokenizer.cga import Standardize
 from hisam_core.tokenizer.dst import validate_features
-from hisam_core.tokenizer.quantize import ResidualQuantizer
+from hisam_core.tokenizer.quantize import ResidualQuantizer, masked_mean
 from hisam_core.tokenizer.train import Callback, code_metrics, minibatches, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -54,10 +59,11 @@ class RQVAETrainConfig(Config):
 
 @dataclass
 class RQVAEOutput:
-    targets: dict[str, torch.Tensor]  # standardised, L2-normalised input block per modality
+    targets: dict[str, torch.Tensor]  # standardised, L2-normalised input block per modality (0: absent)
     reconstructed: dict[str, torch.Tensor]  # decoder output block per modality
     codes: torch.Tensor  # int64 [B, L]
     quantization_loss: torch.Tensor
+    present: dict[str, torch.Tensor]  # bool [B] per modality: False where the row is a fallback
 
 
 class RQVAE(nn.Module):
@@ -84,37 +90,53 @@ class RQVAE(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.config.modality_dims)
 
-    def forward(self, raw: dict[str, torch.Tensor]) -> RQVAEOutput:
-        targets = {m: F.normalize(self.standardize[m](raw[m]), dim=-1) for m in self.modalities}
-        quantized = self.quantizer(self.encoder(torch.cat([targets[m] for m in self.modalities], dim=-1)))
+    def forward(
+        self, raw: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None
+    ) -> RQVAEOutput:
+        """One pass over a batch; ``present`` (bool ``[B]`` per modality) defaults to all True."""
+        first = raw[self.modalities[0]]
+        everywhere = torch.ones(first.shape[0], dtype=torch.bool, device=first.device)
+        present = {m: (present or {}).get(m, everywhere) for m in self.modalities}
+        targets = {
+            m: F.normalize(self.standardize[m](raw[m]), dim=-1) * present[m][:, None] for m in self.modalities
+        }
+        encoded = self.encoder(torch.cat([targets[m] for m in self.modalities], dim=-1))
+        quantized = self.quantizer(encoded, torch.stack(list(present.values())).any(0))
         blocks = self.decoder(quantized.quantized).split(list(self.config.modality_dims.values()), dim=-1)
         return RQVAEOutput(
-            targets, dict(zip(self.modalities, blocks, strict=True)), quantized.codes, quantized.loss
+            targets, dict(zip(self.modalities, blocks, strict=True)), quantized.codes, quantized.loss, present
         )
 
     def losses(self, out: RQVAEOutput) -> dict[str, torch.Tensor]:
+        """Per-modality reconstruction over the rows that have the modality, plus Eq. 15."""
         losses = {
-            f"recon_{m}": ((out.targets[m] - out.reconstructed[m]) ** 2).sum(-1).mean()
+            f"recon_{m}": masked_mean(((out.targets[m] - out.reconstructed[m]) ** 2).sum(-1), out.present[m])
             for m in self.modalities
         }
         losses["quantization"] = out.quantization_loss
         losses["total"] = sum(losses.values())
         return losses
 
-    def tensors(self, features: ItemFeatures) -> dict[str, torch.Tensor]:
+    def tensors(self, features: ItemFeatures) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Validated raw features as float tensors on the model's device, and their ``present`` masks."""
         features = validate_features(features, self.config.modality_dims)
         device = next(self.parameters()).device
-        return {m: torch.as_tensor(features.modalities[m], device=device) for m in self.modalities}
+        raw = {m: torch.as_tensor(features.modalities[m], device=device) for m in self.modalities}
+        present = {m: torch.as_tensor(features.present[m], device=device) for m in self.modalities}
+        return raw, present
 
     @torch.no_grad()
     def encode(self, features: ItemFeatures, version: str, batch_size: int = 4096) -> SemanticIds:
-        raw = self.tensors(features)
+        raw, present = self.tensors(features)
         was_training = self.training
         self.eval()
         try:
             codes = torch.cat(
                 [
-                    self({m: v[start : start + batch_size] for m, v in raw.items()}).codes
+                    self(
+                        {m: v[start : start + batch_size] for m, v in raw.items()},
+                        {m: v[start : start + batch_size] for m, v in present.items()},
+                    ).codes
                     for start in range(0, len(features), batch_size)
                 ]
             )
@@ -132,13 +154,13 @@ def train_rqvae(features: ItemFeatures, config: RQVAETrainConfig, callback: Call
     validate_features(features, model_config.modality_dims)
     generator = seed_everything(config.seed)
     model = RQVAE(model_config).to(resolve_device(config.device))
-    raw = model.tensors(features)
-    for m, standardize in model.standardize.items():
-        standardize.fit(raw[m])
+    raw, present = model.tensors(features)
+    for m, standardize in model.standardize.items():  # statistics of real rows, not of fallback ones
+        standardize.fit(raw[m], present[m])
     init_index = torch.randperm(len(features), generator=generator)[: config.init_sample_size]
     model.train()
     with torch.no_grad():
-        model({m: v[init_index] for m, v in raw.items()})
+        model({m: v[init_index] for m, v in raw.items()}, {m: v[init_index] for m, v in present.items()})
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     names = tuple(f"rq_{layer}" for layer in range(model_config.num_layers))
     for epoch in tqdm(range(config.epochs), desc="RQ-VAE", unit="epoch"):
@@ -147,7 +169,7 @@ def train_rqvae(features: ItemFeatures, config: RQVAETrainConfig, callback: Call
         epoch_codes = []
         batches = 0
         for index in minibatches(len(features), config.batch_size, generator):
-            out = model({m: v[index] for m, v in raw.items()})
+            out = model({m: v[index] for m, v in raw.items()}, {m: v[index] for m, v in present.items()})
             losses = model.losses(out)
             optimizer.zero_grad()
             losses["total"].backward()

@@ -129,7 +129,7 @@ def train_tokenizer(
                 len(rows),
             )
     for m, head in model.cga.heads.items():  # statistics of real rows, not of the fallback ones
-        head.standardize.fit(raw[m][present[m]] if int(present[m].sum()) >= 2 else raw[m])
+        head.standardize.fit(raw[m], present[m])
     vclub_params = list(model.vclub.parameters())
     vclub_ids = {id(p) for p in vclub_params}
     main_params = [p for p in model.parameters() if id(p) not in vclub_ids]

@@ -39,9 +39,11 @@ from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
-#: Part of every DST and semantic-ID cache key: bump it when a change to DST, the RQ-VAE or their
-#: training changes what a cached model or table holds, so no cache from before it is read.
-CACHE_VERSION = 2
+#: Part of the cache keys, per trainer: bump one when a change to it (DST or the RQ-VAE, or their
+#: training) changes what its cached models or tables hold, so no cache from before it is read; a
+#: table keys on the versions of every trainer it needs (``dst_rq``: both). RQ-VAE 3: fallback rows.
+CACHE_VERSIONS = {"dst": 2, "rqvae": 3}
+TRAINERS = {"dst": ("dst",), "rqvae": ("rqvae",), "dst_rq": ("dst", "rqvae")}
 
 
 class TokenizerVariant(Config):
@@ -72,9 +74,10 @@ def features_fingerprint(features: ItemFeatures) -> str:
     return digest.hexdigest()
 
 
-def _key(*parts: object) -> str:
+def _key(trainers: tuple[str, ...], *parts: object) -> str:
+    versions = [CACHE_VERSIONS[t] for t in trainers]
     text = json.dumps(
-        [CACHE_VERSION, *(p.model_dump(mode="json") if isinstance(p, Config) else p for p in parts)],
+        [*versions, *(p.model_dump(mode="json") if isinstance(p, Config) else p for p in parts)],
         sort_keys=True,
     )
     return hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -114,7 +117,7 @@ def _dst(
             "alignment_warmup_epochs": 0,
         }
     config = TokenizerTrainConfig.model_validate({**config.model_dump(), **update})
-    path = cache_dir / f"dst_{_key(variant.modalities, config, features_fingerprint(features))}.pt"
+    path = cache_dir / f"dst_{_key(('dst',), variant.modalities, config, features_fingerprint(features))}.pt"
     with _exclusive(path):
         if path.exists():
             return DST.load_checkpoint(path)
@@ -133,7 +136,7 @@ def semantic_ids(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     features = _select(features, variant.modalities)
-    key = _key(variant, tokenizer, rqvae, features_fingerprint(features))
+    key = _key(TRAINERS[variant.kind], variant, tokenizer, rqvae, features_fingerprint(features))
     path = cache_dir / f"sids_{key}.parquet"
     with _exclusive(path):
         if path.exists():

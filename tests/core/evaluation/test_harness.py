@@ -290,16 +290,29 @@ def test_workers_that_miss_the_same_cache_entry_train_it_once(planted, tmp_path,
 
 
 def test_a_cache_of_another_cache_version_is_not_read(planted, tmp_path, monkeypatch):
-    """After a change to DST bumps CACHE_VERSION, its models and tables are trained again."""
+    """A trainer's version bump retrains exactly the models and tables that need that trainer:
+    DST's, its tables (``dst``, ``dst_rq``); the RQ-VAE's, the ``rqvae`` and ``dst_rq`` tables."""
     import hisam_core.evaluation.semantic as semantic
 
     _, modalities, item_ids = planted
     features = ItemFeatures(item_ids, modalities)
-    variant = TokenizerVariant(kind="dst", modalities=["behavior", "text"])
-    semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path)
-    monkeypatch.setattr(semantic, "CACHE_VERSION", semantic.CACHE_VERSION + 1)
-    semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path)
-    assert len(list(tmp_path.glob("dst_*.pt"))) == len(list(tmp_path.glob("sids_*.parquet"))) == 2
+    kinds = ("dst", "rqvae", "dst_rq")
+    variants = [TokenizerVariant(kind=kind, modalities=["behavior", "text"]) for kind in kinds]
+
+    def files() -> set[str]:
+        for variant in variants:
+            semantic_ids(variant, features, tiny_tokenizer(), tiny_rqvae(), tmp_path)
+        return {p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")}
+
+    first = files()
+    assert len(first) == 4  # one DST model, three tables
+    versions = dict(semantic.CACHE_VERSIONS)
+    monkeypatch.setattr(semantic, "CACHE_VERSIONS", {**versions, "rqvae": versions["rqvae"] + 1})
+    second = files()
+    assert len(second - first) == 2 and all(name.startswith("sids_") for name in second - first)
+    monkeypatch.setattr(semantic, "CACHE_VERSIONS", {**versions, "dst": versions["dst"] + 1})
+    third = files() - second
+    assert len(third) == 3 and sum(name.startswith("dst_") for name in third) == 1
 
 
 def test_the_evaluation_dst_keeps_the_present_masks_from_the_npz_to_the_model(planted, tmp_path):

@@ -56,10 +56,16 @@ def tokenizer_version(ctx: StepContext) -> str:
 
 def current_tokenizer_version(ctx: StepContext) -> str:
     """The ``tokenizer_version`` tag of ``@current`` (error when no tokenizer was activated)."""
-    from pipelines.ranker_model import TOKENIZER_VERSION
-    from pipelines.registry import CURRENT, alias_version, required_tag
+    from pipelines.registry import CURRENT, alias_version
 
-    found = alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT)
+    return _tokenizer_version_of_current(ctx, alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT))
+
+
+def _tokenizer_version_of_current(ctx: StepContext, found: Any) -> str:
+    """The tag of ``found``, the registry's ``@current`` model version (``None``: none activated yet)."""
+    from pipelines.ranker_model import TOKENIZER_VERSION
+    from pipelines.registry import CURRENT, required_tag
+
     if found is None:
         raise ValueError(
             f"no {ctx.config.models.tokenizer}@{CURRENT} yet: run the hisam_tokenizer DAG (or the steps "
@@ -106,10 +112,11 @@ def current_tokenizer_version_or_skip(ctx: StepContext, step: str, why: str) -> 
     from pipelines.steps import StepSkipped
 
     skip = flag(ctx.params.get("skip_without_tokenizer"), "skip_without_tokenizer")  # a typo fails at once
-    if skip and alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT) is None:
+    found = alias_version(ctx.mlflow, ctx.config.models.tokenizer, CURRENT)  # read once
+    if skip and found is None:
         log.warning("%s skipped: no %s@%s yet", step, ctx.config.models.tokenizer, CURRENT)
         raise StepSkipped(f"no tokenizer activated yet: {why}")
-    return current_tokenizer_version(ctx)  # any other error (an untagged @current) fails the step
+    return _tokenizer_version_of_current(ctx, found)  # any other error (an untagged @current) fails
 
 
 def encoder_specs(ctx: StepContext) -> dict[str, tuple[str, str]]:

@@ -651,6 +651,24 @@ def test_a_current_tokenizer_without_its_version_tag_is_a_clear_error(
     assert error_text(ValueError("bad")) == "bad"
 
 
+def test_the_skip_decision_and_the_version_come_from_one_read_of_current(
+    tmp_path, mlflow_store, monkeypatch
+) -> None:
+    """A tokenizer activated between two reads cannot make a step decide on one registry state and
+    run on another; and a sensor poke costs one alias lookup, not two."""
+    from pipelines import registry
+    from pipelines.tokenizer import current_tokenizer_version, current_tokenizer_version_or_skip
+
+    ctx = _tokenizers_serving(tmp_path, mlflow_store, monkeypatch)
+    ctx.params["skip_without_tokenizer"] = "true"
+    expected = current_tokenizer_version(ctx)
+    reads = []
+    read = registry.alias_version
+    monkeypatch.setattr(registry, "alias_version", lambda *args: reads.append(args[-1]) or read(*args))
+    assert current_tokenizer_version_or_skip(ctx, step="samples-ready", why="no samples") == expected
+    assert reads == [registry.CURRENT]
+
+
 def test_new_items_failing_under_previous_alert_and_skip_but_under_champion_fail_the_day(
     tmp_path, mlflow_store, monkeypatch
 ) -> None:

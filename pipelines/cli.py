@@ -33,8 +33,9 @@ EPILOG = """\
 Config: run, rollback and recommend read one YAML file (pipelines.config.PipelineConfig; unknown keys are
 errors): --config, else $HISAM_PIPELINE_CONFIG, else configs/pipeline.yaml; demo reads --config, else
 configs/pipeline.yaml (never $HISAM_PIPELINE_CONFIG, and it ignores MLFLOW_TRACKING_URI, HISAM_LAKE_ROOT,
-HISAM_ARTIFACT_ROOT, AIRFLOW_HOME, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN and HISAM_NOTIFY_*: the embedded
-default, even in the production image; recommend after a MovieLens demo: --config $HISAM_HOME/demo_pipeline.yaml);
+HISAM_ARTIFACT_ROOT, AIRFLOW_HOME, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, HISAM_NOTIFY_*, HISAM_SPARK_MASTER
+and HISAM_SPARK_CONF: the embedded default, even in the production image; recommend after a MovieLens demo:
+--config $HISAM_HOME/demo_pipeline.yaml);
 `hisam evaluate --config` takes its own EvaluationConfig YAML (built-in defaults otherwise).
 State goes under $HISAM_HOME (default .hisam in the current directory): the Delta lake ($HISAM_LAKE_ROOT
 to put it elsewhere), the MLflow store ($MLFLOW_TRACKING_URI, artifacts $HISAM_ARTIFACT_ROOT), Airflow's

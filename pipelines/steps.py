@@ -64,7 +64,7 @@ STEPS: dict[str, Step] = {
         Step("embeddings-ready", "pipelines.tokenizer", "embeddings_ready", "whether item embeddings of every configured encoder exist (the tokenizer DAG waits on it)"),
         Step("train-tokenizer", "pipelines.tokenizer", "train_tokenizer", "train DST on a pinned embeddings snapshot, check codebook health, register", ("tokenizer_version", "force")),
         Step("tokenize-catalogue", "pipelines.tokenizer", "tokenize_catalogue", "write every item's semantic IDs for the run's tokenizer version", ("tokenizer_version",)),
-        Step("tokenize-new-items", "pipelines.tokenizer", "tokenize_new_items", "daily: semantic IDs of @current, and of @champion's older tokenizer, for items that have none yet (existing IDs never change)", ("skip_without_tokenizer",)),
+        Step("tokenize-new-items", "pipelines.tokenizer", "tokenize_new_items", "daily: semantic IDs of @current, and of @champion's and @previous's older tokenizers, for items that have none yet (existing IDs never change)", ("skip_without_tokenizer",)),
         Step("build-sequences", "pipelines.sequences", "build_sequences", "gold.samples and gold.user_sequences for a tokenizer version", ("tokenizer_version", "skip_without_tokenizer")),
         Step("activate-tokenizer", "pipelines.tokenizer", "activate_tokenizer", "point hisam-tokenizer@current at the run's version", ("tokenizer_version", "force")),
         Step("samples-ready", "pipelines.sequences", "samples_ready", "whether the current tokenizer's samples are built for the day (the training DAGs wait on it)", ("tokenizer_version", "skip_without_tokenizer")),

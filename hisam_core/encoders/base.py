@@ -1,5 +1,5 @@
-"""Shared pieces of the modality encoders (Sec. 3.2.1, App. B.2): device choice, the encoded-batch
-record with its ``present`` mask, and model-path checks.
+"""Shared pieces of the modality encoders (Sec. 3.2.1, App. B.2): the encoded-batch record with its
+``present`` mask, L2 normalisation and model-path checks (devices: :mod:`hisam_core.device`).
 
 Every encoder returns float32 numpy rows that go straight into :class:`hisam_core.features.ItemFeatures`.
 Items the encoder has no information for (a missing poster, an item never seen before the behaviour

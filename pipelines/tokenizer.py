@@ -531,7 +531,7 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
     ctx.mlflow.set_model_version_tag(name, found[0].version, CATALOGUE_SNAPSHOT, str(snapshot))
     return {
         "tokenizer_version": version,
-        "items": len(ids.item_ids),
+        "items": gate["n_valid"],  # written: the gate's rejects are in "quarantined"
         "embeddings_version": snapshot,
         "semantic_ids_version": written,
         "quarantined": gate["n_quarantined"] + len(incomplete),
@@ -629,6 +629,7 @@ def _tokenize_new_items(
         "tokenizer_version": version,
         "known_items": len(known.item_ids),
         "new_items": int(new.sum()),
+        "tokenized": 0,  # new items written: new_items less the gate's rejects
         "embeddings_version": latest,
         "quarantined": len(incomplete),
     }
@@ -658,6 +659,7 @@ def _tokenize_new_items(
         partition_values={"dataset": ctx.dataset, "tokenizer_version": version},
     )
     summary["behaviour_space_version"] = snapshot
+    summary["tokenized"] = gate["n_valid"]
     summary["quarantined"] += gate["n_quarantined"]
     log.info("gave %d new items %s semantic IDs", len(fresh), version)
     return summary

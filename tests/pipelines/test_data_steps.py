@@ -487,7 +487,7 @@ def test_tokenize_catalogue_quarantines_the_items_it_cannot_encode_and_a_rerun_c
     written = run_step("tokenize-catalogue", DAY, ctx.config, params)
     assert (written["items"], written["quarantined"]) == (19, 1)
     ids = ctx.lake.read("gold.semantic_ids", partitions=part)
-    assert ids.count() == ids.select("item_id").distinct().count() == 19
+    assert ids.count() == ids.select("item_id").distinct().count() == written["items"]
     assert _quarantine(ctx, f"gold.semantic_ids@{VERSION}") == ["missing_embedding:text"]
     version = ctx.lake.version("gold.semantic_ids")
     again = run_step("tokenize-catalogue", DAY, ctx.config, params)

@@ -40,7 +40,9 @@ placeholder is a snapshot: every date's import reads the whole input, its bronze
 of it, and the import budget and the day's quality gate judge all of it, not what changed that day.
 
 An input column named like one the import adds (:data:`READ_COLUMNS`: ``source_file``, ``_raw``...)
-is refused by name; ``rename`` it. A CSV's quoted fields may hold line breaks (``csv_multiline``).
+is refused by name; ``rename`` it. A CSV's quoted fields may hold line breaks (``csv_multiline``);
+read line by line (the default), an input with a line that ends inside a quoted field is refused: it
+would become two records, the first cut short and imported as if whole.
 
 Records that cannot be used (malformed line or JSON, a missing id, an unreadable timestamp,
 rating or label, neither rating nor label, a duplicate item or user id) go to
@@ -76,6 +78,7 @@ from spark_jobs.importers.common import (
     json_record_problem,
     not_utf8,
     quoted,
+    read_lines,
     str_map,
     text_list,
     to_double,
@@ -126,7 +129,8 @@ class GenericImportConfig(Config):
     csv_sep: str = ","
     #: True: a CSV's quoted fields may hold line breaks (RFC 4180: a multi-line description or plot),
     #: but a stray opening quote then swallows the lines up to the next quote into one corrupt record,
-    #: and one large file is read by one task. False (Spark's default): line by line.
+    #: and one large file is read by one task. False (Spark's default): line by line, and an input
+    #: with a line that ends inside a quoted field is refused (:func:`refuse_split_records`).
     csv_multiline: bool = False
     #: Of CSV inputs: one of :data:`CSV_ENCODINGS` (what Spark's CSV reader decodes line by line); JSON lines are
     #: UTF-8. A record with bytes that are not this encoding is quarantined (the reader replaced them
@@ -237,6 +241,24 @@ def _check_names(path: str, names: list[str], rename: dict[str, str]) -> list[st
     return renamed
 
 
+def refuse_split_records(spark: SparkSession, path: str, sep: str, encoding: str) -> None:
+    """Raise ValueError when a line of the CSV ``path`` ends inside a quoted field (a quote right
+    after a separator or at the line's start, never closed: ``""`` is an escaped quote). Read line by
+    line, such a field's line break splits its record in two: the first part, cut short, parses as a
+    whole record and the rest as a malformed one, so the counts reconcile and the loss goes unseen."""
+    s = re.escape(sep)
+    open_field = rf'(^|{s})"([^"]|"")*$'
+    split = read_lines(spark, path, encoding=encoding).filter(F.col("value").rlike(open_field))
+    found = split.select("value", "source_file").limit(1).collect()
+    if found:
+        line, source = found[0]
+        raise ValueError(
+            f"{source}: {split.count()} line(s) end inside a quoted field, e.g. {line[:80]!r}: a field "
+            "with a line break, which reading line by line splits into two records (the first cut "
+            "short); set csv_multiline: true, or repair the file"
+        )
+
+
 def read_as_strings(
     spark: SparkSession,
     path: str,
@@ -266,6 +288,8 @@ def read_as_strings(
         def reader() -> Any:  # a new one each time: option() changes the reader it is called on
             return spark.read.option("encoding", encoding).option("sep", sep).option("multiLine", multiline)
 
+        if not multiline:
+            refuse_split_records(spark, path, sep, encoding)
         written_names = reader().option("header", True).csv(path).columns
         first = reader().csv(path).first()  # the header as written
         written = [] if first is None else list(first)

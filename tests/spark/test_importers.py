@@ -519,9 +519,14 @@ def test_generic_columns_may_take_any_name_and_csv_fields_line_breaks(spark, lak
     }
     assert plots == {"i1": "A heist.\nMann, 1995", "i2": "Balloons"}
     line_by_line = renamed.model_copy(update={"csv_multiline": False})  # the default, Spark's
-    assert (
-        counts(import_generic(spark, lake, line_by_line, DAY))["items.csv"][0] == 3
-    )  # one record split in two
+    # it would split i1 in two: "A heist." imported as the whole plot, the rest quarantined
+    with pytest.raises(ValueError, match=r"items.csv: 1 line\(s\) end inside a quoted field, e.g. 'i1,Heat,"):
+        import_generic(spark, lake, line_by_line, DAY)
+    # escaped quotes, an inch mark in an unquoted field and a quoted separator are whole lines
+    items.write_text('item_id,title,plot\ni1,"Heat, ""the"" film","12"" pizza"\ni2,12" Up,"a,\tb"\n')
+    assert counts(import_generic(spark, lake, line_by_line, DAY))["items.csv"] == (2, 2, 0)
+    plots = {r.item_id: r.title for r in lake.read("bronze.items", partitions={"dataset": "names"}).collect()}
+    assert plots == {"i1": 'Heat, "the" film', "i2": '12" Up'}
 
 
 def test_generic_csv_bytes_that_are_not_its_encoding_are_quarantined(spark, lake, tmp_path):

@@ -80,7 +80,8 @@ def ingest(ctx: StepContext) -> dict[str, Any]:
         "dataset": ctx.dataset,
         "logical_date": ctx.logical_date.isoformat(),
         "bronze": counts,
-        "silver_rows": {s.table: s.imported for s in silver.sources},
+        "silver_rows": {s.table: s.imported for s in silver.sources},  # offered to the merge
+        "silver_written": silver.written,  # of them, inserted or updated: a later date holds the rest
         "silver_retracted": silver.retracted,
         "versions": {**bronze.versions, **silver.versions},
     }

@@ -278,16 +278,21 @@ class Lake:
         report = self._impl.maintain(path, retention, vacuum)
         return {**report, "version": self._impl.version(path)}
 
-    def rows_deleted(self, table: str | TableSpec, version: int) -> int:
-        """Rows the commit of ``version`` deleted (a merge's ``delete_unmatched``); 0 when it
-        deleted none or is no longer among the 20 newest commits."""
+    def merge_counts(self, table: str | TableSpec, version: int) -> dict[str, int]:
+        """Target rows the merge committed as ``version`` ``inserted``, ``updated`` (a matched row
+        that failed ``update_condition`` is neither) and ``deleted`` (``delete_unmatched``), from the
+        commit's metrics (delta-rs' and Delta's names); all 0 when the commit is no longer among the
+        20 newest."""
+        names = {
+            "inserted": ("num_target_rows_inserted", "numTargetRowsInserted"),
+            "updated": ("num_target_rows_updated", "numTargetRowsUpdated"),
+            "deleted": ("num_target_rows_deleted", "numTargetRowsDeleted"),
+        }
         for entry in self.history(table, limit=20):
             if entry["version"] == version:
                 metrics = entry["metrics"]
-                return int(
-                    metrics.get("num_target_rows_deleted", metrics.get("numTargetRowsDeleted", 0)) or 0
-                )
-        return 0
+                return {k: int(metrics.get(a, metrics.get(b, 0)) or 0) for k, (a, b) in names.items()}
+        return dict.fromkeys(names, 0)
 
     def read(
         self,

@@ -77,10 +77,14 @@ class ImportReport:
     #: Rows a merge deleted per table: rows this date's earlier run wrote that its rerun no longer
     #: contains (not part of this run's reconciliation).
     retracted: dict[str, int] = field(default_factory=dict)
+    #: Rows a merge inserted or updated per table; fewer than :meth:`imported` when a later date
+    #: already holds some of the rows (a backfill does not overwrite them).
+    written: dict[str, int] = field(default_factory=dict)
 
     def imported(self, table: str) -> int:
-        """Rows written into ``table`` by this run (over all its inputs; records merged into
-        another input's rows are not rows of their own)."""
+        """Rows this run kept for ``table`` (over all its inputs; records merged into another
+        input's rows are not rows of their own): all written by a partition write; a merge writes
+        those no later date holds (:attr:`written`)."""
         return sum(s.imported for s in self.sources if s.table == table and not s.merged)
 
     def quarantined(self, table: str | None = None) -> int:
@@ -105,6 +109,7 @@ class ImportReport:
                 f"  {s.source} -> {s.table}: {s.records_in} in, {s.imported} {kept}, {s.quarantined} quarantined"
             )
         lines.extend(f"  {t} version {v}" for t, v in sorted(self.versions.items()))
+        lines.extend(f"  {t}: {n} rows inserted or updated" for t, n in sorted(self.written.items()))
         lines.extend(f"  {t}: {n} rows retracted" for t, n in sorted(self.retracted.items()) if n)
         return "\n".join(lines)
 
@@ -369,9 +374,12 @@ def write_parsed(
                 delete_unmatched=delete_unmatched,
                 metadata=metadata,
             )
-            if delete_unmatched is not None:  # a merge that changed nothing committed nothing
+            if mode == "merge":  # a merge that changed nothing committed nothing
                 committed = report.versions[table] != before
-                report.retracted[table] = lake.rows_deleted(table, report.versions[table]) if committed else 0
+                changed = lake.merge_counts(table, report.versions[table]) if committed else {}
+                report.written[table] = changed.get("inserted", 0) + changed.get("updated", 0)
+                if delete_unmatched is not None:
+                    report.retracted[table] = changed.get("deleted", 0)
         report.versions[BRONZE_QUARANTINE.name] = lake.write(
             _union(bad) if bad else lake.spark.createDataFrame([], BRONZE_QUARANTINE.schema),
             BRONZE_QUARANTINE,

@@ -825,7 +825,8 @@ def test_silver_labels_duplicates_and_backfill(spark, lake):
                mode="replace_partition", partition_values={"dataset": "ds", "logical_date": day2})  # fmt: skip
     promote_to_silver(lake, "ds", day2)
     report = promote_to_silver(lake, "ds", DAY)  # backfill of an older date after a newer one
-    assert report.imported("silver.interactions") == 1
+    assert report.imported("silver.interactions") == 1  # offered, but day2 holds the row:
+    assert report.written["silver.interactions"] == 0  # not written
     (row,) = lake.read("silver.interactions").collect()
     assert (row.rating, row.label, row.logical_date) == (5.0, 1, day2)
 
@@ -847,6 +848,7 @@ def test_silver_rerun_retracts_what_the_corrected_date_no_longer_contains(spark,
     # DAY is corrected: u1's second event had the wrong time (5 s, really 7 s), u2's is gone
     report = run(DAY, [("u1", "1", 0, 4.0, None), ("u1", "2", 7, 3.0, None)])
     assert report.retracted == {"silver.interactions": 1, "silver.items": 0, "silver.users": 0}
+    assert report.written["silver.interactions"] == 2  # u1's first event updated, its second inserted
     assert events() == [
         ("u1", "1", 0, DAY),
         ("u1", "2", 7, DAY),  # the corrected event only, not both times

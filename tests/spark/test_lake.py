@@ -376,11 +376,14 @@ def test_merge_deletes_only_unmatched_rows_that_meet_the_condition(spark, lake):
         ("ds", 2, 10): 5.0,
         **{("other", u, i): r for u, i, r in ((1, 10, 4.0), (1, 11, 2.0), (2, 10, 5.0))},  # outside
     }
-    assert lake.rows_deleted("silver.interactions", v) == 1
+    assert lake.merge_counts("silver.interactions", v)["deleted"] == 1
     # an empty source still retracts (and commits); without delete_unmatched it commits nothing
     v = lake.write(source.limit(0), "silver.interactions", mode="merge", partition_values=part,
                    delete_unmatched=cond)  # fmt: skip
-    assert lake.rows_deleted("silver.interactions", v) == 1 and lake.read("silver.interactions").count() == 4
+    assert (
+        lake.merge_counts("silver.interactions", v)["deleted"] == 1
+        and lake.read("silver.interactions").count() == 4
+    )
     with pytest.raises(ValueError, match="delete_unmatched only applies to mode 'merge'"):
         lake.write(source, "silver.interactions", mode="append", delete_unmatched=cond)
 

@@ -101,19 +101,21 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
     from pipelines.notify import alerted
     from spark_jobs.importers.common import OTHER_VALUES
     from spark_jobs.quality import DataQualityError
+    from spark_jobs.quality.gate import allowed_rejects
     from spark_jobs.quality.report import ExpectationOutcome, QualityReport
     from spark_jobs.tables import BRONZE_QUARANTINE
 
     limit = ctx.config.quality.max_quarantine_fraction
     failed: list[tuple[QualityReport, bool]] = []
     for table, n in counts.items():
-        if n["quarantined"] <= limit * n["in"]:  # a cheap bound first: most days stop here
+        allowed = allowed_rejects(limit, n["in"])  # as the quality gates count their budget
+        if n["quarantined"] <= allowed:  # a cheap bound first: most days stop here
             continue
         part = {"dataset": ctx.dataset, "target_table": table, "logical_date": ctx.logical_date}
         rejected = ctx.lake.read(BRONZE_QUARANTINE, partitions=part)
         repeated = F.col("reason").startswith("duplicate ") & ~F.col("reason").endswith(OTHER_VALUES)
         reasons = rejected.filter(~repeated).groupBy("reason").count()
-        if (lost := reasons.agg(F.sum("count")).first()[0] or 0) <= limit * n["in"]:
+        if (lost := reasons.agg(F.sum("count")).first()[0] or 0) <= allowed:
             continue
         top = {
             r["reason"]: int(r["count"])
@@ -150,16 +152,19 @@ def _per_table(sources: list[Any]) -> dict[str, dict[str, int]]:
     return out
 
 
-def quality_config(ctx: StepContext) -> Any:
+def quality_config(ctx: StepContext, codebook_size: int | None = None) -> Any:
     """The configured quality rules with this run's logical date, Data Docs under ``HISAM_HOME``, and
     the semantic-ID and sample rules taken from the tokenizer and sequence sections (one source of
-    truth for K, the code count and the token budget)."""
+    truth for K, the code count and the token budget). ``codebook_size``: the K of the tokenizer
+    version whose codes a gate judges (the config's is the next tokenizer's, which may differ)."""
     from spark_jobs.quality import QualityConfig
 
     cfg, defaults = ctx.config.quality, QualityConfig()
     update: dict[str, Any] = {"logical_date": ctx.logical_date}
     for section, rules in ctx.config.derived_quality_rules().items():
         values = {name: value for name, (value, _) in rules.items()}
+        if section == "semantic_ids" and codebook_size is not None:
+            values["codebook_size"] = codebook_size
         update[section] = getattr(cfg, section).model_copy(update=values)
     if cfg.docs_dir == defaults.docs_dir:
         update["docs_dir"] = str(ctx.settings.data_docs)
@@ -334,6 +339,15 @@ def _silver_interactions(ctx: StepContext, day: bool = False) -> tuple[Any, Any]
     return interactions, interactions_suite(interactions, quality_config(ctx), items=items, name=name)
 
 
+def _codebook_size_of(ctx: StepContext, version: str) -> int | None:
+    """K of tokenizer ``version``, as its ``gold.semantic_ids`` rows record it (None: no rows)."""
+    from spark_jobs.tables import GOLD_SEMANTIC_IDS
+
+    part = {"dataset": ctx.dataset, "tokenizer_version": version}
+    sizes = ctx.lake.read(GOLD_SEMANTIC_IDS, partitions=part).select("codebook_size").distinct().collect()
+    return int(sizes[0][0]) if len(sizes) == 1 else None
+
+
 def valid_interactions(ctx: StepContext) -> tuple[Any, int]:
     """The dataset's silver interactions that pass the row rules of ``validate`` (no GX, no writes),
     and how many rows failed them: what the behaviour encoder and the sequence build both read, so
@@ -367,7 +381,7 @@ def validate_samples(ctx: StepContext) -> dict[str, Any]:
     part = {"dataset": ctx.dataset, "tokenizer_version": version}
     read = ctx.lake.version(GOLD_SAMPLES)
     samples = ctx.lake.read(GOLD_SAMPLES, read, partitions=part).filter(F.col("tokenizer_version") == version)
-    suite = samples_suite(samples, quality_config(ctx))
+    suite = samples_suite(samples, quality_config(ctx, _codebook_size_of(ctx, version)))
     record = samples_gate_record(ctx, version)
     valid, summary = run_gate(
         ctx,

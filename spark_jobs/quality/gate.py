@@ -50,6 +50,12 @@ def _gx_projection(annotated: DataFrame, specs: list[GxSpec], suite: QualitySuit
     return annotated.select(*cols)
 
 
+def allowed_rejects(fraction: float, n_rows: int) -> int:
+    """How many of ``n_rows`` rows a budget of ``fraction`` lets fail: ``floor(fraction * n)``,
+    with room for the float error of the product (0.29 * 100 is 28.999999999999996)."""
+    return math.floor(fraction * n_rows + 1e-9)
+
+
 #: Column-map expectations that count nulls as unexpected; the others leave nulls out of their share.
 NULL_COUNTING = {"ExpectColumnValuesToNotBeNull", "ExpectColumnValuesToBeNull"}
 
@@ -71,7 +77,7 @@ def tolerances(annotated: DataFrame, specs: list[GxSpec], n_rows: int, fraction:
         return [1.0 - fraction] * len(specs)
     counts = annotated.agg(*[F.count(F.col(c)).alias(f"n{i}") for i, c in enumerate(columns)]).first()
     non_null = {c: int(counts[f"n{i}"]) for i, c in enumerate(columns)}
-    allowed = math.floor(fraction * n_rows + 1e-9)
+    allowed = allowed_rejects(fraction, n_rows)
     return [
         max(0.0, (non_null[c] - allowed) / non_null[c])
         if (c := null_skipping(s)) and non_null[c]

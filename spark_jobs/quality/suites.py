@@ -151,7 +151,7 @@ def interactions_suite(
         rules.append(
             RowRule(
                 "label_not_binary",
-                label.isNotNull() & ~label.cast("int").isin(0, 1),
+                label.isNotNull() & ~label.isin(0, 1),  # 0.5 is no label, not 0 (a cast truncates)
                 GxSpec(
                     "ExpectColumnValuesToBeInSet",
                     {"column": r.label_col, "value_set": [0, 1]},
@@ -315,7 +315,7 @@ def samples_suite(df: DataFrame, config: QualityConfig | None = None, name: str 
             F.col(DQ_SEQUENCE_TOKENS) > F.lit(r.token_budget),
             GxSpec(
                 "ExpectColumnValuesToBeBetween",
-                {"column": DQ_SEQUENCE_TOKENS, "min_value": 0, "max_value": r.token_budget},
+                {"column": DQ_SEQUENCE_TOKENS, "max_value": r.token_budget},  # no floor: as the rule
                 "sequence_over_budget",
             ),
         ),

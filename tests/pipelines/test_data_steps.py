@@ -291,6 +291,19 @@ def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
     assert fixed["success"] and (fixed["n_input"], fixed["n_quarantined"]) == (before.count() + 10, 0)
     assert len(_quarantine(ctx, f"gold.samples.gate@{VERSION}")) == 2
     ctx.lake.write(before, "gold.samples", mode="replace_partition", partition_values=part)  # as it was
+    # the config's K is the next tokenizer's: the gate judges this version's codes by its own K
+    model = ctx.config.tokenizer.train.model
+    assert (
+        model.codebook_size == 16
+        and max(max(r[0]) for r in before.select("target_semantic_ids").collect()) >= 8
+    )
+    train = ctx.config.tokenizer.train.model_copy(
+        update={"model": model.model_copy(update={"codebook_size": 8})}
+    )
+    smaller = ctx.config.model_copy(
+        update={"tokenizer": ctx.config.tokenizer.model_copy(update={"train": train})}
+    )
+    assert run_step("validate-samples", DAY, smaller, params)["n_quarantined"] == 0
 
 
 def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_tokenizer(ctx_of, spark) -> None:

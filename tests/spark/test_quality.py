@@ -120,6 +120,22 @@ def test_interactions_every_bad_type_is_quarantined_with_its_reason(spark, tmp_p
     assert (stored["multi"]["target_table"], stored["multi"]["logical_date"]) == ("silver.interactions", DAY)
 
 
+def test_a_fractional_label_is_no_label_for_the_rule_and_for_gx(spark, tmp_path) -> None:
+    """The suite takes any label type: 0.5 is not a 0 (a cast to int would truncate it and keep the
+    row, while GX counted it as unexpected)."""
+    labels = (0.0, 1.0, 0.5, 1.7)
+    rows = [(f"r{i}", "ml", 1, 10 + i, T0, None, label, DAY) for i, label in enumerate(labels)]
+    df = spark.createDataFrame(rows, INTERACTIONS.replace("label int", "label double"))
+    cfg = quiet(tmp_path, result_format="BASIC")
+    valid, quarantine, report = run_quality_gate(df, interactions_suite(df, cfg), cfg)
+    assert sorted(r["row"] for r in valid.collect()) == ["r0", "r1"]
+    assert {r: v[0] for r, v in reasons_by_row(quarantine).items()} == dict.fromkeys(
+        ("r2", "r3"), "label_not_binary"
+    )
+    gx = {e.rule: e.unexpected_count for e in report.expectations if e.rule == "label_not_binary"}
+    assert gx == {"label_not_binary": 2}
+
+
 def test_an_event_is_in_the_future_only_after_the_day_it_was_imported(spark, tmp_path) -> None:
     """A rerun of an older date sees rows imported since: each is judged by its own import day, so
     the rerun neither quarantines them nor fails; without an import date the run's date bounds all."""
@@ -229,6 +245,7 @@ def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_pa
         sample("test_early", "test", 2, 11, 0, 0),  # a test sample before the last train one
         sample("test_tie", "test", 2, 12, 2, 0),  # at the instant of the last valid train one (ok_long)
         (*sample("null_history", "train", 1, 18, 9, 0)[:9], None, None, None, [2] * 6),  # null arrays
+        sample("negative", "train", 1, 23, 10, -2, codes=[], actions=[], items=[]),  # -4 tokens
     ]
     df = spark.createDataFrame(rows, SAMPLES)
     cfg = quiet(tmp_path, result_format="BASIC")
@@ -240,14 +257,18 @@ def test_samples_gate_checks_budget_alignment_codes_and_chronology(spark, tmp_pa
     assert "test_before_train" in str(err.value)
     assert report.reason_counts == {
         "sequence_over_budget": 1,
-        "history_misaligned": 4,  # misaligned, short_codes, short_items, null_history
+        "history_misaligned": 5,  # misaligned, short_codes, short_items, null_history, negative
         "target_semantic_ids_wrong_length": 1,
         "target_semantic_ids_null": 1,
         "semantic_ids_out_of_codebook": 2,  # bad_code, target_code
         "split_invalid": 1,
         "label_not_binary": 1,
     }
-    assert report.n_input == 16 and report.reconciled
+    assert report.n_input == 17 and report.reconciled
+    # GX counts what each rule counts: the negative history is misaligned, not over budget
+    gx = {e.rule: e.unexpected_count for e in report.expectations if e.rule in report.all_reason_counts}
+    assert gx == {rule: report.all_reason_counts[rule] for rule in gx}
+    assert gx["sequence_over_budget"] == 1 and gx["label_not_binary"] == 1
 
 
 def test_counts_are_independent_of_the_rules(spark, tmp_path) -> None:
@@ -357,3 +378,12 @@ def test_boolean_only_results_take_each_rules_count_from_the_quarantine() -> Non
     assert count("rating_out_of_range") == 3 and count("unknown_item") == 2
     assert count("quarantined_share") == 4 and count("null_user_id") == 0
     assert count("test_before_train") is None and count(None) is None and count("unknown_item", 7) == 7
+
+
+def test_a_budget_allows_exactly_its_share_of_rows() -> None:
+    """The import budget and the gates share one count: 0.29 of 100 rows is 29 (the float product is
+    28.999999999999996, which a ``<=`` against it would refuse)."""
+    from spark_jobs.quality.gate import allowed_rejects
+
+    assert 0.29 * 100 < 29 and allowed_rejects(0.29, 100) == 29
+    assert [allowed_rejects(0.01, n) for n in (0, 99, 100, 250)] == [0, 0, 1, 2]

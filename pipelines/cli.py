@@ -29,6 +29,9 @@ CLIENT_PACKAGES = frozenset(
 #: What an ``OperationalError`` of a failed connection says (others, "no such table", are not one).
 CONNECTION_WORDS = ("connect", "unable to open", "timeout", "timed out", "could not translate host")
 
+#: Exit code of a step whose data failed a quality gate (the usage and config errors' is 2).
+DATA_QUALITY_EXIT = 4
+
 EPILOG = """\
 Config: run, rollback and recommend read one YAML file (pipelines.config.PipelineConfig; unknown keys are
 errors): --config, else $HISAM_PIPELINE_CONFIG, else configs/pipeline.yaml; demo reads --config, else
@@ -40,6 +43,11 @@ and HISAM_SPARK_CONF: the embedded default, even in the production image; recomm
 State goes under $HISAM_HOME (default .hisam in the current directory): the Delta lake ($HISAM_LAKE_ROOT
 to put it elsewhere), the MLflow store ($MLFLOW_TRACKING_URI, artifacts $HISAM_ARTIFACT_ROOT), Airflow's
 database, GX Data Docs, alerts, evaluation results and caches. The README lists every HISAM_* variable.
+
+Exit codes: 0 done or skipped; 1 an unexpected error (its traceback), an unreachable database or server,
+or a failed demo task; 2 a usage, config or parameter error, or a missing upstream table (the message
+says what to fix; --log-level DEBUG adds the traceback); 3 rolled back but not refreshed; 4 the data
+failed a quality gate (alerted; bronze.quarantine lists the rows): retrying the same input cannot help.
 
 Examples:
   hisam demo                                   # the four DAGs end to end, then a summary
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.evaluation import main as evaluate
 
         return evaluate(forwarded, prog="hisam evaluate")
-    from pipelines.steps import StepSkipped, error_text, run_step, step_errors
+    from pipelines.steps import StepSkipped, data_quality_error, error_text, run_step, step_errors
 
     try:
         if args.command == "run":
@@ -281,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("%s", err)
                 return 1
     except step_errors() as err:
+        log.debug("traceback", exc_info=True)
         log.error("%s", error_text(err))
-        return 2
+        return DATA_QUALITY_EXIT if isinstance(err, data_quality_error()) else 2
     except StepSkipped as skipped:
         log.warning("skipped: %s", skipped)
         summary = {"skipped": True, "reason": str(skipped)}

@@ -304,6 +304,15 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
             run_step(step, "2026-11-01", tmp_path / "absent.yaml", {key: "ture"})  # before the config is read
     assert main(["run", "rollback", "--param", "force=true"]) == 2
     assert "step rollback has no param force (its params: none)" in caplog.text
+    from pipelines import steps
+    from spark_jobs.quality.report import QualityReport
+
+    def failing_gate(*_args):  # what a step whose data fails its gate raises
+        raise steps.data_quality_error()(QualityReport("import:bronze.items", 3, 1, 2, {}, {}, []))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(steps, "run_step", failing_gate)
+        assert main(["run", "ingest"]) == 4  # not 2: the command was right, the data was not
     assert list(tmp_path.iterdir()) == []
     assert main(["run", "ingest", "--config", str(tmp_path)]) == 2  # a folder, not a YAML file
     assert f"pipeline config {tmp_path} is not a file" in caplog.text

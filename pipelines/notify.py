@@ -266,10 +266,11 @@ def notifier_from_config(
     """Build the notifier of ``config``; environment variables override sinks, URL and file."""
     cfg = config or NotifyConfig()
     env = os.environ if env is None else env
-    sinks: list[str] = list(cfg.sinks)
+    sinks: list[str] = list(cfg.sinks)  # validated names; the environment's are checked below
     if env.get(ENV_SINKS):
         sinks = [s.strip() for s in env[ENV_SINKS].split(",") if s.strip()]
     url = env.get(ENV_WEBHOOK_URL) or cfg.webhook_url
+    url_from = f"${ENV_WEBHOOK_URL}" if env.get(ENV_WEBHOOK_URL) else "notify.webhook_url"
     path = env.get(ENV_FILE) or cfg.file_path
     built: list[Notifier] = []
     for sink in dict.fromkeys(sinks):
@@ -278,13 +279,18 @@ def notifier_from_config(
         elif sink == "webhook":
             if not url:
                 raise ValueError(f"alert sink 'webhook' needs notify.webhook_url or ${ENV_WEBHOOK_URL}")
-            built.append(WebhookNotifier(url, cfg.timeout_s, cfg.retries, cfg.backoff_s))
+            try:
+                built.append(WebhookNotifier(url, cfg.timeout_s, cfg.retries, cfg.backoff_s))
+            except ValueError as err:
+                raise ValueError(f"{err} (from {url_from})") from None
         elif sink == "file":
             if not path:
                 raise ValueError(f"alert sink 'file' needs notify.file_path or ${ENV_FILE}")
             built.append(FileNotifier(path))
         else:
-            raise ValueError(f"unknown alert sink {sink!r}; expected log, webhook or file")
+            raise ValueError(
+                f"unknown alert sink {sink!r} (from ${ENV_SINKS}); expected log, webhook or file"
+            )
     if not built:
         raise ValueError("no alert sink configured")
     return built[0] if len(built) == 1 else MultiNotifier(built)

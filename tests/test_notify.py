@@ -181,8 +181,12 @@ def test_factory_reads_config_and_environment(tmp_path, alert: Alert) -> None:
     assert len(hook.bodies) == 1
     with pytest.raises(ValueError, match="HISAM_NOTIFY_WEBHOOK_URL"):
         notifier_from_config(NotifyConfig(sinks=["webhook"]), env={})
-    with pytest.raises(ValueError, match="unknown alert sink"):
+    with pytest.raises(ValueError, match=r"unknown alert sink 'pager' \(from \$HISAM_NOTIFY_SINKS\)"):
         notifier_from_config(NotifyConfig(), env={"HISAM_NOTIFY_SINKS": "pager"})
+    with pytest.raises(ValueError, match=r"http:// or https:// \(from \$HISAM_NOTIFY_WEBHOOK_URL\)"):
+        notifier_from_config(NotifyConfig(sinks=["webhook"]), env={"HISAM_NOTIFY_WEBHOOK_URL": "ftp://x"})
+    with pytest.raises(ValueError, match=r"http:// or https:// \(from notify.webhook_url\)"):
+        notifier_from_config(NotifyConfig(sinks=["webhook"], webhook_url="hooks.example/x"), env={})
 
 
 def test_alert_from_quality_report_names_failed_expectations() -> None:

@@ -20,13 +20,16 @@ class Config(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Self:
-        """Load from a YAML file; an empty file gives the defaults. Malformed YAML is a ValueError
-        naming the file and the line; an invalid value one naming the file and each key
-        (:func:`describe`)."""
+        """Load from a YAML file; an empty file gives the defaults. Malformed YAML is a one-line
+        ValueError ``path:line:column: not valid YAML: problem``; an invalid value one naming the file
+        and each key (:func:`describe`)."""
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from err
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
+            raise ValueError(f"{where}: not valid YAML: {problem}") from err
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         try:

@@ -401,7 +401,13 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         help=f"set or experiment names (default: {' '.join(defaults.run)}); sets: {', '.join(defaults.sets)}; "
         f"experiments: {', '.join(e.name for e in defaults.experiments)}",
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds of every selected experiment")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help=f"seeds of every selected experiment (default: {' '.join(map(str, defaults.seeds))})",
+    )
     p.add_argument(
         "--set-seeds",
         nargs="*",
@@ -409,10 +415,31 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         default=[],
         help="SET=SEED[,SEED..]: other seeds for one set",
     )
-    p.add_argument("--scaling", action="store_true", help="also run the depth / length sweep")
-    p.add_argument("--scaling-layers", nargs="+", type=int, default=None, help="depths of the sweep")
-    p.add_argument("--scaling-tokens", nargs="+", type=int, default=None, help="max_tokens of the sweep")
-    p.add_argument("--steps", type=positive_int_arg, default=None, help="override train.max_steps")
+    sweep = ScalingConfig()
+    p.add_argument(
+        "--scaling", action="store_true", help=f"also run the depth / length sweep of {sweep.experiment}"
+    )
+    p.add_argument(
+        "--scaling-layers",
+        nargs="+",
+        type=int,
+        default=None,
+        help=f"depths of the sweep (default: {' '.join(map(str, sweep.num_layers))}; needs --scaling "
+        "or a scaling section in --config)",
+    )
+    p.add_argument(
+        "--scaling-tokens",
+        nargs="+",
+        type=int,
+        default=None,
+        help=f"max_tokens of the sweep (default: {' '.join(map(str, sweep.max_tokens))}; as --scaling-layers)",
+    )
+    p.add_argument(
+        "--steps",
+        type=positive_int_arg,
+        default=None,
+        help=f"override train.max_steps (default: {defaults.train.max_steps})",
+    )
     p.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
@@ -448,7 +475,7 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         "--workers",
         type=positive_int_arg,
         default=1,
-        help="parallel processes, each with --threads torch threads",
+        help="parallel processes, each with --threads torch threads (default: %(default)s)",
     )
     p.add_argument(
         "--threads",
@@ -474,6 +501,8 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
 
 def configure(args: argparse.Namespace) -> EvaluationConfig:
     """The evaluation config of the parsed options (YAML, then the overrides)."""
+    if args.config and not args.config.is_file():
+        raise ValueError(f"evaluation config {args.config} does not exist or is not a file")
     config = EvaluationConfig.from_yaml(args.config) if args.config else EvaluationConfig()
     update: dict[str, Any] = {}
     if args.threads:
@@ -490,7 +519,9 @@ def configure(args: argparse.Namespace) -> EvaluationConfig:
         update["seeds"] = args.seeds
     if args.set_seeds:
         update["seeds_per_set"] = dict(args.set_seeds)
-    if args.scaling:
+    if (args.scaling_layers or args.scaling_tokens) and not (args.scaling or config.scaling):
+        raise ValueError("--scaling-layers and --scaling-tokens shape the sweep: add --scaling")
+    if args.scaling or (config.scaling and (args.scaling_layers or args.scaling_tokens)):
         scaling = config.scaling or ScalingConfig()
         if args.scaling_layers:
             scaling = scaling.model_copy(update={"num_layers": args.scaling_layers})

@@ -151,7 +151,10 @@ def run_step(
             f"step {name}: param tokenizer_version must be letters, digits, '.', '_' or '-', got {version!r}"
         )
     for key in FLAGS & set(params or {}):  # before any work: a typo'd `force=ture` fails at once
-        flag((params or {})[key], key)
+        try:
+            flag((params or {})[key], key)
+        except ValueError as err:
+            raise ValueError(f"step {name}: {err}") from None
     if not isinstance(config, PipelineConfig):
         config = load_config(config)
     day = dt.date.fromisoformat(logical_date) if isinstance(logical_date, str) else logical_date

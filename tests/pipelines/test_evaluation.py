@@ -337,8 +337,10 @@ def test_threads_workers_and_steps_are_checked_and_threads_may_follow_the_comman
 
 
 def test_config_errors_are_one_line_per_key_naming_the_file(tmp_path, monkeypatch, caplog):
-    """Not pydantic's multi-line dump: the file, then ``key: problem`` for each bad key."""
-    from pipelines.evaluation import main
+    """Not pydantic's multi-line dump: the file, then ``key: problem`` for each bad key. A missing
+    file, and sweep options without a sweep, are one-line errors too."""
+    from hisam_core.evaluation.harness import ScalingConfig
+    from pipelines.evaluation import configure, main, parser
 
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
     bad = tmp_path / "eval.yaml"
@@ -350,6 +352,18 @@ def test_config_errors_are_one_line_per_key_naming_the_file(tmp_path, monkeypatc
     assert "hmat.num_layerz: Extra inputs are not permitted" in message
     assert "threads: " in message and "\n" not in message and "errors.pydantic.dev" not in message
     assert not (tmp_path / "r").exists()  # nothing written before the check
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["--config", str(tmp_path / "absent.yaml")], results=tmp_path / "r") == 2
+        assert main(["--scaling-layers", "1", "2"], results=tmp_path / "r") == 2  # no sweep to shape
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"evaluation config {tmp_path / 'absent.yaml'} does not exist or is not a file",
+        "--scaling-layers and --scaling-tokens shape the sweep: add --scaling",
+    ]
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"scaling": {"num_layers": [1]}}))  # the config asks for the sweep
+    args = parser(tmp_path, tmp_path).parse_args(["--config", str(sweep), "--scaling-tokens", "48"])
+    assert configure(args).scaling == ScalingConfig(num_layers=[1], max_tokens=[48])
 
 
 def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():

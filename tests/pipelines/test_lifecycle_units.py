@@ -300,7 +300,7 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     with pytest.raises(ValueError, match=r"param tokenizer_version must be letters, .* got \"dst-2026'11\""):
         run_step("build-sequences", "2026-11-01", PipelineConfig(), {"tokenizer_version": "dst-2026'11"})
     for step, key in (("finetune", "force"), ("tokenize-new-items", "skip_without_tokenizer")):
-        with pytest.raises(ValueError, match=f"param {key} must be true or false, got 'ture'"):
+        with pytest.raises(ValueError, match=f"step {step}: param {key} must be true or false, got 'ture'"):
             run_step(step, "2026-11-01", tmp_path / "absent.yaml", {key: "ture"})  # before the config is read
     assert main(["run", "rollback", "--param", "force=true"]) == 2
     assert "step rollback has no param force (its params: none)" in caplog.text

@@ -63,18 +63,11 @@ def _import_report(ctx: StepContext) -> Any:
 
 def ingest(ctx: StepContext) -> dict[str, Any]:
     """Import the source for the logical date into bronze and merge it into silver."""
-    from spark_jobs.importers.silver import promote_to_silver, retract_from_silver
-    from spark_jobs.quality import DataQualityError
+    from spark_jobs.importers.silver import promote_to_silver
 
     bronze = _import_report(ctx)  # both writers refuse counts that do not reconcile, before writing
     counts = _per_table(bronze.sources)
-    try:
-        _check_import_budget(ctx, counts)
-    except DataQualityError:  # a rerun over budget: the day's earlier import leaves silver too
-        retracted = retract_from_silver(ctx.lake, ctx.dataset, ctx.logical_date).retracted
-        if any(retracted.values()):
-            log.warning("over budget: the day's earlier import taken out of silver (%s rows)", retracted)
-        raise
+    _check_import_budget(ctx, counts)
     silver = promote_to_silver(ctx.lake, ctx.dataset, ctx.logical_date, ctx.config.silver)
     return {
         "dataset": ctx.dataset,
@@ -93,9 +86,8 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
     records were mostly rejected here (a changed timestamp format) would pass it: all rejected, it
     looks like a day without an import. Repeated records (a duplicate with the kept row's values) do
     not count: nothing of theirs is lost; a duplicate id with other values does. Every table over
-    budget alerts; the rejects stay in ``bronze.quarantine``, silver holds nothing of the day (on a
-    rerun, :func:`ingest` takes the earlier import out), and a rerun with a repaired source replaces
-    them."""
+    budget alerts; the rejects stay in ``bronze.quarantine``, and a rerun of the day with a repaired
+    source replaces them."""
     from pyspark.sql import functions as F
 
     from pipelines.notify import alerted

@@ -140,47 +140,15 @@ def promotion_record(dataset: str, logical_date: dt.date) -> dict[str, str]:
     return {"job": PROMOTION_JOB, "dataset": dataset, "logical_date": logical_date.isoformat()}
 
 
-#: ``job`` of the commit metadata of :func:`retract_from_silver` (not a promotion: the day is not in silver).
-RETRACTION_JOB = "retract_from_silver"
-
-
 def promote_to_silver(
     lake: Lake, dataset: str, logical_date: dt.date, config: SilverConfig | None = None
 ) -> ImportReport:
     """Merge the bronze rows of one import run into silver; returns counts and versions."""
-    runs = [
+    config = config or SilverConfig()
+    interactions, items, users = (
         _bronze_run(lake, t.name, dataset, logical_date)
         for t in (BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS)
-    ]
-    return _merge_into_silver(
-        lake, dataset, logical_date, runs, config, promotion_record(dataset, logical_date)
     )
-
-
-def retract_from_silver(lake: Lake, dataset: str, logical_date: dt.date) -> ImportReport:
-    """Take out of silver what ``logical_date``'s import put there: its rows that no later date has
-    updated, and its silver rejects in ``bronze.quarantine``. A day whose import is over the
-    quarantine budget holds nothing in silver, so a rerun over budget leaves silver as a first run
-    over budget does, and no record is both in silver and among the rerun's rejects. (A promotion
-    of no rows; its commits are not a promotion of the day.)"""
-    runs = [
-        _bronze_run(lake, t.name, dataset, logical_date).limit(0)
-        for t in (BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS)
-    ]
-    record = {"job": RETRACTION_JOB, "dataset": dataset, "logical_date": logical_date.isoformat()}
-    return _merge_into_silver(lake, dataset, logical_date, runs, None, record)
-
-
-def _merge_into_silver(
-    lake: Lake,
-    dataset: str,
-    logical_date: dt.date,
-    runs: list[DataFrame],
-    config: SilverConfig | None,
-    metadata: dict[str, str],
-) -> ImportReport:
-    config = config or SilverConfig()
-    interactions, items, users = runs
     parsed = [
         Parsed(
             BRONZE_INTERACTIONS.name,
@@ -201,5 +169,5 @@ def _merge_into_silver(
         mode="merge",
         update_condition="s.logical_date >= t.logical_date",
         delete_unmatched=f"t.logical_date = {sql_literal(logical_date)}",
-        metadata=metadata,
+        metadata=promotion_record(dataset, logical_date),
     )

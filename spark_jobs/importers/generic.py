@@ -242,12 +242,19 @@ def _check_names(path: str, names: list[str], rename: dict[str, str]) -> list[st
 
 
 def refuse_split_records(spark: SparkSession, path: str, sep: str, encoding: str) -> None:
-    """Raise ValueError when a line of the CSV ``path`` ends inside a quoted field (a quote right
-    after a separator or at the line's start, never closed: ``""`` is an escaped quote). Read line by
-    line, such a field's line break splits its record in two: the first part, cut short, parses as a
-    whole record and the rest as a malformed one, so the counts reconcile and the loss goes unseen."""
+    """Raise ValueError when a line of the CSV ``path`` ends inside a quoted field (after whole
+    fields, a quote that is never closed: ``""`` is an escaped quote). Read line by line, such a
+    field's line break splits its record in two: the first part, cut short, parses as a whole record
+    and the rest as a malformed one, so the counts reconcile and the loss goes unseen. The pattern
+    walks the line field by field with possessive quantifiers (no backtracking, no recursion per
+    character: a 100,000-character field is one step). A separator of several characters is not
+    checked."""
+    sep = {"\\t": "\t"}.get(sep, sep)  # Spark reads a written-out \t as a tab
+    if len(sep) != 1:
+        return
     s = re.escape(sep)
-    open_field = rf'(^|{s})"([^"]|"")*$'
+    quoted = r'"[^"]*+(?:""[^"]*+)*+'  # an opening quote and what follows, up to a lone quote
+    open_field = rf'^(?:(?:{quoted}"|(?:[^"{s}][^{s}]*+)?){s})*+{quoted}$'
     split = read_lines(spark, path, encoding=encoding).filter(F.col("value").rlike(open_field))
     found = split.select("value", "source_file").limit(1).collect()
     if found:

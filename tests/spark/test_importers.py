@@ -522,11 +522,21 @@ def test_generic_columns_may_take_any_name_and_csv_fields_line_breaks(spark, lak
     # it would split i1 in two: "A heist." imported as the whole plot, the rest quarantined
     with pytest.raises(ValueError, match=r"items.csv: 1 line\(s\) end inside a quoted field, e.g. 'i1,Heat,"):
         import_generic(spark, lake, line_by_line, DAY)
-    # escaped quotes, an inch mark in an unquoted field and a quoted separator are whole lines
-    items.write_text('item_id,title,plot\ni1,"Heat, ""the"" film","12"" pizza"\ni2,12" Up,"a,\tb"\n')
-    assert counts(import_generic(spark, lake, line_by_line, DAY))["items.csv"] == (2, 2, 0)
-    plots = {r.item_id: r.title for r in lake.read("bronze.items", partitions={"dataset": "names"}).collect()}
-    assert plots == {"i1": 'Heat, "the" film', "i2": '12" Up'}
+    # escaped quotes (one before a separator), an inch mark in an unquoted field, a quoted separator
+    # and a 20,000-character field are whole lines (the check walks fields, one step per field)
+    long = "x" * 20_000
+    items.write_text(
+        'item_id,title,plot\ni1,"Heat, ""the"" film","12"" pizza"\ni2,12" Up,"a,\tb"\n'
+        f'i3,"Say ""Hi,""","{long}"\n'
+    )
+    assert counts(import_generic(spark, lake, line_by_line, DAY))["items.csv"] == (3, 3, 0)
+    titles = {
+        r.item_id: r.title for r in lake.read("bronze.items", partitions={"dataset": "names"}).collect()
+    }
+    assert titles == {"i1": 'Heat, "the" film', "i2": '12" Up', "i3": 'Say "Hi,"'}
+    items.write_text(f'item_id,title,plot\ni1,Heat,"{long}\nMann"\n')  # a long field, cut
+    with pytest.raises(ValueError, match=r"items.csv: 1 line\(s\) end inside a quoted field"):
+        import_generic(spark, lake, line_by_line, DAY)
 
 
 def test_generic_csv_bytes_that_are_not_its_encoding_are_quarantined(spark, lake, tmp_path):

@@ -144,19 +144,22 @@ def _per_table(sources: list[Any]) -> dict[str, dict[str, int]]:
     return out
 
 
-def quality_config(ctx: StepContext, codebook_size: int | None = None) -> Any:
+def quality_config(
+    ctx: StepContext, codebook_size: int | None = None, num_positions: int | None = None
+) -> Any:
     """The configured quality rules with this run's logical date, Data Docs under ``HISAM_HOME``, and
     the semantic-ID and sample rules taken from the tokenizer and sequence sections (one source of
-    truth for K, the code count and the token budget). ``codebook_size``: the K of the tokenizer
-    version whose codes a gate judges (the config's is the next tokenizer's, which may differ)."""
+    truth for K, the code count and the token budget). ``codebook_size``, ``num_positions``: those of
+    the tokenizer version whose codes a gate judges (the config's are the next tokenizer's)."""
     from spark_jobs.quality import QualityConfig
 
     cfg, defaults = ctx.config.quality, QualityConfig()
     update: dict[str, Any] = {"logical_date": ctx.logical_date}
     for section, rules in ctx.config.derived_quality_rules().items():
         values = {name: value for name, (value, _) in rules.items()}
-        if section == "semantic_ids" and codebook_size is not None:
-            values["codebook_size"] = codebook_size
+        if section == "semantic_ids":
+            version = {"codebook_size": codebook_size, "num_positions": num_positions}
+            values |= {name: value for name, value in version.items() if value is not None}
         update[section] = getattr(cfg, section).model_copy(update=values)
     if cfg.docs_dir == defaults.docs_dir:
         update["docs_dir"] = str(ctx.settings.data_docs)

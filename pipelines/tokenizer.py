@@ -519,7 +519,7 @@ def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:
     valid, gate = run_gate(
         ctx,
         df,
-        semantic_ids_suite(df, quality_config(ctx, ids.codebook_size)),
+        semantic_ids_suite(df, quality_config(ctx, ids.codebook_size, ids.num_positions)),
         versioned_label(GOLD_SEMANTIC_IDS.name, version, gate=True),
     )
     written = ctx.lake.write(
@@ -650,7 +650,7 @@ def _tokenize_new_items(
     frame = ids.to_frame().assign(dataset=ctx.dataset, codebook_size=ids.codebook_size)
     frame["semantic_ids"] = [np.asarray(c, dtype=np.int64).tolist() for c in frame["semantic_ids"]]
     df = ctx.lake.spark.createDataFrame(frame[GOLD_SEMANTIC_IDS.columns], schema=GOLD_SEMANTIC_IDS.schema)
-    suite = semantic_ids_suite(df, quality_config(ctx, ids.codebook_size))
+    suite = semantic_ids_suite(df, quality_config(ctx, ids.codebook_size, ids.num_positions))
     valid, gate = run_gate(ctx, df, suite, versioned_label(label, version, gate=True))
     summary["semantic_ids_version"] = ctx.lake.write(
         valid,

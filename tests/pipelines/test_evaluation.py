@@ -134,9 +134,9 @@ def test_evaluate_without_the_dataset_is_a_clear_error(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("given", "message"),
     [
-        (["--config", "absent.yaml"], "absent.yaml"),
+        (["--config", "absent.yaml"], "evaluation config absent.yaml does not exist or is not a file"),
         (["--config", "bad.yaml"], "foo"),  # an unknown key
-        (["--config", "."], "Is a directory"),
+        (["--config", "."], "evaluation config . does not exist or is not a file"),
         (["--run", "nosuch"], "unknown experiments or sets: ['nosuch']"),
         (["--reuse", "absent.json"], "--reuse absent.json: cannot read it (No such file or directory)"),
         (["--reuse", "bad.yaml"], "--reuse bad.yaml: not JSON"),

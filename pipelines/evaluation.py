@@ -7,7 +7,8 @@ target check, then the hand-written ``quality_findings.md`` if one sits beside t
 ``quality_scaling.png`` (GAUC against HMAT depth and against the token budget). ``--workers N`` runs
 the (experiment, seed) jobs in N processes of ``threads`` torch threads each (``--threads``, else the
 YAML's ``threads``, else ``hisam --threads`` / ``HISAM_TORCH_THREADS``); ``--reuse`` keeps the runs of an
-earlier ``quality.json`` of the same data, budget and features, and runs only the missing ones;
+earlier ``quality.json`` of the same data, budget and features whose experiments are defined the
+same way and whose semantic IDs the same tokenizer code trained (``cache_versions``), and runs the rest;
 ``--mlflow`` logs one MLflow run per (experiment, seed) to the experiment ``hisam-evaluation`` plus a
 summary run with the report and the plot as artifacts. ``benchmarks/quality.py`` is the same command
 with the repository's result paths.
@@ -46,7 +47,7 @@ from hisam_core.evaluation.harness import (
     scaling_records,
     split_summary,
 )
-from hisam_core.evaluation.semantic import features_fingerprint, load_features_npz
+from hisam_core.evaluation.semantic import CACHE_VERSIONS, TRAINERS, features_fingerprint, load_features_npz
 from hisam_core.features import ItemFeatures
 from pipelines.settings import LOG_LEVELS, Settings, movielens_dir, positive_int, positive_int_arg
 from pipelines.steps import THREADS_ENV
@@ -104,14 +105,31 @@ def _comparable(config: EvaluationConfig, reuse: dict[str, Any]) -> dict[str, An
     return earlier
 
 
+def _stale_trainers(reuse: dict[str, Any], experiment: dict[str, Any] | None) -> list[str]:
+    """The tokenizer trainers of ``experiment``'s semantic IDs whose cache version
+    (:data:`~hisam_core.evaluation.semantic.CACHE_VERSIONS`) is not the one ``reuse`` records (a
+    result that records none: every one): its runs read IDs that today's code would not train."""
+    tokenizer = (experiment or {}).get("tokenizer")
+    recorded = reuse.get("cache_versions", {})
+    return (
+        [t for t in TRAINERS[tokenizer["kind"]] if recorded.get(t) != CACHE_VERSIONS[t]] if tokenizer else []
+    )
+
+
 def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs of ``reuse`` whose experiment is still defined the same way (:func:`_comparable` first)."""
+    """Runs of ``reuse`` whose experiment is still defined the same way (:func:`_comparable` first)
+    and whose semantic IDs come from the same tokenizer code (:func:`_stale_trainers`)."""
     earlier = _comparable(config, reuse)
     before = {e["name"]: e for e in earlier["experiments"]}
     now = {e.name: e.model_dump(mode="json") for e in config.experiments}
-    kept = [r for r in reuse["runs"] if before.get(r["experiment"]) == now.get(r["experiment"])]
-    if len(kept) < len(reuse["runs"]):
-        log.info("--reuse: %d runs of redefined experiments are run again", len(reuse["runs"]) - len(kept))
+    same = [r for r in reuse["runs"] if before.get(r["experiment"]) == now.get(r["experiment"])]
+    kept = [r for r in same if not _stale_trainers(reuse, now.get(r["experiment"]))]
+    if len(same) < len(reuse["runs"]):
+        log.info("--reuse: %d runs of redefined experiments are run again", len(reuse["runs"]) - len(same))
+    if len(kept) < len(same):
+        log.info(
+            "--reuse: %d runs of IDs another tokenizer version trained are run again", len(same) - len(kept)
+        )
     return kept
 
 
@@ -123,8 +141,11 @@ def _reusable_points(
         return {}
     name = config.scaling.experiment
     before = {e["name"]: e for e in _comparable(config, reuse)["experiments"]}
-    if before.get(name) != config.experiment(name).model_dump(mode="json"):
-        log.info("--reuse: the sweep's experiment %s was redefined; its points are run again", name)
+    now = config.experiment(name).model_dump(mode="json")
+    if before.get(name) != now or _stale_trainers(reuse, now):
+        log.info(
+            "--reuse: the sweep's experiment %s was redefined or retokenized; its points run again", name
+        )
         return {}
     return scaling_records(config, reuse.get("scaling"))
 

@@ -36,6 +36,7 @@ from hisam_core.evaluation.protocol import (
     target_arrays,
 )
 from hisam_core.evaluation.semantic import (
+    CACHE_VERSIONS,
     TokenizerVariant,
     features_fingerprint,
     load_features_npz,
@@ -670,4 +671,5 @@ def assemble(
         "target": target_check(summary, config.target),
         "scaling": scaling,
         "config": config.model_dump(mode="json"),
+        "cache_versions": dict(CACHE_VERSIONS),  # the tokenizer code of the runs (``--reuse`` checks)
     }

@@ -367,12 +367,21 @@ def test_config_errors_are_one_line_per_key_naming_the_file(tmp_path, monkeypatc
 
 
 def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():
+    from hisam_core.evaluation.semantic import CACHE_VERSIONS
+
     config = EvaluationConfig.model_validate(TINY)
     earlier = {
         "config": config.model_dump(mode="json"),
         "runs": [{"experiment": "sasrec", "seed": 0}, {"experiment": "hisam_sft", "seed": 0}],
+        "cache_versions": dict(CACHE_VERSIONS),
     }
     assert _reusable(config, earlier) == earlier["runs"]
+    # IDs of another DST version (or of a result that does not say): the HMAT run is run again
+    for versions in ({**CACHE_VERSIONS, "dst": CACHE_VERSIONS["dst"] - 1}, None):
+        other = {**earlier, "cache_versions": versions} if versions else dict(earlier, cache_versions={})
+        assert _reusable(config, other) == [{"experiment": "sasrec", "seed": 0}]
+    rqvae_only = {**earlier, "cache_versions": {**CACHE_VERSIONS, "rqvae": 0}}  # DST runs do not read it
+    assert _reusable(config, rqvae_only) == earlier["runs"]
     redefined = config.model_copy(
         update={
             "experiments": [

@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.evaluation import main as evaluate
 
         return evaluate(forwarded, prog="hisam evaluate")
-    from pipelines.steps import StepSkipped, data_quality_error, error_text, run_step, step_errors
+    from pipelines.steps import StepSkipped, error_text, run_step, step_errors
+    from spark_jobs.quality.report import DataQualityError  # plain Python, no Spark
 
     try:
         if args.command == "run":
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     except step_errors() as err:
         log.debug("traceback", exc_info=True)
         log.error("%s", error_text(err))
-        return DATA_QUALITY_EXIT if isinstance(err, data_quality_error()) else 2
+        return DATA_QUALITY_EXIT if isinstance(err, DataQualityError) else 2
     except StepSkipped as skipped:
         log.warning("skipped: %s", skipped)
         summary = {"skipped": True, "reason": str(skipped)}

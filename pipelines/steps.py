@@ -177,13 +177,6 @@ def step_errors() -> tuple[type[Exception], ...]:
     return (DataQualityError, ValueError, KeyError, FileNotFoundError)
 
 
-def data_quality_error() -> type[Exception]:
-    """The step error of data that failed a quality gate (the CLI's exit code 4)."""
-    from spark_jobs.quality.report import DataQualityError
-
-    return DataQualityError
-
-
 def error_text(err: BaseException) -> str:
     """A step error as the on-call reads it: a ``KeyError``'s own text is only the quoted key."""
     return f"{type(err).__name__}: {err}" if isinstance(err, KeyError) else str(err)

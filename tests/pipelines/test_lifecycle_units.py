@@ -305,10 +305,10 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     assert main(["run", "rollback", "--param", "force=true"]) == 2
     assert "step rollback has no param force (its params: none)" in caplog.text
     from pipelines import steps
-    from spark_jobs.quality.report import QualityReport
+    from spark_jobs.quality.report import DataQualityError, QualityReport
 
     def failing_gate(*_args):  # what a step whose data fails its gate raises
-        raise steps.data_quality_error()(QualityReport("import:bronze.items", 3, 1, 2, {}, {}, []))
+        raise DataQualityError(QualityReport("import:bronze.items", 3, 1, 2, {}, {}, []))
 
     with monkeypatch.context() as patched:
         patched.setattr(steps, "run_step", failing_gate)

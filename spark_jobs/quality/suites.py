@@ -4,7 +4,7 @@ Each builder reads the batch's schema (which rules apply depends on the columns 
 returns a :class:`~spark_jobs.quality.rules.QualitySuite`. Reasons (stable strings, used in the
 quarantine and in alerts), in the order that decides a row's first reason:
 
-* interactions: ``null_<key>``, ``timestamp_before_floor``, ``timestamp_in_future``,
+* interactions: ``null_<key>``, ``timestamp_invalid``, ``timestamp_before_floor``, ``timestamp_in_future``,
   ``rating_out_of_range``, ``label_not_binary``, ``missing_rating_and_label``, ``unknown_item``,
   then ``duplicate`` on (dataset, user_id, item_id, event_ts);
 * embeddings: ``null_<key>``, ``embedding_null``, ``embedding_wrong_dim``,
@@ -101,7 +101,7 @@ def interactions_suite(
     """Interactions: non-null keys, sane timestamps, ratings in range, items that resolve, unique
     (dataset, user, item, timestamp) after dedup. ``items``: the catalogue the item ids must
     resolve in (skipped when None); ``logical_date`` overrides the config's (None: now) as the
-    future bound of rows without an import date (``interactions.import_date_col``)."""
+    future bound of rows without an import date (``interactions.import_date_col``, or a null one)."""
     cfg = config or QualityConfig()
     r = cfg.interactions
     _require(df, name, [r.user_col, r.item_col, r.timestamp_col])
@@ -111,6 +111,9 @@ def interactions_suite(
     t = F.col(DQ_EVENT_TIME)
     rules = _not_null_rules(df, keys)
     rules += [
+        RowRule(  # NaN, infinite or out of range: a timestamp that names no instant (a null key)
+            "timestamp_invalid", F.col(r.timestamp_col).isNotNull() & t.isNull()
+        ),
         RowRule(
             "timestamp_before_floor",
             t < F.lit(floor_s),
@@ -180,11 +183,10 @@ def interactions_suite(
 
     def prepare(batch: DataFrame) -> DataFrame:
         out = batch.withColumn(DQ_EVENT_TIME, unix_seconds(batch, r.timestamp_col))
+        bound = F.lit(end_s)
         if r.import_date_col and r.import_date_col in batch.columns:  # end of the row's import day, UTC
             days = F.datediff(F.col(r.import_date_col), F.lit("1970-01-01").cast("date"))
-            bound = days.cast("long") * 86400 + 86399
-        else:
-            bound = F.lit(end_s)
+            bound = F.coalesce(days.cast("long") * 86400 + 86399, bound)  # no import day: the run's
         out = out.withColumn(DQ_AFTER_IMPORT, F.col(DQ_EVENT_TIME) - bound)
         if items is not None:
             out = _with_item_lookup(out, items, r.item_col, r.dataset_col)

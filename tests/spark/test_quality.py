@@ -153,6 +153,40 @@ def test_an_event_is_in_the_future_only_after_the_day_it_was_imported(spark, tmp
     assert set(reasons_by_row(quarantine)) == {"on_time", "ahead"}
 
 
+def test_a_timestamp_that_names_no_instant_or_a_row_without_import_day_is_judged(spark, tmp_path) -> None:
+    """A NaN, infinite or out-of-range timestamp (seconds as a double) is no instant: quarantined as
+    ``timestamp_invalid``, by the rule and by GX alike (the sequence build would drop it as a null key).
+    A row whose import day is null is bounded by the run's date, not let through."""
+    seconds = T0.timestamp()
+    rows = [
+        ("ok", "ml", 1, 10, seconds, 4.0, None, DAY),
+        ("nan", "ml", 1, 11, float("nan"), 4.0, None, DAY),
+        ("inf", "ml", 1, 12, float("inf"), 4.0, None, DAY),
+        ("huge", "ml", 1, 13, 1e300, 4.0, None, DAY),
+        ("null", "ml", 1, 14, None, 4.0, None, DAY),
+        ("undated_ok", "ml", 2, 10, seconds, 4.0, None, None),
+        ("undated_ahead", "ml", 2, 11, dt.datetime(1998, 5, 1, tzinfo=dt.UTC).timestamp(), 4.0, None, None),
+    ]
+    df = spark.createDataFrame(rows, INTERACTIONS.replace("event_ts timestamp", "event_ts double"))
+    cfg = quiet(tmp_path, result_format="BASIC")
+    valid, quarantine, report = run_quality_gate(df, interactions_suite(df, cfg), cfg)
+    got = {r: v[0] for r, v in reasons_by_row(quarantine).items()}
+    assert got == {
+        "nan": "timestamp_invalid",
+        "inf": "timestamp_invalid",
+        "huge": "timestamp_invalid",
+        "null": "null_event_ts",
+        "undated_ahead": "timestamp_in_future",
+    }
+    check_reconciles(len(rows), [r["row"] for r in valid.collect()], got, report)
+    gx = {
+        e.rule: e.unexpected_count
+        for e in report.expectations
+        if e.rule in ("timestamp_invalid", "timestamp_in_future")
+    }
+    assert gx == {"timestamp_invalid": 3, "timestamp_in_future": 1}
+
+
 def test_embeddings_and_semantic_ids_quarantine(spark, tmp_path) -> None:
     cfg = quiet(tmp_path, embeddings={"expected_dims": {"text": 3}}, semantic_ids={"codebook_size": 8})
     nan, inf = float("nan"), float("inf")

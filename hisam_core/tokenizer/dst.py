@@ -225,6 +225,9 @@ class DST(nn.Module):
             )
         losses["alignment"] = self.alignment_loss(out.aligned, present)
         losses["quantization"] = out.shared.loss + sum(out.specific[m].loss for m in self.modalities)
+        losses["commitment_shared"] = out.shared.commitment  # reported, not optimised twice: each
+        for m in self.modalities:  # is in "quantization" already, (1 + beta) times
+            losses[f"commitment_{m}"] = out.specific[m].commitment
         shared = out.shared.quantized.detach()
         for m in self.modalities:
             rows = present[m]

@@ -25,6 +25,7 @@ class Recovered:
     quantized: torch.Tensor  # q_m [B, d], codeword value with the estimator's gradient
     codes: torch.Tensor  # int64 [B]
     loss: torch.Tensor  # Eq. 16 for this modality
+    commitment: torch.Tensor  # ||z_m - e||^2, detached (Quantized.commitment)
     attention: torch.Tensor  # alpha_m [B, N_h]
 
 
@@ -67,5 +68,5 @@ class PSGR(nn.Module):
             attention = scores.softmax(-1)
             recovered = torch.einsum("bk,bkd->bd", attention, subspaces)
             q = self.codebooks[name](recovered, None if present is None else present[name])
-            out[name] = Recovered(recovered, q.quantized, q.codes, q.loss, attention)
+            out[name] = Recovered(recovered, q.quantized, q.codes, q.loss, q.commitment, attention)
         return out

@@ -24,6 +24,7 @@ class Quantized:
     codewords: torch.Tensor  # [B, d], differentiable w.r.t. the codebook only
     codes: torch.Tensor  # int64 [B]
     loss: torch.Tensor  # scalar, ||sg[r] - e||^2 + beta ||r - sg[e]||^2 averaged over the (masked) rows
+    commitment: torch.Tensor  # scalar, ||r - e||^2 so averaged, detached: the value of each term before beta
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ResidualQuantized:
     codes: torch.Tensor  # int64 [B, L]
     residuals: list[torch.Tensor]  # L + 1 tensors [B, d]: r_0 = x, ..., r_L (what no layer captured)
     loss: torch.Tensor  # scalar, Eq. 15 summed over layers
+    commitment: torch.Tensor  # scalar, the layers' ||r_l - e_l||^2 summed, detached
 
 
 def rotate_to(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -152,13 +154,16 @@ class VectorQuantizer(nn.Module):
         codewords = lookup(self.codebook, codes)
         error = ((x.detach() - codewords) ** 2).sum(-1) + self.beta * ((x - codewords.detach()) ** 2).sum(-1)
         loss = error.mean() if mask is None else masked_mean(error, mask)
+        distance = ((x - codewords) ** 2).sum(-1).detach()
+        commitment = distance.mean() if mask is None else masked_mean(distance, mask)
         if self.training:
             with torch.no_grad():
                 self.steps_since_used += 1
                 self.steps_since_used[codes if mask is None else codes[mask]] = 0
             if len(real) > 1 or (len(real) and self.recent_inputs is None):  # from one row, every
                 self.recent_inputs = real.detach()  # restart would be the same vector (its std is 0)
-        return Quantized(straight_through(x, codewords, self.rotation_trick), codewords, codes, loss)
+        quantized = straight_through(x, codewords, self.rotation_trick)
+        return Quantized(quantized, codewords, codes, loss, commitment)
 
     @torch.no_grad()
     def restart_dead_codes(self, threshold: int) -> int:
@@ -190,17 +195,24 @@ class ResidualQuantizer(nn.Module):
         """Quantise every row; each layer learns only from the rows in ``mask`` (default: all)."""
         residual = x
         residuals = [x]
-        codes, losses = [], []
+        codes, losses, commitments = [], [], []
         total = torch.zeros_like(x)
         for layer in self.layers:
             out = layer(residual, mask)
             codes.append(out.codes)
             losses.append(out.loss)
+            commitments.append(out.commitment)
             total = total + out.codewords.detach()
             residual = residual - out.codewords.detach()
             residuals.append(residual)
         quantized = straight_through(x, total, self.rotation_trick)
-        return ResidualQuantized(quantized, torch.stack(codes, 1), residuals, torch.stack(losses).sum())
+        return ResidualQuantized(
+            quantized,
+            torch.stack(codes, 1),
+            residuals,
+            torch.stack(losses).sum(),
+            torch.stack(commitments).sum(),
+        )
 
     def restart_dead_codes(self, threshold: int) -> int:
         return sum(layer.restart_dead_codes(threshold) for layer in self.layers)

@@ -292,15 +292,24 @@ def log_training_curves(
 
 
 def _delta_version(path: str, version: int | None, storage_options: Mapping[str, str] | None = None) -> int:
-    """The table version to record: ``version`` checked to exist, or the latest one."""
+    """The table version to record: ``version`` checked to exist, or the latest one.
+
+    No table there is a ``FileNotFoundError`` and a version past the latest a ``ValueError`` (a step
+    fails at once on either); any other error (a storage hiccup) is raised as it came, to be retried.
+    """
     from deltalake import DeltaTable
 
     options = dict(storage_options or {}) or None
     try:
         table = DeltaTable(path, version=version, storage_options=options)
-    except Exception as err:  # deltalake raises TableNotFoundError / DeltaError / OSError
-        what = "the latest version" if version is None else f"version {version}"
-        raise ValueError(f"cannot open {what} of Delta table {path!r}: {err}") from err
+    except Exception as err:
+        if not DeltaTable.is_deltatable(str(path), storage_options=options):
+            raise FileNotFoundError(f"no Delta table at {path!r}") from err
+        if version is not None and version > (latest := DeltaTable(path, storage_options=options).version()):
+            raise ValueError(
+                f"Delta table {path!r} has no version {version}; its latest is {latest}"
+            ) from err
+        raise
     return int(table.version())
 
 

@@ -118,8 +118,10 @@ def test_delta_input_records_path_and_version(run, tmp_path: Path) -> None:
     write_deltalake(table, pd.DataFrame({"user_id": [3]}), mode="append")  # version 1
     log_delta_input(table, 0, context="training", name="sequences")
     log_delta_input(table, None, context="evaluation", name="sequences_latest")  # pins version 1
-    with pytest.raises(ValueError, match="version 7"):
+    with pytest.raises(ValueError, match="no version 7; its latest is 1"):
         log_delta_input(table, 7, context="training")
+    with pytest.raises(FileNotFoundError, match="no Delta table"):
+        log_delta_input(tmp_path / "missing", None, context="training")
 
     inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     recorded = {}
@@ -135,6 +137,25 @@ def test_delta_input_records_path_and_version(run, tmp_path: Path) -> None:
     assert recorded["sequences_latest"][1]["delta_table_version"] == 1
     # MLflow's source drops a falsy version 0, which is why the tags are the field to read
     assert recorded["sequences"][1].get("delta_table_version") in (None, 0)
+
+
+def test_a_storage_error_while_recording_an_input_is_raised_as_it_came(run, tmp_path, monkeypatch) -> None:
+    """A step fails at once on a ``ValueError`` (bad input), so a passing network error must not
+    become one: it reaches Airflow as itself and the task is retried."""
+    import deltalake
+    from deltalake import write_deltalake
+
+    write_deltalake(tmp_path / "samples", pd.DataFrame({"user_id": [1]}))
+
+    class Unreachable(deltalake.DeltaTable):
+        def __init__(self, *args, **kwargs) -> None:
+            raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(deltalake, "DeltaTable", Unreachable)
+    for version in (None, 0):
+        with pytest.raises(OSError, match="connection reset"):
+            log_delta_input(tmp_path / "samples", version, context="training")
+    assert not MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
 
 
 def test_a_file_uri_lake_is_recorded_as_the_uri(run, tmp_path: Path) -> None:

@@ -337,7 +337,7 @@ def _train_stage(
 
     from hisam_core.ranker.train import CHECKPOINT_NAME, train
     from pipelines.tokenizer import semantic_ids_of
-    from pipelines.tracking import log_config, log_training_curves, mlflow_callback
+    from pipelines.tracking import CONFIG_DIR, log_config, log_training_curves, mlflow_callback
 
     step = "pretrain" if stage == "pt" else "finetune"
     lineage = {
@@ -376,11 +376,17 @@ def _train_stage(
             mlflow.set_tags({**ctx.run_tags(step), **lineage})
             if fresh:
                 mlflow.set_tag(FORCED, "true")
+        # a continued run logs what its first attempt died before logging (it is found by its tags)
+        logged = (
+            {a.path for a in ctx.mlflow.list_artifacts(run.info.run_id, CONFIG_DIR)} if previous else set()
+        )
+        if f"{CONFIG_DIR}/{step}.yaml" not in logged:
             log_config(config, name=step)
+        if "samples" not in pinned:
             ctx.log_input(SAMPLES, snapshot, "training", "samples")
-            if profile_snapshot is not None:
-                ctx.log_input(PROFILES, profile_snapshot, "training", "user_profiles")
-            mlflow.log_artifact(str(out / PROFILE_VOCABULARY))
+        if profile_snapshot is not None and "user_profiles" not in pinned:
+            ctx.log_input(PROFILES, profile_snapshot, "training", "user_profiles")
+        mlflow.log_artifact(str(out / PROFILE_VOCABULARY))
         if until is not None:
             mlflow.set_tag(TRAINED_UNTIL, str(until))
         callback = mlflow_callback(f"{stage}/")

@@ -980,7 +980,7 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     ``force=true`` trains it again from step 0 in a new MLflow run (not from the finished
     checkpoint), which a forced rerun continues had it stopped (a run not forced it does not), and
     which evaluation and registration then take as the day's candidate."""
-    from pipelines.ranker import FORCED, SFT_CHECKPOINT_SHA256
+    from pipelines.ranker import FORCED, PROFILE_VOCABULARY, SFT_CHECKPOINT_SHA256, _input_versions
     from pipelines.steps import StepSkipped, run_step
 
     dec1 = dt.date(2026, 12, 1)
@@ -1004,7 +1004,23 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
         client.delete_tag(forced["mlflow_run_id"], tag)
     again = run_step("finetune", dec1, world["config"], {"force": "true"})
     assert again["mlflow_run_id"] != forced["mlflow_run_id"]  # force means from step 0, not a resume
-    forced = again
+    # a first attempt that died once its run was tagged, before it logged its lineage: the retry
+    # continues that run and logs the config, the inputs and the vocabulary it lacks
+    finished = client.get_run(again["mlflow_run_id"])
+    tags = {
+        k: v
+        for k, v in finished.data.tags.items()
+        if k != SFT_CHECKPOINT_SHA256 and not k.startswith("mlflow.")
+    }
+    crashed = client.create_run(finished.info.experiment_id, tags=tags).info.run_id
+    client.set_terminated(crashed, "FAILED")
+    forced = run_step("finetune", dec1, world["config"], {"force": "true"})
+    assert forced["mlflow_run_id"] == crashed
+    continued = client.get_run(crashed)
+    assert _input_versions(continued) == _input_versions(finished) and _input_versions(continued)
+    assert continued.data.params == finished.data.params and continued.data.params
+    artifacts = {a.path for a in client.list_artifacts(crashed)}
+    assert {"config", PROFILE_VOCABULARY} <= artifacts, artifacts
     run_step("evaluate", dec1, world["config"])
     registered = run_step("register", dec1, world["config"])
     version = client.get_model_version("hisam-ranker", registered["model_version"])

@@ -164,9 +164,11 @@ def promote(ctx: StepContext) -> dict[str, Any]:
         apply_decision(ctx.mlflow, name, version, GateDecision(True, []), against=evaluated_against)
         return {"model_version": version, "gate": "promoted", CHAMPION_MOVED: True, "skipped": True}
     if current != evaluated_against:
+        now = "unset" if current is None else f"v{current}"
+        then = "no champion" if evaluated_against is None else f"v{evaluated_against}"
         raise ValueError(
-            f"{name}@champion is v{current} but candidate v{version} was evaluated against "
-            f"v{evaluated_against}: rerun evaluate before promoting"
+            f"{name}@champion is {now} but candidate v{version} was evaluated against {then}: "
+            "rerun evaluate before promoting"
         )
     mine = metrics_of(candidate.tags, EVAL_PREFIX, GATE_METRICS)
     theirs = metrics_of(candidate.tags, CHAMPION_PREFIX, GATE_METRICS) if champion else None

@@ -255,7 +255,7 @@ def test_parsing_imports_nothing_heavy() -> None:
     code = (
         "import runpy, sys; sys.path.insert(0, sys.argv[1]);"
         "[runpy.run_path(f'{sys.argv[1]}/{n}.py') for n in "
-        "('hisam_features', 'hisam_tokenizer', 'hisam_pretrain', 'hisam_finetune')];"
+        "('hisam_features', 'hisam_tokenizer', 'hisam_pretrain', 'hisam_finetune', 'hisam_maintenance')];"
         "heavy = [m for m in ('torch', 'pyspark', 'mlflow', 'pipelines', 'hisam_core') if m in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

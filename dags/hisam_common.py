@@ -77,10 +77,20 @@ GPU_QUEUE = os.environ.get("HISAM_GPU_QUEUE", "gpu")
 GPU_POD_TEMPLATE = os.environ.get("HISAM_GPU_POD_TEMPLATE", "/opt/hisam/infra/k8s/gpu-pod-template.yaml")
 
 
+#: Extra of an asset event that hands its run's day on (:func:`step_task`'s ``carry_day``).
+CARRIED_DAY = "logical_date"
+
+
 def logical_day(context: dict[str, Any]) -> dt.date:
-    """The run's logical date; asset-triggered runs (no logical date) use when they were due."""
-    when = context.get("logical_date") or context["dag_run"].run_after
-    return when.date()
+    """The run's logical date. An asset-triggered run has none: it takes the newest day its triggering
+    events carry (``hisam_pretrain`` pre-trains for the day of the tokenizer run that activated
+    ``@current``, whose samples that run built, even when it activated after midnight), else the day
+    it was due."""
+    if (when := context.get("logical_date")) is not None:
+        return when.date()
+    events = (context.get("triggering_asset_events") or {}).values()
+    carried = [e.extra[CARRIED_DAY] for group in events for e in group if CARRIED_DAY in (e.extra or {})]
+    return dt.date.fromisoformat(max(carried)) if carried else context["dag_run"].run_after.date()
 
 
 def alert_on_failure(context: dict[str, Any]) -> None:
@@ -158,13 +168,18 @@ def step_task(
     trigger_rule: str = "all_success",
     upstream_params: dict[str, tuple[str, str]] | None = None,
     emit_if: str | None = None,
+    carry_day: bool = False,
 ) -> Callable[[], Any]:
     """A TaskFlow task running one pipeline step; ``gpu`` tasks take a ``gpu`` pool slot. Each has an
     ``execution_timeout`` (:data:`TASK_TIMEOUT`, :data:`GPU_TASK_TIMEOUT`).
     ``upstream_params``: ``{param: (task_id, key)}``, params taken from an upstream task's result.
     ``emit_if``: a key of the step's result; ``outlets`` then get an asset event only when it is true
     (through an :class:`AssetAlias` per outlet), not on every success: a rejected candidate leaves
-    ``@champion`` where it was, and DAGs scheduled on it should not run."""
+    ``@champion`` where it was, and DAGs scheduled on it should not run.
+    ``carry_day``: the ``outlets``' events carry the run's day (extra :data:`CARRIED_DAY`), which the
+    runs they trigger take as theirs (:func:`logical_day`)."""
+    if carry_day and emit_if:
+        raise ValueError(f"{step}: carry_day sets its outlets' own events, emit_if emits through aliases")
     aliases = {AssetAlias(name=f"{a.name} (when {emit_if})"): a for a in outlets or []} if emit_if else {}
     placement: dict[str, Any] = (
         {
@@ -190,6 +205,9 @@ def step_task(
             for k, (t, key) in (upstream_params or {}).items()
         }
         result = execute(step, context, {**(params or {}), **handed})
+        if carry_day:
+            for asset in outlets or []:
+                context["outlet_events"][asset].extra[CARRIED_DAY] = logical_day(context).isoformat()
         if emit_if and result.get(emit_if):
             for alias, asset in aliases.items():
                 context["outlet_events"][alias].add(asset)

@@ -59,7 +59,15 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
     interactions, _ = valid_interactions(ctx)  # the rows build-sequences reads: the same cut
     _, _, cut = prepare_interactions(interactions, seq_cfg)
     settings = json.dumps(cfg.embeddings.behavior.model_dump(mode="json"), sort_keys=True)
-    input_hash = hashlib.sha256(f"{cut.to_dict()}|{settings}".encode()).hexdigest()
+    cutoff = cut.whole_seconds()
+    seconds = F.unix_timestamp("event_ts")
+    trained_on = (  # which events the encoder learns from, not only how many: a corrected time or id
+        interactions.filter(seconds < F.lit(cutoff))  # that keeps the cut and the count retrains it
+        .agg(F.count(F.lit(1)).alias("n"), F.bit_xor(F.xxhash64("user_id", "item_id", seconds)).alias("x"))
+        .first()
+    )
+    digest = f"{trained_on['n']}:{trained_on['x']}"
+    input_hash = hashlib.sha256(f"{cut.to_dict()}|{digest}|{settings}".encode()).hexdigest()
     version = cfg.embeddings.behavior_version
     items = lake.read(GOLD_ITEM_DOCUMENTS, partitions=part).select("item_id")
     done = (
@@ -72,7 +80,6 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
         .select("item_id")
     )
     missing = items.join(done, "item_id", "left_anti").count()
-    cutoff = cut.whole_seconds()
     if behaviour_cut_of(ctx, {input_hash}) is None:  # recorded before the rows, and for rows without
         record = [(ctx.dataset, input_hash, BEHAVIOR_ENCODER, version, cutoff, ctx.logical_date)]
         df = lake.spark.createDataFrame(record, schema=GOLD_BEHAVIOUR_CUTS.schema)

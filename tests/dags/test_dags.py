@@ -232,9 +232,10 @@ def test_a_step_that_alerted_before_failing_gets_no_second_alert(dags, tmp_path,
     assert "webhook down" in lost["text"] and "lake unreachable" in other["text"]
 
 
-def test_an_asset_triggered_run_takes_the_day_it_was_due(dags) -> None:
+def test_an_asset_triggered_run_takes_the_day_its_events_carry_else_the_day_it_was_due(dags) -> None:
     """Runs triggered by an asset (hisam_pretrain after @current moves) have no logical date: their
-    steps run for the day of ``run_after`` (Airflow gives both in UTC)."""
+    steps run for the newest day their events carry (the activating tokenizer run's, a day before when
+    it activated after midnight), else for the day of ``run_after`` (Airflow gives both in UTC)."""
     from types import SimpleNamespace
 
     from hisam_common import logical_day
@@ -248,6 +249,18 @@ def test_an_asset_triggered_run_takes_the_day_it_was_due(dags) -> None:
         logical_day({"logical_date": scheduled, "dag_run": SimpleNamespace(run_after=due)})
         == scheduled.date()
     )
+    event = lambda **extra: SimpleNamespace(extra=extra)  # noqa: E731
+    triggered = {
+        "logical_date": None,
+        "dag_run": SimpleNamespace(run_after=due),
+        "triggering_asset_events": {
+            "hisam-tokenizer@current": [event(logical_date="2026-11-01"), event(logical_date="2026-11-29")],
+            "other": [event(), SimpleNamespace(extra=None)],
+        },
+    }
+    assert logical_day(triggered) == dt.date(2026, 11, 29)
+    triggered["triggering_asset_events"] = {"other": [event()]}
+    assert logical_day(triggered) == dt.date(2026, 11, 30)
 
 
 def test_parsing_imports_nothing_heavy() -> None:

@@ -82,6 +82,22 @@ def _champion_events() -> list[str]:
         return list(session.scalars(query))
 
 
+def _asset_extras(name: str) -> list[dict]:
+    """The extra of every event of asset ``name``, oldest first."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    query = (
+        select(AssetEvent.extra)
+        .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+        .where(AssetModel.name == name)
+        .order_by(AssetEvent.id)
+    )
+    with create_session() as session:
+        return list(session.scalars(query))
+
+
 def _alerts(world) -> list[dict]:
     path = world["home"] / "alerts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -727,6 +743,8 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
     # holding the day only when it read silver after that import
     assert world["run"]("hisam_features", dec1).state == "success"
     assert world["run"]("hisam_tokenizer", dec1).state == "success"
+    # the activation hands its day on: an asset-triggered hisam_pretrain waits for that day's samples
+    assert _asset_extras("hisam-tokenizer@current")[-1] == {"logical_date": dec1.isoformat()}
     alerts = len(_alerts(world))
     waiting = world["run"]("hisam_finetune", dec1)
     assert waiting.state == "success" and waiting.tasks["validate_samples"] == "success", waiting.tasks

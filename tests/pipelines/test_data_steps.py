@@ -159,6 +159,17 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     test = samples.loc[samples["split"] == "test", "event_ts"]
     assert len(events) > 0 and len(test) > 0
     assert events["timestamp"].max() < test.min().timestamp()  # no test event reached the encoder
+    # a corrected time of one training event keeps the cut and the count, not what the encoder saw
+    first = events.sort_values("timestamp").iloc[0]
+    DeltaTable(ctx.table_path("silver.interactions")).update(
+        predicate=f"user_id = {first['user_id']} AND item_id = {first['item_id']}",
+        updates={"event_ts": "event_ts + INTERVAL '1' SECOND"},
+    )
+    corrected = run_step("embed", DAY, ctx.config)
+    assert corrected["behavior"]["cut"] == embed["behavior"]["cut"] and len(trained_on) == 2
+    assert corrected["behavior"]["embedded"] == 20  # retrained on the events as they are now
+    moved = trained_on[1].set_index(["user_id", "item_id"])["timestamp"]
+    assert moved[first["user_id"], first["item_id"]] == first["timestamp"] + 1
 
 
 @pytest.mark.parametrize("fault", ["drops", "repeats"])

@@ -5,6 +5,8 @@ none; `make gpu-check` runs them on a GPU machine)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -40,9 +42,11 @@ def twin_models(**overrides) -> tuple[HMAT, HMAT]:
 
 
 def ragged_histories() -> list[UserHistory]:
-    """Users of 1 .. 36 interactions (up to the budget), so the batch is padded across blocks."""
+    """Users of 1 .. 36 interactions (up to the budget), so the batch is padded across blocks; every
+    other user's items come in instants of three, which the compiled mask must hide from each other."""
     histories = synthetic_histories(ITEMS, SEQUENCE, 12, min_items=36, max_items=36, seed=1)
-    return [h.tail(1 + (index * 7) % 36) for index, h in enumerate(histories)]
+    tails = [h.tail(1 + (index * 7) % 36) for index, h in enumerate(histories)]
+    return [replace(h, instants=np.arange(len(h)) // 3) if i % 2 else h for i, h in enumerate(tails)]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -111,7 +115,9 @@ def test_one_pass_ranking_and_anchor_cache_on_cuda_equal_their_references(backen
         HMATRanker(HMAT(model_config(attention_backend=backend), model.vocab_size).eval().to(CUDA), SEQUENCE),
     )
     cuda_ranker.model.load_state_dict(model.state_dict())
-    history = synthetic_histories(ITEMS, SEQUENCE, 1, min_items=30, max_items=30, seed=2)[0]
+    # 40 items, more than the 36 the budget keeps beside a candidate, in instants of two
+    history = synthetic_histories(ITEMS, SEQUENCE, 1, min_items=40, max_items=40, seed=2)[0]
+    history = replace(history, instants=np.arange(40) // 2)
     candidates = ITEMS.codes[np.random.default_rng(3).choice(500, size=64, replace=False)]
     scores = cuda_ranker.rank(history, candidates)
     assert scores.is_cuda
@@ -119,16 +125,17 @@ def test_one_pass_ranking_and_anchor_cache_on_cuda_equal_their_references(backen
     torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(scores.cpu(), cpu_ranker.rank(history, candidates), atol=1e-5, rtol=0)
     assert reference.std() > 1e-4, "a constant score would make these checks vacuous"
-    # appending to the anchor cache on the GPU equals re-encoding the longer history
-    new_item, action = ITEMS.codes[7], 1
-    grown = cuda_ranker.append(cuda_ranker.encode(history), new_item, action)
-    longer = history.append(new_item, action)
-    torch.testing.assert_close(
-        cuda_ranker.rank(grown, candidates),
-        rank_reference(cuda_ranker.model, SEQUENCE, longer, candidates),
-        atol=1e-5,
-        rtol=0,
-    )
+    # appending to the anchor cache on the GPU (past the budget: the cache is rebuilt) equals
+    # re-encoding the longer history, for an item of the last instant and for a later one
+    for new_item, action, instant in ((ITEMS.codes[7], 1, 19), (ITEMS.codes[8], 0, None)):
+        grown = cuda_ranker.append(cuda_ranker.encode(history), new_item, action, instant)
+        longer = history.append(new_item, action, instant)
+        torch.testing.assert_close(
+            cuda_ranker.rank(grown, candidates),
+            rank_reference(cuda_ranker.model, SEQUENCE, longer, candidates),
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 @pytest.mark.parametrize("backend", ["auto", "flex"])

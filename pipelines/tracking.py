@@ -294,22 +294,24 @@ def log_training_curves(
 def _delta_version(path: str, version: int | None, storage_options: Mapping[str, str] | None = None) -> int:
     """The table version to record: ``version`` checked to exist, or the latest one.
 
-    No table there is a ``FileNotFoundError`` and a version past the latest a ``ValueError`` (a step
-    fails at once on either); any other error (a storage hiccup) is raised as it came, to be retried.
+    A storage error (``OSError``: the store unreachable) is raised as it came, to be retried; no table
+    there is a ``FileNotFoundError``, and a version it cannot open (past the latest, negative, or its
+    log cleaned up) a ``ValueError``: a step fails at once on either.
     """
     from deltalake import DeltaTable
 
     options = dict(storage_options or {}) or None
     try:
         table = DeltaTable(path, version=version, storage_options=options)
-    except Exception as err:
+    except OSError:
+        raise
+    except Exception as err:  # delta-rs' DeltaError (TableNotFoundError, ...), or OverflowError for -1
         if not DeltaTable.is_deltatable(str(path), storage_options=options):
             raise FileNotFoundError(f"no Delta table at {path!r}") from err
-        if version is not None and version > (latest := DeltaTable(path, storage_options=options).version()):
-            raise ValueError(
-                f"Delta table {path!r} has no version {version}; its latest is {latest}"
-            ) from err
-        raise
+        latest = DeltaTable(path, storage_options=options).version()
+        raise ValueError(
+            f"cannot open version {version} of Delta table {path!r} (latest {latest}): {err}"
+        ) from err
     return int(table.version())
 
 
@@ -323,7 +325,7 @@ def log_delta_input(
 ) -> MetaDataset:
     """Record a Delta table read by the run as an MLflow dataset input (``DeltaDatasetSource`` with
     path and version, context tag ``mlflow.data.context``, plus ``delta.path``/``delta.version``
-    tags). ``version=None`` pins the table's current version; a missing version is a ValueError.
+    tags). ``version=None`` pins the table's current version (errors: :func:`_delta_version`).
     ``storage_options``: the lake's object-store options (``lake.storage_options``)."""
     location = str(path)
     scheme = urlparse(location).scheme

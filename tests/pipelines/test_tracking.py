@@ -118,8 +118,9 @@ def test_delta_input_records_path_and_version(run, tmp_path: Path) -> None:
     write_deltalake(table, pd.DataFrame({"user_id": [3]}), mode="append")  # version 1
     log_delta_input(table, 0, context="training", name="sequences")
     log_delta_input(table, None, context="evaluation", name="sequences_latest")  # pins version 1
-    with pytest.raises(ValueError, match="no version 7; its latest is 1"):
-        log_delta_input(table, 7, context="training")
+    for missing in (7, -1):
+        with pytest.raises(ValueError, match=f"cannot open version {missing} .*latest 1"):
+            log_delta_input(table, missing, context="training")
     with pytest.raises(FileNotFoundError, match="no Delta table"):
         log_delta_input(tmp_path / "missing", None, context="training")
 

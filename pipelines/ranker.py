@@ -376,16 +376,17 @@ def _train_stage(
             mlflow.set_tags({**ctx.run_tags(step), **lineage})
             if fresh:
                 mlflow.set_tag(FORCED, "true")
-        # a continued run logs what its first attempt died before logging (it is found by its tags)
+        # a continued run logs what its first attempt died before logging (it is found by its tags);
+        # inputs first: a retry reads the profiles pinned, so it fits the same vocabulary and config
+        if "samples" not in pinned:
+            ctx.log_input(SAMPLES, snapshot, "training", "samples")
+        if profile_snapshot is not None and "user_profiles" not in pinned:
+            ctx.log_input(PROFILES, profile_snapshot, "training", "user_profiles")
         logged = (
             {a.path for a in ctx.mlflow.list_artifacts(run.info.run_id, CONFIG_DIR)} if previous else set()
         )
         if f"{CONFIG_DIR}/{step}.yaml" not in logged:
             log_config(config, name=step)
-        if "samples" not in pinned:
-            ctx.log_input(SAMPLES, snapshot, "training", "samples")
-        if profile_snapshot is not None and "user_profiles" not in pinned:
-            ctx.log_input(PROFILES, profile_snapshot, "training", "user_profiles")
         mlflow.log_artifact(str(out / PROFILE_VOCABULARY))
         if until is not None:
             mlflow.set_tag(TRAINED_UNTIL, str(until))

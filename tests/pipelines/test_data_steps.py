@@ -159,17 +159,6 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
     test = samples.loc[samples["split"] == "test", "event_ts"]
     assert len(events) > 0 and len(test) > 0
     assert events["timestamp"].max() < test.min().timestamp()  # no test event reached the encoder
-    # a corrected time of one training event keeps the cut and the count, not what the encoder saw
-    first = events.sort_values("timestamp").iloc[0]
-    DeltaTable(ctx.table_path("silver.interactions")).update(
-        predicate=f"user_id = {first['user_id']} AND item_id = {first['item_id']}",
-        updates={"event_ts": "event_ts + INTERVAL '1' SECOND"},
-    )
-    corrected = run_step("embed", DAY, ctx.config)
-    assert corrected["behavior"]["cut"] == embed["behavior"]["cut"] and len(trained_on) == 2
-    assert corrected["behavior"]["embedded"] == 20  # retrained on the events as they are now
-    moved = trained_on[1].set_index(["user_id", "item_id"])["timestamp"]
-    assert moved[first["user_id"], first["item_id"]] == first["timestamp"] + 1
 
 
 @pytest.mark.parametrize("fault", ["drops", "repeats"])
@@ -619,6 +608,51 @@ def test_the_embeddings_gate_judges_only_the_configured_encoders_rows(ctx_of) ->
     quality.embeddings.expected_dims = {"text": dim}
     after = run_step("embed", DAY, ctx.config.model_copy(update={"quality": quality}))["gate"]
     assert after == before and before["n_quarantined"] == 0
+
+
+def test_a_corrected_training_event_that_keeps_the_cut_retrains_the_behaviour_encoder(
+    ctx_of, monkeypatch
+) -> None:
+    """The behaviour rows' hash covers which events lie before the cut, not only the cut and their
+    count: a source's correction (the first event a second later) retrains the encoder on the events
+    as they are now, under the same cut; a rerun after it trains nothing."""
+    from deltalake import DeltaTable
+
+    from hisam_core.encoders.behavior import BehaviorEncoder
+    from pipelines.steps import run_step
+
+    ctx, part = ctx_of(), {"dataset": "dq"}
+    run_step("embed", DAY, ctx.config)
+    rows, _ = ctx.read_table("gold.item_embeddings", {**part, "modality": "behavior"}, ["input_hash"])
+    cuts = ctx.read_table("gold.behaviour_cuts", part, ["input_hash", "cut_seconds"])[0]
+    (before,) = set(rows["input_hash"])
+    silver, _ = ctx.read_table("silver.interactions", part, ["user_id", "item_id", "event_ts"])
+    once = silver.groupby(["user_id", "item_id"])["event_ts"].transform("size") == 1
+    first = silver[once].sort_values("event_ts").iloc[0]  # long before the 90 % cut
+    trained_on = []
+    fit = BehaviorEncoder.fit
+
+    def spy(self, interactions, cutoff, *args, **kwargs):
+        trained_on.append(interactions[interactions["timestamp"] < cutoff])
+        return fit(self, interactions, cutoff, *args, **kwargs)
+
+    monkeypatch.setattr(BehaviorEncoder, "fit", spy)
+    DeltaTable(ctx.table_path("silver.interactions")).update(
+        predicate=f"user_id = {first['user_id']} AND item_id = {first['item_id']}",
+        updates={"event_ts": "event_ts + INTERVAL '1' SECOND"},
+    )
+    corrected = run_step("embed", DAY, ctx.config)["behavior"]
+    (events,) = trained_on
+    moved = events[(events["user_id"] == first["user_id"]) & (events["item_id"] == first["item_id"])]
+    assert moved["timestamp"].tolist() == [int(first["event_ts"].timestamp()) + 1]
+    assert corrected["embedded"] == 20
+    rows, _ = ctx.read_table("gold.item_embeddings", {**part, "modality": "behavior"}, ["input_hash"])
+    (after,) = set(rows["input_hash"])
+    table, _ = ctx.read_table("gold.behaviour_cuts", part, ["input_hash", "cut_seconds"])
+    cut_of = dict(zip(table["input_hash"], table["cut_seconds"], strict=True))
+    assert after != before and cut_of[after] == cut_of[before] == corrected["cut"]["cut_seconds"]
+    assert len(cut_of) == len(cuts) + 1
+    assert run_step("embed", DAY, ctx.config)["behavior"]["embedded"] == 0 and len(trained_on) == 1
 
 
 def test_a_re_embed_under_new_settings_is_waited_for_and_never_read_half_done(ctx_of, monkeypatch) -> None:

@@ -206,8 +206,9 @@ def step_task(
         }
         result = execute(step, context, {**(params or {}), **handed})
         if carry_day:
+            day = logical_day(context).isoformat()
             for asset in outlets or []:
-                context["outlet_events"][asset].extra[CARRIED_DAY] = logical_day(context).isoformat()
+                context["outlet_events"][asset].extra[CARRIED_DAY] = day
         if emit_if and result.get(emit_if):
             for alias, asset in aliases.items():
                 context["outlet_events"][alias].add(asset)

@@ -66,36 +66,25 @@ def _ctx(world, day=DAY1):
     return StepContext(load_config(world["config"]), day)
 
 
-def _champion_events() -> list[str]:
-    """The source task of every ``hisam-ranker@champion`` asset event, oldest first."""
+def _asset_events(name: str, column: str) -> list:
+    """``column`` (e.g. ``source_task_id``, ``extra``) of every event of asset ``name``, oldest first."""
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
     query = (
-        select(AssetEvent.source_task_id)
-        .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
-        .where(AssetModel.name == "hisam-ranker@champion")
-        .order_by(AssetEvent.id)
-    )
-    with create_session() as session:
-        return list(session.scalars(query))
-
-
-def _asset_extras(name: str) -> list[dict]:
-    """The extra of every event of asset ``name``, oldest first."""
-    from airflow.models.asset import AssetEvent, AssetModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    query = (
-        select(AssetEvent.extra)
+        select(getattr(AssetEvent, column))
         .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
         .where(AssetModel.name == name)
         .order_by(AssetEvent.id)
     )
     with create_session() as session:
         return list(session.scalars(query))
+
+
+def _champion_events() -> list[str]:
+    """The source task of every ``hisam-ranker@champion`` asset event, oldest first."""
+    return _asset_events("hisam-ranker@champion", "source_task_id")
 
 
 def _alerts(world) -> list[dict]:
@@ -744,7 +733,7 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
     assert world["run"]("hisam_features", dec1).state == "success"
     assert world["run"]("hisam_tokenizer", dec1).state == "success"
     # the activation hands its day on: an asset-triggered hisam_pretrain waits for that day's samples
-    assert _asset_extras("hisam-tokenizer@current")[-1] == {"logical_date": dec1.isoformat()}
+    assert _asset_events("hisam-tokenizer@current", "extra")[-1] == {"logical_date": dec1.isoformat()}
     alerts = len(_alerts(world))
     waiting = world["run"]("hisam_finetune", dec1)
     assert waiting.state == "success" and waiting.tasks["validate_samples"] == "success", waiting.tasks

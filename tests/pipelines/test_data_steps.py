@@ -77,6 +77,21 @@ def ctx_of(spark, tmp_path_factory, write_config):
     mlflow.set_tracking_uri(previous_uri)
 
 
+def _behaviour_fits(monkeypatch) -> list:
+    """Records, per training of the behaviour encoder from here on, the events it learns from: those
+    before the cut it is given."""
+    from hisam_core.encoders.behavior import BehaviorEncoder
+
+    trained_on, fit = [], BehaviorEncoder.fit
+
+    def spy(self, interactions, cutoff, *args, **kwargs):
+        trained_on.append(interactions[interactions["timestamp"] < cutoff])
+        return fit(self, interactions, cutoff, *args, **kwargs)
+
+    monkeypatch.setattr(BehaviorEncoder, "fit", spy)
+    return trained_on
+
+
 def _quarantine(ctx, label: str) -> list[str]:
     frame, _ = ctx.read_table("bronze.quarantine", {"dataset": "dq", "target_table": label}, ["reason"])
     return sorted(frame["reason"])
@@ -106,18 +121,10 @@ def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
 ) -> None:
     from deltalake import DeltaTable
 
-    from hisam_core.encoders.behavior import BehaviorEncoder
     from pipelines.steps import run_step
     from spark_jobs.tables import GOLD_SEMANTIC_IDS
 
-    trained_on = []  # the events the behaviour encoder learns from: those before the cut it is given
-    fit = BehaviorEncoder.fit
-
-    def spy(self, interactions, cutoff, *args, **kwargs):
-        trained_on.append(interactions[interactions["timestamp"] < cutoff])
-        return fit(self, interactions, cutoff, *args, **kwargs)
-
-    monkeypatch.setattr(BehaviorEncoder, "fit", spy)
+    trained_on = _behaviour_fits(monkeypatch)
     ctx = ctx_of()
     assert run_step("embeddings-ready", DAY, ctx.config) == {"ready": False, "items": 0, "missing": {}}
     embed = run_step("embed", DAY, ctx.config)
@@ -618,7 +625,6 @@ def test_a_corrected_training_event_that_keeps_the_cut_retrains_the_behaviour_en
     as they are now, under the same cut; a rerun after it trains nothing."""
     from deltalake import DeltaTable
 
-    from hisam_core.encoders.behavior import BehaviorEncoder
     from pipelines.steps import run_step
 
     ctx, part = ctx_of(), {"dataset": "dq"}
@@ -629,14 +635,7 @@ def test_a_corrected_training_event_that_keeps_the_cut_retrains_the_behaviour_en
     silver, _ = ctx.read_table("silver.interactions", part, ["user_id", "item_id", "event_ts"])
     once = silver.groupby(["user_id", "item_id"])["event_ts"].transform("size") == 1
     first = silver[once].sort_values("event_ts").iloc[0]  # long before the 90 % cut
-    trained_on = []
-    fit = BehaviorEncoder.fit
-
-    def spy(self, interactions, cutoff, *args, **kwargs):
-        trained_on.append(interactions[interactions["timestamp"] < cutoff])
-        return fit(self, interactions, cutoff, *args, **kwargs)
-
-    monkeypatch.setattr(BehaviorEncoder, "fit", spy)
+    trained_on = _behaviour_fits(monkeypatch)
     DeltaTable(ctx.table_path("silver.interactions")).update(
         predicate=f"user_id = {first['user_id']} AND item_id = {first['item_id']}",
         updates={"event_ts": "event_ts + INTERVAL '1' SECOND"},

@@ -1,9 +1,11 @@
-"""Checkpoint and table files: written whole or not at all."""
+"""Checkpoint and table files, written whole or not at all, and the RNG states a resumable
+checkpoint holds."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -47,3 +49,32 @@ def save_atomically(payload: dict[str, Any], path: str | Path) -> Path:
     import torch
 
     return write_atomically(path, lambda handle: torch.save(payload, handle))
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (CPU and CUDA), Python and NumPy global RNG states, as tensors and plain values that
+    ``torch.load(weights_only=True)`` reads back."""
+    import numpy as np
+    import torch
+
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "gauss": (has_gauss, cached)},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (CUDA's where this machine has CUDA)."""
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["pos"], *numpy["gauss"]))

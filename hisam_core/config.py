@@ -51,3 +51,21 @@ def describe(err: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
     )
+
+
+def differences(old: Config, new: Config) -> set[str]:
+    """Dotted names of the settings in which two configs of one class differ; a mapping counts as a
+    setting of its own as well (its key order, which token ids can follow), and so do its entries."""
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out[f"{prefix}{key}"] = list(value)
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    before, after = flat(old.model_dump(mode="json")), flat(new.model_dump(mode="json"))
+    return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}

@@ -25,8 +25,8 @@ import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from hisam_core.checkpoint import save_atomically
-from hisam_core.config import DEVICE_PATTERN, Config
+from hisam_core.checkpoint import rng_state, save_atomically, set_rng_state
+from hisam_core.config import DEVICE_PATTERN, Config, differences
 from hisam_core.device import resolve_device
 from hisam_core.metrics import ranking_metrics
 from hisam_core.ranker.model import HMAT, HMATConfig
@@ -118,26 +118,6 @@ def batch_indices(step: int, batch_size: int, num_samples: int, seed: int) -> np
     return np.asarray(indices)
 
 
-def _rng_state() -> dict[str, Any]:
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "gauss": (has_gauss, cached)},
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    numpy = state["numpy"]
-    keys = numpy["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, numpy["pos"], *numpy["gauss"]))
-
-
 def _autocast_enabled(mode: str, device: torch.device) -> bool:
     supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if mode == "bf16" and not supported:
@@ -195,7 +175,7 @@ def train(
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start = int(state["step"])
         # the saved rate is the old schedule's: a new max_steps takes effect from this step on
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
@@ -263,7 +243,7 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "de
 def resume_conflicts(stored: dict[str, Any], config: RankerConfig) -> list[str]:
     """Dotted names of the settings in which a checkpoint's config differs from ``config``, other
     than :data:`RESUMABLE_CHANGES` (``init_from`` only matters before the first checkpoint)."""
-    changed = _differences(RankerConfig.from_dict(stored), config)
+    changed = differences(RankerConfig.from_dict(stored), config)
     return sorted(k for k in changed if not (k.startswith("train.") and k[6:] in RESUMABLE_CHANGES))
 
 
@@ -285,23 +265,8 @@ def init_conflicts(pretrained: RankerConfig, config: RankerConfig) -> list[str]:
     """Dotted names of the ``sequence`` and ``model`` settings in which a PT checkpoint's config
     differs from the fine-tune's, other than :data:`FINETUNE_CHANGES`: with any of them the weights
     would load (the shapes can agree) yet mean something else (token ids, rotary frequencies)."""
-    changed = _differences(pretrained, config)
+    changed = differences(pretrained, config)
     return sorted(k for k in changed if k.startswith(("sequence.", "model.")) and k not in FINETUNE_CHANGES)
-
-
-def _differences(old: RankerConfig, new: RankerConfig) -> set[str]:
-    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out[f"{prefix}{key}"] = list(value)  # order counts: profile token ids follow it
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    before, after = flat(old.model_dump(mode="json")), flat(new.model_dump(mode="json"))
-    return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
 
 def _save(
@@ -317,7 +282,7 @@ def _save(
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "step": step,
     }
     save_atomically(state, path)

@@ -4,10 +4,15 @@ Epochs ``[0, alignment_warmup_epochs)`` train CGA alone (Eq. 1) so the codebooks
 initialised on aligned features; then the full objective runs with, per batch, ``vclub_steps``
 likelihood steps on the variational nets followed by one step on everything else, and dead codes are
 re-seeded after each step.
+
+With a ``state_path``, the training state (weights, both optimisers, the shuffling and global RNG
+states, the quantisers' latest inputs, the epoch) is saved there after every epoch, and a training
+that finds one resumes after its epoch and ends as the uninterrupted run would, to the bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -19,11 +24,13 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from hisam_core.config import DEVICE_PATTERN, Config
+from hisam_core.checkpoint import rng_state, save_atomically, set_rng_state
+from hisam_core.config import DEVICE_PATTERN, Config, differences
 from hisam_core.device import resolve_device
 from hisam_core.features import MODALITIES, ItemFeatures
 from hisam_core.tokenizer.dst import DST, DSTConfig, validate_features
 from hisam_core.tokenizer.metrics import code_perplexity, code_utilisation
+from hisam_core.tokenizer.quantize import VectorQuantizer
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +96,41 @@ def code_metrics(codes: np.ndarray, codebook_size: int, names: tuple[str, ...]) 
     return metrics
 
 
+#: Settings a resumed training may change: they alter neither the saved state nor what comes next.
+RESUMABLE_CHANGES = frozenset({"device"})
+
+
+def features_digest(features: ItemFeatures) -> str:
+    """SHA-256 of the item ids and of each modality's rows and ``present`` mask, in name order."""
+    digest = hashlib.sha256(np.ascontiguousarray(features.item_ids).tobytes())
+    for name in sorted(features.names):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(features.modalities[name]).tobytes())
+        digest.update(np.ascontiguousarray(features.present[name]).tobytes())
+    return digest.hexdigest()
+
+
+def state_conflicts(
+    state_path: str | Path, features: ItemFeatures, config: TokenizerTrainConfig
+) -> list[str]:
+    """Why the training state at ``state_path`` cannot resume a training of ``config`` on ``features``:
+    the dotted settings it differs in (other than :data:`RESUMABLE_CHANGES`), and ``"features"`` when
+    it began on another catalogue. Empty when it can resume."""
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    return _conflicts(state, features_digest(features), config)
+
+
+def _conflicts(state: dict, digest: str, config: TokenizerTrainConfig) -> list[str]:
+    changed = differences(TokenizerTrainConfig.from_dict(state["config"]), config) - RESUMABLE_CHANGES
+    if state["features"] != digest:
+        changed.add("features")
+    return sorted(changed)
+
+
+def _quantizers(model: DST) -> dict[str, VectorQuantizer]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, VectorQuantizer)}
+
+
 def _check_finite(loss: torch.Tensor, what: str, epoch: int) -> None:
     """Stop a diverging run before its weights (and the checkpoint) turn NaN."""
     if not torch.isfinite(loss):
@@ -102,11 +144,14 @@ def train_tokenizer(
     config: TokenizerTrainConfig,
     callback: Callback | None = None,
     checkpoint_path: str | Path | None = None,
+    state_path: str | Path | None = None,
 ) -> DST:
     """Train DST on a catalogue; per-epoch metrics go to ``callback(epoch, metrics)``.
 
     Input is validated before anything is built or written; the checkpoint, when asked for, is
-    written atomically at the end.
+    written atomically at the end. ``state_path``: resume from the training state there, and save it
+    after every epoch (module docstring); a state of other settings or another catalogue
+    (:func:`state_conflicts`) is a ValueError.
     """
     model_config = resolve_modality_dims(features, config.model)
     validate_features(features, model_config.modality_dims)
@@ -136,8 +181,26 @@ def train_tokenizer(
     optimizer = torch.optim.Adam(main_params, lr=config.lr, weight_decay=config.weight_decay)
     vclub_optimizer = torch.optim.Adam(vclub_params, lr=config.vclub_lr)
     num_items = len(features)
+    start, digest = 0, features_digest(features) if state_path is not None else ""
+    if state_path is not None and Path(state_path).exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if changed := _conflicts(state, digest, config):
+            raise ValueError(
+                f"{state_path} belongs to another training (it differs in {changed}): "
+                "train into another state_path, or delete it to start over"
+            )
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        vclub_optimizer.load_state_dict(state["vclub_optimizer"])
+        for name, quantizer in _quantizers(model).items():
+            recent = state["recent_inputs"][name]
+            quantizer.recent_inputs = None if recent is None else recent.to(device)
+        generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        start = int(state["epoch"])
+        logger.info("resuming DST from %s after epoch %d of %d", state_path, start, config.epochs)
 
-    progress = tqdm(range(config.epochs), desc="DST", unit="epoch")
+    progress = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="DST", unit="epoch")
     for epoch in progress:
         model.train()
         sums: dict[str, float] = defaultdict(float)
@@ -189,6 +252,19 @@ def train_tokenizer(
         logger.debug("epoch %d: %s", epoch, metrics)
         if callback is not None:
             callback(epoch, metrics)
+        if state_path is not None:
+            state = {
+                "config": config.model_dump(mode="json"),
+                "features": digest,
+                "epoch": epoch + 1,
+                "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "vclub_optimizer": vclub_optimizer.state_dict(),
+                "recent_inputs": {name: q.recent_inputs for name, q in _quantizers(model).items()},
+                "generator": generator.get_state(),
+                "rng": rng_state(),
+            }
+            save_atomically(state, state_path)
     model.eval()
     if checkpoint_path is not None:
         model.save_checkpoint(checkpoint_path)

@@ -14,7 +14,7 @@ from hisam_core.tokenizer.cga import Standardize
 from hisam_core.tokenizer.dst import DST, DSTConfig
 from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
 from hisam_core.tokenizer.metrics import normalized_mutual_information as nmi
-from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from hisam_core.tokenizer.train import TokenizerTrainConfig, state_conflicts, train_tokenizer
 
 
 def test_shared_positions_track_the_shared_factor(trained):
@@ -222,6 +222,68 @@ def test_training_is_bitwise_reproducible_on_several_threads(planted, tiny):
     torch.set_num_threads(4)  # the autouse single_thread fixture restores the count
     first, second = (train_tokenizer(features, config).state_dict() for _ in range(2))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+class _Killed(Exception):
+    """Stands for a worker killed mid-training."""
+
+
+def _stop_at(epoch: int, seen: list):
+    def callback(e: int, metrics: dict[str, float]) -> None:
+        if e == epoch:
+            raise _Killed
+        seen.append((e, metrics))
+
+    return callback
+
+
+@pytest.mark.parametrize("killed_in", [1, 4])  # during the alignment warm-up; after the k-means start
+def test_a_killed_training_resumes_from_its_state_and_ends_as_the_uninterrupted_one(
+    planted, tiny, tmp_path, killed_in
+):
+    """Every epoch saves the state; a rerun starts after the last saved epoch, reports each later
+    epoch's metrics as the uninterrupted run did (dead-code restarts, which draw from the global RNG
+    and the quantisers' latest inputs, included) and ends with the same weights, to the bit."""
+    features, _ = planted
+    present = {m: np.ones(len(features), dtype=bool) for m in features.names}
+    present["image"][1:] = False  # one real image: its quantiser's latest inputs then stay that item
+    # as it was at its first step after the warm-up (one row never replaces them): only the state has it
+    small = ItemFeatures(features.item_ids, features.modalities, present).subset(np.arange(300))
+    config = TokenizerTrainConfig.model_validate(
+        {**tiny, "epochs": 6, "alignment_warmup_epochs": 2, "dead_code_threshold": 2}
+    )
+    whole: list = []
+    reference = train_tokenizer(small, config, callback=lambda e, m: whole.append((e, m)))
+    state, before, after = tmp_path / "state.pt", [], []
+    with pytest.raises(_Killed):
+        train_tokenizer(small, config, callback=_stop_at(killed_in, before), state_path=state)
+    torch.manual_seed(1234)  # another process: its global RNG is anything
+    resumed = train_tokenizer(small, config, callback=lambda e, m: after.append((e, m)), state_path=state)
+    assert before + after == whole
+    assert sum(m.get("dead_codes_restarted", 0) for _, m in after) > 0
+    reference_state, resumed_state = reference.state_dict(), resumed.state_dict()
+    assert all(torch.equal(reference_state[k], resumed_state[k]) for k in reference_state)
+    np.testing.assert_array_equal(resumed.encode(small, "a").codes, reference.encode(small, "a").codes)
+    done: list = []  # a rerun after the last epoch trains nothing and returns the same model
+    again = train_tokenizer(small, config, callback=lambda e, m: done.append(e), state_path=state)
+    assert done == [] and all(torch.equal(again.state_dict()[k], resumed_state[k]) for k in resumed_state)
+
+
+def test_a_state_of_other_settings_or_another_catalogue_does_not_resume(planted, tiny, tmp_path):
+    """The device may change between attempts (a retry on another worker); the optimisation and the
+    catalogue may not: they would continue another training under this one's name."""
+    features, _ = planted
+    small = features.subset(np.arange(200))
+    config = TokenizerTrainConfig.model_validate({**tiny, "epochs": 2, "alignment_warmup_epochs": 1})
+    state = tmp_path / "state.pt"
+    train_tokenizer(small, config, state_path=state)
+    assert state_conflicts(state, small, config.model_copy(update={"device": "auto"})) == []
+    other = config.model_copy(update={"lr": 1e-4, "model": config.model.model_copy(update={"dim": 16})})
+    assert state_conflicts(state, small, other) == ["lr", "model.dim"]
+    moved = ItemFeatures(small.item_ids, {**small.modalities, "text": small.modalities["text"] + 1e-3})
+    assert state_conflicts(state, moved, config) == ["features"]
+    with pytest.raises(ValueError, match=r"belongs to another training \(it differs in \['features'\]\)"):
+        train_tokenizer(moved, config, state_path=state)
 
 
 def test_training_keeps_the_temperature_in_its_range(planted, tiny):

@@ -28,6 +28,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,7 +137,7 @@ class Vocabulary:
 
     def semantic(self, codes: np.ndarray, what: str = "item") -> np.ndarray:
         """Token ids of raw codes ``[..., num_positions]`` (``SemanticIds.tokens`` + block offset)."""
-        codes = np.asarray(codes, dtype=np.int64)
+        codes = integral(codes, f"{what}: semantic codes")
         n, k = self.config.num_positions, self.config.codebook_size
         if codes.ndim == 0 or codes.shape[-1] != n:
             raise ValueError(f"{what}: expected {n} semantic codes per item, got shape {codes.shape}")
@@ -147,7 +148,7 @@ class Vocabulary:
         return codes + np.arange(n, dtype=np.int64) * k + self.semantic_offset
 
     def action(self, actions: np.ndarray, what: str = "actions") -> np.ndarray:
-        actions = np.asarray(actions, dtype=np.int64)
+        actions = integral(actions, f"{what}: actions")
         if actions.size and (actions.min() < 0 or actions.max() >= self.num_actions):
             raise ValueError(
                 f"{what}: action indices must lie in [0, {self.num_actions}) ({self.config.action_names}), "
@@ -163,11 +164,25 @@ class Vocabulary:
             raise ValueError(f"{what}: unknown profile fields {unknown}, missing fields {missing}")
         ids = []
         for name, offset in self.profile_offsets.items():
-            value, buckets = int(values[name]), self.config.profile_fields[name]
+            value, buckets = (
+                int(integral(values[name], f"{what}: profile field {name!r}")),
+                self.config.profile_fields[name],
+            )
             if not 0 <= value < buckets:
                 raise ValueError(f"{what}: profile field {name!r} value {value} outside [0, {buckets})")
             ids.append(offset + value)
         return np.asarray(ids, dtype=np.int64)
+
+
+def integral(values: Any, what: str) -> np.ndarray:
+    """``values`` as int64, refusing a fractional value (a cast would truncate it into another id)."""
+    array = np.asarray(values)
+    whole = np.issubdtype(array.dtype, np.integer) or array.dtype == bool
+    if np.issubdtype(array.dtype, np.floating):
+        whole = bool((np.isfinite(array) & (array == np.round(array))).all())
+    if not whole:
+        raise ValueError(f"{what} must be integers, got {array.ravel()[:5].tolist()} ({array.dtype})")
+    return array.astype(np.int64)
 
 
 def instant_starts(timestamps: np.ndarray) -> np.ndarray:
@@ -345,7 +360,10 @@ class SequenceBuilder:
         ``n`` semantic tokens and the Anchor, then the Action unless ``action`` is None (a candidate).
         ``instant``: the index of the first item of its instant (default: its own)."""
         n = self.config.num_positions
-        semantic = self.vocab.semantic(codes, what)
+        codes = np.asarray(codes)
+        if codes.size != n:
+            raise ValueError(f"{what}: expected one item's {n} semantic codes, got shape {codes.shape}")
+        semantic = self.vocab.semantic(codes.reshape(n), what)
         tokens = [semantic, [Vocabulary.anchor_id]]
         types = [np.full(n, TokenType.SEMANTIC), [TokenType.ANCHOR]]
         labels = np.full(n + 1 + (action is not None), IGNORE_LABEL, dtype=np.int64)

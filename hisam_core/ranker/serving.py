@@ -76,6 +76,11 @@ class HMATRanker:
         self.model = model
         self.builder = SequenceBuilder(sequence_config)
         self.vocab = self.builder.vocab
+        if self.vocab.size != model.vocab_size:  # ids in range, meaning other tokens: silently wrong
+            raise ValueError(
+                f"the sequence config builds {self.vocab.size} token ids, the model embeds "
+                f"{model.vocab_size}: serve it with the sequence config it was trained with"
+            )
         self.mode = model.config.attention_mask
         self.memory_types = model.memory_types(self.mode)
 
@@ -177,8 +182,10 @@ class HMATRanker:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         cache = history if isinstance(history, AnchorKVCache) else self.encode(history)
-        codes = np.asarray(candidates, dtype=np.int64)
+        codes = np.asarray(candidates)
         n = self.builder.config.num_positions
+        if codes.shape == (0,):  # an empty list
+            codes = codes.reshape(0, n)
         if codes.ndim != 2 or codes.shape[1] != n:
             raise ValueError(f"candidates must be [C, {n}] semantic codes, got shape {codes.shape}")
         tokens = self.vocab.semantic(codes, f"user {cache.history.user_id} candidates")

@@ -28,12 +28,13 @@ def make_model(seq_config: SequenceConfig) -> Callable[..., HMAT]:
     """Factory of tiny HMATs (hidden 64, 2 layers, 4 query / 2 key-value heads) with a fixed seed,
     initialised ten times wider than for training (``init_std`` 0.2): scores spread well beyond the
     tolerances that hold fast paths equal to their references, so a wrong position or a leaked token
-    moves them past it (at 0.02 some such errors moved scores by only 8e-5)."""
+    moves them past it (at 0.02 some such errors moved scores by only 8e-5). ``sequence``: the
+    vocabulary's config, when not ``seq_config``."""
 
-    def make(seed: int = 0, **overrides) -> HMAT:
+    def make(seed: int = 0, sequence: SequenceConfig | None = None, **overrides) -> HMAT:
         torch.manual_seed(seed)
         config = tiny_model_config(**{"init_std": 0.2, **overrides})
-        return HMAT(config, SequenceBuilder(seq_config).vocab.size).eval()
+        return HMAT(config, SequenceBuilder(sequence or seq_config).vocab.size).eval()
 
     return make
 

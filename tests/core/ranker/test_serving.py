@@ -82,7 +82,7 @@ def test_one_pass_equals_the_reference_for_any_history_length(
     seq_config, semantic_ids, make_model, candidates, length, profile
 ):
     config = seq_config if profile else seq_config.model_copy(update={"profile_fields": {}})
-    model = make_model(history_memory="anchor_action")  # past actions visible: more to get wrong
+    model = make_model(sequence=config, history_memory="anchor_action")  # past actions visible
     rng = np.random.default_rng(length)
     codes = semantic_ids.codes[rng.choice(200, size=length, replace=False)]
     history = UserHistory(
@@ -206,7 +206,7 @@ def test_a_new_user_without_profile_scores_as_the_first_item_of_a_training_windo
     """No history and no profile (the shipped configs have none): each candidate is scored on its own
     block, as SFT labels the first item of a window, and the empty cache grows like any other."""
     config = seq_config.model_copy(update={"profile_fields": {}})
-    model, builder = make_model(history_memory=history_memory), SequenceBuilder(config)
+    model, builder = make_model(sequence=config, history_memory=history_memory), SequenceBuilder(config)
     ranker, new = HMATRanker(model, config), UserHistory(1, np.empty((0, 6)), [])
     cache = ranker.encode(new)
     assert (cache.num_items, cache.num_cached, cache.length) == (0, 0, 0)
@@ -256,7 +256,33 @@ def test_bad_serving_input(seq_config, make_model, history, candidates):
     timed = ranker.encode(replace(history, instants=[1, 2, 3, 4, 5]))
     with pytest.raises(ValueError, match="non-decreasing"):
         ranker.append(timed, candidates[0], 1, instant=4)
-    assert ranker.rank(history, candidates[:0]).numel() == 0
+    assert ranker.rank(history, candidates[:0]).numel() == ranker.rank(history, []).numel() == 0
+
+
+def test_codes_are_integers_and_the_sequence_config_is_the_models(
+    seq_config, make_model, history, candidates
+):
+    """A fractional code, action or profile value would be truncated into another id, and a sequence
+    config building another vocabulary keeps ids in range but means other tokens: each is an error.
+    Whole-valued floats and one item's codes as a ``[1, n]`` row are the same input as integers."""
+    model = make_model()
+    ranker = HMATRanker(model, seq_config)
+    torch.testing.assert_close(
+        ranker.rank(history, candidates.astype(float)), ranker.rank(history, candidates)
+    )
+    with pytest.raises(ValueError, match=r"candidates: semantic codes must be integers, got \[\d+\.5"):
+        ranker.rank(history, candidates + 0.5)
+    cache = ranker.encode(history)
+    row, flat = ranker.append(cache, candidates[:1], 1), ranker.append(cache, candidates[0], 1)
+    torch.testing.assert_close(ranker.rank(row, candidates), ranker.rank(flat, candidates))
+    with pytest.raises(ValueError, match="expected one item's 6 semantic codes, got shape \\(2, 6\\)"):
+        ranker.append(cache, candidates[:2], 1)
+    with pytest.raises(ValueError, match="actions must be integers"):
+        ranker.append(cache, candidates[0], 0.5)
+    with pytest.raises(ValueError, match="profile field 'age' must be integers"):
+        ranker.builder.vocab.profile({"age": 1.5, "gender": 0})
+    with pytest.raises(ValueError, match="serve it with the sequence config it was trained with"):
+        HMATRanker(model, seq_config.model_copy(update={"codebook_size": 8}))
 
 
 def test_model_rejects_unknown_token_ids(seq_config, make_model, history):

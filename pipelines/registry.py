@@ -98,7 +98,8 @@ def decide(
     ``min(0, champion_drift + candidate - champion)`` per metric, so each promotion's difference is
     chained onto the champion's and a new best resets it to 0. Every difference is measured on one
     snapshot, so the chain compares models across days without comparing days. A metric the champion
-    never measured starts a new chain at 0.
+    never measured starts a new chain at 0; one it measured as NaN (its scores broken on rows where the
+    candidate's are not) chains no difference: the candidate carries the champion's drift, not a reset.
 
     ``unmeasured`` names metrics the evaluation could not define on its snapshot (a cold-start subset
     that is empty or has one class). Candidate and champion are scored on the same rows, so neither
@@ -135,9 +136,9 @@ def decide(
             continue
         mine = candidate.get(metric, math.nan)
         theirs = math.nan if champion is None else champion.get(metric, math.nan)
-        if not math.isfinite(theirs):  # the first champion, or a metric its champion never measured
+        if not math.isfinite(theirs):  # the first champion, a metric it never measured, or NaN
             if math.isfinite(mine):
-                drift[metric] = 0.0
+                drift[metric] = (champion_drift or {}).get(metric, 0.0) if metric in (champion or {}) else 0.0
             continue
         if not math.isfinite(mine):
             if metric not in config.floors and metric not in config.max_regression:  # else listed above

@@ -74,6 +74,14 @@ def test_gate_refuses_nan_or_missing_metrics_that_only_have_a_tolerance() -> Non
     assert decide({"auc": 0.7, "gauc": 0.5}, {"auc": 0.7}, gate).promote
 
 
+def test_a_champion_metric_measured_as_nan_carries_its_drift_instead_of_resetting_it() -> None:
+    """Nothing to regress from and no difference to chain: a broken champion score is no new best, so
+    the line's accumulated drift stays; a metric the champion never measured starts at 0."""
+    gate = PromotionGateConfig(floors={}, max_regression={}, max_drift={"auc": 0.02, "gauc": 0.02})
+    decision = decide({"auc": 0.7, "gauc": 0.6}, {"auc": math.nan}, gate, {"auc": -0.012, "gauc": -0.01})
+    assert decision.promote and decision.drift == {"auc": -0.012, "gauc": 0.0}
+
+
 def test_gate_tolerates_regression_within_tolerance() -> None:
     within = {k: v - 0.005 for k, v in GOOD.items()}
     assert decide(within, GOOD, GATE).promote

@@ -22,6 +22,7 @@ from pipelines.settings import Settings
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
     from spark_jobs.lake import Lake
 
@@ -58,6 +59,16 @@ class StepContext:
         from pipelines.tracking import CODE_VERSION_TAG, code_version
 
         return {"hisam.step": step, "hisam.run_key": self.run_key, CODE_VERSION_TAG: code_version()}
+
+    def step_runs(self, step: str, **tags: str) -> list[Run]:
+        """This logical run's MLflow runs of ``step`` carrying every ``tags`` value, newest first: how
+        a rerun finds what an earlier attempt started."""
+        wanted = {"hisam.step": step, "hisam.run_key": self.run_key, **tags}
+        return self.mlflow.search_runs(
+            [self.experiment_id],
+            filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items()),
+            order_by=["attributes.start_time DESC"],
+        )
 
     @cached_property
     def lake_root(self) -> str:

@@ -295,26 +295,10 @@ def _find_run(ctx: StepContext, step: str, trained: bool = False, **tags: str) -
     """This logical run's newest MLflow run of ``step`` (so a rerun continues it instead of adding one),
     among those carrying every ``tags`` value; ``trained``: among those whose SFT finished (a crashed
     fine-tune, still to be retried, has no checkpoint to evaluate or register)."""
-    wanted = {"hisam.step": step, "hisam.run_key": ctx.run_key, **tags}
-    found = ctx.mlflow.search_runs(
-        [ctx.experiment_id],
-        filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items()),
-        order_by=["attributes.start_time DESC"],
-    )
-    found = [run for run in found if SFT_CHECKPOINT_SHA256 in run.data.tags or not trained]
+    found = [
+        run for run in ctx.step_runs(step, **tags) if SFT_CHECKPOINT_SHA256 in run.data.tags or not trained
+    ]
     return found[0] if found else None
-
-
-def _input_versions(run: Run) -> dict[str, int]:
-    """The Delta versions of the inputs ``run`` logged (:meth:`StepContext.log_input`), by name."""
-    from pipelines.tracking import DELTA_VERSION_TAG
-
-    out = {}
-    for item in run.inputs.dataset_inputs:
-        tags = {tag.key: tag.value for tag in item.tags}
-        if DELTA_VERSION_TAG in tags:
-            out[item.dataset.name] = int(tags[DELTA_VERSION_TAG])
-    return out
 
 
 def _train_stage(
@@ -337,7 +321,13 @@ def _train_stage(
 
     from hisam_core.ranker.train import CHECKPOINT_NAME, train
     from pipelines.tokenizer import semantic_ids_of
-    from pipelines.tracking import CONFIG_DIR, log_config, log_training_curves, mlflow_callback
+    from pipelines.tracking import (
+        CONFIG_DIR,
+        input_versions,
+        log_config,
+        log_training_curves,
+        mlflow_callback,
+    )
 
     step = "pretrain" if stage == "pt" else "finetune"
     lineage = {
@@ -346,7 +336,7 @@ def _train_stage(
     }
     previous = None if fresh else _find_run(ctx, step, **lineage)
     # a continued run reads the snapshots it started on: its checkpoint's batches index into them
-    pinned = _input_versions(ctx.mlflow.get_run(previous.info.run_id)) if previous else {}
+    pinned = input_versions(ctx.mlflow.get_run(previous.info.run_id)) if previous else {}
     fields = vocabulary.fields if vocabulary is not None else ctx.config.ranker.profile_fields
     profile_frame, profile_snapshot = (
         load_profiles(ctx, fields, pinned.get("user_profiles"))
@@ -391,6 +381,8 @@ def _train_stage(
         if until is not None:
             mlflow.set_tag(TRAINED_UNTIL, str(until))
         callback = mlflow_callback(f"{stage}/")
+        if previous is not None:  # the curve of the earlier attempts, for the plot
+            callback.resume(run.info.run_id)
         train(config, train_histories, out, callback)
         if callback.history:
             log_training_curves(callback.history, f"{stage}_training")
@@ -605,7 +597,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     from pipelines.ranker_model import load_ranker
     from pipelines.registry import CHAMPION, alias_version
     from pipelines.tokenizer import current_tokenizer_version, semantic_ids_of
-    from pipelines.tracking import reopened
+    from pipelines.tracking import input_versions, reopened
 
     run = _find_run(ctx, "finetune", trained=True)
     if run is None:
@@ -619,7 +611,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         )
     if version != current_tokenizer_version(ctx):
         log.warning("the candidate was trained on tokenizer %s, which is no longer @current", version)
-    inputs = _input_versions(ctx.mlflow.get_run(run.info.run_id))
+    inputs = input_versions(ctx.mlflow.get_run(run.info.run_id))
     trained_on = inputs.get("samples")
     named = ctx.params.get("samples_version") or trained_on is None
     frame, snapshot = load_samples(ctx, version, samples_version(ctx, version) if named else trained_on)

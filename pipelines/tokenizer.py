@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from pipelines.notify import alerted
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ ENCODERS = "hisam.encoders"
 #: Model-version tag: the unix second before which the behaviour encoder of DST's training
 #: embeddings saw every interaction; the version's samples are never cut earlier (App. B.2).
 BEHAVIOUR_CUT = "hisam.behaviour_cut"
+#: Beside a run's ``dst.pt``: DST's training state after its last epoch, until the run registers.
+TRAINING_STATE = "dst_state.pt"
 
 
 class TokenizerHealthError(ValueError):
@@ -398,14 +402,16 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     rerun of a month that a newer ``@current`` replaced skips (:func:`skip_if_superseded`), and the
     rest of its DAG run with it (its samples are not rebuilt). A version registered meanwhile by
     another run of the month (hours of training overlap) is not registered twice: the steps after
-    find one model per version."""
+    find one model per version. A rerun after an attempt that stopped (killed, failed, or failed
+    codebook health) continues its MLflow run from the training state of its last epoch, on the
+    snapshots it pinned (:func:`_resumable_run`)."""
     import mlflow
 
     from hisam_core.tokenizer import train_tokenizer as fit_dst
     from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
     from pipelines.registry import find_versions
     from pipelines.tokenizer_model import log_tokenizer
-    from pipelines.tracking import log_config, log_training_curves, mlflow_callback
+    from pipelines.tracking import input_versions, log_config, log_training_curves, mlflow_callback
     from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
 
     version, name = tokenizer_version(ctx), ctx.config.models.tokenizer
@@ -414,22 +420,34 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     if existing:
         log.info("%s %s is already registered as v%s: nothing to do", name, version, existing[0].version)
         return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
-    catalogue = ctx.table_version(GOLD_ITEM_DOCUMENTS.name)  # pinned: logged as what DST trained on
+    stopped = next(iter(ctx.step_runs("train-tokenizer", tokenizer_version=version)), None)
+    stopped = stopped if stopped is not None and stopped.info.status != "FINISHED" else None
+    pinned = input_versions(ctx.mlflow.get_run(stopped.info.run_id)) if stopped is not None else {}
+    # pinned: logged as what DST trained on
+    catalogue = pinned.get("item_documents", ctx.table_version(GOLD_ITEM_DOCUMENTS.name))
     if catalogue is None:
         raise ValueError(f"{GOLD_ITEM_DOCUMENTS.name} does not exist: run the features DAG first")
     # tokenize-catalogue quarantines the incomplete
-    features, snapshot, _ = load_item_features(ctx, catalogue=catalogue)
+    features, snapshot, _ = load_item_features(ctx, pinned.get("item_embeddings"), catalogue=catalogue)
     cold = cold_behavior_embedding(ctx, snapshot)  # before training: it fails without warm rows
-    with mlflow.start_run(run_name=f"train-tokenizer-{version}") as run:
-        out = ctx.settings.home / "tokenizer" / version / run.info.run_id  # one per run: two never mix
+    resumed = _resumable_run(ctx, stopped, features) if stopped is not None else None
+    with mlflow.start_run(run_id=resumed, run_name=f"train-tokenizer-{version}") as run:
+        out = _training_dir(ctx, version, run.info.run_id)  # one per run: two never mix
         out.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tags({**ctx.run_tags("train-tokenizer"), "tokenizer_version": version})
-        log_config(ctx.config.tokenizer, name="tokenizer")
-        ctx.log_input(EMBEDDINGS, snapshot, "training", "item_embeddings")
-        ctx.log_input(GOLD_ITEM_DOCUMENTS.name, catalogue, "training", "item_documents")
         callback = mlflow_callback("dst/")
+        if resumed is None:
+            mlflow.set_tags({**ctx.run_tags("train-tokenizer"), "tokenizer_version": version})
+            log_config(ctx.config.tokenizer, name="tokenizer")
+            ctx.log_input(EMBEDDINGS, snapshot, "training", "item_embeddings")
+            ctx.log_input(GOLD_ITEM_DOCUMENTS.name, catalogue, "training", "item_documents")
+        else:
+            callback.resume(resumed)
         model = fit_dst(
-            features, ctx.config.tokenizer.train, callback=callback, checkpoint_path=out / "dst.pt"
+            features,
+            ctx.config.tokenizer.train,
+            callback=callback,
+            checkpoint_path=out / "dst.pt",
+            state_path=out / TRAINING_STATE,
         )
         ids = model.encode(features, version=version)
         health = code_health(ids)
@@ -441,8 +459,8 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         save_similarity_figure(similarity, ids.position_names, model.modalities, out / "figure3.png")
         mlflow.log_artifact(str(out / "figure3.png"), "plots")
         failures = health_failures(health, ctx)
+        mlflow.set_tag("health", "failed" if failures else "passed")
         if failures:
-            mlflow.set_tag("health", "failed")
             title = f"tokenizer {version} failed codebook health"
             delivered = ctx.alert(title, "\n".join(failures), health=health)
             raise alerted(TokenizerHealthError(f"{title}: {'; '.join(failures)}"), delivered)
@@ -461,6 +479,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
                 "%s %s was registered as v%s meanwhile: this one is not", name, version, existing[0].version
             )
             mlflow.set_tag("registered", "no: another run registered the version first")
+            (out / TRAINING_STATE).unlink()
             return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
         registered = log_tokenizer(
             out / "dst.pt",
@@ -470,6 +489,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
             version_tags={**tags, COLD_BEHAVIOUR: "carried"},
             cold_behaviour=cold,
         )
+        (out / TRAINING_STATE).unlink()  # registered: no attempt resumes it
     return {
         "tokenizer_version": version,
         "model_version": str(registered.version),
@@ -478,6 +498,32 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         "mlflow_run_id": run.info.run_id,
         **{k: round(v, 4) for k, v in health.items() if not k.startswith("perplexity")},
     }
+
+
+def _training_dir(ctx: StepContext, version: str, run_id: str) -> Path:
+    """Per MLflow run, among the checkpoints (a volume a retry on another node mounts too)."""
+    return ctx.settings.checkpoints / "dst" / ctx.dataset / version / run_id
+
+
+def _resumable_run(ctx: StepContext, stopped: Run, features: ItemFeatures) -> str | None:
+    """The id of ``stopped`` (this logical run's newest ``train-tokenizer`` run of the version, not
+    finished) when its training state can resume on ``features`` under today's settings; otherwise
+    None, and a run still marked RUNNING (its worker was killed) is marked KILLED."""
+    from hisam_core.tokenizer.train import state_conflicts
+
+    run_id = stopped.info.run_id
+    state = _training_dir(ctx, stopped.data.tags["tokenizer_version"], run_id) / TRAINING_STATE
+    if not state.exists():
+        why = f"it saved no training state at {state}"
+    elif changed := state_conflicts(state, features, ctx.config.tokenizer.train):
+        why = f"its training differs in {changed}"
+    else:
+        log.info("continuing run %s from its training state %s", run_id, state)
+        return run_id
+    log.warning("run %s of this tokenizer stopped, but %s: training in a new run", run_id, why)
+    if stopped.info.status == "RUNNING":
+        ctx.mlflow.set_terminated(run_id, "KILLED")
+    return None
 
 
 def tokenize_catalogue(ctx: StepContext) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.data.delta_dataset_source import DeltaDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
@@ -170,7 +171,8 @@ def _run_id(run_id: str | None) -> str:
 @dataclass
 class MetricsCallback:
     """``callback(step, metrics)`` logging step metrics to MLflow (names prefixed by ``prefix``);
-    non-finite values are skipped with a warning. ``history`` keeps what was logged, by name."""
+    non-finite values are skipped with a warning. ``history`` keeps what was logged, by name, one
+    value per step (a step logged again, by a training resumed before it, replaces its value)."""
 
     prefix: str = ""
     run_id: str | None = None
@@ -189,7 +191,29 @@ class MetricsCallback:
             return
         mlflow.log_metrics(finite, step=int(step), run_id=_run_id(self.run_id))
         for key, value in finite.items():
-            self.history.setdefault(key, []).append((int(step), value))
+            points = self.history.setdefault(key, [])
+            if points and points[-1][0] == step:
+                points.pop()
+            points.append((int(step), value))
+
+    def resume(self, run_id: str) -> None:
+        """Start ``history`` from what ``run_id`` logged under ``prefix``: a training resumed in an
+        earlier attempt's run then plots its whole curve."""
+        client = MlflowClient()
+        for key in client.get_run(run_id).data.metrics:
+            if key.startswith(self.prefix):
+                points = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+                self.history[key] = sorted(points.items())
+
+
+def input_versions(run: Run) -> dict[str, int]:
+    """The Delta versions of the inputs ``run`` logged (:meth:`StepContext.log_input`), by name."""
+    out = {}
+    for item in run.inputs.dataset_inputs:
+        tags = {tag.key: tag.value for tag in item.tags}
+        if DELTA_VERSION_TAG in tags:
+            out[item.dataset.name] = int(tags[DELTA_VERSION_TAG])
+    return out
 
 
 @contextmanager

@@ -474,14 +474,15 @@ def test_a_rerun_of_a_past_fine_tune_continues_on_the_snapshots_it_started_on(wo
     the samples snapshot that run logged (its checkpoint's batches index into it), not on the latest."""
     from deltalake import DeltaTable
 
-    from pipelines.ranker import SFT_CHECKPOINT_SHA256, _find_run, _input_versions
+    from pipelines.ranker import SFT_CHECKPOINT_SHA256, _find_run
     from pipelines.steps import StepSkipped, run_step
+    from pipelines.tracking import input_versions
 
     run = _find_run(_ctx(world, DAY1), "finetune")
     with pytest.raises(StepSkipped, match=r"already fine-tuned hisam-pretrained v\d+ .* hisam-ranker v1 and"):
         run_step("finetune", DAY1, world["config"])
     _client().delete_tag(run.info.run_id, SFT_CHECKPOINT_SHA256)  # as if its training had stopped
-    pinned = _input_versions(_client().get_run(run.info.run_id))["samples"]
+    pinned = input_versions(_client().get_run(run.info.run_id))["samples"]
     assert pinned < DeltaTable(str(world["home"] / "lake" / "gold" / "samples")).version()
     again = run_step("finetune", DAY1, world["config"])
     assert (again["mlflow_run_id"], again["samples_version"]) == (run.info.run_id, pinned)
@@ -987,8 +988,9 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     ``force=true`` trains it again from step 0 in a new MLflow run (not from the finished
     checkpoint), which a forced rerun continues had it stopped (a run not forced it does not), and
     which evaluation and registration then take as the day's candidate."""
-    from pipelines.ranker import FORCED, PROFILE_VOCABULARY, SFT_CHECKPOINT_SHA256, _input_versions
+    from pipelines.ranker import FORCED, PROFILE_VOCABULARY, SFT_CHECKPOINT_SHA256
     from pipelines.steps import StepSkipped, run_step
+    from pipelines.tracking import input_versions
 
     dec1 = dt.date(2026, 12, 1)
     client = _client()
@@ -1025,7 +1027,7 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     forced = run_step("finetune", dec1, world["config"], {"force": "true"})
     assert forced["mlflow_run_id"] == crashed
     continued = client.get_run(crashed)
-    assert _input_versions(continued) == _input_versions(finished) and _input_versions(continued)
+    assert input_versions(continued) == input_versions(finished) and input_versions(continued)
     assert continued.data.params == finished.data.params and continued.data.params
     artifacts = {a.path for a in client.list_artifacts(crashed)}
     assert {"config", PROFILE_VOCABULARY} <= artifacts, artifacts

@@ -494,6 +494,70 @@ def test_a_version_registered_by_another_run_while_this_one_trained_is_not_regis
             ctx.mlflow.delete_model_version("hisam-tokenizer", version)
 
 
+def test_a_killed_tokenizer_training_continues_its_run_and_registers_once(ctx_of, monkeypatch) -> None:
+    """A worker killed in epoch 3 leaves its MLflow run RUNNING and the state of epoch 2. A rerun under
+    other tokenizer settings cannot continue it: it trains in a new run and marks the old one KILLED.
+    Killed in epoch 4 too, that run is continued by the next rerun from there (nothing trained again),
+    which plots every epoch once, registers the version once and deletes the state."""
+    import pipelines.tracking
+    from pipelines.config import PipelineConfig
+    from pipelines.registry import find_versions
+    from pipelines.steps import run_step
+    from pipelines.tokenizer import TRAINING_STATE, _training_dir
+
+    class Killed(Exception):
+        pass
+
+    class Dying(pipelines.tracking.MetricsCallback):
+        def __call__(self, step: int, metrics) -> None:
+            if killed_at and step == killed_at[0]:
+                raise Killed
+            trained.append(step)
+            super().__call__(step, metrics)
+
+    ctx, params, killed_at, trained, plotted = ctx_of(), {"tokenizer_version": "dst-resume"}, [3], [], {}
+    raw = ctx.config.model_dump()
+    raw["tokenizer"]["train"]["lr"] /= 2
+    config = PipelineConfig.model_validate(raw)
+    epochs = config.tokenizer.train.epochs
+    monkeypatch.setattr(pipelines.tracking, "mlflow_callback", lambda prefix="": Dying(prefix=prefix))
+    plot = pipelines.tracking.log_training_curves
+    monkeypatch.setattr(
+        pipelines.tracking,
+        "log_training_curves",
+        lambda history, name: plotted.update(history) or plot(history, name),
+    )
+
+    def killed(config: PipelineConfig, epoch: int) -> str:
+        killed_at[:], trained[:] = [epoch], []
+        with pytest.raises(Killed):
+            run_step("train-tokenizer", DAY, config, params)
+        assert trained == list(range(epoch))
+        newest = ctx.step_runs("train-tokenizer", **params)[0]
+        ctx.mlflow.update_run(newest.info.run_id, "RUNNING")  # as SIGKILL leaves it
+        return newest.info.run_id
+
+    try:
+        first = killed(ctx.config, 3)
+        second = killed(config, 4)
+        killed_at.clear()
+        trained.clear()
+        summary = run_step("train-tokenizer", DAY, config, params)
+        assert trained == list(range(4, epochs))
+        runs = {run.info.run_id: run for run in ctx.step_runs("train-tokenizer", **params)}
+        assert runs.keys() == {first, second} and summary["mlflow_run_id"] == second != first
+        assert runs[first].info.status == "KILLED"
+        assert runs[second].info.status == "FINISHED" and runs[second].data.tags["health"] == "passed"
+        logged = [m.step for m in ctx.mlflow.get_metric_history(second, "dst/temperature")]
+        assert sorted(logged) == [step for step, _ in plotted["dst/temperature"]] == list(range(epochs))
+        registered = find_versions(ctx.mlflow, "hisam-tokenizer", **params)
+        assert [str(v.version) for v in registered] == [summary["model_version"]]
+        assert not (_training_dir(ctx, params["tokenizer_version"], second) / TRAINING_STATE).exists()
+    finally:
+        for registered in find_versions(ctx.mlflow, "hisam-tokenizer", **params):
+            ctx.mlflow.delete_model_version("hisam-tokenizer", registered.version)
+
+
 def test_tokenize_catalogue_quarantines_the_items_it_cannot_encode_and_a_rerun_changes_nothing(
     ctx_of,
 ) -> None:

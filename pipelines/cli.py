@@ -153,7 +153,8 @@ def _parser() -> argparse.ArgumentParser:
         "step",
         type=lambda name: name.replace("_", "-"),  # an Airflow task id names the same step
         choices=list(STEPS),
-        help="the step to run (see `hisam steps`; an Airflow task id such as build_sequences works too)",
+        metavar="STEP",
+        help="the step to run (`hisam steps` lists them; an Airflow task id such as build_sequences works too)",
     )
     run.add_argument(
         "--logical-date",
@@ -172,7 +173,8 @@ def _parser() -> argparse.ArgumentParser:
         "validate-samples, samples-ready: default the @current tokenizer; pretrain, finetune: the "
         "version validate-samples gated, skipping when @current has moved since), force=true "
         "(train-tokenizer, activate-tokenizer: train or activate an older month's tokenizer although @current is newer; "
-        "finetune: train the day's fine-tune again from step 0 in a new MLflow run), skip_without_tokenizer=true "
+        "finetune: train the day's fine-tune again from step 0 in a new MLflow run; a forced run that "
+        "stopped midway is continued), skip_without_tokenizer=true "
         "(build-sequences, tokenize-new-items, samples-ready: skip instead of failing before the first "
         "tokenizer is activated), samples_version=N (pretrain, finetune, evaluate: the gold.samples "
         "version to read; default the newest one validate-samples passed, and for evaluate the one the "

@@ -354,13 +354,16 @@ def markdown(result: dict[str, Any], command: str, findings: str | None = None) 
 
 
 def write_report(result: dict[str, Any], results: Path) -> tuple[Path, Path, Path]:
-    """``quality.md`` (with ``quality_findings.md`` appended when present) and the scaling plot."""
+    """``quality.md`` (with ``quality_findings.md`` appended when present) and the scaling plot (removed
+    when this run has no sweep)."""
     md_path, png_path = results / "quality.md", results / "quality_scaling.png"
     findings_path = results / FINDINGS
     findings = findings_path.read_text() if findings_path.exists() else None
     md_path.write_text(markdown(result, result["environment"]["command"], findings))
     if result["scaling"] is not None:
         plot_scaling(result["scaling"], png_path)
+    else:  # an earlier sweep's plot would be logged and read as this run's
+        png_path.unlink(missing_ok=True)
     return results / "quality.json", md_path, png_path
 
 

@@ -446,7 +446,9 @@ def test_the_report_states_the_protocol_and_seeds_it_ran(tmp_path):
     runs = [{"experiment": "sasrec", "seed": 0, "num_parameters": 1, "metrics": {"gauc": 0.6}}]
     result = assemble(config, {"name": "tiny", "window_items": 8}, runs, None)
     result["environment"] = {"command": "hisam evaluate"}
-    _, md_path, _ = write_report(result, tmp_path)
+    (tmp_path / "quality_scaling.png").write_bytes(b"an earlier sweep's plot")
+    _, md_path, png_path = write_report(result, tmp_path)
+    assert not png_path.exists()  # no sweep this run: nothing to log or read as its plot
     report = md_path.read_text()
     assert "rating > 4 positive (a label column wins); global chronological 80/20 split" in report
     assert "cold = fewer than 5 training interactions" in report

@@ -224,7 +224,11 @@ def import_amazon(
     """Import reviews (and metadata) into bronze for ``logical_date``; reruns replace the partition."""
     ds = config.dataset
     review_lines = read_json_lines(spark, config.reviews, REVIEW_FIELDS)
-    reviews = parse_reviews(review_lines, ds, logical_date)
+    reviews = flag_duplicates(
+        parse_reviews(review_lines, ds, logical_date),
+        ["user_id", "item_id", "event_ts"],
+        "event (user, item, time)",
+    )
     parsed = [Parsed(config.reviews, BRONZE_INTERACTIONS.name, reviews, review_lines)]
     if config.meta:
         meta_lines = read_json_lines(spark, config.meta, META_FIELDS)

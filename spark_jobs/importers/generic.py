@@ -679,7 +679,11 @@ def import_generic(
         Parsed(
             config.interactions,
             BRONZE_INTERACTIONS.name,
-            parse_interactions(rows, names, config, logical_date),
+            flag_duplicates(
+                parse_interactions(rows, names, config, logical_date),
+                ["user_id", "item_id", "event_ts"],
+                "event (user, item, time)",
+            ),
             rows,
         )
     ]

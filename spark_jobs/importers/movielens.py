@@ -343,7 +343,11 @@ def import_movielens(
     rating_lines = read_lines(spark, str(raw / "u.data"))
     item_lines = read_lines(spark, str(raw / "u.item"), encoding=config.encoding)
     user_lines = read_lines(spark, str(raw / "u.user"), encoding=config.encoding)
-    ratings = parse_ratings(rating_lines, ds, logical_date)
+    ratings = flag_duplicates(
+        parse_ratings(rating_lines, ds, logical_date),
+        ["user_id", "item_id", "event_ts"],
+        "event (user, item, time)",
+    )
     items = parse_items(item_lines, ds, logical_date, _genre_names(raw))
     items = flag_duplicates(items, ["item_id"], "item_id")
     users = parse_users(user_lines, ds, logical_date)

@@ -101,19 +101,17 @@ def test_ingest_and_gate_keep_their_own_rejects_and_every_row_is_accounted_for(c
     from pipelines.steps import run_step
 
     ingest = run_step("ingest", DAY, ctx_of().config)
-    assert ingest["bronze"]["bronze.interactions"] == {"in": 305, "imported": 304, "quarantined": 1}
+    assert ingest["bronze"]["bronze.interactions"] == {"in": 305, "imported": 302, "quarantined": 3}
     assert ingest["silver_rows"]["silver.interactions"] == 302
     gate = run_step("validate", DAY, ctx_of().config)
     assert (gate["n_input"], gate["n_valid"], gate["n_quarantined"]) == (302, 300, 2)
     ctx = ctx_of()
-    assert _quarantine(ctx, "bronze.interactions") == ["neither rating nor label"]
-    silver = _quarantine(ctx, "silver.interactions")
-    assert len(silver) == 2 and all(r.startswith("duplicate event") for r in silver)  # 304 = 302 + 2
-    assert len(_quarantine(ctx, "silver.interactions.gate")) == 2  # the gate did not replace them
-    run_step("ingest", DAY, ctx_of().config)  # a rerun of ingest does not erase the gate's rows either
-    assert (
-        len(_quarantine(ctx, "silver.interactions")) == len(_quarantine(ctx, "silver.interactions.gate")) == 2
-    )
+    bronze = _quarantine(ctx, "bronze.interactions")  # the two repeated events, first kept: 305 = 302 + 3
+    assert len(bronze) == 3 and all(r.startswith("duplicate event") for r in bronze[:2])
+    assert bronze[2] == "neither rating nor label" and _quarantine(ctx, "silver.interactions") == []
+    assert len(_quarantine(ctx, "silver.interactions.gate")) == 2  # the gate's rows
+    run_step("ingest", DAY, ctx_of().config)  # a rerun of ingest does not erase the gate's rows
+    assert len(_quarantine(ctx, "silver.interactions.gate")) == 2
 
 
 def test_samples_reconcile_with_silver_and_the_behaviour_cut_is_the_samples_cut(
@@ -824,7 +822,8 @@ def test_a_day_mostly_rejected_at_import_fails_ingest_before_silver(spark, tmp_p
     quarantined, over the 1 % budget. ``validate`` could not see it (it judges the rows kept), so
     ingest stops before silver and alerts with the reasons; the repaired rerun replaces the rejects.
     Repeated records do not count: two more copies of the one item lose nothing. Two more records of
-    it with another title do: they conflict with the kept one."""
+    it with another title do: they conflict with the kept one. So do two records of one event with
+    other ratings; the record kept is the first in the source."""
     from pipelines.config import PipelineConfig
     from pipelines.context import StepContext
     from pipelines.steps import run_step
@@ -866,6 +865,22 @@ def test_a_day_mostly_rejected_at_import_fails_ingest_before_silver(spark, tmp_p
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conflicting))
     with pytest.raises(DataQualityError, match=r"'import:bronze.items': FAILED; 3 rows in = 1 valid"):
         run_step("ingest", DAY, config)
+    (tmp_path / "items.jsonl").write_text(json.dumps(conflicting[0]) + "\n")
+    with events.open("a") as out:  # the first event twice more as recorded, twice with another rating
+        for rating in (4, 4, 2, 5):
+            out.write(
+                json.dumps({"user_id": "u0", "item_id": "i1", "rating": rating, "timestamp": START}) + "\n"
+            )
+    with pytest.raises(
+        DataQualityError, match=r"'import:bronze.interactions': FAILED; 14 rows in = 10 valid"
+    ):
+        run_step("ingest", DAY, config)
+    alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert "14 rows in = 10 valid + 4 quarantined" in alerts[-1]["text"]
+    reasons = sorted(ctx.read_table("bronze.quarantine", rejects, ["reason"])[0]["reason"])
+    assert [r.endswith(" with other values") for r in reasons] == [False, False, True, True]
+    kept = ctx.read_table("bronze.interactions", {"dataset": "imp", "user_id": "u0"}, ["rating"])[0]
+    assert kept["rating"].tolist() == [4.0]  # the first in the source, not the lowest rating
 
 
 def test_ingest_refuses_a_drop_that_has_not_landed(spark, tmp_path, monkeypatch) -> None:

@@ -41,6 +41,7 @@ from spark_jobs.importers.common import (
     Parsed,
     blank,
     first_reason,
+    flag_duplicate_events,
     flag_duplicates,
     json_record_problem,
     not_utf8,
@@ -224,11 +225,7 @@ def import_amazon(
     """Import reviews (and metadata) into bronze for ``logical_date``; reruns replace the partition."""
     ds = config.dataset
     review_lines = read_json_lines(spark, config.reviews, REVIEW_FIELDS)
-    reviews = flag_duplicates(
-        parse_reviews(review_lines, ds, logical_date),
-        ["user_id", "item_id", "event_ts"],
-        "event (user, item, time)",
-    )
+    reviews = flag_duplicate_events(parse_reviews(review_lines, ds, logical_date))
     parsed = [Parsed(config.reviews, BRONZE_INTERACTIONS.name, reviews, review_lines)]
     if config.meta:
         meta_lines = read_json_lines(spark, config.meta, META_FIELDS)

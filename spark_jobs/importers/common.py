@@ -417,10 +417,16 @@ def _canonical(field: T.StructField) -> Column:
 OTHER_VALUES = " with other values"
 
 
-def flag_duplicates(rows: DataFrame, keys: Sequence[str], what: str) -> DataFrame:
+#: The columns two records of one event may differ in and still be the same event: its feedback
+#: (rating, label, action) is what the event is; ``extra`` holds source metadata (an Amazon review's
+#: variant ``asin``, its helpful votes at the crawl), kept from the first record.
+EVENT_METADATA = ("extra",)
+
+
+def flag_duplicates(rows: DataFrame, keys: Sequence[str], what: str, ignore: Sequence[str] = ()) -> DataFrame:
     """Give every good row after the first with the same ``keys`` the reason "duplicate <what> <keys>",
-    ending in :data:`OTHER_VALUES` when its parsed values differ from the kept row's (a conflict,
-    not a repeated record).
+    ending in :data:`OTHER_VALUES` when its parsed values other than ``ignore`` differ from the kept
+    row's (a conflict, not a repeated record).
 
     "First" is input order (``source_file``, ``_line``) when ``rows`` has ``_line``, else the
     order of ``_raw``; either way the same row is kept on every rerun.
@@ -429,12 +435,21 @@ def flag_duplicates(rows: DataFrame, keys: Sequence[str], what: str) -> DataFram
     good = F.col(REASON).isNull()
     order = ["source_file", LINE, RAW] if LINE in rows.columns else [RAW]
     window = Window.partitionBy(good, *keys).orderBy(*order)
-    fields = [f for f in rows.schema.fields if f.name not in (REASON, RAW, LINE, "source_file")]
+    skip = (REASON, RAW, LINE, "source_file", *ignore)
+    fields = [f for f in rows.schema.fields if f.name not in skip]
     values = F.to_json(F.struct(*[_canonical(f).alias(f.name) for f in fields]))
     same = values == F.first(values).over(window)
     reason = F.concat(F.lit(f"duplicate {what} "), key_text, F.when(~same, F.lit(OTHER_VALUES)).otherwise(""))
     return rows.withColumn(
         REASON, F.when(good & (F.row_number().over(window) > 1), reason).otherwise(F.col(REASON))
+    )
+
+
+def flag_duplicate_events(rows: DataFrame) -> DataFrame:
+    """:func:`flag_duplicates` of interaction records: an event is a (user, item, second), and two of
+    its records conflict only in their feedback (:data:`EVENT_METADATA` aside)."""
+    return flag_duplicates(
+        rows, ["user_id", "item_id", "event_ts"], "event (user, item, time)", EVENT_METADATA
     )
 
 

@@ -74,6 +74,7 @@ from spark_jobs.importers.common import (
     Parsed,
     blank,
     first_reason,
+    flag_duplicate_events,
     flag_duplicates,
     json_record_problem,
     not_utf8,
@@ -679,11 +680,7 @@ def import_generic(
         Parsed(
             config.interactions,
             BRONZE_INTERACTIONS.name,
-            flag_duplicates(
-                parse_interactions(rows, names, config, logical_date),
-                ["user_id", "item_id", "event_ts"],
-                "event (user, item, time)",
-            ),
+            flag_duplicate_events(parse_interactions(rows, names, config, logical_date)),
             rows,
         )
     ]

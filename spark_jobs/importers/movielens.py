@@ -41,6 +41,7 @@ from spark_jobs.importers.common import (
     Parsed,
     blank,
     first_reason,
+    flag_duplicate_events,
     flag_duplicates,
     line_problem,
     not_int,
@@ -343,11 +344,7 @@ def import_movielens(
     rating_lines = read_lines(spark, str(raw / "u.data"))
     item_lines = read_lines(spark, str(raw / "u.item"), encoding=config.encoding)
     user_lines = read_lines(spark, str(raw / "u.user"), encoding=config.encoding)
-    ratings = flag_duplicates(
-        parse_ratings(rating_lines, ds, logical_date),
-        ["user_id", "item_id", "event_ts"],
-        "event (user, item, time)",
-    )
+    ratings = flag_duplicate_events(parse_ratings(rating_lines, ds, logical_date))
     items = parse_items(item_lines, ds, logical_date, _genre_names(raw))
     items = flag_duplicates(items, ["item_id"], "item_id")
     users = parse_users(user_lines, ds, logical_date)

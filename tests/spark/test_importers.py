@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import shutil
 import time
@@ -797,6 +798,29 @@ def test_generic_rejects_inputs_without_required_columns(spark, lake, tmp_path):
         ValueError, match=r"no 'user_id' column \(has \['user', 'item_id', 'timestamp', 'rating'\]\)"
     ):
         import_generic(spark, lake, GenericImportConfig(dataset="x", interactions=str(path)), DAY)
+
+
+def test_records_of_one_event_conflict_only_in_their_feedback(spark, lake, tmp_path):
+    """One review listed under two variants (``asin``) with its helpful votes at two crawls is one event
+    recorded twice: a repeated record, the first in the file kept. Another rating is a conflict, and a
+    conflict of a later record is never kept over the first (by raw text, the lower rating would be)."""
+    review = {"rating": 5.0, "title": "t", "text": "x", "asin": "A1", "parent_asin": "P1", "user_id": "U1",
+              "timestamp": 1588687728923, "helpful_vote": 2, "verified_purchase": True}  # fmt: skip
+    rows = [
+        review,
+        {**review, "asin": "A2", "helpful_vote": 3},
+        {**review, "rating": 3.0},
+        {**review, "user_id": "U2"},
+    ]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = import_amazon(spark, lake, AmazonImportConfig(reviews=str(path), dataset="amazon-dup"), DAY)
+    assert counts(report) == {"reviews.jsonl": (4, 2, 2)}
+    flagged = sorted(reason for _, reason in reasons(lake, "amazon-dup").elements())
+    assert [r.startswith("duplicate event (user, item, time) U1, P1, ") for r in flagged] == [True, True]
+    assert [r.endswith(" with other values") for r in flagged] == [False, True]
+    kept = lake.read("bronze.interactions", partitions={"dataset": "amazon-dup"}).filter("user_id = 'U1'")
+    assert [(r.rating, '"asin":"A1"' in r.extra) for r in kept.collect()] == [(5.0, True)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,7 +139,15 @@ def register(ctx: StepContext) -> dict[str, Any]:
 def promote(ctx: StepContext) -> dict[str, Any]:
     """Gate the candidate against the champion it was evaluated with; move aliases or reject + alert."""
     from pipelines.ranker import CHAMPION_PREFIX, EVAL_PREFIX, UNMEASURED, metrics_of
-    from pipelines.registry import CHAMPION, DRIFT_PREFIX, GateDecision, alias_version, apply_decision, decide
+    from pipelines.registry import (
+        CHAMPION,
+        DRIFT_PREFIX,
+        GateDecision,
+        _still_champion,
+        alias_version,
+        apply_decision,
+        decide,
+    )
 
     name = ctx.config.models.ranker
     candidate = _candidate(ctx)
@@ -176,6 +184,9 @@ def promote(ctx: StepContext) -> dict[str, Any]:
     unmeasured = [m for m in candidate.tags.get(UNMEASURED, "").split(",") if m]
     decision = decide(mine, theirs, ctx.config.gate, behind, unmeasured)
     if not decision.promote:  # before the verdict is tagged: a retry after the tag skips, alert-less
+        _still_champion(
+            ctx.mlflow, name, evaluated_against, version, "candidate"
+        )  # no alert for a stale verdict
         ctx.alert(
             f"{name} v{version} not promoted",
             "\n".join(decision.reasons),

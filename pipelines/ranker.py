@@ -679,11 +679,19 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         EVAL_METRICS: ",".join(sorted(metrics)),
         UNMEASURED: ",".join(unmeasured),
     }
+    # each evaluation one step past the last: MLflow's latest value (highest step, then timestamp) is
+    # then the newest evaluation's, whatever the clocks of the workers that logged them
+    earlier = [
+        m.step
+        for name in run.data.metrics
+        if name.startswith((EVAL_PREFIX, CHAMPION_PREFIX))
+        for m in ctx.mlflow.get_metric_history(run.info.run_id, name)
+    ]
     with reopened(run.info.run_id):
         # no evaluation until the tags naming these metrics are written: a failure midway never leaves
         # them under the previous one's tags (register would copy the mix); MLflow has no transaction
         mlflow.set_tag(EVAL_METRICS, "")
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics, step=max(earlier, default=-1) + 1)
         mlflow.set_tags(tags)
         ctx.log_input(SAMPLES, snapshot, "evaluation", "test_samples")
         ctx.log_input(PROFILES, profile_snapshot, "evaluation", "test_user_profiles")

@@ -297,6 +297,9 @@ def test_evaluate_on_another_worker_reads_the_checkpoint_logged_to_the_finetune_
     shutil.rmtree(sft)
     again = run_step("evaluate", DAY1, world["config"])
     assert again["eval.auc"] == pytest.approx(run.data.metrics["eval.auc"], abs=1e-4)
+    # each evaluation one step past the last: the newest is MLflow's latest value, whatever the clocks
+    steps = [m.step for m in _client().get_metric_history(run.info.run_id, "eval.auc")]
+    assert steps == list(range(len(steps))) and len(steps) >= 3
 
 
 def _drift(tags: dict[str, str]) -> dict[str, float]:

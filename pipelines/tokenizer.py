@@ -404,7 +404,9 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     another run of the month (hours of training overlap) is not registered twice: the steps after
     find one model per version. A rerun after an attempt that stopped (killed, failed, or failed
     codebook health) continues its MLflow run from the training state of its last epoch, on the
-    snapshots it pinned (:func:`_resumable_run`)."""
+    snapshots it pinned (:func:`_resumable_run`). A run of the same logical date started beside a
+    live one (the CLI beside the DAG) continues it too: training is deterministic, so both reach the
+    same weights, and only the first to finish registers them."""
     import mlflow
 
     from hisam_core.tokenizer import train_tokenizer as fit_dst
@@ -479,7 +481,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
                 "%s %s was registered as v%s meanwhile: this one is not", name, version, existing[0].version
             )
             mlflow.set_tag("registered", "no: another run registered the version first")
-            (out / TRAINING_STATE).unlink()
+            (out / TRAINING_STATE).unlink(missing_ok=True)
             return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
         registered = log_tokenizer(
             out / "dst.pt",
@@ -489,7 +491,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
             version_tags={**tags, COLD_BEHAVIOUR: "carried"},
             cold_behaviour=cold,
         )
-        (out / TRAINING_STATE).unlink()  # registered: no attempt resumes it
+        (out / TRAINING_STATE).unlink(missing_ok=True)  # registered: no attempt resumes it
     return {
         "tokenizer_version": version,
         "model_version": str(registered.version),

@@ -78,3 +78,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     numpy = state["numpy"]
     keys = numpy["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, numpy["pos"], *numpy["gauss"]))
+
+
+def load_training_state(
+    path: str | Path, conflicts: Callable[[dict[str, Any]], list[str]], elsewhere: str
+) -> dict[str, Any]:
+    """A training state to resume from (on the CPU: the RNG states must stay CPU tensors; weights and
+    moments follow their parameters when loaded), refused with a ValueError when ``conflicts(state)``
+    names the settings it differs in; ``elsewhere`` says where a new training should go instead."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if changed := conflicts(state):
+        raise ValueError(
+            f"{path} belongs to another training (it differs in {changed}): train into another "
+            f"{elsewhere}, or delete it to start over"
+        )
+    return state

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from hisam_core.checkpoint import rng_state, save_atomically, set_rng_state
+from hisam_core.checkpoint import load_training_state, rng_state, save_atomically, set_rng_state
 from hisam_core.config import DEVICE_PATTERN, Config, differences
 from hisam_core.device import resolve_device
 from hisam_core.metrics import ranking_metrics
@@ -164,14 +164,9 @@ def train(
     )
     start = 0
     if checkpoint_path.exists():
-        # on the CPU: the RNG states must stay CPU tensors; weights and moments follow their parameters
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        changed = resume_conflicts(state["config"], config)
-        if changed:
-            raise ValueError(
-                f"{checkpoint_path} belongs to another run (its config differs in {changed}): "
-                "train into another output_dir, or delete it to start over"
-            )
+        state = load_training_state(
+            checkpoint_path, lambda s: resume_conflicts(s["config"], config), "output_dir"
+        )
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from hisam_core.checkpoint import rng_state, save_atomically, set_rng_state
+from hisam_core.checkpoint import load_training_state, rng_state, save_atomically, set_rng_state
 from hisam_core.config import DEVICE_PATTERN, Config, differences
 from hisam_core.device import resolve_device
 from hisam_core.features import MODALITIES, ItemFeatures
@@ -183,12 +183,7 @@ def train_tokenizer(
     num_items = len(features)
     start, digest = 0, features_digest(features) if state_path is not None else ""
     if state_path is not None and Path(state_path).exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if changed := _conflicts(state, digest, config):
-            raise ValueError(
-                f"{state_path} belongs to another training (it differs in {changed}): "
-                "train into another state_path, or delete it to start over"
-            )
+        state = load_training_state(state_path, lambda s: _conflicts(s, digest, config), "state_path")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         vclub_optimizer.load_state_dict(state["vclub_optimizer"])

@@ -69,9 +69,12 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
         .first()
     )
     digest = f"{trained_on['n']}:{trained_on['x']}"
-    input_hash = hashlib.sha256(f"{cut.to_dict()}|{digest}|{settings}".encode()).hexdigest()
-    version = cfg.embeddings.behavior_version
     items = lake.read(GOLD_ITEM_DOCUMENTS, partitions=part).select("item_id")
+    item_ids = np.sort(items.toPandas()["item_id"].to_numpy())
+    # the catalogue too: the encoder's softmax and item table span it, so one space per hash
+    catalogue = hashlib.sha256(item_ids.astype(np.int64).tobytes()).hexdigest()
+    input_hash = hashlib.sha256(f"{cut.to_dict()}|{digest}|{catalogue}|{settings}".encode()).hexdigest()
+    version = cfg.embeddings.behavior_version
     done = (
         lake.read(GOLD_ITEM_EMBEDDINGS, partitions={**part, "modality": "behavior"})
         .filter(
@@ -94,7 +97,6 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
         .filter(F.col("timestamp") < F.lit(cutoff))
         .toPandas()
     )
-    item_ids = np.sort(items.toPandas()["item_id"].to_numpy())
     known = events[events["item_id"].isin(item_ids)]
     encoder = BehaviorEncoder(cfg.embeddings.behavior, device="cpu").fit(known, cutoff, item_ids)
     batch = encoder.encode(item_ids)

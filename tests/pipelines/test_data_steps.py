@@ -684,7 +684,9 @@ def test_a_corrected_training_event_that_keeps_the_cut_retrains_the_behaviour_en
 ) -> None:
     """The behaviour rows' hash covers which events lie before the cut, not only the cut and their
     count: a source's correction (the first event a second later) retrains the encoder on the events
-    as they are now, under the same cut; a rerun after it trains nothing."""
+    as they are now, under the same cut; a rerun after it trains nothing. It covers the catalogue
+    too (the encoder's softmax spans it): an item retracted upstream retrains, and restored, retrains
+    into the space it had."""
     from deltalake import DeltaTable
 
     from pipelines.steps import run_step
@@ -714,6 +716,21 @@ def test_a_corrected_training_event_that_keeps_the_cut_retrains_the_behaviour_en
     assert after != before and cut_of[after] == cut_of[before] == corrected["cut"]["cut_seconds"]
     assert len(cut_of) == len(cuts) + 1
     assert run_step("embed", DAY, ctx.config)["behavior"]["embedded"] == 0 and len(trained_on) == 1
+    behaviour = {**part, "modality": "behavior"}
+    space = ctx.read_table("gold.item_embeddings", behaviour, ["item_id", "input_hash", "embedding"])[0]
+    items = DeltaTable(ctx.table_path("silver.items"))  # embed builds the catalogue from it
+    catalogue, gone = items.version(), int(first["item_id"])
+    items.delete(f"item_id = {gone}")
+    assert run_step("embed", DAY, ctx.config)["behavior"]["embedded"] == 19 and len(trained_on) == 2
+    shrunk = ctx.read_table("gold.item_embeddings", behaviour, ["item_id", "input_hash"])[0]
+    hashes = dict(zip(shrunk["item_id"], shrunk["input_hash"], strict=True))
+    assert hashes.pop(gone) == after and after not in set(hashes.values()) and len(set(hashes.values())) == 1
+    DeltaTable(ctx.table_path("silver.items")).restore(catalogue)  # the next test reads it whole
+    assert run_step("embed", DAY, ctx.config)["behavior"]["embedded"] == 20 and len(trained_on) == 3
+    again = ctx.read_table("gold.item_embeddings", behaviour, ["item_id", "input_hash", "embedding"])[0]
+    space, again = (f.sort_values("item_id").reset_index(drop=True) for f in (space, again))
+    assert (again["input_hash"] == after).all() and again["item_id"].equals(space["item_id"])
+    assert all(np.array_equal(a, b) for a, b in zip(again["embedding"], space["embedding"], strict=True))
 
 
 def test_a_re_embed_under_new_settings_is_waited_for_and_never_read_half_done(ctx_of, monkeypatch) -> None:

@@ -125,7 +125,9 @@ class PipelineConfig(Config):
     lake: LakeConfig = Field(default_factory=LakeConfig)  # root null: $HISAM_HOME/lake
     source: SourceConfig = Field(default_factory=SourceConfig)
     silver: SilverConfig = Field(default_factory=SilverConfig)
-    quality: QualityConfig = Field(default_factory=QualityConfig)
+    #: ``file``: each step runs in its own process, and an ephemeral GX context's Data Docs rebuild
+    #: deletes the pages of every validation it did not run itself (an alerted failure's among them)
+    quality: QualityConfig = Field(default_factory=lambda: QualityConfig(gx_mode="file"))
     content: ContentConfig = Field(default_factory=ContentConfig)
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
     tokenizer: TokenizerStageConfig = Field(default_factory=TokenizerStageConfig)

@@ -111,6 +111,7 @@ class Alert:
         lines += [
             f"- {e.get('expectation_type')} {e.get('kwargs', {}).get('column') or e.get('kwargs', {}).get('column_list') or ''}"
             f" unexpected={e.get('unexpected_count')} rule={e.get('rule')}"
+            + (f" error={e['exception']}" if e.get("exception") else "")
             for e in failed
         ]
         if report.get("data_docs_index"):

@@ -90,8 +90,9 @@ def _with_rule_count(
     outcome: ExpectationOutcome, every: dict[str, int], n_quarantined: int
 ) -> ExpectationOutcome:
     """Fill a rule mirror's unexpected count from the quarantine when GX returned none
-    (``result_format="BOOLEAN_ONLY"``): the rows failing that rule, counted by the row-level split."""
-    if outcome.unexpected_count is not None or outcome.rule is None:
+    (``result_format="BOOLEAN_ONLY"``): the rows failing that rule, counted by the row-level split. An
+    expectation GX could not compute keeps no count: its error is the report, not a count of 0."""
+    if outcome.unexpected_count is not None or outcome.rule is None or outcome.exception:
         return outcome
     count = n_quarantined if outcome.rule == "quarantined_share" else every.get(outcome.rule)
     if count is None and outcome.rule != "test_before_train":

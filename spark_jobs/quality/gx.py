@@ -100,10 +100,11 @@ def _outcome(result: Any) -> ExpectationOutcome:
     config = result.expectation_config
     kwargs = {k: v for k, v in dict(config.kwargs).items() if k not in ("batch_id",)}
     body = result.result or {}
-    exception = None
     info = result.exception_info or {}
-    if info.get("raised_exception"):
-        exception = str(info.get("exception_message"))
+    # GX 1.x reports a failed metric under its metric id: {"MetricConfigurationID(...)": {...}}
+    found = [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, dict)]
+    raised = [str(i.get("exception_message")) for i in found if i.get("raised_exception")]
+    exception = "; ".join(raised) or None
     meta = config.meta or {}
     unexpected = body.get("unexpected_count")
     return ExpectationOutcome(

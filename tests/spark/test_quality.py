@@ -359,6 +359,24 @@ def test_gx_counts_an_unknown_item_as_the_row_rule_does(spark, tmp_path) -> None
     assert rules["unknown_item"].success and rules["null_item_id"].success  # one bad row each, not two
 
 
+def test_an_expectation_gx_cannot_compute_reports_its_error_not_a_count(spark, tmp_path) -> None:
+    """GX 1.x files a failed metric under its metric id; the outcome, the report and the alert carry
+    the error, and no count is made up for the rule it mirrors."""
+    from spark_jobs.quality.gate import _with_rule_count
+    from spark_jobs.quality.gx import validate
+    from spark_jobs.quality.rules import GxSpec
+
+    cfg = QualityConfig(docs_dir=str(tmp_path / "docs"), logical_date=DAY)
+    spec = GxSpec(
+        "ExpectColumnValuesToBeBetween", {"column": "no_such_column", "min_value": 0, "max_value": 5}, "x"
+    )
+    (outcome,), _ = validate(interactions(spark), "crashing", [spec], cfg, [1.0])
+    assert not outcome.success and "no_such_column" in outcome.exception
+    assert _with_rule_count(outcome, {"x": 0}, 0).unexpected_count is None
+    text = Alert.from_quality_report({"expectations": [outcome.__dict__]}).text
+    assert f"error={outcome.exception}" in text
+
+
 def test_batch_failure_raises_naming_the_expectation_and_writes_data_docs(spark, tmp_path) -> None:
     df = interactions(spark)
     cfg = QualityConfig.from_yaml(ROOT / "configs" / "quality.yaml").model_copy(
@@ -383,6 +401,26 @@ def test_batch_failure_raises_naming_the_expectation_and_writes_data_docs(spark,
     assert pages and "interactions_strict" in index.read_text()
     alert = Alert.from_quality_report(json.loads(json.dumps(err.value.report.to_dict())))
     assert alert.severity == "error" and "dq_row_valid" in alert.text
+
+
+@pytest.mark.parametrize("mode", ["ephemeral", "file"])
+def test_data_docs_keep_another_processs_pages_only_in_file_mode(spark, tmp_path, mode) -> None:
+    """Each pipeline step runs in its own process. An ephemeral context holds its own results only,
+    and its Data Docs rebuild deletes the pages of the others' (an alerted failure's among them): the
+    pipeline runs GX in file mode, whose results persist."""
+    from spark_jobs.quality import gx
+    from spark_jobs.quality.rules import GxSpec
+
+    cfg = QualityConfig(docs_dir=str(tmp_path / "docs"), gx_mode=mode, gx_project_dir=str(tmp_path / "gx"))
+    for bound in (1.0, 5.0):  # the first run fails (ratings above 1), the second passes
+        gx._CONTEXTS.clear()  # a new process
+        spec = GxSpec(
+            "ExpectColumnValuesToBeBetween", {"column": "rating", "min_value": 0, "max_value": bound}
+        )
+        gx.validate(interactions(spark), "docs_check", [spec], cfg, [1.0])
+    gx._CONTEXTS.clear()
+    pages = list((tmp_path / "docs" / "validations" / "docs_check").rglob("*.html"))
+    assert len(pages) == (2 if mode == "file" else 1)
 
 
 def test_logical_date_bounds_and_config_file() -> None:

@@ -98,12 +98,16 @@ def samples_ready(ctx: StepContext) -> dict[str, Any]:
 
 
 def build_sequences(ctx: StepContext) -> dict[str, Any]:
-    """Build and write the samples and user sequences of the dataset for one tokenizer version."""
+    """Build and write the samples and user sequences of the dataset for one tokenizer version; nothing
+    is written when its rejects exceed the quarantine budget (``quality.max_quarantine_fraction`` of
+    the valid interactions: an alert names their reasons)."""
     from pyspark.sql import functions as F
 
-    from pipelines.ingest import valid_interactions, versioned_label
+    from pipelines.ingest import over_budget, valid_interactions, versioned_label
+    from pipelines.notify import alerted
     from pipelines.tokenizer import behaviour_cut_floor, current_tokenizer_version_or_skip
-    from spark_jobs.quality import to_bronze_quarantine
+    from spark_jobs.quality import DataQualityError, to_bronze_quarantine
+    from spark_jobs.quality.gate import allowed_rejects
     from spark_jobs.sequences import build_sequences as build
     from spark_jobs.sequences import build_user_sequences, to_gold_samples, to_gold_user_sequences
     from spark_jobs.tables import BRONZE_QUARANTINE, GOLD_SAMPLES, GOLD_SEMANTIC_IDS, GOLD_USER_SEQUENCES
@@ -154,6 +158,13 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
                 f"no samples for tokenizer {version!r}: all {n_valid} valid interactions fail ({reasons}); "
                 "nothing written (are its semantic IDs of this dataset's catalogue?)"
             )
+        # validate-samples judges the samples written, so it cannot see what this build left out (an
+        # item tokenize-new-items never gave IDs, for days): held to the quarantine budget here
+        if quarantined > allowed_rejects(ctx.config.quality.max_quarantine_fraction, n_valid):
+            reasons = {r.reason: r["count"] for r in quarantine.groupBy("reason").count().collect()}
+            totals = (n_valid, counts["samples"], quarantined, quarantined)
+            report, delivered = over_budget(ctx, f"samples:{version}", totals, reasons, "build-sequences")
+            raise alerted(DataQualityError(report), delivered)
         label = versioned_label(GOLD_SAMPLES.name, version)
         versions = {  # gold.samples last: its commit carries the build record samples-ready waits for
             GOLD_USER_SEQUENCES.name: lake.write(

@@ -460,6 +460,31 @@ def test_older_interactions_arriving_later_never_put_what_the_behaviour_codes_sa
     assert moved.count() > 0  # the quantile cut alone would have put these rows, seen by SASRec, in test
 
 
+def test_a_build_leaving_out_more_than_the_budget_writes_nothing_and_alerts(ctx_of) -> None:
+    """validate-samples judges the samples written, not what the build left out: the build holds its
+    own rejects (here the events of an item without IDs) to the quarantine budget."""
+    import json
+
+    from pipelines.config import PipelineConfig
+    from pipelines.steps import run_step
+    from spark_jobs.quality import DataQualityError
+
+    ctx = ctx_of()
+    raw = ctx.config.model_dump()
+    raw["quality"]["max_quarantine_fraction"] = 0.001  # no reject allowed among some hundred
+    config = PipelineConfig.model_validate(raw)
+    alerts = ctx.settings.home / "alerts.jsonl"
+    before = alerts.read_text().splitlines()
+    samples = ctx.table_version("gold.samples")
+    with pytest.raises(DataQualityError, match=rf"'samples:{VERSION}': FAILED; \d+ rows in"):
+        run_step("build-sequences", DAY, config, {"tokenizer_version": VERSION})
+    assert ctx.table_version("gold.samples") == samples  # nothing written
+    (alert,) = [json.loads(line) for line in alerts.read_text().splitlines()[len(before) :]]
+    assert (
+        alert["title"] == f"quality gate 'samples:{VERSION}' failed" and "{'unknown_item': " in alert["text"]
+    )
+
+
 def test_a_version_registered_by_another_run_while_this_one_trained_is_not_registered_twice(
     ctx_of, monkeypatch
 ) -> None:

@@ -414,8 +414,12 @@ def embed_items(
         .filter((F.col("encoder") == name) & (F.col("encoder_version") == spec.version))
         .select("item_id", "input_hash", "present")
     )
-    # an input that was given but could not be read (an image file not there yet) is tried again
+    # an input that was given but could not be read (an image file not there yet) is tried again;
+    # not a remote URI: images are read from local files (file:// of this host), so it never will be
     given = F.trim(F.coalesce(F.col("input"), F.lit(""))) != ""
+    if spec.modality == "image":
+        remote = F.col("input").rlike("^[A-Za-z][A-Za-z0-9+.-]*://") & ~F.col("input").startswith("file://")
+        given = given & ~remote
     todo = (
         inputs.join(done, ["item_id", "input_hash"], "left")
         .filter(F.col("present").isNull() | (~F.col("present") & given))

@@ -54,13 +54,14 @@ class ImageEncoderProtocol(Protocol):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as it is shown, in 8-bit RGB: turned upright by its EXIF orientation, transparency
-    composited on white (``convert`` would show whatever colour hides under it), and 16-bit grey
-    scaled to 8 bits (``convert`` clips it to white)."""
+    """``img`` as it is shown, in 8-bit RGB: turned upright by its EXIF orientation, transparency (an
+    alpha channel, or a palette entry or colour key) composited on white (``convert`` would show
+    whatever colour hides under it), and 16-bit grey scaled to 8 bits (``convert`` clips it to
+    white)."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16 bits per value (what PIL reads 16-bit PNGs as)
         img = img.convert("I").point(lambda v: v / 257).convert("L")
-    if img.mode == "P" and "transparency" in img.info:
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):  # a palette entry or colour key
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "RGBa", "La"):
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -85,6 +85,7 @@ class TextEncoder:
             )
         except (OSError, ValueError) as err:  # ValueError: e.g. a folder without tokenizer files
             raise ValueError(f"text encoder: cannot load model {name!r}: {err}") from err
+        self.tokenizer.padding_side = "right"  # CLS pooling reads position 0, a pad when padded left
         self.model.eval().to(self.device)
         self.model_name = name
         self.dim = int(self.model.config.hidden_size)

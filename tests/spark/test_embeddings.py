@@ -152,6 +152,18 @@ def test_image_modality_with_descriptor_fallback(spark, tmp_path):
     assert len({v[4] for v in embeddings(lake, "image").values()}) == 1  # one dim: one space
 
 
+def test_a_remote_image_uri_is_absent_once_not_tried_on_every_run(spark, tmp_path):
+    """Images are read from local files (and file:// URIs of this host): an http(s) URI can never be
+    read here, so it is absent once, as a blank path is, not embedded again on every run."""
+    lake = Lake(spark, tmp_path / "lake")
+    poster = {1: "https://example.invalid/poster.jpg"}
+    lake.write(documents(spark, {1: "x"}, poster), "gold.item_documents", mode="merge")
+    spec, job = EncoderSpec(modality="image"), EmbeddingJobConfig(num_partitions=1)
+    first = embed_items(lake, "ds", spec, job)
+    assert (first.embedded, first.absent, embeddings(lake, "image")[1][1]) == (1, 1, False)
+    assert embed_items(lake, "ds", spec, job).embedded == 0
+
+
 def test_a_share_that_vanishes_is_refused_before_any_vector_turns_absent(spark, tmp_path):
     """Files vanishing under present vectors turn them absent only up to ``max_vanished_fraction``
     of the present vectors (one file always may); above it (an unmounted share: every file gone)

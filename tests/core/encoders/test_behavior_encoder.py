@@ -66,6 +66,17 @@ def test_events_at_or_after_cutoff_do_not_change_anything(train_df):
     assert not np.array_equal(base.embeddings, changed.embeddings)
 
 
+def test_events_of_one_second_are_ordered_by_item_id_whatever_the_row_order():
+    """Ties in time are broken by item id, so the training sequence never depends on row order."""
+    encoder = BehaviorEncoder(BehaviorEncoderConfig(**SMALL))
+    encoder.item_ids = np.asarray(CATALOGUE)
+    index = {item: k + 1 for k, item in enumerate(CATALOGUE)}
+    rows = pd.DataFrame({"user_id": [0, 0, 0], "item_id": [105, 102, 103], "timestamp": [5, 5, 1]})
+    for frame in (rows, rows.iloc[::-1]):
+        (sequence,) = encoder.training_sequences(frame, CUTOFF)
+        assert sequence.tolist() == [index[103], index[102], index[105]]
+
+
 def test_deterministic_under_seed(train_df):
     a, b = fit(train_df, seed=3), fit(train_df, seed=3)
     np.testing.assert_array_equal(a.encode().embeddings, b.encode().embeddings)

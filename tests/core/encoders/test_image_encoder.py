@@ -106,6 +106,11 @@ def test_an_image_is_read_as_shown(tmp_path, monkeypatch):
     a, b = (np.asarray(load_rgb(tmp_path / f"logo{i}.png")[0]) for i in range(2))
     np.testing.assert_array_equal(a, b)
     assert tuple(a[0, 0]) == (255, 255, 255) and tuple(a[20, 20]) == (220, 30, 30)
+    keyed = Image.fromarray(hidden[0][..., :3], "RGB")  # the same logo, black as its transparent colour key
+    keyed.save(tmp_path / "keyed.png", transparency=(0, 0, 0))
+    keyed.convert("L").save(tmp_path / "keyed_grey.png", transparency=0)
+    np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "keyed.png")[0]), a)
+    assert tuple(np.asarray(load_rgb(tmp_path / "keyed_grey.png")[0])[0, 0]) == (255, 255, 255)
 
     ramp = np.tile(np.linspace(0, 65535, 48), (40, 1)).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")

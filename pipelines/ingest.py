@@ -94,10 +94,11 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
     from spark_jobs.importers.common import OTHER_VALUES
     from spark_jobs.quality import DataQualityError
     from spark_jobs.quality.gate import allowed_rejects
+    from spark_jobs.quality.report import ExpectationOutcome, QualityReport
     from spark_jobs.tables import BRONZE_QUARANTINE
 
     limit = ctx.config.quality.max_quarantine_fraction
-    failed: list[tuple[Any, bool]] = []
+    failed: list[tuple[QualityReport, bool]] = []
     for table, n in counts.items():
         allowed = allowed_rejects(limit, n["in"])  # as the quality gates count their budget
         if n["quarantined"] <= allowed:  # a cheap bound first: most days stop here
@@ -115,37 +116,18 @@ def _check_import_budget(ctx: StepContext, counts: dict[str, dict[str, int]]) ->
         if (rest := n["quarantined"] - sum(top.values())) > 0:
             top["(other reasons, repeated records among them)"] = rest
         log.info("%s: %d repeated records not counted against the budget", table, n["quarantined"] - lost)
+        share = ExpectationOutcome(
+            "import_quarantine_share_at_most",
+            {"table": table, "max_fraction": limit, "repeated_records_excluded": True},
+            success=False,
+            unexpected_count=lost,
+            unexpected_percent=100.0 * lost / n["in"],
+        )
         kept = n["imported"] + n.get("merged", 0)
-        counts_of = (n["in"], kept, n["quarantined"], lost)
-        extra = {"table": table, "repeated_records_excluded": True}
-        failed.append(over_budget(ctx, f"import:{table}", counts_of, top, f"ingest:{table}", **extra))
+        report = QualityReport(f"import:{table}", n["in"], kept, n["quarantined"], top, top, [share])
+        failed.append((report, _alert_failure(ctx, report, f"ingest:{table}", report.to_dict())))
     if failed:  # the first table's report; each alerted with its own
         raise alerted(DataQualityError(failed[0][0]), all(delivered for _, delivered in failed))
-
-
-def over_budget(
-    ctx: StepContext,
-    name: str,
-    counts: tuple[int, int, int, int],
-    reasons: dict[str, int],
-    source: str,
-    **kwargs: Any,
-) -> tuple[Any, bool]:
-    """The report of a batch ``name`` whose rejects exceed the quarantine budget, alerted from
-    ``source``: ``counts`` are (in, kept, quarantined, lost: the rejects that count against the
-    budget); whether the alert was delivered."""
-    from spark_jobs.quality.report import ExpectationOutcome, QualityReport
-
-    n_in, kept, quarantined, lost = counts
-    share = ExpectationOutcome(
-        "quarantine_share_at_most",
-        {**kwargs, "max_fraction": ctx.config.quality.max_quarantine_fraction},
-        success=False,
-        unexpected_count=lost,
-        unexpected_percent=100.0 * lost / n_in,
-    )
-    report = QualityReport(name, n_in, kept, quarantined, reasons, reasons, [share])
-    return report, _alert_failure(ctx, report, source, report.to_dict())
 
 
 def _per_table(sources: list[Any]) -> dict[str, dict[str, int]]:

@@ -334,13 +334,17 @@ def _silver_interactions(ctx: StepContext, day: bool = False) -> tuple[Any, Any]
     return interactions, interactions_suite(interactions, quality_config(ctx), items=items, name=name)
 
 
-def _codebook_size_of(ctx: StepContext, version: str) -> int | None:
-    """K of tokenizer ``version``, as its ``gold.semantic_ids`` rows record it (None: no rows)."""
+def _id_shape_of(ctx: StepContext, version: str) -> tuple[int | None, int | None]:
+    """K and the code count of tokenizer ``version``, as its ``gold.semantic_ids`` rows record them
+    (None: no rows, or rows of several)."""
+    from pyspark.sql import functions as F
+
     from spark_jobs.tables import GOLD_SEMANTIC_IDS
 
     part = {"dataset": ctx.dataset, "tokenizer_version": version}
-    sizes = ctx.lake.read(GOLD_SEMANTIC_IDS, partitions=part).select("codebook_size").distinct().collect()
-    return int(sizes[0][0]) if len(sizes) == 1 else None
+    ids = ctx.lake.read(GOLD_SEMANTIC_IDS, partitions=part)
+    shapes = ids.select("codebook_size", F.size("semantic_ids")).distinct().collect()
+    return (int(shapes[0][0]), int(shapes[0][1])) if len(shapes) == 1 else (None, None)
 
 
 def valid_interactions(ctx: StepContext) -> tuple[Any, int]:
@@ -376,7 +380,7 @@ def validate_samples(ctx: StepContext) -> dict[str, Any]:
     part = {"dataset": ctx.dataset, "tokenizer_version": version}
     read = ctx.lake.version(GOLD_SAMPLES)
     samples = ctx.lake.read(GOLD_SAMPLES, read, partitions=part).filter(F.col("tokenizer_version") == version)
-    suite = samples_suite(samples, quality_config(ctx, _codebook_size_of(ctx, version)))
+    suite = samples_suite(samples, quality_config(ctx, *_id_shape_of(ctx, version)))
     record = samples_gate_record(ctx, version)
     valid, summary = run_gate(
         ctx,

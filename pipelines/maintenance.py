@@ -40,7 +40,8 @@ def snapshot_readers(ctx: StepContext) -> list[str]:
 def maintain_lake(ctx: StepContext) -> dict[str, Any]:
     """Compact and vacuum every existing lake table; per table what it rewrote and deleted. While a
     serving tokenizer reads its embeddings snapshot (:func:`snapshot_readers`), ``gold.item_embeddings``
-    is compacted but not vacuumed."""
+    is compacted but not vacuumed, and its checkpoints keep every commit (a snapshot older than the
+    log retention would lose its commit, and with it the version, though its files stay)."""
     from spark_jobs.tables import GOLD_ITEM_EMBEDDINGS, TABLES
 
     retention = dt.timedelta(days=ctx.config.lake.retention_days)

@@ -259,7 +259,8 @@ class Lake:
         self, table: str | TableSpec, retention: dt.timedelta, *, vacuum: bool = True
     ) -> dict[str, int]:
         """Compact the table's small files (OPTIMIZE), then delete the files no version younger than
-        ``retention`` reads (VACUUM; ``vacuum=False`` skips it). Contents are unchanged and versions
+        ``retention`` reads (VACUUM; ``vacuum=False`` skips it, and keeps every commit in the log
+        until a maintenance vacuums again: every version stays readable). Contents are unchanged and versions
         younger than ``retention`` stay readable: ``retention`` (whole hours, rounded up) becomes the
         table's ``delta.deletedFileRetentionDuration``, which checkpoints keep tombstones for, and
         its ``delta.logRetentionDuration`` (at least Delta's 30 days), how long commits stay in the
@@ -540,6 +541,16 @@ DELETED_FILE_RETENTION = "delta.deletedFileRetentionDuration"
 LOG_RETENTION = "delta.logRetentionDuration"
 #: When :meth:`Lake.maintain` last set them (unix seconds), a table property of ours.
 RETENTION_SET_AT = "hisam.retentionSetAt"
+#: Whether a checkpoint deletes the commits older than the log retention (Delta's default: true).
+EXPIRED_LOG_CLEANUP = "delta.enableExpiredLogCleanup"
+
+
+def _log_cleanup(current: Mapping[str, str], vacuum: bool) -> dict[str, str]:
+    """The property to set so that a table maintained without VACUUM keeps every commit as well (a
+    version whose files stay but whose commit a checkpoint deleted cannot be read), and one vacuumed
+    again drops the expired ones; empty when it already holds."""
+    wanted = "true" if vacuum else "false"
+    return {} if current.get(EXPIRED_LOG_CLEANUP, "true") == wanted else {EXPIRED_LOG_CLEANUP: wanted}
 
 
 def retention_properties(retention: dt.timedelta) -> dict[str, str]:
@@ -636,7 +647,9 @@ class _DeltaRs(_Backend):
 
     def maintain(self, path: str, retention: dt.timedelta, vacuum: bool) -> dict[str, int]:
         table = self._table(path)
-        updates, held = _retention_plan(table.metadata().configuration, retention)
+        current = table.metadata().configuration
+        updates, held = _retention_plan(current, retention)
+        updates |= _log_cleanup(current, vacuum)
         if updates:
             table.alter.set_table_properties(updates, raise_if_not_exists=False)
         compacted = self._table(path).optimize.compact()  # commits nothing when nothing is small
@@ -854,6 +867,7 @@ class _SparkDelta(_Backend):
     def maintain(self, path: str, retention: dt.timedelta, vacuum: bool) -> dict[str, int]:
         current = self._table(path).detail().select("properties").head()[0] or {}
         updates, held = _retention_plan(current, retention)
+        updates |= _log_cleanup(current, vacuum)
         if updates:
             values = ", ".join(f"'{k}' = '{v}'" for k, v in updates.items())
             self.spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({values})")

@@ -499,6 +499,42 @@ def test_stable_id_keeps_numbers_and_hashes_strings(spark):
     assert again == got
 
 
+def test_a_table_maintained_without_vacuum_keeps_old_versions_readable_past_the_log_retention(spark, lake):
+    """Skipping VACUUM keeps a version's files; a checkpoint would still delete its commit once older
+    than the log retention (30 days), and the version with it. Without VACUUM the log keeps every
+    commit; a maintenance that vacuums again lets checkpoints drop the expired ones."""
+    import os
+    import time
+
+    from deltalake import DeltaTable
+
+    day = dt.date(2024, 1, 1)
+    write = lambda ids: lake.write(  # noqa: E731
+        users(spark, "ds", day, ids), "bronze.users", mode="replace_partition",
+        partition_values={"dataset": "ds", "logical_date": day},
+    )  # fmt: skip
+    first = write(["u1"])
+    path = lake.path("bronze.users")
+    DeltaTable(path).alter.set_table_properties({"delta.checkpointInterval": "2"})
+
+    def age_log() -> None:
+        old = time.time() - 40 * 86400
+        for name in os.listdir(f"{path}/_delta_log"):
+            os.utime(f"{path}/_delta_log/{name}", (old, old))
+
+    lake.maintain("bronze.users", dt.timedelta(days=7), vacuum=False)
+    age_log()
+    for k in range(4):  # past two checkpoints
+        write([f"u{k}"])
+    assert contents(lake.read("bronze.users", first)) == contents(users(spark, "ds", day, ["u1"]))
+    lake.maintain("bronze.users", dt.timedelta(days=7))
+    age_log()
+    for k in range(4):
+        write([f"v{k}"])
+    with pytest.raises(Exception, match=r"log segment|version"):
+        lake.read("bronze.users", first).count()
+
+
 def test_maintenance_compacts_then_vacuums_past_the_retention_and_changes_no_contents(spark, lake):
     """``Lake.maintain``: a partition's small files become one, the latest contents and every
     version younger than the retention read as before, the replaced files are deleted once only

@@ -19,8 +19,10 @@ items (no NaN scores: a caller must not mistake "unknown" for "unlikely"). A his
 from it is left out with a warning (``params.unknown_history=error`` refuses it instead). Items
 tokenized after registration reach ``@champion`` through the daily ``refresh-champion`` step
 (:func:`pipelines.promotion.refresh_champion`), which re-registers the same weights with them. A
-registered model runs the code packaged with it: versions registered before this rule refuse
-unknown history items until their next refresh or registration.
+registered model runs the code packaged with it, when it is the first model its process loads
+(:data:`PACKAGED_MODULES`; a process with the repository on its path runs the repository's):
+versions registered before this rule refuse unknown history items until their next refresh or
+registration.
 
 Tokenizer versions. The semantic IDs an HMAT was trained on are only meaningful for that
 tokenizer version, so the packaged table's ``version`` is recorded as ``tokenizer_version`` in the
@@ -301,17 +303,23 @@ def pip_requirements() -> list[str]:
     return pins
 
 
-def stage_code(root: Path, *modules: Path) -> list[str]:
-    """Copy ``hisam_core``, this module and ``modules`` (files of ``pipelines`` that import nothing
-    else from it) under ``root`` as a ``pipelines`` package; returns the MLflow ``code_paths``."""
+#: The ``pipelines`` modules a registered model runs, packaged with every model: MLflow puts a model's
+#: code first on ``sys.path`` but keeps the packages a process imported already, so the first model
+#: a process loads provides ``pipelines`` (and ``hisam_core``) for every later one, of either kind.
+PACKAGED_MODULES = ("ranker_model.py", "tokenizer_model.py")
+
+
+def stage_code(root: Path) -> list[str]:
+    """Copy ``hisam_core`` and :data:`PACKAGED_MODULES` (which import nothing else from
+    ``pipelines``) under ``root`` as a ``pipelines`` package; returns the MLflow ``code_paths``."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     core = Path(hisam_core.__file__).parent
     shutil.copytree(core, root / "hisam_core", ignore=ignore)
     package = root / "pipelines"
     package.mkdir()
     (package / "__init__.py").write_text('"""Packaged subset of the pipelines package."""\n')
-    for module in (Path(__file__), *modules):
-        shutil.copy2(module, package / module.name)
+    for name in PACKAGED_MODULES:
+        shutil.copy2(Path(__file__).with_name(name), package / name)
     return [str(root / "hisam_core"), str(package)]
 
 

@@ -149,7 +149,7 @@ def log_tokenizer(
             name="tokenizer",
             python_model=HisamTokenizerModel(),
             artifacts=artifacts,
-            code_paths=stage_code(Path(tmp) / "code", Path(__file__)),
+            code_paths=stage_code(Path(tmp) / "code"),
             signature=signature,
             input_example=request,
             pip_requirements=pip_requirements(),

@@ -308,7 +308,8 @@ def test_log_ranker_rejects_a_config_that_is_not_the_checkpoints(trained: dict) 
 @pytest.mark.slow
 def test_model_loads_and_predicts_in_a_fresh_process_without_the_repo(trained: dict, tmp_path: Path) -> None:
     """The pyfunc carries hisam_core and its own module (code_paths): with the editable install's
-    finder removed and the repository off sys.path, load + predict still work."""
+    finder removed and the repository off sys.path, load + predict still work. It carries the
+    tokenizer's module too: the first model a process loads provides the packages of every later one."""
     repo = str(Path(__file__).resolve().parents[2])
     frame = requests(trained, users=2, seed=11)
     frame.to_json(tmp_path / "request.json", orient="records")
@@ -323,10 +324,10 @@ def test_model_loads_and_predicts_in_a_fresh_process_without_the_repo(trained: d
         mlflow.set_tracking_uri({trained["settings"].mlflow_tracking_uri!r})
         model = mlflow.pyfunc.load_model("models:/{NAME}/1")
         frame = pd.read_json({str(tmp_path / "request.json")!r}, orient="records")
-        import pipelines.ranker_model, hisam_core
+        import pipelines.ranker_model, pipelines.tokenizer_model, hisam_core
         print(json.dumps({{
             "scores": model.predict(frame)["scores"].tolist(),
-            "modules": [pipelines.ranker_model.__file__, hisam_core.__file__],
+            "modules": [pipelines.ranker_model.__file__, pipelines.tokenizer_model.__file__, hisam_core.__file__],
         }}))
         """
     )

@@ -236,17 +236,27 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     from pipelines.ranker_model import TOKENIZER_VERSION, TRAINING_RUN_TAG, load_ranker, log_ranker
     from pipelines.registry import (
         CHAMPION,
+        PREVIOUS,
         ROLLBACK_PENDING,
         alias_version,
         find_versions,
         make_refreshed_champion,
     )
+    from pipelines.steps import StepSkipped
     from pipelines.tokenizer import semantic_ids_of
 
     name = ctx.config.models.ranker
     champion = alias_version(ctx.mlflow, name, CHAMPION)
     if champion is None:
         return {"skipped": True, "reason": f"{name} has no @{CHAMPION} yet", CHAMPION_MOVED: False}
+    behind = alias_version(ctx.mlflow, name, PREVIOUS)
+    if behind is not None and str(behind.version) == str(champion.version):
+        # only a promote or rollback stopped between its alias writes leaves both on one version: a
+        # refresh now would hide it (a rollback would then restore what already serves)
+        raise StepSkipped(
+            f"{name}@{PREVIOUS} and @{CHAMPION} are both v{champion.version}: a promote or rollback "
+            "stopped midway; rerun it, then the champion is refreshed"
+        )
     key = {REFRESH_KEY: ctx.run_key, REFRESHED_FROM: str(champion.version)}
     done = find_versions(ctx.mlflow, name, **key)
     if done:  # a retry after registering, or a champion restored since the day's refresh of it

@@ -499,13 +499,14 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
     before the five items arrived, so it refuses them. refresh-champion registers v1's weights again
     with the lake's IDs of that version: the new version scores every item as v1's own ranker scores
     its lake codes, keeps v1's lineage and metrics, becomes @champion (@previous stays), and a rerun
-    registers nothing. A lake table disagreeing with the packaged IDs is refused."""
+    registers nothing. A lake table disagreeing with the packaged IDs is refused, and so is a refresh
+    while a promote or rollback stopped midway (both aliases on one version)."""
     from hisam_core.ranker.sequence import UserHistory
     from hisam_core.semantic_ids import SemanticIds
     from pipelines import tokenizer
     from pipelines.ranker_model import load_ranker
     from pipelines.registry import alias_version
-    from pipelines.steps import run_step
+    from pipelines.steps import StepSkipped, run_step
 
     client = _client()
     old = client.get_model_version_by_alias("hisam-ranker", "champion")
@@ -528,6 +529,16 @@ def test_the_champion_is_refreshed_to_serve_items_that_arrived_after_it(world, m
         patch.setattr(tokenizer, "semantic_ids_of", lambda ctx, version: tampered)
         with pytest.raises(ValueError, match="must never change"):
             run_step("refresh-champion", DAY5, world["config"])
+    assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions
+    client.set_registered_model_alias("hisam-ranker", "previous", "1")  # a promote stopped midway
+    try:
+        with pytest.raises(StepSkipped, match="a promote or rollback stopped midway"):
+            run_step("refresh-champion", DAY5, world["config"])
+    finally:
+        if previous is None:
+            client.delete_registered_model_alias("hisam-ranker", "previous")
+        else:
+            client.set_registered_model_alias("hisam-ranker", "previous", str(previous.version))
     assert len(client.search_model_versions("name = 'hisam-ranker'")) == versions
 
     summary = run_step("refresh-champion", DAY5, world["config"])

@@ -382,6 +382,10 @@ class Lake:
         for name, value in (("update_condition", update_condition), ("delete_unmatched", delete_unmatched)):
             if value is not None and mode != "merge":
                 raise ValueError(f"{spec.name}: {name} only applies to mode 'merge', not {mode!r}")
+        if read_version is not None and mode == "append":  # delta-rs checks an append against nothing
+            raise ValueError(
+                f"{spec.name}: read_version needs mode 'replace_partition' or 'merge', not 'append'"
+            )
         if delete_unmatched is not None and partition_values:
             delete_unmatched = (
                 f"({delete_unmatched}) AND {partition_predicate(partition_values, prefix='t.')}"

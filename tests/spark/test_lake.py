@@ -226,6 +226,8 @@ def test_a_write_derived_from_an_older_version_is_refused_only_when_its_rows_cha
     write(D2, ["9"])  # another partition only
     assert write(D1, ["3"], read_version=read) == read + 2
     assert sorted(r.user_id for r in lake.read("bronze.users").collect()) == ["3", "9"]
+    with pytest.raises(ValueError, match="read_version needs mode 'replace_partition' or 'merge'"):
+        lake.write(users(spark, "ds", D1, ["4"]), "bronze.users", mode="append", read_version=read)
 
 
 def test_commit_metadata_reads_back_from_either_engines_field(tmp_path):

@@ -206,7 +206,10 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"unknown_history must be one of {UNKNOWN_HISTORY}, got {unknown_history!r}")
         if self.ranker is None:
             raise RuntimeError("model not loaded: call load_context or setup first")
-        user = int(request["user_id"])
+        user = request.get("user_id")
+        if user is None or (np.ndim(user) == 0 and pd.isna(user)) or float(user) != int(user):
+            raise ValueError(f"{what}: user_id must be an integer, got {user!r}")
+        user = int(user)
         what = f"{what} (user {user})"
         history_ids = _item_list(request["history_item_ids"], f"{what} history_item_ids")
         actions = _item_list(request["history_actions"], f"{what} history_actions")
@@ -224,7 +227,10 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
                     f"{what}: {HISTORY_TIMESTAMPS} must be one non-decreasing time per history item "
                     f"(oldest first), got {len(instants)} for {len(history_ids)} items: {instants[:5].tolist()}"
                 )
-        candidates = _item_list(request["candidate_item_ids"], f"{what} candidate_item_ids")
+        given = request.get("candidate_item_ids")
+        if given is None or (np.ndim(given) == 0 and pd.isna(given)):  # an empty list is no candidates
+            raise ValueError(f"{what}: candidate_item_ids is missing")
+        candidates = _item_list(given, f"{what} candidate_item_ids")
         profile = {}
         for name in self._config.sequence.profile_fields:
             value = request[f"{PROFILE_PREFIX}{name}"]

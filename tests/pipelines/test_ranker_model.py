@@ -246,6 +246,13 @@ def test_unknown_items_and_bad_requests_raise(trained: dict) -> None:
         model.predict(bad)
     with pytest.raises(ValueError, match="chunk_size must be at least 1, got 0"):
         model.predict(frame, params={"chunk_size": 0})
+    # what the signature stops on the pyfunc path, a direct score() call must refuse as well
+    row = frame.iloc[0].to_dict()
+    with pytest.raises(ValueError, match=r"\(user 100\): candidate_item_ids is missing"):
+        python_model.score({**row, "candidate_item_ids": None})
+    for user in (float("nan"), None, 1.5):
+        with pytest.raises(ValueError, match="user_id must be an integer"):
+            python_model.score({**row, "user_id": user})
 
 
 def test_history_timestamps_make_equal_times_one_instant(trained: dict) -> None:

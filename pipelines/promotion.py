@@ -184,9 +184,8 @@ def promote(ctx: StepContext) -> dict[str, Any]:
     unmeasured = [m for m in candidate.tags.get(UNMEASURED, "").split(",") if m]
     decision = decide(mine, theirs, ctx.config.gate, behind, unmeasured)
     if not decision.promote:  # before the verdict is tagged: a retry after the tag skips, alert-less
-        _still_champion(
-            ctx.mlflow, name, evaluated_against, version, "candidate"
-        )  # no alert for a stale verdict
+        # and after @champion is read again: a verdict a rollback made stale alerts nobody
+        _still_champion(ctx.mlflow, name, evaluated_against, version, "candidate")
         ctx.alert(
             f"{name} v{version} not promoted",
             "\n".join(decision.reasons),

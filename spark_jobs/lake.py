@@ -260,15 +260,15 @@ class Lake:
     ) -> dict[str, int]:
         """Compact the table's small files (OPTIMIZE), then delete the files no version younger than
         ``retention`` reads (VACUUM; ``vacuum=False`` skips it, and keeps every commit in the log
-        until a maintenance vacuums again: every version stays readable). Contents are unchanged and versions
-        younger than ``retention`` stay readable: ``retention`` (whole hours, rounded up) becomes the
-        table's ``delta.deletedFileRetentionDuration``, which checkpoints keep tombstones for, and
-        its ``delta.logRetentionDuration`` (at least Delta's 30 days), how long commits stay in the
-        log. Files no version names (a crashed writer's, or one whose tombstone a checkpoint dropped)
-        are deleted too once older than ``retention``, but only after the retention has held for as
-        long (:data:`RETENTION_SET_AT`): a checkpoint written under Delta's default of 7 days may
-        have dropped the tombstone of a file a younger version still reads. A rerun with nothing to
-        do commits nothing (delta-rs). Returns ``files_compacted`` (small files rewritten),
+        until a maintenance vacuums again: every version stays readable). Contents are unchanged and
+        versions younger than ``retention`` stay readable: ``retention`` (whole hours, rounded up)
+        becomes the table's ``delta.deletedFileRetentionDuration``, which checkpoints keep tombstones
+        for, and its ``delta.logRetentionDuration`` (at least Delta's 30 days), how long commits stay
+        in the log. Files no version names (a crashed writer's, or one whose tombstone a checkpoint
+        dropped) are deleted too once older than ``retention``, but only after the retention has held
+        for as long (:data:`RETENTION_SET_AT`): a checkpoint written under Delta's default of 7 days
+        may have dropped the tombstone of a file a younger version still reads. A rerun with nothing
+        to do commits nothing (delta-rs). Returns ``files_compacted`` (small files rewritten),
         ``files_written`` (their replacements), ``files_deleted`` and ``version``; a table that does
         not exist yet is left alone (all zeros, ``version`` -1)."""
         path = self.path(table)

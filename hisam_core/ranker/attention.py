@@ -102,7 +102,8 @@ class TokenLayout:
 
     def pad_to(self, length: int) -> TokenLayout:
         """Right-pad to ``length`` with invalid tokens whose positions continue past every real one,
-        so no real query sees them; a pad (item and instant -1) sees only itself, and its output is dropped."""
+        so no real query sees them; a pad (item and instant -1) sees only itself, and its output is
+        dropped."""
         batch, current = self.position.shape
         extra = length - current
         if extra <= 0:

@@ -6,8 +6,9 @@ encoder version with the same input is skipped). Behaviour is SASRec trained onl
 before the global chronological cut (App. B.2: the behaviour encoder must not see the ranking test
 period), computed on the gate-valid interactions exactly as ``build-sequences`` computes it; its
 rows are keyed by a hash of the cut, of the events before it (their count and a digest of their
-user, item and second: a corrected event that keeps the cut retrains it) and of the encoder
-settings, so a rerun with the same data and config finds them and trains nothing.
+user, item and second: a corrected event that keeps the cut retrains it), of the catalogue (the
+encoder's item table spans it) and of the encoder settings, so a rerun with the same data and
+config finds them and trains nothing.
 ``gold.behaviour_cuts`` keeps that hash's cut, written before the rows: a tokenizer trained on them
 is tagged with it (:func:`behaviour_cut_of`), and its samples are never cut earlier
 (``SequenceConfig.cut_not_before``).

@@ -432,7 +432,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     # tokenize-catalogue quarantines the incomplete
     features, snapshot, _ = load_item_features(ctx, pinned.get("item_embeddings"), catalogue=catalogue)
     cold = cold_behavior_embedding(ctx, snapshot)  # before training: it fails without warm rows
-    resumed = _resumable_run(ctx, stopped, features) if stopped is not None else None
+    resumed = _resumable_run(ctx, stopped, version, features) if stopped is not None else None
     with mlflow.start_run(run_id=resumed, run_name=f"train-tokenizer-{version}") as run:
         out = _training_dir(ctx, version, run.info.run_id)  # one per run: two never mix
         out.mkdir(parents=True, exist_ok=True)
@@ -507,14 +507,14 @@ def _training_dir(ctx: StepContext, version: str, run_id: str) -> Path:
     return ctx.settings.checkpoints / "dst" / ctx.dataset / version / run_id
 
 
-def _resumable_run(ctx: StepContext, stopped: Run, features: ItemFeatures) -> str | None:
-    """The id of ``stopped`` (this logical run's newest ``train-tokenizer`` run of the version, not
+def _resumable_run(ctx: StepContext, stopped: Run, version: str, features: ItemFeatures) -> str | None:
+    """The id of ``stopped`` (this logical run's newest ``train-tokenizer`` run of ``version``, not
     finished) when its training state can resume on ``features`` under today's settings; otherwise
     None, and a run still marked RUNNING (its worker was killed) is marked KILLED."""
     from hisam_core.tokenizer.train import state_conflicts
 
     run_id = stopped.info.run_id
-    state = _training_dir(ctx, stopped.data.tags["tokenizer_version"], run_id) / TRAINING_STATE
+    state = _training_dir(ctx, version, run_id) / TRAINING_STATE
     if not state.exists():
         why = f"it saved no training state at {state}"
     elif changed := state_conflicts(state, features, ctx.config.tokenizer.train):

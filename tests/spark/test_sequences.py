@@ -294,7 +294,7 @@ def test_test_history_modes(spark) -> None:
 
 
 def test_semantic_id_join_quarantines_unknown_items_and_counts_reconcile(spark) -> None:
-    rows = [(1, i, i, 4.0) for i in range(1, 9)] + [(2, 99, 3, 4.0), (2, 1, 4, None)]
+    rows = [(1, i, i, 4.0) for i in range(1, 9)] + [(1, 99, 4.5, 4.0), (2, 99, 3, 4.0), (2, 1, 4, None)]
     df = events(spark, rows)
     table = semantic_ids(spark, range(1, 9), "v2").unionByName(
         spark.createDataFrame([(int(i), [0] * 6, "v1") for i in range(1, 100)], "item_id long, semantic_ids array<bigint>, tokenizer_version string")
@@ -305,10 +305,12 @@ def test_semantic_id_join_quarantines_unknown_items_and_counts_reconcile(spark) 
         build_sequences(df, table, SequenceConfig(tokenizer_version="v9"))
     result = build_sequences(df, table, SequenceConfig(tokenizer_version="v2"))
     reasons = sorted((r["user_id"], r["item_id"], r["reason"]) for r in result.quarantine.collect())
-    assert reasons == [(2, 1, "no_label"), (2, 99, "unknown_item")]  # each once
+    assert reasons == [(1, 99, "unknown_item"), (2, 1, "no_label"), (2, 99, "unknown_item")]  # each once
+    assert result.samples.count() + len(reasons) == df.count()
     samples = result.samples.collect()
     assert sorted((r["user_id"], r["item_id"]) for r in samples) == [(1, i) for i in range(1, 9)]
-    assert all(99 not in r["history_item_ids"] for r in samples)
+    later = {r["item_id"]: r["history_item_ids"] for r in samples if r["item_id"] > 4}
+    assert later == {i: list(range(1, i)) for i in range(5, 9)}  # user 1's item 99 (second 4.5) in none
     assert {r["tokenizer_version"] for r in samples} == {"v2"}
     assert all(r["target_semantic_ids"] == codes(r["item_id"]) for r in samples)
 

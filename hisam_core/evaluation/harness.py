@@ -69,6 +69,11 @@ class DataConfig(Config):
         description="npz with item_ids, emb_<modality> arrays and optional present_<modality> masks; "
         "needed by semantic-ID rankers",
     )
+    allow_uncut_behavior: bool = Field(
+        False,
+        description="accept an emb_behavior whose file records no 'cutoff' (e.g. synthetic features): "
+        "nothing then shows its encoder never saw the test interactions (App. B.2)",
+    )
 
 
 class ExperimentConfig(Config):
@@ -583,10 +588,13 @@ def run_evaluation(
         features = load_features_npz(config.data.features_path)
         features_cutoff = npz_cutoff(config.data.features_path)
     if features is not None and features_cutoff is None and "behavior" in features.modalities:
-        logger.warning(
-            "the features record no behaviour cut-off: nothing shows their behaviour encoder never "
-            "saw the test interactions (App. B.2); a features file says it in 'cutoff'"
-        )
+        if not config.data.allow_uncut_behavior:
+            raise ValueError(
+                "the features record no behaviour cut-off: nothing shows their behaviour encoder never "
+                "saw the test interactions (App. B.2); write the instant it trained up to as 'cutoff' in "
+                "the features file, or set data.allow_uncut_behavior: true"
+            )
+        logger.warning("the features record no behaviour cut-off (data.allow_uncut_behavior): unchecked")
     if features_cutoff is not None and features_cutoff > split.cut:
         raise ValueError(
             f"the features' behaviour encoder trained on interactions up to {features_cutoff}, past the "

@@ -50,7 +50,11 @@ def test_evaluate_writes_the_report_logs_every_run_and_reuses_them(
     np.savez(tmp_path / "features.npz", item_ids=item_ids, **{f"emb_{m}": v for m, v in modalities.items()})
     config = {
         **TINY,
-        "data": {"dataset": "generic", "path": str(tmp_path / "interactions.csv")},
+        "data": {
+            "dataset": "generic",
+            "path": str(tmp_path / "interactions.csv"),
+            "allow_uncut_behavior": True,
+        },
         "cache_dir": str(tmp_path / "cache"),
     }
     EvaluationConfig.model_validate(config)  # the test's own config is valid
@@ -185,7 +189,7 @@ def test_parallel_jobs_give_the_serial_result_and_the_sweep_reuses_the_base_runs
     frame, modalities, item_ids = planted_interactions
     frame.to_csv(tmp_path / "interactions.csv", index=False)
     np.savez(tmp_path / "features.npz", item_ids=item_ids, **{f"emb_{m}": v for m, v in modalities.items()})
-    data = {"dataset": "generic", "path": str(tmp_path / "interactions.csv")}
+    data = {"dataset": "generic", "path": str(tmp_path / "interactions.csv"), "allow_uncut_behavior": True}
     config = EvaluationConfig.model_validate(
         {
             **TINY,

@@ -355,6 +355,7 @@ def test_end_to_end_rankers_beat_random_on_planted_preferences(planted, tmp_path
                 "dataset": "generic",
                 "path": str(tmp_path / "interactions.csv"),
                 "features_path": str(tmp_path / "features.npz"),
+                "allow_uncut_behavior": True,
             },
             "max_tokens": 48,
             "hmat": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "ffn_size": 32},
@@ -380,6 +381,7 @@ def test_end_to_end_rankers_beat_random_on_planted_preferences(planted, tmp_path
             "cache_dir": str(tmp_path / "cache"),
         }
     )
+    torch.set_num_threads(2)  # run_evaluation applies the config's threads (1)
     result = run_evaluation(config)
     split = chronological_split(label_interactions(frame, ProtocolConfig()), ProtocolConfig())
     _, test = build_windows(split, result["budget"]["window_items"], 2)
@@ -403,8 +405,10 @@ def test_features_whose_behaviour_encoder_saw_test_interactions_are_refused(plan
         np.savez(path, item_ids=item_ids, **{f"emb_{m}": v for m, v in modalities.items()}, **extra)
         data = {"dataset": "generic", "path": str(tmp_path / "interactions.csv"), "features_path": str(path)}
         config = EvaluationConfig.model_validate({"data": data, "run": ["sasrec"], "seeds": [0], "sets": {}})
-        if cutoff is None:
-            assert npz_cutoff(path) is None  # nothing to check: the file does not say
+        if cutoff is None:  # nothing shows the encoder's cut: refused unless the config accepts it
+            assert npz_cutoff(path) is None
+            with pytest.raises(ValueError, match=r"no behaviour cut-off.*allow_uncut_behavior"):
+                run_evaluation(config)
             continue
         assert npz_cutoff(path) == cut + 1
         with pytest.raises(ValueError, match=rf"up to {cut + 1}, past the split's cut {cut}"):
@@ -423,7 +427,12 @@ def test_interactions_with_items_the_features_lack_are_refused_before_training(
     path = tmp_path / "features.npz"
     keep = item_ids != item_ids[3]
     np.savez(path, item_ids=item_ids[keep], **{f"emb_{m}": v[keep] for m, v in modalities.items()})
-    data = {"dataset": "generic", "path": str(tmp_path / "interactions.csv"), "features_path": str(path)}
+    data = {
+        "dataset": "generic",
+        "path": str(tmp_path / "interactions.csv"),
+        "features_path": str(path),
+        "allow_uncut_behavior": True,
+    }
     config = EvaluationConfig.model_validate({"data": data, "run": ["hisam_sft"], "seeds": [0], "sets": {}})
     monkeypatch.setattr(harness, "run_experiment", lambda *a: pytest.fail("trained before the check"))
     with pytest.raises(

@@ -176,15 +176,18 @@ def test_training_standardises_on_present_rows_only(planted, tiny):
     np.testing.assert_allclose(head.mean.numpy(), real.mean(0), atol=1e-5)
     np.testing.assert_allclose(head.std.numpy(), real.std(0), rtol=1e-4)
     assert all(np.isfinite(v) for epoch in history for v in epoch.values())
-    # an item whose image is missing gets all six codes, and they do not depend on its fallback row
+    # an item whose image is missing gets all six codes; only its image code depends on the fallback row
     ids = model.encode(features, "t").codes
+    assert ids.shape == (len(features.item_ids), 6)
     moved = ItemFeatures(
         features.item_ids,
         {**features.modalities, "image": np.where(present[:, None], features.modalities["image"], 7.0)},
         features.present,
     )
-    shared = model.config.shared_layers
-    assert np.array_equal(model.encode(moved, "t").codes[:, :shared], ids[:, :shared])
+    image = model.config.shared_layers + model.modalities.index("image")
+    others = [p for p in range(ids.shape[1]) if p != image]
+    assert np.array_equal(model.encode(moved, "t").codes[:, others], ids[:, others])
+    assert np.array_equal(model.encode(moved, "t").codes[present], ids[present])
 
 
 def test_figure3_columns_average_over_the_items_that_have_the_modality() -> None:

@@ -513,13 +513,17 @@ def test_the_demo_keeps_no_store_of_a_production_config(tmp_path) -> None:
 
 def test_the_demo_never_writes_to_the_stores_the_environment_names(tmp_path, monkeypatch, caplog) -> None:
     """In the production image MLFLOW_TRACKING_URI, HISAM_LAKE_ROOT, AIRFLOW_HOME... name production:
-    the demo's DAGs still see only stores under $HISAM_HOME, and the log names what was ignored
-    (never the values: a connection string may hold a password)."""
+    the demo's DAGs still see only stores under $HISAM_HOME (Airflow's metadata database included,
+    set by the real ``airflow_env``; only the migration and the DAG runs are left out), and the log
+    names what was ignored (never the values: a connection string may hold a password)."""
     import types
 
     import pipelines.demo as demo
     from pipelines.settings import Settings
 
+    airflow_env = demo._lifecycle().airflow_env
+    for name in airflow_env(tmp_path):  # restored after the test, whatever the demo set
+        monkeypatch.delenv(name, raising=False)
     seen: dict[str, str | None] = {}
 
     def run_dag(dag_id: str, day: dt.date) -> types.SimpleNamespace:
@@ -529,7 +533,9 @@ def test_the_demo_never_writes_to_the_stores_the_environment_names(tmp_path, mon
         raise demo.DemoFailed("stop after the first DAG")
 
     lifecycle = types.SimpleNamespace(
-        LIFECYCLE=("hisam_features",), prepare_airflow=lambda home: None, run_dag=run_dag
+        LIFECYCLE=("hisam_features",),
+        prepare_airflow=lambda home: os.environ.update(airflow_env(Path(home))),
+        run_dag=run_dag,
     )
     monkeypatch.setattr(demo, "_lifecycle", lambda: lifecycle)
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
@@ -539,7 +545,10 @@ def test_the_demo_never_writes_to_the_stores_the_environment_names(tmp_path, mon
     with pytest.raises(demo.DemoFailed):
         demo.run_demo(dataset="synthetic")
     assert seen["mlflow"] == f"sqlite:///{tmp_path / 'mlflow.db'}" and seen["lake"] == str(tmp_path / "lake")
-    assert all(seen[name] is None for name in demo.SHARED_STORES)
+    airflow = tmp_path / "airflow"
+    assert seen.pop("AIRFLOW_HOME") == str(airflow)
+    assert seen.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN") == f"sqlite:///{airflow / 'airflow.db'}"
+    assert all(seen[name] is None for name in demo.SHARED_STORES if name in seen)
     assert (
         f"hisam demo ignores {', '.join(demo.SHARED_STORES)}" in caplog.text and "s3cret" not in caplog.text
     )

@@ -67,13 +67,14 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved (CUDA's where this machine has CUDA)."""
+    """Restore what :func:`rng_state` saved (CUDA's where this machine has CUDA: of the devices it
+    sees, so a retry on a node exposing fewer GPUs than the saving one still resumes)."""
     import numpy as np
     import torch
 
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
     random.setstate(state["python"])
     numpy = state["numpy"]
     keys = numpy["keys"].numpy().astype(np.uint32)

@@ -1,7 +1,8 @@
 """Training loop of HMAT for both stages (Sec. 3.4.1, B.2): PT (next-token, causal) and SFT (action
 NLL, MA mask, optionally initialised from a PT checkpoint). AdamW with linear warm-up and cosine
 decay, gradient clipping, bf16 autocast where supported, deterministic seeding, and checkpoints
-(model, optimizer, scheduler, RNG states, step) that resume exactly, and only into the same run.
+(model, optimizer, scheduler, RNG states, step) that resume only into the same run: exactly on the
+CPU, within float tolerance on CUDA (its attention backward is not deterministic).
 
 Our choices where B.2 says otherwise or nothing: AdamW (weight decay 0.01, betas 0.9/0.95) for the
 paper's Adam, bf16 autocast for its FP16 (no loss scaling needed), warm-up, cosine decay, clipping.
@@ -82,8 +83,9 @@ def build_model(config: RankerConfig) -> HMAT:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RankerConfig, HMAT]:
-    """Config and model of a checkpoint written by :func:`train`."""
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    """Config and model of a checkpoint written by :func:`train` (read on the CPU: the optimizer's
+    moments, twice the weights, never reach ``device``)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     config = RankerConfig.from_dict(checkpoint["config"])
     with torch.random.fork_rng(devices=[]):  # the random init is replaced: leave the RNG as it was
         model = build_model(config).to(device)

@@ -348,7 +348,7 @@ class DST(nn.Module):
 
     @classmethod
     def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DST:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
         with torch.random.fork_rng(devices=[]):  # the random init is replaced: leave the RNG as it was
             model = cls(DSTConfig.from_dict(payload["config"]))
         model.load_state_dict(payload["state_dict"])

@@ -39,6 +39,12 @@ writes into the drop's directory last; the wait then ends only when the marker i
 placeholder is a snapshot: every date's import reads the whole input, its bronze partition holds all
 of it, and the import budget and the day's quality gate judge all of it, not what changed that day.
 
+A directory is read with its files and its ``key=value`` partition folders; a data file in another
+subfolder (which Spark would skip) is refused by name. A Parquet drop's files may differ in their
+columns: each record reads the columns its file has (Spark's ``mergeSchema``). A CSV drop's files
+must share one header (checked per file: as Spark does for a header of distinct, non-empty names,
+line by line for others, e.g. pandas' index column).
+
 An input column named like one the import adds (:data:`READ_COLUMNS`: ``source_file``, ``_raw``...)
 is refused by name; ``rename`` it. A CSV's quoted fields may hold line breaks (``csv_multiline``);
 read line by line (the default), an input with a line that ends inside a quoted field is refused: it
@@ -242,6 +248,59 @@ def _check_names(path: str, names: list[str], rename: dict[str, str]) -> list[st
     return renamed
 
 
+def refuse_unread_subfolders(spark: SparkSession, path: str) -> None:
+    """Raise ValueError when a directory ``path`` names (or that its glob matches) holds a data file
+    in a subfolder that is not a ``key=value`` partition: Spark reads a directory's own files and its
+    partition folders only, so that file would be neither imported nor quarantined. Hidden names
+    (``_``, ``.``) are skipped, as Spark skips them. Not checked on Spark Connect (no Hadoop API)."""
+    if _jvm(spark) is None:
+        return
+    conf = spark._jsc.hadoopConfiguration()
+
+    def visible(status: Any) -> bool:
+        return not status.getPath().getName().startswith(("_", "."))
+
+    def skipped(folder: Any) -> list[str]:
+        found = []
+        for child in filter(visible, folder.getFileSystem(conf).listStatus(folder)):
+            if not child.isDirectory():
+                continue
+            if "=" in child.getPath().getName():
+                found += skipped(child.getPath())
+                continue
+            files = child.getPath().getFileSystem(conf).listFiles(child.getPath(), True)
+            while files.hasNext():
+                file = files.next()
+                if visible(file):
+                    found.append(str(file.getPath()))
+        return found
+
+    found = [f for s in _glob(spark, path) if s.isDirectory() for f in skipped(s.getPath())]
+    if found:
+        raise ValueError(
+            f"{path}: {len(found)} file(s) in subfolders Spark does not read (not key=value partitions), "
+            f"e.g. {_local(found[0])}: move them into the input's directory, or name them in the path"
+        )
+
+
+def refuse_differing_headers(spark: SparkSession, path: str, encoding: str) -> None:
+    """Raise ValueError when the CSV files of ``path`` do not all start with the same line. Used for
+    a header Spark cannot check per file (an empty or repeated name): Spark would then drop every
+    file's first line as a header and read its fields by position, so a file without a header or with
+    its columns in another order would lose a record or fill the wrong columns."""
+    firsts = (
+        read_lines(spark, path, encoding=encoding)
+        .groupBy("source_file")
+        .agg(F.min_by("value", LINE).alias("header"))
+    )
+    headers = firsts.groupBy("header").agg(F.min("source_file").alias("file")).limit(3).collect()
+    if len(headers) > 1:
+        shown = "; ".join(f"{_local(r.file)}: {r.header[:80]!r}" for r in headers)
+        raise ValueError(
+            f"{path}: its CSV files start with different header lines ({shown}); one header per input"
+        )
+
+
 def refuse_split_records(spark: SparkSession, path: str, sep: str, encoding: str) -> None:
     """Raise ValueError when a line of the CSV ``path`` ends inside a quoted field (after whole
     fields, a quote that is never closed: ``""`` is an escaped quote). Read line by line, such a
@@ -289,6 +348,7 @@ def read_as_strings(
     """
     fmt = detect_format(path) if fmt == "auto" else fmt
     rename = rename or {}
+    refuse_unread_subfolders(spark, path)
     if fmt == "jsonl" and encoding.replace("-", "").upper() != "UTF8":
         raise ValueError(f"{path}: JSON lines are UTF-8 (RFC 8259), not {encoding}; encoding applies to CSV")
     if fmt == "csv":
@@ -304,6 +364,8 @@ def read_as_strings(
         # Spark names an empty column _c<i> and a repeated one <name><i>: such headers cannot be
         # checked against these names, so only a clean header has every file's header checked
         checkable = len(set(written)) == len(written) and all(written)
+        if not checkable:
+            refuse_differing_headers(spark, path, encoding)
         names = _check_names(path, written_names, rename)
         schema = T.StructType([T.StructField(c, T.StringType()) for c in [*written_names, CORRUPT]])
         df = (
@@ -361,7 +423,7 @@ def read_as_strings(
         if spark.conf.get(NANOS_AS_LONG, "false") != "true":
             logger.info("setting %s=true so Parquet nanosecond timestamps can be read", NANOS_AS_LONG)
             spark.conf.set(NANOS_AS_LONG, "true")
-        stored = spark.read.parquet(path)
+        stored = spark.read.option("mergeSchema", True).parquet(path)  # else the first file's columns
         names = _check_names(path, stored.columns, rename)
         df = stored.select(
             *[_as_text(f).alias(n) for f, n in zip(stored.schema.fields, names, strict=True)],

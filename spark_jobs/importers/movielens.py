@@ -138,14 +138,14 @@ def parse_items(lines: DataFrame, dataset: str, logical_date: dt.date, genres: t
     n = 5 + len(genres)
     parts = F.split(F.col("value"), r"\|", -1)
     item = F.trim(F.get(parts, 0))
-    flags = F.concat_ws("", F.slice(parts, 6, len(genres)))
+    flags = F.slice(parts, 6, len(genres))
     reason = F.coalesce(
         line_problem(n, parts, "pipe"),
         first_reason(
             (not_int(item), F.concat(F.lit("item_id "), quoted(item), F.lit(" is not an integer"))),
             (
-                ~flags.rlike(f"^[01]{{{len(genres)}}}$"),
-                F.concat(F.lit("genre flags must be 0/1, got "), flags),
+                ~F.forall(flags, lambda flag: flag.isin("0", "1")),
+                F.concat(F.lit("genre flags must be 0/1, got "), F.concat_ws("|", flags)),
             ),
         ),
     )

@@ -117,7 +117,8 @@ def test_movielens_layout_with_defects_is_quarantined_exactly(spark, lake, tmp_p
             ("bronze.interactions", "timestamp '881250950000' is not unix seconds (1e11 or later)"): 1,
             ("bronze.interactions", "timestamp '9999999999999' is not unix seconds (1e11 or later)"): 1,
             ("bronze.interactions", "timestamp '-5' is not unix seconds"): 1,
-            ("bronze.items", "genre flags must be 0/1, got 0000000020000000000"): 1,
+            # 19 fields, and their 19 characters are 0/1: each field is checked, not their join
+            ("bronze.items", "genre flags must be 0/1, got 0|0|0|0|0|0|0|0|11||0|0|0|0|0|0|0|0|0"): 1,
             ("bronze.items", "item_id 'x' is not an integer"): 1,
             ("bronze.items", "expected 24 pipe-separated fields, got 3"): 1,
             ("bronze.items", "duplicate item_id 2 with other values"): 1,
@@ -766,6 +767,49 @@ def test_a_float_reads_as_the_text_a_csv_would_carry_whatever_its_magnitude(spar
         None,
         None,
     ]
+
+
+def test_every_file_of_a_drop_is_read_with_its_own_columns_or_the_drop_is_refused(spark, lake, tmp_path):
+    """Spark reads a directory's own files only (and key=value partitions): a file in another
+    subfolder is refused by name, not skipped. A Parquet drop's files may carry different columns
+    (Spark's default reads only one file's). A CSV drop whose header Spark cannot check per file
+    (pandas' empty index name) must still start every file with the same line."""
+
+    def rows_of(dataset: str) -> set[tuple]:
+        rows = lake.read("bronze.interactions", partitions={"dataset": dataset}).collect()
+        return {(r.user_id, r.rating, r.label, r.action) for r in rows}
+
+    drop = tmp_path / "pq"
+    (drop / "_temporary").mkdir(parents=True)  # hidden: Spark skips it, and so does the check
+    (drop / "_temporary" / "x.parquet").write_bytes(b"")
+    base = {"item_id": ["i1"], "timestamp": [1_700_000_000]}
+    pd.DataFrame({**base, "user_id": ["u1"], "rating": [4.0]}).to_parquet(drop / "a.parquet")
+    pd.DataFrame({**base, "user_id": ["u2"], "label": [1], "action": ["buy"]}).to_parquet(drop / "b.parquet")
+    report = import_generic(spark, lake, GenericImportConfig(dataset="mp", interactions=str(drop)), DAY)
+    assert counts(report) == {"pq": (2, 2, 0)}
+    assert rows_of("mp") == {("u1", 4.0, None, None), ("u2", None, 1, "buy")}
+
+    (drop / "late").mkdir()
+    pd.DataFrame({**base, "user_id": ["u3"], "rating": [2.0]}).to_parquet(drop / "late" / "c.parquet")
+    before = lake.history("bronze.interactions")
+    with pytest.raises(ValueError, match=r"1 file\(s\) in subfolders Spark does not read .*late/c\.parquet"):
+        import_generic(spark, lake, GenericImportConfig(dataset="mp", interactions=str(drop)), DAY)
+    assert lake.history("bronze.interactions") == before
+
+    folder = tmp_path / "indexed"
+    folder.mkdir()
+    frame = pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "timestamp": [1_700_000_000], "rating": [4]})
+    frame.to_csv(folder / "a.csv")  # header ",user_id,item_id,timestamp,rating"
+    frame.assign(user_id="u2").to_csv(folder / "b.csv")
+    report = import_generic(spark, lake, GenericImportConfig(dataset="ic", interactions=str(folder)), DAY)
+    assert counts(report) == {"indexed": (2, 2, 0)}
+    frame.assign(user_id="u3")[["item_id", "user_id", "timestamp", "rating"]].to_csv(folder / "b.csv")
+    with pytest.raises(ValueError, match=r"start with different header lines .*',item_id,user_id,"):
+        import_generic(spark, lake, GenericImportConfig(dataset="ic", interactions=str(folder)), DAY)
+    frame.assign(user_id="u3").to_csv(folder / "b.csv", header=False)  # its record would be the header
+    with pytest.raises(ValueError, match=r"start with different header lines .*'0,u3,i1,"):
+        import_generic(spark, lake, GenericImportConfig(dataset="ic", interactions=str(folder)), DAY)
+    assert {r[0] for r in rows_of("ic")} == {"u1", "u2"}
 
 
 def test_timestamps_by_magnitude_and_format(spark):

@@ -150,6 +150,19 @@ def _reusable_points(
     return scaling_records(config, reuse.get("scaling"))
 
 
+def _code_version() -> str:
+    from pipelines.tracking import code_version
+
+    return code_version()
+
+
+def _stamp(runs: list[dict[str, Any]]) -> None:
+    """Record in each run the code it ran (:func:`pipelines.tracking.code_version`), so a result
+    merged with ``--reuse`` still names each run's commit."""
+    for run in runs:
+        run["code_version"] = _code_version()
+
+
 def run_parallel(
     config: EvaluationConfig,
     features_cache: str,
@@ -191,6 +204,7 @@ def run_parallel(
     labels = [f"{sub.run[0]} seed {sub.seeds[0]}" for sub in subs]
     level = logging.getLogger().getEffectiveLevel()
     parts = pool_map(_job, [(sub, features_cache, level) for sub in subs], workers, labels)
+    _stamp([r for p in parts for r in p["runs"]])  # kept runs keep the code they record (or none)
     if now is not None and any(_split(part) != now for part in parts):
         raise ValueError(f"--reuse: the data changed while the jobs ran (it gave {now} when they started)")
     log.info("reusing %d runs and %d sweep points", len(kept), len(kept_points))
@@ -663,14 +677,18 @@ def _evaluate(
     prog: str | None,
 ) -> int:
     torch.set_num_threads(config.threads)
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()
     if reuse is not None or args.workers > 1:
         result = run_parallel(config, str(args.features_cache), args.workers, reuse)
     else:
         features, cutoff = _features(config, str(args.features_cache))
         result = run_evaluation(config, features, features_cutoff=cutoff)
+        _stamp(result["runs"])
     result["environment"] = {
         "reused_from": str(args.reuse) if args.reuse else None,
+        "code_version": _code_version(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_at_start": [round(x, 2) for x in load],
         "torch": torch.__version__,
         "threads_per_worker": config.threads,
         "workers": args.workers,

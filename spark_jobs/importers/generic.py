@@ -15,7 +15,8 @@ column         required  meaning
                          ``UNIT_BOUNDS``), a Parquet timestamp, or an ISO-8601 date-time
                          (``2023-11-15T10:00:00Z``); see ``timestamp_unit``
 ``rating``     one of    a number (explicit feedback); range-checked when ``rating_range`` is set
-``label``      the two   ``0`` / ``1`` (implicit feedback); silver derives it from ``rating`` if absent
+``label``      the two   ``0`` / ``1`` or ``true`` / ``false`` (implicit feedback); silver derives it
+                         from ``rating`` if absent
 ``action``     no        event type, e.g. ``click``, ``purchase``
 (other)        no        kept as JSON in ``extra``
 =============  ========  ===========================================================================
@@ -478,7 +479,9 @@ def parse_interactions(
     user, item, ts, rating, label, action = (_col(names, c) for c in INTERACTION_COLUMNS)
     event_ts = parse_timestamp(ts, config.timestamp_unit)
     rating_num = to_double(rating)
-    label_num = F.when(label.isin("0", "1", "0.0", "1.0"), label.cast("double").cast("int"))
+    label_num = F.when(label.isin("0", "1", "0.0", "1.0"), label.cast("double").cast("int")).when(
+        F.lower(label).isin("true", "false"), (F.lower(label) == "true").cast("int")
+    )  # a boolean column (Parquet, JSON) reads as true/false
     checks = [
         (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
         (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),

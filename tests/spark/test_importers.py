@@ -659,6 +659,19 @@ def test_generic_parquet_with_nulls_in_keys(spark, lake, tmp_path):
     assert rows["2"].rating is None and rows["2"].label == 1  # NaN is no rating
 
 
+def test_a_boolean_label_is_implicit_feedback(spark, lake, tmp_path):
+    """A Parquet (or JSON) boolean column reads as true/false: 1/0, not a quarantined label."""
+    events = pd.DataFrame(
+        {"user_id": ["u1", "u2", "u3"], "item_id": ["i1"] * 3, "timestamp": [1_700_000_000] * 3}
+    ).assign(label=pd.array([True, False, None], dtype="boolean"))
+    events.to_parquet(tmp_path / "events.parquet")
+    config = GenericImportConfig(dataset="bl", interactions=str(tmp_path / "events.parquet"))
+    assert counts(import_generic(spark, lake, config, DAY)) == {"events.parquet": (3, 2, 1)}
+    rows = lake.read("bronze.interactions", partitions={"dataset": "bl"}).collect()
+    assert {(r.user_id, r.label) for r in rows} == {("u1", 1), ("u2", 0)}
+    assert reasons(lake, "bl") == Counter({("bronze.interactions", "neither rating nor label"): 1})
+
+
 def test_generic_ids_lose_unicode_spaces_and_invisible_characters_at_their_ends(spark, lake, tmp_path):
     """A spreadsheet export's no-break space, a tab, a zero-width space or a byte-order mark around an
     id would make it another id than the clean one; an id of nothing but those is missing, and a NaN

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from hisam_core.evaluation.harness import EvaluationConfig, assemble, json_safe, run_evaluation
 from pipelines.cli import main as cli
 from pipelines.evaluation import EXPERIMENT, FINDINGS, _reusable, pool_map, run_parallel, write_report
+from pipelines.tracking import code_version
 
 TINY = {
     "max_tokens": 48,
@@ -206,9 +207,11 @@ def test_parallel_jobs_give_the_serial_result_and_the_sweep_reuses_the_base_runs
     serial = json_safe(run_evaluation(config))
     parallel = json_safe(run_parallel(config, str(tmp_path / "unused"), 2))
     timeless = [
-        [{k: v for k, v in r.items() if k != "wall_s"} for r in x["runs"]] for x in (serial, parallel)
+        [{k: v for k, v in r.items() if k not in ("wall_s", "code_version")} for r in x["runs"]]
+        for x in (serial, parallel)
     ]
     assert timeless[0] == timeless[1] and len(timeless[0]) == 4
+    assert {r["code_version"] for r in parallel["runs"]} == {code_version()}  # each run names its code
     assert parallel["scaling"] == serial["scaling"] and parallel["summary"] == serial["summary"]
 
     (main,) = [r["metrics"] for r in serial["runs"] if (r["experiment"], r["seed"]) == ("hisam_sft", 0)]
@@ -231,7 +234,9 @@ def test_parallel_jobs_give_the_serial_result_and_the_sweep_reuses_the_base_runs
     with caplog.at_level(logging.INFO, logger="pipelines.evaluation"):
         filled = json_safe(run_parallel(config, str(tmp_path / "unused"), 2, reuse=partial))
     assert "1 jobs to run (3 kept from an earlier result)" in caplog.text
-    assert [{k: v for k, v in r.items() if k != "wall_s"} for r in filled["runs"]] == timeless[0]
+    assert [{k: v for k, v in r.items() if k not in ("wall_s", "code_version")} for r in filled["runs"]] == (
+        timeless[0]
+    )
     # kept runs of another split (the interactions file re-exported under the same path): refused
     # before any job runs, also when every run would be kept
     for earlier in (partial, parallel):

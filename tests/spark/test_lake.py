@@ -533,7 +533,7 @@ def test_a_table_maintained_without_vacuum_keeps_old_versions_readable_past_the_
     age_log()
     for k in range(4):
         write([f"v{k}"])
-    with pytest.raises(Exception, match=r"log segment|version"):
+    with pytest.raises(Exception, match=r"No files in log segment"):  # not Lake's out-of-range error
         lake.read("bronze.users", first).count()
 
 
@@ -605,5 +605,5 @@ def test_maintenance_compacts_then_vacuums_past_the_retention_and_changes_no_con
     assert data_files() == live_files() and contents(lake.read("bronze.users")) == latest
     again = lake.maintain("bronze.users", dt.timedelta(0))
     assert again == {**vacuumed, "files_deleted": 0}  # nothing left to do: no commit either
-    with pytest.raises(Exception, match=r"(?i)not exist|not found|FileNotFound"):
+    with pytest.raises(Exception, match=r"PATH_NOT_FOUND.*\.parquet"):
         lake.read("bronze.users", version=max(versions) - 1).collect()  # an old version's files are gone

@@ -259,23 +259,37 @@ def test_parallel_jobs_give_the_serial_result_and_the_sweep_reuses_the_base_runs
 
 
 def test_a_failed_job_cancels_the_jobs_not_yet_started(tmp_path, caplog):
-    """One worker: the first job fails at once, each of the ten after it would take 0.5 s and leave
-    a file. The failure is raised, noted with its job, the jobs not yet handed to the worker never
+    """One worker: the first job fails at once, each of the ten after it waits until that failure is
+    logged and then leaves a file (so none can finish before the cancellation, however slow the
+    machine). The failure is raised, noted with its job, the jobs not yet handed to the worker never
     run, and those already handed to it finish."""
+    go, done = tmp_path / "go", tmp_path / "done"
+    done.mkdir()
     later = [
-        f"import pathlib, time; time.sleep(0.5); pathlib.Path({str(tmp_path / str(k))!r}).touch()"
+        f"import pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+        f"pathlib.Path({str(done / str(k))!r}).touch()"
         for k in range(10)
     ]
-    with (
-        caplog.at_level(logging.ERROR, logger="pipelines.evaluation"),
-        pytest.raises(ValueError, match="broken") as raised,
-    ):
-        pool_map(exec, ["raise ValueError('broken')", *later], 1, ["first", *map(str, range(10))])
+
+    class Release(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            go.touch()
+
+    release = Release(logging.ERROR)
+    logging.getLogger("pipelines.evaluation").addHandler(release)
+    try:
+        with (
+            caplog.at_level(logging.ERROR, logger="pipelines.evaluation"),
+            pytest.raises(ValueError, match="broken") as raised,
+        ):
+            pool_map(exec, ["raise ValueError('broken')", *later], 1, ["first", *map(str, range(10))])
+    finally:
+        logging.getLogger("pipelines.evaluation").removeHandler(release)
     assert raised.value.__notes__ == ["in job first"]
     assert "job first failed (ValueError: broken)" in caplog.text
     (cancelled,) = map(int, re.findall(r"(\d+) jobs not yet started are cancelled", caplog.text))
     assert cancelled >= 7  # at most one running and two queued calls (ProcessPoolExecutor) escape
-    assert len(list(tmp_path.iterdir())) == 10 - cancelled  # every job not cancelled ran to its end
+    assert len(list(done.iterdir())) == 10 - cancelled  # every job not cancelled ran to its end
 
 
 def test_a_worker_that_dies_fails_the_map_instead_of_hanging():

@@ -1,8 +1,11 @@
 """The whole lifecycle through the real DAGs (``dag.test()``) on tiny synthetic data.
 
 One module-scoped run plays the calendar: day 1 runs the four DAGs; the tests then rerun, degrade,
-roll back and break it, in file order (each test states what it builds on). Everything is real: local
-Spark and Delta, GX, the MLflow SQLite registry, Airflow's SQLite metadata.
+roll back and break it, in file order (each test states what it builds on; run alone, or with -k,
+a test fails on the state it expected). The tests marked "Closing section" come after every test of
+the November chain, because they change state that chain reads (gold.samples, @current, the
+champion, the encoder version). Everything is real: local Spark and Delta, GX, the MLflow SQLite
+registry, Airflow's SQLite metadata.
 """
 
 from __future__ import annotations
@@ -679,7 +682,7 @@ def test_recommend_ranks_every_unseen_item_with_the_champion(world, capsys, capl
 
 
 def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
-    """Runs last (it corrupts gold.samples). A few out-of-codebook rows pass the samples gate within
+    """Closing section (it corrupts gold.samples). A few out-of-codebook rows pass the samples gate within
     its tolerance and are removed from the table; 100 more make it fail, so fine-tuning never starts,
     the gate alerts (once: the failed task adds no second alert), and the quarantine of the day holds
     all 105."""
@@ -726,7 +729,7 @@ def test_a_data_quality_failure_stops_fine_tuning_and_alerts(world) -> None:
 def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compares_on_shared_rows(
     world, capsys
 ) -> None:
-    """Runs last (it moves @current). December's tokenizer is activated; fine-tuning that day finds no
+    """Closing section (it moves @current). December's tokenizer is activated; fine-tuning that day finds no
     PT on it, so it skips (no training, no alert, the champion stays). PT on it is registered (which
     triggers hisam_finetune) and three new items arrive: the daily run gives them IDs of the new
     version and of the champion's, so the refreshed champion serves them. Two more arrive while the
@@ -802,7 +805,7 @@ def test_after_a_new_tokenizer_fine_tuning_waits_for_its_pretraining_and_compare
 
 
 def test_a_pretraining_that_lands_after_the_days_fine_tune_is_fine_tuned_that_day(world) -> None:
-    """Builds on December 1st (runs last): its fine-tune started from PT of that day. A PT registered
+    """Builds on December 1st (closing section): its fine-tune started from PT of that day. A PT registered
     later (here by the next day's run) triggers hisam_finetune for December 1st again: it trains a new
     finetune run from the new PT, instead of finding the morning's run done, and registers it as its
     own candidate, evaluated by that run."""
@@ -854,7 +857,7 @@ def test_a_pretraining_that_lands_after_the_days_fine_tune_is_fine_tuned_that_da
 
 
 def test_a_snapshot_without_cold_start_users_is_judged_on_the_other_metrics(world) -> None:
-    """Builds on December 1st (runs last). When no test user is cold, cold_auc and cold_gauc are
+    """Builds on December 1st (closing section). When no test user is cold, cold_auc and cold_gauc are
     undefined for every model: evaluate records them as unmeasured instead of crashing or logging
     them, register tags only what this evaluation measured (not the earlier run's cold values), and
     the gate skips their floor instead of rejecting every candidate."""
@@ -887,7 +890,7 @@ def test_a_snapshot_without_cold_start_users_is_judged_on_the_other_metrics(worl
 
 
 def test_a_day_whose_samples_never_arrive_fails_the_wait_with_an_alert(world) -> None:
-    """Runs last. On December 9th two items arrive and get their IDs, but the features run stops
+    """Closing section. On December 9th two items arrive and get their IDs, but the features run stops
     there: fine-tuning does not train on older samples; its sensor gives up after the timeout
     (shortened for the tests) and alerts. The champion is still refreshed, so the two items are
     servable that day, and the run is failed (by the watcher, which does not alert again)."""
@@ -915,7 +918,7 @@ def test_a_day_whose_samples_never_arrive_fails_the_wait_with_an_alert(world) ->
 
 
 def test_an_older_months_activation_leaves_the_newer_tokenizer_current(world) -> None:
-    """Runs last. Rerunning November's activate-tokenizer after December's would switch training and
+    """Closing section. Rerunning November's activate-tokenizer after December's would switch training and
     serving back to November's tokenizer: it skips, and @current stays; a backfill of October trains
     nothing. A fine-tune handed the
     samples the gate passed for November skips too, instead of training December's, which no gate
@@ -954,7 +957,7 @@ def test_an_older_months_activation_leaves_the_newer_tokenizer_current(world) ->
 
 
 def test_a_rollback_to_an_older_tokenizers_champion_serves_the_items_that_arrived_since(world) -> None:
-    """Runs last. December's candidate is the champion, and @previous is v1, November's first
+    """Closing section. December's candidate is the champion, and @previous is v1, November's first
     champion, which packaged its IDs before items arrived (day 5 and December). Items arriving now
     get IDs under November's version as well, as @previous's. A rollback restores v1 and registers
     it again with every ID the lake holds for its tokenizer version, so the restored champion serves
@@ -1052,7 +1055,7 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
 
 
 def test_new_items_without_ids_do_not_hold_up_the_days_samples(world) -> None:
-    """Runs last. The text encoder's version changes before a tokenizer is trained for it: the day's
+    """Closing section. The text encoder's version changes before a tokenizer is trained for it: the day's
     ``tokenize-new-items`` cannot feed @current's DST the new embeddings and fails (with its alert),
     but ``build-sequences`` still builds the day's samples, so fine-tuning is not held up for a day;
     the watcher fails the run without a second alert."""

@@ -154,11 +154,16 @@ def line_problem(expected_fields: int, parts: Column, sep_name: str) -> Column:
 
 
 def undecodable(text: Column, encoding: str) -> Column:
-    """The reason for a record whose ``text`` holds U+FFFD, which the reader wrote for bytes that are
-    not ``encoding`` (the record's text is lost there), else null."""
+    """The reason for a record whose ``text`` holds U+FFFD, which the reader writes for bytes that
+    are not ``encoding`` (the record's text is lost there), else null. The decoded text cannot tell
+    that from a U+FFFD the file itself holds (an earlier mis-decoding upstream), so the reason names
+    both."""
     return F.when(
         F.instr(text, REPLACEMENT_CHARACTER) > 0,
-        F.lit(f"not valid {encoding} text (U+FFFD): set the input's encoding"),
+        F.lit(
+            f"U+FFFD in the text: bytes that are not {encoding} (set the input's encoding), or a "
+            "replacement character already in the data (repair it upstream)"
+        ),
     )
 
 

@@ -142,7 +142,7 @@ class GenericImportConfig(Config):
     csv_multiline: bool = False
     #: Of CSV inputs: one of :data:`CSV_ENCODINGS` (what Spark's CSV reader decodes line by line); JSON lines are
     #: UTF-8. A record with bytes that are not this encoding is quarantined (the reader replaced them
-    #: with U+FFFD).
+    #: with U+FFFD; a U+FFFD the file itself holds reads the same, and is quarantined too).
     encoding: str = "UTF-8"
     #: ``auto``: numbers by magnitude (:data:`UNIT_BOUNDS`: s, ms, us or ns); text is ISO-8601.
     timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "iso"] = "auto"

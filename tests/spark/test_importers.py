@@ -551,7 +551,13 @@ def test_generic_csv_bytes_that_are_not_its_encoding_are_quarantined(spark, lake
     config = GenericImportConfig(dataset="enc", interactions=str(events), items=str(items))
     assert counts(import_generic(spark, lake, config, DAY))["items.csv"] == (2, 1, 1)
     assert reasons(lake, "enc") == Counter(
-        {("bronze.items", "not valid UTF-8 text (U+FFFD): set the input's encoding"): 1}
+        {
+            (
+                "bronze.items",
+                "U+FFFD in the text: bytes that are not UTF-8 (set the input's encoding), or a replacement "
+                "character already in the data (repair it upstream)",
+            ): 1
+        }
     )
     for unsupported in ("latin-1", "UTF-16"):  # UTF-16: Spark's reader splits lines on one byte
         with pytest.raises(ValidationError, match="latin-1 is iso-8859-1"):

@@ -5,6 +5,10 @@ Example::
     python -m spark_jobs.entrypoints.import_amazon --dataset amazon-movies \\
         --reviews data/Movies_and_TV.jsonl.gz --meta data/meta_Movies_and_TV.jsonl.gz \\
         --logical-date 2024-01-01
+
+No import budget is applied here: ``hisam run ingest`` (what the DAGs run) stops a day whose
+quarantine exceeds ``quality.max_quarantine_fraction`` before silver, this job promotes whatever
+bronze kept. Read the summary's quarantine counts, or pass --skip-silver and run promote_silver after.
 """
 
 from __future__ import annotations

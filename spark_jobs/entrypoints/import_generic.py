@@ -5,6 +5,10 @@ The format is documented in :mod:`spark_jobs.importers.generic`. Options come fr
 
     python -m spark_jobs.entrypoints.import_generic --dataset shop --logical-date 2024-01-01 \\
         --interactions data/events/ --items data/items.csv --users data/users.parquet
+
+No import budget is applied here: ``hisam run ingest`` (what the DAGs run) stops a day whose
+quarantine exceeds ``quality.max_quarantine_fraction`` before silver, this job promotes whatever
+bronze kept. Read the summary's quarantine counts, or pass --skip-silver and run promote_silver after.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@
     same run; both write their user sequences and per-sample history checksums to Parquet. Reports
     events/s of both, their ratio, peak RSS of the Python driver (and what Polars added to it) and
     of the JVM (psutil over the process tree), and checks that both produce identical per-user sequences
-    (hash of every user's item/label/timestamp lists) and identical sample histories (length,
-    oldest and newest history item of every sample).
+    (hash of every user's item/label/timestamp lists) and the same sample histories: per sample its
+    length, oldest and newest item, and position-weighted sums (``sum (k + 1) * x_k`` over the
+    history's items ``k``, so a reordered history changes them) of its item ids, semantic IDs and
+    actions.
 
 Writes ``benchmarks/results/sequences.json`` (``--out``); a run with a failed part (exit 1) or a
 skipped one (``--skip-*``, or no bundle) writes ``sequences.incomplete.json`` beside it instead. Example::
@@ -290,7 +292,7 @@ def polars_build(
     """The same protocol in one process: label, exact cut (ties -> test), split, cold flag,
     per-user order (timestamp, item, label, action = label), user sequences, and per sample the
     history bounds (length, oldest and newest item: the last L rows of earlier instants) and
-    checksums of its semantic IDs and actions;
+    position-weighted sums of its items, semantic IDs and actions (:data:`BOUND_COLUMNS`);
     both written to Parquet under ``out``, as the Spark build writes its own."""
     import polars as pl
 
@@ -321,9 +323,14 @@ def polars_build(
     length = np.minimum(instant - user_start, max_hist)
     oldest = instant - length
 
-    def window_sum(values: Any) -> np.ndarray:  # sum over rows [oldest, instant)
-        cumulative = np.concatenate([[0], np.cumsum(values.to_numpy().astype(np.int64))])
-        return cumulative[instant] - cumulative[oldest]
+    rows = np.arange(len(instant), dtype=np.int64)
+
+    def weighted_sum(values: Any) -> np.ndarray:
+        """``sum (r - oldest + 1) * v_r`` over rows ``[oldest, instant)``, from two prefix sums."""
+        v = values.to_numpy().astype(np.int64)
+        plain = np.concatenate([[0], np.cumsum(v)])
+        by_row = np.concatenate([[0], np.cumsum(rows * v)])
+        return (by_row[instant] - by_row[oldest]) - (oldest - 1) * (plain[instant] - plain[oldest])
 
     items, some = df["item_id"].to_numpy(), length > 0
     bounds = pl.DataFrame(
@@ -333,8 +340,9 @@ def polars_build(
             "history_len": length,
             "first": pl.Series(items[np.where(some, oldest, 0)]).set(pl.Series(~some), None),
             "last": pl.Series(items[np.where(some, instant - 1, 0)]).set(pl.Series(~some), None),
-            "sem_sum": window_sum(df["sem_sum"]),
-            "action_sum": window_sum(df["label"]),
+            "item_wsum": weighted_sum(df["item_id"]),
+            "sem_wsum": weighted_sum(df["sem_sum"]),
+            "action_wsum": weighted_sum(df["label"]),
         }
     )
     sequences = df.group_by(by_user).agg(
@@ -374,7 +382,11 @@ def sequence_hashes(frame: Any) -> Any:
     ).sort("user_id")
 
 
-BOUND_COLUMNS = ["user_id", "seq_pos", "history_len", "first", "last", "sem_sum", "action_sum"]
+#: Per sample: its history's length, oldest and newest item, and ``sum (k + 1) * x_k`` over its items
+#: ``k`` of the item id, the sum of the item's semantic IDs, and the action.
+BOUND_COLUMNS = [
+    "user_id", "seq_pos", "history_len", "first", "last", "item_wsum", "sem_wsum", "action_wsum",
+]  # fmt: skip
 
 
 def synthetic_benchmark(spark: Any, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -413,15 +425,20 @@ def synthetic_benchmark(spark: Any, args: argparse.Namespace, work: Path) -> dic
         known, _unknown = join_semantic_ids(prepared, sem, cfg, selected=True)
         samples = build_samples(known, cfg)
         if args.samples_sink == "checksums":
-            total = lambda c: F.aggregate(c, F.lit(0).cast("long"), lambda acc, x: acc + x)  # noqa: E731
+
+            def weighted(column: str, per_item: int = 1) -> Any:  # sum (k + 1) * x over items k
+                weights = F.transform(column, lambda x, i: x.cast("long") * (F.floor(i / per_item) + 1))
+                return F.aggregate(weights, F.lit(0).cast("long"), lambda acc, x: acc + x)
+
             samples.select(
                 "user_id",
                 "seq_pos",
                 "history_len",
                 F.try_element_at("history_item_ids", F.lit(1)).alias("first"),
                 F.try_element_at("history_item_ids", F.lit(-1)).alias("last"),
-                total("history_semantic_ids").alias("sem_sum"),
-                total("history_actions").alias("action_sum"),
+                weighted("history_item_ids").alias("item_wsum"),
+                weighted("history_semantic_ids", 6).alias("sem_wsum"),
+                weighted("history_actions").alias("action_wsum"),
                 (F.size("history_semantic_ids") == F.col("history_len") * 6).alias("sem_aligned"),
             ).write.mode("overwrite").parquet(str(spark_out / "bounds"))
         else:

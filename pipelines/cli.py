@@ -204,7 +204,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(
             "recommend",
             help="one user's top-K items from @champion",
-            description="Score every catalogue item the user has not interacted with, from the user's "
+            description="Score every item the ranker has semantic IDs for, still in silver.items, that the "
+            "user has not interacted with (--include-seen keeps those), from the user's "
             "history in gold.samples and profile in gold.user_profiles, with the registered ranker "
             "(one-pass ranking), and print the top K with titles and scores as JSON. Writes nothing. "
             "Example: hisam recommend 196 --top-k 5 --config .hisam/demo_pipeline.yaml",

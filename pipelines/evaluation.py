@@ -495,7 +495,8 @@ def parser(results: Path, features_cache: Path, prog: str | None = None) -> argp
         "--features",
         type=Path,
         default=None,
-        help="npz: item_ids, emb_<modality>, optional present_<modality>",
+        help="npz: item_ids, emb_<modality>, optional present_<modality>; with emb_behavior a 'cutoff' "
+        "(the instant its encoder trained up to), unless data.allow_uncut_behavior",
     )
     p.add_argument(
         "--features-cache",

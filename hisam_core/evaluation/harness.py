@@ -66,8 +66,8 @@ class DataConfig(Config):
     path: str = "../shared/data/movielens-100k"
     features_path: str | None = Field(
         None,
-        description="npz with item_ids, emb_<modality> arrays and optional present_<modality> masks; "
-        "needed by semantic-ID rankers",
+        description="npz with item_ids, emb_<modality> arrays and optional present_<modality> masks (with "
+        "emb_behavior, a 'cutoff': see allow_uncut_behavior); needed by semantic-ID rankers",
     )
     allow_uncut_behavior: bool = Field(
         False,

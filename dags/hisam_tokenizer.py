@@ -5,7 +5,8 @@ It first waits (up to 20 hours, then fails and alerts) until item embeddings of 
 encoders exist, so the first run of a fresh deployment can start before the first ``hisam_features``.
 
 The new version is ``dst-<YYYYMMDD of the logical date>``; ``@current`` moves only after its samples
-exist, and the move triggers ``hisam_pretrain`` through the ``hisam-tokenizer@current`` asset, whose
+exist and pass the samples gate (a version whose samples fail it never becomes current, so pre-training
+and fine-tuning stay on the current one), and the move triggers ``hisam_pretrain`` through the ``hisam-tokenizer@current`` asset, whose
 event carries this run's day: pre-training waits for the samples of that day, which this run built, even
 when the activation comes after midnight.
 """
@@ -30,8 +31,9 @@ def hisam_tokenizer() -> None:
     train = step_task("train-tokenizer", gpu=True, params=VERSION, inlets=[ITEM_EMBEDDINGS])()
     tokenize = step_task("tokenize-catalogue", params=VERSION)()
     sequences = step_task("build-sequences", params=VERSION, outlets=[SAMPLES])()
+    check = step_task("validate-samples", params=VERSION)()
     activate = step_task("activate-tokenizer", params=VERSION, outlets=[TOKENIZER], carry_day=True)()
-    ready >> train >> tokenize >> sequences >> activate
+    ready >> train >> tokenize >> sequences >> check >> activate
 
 
 hisam_tokenizer()

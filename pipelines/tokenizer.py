@@ -741,12 +741,15 @@ def skip_if_superseded(ctx: StepContext, trained_for: str) -> None:
 
 
 def activate_tokenizer(ctx: StepContext) -> dict[str, Any]:
-    """Point ``@current`` at this run's tokenizer version (its catalogue and samples are written).
+    """Point ``@current`` at this run's tokenizer version (its catalogue and samples are written, and
+    ``validate-samples`` passed some of them: a version whose samples fail the gate would move
+    pre-training and the daily fine-tune onto samples no gate lets through).
 
     A rerun of an older month leaves a newer ``@current`` where it is (:func:`skip_if_superseded`;
     the step skips, so no asset event triggers the training DAGs). So does a rerun once the version
     is current and pre-trained: its event would start another pre-training from scratch. Before
     that (a retry after the alias moved), it succeeds again, so pre-training is still triggered."""
+    from pipelines.ingest import validated_samples_version
     from pipelines.registry import CURRENT, alias_version, find_versions
     from pipelines.steps import StepSkipped
 
@@ -765,6 +768,11 @@ def activate_tokenizer(ctx: StepContext) -> dict[str, Any]:
     ):
         raise ValueError(
             f"gold.samples has no rows of {version} for {ctx.dataset!r}: run build-sequences for it first"
+        )
+    if validated_samples_version(ctx, version) is None:
+        raise ValueError(
+            f"no gold.samples of {version} for {ctx.dataset!r} passed validate-samples: run it with "
+            f"--param tokenizer_version={version} first (training follows @{CURRENT})"
         )
     before = alias_version(ctx.mlflow, name, CURRENT)
     if before is not None and str(before.version) == str(found[0].version):

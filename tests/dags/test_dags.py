@@ -27,7 +27,8 @@ EXPECTED = {
         "train_tokenizer": ["embeddings_ready"],
         "tokenize_catalogue": ["train_tokenizer"],
         "build_sequences": ["tokenize_catalogue"],
-        "activate_tokenizer": ["build_sequences"],
+        "validate_samples": ["build_sequences"],
+        "activate_tokenizer": ["validate_samples"],
     },
     "hisam_pretrain": {
         "samples_ready": [],

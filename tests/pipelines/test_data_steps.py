@@ -606,6 +606,33 @@ def test_tokenize_catalogue_quarantines_the_items_it_cannot_encode_and_a_rerun_c
     assert _quarantine(ctx, f"gold.semantic_ids@{VERSION}") == ["missing_embedding:text"]
 
 
+def test_a_tokenizer_whose_samples_no_gate_passed_is_not_activated(ctx_of) -> None:
+    """A registered version whose samples exist but never passed validate-samples stays off
+    ``@current``: activating it would move pre-training and fine-tuning onto samples no gate lets
+    through (the tokenizer DAG runs the gate before activating)."""
+    from pyspark.sql import functions as F
+
+    from pipelines.registry import CURRENT, alias_version
+    from pipelines.steps import run_step
+
+    ctx, ungated = ctx_of(), "dst-ungated"
+    part = {"dataset": "dq", "tokenizer_version": ungated}
+    samples = ctx.lake.read("gold.samples", partitions={"dataset": "dq", "tokenizer_version": VERSION})
+    copy = samples.withColumn("tokenizer_version", F.lit(ungated))
+    version = ctx.mlflow.create_model_version(
+        "hisam-tokenizer", str(ctx.settings.home), tags={"tokenizer_version": ungated}
+    )
+    ctx.lake.write(copy, "gold.samples", mode="replace_partition", partition_values=part)
+    try:
+        with pytest.raises(ValueError, match=f"no gold.samples of {ungated} .* passed validate-samples"):
+            run_step("activate-tokenizer", DAY, ctx.config, {"tokenizer_version": ungated})
+        assert alias_version(ctx.mlflow, "hisam-tokenizer", CURRENT) is None
+    finally:
+        ctx.lake.write(copy.limit(0), "gold.samples", mode="replace_partition", partition_values=part)
+        ctx.mlflow.delete_model_version("hisam-tokenizer", version.version)
+    assert ctx.lake.read("gold.samples", partitions=part).count() == 0
+
+
 def test_lake_maintenance_changes_no_table_and_no_steps_answer(ctx_of) -> None:
     """Builds on every table the tests above wrote: ``maintain-lake`` compacts each one and deletes
     nothing a version younger than ``lake.retention_days`` reads; afterwards every table reads the

@@ -49,7 +49,7 @@ SFT_CHECKPOINT_SHA256 = "sft.checkpoint_sha256"  # run tag: the hash of that fin
 SAMPLE_COLUMNS = ["user_id", "item_id", "event_ts", "split", "action", "is_cold_user"]
 RUN_KEY = "run_key"  # model-version tag: the logical run that produced the version
 PRETRAINED_VERSION = "pretrained_version"  # finetune-run and ranker-version tag: the PT it started from
-FORCED = "hisam.forced"  # finetune-run tag: trained again by params.force=true
+FORCED = "hisam.forced"  # pretrain/finetune-run tag: trained again by params.force=true
 EVAL_PREFIX = "eval."  # candidate metrics, as finetune-run metrics and candidate version tags
 CHAMPION_PREFIX = "champion."  # the champion's metrics on the same snapshot
 EVAL_METRICS = "eval.metrics"  # finetune-run tag: the metrics the latest evaluate logged (run metrics
@@ -424,28 +424,44 @@ def training_tokenizer_version(ctx: StepContext) -> str:
 def pretrain(ctx: StepContext) -> dict[str, Any]:
     """Semantic pre-training on the current tokenizer version; registers ``hisam-pretrained``.
 
-    Once per logical run: a rerun finds its version. It then skips when a fine-tune has started
-    from that version (its ``hisam-pretrained`` event would trigger fine-tuning again for nothing),
-    and otherwise succeeds again, so a retry after the registration still triggers fine-tuning."""
+    Once per logical run: a rerun finds its version. It then skips when a fine-tune of this dataset
+    has started from that version (its ``hisam-pretrained`` event would trigger fine-tuning again for
+    nothing), and otherwise succeeds again, so a retry after the registration still triggers
+    fine-tuning. A rerun before registration continues the run and its checkpoint.
+
+    ``params.force=true`` trains again in a new MLflow run from step 0, tagged ``hisam.forced`` (after
+    a divergence fixed by other settings, which the stopped run's checkpoint refuses, or a registered
+    version found bad), and registers a new version; a forced run that stopped midway is continued."""
     import mlflow
 
     from pipelines.ranker_model import log_ranker
     from pipelines.registry import find_versions
+    from pipelines.settings import flag
     from pipelines.steps import StepSkipped
 
+    force = flag(ctx.params.get("force"), "force")
     version, name = training_tokenizer_version(ctx), ctx.config.models.pretrained
     existing = find_versions(ctx.mlflow, name, tokenizer_version=version, **{RUN_KEY: ctx.run_key})
-    if existing:
+    if existing and not force:
         pt = str(existing[0].version)
         tuned = ctx.mlflow.search_runs(
             [ctx.experiment_id],
-            filter_string=f"tags.`hisam.step` = 'finetune' and tags.`{PRETRAINED_VERSION}` = '{pt}'",
+            filter_string=f"tags.`hisam.step` = 'finetune' and tags.`{PRETRAINED_VERSION}` = '{pt}' and "
+            f"tags.`hisam.run_key` LIKE '{ctx.dataset}/%' and tags.`tokenizer_version` = '{version}'",
             max_results=1,
         )
         if tuned:
             raise StepSkipped(f"{ctx.run_key} pre-trained {name} v{pt} already, and it is being fine-tuned")
         return {"tokenizer_version": version, "model_version": pt, "skipped": True}
-    result = _train_stage(ctx, "pt", version)
+    fresh = False
+    if force:
+        newest = _find_run(ctx, "pretrain", tokenizer_version=version)
+        registered = {v.run_id for v in existing}
+        stopped = newest is not None and newest.info.run_id not in registered
+        fresh = not (stopped and newest.data.tags.get(FORCED) == "true")  # a forced run resumes
+        if existing:
+            log.warning("force=true: pre-training again (%s v%s was this run's)", name, existing[0].version)
+    result = _train_stage(ctx, "pt", version, fresh=fresh)
     with mlflow.start_run(run_id=result["mlflow_run_id"]):
         registered = log_ranker(
             result["checkpoint"],

@@ -69,7 +69,7 @@ STEPS: dict[str, Step] = {
         Step("activate-tokenizer", "pipelines.tokenizer", "activate_tokenizer", "point hisam-tokenizer@current at the run's version", ("tokenizer_version", "force")),
         Step("samples-ready", "pipelines.sequences", "samples_ready", "whether the current tokenizer's samples are built for the day (the training DAGs wait on it)", ("tokenizer_version", "skip_without_tokenizer")),
         Step("validate-samples", "pipelines.ingest", "validate_samples", "GX gate on a tokenizer version's samples (@current's, or the one samples-ready found ready); fail + alert on a bad batch", ("tokenizer_version",)),
-        Step("pretrain", "pipelines.ranker", "pretrain", "HMAT next-token pre-training on the current tokenizer; register", ("tokenizer_version", "samples_version")),
+        Step("pretrain", "pipelines.ranker", "pretrain", "HMAT next-token pre-training on the current tokenizer; register", ("tokenizer_version", "samples_version", "force")),
         Step("finetune", "pipelines.ranker", "finetune", "HMAT SFT from the newest pre-trained model", ("tokenizer_version", "samples_version", "force")),
         Step("evaluate", "pipelines.ranker", "evaluate", "candidate and @champion on one frozen test snapshot", ("tokenizer_version", "samples_version")),
         Step("register", "pipelines.promotion", "register", "register the evaluated candidate as a pyfunc ranker"),

@@ -1078,3 +1078,29 @@ def test_new_items_without_ids_do_not_hold_up_the_days_samples(world) -> None:
         "hisam_features.watcher failed" not in titles
         and "hisam_features.build_sequences failed" not in titles
     )
+
+
+def test_a_forced_pretraining_trains_a_new_run_and_registers_a_new_version(world) -> None:
+    """Closing section. December 2nd's PT is being fine-tuned (above), so a rerun skips. ``force=true``
+    trains again from step 0 in a new MLflow run tagged ``hisam.forced`` (a stopped run's checkpoint
+    would refuse other settings; a bad version is replaced) and registers a new version from that run,
+    the newest PT the next fine-tune starts from."""
+    from pipelines.ranker import FORCED, _newest_pretrained
+    from pipelines.registry import find_versions
+    from pipelines.steps import StepSkipped, run_step
+
+    dec2 = dt.date(2026, 12, 2)
+    client = _client()
+    with pytest.raises(StepSkipped, match="being fine-tuned"):
+        run_step("pretrain", dec2, world["config"])
+    (before,) = find_versions(client, "hisam-pretrained", run_key=f"tiny/{dec2.isoformat()}")
+    forced = run_step("pretrain", dec2, world["config"], {"force": "true"})
+    assert int(forced["model_version"]) > int(before.version)
+    version = client.get_model_version("hisam-pretrained", forced["model_version"])
+    assert version.run_id == forced["mlflow_run_id"] != before.run_id
+    assert client.get_run(version.run_id).data.tags[FORCED] == "true"
+    steps = [
+        [m.step for m in client.get_metric_history(run, "pt/loss")] for run in (before.run_id, version.run_id)
+    ]
+    assert steps[1] == steps[0] and steps[1]  # every step again, from step 0
+    assert _newest_pretrained(_ctx(world, dec2), version.tags["tokenizer_version"]) == forced["model_version"]

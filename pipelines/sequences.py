@@ -161,14 +161,10 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
         # item tokenize-new-items never gave IDs, for days): over the quarantine budget, a warning
         # (the day's training goes on, on the rest: a failure would hold up the fine-tune as well)
         limit = ctx.config.quality.max_quarantine_fraction
-        if over := quarantined > allowed_rejects(limit, n_valid):
-            reasons = {r.reason: r["count"] for r in quarantine.groupBy("reason").count().collect()}
-            ctx.alert(
-                f"samples of {version} leave out {quarantined / n_valid:.1%} of the valid interactions",
-                f"{quarantined} of {n_valid} quarantined, over the budget of {limit:.1%}: {reasons}",
-                "warning",
-                reasons=reasons,
-            )
+        over = quarantined > allowed_rejects(limit, n_valid)
+        reasons = (
+            {r.reason: r["count"] for r in quarantine.groupBy("reason").count().collect()} if over else {}
+        )
         label = versioned_label(GOLD_SAMPLES.name, version)
         versions = {  # gold.samples last: its commit carries the build record samples-ready waits for
             GOLD_USER_SEQUENCES.name: lake.write(
@@ -193,6 +189,13 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
         }
     finally:
         lake.spark.catalog.clearCache()
+    if over:  # once the build is visible: an attempt that fails to write it (and is retried) alerts nothing
+        ctx.alert(
+            f"samples of {version} leave out {quarantined / n_valid:.1%} of the valid interactions",
+            f"{quarantined} of {n_valid} quarantined, over the budget of {limit:.1%}: {reasons}",
+            "warning",
+            reasons=reasons,
+        )
     return {
         "tokenizer_version": version,
         "interactions": n_valid + rejected,

@@ -797,7 +797,8 @@ def test_a_rerun_of_pretraining_triggers_fine_tuning_only_until_one_started(
     tmp_path, mlflow_store, monkeypatch
 ) -> None:
     """A retry after the PT was registered succeeds again (its asset event triggers fine-tuning);
-    once a fine-tune started from that PT, a rerun skips, so no event fine-tunes it again."""
+    once a fine-tune of this dataset started from that PT, a rerun skips, so no event fine-tunes it
+    again. Another dataset's fine-tune of its own PT of that number (a shared experiment) does not."""
     from pipelines import ranker
     from pipelines.steps import StepSkipped
 
@@ -815,9 +816,13 @@ def test_a_rerun_of_pretraining_triggers_fine_tuning_only_until_one_started(
     }
     tuned = {
         "hisam.step": "finetune",
-        "hisam.run_key": "other/day",
+        "hisam.run_key": "other-dataset/2026-11-02",
+        "tokenizer_version": "dst-1",
         ranker.PRETRAINED_VERSION: str(pt.version),
     }
+    ctx.mlflow.create_run(ctx.experiment_id, tags=tuned)
+    assert ranker.pretrain(ctx)["skipped"] is True  # not this dataset's fine-tune: a retry still triggers
+    tuned["hisam.run_key"] = f"{ctx.dataset}/2026-11-02"  # this dataset's, the next day
     ctx.mlflow.create_run(ctx.experiment_id, tags=tuned)
     with pytest.raises(StepSkipped, match=f"pre-trained {name} v{pt.version} already"):
         ranker.pretrain(ctx)

@@ -6,9 +6,9 @@ encoders exist, so the first run of a fresh deployment can start before the firs
 
 The new version is ``dst-<YYYYMMDD of the logical date>``; ``@current`` moves only after its samples
 exist and pass the samples gate (a version whose samples fail it never becomes current, so pre-training
-and fine-tuning stay on the current one), and the move triggers ``hisam_pretrain`` through the ``hisam-tokenizer@current`` asset, whose
-event carries this run's day: pre-training waits for the samples of that day, which this run built, even
-when the activation comes after midnight.
+and fine-tuning stay on the current one). The move triggers ``hisam_pretrain`` through the
+``hisam-tokenizer@current`` asset, whose event carries this run's day: pre-training waits for the
+samples of that day, which this run built, even when the activation comes after midnight.
 """
 
 from __future__ import annotations

@@ -456,8 +456,7 @@ def pretrain(ctx: StepContext) -> dict[str, Any]:
     fresh = False
     if force:
         newest = _find_run(ctx, "pretrain", tokenizer_version=version)
-        registered = {v.run_id for v in existing}
-        stopped = newest is not None and newest.info.run_id not in registered
+        stopped = newest is not None and newest.info.run_id not in {v.run_id for v in existing}
         fresh = not (stopped and newest.data.tags.get(FORCED) == "true")  # a forced run resumes
         if existing:
             log.warning("force=true: pre-training again (%s v%s was this run's)", name, existing[0].version)

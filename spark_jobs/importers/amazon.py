@@ -46,6 +46,7 @@ from spark_jobs.importers.common import (
     json_record_problem,
     not_utf8,
     quoted,
+    refuse_unread_subfolders,
     repeated_keys,
     str_map,
     text_list,
@@ -90,6 +91,7 @@ def read_json_lines(spark: SparkSession, path: str, fields: tuple[str, ...]) -> 
     """
     schema = T.StructType([T.StructField(f, T.StringType()) for f in [*fields, CORRUPT]])
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
+    refuse_unread_subfolders(spark, path)
     lines = spark.read.text(path).filter(~F.col("value").rlike(r"^\s*$"))  # blank lines are no records
     parsed = F.from_json("value", schema, options)
     return lines.select(

@@ -17,7 +17,7 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -463,3 +463,64 @@ def _union(frames: list[DataFrame]) -> DataFrame:
     for f in frames[1:]:
         out = out.unionByName(f)
     return out
+
+
+def jvm_of(spark: SparkSession) -> Any:
+    """The session's JVM gateway; None on Spark Connect, which has none to reach."""
+    try:
+        return spark._jvm
+    except Exception:  # Connect raises PySparkAttributeError (JVM_ATTRIBUTE_NOT_SUPPORTED)
+        return None
+
+
+def hadoop_glob(spark: SparkSession, path: str) -> list[Any]:
+    """Hadoop ``FileStatus`` of what ``path`` (a Hadoop glob) names, through the filesystem Spark
+    reads it with (local, HDFS, S3A, ABFS...), so "there" means what the import would read."""
+    jvm = jvm_of(spark)
+    if jvm is None:
+        raise RuntimeError("waiting for a drop needs a classic Spark session (Hadoop's FileSystem API)")
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    statuses = hadoop_path.getFileSystem(spark._jsc.hadoopConfiguration()).globStatus(hadoop_path)
+    return list(statuses or [])
+
+
+def local_path(path: str) -> str:
+    """A Hadoop path as the user wrote it: ``file:/x`` is ``/x``."""
+    return (
+        path.removeprefix("file:") if path.startswith("file:/") and not path.startswith("file://") else path
+    )
+
+
+def refuse_unread_subfolders(spark: SparkSession, path: str) -> None:
+    """Raise ValueError when a directory ``path`` names (or that its glob matches) holds a data file
+    in a subfolder that is not a ``key=value`` partition: Spark reads a directory's own files and its
+    partition folders only, so that file would be neither imported nor quarantined. Hidden names
+    (``_``, ``.``) are skipped, as Spark skips them. Not checked on Spark Connect (no Hadoop API)."""
+    if jvm_of(spark) is None:
+        return
+    conf = spark._jsc.hadoopConfiguration()
+
+    def visible(status: Any) -> bool:
+        return not status.getPath().getName().startswith(("_", "."))
+
+    def skipped(folder: Any) -> list[str]:
+        found = []
+        for child in filter(visible, folder.getFileSystem(conf).listStatus(folder)):
+            if not child.isDirectory():
+                continue
+            if "=" in child.getPath().getName():
+                found += skipped(child.getPath())
+                continue
+            files = child.getPath().getFileSystem(conf).listFiles(child.getPath(), True)
+            while files.hasNext():
+                file = files.next()
+                if visible(file):
+                    found.append(str(file.getPath()))
+        return found
+
+    found = [f for s in hadoop_glob(spark, path) if s.isDirectory() for f in skipped(s.getPath())]
+    if found:
+        raise ValueError(
+            f"{path}: {len(found)} file(s) in subfolders Spark does not read (not key=value partitions), "
+            f"e.g. {local_path(found[0])}: move them into the input's directory, or name them in the path"
+        )

@@ -83,10 +83,14 @@ from spark_jobs.importers.common import (
     first_reason,
     flag_duplicate_events,
     flag_duplicates,
+    hadoop_glob,
     json_record_problem,
+    jvm_of,
+    local_path,
     not_utf8,
     quoted,
     read_lines,
+    refuse_unread_subfolders,
     str_map,
     text_list,
     to_double,
@@ -249,41 +253,6 @@ def _check_names(path: str, names: list[str], rename: dict[str, str]) -> list[st
     return renamed
 
 
-def refuse_unread_subfolders(spark: SparkSession, path: str) -> None:
-    """Raise ValueError when a directory ``path`` names (or that its glob matches) holds a data file
-    in a subfolder that is not a ``key=value`` partition: Spark reads a directory's own files and its
-    partition folders only, so that file would be neither imported nor quarantined. Hidden names
-    (``_``, ``.``) are skipped, as Spark skips them. Not checked on Spark Connect (no Hadoop API)."""
-    if _jvm(spark) is None:
-        return
-    conf = spark._jsc.hadoopConfiguration()
-
-    def visible(status: Any) -> bool:
-        return not status.getPath().getName().startswith(("_", "."))
-
-    def skipped(folder: Any) -> list[str]:
-        found = []
-        for child in filter(visible, folder.getFileSystem(conf).listStatus(folder)):
-            if not child.isDirectory():
-                continue
-            if "=" in child.getPath().getName():
-                found += skipped(child.getPath())
-                continue
-            files = child.getPath().getFileSystem(conf).listFiles(child.getPath(), True)
-            while files.hasNext():
-                file = files.next()
-                if visible(file):
-                    found.append(str(file.getPath()))
-        return found
-
-    found = [f for s in _glob(spark, path) if s.isDirectory() for f in skipped(s.getPath())]
-    if found:
-        raise ValueError(
-            f"{path}: {len(found)} file(s) in subfolders Spark does not read (not key=value partitions), "
-            f"e.g. {_local(found[0])}: move them into the input's directory, or name them in the path"
-        )
-
-
 def refuse_differing_headers(spark: SparkSession, path: str, encoding: str) -> None:
     """Raise ValueError when the CSV files of ``path`` do not all start with the same line. Used for
     a header Spark cannot check per file (an empty or repeated name): Spark would then drop every
@@ -296,7 +265,7 @@ def refuse_differing_headers(spark: SparkSession, path: str, encoding: str) -> N
     )
     headers = firsts.groupBy("header").agg(F.min("source_file").alias("file")).limit(3).collect()
     if len(headers) > 1:
-        shown = "; ".join(f"{_local(r.file)}: {r.header[:80]!r}" for r in headers)
+        shown = "; ".join(f"{local_path(r.file)}: {r.header[:80]!r}" for r in headers)
         raise ValueError(
             f"{path}: its CSV files start with different header lines ({shown}); one header per input"
         )
@@ -628,25 +597,6 @@ def _parent(path: str) -> str:
     return str(p if p.is_dir() else p.parent)
 
 
-def _jvm(spark: SparkSession) -> Any:
-    """The session's JVM gateway; None on Spark Connect, which has none to reach."""
-    try:
-        return spark._jvm
-    except Exception:  # Connect raises PySparkAttributeError (JVM_ATTRIBUTE_NOT_SUPPORTED)
-        return None
-
-
-def _glob(spark: SparkSession, path: str) -> list[Any]:
-    """Hadoop ``FileStatus`` of what ``path`` (a Hadoop glob) names, through the filesystem Spark
-    reads it with (local, HDFS, S3A, ABFS...), so "there" means what the import would read."""
-    jvm = _jvm(spark)
-    if jvm is None:
-        raise RuntimeError("waiting for a drop needs a classic Spark session (Hadoop's FileSystem API)")
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-    statuses = hadoop_path.getFileSystem(spark._jsc.hadoopConfiguration()).globStatus(hadoop_path)
-    return list(statuses or [])
-
-
 def pending_inputs(spark: SparkSession, config: GenericImportConfig, logical_date: dt.date) -> dict[str, str]:
     """The inputs of ``logical_date`` (:meth:`GenericImportConfig.for_date`) that have not landed:
     ``{input: why}``, empty when the import can run. An input is pending while its path names
@@ -660,13 +610,13 @@ def pending_inputs(spark: SparkSession, config: GenericImportConfig, logical_dat
         path = getattr(day, name)
         if path is None:
             continue
-        found = [f for f in _glob(spark, path) if not f.getPath().getName().startswith(("_", "."))]
+        found = [f for f in hadoop_glob(spark, path) if not f.getPath().getName().startswith(("_", "."))]
         if not found:
             pending[name] = f"nothing at {path}"
         elif config.ready_marker and LOGICAL_DATE.search(getattr(config, name)):
             unmarked = _unmarked(spark, found, config.ready_marker, path)
             if unmarked:
-                shown = ", ".join(_local(folder) for folder in unmarked[:3])
+                shown = ", ".join(local_path(folder) for folder in unmarked[:3])
                 more = f" and {len(unmarked) - 3} more" if len(unmarked) > 3 else ""
                 pending[name] = f"no {config.ready_marker} in {shown}{more} (the drop is still being written)"
     return pending
@@ -675,14 +625,14 @@ def pending_inputs(spark: SparkSession, config: GenericImportConfig, logical_dat
 def _unmarked(spark: SparkSession, found: list[Any], marker: str, path: str) -> list[str]:
     """The directories of ``found`` (those it names, and those holding the files it names) with
     ``marker`` neither in them nor in a parent of theirs below the fixed part of the glob ``path``."""
-    fixed = _glob(spark, _fixed_part(path))
+    fixed = hadoop_glob(spark, _fixed_part(path))
     top = str(fixed[0].getPath()) if fixed else None
     seen: dict[str, bool] = {}
 
     def marked(folder: Any) -> bool:
         key = str(folder)
         if key not in seen:
-            seen[key] = bool(_glob(spark, f"{key}/{marker}"))
+            seen[key] = bool(hadoop_glob(spark, f"{key}/{marker}"))
         return seen[key]
 
     folders = {str(f.getPath()): f.getPath() for f in found if f.isDirectory()}
@@ -705,13 +655,6 @@ def _fixed_part(path: str) -> str:
     return "/".join(parts[:wild]) or "/"
 
 
-def _local(path: str) -> str:
-    """A Hadoop path as the user wrote it: ``file:/x`` is ``/x``."""
-    return (
-        path.removeprefix("file:") if path.startswith("file:/") and not path.startswith("file://") else path
-    )
-
-
 def import_generic(
     spark: SparkSession, lake: Lake, config: GenericImportConfig, logical_date: dt.date
 ) -> ImportReport:
@@ -719,7 +662,7 @@ def import_generic(
     :meth:`GenericImportConfig.for_date`); reruns replace the partitions. A drop that has not landed
     (:func:`pending_inputs`) is a FileNotFoundError, before anything is read (on Spark Connect, only
     with a ``ready_marker``, which needs the JVM; without one, Spark's read names a missing path)."""
-    check = config.ready_marker is not None or _jvm(spark) is not None
+    check = config.ready_marker is not None or jvm_of(spark) is not None
     pending = pending_inputs(spark, config, logical_date) if check else {}
     if pending:
         raise FileNotFoundError(

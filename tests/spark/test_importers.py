@@ -244,6 +244,18 @@ def test_amazon_jsonl_fixture(spark, lake):
     assert all(i >= HASHED_ID_BASE for i in ids)  # ASINs are hashed into the high range
 
 
+def test_an_amazon_drop_with_files_in_a_subfolder_is_refused(spark, lake, tmp_path):
+    """Spark reads a folder's own files: a reviews file one level down would be skipped unseen."""
+    drop = tmp_path / "reviews"
+    (drop / "late").mkdir(parents=True)
+    shutil.copy(FIXTURES / "amazon" / "Movies_and_TV.jsonl", drop / "part-0.jsonl")
+    shutil.copy(FIXTURES / "amazon" / "Movies_and_TV.jsonl", drop / "late" / "part-1.jsonl")
+    before = lake.history("bronze.interactions")
+    with pytest.raises(ValueError, match=r"1 file\(s\) in subfolders Spark does not read .*late/part-1"):
+        import_amazon(spark, lake, AmazonImportConfig(reviews=str(drop), dataset="amazon-sub"), DAY)
+    assert lake.history("bronze.interactions") == before
+
+
 def test_a_json_line_is_one_object_with_distinct_keys(spark, lake, tmp_path):
     """``from_json`` reads a line's first value and ignores the rest: two records glued on one line
     lost the second and still reconciled, and a repeated key kept its last value. Each is now a

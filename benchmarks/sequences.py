@@ -496,7 +496,10 @@ def synthetic_benchmark(spark: Any, args: argparse.Namespace, work: Path) -> dic
                 1,
             ),
             "identical": bool(
-                v["identical_user_sequences"] and v.get("identical_sample_histories", True) and v["same_cut"]
+                v["identical_user_sequences"]
+                and v.get("identical_sample_histories", True)
+                and v.get("semantic_ids_aligned", True)
+                and v["same_cut"]
             ),
         }
     )

@@ -5,8 +5,8 @@ It first waits (up to 20 hours, then fails and alerts) until item embeddings of 
 encoders exist, so the first run of a fresh deployment can start before the first ``hisam_features``.
 
 The new version is ``dst-<YYYYMMDD of the logical date>``; ``@current`` moves only after its samples
-exist and pass the samples gate (a version whose samples fail it never becomes current, so pre-training
-and fine-tuning stay on the current one). The move triggers ``hisam_pretrain`` through the
+exist and pass the samples gate (a version no samples gate passed never becomes current, so
+pre-training and fine-tuning stay on the current one). The move triggers ``hisam_pretrain`` through the
 ``hisam-tokenizer@current`` asset, whose event carries this run's day: pre-training waits for the
 samples of that day, which this run built, even when the activation comes after midnight.
 """

@@ -679,6 +679,7 @@ def _evaluate(
 ) -> int:
     torch.set_num_threads(config.threads)
     start, load = time.perf_counter(), os.getloadavg()
+    _code_version()  # cached: the code the runs start with, whatever the checkout becomes meanwhile
     if reuse is not None or args.workers > 1:
         result = run_parallel(config, str(args.features_cache), args.workers, reuse)
     else:

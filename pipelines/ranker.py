@@ -447,10 +447,9 @@ def pretrain(ctx: StepContext) -> dict[str, Any]:
         tuned = ctx.mlflow.search_runs(
             [ctx.experiment_id],
             filter_string=f"tags.`hisam.step` = 'finetune' and tags.`{PRETRAINED_VERSION}` = '{pt}' and "
-            f"tags.`hisam.run_key` LIKE '{ctx.dataset}/%' and tags.`tokenizer_version` = '{version}'",
-            max_results=1,
-        )
-        if tuned:
+            f"tags.`tokenizer_version` = '{version}'",
+        )  # this dataset's (a LIKE would read a '_' in its name as a wildcard)
+        if any(r.data.tags.get("hisam.run_key", "").partition("/")[0] == ctx.dataset for r in tuned):
             raise StepSkipped(f"{ctx.run_key} pre-trained {name} v{pt} already, and it is being fine-tuned")
         return {"tokenizer_version": version, "model_version": pt, "skipped": True}
     fresh = False

@@ -73,7 +73,7 @@ def _tokenizer_version_of_current(ctx: StepContext, found: Any) -> str:
     if found is None:
         raise ValueError(
             f"no {ctx.config.models.tokenizer}@{CURRENT} yet: run the hisam_tokenizer DAG (or the steps "
-            "train-tokenizer, tokenize-catalogue, build-sequences, activate-tokenizer) first"
+            "train-tokenizer, tokenize-catalogue, build-sequences, validate-samples, activate-tokenizer) first"
         )
     return required_tag(found, TOKENIZER_VERSION)
 

@@ -491,11 +491,17 @@ def local_path(path: str) -> str:
     )
 
 
+#: Names of the files the importers read (``.gz`` too); others in a subfolder (an items folder's
+#: ``posters/``, which ``image_root`` defaults to) are no records.
+DATA_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".json", ".jsonl", ".ndjson")
+
+
 def refuse_unread_subfolders(spark: SparkSession, path: str) -> None:
     """Raise ValueError when a directory ``path`` names (or that its glob matches) holds a data file
-    in a subfolder that is not a ``key=value`` partition: Spark reads a directory's own files and its
-    partition folders only, so that file would be neither imported nor quarantined. Hidden names
-    (``_``, ``.``) are skipped, as Spark skips them. Not checked on Spark Connect (no Hadoop API)."""
+    (:data:`DATA_SUFFIXES`) in a subfolder that is not a ``key=value`` partition: Spark reads a
+    directory's own files and its partition folders only, so that file would be neither imported nor
+    quarantined. Hidden names (``_``, ``.``) are skipped, as Spark skips them. Not checked on Spark
+    Connect (no Hadoop API)."""
     if jvm_of(spark) is None:
         return
     conf = spark._jsc.hadoopConfiguration()
@@ -514,13 +520,15 @@ def refuse_unread_subfolders(spark: SparkSession, path: str) -> None:
             files = child.getPath().getFileSystem(conf).listFiles(child.getPath(), True)
             while files.hasNext():
                 file = files.next()
-                if visible(file):
+                name = file.getPath().getName().lower().removesuffix(".gz")
+                if visible(file) and name.endswith(DATA_SUFFIXES):
                     found.append(str(file.getPath()))
         return found
 
     found = [f for s in hadoop_glob(spark, path) if s.isDirectory() for f in skipped(s.getPath())]
     if found:
         raise ValueError(
-            f"{path}: {len(found)} file(s) in subfolders Spark does not read (not key=value partitions), "
-            f"e.g. {local_path(found[0])}: move them into the input's directory, or name them in the path"
+            f"{path}: {len(found)} data file(s) in subfolders Spark does not read (not key=value "
+            f"partitions), e.g. {local_path(found[0])}: move them into the input's directory, or point the "
+            "input at them (a glob or another path)"
         )

@@ -257,7 +257,11 @@ def refuse_differing_headers(spark: SparkSession, path: str, encoding: str) -> N
     """Raise ValueError when the CSV files of ``path`` do not all start with the same line. Used for
     a header Spark cannot check per file (an empty or repeated name): Spark would then drop every
     file's first line as a header and read its fields by position, so a file without a header or with
-    its columns in another order would lose a record or fill the wrong columns."""
+    its columns in another order would lose a record or fill the wrong columns. A path naming one file
+    has nothing to compare, and is not read twice."""
+    named = hadoop_glob(spark, path) if jvm_of(spark) is not None else []
+    if len(named) == 1 and named[0].isFile():
+        return
     firsts = (
         read_lines(spark, path, encoding=encoding)
         .groupBy("source_file")

@@ -47,3 +47,21 @@ def test_the_file_and_its_rename_reach_the_disk_before_save_returns(tmp_path, mo
     monkeypatch.setattr(os, "fsync", fsync)
     path = save_atomically({"step": 1, "w": torch.ones(3)}, tmp_path / "model.pt")
     assert synced == [f"file of {path.stat().st_size} bytes", "folder"]
+
+
+def test_cuda_rng_states_are_restored_for_the_devices_this_node_sees(monkeypatch):
+    """A training state saved on a node with two GPUs resumes on a node that exposes one: only the
+    visible device's state is set (torch sets them by index, so the second raised IndexError). No GPU
+    here: torch.cuda's three calls stand in for a one-GPU node."""
+    import torch
+
+    from hisam_core.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    restored: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(list(states)))
+    set_rng_state(state)
+    assert len(restored) == 1 and len(restored[0]) == 1 and torch.equal(restored[0][0], state["cuda"][0])

@@ -251,7 +251,7 @@ def test_an_amazon_drop_with_files_in_a_subfolder_is_refused(spark, lake, tmp_pa
     shutil.copy(FIXTURES / "amazon" / "Movies_and_TV.jsonl", drop / "part-0.jsonl")
     shutil.copy(FIXTURES / "amazon" / "Movies_and_TV.jsonl", drop / "late" / "part-1.jsonl")
     before = lake.history("bronze.interactions")
-    with pytest.raises(ValueError, match=r"1 file\(s\) in subfolders Spark does not read .*late/part-1"):
+    with pytest.raises(ValueError, match=r"1 data file\(s\) in subfolders Spark does not read .*late/part-1"):
         import_amazon(spark, lake, AmazonImportConfig(reviews=str(drop), dataset="amazon-sub"), DAY)
     assert lake.history("bronze.interactions") == before
 
@@ -813,6 +813,8 @@ def test_every_file_of_a_drop_is_read_with_its_own_columns_or_the_drop_is_refuse
     drop = tmp_path / "pq"
     (drop / "_temporary").mkdir(parents=True)  # hidden: Spark skips it, and so does the check
     (drop / "_temporary" / "x.parquet").write_bytes(b"")
+    (drop / "posters").mkdir()  # image_root defaults to the input's folder: its images are no records
+    (drop / "posters" / "1.jpg").write_bytes(b"not a record")
     base = {"item_id": ["i1"], "timestamp": [1_700_000_000]}
     pd.DataFrame({**base, "user_id": ["u1"], "rating": [4.0]}).to_parquet(drop / "a.parquet")
     pd.DataFrame({**base, "user_id": ["u2"], "label": [1], "action": ["buy"]}).to_parquet(drop / "b.parquet")
@@ -823,7 +825,9 @@ def test_every_file_of_a_drop_is_read_with_its_own_columns_or_the_drop_is_refuse
     (drop / "late").mkdir()
     pd.DataFrame({**base, "user_id": ["u3"], "rating": [2.0]}).to_parquet(drop / "late" / "c.parquet")
     before = lake.history("bronze.interactions")
-    with pytest.raises(ValueError, match=r"1 file\(s\) in subfolders Spark does not read .*late/c\.parquet"):
+    with pytest.raises(
+        ValueError, match=r"1 data file\(s\) in subfolders Spark does not read .*late/c\.parquet"
+    ):
         import_generic(spark, lake, GenericImportConfig(dataset="mp", interactions=str(drop)), DAY)
     assert lake.history("bronze.interactions") == before
 

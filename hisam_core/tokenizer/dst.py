@@ -347,9 +347,10 @@ class DST(nn.Module):
         logger.info("saved DST checkpoint to %s", path)
 
     @classmethod
-    def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DST:
+    def load_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> DST:
+        """The model of a checkpoint, on ``device`` (read on the CPU first)."""
         payload = torch.load(path, map_location="cpu", weights_only=True)
         with torch.random.fork_rng(devices=[]):  # the random init is replaced: leave the RNG as it was
             model = cls(DSTConfig.from_dict(payload["config"]))
         model.load_state_dict(payload["state_dict"])
-        return model.to(map_location).eval()
+        return model.to(device).eval()

@@ -35,7 +35,7 @@ def test_trained_on_cuda_it_disentangles_and_encodes_the_same_ids_on_cpu(planted
         )
     on_cpu = DST.load_checkpoint(tmp_path / "dst.pt").encode(features, "v").codes
     np.testing.assert_array_equal(on_cpu, on_gpu)
-    loaded = DST.load_checkpoint(tmp_path / "dst.pt", map_location="cuda")
+    loaded = DST.load_checkpoint(tmp_path / "dst.pt", device="cuda")
     assert all(p.is_cuda for p in loaded.parameters())
     np.testing.assert_array_equal(loaded.encode(features, "v").codes, on_gpu)
 

@@ -12,7 +12,8 @@ Inputs, one JSON object per line, plain or ``.gz`` (a file, a directory or a glo
 
 The item id is ``parent_asin`` (the benchmark's item; ``asin`` is a variant and is kept in
 ``extra``), falling back to ``asin`` when a review has no parent. Every field is first read as a
-string, so a wrongly typed value gets its own reason instead of voiding the whole line; a
+string, so a wrongly typed value gets its own reason instead of voiding the whole line (an id that
+is a JSON object, list or boolean, or a null marker such as ``NULL``, is quarantined too); a
 ``details`` object with a repeated key is quarantined (which value is meant is unknown). Review
 title/text, votes and the verified flag go to ``extra`` (JSON); item text fields (main category,
 store, features, description and every ``details`` entry) go to ``attributes``; the image URL is
@@ -43,8 +44,11 @@ from spark_jobs.importers.common import (
     first_reason,
     flag_duplicate_events,
     flag_duplicates,
+    id_problem,
+    json_id_types,
     json_record_problem,
     not_utf8,
+    null_marker,
     quoted,
     refuse_unread_subfolders,
     repeated_keys,
@@ -84,10 +88,14 @@ class AmazonImportConfig(Config):
     dataset: str = Field("amazon", pattern=DATASET_PATTERN)
 
 
-def read_json_lines(spark: SparkSession, path: str, fields: tuple[str, ...]) -> DataFrame:
-    """Non-blank lines of JSONL file(s): ``value``, every field as a raw string, ``_corrupt_record``.
+def read_json_lines(
+    spark: SparkSession, path: str, fields: tuple[str, ...], ids: tuple[str, ...] = ()
+) -> DataFrame:
+    """Non-blank lines of JSONL file(s): ``value``, every field as a raw string, ``_corrupt_record``,
+    ``_record_problem``.
 
-    Numbers, booleans, lists and objects come back as their JSON text; JSON ``null`` as null.
+    Numbers, booleans, lists and objects come back as their JSON text; JSON ``null`` as null. An
+    object, list or boolean in one of the ``ids`` is a record problem (:func:`json_id_types`).
     """
     schema = T.StructType([T.StructField(f, T.StringType()) for f in [*fields, CORRUPT]])
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
@@ -98,7 +106,11 @@ def read_json_lines(spark: SparkSession, path: str, fields: tuple[str, ...]) -> 
         "value",
         *[parsed.getField(f).alias(f) for f in fields],
         F.when(parsed.isNull(), F.col("value")).otherwise(parsed.getField(CORRUPT)).alias(CORRUPT),
-        F.coalesce(not_utf8(F.col("value")), json_record_problem(F.col("value"))).alias(RECORD_PROBLEM),
+        F.coalesce(
+            not_utf8(F.col("value")),
+            json_record_problem(F.col("value")),
+            json_id_types(F.col("value"), {i: i for i in ids}),
+        ).alias(RECORD_PROBLEM),
         F.col("_metadata.file_path").alias("source_file"),
         F.monotonically_increasing_id().alias(LINE),
     )
@@ -114,14 +126,20 @@ def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
         F.when(~blank(F.col("parent_asin")), trimmed(F.col("parent_asin"))),
         F.when(~blank(F.col("asin")), trimmed(F.col("asin"))),
     )
+    item_name = F.when(blank(F.col("parent_asin")), F.lit("asin")).otherwise(F.lit("parent_asin"))
+    user_problem = id_problem("user_id", F.col("user_id"))
     rating, ts = F.col("rating"), F.trim("timestamp")
     number = to_double(ts)  # a whole float (1588687728923.0) is milliseconds too
     ts_ms = F.when(number % 1 == 0, number.try_cast("long"))  # 1e19: null (quarantined), not an overflow
     reason = first_reason(
         (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
         (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
-        (blank(F.col("user_id")), "missing user_id"),
+        (user_problem.isNotNull(), user_problem),
         (item.isNull(), "missing parent_asin and asin"),
+        (
+            null_marker(item),
+            F.concat(item_name, F.lit(" "), quoted(item), F.lit(" is a null marker, not an id")),
+        ),
         (to_double(rating).isNull(), F.concat(F.lit("rating "), quoted(rating), F.lit(" is not a number"))),
         (~to_double(rating).between(1, 5), F.concat(F.lit("rating "), rating, F.lit(" outside [1, 5]"))),
         (
@@ -169,12 +187,13 @@ def _json_list(col: str, sep: str) -> Column:
 def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFrame:
     """Item metadata lines -> bronze.items rows + ``_reason``/``_raw``."""
     item = trimmed(F.col("parent_asin"))
+    item_problem = id_problem("parent_asin", F.col("parent_asin"))
     repeated = repeated_keys(F.json_object_keys(F.col("details")))
     ambiguous = F.coalesce(F.size(repeated) > 0, F.lit(False))  # which value is meant is unknown
     reason = first_reason(
         (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
         (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
-        (blank(F.col("parent_asin")), "missing parent_asin"),
+        (item_problem.isNotNull(), item_problem),
         (ambiguous, F.concat(F.lit("repeated keys in details: "), F.array_join(repeated, ", "))),
     )
     ok = reason.isNull()
@@ -226,11 +245,13 @@ def import_amazon(
 ) -> ImportReport:
     """Import reviews (and metadata) into bronze for ``logical_date``; reruns replace the partition."""
     ds = config.dataset
-    review_lines = read_json_lines(spark, config.reviews, REVIEW_FIELDS)
+    review_lines = read_json_lines(
+        spark, config.reviews, REVIEW_FIELDS, ids=("user_id", "parent_asin", "asin")
+    )
     reviews = flag_duplicate_events(parse_reviews(review_lines, ds, logical_date))
     parsed = [Parsed(config.reviews, BRONZE_INTERACTIONS.name, reviews, review_lines)]
     if config.meta:
-        meta_lines = read_json_lines(spark, config.meta, META_FIELDS)
+        meta_lines = read_json_lines(spark, config.meta, META_FIELDS, ids=("parent_asin",))
         meta = flag_duplicates(parse_meta(meta_lines, ds, logical_date), ["item_id"], "parent_asin")
         parsed.append(Parsed(config.meta, BRONZE_ITEMS.name, meta, meta_lines))
     tables = (BRONZE_INTERACTIONS.name, BRONZE_ITEMS.name)  # a rerun without --meta empties the items

@@ -198,6 +198,22 @@ def json_record_problem(value: Column) -> Column:
     )
 
 
+def json_id_types(raw: Column, keys: Mapping[str, str]) -> Column:
+    """Why a JSON-lines record ``raw`` holds an id that is an object, an array or a boolean, else null
+    (``keys``: JSON key -> the id's name). Read as a string, such a value is its JSON text: an id no
+    other record shares, imported as if whole."""
+    record = F.try_parse_json(raw)
+    checks = []
+    for key, name in keys.items():
+        if "'" in key and '"' in key:
+            raise ValueError(f"id column {key!r}: a JSON key with both quote characters cannot be read")
+        path = f'$["{key}"]' if "'" in key else f"$['{key}']"
+        kind = F.split(F.schema_of_variant(F.try_variant_get(record, path, "variant")), "<").getItem(0)
+        message = F.concat(F.lit(f"{name} is a JSON "), F.lower(kind), F.lit(", not a string or number"))
+        checks.append((kind.isin("OBJECT", "ARRAY", "BOOLEAN"), message))
+    return first_reason(*checks)
+
+
 def raw_line() -> Column:
     return F.coalesce(F.col(CORRUPT), F.col("value"))
 
@@ -225,6 +241,23 @@ def trimmed(col: Column) -> Column:
 def blank(col: Column) -> Column:
     """True for null strings and strings of nothing but what :func:`trimmed` strips."""
     return col.isNull() | (trimmed(col) == "")
+
+
+#: What exporters write for a missing value, compared without case: MySQL and Hive ``\N``, SQL
+#: ``NULL``, Python ``None``, pandas ``nan``, JavaScript ``undefined``. Taken as an id, one would
+#: gather every record that lacks an id into a single user or item.
+NULL_MARKERS = ("\\n", "null", "none", "nan", "undefined")
+
+
+def null_marker(col: Column) -> Column:
+    """True for a :data:`NULL_MARKERS` text (ends :func:`trimmed`)."""
+    return F.coalesce(F.lower(trimmed(col)).isin(*NULL_MARKERS), F.lit(False))
+
+
+def id_problem(name: str, value: Column) -> Column:
+    """Why ``value``, the text of the id column ``name``, is no id (missing, or a null marker), else null."""
+    marker = F.concat(F.lit(f"{name} "), quoted(trimmed(value)), F.lit(" is a null marker, not an id"))
+    return first_reason((blank(value), f"missing {name}"), (null_marker(value), marker))
 
 
 def quoted(col: Column) -> Column:

@@ -51,7 +51,8 @@ is refused by name; ``rename`` it. A CSV's quoted fields may hold line breaks (`
 read line by line (the default), an input with a line that ends inside a quoted field is refused: it
 would become two records, the first cut short and imported as if whole.
 
-Records that cannot be used (malformed line or JSON, a missing id, an unreadable timestamp,
+Records that cannot be used (malformed line or JSON, a missing id or one that is a null marker such as
+``\\N`` or ``NULL`` (:data:`NULL_MARKERS`) or a JSON object, array or boolean, an unreadable timestamp,
 rating or label, neither rating nor label, a duplicate item or user id) go to
 ``bronze.quarantine`` with the reason; for every input, records in = imported + quarantined.
 """
@@ -84,6 +85,8 @@ from spark_jobs.importers.common import (
     flag_duplicate_events,
     flag_duplicates,
     hadoop_glob,
+    id_problem,
+    json_id_types,
     json_record_problem,
     jvm_of,
     local_path,
@@ -310,6 +313,7 @@ def read_as_strings(
     rename: dict[str, str] | None = None,
     encoding: str = "UTF-8",
     multiline: bool = True,
+    ids: tuple[str, ...] = (),
 ) -> tuple[DataFrame, list[str]]:
     """Records of ``path`` with every column as a string, plus ``_corrupt_record``,
     ``_record_problem``, ``_raw`` (the record as written), ``source_file`` and ``_line``. Returns the
@@ -318,7 +322,8 @@ def read_as_strings(
     ``columns``: names to read (JSONL only; default every key seen in the data). ``encoding``: of a
     CSV input (JSON lines are UTF-8). ``multiline``: a CSV's quoted fields may hold line breaks
     (RFC 4180); False reads line by line, which Spark can split within one large file. Lines that are
-    empty or only whitespace are no records.
+    empty or only whitespace are no records. ``ids``: the id columns (names after ``rename``); a JSON
+    object, array or boolean there is a record problem, and a Parquet column of such a type refused.
     """
     fmt = detect_format(path) if fmt == "auto" else fmt
     rename = rename or {}
@@ -390,7 +395,10 @@ def read_as_strings(
             F.col(RAW),
             F.col("source_file"),
         )
-        problem = F.coalesce(not_utf8(F.col(RAW)), json_record_problem(F.col(RAW)))
+        id_keys = {w: n for w, n in zip(written_names, names, strict=True) if n in ids}
+        problem = F.coalesce(
+            not_utf8(F.col(RAW)), json_record_problem(F.col(RAW)), json_id_types(F.col(RAW), id_keys)
+        )
     elif fmt == "parquet":
         # pandas writes TIMESTAMP(NANOS), which Spark cannot read as a timestamp; read such columns
         # as their int64 nanoseconds instead (parse_timestamp recognises the magnitude).
@@ -399,6 +407,11 @@ def read_as_strings(
             spark.conf.set(NANOS_AS_LONG, "true")
         stored = spark.read.option("mergeSchema", True).parquet(path)  # else the first file's columns
         names = _check_names(path, stored.columns, rename)
+        for f, n in zip(stored.schema.fields, names, strict=True):
+            if n in ids and isinstance(f.dataType, T.ArrayType | T.MapType | T.StructType | T.BooleanType):
+                raise ValueError(
+                    f"{path}: id column {f.name!r} is {f.dataType.simpleString()}; an id is a string or a number"
+                )
         df = stored.select(
             *[_as_text(f).alias(n) for f, n in zip(stored.schema.fields, names, strict=True)],
             F.lit(None).cast("string").alias(CORRUPT),
@@ -451,6 +464,7 @@ def parse_interactions(
     """Generic interaction records -> bronze.interactions rows + ``_reason``/``_raw``."""
     user, item, ts, rating, label, action = (_col(names, c) for c in INTERACTION_COLUMNS)
     event_ts = parse_timestamp(ts, config.timestamp_unit)
+    user_problem, item_problem = id_problem("user_id", user), id_problem("item_id", item)
     rating_num = to_double(rating)
     label_num = F.when(label.isin("0", "1", "0.0", "1.0"), label.cast("double").cast("int")).when(
         F.lower(label).isin("true", "false"), (F.lower(label) == "true").cast("int")
@@ -458,8 +472,8 @@ def parse_interactions(
     checks = [
         (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
         (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
-        (blank(user), "missing user_id"),
-        (blank(item), "missing item_id"),
+        (user_problem.isNotNull(), user_problem),
+        (item_problem.isNotNull(), item_problem),
         (
             event_ts.isNull(),
             F.concat(F.lit("timestamp "), quoted(ts), F.lit(f" is not a {_unit_name(config)}")),
@@ -537,10 +551,11 @@ def parse_items(
 ) -> DataFrame:
     """Generic item records -> bronze.items rows + ``_reason``/``_raw``."""
     item = _col(names, "item_id")
+    problem = id_problem("item_id", item)
     reason = first_reason(
         (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
         (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
-        (blank(item), "missing item_id"),
+        (problem.isNotNull(), problem),
     )
     ok = reason.isNull()
     text_columns = config.text_columns
@@ -575,10 +590,11 @@ def parse_users(
 ) -> DataFrame:
     """Generic user records -> bronze.users rows + ``_reason``/``_raw``."""
     user = _col(names, "user_id")
+    problem = id_problem("user_id", user)
     reason = first_reason(
         (F.col(CORRUPT).isNotNull(), "malformed record (field count, quoting or JSON)"),
         (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
-        (blank(user), "missing user_id"),
+        (problem.isNotNull(), problem),
     )
     profile = [c for c in names if c != "user_id"]
     return rows.select(
@@ -680,7 +696,9 @@ def import_generic(
         "encoding": config.encoding,
         "multiline": config.csv_multiline,
     }
-    rows, names = read_as_strings(spark, config.interactions, config.format, **options)
+    rows, names = read_as_strings(
+        spark, config.interactions, config.format, ids=("user_id", "item_id"), **options
+    )
     for required in ("user_id", "item_id", "timestamp"):
         if required not in names:
             raise ValueError(
@@ -697,13 +715,13 @@ def import_generic(
         )
     ]
     if config.items:
-        rows, names = read_as_strings(spark, config.items, config.format, **options)
+        rows, names = read_as_strings(spark, config.items, config.format, ids=("item_id",), **options)
         if "item_id" not in names:
             raise ValueError(f"items input {config.items}: no 'item_id' column (has {names})")
         items = flag_duplicates(parse_items(rows, names, config, logical_date), ["item_id"], "item_id")
         parsed.append(Parsed(config.items, BRONZE_ITEMS.name, items, rows))
     if config.users:
-        rows, names = read_as_strings(spark, config.users, config.format, **options)
+        rows, names = read_as_strings(spark, config.users, config.format, ids=("user_id",), **options)
         if "user_id" not in names:
             raise ValueError(f"users input {config.users}: no 'user_id' column (has {names})")
         users = flag_duplicates(parse_users(rows, names, config, logical_date), ["user_id"], "user_id")

@@ -303,6 +303,100 @@ def test_a_json_line_is_one_object_with_distinct_keys(spark, lake, tmp_path):
     )
 
 
+def test_an_id_that_is_a_null_marker_or_not_a_json_string_or_number_is_quarantined(spark, lake, tmp_path):
+    """An id was taken as whatever text it read as: ``\\N`` (a MySQL dump's null) or ``NULL`` gathered
+    every record without an id into one user, and a JSON object or list became its JSON text. Each is
+    a quarantine row with its reason, in the generic (CSV, JSON lines) and the Amazon readers; a
+    Parquet id column of such a type is refused by name."""
+    (tmp_path / "events.csv").write_text(
+        "user_id,item_id,timestamp,label\nu1,i1,1,1\n\\N,i1,2,1\nu2, null ,3,1\nNone,i2,4,1\nnanny,i2,5,1\n"
+    )
+    config = GenericImportConfig(dataset="gn", interactions=str(tmp_path / "events.csv"))
+    assert counts(import_generic(spark, lake, config, DAY)) == {"events.csv": (5, 2, 3)}
+    assert reasons(lake, "gn") == Counter(
+        {
+            ("bronze.interactions", "user_id '\\N' is a null marker, not an id"): 1,
+            ("bronze.interactions", "item_id 'null' is a null marker, not an id"): 1,
+            ("bronze.interactions", "user_id 'None' is a null marker, not an id"): 1,
+        }
+    )
+    assert sorted(
+        r.user_id for r in lake.read("bronze.interactions", partitions={"dataset": "gn"}).collect()
+    ) == [
+        "nanny",
+        "u1",
+    ]
+
+    (tmp_path / "events.jsonl").write_text(
+        '{"uid": "u1", "item_id": 7, "timestamp": 1, "label": 1}\n'
+        '{"uid": {"id": "u2"}, "item_id": 7, "timestamp": 2, "label": 1}\n'
+        '{"uid": "u3", "item_id": ["i1"], "timestamp": 3, "label": 1}\n'
+        '{"uid": "u4", "item_id": true, "timestamp": 4, "label": 1}\n'
+        '{"uid": "[\\"u5\\"]", "item_id": "NaN", "timestamp": 5, "label": 1}\n'
+        '{"uid": "[\\"u6\\"]", "item_id": 7, "timestamp": 6, "label": 1}\n'
+    )
+    config = GenericImportConfig(
+        dataset="gk", interactions=str(tmp_path / "events.jsonl"), rename={"uid": "user_id"}
+    )
+    assert counts(import_generic(spark, lake, config, DAY)) == {"events.jsonl": (6, 2, 4)}
+    assert reasons(lake, "gk") == Counter(
+        {
+            ("bronze.interactions", "user_id is a JSON object, not a string or number"): 1,
+            ("bronze.interactions", "item_id is a JSON array, not a string or number"): 1,
+            ("bronze.interactions", "item_id is a JSON boolean, not a string or number"): 1,
+            ("bronze.interactions", "item_id 'NaN' is a null marker, not an id"): 1,
+        }
+    )
+    kept = lake.read("bronze.interactions", partitions={"dataset": "gk"}).collect()
+    assert sorted((r.user_id, r.item_id) for r in kept) == [('["u6"]', "7"), ("u1", "7")]  # a string is an id
+
+    pd.DataFrame({"user_id": [{"id": "u1"}], "item_id": ["i1"], "timestamp": [1], "label": [1]}).to_parquet(
+        tmp_path / "events.parquet"
+    )
+    config = GenericImportConfig(dataset="gp", interactions=str(tmp_path / "events.parquet"))
+    before = lake.history("bronze.interactions")
+    with pytest.raises(
+        ValueError, match=r"events.parquet: id column 'user_id' is struct<id:string>; an id is"
+    ):
+        import_generic(spark, lake, config, DAY)
+    assert lake.history("bronze.interactions") == before
+
+    review = '{"user_id": %s, "parent_asin": %s, "rating": 5.0, "timestamp": 1588687728923}'
+    (tmp_path / "reviews.jsonl").write_text(
+        "\n".join(
+            [
+                review % ('"U1"', '"P1"'),
+                review % ('["U2"]', '"P1"'),
+                review % ('"U3"', '{"asin": "P1"}'),
+                review % ('"U4"', '"NULL"'),
+                review % ('"NULL"', '"P1"'),
+                (review % ('"U6"', '""')).replace("}", ', "asin": "\\\\N"}'),
+            ]
+        )
+        + "\n"
+    )
+    (tmp_path / "meta.jsonl").write_text(
+        '{"parent_asin": "P1"}\n{"parent_asin": 17.5}\n{"parent_asin": "none"}\n'
+    )
+    config = AmazonImportConfig(
+        reviews=str(tmp_path / "reviews.jsonl"), meta=str(tmp_path / "meta.jsonl"), dataset="az-ids"
+    )
+    assert counts(import_amazon(spark, lake, config, DAY)) == {
+        "reviews.jsonl": (6, 1, 5),
+        "meta.jsonl": (3, 2, 1),
+    }
+    assert reasons(lake, "az-ids") == Counter(
+        {
+            ("bronze.interactions", "user_id is a JSON array, not a string or number"): 1,
+            ("bronze.interactions", "parent_asin is a JSON object, not a string or number"): 1,
+            ("bronze.interactions", "parent_asin 'NULL' is a null marker, not an id"): 1,
+            ("bronze.interactions", "user_id 'NULL' is a null marker, not an id"): 1,
+            ("bronze.interactions", "asin '\\N' is a null marker, not an id"): 1,
+            ("bronze.items", "parent_asin 'none' is a null marker, not an id"): 1,
+        }
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # generic format
 # ---------------------------------------------------------------------------------------------

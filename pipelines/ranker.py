@@ -291,6 +291,13 @@ def sft_checkpoint_dir(ctx: StepContext, tokenizer_version: str, run: Run) -> Pa
     )
 
 
+def _stored_config(checkpoint: Path) -> dict[str, Any]:
+    """The config a ranker checkpoint was trained with (read on the CPU)."""
+    import torch
+
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
+
+
 def _find_run(ctx: StepContext, step: str, trained: bool = False, **tags: str) -> Run | None:
     """This logical run's newest MLflow run of ``step`` (so a rerun continues it instead of adding one),
     among those carrying every ``tags`` value; ``trained``: among those whose SFT finished (a crashed
@@ -310,16 +317,19 @@ def _train_stage(
     pretrained: str | None = None,
     pretrained_until: int | None = None,
     fresh: bool = False,
+    forced: bool = False,
 ) -> dict[str, Any]:
     """Train one stage; PT fits the profile vocabulary (``vocabulary`` None), SFT keeps PT's and
     records the PT version it starts from (``pretrained``). A rerun of the logical run continues its
     MLflow run and checkpoint, the newest run that trains the same thing (tokenizer and PT version):
     the asset-triggered fine-tune of a PT that landed after the day's 04:00 run trains anew.
-    ``fresh``: a new run (tagged :data:`FORCED`) and checkpoint whatever ran before."""
+    ``fresh``: a new run (tagged :data:`FORCED`) and checkpoint whatever ran before. ``forced``: the
+    run continued is a forced one that stopped; trained with settings its checkpoint refuses (a second
+    fix after the first forced run diverged too), it is left and a fresh one trains instead."""
     import mlflow
     import pandas as pd
 
-    from hisam_core.ranker.train import CHECKPOINT_NAME, train
+    from hisam_core.ranker.train import CHECKPOINT_NAME, resume_conflicts, train
     from pipelines.tokenizer import semantic_ids_of
     from pipelines.tracking import (
         CONFIG_DIR,
@@ -337,6 +347,7 @@ def _train_stage(
     previous = None if fresh else _find_run(ctx, step, **lineage)
     # a continued run reads the snapshots it started on: its checkpoint's batches index into them
     pinned = input_versions(ctx.mlflow.get_run(previous.info.run_id)) if previous else {}
+    given = vocabulary
     fields = vocabulary.fields if vocabulary is not None else ctx.config.ranker.profile_fields
     profile_frame, profile_snapshot = (
         load_profiles(ctx, fields, pinned.get("user_profiles"))
@@ -355,6 +366,18 @@ def _train_stage(
     if pretrained is not None and pretrained_until is None:  # a PT registered before the tag
         until = None  # unknown, rather than only this stage's
     out = _checkpoint_dir(ctx, stage, tokenizer_version, pretrained)
+    if forced and previous is not None and (out / CHECKPOINT_NAME).exists():
+        stored = _stored_config(out / CHECKPOINT_NAME)
+        if changed := resume_conflicts(stored, config):
+            log.warning(
+                "force=true: the stopped forced run %s trained with other settings (%s): training again "
+                "in a new run",
+                previous.info.run_id,
+                changed,
+            )
+            return _train_stage(
+                ctx, stage, tokenizer_version, init_from, given, pretrained, pretrained_until, fresh=True
+            )
     if previous is None:  # a new run starts from step 0, not from another run's checkpoint
         (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -431,7 +454,8 @@ def pretrain(ctx: StepContext) -> dict[str, Any]:
 
     ``params.force=true`` trains again in a new MLflow run from step 0, tagged ``hisam.forced`` (after
     a divergence fixed by other settings, which the stopped run's checkpoint refuses, or a registered
-    version found bad), and registers a new version; a forced run that stopped midway is continued."""
+    version found bad), and registers a new version; a forced run that stopped midway is continued
+    (unless its checkpoint refuses the settings: then a new one trains)."""
     import mlflow
 
     from pipelines.ranker_model import log_ranker
@@ -459,7 +483,7 @@ def pretrain(ctx: StepContext) -> dict[str, Any]:
         fresh = not (stopped and newest.data.tags.get(FORCED) == "true")  # a forced run resumes
         if existing:
             log.warning("force=true: pre-training again (%s v%s was this run's)", name, existing[0].version)
-    result = _train_stage(ctx, "pt", version, fresh=fresh)
+    result = _train_stage(ctx, "pt", version, fresh=fresh, forced=force and not fresh)
     with mlflow.start_run(run_id=result["mlflow_run_id"]):
         registered = log_ranker(
             result["checkpoint"],
@@ -529,7 +553,7 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
     registration and promotion); otherwise evaluation goes on from the finished run.
     ``params.force=true`` trains again in a new MLflow run from step 0 (after a fix, say), tagged
     ``hisam.forced``, unless the newest run of that PT is a forced one that stopped midway: it
-    continues that one. The following steps evaluate, register and gate that run's candidate."""
+    continues that one (unless its checkpoint refuses the settings: then a new one trains). The following steps evaluate, register and gate that run's candidate."""
     from pipelines.settings import flag
     from pipelines.steps import StepSkipped
 
@@ -573,6 +597,7 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
         pretrained=pt_version,
         pretrained_until=tagged_until(pt_tags),
         fresh=fresh,
+        forced=force and not fresh,
     )
     return {
         **{k: v for k, v in result.items() if k not in INTERNAL},

@@ -1003,8 +1003,9 @@ def test_a_rollback_to_an_older_tokenizers_champion_serves_the_items_that_arrive
 def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     """Builds on December 1st, whose fine-tune of the newest PT was judged: a rerun skips, and
     ``force=true`` trains it again from step 0 in a new MLflow run (not from the finished
-    checkpoint), which a forced rerun continues had it stopped (a run not forced it does not), and
-    which evaluation and registration then take as the day's candidate."""
+    checkpoint), which a forced rerun continues had it stopped (a run not forced it does not; nor one
+    whose checkpoint refuses the settings), and which evaluation and registration then take as the
+    day's candidate."""
     from pipelines.ranker import FORCED, PROFILE_VOCABULARY, SFT_CHECKPOINT_SHA256
     from pipelines.steps import StepSkipped, run_step
     from pipelines.tracking import input_versions
@@ -1026,6 +1027,19 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     resumed = run_step("finetune", dec1, world["config"], {"force": "true"})
     assert resumed["mlflow_run_id"] == forced["mlflow_run_id"]  # continued, not a third run from step 0
     assert SFT_CHECKPOINT_SHA256 in client.get_run(forced["mlflow_run_id"]).data.tags
+    client.delete_tag(forced["mlflow_run_id"], SFT_CHECKPOINT_SHA256)  # it stopped again, and then
+    world["write_config"](
+        world["config"], finetune={"learning_rate": 5e-4}
+    )  # a second fix its checkpoint refuses
+    try:
+        refixed = run_step("finetune", dec1, world["config"], {"force": "true"})
+    finally:
+        world["write_config"](world["config"])
+    assert refixed["mlflow_run_id"] != forced["mlflow_run_id"]  # a new forced run from step 0
+    assert client.get_run(refixed["mlflow_run_id"]).data.tags[FORCED] == "true"
+    steps = [[m.step for m in client.get_metric_history(refixed["mlflow_run_id"], "sft/loss")]]
+    assert steps == [[m.step for m in client.get_metric_history(before[0].info.run_id, "sft/loss")]]
+    forced = refixed
     for tag in (SFT_CHECKPOINT_SHA256, FORCED):  # as if a run not forced had stopped midway
         client.delete_tag(forced["mlflow_run_id"], tag)
     again = run_step("finetune", dec1, world["config"], {"force": "true"})

@@ -42,7 +42,9 @@ of it, and the import budget and the day's quality gate judge all of it, not wha
 
 A directory is read with its files and its ``key=value`` partition folders; a data file in another
 subfolder (which Spark would skip) is refused by name. A Parquet drop's files may differ in their
-columns: each record reads the columns its file has (Spark's ``mergeSchema``). A CSV drop's files
+columns: each record reads the columns its file has (Spark's ``mergeSchema``); and in a column's type
+(pandas writes an integer column with a gap as float64): each schema's files are then read apart
+(:func:`read_parquet`), every value taken as text where they meet. A CSV drop's files
 must share one header (checked per file: as Spark does for a header of distinct, non-empty names,
 line by line for others, e.g. pandas' index column).
 
@@ -60,6 +62,7 @@ rating or label, neither rating nor label, a duplicate item or user id) go to
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import re
 from pathlib import Path
@@ -69,6 +72,7 @@ from pydantic import Field, field_validator
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from tqdm.auto import tqdm
 
 from hisam_core.config import Config
 from spark_jobs.importers.common import (
@@ -405,19 +409,30 @@ def read_as_strings(
         if spark.conf.get(NANOS_AS_LONG, "false") != "true":
             logger.info("setting %s=true so Parquet nanosecond timestamps can be read", NANOS_AS_LONG)
             spark.conf.set(NANOS_AS_LONG, "true")
-        stored = spark.read.option("mergeSchema", True).parquet(path)  # else the first file's columns
-        names = _check_names(path, stored.columns, rename)
-        for f, n in zip(stored.schema.fields, names, strict=True):
-            if n in ids and isinstance(f.dataType, T.ArrayType | T.MapType | T.StructType | T.BooleanType):
-                raise ValueError(
-                    f"{path}: id column {f.name!r} is {f.dataType.simpleString()}; an id is a string or a number"
+        parts = read_parquet(spark, path)
+        written_names = list(dict.fromkeys(c for part in parts for c in part.columns))
+        names = _check_names(path, written_names, rename)
+        name_of = dict(zip(written_names, names, strict=True))
+        texts = []
+        for part in parts:
+            for f in part.schema.fields:
+                if name_of[f.name] in ids and isinstance(
+                    f.dataType, T.ArrayType | T.MapType | T.StructType | T.BooleanType
+                ):
+                    raise ValueError(
+                        f"{path}: id column {f.name!r} is {f.dataType.simpleString()}; an id is a string or a number"
+                    )
+            texts.append(
+                part.select(
+                    *[_as_text(f).alias(name_of[f.name]) for f in part.schema.fields],
+                    F.lit(None).cast("string").alias(CORRUPT),
+                    F.to_json(F.struct(*map(field, part.columns))).alias(RAW),
+                    F.col("_metadata.file_path").alias("source_file"),
                 )
-        df = stored.select(
-            *[_as_text(f).alias(n) for f, n in zip(stored.schema.fields, names, strict=True)],
-            F.lit(None).cast("string").alias(CORRUPT),
-            F.to_json(F.struct(*map(field, stored.columns))).alias(RAW),
-            F.col("_metadata.file_path").alias("source_file"),
-        )
+            )
+        df = texts[0]
+        for text in texts[1:]:
+            df = df.unionByName(text, allowMissingColumns=True)
         problem = F.lit(None).cast("string")
     else:
         raise ValueError(f"unknown format {fmt!r}, expected csv, parquet or jsonl")
@@ -430,6 +445,37 @@ def read_as_strings(
         F.monotonically_increasing_id().alias(LINE),
     )
     return df, names
+
+
+def read_parquet(spark: SparkSession, path: str) -> list[DataFrame]:
+    """The Parquet files of ``path``: one frame when their schemas merge (files may differ in their
+    columns: Spark's ``mergeSchema``; without it, Spark reads one file's), else one frame per schema.
+    pandas stores an integer column with a gap as float64, so one drop's files can hold a column as
+    int64 in one part and double in another, which no one schema reads; the caller takes every value
+    as text (``42.0`` as ``42``), where the parts meet. Each file's schema is read apart then (a footer
+    per file), which needs a classic session and, for a directory's ``key=value`` partitions, a
+    directory ``path`` (Spark's ``basePath``)."""
+    try:
+        return [spark.read.option("mergeSchema", True).parquet(path)]
+    except Exception as err:
+        if "CANNOT_MERGE_SCHEMAS" not in str(err) or jvm_of(spark) is None:
+            raise
+    statuses = hadoop_glob(spark, path)
+    reader = spark.read
+    if len(statuses) == 1 and statuses[0].isDirectory():
+        reader = reader.option("basePath", path)
+    groups: dict[str, list[str]] = {}
+    files = spark.read.option("mergeSchema", False).parquet(path).inputFiles()
+    for file in tqdm(files, desc="Parquet schemas", unit="file", disable=None):
+        groups.setdefault(reader.parquet(file).schema.json(), []).append(file)
+    logger.warning(
+        "%s: its files store a column in different types (%d schemas, e.g. %s): each schema's files are "
+        "read apart and their values taken as text",
+        path,
+        len(groups),
+        "; ".join(T.StructType.fromJson(json.loads(g)).simpleString() for g in list(groups)[:2]),
+    )
+    return [reader.parquet(*files) for files in groups.values()]
 
 
 def _col(names: list[str], name: str) -> Column:

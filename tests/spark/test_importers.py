@@ -897,7 +897,7 @@ def test_a_float_reads_as_the_text_a_csv_would_carry_whatever_its_magnitude(spar
 def test_every_file_of_a_drop_is_read_with_its_own_columns_or_the_drop_is_refused(spark, lake, tmp_path):
     """Spark reads a directory's own files only (and key=value partitions): a file in another
     subfolder is refused by name, not skipped. A Parquet drop's files may carry different columns
-    (Spark's default reads only one file's). A CSV drop whose header Spark cannot check per file
+    (Spark's default reads only one file's), or one column in two types (Spark cannot merge them). A CSV drop whose header Spark cannot check per file
     (pandas' empty index name) must still start every file with the same line."""
 
     def rows_of(dataset: str) -> set[tuple]:
@@ -915,6 +915,24 @@ def test_every_file_of_a_drop_is_read_with_its_own_columns_or_the_drop_is_refuse
     report = import_generic(spark, lake, GenericImportConfig(dataset="mp", interactions=str(drop)), DAY)
     assert counts(report) == {"pq": (2, 2, 0)}
     assert rows_of("mp") == {("u1", 4.0, None, None), ("u2", None, 1, "buy")}
+
+    mixed = tmp_path / "mixed"  # pandas writes an integer id column with a gap as float64
+    (mixed / "region=eu").mkdir(parents=True)
+    (mixed / "region=us").mkdir()
+    pd.DataFrame({"user_id": ["u1"], "item_id": [7], "timestamp": [1_700_000_000], "label": [1]}).to_parquet(
+        mixed / "region=eu" / "a.parquet"
+    )
+    pd.DataFrame(
+        {"user_id": ["u2", "u3"], "item_id": [7.0, None], "timestamp": [1_700_000_001] * 2, "label": [1, 1]}
+    ).to_parquet(mixed / "region=us" / "b.parquet")
+    config = GenericImportConfig(dataset="mt", interactions=str(mixed))
+    assert counts(import_generic(spark, lake, config, DAY)) == {"mixed": (3, 2, 1)}
+    rows = lake.read("bronze.interactions", partitions={"dataset": "mt"}).collect()
+    assert sorted((r.user_id, r.item_id, json.loads(r.extra)["region"]) for r in rows) == [
+        ("u1", "7", "eu"),
+        ("u2", "7", "us"),
+    ]  # one item, with the partition column of each file
+    assert reasons(lake, "mt") == Counter({("bronze.interactions", "missing item_id"): 1})
 
     (drop / "late").mkdir()
     pd.DataFrame({**base, "user_id": ["u3"], "rating": [2.0]}).to_parquet(drop / "late" / "c.parquet")

@@ -4,6 +4,9 @@
   ``roc_auc_score``).
 * GAUC: per-user AUC averaged over the users that have both a positive and a negative sample,
   each user weighted by their number of samples; users with a single class are skipped.
+* NDCG@k and HR@k: per user, then averaged over users with both classes; tied scores count in
+  expectation over every order of the tie (McSherry and Najork, ECIR 2008), as AUC's average ranks do,
+  so no metric depends on the order the samples come in.
 
 Every metric takes an optional boolean ``mask`` selecting the samples to score, e.g. the cold-start
 subset (Sec. 4.1: users with fewer than 10 interactions). A selection without both classes (or,
@@ -89,22 +92,25 @@ def ranking_metrics(
 def _top_k_per_user(
     labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, k: int, mask: np.ndarray | None
 ) -> pd.DataFrame:
-    """Per user with both classes: ``hits`` (positives among the ``k`` best-scored samples, ties
-    broken by sample order), ``dcg`` of those hits, ``positives``."""
+    """Per user with both classes: ``hits`` (positives among the ``k`` best-scored samples) and their
+    ``dcg``, in expectation over the orders of tied scores, ``positives`` and ``count``.
+
+    A tie of ``n`` samples, ``p`` of them positive, fills ranks ``start .. start + n - 1``; in a
+    uniformly random order each of those ranks holds a positive with probability ``p / n``."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     labels, scores, groups = _prepare(labels, scores, mask, groups)
-    frame = pd.DataFrame({"group": groups, "label": labels, "score": -scores})
-    frame = frame.sort_values(["group", "score"], kind="stable")
-    frame["rank"] = frame.groupby("group").cumcount()
-    top = frame[frame["rank"] < k]
-    per_user = pd.DataFrame(
-        {
-            "positives": frame.groupby("group")["label"].sum(),
-            "count": frame.groupby("group").size(),
-            "hits": top.groupby("group")["label"].sum(),
-            "dcg": (top["label"] / np.log2(top["rank"] + 2)).groupby(top["group"]).sum(),
-        }
+    frame = pd.DataFrame({"group": groups, "label": labels, "score": scores})
+    ties = frame.groupby(["group", "score"]).agg(n=("label", "size"), p=("label", "sum")).reset_index()
+    ties = ties.sort_values(["group", "score"], ascending=[True, False])
+    start = ties.groupby("group")["n"].cumsum().to_numpy() - ties["n"].to_numpy()
+    first, last = np.minimum(start, k), np.minimum(start + ties["n"].to_numpy(), k)  # ranks in the top k
+    discounts = np.concatenate([[0.0], np.cumsum(1 / np.log2(np.arange(k) + 2))])  # sum of the first r
+    share = ties["p"].to_numpy() / ties["n"].to_numpy()
+    ties["hits"] = share * (last - first)
+    ties["dcg"] = share * (discounts[last] - discounts[first])
+    per_user = ties.groupby("group").agg(
+        positives=("p", "sum"), count=("n", "sum"), hits=("hits", "sum"), dcg=("dcg", "sum")
     )
     per_user = per_user[(per_user["positives"] > 0) & (per_user["positives"] < per_user["count"])]
     if per_user.empty:

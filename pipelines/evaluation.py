@@ -340,7 +340,7 @@ def markdown(result: dict[str, Any], command: str, findings: str | None = None) 
         "",
         "Values: mean ± sample std over the seeds listed per row; HR@10 = positives in the top 10 of a "
         "user's test items / min(10, positives); NDCG@10 binary relevance; both averaged over users "
-        "with both classes.",
+        "with both classes, a tie of scores counted as the mean over its orders.",
         "",
     ]
     for name, table in result["tables"].items():

@@ -138,3 +138,35 @@ def test_ndcg_and_hr_are_one_for_a_perfect_ranking_and_respect_the_mask(samples)
     )
     with pytest.raises(ValueError, match="k must be"):
         ndcg_at_k(labels, worst, users, 0)
+
+
+def test_ndcg_and_hr_count_ties_as_the_mean_over_every_order_of_the_tie():
+    """A tie broken by sample order favoured whichever label came first (a popularity-style scorer
+    ties often): tied scores count as the average over all their orders, so permuting the samples
+    changes nothing, and the value is that of the brute-force average over orders."""
+    from itertools import permutations
+
+    labels = np.array([1, 0, 0, 1, 0, 1, 0, 0])
+    scores = np.array([0.5, 0.5, 0.5, 0.9, 0.2, 0.2, 0.2, 0.1])  # one user; two ties
+    users = np.zeros(8, dtype=int)
+    for k in (1, 2, 3, 5, 10):
+        tied = [np.flatnonzero(scores == s) for s in (0.5, 0.2)]
+        orders = [(a, b) for a in permutations(tied[0]) for b in permutations(tied[1])]
+        by_order = []
+        for a, b in orders:  # the tie's members take its ranks in this order
+            ranked = np.concatenate([[3], a, b, [7]])
+            positives = labels[ranked[:k]]
+            dcg = (positives / np.log2(np.arange(len(positives)) + 2)).sum()
+            ideal = (1 / np.log2(np.arange(min(k, 3)) + 2)).sum()
+            by_order.append((positives.sum() / min(k, 3), dcg / ideal))
+        expected = np.mean(by_order, axis=0)
+        assert hit_rate_at_k(labels, scores, users, k) == pytest.approx(expected[0])
+        assert ndcg_at_k(labels, scores, users, k) == pytest.approx(expected[1])
+        shuffled = np.random.default_rng(k).permutation(8)
+        assert ndcg_at_k(labels[shuffled], scores[shuffled], users, k) == pytest.approx(expected[1])
+    # all tied: each rank holds the one positive of four with probability 1/4
+    flat = np.full(4, 0.3)
+    assert hit_rate_at_k(np.array([0, 0, 0, 1]), flat, np.zeros(4), k=2) == pytest.approx(0.5)
+    assert ndcg_at_k(np.array([1, 0, 0, 0]), flat, np.zeros(4), k=2) == pytest.approx(
+        (1 + 1 / np.log2(3)) / 4
+    )

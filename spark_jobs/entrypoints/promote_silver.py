@@ -1,4 +1,5 @@
 """Re-run bronze -> silver for one dataset and logical date (the importers do this by default).
+Refused when that date's import stopped before it finished: rerun the import instead.
 
 Example::
 

@@ -436,8 +436,66 @@ def write_parsed(
     return report
 
 
-#: Bronze writers use the default mode of :func:`write_parsed`.
-write_bronze = write_parsed
+#: ``job`` of an import's commit metadata. With ``dataset``, ``logical_date`` and an ``import_id``
+#: of its own, every bronze commit of one import names the run that wrote it, and the run's
+#: ``bronze.quarantine`` commit, its last, that the run finished (:func:`unfinished_import`).
+IMPORT_JOB = "import"
+
+
+def import_record(dataset: str, logical_date: dt.date) -> dict[str, str]:
+    """The commit metadata of one import run (a new ``import_id`` each call)."""
+    import uuid
+
+    return {
+        "job": IMPORT_JOB,
+        "dataset": dataset,
+        "logical_date": logical_date.isoformat(),
+        "import_id": uuid.uuid4().hex,
+    }
+
+
+def write_bronze(
+    lake: Lake,
+    dataset: str,
+    logical_date: dt.date,
+    parsed: Iterable[Parsed],
+    report: ImportReport,
+    *,
+    tables: Sequence[str] = (),
+) -> ImportReport:
+    """:func:`write_parsed` of one import run into bronze (each ``(dataset, logical_date)`` partition
+    replaced), every commit carrying the run's :func:`import_record`."""
+    record = import_record(dataset, logical_date)
+    return write_parsed(lake, dataset, logical_date, parsed, report, metadata=record, tables=tables)
+
+
+def unfinished_import(lake: Lake, dataset: str, logical_date: dt.date, tables: Sequence[str]) -> str | None:
+    """Why the bronze ``tables``' partitions of ``(dataset, logical_date)`` are not one finished import,
+    else None: a table whose newest import of that date is not the run whose ``bronze.quarantine``
+    commit (written last) is the newest, i.e. a run that stopped before it finished (its interactions
+    written, the items still an earlier run's). Commits without an :func:`import_record` (written
+    before it existed, or beyond the log's retention) are not checked."""
+
+    def newest(table: str) -> str | None:
+        for commit in lake.history(table):
+            m = commit["metadata"]
+            if (m.get("job"), m.get("dataset"), m.get("logical_date")) == (
+                IMPORT_JOB,
+                dataset,
+                logical_date.isoformat(),
+            ):
+                return m.get("import_id")
+        return None
+
+    finished = newest(BRONZE_QUARANTINE.name)
+    for table in tables:
+        run = newest(table)
+        if run is not None and run != finished:
+            return (
+                f"{table} of {dataset!r} at {logical_date} was written by import {run}, which never wrote "
+                f"{BRONZE_QUARANTINE.name} (its last commit): it stopped before it finished"
+            )
+    return None
 
 
 def _canonical(field: T.StructField) -> Column:

@@ -35,6 +35,7 @@ from spark_jobs.importers.common import (
     Parsed,
     first_reason,
     flag_duplicates,
+    unfinished_import,
     write_parsed,
 )
 from spark_jobs.lake import Lake, sql_literal
@@ -143,8 +144,13 @@ def promotion_record(dataset: str, logical_date: dt.date) -> dict[str, str]:
 def promote_to_silver(
     lake: Lake, dataset: str, logical_date: dt.date, config: SilverConfig | None = None
 ) -> ImportReport:
-    """Merge the bronze rows of one import run into silver; returns counts and versions."""
+    """Merge the bronze rows of one import run into silver; returns counts and versions. Refused
+    (ValueError) when that run stopped before it finished (:func:`unfinished_import`): its new
+    interactions would meet an earlier run's items and users."""
     config = config or SilverConfig()
+    tables = [t.name for t in (BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS)]
+    if why := unfinished_import(lake, dataset, logical_date, tables):
+        raise ValueError(f"{why}; rerun the import of {logical_date} before promoting it")
     interactions, items, users = (
         _bronze_run(lake, t.name, dataset, logical_date)
         for t in (BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS)

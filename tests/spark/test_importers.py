@@ -1056,6 +1056,45 @@ def test_silver_labels_duplicates_and_backfill(spark, lake):
     assert (row.rating, row.label, row.logical_date) == (5.0, 1, day2)
 
 
+def test_silver_refuses_a_date_whose_import_stopped_before_it_finished(spark, lake, tmp_path, monkeypatch):
+    """An import writes bronze.interactions, .items and .users, then bronze.quarantine last. A run that
+    died after the interactions left the date's items an earlier run's: promoting that date apart
+    (the spark-submit ``promote_silver``) would merge the new interactions with the old catalogue, so
+    it is refused by name until the import is rerun. A rerun with an input left out writes that
+    table empty: one finished import again."""
+    events, items = tmp_path / "events.csv", tmp_path / "items.csv"
+    events.write_text("user_id,item_id,timestamp,label\nu1,i1,1,1\n")
+    items.write_text("item_id,title\ni1,One\n")
+    config = GenericImportConfig(dataset="crash", interactions=str(events), items=str(items))
+    import_generic(spark, lake, config, DAY)
+    assert promote_to_silver(lake, "crash", DAY).imported("silver.interactions") == 1
+    events.write_text("user_id,item_id,timestamp,label\nu1,i1,1,1\nu1,i2,2,1\n")
+    items.write_text("item_id,title\ni1,One\ni2,Two\n")
+    write = Lake.write
+
+    def dies_at_the_items(self, df, table, **kwargs):
+        if getattr(table, "name", table) == "bronze.items":
+            raise RuntimeError("executor lost")
+        return write(self, df, table, **kwargs)
+
+    monkeypatch.setattr(Lake, "write", dies_at_the_items)
+    with pytest.raises(RuntimeError, match="executor lost"):
+        import_generic(spark, lake, config, DAY)
+    monkeypatch.undo()
+    silver = lake.history("silver.interactions")
+    with pytest.raises(
+        ValueError,
+        match=rf"bronze.interactions of 'crash' at {DAY} was written by import \w+, which never wrote "
+        r"bronze.quarantine .*; rerun the import",
+    ):
+        promote_to_silver(lake, "crash", DAY)
+    assert lake.history("silver.interactions") == silver
+    import_generic(spark, lake, config, DAY)
+    assert promote_to_silver(lake, "crash", DAY).imported("silver.interactions") == 2
+    import_generic(spark, lake, config.model_copy(update={"items": None}), DAY)
+    assert promote_to_silver(lake, "crash", DAY).imported("silver.interactions") == 2
+
+
 def test_silver_rerun_retracts_what_the_corrected_date_no_longer_contains(spark, lake):
     day2 = dt.date(2024, 1, 2)
 

@@ -15,8 +15,8 @@
     of the JVM (psutil over the process tree), and checks that both produce identical per-user sequences
     (hash of every user's item/label/timestamp lists) and the same sample histories: per sample its
     length, oldest and newest item, and position-weighted sums (``sum (k + 1) * x_k`` over the
-    history's items ``k``, so a reordered history changes them) of its item ids, semantic IDs and
-    actions.
+    history's items ``k``, so a reordered history changes them) of its item ids and actions, and of
+    its semantic IDs over their flat positions (so do codes reordered within one item).
 
 Writes ``benchmarks/results/sequences.json`` (``--out``); a run with a failed part (exit 1) or a
 skipped one (``--skip-*``, or no bundle) writes ``sequences.incomplete.json`` beside it instead. Example::
@@ -295,7 +295,8 @@ def polars_build(
     """The same protocol in one process: label, exact cut (ties -> test), split, cold flag,
     per-user order (timestamp, item, label, action = label), user sequences, and per sample the
     history bounds (length, oldest and newest item: the last L rows of earlier instants) and
-    position-weighted sums of its items, semantic IDs and actions (:data:`BOUND_COLUMNS`);
+    position-weighted sums of its items and actions and, by flat position, of its semantic IDs
+    (:data:`BOUND_COLUMNS`);
     both written to Parquet under ``out``, as the Spark build writes its own."""
     import polars as pl
 
@@ -310,8 +311,11 @@ def polars_build(
     cut = int(df["timestamp"].sort()[k]) if k < n else int(df["timestamp"].max()) + 1
     split = pl.when(pl.col("timestamp") < cut).then(pl.lit("train")).otherwise(pl.lit("test"))
     df = df.with_columns(split.alias("split")).sort(["user_id", "timestamp", "item_id", "label"])
+    codes = pl.col("semantic_ids")
     sem = pl.read_parquet(str(semantic_ids)).select(
-        pl.col("item_id"), pl.col("semantic_ids").list.sum().cast(pl.Int64).alias("sem_sum")
+        pl.col("item_id"),
+        codes.list.sum().cast(pl.Int64).alias("sem_sum"),
+        pl.sum_horizontal([codes.list.get(j).cast(pl.Int64) * (j + 1) for j in range(6)]).alias("sem_wcodes"),
     )
     df = df.join(sem, on="item_id", how="left", maintain_order="left")
     by_user = "user_id"
@@ -328,12 +332,20 @@ def polars_build(
 
     rows = np.arange(len(instant), dtype=np.int64)
 
+    def window_sum(values: Any) -> np.ndarray:
+        """``sum v_r`` over rows ``[oldest, instant)``, from a prefix sum."""
+        plain = np.concatenate([[0], np.cumsum(values.to_numpy().astype(np.int64))])
+        return plain[instant] - plain[oldest]
+
     def weighted_sum(values: Any) -> np.ndarray:
         """``sum (r - oldest + 1) * v_r`` over rows ``[oldest, instant)``, from two prefix sums."""
         v = values.to_numpy().astype(np.int64)
-        plain = np.concatenate([[0], np.cumsum(v)])
         by_row = np.concatenate([[0], np.cumsum(rows * v)])
-        return (by_row[instant] - by_row[oldest]) - (oldest - 1) * (plain[instant] - plain[oldest])
+        return (by_row[instant] - by_row[oldest]) - (oldest - 1) * window_sum(values)
+
+    # code j of the history's item q sits at flat position 6q + j: sum (6q + j + 1) * c_qj
+    # = 6 sum q * S_q + sum_q sum_j (j + 1) c_qj, with S_q the item's code sum
+    sem_sum = df["sem_sum"]
 
     items, some = df["item_id"].to_numpy(), length > 0
     bounds = pl.DataFrame(
@@ -344,7 +356,7 @@ def polars_build(
             "first": pl.Series(items[np.where(some, oldest, 0)]).set(pl.Series(~some), None),
             "last": pl.Series(items[np.where(some, instant - 1, 0)]).set(pl.Series(~some), None),
             "item_wsum": weighted_sum(df["item_id"]),
-            "sem_wsum": weighted_sum(df["sem_sum"]),
+            "sem_wsum": 6 * (weighted_sum(sem_sum) - window_sum(sem_sum)) + window_sum(df["sem_wcodes"]),
             "action_wsum": weighted_sum(df["label"]),
         }
     )
@@ -433,10 +445,10 @@ def synthetic_benchmark(spark: Any, args: argparse.Namespace, work: Path) -> dic
     if args.samples_sink == "checksums":
         with step(steps, "spark_checksums"):  # verification, built again: not in the Spark time
 
-            def weighted(column: str, per_item: int = 1) -> Any:  # sum (k + 1) * x over items k
-                return F.expr(  # one pass, integer arithmetic: element i belongs to item i div per_item
+            def weighted(column: str) -> Any:  # sum (k + 1) * x_k over the array's elements k
+                return F.expr(  # one pass, integer arithmetic
                     f"aggregate({column}, named_struct('s', 0L, 'i', 0L), (acc, x) -> named_struct("
-                    f"'s', acc.s + (acc.i div {per_item} + 1) * x, 'i', acc.i + 1), acc -> acc.s)"
+                    "'s', acc.s + (acc.i + 1) * x, 'i', acc.i + 1), acc -> acc.s)"
                 )
 
             samples.select(
@@ -446,7 +458,7 @@ def synthetic_benchmark(spark: Any, args: argparse.Namespace, work: Path) -> dic
                 F.try_element_at("history_item_ids", F.lit(1)).alias("first"),
                 F.try_element_at("history_item_ids", F.lit(-1)).alias("last"),
                 weighted("history_item_ids").alias("item_wsum"),
-                weighted("history_semantic_ids", 6).alias("sem_wsum"),
+                weighted("history_semantic_ids").alias("sem_wsum"),  # flat: codes within an item too
                 weighted("history_actions").alias("action_wsum"),
                 (F.size("history_semantic_ids") == F.col("history_len") * 6).alias("sem_aligned"),
             ).write.mode("overwrite").parquet(str(spark_out / "bounds"))

@@ -357,6 +357,24 @@ def _train_stage(
     if vocabulary is None:
         vocabulary = ProfileVocabulary.fit({f: profile_frame[f] for f in fields})
     config = _ranker_config(ctx, stage, vocabulary, init_from)
+    out = _checkpoint_dir(ctx, stage, tokenizer_version, pretrained)
+    if (
+        forced
+        and previous is not None
+        and (out / CHECKPOINT_NAME).exists()
+        and (changed := resume_conflicts(_stored_config(out / CHECKPOINT_NAME), config))
+    ):
+        log.warning(
+            "force=true: the stopped forced run %s trained with other settings (%s): training again in a "
+            "new run",
+            previous.info.run_id,
+            changed,
+        )
+        if previous.info.status == "RUNNING":  # its worker was killed: it never ended
+            ctx.mlflow.set_terminated(previous.info.run_id, "KILLED")
+        return _train_stage(
+            ctx, stage, tokenizer_version, init_from, given, pretrained, pretrained_until, fresh=True
+        )
     read = pinned["samples"] if "samples" in pinned else samples_version(ctx, tokenizer_version)
     frame, snapshot = load_samples(ctx, tokenizer_version, read)
     ids = semantic_ids_of(ctx, tokenizer_version)
@@ -365,19 +383,6 @@ def _train_stage(
     until = trained_until(frame, pretrained_until)
     if pretrained is not None and pretrained_until is None:  # a PT registered before the tag
         until = None  # unknown, rather than only this stage's
-    out = _checkpoint_dir(ctx, stage, tokenizer_version, pretrained)
-    if forced and previous is not None and (out / CHECKPOINT_NAME).exists():
-        stored = _stored_config(out / CHECKPOINT_NAME)
-        if changed := resume_conflicts(stored, config):
-            log.warning(
-                "force=true: the stopped forced run %s trained with other settings (%s): training again "
-                "in a new run",
-                previous.info.run_id,
-                changed,
-            )
-            return _train_stage(
-                ctx, stage, tokenizer_version, init_from, given, pretrained, pretrained_until, fresh=True
-            )
     if previous is None:  # a new run starts from step 0, not from another run's checkpoint
         (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)

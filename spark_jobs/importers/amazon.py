@@ -33,6 +33,7 @@ from pyspark.sql import types as T
 from hisam_core.config import Config
 from spark_jobs.importers.common import (
     CORRUPT,
+    JSON_RECORD,
     LINE,
     RAW,
     REASON,
@@ -100,7 +101,11 @@ def read_json_lines(
     schema = T.StructType([T.StructField(f, T.StringType()) for f in [*fields, CORRUPT]])
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
     refuse_unread_subfolders(spark, path)
-    lines = spark.read.text(path).filter(~F.col("value").rlike(r"^\s*$"))  # blank lines are no records
+    lines = (
+        spark.read.text(path)
+        .filter(~F.col("value").rlike(r"^\s*$"))  # blank lines are no records
+        .select("value", "_metadata", F.try_parse_json("value").alias(JSON_RECORD))
+    )
     parsed = F.from_json("value", schema, options)
     return lines.select(
         "value",
@@ -109,8 +114,9 @@ def read_json_lines(
         F.coalesce(
             not_utf8(F.col("value")),
             json_record_problem(F.col("value")),
-            json_id_types(F.col("value"), {i: i for i in ids}),
+            json_id_types(F.col(JSON_RECORD), {i: i for i in ids}),
         ).alias(RECORD_PROBLEM),
+        F.col(JSON_RECORD),
         F.col("_metadata.file_path").alias("source_file"),
         F.monotonically_increasing_id().alias(LINE),
     )
@@ -122,11 +128,14 @@ def _not_object(value: Column) -> Column:
 
 def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFrame:
     """Review lines -> bronze.interactions rows + ``_reason``/``_raw``."""
+    parent, asin = F.col("parent_asin"), F.col("asin")
+    unusable = blank(parent) | null_marker(parent)  # then the variant's asin is the item
     item = F.coalesce(
-        F.when(~blank(F.col("parent_asin")), trimmed(F.col("parent_asin"))),
-        F.when(~blank(F.col("asin")), trimmed(F.col("asin"))),
+        F.when(~unusable, trimmed(parent)), F.when(~blank(asin) & ~null_marker(asin), trimmed(asin))
     )
-    item_name = F.when(blank(F.col("parent_asin")), F.lit("asin")).otherwise(F.lit("parent_asin"))
+    marker = F.when(null_marker(parent), F.lit("parent_asin ")).otherwise(F.lit("asin "))
+    marked = F.when(null_marker(parent), trimmed(parent)).otherwise(trimmed(asin))
+    asin_type = json_id_types(F.col(JSON_RECORD), {"asin": "asin"})
     user_problem = id_problem("user_id", F.col("user_id"))
     rating, ts = F.col("rating"), F.trim("timestamp")
     number = to_double(ts)  # a whole float (1588687728923.0) is milliseconds too
@@ -135,11 +144,12 @@ def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
         (F.col(CORRUPT).isNotNull() | _not_object(F.col("value")), "malformed JSON"),
         (F.col(RECORD_PROBLEM).isNotNull(), F.col(RECORD_PROBLEM)),
         (user_problem.isNotNull(), user_problem),
-        (item.isNull(), "missing parent_asin and asin"),
+        (unusable & asin_type.isNotNull(), asin_type),
         (
-            null_marker(item),
-            F.concat(item_name, F.lit(" "), quoted(item), F.lit(" is a null marker, not an id")),
+            item.isNull() & (null_marker(parent) | null_marker(asin)),
+            F.concat(marker, quoted(marked), F.lit(" is a null marker, not an id")),
         ),
+        (item.isNull(), "missing parent_asin and asin"),
         (to_double(rating).isNull(), F.concat(F.lit("rating "), quoted(rating), F.lit(" is not a number"))),
         (~to_double(rating).between(1, 5), F.concat(F.lit("rating "), rating, F.lit(" outside [1, 5]"))),
         (
@@ -245,9 +255,7 @@ def import_amazon(
 ) -> ImportReport:
     """Import reviews (and metadata) into bronze for ``logical_date``; reruns replace the partition."""
     ds = config.dataset
-    review_lines = read_json_lines(
-        spark, config.reviews, REVIEW_FIELDS, ids=("user_id", "parent_asin", "asin")
-    )
+    review_lines = read_json_lines(spark, config.reviews, REVIEW_FIELDS, ids=("user_id", "parent_asin"))
     reviews = flag_duplicate_events(parse_reviews(review_lines, ds, logical_date))
     parsed = [Parsed(config.reviews, BRONZE_INTERACTIONS.name, reviews, review_lines)]
     if config.meta:

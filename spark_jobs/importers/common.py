@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -198,11 +198,16 @@ def json_record_problem(value: Column) -> Column:
     )
 
 
-def json_id_types(raw: Column, keys: Mapping[str, str]) -> Column:
-    """Why a JSON-lines record ``raw`` holds an id that is an object, an array or a boolean, else null
-    (``keys``: JSON key -> the id's name). Read as a string, such a value is its JSON text: an id no
-    other record shares, imported as if whole."""
-    record = F.try_parse_json(raw)
+#: A JSON-lines record parsed once (``F.try_parse_json``, a variant) for :func:`json_id_types`, in a
+#: select of its own: Spark keeps an expensive expression that a later select uses more than once in
+#: its own projection instead of repeating it per use.
+JSON_RECORD = "_json_record"
+
+
+def json_id_types(record: Column, keys: Mapping[str, str]) -> Column:
+    """Why a JSON-lines ``record`` (:data:`JSON_RECORD`) holds an id that is an object, an array or a
+    boolean, else null (``keys``: JSON key -> the id's name). Read as a string, such a value is its
+    JSON text: an id no other record shares, imported as if whole."""
     checks = []
     for key, name in keys.items():
         if "'" in key and '"' in key:
@@ -469,28 +474,41 @@ def write_bronze(
     return write_parsed(lake, dataset, logical_date, parsed, report, metadata=record, tables=tables)
 
 
+def _commits(lake: Lake, table: str) -> Iterator[dict[str, Any]]:
+    """:meth:`Lake.history` of ``table``, newest first, read in growing pages (what is sought is
+    usually among the newest commits)."""
+    seen = 0
+    for limit in (64, 1024, None):
+        page = lake.history(table, limit)
+        yield from page[seen:]
+        if limit is None or len(page) < limit:
+            return
+        seen = len(page)
+
+
 def unfinished_import(lake: Lake, dataset: str, logical_date: dt.date, tables: Sequence[str]) -> str | None:
-    """Why the bronze ``tables``' partitions of ``(dataset, logical_date)`` are not one finished import,
-    else None: a table whose newest import of that date is not the run whose ``bronze.quarantine``
-    commit (written last) is the newest, i.e. a run that stopped before it finished (its interactions
-    written, the items still an earlier run's). Commits without an :func:`import_record` (written
-    before it existed, or beyond the log's retention) are not checked."""
+    """Why the bronze ``tables``' partitions of ``(dataset, logical_date)`` are not the work of
+    finished imports, else None: a table whose newest import of that date never wrote
+    ``bronze.quarantine`` (its last commit), i.e. a run that stopped before it finished, its
+    interactions written and the items still an earlier run's. Not checked: commits without an
+    :func:`import_record` (written before it existed), and a run whose quarantine commit may have left
+    the log (the quarantine's oldest commit there is newer than the table's)."""
+    wanted = (IMPORT_JOB, dataset, logical_date.isoformat())
 
-    def newest(table: str) -> str | None:
-        for commit in lake.history(table):
+    def imports(table: str) -> Iterator[tuple[str | None, dt.datetime]]:
+        for commit in _commits(lake, table):
             m = commit["metadata"]
-            if (m.get("job"), m.get("dataset"), m.get("logical_date")) == (
-                IMPORT_JOB,
-                dataset,
-                logical_date.isoformat(),
-            ):
-                return m.get("import_id")
-        return None
+            if (m.get("job"), m.get("dataset"), m.get("logical_date")) == wanted:
+                yield m.get("import_id"), commit["timestamp"]
 
-    finished = newest(BRONZE_QUARANTINE.name)
     for table in tables:
-        run = newest(table)
-        if run is not None and run != finished:
+        run, written = next(imports(table), (None, None))
+        if run is None or written is None:
+            continue
+        if any(finished == run for finished, _ in imports(BRONZE_QUARANTINE.name)):
+            continue
+        logged = lake.history(BRONZE_QUARANTINE.name)
+        if not logged or logged[-1]["timestamp"] <= written:
             return (
                 f"{table} of {dataset!r} at {logical_date} was written by import {run}, which never wrote "
                 f"{BRONZE_QUARANTINE.name} (its last commit): it stopped before it finished"

@@ -77,6 +77,7 @@ from tqdm.auto import tqdm
 from hisam_core.config import Config
 from spark_jobs.importers.common import (
     CORRUPT,
+    JSON_RECORD,
     LINE,
     RAW,
     REASON,
@@ -374,6 +375,7 @@ def read_as_strings(
             spark.read.text(path)
             .select(F.col("value").alias(RAW), F.col("_metadata.file_path").alias("source_file"))
             .filter(~F.col(RAW).rlike(r"^\s*$"))
+            .select("*", F.try_parse_json(RAW).alias(JSON_RECORD))
         )
         if not columns:  # every top-level key of the data (Spark's inference fails on a repeated one)
             keys = lines.select(F.explode(F.json_object_keys(RAW)).alias("k")).distinct()
@@ -398,10 +400,11 @@ def read_as_strings(
             .alias(CORRUPT),
             F.col(RAW),
             F.col("source_file"),
+            F.col(JSON_RECORD),
         )
         id_keys = {w: n for w, n in zip(written_names, names, strict=True) if n in ids}
         problem = F.coalesce(
-            not_utf8(F.col(RAW)), json_record_problem(F.col(RAW)), json_id_types(F.col(RAW), id_keys)
+            not_utf8(F.col(RAW)), json_record_problem(F.col(RAW)), json_id_types(F.col(JSON_RECORD), id_keys)
         )
     elif fmt == "parquet":
         # pandas writes TIMESTAMP(NANOS), which Spark cannot read as a timestamp; read such columns

@@ -371,6 +371,9 @@ def test_an_id_that_is_a_null_marker_or_not_a_json_string_or_number_is_quarantin
                 review % ('"U4"', '"NULL"'),
                 review % ('"NULL"', '"P1"'),
                 (review % ('"U6"', '""')).replace("}", ', "asin": "\\\\N"}'),
+                (review % ('"U7"', '"null"')).replace("}", ', "asin": "A7"}'),  # the variant is the item
+                (review % ('"U8"', '"P1"')).replace("}", ', "asin": {"v": 1}}'),  # unused: not checked
+                (review % ('"U9"', '""')).replace("}", ', "asin": ["A9"]}'),
             ]
         )
         + "\n"
@@ -382,7 +385,7 @@ def test_an_id_that_is_a_null_marker_or_not_a_json_string_or_number_is_quarantin
         reviews=str(tmp_path / "reviews.jsonl"), meta=str(tmp_path / "meta.jsonl"), dataset="az-ids"
     )
     assert counts(import_amazon(spark, lake, config, DAY)) == {
-        "reviews.jsonl": (6, 1, 5),
+        "reviews.jsonl": (9, 3, 6),
         "meta.jsonl": (3, 2, 1),
     }
     assert reasons(lake, "az-ids") == Counter(
@@ -392,9 +395,12 @@ def test_an_id_that_is_a_null_marker_or_not_a_json_string_or_number_is_quarantin
             ("bronze.interactions", "parent_asin 'NULL' is a null marker, not an id"): 1,
             ("bronze.interactions", "user_id 'NULL' is a null marker, not an id"): 1,
             ("bronze.interactions", "asin '\\N' is a null marker, not an id"): 1,
+            ("bronze.interactions", "asin is a JSON array, not a string or number"): 1,
             ("bronze.items", "parent_asin 'none' is a null marker, not an id"): 1,
         }
     )
+    kept = lake.read("bronze.interactions", partitions={"dataset": "az-ids"}).collect()
+    assert sorted((r.user_id, r.item_id) for r in kept) == [("U1", "P1"), ("U7", "A7"), ("U8", "P1")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1061,7 +1067,8 @@ def test_silver_refuses_a_date_whose_import_stopped_before_it_finished(spark, la
     died after the interactions left the date's items an earlier run's: promoting that date apart
     (the spark-submit ``promote_silver``) would merge the new interactions with the old catalogue, so
     it is refused by name until the import is rerun. A rerun with an input left out writes that
-    table empty: one finished import again."""
+    table empty: one finished import again; another importer that writes no users leaves a finished
+    run's. (Bronze written without an import record, as other tests here do, is not checked.)"""
     events, items = tmp_path / "events.csv", tmp_path / "items.csv"
     events.write_text("user_id,item_id,timestamp,label\nu1,i1,1,1\n")
     items.write_text("item_id,title\ni1,One\n")
@@ -1093,6 +1100,11 @@ def test_silver_refuses_a_date_whose_import_stopped_before_it_finished(spark, la
     assert promote_to_silver(lake, "crash", DAY).imported("silver.interactions") == 2
     import_generic(spark, lake, config.model_copy(update={"items": None}), DAY)
     assert promote_to_silver(lake, "crash", DAY).imported("silver.interactions") == 2
+    # another importer for the date, which writes no users: the users are still a finished run's
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text('{"user_id": "U1", "parent_asin": "P1", "rating": 5.0, "timestamp": 1588687728923}\n')
+    import_amazon(spark, lake, AmazonImportConfig(reviews=str(reviews), dataset="crash"), DAY)
+    assert promote_to_silver(lake, "crash", DAY).imported("silver.interactions") == 1
 
 
 def test_silver_rerun_retracts_what_the_corrected_date_no_longer_contains(spark, lake):

@@ -29,10 +29,14 @@ $(STAMP): pyproject.toml constraints.txt $(TORCH_SPEC)
 demo: $(STAMP) ## run the main job on the embedded default (local Spark, Delta, MLflow, SQLite)
 	$(BIN)/hisam demo
 
-test: $(STAMP) ## lint, then run the whole test suite
+# Test processes (pytest-xdist; 0: one process). Each file runs whole in one of them (a lifecycle
+# file's tests build on each other), each process with its own Spark session and Airflow home.
+TEST_WORKERS ?= 2
+
+test: $(STAMP) ## lint, then run the whole test suite (in TEST_WORKERS processes)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP) ## ruff check and format check (what `make test` runs first)
 	$(BIN)/ruff check .

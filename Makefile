@@ -29,14 +29,10 @@ $(STAMP): pyproject.toml constraints.txt $(TORCH_SPEC)
 demo: $(STAMP) ## run the main job on the embedded default (local Spark, Delta, MLflow, SQLite)
 	$(BIN)/hisam demo
 
-# Test processes (pytest-xdist; 0: one process). Each file runs whole in one of them (a lifecycle
-# file's tests build on each other), each process with its own Spark session and Airflow home.
-TEST_WORKERS ?= 2
-
-test: $(STAMP) ## lint, then run the whole test suite (in TEST_WORKERS processes)
+test: $(STAMP) ## lint, then run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest
 
 lint: $(STAMP) ## ruff check and format check (what `make test` runs first)
 	$(BIN)/ruff check .

@@ -1028,17 +1028,16 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     assert resumed["mlflow_run_id"] == forced["mlflow_run_id"]  # continued, not a third run from step 0
     assert SFT_CHECKPOINT_SHA256 in client.get_run(forced["mlflow_run_id"]).data.tags
     client.delete_tag(forced["mlflow_run_id"], SFT_CHECKPOINT_SHA256)  # it stopped again, and then
-    world["write_config"](
-        world["config"], finetune={"learning_rate": 5e-4}
-    )  # a second fix its checkpoint refuses
+    fix = {"learning_rate": 5e-4, "max_steps": 60}  # a second fix its checkpoint refuses (the rate)
+    world["write_config"](world["config"], finetune=fix)
     try:
         refixed = run_step("finetune", dec1, world["config"], {"force": "true"})
     finally:
         world["write_config"](world["config"])
     assert refixed["mlflow_run_id"] != forced["mlflow_run_id"]  # a new forced run from step 0
     assert client.get_run(refixed["mlflow_run_id"]).data.tags[FORCED] == "true"
-    steps = [[m.step for m in client.get_metric_history(refixed["mlflow_run_id"], "sft/loss")]]
-    assert steps == [[m.step for m in client.get_metric_history(before[0].info.run_id, "sft/loss")]]
+    logged = [m.step for m in client.get_metric_history(refixed["mlflow_run_id"], "sft/loss")]
+    assert (logged[0], logged[-1]) == (steps[0][0], 60)  # from the first logged step, not resumed
     forced = refixed
     for tag in (SFT_CHECKPOINT_SHA256, FORCED):  # as if a run not forced had stopped midway
         client.delete_tag(forced["mlflow_run_id"], tag)

@@ -27,8 +27,10 @@ AIRFLOW_TEST_HOME = Path(tempfile.mkdtemp(prefix="hisam-airflow-"))
 os.environ["AIRFLOW_HOME"] = str(AIRFLOW_TEST_HOME / "airflow")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parents[1] / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-os.environ["HISAM_SENSOR_POKE_SECONDS"] = "5"  # a sensor left waiting fails the test in a minute
-os.environ["HISAM_SENSOR_TIMEOUT_SECONDS"] = "60"
+os.environ["HISAM_SENSOR_POKE_SECONDS"] = "5"  # a sensor left waiting fails the test in 20 seconds
+os.environ["HISAM_SENSOR_TIMEOUT_SECONDS"] = (
+    "20"  # dag.test() runs one task at a time: waiting longer changes nothing
+)
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = (
     f"sqlite:///{AIRFLOW_TEST_HOME / 'airflow' / 'airflow.db'}"
 )

@@ -134,16 +134,17 @@ class StepContext:
         self, table: str, record: Mapping[str, str], whole_history: bool = False
     ) -> list[dict[str, Any]]:
         """The commits of a lake table whose metadata holds every key and value of ``record``, newest
-        first, from the newest 200 commits, or ten times as many until one matches or the history
-        ends (at once with ``whole_history``): a busy table's markers stay found without reading its
-        whole history every time."""
-        limit: int | None = None if whole_history else 200
-        while True:
-            history = self.table_history(table, limit)
-            found = [e for e in history if all(e["metadata"].get(k) == v for k, v in record.items())]
-            if found or limit is None or len(history) < limit:
-                return found
-            limit = limit * 10 if limit < 20_000 else None
+        first: those of the first of :func:`~spark_jobs.lake.history_pages` (the newest 200 commits,
+        then ten times as many; the whole history at once with ``whole_history``) that holds any, so
+        a busy table's markers stay found without reading its whole history every time."""
+        from spark_jobs.lake import history_pages
+
+        found: list[dict[str, Any]] = []
+        for page in history_pages(lambda n: self.table_history(table, n), None if whole_history else 200):
+            found += [e for e in page if all(e["metadata"].get(k) == v for k, v in record.items())]
+            if found:
+                break
+        return found
 
     def read_table(
         self,

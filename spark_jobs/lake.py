@@ -52,7 +52,7 @@ import numbers
 import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -516,6 +516,26 @@ class _Backend:
         """Commit the write with ``metadata``; :class:`ConcurrentWriteError` when ``read_version``
         is given and a conflicting commit came after it."""
         raise NotImplementedError
+
+
+def history_pages(
+    history: Callable[[int | None], list[dict[str, Any]]], first: int | None = 200
+) -> Iterator[list[dict[str, Any]]]:
+    """A table's commits, newest first, in pages that grow: ``history(limit)`` (the newest ``limit``
+    commits, as :meth:`Lake.history` gives them) with ``first``, then ten times as many from 20,000 on
+    the whole history (``first=None``: at once), each page only the commits older than the last one
+    yielded (commits made between two reads are not yielded twice). What a step seeks is usually
+    among the newest commits, so a busy table's whole history is seldom read."""
+    limit, oldest = first, None
+    while True:
+        page = history(limit)
+        new = [e for e in page if oldest is None or e["version"] < oldest]
+        if new:
+            yield new
+            oldest = new[-1]["version"]
+        if limit is None or len(page) < limit:
+            return
+        limit = limit * 10 if limit < 20_000 else None
 
 
 def delta_history(

@@ -14,6 +14,7 @@ Blank lines are not records: line-based readers skip them and they are counted n
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
-from spark_jobs.lake import Lake
+from spark_jobs.lake import Lake, history_pages
 from spark_jobs.tables import BRONZE_QUARANTINE, get_table
 
 logger = logging.getLogger(__name__)
@@ -474,18 +475,6 @@ def write_bronze(
     return write_parsed(lake, dataset, logical_date, parsed, report, metadata=record, tables=tables)
 
 
-def _commits(lake: Lake, table: str) -> Iterator[dict[str, Any]]:
-    """:meth:`Lake.history` of ``table``, newest first, read in growing pages (what is sought is
-    usually among the newest commits)."""
-    seen = 0
-    for limit in (64, 1024, None):
-        page = lake.history(table, limit)
-        yield from page[seen:]
-        if limit is None or len(page) < limit:
-            return
-        seen = len(page)
-
-
 def unfinished_import(lake: Lake, dataset: str, logical_date: dt.date, tables: Sequence[str]) -> str | None:
     """Why the bronze ``tables``' partitions of ``(dataset, logical_date)`` are not the work of
     finished imports, else None: a table whose newest import of that date never wrote
@@ -496,7 +485,7 @@ def unfinished_import(lake: Lake, dataset: str, logical_date: dt.date, tables: S
     wanted = (IMPORT_JOB, dataset, logical_date.isoformat())
 
     def imports(table: str) -> Iterator[tuple[str | None, dt.datetime]]:
-        for commit in _commits(lake, table):
+        for commit in itertools.chain.from_iterable(history_pages(lambda n: lake.history(table, n))):
             m = commit["metadata"]
             if (m.get("job"), m.get("dataset"), m.get("logical_date")) == wanted:
                 yield m.get("import_id"), commit["timestamp"]

@@ -10,7 +10,7 @@ import pytest
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from spark_jobs.lake import Lake, LakeConfig, SchemaDriftError, resolve_root
+from spark_jobs.lake import Lake, LakeConfig, SchemaDriftError, history_pages, resolve_root
 from spark_jobs.tables import TABLES, get_table, stable_id
 
 D1 = dt.date(2024, 1, 1)
@@ -245,6 +245,26 @@ def test_commit_metadata_reads_back_from_either_engines_field(tmp_path):
         path, table, mode="append", commit_properties=CommitProperties(custom_metadata=spark_style)
     )
     assert [h["metadata"] for h in delta_history(path)] == [{"step": "y", "write_id": "w"}, {"step": "x"}]
+
+
+def test_history_pages_yield_every_commit_once_newest_first_while_others_commit():
+    log = [{"version": v} for v in range(2500)]  # grows as pages are read
+    reads: list[int | None] = []
+
+    def history(limit: int | None) -> list[dict]:
+        reads.append(limit)
+        newest_first = log[::-1]
+        log.extend({"version": len(log) + i} for i in range(3))  # three commits land after each read
+        return newest_first[:limit] if limit is not None else newest_first
+
+    pages = list(history_pages(history, first=20))
+    assert reads == [20, 200, 2000, 20_000]  # the last read is short: the whole history
+    seen = [e["version"] for page in pages for e in page]
+    assert seen == list(range(2499, -1, -1))  # each commit of the first read's log once, newest first
+    assert [len(p) for p in pages] == [20, 177, 1797, 506]  # a page starts below the last one yielded
+
+    reads.clear()
+    assert [len(p) for p in history_pages(history, first=None)] == [len(log) - 3] and reads == [None]
 
 
 def test_partition_reads_take_lists_and_text_as_the_sql_predicate_does(spark, lake):

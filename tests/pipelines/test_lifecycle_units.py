@@ -476,6 +476,39 @@ def test_the_production_image_runs_the_paper_sized_config() -> None:
     assert devices == ("auto", "auto", "auto")
 
 
+def test_every_kubernetes_task_pod_runs_the_deployments_config() -> None:
+    """On the KubernetesExecutor, tasks that name no template get airflow.cfg.production's, GPU tasks
+    the image's HISAM_GPU_POD_TEMPLATE: both exist in the image, run their task in the container
+    ``base``, and read HISAM_PIPELINE_CONFIG from the ConfigMap hisam-pipeline-config with the same
+    environment objects, so a CPU task does not run the image's copy of production.yaml."""
+    import configparser
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(root / "infra" / "airflow" / "airflow.cfg.production")
+    dockerfile = (root / "infra" / "docker" / "Dockerfile").read_text()
+    paths = {
+        "cpu": cfg["kubernetes_executor"]["pod_template_file"],
+        "gpu": re.findall(r"HISAM_GPU_POD_TEMPLATE=(\S+)", dockerfile)[0],
+    }
+    assert "COPY infra ./infra" in dockerfile and "WORKDIR /opt/hisam" in dockerfile
+    seen = {}
+    for kind, path in paths.items():
+        assert path.startswith("/opt/hisam/infra/k8s/")
+        pod = yaml.safe_load((root / path.removeprefix("/opt/hisam/")).read_text())["spec"]
+        (base,) = [c for c in pod["containers"] if c["name"] == "base"]
+        env = {e["name"]: e["value"] for e in base["env"]}
+        config = Path(env["HISAM_PIPELINE_CONFIG"])
+        (mount,) = [m for m in base["volumeMounts"] if m["mountPath"] == str(config.parent)]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert mount["readOnly"] and volume["configMap"]["name"] == "hisam-pipeline-config"
+        seen[kind] = (env, base["envFrom"], config.name)
+    assert seen["cpu"] == seen["gpu"]
+
+
 def test_the_demo_config_is_the_embedded_default_whatever_the_environment(tmp_path, monkeypatch) -> None:
     """In the production image $HISAM_PIPELINE_CONFIG is the paper-sized config with a generic
     source; `hisam demo` still runs configs/pipeline.yaml, and --dataset synthetic means it."""

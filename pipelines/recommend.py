@@ -128,6 +128,15 @@ def recommend(ctx: StepContext) -> dict[str, Any]:
         rows, _ = ctx.read_table("gold.user_profiles", part, fields, where={"user_id": user_id})
         if not rows.empty:
             profile = model.profile_vocabulary.encode(rows.iloc[0].to_dict())
+    elif config.profile_fields:  # registered through the library: its callers send buckets themselves
+        log.warning(
+            "%s v%s reads the profile fields %s but packages no vocabulary to bucket them with: they are "
+            "sent as unknown (bucket %d)",
+            name,
+            version.version,
+            list(config.profile_fields),
+            UNKNOWN,
+        )
     personalised = bool(known.any()) or any(b != UNKNOWN for b in profile.values())
     if not personalised:
         log.warning(

@@ -323,16 +323,21 @@ def _train_stage(
     records the PT version it starts from (``pretrained``). A rerun of the logical run continues its
     MLflow run and checkpoint, the newest run that trains the same thing (tokenizer and PT version):
     the asset-triggered fine-tune of a PT that landed after the day's 04:00 run trains anew.
-    ``fresh``: a new run (tagged :data:`FORCED`) and checkpoint whatever ran before. ``forced``: the
-    run continued is a forced one that stopped; trained with settings its checkpoint refuses (a second
-    fix after the first forced run diverged too), it is left and a fresh one trains instead."""
+    ``fresh``: a new run and checkpoint whatever ran before (tagged :data:`FORCED` under
+    ``params.force``). ``forced``: the run continued is a forced one that stopped; trained with
+    settings its checkpoint refuses (a second fix after the first forced run diverged too), it is left
+    and a fresh one trains instead. So is a run that stopped before its first checkpoint, forced or
+    not, whose logged config differs from today's (MLflow params cannot change): its record would
+    name settings it did not train with."""
     import mlflow
     import pandas as pd
 
     from hisam_core.ranker.train import CHECKPOINT_NAME, resume_conflicts, train
+    from pipelines.settings import flag
     from pipelines.tokenizer import semantic_ids_of
     from pipelines.tracking import (
         CONFIG_DIR,
+        flatten_config,
         input_versions,
         log_config,
         log_training_curves,
@@ -358,15 +363,20 @@ def _train_stage(
         vocabulary = ProfileVocabulary.fit({f: profile_frame[f] for f in fields})
     config = _ranker_config(ctx, stage, vocabulary, init_from)
     out = _checkpoint_dir(ctx, stage, tokenizer_version, pretrained)
-    if (
-        forced
-        and previous is not None
-        and (out / CHECKPOINT_NAME).exists()
-        and (changed := resume_conflicts(_stored_config(out / CHECKPOINT_NAME), config))
-    ):
+    checkpoint = out / CHECKPOINT_NAME
+    changed: Sequence[str] = ()
+    if previous is not None and checkpoint.exists():
+        changed = resume_conflicts(_stored_config(checkpoint), config) if forced else ()  # else train refuses
+    elif previous is not None:  # it stopped before its first checkpoint, maybe after logging its config
+        logged = previous.data.params  # train.init_from: where this attempt downloaded the PT to
+        changed = [
+            k
+            for k, v in flatten_config(config).items()
+            if k in logged and logged[k] != v and k != "train.init_from"
+        ]
+    if changed:
         log.warning(
-            "force=true: the stopped forced run %s trained with other settings (%s): training again in a "
-            "new run",
+            "the stopped run %s trained with other settings (%s): training again in a new run",
             previous.info.run_id,
             changed,
         )
@@ -392,7 +402,7 @@ def _train_stage(
     ) as run:
         if previous is None:
             mlflow.set_tags({**ctx.run_tags(step), **lineage})
-            if fresh:
+            if flag(ctx.params.get("force"), "force"):
                 mlflow.set_tag(FORCED, "true")
         # a continued run logs what its first attempt died before logging (it is found by its tags);
         # inputs first: a retry reads the profiles pinned, so it fits the same vocabulary and config

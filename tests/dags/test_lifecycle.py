@@ -1006,6 +1006,8 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     checkpoint), which a forced rerun continues had it stopped (a run not forced it does not; nor one
     whose checkpoint refuses the settings), and which evaluation and registration then take as the
     day's candidate."""
+    from mlflow.entities import Param
+
     from pipelines.ranker import FORCED, PROFILE_VOCABULARY, SFT_CHECKPOINT_SHA256
     from pipelines.steps import StepSkipped, run_step
     from pipelines.tracking import input_versions
@@ -1061,6 +1063,21 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     assert continued.data.params == finished.data.params and continued.data.params
     artifacts = {a.path for a in client.list_artifacts(crashed)}
     assert {"config", PROFILE_VOCABULARY} <= artifacts, artifacts
+    # one that died before its first checkpoint but after logging its config, retried with other
+    # settings: MLflow params cannot change, so a new run trains and records them; the stopped one,
+    # left RUNNING by its killed worker, is marked KILLED
+    stale = client.create_run(finished.info.experiment_id, tags={**tags, FORCED: "true"}).info.run_id
+    client.log_batch(stale, params=[Param(k, v) for k, v in continued.data.params.items()])
+    Path(forced["checkpoint"]).unlink()
+    world["write_config"](world["config"], finetune=fix)
+    try:
+        forced = run_step("finetune", dec1, world["config"], {"force": "true"})
+    finally:
+        world["write_config"](world["config"])
+    assert forced["mlflow_run_id"] not in (stale, crashed) and client.get_run(stale).info.status == "KILLED"
+    retrained = client.get_run(forced["mlflow_run_id"])
+    rates = (continued.data.params["train.learning_rate"], retrained.data.params["train.learning_rate"])
+    assert float(rates[0]) != 5e-4 == float(rates[1]) and retrained.data.tags[FORCED] == "true"
     run_step("evaluate", dec1, world["config"])
     registered = run_step("register", dec1, world["config"])
     version = client.get_model_version("hisam-ranker", registered["model_version"])

@@ -7,6 +7,8 @@
 * NDCG@k and HR@k: per user, then averaged over users with both classes; tied scores count in
   expectation over every order of the tie (McSherry and Najork, ECIR 2008), as AUC's average ranks do,
   so no metric depends on the order the samples come in.
+* :func:`target_hit_at_k`: whether one target item ranks among the ``k`` best of a whole catalogue's
+  scores (next-item HR@k), with ties counted the same way.
 
 Every metric takes an optional boolean ``mask`` selecting the samples to score, e.g. the cold-start
 subset (Sec. 4.1: users with fewer than 10 interactions). A selection without both classes (or,
@@ -135,3 +137,18 @@ def hit_rate_at_k(
     share of the attainable hits (1 when the top ``k`` are as positive as they can be)."""
     per_user = _top_k_per_user(labels, scores, groups, k, mask)
     return float(np.mean(per_user["hits"] / np.minimum(per_user["positives"], k)))
+
+
+def target_hit_at_k(scores: np.ndarray, targets: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per row of ``scores`` (one query's scores of every item, ``-inf`` for an excluded one), the
+    probability that item ``targets[row]`` ranks among the ``k`` best when tied scores are ordered at
+    random: ``(k - better) / (tied + 1)`` clipped to [0, 1], ``better`` the items scored higher and
+    ``tied`` the others scored the same. An excluded target never hits."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    scores = np.asarray(scores)
+    target = scores[np.arange(len(scores)), np.asarray(targets)][:, None]
+    better = (scores > target).sum(axis=1)
+    tied = (scores == target).sum(axis=1) - 1
+    hit = np.clip((k - better) / (tied + 1), 0.0, 1.0)
+    return np.where(np.isneginf(target[:, 0]), 0.0, hit)

@@ -44,6 +44,7 @@ from hisam_core.encoders.text import default_text_model_path
 from hisam_core.evaluation.protocol import cut_rank
 from hisam_core.evaluation.semantic import load_features_npz
 from hisam_core.features import ItemFeatures
+from hisam_core.metrics import target_hit_at_k
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,8 @@ def behaviour_sanity(
     encoder: BehaviorEncoder, ratings: pd.DataFrame, cutoff: int, k: int = 10
 ) -> dict[str, Any]:
     """HR@k of SASRec vs. training-set popularity on every interaction at/after the cut-off that has
-    some history (the user's earlier interactions, seen items excluded from the ranking). Evidence
+    some history (the user's earlier interactions, seen items excluded from the ranking; tied scores,
+    which popularity has many of, count as the mean over their orders: :func:`target_hit_at_k`). Evidence
     that the behaviour encoder learned something, not a benchmark result: nothing here is trained."""
     ratings = ratings.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
     histories, targets = [], []
@@ -243,16 +245,20 @@ def behaviour_sanity(
     pop = np.zeros(len(col))
     counts = ratings.loc[ratings["timestamp"] < cutoff, "item_id"].value_counts()
     pop[col.loc[counts.index].to_numpy()] = counts.to_numpy()
-    hits = {"sasrec": 0, "popularity": 0}
+    hits = {"sasrec": 0.0, "popularity": 0.0}
     chunk = 512
     for start in range(0, len(targets), chunk):
         hist = histories[start : start + chunk]
-        scores = encoder.next_item_scores(hist)
-        for row, (h, target) in enumerate(zip(hist, targets[start : start + chunk], strict=True)):
-            seen, t = col.loc[h].to_numpy(), int(col.loc[target])
-            for name, sc in (("sasrec", scores[row].copy()), ("popularity", pop.copy())):
-                sc[seen] = -np.inf
-                hits[name] += int((sc > sc[t]).sum() < k)
+        scored = {
+            "sasrec": np.array(encoder.next_item_scores(hist)),
+            "popularity": np.tile(pop, (len(hist), 1)),
+        }
+        for row, h in enumerate(hist):  # seen items are not ranked
+            for scores in scored.values():
+                scores[row, col.loc[h].to_numpy()] = -np.inf
+        t = col.loc[targets[start : start + chunk]].to_numpy()
+        for name, scores in scored.items():
+            hits[name] += float(target_hit_at_k(scores, t, k).sum())
     return {
         "targets": len(targets),
         f"hr@{k}_sasrec": round(hits["sasrec"] / len(targets), 4),

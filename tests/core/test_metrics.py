@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from hisam_core.metrics import auc, gauc, hit_rate_at_k, ndcg_at_k, ranking_metrics
+from hisam_core.metrics import auc, gauc, hit_rate_at_k, ndcg_at_k, ranking_metrics, target_hit_at_k
 
 
 @pytest.fixture
@@ -170,3 +170,27 @@ def test_ndcg_and_hr_count_ties_as_the_mean_over_every_order_of_the_tie():
     assert ndcg_at_k(np.array([1, 0, 0, 0]), flat, np.zeros(4), k=2) == pytest.approx(
         (1 + 1 / np.log2(3)) / 4
     )
+
+
+def test_a_targets_hit_at_k_is_the_share_of_tie_orders_that_rank_it_in_the_top_k():
+    """Next-item HR@k over a whole catalogue: the brute-force share of the orders of every tie in
+    which the target is among the first ``k``; the strict count when nothing ties; never for an
+    excluded (``-inf``) target."""
+    from itertools import permutations
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 3, size=(40, 6)).astype(float)  # three values over six items: many ties
+    scores[rng.random(scores.shape) < 0.15] = -1e9  # excluded, as -inf (np.diff of two -inf is nan)
+    targets = rng.integers(0, 6, size=40)
+    for k in (1, 2, 4, 6):
+        got = target_hit_at_k(np.where(scores == -1e9, -np.inf, scores), targets, k)
+        for row, t in enumerate(targets):
+            # the rankings by descending score: one per order of the ties
+            orders = [p for p in permutations(range(6)) if all(np.diff(scores[row][list(p)]) <= 0)]
+            expected = 0.0 if scores[row, t] == -1e9 else np.mean([t in p[:k] for p in orders])
+            assert got[row] == pytest.approx(expected)
+    distinct = rng.permutation(6)[None, :].astype(float)
+    for k in (1, 3):
+        assert target_hit_at_k(distinct, np.array([2]), k)[0] == float(
+            (distinct[0] > distinct[0, 2]).sum() < k
+        )

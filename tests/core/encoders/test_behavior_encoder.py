@@ -189,3 +189,21 @@ def test_bad_input(train_df):
         enc.encode([])
     with pytest.raises(ValueError, match="empty input"):
         enc.next_item_scores([])
+
+
+def test_behaviour_sanity_counts_tied_popularity_as_the_mean_over_tie_orders(train_df):
+    """Every catalogue item is as popular before the cut as any other: popularity ranks a target
+    among ``n`` unseen items in the top ``k`` with probability ``min(1, k / n)``, not always (a
+    strict "better than" count ranked every tie in the target's favour)."""
+    from hisam_core.evaluation.features import behaviour_sanity
+
+    before = [(50, int(item), t) for t, item in enumerate(CATALOGUE[1:], start=1)]
+    user = [(51, 100, 5), (51, 101, CUTOFF), (51, 102, CUTOFF + 1), (51, 103, CUTOFF + 2)]
+    ratings = pd.DataFrame(before + user, columns=["user_id", "item_id", "timestamp"])
+    encoder = fit(train_df)
+    for k in (2, 10):
+        result = behaviour_sanity(encoder, ratings, CUTOFF, k)
+        unseen = np.array([11, 10, 9])  # the catalogue less the history before each target
+        assert result["targets"] == 3
+        assert result[f"hr@{k}_popularity"] == round(float(np.minimum(1, k / unseen).mean()), 4)
+        assert 0 <= result[f"hr@{k}_sasrec"] <= 1

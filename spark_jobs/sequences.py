@@ -601,7 +601,9 @@ def build_user_sequences(interactions: DataFrame, cfg: SequenceConfig) -> DataFr
     Arrays are aligned and ordered by ``seq_pos`` (``array_sort`` on ``(seq_pos, ...)`` structs,
     so the order does not depend on how ``collect_list`` met the rows); ``timestamps`` are unix
     seconds, rounded down (events within one second show one time; the order is still the exact
-    one). Untruncated: the token budget applies to samples, not to the stored sequence.
+    one). Untruncated: the token budget applies to samples, not to the stored sequence. Built from
+    :attr:`SequenceResult.interactions` (before the semantic-ID join), so it keeps the interactions
+    with items the tokenizer version has no IDs for: the table is not per version.
     """
     keys = _user_keys(interactions, cfg)
     rating = F.col(cfg.rating_col) if cfg.rating_col in interactions.columns else F.lit(None)

@@ -436,7 +436,8 @@ GOLD_USER_SEQUENCES = _register(
         ),
         partition_by=("dataset",),
         keys=("dataset", "user_id"),
-        description="Chronological interaction sequence per user (built by spark_jobs.sequences).",
+        description="Chronological interaction sequence per user (built by spark_jobs.sequences): every "
+        "labelled interaction, also of items the samples' tokenizer version has no IDs for (not per version).",
     )
 )
 

@@ -43,7 +43,7 @@ HistoryMemory = Literal["anchor", "anchor_action"]
 AttentionMask = torch.Tensor | BlockMask
 KVPair = tuple[torch.Tensor, torch.Tensor]
 
-#: FlexAttention's block size; its streams are padded to a multiple of it.
+#: FlexAttention's block size, passed to create_block_mask; its streams are padded to a multiple of it.
 FLEX_BLOCK_SIZE = 128
 
 
@@ -171,7 +171,8 @@ def block_mask(layout: TokenLayout, memory_types: tuple[int, ...] | None, device
     batch, length = layout.position.shape
     padded = -(-length // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE
     layout = TokenLayout(*(t.to(device) for t in vars(layout.pad_to(padded)).values()))
-    return create_block_mask(mask_mod_for(layout, memory_types), batch, None, padded, padded, device=device)
+    mask_mod = mask_mod_for(layout, memory_types)
+    return create_block_mask(mask_mod, batch, None, padded, padded, device=device, BLOCK_SIZE=FLEX_BLOCK_SIZE)
 
 
 @functools.cache

@@ -314,6 +314,7 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
         state = {
             "config": served.config.model_dump(mode="json"),
             "state_dict": served.ranker.model.state_dict(),
+            **({"mask_rule": served.mask_rule} if served.mask_rule is not None else {}),
         }
         torch.save(state, checkpoint)
         registered = log_ranker(

@@ -58,10 +58,11 @@ from mlflow.types import ColSpec, Schema
 
 import hisam_core
 from hisam_core.device import resolve_device
+from hisam_core.ranker.attention import MASK_RULE
 from hisam_core.ranker.profile import ProfileVocabulary
 from hisam_core.ranker.sequence import UserHistory
 from hisam_core.ranker.serving import HMATRanker
-from hisam_core.ranker.train import RankerConfig, build_model, load_model
+from hisam_core.ranker.train import RankerConfig, build_model, checkpoint_mask_rule, load_model
 from hisam_core.semantic_ids import SemanticIds
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
         self.ranker: HMATRanker | None = None
         self.semantic_ids: SemanticIds | None = None
         self.profile_vocabulary: ProfileVocabulary | None = None
+        self.mask_rule: int | None = MASK_RULE  # what its checkpoint records (load_context)
         self._config: RankerConfig | None = None
         self._index: pd.Index | None = None
 
@@ -176,6 +178,15 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
         checkpoint_config, model = load_model(context.artifacts[ARTIFACT_CHECKPOINT], device)
         if (checkpoint_config.sequence, checkpoint_config.model) != (config.sequence, config.model):
             raise ValueError("packaged checkpoint and ranker_config disagree on the sequence/model config")
+        self.mask_rule = checkpoint_mask_rule(context.artifacts[ARTIFACT_CHECKPOINT])
+        if self.mask_rule != MASK_RULE:
+            log.warning(
+                "this ranker was trained under %s and is served under this code's rule %d "
+                "(hisam_core.ranker.attention.MASK_RULE): its scores shift until a model trained under it "
+                "is promoted",
+                f"mask rule {self.mask_rule}" if self.mask_rule is not None else "an unrecorded mask rule",
+                MASK_RULE,
+            )
         vocabulary = context.artifacts.get(ARTIFACT_PROFILE_VOCABULARY)
         self.setup(config, model, semantic_ids, ProfileVocabulary.load(vocabulary) if vocabulary else None)
 
@@ -371,8 +382,9 @@ def log_ranker(
     active = mlflow.active_run()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
+        rule = {"mask_rule": checkpoint["mask_rule"]} if "mask_rule" in checkpoint else {}
         torch.save(
-            {"config": ranker_config.model_dump(mode="json"), "state_dict": model.state_dict()},
+            {"config": ranker_config.model_dump(mode="json"), "state_dict": model.state_dict(), **rule},
             tmp_path / "hmat.pt",
         )
         ranker_config.to_yaml(tmp_path / "ranker_config.yaml")

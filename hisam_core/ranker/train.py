@@ -30,6 +30,7 @@ from hisam_core.checkpoint import load_training_state, rng_state, save_atomicall
 from hisam_core.config import DEVICE_PATTERN, Config, differences
 from hisam_core.device import resolve_device
 from hisam_core.metrics import ranking_metrics
+from hisam_core.ranker.attention import MASK_RULE
 from hisam_core.ranker.model import HMAT, HMATConfig
 from hisam_core.ranker.objectives import action_logits, positive_probability, pretrain_loss, sft_loss
 from hisam_core.ranker.sequence import IGNORE_LABEL, SequenceBuilder, SequenceConfig, UserHistory
@@ -91,6 +92,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ra
         model = build_model(config).to(device)
     model.load_state_dict(checkpoint["state_dict"])
     return config, model
+
+
+def checkpoint_mask_rule(path: str | Path) -> int | None:
+    """The :data:`~hisam_core.ranker.attention.MASK_RULE` a ranker checkpoint was trained under, None
+    for one written before rules were recorded (memory-mapped: its tensors are not read)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("mask_rule")
 
 
 def seed_everything(seed: int) -> None:
@@ -167,7 +174,9 @@ def train(
     start = 0
     if checkpoint_path.exists():
         state = load_training_state(
-            checkpoint_path, lambda s: resume_conflicts(s["config"], config), "output_dir"
+            checkpoint_path,
+            lambda s: resume_conflicts(s["config"], config) + mask_rule_conflict(s),
+            "output_dir",
         )
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -180,15 +189,26 @@ def train(
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         logger.info("resuming from %s at step %d", checkpoint_path, start)
     elif tc.init_from:
-        stored, pretrained = load_model(tc.init_from, device)
-        changed = init_conflicts(stored, config)
+        pretrained = torch.load(tc.init_from, map_location="cpu", weights_only=True)
+        changed = init_conflicts(RankerConfig.from_dict(pretrained["config"]), config)
         if changed:
             raise ValueError(
                 f"PT checkpoint {tc.init_from} was trained with other settings ({changed}): its weights "
                 "would load but mean something else; pre-train again with this config"
             )
-        model.load_state_dict(pretrained.state_dict())  # equal settings: equal shapes
+        model.load_state_dict(pretrained["state_dict"])  # equal settings: equal shapes
         logger.info("initialised from %s", tc.init_from)
+        rule = pretrained.get("mask_rule")
+        if rule != MASK_RULE:  # fine-tuning adapts the weights: a weekly PT is not held up for it
+            logger.warning(
+                "PT checkpoint %s was pre-trained under %s, this code's is %d (hisam_core.ranker.attention."
+                "MASK_RULE): fine-tuning from it, but pre-train again for weights that learned this rule",
+                tc.init_from,
+                f"mask rule {rule}"
+                if rule is not None
+                else "an unrecorded mask rule (before rules were recorded)",
+                MASK_RULE,
+            )
     use_bf16 = _autocast_enabled(tc.mixed_precision, device)
     model.train()
     for step in tqdm(
@@ -237,6 +257,14 @@ def train(
 RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "device", "init_from"})
 
 
+def mask_rule_conflict(state: dict[str, Any]) -> list[str]:
+    """``["mask_rule"]`` when a training state records another :data:`MASK_RULE` than this code's
+    (resuming would train the rest of the run under another visibility), else empty; a state from
+    before rules were recorded is not judged."""
+    rule = state.get("mask_rule")
+    return ["mask_rule"] if rule is not None and rule != MASK_RULE else []
+
+
 def resume_conflicts(stored: dict[str, Any], config: RankerConfig) -> list[str]:
     """Dotted names of the settings in which a checkpoint's config differs from ``config``, other
     than :data:`RESUMABLE_CHANGES` (``init_from`` only matters before the first checkpoint)."""
@@ -281,6 +309,7 @@ def _save(
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "step": step,
+        "mask_rule": MASK_RULE,
     }
     save_atomically(state, path)
 

@@ -962,6 +962,7 @@ def test_a_rollback_to_an_older_tokenizers_champion_serves_the_items_that_arrive
     get IDs under November's version as well, as @previous's. A rollback restores v1 and registers
     it again with every ID the lake holds for its tokenizer version, so the restored champion serves
     them at once. A retry of the day's refresh registers nothing more."""
+    from hisam_core.ranker.attention import MASK_RULE
     from pipelines import tokenizer
     from pipelines.ranker_model import load_ranker
     from pipelines.registry import find_versions
@@ -987,6 +988,7 @@ def test_a_rollback_to_an_older_tokenizers_champion_serves_the_items_that_arrive
     assert champion.tags["refreshed_from"] == "1"
     served = load_ranker("models:/hisam-ranker@champion", VERSION).unwrap_python_model()
     assert np.array_equal(served.semantic_ids.lookup(ids.item_ids), ids.codes)
+    assert served.mask_rule == MASK_RULE  # the refreshed package keeps the rule v1 was trained under
     alert = _alerts(world)[-1]  # sent before the refresh: an interrupted one still reaches the on-call
     assert (alert["title"], alert["text"]) == (
         "hisam-ranker rolled back",

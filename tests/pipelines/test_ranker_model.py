@@ -346,3 +346,23 @@ def test_model_loads_and_predicts_in_a_fresh_process_without_the_repo(trained: d
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert all(not path.startswith(repo) and "/code/" in path for path in out["modules"]), out["modules"]
     np.testing.assert_allclose(np.concatenate(out["scores"]), np.concatenate(expected), atol=1e-6)
+
+
+def test_the_served_model_knows_the_mask_rule_it_was_trained_under(
+    trained: dict, tmp_path: Path, caplog
+) -> None:
+    """The packaged checkpoint keeps the training checkpoint's mask rule; a model trained before rules
+    were recorded is served with a warning (this code's rule may not be the one it learned)."""
+    from hisam_core.ranker.attention import MASK_RULE
+
+    assert load_ranker(f"models:/{NAME}/1").unwrap_python_model().mask_rule == MASK_RULE
+    state = torch.load(trained["settings"].home / "ckpt" / "checkpoint.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "mask_rule"}, tmp_path / "unrecorded.pt")
+    older = log_ranker(tmp_path / "unrecorded.pt", trained["config"], trained["semantic_ids"], NAME)
+    with caplog.at_level("WARNING", logger="pipelines.ranker_model"):
+        served = load_ranker(f"models:/{NAME}/{older.version}").unwrap_python_model()
+    assert served.mask_rule is None
+    assert (
+        f"trained under an unrecorded mask rule and is served under this code's rule {MASK_RULE}"
+        in caplog.text
+    )

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from hisam_core.ranker.attention import MASK_RULE
 from hisam_core.ranker.model import HMAT, HMATConfig
 from hisam_core.ranker.objectives import pretrain_loss, sft_loss
 from hisam_core.ranker.sequence import IGNORE_LABEL, SequenceBuilder, SequenceConfig, TokenType, UserHistory
@@ -18,6 +19,7 @@ from hisam_core.ranker.train import (
     RankerConfig,
     TrainConfig,
     batch_indices,
+    checkpoint_mask_rule,
     evaluate,
     init_conflicts,
     load_model,
@@ -253,7 +255,10 @@ def test_checkpoint_is_a_weights_only_config_and_state_dict(tmp_path):
     train(config("pt", 2), TRAIN_USERS, tmp_path)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert RankerConfig.from_dict(state["config"]) == config("pt", 2)
-    assert state["step"] == 2
+    assert (
+        state["step"] == 2
+        and state["mask_rule"] == checkpoint_mask_rule(tmp_path / "checkpoint.pt") == MASK_RULE
+    )
     rng = torch.random.get_rng_state()
     _, model = load_model(tmp_path / "checkpoint.pt")
     assert torch.equal(torch.random.get_rng_state(), rng)  # loading draws nothing from the global RNG
@@ -276,6 +281,34 @@ def test_init_from_a_checkpoint_of_other_settings_fails(pretrained, tmp_path, se
     with pytest.raises(ValueError, match=re.escape(named)):
         train(other, histories, tmp_path)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_checkpoint_of_another_mask_rule_is_not_resumed_and_seeds_a_fine_tune_with_a_warning(
+    pretrained, tmp_path, caplog
+):
+    """A run resumed under another rule would train its rest with another visibility: refused. A PT
+    trained under another (or an unrecorded) rule still seeds the daily fine-tune, with a warning."""
+    checkpoint, _ = pretrained
+    state = torch.load(checkpoint, weights_only=True)
+    older = tmp_path / "pt" / "checkpoint.pt"
+    older.parent.mkdir()
+    torch.save({**state, "mask_rule": MASK_RULE - 1}, older)
+    with pytest.raises(ValueError, match=r"differs in \['mask_rule'\]"):
+        train(config("pt", 41, batch_size=16), TRAIN_USERS, older.parent)
+    unrecorded = tmp_path / "unrecorded.pt"
+    torch.save({k: v for k, v in state.items() if k != "mask_rule"}, unrecorded)
+    for seed, rule in ((older, f"mask rule {MASK_RULE - 1}"), (unrecorded, "an unrecorded mask rule")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hisam_core.ranker.train"):
+            train(config("sft", 1, init_from=str(seed)), TRAIN_USERS, tmp_path / seed.stem)
+        assert f"pre-trained under {rule}" in caplog.text and f"this code's is {MASK_RULE}" in caplog.text
+        assert (
+            checkpoint_mask_rule(tmp_path / seed.stem / "checkpoint.pt") == MASK_RULE
+        )  # what it trained under
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hisam_core.ranker.train"):
+        train(config("sft", 1, init_from=str(checkpoint)), TRAIN_USERS, tmp_path / "same")
+    assert "mask rule" not in caplog.text
 
 
 def test_flex_refuses_to_train_on_the_cpu_before_writing_anything(tmp_path):

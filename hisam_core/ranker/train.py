@@ -9,7 +9,8 @@ paper's Adam, bf16 autocast for its FP16 (no loss scaling needed), warm-up, cosi
 
 Batches are a pure function of ``(seed, step)``: step ``s`` takes samples ``[s * B, (s + 1) * B)``
 of the concatenation of per-epoch permutations, so a resumed run sees the same batches.
-Checkpoints are ``{"config": dict, "state_dict": ...}`` and load with ``weights_only=True``.
+Checkpoints are ``{"config": dict, "state_dict": ..., "mask_rule": int}`` (training adds the
+optimizer, scheduler, RNG and step) and load with ``weights_only=True``.
 """
 
 from __future__ import annotations

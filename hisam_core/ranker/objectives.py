@@ -1,7 +1,7 @@
 """Training objectives of HMAT (Sec. 3.4.1). DST is frozen: the inputs are fixed semantic IDs.
 
 * PT (semantic pre-training): next-token prediction with the causal mask (which still hides the
-  Actions of an item's instant, :func:`~hisam_core.ranker.attention.visible`), over the tokens of
+  other items of an item's instant from it, :func:`~hisam_core.ranker.attention.visible`), over the tokens of
   a window's target items, so each item of a stream is predicted once across its overlapping windows.
 * SFT (Eq. 11): negative log-likelihood of each labelled Action token, predicted from the output at
   its item's Anchor (the token before it) under the model's SFT mask (MA-Attn by default). The

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from mlflow.entities import Run
 
+    from hisam_core.ranker.train import RankerConfig
+
 log = logging.getLogger(__name__)
 
 SAMPLES = "gold.samples"
@@ -298,6 +300,34 @@ def _stored_config(checkpoint: Path) -> dict[str, Any]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
 
 
+def _logged_config_changes(ctx: StepContext, run: Run, step: str, config: RankerConfig) -> list[str]:
+    """The settings in which the config ``run`` logged differs from ``config``: its
+    ``config/<step>.yaml`` compared by :func:`~hisam_core.config.differences` (key order included),
+    else (an attempt that died between the two) its flattened params; nothing when it logged neither.
+    ``train.init_from`` is left out: it is where each attempt downloaded the PT to."""
+    import tempfile
+
+    import mlflow
+
+    from hisam_core.config import differences
+    from hisam_core.ranker.train import RankerConfig
+    from pipelines.tracking import CONFIG_DIR, MAX_PARAM_LENGTH, flatten_config
+
+    path = f"{CONFIG_DIR}/{step}.yaml"
+    if path in {a.path for a in ctx.mlflow.list_artifacts(run.info.run_id, CONFIG_DIR)}:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path=path, dst_path=tmp
+            )
+            changed = differences(RankerConfig.from_yaml(local), config)
+    elif logged := run.data.params:
+        today = {k: v for k, v in flatten_config(config).items() if len(v) <= MAX_PARAM_LENGTH}
+        changed = {k for k in today.keys() | logged.keys() if today.get(k) != logged.get(k)}
+    else:
+        changed = set()
+    return sorted(changed - {"train.init_from"})
+
+
 def _find_run(ctx: StepContext, step: str, trained: bool = False, **tags: str) -> Run | None:
     """This logical run's newest MLflow run of ``step`` (so a rerun continues it instead of adding one),
     among those carrying every ``tags`` value; ``trained``: among those whose SFT finished (a crashed
@@ -326,9 +356,11 @@ def _train_stage(
     ``fresh``: a new run and checkpoint whatever ran before (tagged :data:`FORCED` under
     ``params.force``). ``forced``: the run continued is a forced one that stopped; trained with
     settings its checkpoint refuses (a second fix after the first forced run diverged too), it is left
-    and a fresh one trains instead. So is a run that stopped before its first checkpoint, forced or
-    not, whose logged config differs from today's (MLflow params cannot change): its record would
-    name settings it did not train with."""
+    and a fresh one trains instead. So is a run, forced or not, with no checkpoint here (it stopped
+    before its first, or it was written on another worker's disk) whose logged config differs from
+    today's (:func:`_logged_config_changes`): MLflow params cannot change, so its record would name
+    settings it did not train with. With a checkpoint, the settings it may resume under
+    (``RESUMABLE_CHANGES``: ``max_steps``...) continue the run, whose params keep its first values."""
     import mlflow
     import pandas as pd
 
@@ -337,7 +369,6 @@ def _train_stage(
     from pipelines.tokenizer import semantic_ids_of
     from pipelines.tracking import (
         CONFIG_DIR,
-        flatten_config,
         input_versions,
         log_config,
         log_training_curves,
@@ -367,13 +398,8 @@ def _train_stage(
     changed: Sequence[str] = ()
     if previous is not None and checkpoint.exists():
         changed = resume_conflicts(_stored_config(checkpoint), config) if forced else ()  # else train refuses
-    elif previous is not None:  # it stopped before its first checkpoint, maybe after logging its config
-        logged = previous.data.params  # train.init_from: where this attempt downloaded the PT to
-        changed = [
-            k
-            for k, v in flatten_config(config).items()
-            if k in logged and logged[k] != v and k != "train.init_from"
-        ]
+    elif previous is not None:  # no checkpoint here (it stopped before its first, or it is elsewhere)
+        changed = _logged_config_changes(ctx, previous, step, config)
     if changed:
         log.warning(
             "the stopped run %s trained with other settings (%s): training again in a new run",
@@ -465,7 +491,8 @@ def pretrain(ctx: StepContext) -> dict[str, Any]:
     Once per logical run: a rerun finds its version. It then skips when a fine-tune of this dataset
     has started from that version (its ``hisam-pretrained`` event would trigger fine-tuning again for
     nothing), and otherwise succeeds again, so a retry after the registration still triggers
-    fine-tuning. A rerun before registration continues the run and its checkpoint.
+    fine-tuning. A rerun before registration continues the run and its checkpoint (without a
+    checkpoint, only under the config the run logged: else a new run trains).
 
     ``params.force=true`` trains again in a new MLflow run from step 0, tagged ``hisam.forced`` (after
     a divergence fixed by other settings, which the stopped run's checkpoint refuses, or a registered
@@ -568,7 +595,9 @@ def finetune(ctx: StepContext) -> dict[str, Any]:
     registration and promotion); otherwise evaluation goes on from the finished run.
     ``params.force=true`` trains again in a new MLflow run from step 0 (after a fix, say), tagged
     ``hisam.forced``, unless the newest run of that PT is a forced one that stopped midway: it
-    continues that one (unless its checkpoint refuses the settings: then a new one trains). The following steps evaluate, register and gate that run's candidate."""
+    continues that one (unless its checkpoint refuses the settings, or it has no checkpoint here and
+    logged another config: then a new one trains). The following steps evaluate, register and gate
+    that run's candidate."""
     from pipelines.settings import flag
     from pipelines.steps import StepSkipped
 

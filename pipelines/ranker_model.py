@@ -131,7 +131,7 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
         self.ranker: HMATRanker | None = None
         self.semantic_ids: SemanticIds | None = None
         self.profile_vocabulary: ProfileVocabulary | None = None
-        self.mask_rule: int | None = MASK_RULE  # what its checkpoint records (load_context)
+        self.mask_rule: int | None = None  # what its checkpoint records (load_context)
         self._config: RankerConfig | None = None
         self._index: pd.Index | None = None
 

@@ -521,11 +521,12 @@ class _Backend:
 def history_pages(
     history: Callable[[int | None], list[dict[str, Any]]], first: int | None = 200
 ) -> Iterator[list[dict[str, Any]]]:
-    """A table's commits, newest first, in pages that grow: ``history(limit)`` (the newest ``limit``
-    commits, as :meth:`Lake.history` gives them) with ``first``, then ten times as many from 20,000 on
-    the whole history (``first=None``: at once), each page only the commits older than the last one
-    yielded (commits made between two reads are not yielded twice). What a step seeks is usually
-    among the newest commits, so a busy table's whole history is seldom read."""
+    """A table's commits, newest first, in pages that grow. ``history(limit)`` gives the newest
+    ``limit`` commits, as :meth:`Lake.history` does; it is read for ``first`` of them, then ten times
+    as many each time, and past 20,000 for the whole history (at once with ``first=None``). A page
+    holds only the commits older than the last one yielded, so a commit made between two reads is
+    not yielded twice. What a step seeks is usually among the newest commits, so a busy table's
+    whole history is seldom read."""
     limit, oldest = first, None
     while True:
         page = history(limit)

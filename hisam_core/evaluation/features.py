@@ -254,8 +254,9 @@ def behaviour_sanity(
             "popularity": np.tile(pop, (len(hist), 1)),
         }
         for row, h in enumerate(hist):  # seen items are not ranked
+            seen = col.loc[h].to_numpy()
             for scores in scored.values():
-                scores[row, col.loc[h].to_numpy()] = -np.inf
+                scores[row, seen] = -np.inf
         t = col.loc[targets[start : start + chunk]].to_numpy()
         for name, scores in scored.items():
             hits[name] += float(target_hit_at_k(scores, t, k).sum())

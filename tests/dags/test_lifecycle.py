@@ -1006,8 +1006,8 @@ def test_a_forced_fine_tune_trains_a_new_run_from_step_zero(world) -> None:
     """Builds on December 1st, whose fine-tune of the newest PT was judged: a rerun skips, and
     ``force=true`` trains it again from step 0 in a new MLflow run (not from the finished
     checkpoint), which a forced rerun continues had it stopped (a run not forced it does not; nor one
-    whose checkpoint refuses the settings), and which evaluation and registration then take as the
-    day's candidate."""
+    whose checkpoint refuses the settings, nor one without a checkpoint that logged other settings),
+    and which evaluation and registration then take as the day's candidate."""
     from mlflow.entities import Param
 
     from pipelines.ranker import FORCED, PROFILE_VOCABULARY, SFT_CHECKPOINT_SHA256

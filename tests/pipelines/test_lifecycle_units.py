@@ -876,3 +876,56 @@ def test_recommend_points_at_the_demo_config_when_the_demo_ran_another_dataset(t
     assert _demo_hint(ctx) == ""  # the demo ran this dataset
     PipelineConfig(dataset="movielens-100k").to_yaml(demo)
     assert _demo_hint(ctx) == f" (hisam demo ran 'movielens-100k' here: pass --config {demo})"
+
+
+def test_a_stopped_runs_logged_config_is_compared_setting_by_setting(
+    tmp_path, mlflow_store, monkeypatch, isolated_mlflow
+) -> None:
+    """A training run with no checkpoint here is continued only under the config it logged (MLflow
+    params cannot change): its YAML compared by ``differences`` (key order too), else, when it died
+    between the two, its params (fields added or dropped count); the PT's download path never counts."""
+    import mlflow
+
+    from hisam_core.ranker.sequence import SequenceConfig
+    from hisam_core.ranker.train import RankerConfig
+    from pipelines.context import StepContext
+    from pipelines.ranker import _logged_config_changes
+    from pipelines.tracking import flatten_config, log_config
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
+    base = RankerConfig(sequence=SequenceConfig(profile_fields={"age": 4, "gender": 3}))
+
+    def variant(section: str, **update: object) -> RankerConfig:
+        return base.model_copy(update={section: getattr(base, section).model_copy(update=update)})
+
+    with isolated_mlflow():
+        ctx = StepContext(PipelineConfig(), dt.date(2026, 11, 1))
+        client = ctx.mlflow
+        with mlflow.start_run() as run:
+            log_config(base, name="finetune")
+        with mlflow.start_run() as died:  # between its params and its YAML
+            mlflow.log_params(flatten_config(base))
+        with mlflow.start_run() as early:  # before either
+            pass
+        logged, params_only, nothing = (client.get_run(r.info.run_id) for r in (run, died, early))
+        cases = {
+            "same": (base, [], []),
+            "moved": (variant("train", init_from="/tmp/elsewhere/hmat.pt"), [], []),
+            "rate": (variant("train", learning_rate=5e-4), ["train.learning_rate"], ["train.learning_rate"]),
+            "dropped": (
+                variant("sequence", profile_fields={"age": 4}),
+                ["sequence.profile_fields", "sequence.profile_fields.gender"],
+                ["sequence.profile_fields.gender"],
+            ),
+            "reordered": (
+                variant("sequence", profile_fields={"gender": 3, "age": 4}),
+                ["sequence.profile_fields"],
+                None,
+            ),
+        }
+        for name, (today, from_yaml, from_params) in cases.items():
+            assert _logged_config_changes(ctx, logged, "finetune", today) == from_yaml, name
+            if from_params is not None:  # params cannot tell an order
+                assert _logged_config_changes(ctx, params_only, "finetune", today) == from_params, name
+            assert _logged_config_changes(ctx, nothing, "finetune", today) == [], name

@@ -1,8 +1,9 @@
 """Training objectives of HMAT (Sec. 3.4.1). DST is frozen: the inputs are fixed semantic IDs.
 
 * PT (semantic pre-training): next-token prediction with the causal mask (which still hides the
-  other items of an item's instant from it, :func:`~hisam_core.ranker.attention.visible`), over the tokens of
-  a window's target items, so each item of a stream is predicted once across its overlapping windows.
+  other items of an item's instant from it, :func:`~hisam_core.ranker.attention.visible`), over the
+  tokens of a window's target items, so each item of a stream is predicted once across its overlapping
+  windows; an item's first token is not predicted from the Action of another item of its instant.
 * SFT (Eq. 11): negative log-likelihood of each labelled Action token, predicted from the output at
   its item's Anchor (the token before it) under the model's SFT mask (MA-Attn by default). The
   softmax runs over the action tokens only, so ``P(action | context)`` is a proper distribution over
@@ -36,7 +37,12 @@ def pretrain_loss(model: HMAT, batch: TokenBatch) -> torch.Tensor:
     predicted, so over a user's overlapping windows every item is predicted once, with the longest
     context it has; the profile and an earlier window's items are context only."""
     hidden = model(batch, model.mask(batch, "causal")).hidden
-    pairs = batch.valid[:, :-1] & target_item_tokens(batch)[:, 1:]
+    # an item's first token is not predicted from another item of its instant: their order is arbitrary
+    # and one is not the other's history (the mask's rule, :func:`~hisam_core.ranker.attention.visible`)
+    same_instant = (batch.item_index[:, 1:] != batch.item_index[:, :-1]) & (
+        batch.instant[:, 1:] == batch.instant[:, :-1]
+    )
+    pairs = batch.valid[:, :-1] & target_item_tokens(batch)[:, 1:] & ~same_instant
     if not bool(pairs.any()):
         raise ValueError("pre-training batch has no (token, next token) pair")
     logits = model.logits(hidden[:, :-1][pairs])

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from hisam_core.encoders import EncodersConfig
 from hisam_core.evaluation.features import build_movielens_features
+from hisam_core.evaluation.semantic import features_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT / "../shared/data/movielens-100k"
@@ -42,16 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a cache exists")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1, as benchmarks/quality.py builds them: the behaviour encoder's "
+        "training differs in the last bits between thread counts, and the cache key does not say which)",
     )
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="JSON with timings of a build")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    if args.threads is not None:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     config = EncodersConfig.from_yaml(args.config) if args.config else EncodersConfig()
     if args.image_model is not None:
         config.image.model_path = args.image_model
@@ -60,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         args.data_dir, args.cache_dir, args.cutoff_quantile, config, args.device, args.force
     )
     wall = time.perf_counter() - t
-    summary = {**result.meta, "wall_s_this_run": round(wall, 2)}
+    summary = {
+        **result.meta,
+        "features_fingerprint": features_fingerprint(result.features),
+        "torch_threads": torch.get_num_threads(),
+        "wall_s_this_run": round(wall, 2),
+    }
     if not result.from_cache:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(summary, indent=2) + "\n")

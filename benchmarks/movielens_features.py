@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads (default 1, as benchmarks/quality.py builds them: the behaviour encoder's "
-        "training differs in the last bits between thread counts, and the cache key does not say which)",
+        default=None,
+        help="torch CPU threads (default: torch's choice); the behaviour encoder's training differs in the "
+        "last bits between thread counts, which the cache key does not record (the JSON does)",
     )
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="JSON with timings of a build")
     args = parser.parse_args(argv)
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config = EncodersConfig.from_yaml(args.config) if args.config else EncodersConfig()
     if args.image_model is not None:
         config.image.model_path = args.image_model

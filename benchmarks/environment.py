@@ -37,12 +37,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str:
+    """The vector instructions torch's CPU kernels use (``AVX512``, ``AVX2``...): results computed on
+    two of them may differ in their last bits (a feature build's fingerprint does)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def run_environment() -> dict[str, Any]:
-    """Commit, UTC start time, CPU model and count, load average and Python version."""
+    """Commit, UTC start time, CPU model, capability and count, load average and Python version."""
     return {
         "git_commit": git_commit(),
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu_model": cpu_model(),
+        "cpu_capability": cpu_capability(),
         "cpu_count": os.cpu_count(),
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),

@@ -17,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.environment import cpu_capability
 from hisam_core.encoders import EncodersConfig
 from hisam_core.evaluation.features import build_movielens_features
 from hisam_core.evaluation.semantic import features_fingerprint
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         **result.meta,
         "features_fingerprint": features_fingerprint(result.features),
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": cpu_capability(),
         "wall_s_this_run": round(wall, 2),
     }
     if not result.from_cache:

@@ -692,6 +692,7 @@ def _evaluate(
         "cpu_count": os.cpu_count(),
         "load_avg_at_start": [round(x, 2) for x in load],
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels' vector width: their last bits
         "threads_per_worker": config.threads,
         "workers": args.workers,
         "python": platform.python_version(),

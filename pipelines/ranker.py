@@ -303,8 +303,9 @@ def _stored_config(checkpoint: Path) -> dict[str, Any]:
 def _logged_config_changes(ctx: StepContext, run: Run, step: str, config: RankerConfig) -> list[str]:
     """The settings in which the config ``run`` logged differs from ``config``: its
     ``config/<step>.yaml`` compared by :func:`~hisam_core.config.differences` (key order included),
-    else (an attempt that died between the two) its flattened params; nothing when it logged neither.
-    ``train.init_from`` is left out: it is where each attempt downloaded the PT to."""
+    else (an attempt that died between the two) its flattened params; nothing when it logged neither;
+    the YAML's path when this code cannot read it. ``train.init_from`` is left out: it is where each
+    attempt downloaded the PT to."""
     import tempfile
 
     import mlflow
@@ -319,7 +320,10 @@ def _logged_config_changes(ctx: StepContext, run: Run, step: str, config: Ranker
             local = mlflow.artifacts.download_artifacts(
                 run_id=run.info.run_id, artifact_path=path, dst_path=tmp
             )
-            changed = differences(RankerConfig.from_yaml(local), config)
+            try:
+                changed = differences(RankerConfig.from_yaml(local), config)
+            except ValueError:  # written by code whose settings this one no longer reads
+                changed = {path}
     elif logged := run.data.params:
         today = {k: v for k, v in flatten_config(config).items() if len(v) <= MAX_PARAM_LENGTH}
         changed = {k for k in today.keys() | logged.keys() if today.get(k) != logged.get(k)}

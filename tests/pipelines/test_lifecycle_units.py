@@ -883,8 +883,10 @@ def test_a_stopped_runs_logged_config_is_compared_setting_by_setting(
 ) -> None:
     """A training run with no checkpoint here is continued only under the config it logged (MLflow
     params cannot change): its YAML compared by ``differences`` (key order too), else, when it died
-    between the two, its params (fields added or dropped count); the PT's download path never counts."""
+    between the two, its params (fields added or dropped count); the PT's download path never counts,
+    and a YAML this code cannot read differs."""
     import mlflow
+    import yaml
 
     from hisam_core.ranker.sequence import SequenceConfig
     from hisam_core.ranker.train import RankerConfig
@@ -908,6 +910,11 @@ def test_a_stopped_runs_logged_config_is_compared_setting_by_setting(
             mlflow.log_params(flatten_config(base))
         with mlflow.start_run() as early:  # before either
             pass
+        with mlflow.start_run() as older:  # by code that had a setting this one no longer reads
+            stale = tmp_path / "config" / "finetune.yaml"
+            stale.parent.mkdir()
+            stale.write_text(yaml.safe_dump({**base.model_dump(mode="json"), "retired": 1}))
+            mlflow.log_artifact(str(stale), "config")
         logged, params_only, nothing = (client.get_run(r.info.run_id) for r in (run, died, early))
         cases = {
             "same": (base, [], []),
@@ -929,3 +936,6 @@ def test_a_stopped_runs_logged_config_is_compared_setting_by_setting(
             if from_params is not None:  # params cannot tell an order
                 assert _logged_config_changes(ctx, params_only, "finetune", today) == from_params, name
             assert _logged_config_changes(ctx, nothing, "finetune", today) == [], name
+        assert _logged_config_changes(ctx, client.get_run(older.info.run_id), "finetune", base) == [
+            "config/finetune.yaml"
+        ]

@@ -46,10 +46,12 @@ KVPair = tuple[torch.Tensor, torch.Tensor]
 #: FlexAttention's block size, passed to create_block_mask; its streams are padded to a multiple of it.
 FLEX_BLOCK_SIZE = 128
 
-#: Version of :func:`visible`'s rule, recorded in every ranker checkpoint: 1 Eq. 10 as the paper
-#: writes it, 2 also hiding an Action from the other items of its instant, 3 hiding those items
-#: wholly. Weights trained under another rule load and run, but learned another visibility.
-MASK_RULE = 3
+#: Version of the rule for items of one instant (what :func:`visible` shows, and where H-RoPE places
+#: them), recorded in every ranker checkpoint: 1 Eq. 10 as the paper writes it, 2 also hiding an
+#: Action from the other items of its instant, 3 hiding those items wholly, 4 also giving them one
+#: inter-item coordinate (:mod:`~hisam_core.ranker.hrope`). Weights trained under another rule load
+#: and run, but learned another visibility or geometry.
+MASK_RULE = 4
 
 
 def memory_token_types(mode: MaskMode, history_memory: HistoryMemory = "anchor") -> tuple[int, ...] | None:

@@ -7,6 +7,11 @@ rotate by the inter-item coordinate ``i`` with base 10000, the rest by the intra
 ``base ** (-m / n_b)``, so a single band is exactly standard RoPE. Every pair lies inside one band,
 hence ``<R(i,j) q, R(i',j') k>`` depends on ``(i - i', j - j')`` only (Eq. 18).
 
+HMAT's ``i`` is the index of the first item of an item's instant (its own index unless the user
+logged several items in one second): items of one instant, which do not see each other, share
+one coordinate, so their order (arbitrary) does not reach the model, and each sits right after the
+history it sees, as a served candidate does.
+
 Ablations (Table 4): ``rope1d`` rotates all pairs by the flat stream position ``p`` (base 10000);
 ``absolute`` adds a learned embedding of ``p`` to the input instead of rotating.
 """

@@ -166,7 +166,9 @@ class HMAT(nn.Module):
                 )
             x = x + self.position_embedding(batch.position)
         else:
-            rotary = self.rotary(batch.item_index, batch.intra_index, batch.position)
+            # H-RoPE's inter-item coordinate is the item's instant (its first item's index): items of one
+            # instant are a set, each placed right after the history it sees, as a served candidate is
+            rotary = self.rotary(batch.instant, batch.intra_index, batch.position)
         kv = []
         for layer, layer_past in zip(self.layers, past or [None] * len(self.layers), strict=True):
             x, layer_kv = layer(x, rotary, mask, layer_past)

@@ -115,8 +115,8 @@ def test_score_decomposes_into_inter_and_intra_terms(qk_coords):
 @pytest.mark.parametrize(
     ("encoding", "fraction", "reads"),
     [
-        ("hrope", 0.5, {"item_index", "intra_index"}),
-        ("hrope", 1.0, {"item_index"}),  # every rotary pair on the inter-item band
+        ("hrope", 0.5, {"instant", "intra_index"}),
+        ("hrope", 1.0, {"instant"}),  # every rotary pair on the inter-item band
         ("hrope", 0.0, {"intra_index"}),
         ("rope1d", 0.5, {"position"}),
     ],
@@ -124,8 +124,8 @@ def test_score_decomposes_into_inter_and_intra_terms(qk_coords):
 def test_the_model_rotates_by_the_coordinates_of_its_encoding(
     seq_config, history, make_model, encoding, fraction, reads
 ):
-    """HMAT hands the batch's coordinates to the rotary embedding: H-RoPE's inter band reads i, its
-    intra band j, 1D-RoPE p. Moving the last item away from the rest along one coordinate, under the
+    """HMAT hands the batch's coordinates to the rotary embedding: H-RoPE's inter band reads i (the
+    item's instant, not its own index), its intra band j, 1D-RoPE p. Moving the last item away from the rest along one coordinate, under the
     same mask, changes the outputs exactly when the encoding reads that coordinate."""
     model = make_model(position_encoding=encoding, inter_fraction=fraction)
     batch = SequenceBuilder(seq_config).batch([history])
@@ -133,7 +133,7 @@ def test_the_model_rotates_by_the_coordinates_of_its_encoding(
     last = batch.item_index == batch.item_index.max()
     with torch.no_grad():
         reference = model(batch, mask).hidden
-        for field in ("item_index", "intra_index", "position"):
+        for field in ("item_index", "instant", "intra_index", "position"):
             moved = dataclasses.replace(batch, **{field: getattr(batch, field) + 3 * last})
             changed = not torch.allclose(model(moved, mask).hidden, reference, atol=1e-5)
             assert changed == (field in reads), field

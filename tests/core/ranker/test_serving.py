@@ -185,6 +185,69 @@ def test_a_served_candidate_scores_as_the_last_item_of_a_training_window(
         torch.testing.assert_close(served[k], trained, atol=1e-5, rtol=0)
 
 
+#: the variants that place items by H-RoPE's coordinates (1D-RoPE and absolute positions read the
+#: flat position, which counts the hidden tokens of an item's instant)
+HROPE_VARIANTS = [v for v in VARIANTS if "position_encoding" not in v]
+TIES = [0, 1, 1, 1, 2, 2]  # items 2-4 and items 5-6 each logged in one second
+
+
+def _timed(semantic_ids, order: list[int] | None = None) -> UserHistory:
+    codes = semantic_ids.codes[np.random.default_rng(8).choice(200, size=len(TIES), replace=False)]
+    actions = np.array([1, 0, 1, 1, 0, 1])
+    order = order or list(range(len(TIES)))
+    return UserHistory(4, codes[order], actions[order], {"age": 3, "gender": 1}, instants=TIES)
+
+
+@pytest.mark.parametrize("overrides", HROPE_VARIANTS, ids=lambda o: "-".join(map(str, o.values())) or "paper")
+def test_every_item_of_an_instant_scores_as_a_candidate_served_after_the_history_before_it(
+    seq_config, semantic_ids, make_model, overrides
+):
+    """Train/serve consistency under ties: the SFT probability at each item's Anchor in a training
+    window is ``rank`` of that item after the items before its instant, also for the third item of
+    a second, which shares its instant's coordinate (with its own index it sat two coordinates
+    further from the history it sees than a served candidate does)."""
+    model = make_model(**overrides)
+    ranker, builder = HMATRanker(model, seq_config), SequenceBuilder(seq_config)
+    history = _timed(semantic_ids)
+    with torch.no_grad():
+        logits, _ = action_logits(model, builder.collate([builder.build(history)]), builder.vocab)
+    trained = positive_probability(logits, builder.vocab)
+    starts = history.instant_index() - 1
+    for k, start in enumerate(starts):
+        before = UserHistory(
+            4, history.items[:start], history.actions[:start], history.profile, instants=TIES[:start]
+        )
+        served = ranker.rank(before, history.items[k : k + 1])
+        torch.testing.assert_close(served[0], trained[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", HROPE_VARIANTS, ids=lambda o: "-".join(map(str, o.values())) or "paper")
+def test_the_order_of_the_items_of_one_instant_reaches_no_score(
+    seq_config, semantic_ids, make_model, candidates, overrides
+):
+    """Items of one instant are a set: reordering them (their order is arbitrary, item ids) leaves
+    every trained item's probability and every served score as it is. Without the instants the
+    order is real, and it moves them."""
+    model = make_model(**overrides)
+    ranker, builder = HMATRanker(model, seq_config), SequenceBuilder(seq_config)
+    order = [0, 3, 1, 2, 5, 4]
+
+    @torch.no_grad()
+    def scores(history: UserHistory) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, _ = action_logits(model, builder.collate([builder.build(history)]), builder.vocab)
+        return positive_probability(logits, builder.vocab), ranker.rank(history, candidates)
+
+    (trained, served), (reordered, reserved) = (
+        scores(_timed(semantic_ids)),
+        scores(_timed(semantic_ids, order)),
+    )
+    torch.testing.assert_close(reordered, trained[order], atol=1e-5, rtol=0)
+    torch.testing.assert_close(reserved, served, atol=1e-5, rtol=0)
+    untimed = [replace(_timed(semantic_ids, o), instants=None) for o in (None, order)]
+    (trained, served), (reordered, reserved) = (scores(h) for h in untimed)
+    assert (reserved - served).abs().max() > 1e-3 and (reordered - trained[order]).abs().max() > 1e-3
+
+
 def test_cold_start_user_with_profile_only(seq_config, make_model, candidates):
     model = make_model()
     cold = UserHistory(9, np.empty((0, 6)), [], {"age": 1, "gender": 0})

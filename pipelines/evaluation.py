@@ -49,6 +49,7 @@ from hisam_core.evaluation.harness import (
 )
 from hisam_core.evaluation.semantic import CACHE_VERSIONS, TRAINERS, features_fingerprint, load_features_npz
 from hisam_core.features import ItemFeatures
+from hisam_core.ranker.attention import MASK_RULE
 from pipelines.settings import LOG_LEVELS, Settings, movielens_dir, positive_int, positive_int_arg
 from pipelines.steps import THREADS_ENV
 
@@ -116,19 +117,33 @@ def _stale_trainers(reuse: dict[str, Any], experiment: dict[str, Any] | None) ->
     )
 
 
+def _stale_rule(reuse: dict[str, Any], experiment: dict[str, Any] | None) -> bool:
+    """Whether ``experiment`` is an HMAT whose runs in ``reuse`` were trained under another
+    :data:`~hisam_core.ranker.attention.MASK_RULE` (a result that records none: an older one)."""
+    return (experiment or {}).get("model") == "hmat" and reuse.get("mask_rule") != MASK_RULE
+
+
 def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs of ``reuse`` whose experiment is still defined the same way (:func:`_comparable` first)
-    and whose semantic IDs come from the same tokenizer code (:func:`_stale_trainers`)."""
+    """Runs of ``reuse`` whose experiment is still defined the same way (:func:`_comparable` first),
+    whose semantic IDs come from the same tokenizer code (:func:`_stale_trainers`) and whose HMAT
+    learned today's rule for items of one instant (:func:`_stale_rule`)."""
     earlier = _comparable(config, reuse)
     before = {e["name"]: e for e in earlier["experiments"]}
     now = {e.name: e.model_dump(mode="json") for e in config.experiments}
     same = [r for r in reuse["runs"] if before.get(r["experiment"]) == now.get(r["experiment"])]
-    kept = [r for r in same if not _stale_trainers(reuse, now.get(r["experiment"]))]
+    kept = [
+        r
+        for r in same
+        if not _stale_trainers(reuse, now.get(r["experiment"]))
+        and not _stale_rule(reuse, now.get(r["experiment"]))
+    ]
     if len(same) < len(reuse["runs"]):
         log.info("--reuse: %d runs of redefined experiments are run again", len(reuse["runs"]) - len(same))
     if len(kept) < len(same):
         log.info(
-            "--reuse: %d runs of IDs another tokenizer version trained are run again", len(same) - len(kept)
+            "--reuse: %d runs of IDs another tokenizer version trained, or of HMATs under another mask "
+            "rule, are run again",
+            len(same) - len(kept),
         )
     return kept
 
@@ -142,9 +157,11 @@ def _reusable_points(
     name = config.scaling.experiment
     before = {e["name"]: e for e in _comparable(config, reuse)["experiments"]}
     now = config.experiment(name).model_dump(mode="json")
-    if before.get(name) != now or _stale_trainers(reuse, now):
+    if before.get(name) != now or _stale_trainers(reuse, now) or _stale_rule(reuse, now):
         log.info(
-            "--reuse: the sweep's experiment %s was redefined or retokenized; its points run again", name
+            "--reuse: the sweep's experiment %s was redefined, retokenized or trained under another mask "
+            "rule; its points run again",
+            name,
         )
         return {}
     return scaling_records(config, reuse.get("scaling"))

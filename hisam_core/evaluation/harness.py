@@ -45,6 +45,7 @@ from hisam_core.evaluation.semantic import (
 )
 from hisam_core.features import ItemFeatures
 from hisam_core.metrics import hit_rate_at_k, ndcg_at_k, ranking_metrics
+from hisam_core.ranker.attention import MASK_RULE
 from hisam_core.ranker.model import HMATConfig
 from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig
 from hisam_core.ranker.train import RankerConfig, TrainConfig
@@ -680,4 +681,5 @@ def assemble(
         "scaling": scaling,
         "config": config.model_dump(mode="json"),
         "cache_versions": dict(CACHE_VERSIONS),  # the tokenizer code of the runs (``--reuse`` checks)
+        "mask_rule": MASK_RULE,  # the HMAT rule of the runs (``--reuse`` checks)
     }

@@ -391,14 +391,19 @@ def test_config_errors_are_one_line_per_key_naming_the_file(tmp_path, monkeypatc
 
 def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():
     from hisam_core.evaluation.semantic import CACHE_VERSIONS
+    from hisam_core.ranker.attention import MASK_RULE
 
     config = EvaluationConfig.model_validate(TINY)
     earlier = {
         "config": config.model_dump(mode="json"),
         "runs": [{"experiment": "sasrec", "seed": 0}, {"experiment": "hisam_sft", "seed": 0}],
         "cache_versions": dict(CACHE_VERSIONS),
+        "mask_rule": MASK_RULE,
     }
     assert _reusable(config, earlier) == earlier["runs"]
+    # HMATs trained under another rule for items of one instant (or a result that does not say)
+    for rule in (MASK_RULE - 1, None):
+        assert _reusable(config, {**earlier, "mask_rule": rule}) == [{"experiment": "sasrec", "seed": 0}]
     # IDs of another DST version (or of a result that does not say): the HMAT run is run again
     for versions in ({**CACHE_VERSIONS, "dst": CACHE_VERSIONS["dst"] - 1}, None):
         other = {**earlier, "cache_versions": versions} if versions else dict(earlier, cache_versions={})

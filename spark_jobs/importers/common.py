@@ -484,20 +484,26 @@ def unfinished_import(lake: Lake, dataset: str, logical_date: dt.date, tables: S
     the log (the quarantine's oldest commit there is newer than the table's)."""
     wanted = (IMPORT_JOB, dataset, logical_date.isoformat())
 
-    def imports(table: str) -> Iterator[tuple[str | None, dt.datetime]]:
-        for commit in itertools.chain.from_iterable(history_pages(lambda n: lake.history(table, n))):
+    def commits(table: str) -> Iterator[dict[str, Any]]:
+        return itertools.chain.from_iterable(history_pages(lambda n: lake.history(table, n)))
+
+    def newest_import(table: str) -> tuple[str | None, dt.datetime | None]:
+        for commit in commits(table):
             m = commit["metadata"]
             if (m.get("job"), m.get("dataset"), m.get("logical_date")) == wanted:
-                yield m.get("import_id"), commit["timestamp"]
+                return m.get("import_id"), commit["timestamp"]
+        return None, None
 
-    for table in tables:
-        run, written = next(imports(table), (None, None))
-        if run is None or written is None:
-            continue
-        if any(finished == run for finished, _ in imports(BRONZE_QUARANTINE.name)):
-            continue
-        logged = lake.history(BRONZE_QUARANTINE.name)
-        if not logged or logged[-1]["timestamp"] <= written:
+    newest = {table: newest_import(table) for table in tables}
+    pending = {run for run, written in newest.values() if run is not None and written is not None}
+    oldest = None  # the quarantine's oldest commit in the log, once the search has read it all
+    for commit in commits(BRONZE_QUARANTINE.name) if pending else ():  # one search for every run
+        pending.discard(commit["metadata"].get("import_id"))
+        if not pending:
+            break
+        oldest = commit["timestamp"]
+    for table, (run, written) in newest.items():
+        if run in pending and written is not None and (oldest is None or oldest <= written):
             return (
                 f"{table} of {dataset!r} at {logical_date} was written by import {run}, which never wrote "
                 f"{BRONZE_QUARANTINE.name} (its last commit): it stopped before it finished"

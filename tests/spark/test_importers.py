@@ -1107,6 +1107,63 @@ def test_silver_refuses_a_date_whose_import_stopped_before_it_finished(spark, la
     assert promote_to_silver(lake, "crash", DAY).imported("silver.interactions") == 1
 
 
+class _Log:
+    """The commit logs :func:`unfinished_import` reads (``Lake.history``'s shape, newest first),
+    written by hand: a log whose old commits have left it cannot be made on a fresh table."""
+
+    def __init__(self, logs: dict[str, list[tuple[str | None, int]]]) -> None:
+        at = dt.datetime(2024, 1, 2, tzinfo=dt.UTC)
+        self.logs = {
+            table: [
+                {
+                    "version": version,
+                    "timestamp": at + dt.timedelta(seconds=second),
+                    "metadata": self.record(run),
+                }
+                for version, (run, second) in reversed(list(enumerate(sorted(commits, key=lambda c: c[1]))))
+            ]
+            for table, commits in logs.items()
+        }
+        self.reads: list[str] = []
+
+    @staticmethod
+    def record(run: str | None) -> dict[str, str]:
+        return {} if run is None else {"job": "import", "dataset": "ds", "logical_date": DAY.isoformat(),
+                                       "import_id": run}  # fmt: skip
+
+    def history(self, table: str, limit: int | None = None) -> list[dict]:
+        self.reads.append(table)
+        return self.logs.get(table, [])[:limit]
+
+
+def test_an_import_is_unfinished_when_its_run_never_wrote_the_quarantine_still_in_the_log():
+    """Each table's newest import of the date must have written ``bronze.quarantine``, its last
+    commit; one search of the quarantine's log answers for every table (and none when every run
+    is found on its first page). A run older than the quarantine's oldest commit still in the log
+    cannot be checked: it passes."""
+    from spark_jobs.importers.common import unfinished_import
+
+    tables = ["bronze.interactions", "bronze.items"]
+    finished = _Log({"bronze.interactions": [("a", 1), ("b", 5)], "bronze.items": [("b", 6)],
+                     "bronze.quarantine": [("a", 2), ("b", 7)] + [(None, 10 + k) for k in range(5)]})  # fmt: skip
+    assert unfinished_import(finished, "ds", DAY, tables) is None
+    assert finished.reads.count("bronze.quarantine") == 1
+    stopped = _Log({"bronze.interactions": [("a", 1), ("b", 5)], "bronze.items": [("a", 2)],
+                    "bronze.quarantine": [("a", 3)]})  # fmt: skip
+    why = unfinished_import(stopped, "ds", DAY, tables)
+    assert why is not None and why.startswith(
+        "bronze.interactions of 'ds' at 2024-01-01 was written by import b"
+    )
+    assert stopped.reads.count("bronze.quarantine") == 1  # read whole once: b is not in it
+    assert unfinished_import(_Log({"bronze.items": [("c", 4)]}), "ds", DAY, tables).startswith("bronze.items")
+    aged = _Log(
+        {"bronze.interactions": [("b", 5)], "bronze.quarantine": [(None, 6)]}
+    )  # b's commit left the log
+    assert unfinished_import(aged, "ds", DAY, tables) is None
+    other_date = _Log({"bronze.interactions": [(None, 5)], "bronze.quarantine": []})
+    assert unfinished_import(other_date, "ds", DAY, tables) is None and other_date.reads == tables
+
+
 def test_silver_rerun_retracts_what_the_corrected_date_no_longer_contains(spark, lake):
     day2 = dt.date(2024, 1, 2)
 

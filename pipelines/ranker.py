@@ -312,7 +312,7 @@ def _logged_config_changes(ctx: StepContext, run: Run, step: str, config: Ranker
 
     from hisam_core.config import differences
     from hisam_core.ranker.train import RankerConfig
-    from pipelines.tracking import CONFIG_DIR, MAX_PARAM_LENGTH, flatten_config
+    from pipelines.tracking import CONFIG_DIR, config_params
 
     path = f"{CONFIG_DIR}/{step}.yaml"
     if path in {a.path for a in ctx.mlflow.list_artifacts(run.info.run_id, CONFIG_DIR)}:
@@ -325,7 +325,7 @@ def _logged_config_changes(ctx: StepContext, run: Run, step: str, config: Ranker
             except ValueError:  # written by code whose settings this one no longer reads
                 changed = {path}
     elif logged := run.data.params:
-        today = {k: v for k, v in flatten_config(config).items() if len(v) <= MAX_PARAM_LENGTH}
+        today = config_params(config)
         changed = {k for k in today.keys() | logged.keys() if today.get(k) != logged.get(k)}
     else:
         changed = set()

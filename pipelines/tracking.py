@@ -391,16 +391,20 @@ def flatten_config(config: Config | Mapping[str, Any], prefix: str = "") -> dict
     return flat
 
 
+def config_params(config: Config, prefix: str = "") -> dict[str, str]:
+    """The MLflow params :func:`log_config` logs for ``config``: its flattened settings, less the
+    values longer than MLflow's limit (those are only in the YAML)."""
+    return {k: v for k, v in flatten_config(config, prefix).items() if len(v) <= MAX_PARAM_LENGTH}
+
+
 def log_config(config: Config, name: str = "config", prefix: str = "", run_id: str | None = None) -> str:
     """Log ``config`` as flattened params (``prefix`` + dotted path; values longer than MLflow's
     limit are left to the YAML) and as ``config/<name>.yaml``; returns the artifact path."""
     run = _run_id(run_id)
-    params = {}
+    params = config_params(config, prefix)
     for key, value in flatten_config(config, prefix).items():
-        if len(value) > MAX_PARAM_LENGTH:
+        if key not in params:
             log.warning("param %r is %d characters, only in the YAML artifact", key, len(value))
-            continue
-        params[key] = value
     mlflow.log_params(params, run_id=run)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{_check_name(name)}.yaml"

@@ -8,7 +8,8 @@ target check, then the hand-written ``quality_findings.md`` if one sits beside t
 the (experiment, seed) jobs in N processes of ``threads`` torch threads each (``--threads``, else the
 YAML's ``threads``, else ``hisam --threads`` / ``HISAM_TORCH_THREADS``); ``--reuse`` keeps the runs of an
 earlier ``quality.json`` of the same data, budget and features whose experiments are defined the
-same way and whose semantic IDs the same tokenizer code trained (``cache_versions``), and runs the rest;
+same way, whose semantic IDs the same tokenizer code trained (``cache_versions``) and whose HMATs
+learned this code's rule for items of one instant (``mask_rule``), and runs the rest;
 ``--mlflow`` logs one MLflow run per (experiment, seed) to the experiment ``hisam-evaluation`` plus a
 summary run with the report and the plot as artifacts. ``benchmarks/quality.py`` is the same command
 with the repository's result paths.
@@ -151,7 +152,8 @@ def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str,
 def _reusable_points(
     config: EvaluationConfig, reuse: dict[str, Any]
 ) -> dict[tuple[str, int], dict[str, Any]]:
-    """Sweep points of ``reuse`` that ``config``'s sweep also has, unless its experiment was redefined."""
+    """Sweep points of ``reuse`` that ``config``'s sweep also has, unless its experiment was redefined,
+    retokenized (:func:`_stale_trainers`) or trained under another mask rule (:func:`_stale_rule`)."""
     if config.scaling is None:
         return {}
     name = config.scaling.experiment

@@ -9,8 +9,10 @@ hence ``<R(i,j) q, R(i',j') k>`` depends on ``(i - i', j - j')`` only (Eq. 18).
 
 HMAT's ``i`` is the index of the first item of an item's instant (its own index unless the user
 logged several items in one second): items of one instant, which do not see each other, share
-one coordinate, so their order (arbitrary) does not reach the model, and each sits right after the
-history it sees, as a served candidate does.
+one coordinate, so under H-RoPE their order (arbitrary) reaches no SFT score or served score, and
+each sits right after the history it sees, as a served candidate does. (The 1D-RoPE and absolute
+ablations read the flat position, which counts the hidden items; PT predicts the next instant's
+first token from whichever item of the instant comes last.)
 
 Ablations (Table 4): ``rope1d`` rotates all pairs by the flat stream position ``p`` (base 10000);
 ``absolute`` adds a learned embedding of ``p`` to the input instead of rotating.
@@ -65,22 +67,25 @@ class HierarchicalRotaryEmbedding(nn.Module):
         self.inv_freq = frequencies.to(self.inv_freq.device)
         return self
 
-    def angles(
-        self, item_index: torch.Tensor, intra_index: torch.Tensor, position: torch.Tensor
-    ) -> torch.Tensor:
+    def angles(self, inter: torch.Tensor, intra_index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Rotation angle of every pair, ``[..., head_dim / 2]``: ``i * f`` on the inter band and
-        ``j * f`` on the intra band (H-RoPE), or ``p * f`` on all pairs (1D-RoPE)."""
+        ``j * f`` on the intra band (H-RoPE; ``inter`` is ``i``, HMAT's instant), or ``p * f`` on all
+        pairs (1D-RoPE)."""
         if self.mode == "rope1d":
             return position.unsqueeze(-1).float() * self.inv_freq
-        inter = item_index.unsqueeze(-1).float() * self.inv_freq[: self.num_inter]
-        intra = intra_index.unsqueeze(-1).float() * self.inv_freq[self.num_inter :]
-        return torch.cat([inter, intra], dim=-1)
+        return torch.cat(
+            [
+                inter.unsqueeze(-1).float() * self.inv_freq[: self.num_inter],
+                intra_index.unsqueeze(-1).float() * self.inv_freq[self.num_inter :],
+            ],
+            dim=-1,
+        )
 
     def forward(
-        self, item_index: torch.Tensor, intra_index: torch.Tensor, position: torch.Tensor
+        self, inter: torch.Tensor, intra_index: torch.Tensor, position: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``[B, 1, L, head_dim / 2]``, ready to broadcast over heads."""
-        theta = self.angles(item_index, intra_index, position).unsqueeze(1)
+        theta = self.angles(inter, intra_index, position).unsqueeze(1)
         return theta.cos(), theta.sin()
 
 

@@ -10,8 +10,13 @@ token gets a coordinate ``(i, j)``:
   *effective* history position), its semantic tokens ``j = 0 .. n-1``, the Anchor ``j = n`` and
   the Action ``j = n + 1``.
 
-Each token also carries its flat position ``p`` (index in the stream; used for causality, 1D-RoPE
-and absolute positions) and a :class:`TokenType`.
+``i`` (``item_index``) names an item's segment for the mask. Each token also carries its
+``instant``, the ``i`` of the first kept item of its instant (the items a user logged in one
+second): the mask hides the other items of an instant, and H-RoPE's inter-item band rotates by it
+(:mod:`~hisam_core.ranker.hrope`), so items of one instant share a coordinate. Without timestamps
+each item is its own instant (``instant == i``). Each token also has its flat position ``p``
+(index in the stream; used for causality, 1D-RoPE and absolute positions) and a
+:class:`TokenType`.
 
 Vocabulary layout (ids, in order): ``PAD = 0``, ``ANCHOR = 1``, one id per action type (config
 order), the profile buckets (field by field, ``num_buckets`` ids each), then the semantic tokens
@@ -290,7 +295,7 @@ class TokenSequence:
 
     user_id: int
     tokens: np.ndarray  # token ids
-    item_index: np.ndarray  # i: 0 for the profile, k for the k-th kept item
+    item_index: np.ndarray  # i: 0 for the profile, k for the k-th kept item (its segment)
     intra_index: np.ndarray  # j: position inside the segment
     position: np.ndarray  # p: flat index in the stream
     token_type: np.ndarray  # TokenType
@@ -356,7 +361,7 @@ class SequenceBuilder:
         target: bool = True,
         instant: int | None = None,
     ) -> dict[str, np.ndarray]:
-        """Tokens of one item at coordinate ``i = item_index`` starting at flat position ``start``:
+        """Tokens of one item of segment ``i = item_index`` starting at flat position ``start``:
         ``n`` semantic tokens and the Anchor, then the Action unless ``action`` is None (a candidate).
         ``instant``: the index of the first item of its instant (default: its own)."""
         n = self.config.num_positions

@@ -260,8 +260,8 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "de
 
 def mask_rule_conflict(state: dict[str, Any]) -> list[str]:
     """``["mask_rule"]`` when a training state records another :data:`MASK_RULE` than this code's
-    (resuming would train the rest of the run under another visibility), else empty; a state from
-    before rules were recorded is not judged."""
+    (resuming would train the rest of the run under another visibility or geometry), else empty; a
+    state from before rules were recorded is not judged."""
     rule = state.get("mask_rule")
     return ["mask_rule"] if rule is not None and rule != MASK_RULE else []
 

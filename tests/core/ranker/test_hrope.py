@@ -125,8 +125,9 @@ def test_the_model_rotates_by_the_coordinates_of_its_encoding(
     seq_config, history, make_model, encoding, fraction, reads
 ):
     """HMAT hands the batch's coordinates to the rotary embedding: H-RoPE's inter band reads i (the
-    item's instant, not its own index), its intra band j, 1D-RoPE p. Moving the last item away from the rest along one coordinate, under the
-    same mask, changes the outputs exactly when the encoding reads that coordinate."""
+    item's instant, not its own index), its intra band j, 1D-RoPE p. Moving the last item away from
+    the rest along one coordinate, under the same mask, changes the outputs exactly when the encoding
+    reads that coordinate."""
     model = make_model(position_encoding=encoding, inter_fraction=fraction)
     batch = SequenceBuilder(seq_config).batch([history])
     mask = model.mask(batch, "memory_anchor")

@@ -170,7 +170,7 @@ def test_the_flex_block_tables_list_exactly_the_blocks_the_mask_needs(seq_config
     mask = block_mask(layout, types, torch.device("cpu"))
     padded = layout.pad_to(mask.shape[-1])
     size, blocks = FLEX_BLOCK_SIZE, mask.shape[-1] // FLEX_BLOCK_SIZE
-    assert blocks == 3 and mask.BLOCK_SIZE == (size, size)  # the blocks the stream is padded to
+    assert blocks == 3 and (size, size) == mask.BLOCK_SIZE  # the blocks the stream is padded to
     dense = dense_mask(padded, padded, types)[:, 0].view(len(users), blocks, size, blocks, size)
     needed, whole = dense.any(dim=(2, 4)), dense.all(dim=(2, 4))
 

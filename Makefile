@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-demo: $(STAMP) ## run the main job on the embedded default (local Spark, Delta, MLflow, SQLite)
+demo: $(STAMP) ## run the main job: the four DAGs in-process on local Spark, Delta, MLflow, SQLite
 	$(BIN)/hisam demo
 
 test: $(STAMP) ## lint, then run the whole test suite

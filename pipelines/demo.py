@@ -120,10 +120,8 @@ def run_demo(config: Path | None = None, dataset: str = "auto", bundle: Path | N
     from pipelines.registry import check_dataset
 
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-    try:  # before any DAG runs: a home holding another dataset's models is refused
-        check_dataset(client, pipeline.models.names, pipeline.dataset)
-    except ValueError as err:
-        raise DemoFailed(str(err)) from None
+    # before any DAG runs: a home holding another dataset's models is refused (a config error, exit 2)
+    check_dataset(client, pipeline.models.names, pipeline.dataset)
     config_file = settings.home / "demo_pipeline.yaml"
     pipeline.to_yaml(config_file)
     os.environ["HISAM_PIPELINE_CONFIG"] = str(config_file)  # what every task loads

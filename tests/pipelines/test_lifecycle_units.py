@@ -594,6 +594,7 @@ def test_a_demo_of_another_dataset_in_the_same_home_is_refused_before_any_dag(tm
     from mlflow import MlflowClient
 
     import pipelines.demo as demo
+    from pipelines.cli import main as cli
     from pipelines.settings import Settings
 
     monkeypatch.setattr(demo, "_lifecycle", lambda: pytest.fail("no DAG may run"))
@@ -607,9 +608,10 @@ def test_a_demo_of_another_dataset_in_the_same_home_is_refused_before_any_dag(tm
     client.create_model_version("hisam-tokenizer", str(tmp_path / "artifacts"), tags=run_key)
     (tmp_path / "demo_pipeline.yaml").write_text("dataset: movielens-100k\n")
     with pytest.raises(
-        demo.DemoFailed, match=r"'hisam-tokenizer' holds dataset 'movielens-100k'.*another HISAM_HOME"
+        ValueError, match=r"'hisam-tokenizer' holds dataset 'movielens-100k'.*another HISAM_HOME"
     ):
         demo.run_demo(dataset="synthetic")
+    assert cli(["demo", "--dataset", "synthetic"]) == 2  # a config error, not a failed DAG (exit 1)
     assert (tmp_path / "demo_pipeline.yaml").read_text() == "dataset: movielens-100k\n"
     demo_config = tmp_path / "demo_pipeline.yaml"  # and `hisam recommend` without it says to pass it
     with pytest.raises(ValueError, match=rf"holds dataset 'movielens-100k'.*pass --config {demo_config}"):

@@ -213,10 +213,10 @@ class UserHistory:
     instants: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        items = np.asarray(self.items, dtype=np.int64)
+        items = integral(self.items, f"user {self.user_id}: history semantic codes")
         if items.ndim == 1 and items.size == 0:
             items = items.reshape(0, 0)
-        actions = np.asarray(self.actions, dtype=np.int64).reshape(-1)
+        actions = integral(self.actions, f"user {self.user_id}: history actions").reshape(-1)
         if items.ndim != 2 or items.shape[0] != actions.shape[0]:
             raise ValueError(
                 f"user {self.user_id}: items must be [N, positions] with N={actions.shape[0]} actions, "

@@ -34,7 +34,7 @@ import torch
 from hisam_core.ranker.attention import KVPair, TokenLayout, dense_mask
 from hisam_core.ranker.model import HMAT
 from hisam_core.ranker.objectives import positive_probability
-from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenBatch, UserHistory
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenBatch, UserHistory, integral
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def rank_reference(
     device = next(model.parameters()).device
     memory_types = model.memory_types(model.config.attention_mask)
     scores = []
-    for codes in np.asarray(candidates, dtype=np.int64):
+    for codes in integral(candidates, "candidates: semantic codes"):
         batch = builder.collate([builder.build(history, candidate=codes)]).to(device)
         layout = TokenLayout.of(batch)
         hidden = model(batch, dense_mask(layout, layout, memory_types)).hidden

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
@@ -333,8 +334,14 @@ def test_codes_are_integers_and_the_sequence_config_is_the_models(
     torch.testing.assert_close(
         ranker.rank(history, candidates.astype(float)), ranker.rank(history, candidates)
     )
-    with pytest.raises(ValueError, match=r"candidates: semantic codes must be integers, got \[\d+\.5"):
-        ranker.rank(history, candidates + 0.5)
+    for score in (ranker.rank, partial(rank_reference, model, seq_config)):
+        with pytest.raises(ValueError, match=r"candidates: semantic codes must be integers, got \[\d+\.5"):
+            score(history, candidates + 0.5)
+    for name, what in (("items", "semantic codes"), ("actions", "actions")):  # a history's, before any cast
+        with pytest.raises(ValueError, match=rf"user {history.user_id}: history {what} must be integers"):
+            replace(history, **{name: getattr(history, name) + 0.5})
+    whole = replace(history, items=history.items.astype(float), actions=history.actions.astype(float))
+    torch.testing.assert_close(ranker.rank(whole, candidates), ranker.rank(history, candidates))
     cache = ranker.encode(history)
     row, flat = ranker.append(cache, candidates[:1], 1), ranker.append(cache, candidates[0], 1)
     torch.testing.assert_close(ranker.rank(row, candidates), ranker.rank(flat, candidates))

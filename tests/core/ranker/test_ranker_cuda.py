@@ -125,17 +125,21 @@ def test_one_pass_ranking_and_anchor_cache_on_cuda_equal_their_references(backen
     torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(scores.cpu(), cpu_ranker.rank(history, candidates), atol=1e-5, rtol=0)
     assert reference.std() > 1e-4, "a constant score would make these checks vacuous"
-    # appending to the anchor cache on the GPU (past the budget: the cache is rebuilt) equals
-    # re-encoding the longer history, for an item of the last instant and for a later one
-    for new_item, action, instant in ((ITEMS.codes[7], 1, 19), (ITEMS.codes[8], 0, None)):
-        grown = cuda_ranker.append(cuda_ranker.encode(history), new_item, action, instant)
-        longer = history.append(new_item, action, instant)
-        torch.testing.assert_close(
-            cuda_ranker.rank(grown, candidates),
-            rank_reference(cuda_ranker.model, SEQUENCE, longer, candidates),
-            atol=1e-5,
-            rtol=0,
-        )
+    # appending to the anchor cache on the GPU equals re-encoding the longer history, for an item of
+    # the last instant and for a later one: attending to the cache (30 items: room for one more) and
+    # past the budget (40: the cache is rebuilt)
+    room = cuda_ranker.builder.max_items(with_candidate=True)
+    for past in (history.tail(30), history):
+        for new_item, action, instant in ((ITEMS.codes[7], 1, 19), (ITEMS.codes[8], 0, None)):
+            assert (len(past) < room) == (len(past) == 30)  # which path append takes
+            grown = cuda_ranker.append(cuda_ranker.encode(past), new_item, action, instant)
+            longer = past.append(new_item, action, instant)
+            torch.testing.assert_close(
+                cuda_ranker.rank(grown, candidates),
+                rank_reference(cuda_ranker.model, SEQUENCE, longer, candidates),
+                atol=1e-5,
+                rtol=0,
+            )
 
 
 @pytest.mark.parametrize("backend", ["auto", "flex"])

@@ -161,10 +161,15 @@ def test_the_flex_block_tables_list_exactly_the_blocks_the_mask_needs(seq_config
     """On the CPU FlexAttention runs eagerly from ``mask_mod`` alone, so the test above cannot see
     the ``BlockMask``'s tables; the compiled CUDA kernel skips every block they do not list and
     applies no mask inside a "full" one. So the tables are held to the dense mask: on a ragged batch
-    of three 128-token blocks, a block is listed iff one of its pairs is visible, as full iff all are."""
+    of three 128-token blocks, a block is listed iff one of its pairs is visible, as full iff all are.
+    Two users log several items in one second: the long one three in its first block, the next one
+    every three, one such instant straddling the boundary of its blocks (pairs hidden across it)."""
     seq_config = seq_config.model_copy(update={"max_tokens": 300})
     users = synthetic_histories(semantic_ids, seq_config, 3, min_items=36, max_items=36, seed=2)
-    batch = SequenceBuilder(seq_config).batch([h.tail(n) for h, n in zip(users, (36, 17, 3), strict=True)])
+    tails = [h.tail(n) for h, n in zip(users, (36, 17, 3), strict=True)]
+    tails[0] = replace(tails[0], instants=np.r_[0, 1, 2, 2, 2, np.arange(5, 36)])
+    tails[1] = replace(tails[1], instants=np.arange(17) // 3)
+    batch = SequenceBuilder(seq_config).batch(tails)
     types = memory_token_types(mode)
     layout = TokenLayout.of(batch)
     mask = block_mask(layout, types, torch.device("cpu"))

@@ -51,7 +51,9 @@ line by line for others, e.g. pandas' index column).
 An input column named like one the import adds (:data:`READ_COLUMNS`: ``source_file``, ``_raw``...)
 is refused by name; ``rename`` it. A CSV's quoted fields may hold line breaks (``csv_multiline``);
 read line by line (the default), an input with a line that ends inside a quoted field is refused: it
-would become two records, the first cut short and imported as if whole.
+would become two records, the first cut short and imported as if whole. An input with no record (an
+empty file) imports none; one that names no column (no JSON object, no CSV header) reads its required
+columns as nulls, so each of its lines is quarantined as malformed.
 
 Records that cannot be used (malformed line or JSON, a missing id or one that is a null marker such as
 ``\\N`` or ``NULL`` (:data:`NULL_MARKERS`) or a JSON object, array or boolean, an unreadable timestamp,
@@ -261,6 +263,12 @@ def _check_names(path: str, names: list[str], rename: dict[str, str]) -> list[st
     return renamed
 
 
+def _source(names: tuple[str, ...], rename: dict[str, str]) -> list[str]:
+    """The input's names of columns ``names`` (after ``rename``)."""
+    written = {new: old for old, new in rename.items()}
+    return [written.get(n, n) for n in names]
+
+
 def refuse_differing_headers(spark: SparkSession, path: str, encoding: str) -> None:
     """Raise ValueError when the CSV files of ``path`` do not all start with the same line. Used for
     a header Spark cannot check per file (an empty or repeated name): Spark would then drop every
@@ -289,14 +297,12 @@ def refuse_split_records(spark: SparkSession, path: str, sep: str, encoding: str
     field's line break splits its record in two: the first part, cut short, parses as a whole record
     and the rest as a malformed one, so the counts reconcile and the loss goes unseen. The pattern
     walks the line field by field with possessive quantifiers (no backtracking, no recursion per
-    character: a 100,000-character field is one step). A separator of several characters is not
-    checked."""
+    character: a 100,000-character field is one step). The separator may have several characters."""
     sep = {"\\t": "\t"}.get(sep, sep)  # Spark reads a written-out \t as a tab
-    if len(sep) != 1:
-        return
     s = re.escape(sep)
     quoted = r'"[^"]*+(?:""[^"]*+)*+'  # an opening quote and what follows, up to a lone quote
-    open_field = rf'^(?:(?:{quoted}"|(?:[^"{s}][^{s}]*+)?){s})*+{quoted}$'
+    plain = rf'(?:(?!{s})[^"](?:(?!{s})[\s\S])*+)?'  # an unquoted field: up to the next separator
+    open_field = rf'^(?:(?:{quoted}"|{plain}){s})*+{quoted}$'
     split = read_lines(spark, path, encoding=encoding).filter(F.col("value").rlike(open_field))
     found = split.select("value", "source_file").limit(1).collect()
     if found:
@@ -319,6 +325,7 @@ def read_as_strings(
     encoding: str = "UTF-8",
     multiline: bool = True,
     ids: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
 ) -> tuple[DataFrame, list[str]]:
     """Records of ``path`` with every column as a string, plus ``_corrupt_record``,
     ``_record_problem``, ``_raw`` (the record as written), ``source_file`` and ``_line``. Returns the
@@ -329,6 +336,9 @@ def read_as_strings(
     (RFC 4180); False reads line by line, which Spark can split within one large file. Lines that are
     empty or only whitespace are no records. ``ids``: the id columns (names after ``rename``); a JSON
     object, array or boolean there is a record problem, and a Parquet column of such a type refused.
+    ``required``: the columns (after ``rename``) of an input that names none (a JSON-lines input
+    without one object, an empty CSV file), read as nulls: such an input's records are malformed
+    ones, quarantined with their reason, and an empty input holds no record (as a CSV header does).
     """
     fmt = detect_format(path) if fmt == "auto" else fmt
     rename = rename or {}
@@ -342,9 +352,11 @@ def read_as_strings(
 
         if not multiline:
             refuse_split_records(spark, path, sep, encoding)
-        written_names = reader().option("header", True).csv(path).columns
         first = reader().csv(path).first()  # the header as written
         written = [] if first is None else list(first)
+        written_names = (
+            reader().option("header", True).csv(path).columns if written else _source(required, rename)
+        )
         # Spark names an empty column _c<i> and a repeated one <name><i>: such headers cannot be
         # checked against these names, so only a clean header has every file's header checked
         checkable = len(set(written)) == len(written) and all(written)
@@ -379,7 +391,9 @@ def read_as_strings(
         )
         if not columns:  # every top-level key of the data (Spark's inference fails on a repeated one)
             keys = lines.select(F.explode(F.json_object_keys(RAW)).alias("k")).distinct()
-            columns = tuple(sorted(r.k for r in keys.collect() if r.k != CORRUPT))
+            columns = tuple(sorted(r.k for r in keys.collect() if r.k != CORRUPT)) or _source(
+                required, rename
+            )
         written_names = list(columns)
         names = _check_names(path, written_names, rename)
         schema = T.StructType([T.StructField(c, T.StringType()) for c in [*written_names, CORRUPT]])
@@ -746,7 +760,12 @@ def import_generic(
         "multiline": config.csv_multiline,
     }
     rows, names = read_as_strings(
-        spark, config.interactions, config.format, ids=("user_id", "item_id"), **options
+        spark,
+        config.interactions,
+        config.format,
+        ids=("user_id", "item_id"),
+        required=("user_id", "item_id", "timestamp", "rating"),
+        **options,
     )
     for required in ("user_id", "item_id", "timestamp"):
         if required not in names:
@@ -764,13 +783,17 @@ def import_generic(
         )
     ]
     if config.items:
-        rows, names = read_as_strings(spark, config.items, config.format, ids=("item_id",), **options)
+        rows, names = read_as_strings(
+            spark, config.items, config.format, ids=("item_id",), required=("item_id",), **options
+        )
         if "item_id" not in names:
             raise ValueError(f"items input {config.items}: no 'item_id' column (has {names})")
         items = flag_duplicates(parse_items(rows, names, config, logical_date), ["item_id"], "item_id")
         parsed.append(Parsed(config.items, BRONZE_ITEMS.name, items, rows))
     if config.users:
-        rows, names = read_as_strings(spark, config.users, config.format, ids=("user_id",), **options)
+        rows, names = read_as_strings(
+            spark, config.users, config.format, ids=("user_id",), required=("user_id",), **options
+        )
         if "user_id" not in names:
             raise ValueError(f"users input {config.users}: no 'user_id' column (has {names})")
         users = flag_duplicates(parse_users(rows, names, config, logical_date), ["user_id"], "user_id")

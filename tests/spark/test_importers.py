@@ -651,6 +651,17 @@ def test_generic_columns_may_take_any_name_and_csv_fields_line_breaks(spark, lak
     items.write_text(f'item_id,title,plot\ni1,Heat,"{long}\nMann"\n')  # a long field, cut
     with pytest.raises(ValueError, match=r"items.csv: 1 line\(s\) end inside a quoted field"):
         import_generic(spark, lake, line_by_line, DAY)
+    # a separator of two characters: one of them alone, or both inside quotes, separate nothing
+    two = line_by_line.model_copy(update={"csv_sep": "::"})
+    items.write_text('item_id::title::plot\ni1::"Heat:: the film"::12: "pizza"\ni2::Up::"Mann, ""1995"""\n')
+    assert counts(import_generic(spark, lake, two, DAY))["items.csv"] == (2, 2, 0)
+    titles = {
+        r.item_id: r.title for r in lake.read("bronze.items", partitions={"dataset": "names"}).collect()
+    }
+    assert titles == {"i1": "Heat:: the film", "i2": "Up"}
+    items.write_text('item_id::title::plot\ni1::Heat::"A heist.\nMann"\n')
+    with pytest.raises(ValueError, match=r"items.csv: 1 line\(s\) end inside a quoted field, e.g. 'i1::Heat"):
+        import_generic(spark, lake, two, DAY)
 
 
 def test_generic_csv_bytes_that_are_not_its_encoding_are_quarantined(spark, lake, tmp_path):
@@ -995,6 +1006,31 @@ def test_generic_rejects_inputs_without_required_columns(spark, lake, tmp_path):
         ValueError, match=r"no 'user_id' column \(has \['user', 'item_id', 'timestamp', 'rating'\]\)"
     ):
         import_generic(spark, lake, GenericImportConfig(dataset="x", interactions=str(path)), DAY)
+
+
+def test_an_input_that_names_no_column_is_empty_or_its_lines_are_quarantined(spark, lake, tmp_path):
+    """A day's drop with no records (an empty JSON-lines or CSV file) imports none, as a CSV with only
+    its header does; one whose every line is unreadable has no column names to read either, and its
+    lines are quarantined as malformed (not refused for a missing ``user_id`` column)."""
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "items.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text('["u1", "i1", 1, 1]\nnot json\n{"user_id": "u2", "item_id"\n')
+    for name, rows in (("empty.jsonl", 0), ("empty.csv", 0), ("broken.jsonl", 3)):
+        config = GenericImportConfig(
+            dataset="none",
+            interactions=str(tmp_path / name),
+            items=str(tmp_path / "items.jsonl") if name == "empty.jsonl" else None,
+        )
+        report = import_generic(spark, lake, config, DAY)
+        expected = {name: (rows, 0, rows)} | ({"items.jsonl": (0, 0, 0)} if name == "empty.jsonl" else {})
+        assert counts(report) == expected
+        assert lake.read("bronze.interactions", partitions={"dataset": "none"}).count() == 0
+        quarantined = lake.read("bronze.quarantine", partitions={"dataset": "none"}).collect()
+        assert sorted(r.raw for r in quarantined) == (
+            sorted(["not json", '["u1", "i1", 1, 1]', '{"user_id": "u2", "item_id"']) if rows else []
+        )
+        assert {r.reason for r in quarantined} <= {"malformed record (field count, quoting or JSON)"}
 
 
 def test_records_of_one_event_conflict_only_in_their_feedback(spark, lake, tmp_path):

@@ -873,14 +873,22 @@ class _SparkDelta(_Backend):
         rows = (
             (table.history(limit) if limit else table.history())
             .select(
-                "version", "timestamp", "operation", "operationParameters", "operationMetrics", "userMetadata"
+                "version",
+                # as epoch microseconds: PySpark gives a timestamp as a naive datetime in the driver's
+                # local time zone, where delta-rs's (and the contract's) is UTC
+                F.unix_micros("timestamp").alias("timestamp"),
+                "operation",
+                "operationParameters",
+                "operationMetrics",
+                "userMetadata",
             )
             .collect()  # the commit log, not table data
         )
         return [
             {
                 "version": int(r["version"]),
-                "timestamp": r["timestamp"],
+                "timestamp": dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+                + dt.timedelta(microseconds=r["timestamp"]),
                 "operation": r["operation"],
                 "parameters": dict(r["operationParameters"] or {}),
                 "metrics": dict(r["operationMetrics"] or {}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -245,6 +246,45 @@ def test_commit_metadata_reads_back_from_either_engines_field(tmp_path):
         path, table, mode="append", commit_properties=CommitProperties(custom_metadata=spark_style)
     )
     assert [h["metadata"] for h in delta_history(path)] == [{"step": "y", "write_id": "w"}, {"step": "x"}]
+
+
+def test_both_backends_give_a_commits_time_in_utc_whatever_the_drivers_time_zone(spark, lake, monkeypatch):
+    """The native backend reads Delta's history as Spark rows, whose timestamps PySpark gives as naive
+    datetimes in the driver's local zone; delta-rs's are UTC. Its table (which needs the delta-spark
+    jars) is stood in for by the same log as a Spark frame of Delta's history columns."""
+    import time
+
+    from spark_jobs.lake import _SparkDelta
+
+    for day in (D1, D2):
+        lake.write(users(spark, "ds", day, ["1"]), "bronze.users", mode="replace_partition",
+                   partition_values={"dataset": "ds", "logical_date": day})  # fmt: skip
+    expected = lake.history("bronze.users")
+    log = spark.createDataFrame(
+        [
+            (e["version"], e["timestamp"], e["operation"], {}, {}, json.dumps({"hisam.step": "x"}))
+            for e in expected
+        ],
+        "version long, timestamp timestamp, operation string, operationParameters map<string,string>, "
+        "operationMetrics map<string,string>, userMetadata string",
+    )
+
+    class Table:
+        def history(self, limit=None):
+            return log.limit(limit) if limit else log
+
+    native = _SparkDelta(spark)
+    monkeypatch.setattr(native, "_table", lambda path: Table())
+    monkeypatch.setenv("TZ", "America/Los_Angeles")  # the driver's zone, not the session's (UTC)
+    time.tzset()
+    try:
+        got = native.history(lake.path("bronze.users"), None)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert [e["timestamp"] for e in got] == [e["timestamp"] for e in expected]
+    assert all(e["timestamp"].tzinfo is not None for e in got) and len(got) == len(expected) == 3
+    assert [e["metadata"] for e in got] == [{"step": "x"}] * 3
 
 
 def test_history_pages_yield_every_commit_once_newest_first_while_others_commit():

@@ -252,7 +252,8 @@ READ_COLUMNS: tuple[str, ...] = ("source_file", CORRUPT, RECORD_PROBLEM, RAW, LI
 
 
 def _check_names(path: str, names: list[str], rename: dict[str, str]) -> list[str]:
-    """The input's column names after ``rename``; refuses one of :data:`READ_COLUMNS`."""
+    """The input's column names after ``rename``; refuses one of :data:`READ_COLUMNS`, and two that
+    are one name in any case (one renamed onto another, or JSON keys ``rating`` and ``Rating``)."""
     renamed = [rename.get(c, c) for c in names]
     taken = sorted({c for c in renamed if c.lower() in READ_COLUMNS})  # Spark resolves names in any case
     if taken:
@@ -260,6 +261,14 @@ def _check_names(path: str, names: list[str], rename: dict[str, str]) -> list[st
             f"{path}: column(s) {taken} have names the import gives its own columns; rename them "
             f"(rename: {{{taken[0]}: another_name}})"
         )
+    seen: dict[str, str] = {}
+    for written, name in zip(names, renamed, strict=True):
+        other = seen.setdefault(name.lower(), written)
+        if other != written:
+            raise ValueError(
+                f"{path}: columns {other!r} and {written!r} both become {name!r} (after rename, in any "
+                f"case, as Spark resolves names); rename one of them (rename: {{{written}: another_name}})"
+            )
     return renamed
 
 

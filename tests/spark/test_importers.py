@@ -598,7 +598,7 @@ def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:
 def test_generic_columns_may_take_any_name_and_csv_fields_line_breaks(spark, lake, tmp_path):
     """A JSON key named like the reader's working column (``value``) is an ordinary field; one named
     like a column the import adds (``source_file``, in any case) is refused by name until renamed (it
-    crashed, or was overwritten); with ``csv_multiline`` a CSV's quoted field may hold line breaks
+    crashed, or was overwritten), as are two that become one name; with ``csv_multiline`` a CSV's quoted field may hold line breaks
     (RFC 4180: one record, the whole text), and whitespace-only lines are no records."""
     import json
 
@@ -619,6 +619,10 @@ def test_generic_columns_may_take_any_name_and_csv_fields_line_breaks(spark, lak
         import_generic(spark, lake, config, DAY)
     with pytest.raises(ValueError, match=r"column\(s\) \['Source_File'\] have names the import"):
         import_generic(spark, lake, config.model_copy(update={"rename": {"source_file": "Source_File"}}), DAY)
+    # two columns that become one name (renamed onto another, or in another case) name both
+    onto = config.model_copy(update={"rename": {"source_file": "pos", "value": "Rating"}})
+    with pytest.raises(ValueError, match=r"events.jsonl: columns 'rating' and 'value' both become 'Rating'"):
+        import_generic(spark, lake, onto, DAY)
     renamed = config.model_copy(update={"rename": {"source_file": "pos"}})
     assert counts(import_generic(spark, lake, renamed, DAY)) == {
         "events.jsonl": (2, 2, 0),

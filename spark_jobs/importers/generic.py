@@ -22,7 +22,8 @@ column         required  meaning
 =============  ========  ===========================================================================
 
 **items** (optional): ``item_id`` (required); ``title``; ``categories`` or ``genres`` (a list in
-Parquet/JSONL, or ``|``-separated text); ``image_path`` (relative paths are resolved against
+Parquet/JSONL, or ``|``-separated text; an input with both gives one list, categories first);
+``image_path`` (relative paths are resolved against
 ``image_root``, default the items file's directory); ``image_url``; every other column is a text
 attribute of the item (``description``, ``plot``, ``director``...) unless ``text_columns`` lists them.
 
@@ -636,8 +637,8 @@ def parse_items(
     missing = [c for c in text_columns if c not in names]
     if missing:
         raise ValueError(f"items input {config.items}: text_columns {missing} are not columns (has {names})")
-    category_col = next((c for c in ("categories", "genres") if c in names), None)
-    categories = _categories(field(category_col)) if category_col else F.array().cast("array<string>")
+    lists = [_categories(field(c)) for c in ("categories", "genres") if c in names]  # both: one list
+    categories = F.array_distinct(F.concat(*lists)) if lists else F.array().cast("array<string>")
     root = config.image_root or _parent(config.items or "")
     title = _col(names, "title")
     return rows.select(

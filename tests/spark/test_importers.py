@@ -768,6 +768,26 @@ def test_generic_jsonl(spark, lake):
     assert items["i1"].attributes == {"plot": "A crew travels to a distant galaxy.", "year": "1999"}
 
 
+def test_generic_items_with_both_categories_and_genres_keep_both(spark, lake, tmp_path):
+    """Only the first of ``categories`` and ``genres`` was read: the other column's values were lost
+    without a word (both are reserved names, so neither became an attribute)."""
+    (tmp_path / "events.csv").write_text("user_id,item_id,timestamp,label\nu1,i1,1,1\n")
+    (tmp_path / "items.csv").write_text(
+        "item_id,title,categories,genres\ni1,Heat,Crime|Drama,Drama| Thriller\ni2,Up,,Animation\ni3,Ran,,\n"
+    )
+    config = GenericImportConfig(
+        dataset="both", interactions=str(tmp_path / "events.csv"), items=str(tmp_path / "items.csv")
+    )
+    assert counts(import_generic(spark, lake, config, DAY))["items.csv"] == (3, 3, 0)
+    items = {r.item_id: r for r in lake.read("bronze.items", partitions={"dataset": "both"}).collect()}
+    assert {i: r.categories for i, r in items.items()} == {
+        "i1": ["Crime", "Drama", "Thriller"],
+        "i2": ["Animation"],
+        "i3": [],
+    }
+    assert all(r.attributes == {} for r in items.values())
+
+
 def test_generic_parquet_with_nulls_in_keys(spark, lake, tmp_path):
     events = pd.DataFrame(
         {

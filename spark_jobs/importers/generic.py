@@ -59,7 +59,8 @@ columns as nulls, so each of its lines is quarantined as malformed.
 Records that cannot be used (malformed line or JSON, a missing id or one that is a null marker such as
 ``\\N`` or ``NULL`` (:data:`NULL_MARKERS`) or a JSON object, array or boolean, an unreadable timestamp,
 rating or label, neither rating nor label, a duplicate item or user id) go to
-``bronze.quarantine`` with the reason; for every input, records in = imported + quarantined.
+``bronze.quarantine`` with the reason; for every input, records in = imported + quarantined. A null
+marker in ``rating``, ``label`` or ``action`` is no value there.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ from spark_jobs.importers.common import (
     jvm_of,
     local_path,
     not_utf8,
+    null_marker,
     quoted,
     read_lines,
     refuse_unread_subfolders,
@@ -536,6 +538,8 @@ def parse_interactions(
 ) -> DataFrame:
     """Generic interaction records -> bronze.interactions rows + ``_reason``/``_raw``."""
     user, item, ts, rating, label, action = (_col(names, c) for c in INTERACTION_COLUMNS)
+    # a null marker (``\N``, ``NULL``, ``nan``...) in a feedback column is no value, as in an id column
+    rating, label, action = (F.when(~null_marker(c), c) for c in (rating, label, action))
     event_ts = parse_timestamp(ts, config.timestamp_unit)
     user_problem, item_problem = id_problem("user_id", user), id_problem("item_id", item)
     rating_num = to_double(rating)

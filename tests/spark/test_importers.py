@@ -350,6 +350,21 @@ def test_an_id_that_is_a_null_marker_or_not_a_json_string_or_number_is_quarantin
     kept = lake.read("bronze.interactions", partitions={"dataset": "gk"}).collect()
     assert sorted((r.user_id, r.item_id) for r in kept) == [('["u6"]', "7"), ("u1", "7")]  # a string is an id
 
+    # in rating, label or action a null marker is no value (a rating of \N was "not a number", and
+    # nan a NaN rating), so the record is judged on the feedback it has
+    (tmp_path / "feedback.csv").write_text(
+        "user_id,item_id,timestamp,rating,label,action\n"
+        "u1,i1,1,\\N,1,NULL\nu2,i1,2,NULL,\\N,click\nu3,i1,3,nan,,\nu4,i1,4,4,None,\n"
+    )
+    config = GenericImportConfig(dataset="gf", interactions=str(tmp_path / "feedback.csv"))
+    assert counts(import_generic(spark, lake, config, DAY)) == {"feedback.csv": (4, 2, 2)}
+    assert reasons(lake, "gf") == Counter({("bronze.interactions", "neither rating nor label"): 2})
+    kept = lake.read("bronze.interactions", partitions={"dataset": "gf"}).collect()
+    assert sorted((r.user_id, r.rating, r.label, r.action) for r in kept) == [
+        ("u1", None, 1, None),
+        ("u4", 4.0, None, None),
+    ]
+
     pd.DataFrame({"user_id": [{"id": "u1"}], "item_id": ["i1"], "timestamp": [1], "label": [1]}).to_parquet(
         tmp_path / "events.parquet"
     )

@@ -14,6 +14,9 @@ silver older. A rerun retracts: silver rows whose latest import was this date an
 longer contains are deleted (a corrected file, an event whose timestamp was fixed: it is not kept
 twice). Rows a later date also imported carry that date and stay. Silver keeps no earlier version
 of a row (SCD1), so a row an earlier date imported and this date updated is retracted with it.
+Only a rerun of a date retracts: a later date's import does not, so a snapshot source (one path read
+every day) that drops a record, or moves an event to another time (another key), leaves the earlier
+date's row in silver.
 Rejects go to ``bronze.quarantine`` with ``target_table = silver.*``; for every table, bronze rows
 of the run = merged + quarantined.
 """

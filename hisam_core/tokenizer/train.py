@@ -117,13 +117,18 @@ def state_conflicts(
     the dotted settings it differs in (other than :data:`RESUMABLE_CHANGES`), and ``"features"`` when
     it began on another catalogue. Empty when it can resume."""
     state = torch.load(state_path, map_location="cpu", weights_only=True)
-    return _conflicts(state, features_digest(features), config)
+    modalities = list(resolve_modality_dims(features, config.model).modality_dims)
+    return _conflicts(state, features_digest(features), config, modalities)
 
 
-def _conflicts(state: dict, digest: str, config: TokenizerTrainConfig) -> list[str]:
+def _conflicts(state: dict, digest: str, config: TokenizerTrainConfig, modalities: list[str]) -> list[str]:
     changed = differences(TokenizerTrainConfig.from_dict(state["config"]), config) - RESUMABLE_CHANGES
     if state["features"] != digest:
         changed.add("features")
+    # the modules (and so the optimiser's moments, matched by position) follow the modality order,
+    # which names outside the paper's take from the features (a state before the order was kept: unknown)
+    if state.get("modalities", modalities) != modalities:
+        changed.add("modality order")
     return sorted(changed)
 
 
@@ -183,7 +188,10 @@ def train_tokenizer(
     num_items = len(features)
     start, digest = 0, features_digest(features) if state_path is not None else ""
     if state_path is not None and Path(state_path).exists():
-        state = load_training_state(state_path, lambda s: _conflicts(s, digest, config), "state_path")
+        modalities = list(model_config.modality_dims)
+        state = load_training_state(
+            state_path, lambda s: _conflicts(s, digest, config, modalities), "state_path"
+        )
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         vclub_optimizer.load_state_dict(state["vclub_optimizer"])
@@ -251,6 +259,7 @@ def train_tokenizer(
             state = {
                 "config": config.model_dump(mode="json"),
                 "features": digest,
+                "modalities": list(model_config.modality_dims),
                 "epoch": epoch + 1,
                 "state_dict": model.state_dict(),
                 "optimizer": optimizer.state_dict(),

@@ -14,7 +14,7 @@ from hisam_core.tokenizer.cga import Standardize
 from hisam_core.tokenizer.dst import DST, DSTConfig
 from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
 from hisam_core.tokenizer.metrics import normalized_mutual_information as nmi
-from hisam_core.tokenizer.train import TokenizerTrainConfig, state_conflicts, train_tokenizer
+from hisam_core.tokenizer.train import TokenizerTrainConfig, features_digest, state_conflicts, train_tokenizer
 
 
 def test_shared_positions_track_the_shared_factor(trained):
@@ -284,6 +284,15 @@ def test_a_state_of_other_settings_or_another_catalogue_does_not_resume(planted,
     assert state_conflicts(state, moved, config) == ["features"]
     with pytest.raises(ValueError, match=r"belongs to another training \(it differs in \['features'\]\)"):
         train_tokenizer(moved, config, state_path=state)
+    # modalities outside the paper's names are ordered as the features give them: the same catalogue
+    # in another order would load the optimiser's moments onto other parameters
+    named = ItemFeatures(small.item_ids, {"text": small.modalities["text"], "x": small.modalities["image"],
+                                          "y": small.modalities["behavior"]})  # fmt: skip
+    reordered = ItemFeatures(small.item_ids, {m: named.modalities[m] for m in ("text", "y", "x")})
+    assert features_digest(named) == features_digest(reordered)  # the catalogue is the same
+    train_tokenizer(named, config, state_path=tmp_path / "named.pt")
+    assert state_conflicts(tmp_path / "named.pt", named, config) == []
+    assert state_conflicts(tmp_path / "named.pt", reordered, config) == ["modality order"]
 
 
 def test_training_keeps_the_temperature_in_its_range(planted, tiny):

@@ -299,7 +299,15 @@ class DST(nn.Module):
         try:
             for start in range(0, len(features), batch_size):
                 part = slice(start, start + batch_size)
-                yield self({m: v[part] for m, v in raw.items()}, {m: v[part] for m, v in present.items()})
+                out = self({m: v[part] for m, v in raw.items()}, {m: v[part] for m, v in present.items()})
+                for m, aligned in out.aligned.items():  # a NaN would be code 0 of every codebook
+                    bad = (~torch.isfinite(aligned).all(-1)).cpu().numpy()
+                    if bad.any():
+                        raise ValueError(
+                            f"{m!r}: items {features.item_ids[part][bad][:5].tolist()} have finite features "
+                            "whose projection overflows float32 (values too large for this encoder)"
+                        )
+                yield out
         finally:
             self.train(was_training)
 

@@ -357,6 +357,19 @@ def test_bad_input_is_rejected_at_encode_time(trained):
             model.encode(bad, "v")
 
 
+def test_features_that_overflow_the_projection_are_refused_not_coded_as_zeros(trained):
+    """A finite value too large for float32 arithmetic became a NaN aligned feature, whose distance
+    to every codeword is NaN: ``argmin`` gave code 0 at every position, without a word."""
+    model, features, _, _ = trained
+    small = features.subset(np.arange(10))
+    text = small.modalities["text"].copy()
+    text[3] = 3e38
+    huge = ItemFeatures(small.item_ids, {**small.modalities, "text": text})
+    item = int(small.item_ids[3])
+    with pytest.raises(ValueError, match=rf"'text': items \[{item}\] have finite features whose projection"):
+        model.encode(huge, "v")
+
+
 def test_bad_input_is_rejected_when_features_are_built():
     ids = np.arange(4)
     with pytest.raises(ValueError, match="'text'"):

@@ -39,6 +39,7 @@ rest). This module therefore imports nothing else from ``pipelines``.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import warnings
@@ -103,6 +104,20 @@ def _check_versions(packaged: str, recorded: str | None, expected: str | None) -
 
 #: From 2**53 on, a float64 no longer holds every integer (2**53 + 1 arrives as 2**53).
 FLOAT_EXACT = float(2**53)
+
+
+def _whole(value: Any, what: str) -> int:
+    """One integer of a request: an int as it is (hashed ids lie from 2**62 on), or a whole float below
+    2**53 (a float column's; above, a float holds no id exactly). A bool or text is not one."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float | np.floating) and math.isfinite(value) and float(value).is_integer():
+        if abs(value) >= FLOAT_EXACT:
+            raise ValueError(
+                f"{what} came as a float, which cannot hold {value!r} exactly: send it as an integer"
+            )
+        return int(value)
+    raise ValueError(f"{what} must be an integer, got {value!r}")
 
 
 def _item_list(value: Any, what: str) -> np.ndarray:
@@ -217,10 +232,7 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"unknown_history must be one of {UNKNOWN_HISTORY}, got {unknown_history!r}")
         if self.ranker is None:
             raise RuntimeError("model not loaded: call load_context or setup first")
-        user = request.get("user_id")
-        if user is None or (np.ndim(user) == 0 and pd.isna(user)) or float(user) != int(user):
-            raise ValueError(f"{what}: user_id must be an integer, got {user!r}")
-        user = int(user)
+        user = _whole(request.get("user_id"), f"{what}: user_id")
         what = f"{what} (user {user})"
         history_ids = _item_list(request["history_item_ids"], f"{what} history_item_ids")
         actions = _item_list(request["history_actions"], f"{what} history_actions")
@@ -247,7 +259,7 @@ class HisamRankerModel(mlflow.pyfunc.PythonModel):
             value = request[f"{PROFILE_PREFIX}{name}"]
             if value is None or pd.isna(value):
                 raise ValueError(f"{what}: profile column {PROFILE_PREFIX}{name} is missing a value")
-            profile[name] = int(value)
+            profile[name] = _whole(value, f"{what}: profile column {PROFILE_PREFIX}{name}")
         known = self._index.get_indexer(history_ids) >= 0
         if unknown_history == "drop" and not known.all():
             log.warning(

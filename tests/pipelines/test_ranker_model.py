@@ -250,9 +250,17 @@ def test_unknown_items_and_bad_requests_raise(trained: dict) -> None:
     row = frame.iloc[0].to_dict()
     with pytest.raises(ValueError, match=r"\(user 100\): candidate_item_ids is missing"):
         python_model.score({**row, "candidate_item_ids": None})
-    for user in (float("nan"), None, 1.5):
+    for user in (float("nan"), None, 1.5, "100", True):
         with pytest.raises(ValueError, match="user_id must be an integer"):
             python_model.score({**row, "user_id": user})
+    with pytest.raises(ValueError, match=r"profile column profile_age must be an integer, got 1\.5"):
+        python_model.score({**row, "profile_age": 1.5})  # not bucket 1
+    # a hashed user id (a string key's stable_id, from 2**62 on) is an id like any other; as a float
+    # it cannot be exact
+    hashed_user = np.int64(2**62 + 12345)
+    assert python_model.score({**row, "user_id": hashed_user}).tolist() == python_model.score(row).tolist()
+    with pytest.raises(ValueError, match="user_id came as a float, which cannot hold"):
+        python_model.score({**row, "user_id": float(hashed_user)})
 
 
 def test_history_timestamps_make_equal_times_one_instant(trained: dict) -> None:

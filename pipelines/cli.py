@@ -318,16 +318,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def unreachable(err: BaseException) -> bool:
-    """Whether ``err`` (or an exception it was raised from) is a database or HTTP client's failed
+    """Whether ``err`` (or one it was raised from, or while handling) is a database or HTTP client's failed
     connection: an infrastructure problem whose one-line cause says more than 200 lines of stack."""
     seen: BaseException | None = err
-    while seen is not None:
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         kind = type(seen)
         client = kind.__name__ in CONNECTION_ERRORS and kind.__module__.split(".")[0] in CLIENT_PACKAGES
         said = kind.__name__ != "OperationalError" or any(w in str(seen).lower() for w in CONNECTION_WORDS)
         if client and said:
             return True
-        seen = seen.__cause__
+        # MLflow's REST client raises its own error inside the handler, without ``from``
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     return False
 
 

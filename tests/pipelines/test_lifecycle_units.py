@@ -696,6 +696,7 @@ def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplo
     import sqlite3
 
     import sqlalchemy.exc
+    from mlflow import MlflowClient
 
     import pipelines.steps as steps
     from pipelines.cli import main, unreachable
@@ -720,6 +721,12 @@ def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplo
     )  # a schema, not a link
     assert not unreachable(ConnectionResetError("Answer from Java side is empty"))  # py4j: Spark died
     assert not unreachable(RuntimeError("a bug"))
+    # an HTTP tracking server that is down: MLflow raises its own error while handling requests'
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(
+        steps, "run_step", lambda *a, **k: MlflowClient("http://127.0.0.1:1").search_experiments()
+    )
+    assert main(["rollback"]) == 1 and "API request to http://127.0.0.1:1/" in caplog.text
     monkeypatch.setattr(steps, "run_step", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["rollback"])

@@ -92,7 +92,7 @@ def load_rgb(image: ImageInput) -> tuple[Image.Image | None, str]:
     (:data:`NOT_A_FILE`) or unreadable, whatever PIL or the filesystem raised: one bad file must not
     fail a whole batch."""
     if isinstance(image, Image.Image):
-        return to_rgb(image), ""
+        return _with_pixels(to_rgb(image))
     path = local_path(image)
     try:
         found = path.is_file()
@@ -104,9 +104,15 @@ def load_rgb(image: ImageInput) -> tuple[Image.Image | None, str]:
         return None, "missing file"
     try:
         with Image.open(path) as img:
-            return to_rgb(img), ""
+            return _with_pixels(to_rgb(img))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
         return None, f"unreadable: {type(err).__name__}: {err}"
+
+
+def _with_pixels(image: Image.Image) -> tuple[Image.Image | None, str]:
+    """``image``, or the reason it is unreadable when it has no pixel (an empty crop, say)."""
+    width, height = image.size
+    return (image, "") if width and height else (None, f"unreadable: no pixels ({width}x{height})")
 
 
 def encode_images(

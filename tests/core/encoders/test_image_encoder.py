@@ -86,6 +86,9 @@ def test_missing_and_unreadable_images_are_flagged(image_paths, tmp_path):
         enc.encode([tmp_path / "absent.jpg"], strict=True)
     with pytest.raises(ValueError, match="empty input"):
         enc.encode([])
+    # an image without pixels (an empty crop in memory) is one unreadable image, not a failed batch
+    empty = enc.encode([image_paths[0], Image.new("RGB", (0, 4))])
+    assert empty.present.tolist() == [True, False] and empty.reasons[1] == "unreadable: no pixels (0x4)"
     for one in (str(image_paths[0]), image_paths[0]):  # one path, not ten one-letter "paths"
         with pytest.raises(ValueError, match="expected a sequence of images, got one"):
             enc.encode(one)

@@ -9,11 +9,23 @@ everything DST relies on, so bad input fails here with a message naming the moda
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 #: The paper's modalities in the order of its Figure 3 (b1 behaviour, b2 image, b3 text).
 MODALITIES: tuple[str, ...] = ("behavior", "image", "text")
+
+
+def integral(values: Any, what: str) -> np.ndarray:
+    """``values`` as int64, refusing a fractional value (a cast would truncate it into another id)."""
+    array = np.asarray(values)
+    whole = np.issubdtype(array.dtype, np.integer) or array.dtype == bool
+    if np.issubdtype(array.dtype, np.floating):
+        whole = bool((np.isfinite(array) & (array == np.round(array))).all())
+    if not whole:
+        raise ValueError(f"{what} must be integers, got {array.ravel()[:5].tolist()} ({array.dtype})")
+    return array.astype(np.int64)
 
 
 def as_item_ids(values: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hisam_core.checkpoint import write_atomically
-from hisam_core.features import as_item_ids
+from hisam_core.features import as_item_ids, integral
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,12 @@ class SemanticIds:
         if codes.size and codes.dtype.kind not in "iu":
             raise ValueError(f"codes must be integers, got {codes.dtype} (e.g. {codes.ravel()[:3].tolist()})")
         codes = codes.astype(np.int64)
-        if codes.ndim != 2 or codes.shape[0] != item_ids.shape[0]:
-            raise ValueError(f"codes must be [N, positions] with N={item_ids.shape[0]}, got {codes.shape}")
+        if codes.ndim != 2 or codes.shape[0] != item_ids.shape[0] or codes.shape[1] == 0:
+            raise ValueError(
+                f"codes must be [N, positions] with N={item_ids.shape[0]} and positions > 0, got {codes.shape}"
+            )
+        if self.codebook_size < 1:
+            raise ValueError(f"codebook_size must be positive, got {self.codebook_size}")
         if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(
                 f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]"
@@ -59,7 +63,7 @@ class SemanticIds:
     def lookup(self, item_ids: np.ndarray) -> np.ndarray:
         """Codes of the given items, in order; unknown items raise a KeyError naming them."""
         index = pd.Index(self.item_ids)
-        pos = index.get_indexer(np.asarray(item_ids, dtype=np.int64))
+        pos = index.get_indexer(integral(item_ids, "item_ids"))
         if (pos < 0).any():
             missing = np.asarray(item_ids)[pos < 0][:10].tolist()
             raise KeyError(f"items without semantic IDs in version {self.version!r}: {missing}")

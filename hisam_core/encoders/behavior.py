@@ -45,6 +45,7 @@ from hisam_core.checkpoint import save_atomically
 from hisam_core.config import Config
 from hisam_core.device import resolve_device
 from hisam_core.encoders.base import EncodedBatch
+from hisam_core.features import integral
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ class BehaviorEncoder:
         training interaction's item must be in it; items of rows at/after the cut-off are ignored.
         """
         cfg = self.config
-        item_ids = np.asarray(item_ids, dtype=np.int64)
+        item_ids = integral(item_ids, "behavior encoder: item_ids")
         if item_ids.ndim != 1 or len(item_ids) == 0:
             raise ValueError("behavior encoder: item_ids must be a non-empty 1-D catalogue")
         if len(np.unique(item_ids)) != len(item_ids):
@@ -329,7 +330,7 @@ class BehaviorEncoder:
         """
         model = self._require_fitted()
         assert self.item_ids is not None and self.warm is not None
-        ids = self.item_ids if item_ids is None else np.asarray(item_ids, dtype=np.int64)
+        ids = self.item_ids if item_ids is None else integral(item_ids, "behavior encoder: item_ids")
         if ids.ndim != 1 or len(ids) == 0:
             raise ValueError("behavior encoder: empty input, expected at least one item_id")
         index = self._index()
@@ -353,7 +354,7 @@ class BehaviorEncoder:
         index = self._index()
         seqs = []
         for h in histories:
-            h = np.asarray(h, dtype=np.int64)
+            h = integral(h, "behavior encoder: history item_ids")
             if len(h) == 0:
                 raise ValueError("behavior encoder: a history is empty")
             bad = ~np.isin(h, self.item_ids)

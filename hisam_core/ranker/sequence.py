@@ -33,13 +33,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
 from hisam_core.config import Config
+from hisam_core.features import integral
 from hisam_core.semantic_ids import SemanticIds
 
 logger = logging.getLogger(__name__)
@@ -177,17 +177,6 @@ class Vocabulary:
                 raise ValueError(f"{what}: profile field {name!r} value {value} outside [0, {buckets})")
             ids.append(offset + value)
         return np.asarray(ids, dtype=np.int64)
-
-
-def integral(values: Any, what: str) -> np.ndarray:
-    """``values`` as int64, refusing a fractional value (a cast would truncate it into another id)."""
-    array = np.asarray(values)
-    whole = np.issubdtype(array.dtype, np.integer) or array.dtype == bool
-    if np.issubdtype(array.dtype, np.floating):
-        whole = bool((np.isfinite(array) & (array == np.round(array))).all())
-    if not whole:
-        raise ValueError(f"{what} must be integers, got {array.ravel()[:5].tolist()} ({array.dtype})")
-    return array.astype(np.int64)
 
 
 def instant_starts(timestamps: np.ndarray) -> np.ndarray:

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hisam_core.features import integral
 from hisam_core.ranker.attention import KVPair, TokenLayout, dense_mask
 from hisam_core.ranker.model import HMAT
 from hisam_core.ranker.objectives import positive_probability
-from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenBatch, UserHistory, integral
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig, TokenBatch, UserHistory
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,16 @@ def test_bad_input(train_df):
         enc.encode([])
     with pytest.raises(ValueError, match="empty input"):
         enc.next_item_scores([])
+    # a fractional id is no id (a cast would give another item's row)
+    with pytest.raises(ValueError, match=r"item_ids must be integers, got \[100.5\]"):
+        enc.encode([100.5])
+    with pytest.raises(ValueError, match="history item_ids must be integers"):
+        enc.next_item_scores([[100, 100.5]])
+    with pytest.raises(ValueError, match="behavior encoder: item_ids must be integers"):
+        BehaviorEncoder(BehaviorEncoderConfig(**SMALL)).fit(train_df, CUTOFF, CATALOGUE + 0.5, progress=False)
+    assert np.array_equal(
+        enc.encode(CATALOGUE[:3].astype(float)).embeddings, enc.encode(CATALOGUE[:3]).embeddings
+    )
 
 
 def test_behaviour_sanity_counts_tied_popularity_as_the_mean_over_tie_orders(train_df):

@@ -143,10 +143,13 @@ def target_hit_at_k(scores: np.ndarray, targets: np.ndarray, k: int = 10) -> np.
     """Per row of ``scores`` (one query's scores of every item, ``-inf`` for an excluded one), the
     probability that item ``targets[row]`` ranks among the ``k`` best when tied scores are ordered at
     random: ``(k - better) / (tied + 1)`` clipped to [0, 1], ``better`` the items scored higher and
-    ``tied`` the others scored the same. An excluded target never hits."""
+    ``tied`` the others scored the same. An excluded target never hits; a NaN score is an error (it
+    would tie with nothing and rank the target first)."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     scores = np.asarray(scores)
+    if np.isnan(scores).any():
+        raise ValueError("scores must not be NaN (-inf excludes an item)")
     target = scores[np.arange(len(scores)), np.asarray(targets)][:, None]
     better = (scores > target).sum(axis=1)
     tied = (scores == target).sum(axis=1) - 1

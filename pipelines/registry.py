@@ -98,8 +98,9 @@ def decide(
     ``min(0, champion_drift + candidate - champion)`` per metric, so each promotion's difference is
     chained onto the champion's and a new best resets it to 0. Every difference is measured on one
     snapshot, so the chain compares models across days without comparing days. A metric the champion
-    never measured starts a new chain at 0; one it measured as NaN (its scores broken on rows where the
-    candidate's are not) chains no difference: the candidate carries the champion's drift, not a reset.
+    never measured starts a new chain at 0; one it has but logged as NaN chains no difference: the
+    candidate carries the champion's drift, not a reset. (``evaluate`` logs no NaN score metric: scores
+    that are not finite, the candidate's or the champion's, fail it with their alert.)
 
     ``unmeasured`` names metrics the evaluation could not define on its snapshot (a cold-start subset
     that is empty or has one class). Candidate and champion are scored on the same rows, so neither

@@ -229,16 +229,19 @@ def behaviour_sanity(
     encoder: BehaviorEncoder, ratings: pd.DataFrame, cutoff: int, k: int = 10
 ) -> dict[str, Any]:
     """HR@k of SASRec vs. training-set popularity on every interaction at/after the cut-off that has
-    some history (the user's earlier interactions, seen items excluded from the ranking; tied scores,
+    some history (the user's interactions before its instant, as in the protocol: items of one second
+    are not each other's history; seen items excluded from the ranking; tied scores,
     which popularity has many of, count as the mean over their orders: :func:`target_hit_at_k`). Evidence
     that the behaviour encoder learned something, not a benchmark result: nothing here is trained."""
     ratings = ratings.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
     histories, targets = [], []
     for _, group in ratings.groupby("user_id", sort=True):
         items, ts = group["item_id"].to_numpy(), group["timestamp"].to_numpy()
-        for j in range(max(int(np.searchsorted(ts, cutoff, side="left")), 1), len(items)):
-            histories.append(items[:j])
-            targets.append(int(items[j]))
+        for j in range(int(np.searchsorted(ts, cutoff, side="left")), len(items)):
+            before = int(np.searchsorted(ts, ts[j], side="left"))  # the first item of its instant
+            if before:
+                histories.append(items[:before])
+                targets.append(int(items[j]))
     if not targets:
         return {"targets": 0}
     col = pd.Series(np.arange(len(encoder.item_ids)), index=encoder.item_ids)

@@ -198,6 +198,10 @@ def chronological_split(frame: pd.DataFrame, config: ProtocolConfig) -> Split:
     """Global chronological split and cold-start flags (Sec. 4.1); see the module docstring."""
     timestamps = np.sort(frame["timestamp"].to_numpy())
     rank = cut_rank(config.train_fraction, len(timestamps))
+    if rank >= len(timestamps):
+        raise ValueError(
+            f"train_fraction {config.train_fraction} of {len(timestamps)} interactions leaves none to test"
+        )
     cut = int(timestamps[rank])
     out = frame.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
     out["split"] = np.where(out["timestamp"] < cut, "train", "test")

@@ -189,6 +189,8 @@ def test_a_targets_hit_at_k_is_the_share_of_tie_orders_that_rank_it_in_the_top_k
             orders = [p for p in permutations(range(6)) if all(np.diff(scores[row][list(p)]) <= 0)]
             expected = 0.0 if scores[row, t] == -1e9 else np.mean([t in p[:k] for p in orders])
             assert got[row] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="must not be NaN"):  # it ranked the target first
+        target_hit_at_k(np.array([[np.nan, 0.5, 0.9]]), np.array([0]), 1)
     distinct = rng.permutation(6)[None, :].astype(float)
     for k in (1, 3):
         assert target_hit_at_k(distinct, np.array([2]), k)[0] == float(

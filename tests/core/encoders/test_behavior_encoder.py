@@ -217,3 +217,9 @@ def test_behaviour_sanity_counts_tied_popularity_as_the_mean_over_tie_orders(tra
         assert result["targets"] == 3
         assert result[f"hr@{k}_popularity"] == round(float(np.minimum(1, k / unseen).mean()), 4)
         assert 0 <= result[f"hr@{k}_sasrec"] <= 1
+    # two items of one second after the cut: neither is the other's history (the protocol's rule),
+    # so each is ranked among the 11 items the one before them leaves (not 10 for the second)
+    same_second = [(52, 100, 5), (52, 101, CUTOFF + 5), (52, 102, CUTOFF + 5)]
+    ratings = pd.DataFrame(before + same_second, columns=["user_id", "item_id", "timestamp"])
+    result = behaviour_sanity(encoder, ratings, CUTOFF, 2)
+    assert result["targets"] == 2 and result["hr@2_popularity"] == round(2 / 11, 4)

@@ -111,6 +111,11 @@ def test_the_split_rank_is_floor_of_the_fraction_exactly() -> None:
     split = chronological_split(label_interactions(frame, config), config)
     assert split.cut == 63 and len(split.train) == 63
     assert (cut_rank(19 / 23, 23), cut_rank(0.9999999, 1000), cut_rank(0.9, 100_000)) == (19, 999, 90_000)
+    config = ProtocolConfig(train_fraction=0.99999999)  # rounds to all ten rows: none left to test
+    with pytest.raises(
+        ValueError, match=r"train_fraction 0\.99999999 of 10 interactions leaves none to test"
+    ):
+        chronological_split(label_interactions(frame.head(10), config), config)
 
 
 @pytest.mark.parametrize(("window", "stride"), [(5, 2), (7, 7), (4, 1)])

@@ -357,7 +357,8 @@ def markdown(result: dict[str, Any], command: str, findings: str | None = None) 
         f"DST {budget['tokenizer_epochs']} epochs (trained once, seed {config.tokenizer.seed}), RQ-VAE "
         f"{budget['rqvae_epochs']} epochs (seed {config.rqvae.seed}).",
         "",
-        "Values: mean ± sample std over the seeds listed per row; HR@10 = positives in the top 10 of a "
+        "Values: mean ± sample std over the seeds listed per row; GAUC = per-user AUC over users with both "
+        "classes, weighted by their test samples; HR@10 = positives in the top 10 of a "
         "user's test items / min(10, positives); NDCG@10 binary relevance; both averaged over users "
         "with both classes, a tie of scores counted as the mean over its orders.",
         "",

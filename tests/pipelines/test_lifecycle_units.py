@@ -39,6 +39,7 @@ def test_windows_label_every_target_once_behind_its_own_context(n: int, max_item
         # where the window sits in the stream: its items are a contiguous slice (StopIteration if not)
         at = next(s for s in range(n - len(w) + 1) if np.array_equal(history.items[s : s + len(w)], w.items))
         np.testing.assert_array_equal(w.instants, history.instants[at : at + len(w)])
+        assert len(w) == min(max_items, at + len(w))  # the whole context the budget allows
         labelled.extend(at + np.flatnonzero(w.targets))
         assert w.targets.sum() <= max(max_items // 2, 1)
     assert sorted(labelled) == (list(range(n)) if targets is None else targets)  # each exactly once
@@ -55,7 +56,8 @@ def test_pretraining_over_a_streams_windows_predicts_each_item_token_once(n: int
     history = UserHistory(7, np.arange(n * 6).reshape(n, 6) % 256, np.arange(n) % 2, {"age": 1})
     batch = builder.batch(windows(history, builder.max_items()))
     predicted = target_item_tokens(batch)
-    assert int(batch.valid.sum()) > n * config.item_length + 1  # the overlap: tokens seen more than once
+    items_seen = int(batch.valid.sum()) - len(batch.tokens) * config.profile_length  # less the profiles
+    assert items_seen > n * config.item_length  # the overlap: item tokens seen more than once
     assert int(predicted.sum()) == n * config.item_length
     firsts = predicted & (batch.intra_index == 0) & (batch.token_type == TokenType.SEMANTIC)
     assert sorted(int(t) for t in batch.tokens[firsts]) == sorted(

@@ -8,8 +8,9 @@ target check, then the hand-written ``quality_findings.md`` if one sits beside t
 the (experiment, seed) jobs in N processes of ``threads`` torch threads each (``--threads``, else the
 YAML's ``threads``, else ``hisam --threads`` / ``HISAM_TORCH_THREADS``); ``--reuse`` keeps the runs of an
 earlier ``quality.json`` of the same data, budget and features whose experiments are defined the
-same way, whose semantic IDs the same tokenizer code trained (``cache_versions``) and whose HMATs
-learned this code's rule for items of one instant (``mask_rule``), and runs the rest;
+same way, whose semantic IDs the same tokenizer code trained (``cache_versions``), whose HMATs
+learned this code's rule for items of one instant (``mask_rule``) and whose ID rankers are this
+code's (``id_ranker_version``), and runs the rest;
 ``--mlflow`` logs one MLflow run per (experiment, seed) to the experiment ``hisam-evaluation`` plus a
 summary run with the report and the plot as artifacts. ``benchmarks/quality.py`` is the same command
 with the repository's result paths.
@@ -35,6 +36,7 @@ import torch
 from pydantic import ValidationError
 
 from hisam_core.config import describe
+from hisam_core.evaluation.baselines import ID_RANKER_VERSION
 from hisam_core.evaluation.features import build_movielens_features
 from hisam_core.evaluation.harness import (
     EvaluationConfig,
@@ -119,9 +121,13 @@ def _stale_trainers(reuse: dict[str, Any], experiment: dict[str, Any] | None) ->
 
 
 def _stale_rule(reuse: dict[str, Any], experiment: dict[str, Any] | None) -> bool:
-    """Whether ``experiment`` is an HMAT whose runs in ``reuse`` were trained under another
-    :data:`~hisam_core.ranker.attention.MASK_RULE` (a result that records none: an older one)."""
-    return (experiment or {}).get("model") == "hmat" and reuse.get("mask_rule") != MASK_RULE
+    """Whether ``experiment``'s runs in ``reuse`` came from another version of its ranker's code: an
+    HMAT under another :data:`~hisam_core.ranker.attention.MASK_RULE`, an ID ranker of another
+    :data:`~hisam_core.evaluation.baselines.ID_RANKER_VERSION` (a result that records none: older)."""
+    model = (experiment or {}).get("model")
+    if model == "hmat":
+        return reuse.get("mask_rule") != MASK_RULE
+    return model is not None and reuse.get("id_ranker_version") != ID_RANKER_VERSION
 
 
 def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str, Any]]:
@@ -142,8 +148,8 @@ def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str,
         log.info("--reuse: %d runs of redefined experiments are run again", len(reuse["runs"]) - len(same))
     if len(kept) < len(same):
         log.info(
-            "--reuse: %d runs of IDs another tokenizer version trained, or of HMATs under another mask "
-            "rule, are run again",
+            "--reuse: %d runs of IDs another tokenizer version trained, of HMATs under another mask "
+            "rule or of ID rankers of another version, are run again",
             len(same) - len(kept),
         )
     return kept

@@ -55,6 +55,10 @@ from hisam_core.semantic_ids import SemanticIds
 
 logger = logging.getLogger(__name__)
 
+#: Version of how :class:`IDRanker` trains and scores, which a kept result records (``--reuse`` runs
+#: an ID ranker of another version again): 2 scores a target from the state before its instant.
+ID_RANKER_VERSION = 2
+
 
 class IDRankerConfig(Config):
     """Sparse-ID ranker; ``block`` picks SASRec-style or HSTU-style layers."""

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from hisam_core.config import Config
-from hisam_core.evaluation.baselines import IDRanker, IDRankerConfig, SemanticIDRanker
+from hisam_core.evaluation.baselines import ID_RANKER_VERSION, IDRanker, IDRankerConfig, SemanticIDRanker
 from hisam_core.evaluation.protocol import (
     Dataset,
     ProtocolConfig,
@@ -234,6 +234,13 @@ class EvaluationConfig(Config):
                 f"unknown experiments or sets: {sorted(unknown)}; sets: {sorted(self.sets)}, "
                 f"experiments: {sorted(names)}"
             )
+        if self.scaling is not None and self.scaling.num_layers:
+            swept = self.experiment(self.scaling.experiment)
+            if swept.model != "hmat":  # its depth is id_ranker.num_layers, which the sweep does not set
+                raise ValueError(
+                    f"scaling.num_layers sweeps HMAT's depth; {swept.name!r} is a {swept.model} ranker "
+                    "(set scaling.num_layers: [] or sweep an HMAT experiment)"
+                )
         return self
 
     def experiment(self, name: str) -> ExperimentConfig:
@@ -682,4 +689,5 @@ def assemble(
         "config": config.model_dump(mode="json"),
         "cache_versions": dict(CACHE_VERSIONS),  # the tokenizer code of the runs (``--reuse`` checks)
         "mask_rule": MASK_RULE,  # the HMAT rule of the runs (``--reuse`` checks)
+        "id_ranker_version": ID_RANKER_VERSION,  # and the ID rankers' code
     }

@@ -390,6 +390,7 @@ def test_config_errors_are_one_line_per_key_naming_the_file(tmp_path, monkeypatc
 
 
 def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():
+    from hisam_core.evaluation.baselines import ID_RANKER_VERSION
     from hisam_core.evaluation.semantic import CACHE_VERSIONS
     from hisam_core.ranker.attention import MASK_RULE
 
@@ -399,8 +400,14 @@ def test_reuse_refuses_another_budget_and_reruns_redefined_experiments():
         "runs": [{"experiment": "sasrec", "seed": 0}, {"experiment": "hisam_sft", "seed": 0}],
         "cache_versions": dict(CACHE_VERSIONS),
         "mask_rule": MASK_RULE,
+        "id_ranker_version": ID_RANKER_VERSION,
     }
     assert _reusable(config, earlier) == earlier["runs"]
+    # ID rankers of another version (or of a result that does not say): run again
+    for version in (ID_RANKER_VERSION - 1, None):
+        assert _reusable(config, {**earlier, "id_ranker_version": version}) == [
+            {"experiment": "hisam_sft", "seed": 0}
+        ]
     # HMATs trained under another rule for items of one instant (or a result that does not say)
     for rule in (MASK_RULE - 1, None):
         assert _reusable(config, {**earlier, "mask_rule": rule}) == [{"experiment": "sasrec", "seed": 0}]

@@ -470,3 +470,9 @@ def test_scaling_points_change_only_their_axis_and_reuse_the_base_point():
         diff = {k: v for k, v in variant.items() if reference.get(k) != v}
         assert diff == ({"hmat.num_layers": value} if axis == "num_layers" else {})
         assert (experiment.max_tokens or config.max_tokens) == (value if axis == "max_tokens" else 160)
+    # an ID ranker's depth is not HMAT's: a depth sweep of one would train one model under three labels
+    with pytest.raises(ValueError, match=r"scaling\.num_layers sweeps HMAT's depth; 'sasrec' is a sasrec"):
+        EvaluationConfig(scaling=ScalingConfig(experiment="sasrec", num_layers=[1, 4]))
+    assert EvaluationConfig(
+        scaling=ScalingConfig(experiment="sasrec", num_layers=[], max_tokens=[80])
+    ).scaling

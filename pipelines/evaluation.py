@@ -313,14 +313,15 @@ def _number(value: float | None, spec: str = ".4f") -> str:
     return "unmeasured" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def _target_section(rows: list[dict[str, Any]]) -> list[str]:
+def _target_section(rows: list[dict[str, Any]], baselines: list[str]) -> list[str]:
     if not rows:
         return []
     lines = [
         "## target check",
         "",
-        "Candidate against the best baseline per metric; met when the margin exceeds the sum of both "
-        "sample stds (at least two seeds each).",
+        f"Candidate against the best of the baselines {', '.join(baselines)} per metric (the other rows, "
+        "controls and ablations among them, are not baselines); met when the margin exceeds the sum of "
+        "both sample stds (at least two seeds each).",
         "",
         "| metric | candidate | mean | best baseline | mean | margin | spread (sum of stds) | met |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -371,7 +372,7 @@ def markdown(result: dict[str, Any], command: str, findings: str | None = None) 
     ]
     for name, table in result["tables"].items():
         lines += [f"## {name}", "", table]
-    lines += _target_section(result.get("target", []))
+    lines += _target_section(result.get("target", []), result["config"]["target"]["baselines"])
     if result["scaling"] is not None:
         lines += [
             "## scaling",

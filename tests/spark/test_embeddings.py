@@ -11,6 +11,7 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from hisam_core.encoders.base import EncodedBatch
+from hisam_core.encoders.text import TextEncoder, TextEncoderConfig
 from spark_jobs.embeddings import (
     EmbeddingJobConfig,
     EncoderSpec,
@@ -302,6 +303,8 @@ def test_default_text_encoder_is_wired():
     assert present.tolist() == [True, True, True, False]
     assert np.allclose(np.linalg.norm(emb[:3], axis=1), 1, atol=1e-5)
     assert emb[0] @ emb[1] > emb[0] @ emb[2]
+    direct = TextEncoder(TextEncoderConfig(), device="cpu").encode([DOCS[1], DOCS[2], DOCS[3]])
+    np.testing.assert_allclose(emb[:3], direct, atol=1e-6)  # the job's encoder is the library's default
 
 
 def test_unknown_kind_is_a_clear_error():

@@ -31,7 +31,8 @@ def test_documents_cover_every_item_with_its_fields(movielens_dir):
         assert expected in toy
     assert toy.index("Actors:") < toy.index("Plot:")  # plot last: truncation only shortens the plot
     with_plot = sum("Plot:" in d for d in docs.values())
-    assert 1300 <= with_plot <= 1397  # item_extra.tsv covers 1,397 items
+    assert with_plot == 1396  # item_extra.tsv's 1,397 plots less item 360's "N/A"
+    assert "Plot:" not in docs[360]
 
 
 def test_chronological_cutoff_matches_bundle_facts(movielens_dir):

@@ -53,6 +53,9 @@ def test_vocabulary_ranges_are_disjoint_and_match_semantic_ids(seq_config, seman
         assert not ids & seen
         seen |= ids
     assert max(seen) < vocab.size
+    assert (len(ranges[3]), len(ranges[4])) == (4, 3)  # one token per bucket of each field
+    offsets = vocab.profile_offsets
+    assert vocab.profile({"age": 3, "gender": 2}).tolist() == [offsets["age"] + 3, offsets["gender"] + 2]
     # semantic ids are SemanticIds.tokens() shifted by one block offset
     assert (vocab.semantic(semantic_ids.codes) - vocab.semantic_offset == semantic_ids.tokens()).all()
     assert vocab.size == vocab.semantic_offset + semantic_ids.vocab_size

@@ -17,12 +17,23 @@ import numpy as np
 MODALITIES: tuple[str, ...] = ("behavior", "image", "text")
 
 
+#: From 2**53 on, a float64 no longer holds every integer (2**53 + 1 arrives as 2**53): a hashed id
+#: (from 2**62 on) that came as a float is already another id.
+FLOAT_EXACT = float(2**53)
+
+
 def integral(values: Any, what: str) -> np.ndarray:
-    """``values`` as int64, refusing a fractional value (a cast would truncate it into another id)."""
+    """``values`` as int64, refusing a fractional value (a cast would truncate it into another id) and
+    a float from :data:`FLOAT_EXACT` on (it may already be another id)."""
     array = np.asarray(values)
     whole = np.issubdtype(array.dtype, np.integer) or array.dtype == bool
     if np.issubdtype(array.dtype, np.floating):
         whole = bool((np.isfinite(array) & (array == np.round(array))).all())
+        if whole and bool((np.abs(array) >= FLOAT_EXACT).any()):
+            raise ValueError(
+                f"{what} came as floats, which cannot hold ids from 2**53 on exactly "
+                f"(got {array[np.abs(array) >= FLOAT_EXACT][:3].tolist()}): send them as integers"
+            )
     if not whole:
         raise ValueError(f"{what} must be integers, got {array.ravel()[:5].tolist()} ({array.dtype})")
     return array.astype(np.int64)

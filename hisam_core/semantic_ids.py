@@ -34,11 +34,8 @@ class SemanticIds:
             raise ValueError(f"codes must be integers, got {codes.dtype} (e.g. {codes.ravel()[:3].tolist()})")
         codes = codes.astype(np.int64)
         if codes.ndim != 2 or codes.shape[0] != item_ids.shape[0] or codes.shape[1] == 0:
-            raise ValueError(
-                f"codes must be [N, positions] with N={item_ids.shape[0]} and positions > 0, got {codes.shape}"
-            )
-        if self.codebook_size < 1:
-            raise ValueError(f"codebook_size must be positive, got {self.codebook_size}")
+            n = item_ids.shape[0]
+            raise ValueError(f"codes must be [N, positions] with N={n} and positions > 0, got {codes.shape}")
         if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(
                 f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]"

@@ -318,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def unreachable(err: BaseException) -> bool:
-    """Whether ``err`` (or one it was raised from, or while handling) is a database or HTTP client's failed
-    connection: an infrastructure problem whose one-line cause says more than 200 lines of stack."""
+    """Whether ``err`` (or one it was raised from, or one an MLflow error was raised while handling) is
+    a database or HTTP client's failed connection: an infrastructure problem whose one-line cause says
+    more than 200 lines of stack."""
     seen: BaseException | None = err
     visited: set[int] = set()
     while seen is not None and id(seen) not in visited:
@@ -329,8 +330,10 @@ def unreachable(err: BaseException) -> bool:
         said = kind.__name__ != "OperationalError" or any(w in str(seen).lower() for w in CONNECTION_WORDS)
         if client and said:
             return True
-        # MLflow's REST client raises its own error inside the handler, without ``from``
-        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+        # MLflow's REST client raises its own error inside the handler, without ``from``: followed for
+        # MLflow's errors only, so a bug in another handler keeps its traceback
+        handled = kind.__module__.split(".")[0] == "mlflow" and not seen.__suppress_context__
+        seen = seen.__cause__ or (seen.__context__ if handled else None)
     return False
 
 

@@ -120,7 +120,7 @@ def _stale_trainers(reuse: dict[str, Any], experiment: dict[str, Any] | None) ->
     )
 
 
-def _stale_rule(reuse: dict[str, Any], experiment: dict[str, Any] | None) -> bool:
+def _stale_ranker(reuse: dict[str, Any], experiment: dict[str, Any] | None) -> bool:
     """Whether ``experiment``'s runs in ``reuse`` came from another version of its ranker's code: an
     HMAT under another :data:`~hisam_core.ranker.attention.MASK_RULE`, an ID ranker of another
     :data:`~hisam_core.evaluation.baselines.ID_RANKER_VERSION` (a result that records none: older)."""
@@ -132,8 +132,9 @@ def _stale_rule(reuse: dict[str, Any], experiment: dict[str, Any] | None) -> boo
 
 def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str, Any]]:
     """Runs of ``reuse`` whose experiment is still defined the same way (:func:`_comparable` first),
-    whose semantic IDs come from the same tokenizer code (:func:`_stale_trainers`) and whose HMAT
-    learned today's rule for items of one instant (:func:`_stale_rule`)."""
+    whose semantic IDs come from the same tokenizer code (:func:`_stale_trainers`) and whose ranker
+    is today's code (:func:`_stale_ranker`: an HMAT's rule for items of one instant, the ID rankers'
+    version)."""
     earlier = _comparable(config, reuse)
     before = {e["name"]: e for e in earlier["experiments"]}
     now = {e.name: e.model_dump(mode="json") for e in config.experiments}
@@ -142,7 +143,7 @@ def _reusable(config: EvaluationConfig, reuse: dict[str, Any]) -> list[dict[str,
         r
         for r in same
         if not _stale_trainers(reuse, now.get(r["experiment"]))
-        and not _stale_rule(reuse, now.get(r["experiment"]))
+        and not _stale_ranker(reuse, now.get(r["experiment"]))
     ]
     if len(same) < len(reuse["runs"]):
         log.info("--reuse: %d runs of redefined experiments are run again", len(reuse["runs"]) - len(same))
@@ -159,16 +160,16 @@ def _reusable_points(
     config: EvaluationConfig, reuse: dict[str, Any]
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """Sweep points of ``reuse`` that ``config``'s sweep also has, unless its experiment was redefined,
-    retokenized (:func:`_stale_trainers`) or trained under another mask rule (:func:`_stale_rule`)."""
+    retokenized (:func:`_stale_trainers`) or trained by another version of its ranker (:func:`_stale_ranker`)."""
     if config.scaling is None:
         return {}
     name = config.scaling.experiment
     before = {e["name"]: e for e in _comparable(config, reuse)["experiments"]}
     now = config.experiment(name).model_dump(mode="json")
-    if before.get(name) != now or _stale_trainers(reuse, now) or _stale_rule(reuse, now):
+    if before.get(name) != now or _stale_trainers(reuse, now) or _stale_ranker(reuse, now):
         log.info(
-            "--reuse: the sweep's experiment %s was redefined, retokenized or trained under another mask "
-            "rule; its points run again",
+            "--reuse: the sweep's experiment %s was redefined, retokenized or trained by another version of "
+            "its ranker; its points run again",
             name,
         )
         return {}
@@ -366,8 +367,8 @@ def markdown(result: dict[str, Any], command: str, findings: str | None = None) 
         "",
         "Values: mean ± sample std over the seeds listed per row; GAUC = per-user AUC over users with both "
         "classes, weighted by their test samples; HR@10 = positives in the top 10 of a "
-        "user's test items / min(10, positives); NDCG@10 binary relevance; both averaged over users "
-        "with both classes, a tie of scores counted as the mean over its orders.",
+        "user's test items / min(10, positives); NDCG@10 binary relevance; HR@10 and NDCG@10 averaged "
+        "over users with both classes, a tie of scores counted as the mean over its orders.",
         "",
     ]
     for name, table in result["tables"].items():

@@ -59,6 +59,7 @@ from mlflow.types import ColSpec, Schema
 
 import hisam_core
 from hisam_core.device import resolve_device
+from hisam_core.features import FLOAT_EXACT, integral
 from hisam_core.ranker.attention import MASK_RULE
 from hisam_core.ranker.profile import ProfileVocabulary
 from hisam_core.ranker.sequence import UserHistory
@@ -102,10 +103,6 @@ def _check_versions(packaged: str, recorded: str | None, expected: str | None) -
         )
 
 
-#: From 2**53 on, a float64 no longer holds every integer (2**53 + 1 arrives as 2**53).
-FLOAT_EXACT = float(2**53)
-
-
 def _whole(value: Any, what: str) -> int:
     """One integer of a request: an int as it is (hashed ids lie from 2**62 on), or a whole float below
     2**53 (a float column's; above, a float holds no id exactly). A bool or text is not one."""
@@ -126,17 +123,9 @@ def _item_list(value: Any, what: str) -> np.ndarray:
     array = np.asarray(value)
     if array.ndim != 1:
         raise ValueError(f"{what} must be a list of integers, got shape {array.shape}")
-    if array.size and np.issubdtype(array.dtype, np.floating):  # a list that passed through a float column
-        if not bool(np.all(np.mod(array, 1) == 0)):
-            raise ValueError(f"{what} must be a list of integers, got {array[:5].tolist()}")
-        if bool(np.any(np.abs(array) >= FLOAT_EXACT)):  # hashed ids are >= 2**62: rounded to another id
-            raise ValueError(
-                f"{what} came as floats, which cannot hold ids from 2**53 on exactly "
-                f"(got {array[np.abs(array) >= FLOAT_EXACT][:3].tolist()}): send them as integers"
-            )
-    elif array.size and not np.issubdtype(array.dtype, np.integer):
+    if array.size and not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise ValueError(f"{what} must be a list of integers, got {array[:5].tolist()}")
-    return array.astype(np.int64)
+    return integral(array, what)  # a list that passed through a float column: whole and exact, or refused
 
 
 class HisamRankerModel(mlflow.pyfunc.PythonModel):

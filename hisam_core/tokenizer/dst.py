@@ -292,7 +292,9 @@ class DST(nn.Module):
     @torch.no_grad()
     def outputs(self, features: ItemFeatures, batch_size: int = 4096) -> Iterator[DSTOutput]:
         """The eval-mode forward of a catalogue, ``batch_size`` items at a time (PSGR holds
-        ``N x N_h x d`` floats per pass); the model's mode is restored after the last batch."""
+        ``N x N_h x d`` floats per pass); the model's mode is restored after the last batch. Aligned
+        features that are not finite (inputs too large for float32, or broken weights) are a
+        ValueError naming the modality and items: they would be code 0 at every position."""
         raw, present = self.tensors(features)
         was_training = self.training
         self.eval()
@@ -304,8 +306,8 @@ class DST(nn.Module):
                     bad = (~torch.isfinite(aligned).all(-1)).cpu().numpy()
                     if bad.any():
                         raise ValueError(
-                            f"{m!r}: items {features.item_ids[part][bad][:5].tolist()} have finite features "
-                            "whose projection overflows float32 (values too large for this encoder)"
+                            f"{m!r}: items {features.item_ids[part][bad][:5].tolist()} have aligned features "
+                            "that are not finite (raw values too large for float32, or broken weights)"
                         )
                 yield out
         finally:

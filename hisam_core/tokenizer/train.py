@@ -114,8 +114,9 @@ def state_conflicts(
     state_path: str | Path, features: ItemFeatures, config: TokenizerTrainConfig
 ) -> list[str]:
     """Why the training state at ``state_path`` cannot resume a training of ``config`` on ``features``:
-    the dotted settings it differs in (other than :data:`RESUMABLE_CHANGES`), and ``"features"`` when
-    it began on another catalogue. Empty when it can resume."""
+    the dotted settings it differs in (other than :data:`RESUMABLE_CHANGES`), ``"features"`` when it
+    began on another catalogue, and ``"modality order"`` when its modules follow another order of the
+    modalities. Empty when it can resume."""
     state = torch.load(state_path, map_location="cpu", weights_only=True)
     modalities = list(resolve_modality_dims(features, config.model).modality_dims)
     return _conflicts(state, features_digest(features), config, modalities)

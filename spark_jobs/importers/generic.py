@@ -50,7 +50,8 @@ must share one header (checked per file: as Spark does for a header of distinct,
 line by line for others, e.g. pandas' index column).
 
 An input column named like one the import adds (:data:`READ_COLUMNS`: ``source_file``, ``_raw``...)
-is refused by name; ``rename`` it. A CSV's quoted fields may hold line breaks (``csv_multiline``);
+is refused by name, as are two columns that become one name (after ``rename``, in any case); ``rename``
+them. A CSV's quoted fields may hold line breaks (``csv_multiline``);
 read line by line (the default), an input with a line that ends inside a quoted field is refused: it
 would become two records, the first cut short and imported as if whole. An input with no record (an
 empty file) imports none; one that names no column (no JSON object, no CSV header) reads its required
@@ -118,6 +119,9 @@ logger = logging.getLogger(__name__)
 
 Format = Literal["auto", "csv", "parquet", "jsonl"]
 INTERACTION_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp", "rating", "label", "action")
+#: The columns an interactions input must have (and ``rating`` or ``label``); an input that names none
+#: (:func:`read_as_strings`' ``required``) reads these and ``rating`` as nulls.
+INTERACTION_REQUIRED: tuple[str, ...] = ("user_id", "item_id", "timestamp")
 NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
 ITEM_RESERVED: tuple[str, ...] = ("item_id", "title", "categories", "genres", "image_path", "image_url")
 
@@ -778,14 +782,12 @@ def import_generic(
         config.interactions,
         config.format,
         ids=("user_id", "item_id"),
-        required=("user_id", "item_id", "timestamp", "rating"),
+        required=(*INTERACTION_REQUIRED, "rating"),
         **options,
     )
-    for required in ("user_id", "item_id", "timestamp"):
-        if required not in names:
-            raise ValueError(
-                f"interactions input {config.interactions}: no {required!r} column (has {names})"
-            )
+    for column in INTERACTION_REQUIRED:
+        if column not in names:
+            raise ValueError(f"interactions input {config.interactions}: no {column!r} column (has {names})")
     if "rating" not in names and "label" not in names:
         raise ValueError(f"interactions input {config.interactions}: needs a 'rating' or 'label' column")
     parsed = [

@@ -697,6 +697,7 @@ def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplo
     password masked; an error that is no failed connection (a missing table, a bug) still raises."""
     import sqlite3
 
+    import requests
     import sqlalchemy.exc
     from mlflow import MlflowClient
 
@@ -729,6 +730,13 @@ def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplo
         steps, "run_step", lambda *a, **k: MlflowClient("http://127.0.0.1:1").search_experiments()
     )
     assert main(["rollback"]) == 1 and "API request to http://127.0.0.1:1/" in caplog.text
+    try:  # another error raised while handling one (a bug in a handler) keeps its traceback
+        try:
+            raise requests.exceptions.ConnectionError("refused")
+        except requests.exceptions.ConnectionError:
+            raise RuntimeError("a bug in the handler")  # noqa: B904
+    except RuntimeError as err:
+        assert not unreachable(err)
     monkeypatch.setattr(steps, "run_step", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["rollback"])

@@ -613,8 +613,9 @@ def snapshot_at(lake: Lake, table: str, version: int) -> list[tuple]:
 def test_generic_columns_may_take_any_name_and_csv_fields_line_breaks(spark, lake, tmp_path):
     """A JSON key named like the reader's working column (``value``) is an ordinary field; one named
     like a column the import adds (``source_file``, in any case) is refused by name until renamed (it
-    crashed, or was overwritten), as are two that become one name; with ``csv_multiline`` a CSV's quoted field may hold line breaks
-    (RFC 4180: one record, the whole text), and whitespace-only lines are no records."""
+    crashed, or was overwritten), as are two that become one name; with ``csv_multiline`` a CSV's
+    quoted field may hold line breaks (RFC 4180: one record, the whole text), and whitespace-only
+    lines are no records."""
     import json
 
     events = tmp_path / "events.jsonl"

@@ -275,12 +275,12 @@ def test_both_backends_give_a_commits_time_in_utc_whatever_the_drivers_time_zone
 
     native = _SparkDelta(spark)
     monkeypatch.setattr(native, "_table", lambda path: Table())
-    monkeypatch.setenv("TZ", "America/Los_Angeles")  # the driver's zone, not the session's (UTC)
-    time.tzset()
     try:
-        got = native.history(lake.path("bronze.users"), None)
+        with monkeypatch.context() as zone:
+            zone.setenv("TZ", "America/Los_Angeles")  # the driver's zone, not the session's (UTC)
+            time.tzset()
+            got = native.history(lake.path("bronze.users"), None)
     finally:
-        monkeypatch.undo()
         time.tzset()
     assert [e["timestamp"] for e in got] == [e["timestamp"] for e in expected]
     assert all(e["timestamp"].tzinfo is not None for e in got) and len(got) == len(expected) == 3

@@ -393,7 +393,9 @@ def test_features_that_overflow_the_projection_are_refused_not_coded_as_zeros(tr
     text[3] = 3e38
     huge = ItemFeatures(small.item_ids, {**small.modalities, "text": text})
     item = int(small.item_ids[3])
-    with pytest.raises(ValueError, match=rf"'text': items \[{item}\] have finite features whose projection"):
+    with pytest.raises(
+        ValueError, match=rf"'text': items \[{item}\] have aligned features that are not finite"
+    ):
         model.encode(huge, "v")
 
 

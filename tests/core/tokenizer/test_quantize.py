@@ -100,10 +100,12 @@ def test_gradients_reach_the_encoder_through_the_quantizer():
         ((out.quantized - x) ** 2).sum().backward()  # reconstruction only: no commitment term
         assert encoder.weight.grad is not None
         assert torch.isfinite(encoder.weight.grad).all() and encoder.weight.grad.abs().sum() > 0
+        error = 2 * (out.quantized.detach() - x)
         if not rotation_trick:
-            error = 2 * (out.quantized.detach() - x)
             assert torch.allclose(encoder.weight.grad, error.t() @ x, atol=1e-4)
             assert torch.allclose(encoder.bias.grad, error.sum(0), atol=1e-4)
+        else:  # another gradient than straight-through's (its formula: the one-layer test below)
+            assert (encoder.weight.grad - error.t() @ x).abs().max() > 0.1
 
 
 def test_the_rotation_trick_sends_the_encoder_the_rotated_scaled_gradient():

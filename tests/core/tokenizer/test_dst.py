@@ -314,7 +314,7 @@ def test_only_the_vclub_optimiser_moves_the_variational_network(planted, tiny):
     initial = DST(resolve_modality_dims(small, config.model))
     trained = train_tokenizer(small, config)
     moved = {
-        name: float((p.detach() - dict(initial.named_parameters())[name]).abs().max())
+        name: float((p - dict(initial.named_parameters())[name]).detach().abs().max())
         for name, p in trained.named_parameters()
     }
     vclub = {name: change for name, change in moved.items() if name.startswith("vclub.")}

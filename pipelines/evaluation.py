@@ -160,7 +160,8 @@ def _reusable_points(
     config: EvaluationConfig, reuse: dict[str, Any]
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """Sweep points of ``reuse`` that ``config``'s sweep also has, unless its experiment was redefined,
-    retokenized (:func:`_stale_trainers`) or trained by another version of its ranker (:func:`_stale_ranker`)."""
+    retokenized (:func:`_stale_trainers`) or trained by another version of its ranker
+    (:func:`_stale_ranker`)."""
     if config.scaling is None:
         return {}
     name = config.scaling.experiment

@@ -188,8 +188,8 @@ def train_tokenizer(
     vclub_optimizer = torch.optim.Adam(vclub_params, lr=config.vclub_lr)
     num_items = len(features)
     start, digest = 0, features_digest(features) if state_path is not None else ""
+    modalities = list(model_config.modality_dims)  # the modules' order, which a state must share
     if state_path is not None and Path(state_path).exists():
-        modalities = list(model_config.modality_dims)
         state = load_training_state(
             state_path, lambda s: _conflicts(s, digest, config, modalities), "state_path"
         )
@@ -260,7 +260,7 @@ def train_tokenizer(
             state = {
                 "config": config.model_dump(mode="json"),
                 "features": digest,
-                "modalities": list(model_config.modality_dims),
+                "modalities": modalities,
                 "epoch": epoch + 1,
                 "state_dict": model.state_dict(),
                 "optimizer": optimizer.state_dict(),

@@ -43,7 +43,7 @@ from hisam_core.evaluation.semantic import (
     npz_cutoff,
     semantic_ids,
 )
-from hisam_core.features import ItemFeatures
+from hisam_core.features import MODALITIES, ItemFeatures
 from hisam_core.metrics import hit_rate_at_k, ndcg_at_k, ranking_metrics
 from hisam_core.ranker.attention import MASK_RULE
 from hisam_core.ranker.model import HMATConfig
@@ -296,10 +296,15 @@ class _Context:
         )
 
     def window_size(self, max_tokens: int) -> int:
-        """Items per window: what HMAT fits in ``max_tokens`` with 6 codes per item (Sec. 3.3),
-        used by every model so all see the same histories."""
-        cfg = self.sequence_config(max_tokens, self.config.tokenizer.model.shared_layers + 3, 2)
-        return SequenceBuilder(cfg).max_items()
+        """Items per window: what HMAT fits in ``max_tokens`` with the paper's codes per item (6,
+        Sec. 3.3), or with more where a configured semantic-ID table has more modalities, used by every
+        model so all see the same histories, however many of them a run selects."""
+        shared = self.config.tokenizer.model.shared_layers
+        positions = max(
+            [shared + len(MODALITIES)]
+            + [shared + len(e.tokenizer.modalities) for e in self.config.experiments if e.tokenizer]
+        )
+        return SequenceBuilder(self.sequence_config(max_tokens, positions, 2)).max_items()
 
     def windows(self, max_tokens: int) -> tuple[list[Window], list[Window]]:
         if max_tokens not in self._windows:

@@ -22,6 +22,7 @@ from hisam_core.evaluation.harness import (
     markdown_table,
     run_evaluation,
     scaling_points,
+    split_summary,
     summarise,
     target_check,
 )
@@ -34,6 +35,7 @@ from hisam_core.evaluation.protocol import (
 from hisam_core.evaluation.semantic import TokenizerVariant, load_features_npz, npz_cutoff, semantic_ids
 from hisam_core.features import ItemFeatures
 from hisam_core.ranker.model import HMATConfig
+from hisam_core.ranker.sequence import SequenceBuilder, SequenceConfig
 from hisam_core.tokenizer.dst import DST
 from hisam_core.tokenizer.rqvae import RQVAEConfig, RQVAETrainConfig
 from hisam_core.tokenizer.train import TokenizerTrainConfig, train_tokenizer
@@ -343,6 +345,34 @@ def test_the_evaluation_dst_keeps_the_present_masks_from_the_npz_to_the_model(pl
         np.savez(tmp_path / "bad.npz", item_ids=item_ids, **arrays, **bad)
         with pytest.raises(ValueError, match=message):
             load_features_npz(tmp_path / "bad.npz")
+
+
+def test_windows_fit_the_configured_table_with_the_most_codes_whatever_the_run_selects(planted, tmp_path):
+    """Every model sees the same windows, sized so that HMAT fits them: for the paper's 6 codes per
+    item, or for a table with a fourth modality when one is configured, even if it is not run."""
+    frame, _, _ = planted
+    frame.to_csv(tmp_path / "interactions.csv", index=False)
+
+    def window(experiments):
+        config = EvaluationConfig.model_validate(
+            {
+                "data": {"dataset": "generic", "path": str(tmp_path / "interactions.csv")},
+                "max_tokens": 96,
+                "tokenizer": tiny_tokenizer().model_dump(),  # 1 shared layer
+                "experiments": [{"name": "sasrec", "model": "sasrec"}, *experiments],
+                "sets": {},
+                "run": ["sasrec"],
+            }
+        )
+        return split_summary(config)["window_items"]
+
+    def fits(positions):
+        return SequenceBuilder(SequenceConfig(num_positions=positions, max_tokens=96)).max_items()
+
+    assert fits(1 + 4) < fits(1 + 3)
+    assert window([]) == window([{"name": "pair", "tokenizer": {"modalities": ["text", "image"]}}]) == fits(4)
+    four = {"name": "four", "tokenizer": {"modalities": ["text", "image", "behavior", "audio"]}}
+    assert window([four]) == fits(5)
 
 
 def test_end_to_end_rankers_beat_random_on_planted_preferences(planted, tmp_path):

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hisam_core.checkpoint import write_atomically
 from hisam_core.encoders import (
     BehaviorEncoder,
     EncodersConfig,
@@ -213,9 +214,12 @@ def _save_cache(path: Path, result: MovieLensFeatures) -> None:
     for name, values in result.features.modalities.items():
         arrays[f"emb_{name}"] = values
         arrays[f"present_{name}"] = result.features.present[name]
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, cutoff=np.int64(result.cutoff), meta=np.array(json.dumps(result.meta)), **arrays)
-    tmp.replace(path)
+    write_atomically(  # a temporary name of its own: two processes may build one cache at once
+        path,
+        lambda f: np.savez(
+            f, cutoff=np.int64(result.cutoff), meta=np.array(json.dumps(result.meta)), **arrays
+        ),
+    )
 
 
 def _load_cache(path: Path) -> MovieLensFeatures:

@@ -89,6 +89,41 @@ def test_cache_roundtrip_and_key(tmp_path, movielens_dir):
     assert cache_key(movielens_dir, 0.9, cfg) != cache_key(movielens_dir, 0.9, EncodersConfig())
 
 
+def test_two_builds_of_one_cache_at_once_each_write_whole_files_of_their_own(tmp_path, monkeypatch):
+    """A second build saves the same cache while the first is writing: neither touches the other's
+    temporary file, the last rename wins with a whole cache, and no temporary file is left."""
+    ids = np.arange(1, 4)
+
+    def result(value: float) -> MovieLensFeatures:
+        feats = ItemFeatures(ids, {"text": np.full((3, 2), value)}, {"text": np.ones(3, bool)})
+        return MovieLensFeatures(feats, int(value), {})
+
+    path = tmp_path / "f.npz"
+    savez, nested = np.savez, []
+
+    def interleaved(file, *args, **kwargs):
+        savez(file, *args, **kwargs)
+        if not nested:  # the first build has written its file but not renamed it yet
+            nested.append(True)
+            _save_cache(path, result(2.0))
+
+    monkeypatch.setattr(np, "savez", interleaved)
+    _save_cache(path, result(1.0))
+    back = _load_cache(path)
+    assert back.cutoff == 1 and (back.features.modalities["text"] == 1.0).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gitignore", "f.npz"]
+
+    def failing(file, *args, **kwargs):
+        file.write(b"half a cache")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", failing)
+    with pytest.raises(OSError, match="disk full"):
+        _save_cache(path, result(3.0))
+    assert _load_cache(path).cutoff == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gitignore", "f.npz"]
+
+
 def test_the_cache_key_changes_with_the_text_models_weights(tmp_path, movielens_dir):
     """A model fine-tuned in place keeps its config.json: its weights must change the key all the
     same (and a README beside them must not)."""

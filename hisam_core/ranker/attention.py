@@ -6,6 +6,9 @@ an Anchor (compressed history). Causality uses the *logical* flat position ``p``
 index, so the same predicate serves full streams, cache-evicted histories and realigned candidate
 blocks (one candidate per batch row: candidates share an item index, so in one row they would see
 each other). Every query also sees itself, so fully padded rows stay finite (their outputs are unused).
+Within its item a query sees only the tokens up to itself: the paper's "full visibility" within the
+current item comes with a causality condition the text lost ("causality (...) is implicitly
+enforced"), and read as bidirectional it would show the Anchor its own Action, the label.
 
 ``history_memory="anchor_action"`` is an option beyond the paper that also lets later items see
 past Action tokens (under Eq. 10 the action of a past item never reaches a later item, because the

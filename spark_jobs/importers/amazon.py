@@ -14,7 +14,10 @@ The item id is ``parent_asin`` (the benchmark's item; ``asin`` is a variant and 
 ``extra``), falling back to ``asin`` when a review has no parent. Every field is first read as a
 string, so a wrongly typed value gets its own reason instead of voiding the whole line (an id that
 is a JSON object, list or boolean, or a null marker such as ``NULL``, is quarantined too); a
-``details`` object with a repeated key is quarantined (which value is meant is unknown). Review
+``details`` object with a repeated key is quarantined (which value is meant is unknown). A list
+field (``features``, ``description``, ``categories``) given as another type, such as a plain
+string, is kept as a one-item list, and a ``details`` that is not an object as the attribute
+``details``: no value is dropped for its type. Review
 title/text, votes and the verified flag go to ``extra`` (JSON); item text fields (main category,
 store, features, description and every ``details`` entry) go to ``attributes``; the image URL is
 the MAIN image's ``hi_res`` (else ``large``), not downloaded.
@@ -188,9 +191,17 @@ def parse_reviews(lines: DataFrame, dataset: str, logical_date: dt.date) -> Data
     )
 
 
+def _strings(col: str) -> Column:
+    """A JSON list, read as strings; a value of another type (a plain string, a number, an object, or
+    text that only looks like a list) is kept whole as a one-item list, not dropped."""
+    value = F.col(col)
+    parsed = F.from_json(value, STRINGS)
+    return F.when(parsed.isNotNull(), parsed).when(~blank(value), F.array(value))
+
+
 def _json_list(col: str, sep: str) -> Column:
-    """A JSON list of strings joined with ``sep`` (null when absent or empty)."""
-    joined = F.array_join(F.from_json(F.col(col), STRINGS), sep)
+    """:func:`_strings` joined with ``sep`` (null when absent or empty)."""
+    joined = F.array_join(_strings(col), sep)
     return F.when(joined != "", joined)
 
 
@@ -216,17 +227,22 @@ def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFra
         ]
     )
     # Spark refuses a map with a repeated key for the whole job: such a line is quarantined above.
-    details = F.from_json(F.when(~ambiguous, F.col("details")), T.MapType(T.StringType(), T.StringType()))
+    parsed = F.from_json(F.when(~ambiguous, F.col("details")), T.MapType(T.StringType(), T.StringType()))
     base_keys = F.array(*[F.lit(k) for k in ("main_category", "store", "features", "description")])
     details = text_values(
-        F.map_filter(
-            F.coalesce(details, F.create_map().cast("map<string,string>")),
-            lambda k, _v: ~F.array_contains(base_keys, k),
+        F.when(  # not an object: its text, kept whole
+            parsed.isNull() & ~ambiguous & ~blank(F.col("details")),
+            F.create_map(F.lit("details"), F.col("details")),
+        ).otherwise(
+            F.map_filter(
+                F.coalesce(parsed, F.create_map().cast("map<string,string>")),
+                lambda k, _v: ~F.array_contains(base_keys, k),
+            )
         )
     )
     images = F.coalesce(F.from_json(F.col("images"), IMAGE), F.array().cast(IMAGE))
     main = F.coalesce(F.get(F.filter(images, lambda x: x["variant"] == "MAIN"), 0), F.get(images, 0))
-    categories = F.from_json(F.col("categories"), STRINGS)
+    categories = _strings("categories")
     return lines.select(
         F.lit(dataset).alias("dataset"),
         F.lit(logical_date).alias("logical_date"),

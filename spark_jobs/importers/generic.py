@@ -610,12 +610,13 @@ def _unit_name(config: GenericImportConfig) -> str:
 
 
 def _categories(value: Column) -> Column:
-    """A JSON list or ``|``-separated text -> array of distinct, trimmed, non-empty strings, in the
-    order they first appear (``Drama |Drama`` is one category; Amazon's categories are a path, whose
-    levels may repeat a name, and stay as given)."""
+    """A JSON list or ``|``-separated text (also text that only looks like a list, such as
+    ``[Adult Swim] Cartoons``) -> array of distinct, trimmed, non-empty strings, in the order they
+    first appear (``Drama |Drama`` is one category; Amazon's categories are a path, whose levels may
+    repeat a name, and stay as given)."""
     as_list = F.from_json(value, T.ArrayType(T.StringType()))
     split = F.split(value, r"\|")
-    arr = F.when(value.startswith("["), as_list).otherwise(split)
+    arr = F.when(value.startswith("[") & as_list.isNotNull(), as_list).otherwise(split)
     return F.array_distinct(text_list(arr))
 
 

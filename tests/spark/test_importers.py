@@ -244,6 +244,33 @@ def test_amazon_jsonl_fixture(spark, lake):
     assert all(i >= HASHED_ID_BASE for i in ids)  # ASINs are hashed into the high range
 
 
+def test_amazon_metadata_values_of_another_type_are_kept_not_dropped(spark, lake, tmp_path):
+    """A list field given as a plain value, or a ``details`` that is not an object, lost its text
+    without a reason: it is now kept (a one-item list; the attribute ``details``)."""
+    review = {"rating": 5.0, "user_id": "U1", "parent_asin": "B1", "timestamp": 1588687728923}
+    (tmp_path / "reviews.jsonl").write_text(json.dumps(review) + "\n")
+    meta = [
+        {"parent_asin": "B1", "title": "Plain", "description": "A plain string.", "features": 4,
+         "categories": "Movies", "details": "n/a"},
+        {"parent_asin": "B2", "title": "Lists", "description": ["One.", "Two."], "features": [],
+         "categories": ["Movies", "Drama"], "details": {"Format": "DVD"}},
+        {"parent_asin": "B3", "title": "Looks like a list", "categories": "[Adult Swim] Cartoons",
+         "description": {"text": "An object."}},
+    ]  # fmt: skip
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    config = AmazonImportConfig(
+        reviews=str(tmp_path / "reviews.jsonl"), meta=str(tmp_path / "meta.jsonl"), dataset="typed"
+    )
+    assert counts(import_amazon(spark, lake, config, DAY))["meta.jsonl"] == (3, 3, 0)
+    items = {r.item_id: r for r in lake.read("bronze.items", partitions={"dataset": "typed"}).collect()}
+    assert items["B1"].categories == ["Movies"]
+    assert items["B1"].attributes == {"features": "4", "description": "A plain string.", "details": "n/a"}
+    assert items["B2"].categories == ["Movies", "Drama"]
+    assert items["B2"].attributes == {"description": "One. Two.", "Format": "DVD"}
+    assert items["B3"].categories == ["[Adult Swim] Cartoons"]
+    assert items["B3"].attributes == {"description": '{"text":"An object."}'}
+
+
 def test_an_amazon_drop_with_files_in_a_subfolder_is_refused(spark, lake, tmp_path):
     """Spark reads a folder's own files: a reviews file one level down would be skipped unseen."""
     drop = tmp_path / "reviews"
@@ -802,6 +829,24 @@ def test_generic_items_with_both_categories_and_genres_keep_both(spark, lake, tm
         "i3": [],
     }
     assert all(r.attributes == {} for r in items.values())
+
+
+def test_generic_categories_that_only_look_like_a_json_list_are_split_not_dropped(spark, lake, tmp_path):
+    (tmp_path / "events.csv").write_text("user_id,item_id,timestamp,label\nu1,i1,1,1\n")
+    (tmp_path / "items.csv").write_text(
+        'item_id,title,categories\ni1,A,"[""Drama"",""Comedy""]"\ni2,B,[Adult Swim] Cartoons|Kids\n'
+        "i3,C,[Documentary]\n"
+    )
+    config = GenericImportConfig(
+        dataset="brackets", interactions=str(tmp_path / "events.csv"), items=str(tmp_path / "items.csv")
+    )
+    assert counts(import_generic(spark, lake, config, DAY))["items.csv"] == (3, 3, 0)
+    items = lake.read("bronze.items", partitions={"dataset": "brackets"}).collect()
+    assert {r.item_id: r.categories for r in items} == {
+        "i1": ["Drama", "Comedy"],
+        "i2": ["[Adult Swim] Cartoons", "Kids"],
+        "i3": ["[Documentary]"],
+    }
 
 
 def test_generic_parquet_with_nulls_in_keys(spark, lake, tmp_path):

@@ -191,7 +191,7 @@ def run_gate(
     from pyspark.sql import functions as F
 
     from spark_jobs.quality import run_quality_gate, to_bronze_quarantine
-    from spark_jobs.tables import BRONZE_QUARANTINE
+    from spark_jobs.tables import BRONZE_QUARANTINE, JSON_OPTIONS, row_json
 
     qcfg = quality_config(ctx)
     try:
@@ -201,10 +201,10 @@ def run_gate(
         if keep_earlier:  # earlier rows whose key this run no longer reads: removed, so kept
             earlier = ctx.lake.read(BRONZE_QUARANTINE, partitions=partition)
             schema = df.select(*keep_earlier).schema
-            # keys as ``raw`` writes them (JSON timestamps carry milliseconds), on both sides; the
-            # earlier rows are few: only the input's keys among theirs are looked up (a broadcast)
-            earlier = earlier.select("*", F.to_json(F.from_json("raw", schema)).alias("_key"))
-            present = df.select(F.to_json(F.struct(*keep_earlier)).alias("_key"))
+            # keys as ``raw`` writes them, on both sides; the earlier rows are few: only the
+            # input's keys among theirs are looked up (a broadcast)
+            earlier = earlier.select("*", F.to_json(F.from_json("raw", schema), JSON_OPTIONS).alias("_key"))
+            present = df.select(row_json(*keep_earlier).alias("_key"))
             again = present.join(F.broadcast(earlier.select("_key")), "_key", "left_semi").distinct()
             rows = earlier.join(again, "_key", "left_anti").drop("_key").unionByName(rows)
         verdict = {"passed": str(report.success).lower(), "quarantined": str(report.n_quarantined)}

@@ -223,6 +223,16 @@ BRONZE_USERS = _register(
     )
 )
 
+#: ``to_json``'s timestamps to the microsecond, the lake's precision (Spark's default keeps milliseconds)
+JSON_OPTIONS = {"timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX"}
+
+
+def row_json(*columns: str | Column) -> Column:
+    """A row as JSON, as ``bronze.quarantine.raw`` holds it: timestamps to the microsecond (in the
+    session's time zone, UTC), so a quarantined event keeps its exact time."""
+    return F.to_json(F.struct(*columns), JSON_OPTIONS)
+
+
 BRONZE_QUARANTINE = _register(
     TableSpec(
         name="bronze.quarantine",

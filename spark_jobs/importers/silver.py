@@ -49,6 +49,7 @@ from spark_jobs.tables import (
     SILVER_INTERACTIONS,
     SILVER_ITEMS,
     SILVER_USERS,
+    row_json,
     stable_id,
 )
 
@@ -95,7 +96,7 @@ def clean_interactions(bronze: DataFrame, config: SilverConfig) -> DataFrame:
         "logical_date",
         "source_file",
         reason.alias(REASON),
-        F.to_json(F.struct(*bronze.columns)).alias(RAW),
+        row_json(*bronze.columns).alias(RAW),
     )
     return flag_duplicates(rows, ["dataset", "user_id", "item_id", "event_ts"], "event (user, item, time)")
 
@@ -114,7 +115,7 @@ def clean_items(bronze: DataFrame) -> DataFrame:
         "logical_date",
         "source_file",
         F.lit(None).cast("string").alias(REASON),
-        F.to_json(F.struct(*bronze.columns)).alias(RAW),
+        row_json(*bronze.columns).alias(RAW),
     )
     return flag_duplicates(rows, ["dataset", "item_id"], "item_id")
 
@@ -129,7 +130,7 @@ def clean_users(bronze: DataFrame) -> DataFrame:
         "logical_date",
         "source_file",
         F.lit(None).cast("string").alias(REASON),
-        F.to_json(F.struct(*bronze.columns)).alias(RAW),
+        row_json(*bronze.columns).alias(RAW),
     )
     return flag_duplicates(rows, ["dataset", "user_id"], "user_id")
 

@@ -22,6 +22,8 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from spark_jobs.tables import row_json
+
 REASON_DUPLICATE = "duplicate"
 #: Helper columns the gate adds (and removes from its outputs).
 DQ_PREFIX = "dq_"
@@ -206,6 +208,6 @@ def to_bronze_quarantine(
         F.lit(target_table).alias("target_table"),
         F.lit(logical_date).cast("date").alias("logical_date"),
         F.concat_ws("; ", F.col("reasons")).alias("reason"),
-        F.to_json(F.struct(*[F.col(c) for c in payload])).alias("raw"),
+        row_json(*payload).alias("raw"),
         src.alias("source_file"),
     )

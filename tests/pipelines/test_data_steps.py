@@ -311,6 +311,39 @@ def test_a_rerun_of_the_samples_gate_keeps_the_rows_it_removed(ctx_of) -> None:
     assert run_step("validate-samples", DAY, smaller, params)["n_quarantined"] == 0
 
 
+def test_a_rerun_of_the_samples_gate_keeps_a_removed_sample_a_millisecond_from_a_kept_one(ctx_of) -> None:
+    """Two samples of one user and item 800 microseconds apart, the earlier out of the codebook: the
+    gate removes it, and a rerun, which reads only the later, still lists it. Keys and ``raw`` were
+    JSON with milliseconds, so the rerun took the kept sample for the removed one and dropped its
+    quarantine row: the sample was in neither table."""
+    from pyspark.sql import functions as F
+
+    from pipelines.steps import run_step
+
+    ctx, params = ctx_of(), {"tokenizer_version": VERSION}
+    part = {"dataset": "dq", "tokenizer_version": VERSION}
+    pinned = ctx.lake.version("gold.samples")
+    one = ctx.lake.read("gold.samples", partitions=part).orderBy("user_id", "item_id").limit(1)
+    removed = one.withColumn("target_semantic_ids", F.array(*[F.lit(99)] * 6)).withColumn(
+        "event_ts", F.col("event_ts") + F.expr("INTERVAL '4.0001' SECOND")
+    )
+    kept = one.withColumn("event_ts", F.col("event_ts") + F.expr("INTERVAL '4.0009' SECOND"))
+    ctx.lake.write(removed.unionByName(kept), "gold.samples", mode="append")
+    gate = f"gold.samples.gate@{VERSION}"
+    earlier = len(_quarantine(ctx, gate))
+    first = run_step("validate-samples", DAY, ctx.config, params)
+    assert first["success"] and first["n_quarantined"] == 1
+    assert len(_quarantine(ctx, gate)) == earlier + 1
+    again = run_step("validate-samples", DAY, ctx.config, params)
+    assert again["success"] and again["n_quarantined"] == 0
+    assert len(_quarantine(ctx, gate)) == earlier + 1
+    rows = ctx.lake.read("bronze.quarantine", partitions={"dataset": "dq", "target_table": gate}).collect()
+    stamps = [json.loads(r.raw)["event_ts"] for r in rows]
+    assert sum(t.endswith(".000100Z") for t in stamps) == 1, stamps  # the exact time, not .000Z
+    before = ctx.lake.read("gold.samples", version=pinned, partitions=part)
+    ctx.lake.write(before, "gold.samples", mode="replace_partition", partition_values=part)  # as it was
+
+
 def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_tokenizer(ctx_of, spark) -> None:
     """Runs after the samples tests (it corrupts one text embedding)."""
     from deltalake import DeltaTable

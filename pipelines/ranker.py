@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,11 +288,17 @@ def sft_checkpoint_dir(ctx: StepContext, tokenizer_version: str, run: Run) -> Pa
     target = local.with_name(f"{local.name}.from-run")
     target.mkdir(parents=True, exist_ok=True)
     log.info("no local SFT checkpoint at %s: reading the one logged to run %s", local, run.info.run_id)
-    return Path(
+    logged = Path(
         mlflow.artifacts.download_artifacts(
             run_id=run.info.run_id, artifact_path=SFT_ARTIFACTS, dst_path=str(target)
         )
     )
+    if recorded is not None and sha256(logged / CHECKPOINT_NAME) != recorded:
+        raise ValueError(  # two attempts overlapped: one's file under the other's hash
+            f"the SFT checkpoint logged to run {run.info.run_id} is not the one its {SFT_CHECKPOINT_SHA256} "
+            "tag records (two attempts of the fine-tune overlapped?): fine-tune again with --param force=true"
+        )
+    return logged
 
 
 def _stored_config(checkpoint: Path) -> dict[str, Any]:
@@ -306,8 +314,6 @@ def _logged_config_changes(ctx: StepContext, run: Run, step: str, config: Ranker
     else (an attempt that died between the two) its flattened params; nothing when it logged neither;
     the YAML's path when this code cannot read it. ``train.init_from`` is left out: it is where each
     attempt downloaded the PT to."""
-    import tempfile
-
     import mlflow
 
     from hisam_core.config import differences
@@ -455,9 +461,12 @@ def _train_stage(
         if callback.history:
             log_training_curves(callback.history, f"{stage}_training")
         if stage == "sft":  # evaluate and register may run on another worker: they read this copy
-            for filename in (CHECKPOINT_NAME, PROFILE_VOCABULARY):
-                mlflow.log_artifact(str(out / filename), artifact_path=SFT_ARTIFACTS)
-            mlflow.set_tag(SFT_CHECKPOINT_SHA256, sha256(out / CHECKPOINT_NAME))
+            with tempfile.TemporaryDirectory() as tmp:  # one file hashed and logged, whatever an
+                final = Path(tmp) / CHECKPOINT_NAME  # overlapping attempt renames over the original
+                shutil.copyfile(out / CHECKPOINT_NAME, final)
+                mlflow.log_artifact(str(final), artifact_path=SFT_ARTIFACTS)
+                mlflow.log_artifact(str(out / PROFILE_VOCABULARY), artifact_path=SFT_ARTIFACTS)
+                mlflow.set_tag(SFT_CHECKPOINT_SHA256, sha256(final))
         mlflow.log_metric(f"{stage}/train_windows", len(train_histories))
     return {
         "tokenizer_version": tokenizer_version,
@@ -496,7 +505,9 @@ def pretrain(ctx: StepContext) -> dict[str, Any]:
     has started from that version (its ``hisam-pretrained`` event would trigger fine-tuning again for
     nothing), and otherwise succeeds again, so a retry after the registration still triggers
     fine-tuning. A rerun before registration continues the run and its checkpoint (without a
-    checkpoint, only under the config the run logged: else a new run trains).
+    checkpoint, only under the config the run logged: else a new run trains). Two attempts that
+    overlap (a retry beside a worker that is still alive) continue one run: the second to finish
+    finds the version the first registered from it and registers none.
 
     ``params.force=true`` trains again in a new MLflow run from step 0, tagged ``hisam.forced`` (after
     a divergence fixed by other settings, which the stopped run's checkpoint refuses, or a registered
@@ -530,6 +541,14 @@ def pretrain(ctx: StepContext) -> dict[str, Any]:
         if existing:
             log.warning("force=true: pre-training again (%s v%s was this run's)", name, existing[0].version)
     result = _train_stage(ctx, "pt", version, fresh=fresh, forced=force and not fresh)
+    found = find_versions(ctx.mlflow, name, tokenizer_version=version, **{RUN_KEY: ctx.run_key})
+    if mine := [v for v in found if v.run_id == result["mlflow_run_id"]]:  # an overlapping attempt's
+        log.warning("%s v%s was registered from this run meanwhile: not again", name, mine[0].version)
+        return {
+            **{k: v for k, v in result.items() if k not in INTERNAL},
+            "model_version": str(mine[0].version),
+            "skipped": True,
+        }
     with mlflow.start_run(run_id=result["mlflow_run_id"]):
         registered = log_ranker(
             result["checkpoint"],

@@ -303,6 +303,16 @@ def test_evaluate_on_another_worker_reads_the_checkpoint_logged_to_the_finetune_
     # each evaluation one step past the last: the newest is MLflow's latest value, whatever the clocks
     steps = [m.step for m in _client().get_metric_history(run.info.run_id, "eval.auc")]
     assert steps == list(range(len(steps))) and len(steps) >= 3
+    # an artifact that is not the file the run's hash records (overlapping attempts) is refused
+    from pipelines.ranker import SFT_CHECKPOINT_SHA256, sft_checkpoint_dir
+
+    recorded = run.data.tags[SFT_CHECKPOINT_SHA256]
+    _client().set_tag(run.info.run_id, SFT_CHECKPOINT_SHA256, "0" * 64)
+    try:
+        with pytest.raises(ValueError, match=r"is not the one its sft\.checkpoint_sha256 tag records"):
+            sft_checkpoint_dir(_ctx(world), VERSION, _client().get_run(run.info.run_id))
+    finally:
+        _client().set_tag(run.info.run_id, SFT_CHECKPOINT_SHA256, recorded)
 
 
 def _drift(tags: dict[str, str]) -> dict[str, float]:
@@ -1136,3 +1146,33 @@ def test_a_forced_pretraining_trains_a_new_run_and_registers_a_new_version(world
     ]
     assert steps[1] == steps[0] and steps[1]  # every step again, from step 0
     assert _newest_pretrained(_ctx(world, dec2), version.tags["tokenizer_version"]) == forced["model_version"]
+
+
+def test_an_overlapping_pretraining_attempt_does_not_register_its_run_twice(world, monkeypatch) -> None:
+    """Two attempts of one pre-training overlap (a retry beside a worker still alive) and continue one
+    MLflow run: the one that finishes second finds the version the first registered from that run
+    and registers none, so fine-tuning sees one model per run."""
+    import pipelines.ranker as ranker
+    from pipelines.registry import find_versions
+    from pipelines.steps import run_step
+
+    dec2, client = dt.date(2026, 12, 2), _client()
+    train_stage, first = ranker._train_stage, []
+
+    def overtaken(ctx, stage, version, *args, **kwargs):
+        result = train_stage(ctx, stage, version, *args, **kwargs)
+        tags = {"tokenizer_version": version, ranker.RUN_KEY: ctx.run_key}
+        first.append(
+            client.create_model_version("hisam-pretrained", "overlap", result["mlflow_run_id"], tags)
+        )
+        return result
+
+    monkeypatch.setattr(ranker, "_train_stage", overtaken)
+    try:
+        second = run_step("pretrain", dec2, world["config"], {"force": "true"})
+        assert (second["skipped"], second["model_version"]) == (True, str(first[0].version))
+        mine = find_versions(client, "hisam-pretrained", run_key=f"tiny/{dec2.isoformat()}")
+        assert [v.version for v in mine if v.run_id == second["mlflow_run_id"]] == [first[0].version]
+    finally:
+        for version in first:
+            client.delete_model_version("hisam-pretrained", version.version)

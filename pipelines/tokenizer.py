@@ -404,7 +404,8 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     another run of the month (hours of training overlap) is not registered twice: the steps after
     find one model per version. A rerun after an attempt that stopped (killed, failed, or failed
     codebook health) continues its MLflow run from the training state of its last epoch, on the
-    snapshots it pinned (:func:`_resumable_run`). A run of the same logical date started beside a
+    snapshots it pinned (:func:`_resumable_run`); ``params.force=true`` trains in a new run on
+    today's snapshots instead (after the embeddings a failed health check blamed were fixed). A run of the same logical date started beside a
     live one (the CLI beside the DAG) continues it too: training is deterministic, so both reach the
     same weights, and only the first to finish registers them."""
     import mlflow
@@ -412,6 +413,7 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     from hisam_core.tokenizer import train_tokenizer as fit_dst
     from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
     from pipelines.registry import find_versions
+    from pipelines.settings import flag
     from pipelines.tokenizer_model import log_tokenizer
     from pipelines.tracking import input_versions, log_config, log_training_curves, mlflow_callback
     from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
@@ -424,6 +426,20 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
     stopped = next(iter(ctx.step_runs("train-tokenizer", tokenizer_version=version)), None)
     stopped = stopped if stopped is not None and stopped.info.status != "FINISHED" else None
+    if stopped is not None and flag(ctx.params.get("force"), "force"):
+        log.warning(
+            "force=true: training in a new run on today's snapshots, not continuing %s", stopped.info.run_id
+        )
+        if stopped.info.status == "RUNNING":  # its worker was killed: it never ended
+            ctx.mlflow.set_terminated(stopped.info.run_id, "KILLED")
+        stopped = None
+    elif stopped is not None and stopped.data.tags.get("health") == "failed":
+        log.warning(
+            "continuing run %s, which failed codebook health: on the snapshots it pinned it ends with the "
+            "same model (passing only if the health settings changed); --param force=true trains anew "
+            "on today's embeddings",
+            stopped.info.run_id,
+        )
     pinned = input_versions(ctx.mlflow.get_run(stopped.info.run_id)) if stopped is not None else {}
     # pinned: logged as what DST trained on
     catalogue = pinned.get("item_documents", ctx.table_version(GOLD_ITEM_DOCUMENTS.name))

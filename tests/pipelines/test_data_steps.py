@@ -449,6 +449,19 @@ def test_a_tokenizer_failing_codebook_health_is_not_registered_and_alerts(ctx_of
     (alert,) = [json.loads(line) for line in alerts.read_text().splitlines()[len(before) :]]
     assert alert["title"] == f"tokenizer {VERSION} failed codebook health"
     assert alert["text"].count("below 0.500") == 6
+    # a rerun would continue that run from its last epoch, to the same model; force trains anew
+    with pytest.raises(TokenizerHealthError):
+        run_step("train-tokenizer", DAY, config, {"tokenizer_version": VERSION, "force": "true"})
+    forced, failed = mlflow.search_runs(
+        experiment_names=[ctx.settings.experiment],
+        filter_string=f"tags.`hisam.step` = 'train-tokenizer' and tags.tokenizer_version = '{VERSION}'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    assert failed.info.run_id == run.info.run_id != forced.info.run_id
+    epochs = [m.step for m in ctx.mlflow.get_metric_history(forced.info.run_id, "dst/alignment")]
+    assert epochs == [m.step for m in ctx.mlflow.get_metric_history(run.info.run_id, "dst/alignment")]
+    assert epochs[0] == 0 and forced.data.tags["health"] == "failed"
 
 
 def test_older_interactions_arriving_later_never_put_what_the_behaviour_codes_saw_in_test(ctx_of) -> None:

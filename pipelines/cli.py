@@ -173,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         "validate-samples, samples-ready: default the @current tokenizer; pretrain, finetune: the "
         "version validate-samples gated, skipping when @current has moved since), force=true "
         "(train-tokenizer, activate-tokenizer: train or activate an older month's tokenizer although @current is newer; "
+        "train-tokenizer also trains in a new run on today's embeddings instead of continuing a stopped one; "
         "pretrain, finetune: train the day's model again from step 0 in a new MLflow run and register a "
         "new version; a forced run that stopped midway is continued), skip_without_tokenizer=true "
         "(build-sequences, tokenize-new-items, samples-ready: skip instead of failing before the first "

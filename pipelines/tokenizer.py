@@ -405,13 +405,15 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     find one model per version. A rerun after an attempt that stopped (killed, failed, or failed
     codebook health) continues its MLflow run from the training state of its last epoch, on the
     snapshots it pinned (:func:`_resumable_run`); ``params.force=true`` trains in a new run on
-    today's snapshots instead (after the embeddings a failed health check blamed were fixed). A run of the same logical date started beside a
+    today's snapshots instead (after the embeddings a failed health check blamed were fixed; tagged
+    ``hisam.forced``, so a forced run that stopped before its health check is continued). A run of the same logical date started beside a
     live one (the CLI beside the DAG) continues it too: training is deterministic, so both reach the
     same weights, and only the first to finish registers them."""
     import mlflow
 
     from hisam_core.tokenizer import train_tokenizer as fit_dst
     from hisam_core.tokenizer.figure import position_modality_similarity, save_similarity_figure
+    from pipelines.ranker import FORCED
     from pipelines.registry import find_versions
     from pipelines.settings import flag
     from pipelines.tokenizer_model import log_tokenizer
@@ -426,7 +428,11 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         return {"tokenizer_version": version, "model_version": existing[0].version, "skipped": True}
     stopped = next(iter(ctx.step_runs("train-tokenizer", tokenizer_version=version)), None)
     stopped = stopped if stopped is not None and stopped.info.status != "FINISHED" else None
-    if stopped is not None and flag(ctx.params.get("force"), "force"):
+    force = flag(ctx.params.get("force"), "force")
+    midway = (
+        stopped is not None and stopped.data.tags.get(FORCED) == "true" and "health" not in stopped.data.tags
+    )
+    if stopped is not None and force and not midway:  # a forced run that stopped midway is continued
         log.warning(
             "force=true: training in a new run on today's snapshots, not continuing %s", stopped.info.run_id
         )
@@ -455,6 +461,8 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
         callback = mlflow_callback("dst/")
         if resumed is None:
             mlflow.set_tags({**ctx.run_tags("train-tokenizer"), "tokenizer_version": version})
+            if force:
+                mlflow.set_tag(FORCED, "true")
             log_config(ctx.config.tokenizer, name="tokenizer")
             ctx.log_input(EMBEDDINGS, snapshot, "training", "item_embeddings")
             ctx.log_input(GOLD_ITEM_DOCUMENTS.name, catalogue, "training", "item_documents")

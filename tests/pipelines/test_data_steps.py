@@ -462,6 +462,11 @@ def test_a_tokenizer_failing_codebook_health_is_not_registered_and_alerts(ctx_of
     epochs = [m.step for m in ctx.mlflow.get_metric_history(forced.info.run_id, "dst/alignment")]
     assert epochs == [m.step for m in ctx.mlflow.get_metric_history(run.info.run_id, "dst/alignment")]
     assert epochs[0] == 0 and forced.data.tags["health"] == "failed"
+    # a forced run is continued only while it has not reached its health check
+    with pytest.raises(TokenizerHealthError):
+        run_step("train-tokenizer", DAY, config, {"tokenizer_version": VERSION, "force": "true"})
+    runs = ctx.step_runs("train-tokenizer", tokenizer_version=VERSION)
+    assert len(runs) == 3 and runs[0].info.run_id not in (forced.info.run_id, run.info.run_id)
 
 
 def test_older_interactions_arriving_later_never_put_what_the_behaviour_codes_saw_in_test(ctx_of) -> None:
@@ -569,7 +574,8 @@ def test_a_version_registered_by_another_run_while_this_one_trained_is_not_regis
 def test_a_killed_tokenizer_training_continues_its_run_and_registers_once(ctx_of, monkeypatch) -> None:
     """A worker killed in epoch 3 leaves its MLflow run RUNNING and the state of epoch 2. A rerun under
     other tokenizer settings cannot continue it: it trains in a new run and marks the old one KILLED.
-    Killed in epoch 4 too, that run is continued by the next rerun from there (nothing trained again),
+    Killed in epoch 4 too (a forced run: ``force=true`` trains anew rather than continue a run of
+    before), that run is continued by the next forced rerun from there (nothing trained again),
     which plots every epoch once, registers the version once and deletes the state."""
     import pipelines.tracking
     from pipelines.config import PipelineConfig
@@ -600,21 +606,22 @@ def test_a_killed_tokenizer_training_continues_its_run_and_registers_once(ctx_of
         lambda history, name: plotted.update(history) or plot(history, name),
     )
 
-    def killed(config: PipelineConfig, epoch: int) -> str:
+    def killed(config: PipelineConfig, epoch: int, step_params: dict[str, str]) -> str:
         killed_at[:], trained[:] = [epoch], []
         with pytest.raises(Killed):
-            run_step("train-tokenizer", DAY, config, params)
+            run_step("train-tokenizer", DAY, config, step_params)
         assert trained == list(range(epoch))
         newest = ctx.step_runs("train-tokenizer", **params)[0]
         ctx.mlflow.update_run(newest.info.run_id, "RUNNING")  # as SIGKILL leaves it
         return newest.info.run_id
 
     try:
-        first = killed(ctx.config, 3)
-        second = killed(config, 4)
+        forced = {**params, "force": "true"}
+        first = killed(ctx.config, 3, params)
+        second = killed(config, 4, forced)
         killed_at.clear()
         trained.clear()
-        summary = run_step("train-tokenizer", DAY, config, params)
+        summary = run_step("train-tokenizer", DAY, config, forced)
         assert trained == list(range(4, epochs))
         runs = {run.info.run_id: run for run in ctx.step_runs("train-tokenizer", **params)}
         assert runs.keys() == {first, second} and summary["mlflow_run_id"] == second != first

@@ -99,6 +99,13 @@ def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
         .toPandas()
     )
     known = events[events["item_id"].isin(item_ids)]
+    if len(known) < len(events):  # the gate keeps only catalogue items: the catalogue changed since
+        log.warning(
+            "%d of %d training events are of items not in %s: the behaviour encoder leaves them out",
+            len(events) - len(known),
+            len(events),
+            GOLD_ITEM_DOCUMENTS.name,
+        )
     encoder = BehaviorEncoder(cfg.embeddings.behavior, device="cpu").fit(known, cutoff, item_ids)
     batch = encoder.encode(item_ids)
     rows = pd.DataFrame(

@@ -148,8 +148,9 @@ def _dedup_order(df: DataFrame, keys: list[str], order: list[str], input_cols: l
     ]
     exprs += [F.col(c).asc_nulls_last() for c in rest]
     complex_cols = [c for c in input_cols if c not in keys and c not in named and c not in rest]
-    if complex_cols:  # arrays, maps...: their JSON breaks the last ties deterministically
-        exprs.append(F.to_json(F.struct(*[F.col(c) for c in complex_cols])).asc_nulls_last())
+    if complex_cols:  # arrays, maps...: their hash breaks the last ties deterministically (their JSON
+        # would be sorted and shuffled too: kilobytes a row for the samples' histories)
+        exprs.append(F.xxhash64(*[F.col(c) for c in complex_cols]).asc_nulls_last())
     return exprs
 
 

@@ -459,3 +459,21 @@ def test_a_budget_allows_exactly_its_share_of_rows() -> None:
 
     assert 0.29 * 100 < 29 and allowed_rejects(0.29, 100) == 29
     assert [allowed_rejects(0.01, n) for n in (0, 99, 100, 250)] == [0, 0, 1, 2]
+
+
+def test_duplicates_that_differ_only_in_nested_columns_keep_the_same_row_in_any_input_order(spark) -> None:
+    """The last tie between duplicates of one key is broken on their nested columns (arrays, maps),
+    so which row is kept does not depend on the order or partitioning of the input."""
+    from pyspark.sql import functions as F
+
+    from spark_jobs.quality.rules import annotate
+
+    rows = [(1, 5, [3, 1]), (1, 5, [1, 2]), (1, 5, [2]), (2, 5, [9]), (2, 5, None)]
+    suite = QualitySuite("nested", [RowRule("never", F.lit(False))], dedup_keys=["k"])
+    kept = set()
+    for order in (rows, rows[::-1], rows[2:] + rows[:2]):
+        df = spark.createDataFrame(order, "k long, x long, history array<long>").repartition(3)
+        valid = annotate(df, suite).filter(F.col("dq_row_valid")).select("k", "history").collect()
+        assert len(valid) == 2  # one per key
+        kept.add(tuple(sorted((r.k, tuple(r.history or ())) for r in valid)))
+    assert len(kept) == 1

@@ -34,7 +34,9 @@ import importlib
 import json
 import logging
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -273,8 +275,10 @@ def file_digest(path: str | None) -> str:
         return ""
     from hisam_core.encoders.image import NOT_A_FILE, local_path
 
-    try:
-        with open(local_path(path), "rb") as f:
+    try:  # non-blocking: opening a FIFO for reading waits for a writer
+        with open(os.open(local_path(path), os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a device (/dev/zero never ends), FIFO
+                return "missing"  # or socket: no file, as the encoders' is_file() decides
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as err:
         if err.errno in NOT_A_FILE:

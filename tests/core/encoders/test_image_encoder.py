@@ -278,17 +278,21 @@ def test_an_image_that_cannot_be_read_now_is_an_error_not_a_missing_one(tmp_path
     its vector."""
     import errno
     import hashlib
+    import os
 
     from hisam_core.encoders.image import load_rgb
     from spark_jobs.embeddings import file_digest
 
     path = tmp_path / "poster.png"
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(path)
+    os.mkfifo(tmp_path / "fifo")
     wrong = (
         str(tmp_path),
         str(path / "x"),
         str(tmp_path / ("x" * 300)),
-    )  # a folder, a file's child, too long
+        str(tmp_path / "fifo"),
+        "/dev/zero",
+    )  # a folder, a file's child, too long, a FIFO (opening it waited for a writer), a device (endless)
     assert {file_digest(p) for p in wrong} == {"missing"}
     assert {load_rgb(p) for p in wrong} == {(None, "missing file")}  # the encoder agrees: absent rows
 

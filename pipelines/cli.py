@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.settings import LOG_LEVELS, Settings, masked, positive_int_arg
+from pipelines.settings import LOG_LEVELS, Settings, masked, positive_int_arg, redacted
 from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
 
 log = logging.getLogger("hisam")
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if not unreachable(err):
             raise
         log.debug("traceback", exc_info=True)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = redacted(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
         log.error(
             "a database or server failed (MLflow tracking URI %s): %s; --log-level DEBUG shows the traceback",
             masked(Settings.from_env().mlflow_tracking_uri),

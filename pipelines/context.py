@@ -197,8 +197,13 @@ class StepContext:
         return notifier_from_config(cfg)
 
     def alert(self, title: str, text: str, severity: str = "error", **details: Any) -> bool:
-        """Send an alert; whether it was delivered. A sink failure is logged, never raised over the
-        step's own outcome."""
+        """Send an alert, URIs :func:`~pipelines.settings.redacted` (an error's text may quote a
+        password); whether it was delivered. A sink failure is logged, never raised over the step's
+        own outcome."""
+        from pipelines.settings import redacted
+
+        title, text = redacted(title), redacted(text)
+        details = {k: redacted(v) if isinstance(v, str) else v for k, v in details.items()}
         try:
             self.notifier.send(Alert(title, text, severity, "hisam", {"run_key": self.run_key, **details}))
         except Exception:

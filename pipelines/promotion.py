@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.context import StepContext
 from pipelines.registry import GATE_METRICS
+from pipelines.settings import redacted
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -356,7 +357,7 @@ def rollback(ctx: StepContext) -> dict[str, Any]:
         refreshed = refresh_champion(ctx)
     except Exception as err:
         log.exception("refreshing the restored champion v%s failed", restored)
-        reason = f"{type(err).__name__}: {err}"
+        reason = redacted(f"{type(err).__name__}: {err}")  # also in the summary (XCom)
         ctx.alert(
             f"{name} v{restored} restored but not refreshed",
             f"{reason}. It refuses items that arrived since it was registered until "

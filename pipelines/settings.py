@@ -92,6 +92,12 @@ def masked(uri: str) -> str:
     return scheme + sep + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
 
 
+def redacted(text: str) -> str:
+    """``text`` with every URI in it :func:`masked`: error messages quote the URIs they failed on, as
+    MLflow's REST client does with a tracking server's (``user:password@`` included)."""
+    return re.sub(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", lambda m: masked(m.group(0)), text)
+
+
 #: The levels ``--log-level`` takes (``hisam`` and ``hisam evaluate``).
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 

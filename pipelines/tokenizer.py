@@ -27,6 +27,7 @@ from hisam_core.features import ItemFeatures
 from hisam_core.semantic_ids import SemanticIds
 from pipelines.context import StepContext
 from pipelines.notify import alerted
+from pipelines.settings import redacted
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -662,7 +663,7 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
         except Exception as err:  # @previous only serves after a rollback: it must not stop the day
             if alias != PREVIOUS:
                 raise
-            reason = f"{type(err).__name__}: {err}"
+            reason = redacted(f"{type(err).__name__}: {err}")  # also in the summary (XCom)
             log.exception("no new %s IDs for @%s", older, alias)
             ctx.alert(
                 f"no new {older} IDs for @{alias}", f"a rollback would not serve them: {reason}", "warning"

@@ -726,10 +726,11 @@ def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplo
     assert not unreachable(RuntimeError("a bug"))
     # an HTTP tracking server that is down: MLflow raises its own error while handling requests'
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(
-        steps, "run_step", lambda *a, **k: MlflowClient("http://127.0.0.1:1").search_experiments()
+    monkeypatch.setattr(  # whose message quotes the URI, password included
+        steps, "run_step", lambda *a, **k: MlflowClient("http://svc:t0ken@127.0.0.1:1").search_experiments()
     )
-    assert main(["rollback"]) == 1 and "API request to http://127.0.0.1:1/" in caplog.text
+    assert main(["rollback"]) == 1 and "API request to http://svc:***@127.0.0.1:1/" in caplog.text
+    assert "t0ken" not in caplog.text
     try:  # another error raised while handling one (a bug in a handler) keeps its traceback
         try:
             raise requests.exceptions.ConnectionError("refused")
@@ -746,6 +747,27 @@ def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplo
 
     monkeypatch.setattr(steps, "run_step", skipped)  # still a skip (exit 0), not an error
     assert main(["rollback"]) == 0 and "skipped: nothing to do yet" in caplog.text
+
+
+def test_alerts_carry_no_password_an_error_quotes(tmp_path, monkeypatch) -> None:
+    """An alert's title, text and details have every URI in them masked: a failed task's alert
+    quotes its error, and MLflow's REST errors quote the tracking URI, ``user:password@`` included."""
+    import json
+
+    from pipelines.context import StepContext
+    from pipelines.settings import redacted
+
+    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
+    ctx = StepContext(PipelineConfig.model_validate({"notify": {"sinks": ["file"]}}), dt.date(2026, 11, 2))
+    error = "MlflowException: API request to https://svc:t0ken@mlflow.internal/api/2.0/x failed"
+    assert ctx.alert("finetune failed at postgresql://u:pw@db/x", error, reason=error, tries=2)
+    (alert,) = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert "t0ken" not in json.dumps(alert) and "pw@" not in json.dumps(alert)
+    assert alert["text"] == "MlflowException: API request to https://svc:***@mlflow.internal/api/2.0/x failed"
+    assert alert["title"] == "finetune failed at postgresql://u:***@db/x"
+    assert alert["details"]["reason"] == alert["text"] and alert["details"]["tries"] == 2
+    text = "no URI: a:b@c, sqlite:///a.db and 'file:///x?password=p' end"
+    assert redacted(text) == "no URI: a:b@c, sqlite:///a.db and 'file:///x?password=***' end"
 
 
 def test_a_tokenizer_trained_on_other_encoder_settings_is_refused(tmp_path, monkeypatch) -> None:

@@ -32,8 +32,9 @@ from pyspark.sql import types as T
 
 _NAME = re.compile(r"^(bronze|silver|gold)\.[a-z][a-z0-9_]*$")
 #: A dataset name: the first partition value of every table, so never empty (Delta stores an empty
-#: partition value as null, and a null in the NOT NULL ``dataset`` column breaks every later read).
-DATASET_PATTERN = r"^[A-Za-z0-9._-]+$"
+#: partition value as null, and a null in the NOT NULL ``dataset`` column breaks every later read),
+#: and a folder name under ``$HISAM_HOME`` too, so it starts with a letter or digit (never ``..``).
+DATASET_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _COLUMN = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -508,6 +509,7 @@ def check_dataset(name: str) -> str:
     """``name`` if it is a valid dataset name (:data:`DATASET_PATTERN`), else ValueError."""
     if not isinstance(name, str) or not re.fullmatch(DATASET_PATTERN, name):
         raise ValueError(
-            f"dataset name must be letters, digits, '.', '_' or '-' (one at least), got {name!r}"
+            f"dataset name must be letters, digits, '.', '_' or '-', starting with a letter or digit, "
+            f"got {name!r}"
         )
     return name

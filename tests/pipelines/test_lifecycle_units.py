@@ -299,8 +299,9 @@ def test_every_param_a_step_reads_is_declared_and_others_are_refused(tmp_path, m
     with pytest.raises(ValueError, match=r"step build-sequences has no param tokenizer_verison \(its params: "
                        r"tokenizer_version, skip_without_tokenizer\)"):  # fmt: skip
         run_step("build-sequences", "2026-11-01", PipelineConfig(), {"tokenizer_verison": "dst-20261101"})
-    with pytest.raises(ValueError, match=r"param tokenizer_version must be letters, .* got \"dst-2026'11\""):
-        run_step("build-sequences", "2026-11-01", PipelineConfig(), {"tokenizer_version": "dst-2026'11"})
+    for version in ("dst-2026'11", "..", ".hidden"):  # MLflow filter strings and folder names
+        with pytest.raises(ValueError, match=rf"param tokenizer_version must be letters, .* got {version!r}"):
+            run_step("build-sequences", "2026-11-01", PipelineConfig(), {"tokenizer_version": version})
     for step, key in (("finetune", "force"), ("tokenize-new-items", "skip_without_tokenizer")):
         with pytest.raises(ValueError, match=f"step {step}: param {key} must be true or false, got 'ture'"):
             run_step(step, "2026-11-01", tmp_path / "absent.yaml", {key: "ture"})  # before the config is read

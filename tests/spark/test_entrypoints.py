@@ -134,8 +134,10 @@ def test_a_bad_dataset_name_is_refused_before_spark_starts(capsys) -> None:
             main([*argv, "--dataset", ""])
         assert exit_info.value.code == 2
         assert "dataset name must be letters, digits" in capsys.readouterr().err
-    with pytest.raises(ValidationError, match=r"1 validation error .*\ndataset"):
-        MovieLensImportConfig(data_dir=".", dataset="a b")
+    for name in ("a b", "..", ".", "-x"):  # a folder name too: never the parent folder
+        with pytest.raises(ValidationError, match=r"1 validation error .*\ndataset"):
+            MovieLensImportConfig(data_dir=".", dataset=name)
+    assert MovieLensImportConfig(data_dir=".", dataset="ml-100k.v2").dataset == "ml-100k.v2"
     with pytest.raises(ValidationError, match=r"1 validation error .*\ndataset"):
         AmazonImportConfig(reviews=".", dataset="")
 

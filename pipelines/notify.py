@@ -46,6 +46,9 @@ _LEVELS: dict[str, int] = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
+#: The most characters of an alert a webhook posts (Slack truncates messages of over 40,000).
+WEBHOOK_MAX_CHARS = 4000
+
 _ICONS: dict[str, str] = {
     "info": ":information_source:",
     "warning": ":warning:",
@@ -196,7 +199,14 @@ class WebhookNotifier:
         self.backoff_s = backoff_s
 
     def payload(self, alert: Alert) -> dict[str, Any]:
-        return {"text": alert.render()}
+        """``text``: :meth:`Alert.render` with ``&``, ``<`` and ``>`` escaped, as Slack reads them as
+        markup (a source value ``<!channel>`` in a quarantine reason would ping a whole channel), and
+        cut to :data:`WEBHOOK_MAX_CHARS` (an oversized post is refused, and the alert lost)."""
+        text = alert.render()
+        if len(text) > WEBHOOK_MAX_CHARS:
+            cut = len(text) - WEBHOOK_MAX_CHARS
+            text = f"{text[:WEBHOOK_MAX_CHARS]}\n... ({cut} more characters in the log and alerts file)"
+        return {"text": text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")}
 
     def send(self, alert: Alert) -> None:
         body = json.dumps(self.payload(alert)).encode("utf-8")

@@ -100,6 +100,24 @@ def test_webhook_posts_slack_json_text(alert: Alert) -> None:
     assert alert.title in hook.bodies[0]["text"] and "ERROR" in hook.bodies[0]["text"]
 
 
+def test_webhook_text_escapes_slack_markup_and_is_cut_to_its_limit() -> None:
+    """A source value quoted in a reason reaches chat: ``<!channel>`` or a disguised link must stay
+    text, and a huge one must not make the post too large to deliver."""
+    from pipelines.notify import WEBHOOK_MAX_CHARS
+
+    sink = WebhookNotifier("http://127.0.0.1:1/hook")
+    sneaky = Alert(title="gate failed", text="rating '<!channel> <https://x|login>' & more is not a number")
+    assert sink.payload(sneaky)["text"].endswith(
+        "rating '&lt;!channel&gt; &lt;https://x|login&gt;' &amp; more is not a number"
+    )
+    huge = Alert(title="gate failed", text="x" * 100_000)
+    text = sink.payload(huge)["text"]
+    assert text.startswith(huge.render()[:WEBHOOK_MAX_CHARS])
+    assert text.endswith(
+        f"... ({len(huge.render()) - WEBHOOK_MAX_CHARS} more characters in the log and alerts file)"
+    )
+
+
 def test_webhook_retries_server_errors_then_succeeds(alert: Alert) -> None:
     with _Hook([503, 500, 200]) as hook:
         WebhookNotifier(hook.url, timeout_s=5, retries=2, backoff_s=0.01).send(alert)

@@ -266,9 +266,17 @@ def id_problem(name: str, value: Column) -> Column:
     return first_reason((blank(value), f"missing {name}"), (null_marker(value), marker))
 
 
+#: The most characters of a source value a quarantine reason quotes (the record is whole in ``raw``).
+QUOTED_MAX_CHARS = 60
+
+
 def quoted(col: Column) -> Column:
-    """``'value'`` for messages (``null`` for null)."""
-    return F.coalesce(F.concat(F.lit("'"), col, F.lit("'")), F.lit("null"))
+    """``'value'`` for messages (``null`` for null), cut to :data:`QUOTED_MAX_CHARS` with ``...``: a
+    reason is counted, grouped and sent in alerts, so a megabyte field must not be in it."""
+    cut = F.when(
+        F.length(col) > QUOTED_MAX_CHARS, F.concat(F.substring(col, 1, QUOTED_MAX_CHARS), F.lit("..."))
+    ).otherwise(col)
+    return F.coalesce(F.concat(F.lit("'"), cut, F.lit("'")), F.lit("null"))
 
 
 def not_int(col: Column) -> Column:

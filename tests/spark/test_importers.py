@@ -849,6 +849,16 @@ def test_generic_categories_that_only_look_like_a_json_list_are_split_not_droppe
     }
 
 
+def test_a_reason_quotes_at_most_60_characters_of_a_value_and_raw_keeps_it_whole(spark, lake, tmp_path):
+    """Reasons are counted, grouped and sent in alerts: a huge bad value is cut there, not in raw."""
+    long = "great " * 2000
+    (tmp_path / "events.csv").write_text(f"user_id,item_id,timestamp,rating\nu1,i1,1,{long}\nu2,i1,1,4\n")
+    config = GenericImportConfig(dataset="long", interactions=str(tmp_path / "events.csv"))
+    assert counts(import_generic(spark, lake, config, DAY))["events.csv"] == (2, 1, 1)
+    (row,) = lake.read("bronze.quarantine", partitions={"dataset": "long"}).collect()
+    assert row.reason == f"rating '{long[:60]}...' is not a number" and long in row.raw
+
+
 def test_generic_parquet_with_nulls_in_keys(spark, lake, tmp_path):
     events = pd.DataFrame(
         {

@@ -99,10 +99,14 @@ class RankerStageConfig(Config):
         return self
 
 
+#: A registered model name: it goes into MLflow filter strings, which a quote would break or retarget.
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class RegistryNames(Config):
-    tokenizer: str = "hisam-tokenizer"
-    pretrained: str = "hisam-pretrained"
-    ranker: str = "hisam-ranker"
+    tokenizer: str = Field("hisam-tokenizer", pattern=MODEL_NAME)
+    pretrained: str = Field("hisam-pretrained", pattern=MODEL_NAME)
+    ranker: str = Field("hisam-ranker", pattern=MODEL_NAME)
 
     @property
     def names(self) -> list[str]:

@@ -47,19 +47,28 @@ def behaviour_cut_of(ctx: StepContext, input_hashes: set[str]) -> int | None:
 
 
 def _behavior_embeddings(ctx: StepContext) -> dict[str, Any]:
+    from pipelines.ingest import valid_interactions
+
+    interactions, _ = valid_interactions(ctx)  # the rows build-sequences reads: the same cut
+    interactions = interactions.cache()  # read four times: twice for the cut, its hash, the events
+    try:
+        return _train_behavior(ctx, interactions)
+    finally:
+        interactions.unpersist()
+
+
+def _train_behavior(ctx: StepContext, interactions: Any) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
     from pyspark.sql import functions as F
 
     from hisam_core.encoders.behavior import BehaviorEncoder
-    from pipelines.ingest import valid_interactions
     from spark_jobs.sequences import prepare_interactions
     from spark_jobs.tables import GOLD_BEHAVIOUR_CUTS, GOLD_ITEM_DOCUMENTS, GOLD_ITEM_EMBEDDINGS
 
     lake, cfg = ctx.lake, ctx.config
     part = {"dataset": ctx.dataset}
     seq_cfg = cfg.sequences.model_copy(update={"dataset": ctx.dataset})
-    interactions, _ = valid_interactions(ctx)  # the rows build-sequences reads: the same cut
     _, _, cut = prepare_interactions(interactions, seq_cfg)
     settings = json.dumps(cfg.embeddings.behavior.model_dump(mode="json"), sort_keys=True)
     cutoff = cut.whole_seconds()

@@ -201,11 +201,11 @@ def run_gate(
         if keep_earlier:  # earlier rows whose key this run no longer reads: removed, so kept
             earlier = ctx.lake.read(BRONZE_QUARANTINE, partitions=partition)
             schema = df.select(*keep_earlier).schema
-            # keys as ``raw`` writes them, on both sides; the earlier rows are few: only the
-            # input's keys among theirs are looked up (a broadcast)
+            # keys as ``raw`` writes them, on both sides; only the input's keys among the earlier
+            # rows' are looked up (no broadcast hint: after a failed run they may be many)
             earlier = earlier.select("*", F.to_json(F.from_json("raw", schema), JSON_OPTIONS).alias("_key"))
             present = df.select(row_json(*keep_earlier).alias("_key"))
-            again = present.join(F.broadcast(earlier.select("_key")), "_key", "left_semi").distinct()
+            again = present.join(earlier.select("_key"), "_key", "left_semi").distinct()
             rows = earlier.join(again, "_key", "left_anti").drop("_key").unionByName(rows)
         verdict = {"passed": str(report.success).lower(), "quarantined": str(report.n_quarantined)}
         version = ctx.lake.write(

@@ -283,6 +283,7 @@ def load_item_features(
             {"dataset": ctx.dataset, "modality": modality},
             columns=["item_id", "encoder", "encoder_version", "fingerprint", "embedding", "dim", "present"],
             version=read_version,
+            where={"encoder": name, "encoder_version": enc_version},  # not other encoders' vectors
         )
         frame = configured_rows(ctx, modality, frame)
         expected = gate.expected_dims.get(modality)

@@ -149,9 +149,22 @@ def _dedup_order(df: DataFrame, keys: list[str], order: list[str], input_cols: l
     exprs += [F.col(c).asc_nulls_last() for c in rest]
     complex_cols = [c for c in input_cols if c not in keys and c not in named and c not in rest]
     if complex_cols:  # arrays, maps...: their hash breaks the last ties deterministically (their JSON
-        # would be sorted and shuffled too: kilobytes a row for the samples' histories)
-        exprs.append(F.xxhash64(*[F.col(c) for c in complex_cols]).asc_nulls_last())
+        # would be sorted and shuffled too: kilobytes a row for the samples' histories); Spark hashes
+        # no map, so a column holding one is hashed as its JSON
+        types = {f.name: f.dataType for f in df.schema.fields}
+        hashed = [F.to_json(c) if _has_map(types[c]) else F.col(c) for c in complex_cols]
+        exprs.append(F.xxhash64(*hashed).asc_nulls_last())
     return exprs
+
+
+def _has_map(data_type: T.DataType) -> bool:
+    if isinstance(data_type, T.MapType):
+        return True
+    if isinstance(data_type, T.ArrayType):
+        return _has_map(data_type.elementType)
+    if isinstance(data_type, T.StructType):
+        return any(_has_map(f.dataType) for f in data_type.fields)
+    return False
 
 
 def annotate(df: DataFrame, suite: QualitySuite) -> DataFrame:

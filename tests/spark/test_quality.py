@@ -468,12 +468,22 @@ def test_duplicates_that_differ_only_in_nested_columns_keep_the_same_row_in_any_
 
     from spark_jobs.quality.rules import annotate
 
-    rows = [(1, 5, [3, 1]), (1, 5, [1, 2]), (1, 5, [2]), (2, 5, [9]), (2, 5, None)]
+    rows = [
+        (1, 5, [3, 1], {"a": "1"}),
+        (1, 5, [1, 2], {"a": "1"}),
+        (1, 5, [2], {"a": "1"}),
+        (2, 5, [9], {"a": "1"}),
+        (2, 5, [9], {"b": "2"}),  # differs only in a map, which Spark does not hash
+        (2, 5, [9], None),
+    ]
     suite = QualitySuite("nested", [RowRule("never", F.lit(False))], dedup_keys=["k"])
     kept = set()
-    for order in (rows, rows[::-1], rows[2:] + rows[:2]):
-        df = spark.createDataFrame(order, "k long, x long, history array<long>").repartition(3)
-        valid = annotate(df, suite).filter(F.col("dq_row_valid")).select("k", "history").collect()
+    for order in (rows, rows[::-1], rows[2:] + rows[:2], rows[4:] + rows[:4]):
+        schema = "k long, x long, history array<long>, attributes map<string,string>"
+        df = spark.createDataFrame(order, schema).repartition(3)
+        valid = annotate(df, suite).filter(F.col("dq_row_valid")).collect()
         assert len(valid) == 2  # one per key
-        kept.add(tuple(sorted((r.k, tuple(r.history or ())) for r in valid)))
+        kept.add(
+            tuple(sorted((r.k, tuple(r.history), tuple(sorted((r.attributes or {}).items()))) for r in valid))
+        )
     assert len(kept) == 1

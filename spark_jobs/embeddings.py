@@ -275,10 +275,13 @@ def file_digest(path: str | None) -> str:
         return ""
     from hisam_core.encoders.image import NOT_A_FILE, local_path
 
-    try:  # non-blocking: opening a FIFO for reading waits for a writer
-        with open(os.open(local_path(path), os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a device (/dev/zero never ends), FIFO
-                return "missing"  # or socket: no file, as the encoders' is_file() decides
+    local = local_path(path)
+    try:  # a folder, a device (/dev/zero never ends), a FIFO (opening it waits for a writer) or a
+        if not stat.S_ISREG(os.stat(local).st_mode):  # socket is no file, as the encoders' is_file()
+            return "missing"  # decides; non-blocking and checked again: one may be swapped in since
+        with open(os.open(local, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return "missing"
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as err:
         if err.errno in NOT_A_FILE:

@@ -293,7 +293,9 @@ def test_an_image_that_cannot_be_read_now_is_an_error_not_a_missing_one(tmp_path
         str(tmp_path / "fifo"),
         "/dev/zero",
     )  # a folder, a file's child, too long, a FIFO (opening it waited for a writer), a device (endless)
-    assert {file_digest(p) for p in wrong} == {"missing"}
+    open_before = len(os.listdir("/proc/self/fd"))
+    assert {file_digest(p) for p in wrong * 3} == {"missing"}
+    assert len(os.listdir("/proc/self/fd")) == open_before  # no descriptor left open
     assert {load_rgb(p) for p in wrong} == {(None, "missing file")}  # the encoder agrees: absent rows
 
     def failing(*args, **kwargs):

@@ -574,9 +574,10 @@ def test_a_version_registered_by_another_run_while_this_one_trained_is_not_regis
 def test_a_killed_tokenizer_training_continues_its_run_and_registers_once(ctx_of, monkeypatch) -> None:
     """A worker killed in epoch 3 leaves its MLflow run RUNNING and the state of epoch 2. A rerun under
     other tokenizer settings cannot continue it: it trains in a new run and marks the old one KILLED.
-    Killed in epoch 4 too (a forced run: ``force=true`` trains anew rather than continue a run of
-    before), that run is continued by the next forced rerun from there (nothing trained again),
-    which plots every epoch once, registers the version once and deletes the state."""
+    Killed in epoch 4 too, that run is not continued by a forced rerun (``force=true`` trains anew,
+    and marks it KILLED); the forced run, killed in epoch 2, is continued by the next forced rerun
+    from there (nothing trained again), which plots every epoch once, registers the version once
+    and deletes the state."""
     import pipelines.tracking
     from pipelines.config import PipelineConfig
     from pipelines.registry import find_versions
@@ -618,20 +619,21 @@ def test_a_killed_tokenizer_training_continues_its_run_and_registers_once(ctx_of
     try:
         forced = {**params, "force": "true"}
         first = killed(ctx.config, 3, params)
-        second = killed(config, 4, forced)
+        second = killed(config, 4, params)
+        third = killed(config, 2, forced)
         killed_at.clear()
         trained.clear()
         summary = run_step("train-tokenizer", DAY, config, forced)
-        assert trained == list(range(4, epochs))
+        assert trained == list(range(2, epochs))
         runs = {run.info.run_id: run for run in ctx.step_runs("train-tokenizer", **params)}
-        assert runs.keys() == {first, second} and summary["mlflow_run_id"] == second != first
-        assert runs[first].info.status == "KILLED"
-        assert runs[second].info.status == "FINISHED" and runs[second].data.tags["health"] == "passed"
-        logged = [m.step for m in ctx.mlflow.get_metric_history(second, "dst/temperature")]
+        assert runs.keys() == {first, second, third} and summary["mlflow_run_id"] == third
+        assert runs[first].info.status == runs[second].info.status == "KILLED"
+        assert runs[third].info.status == "FINISHED" and runs[third].data.tags["health"] == "passed"
+        logged = [m.step for m in ctx.mlflow.get_metric_history(third, "dst/temperature")]
         assert sorted(logged) == [step for step, _ in plotted["dst/temperature"]] == list(range(epochs))
         registered = find_versions(ctx.mlflow, "hisam-tokenizer", **params)
         assert [str(v.version) for v in registered] == [summary["model_version"]]
-        assert not (_training_dir(ctx, params["tokenizer_version"], second) / TRAINING_STATE).exists()
+        assert not (_training_dir(ctx, params["tokenizer_version"], third) / TRAINING_STATE).exists()
     finally:
         for registered in find_versions(ctx.mlflow, "hisam-tokenizer", **params):
             ctx.mlflow.delete_model_version("hisam-tokenizer", registered.version)

@@ -46,7 +46,8 @@ _LEVELS: dict[str, int] = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
-#: The most characters of an alert a webhook posts (Slack truncates messages of over 40,000).
+#: The most characters of an alert a webhook posts: chat services cap a message (Slack's text at
+#: 40,000 characters) and cut or refuse a longer one; a quarantine summary needs far fewer.
 WEBHOOK_MAX_CHARS = 4000
 
 _ICONS: dict[str, str] = {
@@ -200,13 +201,12 @@ class WebhookNotifier:
 
     def payload(self, alert: Alert) -> dict[str, Any]:
         """``text``: :meth:`Alert.render` with ``&``, ``<`` and ``>`` escaped, as Slack reads them as
-        markup (a source value ``<!channel>`` in a quarantine reason would ping a whole channel), and
-        cut to :data:`WEBHOOK_MAX_CHARS` (an oversized post is refused, and the alert lost)."""
-        text = alert.render()
+        markup (a source value ``<!channel>`` in a quarantine reason would ping a whole channel), then
+        cut to :data:`WEBHOOK_MAX_CHARS` and a line that says so."""
+        text = alert.render().replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         if len(text) > WEBHOOK_MAX_CHARS:
-            cut = len(text) - WEBHOOK_MAX_CHARS
-            text = f"{text[:WEBHOOK_MAX_CHARS]}\n... ({cut} more characters in the log and alerts file)"
-        return {"text": text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")}
+            text = f"{text[:WEBHOOK_MAX_CHARS]}\n... ({len(text) - WEBHOOK_MAX_CHARS} more characters cut)"
+        return {"text": text}
 
     def send(self, alert: Alert) -> None:
         body = json.dumps(self.payload(alert)).encode("utf-8")

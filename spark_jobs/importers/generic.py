@@ -113,7 +113,7 @@ from spark_jobs.importers.common import (
     write_bronze,
 )
 from spark_jobs.lake import Lake
-from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS, DATASET_PATTERN
+from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS, DATASET_PATTERN, row_json
 
 logger = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ def read_as_strings(
                 part.select(
                     *[_as_text(f).alias(name_of[f.name]) for f in part.schema.fields],
                     F.lit(None).cast("string").alias(CORRUPT),
-                    F.to_json(F.struct(*map(field, part.columns))).alias(RAW),
+                    row_json(*map(field, part.columns)).alias(RAW),  # typed: microsecond timestamps
                     F.col("_metadata.file_path").alias("source_file"),
                 )
             )

@@ -145,15 +145,23 @@ DAG_DEFAULTS: dict[str, Any] = {
 def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``step`` for the run's day; ``{ds_nodash}`` in a param is the day as YYYYMMDD."""
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+    from airflow.sdk.log import mask_secret
 
+    from pipelines.settings import Settings, redacted, uri_secrets
     from pipelines.steps import StepSkipped, error_text, run_step, step_errors
 
+    # Airflow masks what it is told about in task logs (tracebacks too): these come from the
+    # environment, not from Connections, so it is told here, before anything is logged
+    for secret in uri_secrets(Settings.from_env().mlflow_tracking_uri):
+        mask_secret(secret)
+    if webhook := os.environ.get("HISAM_NOTIFY_WEBHOOK_URL"):
+        mask_secret(webhook)
     day = logical_day(context)
     resolved = {k: v.format(ds_nodash=day.strftime("%Y%m%d")) for k, v in (params or {}).items()}
     try:
         return run_step(step, day, params=resolved)
     except step_errors() as err:
-        raise AirflowFailException(f"{step}: {error_text(err)}") from err
+        raise AirflowFailException(f"{step}: {redacted(error_text(err))}") from err
     except StepSkipped as skipped:
         raise AirflowSkipException(f"{step}: {skipped}") from skipped
 

@@ -251,11 +251,21 @@ def _threads(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{err} (from --threads or ${THREADS_ENV})") from None
 
 
+class RedactingFormatter(logging.Formatter):
+    """Log lines, tracebacks included, with every URI in them :func:`~pipelines.settings.redacted`:
+    an error's message may quote a tracking URI with its password."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redacted(super().format(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv, forwarded = split_evaluate(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])  # none if the root has one already
     if args.command == "steps":
         for step in STEPS.values():
             takes = f" [--param {', '.join(step.params)}]" if step.params else ""
@@ -296,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     except step_errors() as err:
         log.debug("traceback", exc_info=True)
-        log.error("%s", error_text(err))
+        log.error("%s", redacted(error_text(err)))
         return DATA_QUALITY_EXIT if isinstance(err, DataQualityError) else 2
     except StepSkipped as skipped:
         log.warning("skipped: %s", skipped)

@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 from hisam_core.config import Config
 
@@ -90,6 +91,16 @@ def masked(uri: str) -> str:
         userinfo, host = rest.rsplit("@", 1)
         rest = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else rest
     return scheme + sep + re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
+
+
+def uri_secrets(uri: str) -> list[str]:
+    """The passwords :func:`masked` hides in ``uri`` (its user info's, ``password=`` values), as written
+    and percent-decoded: for a log masker that hides them wherever they appear (a traceback)."""
+    _, sep, rest = uri.partition("://")
+    userinfo = rest.rsplit("@", 1)[0] if sep and "@" in rest else ""
+    found = [userinfo.split(":", 1)[1]] if ":" in userinfo else []
+    found += re.findall(r"(?i)password=([^&]*)", rest)
+    return sorted({v for s in found for v in (s, unquote(s)) if v})
 
 
 def redacted(text: str) -> str:

@@ -233,6 +233,36 @@ def test_a_step_that_alerted_before_failing_gets_no_second_alert(dags, tmp_path,
     assert "webhook down" in lost["text"] and "lake unreachable" in other["text"]
 
 
+def test_a_task_tells_airflow_the_secrets_in_its_environment_and_fails_without_them(
+    dags, monkeypatch
+) -> None:
+    """Airflow masks in task logs (tracebacks too) only what it is told: the tracking URI's password
+    and the webhook URL come from the environment, so each task tells its masker before the step
+    runs; the failure's own message has its URIs masked too."""
+    import airflow.sdk.log
+    import hisam_common
+    from airflow.sdk.exceptions import AirflowFailException
+
+    import pipelines.steps
+    from pipelines.settings import uri_secrets
+
+    told = []
+    monkeypatch.setattr(airflow.sdk.log, "mask_secret", lambda secret, name=None: told.append(secret))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://svc:t%40ken@mlflow.internal")
+    monkeypatch.setenv("HISAM_NOTIFY_WEBHOOK_URL", "https://chat.example/hooks/s3cret")
+
+    def failing(step, day, params=None):
+        raise ValueError(f"cannot reach {os.environ['MLFLOW_TRACKING_URI']}/api")
+
+    monkeypatch.setattr(pipelines.steps, "run_step", failing)
+    with pytest.raises(AirflowFailException) as err:
+        hisam_common.execute("finetune", {"logical_date": dt.datetime(2026, 11, 2, tzinfo=dt.UTC)})
+    assert sorted(told) == ["https://chat.example/hooks/s3cret", "t%40ken", "t@ken"]
+    assert "t%40ken" not in str(err.value) and "https://svc:***@mlflow.internal/api" in str(err.value)
+    assert uri_secrets("postgresql+psycopg2://mlflow:s3/cr@t@db/x?password=p2") == ["p2", "s3/cr@t"]
+    assert uri_secrets("sqlite:///a.db") == uri_secrets("http://mlflow:5000") == []
+
+
 def test_an_asset_triggered_run_takes_the_day_its_events_carry_else_the_day_it_was_due(dags) -> None:
     """Runs triggered by an asset (hisam_pretrain after @current moves) have no logical date: their
     steps run for the newest day their events carry (the activating tokenizer run's, a day before when

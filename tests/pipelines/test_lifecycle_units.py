@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -770,6 +772,16 @@ def test_alerts_carry_no_password_an_error_quotes(tmp_path, monkeypatch) -> None
     assert alert["text"] == "MlflowException: API request to https://svc:***@mlflow.internal/api/2.0/x failed"
     assert alert["title"] == "finetune failed at postgresql://u:***@db/x"
     assert alert["details"]["reason"] == alert["text"] and alert["details"]["tries"] == 2
+    from pipelines.cli import RedactingFormatter
+
+    try:
+        raise ConnectionError(error)
+    except ConnectionError:
+        record = logging.LogRecord(
+            "hisam", logging.ERROR, __file__, 1, "failed: %s", (error,), sys.exc_info()
+        )
+    line = RedactingFormatter("%(message)s").format(record)  # the CLI's log lines, traceback included
+    assert "t0ken" not in line and line.count("https://svc:***@mlflow.internal") == 2
     text = "no URI: a:b@c, sqlite:///a.db and 'file:///x?password=p' end"
     assert redacted(text) == "no URI: a:b@c, sqlite:///a.db and 'file:///x?password=***' end"
 

@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
+from types import TracebackType
 
 from pipelines.settings import LOG_LEVELS, Settings, masked, positive_int_arg, redacted
 from pipelines.steps import CONFIG_ENV, STEPS, THREADS_ENV, apply_torch_threads
@@ -259,13 +261,20 @@ class RedactingFormatter(logging.Formatter):
         return redacted(super().format(record))
 
 
+def redacting_excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    """Python's report of an uncaught exception, with every URI in it redacted."""
+    sys.stderr.write(redacted("".join(traceback.format_exception(kind, value, tb))))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     argv, forwarded = split_evaluate(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level, handlers=[handler])  # none if the root has one already
+    if not logging.getLogger().handlers:  # the CLI's own process (not a caller that set up logging)
+        handler = logging.StreamHandler()
+        handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=args.log_level, handlers=[handler])
+        sys.excepthook = redacting_excepthook  # a bug's traceback is printed past logging
     if args.command == "steps":
         for step in STEPS.values():
             takes = f" [--param {', '.join(step.params)}]" if step.params else ""

@@ -183,7 +183,7 @@ def _retry_after(value: str | None) -> float:
 
 
 class WebhookNotifier:
-    """POSTs ``{"text": alert.render()}`` as JSON to a Slack-compatible incoming webhook.
+    """POSTs ``{"text": ...}`` (:meth:`payload`) as JSON to a Slack-compatible incoming webhook.
 
     Each attempt is bounded by ``timeout_s``; 5xx, 408 and 429 answers (after ``Retry-After``) and
     network errors before an answer are retried ``retries`` times with exponential backoff, other
@@ -205,7 +205,10 @@ class WebhookNotifier:
         cut to :data:`WEBHOOK_MAX_CHARS` and a line that says so."""
         text = alert.render().replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         if len(text) > WEBHOOK_MAX_CHARS:
-            text = f"{text[:WEBHOOK_MAX_CHARS]}\n... ({len(text) - WEBHOOK_MAX_CHARS} more characters cut)"
+            cut = WEBHOOK_MAX_CHARS
+            entity = text.rfind("&", cut - 4, cut)  # never half an escape: "&lt" would show
+            cut = entity if entity >= 0 and ";" not in text[entity:cut] else cut
+            text = f"{text[:cut]}\n... ({len(text) - cut} more characters cut)"
         return {"text": text}
 
     def send(self, alert: Alert) -> None:

@@ -8,10 +8,11 @@ the URIs (Postgres for MLflow and Airflow metadata, object storage for the lake)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from hisam_core.config import Config
 
@@ -98,7 +99,9 @@ def uri_secrets(uri: str) -> list[str]:
     and percent-decoded: for a log masker that hides them wherever they appear (a traceback)."""
     _, sep, rest = uri.partition("://")
     userinfo = rest.rsplit("@", 1)[0] if sep and "@" in rest else ""
-    found = [userinfo.split(":", 1)[1]] if ":" in userinfo else []
+    found = [userinfo.split(":", 1)[1]] if ":" in userinfo else []  # a raw '@' in the password too
+    with contextlib.suppress(ValueError):  # an '@' in the path or query instead: the standard parse
+        found.append(urlsplit(uri).password or "")  # (both, then: masking more is safe)
     found += re.findall(r"(?i)password=([^&]*)", rest)
     return sorted({v for s in found for v in (s, unquote(s)) if v})
 

@@ -86,6 +86,8 @@ def configure_mlflow(settings: Settings) -> str:
         )
     if scheme not in _SERVER_SCHEMES and not _is_local_store(uri):
         check_database_reachable(uri)
+    if urlparse(uri).password:  # MLflow prints each finished run's URL to stdout, the password in it
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

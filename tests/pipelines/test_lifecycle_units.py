@@ -755,13 +755,13 @@ def test_an_unreachable_store_is_one_line_with_the_uri_masked(monkeypatch, caplo
     assert main(["rollback"]) == 0 and "skipped: nothing to do yet" in caplog.text
 
 
-def test_alerts_carry_no_password_an_error_quotes(tmp_path, monkeypatch) -> None:
+def test_alerts_carry_no_password_an_error_quotes(tmp_path, monkeypatch, capsys) -> None:
     """An alert's title, text and details have every URI in them masked: a failed task's alert
     quotes its error, and MLflow's REST errors quote the tracking URI, ``user:password@`` included."""
     import json
 
     from pipelines.context import StepContext
-    from pipelines.settings import redacted
+    from pipelines.settings import redacted, uri_secrets
 
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
     ctx = StepContext(PipelineConfig.model_validate({"notify": {"sinks": ["file"]}}), dt.date(2026, 11, 2))
@@ -772,7 +772,7 @@ def test_alerts_carry_no_password_an_error_quotes(tmp_path, monkeypatch) -> None
     assert alert["text"] == "MlflowException: API request to https://svc:***@mlflow.internal/api/2.0/x failed"
     assert alert["title"] == "finetune failed at postgresql://u:***@db/x"
     assert alert["details"]["reason"] == alert["text"] and alert["details"]["tries"] == 2
-    from pipelines.cli import RedactingFormatter
+    from pipelines.cli import RedactingFormatter, redacting_excepthook
 
     try:
         raise ConnectionError(error)
@@ -782,6 +782,10 @@ def test_alerts_carry_no_password_an_error_quotes(tmp_path, monkeypatch) -> None
         )
     line = RedactingFormatter("%(message)s").format(record)  # the CLI's log lines, traceback included
     assert "t0ken" not in line and line.count("https://svc:***@mlflow.internal") == 2
+    redacting_excepthook(*record.exc_info)  # and what Python prints of a bug, past logging
+    printed = capsys.readouterr().err
+    assert "ConnectionError: MlflowException" in printed and "t0ken" not in printed
+    assert uri_secrets("https://u:p4ss@host/path?email=x@y")[0] == "p4ss"  # an '@' past the host
     text = "no URI: a:b@c, sqlite:///a.db and 'file:///x?password=p' end"
     assert redacted(text) == "no URI: a:b@c, sqlite:///a.db and 'file:///x?password=***' end"
 

@@ -225,7 +225,10 @@ BRONZE_USERS = _register(
 )
 
 #: ``to_json``'s timestamps to the microsecond, the lake's precision (Spark's default keeps milliseconds)
-JSON_OPTIONS = {"timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX"}
+JSON_OPTIONS = {
+    "timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX",
+    "timestampNTZFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSSSS",  # a column without a time zone
+}
 
 
 def row_json(*columns: str | Column) -> Column:

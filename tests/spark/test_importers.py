@@ -883,6 +883,22 @@ def test_generic_parquet_with_nulls_in_keys(spark, lake, tmp_path):
     assert rows["2"].rating is None and rows["2"].label == 1  # NaN is no rating
 
 
+def test_a_quarantined_parquet_record_keeps_its_timestamps_to_the_microsecond(spark, lake, tmp_path):
+    """``raw`` is the record as JSON: a typed timestamp, with a time zone or without, keeps its
+    microseconds (Spark's JSON keeps milliseconds by default), so the record can be rebuilt exactly."""
+    when = pd.Timestamp("2024-01-01 10:00:00.123456")
+    events = pd.DataFrame({"user_id": pd.array([None], dtype="Int64"), "item_id": ["a"],
+                           "timestamp": [when.tz_localize("UTC")], "seen_at": [when], "label": [1]})  # fmt: skip
+    events = events.astype({"timestamp": "datetime64[us, UTC]", "seen_at": "datetime64[us]"})  # not ns
+    events.to_parquet(tmp_path / "events.parquet")
+    config = GenericImportConfig(dataset="us", interactions=str(tmp_path / "events.parquet"))
+    assert counts(import_generic(spark, lake, config, DAY)) == {"events.parquet": (1, 0, 1)}
+    (row,) = lake.read("bronze.quarantine", partitions={"dataset": "us"}).collect()
+    raw = json.loads(row.raw)
+    assert raw["timestamp"] == "2024-01-01T10:00:00.123456Z"
+    assert raw["seen_at"].startswith("2024-01-01T10:00:00.123456")
+
+
 def test_a_boolean_label_is_implicit_feedback(spark, lake, tmp_path):
     """A Parquet (or JSON) boolean column reads as true/false: 1/0, not a quarantined label."""
     events = pd.DataFrame(

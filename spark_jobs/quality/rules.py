@@ -148,12 +148,11 @@ def _dedup_order(df: DataFrame, keys: list[str], order: list[str], input_cols: l
     ]
     exprs += [F.col(c).asc_nulls_last() for c in rest]
     complex_cols = [c for c in input_cols if c not in keys and c not in named and c not in rest]
-    if complex_cols:  # arrays, maps...: their hash breaks the last ties deterministically (their JSON
-        # would be sorted and shuffled too: kilobytes a row for the samples' histories); Spark hashes
-        # no map, so a column holding one is hashed as its JSON
-        types = {f.name: f.dataType for f in df.schema.fields}
-        hashed = [F.to_json(c) if _has_map(types[c]) else F.col(c) for c in complex_cols]
-        exprs.append(F.xxhash64(*hashed).asc_nulls_last())
+    # arrays, structs, binary: ordered as they are, to break the last ties (their JSON, or a hash, would
+    # be one more column shuffled with every row, and a hash ties null with []); Spark orders no map,
+    # so a column holding one is ordered by its JSON
+    types = {f.name: f.dataType for f in df.schema.fields}
+    exprs += [(F.to_json(c) if _has_map(types[c]) else F.col(c)).asc_nulls_last() for c in complex_cols]
     return exprs
 
 

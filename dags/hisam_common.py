@@ -147,6 +147,7 @@ def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = 
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
     from airflow.sdk.log import mask_secret
 
+    from pipelines.notify import ENV_WEBHOOK_URL
     from pipelines.settings import Settings, redacted, uri_secrets
     from pipelines.steps import StepSkipped, error_text, run_step, step_errors
 
@@ -154,7 +155,7 @@ def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = 
     # environment, not from Connections, so it is told here, before anything is logged
     for secret in uri_secrets(Settings.from_env().mlflow_tracking_uri):
         mask_secret(secret)
-    if webhook := os.environ.get("HISAM_NOTIFY_WEBHOOK_URL"):
+    if webhook := os.environ.get(ENV_WEBHOOK_URL):
         mask_secret(webhook)
     day = logical_day(context)
     resolved = {k: v.format(ds_nodash=day.strftime("%Y%m%d")) for k, v in (params or {}).items()}

@@ -29,7 +29,7 @@ from spark_jobs.importers.synthetic import SyntheticConfig
 from spark_jobs.lake import LakeConfig
 from spark_jobs.quality import QualityConfig
 from spark_jobs.sequences import SequenceConfig
-from spark_jobs.tables import DATASET_PATTERN
+from spark_jobs.tables import NAME_PATTERN
 
 
 class SourceConfig(Config):
@@ -99,14 +99,10 @@ class RankerStageConfig(Config):
         return self
 
 
-#: A registered model name: it goes into MLflow filter strings, which a quote would break or retarget.
-MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-
-
 class RegistryNames(Config):
-    tokenizer: str = Field("hisam-tokenizer", pattern=MODEL_NAME)
-    pretrained: str = Field("hisam-pretrained", pattern=MODEL_NAME)
-    ranker: str = Field("hisam-ranker", pattern=MODEL_NAME)
+    tokenizer: str = Field("hisam-tokenizer", pattern=NAME_PATTERN)
+    pretrained: str = Field("hisam-pretrained", pattern=NAME_PATTERN)
+    ranker: str = Field("hisam-ranker", pattern=NAME_PATTERN)
 
     @property
     def names(self) -> list[str]:
@@ -125,7 +121,7 @@ class RegistryNames(Config):
 class PipelineConfig(Config):
     """Everything the lifecycle needs; ``configs/pipeline.yaml`` documents each field."""
 
-    dataset: str = Field("synthetic", pattern=DATASET_PATTERN)
+    dataset: str = Field("synthetic", pattern=NAME_PATTERN)
     lake: LakeConfig = Field(default_factory=LakeConfig)  # root null: $HISAM_HOME/lake
     source: SourceConfig = Field(default_factory=SourceConfig)
     silver: SilverConfig = Field(default_factory=SilverConfig)

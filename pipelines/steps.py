@@ -145,11 +145,13 @@ def run_step(
     if unknown:
         takes = ", ".join(STEPS[name].params) or "none"
         raise ValueError(f"step {name} has no param {', '.join(unknown)} (its params: {takes})")
+    from spark_jobs.tables import NAME_PATTERN
+
     version = (params or {}).get("tokenizer_version")
-    if version is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", version):  # it goes into
-        raise ValueError(  # MLflow filter strings and folder names; a user id (recommend) only into Arrow
+    if version is not None and not re.fullmatch(NAME_PATTERN, version):  # a user id (recommend) goes
+        raise ValueError(  # only into Arrow filters: any text
             f"step {name}: param tokenizer_version must be letters, digits, '.', '_' or '-', starting with "
-            f"a letter or digit, got {version!r}"  # filters: any text
+            f"a letter or digit, got {version!r}"
         )
     for key in FLAGS & set(params or {}):  # before any work: a typo'd `force=ture` fails at once
         try:

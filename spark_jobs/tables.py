@@ -31,10 +31,12 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 _NAME = re.compile(r"^(bronze|silver|gold)\.[a-z][a-z0-9_]*$")
-#: A dataset name: the first partition value of every table, so never empty (Delta stores an empty
-#: partition value as null, and a null in the NOT NULL ``dataset`` column breaks every later read),
-#: and a folder name under ``$HISAM_HOME`` too, so it starts with a letter or digit (never ``..``).
-DATASET_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+#: A dataset name, a tokenizer version or a registered model name. A dataset is the first partition
+#: value of every table, so never empty (Delta stores an empty partition value as null, and a null in
+#: the NOT NULL ``dataset`` column breaks every later read); datasets and versions are folder names
+#: under ``$HISAM_HOME``, so they start with a letter or digit (never ``..``); all three go into MLflow
+#: filter strings, where a quote would break or retarget the query.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _COLUMN = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -509,8 +511,8 @@ def stable_id(key: Column) -> Column:
 
 
 def check_dataset(name: str) -> str:
-    """``name`` if it is a valid dataset name (:data:`DATASET_PATTERN`), else ValueError."""
-    if not isinstance(name, str) or not re.fullmatch(DATASET_PATTERN, name):
+    """``name`` if it is a valid dataset name (:data:`NAME_PATTERN`), else ValueError."""
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
         raise ValueError(
             f"dataset name must be letters, digits, '.', '_' or '-', starting with a letter or digit, "
             f"got {name!r}"

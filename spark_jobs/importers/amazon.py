@@ -64,7 +64,7 @@ from spark_jobs.importers.common import (
     write_bronze,
 )
 from spark_jobs.lake import Lake
-from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, DATASET_PATTERN
+from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class AmazonImportConfig(Config):
 
     reviews: str
     meta: str | None = None
-    dataset: str = Field("amazon", pattern=DATASET_PATTERN)
+    dataset: str = Field("amazon", pattern=NAME_PATTERN)
 
 
 def read_json_lines(

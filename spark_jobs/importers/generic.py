@@ -113,7 +113,7 @@ from spark_jobs.importers.common import (
     write_bronze,
 )
 from spark_jobs.lake import Lake
-from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS, DATASET_PATTERN, row_json
+from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS, NAME_PATTERN, row_json
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def dated(path: str, day: dt.date) -> str:
 class GenericImportConfig(Config):
     """Inputs in the generic format and how to read them."""
 
-    dataset: str = Field(pattern=DATASET_PATTERN)
+    dataset: str = Field(pattern=NAME_PATTERN)
     interactions: str
     items: str | None = None
     users: str | None = None

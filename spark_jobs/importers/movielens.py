@@ -53,7 +53,7 @@ from spark_jobs.importers.common import (
     write_bronze,
 )
 from spark_jobs.lake import Lake
-from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS, DATASET_PATTERN
+from spark_jobs.tables import BRONZE_INTERACTIONS, BRONZE_ITEMS, BRONZE_USERS, NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class MovieLensImportConfig(Config):
     """Where the bundle is and what to call the dataset in the lake."""
 
     data_dir: str
-    dataset: str = Field("movielens-100k", pattern=DATASET_PATTERN)
+    dataset: str = Field("movielens-100k", pattern=NAME_PATTERN)
     #: Encoding of u.item / u.user (u.data is ASCII).
     encoding: str = "ISO-8859-1"
     include_extra: bool = True

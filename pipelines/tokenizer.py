@@ -408,9 +408,10 @@ def train_tokenizer(ctx: StepContext) -> dict[str, Any]:
     codebook health) continues its MLflow run from the training state of its last epoch, on the
     snapshots it pinned (:func:`_resumable_run`); ``params.force=true`` trains in a new run on
     today's snapshots instead (after the embeddings a failed health check blamed were fixed; tagged
-    ``hisam.forced``, so a forced run that stopped before its health check is continued). A run of the same logical date started beside a
-    live one (the CLI beside the DAG) continues it too: training is deterministic, so both reach the
-    same weights, and only the first to finish registers them."""
+    ``hisam.forced``, so a forced run that stopped before its health check is continued). A run of
+    the same logical date started beside a live one (the CLI beside the DAG) continues it too:
+    training is deterministic, so both reach the same weights, and only the first to finish
+    registers them."""
     import mlflow
 
     from hisam_core.tokenizer import train_tokenizer as fit_dst

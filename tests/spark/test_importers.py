@@ -887,8 +887,8 @@ def test_a_quarantined_parquet_record_keeps_its_timestamps_to_the_microsecond(sp
     """``raw`` is the record as JSON: a typed timestamp, with a time zone or without, keeps its
     microseconds (Spark's JSON keeps milliseconds by default), so the record can be rebuilt exactly."""
     when = pd.Timestamp("2024-01-01 10:00:00.123456")
-    events = pd.DataFrame({"user_id": pd.array([None], dtype="Int64"), "item_id": ["a"],
-                           "timestamp": [when.tz_localize("UTC")], "seen_at": [when], "label": [1]})  # fmt: skip
+    events = pd.DataFrame({"user_id": pd.array([None], dtype="Int64"), "item_id": ["a"], "label": [1],
+                           "timestamp": [when.tz_localize("UTC")], "seen_at": [when]})  # fmt: skip
     events = events.astype({"timestamp": "datetime64[us, UTC]", "seen_at": "datetime64[us]"})  # not ns
     events.to_parquet(tmp_path / "events.parquet")
     config = GenericImportConfig(dataset="us", interactions=str(tmp_path / "events.parquet"))

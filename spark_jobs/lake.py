@@ -10,9 +10,11 @@ Backends (picked by ``backend="auto"``):
 * ``spark``: native ``format("delta")`` when the delta-spark jars are on the classpath (clusters,
   ``spark-submit --packages io.delta:delta-spark_2.13:<v>`` with the Delta session extension).
 * ``delta-rs``: the ``deltalake`` package through Arrow, for laptops and CI where no jars can be
-  fetched. Writes go ``df.toArrow()`` -> ``write_deltalake`` / ``DeltaTable.merge`` on the driver
-  (about 2 s per million rows); reads are distributed: Spark reads the version's Parquet files
-  directly and takes partition values from the Delta log.
+  fetched. Writes stream to the driver one partition per Spark job (:func:`arrow_batches`), so
+  ``spark.driver.maxResultSize`` does not cap them, into ``write_deltalake``, which writes batch by
+  batch, or ``DeltaTable.merge``, which holds its source and target in memory
+  (``benchmarks/results/lake_write.json``); reads are distributed: Spark reads the version's Parquet
+  files directly and takes partition values from the Delta log.
 
 Write modes and rerun semantics (a job rerun for the same logical date leaves identical contents):
 
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import logging
 import math
@@ -224,8 +227,8 @@ class Lake:
         master = spark.conf.get("spark.master", "local")  # (a Spark Connect session has no sparkContext)
         if self.backend == "delta-rs" and not master.startswith("local"):
             logger.warning(
-                "lake backend delta-rs on the cluster %s: every write goes through the driver (Arrow), "
-                "so the driver needs memory for a table's largest write; put delta-spark on the "
+                "lake backend delta-rs on the cluster %s: every write goes through the driver (Arrow, "
+                "one partition at a time; a merge holds its whole source); put delta-spark on the "
                 "classpath for distributed writes (backend 'auto' then takes it)",
                 master,
             )
@@ -750,17 +753,17 @@ class _DeltaRs(_Backend):
         commit = CommitProperties(
             custom_metadata={**metadata, "userMetadata": json.dumps(metadata, sort_keys=True)}
         )
-        arrow = _to_arrow(df, spec)
+        checked = partition_values if mode in ("replace_partition", "merge") else {}
+        source = _DeclaredBatches(df, spec, mode, checked, keys if mode == "merge" else ())
         # on a snapshot of read_version, delta-rs refuses the commit when a later one conflicts
         target = self._table(path, read_version) if read_version is not None else path
         options = {} if read_version is not None else {"storage_options": self.storage_options}
         partition_by = list(spec.partition_by) or None
-        with _conflicts_refused(spec, read_version):
+        with _conflicts_refused(spec, read_version), source.refusal():
             if mode == "replace_partition":
-                _check_inside_partition(arrow, spec, partition_values)
                 write_deltalake(
                     target,
-                    arrow,
+                    source.reader(),
                     mode="overwrite",
                     predicate=partition_predicate(partition_values),
                     partition_by=partition_by,
@@ -769,18 +772,21 @@ class _DeltaRs(_Backend):
                 )
             elif mode in ("overwrite", "append"):
                 write_deltalake(
-                    target, arrow, mode=mode, partition_by=partition_by, commit_properties=commit, **options
+                    target,
+                    source.reader(),
+                    mode=mode,
+                    partition_by=partition_by,
+                    commit_properties=commit,
+                    **options,
                 )
             else:  # merge
-                if arrow.num_rows == 0 and delete_unmatched is None:
+                if delete_unmatched is None and source.empty():
                     logger.info("merge into %s: empty source, nothing committed", spec.name)
                     return
-                _check_unique(arrow, spec, keys)
-                _check_inside_partition(arrow, spec, partition_values, "merge")
                 merger = (
                     (target if read_version is not None else self._table(path))
                     .merge(
-                        source=arrow,
+                        source=source.reader(),
                         predicate=_merge_condition(keys, partition_values),
                         source_alias="s",
                         target_alias="t",
@@ -953,7 +959,7 @@ class _SparkDelta(_Backend):
                 raise ValueError(
                     f"merge into {spec.name}: duplicate keys {list(keys)} in the source, e.g. {sample}"
                 )
-            if partition_values:  # as the delta-rs backend's _check_inside_partition
+            if partition_values:  # as the delta-rs backend's _rows_outside
                 inside = F.coalesce(F.expr(partition_predicate(partition_values)), F.lit(False))
                 outside = df.filter(~inside).count()
                 if outside:
@@ -1019,31 +1025,132 @@ def stored_schema(table: Any) -> T.StructType:
 _EMPTY_PARTITION = ": Delta stores an empty partition value as null, which breaks every read of the table"
 
 
-def _to_arrow(df: DataFrame, spec: TableSpec):
-    """``df`` as an Arrow table typed exactly as declared (NOT NULL columns checked, and partition
-    values not blank)."""
+def _ipc_messages(batches: Iterator[Any]) -> Iterator[Any]:
+    """``mapInArrow`` function: each Arrow batch of a partition as one row holding its IPC stream."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    arrow = df.toArrow()
-    for name in spec.partition_by:
-        column = arrow.column(name)
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            blank = pc.sum(pc.equal(pc.utf8_trim_whitespace(column), "").cast("int64")).as_py() or 0
-            if blank:
-                raise ValueError(f"writing {spec.name}: {blank} rows have a blank {name}{_EMPTY_PARTITION}")
-    target = _arrow_schema(spec)
-    nulls = [
-        f"{f.name} ({arrow.column(f.name).null_count} nulls)"
-        for f in target
-        if not f.nullable and arrow.column(f.name).null_count
-    ]
-    if nulls:
-        raise ValueError(f"writing {spec.name}: NOT NULL columns contain nulls: {', '.join(nulls)}")
-    try:
-        return arrow.cast(target)
-    except (ValueError, TypeError, NotImplementedError) as err:
-        raise SchemaDriftError(f"writing {spec.name}: cannot store the data as declared: {err}") from err
+    schema = pa.schema([("ipc", pa.binary())])
+    for batch in batches:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        yield pa.RecordBatch.from_pydict({"ipc": [sink.getvalue().to_pybytes()]}, schema=schema)
+
+
+def arrow_batches(df: DataFrame) -> Iterator[Any]:
+    """``df``'s rows, in ``df.toArrow()``'s order, as Arrow batches fetched one partition per Spark job.
+
+    ``df.toArrow()`` collects everything in one job, whose results ``spark.driver.maxResultSize``
+    caps (1 GiB by default). Here the executors serialise each partition to Arrow IPC and the driver
+    fetches partitions one at a time (the next computed while this one is consumed), so no job
+    returns more than one partition and the driver holds about two.
+    """
+    import pyarrow as pa
+
+    for row in df.mapInArrow(_ipc_messages, "ipc binary").toLocalIterator(prefetchPartitions=True):
+        yield from pa.ipc.open_stream(row.ipc)
+
+
+class _DeclaredBatches:
+    """A delta-rs write's source: ``df`` as Arrow batches typed exactly as ``spec`` declares, checked
+    on their way to delta-rs, which writes one batch at a time.
+
+    The checks (nulls in NOT NULL columns, blank partition values, rows outside ``partition_values``,
+    duplicate merge ``keys``) count over the whole stream and raise at its end, with the totals:
+    delta-rs commits only after its source ends, so a refused write commits nothing. delta-rs wraps
+    an error of its source in its own; :meth:`refusal` raises the original.
+    """
+
+    def __init__(
+        self,
+        df: DataFrame,
+        spec: TableSpec,
+        mode: str,
+        partition_values: Mapping[str, Any],
+        keys: Sequence[str] = (),
+    ) -> None:
+        self.spec, self.mode = spec, mode
+        self.partition_values, self.keys = dict(partition_values), list(keys)
+        self.schema = _arrow_schema(spec)
+        self.error: Exception | None = None
+        self._peeked: list[Any] = []
+        self._batches = self._checked(arrow_batches(df))
+
+    def _checked(self, batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        text = (pa.string(), pa.large_string())
+        blank = {f.name: 0 for f in self.schema if f.name in self.spec.partition_by and f.type in text}
+        nulls = {f.name: 0 for f in self.schema if not f.nullable}
+        outside = dict.fromkeys(self.partition_values, 0)
+        keys = []
+        try:
+            for batch in batches:
+                for name in blank:
+                    trimmed = pc.utf8_trim_whitespace(batch.column(name))
+                    blank[name] += pc.sum(pc.equal(trimmed, "").cast("int64")).as_py() or 0
+                for name in nulls:
+                    nulls[name] += batch.column(name).null_count
+                if any(blank.values()) or any(nulls.values()):
+                    continue  # refused: count the rest for the message, write nothing more
+                try:
+                    batch = batch.cast(self.schema)
+                except (ValueError, TypeError, NotImplementedError) as err:
+                    raise SchemaDriftError(
+                        f"writing {self.spec.name}: cannot store the data as declared: {err}"
+                    ) from err
+                for name, value in self.partition_values.items():
+                    outside[name] += _rows_outside(batch.column(name), value)
+                if self.keys:
+                    keys.append(batch.select(self.keys))
+                yield batch
+            self._check(blank, nulls, outside, pa.Table.from_batches(keys) if keys else None)
+        except Exception as err:
+            self.error = err
+            raise
+
+    def _check(
+        self, blank: dict[str, int], nulls: dict[str, int], outside: dict[str, int], keys: Any
+    ) -> None:
+        name = self.spec.name
+        for column, count in blank.items():
+            if count:
+                raise ValueError(f"writing {name}: {count} rows have a blank {column}{_EMPTY_PARTITION}")
+        if any(nulls.values()):
+            listed = ", ".join(f"{c} ({n} nulls)" for c, n in nulls.items() if n)
+            raise ValueError(f"writing {name}: NOT NULL columns contain nulls: {listed}")
+        for column, count in outside.items():
+            if count:
+                raise ValueError(
+                    f"{self.mode} of {name} {self.partition_values}: {count} rows have "
+                    f"{column} outside {self.partition_values[column]!r}"
+                )
+        if keys is not None:
+            _check_unique(keys, self.spec, self.keys)
+
+    def empty(self) -> bool:
+        """Whether the source has no rows (reads up to its first row, which :meth:`reader` keeps)."""
+        for batch in self._batches:
+            self._peeked.append(batch)
+            if batch.num_rows:
+                return False
+        return True
+
+    def reader(self) -> Any:
+        import pyarrow as pa
+
+        return pa.RecordBatchReader.from_batches(self.schema, itertools.chain(self._peeked, self._batches))
+
+    @contextlib.contextmanager
+    def refusal(self) -> Iterator[None]:
+        """Raise the source's own error in place of delta-rs's wrapping of it."""
+        try:
+            yield
+        except Exception:
+            if self.error is not None:
+                raise self.error from None
+            raise
 
 
 def _with_declared_columns(df: DataFrame, spec: TableSpec, stored: T.StructType) -> DataFrame:
@@ -1066,27 +1173,16 @@ def _arrow_values(value: Any, type_: Any) -> Any:
         return pa.array(values).cast(type_)
 
 
-def _check_inside_partition(
-    arrow, spec: TableSpec, partition_values: Mapping[str, Any], mode: str = "replace_partition"
-) -> None:
-    """Raise when a row of ``arrow`` lies outside the partition(s) being replaced or merged into (a
-    merge restricted to them would insert it again on every run: it never matches its target row)."""
+def _rows_outside(column: Any, value: Any) -> int:
+    """How many values of ``column`` lie outside the partition value(s) ``value`` (a merge or a
+    replace restricted to them would leave such a row out: a merge would insert it again on every
+    run, as it never matches its target row)."""
     import pyarrow.compute as pc
 
-    if arrow.num_rows == 0:
-        return
-    for column, value in partition_values.items():
-        col = arrow.column(column)
-        if value is None:
-            outside = arrow.num_rows - col.null_count
-        else:
-            inside = pc.is_in(col, value_set=_arrow_values(value, col.type))
-            outside = arrow.num_rows - (pc.sum(pc.fill_null(inside, False).cast("int64")).as_py() or 0)
-        if outside:
-            raise ValueError(
-                f"{mode} of {spec.name} {dict(partition_values)}: {outside} rows have "
-                f"{column} outside {value!r}"
-            )
+    if value is None:
+        return len(column) - column.null_count
+    inside = pc.is_in(column, value_set=_arrow_values(value, column.type))
+    return len(column) - (pc.sum(pc.fill_null(inside, False).cast("int64")).as_py() or 0)
 
 
 def _check_unique(arrow, spec: TableSpec, keys: Sequence[str]) -> None:

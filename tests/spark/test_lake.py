@@ -156,8 +156,9 @@ def test_replace_partition_is_idempotent_and_time_travels(spark, lake):
 
 
 def test_a_write_returns_its_own_commit_and_records_its_metadata(spark, lake):
-    """Two writers commit concurrently (delta-rs retries on conflict): each write's returned version
-    is the commit carrying its own metadata, never the other writer's later one."""
+    """Two writers commit concurrently, each to its own partition (delta-rs retries on conflict):
+    each write's returned version is the commit carrying its own metadata, never the other writer's
+    later one."""
     from concurrent.futures import ThreadPoolExecutor
 
     def write(writer: str, n: int) -> tuple[str, int]:
@@ -173,8 +174,9 @@ def test_a_write_returns_its_own_commit_and_records_its_metadata(spark, lake):
         return f"{writer}{n}", version
 
     lake.write(users(spark, "ds", D1, []), "bronze.users", mode="append")  # create the table first
-    with ThreadPoolExecutor(2) as pool:
-        returned = dict(pool.map(lambda job: write(*job), [(w, n) for n in range(4) for w in "ab"]))
+    with ThreadPoolExecutor(2) as pool:  # one thread per writer: a writer's own writes never overlap
+        runs = [pool.submit(lambda w=w: [write(w, n) for n in range(4)]) for w in "ab"]
+        returned = dict(pair for run in runs for pair in run.result())
     by_version = {h["version"]: h["metadata"] for h in lake.history("bronze.users")}
     assert len(set(returned.values())) == 8
     for key, version in returned.items():
@@ -548,6 +550,93 @@ def test_schema_drift_names_the_columns(spark, lake):
     # column order does not matter
     cols = list(reversed(good.columns))
     assert lake.write(good.select(*cols), "bronze.users", mode="append") == 1
+
+
+def test_arrow_batches_are_to_arrows_rows_in_its_order(spark):
+    """The stream a delta-rs write reads equals ``df.toArrow()``: every type the tables declare (time
+    zones, maps, structs, nested nulls), in partition order; an empty frame gives no rows."""
+    from spark_jobs.lake import arrow_batches
+
+    schema = (
+        "id long, name string, ts timestamp, ntz timestamp_ntz, day date, x double, "
+        "codes array<int>, attrs map<string,string>, pair struct<a:int,b:string>"
+    )
+    rows = [
+        (
+            i,
+            None if i % 4 == 0 else f"n{i}",
+            dt.datetime(2024, 1, 1, 0, 0, i % 60, i, tzinfo=dt.UTC),
+            dt.datetime(2024, 1, 1, 0, 0, i % 60, i),
+            D1 + dt.timedelta(days=i),
+            float("-inf") if i == 3 else i / 7,  # (NaN != NaN in Arrow's equals)
+            None if i % 5 == 0 else [i, None, i + 1],
+            {"k": str(i)} if i % 2 else None,
+            (i, None),
+        )
+        for i in range(40)
+    ]
+    df = spark.createDataFrame(rows, schema)  # in 4 partitions, no shuffle: a fixed order
+    reference = df.toArrow()
+    streamed = pa.Table.from_batches(list(arrow_batches(df)))
+    assert streamed.num_rows == 40
+    assert streamed.cast(reference.schema).equals(reference)
+    assert list(arrow_batches(df.limit(0))) == []
+
+
+def test_a_write_refused_midstream_counts_every_batch_and_commits_nothing(spark, lake):
+    """A delta-rs write streams batches; its checks total over all of them and refuse at the end,
+    before delta-rs can commit, raising the lake's own error (not delta-rs's wrapping of it)."""
+    lake.write(users(spark, "ds", D1, ["1"]), "bronze.users", mode="append")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "2")
+    try:
+        nulls = users(spark, "ds", D2, [str(i) for i in range(10)]).withColumn(  # 4 nulls in 5 batches
+            "user_id", F.when(F.col("user_id").cast("int") % 3 != 0, F.col("user_id"))
+        )
+        with pytest.raises(ValueError, match=r"NOT NULL columns contain nulls: user_id \(4 nulls\)"):
+            lake.write(nulls, "bronze.users", mode="replace_partition", partition_values={"logical_date": D2})
+        outside = users(spark, "ds", D2, [str(i) for i in range(6)]).union(users(spark, "ds", D3, ["7", "8"]))
+        with pytest.raises(ValueError, match="2 rows have logical_date outside"):
+            lake.write(
+                outside, "bronze.users", mode="replace_partition", partition_values={"logical_date": D2}
+            )
+        dupes = interactions(spark, [(u % 3, 10, 0, 4.0, 1) for u in range(7)])  # 3 keys repeated
+        with pytest.raises(ValueError, match=r"3 duplicate keys"):
+            lake.write(dupes, "silver.interactions", mode="merge")
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    assert lake.version("bronze.users") == 1 and lake.version("silver.interactions") == 0
+    assert contents(lake.read("bronze.users").select("user_id")) == [("1",)]
+
+
+def test_a_write_larger_than_the_drivers_result_cap_is_written_whole(tmp_path):
+    """``df.toArrow()`` fails past ``spark.driver.maxResultSize``; the lake's write of the same rows
+    does not (it fetches one partition per job), and every row reads back. A session of its own:
+    the cap is fixed when a session starts."""
+    import subprocess
+    import sys
+
+    script = f"""
+from pyspark.sql import functions as F
+from spark_jobs.lake import Lake
+from spark_jobs.session import get_spark
+spark = get_spark("result-cap", conf={{"spark.driver.maxResultSize": "1m"}})
+df = spark.range(40000, numPartitions=8).select(
+    F.lit("ds").alias("dataset"), F.lit("2024-01-01").cast("date").alias("logical_date"),
+    F.col("id").cast("string").alias("user_id"),
+    F.create_map(F.lit("bio"), F.repeat(F.lit("x"), 100)).alias("attributes"),
+    F.lit("u.user").alias("source_file"))
+try:
+    df.toArrow()
+    print("toArrow ok")
+except Exception as err:
+    print("toArrow refused:", "maxResultSize" in str(err))
+lake = Lake(spark, {str(tmp_path / "lake")!r})
+version = lake.write(df, "bronze.users", mode="append")
+print("written", version, lake.read("bronze.users").count())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == ["toArrow refused: True", "written 1 40000"]
 
 
 def test_stable_id_keeps_numbers_and_hashes_strings(spark):

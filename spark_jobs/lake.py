@@ -1043,11 +1043,16 @@ def arrow_batches(df: DataFrame) -> Iterator[Any]:
     ``df.toArrow()`` collects everything in one job, whose results ``spark.driver.maxResultSize``
     caps (1 GiB by default). Here the executors serialise each partition to Arrow IPC and the driver
     fetches partitions one at a time (the next computed while this one is consumed), so no job
-    returns more than one partition and the driver holds about two.
+    returns more than one partition and the driver holds about two. Through the blobs' RDD: classic
+    PySpark's ``DataFrame.toLocalIterator`` (4.3) keeps every partition it fetched on the JVM heap
+    (five passes over 540 MB held 3.1 GB); the RDD's releases them. Spark Connect has no RDD.
     """
     import pyarrow as pa
+    from pyspark.sql.classic.dataframe import DataFrame as ClassicDataFrame
 
-    for row in df.mapInArrow(_ipc_messages, "ipc binary").toLocalIterator(prefetchPartitions=True):
+    blobs = df.mapInArrow(_ipc_messages, "ipc binary")
+    fetch = blobs.rdd.toLocalIterator if isinstance(blobs, ClassicDataFrame) else blobs.toLocalIterator
+    for row in fetch(prefetchPartitions=True):
         yield from pa.ipc.open_stream(row.ipc)
 
 

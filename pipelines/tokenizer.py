@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,18 +146,23 @@ def encoder_fingerprints(ctx: StepContext) -> dict[str, str]:
     return {"image": emb.image.fingerprint(), "text": emb.text.fingerprint()}
 
 
-def configured_rows(ctx: StepContext, modality: str, frame: pd.DataFrame) -> pd.DataFrame:
+def configured_rows(
+    ctx: StepContext, modality: str, frame: pd.DataFrame, fingerprinted: bool | None = None
+) -> pd.DataFrame:
     """The rows of ``frame`` (``gold.item_embeddings`` of ``modality``, with ``encoder``,
     ``encoder_version`` and ``fingerprint``) that the configured encoder computed with the configured
     settings: one vector space, even while a re-embed under new settings and the same version is in
     progress. A snapshot written before the ``fingerprint`` column (none of the encoder's rows has
     one) gives all the encoder's rows, as then; once one has it, a row without one was computed with
-    other settings (:func:`spark_jobs.embeddings.record_fingerprints`). Behaviour rows go by name and
-    version (:func:`encoder_fingerprints`)."""
+    other settings (:func:`spark_jobs.embeddings.record_fingerprints`). ``fingerprinted``: whether one
+    has, when ``frame`` holds only some items' rows (default: judged from ``frame``). Behaviour rows
+    go by name and version (:func:`encoder_fingerprints`)."""
     name, enc_version = encoder_specs(ctx)[modality]
     frame = frame[(frame["encoder"] == name) & (frame["encoder_version"] == enc_version)]
     fingerprint = encoder_fingerprints(ctx).get(modality)
-    if fingerprint is None or frame["fingerprint"].isna().all():
+    if fingerprinted is None:
+        fingerprinted = bool(frame["fingerprint"].notna().any())
+    if fingerprint is None or not fingerprinted:
         return frame
     return frame[frame["fingerprint"] == fingerprint]
 
@@ -270,11 +276,34 @@ def load_item_features(
     NaN or inf): they get no semantic ID until the embed step writes a good one. Embeddings of items
     no longer in the catalogue (retracted upstream: the embed step's merge keeps their rows) are left
     out, and counted in the log."""
+    features, read_version, incomplete = _item_features(ctx, version, catalogue)
+    if features is None:
+        raise ValueError(
+            f"no catalogue item has a usable embedding of every modality in {EMBEDDINGS}@v{read_version} "
+            f"({len(incomplete)} lack one): run the embed step first"
+        )
+    return features, read_version, incomplete
+
+
+def load_new_item_features(
+    ctx: StepContext, items: Collection[int] | None
+) -> tuple[ItemFeatures | None, int, dict[int, str]]:
+    """:func:`load_item_features` at the latest snapshots, of ``items`` only (None: every item): the
+    daily step reads the vectors of the items some serving version has no ID for, not the
+    catalogue's. A modality none of them has a usable row of is no error (they are incomplete);
+    None in place of the features when no item is complete."""
+    return _item_features(ctx, None, None, items)
+
+
+def _item_features(
+    ctx: StepContext, version: int | None, catalogue: int | None, items: Collection[int] | None = None
+) -> tuple[ItemFeatures | None, int, dict[int, str]]:
     from pipelines.ingest import quality_config
     from spark_jobs.tables import GOLD_ITEM_DOCUMENTS
 
     encoders = encoder_specs(ctx)
     gate = quality_config(ctx).embeddings
+    only = {} if items is None else {"item_id": sorted(int(i) for i in items)}
     frames, read_version = {}, version
     invalid: dict[int, list[str]] = {}
     for modality, (name, enc_version) in encoders.items():
@@ -283,9 +312,19 @@ def load_item_features(
             {"dataset": ctx.dataset, "modality": modality},
             columns=["item_id", "encoder", "encoder_version", "fingerprint", "embedding", "dim", "present"],
             version=read_version,
-            where={"encoder": name, "encoder_version": enc_version},  # not other encoders' vectors
+            where={"encoder": name, "encoder_version": enc_version, **only},  # not other encoders'
         )
-        frame = configured_rows(ctx, modality, frame)
+        fingerprinted = None
+        if items is not None and len(frame) and frame["fingerprint"].isna().all():  # ask the other rows
+            rows, _ = ctx.read_table(
+                EMBEDDINGS,
+                {"dataset": ctx.dataset, "modality": modality},
+                columns=["fingerprint"],
+                version=read_version,
+                where={"encoder": name, "encoder_version": enc_version},
+            )
+            fingerprinted = bool(rows["fingerprint"].notna().any())
+        frame = configured_rows(ctx, modality, frame, fingerprinted)
         expected = gate.expected_dims.get(modality)
         usable = [  # the embeddings gate's row rules (spark_jobs.quality.embeddings_suite)
             vector is not None
@@ -296,7 +335,7 @@ def load_item_features(
         ]
         for item in frame.loc[[not ok for ok in usable], "item_id"]:  # the embeddings gate quarantined these
             invalid.setdefault(int(item), []).append(modality)
-        if not any(usable):
+        if not any(usable) and items is None:
             rejected = f" ({len(usable)} fail the embeddings gate's rules)" if usable else ""
             raise ValueError(
                 f"{EMBEDDINGS}@v{read_version} has no usable {modality} rows of encoder {name} "
@@ -306,7 +345,7 @@ def load_item_features(
         frame = frame[usable]
         frames[modality] = frame.set_index("item_id")[["embedding", "present"]]
     documents, _ = ctx.read_table(
-        GOLD_ITEM_DOCUMENTS.name, {"dataset": ctx.dataset}, ["item_id"], version=catalogue
+        GOLD_ITEM_DOCUMENTS.name, {"dataset": ctx.dataset}, ["item_id"], version=catalogue, where=only
     )
     listed = {int(i) for i in documents["item_id"]}
     embedded = set.union(set(invalid), *(set(f.index) for f in frames.values()))
@@ -314,11 +353,11 @@ def load_item_features(
         log.info(
             "%d items with embeddings are no longer in %s: left out", retracted, GOLD_ITEM_DOCUMENTS.name
         )
-    items = sorted(set.intersection(*(set(f.index) for f in frames.values())) & listed)
+    complete = sorted(set.intersection(*(set(f.index) for f in frames.values())) & listed)
     # a pinned snapshot predates the catalogue items embedded since: they are the daily step's
     expected = listed if version is None else listed & embedded
     incomplete = {}
-    for item in sorted(expected - set(items)):
+    for item in sorted(expected - set(complete)):
         bad = invalid.get(item, [])
         missing = [m for m, f in frames.items() if item not in f.index and m not in bad]
         reasons = [f"invalid_embedding:{','.join(bad)}"] if bad else []
@@ -326,11 +365,14 @@ def load_item_features(
         incomplete[int(item)] = "; ".join(reasons)
     if incomplete:
         log.warning("%d items lack a usable modality embedding and get no semantic ID yet", len(incomplete))
+    if not complete:
+        return None, int(read_version), incomplete
     modalities = {
-        m: np.stack(f.loc[items, "embedding"].to_numpy()).astype(np.float32) for m, f in frames.items()
+        m: np.stack(f.loc[complete, "embedding"].to_numpy()).astype(np.float32) for m, f in frames.items()
     }
-    present = {m: f.loc[items, "present"].to_numpy(dtype=bool) for m, f in frames.items()}
-    return ItemFeatures(np.asarray(items, dtype=np.int64), modalities, present), int(read_version), incomplete
+    present = {m: f.loc[complete, "present"].to_numpy(dtype=bool) for m, f in frames.items()}
+    features = ItemFeatures(np.asarray(complete, dtype=np.int64), modalities, present)
+    return features, int(read_version), incomplete
 
 
 def quarantine_items(ctx: StepContext, reasons: dict[int, str], label: str) -> int:
@@ -642,9 +684,10 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     current = current_tokenizer_version_or_skip(ctx, "tokenize-new-items", "no item can get a semantic ID")
     registered = registered_tokenizer(ctx, current)
     check_encoders(ctx, registered)
-    features = load_item_features(ctx)
+    serving = serving_tokenizer_versions(ctx, current)
+    features = load_new_item_features(ctx, untokenized_items(ctx, list(serving.values())))
     summary = _tokenize_new_items(ctx, registered, *features)
-    for alias, older in serving_tokenizer_versions(ctx, current).items():
+    for alias, older in serving.items():
         if alias == CURRENT:  # tokenized above
             continue
         try:
@@ -674,11 +717,38 @@ def tokenize_new_items(ctx: StepContext) -> dict[str, Any]:
     return summary
 
 
+def untokenized_items(ctx: StepContext, versions: list[str]) -> set[int] | None:
+    """The catalogue's items that one of ``versions`` (the first is ``@current``'s) has no semantic ID
+    for: the only ones whose vectors the daily step reads. None (every item) when the IDs of a later
+    version cannot be read: its own turn reports why."""
+    from spark_jobs.tables import GOLD_ITEM_DOCUMENTS, GOLD_SEMANTIC_IDS
+
+    documents, _ = ctx.read_table(GOLD_ITEM_DOCUMENTS.name, {"dataset": ctx.dataset}, ["item_id"])
+    listed = {int(i) for i in documents["item_id"]}
+    untokenized: set[int] = set()
+    for position, version in enumerate(versions):
+        try:
+            known, _ = ctx.read_table(
+                GOLD_SEMANTIC_IDS.name, {"dataset": ctx.dataset, "tokenizer_version": version}, ["item_id"]
+            )
+        except Exception:
+            if position == 0:
+                raise
+            log.warning("cannot read the %s IDs: reading every item's embeddings", version, exc_info=True)
+            return None
+        untokenized |= listed - {int(i) for i in known["item_id"]}
+    return untokenized
+
+
 def _tokenize_new_items(
-    ctx: StepContext, registered: Any, features: ItemFeatures, latest: int, incomplete: dict[int, str]
+    ctx: StepContext,
+    registered: Any,
+    features: ItemFeatures | None,
+    latest: int,
+    incomplete: dict[int, str],
 ) -> dict[str, Any]:
-    """IDs of the ``registered`` DST for the items of ``features`` (embeddings snapshot ``latest``) its
-    version has none for.
+    """IDs of the ``registered`` DST for the items of ``features`` (embeddings snapshot ``latest``;
+    None: no item) its version has none for.
 
     Text and image come from the latest embeddings (their encoders are fixed). Behaviour does not: the
     SASRec encoder is retrained whenever the interactions move, so today's rows live in another space
@@ -699,7 +769,7 @@ def _tokenize_new_items(
     tokenized = set(known.item_ids.tolist())
     incomplete = {i: r for i, r in incomplete.items() if i not in tokenized}
     quarantine_items(ctx, incomplete, versioned_label(label, version))
-    new = ~np.isin(features.item_ids, known.item_ids)
+    new = np.zeros(0, dtype=bool) if features is None else ~np.isin(features.item_ids, known.item_ids)
     summary: dict[str, Any] = {
         "tokenizer_version": version,
         "known_items": len(known.item_ids),
@@ -708,7 +778,7 @@ def _tokenize_new_items(
         "embeddings_version": latest,
         "quarantined": len(incomplete),
     }
-    if not new.any():
+    if features is None or not new.any():
         log.info("every item with embeddings already has a %s semantic ID", version)
         return summary
     snapshot = int(registered.tags.get(CATALOGUE_SNAPSHOT) or required_tag(registered, "delta.version"))
@@ -846,10 +916,12 @@ __all__ = [
     "encoder_specs",
     "encoders_tag",
     "load_item_features",
+    "load_new_item_features",
     "registered_tokenizer",
     "semantic_ids_of",
     "serving_tokenizer_versions",
     "tokenize_catalogue",
     "tokenize_new_items",
     "train_tokenizer",
+    "untokenized_items",
 ]

@@ -139,6 +139,22 @@ def _lake_contents(world) -> dict[str, list]:
     return out
 
 
+def _vectors_read(monkeypatch) -> list[int]:
+    """Records the rows of every read of ``gold.item_embeddings`` vectors by a step from here on."""
+    from pipelines.context import StepContext
+
+    counts, read = [], StepContext.read_table
+
+    def spy(self, table, partitions, columns=None, *args, **kwargs):
+        frame, version = read(self, table, partitions, columns, *args, **kwargs)
+        if table == "gold.item_embeddings" and "embedding" in (columns or ["embedding"]):
+            counts.append(len(frame))
+        return frame, version
+
+    monkeypatch.setattr(StepContext, "read_table", spy)
+    return counts
+
+
 def test_day_one_writes_tables_runs_models_aliases_and_lineage(world) -> None:
     from deltalake import DeltaTable
 
@@ -422,8 +438,10 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world, monkeypatch) -> No
         raise AssertionError("tokenize-new-items read the embeddings snapshot")
 
     monkeypatch.setattr(pipelines.tokenizer, "cold_behavior_embedding", snapshot_read)
+    vectors_read = _vectors_read(monkeypatch)
     result = world["run"]("hisam_features", DAY5)
     monkeypatch.undo()
+    assert sum(vectors_read) == 3 * len(new_ids)  # the new items' vectors, not the catalogue's
     assert result.state == "success" and result.tasks["tokenize_new_items"] == "success", result.tasks
     after = DeltaTable(ids_path).to_pandas()
     old = after[~after["item_id"].isin(new_ids)]
@@ -472,8 +490,11 @@ def test_items_arriving_mid_month_get_ids_the_same_day(world, monkeypatch) -> No
     assert samples.count() == 3000 + 40  # every valid interaction is a sample: none quarantined
 
     version = DeltaTable(ids_path).version()
+    vectors_read = _vectors_read(monkeypatch)
     again = run_step("tokenize-new-items", DAY5, world["config"])
+    monkeypatch.undo()
     assert (again["new_items"], again["tokenized"], again["known_items"]) == (0, 0, 125)
+    assert sum(vectors_read) == 0  # every item has its IDs: no vector is read
     assert DeltaTable(ids_path).version() == version
     # a rerun of the monthly catalogue step would drop the merged items: it does nothing instead
     catalogue = run_step("tokenize-catalogue", DAY5, world["config"], {"tokenizer_version": VERSION})

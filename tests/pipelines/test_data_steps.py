@@ -351,7 +351,7 @@ def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_toke
 
     from pipelines.context import StepContext
     from pipelines.steps import run_step
-    from pipelines.tokenizer import load_item_features
+    from pipelines.tokenizer import load_item_features, load_new_item_features
     from spark_jobs.quality import DataQualityError
 
     ctx = ctx_of()
@@ -401,6 +401,20 @@ def test_a_non_finite_embedding_is_quarantined_and_its_item_left_out_of_the_toke
     try:
         after, snapshot, incomplete = load_item_features(ctx)
         pinned = load_item_features(ctx, version=snapshot)[2]  # as tokenize-catalogue reads
+        # the daily step reads only some items: exactly what the whole read gives for them
+        complete = [int(i) for i in after.item_ids[:3]]
+        for items in ([], [item, newcomer], [gone, 10**7], [*complete, item, newcomer, gone]):
+            some, version, why = load_new_item_features(ctx, items)
+            assert version == snapshot and why == {i: r for i, r in incomplete.items() if i in items}
+            keep = np.flatnonzero(np.isin(after.item_ids, items))
+            if not len(keep):
+                assert some is None, items
+                continue
+            expected = after.subset(keep)
+            assert some.item_ids.tolist() == expected.item_ids.tolist() == complete
+            for modality in expected.names:
+                assert np.array_equal(some.modalities[modality], expected.modalities[modality])
+                assert np.array_equal(some.present[modality], expected.present[modality])
     finally:
         DeltaTable(documents).delete(f"item_id = {newcomer}")
         write_deltalake(documents, row, mode="append")

@@ -695,7 +695,8 @@ def test_new_items_failing_under_previous_alert_and_skip_but_under_champion_fail
         tokenized.append(registered.tags[TOKENIZER_VERSION])
         return {"tokenizer_version": tokenized[-1]}
 
-    monkeypatch.setattr(tokenizer, "load_item_features", lambda _ctx: (None, 0, {}))
+    monkeypatch.setattr(tokenizer, "untokenized_items", lambda _ctx, versions: set())
+    monkeypatch.setattr(tokenizer, "load_new_item_features", lambda _ctx, items: (None, 0, {}))
     monkeypatch.setattr(tokenizer, "_tokenize_new_items", tokenize)
     client.set_model_version_tag(models.ranker, "1", TOKENIZER_VERSION, "dst-20260901")  # deleted since
     client.set_registered_model_alias(models.ranker, CHAMPION, "2")

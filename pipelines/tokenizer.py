@@ -342,7 +342,7 @@ def _item_features(
                 f"v{enc_version} for dataset {ctx.dataset!r}{rejected}: run the embed step first"
                 + (f", or check quality.embeddings.expected_dims {expected}" if rejected and expected else "")
             )
-        frame = frame[usable]
+        frame = frame[np.asarray(usable, dtype=bool)]  # (a plain empty list would select no columns)
         frames[modality] = frame.set_index("item_id")[["embedding", "present"]]
     documents, _ = ctx.read_table(
         GOLD_ITEM_DOCUMENTS.name, {"dataset": ctx.dataset}, ["item_id"], version=catalogue, where=only

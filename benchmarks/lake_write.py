@@ -6,8 +6,9 @@ it one partition per job (:func:`spark_jobs.lake.arrow_batches`). This writes ``
 ``gold.samples`` rows (histories of ``--history`` items, as the sequence step builds them) into a
 fresh lake under a session whose cap is ``--max-result-size``, merges the same rows again (a rerun:
 delta-rs holds a merge's source in memory), and records for each the wall seconds, the driver's peak
-resident memory so far (the Python process; the JVM is not counted) and the rows read back, then what
-``df.toArrow()`` of the same rows does under the same cap. Writes ``benchmarks/results/lake_write.json`` (``--output``). Example::
+resident memory so far (the Python process; the JVM is not counted) and the rows read back, then
+what ``df.toArrow()`` of the same rows does under the same cap. Writes
+``benchmarks/results/lake_write.json`` (``--output``). Example::
 
     .venv/bin/python benchmarks/lake_write.py --rows 1000000 --max-result-size 256m
 """

@@ -315,7 +315,12 @@ def _item_features(
             where={"encoder": name, "encoder_version": enc_version, **only},  # not other encoders'
         )
         fingerprinted = None
-        if items is not None and len(frame) and frame["fingerprint"].isna().all():  # ask the other rows
+        if (  # some items' rows, none with a fingerprint: do the encoder's other rows have one?
+            items is not None
+            and modality in encoder_fingerprints(ctx)
+            and len(frame)
+            and frame["fingerprint"].isna().all()
+        ):
             rows, _ = ctx.read_table(
                 EMBEDDINGS,
                 {"dataset": ctx.dataset, "modality": modality},

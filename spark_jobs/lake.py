@@ -11,10 +11,13 @@ Backends (picked by ``backend="auto"``):
   ``spark-submit --packages io.delta:delta-spark_2.13:<v>`` with the Delta session extension).
 * ``delta-rs``: the ``deltalake`` package through Arrow, for laptops and CI where no jars can be
   fetched. Writes stream to the driver one partition per Spark job (:func:`arrow_batches`), so
-  ``spark.driver.maxResultSize`` does not cap them, into ``write_deltalake``, which writes batch by
-  batch, or ``DeltaTable.merge``, which holds its source and target in memory
-  (``benchmarks/results/lake_write.json``); reads are distributed: Spark reads the version's Parquet
-  files directly and takes partition values from the Delta log.
+  ``spark.driver.maxResultSize`` caps a partition, not a write, into ``write_deltalake``, which
+  writes batch by batch, or ``DeltaTable.merge``, whose memory grows with its source
+  (``benchmarks/results/lake_write.json``). delta-rs reads the table before the stream starts, so
+  another commit to the same partitions while ``df`` is computed makes the write fail
+  (``CommitFailedError``; :class:`ConcurrentWriteError` with ``read_version``); a retry succeeds.
+  Reads are distributed: Spark reads the version's Parquet files directly and takes partition
+  values from the Delta log.
 
 Write modes and rerun semantics (a job rerun for the same logical date leaves identical contents):
 
@@ -1043,9 +1046,10 @@ def arrow_batches(df: DataFrame) -> Iterator[Any]:
     ``df.toArrow()`` collects everything in one job, whose results ``spark.driver.maxResultSize``
     caps (1 GiB by default). Here the executors serialise each partition to Arrow IPC and the driver
     fetches partitions one at a time (the next computed while this one is consumed), so no job
-    returns more than one partition and the driver holds about two. Through the blobs' RDD: classic
-    PySpark's ``DataFrame.toLocalIterator`` (4.3) keeps every partition it fetched on the JVM heap
-    (five passes over 540 MB held 3.1 GB); the RDD's releases them. Spark Connect has no RDD.
+    returns more than one partition (one partition past the cap is still refused) and the driver
+    holds about two. Through the blobs' RDD: classic PySpark's ``DataFrame.toLocalIterator`` (4.3)
+    keeps every partition it fetched on the JVM heap (five passes over 540 MB held 3.1 GB); the
+    RDD's releases them. Spark Connect has no RDD: its own iterator, untested here.
     """
     import pyarrow as pa
     from pyspark.sql.classic.dataframe import DataFrame as ClassicDataFrame
@@ -1062,8 +1066,9 @@ class _DeclaredBatches:
 
     The checks (nulls in NOT NULL columns, blank partition values, rows outside ``partition_values``,
     duplicate merge ``keys``) count over the whole stream and raise at its end, with the totals:
-    delta-rs commits only after its source ends, so a refused write commits nothing. delta-rs wraps
-    an error of its source in its own; :meth:`refusal` raises the original.
+    delta-rs commits only after its source ends, so a refused write commits nothing (the files it
+    wrote before are left for VACUUM). delta-rs wraps an error of its source in its own;
+    :meth:`refusal` raises the original.
     """
 
     def __init__(
@@ -1125,14 +1130,14 @@ class _DeclaredBatches:
         if any(nulls.values()):
             listed = ", ".join(f"{c} ({n} nulls)" for c, n in nulls.items() if n)
             raise ValueError(f"writing {name}: NOT NULL columns contain nulls: {listed}")
+        if keys is not None:
+            _check_unique(keys, self.spec, self.keys)
         for column, count in outside.items():
             if count:
                 raise ValueError(
                     f"{self.mode} of {name} {self.partition_values}: {count} rows have "
                     f"{column} outside {self.partition_values[column]!r}"
                 )
-        if keys is not None:
-            _check_unique(keys, self.spec, self.keys)
 
     def empty(self) -> bool:
         """Whether the source has no rows (reads up to its first row, which :meth:`reader` keeps)."""
@@ -1149,13 +1154,16 @@ class _DeclaredBatches:
 
     @contextlib.contextmanager
     def refusal(self) -> Iterator[None]:
-        """Raise the source's own error in place of delta-rs's wrapping of it."""
+        """Raise the source's own error in place of delta-rs's wrapping of it; close a stream a failed
+        write left half read (its Spark fetch with it)."""
         try:
             yield
         except Exception:
             if self.error is not None:
-                raise self.error from None
+                raise self.error from self.error.__cause__
             raise
+        finally:
+            self._batches.close()
 
 
 def _with_declared_columns(df: DataFrame, spec: TableSpec, stored: T.StructType) -> DataFrame:

@@ -554,7 +554,8 @@ def test_schema_drift_names_the_columns(spark, lake):
 
 def test_arrow_batches_are_to_arrows_rows_in_its_order(spark):
     """The stream a delta-rs write reads equals ``df.toArrow()``: every type the tables declare (time
-    zones, maps, structs, nested nulls), in partition order; an empty frame gives no rows."""
+    zones, maps, structs, nested nulls), in partition order, with Arrow's large string and list types
+    too; an empty frame gives no rows."""
     from spark_jobs.lake import arrow_batches
 
     schema = (
@@ -576,10 +577,17 @@ def test_arrow_batches_are_to_arrows_rows_in_its_order(spark):
         for i in range(40)
     ]
     df = spark.createDataFrame(rows, schema)  # in 4 partitions, no shuffle: a fixed order
-    reference = df.toArrow()
-    streamed = pa.Table.from_batches(list(arrow_batches(df)))
-    assert streamed.num_rows == 40
-    assert streamed.cast(reference.schema).equals(reference)
+    for large_types in ("false", "true"):
+        spark.conf.set("spark.sql.execution.arrow.useLargeVarTypes", large_types)
+        try:
+            reference = df.toArrow()
+            streamed = pa.Table.from_batches(list(arrow_batches(df)))
+        finally:
+            spark.conf.unset("spark.sql.execution.arrow.useLargeVarTypes")
+        assert pa.types.is_large_string(reference.schema.field("name").type) == (large_types == "true")
+        assert streamed.num_rows == 40
+        assert streamed.schema == reference.schema
+        assert streamed.equals(reference)
     assert list(arrow_batches(df.limit(0))) == []
 
 

@@ -19,8 +19,6 @@ LOCAL_DEFAULTS: dict[str, str] = {
     "spark.ui.enabled": "false",
     # Stage bars on stderr interleave with the steps' logs and progress bars (and fill Airflow's).
     "spark.ui.showConsoleProgress": "false",
-    "spark.sql.shuffle.partitions": "4",
-    "spark.default.parallelism": "4",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.driver.memory": "4g",
 }
@@ -78,6 +76,10 @@ def get_spark(
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.conf.set("spark.sql.session.timeZone", SESSION_TIME_ZONE)  # also on a session spark-submit made
+    if local and "spark.sql.shuffle.partitions" not in settings:
+        # One shuffle partition per local core, as Spark's default parallelism there, not Spark's 200:
+        # every Spark job of a write streamed through the driver costs (spark_jobs.lake.arrow_batches).
+        spark.conf.set("spark.sql.shuffle.partitions", str(spark.sparkContext.defaultParallelism))
     spark.sparkContext.setLogLevel("WARN")
     # py4j logs every gateway connection it closes at INFO, also from __del__ at interpreter exit,
     # when a CLI's log stream may already be closed ("--- Logging error ---"): WARN, like the JVM.

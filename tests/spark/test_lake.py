@@ -576,7 +576,7 @@ def test_arrow_batches_are_to_arrows_rows_in_its_order(spark):
         )
         for i in range(40)
     ]
-    df = spark.createDataFrame(rows, schema)  # in 4 partitions, no shuffle: a fixed order
+    df = spark.createDataFrame(rows, schema)  # in 2 partitions, no shuffle: a fixed order
     for large_types in ("false", "true"):
         spark.conf.set("spark.sql.execution.arrow.useLargeVarTypes", large_types)
         try:

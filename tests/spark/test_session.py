@@ -28,11 +28,14 @@ def test_master_resolution(monkeypatch, given, env, submitted, expected) -> None
 
 def test_local_workers_run_this_interpreter_and_sessions_keep_utc(spark) -> None:
     """Python workers of a local session run the driver's interpreter (its packages), not whatever
-    ``python3`` is on PATH; the session reads and writes times in UTC."""
+    ``python3`` is on PATH; the session reads and writes times in UTC and shuffles into one partition
+    per local core."""
     import sys
 
     assert spark.range(1).rdd.map(lambda _: __import__("sys").executable).first() == sys.executable
     assert spark.conf.get("spark.sql.session.timeZone") == "UTC"
+    assert spark.sparkContext.defaultParallelism == 2  # local[2]
+    assert spark.conf.get("spark.sql.shuffle.partitions") == "2"
 
 
 def test_spark_settings_from_the_environment_are_key_value_pairs(monkeypatch) -> None:

@@ -188,7 +188,9 @@ def movielens_pipeline(spark: Any, data_dir: Path, work: Path) -> dict[str, Any]
         )
     with step(steps, "sequences") as e:
         cfg = SequenceConfig(dataset=dataset)
-        result = build_sequences(interactions, stand_in_semantic_ids(spark, items, "stand-in"), cfg)
+        result = build_sequences(
+            interactions, stand_in_semantic_ids(spark, items, "stand-in"), cfg, persist=True
+        )
         samples = result.samples.cache()
         stats = samples.agg(
             F.count(F.lit(1)).alias("samples"),
@@ -221,6 +223,7 @@ def movielens_pipeline(spark: Any, data_dir: Path, work: Path) -> dict[str, Any]
             }
         )
         samples.unpersist()
+        result.unpersist()
         interactions.unpersist()
     total = round(sum(s["seconds"] for s in steps.values()), 2)
     return {"dataset": dataset, "steps": steps, "total_seconds": total}

@@ -132,7 +132,7 @@ def build_sequences(ctx: StepContext) -> dict[str, Any]:
         }
     )
     try:
-        result = build(valid, semantic_ids, cfg)
+        result = build(valid, semantic_ids, cfg, persist=True)  # unpersisted by clearCache below
         samples = to_gold_samples(result.samples).cache()
         stats = samples.agg(
             F.count(F.lit(1)).alias("samples"),

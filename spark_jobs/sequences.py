@@ -206,6 +206,12 @@ class SequenceResult:
     quarantine: DataFrame  # input columns + ``reason``
     interactions: DataFrame  # labelled, split, cold-flagged, positioned (before the semantic-ID join)
     cut: SplitCut
+    persisted: DataFrame | None = None  # what ``build_sequences(persist=True)`` keeps in Spark's cache
+
+    def unpersist(self) -> None:
+        """Drop what :func:`build_sequences` persisted from Spark's cache."""
+        if self.persisted is not None:
+            self.persisted.unpersist()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -658,15 +664,22 @@ def to_gold_user_sequences(sequences: DataFrame) -> DataFrame:
     return _project(sequences, GOLD_USER_SEQUENCES.schema.fields)
 
 
-def build_sequences(interactions: DataFrame, semantic_ids: DataFrame, cfg: SequenceConfig) -> SequenceResult:
+def build_sequences(
+    interactions: DataFrame, semantic_ids: DataFrame, cfg: SequenceConfig, persist: bool = False
+) -> SequenceResult:
     """The whole job: labels, split, cold flag, semantic-ID join, per-sample histories.
 
     Returns lazy DataFrames; the split cut is the only value computed eagerly. ``quarantine`` has
     the input columns plus ``reason`` (``null_key``, ``no_label``, ``unknown_action`` or
-    ``unknown_item``)."""
+    ``unknown_item``). The samples, the quarantine's unknown items and the interactions all derive
+    from the positioned interactions (a window over each user's events): ``persist`` keeps those in
+    Spark's cache, so a caller that computes all three computes the windows once
+    (:meth:`SequenceResult.unpersist` drops them)."""
     table = select_tokenizer_version(semantic_ids, cfg.tokenizer_version)  # fail fast on a bad version
     source = select_dataset(interactions, cfg)
     prepared, early_quarantine, cut = prepare_interactions(source, cfg, keep_given=True)
+    if persist:
+        prepared = prepared.persist()
     given = [c for c in prepared.columns if c.startswith(_RAW)]
     known, unknown = join_semantic_ids(prepared, table, cfg, selected=True)
     samples = build_samples(known.drop(*given), cfg)
@@ -674,4 +687,10 @@ def build_sequences(interactions: DataFrame, semantic_ids: DataFrame, cfg: Seque
     quarantine = early_quarantine.select(*input_cols, "reason").unionByName(
         as_given(unknown).select(*input_cols, "reason")
     )
-    return SequenceResult(samples=samples, quarantine=quarantine, interactions=prepared.drop(*given), cut=cut)
+    return SequenceResult(
+        samples=samples,
+        quarantine=quarantine,
+        interactions=prepared.drop(*given),
+        cut=cut,
+        persisted=prepared if persist else None,
+    )

@@ -480,3 +480,37 @@ def test_the_spark_job_and_the_offline_protocol_agree_row_by_row(spark) -> None:
             assert seen == spark_history[len(spark_history) - len(seen) :]
             checked += 1
     assert checked == (reference["split"] == "test").sum() > 0
+
+
+def test_a_persisted_build_computes_the_positioned_interactions_once_and_equals_a_lazy_one(spark) -> None:
+    """With ``persist``, the samples, the unknown-item quarantine and the user sequences all read the
+    one cached frame of positioned interactions (its window is computed once), and every output is
+    the lazy build's; ``unpersist`` drops it from the cache."""
+    rows = [(u, 10 * u + i, 3 * i + u, float(1 + (i % 5))) for u in range(1, 5) for i in range(8)]
+    df = events(spark, rows)
+    known = semantic_ids(spark, [r[1] for r in rows if r[1] % 4])  # every fourth item unknown
+    cfg = SequenceConfig(train_fraction=0.75)
+
+    def outputs(result):
+        return [
+            sorted(map(tuple, frame.collect()))
+            for frame in (
+                to_gold_samples(result.samples),
+                result.quarantine,
+                to_gold_user_sequences(build_user_sequences(result.interactions, cfg)),
+            )
+        ]
+
+    def reads_cache(frame) -> bool:
+        return "InMemoryRelation" in frame._jdf.queryExecution().withCachedData().toString()
+
+    lazy = build_sequences(df, known, cfg)
+    assert not reads_cache(lazy.samples)
+    expected = outputs(lazy)  # before anything is cached: Spark's cache serves any equal plan
+    assert len(expected[1]) == sum(1 for r in rows if not r[1] % 4) > 0
+    persisted = build_sequences(df, known, cfg, persist=True)
+    frames = (persisted.samples, persisted.quarantine, build_user_sequences(persisted.interactions, cfg))
+    assert all(map(reads_cache, frames))
+    assert outputs(persisted) == expected
+    persisted.unpersist()
+    assert not reads_cache(build_sequences(df, known, cfg).samples)

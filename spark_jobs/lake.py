@@ -1136,7 +1136,8 @@ class _DeclaredBatches:
                     ) from err
                 for name, value in self.partition_values.items():
                     outside[name] += _rows_outside(batch.column(name), value)
-                if self.keys:
+                if self.keys:  # a merge, whose source delta-rs holds whole: held as copies, not as views
+                    batch = pa.concat_batches([batch])  # on the fetched bytes, its peak is lower (lake_write)
                     keys.append(batch.select(self.keys))
                 yield batch
             self._check(blank, nulls, outside, pa.Table.from_batches(keys) if keys else None)

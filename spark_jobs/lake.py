@@ -58,7 +58,7 @@ import numbers
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -1040,7 +1040,7 @@ def _ipc_messages(batches: Iterator[Any]) -> Iterator[Any]:
         yield pa.RecordBatch.from_pydict({"ipc": [sink.getvalue().to_pybytes()]}, schema=schema)
 
 
-def arrow_batches(df: DataFrame) -> Iterator[Any]:
+def arrow_batches(df: DataFrame) -> Generator[Any, None, None]:
     """``df``'s rows, in ``df.toArrow()``'s order, as Arrow batches fetched one partition per Spark job.
 
     ``df.toArrow()`` collects everything in one job, whose results ``spark.driver.maxResultSize``
@@ -1067,21 +1067,32 @@ def arrow_batches(df: DataFrame) -> Iterator[Any]:
     from pyspark.sql.pandas.types import to_arrow_schema
     from pyspark.util import _local_iterator_from_socket
 
-    conf = df.sparkSession.conf
+    conf, jvm = df.sparkSession.conf, df.sparkSession.sparkContext._jvm
     time_zone = conf.get("spark.sql.session.timeZone")
     large_types = conf.get("spark.sql.execution.arrow.useLargeVarTypes") == "true"
-    schema = to_arrow_schema(
-        df.schema,
-        error_on_duplicated_field_names_in_struct=True,
-        timezone=time_zone,
-        prefers_large_types=large_types,
-    )
     batches = df._jdf.toArrowBatchRdd(
         int(conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")), time_zone, True, large_types
     )
-    served = df.sparkSession.sparkContext._jvm.PythonRDD.toLocalIteratorAndServe(batches, True)
+    # The batches carry no schema: read with the JVM's (as its ArrowBatchIterator builds it), cast
+    # to toArrow's where they differ (UTC instants; Variant and geo binaries, large on the JVM).
+    arrow_utils = jvm.org.apache.spark.sql.util.ArrowUtils
+    default_last = getattr(arrow_utils, "toArrowSchema$default$5")()
+    sink = jvm.java.io.ByteArrayOutputStream()
+    jvm.org.apache.arrow.vector.ipc.message.MessageSerializer.serialize(
+        jvm.org.apache.arrow.vector.ipc.WriteChannel(jvm.java.nio.channels.Channels.newChannel(sink)),
+        arrow_utils.toArrowSchema(df._jdf.schema(), time_zone, True, large_types, default_last),
+    )
+    wire = pa.ipc.read_schema(pa.py_buffer(bytes(sink.toByteArray())))
+    schema = to_arrow_schema(
+        df.schema,
+        error_on_duplicated_field_names_in_struct=True,
+        timezone="UTC",
+        prefers_large_types=large_types,
+    )
+    served = jvm.PythonRDD.toLocalIteratorAndServe(batches, True)
     for message in _local_iterator_from_socket(served, NoOpSerializer()):
-        yield pa.ipc.read_record_batch(pa.py_buffer(message), schema)
+        batch = pa.ipc.read_record_batch(pa.py_buffer(message), wire)
+        yield batch if wire == schema else batch.cast(schema)
 
 
 class _DeclaredBatches:
@@ -1110,7 +1121,7 @@ class _DeclaredBatches:
         self._peeked: list[Any] = []
         self._batches = self._checked(arrow_batches(df))
 
-    def _checked(self, batches: Iterator[Any]) -> Iterator[Any]:
+    def _checked(self, batches: Generator[Any, None, None]) -> Generator[Any, None, None]:
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -1136,14 +1147,18 @@ class _DeclaredBatches:
                     ) from err
                 for name, value in self.partition_values.items():
                     outside[name] += _rows_outside(batch.column(name), value)
-                if self.keys:  # a merge, whose source delta-rs holds whole: held as copies, not as views
-                    batch = pa.concat_batches([batch])  # on the fetched bytes, its peak is lower (lake_write)
+                if self.keys:
+                    # a merge: delta-rs holds its source whole; as views, its batches would pin every
+                    # fetched message (benchmarks/lake_write's merge peaked at 5,013 MiB, 6,744 as views)
+                    batch = pa.concat_batches([batch])
                     keys.append(batch.select(self.keys))
                 yield batch
             self._check(blank, nulls, outside, pa.Table.from_batches(keys) if keys else None)
         except Exception as err:
             self.error = err
             raise
+        finally:
+            batches.close()  # a refused stream's Spark fetch ends now, not when the error is collected
 
     def _check(
         self, blank: dict[str, int], nulls: dict[str, int], outside: dict[str, int], keys: Any

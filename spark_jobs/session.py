@@ -76,7 +76,7 @@ def get_spark(
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.conf.set("spark.sql.session.timeZone", SESSION_TIME_ZONE)  # also on a session spark-submit made
-    if local and "spark.sql.shuffle.partitions" not in settings:
+    if local and spark.conf.get("spark.sql.shuffle.partitions", None) is None:  # set nowhere
         # One shuffle partition per local core, as Spark's default parallelism there, not Spark's 200:
         # every Spark job of a write streamed through the driver costs (spark_jobs.lake.arrow_batches).
         spark.conf.set("spark.sql.shuffle.partitions", str(spark.sparkContext.defaultParallelism))

@@ -509,8 +509,10 @@ def test_a_persisted_build_computes_the_positioned_interactions_once_and_equals_
     expected = outputs(lazy)  # before anything is cached: Spark's cache serves any equal plan
     assert len(expected[1]) == sum(1 for r in rows if not r[1] % 4) > 0
     persisted = build_sequences(df, known, cfg, persist=True)
-    frames = (persisted.samples, persisted.quarantine, build_user_sequences(persisted.interactions, cfg))
-    assert all(map(reads_cache, frames))
-    assert outputs(persisted) == expected
-    persisted.unpersist()
+    try:
+        frames = (persisted.samples, persisted.quarantine, build_user_sequences(persisted.interactions, cfg))
+        assert all(map(reads_cache, frames))
+        assert outputs(persisted) == expected
+    finally:
+        persisted.unpersist()
     assert not reads_cache(build_sequences(df, known, cfg).samples)

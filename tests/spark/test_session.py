@@ -38,6 +38,19 @@ def test_local_workers_run_this_interpreter_and_sessions_keep_utc(spark) -> None
     assert spark.conf.get("spark.sql.shuffle.partitions") == "2"
 
 
+def test_shuffle_partitions_someone_set_are_kept(spark) -> None:
+    """One shuffle partition per core only where nothing set them: a value from ``conf`` (or set on
+    the running session) survives a later ``get_spark()`` of the same session."""
+    from spark_jobs.session import get_spark
+
+    try:
+        assert get_spark(conf={"spark.sql.shuffle.partitions": "3"}) is spark
+        assert get_spark() is spark
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "3"
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", "2")
+
+
 def test_spark_settings_from_the_environment_are_key_value_pairs(monkeypatch) -> None:
     from spark_jobs.session import _env_conf
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,12 @@ os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = (
     f"sqlite:///{AIRFLOW_TEST_HOME / 'airflow' / 'airflow.db'}"
 )
 os.environ["AIRFLOW__LOGGING__BASE_LOG_FOLDER"] = str(AIRFLOW_TEST_HOME / "airflow" / "logs")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The private Airflow home goes with the run (each pytest process made its own)."""
+    shutil.rmtree(AIRFLOW_TEST_HOME, ignore_errors=True)
+
 
 MOVIELENS = Path(
     os.environ.get(

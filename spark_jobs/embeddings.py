@@ -279,10 +279,14 @@ def file_digest(path: str | None) -> str:
     try:  # a folder, a device (/dev/zero never ends), a FIFO (opening it waits for a writer) or a
         if not stat.S_ISREG(os.stat(local).st_mode):  # socket is no file, as the encoders' is_file()
             return "missing"  # decides; non-blocking and checked again: one may be swapped in since
-        with open(os.open(local, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK)
+        try:  # closed here: open() of a folder's descriptor raises and leaves it open
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return "missing"
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            with open(fd, "rb", closefd=False) as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        finally:
+            os.close(fd)
     except OSError as err:
         if err.errno in NOT_A_FILE:
             return "missing"

@@ -298,6 +298,14 @@ def test_an_image_that_cannot_be_read_now_is_an_error_not_a_missing_one(tmp_path
     assert len(os.listdir("/proc/self/fd")) == open_before  # no descriptor left open
     assert {load_rgb(p) for p in wrong} == {(None, "missing file")}  # the encoder agrees: absent rows
 
+    swapped = tmp_path / "swapped"  # a file when checked, a folder when opened
+    swapped.mkdir()
+    real_stat = os.stat
+    with monkeypatch.context() as race:
+        race.setattr(os, "stat", lambda p, *a, **k: real_stat(path if str(p) == str(swapped) else p, *a, **k))
+        assert file_digest(str(swapped)) == "missing"
+    assert len(os.listdir("/proc/self/fd")) == open_before  # its descriptor closed too
+
     def failing(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")
 

@@ -488,3 +488,19 @@ def test_duplicates_that_differ_only_in_nested_columns_keep_the_same_row_in_any_
         assert len(valid) == 3  # one per key
         kept.add(tuple(sorted((r.k, str(r.history), str(r.attributes)) for r in valid)))
     assert len(kept) == 1
+
+
+def test_great_expectations_imports_in_a_process_whose_main_has_no_file() -> None:
+    """GX imports ``pyspark.sql.connect``, which without Spark Connect's dependencies (the ``connect``
+    extra) takes a ``__main__`` without a file for a doctest run and exits with status 0: a gate
+    started from ``python -c`` (or a pytest-xdist worker) would end as if it had passed."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import great_expectations as gx; print(gx.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "1.24.1"), done.stderr

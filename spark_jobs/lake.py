@@ -1090,9 +1090,29 @@ def arrow_batches(df: DataFrame) -> Generator[Any, None, None]:
         prefers_large_types=large_types,
     )
     served, cast = jvm.PythonRDD.toLocalIteratorAndServe(batches, True), wire != schema
-    for message in _local_iterator_from_socket(served, NoOpSerializer()):
-        batch = pa.ipc.read_record_batch(pa.py_buffer(message), wire)
-        yield batch.cast(schema) if cast else batch
+    with _job_errors():
+        for message in _local_iterator_from_socket(served, NoOpSerializer()):
+            batch = pa.ipc.read_record_batch(pa.py_buffer(message), wire)
+            yield batch.cast(schema) if cast else batch
+
+
+@contextlib.contextmanager
+def _job_errors() -> Iterator[None]:
+    """A failed Spark job's own error (what ``toArrow`` raises: a ``SparkRuntimeException``, a
+    ``PythonException``...), not the ``Py4JJavaError`` of the fetch that waited for the job."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors.exceptions.captured import UnknownException, convert_exception
+
+    try:
+        yield
+    except Py4JJavaError as err:
+        cause = err.java_exception
+        while cause is not None:  # the fetch's SparkException, the job's, then the task's own error
+            converted = convert_exception(cause)
+            if not isinstance(converted, UnknownException):
+                raise converted from None
+            cause = cause.getCause()
+        raise
 
 
 class _DeclaredBatches:

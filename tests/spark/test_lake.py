@@ -626,6 +626,31 @@ def test_a_write_refused_midstream_counts_every_batch_and_commits_nothing(spark,
     assert contents(lake.read("bronze.users").select("user_id")) == [("1",)]
 
 
+def test_a_failed_job_raises_its_own_error_through_the_stream_and_the_write(spark, lake):
+    """A task that fails while a write streams its rows raises what ``toArrow`` raises (Spark's
+    error, not the ``Py4JJavaError`` of the fetch), and the write commits nothing."""
+    from pyspark.errors import PythonException, SparkRuntimeException
+
+    from spark_jobs.lake import arrow_batches
+
+    lake.write(users(spark, "ds", D1, ["1"]), "bronze.users", mode="append")
+    failing = users(spark, "ds", D2, [str(i) for i in range(10)]).withColumn(
+        "user_id", F.when(F.col("user_id") != "7", F.col("user_id")).otherwise(F.raise_error(F.lit("no 7")))
+    )
+    with pytest.raises(SparkRuntimeException, match=r"\[USER_RAISED_EXCEPTION\] no 7") as expected:
+        failing.toArrow()
+    with pytest.raises(SparkRuntimeException, match=r"\[USER_RAISED_EXCEPTION\] no 7") as streamed:
+        list(arrow_batches(failing))
+    with pytest.raises(SparkRuntimeException, match=r"\[USER_RAISED_EXCEPTION\] no 7") as written:
+        lake.write(failing, "bronze.users", mode="replace_partition", partition_values={"logical_date": D2})
+    assert type(streamed.value) is type(written.value) is type(expected.value)
+    udf_failing = users(spark, "ds", D2, ["1"]).withColumn("user_id", F.udf(lambda u: str(1 / 0))("user_id"))
+    with pytest.raises(PythonException, match="ZeroDivisionError"):
+        list(arrow_batches(udf_failing))
+    assert lake.version("bronze.users") == 1  # the first append's
+    assert contents(lake.read("bronze.users").select("user_id")) == [("1",)]
+
+
 def test_a_write_larger_than_the_drivers_result_cap_is_written_whole(tmp_path):
     """``df.toArrow()`` fails past ``spark.driver.maxResultSize``; the lake's write of the same rows
     does not (it fetches one partition per job), and every row reads back. Streaming the rows again

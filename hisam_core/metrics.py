@@ -23,6 +23,10 @@ import numpy as np
 import pandas as pd
 
 
+class NonFiniteScoresError(ValueError):
+    """A model gave NaN or infinite scores: no metric ranks them."""
+
+
 def _prepare(
     labels: np.ndarray, scores: np.ndarray, mask: np.ndarray | None, *extra: np.ndarray
 ) -> tuple[np.ndarray, ...]:
@@ -42,7 +46,7 @@ def _prepare(
     if not np.isin(arrays[0], (0, 1)).all():
         raise ValueError("labels must be 0 or 1")
     if not np.isfinite(arrays[1]).all():
-        raise ValueError("scores must be finite")
+        raise NonFiniteScoresError("scores must be finite")
     if len(arrays) > 2 and pd.isna(arrays[2]).any():  # pandas would drop those samples from every group
         raise ValueError("groups (user ids) must not be missing")
     return (arrays[0].astype(np.int64), *arrays[1:])

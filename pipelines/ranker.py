@@ -698,6 +698,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     import mlflow
 
     from hisam_core.device import resolve_device
+    from hisam_core.metrics import NonFiniteScoresError
     from hisam_core.ranker.train import load_model
     from pipelines.config import PROFILE_COLUMNS
     from pipelines.ranker_model import load_ranker
@@ -754,7 +755,13 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     config, model = load_model(checkpoints / "checkpoint.pt", device)
     vocabulary = ProfileVocabulary.load(checkpoints / PROFILE_VOCABULARY)
     profiles = encode_profiles(profile_frame, vocabulary)
-    candidate = evaluate_model(model, config.sequence, candidate_ids, frame, batch, profiles)
+    try:
+        candidate = evaluate_model(model, config.sequence, candidate_ids, frame, batch, profiles)
+    except NonFiniteScoresError as err:
+        raise NonFiniteScoresError(
+            f"the candidate (finetune run {run.info.run_id}) gives non-finite scores on {SAMPLES} "
+            f"v{snapshot}: fine-tune it again (--param force=true)"
+        ) from err
     unmeasured = [m for m in COLD_METRICS if not math.isfinite(candidate.get(m, math.nan))]
     if unmeasured:
         test = frame[frame["split"] == "test"]
@@ -768,14 +775,22 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
         )
     metrics = {f"{EVAL_PREFIX}{k}": v for k, v in candidate.items() if k not in unmeasured}
     if served is not None:
-        scored = evaluate_model(
-            served.ranker.model.to(device),
-            served.ranker.builder.config,
-            champion_ids,
-            frame,
-            batch,
-            encode_profiles(profile_frame, served.profile_vocabulary or ProfileVocabulary({})),
-        )
+        assert champion is not None
+        try:
+            scored = evaluate_model(
+                served.ranker.model.to(device),
+                served.ranker.builder.config,
+                champion_ids,
+                frame,
+                batch,
+                encode_profiles(profile_frame, served.profile_vocabulary or ProfileVocabulary({})),
+            )
+        except NonFiniteScoresError as err:
+            raise NonFiniteScoresError(
+                f"the champion, {ctx.config.models.ranker} v{champion.version}, gives non-finite scores on "
+                f"{SAMPLES} v{snapshot}: no candidate is judged against it until @champion moves "
+                "(`hisam rollback` restores the previous one)"
+            ) from err
         metrics.update({f"{CHAMPION_PREFIX}{k}": v for k, v in scored.items() if k not in unmeasured})
     tags = {
         "eval.snapshot": str(snapshot),

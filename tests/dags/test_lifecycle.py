@@ -331,6 +331,52 @@ def test_evaluate_on_another_worker_reads_the_checkpoint_logged_to_the_finetune_
         _client().set_tag(run.info.run_id, SFT_CHECKPOINT_SHA256, recorded)
 
 
+def test_a_model_giving_non_finite_scores_fails_evaluate_naming_it_and_logs_nothing(
+    world, monkeypatch
+) -> None:
+    """Builds on day 1: NaN weights (a diverged or damaged model) make evaluate fail naming the
+    model, the candidate or the champion, and the way out; no metric is logged."""
+    import importlib
+    import math
+
+    import torch
+
+    import pipelines.ranker_model as ranker_model
+    from pipelines.steps import run_step
+
+    train = importlib.import_module("hisam_core.ranker.train")  # the package exports a train function
+    load_model, load_ranker = train.load_model, ranker_model.load_ranker
+
+    def damaged(model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.fill_(math.nan)
+
+    def damaged_candidate(*args, **kwargs):
+        config, model = load_model(*args, **kwargs)
+        damaged(model)
+        return config, model
+
+    def damaged_champion(uri):
+        loaded = load_ranker(uri)
+        damaged(loaded.unwrap_python_model().ranker.model)
+        return loaded
+
+    run = _client().get_run(_client().get_model_version("hisam-ranker", "1").run_id)
+    logged = len(_client().get_metric_history(run.info.run_id, "eval.auc"))
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "load_model", damaged_candidate)
+        with pytest.raises(ValueError, match=r"the candidate \(finetune run \w+\) gives non-finite scores"):
+            run_step("evaluate", DAY1, world["config"])
+    with monkeypatch.context() as patch:
+        patch.setattr(ranker_model, "load_ranker", damaged_champion)
+        with pytest.raises(
+            ValueError, match=r"the champion, hisam-ranker v\d+, gives non-finite .* rollback"
+        ):
+            run_step("evaluate", DAY1, world["config"])
+    assert len(_client().get_metric_history(run.info.run_id, "eval.auc")) == logged
+
+
 def _drift(tags: dict[str, str]) -> dict[str, float]:
     """A promoted version's ``gate.drift.*`` tags, as the gate reads them."""
     from pipelines.ranker import metrics_of

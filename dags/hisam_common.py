@@ -149,10 +149,10 @@ def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = 
 
     from pipelines.notify import ENV_WEBHOOK_URL
     from pipelines.settings import Settings, redacted, uri_secrets
-    from pipelines.steps import StepSkipped, error_text, run_step, step_errors
+    from pipelines.steps import StepSkipped, error_text, load_config, run_step, step_errors
 
     # Airflow masks what it is told about in task logs (tracebacks too): these come from the
-    # environment, not from Connections, so it is told here, before anything is logged
+    # environment and the config, not from Connections, so it is told here, before the step logs
     for secret in uri_secrets(Settings.from_env().mlflow_tracking_uri):
         mask_secret(secret)
     if webhook := os.environ.get(ENV_WEBHOOK_URL):
@@ -160,7 +160,10 @@ def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = 
     day = logical_day(context)
     resolved = {k: v.format(ds_nodash=day.strftime("%Y%m%d")) for k, v in (params or {}).items()}
     try:
-        return run_step(step, day, params=resolved)
+        config = load_config()
+        if config.notify.webhook_url:  # a secret wherever it is given
+            mask_secret(config.notify.webhook_url)
+        return run_step(step, day, config, params=resolved)
     except step_errors() as err:
         raise AirflowFailException(f"{step}: {redacted(error_text(err))}") from err
     except StepSkipped as skipped:

@@ -234,11 +234,11 @@ def test_a_step_that_alerted_before_failing_gets_no_second_alert(dags, tmp_path,
 
 
 def test_a_task_tells_airflow_the_secrets_in_its_environment_and_fails_without_them(
-    dags, monkeypatch
+    dags, monkeypatch, tmp_path, write_config
 ) -> None:
     """Airflow masks in task logs (tracebacks too) only what it is told: the tracking URI's password
-    and the webhook URL come from the environment, so each task tells its masker before the step
-    runs; the failure's own message has its URIs masked too."""
+    and the webhook URL come from the environment or the config, so each task tells its masker
+    before the step runs; the failure's own message has its URIs masked too."""
     import airflow.sdk.log
     import hisam_common
     from airflow.sdk.exceptions import AirflowFailException
@@ -251,14 +251,25 @@ def test_a_task_tells_airflow_the_secrets_in_its_environment_and_fails_without_t
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://svc:t%40ken@mlflow.internal")
     monkeypatch.setenv("HISAM_NOTIFY_WEBHOOK_URL", "https://chat.example/hooks/s3cret")
 
-    def failing(step, day, params=None):
+    def failing(step, day, config=None, params=None):
         raise ValueError(f"cannot reach {os.environ['MLFLOW_TRACKING_URI']}/api")
 
     monkeypatch.setattr(pipelines.steps, "run_step", failing)
+    context = {"logical_date": dt.datetime(2026, 11, 2, tzinfo=dt.UTC)}
     with pytest.raises(AirflowFailException) as err:
-        hisam_common.execute("finetune", {"logical_date": dt.datetime(2026, 11, 2, tzinfo=dt.UTC)})
+        hisam_common.execute("finetune", context)
     assert sorted(told) == ["https://chat.example/hooks/s3cret", "t%40ken", "t@ken"]
     assert "t%40ken" not in str(err.value) and "https://svc:***@mlflow.internal/api" in str(err.value)
+    # a webhook URL given in the config is as secret
+    monkeypatch.delenv("HISAM_NOTIFY_WEBHOOK_URL")
+    webhook = {"sinks": ["log", "webhook"], "webhook_url": "https://chat.example/hooks/in-yaml"}
+    monkeypatch.setenv(
+        "HISAM_PIPELINE_CONFIG", str(write_config(tmp_path / "p.yaml", top={"notify": webhook}))
+    )
+    told.clear()
+    with pytest.raises(AirflowFailException):
+        hisam_common.execute("finetune", context)
+    assert sorted(told) == ["https://chat.example/hooks/in-yaml", "t%40ken", "t@ken"]
     assert uri_secrets("postgresql+psycopg2://mlflow:s3/cr@t@db/x?password=p2") == ["p2", "s3/cr@t"]
     assert uri_secrets("sqlite:///a.db") == uri_secrets("http://mlflow:5000") == []
 

@@ -149,7 +149,7 @@ def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = 
 
     from pipelines.notify import ENV_WEBHOOK_URL
     from pipelines.settings import Settings, redacted, uri_secrets
-    from pipelines.steps import StepSkipped, error_text, load_config, run_step, step_errors
+    from pipelines.steps import StepSkipped, check_step, error_text, load_config, run_step, step_errors
 
     # Airflow masks what it is told about in task logs (tracebacks too): these come from the
     # environment and the config, not from Connections, so it is told here, before the step logs
@@ -160,6 +160,7 @@ def execute(step: str, context: dict[str, Any], params: dict[str, str] | None = 
     day = logical_day(context)
     resolved = {k: v.format(ds_nodash=day.strftime("%Y%m%d")) for k, v in (params or {}).items()}
     try:
+        check_step(step, resolved)  # a bad param is reported before a bad config, as run_step does
         config = load_config()
         if config.notify.webhook_url:  # a secret wherever it is given
             mask_secret(config.notify.webhook_url)

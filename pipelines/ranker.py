@@ -760,7 +760,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
     except NonFiniteScoresError as err:
         raise NonFiniteScoresError(
             f"the candidate (finetune run {run.info.run_id}) gives non-finite scores on {SAMPLES} "
-            f"v{snapshot}: fine-tune it again (--param force=true)"
+            f"v{snapshot}: fine-tune it again (hisam run finetune --param force=true)"
         ) from err
     unmeasured = [m for m in COLD_METRICS if not math.isfinite(candidate.get(m, math.nan))]
     if unmeasured:
@@ -789,7 +789,7 @@ def evaluate(ctx: StepContext) -> dict[str, Any]:
             raise NonFiniteScoresError(
                 f"the champion, {ctx.config.models.ranker} v{champion.version}, gives non-finite scores on "
                 f"{SAMPLES} v{snapshot}: no candidate is judged against it until @champion moves "
-                "(`hisam rollback` restores the previous one)"
+                "(`hisam rollback` restores @previous, where there is one)"
             ) from err
         metrics.update({f"{CHAMPION_PREFIX}{k}": v for k, v in scored.items() if k not in unmeasured})
     tags = {

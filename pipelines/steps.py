@@ -129,16 +129,9 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def run_step(
-    name: str,
-    logical_date: dt.date | str,
-    config: Any = None,
-    params: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """Run step ``name`` for ``logical_date`` with ``config`` (a PipelineConfig, a YAML path or None)."""
-    from pipelines.config import PipelineConfig
-    from pipelines.context import StepContext
-
+def check_step(name: str, params: Mapping[str, str] | None = None) -> None:
+    """Refuse an unknown step, a param it does not take and a malformed one, before the config is
+    read or any work starts (a typo'd ``force=ture`` fails at once)."""
     if name not in STEPS:
         raise KeyError(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
     unknown = sorted(set(params or {}) - set(STEPS[name].params))
@@ -153,11 +146,24 @@ def run_step(
             f"step {name}: param tokenizer_version must be letters, digits, '.', '_' or '-', starting with "
             f"a letter or digit, got {version!r}"
         )
-    for key in FLAGS & set(params or {}):  # before any work: a typo'd `force=ture` fails at once
+    for key in FLAGS & set(params or {}):
         try:
             flag((params or {})[key], key)
         except ValueError as err:
             raise ValueError(f"step {name}: {err}") from None
+
+
+def run_step(
+    name: str,
+    logical_date: dt.date | str,
+    config: Any = None,
+    params: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run step ``name`` for ``logical_date`` with ``config`` (a PipelineConfig, a YAML path or None)."""
+    from pipelines.config import PipelineConfig
+    from pipelines.context import StepContext
+
+    check_step(name, params)
     if not isinstance(config, PipelineConfig):
         config = load_config(config)
     day = dt.date.fromisoformat(logical_date) if isinstance(logical_date, str) else logical_date

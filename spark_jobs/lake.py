@@ -1100,17 +1100,23 @@ def arrow_batches(df: DataFrame) -> Generator[Any, None, None]:
 def _job_errors() -> Iterator[None]:
     """A failed Spark job's own error (what ``toArrow`` raises: a ``SparkRuntimeException``, a
     ``PythonException``...), not the ``Py4JJavaError`` of the fetch that waited for the job."""
+    from py4j.java_gateway import is_instance_of
     from py4j.protocol import Py4JJavaError
+    from pyspark import SparkContext
     from pyspark.errors.exceptions.captured import UnknownException, convert_exception
 
     try:
         yield
     except Py4JJavaError as err:
         cause = err.java_exception
-        while cause is not None:  # the fetch's SparkException, the job's, then the task's own error
+        for _ in range(3):  # the fetch's SparkException, the job's, then the task's own error
+            if cause is None:
+                break
             converted = convert_exception(cause)
             if not isinstance(converted, UnknownException):
                 raise converted from None
+            if not is_instance_of(SparkContext._gateway, cause, "org.apache.spark.SparkException"):
+                break  # not Spark's wrapping (a lost executor's own error): the whole error stands
             cause = cause.getCause()
         raise
 

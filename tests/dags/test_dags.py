@@ -233,7 +233,7 @@ def test_a_step_that_alerted_before_failing_gets_no_second_alert(dags, tmp_path,
     assert "webhook down" in lost["text"] and "lake unreachable" in other["text"]
 
 
-def test_a_task_tells_airflow_the_secrets_in_its_environment_and_fails_without_them(
+def test_a_task_tells_airflow_its_secrets_and_fails_without_them(
     dags, monkeypatch, tmp_path, write_config
 ) -> None:
     """Airflow masks in task logs (tracebacks too) only what it is told: the tracking URI's password
@@ -270,6 +270,10 @@ def test_a_task_tells_airflow_the_secrets_in_its_environment_and_fails_without_t
     with pytest.raises(AirflowFailException):
         hisam_common.execute("finetune", context)
     assert sorted(told) == ["https://chat.example/hooks/in-yaml", "t%40ken", "t@ken"]
+    (tmp_path / "bad.yaml").write_text("gate: [unclosed\n")  # a bad param is still named first
+    monkeypatch.setenv("HISAM_PIPELINE_CONFIG", str(tmp_path / "bad.yaml"))
+    with pytest.raises(AirflowFailException, match="step finetune: param force must be true or false"):
+        hisam_common.execute("finetune", context, {"force": "ture"})
     assert uri_secrets("postgresql+psycopg2://mlflow:s3/cr@t@db/x?password=p2") == ["p2", "s3/cr@t"]
     assert uri_secrets("sqlite:///a.db") == uri_secrets("http://mlflow:5000") == []
 

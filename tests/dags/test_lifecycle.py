@@ -363,6 +363,7 @@ def test_a_model_giving_non_finite_scores_fails_evaluate_naming_it_and_logs_noth
         return loaded
 
     run = _client().get_run(_client().get_model_version("hisam-ranker", "1").run_id)
+    before = _client().get_run(run.info.run_id).data
     logged = len(_client().get_metric_history(run.info.run_id, "eval.auc"))
     with monkeypatch.context() as patch:
         patch.setattr(train, "load_model", damaged_candidate)
@@ -374,6 +375,8 @@ def test_a_model_giving_non_finite_scores_fails_evaluate_naming_it_and_logs_noth
             ValueError, match=r"the champion, hisam-ranker v\d+, gives non-finite .* rollback"
         ):
             run_step("evaluate", DAY1, world["config"])
+    after = _client().get_run(run.info.run_id).data
+    assert (after.metrics, after.tags) == (before.metrics, before.tags)
     assert len(_client().get_metric_history(run.info.run_id, "eval.auc")) == logged
 
 

@@ -28,10 +28,10 @@ AIRFLOW_TEST_HOME = Path(tempfile.mkdtemp(prefix="hisam-airflow-"))
 os.environ["AIRFLOW_HOME"] = str(AIRFLOW_TEST_HOME / "airflow")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parents[1] / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-os.environ["HISAM_SENSOR_POKE_SECONDS"] = "5"  # a sensor left waiting fails the test in 20 seconds
-os.environ["HISAM_SENSOR_TIMEOUT_SECONDS"] = (
-    "20"  # dag.test() runs one task at a time: waiting longer changes nothing
-)
+#: A sensor left waiting fails its test after 6 seconds: dag.test() runs one task at a time, so
+#: nothing can land while it waits, and waiting longer changes nothing (each poke reads the lake).
+os.environ["HISAM_SENSOR_POKE_SECONDS"] = "2"
+os.environ["HISAM_SENSOR_TIMEOUT_SECONDS"] = "6"
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = (
     f"sqlite:///{AIRFLOW_TEST_HOME / 'airflow' / 'airflow.db'}"
 )

@@ -42,7 +42,7 @@ def test_the_features_dag_waits_for_the_days_drop(airflow_db, tmp_path, write_co
         env.setenv("HISAM_PIPELINE_CONFIG", str(config))
         for name in ("MLFLOW_TRACKING_URI", "HISAM_LAKE_ROOT", "HISAM_NOTIFY_SINKS"):
             env.delenv(name, raising=False)
-        waited = hisam_lifecycle.run_dag("hisam_features", DAY)  # the sensor times out (20 s in the tests)
+        waited = hisam_lifecycle.run_dag("hisam_features", DAY)  # the sensor times out (6 s in the tests)
         assert waited.state == "failed" and waited.tasks.pop("source_ready") == "failed", waited.tasks
         assert waited.tasks.pop("watcher") == "failed"  # it fails the run, without a second alert
         assert set(waited.tasks.values()) == {"upstream_failed"}

@@ -377,6 +377,29 @@ class SequenceBuilder:
             "instant": np.full(length, item_index if instant is None else instant, dtype=np.int64),
         }
 
+    def history_blocks(self, kept: UserHistory, start: int, what: str = "item") -> dict[str, np.ndarray]:
+        """The blocks of every item of ``kept`` (each :meth:`item_block` with its action), one after
+        another from flat position ``start``: built for all items at once (a training batch builds
+        thousands), equal to concatenating the items' blocks (tests/core/ranker/test_sequence.py)."""
+        n, count = self.config.num_positions, len(kept)
+        length = n + 2  # semantic tokens, Anchor, Action
+        tokens = np.empty((count, length), dtype=np.int64)
+        tokens[:, :n] = self.vocab.semantic(kept.items, what)
+        tokens[:, n] = Vocabulary.anchor_id
+        tokens[:, n + 1] = self.vocab.action(kept.actions, what)
+        labels = np.full((count, length), IGNORE_LABEL, dtype=np.int64)
+        labels[:, n] = np.where(kept.targets, kept.actions, IGNORE_LABEL)
+        kinds = np.r_[np.full(n, TokenType.SEMANTIC), TokenType.ANCHOR, TokenType.ACTION].astype(np.int64)
+        return {
+            "tokens": tokens.reshape(-1),
+            "item_index": np.repeat(np.arange(1, count + 1, dtype=np.int64), length),
+            "intra_index": np.tile(np.arange(length, dtype=np.int64), count),
+            "position": np.arange(start, start + count * length, dtype=np.int64),
+            "token_type": np.tile(kinds, count),
+            "labels": labels.reshape(-1),
+            "instant": np.repeat(kept.instant_index(), length),
+        }
+
     def build(self, history: UserHistory, candidate: np.ndarray | None = None) -> TokenSequence:
         """The stream of one user; with ``candidate`` (raw codes) it ends with that item's block
         (semantic tokens + Anchor, no Action) at ``i = kept items + 1``. A user with no history and no
@@ -403,20 +426,9 @@ class SequenceBuilder:
                 "instant": np.zeros(p_len, dtype=np.int64),
             }
         ]
-        start = p_len
-        instants = kept.instant_index()
-        for k in range(len(kept)):
-            block = self.item_block(
-                kept.items[k],
-                int(kept.actions[k]),
-                k + 1,
-                start,
-                what,
-                bool(kept.targets[k]),
-                int(instants[k]),
-            )
-            blocks.append(block)
-            start += len(block["tokens"])
+        if len(kept):
+            blocks.append(self.history_blocks(kept, p_len, what))
+        start = p_len + len(kept) * (self.config.num_positions + 2)
         if candidate is not None:
             blocks.append(self.item_block(candidate, None, len(kept) + 1, start, f"{what} candidate"))
         merged = {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}

@@ -378,11 +378,11 @@ class SequenceBuilder:
         }
 
     def history_blocks(self, kept: UserHistory, start: int, what: str = "item") -> dict[str, np.ndarray]:
-        """The blocks of every item of ``kept`` (each :meth:`item_block` with its action), one after
-        another from flat position ``start``: built for all items at once (a training batch builds
-        thousands), equal to concatenating the items' blocks (tests/core/ranker/test_sequence.py)."""
-        n, count = self.config.num_positions, len(kept)
-        length = n + 2  # semantic tokens, Anchor, Action
+        """The blocks of every item of ``kept`` (at least one; Eq. 5), each :meth:`item_block` with its
+        action, one after another from flat position ``start``: laid out for all items at once (a
+        training batch builds thousands), equal to concatenating their blocks on valid input. Codes
+        are checked before actions, each over all items."""
+        n, count, length = self.config.num_positions, len(kept), self.config.item_length
         tokens = np.empty((count, length), dtype=np.int64)
         tokens[:, :n] = self.vocab.semantic(kept.items, what)
         tokens[:, n] = Vocabulary.anchor_id
@@ -408,7 +408,7 @@ class SequenceBuilder:
         what = f"user {history.user_id}"
         if len(history) == 0 and not self.config.profile_fields and candidate is None:
             raise ValueError(f"{what}: empty history and no profile, nothing to condition on")
-        if history.items.size and history.items.shape[1] != self.config.num_positions:
+        if len(history) and history.items.shape[1] != self.config.num_positions:
             raise ValueError(
                 f"{what}: items have {history.items.shape[1]} semantic codes, expected {self.config.num_positions}"
             )
@@ -428,7 +428,7 @@ class SequenceBuilder:
         ]
         if len(kept):
             blocks.append(self.history_blocks(kept, p_len, what))
-        start = p_len + len(kept) * (self.config.num_positions + 2)
+        start = p_len + len(kept) * self.config.item_length
         if candidate is not None:
             blocks.append(self.item_block(candidate, None, len(kept) + 1, start, f"{what} candidate"))
         merged = {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}

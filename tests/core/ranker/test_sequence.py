@@ -196,29 +196,34 @@ def test_budget_must_hold_one_item():
 @pytest.mark.parametrize("profile_fields", [{"age": 4, "gender": 3}, {}])
 def test_a_stream_built_at_once_equals_its_items_blocks_one_by_one(profile_fields):
     """``build`` lays out every history item at once (``history_blocks``); the reference builds each
-    item's block alone (``item_block``) and concatenates: equal on every field, with instants that
-    share items, unlabelled targets, three actions, truncation and a candidate."""
+    item's block alone (``item_block``) and concatenates: equal on every field, with and without
+    instants (some shared), targets random or all off, three actions, truncation, a candidate and an
+    empty history."""
     config = SequenceConfig(
         codebook_size=16, action_names=["skip", "click", "buy"], positive_action="click",
         profile_fields=profile_fields, max_tokens=90,
     )  # fmt: skip
     builder, rng = SequenceBuilder(config), np.random.default_rng(0)
-    for user, size in enumerate([1, 3, 10, 11, 25]):  # the budget holds 11 items, 10 with a candidate
+    # (items, random targets or none, instants or none): the budget holds 11 items, 10 with a candidate
+    cases = [(0, True, False), (1, True, True), (3, False, True), (10, True, False), (11, True, True),
+             (25, True, True), (25, False, False)]  # fmt: skip
+    for user, (size, some_targets, with_instants) in enumerate(cases):
         history = UserHistory(
             user_id=user,
             items=rng.integers(0, 16, (size, 6)),
             actions=rng.integers(0, 3, size),
             profile={f: int(rng.integers(0, n)) for f, n in profile_fields.items()},
-            targets=rng.random(size) < 0.7,
-            instants=np.sort(rng.integers(0, size // 2 + 1, size)),
+            targets=(rng.random(size) < 0.7) if some_targets else np.zeros(size, bool),
+            instants=np.sort(rng.integers(0, size // 2 + 1, size)) if with_instants else None,
         )
-        candidate = rng.integers(0, 16, 6)
-        for cand in (None, candidate):
+        for cand in (None, rng.integers(0, 16, 6)):
+            if size == 0 and not profile_fields and cand is None:
+                continue  # nothing to condition on (test_empty_history_is_rejected_for_training)
             built = builder.build(history, cand)
             kept = builder.truncate(history, with_candidate=cand is not None)
             profile = builder.vocab.profile(history.profile)
             blocks, start = [], len(profile)
-            for k, first in enumerate(kept.instant_index()):
+            for k, instant in enumerate(kept.instant_index()):
                 blocks.append(
                     builder.item_block(
                         kept.items[k],
@@ -227,7 +232,7 @@ def test_a_stream_built_at_once_equals_its_items_blocks_one_by_one(profile_field
                         start,
                         "item",
                         bool(kept.targets[k]),
-                        int(first),
+                        int(instant),
                     )
                 )
                 start += len(blocks[-1]["tokens"])
@@ -237,8 +242,8 @@ def test_a_stream_built_at_once_equals_its_items_blocks_one_by_one(profile_field
             head = {"tokens": profile, "item_index": np.zeros(p), "intra_index": np.arange(p),
                     "position": np.arange(p), "token_type": np.full(p, TokenType.PROFILE),
                     "labels": np.full(p, IGNORE_LABEL), "instant": np.zeros(p)}  # fmt: skip
-            for name, first in head.items():
-                expected = np.concatenate([first, *(b[name] for b in blocks)])
+            for name, profile_part in head.items():
+                expected = np.concatenate([profile_part, *(b[name] for b in blocks)])
                 values = getattr(built, name)
                 assert np.array_equal(values, expected) and values.dtype == np.int64, (user, cand, name)
             assert built.num_items == len(kept) and built.dropped_items == size - len(kept)

@@ -67,6 +67,9 @@ SENSOR_POKE_LIMIT = dt.timedelta(minutes=15)
 #: hold the one ``gpu`` pool slot, stalling every GPU task of every DAG. Both stay under the Celery
 #: ``visibility_timeout`` (24 h, infra/airflow/airflow.cfg.production), past which a task is re-sent.
 TASK_TIMEOUT = _seconds("HISAM_TASK_TIMEOUT_SECONDS", 6 * 3600)
+#: The first retry's delay (``HISAM_RETRY_DELAY_SECONDS``), doubled for each later one: the tests
+#: shorten it, so a step failing with an unexpected error fails its test in seconds, not minutes.
+RETRY_DELAY = _seconds("HISAM_RETRY_DELAY_SECONDS", 120)
 GPU_TASK_TIMEOUT = _seconds("HISAM_GPU_TASK_TIMEOUT_SECONDS", 16 * 3600)
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -125,7 +128,7 @@ def alert_on_failure(context: dict[str, Any]) -> None:
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "ml-platform",
     "retries": 2,
-    "retry_delay": dt.timedelta(minutes=2),
+    "retry_delay": RETRY_DELAY,
     "retry_exponential_backoff": True,
     "max_retry_delay": dt.timedelta(minutes=30),
     "on_failure_callback": alert_on_failure,

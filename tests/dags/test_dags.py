@@ -102,12 +102,18 @@ def test_every_dag_loads_with_its_tasks_and_dependencies(dags) -> None:
             SENSOR_POKE.total_seconds(),
             SENSOR_TIMEOUT.total_seconds(),
         )
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import hisam_common as c; print(c.SENSOR_POKE, c.SENSOR_TIMEOUT)"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HISAM_SENSOR_")}
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import hisam_common as c; "
+        "print(c.SENSOR_POKE, c.SENSOR_TIMEOUT, c.DEFAULT_ARGS['retry_delay'])"
+    )
+    shortened = ("HISAM_SENSOR_", "HISAM_RETRY_")  # by tests/conftest.py
+    env = {k: v for k, v in os.environ.items() if not k.startswith(shortened)}
     defaults = subprocess.run(
         [sys.executable, "-c", code, str(DAGS)], capture_output=True, text=True, env=env
     )
-    assert defaults.stdout.split() == ["0:10:00", "20:00:00"], defaults.stderr[-2000:]  # production
+    assert defaults.stdout.split() == ["0:10:00", "20:00:00", "0:02:00"], defaults.stderr[
+        -2000:
+    ]  # production
 
 
 def test_schedules_follow_the_decoupled_lifecycle(dags) -> None:
@@ -151,7 +157,7 @@ def test_schedules_do_not_depend_on_the_cron_data_intervals_setting() -> None:
 
 
 def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> None:
-    from hisam_common import GPU_TASK_TIMEOUT, SENSOR_POKE_LIMIT, TASK_TIMEOUT, alert_on_failure
+    from hisam_common import GPU_TASK_TIMEOUT, RETRY_DELAY, SENSOR_POKE_LIMIT, TASK_TIMEOUT, alert_on_failure
 
     for dag in dags.values():
         for task in dag.tasks:
@@ -162,7 +168,7 @@ def test_gpu_tasks_take_the_gpu_pool_and_every_task_retries_and_alerts(dags) -> 
             assert task.pool == ("gpu" if gpu else "default_pool"), task.task_id
             assert bool(task.executor_config) == gpu
             assert task.retries == 2 and task.retry_exponential_backoff
-            assert task.retry_delay == dt.timedelta(minutes=2)
+            assert task.retry_delay == RETRY_DELAY
             sensor = hasattr(task, "poke_interval")  # each poke; the wait has its own timeout
             assert task.execution_timeout == (
                 SENSOR_POKE_LIMIT if sensor else GPU_TASK_TIMEOUT if gpu else TASK_TIMEOUT

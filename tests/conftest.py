@@ -32,8 +32,8 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 #: nothing can land while it waits, and waiting longer changes nothing (each poke runs its step).
 os.environ["HISAM_SENSOR_POKE_SECONDS"] = "2"
 os.environ["HISAM_SENSOR_TIMEOUT_SECONDS"] = "6"
-#: A step failing with an unexpected error is retried after 1 and 2 seconds, not 2 and 4 minutes
-#: (dag.test() waits out the delay): a broken lifecycle test fails in seconds.
+#: A step failing with an unexpected error is retried within 2 and then 4 seconds, not 4 and 8
+#: minutes (dag.test() waits out the delay): a broken lifecycle test fails in seconds.
 os.environ["HISAM_RETRY_DELAY_SECONDS"] = "1"
 #: The tests' tables are tiny and their queries many and different: generating and compiling Java
 #: code for each query and re-planning it adaptively cost Spark more than they save (seven data-step

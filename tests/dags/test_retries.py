@@ -1,5 +1,5 @@
-"""A step failing with an unexpected error is retried (``DEFAULT_ARGS``: two retries, the delay
-doubling; the tests shorten it to 1 second): a try that succeeds ends the run in success with no
+"""A step failing with an unexpected error is retried (``DEFAULT_ARGS``: two retries with exponential
+back-off; the tests set its delay to 1 second): a try that succeeds ends the run in success with no
 alert, and three failed tries fail the run with one alert. A step error (bad input or state) fails at
 once. Real ``dag.test()`` runs of ``hisam_maintenance``, whose one step is replaced."""
 

@@ -67,11 +67,12 @@ SENSOR_POKE_LIMIT = dt.timedelta(minutes=15)
 #: hold the one ``gpu`` pool slot, stalling every GPU task of every DAG. Both stay under the Celery
 #: ``visibility_timeout`` (24 h, infra/airflow/airflow.cfg.production), past which a task is re-sent.
 TASK_TIMEOUT = _seconds("HISAM_TASK_TIMEOUT_SECONDS", 6 * 3600)
-#: The retry delay (``HISAM_RETRY_DELAY_SECONDS``): Airflow's exponential back-off waits between it
-#: and twice it before the first retry, twice that before the second. The tests shorten it, so a step
-#: failing with an unexpected error fails its test in seconds, not minutes.
-RETRY_DELAY = _seconds("HISAM_RETRY_DELAY_SECONDS", 120)
 GPU_TASK_TIMEOUT = _seconds("HISAM_GPU_TASK_TIMEOUT_SECONDS", 16 * 3600)
+#: The retry delay (``HISAM_RETRY_DELAY_SECONDS``): Airflow's exponential back-off waits between one
+#: and two delays before the first retry, between two and four before the second (``max_retry_delay``
+#: caps a wait). The tests shorten it, so a step failing with an unexpected error fails its test in
+#: seconds, not minutes.
+RETRY_DELAY = _seconds("HISAM_RETRY_DELAY_SECONDS", 120)
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 TAGS = ["hisam"]

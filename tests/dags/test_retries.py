@@ -31,7 +31,7 @@ def test_an_unexpected_error_is_retried_and_alerts_once_no_try_is_left(
     day = dt.date(2026, 9, 5 + tries)  # a date of its own per case (dag.test() replaces a date's run)
     monkeypatch.setenv("HISAM_HOME", str(tmp_path))
     monkeypatch.setenv("HISAM_PIPELINE_CONFIG", str(write_config(tmp_path / "pipeline.yaml")))
-    for name in ("MLFLOW_TRACKING_URI", "HISAM_LAKE_ROOT", "HISAM_NOTIFY_SINKS"):
+    for name in ("MLFLOW_TRACKING_URI", "HISAM_LAKE_ROOT", "HISAM_NOTIFY_SINKS", "HISAM_NOTIFY_FILE"):
         monkeypatch.delenv(name, raising=False)
     calls: list[dt.date] = []
 

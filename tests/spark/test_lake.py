@@ -378,6 +378,16 @@ def test_a_non_finite_partition_value_is_refused(value):
         partition_predicate({"score": value})
 
 
+@pytest.mark.parametrize("value", ["a\\b", "c:\\x", "a\\'b"])
+def test_a_backslash_in_a_partition_value_is_refused(value):
+    """Spark SQL reads ``'a\\b'`` as ``a``, backspace; DataFusion as ``a\\b``: a read or replace of
+    that partition would match different rows on the two backends (on Spark, none)."""
+    from spark_jobs.lake import partition_predicate
+
+    with pytest.raises(ValueError, match="it has a backslash"):
+        partition_predicate({"dataset": ["ok", value]})
+
+
 def test_numpy_numbers_are_plain_sql_literals():
     """numpy 2 reprs ``np.int64(3)``, which no SQL engine reads: values from pandas are numpy."""
     from spark_jobs.lake import partition_predicate

@@ -175,6 +175,14 @@ class PipelineConfig(Config):
                 "ranker.sequence.profile_fields is set from the data at pre-training: list the "
                 "gold.user_profiles columns in ranker.profile_fields instead"
             )
+        set_by_the_pipeline = {  # each step overwrites these: a value here would be silently ignored
+            "sequences.dataset": (seq.dataset, "the top-level dataset"),
+            "sequences.tokenizer_version": (seq.tokenizer_version, "the @current tokenizer version"),
+            "ranker.finetune.init_from": (self.ranker.finetune.init_from, "the newest pre-trained model"),
+        }
+        for key, (value, source) in set_by_the_pipeline.items():
+            if value is not None:
+                raise ValueError(f"{key}={value!r} would be ignored: the pipeline sets it to {source}")
         if seq.positive_rating_threshold != self.silver.positive_threshold:
             raise ValueError(  # silver.interactions.label is never null, so the sequence job's is unused
                 f"sequences.positive_rating_threshold={seq.positive_rating_threshold} would be ignored: "

@@ -133,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "movielens", "synthetic"],
         default="auto",
         help="auto (default): MovieLens-100K when its bundle exists (a --movielens-dir given must hold one), "
-        "else the bundled synthetic data",
+        "else the config's own source (the default config's: the bundled synthetic data); synthetic: the "
+        "bundled synthetic data, whatever the config's source",
     )
     demo.add_argument(
         "--movielens-dir",

@@ -2,8 +2,8 @@
 
 Runs ``hisam_features``, ``hisam_tokenizer``, ``hisam_pretrain`` and ``hisam_finetune`` in that order
 with ``dag.test()`` (SQLite Airflow metadata, local Spark, Delta on local disk, MLflow ``sqlite:///``,
-all under ``$HISAM_HOME``), on MovieLens-100K when the bundle is present and on the synthetic dataset
-otherwise, then reports what was written: lake tables and versions, the champion and its metrics,
+all under ``$HISAM_HOME``), on MovieLens-100K when the bundle is present and on the config's own
+source otherwise (the default config's: the synthetic dataset), then reports what was written: lake tables and versions, the champion and its metrics,
 the command that opens the MLflow UI and the path of the GX Data Docs. This is the one module that
 reaches into ``dags/`` (by path): the demo drives the DAGs exactly as a scheduler would.
 """
@@ -62,8 +62,9 @@ def _lifecycle() -> Any:
 
 
 def demo_overrides(dataset: str, bundle: Path | None) -> dict[str, Any]:
-    """Config overrides for the chosen dataset (``auto``: MovieLens when its bundle is present; a
-    ``bundle`` named explicitly must be one, so a mistyped path is not a silent synthetic run)."""
+    """Config overrides for the chosen dataset (``auto``: MovieLens when its bundle is present, else
+    the config's own source; a ``bundle`` named explicitly must be one, so a mistyped path is not a
+    silent run of another source)."""
     ml = Path(bundle) if bundle else movielens_dir()
     if dataset == "movielens" or (dataset == "auto" and (bundle or (ml / "raw" / "u.data").is_file())):
         if not (ml / "raw" / "u.data").is_file():

@@ -5,11 +5,13 @@ DAG and step tests run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +188,32 @@ def _write(path: Path, top: dict | None = None, **section_updates: dict) -> Path
         config["ranker"][section].update(update)
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@contextlib.contextmanager
+def _pipeline_home(home: Path, config: Path) -> Iterator[pytest.MonkeyPatch]:
+    """The environment of DAG runs of their own: ``$HISAM_HOME`` (their lake, MLflow store and
+    ``alerts.jsonl``) and config, with no store, lake or alert sink a developer's shell may set.
+    MLflow's fluent tracking URI and active experiment, which it caches, are reset afterwards."""
+    import mlflow
+
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")  # None: unset again after (not the default)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("HISAM_HOME", str(home))
+            env.setenv("HISAM_PIPELINE_CONFIG", str(config))
+            for name in ("MLFLOW_TRACKING_URI", "HISAM_LAKE_ROOT", "HISAM_NOTIFY_SINKS", "HISAM_NOTIFY_FILE"):
+                env.delenv(name, raising=False)
+            env.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+            yield env
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+
+
+@pytest.fixture(scope="session")
+def pipeline_home():
+    """``with pipeline_home(home, config) as env:`` (a ``MonkeyPatch``): see :func:`_pipeline_home`."""
+    return _pipeline_home
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,23 +26,15 @@ VERSION = "dst-20261101"
 
 
 @pytest.fixture(scope="module")
-def world(airflow_db, tmp_path_factory, write_config):
+def world(airflow_db, tmp_path_factory, write_config, pipeline_home):
     """Day 1 of the lifecycle: features, tokenizer, pre-training, fine-tuning (first champion)."""
-    import mlflow
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "dags"))
     import hisam_lifecycle
 
     home = tmp_path_factory.mktemp("lifecycle")
     config = write_config(home / "pipeline.yaml")
-    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")  # None: unset again after (not the default)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HISAM_HOME", str(home))
-        env.setenv("HISAM_PIPELINE_CONFIG", str(config))
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        env.delenv("HISAM_LAKE_ROOT", raising=False)
-        env.delenv("HISAM_NOTIFY_SINKS", raising=False)
-        env.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    with pipeline_home(home, config) as env:
         day1 = {d: hisam_lifecycle.run_dag(d, DAY1) for d in hisam_lifecycle.LIFECYCLE}
         yield {
             "write_config": write_config,
@@ -53,7 +44,6 @@ def world(airflow_db, tmp_path_factory, write_config):
             "day1": day1,
             "env": env,
         }
-    mlflow.set_tracking_uri(previous_uri)
 
 
 def _client():

@@ -22,17 +22,13 @@ pytestmark = pytest.mark.slow
     ],
 )
 def test_an_unexpected_error_is_retried_and_alerts_once_no_try_is_left(
-    airflow_db, tmp_path, write_config, monkeypatch, failures, error, state, tries, alerted
+    airflow_db, tmp_path, write_config, pipeline_home, monkeypatch, failures, error, state, tries, alerted
 ) -> None:
     import hisam_lifecycle
 
     import pipelines.maintenance as maintenance
 
     day = dt.date(2026, 9, 5 + tries)  # a date of its own per case (dag.test() replaces a date's run)
-    monkeypatch.setenv("HISAM_HOME", str(tmp_path))
-    monkeypatch.setenv("HISAM_PIPELINE_CONFIG", str(write_config(tmp_path / "pipeline.yaml")))
-    for name in ("MLFLOW_TRACKING_URI", "HISAM_LAKE_ROOT", "HISAM_NOTIFY_SINKS", "HISAM_NOTIFY_FILE"):
-        monkeypatch.delenv(name, raising=False)
     calls: list[dt.date] = []
 
     def flaky(ctx):
@@ -42,7 +38,8 @@ def test_an_unexpected_error_is_retried_and_alerts_once_no_try_is_left(
         return {"tables": {}}
 
     monkeypatch.setattr(maintenance, "maintain_lake", flaky)
-    result = hisam_lifecycle.run_dag("hisam_maintenance", day)
+    with pipeline_home(tmp_path, write_config(tmp_path / "pipeline.yaml")):
+        result = hisam_lifecycle.run_dag("hisam_maintenance", day)
     assert (result.state, result.tasks["maintain_lake"]) == (state, state)
     assert calls == [day] * tries
     path = tmp_path / "alerts.jsonl"

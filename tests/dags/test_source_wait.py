@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
 
 import pytest
@@ -16,9 +15,8 @@ pytestmark = pytest.mark.slow
 DAY = dt.date(2026, 10, 1)  # a date no other DAG test runs
 
 
-def test_the_features_dag_waits_for_the_days_drop(airflow_db, tmp_path, write_config) -> None:
+def test_the_features_dag_waits_for_the_days_drop(airflow_db, tmp_path, write_config, pipeline_home) -> None:
     import hisam_lifecycle
-    import mlflow
     from deltalake import DeltaTable
 
     from spark_jobs.importers.synthetic import SyntheticConfig, generate
@@ -36,12 +34,7 @@ def test_the_features_dag_waits_for_the_days_drop(airflow_db, tmp_path, write_co
         tmp_path / "pipeline.yaml",
         top={"dataset": "drops", "source": {"kind": "generic", "generic": generic}},
     )
-    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HISAM_HOME", str(tmp_path))
-        env.setenv("HISAM_PIPELINE_CONFIG", str(config))
-        for name in ("MLFLOW_TRACKING_URI", "HISAM_LAKE_ROOT", "HISAM_NOTIFY_SINKS"):
-            env.delenv(name, raising=False)
+    with pipeline_home(tmp_path, config):
         waited = hisam_lifecycle.run_dag("hisam_features", DAY)  # the sensor times out (6 s in the tests)
         assert waited.state == "failed" and waited.tasks.pop("source_ready") == "failed", waited.tasks
         assert waited.tasks.pop("watcher") == "failed"  # it fails the run, without a second alert
@@ -62,4 +55,3 @@ def test_the_features_dag_waits_for_the_days_drop(airflow_db, tmp_path, write_co
         assert landed.tasks["source_ready"] == landed.tasks["ingest"] == landed.tasks["embed"] == "success"
         bronze = DeltaTable(str(tmp_path / "lake" / "bronze" / "interactions")).to_pandas()
         assert len(bronze) == produced.num_events  # every event of the drop, the markers read as none
-    mlflow.set_tracking_uri(previous_uri)

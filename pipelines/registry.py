@@ -284,7 +284,12 @@ def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
             log.warning("%s: rollback from v%s to v%s completed", model, pending, champion.version)
             return str(champion.version), pending
         earlier = champion.tags.get(RESTORED_FROM) if champion is not None else None
-        hint = f" (@{CHAMPION} v{champion.version} was restored from v{earlier})" if earlier else ""
+        hint = (
+            f" (@{CHAMPION} v{champion.version} was restored from v{earlier}: if that rollback stopped "
+            "before its refresh, `hisam run refresh-champion` completes it)"
+            if earlier
+            else ""
+        )
         raise ValueError(f"{model}: no @{PREVIOUS} version to roll back to{hint}")
     previous = str(found.version)
     demoted = champion_version(client, model)

@@ -177,7 +177,10 @@ class PipelineConfig(Config):
             )
         set_by_the_pipeline = {  # each step overwrites these: a value here would be silently ignored
             "sequences.dataset": (seq.dataset, "the top-level dataset"),
-            "sequences.tokenizer_version": (seq.tokenizer_version, "the @current tokenizer version"),
+            "sequences.tokenizer_version": (
+                seq.tokenizer_version,
+                "the step's tokenizer version (@current by default)",
+            ),
             "ranker.finetune.init_from": (self.ranker.finetune.init_from, "the newest pre-trained model"),
         }
         for key, (value, source) in set_by_the_pipeline.items():

@@ -3,9 +3,10 @@
 Runs ``hisam_features``, ``hisam_tokenizer``, ``hisam_pretrain`` and ``hisam_finetune`` in that order
 with ``dag.test()`` (SQLite Airflow metadata, local Spark, Delta on local disk, MLflow ``sqlite:///``,
 all under ``$HISAM_HOME``), on MovieLens-100K when the bundle is present and on the config's own
-source otherwise (the default config's: the synthetic dataset), then reports what was written: lake tables and versions, the champion and its metrics,
-the command that opens the MLflow UI and the path of the GX Data Docs. This is the one module that
-reaches into ``dags/`` (by path): the demo drives the DAGs exactly as a scheduler would.
+source otherwise (the default config's: the synthetic dataset), then reports what was written: lake
+tables and versions, the champion and its metrics, the command that opens the MLflow UI and the path
+of the GX Data Docs. This is the one module that reaches into ``dags/`` (by path): the demo drives
+the DAGs exactly as a scheduler would.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = (
     f"sqlite:///{AIRFLOW_TEST_HOME / 'airflow' / 'airflow.db'}"
 )
 os.environ["AIRFLOW__LOGGING__BASE_LOG_FOLDER"] = str(AIRFLOW_TEST_HOME / "airflow" / "logs")
+#: What this module sets for the whole run, of the variables ``pipeline_home`` clears.
+SET_HERE = {"AIRFLOW_HOME", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "HISAM_SPARK_CONF"}
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -193,16 +195,19 @@ def _write(path: Path, top: dict | None = None, **section_updates: dict) -> Path
 @contextlib.contextmanager
 def _pipeline_home(home: Path, config: Path) -> Iterator[pytest.MonkeyPatch]:
     """The environment of DAG runs of their own: ``$HISAM_HOME`` (their lake, MLflow store and
-    ``alerts.jsonl``) and config, with no store, lake or alert sink a developer's shell may set.
-    MLflow's fluent tracking URI and active experiment, which it caches, are reset afterwards."""
+    ``alerts.jsonl``) and config, without the shared stores, Spark master and alert sinks the demo
+    also drops (``pipelines.demo.SHARED_STORES``) but those this module sets. MLflow's fluent
+    tracking URI and active experiment, which it caches, are reset afterwards."""
     import mlflow
+
+    from pipelines.demo import SHARED_STORES
 
     previous_uri = os.environ.get("MLFLOW_TRACKING_URI")  # None: unset again after (not the default)
     try:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("HISAM_HOME", str(home))
             env.setenv("HISAM_PIPELINE_CONFIG", str(config))
-            for name in ("MLFLOW_TRACKING_URI", "HISAM_LAKE_ROOT", "HISAM_NOTIFY_SINKS", "HISAM_NOTIFY_FILE"):
+            for name in set(SHARED_STORES) - SET_HERE:
                 env.delenv(name, raising=False)
             env.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
             yield env

@@ -564,7 +564,7 @@ def flag_duplicates(rows: DataFrame, keys: Sequence[str], what: str, ignore: Seq
 
 def flag_duplicate_events(rows: DataFrame) -> DataFrame:
     """:func:`flag_duplicates` of interaction records: an event is a (user, item, ``event_ts``), its
-    time to the microsecond as the source gives it, and two of its records conflict only in their
+    time to the microsecond (finer times are truncated), and two of its records conflict only in their
     feedback (:data:`EVENT_METADATA` aside)."""
     return flag_duplicates(
         rows, ["user_id", "item_id", "event_ts"], "event (user, item, time)", EVENT_METADATA

@@ -381,7 +381,7 @@ def test_a_non_finite_partition_value_is_refused(value):
 @pytest.mark.parametrize("value", ["a\\b", "c:\\x", "a\\'b"])
 def test_a_backslash_in_a_partition_value_is_refused(value):
     """Spark SQL reads ``'a\\b'`` as ``a``, backspace; DataFusion as ``a\\b``: a read or replace of
-    that partition would match different rows on the two backends (on Spark, none)."""
+    that partition would match different partitions on the two backends."""
     from spark_jobs.lake import partition_predicate
 
     with pytest.raises(ValueError, match="it has a backslash"):

@@ -97,6 +97,7 @@ def test_one_pass_equals_the_reference_for_any_history_length(
 
 @pytest.mark.parametrize("overrides", VARIANTS[:2] + VARIANTS[4:5], ids=["anchor", "anchor_action", "causal"])
 def test_cache_keeps_only_what_later_items_see(seq_config, make_model, history, overrides):
+    history = replace(history, instants=np.array([10, 10, 20, 30, 30]))  # two shared seconds
     model = make_model(**overrides)
     ranker = HMATRanker(model, seq_config)
     cache, full = ranker.encode(history), ranker.encode(history, evict=False)
@@ -114,6 +115,8 @@ def test_cache_keeps_only_what_later_items_see(seq_config, make_model, history, 
     assert (cache.layout.token_type[0].numpy() == sequence.token_type[keep]).all()
     assert (cache.layout.position[0].numpy() == sequence.position[keep]).all()
     assert (cache.layout.item_index[0].numpy() == sequence.item_index[keep]).all()
+    assert (cache.layout.instant[0].numpy() == sequence.instant[keep]).all()
+    assert cache.layout.valid.all() and cache.length == full.length == len(sequence.tokens)
     # and evicting loses nothing
     candidates = np.random.default_rng(1).integers(0, 16, size=(6, 6))
     torch.testing.assert_close(

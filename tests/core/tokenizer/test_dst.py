@@ -322,6 +322,32 @@ def test_only_the_vclub_optimiser_moves_the_variational_network(planted, tiny):
     assert max(change for name, change in moved.items() if name not in vclub) > 1e-3  # the rest trained
 
 
+def test_the_mi_bound_trains_only_what_makes_its_modalitys_recovered_feature(planted):
+    """Eq. 2's vCLUB term of modality m (Sec. 3.2.2) reaches the encoders: m's projection head (a_m),
+    PSGR's unfolding and m's probe, which make the recovered feature it bounds. Its shared side is
+    detached (:meth:`DST.losses`), so no other head, probe or codebook, nor the temperature, gets any
+    of its gradient; the variational network's own fit is the other half (the test above)."""
+    features, _ = planted
+    config = DSTConfig(modality_dims=features.dims, dim=16, hidden_dim=16, codebook_size=8)
+    torch.manual_seed(0)
+    model = DST(config).train()
+    losses = model.losses(model(*model.tensors(features.subset(np.arange(64)))))
+    for m in model.modalities:
+        model.zero_grad()
+        losses[f"mi_{m}"].backward(retain_graph=True)
+        moved = {
+            name
+            for name, p in model.named_parameters()
+            if not name.startswith("vclub.") and p.grad is not None and p.grad.abs().sum() > 0
+        }
+        assert moved == {
+            *(f"cga.heads.{m}.{name}" for name, _ in model.cga.heads[m].named_parameters()),
+            "psgr.unfold.weight",
+            f"psgr.probes.{m}.weight",
+            f"psgr.probes.{m}.bias",
+        }
+
+
 def test_training_keeps_the_temperature_in_its_range(planted, tiny):
     """A range of one value: every optimiser step moves log tau, the projection puts it back."""
     features, _ = planted

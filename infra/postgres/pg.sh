@@ -39,7 +39,7 @@ start() {
   mkdir -p "$DATA/db" && touch "$DATA/$MARKER"
   [ "$(id -u)" = "0" ] && chown -R "$RUN_AS" "$DATA"
   as_user "$bin/initdb" -D "$DATA/db" -U hisam --auth=trust -E UTF8 >/dev/null
-  as_user "$bin/pg_ctl" -D "$DATA/db" -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DATA" -l "$DATA/server.log" -w start >/dev/null
+  as_user "$bin/pg_ctl" -D "$DATA/db" -o "-c listen_addresses=127.0.0.1 -p $PORT -k '$DATA'" -l "$DATA/server.log" -w start >/dev/null
   for db in airflow mlflow; do as_user "$bin/createdb" -h 127.0.0.1 -p "$PORT" -U hisam "$db"; done
   echo "export HISAM_TEST_POSTGRES_URL=postgresql+psycopg2://hisam@127.0.0.1:$PORT"
 }

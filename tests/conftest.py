@@ -41,8 +41,9 @@ os.environ["HISAM_RETRY_DELAY_SECONDS"] = "1"
 #: code for each query and re-planning it adaptively cost Spark more than they save (seven data-step
 #: tests: 117 s with Spark's defaults, 92 s with all three off). They change how a plan runs, not what
 #: it returns (row order and file counts aside); `make demo` and the benchmarks run Spark's defaults,
-#: and so do the tests with HISAM_SPARK_CONF= (empty). Subprocesses (the Postgres DAG test, the
-#: result-cap script of test_lake.py) inherit it.
+#: and so do the tests with HISAM_SPARK_CONF= (empty). One test holds the sequence job's outputs under
+#: Spark's defaults equal to its outputs under these (tests/spark/test_sequences.py). Subprocesses
+#: (the Postgres DAG test, the result-cap script of test_lake.py) inherit it.
 os.environ.setdefault(
     "HISAM_SPARK_CONF",
     "spark.sql.adaptive.enabled=false,spark.sql.codegen.wholeStage=false,"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -516,3 +517,47 @@ def test_a_persisted_build_computes_the_positioned_interactions_once_and_equals_
     finally:
         persisted.unpersist()
     assert not reads_cache(build_sequences(df, known, cfg).samples)
+
+
+def test_spark_code_generation_and_adaptive_execution_give_the_same_outputs(spark) -> None:
+    """The tests run Spark without code generation or adaptive re-planning (``HISAM_SPARK_CONF`` in
+    tests/conftest.py); ``make demo`` and production run Spark's defaults. On a random frame with
+    many events per second, unknown items and a crowded cut, the sequence job's three outputs under
+    the defaults (generated code stages in the plan) are the tests' outputs, row for row."""
+    settings = ("spark.sql.adaptive.enabled", "spark.sql.codegen.wholeStage", "spark.sql.codegen.factoryMode")
+    rng = np.random.default_rng(11)
+    n = 1500
+    users, items = rng.zipf(1.6, n) % 60, rng.integers(0, 90, n)
+    seconds, ratings = rng.integers(0, 120, n), rng.integers(1, 6, n).astype(float)
+    keyed = {
+        (int(u), int(i), int(s)): float(r) for u, i, s, r in zip(users, items, seconds, ratings, strict=True)
+    }
+    rows = sorted(keyed.items())  # one event per key, as in silver
+    df = events(spark, [(*key, rating) for key, rating in rows])
+    known = semantic_ids(spark, [i for i in range(90) if i % 9])  # every ninth item unknown: quarantined
+    cfg = SequenceConfig(token_budget=8 * 12 + 4)  # truncated histories
+
+    def outputs() -> tuple[list, bool]:
+        result = build_sequences(df, known, cfg)
+        frames = (
+            to_gold_samples(result.samples),
+            result.quarantine,
+            to_gold_user_sequences(build_user_sequences(result.interactions, cfg)),
+        )
+        collected = [sorted(map(tuple, frame.collect())) for frame in frames]
+        plan = frames[0]._jdf.queryExecution().executedPlan().toString()  # final, once run
+        return collected, re.search(r"\*\(\d+\) ", plan) is not None  # "*(1) Project": a generated stage
+
+    tests, tests_generate = outputs()
+    before = {key: spark.conf.get(key, None) for key in settings}
+    try:
+        for key in settings:
+            spark.conf.unset(key)
+        defaults, defaults_generate = outputs()
+    finally:
+        for key, value in before.items():
+            if value is not None:
+                spark.conf.set(key, value)
+    assert defaults_generate and tests_generate == (before["spark.sql.codegen.wholeStage"] != "false")
+    assert all(tests) and len(tests[1]) == sum(1 for (_, i, _), _ in rows if i % 9 == 0)
+    assert defaults == tests

@@ -175,15 +175,12 @@ class PipelineConfig(Config):
                 "ranker.sequence.profile_fields is set from the data at pre-training: list the "
                 "gold.user_profiles columns in ranker.profile_fields instead"
             )
-        set_by_the_pipeline = {  # each step overwrites these: a value here would be silently ignored
-            "sequences.dataset": (seq.dataset, "the top-level dataset"),
-            "sequences.tokenizer_version": (
-                seq.tokenizer_version,
-                "the step's tokenizer version (@current by default)",
-            ),
-            "ranker.finetune.init_from": (self.ranker.finetune.init_from, "the newest pre-trained model"),
-        }
-        for key, (value, source) in set_by_the_pipeline.items():
+        pretrained = "the newest pre-trained model of the tokenizer version it trains on"
+        for key, value, source in (  # build-sequences and finetune overwrite them: a value is ignored
+            ("sequences.dataset", seq.dataset, "the top-level dataset"),
+            ("sequences.tokenizer_version", seq.tokenizer_version, "its run's version (@current by default)"),
+            ("ranker.finetune.init_from", self.ranker.finetune.init_from, pretrained),
+        ):
             if value is not None:
                 raise ValueError(f"{key}={value!r} would be ignored: the pipeline sets it to {source}")
         if seq.positive_rating_threshold != self.silver.positive_threshold:

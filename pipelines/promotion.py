@@ -18,7 +18,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pipelines.context import StepContext
-from pipelines.registry import GATE_METRICS, REFRESHED_FROM
+from pipelines.registry import GATE_METRICS
 from pipelines.settings import redacted
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFRESH_KEY = "refresh_key"  # model-version tag: the logical run that refreshed the champion
+REFRESHED_FROM = "refreshed_from"  # model-version tag: the version whose weights it serves
 #: Model-version tag: the gate's floors, tolerances and drift budgets the version was judged by (JSON).
 GATE_CONFIG = "gate.config"
 #: Summary key of promote and refresh-champion: whether ``@champion`` now points at another version

@@ -224,7 +224,6 @@ def _still_champion(client: MlflowClient, model: str, expected: str | None, vers
 
 
 RESTORED_FROM = "restored_from"  # model-version tag: the champion a rollback demoted for it
-REFRESHED_FROM = "refreshed_from"  # model-version tag: the version whose weights it serves
 #: model-version tag of the version a rollback restores, while its alias moves are under way
 ROLLBACK_PENDING = "rollback_pending"
 
@@ -284,16 +283,13 @@ def rollback(client: MlflowClient, model: str) -> tuple[str, str | None]:
             client.delete_model_version_tag(model, str(champion.version), ROLLBACK_PENDING)
             log.warning("%s: rollback from v%s to v%s completed", model, pending, champion.version)
             return str(champion.version), pending
-        tags = champion.tags if champion is not None else {}
-        earlier, refreshed = tags.get(RESTORED_FROM), tags.get(REFRESHED_FROM)
-        hint = ""
-        if earlier and refreshed:  # a refresh keeps the restored version's tags
-            hint = f" (@{CHAMPION} v{champion.version} is v{refreshed} refreshed, restored from v{earlier})"
-        elif earlier:
-            hint = (
-                f" (@{CHAMPION} v{champion.version} was restored from v{earlier}: if that rollback stopped "
-                "before its refresh, `hisam run refresh-champion` completes it)"
-            )
+        earlier = champion.tags.get(RESTORED_FROM) if champion is not None else None
+        hint = (  # a refresh keeps the restored version's tags, so it may be the refreshed one
+            f" (a rollback demoted v{earlier} for the weights @{CHAMPION} v{champion.version} serves: if it "
+            "stopped before its refresh, `hisam run refresh-champion` completes it)"
+            if earlier
+            else ""
+        )
         raise ValueError(f"{model}: no @{PREVIOUS} version to roll back to{hint}")
     previous = str(found.version)
     demoted = champion_version(client, model)

@@ -53,8 +53,8 @@ os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = (
     f"sqlite:///{AIRFLOW_TEST_HOME / 'airflow' / 'airflow.db'}"
 )
 os.environ["AIRFLOW__LOGGING__BASE_LOG_FOLDER"] = str(AIRFLOW_TEST_HOME / "airflow" / "logs")
-#: What this module sets for the whole run, of the variables ``pipeline_home`` clears.
-SET_HERE = {"AIRFLOW_HOME", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "HISAM_SPARK_CONF"}
+#: Of the shared stores ``pipeline_home`` clears, those this module sets for the whole run: it keeps them.
+SET_FOR_THE_RUN = {"AIRFLOW_HOME", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "HISAM_SPARK_CONF"}
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -208,7 +208,7 @@ def _pipeline_home(home: Path, config: Path) -> Iterator[pytest.MonkeyPatch]:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("HISAM_HOME", str(home))
             env.setenv("HISAM_PIPELINE_CONFIG", str(config))
-            for name in set(SHARED_STORES) - SET_HERE:
+            for name in set(SHARED_STORES) - SET_FOR_THE_RUN:
                 env.delenv(name, raising=False)
             env.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
             yield env

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +52,8 @@ def _source(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ctx_of(spark, tmp_path_factory, write_config):
+def ctx_of(spark, tmp_path_factory, write_config, pipeline_home):
     """``ctx_of(**params)``: a StepContext on the defective source, its home under a temp folder."""
-    import mlflow
-
     from pipelines.context import StepContext
     from pipelines.steps import load_config
 
@@ -68,13 +65,8 @@ def ctx_of(spark, tmp_path_factory, write_config):
     config["ranker"]["profile_fields"] = []
     config["tokenizer"]["health"]["min_utilisation"] = 0.1  # 20 items need not fill 16 codes a position
     path.write_text(yaml.safe_dump(config))
-    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")  # None: unset again after (not the default)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HISAM_HOME", str(home))
-        env.delenv("HISAM_LAKE_ROOT", raising=False)
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pipeline_home(home, path):
         yield lambda **params: StepContext(load_config(path), DAY, params=params)
-    mlflow.set_tracking_uri(previous_uri)
 
 
 def _behaviour_fits(monkeypatch) -> list:

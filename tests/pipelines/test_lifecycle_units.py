@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -192,12 +193,12 @@ def test_pipeline_config_refuses_inconsistent_sections(tmp_path, monkeypatch) ->
         PipelineConfig.model_validate({"quality": {"logical_date": "2026-01-01"}})
     with pytest.raises(ValueError, match=r"positive_rating_threshold=4\.0 would be ignored"):
         PipelineConfig.model_validate({"sequences": {"positive_rating_threshold": 4.0}})
-    for section, key, value in (
-        ("sequences", "dataset", "other"),
-        ("sequences", "tokenizer_version", "dst-19990101"),
-        ("ranker", "finetune", {"init_from": "/x.pt"}),
+    for section, key, value, name in (
+        ("sequences", "dataset", "other", "sequences.dataset='other'"),
+        ("sequences", "tokenizer_version", "dst-1", "sequences.tokenizer_version='dst-1'"),
+        ("ranker", "finetune", {"init_from": "/x.pt"}, "ranker.finetune.init_from='/x.pt'"),
     ):
-        with pytest.raises(ValueError, match=r"would be ignored: the pipeline sets it to the "):
+        with pytest.raises(ValueError, match=re.escape(name) + " would be ignored: the pipeline sets it"):
             PipelineConfig.model_validate({section: {key: value}})
     with pytest.raises(ValueError, match="list it second"):  # P(positive) would be P(negative)
         PipelineConfig.model_validate({"ranker": {"sequence": {"action_names": ["positive", "negative"]}}})

@@ -310,8 +310,8 @@ def test_a_rollback_that_died_at_any_write_is_completed_by_its_retry(client, at)
     tags = client.get_model_version("ranker", "1").tags
     assert (tags["gate"], tags["restored_from"], "rollback_pending" in tags) == ("promoted", "2", False)
     assert client.get_model_version("ranker", "2").tags["gate"] == "rolled_back"
-    done = r"no @previous .*v1 was restored from v2: if that rollback stopped before its refresh"
-    with pytest.raises(ValueError, match=done + r", `hisam run refresh-champion` completes it"):
+    done = r"no @previous .*\(a rollback demoted v2 for the weights @champion v1 serves: if it stopped"
+    with pytest.raises(ValueError, match=done + r" before its refresh, `hisam run refresh-champion`"):
         rollback(client, "ranker")  # one killed in its refresh: a rerun says what finishes it
 
 

@@ -483,6 +483,19 @@ def test_the_spark_job_and_the_offline_protocol_agree_row_by_row(spark) -> None:
     assert checked == (reference["split"] == "test").sum() > 0
 
 
+def _output_frames(result, cfg: SequenceConfig) -> tuple:
+    """The job's three outputs: gold.samples, the unknown-item quarantine, gold.user_sequences."""
+    return (
+        to_gold_samples(result.samples),
+        result.quarantine,
+        to_gold_user_sequences(build_user_sequences(result.interactions, cfg)),
+    )
+
+
+def _outputs(result, cfg: SequenceConfig) -> list[list[tuple]]:
+    return [sorted(map(tuple, frame.collect())) for frame in _output_frames(result, cfg)]
+
+
 def test_a_persisted_build_computes_the_positioned_interactions_once_and_equals_a_lazy_one(spark) -> None:
     """With ``persist``, the samples, the unknown-item quarantine and the user sequences all read the
     one cached frame of positioned interactions (its window is computed once), and every output is
@@ -492,28 +505,18 @@ def test_a_persisted_build_computes_the_positioned_interactions_once_and_equals_
     known = semantic_ids(spark, [r[1] for r in rows if r[1] % 4])  # every fourth item unknown
     cfg = SequenceConfig(train_fraction=0.75)
 
-    def outputs(result):
-        return [
-            sorted(map(tuple, frame.collect()))
-            for frame in (
-                to_gold_samples(result.samples),
-                result.quarantine,
-                to_gold_user_sequences(build_user_sequences(result.interactions, cfg)),
-            )
-        ]
-
     def reads_cache(frame) -> bool:
         return "InMemoryRelation" in frame._jdf.queryExecution().withCachedData().toString()
 
     lazy = build_sequences(df, known, cfg)
     assert not reads_cache(lazy.samples)
-    expected = outputs(lazy)  # before anything is cached: Spark's cache serves any equal plan
+    expected = _outputs(lazy, cfg)  # before anything is cached: Spark's cache serves any equal plan
     assert len(expected[1]) == sum(1 for r in rows if not r[1] % 4) > 0
     persisted = build_sequences(df, known, cfg, persist=True)
     try:
         frames = (persisted.samples, persisted.quarantine, build_user_sequences(persisted.interactions, cfg))
         assert all(map(reads_cache, frames))
-        assert outputs(persisted) == expected
+        assert _outputs(persisted, cfg) == expected
     finally:
         persisted.unpersist()
     assert not reads_cache(build_sequences(df, known, cfg).samples)
@@ -523,8 +526,12 @@ def test_spark_code_generation_and_adaptive_execution_give_the_same_outputs(spar
     """The tests run Spark without code generation or adaptive re-planning (``HISAM_SPARK_CONF`` in
     tests/conftest.py); ``make demo`` and production run Spark's defaults. On a random frame with
     many events per second, unknown items and a crowded cut, the sequence job's three outputs under
-    the defaults (generated code stages in the plan) are the tests' outputs, row for row."""
-    settings = ("spark.sql.adaptive.enabled", "spark.sql.codegen.wholeStage", "spark.sql.codegen.factoryMode")
+    the defaults (generated stages and an adaptive plan) are its outputs without either, row for row."""
+    off = {
+        "spark.sql.adaptive.enabled": "false",
+        "spark.sql.codegen.wholeStage": "false",
+        "spark.sql.codegen.factoryMode": "NO_CODEGEN",
+    }
     rng = np.random.default_rng(11)
     n = 1500
     users, items = rng.zipf(1.6, n) % 60, rng.integers(0, 90, n)
@@ -537,27 +544,27 @@ def test_spark_code_generation_and_adaptive_execution_give_the_same_outputs(spar
     known = semantic_ids(spark, [i for i in range(90) if i % 9])  # every ninth item unknown: quarantined
     cfg = SequenceConfig(token_budget=8 * 12 + 4)  # truncated histories
 
-    def outputs() -> tuple[list, bool]:
-        result = build_sequences(df, known, cfg)
-        frames = (
-            to_gold_samples(result.samples),
-            result.quarantine,
-            to_gold_user_sequences(build_user_sequences(result.interactions, cfg)),
-        )
+    def run() -> tuple[list[list[tuple]], str]:
+        frames = _output_frames(build_sequences(df, known, cfg), cfg)
         collected = [sorted(map(tuple, frame.collect())) for frame in frames]
-        plan = frames[0]._jdf.queryExecution().executedPlan().toString()  # final, once run
-        return collected, re.search(r"\*\(\d+\) ", plan) is not None  # "*(1) Project": a generated stage
+        return collected, frames[0]._jdf.queryExecution().executedPlan().toString()  # final, once run
 
-    tests, tests_generate = outputs()
-    before = {key: spark.conf.get(key, None) for key in settings}
+    before = {key: spark.conf.get(key, None) for key in off}
     try:
-        for key in settings:
+        for key, value in off.items():
+            spark.conf.set(key, value)
+        plain, plain_plan = run()
+        for key in off:
             spark.conf.unset(key)
-        defaults, defaults_generate = outputs()
+        defaults, defaults_plan = run()
     finally:
-        for key, value in before.items():
-            if value is not None:
+        for key, value in before.items():  # the session's own settings again
+            if value is None:
+                spark.conf.unset(key)
+            else:
                 spark.conf.set(key, value)
-    assert defaults_generate and tests_generate == (before["spark.sql.codegen.wholeStage"] != "false")
-    assert all(tests) and len(tests[1]) == sum(1 for (_, i, _), _ in rows if i % 9 == 0)
-    assert defaults == tests
+    generated = re.compile(r"\*\(\d+\) ")  # "*(1) Project": a stage of generated code
+    assert generated.search(defaults_plan) and "AdaptiveSparkPlan isFinalPlan=true" in defaults_plan
+    assert not generated.search(plain_plan) and "AdaptiveSparkPlan" not in plain_plan
+    assert all(plain) and len(plain[1]) == sum(1 for (_, i, _), _ in rows if i % 9 == 0)
+    assert defaults == plain

@@ -28,7 +28,6 @@ VERSION = "dst-20261101"
 @pytest.fixture(scope="module")
 def world(airflow_db, tmp_path_factory, write_config, pipeline_home):
     """Day 1 of the lifecycle: features, tokenizer, pre-training, fine-tuning (first champion)."""
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "dags"))
     import hisam_lifecycle
 

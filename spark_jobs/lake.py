@@ -50,13 +50,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import json
 import logging
 import math
 import numbers
 import os
+import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -700,7 +703,9 @@ class _DeltaRs(_Backend):
 
     def read(self, spec: TableSpec, path: str, version: int | None, partitions: dict[str, Any]) -> DataFrame:
         """Distributed read: Spark scans the version's Parquet files; partition values come from
-        the Delta log (joined on file name), so no value is re-parsed from directory names."""
+        the Delta log (joined on file name; read per partition where two files share a name or a
+        name needs URL-encoding, as in a Hive layout converted to Delta), so no value is re-parsed
+        from directory names."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -726,12 +731,31 @@ class _DeltaRs(_Backend):
             actions = actions.filter(pc.fill_null(keep, False))
         if actions.num_rows == 0:
             return self.spark.createDataFrame([], spec.schema)
-        by_name = {uri.rsplit("/", 1)[-1]: uri for uri in table.file_uris()}
-        names = [p.rsplit("/", 1)[-1] for p in actions.column("path").to_pylist()]
+        uris = _action_uris(table.file_uris(), actions.column("path").to_pylist())
+        names = [uri.rsplit("/", 1)[-1] for uri in uris]
         data_schema = T.StructType([spec.schema[c] for c in spec.data_columns])
-        data = self.spark.read.schema(data_schema).parquet(*[by_name[n] for n in names])
+        reader = self.spark.read.schema(data_schema)
         if not spec.partition_by:
-            return data
+            return reader.parquet(*uris)
+        if len(set(names)) < len(names) or not all(map(_PLAIN_FILE_NAME.fullmatch, names)):
+            # A join on file name would cross files or (Spark's names are URL-encoded) miss them.
+            values = zip(
+                *(actions.column(f"partition.{c}").to_pylist() for c in spec.partition_by), strict=True
+            )
+            groups: dict[tuple[Any, ...], list[str]] = {}
+            for uri, key in zip(uris, values, strict=True):
+                groups.setdefault(key, []).append(uri)
+            scans = [
+                reader.parquet(*files).withColumns(
+                    {
+                        c: F.lit(v).cast(spec.schema[c].dataType)
+                        for c, v in zip(spec.partition_by, key, strict=True)
+                    }
+                )
+                for key, files in groups.items()
+            ]
+            return functools.reduce(DataFrame.unionByName, scans)
+        data = reader.parquet(*uris)
         files = pa.table(
             {"_file_name": names, **{c: actions.column(f"partition.{c}") for c in spec.partition_by}}
         )
@@ -1242,6 +1266,24 @@ def _with_declared_columns(df: DataFrame, spec: TableSpec, stored: T.StructType)
     missing = spec.added_since(stored)
     nulls = {c: F.lit(None).cast(spec.schema[c].dataType) for c in missing if c not in df.columns}
     return (df.withColumns(nulls) if nulls else df).select(*spec.columns)
+
+
+#: File names Spark's ``_metadata.file_name`` gives as they are (it URL-encodes others): every
+#: Delta writer's ``part-...-<uuid>...snappy.parquet``.
+_PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _action_uris(uris: Sequence[str], paths: Sequence[str]) -> list[str]:
+    """The URI (one of ``uris``, delta-rs' ``file_uris``) of each add action's ``path``: a relative
+    or absolute URI, URL-encoded (Delta protocol), so ``a%20b.parquet`` is the file ``a b.parquet``."""
+    by_name: dict[str, list[str]] = {}
+    for uri in uris:
+        by_name.setdefault(uri.rsplit("/", 1)[-1], []).append(uri)
+    found = []
+    for path in paths:
+        file = urllib.parse.unquote(path)
+        found.append(next(u for u in by_name[file.rsplit("/", 1)[-1]] if u == file or u.endswith(f"/{file}")))
+    return found
 
 
 def _arrow_values(value: Any, type_: Any) -> Any:

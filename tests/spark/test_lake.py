@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -337,6 +339,40 @@ def test_partition_values_survive_odd_characters(spark, lake):
     )
     row = lake.read("bronze.users").collect()[0]
     assert (row.dataset, row.logical_date, row.attributes["age"]) == (name, D1, "30")
+
+
+@pytest.mark.parametrize("file_name", ["part-00000.parquet", "part {i} é%.parquet"])
+def test_a_converted_hive_layout_reads_each_file_once_with_its_own_partition(spark, lake, file_name):
+    """Parquet files converted in place (``CONVERT TO DELTA``) may share a name across partition
+    directories, or have names that need URL-encoding (Spark's file names are encoded, the log's are
+    decoded): every row still reads once, with the partition values of its own file."""
+    from deltalake import Schema, convert_to_deltalake
+
+    from spark_jobs.lake import _arrow_schema
+
+    spec = get_table("bronze.users")
+    declared = _arrow_schema(spec)
+    data = pa.schema([declared.field(c) for c in spec.data_columns])
+    written = {("a", D1): ["1", "2"], ("b", D1): ["3"], ("a", D2): ["4"]}
+    for i, ((dataset, day), ids) in enumerate(written.items()):
+        folder = Path(lake.path(spec)) / f"dataset={dataset}" / f"logical_date={day}"
+        folder.mkdir(parents=True)
+        attributes = [[("age", "30")]] * len(ids)
+        pq.write_table(
+            pa.table([ids, attributes, ["u.user"] * len(ids)], schema=data), folder / file_name.format(i=i)
+        )
+    partitions = Schema.from_arrow(pa.schema([declared.field(c) for c in spec.partition_by]))
+    convert_to_deltalake(lake.path(spec), partition_by=partitions, partition_strategy="hive")
+
+    def rows(**partitions):
+        return sorted(
+            (r.dataset, r.logical_date, r.user_id) for r in lake.read(spec, partitions=partitions).collect()
+        )
+
+    every = sorted((ds, day, uid) for (ds, day), ids in written.items() for uid in ids)
+    assert rows() == every
+    assert rows(dataset="a") == [r for r in every if r[0] == "a"]
+    assert rows(logical_date=D1) == [r for r in every if r[1] == D1]
 
 
 def test_a_blank_partition_value_is_refused_before_any_commit(spark, lake):

@@ -282,7 +282,7 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
         )
     summary: dict[str, Any] = {
         "tokenizer_version": version,
-        "refreshed_from": str(champion.version),
+        REFRESHED_FROM: str(champion.version),
         "packaged_items": len(packaged.item_ids),
         "new_items": int((~known).sum()),
     }
@@ -303,7 +303,7 @@ def refresh_champion(ctx: StepContext) -> dict[str, Any]:
     dropped = {"gate", "gate_reasons", ROLLBACK_PENDING, RUN_KEY, TOKENIZER_VERSION, TRAINING_RUN_TAG}
     kept = {k: v for k, v in champion.tags.items() if k not in dropped}
     tags = {**kept, **key}
-    previous = _find_run(ctx, "refresh-champion", refreshed_from=str(champion.version))
+    previous = _find_run(ctx, "refresh-champion", **{REFRESHED_FROM: str(champion.version)})
     with (
         tempfile.TemporaryDirectory() as tmp,
         mlflow.start_run(

@@ -13,13 +13,15 @@ Inputs, one JSON object per line, plain or ``.gz`` (a file, a directory or a glo
 The item id is ``parent_asin`` (the benchmark's item; ``asin`` is a variant and is kept in
 ``extra``), falling back to ``asin`` when a review has no parent. Every field is first read as a
 string, so a wrongly typed value gets its own reason instead of voiding the whole line (an id that
-is a JSON object, list or boolean, or a null marker such as ``NULL``, is quarantined too); a
-``details`` object with a repeated key is quarantined (which value is meant is unknown). A list
+is a JSON object, list, boolean or number beyond a double's range, or a null marker such as
+``NULL``, is quarantined too); a ``details`` object with a repeated key is quarantined (which value
+is meant is unknown). A list
 field (``features``, ``description``, ``categories``) given as another type, such as a plain
 string, is kept as a one-item list, and a ``details`` that is not an object as the attribute
 ``details``: no value is dropped for its type. Review
 title/text, votes and the verified flag go to ``extra`` (JSON); item text fields (main category,
-store, features, description and every ``details`` entry) go to ``attributes``; the image URL is
+store, features, description and every ``details`` entry, but one named like such a field that has
+its own value) go to ``attributes``; the image URL is
 the MAIN image's ``hi_res`` (else ``large``), not downloaded.
 """
 
@@ -99,7 +101,8 @@ def read_json_lines(
     ``_record_problem``.
 
     Numbers, booleans, lists and objects come back as their JSON text; JSON ``null`` as null. An
-    object, list or boolean in one of the ``ids`` is a record problem (:func:`json_id_types`).
+    object, list, boolean or infinite number in one of the ``ids`` is a record problem
+    (:func:`json_id_types`).
     """
     schema = T.StructType([T.StructField(f, T.StringType()) for f in [*fields, CORRUPT]])
     options = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
@@ -228,7 +231,6 @@ def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFra
     )
     # Spark refuses a map with a repeated key for the whole job: such a line is quarantined above.
     parsed = F.from_json(F.when(~ambiguous, F.col("details")), T.MapType(T.StringType(), T.StringType()))
-    base_keys = F.array(*[F.lit(k) for k in ("main_category", "store", "features", "description")])
     details = text_values(
         F.when(  # not an object: its text, kept whole
             parsed.isNull() & ~ambiguous & ~blank(F.col("details")),
@@ -236,7 +238,7 @@ def parse_meta(lines: DataFrame, dataset: str, logical_date: dt.date) -> DataFra
         ).otherwise(
             F.map_filter(
                 F.coalesce(parsed, F.create_map().cast("map<string,string>")),
-                lambda k, _v: ~F.array_contains(base_keys, k),
+                lambda k, _v: ~F.array_contains(F.map_keys(base), k),  # the field's own value wins
             )
         )
     )

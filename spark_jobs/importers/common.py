@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -206,9 +207,10 @@ JSON_RECORD = "_json_record"
 
 
 def json_id_types(record: Column, keys: Mapping[str, str]) -> Column:
-    """Why a JSON-lines ``record`` (:data:`JSON_RECORD`) holds an id that is an object, an array or a
-    boolean, else null (``keys``: JSON key -> the id's name). Read as a string, such a value is its
-    JSON text: an id no other record shares, imported as if whole."""
+    """Why a JSON-lines ``record`` (:data:`JSON_RECORD`) holds an id that is an object, an array, a
+    boolean or a number beyond a double's range, else null (``keys``: JSON key -> the id's name).
+    Read as a string, such a value is its JSON text: an id no other record shares, imported as if
+    whole; or, for ``1e400`` and ``2e400`` alike, ``"Infinity"``, which merges them."""
     checks = []
     for key, name in keys.items():
         if "'" in key and '"' in key:
@@ -217,6 +219,8 @@ def json_id_types(record: Column, keys: Mapping[str, str]) -> Column:
         kind = F.split(F.schema_of_variant(F.try_variant_get(record, path, "variant")), "<").getItem(0)
         message = F.concat(F.lit(f"{name} is a JSON "), F.lower(kind), F.lit(", not a string or number"))
         checks.append((kind.isin("OBJECT", "ARRAY", "BOOLEAN"), message))
+        infinite = (kind == "DOUBLE") & (F.abs(F.try_variant_get(record, path, "double")) == F.lit(math.inf))
+        checks.append((infinite, f"{name} is a JSON number beyond a double's range"))
     return first_reason(*checks)
 
 

@@ -58,8 +58,9 @@ empty file) imports none; one that names no column (no JSON object, no CSV heade
 columns as nulls, so each of its lines is quarantined as malformed.
 
 Records that cannot be used (malformed line or JSON, a missing id or one that is a null marker such as
-``\\N`` or ``NULL`` (:data:`NULL_MARKERS`) or a JSON object, array or boolean, an unreadable timestamp,
-rating or label, neither rating nor label, a duplicate item or user id) go to
+``\\N`` or ``NULL`` (:data:`NULL_MARKERS`) or a JSON object, array, boolean or number beyond a
+double's range, an unreadable timestamp, rating or label, neither rating nor label, a duplicate item
+or user id) go to
 ``bronze.quarantine`` with the reason; for every input, records in = imported + quarantined. A null
 marker in ``rating``, ``label`` or ``action`` is no value there.
 """

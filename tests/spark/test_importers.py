@@ -246,14 +246,15 @@ def test_amazon_jsonl_fixture(spark, lake):
 
 def test_amazon_metadata_values_of_another_type_are_kept_not_dropped(spark, lake, tmp_path):
     """A list field given as a plain value, or a ``details`` that is not an object, lost its text
-    without a reason: it is now kept (a one-item list; the attribute ``details``)."""
+    without a reason: it is now kept (a one-item list; the attribute ``details``). So did a ``details``
+    entry named like a main field (``store``) the item does not have; one the item has loses to it."""
     review = {"rating": 5.0, "user_id": "U1", "parent_asin": "B1", "timestamp": 1588687728923}
     (tmp_path / "reviews.jsonl").write_text(json.dumps(review) + "\n")
     meta = [
         {"parent_asin": "B1", "title": "Plain", "description": "A plain string.", "features": 4,
          "categories": "Movies", "details": "n/a"},
         {"parent_asin": "B2", "title": "Lists", "description": ["One.", "Two."], "features": [],
-         "categories": ["Movies", "Drama"], "details": {"Format": "DVD"}},
+         "categories": ["Movies", "Drama"], "details": {"Format": "DVD", "store": "Criterion", "description": "Other."}},
         {"parent_asin": "B3", "title": "Looks like a list", "categories": "[Adult Swim] Cartoons",
          "description": {"text": "An object."}},
     ]  # fmt: skip
@@ -266,7 +267,7 @@ def test_amazon_metadata_values_of_another_type_are_kept_not_dropped(spark, lake
     assert items["B1"].categories == ["Movies"]
     assert items["B1"].attributes == {"features": "4", "description": "A plain string.", "details": "n/a"}
     assert items["B2"].categories == ["Movies", "Drama"]
-    assert items["B2"].attributes == {"description": "One. Two.", "Format": "DVD"}
+    assert items["B2"].attributes == {"description": "One. Two.", "Format": "DVD", "store": "Criterion"}
     assert items["B3"].categories == ["[Adult Swim] Cartoons"]
     assert items["B3"].attributes == {"description": '{"text":"An object."}'}
 
@@ -332,7 +333,8 @@ def test_a_json_line_is_one_object_with_distinct_keys(spark, lake, tmp_path):
 
 def test_an_id_that_is_a_null_marker_or_not_a_json_string_or_number_is_quarantined(spark, lake, tmp_path):
     """An id was taken as whatever text it read as: ``\\N`` (a MySQL dump's null) or ``NULL`` gathered
-    every record without an id into one user, and a JSON object or list became its JSON text. Each is
+    every record without an id into one user, a JSON object or list became its JSON text, and every
+    JSON number beyond a double's range (``1e400``) the one id ``"Infinity"``. Each is
     a quarantine row with its reason, in the generic (CSV, JSON lines) and the Amazon readers; a
     Parquet id column of such a type is refused by name."""
     (tmp_path / "events.csv").write_text(
@@ -361,21 +363,30 @@ def test_an_id_that_is_a_null_marker_or_not_a_json_string_or_number_is_quarantin
         '{"uid": "u4", "item_id": true, "timestamp": 4, "label": 1}\n'
         '{"uid": "[\\"u5\\"]", "item_id": "NaN", "timestamp": 5, "label": 1}\n'
         '{"uid": "[\\"u6\\"]", "item_id": 7, "timestamp": 6, "label": 1}\n'
+        '{"uid": 1e400, "item_id": 7, "timestamp": 7, "label": 1}\n'
+        '{"uid": "u8", "item_id": -2e400, "timestamp": 8, "label": 1}\n'
+        '{"uid": "Infinity", "item_id": 7, "timestamp": 9, "label": 1}\n'
     )
     config = GenericImportConfig(
         dataset="gk", interactions=str(tmp_path / "events.jsonl"), rename={"uid": "user_id"}
     )
-    assert counts(import_generic(spark, lake, config, DAY)) == {"events.jsonl": (6, 2, 4)}
+    assert counts(import_generic(spark, lake, config, DAY)) == {"events.jsonl": (9, 3, 6)}
     assert reasons(lake, "gk") == Counter(
         {
             ("bronze.interactions", "user_id is a JSON object, not a string or number"): 1,
             ("bronze.interactions", "item_id is a JSON array, not a string or number"): 1,
             ("bronze.interactions", "item_id is a JSON boolean, not a string or number"): 1,
             ("bronze.interactions", "item_id 'NaN' is a null marker, not an id"): 1,
+            ("bronze.interactions", "user_id is a JSON number beyond a double's range"): 1,
+            ("bronze.interactions", "item_id is a JSON number beyond a double's range"): 1,
         }
     )
     kept = lake.read("bronze.interactions", partitions={"dataset": "gk"}).collect()
-    assert sorted((r.user_id, r.item_id) for r in kept) == [('["u6"]', "7"), ("u1", "7")]  # a string is an id
+    assert sorted((r.user_id, r.item_id) for r in kept) == [  # a string is an id
+        ("Infinity", "7"),
+        ('["u6"]', "7"),
+        ("u1", "7"),
+    ]
 
     # in rating, label or action a null marker is no value (a rating of \N was "not a number", and
     # nan a NaN rating), so the record is judged on the feedback it has
@@ -416,19 +427,20 @@ def test_an_id_that_is_a_null_marker_or_not_a_json_string_or_number_is_quarantin
                 (review % ('"U7"', '"null"')).replace("}", ', "asin": "A7"}'),  # the variant is the item
                 (review % ('"U8"', '"P1"')).replace("}", ', "asin": {"v": 1}}'),  # unused: not checked
                 (review % ('"U9"', '""')).replace("}", ', "asin": ["A9"]}'),
+                review % ("1e400", '"P1"'),
             ]
         )
         + "\n"
     )
     (tmp_path / "meta.jsonl").write_text(
-        '{"parent_asin": "P1"}\n{"parent_asin": 17.5}\n{"parent_asin": "none"}\n'
+        '{"parent_asin": "P1"}\n{"parent_asin": 17.5}\n{"parent_asin": "none"}\n{"parent_asin": 2e400}\n'
     )
     config = AmazonImportConfig(
         reviews=str(tmp_path / "reviews.jsonl"), meta=str(tmp_path / "meta.jsonl"), dataset="az-ids"
     )
     assert counts(import_amazon(spark, lake, config, DAY)) == {
-        "reviews.jsonl": (9, 3, 6),
-        "meta.jsonl": (3, 2, 1),
+        "reviews.jsonl": (10, 3, 7),
+        "meta.jsonl": (4, 2, 2),
     }
     assert reasons(lake, "az-ids") == Counter(
         {
@@ -439,6 +451,8 @@ def test_an_id_that_is_a_null_marker_or_not_a_json_string_or_number_is_quarantin
             ("bronze.interactions", "asin '\\N' is a null marker, not an id"): 1,
             ("bronze.interactions", "asin is a JSON array, not a string or number"): 1,
             ("bronze.items", "parent_asin 'none' is a null marker, not an id"): 1,
+            ("bronze.interactions", "user_id is a JSON number beyond a double's range"): 1,
+            ("bronze.items", "parent_asin is a JSON number beyond a double's range"): 1,
         }
     )
     kept = lake.read("bronze.interactions", partitions={"dataset": "az-ids"}).collect()

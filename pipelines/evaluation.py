@@ -321,18 +321,20 @@ def _target_section(rows: list[dict[str, Any]], baselines: list[str]) -> list[st
     lines = [
         "## target check",
         "",
-        f"Candidate against the best of the baselines {', '.join(baselines)} per metric (the other rows, "
-        "controls and ablations among them, are not baselines); met when the margin exceeds the sum of "
-        "both sample stds (at least two seeds each).",
+        f"Candidate against each of the baselines {', '.join(baselines)} per metric (the other rows, "
+        "controls and ablations among them, are not baselines); met when against every one the margin "
+        "exceeds the sum of both sample stds (at least two seeds each). The row shows the baseline it "
+        "is least clearly ahead of (smallest margin less spread); a baseline not run, or that left the "
+        "metric unmeasured, is listed as missing and leaves the target not met.",
         "",
-        "| metric | candidate | mean | best baseline | mean | margin | spread (sum of stds) | met |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| metric | candidate | mean | closest baseline | mean | margin | spread (sum of stds) | missing | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['metric']} | {r['candidate']} | {_number(r['candidate_mean'])} | {r['best_baseline']} | "
+            f"| {r['metric']} | {r['candidate']} | {_number(r['candidate_mean'])} | {r['closest_baseline']} | "
             f"{_number(r['baseline_mean'])} | {_number(r['margin'], '+.4f')} | {_number(r['spread'])} | "
-            f"{'yes' if r['met'] else 'no'} |"
+            f"{', '.join(r['missing']) or '-'} | {'yes' if r['met'] else 'no'} |"
         )
     return [*lines, ""]
 
@@ -737,15 +739,16 @@ def _evaluate(
         log_mlflow(result, [json_path, md_path, png_path])
     for row in result["target"]:
         log.info(
-            "target %s: %s %s vs %s %s (margin %s, spread %s): %s",
+            "target %s: %s %s vs %s %s (margin %s, spread %s): %s%s",
             row["metric"],
             row["candidate"],
             _figure(row["candidate_mean"]),
-            row["best_baseline"],
+            row["closest_baseline"],
             _figure(row["baseline_mean"]),
             _figure(row["margin"], "+.4f"),
             _figure(row["spread"]),
             "met" if row["met"] else "not met",
+            f" (not run or unmeasured: {', '.join(row['missing'])})" if row["missing"] else "",
         )
     log.info("wrote %s, %s", json_path, md_path)
     return 0

@@ -448,39 +448,46 @@ _UNMEASURED: dict[str, Any] = {"mean": None, "std": None}
 
 
 def target_check(summary: dict[str, dict[str, Any]], target: TargetConfig) -> list[dict[str, Any]]:
-    """Per metric: the candidate against its best baseline. ``met`` when the margin exceeds the sum
-    of both sample stds and both measured it with at least two seeds; rows are left out when a model
-    is missing, and a metric the candidate or every baseline left unmeasured is not met."""
+    """Per metric: the candidate against every baseline. ``met`` when, for each, the margin exceeds
+    the sum of both sample stds and both measured it with at least two seeds; the row shows the
+    baseline the candidate is least clearly ahead of (smallest margin less spread), and ``missing``
+    the baselines not run or that left the metric unmeasured, which leave it not met. No rows when
+    the candidate is missing or no baseline ran."""
     rows = []
-    baselines = [b for b in target.baselines if b in summary]
-    if target.candidate not in summary or not baselines:
+    ran = [b for b in target.baselines if b in summary]
+    if target.candidate not in summary or not ran:
         return rows
     candidate = summary[target.candidate]
     for metric in target.metrics:
-        scored = [b for b in baselines if summary[b].get(metric, _UNMEASURED)["mean"] is not None]
-        best = max(scored, key=lambda b: summary[b][metric]["mean"]) if scored else None
         mine = candidate.get(metric, _UNMEASURED)
-        theirs = summary[best][metric] if best else _UNMEASURED
-        margin = spread = None
-        seeds = 0
-        if mine["mean"] is not None and theirs["mean"] is not None:
-            margin = mine["mean"] - theirs["mean"]
-            spread = mine["std"] + theirs["std"]
+        scored = [b for b in ran if summary[b].get(metric, _UNMEASURED)["mean"] is not None]
+        missing = [b for b in target.baselines if b not in scored]
+        compared = []
+        for baseline in scored if mine["mean"] is not None else []:
+            theirs = summary[baseline][metric]
             seeds = min(
                 mine.get("measured_seeds", len(candidate["seeds"])),
-                theirs.get("measured_seeds", len(summary[best]["seeds"])),
+                theirs.get("measured_seeds", len(summary[baseline]["seeds"])),
             )
+            margin, spread = mine["mean"] - theirs["mean"], mine["std"] + theirs["std"]
+            compared.append((margin - spread, baseline, theirs["mean"], margin, spread, seeds))
+        closest = min(compared, key=lambda c: (c[0], -c[5])) if compared else None
+        if closest is None:
+            best = max(scored, key=lambda b: summary[b][metric]["mean"]) if scored else None
+            closest = (None, best, summary[best][metric]["mean"] if best else None, None, None, 0)
+        _, baseline, baseline_mean, margin, spread, seeds = closest
         rows.append(
             {
                 "metric": metric,
                 "candidate": target.candidate,
                 "candidate_mean": mine["mean"],
-                "best_baseline": best,
-                "baseline_mean": theirs["mean"],
+                "closest_baseline": baseline,
+                "baseline_mean": baseline_mean,
                 "margin": margin,
                 "spread": spread,
                 "seeds": seeds,
-                "met": bool(margin is not None and seeds >= 2 and margin > spread),
+                "missing": missing,
+                "met": bool(compared and not missing and all(c[5] >= 2 and c[3] > c[4] for c in compared)),
             }
         )
     return rows

@@ -324,8 +324,9 @@ def _target_section(rows: list[dict[str, Any]], baselines: list[str]) -> list[st
         f"Candidate against each of the baselines {', '.join(baselines)} per metric (the other rows, "
         "controls and ablations among them, are not baselines); met when against every one the margin "
         "exceeds the sum of both sample stds (at least two seeds each). The row shows the baseline it "
-        "is least clearly ahead of (smallest margin less spread); a baseline not run, or that left the "
-        "metric unmeasured, is listed as missing and leaves the target not met.",
+        "is least clearly ahead of (one that fails first, then the smallest margin less spread); a "
+        "baseline not run, or that left the metric unmeasured, is listed as missing and leaves the "
+        "target not met.",
         "",
         "| metric | candidate | mean | closest baseline | mean | margin | spread (sum of stds) | missing | met |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -413,12 +414,20 @@ def write_report(result: dict[str, Any], results: Path) -> tuple[Path, Path, Pat
 
 
 def render(results: Path) -> int:
-    """Rewrite the report of ``results/quality.json`` (after editing the findings, say)."""
+    """Rewrite the report of ``results/quality.json`` (after editing the findings, say); its target
+    check is recomputed from the stored summary (a file written before the check met every baseline
+    holds rows of the older rule)."""
+    from hisam_core.evaluation.harness import TargetConfig, target_check
+
     path = results / "quality.json"
     if not path.exists():
         log.error("%s does not exist: nothing to render", path)
         return 2
-    paths = write_report(json.loads(path.read_text()), results)
+    result = json.loads(path.read_text())
+    result["target"] = target_check(
+        result["summary"], TargetConfig.model_validate(result["config"]["target"])
+    )
+    paths = write_report(result, results)
     log.info("wrote %s", ", ".join(str(p) for p in paths[1:]))
     return 0
 

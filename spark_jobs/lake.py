@@ -1282,7 +1282,11 @@ def _action_uris(uris: Sequence[str], paths: Sequence[str]) -> list[str]:
     found = []
     for path in paths:
         file = urllib.parse.unquote(path)
-        found.append(next(u for u in by_name[file.rsplit("/", 1)[-1]] if u == file or u.endswith(f"/{file}")))
+        named = by_name.get(file.rsplit("/", 1)[-1], [])
+        uri = next((u for u in named if u == file or u.endswith(f"/{file}")), None)
+        if uri is None:
+            raise ValueError(f"the Delta log's file {path!r} is not among the table's files {named[:3]}")
+        found.append(uri)
     return found
 
 

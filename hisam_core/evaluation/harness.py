@@ -450,12 +450,12 @@ _UNMEASURED: dict[str, Any] = {"mean": None, "std": None}
 def target_check(summary: dict[str, dict[str, Any]], target: TargetConfig) -> list[dict[str, Any]]:
     """Per metric: the candidate against every baseline. ``met`` when, for each, the margin exceeds
     the sum of both sample stds and both measured it with at least two seeds; the row shows the
-    baseline the candidate is least clearly ahead of (smallest margin less spread), and ``missing``
-    the baselines not run or that left the metric unmeasured, which leave it not met. No rows when
-    the candidate is missing or no baseline ran."""
+    baseline the candidate is least clearly ahead of (one that fails first, then the smallest margin
+    less spread), and ``missing`` the baselines not run or that left the metric unmeasured, which
+    leave it not met. No rows when the candidate is missing."""
     rows = []
     ran = [b for b in target.baselines if b in summary]
-    if target.candidate not in summary or not ran:
+    if target.candidate not in summary:
         return rows
     candidate = summary[target.candidate]
     for metric in target.metrics:
@@ -471,7 +471,7 @@ def target_check(summary: dict[str, dict[str, Any]], target: TargetConfig) -> li
             )
             margin, spread = mine["mean"] - theirs["mean"], mine["std"] + theirs["std"]
             compared.append((margin - spread, baseline, theirs["mean"], margin, spread, seeds))
-        closest = min(compared, key=lambda c: (c[0], -c[5])) if compared else None
+        closest = min(compared, key=lambda c: (c[5] >= 2 and c[3] > c[4], c[0])) if compared else None
         if closest is None:
             best = max(scored, key=lambda b: summary[b][metric]["mean"]) if scored else None
             closest = (None, best, summary[best][metric]["mean"] if best else None, None, None, 0)

@@ -98,6 +98,16 @@ def test_evaluate_writes_the_report_logs_every_run_and_reuses_them(
     assert (results / "quality.md").read_text() == report.replace(
         "Written by hand; kept across reruns.", "Edited."
     )
+    older = json.loads((results / "quality.json").read_text())  # target rows of the best-baseline rule
+    older["target"] = [
+        {("best_baseline" if k == "closest_baseline" else k): v for k, v in row.items() if k != "missing"}
+        for row in older["target"]
+    ]
+    (results / "quality.json").write_text(json.dumps(older))
+    assert cli(["evaluate", "--render", "--results", str(results)]) == 0  # recomputed from the summary
+    assert (results / "quality.md").read_text() == report.replace(
+        "Written by hand; kept across reruns.", "Edited."
+    )
 
     again = tmp_path / "again"
     caplog.clear()

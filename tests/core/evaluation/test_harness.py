@@ -202,6 +202,13 @@ def test_target_is_met_only_beyond_the_summed_spread_of_every_baseline():
     assert (row["closest_baseline"], row["met"]) == ("a", True)
     (row,) = target_check(summary, TargetConfig(baselines=["a", "absent"], metrics=["gauc"]))
     assert (row["closest_baseline"], row["met"], row["missing"]) == ("a", False, ["absent"])  # not run
+    (row,) = target_check(summary, TargetConfig(baselines=["absent"], metrics=["gauc"]))
+    assert (row["closest_baseline"], row["met"], row["missing"]) == (None, False, ["absent"])
+    one_seed_baseline = summarise(
+        runs("hisam", [0.70, 0.71, 0.72]) + runs("a", [0.60] * 3) + runs("c", [0.1])
+    )
+    (row,) = target_check(one_seed_baseline, TargetConfig(baselines=["a", "c"], metrics=["gauc"]))
+    assert (row["closest_baseline"], row["seeds"], row["met"]) == ("c", 1, False)  # the one that fails
     summary = summarise(runs("hisam", [0.70, 0.71, 0.72]) + runs("b", [0.65, 0.66, 0.67]))
     assert target_check(summary, TargetConfig(baselines=["b"], metrics=["gauc"]))[0]["met"]
     one_seed = summarise(runs("hisam", [0.9]) + runs("b", [0.1]))

@@ -184,9 +184,8 @@ def sql_literal(value: Any) -> str:
     if isinstance(value, dt.date):
         return f"'{value.isoformat()}'"
     if isinstance(value, str):
-        if (
-            "\\" in value
-        ):  # an escape to Spark SQL, itself to DataFusion: no one literal means the same to both
+        # a backslash is an escape to Spark SQL, itself to DataFusion: no one literal means both
+        if "\\" in value:
             raise ValueError(f"cannot use {value!r} as a partition value: it has a backslash")
         return "'" + value.replace("'", "''") + "'"
     raise ValueError(f"cannot use {value!r} ({type(value).__name__}) as a partition value")

@@ -465,29 +465,29 @@ def target_check(summary: dict[str, dict[str, Any]], target: TargetConfig) -> li
         compared = []
         for baseline in scored if mine["mean"] is not None else []:
             theirs = summary[baseline][metric]
+            margin, spread = mine["mean"] - theirs["mean"], mine["std"] + theirs["std"]
             seeds = min(
                 mine.get("measured_seeds", len(candidate["seeds"])),
                 theirs.get("measured_seeds", len(summary[baseline]["seeds"])),
             )
-            margin, spread = mine["mean"] - theirs["mean"], mine["std"] + theirs["std"]
-            compared.append((margin - spread, baseline, theirs["mean"], margin, spread, seeds))
-        closest = min(compared, key=lambda c: (c[5] >= 2 and c[3] > c[4], c[0])) if compared else None
-        if closest is None:
+            compared.append(
+                {"closest_baseline": baseline, "baseline_mean": theirs["mean"], "margin": margin,
+                 "spread": spread, "seeds": seeds, "beaten": seeds >= 2 and margin > spread}
+            )  # fmt: skip
+        if compared:  # one that fails first, then the smallest margin less spread
+            closest = min(compared, key=lambda c: (c["beaten"], c["margin"] - c["spread"]))
+        else:
             best = max(scored, key=lambda b: summary[b][metric]["mean"]) if scored else None
-            closest = (None, best, summary[best][metric]["mean"] if best else None, None, None, 0)
-        _, baseline, baseline_mean, margin, spread, seeds = closest
+            closest = {"closest_baseline": best, "baseline_mean": summary[best][metric]["mean"] if best else None,
+                       "margin": None, "spread": None, "seeds": 0}  # fmt: skip
         rows.append(
             {
                 "metric": metric,
                 "candidate": target.candidate,
                 "candidate_mean": mine["mean"],
-                "closest_baseline": baseline,
-                "baseline_mean": baseline_mean,
-                "margin": margin,
-                "spread": spread,
-                "seeds": seeds,
+                **{k: v for k, v in closest.items() if k != "beaten"},
                 "missing": missing,
-                "met": bool(compared and not missing and all(c[5] >= 2 and c[3] > c[4] for c in compared)),
+                "met": bool(compared) and not missing and all(c["beaten"] for c in compared),
             }
         )
     return rows
